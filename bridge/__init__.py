@@ -1,0 +1,1 @@
+"""The bridge: receives Geins webhooks and publishes them to Apache Kafka."""

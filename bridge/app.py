@@ -1,0 +1,83 @@
+"""Builds the ASGI application: every long-lived object is made here, once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from bridge import kafkaadmin
+from bridge.auth import TokenAuthenticator
+from bridge.config import Settings
+from bridge.ingress import (
+    RuntimeState,
+    WebhookEndpoint,
+    http_exception_as_problem,
+    operation_routes,
+    webhook_routes,
+)
+from bridge.metrics import Metrics
+from bridge.pipeline import BrokerAck, Pipeline, Publisher
+from bridge.publisher import KafkaPublisher
+from bridge.routing import Router, TopicTemplate
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    publisher: Publisher | None = None,
+    metrics: Metrics | None = None,
+    state: RuntimeState | None = None,
+) -> Starlette:
+    """The bridge as an ASGI app. Tests inject a fake ``publisher`` and their own ``metrics``."""
+    metrics = metrics or Metrics()
+    publisher = publisher or KafkaPublisher(settings, metrics)
+    state = state or RuntimeState()
+    router = Router(
+        TopicTemplate(settings.topic_template),
+        default_account=settings.default_account,
+        default_environment=settings.default_environment,
+        ce_source=settings.ce_source,
+    )
+    ack_mode = BrokerAck(publisher)
+    pipeline = Pipeline(router, ack_mode, strict_types=settings.strict_types)
+    endpoint = WebhookEndpoint(
+        pipeline,
+        TokenAuthenticator(settings.tokens, allow_unauthenticated=settings.allow_unauthenticated),
+        metrics,
+        max_body_bytes=settings.max_body_bytes,
+        retry_after=settings.retry_after,
+    )
+    metrics.kafka_connected.set_function(lambda: float(publisher.connected))
+    metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await publisher.start()
+        if settings.create_topics and publisher.connected:
+            created = await kafkaadmin.create_topics(settings, kafkaadmin.known_topics(router))
+            log.info(
+                "topics: %d created, %d already there",
+                sum(v == "created" for v in created.values()),
+                sum(v == "exists" for v in created.values()),
+            )
+        log.info("accepting deliveries (ack=%s)", ack_mode.name)
+        try:
+            yield
+        finally:
+            state.draining = True
+            await publisher.stop()
+
+    app = Starlette(
+        routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state)],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_exception_as_problem},
+    )
+    app.router.redirect_slashes = False  # see ingress.webhook_routes
+    app.state.runtime = state
+    return app

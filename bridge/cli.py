@@ -1,0 +1,149 @@
+"""The ``bridge`` command: serve, check-config, topics, tail."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridge.config import Settings, load_settings
+from bridge.errors import ConfigError
+from bridge.routing import PLACEHOLDERS, Router, TopicTemplate
+
+log = logging.getLogger("bridge")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
+    try:
+        code: int = args.run(settings, args)
+    except ConfigError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge", description="Geins webhooks in, Kafka topics out."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML settings file (default: $BRIDGE_CONFIG_FILE); BRIDGE_* variables override it",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP ingress")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check-config", help="validate the settings and print them")
+    check.set_defaults(run=_check_config)
+
+    topics = commands.add_parser("topics", help="create or list topics")
+    topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
+    create = topic_commands.add_parser(
+        "create", help="create the topics of every known Geins event type (or those named)"
+    )
+    create.add_argument("names", nargs="*", help="topics to create instead of the known ones")
+    create.set_defaults(run=_topics_create)
+    listing = topic_commands.add_parser("list", help="list the cluster's topics")
+    listing.set_defaults(run=_topics_list)
+
+    tail = commands.add_parser("tail", help="print the records arriving on topics")
+    tail.add_argument("topics", nargs="*", help="topics (default: every topic of the template)")
+    tail.add_argument("--pattern", help="a regular expression of topics instead of names")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
+    tail.add_argument("--limit", type=int, help="stop after this many records")
+    tail.set_defaults(run=_tail)
+    return parser
+
+
+def _router(settings: Settings) -> Router:
+    return Router(
+        TopicTemplate(settings.topic_template),
+        default_account=settings.default_account,
+        default_environment=settings.default_environment,
+        ce_source=settings.ce_source,
+    )
+
+
+def _serve(settings: Settings, _: argparse.Namespace) -> int:
+    from bridge.server import serve  # noqa: PLC0415  # uvicorn is only needed here
+
+    return serve(settings)
+
+
+def _check_config(settings: Settings, _: argparse.Namespace) -> int:
+    from bridge.metrics import Metrics  # noqa: PLC0415  # keep the other commands light
+    from bridge.publisher import KafkaPublisher  # noqa: PLC0415
+
+    KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
+    print(json.dumps(settings.redacted(), indent=2))
+    example = _router(settings).template.render("Order", "create", "default", "default")
+    print(f"settings are valid; an order/create event goes to topic {example}")
+    return 0
+
+
+def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    names = args.names or kafkaadmin.known_topics(_router(settings))
+    results = asyncio.run(kafkaadmin.create_topics(settings, names))
+    for name, result in sorted(results.items()):
+        print(f"{result:8} {name}")
+    return 0
+
+
+def _topics_list(settings: Settings, _: argparse.Namespace) -> int:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    for name in asyncio.run(kafkaadmin.list_topics(settings)):
+        print(name)
+    return 0
+
+
+def template_pattern(template: str) -> str:
+    """A regular expression matching every topic ``template`` can produce."""
+    pattern = re.escape(template)
+    for name in PLACEHOLDERS:
+        pattern = pattern.replace(re.escape("{" + name + "}"), "[a-z0-9._-]+")
+    return f"^{pattern}$"
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    pattern = args.pattern
+    if not args.topics and pattern is None:
+        pattern = template_pattern(settings.topic_template)
+        print(f"tailing topics matching {pattern} (Ctrl-C to stop)", file=sys.stderr)
+    asyncio.run(
+        kafkaadmin.tail(
+            settings,
+            args.topics,
+            pattern=pattern,
+            from_beginning=args.from_beginning,
+            limit=args.limit,
+        )
+    )
+    return 0

@@ -1,0 +1,870 @@
+"""A single-node Apache Kafka broker for development and tests.
+
+The bridge needs a real Apache Kafka (aiokafka's idempotent producer does not
+work against look-alike brokers), but this machine has no Docker and cannot
+download the release tarball. Maven Central is reachable, and the broker is
+just ``java -cp 'libs/*' kafka.Kafka server.properties`` once the jars of
+``org.apache.kafka:kafka_2.13`` and their runtime dependencies sit in one
+folder. This module fetches those jars with Maven and runs a combined
+broker+controller (KRaft) from them.
+
+It is stdlib-only on purpose: ``make`` and CI call it before any virtualenv
+exists.
+
+Command line::
+
+    python -m bridge.devkafka fetch|up|down|status [--home .cache/kafka]
+        [--port 9092] [--controller-port 9093]
+
+From Python (a pytest fixture, say)::
+
+    with LocalKafka(home, tmp / "data", free_port(), free_port()) as kafka:
+        ...  # kafka.bootstrap == "127.0.0.1:<port>"
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from collections.abc import Generator, Sequence
+    from types import TracebackType
+
+KAFKA_VERSION = "4.4.0"
+"""The broker version. Newest 4.x on Maven Central when this was written."""
+
+LOG4J_VERSION = "2.25.5"
+"""The log4j2 version that ``kafka-server`` itself declares for KAFKA_VERSION."""
+
+MIN_JAVA = 17
+"""Kafka 4.x brokers refuse to run on older Java."""
+
+POM_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+"""The jar list, kept as a real POM so it can be read and tried by hand."""
+
+DEFAULT_HOME = Path(".cache/kafka")
+"""Relative to the working directory: the Makefile calls us from the repo root."""
+
+DEFAULT_PORT = 9092
+DEFAULT_HEAP = "384m"
+
+STARTED_MARKER = "Kafka Server started"
+"""Logged by KafkaRaftServer once broker and controller are both up and the
+broker is unfenced, i.e. clients can produce. An open port alone is not
+enough: the socket is bound well before requests are served."""
+
+_LOG_TAIL_LINES = 25
+_LOG_CAUSE_LINES = 6
+_REPLY_HEAD = 8  # int32 size + int32 correlation id of a Kafka response
+_MARKER_FILE = ".complete"
+
+# Log4j2 properties for the broker. Console only: the broker's stdout goes to
+# the log file the caller chose, so one config serves every broker in the
+# cache. INFO keeps the start/stop story readable; the per-request and
+# per-segment chatter goes to WARN so a long-running dev broker's log stays
+# small.
+_LOG4J2_PROPERTIES = """\
+# Written by bridge/devkafka.py; rewritten whenever it differs.
+status = warn
+name = devkafka
+
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.target = SYSTEM_OUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+
+rootLogger.level = INFO
+rootLogger.appenderRef.console.ref = STDOUT
+
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.requestchannel.name = kafka.network.RequestChannel$
+logger.requestchannel.level = WARN
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = WARN
+logger.storage.name = org.apache.kafka.storage.internals.log
+logger.storage.level = WARN
+logger.logmanager.name = kafka.log.LogManager
+logger.logmanager.level = WARN
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = WARN
+logger.groupcoord.name = org.apache.kafka.coordinator.group
+logger.groupcoord.level = WARN
+logger.clients.name = org.apache.kafka.clients
+logger.clients.level = WARN
+logger.perf.name = org.apache.kafka.controller.EventPerformanceMonitor
+logger.perf.level = WARN
+"""
+
+
+class DevKafkaError(RuntimeError):
+    """A failure the caller can act on: the message says what to do."""
+
+
+# --------------------------------------------------------------------------
+# Jars
+
+
+def kafka_home(cache_dir: Path) -> Path:
+    """Folder of one Kafka version inside the cache (so versions never mix)."""
+    return cache_dir / f"kafka-{KAFKA_VERSION}"
+
+
+def log4j_config(cache_dir: Path) -> Path:
+    """Path of the broker's log4j2 config inside the cache."""
+    return kafka_home(cache_dir) / "log4j2.properties"
+
+
+def _fingerprint(pom: str) -> str:
+    """Identify what a jar download was made from.
+
+    Stored in the marker so that editing the POM or the versions refetches,
+    instead of silently running stale jars.
+    """
+    digest = hashlib.sha256(pom.encode()).hexdigest()[:16]
+    return f"kafka={KAFKA_VERSION} log4j={LOG4J_VERSION} pom={digest}\n"
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write a file atomically, and only if its content changed.
+
+    Atomic so that a broker or StorageTool never reads a half-written file;
+    only on change so that parallel callers do not race on identical content.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text(encoding="utf-8") == text:
+            return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Generator[None]:
+    """Hold an exclusive lock, so parallel test processes fetch only once."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _find_mvn() -> str:
+    """Locate Maven or explain how to get it."""
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        msg = (
+            "Maven ('mvn') is not on PATH; it is needed once to fetch the Kafka "
+            "jars from Maven Central (Debian: apt-get install maven)"
+        )
+        raise DevKafkaError(msg)
+    return mvn
+
+
+def ensure_jars(cache_dir: Path) -> Path:
+    """Make sure the Kafka broker jars are in the cache; return the libs dir.
+
+    Idempotent and safe to call from parallel processes. The marker file is
+    written only after Maven succeeded, so an interrupted download is redone
+    from scratch rather than leaving a classpath with missing jars. Also
+    (re)writes the log4j2 config, which is cheap and keeps it current.
+    """
+    home = kafka_home(cache_dir.resolve())
+    libs = home / "libs"
+    marker = home / _MARKER_FILE
+    try:
+        pom = POM_TEMPLATE.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"POM template missing: {POM_TEMPLATE} (is the repo checkout complete?)"
+        raise DevKafkaError(msg) from None
+    fingerprint = _fingerprint(pom)
+
+    with _locked(home / ".lock"):
+        _write_if_changed(log4j_config(cache_dir.resolve()), _LOG4J2_PROPERTIES)
+        with contextlib.suppress(FileNotFoundError):
+            if marker.read_text(encoding="utf-8") == fingerprint and libs.is_dir():
+                return libs
+        marker.unlink(missing_ok=True)
+        if libs.exists():
+            shutil.rmtree(libs)
+        pom_file = home / "pom.xml"
+        pom_file.write_text(pom, encoding="utf-8")
+        cmd = [
+            _find_mvn(),
+            "-q",
+            "-B",
+            "-Dstyle.color=never",
+            "-f",
+            str(pom_file),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+            f"-Dkafka.version={KAFKA_VERSION}",
+            f"-Dlog4j.version={LOG4J_VERSION}",
+        ]
+        result = subprocess.run(  # noqa: S603 - argument list, no shell
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        jars = list(libs.glob("kafka_2.13-*.jar")) if libs.is_dir() else []
+        if result.returncode != 0 or not jars:
+            output = (result.stdout + result.stderr).strip().splitlines()
+            tail = "\n".join(output[-_LOG_TAIL_LINES:])
+            msg = (
+                f"fetching Kafka {KAFKA_VERSION} jars with Maven failed "
+                f"(exit {result.returncode}); command: {' '.join(cmd)}\n{tail}"
+            )
+            raise DevKafkaError(msg)
+        marker.write_text(fingerprint, encoding="utf-8")
+    return libs
+
+
+# --------------------------------------------------------------------------
+# Java
+
+
+def find_java() -> str:
+    """Locate a Java >= 17 (JAVA_HOME first, like Kafka's scripts) or explain."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if java is None or not Path(java).is_file():
+        msg = (
+            f"Java {MIN_JAVA}+ is needed to run the Kafka broker and 'java' was not "
+            "found (set JAVA_HOME or put java on PATH; Debian: "
+            "apt-get install openjdk-17-jre-headless)"
+        )
+        raise DevKafkaError(msg)
+    out = subprocess.run(  # noqa: S603 - argument list, no shell
+        [java, "-version"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r'version "(\d+)', out.stderr + out.stdout)
+    if found is None or int(found.group(1)) < MIN_JAVA:
+        first = (out.stderr + out.stdout).strip().splitlines()[:1]
+        msg = f"Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+, {java} is: {first}"
+        raise DevKafkaError(msg)
+    return java
+
+
+# --------------------------------------------------------------------------
+# Ports and probing
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct ports free on 127.0.0.1 right now.
+
+    The sockets are held until all are chosen so the ports differ; another
+    process may still grab one before the broker binds it (a rare race
+    that a test then reports as "Address already in use").
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def free_port() -> int:
+    """Return a port free on 127.0.0.1 right now (see free_ports)."""
+    return free_ports(1)[0]
+
+
+def _port_bindable(port: int) -> bool:
+    """Tell whether a listener could bind the port right now.
+
+    Binds as the JVM does (SO_REUSEADDR), so a port with connections in
+    TIME_WAIT from a previous run counts as free, as it does for Kafka.
+    Checked before starting to turn the broker's "Address already in use"
+    stack trace into a one-line error.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def probe(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """Whether a Kafka broker serves requests on host:port.
+
+    Sends an ApiVersions v0 request and checks the reply's correlation id.
+    Stronger than a TCP connect: it proves the port belongs to Kafka and that
+    the broker processes requests, not merely that its socket is bound.
+    """
+    correlation_id = 0x0DE7CAFE
+    client_id = b"devkafka-probe"
+    # Request header v1: api_key=18 (ApiVersions), api_version=0,
+    # correlation_id, client_id (int16 length + bytes); empty v0 body.
+    body = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = _recv_exactly(sock, _REPLY_HEAD)
+    except OSError:
+        return False
+    if head is None:
+        return False
+    size: int
+    got: int
+    size, got = struct.unpack(">ii", head)
+    return size >= _REPLY_HEAD // 2 and got == correlation_id
+
+
+def _recv_exactly(sock: socket.socket, count: int) -> bytes | None:
+    """Read exactly ``count`` bytes; None if the peer closes first."""
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _log_excerpt(path: Path, start: int = 0) -> str:
+    """Summarise a broker log (from byte offset ``start``) for an error message.
+
+    The first ERROR lines with the exception line below each come first: when
+    the broker dies, the cause is logged early and the last lines are only
+    the shutdown that followed. Then the tail, for everything else.
+    """
+    try:
+        with path.open("rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    lines = data.decode(errors="replace").rstrip().splitlines()
+    if not lines:
+        return "(log is empty)"
+    causes: list[str] = []
+    for i, line in enumerate(lines):
+        if len(causes) >= _LOG_CAUSE_LINES:
+            break
+        if "] ERROR " in line or "] FATAL " in line or line.startswith("Error"):
+            causes += [c for c in lines[i : i + 2] if c not in causes]
+    tail = "\n".join(lines[-_LOG_TAIL_LINES:])
+    if not causes:
+        return tail
+    return "errors:\n" + "\n".join(causes) + f"\nlast {_LOG_TAIL_LINES} lines:\n" + tail
+
+
+# --------------------------------------------------------------------------
+# Processes not started by us (the CLI's pid file)
+
+
+def _is_broker_pid(pid: int) -> bool:
+    """Whether pid is alive and is a Kafka broker JVM.
+
+    Checked before signalling a pid from a pid file, which may be stale and
+    reused by an unrelated process.
+    """
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z" and b"kafka.Kafka" in cmdline
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the broker's process group (it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def stop_pid(pid: int, timeout: float = 20.0) -> bool:
+    """Stop a detached broker by pid: SIGTERM, then SIGKILL after ``timeout``.
+
+    Returns False if no broker had that pid. SIGTERM lets Kafka shut down
+    cleanly, which keeps the next start fast (no log recovery).
+    """
+    if not _is_broker_pid(pid):
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_broker_pid(pid):
+            return True
+        time.sleep(0.1)
+    _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while _is_broker_pid(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------------------
+# The broker
+
+
+class LocalKafka:
+    """One KRaft broker+controller process on 127.0.0.1, owned by the caller.
+
+    ``home`` is the jar cache (see ensure_jars); ``data_dir`` is log.dirs and
+    may be reused across runs. The process runs in its own process group so
+    that stop() also reaches anything it spawned and so that a Ctrl-C in the
+    caller's terminal does not hit it first.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        data_dir: Path,
+        port: int,
+        controller_port: int,
+        *,
+        heap: str = DEFAULT_HEAP,
+        log_file: Path | None = None,
+    ) -> None:
+        """Describe a broker; nothing is started or fetched until format/start."""
+        if port == controller_port:
+            msg = f"port and controller_port must differ (both {port})"
+            raise ValueError(msg)
+        if not re.fullmatch(r"\d+[kKmMgG]?", heap):
+            msg = f"heap must look like 384m or 1g, not {heap!r}"
+            raise ValueError(msg)
+        self.home = home.resolve()
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.heap = heap
+        self.log_file = (
+            log_file.resolve() if log_file else self.data_dir.with_name(f"{self.data_dir.name}.log")
+        )
+        self.config_file = self.data_dir.with_name(f"{self.data_dir.name}.properties")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._java_path: str | None = None
+        self._log_start = 0
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap servers string for clients."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's pid while it runs (also its process group id)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        """Whether the process started by start() is still alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def server_properties(self) -> str:
+        """Render server.properties: single node, loopback only, small for 2 cores."""
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            # One node: every replication factor and min ISR must be 1.
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Internal topics default to 50 partitions each: slow to create on
+            # first use and pointless for one broker.
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.num.partitions": "1",
+            # Tests: no 3 s wait before the first consumer group rebalance.
+            "group.initial.rebalance.delay.ms": "0",
+            "num.partitions": "1",
+            "auto.create.topics.enable": "true",
+            # Sized for a 2-core machine shared with the code under test.
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "num.replica.fetchers": "1",
+            "log.segment.bytes": str(16 * 1024 * 1024),
+            # After an unclean stop (SIGKILL, crash) the restarted broker is
+            # refused (DUPLICATE_BROKER_REGISTRATION) until its previous
+            # incarnation's session expires: 9 s by default. The heartbeat
+            # goes over loopback to the same JVM, so a shorter session is
+            # safe, while 4 s still rides out GC pauses on a busy machine.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "4000",
+            "log.retention.check.interval.ms": "60000",
+        }
+        lines = ["# Written by bridge/devkafka.py; rewritten on every start."]
+        lines += [f"{key}={value}" for key, value in props.items()]
+        return "\n".join(lines) + "\n"
+
+    def _write_config(self) -> None:
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(self.config_file, self.server_properties())
+
+    def _java(self) -> str:
+        """Find Java once per broker (each lookup runs ``java -version``)."""
+        if self._java_path is None:
+            self._java_path = find_java()
+        return self._java_path
+
+    def _java_cmd(self, main: str, *args: str) -> list[str]:
+        """Build the JVM command line for one of Kafka's main classes."""
+        libs = ensure_jars(self.home)
+        return [
+            self._java(),
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            # log4j's own shutdown hook would stop logging halfway through
+            # Kafka's shutdown ("Unable to register Log4j shutdown hook ...
+            # Using SimpleLogger"); without it the log shows the whole stop.
+            "-Dlog4j2.shutdownHookEnabled=false",
+            f"-Dlog4j2.configurationFile={log4j_config(self.home)}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
+
+    def is_formatted(self) -> bool:
+        """Whether log.dirs already holds a formatted KRaft storage."""
+        return (self.data_dir / "meta.properties").is_file()
+
+    def format(self) -> None:
+        """Format the storage with a fresh cluster id, unless already done.
+
+        Needed once before the first start; reformatting would throw away
+        the topics, so an existing storage is kept.
+        """
+        self._write_config()
+        if self.is_formatted():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cluster_id = _random_cluster_id()
+        # StorageTool is short-lived: -Xmx as for the broker, no -Xms.
+        cmd = self._java_cmd(
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "--cluster-id",
+            cluster_id,
+            "--config",
+            str(self.config_file),
+        )
+        cmd.remove(f"-Xms{self.heap}")
+        result = subprocess.run(  # noqa: S603 - argument list, no shell
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            msg = f"formatting {self.data_dir} failed (exit {result.returncode}):\n{output}"
+            raise DevKafkaError(msg)
+
+    def start(self) -> None:
+        """Spawn the broker (formatting first if needed); returns at once.
+
+        Call wait_ready() before using it. The previous log, if any, is kept
+        as ``<log>.1`` so a failed run can still be read after a restart.
+        """
+        if self.is_running():
+            msg = f"broker on port {self.port} already started (pid {self.pid})"
+            raise DevKafkaError(msg)
+        for port in (self.port, self.controller_port):
+            if not _port_bindable(port):
+                msg = f"port {port} on 127.0.0.1 is already in use by another process"
+                raise DevKafkaError(msg)
+        self._java()  # fail with the clear message before touching anything
+        self.format()
+        cmd = self._java_cmd("kafka.Kafka", str(self.config_file))
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.log_file.exists() and self.log_file.stat().st_size > 0:
+            self.log_file.replace(self.log_file.with_name(f"{self.log_file.name}.1"))
+        with self.log_file.open("ab") as log:
+            log.write(f"# devkafka: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self._log_start = log.tell()
+            self._proc = subprocess.Popen(  # noqa: S603 - argument list, no shell
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir.parent,
+                start_new_session=True,
+            )
+
+    def log_shows_started(self) -> bool:
+        """Whether this run's log (not an earlier one) reports the server up."""
+        try:
+            with self.log_file.open("rb") as fh:
+                fh.seek(self._log_start)
+                return STARTED_MARKER.encode() in fh.read()
+        except FileNotFoundError:
+            return False
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until clients can use the broker, or raise DevKafkaError.
+
+        Ready means: the process lives, its log says the server started (the
+        broker is unfenced) and it answers a Kafka request on the port. If
+        the process dies, the error carries the tail of its log, which
+        usually names the cause (a port in use, a bad config).
+        """
+        if self._proc is None:
+            msg = "wait_ready() called before start()"
+            raise DevKafkaError(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                msg = (
+                    f"Kafka broker exited with code {code} during startup; "
+                    f"log {self.log_file}:\n{_log_excerpt(self.log_file, self._log_start)}"
+                )
+                raise DevKafkaError(msg)
+            if self.log_shows_started() and probe(self.port):
+                return
+            if time.monotonic() >= deadline:
+                msg = (
+                    f"Kafka broker not ready after {timeout:.0f} s (still running, "
+                    f"pid {self._proc.pid}); log {self.log_file}:\n"
+                    f"{_log_excerpt(self.log_file, self._log_start)}"
+                )
+                raise DevKafkaError(msg)
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the broker: SIGTERM to its group, SIGKILL after ``timeout``.
+
+        A clean SIGTERM shutdown keeps the next start with the same data fast.
+        Safe to call more than once.
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._proc = None
+
+    def detach(self) -> int:
+        """Forget the process without stopping it (for the CLI's ``up``).
+
+        Returns its pid; stop it later with stop_pid().
+        """
+        if self._proc is None:
+            msg = "detach() called before start()"
+            raise DevKafkaError(msg)
+        pid = self._proc.pid
+        # Popen would warn that the child still runs; it is meant to.
+        self._proc.returncode = 0
+        self._proc = None
+        return pid
+
+    def __enter__(self) -> Self:
+        """Start and wait until ready; stop again if that fails."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the broker."""
+        self.stop()
+
+
+def _random_cluster_id() -> str:
+    """Make a cluster id as ``kafka-storage random-uuid`` does, minus a JVM start.
+
+    The format is a UUID's 16 bytes in base64url without padding.
+    """
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+def _paths(home: Path, port: int) -> tuple[Path, Path, Path]:
+    """Name the data dir, log file and pid file of the CLI's broker on ``port``."""
+    return home / f"data-{port}", home / f"broker-{port}.log", home / f"broker-{port}.pid"
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
+    started = time.monotonic()
+    libs = ensure_jars(args.home)
+    print(f"Kafka {KAFKA_VERSION} jars in {libs} ({time.monotonic() - started:.1f} s)", file=out)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
+    home: Path = args.home.resolve()
+    data_dir, log_file, pid_file = _paths(home, args.port)
+    pid = _read_pid(pid_file)
+    if probe(args.port):
+        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        print(f"Kafka already up at 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
+        return 0
+    if pid is not None and _is_broker_pid(pid):
+        # Started by an earlier `up` that was interrupted, or still booting:
+        # replace it rather than guess how long it will take.
+        print(f"stopping unresponsive broker pid {pid}", file=out)
+        stop_pid(pid)
+    pid_file.unlink(missing_ok=True)
+
+    kafka = LocalKafka(
+        home, data_dir, args.port, args.controller_port, heap=args.heap, log_file=log_file
+    )
+    started = time.monotonic()
+    fresh = not kafka.is_formatted()
+    kafka.start()
+    try:
+        kafka.wait_ready(args.timeout)
+    except BaseException:
+        kafka.stop()
+        raise
+    pid = kafka.detach()
+    pid_file.write_text(f"{pid}\n", encoding="utf-8")
+    kind = "fresh start" if fresh else "restart"
+    print(
+        f"Kafka {KAFKA_VERSION} up at {kafka.bootstrap} (pid {pid}, "
+        f"{kind} in {time.monotonic() - started:.1f} s)\n"
+        f"log: {log_file}",
+        file=out,
+    )
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
+    _, _, pid_file = _paths(args.home.resolve(), args.port)
+    pid = _read_pid(pid_file)
+    if pid is None:
+        print(f"no broker to stop (no pid file {pid_file})", file=out)
+        return 0
+    if stop_pid(pid, args.timeout):
+        print(f"stopped Kafka on port {args.port} (pid {pid})", file=out)
+    else:
+        print(f"no broker was running (stale pid file {pid_file} removed)", file=out)
+    pid_file.unlink(missing_ok=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
+    _, log_file, pid_file = _paths(args.home.resolve(), args.port)
+    if probe(args.port):
+        pid = _read_pid(pid_file)
+        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        print(f"up: 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
+        return 0
+    print(f"down: nothing answers Kafka requests on 127.0.0.1:{args.port}", file=out)
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home",
+        type=Path,
+        default=DEFAULT_HOME,
+        help="jar cache, data, logs and pid files (default: %(default)s)",
+    )
+    common.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port")
+    common.add_argument(
+        "--controller-port", type=int, default=None, help="KRaft controller port (default: port+1)"
+    )
+    common.add_argument("--heap", default=DEFAULT_HEAP, help="JVM heap (default: %(default)s)")
+    common.add_argument(
+        "--timeout", type=float, default=90.0, help="seconds to wait for start/stop"
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge.devkafka",
+        description=f"Single-node Apache Kafka {KAFKA_VERSION} for development and tests.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", parents=[common], help="only download the jars")
+    sub.add_parser("up", parents=[common], help="start a detached broker and wait for it")
+    sub.add_parser("down", parents=[common], help="stop the broker started by 'up'")
+    sub.add_parser("status", parents=[common], help="exit 0 if a broker answers, else 1")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.controller_port is None:
+        args.controller_port = args.port + 1
+    commands = {"fetch": _cmd_fetch, "up": _cmd_up, "down": _cmd_down, "status": _cmd_status}
+    try:
+        return commands[args.command](args, sys.stdout)
+    except (DevKafkaError, ValueError) as exc:
+        sys.stderr.write(f"devkafka: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""One hierarchy for everything the bridge can refuse or fail at.
+
+Each error knows its HTTP status, a short machine-readable ``reason`` (used as a
+bounded metric label and in the problem+json body) and whether the sender
+should retry. Only :mod:`bridge.ingress` turns these into HTTP answers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.geins import Event
+
+
+class BridgeError(Exception):
+    """Base class: a delivery the bridge did not accept."""
+
+    status: int = 500
+    reason: str = "internal"
+    title: str = "Internal error"
+    #: True when the same delivery may succeed later (the sender should retry).
+    retriable: bool = False
+    #: True when the delivery was authenticated and refused for its content, so
+    #: it is worth keeping as a dead letter for an operator to inspect.
+    content_rejection: bool = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        #: The parsed event, when the failure came after parsing (for metrics and logs).
+        self.event: Event | None = None
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the bridge refuses to start."""
+
+
+# --- 4xx: the sender must change something -------------------------------------------
+
+
+class MethodNotAllowed(BridgeError):
+    status = 405
+    reason = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class NotFound(BridgeError):
+    status = 404
+    reason = "not_found"
+    title = "Not found"
+
+
+class Unauthorized(BridgeError):
+    status = 401
+    reason = "unauthorized"
+    title = "Missing or invalid token"
+
+
+class PayloadTooLarge(BridgeError):
+    status = 413
+    reason = "body_too_large"
+    title = "Body too large"
+
+
+class MalformedQuery(BridgeError):
+    status = 400
+    reason = "malformed_query"
+    title = "Query string cannot be read"
+
+
+class ClientDisconnected(BridgeError):
+    """The sender went away before the body arrived; nobody hears the answer."""
+
+    status = 499
+    reason = "client_disconnected"
+    title = "Client disconnected"
+
+
+class BadIdempotencyKey(BridgeError):
+    status = 400
+    reason = "bad_idempotency_key"
+    title = "Invalid x-Idempotency-Key header"
+
+
+class BodyNotJson(BridgeError):
+    status = 400
+    reason = "body_not_json"
+    title = "Body is not a JSON object"
+    content_rejection = True
+
+
+class MissingEventType(BridgeError):
+    status = 422
+    reason = "missing_event_type"
+    title = "Entity or action missing"
+    content_rejection = True
+
+
+class MalformedEventType(BridgeError):
+    status = 422
+    reason = "malformed_event_type"
+    title = "Entity or action malformed"
+    content_rejection = True
+
+
+class UnknownEventType(BridgeError):
+    status = 422
+    reason = "unknown_event_type"
+    title = "Unknown entity or action"
+    content_rejection = True
+
+
+# --- 5xx: the bridge cannot accept right now; the sender should retry ------------------
+
+
+class Unavailable(BridgeError):
+    """The event could not be made safe in time."""
+
+    status = 503
+    reason = "unavailable"
+    title = "Service unavailable, retry later"
+    retriable = True
+
+
+class PublishTimeout(Unavailable):
+    reason = "publish_timeout"
+    title = "Kafka did not acknowledge in time"
+
+
+class PublishFailed(Unavailable):
+    reason = "publish_failed"
+    title = "Kafka refused the record"
+
+
+#: Every reason a rejection can carry: metric labels are pre-created from this list.
+ALL_ERRORS: tuple[type[BridgeError], ...] = (
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    PayloadTooLarge,
+    MalformedQuery,
+    ClientDisconnected,
+    BadIdempotencyKey,
+    BodyNotJson,
+    MissingEventType,
+    MalformedEventType,
+    UnknownEventType,
+    Unavailable,
+    PublishTimeout,
+    PublishFailed,
+)

@@ -1,0 +1,314 @@
+"""What Geins sends, and how a delivery becomes an :class:`Event`.
+
+Pure functions over plain data (no web framework): the entity/action table
+from the Geins documentation, and :func:`parse_delivery`, which reads entity,
+action, idempotency key, timestamp and subject out of the path, the query, the
+headers and the body, the way ``shared/geins-webhooks.md`` says they can arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bridge.errors import (
+    BadIdempotencyKey,
+    BodyNotJson,
+    MalformedEventType,
+    MissingEventType,
+    UnknownEventType,
+)
+
+#: Entity (PascalCase, as Geins spells it) -> its actions. From the Geins docs;
+#: Geins adds to this list over time, so names outside it are not rejected
+#: unless the operator asks for strict types.
+ENTITY_ACTIONS: Mapping[str, tuple[str, ...]] = {
+    "Brand": ("create", "update", "delete"),
+    "Capture": ("create",),
+    "Category": ("create", "update", "delete"),
+    "Customer": ("create", "update", "delete", "passwordreset", "obfuscate"),
+    "Order": (
+        "create",
+        "update",
+        "cancel",
+        "activate",
+        "lock",
+        "complete",
+        "cancelrow",
+        "return",
+    ),
+    "PageWidget": ("update", "delete"),
+    "Product": ("create", "update", "delete"),
+    "Refund": ("create",),
+    "Supplier": ("create", "update", "delete"),
+    "ProductMonitor": ("create", "notify"),
+}
+
+_CANONICAL_ENTITY = {name.lower(): name for name in ENTITY_ACTIONS}
+KNOWN_ACTIONS: frozenset[str] = frozenset(a for acts in ENTITY_ACTIONS.values() for a in acts)
+_KNOWN_PAIRS = frozenset((e, a) for e, acts in ENTITY_ACTIONS.items() for a in acts)
+
+#: A well-formed entity or action name: what a topic name can safely carry.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
+MAX_KEY_LENGTH = 200
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 3339 date-time; fromisoformat alone also takes dates and naive times.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+# A placeholder Geins did not substitute, e.g. a literal "{{id}}".
+_UNSUBSTITUTED = re.compile(r"\{\{\s*\w+\s*\}\}")
+
+IDEMPOTENCY_HEADER = b"x-idempotency-key"
+TIMESTAMP_HEADER = b"x-timestamp"
+#: Query parameters that are credentials and must never be published.
+SECRET_QUERY_PARAMS = frozenset({"token"})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The parts of one HTTP delivery that matter, free of any web framework.
+
+    ``headers`` is the ASGI header list (lower-case names, raw bytes);
+    ``query`` the decoded query parameters in order.
+    """
+
+    method: str
+    path_entity: str | None
+    path_action: str | None
+    query: Sequence[tuple[str, str]]
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated Geins event, ready to be routed."""
+
+    entity: str  # canonical PascalCase when known, else as sent
+    action: str  # lower case
+    known_type: bool
+    key: str
+    key_generated: bool
+    time: datetime  # aware, UTC
+    time_from_header: bool
+    raw_key: str | None  # the x-Idempotency-Key header as sent
+    raw_timestamp: str | None  # the x-Timestamp header as sent
+    subject: str | None  # the entity id(s), when the delivery names them
+    account: str | None
+    environment: str | None
+    value: bytes  # what is published: the body as received, or a JSON object
+
+    @property
+    def unknown_entity(self) -> bool:
+        return self.entity not in ENTITY_ACTIONS
+
+
+def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
+    """Turn a delivery into an :class:`Event`, or raise a :class:`BridgeError`.
+
+    Entity and action come from the path, then the query, then the top-level
+    body fields (names matched case-insensitively). A non-empty body must be a
+    JSON object whatever the Content-Type says; an empty body publishes the query
+    parameters as a JSON object instead.
+    """
+    query = _fields(delivery.query)
+    body_fields: dict[str, Any]
+    if delivery.body.strip():
+        body_fields = _parse_body(delivery.body)
+        value = delivery.body
+    else:
+        body_fields = {}
+        value = b""  # built below, once entity and action are known
+
+    entity_raw = _pick("entity", delivery.path_entity, query, body_fields)
+    action_raw = _pick("action", delivery.path_action, query, body_fields)
+    entity, action, known = _resolve_type(entity_raw, action_raw, strict_types=strict_types)
+
+    if not value:
+        value = _query_object(delivery.query, entity, action)
+
+    key, key_generated, raw_key = _idempotency_key(delivery.headers)
+    time, time_from_header, raw_timestamp = _timestamp(delivery.headers, delivery.received_at)
+    return Event(
+        entity=entity,
+        action=action,
+        known_type=known,
+        key=key,
+        key_generated=key_generated,
+        time=time,
+        time_from_header=time_from_header,
+        raw_key=raw_key,
+        raw_timestamp=raw_timestamp,
+        subject=_optional_text(_pick("id", None, query, body_fields)),
+        account=_optional_text(_pick("account", None, query, body_fields)),
+        environment=_optional_text(_pick("environment", None, query, body_fields)),
+        value=value,
+    )
+
+
+def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased name -> first value, for case-insensitive look-ups."""
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        fields.setdefault(name.lower(), value)
+    return fields
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson refuses a few documents RFC 8259 allows (numbers beyond a double,
+        # such as 1e400); the standard library decides before we refuse an event.
+        try:
+            parsed = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            raise BodyNotJson(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise BodyNotJson(
+            f"the body is JSON but a {type(parsed).__name__}, not an object; "
+            "a Geins body template must produce a JSON object"
+        )
+    return {str(k).lower(): v for k, v in reversed(parsed.items())}  # first key wins
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _pick(name: str, from_path: str | None, query: dict[str, str], body: dict[str, Any]) -> Any:
+    if from_path is not None:
+        return from_path
+    if name in query:
+        return query[name]
+    return body.get(name)
+
+
+def _resolve_type(entity_raw: Any, action_raw: Any, *, strict_types: bool) -> tuple[str, str, bool]:
+    missing = [n for n, v in (("entity", entity_raw), ("action", action_raw)) if v in (None, "")]
+    if missing:
+        raise MissingEventType(
+            f"no {' and no '.join(missing)} found in the path, the query or the body; "
+            "put {{entity}} and {{action}} in the webhook's URL or body template"
+        )
+    for name, raw in (("entity", entity_raw), ("action", action_raw)):
+        if not isinstance(raw, str) or not NAME_PATTERN.fullmatch(raw):
+            shown = orjson.dumps(raw).decode()[:80] if _jsonable(raw) else repr(raw)[:80]
+            raise MalformedEventType(f"{name} {shown} is not a name of 1 to 64 letters and digits")
+    entity = _CANONICAL_ENTITY.get(entity_raw.lower(), entity_raw)
+    action = action_raw.lower()
+    known = (entity, action) in _KNOWN_PAIRS
+    if not known and strict_types:
+        raise UnknownEventType(
+            f"{entity}/{action} is not a known Geins event type and strict types are on "
+            "(BRIDGE_STRICT_TYPES)"
+        )
+    return entity, action, known
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _query_object(query: Sequence[tuple[str, str]], entity: str, action: str) -> bytes:
+    """The JSON object published for a delivery without a body (a GET, usually)."""
+    obj: dict[str, str | list[str]] = {}
+    for name, value in query:
+        if name.lower() in SECRET_QUERY_PARAMS:
+            continue
+        previous = obj.get(name)
+        if previous is None:
+            obj[name] = value
+        elif isinstance(previous, list):
+            previous.append(value)
+        else:
+            obj[name] = [previous, value]
+    lowered = {name.lower() for name in obj}
+    if "entity" not in lowered:
+        obj["entity"] = entity
+    if "action" not in lowered:
+        obj["action"] = action
+    return orjson.dumps(obj)
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The header's value (latin-1, as HTTP allows); repeated values must agree."""
+    found: bytes | None = None
+    for header_name, value in headers:
+        if header_name.lower() == name:
+            if found is not None and value != found:
+                raise BadIdempotencyKey(f"{name.decode()} is sent twice with different values")
+            found = value
+    return None if found is None else found.decode("latin-1")
+
+
+def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool, str | None]:
+    raw = _header(headers, IDEMPOTENCY_HEADER)
+    key = (raw or "").strip()
+    if not key:
+        return str(uuid.uuid4()), True, raw
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadIdempotencyKey(
+            f"x-Idempotency-Key is {len(key)} characters long; at most {MAX_KEY_LENGTH} allowed"
+        )
+    if _CONTROL_CHARS.search(key):
+        raise BadIdempotencyKey("x-Idempotency-Key contains control characters")
+    return key, False, raw
+
+
+def _timestamp(
+    headers: Sequence[tuple[bytes, bytes]], received_at: datetime
+) -> tuple[datetime, bool, str | None]:
+    """x-Timestamp as RFC 3339; a missing or bad one never rejects a delivery."""
+    try:
+        raw = _header(headers, TIMESTAMP_HEADER)
+    except BadIdempotencyKey:
+        return received_at, False, None  # two different timestamps: trust neither
+    parsed = parse_rfc3339(raw) if raw else None
+    if parsed is None:
+        return received_at, False, raw
+    return parsed, True, raw
+
+
+def parse_rfc3339(text: str) -> datetime | None:
+    """An aware UTC datetime, or None when ``text`` is not an RFC 3339 date-time."""
+    text = text.strip()
+    if not _RFC3339.fullmatch(text):
+        return None
+    normalised = text.upper().replace(" ", "T")
+    if "." in normalised:  # fromisoformat takes at most microseconds
+        head, _, tail = normalised.partition(".")
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        normalised = f"{head}.{tail[: min(digits, 6)]}{tail[digits:]}"
+    try:
+        return datetime.fromisoformat(normalised).astimezone(UTC)
+    except ValueError:  # e.g. month 13 or hour 25 pass the pattern
+        return None
+
+
+def _optional_text(value: Any) -> str | None:
+    """A routing attribute as text, or None when absent, empty or unsubstituted."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        text = str(value)
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        return None
+    if not text or _UNSUBSTITUTED.fullmatch(text):
+        return None
+    return text

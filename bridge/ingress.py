@@ -1,0 +1,254 @@
+"""The HTTP edge: the only module that speaks HTTP.
+
+The webhook endpoint is a plain ASGI callable mounted in Starlette's router:
+it reads the body itself (to enforce the size cap while reading), so it skips
+the Request/Response objects it does not need on the hot path. Operations
+endpoints (/healthz, /readyz, /metrics) are ordinary Starlette routes.
+Every error answer is ``application/problem+json`` (RFC 9457).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from bridge.auth import TokenAuthenticator
+from bridge.errors import (
+    BridgeError,
+    ClientDisconnected,
+    MalformedQuery,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from bridge.geins import Delivery, Event
+from bridge.metrics import CONTENT_TYPE, Metrics
+from bridge.pipeline import Accepted, AckMode, Pipeline
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/geins"
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT"})
+MAX_QUERY_FIELDS = 200
+PROBLEM_JSON = b"application/problem+json"
+JSON = b"application/json"
+_ALLOW_HEADER = (b"allow", ", ".join(sorted(ALLOWED_METHODS)).encode())
+_AUTH_CHALLENGE = (b"www-authenticate", b'Bearer realm="geins-bridge"')
+
+
+@dataclass
+class RuntimeState:
+    """What the operations endpoints report; flipped by the server on SIGTERM."""
+
+    draining: bool = False
+
+
+def problem(error: BridgeError) -> bytes:
+    """The RFC 9457 problem document for ``error``."""
+    return orjson.dumps(
+        {
+            "type": f"urn:geins-bridge:problem:{error.reason}",
+            "title": error.title,
+            "status": error.status,
+            "detail": error.detail,
+            "reason": error.reason,
+            "retriable": error.retriable,
+        }
+    )
+
+
+class WebhookEndpoint:
+    """ASGI endpoint for ``/webhooks/geins[/{entity}[/{action}]]``."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        authenticator: TokenAuthenticator,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        retry_after: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self._auth = authenticator
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        self._retry_after = (b"retry-after", str(retry_after).encode())
+        self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        self._metrics.inflight.inc()
+        event: Event | None = None
+        outcome, reason = "accepted", None
+        try:
+            accepted = await self._accept(scope, receive)
+            event = accepted.event
+            body = orjson.dumps(
+                {
+                    "status": "accepted",
+                    "topic": accepted.topic,
+                    "key": event.key,
+                    "ack": accepted.ack,
+                }
+            )
+            await _respond(send, 202, body, JSON, [self._ack_header])
+        except ClientDisconnected as exc:
+            outcome, reason = "rejected", exc.reason  # nobody to answer
+        except BridgeError as exc:
+            event = exc.event
+            outcome = "unavailable" if exc.retriable else "rejected"
+            reason = exc.reason
+            await _respond(send, exc.status, problem(exc), PROBLEM_JSON, self._extra_headers(exc))
+            _log_refusal(exc, scope)
+        except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
+            outcome, reason = "error", None
+            log.exception("unexpected error handling %s %s", scope["method"], scope["path"])
+            error = BridgeError("unexpected internal error; the delivery was not accepted")
+            await _respond(send, 500, problem(error), PROBLEM_JSON, [])
+        finally:
+            self._metrics.inflight.dec()
+            self._metrics.record_request(outcome, event, reason, time.perf_counter() - started)
+
+    async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
+        method: str = scope["method"]
+        if method not in ALLOWED_METHODS:
+            raise MethodNotAllowed(f"{method} is not accepted; use POST, PUT or GET")
+        try:
+            query = parse_qsl(
+                scope["query_string"].decode("latin-1"),
+                keep_blank_values=True,
+                max_num_fields=MAX_QUERY_FIELDS,
+            )
+        except ValueError:
+            raise MalformedQuery(
+                f"the query string has more than {MAX_QUERY_FIELDS} parameters"
+            ) from None
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self._auth.check(headers, query)  # before reading a byte of the body
+        body = await read_body(receive, headers, self._max_body)
+        params: dict[str, str] = scope.get("path_params", {})
+        delivery = Delivery(
+            method=method,
+            path_entity=params.get("entity"),
+            path_action=params.get("action"),
+            query=query,
+            headers=headers,
+            body=body,
+            received_at=datetime.now(UTC),
+        )
+        return await self._pipeline.handle(delivery)
+
+    def _extra_headers(self, error: BridgeError) -> list[tuple[bytes, bytes]]:
+        if isinstance(error, Unauthorized):
+            return [_AUTH_CHALLENGE]
+        if isinstance(error, MethodNotAllowed):
+            return [_ALLOW_HEADER]
+        if error.retriable:
+            return [self._retry_after]
+        return []
+
+
+async def read_body(receive: Receive, headers: Sequence[tuple[bytes, bytes]], cap: int) -> bytes:
+    """The request body, refusing (413) as soon as it passes ``cap`` bytes."""
+    for name, value in headers:
+        if name == b"content-length" and value.isdigit() and int(value) > cap:
+            raise PayloadTooLarge(f"the body is {int(value)} bytes; at most {cap} accepted")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected before sending the whole body")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"the body is larger than {cap} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    extra_headers: list[tuple[bytes, bytes]],
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _log_refusal(error: BridgeError, scope: Scope) -> None:
+    event = error.event
+    log.info(
+        "refused %s %s: %s %s (%s)%s",
+        scope["method"],
+        scope["path"],
+        error.status,
+        error.reason,
+        error.detail,
+        f" key={event.key} type={event.entity}/{event.action}" if event else "",
+    )
+
+
+def operation_routes(metrics: Metrics, ack_mode: AckMode, state: RuntimeState) -> list[BaseRoute]:
+    """/healthz, /readyz and /metrics."""
+
+    async def healthz(_: Request) -> Response:
+        return Response(b'{"status":"alive"}', media_type="application/json")
+
+    async def readyz(_: Request) -> Response:
+        ready = ack_mode.ready and not state.draining
+        body = orjson.dumps(
+            {
+                "status": "ready" if ready else "unavailable",
+                "ack": ack_mode.name,
+                "accepting": ack_mode.ready,
+                "draining": state.draining,
+            }
+        )
+        return Response(body, status_code=200 if ready else 503, media_type="application/json")
+
+    async def prometheus(_: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+
+
+def webhook_routes(endpoint: WebhookEndpoint) -> list[BaseRoute]:
+    """The webhook paths, each also with a trailing slash: a sender that does not
+    follow redirects (Geins is not documented to) must not be sent a 307."""
+    paths = (WEBHOOK_PATH, WEBHOOK_PATH + "/{entity}", WEBHOOK_PATH + "/{entity}/{action}")
+    # methods=None: the endpoint answers 405 itself, as problem+json.
+    return [Route(path + slash, endpoint) for path in paths for slash in ("", "/")]
+
+
+async def http_exception_as_problem(_: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 answers, as problem+json like every other error."""
+    assert isinstance(exc, HTTPException)  # noqa: S101  # registered for HTTPException only
+    error = BridgeError(exc.detail)
+    error.status, error.title = exc.status_code, exc.detail
+    error.reason = "not_found" if exc.status_code == 404 else "http_error"
+    return Response(problem(error), status_code=exc.status_code, media_type=PROBLEM_JSON.decode())

@@ -1,0 +1,150 @@
+"""Where an event goes: topic, key and headers. Pure and cheap per event.
+
+Headers follow the CloudEvents Kafka protocol binding in binary mode (``ce_*``
+headers, the body untouched as the value), so consumers that speak CloudEvents
+read the events without knowing about the bridge.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+
+from bridge.geins import Event
+
+#: The placeholders a topic template may use.
+PLACEHOLDERS = ("entity", "action", "account", "environment")
+#: The longest value each placeholder can produce: entity/action are validated to
+#: at most 64 characters in geins.py; account/environment are cut to 48 here, so
+#: a template using all four still fits Kafka's limit.
+MAX_LENGTH = {"entity": 64, "action": 64, "account": 48, "environment": 48}
+MAX_TOPIC_LENGTH = 249  # Kafka's own limit
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+_NOT_TOPIC_CHAR = re.compile(r"[^a-z0-9._-]+")
+
+CE_SPECVERSION = b"1.0"
+CONTENT_TYPE_JSON = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One Kafka record: everything the publisher needs, nothing it must compute."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class TopicTemplate:
+    """A validated topic template such as ``geins.{entity}.{action}``.
+
+    Validation happens once, at startup: a template that could produce an
+    illegal Kafka topic name for any delivery is refused there, not per event.
+    Placeholder values are lower-cased; the literal text is kept as written.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        fields: list[str] = []
+        literal_length = 0
+        for literal, field, spec, conversion in string.Formatter().parse(template):
+            if not _TOPIC_CHARS.fullmatch(literal):
+                raise ValueError(
+                    f"topic template {template!r} has characters Kafka does not allow in "
+                    f"{literal!r}: use letters, digits, '.', '_' and '-'"
+                )
+            literal_length += len(literal)
+            if field is None:
+                continue
+            if field not in PLACEHOLDERS:
+                raise ValueError(
+                    f"topic template {template!r} uses unknown placeholder {{{field}}}; "
+                    f"available: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+                )
+            if spec or conversion:
+                raise ValueError(f"topic template {template!r}: {{{field}}} takes no format spec")
+            fields.append(field)
+        longest = literal_length + sum(MAX_LENGTH[f] for f in fields)
+        if longest > MAX_TOPIC_LENGTH:
+            raise ValueError(
+                f"topic template {template!r} can produce names of {longest} characters; "
+                f"Kafka allows {MAX_TOPIC_LENGTH}"
+            )
+        if not fields and template in ("", ".", ".."):
+            raise ValueError(f"topic template {template!r} is not a valid topic name")
+        self.fields = tuple(fields)
+
+    def render(self, entity: str, action: str, account: str, environment: str) -> str:
+        return self.template.format(
+            entity=entity.lower(),
+            action=action.lower(),
+            account=account,
+            environment=environment,
+        )
+
+
+def topic_safe(value: str | None, default: str) -> str:
+    """An account or environment as it may appear in a topic name."""
+    if value is None:
+        return default
+    cleaned = _NOT_TOPIC_CHAR.sub("-", value.lower()).strip("-.")[: MAX_LENGTH["account"]]
+    return cleaned or default
+
+
+class Router:
+    """Maps an :class:`Event` to its :class:`Destination`."""
+
+    def __init__(
+        self,
+        template: TopicTemplate,
+        *,
+        default_account: str,
+        default_environment: str,
+        ce_source: str,
+    ) -> None:
+        self.template = template
+        self.default_account = topic_safe(default_account, "default")
+        self.default_environment = topic_safe(default_environment, "default")
+        self._ce_source = ce_source.encode()
+        # Topic names repeat endlessly; render each one once.
+        self.topic_for = lru_cache(maxsize=4096)(self._topic)
+
+    def _topic(self, entity: str, action: str, account: str, environment: str) -> str:
+        return self.template.render(entity, action, account, environment)
+
+    def route(self, event: Event) -> Destination:
+        topic = self.topic_for(
+            event.entity,
+            event.action,
+            topic_safe(event.account, self.default_account),
+            topic_safe(event.environment, self.default_environment),
+        )
+        key = event.key.encode()
+        headers: list[tuple[str, bytes]] = [
+            ("ce_specversion", CE_SPECVERSION),
+            ("ce_id", key),
+            ("ce_source", self._ce_source),
+            ("ce_type", f"com.geins.{event.entity.lower()}.{event.action}".encode()),
+            ("ce_time", event.time.isoformat().replace("+00:00", "Z").encode()),
+            ("content-type", CONTENT_TYPE_JSON),
+        ]
+        if event.subject is not None:
+            headers.append(("ce_subject", event.subject.encode()))
+        if event.raw_key is not None:
+            headers.append(("x-idempotency-key", event.raw_key.encode("latin-1")))
+        if event.raw_timestamp is not None:
+            headers.append(("x-timestamp", event.raw_timestamp.encode("latin-1")))
+        if event.key_generated:
+            headers.append(("x-bridge-key-generated", b"true"))
+        if not event.time_from_header:
+            headers.append(("x-bridge-time-source", b"received"))
+        return Destination(topic=topic, key=key, value=event.value, headers=headers)
+
+    def known_topics(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """The topics of the given entity/action pairs with the default account/environment."""
+        return sorted(
+            {self.topic_for(e, a, self.default_account, self.default_environment) for e, a in pairs}
+        )

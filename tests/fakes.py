@@ -1,0 +1,105 @@
+"""Test doubles and helpers shared by the unit tests (never used against real Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import BridgeError
+from bridge.routing import Destination
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "deliveries.jsonl"
+TOKEN = "dev-token"  # the token the shared samples assume
+
+
+def samples() -> list[dict[str, Any]]:
+    """The shared real-shaped Geins deliveries."""
+    with SAMPLES.open() as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@dataclass
+class FakePublisher:
+    """Records what would reach Kafka; can be told to fail or to stall."""
+
+    records: list[Destination] = field(default_factory=list)
+    connected: bool = True
+    fail_with: BridgeError | None = None
+    started: bool = False
+    stopped: bool = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def publish(self, destination: Destination) -> None:
+        await asyncio.sleep(0)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.records.append(destination)
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+@dataclass
+class AsgiResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def call_asgi(
+    app: Any,
+    method: str,
+    path: str,
+    *,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body_chunks: Sequence[bytes] = (),
+) -> AsgiResponse:
+    """Drive an ASGI app with a hand-made scope: raw paths and headers no HTTP client sends."""
+    chunks = list(body_chunks) or [b""]
+    incoming = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # a real server would wait for the client
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode("utf-8", "surrogateescape"),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return AsgiResponse(
+        status=start["status"],
+        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]},
+        body=body,
+    )

@@ -1,0 +1,63 @@
+"""auth: where tokens are read from, and what is refused."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from bridge.auth import TokenAuthenticator
+from bridge.errors import Unauthorized
+
+AUTH = TokenAuthenticator(["old-token", "new-token"])
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ([(b"authorization", b"Bearer new-token")], []),
+        ([(b"authorization", b"bearer   old-token ")], []),
+        ([(b"Authorization", basic("geins", "new-token"))], []),
+        ([], [("token", "old-token")]),
+        ([(b"authorization", b"Bearer wrong")], [("token", "new-token")]),
+    ],
+)
+def test_accepted_credentials(
+    headers: list[tuple[bytes, bytes]], query: list[tuple[str, str]]
+) -> None:
+    """Bearer, Basic password and ?token= all work, for every configured token."""
+    AUTH.check(headers, query)
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ([], []),
+        ([(b"authorization", b"Bearer nope")], []),
+        ([(b"authorization", b"Bearer ")], []),
+        ([(b"authorization", b"Token new-token")], []),
+        ([(b"authorization", basic("new-token", ""))], []),
+        ([(b"authorization", b"Basic !!!notbase64")], []),
+        ([], [("token", "")]),
+        ([], [("token", "new-token-but-longer")]),
+        ([(b"x-token", b"new-token")], []),
+    ],
+)
+def test_refused_credentials(
+    headers: list[tuple[bytes, bytes]], query: list[tuple[str, str]]
+) -> None:
+    """Anything but a configured token in a supported place is 401."""
+    with pytest.raises(Unauthorized) as info:
+        AUTH.check(headers, query)
+    assert info.value.status == 401
+
+
+def test_unauthenticated_only_when_asked() -> None:
+    """No tokens means everything is refused, unless explicitly opened."""
+    with pytest.raises(Unauthorized):
+        TokenAuthenticator([]).check([], [])
+    TokenAuthenticator([], allow_unauthenticated=True).check([], [])

@@ -1,0 +1,93 @@
+"""The bridge command: check-config, topics and tail (Kafka ones on the real broker)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+from starlette.testclient import TestClient
+
+from bridge.app import create_app
+from bridge.cli import main, template_pattern
+from bridge.config import load_settings
+from tests.fakes import TOKEN
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("BRIDGE_CONFIG_FILE", "BRIDGE_TOKENS", "BRIDGE_KAFKA_BOOTSTRAP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BRIDGE_TOKENS", "secret-token")
+    return monkeypatch
+
+
+def test_check_config_prints_settings_without_tokens(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config shows the effective settings and an example topic, never a token."""
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "geins.order.create" in out
+    assert "secret-token" not in out
+
+
+def test_bad_setting_exits_2_naming_it(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad setting stops any command with exit 2 and its name."""
+    env.setenv("BRIDGE_PORT", "eighty")
+    assert main(["check-config"]) == 2
+    assert "BRIDGE_PORT" in capsys.readouterr().err
+
+
+def test_missing_compression_library_is_a_config_error(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A compression codec whose library is missing fails at check time, not at send."""
+    env.setenv("BRIDGE_KAFKA_COMPRESSION", "zstd")
+    installed = importlib.util.find_spec("cramjam") is not None
+    code = main(["check-config"])
+    assert code == (0 if installed else 2)
+    if not installed:
+        assert "pip install 'aiokafka[zstd]'" in capsys.readouterr().err
+
+
+def test_template_pattern_matches_its_topics() -> None:
+    """The default tail pattern matches every topic the template makes, and no other."""
+    pattern = re.compile(template_pattern("geins.{entity}.{action}"))
+    assert pattern.match("geins.order.create")
+    assert not pattern.match("other.order.create")
+    assert not pattern.match("geinsXorder.create")
+
+
+@pytest.mark.kafka
+def test_topics_create_list_and_tail(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """topics create makes the known topics, list shows them, tail prints what arrived."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".{entity}.{action}")
+    env.setenv("BRIDGE_TOKENS", TOKEN)
+    assert main(["topics", "create"]) == 0
+    assert f"created  {topic_prefix}.order.create" in capsys.readouterr().out
+    assert main(["topics", "create", f"{topic_prefix}.order.create"]) == 0
+    assert f"exists   {topic_prefix}.order.create" in capsys.readouterr().out
+    assert main(["topics", "list"]) == 0
+    assert f"{topic_prefix}.refund.create" in capsys.readouterr().out.split()
+
+    with TestClient(create_app(load_settings())) as client:
+        response = client.post(
+            "/webhooks/geins/Refund/create",
+            content=b'{"id":"r-9"}',
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "tail-key"},
+        )
+        assert response.status_code == 202
+    assert main(["tail", f"{topic_prefix}.refund.create", "--from-beginning", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "key=tail-key" in out
+    assert "ce_type: com.geins.refund.create" in out
+    assert '{"id":"r-9"}' in out

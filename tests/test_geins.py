@@ -1,0 +1,255 @@
+"""geins.parse_delivery: where entity, action, key and time come from."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.errors import (
+    BadIdempotencyKey,
+    BodyNotJson,
+    BridgeError,
+    MalformedEventType,
+    MissingEventType,
+    UnknownEventType,
+)
+from bridge.geins import Delivery, Event, parse_delivery, parse_rfc3339
+
+RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+KEY = (b"x-idempotency-key", b"k-1")
+
+
+def delivery(
+    body: bytes = b"",
+    *,
+    method: str = "POST",
+    path: tuple[str | None, str | None] = (None, None),
+    query: list[tuple[str, str]] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Delivery:
+    return Delivery(
+        method=method,
+        path_entity=path[0],
+        path_action=path[1],
+        query=query or [],
+        headers=[KEY] if headers is None else headers,
+        body=body,
+        received_at=RECEIVED,
+    )
+
+
+def parse(d: Delivery, *, strict: bool = False) -> Event:
+    return parse_delivery(d, strict_types=strict)
+
+
+def test_body_fields_give_type_and_value_is_body_as_received() -> None:
+    """Entity/action come from the body; the published value is the exact bytes."""
+    body = b'{"entity":"Order", "action":"create","id":"7"}'
+    event = parse(delivery(body))
+    assert (event.entity, event.action, event.known_type) == ("Order", "create", True)
+    assert event.value == body
+    assert event.subject == "7"
+
+
+def test_path_beats_query_beats_body() -> None:
+    """The path wins over the query, which wins over the body."""
+    body = b'{"entity":"Brand","action":"delete"}'
+    event = parse(delivery(body, path=("order", None), query=[("action", "cancel")]))
+    assert (event.entity, event.action) == ("Order", "cancel")
+
+
+def test_names_match_case_insensitively() -> None:
+    """Field names and entity names are matched without regard to case."""
+    event = parse(delivery(b'{"Entity":"productmonitor","ACTION":"Notify"}'))
+    assert (event.entity, event.action, event.known_type) == ("ProductMonitor", "notify", True)
+
+
+def test_unknown_but_well_formed_type_is_accepted() -> None:
+    """Geins adds event types over time: a new one is routed, flagged as unknown."""
+    event = parse(delivery(b'{"entity":"Voucher","action":"create"}'))
+    assert (event.entity, event.action, event.known_type) == ("Voucher", "create", False)
+    assert event.unknown_entity
+
+
+def test_unknown_action_of_known_entity_is_flagged() -> None:
+    """A known entity with an action outside its list is an unknown type."""
+    assert not parse(delivery(b'{"entity":"Brand","action":"cancel"}')).known_type
+
+
+def test_strict_types_reject_unknown() -> None:
+    """BRIDGE_STRICT_TYPES turns unknown types into 422."""
+    with pytest.raises(UnknownEventType) as info:
+        parse(delivery(b'{"entity":"Voucher","action":"create"}'), strict=True)
+    assert info.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b'{"id":"5"}', MissingEventType),
+        (b'{"entity":"Order"}', MissingEventType),
+        (b'{"entity":"Order","action":""}', MissingEventType),
+        (b'{"entity":"{{entity}}","action":"create"}', MalformedEventType),
+        (b'{"entity":"Or der","action":"create"}', MalformedEventType),
+        (b'{"entity":5,"action":"create"}', MalformedEventType),
+        (b'{"entity":"' + b"A" * 65 + b'","action":"create"}', MalformedEventType),
+        (b'{"entity":"Order","action":"create",}', BodyNotJson),
+        (b'{"name":"Bob "The" Builder"}', BodyNotJson),
+        (b"[1,2]", BodyNotJson),
+        (b'"text"', BodyNotJson),
+        (b"\xff\xfe", BodyNotJson),
+        (b'{"a": NaN}', BodyNotJson),
+        (b'{"a": Infinity}', BodyNotJson),
+        ('{"a":"é"}'.encode("utf-16"), BodyNotJson),
+    ],
+)
+def test_bad_deliveries_are_refused_with_their_reason(
+    body: bytes, error: type[BridgeError]
+) -> None:
+    """Each kind of bad body gets its own error class (and so status and reason)."""
+    with pytest.raises(error):
+        parse(delivery(body))
+
+
+def test_json_beyond_orjson_is_still_json() -> None:
+    """A number too large for a double is valid JSON and is accepted as sent."""
+    body = b'{"entity":"Order","action":"create","total":1e400}'
+    assert parse(delivery(body)).value == body
+
+
+def test_empty_body_publishes_query_object_without_token() -> None:
+    """A GET (or empty POST) publishes its query parameters, never the token."""
+    d = delivery(
+        method="GET",
+        path=("Category", None),
+        query=[("action", "create"), ("id", "42"), ("token", "secret"), ("id", "43")],
+    )
+    event = parse(d)
+    assert orjson.loads(event.value) == {
+        "action": "create",
+        "id": ["42", "43"],
+        "entity": "Category",
+    }
+    assert b"secret" not in event.value
+    assert event.subject == "42"
+
+
+def test_whitespace_body_counts_as_empty() -> None:
+    """A body of only whitespace is treated like no body."""
+    event = parse(delivery(b"  \r\n", query=[("entity", "Order"), ("action", "lock")]))
+    assert orjson.loads(event.value)["action"] == "lock"
+
+
+def test_missing_key_is_generated_and_marked() -> None:
+    """Without x-Idempotency-Key a UUID is generated and the event says so."""
+    event = parse(delivery(b'{"entity":"Order","action":"create"}', headers=[]))
+    assert event.key_generated
+    assert len(event.key) == 36
+    assert event.raw_key is None
+
+
+@pytest.mark.parametrize("key", [b"a" * 201, b"abc\x01def", b"tab\there"])
+def test_bad_key_is_refused(key: bytes) -> None:
+    """Overlong keys and keys with control characters are 400."""
+    with pytest.raises(BadIdempotencyKey):
+        parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], key)]))
+
+
+def test_conflicting_duplicate_keys_are_refused() -> None:
+    """Two different x-Idempotency-Key headers cannot both be the key."""
+    headers = [(b"x-idempotency-key", b"a"), (b"X-Idempotency-Key", b"b")]
+    with pytest.raises(BadIdempotencyKey):
+        parse(delivery(b'{"entity":"Order","action":"create"}', headers=headers))
+
+
+def test_timestamp_parsed_or_replaced_by_received_time() -> None:
+    """x-Timestamp is used when RFC 3339; otherwise the received time, flagged."""
+    body = b'{"entity":"Order","action":"create"}'
+    good = parse(delivery(body, headers=[KEY, (b"x-timestamp", b"2024-01-15T10:30:00Z")]))
+    assert good.time == datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+    assert good.time_from_header
+    bad = parse(delivery(body, headers=[KEY, (b"x-timestamp", b"yesterday")]))
+    assert bad.time == RECEIVED
+    assert not bad.time_from_header
+    assert bad.raw_timestamp == "yesterday"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-15T10:30:00Z", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),
+        ("2024-01-15t10:30:00z", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),
+        ("2024-01-15T12:30:00+02:00", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),
+        ("2024-01-15 10:30:00.123456789Z", datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=UTC)),
+        ("2024-01-15T10:30:00", None),
+        ("2024-01-15", None),
+        ("2024-13-15T10:30:00Z", None),
+        ("", None),
+    ],
+)
+def test_rfc3339(text: str, expected: datetime | None) -> None:
+    """Only RFC 3339 date-times with an offset are read as timestamps."""
+    assert parse_rfc3339(text) == expected
+
+
+def test_unsubstituted_placeholders_are_not_subjects() -> None:
+    """A literal {{id}} left by Geins is treated as no id."""
+    event = parse(delivery(b'{"entity":"Order","action":"create","id":"{{id}}"}'))
+    assert event.subject is None
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)  # orjson.dumps' range
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        json_values.map(orjson.dumps),
+        st.dictionaries(
+            st.sampled_from(["entity", "Entity", "action", "id", "account", "x"]),
+            json_values,
+        ).map(orjson.dumps),
+    ),
+    path=st.tuples(st.none() | st.text(max_size=70), st.none() | st.text(max_size=70)),
+    query=st.lists(st.tuples(st.text(max_size=10), st.text(max_size=20)), max_size=5),
+    headers=st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=250)), max_size=5),
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+    strict=st.booleans(),
+)
+def test_any_input_gives_an_event_or_a_clean_4xx(
+    body: bytes,
+    path: tuple[str | None, str | None],
+    query: list[tuple[str, str]],
+    headers: list[tuple[bytes, bytes]],
+    method: str,
+    strict: bool,
+) -> None:
+    """Arbitrary bytes, paths, queries and headers never raise anything but a 4xx."""
+    d = delivery(body, method=method, path=path, query=query, headers=headers)
+    try:
+        event = parse(d, strict=strict)
+    except BridgeError as exc:
+        error: BridgeError | None = exc
+    else:
+        error = None
+    if error is not None:
+        assert 400 <= error.status < 500
+        assert error.detail
+    else:
+        assert event.value
+        assert isinstance(orjson.loads(event.value), dict)
+        assert len(event.key) <= 200

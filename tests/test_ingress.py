@@ -1,0 +1,254 @@
+"""ingress: HTTP answers for every kind of delivery, with a fake publisher."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+from starlette.types import Message
+
+from bridge.app import create_app
+from bridge.config import Settings, load_settings
+from bridge.errors import PublishTimeout
+from bridge.metrics import Metrics
+from tests.fakes import TOKEN, FakePublisher, call_asgi, samples
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ORDER = b'{"entity":"Order","action":"create","id":"1"}'
+
+
+def make(**env: str) -> tuple[Starlette, FakePublisher, Metrics]:
+    settings: Settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, **env})
+    publisher, metrics = FakePublisher(), Metrics()
+    return create_app(settings, publisher=publisher, metrics=metrics), publisher, metrics
+
+
+@pytest.fixture
+def bridge() -> Any:
+    app, publisher, metrics = make()
+    with TestClient(app) as client:
+        yield client, publisher, metrics
+
+
+@pytest.mark.parametrize("sample", samples(), ids=lambda s: s["name"])
+def test_shared_samples(sample: dict[str, Any], bridge: Any) -> None:
+    """Each shared sample gets its expected status, topic and key; rejects publish nothing."""
+    client, publisher, _ = bridge
+    response = client.request(
+        sample["method"], sample["path"], headers=sample["headers"], content=sample["body"]
+    )
+    expect = sample["expect"]
+    if expect["status"] == "2xx":
+        assert response.status_code == 202, response.text
+        assert response.json() == {
+            "status": "accepted",
+            "topic": expect["topic"],
+            "key": expect["key"],
+            "ack": "broker",
+        }
+        assert response.headers["x-bridge-ack"] == "broker"
+        [record] = publisher.records
+        assert (record.topic, record.key) == (expect["topic"], expect["key"].encode())
+        if sample["body"]:
+            assert record.value == sample["body"].encode()
+        else:
+            assert isinstance(orjson.loads(record.value), dict)
+    else:
+        assert 400 <= response.status_code < 500
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["detail"]
+        assert publisher.records == []
+
+
+def test_unauthorized_has_challenge(bridge: Any) -> None:
+    """401 carries WWW-Authenticate."""
+    client, publisher, _ = bridge
+    response = client.post("/webhooks/geins", content=ORDER)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert publisher.records == []
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PATCH", "HEAD", "OPTIONS"])
+def test_other_methods_are_405(bridge: Any, method: str) -> None:
+    """Only GET, POST and PUT are webhook methods."""
+    client, publisher, _ = bridge
+    response = client.request(method, "/webhooks/geins", headers=AUTH)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST, PUT"
+    assert publisher.records == []
+
+
+def test_put_is_accepted(bridge: Any) -> None:
+    """PUT works like POST."""
+    client, publisher, _ = bridge
+    assert client.put("/webhooks/geins", content=ORDER, headers=AUTH).status_code == 202
+    assert len(publisher.records) == 1
+
+
+def test_trailing_slash_is_served_not_redirected(bridge: Any) -> None:
+    """/webhooks/geins/Order/create/ is handled in place (no 307)."""
+    client, publisher, _ = bridge
+    response = client.post("/webhooks/geins/Order/create/", content=b"{}", headers=AUTH)
+    assert response.status_code == 202
+    assert publisher.records[0].topic == "geins.order.create"
+
+
+def test_unknown_path_is_problem_json(bridge: Any) -> None:
+    """Even Starlette's own 404 is problem+json."""
+    client, _, _ = bridge
+    response = client.get("/webhooks/other")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_body_cap_by_content_length_and_by_counting() -> None:
+    """Bodies over BRIDGE_MAX_BODY_BYTES are 413, declared or streamed."""
+    app, publisher, _ = make(BRIDGE_MAX_BODY_BYTES="100")
+    headers = [(b"authorization", b"Bearer dev-token")]
+    declared = asyncio.run(
+        call_asgi(app, "POST", "/webhooks/geins", headers=[*headers, (b"content-length", b"101")])
+    )
+    assert declared.status == 413
+    chunks = [b'{"entity":"Order","action":"create","pad":"', b"x" * 60, b"x" * 60, b'"}']
+    streamed = asyncio.run(
+        call_asgi(app, "POST", "/webhooks/geins", headers=headers, body_chunks=chunks)
+    )
+    assert streamed.status == 413
+    assert streamed.json()["reason"] == "body_too_large"
+    ok = asyncio.run(
+        call_asgi(app, "POST", "/webhooks/geins", headers=headers, body_chunks=[ORDER])
+    )
+    assert ok.status == 202
+    assert len(publisher.records) == 1
+
+
+def test_unauthenticated_body_is_never_read() -> None:
+    """Auth is checked before the body is read: a stranger's upload is not buffered."""
+    app, publisher, _ = make()
+    received: list[str] = []
+
+    async def receive() -> Message:
+        received.append("read")
+        return {"type": "http.request", "body": ORDER, "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/webhooks/geins", "raw_path": b"/webhooks/geins",
+        "query_string": b"", "headers": [], "root_path": "", "scheme": "http",
+        "http_version": "1.1", "asgi": {"version": "3.0"},
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401
+    assert received == []
+    assert publisher.records == []
+
+
+def test_kafka_failure_is_503_with_retry_after() -> None:
+    """When the event cannot be made safe, the sender is told to retry."""
+    app, publisher, metrics = make(BRIDGE_RETRY_AFTER="7")
+    publisher.fail_with = PublishTimeout("Kafka did not acknowledge in time")
+    with TestClient(app) as client:
+        response = client.post("/webhooks/geins", content=ORDER, headers=AUTH)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["retriable"] is True
+    exposition = metrics.exposition().decode()
+    assert (
+        'bridge_requests_total{action="create",entity="order",outcome="unavailable"} 1.0'
+        in exposition
+    )
+    assert 'bridge_rejections_total{reason="publish_timeout"} 1.0' in exposition
+
+
+def test_readiness_follows_publisher_and_draining() -> None:
+    """/readyz is 503 while Kafka is unreachable or the bridge is draining."""
+    app, publisher, _ = make()
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/healthz").status_code == 200
+        publisher.connected = False
+        assert client.get("/readyz").status_code == 503
+        publisher.connected = True
+        app.state.runtime.draining = True
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["draining"] is True
+    assert publisher.started
+    assert publisher.stopped
+
+
+def test_metrics_labels_stay_bounded(bridge: Any) -> None:
+    """Unknown entity names are counted under 'other', never as their own label."""
+    client, _, _ = bridge
+    for i in range(5):
+        body = orjson.dumps({"entity": f"Novel{i}", "action": f"act{i}"})
+        assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 202
+    text = client.get("/metrics").text
+    assert "Novel" not in text
+    assert 'bridge_requests_total{action="other",entity="other",outcome="accepted"} 5.0' in text
+    assert "bridge_unknown_event_types_total 5.0" in text
+    assert 'bridge_request_duration_seconds_bucket{le="0.0001",outcome="accepted"}' in text
+
+
+def test_token_never_published_or_exposed(bridge: Any) -> None:
+    """The token from the query string reaches neither Kafka nor /metrics."""
+    client, publisher, _ = bridge
+    response = client.get(f"/webhooks/geins?entity=Order&action=create&token={TOKEN}")
+    assert response.status_code == 202
+    [record] = publisher.records
+    assert TOKEN.encode() not in record.value
+    assert all(TOKEN.encode() not in v for _, v in record.headers)
+    assert TOKEN not in client.get("/metrics").text
+
+
+header_names = st.sampled_from(
+    [b"x-idempotency-key", b"x-timestamp", b"authorization", b"content-length", b"content-type"]
+) | st.binary(max_size=12)
+
+
+_FUZZ_APP, _FUZZ_PUBLISHER, _ = make(BRIDGE_MAX_BODY_BYTES="120")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    path=st.sampled_from(["/webhooks/geins", "/webhooks/geins/", "/x"])
+    | st.text(max_size=40).map(lambda t: "/webhooks/geins/" + t),
+    query=st.binary(max_size=80),
+    headers=st.lists(st.tuples(header_names, st.binary(max_size=60)), max_size=6),
+    chunks=st.lists(st.binary(max_size=80), max_size=3),
+    with_token=st.booleans(),
+)
+def test_any_request_gets_accepted_or_a_clean_4xx(
+    method: str,
+    path: str,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes],
+    with_token: bool,
+) -> None:
+    """Arbitrary method, path, query, headers and body: 202 or problem+json 4xx, never 5xx."""
+    publisher = _FUZZ_PUBLISHER
+    publisher.records.clear()
+    if with_token:
+        headers = [(b"authorization", b"Bearer dev-token"), *headers]
+    response = asyncio.run(
+        call_asgi(_FUZZ_APP, method, path, query=query, headers=headers, body_chunks=chunks)
+    )
+    if response.status == 202:
+        assert len(publisher.records) == 1
+    else:
+        assert 400 <= response.status < 500, response.body
+        assert response.headers["content-type"] == "application/problem+json"
+        assert publisher.records == []

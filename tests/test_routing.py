@@ -1,0 +1,127 @@
+"""routing: topic templates and the CloudEvents headers of each record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.geins import Event
+from bridge.routing import Router, TopicTemplate, topic_safe
+
+LEGAL_TOPIC = r"[a-zA-Z0-9._-]{1,249}"
+
+
+def event(**overrides: object) -> Event:
+    fields: dict[str, object] = {
+        "entity": "ProductMonitor",
+        "action": "notify",
+        "known_type": True,
+        "key": "k-1",
+        "key_generated": False,
+        "time": datetime(2024, 1, 15, 10, 30, tzinfo=UTC),
+        "time_from_header": True,
+        "raw_key": "k-1",
+        "raw_timestamp": "2024-01-15T10:30:00Z",
+        "subject": "12",
+        "account": None,
+        "environment": None,
+        "value": b"{}",
+    }
+    fields.update(overrides)
+    return Event(**fields)  # type: ignore[arg-type]  # the dict mirrors Event's fields
+
+
+def router(template: str = "geins.{entity}.{action}") -> Router:
+    return Router(
+        TopicTemplate(template),
+        default_account="shop",
+        default_environment="prod",
+        ce_source="urn:geins",
+    )
+
+
+def test_default_template_lower_cases() -> None:
+    """geins.{entity}.{action} gives lower-case topics."""
+    assert router().route(event()).topic == "geins.productmonitor.notify"
+
+
+def test_account_and_environment_from_event_or_defaults() -> None:
+    """{account}/{environment} come from the delivery, else from the settings."""
+    r = router("{account}.{environment}.{entity}")
+    assert r.route(event()).topic == "shop.prod.productmonitor"
+    made_safe = r.route(event(account="My Shop!", environment="QA"))
+    assert made_safe.topic == "my-shop.qa.productmonitor"
+
+
+def test_cloudevents_headers() -> None:
+    """Records carry the CloudEvents binary-mode headers and the original Geins headers."""
+    headers = dict(router().route(event()).headers)
+    assert headers["ce_specversion"] == b"1.0"
+    assert headers["ce_id"] == b"k-1"
+    assert headers["ce_type"] == b"com.geins.productmonitor.notify"
+    assert headers["ce_time"] == b"2024-01-15T10:30:00Z"
+    assert headers["ce_subject"] == b"12"
+    assert headers["ce_source"] == b"urn:geins"
+    assert headers["content-type"] == b"application/json"
+    assert headers["x-idempotency-key"] == b"k-1"
+    assert headers["x-timestamp"] == b"2024-01-15T10:30:00Z"
+    assert "x-bridge-key-generated" not in headers
+    assert "x-bridge-time-source" not in headers
+
+
+def test_generated_key_and_received_time_are_marked() -> None:
+    """A generated key and a fallback time are visible to consumers."""
+    headers = dict(
+        router().route(event(key_generated=True, raw_key=None, time_from_header=False)).headers
+    )
+    assert headers["x-bridge-key-generated"] == b"true"
+    assert headers["x-bridge-time-source"] == b"received"
+    assert "x-idempotency-key" not in headers
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "geins.{entity}.{nope}",
+        "geins/{entity}",
+        "geins {entity}",
+        "geins.{entity!r}",
+        "geins.{entity:>10}",
+        "x" * 200 + ".{entity}",
+        "",
+        "..",
+        "geins.{}",
+    ],
+)
+def test_bad_templates_fail_at_startup(template: str) -> None:
+    """A template that could make an illegal topic is refused when built."""
+    with pytest.raises(ValueError, match="template"):
+        TopicTemplate(template)
+
+
+@given(
+    entity=st.from_regex(r"[A-Za-z0-9]{1,64}", fullmatch=True),
+    action=st.from_regex(r"[A-Za-z0-9]{1,64}", fullmatch=True),
+    account=st.none() | st.text(max_size=300),
+    environment=st.none() | st.text(max_size=300),
+)
+def test_every_routed_topic_is_legal(
+    entity: str, action: str, account: str | None, environment: str | None
+) -> None:
+    """Whatever the delivery says, the topic is a legal Kafka name."""
+    r = router("{account}.{environment}.{entity}.{action}.events")
+    topic = r.route(
+        event(entity=entity, action=action, account=account, environment=environment)
+    ).topic
+    assert 1 <= len(topic) <= 249
+    assert topic not in (".", "..")
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in topic)
+
+
+def test_topic_safe_falls_back_to_default() -> None:
+    """Nothing usable left after cleaning means the default."""
+    assert topic_safe("!!!", "dflt") == "dflt"
+    assert topic_safe(None, "dflt") == "dflt"
