@@ -41,8 +41,9 @@ run: $(INSTALLED) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE
 	token="$${BRIDGE_TOKENS%%,*}"; port="$${BRIDGE_PORT:-8080}"; \
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \
-	echo "    -H 'Authorization: Bearer '$$token -H 'x-Idempotency-Key: '\$$(cat /proc/sys/kernel/random/uuid) \\"; \
-	echo "    -H 'x-Timestamp: '\$$(date -u +%Y-%m-%dT%H:%M:%SZ) \\"; \
+	echo "    -H 'Authorization: Bearer $$token' \\"; \
+	echo "    -H \"x-Idempotency-Key: \$$(cat /proc/sys/kernel/random/uuid)\" \\"; \
+	echo "    -H \"x-Timestamp: \$$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \\"; \
 	echo "    -d '{\"entity\":\"Order\",\"action\":\"create\",\"id\":\"12345\"}'"; \
 	echo "See it arrive:  $(BIN)/bridge tail --from-beginning"; echo; \
 	exec $(BIN)/bridge serve

@@ -90,6 +90,7 @@ def _router(settings: Settings) -> Router:
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.server import serve  # noqa: PLC0415  # uvicorn is only needed here
 
+    settings.check_serving()
     return serve(settings)
 
 
@@ -97,6 +98,7 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.metrics import Metrics  # noqa: PLC0415  # keep the other commands light
     from bridge.publisher import KafkaPublisher  # noqa: PLC0415
 
+    settings.check_serving()
     KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
     print(json.dumps(settings.redacted(), indent=2))
     example = _router(settings).template.render("Order", "create", "default", "default")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bridge.errors import ConfigError
 from bridge.routing import TopicTemplate, topic_safe
@@ -100,14 +100,13 @@ class Settings(BaseModel):
                 raise ValueError(f"{server.strip()!r} is not host:port")
         return value
 
-    @model_validator(mode="after")
-    def _auth_is_deliberate(self) -> Settings:
+    def check_serving(self) -> None:
+        """What only matters when serving webhooks (operator commands need no tokens)."""
         if not self.tokens and not self.allow_unauthenticated:
-            raise ValueError(
+            raise ConfigError(
                 "BRIDGE_TOKENS is empty: set at least one token (comma-separated), "
                 "or BRIDGE_ALLOW_UNAUTHENTICATED=true to accept anyone"
             )
-        return self
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, safe to print: tokens are replaced by their count."""

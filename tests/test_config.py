@@ -51,11 +51,13 @@ def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
         load_settings(environ={**BASE, **environ})
 
 
-def test_tokens_required_unless_opted_out() -> None:
-    """No tokens and no explicit opt-out refuses to start."""
+def test_tokens_required_to_serve_unless_opted_out() -> None:
+    """No tokens and no explicit opt-out refuses to serve; operator commands need none."""
+    settings = load_settings(environ={})
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS"):
-        load_settings(environ={})
-    assert load_settings(environ={"BRIDGE_ALLOW_UNAUTHENTICATED": "true"}).tokens == ()
+        settings.check_serving()
+    load_settings(environ={"BRIDGE_ALLOW_UNAUTHENTICATED": "true"}).check_serving()
+    load_settings(environ={"BRIDGE_TOKENS": "t"}).check_serving()
 
 
 def test_unreadable_or_bad_toml(tmp_path: Path) -> None:
