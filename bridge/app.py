@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from bridge import kafkaadmin
+from bridge.ackmodes import make_ack_mode
 from bridge.auth import TokenAuthenticator
 from bridge.config import Settings
 from bridge.ingress import (
@@ -20,8 +22,8 @@ from bridge.ingress import (
     webhook_routes,
 )
 from bridge.metrics import Metrics
-from bridge.pipeline import BrokerAck, Pipeline, Publisher
-from bridge.publisher import KafkaPublisher
+from bridge.pipeline import Pipeline
+from bridge.publisher import KafkaPublisher, Publisher
 from bridge.routing import Router, TopicTemplate
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,15 @@ def create_app(
         default_environment=settings.default_environment,
         ce_source=settings.ce_source,
     )
-    ack_mode = BrokerAck(publisher)
-    pipeline = Pipeline(router, ack_mode, strict_types=settings.strict_types)
+    ack_mode = make_ack_mode(settings, publisher, metrics)
+    pipeline = Pipeline(
+        router,
+        ack_mode,
+        metrics,
+        strict_types=settings.strict_types,
+        deadletter_topic=settings.deadletter_topic,
+        tokens=settings.tokens,
+    )
     endpoint = WebhookEndpoint(
         pipeline,
         TokenAuthenticator(settings.tokens, allow_unauthenticated=settings.allow_unauthenticated),
@@ -55,10 +64,18 @@ def create_app(
     )
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
+    backlog = getattr(ack_mode, "spool", None) or getattr(ack_mode, "backlog", None)
+    if backlog is not None:
+        metrics.spool_depth.set_function(lambda: backlog.depth)
+        metrics.spool_bytes.set_function(lambda: backlog.bytes)
+        metrics.spool_oldest_age.set_function(
+            lambda: time.time() - backlog.oldest_enqueued_at if backlog.oldest_enqueued_at else 0.0
+        )
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await publisher.start()
+        await ack_mode.start()
         if settings.create_topics and publisher.connected:
             created = await kafkaadmin.create_topics(settings, kafkaadmin.known_topics(router))
             log.info(
@@ -71,6 +88,7 @@ def create_app(
             yield
         finally:
             state.draining = True
+            await ack_mode.stop()  # drains what it can while Kafka is still connected
             await publisher.stop()
 
     app = Starlette(

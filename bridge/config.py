@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bridge.errors import ConfigError
-from bridge.routing import TopicTemplate, topic_safe
+from bridge.routing import TOPIC_NAME, TopicTemplate, topic_safe
 
 ENV_PREFIX = "BRIDGE_"
 #: Names the environment variable that points at the TOML file (not a setting itself).
@@ -44,8 +44,14 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- Delivery ------------------------------------------------------------------
-    ack: Literal["broker"] = "broker"
+    ack: Literal["durable", "broker", "memory"] = "durable"
     publish_timeout: Seconds = 5.0
+    spool_dir: Path = Path("spool")
+    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    memory_max_bytes: int = Field(64 * 1024**2, ge=1024 * 1024)
+    dedup_window: float = Field(7200.0, ge=0, le=7 * 86400)
+    dedup_max_keys: int = Field(100_000, ge=1)
+    deadletter_topic: str = "geins.deadletter"
 
     # --- Kafka ---------------------------------------------------------------------
     kafka_bootstrap: str = "localhost:9092"
@@ -84,6 +90,13 @@ class Settings(BaseModel):
         TopicTemplate(value)  # raises ValueError naming the problem
         return value
 
+    @field_validator("deadletter_topic")
+    @classmethod
+    def _deadletter_is_a_topic(cls, value: str) -> str:
+        if value and not TOPIC_NAME.fullmatch(value):
+            raise ValueError("not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)")
+        return value
+
     @field_validator("default_account", "default_environment")
     @classmethod
     def _topic_safe(cls, value: str) -> str:
@@ -110,7 +123,7 @@ class Settings(BaseModel):
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, safe to print: tokens are replaced by their count."""
-        shown = self.model_dump()
+        shown = self.model_dump(mode="json")
         shown["tokens"] = f"<{len(self.tokens)} token(s)>"
         return shown
 

@@ -81,6 +81,7 @@ class Delivery:
     """
 
     method: str
+    path: str
     path_entity: str | None
     path_action: str | None
     query: Sequence[tuple[str, str]]

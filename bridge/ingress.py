@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from bridge.ackmodes import AckMode
 from bridge.auth import TokenAuthenticator
 from bridge.errors import (
     BridgeError,
@@ -34,7 +35,7 @@ from bridge.errors import (
 )
 from bridge.geins import Delivery, Event
 from bridge.metrics import CONTENT_TYPE, Metrics
-from bridge.pipeline import Accepted, AckMode, Pipeline
+from bridge.pipeline import Accepted, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,17 @@ class WebhookEndpoint:
         try:
             accepted = await self._accept(scope, receive)
             event = accepted.event
+            outcome = "duplicate" if accepted.duplicate else "accepted"
             body = orjson.dumps(
                 {
-                    "status": "accepted",
+                    "status": outcome,
                     "topic": accepted.topic,
                     "key": event.key,
                     "ack": accepted.ack,
                 }
             )
-            await _respond(send, 202, body, JSON, [self._ack_header])
+            status = 200 if accepted.duplicate else 202
+            await _respond(send, status, body, JSON, [self._ack_header])
         except ClientDisconnected as exc:
             outcome, reason = "rejected", exc.reason  # nobody to answer
         except BridgeError as exc:
@@ -136,11 +139,14 @@ class WebhookEndpoint:
                 f"the query string has more than {MAX_QUERY_FIELDS} parameters"
             ) from None
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        started = time.perf_counter()
         self._auth.check(headers, query)  # before reading a byte of the body
+        self._metrics.observe_stage("auth", time.perf_counter() - started)
         body = await read_body(receive, headers, self._max_body)
         params: dict[str, str] = scope.get("path_params", {})
         delivery = Delivery(
             method=method,
+            path=scope["path"],
             path_entity=params.get("entity"),
             path_action=params.get("action"),
             query=query,

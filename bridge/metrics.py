@@ -29,7 +29,8 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-OUTCOMES = ("accepted", "rejected", "unavailable", "error")
+OUTCOMES = ("accepted", "duplicate", "rejected", "unavailable", "error")
+STAGES = ("auth", "parse", "spool_commit", "kafka_ack")
 NONE_LABEL = "none"  # the request was refused before entity/action were known
 OTHER_LABEL = "other"  # a well-formed name outside the known table
 PUBLISH_ERRORS = ("timeout", "kafka_error", "too_large", "not_connected")
@@ -69,6 +70,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.stage_duration = Histogram(
+            "bridge_stage_duration_seconds",
+            "Time spent in each stage: auth, parse, spool_commit (one group commit), "
+            "kafka_ack (hand-off to acknowledgement).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.publish_duration = Histogram(
             "bridge_publish_duration_seconds",
             "Time from handing a record to the Kafka client to the broker's acknowledgement.",
@@ -89,6 +98,32 @@ class Metrics:
             "bridge_publish_errors",
             "Records Kafka did not acknowledge, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "bridge_duplicates",
+            "Deliveries whose idempotency key was already accepted (answered 200, not published).",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "bridge_dead_letters",
+            "Refused deliveries kept on the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_depth = Gauge(
+            "bridge_spool_depth",
+            "Accepted events waiting for Kafka (spool or memory queue).",
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            "bridge_spool_bytes",
+            "Bytes of the accepted events waiting for Kafka.",
+            registry=registry,
+        )
+        self.spool_oldest_age = Gauge(
+            "bridge_spool_oldest_age_seconds",
+            "Age of the oldest event waiting for Kafka (0 when none waits).",
             registry=registry,
         )
         self.unknown_types = Counter(
@@ -134,7 +169,11 @@ class Metrics:
             self.rejections.labels(error.reason)
         for reason in PUBLISH_ERRORS:
             self.publish_errors.labels(reason)
+        for error in ALL_ERRORS:
+            if error.content_rejection:
+                self.dead_letters.labels(error.reason)
         self._durations = {o: self.request_duration.labels(o) for o in OUTCOMES}
+        self._stages = {s: self.stage_duration.labels(s) for s in STAGES}
 
     def record_request(
         self, outcome: str, event: Event | None, reason: str | None, seconds: float
@@ -145,6 +184,8 @@ class Metrics:
         else:
             entity = _ENTITY_LABELS.get(event.entity, OTHER_LABEL)
             action = event.action if event.action in KNOWN_ACTIONS else OTHER_LABEL
+            if outcome == "duplicate":
+                self.duplicates.inc()
             if outcome == "accepted":
                 if not event.known_type:
                     self.unknown_types.inc()
@@ -161,6 +202,10 @@ class Metrics:
         self.published_records.inc()
         self.published_bytes.inc(value_bytes)
         self.publish_duration.observe(seconds)
+        self._stages["kafka_ack"].observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self._stages[stage].observe(seconds)
 
     def record_publish_error(self, reason: str) -> None:
         self.publish_errors.labels(reason).inc()

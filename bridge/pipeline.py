@@ -1,86 +1,88 @@
 """One delivery's way through the bridge, free of HTTP: parse, route, deliver.
 
 The ingress hands in a :class:`~bridge.geins.Delivery` and gets back an
-:class:`Accepted` or a :class:`~bridge.errors.BridgeError`. How an event is made
-safe before the answer is the :class:`AckMode`'s business; today that is
-``broker`` (the answer waits for Kafka's acknowledgement).
+:class:`Accepted` or a :class:`~bridge.errors.BridgeError`. How an event is
+made safe before the answer is the ack mode's business (see
+:mod:`bridge.ackmodes`). Deliveries refused for their content are kept as dead
+letters on the way out.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
+from bridge.ackmodes import AckMode
+from bridge.deadletter import dead_letter
 from bridge.errors import BridgeError
 from bridge.geins import Delivery, Event, parse_delivery
-from bridge.routing import Destination, Router
+from bridge.metrics import Metrics
+from bridge.routing import Router
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The event is safe by the guarantee ``ack`` names."""
+    """The event is safe by the guarantee ``ack`` names (or was already, if ``duplicate``)."""
 
     event: Event
     topic: str
     ack: str
-
-
-class AckMode(Protocol):
-    """What must happen to a record before the sender hears 2xx."""
-
-    name: str
-
-    async def deliver(self, destination: Destination) -> None:
-        """Return once the record is safe by this mode's guarantee; raise a BridgeError if not."""
-
-    @property
-    def ready(self) -> bool:
-        """Whether deliveries can be made safe right now (what /readyz reports)."""
-
-
-class Publisher(Protocol):
-    """What :class:`~bridge.publisher.KafkaPublisher` offers; unit tests pass fakes."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def publish(self, destination: Destination) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-class BrokerAck:
-    """Answer 2xx only after Kafka acknowledged the record (acks=all). No local state."""
-
-    name = "broker"
-
-    def __init__(self, publisher: Publisher) -> None:
-        self._publisher = publisher
-
-    async def deliver(self, destination: Destination) -> None:
-        await self._publisher.publish(destination)
-
-    @property
-    def ready(self) -> bool:
-        return self._publisher.connected
+    duplicate: bool
 
 
 class Pipeline:
     """Parse, route and deliver one delivery."""
 
-    def __init__(self, router: Router, ack_mode: AckMode, *, strict_types: bool) -> None:
+    def __init__(
+        self,
+        router: Router,
+        ack_mode: AckMode,
+        metrics: Metrics,
+        *,
+        strict_types: bool,
+        deadletter_topic: str,
+        tokens: Sequence[str],
+    ) -> None:
         self.router = router
         self.ack_mode = ack_mode
+        self._metrics = metrics
         self._strict_types = strict_types
+        self._deadletter_topic = deadletter_topic
+        self._tokens = tuple(tokens)
 
     async def handle(self, delivery: Delivery) -> Accepted:
-        event = parse_delivery(delivery, strict_types=self._strict_types)
-        destination = self.router.route(event)
+        started = time.perf_counter()
         try:
-            await self.ack_mode.deliver(destination)
+            event = parse_delivery(delivery, strict_types=self._strict_types)
+        except BridgeError as exc:
+            if exc.content_rejection:
+                await self._keep_dead_letter(delivery, exc)
+            raise
+        destination = self.router.route(event)
+        self._metrics.observe_stage("parse", time.perf_counter() - started)
+        try:
+            fresh = await self.ack_mode.deliver(
+                destination, None if event.key_generated else event.key
+            )
         except BridgeError as exc:
             exc.event = event
             raise
-        return Accepted(event=event, topic=destination.topic, ack=self.ack_mode.name)
+        return Accepted(
+            event=event, topic=destination.topic, ack=self.ack_mode.name, duplicate=not fresh
+        )
+
+    async def _keep_dead_letter(self, delivery: Delivery, error: BridgeError) -> None:
+        """Best effort: the sender gets its 4xx whether or not this succeeds."""
+        if not self._deadletter_topic:
+            return
+        record = dead_letter(delivery, error, self._deadletter_topic, self._tokens)
+        try:
+            await self.ack_mode.keep(record)
+        except Exception:
+            log.exception("could not keep a dead letter (%s)", error.reason)
+        else:
+            self._metrics.dead_letters.labels(error.reason).inc()

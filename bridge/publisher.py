@@ -14,13 +14,14 @@ import importlib.util
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from bridge.config import Settings
 from bridge.errors import (
+    BridgeError,
     ConfigError,
     PayloadTooLarge,
     PublishFailed,
@@ -39,6 +40,23 @@ STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
 #: Room for headers and record overhead on top of the largest accepted body.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
+
+
+class Publisher(Protocol):
+    """What the rest of the bridge uses of :class:`KafkaPublisher`; unit tests pass fakes."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, destination: Destination) -> asyncio.Future[Any]: ...
+
+    async def publish(self, destination: Destination) -> None: ...
+
+    def failure(self, exc: BaseException) -> BridgeError: ...
 
 
 def kafka_client_options(settings: Settings) -> dict[str, Any]:
@@ -140,24 +158,57 @@ class KafkaPublisher:
         else:
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
 
-    async def publish(self, destination: Destination) -> None:
-        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError."""
+    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+        """Hand a record to the producer; the returned future resolves on Kafka's ack.
+
+        Waits at most ``publish_timeout`` for metadata and buffer space. Raises a
+        BridgeError when the record cannot be handed over. Cancelling this call
+        withdraws the record; once it returned, the record may land even if the
+        caller stops waiting, which is why consumers get the idempotency key as
+        message key.
+        """
         producer = self._producer
         if producer is None:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable("not connected to Kafka yet")
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
-                # Cancelling send() itself withdraws the record; once it returned,
-                # the record is in the batch and may still land after a timeout,
-                # which is why consumers get the idempotency key as message key.
-                acked = await producer.send(
+                return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
                     destination.topic,
                     value=destination.value,
                     key=destination.key,
                     headers=destination.headers,
                 )
+        except TimeoutError:
+            self._metrics.record_publish_error("timeout")
+            raise PublishTimeout(
+                f"Kafka took more than {self._timeout:g} s to take a record for "
+                f"{destination.topic} (metadata or buffer space)"
+            ) from None
+        except Exception as exc:
+            raise self.failure(exc) from None
+
+    def failure(self, exc: BaseException) -> BridgeError:
+        """The BridgeError for an exception from the producer (and count it)."""
+        if isinstance(exc, BridgeError):
+            return exc
+        if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
+            self._metrics.record_publish_error("too_large")
+            return PayloadTooLarge(
+                "the record is larger than Kafka accepts (check the topic's max.message.bytes)"
+            )
+        self._metrics.record_publish_error("kafka_error")
+        if isinstance(exc, KafkaError):
+            return PublishFailed(f"Kafka refused the record: {type(exc).__name__}")
+        log.error("unexpected error from the Kafka producer", exc_info=exc)
+        return PublishFailed(f"the Kafka client failed: {type(exc).__name__}")
+
+    async def publish(self, destination: Destination) -> None:
+        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError."""
+        started = time.perf_counter()
+        acked = await self.send(destination)
+        try:
+            async with asyncio.timeout(max(0.0, started + self._timeout - time.perf_counter())):
                 await asyncio.shield(acked)
         except TimeoutError:
             self._metrics.record_publish_error("timeout")
@@ -165,14 +216,8 @@ class KafkaPublisher:
                 f"Kafka did not acknowledge the record for {destination.topic} "
                 f"within {self._timeout:g} s"
             ) from None
-        except (MessageSizeTooLargeError, RecordTooLargeError):
-            self._metrics.record_publish_error("too_large")
-            raise PayloadTooLarge(
-                "the record is larger than Kafka accepts (check the topic's max.message.bytes)"
-            ) from None
-        except KafkaError as exc:
-            self._metrics.record_publish_error("kafka_error")
-            raise PublishFailed(f"Kafka refused the record: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise self.failure(exc) from None
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     async def stop(self) -> None:

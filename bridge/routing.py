@@ -21,6 +21,7 @@ PLACEHOLDERS = ("entity", "action", "account", "environment")
 #: a template using all four still fits Kafka's limit.
 MAX_LENGTH = {"entity": 64, "action": 64, "account": 48, "environment": 48}
 MAX_TOPIC_LENGTH = 249  # Kafka's own limit
+TOPIC_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}")
 _TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
 _NOT_TOPIC_CHAR = re.compile(r"[^a-z0-9._-]+")
 

@@ -34,6 +34,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
 
 
+@pytest.fixture(autouse=True)
+def private_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test spools into its own folder, never into the working directory."""
+    spool = tmp_path / "spool"
+    monkeypatch.setenv("BRIDGE_SPOOL_DIR", str(spool))
+    return spool
+
+
 @pytest.fixture
 def topic_prefix() -> str:
     """A prefix no other test uses, so each test sees only its own topics."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, PublishFailed
 from bridge.routing import Destination
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "deliveries.jsonl"
@@ -36,10 +36,19 @@ class FakePublisher:
         self.started = True
 
     async def publish(self, destination: Destination) -> None:
+        await (await self.send(destination))
+
+    async def send(self, destination: Destination) -> asyncio.Future[Any]:
         await asyncio.sleep(0)
         if self.fail_with is not None:
             raise self.fail_with
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
         self.records.append(destination)
+        return acked
+
+    def failure(self, exc: BaseException) -> BridgeError:
+        return exc if isinstance(exc, BridgeError) else PublishFailed(repr(exc))
 
     async def stop(self) -> None:
         self.stopped = True

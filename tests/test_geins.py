@@ -33,6 +33,7 @@ def delivery(
 ) -> Delivery:
     return Delivery(
         method=method,
+        path="/webhooks/geins",
         path_entity=path[0],
         path_action=path[1],
         query=query or [],

@@ -24,7 +24,10 @@ ORDER = b'{"entity":"Order","action":"create","id":"1"}'
 
 
 def make(**env: str) -> tuple[Starlette, FakePublisher, Metrics]:
-    settings: Settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, **env})
+    """The app with a fake publisher; broker ack mode unless ``BRIDGE_ACK`` says otherwise."""
+    settings: Settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker", **env}
+    )
     publisher, metrics = FakePublisher(), Metrics()
     return create_app(settings, publisher=publisher, metrics=metrics), publisher, metrics
 
@@ -63,7 +66,14 @@ def test_shared_samples(sample: dict[str, Any], bridge: Any) -> None:
         assert 400 <= response.status_code < 500
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["detail"]
-        assert publisher.records == []
+        if "dead-letter" in sample["note"]:
+            [kept] = publisher.records
+            assert kept.topic == "geins.deadletter"
+            assert kept.value == sample["body"].encode()
+            assert kept.key == sample["headers"]["x-Idempotency-Key"].encode()
+            assert dict(kept.headers)["x-bridge-reason"] == response.json()["reason"].encode()
+        else:
+            assert publisher.records == []
 
 
 def test_unauthorized_has_challenge(bridge: Any) -> None:
@@ -251,4 +261,6 @@ def test_any_request_gets_accepted_or_a_clean_4xx(
     else:
         assert 400 <= response.status < 500, response.body
         assert response.headers["content-type"] == "application/problem+json"
-        assert publisher.records == []
+        assert all(r.topic == "geins.deadletter" for r in publisher.records)
+        if response.status in (401, 405, 413):
+            assert publisher.records == []

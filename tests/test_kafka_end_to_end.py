@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from typing import Any
 
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.kafka
 
 def bridge_env(bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
     return {
+        "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],  # the test's own (conftest)
+        "BRIDGE_DEADLETTER_TOPIC": prefix + ".deadletter",
         "BRIDGE_KAFKA_BOOTSTRAP": bootstrap,
         "BRIDGE_TOKENS": TOKEN,
         "BRIDGE_TOPIC_TEMPLATE": prefix + ".geins.{entity}.{action}",
@@ -30,11 +33,16 @@ def bridge_env(bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
     }
 
 
-def test_shared_samples_land_on_their_topics(kafka_bootstrap: str, topic_prefix: str) -> None:
-    """Accepted samples are on the expected topic with key, value and headers; rejects nowhere."""
-    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix))
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_shared_samples_land_on_their_topics(
+    kafka_bootstrap: str, topic_prefix: str, ack: str
+) -> None:
+    """Accepted samples are on the expected topic with key, value and headers; rejects nowhere
+    but (for content rejections) the dead-letter topic, in every ack mode."""
+    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack))
     metrics = Metrics()
     accepted: dict[str, dict[str, Any]] = {}
+    dead: dict[str, dict[str, Any]] = {}
     with TestClient(create_app(settings, metrics=metrics)) as client:
         for sample in samples():
             response = client.request(
@@ -45,8 +53,18 @@ def test_shared_samples_land_on_their_topics(kafka_bootstrap: str, topic_prefix:
                 accepted[sample["expect"]["key"]] = sample
             else:
                 assert 400 <= response.status_code < 500, sample["name"]
+                if "dead-letter" in sample["note"]:
+                    dead[sample["headers"]["x-Idempotency-Key"]] = response.json()
+    # Leaving the client ran the shutdown, which drains the spool or queue.
 
-    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    every = read_all_sync(kafka_bootstrap, topic_prefix)
+    letters = [r for r in every if r.topic == f"{topic_prefix}.deadletter"]
+    assert {r.key.decode(): dict(r.headers)["x-bridge-reason"].decode() for r in letters} == {
+        key: problem["reason"] for key, problem in dead.items()
+    }
+    for letter in letters:
+        assert TOKEN.encode() not in b"".join(v for _, v in letter.headers)
+    records = [r for r in every if r not in letters]
     by_key = {r.key.decode(): r for r in records}
     assert len(records) == len(by_key) == len(accepted)  # nothing rejected, nothing twice
     for key, sample in accepted.items():
@@ -67,7 +85,7 @@ def test_shared_samples_land_on_their_topics(kafka_bootstrap: str, topic_prefix:
         assert headers["x-timestamp"] == sample["headers"]["x-Timestamp"]
         assert TOKEN not in json.dumps(headers) + record.value.decode()
     exposition = metrics.exposition().decode()
-    assert f"bridge_published_records_total {float(len(accepted))}" in exposition
+    assert f"bridge_published_records_total {float(len(every))}" in exposition
 
 
 def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> None:
@@ -85,13 +103,15 @@ def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> N
     assert len(topics) == 31  # every entity/action pair of the Geins table
 
 
-def test_kafka_unreachable_answers_503_then_recovers(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
-    """With no broker at the address the bridge starts, is unready and answers 503 + Retry-After."""
-    env = bridge_env(f"127.0.0.1:{free_port()}", topic_prefix, BRIDGE_KAFKA_CONNECT_TIMEOUT="1")
-    settings = load_settings(environ=env)
-    with TestClient(create_app(settings)) as client:
+def test_kafka_unreachable_broker_mode_answers_503(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """BRIDGE_ACK=broker with no broker at the address: unready, 503 + Retry-After, nothing kept."""
+    env = bridge_env(
+        f"127.0.0.1:{free_port()}",
+        topic_prefix,
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_ACK="broker",
+    )
+    with TestClient(create_app(load_settings(environ=env))) as client:
         assert client.get("/readyz").status_code == 503
         response = client.post(
             "/webhooks/geins/Order/create",
@@ -102,3 +122,24 @@ def test_kafka_unreachable_answers_503_then_recovers(
         assert response.headers["retry-after"] == "5"
         assert response.headers["content-type"] == "application/problem+json"
     assert read_all_sync(kafka_bootstrap, topic_prefix) == []
+
+
+def test_kafka_unreachable_durable_mode_accepts_into_spool(topic_prefix: str) -> None:
+    """BRIDGE_ACK=durable with no broker: ready, 202, and the event waits in the spool."""
+    env = bridge_env(
+        f"127.0.0.1:{free_port()}",
+        topic_prefix,
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    metrics = Metrics()
+    with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
+        assert client.get("/readyz").status_code == 200
+        response = client.post(
+            "/webhooks/geins/Order/create",
+            content=b"{}",
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-spooled"},
+        )
+        assert response.status_code == 202
+        assert response.json()["ack"] == "durable"
+        assert "bridge_spool_depth 1.0" in client.get("/metrics").text

@@ -1,0 +1,230 @@
+"""When the sender hears 2xx: the three ack modes (``BRIDGE_ACK``).
+
+- ``durable`` (default): after the event is committed to the local spool on disk;
+  a background drainer moves it to Kafka. Survives crashes and Kafka outages.
+- ``broker``: after Kafka acknowledged it (acks=all). No local state; 503 while
+  Kafka is unreachable.
+- ``memory``: after it was queued in memory; a background drainer moves it to
+  Kafka. Fast, but queued events are lost if the process dies.
+
+Each mode also de-duplicates by idempotency key: ``deliver`` returns False for a
+key already accepted within the window, and a key is recorded only once its
+event was accepted by the mode's own guarantee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from bridge.backlog import MemoryBacklog
+from bridge.config import Settings
+from bridge.dedup import SeenKeys
+from bridge.drainer import Drainer
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher, spawn
+from bridge.routing import Destination
+from bridge.spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: How often expired keys are purged from the spool (and its writability proven).
+MAINTENANCE_SECONDS = 5.0
+
+
+class AckMode(Protocol):
+    """What must happen to a record before the sender hears 2xx."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        """True once the record is safe by this mode's guarantee; False for a duplicate.
+
+        Raises a BridgeError (503) when it cannot be made safe.
+        """
+        ...
+
+    async def keep(self, destination: Destination) -> None:
+        """Store a dead letter with the same guarantee (no de-duplication)."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether deliveries can be accepted now (what /readyz reports)."""
+        ...
+
+
+class BrokerAck:
+    name = "broker"
+
+    def __init__(self, publisher: Publisher, settings: Settings) -> None:
+        self._publisher = publisher
+        self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
+        # key -> future of the delivery now publishing it (True once acknowledged),
+        # so a concurrent retry waits for it instead of publishing a second copy.
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return self._publisher.connected
+
+    async def keep(self, destination: Destination) -> None:
+        await self._publisher.publish(destination)
+
+    async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        if dedup_key is None:
+            await self._publisher.publish(destination)
+            return True
+        while True:
+            if self._seen.seen(dedup_key):
+                return False
+            first = self._inflight.get(dedup_key)
+            if first is None:
+                break
+            if await asyncio.shield(first):
+                return False
+            # the first attempt failed: this one tries again
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._inflight[dedup_key] = mine
+        try:
+            await self._publisher.publish(destination)
+        except BaseException:
+            mine.set_result(False)
+            raise
+        else:
+            self._seen.remember(dedup_key)
+            mine.set_result(True)
+        finally:
+            del self._inflight[dedup_key]
+        return True
+
+
+class _DrainedAck:
+    """Shared by the modes that answer first and publish in the background."""
+
+    def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
+        self._publisher = publisher
+        self._settings = settings
+        self._metrics = metrics
+        self._tasks: list[asyncio.Task[None]] = []
+        self.drainer: Drainer
+
+    def _start_drainer(self) -> None:
+        self._tasks.append(spawn(self.drainer.run(), f"{type(self).__name__}-drainer"))
+
+    async def _stop_drainer(self) -> None:
+        deadline = time.monotonic() + self._settings.shutdown_timeout
+        await self.drainer.drain(deadline)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class DurableAck(_DrainedAck):
+    name = "durable"
+
+    def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
+        super().__init__(publisher, metrics, settings)
+        self.spool = Spool(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            dedup_window=settings.dedup_window,
+            on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
+        )
+        self.drainer = Drainer(self.spool, publisher, metrics, ack_timeout=settings.publish_timeout)
+        self._max_bytes = settings.spool_max_bytes
+
+    async def start(self) -> None:
+        self.spool.open()
+        self._start_drainer()
+        self._tasks.append(spawn(self._maintain(), "spool-maintenance"))
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_SECONDS)
+            try:
+                await self.spool.forget_expired_keys()
+            except Exception as exc:  # the spool marks itself unwritable; keep probing
+                log.error("spool maintenance failed: %s", exc)
+
+    async def stop(self) -> None:
+        await self._stop_drainer()
+        if self.spool.depth:
+            log.warning(
+                "%d events stay in the spool %s; they are published at the next start",
+                self.spool.depth,
+                self.spool.path,
+            )
+        await self.spool.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.spool.writable and self.spool.bytes < self._max_bytes
+
+    async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        appended = await self.spool.append(destination, dedup_key)
+        if appended:
+            self.drainer.wake()
+        return appended
+
+    async def keep(self, destination: Destination) -> None:
+        await self.deliver(destination, None)
+
+
+class MemoryAck(_DrainedAck):
+    name = "memory"
+
+    def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
+        super().__init__(publisher, metrics, settings)
+        self.backlog = MemoryBacklog(settings.memory_max_bytes)
+        self.drainer = Drainer(
+            self.backlog, publisher, metrics, ack_timeout=settings.publish_timeout
+        )
+        self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
+
+    async def start(self) -> None:
+        self._start_drainer()
+
+    async def stop(self) -> None:
+        await self._stop_drainer()
+        if self.backlog.depth:
+            log.error(
+                "%d accepted events were still queued in memory at shutdown and are lost "
+                "(BRIDGE_ACK=memory)",
+                self.backlog.depth,
+            )
+
+    @property
+    def ready(self) -> bool:
+        return not self.backlog.full
+
+    async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        if dedup_key is not None and self._seen.seen(dedup_key):
+            return False
+        self.backlog.append(destination)
+        if dedup_key is not None:
+            self._seen.remember(dedup_key)
+        self.drainer.wake()
+        return True
+
+    async def keep(self, destination: Destination) -> None:
+        await self.deliver(destination, None)
+
+
+def make_ack_mode(settings: Settings, publisher: Publisher, metrics: Metrics) -> AckMode:
+    modes: dict[str, type[DurableAck | MemoryAck]] = {"durable": DurableAck, "memory": MemoryAck}
+    if settings.ack == "broker":
+        return BrokerAck(publisher, settings)
+    return modes[settings.ack](publisher, metrics, settings)

@@ -1,0 +1,91 @@
+"""Dead letters: authenticated deliveries refused for their content, kept for an operator.
+
+A delivery that fails parsing (not JSON, entity/action missing or malformed,
+unknown type in strict mode) still gets its 4xx, and its raw body goes to the
+dead-letter topic with the reason and the request's metadata, so nothing an
+authenticated sender sent is silently gone. Credentials are scrubbed first:
+the ``token`` query parameter and credential headers never reach Kafka.
+``bridge deadletter replay`` rebuilds the delivery from such a record.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+
+from bridge.errors import BridgeError
+from bridge.geins import (
+    IDEMPOTENCY_HEADER,
+    MAX_KEY_LENGTH,
+    SECRET_QUERY_PARAMS,
+    Delivery,
+)
+from bridge.routing import Destination
+
+#: Request headers that carry credentials; never stored.
+CREDENTIAL_HEADERS = frozenset(
+    {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"x-apikey"}
+)
+PREFIX = "x-bridge-"
+
+
+def dead_letter(
+    delivery: Delivery, error: BridgeError, topic: str, tokens: Sequence[str]
+) -> Destination:
+    """The dead-letter record for a delivery refused with ``error``."""
+    secrets = [t.encode() for t in tokens if t]
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in delivery.headers
+        if name.lower() not in CREDENTIAL_HEADERS and not any(s in value for s in secrets)
+    }
+    query = [(n, v) for n, v in delivery.query if n.lower() not in SECRET_QUERY_PARAMS]
+    record_headers: list[tuple[str, bytes]] = [
+        (PREFIX + "reason", error.reason.encode()),
+        (PREFIX + "status", str(error.status).encode()),
+        (PREFIX + "detail", error.detail.encode()),
+        (PREFIX + "method", delivery.method.encode()),
+        (PREFIX + "path", delivery.path.encode()),
+        (PREFIX + "query", urlencode(query).encode()),
+        (PREFIX + "received-at", delivery.received_at.isoformat().encode()),
+        (PREFIX + "request-headers", orjson.dumps(headers)),
+    ]
+    if delivery.path_entity is not None:
+        record_headers.append((PREFIX + "path-entity", delivery.path_entity.encode()))
+    if delivery.path_action is not None:
+        record_headers.append((PREFIX + "path-action", delivery.path_action.encode()))
+    return Destination(
+        topic=topic, key=_key(delivery).encode(), value=delivery.body, headers=record_headers
+    )
+
+
+def _key(delivery: Delivery) -> str:
+    """The delivery's idempotency key when usable, so replays keep it; else a new one."""
+    for name, value in delivery.headers:
+        if name.lower() == IDEMPOTENCY_HEADER:
+            key = value.decode("latin-1").strip()
+            if key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
+                return key
+    return str(uuid.uuid4())
+
+
+def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes]], body: bytes) -> Delivery:
+    """Rebuild the original delivery (minus credentials) from a dead-letter record."""
+    fields = {name: value.decode() for name, value in headers if name.startswith(PREFIX)}
+    request_headers = orjson.loads(fields.get(PREFIX + "request-headers", "{}"))
+    return Delivery(
+        method=fields.get(PREFIX + "method", "POST"),
+        path=fields.get(PREFIX + "path", ""),
+        path_entity=fields.get(PREFIX + "path-entity"),
+        path_action=fields.get(PREFIX + "path-action"),
+        query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
+        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in request_headers.items()],
+        body=body,
+        received_at=datetime.fromisoformat(fields[PREFIX + "received-at"])
+        if PREFIX + "received-at" in fields
+        else datetime.now(UTC),
+    )

@@ -1,0 +1,43 @@
+"""De-duplication by idempotency key for the ack modes without a spool.
+
+``durable`` mode keeps accepted keys in the spool's database instead (they
+survive restarts there). This in-memory record is bounded twice: by age (the
+de-duplication window) and by count (the oldest keys go first), so a flood of
+fresh keys costs a bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+
+class SeenKeys:
+    """Keys accepted within the last ``window`` seconds, at most ``max_keys`` of them."""
+
+    def __init__(self, window: float, max_keys: int) -> None:
+        self._window = window
+        self._max_keys = max_keys
+        self._accepted: OrderedDict[str, float] = OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._accepted)
+
+    def seen(self, key: str) -> bool:
+        if self._window <= 0:
+            return False
+        at = self._accepted.get(key)
+        return at is not None and at >= time.monotonic() - self._window
+
+    def remember(self, key: str) -> None:
+        if self._window <= 0:
+            return
+        now = time.monotonic()
+        self._accepted[key] = now
+        self._accepted.move_to_end(key)
+        cutoff = now - self._window
+        while self._accepted:
+            oldest_key, oldest_at = next(iter(self._accepted.items()))
+            if oldest_at >= cutoff and len(self._accepted) <= self._max_keys:
+                break
+            del self._accepted[oldest_key]

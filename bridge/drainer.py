@@ -1,0 +1,108 @@
+"""Empties a backlog (the spool, or the in-memory queue) into Kafka, oldest first.
+
+One background task per process. It hands a batch of the oldest records to
+the producer, waits (bounded) for Kafka's acknowledgements, and removes from
+the backlog exactly the records Kafka acknowledged. A record whose send is
+still pending when the wait ends is not sent again: aiokafka keeps retrying
+it, and sending a copy would only duplicate it once Kafka is back. Failures
+back off exponentially, up to a bound, and delivery resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from bridge.backlog import Backlog, QueuedRecord
+from bridge.errors import BridgeError
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+BATCH_RECORDS = 500
+BATCH_BYTES = 4 * 1024 * 1024
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 5.0
+IDLE_POLL = 1.0
+
+
+class Drainer:
+    def __init__(
+        self, backlog: Backlog, publisher: Publisher, metrics: Metrics, *, ack_timeout: float
+    ) -> None:
+        self._backlog = backlog
+        self._publisher = publisher
+        self._metrics = metrics
+        self._ack_timeout = ack_timeout
+        self._wake = asyncio.Event()
+        # seq -> (ack future, when it was handed to the producer)
+        self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
+
+    def wake(self) -> None:
+        """Something was appended: look at the backlog now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = MIN_BACKOFF
+        while True:
+            self._wake.clear()  # before reading, so an append after the read wakes us
+            records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
+            if not records:
+                try:
+                    async with asyncio.timeout(IDLE_POLL):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            acked, complete = await self._deliver(records)
+            await self._backlog.remove(acked)
+            if complete:
+                backoff = MIN_BACKOFF
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def drain(self, deadline: float) -> None:
+        """Wait until the backlog is empty or ``deadline`` (monotonic) passed."""
+        while self._backlog.depth and time.monotonic() < deadline:
+            self.wake()
+            await asyncio.sleep(0.05)
+
+    async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
+        """Send what is not already pending; return (acknowledged seqs, all acked?)."""
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        for record in records:
+            pending = self._pending.get(record.seq)
+            if pending is None:
+                try:
+                    future = await self._publisher.send(record.destination)
+                except BridgeError as exc:
+                    # Stop here rather than send later records ahead of this one.
+                    log.warning("cannot hand records to Kafka yet: %s", exc.detail)
+                    break
+                pending = (future, time.perf_counter())
+                self._pending[record.seq] = pending
+            waiting[record.seq] = pending[0]
+        if waiting:
+            await asyncio.wait(waiting.values(), timeout=self._ack_timeout)
+        acked: list[int] = []
+        sizes = {r.seq: len(r.destination.value) for r in records}
+        for seq, future in waiting.items():
+            if not future.done():
+                continue  # still in aiokafka's hands: leave it pending
+            _, sent_at = self._pending.pop(seq)
+            failure = (
+                asyncio.CancelledError("the producer dropped the record")
+                if future.cancelled()
+                else future.exception()
+            )
+            if failure is None:
+                acked.append(seq)
+                self._metrics.record_published(sizes[seq], time.perf_counter() - sent_at)
+            else:
+                error = self._publisher.failure(failure)
+                log.warning("Kafka did not take a spooled record: %s", error.detail)
+        return acked, len(acked) == len(records)

@@ -1,0 +1,397 @@
+"""The durable local queue behind ``BRIDGE_ACK=durable``: SQLite in WAL mode.
+
+An event is appended and committed with ``synchronous=FULL`` (an fsync) before
+the sender hears 2xx; the drainer removes it only after Kafka acknowledged it.
+Concurrent requests share one transaction (group commit): all SQLite work runs
+on one writer thread, which takes every append waiting in its queue into the
+same commit, so the cost of the fsync is spread over everyone waiting for it
+and a slow disk never blocks the event loop.
+
+The same database remembers the idempotency keys accepted within the
+de-duplication window, in the transaction that spools the event, so a key is
+recorded exactly when its event became safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.backlog import QueuedRecord, record_size
+from bridge.errors import BridgeError, Unavailable
+from bridge.routing import Destination
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "spool.db"
+SCHEMA_VERSION = 1
+#: Largest number of appends committed in one transaction.
+MAX_GROUP = 1024
+
+
+class SpoolFull(Unavailable):
+    reason = "spool_full"
+    title = "The local spool is full"
+
+
+class SpoolWriteFailed(Unavailable):
+    reason = "spool_write_failed"
+    title = "The local spool cannot be written"
+
+
+class SpoolDamaged(Exception):
+    """The spool file exists but cannot be read; the bridge must not start on it."""
+
+
+@dataclass(slots=True)
+class _Append:
+    destination: Destination
+    dedup_key: str | None
+    size: int
+    future: asyncio.Future[bool]
+
+
+@dataclass(slots=True)
+class _Call:
+    """Any other job for the writer thread: run ``fn(connection)``."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+class Spool:
+    """A crash-safe FIFO of Kafka records, plus the accepted-keys record."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        dedup_window: float,
+        on_commit: Callable[[float], None] | None = None,
+    ) -> None:
+        self.path = directory / DB_NAME
+        self._directory = directory
+        self._max_bytes = max_bytes
+        self._dedup_window = dedup_window
+        self._on_commit = on_commit
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Owned by the writer thread; read (racily, for gauges) by everyone.
+        self.depth = 0
+        self.bytes = 0
+        self.oldest_enqueued_at: float | None = None
+        self.writable = True
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (or create) the spool and start its writer thread.
+
+        Raises :class:`SpoolDamaged` when an existing file cannot be read: such a
+        file may hold events that were answered 2xx, so it is never replaced.
+        """
+        self._directory.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = self._connect()
+        except sqlite3.DatabaseError as exc:
+            raise SpoolDamaged(
+                f"spool file {self.path} cannot be opened ({exc}). It may hold accepted "
+                "events that are not in Kafka yet: move it aside (keep a copy to inspect "
+                "with sqlite3) and start again with an empty spool"
+            ) from None
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(connection,), name="spool-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            check = connection.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"unknown spool schema version {version}")
+            connection.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS spool (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    topic TEXT NOT NULL,
+                    key BLOB NOT NULL,
+                    value BLOB NOT NULL,
+                    headers BLOB NOT NULL,
+                    size INTEGER NOT NULL,
+                    enqueued_at REAL NOT NULL
+                );
+                CREATE TABLE IF NOT EXISTS seen (
+                    key TEXT PRIMARY KEY,
+                    accepted_at REAL NOT NULL
+                ) WITHOUT ROWID;
+                CREATE INDEX IF NOT EXISTS seen_by_time ON seen (accepted_at);
+                """
+            )
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            depth, size, oldest = connection.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(enqueued_at) FROM spool"
+            ).fetchone()
+        except BaseException:
+            connection.close()
+            raise
+        self.depth, self.bytes, self.oldest_enqueued_at = depth, size, oldest
+        if depth:
+            log.info("spool %s holds %d events (%d bytes) from before", self.path, depth, size)
+        return connection
+
+    async def close(self) -> None:
+        """Finish queued work and close the database."""
+        if self._thread is None:
+            return
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # --- what the event loop calls ---------------------------------------------------
+
+    async def append(self, destination: Destination, dedup_key: str | None) -> bool:
+        """Commit ``destination`` durably. False if ``dedup_key`` was already accepted.
+
+        Raises :class:`SpoolFull` or :class:`SpoolWriteFailed` (both 503).
+        """
+        size = record_size(destination)
+        if self.bytes + size > self._max_bytes:
+            raise SpoolFull(
+                f"the spool holds {self.bytes} bytes; the limit is {self._max_bytes} "
+                "(BRIDGE_SPOOL_MAX_BYTES). Kafka is probably unreachable"
+            )
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Append(destination, dedup_key, size, future))
+        return await future
+
+    async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
+        """Up to ``limit`` records (and about ``max_bytes``), oldest first."""
+        return await self._call(lambda c: self._read_oldest(c, limit, max_bytes))  # type: ignore[no-any-return]  # _call is untyped by design
+
+    async def remove(self, seqs: Sequence[int]) -> None:
+        """Forget records Kafka acknowledged."""
+        if seqs:
+            await self._call(lambda c: self._remove(c, seqs))
+
+    async def forget_expired_keys(self) -> int:
+        """Drop accepted keys older than the de-duplication window; proves writability."""
+        return await self._call(self._purge)  # type: ignore[no-any-return]  # see oldest()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Call(fn, future))
+        return await future
+
+    # --- the writer thread -----------------------------------------------------------
+
+    def _run(self, connection: sqlite3.Connection) -> None:
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is _STOP:
+                    return
+                if isinstance(job, _Append):
+                    group = [job]
+                    stop_after = self._gather_group(group)
+                    self._commit_appends(connection, group)
+                    if stop_after:
+                        return
+                else:
+                    self._run_call(connection, job)
+        finally:
+            connection.close()
+
+    def _gather_group(self, group: list[_Append]) -> bool:
+        """Take every append already waiting into ``group``; True if a stop came too.
+
+        Other jobs found meanwhile run after the group (they are never urgent).
+        """
+        later: list[Any] = []
+        stop = False
+        while len(group) < MAX_GROUP:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Append):
+                group.append(job)
+            elif job is _STOP:
+                stop = True
+                break
+            else:
+                later.append(job)
+        for job in later:
+            self._jobs.put(job)
+        return stop
+
+    def _commit_appends(self, connection: sqlite3.Connection, group: list[_Append]) -> None:
+        started = time.perf_counter()
+        now = time.time()
+        results: list[bool | BridgeError] = []
+        added_bytes = added = 0
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            keys_in_group: set[str] = set()
+            for item in group:
+                if item.dedup_key is not None and (
+                    item.dedup_key in keys_in_group or self._seen(connection, item.dedup_key, now)
+                ):
+                    results.append(False)
+                    continue
+                if self.bytes + added_bytes + item.size > self._max_bytes:
+                    results.append(SpoolFull(f"the spool is full ({self._max_bytes} bytes)"))
+                    continue
+                d = item.destination
+                connection.execute(
+                    "INSERT INTO spool (topic, key, value, headers, size, enqueued_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        d.topic,
+                        d.key,
+                        d.value,
+                        orjson.dumps(_headers_json(d.headers)),
+                        item.size,
+                        now,
+                    ),
+                )
+                if item.dedup_key is not None:
+                    keys_in_group.add(item.dedup_key)
+                    connection.execute(
+                        "INSERT OR REPLACE INTO seen (key, accepted_at) VALUES (?, ?)",
+                        (item.dedup_key, now),
+                    )
+                added += 1
+                added_bytes += item.size
+                results.append(True)
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(connection)
+            self.writable = False
+            log.error("spool write failed: %s", exc)
+            error = SpoolWriteFailed(f"the spool cannot be written ({exc})")
+            self._resolve([(item.future, error) for item in group])
+            return
+        self.writable = True
+        self.depth += added
+        self.bytes += added_bytes
+        if added and self.oldest_enqueued_at is None:
+            self.oldest_enqueued_at = now
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
+        self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
+
+    def _seen(self, connection: sqlite3.Connection, key: str, now: float) -> bool:
+        if self._dedup_window <= 0:
+            return False
+        row = connection.execute("SELECT accepted_at FROM seen WHERE key = ?", (key,)).fetchone()
+        return row is not None and row[0] >= now - self._dedup_window
+
+    def _read_oldest(
+        self, connection: sqlite3.Connection, limit: int, max_bytes: int
+    ) -> list[QueuedRecord]:
+        records: list[QueuedRecord] = []
+        total = 0
+        rows = connection.execute(
+            "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
+            " ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        for seq, topic, key, value, headers, size, enqueued_at in rows:
+            if records and total + size > max_bytes:
+                break
+            total += size
+            destination = Destination(
+                topic=topic,
+                key=key,
+                value=value,
+                headers=[(n, v.encode("latin-1")) for n, v in orjson.loads(headers)],
+            )
+            records.append(QueuedRecord(seq, destination, enqueued_at))
+        return records
+
+    def _remove(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
+        # Losing a removal in a crash only means sending that record again, which
+        # at-least-once allows: this commit need not wait for the disk.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            removed = connection.executemany(
+                "DELETE FROM spool WHERE seq = ? RETURNING size", [(s,) for s in seqs]
+            ).fetchall()
+            depth, oldest = connection.execute(
+                "SELECT count(*), min(enqueued_at) FROM spool"
+            ).fetchone()
+            connection.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(connection)
+            raise
+        finally:
+            connection.execute("PRAGMA synchronous=FULL")
+        self.bytes -= sum(size for (size,) in removed)
+        self.depth, self.oldest_enqueued_at = depth, oldest
+
+    def _purge(self, connection: sqlite3.Connection) -> int:
+        cutoff = time.time() - max(self._dedup_window, 0)
+        try:
+            cursor = connection.execute("DELETE FROM seen WHERE accepted_at < ?", (cutoff,))
+        except sqlite3.Error:
+            self.writable = False
+            raise
+        self.writable = True
+        return cursor.rowcount
+
+    def _run_call(self, connection: sqlite3.Connection, job: _Call) -> None:
+        try:
+            result = job.fn(connection)
+        except Exception as exc:  # handed to the awaiting coroutine, which decides
+            self._resolve([(job.future, exc)])
+        else:
+            self._resolve([(job.future, result)])
+
+    def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        assert self._loop is not None  # noqa: S101  # open() set it before the thread started
+        self._loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in outcomes:
+        if future.done():  # the awaiting request was cancelled (client gone)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    try:
+        connection.execute("ROLLBACK")
+    except sqlite3.Error:
+        log.debug("rollback after a failed spool transaction failed too", exc_info=True)
+
+
+def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    # latin-1 maps every byte to one code point, so any header value round-trips.
+    return [(name, value.decode("latin-1")) for name, value in headers]
