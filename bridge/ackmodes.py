@@ -143,7 +143,13 @@ class DurableAck(_DrainedAck):
             dedup_window=settings.dedup_window,
             on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
         )
-        self.drainer = Drainer(self.spool, publisher, metrics, ack_timeout=settings.publish_timeout)
+        self.drainer = Drainer(
+            self.spool,
+            publisher,
+            metrics,
+            ack_timeout=settings.publish_timeout,
+            deadletter_topic=settings.deadletter_topic,
+        )
         self._max_bytes = settings.spool_max_bytes
 
     async def start(self) -> None:
@@ -190,7 +196,11 @@ class MemoryAck(_DrainedAck):
         super().__init__(publisher, metrics, settings)
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
         self.drainer = Drainer(
-            self.backlog, publisher, metrics, ack_timeout=settings.publish_timeout
+            self.backlog,
+            publisher,
+            metrics,
+            ack_timeout=settings.publish_timeout,
+            deadletter_topic=settings.deadletter_topic,
         )
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
 

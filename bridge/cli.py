@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridge.config import Settings, load_settings
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, SpoolDamaged
 from bridge.routing import PLACEHOLDERS, Router, TopicTemplate
 
 log = logging.getLogger("bridge")
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.run(settings, args)
-    except ConfigError as exc:
+    except (ConfigError, SpoolDamaged) as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -91,6 +91,12 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.server import serve  # noqa: PLC0415  # uvicorn is only needed here
 
     settings.check_serving()
+    if settings.ack == "durable":
+        from bridge.spool import Spool  # noqa: PLC0415
+
+        # A damaged spool stops the bridge here, with a plain message, before it
+        # listens; never silently replaced, it may hold accepted events.
+        Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, dedup_window=0).verify()
     return serve(settings)
 
 

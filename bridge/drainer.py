@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from bridge.backlog import Backlog, QueuedRecord
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
+from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,16 @@ IDLE_POLL = 1.0
 
 class Drainer:
     def __init__(
-        self, backlog: Backlog, publisher: Publisher, metrics: Metrics, *, ack_timeout: float
+        self,
+        backlog: Backlog,
+        publisher: Publisher,
+        metrics: Metrics,
+        *,
+        ack_timeout: float,
+        deadletter_topic: str,
     ) -> None:
         self._backlog = backlog
+        self._deadletter_topic = deadletter_topic
         self._publisher = publisher
         self._metrics = metrics
         self._ack_timeout = ack_timeout
@@ -74,11 +82,16 @@ class Drainer:
     async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
         """Send what is not already pending; return (acknowledged seqs, all acked?)."""
         waiting: dict[int, asyncio.Future[Any]] = {}
+        settled: list[int] = []  # refused for good, and dealt with
         for record in records:
             pending = self._pending.get(record.seq)
             if pending is None:
                 try:
                     future = await self._publisher.send(record.destination)
+                except PayloadTooLarge as exc:
+                    if await self._set_aside(record, exc):
+                        settled.append(record.seq)
+                    continue
                 except BridgeError as exc:
                     # Stop here rather than send later records ahead of this one.
                     log.warning("cannot hand records to Kafka yet: %s", exc.detail)
@@ -102,7 +115,57 @@ class Drainer:
             if failure is None:
                 acked.append(seq)
                 self._metrics.record_published(sizes[seq], time.perf_counter() - sent_at)
+                continue
+            error = self._publisher.failure(failure)
+            if isinstance(error, PayloadTooLarge):
+                record = next(r for r in records if r.seq == seq)
+                if await self._set_aside(record, error):
+                    settled.append(seq)
             else:
-                error = self._publisher.failure(failure)
-                log.warning("Kafka did not take a spooled record: %s", error.detail)
-        return acked, len(acked) == len(records)
+                log.warning("Kafka did not take a queued record: %s", error.detail)
+        done = acked + settled
+        return done, len(done) == len(records)
+
+    async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
+        """A record Kafka will never take (too large for the topic) must not block the
+        ones behind it: it goes to the dead-letter topic, or, if even that refuses it,
+        is dropped with an error. True when it may leave the backlog."""
+        original = record.destination
+        if self._deadletter_topic and original.topic != self._deadletter_topic:
+            letter = Destination(
+                topic=self._deadletter_topic,
+                key=original.key,
+                value=original.value,
+                headers=[
+                    *original.headers,
+                    ("x-bridge-reason", b"kafka_rejected"),
+                    ("x-bridge-detail", error.detail.encode()),
+                    ("x-bridge-original-topic", original.topic.encode()),
+                ],
+            )
+            try:
+                await self._publisher.publish(letter)
+            except PayloadTooLarge:
+                pass
+            except BridgeError as exc:
+                log.warning("cannot set aside a record Kafka refused yet: %s", exc.detail)
+                return False
+            else:
+                log.error(
+                    "Kafka refused the record with key %s for %s (%s); it is on %s",
+                    original.key.decode(errors="replace"),
+                    original.topic,
+                    error.detail,
+                    self._deadletter_topic,
+                )
+                self._metrics.dead_letters.labels("kafka_rejected").inc()
+                return True
+        log.error(
+            "Kafka refused the record with key %s for %s (%s) and it cannot be kept as a "
+            "dead letter either: dropped",
+            original.key.decode(errors="replace"),
+            original.topic,
+            error.detail,
+        )
+        self._metrics.dropped_records.inc()
+        return True

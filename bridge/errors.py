@@ -36,6 +36,10 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the bridge refuses to start."""
 
 
+class SpoolDamaged(Exception):
+    """The spool file exists but cannot be read; the bridge must not start on it."""
+
+
 # --- 4xx: the sender must change something -------------------------------------------
 
 

@@ -111,6 +111,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.dropped_records = Counter(
+            "bridge_dropped_records",
+            "Accepted records Kafka refused for good (too large) that could not even be "
+            "kept as dead letters. Should stay 0.",
+            registry=registry,
+        )
         self.spool_depth = Gauge(
             "bridge_spool_depth",
             "Accepted events waiting for Kafka (spool or memory queue).",
@@ -172,6 +178,7 @@ class Metrics:
         for error in ALL_ERRORS:
             if error.content_rejection:
                 self.dead_letters.labels(error.reason)
+        self.dead_letters.labels("kafka_rejected")
         self._durations = {o: self.request_duration.labels(o) for o in OUTCOMES}
         self._stages = {s: self.stage_duration.labels(s) for s in STAGES}
 

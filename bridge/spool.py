@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from bridge.backlog import QueuedRecord, record_size
-from bridge.errors import BridgeError, Unavailable
+from bridge.errors import BridgeError, SpoolDamaged, Unavailable
 from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ class SpoolFull(Unavailable):
 class SpoolWriteFailed(Unavailable):
     reason = "spool_write_failed"
     title = "The local spool cannot be written"
-
-
-class SpoolDamaged(Exception):
-    """The spool file exists but cannot be read; the bridge must not start on it."""
 
 
 @dataclass(slots=True)
@@ -99,26 +95,35 @@ class Spool:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    def verify(self) -> None:
+        """Open and close the spool: raise :class:`SpoolDamaged` before serving, not during."""
+        self._open_connection().close()
+
     def open(self) -> None:
         """Open (or create) the spool and start its writer thread.
 
         Raises :class:`SpoolDamaged` when an existing file cannot be read: such a
         file may hold events that were answered 2xx, so it is never replaced.
         """
-        self._directory.mkdir(parents=True, exist_ok=True)
+        connection = self._open_connection()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(connection,), name="spool-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _open_connection(self) -> sqlite3.Connection:
         try:
-            connection = self._connect()
+            self._directory.mkdir(parents=True, exist_ok=True)
+            return self._connect()
+        except OSError as exc:
+            raise SpoolDamaged(f"spool folder {self._directory} cannot be used ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise SpoolDamaged(
                 f"spool file {self.path} cannot be opened ({exc}). It may hold accepted "
                 "events that are not in Kafka yet: move it aside (keep a copy to inspect "
                 "with sqlite3) and start again with an empty spool"
             ) from None
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(
-            target=self._run, args=(connection,), name="spool-writer", daemon=True
-        )
-        self._thread.start()
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

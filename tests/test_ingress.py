@@ -76,6 +76,25 @@ def test_shared_samples(sample: dict[str, Any], bridge: Any) -> None:
             assert publisher.records == []
 
 
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_geins_retry_is_answered_duplicate(ack: str, tmp_path: Any) -> None:
+    """The same delivery three times (a Geins retry): 202, then 200 duplicate; one record."""
+    app, publisher, metrics = make(BRIDGE_ACK=ack, BRIDGE_SPOOL_DIR=str(tmp_path))
+    headers = {**AUTH, "x-Idempotency-Key": "retry-me"}
+    with TestClient(app) as client:
+        answers = [client.post("/webhooks/geins", content=ORDER, headers=headers) for _ in range(3)]
+    assert [a.status_code for a in answers] == [202, 200, 200]
+    assert answers[1].json() == {
+        "status": "duplicate",
+        "topic": "geins.order.create",
+        "key": "retry-me",
+        "ack": ack,
+    }
+    assert answers[0].headers["x-bridge-ack"] == ack
+    assert len(publisher.records) == 1
+    assert "bridge_duplicates_total 2.0" in metrics.exposition().decode()
+
+
 def test_unauthorized_has_challenge(bridge: Any) -> None:
     """401 carries WWW-Authenticate."""
     client, publisher, _ = bridge

@@ -1,0 +1,180 @@
+"""ack modes, the drainer and de-duplication, with a fake publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck
+from bridge.backlog import MemoryBacklog, MemoryQueueFull
+from bridge.config import Settings, load_settings
+from bridge.dedup import SeenKeys
+from bridge.drainer import Drainer
+from bridge.errors import PayloadTooLarge, PublishTimeout
+from bridge.metrics import Metrics
+from bridge.routing import Destination
+from tests.fakes import FakePublisher
+
+
+def settings(tmp_path: Path, **env: str) -> Settings:
+    return load_settings(environ={"BRIDGE_TOKENS": "t", "BRIDGE_SPOOL_DIR": str(tmp_path), **env})
+
+
+def record(key: str, topic: str = "geins.order.create") -> Destination:
+    return Destination(topic=topic, key=key.encode(), value=b"{}", headers=[])
+
+
+async def eventually(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_seen_keys_bounded_by_count_and_age() -> None:
+    """The in-memory key record forgets the oldest keys beyond its size, and old ones."""
+    seen = SeenKeys(window=3600, max_keys=3)
+    for key in "abcd":
+        seen.remember(key)
+    assert len(seen) == 3
+    assert not seen.seen("a")
+    assert seen.seen("d")
+    assert not SeenKeys(window=0, max_keys=3).seen("x")
+
+
+async def test_broker_mode_concurrent_retry_publishes_once(tmp_path: Path) -> None:
+    """Two concurrent deliveries with one key: one record, one duplicate answer."""
+    publisher = FakePublisher()
+    mode = BrokerAck(publisher, settings(tmp_path, BRIDGE_ACK="broker"))
+    results = await asyncio.gather(*(mode.deliver(record("k"), "k") for _ in range(3)))
+    assert sorted(results) == [False, False, True]
+    assert len(publisher.records) == 1
+
+
+async def test_broker_mode_failed_attempt_is_not_recorded(tmp_path: Path) -> None:
+    """A key whose publish failed is not remembered: the retry goes through."""
+    publisher = FakePublisher(fail_with=PublishTimeout("slow"))
+    mode = BrokerAck(publisher, settings(tmp_path, BRIDGE_ACK="broker"))
+    with pytest.raises(PublishTimeout):
+        await mode.deliver(record("k"), "k")
+    publisher.fail_with = None
+    assert await mode.deliver(record("k"), "k")
+    assert len(publisher.records) == 1
+
+
+async def test_memory_mode_drains_and_deduplicates(tmp_path: Path) -> None:
+    """Memory mode answers at once, publishes in the background, refuses repeats."""
+    publisher = FakePublisher()
+    mode = MemoryAck(publisher, Metrics(), settings(tmp_path, BRIDGE_ACK="memory"))
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    assert not await mode.deliver(record("a"), "a")
+    assert await mode.deliver(record("b"), None)
+    await eventually(lambda: len(publisher.records) == 2)
+    await mode.stop()
+    assert mode.backlog.depth == 0
+
+
+def test_memory_backlog_is_bounded() -> None:
+    """The in-memory queue refuses (503) beyond its byte limit."""
+    backlog = MemoryBacklog(max_bytes=100)
+    backlog.append(record("a"))
+    with pytest.raises(MemoryQueueFull):
+        backlog.append(Destination(topic="t", key=b"k", value=b"x" * 100, headers=[]))
+
+
+async def test_durable_mode_survives_an_outage(tmp_path: Path) -> None:
+    """While Kafka refuses, events wait in the spool; they go out once it is back."""
+    publisher = FakePublisher(fail_with=PublishTimeout("Kafka is down"))
+    mode = DurableAck(publisher, Metrics(), settings(tmp_path))
+    await mode.start()
+    for key in "abc":
+        assert await mode.deliver(record(key), key)
+    await asyncio.sleep(0.3)
+    assert mode.spool.depth == 3
+    assert mode.ready  # the spool still accepts
+    publisher.fail_with = None
+    await eventually(lambda: mode.spool.depth == 0)
+    assert [r.key for r in publisher.records] == [b"a", b"b", b"c"]
+    await mode.stop()
+
+
+class StallingPublisher(FakePublisher):
+    """Takes records but never acknowledges them (like aiokafka while Kafka is away)."""
+
+    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+        self.records.append(destination)
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
+    """A record still unacknowledged after the wait is waited for again, not re-sent."""
+    publisher = StallingPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("a"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.05, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    await asyncio.sleep(0.5)  # several rounds
+    task.cancel()
+    assert len(publisher.records) == 1
+    assert backlog.depth == 1
+
+
+class TooLargeFor(FakePublisher):
+    """Refuses records for one topic as too large, like a topic with a small max.message.bytes."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+
+    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == self.topic:
+            raise PayloadTooLarge("too large for the topic")
+        return await super().send(destination)
+
+
+async def test_refused_record_does_not_block_the_rest(tmp_path: Path) -> None:
+    """A record Kafka refuses for good moves to the dead-letter topic; the rest flows."""
+    publisher = TooLargeFor("geins.big.create")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("big", topic="geins.big.create"))
+    backlog.append(record("next"))
+    metrics = Metrics()
+    drainer = Drainer(backlog, publisher, metrics, ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    await eventually(lambda: backlog.depth == 0)
+    task.cancel()
+    assert [(r.topic, r.key) for r in publisher.records] == [
+        ("dl", b"big"),
+        ("geins.order.create", b"next"),
+    ]
+    assert dict(publisher.records[0].headers)["x-bridge-original-topic"] == b"geins.big.create"
+    assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in metrics.exposition().decode()
+
+
+async def test_stop_drains_within_the_deadline(tmp_path: Path) -> None:
+    """Shutdown publishes what is queued when Kafka is there."""
+    publisher = FakePublisher()
+    mode = DurableAck(publisher, Metrics(), settings(tmp_path))
+    await mode.start()
+    await asyncio.gather(*(mode.deliver(record(f"k{i}"), f"k{i}") for i in range(50)))
+    await mode.stop()
+    assert len(publisher.records) == 50
+
+
+async def test_stop_leaves_undeliverable_events_in_the_spool(tmp_path: Path) -> None:
+    """With Kafka away, shutdown keeps the events for the next start."""
+    publisher = FakePublisher(fail_with=PublishTimeout("down"))
+    mode = DurableAck(publisher, Metrics(), settings(tmp_path, BRIDGE_SHUTDOWN_TIMEOUT="0.3"))
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await mode.stop()
+    again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path))
+    again.spool.verify()
+    await again.start()
+    await eventually(lambda: again.spool.depth == 0)
+    await again.stop()

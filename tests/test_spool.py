@@ -1,0 +1,146 @@
+"""spool: durable FIFO with group commit, capacity, de-duplication, damage detection."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import SpoolDamaged
+from bridge.routing import Destination
+from bridge.spool import Spool, SpoolFull, SpoolWriteFailed
+
+
+def record(i: int, size: int = 10) -> Destination:
+    return Destination(
+        topic="geins.order.create",
+        key=f"k{i}".encode(),
+        value=b"x" * size,
+        headers=[("ce_id", f"k{i}".encode()), ("odd", bytes(range(256)))],
+    )
+
+
+def make(path: Path, *, max_bytes: int = 10**6, window: float = 3600) -> Spool:
+    return Spool(path, max_bytes=max_bytes, dedup_window=window)
+
+
+async def test_records_survive_reopen_in_order(tmp_path: Path) -> None:
+    """What was appended is there after a restart, oldest first, byte for byte."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(5):
+        assert await spool.append(record(i), f"k{i}")
+    await spool.close()
+
+    again = make(tmp_path)
+    again.open()
+    assert again.depth == 5
+    oldest = await again.oldest(10, 10**6)
+    assert [r.destination for r in oldest] == [record(i) for i in range(5)]
+    await again.remove([oldest[0].seq, oldest[1].seq])
+    assert again.depth == 3
+    assert [r.destination.key for r in await again.oldest(10, 10**6)] == [b"k2", b"k3", b"k4"]
+    await again.close()
+
+
+async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    """Many concurrent appends need far fewer commits than appends (group commit)."""
+    commits: list[float] = []
+    spool = Spool(tmp_path, max_bytes=10**7, dedup_window=3600, on_commit=commits.append)
+    spool.open()
+    results = await asyncio.gather(*(spool.append(record(i), f"k{i}") for i in range(200)))
+    await spool.close()
+    assert all(results)
+    assert spool.depth == 200
+    assert len(commits) < 200
+
+
+async def test_duplicate_keys_are_refused_even_within_one_commit(tmp_path: Path) -> None:
+    """A key already accepted (or accepted in the same group) is a duplicate."""
+    spool = make(tmp_path)
+    spool.open()
+    first, second = await asyncio.gather(
+        spool.append(record(1), "same"), spool.append(record(2), "same")
+    )
+    assert (first, second) == (True, False)
+    assert not await spool.append(record(3), "same")
+    assert await spool.append(record(4), None)  # generated keys are never de-duplicated
+    assert spool.depth == 2
+    await spool.close()
+    reopened = make(tmp_path)
+    reopened.open()
+    assert not await reopened.append(record(5), "same")  # survives a restart
+    await reopened.close()
+
+
+async def test_expired_keys_are_accepted_again(tmp_path: Path) -> None:
+    """After the window a key is new again; purging removes it from the record."""
+    spool = make(tmp_path, window=0.05)
+    spool.open()
+    assert await spool.append(record(1), "k")
+    await asyncio.sleep(0.1)
+    assert await spool.forget_expired_keys() == 1
+    assert await spool.append(record(2), "k")
+    await spool.close()
+
+
+async def test_full_spool_refuses_with_503(tmp_path: Path) -> None:
+    """Beyond BRIDGE_SPOOL_MAX_BYTES an append is refused (retriable), never half-kept."""
+    spool = make(tmp_path, max_bytes=3000)
+    spool.open()
+    assert await spool.append(record(1, 1000), "a")
+    assert await spool.append(record(2, 1000), "b")
+    with pytest.raises(SpoolFull) as info:
+        await spool.append(record(3, 1000), "c")
+    assert info.value.status == 503
+    assert info.value.retriable
+    assert await spool.append(record(4, 100), "d")  # smaller still fits
+    assert spool.depth == 3
+    await spool.close()
+
+
+async def test_write_failure_is_503_and_marks_unwritable(tmp_path: Path) -> None:
+    """A failing disk write answers 503 and turns readiness off until a write succeeds."""
+    spool = make(tmp_path)
+    spool.open()
+    assert await spool.append(record(1), "a")
+    # Cap the database at its current size: the next insert fails like a full disk.
+    await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1"))
+    with pytest.raises(SpoolWriteFailed):
+        await spool.append(record(2, 100_000), "b")
+    assert not spool.writable
+    await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    await spool.forget_expired_keys()
+    assert spool.writable
+    assert await spool.append(record(2), "b")  # the failed key was not recorded
+    await spool.close()
+
+
+def test_damaged_file_is_a_clear_error_and_kept(tmp_path: Path) -> None:
+    """A spool file that is not a database stops startup and is left untouched."""
+    damaged = tmp_path / "spool.db"
+    damaged.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(SpoolDamaged, match="move it aside"):
+        make(tmp_path).verify()
+    assert damaged.read_bytes() == b"this is not sqlite" * 100
+
+
+def test_unknown_schema_is_refused(tmp_path: Path) -> None:
+    """A spool from a future version is not guessed at."""
+    with sqlite3.connect(tmp_path / "spool.db") as connection:
+        connection.execute("PRAGMA user_version = 99")
+    with pytest.raises(SpoolDamaged, match="schema version 99"):
+        make(tmp_path).verify()
+
+
+async def test_oldest_respects_byte_budget(tmp_path: Path) -> None:
+    """A batch stops at the byte budget but always holds at least one record."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(3):
+        await spool.append(record(i, 1000), None)
+    assert len(await spool.oldest(10, 1)) == 1
+    assert len(await spool.oldest(10, 2700)) == 2
+    await spool.close()
