@@ -28,8 +28,8 @@ def record(key: str, topic: str = "geins.order.create") -> Destination:
     return Destination(topic=topic, key=key.encode(), value=b"{}", headers=[])
 
 
-async def eventually(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(condition: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
