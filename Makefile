@@ -12,12 +12,12 @@ KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
 KAFKA_CONTROLLER_PORT ?= 9093
 
-.PHONY: help install run test lint fmt bench kafka-up kafka-down kafka-fetch clean
+.PHONY: help install promtool run test lint fmt bench kafka-up kafka-down kafka-fetch clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml | promtool
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -25,6 +25,10 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 install: $(INSTALLED) ## create .venv with the bridge and its dev tools
+
+promtool: ## Debian's prometheus package (promtool, prometheus) for the deploy/ tests
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 kafka-fetch: $(INSTALLED) ## download the Kafka broker jars (cached in .cache/kafka)
 	$(BIN)/python -m bridge.devkafka fetch --home $(KAFKA_HOME)

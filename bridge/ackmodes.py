@@ -152,6 +152,10 @@ class DurableAck(_DrainedAck):
         )
         self._max_bytes = settings.spool_max_bytes
 
+    def prepare(self) -> None:
+        """Open the spool before serving (raises SpoolUnusable)."""
+        self.spool.connect()
+
     async def start(self) -> None:
         self.spool.open()
         self._start_drainer()

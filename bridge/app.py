@@ -98,4 +98,5 @@ def create_app(
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
     app.state.runtime = state
+    app.state.prepare = getattr(ack_mode, "prepare", lambda: None)
     return app

@@ -10,9 +10,10 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bridge.config import Settings, load_settings
-from bridge.errors import ConfigError, SpoolDamaged
+from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import PLACEHOLDERS, Router, TopicTemplate
 
 log = logging.getLogger("bridge")
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
     try:
         code: int = args.run(settings, args)
-    except (ConfigError, SpoolDamaged) as exc:
+    except (ConfigError, SpoolUnusable) as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -69,6 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     listing = topic_commands.add_parser("list", help="list the cluster's topics")
     listing.set_defaults(run=_topics_list)
 
+    dead = commands.add_parser("deadletter", help="inspect or replay refused deliveries")
+    dead_commands = dead.add_subparsers(required=True, metavar="ACTION")
+    dead_list = dead_commands.add_parser("list", help="show what is on the dead-letter topic")
+    dead_list.add_argument("--reason", help="only dead letters with this reason")
+    dead_list.set_defaults(run=_deadletter_list)
+    replay = dead_commands.add_parser(
+        "replay",
+        help="parse dead letters again with today's settings and publish those now accepted",
+    )
+    replay.add_argument("--offset", type=int, action="append", help="only this offset (repeat)")
+    replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
+    replay.add_argument("--reason", help="only dead letters with this reason")
+    replay.add_argument("--dry-run", action="store_true", help="say what would happen")
+    replay.set_defaults(run=_deadletter_replay)
+
     tail = commands.add_parser("tail", help="print the records arriving on topics")
     tail.add_argument("topics", nargs="*", help="topics (default: every topic of the template)")
     tail.add_argument("--pattern", help="a regular expression of topics instead of names")
@@ -91,12 +107,6 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.server import serve  # noqa: PLC0415  # uvicorn is only needed here
 
     settings.check_serving()
-    if settings.ack == "durable":
-        from bridge.spool import Spool  # noqa: PLC0415
-
-        # A damaged spool stops the bridge here, with a plain message, before it
-        # listens; never silently replaced, it may hold accepted events.
-        Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, dedup_window=0).verify()
     return serve(settings)
 
 
@@ -128,6 +138,49 @@ def _topics_list(settings: Settings, _: argparse.Namespace) -> int:
     for name in asyncio.run(kafkaadmin.list_topics(settings)):
         print(name)
     return 0
+
+
+def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list[Any]:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    if not settings.deadletter_topic:
+        raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
+    records = asyncio.run(kafkaadmin.dead_letters(settings))
+    offsets = set(getattr(args, "offset", None) or ())
+    keys = set(getattr(args, "key", None) or ())
+    return [
+        r
+        for r in records
+        if (not offsets or r.offset in offsets)
+        and (not keys or r.key.decode(errors="replace") in keys)
+        and (not args.reason or dict(r.headers).get("x-bridge-reason") == args.reason.encode())
+    ]
+
+
+def _deadletter_list(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    records = _selected_dead_letters(settings, args)
+    for record in records:
+        print(kafkaadmin.describe_dead_letter(record))
+    print(f"{len(records)} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
+    return 0
+
+
+def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    records = _selected_dead_letters(settings, args)
+    results = asyncio.run(
+        kafkaadmin.replay_dead_letters(settings, _router(settings), records, dry_run=args.dry_run)
+    )
+    for record, topic, outcome in results:
+        target = f" -> {topic}" if topic else ""
+        print(f"@{record.offset:<6} key={record.key.decode(errors='replace')}  {outcome}{target}")
+    refused = sum(topic is None for _, topic, _ in results)
+    verb = "would be replayed" if args.dry_run else "replayed"
+    print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def template_pattern(template: str) -> str:

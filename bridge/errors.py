@@ -36,8 +36,8 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the bridge refuses to start."""
 
 
-class SpoolDamaged(Exception):
-    """The spool file exists but cannot be read; the bridge must not start on it."""
+class SpoolUnusable(Exception):
+    """The spool cannot be opened, read or written; the bridge must not start on it."""
 
 
 # --- 4xx: the sender must change something -------------------------------------------

@@ -12,14 +12,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.config import Settings
-from bridge.geins import ENTITY_ACTIONS
-from bridge.publisher import kafka_client_options
-from bridge.routing import Router
+from bridge.deadletter import PREFIX, delivery_from_dead_letter
+from bridge.errors import BridgeError
+from bridge.geins import ENTITY_ACTIONS, parse_delivery
+from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher, kafka_client_options
+from bridge.routing import Destination, Router
 
 DEFAULT_REPLICATION_CAP = 3
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
@@ -71,6 +74,43 @@ async def list_topics(settings: Settings) -> list[str]:
         await admin.close()
 
 
+async def read_to_end(
+    client_options: dict[str, Any], topics: Sequence[str] | None = None, *, prefix: str = ""
+) -> list[Any]:
+    """Every record now on ``topics`` (or on every topic starting with ``prefix``).
+
+    Reads up to the end offsets seen at the start: it returns exactly what was
+    acknowledged before the call and never waits for records that may not come.
+    """
+    admin = AIOKafkaAdminClient(**client_options)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics) if topics is not None else None)
+    finally:
+        await admin.close()
+    partitions = sorted(
+        TopicPartition(t["topic"], p["partition"])
+        for t in described
+        if t["error_code"] == 0 and t["topic"].startswith(prefix)
+        for p in t["partitions"]
+    )
+    if not partitions:
+        return []
+    consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        records: list[Any] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
 def format_record(record: Any) -> str:
     """One consumed record as a block of text a person can read."""
     key = record.key.decode(errors="replace") if record.key is not None else "<none>"
@@ -113,3 +153,72 @@ async def tail(
     finally:
         await consumer.stop()
     return shown
+
+
+def _header(record: Any, name: str) -> str:
+    for key, value in record.headers:
+        if key == name:
+            return str(value.decode(errors="replace"))
+    return ""
+
+
+def describe_dead_letter(record: Any) -> str:
+    """One line per dead letter: where it is, its key, why it was refused, what it held."""
+    body = record.value.decode(errors="replace") if record.value else ""
+    excerpt = body if len(body) <= 80 else body[:77] + "..."
+    return (
+        f"@{record.offset:<6} {_header(record, 'x-bridge-received-at') or '-':32} "
+        f"key={record.key.decode(errors='replace')}  {_header(record, 'x-bridge-reason')}: "
+        f"{_header(record, 'x-bridge-detail')}\n        {_header(record, 'x-bridge-method')} "
+        f"{_header(record, 'x-bridge-path')}?{_header(record, 'x-bridge-query')}  {excerpt}"
+    )
+
+
+async def dead_letters(settings: Settings) -> list[Any]:
+    """Every record on the dead-letter topic, oldest first."""
+    async with asyncio.timeout(settings.kafka_connect_timeout * 3):
+        return await read_to_end(kafka_client_options(settings), [settings.deadletter_topic])
+
+
+async def replay_dead_letters(
+    settings: Settings, router: Router, records: Sequence[Any], *, dry_run: bool
+) -> list[tuple[Any, str | None, str]]:
+    """Run each dead letter through today's parsing and routing again.
+
+    Returns (record, topic or None, what happened). Accepted ones are published
+    with their original idempotency key, so consumers see a replay of an event
+    they already have as a duplicate.
+    """
+    publisher = None if dry_run else KafkaPublisher(settings, Metrics())
+    if publisher is not None:
+        await publisher.start()
+        if not publisher.connected:
+            await publisher.stop()
+            raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
+    results: list[tuple[Any, str | None, str]] = []
+    try:
+        for record in records:
+            destination, outcome = _replayed(record, settings, router)
+            if destination is not None and publisher is not None:
+                try:
+                    await publisher.publish(destination)
+                except BridgeError as exc:
+                    destination, outcome = None, f"not published: {exc.detail}"
+            results.append((record, destination.topic if destination else None, outcome))
+    finally:
+        if publisher is not None:
+            await publisher.stop()
+    return results
+
+
+def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:
+    original_topic = _header(record, "x-bridge-original-topic")
+    if original_topic:  # accepted, then refused by Kafka: resend as it was
+        headers = [(n, v) for n, v in record.headers if not n.startswith(PREFIX)]
+        return Destination(original_topic, record.key, record.value, headers), "resent"
+    delivery = delivery_from_dead_letter(record.headers, record.value or b"")
+    try:
+        event = parse_delivery(delivery, strict_types=settings.strict_types)
+    except BridgeError as exc:
+        return None, f"still refused: {exc.reason} ({exc.detail})"
+    return router.route(event), "accepted"

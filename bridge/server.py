@@ -52,8 +52,12 @@ class BridgeServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
     state = RuntimeState()
+    app = create_app(settings, state=state)
+    # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),
+    # before it listens; the lifespan then reuses this connection.
+    app.state.prepare()
     config = uvicorn.Config(
-        create_app(settings, state=state),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -28,7 +29,7 @@ from typing import Any
 import orjson
 
 from bridge.backlog import QueuedRecord, record_size
-from bridge.errors import BridgeError, SpoolDamaged, Unavailable
+from bridge.errors import BridgeError, SpoolUnusable, Unavailable
 from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Spool:
         self._on_commit = on_commit
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._connection: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Owned by the writer thread; read (racily, for gauges) by everyone.
         self.depth = 0
@@ -95,17 +97,20 @@ class Spool:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def verify(self) -> None:
-        """Open and close the spool: raise :class:`SpoolDamaged` before serving, not during."""
-        self._open_connection().close()
+    def connect(self) -> None:
+        """Open (or create) the database; :class:`SpoolUnusable` if it cannot be used.
+
+        Called before the server listens, so a bad spool stops startup with a plain
+        message. A file that cannot be read may hold events that were answered 2xx,
+        so it is never replaced.
+        """
+        if self._connection is None:
+            self._connection = self._open_connection()
 
     def open(self) -> None:
-        """Open (or create) the spool and start its writer thread.
-
-        Raises :class:`SpoolDamaged` when an existing file cannot be read: such a
-        file may hold events that were answered 2xx, so it is never replaced.
-        """
-        connection = self._open_connection()
+        """Connect (if not done yet) and start the writer thread."""
+        self.connect()
+        connection, self._connection = self._connection, None
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(
             target=self._run, args=(connection,), name="spool-writer", daemon=True
@@ -115,11 +120,17 @@ class Spool:
     def _open_connection(self) -> sqlite3.Connection:
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self._directory, os.W_OK):
+                raise SpoolUnusable(
+                    f"spool folder {self._directory} is not writable (a read-only file system?)"
+                )
             return self._connect()
         except OSError as exc:
-            raise SpoolDamaged(f"spool folder {self._directory} cannot be used ({exc})") from None
+            raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None
+        except sqlite3.OperationalError as exc:  # e.g. disk full, read-only, locked
+            raise SpoolUnusable(f"spool file {self.path} cannot be opened: {exc}") from None
         except sqlite3.DatabaseError as exc:
-            raise SpoolDamaged(
+            raise SpoolUnusable(
                 f"spool file {self.path} cannot be opened ({exc}). It may hold accepted "
                 "events that are not in Kafka yet: move it aside (keep a copy to inspect "
                 "with sqlite3) and start again with an empty spool"
@@ -154,7 +165,8 @@ class Spool:
                 CREATE INDEX IF NOT EXISTS seen_by_time ON seen (accepted_at);
                 """
             )
-            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:  # written once: opening must not need free space
+                connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             depth, size, oldest = connection.execute(
                 "SELECT count(*), coalesce(sum(size), 0), min(enqueued_at) FROM spool"
             ).fetchone()

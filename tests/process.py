@@ -19,14 +19,15 @@ from bridge.devkafka import free_port
 class BridgeProcess:
     """``python -m bridge serve`` on a free port, its output in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log_path: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
             "BRIDGE_HOST": "127.0.0.1",
             "BRIDGE_PORT": str(self.port),
+            "BRIDGE_SPOOL_DIR": str(log_path.parent / "spool"),
             **env,
         }
         self._log: IO[bytes] | None = None
@@ -73,6 +74,10 @@ class BridgeProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the process if it still runs; close the log."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

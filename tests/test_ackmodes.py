@@ -174,7 +174,7 @@ async def test_stop_leaves_undeliverable_events_in_the_spool(tmp_path: Path) -> 
     assert await mode.deliver(record("a"), "a")
     await mode.stop()
     again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path))
-    again.spool.verify()
+    again.spool.connect()
     await again.start()
     await eventually(lambda: again.spool.depth == 0)
     await again.stop()

@@ -12,6 +12,7 @@ from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
 from tests.fakes import TOKEN
+from tests.kafkaread import read_all_sync
 
 
 @pytest.fixture
@@ -91,3 +92,44 @@ def test_topics_create_list_and_tail(
     assert "key=tail-key" in out
     assert "ce_type: com.geins.refund.create" in out
     assert '{"id":"r-9"}' in out
+
+
+@pytest.mark.kafka
+def test_deadletter_list_and_replay(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Refused deliveries are listed; after relaxing strict types a replay publishes them."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".{entity}.{action}")
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", topic_prefix + ".deadletter")
+    env.setenv("BRIDGE_TOKENS", TOKEN)
+    env.setenv("BRIDGE_STRICT_TYPES", "true")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(load_settings())) as client:
+        novel = client.post(
+            f"/webhooks/geins/Voucher/create?token={TOKEN}&id=v1",
+            content=b'{"code":"X"}',
+            headers={**headers, "x-Idempotency-Key": "novel-1"},
+        )
+        broken = client.post(
+            "/webhooks/geins", content=b"{oops", headers={**headers, "x-Idempotency-Key": "bad-1"}
+        )
+    assert (novel.status_code, broken.status_code) == (422, 400)
+
+    assert main(["deadletter", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "key=novel-1  unknown_event_type" in listing
+    assert "key=bad-1  body_not_json" in listing
+    assert TOKEN not in listing
+
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    assert main(["deadletter", "replay", "--dry-run"]) == 1  # one is still refused
+    assert main(["deadletter", "replay", "--key", "novel-1"]) == 0
+    assert f"accepted -> {topic_prefix}.voucher.create" in capsys.readouterr().out
+    records = read_all_sync(kafka_bootstrap, f"{topic_prefix}.voucher")
+    [replayed] = records
+    assert (replayed.key, replayed.value) == (b"novel-1", b'{"code":"X"}')
+    assert dict(replayed.headers)["ce_subject"] == b"v1"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.errors import SpoolDamaged
+from bridge.errors import SpoolUnusable
 from bridge.routing import Destination
 from bridge.spool import Spool, SpoolFull, SpoolWriteFailed
 
@@ -122,8 +122,8 @@ def test_damaged_file_is_a_clear_error_and_kept(tmp_path: Path) -> None:
     """A spool file that is not a database stops startup and is left untouched."""
     damaged = tmp_path / "spool.db"
     damaged.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(SpoolDamaged, match="move it aside"):
-        make(tmp_path).verify()
+    with pytest.raises(SpoolUnusable, match="move it aside"):
+        make(tmp_path).connect()
     assert damaged.read_bytes() == b"this is not sqlite" * 100
 
 
@@ -131,8 +131,8 @@ def test_unknown_schema_is_refused(tmp_path: Path) -> None:
     """A spool from a future version is not guessed at."""
     with sqlite3.connect(tmp_path / "spool.db") as connection:
         connection.execute("PRAGMA user_version = 99")
-    with pytest.raises(SpoolDamaged, match="schema version 99"):
-        make(tmp_path).verify()
+    with pytest.raises(SpoolUnusable, match="schema version 99"):
+        make(tmp_path).connect()
 
 
 async def test_oldest_respects_byte_budget(tmp_path: Path) -> None:

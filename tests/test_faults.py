@@ -1,0 +1,309 @@
+"""Fault tests: real bridge processes, a real broker, and things going wrong.
+
+Each prints sent / answered 2xx / found in Kafka / lost, and fails on any loss:
+these are the proof of the promise that an event answered 2xx is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from bridge.devkafka import LocalKafka, ensure_jars, free_ports
+from tests.conftest import REPO
+from tests.fakes import TOKEN
+from tests.kafkaread import read_all_sync
+from tests.loadgen import Tally, load
+from tests.process import BridgeProcess
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def bridge_env(bootstrap: str, prefix: str, ack: str, **extra: str) -> dict[str, str]:
+    return {
+        "BRIDGE_KAFKA_BOOTSTRAP": bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": prefix + ".deadletter",
+        "BRIDGE_ACK": ack,
+        **extra,
+    }
+
+
+def found_keys(bootstrap: str, prefix: str) -> set[str]:
+    return {r.key.decode() for r in read_all_sync(bootstrap, prefix)}
+
+
+def wait_for_keys(bootstrap: str, prefix: str, wanted: set[str], within: float) -> set[str]:
+    """Poll Kafka until every wanted key is there (or time runs out); the keys found."""
+    deadline = time.monotonic() + within
+    while True:
+        found = found_keys(bootstrap, prefix)
+        if wanted <= found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def run_load_for(url: list[str], tally: Tally, seconds: float, *, pause: float = 0.0) -> None:
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load(lambda: url[0], tally, stop, workers=8, pause=pause))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker"])
+def test_kill_9_under_load_loses_no_2xx(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, ack: str
+) -> None:
+    """kill -9 at random moments under load, five times: every 2xx key ends up in Kafka."""
+    env = bridge_env(kafka_bootstrap, topic_prefix, ack)
+    tally = Tally()
+    rng = random.Random(42)  # noqa: S311  # picks kill moments, not secrets
+    for round_ in range(5):
+        with BridgeProcess(env, tmp_path / f"bridge-{round_}.log") as bridge:
+            url = [bridge.url]
+
+            async def scenario(bridge: BridgeProcess = bridge, url: list[str] = url) -> None:
+                stop = asyncio.Event()
+                task = asyncio.create_task(load(lambda: url[0], tally, stop, workers=8))
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                bridge.signal(signal.SIGKILL)
+                await asyncio.sleep(0.2)
+                stop.set()
+                await task
+
+            asyncio.run(scenario())
+            assert bridge.wait(10) == -signal.SIGKILL
+    # A last, clean run delivers what the killed ones left in the spool.
+    with BridgeProcess(env, tmp_path / "bridge-final.log") as bridge:
+        found = wait_for_keys(kafka_bootstrap, topic_prefix, tally.accepted, within=60)
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(30) == 0
+    print(f"[kill -9, {ack}] {tally.summary(found)}")
+    assert len(tally.accepted) > 100
+    assert tally.accepted <= found, f"{len(tally.accepted - found)} answered 2xx, not in Kafka"
+    assert found <= tally.sent
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
+    """A broker this test may stop and start (the session broker must stay up)."""
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller_port = free_ports(2)
+    broker = LocalKafka(home, tmp_path / "kafka" / "data", port, controller_port)
+    with broker:
+        yield broker
+
+
+def test_broker_outage_durable_accepts_broker_mode_refuses(
+    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Kafka down for 30 s under load: durable answers 2xx throughout (even across a
+    SIGTERM restart mid-outage) and delivers everything later; broker mode answers 503
+    with Retry-After and loses no 2xx."""
+    bootstrap = own_broker.bootstrap
+    durable_env = bridge_env(bootstrap, topic_prefix + "d", "durable")
+    broker_env = bridge_env(bootstrap, topic_prefix + "b", "broker", BRIDGE_PUBLISH_TIMEOUT="2")
+    durable_tally, broker_tally, outage_tally = Tally(), Tally(), Tally()
+    durable = BridgeProcess(durable_env, tmp_path / "durable.log")
+    brokered = BridgeProcess(broker_env, tmp_path / "broker.log")
+    successor = BridgeProcess(durable_env, tmp_path / "durable-2.log")
+    durable_url, broker_url = [""], [""]
+    with durable, brokered, contextlib.closing(successor):
+        durable_url[0], broker_url[0] = durable.url, brokered.url
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(
+                    load(lambda: durable_url[0], durable_tally, stop, workers=4, pause=0.02)
+                ),
+                asyncio.create_task(
+                    load(lambda: broker_url[0], broker_tally, stop, workers=4, pause=0.02)
+                ),
+            ]
+            await asyncio.sleep(2)
+            await asyncio.to_thread(own_broker.stop)
+            outage = asyncio.Event()
+            tasks.append(
+                asyncio.create_task(
+                    load(lambda: durable_url[0], outage_tally, outage, workers=2, pause=0.05)
+                )
+            )
+            await asyncio.sleep(12)
+            # SIGTERM the durable bridge in the middle of the outage: what it holds
+            # stays in the spool, and its successor (same spool) sends it later.
+            durable.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(durable.wait, 30) == 0
+            await asyncio.to_thread(successor.start)
+            durable_url[0] = successor.url
+            await asyncio.sleep(16)
+            outage.set()
+            async with httpx2.AsyncClient() as client:
+                ready = (await client.get(successor.url + "/readyz")).status_code
+                unready = (await client.get(broker_url[0] + "/readyz")).status_code
+            await asyncio.to_thread(own_broker.start)
+            await asyncio.to_thread(own_broker.wait_ready)
+            await asyncio.sleep(3)
+            stop.set()
+            await asyncio.gather(*tasks)
+            assert (ready, unready) == (200, 503)
+            successor.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(successor.wait, 60) == 0
+
+        asyncio.run(scenario())
+
+    durable_found = wait_for_keys(
+        bootstrap, topic_prefix + "d", durable_tally.accepted | outage_tally.accepted, 30
+    )
+    broker_found = found_keys(bootstrap, topic_prefix + "b")
+    print(f"[outage, durable] {durable_tally.summary(durable_found)}")
+    print(f"[outage, durable, sent during the outage] {outage_tally.summary(durable_found)}")
+    print(f"[outage, broker] {broker_tally.summary(broker_found)} statuses={broker_tally.statuses}")
+    assert outage_tally.refused == 0, outage_tally.statuses  # 2xx all through the outage
+    assert len(outage_tally.accepted) > 50
+    assert (durable_tally.accepted | outage_tally.accepted) <= durable_found
+    assert broker_tally.statuses.get(503, 0) > 0
+    assert broker_tally.accepted <= broker_found
+
+
+def tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk: {result.stderr.strip()}")
+
+
+def test_full_or_read_only_spool(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A spool whose disk fills: 503 with Retry-After and readiness off, no crash. On a
+    read-only disk: startup stops with a clear message. Every 2xx ends up in Kafka."""
+    spool = tmp_path / "small-disk"
+    tmpfs(spool, "256k")
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        "durable",
+        BRIDGE_SPOOL_DIR=str(spool),
+        BRIDGE_RETRY_AFTER="3",
+        # Keep the events in the spool so the disk fills: Kafka stays unreachable.
+        BRIDGE_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_ports(1)[0]}",
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    tally = Tally()
+    try:
+        with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+            big = b'{"pad":"' + b"x" * 4000 + b'"}'
+            with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+                last = None
+                for i in range(200):
+                    tally.sent.add(f"f{i}")
+                    last = client.post(
+                        "/webhooks/geins/Order/create",
+                        content=big,
+                        headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": f"f{i}"},
+                    )
+                    if last.status_code == 202:
+                        tally.accepted.add(f"f{i}")
+                    else:
+                        break
+                assert last is not None
+                assert last.status_code == 503, last.text
+                assert last.headers["retry-after"] == "3"
+                assert last.json()["reason"] == "spool_write_failed"
+                assert client.get("/readyz").status_code == 503
+                assert client.get("/healthz").status_code == 200  # alive, not crashed
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+        assert len(tally.accepted) > 5
+        # The same spool on a read-only disk: refuse to start, and say why.
+        subprocess.run(["mount", "-o", "remount,ro", str(spool)], check=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"],
+            env={**env, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "not writable" in result.stderr
+        # Writable with room again, and Kafka: everything answered 2xx goes out.
+        subprocess.run(["mount", "-o", "remount,rw,size=8m", str(spool)], check=True)
+        env["BRIDGE_KAFKA_BOOTSTRAP"] = kafka_bootstrap
+        with BridgeProcess(env, tmp_path / "bridge-2.log") as bridge:
+            found = wait_for_keys(kafka_bootstrap, topic_prefix, tally.accepted, 30)
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+    print(f"[full spool] {tally.summary(found)}")
+    assert tally.accepted <= found
+
+
+def test_damaged_spool_stops_startup_clearly(tmp_path: Path) -> None:
+    """A damaged spool file: exit 2 with a message naming it; the file is kept as it was."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    damaged = spool / "spool.db"
+    damaged.write_bytes(b"\x00garbage" * 512)
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve"],
+        env={"BRIDGE_TOKENS": TOKEN, "BRIDGE_SPOOL_DIR": str(spool), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert str(damaged) in result.stderr
+    assert "move it aside" in result.stderr
+    assert damaged.read_bytes() == b"\x00garbage" * 512
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_geins_retries_publish_once_even_across_restart(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, ack: str
+) -> None:
+    """The same delivery three times (a Geins retry): exactly one record in Kafka; in
+    durable mode the key is remembered across a restart."""
+    env = bridge_env(kafka_bootstrap, topic_prefix, ack)
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "geins-retry-1"}
+    statuses: list[int] = []
+    for run, attempts in enumerate((2, 1)):  # two tries, a restart, a third try
+        with BridgeProcess(env, tmp_path / f"bridge-{run}.log") as bridge:
+            url = bridge.url + "/webhooks/geins/Order/create"
+            statuses += [
+                httpx2.post(url, content=b"{}", headers=headers).status_code
+                for _ in range(attempts)
+            ]
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    print(f"[retry x3, {ack}] statuses={statuses} records={len(records)}")
+    assert statuses[:2] == [202, 200]
+    if ack == "durable":
+        assert statuses[2] == 200
+        assert len(records) == 1
+    else:  # in-memory key records die with the process: consumers de-duplicate by key
+        assert len({r.key for r in records}) == 1
