@@ -1,0 +1,1 @@
+"""Helpers and vendored data for tests/test_deploy.py and tests/test_prometheus.py."""

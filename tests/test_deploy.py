@@ -1,0 +1,722 @@
+"""deploy/ is validated, not just written: Dockerfile, Compose, Kubernetes, Prometheus, Grafana.
+
+No Docker engine or Kubernetes cluster runs here, so every check is offline:
+hadolint for the Dockerfile, the Compose Specification's JSON schema,
+kubernetes-validate's bundled OpenAPI schemas (strict: unknown fields are
+errors), promtool for the rules, their unit tests and the dashboard's queries,
+and cross-checks that the files agree with each other and with the bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import pytest
+import yaml
+from prometheus_client.metrics_core import Metric
+
+from bridge.config import load_settings
+from bridge.devkafka import KAFKA_VERSION
+from bridge.metrics import Metrics
+from tests.deploy_support import dockerfile
+from tests.deploy_support.dockerignore import DockerIgnore
+from tests.deploy_support.prometheus import binary
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+SUPPORT = Path(__file__).resolve().parent / "deploy_support"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE = DEPLOY / "compose.yaml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "bridge.json"
+K8S = DEPLOY / "kubernetes"
+STANDALONE = K8S / "standalone"
+SIDECAR = K8S / "sidecar"
+
+#: Kubernetes versions the manifests must validate against: an old one still
+#: run by managed services, and the newest kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+#: Kinds kubernetes-validate has no schema for, checked by hand below.
+OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+REQUIRED_ALERTS = {
+    "BridgeDown",
+    "BridgeKafkaUnreachable",
+    "BridgeSpoolGrowing",
+    "BridgeSpoolOld",
+    "BridgeDeliveryFailures",
+    "BridgeServerErrors",
+    "BridgeDeadLetters",
+}
+IMAGE_UID = 10001
+SPOOL = "/var/lib/bridge/spool"
+#: What every dashboard panel and query reads from: the dashboard's datasource variable.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    """Every non-empty YAML document of a file."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A single-document YAML file as a mapping."""
+    value: dict[str, Any] = yaml.safe_load(path.read_text())
+    assert isinstance(value, dict), path
+    return value
+
+
+def manifests(folder: Path) -> list[dict[str, Any]]:
+    """Every Kubernetes object in a folder's YAML files (kustomization.yaml excluded)."""
+    return [
+        doc
+        for path in sorted(folder.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in load_docs(path)
+    ]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one object of that kind (and name)."""
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def bridge_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """The container that runs `bridge serve`."""
+    containers: list[dict[str, Any]] = pod_spec["containers"]
+    found = [c for c in containers if c.get("args") == ["bridge", "serve"]]
+    assert len(found) == 1, containers
+    return found[0]
+
+
+def env_from(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The environment a container gets from its ConfigMaps and Secrets."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            env.update(find(docs, "Secret", source["secretRef"]["name"])["stringData"])
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    return env
+
+
+def seconds(duration: str) -> float:
+    """A Compose/Go duration such as "40s" or "1m30s" in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a time limit; its output in the assertion message on failure."""
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def promtool(*args: str, cwd: Path = REPO) -> None:
+    """Run promtool and insist on success."""
+    done = run(binary("promtool"), *args, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    """The alerting rules of deploy/prometheus/alerts.yml."""
+    groups = load_yaml(ALERTS)["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def dashboard_targets() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(panel, target) for every query of the Grafana dashboard."""
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def promql_for_promtool(expr: str) -> str:
+    """A dashboard query with Grafana's variables replaced by plain PromQL."""
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$job", ".*")
+        .replace("$instance", ".*")
+    )
+
+
+def exported_series_names() -> set[str]:
+    """Every sample name the bridge's /metrics can contain (from its registry)."""
+    names: set[str] = set()
+    families: list[Metric] = list(Metrics().registry.collect())
+    for family in families:
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("", "_sum", "_count"),
+            "info": ("_info",),
+        }.get(family.type, ("",))
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+# --- Dockerfile ----------------------------------------------------------------------
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    """Pins deploy/Dockerfile lint-clean under hadolint's default rules (any finding fails)."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    done = run(str(hadolint), "--no-color", str(DOCKERFILE))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stdout.strip(), done.stdout
+
+
+def test_dockerfile_builds_a_wheel_and_runs_it_as_non_root_with_a_spool_volume() -> None:
+    """Pins the image: multi-stage slim 3.11, wheel, uid 10001, spool volume, health, stop."""
+    steps = dockerfile.parse(DOCKERFILE)
+    keywords = [step.keyword for step in steps]
+    args = {step.keyword: step.args for step in steps}  # the last of each
+    base = re.search(r"PYTHON_IMAGE=(\S+)", next(s.args for s in steps if s.keyword == "ARG"))
+    assert base is not None
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", base[1])
+    assert keywords.count("FROM") == 2
+    assert any("pip wheel" in s.args for s in steps if s.keyword == "RUN")
+    assert any(s.args.startswith("--from=build ") for s in steps if s.keyword == "COPY")
+    assert f"--uid {IMAGE_UID}" in " ".join(s.args for s in steps if s.keyword == "RUN")
+    assert args["USER"] == f"{IMAGE_UID}:{IMAGE_UID}"
+    volume = next(s for s in steps if s.keyword == "VOLUME")
+    assert volume.exec_form() == [SPOOL]
+    assert f"BRIDGE_SPOOL_DIR={SPOOL}" in args["ENV"]
+    assert args["EXPOSE"] == "8080"
+    assert "BRIDGE_PORT=8080" in args["ENV"]
+    health = next(s for s in steps if s.keyword == "HEALTHCHECK")
+    probe = health.exec_form()
+    assert probe[0] == "python"
+    assert "/healthz" in probe[-1]
+    assert args["STOPSIGNAL"] == "SIGTERM"
+    assert next(s for s in steps if s.keyword == "CMD").exec_form() == ["bridge", "serve"]
+    # USER comes after everything that needs root in the final stage.
+    final = keywords[len(keywords) - 1 - keywords[::-1].index("FROM") :]
+    assert "RUN" not in final[final.index("USER") :]
+
+
+def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
+    """Pins deploy/Dockerfile.dockerignore: the context is pyproject, README and bridge/ sources."""
+    ignore = DockerIgnore((DEPLOY / "Dockerfile.dockerignore").read_text())
+    files = ignore.context_files(REPO)
+    assert {"pyproject.toml", "README.md", "bridge/__init__.py", "bridge/cli.py"} <= set(files)
+    assert {f.split("/")[0] for f in files} == {"pyproject.toml", "README.md", "bridge"}
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    for step in dockerfile.parse(DOCKERFILE):
+        if step.keyword == "COPY" and not step.args.startswith("--from"):
+            *sources, _ = step.args.split()
+            for source in sources:
+                assert not ignore.excluded(source), f"COPY {source} is excluded from the context"
+    assert ignore.excluded(".venv/bin/python")
+    assert ignore.excluded("deploy/compose.yaml")
+
+
+@pytest.mark.slow
+def test_wheel_builds_from_the_docker_build_context(tmp_path: Path) -> None:
+    """Pins that the build stage's `pip wheel` works on exactly the context the image gets."""
+    ignore = DockerIgnore((DEPLOY / "Dockerfile.dockerignore").read_text())
+    context = tmp_path / "context"
+    for name in ignore.context_files(REPO):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, context / name)
+    done = run(
+        sys.executable,
+        *("-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check"),
+        *("--wheel-dir", str(tmp_path / "wheels"), str(context)),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = (tmp_path / "wheels").glob("geins_kafka_bridge-*.whl")  # what the image installs
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        assert "bridge = bridge.cli:main" in archive.read(entry_points).decode()
+    assert {"bridge/__main__.py", "bridge/cli.py", "bridge/server.py"} <= set(names)
+
+
+# --- Compose -------------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    """Pins deploy/compose.yaml valid against the Compose Specification JSON schema."""
+    schema = json.loads((SUPPORT / "compose_spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(load_yaml(COMPOSE))
+    ]
+    assert errors == []
+
+
+def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
+    """Pins the compose services' wiring: KRaft Kafka, bridge build/env/spool, configs mounted."""
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    assert set(services) == {"kafka", "bridge", "prometheus", "grafana"}
+
+    kafka = services["kafka"]
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    assert set(kafka["environment"]["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "PLAINTEXT://kafka:9092" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+
+    bridge = services["bridge"]
+    assert (DEPLOY / bridge["build"]["context"]).resolve() == REPO
+    assert (REPO / bridge["build"]["dockerfile"]).resolve() == DOCKERFILE
+    env = bridge["environment"]
+    assert env["BRIDGE_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert env["BRIDGE_TOKENS"].startswith("${BRIDGE_TOKENS")
+    assert env["BRIDGE_SPOOL_DIR"] == SPOOL
+    assert f"bridge-spool:{SPOOL}" in bridge["volumes"]
+    assert "bridge-spool" in compose["volumes"]
+    assert bridge["depends_on"]["kafka"]["condition"] == "service_healthy"
+    grace = seconds(bridge["stop_grace_period"])
+    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
+    assert grace > shutdown
+
+    mounts: dict[str, str] = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source, target, *_ = volume.split(":")
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+                mounts[target] = source
+            else:
+                assert source in compose["volumes"], source
+    prometheus = services["prometheus"]
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./prometheus/prometheus.yml"
+    assert mounts["/etc/prometheus/alerts.yml"] == "./prometheus/alerts.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "geins-bridge"]
+    assert job["static_configs"][0]["targets"] == ["bridge:8080"]
+
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/bridge.yml")["providers"][0]
+    assert mounts[provider["options"]["path"]] == "./grafana/dashboards"
+    datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert json.loads(DASHBOARD.read_text())["uid"] == "geins-bridge"
+
+
+def settings_cases() -> list[tuple[str, dict[str, str]]]:
+    """(where, BRIDGE_* environment) of every bridge that deploy/ configures."""
+    compose_env = dict(load_yaml(COMPOSE)["services"]["bridge"]["environment"])
+    compose_env["BRIDGE_TOKENS"] = "token-from-env"
+    cases = [("compose", compose_env)]
+    for folder in (STANDALONE, SIDECAR):
+        docs = manifests(folder)
+        for workload in docs:
+            if workload["kind"] in {"Deployment", "StatefulSet"}:
+                container = bridge_container(workload["spec"]["template"]["spec"])
+                where = f"{folder.name}/{workload['kind']}"
+                cases.append((where, env_from(docs, container)))
+    return cases
+
+
+SETTINGS_CASES = settings_cases()
+
+
+@pytest.mark.parametrize(("where", "environ"), SETTINGS_CASES, ids=[c[0] for c in SETTINGS_CASES])
+def test_bridge_settings_in_deploy_files_are_accepted_by_the_bridge(
+    where: str, environ: dict[str, str]
+) -> None:
+    """Pins every BRIDGE_* value in compose and the manifests as a valid setting for this bridge."""
+    settings = load_settings(environ=environ)
+    settings.check_serving()
+    assert settings.port == 8080, where
+    assert str(settings.spool_dir) == SPOOL, where  # where the image's volume is
+
+
+# --- Kubernetes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    """Pins every core manifest valid (strict, no unknown fields) against Kubernetes' OpenAPI."""
+    checked: set[str] = set()
+    for folder in (STANDALONE, SIDECAR):
+        for doc in manifests(folder):
+            if doc["kind"] in OPERATOR_KINDS:
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            checked.add(doc["kind"])
+    assert checked == {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+    }
+
+
+def _crd_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "pattern": "^[a-z0-9][-a-z0-9.]*$"}},
+            },
+            "spec": spec,
+        },
+    }
+
+
+_SELECTOR = {
+    "type": "object",
+    "required": ["matchLabels"],
+    "properties": {"matchLabels": {"type": "object", "minProperties": 1}},
+}
+_ENDPOINT = {
+    "type": "object",
+    "required": ["port", "path"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"const": "/metrics"},
+        "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m)$"},
+        "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m)$"},
+    },
+}
+#: The parts of the Prometheus Operator CRDs (monitoring.coreos.com/v1) the manifests use.
+OPERATOR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": _crd_schema(
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        }
+    ),
+    "PodMonitor": _crd_schema(
+        {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        }
+    ),
+    "PrometheusRule": _crd_schema(
+        {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "rules": {
+                                "type": "array",
+                                "items": {"type": "object", "required": ["expr"]},
+                            },
+                        },
+                    },
+                }
+            },
+        }
+    ),
+}
+
+
+def test_prometheus_operator_objects_have_the_required_structure() -> None:
+    """Pins ServiceMonitor, PodMonitor and PrometheusRule to the CRD fields they must have."""
+    seen = set()
+    for folder in (STANDALONE, SIDECAR):
+        for doc in manifests(folder):
+            if doc["kind"] in OPERATOR_KINDS:
+                jsonschema.validate(doc, OPERATOR_SCHEMAS[doc["kind"]])
+                seen.add(doc["kind"])
+    assert seen == OPERATOR_KINDS
+
+
+def test_prometheusrule_embeds_exactly_the_alert_rules_and_promtool_accepts_them(
+    tmp_path: Path,
+) -> None:
+    """Pins the PrometheusRule's groups equal to alerts.yml and valid for `promtool check rules`."""
+    rule = find(load_docs(STANDALONE / "prometheusrule.yaml"), "PrometheusRule")
+    assert rule["spec"]["groups"] == load_yaml(ALERTS)["groups"]
+    extracted = tmp_path / "prometheusrule-groups.yml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    promtool("check", "rules", str(extracted))
+
+
+def test_kustomizations_list_every_manifest() -> None:
+    """Pins each kustomization.yaml's resources to its folder's manifests: none missing or extra."""
+    alternatives = {"statefulset.yaml"}  # replaces deployment.yaml, see its header
+    for folder in (STANDALONE, SIDECAR):
+        listed = load_yaml(folder / "kustomization.yaml")["resources"]
+        present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        assert set(listed) == present - alternatives, folder
+
+
+def workloads() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(id, workload, the objects beside it) for every pod template that runs the bridge."""
+    found: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
+    for folder in (STANDALONE, SIDECAR):
+        docs = manifests(folder)
+        found.extend(
+            (f"{folder.name}-{d['kind']}", d, docs)
+            for d in docs
+            if d["kind"] in {"Deployment", "StatefulSet"}
+        )
+    return found
+
+
+WORKLOADS = workloads()
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins probes (/healthz, /readyz), a preStop pause, and a grace period above the shutdown."""
+    pod = workload["spec"]["template"]["spec"]
+    bridge = bridge_container(pod)
+    ports = {p["name"]: p["containerPort"] for p in bridge["ports"]}
+    env = env_from(docs, bridge)
+    assert list(ports.values()) == [int(env["BRIDGE_PORT"])], name
+    assert bridge["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert bridge["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert bridge[probe]["httpGet"]["port"] in ports
+    command = bridge["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause = float(command[1])
+    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
+    assert pause >= 5
+    assert pod["terminationGracePeriodSeconds"] > pause + shutdown, name
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_run_locked_down_with_resources_and_a_spool_volume(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins non-root uid 10001, read-only root fs, no privileges, resources, the spool mount."""
+    pod = workload["spec"]["template"]["spec"]
+    bridge = bridge_container(pod)
+    security = {**pod.get("securityContext", {}), **bridge["securityContext"]}
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == IMAGE_UID, name
+    assert bridge["securityContext"]["readOnlyRootFilesystem"] is True
+    assert bridge["securityContext"]["allowPrivilegeEscalation"] is False
+    assert bridge["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    assert {"cpu", "memory"} <= set(bridge["resources"]["requests"])
+    assert "memory" in bridge["resources"]["limits"]
+    mounts = {m["mountPath"]: m["name"] for m in bridge["volumeMounts"]}
+    assert mounts[SPOOL]
+    assert env_from(docs, bridge)["BRIDGE_SPOOL_DIR"] == SPOOL
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
+    assert mounts[SPOOL] in volumes | claims
+    if workload["kind"] == "StatefulSet":
+        assert mounts[SPOOL] in claims  # the point of the StatefulSet: a volume per replica
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether an equality selector selects these labels."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_standalone_objects_select_and_target_the_bridge() -> None:
+    """Pins Service, PDB, HPA and ServiceMonitor to the Deployment's pods, ports and name."""
+    docs = manifests(STANDALONE)
+    deployment = find(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels_match(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    container_ports = {
+        p["name"] for p in bridge_container(deployment["spec"]["template"]["spec"])["ports"]
+    }
+
+    service = find(docs, "Service", "geins-bridge")
+    assert labels_match(service["spec"]["selector"], pod_labels)
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+
+    pdb = find(docs, "PodDisruptionBudget")
+    assert labels_match(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+
+    hpa = find(docs, "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count
+
+    monitor = find(docs, "ServiceMonitor")
+    assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
+    # BridgeDown selects job="geins-bridge": the operator names the job after the Service.
+    assert service["metadata"]["name"] == "geins-bridge"
+
+    statefulset = find(load_docs(STANDALONE / "statefulset.yaml"), "StatefulSet")
+    assert statefulset["spec"]["template"]["metadata"]["labels"] == pod_labels
+
+
+def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> None:
+    """Pins the sidecar example: Service port `webhooks` and /webhooks/geins reach the bridge."""
+    docs = manifests(SIDECAR)
+    deployment = find(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 2
+    bridge = bridge_container(pod)
+    service = find(docs, "Service")
+    assert labels_match(
+        service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"]
+    )
+    ports = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert ports["webhooks"] in {p["name"] for p in bridge["ports"]}
+    app = next(c for c in pod["containers"] if c is not bridge)
+    assert ports["http"] in {p["name"] for p in app["ports"]}
+    ingress = find(docs, "Ingress")
+    paths = {
+        p["path"]: p["backend"]["service"]
+        for rule in ingress["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    }
+    assert paths["/webhooks/geins"] == {
+        "name": service["metadata"]["name"],
+        "port": {"name": "webhooks"},
+    }
+    monitor = find(docs, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "webhooks"
+    assert {"targetLabel": "job", "replacement": "geins-bridge"} in monitor["spec"][
+        "podMetricsEndpoints"
+    ][0]["relabelings"]
+
+
+def test_secrets_in_deploy_hold_only_placeholders() -> None:
+    """Pins that no manifest carries a real-looking token: every Secret value is a placeholder."""
+    for folder in (STANDALONE, SIDECAR):
+        for secret in (d for d in manifests(folder) if d["kind"] == "Secret"):
+            assert "data" not in secret
+            for value in secret["stringData"].values():
+                assert value.startswith("REPLACE-ME"), secret["metadata"]["name"]
+
+
+# --- Prometheus ----------------------------------------------------------------------
+
+
+def test_prometheus_config_and_rules_pass_promtool_check() -> None:
+    """Pins deploy/prometheus/prometheus.yml (and the rules it loads) valid for promtool."""
+    promtool("check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")
+    promtool("check", "rules", str(ALERTS))
+
+
+def test_alert_rules_pass_their_promtool_unit_tests() -> None:
+    """Pins each alert's behaviour: `promtool test rules alerts_test.yml` passes."""
+    promtool("test", "rules", "alerts_test.yml", cwd=DEPLOY / "prometheus")
+
+
+def test_every_alert_is_documented_and_unit_tested_firing_and_quiet() -> None:
+    """Pins the required alerts, their annotations and runbook anchors, and both kinds of test."""
+    rules = alert_rules()
+    names = {rule["alert"] for rule in rules}
+    assert names >= REQUIRED_ALERTS
+    readme = (DEPLOY / "README.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", readme, flags=re.MULTILINE)
+    }
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook"} <= set(annotations), rule["alert"]
+        link = re.match(r"deploy/README\.md#([a-z0-9-]+): ", annotations["runbook"])
+        assert link is not None, annotations["runbook"]
+        assert link[1] in anchors, annotations["runbook"]
+
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in load_yaml(DEPLOY / "prometheus" / "alerts_test.yml")["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert firing == names
+    assert quiet == names
+
+
+def test_dashboard_and_alerts_use_only_series_the_bridge_exports() -> None:
+    """Pins every bridge_* name in the alerts and the dashboard to a series of bridge/metrics.py."""
+    exported = exported_series_names()
+    used = {
+        name
+        for expr in [r["expr"] for r in alert_rules()] + [t["expr"] for _, t in dashboard_targets()]
+        for name in re.findall(r"\bbridge_[a-z0-9_]+", expr)
+    }
+    assert used, "no bridge series found in the queries"
+    assert used - exported == set()
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Pins every dashboard query as PromQL that promtool parses (Grafana variables filled in)."""
+    rules = [
+        {"record": f"dashboard:query_{n}", "expr": promql_for_promtool(target["expr"])}
+        for n, (_, target) in enumerate(dashboard_targets())
+    ]
+    assert len(rules) >= 20
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    promtool("check", "rules", str(path))
+
+
+def test_dashboard_layout_and_variables_are_consistent() -> None:
+    """Pins the dashboard JSON: unique ids, panels inside 24 columns without overlap, known vars."""
+    board = json.loads(DASHBOARD.read_text())
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] < pos["x"] + pos["w"] <= 24, panel["title"]
+        area = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+    variables = {v["name"] for v in board["templating"]["list"]}
+    text = json.dumps(panels)
+    used = set(re.findall(r"\$\{?([a-z]+)\b", text))
+    assert used <= variables, used - variables
+    for panel, target in dashboard_targets():
+        assert panel["datasource"] == target["datasource"] == DATASOURCE, panel["title"]
+        assert 'job=~"$job"' in target["expr"], panel["title"]
+    titles = {p["title"] for p in panels}
+    assert {"Deliveries by outcome", "Stage latency (p99)", "Spool depth"} <= titles

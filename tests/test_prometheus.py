@@ -1,0 +1,133 @@
+"""A real Prometheus scrapes a running bridge: the series arrive with the right values.
+
+Prometheus runs from Debian's package (`make install` installs it) with the
+scrape job of deploy/prometheus/prometheus.yml, re-pointed at the bridge on a
+free port and sped up to one scrape and one rule evaluation a second, and with
+deploy/prometheus/alerts.yml loaded, so the shipped rules are evaluated
+against the bridge's real series too.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+
+from bridge.config import Settings
+from tests.deploy_support.prometheus import PrometheusServer, Sample
+from tests.fakes import TOKEN
+from tests.process import BridgeProcess
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+JOB = "geins-bridge"
+WAIT = 30.0  # seconds any one condition may take to show up in Prometheus
+
+
+def scrape_config(bridge_port: int) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml: only the bridge job, every second, at the test bridge."""
+    config: dict[str, Any] = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{bridge_port}"]}]
+    config["scrape_configs"] = [job]
+    return config
+
+
+def wait_for(
+    prometheus: PrometheusServer, expr: str, check: Callable[[list[Sample]], bool]
+) -> list[Sample]:
+    """Query ``expr`` until ``check`` accepts the result (or fail after WAIT seconds)."""
+    deadline = time.monotonic() + WAIT
+    result = prometheus.query(expr)
+    while not check(result):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{expr} is still {result} after {WAIT}s\n{prometheus.log()}")
+        time.sleep(0.25)
+        result = prometheus.query(expr)
+    return result
+
+
+def value_is(expected: float) -> Callable[[list[Sample]], bool]:
+    """A check: exactly one series, with this value."""
+
+    def check(result: list[Sample]) -> bool:
+        return len(result) == 1 and float(result[0]["value"][1]) == expected
+
+    return check
+
+
+def test_prometheus_scrapes_bridge_series_and_evaluates_the_alert_rules(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Pins Prometheus seeing 5 accepted, 2 unauthorized, Kafka connected; alerts.yml loaded."""
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": f"{topic_prefix}.{{entity}}.{{action}}",
+    }
+    if "spool_dir" in Settings.model_fields:  # durable ack: keep its spool out of the work tree
+        env["BRIDGE_SPOOL_DIR"] = str(tmp_path / "spool")
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        PrometheusServer(scrape_config(bridge.port), tmp_path / "prometheus") as prometheus,
+    ):
+        # One scrape before any traffic: the counters are then seen to move.
+        wait_for(prometheus, f'up{{job="{JOB}"}}', value_is(1))
+
+        with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+            for number in range(5):
+                answer = client.post(
+                    "/webhooks/geins/Order/create",
+                    headers={
+                        "Authorization": f"Bearer {TOKEN}",
+                        "x-Idempotency-Key": str(uuid.uuid4()),
+                        "x-Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    },
+                    json={"id": str(1000 + number)},
+                )
+                assert answer.status_code == 202, answer.text
+            for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+                answer = client.post(
+                    "/webhooks/geins/Order/create", headers=headers, json={"id": "1"}
+                )
+                assert answer.status_code == 401, answer.text
+
+        selector = f'job="{JOB}", instance="127.0.0.1:{bridge.port}"'
+        wait_for(
+            prometheus,
+            f'bridge_requests_total{{{selector}, entity="order", action="create", '
+            'outcome="accepted"}',
+            value_is(5),
+        )
+        wait_for(
+            prometheus, f'bridge_rejections_total{{{selector}, reason="unauthorized"}}', value_is(2)
+        )
+        wait_for(prometheus, f"bridge_kafka_connected{{{selector}}}", value_is(1))
+        wait_for(prometheus, f"bridge_published_records_total{{{selector}}}", value_is(5))
+        build = wait_for(prometheus, f"bridge_build_info{{{selector}}}", value_is(1))
+        assert build[0]["metric"]["version"]
+
+        # The shipped rules load and evaluate cleanly against the real series;
+        # a healthy bridge fires none of them.
+        alerts = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+        expected = {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
+        deadline = time.monotonic() + WAIT
+        while True:
+            rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+            health = {rule["name"]: rule["health"] for rule in rules}
+            if set(health) == expected and set(health.values()) == {"ok"}:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"rules not all evaluated ok after {WAIT}s: {health}")
+            time.sleep(0.25)
+        assert prometheus.api("alerts")["alerts"] == []
