@@ -42,7 +42,7 @@ kafka-down: $(INSTALLED) ## stop the local Kafka
 run: $(INSTALLED) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
 	@if [[ -z "$${BRIDGE_KAFKA_BOOTSTRAP:-}" ]]; then $(MAKE) --no-print-directory kafka-up; fi
 	@export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}" BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
-	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}"; \
+	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}"; \
 	token="$${BRIDGE_TOKENS%%,*}"; port="$${BRIDGE_PORT:-8080}"; \
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \

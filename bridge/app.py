@@ -7,14 +7,20 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 
 from bridge import kafkaadmin
 from bridge.ackmodes import make_ack_mode
 from bridge.auth import TokenAuthenticator
 from bridge.config import Settings
+from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
+    WEBHOOK_PATH,
+    ErrorAnswer,
+    GuardRefusal,
     RuntimeState,
     WebhookEndpoint,
     http_exception_as_problem,
@@ -22,6 +28,7 @@ from bridge.ingress import (
     webhook_routes,
 )
 from bridge.metrics import Metrics
+from bridge.openapi import openapi_document
 from bridge.pipeline import Pipeline
 from bridge.publisher import KafkaPublisher, Publisher
 from bridge.routing import Router, TopicTemplate
@@ -55,12 +62,35 @@ def create_app(
         deadletter_topic=settings.deadletter_topic,
         tokens=settings.tokens,
     )
+    openapi = orjson.dumps(openapi_document(settings))
+    answer = ErrorAnswer(settings.retry_after)
+    authenticator = TokenAuthenticator(
+        settings.tokens,
+        allow_unauthenticated=settings.allow_unauthenticated,
+        tokens_file=settings.tokens_file,
+    )
     endpoint = WebhookEndpoint(
         pipeline,
-        TokenAuthenticator(settings.tokens, allow_unauthenticated=settings.allow_unauthenticated),
+        authenticator,
         metrics,
+        answer,
         max_body_bytes=settings.max_body_bytes,
-        retry_after=settings.retry_after,
+        read_timeout=settings.read_timeout,
+        access_log=settings.access_log,
+    )
+    guard = Middleware(
+        Guard,
+        refuse=GuardRefusal(answer, metrics),
+        webhook_prefix=WEBHOOK_PATH,
+        max_headers=settings.max_headers,
+        max_header_bytes=settings.max_header_bytes,
+        max_url_bytes=settings.max_url_bytes,
+        max_concurrency=settings.max_concurrency,
+        allowed_networks=parse_networks(settings.allowed_networks),
+        client_address=ClientAddress(parse_networks(settings.trusted_proxies)),
+        rate_limiter=RateLimiter(settings.rate_limit, settings.rate_burst)
+        if settings.rate_limit
+        else None,
     )
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
@@ -92,11 +122,13 @@ def create_app(
             await publisher.stop()
 
     app = Starlette(
-        routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state)],
+        routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state, openapi)],
+        middleware=[guard],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_exception_as_problem},
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
     app.state.runtime = state
+    app.state.metrics = metrics
     app.state.prepare = getattr(ack_mode, "prepare", lambda: None)
     return app

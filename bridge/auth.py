@@ -12,21 +12,72 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from bridge.errors import Unauthorized
 
+log = logging.getLogger(__name__)
+
 _AUTHORIZATION = b"authorization"
+FILE_CHECK_SECONDS = 2.0
+
+
+def read_tokens_file(path: Path) -> tuple[str, ...]:
+    """Tokens from a file: one per line or comma-separated; blank lines and # comments skipped."""
+    tokens: list[str] = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            tokens.extend(t.strip() for t in line.split(",") if t.strip())
+    return tuple(tokens)
 
 
 class TokenAuthenticator:
-    """Checks a delivery's credentials against the configured tokens."""
+    """Checks a delivery's credentials against the configured tokens.
 
-    def __init__(self, tokens: Sequence[str], *, allow_unauthenticated: bool = False) -> None:
-        self._tokens = tuple(t.encode() for t in tokens)
+    Tokens from ``tokens_file`` are re-read when the file changes (checked at most
+    every few seconds), so a mounted Kubernetes Secret can rotate them without a
+    restart.
+    """
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        *,
+        allow_unauthenticated: bool = False,
+        tokens_file: Path | None = None,
+    ) -> None:
+        self._static = tuple(t.encode() for t in tokens)
+        self._file = tokens_file
+        self._file_mtime: float | None = None
+        self._next_file_check = 0.0
+        self._tokens = self._static
+        self._reload_file()
         # Without tokens everything is refused, unless the operator opted out
         # explicitly (the settings refuse to start otherwise).
         self.open = not self._tokens and allow_unauthenticated
+
+    def _reload_file(self) -> None:
+        if self._file is None:
+            return
+        now = time.monotonic()
+        if now < self._next_file_check:
+            return
+        self._next_file_check = now + FILE_CHECK_SECONDS
+        try:
+            mtime = self._file.stat().st_mtime
+            if mtime == self._file_mtime:
+                return
+            from_file = read_tokens_file(self._file)
+        except OSError as exc:  # keep the tokens we had: a rotation in progress, maybe
+            log.error("cannot read the tokens file %s: %s", self._file, exc.strerror)
+            return
+        self._file_mtime = mtime
+        self._tokens = self._static + tuple(t.encode() for t in from_file)
+        log.info("read %d token(s) from %s", len(from_file), self._file)
 
     def check(
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
@@ -34,6 +85,7 @@ class TokenAuthenticator:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
         if self.open:
             return
+        self._reload_file()
         presented = [*self._from_headers(headers), *self._from_query(query)]
         if not presented:
             raise Unauthorized(

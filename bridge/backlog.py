@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.errors import Unavailable
+from bridge.errors import MemoryQueueFull
 from bridge.routing import Destination
 
 
@@ -34,11 +34,6 @@ class Backlog(Protocol):
     async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]: ...
 
     async def remove(self, seqs: Sequence[int]) -> None: ...
-
-
-class MemoryQueueFull(Unavailable):
-    reason = "memory_queue_full"
-    title = "The in-memory queue is full"
 
 
 def record_size(destination: Destination) -> int:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bridge import logs
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import PLACEHOLDERS, Router, TopicTemplate
-
-log = logging.getLogger("bridge")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,11 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
+    logs.configure(settings.log_level, settings.log_format)
     try:
         code: int = args.run(settings, args)
     except (ConfigError, SpoolUnusable) as exc:

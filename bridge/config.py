@@ -8,14 +8,25 @@ either place are errors, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from bridge.auth import read_tokens_file
 from bridge.errors import ConfigError
 from bridge.routing import TOPIC_NAME, TopicTemplate, topic_safe
 
@@ -24,6 +35,12 @@ ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_ENV = "BRIDGE_CONFIG_FILE"
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret kept in a file (a mounted Kubernetes Secret, say), without its final line
+    break. Read when a Kafka client is made, never kept with the settings."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class Settings(BaseModel):
@@ -35,13 +52,26 @@ class Settings(BaseModel):
     host: str = "0.0.0.0"  # noqa: S104  # a sidecar or service must listen beyond loopback
     port: int = Field(8080, ge=1, le=65535)
     tokens: tuple[str, ...] = Field((), repr=False)
+    tokens_file: Path | None = None
     allow_unauthenticated: bool = False
     max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024)
     strict_types: bool = False
     retry_after: int = Field(5, ge=1, le=3600)
+    read_timeout: Seconds = 10.0
+    keep_alive_timeout: int = Field(5, ge=1, le=300)
+    max_headers: int = Field(100, ge=8, le=10_000)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    max_concurrency: int = Field(1000, ge=1)
+    rate_limit: float = Field(0.0, ge=0)
+    rate_burst: int = Field(20, ge=1)
+    allowed_networks: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     shutdown_delay: float = Field(0.0, ge=0, le=300)
     shutdown_timeout: Seconds = 15.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = False
 
     # --- Delivery ------------------------------------------------------------------
     ack: Literal["durable", "broker", "memory"] = "durable"
@@ -59,6 +89,16 @@ class Settings(BaseModel):
     kafka_linger_ms: int = Field(2, ge=0, le=1000)
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
     kafka_connect_timeout: Seconds = 10.0
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = Field(None, repr=False)
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_keyfile_password_file: Path | None = None
+    kafka_ssl_check_hostname: bool = True
 
     # --- Topics and message format ---------------------------------------------------
     topic_template: str = "geins.{entity}.{action}"
@@ -69,9 +109,9 @@ class Settings(BaseModel):
     topic_replication_factor: int | None = Field(None, ge=1, le=32)
     ce_source: str = Field("urn:geins", min_length=1)
 
-    @field_validator("tokens", mode="before")
+    @field_validator("tokens", "allowed_networks", "trusted_proxies", mode="before")
     @classmethod
-    def _split_tokens(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
@@ -82,6 +122,26 @@ class Settings(BaseModel):
         for token in value:
             if not token.isprintable() or " " in token:
                 raise ValueError("a token must be printable and contain no spaces")
+        return value
+
+    @field_validator("allowed_networks", "trusted_proxies")
+    @classmethod
+    def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
+
+    @field_validator("tokens_file")
+    @classmethod
+    def _tokens_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                read_tokens_file(value)
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
         return value
 
     @field_validator("topic_template")
@@ -113,9 +173,142 @@ class Settings(BaseModel):
                 raise ValueError(f"{server.strip()!r} is not host:port")
         return value
 
+    @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_sasl_password_file",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_keyfile_password_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # an empty variable, as Kubernetes may give
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "kafka_sasl_password_file",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_keyfile_password_file",
+    )
+    @classmethod
+    def _file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                text = value.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+            if not text.strip():
+                raise ValueError(f"{value} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> Self:
+        protocol = self.kafka_security_protocol
+        given = f"BRIDGE_KAFKA_SECURITY_PROTOCOL={protocol}"
+        sasl = {
+            "BRIDGE_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "BRIDGE_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "BRIDGE_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            "BRIDGE_KAFKA_SASL_PASSWORD_FILE": self.kafka_sasl_password_file,
+        }
+        tls = {
+            "BRIDGE_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "BRIDGE_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "BRIDGE_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+            "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE": self.kafka_ssl_keyfile_password_file,
+        }
+        # Settings the protocol does not use would be silently ignored: refuse them.
+        unused = {} if protocol.startswith("SASL_") else sasl
+        unused |= {} if protocol.endswith("SSL") else tls
+        if names := [name for name, value in unused.items() if value is not None]:
+            raise ValueError(
+                f"{', '.join(names)} set, but {given} uses no "
+                + (
+                    "SASL (SASL_PLAINTEXT or SASL_SSL)"
+                    if names[0] in sasl
+                    else "TLS (SSL or SASL_SSL)"
+                )
+            )
+        if protocol.startswith("SASL_"):
+            if missing := [name for name in list(sasl)[:2] if sasl[name] is None]:
+                raise ValueError(f"{given} needs {' and '.join(missing)}")
+            if (self.kafka_sasl_password is None) == (self.kafka_sasl_password_file is None):
+                raise ValueError(
+                    f"{given} needs exactly one of BRIDGE_KAFKA_SASL_PASSWORD and "
+                    "BRIDGE_KAFKA_SASL_PASSWORD_FILE"
+                )
+        if not protocol.endswith("SSL"):
+            return self
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError(
+                "BRIDGE_KAFKA_SSL_CERTFILE and BRIDGE_KAFKA_SSL_KEYFILE go together "
+                "(the client certificate and its private key)"
+            )
+        if self.kafka_ssl_keyfile is None and self.kafka_ssl_keyfile_password_file is not None:
+            raise ValueError(
+                "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE"
+            )
+        self.kafka_ssl_context()  # the files must hold what they should
+        return self
+
+    def kafka_sasl_secret(self) -> str | None:
+        """The SASL password, from the setting or (read now) from its file."""
+        if self.kafka_sasl_password_file is not None:
+            return read_secret_file(self.kafka_sasl_password_file)
+        return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+
+    def kafka_ssl_context(self) -> ssl.SSLContext:
+        """A new TLS client context from the ``kafka_ssl_*`` settings (files read now).
+
+        Raises ValueError naming the setting whose file does not hold what it should.
+        """
+        cafile = self.kafka_ssl_cafile
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"BRIDGE_KAFKA_SSL_CAFILE: {cafile} holds no PEM CA certificate ({exc})"
+            ) from None
+        context.check_hostname = self.kafka_ssl_check_hostname
+        certfile, keyfile = self.kafka_ssl_certfile, self.kafka_ssl_keyfile
+        if certfile is None or keyfile is None:
+            return context
+        password_file = self.kafka_ssl_keyfile_password_file
+        try:
+            # "" rather than None: OpenSSL would otherwise prompt on the terminal
+            password = read_secret_file(password_file) if password_file else ""
+            encrypted = b"ENCRYPTED" in keyfile.read_bytes()
+            context.load_cert_chain(certfile, keyfile, password)
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            if encrypted and password_file is None:
+                problem = "the key is encrypted: set BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE"
+            elif exc.reason == "KEY_VALUES_MISMATCH":
+                problem = "the key does not belong to the certificate"
+            elif encrypted:
+                problem = "not PEM, or the key password is wrong"
+            else:
+                problem = "not PEM"
+            raise ValueError(
+                f"BRIDGE_KAFKA_SSL_CERTFILE/BRIDGE_KAFKA_SSL_KEYFILE: cannot load the client "
+                f"certificate {certfile} with the key {keyfile}: {problem} ({exc})"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"cannot read a TLS file: {exc}") from None
+        return context
+
     def check_serving(self) -> None:
         """What only matters when serving webhooks (operator commands need no tokens)."""
-        if not self.tokens and not self.allow_unauthenticated:
+        if not self.tokens and self.tokens_file is None and not self.allow_unauthenticated:
             raise ConfigError(
                 "BRIDGE_TOKENS is empty: set at least one token (comma-separated), "
                 "or BRIDGE_ALLOW_UNAUTHENTICATED=true to accept anyone"

@@ -40,10 +40,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, TYPE_CHECKING, NamedTuple, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Sequence
+    from collections.abc import Generator, Mapping, Sequence
     from types import TracebackType
 
 KAFKA_VERSION = "4.4.0"
@@ -431,6 +431,20 @@ def stop_pid(pid: int, timeout: float = 20.0) -> bool:
 # The broker
 
 
+_SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
+_RESERVED_LISTENERS = frozenset({"PLAINTEXT", "CONTROLLER"})
+
+
+class Listener(NamedTuple):
+    """A client listener besides the PLAINTEXT one, e.g. ``Listener("SCRAM", 9094,
+    "SASL_PLAINTEXT")``. Configure it with ``listener.name.<name in lower case>.*``
+    properties (see LocalKafka's ``extra_properties``)."""
+
+    name: str
+    port: int
+    protocol: str
+
+
 class LocalKafka:
     """One KRaft broker+controller process on 127.0.0.1, owned by the caller.
 
@@ -438,6 +452,13 @@ class LocalKafka:
     may be reused across runs. The process runs in its own process group so
     that stop() also reaches anything it spawned and so that a Ctrl-C in the
     caller's terminal does not hit it first.
+
+    The PLAINTEXT listener on ``port`` is always there (readiness is probed on
+    it, and brokers talk to each other over it). Tests of client security add
+    ``listeners`` (TLS, SASL), ``extra_properties`` (written after, and
+    overriding, the defaults) and ``format_args`` (appended to ``kafka-storage
+    format``, e.g. ``--add-scram SCRAM-SHA-512=[name=u,password=p]`` to create
+    SCRAM users before the first start).
     """
 
     def __init__(
@@ -449,6 +470,9 @@ class LocalKafka:
         *,
         heap: str = DEFAULT_HEAP,
         log_file: Path | None = None,
+        listeners: Sequence[Listener] = (),
+        extra_properties: Mapping[str, str] | None = None,
+        format_args: Sequence[str] = (),
     ) -> None:
         """Describe a broker; nothing is started or fetched until format/start."""
         if port == controller_port:
@@ -457,6 +481,10 @@ class LocalKafka:
         if not re.fullmatch(r"\d+[kKmMgG]?", heap):
             msg = f"heap must look like 384m or 1g, not {heap!r}"
             raise ValueError(msg)
+        _check_listeners(listeners, (port, controller_port))
+        self.listeners = tuple(listeners)
+        self.extra_properties = dict(extra_properties or {})
+        self.format_args = tuple(format_args)
         self.home = home.resolve()
         self.data_dir = data_dir.resolve()
         self.port = port
@@ -475,6 +503,14 @@ class LocalKafka:
         """The bootstrap servers string for clients."""
         return f"127.0.0.1:{self.port}"
 
+    def listener_bootstrap(self, name: str) -> str:
+        """The bootstrap servers string for clients of the extra listener ``name``."""
+        for listener in self.listeners:
+            if listener.name == name:
+                return f"127.0.0.1:{listener.port}"
+        msg = f"no listener named {name!r}"
+        raise KeyError(msg)
+
     @property
     def pid(self) -> int | None:
         """The broker's pid while it runs (also its process group id)."""
@@ -486,17 +522,20 @@ class LocalKafka:
 
     def server_properties(self) -> str:
         """Render server.properties: single node, loopback only, small for 2 cores."""
+        extra = "".join(f",{x.name}://127.0.0.1:{x.port}" for x in self.listeners)
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "listeners": (
                 f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+                + extra
             ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}{extra}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+            + "".join(f",{x.name}:{x.protocol}" for x in self.listeners),
             "log.dirs": str(self.data_dir),
             # One node: every replication factor and min ISR must be 1.
             "default.replication.factor": "1",
@@ -530,6 +569,7 @@ class LocalKafka:
             "broker.heartbeat.interval.ms": "500",
             "broker.session.timeout.ms": "4000",
             "log.retention.check.interval.ms": "60000",
+            **self.extra_properties,
         }
         lines = ["# Written by bridge/devkafka.py; rewritten on every start."]
         lines += [f"{key}={value}" for key, value in props.items()]
@@ -591,6 +631,7 @@ class LocalKafka:
             cluster_id,
             "--config",
             str(self.config_file),
+            *self.format_args,
         )
         cmd.remove(f"-Xms{self.heap}")
         result = subprocess.run(  # noqa: S603 - argument list, no shell
@@ -614,7 +655,7 @@ class LocalKafka:
         if self.is_running():
             msg = f"broker on port {self.port} already started (pid {self.pid})"
             raise DevKafkaError(msg)
-        for port in (self.port, self.controller_port):
+        for port in (self.port, self.controller_port, *(x.port for x in self.listeners)):
             if not _port_bindable(port):
                 msg = f"port {port} on 127.0.0.1 is already in use by another process"
                 raise DevKafkaError(msg)
@@ -727,6 +768,25 @@ class LocalKafka:
     ) -> None:
         """Stop the broker."""
         self.stop()
+
+
+def _check_listeners(listeners: Sequence[Listener], taken: Sequence[int]) -> None:
+    """Refuse extra listeners the broker would refuse, with a one-line reason."""
+    names = [x.name for x in listeners]
+    ports = [*taken, *(x.port for x in listeners)]
+    for listener in listeners:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", listener.name):
+            msg = f"listener name must be upper-case letters, digits or _, not {listener.name!r}"
+            raise ValueError(msg)
+        if listener.name in _RESERVED_LISTENERS:
+            msg = f"listener name {listener.name} is taken by the broker's own listeners"
+            raise ValueError(msg)
+        if listener.protocol not in _SECURITY_PROTOCOLS:
+            msg = f"listener {listener.name}: unknown security protocol {listener.protocol!r}"
+            raise ValueError(msg)
+    if len(set(names)) != len(names) or len(set(ports)) != len(ports):
+        msg = f"listener names and ports must all differ: {names} on {ports}"
+        raise ValueError(msg)
 
 
 def _random_cluster_id() -> str:

@@ -25,9 +25,11 @@ class BridgeError(Exception):
     #: it is worth keeping as a dead letter for an operator to inspect.
     content_rejection: bool = False
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        #: Seconds for Retry-After when this error knows better than the setting.
+        self.retry_after = retry_after
         #: The parsed event, when the failure came after parsing (for metrics and logs).
         self.event: Event | None = None
 
@@ -81,6 +83,37 @@ class ClientDisconnected(BridgeError):
     title = "Client disconnected"
 
 
+class ClientNotAllowed(BridgeError):
+    status = 403
+    reason = "client_not_allowed"
+    title = "Client address not allowed"
+
+
+class RequestTimeout(BridgeError):
+    status = 408
+    reason = "request_timeout"
+    title = "The request was not received in time"
+
+
+class UrlTooLong(BridgeError):
+    status = 414
+    reason = "url_too_long"
+    title = "URL too long"
+
+
+class HeadersTooLarge(BridgeError):
+    status = 431
+    reason = "headers_too_large"
+    title = "Request headers too large"
+
+
+class RateLimited(BridgeError):
+    status = 429
+    reason = "rate_limited"
+    title = "Too many requests from this address"
+    retriable = True
+
+
 class BadIdempotencyKey(BridgeError):
     status = 400
     reason = "bad_idempotency_key"
@@ -127,6 +160,26 @@ class Unavailable(BridgeError):
     retriable = True
 
 
+class Overloaded(Unavailable):
+    reason = "overloaded"
+    title = "Too many requests in progress"
+
+
+class SpoolFull(Unavailable):
+    reason = "spool_full"
+    title = "The local spool is full"
+
+
+class SpoolWriteFailed(Unavailable):
+    reason = "spool_write_failed"
+    title = "The local spool cannot be written"
+
+
+class MemoryQueueFull(Unavailable):
+    reason = "memory_queue_full"
+    title = "The in-memory queue is full"
+
+
 class PublishTimeout(Unavailable):
     reason = "publish_timeout"
     title = "Kafka did not acknowledge in time"
@@ -145,12 +198,21 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     PayloadTooLarge,
     MalformedQuery,
     ClientDisconnected,
+    ClientNotAllowed,
+    RequestTimeout,
+    UrlTooLong,
+    HeadersTooLarge,
+    RateLimited,
+    Overloaded,
     BadIdempotencyKey,
     BodyNotJson,
     MissingEventType,
     MalformedEventType,
     UnknownEventType,
     Unavailable,
+    SpoolFull,
+    SpoolWriteFailed,
+    MemoryQueueFull,
     PublishTimeout,
     PublishFailed,
 )

@@ -9,6 +9,7 @@ Every error answer is ``application/problem+json`` (RFC 9457).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from bridge.errors import (
     MalformedQuery,
     MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
 )
 from bridge.geins import Delivery, Event
@@ -38,6 +40,7 @@ from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.pipeline import Accepted, Pipeline
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("bridge.access")
 
 WEBHOOK_PATH = "/webhooks/geins"
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT"})
@@ -53,6 +56,43 @@ class RuntimeState:
     """What the operations endpoints report; flipped by the server on SIGTERM."""
 
     draining: bool = False
+
+
+def outcome_of(error: BridgeError) -> str:
+    return "unavailable" if error.retriable else "rejected"
+
+
+class ErrorAnswer:
+    """Writes the problem+json answer of a BridgeError, with the headers it calls for."""
+
+    def __init__(self, retry_after: int) -> None:
+        self._retry_after = retry_after
+
+    def headers(self, error: BridgeError) -> list[tuple[bytes, bytes]]:
+        if isinstance(error, Unauthorized):
+            return [_AUTH_CHALLENGE]
+        if isinstance(error, MethodNotAllowed):
+            return [_ALLOW_HEADER]
+        if error.retriable:
+            seconds = error.retry_after or self._retry_after
+            return [(b"retry-after", str(seconds).encode())]
+        return []
+
+    async def send(self, send: Send, error: BridgeError) -> None:
+        await _respond(send, error.status, problem(error), PROBLEM_JSON, self.headers(error))
+
+
+class GuardRefusal:
+    """How the guards (bridge.guards) answer and count a request they refuse."""
+
+    def __init__(self, answer: ErrorAnswer, metrics: Metrics) -> None:
+        self._answer = answer
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, send: Send, error: BridgeError) -> None:
+        await self._answer.send(send, error)
+        _log_refusal(error, scope)
+        self._metrics.record_request(outcome_of(error), None, error.reason, 0.0)
 
 
 def problem(error: BridgeError) -> bytes:
@@ -77,15 +117,19 @@ class WebhookEndpoint:
         pipeline: Pipeline,
         authenticator: TokenAuthenticator,
         metrics: Metrics,
+        answer: ErrorAnswer,
         *,
         max_body_bytes: int,
-        retry_after: int,
+        read_timeout: float,
+        access_log: bool = False,
     ) -> None:
         self._pipeline = pipeline
         self._auth = authenticator
         self._metrics = metrics
+        self._answer = answer
         self._max_body = max_body_bytes
-        self._retry_after = (b"retry-after", str(retry_after).encode())
+        self._read_timeout = read_timeout
+        self._access_log = access_log
         self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,9 +155,8 @@ class WebhookEndpoint:
             outcome, reason = "rejected", exc.reason  # nobody to answer
         except BridgeError as exc:
             event = exc.event
-            outcome = "unavailable" if exc.retriable else "rejected"
-            reason = exc.reason
-            await _respond(send, exc.status, problem(exc), PROBLEM_JSON, self._extra_headers(exc))
+            outcome, reason = outcome_of(exc), exc.reason
+            await self._answer.send(send, exc)
             _log_refusal(exc, scope)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             outcome, reason = "error", None
@@ -121,8 +164,13 @@ class WebhookEndpoint:
             error = BridgeError("unexpected internal error; the delivery was not accepted")
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
+            seconds = time.perf_counter() - started
             self._metrics.inflight.dec()
-            self._metrics.record_request(outcome, event, reason, time.perf_counter() - started)
+            self._metrics.record_request(outcome, event, reason, seconds)
+            if self._access_log:
+                fields = _request_fields(scope, event)
+                fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
+                access_log.info("%s %s", scope["method"], scope["path"], extra={"fields": fields})
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
@@ -142,7 +190,13 @@ class WebhookEndpoint:
         started = time.perf_counter()
         self._auth.check(headers, query)  # before reading a byte of the body
         self._metrics.observe_stage("auth", time.perf_counter() - started)
-        body = await read_body(receive, headers, self._max_body)
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                body = await read_body(receive, headers, self._max_body)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the body did not arrive within {self._read_timeout:g} s (BRIDGE_READ_TIMEOUT)"
+            ) from None
         params: dict[str, str] = scope.get("path_params", {})
         delivery = Delivery(
             method=method,
@@ -155,15 +209,6 @@ class WebhookEndpoint:
             received_at=datetime.now(UTC),
         )
         return await self._pipeline.handle(delivery)
-
-    def _extra_headers(self, error: BridgeError) -> list[tuple[bytes, bytes]]:
-        if isinstance(error, Unauthorized):
-            return [_AUTH_CHALLENGE]
-        if isinstance(error, MethodNotAllowed):
-            return [_ALLOW_HEADER]
-        if error.retriable:
-            return [self._retry_after]
-        return []
 
 
 async def read_body(receive: Receive, headers: Sequence[tuple[bytes, bytes]], cap: int) -> bytes:
@@ -202,21 +247,32 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
+def _request_fields(scope: Scope, event: Event | None) -> dict[str, object]:
+    """What a log line may say about a request: never the query (it may hold the token)
+    nor headers other than the idempotency key."""
+    fields: dict[str, object] = {"method": scope.get("method"), "path": scope.get("path")}
+    if event is not None:
+        fields.update(key=event.key, entity=event.entity, action=event.action)
+    else:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-idempotency-key":
+                fields["key"] = value.decode("latin-1")[:200]
+                break
+    return fields
+
+
 def _log_refusal(error: BridgeError, scope: Scope) -> None:
-    event = error.event
-    log.info(
-        "refused %s %s: %s %s (%s)%s",
-        scope["method"],
-        scope["path"],
-        error.status,
-        error.reason,
-        error.detail,
-        f" key={event.key} type={event.entity}/{event.action}" if event else "",
-    )
+    """One line per refused or failed delivery."""
+    fields = _request_fields(scope, error.event)
+    fields.update(status=error.status, reason=error.reason, detail=error.detail)
+    level = logging.WARNING if error.retriable else logging.INFO
+    log.log(level, "delivery refused: %s", error.reason, extra={"fields": fields})
 
 
-def operation_routes(metrics: Metrics, ack_mode: AckMode, state: RuntimeState) -> list[BaseRoute]:
-    """/healthz, /readyz and /metrics."""
+def operation_routes(
+    metrics: Metrics, ack_mode: AckMode, state: RuntimeState, openapi: bytes
+) -> list[BaseRoute]:
+    """/healthz, /readyz, /metrics and /openapi.json."""
 
     async def healthz(_: Request) -> Response:
         return Response(b'{"status":"alive"}', media_type="application/json")
@@ -236,7 +292,11 @@ def operation_routes(metrics: Metrics, ack_mode: AckMode, state: RuntimeState) -
     async def prometheus(_: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
+    async def openapi_json(_: Request) -> Response:
+        return Response(openapi, media_type="application/json")
+
     return [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
@@ -257,4 +317,9 @@ async def http_exception_as_problem(_: Request, exc: Exception) -> Response:
     error = BridgeError(exc.detail)
     error.status, error.title = exc.status_code, exc.detail
     error.reason = "not_found" if exc.status_code == 404 else "http_error"
-    return Response(problem(error), status_code=exc.status_code, media_type=PROBLEM_JSON.decode())
+    return Response(
+        problem(error),
+        status_code=exc.status_code,
+        headers=exc.headers,  # Starlette's 405 carries Allow
+        media_type=PROBLEM_JSON.decode(),
+    )

@@ -12,12 +12,21 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from bridge.config import Settings
 from bridge.errors import (
@@ -60,11 +69,96 @@ class Publisher(Protocol):
 
 
 def kafka_client_options(settings: Settings) -> dict[str, Any]:
-    """Connection options shared by the producer, the admin client and consumers."""
-    return {
+    """Connection options shared by the producer, the admin client and consumers.
+
+    Password and TLS files are read on each call (a new TLS context each time).
+    Raises ConfigError when they became unusable since the settings were loaded.
+    """
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "client_id": settings.kafka_client_id,
+        "security_protocol": protocol,
     }
+    try:
+        if protocol.startswith("SASL_"):
+            options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+            options["sasl_plain_username"] = settings.kafka_sasl_username
+            options["sasl_plain_password"] = settings.kafka_sasl_secret()
+        if protocol.endswith("SSL"):
+            options["ssl_context"] = settings.kafka_ssl_context()
+    except OSError as exc:
+        raise ConfigError(f"cannot read a Kafka secret: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return options
+
+
+async def kafka_refusal(settings: Settings, options: dict[str, Any]) -> str | None:
+    """Why Kafka refuses the bridge's credentials or TLS settings, if it does.
+
+    aiokafka reports any failed bootstrap as ``KafkaConnectionError("Unable to
+    bootstrap ...")`` and only logs the cause, so this opens one connection per
+    bootstrap server itself, the same way, to see it. None when no server
+    refused the settings (unreachable, slow, or fine by now).
+    """
+    security = {k: v for k, v in options.items() if k.startswith(("security_", "ssl_", "sasl_"))}
+    for host, port, _ in collect_hosts(settings.kafka_bootstrap, randomize=False):
+        try:
+            async with asyncio.timeout(settings.kafka_connect_timeout):
+                conn = await create_conn(
+                    host,
+                    port,
+                    client_id=settings.kafka_client_id,
+                    request_timeout_ms=int(settings.kafka_connect_timeout * 1000),
+                    **security,
+                )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # a TLS alert from the broker arrives as "connection closed", caused by it
+            cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+            refusal = _refusal(settings, f"{host}:{port}", cause)
+            if refusal is not None:
+                return refusal
+            log.debug("Kafka at %s:%s: %r", host, port, exc)
+        else:
+            conn.close()
+    return None
+
+
+def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:
+    """The message for an error that says the security settings are wrong, else None."""
+    if isinstance(exc, SaslAuthenticationFailed):
+        detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else exc.description
+        return (
+            f"Kafka at {where} rejected the credentials of user {settings.kafka_sasl_username} "
+            f"({settings.kafka_sasl_mechanism}): {detail}; check BRIDGE_KAFKA_SASL_USERNAME "
+            "and BRIDGE_KAFKA_SASL_PASSWORD(_FILE)"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return (
+            f"Kafka at {where} does not offer BRIDGE_KAFKA_SASL_MECHANISM="
+            f"{settings.kafka_sasl_mechanism} ({exc})"
+        )
+    if isinstance(exc, IllegalSaslStateError):
+        return (
+            f"Kafka at {where} does not expect SASL on that port: check "
+            f"BRIDGE_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} and the port"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hostname = " and BRIDGE_KAFKA_SSL_CHECK_HOSTNAME" if "match" in str(exc) else ""
+        return (
+            f"the TLS certificate of Kafka at {where} was not accepted: "
+            f"{exc.verify_message or exc.reason}; check BRIDGE_KAFKA_SSL_CAFILE{hostname}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        hint = (
+            "check BRIDGE_KAFKA_SSL_CERTFILE and BRIDGE_KAFKA_SSL_KEYFILE: the listener may "
+            "require a client certificate signed by a CA it trusts"
+            if "CERTIFICATE" in str(exc.reason)
+            else "check BRIDGE_KAFKA_SECURITY_PROTOCOL and the BRIDGE_KAFKA_SSL_* settings"
+        )
+        return f"Kafka at {where} refused the TLS connection ({exc.reason or exc}); {hint}"
+    return None
 
 
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -104,16 +198,26 @@ class KafkaPublisher:
     async def start(self) -> None:
         """Connect once, waiting at most ``kafka_connect_timeout``; keep trying in the
         background if Kafka is not there yet (the bridge answers 503 meanwhile)."""
-        if not await self._connect():
+        if not await self._connect(at_startup=True):
             log.warning(
                 "Kafka at %s is not reachable yet; retrying in the background",
                 self._settings.kafka_bootstrap,
             )
         self._tasks.append(spawn(self._keep_connected(), "kafka-keep-connected"))
 
-    async def _connect(self) -> bool:
+    async def _connect(self, *, at_startup: bool = False) -> bool:
+        """Start a producer. Kafka refusing the credentials or TLS settings raises
+        ConfigError ``at_startup`` (the bridge cannot work until they are fixed);
+        later it is logged, and retried like an outage."""
+        try:
+            options = kafka_client_options(self._settings)
+        except ConfigError as exc:
+            if at_startup:
+                raise
+            log.error("cannot connect to Kafka: %s", exc)
+            return False
         producer = AIOKafkaProducer(
-            **kafka_client_options(self._settings),
+            **options,
             acks="all",
             enable_idempotence=True,
             linger_ms=self._settings.kafka_linger_ms,
@@ -130,6 +234,10 @@ class KafkaPublisher:
             with contextlib.suppress(Exception):  # best effort: it never fully started
                 async with asyncio.timeout(self._settings.kafka_connect_timeout):
                     await producer.stop()
+            if at_startup and not isinstance(exc, TimeoutError):
+                refusal = await kafka_refusal(self._settings, options)
+                if refusal is not None:
+                    raise ConfigError(refusal) from None
             return False
         self._producer = producer
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS

@@ -15,10 +15,14 @@ import time
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.app import create_app
 from bridge.config import Settings
-from bridge.ingress import RuntimeState
+from bridge.errors import ConfigError
+from bridge.httpprotocol import guarded_protocol
+from bridge.ingress import RuntimeState, outcome_of
+from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,39 @@ class BridgeServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+class StartupConfigError:
+    """Lets a ConfigError raised while the app starts (Kafka refusing the credentials,
+    say) reach the CLI, which prints it plainly and exits 2, instead of uvicorn logging
+    a traceback and exiting 3."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.error: ConfigError | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failed: list[Message] = []
+
+        async def hold_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failed.append(message)  # sent below, once the exception is known
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except ConfigError as exc:
+            if not failed:
+                raise
+            self.error = exc
+            await send({"type": "lifespan.startup.failed", "message": ""})
+        finally:
+            if failed and self.error is None:
+                await send(failed[0])
+
+
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
     state = RuntimeState()
@@ -56,12 +93,21 @@ def serve(settings: Settings) -> int:
     # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),
     # before it listens; the lifespan then reuses this connection.
     app.state.prepare()
+    metrics: Metrics = app.state.metrics
+    protocol = guarded_protocol(
+        read_timeout=settings.read_timeout,
+        # the request line (method, URL, version) and the headers, with room for CRLFs
+        max_head_bytes=settings.max_url_bytes + settings.max_header_bytes + 1024,
+        on_refused=lambda e: metrics.record_request(outcome_of(e), None, e.reason, 0.0),
+    )
+    startup = StartupConfigError(app)
     config = uvicorn.Config(
-        app,
+        startup,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol,
+        timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
         access_log=False,
         server_header=False,
@@ -69,5 +115,10 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
     server = BridgeServer(config, state, settings.shutdown_delay)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way to say the startup failed
+        if startup.error is not None:
+            raise startup.error from None
+        raise
     return 0 if server.started else 1

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from bridge.backlog import QueuedRecord, record_size
-from bridge.errors import BridgeError, SpoolUnusable, Unavailable
+from bridge.errors import BridgeError, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,6 @@ DB_NAME = "spool.db"
 SCHEMA_VERSION = 1
 #: Largest number of appends committed in one transaction.
 MAX_GROUP = 1024
-
-
-class SpoolFull(Unavailable):
-    reason = "spool_full"
-    title = "The local spool is full"
-
-
-class SpoolWriteFailed(Unavailable):
-    reason = "spool_write_failed"
-    title = "The local spool cannot be written"
 
 
 @dataclass(slots=True)

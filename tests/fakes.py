@@ -72,6 +72,7 @@ async def call_asgi(
     query: bytes = b"",
     headers: list[tuple[bytes, bytes]] | None = None,
     body_chunks: Sequence[bytes] = (),
+    client: str = "127.0.0.1",
 ) -> AsgiResponse:
     """Drive an ASGI app with a hand-made scope: raw paths and headers no HTTP client sends."""
     chunks = list(body_chunks) or [b""]
@@ -101,7 +102,7 @@ async def call_asgi(
         "query_string": query,
         "root_path": "",
         "headers": headers or [],
-        "client": ("127.0.0.1", 50000),
+        "client": (client, 50000),
         "server": ("127.0.0.1", 8080),
     }
     await app(scope, receive, send)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck
-from bridge.backlog import MemoryBacklog, MemoryQueueFull
+from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
-from bridge.errors import PayloadTooLarge, PublishTimeout
+from bridge.errors import MemoryQueueFull, PayloadTooLarge, PublishTimeout
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import FakePublisher

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.errors import SpoolUnusable
+from bridge.errors import SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
-from bridge.spool import Spool, SpoolFull, SpoolWriteFailed
+from bridge.spool import Spool
 
 
 def record(i: int, size: int = 10) -> Destination:

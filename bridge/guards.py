@@ -1,0 +1,177 @@
+"""Cheap checks every request passes before any handler: the bridge faces the internet.
+
+A pure ASGI middleware (no per-request objects), in the order a hostile
+request meets them: URL length and header count/size (every path), then for
+the webhook paths the client-address allow-list, the per-address rate limit
+and the cap on requests in progress. Each refusal is an ordinary
+:class:`~bridge.errors.BridgeError`, answered as problem+json like any other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bridge.errors import (
+    BridgeError,
+    ClientNotAllowed,
+    HeadersTooLarge,
+    Overloaded,
+    RateLimited,
+    UrlTooLong,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Writes the problem answer for a refused request (the ingress knows how).
+RefuseFn = Callable[[Scope, Send, BridgeError], Awaitable[None]]
+#: Most client addresses the rate limiter remembers (least recently seen go first).
+MAX_TRACKED_CLIENTS = 10_000
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """CIDR strings (a bare address means a /32 or /128) as networks; ValueError if bad."""
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
+
+
+class ClientAddress:
+    """Who is really calling: the peer, or the client a trusted proxy says it forwards."""
+
+    def __init__(self, trusted_proxies: tuple[Network, ...]) -> None:
+        self._trusted = trusted_proxies
+
+    def _is_trusted(self, address: Address) -> bool:
+        return any(address in network for network in self._trusted)
+
+    def of(self, scope: Scope) -> Address | None:
+        client = scope.get("client")
+        if not client:
+            return None
+        try:
+            address: Address = ipaddress.ip_address(client[0])
+        except ValueError:  # a unix socket path, say
+            return None
+        if not self._trusted or not self._is_trusted(address):
+            return address
+        # Walk X-Forwarded-For from the right: the first hop that is not one of our
+        # proxies is the client. Anything left of it could be forged by that client.
+        hops: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                hops.extend(h.strip() for h in value.decode("latin-1").split(","))
+        for hop in reversed(hops):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return address  # garbage in the chain: trust no further than we got
+            if not self._is_trusted(address):
+                return address
+        return address
+
+
+class RateLimiter:
+    """A token bucket per client address: ``rate`` requests per second, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(max(burst, 1))
+        self._buckets: OrderedDict[Address, tuple[float, float]] = OrderedDict()
+
+    def check(self, address: Address) -> None:
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(address, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if tokens < 1:
+            self._buckets[address] = (tokens, now)
+            wait = math.ceil((1 - tokens) / self._rate)
+            raise RateLimited(
+                f"more than {self._rate:g} requests per second from {address}",
+                retry_after=max(wait, 1),
+            )
+        self._buckets[address] = (tokens - 1, now)
+        if len(self._buckets) > MAX_TRACKED_CLIENTS:
+            self._buckets.popitem(last=False)
+
+
+class Guard:
+    """The middleware. ``refuse`` writes the problem answer (it lives in the ingress)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        refuse: RefuseFn,
+        webhook_prefix: str,
+        max_headers: int,
+        max_header_bytes: int,
+        max_url_bytes: int,
+        max_concurrency: int,
+        allowed_networks: tuple[Network, ...],
+        client_address: ClientAddress,
+        rate_limiter: RateLimiter | None,
+    ) -> None:
+        self._app = app
+        self._refuse = refuse
+        self._prefix = webhook_prefix
+        self._max_headers = max_headers
+        self._max_header_bytes = max_header_bytes
+        self._max_url_bytes = max_url_bytes
+        self._max_concurrency = max_concurrency
+        self._allowed = allowed_networks
+        self._client_address = client_address
+        self._rate_limiter = rate_limiter
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        webhook = scope["path"].startswith(self._prefix)
+        try:
+            self._check_size(scope)
+            if webhook:
+                self._check_client(scope)
+                if self.in_progress >= self._max_concurrency:
+                    raise Overloaded(
+                        f"{self.in_progress} requests are in progress "
+                        f"(BRIDGE_MAX_CONCURRENCY={self._max_concurrency})",
+                        retry_after=1,
+                    )
+        except BridgeError as error:
+            await self._refuse(scope, send, error)
+            return
+        if not webhook:
+            await self._app(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+    def _check_size(self, scope: Scope) -> None:
+        url_bytes = len(scope.get("raw_path") or b"") + len(scope["query_string"])
+        if url_bytes > self._max_url_bytes:
+            raise UrlTooLong(f"the URL has {url_bytes} bytes; at most {self._max_url_bytes}")
+        headers = scope["headers"]
+        if len(headers) > self._max_headers:
+            raise HeadersTooLarge(f"{len(headers)} headers; at most {self._max_headers}")
+        size = sum(len(n) + len(v) for n, v in headers)
+        if size > self._max_header_bytes:
+            raise HeadersTooLarge(
+                f"the headers have {size} bytes; at most {self._max_header_bytes}"
+            )
+
+    def _check_client(self, scope: Scope) -> None:
+        if not self._allowed and self._rate_limiter is None:
+            return
+        address = self._client_address.of(scope)
+        if self._allowed and (address is None or not any(address in n for n in self._allowed)):
+            raise ClientNotAllowed(f"{address} is not in BRIDGE_ALLOWED_NETWORKS")
+        if self._rate_limiter is not None and address is not None:
+            self._rate_limiter.check(address)

@@ -1,0 +1,118 @@
+"""uvicorn's httptools protocol with the two limits only a server can enforce.
+
+An ASGI app first hears of a request once its headers are complete, so it
+cannot stop a client that trickles header bytes forever (slow loris) or that
+sends megabytes of headers. This subclass does, per connection: the head of
+each request (request line and headers) must arrive within ``read_timeout``
+seconds and within ``max_head_bytes`` bytes; otherwise the client gets a
+problem+json 408 or 431 and the connection is closed. Everything else is
+uvicorn's own code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bridge.errors import BridgeError, HeadersTooLarge, RequestTimeout
+from bridge.ingress import problem
+
+
+def guarded_protocol(
+    *,
+    read_timeout: float,
+    max_head_bytes: int,
+    on_refused: Callable[[BridgeError], None] | None = None,
+) -> type[HttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._in_head = True
+            self._head_bytes = 0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
+            super().connection_made(transport)
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            # Feed the parser at most the head bytes still allowed, so a body that
+            # follows the head in the same packet is never counted as head.
+            while data and self._in_head:
+                budget = max_head_bytes - self._head_bytes
+                if budget <= 0:
+                    self._refuse(
+                        HeadersTooLarge(f"the request head is larger than {max_head_bytes} bytes")
+                    )
+                    return
+                piece, data = data[:budget], data[budget:]
+                self._head_bytes += len(piece)
+                super().data_received(piece)
+                if self.transport.is_closing():
+                    return
+            if data:
+                super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._await_head()
+
+        def on_headers_complete(self) -> None:
+            self._stop_head_timer()
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # The next request's head starts now; uvicorn's keep-alive timeout
+            # covers the idle wait before its first byte.
+            self._in_head = True
+            self._head_bytes = 0
+
+        def _await_head(self) -> None:
+            self._in_head = True
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self._in_head and self._head_bytes:
+                self._refuse(
+                    RequestTimeout(
+                        f"the request head did not arrive within {read_timeout:g} s "
+                        "(BRIDGE_READ_TIMEOUT)"
+                    )
+                )
+            elif self._in_head and not self.transport.is_closing():
+                self.transport.close()  # connected and silent: nobody to answer
+
+        def _refuse(self, error: BridgeError) -> None:
+            self._stop_head_timer()
+            if self.transport.is_closing():
+                return
+            body = problem(error)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (error.status, error.title.encode(), len(body), body)
+            )
+            self.transport.close()
+            if on_refused is not None:
+                on_refused(error)
+
+    return GuardedHttpToolsProtocol

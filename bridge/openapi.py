@@ -1,0 +1,201 @@
+"""The OpenAPI 3.1 description of the bridge's HTTP interface, served at /openapi.json.
+
+Built once at startup from the settings (limits, ack mode), so the document
+states the limits this instance enforces. A test runs schemathesis against a
+running bridge with it: every answer must match what is written here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.config import Settings
+from bridge.geins import ENTITY_ACTIONS, MAX_KEY_LENGTH
+from bridge.ingress import WEBHOOK_PATH
+
+_PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_ANSWER = {"application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}}
+_ACK_HEADER = {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}}
+_ACK_MODES = {"type": "string", "enum": ["durable", "broker", "memory"]}
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"}
+
+
+def _problem(description: str, *headers: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _PROBLEM}},
+    }
+    if headers:
+        response["headers"] = {h: {"$ref": f"#/components/headers/{h}"} for h in headers}
+    return response
+
+
+def _webhook_operation(settings: Settings, path_params: list[str], method: str) -> dict[str, Any]:
+    names = "".join(f"/{{{p}}}" for p in path_params)
+    operation: dict[str, Any] = {
+        "operationId": f"{method}Webhook{''.join(p.title() for p in path_params)}",
+        "summary": f"Receive a Geins webhook delivery ({WEBHOOK_PATH}{names})",
+        "description": (
+            "Entity and action are read from the path, then the query, then the top-level "
+            "body fields `entity`/`action`. The body, when present, must be a JSON object "
+            "whatever the Content-Type says. Without a body the query parameters are published."
+        ),
+        "parameters": [
+            *({"name": p, "in": "path", "required": True, "schema": _NAME} for p in path_params),
+            *(
+                {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+                for q in ("entity", "action", "id", "account", "environment")
+                if q not in path_params
+            ),
+            {
+                "name": "x-Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Stays the same on Geins' retries; becomes the Kafka key. "
+                "Generated when missing.",
+                "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
+            },
+            {
+                "name": "x-Timestamp",
+                "in": "header",
+                "required": False,
+                "description": "When the event was raised (RFC 3339); the received time "
+                "is used when missing or unreadable.",
+                "schema": {"type": "string"},
+            },
+        ],
+        "security": [{"bearer": []}, {"basic": []}, {"queryToken": []}],
+        "responses": {
+            "200": {
+                "description": "A retry of an event already accepted: not published again.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}
+                },
+                "headers": {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}},
+            },
+            "202": {
+                "description": "Accepted: the event is safe by the guarantee `ack` names.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}
+                },
+                "headers": {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}},
+            },
+            "400": _problem("Body not a JSON object, bad x-Idempotency-Key or query."),
+            "401": _problem("No valid token.", "WWW-Authenticate"),
+            "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
+            "405": _problem("Another method than GET, POST or PUT.", "Allow"),
+            "408": _problem("The request did not arrive within the read timeout."),
+            "413": _problem(f"Body over {settings.max_body_bytes} bytes."),
+            "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
+            "422": _problem("Entity or action missing, malformed or (strict) unknown."),
+            "429": _problem("Rate limit of this client address.", "Retry-After"),
+            "431": _problem("Too many or too large headers."),
+            "500": _problem("A bug; the delivery was not accepted (Geins retries)."),
+            "503": _problem("The event cannot be made safe now; retry.", "Retry-After"),
+        },
+    }
+    if method != "get":
+        operation["requestBody"] = {
+            "required": False,
+            "description": "The user's Geins body template, published byte for byte.",
+            "content": {
+                media: {"schema": {"type": "object", "additionalProperties": True}}
+                for media in ("application/json", "text/plain")
+            },
+        }
+    return operation
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The whole document for this instance."""
+    webhook_paths: dict[str, Any] = {}
+    for params in ([], ["entity"], ["entity", "action"]):
+        path = WEBHOOK_PATH + "".join(f"/{{{p}}}" for p in params)
+        webhook_paths[path] = {
+            method: _webhook_operation(settings, params, method)
+            for method in ("get", "post", "put")
+        }
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    status_json = {"application/json": {"schema": {"type": "object"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Geins → Kafka bridge",
+            "version": "1",
+            "description": "Receives Geins webhooks and publishes them to Apache Kafka. Known "
+            "event types: " + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENTITY_ACTIONS.items()),
+        },
+        "paths": {
+            **webhook_paths,
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "Alive",
+                    "responses": {"200": {"description": "alive", "content": status_json}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Ready to accept deliveries",
+                    "responses": {
+                        "200": {"description": "ready", "content": status_json},
+                        "503": {"description": "not ready", "content": status_json},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text format", "content": text}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1", "content": status_json}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic", "description": "token as password"},
+                "queryToken": {"type": "apiKey", "in": "query", "name": "token"},
+            },
+            "headers": {
+                "Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                "WWW-Authenticate": {"schema": {"type": "string"}},
+                "Allow": {"schema": {"type": "string"}},
+                "x-bridge-ack": {
+                    "schema": {"type": "string", "enum": ["durable", "broker", "memory"]}
+                },
+            },
+            "schemas": {
+                "Answer": {
+                    "type": "object",
+                    "required": ["status", "topic", "key", "ack"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["accepted", "duplicate"]},
+                        "topic": {"type": "string"},
+                        "key": {"type": "string"},
+                        "ack": _ACK_MODES,
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail", "reason", "retriable"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "retriable": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    }

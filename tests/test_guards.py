@@ -1,0 +1,145 @@
+"""guards: limits on URL, headers, concurrency, rate and client address; token files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import auth
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.errors import ConfigError
+from bridge.routing import Destination
+from tests.fakes import TOKEN, AsgiResponse, FakePublisher, call_asgi
+
+AUTH = (b"authorization", b"Bearer " + TOKEN.encode())
+ORDER = [b'{"entity":"Order","action":"create"}']
+
+
+def app_with(**env: str) -> tuple[Any, FakePublisher]:
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker", **env})
+    publisher = FakePublisher()
+    return create_app(settings, publisher=publisher), publisher
+
+
+def post(app: Any, *, headers: list[tuple[bytes, bytes]] | None = None, query: bytes = b"",
+         client: str = "127.0.0.1") -> AsgiResponse:  # fmt: skip
+    return asyncio.run(
+        call_asgi(
+            app, "POST", "/webhooks/geins", query=query, headers=[AUTH, *(headers or [])],
+            body_chunks=ORDER, client=client,
+        )
+    )  # fmt: skip
+
+
+def test_url_too_long_is_414() -> None:
+    """A URL beyond BRIDGE_MAX_URL_BYTES is refused before anything else."""
+    app, publisher = app_with(BRIDGE_MAX_URL_BYTES="300")
+    response = post(app, query=b"x=" + b"a" * 400)
+    assert response.status == 414
+    assert response.json()["reason"] == "url_too_long"
+    assert publisher.records == []
+
+
+def test_header_count_and_size_are_431() -> None:
+    """Too many headers, or too many header bytes, are 431."""
+    app, publisher = app_with(BRIDGE_MAX_HEADERS="10", BRIDGE_MAX_HEADER_BYTES="2048")
+    many = [(f"x-h{i}".encode(), b"v") for i in range(11)]
+    assert post(app, headers=many).status == 431
+    big = [(b"x-big", b"v" * 3000)]
+    assert post(app, headers=big).status == 431
+    assert post(app, headers=many[:5]).status == 202
+    assert len(publisher.records) == 1
+
+
+def test_concurrency_cap_is_503_with_retry_after() -> None:
+    """Beyond BRIDGE_MAX_CONCURRENCY requests in progress, more get 503 at once."""
+    app, publisher = app_with(BRIDGE_MAX_CONCURRENCY="1")
+    release = asyncio.Event()
+
+    async def slow_publish(destination: Destination) -> None:
+        await release.wait()
+        publisher.records.append(destination)
+
+    publisher.publish = slow_publish  # type: ignore[method-assign]  # a stalled Kafka
+
+    async def scenario() -> tuple[AsgiResponse, AsgiResponse]:
+        first = asyncio.create_task(
+            call_asgi(app, "POST", "/webhooks/geins", headers=[AUTH], body_chunks=ORDER)
+        )
+        await asyncio.sleep(0.05)
+        second = await call_asgi(app, "POST", "/webhooks/geins", headers=[AUTH], body_chunks=ORDER)
+        release.set()
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert (first.status, second.status) == (202, 503)
+    assert second.json()["reason"] == "overloaded"
+    assert second.headers["retry-after"] == "1"
+    assert len(publisher.records) == 1
+
+
+def test_rate_limit_per_address_is_429() -> None:
+    """Past the burst an address gets 429 with Retry-After; other addresses are not slowed."""
+    app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")
+    statuses = [post(app, client="192.0.2.1").status for _ in range(3)]
+    assert statuses == [202, 202, 429]
+    limited = post(app, client="192.0.2.1")
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["reason"] == "rate_limited"
+    assert post(app, client="192.0.2.2").status == 202
+
+
+def test_allow_list_and_trusted_proxies() -> None:
+    """Only allowed networks get in; X-Forwarded-For counts only from a trusted proxy."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8", BRIDGE_TRUSTED_PROXIES="127.0.0.1")
+    assert post(app, client="192.0.2.7").status == 403
+    via_proxy = [(b"x-forwarded-for", b"10.1.2.3")]
+    assert post(app, client="127.0.0.1", headers=via_proxy).status == 202
+    assert post(app, client="192.0.2.7", headers=via_proxy).status == 403  # untrusted peer
+    forged = [(b"x-forwarded-for", b"10.0.0.1, 198.51.100.9")]  # left part set by the client
+    assert post(app, client="127.0.0.1", headers=forged).status == 403
+    assert post(app, client="127.0.0.1").status == 403  # the proxy itself is not allowed
+
+
+def test_operations_endpoints_are_not_rate_limited() -> None:
+    """/metrics and /readyz stay reachable for monitoring whatever the webhook limits."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8")
+    response = asyncio.run(call_asgi(app, "GET", "/healthz", client="192.0.2.7"))
+    assert response.status == 200
+
+
+def test_tokens_file_is_read_and_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens come from BRIDGE_TOKENS_FILE and a changed file takes effect without restart."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# current and next\nold-secret\nnew-secret\n")
+    settings = load_settings(environ={"BRIDGE_TOKENS_FILE": str(tokens), "BRIDGE_ACK": "broker"})
+    settings.check_serving()
+    app = create_app(settings, publisher=FakePublisher())
+
+    def status(token: str) -> int:
+        return asyncio.run(
+            call_asgi(
+                app,
+                "POST",
+                "/webhooks/geins",
+                headers=[(b"authorization", f"Bearer {token}".encode())],
+                body_chunks=ORDER,
+            )
+        ).status
+
+    assert (status("old-secret"), status("new-secret")) == (202, 202)
+    tokens.write_text("new-secret\n")
+    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
+    assert (status("old-secret"), status("new-secret")) == (401, 202)
+
+
+def test_unreadable_tokens_file_is_a_config_error(tmp_path: Path) -> None:
+    """A tokens file that cannot be read stops startup, naming the setting."""
+    with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE"):
+        load_settings(environ={"BRIDGE_TOKENS_FILE": str(tmp_path / "missing")})

@@ -1,0 +1,174 @@
+"""Hostile clients against the real server: slow loris, huge heads, idle and slow bodies,
+and no token leaking anywhere."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from tests.fakes import TOKEN
+from tests.kafkaread import read_all_sync
+from tests.process import BridgeProcess
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[BridgeProcess], socket.socket]]:
+    """Raw client sockets to the bridge, closed after the test."""
+    opened: list[socket.socket] = []
+
+    def open_one(bridge: BridgeProcess) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)
+        opened.append(sock)
+        return sock
+
+    yield open_one
+    for sock in opened:
+        sock.close()
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def bridge(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterator[BridgeProcess]:
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+        "BRIDGE_READ_TIMEOUT": "1.5",
+        "BRIDGE_KEEP_ALIVE_TIMEOUT": "1",
+        "BRIDGE_MAX_HEADER_BYTES": "4096",
+    }
+    process = BridgeProcess(env, tmp_path / "bridge.log")
+    process.start()
+    yield process
+    process.close()
+
+
+def test_slow_loris_is_cut_off_and_others_are_served(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A client trickling its head gets 408 and is closed; others are served meanwhile."""
+    slow = connect(bridge)
+    slow.sendall(b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    for _ in range(3):  # still trickling, one header line every half second
+        time.sleep(0.5)
+        try:
+            slow.sendall(b"X-Slow: 1\r\n")
+        except OSError:
+            break
+        response = httpx2.get(bridge.url + "/healthz", timeout=5)
+        assert response.status_code == 200
+    answer = read_all(slow)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request_timeout" in answer
+    assert time.monotonic() - started < 5
+
+
+def test_silent_connection_is_closed(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A connection that never sends a byte is closed after the read timeout."""
+    silent = connect(bridge)
+    started = time.monotonic()
+    assert read_all(silent) == b""
+    assert 1.0 < time.monotonic() - started < 5
+
+
+def test_huge_head_is_431_without_reading_it_all(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A head beyond the limits is refused as soon as it passes them."""
+    sock = connect(bridge)
+    sock.sendall(b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for _ in range(100):  # 1.6 MB of header, if we were allowed to send it all
+            sock.sendall(b"X-Pad: " + b"a" * 16000 + b"\r\n")
+    except OSError:
+        pass  # closed under us: the point
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+
+
+def test_idle_keep_alive_connection_is_closed(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """After an answer, an idle keep-alive connection is closed after its timeout."""
+    sock = connect(bridge)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    assert read_all(sock) == b""
+    assert time.monotonic() - started < 4
+
+
+def test_slow_body_is_408(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A body that does not arrive within the read timeout is 408, and nothing is kept."""
+    sock = connect(bridge)
+    sock.sendall(
+        b"POST /webhooks/geins/Order/create HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n".encode()
+        + b'Content-Length: 100\r\n\r\n{"id":'
+    )
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_no_token_in_logs_metrics_dead_letters_or_records(
+    bridge: BridgeProcess, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Tokens sent every possible way (good and bad) appear nowhere the bridge writes."""
+    wrong = "wrong-token-value-123"
+    with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+        for token in (TOKEN, wrong):
+            client.post(f"/webhooks/geins/Order/create?token={token}", content=b'{"id":"1"}')
+            client.post(
+                "/webhooks/geins",
+                content=b"{not json",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            client.post(
+                "/webhooks/geins/Order/create",
+                content=b"{}",
+                headers={"Authorization": f"Basic {token}", "X-Token-Copy": token},
+            )
+            client.get(f"/webhooks/geins?entity=Order&action=create&token={token}")
+        metrics = client.get("/metrics").text
+    bridge.signal(signal.SIGTERM)
+    bridge.wait(30)
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    assert records, "some deliveries were accepted or dead-lettered"
+    written = (
+        bridge.log()
+        + metrics
+        + "".join(
+            (r.value or b"").decode(errors="replace")
+            + "".join(v.decode(errors="replace") for _, v in r.headers)
+            for r in records
+        )
+    )
+    assert TOKEN not in written
+    assert wrong not in written

@@ -1,0 +1,543 @@
+"""Kafka security: SASL (PLAIN, SCRAM) and TLS (custom CA, client certificates).
+
+The broker tests share one module-scoped Kafka with a listener per case:
+SASL_PLAINTEXT with SCRAM-SHA-512 and -256 (users created at format time),
+SASL_SSL with PLAIN, SSL, and SSL requiring a client certificate, all with
+certificates the test makes. The settings tests need no broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from bridge.app import create_app
+from bridge.cli import main
+from bridge.config import Settings, load_settings
+from bridge.devkafka import Listener, LocalKafka, ensure_jars, free_port, free_ports
+from bridge.errors import ConfigError
+from bridge.kafkaadmin import read_to_end
+from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher, kafka_client_options
+from tests.conftest import REPO
+from tests.fakes import TOKEN
+from tests.tlsfiles import CertificateAuthority, KeyPair, issue, make_ca
+
+SCRAM_PASSWORD = "scram-Secret-1"
+PLAIN_PASSWORD = "plain-Secret-2"
+KEY_PASSWORD = "key-Secret-3"
+WRONG_PASSWORD = "not-the-Password-9"
+SCRAM_JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+PLAIN_JAAS = (
+    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+    f'user_bridge="{PLAIN_PASSWORD}";'
+)
+
+broker_test = [pytest.mark.kafka, pytest.mark.slow]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: CertificateAuthority
+    other_ca: CertificateAuthority
+    broker: KeyPair
+    client: KeyPair  # signed by ``ca``, key encrypted with KEY_PASSWORD
+    key_password_file: Path
+
+
+@dataclass(frozen=True)
+class SecureKafka:
+    broker: LocalKafka
+    tls: TlsFiles
+
+    def bootstrap(self, listener: str) -> str:
+        return self.broker.listener_bootstrap(listener)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA, a broker certificate for 127.0.0.1, a client certificate, and a stranger CA."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca = make_ca(folder, "test-ca")
+    password_file = folder / "client-key-password"
+    password_file.write_text(KEY_PASSWORD + "\n")
+    return TlsFiles(
+        ca=ca,
+        other_ca=make_ca(folder, "other-ca"),
+        broker=issue(ca, folder, "broker", hosts=("127.0.0.1", "localhost")),
+        client=issue(ca, folder, "bridge-client", password=KEY_PASSWORD),
+        key_password_file=password_file,
+    )
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Iterator[SecureKafka]:
+    """One broker with PLAINTEXT, SCRAM, SASLSSL, TLS and MTLS listeners."""
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller, scram, sasl_ssl, tls_port, mtls = free_ports(6)
+    properties = {
+        "listener.name.scram.sasl.enabled.mechanisms": "SCRAM-SHA-512,SCRAM-SHA-256",
+        "listener.name.scram.scram-sha-512.sasl.jaas.config": SCRAM_JAAS,
+        "listener.name.scram.scram-sha-256.sasl.jaas.config": SCRAM_JAAS,
+        "listener.name.saslssl.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.saslssl.plain.sasl.jaas.config": PLAIN_JAAS,
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": str(tls.broker.bundle),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(tls.ca.cert),
+        "listener.name.mtls.ssl.client.auth": "required",
+    }
+    users = [f"SCRAM-SHA-{bits}=[name=bridge,password={SCRAM_PASSWORD}]" for bits in (512, 256)]
+    broker = LocalKafka(
+        home,
+        tmp_path_factory.mktemp("secure-kafka") / "data",
+        port,
+        controller,
+        listeners=[
+            Listener("SCRAM", scram, "SASL_PLAINTEXT"),
+            Listener("SASLSSL", sasl_ssl, "SASL_SSL"),
+            Listener("TLS", tls_port, "SSL"),
+            Listener("MTLS", mtls, "SSL"),
+        ],
+        extra_properties=properties,
+        format_args=[arg for user in users for arg in ("--add-scram", user)],
+    )
+    with broker:
+        yield SecureKafka(broker, tls)
+
+
+def bridge_env(bootstrap: str, prefix: str, **security: str | Path) -> dict[str, str]:
+    """Settings for an in-process bridge that answers once Kafka acknowledged."""
+    return {
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "broker",
+        "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],  # the test's own (conftest)
+        "BRIDGE_KAFKA_BOOTSTRAP": bootstrap,
+        "BRIDGE_KAFKA_CONNECT_TIMEOUT": "5",
+        "BRIDGE_PUBLISH_TIMEOUT": "10",
+        "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": "",
+        **{f"BRIDGE_KAFKA_{name.upper()}": str(value) for name, value in security.items()},
+    }
+
+
+def scram(mechanism: str = "SCRAM-SHA-512", password: str = SCRAM_PASSWORD) -> dict[str, str]:
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "sasl_username": "bridge",
+        "sasl_password": password,
+    }
+
+
+def case_env(kafka: SecureKafka, case: str, prefix: str, tmp_path: Path) -> dict[str, str]:
+    tls = kafka.tls
+    if case == "SASL_PLAINTEXT/SCRAM-SHA-512":
+        return bridge_env(kafka.bootstrap("SCRAM"), prefix, **scram())
+    if case == "SASL_PLAINTEXT/SCRAM-SHA-256, password file":
+        secret = tmp_path / "kafka-password"
+        secret.write_text(SCRAM_PASSWORD + "\n")
+        security = scram("SCRAM-SHA-256")
+        del security["sasl_password"]
+        return bridge_env(kafka.bootstrap("SCRAM"), prefix, **security, sasl_password_file=secret)
+    if case == "SASL_SSL/PLAIN":
+        return bridge_env(
+            kafka.bootstrap("SASLSSL"),
+            prefix,
+            security_protocol="SASL_SSL",
+            sasl_mechanism="PLAIN",
+            sasl_username="bridge",
+            sasl_password=PLAIN_PASSWORD,
+            ssl_cafile=tls.ca.cert,
+        )
+    if case == "SSL":
+        return bridge_env(
+            kafka.bootstrap("TLS"), prefix, security_protocol="SSL", ssl_cafile=tls.ca.cert
+        )
+    assert case == "SSL, client certificate with encrypted key"
+    return bridge_env(
+        kafka.bootstrap("MTLS"),
+        prefix,
+        security_protocol="SSL",
+        ssl_cafile=tls.ca.cert,
+        ssl_certfile=tls.client.cert,
+        ssl_keyfile=tls.client.key,
+        ssl_keyfile_password_file=tls.key_password_file,
+    )
+
+
+def read_back(settings: Settings, prefix: str) -> list[Any]:
+    """What is on the prefix's topics, read with the bridge's own connection options."""
+
+    async def read() -> list[Any]:
+        async with asyncio.timeout(30):
+            return await read_to_end(kafka_client_options(settings), prefix=prefix)
+
+    return asyncio.run(read())
+
+
+def post_order(client: TestClient, key: str) -> int:
+    return client.post(
+        "/webhooks/geins/Order/create",
+        content=b'{"id":"o-1"}',
+        headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key},
+    ).status_code
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "SASL_PLAINTEXT/SCRAM-SHA-512",
+        "SASL_PLAINTEXT/SCRAM-SHA-256, password file",
+        "SASL_SSL/PLAIN",
+        "SSL",
+        "SSL, client certificate with encrypted key",
+    ],
+)
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_delivery_reaches_kafka_over(
+    secure_kafka: SecureKafka, topic_prefix: str, tmp_path: Path, case: str
+) -> None:
+    """The bridge publishes over each security setup, and the record reads back with it."""
+    settings = load_settings(environ=case_env(secure_kafka, case, topic_prefix, tmp_path))
+    key = f"k-{uuid.uuid4()}"
+    with TestClient(create_app(settings)) as client:
+        assert post_order(client, key) == 202
+    records = read_back(settings, topic_prefix)
+    assert [(r.topic, r.key, r.value) for r in records] == [
+        (f"{topic_prefix}.order.create", key.encode(), b'{"id":"o-1"}')
+    ]
+
+
+REFUSALS = {
+    "wrong SCRAM password": (
+        "SCRAM",
+        scram(password=WRONG_PASSWORD),
+        r"Kafka at 127\.0\.0\.1:\d+ rejected the credentials of user bridge \(SCRAM-SHA-512\): "
+        r"Authentication failed .*invalid credentials.*; check BRIDGE_KAFKA_SASL_USERNAME",
+    ),
+    "wrong PLAIN password over TLS": (
+        "SASLSSL",
+        {
+            **scram("PLAIN", WRONG_PASSWORD),
+            "security_protocol": "SASL_SSL",
+            "ssl_cafile": "{ca}",
+        },
+        r"rejected the credentials of user bridge \(PLAIN\)",
+    ),
+    "mechanism not offered": (
+        "SCRAM",
+        scram("PLAIN"),
+        r"does not offer BRIDGE_KAFKA_SASL_MECHANISM=PLAIN",
+    ),
+    "SASL on a listener without it": (
+        "PLAINTEXT",
+        scram(),
+        r"does not expect SASL on that port: check BRIDGE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT",
+    ),
+    "CA that did not sign the broker": (
+        "TLS",
+        {"security_protocol": "SSL", "ssl_cafile": "{other_ca}"},
+        r"the TLS certificate of Kafka at 127\.0\.0\.1:\d+ was not accepted: "
+        r"unable to get local issuer certificate; check BRIDGE_KAFKA_SSL_CAFILE",
+    ),
+    "no client certificate where one is required": (
+        "MTLS",
+        {"security_protocol": "SSL", "ssl_cafile": "{ca}"},
+        r"refused the TLS connection \(.*CERTIFICATE\); check BRIDGE_KAFKA_SSL_CERTFILE",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_refused_settings_stop_app_startup(
+    secure_kafka: SecureKafka, topic_prefix: str, case: str
+) -> None:
+    """Kafka refusing the credentials or TLS settings makes the app's startup raise a
+    ConfigError that says why and names the settings to check (never the password)."""
+    listener, security, message = REFUSALS[case]
+    paths = {"ca": str(secure_kafka.tls.ca.cert), "other_ca": str(secure_kafka.tls.other_ca.cert)}
+    filled = {name: value.format(**paths) for name, value in security.items()}
+    bootstrap = (
+        secure_kafka.broker.bootstrap
+        if listener == "PLAINTEXT"
+        else secure_kafka.bootstrap(listener)
+    )
+    settings = load_settings(environ=bridge_env(bootstrap, topic_prefix, **filled))
+    with pytest.raises(ConfigError, match=message) as caught, TestClient(create_app(settings)):
+        pass  # pragma: no cover - startup fails
+    assert WRONG_PASSWORD not in str(caught.value)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_wrong_password_stops_bridge_serve(
+    secure_kafka: SecureKafka, topic_prefix: str, tmp_path: Path
+) -> None:
+    """``bridge serve`` with a refused password exits 2 with one plain line, no traceback."""
+    env = bridge_env(
+        secure_kafka.bootstrap("SCRAM"),
+        topic_prefix,
+        **scram("SCRAM-SHA-256", WRONG_PASSWORD),
+    )
+    env |= {"BRIDGE_PORT": str(free_port()), "BRIDGE_HOST": "127.0.0.1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "bridge: Kafka at 127.0.0.1:" in result.stderr, output
+    assert "rejected the credentials of user bridge (SCRAM-SHA-256)" in result.stderr, output
+    assert "Traceback" not in output
+    assert WRONG_PASSWORD not in output
+
+
+async def test_unreachable_kafka_is_retried_not_refused(topic_prefix: str) -> None:
+    """With SASL on, an unreachable Kafka still means "unready and retrying", not a stop."""
+    env = bridge_env(f"127.0.0.1:{free_port()}", topic_prefix, **scram())
+    publisher = KafkaPublisher(load_settings(environ=env), Metrics())
+    await publisher.start()  # no ConfigError
+    try:
+        assert not publisher.connected
+    finally:
+        await publisher.stop()
+
+
+# --- Settings (no broker) ------------------------------------------------------------
+
+
+def test_security_defaults_to_plaintext() -> None:
+    """By default the client options ask for PLAINTEXT and carry no credentials or TLS."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN})
+    assert settings.kafka_security_protocol == "PLAINTEXT"
+    assert settings.kafka_ssl_check_hostname is True
+    options = kafka_client_options(settings)
+    assert options["security_protocol"] == "PLAINTEXT"
+    assert not {k for k in options if k.startswith(("sasl_", "ssl_"))}
+
+
+def test_client_options_carry_sasl_and_tls(tls: TlsFiles, tmp_path: Path) -> None:
+    """SASL_SSL options hold the credentials and a fresh verifying TLS context per call."""
+    secret = tmp_path / "password"
+    secret.write_text("first\n")
+    env = bridge_env(
+        "k:9093",
+        "p",
+        security_protocol="sasl_ssl",  # case does not matter
+        sasl_mechanism="scram-sha-512",
+        sasl_username="bridge",
+        sasl_password_file=secret,
+        ssl_cafile=tls.ca.cert,
+        ssl_certfile=tls.client.cert,
+        ssl_keyfile=tls.client.key,
+        ssl_keyfile_password_file=tls.key_password_file,
+        ssl_check_hostname="false",
+    )
+    settings = load_settings(environ=env)
+    options = kafka_client_options(settings)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "bridge"
+    assert options["sasl_plain_password"] == "first"
+    context = options["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is False
+    secret.write_text("rotated")  # a Kubernetes Secret updated in place
+    again = kafka_client_options(settings)
+    assert again["sasl_plain_password"] == "rotated"
+    assert again["ssl_context"] is not context
+
+
+def test_passwords_are_never_shown(tls: TlsFiles, capsys: pytest.CaptureFixture[str]) -> None:
+    """The SASL password appears neither in redacted(), repr(), str() nor check-config's output."""
+    env = bridge_env("k:9093", "p", **scram(password="hunter2-Kafka"))
+    settings = load_settings(environ=env)
+    for shown in (str(settings.redacted()), repr(settings), str(settings)):
+        assert "hunter2-Kafka" not in shown
+    assert settings.kafka_sasl_secret() == "hunter2-Kafka"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert '"kafka_sasl_username": "bridge"' in out
+    assert "hunter2-Kafka" not in out
+
+
+@pytest.mark.parametrize(
+    ("security", "message"),
+    [
+        (
+            {"security_protocol": "SASL_SSL"},
+            "BRIDGE_KAFKA_SECURITY_PROTOCOL=SASL_SSL needs BRIDGE_KAFKA_SASL_MECHANISM and "
+            "BRIDGE_KAFKA_SASL_USERNAME",
+        ),
+        (
+            {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN"},
+            "needs BRIDGE_KAFKA_SASL_USERNAME",
+        ),
+        (
+            {k: v for k, v in scram().items() if k != "sasl_password"},
+            "needs exactly one of BRIDGE_KAFKA_SASL_PASSWORD and BRIDGE_KAFKA_SASL_PASSWORD_FILE",
+        ),
+        (
+            {**scram(), "sasl_password_file": "{ca}"},
+            "needs exactly one of BRIDGE_KAFKA_SASL_PASSWORD and BRIDGE_KAFKA_SASL_PASSWORD_FILE",
+        ),
+        (
+            {"sasl_username": "bridge"},
+            "BRIDGE_KAFKA_SASL_USERNAME set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses "
+            "no SASL",
+        ),
+        (
+            {**scram(), "ssl_cafile": "{ca}"},
+            "BRIDGE_KAFKA_SSL_CAFILE set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+            "uses no TLS",
+        ),
+        (
+            {"security_protocol": "SSL", "ssl_certfile": "{cert}"},
+            "BRIDGE_KAFKA_SSL_CERTFILE and BRIDGE_KAFKA_SSL_KEYFILE go together",
+        ),
+        (
+            {"security_protocol": "SSL", "ssl_keyfile_password_file": "{ca}"},
+            "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE",
+        ),
+        ({"security_protocol": "TLS"}, "BRIDGE_KAFKA_SECURITY_PROTOCOL: Input should be"),
+        ({**scram(), "sasl_mechanism": "GSSAPI"}, "BRIDGE_KAFKA_SASL_MECHANISM: Input should be"),
+    ],
+)
+def test_inconsistent_security_settings_are_named(
+    tls: TlsFiles, security: dict[str, str], message: str
+) -> None:
+    """Settings that cannot work together stop startup with a message naming them."""
+    paths = {"ca": str(tls.ca.cert), "cert": str(tls.client.cert)}
+    filled = {name: value.format(**paths) for name, value in security.items()}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_settings(environ=bridge_env("k:9093", "p", **filled))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "sasl_password_file",
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_keyfile_password_file",
+    ],
+)
+def test_missing_or_unreadable_files_are_named(tls: TlsFiles, tmp_path: Path, setting: str) -> None:
+    """Every file setting is read at load time; a missing, unreadable or empty file is named
+    with its path, by load_settings and by ``bridge check-config`` (exit 2)."""
+    security: dict[str, str | Path] = (
+        {k: v for k, v in scram().items() if k != "sasl_password"}
+        if setting == "sasl_password_file"
+        else {
+            "security_protocol": "SSL",
+            "ssl_cafile": tls.ca.cert,
+            "ssl_certfile": tls.client.cert,
+            "ssl_keyfile": tls.client.key,
+            "ssl_keyfile_password_file": tls.key_password_file,
+        }
+    )
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for bad, why in [
+        (tmp_path / "missing.pem", f"cannot read {tmp_path / 'missing.pem'}: No such file"),
+        (tmp_path, f"cannot read {tmp_path}: Is a directory"),  # root could read a chmod 000
+        (empty, f"{empty} is empty"),
+    ]:
+        env = bridge_env("k:9093", "p", **{**security, setting: bad})
+        with pytest.raises(ConfigError) as caught:
+            load_settings(environ=env)
+        assert f"BRIDGE_KAFKA_{setting.upper()}: {why}" in str(caught.value)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["check-config"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"ssl_cafile": "{key}"}, "BRIDGE_KAFKA_SSL_CAFILE: .* holds no PEM CA certificate"),
+        (
+            {"ssl_certfile": "{cert}", "ssl_keyfile": "{other_key}"},
+            "the key does not belong to the certificate",
+        ),
+        (
+            {"ssl_certfile": "{cert}", "ssl_keyfile": "{key}"},
+            "the key is encrypted: set BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE",
+        ),
+        (
+            {"ssl_certfile": "{cert}", "ssl_keyfile": "{key}", "ssl_keyfile_password_file": "{ca}"},
+            "not PEM, or the key password is wrong",
+        ),
+    ],
+)
+def test_tls_files_must_hold_what_they_should(
+    tls: TlsFiles, files: dict[str, str], message: str
+) -> None:
+    """A CA file without a CA, a key of another certificate, or a wrong key password is named
+    at load time, not at the first connection."""
+    paths = {
+        "ca": str(tls.ca.cert),
+        "cert": str(tls.client.cert),
+        "key": str(tls.client.key),
+        "other_key": str(tls.broker.key),
+    }
+    filled = {name: value.format(**paths) for name, value in files.items()}
+    env = bridge_env("k:9093", "p", security_protocol="SSL", **filled)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=env)
+
+
+def test_local_kafka_renders_extra_listeners(tmp_path: Path) -> None:
+    """LocalKafka adds the extra listeners to server.properties, lets extra properties
+    override its defaults, and refuses listeners the broker would refuse."""
+    broker = LocalKafka(
+        tmp_path / "home",
+        tmp_path / "data",
+        9092,
+        9093,
+        listeners=[Listener("SCRAM", 9094, "SASL_PLAINTEXT")],
+        extra_properties={"num.partitions": "2", "listener.name.scram.x": "y"},
+    )
+    properties = dict(line.split("=", 1) for line in broker.server_properties().splitlines()[1:])
+    assert properties["listeners"].endswith(",SCRAM://127.0.0.1:9094")
+    assert properties["advertised.listeners"] == (
+        "PLAINTEXT://127.0.0.1:9092,SCRAM://127.0.0.1:9094"
+    )
+    assert properties["listener.security.protocol.map"].endswith(",SCRAM:SASL_PLAINTEXT")
+    assert properties["num.partitions"] == "2"
+    assert properties["listener.name.scram.x"] == "y"
+    assert broker.listener_bootstrap("SCRAM") == "127.0.0.1:9094"
+    for bad in [
+        Listener("scram", 9094, "SASL_PLAINTEXT"),
+        Listener("CONTROLLER", 9094, "SSL"),
+        Listener("TLS", 9094, "TLS"),
+        Listener("TLS", 9093, "SSL"),
+    ]:
+        with pytest.raises(ValueError, match="listener"):
+            LocalKafka(tmp_path / "home", tmp_path / "data", 9092, 9093, listeners=[bad])

@@ -1,0 +1,79 @@
+"""The OpenAPI document: it matches the routes, and a running bridge honours it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from tests.fakes import TOKEN, FakePublisher
+from tests.process import BridgeProcess
+
+
+def test_document_lists_exactly_the_served_routes() -> None:
+    """Every route is documented and every documented path is served (trailing-slash
+    twins aside)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    app = create_app(settings, publisher=FakePublisher())
+    with TestClient(app) as client:
+        document = client.get("/openapi.json").json()
+    served = {r.path.rstrip("/") for r in app.routes if isinstance(r, Route)}
+    assert set(document["paths"]) == served
+    webhook = document["paths"]["/webhooks/geins/{entity}/{action}"]
+    assert set(webhook) == {"get", "post", "put"}
+    assert "413" in webhook["post"]["responses"]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_schemathesis_finds_no_violation(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """schemathesis against a running bridge: no 5xx, every answer as documented, no
+    unhandled exception in the log."""
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                f"{bridge.url}/openapi.json",
+                "--header",
+                f"Authorization: Bearer {TOKEN}",
+                "--checks",
+                "all",
+                # The document cannot say "entity and action must be in the path, the query
+                # or the body": a schema-valid request without them is rightly a 422.
+                "--exclude-checks",
+                "positive_data_acceptance",
+                # The coverage phase trips over an internal Hypothesis error in this
+                # schemathesis release (not over the bridge); examples and fuzzing run.
+                "--phases",
+                "examples,fuzzing",
+                "--max-examples",
+                "25",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+            ],
+            cwd=tmp_path,  # schemathesis keeps a folder of its own where it runs
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        log = bridge.log()
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "Traceback" not in log, log
