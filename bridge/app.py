@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import kafkaadmin
 from bridge.ackmodes import make_ack_mode
@@ -22,8 +23,10 @@ from bridge.ingress import (
     ErrorAnswer,
     GuardRefusal,
     RuntimeState,
+    WebhookDispatch,
     WebhookEndpoint,
     http_exception_as_problem,
+    is_webhook_path,
     operation_routes,
     webhook_routes,
 )
@@ -36,13 +39,43 @@ from bridge.routing import Router, TopicTemplate
 log = logging.getLogger(__name__)
 
 
+class BridgeApp(Starlette):
+    """Starlette, with the webhook path taken straight to its endpoint.
+
+    Operations endpoints go through Starlette's middleware and router as usual.
+    Webhook deliveries, the traffic that matters, skip that stack (two
+    middlewares and a regex router, a quarter of the CPU per request when
+    profiled): the guard, then :class:`WebhookDispatch`. The webhook routes stay
+    in the router too, so the app describes itself the same either way.
+    """
+
+    _outer: ASGIApp | None = None
+    _webhook: ASGIApp | None = None
+
+    def fast_path(self, guard: Callable[[ASGIApp], ASGIApp], webhook: ASGIApp) -> None:
+        self._webhook = webhook
+        self._outer = guard(self._dispatch)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._outer is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self._outer(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._webhook is not None and scope["type"] == "http" and is_webhook_path(scope["path"]):
+            await self._webhook(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
     publisher: Publisher | None = None,
     metrics: Metrics | None = None,
     state: RuntimeState | None = None,
-) -> Starlette:
+) -> BridgeApp:
     """The bridge as an ASGI app. Tests inject a fake ``publisher`` and their own ``metrics``."""
     metrics = metrics or Metrics()
     publisher = publisher or KafkaPublisher(settings, metrics)
@@ -78,7 +111,7 @@ def create_app(
         read_timeout=settings.read_timeout,
         access_log=settings.access_log,
     )
-    guard = Middleware(
+    guard = partial(
         Guard,
         refuse=GuardRefusal(answer, metrics),
         webhook_prefix=WEBHOOK_PATH,
@@ -121,13 +154,13 @@ def create_app(
             await ack_mode.stop()  # drains what it can while Kafka is still connected
             await publisher.stop()
 
-    app = Starlette(
+    app = BridgeApp(
         routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state, openapi)],
-        middleware=[guard],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_exception_as_problem},
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
+    app.fast_path(guard, WebhookDispatch(endpoint, answer))
     app.state.runtime = state
     app.state.metrics = metrics
     app.state.prepare = getattr(ack_mode, "prepare", lambda: None)

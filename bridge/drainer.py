@@ -83,22 +83,24 @@ class Drainer:
         """Send what is not already pending; return (acknowledged seqs, all acked?)."""
         waiting: dict[int, asyncio.Future[Any]] = {}
         settled: list[int] = []  # refused for good, and dealt with
-        for record in records:
-            pending = self._pending.get(record.seq)
-            if pending is None:
-                try:
-                    future = await self._publisher.send(record.destination)
-                except PayloadTooLarge as exc:
-                    if await self._set_aside(record, exc):
-                        settled.append(record.seq)
-                    continue
-                except BridgeError as exc:
-                    # Stop here rather than send later records ahead of this one.
-                    log.warning("cannot hand records to Kafka yet: %s", exc.detail)
-                    break
-                pending = (future, time.perf_counter())
-                self._pending[record.seq] = pending
-            waiting[record.seq] = pending[0]
+        try:
+            async with asyncio.timeout(self._ack_timeout):  # one deadline for the batch
+                for record in records:
+                    pending = self._pending.get(record.seq)
+                    if pending is None:
+                        try:
+                            future = await self._publisher.hand_over(record.destination)
+                        except PayloadTooLarge as exc:
+                            if await self._set_aside(record, exc):
+                                settled.append(record.seq)
+                            continue
+                        pending = (future, time.perf_counter())
+                        self._pending[record.seq] = pending
+                    waiting[record.seq] = pending[0]
+        except (BridgeError, TimeoutError) as exc:
+            # Stop here rather than send later records ahead of this one.
+            detail = exc.detail if isinstance(exc, BridgeError) else "no metadata or buffer space"
+            log.warning("cannot hand records to Kafka yet: %s", detail)
         if waiting:
             await asyncio.wait(waiting.values(), timeout=self._ack_timeout)
         acked: list[int] = []

@@ -31,6 +31,7 @@ from bridge.errors import (
     ClientDisconnected,
     MalformedQuery,
     MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
@@ -301,6 +302,34 @@ def operation_routes(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+
+
+def is_webhook_path(path: str) -> bool:
+    return path.startswith(WEBHOOK_PATH) and (
+        len(path) == len(WEBHOOK_PATH) or path[len(WEBHOOK_PATH)] == "/"
+    )
+
+
+class WebhookDispatch:
+    """Matches the webhook paths without a regex router (the same paths as
+    :func:`webhook_routes`: up to two segments, one optional trailing slash) and
+    hands them to the endpoint with ``path_params`` set; anything else under the
+    prefix is a problem+json 404."""
+
+    def __init__(self, endpoint: WebhookEndpoint, answer: ErrorAnswer) -> None:
+        self._endpoint = endpoint
+        self._answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rest = scope["path"][len(WEBHOOK_PATH) :]
+        if rest.endswith("/"):
+            rest = rest[:-1]
+        parts = rest[1:].split("/") if rest else []
+        if len(parts) > 2 or "" in parts:
+            await self._answer.send(send, NotFound(f"no webhook route for {scope['path']}"))
+            return
+        scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
+        await self._endpoint(scope, receive, send)
 
 
 def webhook_routes(endpoint: WebhookEndpoint) -> list[BaseRoute]:

@@ -61,6 +61,8 @@ class Publisher(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]: ...
+
     async def send(self, destination: Destination) -> asyncio.Future[Any]: ...
 
     async def publish(self, destination: Destination) -> None: ...
@@ -266,35 +268,40 @@ class KafkaPublisher:
         else:
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
 
-    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         """Hand a record to the producer; the returned future resolves on Kafka's ack.
 
-        Waits at most ``publish_timeout`` for metadata and buffer space. Raises a
-        BridgeError when the record cannot be handed over. Cancelling this call
-        withdraws the record; once it returned, the record may land even if the
-        caller stops waiting, which is why consumers get the idempotency key as
-        message key.
+        Has no deadline of its own (it may wait for metadata or buffer space): the
+        caller bounds it, once for all it does. Raises a BridgeError when the record
+        cannot be handed over. Cancelling this call withdraws the record; once it
+        returned, the record may land even if the caller stops waiting, which is why
+        consumers get the idempotency key as message key.
         """
         producer = self._producer
         if producer is None:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable("not connected to Kafka yet")
         try:
+            return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
+                destination.topic,
+                value=destination.value,
+                key=destination.key,
+                headers=destination.headers,
+            )
+        except Exception as exc:
+            raise self.failure(exc) from None
+
+    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+        """:meth:`hand_over` within ``publish_timeout``."""
+        try:
             async with asyncio.timeout(self._timeout):
-                return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
-                    destination.topic,
-                    value=destination.value,
-                    key=destination.key,
-                    headers=destination.headers,
-                )
+                return await self.hand_over(destination)
         except TimeoutError:
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(
                 f"Kafka took more than {self._timeout:g} s to take a record for "
                 f"{destination.topic} (metadata or buffer space)"
             ) from None
-        except Exception as exc:
-            raise self.failure(exc) from None
 
     def failure(self, exc: BaseException) -> BridgeError:
         """The BridgeError for an exception from the producer (and count it)."""
@@ -314,9 +321,9 @@ class KafkaPublisher:
     async def publish(self, destination: Destination) -> None:
         """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError."""
         started = time.perf_counter()
-        acked = await self.send(destination)
         try:
-            async with asyncio.timeout(max(0.0, started + self._timeout - time.perf_counter())):
+            async with asyncio.timeout(self._timeout):  # one deadline for hand-over and ack
+                acked = await self.hand_over(destination)
                 await asyncio.shield(acked)
         except TimeoutError:
             self._metrics.record_publish_error("timeout")

@@ -109,6 +109,7 @@ def serve(settings: Settings) -> int:
         http=protocol,
         timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
+        proxy_headers=False,  # client addresses are the guard's business (BRIDGE_TRUSTED_PROXIES)
         access_log=False,
         server_header=False,
         log_config=None,  # logging is configured by the CLI

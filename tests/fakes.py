@@ -36,9 +36,12 @@ class FakePublisher:
         self.started = True
 
     async def publish(self, destination: Destination) -> None:
-        await (await self.send(destination))
+        await (await self.hand_over(destination))
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]:
+        return await self.hand_over(destination)
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         await asyncio.sleep(0)
         if self.fail_with is not None:
             raise self.fail_with

@@ -106,7 +106,7 @@ async def test_durable_mode_survives_an_outage(tmp_path: Path) -> None:
 class StallingPublisher(FakePublisher):
     """Takes records but never acknowledges them (like aiokafka while Kafka is away)."""
 
-    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         self.records.append(destination)
         return asyncio.get_running_loop().create_future()
 
@@ -131,10 +131,10 @@ class TooLargeFor(FakePublisher):
         super().__init__()
         self.topic = topic
 
-    async def send(self, destination: Destination) -> asyncio.Future[Any]:
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         if destination.topic == self.topic:
             raise PayloadTooLarge("too large for the topic")
-        return await super().send(destination)
+        return await super().hand_over(destination)
 
 
 async def test_refused_record_does_not_block_the_rest(tmp_path: Path) -> None:
