@@ -52,9 +52,12 @@ class BridgeApp(Starlette):
     _outer: ASGIApp | None = None
     _webhook: ASGIApp | None = None
 
-    def fast_path(self, guard: Callable[[ASGIApp], ASGIApp], webhook: ASGIApp) -> None:
+    def fast_path(self, guard: Callable[[ASGIApp], Guard], webhook: ASGIApp) -> Guard:
+        """Put ``guard`` in front of everything and ``webhook`` behind it; the guard."""
         self._webhook = webhook
-        self._outer = guard(self._dispatch)
+        outer = guard(self._dispatch)
+        self._outer = outer
+        return outer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._outer is None:
@@ -160,7 +163,8 @@ def create_app(
         exception_handlers={HTTPException: http_exception_as_problem},
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
-    app.fast_path(guard, WebhookDispatch(endpoint, answer))
+    in_front = app.fast_path(guard, WebhookDispatch(endpoint, answer))
+    metrics.inflight.set_function(lambda: in_front.in_progress)
     app.state.runtime = state
     app.state.metrics = metrics
     app.state.prepare = getattr(ack_mode, "prepare", lambda: None)

@@ -135,7 +135,6 @@ class WebhookEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        self._metrics.inflight.inc()
         event: Event | None = None
         outcome, reason = "accepted", None
         try:
@@ -166,7 +165,6 @@ class WebhookEndpoint:
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
-            self._metrics.inflight.dec()
             self._metrics.record_request(outcome, event, reason, seconds)
             if self._access_log:
                 fields = _request_fields(scope, event)
