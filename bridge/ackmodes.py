@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Protocol
 
-from bridge.backlog import MemoryBacklog
+from bridge.backlog import Backlog, MemoryBacklog
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
@@ -121,6 +121,15 @@ class _DrainedAck:
         self._tasks: list[asyncio.Task[None]] = []
         self.drainer: Drainer
 
+    def _drainer_of(self, backlog: Backlog) -> Drainer:
+        return Drainer(
+            backlog,
+            self._publisher,
+            self._metrics,
+            ack_timeout=self._settings.publish_timeout,
+            deadletter_topic=self._settings.deadletter_topic,
+        )
+
     def _start_drainer(self) -> None:
         self._tasks.append(spawn(self.drainer.run(), f"{type(self).__name__}-drainer"))
 
@@ -143,13 +152,7 @@ class DurableAck(_DrainedAck):
             dedup_window=settings.dedup_window,
             on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
         )
-        self.drainer = Drainer(
-            self.spool,
-            publisher,
-            metrics,
-            ack_timeout=settings.publish_timeout,
-            deadletter_topic=settings.deadletter_topic,
-        )
+        self.drainer = self._drainer_of(self.spool)
         self._max_bytes = settings.spool_max_bytes
 
     def prepare(self) -> None:
@@ -199,13 +202,7 @@ class MemoryAck(_DrainedAck):
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
         super().__init__(publisher, metrics, settings)
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
-        self.drainer = Drainer(
-            self.backlog,
-            publisher,
-            metrics,
-            ack_timeout=settings.publish_timeout,
-            deadletter_topic=settings.deadletter_topic,
-        )
+        self.drainer = self._drainer_of(self.backlog)
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
 
     async def start(self) -> None:
