@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 
 import pytest
 
@@ -61,3 +62,19 @@ def test_unauthenticated_only_when_asked() -> None:
     with pytest.raises(Unauthorized):
         TokenAuthenticator([]).check([], [])
     TokenAuthenticator([], allow_unauthenticated=True).check([], [])
+
+
+def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each presented credential is compared with every token through hmac.compare_digest,
+    with no early exit on a match, so timing does not tell which token (or byte) was close."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # what bridge.auth calls
+    AUTH.check([(b"authorization", b"Bearer old-token")], [("token", "nope")])
+    assert len(calls) == 4  # 2 presented x 2 configured, although the first one matched
+    assert {b for _, b in calls} == {b"old-token", b"new-token"}
