@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -279,19 +280,36 @@ def find_java() -> str:
 # Ports and probing
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux; a common default else)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(count: int) -> list[int]:
     """Return ``count`` distinct ports free on 127.0.0.1 right now.
 
-    The sockets are held until all are chosen so the ports differ; another
-    process may still grab one before the broker binds it (a rare race
-    that a test then reports as "Address already in use").
+    Chosen at random below the kernel's ephemeral range: a port the kernel hands
+    out itself (bind to port 0) can be taken a moment later by any outgoing
+    connection, and a busy test suite makes thousands, so a broker or bridge
+    started on it would then fail with "Address already in use". The sockets
+    are held until all are chosen so the ports differ.
     """
+    low = min(_ephemeral_range()[0], 32768)
+    rng = random.SystemRandom()
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        while len(ports) < count:
+            port = rng.randrange(10000, low)
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
         return ports
 
 
