@@ -65,8 +65,9 @@ fmt: $(INSTALLED) ## format and auto-fix
 	$(BIN)/ruff format bridge tests
 	$(BIN)/ruff check --fix bridge tests
 
-bench: $(INSTALLED) ## benchmarks (not written yet)
-	@echo "make bench: the benchmark harness is not written yet (see the performance issue)"; exit 1
+bench: $(INSTALLED) ## bridge vs baselines: throughput, latency, memory (BENCH_QUICK=1: smoke run); writes tests/bench/results.*
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m tests.bench.run
 
 clean: ## remove the venv and caches (keeps the Kafka jars)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -86,7 +86,9 @@ class Settings(BaseModel):
     # --- Kafka ---------------------------------------------------------------------
     kafka_bootstrap: str = "localhost:9092"
     kafka_client_id: str = "geins-bridge"
-    kafka_linger_ms: int = Field(2, ge=0, le=1000)
+    # 0: a record goes out at once; records of concurrent requests still share a
+    # batch while the previous request to the broker is in flight.
+    kafka_linger_ms: int = Field(0, ge=0, le=1000)
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
     kafka_connect_timeout: Seconds = 10.0
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``make bench`` (never collected by pytest: no test_*.py)."""

@@ -1,0 +1,114 @@
+"""Counting what reached Kafka: the sum of end offsets over a prefix's topics.
+
+Each subject writes to topics of its own prefix, created fresh by the harness,
+with an idempotent or plain (never transactional) producer: there are no
+control records, so a partition's end offset minus its start offset is its
+number of records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+_DEADLINE = 30.0
+
+
+class KafkaProbe:
+    """A long-lived consumer (no group) and admin client on their own event loop."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._runner = asyncio.Runner()
+        self._consumer: Any = None
+        self._admin: Any = None
+
+    async def _clients(self) -> tuple[Any, Any]:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            self._admin = admin
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False
+            )
+            await consumer.start()
+            self._consumer = consumer
+        return self._admin, self._consumer
+
+    def create_topics(self, names: Sequence[str], partitions: int) -> None:
+        async def create() -> None:
+            admin, _ = await self._clients()
+            for name in names:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics(
+                        [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+                    )
+
+        self._runner.run(asyncio.wait_for(create(), _DEADLINE))
+
+    def count(self, prefix: str) -> int:
+        """Records on every topic whose name starts with ``prefix``."""
+
+        async def count() -> int:
+            admin, consumer = await self._clients()
+            described = await admin.describe_topics()
+            partitions = [
+                TopicPartition(t["topic"], p["partition"])
+                for t in described
+                if t["topic"].startswith(prefix)
+                for p in t["partitions"]
+            ]
+            if not partitions:
+                return 0
+            end = await consumer.end_offsets(partitions)
+            start = await consumer.beginning_offsets(partitions)
+            return sum(int(end[tp]) - int(start[tp]) for tp in partitions)
+
+        return self._runner.run(asyncio.wait_for(count(), _DEADLINE))
+
+    def settle(
+        self,
+        prefix: str,
+        expected: int,
+        *,
+        max_wait: float,
+        quiet: float = 3.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> tuple[int, float]:
+        """Poll the count until it equals ``expected`` (and stays so briefly), or stops
+        moving for ``quiet`` seconds, or ``max_wait`` passes. Returns (count, seconds)."""
+        started = time.monotonic()
+        last = -1
+        changed = started
+        while True:
+            current = self.count(prefix)
+            now = time.monotonic()
+            if current != last:
+                last, changed = current, now
+            if current == expected and now - changed >= 0.3:
+                break
+            if current != expected and now - changed >= quiet:
+                break
+            if now - started >= max_wait:
+                break
+            sleep(0.2)
+        return last, time.monotonic() - started
+
+    def close(self) -> None:
+        async def close() -> None:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._admin is not None:
+                await self._admin.close()
+
+        with contextlib.suppress(TimeoutError, OSError):
+            self._runner.run(asyncio.wait_for(close(), 10))
+        self._runner.close()

@@ -1,0 +1,88 @@
+"""What a benchmark run measured: plain data, written to results.json as is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SATURATION = "saturation"
+WARMUP = "warm-up"
+
+
+def rate_label(rate: int) -> str:
+    return f"{rate}/s"
+
+
+@dataclass
+class RunResult:
+    """One load run against one subject."""
+
+    label: str  # "warm-up", "saturation", "500/s", ...
+    offered_rate: int | None  # None: closed loop (wrk)
+    seconds: float
+    sent: int
+    ok: int  # 2xx answers
+    non_2xx: int  # requests without a 2xx answer (error status or none)
+    socket_errors: int
+    rps: float  # 2xx answers per second
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    cpu_seconds: float = 0.0  # the subject's, during the run
+    broker_cpu_seconds: float | None = None  # the Kafka broker's, during the run
+    records: int | None = None  # records that reached Kafka because of this run
+    verified: bool | None = None  # None: the subject writes nothing to Kafka
+    verify_detail: str = ""
+    settle_seconds: float | None = None
+    status_counts: dict[str, int] = field(default_factory=dict)
+    other_load: float | None = None  # CPUs used by processes outside the benchmark (0.25 = 25 %)
+
+    @property
+    def cpu_per_1k(self) -> float | None:
+        """CPU seconds the subject spent per 1,000 accepted events."""
+        return 1000 * self.cpu_seconds / self.ok if self.ok else None
+
+    @property
+    def broker_cpu_per_1k(self) -> float | None:
+        if self.broker_cpu_seconds is None or not self.ok:
+            return None
+        return 1000 * self.broker_cpu_seconds / self.ok
+
+
+@dataclass
+class SubjectResult:
+    """Everything measured on one subject process."""
+
+    name: str  # "raw-asgi", "bridge broker", "starlette-noop 2 workers", ...
+    kind: str  # "baseline" or "bridge"
+    base: str  # the subject without the worker count: "raw-asgi", "bridge broker"
+    workers: int
+    ack: str | None
+    cpus: str  # where it was pinned ("0", or "all")
+    writes_kafka: bool
+    runs: list[RunResult] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    rss_after_warmup_bytes: int | None = None
+    rss_end_bytes: int | None = None
+    metrics_scrape_ms: float | None = None
+    metrics_bytes: int | None = None
+    metrics_samples: int | None = None
+    profile_top: list[tuple[str, float]] = field(default_factory=list)  # (function, self %)
+    profile_files: list[tuple[str, float]] = field(default_factory=list)  # (file, self %)
+    profile_samples: int | None = None
+    profile_path: str | None = None  # py-spy's collapsed stacks (raw format)
+    error: str | None = None
+    earlier_error: str | None = None  # a first attempt broke; this is the second
+    exit_code: int | None = None
+
+    def run(self, label: str) -> RunResult | None:
+        return next((r for r in self.runs if r.label == label), None)
+
+    @property
+    def failed_runs(self) -> list[RunResult]:
+        return [r for r in self.runs if r.verified is False]
+
+    @property
+    def throughput(self) -> float | None:
+        run = self.run(SATURATION)
+        return run.rps if run is not None else None

@@ -1,0 +1,624 @@
+"""results.md (tables, ratios to the baselines, the issue's targets) and results.png."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tests.bench.model import SATURATION, WARMUP, RunResult, SubjectResult, rate_label
+
+TARGET_RATE = 2000
+TARGET_MODES = ("durable", "broker")  # the issue's targets are for these; others are shown too
+MB = 1_000_000
+NOISY = 0.10  # other processes using more than 10 % of a CPU during a run
+DISTURBED = " ⚠ disturbed"
+
+
+@dataclass
+class Context:
+    date: str
+    quick: bool
+    elapsed_seconds: float
+    plan: dict[str, object]
+    machine: dict[str, str]
+    versions: dict[str, str]
+    mix: list[tuple[str, float, str]]  # (event type, share %, shape), see mix.describe
+    mix_source: str
+    notes: list[str]
+    skipped_modes: list[str]
+
+
+def context_json(context: Context) -> dict[str, object]:
+    return {
+        "date": context.date,
+        "quick": context.quick,
+        "elapsed_seconds": round(context.elapsed_seconds, 1),
+        "plan": context.plan,
+        "machine": context.machine,
+        "versions": context.versions,
+        "mix": [
+            {"event_type": t, "share_percent": round(s, 1), "shape": shape}
+            for t, s, shape in context.mix
+        ],
+        "mix_source": context.mix_source,
+        "skipped_modes": context.skipped_modes,
+        "notes": context.notes,
+    }
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 10:
+        return f"{value:.2f}"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / MB:.0f}"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _kafka_check(subject: SubjectResult) -> str:
+    if subject.error:
+        return "ERROR"
+    if not subject.writes_kafka:
+        return "n/a"
+    failed = subject.failed_runs
+    if failed:
+        return "**FAILED** (" + ", ".join(r.label for r in failed) + ")"
+    return "OK" if any(r.verified for r in subject.runs) else "-"
+
+
+def _other_load(subject: SubjectResult) -> str:
+    loads = [
+        r.other_load
+        for r in subject.runs
+        if r.label != WARMUP and "(" not in r.label and r.other_load is not None
+    ]
+    if not loads:
+        return "-"
+    worst = max(loads)
+    return f"{100 * worst:.0f}" + (" ⚠" if worst > NOISY else "")
+
+
+def _disturbed(run: RunResult | None) -> bool:
+    return run is not None and run.other_load is not None and run.other_load > NOISY
+
+
+def _latency(run: RunResult | None) -> str:
+    if run is None:
+        return "-"
+    text = f"{ms(run.p50_ms)} / {ms(run.p99_ms)} / {ms(run.p999_ms)}"
+    if run.non_2xx:
+        text += f" ({run.non_2xx} non-2xx)"
+    return text
+
+
+class Baselines:
+    """The single-worker baselines of this run, by name."""
+
+    def __init__(self, results: Sequence[SubjectResult]) -> None:
+        self.by_name = {r.name: r for r in results if r.kind == "baseline" and r.workers == 1}
+
+    def throughput(self, name: str) -> float | None:
+        subject = self.by_name.get(name)
+        if subject is None or subject.error or subject.failed_runs:
+            return None
+        return subject.throughput
+
+
+# --------------------------------------------------------------------------
+# Targets
+
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    passed: bool | None  # None: not measured
+
+
+def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
+    """The issue's targets for one bridge subject."""
+    lost = bool(subject.failed_runs) or subject.error is not None
+    tput = None if lost else subject.throughput
+    verdicts: list[Verdict] = []
+    for name, factor in (("starlette-noop", 1.0), ("raw-asgi", 0.5), ("naive-bridge", 1.5)):
+        ratio = _ratio(tput, baselines.throughput(name))
+        base = baselines.by_name.get(name)
+        disturbed = _disturbed(subject.run(SATURATION)) or (
+            base is not None and _disturbed(base.run(SATURATION))
+        )
+        verdicts.append(
+            Verdict(
+                f"throughput ≥ {factor:g} x {name}",
+                _x(ratio) + (DISTURBED if disturbed else ""),
+                None if ratio is None else ratio >= factor,
+            )
+        )
+    run = subject.run(rate_label(TARGET_RATE))
+    kept_up = run is not None and run.non_2xx == 0 and not lost
+    for label, value, limit in (
+        ("p50", run.p50_ms if run else None, 1.0),
+        ("p99", run.p99_ms if run else None, 5.0),
+    ):
+        shown = f"{ms(value)} ms" if value is not None else "-"
+        if run is not None and run.non_2xx:
+            shown += f" ({run.non_2xx} non-2xx)"
+        if _disturbed(run):
+            shown += DISTURBED
+        verdicts.append(
+            Verdict(
+                f"{label} at {TARGET_RATE}/s ≤ {limit:g} ms",
+                shown,
+                None if value is None else (kept_up and value <= limit),
+            )
+        )
+    rss = subject.peak_rss_bytes
+    verdicts.append(
+        Verdict("peak RSS ≤ 120 MB", f"{_mb(rss)} MB", None if rss is None else rss <= 120 * MB)
+    )
+    verdicts.append(
+        Verdict(
+            "Kafka holds one record per 2xx, every run",
+            _kafka_check(subject),
+            None if not subject.runs else not lost,
+        )
+    )
+    growth = (
+        f"{_mb(subject.rss_after_warmup_bytes)} MB after warm-up → "
+        f"{_mb(subject.rss_end_bytes)} MB at the end"
+    )
+    verdicts.append(
+        Verdict("RSS flat over a 10-minute run", growth + " (not a 10-minute run)", None)
+    )
+    return verdicts
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "**FAIL**", None: "-"}[passed]
+
+
+# --------------------------------------------------------------------------
+# results.md
+
+
+def _rates(results: Sequence[SubjectResult]) -> list[int]:
+    return sorted(
+        {run.offered_rate for r in results for run in r.runs if run.offered_rate is not None}
+    )
+
+
+def _headline(results: Sequence[SubjectResult], baselines: Baselines) -> list[str]:
+    bridges = [r for r in results if r.kind == "bridge" and r.workers == 1]
+    out = ["## The bridge against the baselines", ""]
+    if not bridges:
+        return [*out, "No bridge subject was measured.", ""]
+    rows = [
+        [
+            f"**{r.name}**",
+            _num(r.throughput),
+            _x(_ratio(r.throughput, baselines.throughput("starlette-noop"))),
+            _x(_ratio(r.throughput, baselines.throughput("raw-asgi"))),
+            _x(_ratio(r.throughput, baselines.throughput("naive-bridge"))),
+            _latency(r.run(rate_label(TARGET_RATE))),
+            _mb(r.peak_rss_bytes),
+            _kafka_check(r) + (f" {r.error}" if r.error else ""),
+        ]
+        for r in bridges
+    ]
+    header = [
+        "subject",
+        "req/s at saturation",
+        "/ starlette-noop",
+        "/ raw-asgi",
+        "/ naive-bridge",
+        f"p50 / p99 / p99.9 ms at {TARGET_RATE}/s",
+        "peak RSS MB",
+        "Kafka check",
+    ]
+    return out + _table(header, rows)
+
+
+def _targets(
+    results: Sequence[SubjectResult], baselines: Baselines, skipped_modes: Sequence[str]
+) -> list[str]:
+    out = ["## Targets (issue 4)", ""]
+    out += [
+        "For one bridge process with the broker on the same machine; the issue sets them for "
+        f"the `{'` and `'.join(TARGET_MODES)}` modes (other modes are shown for information).",
+        "",
+    ]
+    for r in results:
+        if r.kind != "bridge" or r.workers != 1:
+            continue
+        mode_note = "" if r.ack in TARGET_MODES else " (informational)"
+        out += [f"**{r.name}**{mode_note}", ""]
+        out += _table(
+            ["target", "measured", "result"],
+            [[v.target, v.measured, _verdict(v.passed)] for v in targets(r, baselines)],
+        )
+    for mode in skipped_modes:
+        out += [f"**bridge {mode}**: not measured (see notes).", ""]
+    return out
+
+
+def _every_subject(results: Sequence[SubjectResult]) -> list[str]:
+    rates = _rates(results)
+    header = ["subject", "workers", "cpus", "req/s at saturation", "non-2xx"]
+    header += [f"p50 / p99 / p99.9 ms at {rate}/s" for rate in rates]
+    header += [
+        "peak RSS MB",
+        "CPU s / 1k events (saturation)",
+        f"CPU s / 1k events ({rates[-1]}/s)" if rates else "CPU s / 1k events",
+        "broker CPU s / 1k events (saturation)",
+        "other load % (max)",
+        "Kafka check",
+    ]
+    rows = []
+    for r in results:
+        sat = r.run(SATURATION)
+        top_rate = r.run(rate_label(rates[-1])) if rates else None
+        row = [r.name, str(r.workers), r.cpus, _num(r.throughput)]
+        row += [_num(sat.non_2xx if sat else None)]
+        row += [_latency(r.run(rate_label(rate))) for rate in rates]
+        row += [
+            _mb(r.peak_rss_bytes),
+            _num(sat.cpu_per_1k if sat else None, 3),
+            _num(top_rate.cpu_per_1k if top_rate else None, 3),
+            _num(sat.broker_cpu_per_1k if sat and r.writes_kafka else None, 3),
+            _other_load(r),
+            _kafka_check(r) + (f": {r.error.splitlines()[0]}" if r.error else ""),
+        ]
+        rows.append(row)
+    return ["## Every subject", "", *_table(header, rows)]
+
+
+def _workers(results: Sequence[SubjectResult]) -> list[str]:
+    multi = [r for r in results if r.workers > 1]
+    if not multi:
+        return []
+    out = ["## A second worker process", ""]
+    out += [
+        "`uvicorn --workers 2`: the subject is not pinned (both cores, shared with wrk and "
+        "the broker); one worker is pinned to one core. Saturation throughput only. On a "
+        "2-core machine the second worker takes the core the load generator and the broker "
+        "need, so this shows contention more than scaling.",
+        "",
+    ]
+    one = {r.base: r for r in results if r.workers == 1}
+    rows = []
+    for r in multi:
+        single = one.get(r.base)
+        rows.append(
+            [
+                r.base,
+                _num(single.throughput if single else None),
+                _num(r.throughput),
+                _x(_ratio(r.throughput, single.throughput if single else None)),
+                _mb(r.peak_rss_bytes),
+                _kafka_check(r),
+            ]
+        )
+    header = ["subject", "1 worker req/s", "2 workers req/s", "scale", "peak RSS MB (all)", "Kafka"]
+    return out + _table(header, rows)
+
+
+def _metrics(results: Sequence[SubjectResult]) -> list[str]:
+    scraped = [r for r in results if r.metrics_scrape_ms is not None]
+    if not scraped:
+        return []
+    out = ["## Prometheus metrics", ""]
+    out += [
+        "The bridge always serves `/metrics` (there is no switch to measure it without); "
+        "its cost on the request path is inside every bridge number above. A scrape after "
+        "the runs (median of 20):",
+        "",
+    ]
+    rows = [
+        [
+            r.name,
+            ms(r.metrics_scrape_ms),
+            f"{(r.metrics_bytes or 0) / 1000:.1f}",
+            str(r.metrics_samples),
+        ]
+        for r in scraped
+    ]
+    return out + _table(["subject", "scrape ms", "size KB", "samples"], rows)
+
+
+def _profiles(results: Sequence[SubjectResult]) -> list[str]:
+    out: list[str] = []
+    for r in results:
+        if not r.profile_top:
+            continue
+        out += [f"## Profile: {r.name} at saturation (py-spy, self time)", ""]
+        out += [
+            f"{r.profile_samples} samples (200 per second, idle ones left out) of the bridge "
+            "process during an extra saturation run (not the measured one); collapsed stacks "
+            f"in `{r.profile_path}` (kept until the next run).",
+            "",
+        ]
+        out += _table(
+            ["function (file)", "self %"],
+            [[f"`{name}`", f"{pct:.1f}"] for name, pct in r.profile_top],
+        )
+        out += ["The same samples by source file (self time):", ""]
+        out += _table(
+            ["file", "self %"],
+            [[f"`{name}`", f"{pct:.1f}"] for name, pct in r.profile_files],
+        )
+        out += [
+            "py-spy sees Python frames only: time in C code (uvloop's event loop and sockets, "
+            "httptools' parser, aiokafka's record builder) counts for the Python frame that "
+            "called it, e.g. `Runner.run` for the event loop itself.",
+            "",
+        ]
+    return out
+
+
+def _checks(results: Sequence[SubjectResult]) -> list[str]:
+    out = ["## Kafka check of every run", ""]
+    out += [
+        "Records that reached the subject's topics during the run (after waiting for delivery "
+        "to settle) against the 2xx answers the load generator counted. Any difference fails "
+        "the run, whatever its speed.",
+        "",
+    ]
+    rows = [
+        [
+            r.name,
+            run.label,
+            _num(run.sent),
+            _num(run.ok),
+            _num(run.records),
+            run.verify_detail or "-",
+            ms(1000 * run.settle_seconds) if run.settle_seconds is not None else "-",
+            "-" if run.other_load is None else f"{100 * run.other_load:.0f}",
+        ]
+        for r in results
+        if r.writes_kafka
+        for run in r.runs
+    ]
+    header = ["subject", "run", "sent", "2xx", "records", "result", "settle ms", "other load %"]
+    return out + _table(header, rows)
+
+
+def _method(results: Sequence[SubjectResult], context: Context) -> list[str]:
+    plan = context.plan
+    out = ["## How it was measured", ""]
+    out += [
+        f"- Machine: {context.machine.get('cpus')} CPUs ({context.machine.get('cpu model')}), "
+        f"{context.machine.get('memory')}, Linux {context.machine.get('kernel')}.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in context.versions.items()) + ".",
+        f"- Pinning: each single-worker subject on CPU {plan.get('subject cpus')}; the load "
+        "generator, the Kafka broker and the harness on CPU "
+        f"{plan.get('load generator, broker and harness cpus')}.",
+        f"- Saturation: wrk -t1 -c{plan.get('wrk connections')}, {plan.get('warm-up seconds')} s "
+        f"warm-up, then {plan.get('saturation seconds')} s measured; req/s = 2xx answers / "
+        "measured seconds. After the measured window wrk's requests go to a path every subject "
+        "answers 404, so that no webhook is left in flight when wrk stops "
+        "(the 2xx count is exact).",
+        "- Latency: vegeta, open loop (no coordinated omission), "
+        f"{plan.get('fixed-rate seconds')} s at each rate; nearest-rank percentiles of every "
+        "answered request.",
+        "- Other load: CPU time the machine spent outside the benchmark's processes (subject, "
+        "broker, load generator, harness) during a run, in % of one CPU (/proc/stat); ⚠ marks "
+        f"runs above {100 * NOISY:.0f} %, whose numbers were disturbed by something else.",
+        "- Peak RSS: the kernel's VmHWM of the subject (with two workers: the largest sampled sum "
+        "of VmRSS). CPU: utime + stime from /proc during the run, per 1,000 2xx answers.",
+        "- Each Kafka-writing subject has its own topic prefix, topics created beforehand with "
+        "3 partitions; the naive bridge uses one `AIOKafkaProducer(acks='all')` and "
+        "`send_and_wait` per request.",
+        f"- Deliveries ({context.mix_source}), each with a fresh x-Idempotency-Key:",
+        "",
+    ]
+    out += _table(
+        ["event type", "share %", "shape"],
+        [[t, f"{s:.1f}", f"`{shape}`"] for t, s, shape in context.mix],
+    )
+    notes = list(context.notes)
+    notes += [
+        f"{r.name} broke in a first attempt and was measured again: "
+        + r.earlier_error.splitlines()[0]
+        for r in results
+        if r.earlier_error
+    ]
+    if notes:
+        out += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    return out
+
+
+def markdown(results: Sequence[SubjectResult], context: Context, chart: Path | None) -> str:
+    baselines = Baselines(results)
+    kind = "quick smoke run (BENCH_QUICK=1): numbers are rough" if context.quick else "full run"
+    out = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (tests/bench/run.py) on {context.date}, {kind}, "
+        f"in {context.elapsed_seconds / 60:.1f} minutes. This machine is small and shared: "
+        "compare the ratios to the baselines measured in the same run rather than the "
+        "absolute numbers.",
+        "",
+    ]
+    if chart is not None:
+        out += [f"![throughput and latency]({chart.name})", ""]
+    out += _headline(results, baselines)
+    out += _targets(results, baselines, context.skipped_modes)
+    out += _every_subject(results)
+    out += _workers(results)
+    out += _metrics(results)
+    out += _profiles(results)
+    out += _checks(results)
+    out += _method(results, context)
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------
+# results.png
+
+
+def chart(results: Sequence[SubjectResult], path: Path) -> bool:
+    """Throughput bars and latency percentiles; False if matplotlib is missing."""
+    try:
+        import matplotlib as mpl  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return False
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+
+    measured = [r for r in results if r.throughput is not None]
+    singles = [r for r in measured if r.workers == 1]
+    rates = sorted(
+        {run.offered_rate for r in singles for run in r.runs if run.offered_rate is not None}
+    )
+    fig = plt.figure(figsize=(13, 9.5), layout="constrained")
+    grid = fig.add_gridspec(2, max(1, len(rates)))
+    ax = fig.add_subplot(grid[0, :])
+
+    def color(r: SubjectResult) -> str:
+        if r.failed_runs:
+            return "#d62728"
+        if r.kind == "bridge":
+            return "#1f77b4" if r.workers == 1 else "#9ecae1"
+        return "#7f7f7f" if r.workers == 1 else "#c7c7c7"
+
+    names = [
+        r.name
+        + (" (FAILED)" if r.failed_runs else "")
+        + (" (disturbed)" if _disturbed(r.run(SATURATION)) else "")
+        for r in measured
+    ]
+    values = [r.throughput or 0.0 for r in measured]
+    bars = ax.barh(names, values, color=[color(r) for r in measured])
+    ax.invert_yaxis()
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3, fontsize=9)
+    ax.set_xlabel("2xx answers per second at saturation (wrk -t1, higher is better)")
+    ax.set_title("Throughput (grey: baselines, blue: the bridge; light: two workers)")
+    ax.set_xlim(0, max(values, default=1) * 1.15)
+    ax.grid(axis="x", alpha=0.3)
+
+    percentiles: list[tuple[str, Callable[[RunResult], float | None]]] = [
+        ("p50", lambda run: run.p50_ms),
+        ("p99", lambda run: run.p99_ms),
+        ("p99.9", lambda run: run.p999_ms),
+    ]
+    shades = ["#9ecae1", "#3182bd", "#08519c"]
+    for col, rate in enumerate(rates):
+        lax = fig.add_subplot(grid[1, col])
+        subjects = [r for r in singles if r.run(rate_label(rate)) is not None]
+        width = 0.8 / len(percentiles)
+        for k, (label, pick) in enumerate(percentiles):
+            xs = [i + (k - 1) * width for i in range(len(subjects))]
+            ys = []
+            for r in subjects:
+                run = r.run(rate_label(rate))
+                ys.append((pick(run) if run else None) or 0.0)
+            lax.bar(xs, ys, width=width, label=label, color=shades[k])
+        lax.set_yscale("log")
+        lax.set_xticks(range(len(subjects)))
+        lax.set_xticklabels(
+            [
+                r.name + (" (disturbed)" if _disturbed(r.run(rate_label(rate))) else "")
+                for r in subjects
+            ],
+            rotation=25,
+            ha="right",
+            fontsize=9,
+        )
+        lax.set_ylabel("latency, ms (log scale)")
+        lax.set_title(f"Latency at {rate} requests/s offered (vegeta, open loop)")
+        lax.grid(axis="y", alpha=0.3, which="both")
+        if rate == TARGET_RATE:
+            lax.axhline(1.0, color="#2ca02c", linestyle="--", linewidth=1, label="target p50 1 ms")
+            lax.axhline(5.0, color="#ff7f0e", linestyle="--", linewidth=1, label="target p99 5 ms")
+        lax.legend(fontsize=8, loc="upper left")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(out: Path, results: Sequence[SubjectResult], context: Context) -> list[Path]:
+    png = out / "results.png"
+    drew = chart(results, png)
+    if not drew:
+        context.notes.append("matplotlib is not installed: no chart (pip install matplotlib)")
+    md = out / "results.md"
+    md.write_text(markdown(results, context, png if drew else None), encoding="utf-8")
+    return [md, png] if drew else [md]
+
+
+# --------------------------------------------------------------------------
+# Rendering again from results.json (after changing this file, say)
+
+
+def load(path: Path) -> tuple[list[SubjectResult], Context]:
+    """The results and context that run.py wrote to results.json."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    subjects = []
+    for raw in data["subjects"]:
+        runs = [RunResult(**run) for run in raw.pop("runs")]
+        subject = SubjectResult(**raw, runs=runs)
+        subject.profile_top = [(str(k), float(v)) for k, v in subject.profile_top]
+        subject.profile_files = [(str(k), float(v)) for k, v in subject.profile_files]
+        subjects.append(subject)
+    ctx = data["context"]
+    context = Context(
+        date=ctx["date"],
+        quick=ctx["quick"],
+        elapsed_seconds=ctx["elapsed_seconds"],
+        plan=ctx["plan"],
+        machine=ctx["machine"],
+        versions=ctx["versions"],
+        mix=[(m["event_type"], m["share_percent"], m["shape"]) for m in ctx["mix"]],
+        mix_source=ctx.get("mix_source", ""),
+        notes=ctx["notes"],
+        skipped_modes=ctx.get("skipped_modes", []),
+    )
+    return subjects, context
+
+
+def save(out: Path, results: Sequence[SubjectResult], context: Context) -> list[Path]:
+    """results.md, results.png and results.json in ``out``."""
+    written = write(out, results, context)
+    payload = {"context": context_json(context), "subjects": [asdict(r) for r in results]}
+    path = out / "results.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return [*written, path]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tests.bench.report [results.json]``: write results.md and .png again."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = Path(args[0]) if args else Path(__file__).with_name("results.json")
+    results, context = load(path)
+    for written in write(path.parent, results, context):
+        print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

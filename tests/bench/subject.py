@@ -1,0 +1,60 @@
+"""Start one benchmark subject: ``python -m tests.bench.subject NAME --port P [--workers N]``.
+
+NAME is ``raw``, ``starlette`` or ``naive`` (the apps of baselines.py, run as
+``uvicorn APP --loop uvloop --http httptools --no-access-log`` would) or ``cli``
+(the bridge: exactly what ``python -m bridge serve`` runs, configured by the
+BRIDGE_* variables).
+
+Why not run those commands directly: this machine is shared, and while the
+harness was written its subjects were SIGTERMed mid-run, four times, by
+short-lived processes outside it (strace showed the senders; most likely a
+name-matching clean-up in another session). A command line that names neither
+uvicorn nor the bridge has not been hit since; run.py also measures a subject
+that dies once more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+APPS = {
+    "raw": ("tests.bench.baselines:raw_asgi", False),
+    "starlette": ("tests.bench.baselines:starlette_noop", False),
+    "naive": ("tests.bench.baselines:naive_bridge", True),  # a factory
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.subject")
+    parser.add_argument("name", choices=[*APPS, "cli"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.name == "cli":
+        from bridge.cli import main as bridge_main  # noqa: PLC0415
+
+        extra = ["--workers", str(args.workers)] if args.workers > 1 else []
+        return bridge_main(["serve", *extra])
+
+    import uvicorn  # noqa: PLC0415
+
+    app, factory = APPS[args.name]
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        workers=args.workers,
+        factory=factory,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
