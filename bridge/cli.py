@@ -33,6 +33,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (OSError, TimeoutError) as exc:  # Kafka unreachable or refusing, for the tools
+        print(
+            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: "
+            f"{exc or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as exc:
+        if type(exc).__module__.startswith("aiokafka"):
+            print(
+                f"bridge: Kafka at {settings.kafka_bootstrap}: {exc or type(exc).__name__}",
+                file=sys.stderr,
+            )
+            return 1
+        raise
     return code
 
 

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
+from bridge.devkafka import free_port
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 
@@ -52,6 +53,18 @@ def test_missing_compression_library_is_a_config_error(
     assert code == (0 if installed else 2)
     if not installed:
         assert "pip install 'aiokafka[zstd]'" in capsys.readouterr().err
+
+
+def test_kafka_unreachable_is_one_clear_line(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator command that cannot reach Kafka exits 1 with a line naming it, no traceback."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "2")
+    assert main(["topics", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: Kafka at 127.0.0.1:" in err
+    assert "Traceback" not in err
 
 
 def test_template_pattern_matches_its_topics() -> None:
