@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -14,6 +15,28 @@ from typing import IO, Self
 import httpx2
 
 from bridge.devkafka import free_port
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    name: str,
+    within: float,
+    log: Callable[[], str],
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's log if it dies or
+    stays unready for ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx2.get(url, timeout=1).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} not ready within {within}s:\n{log()}")
 
 
 class BridgeProcess:
@@ -41,17 +64,7 @@ class BridgeProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + ready_within
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx2.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"bridge not ready within {ready_within}s:\n{self.log()}")
+        wait_until_ready(self.proc, self.url + "/readyz", "bridge", ready_within, self.log)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -13,6 +12,7 @@ import httpx2
 import yaml
 
 from bridge.devkafka import free_port
+from tests.process import wait_until_ready
 
 Sample = dict[str, Any]  # one element of a query's "result": {"metric": {...}, "value": [t, "v"]}
 
@@ -57,17 +57,7 @@ class PrometheusServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + ready_within
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx2.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"prometheus not ready within {ready_within}s:\n{self.log()}")
+        wait_until_ready(self.proc, self.url + "/-/ready", "prometheus", ready_within, self.log)
 
     def api(self, path: str, **params: str) -> Any:
         """GET /api/v1/<path>; returns ``data`` of a successful answer."""
