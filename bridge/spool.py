@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "spool.db"
 SCHEMA_VERSION = 1
+#: Most expired keys deleted in one transaction.
+PURGE_CHUNK = 1000
 #: Largest number of appends committed in one transaction.
 MAX_GROUP = 1024
 
@@ -203,8 +205,18 @@ class Spool:
             await self._call(lambda c: self._remove(c, seqs))
 
     async def forget_expired_keys(self) -> int:
-        """Drop accepted keys older than the de-duplication window; proves writability."""
-        return await self._call(self._purge)  # type: ignore[no-any-return]  # see oldest()
+        """Drop accepted keys older than the de-duplication window; proves writability.
+
+        Works in chunks of PURGE_CHUNK keys, each its own job for the writer thread,
+        so appends waiting meanwhile are committed between chunks instead of behind
+        one long delete (at 2,000 events/s a 5-second round expires 10,000 keys).
+        """
+        removed = 0
+        while True:
+            chunk: int = await self._call(self._purge)
+            removed += chunk
+            if chunk < PURGE_CHUNK:
+                return removed
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -362,7 +374,11 @@ class Spool:
     def _purge(self, connection: sqlite3.Connection) -> int:
         cutoff = time.time() - max(self._dedup_window, 0)
         try:
-            cursor = connection.execute("DELETE FROM seen WHERE accepted_at < ?", (cutoff,))
+            cursor = connection.execute(
+                "DELETE FROM seen WHERE key IN "
+                "(SELECT key FROM seen WHERE accepted_at < ? LIMIT ?)",
+                (cutoff, PURGE_CHUNK),
+            )
         except sqlite3.Error:
             self.writable = False
             raise

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge import spool as spool_module
 from bridge.errors import SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 from bridge.spool import Spool
@@ -143,4 +144,18 @@ async def test_oldest_respects_byte_budget(tmp_path: Path) -> None:
         await spool.append(record(i, 1000), None)
     assert len(await spool.oldest(10, 1)) == 1
     assert len(await spool.oldest(10, 2700)) == 2
+    await spool.close()
+
+
+async def test_expired_keys_are_purged_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Purging many expired keys takes several short transactions, and removes them all."""
+    monkeypatch.setattr(spool_module, "PURGE_CHUNK", 7)
+    spool = make(tmp_path, window=0.05)
+    spool.open()
+    await asyncio.gather(*(spool.append(record(i), f"k{i}") for i in range(30)))
+    await asyncio.sleep(0.1)
+    assert await spool.forget_expired_keys() == 30
+    assert await spool.forget_expired_keys() == 0
     await spool.close()
