@@ -111,7 +111,6 @@ def create_app(
         metrics,
         answer,
         max_body_bytes=settings.max_body_bytes,
-        read_timeout=settings.read_timeout,
         access_log=settings.access_log,
     )
     guard = partial(

@@ -4,8 +4,9 @@ An ASGI app first hears of a request once its headers are complete, so it
 cannot stop a client that trickles header bytes forever (slow loris) or that
 sends megabytes of headers. This subclass does, per connection: the head of
 each request (request line and headers) must arrive within ``read_timeout``
-seconds and within ``max_head_bytes`` bytes; otherwise the client gets a
-problem+json 408 or 431 and the connection is closed. Everything else is
+seconds and within ``max_head_bytes`` bytes, and its body within the same
+``read_timeout`` from the first byte; otherwise the client gets a problem+json
+408 or 431 and the connection is closed. Everything else is
 uvicorn's own code path.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.errors import BridgeError, HeadersTooLarge, RequestTimeout
-from bridge.ingress import problem
+from bridge.ingress import BODY_TIMED_OUT, problem
 
 
 def guarded_protocol(
@@ -67,9 +68,12 @@ def guarded_protocol(
             self._await_head()
 
         def on_headers_complete(self) -> None:
-            self._stop_head_timer()
-            self._in_head = False
+            self._in_head = False  # the deadline runs on until the body is complete
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._stop_head_timer()
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -98,10 +102,24 @@ def guarded_protocol(
                         "(BRIDGE_READ_TIMEOUT)"
                     )
                 )
-            elif self._in_head and not self.transport.is_closing():
-                self.transport.close()  # connected and silent: nobody to answer
+            elif self._in_head:
+                if not self.transport.is_closing():
+                    self.transport.close()  # connected and silent: nobody to answer
+            elif self.cycle is not None and not self.cycle.response_started:
+                # The body is late. The app is waiting for it and will hear a
+                # disconnect; it counts the request (it sees BODY_TIMED_OUT).
+                self.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]  # our own key, for the app
+                self._refuse(
+                    RequestTimeout(
+                        f"the request did not arrive within {read_timeout:g} s "
+                        "(BRIDGE_READ_TIMEOUT)"
+                    ),
+                    count=False,
+                )
+            elif not self.transport.is_closing():
+                self.transport.close()  # answered already (a 413, say): just hang up
 
-        def _refuse(self, error: BridgeError) -> None:
+        def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
@@ -112,7 +130,7 @@ def guarded_protocol(
                 % (error.status, error.title.encode(), len(body), body)
             )
             self.transport.close()
-            if on_refused is not None:
+            if count and on_refused is not None:
                 on_refused(error)
 
     return GuardedHttpToolsProtocol

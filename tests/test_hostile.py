@@ -139,6 +139,10 @@ def test_slow_body_is_408(
     )
     answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    time.sleep(0.2)  # the app counts it once it hears the disconnect
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_rejections_total{reason="request_timeout"} 1.0' in metrics
+    assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
 
 
 def test_no_token_in_logs_metrics_dead_letters_or_records(
