@@ -108,10 +108,6 @@ class Event:
     environment: str | None
     value: bytes  # what is published: the body as received, or a JSON object
 
-    @property
-    def unknown_entity(self) -> bool:
-        return self.entity not in ENTITY_ACTIONS
-
 
 def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
     """Turn a delivery into an :class:`Event`, or raise a :class:`BridgeError`.
@@ -245,19 +241,26 @@ def _query_object(query: Sequence[tuple[str, str]], entity: str, action: str) ->
     return orjson.dumps(obj)
 
 
+class _ConflictingHeader(ValueError):
+    """A header sent more than once with different values."""
+
+
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The header's value (latin-1, as HTTP allows); repeated values must agree."""
     found: bytes | None = None
     for header_name, value in headers:
         if header_name.lower() == name:
             if found is not None and value != found:
-                raise BadIdempotencyKey(f"{name.decode()} is sent twice with different values")
+                raise _ConflictingHeader(name.decode())
             found = value
     return None if found is None else found.decode("latin-1")
 
 
 def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool, str | None]:
-    raw = _header(headers, IDEMPOTENCY_HEADER)
+    try:
+        raw = _header(headers, IDEMPOTENCY_HEADER)
+    except _ConflictingHeader:
+        raise BadIdempotencyKey("x-Idempotency-Key is sent twice with different values") from None
     key = (raw or "").strip()
     if not key:
         return str(uuid.uuid4()), True, raw
@@ -276,7 +279,7 @@ def _timestamp(
     """x-Timestamp as RFC 3339; a missing or bad one never rejects a delivery."""
     try:
         raw = _header(headers, TIMESTAMP_HEADER)
-    except BadIdempotencyKey:
+    except _ConflictingHeader:
         return received_at, False, None  # two different timestamps: trust neither
     parsed = parse_rfc3339(raw) if raw else None
     if parsed is None:
