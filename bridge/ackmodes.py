@@ -39,6 +39,16 @@ class AckMode(Protocol):
 
     name: str
 
+    @property
+    def backlog(self) -> Backlog | None:
+        """What waits for Kafka after the answer (None in broker mode): its depth
+        and age are the spool gauges."""
+        ...
+
+    def prepare(self) -> None:
+        """Open what must work before the server listens (raises SpoolUnusable)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -62,6 +72,7 @@ class AckMode(Protocol):
 
 class BrokerAck:
     name = "broker"
+    backlog = None
 
     def __init__(self, publisher: Publisher, settings: Settings) -> None:
         self._publisher = publisher
@@ -69,6 +80,9 @@ class BrokerAck:
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
         self._inflight: dict[str, asyncio.Future[bool]] = {}
+
+    def prepare(self) -> None:
+        pass
 
     async def start(self) -> None:
         pass
@@ -152,6 +166,7 @@ class DurableAck(_DrainedAck):
             dedup_window=settings.dedup_window,
             on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
         )
+        self.backlog: Backlog = self.spool
         self.drainer = self._drainer_of(self.spool)
         self._max_bytes = settings.spool_max_bytes
 
@@ -204,6 +219,9 @@ class MemoryAck(_DrainedAck):
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
         self.drainer = self._drainer_of(self.backlog)
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
+
+    def prepare(self) -> None:
+        pass
 
     async def start(self) -> None:
         self._start_drainer()

@@ -129,7 +129,7 @@ def create_app(
     )
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
-    backlog = getattr(ack_mode, "spool", None) or getattr(ack_mode, "backlog", None)
+    backlog = ack_mode.backlog
     if backlog is not None:
         metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
@@ -166,5 +166,5 @@ def create_app(
     metrics.inflight.set_function(lambda: in_front.in_progress)
     app.state.runtime = state
     app.state.metrics = metrics
-    app.state.prepare = getattr(ack_mode, "prepare", lambda: None)
+    app.state.prepare = ack_mode.prepare
     return app
