@@ -34,7 +34,7 @@ from bridge.metrics import Metrics
 from bridge.openapi import openapi_document
 from bridge.pipeline import Pipeline
 from bridge.publisher import KafkaPublisher, Publisher
-from bridge.routing import Router, TopicTemplate
+from bridge.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ def create_app(
     metrics = metrics or Metrics()
     publisher = publisher or KafkaPublisher(settings, metrics)
     state = state or RuntimeState()
-    router = Router(
-        TopicTemplate(settings.topic_template),
-        default_account=settings.default_account,
-        default_environment=settings.default_environment,
-        ce_source=settings.ce_source,
-    )
+    router = Router.from_settings(settings)
     ack_mode = make_ack_mode(settings, publisher, metrics)
     pipeline = Pipeline(
         router,

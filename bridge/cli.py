@@ -14,7 +14,7 @@ from typing import Any
 from bridge import logs
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
-from bridge.routing import PLACEHOLDERS, Router, TopicTemplate
+from bridge.routing import PLACEHOLDERS, Router
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,12 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _router(settings: Settings) -> Router:
-    return Router(
-        TopicTemplate(settings.topic_template),
-        default_account=settings.default_account,
-        default_environment=settings.default_environment,
-        ce_source=settings.ce_source,
-    )
+    return Router.from_settings(settings)
 
 
 def _serve(settings: Settings, _: argparse.Namespace) -> int:

@@ -11,8 +11,12 @@ import re
 import string
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from bridge.geins import Event
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
 
 #: The placeholders a topic template may use.
 PLACEHOLDERS = ("entity", "action", "account", "environment")
@@ -112,6 +116,16 @@ class Router:
         self._ce_source = ce_source.encode()
         # Topic names repeat endlessly; render each one once.
         self.topic_for = lru_cache(maxsize=4096)(self._topic)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Router:
+        """The router the settings describe (the server's and the operator tools')."""
+        return cls(
+            TopicTemplate(settings.topic_template),
+            default_account=settings.default_account,
+            default_environment=settings.default_environment,
+            ce_source=settings.ce_source,
+        )
 
     def _topic(self, entity: str, action: str, account: str, environment: str) -> str:
         return self.template.render(entity, action, account, environment)
