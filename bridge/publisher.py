@@ -38,6 +38,7 @@ from bridge.errors import (
     Unavailable,
 )
 from bridge.metrics import Metrics
+from bridge.partitioner import KeyPartitioner
 from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class KafkaPublisher:
             **options,
             acks="all",
             enable_idempotence=True,
+            partitioner=KeyPartitioner(),
             linger_ms=self._settings.kafka_linger_ms,
             compression_type=None
             if self._settings.kafka_compression == "none"
