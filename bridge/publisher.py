@@ -29,6 +29,7 @@ from aiokafka.errors import (
 )
 
 from bridge.config import Settings
+from bridge.deadlines import Watchdog
 from bridge.errors import (
     BridgeError,
     ConfigError,
@@ -189,6 +190,7 @@ class KafkaPublisher:
         self._settings = settings
         self._metrics = metrics
         self._timeout = settings.publish_timeout
+        self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -324,9 +326,11 @@ class KafkaPublisher:
         """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):  # one deadline for hand-over and ack
+            async with self._deadlines.bound():  # one deadline for hand-over and ack
                 acked = await self.hand_over(destination)
-                await asyncio.shield(acked)
+                # Not shielded: this record's future is nobody else's, and aiokafka
+                # skips a cancelled one when the batch completes.
+                await acked
         except TimeoutError:
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(
