@@ -17,7 +17,7 @@ from bridge.errors import MemoryQueueFull
 from bridge.routing import Destination
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
 class QueuedRecord:
     seq: int
     destination: Destination

@@ -174,11 +174,16 @@ class WebhookEndpoint:
         method: str = scope["method"]
         if method not in ALLOWED_METHODS:
             raise MethodNotAllowed(f"{method} is not accepted; use POST, PUT or GET")
+        raw_query: bytes = scope["query_string"]
         try:
-            query = parse_qsl(
-                scope["query_string"].decode("latin-1"),
-                keep_blank_values=True,
-                max_num_fields=MAX_QUERY_FIELDS,
+            query = (
+                parse_qsl(
+                    raw_query.decode("latin-1"),
+                    keep_blank_values=True,
+                    max_num_fields=MAX_QUERY_FIELDS,
+                )
+                if raw_query
+                else []
             )
         except ValueError:
             raise MalformedQuery(

@@ -24,7 +24,7 @@ from bridge.routing import Router
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
 class Accepted:
     """The event is safe by the guarantee ``ack`` names (or was already, if ``duplicate``)."""
 

@@ -33,7 +33,7 @@ CE_SPECVERSION = b"1.0"
 CONTENT_TYPE_JSON = b"application/json"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
 class Destination:
     """One Kafka record: everything the publisher needs, nothing it must compute."""
 
