@@ -810,9 +810,14 @@ def _check_listeners(listeners: Sequence[Listener], taken: Sequence[int]) -> Non
 def _random_cluster_id() -> str:
     """Make a cluster id as ``kafka-storage random-uuid`` does, minus a JVM start.
 
-    The format is a UUID's 16 bytes in base64url without padding.
+    The format is a UUID's 16 bytes in base64url without padding. Like Kafka's
+    own ``Uuid.randomUuid``, never one starting with "-": StorageTool would take
+    it for an option and refuse to format (one start in 64 failed that way).
     """
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 # --------------------------------------------------------------------------

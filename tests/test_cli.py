@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import uuid
 
 import pytest
 from starlette.testclient import TestClient
 
+from bridge import devkafka
 from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
@@ -146,3 +148,12 @@ def test_deadletter_list_and_replay(
     [replayed] = records
     assert (replayed.key, replayed.value) == (b"novel-1", b'{"code":"X"}')
     assert dict(replayed.headers)["ce_subject"] == b"v1"
+
+
+def test_a_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uuid bytes whose base64url starts with "-" (0xf8...), then ordinary ones
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(int=42)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
+    cluster_id = devkafka._random_cluster_id()
+    assert not cluster_id.startswith("-")
+    assert len(cluster_id) == 22
