@@ -60,6 +60,7 @@ class SubjectResult:
     ack: str | None
     cpus: str  # where it was pinned ("0", or "all")
     writes_kafka: bool
+    cut: str | None = None  # the layer a "layer" subject cuts requests short at
     runs: list[RunResult] = field(default_factory=list)
     peak_rss_bytes: int | None = None
     rss_after_warmup_bytes: int | None = None

@@ -327,15 +327,77 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
     return out + _table(header, rows)
 
 
+def _cpu_us(subject: SubjectResult | None) -> float | None:
+    """The subject's CPU per answered request at saturation, in µs."""
+    run = subject.run(SATURATION) if subject is not None and not subject.error else None
+    return run.cpu_per_1k * 1000 if run is not None and run.cpu_per_1k is not None else None
+
+
+#: (cut, what the layer between the previous cut and this one does)
+LAYERS = (
+    ("server", "HTTP: uvicorn, httptools, the bridge's HTTP protocol (deadlines, head limits)"),
+    ("guard", "the guard (URL and header limits, concurrency) and the webhook dispatch"),
+    ("kafka", "the endpoint: query, token, body, parse, route, answer, metrics"),
+)
+
+
+def _layers(results: Sequence[SubjectResult]) -> list[str]:
+    """Where a broker-mode request's CPU goes, from the bridge cut short at each layer."""
+    cuts = {r.cut: _cpu_us(r) for r in results if r.cut}
+    whole = _cpu_us(next((r for r in results if r.name == "bridge broker"), None))
+    if whole is None or any(cuts.get(cut) is None for cut, _ in LAYERS):
+        return []
+    out = [
+        "## Where a request's CPU goes (broker mode)",
+        "",
+        "The bridge measured again at saturation with webhook requests cut short at one "
+        "layer (tests/bench/cutpoints.py); each row is the CPU per request that layer adds "
+        "to the one above it. The Starlette no-op and raw ASGI baselines show where a "
+        "request on this machine cannot go below.",
+        "",
+    ]
+    rows = []
+    before = 0.0
+    for cut, what in LAYERS:
+        spent = cuts[cut] or 0.0
+        rows.append([what, f"{spent - before:.1f}", f"{100 * (spent - before) / whole:.0f} %"])
+        before = spent
+    rows.append(
+        [
+            "Kafka: hand-over to aiokafka, its batching and network, the ack, the deadline",
+            f"{whole - before:.1f}",
+            f"{100 * (whole - before) / whole:.0f} %",
+        ]
+    )
+    rows.append(["**the whole request**", f"**{whole:.1f}**", "100 %"])
+    out += _table(["layer", "µs CPU per request", "share"], rows)
+    for name in ("raw-asgi", "starlette-noop"):
+        cpu = _cpu_us(next((r for r in results if r.name == name and r.workers == 1), None))
+        if cpu is not None:
+            out.append(f"- {name}: {cpu:.1f} µs per request")
+    return [*out, ""]
+
+
 def _metrics(results: Sequence[SubjectResult]) -> list[str]:
     scraped = [r for r in results if r.metrics_scrape_ms is not None]
     if not scraped:
         return []
     out = ["## Prometheus metrics", ""]
+    whole = _cpu_us(next((r for r in results if r.name == "bridge broker"), None))
+    bare = _cpu_us(next((r for r in results if r.cut == "nometrics"), None))
+    if whole is not None and bare is not None:
+        out += [
+            "On the request path (the bridge has no switch to turn them off; the harness "
+            "replaces the recording calls with no-ops, see cutpoints.py): broker mode spends "
+            f"{whole:.1f} µs of CPU per request with them and {bare:.1f} µs without, "
+            f"so they cost {whole - bare:+.1f} µs per request "
+            f"({100 * (whole - bare) / whole:+.0f} %; differences of a few µs are within "
+            "the noise of this machine).",
+            "",
+        ]
     out += [
-        "The bridge always serves `/metrics` (there is no switch to measure it without); "
-        "its cost on the request path is inside every bridge number above. A scrape after "
-        "the runs (median of 20):",
+        "Serving `/metrics` costs nothing until it is scraped. A scrape after the runs "
+        "(median of 20):",
         "",
     ]
     rows = [
@@ -469,6 +531,7 @@ def markdown(results: Sequence[SubjectResult], context: Context, chart: Path | N
     out += _headline(results, baselines)
     out += _targets(results, baselines, context.skipped_modes)
     out += _every_subject(results)
+    out += _layers(results)
     out += _workers(results)
     out += _metrics(results)
     out += _profiles(results)
@@ -490,7 +553,7 @@ def chart(results: Sequence[SubjectResult], path: Path) -> bool:
     mpl.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
 
-    measured = [r for r in results if r.throughput is not None]
+    measured = [r for r in results if r.throughput is not None and r.kind != "layer"]
     singles = [r for r in measured if r.workers == 1]
     rates = sorted(
         {run.offered_rate for r in singles for run in r.runs if run.offered_rate is not None}

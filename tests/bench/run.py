@@ -44,6 +44,7 @@ from pathlib import Path
 
 from bridge.devkafka import KAFKA_VERSION, LocalKafka, ensure_jars, free_port, free_ports
 from tests.bench import report
+from tests.bench.cutpoints import CUTS
 from tests.bench.kafkacount import KafkaProbe
 from tests.bench.mix import (
     REPO,
@@ -100,6 +101,7 @@ class Plan:
     subject_cpus: set[int] | None
     load_cpus: set[int] | None
     two_workers: bool
+    layers: bool  # measure the bridge cut short at each layer
     profile: bool
     only: frozenset[str]
     out: Path
@@ -125,6 +127,7 @@ class Plan:
             subject_cpus={cpus[0]} if pin else None,
             load_cpus=set(cpus[1:]) if pin else None,
             two_workers=os.environ.get("BENCH_WORKERS2", "1") != "0",
+            layers=os.environ.get("BENCH_LAYERS", "1") != "0",
             profile=os.environ.get("BENCH_PROFILE", "") not in {"", "0"},
             only=frozenset(s.strip() for s in only.split(",") if s.strip()),
             out=Path(os.environ.get("BENCH_OUT", str(REPO / "tests" / "bench"))),
@@ -174,6 +177,7 @@ class Subject:
     ack: str | None = None
     metrics: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    cut: str | None = None  # cut short at this layer (cutpoints.py): saturation only
 
 
 # --------------------------------------------------------------------------
@@ -286,12 +290,30 @@ def make_subjects(
             workers=workers,
         )
 
+    def cut(layer: str) -> Subject:
+        # The broker mode, cut short: what each layer of a request costs (report.py).
+        whole = bridge("broker", 1)
+        prefix = f"{whole.prefix}-{layer}"
+        publishes = layer == "nometrics"
+        return Subject(
+            name=f"bridge broker cut:{layer}",
+            base=f"bridge broker cut:{layer}",
+            kind="layer",
+            argv=[*whole.argv, "--cut", layer],
+            env={**whole.env, "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}"},
+            prefix=prefix if publishes else None,
+            ack="broker",
+            cut=layer,
+        )
+
     subjects = [
         simple("raw-asgi", 1),
         simple("starlette-noop", 1),
         naive(1),
         *(bridge(mode, 1) for mode in modes),
     ]
+    if plan.layers and "broker" in modes:
+        subjects += [cut(layer) for layer in CUTS]
     if plan.two_workers:
         subjects += [
             simple("raw-asgi", 2),
@@ -396,6 +418,7 @@ class Bench:
             ack=subject.ack,
             cpus=",".join(map(str, sorted(cpus))) if cpus else "any",
             writes_kafka=subject.prefix is not None,
+            cut=subject.cut,
         )
         slug = subject.name.replace(" ", "-")
         home = self.workdir / slug
@@ -406,7 +429,7 @@ class Bench:
                 [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
             )
         env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
-        if subject.kind == "bridge":
+        if subject.kind in {"bridge", "layer"}:  # configured by BRIDGE_* variables
             env["BRIDGE_PORT"] = str(port)
             argv = subject.argv
         else:
@@ -421,7 +444,7 @@ class Bench:
             self._runs(subject, proc, result, home)
             if subject.metrics:
                 self._scrape_metrics(proc, result)
-            if self.plan.profile and subject.ack == "broker" and not multi:
+            if self.plan.profile and subject.ack == "broker" and not (multi or subject.cut):
                 self._profile(subject, proc, result, home)
         except Exception as exc:  # one broken subject must not end the run
             result.error = f"{type(exc).__name__}: {exc}"
@@ -459,7 +482,7 @@ class Bench:
             + (f", Kafka {sat.verify_detail}" if sat.verified is not None else "")
             + _noise(sat)
         )
-        if subject.workers > 1 or self.vegeta is None:
+        if subject.workers > 1 or subject.cut or self.vegeta is None:
             return
         for rate in self.plan.rates:
             run = self._undisturbed(

@@ -3,7 +3,7 @@
 NAME is ``raw``, ``starlette`` or ``naive`` (the apps of baselines.py, run as
 ``uvicorn APP --loop uvloop --http httptools --no-access-log`` would) or ``cli``
 (the bridge: exactly what ``python -m bridge serve`` runs, configured by the
-BRIDGE_* variables).
+BRIDGE_* variables; with ``--cut LAYER``, cut short as cutpoints.py says).
 
 Why not run those commands directly: this machine is shared, and while the
 harness was written its subjects were SIGTERMed mid-run, four times, by
@@ -19,6 +19,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from tests.bench.cutpoints import CUTS, install
+
 APPS = {
     "raw": ("tests.bench.baselines:raw_asgi", False),
     "starlette": ("tests.bench.baselines:starlette_noop", False),
@@ -32,9 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cut", choices=CUTS, help="cut requests short (cutpoints.py)")
     args = parser.parse_args(argv)
     if args.name == "cli":
         from bridge.cli import main as bridge_main  # noqa: PLC0415
+
+        if args.cut:
+            install(args.cut)
 
         extra = ["--workers", str(args.workers)] if args.workers > 1 else []
         return bridge_main(["serve", *extra])
