@@ -64,6 +64,7 @@ class Watchdog:
         self.seconds = seconds
         self._waits: deque[Deadline] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bound(self) -> Deadline:
         """A deadline ``seconds`` from now for the current task."""
@@ -72,8 +73,11 @@ class Watchdog:
             raise RuntimeError("Watchdog.bound() outside a task")
         deadline = Deadline(task, time.monotonic() + self.seconds)
         self._waits.append(deadline)
-        if self._timer is None:
-            self._timer = task.get_loop().call_later(TICK_SECONDS, self._tick)
+        loop = task.get_loop()
+        # A timer of another (closed) loop never fires: arm one on this loop.
+        if self._timer is None or self._loop is not loop:
+            self._loop = loop
+            self._timer = loop.call_later(TICK_SECONDS, self._tick)
         return deadline
 
     def _tick(self) -> None:

@@ -82,3 +82,16 @@ async def test_cancelled_both_ways_the_outer_cancellation_wins() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.create_task(wait())
+
+
+def test_a_watchdog_keeps_working_on_a_new_event_loop() -> None:
+    watchdog = Watchdog(0.05)
+
+    async def bounded_sleep(seconds: float) -> None:
+        async with watchdog.bound():
+            await asyncio.sleep(seconds)
+
+    # The first loop closes with a tick still pending.
+    asyncio.run(bounded_sleep(0))
+    with pytest.raises(TimeoutError):
+        asyncio.run(bounded_sleep(10))
