@@ -327,6 +327,12 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
     return out + _table(header, rows)
 
 
+def _broker_cpu_us(results: Sequence[SubjectResult]) -> float | None:
+    """The whole broker-mode bridge's CPU per request: what the layers and the
+    metrics are measured against."""
+    return _cpu_us(next((r for r in results if r.name == "bridge broker"), None))
+
+
 def _cpu_us(subject: SubjectResult | None) -> float | None:
     """The subject's CPU per answered request at saturation, in µs."""
     run = subject.run(SATURATION) if subject is not None and not subject.error else None
@@ -344,7 +350,7 @@ LAYERS = (
 def _layers(results: Sequence[SubjectResult]) -> list[str]:
     """Where a broker-mode request's CPU goes, from the bridge cut short at each layer."""
     cuts = {r.cut: _cpu_us(r) for r in results if r.cut}
-    whole = _cpu_us(next((r for r in results if r.name == "bridge broker"), None))
+    whole = _broker_cpu_us(results)
     if whole is None or any(cuts.get(cut) is None for cut, _ in LAYERS):
         return []
     out = [
@@ -371,8 +377,9 @@ def _layers(results: Sequence[SubjectResult]) -> list[str]:
     )
     rows.append(["**the whole request**", f"**{whole:.1f}**", "100 %"])
     out += _table(["layer", "µs CPU per request", "share"], rows)
+    baselines = Baselines(results)
     for name in ("raw-asgi", "starlette-noop"):
-        cpu = _cpu_us(next((r for r in results if r.name == name and r.workers == 1), None))
+        cpu = _cpu_us(baselines.by_name.get(name))
         if cpu is not None:
             out.append(f"- {name}: {cpu:.1f} µs per request")
     return [*out, ""]
@@ -383,7 +390,7 @@ def _metrics(results: Sequence[SubjectResult]) -> list[str]:
     if not scraped:
         return []
     out = ["## Prometheus metrics", ""]
-    whole = _cpu_us(next((r for r in results if r.name == "bridge broker"), None))
+    whole = _broker_cpu_us(results)
     bare = _cpu_us(next((r for r in results if r.cut == "nometrics"), None))
     if whole is not None and bare is not None:
         out += [
