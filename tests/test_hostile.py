@@ -180,3 +180,66 @@ def test_no_token_in_logs_metrics_dead_letters_or_records(
     )
     assert TOKEN not in written
     assert wrong not in written
+
+
+def _request(path: str, *, method: str = "POST", body: bytes = b"", extra: bytes = b"") -> bytes:
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+        + extra
+        + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class _Answers:
+    """Reads whole responses off a socket, keeping what arrives early for the next one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def next(self, *, has_body: bool = True) -> bytes:
+        while True:
+            head_end = self.data.find(b"\r\n\r\n")
+            if head_end >= 0:
+                end = head_end + 4
+                if has_body:
+                    head = self.data[:head_end].lower()
+                    end += int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(self.data) >= end:
+                    answer, self.data = self.data[:end], self.data[end:]
+                    return answer
+            chunk = self.sock.recv(65536)
+            assert chunk, f"closed with {self.data!r} unanswered"
+            self.data += chunk
+
+
+def test_responses_held_for_one_write_are_never_lost_or_late(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """The server holds each response's head back to send it with the body
+    (bridge.httpprotocol.OneWritePerResponse): pipelined requests, HEAD answers
+    (no body write) and an interim 100 Continue must all still arrive in time."""
+    body = b'{"entity":"Product","action":"update","id":"1"}'
+    sock = connect(bridge)
+    sock.settimeout(3)
+    answers = _Answers(sock)
+    sock.sendall(
+        _request("/healthz", method="GET")
+        + _request("/webhooks/geins", body=body, extra=b"x-idempotency-key: piped\r\n")
+        + _request("/healthz", method="HEAD")
+        + _request("/readyz", method="GET")
+    )
+    assert answers.next().endswith(b'{"status":"alive"}')
+    accepted = answers.next()
+    assert accepted.startswith(b"HTTP/1.1 202")
+    assert b'"key":"piped"' in accepted
+    assert answers.next(has_body=False).startswith(b"HTTP/1.1 200")
+    assert answers.next().startswith(b"HTTP/1.1 200")
+
+    # Expect: 100-continue: the interim answer must come before the body is sent.
+    head = _request("/webhooks/geins", extra=b"expect: 100-continue\r\nx-idempotency-key: c\r\n")
+    sock.sendall(head.replace(b"content-length: 0", b"content-length: %d" % len(body)))
+    assert answers.next(has_body=False).startswith(b"HTTP/1.1 100")
+    sock.sendall(body)
+    assert answers.next().startswith(b"HTTP/1.1 202")
