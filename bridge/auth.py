@@ -86,7 +86,9 @@ class TokenAuthenticator:
         if self.open:
             return
         self._reload_file()
-        presented = [*self._from_headers(headers), *self._from_query(query)]
+        presented = self._from_headers(headers)
+        if query:
+            presented += self._from_query(query)
         if not presented:
             raise Unauthorized(
                 "no token: send 'Authorization: Bearer <token>' or add '?token=<token>' to the URL"

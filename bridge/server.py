@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 from types import FrameType
 
 import uvicorn
@@ -62,10 +63,12 @@ class StartupConfigError:
         self.app = app
         self.error: ConfigError | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)  # requests pass without a coroutine of ours
+        return self._lifespan(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         failed: list[Message] = []
 
         async def hold_failure(message: Message) -> None:
@@ -109,6 +112,7 @@ def serve(settings: Settings) -> int:
         http=protocol,
         timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
+        interface="asgi3",  # StartupConfigError's __call__ is a plain function: no guessing
         proxy_headers=False,  # client addresses are the guard's business (BRIDGE_TRUSTED_PROXIES)
         access_log=False,
         server_header=False,
