@@ -45,9 +45,14 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+def partition_index(key: bytes, count: int) -> int:
+    """Kafka's default partition for ``key`` in a topic of ``count`` partitions."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
+
+
 def partition_for(key: bytes, partitions: Sequence[int]) -> int:
     """The partition of ``key`` among ``partitions`` (all of the topic's, sorted)."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[partition_index(key, len(partitions))]
 
 
 class KeyPartitioner:

@@ -1,6 +1,7 @@
 """The Kafka side: one idempotent aiokafka producer per process.
 
-The only module on the request path that imports aiokafka. Every await on the
+With :mod:`bridge.handover`, the only module on the request path that imports
+aiokafka. Every await on the
 broker has a deadline (aiokafka can otherwise wait forever while the broker is
 unreachable with idempotence on), and the background tasks it owns report
 their death loudly instead of vanishing.
@@ -38,6 +39,7 @@ from bridge.errors import (
     PublishTimeout,
     Unavailable,
 )
+from bridge.handover import DirectHandover
 from bridge.metrics import Metrics
 from bridge.partitioner import KeyPartitioner
 from bridge.routing import Destination
@@ -192,6 +194,7 @@ class KafkaPublisher:
         self._timeout = settings.publish_timeout
         self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
+        self._handover: DirectHandover | None = None  # the producer's fast way in
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -221,6 +224,7 @@ class KafkaPublisher:
                 raise
             log.error("cannot connect to Kafka: %s", exc)
             return False
+        max_request_size = self._settings.max_body_bytes + RECORD_OVERHEAD_BYTES
         producer = AIOKafkaProducer(
             **options,
             acks="all",
@@ -230,7 +234,7 @@ class KafkaPublisher:
             compression_type=None
             if self._settings.kafka_compression == "none"
             else self._settings.kafka_compression,
-            max_request_size=self._settings.max_body_bytes + RECORD_OVERHEAD_BYTES,
+            max_request_size=max_request_size,
         )
         try:
             async with asyncio.timeout(self._settings.kafka_connect_timeout):
@@ -245,6 +249,7 @@ class KafkaPublisher:
                 if refusal is not None:
                     raise ConfigError(refusal) from None
             return False
+        self._handover = DirectHandover(producer, max_request_size)
         self._producer = producer
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
         log.info("connected to Kafka at %s", self._settings.kafka_bootstrap)
@@ -286,6 +291,12 @@ class KafkaPublisher:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable("not connected to Kafka yet")
         try:
+            if self._handover is not None:
+                acked = self._handover.append(
+                    destination.topic, destination.key, destination.value, destination.headers
+                )
+                if acked is not None:
+                    return acked
             return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
                 destination.topic,
                 value=destination.value,
@@ -347,6 +358,9 @@ class KafkaPublisher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         producer, self._producer = self._producer, None
+        if self._handover is not None:
+            self._handover.close()
+            self._handover = None
         if producer is None:
             return
         try:

@@ -1,0 +1,86 @@
+"""DirectHandover against the real broker: records land on Kafka's partition for their key,
+the slow way still works, and a partition count change is seen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+
+from bridge.config import load_settings
+from bridge.handover import DirectHandover
+from bridge.kafkaadmin import read_to_end
+from bridge.metrics import Metrics
+from bridge.partitioner import partition_index
+from bridge.publisher import KafkaPublisher
+from bridge.routing import Destination
+
+pytestmark = pytest.mark.kafka
+
+
+def destination(topic: str, key: str) -> Destination:
+    return Destination(
+        topic=topic, key=key.encode(), value=b'{"k":"%s"}' % key.encode(), headers=[]
+    )
+
+
+def test_records_land_on_kafkas_partition_for_their_key(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record takes the fast way once the topic's partitions are known, lands on
+    Kafka's default partition for its key, and follows a growing partition count."""
+    topic = topic_prefix + ".grows"
+    fast: list[bool] = []
+    append = DirectHandover.append
+
+    def counting(self: DirectHandover, *args: Any) -> Any:
+        future = append(self, *args)
+        fast.append(future is not None)
+        return future
+
+    monkeypatch.setattr(DirectHandover, "append", counting)
+    settings = load_settings(
+        environ={
+            "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "BRIDGE_TOKENS": "t",
+            "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],
+        }
+    )
+
+    async def run() -> list[Any]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 2, 1)])
+            publisher = KafkaPublisher(settings, Metrics())
+            await publisher.start()
+            try:
+                await publisher.publish(destination(topic, "a-first"))  # learns the topic
+                await asyncio.gather(
+                    *(publisher.publish(destination(topic, f"a{i}")) for i in range(39))
+                )
+                await admin.create_partitions({topic: NewPartitions(5)})
+                producer = publisher._producer  # to see the new count now
+                assert producer is not None
+                cluster = producer.client.cluster
+                while len(cluster.partitions_for_topic(topic) or ()) < 5:
+                    await producer.client.force_metadata_update()
+                    await asyncio.sleep(0.1)
+                await asyncio.gather(
+                    *(publisher.publish(destination(topic, f"b{i}")) for i in range(40))
+                )
+            finally:
+                await publisher.stop()
+        finally:
+            await admin.close()
+        return await read_to_end({"bootstrap_servers": kafka_bootstrap}, prefix=topic)
+
+    records = asyncio.run(run())
+    assert len(records) == 80
+    for record in records:
+        count = 2 if record.key.startswith(b"a") else 5
+        assert record.partition == partition_index(record.key, count), record.key
+    assert fast.count(True) >= 79  # the first may wait for the topic's metadata
