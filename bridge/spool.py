@@ -272,20 +272,24 @@ class Spool:
         added_bytes = added = 0
         try:
             connection.execute("BEGIN IMMEDIATE")
-            keys_in_group: set[str] = set()
+            # One statement per kind for the whole group, not three per record: the
+            # Python around each execute() costs more than SQLite's work, and this
+            # thread holds the GIL the event loop needs meanwhile.
+            already = self._seen_among(
+                connection, [item.dedup_key for item in group if item.dedup_key is not None], now
+            )
+            rows: list[tuple[object, ...]] = []
+            seen_rows: list[tuple[str, float]] = []
             for item in group:
-                if item.dedup_key is not None and (
-                    item.dedup_key in keys_in_group or self._seen(connection, item.dedup_key, now)
-                ):
+                key = item.dedup_key
+                if key is not None and key in already:
                     results.append(False)
                     continue
                 if self.bytes + added_bytes + item.size > self._max_bytes:
                     results.append(SpoolFull(f"the spool is full ({self._max_bytes} bytes)"))
                     continue
                 d = item.destination
-                connection.execute(
-                    "INSERT INTO spool (topic, key, value, headers, size, enqueued_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                rows.append(
                     (
                         d.topic,
                         d.key,
@@ -293,17 +297,24 @@ class Spool:
                         orjson.dumps(_headers_json(d.headers)),
                         item.size,
                         now,
-                    ),
-                )
-                if item.dedup_key is not None:
-                    keys_in_group.add(item.dedup_key)
-                    connection.execute(
-                        "INSERT OR REPLACE INTO seen (key, accepted_at) VALUES (?, ?)",
-                        (item.dedup_key, now),
                     )
+                )
+                if key is not None:
+                    already.add(key)  # a second copy in the same group is a duplicate
+                    seen_rows.append((key, now))
                 added += 1
                 added_bytes += item.size
                 results.append(True)
+            if rows:
+                connection.executemany(
+                    "INSERT INTO spool (topic, key, value, headers, size, enqueued_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            if seen_rows:
+                connection.executemany(
+                    "INSERT OR REPLACE INTO seen (key, accepted_at) VALUES (?, ?)", seen_rows
+                )
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(connection)
@@ -321,11 +332,17 @@ class Spool:
             self._on_commit(time.perf_counter() - started)
         self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
 
-    def _seen(self, connection: sqlite3.Connection, key: str, now: float) -> bool:
-        if self._dedup_window <= 0:
-            return False
-        row = connection.execute("SELECT accepted_at FROM seen WHERE key = ?", (key,)).fetchone()
-        return row is not None and row[0] >= now - self._dedup_window
+    def _seen_among(self, connection: sqlite3.Connection, keys: list[str], now: float) -> set[str]:
+        """Which of ``keys`` were accepted within the de-duplication window."""
+        if self._dedup_window <= 0 or not keys:
+            return set()
+        # MAX_GROUP keys at most: well under SQLite's limit of 32,766 parameters.
+        marks = ",".join("?" * len(keys))
+        rows = connection.execute(
+            f"SELECT key FROM seen WHERE accepted_at >= ? AND key IN ({marks})",  # noqa: S608  # only placeholders
+            (now - self._dedup_window, *keys),
+        )
+        return {row[0] for row in rows}
 
     def _read_oldest(
         self, connection: sqlite3.Connection, limit: int, max_bytes: int
