@@ -19,7 +19,10 @@ profile of the bridge in broker mode at saturation; ``BENCH_OUT`` another
 folder for the results; ``BENCH_WARMUP_SECONDS``; ``BENCH_QUIET_WAIT`` /
 ``BENCH_QUIET_BUDGET`` (seconds to wait for other processes to calm down, per
 subject / in all) and ``BENCH_RETRY_BUDGET`` (seconds to spend measuring
-disturbed runs again). See tests/bench/README.md.
+disturbed runs again); ``BENCH_SOAK_SECONDS`` (default 0: none; 600 for the issue's
+10-minute run) adds a run that long at saturation to each bridge mode in
+``BENCH_SOAK_MODES`` (default ``broker,durable``), sampling the bridge's RSS to
+show whether memory stays flat. See tests/bench/README.md.
 """
 
 from __future__ import annotations
@@ -55,7 +58,16 @@ from tests.bench.mix import (
     vegeta_targets,
     wrk_script,
 )
-from tests.bench.model import SATURATION, WARMUP, RunResult, SubjectResult, rate_label
+from tests.bench.model import (
+    SATURATION,
+    SOAK,
+    SOAK_BUCKET_SECONDS,
+    WARMUP,
+    RunResult,
+    SubjectResult,
+    bucket_peaks,
+    rate_label,
+)
 from tests.bench.procs import (
     SubjectProcess,
     cpu_seconds,
@@ -108,6 +120,8 @@ class Plan:
     quiet_wait: float  # at most this long before each subject for the machine to calm down
     quiet_budget: float  # ... and at most this long in all
     retry_budget: float  # seconds to spend measuring disturbed runs again
+    soak_seconds: float  # a run this long at saturation for memory growth; 0: none
+    soak_modes: frozenset[str]  # ... of the bridge in these ack modes
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -116,6 +130,7 @@ class Plan:
         pin = os.environ.get("BENCH_PIN", "1") != "0" and len(cpus) >= 2
         rates = os.environ.get("BENCH_RATES", "500,2000")
         only = os.environ.get("BENCH_ONLY", "")
+        soak_modes = os.environ.get("BENCH_SOAK_MODES", "broker,durable")
         return cls(
             quick=quick,
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 1.0 if quick else 5.0),
@@ -134,6 +149,8 @@ class Plan:
             quiet_wait=_env_float("BENCH_QUIET_WAIT", 0.0 if quick else 60.0),
             quiet_budget=_env_float("BENCH_QUIET_BUDGET", 120.0),
             retry_budget=_env_float("BENCH_RETRY_BUDGET", 0.0 if quick else 120.0),
+            soak_seconds=_env_float("BENCH_SOAK_SECONDS", 0.0),
+            soak_modes=frozenset(m.strip() for m in soak_modes.split(",") if m.strip()),
         )
 
     def describe(self) -> dict[str, object]:
@@ -144,6 +161,8 @@ class Plan:
             "fixed-rate seconds": self.rate_seconds,
             "rates": list(self.rates),
             "wrk connections": self.connections,
+            "soak seconds": self.soak_seconds,
+            "soak modes": sorted(self.soak_modes) if self.soak_seconds > 0 else [],
             "subject cpus": sorted(self.subject_cpus) if self.subject_cpus else "any",
             "load generator, broker and harness cpus": (
                 sorted(self.load_cpus) if self.load_cpus else "any"
@@ -482,9 +501,9 @@ class Bench:
             + (f", Kafka {sat.verify_detail}" if sat.verified is not None else "")
             + _noise(sat)
         )
-        if subject.workers > 1 or subject.cut or self.vegeta is None:
+        if subject.workers > 1 or subject.cut:
             return
-        for rate in self.plan.rates:
+        for rate in self.plan.rates if self.vegeta is not None else ():
             run = self._undisturbed(
                 subject, result, functools.partial(self._vegeta_run, subject, proc, home, rate)
             )
@@ -495,6 +514,32 @@ class Bench:
                 + (f", Kafka {run.verify_detail}" if run.verified is not None else "")
                 + _noise(run)
             )
+        if self.plan.soak_seconds > 0 and subject.ack in self.plan.soak_modes:
+            self._soak(subject, proc, result, home)
+
+    def _soak(
+        self, subject: Subject, proc: SubjectProcess, result: SubjectResult, home: Path
+    ) -> None:
+        """A long run at saturation, keeping the RSS samples taken during it: memory that
+        grows with the number of requests served (a leak, an unbounded cache) shows here
+        and not in the 15-second runs."""
+        seconds = self.plan.soak_seconds
+        say(f"{subject.name}: soak, {seconds:.0f} s at saturation")
+        first = len(proc.rss_samples)
+        run = self._wrk_run(subject, proc, home, SOAK, seconds, drain=self.plan.drain_seconds)
+        result.runs.append(run)
+        result.soak_rss = bucket_peaks(proc.rss_samples[first:], SOAK_BUCKET_SECONDS)
+        halves = report.soak_halves(result.soak_rss)
+        say(
+            f"{subject.name}: soak {run.rps:,.0f} req/s, Kafka {run.verify_detail}"
+            + (
+                f", RSS peak {halves[0] / report.MB:.0f} MB in the first half, "
+                f"{halves[1] / report.MB:.0f} MB in the second"
+                if halves
+                else ""
+            )
+            + _noise(run)
+        )
 
     def _undisturbed(
         self, subject: Subject, result: SubjectResult, measure: Callable[[], RunResult]

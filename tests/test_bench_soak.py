@@ -1,0 +1,69 @@
+"""The benchmark's soak verdict (tests/bench): whether RSS stayed flat over a long run.
+
+Pure functions on samples; the soak itself runs in ``make bench`` (BENCH_SOAK_SECONDS).
+"""
+
+from __future__ import annotations
+
+from tests.bench.model import SOAK, RunResult, SubjectResult, bucket_peaks
+from tests.bench.report import MB, _soak_verdict, is_flat, soak_halves
+
+
+def test_bucket_peaks_keeps_the_largest_value_of_each_bucket() -> None:
+    samples = [(10.0, 5), (10.5, 9), (14.9, 7), (15.0, 3), (21.0, 4)]
+    assert bucket_peaks(samples, 5.0) == [(0.0, 9), (5.0, 3), (10.0, 4)]
+    assert bucket_peaks([], 5.0) == []
+
+
+def test_halves_and_flatness() -> None:
+    steady = [(float(t), 60 * MB + (t % 3) * MB) for t in range(0, 600, 5)]
+    halves = soak_halves(steady)
+    assert halves == (62 * MB, 62 * MB)
+    assert is_flat(halves)
+
+    leaking = [(float(t), 60 * MB + t * 20_000) for t in range(0, 600, 5)]
+    halves = soak_halves(leaking)
+    assert halves is not None
+    assert halves[1] > halves[0]
+    assert not is_flat(halves)
+
+    assert soak_halves([(0.0, MB)]) is None
+
+
+def _soaked(samples: list[tuple[float, int]], seconds: float, verified: bool) -> SubjectResult:
+    subject = SubjectResult(
+        name="bridge broker",
+        kind="bridge",
+        base="bridge broker",
+        workers=1,
+        ack="broker",
+        cpus="0",
+        writes_kafka=True,
+        soak_rss=samples,
+    )
+    subject.runs.append(
+        RunResult(
+            label=SOAK,
+            offered_rate=None,
+            seconds=seconds,
+            sent=1000,
+            ok=1000,
+            non_2xx=0,
+            socket_errors=0,
+            rps=1000 / seconds,
+            verified=verified,
+        )
+    )
+    return subject
+
+
+def test_verdict_needs_ten_minutes_and_a_clean_kafka_check() -> None:
+    flat = [(float(t), 70 * MB) for t in range(0, 600, 5)]
+    assert _soak_verdict(_soaked(flat, 600.0, verified=True)).passed is True
+    assert _soak_verdict(_soaked(flat, 120.0, verified=True)).passed is None  # too short
+    assert _soak_verdict(_soaked(flat, 600.0, verified=False)).passed is False
+    growing = [(float(t), 70 * MB + t * 50_000) for t in range(0, 600, 5)]
+    assert _soak_verdict(_soaked(growing, 600.0, verified=True)).passed is False
+    no_soak = _soaked([], 600.0, verified=True)
+    no_soak.runs.clear()
+    assert _soak_verdict(no_soak).passed is None
