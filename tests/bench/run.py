@@ -503,7 +503,16 @@ class Bench:
         )
         if subject.workers > 1 or subject.cut:
             return
-        for rate in self.plan.rates if self.vegeta is not None else ():
+        if self.vegeta is not None:
+            self._rate_runs(subject, proc, result, home)
+        if self.plan.soak_seconds > 0 and subject.ack in self.plan.soak_modes:
+            self._soak(subject, proc, result, home)
+
+    def _rate_runs(
+        self, subject: Subject, proc: SubjectProcess, result: SubjectResult, home: Path
+    ) -> None:
+        """Latency at each fixed offered rate (vegeta, open loop)."""
+        for rate in self.plan.rates:
             run = self._undisturbed(
                 subject, result, functools.partial(self._vegeta_run, subject, proc, home, rate)
             )
@@ -514,8 +523,6 @@ class Bench:
                 + (f", Kafka {run.verify_detail}" if run.verified is not None else "")
                 + _noise(run)
             )
-        if self.plan.soak_seconds > 0 and subject.ack in self.plan.soak_modes:
-            self._soak(subject, proc, result, home)
 
     def _soak(
         self, subject: Subject, proc: SubjectProcess, result: SubjectResult, home: Path
