@@ -159,9 +159,10 @@ class Spool:
             )
             if version != SCHEMA_VERSION:  # written once: opening must not need free space
                 connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            depth, size, oldest = connection.execute(
-                "SELECT count(*), coalesce(sum(size), 0), min(enqueued_at) FROM spool"
+            depth, size = connection.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM spool"
             ).fetchone()
+            oldest = _oldest_enqueued_at(connection)
         except BaseException:
             connection.close()
             raise
@@ -373,20 +374,29 @@ class Spool:
         connection.execute("PRAGMA synchronous=NORMAL")
         try:
             connection.execute("BEGIN IMMEDIATE")
-            removed = connection.executemany(
-                "DELETE FROM spool WHERE seq = ? RETURNING size", [(s,) for s in seqs]
-            ).fetchall()
-            depth, oldest = connection.execute(
-                "SELECT count(*), min(enqueued_at) FROM spool"
-            ).fetchone()
+            sizes: list[int] = []
+            # execute(), not executemany(): executemany discards what RETURNING
+            # returns, and the sizes are what frees the capacity. The counters are
+            # updated from the deleted rows rather than recounted: count(*) reads
+            # the whole table, and while Kafka catches up the table is large.
+            for start in range(0, len(seqs), MAX_GROUP):
+                chunk = seqs[start : start + MAX_GROUP]
+                marks = ",".join("?" * len(chunk))
+                rows = connection.execute(
+                    f"DELETE FROM spool WHERE seq IN ({marks}) RETURNING size",  # noqa: S608  # only placeholders
+                    tuple(chunk),
+                ).fetchall()
+                sizes += (size for (size,) in rows)
+            oldest = _oldest_enqueued_at(connection)
             connection.execute("COMMIT")
         except sqlite3.Error:
             _rollback(connection)
             raise
         finally:
             connection.execute("PRAGMA synchronous=FULL")
-        self.bytes -= sum(size for (size,) in removed)
-        self.depth, self.oldest_enqueued_at = depth, oldest
+        self.depth -= len(sizes)
+        self.bytes -= sum(sizes)
+        self.oldest_enqueued_at = oldest
 
     def _purge(self, connection: sqlite3.Connection) -> int:
         cutoff = time.time() - max(self._dedup_window, 0)
@@ -423,6 +433,13 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _oldest_enqueued_at(connection: sqlite3.Connection) -> float | None:
+    """When the head of the queue was appended (by seq: the FIFO order, and a
+    primary-key lookup where min(enqueued_at) would read every row)."""
+    row = connection.execute("SELECT enqueued_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+    return None if row is None else float(row[0])
 
 
 def _rollback(connection: sqlite3.Connection) -> None:

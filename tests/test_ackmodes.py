@@ -103,6 +103,26 @@ async def test_durable_mode_survives_an_outage(tmp_path: Path) -> None:
     await mode.stop()
 
 
+async def test_durable_mode_carries_more_than_its_capacity(tmp_path: Path) -> None:
+    """BRIDGE_SPOOL_MAX_BYTES bounds what waits for Kafka, not what passes through:
+    3 MB of events through a 1 MB spool are all accepted, and it stays ready."""
+    publisher = FakePublisher()
+    mode = DurableAck(publisher, Metrics(), settings(tmp_path, BRIDGE_SPOOL_MAX_BYTES="1048576"))
+    await mode.start()
+    big = b"x" * 100_000
+    for i in range(30):
+        key = f"k{i}"
+        destination = Destination(
+            topic="geins.order.create", key=key.encode(), value=big, headers=[]
+        )
+        assert await mode.deliver(destination, key)
+        await eventually(lambda: mode.spool.depth == 0)
+        assert mode.ready
+    assert len(publisher.records) == 30
+    assert mode.spool.bytes == 0
+    await mode.stop()
+
+
 class StallingPublisher(FakePublisher):
     """Takes records but never acknowledges them (like aiokafka while Kafka is away)."""
 

@@ -159,3 +159,38 @@ async def test_expired_keys_are_purged_in_chunks(
     assert await spool.forget_expired_keys() == 30
     assert await spool.forget_expired_keys() == 0
     await spool.close()
+
+
+async def test_removing_frees_bytes_so_traffic_can_exceed_the_capacity(tmp_path: Path) -> None:
+    """The capacity bounds what is held at once, not what passes through: after
+    Kafka took the records, their bytes are free again (a leak here once made
+    durable mode refuse everything after BRIDGE_SPOOL_MAX_BYTES of traffic)."""
+    spool = make(tmp_path, max_bytes=6000)  # four records of about 1,300 bytes
+    spool.open()
+    for cycle in range(10):  # 40 records in all: more than 8 x the capacity
+        for i in range(4):
+            assert await spool.append(record(cycle * 10 + i, 1000), f"k{cycle}-{i}")
+        held = await spool.oldest(100, 10**6)
+        await spool.remove([r.seq for r in held[:3]])
+        assert spool.depth == 1
+        assert spool.oldest_enqueued_at == held[3].enqueued_at
+        await spool.remove([held[3].seq])
+        assert (spool.depth, spool.bytes) == (0, 0)
+        assert spool.oldest_enqueued_at is None
+    await spool.close()
+
+
+async def test_counters_match_the_file_after_removals(tmp_path: Path) -> None:
+    """depth and bytes, kept up to date without counting rows, equal what a fresh
+    open counts; removing an unknown seq changes nothing."""
+    spool = make(tmp_path)
+    spool.open()
+    await asyncio.gather(*(spool.append(record(i, 10 * i), None) for i in range(50)))
+    held = await spool.oldest(100, 10**6)
+    await spool.remove([r.seq for r in held[::3]] + [10**9])
+    counted = (spool.depth, spool.bytes, spool.oldest_enqueued_at)
+    await spool.close()
+    again = make(tmp_path)
+    again.connect()
+    assert (again.depth, again.bytes, again.oldest_enqueued_at) == counted
+    assert counted[0] == 50 - len(held[::3])
