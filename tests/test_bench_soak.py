@@ -6,7 +6,7 @@ Pure functions on samples; the soak itself runs in ``make bench`` (BENCH_SOAK_SE
 from __future__ import annotations
 
 from tests.bench.model import SOAK, RunResult, SubjectResult, bucket_peaks
-from tests.bench.report import MB, _soak_verdict, is_flat, soak_halves
+from tests.bench.report import MB, _refusals_verdict, _soak_verdict, is_flat, soak_halves
 
 
 def test_bucket_peaks_keeps_the_largest_value_of_each_bucket() -> None:
@@ -30,7 +30,9 @@ def test_halves_and_flatness() -> None:
     assert soak_halves([(0.0, MB)]) is None
 
 
-def _soaked(samples: list[tuple[float, int]], seconds: float, verified: bool) -> SubjectResult:
+def _soaked(
+    samples: list[tuple[float, int]], seconds: float, verified: bool, refused: int = 0
+) -> SubjectResult:
     subject = SubjectResult(
         name="bridge broker",
         kind="bridge",
@@ -46,9 +48,9 @@ def _soaked(samples: list[tuple[float, int]], seconds: float, verified: bool) ->
             label=SOAK,
             offered_rate=None,
             seconds=seconds,
-            sent=1000,
+            sent=1000 + refused,
             ok=1000,
-            non_2xx=0,
+            non_2xx=refused,
             socket_errors=0,
             rps=1000 / seconds,
             verified=verified,
@@ -67,3 +69,16 @@ def test_verdict_needs_ten_minutes_and_a_clean_kafka_check() -> None:
     no_soak = _soaked([], 600.0, verified=True)
     no_soak.runs.clear()
     assert _soak_verdict(no_soak).passed is None
+
+
+def test_refusals_fail_the_run_even_when_kafka_matches() -> None:
+    """503s under load are not keeping up: the Kafka check passes (refused deliveries
+    never reach Kafka), so a verdict of its own must fail."""
+    flat = [(float(t), 70 * MB) for t in range(0, 600, 5)]
+    clean = _soaked(flat, 600.0, verified=True)
+    assert _refusals_verdict(clean).passed is True
+    refusing = _soaked(flat, 600.0, verified=True, refused=1_590_000)
+    verdict = _refusals_verdict(refusing)
+    assert verdict.passed is False
+    assert "1,590,000" in verdict.measured
+    assert "1,590,000" in _soak_verdict(refusing).measured

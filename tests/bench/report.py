@@ -192,8 +192,22 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
             None if not subject.runs else not lost,
         )
     )
+    verdicts.append(_refusals_verdict(subject))
     verdicts.append(_soak_verdict(subject))
     return verdicts
+
+
+def _refusals_verdict(subject: SubjectResult) -> Verdict:
+    """A bridge that answers 503 under load (a full spool, say) is not keeping up,
+    however fast those answers are; the Kafka check cannot see it, as refused
+    deliveries rightly never reach Kafka."""
+    target = "every delivery answered 2xx, every run"
+    runs = [r for r in subject.runs if r.label != WARMUP]
+    if not runs:
+        return Verdict(target, "-", None)
+    refused = [f"{r.non_2xx:,} not in {r.label}" for r in runs if r.non_2xx]
+    measured = "; ".join(refused) if refused else f"all, in {len(runs)} runs"
+    return Verdict(target, measured, not refused)
 
 
 def soak_halves(samples: Sequence[tuple[float, int]]) -> tuple[int, int] | None:
@@ -228,6 +242,8 @@ def _soak_verdict(subject: SubjectResult) -> Verdict:
         f"peak {_mb(first)} MB in the first half, {_mb(second)} MB in the second "
         f"({run.seconds / 60:.1f} min at saturation, {run.ok:,} events)"
     )
+    if run.non_2xx:
+        measured += f", {run.non_2xx:,} requests not answered 2xx"
     if run.verified is False:
         return Verdict(target, measured + ", Kafka check FAILED", False)
     if run.seconds < 0.95 * SOAK_TARGET_SECONDS:
