@@ -27,9 +27,20 @@ class QueuedRecord:
 class Backlog(Protocol):
     """A FIFO the drainer empties into Kafka."""
 
-    depth: int
-    bytes: int
-    oldest_enqueued_at: float | None
+    @property
+    def depth(self) -> int:
+        """Records held."""
+        ...
+
+    @property
+    def bytes(self) -> int:
+        """What the records held count for the capacity (:func:`record_size`)."""
+        ...
+
+    @property
+    def oldest_enqueued_at(self) -> float | None:
+        """When the oldest record held was accepted (wall clock), None if empty."""
+        ...
 
     async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]: ...
 
@@ -46,17 +57,68 @@ def record_size(destination: Destination) -> int:
     )
 
 
+class RecordFifo:
+    """Records in seq order with the sizes they count for: the memory mode's queue,
+    and the spool's in-memory copy of what it holds."""
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[int, tuple[QueuedRecord, int]] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def push(self, record: QueuedRecord, size: int) -> None:
+        """Add ``record``, whose seq is higher than any held."""
+        self._records[record.seq] = (record, size)
+        self.bytes += size
+
+    def take(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
+        """Up to ``limit`` records and about ``max_bytes`` (at least one), oldest first."""
+        taken: list[QueuedRecord] = []
+        total = 0
+        for record, size in self._records.values():
+            if len(taken) >= limit or (taken and total + size > max_bytes):
+                break
+            taken.append(record)
+            total += size
+        return taken
+
+    def discard(self, seqs: Sequence[int]) -> int:
+        """Drop the records with these seqs (unknown ones are ignored); how many were held."""
+        dropped = 0
+        for seq in seqs:
+            held = self._records.pop(seq, None)
+            if held is not None:
+                dropped += 1
+                self.bytes -= held[1]
+        return dropped
+
+    def first(self) -> QueuedRecord | None:
+        held = next(iter(self._records.values()), None)
+        return held[0] if held is not None else None
+
+    def clear(self) -> None:
+        self._records.clear()
+        self.bytes = 0
+
+
 class MemoryBacklog:
     """A bounded in-memory FIFO: fast, and lost if the process dies."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._records: OrderedDict[int, QueuedRecord] = OrderedDict()
-        self._sizes: dict[int, int] = {}
+        self._records = RecordFifo()
         self._next_seq = 0
-        self.depth = 0
-        self.bytes = 0
         self.oldest_enqueued_at: float | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._records)
+
+    @property
+    def bytes(self) -> int:
+        return self._records.bytes
 
     @property
     def full(self) -> bool:
@@ -71,28 +133,14 @@ class MemoryBacklog:
             )
         self._next_seq += 1
         now = time.time()
-        self._records[self._next_seq] = QueuedRecord(self._next_seq, destination, now)
-        self._sizes[self._next_seq] = size
-        self.depth += 1
-        self.bytes += size
+        self._records.push(QueuedRecord(self._next_seq, destination, now), size)
         if self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
 
     async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
-        taken: list[QueuedRecord] = []
-        total = 0
-        for seq, record in self._records.items():
-            size = self._sizes[seq]
-            if len(taken) >= limit or (taken and total + size > max_bytes):
-                break
-            taken.append(record)
-            total += size
-        return taken
+        return self._records.take(limit, max_bytes)
 
     async def remove(self, seqs: Sequence[int]) -> None:
-        for seq in seqs:
-            if self._records.pop(seq, None) is not None:
-                self.depth -= 1
-                self.bytes -= self._sizes.pop(seq)
-        first = next(iter(self._records.values()), None)
+        self._records.discard(seqs)
+        first = self._records.first()
         self.oldest_enqueued_at = first.enqueued_at if first else None

@@ -7,6 +7,11 @@ on one writer thread, which takes every append waiting in its queue into the
 same commit, so the cost of the fsync is spread over everyone waiting for it
 and a slow disk never blocks the event loop.
 
+The writer thread also keeps a copy in memory of what the spool holds, so the
+drainer reads the records it sends from there instead of reading back what was
+just written; only after a restart, or once more is waiting than the copy may
+hold (Kafka away), does it read the file, until the spool is empty again.
+
 The same database remembers the idempotency keys accepted within the
 de-duplication window, in the transaction that spools the event, so a key is
 recorded exactly when its event became safe.
@@ -28,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from bridge.backlog import QueuedRecord, record_size
+from bridge.backlog import QueuedRecord, RecordFifo, record_size
 from bridge.errors import BridgeError, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 
@@ -40,6 +45,10 @@ SCHEMA_VERSION = 1
 PURGE_CHUNK = 1000
 #: Largest number of appends committed in one transaction.
 MAX_GROUP = 1024
+#: Bounds of the in-memory copy of the spool. In normal operation it holds only
+#: what Kafka has not acknowledged yet, a few hundred records.
+COPY_MAX_RECORDS = 10_000
+COPY_MAX_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -86,6 +95,11 @@ class Spool:
         self.bytes = 0
         self.oldest_enqueued_at: float | None = None
         self.writable = True
+        # Owned by the writer thread. When ``_copy_complete``, ``_copy`` holds every
+        # record in the file; otherwise it is empty and the file is read.
+        self._copy = RecordFifo()
+        self._copy_complete = False
+        self._last_seq = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -159,14 +173,22 @@ class Spool:
             )
             if version != SCHEMA_VERSION:  # written once: opening must not need free space
                 connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            depth, size = connection.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM spool"
+            depth, size, last_row = connection.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(max(seq), 0) FROM spool"
+            ).fetchone()
+            (last_ever,) = connection.execute(
+                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'spool'"
             ).fetchone()
             oldest = _oldest_enqueued_at(connection)
         except BaseException:
             connection.close()
             raise
         self.depth, self.bytes, self.oldest_enqueued_at = depth, size, oldest
+        # Seqs are given here, not by SQLite, so the in-memory copy knows them; never
+        # reused, like AUTOINCREMENT's own.
+        self._last_seq = max(last_row, last_ever)
+        self._copy.clear()
+        self._copy_complete = depth == 0
         if depth:
             log.info("spool %s holds %d events (%d bytes) from before", self.path, depth, size)
         return connection
@@ -270,7 +292,8 @@ class Spool:
         started = time.perf_counter()
         now = time.time()
         results: list[bool | BridgeError] = []
-        added_bytes = added = 0
+        added_bytes = 0
+        added: list[tuple[QueuedRecord, int]] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
             # One statement per kind for the whole group, not three per record: the
@@ -290,8 +313,11 @@ class Spool:
                     results.append(SpoolFull(f"the spool is full ({self._max_bytes} bytes)"))
                     continue
                 d = item.destination
+                self._last_seq += 1  # a rolled-back group leaves a gap, which is harmless
+                added.append((QueuedRecord(self._last_seq, d, now), item.size))
                 rows.append(
                     (
+                        self._last_seq,
                         d.topic,
                         d.key,
                         d.value,
@@ -303,13 +329,12 @@ class Spool:
                 if key is not None:
                     already.add(key)  # a second copy in the same group is a duplicate
                     seen_rows.append((key, now))
-                added += 1
                 added_bytes += item.size
                 results.append(True)
             if rows:
                 connection.executemany(
-                    "INSERT INTO spool (topic, key, value, headers, size, enqueued_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO spool (seq, topic, key, value, headers, size, enqueued_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             if seen_rows:
@@ -325,10 +350,11 @@ class Spool:
             self._resolve([(item.future, error) for item in group])
             return
         self.writable = True
-        self.depth += added
+        self.depth += len(added)
         self.bytes += added_bytes
         if added and self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
+        self._keep_copies(added)
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - started)
         self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
@@ -345,9 +371,21 @@ class Spool:
         )
         return {row[0] for row in rows}
 
+    def _keep_copies(self, committed: list[tuple[QueuedRecord, int]]) -> None:
+        if not self._copy_complete:
+            return
+        for record, size in committed:
+            self._copy.push(record, size)
+        if len(self._copy) > COPY_MAX_RECORDS or self._copy.bytes > COPY_MAX_BYTES:
+            # Kafka is not keeping up: read the file from now on, until it is empty.
+            self._copy.clear()
+            self._copy_complete = False
+
     def _read_oldest(
         self, connection: sqlite3.Connection, limit: int, max_bytes: int
     ) -> list[QueuedRecord]:
+        if self._copy_complete:
+            return self._copy.take(limit, max_bytes)
         records: list[QueuedRecord] = []
         total = 0
         rows = connection.execute(
@@ -397,6 +435,9 @@ class Spool:
         self.depth -= len(sizes)
         self.bytes -= sum(sizes)
         self.oldest_enqueued_at = oldest
+        self._copy.discard(seqs)
+        if self.depth == 0:
+            self._copy_complete = True  # the (empty) copy holds everything again
 
     def _purge(self, connection: sqlite3.Connection) -> int:
         cutoff = time.time() - max(self._dedup_window, 0)

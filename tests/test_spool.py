@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from pathlib import Path
 
@@ -194,3 +195,65 @@ async def test_counters_match_the_file_after_removals(tmp_path: Path) -> None:
     again.connect()
     assert (again.depth, again.bytes, again.oldest_enqueued_at) == counted
     assert counted[0] == 50 - len(held[::3])
+
+
+async def test_seqs_are_never_reused_across_restarts(tmp_path: Path) -> None:
+    """The spool numbers records itself (so its in-memory copy knows them); an
+    emptied spool, reopened, goes on counting like AUTOINCREMENT would."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(3):
+        await spool.append(record(i), None)
+    held = await spool.oldest(10, 10**6)
+    assert [r.seq for r in held] == [1, 2, 3]
+    await spool.remove([r.seq for r in held])
+    await spool.close()
+    again = make(tmp_path)
+    again.open()
+    await again.append(record(9), None)
+    assert [r.seq for r in await again.oldest(10, 10**6)] == [4]
+    await again.close()
+
+
+async def test_reads_match_the_file_whether_from_the_copy_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random appends, reads and removals, with an in-memory copy small enough to
+    overflow and recover many times: every read is the oldest records of a plain
+    model, and what a reopened spool reads from the file is the same."""
+    monkeypatch.setattr(spool_module, "COPY_MAX_RECORDS", 7)
+    rng = random.Random(7)  # noqa: S311  # a reproducible mix of operations, not secrets
+    spool = make(tmp_path, max_bytes=10**8)
+    spool.open()
+    model: list[tuple[int, bytes]] = []  # (seq, key) of what the spool should hold
+    sent = 0
+    for _ in range(400):
+        action = rng.random()
+        if action < 0.5:
+            burst = rng.randint(1, 6)
+            size = rng.randint(1, 50)
+            keys = range(sent, sent + burst)
+            assert all(
+                await asyncio.gather(*(spool.append(record(i, size), f"k{i}") for i in keys))
+            )
+            sent += burst
+            model += [(0, f"k{i}".encode()) for i in keys]  # seqs learnt at the next read
+        else:
+            limit = rng.randint(1, 10)
+            held = await spool.oldest(limit, 10**6)
+            assert [r.destination.key for r in held] == [key for _, key in model[:limit]]
+            model[: len(held)] = [(r.seq, r.destination.key) for r in held]
+            gone = rng.sample(held, rng.randint(0, len(held)))
+            await spool.remove([r.seq for r in gone])
+            model = [entry for entry in model if entry[0] not in {r.seq for r in gone}]
+        assert spool.depth == len(model)
+    memory_view = await spool.oldest(10**4, 10**8)
+    await spool.close()
+    again = make(tmp_path)
+    again.open()
+    file_view = await again.oldest(10**4, 10**8)
+    await again.close()
+    assert [(r.seq, r.destination, r.enqueued_at) for r in memory_view] == [
+        (r.seq, r.destination, r.enqueued_at) for r in file_view
+    ]
+    assert [r.destination.key for r in file_view] == [key for _, key in model]
