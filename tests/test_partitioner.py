@@ -7,12 +7,21 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.partitioner import KeyPartitioner, murmur2, partition_for
+from bridge import partitioner
+from bridge.partitioner import KeyPartitioner, murmur2, murmur2_python, partition_for
+
+
+def test_the_compiled_hash_is_installed() -> None:
+    """pyproject.toml depends on murmurhash2 and it has wheels for glibc Linux, macOS
+    and Windows: the Python stand-in is for platforms without one."""
+    assert partitioner.compiled_murmurhash2 is not None
+    assert murmur2 is not murmur2_python
 
 
 @given(st.binary(max_size=300))
 def test_murmur2_matches_aiokafka(data: bytes) -> None:
     assert murmur2(data) == aiokafka_murmur2(data)
+    assert murmur2_python(data) == aiokafka_murmur2(data)
 
 
 def test_murmur2_known_values_from_the_java_client() -> None:
@@ -27,6 +36,7 @@ def test_murmur2_known_values_from_the_java_client() -> None:
     }
     for data, signed in cases.items():
         assert murmur2(data) == signed & 0xFFFFFFFF, data
+        assert murmur2_python(data) == signed & 0xFFFFFFFF, data
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=1, max_value=64))
