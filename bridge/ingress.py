@@ -45,6 +45,11 @@ access_log = logging.getLogger("bridge.access")
 WEBHOOK_PATH = "/webhooks/geins"
 #: Set in the scope by the HTTP protocol when it answered 408 for a late body.
 BODY_TIMED_OUT = "bridge.body_timed_out"
+#: Set in the scope by the HTTP protocol (bridge.httpprotocol): a function
+#: ``(scope, status, header lines, body) -> bool`` that writes a whole response
+#: at once, skipping ASGI's two ``send`` messages, or answers False when the app
+#: must use ``send`` after all.
+RESPOND_WHOLE = "bridge.respond_whole"
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT"})
 MAX_QUERY_FIELDS = 200
 PROBLEM_JSON = b"application/problem+json"
@@ -131,6 +136,8 @@ class WebhookEndpoint:
         self._max_body = max_body_bytes
         self._access_log = access_log
         self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
+        # The same headers as header lines, for the server's RESPOND_WHOLE.
+        self._accepted_head = b"content-type: %s\r\n%s: %s\r\n" % (JSON, *self._ack_header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -149,7 +156,9 @@ class WebhookEndpoint:
                 }
             )
             status = 200 if accepted.duplicate else 202
-            await _respond(send, status, body, JSON, [self._ack_header])
+            respond_whole = scope.get(RESPOND_WHOLE)
+            if respond_whole is None or not respond_whole(scope, status, self._accepted_head, body):
+                await _respond(send, status, body, JSON, [self._ack_header])
         except ClientDisconnected as exc:  # nobody to answer
             timed_out = scope.get(BODY_TIMED_OUT, False)
             outcome, reason = "rejected", "request_timeout" if timed_out else exc.reason

@@ -1,11 +1,22 @@
-"""OneWritePerResponse: one write per response, and nothing held back for long."""
+"""The bridge's HTTP protocol: one write per response, nothing held back for long,
+and the webhook answer written whole."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
-from bridge.httpprotocol import OneWritePerResponse
+import orjson
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.server import ServerState
+
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
+from tests.fakes import TOKEN, FakePublisher
 
 
 class RecordingTransport:
@@ -78,3 +89,160 @@ def test_close_sends_what_is_held_first() -> None:
 def test_other_transport_methods_are_the_transports() -> None:
     out, _ = writer()
     assert out.get_write_buffer_size() == 0
+
+
+# --------------------------------------------------------------------------
+# The whole-response shortcut (GuardedHttpToolsProtocol.respond_whole), driven
+# through the real protocol class and the real webhook endpoint.
+
+DATE = (b"date", b"Sun, 29 Nov 2026 05:00:00 GMT")
+ORDER = b'{"entity":"Order","action":"create","id":"1"}'
+
+
+class SocketTransport(RecordingTransport):
+    """What uvicorn's protocol asks of a transport, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def webhook(key: str, *, extra: bytes = b"", token: str = TOKEN) -> bytes:
+    return (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (token.encode(), key.encode(), len(ORDER), extra, ORDER)
+    )
+
+
+class Connection:
+    """One server-side connection of the bridge's protocol, with a fake publisher."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+        self.publisher = FakePublisher()
+        app = create_app(settings, publisher=self.publisher)
+        protocol = guarded_protocol(read_timeout=5.0, max_head_bytes=16384)
+        config = uvicorn.Config(
+            app, http=protocol, lifespan="off", log_config=None, proxy_headers=False
+        )
+        state = ServerState()
+        state.default_headers = [DATE]
+        self.writes: list[bytes] = []  # those of the last answers()
+        self.sent: list[str] = []  # ASGI messages that went through uvicorn's send
+        asgi_send = RequestResponseCycle.send
+
+        async def recording_send(cycle: RequestResponseCycle, message: Any) -> None:
+            self.sent.append(message["type"])
+            await asgi_send(cycle, message)
+
+        monkeypatch.setattr(RequestResponseCycle, "send", recording_send)
+        self.protocol = protocol(config=config, server_state=state, app_state={})
+        self.transport = SocketTransport()
+        self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
+
+    async def answers(self, data: bytes, count: int) -> list[bytes]:
+        """Feed ``data``; the ``count`` responses written to answer it (whatever the
+        writes' boundaries: ``self.writes`` tells how many writes they took)."""
+        first = len(self.transport.writes)
+        self.protocol.data_received(data)
+        for _ in range(200):
+            self.writes = self.transport.writes[first:]
+            responses = split_responses(b"".join(self.writes))
+            if len(responses) >= count:
+                return responses
+            await asyncio.sleep(0.005)
+        return responses
+
+    def close(self) -> None:
+        self.protocol.connection_lost(None)
+
+
+@pytest.fixture
+async def connection(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Connection]:
+    conn = Connection(monkeypatch)  # in the test's event loop
+    yield conn
+    conn.close()
+
+
+def split_responses(data: bytes) -> list[bytes]:
+    responses = []
+    while b"\r\n\r\n" in data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        if len(rest) < length:
+            break  # the rest is still to come
+        responses.append(data[: len(head) + 4 + length])
+        data = rest[length:]
+    return responses
+
+
+def split(answer: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), orjson.loads(body)
+
+
+async def test_accepted_answers_are_written_whole_without_asgi_send(
+    connection: Connection,
+) -> None:
+    for key in ("k1", "k2"):  # keep-alive: the connection serves the next request too
+        [answer] = await connection.answers(webhook(key), 1)
+        lines, body = split(answer)
+        assert lines == [
+            b"HTTP/1.1 202 Accepted",
+            b"date: Sun, 29 Nov 2026 05:00:00 GMT",
+            b"content-type: application/json",
+            b"x-bridge-ack: broker",
+            b"content-length: %d" % len(answer.partition(b"\r\n\r\n")[2]),
+        ]
+        assert body["key"] == key
+        assert body["status"] == "accepted"
+        assert len(connection.writes) == 1
+    [answer] = await connection.answers(webhook("k1"), 1)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")  # a duplicate
+    assert connection.sent == []  # never through uvicorn's send
+    assert not connection.transport.closed
+    # uvicorn's completion ran: the keep-alive timer waits for the next request
+    assert connection.protocol.timeout_keep_alive_task is not None
+    assert [r.key for r in connection.publisher.records] == [b"k1", b"k2"]
+
+
+async def test_connection_close_is_honoured(connection: Connection) -> None:
+    [answer] = await connection.answers(webhook("k", extra=b"connection: close\r\n"), 1)
+    assert b"connection: close" in split(answer)[0]
+    assert connection.transport.closed
+    assert connection.sent == []
+
+
+async def test_errors_and_pipelined_requests_go_through_send(connection: Connection) -> None:
+    """The shortcut declines what it does not cover; the answers are the same."""
+    [refused] = await connection.answers(webhook("x", token="wrong"), 1)
+    assert refused.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert connection.sent == ["http.response.start", "http.response.body"]
+    connection.sent.clear()
+    # Two requests in one packet: the first is answered while the second's cycle
+    # is already the protocol's current one.
+    answers = await connection.answers(webhook("p1") + webhook("p2"), 2)
+    assert [split(a)[1]["key"] for a in answers] == ["p1", "p2"]
+    assert all(a.startswith(b"HTTP/1.1 202 Accepted\r\n") for a in answers)
+    assert "http.response.start" in connection.sent
+
+
+async def test_a_paused_writer_declines_and_send_waits_for_it(connection: Connection) -> None:
+    connection.protocol.flow.pause_writing()  # the client is not reading
+    assert await connection.answers(webhook("slow"), 1) == []
+    connection.protocol.flow.resume_writing()
+    [answer] = await connection.answers(b"", 1)
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
+    assert connection.sent == ["http.response.start", "http.response.body"]
