@@ -263,6 +263,17 @@ class Settings(BaseModel):
         self.kafka_ssl_context()  # the files must hold what they should
         return self
 
+    def kafka_secret_files(self) -> list[Path]:
+        """The files the Kafka connection's secrets are read from (re-read to rotate them)."""
+        files = (
+            self.kafka_sasl_password_file,
+            self.kafka_ssl_cafile,
+            self.kafka_ssl_certfile,
+            self.kafka_ssl_keyfile,
+            self.kafka_ssl_keyfile_password_file,
+        )
+        return [f for f in files if f is not None]
+
     def kafka_sasl_secret(self) -> str | None:
         """The SASL password, from the setting or (read now) from its file."""
         if self.kafka_sasl_password_file is not None:

@@ -217,6 +217,13 @@ class Metrics:
             "1 when the producer is connected and its metadata is fresh, else 0.",
             registry=registry,
         )
+        self.secret_rotations = Counter(
+            "bridge_kafka_secret_rotations",
+            "Times the Kafka secret files changed and the bridge reconnected with them "
+            "(applied), or connecting with them failed (refused; the old connection stays).",
+            ["result"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "bridge_ready",
             "1 when the bridge accepts deliveries (what /readyz answers), else 0.",
@@ -235,6 +242,8 @@ class Metrics:
             self.rejections.labels(error.reason)
         for reason in PUBLISH_ERRORS:
             self.publish_errors.labels(reason)
+        for result in ("applied", "refused"):
+            self.secret_rotations.labels(result)
         for error in ALL_ERRORS:
             if error.content_rejection:
                 self.dead_letters.labels(error.reason)

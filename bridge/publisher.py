@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import ssl
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 #: Metadata older than this makes the bridge unready.
 STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+#: The longest wait between two tries of secret files Kafka refused.
+ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Room for headers and record overhead on top of the largest accepted body.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
@@ -72,6 +75,24 @@ class Publisher(Protocol):
     async def publish(self, destination: Destination) -> None: ...
 
     def failure(self, exc: BaseException) -> BridgeError: ...
+
+
+def secrets_fingerprint(settings: Settings) -> bytes:
+    """A digest of what the Kafka secret files hold now (empty: no such files).
+
+    A file that cannot be read counts as different content: whoever rotates it may
+    be halfway, and the next look sees the finished file.
+    """
+    files = settings.kafka_secret_files()
+    if not files:
+        return b""
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            digest.update(b"unreadable " + str(path).encode())
+    return digest.digest()
 
 
 def kafka_client_options(settings: Settings) -> dict[str, Any]:
@@ -195,8 +216,15 @@ class KafkaPublisher:
         self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._handover: DirectHandover | None = None  # the producer's fast way in
+        self._max_request_size = settings.max_body_bytes + RECORD_OVERHEAD_BYTES
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        # Rotation of the secret files (see _check_secrets)
+        self._fingerprint = b""  # of the secrets the producer in use was made with
+        self._rotation: asyncio.Task[None] | None = None
+        self._refused_fingerprint = b""  # of the files Kafka refused last
+        self._rotation_backoff = 0.0
+        self._rotation_not_before = 0.0
 
     @property
     def connected(self) -> bool:
@@ -214,17 +242,30 @@ class KafkaPublisher:
         self._tasks.append(spawn(self._keep_connected(), "kafka-keep-connected"))
 
     async def _connect(self, *, at_startup: bool = False) -> bool:
-        """Start a producer. Kafka refusing the credentials or TLS settings raises
-        ConfigError ``at_startup`` (the bridge cannot work until they are fixed);
-        later it is logged, and retried like an outage."""
+        """Start a producer and use it. Kafka refusing the credentials or TLS settings
+        raises ConfigError ``at_startup`` (the bridge cannot work until they are
+        fixed); later it is logged, and retried like an outage."""
+        started = await self._start_producer(at_startup=at_startup)
+        if started is None:
+            return False
+        self._use(*started)
+        log.info("connected to Kafka at %s", self._settings.kafka_bootstrap)
+        return True
+
+    async def _start_producer(
+        self, *, at_startup: bool = False, explain: bool = False
+    ) -> tuple[AIOKafkaProducer, bytes] | None:
+        """A started producer and the fingerprint of the secrets it was made with, or
+        None. Why Kafka refused the secrets is raised ``at_startup`` and logged if
+        ``explain`` (finding out takes a connection of its own)."""
+        fingerprint = secrets_fingerprint(self._settings)
         try:
             options = kafka_client_options(self._settings)
         except ConfigError as exc:
             if at_startup:
                 raise
             log.error("cannot connect to Kafka: %s", exc)
-            return False
-        max_request_size = self._settings.max_body_bytes + RECORD_OVERHEAD_BYTES
+            return None
         producer = AIOKafkaProducer(
             **options,
             acks="all",
@@ -234,7 +275,7 @@ class KafkaPublisher:
             compression_type=None
             if self._settings.kafka_compression == "none"
             else self._settings.kafka_compression,
-            max_request_size=max_request_size,
+            max_request_size=self._max_request_size,
         )
         try:
             async with asyncio.timeout(self._settings.kafka_connect_timeout):
@@ -244,16 +285,20 @@ class KafkaPublisher:
             with contextlib.suppress(Exception):  # best effort: it never fully started
                 async with asyncio.timeout(self._settings.kafka_connect_timeout):
                     await producer.stop()
-            if at_startup and not isinstance(exc, TimeoutError):
+            if (at_startup or explain) and not isinstance(exc, TimeoutError):
                 refusal = await kafka_refusal(self._settings, options)
                 if refusal is not None:
-                    raise ConfigError(refusal) from None
-            return False
-        self._handover = DirectHandover(producer, max_request_size)
+                    if at_startup:
+                        raise ConfigError(refusal) from None
+                    log.error("%s", refusal)
+            return None
+        return producer, fingerprint
+
+    def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
+        self._handover = DirectHandover(producer, self._max_request_size)
         self._producer = producer
+        self._fingerprint = fingerprint
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
-        log.info("connected to Kafka at %s", self._settings.kafka_bootstrap)
-        return True
 
     async def _keep_connected(self) -> None:
         backoff = 0.5
@@ -266,7 +311,73 @@ class KafkaPublisher:
                     backoff = min(backoff * 2, 10.0)
                 continue
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            await self._heartbeat(self._producer)
+            self._check_secrets()
+            if self._producer is not None:
+                await self._heartbeat(self._producer)
+
+    def _check_secrets(self) -> None:
+        """Start using rotated secret files (password, certificates) without a restart.
+
+        Connections aiokafka already has stay open on the old secrets, but any new
+        one (after a broker restart, say) would use them too, and fail once Kafka
+        stops accepting them. So when the files change, a new producer connects
+        with what they hold now and takes over; the old one finishes what it was
+        sending, then closes. While Kafka refuses the new files, the old producer
+        stays in use and the files are tried again, less and less often.
+        """
+        if self._rotation is not None:
+            return
+        current = secrets_fingerprint(self._settings)
+        if current == self._fingerprint:
+            return
+        if current == self._refused_fingerprint and time.monotonic() < self._rotation_not_before:
+            return  # refused just now; files changed again are tried at once
+        self._rotation = spawn(self._rotate(current), "kafka-rotate-secrets")
+
+    async def _rotate(self, fingerprint: bytes) -> None:
+        try:
+            log.info("the Kafka secret files changed: connecting with them")
+            started = await self._start_producer(explain=True)
+            if started is None:
+                self._metrics.secret_rotations.labels("refused").inc()
+                if fingerprint != self._refused_fingerprint:
+                    self._refused_fingerprint, self._rotation_backoff = fingerprint, 0.0
+                self._rotation_backoff = min(
+                    self._rotation_backoff * 2 or HEARTBEAT_SECONDS, ROTATION_RETRY_MAX_SECONDS
+                )
+                self._rotation_not_before = time.monotonic() + self._rotation_backoff
+                log.error(
+                    "could not connect to Kafka with the changed secret files; still using "
+                    "the connection made before they changed; trying again in %g s",
+                    self._rotation_backoff,
+                )
+                return
+            old, old_handover = self._producer, self._handover
+            self._use(*started)
+            self._rotation_backoff = 0.0
+            self._metrics.secret_rotations.labels("applied").inc()
+            log.info("connected to Kafka with the changed secret files")
+            if old_handover is not None:
+                old_handover.close()
+            if old is not None:
+                await self._retire(old)
+        finally:
+            self._rotation = None
+
+    async def _retire(self, producer: AIOKafkaProducer) -> None:
+        """Let a replaced producer deliver what it holds (its records' senders are
+        waiting for their acknowledgements), then close it."""
+        try:
+            async with asyncio.timeout(self._settings.shutdown_timeout):
+                await producer.stop()
+        except TimeoutError:
+            log.error(
+                "the replaced Kafka producer did not flush within %ss; its unacknowledged "
+                "records were answered 503 (broker mode) or stay in the spool",
+                self._settings.shutdown_timeout,
+            )
+        except Exception:
+            log.exception("closing the replaced Kafka producer failed")
 
     async def _heartbeat(self, producer: AIOKafkaProducer) -> None:
         try:
@@ -357,6 +468,8 @@ class KafkaPublisher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._rotation is not None:  # bounded by its own timeouts
+            await asyncio.gather(self._rotation, return_exceptions=True)
         producer, self._producer = self._producer, None
         if self._handover is not None:
             self._handover.close()

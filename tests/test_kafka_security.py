@@ -13,6 +13,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +23,21 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from bridge import publisher as publisher_module
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import Settings, load_settings
-from bridge.devkafka import Listener, LocalKafka, ensure_jars, free_port, free_ports
+from bridge.devkafka import KAFKA_VERSION, Listener, LocalKafka, ensure_jars, free_port, free_ports
 from bridge.errors import ConfigError
 from bridge.kafkaadmin import read_to_end
 from bridge.metrics import Metrics
-from bridge.publisher import KafkaPublisher, kafka_client_options
+from bridge.publisher import (
+    KafkaPublisher,
+    kafka_client_options,
+    kafka_refusal,
+    secrets_fingerprint,
+)
+from bridge.routing import Destination
 from tests.conftest import REPO
 from tests.fakes import TOKEN
 from tests.tlsfiles import CertificateAuthority, KeyPair, issue, make_ca
@@ -38,6 +46,7 @@ SCRAM_PASSWORD = "scram-Secret-1"
 PLAIN_PASSWORD = "plain-Secret-2"
 KEY_PASSWORD = "key-Secret-3"
 WRONG_PASSWORD = "not-the-Password-9"
+ROTATION_PASSWORDS = ("before-Rotation-4", "after-Rotation-5")
 SCRAM_JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 PLAIN_JAAS = (
     "org.apache.kafka.common.security.plain.PlainLoginModule required "
@@ -100,6 +109,7 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Ite
         "listener.name.mtls.ssl.client.auth": "required",
     }
     users = [f"SCRAM-SHA-{bits}=[name=bridge,password={SCRAM_PASSWORD}]" for bits in (512, 256)]
+    users.append(f"SCRAM-SHA-512=[name=rotator,password={ROTATION_PASSWORDS[0]}]")
     broker = LocalKafka(
         home,
         tmp_path_factory.mktemp("secure-kafka") / "data",
@@ -178,14 +188,14 @@ def case_env(kafka: SecureKafka, case: str, prefix: str, tmp_path: Path) -> dict
     )
 
 
-def read_back(settings: Settings, prefix: str) -> list[Any]:
+async def read_back_async(settings: Settings, prefix: str) -> list[Any]:
     """What is on the prefix's topics, read with the bridge's own connection options."""
+    async with asyncio.timeout(30):
+        return await read_to_end(kafka_client_options(settings), prefix=prefix)
 
-    async def read() -> list[Any]:
-        async with asyncio.timeout(30):
-            return await read_to_end(kafka_client_options(settings), prefix=prefix)
 
-    return asyncio.run(read())
+def read_back(settings: Settings, prefix: str) -> list[Any]:
+    return asyncio.run(read_back_async(settings, prefix))
 
 
 def post_order(client: TestClient, key: str) -> int:
@@ -321,6 +331,119 @@ async def test_unreachable_kafka_is_retried_not_refused(topic_prefix: str) -> No
         assert not publisher.connected
     finally:
         await publisher.stop()
+
+
+# Kafka's own admin API, as `kafka-configs --alter --add-config 'SCRAM-SHA-512=[...]'`
+# would call it (that tool is not among the broker's jars).
+SET_SCRAM_PASSWORD_JAVA = """
+import java.util.List;
+import java.util.Properties;
+import org.apache.kafka.clients.admin.*;
+
+public class SetScramPassword {
+    public static void main(String[] args) throws Exception {
+        Properties config = new Properties();
+        config.put("bootstrap.servers", args[0]);
+        try (Admin admin = Admin.create(config)) {
+            ScramCredentialInfo info = new ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192);
+            admin.alterUserScramCredentials(
+                List.of(new UserScramCredentialUpsertion(args[1], info, args[2]))).all().get();
+        }
+    }
+}
+"""
+
+
+async def set_scram_password(kafka: SecureKafka, user: str, password: str, folder: Path) -> None:
+    source = folder / "SetScramPassword.java"
+    source.write_text(SET_SCRAM_PASSWORD_JAVA)
+    jars = REPO / ".cache" / "kafka" / f"kafka-{KAFKA_VERSION}" / "libs" / "*"
+    java = await asyncio.create_subprocess_exec(
+        "java", "-cp", str(jars), str(source), kafka.broker.bootstrap, user, password,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(java.communicate(), 120)
+    assert java.returncode == 0, output.decode()
+
+
+def rotations(metrics: Metrics, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "bridge_kafka_secret_rotations_total", {"result": result}
+    )
+    return value or 0.0
+
+
+async def wait_for_rotations(metrics: Metrics, result: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while rotations(metrics, result) < count:
+        assert time.monotonic() < deadline, f"no {count} {result} rotation(s) within 30 s"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+async def test_rotated_password_file_is_used_without_restart(
+    secure_kafka: SecureKafka, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When Kafka and the password file change, the bridge reconnects with the new
+    password; a password Kafka refuses leaves the working connection in use."""
+    monkeypatch.setattr(publisher_module, "HEARTBEAT_SECONDS", 0.2)  # look often
+    old, new = ROTATION_PASSWORDS
+    secret = tmp_path / "kafka-password"
+    secret.write_text(old + "\n")
+    security = {**scram(), "sasl_username": "rotator", "sasl_password_file": str(secret)}
+    del security["sasl_password"]
+    settings = load_settings(
+        environ=bridge_env(secure_kafka.bootstrap("SCRAM"), topic_prefix, **security)
+    )
+    metrics = Metrics()
+    publisher = KafkaPublisher(settings, metrics)
+    topic = f"{topic_prefix}.order.create"
+
+    def record(key: str) -> Destination:
+        return Destination(topic=topic, key=key.encode(), value=b"{}", headers=[])
+
+    await publisher.start()
+    try:
+        await publisher.publish(record("before"))
+        await set_scram_password(secure_kafka, "rotator", new, tmp_path)
+        # From now on a new connection with the old password is refused: without the
+        # rotation, the bridge would fail at its next reconnect.
+        assert await kafka_refusal(settings, kafka_client_options(settings)) is not None
+
+        secret.write_text(new + "\n")
+        await wait_for_rotations(metrics, "applied", 1)
+        assert await kafka_refusal(settings, kafka_client_options(settings)) is None
+        await publisher.publish(record("after"))
+
+        secret.write_text(WRONG_PASSWORD + "\n")  # Kafka does not know this one
+        await wait_for_rotations(metrics, "refused", 1)
+        await publisher.publish(record("still"))  # through the connection made before
+        assert publisher.connected
+        assert rotations(metrics, "applied") == 1
+    finally:
+        await publisher.stop()
+    secret.write_text(new + "\n")
+    records = await read_back_async(settings, topic_prefix)
+    assert sorted(r.key for r in records) == [b"after", b"before", b"still"]
+
+
+def test_secrets_fingerprint_follows_the_files(tmp_path: Path) -> None:
+    secret = tmp_path / "kafka-password"
+    secret.write_text("one\n")
+    env = bridge_env("127.0.0.1:9092", "t", **scram())
+    del env["BRIDGE_KAFKA_SASL_PASSWORD"]
+    settings = load_settings(environ={**env, "BRIDGE_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    first = secrets_fingerprint(settings)
+    assert secrets_fingerprint(settings) == first
+    secret.write_text("two\n")
+    changed = secrets_fingerprint(settings)
+    assert changed != first
+    secret.unlink()  # halfway through a rotation
+    assert secrets_fingerprint(settings) not in {first, changed}
+    # secrets from the environment cannot change: nothing to look at
+    assert secrets_fingerprint(load_settings(environ=bridge_env("127.0.0.1:9092", "t"))) == b""
 
 
 # --- Settings (no broker) ------------------------------------------------------------
