@@ -56,6 +56,7 @@ REQUIRED_ALERTS = {
     "BridgeDeliveryFailures",
     "BridgeServerErrors",
     "BridgeDeadLetters",
+    "BridgeKafkaSecretsRefused",
 }
 IMAGE_UID = 10001
 SPOOL = "/var/lib/bridge/spool"
