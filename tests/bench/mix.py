@@ -231,11 +231,17 @@ local NCYCLE = #CYCLE
 local DRAIN = %(drain)s
 local DRAIN_DELAY_MS = 50
 
+-- Several ports: one per subject process (replicas); wrk thread i talks to port
+-- i (round robin), so the connections are split evenly between them.
+local PORTS = {%(ports)s}
 local threads = {}
 local next_tid = 0
 function setup(thread)
   next_tid = next_tid + 1
   thread:set("tid", next_tid)
+  if #PORTS > 1 then
+    thread.addr = wrk.lookup(%(host)s, PORTS[((next_tid - 1) %% #PORTS) + 1])[1]
+  end
   table.insert(threads, thread)
 end
 
@@ -305,8 +311,13 @@ def wrk_script(
     run_id: str,
     timestamp: str,
     result_path: Path,
+    ports: Sequence[int] = (),
 ) -> str:
-    """A wrk Lua script that sends the mix for ``main_seconds``, then drains."""
+    """A wrk Lua script that sends the mix for ``main_seconds``, then drains.
+
+    With several ``ports``, wrk's threads are spread over them (run wrk with as many
+    threads as ports); otherwise every connection goes to the URL given to wrk.
+    """
     heads, tails = [], []
     for d in mix:
         lines = [f"{d.method} {d.path} HTTP/1.1", f"Host: {host}:{port}"]
@@ -326,6 +337,8 @@ def wrk_script(
         "cycle": ", ".join(str(i + 1) for i in cycle),
         "drain": _lua_string(drain),
         "result_path": _lua_string(str(result_path)),
+        "host": _lua_string(host),
+        "ports": ", ".join(_lua_string(str(p)) for p in ports),
     }
 
 

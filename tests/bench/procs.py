@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -97,7 +98,8 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 class SubjectProcess:
-    """One server under test on 127.0.0.1:``port``, its output in ``log``."""
+    """One server under test on 127.0.0.1:``port`` (and ``more_ports``, if it runs
+    several processes that each listen on their own), its output in ``log``."""
 
     def __init__(
         self,
@@ -108,8 +110,10 @@ class SubjectProcess:
         port: int,
         log: Path,
         cpus: set[int] | None,
+        more_ports: Sequence[int] = (),
     ) -> None:
         self.argv = pinned(argv, cpus)
+        self.ports = [port, *more_ports]
         self.env = env
         self.cwd = cwd
         self.port = port
@@ -144,15 +148,20 @@ class SubjectProcess:
             if self.proc.poll() is not None:
                 msg = f"exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
                 raise RuntimeError(msg)
-            with contextlib.suppress(OSError):
-                if http_get(self.url + "/readyz", timeout=1.0)[0] == 200:
-                    break
+            if all(self._ready(port) for port in self.ports):
+                break
             if time.monotonic() > deadline:
                 msg = f"not ready within {ready_within:.0f} s:\n{self.log_tail()}"
                 raise RuntimeError(msg)
             time.sleep(0.1)
         self._sampler = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
         self._sampler.start()
+
+    @staticmethod
+    def _ready(port: int) -> bool:
+        with contextlib.suppress(OSError):
+            return http_get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)[0] == 200
+        return False
 
     def _sample(self) -> None:
         started = time.monotonic()

@@ -362,13 +362,21 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
         "need, so this shows contention more than scaling.",
         "",
     ]
+    if any("replicas" in r.name for r in multi):
+        out += [
+            "The bridge has no `--workers` option (one process per replica, each with its own "
+            "spool, de-duplication memory and metrics): its rows are two bridge processes on "
+            "two ports, wrk's connections split evenly between them (one wrk thread each), "
+            "which is what two replicas behind a load balancer get.",
+            "",
+        ]
     one = {r.base: r for r in results if r.workers == 1}
     rows = []
     for r in multi:
         single = one.get(r.base)
         rows.append(
             [
-                r.base,
+                r.name,
                 _num(single.throughput if single else None),
                 _num(r.throughput),
                 _x(_ratio(r.throughput, single.throughput if single else None)),
@@ -376,7 +384,9 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
                 _kafka_check(r),
             ]
         )
-    header = ["subject", "1 worker req/s", "2 workers req/s", "scale", "peak RSS MB (all)", "Kafka"]
+    header = [
+        "subject", "1 process req/s", "2 processes req/s", "scale", "peak RSS MB (all)", "Kafka"
+    ]  # fmt: skip
     return out + _table(header, rows)
 
 

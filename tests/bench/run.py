@@ -193,6 +193,7 @@ class Subject:
     env: dict[str, str]
     prefix: str | None  # topic prefix, if it writes to Kafka
     workers: int = 1
+    replicas: bool = False  # the workers are separate bridge processes on their own ports
     ack: str | None = None
     metrics: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -279,12 +280,16 @@ def make_subjects(
         )
 
     def bridge(mode: str, workers: int) -> Subject:
+        # Without a --workers option, more workers means replicas: that many bridge
+        # processes, each on its own port with its own spool, the load split evenly.
+        replicas = workers > 1 and workers_flag is None
         prefix = f"bench{run_id}-{mode}{'-w' + str(workers) if workers > 1 else ''}"
+        plural = "replicas" if replicas else "workers"
         return Subject(
-            name=f"bridge {mode}" + (f" {workers} workers" if workers > 1 else ""),
+            name=f"bridge {mode}" + (f" {workers} {plural}" if workers > 1 else ""),
             base=f"bridge {mode}",
             kind="bridge",
-            argv=launch("cli", workers if workers_flag else 1),
+            argv=launch("cli", 1 if replicas else workers),
             env={
                 "BRIDGE_KAFKA_BOOTSTRAP": bootstrap,
                 "BRIDGE_TOKENS": TOKEN,
@@ -294,8 +299,9 @@ def make_subjects(
             },
             prefix=prefix,
             workers=workers,
+            replicas=replicas,
             ack=mode,
-            metrics=True,
+            metrics=not replicas,  # a scrape would see one replica of several
         )
 
     def simple(name: str, workers: int) -> Subject:
@@ -339,8 +345,7 @@ def make_subjects(
             simple("starlette-noop", 2),
             naive(2),
         ]
-        if workers_flag:
-            subjects += [bridge(mode, 2) for mode in modes if mode in {"broker", "durable"}]
+        subjects += [bridge(mode, 2) for mode in modes if mode in {"broker", "durable"}]
     if plan.only:
         subjects = [
             s
@@ -442,19 +447,29 @@ class Bench:
         slug = subject.name.replace(" ", "-")
         home = self.workdir / slug
         home.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        # replicas: one port each; the first is the subject's ``port``
+        replica_ports = free_ports(subject.workers) if subject.replicas else []
+        port = replica_ports[0] if replica_ports else free_port()
         if subject.prefix is not None:
             self.probe.create_topics(
                 [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
             )
         env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
-        if subject.kind in {"bridge", "layer"}:  # configured by BRIDGE_* variables
+        if replica_ports:
+            argv = [*subject.argv, "--replica-ports", ",".join(map(str, replica_ports))]
+        elif subject.kind in {"bridge", "layer"}:  # configured by BRIDGE_* variables
             env["BRIDGE_PORT"] = str(port)
             argv = subject.argv
         else:
             argv = [*subject.argv, "--port", str(port)]
         proc = SubjectProcess(
-            argv, env=env, cwd=home / "cwd", port=port, log=home / "subject.log", cpus=cpus
+            argv,
+            env=env,
+            cwd=home / "cwd",
+            port=port,
+            log=home / "subject.log",
+            cpus=cpus,
+            more_ports=replica_ports[1:],
         )
         self.wait_for_quiet(subject.name)
         say(f"{subject.name}: starting on port {port} (cpus {result.cpus})")
@@ -650,6 +665,7 @@ class Bench:
         assert self.wrk is not None
         script = home / f"wrk-{label}.lua"
         result_path = home / f"wrk-{label}.json"
+        ports = proc.ports
         script.write_text(
             wrk_script(
                 self.mix,
@@ -659,6 +675,7 @@ class Bench:
                 run_id=secrets.token_hex(4),
                 timestamp=self.timestamp,
                 result_path=result_path,
+                ports=ports if len(ports) > 1 else (),
             ),
             encoding="utf-8",
         )
@@ -679,6 +696,7 @@ class Bench:
             cpus=self.plan.load_cpus,
             log=home / "load.log",
             on_switch=switch,
+            threads=len(ports),
         )
         run = RunResult(
             label=label,
@@ -886,8 +904,8 @@ def main() -> int:
     workers_flag = bridge_serve_workers_flag()
     if plan.two_workers and workers_flag is None:
         notes.append(
-            "`bridge serve` has no --workers option (single process by design): "
-            "the two-worker runs cover the baselines only"
+            "`bridge serve` has no --workers option (one process, one core: scale with "
+            "replicas): the bridge's two-worker rows are two replicas on two ports"
         )
     mix, mix_source = load_mix(TOKEN)
 

@@ -141,8 +141,10 @@ def run_wrk(
     cpus: set[int] | None,
     log: Path,
     on_switch: Callable[[int], None] | None = None,
+    threads: int = 1,
 ) -> WrkResult:
-    """Run wrk -t1 for main + drain seconds; count the measured window's answers.
+    """Run wrk (one thread, or ``threads``) for main + drain seconds; count the
+    measured window's answers.
 
     ``on_switch(wrk's pid)`` is called when the measured window ends (wrk still runs).
     """
@@ -150,7 +152,7 @@ def run_wrk(
     cmd = pinned(
         [
             wrk,
-            "-t1",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{duration}s",
             "--timeout",
