@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bridge import drainer as drainer_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck
 from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
@@ -129,6 +130,43 @@ class StallingPublisher(FakePublisher):
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         self.records.append(destination)
         return asyncio.get_running_loop().create_future()
+
+
+class CountingBacklog(MemoryBacklog):
+    """Counts the drainer's rounds (one read each)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_bytes=10**6)
+        self.reads = 0
+
+    async def oldest(self, limit: int, max_bytes: int) -> list[Any]:
+        self.reads += 1
+        return await super().oldest(limit, max_bytes)
+
+
+async def test_records_arriving_during_the_pause_share_a_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trickle of events is sent in a few rounds, not one round per event; the first
+    event after a quiet spell goes at once."""
+    monkeypatch.setattr(drainer_module, "ROUND_PAUSE", 1.0)  # far longer than the trickle
+    publisher = FakePublisher()
+    backlog = CountingBacklog()
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        backlog.append(record("first"))
+        drainer.wake()
+        await eventually(lambda: len(publisher.records) == 1, within=0.5)  # no pause first
+        for n in range(10):  # one every 5 ms, all within the pause
+            backlog.append(record(f"k{n}"))
+            drainer.wake()
+            await asyncio.sleep(0.005)
+        await eventually(lambda: backlog.depth == 0)
+    finally:
+        task.cancel()
+    assert [r.key for r in publisher.records] == [b"first"] + [f"k{n}".encode() for n in range(10)]
+    assert backlog.reads <= 4  # one per event without the pause: 11 and more
 
 
 async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
