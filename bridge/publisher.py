@@ -365,19 +365,27 @@ class KafkaPublisher:
             self._rotation = None
 
     async def _retire(self, producer: AIOKafkaProducer) -> None:
-        """Let a replaced producer deliver what it holds (its records' senders are
-        waiting for their acknowledgements), then close it."""
+        """Close a replaced producer once it delivered what it holds (its records'
+        senders are waiting for their acknowledgements). Runs in the background, so
+        a failure is logged here or nowhere."""
+        try:
+            await self._flush_and_close(producer, "replaced")
+        except Exception:
+            log.exception("closing the replaced Kafka producer failed")
+
+    async def _flush_and_close(self, producer: AIOKafkaProducer, which: str) -> None:
+        """Let ``producer`` deliver what it holds within ``shutdown_timeout``, then close."""
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout):
                 await producer.stop()
         except TimeoutError:
             log.error(
-                "the replaced Kafka producer did not flush within %ss; its unacknowledged "
-                "records were answered 503 (broker mode) or stay in the spool",
+                "the %s Kafka producer did not flush within %ss; the records it had not "
+                "delivered were answered 503 (broker mode: the sender retries) or stay "
+                "queued for the next try",
+                which,
                 self._settings.shutdown_timeout,
             )
-        except Exception:
-            log.exception("closing the replaced Kafka producer failed")
 
     async def _heartbeat(self, producer: AIOKafkaProducer) -> None:
         try:
@@ -474,14 +482,5 @@ class KafkaPublisher:
         if self._handover is not None:
             self._handover.close()
             self._handover = None
-        if producer is None:
-            return
-        try:
-            async with asyncio.timeout(self._settings.shutdown_timeout):
-                await producer.stop()
-        except TimeoutError:
-            log.error(
-                "Kafka producer did not flush within %ss; unacknowledged records were "
-                "answered 503 and will be retried by the sender",
-                self._settings.shutdown_timeout,
-            )
+        if producer is not None:
+            await self._flush_and_close(producer, "current")
