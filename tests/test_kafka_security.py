@@ -27,7 +27,14 @@ from bridge import publisher as publisher_module
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import Settings, load_settings
-from bridge.devkafka import KAFKA_VERSION, Listener, LocalKafka, ensure_jars, free_port, free_ports
+from bridge.devkafka import (
+    Listener,
+    LocalKafka,
+    ensure_jars,
+    find_java,
+    free_port,
+    free_ports,
+)
 from bridge.errors import ConfigError
 from bridge.kafkaadmin import read_to_end
 from bridge.metrics import Metrics
@@ -357,9 +364,10 @@ public class SetScramPassword {
 async def set_scram_password(kafka: SecureKafka, user: str, password: str, folder: Path) -> None:
     source = folder / "SetScramPassword.java"
     source.write_text(SET_SCRAM_PASSWORD_JAVA)
-    jars = REPO / ".cache" / "kafka" / f"kafka-{KAFKA_VERSION}" / "libs" / "*"
+    # the broker's own Java and jars (JAVA_HOME first, like the broker itself)
+    libs = ensure_jars(kafka.broker.home)
     java = await asyncio.create_subprocess_exec(
-        "java", "-cp", str(jars), str(source), kafka.broker.bootstrap, user, password,
+        find_java(), "-cp", f"{libs}/*", str(source), kafka.broker.bootstrap, user, password,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

@@ -315,8 +315,8 @@ def wrk_script(
 ) -> str:
     """A wrk Lua script that sends the mix for ``main_seconds``, then drains.
 
-    With several ``ports``, wrk's threads are spread over them (run wrk with as many
-    threads as ports); otherwise every connection goes to the URL given to wrk.
+    With more than one of ``ports``, wrk's threads are spread over them (run wrk with
+    as many threads as ports); otherwise every connection goes to the URL given to wrk.
     """
     heads, tails = [], []
     for d in mix:

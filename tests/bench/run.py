@@ -675,7 +675,7 @@ class Bench:
                 run_id=secrets.token_hex(4),
                 timestamp=self.timestamp,
                 result_path=result_path,
-                ports=ports if len(ports) > 1 else (),
+                ports=ports,
             ),
             encoding="utf-8",
         )
