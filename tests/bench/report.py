@@ -19,6 +19,12 @@ SOAK_TARGET_SECONDS = 600  # the issue's "flat over a 10-minute run"
 # Not zero: the allocator and the GC move RSS by a few MB either way.
 SOAK_FLAT_TOLERANCE = 0.05
 DISTURBED = " ⚠ disturbed"
+# The baselines are measured once more at the end of the run (run.py, RECHECK). This
+# machine's speed changes by up to 2x within an hour, which the "other load" check cannot
+# see (nothing else runs; the CPUs are just slower): a baseline whose throughput moved by
+# more than this between the start and the end marks the run's ratios as mixed.
+SPEED_DRIFT = 0.15
+RECHECK = " again, end of run"
 
 
 @dataclass
@@ -265,6 +271,61 @@ def _rates(results: Sequence[SubjectResult]) -> list[int]:
     )
 
 
+def speed_drift(results: Sequence[SubjectResult]) -> list[tuple[str, float, float]]:
+    """``(baseline, req/s at the start, req/s at the end)`` for each baseline measured
+    again at the end of the run."""
+    first = {r.name: r.throughput for r in results if r.kind == "baseline" and r.workers == 1}
+    pairs = []
+    for r in results:
+        if r.kind != "recheck" or r.throughput is None:
+            continue
+        name = r.name.removesuffix(RECHECK)
+        start = first.get(name)
+        if start:
+            pairs.append((name, start, r.throughput))
+    return pairs
+
+
+def drifted(pairs: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    return [(n, a, b) for n, a, b in pairs if abs(b / a - 1) > SPEED_DRIFT]
+
+
+def _speed_warning(results: Sequence[SubjectResult]) -> list[str]:
+    moved = drifted(speed_drift(results))
+    if not moved:
+        return []
+    what = "; ".join(f"{n} {a:,.0f} req/s at the start, {b:,.0f} at the end" for n, a, b in moved)
+    return [
+        f"**⚠ The machine's speed changed during this run** ({what}): the ratios compare "
+        "subjects measured at different speeds. Run again on a quieter hour.",
+        "",
+    ]
+
+
+def _speed(results: Sequence[SubjectResult]) -> list[str]:
+    pairs = speed_drift(results)
+    if not pairs:
+        return []
+    out = ["## Did the machine keep its speed?", ""]
+    out += [
+        "The baselines measured once more after every other subject, the same way. This "
+        "machine's speed changes by up to 2x within an hour without any other process "
+        "running, which the other-load check cannot see; a change of more than "
+        f"{100 * SPEED_DRIFT:.0f} % marks the run's ratios as mixed.",
+        "",
+    ]
+    rows = [
+        [
+            n,
+            _num(a),
+            _num(b),
+            f"{100 * (b / a - 1):+.0f} %" + (" ⚠" if abs(b / a - 1) > SPEED_DRIFT else ""),
+        ]
+        for n, a, b in pairs
+    ]
+    return out + _table(["baseline", "req/s at the start", "req/s at the end", "change"], rows)
+
+
 def _headline(results: Sequence[SubjectResult], baselines: Baselines) -> list[str]:
     bridges = [r for r in results if r.kind == "bridge" and r.workers == 1]
     out = ["## The bridge against the baselines", ""]
@@ -370,7 +431,7 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
             "which is what two replicas behind a load balancer get.",
             "",
         ]
-    one = {r.base: r for r in results if r.workers == 1}
+    one = {r.base: r for r in results if r.workers == 1 and r.kind != "recheck"}
     rows = []
     for r in multi:
         single = one.get(r.base)
@@ -647,9 +708,11 @@ def markdown(results: Sequence[SubjectResult], context: Context, chart: Path | N
     ]
     if chart is not None:
         out += [f"![throughput and latency]({chart.name})", ""]
+    out += _speed_warning(results)
     out += _headline(results, baselines)
     out += _targets(results, baselines, context.skipped_modes)
     out += _every_subject(results)
+    out += _speed(results)
     out += _layers(results)
     out += _soaks(results)
     out += _workers(results)
@@ -673,7 +736,9 @@ def chart(results: Sequence[SubjectResult], path: Path) -> bool:
     mpl.use("Agg")
     import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
 
-    measured = [r for r in results if r.throughput is not None and r.kind != "layer"]
+    measured = [
+        r for r in results if r.throughput is not None and r.kind not in {"layer", "recheck"}
+    ]
     singles = [r for r in measured if r.workers == 1]
     rates = sorted(
         {run.offered_rate for r in singles for run in r.runs if run.offered_rate is not None}

@@ -7,7 +7,10 @@ process on a free port, warms it up, measures throughput at saturation (wrk),
 latency at fixed offered rates (vegeta, open loop), its CPU time and peak
 memory, checks that Kafka holds exactly one record per 2xx answer, and stops
 it. Then the baselines (and the bridge, if ``bridge serve`` can) with two
-worker processes. Writes tests/bench/results.md, results.json and results.png.
+worker processes. Last, the raw ASGI and Starlette no-ops once more: if either
+moved by more than 15 % since the start, the machine changed speed during the
+run and results.md says its ratios are mixed. Writes tests/bench/results.md,
+results.json and results.png.
 
 Settings (environment): ``BENCH_QUICK=1`` a smoke run of a few seconds per
 measurement; ``BENCH_SECONDS`` (saturation) and ``BENCH_RATE_SECONDS`` (each
@@ -40,7 +43,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -352,6 +355,13 @@ def make_subjects(
             for s in subjects
             if s.name in plan.only or s.base in plan.only or (s.ack or "") in plan.only
         ]
+    # The single-worker baselines once more, last: whether the machine kept its speed
+    # from the first subject to the last (report.speed_drift).
+    subjects += [
+        replace(s, name=s.name + report.RECHECK, base=s.base + report.RECHECK, kind="recheck")
+        for s in list(subjects)
+        if s.base in {"raw-asgi", "starlette-noop"} and s.workers == 1
+    ]
     return subjects
 
 
@@ -516,7 +526,7 @@ class Bench:
             + (f", Kafka {sat.verify_detail}" if sat.verified is not None else "")
             + _noise(sat)
         )
-        if subject.workers > 1 or subject.cut:
+        if subject.workers > 1 or subject.cut or subject.kind == "recheck":
             return
         if self.vegeta is not None:
             self._rate_runs(subject, proc, result, home)
@@ -961,6 +971,11 @@ def main() -> int:
         say(f"Kafka check FAILED for: {', '.join(failed)}")
     if broken:
         say(f"subjects that could not be measured: {', '.join(broken)}")
+    for name, start, end in report.drifted(report.speed_drift(results)):
+        say(
+            f"the machine's speed changed during the run: {name} {start:,.0f} req/s at the "
+            f"start, {end:,.0f} at the end; the ratios mix the two (see results.md)"
+        )
     return 1 if failed or broken else 0
 
 

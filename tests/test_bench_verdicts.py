@@ -1,12 +1,24 @@
-"""The benchmark's soak verdict (tests/bench): whether RSS stayed flat over a long run.
+"""The benchmark's verdicts (tests/bench/report.py): whether RSS stayed flat over a long
+run, whether the bridge refused deliveries, whether the machine kept its speed.
 
-Pure functions on samples; the soak itself runs in ``make bench`` (BENCH_SOAK_SECONDS).
+Pure functions on measured results; the runs themselves are ``make bench``'s.
 """
 
 from __future__ import annotations
 
-from tests.bench.model import SOAK, RunResult, SubjectResult, bucket_peaks
-from tests.bench.report import MB, _refusals_verdict, _soak_verdict, is_flat, soak_halves
+from tests.bench.model import SATURATION, SOAK, RunResult, SubjectResult, bucket_peaks
+from tests.bench.report import (
+    MB,
+    RECHECK,
+    Context,
+    _refusals_verdict,
+    _soak_verdict,
+    drifted,
+    is_flat,
+    markdown,
+    soak_halves,
+    speed_drift,
+)
 
 
 def test_bucket_peaks_keeps_the_largest_value_of_each_bucket() -> None:
@@ -82,3 +94,68 @@ def test_refusals_fail_the_run_even_when_kafka_matches() -> None:
     assert verdict.passed is False
     assert "1,590,000" in verdict.measured
     assert "1,590,000" in _soak_verdict(refusing).measured
+
+
+def _saturated(name: str, kind: str, rps: float) -> SubjectResult:
+    subject = SubjectResult(
+        name=name, kind=kind, base=name, workers=1, ack=None, cpus="0", writes_kafka=False
+    )
+    subject.runs.append(
+        RunResult(
+            label=SATURATION,
+            offered_rate=None,
+            seconds=15.0,
+            sent=int(rps * 15),
+            ok=int(rps * 15),
+            non_2xx=0,
+            socket_errors=0,
+            rps=rps,
+        )
+    )
+    return subject
+
+
+def _report(results: list[SubjectResult]) -> str:
+    context = Context(
+        date="2026-11-29 12:00 UTC",
+        quick=False,
+        elapsed_seconds=60.0,
+        plan={},
+        machine={},
+        versions={},
+        mix=[],
+        mix_source="test",
+        notes=[],
+        skipped_modes=[],
+    )
+    return markdown(results, context, chart=None)
+
+
+def test_a_baseline_that_slowed_down_by_the_end_marks_the_run_as_mixed() -> None:
+    steady = [
+        _saturated("raw-asgi", "baseline", 46_000),
+        _saturated("starlette-noop", "baseline", 24_000),
+        _saturated("raw-asgi" + RECHECK, "recheck", 44_000),  # -4 %: noise
+        _saturated("starlette-noop" + RECHECK, "recheck", 25_500),  # +6 %
+    ]
+    assert speed_drift(steady) == [
+        ("raw-asgi", 46_000, 44_000),
+        ("starlette-noop", 24_000, 25_500),
+    ]
+    assert drifted(speed_drift(steady)) == []
+    text = _report(steady)
+    assert "Did the machine keep its speed?" in text
+    assert "speed changed" not in text
+
+    slowed = [*steady[:3], _saturated("starlette-noop" + RECHECK, "recheck", 15_000)]
+    assert drifted(speed_drift(slowed)) == [("starlette-noop", 24_000, 15_000)]
+    text = _report(slowed)
+    assert "The machine's speed changed during this run" in text
+    assert "-38 % ⚠" in text
+    # the recheck is not a second baseline: the bridge's ratios use the first measurement
+    assert "starlette-noop again" not in text.split("## Every subject")[0]
+
+
+def test_no_recheck_no_speed_section() -> None:
+    assert speed_drift([_saturated("raw-asgi", "baseline", 46_000)]) == []
+    assert "keep its speed" not in _report([_saturated("raw-asgi", "baseline", 46_000)])
