@@ -221,7 +221,8 @@ class KafkaPublisher:
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
-        self._rotation: asyncio.Task[None] | None = None
+        self._rotation: asyncio.Task[None] | None = None  # connecting with the new files
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced producers flushing
         self._refused_fingerprint = b""  # of the files Kafka refused last
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
@@ -280,11 +281,12 @@ class KafkaPublisher:
         try:
             async with asyncio.timeout(self._settings.kafka_connect_timeout):
                 await producer.start()
+        except asyncio.CancelledError:  # shutting down: close what it opened so far
+            await self._abandon(producer)
+            raise
         except (KafkaError, OSError, TimeoutError) as exc:
             log.debug("connecting to Kafka failed: %r", exc)
-            with contextlib.suppress(Exception):  # best effort: it never fully started
-                async with asyncio.timeout(self._settings.kafka_connect_timeout):
-                    await producer.stop()
+            await self._abandon(producer)
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
                 refusal = await kafka_refusal(self._settings, options)
                 if refusal is not None:
@@ -293,6 +295,12 @@ class KafkaPublisher:
                     log.error("%s", refusal)
             return None
         return producer, fingerprint
+
+    async def _abandon(self, producer: AIOKafkaProducer) -> None:
+        """Close a producer that never fully started (it holds no records)."""
+        with contextlib.suppress(Exception):  # best effort
+            async with asyncio.timeout(self._settings.kafka_connect_timeout):
+                await producer.stop()
 
     def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
         self._handover = DirectHandover(producer, self._max_request_size)
@@ -360,7 +368,12 @@ class KafkaPublisher:
             if old_handover is not None:
                 old_handover.close()
             if old is not None:
-                await self._retire(old)
+                # A task of its own, so that stop() can cancel a rotation that is still
+                # connecting without cutting short a flush, and flush the old producer
+                # and the current one at the same time.
+                retiring = spawn(self._retire(old), "kafka-retire-producer")
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
         finally:
             self._rotation = None
 
@@ -472,15 +485,19 @@ class KafkaPublisher:
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     async def stop(self) -> None:
-        """Flush what is in flight within ``shutdown_timeout``, then close."""
-        for task in self._tasks:
+        """Flush what is in flight within ``shutdown_timeout``, then close.
+
+        A rotation still connecting is cancelled (its producer holds no records yet),
+        and a replaced producer still flushing flushes alongside the current one, so
+        that shutdown takes ``shutdown_timeout``, not that plus a rotation's timeouts.
+        """
+        background = [*self._tasks, *([self._rotation] if self._rotation else [])]
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._rotation is not None:  # bounded by its own timeouts
-            await asyncio.gather(self._rotation, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         producer, self._producer = self._producer, None
         if self._handover is not None:
             self._handover.close()
             self._handover = None
-        if producer is not None:
-            await self._flush_and_close(producer, "current")
+        current = [self._flush_and_close(producer, "current")] if producer is not None else []
+        await asyncio.gather(*current, *self._retiring)  # _retire logs its own failures

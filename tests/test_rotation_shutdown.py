@@ -1,0 +1,110 @@
+"""Shutdown during a rotation of the Kafka secret files (bridge/publisher.py).
+
+Shutdown must take ``BRIDGE_SHUTDOWN_TIMEOUT``, not that plus a rotation's own
+timeouts: a rotation still connecting is cancelled (its producer holds no records
+yet, and is closed), and a replaced producer still flushing flushes alongside the
+current one. The producers are fakes; the rotation against a real broker is
+tests/test_kafka_security.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from bridge import publisher as publisher_module
+from bridge.config import load_settings
+from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher, spawn
+from tests.test_kafka_security import rotations
+
+SETTINGS = {
+    "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+    "BRIDGE_KAFKA_CONNECT_TIMEOUT": "60",
+    "BRIDGE_SHUTDOWN_TIMEOUT": "60",
+}
+
+
+class FakeProducer:
+    """Just what the publisher touches while starting, handing over and stopping."""
+
+    connects = True  # False: start() waits forever, like a broker that never answers
+    stopping = 0  # producers inside stop() right now
+    most_stopping = 0
+
+    def __init__(self, **_options: Any) -> None:
+        listeners = SimpleNamespace(add_listener=lambda _f: None, remove_listener=lambda _f: None)
+        self.client = SimpleNamespace(cluster=listeners)
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        if not FakeProducer.connects:
+            await asyncio.Event().wait()
+        self.started = True
+
+    async def stop(self) -> None:
+        FakeProducer.stopping += 1
+        FakeProducer.most_stopping = max(FakeProducer.most_stopping, FakeProducer.stopping)
+        try:
+            await asyncio.sleep(0.2)  # delivering what it holds
+        finally:
+            FakeProducer.stopping -= 1
+        self.stopped = True
+
+
+@pytest.fixture
+def producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
+    made: list[FakeProducer] = []
+
+    def make(**options: Any) -> FakeProducer:
+        made.append(FakeProducer(**options))
+        return made[-1]
+
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", make)
+    monkeypatch.setattr(FakeProducer, "connects", True)
+    monkeypatch.setattr(FakeProducer, "most_stopping", 0)
+    return made
+
+
+def rotated_publisher() -> tuple[KafkaPublisher, Metrics]:
+    metrics = Metrics()
+    return KafkaPublisher(load_settings(environ=SETTINGS), metrics), metrics
+
+
+async def test_shutdown_cancels_a_rotation_that_is_still_connecting(
+    producers: list[FakeProducer],
+) -> None:
+    publisher, metrics = rotated_publisher()
+    await publisher._connect()
+    FakeProducer.connects = False
+    publisher._rotation = spawn(publisher._rotate(b"changed"), "rotate")
+    await asyncio.sleep(0.05)
+    assert len(producers) == 2  # the rotation's producer is connecting
+
+    async with asyncio.timeout(5):  # not the 60 s connect timeout
+        await publisher.stop()
+
+    current, connecting = producers
+    assert current.stopped  # flushed and closed as in any shutdown
+    assert not connecting.started
+    assert connecting.stopped  # what it had opened is closed
+    assert rotations(metrics, "applied") == rotations(metrics, "refused") == 0
+
+
+async def test_a_replaced_producer_flushes_alongside_the_current_one(
+    producers: list[FakeProducer],
+) -> None:
+    publisher, metrics = rotated_publisher()
+    await publisher._connect()
+    await publisher._rotate(b"changed")  # the new producer takes over; the old one retires
+    assert rotations(metrics, "applied") == 1
+    await asyncio.sleep(0.05)
+    assert FakeProducer.stopping == 1  # the old one is flushing in the background
+
+    await publisher.stop()
+
+    assert all(p.stopped for p in producers)
+    assert FakeProducer.most_stopping == 2  # at the same time, not one after the other
