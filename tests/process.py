@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +14,7 @@ from typing import IO, Self
 import httpx2
 
 from bridge.devkafka import free_port
+from tests.polling import wait_until
 
 
 def wait_until_ready(
@@ -26,17 +26,17 @@ def wait_until_ready(
 ) -> None:
     """Poll ``url`` until it answers 200; fail with the process's log if it dies or
     stays unready for ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log()}")
         try:
-            if httpx2.get(url, timeout=1).status_code == 200:
-                return
+            return httpx2.get(url, timeout=1).status_code == 200
         except httpx2.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{name} not ready within {within}s:\n{log()}")
+            return False
+
+    if not wait_until(ready, bool, within=within, every=0.1):
+        raise RuntimeError(f"{name} not ready within {within}s:\n{log()}")
 
 
 class BridgeProcess:

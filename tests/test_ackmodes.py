@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from bridge.errors import MemoryQueueFull, PayloadTooLarge, PublishTimeout
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import FakePublisher
+from tests.polling import eventually
 
 
 def settings(tmp_path: Path, **env: str) -> Settings:
@@ -27,13 +27,6 @@ def settings(tmp_path: Path, **env: str) -> Settings:
 
 def record(key: str, topic: str = "geins.order.create") -> Destination:
     return Destination(topic=topic, key=key.encode(), value=b"{}", headers=[])
-
-
-async def eventually(condition: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def test_seen_keys_bounded_by_count_and_age() -> None:

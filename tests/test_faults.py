@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.conftest import REPO
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.loadgen import Tally, load
+from tests.polling import wait_until
 from tests.process import BridgeProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -46,12 +46,9 @@ def found_keys(bootstrap: str, prefix: str) -> set[str]:
 
 def wait_for_keys(bootstrap: str, prefix: str, wanted: set[str], within: float) -> set[str]:
     """Poll Kafka until every wanted key is there (or time runs out); the keys found."""
-    deadline = time.monotonic() + within
-    while True:
-        found = found_keys(bootstrap, prefix)
-        if wanted <= found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+    return wait_until(
+        lambda: found_keys(bootstrap, prefix), wanted.issubset, within=within, every=0.5
+    )
 
 
 def run_load_for(url: list[str], tally: Tally, seconds: float, *, pause: float = 0.0) -> None:

@@ -13,7 +13,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from bridge.publisher import (
 from bridge.routing import Destination
 from tests.conftest import REPO
 from tests.fakes import TOKEN
+from tests.polling import eventually
 from tests.tlsfiles import CertificateAuthority, KeyPair, issue, make_ca
 
 SCRAM_PASSWORD = "scram-Secret-1"
@@ -383,10 +383,12 @@ def rotations(metrics: Metrics, result: str) -> float:
 
 
 async def wait_for_rotations(metrics: Metrics, result: str, count: int) -> None:
-    deadline = time.monotonic() + 30
-    while rotations(metrics, result) < count:
-        assert time.monotonic() < deadline, f"no {count} {result} rotation(s) within 30 s"
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: rotations(metrics, result) >= count,
+        within=30,
+        every=0.1,
+        what=f"{count} {result} rotation(s)",
+    )
 
 
 @pytest.mark.kafka

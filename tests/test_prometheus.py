@@ -9,7 +9,6 @@ against the bridge's real series too.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ import yaml
 from bridge.config import Settings
 from tests.deploy_support.prometheus import PrometheusServer, Sample
 from tests.fakes import TOKEN
+from tests.polling import wait_until
 from tests.process import BridgeProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -47,13 +47,9 @@ def wait_for(
     prometheus: PrometheusServer, expr: str, check: Callable[[list[Sample]], bool]
 ) -> list[Sample]:
     """Query ``expr`` until ``check`` accepts the result (or fail after WAIT seconds)."""
-    deadline = time.monotonic() + WAIT
-    result = prometheus.query(expr)
-    while not check(result):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{expr} is still {result} after {WAIT}s\n{prometheus.log()}")
-        time.sleep(0.25)
-        result = prometheus.query(expr)
+    result = wait_until(lambda: prometheus.query(expr), check, within=WAIT, every=0.25)
+    if not check(result):
+        pytest.fail(f"{expr} is still {result} after {WAIT}s\n{prometheus.log()}")
     return result
 
 
@@ -121,13 +117,15 @@ def test_prometheus_scrapes_bridge_series_and_evaluates_the_alert_rules(
         # a healthy bridge fires none of them.
         alerts = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
         expected = {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
-        deadline = time.monotonic() + WAIT
-        while True:
-            rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
-            health = {rule["name"]: rule["health"] for rule in rules}
-            if set(health) == expected and set(health.values()) == {"ok"}:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"rules not all evaluated ok after {WAIT}s: {health}")
-            time.sleep(0.25)
+
+        def rule_health() -> dict[str, str]:
+            groups = prometheus.api("rules")["groups"]
+            return {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+
+        def all_ok(health: dict[str, str]) -> bool:
+            return set(health) == expected and set(health.values()) == {"ok"}
+
+        health = wait_until(rule_health, all_ok, within=WAIT, every=0.25)
+        if not all_ok(health):
+            pytest.fail(f"rules not all evaluated ok after {WAIT}s: {health}")
         assert prometheus.api("alerts")["alerts"] == []

@@ -19,6 +19,7 @@ from bridge import publisher as publisher_module
 from bridge.config import load_settings
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher, spawn
+from tests.polling import eventually
 from tests.test_kafka_security import rotations
 
 SETTINGS = {
@@ -49,7 +50,7 @@ class FakeProducer:
         FakeProducer.stopping += 1
         FakeProducer.most_stopping = max(FakeProducer.most_stopping, FakeProducer.stopping)
         try:
-            await asyncio.sleep(0.2)  # delivering what it holds
+            await asyncio.sleep(0.5)  # delivering what it holds
         finally:
             FakeProducer.stopping -= 1
         self.stopped = True
@@ -81,8 +82,7 @@ async def test_shutdown_cancels_a_rotation_that_is_still_connecting(
     await publisher._connect()
     FakeProducer.connects = False
     publisher._rotation = spawn(publisher._rotate(b"changed"), "rotate")
-    await asyncio.sleep(0.05)
-    assert len(producers) == 2  # the rotation's producer is connecting
+    await eventually(lambda: len(producers) == 2, what="the rotation's producer connecting")
 
     async with asyncio.timeout(5):  # not the 60 s connect timeout
         await publisher.stop()
@@ -101,8 +101,7 @@ async def test_a_replaced_producer_flushes_alongside_the_current_one(
     await publisher._connect()
     await publisher._rotate(b"changed")  # the new producer takes over; the old one retires
     assert rotations(metrics, "applied") == 1
-    await asyncio.sleep(0.05)
-    assert FakeProducer.stopping == 1  # the old one is flushing in the background
+    await eventually(lambda: FakeProducer.stopping == 1, what="the old producer flushing")
 
     await publisher.stop()
 
