@@ -23,13 +23,16 @@ constants, so the shortcut writes status line, headers and body at once and
 then marks the response complete the way ``send`` does (measured: about 6 µs of
 CPU per request, 7 %). It relies on uvicorn's ``RequestResponseCycle``
 attributes; tests/test_httpprotocol.py checks them against the installed
-uvicorn. Anything unusual (a pipelined request, a paused or lost connection)
-declines, and the app falls back to ``send``.
+uvicorn, and at run time the first response checks that the cycle still has
+them (uvicorn is not pinned), falling back to ``send`` for good, with a warning,
+if one is missing. Anything unusual (a pipelined request, a paused or lost
+connection) declines too, and the app uses ``send``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -40,7 +43,42 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge.errors import BridgeError, HeadersTooLarge, RequestTimeout
 from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, problem
 
+log = logging.getLogger(__name__)
+
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+# What respond_whole reads and sets on uvicorn's RequestResponseCycle.
+CYCLE_ATTRIBUTES = (
+    "scope",
+    "response_started",
+    "response_complete",
+    "disconnected",
+    "waiting_for_100_continue",
+    "default_headers",
+    "keep_alive",
+    "message_event",
+    "on_response",
+)
+_cycle_fits: dict[type, bool] = {}  # per cycle class: has every attribute above
+
+
+def cycle_fits(protocol: object, cycle: object) -> bool:
+    """Whether ``cycle`` (and ``protocol``'s flow control) have what respond_whole
+    needs; warns once when they do not."""
+    kind = type(cycle)
+    fits = _cycle_fits.get(kind)
+    if fits is None:
+        missing = [name for name in CYCLE_ATTRIBUTES if not hasattr(cycle, name)]
+        if not hasattr(getattr(protocol, "flow", None), "write_paused"):
+            missing.append("flow.write_paused")
+        fits = _cycle_fits[kind] = not missing
+        if missing:
+            log.warning(
+                "this uvicorn's request cycle has no %s: every response goes through "
+                "ASGI send (correct, a few µs slower)",
+                ", ".join(missing),
+            )
+    return fits
 
 
 class OneWritePerResponse:
@@ -171,6 +209,7 @@ def guarded_protocol(
             if (
                 status_line is None
                 or cycle is None
+                or not cycle_fits(self, cycle)
                 or cycle.scope is not scope  # pipelined: a later request's cycle is current
                 or cycle.response_started
                 or cycle.disconnected

@@ -13,6 +13,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
+from bridge import httpprotocol
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
@@ -244,5 +245,36 @@ async def test_a_paused_writer_declines_and_send_waits_for_it(connection: Connec
     assert await connection.answers(webhook("slow"), 1) == []
     connection.protocol.flow.resume_writing()
     [answer] = await connection.answers(b"", 1)
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
+    assert connection.sent == ["http.response.start", "http.response.body"]
+
+
+async def test_a_uvicorn_without_the_cycle_attributes_answers_through_send(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn is not pinned: a release whose request cycle lost an attribute the
+    shortcut uses must cost speed, not answers."""
+    fits: dict[type, bool] = {}
+    monkeypatch.setattr(httpprotocol, "_cycle_fits", fits)
+    [answer] = await connection.answers(webhook("first"), 1)
+    assert connection.sent == []  # the shortcut, after checking this uvicorn's cycle
+    assert fits == {RequestResponseCycle: True}
+
+    class OlderCycle:  # the same cycle without one of the attributes
+        def __init__(self) -> None:
+            for name in httpprotocol.CYCLE_ATTRIBUTES:
+                if name != "default_headers":
+                    setattr(self, name, None)
+
+    with caplog.at_level("WARNING", logger="bridge.httpprotocol"):
+        assert not httpprotocol.cycle_fits(connection.protocol, OlderCycle())
+        assert not httpprotocol.cycle_fits(connection.protocol, OlderCycle())
+    assert [r.getMessage() for r in caplog.records] == [
+        "this uvicorn's request cycle has no default_headers: every response goes through "
+        "ASGI send (correct, a few µs slower)"
+    ]
+
+    fits[RequestResponseCycle] = False  # as if this uvicorn's cycle had lost it
+    [answer] = await connection.answers(webhook("k"), 1)
     assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
     assert connection.sent == ["http.response.start", "http.response.body"]
