@@ -220,7 +220,9 @@ class Metrics:
         self.secret_rotations = Counter(
             "bridge_kafka_secret_rotations",
             "Times the Kafka secret files changed and the bridge reconnected with them "
-            "(applied), or connecting with them failed (refused; the old connection stays).",
+            "(applied), or could not: Kafka refused them or the files cannot be used "
+            "(refused), or Kafka did not answer in time (failed). The old connection "
+            "stays in use until one is applied.",
             ["result"],
             registry=registry,
         )
@@ -242,7 +244,7 @@ class Metrics:
             self.rejections.labels(error.reason)
         for reason in PUBLISH_ERRORS:
             self.publish_errors.labels(reason)
-        for result in ("applied", "refused"):
+        for result in ("applied", "refused", "failed"):
             self.secret_rotations.labels(result)
         for error in ALL_ERRORS:
             if error.content_rejection:

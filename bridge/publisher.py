@@ -53,6 +53,11 @@ HEARTBEAT_SECONDS = 5.0
 STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
 #: The longest wait between two tries of secret files Kafka refused.
 ROTATION_RETRY_MAX_SECONDS = 60.0
+#: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:
+#: the secrets are the problem (Kafka refused them, or the files cannot be used)...
+REFUSED = "refused"
+#: ...or something else is (Kafka unreachable or too slow): says nothing of the secrets.
+FAILED = "failed"
 #: Room for headers and record overhead on top of the largest accepted body.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
@@ -247,7 +252,7 @@ class KafkaPublisher:
         raises ConfigError ``at_startup`` (the bridge cannot work until they are
         fixed); later it is logged, and retried like an outage."""
         started = await self._start_producer(at_startup=at_startup)
-        if started is None:
+        if isinstance(started, str):
             return False
         self._use(*started)
         log.info("connected to Kafka at %s", self._settings.kafka_bootstrap)
@@ -255,9 +260,11 @@ class KafkaPublisher:
 
     async def _start_producer(
         self, *, at_startup: bool = False, explain: bool = False
-    ) -> tuple[AIOKafkaProducer, bytes] | None:
+    ) -> tuple[AIOKafkaProducer, bytes] | str:
         """A started producer and the fingerprint of the secrets it was made with, or
-        None. Why Kafka refused the secrets is raised ``at_startup`` and logged if
+        why there is none: REFUSED (the secret files cannot be used, or, when
+        ``explain``, Kafka refused them) or FAILED (anything else: unreachable, slow).
+        Why Kafka refused the secrets is raised ``at_startup`` and logged if
         ``explain`` (finding out takes a connection of its own)."""
         fingerprint = secrets_fingerprint(self._settings)
         try:
@@ -266,7 +273,7 @@ class KafkaPublisher:
             if at_startup:
                 raise
             log.error("cannot connect to Kafka: %s", exc)
-            return None
+            return REFUSED
         producer = AIOKafkaProducer(
             **options,
             acks="all",
@@ -293,7 +300,8 @@ class KafkaPublisher:
                     if at_startup:
                         raise ConfigError(refusal) from None
                     log.error("%s", refusal)
-            return None
+                    return REFUSED
+            return FAILED
         return producer, fingerprint
 
     async def _abandon(self, producer: AIOKafkaProducer) -> None:
@@ -346,8 +354,8 @@ class KafkaPublisher:
         try:
             log.info("the Kafka secret files changed: connecting with them")
             started = await self._start_producer(explain=True)
-            if started is None:
-                self._metrics.secret_rotations.labels("refused").inc()
+            if isinstance(started, str):
+                self._metrics.secret_rotations.labels(started).inc()
                 if fingerprint != self._refused_fingerprint:
                     self._refused_fingerprint, self._rotation_backoff = fingerprint, 0.0
                 self._rotation_backoff = min(

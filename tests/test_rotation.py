@@ -1,10 +1,11 @@
-"""Shutdown during a rotation of the Kafka secret files (bridge/publisher.py).
+"""Rotation of the Kafka secret files (bridge/publisher.py), with fake producers.
 
-Shutdown must take ``BRIDGE_SHUTDOWN_TIMEOUT``, not that plus a rotation's own
-timeouts: a rotation still connecting is cancelled (its producer holds no records
-yet, and is closed), and a replaced producer still flushing flushes alongside the
-current one. The producers are fakes; the rotation against a real broker is
-tests/test_kafka_security.py's.
+How a failed attempt is counted: ``refused`` when the secrets are the problem,
+``failed`` when Kafka did not answer. And shutdown during a rotation: it must take
+``BRIDGE_SHUTDOWN_TIMEOUT``, not that plus a rotation's own timeouts, so a
+rotation still connecting is cancelled (its producer holds no records yet, and is
+closed), and a replaced producer still flushing flushes alongside the current
+one. The rotation against a real broker is tests/test_kafka_security.py's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from bridge import publisher as publisher_module
 from bridge.config import load_settings
+from bridge.errors import ConfigError
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher, spawn
 from tests.polling import eventually
@@ -33,6 +36,7 @@ class FakeProducer:
     """Just what the publisher touches while starting, handing over and stopping."""
 
     connects = True  # False: start() waits forever, like a broker that never answers
+    fails: Exception | None = None  # raised by start()
     stopping = 0  # producers inside stop() right now
     most_stopping = 0
 
@@ -42,6 +46,8 @@ class FakeProducer:
         self.started = self.stopped = False
 
     async def start(self) -> None:
+        if FakeProducer.fails is not None:
+            raise FakeProducer.fails
         if not FakeProducer.connects:
             await asyncio.Event().wait()
         self.started = True
@@ -66,6 +72,7 @@ def producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
 
     monkeypatch.setattr(publisher_module, "AIOKafkaProducer", make)
     monkeypatch.setattr(FakeProducer, "connects", True)
+    monkeypatch.setattr(FakeProducer, "fails", None)
     monkeypatch.setattr(FakeProducer, "most_stopping", 0)
     return made
 
@@ -107,3 +114,33 @@ async def test_a_replaced_producer_flushes_alongside_the_current_one(
 
     assert all(p.stopped for p in producers)
     assert FakeProducer.most_stopping == 2  # at the same time, not one after the other
+
+
+async def test_kafka_not_answering_counts_as_failed_not_refused(
+    producers: list[FakeProducer],
+) -> None:
+    """Nothing listens at the bootstrap address: the probe that looks for Kafka's
+    reason finds none, so the attempt says nothing about the secrets."""
+    publisher, metrics = rotated_publisher()
+    await publisher._connect()
+    FakeProducer.fails = KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9)]")
+    await publisher._rotate(b"changed")
+    assert (rotations(metrics, "failed"), rotations(metrics, "refused")) == (1, 0)
+    assert publisher._producer is producers[0]  # the old connection stays in use
+    await publisher.stop()
+
+
+async def test_files_that_cannot_be_used_count_as_refused(
+    producers: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher, metrics = rotated_publisher()
+    await publisher._connect()
+
+    def unreadable(_settings: object) -> dict[str, Any]:
+        raise ConfigError("BRIDGE_KAFKA_SSL_CAFILE: cannot read /secrets/ca.pem")
+
+    monkeypatch.setattr(publisher_module, "kafka_client_options", unreadable)
+    await publisher._rotate(b"changed")
+    assert (rotations(metrics, "refused"), rotations(metrics, "failed")) == (1, 0)
+    assert len(producers) == 1  # no producer was even made
+    await publisher.stop()
