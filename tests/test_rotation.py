@@ -117,10 +117,16 @@ async def test_a_replaced_producer_flushes_alongside_the_current_one(
 
 
 async def test_kafka_not_answering_counts_as_failed_not_refused(
-    producers: list[FakeProducer],
+    producers: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nothing listens at the bootstrap address: the probe that looks for Kafka's
-    reason finds none, so the attempt says nothing about the secrets."""
+    """The probe that looks for Kafka's reason finds none (nothing answered), so the
+    attempt says nothing about the secrets. (Kafka refusing a password counts as
+    refused: test_kafka_security.py, against a real broker.)"""
+
+    async def no_reason(_settings: object, _options: object) -> None:
+        return None
+
+    monkeypatch.setattr(publisher_module, "kafka_refusal", no_reason)
     publisher, metrics = rotated_publisher()
     await publisher._connect()
     FakeProducer.fails = KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9)]")
