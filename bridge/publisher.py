@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 #: Metadata older than this makes the bridge unready.
 STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
-#: The longest wait between two tries of secret files Kafka refused.
+#: The longest wait between two tries of secret files a rotation could not connect with.
 ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:
 #: the secrets are the problem (Kafka refused them, or the files cannot be used)...
@@ -228,7 +228,7 @@ class KafkaPublisher:
         self._fingerprint = b""  # of the secrets the producer in use was made with
         self._rotation: asyncio.Task[None] | None = None  # connecting with the new files
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers flushing
-        self._refused_fingerprint = b""  # of the files Kafka refused last
+        self._failed_fingerprint = b""  # of the files the last failed rotation tried
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
 
@@ -328,8 +328,7 @@ class KafkaPublisher:
                 continue
             await asyncio.sleep(HEARTBEAT_SECONDS)
             self._check_secrets()
-            if self._producer is not None:
-                await self._heartbeat(self._producer)
+            await self._heartbeat(self._producer)
 
     def _check_secrets(self) -> None:
         """Start using rotated secret files (password, certificates) without a restart.
@@ -338,16 +337,17 @@ class KafkaPublisher:
         one (after a broker restart, say) would use them too, and fail once Kafka
         stops accepting them. So when the files change, a new producer connects
         with what they hold now and takes over; the old one finishes what it was
-        sending, then closes. While Kafka refuses the new files, the old producer
-        stays in use and the files are tried again, less and less often.
+        sending, then closes. While connecting with the new files fails (Kafka refuses
+        them, or does not answer), the old producer stays in use and the files are
+        tried again, less and less often.
         """
         if self._rotation is not None:
             return
         current = secrets_fingerprint(self._settings)
         if current == self._fingerprint:
             return
-        if current == self._refused_fingerprint and time.monotonic() < self._rotation_not_before:
-            return  # refused just now; files changed again are tried at once
+        if current == self._failed_fingerprint and time.monotonic() < self._rotation_not_before:
+            return  # failed just now; files changed again are tried at once
         self._rotation = spawn(self._rotate(current), "kafka-rotate-secrets")
 
     async def _rotate(self, fingerprint: bytes) -> None:
@@ -356,8 +356,8 @@ class KafkaPublisher:
             started = await self._start_producer(explain=True)
             if isinstance(started, str):
                 self._metrics.secret_rotations.labels(started).inc()
-                if fingerprint != self._refused_fingerprint:
-                    self._refused_fingerprint, self._rotation_backoff = fingerprint, 0.0
+                if fingerprint != self._failed_fingerprint:
+                    self._failed_fingerprint, self._rotation_backoff = fingerprint, 0.0
                 self._rotation_backoff = min(
                     self._rotation_backoff * 2 or HEARTBEAT_SECONDS, ROTATION_RETRY_MAX_SECONDS
                 )
