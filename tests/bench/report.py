@@ -431,7 +431,7 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
             "which is what two replicas behind a load balancer get.",
             "",
         ]
-    one = {r.base: r for r in results if r.workers == 1 and r.kind != "recheck"}
+    one = {r.base: r for r in results if r.workers == 1}
     rows = []
     for r in multi:
         single = one.get(r.base)
