@@ -1,15 +1,25 @@
 """The benchmark's verdicts (tests/bench/report.py): whether RSS stayed flat over a long
-run, whether the bridge refused deliveries, whether the machine kept its speed.
+run, whether the bridge refused deliveries, whether the machine kept its speed, and
+which throughput the ratios compare.
 
 Pure functions on measured results; the runs themselves are ``make bench``'s.
 """
 
 from __future__ import annotations
 
-from tests.bench.model import SATURATION, SOAK, RunResult, SubjectResult, bucket_peaks
+from tests.bench.model import (
+    NOT_COUNTED,
+    ROUND,
+    SATURATION,
+    SOAK,
+    RunResult,
+    SubjectResult,
+    bucket_peaks,
+)
 from tests.bench.report import (
     MB,
     RECHECK,
+    Baselines,
     Context,
     _refusals_verdict,
     _soak_verdict,
@@ -18,6 +28,7 @@ from tests.bench.report import (
     markdown,
     soak_halves,
     speed_drift,
+    targets,
 )
 
 
@@ -96,22 +107,25 @@ def test_refusals_fail_the_run_even_when_kafka_matches() -> None:
     assert "1,590,000" in _soak_verdict(refusing).measured
 
 
-def _saturated(name: str, kind: str, rps: float) -> SubjectResult:
+def _wrk(label: str, rps: float, seconds: float = 15.0) -> RunResult:
+    return RunResult(
+        label=label,
+        offered_rate=None,
+        seconds=seconds,
+        sent=int(rps * seconds),
+        ok=int(rps * seconds),
+        non_2xx=0,
+        socket_errors=0,
+        rps=rps,
+    )
+
+
+def _saturated(name: str, kind: str, rps: float, rounds: tuple[float, ...] = ()) -> SubjectResult:
     subject = SubjectResult(
         name=name, kind=kind, base=name, workers=1, ack=None, cpus="0", writes_kafka=False
     )
-    subject.runs.append(
-        RunResult(
-            label=SATURATION,
-            offered_rate=None,
-            seconds=15.0,
-            sent=int(rps * 15),
-            ok=int(rps * 15),
-            non_2xx=0,
-            socket_errors=0,
-            rps=rps,
-        )
-    )
+    subject.runs += [_wrk(f"{ROUND}{n}", value, 8.0) for n, value in enumerate(rounds, 1)]
+    subject.runs.append(_wrk(SATURATION, rps))
     return subject
 
 
@@ -159,3 +173,37 @@ def test_a_baseline_that_slowed_down_by_the_end_marks_the_run_as_mixed() -> None
 def test_no_recheck_no_speed_section() -> None:
     assert speed_drift([_saturated("raw-asgi", "baseline", 46_000)]) == []
     assert "keep its speed" not in _report([_saturated("raw-asgi", "baseline", 46_000)])
+
+
+def test_the_ratios_compare_the_means_of_the_interleaved_rounds() -> None:
+    # Own runs minutes apart: starlette 24,000 on a fast minute, the bridge 8,000 on a
+    # slow one. The rounds, taken in turns, tell the same speed for both.
+    starlette = _saturated("starlette-noop", "baseline", 24_000, rounds=(20_000, 22_000))
+    bridge = _saturated("bridge broker", "bridge", 8_000, rounds=(10_000, 12_000))
+    bridge.ack = "broker"
+    assert starlette.throughput == 21_000
+    assert bridge.throughput == 11_000
+    verdicts = targets(bridge, Baselines([starlette, bridge]))
+    assert verdicts[0].measured == "0.52x"  # 11,000 / 21,000, not 8,000 / 24,000
+    text = _report([starlette, bridge])
+    assert "mean of 2 interleaved rounds" in text
+    assert "| bridge broker | 10,000 | 12,000 | 11,000 | 20 % |" in text
+    # each subject's own run is still shown, as what it is
+    assert "| bridge broker | 1 | 0 | 8,000 |" in text
+
+
+def test_rounds_of_a_subject_that_broke_do_not_count() -> None:
+    subject = _saturated("bridge broker", "bridge", 8_000, rounds=(10_000, 12_000))
+    for run in subject.runs:
+        if run.label.startswith(ROUND):
+            run.label += NOT_COUNTED
+    assert subject.rounds == []
+    assert subject.throughput == 8_000  # its own run
+    assert "## Interleaved rounds" not in _report([subject])
+
+
+def test_a_disturbed_round_marks_the_ratio() -> None:
+    starlette = _saturated("starlette-noop", "baseline", 24_000, rounds=(20_000, 22_000))
+    bridge = _saturated("bridge broker", "bridge", 8_000, rounds=(10_000, 12_000))
+    bridge.runs[1].other_load = 0.5
+    assert "disturbed" in targets(bridge, Baselines([starlette, bridge]))[0].measured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -9,6 +10,11 @@ SATURATION = "saturation"
 WARMUP = "warm-up"
 SOAK = "soak"
 SOAK_BUCKET_SECONDS = 5.0
+# The interleaved saturation rounds (run.py, Bench.interleaved) are labelled "round 1",
+# "round 2", ...; a subject that broke during them has its rounds relabelled with
+# NOT_COUNTED: still Kafka-checked, left out of its throughput.
+ROUND = "round "
+NOT_COUNTED = ", not counted"
 
 
 def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tuple[float, int]]:
@@ -104,6 +110,21 @@ class SubjectResult:
         return [r for r in self.runs if r.verified is False]
 
     @property
-    def throughput(self) -> float | None:
+    def rounds(self) -> list[RunResult]:
+        """The interleaved saturation rounds that count (none if the subject had none)."""
+        return [
+            r for r in self.runs if r.label.startswith(ROUND) and not r.label.endswith(NOT_COUNTED)
+        ]
+
+    @property
+    def throughput_runs(self) -> list[RunResult]:
+        """The runs its throughput comes from: the rounds, else its own saturation run."""
         run = self.run(SATURATION)
-        return run.rps if run is not None else None
+        return self.rounds or ([run] if run is not None else [])
+
+    @property
+    def throughput(self) -> float | None:
+        """Requests per second at saturation: the mean of the interleaved rounds (what
+        the ratios compare, see run.py), or the subject's own saturation run."""
+        runs = self.throughput_runs
+        return statistics.fmean(r.rps for r in runs) if runs else None

@@ -8,7 +8,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.bench.model import SATURATION, SOAK, WARMUP, RunResult, SubjectResult, rate_label
+from tests.bench.model import (
+    ROUND,
+    SATURATION,
+    SOAK,
+    WARMUP,
+    RunResult,
+    SubjectResult,
+    rate_label,
+)
 
 TARGET_RATE = 2000
 TARGET_MODES = ("durable", "broker")  # the issue's targets are for these; others are shown too
@@ -106,7 +114,7 @@ def _other_load(subject: SubjectResult) -> str:
     loads = [
         r.other_load
         for r in subject.runs
-        if r.label != WARMUP and "(" not in r.label and r.other_load is not None
+        if not r.label.startswith(WARMUP) and "(" not in r.label and r.other_load is not None
     ]
     if not loads:
         return "-"
@@ -116,6 +124,10 @@ def _other_load(subject: SubjectResult) -> str:
 
 def _disturbed(run: RunResult | None) -> bool:
     return run is not None and run.other_load is not None and run.other_load > NOISY
+
+
+def _throughput_disturbed(subject: SubjectResult) -> bool:
+    return any(_disturbed(run) for run in subject.throughput_runs)
 
 
 def _latency(run: RunResult | None) -> str:
@@ -159,8 +171,8 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
     for name, factor in (("starlette-noop", 1.0), ("raw-asgi", 0.5), ("naive-bridge", 1.5)):
         ratio = _ratio(tput, baselines.throughput(name))
         base = baselines.by_name.get(name)
-        disturbed = _disturbed(subject.run(SATURATION)) or (
-            base is not None and _disturbed(base.run(SATURATION))
+        disturbed = _throughput_disturbed(subject) or (
+            base is not None and _throughput_disturbed(base)
         )
         verdicts.append(
             Verdict(
@@ -208,7 +220,7 @@ def _refusals_verdict(subject: SubjectResult) -> Verdict:
     however fast those answers are; the Kafka check cannot see it, as refused
     deliveries rightly never reach Kafka."""
     target = "every delivery answered 2xx, every run"
-    runs = [r for r in subject.runs if r.label != WARMUP]
+    runs = [r for r in subject.runs if not r.label.startswith(WARMUP)]
     if not runs:
         return Verdict(target, "-", None)
     refused = [f"{r.non_2xx:,} not in {r.label}" for r in runs if r.non_2xx]
@@ -331,6 +343,13 @@ def _headline(results: Sequence[SubjectResult], baselines: Baselines) -> list[st
     out = ["## The bridge against the baselines", ""]
     if not bridges:
         return [*out, "No bridge subject was measured.", ""]
+    rounds = max((len(r.rounds) for r in results), default=0)
+    if rounds:
+        out += [
+            f"req/s at saturation: the mean of {rounds} interleaved rounds (below), which the "
+            "ratios compare.",
+            "",
+        ]
     rows = [
         [
             f"**{r.name}**",
@@ -382,7 +401,7 @@ def _targets(
 
 def _every_subject(results: Sequence[SubjectResult]) -> list[str]:
     rates = _rates(results)
-    header = ["subject", "workers", "cpus", "req/s at saturation", "non-2xx"]
+    header = ["subject", "workers", "cpus", "req/s at saturation, own run", "non-2xx"]
     header += [f"p50 / p99 / p99.9 ms at {rate}/s" for rate in rates]
     header += [
         "peak RSS MB",
@@ -396,7 +415,7 @@ def _every_subject(results: Sequence[SubjectResult]) -> list[str]:
     for r in results:
         sat = r.run(SATURATION)
         top_rate = r.run(rate_label(rates[-1])) if rates else None
-        row = [r.name, str(r.workers), r.cpus, _num(r.throughput)]
+        row = [r.name, str(r.workers), r.cpus, _num(sat.rps if sat else None)]
         row += [_num(sat.non_2xx if sat else None)]
         row += [_latency(r.run(rate_label(rate))) for rate in rates]
         row += [
@@ -409,6 +428,36 @@ def _every_subject(results: Sequence[SubjectResult]) -> list[str]:
         ]
         rows.append(row)
     return ["## Every subject", "", *_table(header, rows)]
+
+
+def _rounds(results: Sequence[SubjectResult]) -> list[str]:
+    """Each subject's req/s in each interleaved round, and their mean."""
+    measured = [r for r in results if r.rounds]
+    if not measured:
+        return []
+    count = max(len(r.rounds) for r in measured)
+    out = ["## Interleaved rounds", ""]
+    out += [
+        "The single-worker subjects, started side by side and idle but for the one under "
+        "load, take turns at saturation (wrk, as in their own runs), the order reversed "
+        "every other round (A B C … C B A …). This machine's speed drifts by 10 % from "
+        "minute to minute and more within an hour; with the turns mirrored, a steady drift "
+        "moves every subject's mean alike, so the ratios compare subjects at the same "
+        "speed. Each subject's own run, measured minutes apart from the others, gives its "
+        "CPU time, memory and latency.",
+        "",
+    ]
+    rows = []
+    for r in measured:
+        values = [run.rps for run in r.rounds]
+        spread = max(values) / min(values) - 1 if min(values) > 0 else None
+        row = [r.name, *(_num(v) for v in values), *["-"] * (count - len(values))]
+        row += [_num(r.throughput), "-" if spread is None else f"{100 * spread:.0f} %"]
+        rows.append(row)
+    header = [
+        "subject", *(f"{ROUND}{n}" for n in range(1, count + 1)), "mean", "max / min - 1"
+    ]  # fmt: skip
+    return out + _table(header, rows)
 
 
 def _workers(results: Sequence[SubjectResult]) -> list[str]:
@@ -664,6 +713,16 @@ def _method(results: Sequence[SubjectResult], context: Context) -> list[str]:
         "measured seconds. After the measured window wrk's requests go to a path every subject "
         "answers 404, so that no webhook is left in flight when wrk stops "
         "(the 2xx count is exact).",
+        *(
+            [
+                f"- Interleaved rounds: {plan.get('rounds')} rounds of "
+                f"{plan.get('round seconds')} s at saturation per single-worker subject, after "
+                "one warm-up each, the order reversed every other round; their mean is the "
+                "subject's req/s in the ratios."
+            ]
+            if plan.get("rounds")
+            else []
+        ),
         "- Latency: vegeta, open loop (no coordinated omission), "
         f"{plan.get('fixed-rate seconds')} s at each rate; nearest-rank percentiles of every "
         "answered request.",
@@ -712,6 +771,7 @@ def markdown(results: Sequence[SubjectResult], context: Context, chart: Path | N
     out += _headline(results, baselines)
     out += _targets(results, baselines, context.skipped_modes)
     out += _every_subject(results)
+    out += _rounds(results)
     out += _speed(results)
     out += _layers(results)
     out += _soaks(results)
@@ -758,7 +818,7 @@ def chart(results: Sequence[SubjectResult], path: Path) -> bool:
     names = [
         r.name
         + (" (FAILED)" if r.failed_runs else "")
-        + (" (disturbed)" if _disturbed(r.run(SATURATION)) else "")
+        + (" (disturbed)" if _throughput_disturbed(r) else "")
         for r in measured
     ]
     values = [r.throughput or 0.0 for r in measured]

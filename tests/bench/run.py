@@ -7,7 +7,9 @@ process on a free port, warms it up, measures throughput at saturation (wrk),
 latency at fixed offered rates (vegeta, open loop), its CPU time and peak
 memory, checks that Kafka holds exactly one record per 2xx answer, and stops
 it. Then the baselines (and the bridge, if ``bridge serve`` can) with two
-worker processes. Last, the raw ASGI and Starlette no-ops once more: if either
+worker processes. Before all that, the single-worker subjects take turns at
+saturation in interleaved rounds (``Bench.interleaved``), whose means the ratios
+compare. Last, the raw ASGI and Starlette no-ops once more: if either
 moved by more than 15 % since the start, the machine changed speed during the
 run and results.md says its ratios are mixed. Writes tests/bench/results.md,
 results.json and results.png.
@@ -25,7 +27,8 @@ subject / in all) and ``BENCH_RETRY_BUDGET`` (seconds to spend measuring
 disturbed runs again); ``BENCH_SOAK_SECONDS`` (default 0: none; 600 for the issue's
 10-minute run) adds a run that long at saturation to each bridge mode in
 ``BENCH_SOAK_MODES`` (default ``broker,durable``), sampling the bridge's RSS to
-show whether memory stays flat. See tests/bench/README.md.
+show whether memory stays flat; ``BENCH_ROUNDS`` (default 4; 0: none) and
+``BENCH_ROUND_SECONDS`` (default 8) the interleaved rounds. See tests/bench/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -62,6 +65,8 @@ from tests.bench.mix import (
     wrk_script,
 )
 from tests.bench.model import (
+    NOT_COUNTED,
+    ROUND,
     SATURATION,
     SOAK,
     SOAK_BUCKET_SECONDS,
@@ -95,6 +100,7 @@ TOKEN = "bench-" + secrets.token_hex(8)
 ACK_MODES = ("broker", "durable", "memory")
 TOPIC_PARTITIONS = 3  # the bridge's default BRIDGE_TOPIC_PARTITIONS, for every subject
 WORKDIR = REPO / ".cache" / "bench"
+ROUNDS_WARMUP = WARMUP + ", before the rounds"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -125,6 +131,8 @@ class Plan:
     retry_budget: float  # seconds to spend measuring disturbed runs again
     soak_seconds: float  # a run this long at saturation for memory growth; 0: none
     soak_modes: frozenset[str]  # ... of the bridge in these ack modes
+    rounds: int  # interleaved saturation rounds of the single-worker subjects; 0: none
+    round_seconds: float
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -154,6 +162,8 @@ class Plan:
             retry_budget=_env_float("BENCH_RETRY_BUDGET", 0.0 if quick else 120.0),
             soak_seconds=_env_float("BENCH_SOAK_SECONDS", 0.0),
             soak_modes=frozenset(m.strip() for m in soak_modes.split(",") if m.strip()),
+            rounds=int(_env_float("BENCH_ROUNDS", 2 if quick else 4)),
+            round_seconds=_env_float("BENCH_ROUND_SECONDS", 2.0 if quick else 8.0),
         )
 
     def describe(self) -> dict[str, object]:
@@ -166,6 +176,8 @@ class Plan:
             "wrk connections": self.connections,
             "soak seconds": self.soak_seconds,
             "soak modes": sorted(self.soak_modes) if self.soak_seconds > 0 else [],
+            "rounds": self.rounds,
+            "round seconds": self.round_seconds,
             "subject cpus": sorted(self.subject_cpus) if self.subject_cpus else "any",
             "load generator, broker and harness cpus": (
                 sorted(self.load_cpus) if self.load_cpus else "any"
@@ -454,35 +466,10 @@ class Bench:
             writes_kafka=subject.prefix is not None,
             cut=subject.cut,
         )
-        slug = subject.name.replace(" ", "-")
-        home = self.workdir / slug
-        home.mkdir(parents=True, exist_ok=True)
-        # replicas: one port each; the first is the subject's ``port``
-        replica_ports = free_ports(subject.workers) if subject.replicas else []
-        port = replica_ports[0] if replica_ports else free_port()
-        if subject.prefix is not None:
-            self.probe.create_topics(
-                [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
-            )
-        env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
-        if replica_ports:
-            argv = [*subject.argv, "--replica-ports", ",".join(map(str, replica_ports))]
-        elif subject.kind in {"bridge", "layer"}:  # configured by BRIDGE_* variables
-            env["BRIDGE_PORT"] = str(port)
-            argv = subject.argv
-        else:
-            argv = [*subject.argv, "--port", str(port)]
-        proc = SubjectProcess(
-            argv,
-            env=env,
-            cwd=home / "cwd",
-            port=port,
-            log=home / "subject.log",
-            cpus=cpus,
-            more_ports=replica_ports[1:],
-        )
+        home = self.workdir / subject.name.replace(" ", "-")
+        proc = self._process(subject, home, cpus)
         self.wait_for_quiet(subject.name)
-        say(f"{subject.name}: starting on port {port} (cpus {result.cpus})")
+        say(f"{subject.name}: starting on port {proc.port} (cpus {result.cpus})")
         try:
             proc.start()
             self._runs(subject, proc, result, home)
@@ -499,6 +486,101 @@ class Bench:
                 result.peak_rss_bytes = proc.peak_rss_bytes() or None
                 result.exit_code = proc.stop()
         return result
+
+    def _process(self, subject: Subject, home: Path, cpus: set[int] | None) -> SubjectProcess:
+        """The subject's process, not started yet, in ``home``; its topics created."""
+        home.mkdir(parents=True, exist_ok=True)
+        # replicas: one port each; the first is the subject's ``port``
+        replica_ports = free_ports(subject.workers) if subject.replicas else []
+        port = replica_ports[0] if replica_ports else free_port()
+        if subject.prefix is not None:
+            self.probe.create_topics(
+                [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
+            )
+        env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
+        if replica_ports:
+            argv = [*subject.argv, "--replica-ports", ",".join(map(str, replica_ports))]
+        elif subject.kind in {"bridge", "layer"}:  # configured by BRIDGE_* variables
+            env["BRIDGE_PORT"] = str(port)
+            argv = subject.argv
+        else:
+            argv = [*subject.argv, "--port", str(port)]
+        return SubjectProcess(
+            argv,
+            env=env,
+            cwd=home / "cwd",
+            port=port,
+            log=home / "subject.log",
+            cpus=cpus,
+            more_ports=replica_ports[1:],
+        )
+
+    def interleaved(self, subjects: Sequence[Subject]) -> dict[str, list[RunResult]]:
+        """Saturation rounds of single-worker ``subjects`` taking turns, by name.
+
+        Measured one after the other, minutes apart, two subjects can differ by the
+        machine's drift alone (10 % from minute to minute here, up to 2x within an hour).
+        So all of them run side by side (each on the subject CPU, idle but for the one
+        under load) and take short turns, the order reversed every other round: a steady
+        drift then moves every subject's mean alike. Each run is Kafka-checked like any
+        other, which also waits for a subject's backlog to reach Kafka before the next
+        one's turn. A subject that does not start or breaks is left out (its rounds are
+        relabelled NOT_COUNTED); the others go on.
+        """
+        started: dict[str, tuple[Subject, SubjectProcess, Path]] = {}
+        runs: dict[str, list[RunResult]] = {s.name: [] for s in subjects}
+        self.wait_for_quiet("interleaved rounds")
+        try:
+            for subject in subjects:
+                home = self.workdir / ("rounds-" + subject.name.replace(" ", "-"))
+                proc = self._process(subject, home, self.plan.subject_cpus)
+                try:
+                    proc.start()
+                    warm = self._wrk_run(
+                        subject, proc, home, ROUNDS_WARMUP, self.plan.warmup_seconds, drain=1.0
+                    )
+                except Exception as exc:  # measured alone later, without rounds
+                    say(f"{subject.name}: left out of the rounds: {type(exc).__name__}: {exc}")
+                    proc.stop()
+                    continue
+                runs[subject.name].append(warm)
+                started[subject.name] = (subject, proc, home)
+            order = list(started)
+            for number in range(1, self.plan.rounds + 1):
+                turns = order if number % 2 else order[::-1]
+                for name in turns:
+                    if name in started:
+                        self._turn(started, runs, name, f"{ROUND}{number}")
+                say(f"round {number} of {self.plan.rounds} done")
+        finally:
+            for _, proc, _ in started.values():
+                proc.stop()
+        return runs
+
+    def _turn(
+        self,
+        started: dict[str, tuple[Subject, SubjectProcess, Path]],
+        runs: dict[str, list[RunResult]],
+        name: str,
+        label: str,
+    ) -> None:
+        subject, proc, home = started[name]
+        try:
+            run = self._wrk_run(subject, proc, home, label, self.plan.round_seconds, drain=1.0)
+        except Exception as exc:  # the subject broke: its rounds no longer mirror the others'
+            say(f"{name}: {label}: {type(exc).__name__}: {exc}; its rounds are not counted")
+            del started[name]
+            proc.stop()
+            for earlier in runs[name]:
+                if earlier.label.startswith(ROUND):
+                    earlier.label += NOT_COUNTED
+            return
+        runs[name].append(run)
+        say(
+            f"{name}: {label}: {run.rps:,.0f} req/s"
+            + (f", Kafka {run.verify_detail}" if run.verified is not None else "")
+            + _noise(run)
+        )
 
     def _runs(
         self, subject: Subject, proc: SubjectProcess, result: SubjectResult, home: Path
@@ -934,8 +1016,13 @@ def main() -> int:
         try:
             bench = Bench(plan, kafka, probe, mix, wrk, vegeta, workdir)
             subjects = make_subjects(plan, kafka.bootstrap, run_id, modes, workers_flag)
+            # The subjects the ratios compare: the single-worker baselines and bridge modes.
+            compared = [s for s in subjects if s.workers == 1 and s.kind in {"baseline", "bridge"}]
+            rounds = bench.interleaved(compared) if plan.rounds and len(compared) > 1 else {}
             for subject in subjects:
-                results.append(bench.measure(subject))
+                result = bench.measure(subject)
+                result.runs[:0] = rounds.get(subject.name, [])
+                results.append(result)
                 quiet_waited, retry_spent = bench.quiet_waited, bench.retry_spent
         finally:
             probe.close()
