@@ -55,6 +55,8 @@ class Drainer:
         self._wake = asyncio.Event()
         # seq -> (ack future, when it was handed to the producer)
         self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        # seqs Kafka acknowledged whose removal from the backlog failed
+        self._unremoved: list[int] = []
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""
@@ -63,24 +65,43 @@ class Drainer:
     async def run(self) -> None:
         backoff = MIN_BACKOFF
         while True:
-            self._wake.clear()  # before reading, so an append after the read wakes us
-            records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
-            if not records:
-                try:
-                    async with asyncio.timeout(IDLE_POLL):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                continue
-            acked, complete = await self._deliver(records)
-            await self._backlog.remove(acked)
+            try:
+                complete = await self._round()
+            except Exception as exc:
+                # The backlog cannot be read or written now (the spool's disk is full,
+                # say). Nothing here may end the task: it is the only way accepted
+                # events reach Kafka, so it keeps trying until the backlog works again.
+                log.error("cannot move the backlog to Kafka (%s); trying again", exc)
+                complete = False
             if complete:
                 backoff = MIN_BACKOFF
-                if len(records) < BATCH_RECORDS:
-                    await asyncio.sleep(ROUND_PAUSE)
             else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _round(self) -> bool:
+        """One read, send and removal; False when it should back off."""
+        if self._unremoved:
+            # Kafka has these; only their removal failed. Until it succeeds, nothing
+            # else is read: they would be read back and sent again.
+            await self._backlog.remove(self._unremoved)
+            self._unremoved = []
+        self._wake.clear()  # before reading, so an append after the read wakes us
+        records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
+        if not records:
+            try:
+                async with asyncio.timeout(IDLE_POLL):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            return True
+        acked, complete = await self._deliver(records)
+        self._unremoved = acked
+        await self._backlog.remove(acked)
+        self._unremoved = []
+        if complete and len(records) < BATCH_RECORDS:
+            await asyncio.sleep(ROUND_PAUSE)
+        return complete
 
     async def drain(self, deadline: float) -> None:
         """Wait until the backlog is empty or ``deadline`` (monotonic) passed."""

@@ -175,6 +175,50 @@ async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
     assert backlog.depth == 1
 
 
+class FailingBacklog(MemoryBacklog):
+    """A backlog whose reads or removals fail for a while, like a spool on a full disk."""
+
+    def __init__(self) -> None:
+        super().__init__(max_bytes=10**6)
+        self.failing_reads = 0
+        self.failing_removals = 0
+
+    async def oldest(self, limit: int, max_bytes: int) -> list[Any]:
+        if self.failing_reads:
+            self.failing_reads -= 1
+            raise OSError("disk I/O error")
+        return await super().oldest(limit, max_bytes)
+
+    async def remove(self, seqs: Any) -> None:
+        if self.failing_removals:
+            self.failing_removals -= 1
+            raise OSError("database or disk is full")
+        await super().remove(seqs)
+
+
+async def test_the_drainer_outlives_backlog_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads and removals that fail for a while (a full disk) neither end the drainer nor
+    send again what Kafka already has: once the backlog works, it empties, each record
+    published once."""
+    monkeypatch.setattr(drainer_module, "MIN_BACKOFF", 0.01)
+    publisher = FakePublisher()
+    backlog = FailingBacklog()
+    backlog.failing_reads = 2
+    backlog.failing_removals = 3
+    for key in "abc":
+        backlog.append(record(key))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 0, within=5)
+        backlog.append(record("d"))  # and it goes on working
+        drainer.wake()
+        await eventually(lambda: backlog.depth == 0, within=5)
+    finally:
+        task.cancel()
+    assert [r.key for r in publisher.records] == [b"a", b"b", b"c", b"d"]
+
+
 class TooLargeFor(FakePublisher):
     """Refuses records for one topic as too large, like a topic with a small max.message.bytes."""
 
