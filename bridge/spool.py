@@ -68,6 +68,9 @@ class _Call:
 
 
 _STOP = object()
+# About a page: a tiny row may still find room in a page that is already there while
+# a real event finds none. Not an idempotency key: HTTP header values hold no NUL.
+_PROBE_KEY = "\x00spool-write-probe-" + "x" * 4096
 
 
 class Spool:
@@ -442,16 +445,20 @@ class Spool:
     def _purge(self, connection: sqlite3.Connection) -> int:
         cutoff = time.time() - max(self._dedup_window, 0)
         try:
-            cursor = connection.execute(
+            removed: int = connection.execute(
                 "DELETE FROM seen WHERE key IN "
                 "(SELECT key FROM seen WHERE accepted_at < ? LIMIT ?)",
                 (cutoff, PURGE_CHUNK),
-            )
+            ).rowcount
+            # A DELETE that matched nothing wrote nothing, so it proves nothing: on a
+            # full disk it succeeds. Only a commit that wrote may say writable again.
+            if removed == 0 and not self.writable:
+                _write_probe(connection)
         except sqlite3.Error:
             self.writable = False
             raise
         self.writable = True
-        return cursor.rowcount
+        return removed
 
     def _run_call(self, connection: sqlite3.Connection, job: _Call) -> None:
         try:
@@ -481,6 +488,21 @@ def _oldest_enqueued_at(connection: sqlite3.Connection) -> float | None:
     primary-key lookup where min(enqueued_at) would read every row)."""
     row = connection.execute("SELECT enqueued_at FROM spool ORDER BY seq LIMIT 1").fetchone()
     return None if row is None else float(row[0])
+
+
+def _write_probe(connection: sqlite3.Connection) -> None:
+    """Commit a row of about a page (fsynced, like an append) and delete it again;
+    raises if the spool cannot be written."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute(
+            "INSERT OR REPLACE INTO seen (key, accepted_at) VALUES (?, 0)", (_PROBE_KEY,)
+        )
+        connection.execute("COMMIT")
+    except sqlite3.Error:
+        _rollback(connection)
+        raise
+    connection.execute("DELETE FROM seen WHERE key = ?", (_PROBE_KEY,))
 
 
 def _rollback(connection: sqlite3.Connection) -> None:

@@ -113,6 +113,11 @@ async def test_write_failure_is_503_and_marks_unwritable(tmp_path: Path) -> None
     with pytest.raises(SpoolWriteFailed):
         await spool.append(record(2, 100_000), "b")
     assert not spool.writable
+    # With nothing to purge, maintenance writes nothing, so it proves nothing: the disk
+    # is still full, and readiness must stay off.
+    with pytest.raises(sqlite3.OperationalError):
+        await spool.forget_expired_keys()
+    assert not spool.writable
     await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     await spool.forget_expired_keys()
     assert spool.writable
