@@ -103,6 +103,7 @@ class Spool:
         self._copy = RecordFifo()
         self._copy_complete = False
         self._last_seq = 0
+        self._closed = False  # set by close(): no job may be queued after the stop
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Spool:
         self.connect()
         connection, self._connection = self._connection, None
         self._loop = asyncio.get_running_loop()
+        self._closed = False
         self._thread = threading.Thread(
             target=self._run, args=(connection,), name="spool-writer", daemon=True
         )
@@ -200,6 +202,7 @@ class Spool:
         """Finish queued work and close the database."""
         if self._thread is None:
             return
+        self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -211,6 +214,8 @@ class Spool:
 
         Raises :class:`SpoolFull` or :class:`SpoolWriteFailed` (both 503).
         """
+        if self._closed:
+            raise SpoolWriteFailed("the spool is closed (the bridge is stopping)")
         size = record_size(destination)
         if self.bytes + size > self._max_bytes:
             raise SpoolFull(
@@ -245,6 +250,8 @@ class Spool:
                 return removed
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._closed:
+            raise SpoolWriteFailed("the spool is closed (the bridge is stopping)")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Call(fn, future))
         return await future
@@ -252,17 +259,25 @@ class Spool:
     # --- the writer thread -----------------------------------------------------------
 
     def _run(self, connection: sqlite3.Connection) -> None:
+        # After the stop, the jobs still queued are done before the thread ends: each
+        # has a coroutine waiting for it (a removal left undone would send its records
+        # again), and close() lets no new job in.
+        stopping = False
         try:
             while True:
-                job = self._jobs.get()
-                if job is _STOP:
+                try:
+                    job = self._jobs.get_nowait() if stopping else self._jobs.get()
+                except queue.Empty:
                     return
-                if isinstance(job, _Append):
+                if job is _STOP:
+                    stopping = True
+                elif isinstance(job, _Append):
                     group = [job]
-                    stop_after = self._gather_group(group)
-                    self._commit_appends(connection, group)
-                    if stop_after:
-                        return
+                    stopping |= self._gather_group(group)
+                    try:
+                        self._commit_appends(connection, group)
+                    except Exception:  # a bug: no request may wait forever for it
+                        self._after_unexpected_error([item.future for item in group])
                 else:
                     self._run_call(connection, job)
         finally:
@@ -284,7 +299,6 @@ class Spool:
                 group.append(job)
             elif job is _STOP:
                 stop = True
-                break
             else:
                 later.append(job)
         for job in later:
@@ -361,6 +375,16 @@ class Spool:
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - started)
         self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
+
+    def _after_unexpected_error(self, futures: list[asyncio.Future[bool]]) -> None:
+        log.exception("the spool writer failed unexpectedly")
+        # Whether the group was committed is unknown: the file is the truth, so the
+        # drainer reads it instead of the copy, and the senders retry (a committed
+        # key answers 200 duplicate then).
+        self._copy.clear()
+        self._copy_complete = False
+        error = SpoolWriteFailed("the spool writer failed unexpectedly")
+        self._resolve([(future, error) for future in futures])
 
     def _seen_among(self, connection: sqlite3.Connection, keys: list[str], now: float) -> set[str]:
         """Which of ``keys`` were accepted within the de-duplication window."""

@@ -125,6 +125,46 @@ async def test_write_failure_is_503_and_marks_unwritable(tmp_path: Path) -> None
     await spool.close()
 
 
+async def test_close_finishes_every_job_queued_before_it(tmp_path: Path) -> None:
+    """Jobs queued together with the stop (an append, the drainer's removal) are done,
+    not dropped with their callers left waiting; none is let in after it."""
+    spool = make(tmp_path)
+    spool.open()
+    assert await spool.append(record(1), "a")
+    (first,) = await spool.oldest(10, 10**6)
+    jobs = asyncio.gather(spool.append(record(2), "b"), spool.remove([first.seq]), spool.close())
+    await asyncio.wait_for(jobs, timeout=5)
+    with pytest.raises(SpoolWriteFailed, match="closed"):
+        await spool.append(record(3), "c")
+
+    again = make(tmp_path)
+    again.open()
+    assert [r.destination.key for r in await again.oldest(10, 10**6)] == [b"k2"]
+    await again.close()
+
+
+async def test_an_unexpected_writer_error_answers_and_keeps_the_records(
+    tmp_path: Path,
+) -> None:
+    """A bug after the commit (here in the commit callback) answers the request 503
+    instead of leaving it waiting forever, and the committed record still drains."""
+
+    calls: list[float] = []
+
+    def broken(seconds: float) -> None:
+        calls.append(seconds)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_commit=broken)
+    spool.open()
+    with pytest.raises(SpoolWriteFailed):
+        await asyncio.wait_for(spool.append(record(1), "a"), timeout=5)
+    assert [r.destination.key for r in await spool.oldest(10, 10**6)] == [b"k1"]
+    assert not await spool.append(record(1), "a")  # the retry: a duplicate, safe already
+    await spool.close()
+
+
 def test_damaged_file_is_a_clear_error_and_kept(tmp_path: Path) -> None:
     """A spool file that is not a database stops startup and is left untouched."""
     damaged = tmp_path / "spool.db"
