@@ -76,6 +76,12 @@ class BridgeApp(Starlette):
         return super().__call__(scope, receive, send)
 
 
+def _age(enqueued_at: float | None) -> float:
+    """Seconds since ``enqueued_at`` (0 for an empty backlog). Takes the value once: the
+    spool's writer thread may empty the backlog between two reads of the attribute."""
+    return time.time() - enqueued_at if enqueued_at is not None else 0.0
+
+
 def create_app(
     settings: Settings,
     *,
@@ -96,6 +102,7 @@ def create_app(
         strict_types=settings.strict_types,
         deadletter_topic=settings.deadletter_topic,
         tokens=settings.tokens,
+        dedup=settings.dedup_window > 0,
     )
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
@@ -132,9 +139,7 @@ def create_app(
     if backlog is not None:
         metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
-        metrics.spool_oldest_age.set_function(
-            lambda: time.time() - backlog.oldest_enqueued_at if backlog.oldest_enqueued_at else 0.0
-        )
+        metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -46,6 +46,7 @@ class Pipeline:
         strict_types: bool,
         deadletter_topic: str,
         tokens: Sequence[str],
+        dedup: bool = True,
     ) -> None:
         self.router = router
         self.ack_mode = ack_mode
@@ -53,6 +54,9 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._tokens = tuple(tokens)
+        # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
+        # two copies arriving at once.
+        self._dedup = dedup
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
@@ -65,9 +69,8 @@ class Pipeline:
         destination = self.router.route(event)
         self._metrics.observe_stage("parse", time.perf_counter() - started)
         try:
-            fresh = await self.ack_mode.deliver(
-                destination, None if event.key_generated else event.key
-            )
+            dedup_key = event.key if self._dedup and not event.key_generated else None
+            fresh = await self.ack_mode.deliver(destination, dedup_key)
         except BridgeError as exc:
             exc.event = event
             raise

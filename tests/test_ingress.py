@@ -283,3 +283,31 @@ def test_any_request_gets_accepted_or_a_clean_4xx(
         assert all(r.topic == "geins.deadletter" for r in publisher.records)
         if response.status in (401, 405, 413):
             assert publisher.records == []
+
+
+def test_window_zero_disables_deduplication_even_of_concurrent_copies() -> None:
+    """BRIDGE_DEDUP_WINDOW=0: two copies of one delivery arriving together are both
+    accepted and published, not the second answered 200 duplicate."""
+    app, publisher, _ = make(BRIDGE_DEDUP_WINDOW="0")
+    release = asyncio.Event()
+
+    async def slow_publish(destination: Any) -> None:
+        await release.wait()
+        publisher.records.append(destination)
+
+    publisher.publish = slow_publish  # type: ignore[method-assign]  # both in flight at once
+    headers = [(b"authorization", AUTH["Authorization"].encode()), (b"x-idempotency-key", b"k")]
+
+    async def scenario() -> list[int]:
+        copies = [
+            asyncio.create_task(
+                call_asgi(app, "POST", "/webhooks/geins", headers=headers, body_chunks=[ORDER])
+            )
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        release.set()
+        return [response.status for response in await asyncio.gather(*copies)]
+
+    assert asyncio.run(scenario()) == [202, 202]
+    assert len(publisher.records) == 2
