@@ -217,14 +217,19 @@ class Spool:
         if self._closed:
             raise SpoolWriteFailed("the spool is closed (the bridge is stopping)")
         size = record_size(destination)
-        if self.bytes + size > self._max_bytes:
-            raise SpoolFull(
-                f"the spool holds {self.bytes} bytes; the limit is {self._max_bytes} "
-                "(BRIDGE_SPOOL_MAX_BYTES). Kafka is probably unreachable"
-            )
+        # Refused here without a trip to the writer thread, unless the key may be a
+        # retry of an event already safe: the writer checks that first (200 duplicate).
+        if dedup_key is None and self.bytes + size > self._max_bytes:
+            raise self._full()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Append(destination, dedup_key, size, future))
         return await future
+
+    def _full(self) -> SpoolFull:
+        return SpoolFull(
+            f"the spool holds {self.bytes} bytes; the limit is {self._max_bytes} "
+            "(BRIDGE_SPOOL_MAX_BYTES). Kafka is probably unreachable"
+        )
 
     async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
         """Up to ``limit`` records (and about ``max_bytes``), oldest first."""
@@ -327,7 +332,7 @@ class Spool:
                     results.append(False)
                     continue
                 if self.bytes + added_bytes + item.size > self._max_bytes:
-                    results.append(SpoolFull(f"the spool is full ({self._max_bytes} bytes)"))
+                    results.append(self._full())
                     continue
                 d = item.destination
                 self._last_seq += 1  # a rolled-back group leaves a gap, which is harmless
@@ -366,7 +371,8 @@ class Spool:
             error = SpoolWriteFailed(f"the spool cannot be written ({exc})")
             self._resolve([(item.future, error) for item in group])
             return
-        self.writable = True
+        if rows:  # a commit that wrote nothing (all duplicates, or full) proves nothing
+            self.writable = True
         self.depth += len(added)
         self.bytes += added_bytes
         if added and self.oldest_enqueued_at is None:

@@ -100,6 +100,10 @@ async def test_full_spool_refuses_with_503(tmp_path: Path) -> None:
     assert info.value.retriable
     assert await spool.append(record(4, 100), "d")  # smaller still fits
     assert spool.depth == 3
+    # a retry of an event already safe is a duplicate (200), full or not
+    assert not await spool.append(record(1, 1000), "a")
+    with pytest.raises(SpoolFull):
+        await spool.append(record(5, 1000), None)
     await spool.close()
 
 
