@@ -10,6 +10,7 @@ and a supervisor would see a kill instead of an orderly exit.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable
@@ -117,7 +118,9 @@ def serve(settings: Settings) -> int:
         access_log=False,
         server_header=False,
         log_config=None,  # logging is configured by the CLI
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # uvicorn takes whole seconds; int() made 0.5 a 0, which cancels in-flight
+        # requests at once instead of letting them finish. Round up instead.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = BridgeServer(config, state, settings.shutdown_delay)
     try:
