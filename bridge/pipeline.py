@@ -79,12 +79,27 @@ class Pipeline:
         )
 
     async def _keep_dead_letter(self, delivery: Delivery, error: BridgeError) -> None:
-        """Best effort: the sender gets its 4xx whether or not this succeeds."""
+        """Keep the refused delivery with the guarantee of an event before its 4xx.
+
+        When it cannot be kept now (a full spool, Kafka away in broker mode) the answer
+        is that 503 instead, so that the sender retries and the dead letter is not lost.
+        One that can never be kept (too large even for Kafka) is logged, and the 4xx
+        goes out.
+        """
         if not self._deadletter_topic:
             return
         record = dead_letter(delivery, error, self._deadletter_topic, self._tokens)
         try:
             await self.ack_mode.keep(record)
+        except BridgeError as exc:
+            if not exc.retriable:
+                log.error("could not keep a dead letter (%s): %s", error.reason, exc.detail)
+                return
+            exc.detail = (
+                f"the delivery is refused ({error.reason}: {error.detail}) and cannot be "
+                f"kept as a dead letter now ({exc.detail}); retry later"
+            )
+            raise
         except Exception:
             log.exception("could not keep a dead letter (%s)", error.reason)
         else:

@@ -311,3 +311,23 @@ def test_window_zero_disables_deduplication_even_of_concurrent_copies() -> None:
 
     assert asyncio.run(scenario()) == [202, 202]
     assert len(publisher.records) == 2
+
+
+def test_a_dead_letter_that_cannot_be_kept_now_is_a_503() -> None:
+    """A refused delivery whose dead letter cannot be kept now (Kafka away, in broker
+    mode) is answered 503, so the sender retries, rather than its 4xx with the dead
+    letter lost; once it can be kept, the retry gets the 4xx."""
+    app, publisher, _ = make()
+    publisher.fail_with = PublishTimeout("Kafka did not acknowledge in time")
+    with TestClient(app) as client:
+        first = client.post("/webhooks/geins", content=b"not json", headers=AUTH)
+        publisher.fail_with = None
+        retry = client.post("/webhooks/geins", content=b"not json", headers=AUTH)
+    assert first.status_code == 503
+    assert first.headers["content-type"] == "application/problem+json"
+    assert "retry-after" in first.headers
+    detail = first.json()["detail"]
+    assert "cannot be kept as a dead letter now" in detail
+    assert "body_not_json" in detail
+    assert retry.status_code == 400
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
