@@ -57,6 +57,8 @@ class Drainer:
         self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
         # seqs Kafka acknowledged whose removal from the backlog failed
         self._unremoved: list[int] = []
+        # pending seqs already counted as a timeout (once each, however long they wait)
+        self._late: set[int] = set()
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""
@@ -111,34 +113,20 @@ class Drainer:
 
     async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
         """Send what is not already pending; return (acknowledged seqs, all acked?)."""
-        waiting: dict[int, asyncio.Future[Any]] = {}
         settled: list[int] = []  # refused for good, and dealt with
-        try:
-            async with asyncio.timeout(self._ack_timeout):  # one deadline for the batch
-                for record in records:
-                    pending = self._pending.get(record.seq)
-                    if pending is None:
-                        try:
-                            future = await self._publisher.hand_over(record.destination)
-                        except PayloadTooLarge as exc:
-                            if await self._set_aside(record, exc):
-                                settled.append(record.seq)
-                            continue
-                        pending = (future, time.perf_counter())
-                        self._pending[record.seq] = pending
-                    waiting[record.seq] = pending[0]
-        except (BridgeError, TimeoutError) as exc:
-            # Stop here rather than send later records ahead of this one.
-            detail = exc.detail if isinstance(exc, BridgeError) else "no metadata or buffer space"
-            log.warning("cannot hand records to Kafka yet: %s", detail)
+        waiting = await self._hand_over(records, settled)
         if waiting:
             await asyncio.wait(waiting.values(), timeout=self._ack_timeout)
         acked: list[int] = []
         sizes = {r.seq: len(r.destination.value) for r in records}
         for seq, future in waiting.items():
-            if not future.done():
-                continue  # still in aiokafka's hands: leave it pending
+            if not future.done():  # still in aiokafka's hands: leave it pending
+                if seq not in self._late:
+                    self._late.add(seq)
+                    self._metrics.record_publish_error("timeout")
+                continue
             _, sent_at = self._pending.pop(seq)
+            self._late.discard(seq)
             failure = (
                 asyncio.CancelledError("the producer dropped the record")
                 if future.cancelled()
@@ -157,6 +145,36 @@ class Drainer:
                 log.warning("Kafka did not take a queued record: %s", error.detail)
         done = acked + settled
         return done, len(done) == len(records)
+
+    async def _hand_over(
+        self, records: list[QueuedRecord], settled: list[int]
+    ) -> dict[int, asyncio.Future[Any]]:
+        """The ack futures of ``records``, handed over now or before, in order, up to
+        the first that cannot be handed over yet."""
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        try:
+            async with asyncio.timeout(self._ack_timeout):  # one deadline for the batch
+                for record in records:
+                    pending = self._pending.get(record.seq)
+                    if pending is None:
+                        try:
+                            future = await self._publisher.hand_over(record.destination)
+                        except PayloadTooLarge as exc:
+                            if await self._set_aside(record, exc):
+                                settled.append(record.seq)
+                            continue
+                        pending = (future, time.perf_counter())
+                        self._pending[record.seq] = pending
+                    waiting[record.seq] = pending[0]
+        except (BridgeError, TimeoutError) as exc:
+            # Stop here rather than send later records ahead of this one.
+            if isinstance(exc, BridgeError):
+                detail = exc.detail
+            else:
+                detail = "no metadata or buffer space"
+                self._metrics.record_publish_error("timeout")
+            log.warning("cannot hand records to Kafka yet: %s", detail)
+        return waiting
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
         """A record Kafka will never take (too large for the topic) must not block the

@@ -163,16 +163,19 @@ async def test_records_arriving_during_the_pause_share_a_round(
 
 
 async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
-    """A record still unacknowledged after the wait is waited for again, not re-sent."""
+    """A record still unacknowledged after the wait is waited for again, not re-sent;
+    it counts as one publish timeout, however many rounds it waits."""
     publisher = StallingPublisher()
     backlog = MemoryBacklog(max_bytes=10**6)
     backlog.append(record("a"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.05, deadletter_topic="dl")
+    metrics = Metrics()
+    drainer = Drainer(backlog, publisher, metrics, ack_timeout=0.05, deadletter_topic="dl")
     task = asyncio.create_task(drainer.run())
     await asyncio.sleep(0.5)  # several rounds
     task.cancel()
     assert len(publisher.records) == 1
     assert backlog.depth == 1
+    assert 'bridge_publish_errors_total{reason="timeout"} 1.0' in metrics.exposition().decode()
 
 
 class FailingBacklog(MemoryBacklog):
