@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -34,7 +35,7 @@ from bridge.ingress import (
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_document
 from bridge.pipeline import Pipeline
-from bridge.publisher import KafkaPublisher, Publisher
+from bridge.publisher import KafkaPublisher, Publisher, spawn
 from bridge.routing import Router
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,26 @@ class BridgeApp(Starlette):
         if self._webhook is not None and scope["type"] == "http" and is_webhook_path(scope["path"]):
             return self._webhook(scope, receive, send)
         return super().__call__(scope, receive, send)
+
+
+async def _create_topics(
+    settings: Settings, router: Router, publisher: Publisher | None = None
+) -> None:
+    """BRIDGE_CREATE_TOPICS, once ``publisher`` (if given) is connected. A failure is
+    logged, not fatal: the topics may exist already, or be someone else's to make."""
+    # connected is a property of the metadata's age: there is no event to wait on.
+    while publisher is not None and not publisher.connected:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    try:
+        created = await kafkaadmin.create_topics(settings, kafkaadmin.known_topics(router))
+    except Exception as exc:
+        log.error("BRIDGE_CREATE_TOPICS: the topics could not be created: %s", exc)
+        return
+    log.info(
+        "topics: %d created, %d already there",
+        sum(v == "created" for v in created.values()),
+        sum(v == "exists" for v in created.values()),
+    )
 
 
 def _age(enqueued_at: float | None) -> float:
@@ -145,18 +166,20 @@ def create_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await publisher.start()
         await ack_mode.start()
-        if settings.create_topics and publisher.connected:
-            created = await kafkaadmin.create_topics(settings, kafkaadmin.known_topics(router))
-            log.info(
-                "topics: %d created, %d already there",
-                sum(v == "created" for v in created.values()),
-                sum(v == "exists" for v in created.values()),
-            )
+        topics: asyncio.Task[None] | None = None
+        if settings.create_topics:
+            if publisher.connected:  # before the first delivery, when it can
+                await _create_topics(settings, router)
+            else:
+                log.warning("Kafka is not reachable yet: the topics are created once it is")
+                topics = spawn(_create_topics(settings, router, publisher), "create-topics")
         log.info("accepting deliveries (ack=%s)", ack_mode.name)
         try:
             yield
         finally:
             state.draining = True
+            if topics is not None:
+                topics.cancel()
             await ack_mode.stop()  # drains what it can while Kafka is still connected
             await publisher.stop()
 

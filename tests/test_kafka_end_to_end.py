@@ -103,6 +103,18 @@ def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> N
     assert len(topics) == 31  # every entity/action pair of the Geins table
 
 
+def test_topics_that_cannot_be_created_do_not_stop_the_bridge(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A creation Kafka refuses (three replicas on one broker) is an error line, and the
+    bridge serves: the topics may exist already or be someone else's to make."""
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true",
+                     BRIDGE_TOPIC_REPLICATION_FACTOR="3")  # fmt: skip
+    with TestClient(create_app(load_settings(environ=env))) as client:
+        assert client.get("/readyz").status_code == 200
+    assert "the topics could not be created" in caplog.text
+
+
 def test_kafka_unreachable_broker_mode_answers_503(kafka_bootstrap: str, topic_prefix: str) -> None:
     """BRIDGE_ACK=broker with no broker at the address: unready, 503 + Retry-After, nothing kept."""
     env = bridge_env(
