@@ -34,6 +34,16 @@ RefuseFn = Callable[[Scope, Send, BridgeError], Awaitable[None]]
 MAX_TRACKED_CLIENTS = 10_000
 
 
+def parse_address(text: str) -> Address:
+    """An IP address (ValueError if it is not one). An IPv4 peer of a server listening
+    on IPv6 (``BRIDGE_HOST=::``) arrives as ``::ffff:a.b.c.d``: it is that IPv4 address,
+    so that IPv4 networks in the settings match it."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     """CIDR strings (a bare address means a /32 or /128) as networks; ValueError if bad."""
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
@@ -53,7 +63,7 @@ class ClientAddress:
         if not client:
             return None
         try:
-            address: Address = ipaddress.ip_address(client[0])
+            address = parse_address(client[0])
         except ValueError:  # a unix socket path, say
             return None
         if not self._trusted or not self._is_trusted(address):
@@ -66,7 +76,7 @@ class ClientAddress:
                 hops.extend(h.strip() for h in value.decode("latin-1").split(","))
         for hop in reversed(hops):
             try:
-                address = ipaddress.ip_address(hop)
+                address = parse_address(hop)
             except ValueError:
                 return address  # garbage in the chain: trust no further than we got
             if not self._is_trusted(address):
@@ -75,25 +85,32 @@ class ClientAddress:
 
 
 class RateLimiter:
-    """A token bucket per client address: ``rate`` requests per second, ``burst`` at once."""
+    """A token bucket per client: ``rate`` requests per second, ``burst`` at once.
+
+    A client is an IPv4 address or an IPv6 /64: one host is usually given a whole /64,
+    and could otherwise take a fresh address (and a full bucket) for every request.
+    """
 
     def __init__(self, rate: float, burst: int) -> None:
         self._rate = rate
         self._burst = float(max(burst, 1))
-        self._buckets: OrderedDict[Address, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[Address | Network, tuple[float, float]] = OrderedDict()
 
     def check(self, address: Address) -> None:
         now = time.monotonic()
-        tokens, last = self._buckets.pop(address, (self._burst, now))
+        client: Address | Network = address
+        if isinstance(address, ipaddress.IPv6Address):
+            client = ipaddress.IPv6Network((address, 64), strict=False)
+        tokens, last = self._buckets.pop(client, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         if tokens < 1:
-            self._buckets[address] = (tokens, now)
+            self._buckets[client] = (tokens, now)
             wait = math.ceil((1 - tokens) / self._rate)
             raise RateLimited(
                 f"more than {self._rate:g} requests per second from {address}",
                 retry_after=max(wait, 1),
             )
-        self._buckets[address] = (tokens - 1, now)
+        self._buckets[client] = (tokens - 1, now)
         if len(self._buckets) > MAX_TRACKED_CLIENTS:
             self._buckets.popitem(last=False)
 

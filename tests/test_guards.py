@@ -106,6 +106,24 @@ def test_allow_list_and_trusted_proxies() -> None:
     assert post(app, client="127.0.0.1").status == 403  # the proxy itself is not allowed
 
 
+def test_ipv4_peers_of_an_ipv6_listener_match_ipv4_networks() -> None:
+    """With BRIDGE_HOST=:: an IPv4 peer arrives as ::ffff:a.b.c.d; IPv4 entries in the
+    allow-list and the trusted proxies still match it."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8", BRIDGE_TRUSTED_PROXIES="127.0.0.1")
+    assert post(app, client="::ffff:10.1.2.3").status == 202
+    assert post(app, client="::ffff:192.0.2.7").status == 403
+    via_proxy = [(b"x-forwarded-for", b"::ffff:10.1.2.3")]
+    assert post(app, client="::ffff:127.0.0.1", headers=via_proxy).status == 202
+
+
+def test_ipv6_clients_are_rate_limited_per_64() -> None:
+    """A host owns a whole IPv6 /64: a fresh address per request is the same client."""
+    app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")
+    statuses = [post(app, client=f"2001:db8:0:1::{n}").status for n in range(1, 4)]
+    assert statuses == [202, 202, 429]
+    assert post(app, client="2001:db8:0:2::1").status == 202  # another /64
+
+
 def test_operations_endpoints_are_not_rate_limited() -> None:
     """/metrics and /readyz stay reachable for monitoring whatever the webhook limits."""
     app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8")
