@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -58,6 +59,8 @@ ROTATION_RETRY_MAX_SECONDS = 60.0
 REFUSED = "refused"
 #: ...or something else is (Kafka unreachable or too slow): says nothing of the secrets.
 FAILED = "failed"
+#: The longest wait between two tries to replace a producer that can no longer send.
+RESET_RETRY_MAX_SECONDS = 10.0
 #: Room for headers and record overhead on top of the largest accepted body.
 RECORD_OVERHEAD_BYTES = 64 * 1024
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
@@ -231,6 +234,11 @@ class KafkaPublisher:
         self._failed_fingerprint = b""  # of the files the last failed rotation tried
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
+        # Replacing a producer Kafka refused a record from (see _after_ack)
+        self._watch: Callable[[asyncio.Future[Any]], None] | None = None
+        self._broken: AIOKafkaProducer | None = None
+        self._reset_backoff = 0.0
+        self._reset_not_before = 0.0
 
     @property
     def connected(self) -> bool:
@@ -313,6 +321,7 @@ class KafkaPublisher:
     def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
         self._handover = DirectHandover(producer, self._max_request_size)
         self._producer = producer
+        self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
 
@@ -328,6 +337,7 @@ class KafkaPublisher:
                 continue
             await asyncio.sleep(HEARTBEAT_SECONDS)
             self._check_secrets()
+            self._reset_soon()  # a reset that failed, with no record failing since
             await self._heartbeat(self._producer)
 
     def _check_secrets(self) -> None:
@@ -368,20 +378,79 @@ class KafkaPublisher:
                     self._rotation_backoff,
                 )
                 return
-            old, old_handover = self._producer, self._handover
-            self._use(*started)
+            self._replace(*started)
             self._rotation_backoff = 0.0
             self._metrics.secret_rotations.labels("applied").inc()
             log.info("connected to Kafka with the changed secret files")
-            if old_handover is not None:
-                old_handover.close()
-            if old is not None:
-                # A task of its own, so that stop() can cancel a rotation that is still
-                # connecting without cutting short a flush, and flush the old producer
-                # and the current one at the same time.
-                retiring = spawn(self._retire(old), "kafka-retire-producer")
-                self._retiring.add(retiring)
-                retiring.add_done_callback(self._retiring.discard)
+        finally:
+            self._rotation = None
+
+    def _replace(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
+        """Send new records through ``producer``; the one it replaces finishes what it
+        holds in the background, then closes."""
+        old, old_handover = self._producer, self._handover
+        self._use(producer, fingerprint)
+        if old_handover is not None:
+            old_handover.close()
+        if old is not None:
+            # A task of its own, so that stop() can cancel a rotation that is still
+            # connecting without cutting short a flush, and flush the old producer
+            # and the current one at the same time.
+            retiring = spawn(self._retire(old), "kafka-retire-producer")
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+
+    def _after_ack(self, producer: AIOKafkaProducer, acked: asyncio.Future[Any]) -> None:
+        """Notice when Kafka refused a record of ``producer`` for good.
+
+        aiokafka 0.14's idempotent producer numbers each batch of a partition when it
+        sends it and never takes the numbers of a refused batch back (issue 1017), so
+        after one refusal (a batch over the topic's max.message.bytes, say) Kafka
+        answers every later batch of that partition OutOfOrderSequenceNumber, which
+        aiokafka does not retry: the partition is stuck while this producer lives.
+        A fresh producer gets a new producer id, whose numbering starts over. Only
+        the current producer's failures count: a replaced one's are its past.
+        """
+        if acked.cancelled() or acked.exception() is None:
+            return
+        if producer is not self._producer or self._broken is producer:
+            return
+        self._broken = producer
+        log.warning(
+            "Kafka refused a record for good (%r); the producer cannot send to that "
+            "partition any more, so a fresh one replaces it",
+            acked.exception(),
+        )
+        self._reset_soon()
+
+    def _reset_soon(self) -> None:
+        """Start replacing the current producer if it is broken and nothing else is
+        replacing it already (a secret rotation replaces it too)."""
+        if self._rotation is not None or self._broken is None:
+            return
+        if self._broken is not self._producer:
+            self._broken = None  # replaced meanwhile
+            return
+        if time.monotonic() < self._reset_not_before:
+            return
+        self._rotation = spawn(self._reset(), "kafka-reset-producer")
+
+    async def _reset(self) -> None:
+        try:
+            started = await self._start_producer()
+            if isinstance(started, str):
+                self._reset_backoff = min(self._reset_backoff * 2 or 0.5, RESET_RETRY_MAX_SECONDS)
+                self._reset_not_before = time.monotonic() + self._reset_backoff
+                log.error(
+                    "could not connect a fresh Kafka producer to replace the one that cannot "
+                    "send to a partition any more; trying again in %g s",
+                    self._reset_backoff,
+                )
+                return
+            self._replace(*started)
+            self._reset_backoff = 0.0
+            self._metrics.producer_resets.inc()
+            log.info("a fresh Kafka producer replaced the one that could no longer send")
         finally:
             self._rotation = None
 
@@ -426,25 +495,27 @@ class KafkaPublisher:
         returned, the record may land even if the caller stops waiting, which is why
         consumers get the idempotency key as message key.
         """
-        producer = self._producer
-        if producer is None:
+        producer, watch = self._producer, self._watch
+        if producer is None or watch is None:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable("not connected to Kafka yet")
         try:
+            acked: asyncio.Future[Any] | None = None
             if self._handover is not None:
                 acked = self._handover.append(
                     destination.topic, destination.key, destination.value, destination.headers
                 )
-                if acked is not None:
-                    return acked
-            return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
-                destination.topic,
-                value=destination.value,
-                key=destination.key,
-                headers=destination.headers,
-            )
+            if acked is None:
+                acked = await producer.send(
+                    destination.topic,
+                    value=destination.value,
+                    key=destination.key,
+                    headers=destination.headers,
+                )
         except Exception as exc:
             raise self.failure(exc) from None
+        acked.add_done_callback(watch)
+        return acked
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]:
         """:meth:`hand_over` within ``publish_timeout``."""
@@ -504,6 +575,7 @@ class KafkaPublisher:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         producer, self._producer = self._producer, None
+        self._watch = self._broken = None
         if self._handover is not None:
             self._handover.close()
             self._handover = None
