@@ -30,6 +30,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.config import Settings
 from bridge.deadlines import Watchdog
@@ -61,8 +62,6 @@ REFUSED = "refused"
 FAILED = "failed"
 #: The longest wait between two tries to replace a producer that can no longer send.
 RESET_RETRY_MAX_SECONDS = 10.0
-#: Room for headers and record overhead on top of the largest accepted body.
-RECORD_OVERHEAD_BYTES = 64 * 1024
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
 
 
@@ -196,6 +195,23 @@ def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:
     return None
 
 
+def check_record_size(destination: Destination, limit: int) -> None:
+    """Raise PayloadTooLarge (413) for an event whose record would exceed ``limit``.
+
+    The body limit alone does not bound the record: its headers come from the
+    delivery too (ce_subject from the body's ``id``, say). An event accepted with
+    2xx and then refused by the producer would be lost, dead letter included.
+    """
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        destination.key, destination.value, destination.headers
+    )
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the event would make a Kafka record of {size} bytes with its headers; "
+            f"at most {limit} bytes are accepted"
+        )
+
+
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """Start a background task whose unexpected death is logged, not swallowed."""
     task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -224,7 +240,7 @@ class KafkaPublisher:
         self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._handover: DirectHandover | None = None  # the producer's fast way in
-        self._max_request_size = settings.max_body_bytes + RECORD_OVERHEAD_BYTES
+        self._max_request_size = settings.kafka_max_request_size()
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)

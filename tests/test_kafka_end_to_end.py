@@ -207,3 +207,36 @@ def test_a_record_kafka_refuses_for_good_does_not_block_its_partition(
     ]
     assert sample(metrics, "bridge_dropped_records_total") == 0
     assert sample(metrics, "bridge_kafka_producer_resets_total") >= 1
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker"])
+def test_with_the_defaults_every_accepted_event_fits_kafkas_default_limit(
+    kafka_bootstrap: str, topic_prefix: str, ack: str
+) -> None:
+    """The test broker runs with Kafka's default message.max.bytes (1048588), the
+    bridge with its default body limit: a body of the largest accepted size lands on
+    its topic, and an event whose headers would push its record over what the producer
+    takes is refused with 413 instead of being accepted and then lost."""
+    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack))
+    metrics = Metrics()
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-largest"}
+    largest = json.dumps({"pad": ""}).encode()
+    largest = largest[:-2] + b"x" * (settings.max_body_bytes - len(largest)) + largest[-2:]
+    assert len(largest) == settings.max_body_bytes
+    huge_subject = json.dumps({"id": "1" * (settings.max_body_bytes - 100)}).encode()
+    with TestClient(create_app(settings, metrics=metrics)) as client:
+        response = client.post("/webhooks/geins/Order/create", content=largest, headers=headers)
+        assert response.status_code == 202, response.text
+        refused = client.post(
+            "/webhooks/geins/Order/create",
+            content=huge_subject,
+            headers={**headers, "x-Idempotency-Key": "k-huge-subject"},
+        )
+        assert refused.status_code == 413
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["reason"] == "body_too_large"
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    assert [(r.topic, r.key, r.value) for r in records] == [
+        (f"{topic_prefix}.geins.order.create", b"k-largest", largest)
+    ]
+    assert sample(metrics, "bridge_dropped_records_total") == 0
