@@ -25,6 +25,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
@@ -60,6 +61,8 @@ ROTATION_RETRY_MAX_SECONDS = 60.0
 REFUSED = "refused"
 #: ...or something else is (Kafka unreachable or too slow): says nothing of the secrets.
 FAILED = "failed"
+#: How long closing a producer by force may take (it waits for no broker).
+FORCE_CLOSE_SECONDS = 1.0
 #: The longest wait between two tries to replace a producer that can no longer send.
 RESET_RETRY_MAX_SECONDS = 10.0
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
@@ -484,6 +487,7 @@ class KafkaPublisher:
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout):
                 await producer.stop()
+            return
         except TimeoutError:
             log.error(
                 "the %s Kafka producer did not flush within %ss; the records it had not "
@@ -492,6 +496,35 @@ class KafkaPublisher:
                 which,
                 self._settings.shutdown_timeout,
             )
+        await self._force_close(producer)
+
+    async def _force_close(self, producer: AIOKafkaProducer) -> None:
+        """Close a producer whose stop() was cut short.
+
+        aiokafka 0.14's stop() marks the producer closed before it waits for the
+        flush, so a second stop() returns at once: without this the sender task
+        kept retrying, the connections stayed open (one producer leaked per rotation
+        during an outage), and the acknowledgements of the records it held never
+        came. Failing them first tells their senders now that those records were
+        not delivered (the drainer sends them again through the current producer;
+        one may still have landed, hence at least once).
+        """
+        undelivered = KafkaTimeoutError("the producer was closed before Kafka acknowledged")
+        with contextlib.suppress(Exception):  # best effort: nothing below waits for Kafka
+            producer._message_accumulator.fail_all(undelivered)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FORCE_CLOSE_SECONDS):
+                await producer.client.close()
+        sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        deadline = time.monotonic() + FORCE_CLOSE_SECONDS
+        # Cancelled, the sender awaits its requests in flight, which may wait for
+        # metadata that the closed client never brings; each cancel() also cancels
+        # what the task awaits, so repeat until it ends.
+        while sender is not None and not sender.done() and time.monotonic() < deadline:
+            sender.cancel()
+            await asyncio.wait([sender], timeout=0.05)
+        if sender is not None and not sender.done():
+            log.error("the Kafka producer's sender task did not end when cancelled")
 
     async def _heartbeat(self, producer: AIOKafkaProducer) -> None:
         try:
