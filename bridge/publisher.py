@@ -65,6 +65,9 @@ FAILED = "failed"
 FORCE_CLOSE_SECONDS = 1.0
 #: The longest wait between two tries to replace a producer that can no longer send.
 RESET_RETRY_MAX_SECONDS = 10.0
+#: The shortest time between two replacements: a topic that refuses record after record
+#: (too small a max.message.bytes, missing rights) must not make the bridge churn producers.
+RESET_MIN_INTERVAL_SECONDS = 1.0
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
 
 
@@ -356,7 +359,7 @@ class KafkaPublisher:
                 continue
             await asyncio.sleep(HEARTBEAT_SECONDS)
             self._check_secrets()
-            self._reset_soon()  # a reset that failed, with no record failing since
+            self._reset_soon()  # one that had to wait (a failed try, or too soon after the last)
             await self._heartbeat(self._producer)
 
     def _check_secrets(self) -> None:
@@ -468,6 +471,7 @@ class KafkaPublisher:
                 return
             self._replace(*started)
             self._reset_backoff = 0.0
+            self._reset_not_before = time.monotonic() + RESET_MIN_INTERVAL_SECONDS
             self._metrics.producer_resets.inc()
             log.info("a fresh Kafka producer replaced the one that could no longer send")
         finally:
