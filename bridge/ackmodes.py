@@ -24,7 +24,7 @@ from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, spawn
+from bridge.publisher import Publisher, check_record_size, spawn
 from bridge.routing import Destination
 from bridge.spool import Spool
 
@@ -56,7 +56,8 @@ class AckMode(Protocol):
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         """True once the record is safe by this mode's guarantee; False for a duplicate.
 
-        Raises a BridgeError (503) when it cannot be made safe.
+        Raises a BridgeError: 413 when the record would be too large for the producer
+        (checked first: it could never be delivered), 503 when it cannot be made safe.
         """
         ...
 
@@ -76,6 +77,7 @@ class BrokerAck:
 
     def __init__(self, publisher: Publisher, settings: Settings) -> None:
         self._publisher = publisher
+        self._record_limit = settings.max_event_record_bytes()
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
@@ -98,6 +100,7 @@ class BrokerAck:
         await self._publisher.publish(destination)
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        check_record_size(destination, self._record_limit)
         if dedup_key is None:
             await self._publisher.publish(destination)
             return True
@@ -132,6 +135,7 @@ class _DrainedAck:
         self._publisher = publisher
         self._settings = settings
         self._metrics = metrics
+        self._record_limit = settings.max_event_record_bytes()
         self._tasks: list[asyncio.Task[None]] = []
         self.drainer: Drainer
 
@@ -202,6 +206,7 @@ class DurableAck(_DrainedAck):
         return self.spool.writable and self.spool.bytes < self._max_bytes
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        check_record_size(destination, self._record_limit)
         appended = await self.spool.append(destination, dedup_key)
         if appended:
             self.drainer.wake()
@@ -240,6 +245,7 @@ class MemoryAck(_DrainedAck):
         return not self.backlog.full
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        check_record_size(destination, self._record_limit)
         if dedup_key is not None and self._seen.seen(dedup_key):
             return False
         self.backlog.append(destination)

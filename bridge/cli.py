@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
     tail = commands.add_parser("tail", help="print the records arriving on topics")
     tail.add_argument("topics", nargs="*", help="topics (default: every topic of the template)")
-    tail.add_argument("--pattern", help="a regular expression of topics instead of names")
+    tail.add_argument(
+        "--pattern", help="also every topic this regular expression matches (from the start)"
+    )
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
     tail.add_argument("--limit", type=int, help="stop after this many records")
     tail.set_defaults(run=_tail)

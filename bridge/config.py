@@ -35,6 +35,11 @@ ENV_PREFIX = "BRIDGE_"
 CONFIG_FILE_ENV = "BRIDGE_CONFIG_FILE"
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+#: Room for a record's headers and Kafka's framing on top of the largest accepted body.
+RECORD_OVERHEAD_BYTES = 64 * 1024
+#: Kept free in every accepted record for the headers that make it a dead letter
+#: (reason, detail, original topic), should Kafka refuse it for good.
+DEAD_LETTER_ROOM = 1024
 
 
 def read_secret_file(path: Path) -> str:
@@ -54,7 +59,10 @@ class Settings(BaseModel):
     tokens: tuple[str, ...] = Field((), repr=False)
     tokens_file: Path | None = None
     allow_unauthenticated: bool = False
-    max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024)
+    # 960 KiB: with the 64 KiB the publisher allows for a record's headers, the largest
+    # record is 1 MiB, within Kafka's default max.message.bytes (1048588), so an
+    # accepted event fits a default topic.
+    max_body_bytes: int = Field(960 * 1024, ge=1, le=64 * 1024 * 1024)
     strict_types: bool = False
     retry_after: int = Field(5, ge=1, le=3600)
     read_timeout: Seconds = 10.0
@@ -262,6 +270,14 @@ class Settings(BaseModel):
             )
         self.kafka_ssl_context()  # the files must hold what they should
         return self
+
+    def kafka_max_request_size(self) -> int:
+        """The producer's limit on one record batch (a large record travels alone)."""
+        return self.max_body_bytes + RECORD_OVERHEAD_BYTES
+
+    def max_event_record_bytes(self) -> int:
+        """The largest Kafka record an accepted event may make, headers included."""
+        return self.kafka_max_request_size() - DEAD_LETTER_ROOM
 
     def kafka_secret_files(self) -> list[Path]:
         """The files the Kafka connection's secrets are read from (re-read to rotate them)."""

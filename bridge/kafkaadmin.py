@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.config import Settings
 from bridge.deadletter import PREFIX, delivery_from_dead_letter
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, ConfigError
 from bridge.geins import ENTITY_ACTIONS, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher, kafka_client_options
@@ -130,21 +130,26 @@ async def tail(
     limit: int | None,
     out: TextIO | None = None,
 ) -> int:
-    """Print records as they arrive until interrupted or ``limit`` records were shown."""
+    """Print records as they arrive until interrupted or ``limit`` records were shown.
+
+    With ``pattern``, the records of every topic it matches (from the start of the
+    name, as Kafka consumers match) and of the ``topics`` named as well.
+    """
+    subscription = tail_pattern(topics, pattern) if pattern is not None else None
     consumer = AIOKafkaConsumer(
-        *topics,
+        *(topics if subscription is None else ()),
         **kafka_client_options(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
         metadata_max_age_ms=5000,  # notice new topics matching the pattern quickly
     )
-    if pattern is not None:
-        consumer.subscribe(pattern=re.compile(pattern).pattern)
-    async with asyncio.timeout(settings.kafka_connect_timeout):
-        await consumer.start()
+    if subscription is not None:
+        consumer.subscribe(pattern=subscription)
     shown = 0
     try:
+        async with asyncio.timeout(settings.kafka_connect_timeout):
+            await consumer.start()
         async for record in consumer:
             print(format_record(record), file=out or sys.stdout, flush=True)
             shown += 1
@@ -153,6 +158,19 @@ async def tail(
     finally:
         await consumer.stop()
     return shown
+
+
+def tail_pattern(topics: Sequence[str], pattern: str) -> str:
+    """One pattern for ``pattern`` and the ``topics`` named: a Kafka consumer subscribes
+    to names or to a pattern, never both (aiokafka raises IllegalStateError)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--pattern {pattern!r} is not a regular expression: {exc}") from None
+    if not topics:
+        return pattern
+    names = "|".join(re.escape(topic) for topic in topics)
+    return f"(?:{pattern})|(?:{names})$"
 
 
 def _header(record: Any, name: str) -> str:

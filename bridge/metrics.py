@@ -226,6 +226,13 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.producer_resets = Counter(
+            "bridge_kafka_producer_resets",
+            "Times the Kafka producer was replaced by a fresh one (a new producer id) "
+            "because Kafka refused a record for good, after which the old one could send "
+            "nothing more to that partition.",
+            registry=registry,
+        )
         self.ready = Gauge(
             "bridge_ready",
             "1 when the bridge accepts deliveries (what /readyz answers), else 0.",

@@ -85,7 +85,10 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
             "405": _problem("Another method than GET, POST or PUT.", "Allow"),
             "408": _problem("The request did not arrive within the read timeout."),
-            "413": _problem(f"Body over {settings.max_body_bytes} bytes."),
+            "413": _problem(
+                f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
+                f"(body and headers) would be over {settings.max_event_record_bytes()} bytes."
+            ),
             "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
             "422": _problem("Entity or action missing, malformed or (strict) unknown."),
             "429": _problem("Rate limit of this client address.", "Retry-After"),

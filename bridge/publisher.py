@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -24,11 +25,13 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.config import Settings
 from bridge.deadlines import Watchdog
@@ -58,8 +61,13 @@ ROTATION_RETRY_MAX_SECONDS = 60.0
 REFUSED = "refused"
 #: ...or something else is (Kafka unreachable or too slow): says nothing of the secrets.
 FAILED = "failed"
-#: Room for headers and record overhead on top of the largest accepted body.
-RECORD_OVERHEAD_BYTES = 64 * 1024
+#: How long closing a producer by force may take (it waits for no broker).
+FORCE_CLOSE_SECONDS = 1.0
+#: The longest wait between two tries to replace a producer that can no longer send.
+RESET_RETRY_MAX_SECONDS = 10.0
+#: The shortest time between two replacements: a topic that refuses record after record
+#: (too small a max.message.bytes, missing rights) must not make the bridge churn producers.
+RESET_MIN_INTERVAL_SECONDS = 1.0
 _COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
 
 
@@ -193,6 +201,23 @@ def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:
     return None
 
 
+def check_record_size(destination: Destination, limit: int) -> None:
+    """Raise PayloadTooLarge (413) for an event whose record would exceed ``limit``.
+
+    The body limit alone does not bound the record: its headers come from the
+    delivery too (ce_subject from the body's ``id``, say). An event accepted with
+    2xx and then refused by the producer would be lost, dead letter included.
+    """
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        destination.key, destination.value, destination.headers
+    )
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the event would make a Kafka record of {size} bytes with its headers; "
+            f"at most {limit} bytes are accepted"
+        )
+
+
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """Start a background task whose unexpected death is logged, not swallowed."""
     task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -221,7 +246,7 @@ class KafkaPublisher:
         self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._handover: DirectHandover | None = None  # the producer's fast way in
-        self._max_request_size = settings.max_body_bytes + RECORD_OVERHEAD_BYTES
+        self._max_request_size = settings.kafka_max_request_size()
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
@@ -231,6 +256,11 @@ class KafkaPublisher:
         self._failed_fingerprint = b""  # of the files the last failed rotation tried
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
+        # Replacing a producer Kafka refused a record from (see _after_ack)
+        self._watch: Callable[[asyncio.Future[Any]], None] | None = None
+        self._broken: AIOKafkaProducer | None = None
+        self._reset_backoff = 0.0
+        self._reset_not_before = 0.0
 
     @property
     def connected(self) -> bool:
@@ -313,6 +343,7 @@ class KafkaPublisher:
     def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
         self._handover = DirectHandover(producer, self._max_request_size)
         self._producer = producer
+        self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
 
@@ -328,6 +359,7 @@ class KafkaPublisher:
                 continue
             await asyncio.sleep(HEARTBEAT_SECONDS)
             self._check_secrets()
+            self._reset_soon()  # one that had to wait (a failed try, or too soon after the last)
             await self._heartbeat(self._producer)
 
     def _check_secrets(self) -> None:
@@ -368,20 +400,80 @@ class KafkaPublisher:
                     self._rotation_backoff,
                 )
                 return
-            old, old_handover = self._producer, self._handover
-            self._use(*started)
+            self._replace(*started)
             self._rotation_backoff = 0.0
             self._metrics.secret_rotations.labels("applied").inc()
             log.info("connected to Kafka with the changed secret files")
-            if old_handover is not None:
-                old_handover.close()
-            if old is not None:
-                # A task of its own, so that stop() can cancel a rotation that is still
-                # connecting without cutting short a flush, and flush the old producer
-                # and the current one at the same time.
-                retiring = spawn(self._retire(old), "kafka-retire-producer")
-                self._retiring.add(retiring)
-                retiring.add_done_callback(self._retiring.discard)
+        finally:
+            self._rotation = None
+
+    def _replace(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
+        """Send new records through ``producer``; the one it replaces finishes what it
+        holds in the background, then closes."""
+        old, old_handover = self._producer, self._handover
+        self._use(producer, fingerprint)
+        if old_handover is not None:
+            old_handover.close()
+        if old is not None:
+            # A task of its own, so that stop() can cancel a rotation that is still
+            # connecting without cutting short a flush, and flush the old producer
+            # and the current one at the same time.
+            retiring = spawn(self._retire(old), "kafka-retire-producer")
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+
+    def _after_ack(self, producer: AIOKafkaProducer, acked: asyncio.Future[Any]) -> None:
+        """Notice when Kafka refused a record of ``producer`` for good.
+
+        aiokafka 0.14's idempotent producer numbers each batch of a partition when it
+        sends it and never takes the numbers of a refused batch back (issue 1017), so
+        after one refusal (a batch over the topic's max.message.bytes, say) Kafka
+        answers every later batch of that partition OutOfOrderSequenceNumber, which
+        aiokafka does not retry: the partition is stuck while this producer lives.
+        A fresh producer gets a new producer id, whose numbering starts over. Only
+        the current producer's failures count: a replaced one's are its past.
+        """
+        if acked.cancelled() or acked.exception() is None:
+            return
+        if producer is not self._producer or self._broken is producer:
+            return
+        self._broken = producer
+        log.warning(
+            "Kafka refused a record for good (%r); the producer cannot send to that "
+            "partition any more, so a fresh one replaces it",
+            acked.exception(),
+        )
+        self._reset_soon()
+
+    def _reset_soon(self) -> None:
+        """Start replacing the current producer if it is broken and nothing else is
+        replacing it already (a secret rotation replaces it too)."""
+        if self._rotation is not None or self._broken is None:
+            return
+        if self._broken is not self._producer:
+            self._broken = None  # replaced meanwhile
+            return
+        if time.monotonic() < self._reset_not_before:
+            return
+        self._rotation = spawn(self._reset(), "kafka-reset-producer")
+
+    async def _reset(self) -> None:
+        try:
+            started = await self._start_producer()
+            if isinstance(started, str):
+                self._reset_backoff = min(self._reset_backoff * 2 or 0.5, RESET_RETRY_MAX_SECONDS)
+                self._reset_not_before = time.monotonic() + self._reset_backoff
+                log.error(
+                    "could not connect a fresh Kafka producer to replace the one that cannot "
+                    "send to a partition any more; trying again in %g s",
+                    self._reset_backoff,
+                )
+                return
+            self._replace(*started)
+            self._reset_backoff = 0.0
+            self._reset_not_before = time.monotonic() + RESET_MIN_INTERVAL_SECONDS
+            self._metrics.producer_resets.inc()
+            log.info("a fresh Kafka producer replaced the one that could no longer send")
         finally:
             self._rotation = None
 
@@ -399,6 +491,7 @@ class KafkaPublisher:
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout):
                 await producer.stop()
+            return
         except TimeoutError:
             log.error(
                 "the %s Kafka producer did not flush within %ss; the records it had not "
@@ -407,6 +500,35 @@ class KafkaPublisher:
                 which,
                 self._settings.shutdown_timeout,
             )
+        await self._force_close(producer)
+
+    async def _force_close(self, producer: AIOKafkaProducer) -> None:
+        """Close a producer whose stop() was cut short.
+
+        aiokafka 0.14's stop() marks the producer closed before it waits for the
+        flush, so a second stop() returns at once: without this the sender task
+        kept retrying, the connections stayed open (one producer leaked per rotation
+        during an outage), and the acknowledgements of the records it held never
+        came. Failing them first tells their senders now that those records were
+        not delivered (the drainer sends them again through the current producer;
+        one may still have landed, hence at least once).
+        """
+        undelivered = KafkaTimeoutError("the producer was closed before Kafka acknowledged")
+        with contextlib.suppress(Exception):  # best effort: nothing below waits for Kafka
+            producer._message_accumulator.fail_all(undelivered)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FORCE_CLOSE_SECONDS):
+                await producer.client.close()
+        sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        deadline = time.monotonic() + FORCE_CLOSE_SECONDS
+        # Cancelled, the sender awaits its requests in flight, which may wait for
+        # metadata that the closed client never brings; each cancel() also cancels
+        # what the task awaits, so repeat until it ends.
+        while sender is not None and not sender.done() and time.monotonic() < deadline:
+            sender.cancel()
+            await asyncio.wait([sender], timeout=0.05)
+        if sender is not None and not sender.done():
+            log.error("the Kafka producer's sender task did not end when cancelled")
 
     async def _heartbeat(self, producer: AIOKafkaProducer) -> None:
         try:
@@ -426,25 +548,27 @@ class KafkaPublisher:
         returned, the record may land even if the caller stops waiting, which is why
         consumers get the idempotency key as message key.
         """
-        producer = self._producer
-        if producer is None:
+        producer, watch = self._producer, self._watch
+        if producer is None or watch is None:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable("not connected to Kafka yet")
         try:
+            acked: asyncio.Future[Any] | None = None
             if self._handover is not None:
                 acked = self._handover.append(
                     destination.topic, destination.key, destination.value, destination.headers
                 )
-                if acked is not None:
-                    return acked
-            return await producer.send(  # type: ignore[no-any-return]  # aiokafka is untyped
-                destination.topic,
-                value=destination.value,
-                key=destination.key,
-                headers=destination.headers,
-            )
+            if acked is None:
+                acked = await producer.send(
+                    destination.topic,
+                    value=destination.value,
+                    key=destination.key,
+                    headers=destination.headers,
+                )
         except Exception as exc:
             raise self.failure(exc) from None
+        acked.add_done_callback(watch)
+        return acked
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]:
         """:meth:`hand_over` within ``publish_timeout``."""
@@ -504,6 +628,7 @@ class KafkaPublisher:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         producer, self._producer = self._producer, None
+        self._watch = self._broken = None
         if self._handover is not None:
             self._handover.close()
             self._handover = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 import uuid
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from starlette.testclient import TestClient
 
 from bridge import devkafka
@@ -14,6 +16,7 @@ from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
 from bridge.devkafka import free_port
+from bridge.kafkaadmin import tail_pattern
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 
@@ -75,6 +78,58 @@ def test_template_pattern_matches_its_topics() -> None:
     assert pattern.match("geins.order.create")
     assert not pattern.match("other.order.create")
     assert not pattern.match("geinsXorder.create")
+
+
+def test_tail_pattern_adds_the_named_topics() -> None:
+    """Topics named next to --pattern are tailed too, exactly; the pattern matches from
+    the start of a topic's name, as Kafka consumers match it."""
+    combined = re.compile(tail_pattern(["a.b", "c"], r"x\.\d+"))
+    assert [
+        t for t in ["a.b", "c", "x.1", "x.12.y", "axb", "a.bc", "cc", "y.x.1"] if combined.match(t)
+    ] == [
+        "a.b",
+        "c",
+        "x.1",
+        "x.12.y",
+    ]
+    assert tail_pattern([], "^geins") == "^geins"
+
+
+def test_tail_with_a_bad_pattern_exits_2_naming_it(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    assert main(["tail", "some.topic", "--pattern", "geins.(order"]) == 2
+    assert "--pattern 'geins.(order' is not a regular expression" in capsys.readouterr().err
+
+
+@pytest.mark.kafka
+def test_tail_topics_and_a_pattern(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """bridge tail TOPIC --pattern RE prints the records of both (it used to fail at once:
+    a consumer cannot subscribe to names and to a pattern)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            for name in ("named", "matched.1", "other"):
+                await producer.send_and_wait(f"{topic_prefix}.{name}", b"{}", key=name.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    argv = ["tail", f"{topic_prefix}.named", "--pattern", rf"{topic_prefix}\.matched\."]
+    assert main([*argv, "--from-beginning", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "key=named" in out
+    assert "key=matched.1" in out
+    assert "key=other" not in out
 
 
 @pytest.mark.kafka

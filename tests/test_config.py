@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert settings.port == 8080
     assert settings.topic_template == "geins.{entity}.{action}"
     assert settings.tokens == ("a", "b")
-    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.max_body_bytes == 960 * 1024
 
 
 def test_environment_overrides_toml(tmp_path: Path) -> None:

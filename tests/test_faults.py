@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import subprocess
@@ -17,8 +18,13 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from aiokafka.errors import KafkaError
 
+from bridge.config import load_settings
 from bridge.devkafka import LocalKafka, ensure_jars, free_ports
+from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher
+from bridge.routing import Destination
 from tests.conftest import REPO
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -105,6 +111,44 @@ def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
     broker = LocalKafka(home, tmp_path / "kafka" / "data", port, controller_port)
     with broker:
         yield broker
+
+
+def test_a_producer_that_cannot_flush_is_closed_and_fails_what_it_held(
+    own_broker: LocalKafka, topic_prefix: str
+) -> None:
+    """A broker that stops answering (SIGSTOP) while the producer holds records: the
+    flush gives up after BRIDGE_SHUTDOWN_TIMEOUT and the producer is closed anyway
+    (no sender task or connection left behind, as aiokafka's own stop() would leave
+    them), and the acknowledgements of the records it held fail rather than never
+    coming, so the drainer sends those again. Rotation retires a producer the same way."""
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": own_broker.bootstrap, "BRIDGE_SHUTDOWN_TIMEOUT": "1"}
+    )
+    pid = own_broker.pid
+    assert pid is not None
+
+    async def scenario() -> None:
+        publisher = KafkaPublisher(settings, Metrics())
+        await publisher.start()
+        topic = f"{topic_prefix}.held"
+        await publisher.publish(Destination(topic, b"k0", b"{}", []))  # topic and metadata
+        producer = publisher._producer
+        assert producer is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            held = [
+                await publisher.hand_over(Destination(topic, f"k{i}".encode(), b"{}", []))
+                for i in range(1, 4)
+            ]
+            async with asyncio.timeout(10):  # not for ever, as with aiokafka's stop()
+                await publisher.stop()
+            assert all(f.done() and isinstance(f.exception(), KafkaError) for f in held)
+            assert producer._sender.sender_task.done()
+            assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    asyncio.run(scenario())
 
 
 def test_broker_outage_durable_accepts_broker_mode_refuses(

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from starlette.testclient import TestClient
 
 from bridge import kafkaadmin
@@ -18,6 +19,7 @@ from bridge.devkafka import free_port
 from bridge.metrics import Metrics
 from tests.fakes import TOKEN, samples
 from tests.kafkaread import read_all_sync
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -155,3 +157,98 @@ def test_kafka_unreachable_durable_mode_accepts_into_spool(topic_prefix: str) ->
         assert response.status_code == 202
         assert response.json()["ack"] == "durable"
         assert "bridge_spool_depth 1.0" in client.get("/metrics").text
+
+
+def create_topic(bootstrap: str, topic: str, config: dict[str, str]) -> None:
+    """One partition, so that every record of the test shares it."""
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=config)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_a_record_kafka_refuses_for_good_does_not_block_its_partition(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A record larger than its topic's max.message.bytes goes to the dead-letter topic,
+    and the records after it on the same partition still arrive. (aiokafka 0.14 never
+    takes back the sequence numbers of a refused batch, so its producer answers
+    OutOfOrderSequenceNumber for that partition from then on: the bridge must replace it.)"""
+    topic = f"{topic_prefix}.geins.order.create"
+    create_topic(kafka_bootstrap, topic, {"max.message.bytes": "2000"})
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_SHUTDOWN_TIMEOUT="5")
+    metrics = Metrics()
+
+    def deliver(client: TestClient, key: str, body: bytes) -> None:
+        headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key}
+        response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+
+    small = {f"k-small-{i}" for i in range(5)}
+    with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
+        deliver(client, "k-before", b"{}")
+        deliver(client, "k-big", json.dumps({"pad": "x" * 5000}).encode())
+        wait_until(
+            lambda: sample(metrics, "bridge_dead_letters_total", {"reason": "kafka_rejected"}),
+            bool,
+            within=20,
+            every=0.05,
+        )
+        for key in sorted(small):
+            deliver(client, key, b"{}")
+        found = wait_until(
+            lambda: {r.key.decode() for r in read_all_sync(kafka_bootstrap, topic)},
+            lambda keys: small <= keys,
+            within=20,
+            every=0.5,
+        )
+        assert found == {"k-before", *small}
+    letters = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
+    assert [(r.key, dict(r.headers)["x-bridge-reason"]) for r in letters] == [
+        (b"k-big", b"kafka_rejected")
+    ]
+    assert sample(metrics, "bridge_dropped_records_total") == 0
+    assert sample(metrics, "bridge_kafka_producer_resets_total") >= 1
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker"])
+def test_with_the_defaults_every_accepted_event_fits_kafkas_default_limit(
+    kafka_bootstrap: str, topic_prefix: str, ack: str
+) -> None:
+    """The test broker runs with Kafka's default message.max.bytes (1048588), the
+    bridge with its default body limit: a body of the largest accepted size lands on
+    its topic, and an event whose headers would push its record over what the producer
+    takes is refused with 413 instead of being accepted and then lost."""
+    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack))
+    metrics = Metrics()
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-largest"}
+    largest = json.dumps({"pad": ""}).encode()
+    largest = largest[:-2] + b"x" * (settings.max_body_bytes - len(largest)) + largest[-2:]
+    assert len(largest) == settings.max_body_bytes
+    huge_subject = json.dumps({"id": "1" * (settings.max_body_bytes - 100)}).encode()
+    with TestClient(create_app(settings, metrics=metrics)) as client:
+        response = client.post("/webhooks/geins/Order/create", content=largest, headers=headers)
+        assert response.status_code == 202, response.text
+        refused = client.post(
+            "/webhooks/geins/Order/create",
+            content=huge_subject,
+            headers={**headers, "x-Idempotency-Key": "k-huge-subject"},
+        )
+        assert refused.status_code == 413
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["reason"] == "body_too_large"
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    assert [(r.topic, r.key, r.value) for r in records] == [
+        (f"{topic_prefix}.geins.order.create", b"k-largest", largest)
+    ]
+    assert sample(metrics, "bridge_dropped_records_total") == 0

@@ -15,7 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+)
 
 from bridge import publisher as publisher_module
 from bridge.config import load_settings
@@ -150,3 +154,37 @@ async def test_files_that_cannot_be_used_count_as_refused(
     assert (rotations(metrics, "refused"), rotations(metrics, "failed")) == (1, 0)
     assert len(producers) == 1  # no producer was even made
     await publisher.stop()
+
+
+def refused(error: Exception) -> asyncio.Future[Any]:
+    """A record's acknowledgement future as aiokafka fails it when Kafka refuses its batch."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+async def test_a_record_refused_for_good_replaces_the_producer_once(
+    producers: list[FakeProducer],
+) -> None:
+    """Kafka refusing a batch breaks the producer's numbering of that partition (aiokafka
+    issue 1017): a fresh producer takes over, once for all the batch's records, and the
+    late failures of the replaced one do not replace its successor."""
+    publisher, metrics = rotated_publisher()
+    await publisher._connect()
+    first = producers[0]
+    acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    acked.set_result(None)
+    publisher._after_ack(first, acked)
+    assert publisher._rotation is None  # an acknowledged record says nothing
+
+    for _ in range(3):  # the records of one refused batch
+        publisher._after_ack(first, refused(MessageSizeTooLargeError()))
+    await eventually(lambda: publisher._producer is not first, what="a fresh producer")
+    publisher._after_ack(first, refused(OutOfOrderSequenceNumber()))
+    await asyncio.sleep(0.05)
+
+    assert len(producers) == 2
+    assert metrics.registry.get_sample_value("bridge_kafka_producer_resets_total") == 1
+    assert rotations(metrics, "applied") == 0  # not a secret rotation
+    await publisher.stop()
+    assert all(p.stopped for p in producers)
