@@ -180,8 +180,12 @@ def create_app(
             state.draining = True
             if topics is not None:
                 topics.cancel()
+            # One BRIDGE_SHUTDOWN_TIMEOUT for the drain and the flush together: after a
+            # drain that emptied the backlog the flush has nothing left to wait for, and
+            # after one that ran out of time Kafka is not answering anyway.
+            deadline = time.monotonic() + settings.shutdown_timeout
             await ack_mode.stop()  # drains what it can while Kafka is still connected
-            await publisher.stop()
+            await publisher.stop(deadline)
 
     app = BridgeApp(
         routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state, openapi)],

@@ -79,7 +79,7 @@ class Publisher(Protocol):
 
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, deadline: float | None = None) -> None: ...
 
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]: ...
 
@@ -486,19 +486,25 @@ class KafkaPublisher:
         except Exception:
             log.exception("closing the replaced Kafka producer failed")
 
-    async def _flush_and_close(self, producer: AIOKafkaProducer, which: str) -> None:
-        """Let ``producer`` deliver what it holds within ``shutdown_timeout``, then close."""
+    async def _flush_and_close(
+        self, producer: AIOKafkaProducer, which: str, deadline: float | None = None
+    ) -> None:
+        """Let ``producer`` deliver what it holds until ``deadline`` (monotonic; else
+        within ``shutdown_timeout``), then close."""
+        allowed = self._settings.shutdown_timeout
+        if deadline is not None:
+            allowed = max(0.0, deadline - time.monotonic())
         try:
-            async with asyncio.timeout(self._settings.shutdown_timeout):
+            async with asyncio.timeout(allowed):
                 await producer.stop()
             return
         except TimeoutError:
             log.error(
-                "the %s Kafka producer did not flush within %ss; the records it had not "
+                "the %s Kafka producer did not flush within %.1f s; the records it had not "
                 "delivered were answered 503 (broker mode: the sender retries) or stay "
                 "queued for the next try",
                 which,
-                self._settings.shutdown_timeout,
+                allowed,
             )
         await self._force_close(producer)
 
@@ -616,8 +622,9 @@ class KafkaPublisher:
             raise self.failure(exc) from None
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
-    async def stop(self) -> None:
-        """Flush what is in flight within ``shutdown_timeout``, then close.
+    async def stop(self, deadline: float | None = None) -> None:
+        """Flush what is in flight until ``deadline`` (monotonic; else within
+        ``shutdown_timeout``), then close.
 
         A rotation still connecting is cancelled (its producer holds no records yet),
         and a replaced producer still flushing flushes alongside the current one, so
@@ -632,5 +639,7 @@ class KafkaPublisher:
         if self._handover is not None:
             self._handover.close()
             self._handover = None
-        current = [self._flush_and_close(producer, "current")] if producer is not None else []
+        current = (
+            [self._flush_and_close(producer, "current", deadline)] if producer is not None else []
+        )
         await asyncio.gather(*current, *self._retiring)  # _retire logs its own failures

@@ -53,7 +53,7 @@ class FakePublisher:
     def failure(self, exc: BaseException) -> BridgeError:
         return exc if isinstance(exc, BridgeError) else PublishFailed(repr(exc))
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         self.stopped = True
 
 

@@ -11,6 +11,7 @@ one. The rotation against a real broker is tests/test_kafka_security.py's.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -118,6 +119,25 @@ async def test_a_replaced_producer_flushes_alongside_the_current_one(
 
     assert all(p.stopped for p in producers)
     assert FakeProducer.most_stopping == 2  # at the same time, not one after the other
+
+
+async def test_the_flush_at_shutdown_keeps_to_the_deadline_it_is_given(
+    producers: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain and the flush share one BRIDGE_SHUTDOWN_TIMEOUT: a flush whose deadline
+    the drain used up is cut short (and the producer closed by force) at once, not
+    given the whole timeout again."""
+    forced: list[object] = []
+
+    async def force_close(producer: object) -> None:
+        forced.append(producer)
+
+    publisher, _ = rotated_publisher()
+    monkeypatch.setattr(publisher, "_force_close", force_close)
+    await publisher._connect()
+    async with asyncio.timeout(5):  # not the 60 s BRIDGE_SHUTDOWN_TIMEOUT
+        await publisher.stop(time.monotonic())  # the drain used it all
+    assert forced == producers
 
 
 async def test_kafka_not_answering_counts_as_failed_not_refused(
