@@ -55,10 +55,12 @@ class TokenAuthenticator:
         self._file_mtime: float | None = None
         self._next_file_check = 0.0
         self._tokens = self._static
-        self._reload_file()
         # Without tokens everything is refused, unless the operator opted out
-        # explicitly (the settings refuse to start otherwise).
-        self.open = not self._tokens and allow_unauthenticated
+        # explicitly (the settings refuse to start otherwise). Decided per request,
+        # after the tokens file is looked at: once the file holds a token, it is
+        # required.
+        self._allow_unauthenticated = allow_unauthenticated
+        self._reload_file()
 
     def _reload_file(self) -> None:
         if self._file is None:
@@ -83,9 +85,9 @@ class TokenAuthenticator:
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
     ) -> None:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
-        if self.open:
-            return
         self._reload_file()
+        if not self._tokens and self._allow_unauthenticated:
+            return
         presented = self._from_headers(headers)
         if query:
             presented += self._from_query(query)
