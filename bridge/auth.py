@@ -14,8 +14,9 @@ import binascii
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 from bridge.errors import Unauthorized
 
@@ -81,6 +82,10 @@ class TokenAuthenticator:
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         log.info("read %d token(s) from %s", len(from_file), self._file)
 
+    def current_tokens(self) -> tuple[bytes, ...]:
+        """Every token accepted now: BRIDGE_TOKENS and the tokens file as last read."""
+        return self._tokens
+
     def check(
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
     ) -> None:
@@ -128,3 +133,33 @@ class TokenAuthenticator:
     @staticmethod
     def _from_query(query: Sequence[tuple[str, str]]) -> list[bytes]:
         return [value.encode() for name, value in query if name.lower() == "token" and value]
+
+
+class CurrentTokens(Sequence[str]):
+    """The tokens ``authenticator`` accepts, read afresh each time this is used:
+    a live view, not a copy, for whoever must keep tokens out of what it writes
+    (dead letters), so a token that arrives in the tokens file later is covered too.
+    """
+
+    __slots__ = ("_authenticator",)
+
+    def __init__(self, authenticator: TokenAuthenticator) -> None:
+        self._authenticator = authenticator
+
+    def _now(self) -> list[str]:
+        return [t.decode() for t in self._authenticator.current_tokens()]
+
+    def __len__(self) -> int:
+        return len(self._authenticator.current_tokens())
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._now()[index]
+
+    def __iter__(self) -> Iterator[str]:  # one reading for the whole iteration
+        return iter(self._now())

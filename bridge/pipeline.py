@@ -52,7 +52,7 @@ class Pipeline:
         self._metrics = metrics
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
-        self._tokens = tuple(tokens)
+        self._tokens = tokens  # may be live (auth.CurrentTokens): not copied
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
