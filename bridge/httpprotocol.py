@@ -6,7 +6,10 @@ sends megabytes of headers. This subclass does, per connection: the head of
 each request (request line and headers) must arrive within ``read_timeout``
 seconds and within ``max_head_bytes`` bytes, and its body within the same
 ``read_timeout`` from the first byte; otherwise the client gets a problem+json
-408 or 431 and the connection is closed.
+408 or 431 and the connection is closed. A request the parser cannot read gets
+a problem+json 400 instead of uvicorn's text/plain one (uvicorn answers it
+through ``send_400_response``; if a release stops doing so, startup warns
+and such requests get uvicorn's own answer).
 
 It also sends each response in one piece: uvicorn writes the status line and
 headers, then the body, and uvloop turns each write into its own ``send()``
@@ -33,14 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import httptools
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bridge.errors import BridgeError, HeadersTooLarge, RequestTimeout
+from bridge.errors import BridgeError, HeadersTooLarge, MalformedRequest, RequestTimeout
 from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, problem
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,18 @@ def cycle_fits(protocol: object, cycle: object) -> bool:
                 ", ".join(missing),
             )
     return fits
+
+
+def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
+    """Whether this uvicorn's protocol answers an unparsable request through
+    ``send_400_response`` (which the bridge's protocol overrides); warns when not."""
+    if callable(getattr(protocol, "send_400_response", None)):
+        return True
+    log.warning(
+        "this uvicorn's HTTP protocol has no send_400_response: a malformed request "
+        "gets uvicorn's own text/plain 400, not problem+json, and is not counted"
+    )
+    return False
 
 
 class OneWritePerResponse:
@@ -154,6 +171,7 @@ def guarded_protocol(
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
     piece = max(512, min(4096, max_head_bytes // 4))
+    answers_malformed_requests(HttpToolsProtocol)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -215,6 +233,14 @@ def guarded_protocol(
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this from data_received while handling the parser's
+            # error, whose text (llhttp's own, never the client's bytes) says what
+            # was wrong.
+            error = sys.exception()
+            why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1{why}"))
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the

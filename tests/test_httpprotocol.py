@@ -10,7 +10,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from bridge import httpprotocol
@@ -411,3 +411,54 @@ async def test_a_large_head_pipelined_behind_a_request_is_431(
         assert [e.reason for e in connection.refused] == ["headers_too_large"]
     finally:
         connection.close()
+
+
+# --------------------------------------------------------------------------
+# Requests the parser cannot read (GuardedHttpToolsProtocol.send_400_response).
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n", b"Invalid header token"),
+        (
+            b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Content-Length: 6\r\n\r\nabcdef",
+            b"Duplicate Content-Length",
+        ),
+    ],
+    ids=["header without colon", "two content-lengths"],
+)
+async def test_a_malformed_request_is_a_problem_json_400(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, why: bytes
+) -> None:
+    """A request the parser refuses gets a counted problem+json 400, like every
+    other error, instead of uvicorn's text/plain one."""
+    connection = Connection(monkeypatch)
+    try:
+        connection.protocol.data_received(request_bytes)
+        answer = await wait_closed(connection, 1)
+        lines, body = split(answer)
+        assert lines[0] == b"HTTP/1.1 400 Malformed HTTP request"
+        assert b"content-type: application/problem+json" in lines
+        assert body["reason"] == "malformed_request"
+        assert why.decode() in body["detail"]
+        assert [e.reason for e in connection.refused] == ["malformed_request"]
+        assert connection.publisher.records == []
+    finally:
+        connection.close()
+
+
+def test_this_uvicorn_answers_malformed_requests_through_send_400_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The override only works while uvicorn calls send_400_response; a release
+    that does not is reported at startup."""
+    assert httpprotocol.answers_malformed_requests(HttpToolsProtocol)
+
+    class OlderProtocol:
+        pass
+
+    with caplog.at_level("WARNING", logger="bridge.httpprotocol"):
+        assert not httpprotocol.answers_malformed_requests(OlderProtocol)  # type: ignore[arg-type]  # a protocol without the method, as an older uvicorn's
+    assert "no send_400_response" in caplog.text
