@@ -39,14 +39,14 @@ import logging
 import sys
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.errors import BridgeError, HeadersTooLarge, MalformedRequest, RequestTimeout
-from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, problem
+from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, log_refusal, problem
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,25 @@ def cycle_fits(protocol: object, cycle: object) -> bool:
     return fits
 
 
+_UVICORNS_400_MESSAGE = "Invalid HTTP request received."
+
+
+class _WithoutUvicorns400Warning(logging.Filter):
+    """Drops uvicorn's WARNING about a request it cannot parse: the bridge answers
+    that request itself and logs it at INFO, like every refusal a client causes,
+    so that no client can flood the log at WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _UVICORNS_400_MESSAGE
+
+
 def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
     """Whether this uvicorn's protocol answers an unparsable request through
     ``send_400_response`` (which the bridge's protocol overrides); warns when not."""
     if callable(getattr(protocol, "send_400_response", None)):
+        uvicorn_log = logging.getLogger("uvicorn.error")  # what uvicorn's protocol logs to
+        if not any(isinstance(f, _WithoutUvicorns400Warning) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(_WithoutUvicorns400Warning())
         return True
     log.warning(
         "this uvicorn's HTTP protocol has no send_400_response: a malformed request "
@@ -332,6 +347,8 @@ def guarded_protocol(
                 self.transport.close()  # answered already (a 413, say): just hang up
 
         def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
+            """Answer ``error`` and hang up; log it, and count it unless the app
+            will (``count=False``: a late body, which the app hears of)."""
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
@@ -342,6 +359,9 @@ def guarded_protocol(
                 % (error.status, error.title.encode(), len(body), body)
             )
             self.transport.close()
+            # The current request's scope (uvicorn makes it as a request begins):
+            # no method or path yet if the head was refused.
+            log_refusal(error, cast(Scope, self.scope or {}))  # uvicorn types it as HTTPScope
             if count and on_refused is not None:
                 on_refused(error)
 

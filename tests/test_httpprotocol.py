@@ -4,6 +4,7 @@ and the webhook answer written whole."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -462,3 +463,77 @@ def test_this_uvicorn_answers_malformed_requests_through_send_400_response(
     with caplog.at_level("WARNING", logger="bridge.httpprotocol"):
         assert not httpprotocol.answers_malformed_requests(OlderProtocol)  # type: ignore[arg-type]  # a protocol without the method, as an older uvicorn's
     assert "no send_400_response" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# One log line per refusal, whoever refuses (bridge.ingress.log_refusal).
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[tuple[int, dict[str, object]]]:
+    """Level and fields of each "delivery refused" line logged."""
+    return [
+        (r.levelno, r.fields)  # type: ignore[attr-defined]  # set through extra=
+        for r in caplog.records
+        if r.getMessage().startswith("delivery refused")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("packets", "reason", "status"),
+    [
+        ([b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n"], "request_timeout", 408),
+        ([b"POST /webhooks/geins HTTP/1.1\r\nX: " + b"a" * 20000], "headers_too_large", 431),
+        ([b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n"], "malformed_request", 400),
+    ],
+)
+async def test_protocol_refusals_log_one_info_line(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    packets: list[bytes],
+    reason: str,
+    status: int,
+) -> None:
+    """The protocol's own 408, 431 and 400 log one line each, at INFO (a client
+    must not flood the log at WARNING; uvicorn's warning for a malformed request
+    is dropped for that reason), with no method or path: the head was not read."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        for packet in packets:
+            connection.protocol.data_received(packet)
+        await wait_closed(connection, 2)
+        [(level, fields)] = refusals(caplog)
+        assert level == logging.INFO
+        assert (fields["reason"], fields["status"]) == (reason, status)
+        assert "method" not in fields
+        assert "path" not in fields
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("timed_out", [True, False], ids=["late body", "client gone"])
+async def test_a_body_that_never_comes_logs_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, timed_out: bool
+) -> None:
+    """A body that is late (408) or cut off by the client logs one line, with the
+    request's method, path and key, and is counted once, as the app's."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    head = webhook("late").replace(b"content-length: %d" % len(ORDER), b"content-length: 500")
+    connection.protocol.data_received(head)
+    if timed_out:
+        answer = await wait_closed(connection, 2)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    connection.close()  # the client is gone: the app hears a disconnect
+    for _ in range(100):
+        if refusals(caplog):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # anything logged twice would be by now
+    [(level, fields)] = refusals(caplog)
+    assert level == logging.INFO
+    assert fields["reason"] == ("request_timeout" if timed_out else "client_disconnected")
+    assert (fields["method"], fields["path"], fields["key"]) == ("POST", "/webhooks/geins", "late")
+    assert connection.refused == []  # counted by the app, not the protocol
+    assert connection.publisher.records == []

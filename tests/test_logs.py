@@ -119,3 +119,33 @@ def test_refusals_and_access_log_are_structured(caplog: pytest.LogCaptureFixture
     ours = [r for r in caplog.records if r.name.startswith("bridge")]  # not the test client's
     everything = "\n".join(JsonFormatter().format(r) for r in ours)
     assert TOKEN not in everything
+
+
+def test_webhook_404_and_rate_limit_log_one_info_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook URL that matches no route (a webhook set up wrong) logs its
+    refusal; a rate-limited client is logged at INFO, so it cannot flood the log
+    at WARNING."""
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_ACK": "broker",
+            "BRIDGE_RATE_LIMIT": "0.5",
+            "BRIDGE_RATE_BURST": "1",
+        }
+    )
+    app = create_app(settings, publisher=FakePublisher())
+    auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    caplog.set_level(logging.INFO)
+    statuses = [
+        asyncio.run(call_asgi(app, "POST", path, headers=auth, body_chunks=[b"{}"])).status
+        for path in ("/webhooks/geins/a/b/c", "/webhooks/geins/a/b/c")
+    ]
+    assert statuses == [404, 429]
+    lines = [r for r in caplog.records if r.getMessage().startswith("delivery refused")]
+    assert [(r.levelno, r.fields["reason"]) for r in lines] == [  # type: ignore[attr-defined]
+        (logging.INFO, "not_found"),
+        (logging.INFO, "rate_limited"),
+    ]
+    assert lines[0].fields["path"] == "/webhooks/geins/a/b/c"  # type: ignore[attr-defined]
