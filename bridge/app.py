@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import kafkaadmin
 from bridge.ackmodes import make_ack_mode
-from bridge.auth import TokenAuthenticator
+from bridge.auth import CurrentTokens, TokenAuthenticator
 from bridge.config import Settings
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
@@ -116,22 +116,22 @@ def create_app(
     state = state or RuntimeState()
     router = Router.from_settings(settings)
     ack_mode = make_ack_mode(settings, publisher, metrics)
+    authenticator = TokenAuthenticator(
+        settings.tokens,
+        allow_unauthenticated=settings.allow_unauthenticated,
+        tokens_file=settings.tokens_file,
+    )
     pipeline = Pipeline(
         router,
         ack_mode,
         metrics,
         strict_types=settings.strict_types,
         deadletter_topic=settings.deadletter_topic,
-        tokens=settings.tokens,
+        tokens=CurrentTokens(authenticator),  # the file's tokens too, as they change
         dedup=settings.dedup_window > 0,
     )
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
-    authenticator = TokenAuthenticator(
-        settings.tokens,
-        allow_unauthenticated=settings.allow_unauthenticated,
-        tokens_file=settings.tokens_file,
-    )
     endpoint = WebhookEndpoint(
         pipeline,
         authenticator,

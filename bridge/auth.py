@@ -14,8 +14,9 @@ import binascii
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 from bridge.errors import Unauthorized
 
@@ -55,10 +56,12 @@ class TokenAuthenticator:
         self._file_mtime: float | None = None
         self._next_file_check = 0.0
         self._tokens = self._static
-        self._reload_file()
         # Without tokens everything is refused, unless the operator opted out
-        # explicitly (the settings refuse to start otherwise).
-        self.open = not self._tokens and allow_unauthenticated
+        # explicitly (the settings refuse to start otherwise). Decided per request,
+        # after the tokens file is looked at: once the file holds a token, it is
+        # required.
+        self._allow_unauthenticated = allow_unauthenticated
+        self._reload_file()
 
     def _reload_file(self) -> None:
         if self._file is None:
@@ -79,13 +82,17 @@ class TokenAuthenticator:
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         log.info("read %d token(s) from %s", len(from_file), self._file)
 
+    def current_tokens(self) -> tuple[bytes, ...]:
+        """Every token accepted now: BRIDGE_TOKENS and the tokens file as last read."""
+        return self._tokens
+
     def check(
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
     ) -> None:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
-        if self.open:
-            return
         self._reload_file()
+        if not self._tokens and self._allow_unauthenticated:
+            return
         presented = self._from_headers(headers)
         if query:
             presented += self._from_query(query)
@@ -126,3 +133,33 @@ class TokenAuthenticator:
     @staticmethod
     def _from_query(query: Sequence[tuple[str, str]]) -> list[bytes]:
         return [value.encode() for name, value in query if name.lower() == "token" and value]
+
+
+class CurrentTokens(Sequence[str]):
+    """The tokens ``authenticator`` accepts, read afresh each time this is used:
+    a live view, not a copy, for whoever must keep tokens out of what it writes
+    (dead letters), so a token that arrives in the tokens file later is covered too.
+    """
+
+    __slots__ = ("_authenticator",)
+
+    def __init__(self, authenticator: TokenAuthenticator) -> None:
+        self._authenticator = authenticator
+
+    def _now(self) -> list[str]:
+        return [t.decode() for t in self._authenticator.current_tokens()]
+
+    def __len__(self) -> int:
+        return len(self._authenticator.current_tokens())
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._now()[index]
+
+    def __iter__(self) -> Iterator[str]:  # one reading for the whole iteration
+        return iter(self._now())

@@ -4,7 +4,8 @@ A delivery that fails parsing (not JSON, entity/action missing or malformed,
 unknown type in strict mode) still gets its 4xx, and its raw body goes to the
 dead-letter topic with the reason and the request's metadata, so nothing an
 authenticated sender sent is silently gone. Credentials are scrubbed first:
-the ``token`` query parameter and credential headers never reach Kafka.
+the ``token`` query parameter, credential headers, and any other header or
+query value that contains a token the bridge accepts never reach Kafka.
 ``bridge deadletter replay`` rebuilds the delivery from such a record.
 """
 
@@ -36,14 +37,19 @@ PREFIX = "x-bridge-"
 def dead_letter(
     delivery: Delivery, error: BridgeError, topic: str, tokens: Sequence[str]
 ) -> Destination:
-    """The dead-letter record for a delivery refused with ``error``."""
+    """The dead-letter record for a delivery refused with ``error``; ``tokens`` are
+    the tokens accepted now (values that contain one are left out)."""
     secrets = [t.encode() for t in tokens if t]
     headers = {
         name.decode("latin-1").lower(): value.decode("latin-1")
         for name, value in delivery.headers
         if name.lower() not in CREDENTIAL_HEADERS and not any(s in value for s in secrets)
     }
-    query = [(n, v) for n, v in delivery.query if n.lower() not in SECRET_QUERY_PARAMS]
+    query = [
+        (n, v)
+        for n, v in delivery.query
+        if n.lower() not in SECRET_QUERY_PARAMS and not any(s in v.encode() for s in secrets)
+    ]
     record_headers: list[tuple[str, bytes]] = [
         (PREFIX + "reason", error.reason.encode()),
         (PREFIX + "status", str(error.status).encode()),
@@ -59,14 +65,18 @@ def dead_letter(
     if delivery.path_action is not None:
         record_headers.append((PREFIX + "path-action", delivery.path_action.encode()))
     return Destination(
-        topic=topic, key=_key(delivery).encode(), value=delivery.body, headers=record_headers
+        topic=topic,
+        key=_key(delivery, secrets).encode(),
+        value=delivery.body,
+        headers=record_headers,
     )
 
 
-def _key(delivery: Delivery) -> str:
-    """The delivery's idempotency key when usable, so replays keep it; else a new one."""
+def _key(delivery: Delivery, secrets: Sequence[bytes]) -> str:
+    """The delivery's idempotency key when usable, so replays keep it; else a new one
+    (also when the key contains a token)."""
     for name, value in delivery.headers:
-        if name.lower() == IDEMPOTENCY_HEADER:
+        if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
             key = value.decode("latin-1").strip()
             if key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
                 return key

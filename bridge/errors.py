@@ -69,6 +69,15 @@ class PayloadTooLarge(BridgeError):
     title = "Body too large"
 
 
+class MalformedRequest(BridgeError):
+    """Not HTTP/1.1 the server can parse (a header line without a colon, two
+    Content-Length headers, ...): refused by the HTTP protocol, before the app."""
+
+    status = 400
+    reason = "malformed_request"
+    title = "Malformed HTTP request"
+
+
 class MalformedQuery(BridgeError):
     status = 400
     reason = "malformed_query"
@@ -196,6 +205,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     NotFound,
     Unauthorized,
     PayloadTooLarge,
+    MalformedRequest,
     MalformedQuery,
     ClientDisconnected,
     ClientNotAllowed,

@@ -117,7 +117,8 @@ def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
     """Turn a delivery into an :class:`Event`, or raise a :class:`BridgeError`.
 
     Entity and action come from the path, then the query, then the top-level
-    body fields (names matched case-insensitively). A non-empty body must be a
+    body fields (names matched case-insensitively; a blank query value counts
+    as absent). A non-empty body must be a
     JSON object whatever the Content-Type says; an empty body publishes the query
     parameters as a JSON object instead.
     """
@@ -187,10 +188,13 @@ def _refuse_constant(name: str) -> None:
 
 
 def _pick(name: str, from_path: str | None, query: dict[str, str], body: dict[str, Any]) -> Any:
+    # A blank query value counts as absent: Geins substitutes a placeholder it has
+    # no value for with nothing (`?action=`), and that must not hide the body's.
     if from_path is not None:
         return from_path
-    if name in query:
-        return query[name]
+    value = query.get(name)
+    if value is not None and value.strip():
+        return value
     return body.get(name)
 
 

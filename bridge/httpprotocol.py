@@ -6,7 +6,10 @@ sends megabytes of headers. This subclass does, per connection: the head of
 each request (request line and headers) must arrive within ``read_timeout``
 seconds and within ``max_head_bytes`` bytes, and its body within the same
 ``read_timeout`` from the first byte; otherwise the client gets a problem+json
-408 or 431 and the connection is closed.
+408 or 431 and the connection is closed. A request the parser cannot read gets
+a problem+json 400 instead of uvicorn's text/plain one (uvicorn answers it
+through ``send_400_response``; if a release stops doing so, startup warns
+and such requests get uvicorn's own answer).
 
 It also sends each response in one piece: uvicorn writes the status line and
 headers, then the body, and uvloop turns each write into its own ``send()``
@@ -33,15 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
+import httptools
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bridge.errors import BridgeError, HeadersTooLarge, RequestTimeout
-from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, problem
+from bridge.errors import BridgeError, HeadersTooLarge, MalformedRequest, RequestTimeout
+from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, log_refusal, problem
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,33 @@ def cycle_fits(protocol: object, cycle: object) -> bool:
                 ", ".join(missing),
             )
     return fits
+
+
+_UVICORNS_400_MESSAGE = "Invalid HTTP request received."
+
+
+class _WithoutUvicorns400Warning(logging.Filter):
+    """Drops uvicorn's WARNING about a request it cannot parse: the bridge answers
+    that request itself and logs it at INFO, like every refusal a client causes,
+    so that no client can flood the log at WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _UVICORNS_400_MESSAGE
+
+
+def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
+    """Whether this uvicorn's protocol answers an unparsable request through
+    ``send_400_response`` (which the bridge's protocol overrides); warns when not."""
+    if callable(getattr(protocol, "send_400_response", None)):
+        uvicorn_log = logging.getLogger("uvicorn.error")  # what uvicorn's protocol logs to
+        if not any(isinstance(f, _WithoutUvicorns400Warning) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(_WithoutUvicorns400Warning())
+        return True
+    log.warning(
+        "this uvicorn's HTTP protocol has no send_400_response: a malformed request "
+        "gets uvicorn's own text/plain 400, not problem+json, and is not counted"
+    )
+    return False
 
 
 class OneWritePerResponse:
@@ -150,6 +182,11 @@ def guarded_protocol(
     on_refused: Callable[[BridgeError], None] | None = None,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+    # Most bytes fed to the parser at once (see data_received): a quarter of the
+    # head cap, so a pipelined head is never charged more than that on top of its
+    # own bytes; at most 4 KiB, more than a whole webhook request needs.
+    piece = max(512, min(4096, max_head_bytes // 4))
+    answers_malformed_requests(HttpToolsProtocol)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -173,22 +210,34 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            # Feed the parser at most the head bytes still allowed, so a body that
-            # follows the head in the same packet is never counted as head.
-            while data and self._in_head:
-                budget = max_head_bytes - self._head_bytes
-                if budget <= 0:
-                    self._refuse(
-                        HeadersTooLarge(f"the request head is larger than {max_head_bytes} bytes")
-                    )
-                    return
-                piece, data = data[:budget], data[budget:]
-                self._head_bytes += len(piece)
-                super().data_received(piece)
+            # The parser is fed at most `piece` bytes at a time, and no more head
+            # bytes than are still allowed. The bytes of a piece count towards the
+            # head once the parser has seen them: a request that begins inside the
+            # piece (on_message_begin resets the count) is charged the whole piece,
+            # so the first packet of every head counts. That is exact for a request
+            # at the start of a packet; one pipelined behind another in the same
+            # packet is charged at most `piece` bytes it did not send, and no
+            # pipelined head escapes the count inside a large packet.
+            start, end = 0, len(data)
+            while start < end:
+                size = piece
+                if self._in_head:
+                    budget = max_head_bytes - self._head_bytes
+                    if budget <= 0:
+                        self._refuse(
+                            HeadersTooLarge(
+                                f"the request head is larger than {max_head_bytes} bytes"
+                            )
+                        )
+                        return
+                    size = min(size, budget)
+                chunk = data[start : start + size]  # the packet itself when it fits
+                start += len(chunk)
+                super().data_received(chunk)
                 if self.transport.is_closing():
                     return
-            if data:
-                super().data_received(data)
+                if self._in_head:
+                    self._head_bytes += len(chunk)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -199,6 +248,14 @@ def guarded_protocol(
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this from data_received while handling the parser's
+            # error, whose text (llhttp's own, never the client's bytes) says what
+            # was wrong.
+            error = sys.exception()
+            why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1{why}"))
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the
@@ -248,10 +305,9 @@ def guarded_protocol(
         def on_response_complete(self) -> None:
             self._writer.flush()
             super().on_response_complete()
-            # The next request's head starts now; uvicorn's keep-alive timeout
-            # covers the idle wait before its first byte.
-            self._in_head = True
-            self._head_bytes = 0
+            # The next head starts with its first byte (on_message_begin);
+            # uvicorn's keep-alive timeout covers the idle wait before it. A
+            # pipelined request may be past its head already.
 
         def _await_head(self) -> None:
             self._in_head = True
@@ -291,6 +347,8 @@ def guarded_protocol(
                 self.transport.close()  # answered already (a 413, say): just hang up
 
         def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
+            """Answer ``error`` and hang up; log it, and count it unless the app
+            will (``count=False``: a late body, which the app hears of)."""
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
@@ -301,6 +359,9 @@ def guarded_protocol(
                 % (error.status, error.title.encode(), len(body), body)
             )
             self.transport.close()
+            # The current request's scope (uvicorn makes it as a request begins):
+            # no method or path yet if the head was refused.
+            log_refusal(error, cast(Scope, self.scope or {}))  # uvicorn types it as HTTPScope
             if count and on_refused is not None:
                 on_refused(error)
 

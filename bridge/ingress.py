@@ -98,7 +98,7 @@ class GuardRefusal:
 
     async def __call__(self, scope: Scope, send: Send, error: BridgeError) -> None:
         await self._answer.send(send, error)
-        _log_refusal(error, scope)
+        log_refusal(error, scope)
         self._metrics.record_request(outcome_of(error), None, error.reason, 0.0)
 
 
@@ -162,11 +162,13 @@ class WebhookEndpoint:
         except ClientDisconnected as exc:  # nobody to answer
             timed_out = scope.get(BODY_TIMED_OUT, False)
             outcome, reason = "rejected", "request_timeout" if timed_out else exc.reason
+            if not timed_out:  # the protocol logged the 408 it answered
+                log_refusal(exc, scope)
         except BridgeError as exc:
             event = exc.event
             outcome, reason = outcome_of(exc), exc.reason
             await self._answer.send(send, exc)
-            _log_refusal(exc, scope)
+            log_refusal(exc, scope)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             outcome, reason = "error", None
             log.exception("unexpected error handling %s %s", scope["method"], scope["path"])
@@ -260,7 +262,10 @@ async def _respond(
 def _request_fields(scope: Scope, event: Event | None) -> dict[str, object]:
     """What a log line may say about a request: never the query (it may hold the token)
     nor headers other than the idempotency key."""
-    fields: dict[str, object] = {"method": scope.get("method"), "path": scope.get("path")}
+    fields: dict[str, object] = {}
+    for name in ("method", "path"):  # unknown when the protocol refused a head
+        if scope.get(name) is not None:
+            fields[name] = scope[name]
     if event is not None:
         fields.update(key=event.key, entity=event.entity, action=event.action)
     else:
@@ -271,11 +276,16 @@ def _request_fields(scope: Scope, event: Event | None) -> dict[str, object]:
     return fields
 
 
-def _log_refusal(error: BridgeError, scope: Scope) -> None:
-    """One line per refused or failed delivery."""
+def log_refusal(error: BridgeError, scope: Scope) -> None:
+    """One line per refused or failed delivery (also those the HTTP protocol refuses).
+
+    INFO when the client caused it, so that no client can flood the log at
+    WARNING (a rate-limited one, say); WARNING when the bridge could not take it
+    (5xx: spool full, Kafka unreachable, overloaded).
+    """
     fields = _request_fields(scope, error.event)
     fields.update(status=error.status, reason=error.reason, detail=error.detail)
-    level = logging.WARNING if error.retriable else logging.INFO
+    level = logging.WARNING if error.status >= 500 else logging.INFO
     log.log(level, "delivery refused: %s", error.reason, extra={"fields": fields})
 
 
@@ -336,7 +346,9 @@ class WebhookDispatch:
             rest = rest[:-1]
         parts = rest[1:].split("/") if rest else []
         if len(parts) > 2 or "" in parts:
-            return self._answer.send(send, NotFound(f"no webhook route for {scope['path']}"))
+            error = NotFound(f"no webhook route for {scope['path']}")
+            log_refusal(error, scope)  # a webhook URL set up wrong, most likely
+            return self._answer.send(send, error)
         scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
         return self._endpoint(scope, receive, send)
 

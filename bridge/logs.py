@@ -34,15 +34,47 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record for people: the message, then the fields as ``key=value``.
+
+    Messages and fields carry what clients sent (a path, a key), and uvicorn
+    decodes ``%0A`` in a path to a line break: control characters are escaped
+    (``\\n``), and a field value with a space, quote or ``=`` is quoted, so no
+    client can forge a line or a field. A traceback keeps its lines, each
+    indented, so a line that starts in the first column is always a record's.
+    """
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        # logging.Formatter.format, with the message escaped and the traceback indented
+        record.message = _escape(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(f"{_escape(str(k))}={_value(v)}" for k, v in fields.items())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for extra in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if extra:
+                text += "".join("\n    " + _escape(line) for line in extra.splitlines())
         return text
+
+
+def _escape(text: str) -> str:
+    """``text`` with every non-printable character (line breaks, escape sequences,
+    bidi overrides) written as a Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _value(value: object) -> str:
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return '"' + _escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def configure(level: str, fmt: str) -> None:

@@ -80,7 +80,9 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 },
                 "headers": {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}},
             },
-            "400": _problem("Body not a JSON object, bad x-Idempotency-Key or query."),
+            "400": _problem(
+                "Body not a JSON object, bad x-Idempotency-Key or query, or not valid HTTP/1.1."
+            ),
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
             "405": _problem("Another method than GET, POST or PUT.", "Allow"),

@@ -53,7 +53,7 @@ class Pipeline:
         self._metrics = metrics
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
-        self._tokens = tuple(tokens)
+        self._tokens = tokens  # may be live (auth.CurrentTokens): not copied
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.
         self._dedup = dedup

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import hmac
+import os
+from pathlib import Path
 
 import pytest
 
+from bridge import auth
 from bridge.auth import TokenAuthenticator
 from bridge.errors import Unauthorized
 
@@ -78,3 +81,22 @@ def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     AUTH.check([(b"authorization", b"Bearer old-token")], [("token", "nope")])
     assert len(calls) == 4  # 2 presented x 2 configured, although the first one matched
     assert {b for _, b in calls} == {b"old-token", b"new-token"}
+
+
+def test_an_open_bridge_requires_a_token_once_the_file_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BRIDGE_ALLOW_UNAUTHENTICATED opens the bridge only while no token exists: a
+    token written to the tokens file later is required from then on."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# no token yet\n")
+    authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
+    authenticator.check([], [])
+    tokens.write_text("file-token\n")
+    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
+    with pytest.raises(Unauthorized):
+        authenticator.check([], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check([(b"authorization", b"Bearer wrong")], [])
+    authenticator.check([(b"authorization", b"Bearer file-token")], [])

@@ -63,6 +63,23 @@ def test_path_beats_query_beats_body() -> None:
     assert (event.entity, event.action) == ("Order", "cancel")
 
 
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_query_value_does_not_hide_the_bodys(blank: str) -> None:
+    """An empty substitution in the URL (?action=) counts as absent: the body's
+    action, id, account and environment are used."""
+    body = b'{"entity":"Order","action":"create","id":"7","account":"shop","environment":"qa"}'
+    names = ("entity", "action", "id", "account", "environment")
+    event = parse(delivery(body, query=[(name, blank) for name in names]))
+    assert (event.entity, event.action, event.subject) == ("Order", "create", "7")
+    assert (event.account, event.environment) == ("shop", "qa")
+
+
+def test_a_blank_query_value_and_no_other_is_missing() -> None:
+    """With nothing in the body either, the action is missing (not malformed)."""
+    with pytest.raises(MissingEventType, match="no action found"):
+        parse(delivery(b'{"entity":"Order"}', query=[("action", "")]))
+
+
 def test_names_match_case_insensitively() -> None:
     """Field names and entity names are matched without regard to case."""
     event = parse(delivery(b'{"Entity":"productmonitor","ACTION":"Notify"}'))

@@ -157,6 +157,46 @@ def test_tokens_file_is_read_and_rotated(tmp_path: Path, monkeypatch: pytest.Mon
     assert (status("old-secret"), status("new-secret")) == (401, 202)
 
 
+def test_tokens_from_the_file_never_reach_dead_letters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token of the tokens file, copied into any header or query value of a delivery
+    that becomes a dead letter, is scrubbed like one of BRIDGE_TOKENS; also one written
+    to the file after startup."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("file-secret-1\n")
+    app, publisher = app_with(BRIDGE_TOKENS_FILE=str(tokens))
+
+    def refused(token: str, key: str) -> int:
+        return asyncio.run(
+            call_asgi(
+                app,
+                "POST",
+                "/webhooks/geins",
+                query=f"copy={token}&note=kept".encode(),
+                headers=[
+                    (b"authorization", f"Bearer {token}".encode()),
+                    (b"x-token-copy", f"is {token}.".encode()),
+                    (b"x-idempotency-key", key.encode()),
+                ],
+                body_chunks=[b"{not json"],
+            )
+        ).status
+
+    assert refused("file-secret-1", "k1") == 400
+    tokens.write_text("file-secret-2\n")
+    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
+    assert refused("file-secret-2", "k2") == 400
+    assert refused("file-secret-2", "key-file-secret-2") == 400  # a new key instead
+    assert [r.key for r in publisher.records][:2] == [b"k1", b"k2"]
+    for record in publisher.records:
+        headers = dict(record.headers)
+        assert headers["x-bridge-query"] == b"note=kept"
+        everything = b"".join(v for _, v in record.headers) + record.value + record.key
+        assert b"file-secret" not in everything
+
+
 def test_unreadable_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     """A tokens file that cannot be read stops startup, naming the setting."""
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE"):

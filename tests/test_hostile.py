@@ -85,6 +85,35 @@ def test_slow_loris_is_cut_off_and_others_are_served(
     assert time.monotonic() - started < 5
 
 
+def test_head_in_one_packet_then_silence_is_408(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A client that sends part of its head in one packet and goes quiet gets the
+    408 and is counted, like one that trickles."""
+    sock = connect(bridge)
+    sock.sendall(b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert 1.0 < time.monotonic() - started < 5
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_rejections_total{reason="request_timeout"} 1.0' in metrics
+
+
+def test_malformed_request_is_a_counted_problem_json_400(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A request the HTTP parser refuses gets problem+json like every other error."""
+    sock = connect(bridge)
+    sock.sendall(b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n")
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"content-type: application/problem+json" in answer
+    assert b'"reason":"malformed_request"' in answer
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_rejections_total{reason="malformed_request"} 1.0' in metrics
+
+
 def test_silent_connection_is_closed(
     bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
 ) -> None:

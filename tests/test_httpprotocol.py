@@ -4,18 +4,20 @@ and the webhook answer written whole."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import orjson
 import pytest
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from bridge import httpprotocol
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.errors import BridgeError
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
 from tests.fakes import TOKEN, FakePublisher
 
@@ -130,11 +132,20 @@ def webhook(key: str, *, extra: bytes = b"", token: str = TOKEN) -> bytes:
 class Connection:
     """One server-side connection of the bridge's protocol, with a fake publisher."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        read_timeout: float = 5.0,
+        max_head_bytes: int = 16384,
+    ) -> None:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
         app = create_app(settings, publisher=self.publisher)
-        protocol = guarded_protocol(read_timeout=5.0, max_head_bytes=16384)
+        self.refused: list[BridgeError] = []  # what the protocol counted itself
+        protocol = guarded_protocol(
+            read_timeout=read_timeout, max_head_bytes=max_head_bytes, on_refused=self.refused.append
+        )
         config = uvicorn.Config(
             app, http=protocol, lifespan="off", log_config=None, proxy_headers=False
         )
@@ -278,3 +289,251 @@ async def test_a_uvicorn_without_the_cycle_attributes_answers_through_send(
     [answer] = await connection.answers(webhook("k"), 1)
     assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
     assert connection.sent == ["http.response.start", "http.response.body"]
+
+
+# --------------------------------------------------------------------------
+# The head's deadline and size cap (GuardedHttpToolsProtocol.data_received).
+
+HEAD_CAP = 2304  # the smallest the settings allow: URL 256 + headers 1024 + 1024
+
+
+async def wait_closed(connection: Connection, seconds: float, *, after: int = 0) -> bytes:
+    """What the connection wrote (from its write number ``after``) by the time it
+    was closed, which must be within ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if connection.transport.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert connection.transport.closed
+    return b"".join(connection.transport.writes[after:])
+
+
+@pytest.mark.parametrize("served_before", [False, True], ids=["first request", "keep-alive"])
+async def test_a_head_sent_in_one_packet_then_silence_is_408(
+    monkeypatch: pytest.MonkeyPatch, served_before: bool
+) -> None:
+    """The first packet of a head counts: a client that sends part of its head
+    and goes quiet gets the 408 (counted), not a silent close."""
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        if served_before:
+            [answer] = await connection.answers(webhook("k1"), 1)
+            assert answer.startswith(b"HTTP/1.1 202 ")
+        written = len(connection.transport.writes)
+        connection.protocol.data_received(b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n")
+        answer = await wait_closed(connection, 2, after=written)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"application/problem+json" in answer
+        assert [e.reason for e in connection.refused] == ["request_timeout"]
+    finally:
+        connection.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nobody to answer: a silent connection is just closed, and not counted."""
+    connection = Connection(monkeypatch, read_timeout=0.1)
+    try:
+        assert await wait_closed(connection, 2) == b""
+        assert connection.refused == []
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "packets",
+    [
+        pytest.param([HEAD_CAP + HEAD_CAP // 2], id="one packet of 1.5 caps"),
+        pytest.param([HEAD_CAP * 2 // 3, HEAD_CAP * 2 // 3], id="two packets of 2/3 cap"),
+    ],
+)
+async def test_a_head_over_the_cap_is_431(
+    monkeypatch: pytest.MonkeyPatch, packets: list[int]
+) -> None:
+    """The cap holds for the whole head, its first packet included."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP)
+    try:
+        head = b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (sum(packets))
+        for size in packets:
+            part, head = head[:size], head[size:]
+            connection.protocol.data_received(part)
+        answer = await wait_closed(connection, 1)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
+        assert b"headers_too_large" in answer
+        assert [e.reason for e in connection.refused] == ["headers_too_large"]
+    finally:
+        connection.close()
+
+
+async def test_a_head_just_under_the_cap_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap counts the head's bytes, no more: a head of the cap's size passes."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP)
+    try:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n"
+        head = head.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (HEAD_CAP - len(head)))
+        assert len(head) == HEAD_CAP
+        for part in (head[:1000], head[1000:]):
+            connection.protocol.data_received(part)
+        [answer] = await connection.answers(b"", 1)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        connection.close()
+
+
+async def test_many_pipelined_requests_in_one_packet_are_not_a_large_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests pipelined in one packet larger than the head cap are each their own
+    head: none is refused for the bytes of the others."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP)
+    try:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+        count = 3 * HEAD_CAP // len(request)
+        answers = await connection.answers(request * count, count)
+        assert len(answers) == count
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+        assert connection.refused == []
+    finally:
+        connection.close()
+
+
+async def test_a_large_head_pipelined_behind_a_request_is_431(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head that begins inside a packet, behind a whole request, is counted too."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP)
+    try:
+        first = webhook("k1")
+        second = b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10 * HEAD_CAP
+        connection.protocol.data_received(first + second)
+        answer = await wait_closed(connection, 1)
+        assert b"HTTP/1.1 431 " in answer, answer
+        assert [e.reason for e in connection.refused] == ["headers_too_large"]
+    finally:
+        connection.close()
+
+
+# --------------------------------------------------------------------------
+# Requests the parser cannot read (GuardedHttpToolsProtocol.send_400_response).
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n", b"Invalid header token"),
+        (
+            b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Content-Length: 6\r\n\r\nabcdef",
+            b"Duplicate Content-Length",
+        ),
+    ],
+    ids=["header without colon", "two content-lengths"],
+)
+async def test_a_malformed_request_is_a_problem_json_400(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, why: bytes
+) -> None:
+    """A request the parser refuses gets a counted problem+json 400, like every
+    other error, instead of uvicorn's text/plain one."""
+    connection = Connection(monkeypatch)
+    try:
+        connection.protocol.data_received(request_bytes)
+        answer = await wait_closed(connection, 1)
+        lines, body = split(answer)
+        assert lines[0] == b"HTTP/1.1 400 Malformed HTTP request"
+        assert b"content-type: application/problem+json" in lines
+        assert body["reason"] == "malformed_request"
+        assert why.decode() in body["detail"]
+        assert [e.reason for e in connection.refused] == ["malformed_request"]
+        assert connection.publisher.records == []
+    finally:
+        connection.close()
+
+
+def test_this_uvicorn_answers_malformed_requests_through_send_400_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The override only works while uvicorn calls send_400_response; a release
+    that does not is reported at startup."""
+    assert httpprotocol.answers_malformed_requests(HttpToolsProtocol)
+
+    class OlderProtocol:
+        pass
+
+    with caplog.at_level("WARNING", logger="bridge.httpprotocol"):
+        assert not httpprotocol.answers_malformed_requests(OlderProtocol)  # type: ignore[arg-type]  # a protocol without the method, as an older uvicorn's
+    assert "no send_400_response" in caplog.text
+
+
+# --------------------------------------------------------------------------
+# One log line per refusal, whoever refuses (bridge.ingress.log_refusal).
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[tuple[int, dict[str, object]]]:
+    """Level and fields of each "delivery refused" line logged."""
+    return [
+        (r.levelno, r.fields)  # type: ignore[attr-defined]  # set through extra=
+        for r in caplog.records
+        if r.getMessage().startswith("delivery refused")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("packets", "reason", "status"),
+    [
+        ([b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n"], "request_timeout", 408),
+        ([b"POST /webhooks/geins HTTP/1.1\r\nX: " + b"a" * 20000], "headers_too_large", 431),
+        ([b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n"], "malformed_request", 400),
+    ],
+)
+async def test_protocol_refusals_log_one_info_line(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    packets: list[bytes],
+    reason: str,
+    status: int,
+) -> None:
+    """The protocol's own 408, 431 and 400 log one line each, at INFO (a client
+    must not flood the log at WARNING; uvicorn's warning for a malformed request
+    is dropped for that reason), with no method or path: the head was not read."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        for packet in packets:
+            connection.protocol.data_received(packet)
+        await wait_closed(connection, 2)
+        [(level, fields)] = refusals(caplog)
+        assert level == logging.INFO
+        assert (fields["reason"], fields["status"]) == (reason, status)
+        assert "method" not in fields
+        assert "path" not in fields
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("timed_out", [True, False], ids=["late body", "client gone"])
+async def test_a_body_that_never_comes_logs_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, timed_out: bool
+) -> None:
+    """A body that is late (408) or cut off by the client logs one line, with the
+    request's method, path and key, and is counted once, as the app's."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    head = webhook("late").replace(b"content-length: %d" % len(ORDER), b"content-length: 500")
+    connection.protocol.data_received(head)
+    if timed_out:
+        answer = await wait_closed(connection, 2)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    connection.close()  # the client is gone: the app hears a disconnect
+    for _ in range(100):
+        if refusals(caplog):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # anything logged twice would be by now
+    [(level, fields)] = refusals(caplog)
+    assert level == logging.INFO
+    assert fields["reason"] == ("request_timeout" if timed_out else "client_disconnected")
+    assert (fields["method"], fields["path"], fields["key"]) == ("POST", "/webhooks/geins", "late")
+    assert connection.refused == []  # counted by the app, not the protocol
+    assert connection.publisher.records == []

@@ -129,6 +129,15 @@ def test_trailing_slash_is_served_not_redirected(bridge: Any) -> None:
     assert publisher.records[0].topic == "geins.order.create"
 
 
+def test_an_empty_query_action_leaves_the_bodys(bridge: Any) -> None:
+    """?action= (an empty substitution) does not hide the body's action: 202."""
+    client, publisher, _ = bridge
+    response = client.post("/webhooks/geins?action=&id=", content=ORDER, headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert response.json()["topic"] == "geins.order.create"
+    assert len(publisher.records) == 1
+
+
 def test_unknown_path_is_problem_json(bridge: Any) -> None:
     """Even Starlette's own 404 is problem+json."""
     client, _, _ = bridge

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 
 import pytest
 from starlette.testclient import TestClient
@@ -11,7 +13,7 @@ from starlette.testclient import TestClient
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.logs import JsonFormatter, TextFormatter
-from tests.fakes import TOKEN, FakePublisher
+from tests.fakes import TOKEN, FakePublisher, call_asgi
 
 
 def record(fields: dict[str, object] | None = None) -> logging.LogRecord:
@@ -37,6 +39,49 @@ def test_json_lines_carry_fields() -> None:
 def test_text_lines_append_fields() -> None:
     """The text format is for people: fields follow the message as key=value."""
     assert TextFormatter().format(record({"key": "k1"})).endswith("hello you key=k1")
+
+
+def test_text_lines_cannot_be_forged() -> None:
+    """Control characters from a client (a path with %0A, which uvicorn decodes) are
+    escaped, and values that could pass for another field are quoted: a record is one
+    line, with the fields it was given."""
+    forged = "/webhooks/geins/x\n2026-11-29 12:00:00,000 ERROR bridge.auth: leaked"
+    rec = logging.LogRecord("bridge.x", logging.INFO, __file__, 1, "refused %s", (forged,), None)
+    rec.fields = {"path": forged, "detail": "a b=c", "key": "k\x1b[2J\u202e", "status": 400}
+    text = TextFormatter().format(rec)
+    assert "\n" not in text
+    assert text.endswith(
+        "refused /webhooks/geins/x\\n2026-11-29 12:00:00,000 ERROR bridge.auth: leaked"
+        ' path="/webhooks/geins/x\\n2026-11-29 12:00:00,000 ERROR bridge.auth: leaked"'
+        ' detail="a b=c" key="k\\x1b[2J\\u202e" status=400'
+    )
+
+
+def test_text_tracebacks_are_indented() -> None:
+    """A traceback keeps its lines, indented, so only records start a line."""
+    try:
+        raise ValueError("bad\n2026-11-29 12:00:00,000 ERROR forged")
+    except ValueError:
+        rec = logging.LogRecord("bridge.x", logging.ERROR, __file__, 1, "oops", (), sys.exc_info())
+    first, *rest = TextFormatter().format(rec).split("\n")
+    assert first.endswith("ERROR bridge.x: oops")
+    assert rest[0] == "    Traceback (most recent call last):"
+    assert rest[-1] == "    2026-11-29 12:00:00,000 ERROR forged"
+    assert all(line.startswith("    ") for line in rest)
+
+
+def test_a_forged_path_stays_on_its_refusal_line(caplog: pytest.LogCaptureFixture) -> None:
+    """End to end: a refused request whose path holds a line break logs one line."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    app = create_app(settings, publisher=FakePublisher())
+    forged = "/webhooks/geins/Order\n2026-11-29 12:00:00,000 ERROR bridge.auth: token leaked"
+    caplog.set_level(logging.INFO)
+    response = asyncio.run(call_asgi(app, "POST", forged, body_chunks=[b"{}"]))
+    assert response.status == 401
+    [refusal] = [r for r in caplog.records if r.getMessage().startswith("delivery refused")]
+    line = TextFormatter().format(refusal)
+    assert "\n" not in line
+    assert 'path="/webhooks/geins/Order\\n2026-11-29 12:00:00,000 ERROR' in line
 
 
 def test_refusals_and_access_log_are_structured(caplog: pytest.LogCaptureFixture) -> None:
@@ -74,3 +119,33 @@ def test_refusals_and_access_log_are_structured(caplog: pytest.LogCaptureFixture
     ours = [r for r in caplog.records if r.name.startswith("bridge")]  # not the test client's
     everything = "\n".join(JsonFormatter().format(r) for r in ours)
     assert TOKEN not in everything
+
+
+def test_webhook_404_and_rate_limit_log_one_info_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook URL that matches no route (a webhook set up wrong) logs its
+    refusal; a rate-limited client is logged at INFO, so it cannot flood the log
+    at WARNING."""
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_ACK": "broker",
+            "BRIDGE_RATE_LIMIT": "0.5",
+            "BRIDGE_RATE_BURST": "1",
+        }
+    )
+    app = create_app(settings, publisher=FakePublisher())
+    auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    caplog.set_level(logging.INFO)
+    statuses = [
+        asyncio.run(call_asgi(app, "POST", path, headers=auth, body_chunks=[b"{}"])).status
+        for path in ("/webhooks/geins/a/b/c", "/webhooks/geins/a/b/c")
+    ]
+    assert statuses == [404, 429]
+    lines = [r for r in caplog.records if r.getMessage().startswith("delivery refused")]
+    assert [(r.levelno, r.fields["reason"]) for r in lines] == [  # type: ignore[attr-defined]
+        (logging.INFO, "not_found"),
+        (logging.INFO, "rate_limited"),
+    ]
+    assert lines[0].fields["path"] == "/webhooks/geins/a/b/c"  # type: ignore[attr-defined]
