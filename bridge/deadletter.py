@@ -66,21 +66,23 @@ def dead_letter(
         record_headers.append((PREFIX + "path-action", delivery.path_action.encode()))
     return Destination(
         topic=topic,
-        key=_key(delivery, secrets).encode(),
+        key=(delivery_key(delivery, tokens) or str(uuid.uuid4())).encode(),
         value=delivery.body,
         headers=record_headers,
     )
 
 
-def _key(delivery: Delivery, secrets: Sequence[bytes]) -> str:
-    """The delivery's idempotency key when usable, so replays keep it; else a new one
-    (also when the key contains a token)."""
+def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
+    """The delivery's idempotency key when usable (a dead letter keeps it, so replays
+    and Geins retries are recognised), None when there is none, it is unusable, or it
+    contains one of ``tokens``."""
+    secrets = [t.encode() for t in tokens if t]
     for name, value in delivery.headers:
         if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
             key = value.decode("latin-1").strip()
             if key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
                 return key
-    return str(uuid.uuid4())
+    return None
 
 
 def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes]], body: bytes) -> Delivery:

@@ -15,13 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
-from bridge.deadletter import dead_letter
+from bridge.deadletter import dead_letter, delivery_key
 from bridge.errors import BridgeError
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.routing import Router
 
 log = logging.getLogger(__name__)
+
+#: Dead letters are de-duplicated by their delivery's idempotency key, kept apart from
+#: the keys of events (an idempotency key never holds a NUL).
+DEAD_LETTER_KEYS = "\x00dead-letter:"
 
 
 @dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
@@ -84,13 +88,18 @@ class Pipeline:
         When it cannot be kept now (a full spool, Kafka away in broker mode) the answer
         is that 503 instead, so that the sender retries and the dead letter is not lost.
         One that can never be kept (too large even for Kafka) is logged, and the 4xx
-        goes out.
+        goes out. A Geins retry of a refused delivery (the same idempotency key within
+        the de-duplication window) is refused again but not kept twice.
         """
         if not self._deadletter_topic:
             return
         record = dead_letter(delivery, error, self._deadletter_topic, self._tokens)
+        key = delivery_key(delivery, self._tokens) if self._dedup else None
         try:
-            await self.ack_mode.keep(record)
+            if key is None:
+                await self.ack_mode.keep(record)
+            elif not await self.ack_mode.deliver(record, DEAD_LETTER_KEYS + key):
+                return  # kept already, at the first attempt
         except BridgeError as exc:
             if not exc.retriable:
                 log.error("could not keep a dead letter (%s): %s", error.reason, exc.detail)

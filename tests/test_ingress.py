@@ -340,3 +340,32 @@ def test_a_dead_letter_that_cannot_be_kept_now_is_a_503() -> None:
     assert "body_not_json" in detail
     assert retry.status_code == 400
     assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_a_retried_refusal_is_kept_as_a_dead_letter_once(ack: str, tmp_path: Any) -> None:
+    """Geins retries a 4xx too (same idempotency key): every attempt gets its 400, one
+    dead letter is kept. Without the key, or with de-duplication off, each is kept."""
+    app, publisher, metrics = make(BRIDGE_ACK=ack, BRIDGE_SPOOL_DIR=str(tmp_path / "a"))
+    headers = {**AUTH, "x-Idempotency-Key": "refused-1"}
+    with TestClient(app) as client:
+        answers = [client.post("/webhooks/geins", content=b"not json", headers=headers)]
+        answers += [client.post("/webhooks/geins", content=b"not json", headers=headers)]
+        answers += [client.post("/webhooks/geins", content=b"not json", headers=AUTH)]
+        # an event with the same key is not a duplicate of the dead letter
+        event = client.post("/webhooks/geins", content=ORDER, headers=headers)
+    assert [a.status_code for a in answers] == [400, 400, 400]
+    assert event.status_code == 202
+    letters = [r for r in publisher.records if r.topic == "geins.deadletter"]
+    assert [r.key for r in letters][:1] == [b"refused-1"]
+    assert len(letters) == 2  # the retry is not kept again; the keyless one is
+    exposition = metrics.exposition().decode()
+    assert 'bridge_dead_letters_total{reason="body_not_json"} 2.0' in exposition
+
+    app, publisher, _ = make(
+        BRIDGE_ACK=ack, BRIDGE_SPOOL_DIR=str(tmp_path / "b"), BRIDGE_DEDUP_WINDOW="0"
+    )
+    with TestClient(app) as client:
+        for _ in range(2):
+            client.post("/webhooks/geins", content=b"not json", headers=headers)
+    assert len([r for r in publisher.records if r.topic == "geins.deadletter"]) == 2
