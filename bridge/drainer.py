@@ -59,6 +59,10 @@ class Drainer:
         self._unremoved: list[int] = []
         # pending seqs already counted as a timeout (once each, however long they wait)
         self._late: set[int] = set()
+        # Records Kafka refused as too large in a batch with others: Kafka refuses the
+        # whole batch for one record over the topic's max.message.bytes, so each is
+        # sent once more alone before it counts as too large (a dead letter).
+        self._suspects: dict[int, QueuedRecord] = {}
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""
@@ -88,6 +92,15 @@ class Drainer:
             # else is read: they would be read back and sent again.
             await self._backlog.remove(self._unremoved)
             self._unremoved = []
+        if self._suspects:  # each alone, before anything else is read (and resent)
+            suspect = next(iter(self._suspects.values()))
+            done, complete = await self._deliver([suspect], alone=True)
+            if complete:
+                del self._suspects[suspect.seq]
+            self._unremoved = done
+            await self._backlog.remove(done)
+            self._unremoved = []
+            return complete
         self._wake.clear()  # before reading, so an append after the read wakes us
         records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
         if not records:
@@ -111,8 +124,14 @@ class Drainer:
             self.wake()
             await asyncio.sleep(0.05)
 
-    async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
-        """Send what is not already pending; return (acknowledged seqs, all acked?)."""
+    async def _deliver(
+        self, records: list[QueuedRecord], *, alone: bool = False
+    ) -> tuple[list[int], bool]:
+        """Send what is not already pending; return (acknowledged seqs, all acked?).
+
+        ``alone``: the one record went in a batch of its own, so a refusal as too
+        large is its own.
+        """
         settled: list[int] = []  # refused for good, and dealt with
         waiting = await self._hand_over(records, settled)
         if waiting:
@@ -139,7 +158,9 @@ class Drainer:
             error = self._publisher.failure(failure)
             if isinstance(error, PayloadTooLarge):
                 record = next(r for r in records if r.seq == seq)
-                if await self._set_aside(record, error):
+                if not alone:
+                    self._suspects[seq] = record
+                elif await self._set_aside(record, error):
                     settled.append(seq)
             else:
                 log.warning("Kafka did not take a queued record: %s", error.detail)

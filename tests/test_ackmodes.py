@@ -254,6 +254,60 @@ async def test_refused_record_does_not_block_the_rest(tmp_path: Path) -> None:
     assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in metrics.exposition().decode()
 
 
+class BatchRefusingPublisher(FakePublisher):
+    """Like Kafka with a small max.message.bytes on one topic: records handed over
+    together form one batch, and one record too large fails the whole batch."""
+
+    def __init__(self, big_topic: str) -> None:
+        super().__init__()
+        self.big_topic = big_topic
+        self.batch: list[tuple[Destination, asyncio.Future[Any]]] = []
+        self.batches: list[list[bytes]] = []
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.batch:
+            asyncio.get_running_loop().call_later(0.01, self._send_batch)
+        self.batch.append((destination, acked))
+        return acked
+
+    def _send_batch(self) -> None:
+        batch, self.batch = self.batch, []
+        self.batches.append([d.key for d, _ in batch])
+        refused = any(d.topic == self.big_topic for d, _ in batch)
+        for destination, acked in batch:
+            if refused:
+                acked.set_exception(PayloadTooLarge("Kafka refused the batch as too large"))
+            else:
+                self.records.append(destination)
+                acked.set_result(None)
+
+
+async def test_records_refused_with_a_too_large_one_are_sent_again_alone() -> None:
+    """Kafka refuses a whole batch for one record over the topic's limit: the others
+    are not dead letters, each is sent again alone and lands on its topic; only the
+    large one goes to the dead-letter topic."""
+    publisher = BatchRefusingPublisher("geins.big.create")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("before"))
+    backlog.append(record("big", topic="geins.big.create"))
+    backlog.append(record("after"))
+    metrics = Metrics()
+    drainer = Drainer(backlog, publisher, metrics, ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 0, within=5)
+    finally:
+        task.cancel()
+    assert publisher.batches[0] == [b"before", b"big", b"after"]
+    assert [(r.topic, r.key) for r in publisher.records] == [
+        ("geins.order.create", b"before"),
+        ("dl", b"big"),
+        ("geins.order.create", b"after"),
+    ]
+    assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in metrics.exposition().decode()
+
+
 async def test_stop_drains_within_the_deadline(tmp_path: Path) -> None:
     """Shutdown publishes what is queued when Kafka is there."""
     publisher = FakePublisher()
