@@ -132,6 +132,7 @@ def create_app(
     )
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
+    refusal = GuardRefusal(answer, metrics)  # answers, logs and counts a refused request
     endpoint = WebhookEndpoint(
         pipeline,
         authenticator,
@@ -142,7 +143,7 @@ def create_app(
     )
     guard = partial(
         Guard,
-        refuse=GuardRefusal(answer, metrics),
+        refuse=refusal,
         webhook_prefix=WEBHOOK_PATH,
         max_headers=settings.max_headers,
         max_header_bytes=settings.max_header_bytes,
@@ -193,7 +194,7 @@ def create_app(
         exception_handlers={HTTPException: http_exception_as_problem},
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
-    in_front = app.fast_path(guard, WebhookDispatch(endpoint, answer))
+    in_front = app.fast_path(guard, WebhookDispatch(endpoint, refusal))
     metrics.inflight.set_function(lambda: in_front.in_progress)
     app.state.runtime = state
     app.state.metrics = metrics

@@ -90,7 +90,9 @@ class ErrorAnswer:
 
 
 class GuardRefusal:
-    """How the guards (bridge.guards) answer and count a request they refuse."""
+    """How a request refused before the endpoint (by the guards, bridge.guards, or for
+    a path under the webhook prefix that is no webhook route) is answered, logged and
+    counted."""
 
     def __init__(self, answer: ErrorAnswer, metrics: Metrics) -> None:
         self._answer = answer
@@ -333,11 +335,12 @@ class WebhookDispatch:
     """Matches the webhook paths without a regex router (the same paths as
     :func:`webhook_routes`: up to two segments, one optional trailing slash) and
     hands them to the endpoint with ``path_params`` set; anything else under the
-    prefix is a problem+json 404."""
+    prefix is a problem+json 404, logged and counted like any refusal (a webhook URL
+    set up wrong, most likely)."""
 
-    def __init__(self, endpoint: WebhookEndpoint, answer: ErrorAnswer) -> None:
+    def __init__(self, endpoint: WebhookEndpoint, refuse: GuardRefusal) -> None:
         self._endpoint = endpoint
-        self._answer = answer
+        self._refuse = refuse
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
         # A plain function returning the endpoint's coroutine: see BridgeApp.__call__.
@@ -346,9 +349,7 @@ class WebhookDispatch:
             rest = rest[:-1]
         parts = rest[1:].split("/") if rest else []
         if len(parts) > 2 or "" in parts:
-            error = NotFound(f"no webhook route for {scope['path']}")
-            log_refusal(error, scope)  # a webhook URL set up wrong, most likely
-            return self._answer.send(send, error)
+            return self._refuse(scope, send, NotFound(f"no webhook route for {scope['path']}"))
         scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
         return self._endpoint(scope, receive, send)
 

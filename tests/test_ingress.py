@@ -146,6 +146,16 @@ def test_unknown_path_is_problem_json(bridge: Any) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def test_a_path_under_the_webhook_prefix_that_is_no_route_is_counted(bridge: Any) -> None:
+    """A webhook URL set up wrong (three segments) is a problem+json 404, counted."""
+    client, publisher, metrics = bridge
+    response = client.post("/webhooks/geins/order/create/extra", content=ORDER, headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["reason"] == "not_found"
+    assert publisher.records == []
+    assert 'bridge_rejections_total{reason="not_found"} 1.0' in metrics.exposition().decode()
+
+
 def test_body_cap_by_content_length_and_by_counting() -> None:
     """Bodies over BRIDGE_MAX_BODY_BYTES are 413, declared or streamed."""
     app, publisher, _ = make(BRIDGE_MAX_BODY_BYTES="100")
