@@ -207,3 +207,16 @@ def test_a_disturbed_round_marks_the_ratio() -> None:
     bridge = _saturated("bridge broker", "bridge", 8_000, rounds=(10_000, 12_000))
     bridge.runs[1].other_load = 0.5
     assert "disturbed" in targets(bridge, Baselines([starlette, bridge]))[0].measured
+
+
+def test_with_rounds_a_change_of_speed_leaves_the_ratios_standing() -> None:
+    """The ratios come from rounds taken side by side: a machine that sped up by the end
+    mixes what was measured alone, not them."""
+    results = [
+        _saturated("raw-asgi", "baseline", 40_000, rounds=(40_000, 40_000)),
+        _saturated("starlette-noop", "baseline", 20_000, rounds=(20_000, 20_000)),
+        _saturated("starlette-noop" + RECHECK, "recheck", 24_000),  # +20 %
+    ]
+    text = _report(results)
+    assert "The machine's speed changed during this run" in text
+    assert "come from the interleaved rounds, taken side by side, and hold" in text

@@ -307,9 +307,17 @@ def _speed_warning(results: Sequence[SubjectResult]) -> list[str]:
     if not moved:
         return []
     what = "; ".join(f"{n} {a:,.0f} req/s at the start, {b:,.0f} at the end" for n, a, b in moved)
+    if any(r.rounds for r in results):
+        effect = (
+            "the ratios and the throughput targets come from the interleaved rounds, taken "
+            "side by side, and hold; what the subjects measured alone, minutes apart "
+            "(latency, CPU per layer, two processes against one), mixes two speeds"
+        )
+    else:
+        effect = "the ratios compare subjects measured at different speeds"
     return [
-        f"**⚠ The machine's speed changed during this run** ({what}): the ratios compare "
-        "subjects measured at different speeds. Run again on a quieter hour.",
+        f"**⚠ The machine's speed changed during this run** ({what}): {effect}. "
+        "Run again on a quieter hour.",
         "",
     ]
 
@@ -323,7 +331,9 @@ def _speed(results: Sequence[SubjectResult]) -> list[str]:
         "The baselines measured once more after every other subject, the same way. This "
         "machine's speed changes by up to 2x within an hour without any other process "
         "running, which the other-load check cannot see; a change of more than "
-        f"{100 * SPEED_DRIFT:.0f} % marks the run's ratios as mixed.",
+        f"{100 * SPEED_DRIFT:.0f} % marks as mixed what was measured minutes apart (with "
+        "interleaved rounds, their means are the start: the ratios, taken side by side, "
+        "hold).",
         "",
     ]
     rows = [

@@ -566,16 +566,24 @@ class Bench:
     ) -> None:
         subject, proc, home = started[name]
         try:
-            run = self._wrk_run(subject, proc, home, label, self.plan.round_seconds, drain=1.0)
+            # A disturbed turn is measured again at once (the less disturbed one counts):
+            # a round has no other way to leave out what another process took.
+            run = self._undisturbed(
+                subject,
+                runs[name],
+                lambda: self._wrk_run(
+                    subject, proc, home, label, self.plan.round_seconds, drain=1.0
+                ),
+                set_aside=NOT_COUNTED,
+            )
         except Exception as exc:  # the subject broke: its rounds no longer mirror the others'
             say(f"{name}: {label}: {type(exc).__name__}: {exc}; its rounds are not counted")
             del started[name]
             proc.stop()
             for earlier in runs[name]:
-                if earlier.label.startswith(ROUND):
+                if earlier.label.startswith(ROUND) and not earlier.label.endswith(NOT_COUNTED):
                     earlier.label += NOT_COUNTED
             return
-        runs[name].append(run)
         say(
             f"{name}: {label}: {run.rps:,.0f} req/s"
             + (f", Kafka {run.verify_detail}" if run.verified is not None else "")
@@ -593,7 +601,7 @@ class Bench:
         result.rss_after_warmup_bytes = rss_bytes(proc.pid)
         sat = self._undisturbed(
             subject,
-            result,
+            result.runs,
             lambda: self._wrk_run(
                 subject,
                 proc,
@@ -621,7 +629,7 @@ class Bench:
         """Latency at each fixed offered rate (vegeta, open loop)."""
         for rate in self.plan.rates:
             run = self._undisturbed(
-                subject, result, functools.partial(self._vegeta_run, subject, proc, home, rate)
+                subject, result.runs, functools.partial(self._vegeta_run, subject, proc, home, rate)
             )
             say(
                 f"{subject.name}: at {rate}/s p50 {report.ms(run.p50_ms)} p99 "
@@ -656,17 +664,23 @@ class Bench:
         )
 
     def _undisturbed(
-        self, subject: Subject, result: SubjectResult, measure: Callable[[], RunResult]
+        self,
+        subject: Subject,
+        runs: list[RunResult],
+        measure: Callable[[], RunResult],
+        *,
+        set_aside: str = "",
     ) -> RunResult:
         """Measure; if other processes disturbed the run and time allows, measure once more
-        and keep the less disturbed run. Every run is kept in the results (and checked)."""
+        and keep the less disturbed run. Every run is kept in ``runs`` (and checked); the
+        label of the one not kept ends with ``set_aside`` too."""
         run = measure()
         if (
             run.other_load is None
             or run.other_load <= report.NOISY
             or self.retry_spent >= self.plan.retry_budget
         ):
-            result.runs.append(run)
+            runs.append(run)
             return run
         started = time.monotonic()
         say(f"{subject.name}: {run.label}{_noise(run)}: measuring it again")
@@ -675,8 +689,8 @@ class Bench:
         self.retry_spent += time.monotonic() - started
         if (again.other_load or 0.0) <= run.other_load:
             run, again = again, run
-        again.label += " (disturbed, repeated)"
-        result.runs += [again, run]
+        again.label += " (disturbed, repeated)" + set_aside
+        runs += [again, run]
         return run
 
     def _snapshot(
