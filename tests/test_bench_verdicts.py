@@ -7,6 +7,8 @@ Pure functions on measured results; the runs themselves are ``make bench``'s.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.bench.model import (
     NOT_COUNTED,
     ROUND,
@@ -21,6 +23,7 @@ from tests.bench.report import (
     RECHECK,
     Baselines,
     Context,
+    _cpu_us,
     _refusals_verdict,
     _soak_verdict,
     drifted,
@@ -220,3 +223,13 @@ def test_with_rounds_a_change_of_speed_leaves_the_ratios_standing() -> None:
     text = _report(results)
     assert "The machine's speed changed during this run" in text
     assert "come from the interleaved rounds, taken side by side, and hold" in text
+
+
+def test_layer_costs_come_from_the_rounds_when_there_are_some() -> None:
+    """The CPU per request of a subject is its rounds' (taken side by side), not its own
+    run's (minutes apart, maybe at another speed)."""
+    subject = _saturated("bridge broker", "bridge", 8_000, rounds=(10_000, 10_000))
+    for run in subject.runs:
+        run.cpu_seconds = run.ok * (100e-6 if run.label.startswith(ROUND) else 150e-6)
+    assert _cpu_us(subject) == pytest.approx(100.0)
+    assert _cpu_us(_saturated("raw-asgi", "baseline", 40_000)) == 0.0

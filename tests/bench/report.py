@@ -454,7 +454,8 @@ def _rounds(results: Sequence[SubjectResult]) -> list[str]:
         "minute to minute and more within an hour; with the turns mirrored, a steady drift "
         "moves every subject's mean alike, so the ratios compare subjects at the same "
         "speed. Each subject's own run, measured minutes apart from the others, gives its "
-        "CPU time, memory and latency.",
+        "memory, its latency and the CPU columns of the table above; the CPU per request "
+        "here is the rounds' (and the layer table's).",
         "",
     ]
     rows = []
@@ -463,9 +464,12 @@ def _rounds(results: Sequence[SubjectResult]) -> list[str]:
         spread = max(values) / min(values) - 1 if min(values) > 0 else None
         row = [r.name, *(_num(v) for v in values), *["-"] * (count - len(values))]
         row += [_num(r.throughput), "-" if spread is None else f"{100 * spread:.0f} %"]
+        cpu = _cpu_us(r)
+        row += ["-" if cpu is None else f"{cpu:.1f}"]
         rows.append(row)
     header = [
-        "subject", *(f"{ROUND}{n}" for n in range(1, count + 1)), "mean", "max / min - 1"
+        "subject", *(f"{ROUND}{n}" for n in range(1, count + 1)), "mean", "max / min - 1",
+        "µs CPU per request",
     ]  # fmt: skip
     return out + _table(header, rows)
 
@@ -566,9 +570,13 @@ def _broker_cpu_us(results: Sequence[SubjectResult]) -> float | None:
 
 
 def _cpu_us(subject: SubjectResult | None) -> float | None:
-    """The subject's CPU per answered request at saturation, in µs."""
-    run = subject.run(SATURATION) if subject is not None and not subject.error else None
-    return run.cpu_per_1k * 1000 if run is not None and run.cpu_per_1k is not None else None
+    """The subject's CPU per answered request at saturation, in µs: over its
+    interleaved rounds (taken side by side with the others), else its own run."""
+    if subject is None or subject.error:
+        return None
+    runs = subject.throughput_runs
+    answered = sum(run.ok for run in runs)
+    return 1e6 * sum(run.cpu_seconds for run in runs) / answered if answered else None
 
 
 #: (cut, what the layer between the previous cut and this one does)
@@ -591,7 +599,9 @@ def _layers(results: Sequence[SubjectResult]) -> list[str]:
         "The bridge measured again at saturation with webhook requests cut short at one "
         "layer (tests/bench/cutpoints.py); each row is the CPU per request that layer adds "
         "to the one above it. The Starlette no-op and raw ASGI baselines show where a "
-        "request on this machine cannot go below.",
+        "request on this machine cannot go below. CPU per request over the interleaved "
+        "rounds where there are some: the cut-short bridges take their turns with the "
+        "others, so a change of the machine's speed does not pass for a layer's cost.",
         "",
     ]
     rows = []

@@ -1030,8 +1030,11 @@ def main() -> int:
         try:
             bench = Bench(plan, kafka, probe, mix, wrk, vegeta, workdir)
             subjects = make_subjects(plan, kafka.bootstrap, run_id, modes, workers_flag)
-            # The subjects the ratios compare: the single-worker baselines and bridge modes.
-            compared = [s for s in subjects if s.workers == 1 and s.kind in {"baseline", "bridge"}]
+            # What the ratios and the layer table compare: the single-worker baselines,
+            # bridge modes and the bridge cut short at each layer.
+            compared = [
+                s for s in subjects if s.workers == 1 and s.kind in {"baseline", "bridge", "layer"}
+            ]
             rounds = bench.interleaved(compared) if plan.rounds and len(compared) > 1 else {}
             for subject in subjects:
                 result = bench.measure(subject)
