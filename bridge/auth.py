@@ -132,7 +132,15 @@ class TokenAuthenticator:
 
     @staticmethod
     def _from_query(query: Sequence[tuple[str, str]]) -> list[bytes]:
-        return [value.encode() for name, value in query if name.lower() == "token" and value]
+        presented: list[bytes] = []
+        for name, value in query:
+            if name.lower() == "token" and value:
+                presented.append(value.encode())
+                if " " in value:
+                    # A token with a '+' (base64, say) pasted into the URL as it is:
+                    # query decoding turns the '+' into a space.
+                    presented.append(value.replace(" ", "+").encode())
+        return presented
 
 
 class CurrentTokens(Sequence[str]):

@@ -6,6 +6,7 @@ import base64
 import hmac
 import os
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -100,3 +101,14 @@ def test_an_open_bridge_requires_a_token_once_the_file_has_one(
     with pytest.raises(Unauthorized):
         authenticator.check([(b"authorization", b"Bearer wrong")], [])
     authenticator.check([(b"authorization", b"Bearer file-token")], [])
+
+
+def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:
+    """A base64 token in ?token= without URL-encoding: its '+' arrives as a space after
+    query decoding (parse_qsl), and still matches; a token with a space (one line of a
+    tokens file) still matches as it is."""
+    auth = TokenAuthenticator(("ab+cd/ef==",))
+    query = parse_qsl("token=ab+cd/ef==", keep_blank_values=True)  # what the ingress does
+    auth.check([], query)
+    auth.check([], parse_qsl("token=ab%2Bcd%2Fef%3D%3D"))  # encoded, as it should be
+    TokenAuthenticator(("ab cd",)).check([], parse_qsl("token=ab+cd"))
