@@ -87,19 +87,14 @@ class Drainer:
 
     async def _round(self) -> bool:
         """One read, send and removal; False when it should back off."""
-        if self._unremoved:
-            # Kafka has these; only their removal failed. Until it succeeds, nothing
-            # else is read: they would be read back and sent again.
-            await self._backlog.remove(self._unremoved)
-            self._unremoved = []
+        if self._unremoved:  # nothing else is read until their removal succeeds
+            await self._remove(self._unremoved)
         if self._suspects:  # each alone, before anything else is read (and resent)
             suspect = next(iter(self._suspects.values()))
             done, complete = await self._deliver([suspect], alone=True)
             if complete:
                 del self._suspects[suspect.seq]
-            self._unremoved = done
-            await self._backlog.remove(done)
-            self._unremoved = []
+            await self._remove(done)
             return complete
         self._wake.clear()  # before reading, so an append after the read wakes us
         records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
@@ -111,12 +106,18 @@ class Drainer:
                 pass
             return True
         acked, complete = await self._deliver(records)
-        self._unremoved = acked
-        await self._backlog.remove(acked)
-        self._unremoved = []
+        await self._remove(acked)
         if complete and len(records) < BATCH_RECORDS:
             await asyncio.sleep(ROUND_PAUSE)
         return complete
+
+    async def _remove(self, seqs: list[int]) -> None:
+        """Remove records Kafka has from the backlog. Should that fail, they are kept
+        in ``_unremoved`` and removed first next round: read back, they would be sent
+        again."""
+        self._unremoved = seqs
+        await self._backlog.remove(seqs)
+        self._unremoved = []
 
     async def drain(self, deadline: float) -> None:
         """Wait until the backlog is empty or ``deadline`` (monotonic) passed."""
