@@ -11,7 +11,9 @@ one, exactly as ``send`` would. The sender task, retries, idempotence and the
 per-record acknowledgement future stay aiokafka's.
 
 This reaches into the accumulator's internals (``_batches``,
-``_append_batch``), so it checks at start that they are there, and the
+``_append_batch``) and the client's list of topics to keep metadata for
+(``_topics``, see :meth:`DirectHandover._track`), so it checks at start that
+they are there, and the
 aiokafka version is pinned to a minor release in pyproject.toml. Whenever the
 fast way does not apply (unknown topic, a record too large, a full batch,
 the producer closing or failed) it answers None and the caller uses ``producer.send``,
@@ -40,11 +42,14 @@ class DirectHandover:
 
     def __init__(self, producer: AIOKafkaProducer, max_request_size: int) -> None:
         self._accumulator: Any = getattr(producer, "_message_accumulator", None)
-        self.enabled = self._accumulator is not None and all(
-            hasattr(self._accumulator, name) for name in _NEEDED
+        self._tracked: Any = getattr(producer.client, "_topics", None)
+        self.enabled = (
+            self._accumulator is not None
+            and all(hasattr(self._accumulator, name) for name in _NEEDED)
+            and isinstance(self._tracked, set)
         )
         if not self.enabled:
-            log.warning("aiokafka's accumulator changed shape: every record goes through send()")
+            log.warning("aiokafka's internals changed shape: every record goes through send()")
         self._cluster = producer.client.cluster
         self._max_request_size = max_request_size
         # topic -> its partitions, in partition order; forgotten at each metadata update
@@ -53,6 +58,21 @@ class DirectHandover:
 
     def _forget(self, _cluster: object) -> None:
         self._partitions.clear()
+
+    def _track(self, topic: str) -> None:
+        """Have the client keep this topic's metadata from now on, as ``send()`` would.
+
+        aiokafka asks Kafka for the metadata of the topics ``send()`` registered
+        (of every topic until there is one), and forgets the others at each
+        refresh. A topic known at start and only ever appended to here would
+        vanish from the cluster view at the first refresh after ``send()``
+        registered another topic: its records then took the slow way again, and
+        a batch already waiting for it, after a leader change, waited for a
+        leader nobody asked about until it expired. The metadata is known at this
+        point, so no refresh is needed now.
+        """
+        if topic not in self._tracked:
+            self._tracked.add(topic)
 
     def close(self) -> None:
         self._cluster.remove_listener(self._forget)
@@ -71,6 +91,7 @@ class DirectHandover:
                 return None
             partitions = tuple(TopicPartition(topic, p) for p in sorted(known))
             self._partitions[topic] = partitions
+            self._track(topic)
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
         if size > self._max_request_size:
             return None  # send() refuses it with MessageSizeTooLargeError

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.structs import TopicPartition
 
 from bridge.config import load_settings
 from bridge.handover import DirectHandover
@@ -84,3 +85,60 @@ def test_records_land_on_kafkas_partition_for_their_key(
         count = 2 if record.key.startswith(b"a") else 5
         assert record.partition == partition_index(record.key, count), record.key
     assert fast.count(True) >= 79  # the first may wait for the topic's metadata
+
+
+def test_a_topic_known_at_start_keeps_its_metadata(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka refreshes metadata only for the topics send() registered. A topic that
+    existed when the producer started is known without send() and taken the fast way;
+    once another topic goes through send(), the next refresh must still cover it, or its
+    records lose their leader (a batch waiting after a leader change would never find one)."""
+    early, late = topic_prefix + ".early", topic_prefix + ".late"
+    fast: list[tuple[str, bool]] = []
+    append = DirectHandover.append
+
+    def counting(self: DirectHandover, topic: str, *args: Any) -> Any:
+        future = append(self, topic, *args)
+        fast.append((topic, future is not None))
+        return future
+
+    monkeypatch.setattr(DirectHandover, "append", counting)
+    settings = load_settings(
+        environ={
+            "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "BRIDGE_TOKENS": "t",
+            "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],
+        }
+    )
+
+    async def run() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(early, 3, 1)])
+            publisher = KafkaPublisher(settings, Metrics())
+            await publisher.start()
+            try:
+                producer = publisher._producer
+                assert producer is not None
+                cluster = producer.client.cluster
+                while not cluster.partitions_for_topic(early):  # created just now
+                    await producer.client.force_metadata_update()
+                    await asyncio.sleep(0.1)
+                await publisher.publish(destination(early, "e1"))
+                assert fast == [(early, True)]  # known at start: no send()
+                await admin.create_topics([NewTopic(late, 1, 1)])
+                await publisher.publish(destination(late, "l1"))  # send() registers it
+                assert fast[-1] == (late, False)
+                await producer.client.force_metadata_update()
+                assert cluster.partitions_for_topic(early) == {0, 1, 2}
+                assert cluster.leader_for_partition(TopicPartition(early, 0)) is not None
+                await publisher.publish(destination(early, "e2"))
+                assert fast[-1] == (early, True)
+            finally:
+                await publisher.stop()
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
