@@ -8,6 +8,7 @@ headers and the body, the way ``shared/geins-webhooks.md`` says they can arrive.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
@@ -67,6 +68,15 @@ _RFC3339 = re.compile(
 # A placeholder Geins did not substitute, e.g. a literal "{{id}}".
 _UNSUBSTITUTED = re.compile(r"\{\{\s*\w+\s*\}\}")
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
 IDEMPOTENCY_HEADER = b"x-idempotency-key"
 TIMESTAMP_HEADER = b"x-timestamp"
 #: Query parameters that are credentials and must never be published.
@@ -124,9 +134,14 @@ def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
     """
     query = _fields(delivery.query)
     body_fields: dict[str, Any]
-    if delivery.body.strip():
-        body_fields = _parse_body(delivery.body)
-        value = delivery.body
+    body = delivery.body
+    if body[:3] == _UTF8_BOM:
+        # RFC 8259 lets a parser ignore a byte order mark (and .NET writers add one);
+        # consumers get the JSON without it, since many of their parsers refuse it.
+        body = body[3:]
+    if body.strip():
+        body_fields = _parse_body(body)
+        value = body
     else:
         body_fields = {}
         value = b""  # built below, once entity and action are known
@@ -169,6 +184,11 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        encoding = _wide_encoding(body)
+        if encoding is not None:
+            raise BodyNotJson(
+                f"the body is {encoding}; JSON between systems must be UTF-8 (RFC 8259)"
+            ) from None
         # orjson refuses a few documents RFC 8259 allows (numbers beyond a double,
         # such as 1e400); the standard library decides before we refuse an event.
         try:
@@ -183,19 +203,40 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in reversed(parsed.items())}  # first key wins
 
 
+def _wide_encoding(body: bytes) -> str | None:
+    """UTF-16 or UTF-32 by its byte order mark, or by the zero bytes around the
+    first ASCII character (RFC 4627's detection), else None."""
+    for mark, name in _WIDE_BOMS:
+        if body.startswith(mark):
+            return name
+    head = body[:4]
+    if len(head) == 4 and head.count(0):
+        if head[:3] == b"\0\0\0" or head[1:] == b"\0\0\0":
+            return "UTF-32"
+        if head[0] == 0 or head[1] == 0:
+            return "UTF-16"
+    return None
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
 def _pick(name: str, from_path: str | None, query: dict[str, str], body: dict[str, Any]) -> Any:
-    # A blank query value counts as absent: Geins substitutes a placeholder it has
-    # no value for with nothing (`?action=`), and that must not hide the body's.
+    # A blank query value counts as absent, and so does a placeholder left as it
+    # was: Geins does not say whether one it has no value for becomes nothing
+    # (`?action=`) or stays literal (`?action={{action}}`), and neither may hide
+    # the body's value.
     if from_path is not None:
         return from_path
     value = query.get(name)
-    if value is not None and value.strip():
+    if value is not None and value.strip() and not _is_placeholder(value):
         return value
     return body.get(name)
+
+
+def _is_placeholder(text: str) -> bool:
+    return "{{" in text and _UNSUBSTITUTED.fullmatch(text.strip()) is not None
 
 
 def _resolve_type(entity_raw: Any, action_raw: Any, *, strict_types: bool) -> tuple[str, str, bool]:
@@ -284,7 +325,14 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
         raw = _header(headers, IDEMPOTENCY_HEADER)
     except _ConflictingHeader:
         raise BadIdempotencyKey("x-Idempotency-Key is sent twice with different values") from None
-    key = (raw or "").strip()
+    text = raw or ""
+    if not text.isascii():
+        # The header arrived as bytes (read as latin-1, which maps every byte). Read
+        # UTF-8 as UTF-8, so that the record key, encoded as UTF-8, is the bytes
+        # sent; any other bytes keep the latin-1 reading, the same on every retry.
+        with contextlib.suppress(UnicodeDecodeError):
+            text = text.encode("latin-1").decode("utf-8")
+    key = text.strip()
     if not key:
         return str(uuid.uuid4()), True, raw
     if len(key) > MAX_KEY_LENGTH:
@@ -339,6 +387,6 @@ def _optional_text(value: Any) -> str | None:
         text = value.strip()
     else:
         return None
-    if not text or ("{{" in text and _UNSUBSTITUTED.fullmatch(text)):
+    if not text or _is_placeholder(text):
         return None
     return text

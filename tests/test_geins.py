@@ -80,6 +80,59 @@ def test_a_blank_query_value_and_no_other_is_missing() -> None:
         parse(delivery(b'{"entity":"Order"}', query=[("action", "")]))
 
 
+@pytest.mark.parametrize("placeholder", ["{{action}}", " {{ action }} "])
+def test_a_placeholder_left_in_the_query_does_not_hide_the_bodys(placeholder: str) -> None:
+    """Geins may leave a placeholder it has no value for as it was; like a blank
+    value, it counts as absent."""
+    body = b'{"entity":"Order","action":"create"}'
+    event = parse(delivery(body, query=[("action", placeholder), ("entity", "{{entity}}")]))
+    assert (event.entity, event.action) == ("Order", "create")
+
+
+def test_a_utf8_byte_order_mark_is_accepted_and_not_published() -> None:
+    """RFC 8259 lets a parser ignore a byte order mark; consumers get plain JSON."""
+    body = b'{"entity":"Order","action":"create","id":"7"}'
+    event = parse(delivery(b"\xef\xbb\xbf" + body))
+    assert (event.entity, event.action, event.subject) == ("Order", "create", "7")
+    assert event.value == body
+
+
+@pytest.mark.parametrize(
+    ("codec", "name"),
+    [
+        ("utf-16", "UTF-16"),  # with its byte order mark
+        ("utf-16-le", "UTF-16"),
+        ("utf-16-be", "UTF-16"),
+        ("utf-32", "UTF-32"),
+        ("utf-32-le", "UTF-32"),
+        ("utf-32-be", "UTF-32"),
+    ],
+)
+def test_a_utf16_or_utf32_body_is_refused_saying_so(codec: str, name: str) -> None:
+    body = '{"entity":"Order","action":"create"}'.encode(codec)
+    with pytest.raises(BodyNotJson, match=f"the body is {name}; JSON .* must be UTF-8"):
+        parse(delivery(body))
+
+
+def test_a_utf8_idempotency_key_is_the_record_key_as_sent() -> None:
+    """Header bytes are read as latin-1; a UTF-8 key is read as UTF-8, so that its
+    UTF-8 encoding (the record key) is the bytes Geins sent."""
+    sent = "order-åäö-1".encode()
+    event = parse(
+        delivery(b'{"entity":"Order","action":"create"}', headers=[(b"x-idempotency-key", sent)])
+    )
+    assert event.key == "order-åäö-1"
+    assert event.key.encode() == sent
+    assert event.raw_key is not None
+    assert event.raw_key.encode("latin-1") == sent
+    other = parse(
+        delivery(
+            b'{"entity":"Order","action":"create"}', headers=[(b"x-idempotency-key", b"k-\xe5")]
+        )
+    )  # not UTF-8
+    assert other.key == "k-å"
+
+
 def test_names_match_case_insensitively() -> None:
     """Field names and entity names are matched without regard to case."""
     event = parse(delivery(b'{"Entity":"productmonitor","ACTION":"Notify"}'))
