@@ -24,6 +24,7 @@ from bridge.geins import (
     MAX_KEY_LENGTH,
     SECRET_QUERY_PARAMS,
     Delivery,
+    key_text,
 )
 from bridge.routing import Destination
 
@@ -79,7 +80,7 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
     secrets = [t.encode() for t in tokens if t]
     for name, value in delivery.headers:
         if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
-            key = value.decode("latin-1").strip()
+            key = key_text(value.decode("latin-1")).strip()
             if key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
                 return key
     return None

@@ -325,14 +325,7 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
         raw = _header(headers, IDEMPOTENCY_HEADER)
     except _ConflictingHeader:
         raise BadIdempotencyKey("x-Idempotency-Key is sent twice with different values") from None
-    text = raw or ""
-    if not text.isascii():
-        # The header arrived as bytes (read as latin-1, which maps every byte). Read
-        # UTF-8 as UTF-8, so that the record key, encoded as UTF-8, is the bytes
-        # sent; any other bytes keep the latin-1 reading, the same on every retry.
-        with contextlib.suppress(UnicodeDecodeError):
-            text = text.encode("latin-1").decode("utf-8")
-    key = text.strip()
+    key = key_text(raw or "").strip()
     if not key:
         return str(uuid.uuid4()), True, raw
     if len(key) > MAX_KEY_LENGTH:
@@ -342,6 +335,18 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
     if _CONTROL_CHARS.search(key):
         raise BadIdempotencyKey("x-Idempotency-Key contains control characters")
     return key, False, raw
+
+
+def key_text(raw: str) -> str:
+    """An idempotency key header, read as latin-1 (which maps every byte), as text.
+
+    UTF-8 is read as UTF-8, so that the record key, encoded as UTF-8, is the bytes
+    sent; other bytes keep the latin-1 reading, the same on every retry.
+    """
+    if not raw.isascii():
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.encode("latin-1").decode("utf-8")
+    return raw
 
 
 def _timestamp(

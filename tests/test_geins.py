@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.deadletter import delivery_key
 from bridge.errors import (
     BadIdempotencyKey,
     BodyNotJson,
@@ -123,6 +124,8 @@ def test_a_utf8_idempotency_key_is_the_record_key_as_sent() -> None:
     )
     assert event.key == "order-åäö-1"
     assert event.key.encode() == sent
+    refused = delivery(b"[]", headers=[(b"x-idempotency-key", sent)])  # a dead letter's key too
+    assert delivery_key(refused, []) == "order-åäö-1"
     assert event.raw_key is not None
     assert event.raw_key.encode("latin-1") == sent
     other = parse(
