@@ -175,6 +175,11 @@ class OneWritePerResponse:
         return getattr(self._transport, name)
 
 
+def header_lines(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """Header lines (``name: value\\r\\n``) for a response head."""
+    return b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+
+
 def guarded_protocol(
     *,
     read_timeout: float,
@@ -277,7 +282,7 @@ def guarded_protocol(
             cycle.waiting_for_100_continue = False
             defaults = cycle.default_headers
             if defaults is not self._defaults_of:
-                self._defaults = b"".join(b"%s: %s\r\n" % pair for pair in defaults)
+                self._defaults = header_lines(defaults)
                 self._defaults_of = defaults
             self._writer.write_response(
                 b"%s%s%scontent-length: %d\r\n%s\r\n%s"
@@ -354,9 +359,15 @@ def guarded_protocol(
                 return
             body = problem(error)
             self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
+                b"HTTP/1.1 %d %s\r\n%scontent-type: application/problem+json\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                % (error.status, error.title.encode(), len(body), body)
+                % (
+                    error.status,
+                    error.title.encode(),
+                    header_lines(self.server_state.default_headers),  # the date, as every answer
+                    len(body),
+                    body,
+                )
             )
             self.transport.close()
             # The current request's scope (uvicorn makes it as a request begins):

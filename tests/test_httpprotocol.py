@@ -324,6 +324,7 @@ async def test_a_head_sent_in_one_packet_then_silence_is_408(
         answer = await wait_closed(connection, 2, after=written)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"application/problem+json" in answer
+        assert b"\r\ndate: %s\r\n" % DATE[1] in answer  # as in every answer
         assert [e.reason for e in connection.refused] == ["request_timeout"]
     finally:
         connection.close()
@@ -361,6 +362,7 @@ async def test_a_head_over_the_cap_is_431(
         answer = await wait_closed(connection, 1)
         assert answer.startswith(b"HTTP/1.1 431 "), answer
         assert b"headers_too_large" in answer
+        assert b"\r\ndate: %s\r\n" % DATE[1] in answer
         assert [e.reason for e in connection.refused] == ["headers_too_large"]
     finally:
         connection.close()
@@ -442,6 +444,7 @@ async def test_a_malformed_request_is_a_problem_json_400(
         lines, body = split(answer)
         assert lines[0] == b"HTTP/1.1 400 Malformed HTTP request"
         assert b"content-type: application/problem+json" in lines
+        assert b"date: %s" % DATE[1] in lines
         assert body["reason"] == "malformed_request"
         assert why.decode() in body["detail"]
         assert [e.reason for e in connection.refused] == ["malformed_request"]
