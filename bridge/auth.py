@@ -41,7 +41,8 @@ class TokenAuthenticator:
 
     Tokens from ``tokens_file`` are re-read when the file changes (checked at most
     every few seconds), so a mounted Kubernetes Secret can rotate them without a
-    restart.
+    restart. A file found without tokens takes effect at the next check, when it
+    is found the same.
     """
 
     def __init__(
@@ -53,7 +54,9 @@ class TokenAuthenticator:
     ) -> None:
         self._static = tuple(t.encode() for t in tokens)
         self._file = tokens_file
-        self._file_mtime: float | None = None
+        self._file_seen: tuple[int, int, int] | None = None  # inode, size, mtime (ns)
+        self._emptied_seen: tuple[int, int, int] | None = None
+        self._from_file: tuple[str, ...] = ()
         self._next_file_check = 0.0
         self._tokens = self._static
         # Without tokens everything is refused, unless the operator opted out
@@ -71,14 +74,25 @@ class TokenAuthenticator:
             return
         self._next_file_check = now + FILE_CHECK_SECONDS
         try:
-            mtime = self._file.stat().st_mtime
-            if mtime == self._file_mtime:
+            stat = self._file.stat()
+            # The size too: a file truncated and written again within one tick of
+            # the file system's clock keeps its mtime, and would never be re-read.
+            seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if seen == self._file_seen:
                 return
             from_file = read_tokens_file(self._file)
         except OSError as exc:  # keep the tokens we had: a rotation in progress, maybe
             log.error("cannot read the tokens file %s: %s", self._file, exc.strerror)
             return
-        self._file_mtime = mtime
+        if not from_file and self._from_file and seen != self._emptied_seen:
+            # Emptied, or caught between the truncation and the write of a rewrite
+            # in place: keep its tokens until it is found the same at the next
+            # check, so that a rewrite neither opens an unauthenticated bridge nor
+            # refuses every delivery meanwhile.
+            self._emptied_seen = seen
+            return
+        self._file_seen, self._emptied_seen = seen, None
+        self._from_file = from_file
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         log.info("read %d token(s) from %s", len(from_file), self._file)
 

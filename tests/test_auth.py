@@ -103,6 +103,35 @@ def test_an_open_bridge_requires_a_token_once_the_file_has_one(
     authenticator.check([(b"authorization", b"Bearer file-token")], [])
 
 
+def test_a_tokens_file_caught_mid_rewrite_neither_opens_nor_closes_the_bridge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite in place (truncate, then write) read while empty keeps the tokens
+    the file had; only a file found empty at two checks in a row has none. The
+    rewrite is seen even when it keeps the file's mtime (one tick of the clock)."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    os.utime(tokens, (1, 1))
+    authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
+    old = [(b"authorization", b"Bearer old-token")]
+    authenticator.check(old, [])
+    tokens.write_text("")  # truncated, and read before the new content is written
+    os.utime(tokens, (1, 1))
+    with pytest.raises(Unauthorized):
+        authenticator.check([], [])  # not open
+    authenticator.check(old, [])  # not closed to the old token either
+    tokens.write_text("new-token\n")  # the rest of the rewrite, in the same tick
+    os.utime(tokens, (1, 1))
+    authenticator.check([(b"authorization", b"Bearer new-token")], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check(old, [])
+    tokens.write_text("# tokens removed\n")  # emptied on purpose: open at the next check
+    with pytest.raises(Unauthorized):
+        authenticator.check([], [])
+    authenticator.check([], [])
+
+
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:
     """A base64 token in ?token= without URL-encoding: its '+' arrives as a space after
     query decoding (parse_qsl), and still matches; a token with a space (one line of a
