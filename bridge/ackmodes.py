@@ -168,6 +168,7 @@ class DurableAck(_DrainedAck):
             settings.spool_dir,
             max_bytes=settings.spool_max_bytes,
             dedup_window=settings.dedup_window,
+            max_keys=settings.spool_max_keys,
             on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
         )
         self.backlog: Backlog = self.spool

@@ -14,7 +14,9 @@ hold (Kafka away), does it read the file, until the spool is empty again.
 
 The same database remembers the idempotency keys accepted within the
 de-duplication window, in the transaction that spools the event, so a key is
-recorded exactly when its event became safe.
+recorded exactly when its event became safe. At most ``max_keys`` of them: a
+flood of fresh keys would otherwise fill the disk, so beyond that count the
+oldest are forgotten first, as in memory (:mod:`bridge.dedup`).
 """
 
 from __future__ import annotations
@@ -82,12 +84,14 @@ class Spool:
         *,
         max_bytes: int,
         dedup_window: float,
+        max_keys: int = 5_000_000,
         on_commit: Callable[[float], None] | None = None,
     ) -> None:
         self.path = directory / DB_NAME
         self._directory = directory
         self._max_bytes = max_bytes
         self._dedup_window = dedup_window
+        self._max_keys = max_keys
         self._on_commit = on_commit
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -96,6 +100,7 @@ class Spool:
         # Owned by the writer thread; read (racily, for gauges) by everyone.
         self.depth = 0
         self.bytes = 0
+        self.keys = 0  # accepted keys remembered (a replaced expired key counts twice)
         self.oldest_enqueued_at: float | None = None
         self.writable = True
         # Owned by the writer thread. When ``_copy_complete``, ``_copy`` holds every
@@ -185,10 +190,12 @@ class Spool:
                 "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'spool'"
             ).fetchone()
             oldest = _oldest_enqueued_at(connection)
+            (keys,) = connection.execute("SELECT count(*) FROM seen").fetchone()
         except BaseException:
             connection.close()
             raise
         self.depth, self.bytes, self.oldest_enqueued_at = depth, size, oldest
+        self.keys = keys
         # Seqs are given here, not by SQLite, so the in-memory copy knows them; never
         # reused, like AUTOINCREMENT's own.
         self._last_seq = max(last_row, last_ever)
@@ -241,7 +248,8 @@ class Spool:
             await self._call(lambda c: self._remove(c, seqs))
 
     async def forget_expired_keys(self) -> int:
-        """Drop accepted keys older than the de-duplication window; proves writability.
+        """Drop accepted keys older than the de-duplication window, then the oldest
+        beyond ``max_keys``; proves writability.
 
         Works in chunks of PURGE_CHUNK keys, each its own job for the writer thread,
         so appends waiting meanwhile are committed between chunks instead of behind
@@ -375,6 +383,7 @@ class Spool:
             self.writable = True
         self.depth += len(added)
         self.bytes += added_bytes
+        self.keys += len(seen_rows)
         if added and self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
         self._keep_copies(added)
@@ -480,6 +489,14 @@ class Spool:
                 "(SELECT key FROM seen WHERE accepted_at < ? LIMIT ?)",
                 (cutoff, PURGE_CHUNK),
             ).rowcount
+            excess = min(self.keys - removed - self._max_keys, PURGE_CHUNK - removed)
+            if excess > 0:
+                removed += connection.execute(
+                    "DELETE FROM seen WHERE key IN "
+                    "(SELECT key FROM seen ORDER BY accepted_at LIMIT ?)",
+                    (excess,),
+                ).rowcount
+            self.keys = max(self.keys - removed, 0)
             # A DELETE that matched nothing wrote nothing, so it proves nothing: on a
             # full disk it succeeds. Only a commit that wrote may say writable again.
             if removed == 0 and not self.writable:

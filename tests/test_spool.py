@@ -306,3 +306,33 @@ async def test_reads_match_the_file_whether_from_the_copy_or_not(
         (r.seq, r.destination, r.enqueued_at) for r in file_view
     ]
     assert [r.destination.key for r in file_view] == [key for _, key in model]
+
+
+async def test_the_key_record_is_bounded_by_count_oldest_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of fresh keys within the window cannot fill the disk: beyond max_keys
+    the oldest are forgotten first (in chunks), so their retries pass again, while
+    the newest are still recognised. The count survives a restart."""
+    monkeypatch.setattr(spool_module, "PURGE_CHUNK", 7)
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, max_keys=20)
+    spool.open()
+    for i in range(50):  # one at a time: accepted in this order
+        assert await spool.append(record(i), f"k{i}")
+    assert spool.keys == 50
+    assert await spool.forget_expired_keys() == 30
+    assert spool.keys == 20
+    assert await spool.forget_expired_keys() == 0
+    assert not await spool.append(record(49), "k49")  # the newest: still a duplicate
+    assert not await spool.append(record(30), "k30")
+    assert await spool.append(record(29), "k29")  # forgotten: accepted again
+    await spool.close()
+    with sqlite3.connect(tmp_path / spool_module.DB_NAME) as db:
+        assert db.execute("SELECT count(*) FROM seen").fetchone() == (21,)
+
+    again = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, max_keys=20)
+    again.open()
+    assert again.keys == 21
+    assert await again.forget_expired_keys() == 1
+    assert not await again.append(record(29), "k29")  # the newest stays
+    await again.close()
