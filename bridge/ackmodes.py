@@ -45,6 +45,11 @@ class AckMode(Protocol):
         and age are the spool gauges."""
         ...
 
+    @property
+    def remembered_keys(self) -> int:
+        """Idempotency keys remembered for de-duplication (the bridge_dedup_keys gauge)."""
+        ...
+
     def prepare(self) -> None:
         """Open what must work before the server listens (raises SpoolUnusable)."""
         ...
@@ -95,6 +100,10 @@ class BrokerAck:
     @property
     def ready(self) -> bool:
         return self._publisher.connected
+
+    @property
+    def remembered_keys(self) -> int:
+        return len(self._seen)
 
     async def keep(self, destination: Destination) -> None:
         await self._publisher.publish(destination)
@@ -206,6 +215,10 @@ class DurableAck(_DrainedAck):
     def ready(self) -> bool:
         return self.spool.writable and self.spool.bytes < self._max_bytes
 
+    @property
+    def remembered_keys(self) -> int:
+        return self.spool.keys
+
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         check_record_size(destination, self._record_limit)
         appended = await self.spool.append(destination, dedup_key)
@@ -244,6 +257,10 @@ class MemoryAck(_DrainedAck):
     @property
     def ready(self) -> bool:
         return not self.backlog.full
+
+    @property
+    def remembered_keys(self) -> int:
+        return len(self._seen)
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         check_record_size(destination, self._record_limit)

@@ -157,6 +157,7 @@ def create_app(
     )
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
+    metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
     backlog = ack_mode.backlog
     if backlog is not None:
         metrics.spool_depth.set_function(lambda: backlog.depth)

@@ -192,6 +192,12 @@ class Metrics:
             "Age of the oldest event waiting for Kafka (0 when none waits).",
             registry=registry,
         )
+        self.dedup_keys = Gauge(
+            "bridge_dedup_keys",
+            "Idempotency keys remembered for de-duplication (in memory, or in the spool "
+            "in durable mode).",
+            registry=registry,
+        )
         self.unknown_types = Counter(
             "bridge_unknown_event_types",
             "Accepted deliveries whose entity/action is not in the known Geins table.",

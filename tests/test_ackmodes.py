@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bridge import drainer as drainer_module
-from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck
+from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
 from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
@@ -358,3 +358,22 @@ async def test_an_event_too_large_for_the_producer_is_refused_before_the_answer(
     if mode_class is BrokerAck:  # the others would need their spool or drainer running
         assert await mode.deliver(fits, "k1")
         assert [r.key for r in publisher.records] == [b"k1"]
+
+
+@pytest.mark.parametrize("ack", ["broker", "durable", "memory"])
+async def test_the_remembered_keys_are_counted_in_every_mode(tmp_path: Path, ack: str) -> None:
+    """bridge_dedup_keys shows how many keys each mode remembers, so an operator sees
+    its bound (BRIDGE_DEDUP_MAX_KEYS, BRIDGE_SPOOL_MAX_KEYS) being reached."""
+    config = settings(tmp_path, BRIDGE_ACK=ack, BRIDGE_DEDUP_MAX_KEYS="2")
+    publisher = FakePublisher()
+    mode = make_ack_mode(config, publisher, Metrics())
+    await mode.start()
+    try:
+        assert mode.remembered_keys == 0
+        for key in ("k1", "k2", "k3"):
+            assert await mode.deliver(record(key), key)
+        assert not await mode.deliver(record("k3"), "k3")
+        assert await mode.deliver(record("none"), None)  # no key: nothing to remember
+        assert mode.remembered_keys == (3 if ack == "durable" else 2)
+    finally:
+        await mode.stop()
