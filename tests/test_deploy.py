@@ -50,6 +50,8 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 REQUIRED_ALERTS = {
     "BridgeDown",
+    "BridgeNotReady",
+    "BridgeDroppingRecords",
     "BridgeKafkaUnreachable",
     "BridgeSpoolGrowing",
     "BridgeSpoolOld",
@@ -585,8 +587,53 @@ def test_standalone_objects_select_and_target_the_bridge() -> None:
     # BridgeDown selects job="geins-bridge": the operator names the job after the Service.
     assert service["metadata"]["name"] == "geins-bridge"
 
-    statefulset = find(load_docs(STANDALONE / "statefulset.yaml"), "StatefulSet")
+    statefulset_docs = load_docs(STANDALONE / "statefulset.yaml")
+    statefulset = find(statefulset_docs, "StatefulSet")
     assert statefulset["spec"]["template"]["metadata"]["labels"] == pod_labels
+    # Its headless Service selects the same pods: scraped through it too, every
+    # pod would be a second job (sums doubled, alerts twice).
+    headless = find(statefulset_docs, "Service", "geins-bridge-pods")
+    assert not labels_match(
+        monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"]
+    )
+
+    # A removed replica of the Deployment takes its emptyDir spool with it: the HPA
+    # must not remove one on its own (during a Kafka outage the spool holds events).
+    assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity with a binary suffix (2Gi, 16Mi) in bytes."""
+    match = re.fullmatch(r"(\d+)([KMGT])i", quantity)
+    assert match is not None, quantity
+    power: int = 1024 ** ("KMGT".index(match[2]) + 1)
+    return int(match[1]) * power
+
+
+def test_spool_volumes_hold_a_full_spool_and_its_keys() -> None:
+    """Pins every spool volume above what a full spool can take on disk: twice
+    BRIDGE_SPOOL_MAX_BYTES (SQLite gives an event of about 2 KB half a page) plus
+    BRIDGE_SPOOL_MAX_KEYS keys of about 115 bytes. An emptyDir over its sizeLimit is
+    deleted with its pod, which would lose the spool exactly during a Kafka outage."""
+    defaults = load_settings(environ={"BRIDGE_TOKENS": "t"})
+    needed = 2 * defaults.spool_max_bytes + defaults.spool_max_keys * 115
+    sizes: list[tuple[str, str]] = []
+    for folder in (STANDALONE, SIDECAR):
+        for path in folder.glob("*.yaml"):
+            for doc in load_docs(path):
+                if doc.get("kind") not in {"Deployment", "StatefulSet"}:
+                    continue
+                volumes = doc["spec"]["template"]["spec"].get("volumes", [])
+                claims = doc["spec"].get("volumeClaimTemplates", [])
+                sizes += [
+                    (path.name, v["emptyDir"]["sizeLimit"]) for v in volumes if "spool" in v["name"]
+                ]
+                sizes += [
+                    (path.name, c["spec"]["resources"]["requests"]["storage"]) for c in claims
+                ]
+    assert len(sizes) == 3, sizes
+    for name, size in sizes:
+        assert quantity_bytes(size) >= needed, (name, size)
 
 
 def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> None:
