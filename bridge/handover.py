@@ -11,13 +11,13 @@ one, exactly as ``send`` would. The sender task, retries, idempotence and the
 per-record acknowledgement future stay aiokafka's.
 
 This reaches into the accumulator's internals (``_batches``,
-``_append_batch``) and the client's list of topics to keep metadata for
+``_append_batch``) and the client's set of topics to keep metadata for
 (``_topics``, see :meth:`DirectHandover._track`), so it checks at start that
-they are there, and the
-aiokafka version is pinned to a minor release in pyproject.toml. Whenever the
-fast way does not apply (unknown topic, a record too large, a full batch,
-the producer closing or failed) it answers None and the caller uses ``producer.send``,
-which waits for metadata or raises the right error.
+they are there, and the aiokafka version is pinned to a minor release in
+pyproject.toml. Whenever the fast way does not apply (unknown topic, a record
+too large, a full batch, the producer closing or failed) it answers None and
+the caller uses ``producer.send``, which waits for metadata or raises the
+right error.
 """
 
 from __future__ import annotations
