@@ -273,6 +273,30 @@ class Settings(BaseModel):
         self.kafka_ssl_context()  # the files must hold what they should
         return self
 
+    @model_validator(mode="after")
+    def _cap_holds_the_largest_event(self) -> Self:
+        # A cap below the largest record an accepted event can make would answer that
+        # event 503 forever (Geins retries it in vain). What a backlog counts for a
+        # record (backlog.record_size: value, key, topic, headers) stays below
+        # kafka_max_request_size(): a record is at most max_event_record_bytes() as
+        # Kafka counts it, and the topic name (at most 249) is less than the room kept.
+        caps = {
+            "durable": ("BRIDGE_SPOOL_MAX_BYTES", self.spool_max_bytes),
+            "memory": ("BRIDGE_MEMORY_MAX_BYTES", self.memory_max_bytes),
+        }
+        if self.ack not in caps:
+            return self
+        name, cap = caps[self.ack]
+        largest = self.kafka_max_request_size()
+        if cap < largest:
+            raise ValueError(
+                f"{name}={cap} is below the largest event BRIDGE_MAX_BODY_BYTES="
+                f"{self.max_body_bytes} lets in ({largest} bytes with its headers): such an "
+                f"event would be answered 503 forever (BRIDGE_ACK={self.ack}); raise {name} "
+                f"to at least {largest} or lower BRIDGE_MAX_BODY_BYTES"
+            )
+        return self
+
     def kafka_max_request_size(self) -> int:
         """The producer's limit on one record batch (a large record travels alone)."""
         return self.max_body_bytes + RECORD_OVERHEAD_BYTES

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from bridge.backlog import MemoryBacklog
 from bridge.config import load_settings
 from bridge.errors import ConfigError
+from bridge.publisher import check_record_size
+from bridge.routing import MAX_TOPIC_LENGTH, Destination
 
 BASE = {"BRIDGE_TOKENS": "a,b"}
 
@@ -79,3 +83,46 @@ def test_redacted_hides_tokens() -> None:
     shown = str(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}).redacted())
     assert "s3cr3t" not in shown
     assert "s3cr3t" not in repr(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}))
+
+
+@pytest.mark.parametrize(
+    ("ack", "cap"),
+    [("memory", "BRIDGE_MEMORY_MAX_BYTES"), ("durable", "BRIDGE_SPOOL_MAX_BYTES")],
+)
+def test_a_cap_below_the_largest_event_is_refused(ack: str, cap: str) -> None:
+    """A spool or memory cap that the largest accepted event cannot fit stops startup,
+    naming both settings; the cap of a mode not in use is not held against it."""
+    big_bodies = {**BASE, "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024), "BRIDGE_ACK": ack}
+    with pytest.raises(ConfigError, match=rf"{cap}=1048576 .*BRIDGE_MAX_BODY_BYTES=2097152"):
+        load_settings(environ={**big_bodies, cap: str(1024 * 1024)})
+    other = "BRIDGE_SPOOL_MAX_BYTES" if ack == "memory" else "BRIDGE_MEMORY_MAX_BYTES"
+    load_settings(environ={**big_bodies, other: str(1024 * 1024)})
+    load_settings(environ={**big_bodies, "BRIDGE_ACK": "broker", cap: str(1024 * 1024)})
+
+
+def test_the_smallest_cap_allowed_holds_the_largest_accepted_event() -> None:
+    """At the smallest cap validation allows, the largest record the size check lets
+    through (longest topic included) still fits an empty backlog."""
+    settings = load_settings(
+        environ={**BASE, "BRIDGE_ACK": "memory", "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024)}
+    )
+    smallest = settings.kafka_max_request_size()
+    load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_ACK": "memory",
+            "BRIDGE_MEMORY_MAX_BYTES": str(smallest),
+            "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+        }
+    )
+    headers = [("ce_id", b"k" * 200), ("ce_subject", b"1" * 5000)]
+    limit = settings.max_event_record_bytes()
+    length = limit - DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"", headers)
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"x" * length, headers) > limit:
+        length -= 1  # the value's length prefix grows with it
+    value = b"x" * length
+    destination = Destination(topic="t" * MAX_TOPIC_LENGTH, key=b"k", value=value, headers=headers)
+    check_record_size(destination, limit)  # accepted by the size check...
+    backlog = MemoryBacklog(smallest)
+    backlog.append(destination)  # ...and held, not refused as a full queue
+    assert backlog.depth == 1
