@@ -28,7 +28,7 @@ from pydantic import (
 
 from bridge.auth import read_tokens_file
 from bridge.errors import ConfigError
-from bridge.routing import TOPIC_NAME, TopicTemplate, topic_safe
+from bridge.routing import TOPIC_NAME, TopicTemplate, template_can_make, topic_safe
 
 ENV_PREFIX = "BRIDGE_"
 #: Names the environment variable that points at the TOML file (not a setting itself).
@@ -271,6 +271,19 @@ class Settings(BaseModel):
                 "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE"
             )
         self.kafka_ssl_context()  # the files must hold what they should
+        return self
+
+    @model_validator(mode="after")
+    def _deadletter_is_no_event_topic(self) -> Self:
+        # Checked after the fields: a bad template or topic has been named already.
+        topic, template = self.deadletter_topic, self.topic_template
+        if topic and template_can_make(template, topic):
+            raise ValueError(
+                f"BRIDGE_DEADLETTER_TOPIC={topic} is a topic BRIDGE_TOPIC_TEMPLATE={template} "
+                "can make for events (or one Kafka takes for the same: it treats '.' and '_' "
+                "alike): dead letters would be mixed with events; choose a dead-letter topic "
+                "the template cannot produce"
+            )
         return self
 
     @model_validator(mode="after")

@@ -126,3 +126,45 @@ def test_the_smallest_cap_allowed_holds_the_largest_accepted_event() -> None:
     backlog = MemoryBacklog(smallest)
     backlog.append(destination)  # ...and held, not refused as a full queue
     assert backlog.depth == 1
+
+
+@pytest.mark.parametrize(
+    ("template", "deadletter"),
+    [
+        ("geins.{entity}", "geins.deadletter"),
+        ("events", "events"),
+        ("geins.{entity}.{action}", "geins.dead.letter"),
+        ("{account}.{entity}", "geins.deadletter"),
+        ("geins.{entity}", "geins_deadletter"),  # Kafka refuses one of the two
+    ],
+)
+def test_a_deadletter_topic_the_template_can_make_is_refused(
+    template: str, deadletter: str
+) -> None:
+    """Dead letters never share a topic with events: a dead-letter topic that the
+    template can produce (for /webhooks/geins/deadletter/..., say) stops startup."""
+    with pytest.raises(ConfigError, match=r"BRIDGE_DEADLETTER_TOPIC.*BRIDGE_TOPIC_TEMPLATE"):
+        load_settings(
+            environ={
+                **BASE,
+                "BRIDGE_TOPIC_TEMPLATE": template,
+                "BRIDGE_DEADLETTER_TOPIC": deadletter,
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("template", "deadletter"),
+    [
+        ("geins.{entity}.{action}", "geins.deadletter"),
+        ("geins.{entity}", "deadletters"),
+        ("events", ""),
+        ("geins.{entity}", "geins.Dead-Letter"),
+    ],
+)
+def test_a_deadletter_topic_apart_from_the_events_is_accepted(
+    template: str, deadletter: str
+) -> None:
+    """A dead-letter topic no event can be routed to passes (or none at all)."""
+    environ = {**BASE, "BRIDGE_TOPIC_TEMPLATE": template, "BRIDGE_DEADLETTER_TOPIC": deadletter}
+    assert load_settings(environ=environ).deadletter_topic == deadletter

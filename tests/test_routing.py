@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.geins import Event
-from bridge.routing import Router, TopicTemplate, topic_safe
+from bridge.routing import Router, TopicTemplate, template_pattern, topic_safe
 
 LEGAL_TOPIC = r"[a-zA-Z0-9._-]{1,249}"
 
@@ -112,13 +113,17 @@ def test_every_routed_topic_is_legal(
     entity: str, action: str, account: str | None, environment: str | None
 ) -> None:
     """Whatever the delivery says, the topic is a legal Kafka name."""
-    r = router("{account}.{environment}.{entity}.{action}.events")
-    topic = r.route(
-        event(entity=entity, action=action, account=account, environment=environment)
-    ).topic
+    template = "{account}.{environment}.{entity}.{action}.events"
+    topic = (
+        router(template)
+        .route(event(entity=entity, action=action, account=account, environment=environment))
+        .topic
+    )
     assert 1 <= len(topic) <= 249
     assert topic not in (".", "..")
     assert all(c.isascii() and (c.isalnum() or c in "._-") for c in topic)
+    # what the dead-letter check (and nothing narrower) relies on
+    assert re.fullmatch(template_pattern(template), topic)
 
 
 def test_topic_safe_falls_back_to_default() -> None:
