@@ -33,6 +33,7 @@ from bridge.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     Unauthorized,
 )
 from bridge.geins import Delivery, Event
@@ -66,6 +67,11 @@ class RuntimeState:
 
 
 def outcome_of(error: BridgeError) -> str:
+    """The ``outcome`` label of a refusal. A 429 is retriable too, but it is one
+    client's excess, not the bridge failing: it is kept apart from the 503s that
+    the server-error alert watches."""
+    if isinstance(error, RateLimited):
+        return "rate_limited"
     return "unavailable" if error.retriable else "rejected"
 
 
