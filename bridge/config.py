@@ -173,7 +173,9 @@ class Settings(BaseModel):
     @classmethod
     def _topic_safe(cls, value: str) -> str:
         if topic_safe(value, "") != value:
-            raise ValueError("use lower-case letters, digits, '.', '_' or '-' (at most 48)")
+            raise ValueError(
+                "use lower-case letters, digits and '-' (not at either end; at most 48)"
+            )
         return value
 
     @field_validator("kafka_bootstrap")

@@ -47,6 +47,8 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
         ({"BRIDGE_ACK": "never"}, "BRIDGE_ACK"),
         ({"BRIDGE_TOKNES": "x"}, "BRIDGE_TOKNES: unknown setting"),
         ({"BRIDGE_DEFAULT_ACCOUNT": "My Shop"}, "BRIDGE_DEFAULT_ACCOUNT"),
+        ({"BRIDGE_DEFAULT_ACCOUNT": "acme.prod"}, "BRIDGE_DEFAULT_ACCOUNT: .*digits and '-'"),
+        ({"BRIDGE_DEFAULT_ENVIRONMENT": "prod_eu"}, "BRIDGE_DEFAULT_ENVIRONMENT"),
     ],
 )
 def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
