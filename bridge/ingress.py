@@ -179,7 +179,12 @@ class WebhookEndpoint:
             log_refusal(exc, scope)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             outcome, reason = "error", None
-            log.exception("unexpected error handling %s %s", scope["method"], scope["path"])
+            # The method and path are the client's: fields, which the text format
+            # quotes, never the message (a path with ' outcome=...' would forge a field).
+            log.exception(
+                "unexpected error handling a webhook request",
+                extra={"fields": _request_fields(scope, event)},
+            )
             error = BridgeError("unexpected internal error; the delivery was not accepted")
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
@@ -188,7 +193,7 @@ class WebhookEndpoint:
             if self._access_log:
                 fields = _request_fields(scope, event)
                 fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
-                access_log.info("%s %s", scope["method"], scope["path"], extra={"fields": fields})
+                access_log.info("webhook request", extra={"fields": fields})
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
