@@ -48,6 +48,31 @@ def read_secret_file(path: Path) -> str:
     return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
+def _check_host_port(server: str) -> None:
+    """Raise ValueError unless ``server`` is ``host:port`` or ``[IPv6 address]:port``
+    with a port from 1 to 65535 (as aiokafka reads it: an IPv6 address without
+    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1)."""
+    if server.startswith("["):
+        host, bracket, rest = server[1:].partition("]")
+        port = rest.removeprefix(":")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{server!r}: {host!r} in brackets is not an IPv6 address") from None
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{server!r} is not [IPv6 address]:port")
+    else:
+        host, colon, port = server.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"{server!r}: write an IPv6 address in brackets with its port, as [::1]:9092"
+            )
+        if not colon or not host:
+            raise ValueError(f"{server!r} is not host:port")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
+
+
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
@@ -114,8 +139,9 @@ class Settings(BaseModel):
 
     # --- Topics and message format ---------------------------------------------------
     topic_template: str = "geins.{entity}.{action}"
-    default_account: str = "default"
-    default_environment: str = "default"
+    # Empty would not stop the bridge, but the router would use "default" instead.
+    default_account: str = Field("default", min_length=1)
+    default_environment: str = Field("default", min_length=1)
     create_topics: bool = False
     topic_partitions: int = Field(3, ge=1, le=10000)
     topic_replication_factor: int | None = Field(None, ge=1, le=32)
@@ -132,6 +158,8 @@ class Settings(BaseModel):
     @classmethod
     def _tokens_are_printable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for token in value:
+            if not token:  # tokens = [""] in TOML: every delivery would get 401
+                raise ValueError("a token must not be empty")
             if not token.isprintable() or " " in token:
                 raise ValueError("a token must be printable and contain no spaces")
         return value
@@ -181,10 +209,8 @@ class Settings(BaseModel):
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
-        for server in value.split(","):
-            host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"{server.strip()!r} is not host:port")
+        for server in (s.strip() for s in value.split(",")):
+            _check_host_port(server)
         return value
 
     @field_validator(

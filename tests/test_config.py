@@ -57,6 +57,41 @@ def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
         load_settings(environ={**BASE, **environ})
 
 
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"BRIDGE_DEFAULT_ACCOUNT": ""}, "BRIDGE_DEFAULT_ACCOUNT: .*at least 1 character"),
+        ({"BRIDGE_DEFAULT_ENVIRONMENT": ""}, "BRIDGE_DEFAULT_ENVIRONMENT: .*at least 1 character"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "host:99999"}, "'host:99999': the port must be .* 1 to 65535"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "k1:9092,host:0"}, "'host:0': the port must be"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "::1"}, r"'::1': write an IPv6 address in brackets"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "::1:9092"}, r"in brackets with its port, as \[::1\]:9092"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "[::1]"}, r"'\[::1\]' is not \[IPv6 address\]:port"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "[kafka]:9092"}, "'kafka' in brackets is not an IPv6"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": ":9092"}, "is not host:port"),
+    ],
+)
+def test_settings_that_could_not_work_are_refused(environ: dict[str, str], message: str) -> None:
+    """An empty default account or environment, a port outside 1-65535 and an IPv6
+    address without brackets stop startup, naming the setting and what is wrong."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={**BASE, **environ})
+
+
+def test_an_empty_token_in_toml_is_refused(tmp_path: Path) -> None:
+    """tokens = [""] would make every delivery a 401: it stops startup instead."""
+    file = tmp_path / "bridge.toml"
+    file.write_text('tokens = ["good", ""]\n')
+    with pytest.raises(ConfigError, match=r"tokens in .*: a token must not be empty"):
+        load_settings(file, environ={})
+
+
+def test_bracketed_ipv6_bootstrap_servers_are_accepted() -> None:
+    """IPv6 brokers are written as aiokafka reads them: [address]:port."""
+    servers = "[::1]:9092, [2001:db8::7]:9093,kafka:9094"
+    assert load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": servers}).kafka_bootstrap == servers
+
+
 def test_tokens_required_to_serve_unless_opted_out() -> None:
     """No tokens and no explicit opt-out refuses to serve; operator commands need none."""
     settings = load_settings(environ={})
