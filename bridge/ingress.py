@@ -104,10 +104,11 @@ class GuardRefusal:
         self._answer = answer
         self._metrics = metrics
 
-    async def __call__(self, scope: Scope, send: Send, error: BridgeError) -> None:
+    async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         await self._answer.send(send, error)
         log_refusal(error, scope)
-        self._metrics.record_request(outcome_of(error), None, error.reason, 0.0)
+        seconds = time.perf_counter() - started
+        self._metrics.record_request(outcome_of(error), None, error.reason, seconds)
 
 
 def problem(error: BridgeError) -> bytes:
@@ -360,7 +361,8 @@ class WebhookDispatch:
             rest = rest[:-1]
         parts = rest[1:].split("/") if rest else []
         if len(parts) > 2 or "" in parts:
-            return self._refuse(scope, send, NotFound(f"no webhook route for {scope['path']}"))
+            error = NotFound(f"no webhook route for {scope['path']}")
+            return self._refuse(scope, send, error, time.perf_counter())
         scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
         return self._endpoint(scope, receive, send)
 

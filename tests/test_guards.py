@@ -215,3 +215,19 @@ def test_unreadable_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     """A tokens file that cannot be read stops startup, naming the setting."""
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE"):
         load_settings(environ={"BRIDGE_TOKENS_FILE": str(tmp_path / "missing")})
+
+
+def test_guard_refusals_are_timed_not_recorded_as_zero() -> None:
+    """A request the guards refuse goes into bridge_request_duration_seconds with the
+    time it took to refuse it, not 0.0 (which filled the first bucket with fakes)."""
+    app, publisher = app_with(BRIDGE_MAX_URL_BYTES="300")
+    assert post(app, query=b"x=" + b"a" * 400).status == 414
+    text = app.state.metrics.exposition().decode()
+    [line] = [
+        line
+        for line in text.splitlines()
+        if line.startswith('bridge_request_duration_seconds_sum{outcome="rejected"}')
+    ]
+    assert float(line.split()[-1]) > 0
+    assert 'bridge_request_duration_seconds_count{outcome="rejected"} 1.0' in text
+    assert publisher.records == []
