@@ -179,14 +179,14 @@ class WebhookEndpoint:
             await self._answer.send(send, exc)
             log_refusal(exc, scope)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
-            outcome, reason = "error", None
+            error = BridgeError("unexpected internal error; the delivery was not accepted")
+            outcome, reason = "error", error.reason  # "internal", as its problem says
             # The method and path are the client's: fields, which the text format
             # quotes, never the message (a path with ' outcome=...' would forge a field).
             log.exception(
                 "unexpected error handling a webhook request",
                 extra={"fields": _request_fields(scope, event)},
             )
-            error = BridgeError("unexpected internal error; the delivery was not accepted")
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
