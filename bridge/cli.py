@@ -123,7 +123,10 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     settings.check_serving()
     KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
     print(json.dumps(settings.redacted(), indent=2))
-    example = _router(settings).template.render("Order", "create", "default", "default")
+    router = _router(settings)  # the defaults a delivery without account/environment gets
+    example = router.topic_for(
+        "Order", "create", router.default_account, router.default_environment
+    )
     print(f"settings are valid; an order/create event goes to topic {example}")
     return 0
 

@@ -28,7 +28,7 @@ from pydantic import (
 
 from bridge.auth import read_tokens_file
 from bridge.errors import ConfigError
-from bridge.routing import TOPIC_NAME, TopicTemplate, topic_safe
+from bridge.routing import TOPIC_NAME, TopicTemplate, template_can_make, topic_safe
 
 ENV_PREFIX = "BRIDGE_"
 #: Names the environment variable that points at the TOML file (not a setting itself).
@@ -46,6 +46,31 @@ def read_secret_file(path: Path) -> str:
     """A secret kept in a file (a mounted Kubernetes Secret, say), without its final line
     break. Read when a Kafka client is made, never kept with the settings."""
     return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def _check_host_port(server: str) -> None:
+    """Raise ValueError unless ``server`` is ``host:port`` or ``[IPv6 address]:port``
+    with a port from 1 to 65535 (as aiokafka reads it: an IPv6 address without
+    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1)."""
+    if server.startswith("["):
+        host, bracket, rest = server[1:].partition("]")
+        port = rest.removeprefix(":")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{server!r}: {host!r} in brackets is not an IPv6 address") from None
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{server!r} is not [IPv6 address]:port")
+    else:
+        host, colon, port = server.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"{server!r}: write an IPv6 address in brackets with its port, as [::1]:9092"
+            )
+        if not colon or not host:
+            raise ValueError(f"{server!r} is not host:port")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
 
 
 class Settings(BaseModel):
@@ -114,8 +139,9 @@ class Settings(BaseModel):
 
     # --- Topics and message format ---------------------------------------------------
     topic_template: str = "geins.{entity}.{action}"
-    default_account: str = "default"
-    default_environment: str = "default"
+    # Empty would not stop the bridge, but the router would use "default" instead.
+    default_account: str = Field("default", min_length=1)
+    default_environment: str = Field("default", min_length=1)
     create_topics: bool = False
     topic_partitions: int = Field(3, ge=1, le=10000)
     topic_replication_factor: int | None = Field(None, ge=1, le=32)
@@ -132,6 +158,8 @@ class Settings(BaseModel):
     @classmethod
     def _tokens_are_printable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for token in value:
+            if not token:  # tokens = [""] in TOML: every delivery would get 401
+                raise ValueError("a token must not be empty")
             if not token.isprintable() or " " in token:
                 raise ValueError("a token must be printable and contain no spaces")
         return value
@@ -173,16 +201,16 @@ class Settings(BaseModel):
     @classmethod
     def _topic_safe(cls, value: str) -> str:
         if topic_safe(value, "") != value:
-            raise ValueError("use lower-case letters, digits, '.', '_' or '-' (at most 48)")
+            raise ValueError(
+                "use lower-case letters, digits and '-' (not at either end; at most 48)"
+            )
         return value
 
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
-        for server in value.split(","):
-            host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"{server.strip()!r} is not host:port")
+        for server in (s.strip() for s in value.split(",")):
+            _check_host_port(server)
         return value
 
     @field_validator(
@@ -271,6 +299,43 @@ class Settings(BaseModel):
                 "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE"
             )
         self.kafka_ssl_context()  # the files must hold what they should
+        return self
+
+    @model_validator(mode="after")
+    def _deadletter_is_no_event_topic(self) -> Self:
+        # Checked after the fields: a bad template or topic has been named already.
+        topic, template = self.deadletter_topic, self.topic_template
+        if topic and template_can_make(template, topic):
+            raise ValueError(
+                f"BRIDGE_DEADLETTER_TOPIC={topic} is a topic BRIDGE_TOPIC_TEMPLATE={template} "
+                "can make for events (or one Kafka takes for the same: it treats '.' and '_' "
+                "alike): dead letters would be mixed with events; choose a dead-letter topic "
+                "the template cannot produce"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cap_holds_the_largest_event(self) -> Self:
+        # A cap below the largest record an accepted event can make would answer that
+        # event 503 forever (Geins retries it in vain). What a backlog counts for a
+        # record (backlog.record_size: value, key, topic, headers) stays below
+        # kafka_max_request_size(): a record is at most max_event_record_bytes() as
+        # Kafka counts it, and the topic name (at most 249) is less than the room kept.
+        caps = {
+            "durable": ("BRIDGE_SPOOL_MAX_BYTES", self.spool_max_bytes),
+            "memory": ("BRIDGE_MEMORY_MAX_BYTES", self.memory_max_bytes),
+        }
+        if self.ack not in caps:
+            return self
+        name, cap = caps[self.ack]
+        largest = self.kafka_max_request_size()
+        if cap < largest:
+            raise ValueError(
+                f"{name}={cap} is below the largest event BRIDGE_MAX_BODY_BYTES="
+                f"{self.max_body_bytes} lets in ({largest} bytes with its headers): such an "
+                f"event would be answered 503 forever (BRIDGE_ACK={self.ack}); raise {name} "
+                f"to at least {largest} or lower BRIDGE_MAX_BODY_BYTES"
+            )
         return self
 
     def kafka_max_request_size(self) -> int:

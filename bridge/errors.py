@@ -201,6 +201,7 @@ class PublishFailed(Unavailable):
 
 #: Every reason a rejection can carry: metric labels are pre-created from this list.
 ALL_ERRORS: tuple[type[BridgeError], ...] = (
+    BridgeError,  # "internal": a bug, answered 500
     MethodNotAllowed,
     NotFound,
     Unauthorized,

@@ -28,8 +28,9 @@ from bridge.errors import (
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Writes the problem answer for a refused request (the ingress knows how).
-RefuseFn = Callable[[Scope, Send, BridgeError], Awaitable[None]]
+#: Writes the problem answer for a refused request (the ingress knows how); the
+#: last argument is when the request reached the guard (time.perf_counter()).
+RefuseFn = Callable[[Scope, Send, BridgeError, float], Awaitable[None]]
 #: Most client addresses the rate limiter remembers (least recently seen go first).
 MAX_TRACKED_CLIENTS = 10_000
 
@@ -148,6 +149,7 @@ class Guard:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        started = time.perf_counter()
         webhook = scope["path"].startswith(self._prefix)
         try:
             self._check_size(scope)
@@ -160,7 +162,7 @@ class Guard:
                         retry_after=1,
                     )
         except BridgeError as error:
-            await self._refuse(scope, send, error)
+            await self._refuse(scope, send, error, started)
             return
         if not webhook:
             await self._app(scope, receive, send)

@@ -184,7 +184,7 @@ def guarded_protocol(
     *,
     read_timeout: float,
     max_head_bytes: int,
-    on_refused: Callable[[BridgeError], None] | None = None,
+    on_refused: Callable[[BridgeError, float], None] | None = None,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
@@ -197,6 +197,7 @@ def guarded_protocol(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_timer: asyncio.TimerHandle | None = None
+            self._head_awaited_since = 0.0  # loop time the head timer was started
             self._in_head = True
             self._head_bytes = 0
             self._respond_whole = self.respond_whole  # bound once per connection
@@ -318,6 +319,7 @@ def guarded_protocol(
             self._in_head = True
             self._head_bytes = 0
             if self._head_timer is None:
+                self._head_awaited_since = self.loop.time()
                 self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
 
         def _stop_head_timer(self) -> None:
@@ -353,7 +355,9 @@ def guarded_protocol(
 
         def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
             """Answer ``error`` and hang up; log it, and count it unless the app
-            will (``count=False``: a late body, which the app hears of)."""
+            will (``count=False``: a late body, which the app hears of), with the
+            time since the bridge began waiting for this request's head (a head's
+            408: BRIDGE_READ_TIMEOUT)."""
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
@@ -374,6 +378,6 @@ def guarded_protocol(
             # no method or path yet if the head was refused.
             log_refusal(error, cast(Scope, self.scope or {}))  # uvicorn types it as HTTPScope
             if count and on_refused is not None:
-                on_refused(error)
+                on_refused(error, self.loop.time() - self._head_awaited_since)
 
     return GuardedHttpToolsProtocol

@@ -33,6 +33,7 @@ from bridge.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     Unauthorized,
 )
 from bridge.geins import Delivery, Event
@@ -66,6 +67,11 @@ class RuntimeState:
 
 
 def outcome_of(error: BridgeError) -> str:
+    """The ``outcome`` label of a refusal. A 429 is retriable too, but it is one
+    client's excess, not the bridge failing: it is kept apart from the 503s that
+    the server-error alert watches."""
+    if isinstance(error, RateLimited):
+        return "rate_limited"
     return "unavailable" if error.retriable else "rejected"
 
 
@@ -98,10 +104,11 @@ class GuardRefusal:
         self._answer = answer
         self._metrics = metrics
 
-    async def __call__(self, scope: Scope, send: Send, error: BridgeError) -> None:
+    async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         await self._answer.send(send, error)
         log_refusal(error, scope)
-        self._metrics.record_request(outcome_of(error), None, error.reason, 0.0)
+        seconds = time.perf_counter() - started
+        self._metrics.record_request(outcome_of(error), None, error.reason, seconds)
 
 
 def problem(error: BridgeError) -> bytes:
@@ -172,9 +179,14 @@ class WebhookEndpoint:
             await self._answer.send(send, exc)
             log_refusal(exc, scope)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
-            outcome, reason = "error", None
-            log.exception("unexpected error handling %s %s", scope["method"], scope["path"])
             error = BridgeError("unexpected internal error; the delivery was not accepted")
+            outcome, reason = "error", error.reason  # "internal", as its problem says
+            # The method and path are the client's: fields, which the text format
+            # quotes, never the message (a path with ' outcome=...' would forge a field).
+            log.exception(
+                "unexpected error handling a webhook request",
+                extra={"fields": _request_fields(scope, event)},
+            )
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
@@ -182,7 +194,7 @@ class WebhookEndpoint:
             if self._access_log:
                 fields = _request_fields(scope, event)
                 fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
-                access_log.info("%s %s", scope["method"], scope["path"], extra={"fields": fields})
+                access_log.info("webhook request", extra={"fields": fields})
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
@@ -349,7 +361,8 @@ class WebhookDispatch:
             rest = rest[:-1]
         parts = rest[1:].split("/") if rest else []
         if len(parts) > 2 or "" in parts:
-            return self._refuse(scope, send, NotFound(f"no webhook route for {scope['path']}"))
+            error = NotFound(f"no webhook route for {scope['path']}")
+            return self._refuse(scope, send, error, time.perf_counter())
         scope["path_params"] = dict(zip(("entity", "action"), parts, strict=False))
         return self._endpoint(scope, receive, send)
 

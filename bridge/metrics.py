@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-OUTCOMES = ("accepted", "duplicate", "rejected", "unavailable", "error")
+OUTCOMES = ("accepted", "duplicate", "rejected", "rate_limited", "unavailable", "error")
 STAGES = ("auth", "parse", "spool_commit", "kafka_ack")
 NONE_LABEL = "none"  # the request was refused before entity/action were known
 OTHER_LABEL = "other"  # a well-formed name outside the known table

@@ -28,7 +28,19 @@ MAX_LENGTH = {"entity": 64, "action": 64, "account": 48, "environment": 48}
 MAX_TOPIC_LENGTH = 249  # Kafka's own limit
 TOPIC_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}")
 _TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
-_NOT_TOPIC_CHAR = re.compile(r"[^a-z0-9._-]+")
+#: What topic_safe replaces with '-': '.' and '_' too, so that an account or
+#: environment can neither look like two fields of a '.'-separated template nor
+#: make a name Kafka takes for another (it treats '.' and '_' alike).
+_NOT_SAFE_CHAR = re.compile(r"[^a-z0-9-]+")
+#: What each placeholder can put into a topic name: entity and action are 1-64 letters
+#: and digits (geins.NAME_PATTERN), lower-cased; account and environment what
+#: :func:`topic_safe` leaves.
+_PLACEHOLDER_PATTERN = {
+    "entity": "[a-z0-9]{1,64}",
+    "action": "[a-z0-9]{1,64}",
+    "account": "[a-z0-9-]{1,48}",
+    "environment": "[a-z0-9-]{1,48}",
+}
 
 CE_SPECVERSION = b"1.0"
 CONTENT_TYPE_JSON = b"application/json"
@@ -106,11 +118,31 @@ _ce_time = lru_cache(maxsize=1024)(_rfc3339)
 
 
 def topic_safe(value: str | None, default: str) -> str:
-    """An account or environment as it may appear in a topic name."""
+    """An account or environment as it may appear in a topic name: lower-case letters,
+    digits and '-'; every run of other characters ('.' and '_' included) becomes one
+    '-', and a '-' at either end is dropped."""
     if value is None:
         return default
-    cleaned = _NOT_TOPIC_CHAR.sub("-", value.lower()).strip("-.")[: MAX_LENGTH["account"]]
+    cleaned = _NOT_SAFE_CHAR.sub("-", value.lower()).strip("-")
+    cleaned = cleaned[: MAX_LENGTH["account"]].rstrip("-")
     return cleaned or default
+
+
+def template_pattern(template: str) -> str:
+    """A regular expression matching every topic name ``template`` can produce."""
+    pattern = ""
+    for literal, field, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if field is not None:
+            pattern += _PLACEHOLDER_PATTERN[field]
+    return f"^{pattern}$"
+
+
+def template_can_make(template: str, topic: str) -> bool:
+    """Whether ``template`` can produce ``topic``, or a name Kafka takes for the same
+    (it treats '.' and '_' alike: of two such topics only the first can be created)."""
+    folded = re.compile(template_pattern(template.replace("_", ".")))
+    return folded.fullmatch(topic.replace("_", ".")) is not None
 
 
 class Router:

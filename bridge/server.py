@@ -102,7 +102,9 @@ def serve(settings: Settings) -> int:
         read_timeout=settings.read_timeout,
         # the request line (method, URL, version) and the headers, with room for CRLFs
         max_head_bytes=settings.max_url_bytes + settings.max_header_bytes + 1024,
-        on_refused=lambda e: metrics.record_request(outcome_of(e), None, e.reason, 0.0),
+        on_refused=lambda e, seconds: metrics.record_request(
+            outcome_of(e), None, e.reason, seconds
+        ),
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(

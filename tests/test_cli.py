@@ -39,6 +39,18 @@ def test_check_config_prints_settings_without_tokens(
     assert "secret-token" not in out
 
 
+def test_check_config_example_topic_uses_the_default_account_and_environment(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example topic is where an order/create without account or environment
+    goes: BRIDGE_DEFAULT_ACCOUNT/ENVIRONMENT fill the template, not "default"."""
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", "geins.{account}.{environment}.{entity}.{action}")
+    env.setenv("BRIDGE_DEFAULT_ACCOUNT", "acme")
+    env.setenv("BRIDGE_DEFAULT_ENVIRONMENT", "prod")
+    assert main(["check-config"]) == 0
+    assert "goes to topic geins.acme.prod.order.create\n" in capsys.readouterr().out
+
+
 def test_bad_setting_exits_2_naming_it(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from bridge.backlog import MemoryBacklog
 from bridge.config import load_settings
 from bridge.errors import ConfigError
+from bridge.publisher import check_record_size
+from bridge.routing import MAX_TOPIC_LENGTH, Destination
 
 BASE = {"BRIDGE_TOKENS": "a,b"}
 
@@ -43,12 +47,49 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
         ({"BRIDGE_ACK": "never"}, "BRIDGE_ACK"),
         ({"BRIDGE_TOKNES": "x"}, "BRIDGE_TOKNES: unknown setting"),
         ({"BRIDGE_DEFAULT_ACCOUNT": "My Shop"}, "BRIDGE_DEFAULT_ACCOUNT"),
+        ({"BRIDGE_DEFAULT_ACCOUNT": "acme.prod"}, "BRIDGE_DEFAULT_ACCOUNT: .*digits and '-'"),
+        ({"BRIDGE_DEFAULT_ENVIRONMENT": "prod_eu"}, "BRIDGE_DEFAULT_ENVIRONMENT"),
     ],
 )
 def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
     """Startup stops with a message naming the bad setting."""
     with pytest.raises(ConfigError, match=named):
         load_settings(environ={**BASE, **environ})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"BRIDGE_DEFAULT_ACCOUNT": ""}, "BRIDGE_DEFAULT_ACCOUNT: .*at least 1 character"),
+        ({"BRIDGE_DEFAULT_ENVIRONMENT": ""}, "BRIDGE_DEFAULT_ENVIRONMENT: .*at least 1 character"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "host:99999"}, "'host:99999': the port must be .* 1 to 65535"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "k1:9092,host:0"}, "'host:0': the port must be"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "::1"}, r"'::1': write an IPv6 address in brackets"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "::1:9092"}, r"in brackets with its port, as \[::1\]:9092"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "[::1]"}, r"'\[::1\]' is not \[IPv6 address\]:port"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "[kafka]:9092"}, "'kafka' in brackets is not an IPv6"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": ":9092"}, "is not host:port"),
+    ],
+)
+def test_settings_that_could_not_work_are_refused(environ: dict[str, str], message: str) -> None:
+    """An empty default account or environment, a port outside 1-65535 and an IPv6
+    address without brackets stop startup, naming the setting and what is wrong."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={**BASE, **environ})
+
+
+def test_an_empty_token_in_toml_is_refused(tmp_path: Path) -> None:
+    """tokens = [""] would make every delivery a 401: it stops startup instead."""
+    file = tmp_path / "bridge.toml"
+    file.write_text('tokens = ["good", ""]\n')
+    with pytest.raises(ConfigError, match=r"tokens in .*: a token must not be empty"):
+        load_settings(file, environ={})
+
+
+def test_bracketed_ipv6_bootstrap_servers_are_accepted() -> None:
+    """IPv6 brokers are written as aiokafka reads them: [address]:port."""
+    servers = "[::1]:9092, [2001:db8::7]:9093,kafka:9094"
+    assert load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": servers}).kafka_bootstrap == servers
 
 
 def test_tokens_required_to_serve_unless_opted_out() -> None:
@@ -79,3 +120,88 @@ def test_redacted_hides_tokens() -> None:
     shown = str(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}).redacted())
     assert "s3cr3t" not in shown
     assert "s3cr3t" not in repr(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}))
+
+
+@pytest.mark.parametrize(
+    ("ack", "cap"),
+    [("memory", "BRIDGE_MEMORY_MAX_BYTES"), ("durable", "BRIDGE_SPOOL_MAX_BYTES")],
+)
+def test_a_cap_below_the_largest_event_is_refused(ack: str, cap: str) -> None:
+    """A spool or memory cap that the largest accepted event cannot fit stops startup,
+    naming both settings; the cap of a mode not in use is not held against it."""
+    big_bodies = {**BASE, "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024), "BRIDGE_ACK": ack}
+    with pytest.raises(ConfigError, match=rf"{cap}=1048576 .*BRIDGE_MAX_BODY_BYTES=2097152"):
+        load_settings(environ={**big_bodies, cap: str(1024 * 1024)})
+    other = "BRIDGE_SPOOL_MAX_BYTES" if ack == "memory" else "BRIDGE_MEMORY_MAX_BYTES"
+    load_settings(environ={**big_bodies, other: str(1024 * 1024)})
+    load_settings(environ={**big_bodies, "BRIDGE_ACK": "broker", cap: str(1024 * 1024)})
+
+
+def test_the_smallest_cap_allowed_holds_the_largest_accepted_event() -> None:
+    """At the smallest cap validation allows, the largest record the size check lets
+    through (longest topic included) still fits an empty backlog."""
+    settings = load_settings(
+        environ={**BASE, "BRIDGE_ACK": "memory", "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024)}
+    )
+    smallest = settings.kafka_max_request_size()
+    load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_ACK": "memory",
+            "BRIDGE_MEMORY_MAX_BYTES": str(smallest),
+            "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024),
+        }
+    )
+    headers = [("ce_id", b"k" * 200), ("ce_subject", b"1" * 5000)]
+    limit = settings.max_event_record_bytes()
+    length = limit - DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"", headers)
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"x" * length, headers) > limit:
+        length -= 1  # the value's length prefix grows with it
+    value = b"x" * length
+    destination = Destination(topic="t" * MAX_TOPIC_LENGTH, key=b"k", value=value, headers=headers)
+    check_record_size(destination, limit)  # accepted by the size check...
+    backlog = MemoryBacklog(smallest)
+    backlog.append(destination)  # ...and held, not refused as a full queue
+    assert backlog.depth == 1
+
+
+@pytest.mark.parametrize(
+    ("template", "deadletter"),
+    [
+        ("geins.{entity}", "geins.deadletter"),
+        ("events", "events"),
+        ("geins.{entity}.{action}", "geins.dead.letter"),
+        ("{account}.{entity}", "geins.deadletter"),
+        ("geins.{entity}", "geins_deadletter"),  # Kafka refuses one of the two
+    ],
+)
+def test_a_deadletter_topic_the_template_can_make_is_refused(
+    template: str, deadletter: str
+) -> None:
+    """Dead letters never share a topic with events: a dead-letter topic that the
+    template can produce (for /webhooks/geins/deadletter/..., say) stops startup."""
+    with pytest.raises(ConfigError, match=r"BRIDGE_DEADLETTER_TOPIC.*BRIDGE_TOPIC_TEMPLATE"):
+        load_settings(
+            environ={
+                **BASE,
+                "BRIDGE_TOPIC_TEMPLATE": template,
+                "BRIDGE_DEADLETTER_TOPIC": deadletter,
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("template", "deadletter"),
+    [
+        ("geins.{entity}.{action}", "geins.deadletter"),
+        ("geins.{entity}", "deadletters"),
+        ("events", ""),
+        ("geins.{entity}", "geins.Dead-Letter"),
+    ],
+)
+def test_a_deadletter_topic_apart_from_the_events_is_accepted(
+    template: str, deadletter: str
+) -> None:
+    """A dead-letter topic no event can be routed to passes (or none at all)."""
+    environ = {**BASE, "BRIDGE_TOPIC_TEMPLATE": template, "BRIDGE_DEADLETTER_TOPIC": deadletter}
+    assert load_settings(environ=environ).deadletter_topic == deadletter

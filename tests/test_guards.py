@@ -94,6 +94,20 @@ def test_rate_limit_per_address_is_429() -> None:
     assert post(app, client="192.0.2.2").status == 202
 
 
+def test_a_429_is_counted_as_rate_limited_not_unavailable() -> None:
+    """A rate-limited request has its own outcome: the server-error alert, which watches
+    outcome=~"unavailable|error", must not page because one client sends too fast."""
+    app, publisher = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="1")
+    assert [post(app).status for _ in range(3)] == [202, 429, 429]
+    text = app.state.metrics.exposition().decode()
+    assert 'bridge_requests_total{action="none",entity="none",outcome="rate_limited"} 2.0' in text
+    counted = [line for line in text.splitlines() if line.startswith("bridge_requests_total{")]
+    assert not [line for line in counted if 'outcome="unavailable"' in line]
+    assert 'bridge_request_duration_seconds_count{outcome="rate_limited"} 2.0' in text
+    assert 'bridge_rejections_total{reason="rate_limited"} 2.0' in text
+    assert len(publisher.records) == 1
+
+
 def test_allow_list_and_trusted_proxies() -> None:
     """Only allowed networks get in; X-Forwarded-For counts only from a trusted proxy."""
     app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8", BRIDGE_TRUSTED_PROXIES="127.0.0.1")
@@ -201,3 +215,19 @@ def test_unreadable_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     """A tokens file that cannot be read stops startup, naming the setting."""
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE"):
         load_settings(environ={"BRIDGE_TOKENS_FILE": str(tmp_path / "missing")})
+
+
+def test_guard_refusals_are_timed_not_recorded_as_zero() -> None:
+    """A request the guards refuse goes into bridge_request_duration_seconds with the
+    time it took to refuse it, not 0.0 (which filled the first bucket with fakes)."""
+    app, publisher = app_with(BRIDGE_MAX_URL_BYTES="300")
+    assert post(app, query=b"x=" + b"a" * 400).status == 414
+    text = app.state.metrics.exposition().decode()
+    [line] = [
+        line
+        for line in text.splitlines()
+        if line.startswith('bridge_request_duration_seconds_sum{outcome="rejected"}')
+    ]
+    assert float(line.split()[-1]) > 0
+    assert 'bridge_request_duration_seconds_count{outcome="rejected"} 1.0' in text
+    assert publisher.records == []

@@ -143,8 +143,9 @@ class Connection:
         self.publisher = FakePublisher()
         app = create_app(settings, publisher=self.publisher)
         self.refused: list[BridgeError] = []  # what the protocol counted itself
+        self.refused_after: list[float] = []  # and the seconds it counted them with
         protocol = guarded_protocol(
-            read_timeout=read_timeout, max_head_bytes=max_head_bytes, on_refused=self.refused.append
+            read_timeout=read_timeout, max_head_bytes=max_head_bytes, on_refused=self._count
         )
         config = uvicorn.Config(
             app, http=protocol, lifespan="off", log_config=None, proxy_headers=False
@@ -163,6 +164,10 @@ class Connection:
         self.protocol = protocol(config=config, server_state=state, app_state={})
         self.transport = SocketTransport()
         self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def _count(self, error: BridgeError, seconds: float) -> None:
+        self.refused.append(error)
+        self.refused_after.append(seconds)
 
     async def answers(self, data: bytes, count: int) -> list[bytes]:
         """Feed ``data``; the ``count`` responses written to answer it (whatever the
@@ -326,6 +331,8 @@ async def test_a_head_sent_in_one_packet_then_silence_is_408(
         assert b"application/problem+json" in answer
         assert b"\r\ndate: %s\r\n" % DATE[1] in answer  # as in every answer
         assert [e.reason for e in connection.refused] == ["request_timeout"]
+        # timed as what it took: BRIDGE_READ_TIMEOUT, not 0
+        assert connection.refused_after == [pytest.approx(0.2, abs=0.05)]
     finally:
         connection.close()
 

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette.types import Message
 
+from bridge import ingress
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
 from bridge.errors import PublishTimeout
@@ -379,3 +380,22 @@ def test_a_retried_refusal_is_kept_as_a_dead_letter_once(ack: str, tmp_path: Any
         for _ in range(2):
             client.post("/webhooks/geins", content=b"not json", headers=headers)
     assert len([r for r in publisher.records if r.topic == "geins.deadletter"]) == 2
+
+
+def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug's 500 says reason "internal" in its problem document, and
+    bridge_rejections_total counts it under that reason (it counted nothing)."""
+    app, publisher, metrics = make()
+
+    def broken(*_: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ingress, "read_body", broken)
+    with TestClient(app) as client:
+        response = client.post("/webhooks/geins", content=ORDER, headers=AUTH)
+    assert response.status_code == 500
+    assert response.json()["reason"] == "internal"
+    exposition = metrics.exposition().decode()
+    assert 'bridge_rejections_total{reason="internal"} 1.0' in exposition
+    assert 'bridge_requests_total{action="none",entity="none",outcome="error"} 1.0' in exposition
+    assert publisher.records == []

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 
 import pytest
 from starlette.testclient import TestClient
 
+from bridge import ingress
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.logs import JsonFormatter, TextFormatter
@@ -149,3 +151,37 @@ def test_webhook_404_and_rate_limit_log_one_info_line_each(
         (logging.INFO, "rate_limited"),
     ]
     assert lines[0].fields["path"] == "/webhooks/geins/a/b/c"  # type: ignore[attr-defined]
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def test_a_path_cannot_add_fields_to_text_lines(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path with spaces and '=' (a decoded %20) stays inside the quoted path field of
+    the text format: on the access line, the refusal line and a 500's line, nothing
+    outside quotes says outcome=accepted or key=forged."""
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker", "BRIDGE_ACCESS_LOG": "true"}
+    )
+    app = create_app(settings, publisher=FakePublisher())
+    forged = "/webhooks/geins/order/create outcome=accepted key=forged"
+    caplog.set_level(logging.INFO)
+    assert asyncio.run(call_asgi(app, "POST", forged, body_chunks=[b"{}"])).status == 401
+
+    def broken(*_: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ingress, "read_body", broken)
+    authorized = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    response = asyncio.run(call_asgi(app, "POST", forged, headers=authorized, body_chunks=[b"{}"]))
+    assert response.status == 500
+    lines = [TextFormatter().format(r) for r in caplog.records if r.name.startswith("bridge")]
+    assert len(lines) == 4  # refusal and access line of the 401, traceback and access of the 500
+    for line in lines:
+        head = line.splitlines()[0]
+        assert 'path="/webhooks/geins/order/create outcome=accepted key=forged"' in head
+        unquoted = _QUOTED.sub('""', head)
+        assert "outcome=accepted" not in unquoted
+        assert "key=forged" not in unquoted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.geins import Event
-from bridge.routing import Router, TopicTemplate, topic_safe
+from bridge.routing import Router, TopicTemplate, template_pattern, topic_safe
 
 LEGAL_TOPIC = r"[a-zA-Z0-9._-]{1,249}"
 
@@ -105,20 +106,44 @@ def test_bad_templates_fail_at_startup(template: str) -> None:
 @given(
     entity=st.from_regex(r"[A-Za-z0-9]{1,64}", fullmatch=True),
     action=st.from_regex(r"[A-Za-z0-9]{1,64}", fullmatch=True),
-    account=st.none() | st.text(max_size=300),
-    environment=st.none() | st.text(max_size=300),
+    account=st.none() | st.text(max_size=300) | st.text("a._-", max_size=60),
+    environment=st.none() | st.text(max_size=300) | st.text("a._-", max_size=60),
 )
 def test_every_routed_topic_is_legal(
     entity: str, action: str, account: str | None, environment: str | None
 ) -> None:
     """Whatever the delivery says, the topic is a legal Kafka name."""
-    r = router("{account}.{environment}.{entity}.{action}.events")
-    topic = r.route(
-        event(entity=entity, action=action, account=account, environment=environment)
-    ).topic
+    template = "{account}.{environment}.{entity}.{action}.events"
+    topic = (
+        router(template)
+        .route(event(entity=entity, action=action, account=account, environment=environment))
+        .topic
+    )
     assert 1 <= len(topic) <= 249
     assert topic not in (".", "..")
     assert all(c.isascii() and (c.isalnum() or c in "._-") for c in topic)
+    # what the dead-letter check (and nothing narrower) relies on
+    assert re.fullmatch(template_pattern(template), topic)
+    # each placeholder fills exactly its own '.'-separated part, and no '_' can make
+    # a name Kafka takes for another ('.' and '_' are alike to it)
+    assert len(topic.split(".")) == 5
+    assert "_" not in topic
+
+
+def test_accounts_and_environments_cannot_make_each_others_topics() -> None:
+    """'.' and '_' in an account or environment become '-': account acme.prod in eu
+    and account acme in prod.eu get different topics, and acme_prod and acme.prod
+    share one instead of two that Kafka would refuse to create side by side."""
+    r = router("geins.{account}.{environment}.{entity}.{action}")
+    first = r.route(event(account="acme.prod", environment="eu")).topic
+    second = r.route(event(account="acme", environment="prod.eu")).topic
+    assert (first, second) == (
+        "geins.acme-prod.eu.productmonitor.notify",
+        "geins.acme.prod-eu.productmonitor.notify",
+    )
+    assert r.route(event(account="acme_prod", environment="eu")).topic == first
+    assert topic_safe("._Acme..Prod_", "d") == "acme-prod"
+    assert topic_safe("a" * 47 + ".b", "d") == "a" * 47  # no '-' left at the end of a cut
 
 
 def test_topic_safe_falls_back_to_default() -> None:
