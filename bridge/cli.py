@@ -131,7 +131,7 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
 def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    names = args.names or kafkaadmin.known_topics(_router(settings))
+    names = args.names or kafkaadmin.default_topics(settings, _router(settings))
     results = asyncio.run(kafkaadmin.create_topics(settings, names))
     for name, result in sorted(results.items()):
         print(f"{result:8} {name}")

@@ -33,6 +33,16 @@ def known_topics(router: Router) -> list[str]:
     return router.known_topics([(e, a) for e, acts in ENTITY_ACTIONS.items() for a in acts])
 
 
+def default_topics(settings: Settings, router: Router) -> list[str]:
+    """What ``bridge topics create`` and BRIDGE_CREATE_TOPICS make: the known topics and
+    the dead-letter topic (when dead letters are kept). Without the latter, a broker
+    that does not create topics on first use would answer every refused delivery 503."""
+    topics = known_topics(router)
+    if settings.deadletter_topic and settings.deadletter_topic not in topics:
+        topics.append(settings.deadletter_topic)
+    return topics
+
+
 async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, str]:
     """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises on errors.
 

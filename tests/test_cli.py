@@ -165,6 +165,29 @@ def test_topics_create_list_and_tail(
 
 
 @pytest.mark.kafka
+def test_topics_create_makes_the_deadletter_topic(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """topics create makes the dead-letter topic with the event topics (on a broker that
+    does not create topics on first use, every refused delivery would be answered 503),
+    and none when dead letters are not kept."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".{entity}.{action}")
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", topic_prefix + "-dead")
+    assert main(["topics", "create"]) == 0
+    assert f"created  {topic_prefix}-dead" in capsys.readouterr().out.splitlines()
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", "")
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".again.{entity}.{action}")
+    assert main(["topics", "create"]) == 0
+    out = capsys.readouterr().out
+    assert f"created  {topic_prefix}.again.order.create" in out
+    assert "dead" not in out
+
+
+@pytest.mark.kafka
 def test_deadletter_list_and_replay(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
