@@ -7,6 +7,7 @@ path's module stays small.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sys
 from collections.abc import Sequence
@@ -214,8 +215,9 @@ async def replay_dead_letters(
     """Run each dead letter through today's parsing and routing again.
 
     Returns (record, topic or None, what happened). Accepted ones are published
-    with their original idempotency key, so consumers see a replay of an event
-    they already have as a duplicate.
+    with their original idempotency key (or, when the delivery had none, the dead
+    letter's own key), so consumers see a replay of an event they already have,
+    or a second replay, as a duplicate.
     """
     publisher = None if dry_run else KafkaPublisher(settings, Metrics())
     if publisher is not None:
@@ -249,4 +251,8 @@ def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destinat
         event = parse_delivery(delivery, strict_types=settings.strict_types)
     except BridgeError as exc:
         return None, f"still refused: {exc.reason} ({exc.detail})"
+    if event.key_generated and record.key:
+        # The delivery had no usable key, so the dead letter got a generated one: every
+        # replay of it publishes with that key, for consumers to de-duplicate by.
+        event = dataclasses.replace(event, key=record.key.decode(errors="replace"))
     return router.route(event), "accepted"
