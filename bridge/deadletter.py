@@ -33,6 +33,10 @@ CREDENTIAL_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"x-apikey"}
 )
 PREFIX = "x-bridge-"
+#: What the drainer adds to an accepted event that Kafka refused for good when it
+#: sets it aside (``Drainer._set_aside``); the event's own headers come before them,
+#: its own ``x-bridge-*`` ones (``key-generated``, ``time-source``) included.
+SET_ASIDE_HEADERS = frozenset({PREFIX + "reason", PREFIX + "detail", PREFIX + "original-topic"})
 
 
 def dead_letter(

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.config import Settings
-from bridge.deadletter import PREFIX, delivery_from_dead_letter
+from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
 from bridge.errors import BridgeError, ConfigError
 from bridge.geins import ENTITY_ACTIONS, parse_delivery
 from bridge.metrics import Metrics
@@ -244,7 +244,7 @@ async def replay_dead_letters(
 def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:
     original_topic = _header(record, "x-bridge-original-topic")
     if original_topic:  # accepted, then refused by Kafka: resend as it was
-        headers = [(n, v) for n, v in record.headers if not n.startswith(PREFIX)]
+        headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
         return Destination(original_topic, record.key, record.value, headers), "resent"
     delivery = delivery_from_dead_letter(record.headers, record.value or b"")
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from starlette.testclient import TestClient
 
 from bridge.app import create_app
@@ -61,3 +65,55 @@ def test_replays_of_a_dead_letter_without_a_key_carry_its_key(
         headers = dict(record.headers)
         assert headers["ce_id"] == letter.key
         assert headers["x-bridge-key-generated"] == b"true"
+
+
+def set_max_message_bytes(bootstrap: str, topic: str, limit: int, *, create: bool) -> None:
+    """Create ``topic`` (one partition) or change it, with this max.message.bytes."""
+
+    async def configure() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            config = {"max.message.bytes": str(limit)}
+            if create:
+                await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=config)])
+            else:
+                await admin.alter_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, topic, configs=config)]
+                )
+        finally:
+            await admin.close()
+
+    asyncio.run(configure())
+
+
+def test_resending_a_record_kafka_refused_keeps_its_own_bridge_headers(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """A kafka_rejected dead letter is resent with the event's headers as published,
+    x-bridge-key-generated and x-bridge-time-source included (the replay used to strip
+    every x-bridge-* header), without those the set-aside added."""
+    topic = f"{topic_prefix}.order.create"
+    set_max_message_bytes(kafka_bootstrap, topic, 2000, create=True)
+    body = b'{"id":"' + b"x" * 3000 + b'"}'
+    with TestClient(create_app(load_settings())) as client:  # no key, no x-Timestamp
+        response = client.post("/webhooks/geins/Order/create", content=body, headers=AUTH)
+        assert response.status_code == 202
+    [letter] = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
+    assert dict(letter.headers)["x-bridge-reason"] == b"kafka_rejected"
+    assert read_all_sync(kafka_bootstrap, topic) == []
+
+    set_max_message_bytes(kafka_bootstrap, topic, 1048588, create=False)
+    assert main(["deadletter", "replay"]) == 0
+    assert f"resent -> {topic}" in capsys.readouterr().out
+    [resent] = read_all_sync(kafka_bootstrap, topic)
+    assert (resent.key, resent.value) == (letter.key, body)
+    headers = dict(resent.headers)
+    assert headers["x-bridge-key-generated"] == b"true"
+    assert headers["x-bridge-time-source"] == b"received"
+    assert headers["ce_type"] == b"com.geins.order.create"
+    assert not {"x-bridge-reason", "x-bridge-detail", "x-bridge-original-topic"} & set(headers)
+    assert len(resent.headers) == len(letter.headers) - 3
