@@ -45,11 +45,13 @@ def dead_letter(
     """The dead-letter record for a delivery refused with ``error``; ``tokens`` are
     the tokens accepted now (values that contain one are left out)."""
     secrets = [t.encode() for t in tokens if t]
-    headers = {
-        name.decode("latin-1").lower(): value.decode("latin-1")
+    # A list of [name, value] pairs, not an object: a repeated header (two different
+    # x-Timestamp values, which parsing trusts neither of) must come back as it came.
+    headers = [
+        [name.decode("latin-1").lower(), value.decode("latin-1")]
         for name, value in delivery.headers
         if name.lower() not in CREDENTIAL_HEADERS and not any(s in value for s in secrets)
-    }
+    ]
     query = [
         (n, v)
         for n, v in delivery.query
@@ -93,14 +95,16 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
 def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes]], body: bytes) -> Delivery:
     """Rebuild the original delivery (minus credentials) from a dead-letter record."""
     fields = {name: value.decode() for name, value in headers if name.startswith(PREFIX)}
-    request_headers = orjson.loads(fields.get(PREFIX + "request-headers", "{}"))
+    stored = orjson.loads(fields.get(PREFIX + "request-headers", "[]"))
+    # Dead letters kept before the list form hold an object (one value per name).
+    pairs = stored.items() if isinstance(stored, dict) else stored
     return Delivery(
         method=fields.get(PREFIX + "method", "POST"),
         path=fields.get(PREFIX + "path", ""),
         path_entity=fields.get(PREFIX + "path-entity"),
         path_action=fields.get(PREFIX + "path-action"),
         query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
-        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in request_headers.items()],
+        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs],
         body=body,
         received_at=datetime.fromisoformat(fields[PREFIX + "received-at"])
         if PREFIX + "received-at" in fields
