@@ -158,7 +158,7 @@ def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list
         r
         for r in records
         if (not offsets or r.offset in offsets)
-        and (not keys or r.key.decode(errors="replace") in keys)
+        and (not keys or kafkaadmin.text(r.key) in keys)
         and (not args.reason or dict(r.headers).get("x-bridge-reason") == args.reason.encode())
     ]
 
@@ -182,7 +182,7 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     )
     for record, topic, outcome in results:
         target = f" -> {topic}" if topic else ""
-        print(f"@{record.offset:<6} key={record.key.decode(errors='replace')}  {outcome}{target}")
+        print(f"@{record.offset:<6} key={kafkaadmin.text(record.key)}  {outcome}{target}")
     refused = sum(topic is None for _, topic, _ in results)
     verb = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)

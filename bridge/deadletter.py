@@ -92,9 +92,13 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
     return None
 
 
-def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes]], body: bytes) -> Delivery:
+def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body: bytes) -> Delivery:
     """Rebuild the original delivery (minus credentials) from a dead-letter record."""
-    fields = {name: value.decode() for name, value in headers if name.startswith(PREFIX)}
+    fields = {
+        name: value.decode()
+        for name, value in headers
+        if name.startswith(PREFIX) and value is not None  # Kafka allows null values
+    }
     stored = orjson.loads(fields.get(PREFIX + "request-headers", "[]"))
     # Dead letters kept before the list form hold an object (one value per name).
     pairs = stored.items() if isinstance(stored, dict) else stored

@@ -122,13 +122,16 @@ async def read_to_end(
         await consumer.stop()
 
 
+def text(value: bytes | None) -> str:
+    """A record's key, value or header value as text; Kafka allows null for each."""
+    return "<none>" if value is None else value.decode(errors="replace")
+
+
 def format_record(record: Any) -> str:
     """One consumed record as a block of text a person can read."""
-    key = record.key.decode(errors="replace") if record.key is not None else "<none>"
-    lines = [f"--- {record.topic} [{record.partition}] @{record.offset}  key={key}"]
-    lines += [f"  {name}: {value.decode(errors='replace')}" for name, value in record.headers]
-    value = record.value.decode(errors="replace") if record.value is not None else "<none>"
-    lines.append(f"  {value}")
+    lines = [f"--- {record.topic} [{record.partition}] @{record.offset}  key={text(record.key)}"]
+    lines += [f"  {name}: {text(value)}" for name, value in record.headers]
+    lines.append(f"  {text(record.value)}")
     return "\n".join(lines)
 
 
@@ -185,9 +188,10 @@ def tail_pattern(topics: Sequence[str], pattern: str) -> str:
 
 
 def _header(record: Any, name: str) -> str:
+    """The header's value as text: "" when there is none, ``<none>`` when it is null."""
     for key, value in record.headers:
         if key == name:
-            return str(value.decode(errors="replace"))
+            return text(value)
     return ""
 
 
@@ -197,7 +201,7 @@ def describe_dead_letter(record: Any) -> str:
     excerpt = body if len(body) <= 80 else body[:77] + "..."
     return (
         f"@{record.offset:<6} {_header(record, 'x-bridge-received-at') or '-':32} "
-        f"key={record.key.decode(errors='replace')}  {_header(record, 'x-bridge-reason')}: "
+        f"key={text(record.key)}  {_header(record, 'x-bridge-reason')}: "
         f"{_header(record, 'x-bridge-detail')}\n        {_header(record, 'x-bridge-method')} "
         f"{_header(record, 'x-bridge-path')}?{_header(record, 'x-bridge-query')}  {excerpt}"
     )
@@ -242,10 +246,12 @@ async def replay_dead_letters(
 
 
 def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:
-    original_topic = _header(record, "x-bridge-original-topic")
+    original_topic = next(
+        (text(v) for n, v in record.headers if n == "x-bridge-original-topic" and v), None
+    )
     if original_topic:  # accepted, then refused by Kafka: resend as it was
         headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
-        return Destination(original_topic, record.key, record.value, headers), "resent"
+        return Destination(original_topic, record.key, record.value or b"", headers), "resent"
     delivery = delivery_from_dead_letter(record.headers, record.value or b"")
     try:
         event = parse_delivery(delivery, strict_types=settings.strict_types)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from starlette.testclient import TestClient
@@ -117,3 +118,41 @@ def test_resending_a_record_kafka_refused_keeps_its_own_bridge_headers(
     assert headers["ce_type"] == b"com.geins.order.create"
     assert not {"x-bridge-reason", "x-bridge-detail", "x-bridge-original-topic"} & set(headers)
     assert len(resent.headers) == len(letter.headers) - 3
+
+
+def produce(bootstrap: str, topic: str, key: bytes | None, value: bytes | None,
+            headers: list[tuple[str, bytes | None]]) -> None:  # fmt: skip
+    """One record, as any Kafka client may write it (null key, value, header values)."""
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+def test_null_keys_values_and_header_values_print_as_none(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """tail, deadletter list and replay show a null key or header value as <none>
+    (they used to end in a traceback), and a null x-bridge-original-topic is no topic."""
+    produce(kafka_bootstrap, f"{topic_prefix}.order.create", None, b"{}", [("h", None)])
+    assert main(["tail", f"{topic_prefix}.order.create", "--from-beginning", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "key=<none>" in out
+    assert "  h: <none>" in out.splitlines()
+
+    nulls = ["x-bridge-reason", "x-bridge-original-topic", "x-bridge-path-entity"]
+    produce(kafka_bootstrap, f"{topic_prefix}.deadletter", None, b"", [(n, None) for n in nulls])
+    assert main(["deadletter", "list"]) == 0
+    assert "key=<none>  <none>: " in capsys.readouterr().out
+    assert main(["deadletter", "replay", "--key", "<none>"]) == 1
+    out = capsys.readouterr().out
+    assert "key=<none>  still refused: missing_event_type" in out
