@@ -88,7 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         "replay",
         help="parse dead letters again with today's settings and publish those now accepted",
     )
-    replay.add_argument("--offset", type=int, action="append", help="only this offset (repeat)")
+    replay.add_argument(
+        "--offset",
+        type=_position,
+        action="append",
+        metavar="P:N",
+        help="only the record at offset N of partition P, as list shows it (repeat); "
+        "N alone when the topic has one partition",
+    )
     replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
     replay.add_argument("--reason", help="only dead letters with this reason")
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
@@ -146,18 +153,37 @@ def _topics_list(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+def _position(text: str) -> tuple[int | None, int]:
+    """``--offset``: ``P:N`` (partition, offset), or ``N`` alone (no partition given)."""
+    partition, _, offset = text.rpartition(":")
+    try:
+        return (int(partition) if partition else None), int(offset)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not PARTITION:OFFSET (such as 2:17, as deadletter list shows [2]@17)"
+        ) from None
+
+
 def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list[Any]:
     from bridge import kafkaadmin  # noqa: PLC0415
 
     if not settings.deadletter_topic:
         raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
-    records = asyncio.run(kafkaadmin.dead_letters(settings))
-    offsets = set(getattr(args, "offset", None) or ())
+    found = asyncio.run(kafkaadmin.dead_letters(settings))
+    positions: set[tuple[int, int]] = set()
+    for partition, offset in getattr(args, "offset", None) or ():
+        if partition is None and found.partitions > 1:
+            raise ConfigError(
+                f"--offset {offset} names one record on each partition of "
+                f"{settings.deadletter_topic} ({found.partitions} partitions): "
+                f"give PARTITION:OFFSET, such as 0:{offset}"
+            )
+        positions.add((partition or 0, offset))
     keys = set(getattr(args, "key", None) or ())
     return [
         r
-        for r in records
-        if (not offsets or r.offset in offsets)
+        for r in found.records
+        if (not positions or (r.partition, r.offset) in positions)
         and (not keys or kafkaadmin.text(r.key) in keys)
         and (not args.reason or dict(r.headers).get("x-bridge-reason") == args.reason.encode())
     ]
@@ -182,7 +208,8 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     )
     for record, topic, outcome in results:
         target = f" -> {topic}" if topic else ""
-        print(f"@{record.offset:<6} key={kafkaadmin.text(record.key)}  {outcome}{target}")
+        position = kafkaadmin.position(record)
+        print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
     refused = sum(topic is None for _, topic, _ in results)
     verb = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)

@@ -195,22 +195,48 @@ def _header(record: Any, name: str) -> str:
     return ""
 
 
+def position(record: Any) -> str:
+    """Where a record is on its topic, ``[partition]@offset`` as ``bridge tail`` shows it
+    (an offset alone names one record per partition)."""
+    return f"[{record.partition}]@{record.offset}"
+
+
 def describe_dead_letter(record: Any) -> str:
     """One line per dead letter: where it is, its key, why it was refused, what it held."""
     body = record.value.decode(errors="replace") if record.value else ""
     excerpt = body if len(body) <= 80 else body[:77] + "..."
     return (
-        f"@{record.offset:<6} {_header(record, 'x-bridge-received-at') or '-':32} "
+        f"{position(record):<9} {_header(record, 'x-bridge-received-at') or '-':32} "
         f"key={text(record.key)}  {_header(record, 'x-bridge-reason')}: "
-        f"{_header(record, 'x-bridge-detail')}\n        {_header(record, 'x-bridge-method')} "
+        f"{_header(record, 'x-bridge-detail')}\n          {_header(record, 'x-bridge-method')} "
         f"{_header(record, 'x-bridge-path')}?{_header(record, 'x-bridge-query')}  {excerpt}"
     )
 
 
-async def dead_letters(settings: Settings) -> list[Any]:
-    """Every record on the dead-letter topic, oldest first."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetters:
+    """What is on the dead-letter topic, oldest first (by record timestamp, then
+    partition and offset: the order they arrived in across partitions)."""
+
+    records: list[Any]
+    partitions: int
+
+
+async def dead_letters(settings: Settings) -> DeadLetters:
+    """Every record on the dead-letter topic, and how many partitions it has."""
+    options = kafka_client_options(settings)
+    topic = settings.deadletter_topic
     async with asyncio.timeout(settings.kafka_connect_timeout * 3):
-        return await read_to_end(kafka_client_options(settings), [settings.deadletter_topic])
+        admin = AIOKafkaAdminClient(**options)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        records = await read_to_end(options, [topic])
+    partitions = sum(len(t["partitions"]) for t in described if t["error_code"] == 0)
+    records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+    return DeadLetters(records, partitions)
 
 
 async def replay_dead_letters(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -13,6 +14,9 @@ from starlette.testclient import TestClient
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
+from bridge.deadletter import dead_letter
+from bridge.errors import UnknownEventType
+from bridge.geins import Delivery
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 
@@ -156,3 +160,66 @@ def test_null_keys_values_and_header_values_print_as_none(
     assert main(["deadletter", "replay", "--key", "<none>"]) == 1
     out = capsys.readouterr().out
     assert "key=<none>  still refused: missing_event_type" in out
+    assert main(["deadletter", "replay", "--offset", "0"]) == 1  # one partition: N alone
+    assert capsys.readouterr().out.startswith("[0]@0     key=<none>  still refused")
+
+
+def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """On a dead-letter topic of 3 partitions (as topics create makes it), list shows
+    [partition]@offset in arrival order, replay --offset takes P:N, and N alone is refused
+    (it used to match one record per partition, and list showed @0 three times)."""
+    topic = f"{topic_prefix}.deadletter"
+
+    async def keep() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 3, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:  # (key, partition) in the order they arrived
+            for second, (key, partition) in enumerate([("a", 2), ("b", 0), ("c", 1), ("d", 0)]):
+                delivery = Delivery(
+                    method="POST",
+                    path="/webhooks/geins/Voucher/create",
+                    path_entity="Voucher",
+                    path_action="create",
+                    query=[],
+                    headers=[(b"x-idempotency-key", key.encode())],
+                    body=b"{}",
+                    received_at=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC),
+                )
+                letter = dead_letter(delivery, UnknownEventType("novel"), topic, [TOKEN])
+                await producer.send_and_wait(
+                    topic,
+                    letter.value,
+                    key=letter.key,
+                    headers=letter.headers,
+                    partition=partition,
+                    timestamp_ms=1_700_000_000_000 + second * 1000,
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(keep())
+    assert main(["deadletter", "list"]) == 0
+    listing = [line.split()[0] + " " + line.split()[2] for line in
+               capsys.readouterr().out.splitlines() if "key=" in line]  # fmt: skip
+    assert listing == ["[2]@0 key=a", "[0]@0 key=b", "[1]@0 key=c", "[0]@1 key=d"]
+
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    assert main(["deadletter", "replay", "--offset", "0", "--dry-run"]) == 2
+    assert "give PARTITION:OFFSET, such as 0:0" in capsys.readouterr().err
+    assert main(["deadletter", "replay", "--offset", "0:1", "--offset", "2:0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["[2]@0", "key=a"],
+        ["[0]@1", "key=d"],
+    ]
