@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -135,6 +136,10 @@ def format_record(record: Any) -> str:
     return "\n".join(lines)
 
 
+#: How often ``bridge tail`` looks for new topics (and partitions) to follow.
+TAIL_DISCOVERY_SECONDS = 2.0
+
+
 async def tail(
     settings: Settings,
     topics: Sequence[str],
@@ -148,30 +153,92 @@ async def tail(
 
     With ``pattern``, the records of every topic it matches (from the start of the
     name, as Kafka consumers match) and of the ``topics`` named as well.
+
+    The partitions are assigned here rather than by a pattern subscription: without a
+    consumer group aiokafka resets the position of every partition whenever a topic
+    appears, so a topic created while tailing lost its first records (or, from the
+    beginning, every topic was printed again). Partitions there at the start begin
+    at their end (or beginning); those that appear later, at their beginning, since
+    everything on them arrived after the start.
     """
-    subscription = tail_pattern(topics, pattern) if pattern is not None else None
-    consumer = AIOKafkaConsumer(
-        *(topics if subscription is None else ()),
-        **kafka_client_options(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        metadata_max_age_ms=5000,  # notice new topics matching the pattern quickly
-    )
-    if subscription is not None:
-        consumer.subscribe(pattern=subscription)
+    subscription = re.compile(tail_pattern(topics, pattern)) if pattern is not None else None
+    named = set(topics)
+
+    def wanted(topic: str) -> bool:
+        return topic in named or bool(subscription and subscription.match(topic))
+
+    options = kafka_client_options(settings)
+    admin = AIOKafkaAdminClient(**options)
+    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
     shown = 0
     try:
         async with asyncio.timeout(settings.kafka_connect_timeout):
+            await admin.start()
             await consumer.start()
-        async for record in consumer:
-            print(format_record(record), file=out or sys.stdout, flush=True)
-            shown += 1
-            if limit is not None and shown >= limit:
-                break
+        follow = _Follower(admin, consumer, wanted, settings.kafka_connect_timeout)
+        await follow.look(new_at_end=not from_beginning)
+        looked = time.monotonic()
+        while limit is None or shown < limit:
+            if time.monotonic() - looked >= TAIL_DISCOVERY_SECONDS:
+                await follow.look(new_at_end=False)
+                looked = time.monotonic()
+            if not follow.assigned:
+                await asyncio.sleep(TAIL_DISCOVERY_SECONDS)
+                continue
+            batches = await consumer.getmany(timeout_ms=500)
+            for record in (r for tp in sorted(batches) for r in batches[tp]):
+                print(format_record(record), file=out or sys.stdout, flush=True)
+                shown += 1
+                if limit is not None and shown >= limit:
+                    break
     finally:
         await consumer.stop()
+        await admin.close()
     return shown
+
+
+class _Follower:
+    """The partitions ``bridge tail`` follows: those of the topics it wants, now."""
+
+    def __init__(
+        self,
+        admin: AIOKafkaAdminClient,
+        consumer: AIOKafkaConsumer,
+        wanted: Callable[[str], bool],
+        timeout: float,
+    ) -> None:
+        self._admin = admin
+        self._consumer = consumer
+        self._wanted = wanted
+        self._timeout = timeout
+        self.assigned: set[TopicPartition] = set()
+
+    async def look(self, *, new_at_end: bool) -> None:
+        """Assign the partitions of the topics wanted now. Those already assigned keep
+        their position; new ones start at their beginning, or (``new_at_end``, for the
+        first look of a tail that is not from the beginning) at their end."""
+        async with asyncio.timeout(self._timeout):
+            described = await self._admin.describe_topics()  # all topics: creates none
+            now = {
+                TopicPartition(t["topic"], p["partition"])
+                for t in described
+                if t["error_code"] == 0 and not t["is_internal"] and self._wanted(t["topic"])
+                for p in t["partitions"]
+            }
+            if now == self.assigned:
+                return
+            new = now - self.assigned
+            consumer = self._consumer
+            kept = {tp: await consumer.position(tp) for tp in self.assigned & now}
+            consumer.assign(sorted(now))
+            for tp, offset in kept.items():
+                consumer.seek(tp, offset)
+            if new and new_at_end:
+                for tp, offset in (await consumer.end_offsets(sorted(new))).items():
+                    consumer.seek(tp, offset)
+            elif new:
+                await consumer.seek_to_beginning(*new)
+            self.assigned = now
 
 
 def tail_pattern(topics: Sequence[str], pattern: str) -> str:

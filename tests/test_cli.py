@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import io
 import re
 import uuid
 
@@ -16,9 +18,10 @@ from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
 from bridge.devkafka import free_port
-from bridge.kafkaadmin import tail_pattern
+from bridge.kafkaadmin import tail, tail_pattern
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -130,6 +133,60 @@ def test_tail_topics_and_a_pattern(
     assert "key=named" in out
     assert "key=matched.1" in out
     assert "key=other" not in out
+
+
+@pytest.mark.kafka
+async def test_tail_prints_every_record_of_a_topic_created_while_tailing(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A topic the pattern matches that appears while tail runs is printed from its first
+    record (tail used to start new topics at their end and miss the first ones); a topic
+    that was there stays at its end; from the beginning, a new topic prints nothing twice
+    (every partition used to start over whenever a topic appeared)."""
+    settings = load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    pattern = rf"{re.escape(topic_prefix)}\.tail\."
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+
+    async def stop(task: asyncio.Task[int]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def tailing(out: io.StringIO, *, from_beginning: bool) -> asyncio.Task[int]:
+        ready = f"ready-{from_beginning}-".encode()
+        task = asyncio.create_task(
+            tail(settings, [], pattern=pattern, from_beginning=from_beginning, limit=None, out=out)
+        )
+        for n in range(60):  # it follows the topic that is there once a new record shows
+            await producer.send_and_wait(f"{topic_prefix}.tail.early", b"{}", key=ready + b"%d" % n)
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: f"key={ready.decode()}" in out.getvalue(), within=0.5)
+                return task
+        await stop(task)
+        raise AssertionError(f"tail printed nothing: {out.getvalue()!r}")
+
+    try:
+        await producer.send_and_wait(f"{topic_prefix}.tail.early", b"{}", key=b"old")
+        out = io.StringIO()
+        task = await tailing(out, from_beginning=False)
+        for n in range(4):
+            await producer.send_and_wait(f"{topic_prefix}.tail.late", b"{}", key=b"late-%d" % n)
+        await eventually(lambda: out.getvalue().count("key=late-") == 4, within=20)
+        await stop(task)
+        assert "key=old" not in out.getvalue()
+
+        again = io.StringIO()
+        task = await tailing(again, from_beginning=True)
+        await producer.send_and_wait(f"{topic_prefix}.tail.later", b"{}", key=b"later")
+        await eventually(lambda: "key=later" in again.getvalue(), within=20)
+        await asyncio.sleep(1)  # time to print anything twice
+        await stop(task)
+        keys = re.findall(r"key=(\S+)", again.getvalue())
+        assert sorted(set(keys)) == sorted(keys)
+        assert {"old", "late-0", "late-3", "later"} <= set(keys)
+    finally:
+        await producer.stop()
 
 
 @pytest.mark.kafka
