@@ -297,6 +297,14 @@ async def dead_letters(settings: Settings) -> DeadLetters:
         admin = AIOKafkaAdminClient(**options)
         await admin.start()
         try:
+            # Describing a topic that does not exist creates it where the broker allows
+            # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
+            if topic not in await admin.list_topics():
+                raise ConfigError(
+                    f"the dead-letter topic {topic} does not exist on Kafka at "
+                    f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
+                    "is made by bridge topics create, or by the first dead letter kept)"
+                )
             described = await admin.describe_topics([topic])
         finally:
             await admin.close()

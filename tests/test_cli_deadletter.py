@@ -223,3 +223,21 @@ def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
         ["[2]@0", "key=a"],
         ["[0]@1", "key=d"],
     ]
+
+
+def test_a_missing_dead_letter_topic_is_an_error_and_is_not_created(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """deadletter list and replay on a topic that does not exist (a misspelt
+    BRIDGE_DEADLETTER_TOPIC) exit 2 naming it, and leave no such topic behind (listing
+    used to create it, on a broker that creates topics on first use)."""
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", f"{topic_prefix}.deadleter")
+    assert main(["deadletter", "list"]) == 2
+    assert main(["deadletter", "replay", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"bridge: the dead-letter topic {topic_prefix}.deadleter does not exist" in err
+    assert main(["topics", "list"]) == 0
+    assert f"{topic_prefix}.deadleter" not in capsys.readouterr().out.split()
