@@ -34,16 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (OSError, TimeoutError) as exc:  # Kafka unreachable or refusing, for the tools
+        if isinstance(exc, TimeoutError) and not str(exc):  # an operator tool's deadline
+            reason = f"no answer within {settings.kafka_connect_timeout:g} s"
+        else:
+            reason = str(exc) or type(exc).__name__
         print(
-            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: "
-            f"{exc or type(exc).__name__}",
-            file=sys.stderr,
+            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}", file=sys.stderr
         )
         return 1
     except Exception as exc:
         if type(exc).__module__.startswith("aiokafka"):
             print(
-                f"bridge: Kafka at {settings.kafka_bootstrap}: {exc or type(exc).__name__}",
+                f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
                 file=sys.stderr,
             )
             return 1

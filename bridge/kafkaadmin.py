@@ -293,22 +293,26 @@ async def dead_letters(settings: Settings) -> DeadLetters:
     """Every record on the dead-letter topic, and how many partitions it has."""
     options = kafka_client_options(settings)
     topic = settings.deadletter_topic
-    async with asyncio.timeout(settings.kafka_connect_timeout * 3):
-        admin = AIOKafkaAdminClient(**options)
-        await admin.start()
-        try:
-            # Describing a topic that does not exist creates it where the broker allows
-            # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
-            if topic not in await admin.list_topics():
-                raise ConfigError(
-                    f"the dead-letter topic {topic} does not exist on Kafka at "
-                    f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
-                    "is made by bridge topics create, or by the first dead letter kept)"
-                )
-            described = await admin.describe_topics([topic])
-        finally:
-            await admin.close()
-        records = await read_to_end(options, [topic])
+    deadline = settings.kafka_connect_timeout * 3
+    try:
+        async with asyncio.timeout(deadline):
+            admin = AIOKafkaAdminClient(**options)
+            await admin.start()
+            try:
+                # Describing a topic that does not exist creates it where the broker allows
+                # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
+                if topic not in await admin.list_topics():
+                    raise ConfigError(
+                        f"the dead-letter topic {topic} does not exist on Kafka at "
+                        f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
+                        "is made by bridge topics create, or by the first dead letter kept)"
+                    )
+                described = await admin.describe_topics([topic])
+            finally:
+                await admin.close()
+            records = await read_to_end(options, [topic])
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {deadline:g} s") from None
     partitions = sum(len(t["partitions"]) for t in described if t["error_code"] == 0)
     records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
     return DeadLetters(records, partitions)

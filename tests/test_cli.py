@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import re
+import socket
 import uuid
 
 import pytest
@@ -73,6 +74,26 @@ def test_kafka_unreachable_is_one_clear_line(
     err = capsys.readouterr().err
     assert "bridge: Kafka at 127.0.0.1:" in err
     assert "Traceback" not in err
+
+
+def test_kafka_that_never_answers_is_named_with_the_deadline(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Kafka that accepts connections but never answers: the line says how long the
+    tool waited (it used to end in an empty reason: str(TimeoutError()) is '')."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+        env.setenv("BRIDGE_KAFKA_BOOTSTRAP", bootstrap)
+        env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "1")
+        assert main(["topics", "list"]) == 1
+        assert main(["deadletter", "list"]) == 1  # reading them may take 3 deadlines
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 1 s",
+        f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 3 s",
+    ]
 
 
 def test_template_pattern_matches_its_topics() -> None:
