@@ -109,9 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         "--pattern", help="also every topic this regular expression matches (from the start)"
     )
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
-    tail.add_argument("--limit", type=int, help="stop after this many records")
+    tail.add_argument("--limit", type=_at_least_one, help="stop after this many records")
     tail.set_defaults(run=_tail)
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    """``--limit``: a whole number of records, 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of records (1 or more)")
+    return number
 
 
 def _router(settings: Settings) -> Router:

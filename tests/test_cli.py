@@ -96,6 +96,19 @@ def test_kafka_that_never_answers_is_named_with_the_deadline(
     ]
 
 
+@pytest.mark.parametrize("limit", ["0", "-3", "two"])
+def test_tail_limit_below_one_is_refused(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    """tail --limit 0 (or less) is a usage error, exit 2, before Kafka is asked (it used to
+    print one record and then wait forever)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    with pytest.raises(SystemExit) as exited:
+        main(["tail", "some.topic", "--limit", limit])
+    assert exited.value.code == 2
+    assert f"--limit: {limit!r} is not a number of records (1 or more)" in capsys.readouterr().err
+
+
 def test_template_pattern_matches_its_topics() -> None:
     """The default tail pattern matches every topic the template makes, and no other."""
     pattern = re.compile(template_pattern("geins.{entity}.{action}"))
