@@ -216,6 +216,10 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
     records = _selected_dead_letters(settings, args)
+    if not records and (args.offset or args.key or args.reason):
+        # Nothing replayed that was asked for, as when some are still refused.
+        print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
+        return 1
     results = asyncio.run(
         kafkaadmin.replay_dead_letters(settings, _router(settings), records, dry_run=args.dry_run)
     )

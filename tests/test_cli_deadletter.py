@@ -172,7 +172,8 @@ def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
 ) -> None:
     """On a dead-letter topic of 3 partitions (as topics create makes it), list shows
     [partition]@offset in arrival order, replay --offset takes P:N, and N alone is refused
-    (it used to match one record per partition, and list showed @0 three times)."""
+    (it used to match one record per partition, and list showed @0 three times); filters
+    that match nothing exit 1."""
     topic = f"{topic_prefix}.deadletter"
 
     async def keep() -> None:
@@ -217,6 +218,10 @@ def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
     env.setenv("BRIDGE_STRICT_TYPES", "false")
     assert main(["deadletter", "replay", "--offset", "0", "--dry-run"]) == 2
     assert "give PARTITION:OFFSET, such as 0:0" in capsys.readouterr().err
+    for nothing in (["--offset", "1:5"], ["--key", "z"], ["--reason", "body_not_json"]):
+        assert main(["deadletter", "replay", *nothing]) == 1  # used to exit 0
+        err = capsys.readouterr().err
+        assert f"no dead letter on {topic} matches" in err
     assert main(["deadletter", "replay", "--offset", "0:1", "--offset", "2:0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[:2] for line in out.splitlines()] == [
