@@ -152,10 +152,14 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
     names = args.names or kafkaadmin.default_topics(settings, _router(settings))
-    results = asyncio.run(kafkaadmin.create_topics(settings, names))
+    try:
+        results = asyncio.run(kafkaadmin.create_topics(settings, names))
+    except kafkaadmin.TopicsNotCreated as exc:
+        results = exc.results  # the others were made: say so too
     for name, result in sorted(results.items()):
-        print(f"{result:8} {name}")
-    return 0
+        outcome, _, why = result.partition(": ")
+        print(f"{outcome:8} {name}" + (f"  ({why})" if why else ""))
+    return 1 if any(r.startswith("failed") for r in results.values()) else 0
 
 
 def _topics_list(settings: Settings, _: argparse.Namespace) -> int:

@@ -45,8 +45,24 @@ def default_topics(settings: Settings, router: Router) -> list[str]:
     return topics
 
 
+class TopicsNotCreated(KafkaError):  # type: ignore[misc]  # aiokafka ships no type information
+    """Kafka refused to create some of the topics; ``results`` holds every topic's
+    outcome ("created", "exists" or "failed: why"), the others were made."""
+
+    def __init__(self, results: dict[str, str]) -> None:
+        self.results = results
+        super().__init__(
+            "; ".join(
+                f"creating topic {name} {result}"
+                for name, result in sorted(results.items())
+                if result.startswith("failed")
+            )
+        )
+
+
 async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, str]:
-    """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises on errors.
+    """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises
+    :class:`TopicsNotCreated` (with every outcome) when some could not be created.
 
     Without a configured replication factor, uses min(3, number of brokers), so a
     one-broker development cluster and a production cluster both get a sensible value.
@@ -69,8 +85,9 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             elif code == _TOPIC_EXISTS:
                 results[name] = "exists"
             else:
-                message = rest[0] if rest and rest[0] else f"error code {code}"
-                raise KafkaError(f"creating topic {name} failed: {message}")
+                results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
+        if any(result.startswith("failed") for result in results.values()):
+            raise TopicsNotCreated(results)
         return results
     finally:
         await admin.close()

@@ -279,6 +279,22 @@ def test_topics_create_makes_the_deadletter_topic(
 
 
 @pytest.mark.kafka
+def test_topics_create_prints_every_result_when_one_fails(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """topics create good "bad name" creates good, prints both outcomes, exits 1 (it used
+    to print only the error, though good was made)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    assert main(["topics", "create", f"{topic_prefix}.good", f"{topic_prefix} bad"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"failed   {topic_prefix} bad  (")
+    assert lines[1:] == [f"created  {topic_prefix}.good"]
+
+
+@pytest.mark.kafka
 def test_deadletter_list_and_replay(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
