@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from bridge.deadletter import dead_letter, delivery_from_dead_letter
+from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
 from bridge.errors import UnknownEventType
 from bridge.geins import Delivery, parse_delivery
 
@@ -76,3 +76,16 @@ def test_dead_letters_of_the_old_form_are_still_read() -> None:
     rebuilt = delivery_from_dead_letter(old, b"{}")
     assert rebuilt.headers == [(b"x-idempotency-key", b"k-1"), (b"x-timestamp", b"2024-01-15")]
     assert parse_delivery(rebuilt).key == "k-1"
+
+
+def test_a_dead_letter_keeps_every_key_parsing_accepts() -> None:
+    """A key with a no-break space (printable to HTTP, not to str.isprintable) is the
+    event's key, so it is the dead letter's too (it used to get a random one); a control
+    character is refused by both."""
+    nbsp = "order\u00a01"
+    sent = [(b"x-idempotency-key", nbsp.encode())]
+    accepted = parse_delivery(refused(sent), strict_types=False)
+    assert accepted.key == nbsp
+    assert delivery_key(refused(sent), []) == nbsp
+    assert dead_letter(refused(sent), REFUSED, "dl", []).key == nbsp.encode()
+    assert delivery_key(refused([(b"x-idempotency-key", b"order\x01")]), []) is None
