@@ -86,7 +86,9 @@ async def _create_topics(
     while publisher is not None and not publisher.connected:  # noqa: ASYNC110
         await asyncio.sleep(1.0)
     try:
-        created = await kafkaadmin.create_topics(settings, kafkaadmin.known_topics(router))
+        created = await kafkaadmin.create_topics(
+            settings, kafkaadmin.default_topics(settings, router)
+        )
     except Exception as exc:
         log.error("BRIDGE_CREATE_TOPICS: the topics could not be created: %s", exc)
         return

@@ -34,16 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (OSError, TimeoutError) as exc:  # Kafka unreachable or refusing, for the tools
+        if isinstance(exc, TimeoutError) and not str(exc):  # an operator tool's deadline
+            reason = f"no answer within {settings.kafka_connect_timeout:g} s"
+        else:
+            reason = str(exc) or type(exc).__name__
         print(
-            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: "
-            f"{exc or type(exc).__name__}",
-            file=sys.stderr,
+            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}", file=sys.stderr
         )
         return 1
     except Exception as exc:
         if type(exc).__module__.startswith("aiokafka"):
             print(
-                f"bridge: Kafka at {settings.kafka_bootstrap}: {exc or type(exc).__name__}",
+                f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
                 file=sys.stderr,
             )
             return 1
@@ -88,7 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         "replay",
         help="parse dead letters again with today's settings and publish those now accepted",
     )
-    replay.add_argument("--offset", type=int, action="append", help="only this offset (repeat)")
+    replay.add_argument(
+        "--offset",
+        type=_position,
+        action="append",
+        metavar="P:N",
+        help="only the record at offset N of partition P, as list shows it (repeat); "
+        "N alone when the topic has one partition",
+    )
     replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
     replay.add_argument("--reason", help="only dead letters with this reason")
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
@@ -100,9 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         "--pattern", help="also every topic this regular expression matches (from the start)"
     )
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
-    tail.add_argument("--limit", type=int, help="stop after this many records")
+    tail.add_argument("--limit", type=_at_least_one, help="stop after this many records")
     tail.set_defaults(run=_tail)
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    """``--limit``: a whole number of records, 1 or more."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of records (1 or more)")
+    return number
 
 
 def _router(settings: Settings) -> Router:
@@ -134,11 +154,15 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
 def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    names = args.names or kafkaadmin.known_topics(_router(settings))
-    results = asyncio.run(kafkaadmin.create_topics(settings, names))
+    names = args.names or kafkaadmin.default_topics(settings, _router(settings))
+    try:
+        results = asyncio.run(kafkaadmin.create_topics(settings, names))
+    except kafkaadmin.TopicsNotCreated as exc:
+        results = exc.results  # the others were made: say so too
     for name, result in sorted(results.items()):
-        print(f"{result:8} {name}")
-    return 0
+        outcome, _, why = result.partition(": ")
+        print(f"{outcome:8} {name}" + (f"  ({why})" if why else ""))
+    return 1 if any(r.startswith("failed") for r in results.values()) else 0
 
 
 def _topics_list(settings: Settings, _: argparse.Namespace) -> int:
@@ -149,19 +173,38 @@ def _topics_list(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+def _position(text: str) -> tuple[int | None, int]:
+    """``--offset``: ``P:N`` (partition, offset), or ``N`` alone (no partition given)."""
+    partition, _, offset = text.rpartition(":")
+    try:
+        return (int(partition) if partition else None), int(offset)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not PARTITION:OFFSET (such as 2:17, as deadletter list shows [2]@17)"
+        ) from None
+
+
 def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list[Any]:
     from bridge import kafkaadmin  # noqa: PLC0415
 
     if not settings.deadletter_topic:
         raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
-    records = asyncio.run(kafkaadmin.dead_letters(settings))
-    offsets = set(getattr(args, "offset", None) or ())
+    found = asyncio.run(kafkaadmin.dead_letters(settings))
+    positions: set[tuple[int, int]] = set()
+    for partition, offset in getattr(args, "offset", None) or ():
+        if partition is None and found.partitions > 1:
+            raise ConfigError(
+                f"--offset {offset} names one record on each partition of "
+                f"{settings.deadletter_topic} ({found.partitions} partitions): "
+                f"give PARTITION:OFFSET, such as 0:{offset}"
+            )
+        positions.add((partition or 0, offset))
     keys = set(getattr(args, "key", None) or ())
     return [
         r
-        for r in records
-        if (not offsets or r.offset in offsets)
-        and (not keys or r.key.decode(errors="replace") in keys)
+        for r in found.records
+        if (not positions or (r.partition, r.offset) in positions)
+        and (not keys or kafkaadmin.text(r.key) in keys)
         and (not args.reason or dict(r.headers).get("x-bridge-reason") == args.reason.encode())
     ]
 
@@ -180,12 +223,17 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
     records = _selected_dead_letters(settings, args)
+    if not records and (args.offset or args.key or args.reason):
+        # Nothing replayed that was asked for, as when some are still refused.
+        print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
+        return 1
     results = asyncio.run(
         kafkaadmin.replay_dead_letters(settings, _router(settings), records, dry_run=args.dry_run)
     )
     for record, topic, outcome in results:
         target = f" -> {topic}" if topic else ""
-        print(f"@{record.offset:<6} key={record.key.decode(errors='replace')}  {outcome}{target}")
+        position = kafkaadmin.position(record)
+        print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
     refused = sum(topic is None for _, topic, _ in results)
     verb = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)

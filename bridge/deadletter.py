@@ -20,6 +20,7 @@ import orjson
 
 from bridge.errors import BridgeError
 from bridge.geins import (
+    _CONTROL_CHARS,
     IDEMPOTENCY_HEADER,
     MAX_KEY_LENGTH,
     SECRET_QUERY_PARAMS,
@@ -33,6 +34,10 @@ CREDENTIAL_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"x-apikey"}
 )
 PREFIX = "x-bridge-"
+#: What the drainer adds to an accepted event that Kafka refused for good when it
+#: sets it aside (``Drainer._set_aside``); the event's own headers come before them,
+#: its own ``x-bridge-*`` ones (``key-generated``, ``time-source``) included.
+SET_ASIDE_HEADERS = frozenset({PREFIX + "reason", PREFIX + "detail", PREFIX + "original-topic"})
 
 
 def dead_letter(
@@ -41,11 +46,13 @@ def dead_letter(
     """The dead-letter record for a delivery refused with ``error``; ``tokens`` are
     the tokens accepted now (values that contain one are left out)."""
     secrets = [t.encode() for t in tokens if t]
-    headers = {
-        name.decode("latin-1").lower(): value.decode("latin-1")
+    # A list of [name, value] pairs, not an object: a repeated header (two different
+    # x-Timestamp values, which parsing trusts neither of) must come back as it came.
+    headers = [
+        [name.decode("latin-1").lower(), value.decode("latin-1")]
         for name, value in delivery.headers
         if name.lower() not in CREDENTIAL_HEADERS and not any(s in value for s in secrets)
-    }
+    ]
     query = [
         (n, v)
         for n, v in delivery.query
@@ -81,22 +88,30 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
     for name, value in delivery.headers:
         if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
             key = key_text(value.decode("latin-1")).strip()
-            if key and len(key) <= MAX_KEY_LENGTH and key.isprintable():
+            # The rule parsing applies (geins._idempotency_key), so that a key the event
+            # would have kept is the dead letter's key too.
+            if key and len(key) <= MAX_KEY_LENGTH and not _CONTROL_CHARS.search(key):
                 return key
     return None
 
 
-def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes]], body: bytes) -> Delivery:
+def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body: bytes) -> Delivery:
     """Rebuild the original delivery (minus credentials) from a dead-letter record."""
-    fields = {name: value.decode() for name, value in headers if name.startswith(PREFIX)}
-    request_headers = orjson.loads(fields.get(PREFIX + "request-headers", "{}"))
+    fields = {
+        name: value.decode()
+        for name, value in headers
+        if name.startswith(PREFIX) and value is not None  # Kafka allows null values
+    }
+    stored = orjson.loads(fields.get(PREFIX + "request-headers", "[]"))
+    # Dead letters kept before the list form hold an object (one value per name).
+    pairs = stored.items() if isinstance(stored, dict) else stored
     return Delivery(
         method=fields.get(PREFIX + "method", "POST"),
         path=fields.get(PREFIX + "path", ""),
         path_entity=fields.get(PREFIX + "path-entity"),
         path_action=fields.get(PREFIX + "path-action"),
         query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
-        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in request_headers.items()],
+        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs],
         body=body,
         received_at=datetime.fromisoformat(fields[PREFIX + "received-at"])
         if PREFIX + "received-at" in fields

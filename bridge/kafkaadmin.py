@@ -7,9 +7,11 @@ path's module stays small.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -17,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.config import Settings
-from bridge.deadletter import PREFIX, delivery_from_dead_letter
+from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
 from bridge.errors import BridgeError, ConfigError
 from bridge.geins import ENTITY_ACTIONS, parse_delivery
 from bridge.metrics import Metrics
@@ -33,8 +35,34 @@ def known_topics(router: Router) -> list[str]:
     return router.known_topics([(e, a) for e, acts in ENTITY_ACTIONS.items() for a in acts])
 
 
+def default_topics(settings: Settings, router: Router) -> list[str]:
+    """What ``bridge topics create`` and BRIDGE_CREATE_TOPICS make: the known topics and
+    the dead-letter topic (when dead letters are kept). Without the latter, a broker
+    that does not create topics on first use would answer every refused delivery 503."""
+    topics = known_topics(router)
+    if settings.deadletter_topic and settings.deadletter_topic not in topics:
+        topics.append(settings.deadletter_topic)
+    return topics
+
+
+class TopicsNotCreated(KafkaError):  # type: ignore[misc]  # aiokafka ships no type information
+    """Kafka refused to create some of the topics; ``results`` holds every topic's
+    outcome ("created", "exists" or "failed: why"), the others were made."""
+
+    def __init__(self, results: dict[str, str]) -> None:
+        self.results = results
+        super().__init__(
+            "; ".join(
+                f"creating topic {name} {result}"
+                for name, result in sorted(results.items())
+                if result.startswith("failed")
+            )
+        )
+
+
 async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, str]:
-    """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises on errors.
+    """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises
+    :class:`TopicsNotCreated` (with every outcome) when some could not be created.
 
     Without a configured replication factor, uses min(3, number of brokers), so a
     one-broker development cluster and a production cluster both get a sensible value.
@@ -57,8 +85,9 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             elif code == _TOPIC_EXISTS:
                 results[name] = "exists"
             else:
-                message = rest[0] if rest and rest[0] else f"error code {code}"
-                raise KafkaError(f"creating topic {name} failed: {message}")
+                results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
+        if any(result.startswith("failed") for result in results.values()):
+            raise TopicsNotCreated(results)
         return results
     finally:
         await admin.close()
@@ -111,14 +140,21 @@ async def read_to_end(
         await consumer.stop()
 
 
+def text(value: bytes | None) -> str:
+    """A record's key, value or header value as text; Kafka allows null for each."""
+    return "<none>" if value is None else value.decode(errors="replace")
+
+
 def format_record(record: Any) -> str:
     """One consumed record as a block of text a person can read."""
-    key = record.key.decode(errors="replace") if record.key is not None else "<none>"
-    lines = [f"--- {record.topic} [{record.partition}] @{record.offset}  key={key}"]
-    lines += [f"  {name}: {value.decode(errors='replace')}" for name, value in record.headers]
-    value = record.value.decode(errors="replace") if record.value is not None else "<none>"
-    lines.append(f"  {value}")
+    lines = [f"--- {record.topic} [{record.partition}] @{record.offset}  key={text(record.key)}"]
+    lines += [f"  {name}: {text(value)}" for name, value in record.headers]
+    lines.append(f"  {text(record.value)}")
     return "\n".join(lines)
+
+
+#: How often ``bridge tail`` looks for new topics (and partitions) to follow.
+TAIL_DISCOVERY_SECONDS = 2.0
 
 
 async def tail(
@@ -134,30 +170,92 @@ async def tail(
 
     With ``pattern``, the records of every topic it matches (from the start of the
     name, as Kafka consumers match) and of the ``topics`` named as well.
+
+    The partitions are assigned here rather than by a pattern subscription: without a
+    consumer group aiokafka resets the position of every partition whenever a topic
+    appears, so a topic created while tailing lost its first records (or, from the
+    beginning, every topic was printed again). Partitions there at the start begin
+    at their end (or beginning); those that appear later, at their beginning, since
+    everything on them arrived after the start.
     """
-    subscription = tail_pattern(topics, pattern) if pattern is not None else None
-    consumer = AIOKafkaConsumer(
-        *(topics if subscription is None else ()),
-        **kafka_client_options(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        metadata_max_age_ms=5000,  # notice new topics matching the pattern quickly
-    )
-    if subscription is not None:
-        consumer.subscribe(pattern=subscription)
+    subscription = re.compile(tail_pattern(topics, pattern)) if pattern is not None else None
+    named = set(topics)
+
+    def wanted(topic: str) -> bool:
+        return topic in named or bool(subscription and subscription.match(topic))
+
+    options = kafka_client_options(settings)
+    admin = AIOKafkaAdminClient(**options)
+    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
     shown = 0
     try:
         async with asyncio.timeout(settings.kafka_connect_timeout):
+            await admin.start()
             await consumer.start()
-        async for record in consumer:
-            print(format_record(record), file=out or sys.stdout, flush=True)
-            shown += 1
-            if limit is not None and shown >= limit:
-                break
+        follow = _Follower(admin, consumer, wanted, settings.kafka_connect_timeout)
+        await follow.look(new_at_end=not from_beginning)
+        looked = time.monotonic()
+        while limit is None or shown < limit:
+            if time.monotonic() - looked >= TAIL_DISCOVERY_SECONDS:
+                await follow.look(new_at_end=False)
+                looked = time.monotonic()
+            if not follow.assigned:
+                await asyncio.sleep(TAIL_DISCOVERY_SECONDS)
+                continue
+            batches = await consumer.getmany(timeout_ms=500)
+            for record in (r for tp in sorted(batches) for r in batches[tp]):
+                print(format_record(record), file=out or sys.stdout, flush=True)
+                shown += 1
+                if limit is not None and shown >= limit:
+                    break
     finally:
         await consumer.stop()
+        await admin.close()
     return shown
+
+
+class _Follower:
+    """The partitions ``bridge tail`` follows: those of the topics it wants, now."""
+
+    def __init__(
+        self,
+        admin: AIOKafkaAdminClient,
+        consumer: AIOKafkaConsumer,
+        wanted: Callable[[str], bool],
+        timeout: float,
+    ) -> None:
+        self._admin = admin
+        self._consumer = consumer
+        self._wanted = wanted
+        self._timeout = timeout
+        self.assigned: set[TopicPartition] = set()
+
+    async def look(self, *, new_at_end: bool) -> None:
+        """Assign the partitions of the topics wanted now. Those already assigned keep
+        their position; new ones start at their beginning, or (``new_at_end``, for the
+        first look of a tail that is not from the beginning) at their end."""
+        async with asyncio.timeout(self._timeout):
+            described = await self._admin.describe_topics()  # all topics: creates none
+            now = {
+                TopicPartition(t["topic"], p["partition"])
+                for t in described
+                if t["error_code"] == 0 and not t["is_internal"] and self._wanted(t["topic"])
+                for p in t["partitions"]
+            }
+            if now == self.assigned:
+                return
+            new = now - self.assigned
+            consumer = self._consumer
+            kept = {tp: await consumer.position(tp) for tp in self.assigned & now}
+            consumer.assign(sorted(now))
+            for tp, offset in kept.items():
+                consumer.seek(tp, offset)
+            if new and new_at_end:
+                for tp, offset in (await consumer.end_offsets(sorted(new))).items():
+                    consumer.seek(tp, offset)
+            elif new:
+                await consumer.seek_to_beginning(*new)
+            self.assigned = now
 
 
 def tail_pattern(topics: Sequence[str], pattern: str) -> str:
@@ -174,10 +272,17 @@ def tail_pattern(topics: Sequence[str], pattern: str) -> str:
 
 
 def _header(record: Any, name: str) -> str:
+    """The header's value as text: "" when there is none, ``<none>`` when it is null."""
     for key, value in record.headers:
         if key == name:
-            return str(value.decode(errors="replace"))
+            return text(value)
     return ""
+
+
+def position(record: Any) -> str:
+    """Where a record is on its topic, ``[partition]@offset`` as ``bridge tail`` shows it
+    (an offset alone names one record per partition)."""
+    return f"[{record.partition}]@{record.offset}"
 
 
 def describe_dead_letter(record: Any) -> str:
@@ -185,17 +290,49 @@ def describe_dead_letter(record: Any) -> str:
     body = record.value.decode(errors="replace") if record.value else ""
     excerpt = body if len(body) <= 80 else body[:77] + "..."
     return (
-        f"@{record.offset:<6} {_header(record, 'x-bridge-received-at') or '-':32} "
-        f"key={record.key.decode(errors='replace')}  {_header(record, 'x-bridge-reason')}: "
-        f"{_header(record, 'x-bridge-detail')}\n        {_header(record, 'x-bridge-method')} "
+        f"{position(record):<9} {_header(record, 'x-bridge-received-at') or '-':32} "
+        f"key={text(record.key)}  {_header(record, 'x-bridge-reason')}: "
+        f"{_header(record, 'x-bridge-detail')}\n          {_header(record, 'x-bridge-method')} "
         f"{_header(record, 'x-bridge-path')}?{_header(record, 'x-bridge-query')}  {excerpt}"
     )
 
 
-async def dead_letters(settings: Settings) -> list[Any]:
-    """Every record on the dead-letter topic, oldest first."""
-    async with asyncio.timeout(settings.kafka_connect_timeout * 3):
-        return await read_to_end(kafka_client_options(settings), [settings.deadletter_topic])
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetters:
+    """What is on the dead-letter topic, oldest first (by record timestamp, then
+    partition and offset: the order they arrived in across partitions)."""
+
+    records: list[Any]
+    partitions: int
+
+
+async def dead_letters(settings: Settings) -> DeadLetters:
+    """Every record on the dead-letter topic, and how many partitions it has."""
+    options = kafka_client_options(settings)
+    topic = settings.deadletter_topic
+    deadline = settings.kafka_connect_timeout * 3
+    try:
+        async with asyncio.timeout(deadline):
+            admin = AIOKafkaAdminClient(**options)
+            await admin.start()
+            try:
+                # Describing a topic that does not exist creates it where the broker allows
+                # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
+                if topic not in await admin.list_topics():
+                    raise ConfigError(
+                        f"the dead-letter topic {topic} does not exist on Kafka at "
+                        f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
+                        "is made by bridge topics create, or by the first dead letter kept)"
+                    )
+                described = await admin.describe_topics([topic])
+            finally:
+                await admin.close()
+            records = await read_to_end(options, [topic])
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {deadline:g} s") from None
+    partitions = sum(len(t["partitions"]) for t in described if t["error_code"] == 0)
+    records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+    return DeadLetters(records, partitions)
 
 
 async def replay_dead_letters(
@@ -204,8 +341,9 @@ async def replay_dead_letters(
     """Run each dead letter through today's parsing and routing again.
 
     Returns (record, topic or None, what happened). Accepted ones are published
-    with their original idempotency key, so consumers see a replay of an event
-    they already have as a duplicate.
+    with their original idempotency key (or, when the delivery had none, the dead
+    letter's own key), so consumers see a replay of an event they already have,
+    or a second replay, as a duplicate.
     """
     publisher = None if dry_run else KafkaPublisher(settings, Metrics())
     if publisher is not None:
@@ -230,13 +368,19 @@ async def replay_dead_letters(
 
 
 def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:
-    original_topic = _header(record, "x-bridge-original-topic")
+    original_topic = next(
+        (text(v) for n, v in record.headers if n == "x-bridge-original-topic" and v), None
+    )
     if original_topic:  # accepted, then refused by Kafka: resend as it was
-        headers = [(n, v) for n, v in record.headers if not n.startswith(PREFIX)]
-        return Destination(original_topic, record.key, record.value, headers), "resent"
+        headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
+        return Destination(original_topic, record.key, record.value or b"", headers), "resent"
     delivery = delivery_from_dead_letter(record.headers, record.value or b"")
     try:
         event = parse_delivery(delivery, strict_types=settings.strict_types)
     except BridgeError as exc:
         return None, f"still refused: {exc.reason} ({exc.detail})"
+    if event.key_generated and record.key:
+        # The delivery had no usable key, so the dead letter got a generated one: every
+        # replay of it publishes with that key, for consumers to de-duplicate by.
+        event = dataclasses.replace(event, key=record.key.decode(errors="replace"))
     return router.route(event), "accepted"

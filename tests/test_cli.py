@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import io
 import re
+import socket
 import uuid
 
 import pytest
@@ -16,9 +19,10 @@ from bridge.app import create_app
 from bridge.cli import main, template_pattern
 from bridge.config import load_settings
 from bridge.devkafka import free_port
-from bridge.kafkaadmin import tail_pattern
+from bridge.kafkaadmin import tail, tail_pattern
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -84,6 +88,39 @@ def test_kafka_unreachable_is_one_clear_line(
     assert "Traceback" not in err
 
 
+def test_kafka_that_never_answers_is_named_with_the_deadline(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Kafka that accepts connections but never answers: the line says how long the
+    tool waited (it used to end in an empty reason: str(TimeoutError()) is '')."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+        env.setenv("BRIDGE_KAFKA_BOOTSTRAP", bootstrap)
+        env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "1")
+        assert main(["topics", "list"]) == 1
+        assert main(["deadletter", "list"]) == 1  # reading them may take 3 deadlines
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 1 s",
+        f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 3 s",
+    ]
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "two"])
+def test_tail_limit_below_one_is_refused(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    """tail --limit 0 (or less) is a usage error, exit 2, before Kafka is asked (it used to
+    print one record and then wait forever)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    with pytest.raises(SystemExit) as exited:
+        main(["tail", "some.topic", "--limit", limit])
+    assert exited.value.code == 2
+    assert f"--limit: {limit!r} is not a number of records (1 or more)" in capsys.readouterr().err
+
+
 def test_template_pattern_matches_its_topics() -> None:
     """The default tail pattern matches every topic the template makes, and no other."""
     pattern = re.compile(template_pattern("geins.{entity}.{action}"))
@@ -145,6 +182,60 @@ def test_tail_topics_and_a_pattern(
 
 
 @pytest.mark.kafka
+async def test_tail_prints_every_record_of_a_topic_created_while_tailing(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A topic the pattern matches that appears while tail runs is printed from its first
+    record (tail used to start new topics at their end and miss the first ones); a topic
+    that was there stays at its end; from the beginning, a new topic prints nothing twice
+    (every partition used to start over whenever a topic appeared)."""
+    settings = load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    pattern = rf"{re.escape(topic_prefix)}\.tail\."
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+
+    async def stop(task: asyncio.Task[int]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def tailing(out: io.StringIO, *, from_beginning: bool) -> asyncio.Task[int]:
+        ready = f"ready-{from_beginning}-".encode()
+        task = asyncio.create_task(
+            tail(settings, [], pattern=pattern, from_beginning=from_beginning, limit=None, out=out)
+        )
+        for n in range(60):  # it follows the topic that is there once a new record shows
+            await producer.send_and_wait(f"{topic_prefix}.tail.early", b"{}", key=ready + b"%d" % n)
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: f"key={ready.decode()}" in out.getvalue(), within=0.5)
+                return task
+        await stop(task)
+        raise AssertionError(f"tail printed nothing: {out.getvalue()!r}")
+
+    try:
+        await producer.send_and_wait(f"{topic_prefix}.tail.early", b"{}", key=b"old")
+        out = io.StringIO()
+        task = await tailing(out, from_beginning=False)
+        for n in range(4):
+            await producer.send_and_wait(f"{topic_prefix}.tail.late", b"{}", key=b"late-%d" % n)
+        await eventually(lambda: out.getvalue().count("key=late-") == 4, within=20)
+        await stop(task)
+        assert "key=old" not in out.getvalue()
+
+        again = io.StringIO()
+        task = await tailing(again, from_beginning=True)
+        await producer.send_and_wait(f"{topic_prefix}.tail.later", b"{}", key=b"later")
+        await eventually(lambda: "key=later" in again.getvalue(), within=20)
+        await asyncio.sleep(1)  # time to print anything twice
+        await stop(task)
+        keys = re.findall(r"key=(\S+)", again.getvalue())
+        assert sorted(set(keys)) == sorted(keys)
+        assert {"old", "late-0", "late-3", "later"} <= set(keys)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.kafka
 def test_topics_create_list_and_tail(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -174,6 +265,45 @@ def test_topics_create_list_and_tail(
     assert "key=tail-key" in out
     assert "ce_type: com.geins.refund.create" in out
     assert '{"id":"r-9"}' in out
+
+
+@pytest.mark.kafka
+def test_topics_create_makes_the_deadletter_topic(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """topics create makes the dead-letter topic with the event topics (on a broker that
+    does not create topics on first use, every refused delivery would be answered 503),
+    and none when dead letters are not kept."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".{entity}.{action}")
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", topic_prefix + "-dead")
+    assert main(["topics", "create"]) == 0
+    assert f"created  {topic_prefix}-dead" in capsys.readouterr().out.splitlines()
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", "")
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".again.{entity}.{action}")
+    assert main(["topics", "create"]) == 0
+    out = capsys.readouterr().out
+    assert f"created  {topic_prefix}.again.order.create" in out
+    assert "dead" not in out
+
+
+@pytest.mark.kafka
+def test_topics_create_prints_every_result_when_one_fails(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """topics create good "bad name" creates good, prints both outcomes, exits 1 (it used
+    to print only the error, though good was made)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    assert main(["topics", "create", f"{topic_prefix}.good", f"{topic_prefix} bad"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"failed   {topic_prefix} bad  (")
+    assert lines[1:] == [f"created  {topic_prefix}.good"]
 
 
 @pytest.mark.kafka

@@ -91,18 +91,26 @@ def test_shared_samples_land_on_their_topics(
 
 
 def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> None:
-    """BRIDGE_CREATE_TOPICS creates every known topic with the configured partitions."""
+    """BRIDGE_CREATE_TOPICS creates every known topic and the dead-letter topic with the
+    configured partitions."""
 
     env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true",
                      BRIDGE_TOPIC_PARTITIONS="2")  # fmt: skip
     settings = load_settings(environ=env)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
-    topics = [
-        t for t in asyncio.run(kafkaadmin.list_topics(settings)) if t.startswith(topic_prefix)
-    ]
+    # The broker answers the creation before its metadata lists the new topics.
+    topics = wait_until(
+        lambda: [
+            t for t in asyncio.run(kafkaadmin.list_topics(settings)) if t.startswith(topic_prefix)
+        ],
+        lambda found: len(found) == 31 + 1,
+        within=10,
+        every=0.2,
+    )
     assert f"{topic_prefix}.geins.productmonitor.notify" in topics
-    assert len(topics) == 31  # every entity/action pair of the Geins table
+    assert f"{topic_prefix}.deadletter" in topics
+    assert len(topics) == 31 + 1  # every entity/action pair of the Geins table, dead letters
 
 
 def test_topics_that_cannot_be_created_do_not_stop_the_bridge(
