@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 from bridge import logs
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
-from bridge.routing import PLACEHOLDERS, Router
+from bridge.routing import Router, template_pattern
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,14 +237,6 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     verb = "would be replayed" if args.dry_run else "replayed"
     print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)
     return 1 if refused else 0
-
-
-def template_pattern(template: str) -> str:
-    """A regular expression matching every topic ``template`` can produce."""
-    pattern = re.escape(template)
-    for name in PLACEHOLDERS:
-        pattern = pattern.replace(re.escape("{" + name + "}"), "[a-z0-9._-]+")
-    return f"^{pattern}$"
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

@@ -20,11 +20,10 @@ import orjson
 
 from bridge.errors import BridgeError
 from bridge.geins import (
-    _CONTROL_CHARS,
     IDEMPOTENCY_HEADER,
-    MAX_KEY_LENGTH,
     SECRET_QUERY_PARAMS,
     Delivery,
+    key_problem,
     key_text,
 )
 from bridge.routing import Destination
@@ -88,9 +87,9 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
     for name, value in delivery.headers:
         if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
             key = key_text(value.decode("latin-1")).strip()
-            # The rule parsing applies (geins._idempotency_key), so that a key the event
-            # would have kept is the dead letter's key too.
-            if key and len(key) <= MAX_KEY_LENGTH and not _CONTROL_CHARS.search(key):
+            # The rule parsing applies, so that a key the event would have kept is
+            # the dead letter's key too.
+            if key and key_problem(key) is None:
                 return key
     return None
 

@@ -328,13 +328,19 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
     key = key_text(raw or "").strip()
     if not key:
         return str(uuid.uuid4()), True, raw
-    if len(key) > MAX_KEY_LENGTH:
-        raise BadIdempotencyKey(
-            f"x-Idempotency-Key is {len(key)} characters long; at most {MAX_KEY_LENGTH} allowed"
-        )
-    if _CONTROL_CHARS.search(key):
-        raise BadIdempotencyKey("x-Idempotency-Key contains control characters")
+    problem = key_problem(key)
+    if problem is not None:
+        raise BadIdempotencyKey(problem)
     return key, False, raw
+
+
+def key_problem(key: str) -> str | None:
+    """Why a (stripped, non-empty) idempotency key is refused, or None when it is usable."""
+    if len(key) > MAX_KEY_LENGTH:
+        return f"x-Idempotency-Key is {len(key)} characters long; at most {MAX_KEY_LENGTH} allowed"
+    if _CONTROL_CHARS.search(key):
+        return "x-Idempotency-Key contains control characters"
+    return None
 
 
 def key_text(raw: str) -> str:

@@ -16,10 +16,11 @@ from starlette.testclient import TestClient
 
 from bridge import devkafka
 from bridge.app import create_app
-from bridge.cli import main, template_pattern
+from bridge.cli import main
 from bridge.config import load_settings
 from bridge.devkafka import free_port
 from bridge.kafkaadmin import tail, tail_pattern
+from bridge.routing import template_pattern
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import eventually
