@@ -11,7 +11,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.structs import TopicPartition
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.handover import DirectHandover
 from bridge.kafkaadmin import read_to_end
 from bridge.metrics import Metrics
@@ -28,28 +28,38 @@ def destination(topic: str, key: str) -> Destination:
     )
 
 
-def test_records_land_on_kafkas_partition_for_their_key(
-    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every record takes the fast way once the topic's partitions are known, lands on
-    Kafka's default partition for its key, and follows a growing partition count."""
-    topic = topic_prefix + ".grows"
-    fast: list[bool] = []
+@pytest.fixture
+def appends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """(topic, whether it took the fast way) for every record handed over."""
+    taken: list[tuple[str, bool]] = []
     append = DirectHandover.append
 
-    def counting(self: DirectHandover, *args: Any) -> Any:
-        future = append(self, *args)
-        fast.append(future is not None)
+    def counting(self: DirectHandover, topic: str, *args: Any) -> Any:
+        future = append(self, topic, *args)
+        taken.append((topic, future is not None))
         return future
 
     monkeypatch.setattr(DirectHandover, "append", counting)
-    settings = load_settings(
+    return taken
+
+
+def settings_for(kafka_bootstrap: str) -> Settings:
+    return load_settings(
         environ={
             "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
             "BRIDGE_TOKENS": "t",
             "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],
         }
     )
+
+
+def test_records_land_on_kafkas_partition_for_their_key(
+    kafka_bootstrap: str, topic_prefix: str, appends: list[tuple[str, bool]]
+) -> None:
+    """Every record takes the fast way once the topic's partitions are known, lands on
+    Kafka's default partition for its key, and follows a growing partition count."""
+    topic = topic_prefix + ".grows"
+    settings = settings_for(kafka_bootstrap)
 
     async def run() -> list[Any]:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -84,33 +94,18 @@ def test_records_land_on_kafkas_partition_for_their_key(
     for record in records:
         count = 2 if record.key.startswith(b"a") else 5
         assert record.partition == partition_index(record.key, count), record.key
-    assert fast.count(True) >= 79  # the first may wait for the topic's metadata
+    assert [fast for _, fast in appends].count(True) >= 79  # the first may wait for metadata
 
 
 def test_a_topic_known_at_start_keeps_its_metadata(
-    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str, topic_prefix: str, appends: list[tuple[str, bool]]
 ) -> None:
     """aiokafka refreshes metadata only for the topics send() registered. A topic that
     existed when the producer started is known without send() and taken the fast way;
     once another topic goes through send(), the next refresh must still cover it, or its
     records lose their leader (a batch waiting after a leader change would never find one)."""
     early, late = topic_prefix + ".early", topic_prefix + ".late"
-    fast: list[tuple[str, bool]] = []
-    append = DirectHandover.append
-
-    def counting(self: DirectHandover, topic: str, *args: Any) -> Any:
-        future = append(self, topic, *args)
-        fast.append((topic, future is not None))
-        return future
-
-    monkeypatch.setattr(DirectHandover, "append", counting)
-    settings = load_settings(
-        environ={
-            "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "BRIDGE_TOKENS": "t",
-            "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],
-        }
-    )
+    settings = settings_for(kafka_bootstrap)
 
     async def run() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -127,15 +122,15 @@ def test_a_topic_known_at_start_keeps_its_metadata(
                     await producer.client.force_metadata_update()
                     await asyncio.sleep(0.1)
                 await publisher.publish(destination(early, "e1"))
-                assert fast == [(early, True)]  # known at start: no send()
+                assert appends == [(early, True)]  # known at start: no send()
                 await admin.create_topics([NewTopic(late, 1, 1)])
                 await publisher.publish(destination(late, "l1"))  # send() registers it
-                assert fast[-1] == (late, False)
+                assert appends[-1] == (late, False)
                 await producer.client.force_metadata_update()
                 assert cluster.partitions_for_topic(early) == {0, 1, 2}
                 assert cluster.leader_for_partition(TopicPartition(early, 0)) is not None
                 await publisher.publish(destination(early, "e2"))
-                assert fast[-1] == (early, True)
+                assert appends[-1] == (early, True)
             finally:
                 await publisher.stop()
         finally:
