@@ -100,7 +100,7 @@ class Spool:
         # Owned by the writer thread; read (racily, for gauges) by everyone.
         self.depth = 0
         self.bytes = 0
-        self.keys = 0  # accepted keys remembered (a replaced expired key counts twice)
+        self.keys = 0  # accepted keys remembered, expired ones not purged yet included
         self.oldest_enqueued_at: float | None = None
         self.writable = True
         # Owned by the writer thread. When ``_copy_complete``, ``_copy`` holds every
@@ -329,7 +329,7 @@ class Spool:
             # One statement per kind for the whole group, not three per record: the
             # Python around each execute() costs more than SQLite's work, and this
             # thread holds the GIL the event loop needs meanwhile.
-            already = self._seen_among(
+            already, expired = self._known_among(
                 connection, [item.dedup_key for item in group if item.dedup_key is not None], now
             )
             rows: list[tuple[object, ...]] = []
@@ -383,7 +383,7 @@ class Spool:
             self.writable = True
         self.depth += len(added)
         self.bytes += added_bytes
-        self.keys += len(seen_rows)
+        self.keys += sum(key not in expired for key, _ in seen_rows)
         if added and self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
         self._keep_copies(added)
@@ -401,17 +401,26 @@ class Spool:
         error = SpoolWriteFailed("the spool writer failed unexpectedly")
         self._resolve([(future, error) for future in futures])
 
-    def _seen_among(self, connection: sqlite3.Connection, keys: list[str], now: float) -> set[str]:
-        """Which of ``keys`` were accepted within the de-duplication window."""
+    def _known_among(
+        self, connection: sqlite3.Connection, keys: list[str], now: float
+    ) -> tuple[set[str], set[str]]:
+        """Which of ``keys`` were accepted within the de-duplication window, and which
+        are still recorded from before it (accepted again, their row is replaced, not
+        added: they must not count twice against ``max_keys``)."""
         if self._dedup_window <= 0 or not keys:
-            return set()
+            return set(), set()
         # MAX_GROUP keys at most: well under SQLite's limit of 32,766 parameters.
         marks = ",".join("?" * len(keys))
         rows = connection.execute(
-            f"SELECT key FROM seen WHERE accepted_at >= ? AND key IN ({marks})",  # noqa: S608  # only placeholders
-            (now - self._dedup_window, *keys),
+            f"SELECT key, accepted_at FROM seen WHERE key IN ({marks})",  # noqa: S608  # only placeholders
+            keys,
         )
-        return {row[0] for row in rows}
+        cutoff = now - self._dedup_window
+        recent: set[str] = set()
+        expired: set[str] = set()
+        for key, accepted_at in rows:
+            (recent if accepted_at >= cutoff else expired).add(key)
+        return recent, expired
 
     def _keep_copies(self, committed: list[tuple[QueuedRecord, int]]) -> None:
         if not self._copy_complete:

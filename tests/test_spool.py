@@ -336,3 +336,21 @@ async def test_the_key_record_is_bounded_by_count_oldest_first(
     assert await again.forget_expired_keys() == 1
     assert not await again.append(record(29), "k29")  # the newest stays
     await again.close()
+
+
+async def test_a_key_accepted_again_after_its_window_counts_once(tmp_path: Path) -> None:
+    """An expired key not purged yet is replaced when accepted again, not added: it
+    must not count twice, or the count bound would forget keys still in the window."""
+    # A window long enough that the keys accepted again are surely still in it at the
+    # end, on a slow machine too.
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=2.0, max_keys=10)
+    spool.open()
+    for i in range(10):
+        assert await spool.append(record(i), f"k{i}")
+    await asyncio.sleep(2.1)  # all expired, none purged yet
+    for i in range(10):
+        assert await spool.append(record(i), f"k{i}")  # accepted again
+    assert spool.keys == 10
+    assert await spool.forget_expired_keys() == 0  # nothing over the bound, nothing expired
+    assert not await spool.append(record(3), "k3")  # still a duplicate
+    await spool.close()
