@@ -10,31 +10,41 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class SeenKeys:
     """Keys accepted within the last ``window`` seconds, at most ``max_keys`` of them."""
 
-    def __init__(self, window: float, max_keys: int) -> None:
+    def __init__(
+        self, window: float, max_keys: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._window = window
         self._max_keys = max_keys
+        self._clock = clock
         self._accepted: OrderedDict[str, float] = OrderedDict()  # oldest first
 
     def __len__(self) -> int:
+        """Keys still in the window (the gauge reads this when no traffic expires them)."""
+        self._expire(self._clock())
         return len(self._accepted)
 
     def seen(self, key: str) -> bool:
         if self._window <= 0:
             return False
         at = self._accepted.get(key)
-        return at is not None and at >= time.monotonic() - self._window
+        return at is not None and at >= self._clock() - self._window
 
     def remember(self, key: str) -> None:
         if self._window <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
         self._accepted[key] = now
         self._accepted.move_to_end(key)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        """Forget the keys older than the window, and the oldest beyond ``max_keys``."""
         cutoff = now - self._window
         while self._accepted:
             oldest_key, oldest_at = next(iter(self._accepted.items()))

@@ -40,6 +40,21 @@ def test_seen_keys_bounded_by_count_and_age() -> None:
     assert not SeenKeys(window=0, max_keys=3).seen("x")
 
 
+def test_seen_keys_count_only_keys_in_the_window() -> None:
+    """What bridge_dedup_keys reads: keys past the window are not counted, even when no
+    new key has come to push them out."""
+    clock = [1000.0]
+    seen = SeenKeys(window=60, max_keys=100, clock=lambda: clock[0])
+    seen.remember("a")
+    clock[0] += 30
+    seen.remember("b")
+    assert len(seen) == 2
+    clock[0] += 31  # "a" is 61 s old, "b" 31 s
+    assert len(seen) == 1
+    clock[0] += 30
+    assert len(seen) == 0
+
+
 async def test_broker_mode_concurrent_retry_publishes_once(tmp_path: Path) -> None:
     """Two concurrent deliveries with one key: one record, one duplicate answer."""
     publisher = FakePublisher()
