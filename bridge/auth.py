@@ -41,8 +41,8 @@ class TokenAuthenticator:
 
     Tokens from ``tokens_file`` are re-read when the file changes (checked at most
     every few seconds), so a mounted Kubernetes Secret can rotate them without a
-    restart. A file found without tokens takes effect at the next check, when it
-    is found the same.
+    restart. A change takes effect at the check after the one that saw it, when the
+    file is found the same (the first reading, at start, at once).
     """
 
     def __init__(
@@ -55,8 +55,7 @@ class TokenAuthenticator:
         self._static = tuple(t.encode() for t in tokens)
         self._file = tokens_file
         self._file_seen: tuple[int, int, int] | None = None  # inode, size, mtime (ns)
-        self._emptied_seen: tuple[int, int, int] | None = None
-        self._from_file: tuple[str, ...] = ()
+        self._changed_seen: tuple[int, int, int] | None = None
         self._next_file_check = 0.0
         self._tokens = self._static
         # Without tokens everything is refused, unless the operator opted out
@@ -80,19 +79,19 @@ class TokenAuthenticator:
             seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             if seen == self._file_seen:
                 return
+            if self._file_seen is not None and seen != self._changed_seen:
+                # Changed: used once it is found the same at the next check. A file
+                # caught in the middle of a rewrite in place (truncated, or half
+                # written) has changed again by then, so it is never used: it would
+                # open the bridge to requests without a token, accept a fragment of
+                # a token, or refuse a token the file holds before and after.
+                self._changed_seen = seen
+                return
             from_file = read_tokens_file(self._file)
         except OSError as exc:  # keep the tokens we had: a rotation in progress, maybe
             log.error("cannot read the tokens file %s: %s", self._file, exc.strerror)
             return
-        if not from_file and self._from_file and seen != self._emptied_seen:
-            # Emptied, or caught between the truncation and the write of a rewrite
-            # in place: keep its tokens until it is found the same at the next
-            # check, so that a rewrite neither opens an unauthenticated bridge nor
-            # refuses every delivery meanwhile.
-            self._emptied_seen = seen
-            return
-        self._file_seen, self._emptied_seen = seen, None
-        self._from_file = from_file
+        self._file_seen, self._changed_seen = seen, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         log.info("read %d token(s) from %s", len(from_file), self._file)
 

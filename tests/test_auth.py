@@ -88,14 +88,15 @@ def test_an_open_bridge_requires_a_token_once_the_file_has_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """BRIDGE_ALLOW_UNAUTHENTICATED opens the bridge only while no token exists: a
-    token written to the tokens file later is required from then on."""
+    token written to the tokens file later is required from then on (from the check
+    after the one that saw the change)."""
     monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
     tokens = tmp_path / "tokens"
     tokens.write_text("# no token yet\n")
     authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
     authenticator.check([], [])
     tokens.write_text("file-token\n")
-    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
+    authenticator.check([], [])  # sees the change: used at the next check
     with pytest.raises(Unauthorized):
         authenticator.check([], [])
     with pytest.raises(Unauthorized):
@@ -103,33 +104,42 @@ def test_an_open_bridge_requires_a_token_once_the_file_has_one(
     authenticator.check([(b"authorization", b"Bearer file-token")], [])
 
 
-def test_a_tokens_file_caught_mid_rewrite_neither_opens_nor_closes_the_bridge(
+def test_a_tokens_file_caught_mid_rewrite_is_never_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A rewrite in place (truncate, then write) read while empty keeps the tokens
-    the file had; only a file found empty at two checks in a row has none. The
-    rewrite is seen even when it keeps the file's mtime (one tick of the clock)."""
+    """A rewrite in place (truncate, then write, maybe in pieces) is used only once the
+    file is found the same at two checks in a row: caught empty it does not open the
+    bridge, caught half written it accepts no fragment of a token and still the old
+    tokens. A change is seen even when it keeps the file's mtime (one clock tick)."""
     monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
     tokens = tmp_path / "tokens"
-    tokens.write_text("old-token\n")
-    os.utime(tokens, (1, 1))
+
+    def rewrite(text: str) -> None:
+        tokens.write_text(text)
+        os.utime(tokens, (1, 1))  # the same mtime throughout
+
+    def accepts(token: str | None) -> bool:
+        headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
+        try:
+            authenticator.check(headers, [])
+        except Unauthorized:
+            return False
+        return True
+
+    rewrite("old-token\n")
     authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
-    old = [(b"authorization", b"Bearer old-token")]
-    authenticator.check(old, [])
-    tokens.write_text("")  # truncated, and read before the new content is written
-    os.utime(tokens, (1, 1))
-    with pytest.raises(Unauthorized):
-        authenticator.check([], [])  # not open
-    authenticator.check(old, [])  # not closed to the old token either
-    tokens.write_text("new-token\n")  # the rest of the rewrite, in the same tick
-    os.utime(tokens, (1, 1))
-    authenticator.check([(b"authorization", b"Bearer new-token")], [])
-    with pytest.raises(Unauthorized):
-        authenticator.check(old, [])
-    tokens.write_text("# tokens removed\n")  # emptied on purpose: open at the next check
-    with pytest.raises(Unauthorized):
-        authenticator.check([], [])
-    authenticator.check([], [])
+    # One check for each moment of the rewrite, as a check every 2 s would see it.
+    rewrite("")  # caught truncated
+    assert not accepts(None)  # not open
+    rewrite("old-token\nnew-to")  # caught half written
+    assert accepts("old-token")  # the old tokens still
+    rewrite("old-token\nnew-token\n")  # written: seen now, used at the next check
+    assert not accepts("new-to")  # no fragment
+    assert accepts("new-token")
+    assert accepts("old-token")
+    tokens.write_text("# tokens removed\n")  # emptied on purpose: open from the next check
+    assert not accepts(None)
+    assert accepts(None)
 
 
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:
