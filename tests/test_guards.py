@@ -167,6 +167,7 @@ def test_tokens_file_is_read_and_rotated(tmp_path: Path, monkeypatch: pytest.Mon
 
     assert (status("old-secret"), status("new-secret")) == (202, 202)
     tokens.write_text("new-secret\n")
+    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
     assert status("new-secret") == 202  # this check sees the change; the next uses it
     assert (status("old-secret"), status("new-secret")) == (401, 202)
 
@@ -200,6 +201,7 @@ def test_tokens_from_the_file_never_reach_dead_letters(
 
     assert refused("file-secret-1", "k1") == 400
     tokens.write_text("file-secret-2\n")
+    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
     assert refused("file-secret-2", "k-early") == 401  # seen now, used from the next check
     assert refused("file-secret-2", "k2") == 400
     assert refused("file-secret-2", "key-file-secret-2") == 400  # a new key instead
