@@ -54,8 +54,8 @@ class TokenAuthenticator:
     ) -> None:
         self._static = tuple(t.encode() for t in tokens)
         self._file = tokens_file
-        self._file_seen: tuple[int, int, int] | None = None  # inode, size, mtime (ns)
-        self._changed_seen: tuple[int, int, int] | None = None
+        self._from_file: tuple[str, ...] | None = None  # in use; None before the first read
+        self._changed: tuple[str, ...] | None = None  # read once, used when read again
         self._next_file_check = 0.0
         self._tokens = self._static
         # Without tokens everything is refused, unless the operator opted out
@@ -72,26 +72,25 @@ class TokenAuthenticator:
         if now < self._next_file_check:
             return
         self._next_file_check = now + FILE_CHECK_SECONDS
+        # Read, not stat()ed: a rewrite within one tick of the file system's clock
+        # keeps the mtime (and the size, for a token of the same length), and would
+        # never be seen. The file is small and read at most every FILE_CHECK_SECONDS.
         try:
-            stat = self._file.stat()
-            # The size too: a file truncated and written again within one tick of
-            # the file system's clock keeps its mtime, and would never be re-read.
-            seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            if seen == self._file_seen:
-                return
-            if self._file_seen is not None and seen != self._changed_seen:
-                # Changed: used once it is found the same at the next check. A file
-                # caught in the middle of a rewrite in place (truncated, or half
-                # written) has changed again by then, so it is never used: it would
-                # open the bridge to requests without a token, accept a fragment of
-                # a token, or refuse a token the file holds before and after.
-                self._changed_seen = seen
-                return
             from_file = read_tokens_file(self._file)
         except OSError as exc:  # keep the tokens we had: a rotation in progress, maybe
             log.error("cannot read the tokens file %s: %s", self._file, exc.strerror)
             return
-        self._file_seen, self._changed_seen = seen, None
+        if from_file == self._from_file:
+            return
+        if self._from_file is not None and from_file != self._changed:
+            # Changed: used once it is found the same at the next check. A file
+            # caught in the middle of a rewrite in place (truncated, or half
+            # written) has changed again by then, so it is never used: it would
+            # open the bridge to requests without a token, accept a fragment of a
+            # token, or refuse a token the file holds before and after.
+            self._changed = from_file
+            return
+        self._from_file, self._changed = from_file, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         log.info("read %d token(s) from %s", len(from_file), self._file)
 

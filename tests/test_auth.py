@@ -137,6 +137,10 @@ def test_a_tokens_file_caught_mid_rewrite_is_never_used(
     assert not accepts("new-to")  # no fragment
     assert accepts("new-token")
     assert accepts("old-token")
+    rewrite("old-token\nnew-tokex\n")  # the same size and mtime
+    assert accepts("new-token")  # seen now
+    assert not accepts("new-token")
+    assert accepts("new-tokex")
     tokens.write_text("# tokens removed\n")  # emptied on purpose: open from the next check
     assert not accepts(None)
     assert accepts(None)
