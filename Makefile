@@ -7,6 +7,7 @@ MAKEFLAGS += --no-builtin-rules
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
 KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
@@ -17,11 +18,18 @@ KAFKA_CONTROLLER_PORT ?= 9093
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml | promtool
+# What running the bridge needs; `make run` and the kafka-* targets need no more.
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# --clear: a venv left without pip (python3-venv missing, say) is made again
+	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# The test, lint and deploy tools on top.
+$(INSTALLED): $(RUNTIME)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 install: $(INSTALLED) ## create .venv with the bridge and its dev tools
@@ -30,19 +38,20 @@ promtool: ## Debian's prometheus package (promtool, prometheus) for the deploy/ 
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-kafka-fetch: $(INSTALLED) ## download the Kafka broker jars (cached in .cache/kafka)
+kafka-fetch: $(RUNTIME) ## download the Kafka broker jars (cached in .cache/kafka)
 	$(BIN)/python -m bridge.devkafka fetch --home $(KAFKA_HOME)
 
-kafka-up: $(INSTALLED) ## start a local single-node Kafka on localhost:9092 (background)
+kafka-up: $(RUNTIME) ## start a local single-node Kafka on localhost:9092 (background; KAFKA_PORT=... for another port)
 	$(BIN)/python -m bridge.devkafka up --home $(KAFKA_HOME) --port $(KAFKA_PORT) --controller-port $(KAFKA_CONTROLLER_PORT)
 
-kafka-down: $(INSTALLED) ## stop the local Kafka
+kafka-down: $(RUNTIME) ## stop the local Kafka
 	$(BIN)/python -m bridge.devkafka down --home $(KAFKA_HOME) --port $(KAFKA_PORT)
 
-run: $(INSTALLED) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
+run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
 	@if [[ -z "$${BRIDGE_KAFKA_BOOTSTRAP:-}" ]]; then $(MAKE) --no-print-directory kafka-up; fi
 	@export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}" BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
-	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}"; \
+	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}" \
+	  BRIDGE_KAFKA_BOOTSTRAP="$${BRIDGE_KAFKA_BOOTSTRAP:-127.0.0.1:$(KAFKA_PORT)}"; \
 	token="$${BRIDGE_TOKENS%%,*}"; port="$${BRIDGE_PORT:-8080}"; \
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \
@@ -50,10 +59,10 @@ run: $(INSTALLED) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE
 	echo "    -H \"x-Idempotency-Key: \$$(cat /proc/sys/kernel/random/uuid)\" \\"; \
 	echo "    -H \"x-Timestamp: \$$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \\"; \
 	echo "    -d '{\"entity\":\"Order\",\"action\":\"create\",\"id\":\"12345\"}'"; \
-	echo "See it arrive:  $(BIN)/bridge tail --from-beginning"; echo; \
+	echo "See it arrive:  BRIDGE_KAFKA_BOOTSTRAP=$$BRIDGE_KAFKA_BOOTSTRAP $(BIN)/bridge tail --from-beginning"; echo; \
 	exec $(BIN)/bridge serve
 
-test: $(INSTALLED) ## run the whole suite (starts and stops its own Kafka)
+test: $(INSTALLED) promtool ## run the whole suite (starts and stops its own Kafka)
 	$(BIN)/pytest
 
 lint: $(INSTALLED) ## ruff, format check and mypy --strict; never edits files

@@ -22,7 +22,7 @@ def binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise RuntimeError(
-            f"{name} not found: `make install` installs Debian's prometheus package "
+            f"{name} not found: `make test` installs Debian's prometheus package "
             "(apt-get install -y --no-install-recommends prometheus)"
         )
     return found
