@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +28,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         code: int = args.run(settings, args)
-    except (ConfigError, SpoolUnusable) as exc:
+    except (Exception, KeyboardInterrupt) as exc:
+        return _exit_code(exc, settings)
+    return code
+
+
+def _exit_code(exc: BaseException, settings: Settings) -> int:
+    """What a command's failure prints and exits with; raises what is not foreseen."""
+    if isinstance(exc, ConfigError | SpoolUnusable):
         print(f"bridge: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         return 130
-    except (OSError, TimeoutError) as exc:  # Kafka unreachable or refusing, for the tools
+    if isinstance(exc, BrokenPipeError):  # the reader went away (bridge tail | head)
+        # Python flushes stdout again at exit, which would fail the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if isinstance(exc, OSError | TimeoutError):  # Kafka unreachable or refusing, for the tools
         if isinstance(exc, TimeoutError) and not str(exc):  # an operator tool's deadline
             reason = f"no answer within {settings.kafka_connect_timeout:g} s"
         else:
@@ -41,15 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}", file=sys.stderr
         )
         return 1
-    except Exception as exc:
-        if type(exc).__module__.startswith("aiokafka"):
-            print(
-                f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
-                file=sys.stderr,
-            )
-            return 1
-        raise
-    return code
+    if type(exc).__module__.startswith("aiokafka"):
+        print(
+            f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+    raise exc
 
 
 def _parser() -> argparse.ArgumentParser:

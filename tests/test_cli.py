@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import importlib.util
 import io
+import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -355,3 +358,28 @@ def test_a_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch
     cluster_id = devkafka._random_cluster_id()
     assert not cluster_id.startswith("-")
     assert len(cluster_id) == 22
+
+
+def test_a_reader_that_goes_away_ends_the_tool_quietly() -> None:
+    """`bridge tail | head`: the closed pipe is not blamed on Kafka, and exits 0."""
+    script = (
+        "import sys\n"
+        "from bridge import cli\n"
+        "def flood(settings, args):\n"
+        "    while True:\n"
+        "        print('x' * 1000)\n"
+        "cli._tail = flood\n"
+        "sys.exit(cli.main(['tail']))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9"},
+    )
+    assert proc.stdout is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"Kafka" not in err, err
