@@ -12,7 +12,7 @@ from typing import Any
 from bridge.errors import BridgeError, PublishFailed
 from bridge.routing import Destination
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples" / "deliveries.jsonl"
+SAMPLES = Path(__file__).resolve().parent / "samples" / "deliveries.jsonl"
 TOKEN = "dev-token"  # the token the shared samples assume
 
 

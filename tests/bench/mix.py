@@ -1,8 +1,7 @@
 """The deliveries the load generators send: shapes of the accepted samples, weighted.
 
 The shapes (method, path with query, headers, body) are those of the accepted
-deliveries in ``../shared/samples/deliveries.jsonl`` (a copy is built in, for a
-checkout without ``shared/``). Each request gets a fresh ``x-Idempotency-Key``,
+deliveries in ``tests/samples/deliveries.jsonl``. Each request gets a fresh ``x-Idempotency-Key``,
 ``Authorization: Bearer <token>`` (or ``?token=`` where the sample has it) and
 an ``x-Timestamp``. The weights are a guess at a shop's day: stock and price
 updates dominate, then orders and payments.
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples" / "deliveries.jsonl"
+SAMPLES = REPO / "tests" / "samples" / "deliveries.jsonl"
 SAMPLE_TOKEN = "dev-token"
 KEY_HEADER = "x-Idempotency-Key"
 DRAIN_PATH = "/bench-drain-nothing-here"
@@ -38,75 +37,6 @@ TOPIC_WEIGHTS = {
     "brand.delete": 2.0,
 }
 DEFAULT_WEIGHT = 2.0
-
-_BUILT_IN: list[dict[str, object]] = [
-    {
-        "method": "POST",
-        "path": "/webhooks/geins",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "application/json"},
-        "body": '{"entity":"Order","action":"create","id":"12345"}',
-        "topic": "geins.order.create",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "application/json"},
-        "body": '{"entity":"Product","action":"update","id":"12345","subEntity":"price"}',
-        "topic": "geins.product.update",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins/Order?action=cancel",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "application/json"},
-        "body": '{"order_id":"98765"}',
-        "topic": "geins.order.cancel",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins/Customer/passwordreset",
-        "headers": {"Authorization": "Bearer dev-token"},
-        "body": '{"id":"555","channelUrl":"https://shop.example","resetKey":"abc"}',
-        "topic": "geins.customer.passwordreset",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "text/plain"},
-        "body": '{"entity":"Brand","action":"delete","id":"77"}',
-        "topic": "geins.brand.delete",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "application/json"},
-        "body": '{"entity":"Product","action":"update","id":"1,2,3","subEntity":"stockBalance"}',
-        "topic": "geins.product.update",
-    },
-    {
-        "method": "GET",
-        "path": "/webhooks/geins?entity=Category&action=create&id=42&environment=prod",
-        "headers": {"Authorization": "Bearer dev-token"},
-        "body": "",
-        "topic": "geins.category.create",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins?token=dev-token",
-        "headers": {"Content-Type": "application/json"},
-        "body": '{"entity":"Supplier","action":"update","id":"9"}',
-        "topic": "geins.supplier.update",
-    },
-    {
-        "method": "POST",
-        "path": "/webhooks/geins",
-        "headers": {"Authorization": "Bearer dev-token", "Content-Type": "application/json"},
-        "body": (
-            '{"entity":"Capture","action":"create","id":"3001",'
-            '"paymentName":"Klarna","channelName":"shop.se"}'
-        ),
-        "topic": "geins.capture.create",
-    },
-]
 
 
 @dataclass(frozen=True)
@@ -144,18 +74,14 @@ def _delivery(raw: dict[str, object], token: str, weight_of: dict[str, float]) -
 def load_mix(token: str, samples: Path = SAMPLES) -> tuple[list[Delivery], str]:
     """The weighted deliveries and where their shapes came from."""
     raws: list[dict[str, object]] = []
-    source = f"built-in copy of the accepted samples ({samples} not found)"
-    if samples.is_file():
-        for line in samples.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            sample = json.loads(line)
-            expect = sample.get("expect", {})
-            if expect.get("status") == "2xx" and expect.get("topic"):
-                raws.append({**sample, "topic": expect["topic"]})
-        source = f"{samples.name}: the {len(raws)} accepted samples"
-    if not raws:
-        raws = _BUILT_IN
+    for line in samples.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        sample = json.loads(line)
+        expect = sample.get("expect", {})
+        if expect.get("status") == "2xx" and expect.get("topic"):
+            raws.append({**sample, "topic": expect["topic"]})
+    source = f"{samples.name}: the {len(raws)} accepted samples"
     types = [str(r["topic"]).removeprefix("geins.") for r in raws]
     # Split a type's share evenly between the samples of that type.
     weight_of = {
