@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import importlib.util
 import io
+import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -355,3 +359,43 @@ def test_a_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch
     cluster_id = devkafka._random_cluster_id()
     assert not cluster_id.startswith("-")
     assert len(cluster_id) == 22
+
+
+@pytest.mark.kafka
+def test_serve_on_a_taken_port_exits_2_before_starting(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A second `bridge serve` on a port in use exits 2 with one line naming the address,
+    having neither started the bridge nor opened the spool (uvicorn binds only after the
+    lifespan: the bridge used to connect to Kafka, open the spool and start draining it,
+    and only then exit 3 on "address already in use")."""
+    spool = tmp_path / "spool"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_SPOOL_DIR": str(spool),
+    }
+    with socket.socket() as running:  # the bridge already serving there
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"],
+            env=env | {"BRIDGE_PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert result.stderr.splitlines()[-1] == (
+        f"bridge: cannot listen on 127.0.0.1:{port} (BRIDGE_HOST, BRIDGE_PORT): "
+        "the address is already in use (another bridge running?)"
+    ), output
+    assert "accepting deliveries" not in output
+    assert "Traceback" not in output
+    assert not spool.exists(), "the spool was opened"
