@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Mapping, Sequence
+    from collections.abc import Callable, Generator, Mapping, Sequence
     from types import TracebackType
 
 KAFKA_VERSION = "4.4.0"
@@ -418,6 +419,35 @@ def _is_broker_pid(pid: int) -> bool:
     return state != "Z" and b"kafka.Kafka" in cmdline
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child sent SIGTERM when its parent dies, even by
+    SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``); None where that is not available.
+
+    The signal comes when the *thread* that started the child ends, so start the
+    child from a thread that lives as long as it should (the main thread). If the
+    parent died before the child could ask, the child exits instead of running on.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child, between fork and exec: no allocation-heavy work
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the broker's process group (it leads its own session)."""
     with contextlib.suppress(ProcessLookupError):
@@ -477,6 +507,11 @@ class LocalKafka:
     overriding, the defaults) and ``format_args`` (appended to ``kafka-storage
     format``, e.g. ``--add-scram SCRAM-SHA-512=[name=u,password=p]`` to create
     SCRAM users before the first start).
+
+    With ``die_with_parent`` (the default, Linux), the broker gets SIGTERM when the
+    thread that started it dies, even killed with SIGKILL, so a killed test run
+    leaves no broker behind (see dies_with_parent). ``devkafka up`` turns it off:
+    its broker must outlive it.
     """
 
     def __init__(
@@ -491,6 +526,7 @@ class LocalKafka:
         listeners: Sequence[Listener] = (),
         extra_properties: Mapping[str, str] | None = None,
         format_args: Sequence[str] = (),
+        die_with_parent: bool = True,
     ) -> None:
         """Describe a broker; nothing is started or fetched until format/start."""
         if port == controller_port:
@@ -503,6 +539,7 @@ class LocalKafka:
         self.listeners = tuple(listeners)
         self.extra_properties = dict(extra_properties or {})
         self.format_args = tuple(format_args)
+        self.die_with_parent = die_with_parent
         self.home = home.resolve()
         self.data_dir = data_dir.resolve()
         self.port = port
@@ -694,6 +731,7 @@ class LocalKafka:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir.parent,
                 start_new_session=True,
+                preexec_fn=dies_with_parent() if self.die_with_parent else None,  # noqa: PLW1509 - see dies_with_parent
             )
 
     def log_shows_started(self) -> bool:
@@ -859,7 +897,13 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
     pid_file.unlink(missing_ok=True)
 
     kafka = LocalKafka(
-        home, data_dir, args.port, args.controller_port, heap=args.heap, log_file=log_file
+        home,
+        data_dir,
+        args.port,
+        args.controller_port,
+        heap=args.heap,
+        log_file=log_file,
+        die_with_parent=False,  # detached: it must outlive this command
     )
     started = time.monotonic()
     fresh = not kafka.is_formatted()

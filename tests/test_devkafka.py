@@ -1,0 +1,161 @@
+"""devkafka and the test broker: no broker outlives whoever owns it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.devkafka import dies_with_parent
+from tests.conftest import REPO
+from tests.polling import wait_until
+
+# A test run that holds the session broker until it is signalled.
+HOLDING_TEST = """
+import time
+from pathlib import Path
+
+
+def test_hold(kafka_bootstrap: str) -> None:
+    Path("held").write_text(kafka_bootstrap)
+    time.sleep(600)
+"""
+
+
+def kafka_jvms(under: Path) -> list[int]:
+    """Pids of live broker JVMs whose command line names a file under ``under``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and b"kafka.Kafka" in args and any(str(under).encode() in a for a in args):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_all(pids: list[int]) -> None:
+    """Leave nothing running whatever the test found (each broker leads its group)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A pytest run (this suite's conftest) holding its session broker; killed after."""
+    (tmp_path / "test_hold.py").write_text(HOLDING_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    base = tmp_path / "base"
+    env = {k: v for k, v in os.environ.items() if k != "TEST_KAFKA_BOOTSTRAP"}
+    env["PYTHONPATH"] = str(REPO)
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "pytest", "-q", "-s", "-p", "tests.conftest", "-p", "no:cacheprovider"),
+            *("-c", "pytest.ini", f"--basetemp={base}", "test_hold.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        held = wait_until(
+            lambda: (tmp_path / "held").exists() or run.poll() is not None,
+            bool,
+            within=180,
+            every=0.2,
+        )
+        output = (tmp_path / "run.log").read_text(errors="replace")
+        assert held, f"the run never held its broker:\n{output}"
+        assert run.poll() is None, output
+        assert len(kafka_jvms(base)) == 1, output
+        yield run, base
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        log.close()
+        kill_all(kafka_jvms(base))
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signalled_test_run_stops_its_broker(
+    holding_run: tuple[subprocess.Popen[bytes], Path], sig: signal.Signals
+) -> None:
+    """SIGTERM (a CI timeout) or SIGHUP ends a test run as Ctrl-C does: pytest exits 2
+    after its teardown stopped the broker. It used to die at once, leaving the broker
+    JVM (in its own session) running."""
+    run, base = holding_run
+    run.send_signal(sig)
+    assert run.wait(60) == 2  # interrupted, not killed by the signal
+    assert kafka_jvms(base) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_killed_test_run_takes_its_broker_along(
+    holding_run: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """SIGKILL skips every teardown; the broker still goes, sent SIGTERM by the kernel
+    when its parent died (PR_SET_PDEATHSIG)."""
+    run, base = holding_run
+    run.kill()
+    run.wait(10)
+    assert wait_until(lambda: kafka_jvms(base), lambda pids: not pids, within=60, every=0.2) == []
+
+
+def test_dies_with_parent_signals_the_child_when_its_parent_is_killed() -> None:
+    """The preexec_fn behind LocalKafka(die_with_parent=True): a child of a process
+    killed with SIGKILL gets SIGTERM, though it leads its own session."""
+    if dies_with_parent() is None:
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from bridge.devkafka import dies_with_parent\n"
+            "child = subprocess.Popen(['sleep', '60'], start_new_session=True,\n"
+            "                         preexec_fn=dies_with_parent())\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            parent.kill()
+            parent.wait()
+            # The child is reparented (to init, or to a subreaper) and sent SIGTERM.
+            alive = wait_until(
+                lambda: _alive(child), lambda alive: not alive, within=10, every=0.05
+            )
+            assert not alive
+        finally:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
