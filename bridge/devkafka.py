@@ -874,6 +874,33 @@ def _read_pid(pid_file: Path) -> int | None:
         return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while ``up`` waits: raised so the broker it started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Generator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (as SIGINT is KeyboardInterrupt)
+    while the block runs; later ones are ignored, so the cleanup they caused finishes."""
+    stops = (signal.SIGTERM, signal.SIGHUP)
+
+    def interrupt(signum: int, _: object) -> None:
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
     started = time.monotonic()
     libs = ensure_jars(args.home)
@@ -907,14 +934,19 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
     )
     started = time.monotonic()
     fresh = not kafka.is_formatted()
-    kafka.start()
-    try:
-        kafka.wait_ready(args.timeout)
-    except BaseException:
-        kafka.stop()
-        raise
-    pid = kafka.detach()
-    pid_file.write_text(f"{pid}\n", encoding="utf-8")
+    # The pid file is written as soon as the broker runs, so that `down` can stop it
+    # even if this command is killed (SIGKILL) while the broker boots; a failure or
+    # SIGTERM/SIGHUP/Ctrl-C here stops the broker and removes the file.
+    with _signals_interrupt():
+        try:
+            kafka.start()
+            pid_file.write_text(f"{kafka.pid}\n", encoding="utf-8")
+            kafka.wait_ready(args.timeout)
+        except BaseException:
+            kafka.stop()
+            pid_file.unlink(missing_ok=True)
+            raise
+        pid = kafka.detach()
     kind = "fresh start" if fresh else "restart"
     print(
         f"Kafka {KAFKA_VERSION} up at {kafka.bootstrap} (pid {pid}, "
@@ -989,6 +1021,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DevKafkaError, ValueError) as exc:
         sys.stderr.write(f"devkafka: error: {exc}\n")
         return 1
+    except Interrupted as exc:
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.devkafka import dies_with_parent
+from bridge.devkafka import dies_with_parent, ensure_jars, free_ports, kafka_home
+from bridge.devkafka import main as devkafka_main
 from tests.conftest import REPO
 from tests.polling import wait_until
 
@@ -159,3 +161,73 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+@pytest.fixture
+def up_home(tmp_path: Path) -> Iterator[Path]:
+    """A devkafka home of its own (data, logs, pid files) on the shared jars; any broker
+    left under it is killed after the test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shared = kafka_home(REPO / ".cache" / "kafka")
+    ensure_jars(shared.parent)
+    (home / shared.name).symlink_to(shared.resolve())
+    try:
+        yield home
+    finally:
+        kill_all(kafka_jvms(home))
+
+
+def start_up(home: Path, port: int, controller_port: int) -> subprocess.Popen[bytes]:
+    """`devkafka up` on ``port``, as a process of its own."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bridge.devkafka", "up", "--home", str(home)),
+            *("--port", str(port), "--controller-port", str(controller_port)),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def booting_broker(up: subprocess.Popen[bytes], home: Path) -> int:
+    """Wait until ``up`` has spawned the broker JVM (it is still booting); its pid."""
+    pids = wait_until(lambda: kafka_jvms(home), bool, within=60, every=0.02)
+    assert len(pids) == 1, pids
+    assert up.poll() is None, "up finished before it could be interrupted"
+    return pids[0]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_up_signalled_while_the_broker_boots_stops_it(up_home: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGHUP to `devkafka up` while the broker boots stops that broker and
+    removes its pid file (exit 128 + signal). It used to die at once, leaving a broker
+    that `down` could not find and the next `up` took for one already up."""
+    port, controller_port = free_ports(2)
+    up = start_up(up_home, port, controller_port)
+    booting_broker(up, up_home)
+    up.send_signal(sig)
+    assert up.wait(60) == 128 + sig
+    assert kafka_jvms(up_home) == []
+    assert not (up_home / f"broker-{port}.pid").exists()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_down_stops_a_broker_whose_up_was_killed_while_it_booted(up_home: Path) -> None:
+    """The pid file is written as soon as the broker runs, so after `up` was killed
+    (SIGKILL: no cleanup) `down` still finds and stops it. It used to say "no broker to
+    stop (no pid file ...)" and leave the broker running."""
+    port, controller_port = free_ports(2)
+    up = start_up(up_home, port, controller_port)
+    pid = booting_broker(up, up_home)
+    up.kill()
+    up.wait()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert devkafka_main(["down", "--home", str(up_home), "--port", str(port)]) == 0
+    assert out.getvalue().startswith(f"stopped Kafka on port {port} (pid {pid})"), out.getvalue()
+    assert kafka_jvms(up_home) == []
