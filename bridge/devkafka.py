@@ -405,18 +405,26 @@ def _log_excerpt(path: Path, start: int = 0) -> str:
 # Processes not started by us (the CLI's pid file)
 
 
-def _is_broker_pid(pid: int) -> bool:
-    """Whether pid is alive and is a Kafka broker JVM.
+def config_file_of(data_dir: Path) -> Path:
+    """The server.properties a broker with this data dir runs from (next to it)."""
+    return data_dir.with_name(f"{data_dir.name}.properties")
+
+
+def _is_broker_pid(pid: int, config_file: Path) -> bool:
+    """Whether pid is alive and is the Kafka broker JVM running from ``config_file``.
 
     Checked before signalling a pid from a pid file, which may be stale and
-    reused by an unrelated process.
+    reused by an unrelated process, another broker included (pids start over
+    after a container restart): any ``kafka.Kafka`` JVM is not enough.
     """
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return state != "Z" and b"kafka.Kafka" in cmdline
+    return (
+        state != "Z" and b"kafka.Kafka" in cmdline and os.fsencode(config_file.resolve()) in cmdline
+    )
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -454,23 +462,24 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def stop_pid(pid: int, timeout: float = 20.0) -> bool:
+def stop_pid(pid: int, config_file: Path, timeout: float = 20.0) -> bool:
     """Stop a detached broker by pid: SIGTERM, then SIGKILL after ``timeout``.
 
-    Returns False if no broker had that pid. SIGTERM lets Kafka shut down
-    cleanly, which keeps the next start fast (no log recovery).
+    Returns False if that pid is not a broker running from ``config_file``.
+    SIGTERM lets Kafka shut down cleanly, which keeps the next start fast (no
+    log recovery).
     """
-    if not _is_broker_pid(pid):
+    if not _is_broker_pid(pid, config_file):
         return False
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _is_broker_pid(pid):
+        if not _is_broker_pid(pid, config_file):
             return True
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while _is_broker_pid(pid) and time.monotonic() < deadline:
+    while _is_broker_pid(pid, config_file) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
@@ -548,7 +557,7 @@ class LocalKafka:
         self.log_file = (
             log_file.resolve() if log_file else self.data_dir.with_name(f"{self.data_dir.name}.log")
         )
-        self.config_file = self.data_dir.with_name(f"{self.data_dir.name}.properties")
+        self.config_file = config_file_of(self.data_dir)
         self._proc: subprocess.Popen[bytes] | None = None
         self._java_path: str | None = None
         self._log_start = 0
@@ -911,16 +920,17 @@ def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
 def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
     home: Path = args.home.resolve()
     data_dir, log_file, pid_file = _paths(home, args.port)
+    config_file = config_file_of(data_dir)
     pid = _read_pid(pid_file)
     if probe(args.port):
-        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid, config_file) else ""
         print(f"Kafka already up at 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
         return 0
-    if pid is not None and _is_broker_pid(pid):
+    if pid is not None and _is_broker_pid(pid, config_file):
         # Started by an earlier `up` that was interrupted, or still booting:
         # replace it rather than guess how long it will take.
         print(f"stopping unresponsive broker pid {pid}", file=out)
-        stop_pid(pid)
+        stop_pid(pid, config_file)
     pid_file.unlink(missing_ok=True)
 
     kafka = LocalKafka(
@@ -958,12 +968,12 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
-    _, _, pid_file = _paths(args.home.resolve(), args.port)
+    data_dir, _, pid_file = _paths(args.home.resolve(), args.port)
     pid = _read_pid(pid_file)
     if pid is None:
         print(f"no broker to stop (no pid file {pid_file})", file=out)
         return 0
-    if stop_pid(pid, args.timeout):
+    if stop_pid(pid, config_file_of(data_dir), args.timeout):
         print(f"stopped Kafka on port {args.port} (pid {pid})", file=out)
     else:
         print(f"no broker was running (stale pid file {pid_file} removed)", file=out)
@@ -972,10 +982,11 @@ def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
-    _, log_file, pid_file = _paths(args.home.resolve(), args.port)
+    data_dir, log_file, pid_file = _paths(args.home.resolve(), args.port)
     if probe(args.port):
         pid = _read_pid(pid_file)
-        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        mine = pid is not None and _is_broker_pid(pid, config_file_of(data_dir))
+        owner = f" (pid {pid})" if mine else ""
         print(f"up: 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
         return 0
     print(f"down: nothing answers Kafka requests on 127.0.0.1:{args.port}", file=out)

@@ -231,3 +231,42 @@ def test_down_stops_a_broker_whose_up_was_killed_while_it_booted(up_home: Path) 
         assert devkafka_main(["down", "--home", str(up_home), "--port", str(port)]) == 0
     assert out.getvalue().startswith(f"stopped Kafka on port {port} (pid {pid})"), out.getvalue()
     assert kafka_jvms(up_home) == []
+
+
+def fake_broker(config_file: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line looks like a broker's running from ``config_file``
+    (``... kafka.Kafka <config>``), leading its own group as a broker does."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka", str(config_file)],
+        start_new_session=True,
+    )
+    # Right after the exec, /proc may still show an empty command line.
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    wait_until(cmdline.read_bytes, lambda args: b"kafka.Kafka" in args, within=10, every=0.01)
+    return process
+
+
+@pytest.mark.parametrize("owner", ["this port", "another port"])
+def test_down_stops_only_the_broker_of_its_own_port(tmp_path: Path, owner: str) -> None:
+    """`down` signals the pid in the pid file only if that process runs from this port's
+    properties file: a pid reused by another broker (after a container restart, say)
+    is left alone and the pid file called stale. Any kafka.Kafka JVM used to be killed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    port = 19494
+    other = 19496 if owner == "another port" else port
+    with fake_broker(home.resolve() / f"data-{other}.properties") as process:
+        try:
+            (home / f"broker-{port}.pid").write_text(f"{process.pid}\n")
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                devkafka_main(["down", "--home", str(home), "--port", str(port), "--timeout", "10"])
+            if owner == "this port":
+                assert out.getvalue().startswith(f"stopped Kafka on port {port}")
+                assert process.wait(10) == -signal.SIGTERM
+            else:
+                assert out.getvalue().startswith("no broker was running (stale pid file")
+                assert process.poll() is None
+        finally:
+            process.kill()
+    assert not (home / f"broker-{port}.pid").exists()
