@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Mapping, Sequence
+    from collections.abc import Callable, Generator, Mapping, Sequence
     from types import TracebackType
 
 KAFKA_VERSION = "4.4.0"
@@ -404,18 +405,55 @@ def _log_excerpt(path: Path, start: int = 0) -> str:
 # Processes not started by us (the CLI's pid file)
 
 
-def _is_broker_pid(pid: int) -> bool:
-    """Whether pid is alive and is a Kafka broker JVM.
+def config_file_of(data_dir: Path) -> Path:
+    """The server.properties a broker with this data dir runs from (next to it)."""
+    return data_dir.with_name(f"{data_dir.name}.properties")
+
+
+def _is_broker_pid(pid: int, config_file: Path) -> bool:
+    """Whether pid is alive and is the Kafka broker JVM running from ``config_file``.
 
     Checked before signalling a pid from a pid file, which may be stale and
-    reused by an unrelated process.
+    reused by an unrelated process, another broker included (pids start over
+    after a container restart): any ``kafka.Kafka`` JVM is not enough.
     """
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return state != "Z" and b"kafka.Kafka" in cmdline
+    return (
+        state != "Z" and b"kafka.Kafka" in cmdline and os.fsencode(config_file.resolve()) in cmdline
+    )
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child sent SIGTERM when its parent dies, even by
+    SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``); None where that is not available.
+
+    The signal comes when the *thread* that started the child ends, so start the
+    child from a thread that lives as long as it should (the main thread). If the
+    parent died before the child could ask, the child exits instead of running on.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child, between fork and exec: no allocation-heavy work
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -424,23 +462,24 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def stop_pid(pid: int, timeout: float = 20.0) -> bool:
+def stop_pid(pid: int, config_file: Path, timeout: float = 20.0) -> bool:
     """Stop a detached broker by pid: SIGTERM, then SIGKILL after ``timeout``.
 
-    Returns False if no broker had that pid. SIGTERM lets Kafka shut down
-    cleanly, which keeps the next start fast (no log recovery).
+    Returns False if that pid is not a broker running from ``config_file``.
+    SIGTERM lets Kafka shut down cleanly, which keeps the next start fast (no
+    log recovery).
     """
-    if not _is_broker_pid(pid):
+    if not _is_broker_pid(pid, config_file):
         return False
     _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _is_broker_pid(pid):
+        if not _is_broker_pid(pid, config_file):
             return True
         time.sleep(0.1)
     _signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while _is_broker_pid(pid) and time.monotonic() < deadline:
+    while _is_broker_pid(pid, config_file) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
@@ -477,6 +516,11 @@ class LocalKafka:
     overriding, the defaults) and ``format_args`` (appended to ``kafka-storage
     format``, e.g. ``--add-scram SCRAM-SHA-512=[name=u,password=p]`` to create
     SCRAM users before the first start).
+
+    With ``die_with_parent`` (the default, Linux), the broker gets SIGTERM when the
+    thread that started it dies, even killed with SIGKILL, so a killed test run
+    leaves no broker behind (see dies_with_parent). ``devkafka up`` turns it off:
+    its broker must outlive it.
     """
 
     def __init__(
@@ -491,6 +535,7 @@ class LocalKafka:
         listeners: Sequence[Listener] = (),
         extra_properties: Mapping[str, str] | None = None,
         format_args: Sequence[str] = (),
+        die_with_parent: bool = True,
     ) -> None:
         """Describe a broker; nothing is started or fetched until format/start."""
         if port == controller_port:
@@ -503,6 +548,7 @@ class LocalKafka:
         self.listeners = tuple(listeners)
         self.extra_properties = dict(extra_properties or {})
         self.format_args = tuple(format_args)
+        self.die_with_parent = die_with_parent
         self.home = home.resolve()
         self.data_dir = data_dir.resolve()
         self.port = port
@@ -511,7 +557,7 @@ class LocalKafka:
         self.log_file = (
             log_file.resolve() if log_file else self.data_dir.with_name(f"{self.data_dir.name}.log")
         )
-        self.config_file = self.data_dir.with_name(f"{self.data_dir.name}.properties")
+        self.config_file = config_file_of(self.data_dir)
         self._proc: subprocess.Popen[bytes] | None = None
         self._java_path: str | None = None
         self._log_start = 0
@@ -694,6 +740,7 @@ class LocalKafka:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir.parent,
                 start_new_session=True,
+                preexec_fn=dies_with_parent() if self.die_with_parent else None,  # noqa: PLW1509 - see dies_with_parent
             )
 
     def log_shows_started(self) -> bool:
@@ -836,6 +883,33 @@ def _read_pid(pid_file: Path) -> int | None:
         return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while ``up`` waits: raised so the broker it started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Generator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (as SIGINT is KeyboardInterrupt)
+    while the block runs; later ones are ignored, so the cleanup they caused finishes."""
+    stops = (signal.SIGTERM, signal.SIGHUP)
+
+    def interrupt(signum: int, _: object) -> None:
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
     started = time.monotonic()
     libs = ensure_jars(args.home)
@@ -846,31 +920,43 @@ def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
 def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
     home: Path = args.home.resolve()
     data_dir, log_file, pid_file = _paths(home, args.port)
+    config_file = config_file_of(data_dir)
     pid = _read_pid(pid_file)
     if probe(args.port):
-        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid, config_file) else ""
         print(f"Kafka already up at 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
         return 0
-    if pid is not None and _is_broker_pid(pid):
+    if pid is not None and _is_broker_pid(pid, config_file):
         # Started by an earlier `up` that was interrupted, or still booting:
         # replace it rather than guess how long it will take.
         print(f"stopping unresponsive broker pid {pid}", file=out)
-        stop_pid(pid)
+        stop_pid(pid, config_file)
     pid_file.unlink(missing_ok=True)
 
     kafka = LocalKafka(
-        home, data_dir, args.port, args.controller_port, heap=args.heap, log_file=log_file
+        home,
+        data_dir,
+        args.port,
+        args.controller_port,
+        heap=args.heap,
+        log_file=log_file,
+        die_with_parent=False,  # detached: it must outlive this command
     )
     started = time.monotonic()
     fresh = not kafka.is_formatted()
-    kafka.start()
-    try:
-        kafka.wait_ready(args.timeout)
-    except BaseException:
-        kafka.stop()
-        raise
-    pid = kafka.detach()
-    pid_file.write_text(f"{pid}\n", encoding="utf-8")
+    # The pid file is written as soon as the broker runs, so that `down` can stop it
+    # even if this command is killed (SIGKILL) while the broker boots; a failure or
+    # SIGTERM/SIGHUP/Ctrl-C here stops the broker and removes the file.
+    with _signals_interrupt():
+        try:
+            kafka.start()
+            pid_file.write_text(f"{kafka.pid}\n", encoding="utf-8")
+            kafka.wait_ready(args.timeout)
+        except BaseException:
+            kafka.stop()
+            pid_file.unlink(missing_ok=True)
+            raise
+        pid = kafka.detach()
     kind = "fresh start" if fresh else "restart"
     print(
         f"Kafka {KAFKA_VERSION} up at {kafka.bootstrap} (pid {pid}, "
@@ -882,12 +968,12 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
-    _, _, pid_file = _paths(args.home.resolve(), args.port)
+    data_dir, _, pid_file = _paths(args.home.resolve(), args.port)
     pid = _read_pid(pid_file)
     if pid is None:
         print(f"no broker to stop (no pid file {pid_file})", file=out)
         return 0
-    if stop_pid(pid, args.timeout):
+    if stop_pid(pid, config_file_of(data_dir), args.timeout):
         print(f"stopped Kafka on port {args.port} (pid {pid})", file=out)
     else:
         print(f"no broker was running (stale pid file {pid_file} removed)", file=out)
@@ -896,10 +982,11 @@ def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
-    _, log_file, pid_file = _paths(args.home.resolve(), args.port)
+    data_dir, log_file, pid_file = _paths(args.home.resolve(), args.port)
     if probe(args.port):
         pid = _read_pid(pid_file)
-        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid) else ""
+        mine = pid is not None and _is_broker_pid(pid, config_file_of(data_dir))
+        owner = f" (pid {pid})" if mine else ""
         print(f"up: 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
         return 0
     print(f"down: nothing answers Kafka requests on 127.0.0.1:{args.port}", file=out)
@@ -945,6 +1032,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DevKafkaError, ValueError) as exc:
         sys.stderr.write(f"devkafka: error: {exc}\n")
         return 1
+    except Interrupted as exc:
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
 

@@ -9,9 +9,11 @@ and a supervisor would see a kill instead of an orderly exit.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 from types import FrameType
@@ -48,6 +50,16 @@ class BridgeServer(uvicorn.Server):
         )
         self._state.draining = True
         self._stop_at = time.monotonic() + self._shutdown_delay
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:  # uvicorn names the address only for sockets it bound
+            for sock in sockets:
+                host, port = sock.getsockname()[:2]
+                log.info(
+                    "listening on http://%s",
+                    f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                )
 
     async def on_tick(self, counter: int) -> bool:
         if self._stop_at is not None and time.monotonic() >= self._stop_at:
@@ -90,8 +102,51 @@ class StartupConfigError:
                 await send(failed[0])
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The sockets uvicorn would bind for ``host``:``port``, bound now (not listening yet).
+
+    As asyncio's ``create_server``, which uvicorn calls: one socket per address the
+    host resolves to (``0.0.0.0`` one, ``localhost`` maybe two), SO_REUSEADDR, and
+    IPV6_V6ONLY on IPv6 ones. A ConfigError naming the address if it is taken.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the address is already in use (another bridge running?)"
+        else:
+            reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot listen on {host}:{port} (BRIDGE_HOST, BRIDGE_PORT): {reason}"
+        ) from None
+    return sockets
+
+
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
+    # Bound before anything starts: uvicorn would bind only after the lifespan, so a
+    # second bridge on a taken port connected to Kafka and started draining first.
+    sockets = listening_sockets(settings.host, settings.port)
+    try:
+        return _serve(settings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     state = RuntimeState()
     app = create_app(settings, state=state)
     # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),
@@ -126,7 +181,7 @@ def serve(settings: Settings) -> int:
     )
     server = BridgeServer(config, state, settings.shutdown_delay)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit:  # uvicorn's way to say the startup failed
         if startup.error is not None:
             raise startup.error from None

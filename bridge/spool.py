@@ -22,6 +22,8 @@ oldest are forgotten first, as in memory (:mod:`bridge.dedup`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -42,6 +44,8 @@ from bridge.routing import Destination
 log = logging.getLogger(__name__)
 
 DB_NAME = "spool.db"
+#: Locked (flock) by the bridge using the folder, for as long as its spool is open.
+LOCK_NAME = "spool.lock"
 SCHEMA_VERSION = 1
 #: Most expired keys deleted in one transaction.
 PURGE_CHUNK = 1000
@@ -96,6 +100,7 @@ class Spool:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._connection: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None  # the open lock file, while this spool owns the folder
         self._loop: asyncio.AbstractEventLoop | None = None
         # Owned by the writer thread; read (racily, for gauges) by everyone.
         self.depth = 0
@@ -118,6 +123,10 @@ class Spool:
         Called before the server listens, so a bad spool stops startup with a plain
         message. A file that cannot be read may hold events that were answered 2xx,
         so it is never replaced.
+
+        Takes the folder's lock first, held until :meth:`close` (or the process's
+        end): a second bridge on the same folder would drain, and so publish, the
+        same records twice and share the accepted-keys record.
         """
         if self._connection is None:
             self._connection = self._open_connection()
@@ -140,7 +149,12 @@ class Spool:
                 raise SpoolUnusable(
                     f"spool folder {self._directory} is not writable (a read-only file system?)"
                 )
-            return self._connect()
+            self._lock()
+            try:
+                return self._connect()
+            except BaseException:
+                self._unlock()
+                raise
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None
         except sqlite3.OperationalError as exc:  # e.g. disk full, read-only, locked
@@ -151,6 +165,34 @@ class Spool:
                 "events that are not in Kafka yet: move it aside (keep a copy to inspect "
                 "with sqlite3) and start again with an empty spool"
             ) from None
+
+    def _lock(self) -> None:
+        """Take the folder's lock, or raise SpoolUnusable if another process holds it.
+
+        flock, not a pid file: the kernel drops it when its holder dies, even by
+        SIGKILL, so a crash never leaves the folder locked.
+        """
+        if self._lock_fd is not None:
+            return
+        path = self._directory / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolUnusable(
+                f"spool folder {self._directory} is in use by another bridge (it holds "
+                f"{path}); each bridge needs a BRIDGE_SPOOL_DIR of its own"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor releases the lock
+            self._lock_fd = None
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -206,13 +248,17 @@ class Spool:
         return connection
 
     async def close(self) -> None:
-        """Finish queued work and close the database."""
-        if self._thread is None:
-            return
-        self._closed = True
-        self._jobs.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        """Finish queued work, close the database and release the folder's lock."""
+        if self._thread is not None:
+            self._closed = True
+            self._jobs.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._connection is not None:  # connected, never opened
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
+            self._connection = None
+        self._unlock()
 
     # --- what the event loop calls ---------------------------------------------------
 

@@ -3,20 +3,54 @@
 The broker is started lazily, only when a test asks for ``kafka_bootstrap``,
 from the jars cached under .cache/kafka (fetched from Maven Central on first
 use). Set TEST_KAFKA_BOOTSTRAP to use a broker you already run instead.
+
+The broker leads its own session (a Ctrl-C in the terminal must not hit it
+first), so only the fixture's teardown stops it. SIGTERM and SIGHUP (a CI
+timeout, a closed terminal) are therefore turned into an interrupt, as Ctrl-C
+is: pytest stops and tears the fixtures down. Against SIGKILL the broker is
+started to die with this process (LocalKafka's ``die_with_parent``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 from bridge.devkafka import LocalKafka, ensure_jars, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_previous_handlers: dict[signal.Signals, Callable[[int, FrameType | None], object] | int] = {}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the test run: stop as after Ctrl-C, fixtures torn down."""
+
+
+def _interrupt(signum: int, _: FrameType | None) -> None:
+    for sig in _STOP_SIGNALS:  # a second signal must not cut the teardown short
+        signal.signal(sig, lambda *_: None)
+    raise Terminated(f"{signal.Signals(signum).name} received: stopping the test run")
+
+
+def pytest_configure() -> None:
+    """Turn SIGTERM and SIGHUP into an interrupt for the session (see the module doc)."""
+    for sig in _STOP_SIGNALS:
+        previous = signal.signal(sig, _interrupt)
+        _previous_handlers[sig] = signal.SIG_DFL if previous is None else previous
+
+
+def pytest_unconfigure() -> None:
+    """Give SIGTERM and SIGHUP back their handlers from before the session."""
+    for sig, handler in _previous_handlers.items():
+        signal.signal(sig, handler)
+    _previous_handlers.clear()
 
 
 @pytest.fixture(scope="session")

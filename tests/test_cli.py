@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -383,3 +384,43 @@ def test_a_reader_that_goes_away_ends_the_tool_quietly() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert b"Kafka" not in err, err
+
+
+@pytest.mark.kafka
+def test_serve_on_a_taken_port_exits_2_before_starting(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A second `bridge serve` on a port in use exits 2 with one line naming the address,
+    having neither started the bridge nor opened the spool (uvicorn binds only after the
+    lifespan: the bridge used to connect to Kafka, open the spool and start draining it,
+    and only then exit 3 on "address already in use")."""
+    spool = tmp_path / "spool"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_SPOOL_DIR": str(spool),
+    }
+    with socket.socket() as running:  # the bridge already serving there
+        running.bind(("127.0.0.1", 0))
+        running.listen()
+        port = running.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"],
+            env=env | {"BRIDGE_PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert result.stderr.splitlines()[-1] == (
+        f"bridge: cannot listen on 127.0.0.1:{port} (BRIDGE_HOST, BRIDGE_PORT): "
+        "the address is already in use (another bridge running?)"
+    ), output
+    assert "accepting deliveries" not in output
+    assert "Traceback" not in output
+    assert not spool.exists(), "the spool was opened"

@@ -354,3 +354,31 @@ async def test_a_key_accepted_again_after_its_window_counts_once(tmp_path: Path)
     assert await spool.forget_expired_keys() == 0  # nothing over the bound, nothing expired
     assert not await spool.append(record(3), "k3")  # still a duplicate
     await spool.close()
+
+
+async def test_a_second_spool_on_the_same_folder_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    """Two bridges on one spool folder would publish its records twice: the second
+    is refused with an error naming the folder, and the folder is free again once
+    the first closed its spool."""
+    first = make(tmp_path)
+    first.open()
+    assert await first.append(record(1), "k1")
+    second = make(tmp_path)
+    with pytest.raises(SpoolUnusable, match=f"spool folder {tmp_path} is in use"):
+        second.connect()
+    assert second.depth == 0  # it never read the file
+    await first.close()
+
+    second.connect()
+    assert second.depth == 1
+    await second.close()
+
+
+def test_a_refused_spool_leaves_the_folder_free(tmp_path: Path) -> None:
+    """A spool that failed to open (here a damaged file) holds no lock afterwards."""
+    (tmp_path / "spool.db").write_bytes(b"this is not sqlite" * 100)
+    for _ in range(2):  # the second attempt is refused for the file, not the lock
+        with pytest.raises(SpoolUnusable, match="move it aside"):
+            make(tmp_path).connect()

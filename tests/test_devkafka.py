@@ -1,0 +1,272 @@
+"""devkafka and the test broker: no broker outlives whoever owns it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.devkafka import dies_with_parent, ensure_jars, free_ports, kafka_home
+from bridge.devkafka import main as devkafka_main
+from tests.conftest import REPO
+from tests.polling import wait_until
+
+# A test run that holds the session broker until it is signalled.
+HOLDING_TEST = """
+import time
+from pathlib import Path
+
+
+def test_hold(kafka_bootstrap: str) -> None:
+    Path("held").write_text(kafka_bootstrap)
+    time.sleep(600)
+"""
+
+
+def kafka_jvms(under: Path) -> list[int]:
+    """Pids of live broker JVMs whose command line names a file under ``under``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and b"kafka.Kafka" in args and any(str(under).encode() in a for a in args):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_all(pids: list[int]) -> None:
+    """Leave nothing running whatever the test found (each broker leads its group)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A pytest run (this suite's conftest) holding its session broker; killed after."""
+    (tmp_path / "test_hold.py").write_text(HOLDING_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    base = tmp_path / "base"
+    env = {k: v for k, v in os.environ.items() if k != "TEST_KAFKA_BOOTSTRAP"}
+    env["PYTHONPATH"] = str(REPO)
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "pytest", "-q", "-s", "-p", "tests.conftest", "-p", "no:cacheprovider"),
+            *("-c", "pytest.ini", f"--basetemp={base}", "test_hold.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        held = wait_until(
+            lambda: (tmp_path / "held").exists() or run.poll() is not None,
+            bool,
+            within=180,
+            every=0.2,
+        )
+        output = (tmp_path / "run.log").read_text(errors="replace")
+        assert held, f"the run never held its broker:\n{output}"
+        assert run.poll() is None, output
+        assert len(kafka_jvms(base)) == 1, output
+        yield run, base
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        log.close()
+        kill_all(kafka_jvms(base))
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signalled_test_run_stops_its_broker(
+    holding_run: tuple[subprocess.Popen[bytes], Path], sig: signal.Signals
+) -> None:
+    """SIGTERM (a CI timeout) or SIGHUP ends a test run as Ctrl-C does: pytest exits 2
+    after its teardown stopped the broker. It used to die at once, leaving the broker
+    JVM (in its own session) running."""
+    run, base = holding_run
+    run.send_signal(sig)
+    assert run.wait(60) == 2  # interrupted, not killed by the signal
+    assert kafka_jvms(base) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_killed_test_run_takes_its_broker_along(
+    holding_run: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """SIGKILL skips every teardown; the broker still goes, sent SIGTERM by the kernel
+    when its parent died (PR_SET_PDEATHSIG)."""
+    run, base = holding_run
+    run.kill()
+    run.wait(10)
+    assert wait_until(lambda: kafka_jvms(base), lambda pids: not pids, within=60, every=0.2) == []
+
+
+def test_dies_with_parent_signals_the_child_when_its_parent_is_killed() -> None:
+    """The preexec_fn behind LocalKafka(die_with_parent=True): a child of a process
+    killed with SIGKILL gets SIGTERM, though it leads its own session."""
+    if dies_with_parent() is None:
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from bridge.devkafka import dies_with_parent\n"
+            "child = subprocess.Popen(['sleep', '60'], start_new_session=True,\n"
+            "                         preexec_fn=dies_with_parent())\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            parent.kill()
+            parent.wait()
+            # The child is reparented (to init, or to a subreaper) and sent SIGTERM.
+            alive = wait_until(
+                lambda: _alive(child), lambda alive: not alive, within=10, every=0.05
+            )
+            assert not alive
+        finally:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def up_home(tmp_path: Path) -> Iterator[Path]:
+    """A devkafka home of its own (data, logs, pid files) on the shared jars; any broker
+    left under it is killed after the test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shared = kafka_home(REPO / ".cache" / "kafka")
+    ensure_jars(shared.parent)
+    (home / shared.name).symlink_to(shared.resolve())
+    try:
+        yield home
+    finally:
+        kill_all(kafka_jvms(home))
+
+
+def start_up(home: Path, port: int, controller_port: int) -> subprocess.Popen[bytes]:
+    """`devkafka up` on ``port``, as a process of its own."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bridge.devkafka", "up", "--home", str(home)),
+            *("--port", str(port), "--controller-port", str(controller_port)),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def booting_broker(up: subprocess.Popen[bytes], home: Path) -> int:
+    """Wait until ``up`` has spawned the broker JVM (it is still booting); its pid."""
+    pids = wait_until(lambda: kafka_jvms(home), bool, within=60, every=0.02)
+    assert len(pids) == 1, pids
+    assert up.poll() is None, "up finished before it could be interrupted"
+    return pids[0]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_up_signalled_while_the_broker_boots_stops_it(up_home: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGHUP to `devkafka up` while the broker boots stops that broker and
+    removes its pid file (exit 128 + signal). It used to die at once, leaving a broker
+    that `down` could not find and the next `up` took for one already up."""
+    port, controller_port = free_ports(2)
+    up = start_up(up_home, port, controller_port)
+    booting_broker(up, up_home)
+    up.send_signal(sig)
+    assert up.wait(60) == 128 + sig
+    assert kafka_jvms(up_home) == []
+    assert not (up_home / f"broker-{port}.pid").exists()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_down_stops_a_broker_whose_up_was_killed_while_it_booted(up_home: Path) -> None:
+    """The pid file is written as soon as the broker runs, so after `up` was killed
+    (SIGKILL: no cleanup) `down` still finds and stops it. It used to say "no broker to
+    stop (no pid file ...)" and leave the broker running."""
+    port, controller_port = free_ports(2)
+    up = start_up(up_home, port, controller_port)
+    pid = booting_broker(up, up_home)
+    up.kill()
+    up.wait()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert devkafka_main(["down", "--home", str(up_home), "--port", str(port)]) == 0
+    assert out.getvalue().startswith(f"stopped Kafka on port {port} (pid {pid})"), out.getvalue()
+    assert kafka_jvms(up_home) == []
+
+
+def fake_broker(config_file: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line looks like a broker's running from ``config_file``
+    (``... kafka.Kafka <config>``), leading its own group as a broker does."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka", str(config_file)],
+        start_new_session=True,
+    )
+    # Right after the exec, /proc may still show an empty command line.
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    wait_until(cmdline.read_bytes, lambda args: b"kafka.Kafka" in args, within=10, every=0.01)
+    return process
+
+
+@pytest.mark.parametrize("owner", ["this port", "another port"])
+def test_down_stops_only_the_broker_of_its_own_port(tmp_path: Path, owner: str) -> None:
+    """`down` signals the pid in the pid file only if that process runs from this port's
+    properties file: a pid reused by another broker (after a container restart, say)
+    is left alone and the pid file called stale. Any kafka.Kafka JVM used to be killed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    port = 19494
+    other = 19496 if owner == "another port" else port
+    with fake_broker(home.resolve() / f"data-{other}.properties") as process:
+        try:
+            (home / f"broker-{port}.pid").write_text(f"{process.pid}\n")
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                devkafka_main(["down", "--home", str(home), "--port", str(port), "--timeout", "10"])
+            if owner == "this port":
+                assert out.getvalue().startswith(f"stopped Kafka on port {port}")
+                assert process.wait(10) == -signal.SIGTERM
+            else:
+                assert out.getvalue().startswith("no broker was running (stale pid file")
+                assert process.poll() is None
+        finally:
+            process.kill()
+    assert not (home / f"broker-{port}.pid").exists()
