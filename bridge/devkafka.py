@@ -517,10 +517,12 @@ class LocalKafka:
     format``, e.g. ``--add-scram SCRAM-SHA-512=[name=u,password=p]`` to create
     SCRAM users before the first start).
 
-    With ``die_with_parent`` (the default, Linux), the broker gets SIGTERM when the
-    thread that started it dies, even killed with SIGKILL, so a killed test run
-    leaves no broker behind (see dies_with_parent). ``devkafka up`` turns it off:
-    its broker must outlive it.
+    With ``die_with_parent`` (Linux), the broker gets SIGTERM when the thread that
+    started it ends, even killed with SIGKILL, so a killed test run leaves no
+    broker behind (see dies_with_parent). Off by default: a broker started from a
+    worker thread (``asyncio.to_thread``) would be stopped when that thread ends,
+    and ``devkafka up``'s broker must outlive the command. The test suite's
+    session broker, started from the main thread, turns it on.
     """
 
     def __init__(
@@ -535,7 +537,7 @@ class LocalKafka:
         listeners: Sequence[Listener] = (),
         extra_properties: Mapping[str, str] | None = None,
         format_args: Sequence[str] = (),
-        die_with_parent: bool = True,
+        die_with_parent: bool = False,
     ) -> None:
         """Describe a broker; nothing is started or fetched until format/start."""
         if port == controller_port:
@@ -940,7 +942,6 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
         args.controller_port,
         heap=args.heap,
         log_file=log_file,
-        die_with_parent=False,  # detached: it must outlive this command
     )
     started = time.monotonic()
     fresh = not kafka.is_formatted()

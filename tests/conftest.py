@@ -64,7 +64,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ensure_jars(home)
     port, controller_port = free_ports(2)
     data_dir = tmp_path_factory.mktemp("kafka") / "data"
-    with LocalKafka(home, data_dir, port, controller_port) as broker:
+    # Started from the main thread, which lives as long as the session.
+    with LocalKafka(home, data_dir, port, controller_port, die_with_parent=True) as broker:
         yield broker.bootstrap
 
 
