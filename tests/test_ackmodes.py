@@ -340,11 +340,15 @@ async def test_stop_leaves_undeliverable_events_in_the_spool(tmp_path: Path) -> 
     await mode.start()
     assert await mode.deliver(record("a"), "a")
     await mode.stop()
-    again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path))
+    assert publisher.records == []
+    delivered = FakePublisher()
+    again = DurableAck(delivered, Metrics(), settings(tmp_path))
     again.spool.connect()
+    assert again.spool.depth == 1, "stop() must leave the undelivered event in the spool"
     await again.start()
     await eventually(lambda: again.spool.depth == 0)
     await again.stop()
+    assert [(r.topic, r.key) for r in delivered.records] == [("geins.order.create", b"a")]
 
 
 @pytest.mark.parametrize("mode_class", [BrokerAck, DurableAck, MemoryAck])
