@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
+from tests.polling import wait_until
 from tests.process import BridgeProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -173,9 +174,14 @@ def test_slow_body_is_408(
     )
     answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    time.sleep(0.2)  # the app counts it once it hears the disconnect
-    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
-    assert 'bridge_rejections_total{reason="request_timeout"} 1.0' in metrics
+    counted = 'bridge_rejections_total{reason="request_timeout"} 1.0'
+    metrics = wait_until(  # the app counts it once it hears the disconnect
+        lambda: httpx2.get(bridge.url + "/metrics", timeout=5).text,
+        lambda text: counted in text,
+        within=10,
+        every=0.05,
+    )
+    assert counted in metrics
     assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
 
 
