@@ -38,6 +38,7 @@ def one_input(data: bytes) -> None:
          fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 260)))
         for _ in range(fdp.ConsumeIntInRange(0, 4))
     ]  # fmt: skip
+    strict_types = fdp.ConsumeBool()  # before the body, which takes all that is left
     body = fdp.ConsumeBytes(fdp.remaining_bytes())
     delivery = Delivery(
         method=method,
@@ -50,7 +51,7 @@ def one_input(data: bytes) -> None:
         received_at=RECEIVED,
     )
     try:
-        event = parse_delivery(delivery, strict_types=fdp.ConsumeBool())
+        event = parse_delivery(delivery, strict_types=strict_types)
     except BridgeError as error:
         if not 400 <= error.status < 500:
             raise AssertionError(f"status {error.status} for a bad delivery") from error

@@ -141,23 +141,46 @@ class StallingPublisher(FakePublisher):
 
 
 class CountingBacklog(MemoryBacklog):
-    """Counts the drainer's rounds (one read each)."""
+    """Counts the drainer's rounds that found records (one read each), and their sizes."""
 
     def __init__(self) -> None:
         super().__init__(max_bytes=10**6)
-        self.reads = 0
+        self.batches: list[int] = []  # the size of each read that found records
 
     async def oldest(self, limit: int, max_bytes: int) -> list[Any]:
-        self.reads += 1
-        return await super().oldest(limit, max_bytes)
+        found = await super().oldest(limit, max_bytes)
+        if found:
+            self.batches.append(len(found))
+        return found
+
+
+class HeldPause:
+    """The drainer's asyncio, except that its pause between rounds (a sleep of
+    ROUND_PAUSE) lasts until the test ends it: what arrives meanwhile is known to have
+    arrived during the pause, however slow the machine."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.over = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        if delay != drainer_module.ROUND_PAUSE:
+            await asyncio.sleep(delay)
+            return
+        self.pauses += 1
+        await self.over.wait()
 
 
 async def test_records_arriving_during_the_pause_share_a_round(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A trickle of events is sent in a few rounds, not one round per event; the first
-    event after a quiet spell goes at once."""
-    monkeypatch.setattr(drainer_module, "ROUND_PAUSE", 1.0)  # far longer than the trickle
+    event after a quiet spell goes at once, before any pause."""
+    held = HeldPause()
+    monkeypatch.setattr(drainer_module, "asyncio", held)
     publisher = FakePublisher()
     backlog = CountingBacklog()
     drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
@@ -165,16 +188,20 @@ async def test_records_arriving_during_the_pause_share_a_round(
     try:
         backlog.append(record("first"))
         drainer.wake()
-        await eventually(lambda: len(publisher.records) == 1, within=0.5)  # no pause first
-        for n in range(10):  # one every 5 ms, all within the pause
+        await eventually(lambda: held.pauses == 1, what="the pause after the first round")
+        # a pause before it would still be holding the first event back
+        assert [r.key for r in publisher.records] == [b"first"]
+        for n in range(10):  # a trickle, all within the (held) pause
             backlog.append(record(f"k{n}"))
             drainer.wake()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0)
+        assert len(publisher.records) == 1
+        held.over.set()
         await eventually(lambda: backlog.depth == 0)
     finally:
         task.cancel()
     assert [r.key for r in publisher.records] == [b"first"] + [f"k{n}".encode() for n in range(10)]
-    assert backlog.reads <= 4  # one per event without the pause: 11 and more
+    assert backlog.batches == [1, 10]  # one round per event without the pause: [1] * 11
 
 
 async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
@@ -340,11 +367,15 @@ async def test_stop_leaves_undeliverable_events_in_the_spool(tmp_path: Path) -> 
     await mode.start()
     assert await mode.deliver(record("a"), "a")
     await mode.stop()
-    again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path))
+    assert publisher.records == []
+    delivered = FakePublisher()
+    again = DurableAck(delivered, Metrics(), settings(tmp_path))
     again.spool.connect()
+    assert again.spool.depth == 1, "stop() must leave the undelivered event in the spool"
     await again.start()
     await eventually(lambda: again.spool.depth == 0)
     await again.stop()
+    assert [(r.topic, r.key) for r in delivered.records] == [("geins.order.create", b"a")]
 
 
 @pytest.mark.parametrize("mode_class", [BrokerAck, DurableAck, MemoryAck])

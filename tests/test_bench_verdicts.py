@@ -17,10 +17,12 @@ from tests.bench.model import (
     RunResult,
     SubjectResult,
     bucket_peaks,
+    rate_label,
 )
 from tests.bench.report import (
     MB,
     RECHECK,
+    TARGET_RATE,
     Baselines,
     Context,
     _cpu_us,
@@ -108,6 +110,46 @@ def test_refusals_fail_the_run_even_when_kafka_matches() -> None:
     assert verdict.passed is False
     assert "1,590,000" in verdict.measured
     assert "1,590,000" in _soak_verdict(refusing).measured
+
+
+def _idle_run(label: str, seconds: float, verified: bool | None = None) -> RunResult:
+    return RunResult(
+        label=label,
+        offered_rate=None,
+        seconds=seconds,
+        sent=0,
+        ok=0,
+        non_2xx=0,
+        socket_errors=0,
+        rps=0.0,
+        verified=verified,
+    )
+
+
+def test_a_bridge_that_was_sent_nothing_passes_no_kafka_refusal_or_soak_target() -> None:
+    """Runs that measured nothing (no request sent, no 2xx, no Kafka check, RSS flat
+    because idle) are not evidence: those targets are "not measured", never PASS."""
+    flat = [(float(t), 70 * MB) for t in range(0, 600, 5)]
+    subject = _soaked(flat, 600.0, verified=True)
+    subject.runs = [
+        _idle_run(label, 600.0 if label == SOAK else 15.0)
+        for label in (SATURATION, rate_label(TARGET_RATE), SOAK)
+    ]
+    subject.peak_rss_bytes = 70 * MB
+    verdicts = {v.target: v.passed for v in targets(subject, Baselines([subject]))}
+    assert verdicts["Kafka holds one record per 2xx, every run"] is None
+    assert verdicts["every delivery answered 2xx, every run"] is None
+    assert verdicts["RSS flat over a 10-minute run"] is None
+    # A soak that answered events but was never checked against Kafka is not a PASS
+    # either; nor one the check passed with nothing answered.
+    unchecked = _soaked(flat, 600.0, verified=True)
+    unchecked.runs[0].verified = None
+    assert _soak_verdict(unchecked).passed is None
+    empty = _soaked(flat, 600.0, verified=True)
+    empty.runs = [_idle_run(SOAK, 600.0, verified=True)]
+    assert _soak_verdict(empty).passed is None
+    kafka = [v for v in targets(empty, Baselines([empty])) if v.target.startswith("Kafka")]
+    assert [v.passed for v in kafka] == [None]
 
 
 def _wrk(label: str, rps: float, seconds: float = 15.0) -> RunResult:

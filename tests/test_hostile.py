@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
+from tests.polling import wait_until
 from tests.process import BridgeProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -25,7 +26,8 @@ def connect() -> Iterator[Callable[[BridgeProcess], socket.socket]]:
     opened: list[socket.socket] = []
 
     def open_one(bridge: BridgeProcess) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)
+        # Generous: a socket timeout is a failure (read_all), never a verdict.
+        sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=30)
         opened.append(sock)
         return sock
 
@@ -35,12 +37,20 @@ def connect() -> Iterator[Callable[[BridgeProcess], socket.socket]]:
 
 
 def read_all(sock: socket.socket) -> bytes:
-    chunks = []
+    """Everything the server sends until it closes the connection; fails the test if
+    the server does not close it within the socket's timeout."""
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
             break
+        except TimeoutError:
+            received = b"".join(chunks)
+            raise AssertionError(
+                f"the server did not close the connection within {sock.gettimeout()} s"
+                f" (received {received[:200]!r})"
+            ) from None
         if not chunk:
             break
         chunks.append(chunk)
@@ -70,7 +80,6 @@ def test_slow_loris_is_cut_off_and_others_are_served(
     """A client trickling its head gets 408 and is closed; others are served meanwhile."""
     slow = connect(bridge)
     slow.sendall(b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n")
-    started = time.monotonic()
     for _ in range(3):  # still trickling, one header line every half second
         time.sleep(0.5)
         try:
@@ -82,7 +91,6 @@ def test_slow_loris_is_cut_off_and_others_are_served(
     answer = read_all(slow)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"request_timeout" in answer
-    assert time.monotonic() - started < 5
 
 
 def test_head_in_one_packet_then_silence_is_408(
@@ -95,7 +103,7 @@ def test_head_in_one_packet_then_silence_is_408(
     started = time.monotonic()
     answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer
-    assert 1.0 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 1.0  # it waited BRIDGE_READ_TIMEOUT (1.5 s)
     metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
     assert 'bridge_rejections_total{reason="request_timeout"} 1.0' in metrics
 
@@ -121,7 +129,7 @@ def test_silent_connection_is_closed(
     silent = connect(bridge)
     started = time.monotonic()
     assert read_all(silent) == b""
-    assert 1.0 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 1.0  # it waited BRIDGE_READ_TIMEOUT (1.5 s)
 
 
 def test_huge_head_is_431_without_reading_it_all(
@@ -151,9 +159,7 @@ def test_idle_keep_alive_connection_is_closed(
         assert chunk, first
         first += chunk
     assert first.startswith(b"HTTP/1.1 200")
-    started = time.monotonic()
-    assert read_all(sock) == b""
-    assert time.monotonic() - started < 4
+    assert read_all(sock) == b""  # closed by the server, not by our socket timeout
 
 
 def test_slow_body_is_408(
@@ -168,9 +174,14 @@ def test_slow_body_is_408(
     )
     answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    time.sleep(0.2)  # the app counts it once it hears the disconnect
-    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
-    assert 'bridge_rejections_total{reason="request_timeout"} 1.0' in metrics
+    counted = 'bridge_rejections_total{reason="request_timeout"} 1.0'
+    metrics = wait_until(  # the app counts it once it hears the disconnect
+        lambda: httpx2.get(bridge.url + "/metrics", timeout=5).text,
+        lambda text: counted in text,
+        within=10,
+        every=0.05,
+    )
+    assert counted in metrics
     assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
 
 

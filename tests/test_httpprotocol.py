@@ -331,8 +331,10 @@ async def test_a_head_sent_in_one_packet_then_silence_is_408(
         assert b"application/problem+json" in answer
         assert b"\r\ndate: %s\r\n" % DATE[1] in answer  # as in every answer
         assert [e.reason for e in connection.refused] == ["request_timeout"]
-        # timed as what it took: BRIDGE_READ_TIMEOUT, not 0
-        assert connection.refused_after == [pytest.approx(0.2, abs=0.05)]
+        # timed as what it took: at least BRIDGE_READ_TIMEOUT, not 0 (no upper bound:
+        # a busy machine may be late; the loop may fire a timer a clock tick early)
+        [seconds] = connection.refused_after
+        assert seconds >= 0.2 - 1e-6
     finally:
         connection.close()
 

@@ -207,12 +207,22 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
         Verdict(
             "Kafka holds one record per 2xx, every run",
             _kafka_check(subject),
-            None if not subject.runs else not lost,
+            _kafka_passed(subject),
         )
     )
     verdicts.append(_refusals_verdict(subject))
     verdicts.append(_soak_verdict(subject))
     return verdicts
+
+
+def _kafka_passed(subject: SubjectResult) -> bool | None:
+    """FAIL if a run lost data (or the subject broke); PASS only if some run that had
+    2xx answers was checked against Kafka; otherwise nothing was measured."""
+    if not subject.runs:
+        return None
+    if subject.failed_runs or subject.error is not None:
+        return False
+    return True if any(r.verified is True and r.ok > 0 for r in subject.runs) else None
 
 
 def _refusals_verdict(subject: SubjectResult) -> Verdict:
@@ -223,6 +233,8 @@ def _refusals_verdict(subject: SubjectResult) -> Verdict:
     runs = [r for r in subject.runs if not r.label.startswith(WARMUP)]
     if not runs:
         return Verdict(target, "-", None)
+    if not any(r.sent for r in runs):
+        return Verdict(target, "nothing sent", None)
     refused = [f"{r.non_2xx:,} not in {r.label}" for r in runs if r.non_2xx]
     measured = "; ".join(refused) if refused else f"all, in {len(runs)} runs"
     return Verdict(target, measured, not refused)
@@ -264,6 +276,10 @@ def _soak_verdict(subject: SubjectResult) -> Verdict:
         measured += f", {run.non_2xx:,} requests not answered 2xx"
     if run.verified is False:
         return Verdict(target, measured + ", Kafka check FAILED", False)
+    if not run.ok:
+        return Verdict(target, measured + " (nothing answered 2xx: not measured)", None)
+    if run.verified is not True:
+        return Verdict(target, measured + " (not checked against Kafka)", None)
     if run.seconds < 0.95 * SOAK_TARGET_SECONDS:
         return Verdict(target, measured + " (shorter than 10 minutes)", None)
     return Verdict(target, measured, is_flat(halves))
