@@ -213,7 +213,9 @@ async def test_pending_records_are_not_sent_twice(tmp_path: Path) -> None:
     metrics = Metrics()
     drainer = Drainer(backlog, publisher, metrics, ack_timeout=0.05, deadletter_topic="dl")
     task = asyncio.create_task(drainer.run())
-    await asyncio.sleep(0.5)  # several rounds
+    timeouts = 'bridge_publish_errors_total{reason="timeout"} 1.0'
+    await eventually(lambda: timeouts in metrics.exposition().decode(), within=30)
+    await asyncio.sleep(0.3)  # more rounds of waiting: a re-send would show now
     task.cancel()
     assert len(publisher.records) == 1
     assert backlog.depth == 1
