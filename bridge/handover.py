@@ -71,8 +71,7 @@ class DirectHandover:
         leader nobody asked about until it expired. The metadata is known at this
         point, so no refresh is needed now.
         """
-        if topic not in self._tracked:
-            self._tracked.add(topic)
+        self._tracked.add(topic)
 
     def close(self) -> None:
         self._cluster.remove_listener(self._forget)
