@@ -30,6 +30,9 @@ from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# uvicorn's default; asyncio's create_server calls listen() with it again.
+LISTEN_BACKLOG = 2048
+
 
 class BridgeServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: RuntimeState, shutdown_delay: float) -> None:
@@ -103,11 +106,17 @@ class StartupConfigError:
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """The sockets uvicorn would bind for ``host``:``port``, bound now (not listening yet).
+    """The sockets uvicorn would bind for ``host``:``port``, bound and listening now.
 
     As asyncio's ``create_server``, which uvicorn calls: one socket per address the
     host resolves to (``0.0.0.0`` one, ``localhost`` maybe two), SO_REUSEADDR, and
     IPV6_V6ONLY on IPv6 ones. A ConfigError naming the address if it is taken.
+
+    Listening at once, not only bound: with SO_REUSEADDR two sockets can bind one port
+    while neither listens, so two bridges started together both got past here, and
+    the second failed only in uvicorn, after connecting to Kafka and draining. Linux
+    checks the port again on ``listen``. Connections arriving during the startup wait
+    in the backlog and are answered once the bridge serves.
     """
     sockets: list[socket.socket] = []
     try:
@@ -121,6 +130,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         for sock in sockets:
             sock.close()
@@ -170,6 +180,7 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         http=protocol,
         timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
+        backlog=LISTEN_BACKLOG,
         interface="asgi3",  # StartupConfigError's __call__ is a plain function: no guessing
         proxy_headers=False,  # client addresses are the guard's business (BRIDGE_TRUSTED_PROXIES)
         access_log=False,

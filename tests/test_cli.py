@@ -23,8 +23,10 @@ from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.devkafka import free_port
+from bridge.errors import ConfigError
 from bridge.kafkaadmin import tail, tail_pattern
 from bridge.routing import template_pattern
+from bridge.server import listening_sockets
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import eventually
@@ -424,3 +426,18 @@ def test_serve_on_a_taken_port_exits_2_before_starting(
     assert "accepting deliveries" not in output
     assert "Traceback" not in output
     assert not spool.exists(), "the spool was opened"
+
+
+def test_two_bridges_binding_at_the_same_instant_cannot_both_hold_the_port() -> None:
+    """The second of two bridges started together is refused when it binds, not after
+    its startup: with SO_REUSEADDR two sockets may share a port while neither listens,
+    so sockets bound but not yet listening let both bridges start, connect to Kafka and
+    drain, and only then one of them failed inside uvicorn."""
+    first = listening_sockets("127.0.0.1", 0)
+    second: list[socket.socket] = []
+    try:
+        with pytest.raises(ConfigError, match="already in use"):
+            second = listening_sockets("127.0.0.1", first[0].getsockname()[1])
+    finally:
+        for sock in first + second:
+            sock.close()
