@@ -24,7 +24,7 @@ from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, check_record_size, spawn
+from bridge.publisher import Publisher, spawn
 from bridge.routing import Destination
 from bridge.spool import Spool
 
@@ -61,8 +61,8 @@ class AckMode(Protocol):
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         """True once the record is safe by this mode's guarantee; False for a duplicate.
 
-        Raises a BridgeError: 413 when the record would be too large for the producer
-        (checked first: it could never be delivered), 503 when it cannot be made safe.
+        Raises a BridgeError (503) when it cannot be made safe. The caller has checked
+        that the record fits the producer (``Pipeline``).
         """
         ...
 
@@ -82,7 +82,6 @@ class BrokerAck:
 
     def __init__(self, publisher: Publisher, settings: Settings) -> None:
         self._publisher = publisher
-        self._record_limit = settings.max_event_record_bytes()
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
@@ -109,7 +108,6 @@ class BrokerAck:
         await self._publisher.publish(destination)
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
-        check_record_size(destination, self._record_limit)
         if dedup_key is None:
             await self._publisher.publish(destination)
             return True
@@ -144,7 +142,6 @@ class _DrainedAck:
         self._publisher = publisher
         self._settings = settings
         self._metrics = metrics
-        self._record_limit = settings.max_event_record_bytes()
         self._tasks: list[asyncio.Task[None]] = []
         self.drainer: Drainer
 
@@ -220,7 +217,6 @@ class DurableAck(_DrainedAck):
         return self.spool.keys
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
-        check_record_size(destination, self._record_limit)
         appended = await self.spool.append(destination, dedup_key)
         if appended:
             self.drainer.wake()
@@ -263,7 +259,6 @@ class MemoryAck(_DrainedAck):
         return len(self._seen)
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
-        check_record_size(destination, self._record_limit)
         if dedup_key is not None and self._seen.seen(dedup_key):
             return False
         self.backlog.append(destination)

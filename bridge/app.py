@@ -130,6 +130,7 @@ def create_app(
         strict_types=settings.strict_types,
         deadletter_topic=settings.deadletter_topic,
         tokens=CurrentTokens(authenticator),  # the file's tokens too, as they change
+        record_limit=settings.max_event_record_bytes(),
         dedup=settings.dedup_window > 0,
     )
     openapi = orjson.dumps(openapi_document(settings))

@@ -19,6 +19,7 @@ from bridge.deadletter import dead_letter, delivery_key
 from bridge.errors import BridgeError
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
+from bridge.publisher import check_record_size
 from bridge.routing import Router
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Pipeline:
         strict_types: bool,
         deadletter_topic: str,
         tokens: Sequence[str],
+        record_limit: int,
         dedup: bool = True,
     ) -> None:
         self.router = router
@@ -58,6 +60,9 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._tokens = tokens  # may be live (auth.CurrentTokens): not copied
+        # Settings.max_event_record_bytes(): the largest record the producer takes, less
+        # the room the headers of a dead letter need should Kafka refuse it for good.
+        self._record_limit = record_limit
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.
         self._dedup = dedup
@@ -73,6 +78,8 @@ class Pipeline:
         destination = self.router.route(event)
         self._metrics.observe_stage("parse", time.perf_counter() - started)
         try:
+            # before any mode takes it: one accepted could never be delivered
+            check_record_size(destination, self._record_limit)
             dedup_key = event.key if self._dedup and not event.key_generated else None
             fresh = await self.ack_mode.deliver(destination, dedup_key)
         except BridgeError as exc:
@@ -96,6 +103,7 @@ class Pipeline:
         record = dead_letter(delivery, error, self._deadletter_topic, self._tokens)
         key = delivery_key(delivery, self._tokens) if self._dedup else None
         try:
+            check_record_size(record, self._record_limit)
             if key is None:
                 await self.ack_mode.keep(record)
             elif not await self.ack_mode.deliver(record, DEAD_LETTER_KEYS + key):

@@ -380,34 +380,6 @@ async def test_stop_leaves_undeliverable_events_in_the_spool(tmp_path: Path) -> 
     assert [(r.topic, r.key) for r in delivered.records] == [("geins.order.create", b"a")]
 
 
-@pytest.mark.parametrize("mode_class", [BrokerAck, DurableAck, MemoryAck])
-async def test_an_event_too_large_for_the_producer_is_refused_before_the_answer(
-    tmp_path: Path, mode_class: type[BrokerAck | DurableAck | MemoryAck]
-) -> None:
-    """A body within BRIDGE_MAX_BODY_BYTES can still make a record the producer refuses
-    (its headers come from the delivery too): 413 at once, rather than 2xx and a record
-    that could never be delivered, not even as a dead letter."""
-    config = settings(tmp_path, BRIDGE_MAX_BODY_BYTES="2048")
-    publisher = FakePublisher()
-    mode = (
-        BrokerAck(publisher, config)
-        if mode_class is BrokerAck
-        else DurableAck(publisher, Metrics(), config)
-        if mode_class is DurableAck
-        else MemoryAck(publisher, Metrics(), config)
-    )
-    limit = config.max_event_record_bytes()
-    fits = Destination("geins.order.create", b"k1", b"x" * 2048, [("ce_subject", b"1")])
-    huge = Destination("geins.order.create", b"k2", b"{}", [("ce_subject", b"1" * limit)])
-    with pytest.raises(PayloadTooLarge) as refused:
-        await mode.deliver(huge, "k2")
-    assert refused.value.status == 413
-    assert f"at most {limit} bytes" in refused.value.detail
-    if mode_class is BrokerAck:  # the others would need their spool or drainer running
-        assert await mode.deliver(fits, "k1")
-        assert [r.key for r in publisher.records] == [b"k1"]
-
-
 @pytest.mark.parametrize("ack", ["broker", "durable", "memory"])
 async def test_the_remembered_keys_are_counted_in_every_mode(tmp_path: Path, ack: str) -> None:
     """bridge_dedup_keys shows how many keys each mode remembers, so an operator sees

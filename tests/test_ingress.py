@@ -96,6 +96,50 @@ def test_geins_retry_is_answered_duplicate(ack: str, tmp_path: Any) -> None:
     assert "bridge_duplicates_total 2.0" in metrics.exposition().decode()
 
 
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_an_event_too_large_for_kafka_is_413_in_every_mode(ack: str, tmp_path: Any) -> None:
+    """A body within BRIDGE_MAX_BODY_BYTES can still make a record the producer refuses
+    (its id is copied to ce_subject): 413 at once, rather than 2xx and a record that
+    could never be delivered, not even as a dead letter. Nothing is published."""
+    app, publisher, _ = make(
+        BRIDGE_ACK=ack, BRIDGE_SPOOL_DIR=str(tmp_path), BRIDGE_MAX_BODY_BYTES="200000"
+    )
+    limit = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_MAX_BODY_BYTES": "200000"}
+    ).max_event_record_bytes()
+    huge = orjson.dumps({"entity": "Order", "action": "create", "id": "1" * 150_000})
+    with TestClient(app) as client:
+        refused = client.post("/webhooks/geins", content=huge, headers=AUTH)
+        fits = client.post("/webhooks/geins", content=ORDER, headers=AUTH)
+    assert refused.status_code == 413, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert f"at most {limit} bytes" in refused.json()["detail"]
+    assert fits.status_code == 202
+    assert [r.value for r in publisher.records] == [ORDER]
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_a_dead_letter_too_large_for_kafka_is_not_kept_and_the_4xx_goes_out(
+    ack: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused delivery whose dead letter (body plus request headers) would be larger
+    than the producer takes is logged, not handed to a mode that could never deliver it
+    (in broker mode it was published, and Kafka would refuse it)."""
+    app, publisher, _ = make(
+        BRIDGE_ACK=ack,
+        BRIDGE_SPOOL_DIR=str(tmp_path),
+        BRIDGE_MAX_BODY_BYTES="200000",
+        BRIDGE_MAX_HEADER_BYTES="200000",
+    )
+    headers = {**AUTH, "x-note": "n" * 150_000}  # keyless: kept without de-duplication
+    with TestClient(app) as client:
+        refused = client.post("/webhooks/geins", content=b"<" * 150_000, headers=headers)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["reason"] == "body_not_json"
+    assert publisher.records == []
+    assert "could not keep a dead letter (body_not_json)" in caplog.text
+
+
 def test_unauthorized_has_challenge(bridge: Any) -> None:
     """401 carries WWW-Authenticate."""
     client, publisher, _ = bridge
