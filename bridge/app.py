@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import kafkaadmin
-from bridge.ackmodes import make_ack_mode
+from bridge.ackmodes import AckMode, make_ack_mode
 from bridge.auth import CurrentTokens, TokenAuthenticator
 from bridge.config import Settings
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
@@ -105,6 +105,19 @@ def _age(enqueued_at: float | None) -> float:
     return time.time() - enqueued_at if enqueued_at is not None else 0.0
 
 
+def _gauges_read_at_scrape(
+    metrics: Metrics, publisher: Publisher, ack_mode: AckMode, state: RuntimeState
+) -> None:
+    metrics.kafka_connected.set_function(lambda: float(publisher.connected))
+    metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
+    metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
+    backlog = ack_mode.backlog
+    if backlog is not None:
+        metrics.spool_depth.set_function(lambda: backlog.depth)
+        metrics.spool_bytes.set_function(lambda: backlog.bytes)
+        metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
+
+
 def create_app(
     settings: Settings,
     *,
@@ -158,20 +171,18 @@ def create_app(
         if settings.rate_limit
         else None,
     )
-    metrics.kafka_connected.set_function(lambda: float(publisher.connected))
-    metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
-    metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
-    backlog = ack_mode.backlog
-    if backlog is not None:
-        metrics.spool_depth.set_function(lambda: backlog.depth)
-        metrics.spool_bytes.set_function(lambda: backlog.bytes)
-        metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
+    _gauges_read_at_scrape(metrics, publisher, ack_mode, state)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await publisher.start()
         await ack_mode.start()
         topics: asyncio.Task[None] | None = None
+        tokens_watch = (
+            spawn(authenticator.watch(), "tokens-file-watch")
+            if authenticator.tokens_file is not None
+            else None
+        )
         if settings.create_topics:
             if publisher.connected:  # before the first delivery, when it can
                 await _create_topics(settings, router)
@@ -183,8 +194,9 @@ def create_app(
             yield
         finally:
             state.draining = True
-            if topics is not None:
-                topics.cancel()
+            for task in (topics, tokens_watch):
+                if task is not None:
+                    task.cancel()
             # One BRIDGE_SHUTDOWN_TIMEOUT for the drain and the flush together: after a
             # drain that emptied the backlog the flush has nothing left to wait for, and
             # after one that ran out of time Kafka is not answering anyway.
@@ -203,4 +215,5 @@ def create_app(
     app.state.runtime = state
     app.state.metrics = metrics
     app.state.prepare = ack_mode.prepare
+    app.state.authenticator = authenticator
     return app

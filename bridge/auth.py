@@ -9,11 +9,11 @@ token can be rotated without downtime.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import overload
@@ -23,7 +23,9 @@ from bridge.errors import Unauthorized
 log = logging.getLogger(__name__)
 
 _AUTHORIZATION = b"authorization"
-FILE_CHECK_SECONDS = 2.0
+#: How often the tokens file is read; a change is used at the reading after the one
+#: that saw it, so within two of these.
+FILE_CHECK_SECONDS = 1.0
 
 
 def read_tokens_file(path: Path) -> tuple[str, ...]:
@@ -36,13 +38,17 @@ def read_tokens_file(path: Path) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _why(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
 class TokenAuthenticator:
     """Checks a delivery's credentials against the configured tokens.
 
-    Tokens from ``tokens_file`` are re-read when the file changes (checked at most
-    every few seconds), so a mounted Kubernetes Secret can rotate them without a
-    restart. A change takes effect at the check after the one that saw it, when the
-    file is found the same (the first reading, at start, at once).
+    Tokens from ``tokens_file`` are read at start, then again every
+    FILE_CHECK_SECONDS by :meth:`watch` (a background task of the app), so a mounted
+    Kubernetes Secret can rotate them without a restart. A change is used once it is
+    found the same at the next reading, whether requests arrive or not.
     """
 
     def __init__(
@@ -53,37 +59,57 @@ class TokenAuthenticator:
         tokens_file: Path | None = None,
     ) -> None:
         self._static = tuple(t.encode() for t in tokens)
-        self._file = tokens_file
+        self.tokens_file = tokens_file
         self._from_file: tuple[str, ...] | None = None  # in use; None before the first read
         self._changed: tuple[str, ...] | None = None  # read once, used when read again
-        self._next_file_check = 0.0
         self._tokens = self._static
         # Without tokens everything is refused, unless the operator opted out
         # explicitly (the settings refuse to start otherwise). Decided per request,
         # after the tokens file is looked at: once the file holds a token, it is
         # required.
         self._allow_unauthenticated = allow_unauthenticated
-        self._reload_file()
+        self.refresh()
 
-    def _reload_file(self) -> None:
-        if self._file is None:
+    def refresh(self) -> None:
+        """Read the tokens file now (if there is one) and apply what :meth:`_take` says."""
+        if self.tokens_file is None:
             return
-        now = time.monotonic()
-        if now < self._next_file_check:
-            return
-        self._next_file_check = now + FILE_CHECK_SECONDS
-        # Read, not stat()ed: a rewrite within one tick of the file system's clock
-        # keeps the mtime (and the size, for a token of the same length), and would
-        # never be seen. The file is small and read at most every FILE_CHECK_SECONDS.
         try:
-            from_file = read_tokens_file(self._file)
-        except OSError as exc:  # keep the tokens we had: a rotation in progress, maybe
-            log.error("cannot read the tokens file %s: %s", self._file, exc.strerror)
+            from_file = read_tokens_file(self.tokens_file)
+        except (OSError, ValueError) as exc:  # keep the tokens: a rotation in progress?
+            log.error("cannot read the tokens file %s: %s", self.tokens_file, _why(exc))
             return
+        self._take(from_file)
+
+    async def watch(self) -> None:
+        """Read the tokens file every FILE_CHECK_SECONDS until cancelled.
+
+        In the background rather than on the way of a request: a rotation is then
+        used within two readings of the file even on a bridge no request reaches
+        (it used to be read only as requests arrived, so the first deliveries after
+        a quiet spell were checked against the old tokens, and refused). Read, not
+        stat()ed: a rewrite within one tick of the file system's clock keeps the
+        mtime (and the size, for a token of the same length), and would never be
+        seen. Read in a thread: a slow volume does not stall the event loop.
+        """
+        path = self.tokens_file
+        if path is None:
+            return
+        while True:
+            await asyncio.sleep(FILE_CHECK_SECONDS)
+            try:
+                from_file = await asyncio.to_thread(read_tokens_file, path)
+            except (OSError, ValueError) as exc:  # not UTF-8, say: the task must live on
+                log.error("cannot read the tokens file %s: %s", path, _why(exc))
+                continue
+            self._take(from_file)
+
+    def _take(self, from_file: tuple[str, ...]) -> None:
         if from_file == self._from_file:
+            self._changed = None  # changed and changed back: nothing pending
             return
         if self._from_file is not None and from_file != self._changed:
-            # Changed: used once it is found the same at the next check. A file
+            # Changed: used once it is found the same at the next reading. A file
             # caught in the middle of a rewrite in place (truncated, or half
             # written) has changed again by then, so it is never used: it would
             # open the bridge to requests without a token, accept a fragment of a
@@ -92,7 +118,7 @@ class TokenAuthenticator:
             return
         self._from_file, self._changed = from_file, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
-        log.info("read %d token(s) from %s", len(from_file), self._file)
+        log.info("read %d token(s) from %s", len(from_file), self.tokens_file)
 
     def current_tokens(self) -> tuple[bytes, ...]:
         """Every token accepted now: BRIDGE_TOKENS and the tokens file as last read."""
@@ -102,7 +128,6 @@ class TokenAuthenticator:
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
     ) -> None:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
-        self._reload_file()
         if not self._tokens and self._allow_unauthenticated:
             return
         presented = self._from_headers(headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import os
@@ -13,6 +14,7 @@ import pytest
 from bridge import auth
 from bridge.auth import TokenAuthenticator
 from bridge.errors import Unauthorized
+from tests.polling import eventually
 
 AUTH = TokenAuthenticator(["old-token", "new-token"])
 
@@ -84,19 +86,18 @@ def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     assert {b for _, b in calls} == {b"old-token", b"new-token"}
 
 
-def test_an_open_bridge_requires_a_token_once_the_file_has_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_open_bridge_requires_a_token_once_the_file_has_one(tmp_path: Path) -> None:
     """BRIDGE_ALLOW_UNAUTHENTICATED opens the bridge only while no token exists: a
-    token written to the tokens file later is required from then on (from the check
+    token written to the tokens file later is required from then on (from the reading
     after the one that saw the change)."""
-    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
     tokens = tmp_path / "tokens"
     tokens.write_text("# no token yet\n")
     authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
     authenticator.check([], [])
     tokens.write_text("file-token\n")
-    authenticator.check([], [])  # sees the change: used at the next check
+    authenticator.refresh()  # sees the change: used at the next reading
+    authenticator.check([], [])
+    authenticator.refresh()
     with pytest.raises(Unauthorized):
         authenticator.check([], [])
     with pytest.raises(Unauthorized):
@@ -104,21 +105,19 @@ def test_an_open_bridge_requires_a_token_once_the_file_has_one(
     authenticator.check([(b"authorization", b"Bearer file-token")], [])
 
 
-def test_a_tokens_file_caught_mid_rewrite_is_never_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_tokens_file_caught_mid_rewrite_is_never_used(tmp_path: Path) -> None:
     """A rewrite in place (truncate, then write, maybe in pieces) is used only once the
-    file is found the same at two checks in a row: caught empty it does not open the
+    file is found the same at two readings in a row: caught empty it does not open the
     bridge, caught half written it accepts no fragment of a token and still the old
     tokens. A change is seen even when it keeps the file's mtime (one clock tick)."""
-    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
     tokens = tmp_path / "tokens"
 
     def rewrite(text: str) -> None:
         tokens.write_text(text)
         os.utime(tokens, (1, 1))  # the same mtime throughout
 
-    def accepts(token: str | None) -> bool:
+    def accepts_after_reading(token: str | None) -> bool:
+        authenticator.refresh()  # one reading for each moment of the rewrite
         headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
         try:
             authenticator.check(headers, [])
@@ -128,22 +127,78 @@ def test_a_tokens_file_caught_mid_rewrite_is_never_used(
 
     rewrite("old-token\n")
     authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
-    # One check for each moment of the rewrite, as a check every 2 s would see it.
     rewrite("")  # caught truncated
-    assert not accepts(None)  # not open
+    assert not accepts_after_reading(None)  # not open
     rewrite("old-token\nnew-to")  # caught half written
-    assert accepts("old-token")  # the old tokens still
-    rewrite("old-token\nnew-token\n")  # written: seen now, used at the next check
-    assert not accepts("new-to")  # no fragment
-    assert accepts("new-token")
-    assert accepts("old-token")
+    assert accepts_after_reading("old-token")  # the old tokens still
+    rewrite("old-token\nnew-token\n")  # written: seen now, used at the next reading
+    assert not accepts_after_reading("new-to")  # no fragment
+    assert accepts_after_reading("new-token")
+    assert accepts_after_reading("old-token")
     rewrite("old-token\nnew-tokex\n")  # the same size and mtime
-    assert accepts("new-token")  # seen now
-    assert not accepts("new-token")
-    assert accepts("new-tokex")
-    tokens.write_text("# tokens removed\n")  # emptied on purpose: open from the next check
-    assert not accepts(None)
-    assert accepts(None)
+    assert accepts_after_reading("new-token")  # seen now
+    assert not accepts_after_reading("new-token")
+    assert accepts_after_reading("new-tokex")
+    tokens.write_text("# tokens removed\n")  # emptied on purpose: open from the next reading
+    assert not accepts_after_reading(None)
+    assert accepts_after_reading(None)
+
+
+def test_a_change_seen_once_then_undone_is_not_used_when_it_comes_back(tmp_path: Path) -> None:
+    """A change must be found the same at two readings in a row: seen once, then the
+    old content again, then the change once more is a first sighting, not the second."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    for text in ("new-token\n", "old-token\n", "new-token\n"):
+        tokens.write_text(text)
+        authenticator.refresh()
+    assert authenticator.current_tokens() == (b"old-token",)
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"new-token",)
+
+
+async def test_a_rotation_is_used_on_a_bridge_no_request_reaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is read in the background: after a quiet spell, the first delivery
+    with the new token is accepted and one with the old token refused (it used to be
+    read only as requests arrived, so the first ones after a rotation were checked
+    against the old tokens)."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    watching = asyncio.create_task(authenticator.watch())
+    try:
+        tokens.write_text("new-token\n")
+        await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
+    finally:
+        watching.cancel()
+    authenticator.check([(b"authorization", b"Bearer new-token")], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check([(b"authorization", b"Bearer old-token")], [])
+
+
+async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that cannot be read (or is not UTF-8) is logged and the tokens kept; the
+    watch goes on and takes the next good version."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    watching = asyncio.create_task(authenticator.watch())
+    try:
+        tokens.write_bytes(b"\xff\xfe not utf-8")
+        await eventually(lambda: "cannot read the tokens file" in caplog.text)
+        assert authenticator.current_tokens() == (b"old-token",)
+        assert not watching.done()
+        tokens.write_text("new-token\n")
+        await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
+    finally:
+        watching.cancel()
 
 
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:

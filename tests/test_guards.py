@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
 from bridge import auth
 from bridge.app import create_app
@@ -15,6 +15,7 @@ from bridge.config import load_settings
 from bridge.errors import ConfigError
 from bridge.routing import Destination
 from tests.fakes import TOKEN, AsgiResponse, FakePublisher, call_asgi
+from tests.polling import wait_until
 
 AUTH = (b"authorization", b"Bearer " + TOKEN.encode())
 ORDER = [b'{"entity":"Order","action":"create"}']
@@ -146,30 +147,30 @@ def test_operations_endpoints_are_not_rate_limited() -> None:
 
 
 def test_tokens_file_is_read_and_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tokens come from BRIDGE_TOKENS_FILE and a changed file takes effect without restart."""
-    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
+    """Tokens come from BRIDGE_TOKENS_FILE and a changed file takes effect without
+    restart, read by the app's own background task while no request arrives."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
     tokens = tmp_path / "tokens"
     tokens.write_text("# current and next\nold-secret\nnew-secret\n")
     settings = load_settings(environ={"BRIDGE_TOKENS_FILE": str(tokens), "BRIDGE_ACK": "broker"})
     settings.check_serving()
     app = create_app(settings, publisher=FakePublisher())
 
-    def status(token: str) -> int:
-        return asyncio.run(
-            call_asgi(
-                app,
-                "POST",
-                "/webhooks/geins",
-                headers=[(b"authorization", f"Bearer {token}".encode())],
-                body_chunks=ORDER,
-            )
-        ).status
+    def status(client: TestClient, token: str) -> int:
+        headers = {"authorization": f"Bearer {token}"}
+        return client.post("/webhooks/geins", content=ORDER, headers=headers).status_code
 
-    assert (status("old-secret"), status("new-secret")) == (202, 202)
-    tokens.write_text("new-secret\n")
-    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
-    assert status("new-secret") == 202  # this check sees the change; the next uses it
-    assert (status("old-secret"), status("new-secret")) == (401, 202)
+    with TestClient(app) as client:  # the lifespan: the file is watched
+        assert (status(client, "old-secret"), status(client, "new-secret")) == (202, 202)
+        tokens.write_text("new-secret\n")
+        current = wait_until(
+            app.state.authenticator.current_tokens,
+            lambda tokens: tokens == (b"new-secret",),
+            within=10,
+            every=0.01,
+        )
+        assert current == (b"new-secret",), "the rotation is used with no request arriving"
+        assert (status(client, "old-secret"), status(client, "new-secret")) == (401, 202)
 
 
 def test_tokens_from_the_file_never_reach_dead_letters(
@@ -178,7 +179,6 @@ def test_tokens_from_the_file_never_reach_dead_letters(
     """A token of the tokens file, copied into any header or query value of a delivery
     that becomes a dead letter, is scrubbed like one of BRIDGE_TOKENS; also one written
     to the file after startup."""
-    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.0)
     tokens = tmp_path / "tokens"
     tokens.write_text("file-secret-1\n")
     app, publisher = app_with(BRIDGE_TOKENS_FILE=str(tokens))
@@ -201,8 +201,9 @@ def test_tokens_from_the_file_never_reach_dead_letters(
 
     assert refused("file-secret-1", "k1") == 400
     tokens.write_text("file-secret-2\n")
-    os.utime(tokens, (1, 1))  # a different mtime, whatever the clock's resolution
-    assert refused("file-secret-2", "k-early") == 401  # seen now, used from the next check
+    app.state.authenticator.refresh()  # seen now, used from the next reading
+    assert refused("file-secret-2", "k-early") == 401
+    app.state.authenticator.refresh()
     assert refused("file-secret-2", "k2") == 400
     assert refused("file-secret-2", "key-file-secret-2") == 400  # a new key instead
     assert [r.key for r in publisher.records][:2] == [b"k1", b"k2"]
