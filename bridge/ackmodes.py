@@ -50,6 +50,12 @@ class AckMode(Protocol):
         """Idempotency keys remembered for de-duplication (the bridge_dedup_keys gauge)."""
         ...
 
+    @property
+    def held_topics(self) -> list[str]:
+        """Topics whose waiting events are held back now (the bridge_topics_held gauge);
+        none in broker mode, where nothing waits."""
+        ...
+
     def prepare(self) -> None:
         """Open what must work before the server listens (raises SpoolUnusable)."""
         ...
@@ -104,6 +110,10 @@ class BrokerAck:
     def remembered_keys(self) -> int:
         return len(self._seen)
 
+    @property
+    def held_topics(self) -> list[str]:
+        return []
+
     async def keep(self, destination: Destination) -> None:
         await self._publisher.publish(destination)
 
@@ -153,6 +163,10 @@ class _DrainedAck:
             ack_timeout=self._settings.publish_timeout,
             deadletter_topic=self._settings.deadletter_topic,
         )
+
+    @property
+    def held_topics(self) -> list[str]:
+        return self.drainer.held_topics
 
     def _start_drainer(self) -> None:
         self._tasks.append(spawn(self.drainer.run(), f"{type(self).__name__}-drainer"))

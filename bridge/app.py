@@ -111,6 +111,7 @@ def _gauges_read_at_scrape(
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
     metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
+    metrics.topics_held.set_function(lambda: len(ack_mode.held_topics))
     backlog = ack_mode.backlog
     if backlog is not None:
         metrics.spool_depth.set_function(lambda: backlog.depth)

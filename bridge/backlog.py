@@ -7,9 +7,10 @@ Two holders share one shape, so one drainer serves both: the durable
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,7 +43,17 @@ class Backlog(Protocol):
         """When the oldest record held was accepted (wall clock), None if empty."""
         ...
 
-    async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]: ...
+    async def oldest(
+        self,
+        limit: int,
+        max_bytes: int,
+        *,
+        skip_seqs: Set[int] = frozenset(),
+        skip_topics: Set[str] = frozenset(),
+    ) -> list[QueuedRecord]:
+        """Up to ``limit`` records (and about ``max_bytes``, at least one), oldest
+        first, leaving out the records ``skip_seqs`` names and those of ``skip_topics``."""
+        ...
 
     async def remove(self, seqs: Sequence[int]) -> None: ...
 
@@ -59,10 +70,17 @@ def record_size(destination: Destination) -> int:
 
 class RecordFifo:
     """Records in seq order with the sizes they count for: the memory mode's queue,
-    and the spool's in-memory copy of what it holds."""
+    and the spool's in-memory copy of what it holds.
+
+    Also kept by topic, so that a read leaving out a topic on hold does not walk
+    past its records: they pile up at the head while the others come and go.
+    """
 
     def __init__(self) -> None:
+        # OrderedDict, not dict: a FIFO's head is found at once (a dict walks past the
+        # slots of the records removed before it until it is resized)
         self._records: OrderedDict[int, tuple[QueuedRecord, int]] = OrderedDict()
+        self._by_topic: dict[str, OrderedDict[int, tuple[QueuedRecord, int]]] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -70,14 +88,41 @@ class RecordFifo:
 
     def push(self, record: QueuedRecord, size: int) -> None:
         """Add ``record``, whose seq is higher than any held."""
-        self._records[record.seq] = (record, size)
+        held = (record, size)
+        self._records[record.seq] = held
+        topic = record.destination.topic
+        of_topic = self._by_topic.get(topic)
+        if of_topic is None:
+            of_topic = self._by_topic[topic] = OrderedDict()
+        of_topic[record.seq] = held
         self.bytes += size
 
-    def take(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
-        """Up to ``limit`` records and about ``max_bytes`` (at least one), oldest first."""
+    def take(
+        self,
+        limit: int,
+        max_bytes: int,
+        skip_seqs: Set[int] = frozenset(),
+        skip_topics: Set[str] = frozenset(),
+    ) -> list[QueuedRecord]:
+        """Up to ``limit`` records and about ``max_bytes`` (at least one), oldest first,
+        without those of ``skip_seqs`` and ``skip_topics``."""
         taken: list[QueuedRecord] = []
         total = 0
-        for record, size in self._records.values():
+        candidates: Iterator[tuple[QueuedRecord, int]]
+        if skip_topics:
+            candidates = heapq.merge(
+                *(
+                    iter(of_topic.values())
+                    for topic, of_topic in self._by_topic.items()
+                    if topic not in skip_topics
+                ),
+                key=_seq_of,
+            )
+        else:
+            candidates = iter(self._records.values())
+        for record, size in candidates:
+            if record.seq in skip_seqs:
+                continue
             if len(taken) >= limit or (taken and total + size > max_bytes):
                 break
             taken.append(record)
@@ -92,6 +137,11 @@ class RecordFifo:
             if held is not None:
                 dropped += 1
                 self.bytes -= held[1]
+                topic = held[0].destination.topic
+                of_topic = self._by_topic[topic]
+                del of_topic[seq]
+                if not of_topic:
+                    del self._by_topic[topic]
         return dropped
 
     def first(self) -> QueuedRecord | None:
@@ -100,7 +150,12 @@ class RecordFifo:
 
     def clear(self) -> None:
         self._records.clear()
+        self._by_topic.clear()
         self.bytes = 0
+
+
+def _seq_of(held: tuple[QueuedRecord, int]) -> int:
+    return held[0].seq
 
 
 class MemoryBacklog:
@@ -137,8 +192,15 @@ class MemoryBacklog:
         if self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
 
-    async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
-        return self._records.take(limit, max_bytes)
+    async def oldest(
+        self,
+        limit: int,
+        max_bytes: int,
+        *,
+        skip_seqs: Set[int] = frozenset(),
+        skip_topics: Set[str] = frozenset(),
+    ) -> list[QueuedRecord]:
+        return self._records.take(limit, max_bytes, skip_seqs, skip_topics)
 
     async def remove(self, seqs: Sequence[int]) -> None:
         self._records.discard(seqs)

@@ -4,8 +4,18 @@ One background task per process. It hands a batch of the oldest records to
 the producer, waits (bounded) for Kafka's acknowledgements, and removes from
 the backlog exactly the records Kafka acknowledged. A record whose send is
 still pending when the wait ends is not sent again: aiokafka keeps retrying
-it, and sending a copy would only duplicate it once Kafka is back. Failures
-back off exponentially, up to a bound, and delivery resumes by itself.
+it, and sending a copy would only duplicate it once Kafka is back.
+
+Trouble with one topic holds back that topic only. A topic whose records cannot
+be handed over (it does not exist and Kafka does not create it, an ACL denies
+it), are not acknowledged in time (a partition without a leader or without
+enough replicas) or are refused (other than as too large, see ``_set_aside``) is
+put on hold: its records stay in the backlog, in order, and are tried again
+after the hold (1 s, doubling up to HOLD_MAX), while the records of every other
+topic go on. Until one of its records is acknowledged again the round does not
+wait for that topic's acknowledgements; they are collected as they come. A
+failing backlog (a spool on a full disk) backs off exponentially, and delivery
+resumes by itself.
 """
 
 from __future__ import annotations
@@ -28,6 +38,14 @@ BATCH_BYTES = 4 * 1024 * 1024
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 IDLE_POLL = 1.0
+#: The first hold of a topic; each hold after it without an acknowledgement between
+#: is twice as long, up to HOLD_MAX.
+HOLD_MIN = 1.0
+HOLD_MAX = 10.0
+#: The longest one hand-over may take (metadata of a topic the producer does not know
+#: yet, or room in a partition's queue) before its topic is put on hold; at most the
+#: acknowledgement timeout.
+HAND_OVER_WAIT = 1.0
 #: After a round that did not fill a batch, wait this long before the next, so that
 #: records arriving meanwhile share one round. At a steady 2,000 events/s a round per
 #: event or two (a read and a removal through the spool's writer thread, a Kafka
@@ -35,6 +53,18 @@ IDLE_POLL = 1.0
 #: from 1.15 to 0.74 ms with this pause (tests/bench/changes.md). No answer waits for
 #: it (the event is already safe), and an event after a quiet spell goes at once.
 ROUND_PAUSE = 0.010
+
+
+class _Pending:
+    """A record handed to the producer whose acknowledgement has not been seen yet."""
+
+    __slots__ = ("acked", "late", "record", "sent_at")
+
+    def __init__(self, record: QueuedRecord, acked: asyncio.Future[Any]) -> None:
+        self.record = record
+        self.acked = acked
+        self.sent_at = time.perf_counter()
+        self.late = False  # counted as a timeout already (once, however long it waits)
 
 
 class Drainer:
@@ -52,64 +82,92 @@ class Drainer:
         self._publisher = publisher
         self._metrics = metrics
         self._ack_timeout = ack_timeout
+        self._hand_over_wait = min(HAND_OVER_WAIT, ack_timeout)
         self._wake = asyncio.Event()
-        # seq -> (ack future, when it was handed to the producer)
-        self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        self._pending: dict[int, _Pending] = {}
         # seqs Kafka acknowledged whose removal from the backlog failed
         self._unremoved: list[int] = []
-        # pending seqs already counted as a timeout (once each, however long they wait)
-        self._late: set[int] = set()
         # Records Kafka refused as too large in a batch with others: Kafka refuses the
         # whole batch for one record over the topic's max.message.bytes, so each is
         # sent once more alone before it counts as too large (a dead letter).
         self._suspects: dict[int, QueuedRecord] = {}
+        # topic -> (held until, on the monotonic clock; length of that hold). A topic
+        # stays here after its hold ends, until one of its records is acknowledged.
+        self._holds: dict[str, tuple[float, float]] = {}
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""
         self._wake.set()
 
+    @property
+    def held_topics(self) -> list[str]:
+        """The topics in trouble: on hold now, or tried again since and not yet
+        acknowledged."""
+        return sorted(self._holds)
+
+    def _on_hold_now(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(topic for topic, (until, _) in self._holds.items() if until > now)
+
     async def run(self) -> None:
         backoff = MIN_BACKOFF
         while True:
             try:
-                complete = await self._round()
+                await self._round()
             except Exception as exc:
                 # The backlog cannot be read or written now (the spool's disk is full,
                 # say). Nothing here may end the task: it is the only way accepted
                 # events reach Kafka, so it keeps trying until the backlog works again.
                 log.error("cannot move the backlog to Kafka (%s); trying again", exc)
-                complete = False
-            if complete:
-                backoff = MIN_BACKOFF
-            else:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                backoff = MIN_BACKOFF
 
-    async def _round(self) -> bool:
-        """One read, send and removal; False when it should back off."""
+    async def _round(self) -> None:
+        """One read, send and removal, and the pause after it."""
         if self._unremoved:  # nothing else is read until their removal succeeds
             await self._remove(self._unremoved)
         if self._suspects:  # each alone, before anything else is read (and resent)
             suspect = next(iter(self._suspects.values()))
-            done, complete = await self._deliver([suspect], alone=True)
+            done, complete = await self._deliver([suspect], alone=suspect.seq)
             if complete:
                 del self._suspects[suspect.seq]
             await self._remove(done)
-            return complete
+            if not complete:
+                await asyncio.sleep(self._until_a_hold_ends())
+            return
         self._wake.clear()  # before reading, so an append after the read wakes us
-        records = await self._backlog.oldest(BATCH_RECORDS, BATCH_BYTES)
-        if not records:
-            try:
-                async with asyncio.timeout(IDLE_POLL):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            return True
-        acked, complete = await self._deliver(records)
-        await self._remove(acked)
-        if complete and len(records) < BATCH_RECORDS:
-            await asyncio.sleep(ROUND_PAUSE)
-        return complete
+        held = self._on_hold_now()
+        records = await self._backlog.oldest(
+            BATCH_RECORDS,
+            BATCH_BYTES,
+            skip_seqs=frozenset(self._pending),  # handed over already: not again
+            skip_topics=held,
+        )
+        if records:
+            done, _ = await self._deliver(records)
+            await self._remove(done)
+            if len(records) < BATCH_RECORDS:
+                await asyncio.sleep(ROUND_PAUSE)
+            return
+        if self._pending:  # acknowledgements of held topics may have come meanwhile
+            await self._remove(await self._collect())
+        if self._backlog.depth > len(self._pending) and held:
+            # What is left waits for a hold to end (or for Kafka): no round until then,
+            # however many appends wake us (each would read the whole backlog again).
+            await asyncio.sleep(self._until_a_hold_ends())
+            return
+        try:
+            async with asyncio.timeout(IDLE_POLL):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    def _until_a_hold_ends(self) -> float:
+        now = time.monotonic()
+        ends = [until - now for until, _ in self._holds.values() if until > now]
+        return min([IDLE_POLL, *ends])
 
     async def _remove(self, seqs: list[int]) -> None:
         """Remove records Kafka has from the backlog. Should that fail, they are kept
@@ -125,78 +183,123 @@ class Drainer:
             self.wake()
             await asyncio.sleep(0.05)
 
-    async def _deliver(
-        self, records: list[QueuedRecord], *, alone: bool = False
-    ) -> tuple[list[int], bool]:
-        """Send what is not already pending; return (acknowledged seqs, all acked?).
+    def _hold(self, topic: str, why: str) -> None:
+        """Keep ``topic``'s records back for a while; the others go on."""
+        now = time.monotonic()
+        until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))
+        if until > now:
+            return  # held already
+        length = min(length * 2, HOLD_MAX)
+        self._holds[topic] = (now + length, length)
+        log.warning(
+            "records for %s are held back for %gs (those of other topics go on): %s",
+            topic,
+            length,
+            why,
+        )
 
-        ``alone``: the one record went in a batch of its own, so a refusal as too
-        large is its own.
+    async def _deliver(
+        self, records: list[QueuedRecord], *, alone: int | None = None
+    ) -> tuple[list[int], bool]:
+        """Hand ``records`` over, wait for their acknowledgement (bounded), and deal
+        with every pending record whose outcome is known: (the seqs done with, whether
+        all of ``records`` are).
+
+        ``alone``: the seq of a record that went in a batch of its own, so a refusal
+        of it as too large is its own.
         """
         settled: list[int] = []  # refused for good, and dealt with
         waiting = await self._hand_over(records, settled)
-        if waiting:
-            await asyncio.wait(waiting.values(), timeout=self._ack_timeout)
-        acked: list[int] = []
-        sizes = {r.seq: len(r.destination.value) for r in records}
-        for seq, future in waiting.items():
+        # Not waited for: the records of topics that were held (not acknowledged since).
+        awaited = [p.acked for p in waiting if p.record.destination.topic not in self._holds]
+        if awaited:
+            await asyncio.wait(awaited, timeout=self._ack_timeout)
+        done = settled + await self._collect(alone=alone)
+        in_round = {r.seq for r in records}
+        return done, in_round.issubset(done)
+
+    async def _collect(self, *, alone: int | None = None) -> list[int]:
+        """Deal with the pending records whose acknowledgement came (or failed); the
+        seqs acknowledged or settled. Those overdue count as a timeout, once each,
+        and put their topic on hold."""
+        done: list[int] = []
+        overdue = time.perf_counter() - self._ack_timeout
+        for seq, pending in list(self._pending.items()):
+            topic = pending.record.destination.topic
+            future = pending.acked
             if not future.done():  # still in aiokafka's hands: leave it pending
-                if seq not in self._late:
-                    self._late.add(seq)
+                if not pending.late and pending.sent_at <= overdue:
+                    pending.late = True
                     self._metrics.record_publish_error("timeout")
+                    self._hold(topic, f"Kafka did not acknowledge within {self._ack_timeout:g} s")
                 continue
-            _, sent_at = self._pending.pop(seq)
-            self._late.discard(seq)
+            del self._pending[seq]
             failure = (
                 asyncio.CancelledError("the producer dropped the record")
                 if future.cancelled()
                 else future.exception()
             )
             if failure is None:
-                acked.append(seq)
-                self._metrics.record_published(sizes[seq], time.perf_counter() - sent_at)
+                done.append(seq)
+                self._holds.pop(topic, None)
+                self._metrics.record_published(
+                    len(pending.record.destination.value), time.perf_counter() - pending.sent_at
+                )
                 continue
             error = self._publisher.failure(failure)
             if isinstance(error, PayloadTooLarge):
-                record = next(r for r in records if r.seq == seq)
-                if not alone:
-                    self._suspects[seq] = record
-                elif await self._set_aside(record, error):
-                    settled.append(seq)
+                if seq != alone:
+                    self._suspects[seq] = pending.record
+                elif await self._set_aside(pending.record, error):
+                    done.append(seq)
             else:
-                log.warning("Kafka did not take a queued record: %s", error.detail)
-        done = acked + settled
-        return done, len(done) == len(records)
+                self._hold(topic, f"Kafka did not take a record: {error.detail}")
+        return done
 
-    async def _hand_over(
-        self, records: list[QueuedRecord], settled: list[int]
-    ) -> dict[int, asyncio.Future[Any]]:
-        """The ack futures of ``records``, handed over now or before, in order, up to
-        the first that cannot be handed over yet."""
-        waiting: dict[int, asyncio.Future[Any]] = {}
-        try:
-            async with asyncio.timeout(self._ack_timeout):  # one deadline for the batch
-                for record in records:
-                    pending = self._pending.get(record.seq)
-                    if pending is None:
+    async def _hand_over(self, records: list[QueuedRecord], settled: list[int]) -> list[_Pending]:
+        """Hand ``records`` to the producer in order, but none of a topic on hold or put
+        on hold meanwhile; the pending records handed over."""
+        handed: list[_Pending] = []
+        held: set[str] = set()
+        loop = asyncio.get_running_loop()
+        position = 0
+        while position < len(records):
+            record = records[position]
+            try:
+                async with asyncio.timeout(self._hand_over_wait) as deadline:
+                    for record in records[position:]:
+                        position += 1
+                        topic = record.destination.topic
+                        if topic in held:
+                            continue  # not ahead of the earlier records of its topic
+                        pending = self._pending.get(record.seq)
+                        if pending is not None:  # a suspect handed over already
+                            handed.append(pending)
+                            continue
+                        deadline.reschedule(loop.time() + self._hand_over_wait)
                         try:
                             future = await self._publisher.hand_over(record.destination)
                         except PayloadTooLarge as exc:
+                            deadline.reschedule(None)  # the dead letter has its own deadline
                             if await self._set_aside(record, exc):
                                 settled.append(record.seq)
                             continue
-                        pending = (future, time.perf_counter())
+                        except BridgeError as exc:
+                            held.add(topic)
+                            self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
+                            continue
+                        pending = _Pending(record, future)
                         self._pending[record.seq] = pending
-                    waiting[record.seq] = pending[0]
-        except (BridgeError, TimeoutError) as exc:
-            # Stop here rather than send later records ahead of this one.
-            if isinstance(exc, BridgeError):
-                detail = exc.detail
-            else:
-                detail = "no metadata or buffer space"
+                        handed.append(pending)
+            except TimeoutError:
+                topic = record.destination.topic
+                held.add(topic)
                 self._metrics.record_publish_error("timeout")
-            log.warning("cannot hand records to Kafka yet: %s", detail)
-        return waiting
+                self._hold(
+                    topic,
+                    f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
+                )
+        return handed
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
         """A record Kafka will never take (too large for the topic) must not block the

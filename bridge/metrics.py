@@ -192,6 +192,12 @@ class Metrics:
             "Age of the oldest event waiting for Kafka (0 when none waits).",
             registry=registry,
         )
+        self.topics_held = Gauge(
+            "bridge_topics_held",
+            "Topics whose waiting events are held back because Kafka cannot take them "
+            "now (durable and memory modes); the events of other topics go on.",
+            registry=registry,
+        )
         self.dedup_keys = Gauge(
             "bridge_dedup_keys",
             "Idempotency keys remembered for de-duplication (in memory, or in the spool "

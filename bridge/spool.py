@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class Spool:
         # record in the file; otherwise it is empty and the file is read.
         self._copy = RecordFifo()
         self._copy_complete = False
+        self._topic_index = False  # the file has spool_by_topic (see _index_by_topic)
         self._last_seq = 0
         self._closed = False  # set by close(): no job may be queued after the stop
 
@@ -223,6 +225,7 @@ class Spool:
                 CREATE INDEX IF NOT EXISTS seen_by_time ON seen (accepted_at);
                 """
             )
+            self._topic_index = _index_by_topic(connection)
             if version != SCHEMA_VERSION:  # written once: opening must not need free space
                 connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             depth, size, last_row = connection.execute(
@@ -284,9 +287,19 @@ class Spool:
             "(BRIDGE_SPOOL_MAX_BYTES). Kafka is probably unreachable"
         )
 
-    async def oldest(self, limit: int, max_bytes: int) -> list[QueuedRecord]:
-        """Up to ``limit`` records (and about ``max_bytes``), oldest first."""
-        return await self._call(lambda c: self._read_oldest(c, limit, max_bytes))  # type: ignore[no-any-return]  # _call is untyped by design
+    async def oldest(
+        self,
+        limit: int,
+        max_bytes: int,
+        *,
+        skip_seqs: Set[int] = frozenset(),
+        skip_topics: Set[str] = frozenset(),
+    ) -> list[QueuedRecord]:
+        """Up to ``limit`` records (and about ``max_bytes``), oldest first, leaving out
+        the records ``skip_seqs`` names and those of ``skip_topics``."""
+        return await self._call(  # type: ignore[no-any-return]  # _call is untyped by design
+            lambda c: self._read_oldest(c, limit, max_bytes, skip_seqs, skip_topics)
+        )
 
     async def remove(self, seqs: Sequence[int]) -> None:
         """Forget records Kafka acknowledged."""
@@ -479,19 +492,32 @@ class Spool:
             self._copy_complete = False
 
     def _read_oldest(
-        self, connection: sqlite3.Connection, limit: int, max_bytes: int
+        self,
+        connection: sqlite3.Connection,
+        limit: int,
+        max_bytes: int,
+        skip_seqs: Set[int],
+        skip_topics: Set[str],
     ) -> list[QueuedRecord]:
         if self._copy_complete:
-            return self._copy.take(limit, max_bytes)
+            return self._copy.take(limit, max_bytes, skip_seqs, skip_topics)
         records: list[QueuedRecord] = []
         total = 0
-        rows = connection.execute(
-            "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
-            " ORDER BY seq LIMIT ?",
-            (limit,),
-        )
+        rows: Iterable[tuple[Any, ...]]
+        if skip_topics and self._topic_index:
+            rows = _oldest_by_topic(connection, limit + len(skip_seqs), skip_topics)
+        elif skip_topics:  # no index (no room to make it): past the held rows one by one
+            marks = ",".join("?" * len(skip_topics))
+            rows = connection.execute(
+                f"{_SELECT_RECORDS} WHERE topic NOT IN ({marks}) ORDER BY seq",  # only placeholders
+                tuple(skip_topics),
+            )
+        else:  # read lazily, as far as needed past the skipped seqs
+            rows = connection.execute(f"{_SELECT_RECORDS} ORDER BY seq")
         for seq, topic, key, value, headers, size, enqueued_at in rows:
-            if records and total + size > max_bytes:
+            if seq in skip_seqs:
+                continue
+            if len(records) >= limit or (records and total + size > max_bytes):
                 break
             total += size
             destination = Destination(
@@ -617,3 +643,43 @@ def _rollback(connection: sqlite3.Connection) -> None:
 def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
     # latin-1 maps every byte to one code point, so any header value round-trips.
     return [(name, value.decode("latin-1")) for name, value in headers]
+
+
+_SELECT_RECORDS = "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
+
+
+def _index_by_topic(connection: sqlite3.Connection) -> bool:
+    """Index the spool by topic, so that a read can leave out the topics on hold
+    without reading their rows; False if there is no room to make it now (opening
+    must not need free space: the reads then step past those rows instead)."""
+    try:
+        connection.execute("CREATE INDEX IF NOT EXISTS spool_by_topic ON spool (topic, seq)")
+    except sqlite3.OperationalError as exc:
+        log.warning("spool: cannot index the events by topic (%s); reading without", exc)
+        return False
+    return True
+
+
+def _oldest_by_topic(
+    connection: sqlite3.Connection, per_topic: int, skip_topics: Set[str]
+) -> Iterable[tuple[Any, ...]]:
+    """The oldest ``per_topic`` rows of each topic not in ``skip_topics``, in seq order:
+    the rows of the topics on hold, however many, are not read."""
+    topics: list[str] = []
+    (topic,) = connection.execute("SELECT min(topic) FROM spool").fetchone()
+    while topic is not None:  # one step of the index per topic held
+        if topic not in skip_topics:
+            topics.append(topic)
+        (topic,) = connection.execute(
+            "SELECT min(topic) FROM spool WHERE topic > ?", (topic,)
+        ).fetchone()
+    return heapq.merge(
+        *(
+            connection.execute(
+                f"{_SELECT_RECORDS} WHERE topic = ? ORDER BY seq LIMIT ?",  # a constant
+                (topic, per_topic),
+            ).fetchall()
+            for topic in topics
+        ),
+        key=lambda row: row[0],
+    )

@@ -14,7 +14,7 @@ from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
-from bridge.errors import MemoryQueueFull, PayloadTooLarge, PublishTimeout
+from bridge.errors import MemoryQueueFull, PayloadTooLarge, PublishFailed, PublishTimeout
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import FakePublisher
@@ -147,8 +147,8 @@ class CountingBacklog(MemoryBacklog):
         super().__init__(max_bytes=10**6)
         self.batches: list[int] = []  # the size of each read that found records
 
-    async def oldest(self, limit: int, max_bytes: int) -> list[Any]:
-        found = await super().oldest(limit, max_bytes)
+    async def oldest(self, limit: int, max_bytes: int, **skip: Any) -> list[Any]:
+        found = await super().oldest(limit, max_bytes, **skip)
         if found:
             self.batches.append(len(found))
         return found
@@ -230,11 +230,11 @@ class FailingBacklog(MemoryBacklog):
         self.failing_reads = 0
         self.failing_removals = 0
 
-    async def oldest(self, limit: int, max_bytes: int) -> list[Any]:
+    async def oldest(self, limit: int, max_bytes: int, **skip: Any) -> list[Any]:
         if self.failing_reads:
             self.failing_reads -= 1
             raise OSError("disk I/O error")
-        return await super().oldest(limit, max_bytes)
+        return await super().oldest(limit, max_bytes, **skip)
 
     async def remove(self, seqs: Any) -> None:
         if self.failing_removals:
@@ -397,3 +397,110 @@ async def test_the_remembered_keys_are_counted_in_every_mode(tmp_path: Path, ack
         assert mode.remembered_keys == (3 if ack == "durable" else 2)
     finally:
         await mode.stop()
+
+
+class TopicTroublePublisher(FakePublisher):
+    """Kafka with trouble on one topic, the way ``trouble`` says:
+
+    - ``refuse``: the hand-over fails at once (an ACL denies the topic);
+    - ``no_metadata``: the hand-over never returns (a topic Kafka does not create);
+    - ``stuck``: records are taken, never acknowledged (a partition without a leader);
+    - ``reject``: every acknowledgement fails (refused for good, not as too large).
+    ``healed`` ends the trouble.
+    """
+
+    def __init__(self, topic: str, trouble: str) -> None:
+        super().__init__()
+        self.topic, self.trouble = topic, trouble
+        self.healed = False
+        self.handed: list[bytes] = []  # keys of the troubled topic handed over
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic != self.topic or self.healed:
+            return await super().hand_over(destination)
+        if self.trouble == "refuse":
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        if self.trouble == "no_metadata":
+            await asyncio.Event().wait()
+        self.handed.append(destination.key)
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.trouble == "reject":
+            acked.set_exception(PublishFailed("Kafka refused the record: PolicyViolationError"))
+        return acked
+
+
+@pytest.mark.parametrize("trouble", ["refuse", "no_metadata", "stuck", "reject"])
+async def test_trouble_with_one_topic_holds_back_that_topic_only(
+    monkeypatch: pytest.MonkeyPatch, trouble: str
+) -> None:
+    """Records of one topic Kafka cannot take now wait in the backlog, in order; those
+    of every other topic go on, at full speed. The drainer used to stop at the first
+    record it could not hand over, read the same oldest records again each round (the
+    pending ones too, so a stuck partition filled every batch), and back off for all
+    topics after any failure: one topic stopped or throttled the whole bridge."""
+    monkeypatch.setattr(drainer_module, "BATCH_RECORDS", 50)
+    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 0.05)
+    monkeypatch.setattr(drainer_module, "HOLD_MAX", 0.2)
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, trouble)
+    backlog = MemoryBacklog(max_bytes=10**8)
+    for n in range(20):  # at the head: more than a batch, counting the others behind
+        backlog.append(record(f"w{n}", topic=troubled))
+    for n in range(2000):
+        backlog.append(record(f"o{n}"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        # 40 batches of the others; a round per 5 s (the old back-off) would take minutes
+        await eventually(lambda: backlog.depth == 20, within=20, what="the others delivered")
+        assert drainer.held_topics == [troubled]
+        assert [r.key for r in publisher.records] == [f"o{n}".encode() for n in range(2000)]
+        if trouble == "stuck":  # handed over once each, never again while pending
+            assert sorted(publisher.handed) == sorted(f"w{n}".encode() for n in range(20))
+        publisher.healed = True
+        if trouble == "stuck":  # the records aiokafka holds go out once Kafka is back
+            for n in range(20):
+                publisher.records.append(record(f"w{n}", topic=troubled))
+            for pending in list(drainer._pending.values()):
+                pending.acked.set_result(None)
+        await eventually(lambda: backlog.depth == 0, within=20, what="the held topic resumes")
+        assert drainer.held_topics == []
+    finally:
+        task.cancel()
+    widgets = [r.key for r in publisher.records if r.topic == troubled]
+    assert widgets == [f"w{n}".encode() for n in range(20)]  # in order, once each
+
+
+class ReadCountingBacklog(MemoryBacklog):
+    def __init__(self) -> None:
+        super().__init__(max_bytes=10**6)
+        self.reads = 0
+
+    async def oldest(self, limit: int, max_bytes: int, **skip: Any) -> list[Any]:
+        self.reads += 1
+        return await super().oldest(limit, max_bytes, **skip)
+
+
+async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only held records left, appends of them do not each cause a read of the
+    whole backlog: the drainer sleeps until the hold ends."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 10.0)
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, "refuse")
+    backlog = ReadCountingBacklog()
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        backlog.append(record("w0", topic=troubled))
+        drainer.wake()
+        await eventually(lambda: drainer.held_topics == [troubled])
+        reads = backlog.reads
+        for n in range(1, 50):
+            backlog.append(record(f"w{n}", topic=troubled))
+            drainer.wake()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert backlog.reads <= reads + 1  # not one read per append
+    finally:
+        task.cancel()

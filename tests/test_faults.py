@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from bridge.config import load_settings
@@ -351,3 +352,65 @@ def test_geins_retries_publish_once_even_across_restart(
         assert statuses[2] == 202
         assert len(records) == 2
         assert len({r.key for r in records}) == 1
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
+    tmp_path: Path, topic_prefix: str, ack: str
+) -> None:
+    """A broker that creates no topics (as managed Kafka usually is) and a new event
+    type whose topic nobody made yet: its event waits in the backlog while every other
+    event goes on to Kafka, and goes out once the topic is created. The drainer used
+    to stop at that event, so nothing reached Kafka until the spool filled and the
+    bridge answered 503 to everything."""
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller_port = free_ports(2)
+    broker = LocalKafka(
+        home,
+        tmp_path / "kafka" / "data",
+        port,
+        controller_port,
+        extra_properties={"auto.create.topics.enable": "false"},
+    )
+    orders, widgets = f"{topic_prefix}.order.create", f"{topic_prefix}.widget.create"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def create(topic: str) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+        finally:
+            await admin.close()
+
+    with broker:
+        asyncio.run(create(orders))
+        env = bridge_env(broker.bootstrap, topic_prefix, ack)
+        with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+            with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+                widget = client.post(
+                    "/webhooks/geins/Widget/create",
+                    content=b"{}",
+                    headers={**headers, "x-Idempotency-Key": "widget-1"},
+                )
+                assert widget.status_code == 202, widget.text
+                for i in range(50):
+                    answer = client.post(
+                        "/webhooks/geins/Order/create",
+                        content=b"{}",
+                        headers={**headers, "x-Idempotency-Key": f"order-{i}"},
+                    )
+                    assert answer.status_code == 202, answer.text
+                wanted = {f"order-{i}" for i in range(50)}
+                found = wait_for_keys(broker.bootstrap, orders, wanted, within=60)
+                assert found == wanted, f"{len(found)} of 50 orders reached Kafka"
+                exposition = client.get("/metrics").text
+                assert "bridge_spool_depth 1.0" in exposition
+                assert "bridge_topics_held 1.0" in exposition
+                asyncio.run(create(widgets))
+                found = wait_for_keys(broker.bootstrap, widgets, {"widget-1"}, within=60)
+                assert found == {"widget-1"}
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+        assert "records for " + widgets + " are held back" in bridge.log()

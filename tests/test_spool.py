@@ -398,3 +398,42 @@ def test_a_refused_spool_leaves_the_folder_free(tmp_path: Path) -> None:
     for _ in range(2):  # the second attempt is refused for the file, not the lock
         with pytest.raises(SpoolUnusable, match="move it aside"):
             make(tmp_path).connect()
+
+
+@pytest.mark.parametrize("where", ["copy", "file", "file-without-index"])
+async def test_reads_leave_out_the_seqs_and_topics_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The drainer's reads leave out the records it handed over already and those of
+    the topics on hold, and still give the oldest others, in order, from the in-memory
+    copy, from the file by its topic index, or from the file without one (a spool
+    opened with no room to make the index)."""
+    if where != "copy":
+        monkeypatch.setattr(spool_module, "COPY_MAX_RECORDS", 3)
+    if where == "file-without-index":
+        monkeypatch.setattr(spool_module, "_index_by_topic", lambda connection: False)
+    rng = random.Random(11)  # noqa: S311  # a reproducible mix, not secrets
+    topics = ["geins.a.create", "geins.b.create", "geins.c.create"]
+    spool = make(tmp_path, max_bytes=10**8)
+    spool.open()
+    for i in range(60):
+        destination = record(i)
+        destination.topic = rng.choice(topics)
+        assert await spool.append(destination, f"k{i}")
+    everything = await spool.oldest(10**4, 10**8)
+    assert len(everything) == 60
+    for _ in range(40):
+        skip_topics = frozenset(rng.sample(topics, rng.randint(0, 2)))
+        skip_seqs = frozenset(r.seq for r in rng.sample(everything, rng.randint(0, 20)))
+        limit = rng.randint(1, 30)
+        read = await spool.oldest(limit, 10**8, skip_seqs=skip_seqs, skip_topics=skip_topics)
+        expected = [
+            r.seq
+            for r in everything
+            if r.seq not in skip_seqs and r.destination.topic not in skip_topics
+        ][:limit]
+        assert [r.seq for r in read] == expected
+        assert [r.destination for r in read] == [
+            r.destination for r in everything if r.seq in set(expected)
+        ]
+    await spool.close()
