@@ -86,7 +86,7 @@ def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
     secrets = [t.encode() for t in tokens if t]
     for name, value in delivery.headers:
         if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
-            key = key_text(value.decode("latin-1")).strip()
+            key = key_text(value.decode("latin-1"))
             # The rule parsing applies, so that a key the event would have kept is
             # the dead letter's key too.
             if key and key_problem(key) is None:

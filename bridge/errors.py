@@ -2,7 +2,9 @@
 
 Each error knows its HTTP status, a short machine-readable ``reason`` (used as a
 bounded metric label and in the problem+json body) and whether the sender
-should retry. Only :mod:`bridge.ingress` turns these into HTTP answers.
+should retry. :mod:`bridge.ingress` turns these into HTTP answers, and
+:mod:`bridge.httpprotocol` with its problem document for a request refused
+before the app.
 """
 
 from __future__ import annotations

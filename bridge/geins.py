@@ -325,7 +325,7 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
         raw = _header(headers, IDEMPOTENCY_HEADER)
     except _ConflictingHeader:
         raise BadIdempotencyKey("x-Idempotency-Key is sent twice with different values") from None
-    key = key_text(raw or "").strip()
+    key = key_text(raw or "")
     if not key:
         return str(uuid.uuid4()), True, raw
     problem = key_problem(key)
@@ -335,7 +335,7 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
 
 
 def key_problem(key: str) -> str | None:
-    """Why a (stripped, non-empty) idempotency key is refused, or None when it is usable."""
+    """Why a non-empty key (from :func:`key_text`) is refused, or None when it is usable."""
     if len(key) > MAX_KEY_LENGTH:
         return f"x-Idempotency-Key is {len(key)} characters long; at most {MAX_KEY_LENGTH} allowed"
     if _CONTROL_CHARS.search(key):
@@ -343,12 +343,22 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+#: What HTTP itself takes for optional whitespace around a header value (RFC 9110
+#: section 5.5): the only characters a key loses. str.strip() would also take
+#: \x1c-\x1f (sparing them key_problem's 400) and Unicode spaces (a no-break space),
+#: which are part of the key as sent.
+_HTTP_OWS = " \t"
+
+
 def key_text(raw: str) -> str:
-    """An idempotency key header, read as latin-1 (which maps every byte), as text.
+    """An idempotency key header, read as latin-1 (which maps every byte), as the key:
+    without the spaces and tabs around it, and nothing else changed. Parsing and dead
+    letters (deadletter.delivery_key) both take the key from here.
 
     UTF-8 is read as UTF-8, so that the record key, encoded as UTF-8, is the bytes
     sent; other bytes keep the latin-1 reading, the same on every retry.
     """
+    raw = raw.strip(_HTTP_OWS)
     if not raw.isascii():
         with contextlib.suppress(UnicodeDecodeError):
             return raw.encode("latin-1").decode("utf-8")

@@ -50,6 +50,14 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
 
 
+def url_too_long(url_bytes: int, limit: int, *, at_least: bool = False) -> UrlTooLong:
+    """The 414 for a URL (path and query string) of ``url_bytes`` bytes, over
+    ``limit``: the guard's, and the HTTP protocol's for a URL so long that the
+    request head passed its cap first (``at_least``: only part of it was read)."""
+    size = f"at least {url_bytes}" if at_least else str(url_bytes)
+    return UrlTooLong(f"the URL has {size} bytes; at most {limit} (BRIDGE_MAX_URL_BYTES)")
+
+
 class ClientAddress:
     """Who is really calling: the peer, or the client a trusted proxy says it forwards."""
 
@@ -176,7 +184,7 @@ class Guard:
     def _check_size(self, scope: Scope) -> None:
         url_bytes = len(scope.get("raw_path") or b"") + len(scope["query_string"])
         if url_bytes > self._max_url_bytes:
-            raise UrlTooLong(f"the URL has {url_bytes} bytes; at most {self._max_url_bytes}")
+            raise url_too_long(url_bytes, self._max_url_bytes)
         headers = scope["headers"]
         if len(headers) > self._max_headers:
             raise HeadersTooLarge(f"{len(headers)} headers; at most {self._max_headers}")

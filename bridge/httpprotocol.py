@@ -6,7 +6,8 @@ sends megabytes of headers. This subclass does, per connection: the head of
 each request (request line and headers) must arrive within ``read_timeout``
 seconds and within ``max_head_bytes`` bytes, and its body within the same
 ``read_timeout`` from the first byte; otherwise the client gets a problem+json
-408 or 431 and the connection is closed. A request the parser cannot read gets
+408 or 431 (414 when the URL is what made the head too large, as the guard
+would answer) and the connection is closed. A request the parser cannot read gets
 a problem+json 400 instead of uvicorn's text/plain one (uvicorn answers it
 through ``send_400_response``; if a release stops doing so, startup warns
 and such requests get uvicorn's own answer).
@@ -46,6 +47,7 @@ from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.errors import BridgeError, HeadersTooLarge, MalformedRequest, RequestTimeout
+from bridge.guards import url_too_long
 from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, log_refusal, problem
 
 log = logging.getLogger(__name__)
@@ -184,9 +186,14 @@ def guarded_protocol(
     *,
     read_timeout: float,
     max_head_bytes: int,
+    max_url_bytes: int,
     on_refused: Callable[[BridgeError, float], None] | None = None,
 ) -> type[HttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+    """The protocol class for ``uvicorn.Config(http=...)`` with these limits.
+
+    ``max_url_bytes`` is the guard's URL limit (BRIDGE_MAX_URL_BYTES): a head that
+    passes ``max_head_bytes`` with a URL over it is a 414, as the guard would have
+    answered, not a 431."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
@@ -230,11 +237,7 @@ def guarded_protocol(
                 if self._in_head:
                     budget = max_head_bytes - self._head_bytes
                     if budget <= 0:
-                        self._refuse(
-                            HeadersTooLarge(
-                                f"the request head is larger than {max_head_bytes} bytes"
-                            )
-                        )
+                        self._refuse(self._head_too_large())
                         return
                     size = min(size, budget)
                 chunk = data[start : start + size]  # the packet itself when it fits
@@ -244,6 +247,17 @@ def guarded_protocol(
                     return
                 if self._in_head:
                     self._head_bytes += len(chunk)
+
+        def _head_too_large(self) -> BridgeError:
+            # uvicorn gathers the URL as the parser hands it over (on_url), a piece
+            # at a time while it is still arriving: a URL so long that the head
+            # passed its cap (the cap leaves room for a URL of max_url_bytes) is
+            # too long itself.
+            url: bytes = getattr(self, "url", b"")  # uvicorn sets it as a request begins
+            url_bytes = len(url) - (b"?" in url)  # path and query, as the guard counts them
+            if url_bytes > max_url_bytes:
+                return url_too_long(url_bytes, max_url_bytes, at_least=True)
+            return HeadersTooLarge(f"the request head is larger than {max_head_bytes} bytes")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

@@ -1,4 +1,8 @@
-"""The HTTP edge: the only module that speaks HTTP.
+"""The app's HTTP edge: requests in, answers out.
+
+The HTTP server's connection protocol (bridge.httpprotocol) speaks HTTP too: it
+writes its own answers to requests it refuses before the app sees them (with
+:func:`problem`) and the endpoint's 2xx answers through ``RESPOND_WHOLE``.
 
 The webhook endpoint is a plain ASGI callable mounted in Starlette's router:
 it reads the body itself (to enforce the size cap while reading), so it skips

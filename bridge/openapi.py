@@ -30,8 +30,20 @@ def _problem(description: str, *headers: str) -> dict[str, Any]:
     return response
 
 
+def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
+    """What any request can be answered before it reaches its endpoint: the HTTP
+    server's own refusals and the guards' size limits, which hold on every path."""
+    return {
+        "400": _problem("Not valid HTTP/1.1."),
+        "408": _problem("The request did not arrive within the read timeout."),
+        "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
+        "431": _problem("Too many or too large headers."),
+    }
+
+
 def _webhook_operation(settings: Settings, path_params: list[str], method: str) -> dict[str, Any]:
     names = "".join(f"/{{{p}}}" for p in path_params)
+    refused = _refusals_on_any_path(settings)
     operation: dict[str, Any] = {
         "operationId": f"{method}Webhook{''.join(p.title() for p in path_params)}",
         "summary": f"Receive a Geins webhook delivery ({WEBHOOK_PATH}{names})",
@@ -86,15 +98,15 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
             "405": _problem("Another method than GET, POST or PUT.", "Allow"),
-            "408": _problem("The request did not arrive within the read timeout."),
+            "408": refused["408"],
             "413": _problem(
                 f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
                 f"(body and headers) would be over {settings.max_event_record_bytes()} bytes."
             ),
-            "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
+            "414": refused["414"],
             "422": _problem("Entity or action missing, malformed or (strict) unknown."),
             "429": _problem("Rate limit of this client address.", "Retry-After"),
-            "431": _problem("Too many or too large headers."),
+            "431": refused["431"],
             "500": _problem("A bug; the delivery was not accepted (Geins retries)."),
             "503": _problem("The event cannot be made safe now; retry.", "Retry-After"),
         },
@@ -121,6 +133,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             for method in ("get", "post", "put")
         }
     text = {"text/plain": {"schema": {"type": "string"}}}
+    refused = _refusals_on_any_path(settings)
     status_json = {"application/json": {"schema": {"type": "object"}}}
     return {
         "openapi": "3.1.0",
@@ -136,7 +149,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "operationId": "healthz",
                     "summary": "Alive",
-                    "responses": {"200": {"description": "alive", "content": status_json}},
+                    "responses": {
+                        "200": {"description": "alive", "content": status_json},
+                        **refused,
+                    },
                 }
             },
             "/readyz": {
@@ -146,6 +162,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "ready", "content": status_json},
                         "503": {"description": "not ready", "content": status_json},
+                        **refused,
                     },
                 }
             },
@@ -153,14 +170,20 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "operationId": "metrics",
                     "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text format", "content": text}},
+                    "responses": {
+                        "200": {"description": "text format", "content": text},
+                        **refused,
+                    },
                 }
             },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1", "content": status_json}},
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1", "content": status_json},
+                        **refused,
+                    },
                 }
             },
         },

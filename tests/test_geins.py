@@ -233,6 +233,34 @@ def test_bad_key_is_refused(key: bytes) -> None:
         parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], key)]))
 
 
+@pytest.mark.parametrize("key", [b"abc\x1f", b"\x1cabc", b"abc\x0b", b"abc\r"])
+def test_a_control_character_at_either_end_of_a_key_is_refused(key: bytes) -> None:
+    """Only HTTP's own optional whitespace (spaces, tabs) around the value is dropped:
+    str.strip() also took \\x1c-\\x1f and \\x0b, and the key became "abc" instead of a
+    400 (a dead letter's key is refused alike)."""
+    with pytest.raises(BadIdempotencyKey, match="control characters"):
+        parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], key)]))
+    assert delivery_key(delivery(b"[]", headers=[(KEY[0], key)]), []) is None
+
+
+@pytest.mark.parametrize(
+    ("sent", "key"),
+    [
+        (b" \tabc \t", "abc"),  # HTTP's optional whitespace around a value
+        ("abc\u00a0".encode(), "abc\u00a0"),  # no-break space
+        ("\u3000abc".encode(), "\u3000abc"),  # ideographic space
+        ("\u2003abc\u2028".encode(), "\u2003abc\u2028"),  # em space, line separator
+        (b"abc\xa0", "abc\u00a0"),  # a latin-1 no-break space, not UTF-8
+    ],
+)
+def test_a_key_is_byte_for_byte_but_for_spaces_and_tabs_around_it(sent: bytes, key: str) -> None:
+    """Unicode whitespace is part of the key: `abc<NBSP>` is not `abc`, so it is not
+    taken for a retry of `abc`. The dead letter's key is the event's."""
+    event = parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], sent)]))
+    assert event.key == key
+    assert delivery_key(delivery(b"[]", headers=[(KEY[0], sent)]), []) == key
+
+
 def test_conflicting_duplicate_keys_are_refused() -> None:
     """Two different x-Idempotency-Key headers cannot both be the key."""
     headers = [(b"x-idempotency-key", b"a"), (b"X-Idempotency-Key", b"b")]

@@ -147,6 +147,24 @@ def test_huge_head_is_431_without_reading_it_all(
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
 
 
+def test_huge_url_is_414_not_431(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
+) -> None:
+    """A URL so long that the head passes its cap (BRIDGE_MAX_URL_BYTES +
+    BRIDGE_MAX_HEADER_BYTES + 1 KiB) is refused for its length, like a shorter one
+    over BRIDGE_MAX_URL_BYTES; it used to get 431 for a head too large."""
+    sock = connect(bridge)
+    # One write, which the server reads whole: closing with unread bytes would reset
+    # the connection, and the answer could be lost.
+    sock.sendall(b"GET /metrics?q=" + b"a" * 30000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 414"), answer[:200]
+    assert b"content-type: application/problem+json" in answer
+    assert b"BRIDGE_MAX_URL_BYTES" in answer
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_rejections_total{reason="url_too_long"} 1.0' in metrics
+
+
 def test_idle_keep_alive_connection_is_closed(
     bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket]
 ) -> None:

@@ -138,6 +138,7 @@ class Connection:
         *,
         read_timeout: float = 5.0,
         max_head_bytes: int = 16384,
+        max_url_bytes: int = 8192,
     ) -> None:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
@@ -145,7 +146,10 @@ class Connection:
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
         protocol = guarded_protocol(
-            read_timeout=read_timeout, max_head_bytes=max_head_bytes, on_refused=self._count
+            read_timeout=read_timeout,
+            max_head_bytes=max_head_bytes,
+            max_url_bytes=max_url_bytes,
+            on_refused=self._count,
         )
         config = uvicorn.Config(
             app, http=protocol, lifespan="off", log_config=None, proxy_headers=False
@@ -299,6 +303,7 @@ async def test_a_uvicorn_without_the_cycle_attributes_answers_through_send(
 # --------------------------------------------------------------------------
 # The head's deadline and size cap (GuardedHttpToolsProtocol.data_received).
 
+URL_CAP = 256
 HEAD_CAP = 2304  # the smallest the settings allow: URL 256 + headers 1024 + 1024
 
 
@@ -372,6 +377,59 @@ async def test_a_head_over_the_cap_is_431(
         assert answer.startswith(b"HTTP/1.1 431 "), answer
         assert b"headers_too_large" in answer
         assert b"\r\ndate: %s\r\n" % DATE[1] in answer
+        assert [e.reason for e in connection.refused] == ["headers_too_large"]
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "packets"),
+    [
+        pytest.param(b"GET /healthz?q=" + b"a" * HEAD_CAP * 4, 1, id="URL alone, one packet"),
+        pytest.param(b"GET /healthz?q=" + b"a" * HEAD_CAP * 4, 20, id="URL alone, in pieces"),
+        pytest.param(
+            b"GET /webhooks/geins?q=" + b"a" * (URL_CAP + 10) + b" HTTP/1.1\r\nX-Pad: "
+            + b"a" * HEAD_CAP,
+            3,
+            id="URL over its limit, then headers",
+        ),
+    ],
+)  # fmt: skip
+async def test_a_url_that_passes_the_head_cap_is_414(
+    monkeypatch: pytest.MonkeyPatch, head: bytes, packets: int
+) -> None:
+    """A URL too long for the head cap is refused for its length, as the guard refuses
+    a shorter one too long for BRIDGE_MAX_URL_BYTES: 414, not 431 (which it got)."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP, max_url_bytes=URL_CAP)
+    try:
+        size = -(-len(head) // packets)
+        for start in range(0, len(head), size):
+            connection.protocol.data_received(head[start : start + size])
+        answer = await wait_closed(connection, 1)
+        lines, body = split(answer)
+        assert lines[0] == b"HTTP/1.1 414 URL too long", answer
+        assert b"content-type: application/problem+json" in lines
+        assert b"date: %s" % DATE[1] in lines
+        assert body["reason"] == "url_too_long"
+        assert f"at most {URL_CAP} (BRIDGE_MAX_URL_BYTES)" in body["detail"]
+        assert [e.reason for e in connection.refused] == ["url_too_long"]
+    finally:
+        connection.close()
+
+
+async def test_a_url_within_its_limit_with_too_many_header_bytes_is_431(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The head cap leaves room for a URL of BRIDGE_MAX_URL_BYTES: one that long, with
+    headers that pass the cap, is refused for its headers."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP, max_url_bytes=URL_CAP)
+    try:
+        url = b"/webhooks/geins?q=" + b"a" * (URL_CAP + 1 - len(b"/webhooks/geins?q="))
+        assert len(url) - len(b"?") == URL_CAP  # path and query, as the guard counts them
+        connection.protocol.data_received(b"POST " + url + b" HTTP/1.1\r\nX-Pad: ")
+        connection.protocol.data_received(b"a" * HEAD_CAP)
+        answer = await wait_closed(connection, 1)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
         assert [e.reason for e in connection.refused] == ["headers_too_large"]
     finally:
         connection.close()

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.openapi import openapi_document
 from tests.fakes import TOKEN, FakePublisher
 from tests.process import BridgeProcess
 
@@ -28,6 +29,18 @@ def test_document_lists_exactly_the_served_routes() -> None:
     webhook = document["paths"]["/webhooks/geins/{entity}/{action}"]
     assert set(webhook) == {"get", "post", "put"}
     assert "413" in webhook["post"]["responses"]
+
+
+def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
+    """The HTTP server's 400 and 408 and the guards' 414 and 431 can answer a request
+    to any path, the operations endpoints' included (which listed only 200)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_MAX_URL_BYTES": "1000"})
+    document = openapi_document(settings)
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"400", "408", "414", "431"} <= set(responses), (method, path)
+            assert "1000 bytes" in responses["414"]["description"]
 
 
 @pytest.mark.kafka
