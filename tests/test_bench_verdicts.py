@@ -275,3 +275,133 @@ def test_layer_costs_come_from_the_rounds_when_there_are_some() -> None:
         run.cpu_seconds = run.ok * (100e-6 if run.label.startswith(ROUND) else 150e-6)
     assert _cpu_us(subject) == pytest.approx(100.0)
     assert _cpu_us(_saturated("raw-asgi", "baseline", 40_000)) == 0.0
+
+
+# --------------------------------------------------------------------------
+# The issue's targets (report.targets): each limit, on both sides of it
+
+
+def _bridge_subject(
+    *,
+    rps: float = 20_000.0,
+    p50_ms: float = 0.5,
+    p99_ms: float = 2.0,
+    rss_mb: float = 80.0,
+    verified: bool = True,
+) -> SubjectResult:
+    """A bridge whose runs all pass unless told otherwise: saturation at ``rps``, the
+    target rate with the given percentiles, ``rss_mb`` of peak RSS."""
+    subject = SubjectResult(
+        name="bridge broker",
+        kind="bridge",
+        base="bridge broker",
+        workers=1,
+        ack="broker",
+        cpus="0",
+        writes_kafka=True,
+        peak_rss_bytes=int(rss_mb * MB),
+    )
+    sat = _wrk(SATURATION, rps)
+    sat.verified = verified
+    rate = RunResult(
+        label=rate_label(TARGET_RATE),
+        offered_rate=TARGET_RATE,
+        seconds=15.0,
+        sent=TARGET_RATE * 15,
+        ok=TARGET_RATE * 15,
+        non_2xx=0,
+        socket_errors=0,
+        rps=float(TARGET_RATE),
+        p50_ms=p50_ms,
+        p99_ms=p99_ms,
+        verified=True,
+    )
+    subject.runs += [sat, rate]
+    return subject
+
+
+def _kafka_baseline(name: str, rps: float, *, verified: bool = True) -> SubjectResult:
+    subject = _saturated(name, "baseline", rps)
+    subject.writes_kafka = True
+    subject.runs[-1].verified = verified
+    return subject
+
+
+def _verdicts(bridge: SubjectResult, *baselines: SubjectResult) -> dict[str, bool | None]:
+    return {v.target: v.passed for v in targets(bridge, Baselines([*baselines, bridge]))}
+
+
+STARLETTE = "throughput ≥ 1 x starlette-noop"
+RAW = "throughput ≥ 0.5 x raw-asgi"
+NAIVE = "throughput ≥ 1.5 x naive-bridge"
+P50 = f"p50 at {TARGET_RATE}/s ≤ 1 ms"
+P99 = f"p99 at {TARGET_RATE}/s ≤ 5 ms"
+RSS = "peak RSS ≤ 120 MB"
+KAFKA = "Kafka holds one record per 2xx, every run"
+
+
+def _baselines() -> list[SubjectResult]:
+    return [
+        _saturated("starlette-noop", "baseline", 10_000),
+        _saturated("raw-asgi", "baseline", 20_000),
+        _kafka_baseline("naive-bridge", 1_000),
+    ]
+
+
+def test_each_throughput_target_passes_at_its_factor_and_fails_just_below() -> None:
+    # 10,000 req/s: exactly 1 x starlette, 0.5 x raw-asgi and 10 x naive: all pass
+    at = _verdicts(_bridge_subject(rps=10_000), *_baselines())
+    assert (at[STARLETTE], at[RAW], at[NAIVE]) == (True, True, True)
+    below = _verdicts(_bridge_subject(rps=9_900), *_baselines())
+    assert (below[STARLETTE], below[RAW]) == (False, False)
+    # naive-bridge at 6,667 req/s: 9,900 is 1.485 x, just below 1.5
+    naive = _kafka_baseline("naive-bridge", 6_667)
+    verdicts = _verdicts(_bridge_subject(rps=9_900), *_baselines()[:2], naive)
+    assert verdicts[NAIVE] is False
+    assert _verdicts(_bridge_subject(rps=10_001), *_baselines()[:2], naive)[NAIVE] is True
+    # far below every factor (0.1 x each): fails, whatever the factors are relaxed to
+    slow = _verdicts(_bridge_subject(rps=900), *_baselines()[:2], naive)
+    assert (slow[STARLETTE], slow[RAW], slow[NAIVE]) == (False, False, False)
+
+
+def test_each_latency_target_passes_at_its_limit_and_fails_just_above() -> None:
+    at = _verdicts(_bridge_subject(p50_ms=1.0, p99_ms=5.0), *_baselines())
+    assert (at[P50], at[P99]) == (True, True)
+    above = _verdicts(_bridge_subject(p50_ms=1.01, p99_ms=5.01), *_baselines())
+    assert (above[P50], above[P99]) == (False, False)
+    slow = _verdicts(_bridge_subject(p50_ms=30.0, p99_ms=200.0), *_baselines())
+    assert (slow[P50], slow[P99]) == (False, False)
+
+
+def test_the_rss_target_passes_at_120_mb_and_fails_above() -> None:
+    assert _verdicts(_bridge_subject(rss_mb=120.0), *_baselines())[RSS] is True
+    assert _verdicts(_bridge_subject(rss_mb=120.001), *_baselines())[RSS] is False
+    assert _verdicts(_bridge_subject(rss_mb=300.0), *_baselines())[RSS] is False
+
+
+def test_a_run_that_failed_the_kafka_check_fails_the_kafka_target() -> None:
+    """Even when another run of the same subject passed it."""
+    subject = _bridge_subject(verified=False)
+    assert subject.runs[1].verified is True  # the rate run passed
+    assert _verdicts(subject, *_baselines())[KAFKA] is False
+    assert _verdicts(_bridge_subject(), *_baselines())[KAFKA] is True
+
+
+def test_a_bridge_that_lost_data_gets_no_speed_or_latency_verdict() -> None:
+    """Dropping events is fast: its throughput is not compared, its latency fails."""
+    verdicts = _verdicts(_bridge_subject(rps=50_000, verified=False), *_baselines())
+    assert (verdicts[STARLETTE], verdicts[RAW], verdicts[NAIVE]) == (None, None, None)
+    assert (verdicts[P50], verdicts[P99]) == (False, False)
+    broken = _bridge_subject(rps=50_000)
+    broken.error = "RuntimeError: the subject died"
+    verdicts = _verdicts(broken, *_baselines())
+    assert (verdicts[STARLETTE], verdicts[P50], verdicts[KAFKA]) == (None, False, False)
+
+
+def test_a_baseline_that_failed_the_kafka_check_is_not_compared() -> None:
+    """A naive bridge that loses records is faster than it should be: no ratio to it."""
+    lossy = _kafka_baseline("naive-bridge", 1_000, verified=False)
+    assert Baselines([lossy]).throughput("naive-bridge") is None
+    verdicts = _verdicts(_bridge_subject(rps=10_000), *_baselines()[:2], lossy)
+    assert verdicts[NAIVE] is None
+    assert verdicts[STARLETTE] is True  # the other baselines still count
