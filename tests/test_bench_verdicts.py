@@ -405,3 +405,19 @@ def test_a_baseline_that_failed_the_kafka_check_is_not_compared() -> None:
     verdicts = _verdicts(_bridge_subject(rps=10_000), *_baselines()[:2], lossy)
     assert verdicts[NAIVE] is None
     assert verdicts[STARLETTE] is True  # the other baselines still count
+
+
+def test_a_latency_verdict_needs_the_rate_offered() -> None:
+    """A load generator that sent a third of its requests measured a lighter load: the
+    percentiles say nothing about 2,000/s, however low they are."""
+    subject = _bridge_subject()
+    rate_run = subject.runs[1]
+    rate_run.sent = rate_run.ok = 10_000  # of 30,000
+    verdicts = {v.target: v for v in targets(subject, Baselines([subject]))}
+    assert (verdicts[P50].passed, verdicts[P99].passed) == (False, False)
+    assert "sent 10,000 of 30,000" in verdicts[P50].measured
+    # at the limit (99 % of rate x seconds) and just below it
+    rate_run.sent = rate_run.ok = 29_700
+    assert _verdicts(subject)[P50] is True
+    rate_run.sent = rate_run.ok = 29_699
+    assert _verdicts(subject)[P50] is False

@@ -32,6 +32,9 @@ DISTURBED = " ⚠ disturbed"
 # see (nothing else runs; the CPUs are just slower): a baseline whose throughput moved by
 # more than this between the start and the end marks the run's ratios as mixed.
 SPEED_DRIFT = 0.15
+# A latency verdict needs the rate offered: vegeta sent at least this share of
+# rate x seconds (a load generator that fell behind measures a lighter load).
+OFFERED_SHARE = 0.99
 RECHECK = " again, end of run"
 
 
@@ -182,7 +185,8 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
             )
         )
     run = subject.run(rate_label(TARGET_RATE))
-    kept_up = run is not None and run.non_2xx == 0 and not lost
+    short = _not_offered(run) if run is not None else None
+    kept_up = run is not None and run.non_2xx == 0 and not lost and short is None
     for label, value, limit in (
         ("p50", run.p50_ms if run else None, 1.0),
         ("p99", run.p99_ms if run else None, 5.0),
@@ -190,6 +194,8 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
         shown = f"{ms(value)} ms" if value is not None else "-"
         if run is not None and run.non_2xx:
             shown += f" ({run.non_2xx} non-2xx)"
+        if short is not None:
+            shown += f" ({short}: the rate was not offered)"
         if _disturbed(run):
             shown += DISTURBED
         verdicts.append(
@@ -213,6 +219,17 @@ def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
     verdicts.append(_refusals_verdict(subject))
     verdicts.append(_soak_verdict(subject))
     return verdicts
+
+
+def _not_offered(run: RunResult) -> str | None:
+    """Why a fixed-rate run did not offer its rate (fewer than OFFERED_SHARE of rate x
+    seconds sent), or None if it did."""
+    if run.offered_rate is None:
+        return None
+    expected = run.offered_rate * run.seconds
+    if run.sent >= OFFERED_SHARE * expected:
+        return None
+    return f"sent {run.sent:,} of {expected:,.0f}"
 
 
 def _kafka_passed(subject: SubjectResult) -> bool | None:
