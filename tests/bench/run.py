@@ -651,13 +651,14 @@ class Bench:
         run = self._wrk_run(subject, proc, home, SOAK, seconds, drain=self.plan.drain_seconds)
         result.runs.append(run)
         result.soak_rss = bucket_peaks(proc.rss_samples[first:], SOAK_BUCKET_SECONDS)
-        halves = report.soak_halves(result.soak_rss)
+        quarters = report.soak_quarters(result.soak_rss)
         say(
             f"{subject.name}: soak {run.rps:,.0f} req/s, Kafka {run.verify_detail}"
             + (
-                f", RSS peak {halves[0] / report.MB:.0f} MB in the first half, "
-                f"{halves[1] / report.MB:.0f} MB in the second"
-                if halves
+                f", RSS peak {quarters[0] / report.MB:.1f} MB in the second quarter, "
+                f"{quarters[1] / report.MB:.1f} MB in the last"
+                + ("" if report.is_flat(quarters) else " (grows)")
+                if quarters
                 else ""
             )
             + _noise(run)
