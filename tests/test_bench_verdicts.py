@@ -463,3 +463,29 @@ def test_a_latency_verdict_needs_the_rate_offered() -> None:
     assert _verdicts(subject)[P50] is True
     rate_run.sent = rate_run.ok = 29_699
     assert _verdicts(subject)[P50] is False
+
+
+def test_the_speed_check_compares_a_run_alone_with_a_run_alone() -> None:
+    """A turn in the rounds reads lower than a run alone: the rounds' mean at the start
+    against a run alone at the end warns of a speed-up that never was, and hides a
+    slowdown."""
+    steady = [
+        _saturated("starlette-noop", "baseline", 24_000, rounds=(20_000, 20_000)),
+        _saturated("starlette-noop" + RECHECK, "recheck", 24_000),
+    ]
+    assert speed_drift(steady) == [("starlette-noop", 24_000, 24_000)]
+    assert "speed changed" not in _report(steady)
+    slowed = [
+        _saturated("starlette-noop", "baseline", 30_000, rounds=(24_000, 24_000)),
+        _saturated("starlette-noop" + RECHECK, "recheck", 24_500),
+    ]
+    assert drifted(speed_drift(slowed)) == [("starlette-noop", 30_000, 24_500)]
+    assert "The machine's speed changed during this run" in _report(slowed)
+
+
+def test_the_second_worker_table_compares_runs_alone() -> None:
+    one = _saturated("starlette-noop", "baseline", 12_000, rounds=(10_000, 10_000))
+    two = _saturated("starlette-noop", "baseline", 6_000)
+    two.name, two.workers, two.cpus = "starlette-noop 2 workers", 2, "any"
+    text = _report([one, two])
+    assert "| starlette-noop 2 workers | 12,000 | 6,000 | 0.50x |" in text

@@ -331,17 +331,26 @@ def _rates(results: Sequence[SubjectResult]) -> list[int]:
 
 def speed_drift(results: Sequence[SubjectResult]) -> list[tuple[str, float, float]]:
     """``(baseline, req/s at the start, req/s at the end)`` for each baseline measured
-    again at the end of the run."""
-    first = {r.name: r.throughput for r in results if r.kind == "baseline" and r.workers == 1}
+    again at the end of the run: both its own saturation runs, measured alone the same
+    way. (The interleaved rounds' mean is no start to compare with: the subjects' turns
+    there read lower than a run alone.)"""
+    first = {r.name: _solo_rps(r) for r in results if r.kind == "baseline" and r.workers == 1}
     pairs = []
     for r in results:
-        if r.kind != "recheck" or r.throughput is None:
+        end = _solo_rps(r) if r.kind == "recheck" else None
+        if end is None:
             continue
         name = r.name.removesuffix(RECHECK)
         start = first.get(name)
         if start:
-            pairs.append((name, start, r.throughput))
+            pairs.append((name, start, end))
     return pairs
+
+
+def _solo_rps(subject: SubjectResult | None) -> float | None:
+    """req/s of the subject's own saturation run (alone, not in the rounds)."""
+    run = subject.run(SATURATION) if subject is not None else None
+    return run.rps if run is not None else None
 
 
 def drifted(pairs: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
@@ -374,12 +383,13 @@ def _speed(results: Sequence[SubjectResult]) -> list[str]:
         return []
     out = ["## Did the machine keep its speed?", ""]
     out += [
-        "The baselines measured once more after every other subject, the same way. This "
-        "machine's speed changes by up to 2x within an hour without any other process "
-        "running, which the other-load check cannot see; a change of more than "
-        f"{100 * SPEED_DRIFT:.0f} % marks as mixed what was measured minutes apart (with "
-        "interleaved rounds, their means are the start: the ratios, taken side by side, "
-        "hold).",
+        "The baselines measured once more after every other subject, the same way: both "
+        "columns are a baseline's own saturation run, alone (the start is its run after the "
+        "interleaved rounds, not their mean). This machine's speed changes by up to 2x "
+        "within an hour without any other process running, which the other-load check "
+        f"cannot see; a change of more than {100 * SPEED_DRIFT:.0f} % marks as mixed what "
+        "was measured minutes apart (with interleaved rounds the ratios, taken side by "
+        "side, hold).",
         "",
     ]
     rows = [
@@ -529,7 +539,9 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
         "`uvicorn --workers 2`: the subject is not pinned (both cores, shared with wrk and "
         "the broker); one worker is pinned to one core. Saturation throughput only. On a "
         "2-core machine the second worker takes the core the load generator and the broker "
-        "need, so this shows contention more than scaling.",
+        "need, so this shows contention more than scaling. Both req/s columns are the "
+        "subjects' own saturation runs, each measured alone (not the interleaved rounds' "
+        "mean, which reads lower), minutes apart.",
         "",
     ]
     if any("replicas" in r.name for r in multi):
@@ -543,19 +555,20 @@ def _workers(results: Sequence[SubjectResult]) -> list[str]:
     one = {r.base: r for r in results if r.workers == 1}
     rows = []
     for r in multi:
-        single = one.get(r.base)
+        alone, two = _solo_rps(one.get(r.base)), _solo_rps(r)
         rows.append(
             [
                 r.name,
-                _num(single.throughput if single else None),
-                _num(r.throughput),
-                _x(_ratio(r.throughput, single.throughput if single else None)),
+                _num(alone),
+                _num(two),
+                _x(_ratio(two, alone)),
                 _mb(r.peak_rss_bytes),
                 _kafka_check(r),
             ]
         )
     header = [
-        "subject", "1 process req/s", "2 processes req/s", "scale", "peak RSS MB (all)", "Kafka"
+        "subject", "1 process req/s, own run", "2 processes req/s, own run", "scale",
+        "peak RSS MB (all)", "Kafka",
     ]  # fmt: skip
     return out + _table(header, rows)
 
