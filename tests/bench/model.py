@@ -15,6 +15,8 @@ SOAK_BUCKET_SECONDS = 5.0
 # NOT_COUNTED: still Kafka-checked, left out of its throughput.
 ROUND = "round "
 NOT_COUNTED = ", not counted"
+# Added to the label of a run at whose end the subject's process was found dead.
+DIED = " (subject died)"
 
 
 def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tuple[float, int]]:
@@ -29,6 +31,20 @@ def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tu
         index = int((seconds - start) // bucket)
         peaks[index] = max(peaks.get(index, value), value)
     return [(index * bucket, peak) for index, peak in sorted(peaks.items())]
+
+
+def kafka_detail(records: int, answered: int, *, died: bool = False) -> str:
+    """What a Kafka check found: ``records`` on the subject's topics against the 2xx
+    ``answered``; a subject that died fails it whatever the counts."""
+    if records == answered:
+        found = f"{records} records = {answered} 2xx"
+    elif records < answered:
+        found = f"{answered - records} lost ({records} records < {answered} 2xx)"
+    else:
+        found = f"{records - answered} extra ({records} records > {answered} 2xx)"
+    if died:
+        return f"FAILED: the subject died; {found}"
+    return f"OK ({found})" if records == answered else f"FAILED: {found}"
 
 
 def rate_label(rate: int) -> str:
@@ -59,6 +75,9 @@ class RunResult:
     settle_seconds: float | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
     other_load: float | None = None  # CPUs used by processes outside the benchmark (0.25 = 25 %)
+    # The subject's process was found dead at the end of the run: what it answered was
+    # still checked against Kafka, but a crash is when answered events go missing.
+    died: bool = False
 
     @property
     def cpu_per_1k(self) -> float | None:
@@ -107,7 +126,13 @@ class SubjectResult:
 
     @property
     def failed_runs(self) -> list[RunResult]:
-        return [r for r in self.runs if r.verified is False]
+        """Runs that failed the Kafka check, and, for a subject that writes to Kafka, runs
+        it died in (whatever the check found: it may have lost what it had not sent yet)."""
+        return [r for r in self.runs if r.verified is False or (r.died and self.writes_kafka)]
+
+    @property
+    def died_runs(self) -> list[RunResult]:
+        return [r for r in self.runs if r.died]
 
     @property
     def rounds(self) -> list[RunResult]:

@@ -315,6 +315,17 @@ def _soak_verdict(subject: SubjectResult) -> Verdict:
     return Verdict(target, measured, is_flat(quarters))
 
 
+def failures(results: Sequence[SubjectResult]) -> list[str]:
+    """Why ``make bench`` exits 1 (none: it exits 0): a run that failed the Kafka check,
+    or that a subject writing to Kafka died in (though measured again), and a subject
+    that could not be measured."""
+    found = [
+        f"Kafka check FAILED for {r.name} {run.label}" for r in results for run in r.failed_runs
+    ]
+    found += [f"could not be measured: {r.name}" for r in results if r.error]
+    return found
+
+
 def _verdict(passed: bool | None) -> str:
     return {True: "PASS", False: "**FAIL**", None: "-"}[passed]
 
@@ -829,6 +840,18 @@ def _method(results: Sequence[SubjectResult], context: Context) -> list[str]:
         + r.earlier_error.splitlines()[0]
         for r in results
         if r.earlier_error
+    ]
+    notes += [
+        f"{r.name}: its process died during "
+        + ", ".join(run.label for run in r.died_runs)
+        + (
+            " (Kafka-checked as far as it got; a run a subject writing to Kafka died in "
+            "fails the Kafka check)"
+            if r.writes_kafka
+            else ""
+        )
+        for r in results
+        if r.died_runs
     ]
     if notes:
         out += ["## Notes", "", *(f"- {note}" for note in notes), ""]

@@ -65,6 +65,7 @@ from tests.bench.mix import (
     wrk_script,
 )
 from tests.bench.model import (
+    DIED,
     NOT_COUNTED,
     ROUND,
     SATURATION,
@@ -74,6 +75,7 @@ from tests.bench.model import (
     RunResult,
     SubjectResult,
     bucket_peaks,
+    kafka_detail,
     rate_label,
 )
 from tests.bench.procs import (
@@ -381,6 +383,16 @@ def make_subjects(
 # Measuring one subject
 
 
+class SubjectDied(RuntimeError):
+    """The subject's process was found dead at the end of ``run``, which has been checked
+    against Kafka (what it answered so far against the records that arrived) and must
+    still be kept with the subject's runs."""
+
+    def __init__(self, run: RunResult, label: str, log_tail: str) -> None:
+        super().__init__(f"the subject died during {label}:\n{log_tail}")
+        self.run = run
+
+
 def _noise(run: RunResult) -> str:
     if run.other_load is None or run.other_load <= report.NOISY:
         return ""
@@ -478,6 +490,8 @@ class Bench:
             if self.plan.profile and subject.ack == "broker" and not (multi or subject.cut):
                 self._profile(subject, proc, result, home)
         except Exception as exc:  # one broken subject must not end the run
+            if isinstance(exc, SubjectDied):
+                result.runs.append(exc.run)
             result.error = f"{type(exc).__name__}: {exc}"
             say(f"{subject.name}: {result.error}")
         finally:
@@ -540,6 +554,8 @@ class Bench:
                         subject, proc, home, ROUNDS_WARMUP, self.plan.warmup_seconds, drain=1.0
                     )
                 except Exception as exc:  # measured alone later, without rounds
+                    if isinstance(exc, SubjectDied):
+                        runs[subject.name].append(exc.run)
                     say(f"{subject.name}: left out of the rounds: {type(exc).__name__}: {exc}")
                     proc.stop()
                     continue
@@ -577,6 +593,8 @@ class Bench:
                 set_aside=NOT_COUNTED,
             )
         except Exception as exc:  # the subject broke: its rounds no longer mirror the others'
+            if isinstance(exc, SubjectDied):  # Kafka-checked; a failed run of the subject
+                runs[name].append(exc.run)
             say(f"{name}: {label}: {type(exc).__name__}: {exc}; its rounds are not counted")
             del started[name]
             proc.stop()
@@ -686,7 +704,12 @@ class Bench:
         started = time.monotonic()
         say(f"{subject.name}: {run.label}{_noise(run)}: measuring it again")
         self.wait_for_quiet(subject.name)
-        again = measure()
+        try:
+            again = measure()
+        except SubjectDied:
+            run.label += " (disturbed)" + set_aside
+            runs.append(run)
+            raise
         self.retry_spent += time.monotonic() - started
         if (again.other_load or 0.0) <= run.other_load:
             run, again = again, run
@@ -721,7 +744,9 @@ class Bench:
         after: Snapshot | None = None,
     ) -> None:
         """CPU accounting (up to ``after``: the end of the measured window, else now),
-        a check that the subject survived, and the Kafka check."""
+        the Kafka check, and a check that the subject survived: if it died, the run is
+        still checked against Kafka, marked ``died`` and raised with SubjectDied, for
+        the caller to keep it (a failed run of a subject that writes to Kafka)."""
         if after is None:
             after = self._snapshot(subject, proc, records=False)
         run.cpu_seconds = after.subject_cpu - before.subject_cpu
@@ -733,10 +758,12 @@ class Bench:
         wall = after.wall - before.wall
         if wall > 0:
             run.other_load = max(0.0, after.busy - before.busy - ours) / wall
-        if not proc.alive():
-            msg = f"the subject died during {run.label}:\n{proc.log_tail()}"
-            raise RuntimeError(msg)
+        run.died = not proc.alive()
         self._verify(subject, run, before.records)
+        if run.died:
+            label = run.label
+            run.label += DIED
+            raise SubjectDied(run, label, proc.log_tail())
 
     def _verify(self, subject: Subject, run: RunResult, records_before: int) -> None:
         if subject.prefix is None:
@@ -748,16 +775,7 @@ class Bench:
         run.records = after - records_before
         run.settle_seconds = waited
         run.verified = run.records == run.ok
-        if run.verified:
-            run.verify_detail = f"OK ({run.records} records = {run.ok} 2xx)"
-        elif run.records < run.ok:
-            run.verify_detail = (
-                f"FAILED: {run.ok - run.records} lost ({run.records} records < {run.ok} 2xx)"
-            )
-        else:
-            run.verify_detail = (
-                f"FAILED: {run.records - run.ok} extra ({run.records} records > {run.ok} 2xx)"
-            )
+        run.verify_detail = kafka_detail(run.records, run.ok, died=run.died)
 
     def _wrk_run(
         self,
@@ -911,6 +929,7 @@ class Bench:
             spy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             time.sleep(1.0)
             run = self._wrk_run(subject, proc, home, "profiled", seconds, drain=2.0)
+            result.runs.append(run)  # Kafka-checked like the others, and in the total
             spy.wait(timeout=seconds + 60)
         say(f"{subject.name}: profiled run {run.rps:,.0f} req/s ({run.verify_detail or 'n/a'})")
         by_function: Counter[str] = Counter()
@@ -1071,12 +1090,9 @@ def main() -> int:
     )
     written = report.save(plan.out, results, context)
     say(f"done in {elapsed / 60:.1f} min: {', '.join(str(p) for p in written)}")
-    failed = [f"{r.name} {run.label}" for r in results for run in r.failed_runs]
-    broken = [r.name for r in results if r.error]
-    if failed:
-        say(f"Kafka check FAILED for: {', '.join(failed)}")
-    if broken:
-        say(f"subjects that could not be measured: {', '.join(broken)}")
+    problems = report.failures(results)
+    for problem in problems:
+        say(problem)
     for name, start, end in report.drifted(report.speed_drift(results)):
         say(
             f"the machine's speed changed during the run: {name} {start:,.0f} req/s at the "
@@ -1084,7 +1100,7 @@ def main() -> int:
             + ("" if rounds else ", the ratios too")
             + " (see results.md)"
         )
-    return 1 if failed or broken else 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
