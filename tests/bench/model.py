@@ -17,6 +17,8 @@ ROUND = "round "
 NOT_COUNTED = ", not counted"
 # Added to the label of a run at whose end the subject's process was found dead.
 DIED = " (subject died)"
+# The check of every record on a subject's topics once it stopped for good.
+ALL_RUNS = "all runs, once it stopped"
 
 
 def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tuple[float, int]]:
@@ -117,6 +119,10 @@ class SubjectResult:
     profile_files: list[tuple[str, float]] = field(default_factory=list)  # (file, self %)
     profile_samples: int | None = None
     profile_path: str | None = None  # py-spy's collapsed stacks (raw format)
+    # Records on the subject's topics once it stopped for good (its process in the
+    # rounds and its own), against answered_total: catches records that reached Kafka
+    # between two runs' checks (late duplicates, say). None: not counted.
+    records_total: int | None = None
     error: str | None = None
     earlier_error: str | None = None  # a first attempt broke; this is the second
     exit_code: int | None = None
@@ -129,6 +135,21 @@ class SubjectResult:
         """Runs that failed the Kafka check, and, for a subject that writes to Kafka, runs
         it died in (whatever the check found: it may have lost what it had not sent yet)."""
         return [r for r in self.runs if r.verified is False or (r.died and self.writes_kafka)]
+
+    @property
+    def answered_total(self) -> int:
+        """The 2xx answers of every run of the subject (warm-ups, rounds, attempts)."""
+        return sum(r.ok for r in self.runs)
+
+    @property
+    def total_verified(self) -> bool | None:
+        """Whether every record on its topics is one of its 2xx answers; None: not counted."""
+        return None if self.records_total is None else self.records_total == self.answered_total
+
+    @property
+    def kafka_failed(self) -> bool:
+        """A run failed the Kafka check, or the count over all its runs did."""
+        return bool(self.failed_runs) or self.total_verified is False
 
     @property
     def died_runs(self) -> list[RunResult]:

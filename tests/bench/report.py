@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.bench.model import (
+    ALL_RUNS,
     ROUND,
     SATURATION,
     SOAK,
     WARMUP,
     RunResult,
     SubjectResult,
+    kafka_detail,
     rate_label,
 )
 
@@ -113,9 +115,11 @@ def _kafka_check(subject: SubjectResult) -> str:
         return "ERROR"
     if not subject.writes_kafka:
         return "n/a"
-    failed = subject.failed_runs
+    failed = [r.label for r in subject.failed_runs]
+    if subject.total_verified is False:
+        failed.append(ALL_RUNS)
     if failed:
-        return "**FAILED** (" + ", ".join(r.label for r in failed) + ")"
+        return "**FAILED** (" + ", ".join(failed) + ")"
     return "OK" if any(r.verified for r in subject.runs) else "-"
 
 
@@ -156,7 +160,7 @@ class Baselines:
 
     def throughput(self, name: str) -> float | None:
         subject = self.by_name.get(name)
-        if subject is None or subject.error or subject.failed_runs:
+        if subject is None or subject.error or subject.kafka_failed:
             return None
         return subject.throughput
 
@@ -174,7 +178,7 @@ class Verdict:
 
 def targets(subject: SubjectResult, baselines: Baselines) -> list[Verdict]:
     """The issue's targets for one bridge subject."""
-    lost = bool(subject.failed_runs) or subject.error is not None
+    lost = subject.kafka_failed or subject.error is not None
     tput = None if lost else subject.throughput
     verdicts: list[Verdict] = []
     for name, factor in (("starlette-noop", 1.0), ("raw-asgi", 0.5), ("naive-bridge", 1.5)):
@@ -239,11 +243,12 @@ def _not_offered(run: RunResult) -> str | None:
 
 
 def _kafka_passed(subject: SubjectResult) -> bool | None:
-    """FAIL if a run lost data (or the subject broke); PASS only if some run that had
-    2xx answers was checked against Kafka; otherwise nothing was measured."""
+    """FAIL if a run lost data, or the count over all runs once the subject stopped did
+    not match (or the subject broke); PASS only if some run that had 2xx answers was
+    checked against Kafka; otherwise nothing was measured."""
     if not subject.runs:
         return None
-    if subject.failed_runs or subject.error is not None:
+    if subject.kafka_failed or subject.error is not None:
         return False
     return True if any(r.verified is True and r.ok > 0 for r in subject.runs) else None
 
@@ -321,6 +326,12 @@ def failures(results: Sequence[SubjectResult]) -> list[str]:
     that could not be measured."""
     found = [
         f"Kafka check FAILED for {r.name} {run.label}" for r in results for run in r.failed_runs
+    ]
+    found += [
+        f"Kafka check FAILED for {r.name}, {ALL_RUNS}: "
+        + kafka_detail(r.records_total or 0, r.answered_total)
+        for r in results
+        if r.total_verified is False
     ]
     found += [f"could not be measured: {r.name}" for r in results if r.error]
     return found
@@ -772,21 +783,36 @@ def _checks(results: Sequence[SubjectResult]) -> list[str]:
         "the run, whatever its speed.",
         "",
     ]
-    rows = [
-        [
-            r.name,
-            run.label,
-            _num(run.sent),
-            _num(run.ok),
-            _num(run.records),
-            run.verify_detail or "-",
-            ms(1000 * run.settle_seconds) if run.settle_seconds is not None else "-",
-            "-" if run.other_load is None else f"{100 * run.other_load:.0f}",
+    if any(r.records_total is not None for r in results):
+        out += [
+            f"The row *{ALL_RUNS}* counts every record on the subject's topics (events and "
+            "dead letters) once its processes stopped for good, against the 2xx answers of "
+            "all its runs, rounds included: a record that arrived between two runs' checks "
+            "(a late duplicate, say) belongs to no run and shows only there.",
+            "",
         ]
-        for r in results
-        if r.writes_kafka
-        for run in r.runs
-    ]
+    rows = []
+    for r in results:
+        if not r.writes_kafka:
+            continue
+        rows += [
+            [
+                r.name,
+                run.label,
+                _num(run.sent),
+                _num(run.ok),
+                _num(run.records),
+                run.verify_detail or "-",
+                ms(1000 * run.settle_seconds) if run.settle_seconds is not None else "-",
+                "-" if run.other_load is None else f"{100 * run.other_load:.0f}",
+            ]
+            for run in r.runs
+        ]
+        if r.records_total is not None:
+            total = [r.name, ALL_RUNS, _num(sum(run.sent for run in r.runs))]
+            total += [_num(r.answered_total), _num(r.records_total)]
+            total += [kafka_detail(r.records_total, r.answered_total), "-", "-"]
+            rows.append(total)
     header = ["subject", "run", "sent", "2xx", "records", "result", "settle ms", "other load %"]
     return out + _table(header, rows)
 
@@ -914,7 +940,7 @@ def chart(results: Sequence[SubjectResult], path: Path) -> bool:
     ax = fig.add_subplot(grid[0, :])
 
     def color(r: SubjectResult) -> str:
-        if r.failed_runs:
+        if r.kafka_failed:
             return "#d62728"
         if r.kind == "bridge":
             return "#1f77b4" if r.workers == 1 else "#9ecae1"
@@ -922,7 +948,7 @@ def chart(results: Sequence[SubjectResult], path: Path) -> bool:
 
     names = [
         r.name
-        + (" (FAILED)" if r.failed_runs else "")
+        + (" (FAILED)" if r.kafka_failed else "")
         + (" (disturbed)" if _throughput_disturbed(r) else "")
         for r in measured
     ]

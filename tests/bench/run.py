@@ -65,6 +65,7 @@ from tests.bench.mix import (
     wrk_script,
 )
 from tests.bench.model import (
+    ALL_RUNS,
     DIED,
     NOT_COUNTED,
     ROUND,
@@ -103,6 +104,9 @@ ACK_MODES = ("broker", "durable", "memory")
 TOPIC_PARTITIONS = 3  # the bridge's default BRIDGE_TOPIC_PARTITIONS, for every subject
 WORKDIR = REPO / ".cache" / "bench"
 ROUNDS_WARMUP = WARMUP + ", before the rounds"
+# A bridge subject's dead letters go to <its prefix>.deadletter: inside its own topics,
+# counted with its events (the template <prefix>.{entity}.{action} cannot make it).
+DEADLETTER = ".deadletter"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -216,6 +220,21 @@ class Subject:
     extra: dict[str, str] = field(default_factory=dict)
     cut: str | None = None  # cut short at this layer (cutpoints.py): saturation only
 
+    @property
+    def topics(self) -> str | None:
+        """What the name of each of its topics starts with (events and dead letters): its
+        prefix and a '.', which sets it apart from the subjects whose prefix extends its
+        own (``bench…-broker.`` and ``bench…-broker-w2.``); None if it writes nothing."""
+        return None if self.prefix is None else self.prefix + "."
+
+    @property
+    def extra_topics(self) -> list[str]:
+        """The topics of its own the bridge may write to besides the events': the
+        dead-letter topic, inside its prefix (the default ``geins.deadletter`` would be
+        every subject's and no subject's)."""
+        deadletter = self.env.get("BRIDGE_DEADLETTER_TOPIC")
+        return [deadletter] if deadletter and self.prefix is not None else []
+
 
 # --------------------------------------------------------------------------
 # What to measure
@@ -312,6 +331,7 @@ def make_subjects(
                 "BRIDGE_TOKENS": TOKEN,
                 "BRIDGE_HOST": "127.0.0.1",
                 "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+                "BRIDGE_DEADLETTER_TOPIC": prefix + DEADLETTER,
                 "BRIDGE_ACK": mode,
             },
             prefix=prefix,
@@ -342,7 +362,11 @@ def make_subjects(
             base=f"bridge broker cut:{layer}",
             kind="layer",
             argv=[*whole.argv, "--cut", layer],
-            env={**whole.env, "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}"},
+            env={
+                **whole.env,
+                "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+                "BRIDGE_DEADLETTER_TOPIC": prefix + DEADLETTER,
+            },
             prefix=prefix if publishes else None,
             ack="broker",
             cut=layer,
@@ -391,6 +415,11 @@ class SubjectDied(RuntimeError):
     def __init__(self, run: RunResult, label: str, log_tail: str) -> None:
         super().__init__(f"the subject died during {label}:\n{log_tail}")
         self.run = run
+
+
+def _settle_wait(subject: Subject) -> float:
+    """How long to wait for its records to reach Kafka (the spooling modes are slower)."""
+    return 60.0 if subject.ack in {"memory", "durable"} else 30.0
 
 
 def _noise(run: RunResult) -> str:
@@ -509,7 +538,8 @@ class Bench:
         port = replica_ports[0] if replica_ports else free_port()
         if subject.prefix is not None:
             self.probe.create_topics(
-                [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
+                [f"{subject.prefix}.{t}" for t in event_types(self.mix)] + subject.extra_topics,
+                TOPIC_PARTITIONS,
             )
         env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
         if replica_ports:
@@ -732,7 +762,7 @@ class Bench:
             broker_cpu=self.broker_cpu(),
             busy=machine_busy_seconds(),
             harness=harness_cpu_seconds() + (cpu_seconds(load_pid) if load_pid else 0.0),
-            records=self.probe.count(subject.prefix + ".") if records and subject.prefix else 0,
+            records=self.probe.count(subject.topics) if records and subject.topics else 0,
         )
 
     def _finish(
@@ -766,16 +796,30 @@ class Bench:
             raise SubjectDied(run, label, proc.log_tail())
 
     def _verify(self, subject: Subject, run: RunResult, records_before: int) -> None:
-        if subject.prefix is None:
+        if subject.topics is None:
             return
-        max_wait = 60.0 if subject.ack in {"memory", "durable"} else 30.0
         after, waited = self.probe.settle(
-            subject.prefix + ".", records_before + run.ok, max_wait=max_wait
+            subject.topics, records_before + run.ok, max_wait=_settle_wait(subject)
         )
         run.records = after - records_before
         run.settle_seconds = waited
         run.verified = run.records == run.ok
         run.verify_detail = kafka_detail(run.records, run.ok, died=run.died)
+
+    def check_total(self, subject: Subject, result: SubjectResult) -> None:
+        """Once the subject stopped for good (its process in the rounds and its own): every
+        record on its topics against the 2xx answers of all its runs. A record that
+        reached Kafka after one run's check and before the next one's starting count
+        belongs to no run; only this count sees it."""
+        if subject.topics is None:
+            return
+        result.records_total, _ = self.probe.settle(
+            subject.topics, result.answered_total, max_wait=_settle_wait(subject)
+        )
+        say(
+            f"{subject.name}: Kafka, {ALL_RUNS}: "
+            + kafka_detail(result.records_total, result.answered_total)
+        )
 
     def _wrk_run(
         self,
@@ -1060,6 +1104,7 @@ def main() -> int:
             for subject in subjects:
                 result = bench.measure(subject)
                 result.runs[:0] = rounds.get(subject.name, [])
+                bench.check_total(subject, result)
                 results.append(result)
                 quiet_waited, retry_spent = bench.quiet_waited, bench.retry_spent
         finally:

@@ -1,6 +1,7 @@
-"""The benchmark harness (tests/bench/run.py) when a subject's process dies mid-run: the
-run is still checked against Kafka, kept with the subject's runs and fails the Kafka
-verdict, even when a second attempt is clean.
+"""The benchmark harness (tests/bench/run.py) around its Kafka checks: a subject's process
+that dies mid-run (the run is still checked against Kafka, kept with the subject's runs
+and fails the Kafka verdict, even when a second attempt is clean), the count of every
+record once a subject stopped for good, and topic prefixes that keep subjects apart.
 
 The subject, the load generator and Kafka are fakes: nothing is started or timed.
 """
@@ -16,6 +17,7 @@ import pytest
 
 from tests.bench import run as bench_run
 from tests.bench.model import (
+    ALL_RUNS,
     DIED,
     NOT_COUNTED,
     ROUND,
@@ -24,8 +26,8 @@ from tests.bench.model import (
     RunResult,
     SubjectResult,
 )
-from tests.bench.report import Baselines, _kafka_check, failures, targets
-from tests.bench.run import Bench, Plan, Snapshot, Subject
+from tests.bench.report import Baselines, Context, _kafka_check, failures, markdown, targets
+from tests.bench.run import Bench, Plan, Snapshot, Subject, make_subjects
 
 KAFKA = "Kafka holds one record per 2xx, every run"
 
@@ -201,3 +203,115 @@ def test_a_round_the_subject_died_in_is_checked_and_kept(
     )
     assert result.failed_runs == [runs[2]]
     assert result.rounds == []  # its rounds no longer mirror the others': not counted
+
+
+# --------------------------------------------------------------------------
+# Every record, once the subject stopped for good
+
+
+def _checked(label: str, ok: int) -> RunResult:
+    run = RunResult(label, None, 8.0, ok, ok, 0, 0, ok / 8.0)
+    run.records, run.verified, run.verify_detail = ok, True, f"OK ({ok} records = {ok} 2xx)"
+    return run
+
+
+def _bridge(records_total: int | None) -> SubjectResult:
+    runs = [
+        _checked(bench_run.ROUNDS_WARMUP, 1000),
+        _checked(f"{ROUND}1", 4000),
+        _checked(WARMUP, 1000),
+        _checked(SATURATION, 5000),
+    ]
+    return SubjectResult(
+        name="bridge broker",
+        kind="bridge",
+        base="bridge broker",
+        workers=1,
+        ack="broker",
+        cpus="0",
+        writes_kafka=True,
+        runs=runs,
+        records_total=records_total,
+    )
+
+
+def test_records_that_arrived_between_two_runs_checks_fail_the_kafka_verdict() -> None:
+    """Every run matched its own count, but 3 records more than all the 2xx answers are
+    on the subject's topics: late duplicates, which belong to no run."""
+    late = _bridge(records_total=11_003)
+    assert late.answered_total == 11_000
+    assert late.failed_runs == []
+    verdicts = {v.target: v.passed for v in targets(late, Baselines([late]))}
+    assert verdicts[KAFKA] is False
+    assert _kafka_check(late) == f"**FAILED** ({ALL_RUNS})"
+    assert failures([late]) == [
+        f"Kafka check FAILED for bridge broker, {ALL_RUNS}: "
+        "FAILED: 3 extra (11003 records > 11000 2xx)"
+    ]
+    text = _markdown([late])
+    assert (
+        f"| bridge broker | {ALL_RUNS} | 11,000 | 11,000 | 11,003 | "
+        "FAILED: 3 extra (11003 records > 11000 2xx) | - | - |"
+    ) in text
+
+    exact = _bridge(records_total=11_000)
+    assert {v.target: v.passed for v in targets(exact, Baselines([exact]))}[KAFKA] is True
+    assert failures([exact]) == []
+    # not counted (results.json of an earlier harness): no verdict of its own, no row
+    uncounted = _bridge(records_total=None)
+    assert {v.target: v.passed for v in targets(uncounted, Baselines([uncounted]))}[KAFKA]
+    assert ALL_RUNS not in _markdown([uncounted])
+
+
+def test_check_total_counts_every_run_rounds_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _bench(tmp_path, monkeypatch, [])
+    result = _bridge(records_total=None)
+    probe = bench.probe
+    assert isinstance(probe, FakeProbe)
+    probe.total = 11_002
+    bench.check_total(_subject(), result)
+    assert result.records_total == 11_002
+    assert result.total_verified is False
+    probe.total = 11_000
+    bench.check_total(_subject(), result)
+    assert result.total_verified is True
+
+
+def _markdown(results: list[SubjectResult]) -> str:
+    context = Context("2026-11-29 12:00 UTC", False, 60.0, {}, {}, {}, [], "test", [], [])
+    return markdown(results, context, chart=None)
+
+
+def test_each_subject_s_topics_are_its_own() -> None:
+    """Every topic a subject may write to (its events, its dead letters) starts with its
+    own topic prefix and with no other subject's: ``-broker.`` is not ``-broker-w2.``
+    nor ``-broker-nometrics.``, and dead letters do not go to one topic of all."""
+    plan = replace(Plan.from_env(), two_workers=True, layers=True, only=frozenset())
+    subjects = make_subjects(plan, "127.0.0.1:9", "abc123", ["broker", "durable", "memory"], None)
+    writers = [s for s in subjects if s.topics is not None]
+    assert {s.name for s in writers} >= {
+        "naive-bridge",
+        "bridge broker",
+        "bridge broker 2 replicas",
+        "bridge broker cut:nometrics",
+    }
+    checked = 0
+    for subject in subjects:
+        env = subject.env
+        if "BRIDGE_TOPIC_TEMPLATE" in env:
+            topics = [env["BRIDGE_TOPIC_TEMPLATE"].format(entity="order", action="created")]
+            assert "BRIDGE_DEADLETTER_TOPIC" in env, subject.name
+            topics.append(env["BRIDGE_DEADLETTER_TOPIC"])
+        elif "BENCH_TOPIC_PREFIX" in env:
+            topics = [env["BENCH_TOPIC_PREFIX"] + ".order.created"]
+        else:
+            assert subject.topics is None
+            continue
+        for topic in topics:
+            owners = [s.name for s in writers if topic.startswith(s.topics or "")]
+            # a cut-short bridge that publishes nothing owns nothing and shares nothing
+            assert owners == ([subject.name] if subject.topics else []), topic
+            checked += 1
+    assert checked >= 20
