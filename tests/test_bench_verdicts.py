@@ -31,7 +31,7 @@ from tests.bench.report import (
     drifted,
     is_flat,
     markdown,
-    soak_halves,
+    soak_quarters,
     speed_drift,
     targets,
 )
@@ -43,19 +43,60 @@ def test_bucket_peaks_keeps_the_largest_value_of_each_bucket() -> None:
     assert bucket_peaks([], 5.0) == []
 
 
-def test_halves_and_flatness() -> None:
-    steady = [(float(t), 60 * MB + (t % 3) * MB) for t in range(0, 600, 5)]
-    halves = soak_halves(steady)
-    assert halves == (62 * MB, 62 * MB)
-    assert is_flat(halves)
+def test_quarters_and_flatness() -> None:
+    steady = [(float(t), 60 * MB + (t % 3) * MB) for t in range(0, 605, 5)]
+    quarters = soak_quarters(steady)
+    assert quarters == (62 * MB, 62 * MB)
+    assert is_flat(quarters)
 
-    leaking = [(float(t), 60 * MB + t * 20_000) for t in range(0, 600, 5)]
-    halves = soak_halves(leaking)
-    assert halves is not None
-    assert halves[1] > halves[0]
-    assert not is_flat(halves)
+    leaking = [(float(t), 60 * MB + t * 20_000) for t in range(0, 605, 5)]
+    quarters = soak_quarters(leaking)
+    assert quarters is not None
+    assert quarters[1] > quarters[0]
+    assert not is_flat(quarters)
 
-    assert soak_halves([(0.0, MB)]) is None
+    assert soak_quarters([(0.0, MB)]) is None
+
+
+def _climb(start_mb: float, end_mb: float, seconds: int = 600) -> list[tuple[float, int]]:
+    """RSS rising in a straight line, one sample per 5 s bucket."""
+    return [
+        (float(t), int((start_mb + (end_mb - start_mb) * t / seconds) * MB))
+        for t in range(0, seconds + 5, 5)
+    ]
+
+
+def test_a_steady_climb_of_a_few_percent_is_not_flat() -> None:
+    """Comparing the peaks of the two halves with 5 % let 82 -> 90.5 MB (+10 %) pass."""
+    assert not is_flat(_quarters(_climb(82, 90.5)))
+    assert not is_flat(_quarters(_climb(82, 85.7)))  # +4.5 %
+    assert is_flat(_quarters(_climb(82, 84.9)))  # +3.5 %: within the tolerance
+
+
+def test_a_plateau_after_the_warm_up_is_flat_even_with_a_step() -> None:
+    """The broker-mode soak: 82 MB climbing to 94.8 MB in its first 110 s, flat after;
+    Python's RSS may step by 1 MB on the way."""
+    plateau = [
+        (float(t), int((82 + 12.8 * min(t, 110) / 110 + (1.0 if t >= 400 else 0.0)) * MB))
+        for t in range(0, 605, 5)
+    ]
+    assert is_flat(_quarters(plateau))
+    durable = [(float(t), 63 * MB + (t % 7) * 40_000) for t in range(0, 605, 5)]
+    assert is_flat(_quarters(durable))
+
+
+def test_flat_allows_2_percent_or_1_mb_whichever_is_more() -> None:
+    assert is_flat((100 * MB, 102 * MB))
+    assert not is_flat((100 * MB, 102 * MB + 1))
+    assert is_flat((40 * MB, 41 * MB))  # 2 % would be 0.8 MB: 1 MB holds
+    assert not is_flat((40 * MB, 41 * MB + 1))
+    assert is_flat((95 * MB, 90 * MB))  # shrinking is flat
+
+
+def _quarters(samples: list[tuple[float, int]]) -> tuple[int, int]:
+    quarters = soak_quarters(samples)
+    assert quarters is not None
+    return quarters
 
 
 def _soaked(
@@ -90,6 +131,7 @@ def _soaked(
 def test_verdict_needs_ten_minutes_and_a_clean_kafka_check() -> None:
     flat = [(float(t), 70 * MB) for t in range(0, 600, 5)]
     assert _soak_verdict(_soaked(flat, 600.0, verified=True)).passed is True
+    assert _soak_verdict(_soaked(_climb(82, 90.5), 600.0, verified=True)).passed is False
     assert _soak_verdict(_soaked(flat, 120.0, verified=True)).passed is None  # too short
     assert _soak_verdict(_soaked(flat, 600.0, verified=False)).passed is False
     growing = [(float(t), 70 * MB + t * 50_000) for t in range(0, 600, 5)]
@@ -275,3 +317,175 @@ def test_layer_costs_come_from_the_rounds_when_there_are_some() -> None:
         run.cpu_seconds = run.ok * (100e-6 if run.label.startswith(ROUND) else 150e-6)
     assert _cpu_us(subject) == pytest.approx(100.0)
     assert _cpu_us(_saturated("raw-asgi", "baseline", 40_000)) == 0.0
+
+
+# --------------------------------------------------------------------------
+# The issue's targets (report.targets): each limit, on both sides of it
+
+
+def _bridge_subject(
+    *,
+    rps: float = 20_000.0,
+    p50_ms: float = 0.5,
+    p99_ms: float = 2.0,
+    rss_mb: float = 80.0,
+    verified: bool = True,
+) -> SubjectResult:
+    """A bridge whose runs all pass unless told otherwise: saturation at ``rps``, the
+    target rate with the given percentiles, ``rss_mb`` of peak RSS."""
+    subject = SubjectResult(
+        name="bridge broker",
+        kind="bridge",
+        base="bridge broker",
+        workers=1,
+        ack="broker",
+        cpus="0",
+        writes_kafka=True,
+        peak_rss_bytes=int(rss_mb * MB),
+    )
+    sat = _wrk(SATURATION, rps)
+    sat.verified = verified
+    rate = RunResult(
+        label=rate_label(TARGET_RATE),
+        offered_rate=TARGET_RATE,
+        seconds=15.0,
+        sent=TARGET_RATE * 15,
+        ok=TARGET_RATE * 15,
+        non_2xx=0,
+        socket_errors=0,
+        rps=float(TARGET_RATE),
+        p50_ms=p50_ms,
+        p99_ms=p99_ms,
+        verified=True,
+    )
+    subject.runs += [sat, rate]
+    return subject
+
+
+def _kafka_baseline(name: str, rps: float, *, verified: bool = True) -> SubjectResult:
+    subject = _saturated(name, "baseline", rps)
+    subject.writes_kafka = True
+    subject.runs[-1].verified = verified
+    return subject
+
+
+def _verdicts(bridge: SubjectResult, *baselines: SubjectResult) -> dict[str, bool | None]:
+    return {v.target: v.passed for v in targets(bridge, Baselines([*baselines, bridge]))}
+
+
+STARLETTE = "throughput ≥ 1 x starlette-noop"
+RAW = "throughput ≥ 0.5 x raw-asgi"
+NAIVE = "throughput ≥ 1.5 x naive-bridge"
+P50 = f"p50 at {TARGET_RATE}/s ≤ 1 ms"
+P99 = f"p99 at {TARGET_RATE}/s ≤ 5 ms"
+RSS = "peak RSS ≤ 120 MB"
+KAFKA = "Kafka holds one record per 2xx, every run"
+
+
+def _baselines() -> list[SubjectResult]:
+    return [
+        _saturated("starlette-noop", "baseline", 10_000),
+        _saturated("raw-asgi", "baseline", 20_000),
+        _kafka_baseline("naive-bridge", 1_000),
+    ]
+
+
+def test_each_throughput_target_passes_at_its_factor_and_fails_just_below() -> None:
+    # 10,000 req/s: exactly 1 x starlette, 0.5 x raw-asgi and 10 x naive: all pass
+    at = _verdicts(_bridge_subject(rps=10_000), *_baselines())
+    assert (at[STARLETTE], at[RAW], at[NAIVE]) == (True, True, True)
+    below = _verdicts(_bridge_subject(rps=9_900), *_baselines())
+    assert (below[STARLETTE], below[RAW]) == (False, False)
+    # naive-bridge at 6,667 req/s: 9,900 is 1.485 x, just below 1.5
+    naive = _kafka_baseline("naive-bridge", 6_667)
+    verdicts = _verdicts(_bridge_subject(rps=9_900), *_baselines()[:2], naive)
+    assert verdicts[NAIVE] is False
+    assert _verdicts(_bridge_subject(rps=10_001), *_baselines()[:2], naive)[NAIVE] is True
+    # far below every factor (0.1 x each): fails, whatever the factors are relaxed to
+    slow = _verdicts(_bridge_subject(rps=900), *_baselines()[:2], naive)
+    assert (slow[STARLETTE], slow[RAW], slow[NAIVE]) == (False, False, False)
+
+
+def test_each_latency_target_passes_at_its_limit_and_fails_just_above() -> None:
+    at = _verdicts(_bridge_subject(p50_ms=1.0, p99_ms=5.0), *_baselines())
+    assert (at[P50], at[P99]) == (True, True)
+    above = _verdicts(_bridge_subject(p50_ms=1.01, p99_ms=5.01), *_baselines())
+    assert (above[P50], above[P99]) == (False, False)
+    slow = _verdicts(_bridge_subject(p50_ms=30.0, p99_ms=200.0), *_baselines())
+    assert (slow[P50], slow[P99]) == (False, False)
+
+
+def test_the_rss_target_passes_at_120_mb_and_fails_above() -> None:
+    assert _verdicts(_bridge_subject(rss_mb=120.0), *_baselines())[RSS] is True
+    assert _verdicts(_bridge_subject(rss_mb=120.001), *_baselines())[RSS] is False
+    assert _verdicts(_bridge_subject(rss_mb=300.0), *_baselines())[RSS] is False
+
+
+def test_a_run_that_failed_the_kafka_check_fails_the_kafka_target() -> None:
+    """Even when another run of the same subject passed it."""
+    subject = _bridge_subject(verified=False)
+    assert subject.runs[1].verified is True  # the rate run passed
+    assert _verdicts(subject, *_baselines())[KAFKA] is False
+    assert _verdicts(_bridge_subject(), *_baselines())[KAFKA] is True
+
+
+def test_a_bridge_that_lost_data_gets_no_speed_or_latency_verdict() -> None:
+    """Dropping events is fast: its throughput is not compared, its latency fails."""
+    verdicts = _verdicts(_bridge_subject(rps=50_000, verified=False), *_baselines())
+    assert (verdicts[STARLETTE], verdicts[RAW], verdicts[NAIVE]) == (None, None, None)
+    assert (verdicts[P50], verdicts[P99]) == (False, False)
+    broken = _bridge_subject(rps=50_000)
+    broken.error = "RuntimeError: the subject died"
+    verdicts = _verdicts(broken, *_baselines())
+    assert (verdicts[STARLETTE], verdicts[P50], verdicts[KAFKA]) == (None, False, False)
+
+
+def test_a_baseline_that_failed_the_kafka_check_is_not_compared() -> None:
+    """A naive bridge that loses records is faster than it should be: no ratio to it."""
+    lossy = _kafka_baseline("naive-bridge", 1_000, verified=False)
+    assert Baselines([lossy]).throughput("naive-bridge") is None
+    verdicts = _verdicts(_bridge_subject(rps=10_000), *_baselines()[:2], lossy)
+    assert verdicts[NAIVE] is None
+    assert verdicts[STARLETTE] is True  # the other baselines still count
+
+
+def test_a_latency_verdict_needs_the_rate_offered() -> None:
+    """A load generator that sent a third of its requests measured a lighter load: the
+    percentiles say nothing about 2,000/s, however low they are."""
+    subject = _bridge_subject()
+    rate_run = subject.runs[1]
+    rate_run.sent = rate_run.ok = 10_000  # of 30,000
+    verdicts = {v.target: v for v in targets(subject, Baselines([subject]))}
+    assert (verdicts[P50].passed, verdicts[P99].passed) == (False, False)
+    assert "sent 10,000 of 30,000" in verdicts[P50].measured
+    # at the limit (99 % of rate x seconds) and just below it
+    rate_run.sent = rate_run.ok = 29_700
+    assert _verdicts(subject)[P50] is True
+    rate_run.sent = rate_run.ok = 29_699
+    assert _verdicts(subject)[P50] is False
+
+
+def test_the_speed_check_compares_a_run_alone_with_a_run_alone() -> None:
+    """A turn in the rounds reads lower than a run alone: the rounds' mean at the start
+    against a run alone at the end warns of a speed-up that never was, and hides a
+    slowdown."""
+    steady = [
+        _saturated("starlette-noop", "baseline", 24_000, rounds=(20_000, 20_000)),
+        _saturated("starlette-noop" + RECHECK, "recheck", 24_000),
+    ]
+    assert speed_drift(steady) == [("starlette-noop", 24_000, 24_000)]
+    assert "speed changed" not in _report(steady)
+    slowed = [
+        _saturated("starlette-noop", "baseline", 30_000, rounds=(24_000, 24_000)),
+        _saturated("starlette-noop" + RECHECK, "recheck", 24_500),
+    ]
+    assert drifted(speed_drift(slowed)) == [("starlette-noop", 30_000, 24_500)]
+    assert "The machine's speed changed during this run" in _report(slowed)
+
+
+def test_the_second_worker_table_compares_runs_alone() -> None:
+    one = _saturated("starlette-noop", "baseline", 12_000, rounds=(10_000, 10_000))
+    two = _saturated("starlette-noop", "baseline", 6_000)
+    two.name, two.workers, two.cpus = "starlette-noop 2 workers", 2, "any"
+    text = _report([one, two])
+    assert "| starlette-noop 2 workers | 12,000 | 6,000 | 0.50x |" in text

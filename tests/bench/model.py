@@ -15,6 +15,10 @@ SOAK_BUCKET_SECONDS = 5.0
 # NOT_COUNTED: still Kafka-checked, left out of its throughput.
 ROUND = "round "
 NOT_COUNTED = ", not counted"
+# Added to the label of a run at whose end the subject's process was found dead.
+DIED = " (subject died)"
+# The check of every record on a subject's topics once it stopped for good.
+ALL_RUNS = "all runs, once it stopped"
 
 
 def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tuple[float, int]]:
@@ -29,6 +33,20 @@ def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tu
         index = int((seconds - start) // bucket)
         peaks[index] = max(peaks.get(index, value), value)
     return [(index * bucket, peak) for index, peak in sorted(peaks.items())]
+
+
+def kafka_detail(records: int, answered: int, *, died: bool = False) -> str:
+    """What a Kafka check found: ``records`` on the subject's topics against the 2xx
+    ``answered``; a subject that died fails it whatever the counts."""
+    if records == answered:
+        found = f"{records} records = {answered} 2xx"
+    elif records < answered:
+        found = f"{answered - records} lost ({records} records < {answered} 2xx)"
+    else:
+        found = f"{records - answered} extra ({records} records > {answered} 2xx)"
+    if died:
+        return f"FAILED: the subject died; {found}"
+    return f"OK ({found})" if records == answered else f"FAILED: {found}"
 
 
 def rate_label(rate: int) -> str:
@@ -59,6 +77,9 @@ class RunResult:
     settle_seconds: float | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
     other_load: float | None = None  # CPUs used by processes outside the benchmark (0.25 = 25 %)
+    # The subject's process was found dead at the end of the run: what it answered was
+    # still checked against Kafka, but a crash is when answered events go missing.
+    died: bool = False
 
     @property
     def cpu_per_1k(self) -> float | None:
@@ -98,6 +119,10 @@ class SubjectResult:
     profile_files: list[tuple[str, float]] = field(default_factory=list)  # (file, self %)
     profile_samples: int | None = None
     profile_path: str | None = None  # py-spy's collapsed stacks (raw format)
+    # Records on the subject's topics once it stopped for good (its process in the
+    # rounds and its own), against answered_total: catches records that reached Kafka
+    # between two runs' checks (late duplicates, say). None: not counted.
+    records_total: int | None = None
     error: str | None = None
     earlier_error: str | None = None  # a first attempt broke; this is the second
     exit_code: int | None = None
@@ -107,7 +132,28 @@ class SubjectResult:
 
     @property
     def failed_runs(self) -> list[RunResult]:
-        return [r for r in self.runs if r.verified is False]
+        """Runs that failed the Kafka check, and, for a subject that writes to Kafka, runs
+        it died in (whatever the check found: it may have lost what it had not sent yet)."""
+        return [r for r in self.runs if r.verified is False or (r.died and self.writes_kafka)]
+
+    @property
+    def answered_total(self) -> int:
+        """The 2xx answers of every run of the subject (warm-ups, rounds, attempts)."""
+        return sum(r.ok for r in self.runs)
+
+    @property
+    def total_verified(self) -> bool | None:
+        """Whether every record on its topics is one of its 2xx answers; None: not counted."""
+        return None if self.records_total is None else self.records_total == self.answered_total
+
+    @property
+    def kafka_failed(self) -> bool:
+        """A run failed the Kafka check, or the count over all its runs did."""
+        return bool(self.failed_runs) or self.total_verified is False
+
+    @property
+    def died_runs(self) -> list[RunResult]:
+        return [r for r in self.runs if r.died]
 
     @property
     def rounds(self) -> list[RunResult]:

@@ -65,6 +65,8 @@ from tests.bench.mix import (
     wrk_script,
 )
 from tests.bench.model import (
+    ALL_RUNS,
+    DIED,
     NOT_COUNTED,
     ROUND,
     SATURATION,
@@ -74,6 +76,7 @@ from tests.bench.model import (
     RunResult,
     SubjectResult,
     bucket_peaks,
+    kafka_detail,
     rate_label,
 )
 from tests.bench.procs import (
@@ -101,6 +104,9 @@ ACK_MODES = ("broker", "durable", "memory")
 TOPIC_PARTITIONS = 3  # the bridge's default BRIDGE_TOPIC_PARTITIONS, for every subject
 WORKDIR = REPO / ".cache" / "bench"
 ROUNDS_WARMUP = WARMUP + ", before the rounds"
+# A bridge subject's dead letters go to <its prefix>.deadletter: inside its own topics,
+# counted with its events (the template <prefix>.{entity}.{action} cannot make it).
+DEADLETTER = ".deadletter"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -214,6 +220,21 @@ class Subject:
     extra: dict[str, str] = field(default_factory=dict)
     cut: str | None = None  # cut short at this layer (cutpoints.py): saturation only
 
+    @property
+    def topics(self) -> str | None:
+        """What the name of each of its topics starts with (events and dead letters): its
+        prefix and a '.', which sets it apart from the subjects whose prefix extends its
+        own (``bench…-broker.`` and ``bench…-broker-w2.``); None if it writes nothing."""
+        return None if self.prefix is None else self.prefix + "."
+
+    @property
+    def extra_topics(self) -> list[str]:
+        """The topics of its own the bridge may write to besides the events': the
+        dead-letter topic, inside its prefix (the default ``geins.deadletter`` would be
+        every subject's and no subject's)."""
+        deadletter = self.env.get("BRIDGE_DEADLETTER_TOPIC")
+        return [deadletter] if deadletter and self.prefix is not None else []
+
 
 # --------------------------------------------------------------------------
 # What to measure
@@ -310,6 +331,7 @@ def make_subjects(
                 "BRIDGE_TOKENS": TOKEN,
                 "BRIDGE_HOST": "127.0.0.1",
                 "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+                "BRIDGE_DEADLETTER_TOPIC": prefix + DEADLETTER,
                 "BRIDGE_ACK": mode,
             },
             prefix=prefix,
@@ -340,7 +362,11 @@ def make_subjects(
             base=f"bridge broker cut:{layer}",
             kind="layer",
             argv=[*whole.argv, "--cut", layer],
-            env={**whole.env, "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}"},
+            env={
+                **whole.env,
+                "BRIDGE_TOPIC_TEMPLATE": prefix + ".{entity}.{action}",
+                "BRIDGE_DEADLETTER_TOPIC": prefix + DEADLETTER,
+            },
             prefix=prefix if publishes else None,
             ack="broker",
             cut=layer,
@@ -379,6 +405,21 @@ def make_subjects(
 
 # --------------------------------------------------------------------------
 # Measuring one subject
+
+
+class SubjectDied(RuntimeError):
+    """The subject's process was found dead at the end of ``run``, which has been checked
+    against Kafka (what it answered so far against the records that arrived) and must
+    still be kept with the subject's runs."""
+
+    def __init__(self, run: RunResult, label: str, log_tail: str) -> None:
+        super().__init__(f"the subject died during {label}:\n{log_tail}")
+        self.run = run
+
+
+def _settle_wait(subject: Subject) -> float:
+    """How long to wait for its records to reach Kafka (the spooling modes are slower)."""
+    return 60.0 if subject.ack in {"memory", "durable"} else 30.0
 
 
 def _noise(run: RunResult) -> str:
@@ -478,6 +519,8 @@ class Bench:
             if self.plan.profile and subject.ack == "broker" and not (multi or subject.cut):
                 self._profile(subject, proc, result, home)
         except Exception as exc:  # one broken subject must not end the run
+            if isinstance(exc, SubjectDied):
+                result.runs.append(exc.run)
             result.error = f"{type(exc).__name__}: {exc}"
             say(f"{subject.name}: {result.error}")
         finally:
@@ -495,7 +538,8 @@ class Bench:
         port = replica_ports[0] if replica_ports else free_port()
         if subject.prefix is not None:
             self.probe.create_topics(
-                [f"{subject.prefix}.{t}" for t in event_types(self.mix)], TOPIC_PARTITIONS
+                [f"{subject.prefix}.{t}" for t in event_types(self.mix)] + subject.extra_topics,
+                TOPIC_PARTITIONS,
             )
         env = {**clean_env(), "PYTHONPATH": str(REPO), **subject.env}
         if replica_ports:
@@ -540,6 +584,8 @@ class Bench:
                         subject, proc, home, ROUNDS_WARMUP, self.plan.warmup_seconds, drain=1.0
                     )
                 except Exception as exc:  # measured alone later, without rounds
+                    if isinstance(exc, SubjectDied):
+                        runs[subject.name].append(exc.run)
                     say(f"{subject.name}: left out of the rounds: {type(exc).__name__}: {exc}")
                     proc.stop()
                     continue
@@ -577,6 +623,8 @@ class Bench:
                 set_aside=NOT_COUNTED,
             )
         except Exception as exc:  # the subject broke: its rounds no longer mirror the others'
+            if isinstance(exc, SubjectDied):  # Kafka-checked; a failed run of the subject
+                runs[name].append(exc.run)
             say(f"{name}: {label}: {type(exc).__name__}: {exc}; its rounds are not counted")
             del started[name]
             proc.stop()
@@ -651,13 +699,14 @@ class Bench:
         run = self._wrk_run(subject, proc, home, SOAK, seconds, drain=self.plan.drain_seconds)
         result.runs.append(run)
         result.soak_rss = bucket_peaks(proc.rss_samples[first:], SOAK_BUCKET_SECONDS)
-        halves = report.soak_halves(result.soak_rss)
+        quarters = report.soak_quarters(result.soak_rss)
         say(
             f"{subject.name}: soak {run.rps:,.0f} req/s, Kafka {run.verify_detail}"
             + (
-                f", RSS peak {halves[0] / report.MB:.0f} MB in the first half, "
-                f"{halves[1] / report.MB:.0f} MB in the second"
-                if halves
+                f", RSS peak {quarters[0] / report.MB:.1f} MB in the second quarter, "
+                f"{quarters[1] / report.MB:.1f} MB in the last"
+                + ("" if report.is_flat(quarters) else " (grows)")
+                if quarters
                 else ""
             )
             + _noise(run)
@@ -685,7 +734,12 @@ class Bench:
         started = time.monotonic()
         say(f"{subject.name}: {run.label}{_noise(run)}: measuring it again")
         self.wait_for_quiet(subject.name)
-        again = measure()
+        try:
+            again = measure()
+        except SubjectDied:
+            run.label += " (disturbed)" + set_aside
+            runs.append(run)
+            raise
         self.retry_spent += time.monotonic() - started
         if (again.other_load or 0.0) <= run.other_load:
             run, again = again, run
@@ -708,7 +762,7 @@ class Bench:
             broker_cpu=self.broker_cpu(),
             busy=machine_busy_seconds(),
             harness=harness_cpu_seconds() + (cpu_seconds(load_pid) if load_pid else 0.0),
-            records=self.probe.count(subject.prefix + ".") if records and subject.prefix else 0,
+            records=self.probe.count(subject.topics) if records and subject.topics else 0,
         )
 
     def _finish(
@@ -720,7 +774,9 @@ class Bench:
         after: Snapshot | None = None,
     ) -> None:
         """CPU accounting (up to ``after``: the end of the measured window, else now),
-        a check that the subject survived, and the Kafka check."""
+        the Kafka check, and a check that the subject survived: if it died, the run is
+        still checked against Kafka, marked ``died`` and raised with SubjectDied, for
+        the caller to keep it (a failed run of a subject that writes to Kafka)."""
         if after is None:
             after = self._snapshot(subject, proc, records=False)
         run.cpu_seconds = after.subject_cpu - before.subject_cpu
@@ -732,31 +788,38 @@ class Bench:
         wall = after.wall - before.wall
         if wall > 0:
             run.other_load = max(0.0, after.busy - before.busy - ours) / wall
-        if not proc.alive():
-            msg = f"the subject died during {run.label}:\n{proc.log_tail()}"
-            raise RuntimeError(msg)
+        run.died = not proc.alive()
         self._verify(subject, run, before.records)
+        if run.died:
+            label = run.label
+            run.label += DIED
+            raise SubjectDied(run, label, proc.log_tail())
 
     def _verify(self, subject: Subject, run: RunResult, records_before: int) -> None:
-        if subject.prefix is None:
+        if subject.topics is None:
             return
-        max_wait = 60.0 if subject.ack in {"memory", "durable"} else 30.0
         after, waited = self.probe.settle(
-            subject.prefix + ".", records_before + run.ok, max_wait=max_wait
+            subject.topics, records_before + run.ok, max_wait=_settle_wait(subject)
         )
         run.records = after - records_before
         run.settle_seconds = waited
         run.verified = run.records == run.ok
-        if run.verified:
-            run.verify_detail = f"OK ({run.records} records = {run.ok} 2xx)"
-        elif run.records < run.ok:
-            run.verify_detail = (
-                f"FAILED: {run.ok - run.records} lost ({run.records} records < {run.ok} 2xx)"
-            )
-        else:
-            run.verify_detail = (
-                f"FAILED: {run.records - run.ok} extra ({run.records} records > {run.ok} 2xx)"
-            )
+        run.verify_detail = kafka_detail(run.records, run.ok, died=run.died)
+
+    def check_total(self, subject: Subject, result: SubjectResult) -> None:
+        """Once the subject stopped for good (its process in the rounds and its own): every
+        record on its topics against the 2xx answers of all its runs. A record that
+        reached Kafka after one run's check and before the next one's starting count
+        belongs to no run; only this count sees it."""
+        if subject.topics is None:
+            return
+        result.records_total, _ = self.probe.settle(
+            subject.topics, result.answered_total, max_wait=_settle_wait(subject)
+        )
+        say(
+            f"{subject.name}: Kafka, {ALL_RUNS}: "
+            + kafka_detail(result.records_total, result.answered_total)
+        )
 
     def _wrk_run(
         self,
@@ -910,6 +973,7 @@ class Bench:
             spy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             time.sleep(1.0)
             run = self._wrk_run(subject, proc, home, "profiled", seconds, drain=2.0)
+            result.runs.append(run)  # Kafka-checked like the others, and in the total
             spy.wait(timeout=seconds + 60)
         say(f"{subject.name}: profiled run {run.rps:,.0f} req/s ({run.verify_detail or 'n/a'})")
         by_function: Counter[str] = Counter()
@@ -1040,6 +1104,7 @@ def main() -> int:
             for subject in subjects:
                 result = bench.measure(subject)
                 result.runs[:0] = rounds.get(subject.name, [])
+                bench.check_total(subject, result)
                 results.append(result)
                 quiet_waited, retry_spent = bench.quiet_waited, bench.retry_spent
         finally:
@@ -1070,12 +1135,9 @@ def main() -> int:
     )
     written = report.save(plan.out, results, context)
     say(f"done in {elapsed / 60:.1f} min: {', '.join(str(p) for p in written)}")
-    failed = [f"{r.name} {run.label}" for r in results for run in r.failed_runs]
-    broken = [r.name for r in results if r.error]
-    if failed:
-        say(f"Kafka check FAILED for: {', '.join(failed)}")
-    if broken:
-        say(f"subjects that could not be measured: {', '.join(broken)}")
+    problems = report.failures(results)
+    for problem in problems:
+        say(problem)
     for name, start, end in report.drifted(report.speed_drift(results)):
         say(
             f"the machine's speed changed during the run: {name} {start:,.0f} req/s at the "
@@ -1083,7 +1145,7 @@ def main() -> int:
             + ("" if rounds else ", the ratios too")
             + " (see results.md)"
         )
-    return 1 if failed or broken else 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
