@@ -72,15 +72,18 @@ class RecordFifo:
     """Records in seq order with the sizes they count for: the memory mode's queue,
     and the spool's in-memory copy of what it holds.
 
-    Also kept by topic, so that a read leaving out a topic on hold does not walk
-    past its records: they pile up at the head while the others come and go.
+    While topics are on hold the records are kept by topic too, so that a read
+    leaving them out does not walk past their records (they pile up at the head
+    while the others come and go). Only then: the second bookkeeping costs every
+    push and discard, so it is made by the first read that needs it and dropped
+    once the FIFO is empty.
     """
 
     def __init__(self) -> None:
         # OrderedDict, not dict: a FIFO's head is found at once (a dict walks past the
         # slots of the records removed before it until it is resized)
         self._records: OrderedDict[int, tuple[QueuedRecord, int]] = OrderedDict()
-        self._by_topic: dict[str, OrderedDict[int, tuple[QueuedRecord, int]]] = {}
+        self._by_topic: dict[str, OrderedDict[int, tuple[QueuedRecord, int]]] | None = None
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -90,11 +93,8 @@ class RecordFifo:
         """Add ``record``, whose seq is higher than any held."""
         held = (record, size)
         self._records[record.seq] = held
-        topic = record.destination.topic
-        of_topic = self._by_topic.get(topic)
-        if of_topic is None:
-            of_topic = self._by_topic[topic] = OrderedDict()
-        of_topic[record.seq] = held
+        if self._by_topic is not None:
+            _file_by_topic(self._by_topic, held)
         self.bytes += size
 
     def take(
@@ -110,6 +110,10 @@ class RecordFifo:
         total = 0
         candidates: Iterator[tuple[QueuedRecord, int]]
         if skip_topics:
+            if self._by_topic is None:
+                self._by_topic = {}
+                for held in self._records.values():
+                    _file_by_topic(self._by_topic, held)
             candidates = heapq.merge(
                 *(
                     iter(of_topic.values())
@@ -132,16 +136,20 @@ class RecordFifo:
     def discard(self, seqs: Sequence[int]) -> int:
         """Drop the records with these seqs (unknown ones are ignored); how many were held."""
         dropped = 0
+        by_topic = self._by_topic
         for seq in seqs:
             held = self._records.pop(seq, None)
             if held is not None:
                 dropped += 1
                 self.bytes -= held[1]
-                topic = held[0].destination.topic
-                of_topic = self._by_topic[topic]
-                del of_topic[seq]
-                if not of_topic:
-                    del self._by_topic[topic]
+                if by_topic is not None:
+                    topic = held[0].destination.topic
+                    of_topic = by_topic[topic]
+                    del of_topic[seq]
+                    if not of_topic:
+                        del by_topic[topic]
+        if not self._records:
+            self._by_topic = None
         return dropped
 
     def first(self) -> QueuedRecord | None:
@@ -150,8 +158,19 @@ class RecordFifo:
 
     def clear(self) -> None:
         self._records.clear()
-        self._by_topic.clear()
+        self._by_topic = None
         self.bytes = 0
+
+
+def _file_by_topic(
+    by_topic: dict[str, OrderedDict[int, tuple[QueuedRecord, int]]],
+    held: tuple[QueuedRecord, int],
+) -> None:
+    topic = held[0].destination.topic
+    of_topic = by_topic.get(topic)
+    if of_topic is None:
+        of_topic = by_topic[topic] = OrderedDict()
+    of_topic[held[0].seq] = held
 
 
 def _seq_of(held: tuple[QueuedRecord, int]) -> int:

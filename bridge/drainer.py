@@ -261,11 +261,14 @@ class Drainer:
         on hold meanwhile; the pending records handed over."""
         handed: list[_Pending] = []
         held: set[str] = set()
-        loop = asyncio.get_running_loop()
         position = 0
         while position < len(records):
             record = records[position]
             try:
+                # One deadline from here on, not one per record (a timer each): a
+                # healthy hand-over takes microseconds, so only a topic that waits
+                # (for metadata, or room in a stuck partition's queue) meets it; the
+                # records after it get a deadline of their own.
                 async with asyncio.timeout(self._hand_over_wait) as deadline:
                     for record in records[position:]:
                         position += 1
@@ -276,14 +279,13 @@ class Drainer:
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
                             continue
-                        deadline.reschedule(loop.time() + self._hand_over_wait)
                         try:
                             future = await self._publisher.hand_over(record.destination)
                         except PayloadTooLarge as exc:
                             deadline.reschedule(None)  # the dead letter has its own deadline
                             if await self._set_aside(record, exc):
                                 settled.append(record.seq)
-                            continue
+                            break  # a fresh deadline for the records after it
                         except BridgeError as exc:
                             held.add(topic)
                             self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")

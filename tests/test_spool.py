@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bridge import spool as spool_module
+from bridge.backlog import QueuedRecord, RecordFifo
 from bridge.errors import SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 from bridge.spool import Spool
@@ -437,3 +438,67 @@ async def test_reads_leave_out_the_seqs_and_topics_asked(
             r.destination for r in everything if r.seq in set(expected)
         ]
     await spool.close()
+
+
+async def test_the_index_by_topic_exists_only_while_held_topics_need_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each append would pay for the index by topic (a second insert), so it is made
+    only when a read must leave out held topics while the file holds more than the
+    in-memory copy, and dropped once the spool is empty."""
+    monkeypatch.setattr(spool_module, "COPY_MAX_RECORDS", 3)
+    spool = make(tmp_path)
+    spool.open()
+
+    def indexed() -> bool:
+        with sqlite3.connect(spool.path) as reader:
+            return spool_module._has_topic_index(reader)
+
+    for i in range(10):
+        assert await spool.append(record(i), f"k{i}")
+    await spool.oldest(5, 10**6)
+    assert not indexed()  # no topic held
+    await spool.oldest(5, 10**6, skip_topics=frozenset({"geins.widget.create"}))
+    assert indexed()
+    everything = await spool.oldest(100, 10**8)
+    await spool.remove([r.seq for r in everything])
+    assert not indexed()
+    await spool.close()
+
+
+def test_the_fifo_by_topic_keeps_up_with_pushes_and_discards() -> None:
+    """RecordFifo, the memory mode's queue and the spool's copy: reads that leave out
+    topics (kept by topic from the first such read on) stay the oldest others in order
+    through random pushes and discards, and the bookkeeping ends with the FIFO empty."""
+    rng = random.Random(5)  # noqa: S311  # a reproducible mix, not secrets
+    topics = ["geins.a.create", "geins.b.create", "geins.c.create"]
+    fifo = RecordFifo()
+    model: list[QueuedRecord] = []
+    seq = 0
+    for _ in range(600):
+        action = rng.random()
+        if action < 0.4:
+            seq += 1
+            destination = record(seq)
+            destination.topic = rng.choice(topics)
+            queued = QueuedRecord(seq, destination, 0.0)
+            fifo.push(queued, 1)
+            model.append(queued)
+        elif action < 0.7 and model:
+            gone = {r.seq for r in rng.sample(model, rng.randint(1, min(5, len(model))))}
+            assert fifo.discard(sorted(gone)) == len(gone)
+            model = [r for r in model if r.seq not in gone]
+        else:
+            skip_topics = frozenset(rng.sample(topics, rng.randint(0, 2)))
+            skip_seqs = frozenset(r.seq for r in model if rng.random() < 0.2)
+            limit = rng.randint(1, 8)
+            expected = [
+                r.seq
+                for r in model
+                if r.seq not in skip_seqs and r.destination.topic not in skip_topics
+            ][:limit]
+            assert [r.seq for r in fifo.take(limit, 10**6, skip_seqs, skip_topics)] == expected
+        assert len(fifo) == len(model)
+    fifo.discard([r.seq for r in model])
+    assert len(fifo) == 0
+    assert fifo._by_topic is None
