@@ -427,6 +427,15 @@ def _is_broker_pid(pid: int, config_file: Path) -> bool:
     )
 
 
+def _brokers_running_from(config_file: Path) -> list[int]:
+    """Pids of the broker JVMs running from ``config_file`` (found in /proc)."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _is_broker_pid(int(entry.name), config_file)
+    ]
+
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -955,6 +964,11 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
             kafka.wait_ready(args.timeout)
         except BaseException:
             kafka.stop()
+            # A signal that lands inside start(), after the fork but before Popen
+            # returned, leaves a broker LocalKafka does not know: found by its
+            # command line (this port's config file) instead.
+            for orphan in _brokers_running_from(config_file):
+                stop_pid(orphan, config_file)
             pid_file.unlink(missing_ok=True)
             raise
         pid = kafka.detach()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge import devkafka
 from bridge.devkafka import dies_with_parent, ensure_jars, free_ports, kafka_home
 from bridge.devkafka import main as devkafka_main
 from tests.conftest import REPO
@@ -270,3 +271,26 @@ def test_down_stops_only_the_broker_of_its_own_port(tmp_path: Path, owner: str) 
         finally:
             process.kill()
     assert not (home / f"broker-{port}.pid").exists()
+
+
+def test_up_signalled_inside_the_spawn_still_stops_its_broker(
+    up_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal landing inside the broker's spawn, after the fork but before Popen
+    returned, left a broker `up` did not know of (it could only stop the one it had a
+    handle on): it is found by its command line and stopped."""
+    port, controller_port = free_ports(2)
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def start_then_interrupted(self: devkafka.LocalKafka) -> None:
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        spawned.append(fake_broker(self.config_file))  # running, and no handle kept
+        raise devkafka.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(devkafka.LocalKafka, "start", start_then_interrupted)
+    code = devkafka_main(["up", "--home", str(up_home), "--port", str(port),
+                          "--controller-port", str(controller_port)])  # fmt: skip
+    assert code == 128 + signal.SIGTERM
+    [broker] = spawned
+    assert broker.wait(30) is not None
+    assert not (up_home / f"broker-{port}.pid").exists()
