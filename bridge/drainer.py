@@ -12,10 +12,12 @@ it), are not acknowledged in time (a partition without a leader or without
 enough replicas) or are refused (other than as too large, see ``_set_aside``) is
 put on hold: its records stay in the backlog, in order, and are tried again
 after the hold (1 s, doubling up to HOLD_MAX), while the records of every other
-topic go on. Until one of its records is acknowledged again the round does not
-wait for that topic's acknowledgements; they are collected as they come. A
-failing backlog (a spool on a full disk) backs off exponentially, and delivery
-resumes by itself.
+topic go on. Until one of its records is acknowledged again, a round sends only
+one record of that topic (a probe) and does not wait for its acknowledgement; it
+is collected as it comes. Holds are for a topic's trouble only: while Kafka as a
+whole is away (the publisher is not connected) there are none, and the drainer
+backs off as it does when the backlog fails (a spool on a full disk), up to
+MAX_BACKOFF; delivery resumes by itself.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class Drainer:
         # topic -> (held until, on the monotonic clock; length of that hold). A topic
         # stays here after its hold ends, until one of its records is acknowledged.
         self._holds: dict[str, tuple[float, float]] = {}
+        # The last round found only records of topics on hold (none in flight for
+        # another topic): a drain at shutdown has nothing more to wait for.
+        self._only_held_left = False
+        self._away_backoff = MIN_BACKOFF  # while Kafka is away
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""
@@ -128,6 +134,10 @@ class Drainer:
         """One read, send and removal, and the pause after it."""
         if self._unremoved:  # nothing else is read until their removal succeeds
             await self._remove(self._unremoved)
+        if not self._publisher.connected:
+            await self._round_while_kafka_is_away()
+            return
+        self._away_backoff = MIN_BACKOFF
         if self._suspects:  # each alone, before anything else is read (and resent)
             suspect = next(iter(self._suspects.values()))
             done, complete = await self._deliver([suspect], alone=suspect.seq)
@@ -145,6 +155,7 @@ class Drainer:
             skip_seqs=frozenset(self._pending),  # handed over already: not again
             skip_topics=held,
         )
+        self._only_held_left = False
         if records:
             done, _ = await self._deliver(records)
             await self._remove(done)
@@ -156,6 +167,9 @@ class Drainer:
         if self._backlog.depth > len(self._pending) and held:
             # What is left waits for a hold to end (or for Kafka): no round until then,
             # however many appends wake us (each would read the whole backlog again).
+            self._only_held_left = all(
+                p.record.destination.topic in held for p in self._pending.values()
+            )
             await asyncio.sleep(self._until_a_hold_ends())
             return
         try:
@@ -163,6 +177,24 @@ class Drainer:
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+    async def _round_while_kafka_is_away(self) -> None:
+        """No holds (every topic would be held; none is to blame): hand over what the
+        producer takes, at most a batch in flight, and back off."""
+        self._holds.clear()
+        self._only_held_left = False
+        if self._pending:
+            await self._remove(await self._collect())
+        room = BATCH_RECORDS - len(self._pending)
+        if room > 0 and not self._suspects:
+            records = await self._backlog.oldest(
+                room, BATCH_BYTES, skip_seqs=frozenset(self._pending)
+            )
+            if records:
+                done, _ = await self._deliver(records)
+                await self._remove(done)
+        await asyncio.sleep(self._away_backoff)
+        self._away_backoff = min(self._away_backoff * 2, MAX_BACKOFF)
 
     def _until_a_hold_ends(self) -> float:
         now = time.monotonic()
@@ -178,13 +210,25 @@ class Drainer:
         self._unremoved = []
 
     async def drain(self, deadline: float) -> None:
-        """Wait until the backlog is empty or ``deadline`` (monotonic) passed."""
+        """Wait until the backlog is empty, or holds only records of topics on hold, or
+        ``deadline`` (monotonic) passed. Not for a held topic until the deadline: the
+        producer's flush, which shares it, would get no time for the other topics.
+        While Kafka is away, until the deadline (it may come back meanwhile)."""
+        # One more try for every topic first.
+        self._holds.clear()
+        self._only_held_left = False
         while self._backlog.depth and time.monotonic() < deadline:
+            if self._only_held_left and self._publisher.connected:
+                log.warning("stopping with the events of %s on hold", ", ".join(self.held_topics))
+                return
             self.wake()
             await asyncio.sleep(0.05)
 
     def _hold(self, topic: str, why: str) -> None:
-        """Keep ``topic``'s records back for a while; the others go on."""
+        """Keep ``topic``'s records back for a while; the others go on. Not while Kafka
+        is away: that is no topic's trouble."""
+        if not self._publisher.connected:
+            return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))
         if until > now:
@@ -279,6 +323,8 @@ class Drainer:
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
                             continue
+                        if topic in self._holds:  # was held: one record, a probe
+                            held.add(topic)
                         try:
                             future = await self._publisher.hand_over(record.destination)
                         except PayloadTooLarge as exc:
@@ -287,6 +333,8 @@ class Drainer:
                                 settled.append(record.seq)
                             break  # a fresh deadline for the records after it
                         except BridgeError as exc:
+                            if not self._publisher.connected:
+                                return handed  # Kafka is away: no use trying the others
                             held.add(topic)
                             self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
                             continue

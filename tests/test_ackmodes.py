@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
-from bridge.errors import MemoryQueueFull, PayloadTooLarge, PublishFailed, PublishTimeout
+from bridge.errors import (
+    MemoryQueueFull,
+    PayloadTooLarge,
+    PublishFailed,
+    PublishTimeout,
+    Unavailable,
+)
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import FakePublisher
@@ -243,12 +250,18 @@ class FailingBacklog(MemoryBacklog):
         await super().remove(seqs)
 
 
-async def test_the_drainer_outlives_backlog_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("connected", [True, False])
+async def test_the_drainer_outlives_backlog_errors(
+    monkeypatch: pytest.MonkeyPatch, connected: bool
+) -> None:
     """Reads and removals that fail for a while (a full disk) neither end the drainer nor
     send again what Kafka already has: once the backlog works, it empties, each record
-    published once."""
+    published once; also while the publisher counts as not connected (its metadata
+    stale) yet still takes records."""
     monkeypatch.setattr(drainer_module, "MIN_BACKOFF", 0.01)
+    monkeypatch.setattr(drainer_module, "MAX_BACKOFF", 0.05)
     publisher = FakePublisher()
+    publisher.connected = connected
     backlog = FailingBacklog()
     backlog.failing_reads = 2
     backlog.failing_removals = 3
@@ -414,10 +427,12 @@ class TopicTroublePublisher(FakePublisher):
         self.topic, self.trouble = topic, trouble
         self.healed = False
         self.handed: list[bytes] = []  # keys of the troubled topic handed over
+        self.tried: list[bytes] = []  # keys of the troubled topic offered, while troubled
 
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         if destination.topic != self.topic or self.healed:
             return await super().hand_over(destination)
+        self.tried.append(destination.key)
         if self.trouble == "refuse":
             raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
         if self.trouble == "no_metadata":
@@ -458,6 +473,10 @@ async def test_trouble_with_one_topic_holds_back_that_topic_only(
         assert [r.key for r in publisher.records] == [f"o{n}".encode() for n in range(2000)]
         if trouble == "stuck":  # handed over once each, never again while pending
             assert sorted(publisher.handed) == sorted(f"w{n}".encode() for n in range(20))
+        if trouble == "reject":  # after the first failure, one record (a probe) a round
+            await eventually(lambda: publisher.tried.count(b"w0") >= 3, within=20)
+            first_round = publisher.tried.index(b"w0", 1)
+            assert set(publisher.tried[first_round:]) == {b"w0"}
         publisher.healed = True
         if trouble == "stuck":  # the records aiokafka holds go out once Kafka is back
             for n in range(20):
@@ -504,3 +523,58 @@ async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.M
         assert backlog.reads <= reads + 1  # not one read per append
     finally:
         task.cancel()
+
+
+async def test_a_drain_at_shutdown_does_not_wait_for_a_held_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once only records of held topics are left, the drain at shutdown returns instead
+    of using up the deadline it shares with the producer's flush (which then had no
+    time left for the other topics' records)."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, "refuse")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("w0", topic=troubled))
+    backlog.append(record("o0"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        async with asyncio.timeout(10):  # far less than the deadline below
+            await drainer.drain(time.monotonic() + 600)
+    finally:
+        task.cancel()
+    assert backlog.depth == 1
+    assert [r.key for r in publisher.records] == [b"o0"]
+
+
+async def test_no_topic_is_held_while_kafka_is_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka away as a whole (not connected) is no topic's trouble: nothing is held
+    (which would delay every topic by up to HOLD_MAX once Kafka is back), the drainer
+    backs off, and everything goes as soon as Kafka is there. A drain at shutdown
+    waits for it until its deadline rather than giving up on "held" topics."""
+    monkeypatch.setattr(drainer_module, "MAX_BACKOFF", 0.05)
+    publisher = FakePublisher(fail_with=Unavailable("not connected to Kafka yet"))
+    publisher.connected = False
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for n in range(5):
+        backlog.append(record(f"k{n}", topic=f"geins.t{n}.create"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        draining = asyncio.create_task(drainer.drain(time.monotonic() + 60))
+        await eventually(lambda: "not connected" in caplog.text or publisher.records == [])
+        for _ in range(20):  # rounds while away
+            await asyncio.sleep(0.01)
+            assert drainer.held_topics == []
+        assert not draining.done()  # still waiting for Kafka
+        publisher.fail_with, publisher.connected = None, True
+        async with asyncio.timeout(10):
+            await draining
+    finally:
+        task.cancel()
+    assert backlog.depth == 0
+    assert sorted(r.key for r in publisher.records) == [f"k{n}".encode() for n in range(5)]
+    assert "held back" not in caplog.text
