@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -158,6 +160,21 @@ def test_a_change_seen_once_then_undone_is_not_used_when_it_comes_back(tmp_path:
     assert authenticator.current_tokens() == (b"new-token",)
 
 
+@contextlib.asynccontextmanager
+async def watched_tokens_file(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Path, TokenAuthenticator, asyncio.Task[None]]]:
+    """A tokens file holding ``old-token``, its authenticator and the watch of it."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    watching = asyncio.create_task(authenticator.watch())
+    try:
+        yield tokens, authenticator, watching
+    finally:
+        watching.cancel()
+
+
 async def test_a_rotation_is_used_on_a_bridge_no_request_reaches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,15 +183,9 @@ async def test_a_rotation_is_used_on_a_bridge_no_request_reaches(
     read only as requests arrived, so the first ones after a rotation were checked
     against the old tokens)."""
     monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
-    tokens = tmp_path / "tokens"
-    tokens.write_text("old-token\n")
-    authenticator = TokenAuthenticator([], tokens_file=tokens)
-    watching = asyncio.create_task(authenticator.watch())
-    try:
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, _):
         tokens.write_text("new-token\n")
         await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
-    finally:
-        watching.cancel()
     authenticator.check([(b"authorization", b"Bearer new-token")], [])
     with pytest.raises(Unauthorized):
         authenticator.check([(b"authorization", b"Bearer old-token")], [])
@@ -186,19 +197,13 @@ async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
     """A file that cannot be read (or is not UTF-8) is logged and the tokens kept; the
     watch goes on and takes the next good version."""
     monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
-    tokens = tmp_path / "tokens"
-    tokens.write_text("old-token\n")
-    authenticator = TokenAuthenticator([], tokens_file=tokens)
-    watching = asyncio.create_task(authenticator.watch())
-    try:
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, watching):
         tokens.write_bytes(b"\xff\xfe not utf-8")
         await eventually(lambda: "cannot read the tokens file" in caplog.text)
         assert authenticator.current_tokens() == (b"old-token",)
         assert not watching.done()
         tokens.write_text("new-token\n")
         await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
-    finally:
-        watching.cancel()
 
 
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:

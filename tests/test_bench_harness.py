@@ -28,6 +28,7 @@ from tests.bench.model import (
 )
 from tests.bench.report import Baselines, Context, _kafka_check, failures, markdown, targets
 from tests.bench.run import Bench, Plan, Snapshot, Subject, make_subjects
+from tests.test_bench_verdicts import bridge_broker
 
 KAFKA = "Kafka holds one record per 2xx, every run"
 
@@ -222,17 +223,7 @@ def _bridge(records_total: int | None) -> SubjectResult:
         _checked(WARMUP, 1000),
         _checked(SATURATION, 5000),
     ]
-    return SubjectResult(
-        name="bridge broker",
-        kind="bridge",
-        base="bridge broker",
-        workers=1,
-        ack="broker",
-        cpus="0",
-        writes_kafka=True,
-        runs=runs,
-        records_total=records_total,
-    )
+    return bridge_broker(runs=runs, records_total=records_total)
 
 
 def test_records_that_arrived_between_two_runs_checks_fail_the_kafka_verdict() -> None:

@@ -7,6 +7,8 @@ Pure functions on measured results; the runs themselves are ``make bench``'s.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.bench.model import (
@@ -99,10 +101,9 @@ def _quarters(samples: list[tuple[float, int]]) -> tuple[int, int]:
     return quarters
 
 
-def _soaked(
-    samples: list[tuple[float, int]], seconds: float, verified: bool, refused: int = 0
-) -> SubjectResult:
-    subject = SubjectResult(
+def bridge_broker(**fields: Any) -> SubjectResult:
+    """The bridge in broker mode as the report sees it, with ``fields`` set."""
+    return SubjectResult(
         name="bridge broker",
         kind="bridge",
         base="bridge broker",
@@ -110,8 +111,14 @@ def _soaked(
         ack="broker",
         cpus="0",
         writes_kafka=True,
-        soak_rss=samples,
+        **fields,
     )
+
+
+def _soaked(
+    samples: list[tuple[float, int]], seconds: float, verified: bool, refused: int = 0
+) -> SubjectResult:
+    subject = bridge_broker(soak_rss=samples)
     subject.runs.append(
         RunResult(
             label=SOAK,
@@ -333,16 +340,7 @@ def _bridge_subject(
 ) -> SubjectResult:
     """A bridge whose runs all pass unless told otherwise: saturation at ``rps``, the
     target rate with the given percentiles, ``rss_mb`` of peak RSS."""
-    subject = SubjectResult(
-        name="bridge broker",
-        kind="bridge",
-        base="bridge broker",
-        workers=1,
-        ack="broker",
-        cpus="0",
-        writes_kafka=True,
-        peak_rss_bytes=int(rss_mb * MB),
-    )
+    subject = bridge_broker(peak_rss_bytes=int(rss_mb * MB))
     sat = _wrk(SATURATION, rps)
     sat.verified = verified
     rate = RunResult(
