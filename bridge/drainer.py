@@ -305,6 +305,13 @@ class Drainer:
         on hold meanwhile; the pending records handed over."""
         handed: list[_Pending] = []
         held: set[str] = set()
+        if self._holds:
+            # The probes of topics that were held go last: one may wait for metadata
+            # up to HAND_OVER_WAIT, and the others' records are on their way by then.
+            # A topic's records keep their order (all of its records go last).
+            records = [r for r in records if r.destination.topic not in self._holds] + [
+                r for r in records if r.destination.topic in self._holds
+            ]
         position = 0
         while position < len(records):
             record = records[position]

@@ -11,7 +11,7 @@ import pytest
 
 from bridge import drainer as drainer_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
-from bridge.backlog import MemoryBacklog
+from bridge.backlog import MemoryBacklog, QueuedRecord
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
@@ -578,3 +578,30 @@ async def test_no_topic_is_held_while_kafka_is_away(
     assert backlog.depth == 0
     assert sorted(r.key for r in publisher.records) == [f"k{n}".encode() for n in range(5)]
     assert "held back" not in caplog.text
+
+
+async def test_the_probe_of_a_held_topic_goes_after_the_other_topics_records() -> None:
+    """A probe may wait for metadata up to HAND_OVER_WAIT: the records of the other
+    topics in the same round are handed over first, so that wait delays none of
+    them. The held topic's own records keep their order."""
+    troubled = "geins.widget.create"
+    order: list[bytes] = []
+
+    class Recording(TopicTroublePublisher):
+        async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+            order.append(destination.key)
+            return await super().hand_over(destination)
+
+    publisher = Recording(troubled, "refuse")
+    drainer = Drainer(
+        MemoryBacklog(max_bytes=10**6), publisher, Metrics(), ack_timeout=1, deadletter_topic="dl"
+    )
+    drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)  # held before, over now
+    records = [
+        QueuedRecord(1, record("w0", topic=troubled), 0.0),
+        QueuedRecord(2, record("o0"), 0.0),
+        QueuedRecord(3, record("w1", topic=troubled), 0.0),
+        QueuedRecord(4, record("o1"), 0.0),
+    ]
+    await drainer._hand_over(records, [])
+    assert order == [b"o0", b"o1", b"w0"]  # w1 waits for the probe's outcome
