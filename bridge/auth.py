@@ -38,8 +38,15 @@ def read_tokens_file(path: Path) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def _why(exc: Exception) -> str:
-    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+def _read_or_log(path: Path) -> tuple[str, ...] | None:
+    """The file's tokens, or None (logged) if it cannot be read now: a rotation in
+    progress, say, or not UTF-8. The watch must live on through either."""
+    try:
+        return read_tokens_file(path)
+    except (OSError, ValueError) as exc:
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        log.error("cannot read the tokens file %s: %s", path, why)
+        return None
 
 
 class TokenAuthenticator:
@@ -72,14 +79,8 @@ class TokenAuthenticator:
 
     def refresh(self) -> None:
         """Read the tokens file now (if there is one) and apply what :meth:`_take` says."""
-        if self.tokens_file is None:
-            return
-        try:
-            from_file = read_tokens_file(self.tokens_file)
-        except (OSError, ValueError) as exc:  # keep the tokens: a rotation in progress?
-            log.error("cannot read the tokens file %s: %s", self.tokens_file, _why(exc))
-            return
-        self._take(from_file)
+        if self.tokens_file is not None:
+            self._take(_read_or_log(self.tokens_file))
 
     async def watch(self) -> None:
         """Read the tokens file every FILE_CHECK_SECONDS until cancelled.
@@ -97,14 +98,11 @@ class TokenAuthenticator:
             return
         while True:
             await asyncio.sleep(FILE_CHECK_SECONDS)
-            try:
-                from_file = await asyncio.to_thread(read_tokens_file, path)
-            except (OSError, ValueError) as exc:  # not UTF-8, say: the task must live on
-                log.error("cannot read the tokens file %s: %s", path, _why(exc))
-                continue
-            self._take(from_file)
+            self._take(await asyncio.to_thread(_read_or_log, path))
 
-    def _take(self, from_file: tuple[str, ...]) -> None:
+    def _take(self, from_file: tuple[str, ...] | None) -> None:
+        if from_file is None:  # unreadable now: keep the tokens in use
+            return
         if from_file == self._from_file:
             self._changed = None  # changed and changed back: nothing pending
             return
