@@ -14,7 +14,10 @@ put on hold: its records stay in the backlog, in order, and are tried again
 after the hold (1 s, doubling up to HOLD_MAX), while the records of every other
 topic go on. Until one of its records is acknowledged again, a round sends only
 one record of that topic (a probe) and does not wait for its acknowledgement; it
-is collected as it comes. Holds are for a topic's trouble only: while Kafka as a
+is collected as it comes; no other record of the topic goes until the probe's
+outcome is known, so a topic's records keep their order. A probe is handed over
+by a task of its own: its wait for metadata (up to HAND_OVER_WAIT) delays no
+round of the other topics. Holds are for a topic's trouble only: while Kafka as a
 whole is away (the publisher is not connected) there are none, and the drainer
 backs off as it does when the backlog fails (a spool on a full disk), up to
 MAX_BACKOFF; delivery resumes by itself.
@@ -96,6 +99,11 @@ class Drainer:
         # topic -> (held until, on the monotonic clock; length of that hold). A topic
         # stays here after its hold ends, until one of its records is acknowledged.
         self._holds: dict[str, tuple[float, float]] = {}
+        # topic -> the seq of its probe, from the hand-over until the outcome is known
+        self._probing: dict[str, int] = {}
+        self._probe_tasks: set[asyncio.Task[None]] = set()  # probes being handed over
+        # seqs a probe settled (set aside as too large): removed next round
+        self._settled_by_probes: list[int] = []
         # The last round found only records of topics on hold (none in flight for
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
@@ -117,23 +125,33 @@ class Drainer:
 
     async def run(self) -> None:
         backoff = MIN_BACKOFF
-        while True:
-            try:
-                await self._round()
-            except Exception as exc:
-                # The backlog cannot be read or written now (the spool's disk is full,
-                # say). Nothing here may end the task: it is the only way accepted
-                # events reach Kafka, so it keeps trying until the backlog works again.
-                log.error("cannot move the backlog to Kafka (%s); trying again", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-            else:
-                backoff = MIN_BACKOFF
+        try:
+            while True:
+                try:
+                    await self._round()
+                except Exception as exc:
+                    # The backlog cannot be read or written now (the spool's disk is
+                    # full, say). Nothing here may end the task: it is the only way
+                    # accepted events reach Kafka, so it keeps trying until the backlog
+                    # works again.
+                    log.error("cannot move the backlog to Kafka (%s); trying again", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                else:
+                    backoff = MIN_BACKOFF
+        finally:
+            # Withdrawn: a probe cancelled while it waits was not handed over, and
+            # stays in the backlog.
+            for task in self._probe_tasks:
+                task.cancel()
 
     async def _round(self) -> None:
         """One read, send and removal, and the pause after it."""
         if self._unremoved:  # nothing else is read until their removal succeeds
             await self._remove(self._unremoved)
+        if self._settled_by_probes:
+            settled, self._settled_by_probes = self._settled_by_probes, []
+            await self._remove(settled)
         if not self._publisher.connected:
             await self._round_while_kafka_is_away()
             return
@@ -153,7 +171,8 @@ class Drainer:
             BATCH_RECORDS,
             BATCH_BYTES,
             skip_seqs=frozenset(self._pending),  # handed over already: not again
-            skip_topics=held,
+            # a topic being probed: its records wait for the probe's outcome
+            skip_topics=held.union(self._probing) if self._probing else held,
         )
         self._only_held_left = False
         if records:
@@ -163,7 +182,11 @@ class Drainer:
                 await asyncio.sleep(ROUND_PAUSE)
             return
         if self._pending:  # acknowledgements of held topics may have come meanwhile
-            await self._remove(await self._collect())
+            done = await self._collect()
+            await self._remove(done)
+            if done:  # a probe's acknowledgement, say: its topic's records go now
+                return
+            held = self._on_hold_now()  # with the holds of the refusals just seen
         if self._backlog.depth > len(self._pending) and held:
             # What is left waits for a hold to end (or for Kafka): no round until then,
             # however many appends wake us (each would read the whole backlog again).
@@ -278,6 +301,8 @@ class Drainer:
                     self._hold(topic, f"Kafka did not acknowledge within {self._ack_timeout:g} s")
                 continue
             del self._pending[seq]
+            if self._probing.get(topic) == seq:
+                del self._probing[topic]  # the probe's outcome is known
             failure = (
                 asyncio.CancelledError("the producer dropped the record")
                 if future.cancelled()
@@ -305,13 +330,6 @@ class Drainer:
         on hold meanwhile; the pending records handed over."""
         handed: list[_Pending] = []
         held: set[str] = set()
-        if self._holds:
-            # The probes of topics that were held go last: one may wait for metadata
-            # up to HAND_OVER_WAIT, and the others' records are on their way by then.
-            # A topic's records keep their order (all of its records go last).
-            records = [r for r in records if r.destination.topic not in self._holds] + [
-                r for r in records if r.destination.topic in self._holds
-            ]
         position = 0
         while position < len(records):
             record = records[position]
@@ -324,7 +342,7 @@ class Drainer:
                     for record in records[position:]:
                         position += 1
                         topic = record.destination.topic
-                        if topic in held:
+                        if topic in held or topic in self._probing:
                             continue  # not ahead of the earlier records of its topic
                         pending = self._pending.get(record.seq)
                         if pending is not None:  # a suspect handed over already
@@ -332,6 +350,8 @@ class Drainer:
                             continue
                         if topic in self._holds:  # was held: one record, a probe
                             held.add(topic)
+                            self._start_probe(record)
+                            continue
                         try:
                             future = await self._publisher.hand_over(record.destination)
                         except PayloadTooLarge as exc:
@@ -357,6 +377,40 @@ class Drainer:
                     f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
                 )
         return handed
+
+    def _start_probe(self, record: QueuedRecord) -> None:
+        topic = record.destination.topic
+        self._probing[topic] = record.seq
+        task = asyncio.create_task(self._probe(record), name=f"drainer-probe-{topic}")
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe(self, record: QueuedRecord) -> None:
+        """Hand over one record of a held topic, apart from the rounds: pending once
+        the producer took it, its topic held again if it could not."""
+        topic = record.destination.topic
+        try:
+            async with asyncio.timeout(self._hand_over_wait):
+                future = await self._publisher.hand_over(record.destination)
+        except TimeoutError:
+            self._metrics.record_publish_error("timeout")
+            self._hold(
+                topic, f"no metadata or buffer space for it within {self._hand_over_wait:g} s"
+            )
+        except PayloadTooLarge as exc:
+            if await self._set_aside(record, exc):
+                self._settled_by_probes.append(record.seq)
+                self._suspects.pop(record.seq, None)
+        except BridgeError as exc:
+            self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
+        else:
+            self._pending[record.seq] = _Pending(record, future)
+            # its outcome lets the topic's other records go, or holds it again
+            future.add_done_callback(lambda _: self.wake())
+        finally:
+            if record.seq not in self._pending:  # not handed over: no outcome to wait for
+                del self._probing[topic]
+            self.wake()
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
         """A record Kafka will never take (too large for the topic) must not block the

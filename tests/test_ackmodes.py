@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from bridge import drainer as drainer_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
-from bridge.backlog import MemoryBacklog, QueuedRecord
+from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
@@ -491,6 +492,10 @@ async def test_trouble_with_one_topic_holds_back_that_topic_only(
     assert widgets == [f"w{n}".encode() for n in range(20)]  # in order, once each
 
 
+def records_are(publisher: FakePublisher, count: int) -> bool:
+    return len(publisher.records) == count
+
+
 class ReadCountingBacklog(MemoryBacklog):
     def __init__(self) -> None:
         super().__init__(max_bytes=10**6)
@@ -580,28 +585,64 @@ async def test_no_topic_is_held_while_kafka_is_away(
     assert "held back" not in caplog.text
 
 
-async def test_the_probe_of_a_held_topic_goes_after_the_other_topics_records() -> None:
-    """A probe may wait for metadata up to HAND_OVER_WAIT: the records of the other
-    topics in the same round are handed over first, so that wait delays none of
-    them. The held topic's own records keep their order."""
+async def test_a_probe_waiting_for_metadata_delays_no_round_of_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe of a held topic Kafka has no metadata for waits up to HAND_OVER_WAIT.
+    It used to wait inside the round, so every probe (one per hold, at most HOLD_MAX
+    apart) stopped all the other topics for that long. Its topic's records wait for
+    its outcome, in order, and it is not handed over twice."""
+    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 5.0)
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     troubled = "geins.widget.create"
-    order: list[bytes] = []
-
-    class Recording(TopicTroublePublisher):
-        async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
-            order.append(destination.key)
-            return await super().hand_over(destination)
-
-    publisher = Recording(troubled, "refuse")
-    drainer = Drainer(
-        MemoryBacklog(max_bytes=10**6), publisher, Metrics(), ack_timeout=1, deadletter_topic="dl"
-    )
+    publisher = TopicTroublePublisher(troubled, "no_metadata")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("w0", topic=troubled))
+    backlog.append(record("w1", topic=troubled))
+    backlog.append(record("o0"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=5, deadletter_topic="dl")
     drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)  # held before, over now
-    records = [
-        QueuedRecord(1, record("w0", topic=troubled), 0.0),
-        QueuedRecord(2, record("o0"), 0.0),
-        QueuedRecord(3, record("w1", topic=troubled), 0.0),
-        QueuedRecord(4, record("o1"), 0.0),
-    ]
-    await drainer._hand_over(records, [])
-    assert order == [b"o0", b"o1", b"w0"]  # w1 waits for the probe's outcome
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: publisher.tried == [b"w0"], within=2, what="the probe")
+        for n in range(1, 4):  # later rounds, while the probe waits
+            backlog.append(record(f"o{n}"))
+            drainer.wake()
+            await eventually(partial(records_are, publisher, n + 1), within=2, what=f"o{n}")
+        assert publisher.tried == [b"w0"]  # w1 not handed over ahead of it, w0 not twice
+        assert backlog.depth == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert drainer._probing == {}  # cancelled with the drainer
+
+
+async def test_no_second_probe_before_the_first_ones_outcome() -> None:
+    """A topic on probation sends its next record only once the probe's outcome is
+    known. The drainer used to probe the next record every round while the first
+    was unacknowledged, so a record after a refused probe could land before it."""
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, "stuck")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("w0", topic=troubled))
+    backlog.append(record("w1", topic=troubled))
+    backlog.append(record("o0"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=60, deadletter_topic="dl")
+    drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)  # held before, over now
+    task = asyncio.create_task(drainer.run())
+    try:
+        for n in range(1, 4):  # later rounds, while the probe is unacknowledged
+            await eventually(partial(records_are, publisher, n), within=2, what=f"o{n - 1}")
+            backlog.append(record(f"o{n}"))
+            drainer.wake()
+        await eventually(lambda: len(publisher.records) == 4, within=2, what="o3")
+        assert publisher.handed == [b"w0"]
+        (probe,) = drainer._pending.values()
+        publisher.healed = True
+        probe.acked.set_result(None)  # Kafka takes it after all: w1 goes
+        await eventually(lambda: backlog.depth == 0, within=2, what="w1")
+        assert publisher.records[-1].key == b"w1"
+        assert drainer.held_topics == []
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
