@@ -33,10 +33,26 @@ CREDENTIAL_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"x-apikey"}
 )
 PREFIX = "x-bridge-"
-#: What the drainer adds to an accepted event that Kafka refused for good when it
-#: sets it aside (``Drainer._set_aside``); the event's own headers come before them,
-#: its own ``x-bridge-*`` ones (``key-generated``, ``time-source``) included.
+#: What :func:`set_aside` adds to an event that Kafka refused for good; the event's own
+#: headers come before them, its own ``x-bridge-*`` ones (``key-generated``,
+#: ``time-source``) included.
 SET_ASIDE_HEADERS = frozenset({PREFIX + "reason", PREFIX + "detail", PREFIX + "original-topic"})
+
+
+def set_aside(event: Destination, detail: str, topic: str) -> Destination:
+    """The ``kafka_rejected`` dead letter, on ``topic``, of an event Kafka refused for
+    good (``detail`` says why): the event's record as it was, with SET_ASIDE_HEADERS."""
+    return Destination(
+        topic=topic,
+        key=event.key,
+        value=event.value,
+        headers=[
+            *event.headers,
+            (PREFIX + "reason", b"kafka_rejected"),
+            (PREFIX + "detail", detail.encode()),
+            (PREFIX + "original-topic", event.topic.encode()),
+        ],
+    )
 
 
 def dead_letter(

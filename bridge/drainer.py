@@ -31,10 +31,10 @@ import time
 from typing import Any
 
 from bridge.backlog import Backlog, QueuedRecord
+from bridge.deadletter import set_aside
 from bridge.errors import BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
-from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
 
@@ -418,19 +418,10 @@ class Drainer:
         is dropped with an error. True when it may leave the backlog."""
         original = record.destination
         if self._deadletter_topic and original.topic != self._deadletter_topic:
-            letter = Destination(
-                topic=self._deadletter_topic,
-                key=original.key,
-                value=original.value,
-                headers=[
-                    *original.headers,
-                    ("x-bridge-reason", b"kafka_rejected"),
-                    ("x-bridge-detail", error.detail.encode()),
-                    ("x-bridge-original-topic", original.topic.encode()),
-                ],
-            )
             try:
-                await self._publisher.publish(letter)
+                await self._publisher.publish(
+                    set_aside(original, error.detail, self._deadletter_topic)
+                )
             except PayloadTooLarge:
                 pass
             except BridgeError as exc:

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
-from bridge.deadletter import dead_letter, delivery_key
-from bridge.errors import BridgeError
+from bridge.deadletter import dead_letter, delivery_key, set_aside
+from bridge.errors import BridgeError, PayloadTooLarge
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import check_record_size
-from bridge.routing import Router
+from bridge.routing import Destination, Router
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,56 @@ class Pipeline:
             # before any mode takes it: one accepted could never be delivered
             check_record_size(destination, self._record_limit)
             dedup_key = event.key if self._dedup and not event.key_generated else None
-            fresh = await self.ack_mode.deliver(destination, dedup_key)
+            try:
+                fresh = await self.ack_mode.deliver(destination, dedup_key)
+            except PayloadTooLarge as refused:  # by Kafka, for good (only broker mode waits)
+                await self._keep_refused_event(destination, dedup_key, refused)
+                raise
         except BridgeError as exc:
             exc.event = event
             raise
         return Accepted(
             event=event, topic=destination.topic, ack=self.ack_mode.name, duplicate=not fresh
         )
+
+    async def _keep_refused_event(
+        self, event: Destination, dedup_key: str | None, refusal: PayloadTooLarge
+    ) -> None:
+        """Keep an event Kafka refused as too large for its topic as a ``kafka_rejected``
+        dead letter before its 413, as durable and memory modes do after their 202.
+
+        When it cannot be kept now, the answer is 503 instead (the sender retries); a
+        retry whose dead letter was kept already gets the 413 without a second one.
+        """
+        if not self._deadletter_topic or event.topic == self._deadletter_topic:
+            return
+        letter = set_aside(event, refusal.detail, self._deadletter_topic)
+        try:
+            if dedup_key is None:
+                await self.ack_mode.keep(letter)
+            elif not await self.ack_mode.deliver(letter, DEAD_LETTER_KEYS + dedup_key):
+                refusal.detail += f"; it is on {self._deadletter_topic} already"
+                return
+        except BridgeError as exc:
+            if not exc.retriable:
+                log.error(
+                    "Kafka refused the event with key %s for %s (%s), and its dead letter too: %s",
+                    event.key.decode(errors="replace"),
+                    event.topic,
+                    refusal.detail,
+                    exc.detail,
+                )
+                return
+            exc.detail = (
+                f"Kafka refuses the event ({refusal.detail}) and it cannot be kept as a "
+                f"dead letter now ({exc.detail}); retry later"
+            )
+            raise
+        except Exception:
+            log.exception("could not keep a dead letter (kafka_rejected)")
+            return
+        self._metrics.dead_letters.labels("kafka_rejected").inc()
+        refusal.detail += f"; it is kept on {self._deadletter_topic}"
 
     async def _keep_dead_letter(self, delivery: Delivery, error: BridgeError) -> None:
         """Keep the refused delivery with the guarantee of an event before its 4xx.

@@ -16,8 +16,9 @@ from starlette.types import Message
 from bridge import ingress
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
-from bridge.errors import PublishTimeout
+from bridge.errors import BridgeError, PayloadTooLarge, PublishTimeout
 from bridge.metrics import Metrics
+from bridge.routing import Destination
 from tests.fakes import TOKEN, FakePublisher, call_asgi, samples
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -424,6 +425,54 @@ def test_a_retried_refusal_is_kept_as_a_dead_letter_once(ack: str, tmp_path: Any
         for _ in range(2):
             client.post("/webhooks/geins", content=b"not json", headers=headers)
     assert len([r for r in publisher.records if r.topic == "geins.deadletter"]) == 2
+
+
+class RefusingTopic(FakePublisher):
+    """Kafka refusing every record for ``topic`` as larger than its max.message.bytes;
+    ``letters_fail`` makes the dead-letter topic fail too, for now."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic = topic
+        self.letters_fail: BridgeError | None = None
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == self.topic:
+            raise PayloadTooLarge("the record is larger than Kafka accepts")
+        if self.letters_fail is not None:
+            raise self.letters_fail
+        return await super().hand_over(destination)
+
+
+def test_an_event_kafka_refuses_in_broker_mode_is_a_413_with_its_dead_letter() -> None:
+    """In broker mode an event within the bridge's limits that Kafka refuses for good
+    (larger than its topic's max.message.bytes) is kept as a kafka_rejected dead
+    letter before its 413, as the other modes keep it after their 202; it was kept
+    nowhere. Not when it cannot be kept now (503: retry), and once per key."""
+    settings_ = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    publisher, metrics = RefusingTopic("geins.order.create"), Metrics()
+    app = create_app(settings_, publisher=publisher, metrics=metrics)
+    headers = {**AUTH, "x-Idempotency-Key": "big-1"}
+    with TestClient(app) as client:
+        publisher.letters_fail = PublishTimeout("Kafka did not acknowledge in time")
+        later = client.post("/webhooks/geins", content=ORDER, headers=headers)
+        publisher.letters_fail = None
+        answers = [client.post("/webhooks/geins", content=ORDER, headers=headers)]
+        answers += [client.post("/webhooks/geins", content=ORDER, headers=headers)]
+    assert later.status_code == 503, later.text
+    assert "cannot be kept as a dead letter now" in later.json()["detail"]
+    assert [a.status_code for a in answers] == [413, 413]
+    assert answers[0].headers["content-type"] == "application/problem+json"
+    assert "kept on geins.deadletter" in answers[0].json()["detail"]
+    assert "on geins.deadletter already" in answers[1].json()["detail"]
+    (letter,) = publisher.records
+    assert (letter.topic, letter.key, letter.value) == ("geins.deadletter", b"big-1", ORDER)
+    extra = dict(letter.headers)
+    assert extra["x-bridge-reason"] == b"kafka_rejected"
+    assert extra["x-bridge-original-topic"] == b"geins.order.create"
+    assert "ce_type" in extra  # the event's own headers come with it
+    exposition = metrics.exposition().decode()
+    assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in exposition
 
 
 def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) -> None:

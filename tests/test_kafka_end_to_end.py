@@ -185,27 +185,34 @@ def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) ->
     return metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+@pytest.mark.parametrize("ack", ["durable", "broker"])
 def test_a_record_kafka_refuses_for_good_does_not_block_its_partition(
-    kafka_bootstrap: str, topic_prefix: str
+    kafka_bootstrap: str, topic_prefix: str, ack: str
 ) -> None:
     """A record larger than its topic's max.message.bytes goes to the dead-letter topic,
     and the records after it on the same partition still arrive. (aiokafka 0.14 never
     takes back the sequence numbers of a refused batch, so its producer answers
-    OutOfOrderSequenceNumber for that partition from then on: the bridge must replace it.)"""
+    OutOfOrderSequenceNumber for that partition from then on: the bridge must replace it.)
+    In broker mode its answer is 413, once the dead letter is kept."""
     topic = f"{topic_prefix}.geins.order.create"
     create_topic(kafka_bootstrap, topic, {"max.message.bytes": "2000"})
-    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_SHUTDOWN_TIMEOUT="5")
+    # There already, as `bridge topics create` makes it: a dead letter waiting for the
+    # broker to create its topic while the producer is being replaced is a 503 in
+    # broker mode (Geins would retry), which is not what this test is about.
+    create_topic(kafka_bootstrap, f"{topic_prefix}.deadletter", {})
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_SHUTDOWN_TIMEOUT="5", BRIDGE_ACK=ack)
     metrics = Metrics()
 
-    def deliver(client: TestClient, key: str, body: bytes) -> None:
+    def deliver(client: TestClient, key: str, body: bytes, status: int = 202) -> None:
         headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key}
         response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
-        assert response.status_code == 202, response.text
+        assert response.status_code == status, response.text
 
     small = {f"k-small-{i}" for i in range(5)}
     with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
         deliver(client, "k-before", b"{}")
-        deliver(client, "k-big", json.dumps({"pad": "x" * 5000}).encode())
+        big = json.dumps({"pad": "x" * 5000}).encode()
+        deliver(client, "k-big", big, 413 if ack == "broker" else 202)
         wait_until(
             lambda: sample(metrics, "bridge_dead_letters_total", {"reason": "kafka_rejected"}),
             bool,
