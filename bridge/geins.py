@@ -195,6 +195,13 @@ def _parse_body(body: bytes) -> dict[str, Any]:
             parsed = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
             raise BodyNotJson(f"the body is not valid JSON ({exc})") from None
+        try:  # the other thing orjson refuses: a \u escape of a lone UTF-16 surrogate
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyNotJson(
+                "the body escapes a lone UTF-16 surrogate (such as \\ud800), which is "
+                "no Unicode character and cannot be published as text"
+            ) from None
     if not isinstance(parsed, dict):
         raise BodyNotJson(
             f"the body is JSON but a {type(parsed).__name__}, not an object; "
@@ -395,6 +402,8 @@ def parse_rfc3339(text: str) -> datetime | None:
     try:
         return datetime.fromisoformat(normalised).astimezone(UTC)
     except ValueError:  # e.g. month 13 or hour 25 pass the pattern
+        return None
+    except OverflowError:  # year 1 or 9999 moved past the ends by its offset
         return None
 
 

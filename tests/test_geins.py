@@ -195,6 +195,22 @@ def test_json_beyond_orjson_is_still_json() -> None:
     assert parse(delivery(body)).value == body
 
 
+@pytest.mark.parametrize("text", ["\\ud800", "\\udfff", "a\\ud800b"])
+def test_a_lone_surrogate_is_not_json_text(text: str) -> None:
+    """The standard library reads a \\u escape of a lone surrogate, which orjson
+    refuses, into a str nothing can encode: the record's ce_subject failed with a
+    500 (not a 400 with a dead letter). Refused as not JSON instead, anywhere in
+    the body. A surrogate pair is a character and stays accepted."""
+    for body in (
+        b'{"entity":"Order","action":"create","id":"%s"}' % text.encode(),
+        b'{"entity":"Order","action":"create","x":{"%s":1}}' % text.encode(),
+    ):
+        with pytest.raises(BodyNotJson, match="lone UTF-16 surrogate"):
+            parse(delivery(body))
+    pair = b'{"entity":"Order","action":"create","id":"\\ud83d\\ude00","n":1e400}'
+    assert parse(delivery(pair)).subject == "\U0001f600"
+
+
 def test_empty_body_publishes_query_object_without_token() -> None:
     """A GET (or empty POST) publishes its query parameters, never the token."""
     d = delivery(
@@ -290,6 +306,8 @@ def test_timestamp_parsed_or_replaced_by_received_time() -> None:
         ("2024-01-15T10:30:00", None),
         ("2024-01-15", None),
         ("2024-13-15T10:30:00Z", None),
+        ("0001-01-01T00:00:00+01:00", None),  # before year 1 in UTC (was a 500)
+        ("9999-12-31T23:59:59-01:00", None),  # after year 9999 in UTC
         ("", None),
     ],
 )
