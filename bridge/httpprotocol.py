@@ -18,6 +18,14 @@ on the socket. :class:`OneWritePerResponse` holds the head back until the body
 follows, which saves a system call (and a TCP segment the client must read)
 per request. Everything else is uvicorn's own code path.
 
+An ``Upgrade`` header (``Upgrade: h2c`` from ``curl --http2``, Java's and Ktor's
+HTTP clients) is ignored, as RFC 9110 allows: llhttp stops at the end of such a
+head and hands what follows over as another protocol's bytes, so uvicorn ended
+the request with an empty body (the app accepted it, and published the path and
+query instead of the body). The protocol parses the request again from a head
+without the upgrade, with the bytes that followed as its body
+(``_unsupported_upgrade_warning``, which uvicorn calls as the parser stops).
+
 One shortcut on top: the webhook endpoint's 2xx answer (the response to almost
 every request this server sees) is written whole by
 ``respond_whole``, which the protocol offers the app in the scope under
@@ -46,7 +54,13 @@ import httptools
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bridge.errors import BridgeError, HeadersTooLarge, MalformedRequest, RequestTimeout
+from bridge.errors import (
+    BridgeError,
+    HeadersTooLarge,
+    MalformedRequest,
+    MethodNotAllowed,
+    RequestTimeout,
+)
 from bridge.guards import url_too_long
 from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, log_refusal, problem
 
@@ -208,6 +222,12 @@ def guarded_protocol(
             self._in_head = True
             self._head_bytes = 0
             self._respond_whole = self.respond_whole  # bound once per connection
+            self._feeding = b""  # the bytes being fed to the parser now
+            # An upgrade request's head without the upgrade, from its headers' end
+            # until the parser stops; then that head and the bytes after it, which
+            # data_received parses next.
+            self._upgrade_head: bytes | None = None
+            self._reparse: bytes | None = None
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -231,6 +251,11 @@ def guarded_protocol(
             # at the start of a packet; one pipelined behind another in the same
             # packet is charged at most `piece` bytes it did not send, and no
             # pipelined head escapes the count inside a large packet.
+            if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+                # Bytes between requests (a CRLF, which starts no request, say) end
+                # uvicorn's keep-alive timer: the next head's deadline runs from them,
+                # or a CRLF now and then held an idle connection open for ever.
+                self._await_head()
             start, end = 0, len(data)
             while start < end:
                 size = piece
@@ -242,9 +267,14 @@ def guarded_protocol(
                     size = min(size, budget)
                 chunk = data[start : start + size]  # the packet itself when it fits
                 start += len(chunk)
+                self._feeding = chunk
                 super().data_received(chunk)
                 if self.transport.is_closing():
                     return
+                if self._reparse is not None:  # an upgrade ignored: parse it again
+                    data, self._reparse = self._reparse + data[start:], None
+                    start, end = 0, len(data)
+                    continue
                 if self._in_head:
                     self._head_bytes += len(chunk)
 
@@ -264,6 +294,9 @@ def guarded_protocol(
             self._await_head()
 
         def on_headers_complete(self) -> None:
+            if self.parser.should_upgrade():  # parsed again without it: see the docstring
+                self._upgrade_head = self._head_without_upgrade()
+                return
             self._in_head = False  # the deadline runs on until the body is complete
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
@@ -319,8 +352,45 @@ def guarded_protocol(
             return True
 
         def on_message_complete(self) -> None:
+            if self._upgrade_head is not None:
+                return  # llhttp ends an upgrade request at its head: not the request's end
             self._stop_head_timer()
             super().on_message_complete()
+
+        def _head_without_upgrade(self) -> bytes:
+            """The request's head as received, less its upgrade: no ``Upgrade`` header
+            and no ``upgrade`` among the ``Connection`` options."""
+            version = self.parser.get_http_version().encode()
+            lines = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self.url, version)]
+            for name, value in self.headers:  # uvicorn's: names in lower case
+                kept = value
+                if name == b"upgrade":
+                    continue
+                if name == b"connection":
+                    options = [o.strip() for o in value.split(b",")]
+                    kept = b", ".join(o for o in options if o and o.lower() != b"upgrade")
+                    if not kept:
+                        continue
+                lines.append(b"%s: %s\r\n" % (name, kept))
+            lines.append(b"\r\n")
+            return b"".join(lines)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn calls this from data_received while handling the parser's
+            # HttpParserUpgrade (for any upgrade: the server runs with ws="none"),
+            # whose argument is where the other protocol's bytes begin in the piece
+            # fed. They are the request's body: parse the request again, whole.
+            stopped = sys.exception()
+            head, self._upgrade_head = self._upgrade_head, None
+            if self.parser.get_method() == b"CONNECT":
+                self._refuse(MethodNotAllowed("CONNECT is not accepted; use POST, PUT or GET"))
+                return
+            if head is None or not isinstance(stopped, httptools.HttpParserUpgrade):
+                self._refuse(MalformedRequest("the request asks for a protocol upgrade"))
+                return
+            offset = stopped.args[0] if stopped.args else len(self._feeding)
+            self.parser = httptools.HttpRequestParser(self)
+            self._reparse = head + self._feeding[offset:]
 
         def on_response_complete(self) -> None:
             self._writer.flush()

@@ -179,6 +179,7 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         port=settings.port,
         loop="uvloop",
         http=protocol,
+        ws="none",  # no WebSocket endpoint: an Upgrade header is ignored (bridge.httpprotocol)
         timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
         backlog=LISTEN_BACKLOG,

@@ -152,7 +152,7 @@ class Connection:
             on_refused=self._count,
         )
         config = uvicorn.Config(
-            app, http=protocol, lifespan="off", log_config=None, proxy_headers=False
+            app, http=protocol, ws="none", lifespan="off", log_config=None, proxy_headers=False
         )
         state = ServerState()
         state.default_headers = [DATE]
@@ -300,8 +300,67 @@ async def test_a_uvicorn_without_the_cycle_attributes_answers_through_send(
     assert connection.sent == ["http.response.start", "http.response.body"]
 
 
+H2C = (
+    b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+    b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "split_at", [None, -len(ORDER), -5], ids=["one packet", "body after", "split body"]
+)
+async def test_an_upgrade_header_is_ignored_and_the_body_read(
+    connection: Connection, split_at: int | None
+) -> None:
+    """`curl --http2` (and Java's and Ktor's clients) ask to upgrade to h2c. llhttp
+    ends such a request at its head, so the body was lost: 202, and a record built
+    from the path alone (or a 422), then the body read as a new request's 400. The
+    upgrade is ignored (RFC 9110 allows it) and the request served whole."""
+    request = webhook("u1", extra=H2C)
+    packets = [request] if split_at is None else [request[:split_at], request[split_at:]]
+    for packet in packets[:-1]:
+        connection.protocol.data_received(packet)
+        await asyncio.sleep(0.01)
+    [answer] = await connection.answers(packets[-1], 1)
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n"), answer
+    [answer] = await connection.answers(webhook("u2"), 1)  # the connection goes on
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n"), answer
+    assert [(r.key, r.value) for r in connection.publisher.records] == [
+        (b"u1", ORDER),
+        (b"u2", ORDER),
+    ]
+    assert not connection.transport.closed
+
+
+async def test_connect_is_a_problem_json_405(connection: Connection) -> None:
+    """llhttp takes CONNECT for an upgrade too; it is refused as a method."""
+    [answer] = await connection.answers(b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n", 1)
+    assert answer.startswith(b"HTTP/1.1 405 "), answer
+    assert b"application/problem+json" in answer
+    assert connection.transport.closed
+
+
 # --------------------------------------------------------------------------
 # The head's deadline and size cap (GuardedHttpToolsProtocol.data_received).
+
+
+async def test_a_crlf_between_requests_does_not_hold_the_connection_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CRLF after an answer starts no request, but ended uvicorn's keep-alive
+    timer: with no head deadline running, one CRLF now and then kept an idle
+    connection open for ever. The next head's deadline runs from it."""
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        [answer] = await connection.answers(webhook("k1"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        written = len(connection.transport.writes)
+        connection.protocol.data_received(b"\r\n")
+        answer = await wait_closed(connection, 2, after=written)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+    finally:
+        connection.close()
+
 
 URL_CAP = 256
 HEAD_CAP = 2304  # the smallest the settings allow: URL 256 + headers 1024 + 1024
