@@ -86,3 +86,34 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiokafka reports every retry at ERROR; the bridge reports what matters itself.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    handler.addFilter(OncePerInterval("aiokafka", AIOKAFKA_REPEAT_SECONDS))
+
+
+#: aiokafka logs a failed connection or metadata request at ERROR each time it
+#: tries again: about 10 lines a second during an outage, with one event waiting.
+AIOKAFKA_REPEAT_SECONDS = 60.0
+
+
+class OncePerInterval(logging.Filter):
+    """Lets a record of ``prefix``'s loggers through once per ``seconds`` for each
+    of their messages (the format string, whatever its arguments), so that a
+    library's retry loop cannot flood the log while the bridge's own lines say
+    what is going on. A handler's filter: a logger's would miss its children's."""
+
+    def __init__(self, prefix: str, seconds: float) -> None:
+        super().__init__()
+        self._prefix, self._dotted = prefix, prefix + "."
+        self._seconds = seconds
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self._prefix and not record.name.startswith(self._dotted):
+            return True
+        key = (record.name, record.msg)
+        last = self._last.get(key)
+        if last is not None and record.created - last < self._seconds:
+            return False
+        if len(self._last) > 1000:  # messages are a library's constants; bounded anyway
+            self._last.clear()
+        self._last[key] = record.created
+        return True

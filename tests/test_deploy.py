@@ -539,6 +539,9 @@ def test_bridge_pods_run_locked_down_with_resources_and_a_spool_volume(
     assert bridge["securityContext"]["allowPrivilegeEscalation"] is False
     assert bridge["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["automountServiceAccountToken"] is False
+    # Docker-link variables of a Service named "bridge" (BRIDGE_PORT=tcp://...) would
+    # stop the bridge at start-up: it refuses unknown or invalid BRIDGE_* settings.
+    assert pod["enableServiceLinks"] is False
     assert {"cpu", "memory"} <= set(bridge["resources"]["requests"])
     assert "memory" in bridge["resources"]["limits"]
     mounts = {m["mountPath"]: m["name"] for m in bridge["volumeMounts"]}

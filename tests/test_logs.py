@@ -11,7 +11,7 @@ import sys
 import pytest
 from starlette.testclient import TestClient
 
-from bridge import ingress
+from bridge import ingress, logs
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.logs import JsonFormatter, TextFormatter
@@ -185,3 +185,23 @@ def test_a_path_cannot_add_fields_to_text_lines(
         unquoted = _QUOTED.sub('""', head)
         assert "outcome=accepted" not in unquoted
         assert "key=forged" not in unquoted
+
+
+def test_aiokafkas_repeated_errors_pass_once_a_minute() -> None:
+    """During an outage aiokafka logs each retry at ERROR (a reviewer counted 195
+    such lines in 20 s for one waiting event); each of its messages passes once per
+    AIOKAFKA_REPEAT_SECONDS, whatever its arguments. The bridge's own lines pass."""
+    once = logs.OncePerInterval("aiokafka", 60)
+
+    def passes(name: str, msg: str, at: float, *args: object) -> bool:
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, None)
+        record.created = at
+        return once.filter(record)
+
+    assert passes("aiokafka.conn", "Unable connect to node with id %s: %s", 0.0, 1, "x")
+    assert not passes("aiokafka.conn", "Unable connect to node with id %s: %s", 30.0, 2, "y")
+    assert passes("aiokafka.client", "Unable to update metadata from %s", 31.0, 1)
+    assert passes("aiokafka.conn", "Unable connect to node with id %s: %s", 61.0, 1, "x")
+    for at in (0.0, 1.0, 2.0):
+        assert passes("bridge.drainer", "records for %s are held back", at, "t")
+        assert passes("aiokafkaesque", "not aiokafka's", at)
