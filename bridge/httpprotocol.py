@@ -228,6 +228,10 @@ def guarded_protocol(
             # data_received parses next.
             self._upgrade_head: bytes | None = None
             self._reparse: bytes | None = None
+            # The refusal of a pipelined request, held until the answers to the
+            # requests before it are out (HTTP answers a connection's requests in order).
+            self._refusal_after: BridgeError | None = None
+            self._peer_done = False  # the client half-closed: close once it is answered
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -243,6 +247,8 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refusal_after is not None:
+                return  # a request was refused: nothing after it is read
             # The parser is fed at most `piece` bytes at a time, and no more head
             # bytes than are still allowed. The bytes of a piece count towards the
             # head once the parser has seen them: a request that begins inside the
@@ -269,7 +275,7 @@ def guarded_protocol(
                 start += len(chunk)
                 self._feeding = chunk
                 super().data_received(chunk)
-                if self.transport.is_closing():
+                if self.transport.is_closing() or self._refusal_after is not None:
                     return
                 if self._reparse is not None:  # an upgrade ignored: parse it again
                     data, self._reparse = self._reparse + data[start:], None
@@ -392,9 +398,28 @@ def guarded_protocol(
             self.parser = httptools.HttpRequestParser(self)
             self._reparse = head + self._feeding[offset:]
 
+        def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool; uvicorn narrowed it
+            # The client shut down its side (half-close) after sending a request:
+            # the connection stays open to answer it, and closes after. Without a
+            # request in progress, or with its body still to come, close now.
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or cycle.more_body:
+                return None
+            self._peer_done = True
+            return True
+
+        def _answered_all(self) -> bool:
+            # self.cycle is the latest request's: answered last, in order
+            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
         def on_response_complete(self) -> None:
             self._writer.flush()
             super().on_response_complete()
+            if self._answered_all():
+                if self._refusal_after is not None:
+                    self._refuse(self._refusal_after)
+                elif self._peer_done and not self.transport.is_closing():
+                    self.transport.close()
             # The next head starts with its first byte (on_message_begin);
             # uvicorn's keep-alive timeout covers the idle wait before it. A
             # pipelined request may be past its head already.
@@ -445,6 +470,12 @@ def guarded_protocol(
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
+            if self._in_head and not self._answered_all():
+                # A pipelined request's head: answered after those before it.
+                self._refusal_after = error
+                self.transport.pause_reading()
+                return
+            self._refusal_after = None
             body = problem(error)
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\n%scontent-type: application/problem+json\r\n"

@@ -526,6 +526,55 @@ async def test_many_pipelined_requests_in_one_packet_are_not_a_large_head(
         connection.close()
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GARBAGE / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+    ],
+    ids=["request line", "two content-lengths"],
+)
+async def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(
+    connection: Connection, bad: bytes
+) -> None:
+    """HTTP answers a connection's requests in order. The refusal of a request
+    pipelined behind another went out at once and the connection closed: the client
+    read it as the answer to the first request, whose event was accepted, and never
+    saw that answer."""
+    data = webhook("p1") + webhook("p2") + bad
+    answers = await connection.answers(data, 3)
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [
+        b"HTTP/1.1 202 Accepted",
+        b"HTTP/1.1 202 Accepted",
+        b"HTTP/1.1 400 Malformed HTTP request",
+    ]
+    assert [split(a)[1]["key"] for a in answers[:2]] == ["p1", "p2"]
+    assert connection.transport.closed
+
+
+async def test_a_client_that_half_closes_still_gets_its_answer(connection: Connection) -> None:
+    """A client may shut down its sending side once its request is out. The
+    connection closed then, so an accepted event's 202 never reached the client
+    (which retries: a duplicate). It is answered, then the connection closes; a
+    half-close in the middle of a body still closes at once."""
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    protocol.data_received(webhook("h1"))
+    assert protocol.eof_received() is True  # keep the transport open
+    [answer] = await connection.answers(b"", 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    await wait_closed(connection, 1)
+    assert [r.key for r in connection.publisher.records] == [b"h1"]
+
+
+async def test_a_half_close_without_a_whole_request_closes_at_once(
+    connection: Connection,
+) -> None:
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    assert protocol.eof_received() is None  # nothing to answer
+    protocol.data_received(webhook("h2")[:-5])
+    assert protocol.eof_received() is None  # the body cannot be whole now
+
+
 async def test_a_large_head_pipelined_behind_a_request_is_431(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
