@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import itertools
 import logging
 import ssl
 import time
@@ -230,6 +231,46 @@ def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     return task
 
 
+def _aiokafka_sender_end(context: dict[str, Any]) -> bool:
+    """Whether ``context`` (the event loop's, for an exception nobody caught) is
+    aiokafka 0.14's known error as the sender task of a producer ends with an
+    exception (as when it is closed during an outage): its done-callback fails the
+    records it held, then calls TransactionManager.fatal_error, which needs a
+    transaction a non-transactional producer never has (AttributeError on None)."""
+    exc = context.get("exception")
+    if not isinstance(exc, AttributeError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name == "fatal_error" and code.co_filename.replace("\\", "/").endswith(
+            "aiokafka/producer/transaction_manager.py"
+        ):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
+    """Log aiokafka's known error at a producer's end at DEBUG, not as the loop's
+    ERROR traceback, which reads as a crash ("Exception in callback
+    Sender._fail_all"); every other uncaught exception goes where it went."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_aiokafka", False):
+        return  # once per loop
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if _aiokafka_sender_end(context):
+            log.debug("a Kafka producer's sender ended: %r", context["exception"])
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.quiets_aiokafka = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
+
+
 class KafkaPublisher:
     """Publishes :class:`Destination` records and reports whether Kafka is reachable."""
 
@@ -270,6 +311,7 @@ class KafkaPublisher:
     async def start(self) -> None:
         """Connect once, waiting at most ``kafka_connect_timeout``; keep trying in the
         background if Kafka is not there yet (the bridge answers 503 meanwhile)."""
+        quiet_aiokafka_sender_end(asyncio.get_running_loop())
         if not await self._connect(at_startup=True):
             log.warning(
                 "Kafka at %s is not reachable yet; retrying in the background",
@@ -521,7 +563,16 @@ class KafkaPublisher:
         """
         undelivered = KafkaTimeoutError("the producer was closed before Kafka acknowledged")
         with contextlib.suppress(Exception):  # best effort: nothing below waits for Kafka
-            producer._message_accumulator.fail_all(undelivered)
+            accumulator = producer._message_accumulator
+            accumulator.fail_all(undelivered)
+            # The sender awaited each batch's drain waiter; it is gone, so the loop
+            # would log each failed one at ERROR ("Future exception was never
+            # retrieved") at every shutdown during an outage.
+            queued = itertools.chain(*accumulator._batches.values())
+            for batch in itertools.chain(queued, accumulator._pending_batches):
+                waiter = batch._drain_waiter
+                if waiter.done() and not waiter.cancelled():
+                    waiter.exception()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FORCE_CLOSE_SECONDS):
                 await producer.client.close()

@@ -7,11 +7,13 @@ import json
 import logging
 import re
 import sys
+from typing import Any
 
 import pytest
+from aiokafka.producer.transaction_manager import TransactionManager
 from starlette.testclient import TestClient
 
-from bridge import ingress, logs
+from bridge import ingress, logs, publisher
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.logs import JsonFormatter, TextFormatter
@@ -205,3 +207,24 @@ def test_aiokafkas_repeated_errors_pass_once_a_minute() -> None:
     for at in (0.0, 1.0, 2.0):
         assert passes("bridge.drainer", "records for %s are held back", at, "t")
         assert passes("aiokafkaesque", "not aiokafka's", at)
+
+
+async def test_aiokafkas_error_as_a_producer_ends_is_no_error_traceback() -> None:
+    """A producer closed during an outage: its sender task's done-callback fails in
+    aiokafka 0.14 (TransactionManager.fatal_error on a non-transactional producer),
+    which the loop logged as an ERROR traceback, read as a crash. It is logged at
+    DEBUG; any other uncaught exception still reaches the loop's handler."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    try:
+        publisher.quiet_aiokafka_sender_end(loop)
+        publisher.quiet_aiokafka_sender_end(loop)  # once per loop, however many publishers
+        with pytest.raises(AttributeError) as noise:
+            TransactionManager(None, 60000).fatal_error(RuntimeError("the sender died"))
+        loop.call_exception_handler({"message": "Sender._fail_all", "exception": noise.value})
+        ours = AttributeError("'NoneType' object has no attribute 'done'")
+        loop.call_exception_handler({"message": "a bug of ours", "exception": ours})
+        assert [c["exception"] for c in seen] == [ours]
+    finally:
+        loop.set_exception_handler(None)

@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 from aiokafka.errors import (
     KafkaConnectionError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
 )
+from aiokafka.producer.message_accumulator import MessageAccumulator
+from aiokafka.structs import TopicPartition
 
 from bridge import publisher as publisher_module
 from bridge.config import load_settings
@@ -208,3 +211,24 @@ async def test_a_record_refused_for_good_replaces_the_producer_once(
     assert rotations(metrics, "applied") == 0  # not a secret rotation
     await publisher.stop()
     assert all(p.stopped for p in producers)
+
+
+async def test_a_forced_close_leaves_no_failed_future_unretrieved() -> None:
+    """Closing a producer by force fails the batches it held; nobody awaits their
+    drain waiters any more (the sender did), so each was logged at ERROR ("Future
+    exception was never retrieved") at every shutdown during an outage."""
+    accumulator = MessageAccumulator(None, 16384, 0, 30)
+    batch = accumulator._append_batch(accumulator.create_builder(), TopicPartition("t", 0))
+    assert batch.append(b"k", b"v", None) is not None
+
+    class Client:
+        async def close(self) -> None:
+            pass
+
+    producer = SimpleNamespace(_message_accumulator=accumulator, client=Client(), _sender=None)
+    publisher, _ = rotated_publisher()
+    await publisher._force_close(producer)
+    waiter = batch._drain_waiter
+    assert waiter.done()
+    assert not waiter._log_traceback  # retrieved already
+    assert isinstance(waiter.exception(), KafkaTimeoutError)  # failed, as the records are
