@@ -198,24 +198,12 @@ def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list
 
     if not settings.deadletter_topic:
         raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
-    found = asyncio.run(kafkaadmin.dead_letters(settings))
-    positions: set[tuple[int, int]] = set()
-    for partition, offset in getattr(args, "offset", None) or ():
-        if partition is None and found.partitions > 1:
-            raise ConfigError(
-                f"--offset {offset} names one record on each partition of "
-                f"{settings.deadletter_topic} ({found.partitions} partitions): "
-                f"give PARTITION:OFFSET, such as 0:{offset}"
-            )
-        positions.add((partition or 0, offset))
-    keys = set(getattr(args, "key", None) or ())
-    return [
-        r
-        for r in found.records
-        if (not positions or (r.partition, r.offset) in positions)
-        and (not keys or kafkaadmin.text(r.key) in keys)
-        and (not args.reason or dict(r.headers).get("x-bridge-reason") == args.reason.encode())
-    ]
+    query = kafkaadmin.DeadLetterQuery(
+        offsets=getattr(args, "offset", None) or (),
+        keys=frozenset(getattr(args, "key", None) or ()),
+        reason=args.reason,
+    )
+    return asyncio.run(kafkaadmin.dead_letters(settings, query))
 
 
 def _deadletter_list(settings: Settings, args: argparse.Namespace) -> int:

@@ -128,16 +128,43 @@ async def read_to_end(
     consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        start = await consumer.beginning_offsets(partitions)
         end = await consumer.end_offsets(partitions)
-        records: list[Any] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
+        spans = {tp: (start[tp], end[tp]) for tp in partitions}
+        records = await read_spans(consumer, spans, lambda _: True)
         return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
     finally:
         await consumer.stop()
+
+
+async def read_spans(
+    consumer: AIOKafkaConsumer,
+    spans: dict[TopicPartition, tuple[int, int]],
+    keep: Callable[[Any], bool],
+) -> list[Any]:
+    """The records at offsets [first, stop) of each partition that ``keep`` accepts.
+
+    Each record is judged as it arrives and only those kept are held, so that reading
+    a large topic for a few records needs memory for those few, not for the topic.
+    ``stop`` must not be past the partition's end offset, or this waits for records
+    that may never come.
+    """
+    todo = {tp: span for tp, span in spans.items() if span[0] < span[1]}
+    if not todo:
+        return []
+    consumer.assign(sorted(todo))
+    for tp, (first, _) in todo.items():
+        consumer.seek(tp, first)
+    kept: list[Any] = []
+    while todo:
+        for tp, batch in (await consumer.getmany(*todo, timeout_ms=500)).items():
+            first, stop = todo[tp]
+            kept.extend(r for r in batch if first <= r.offset < stop and keep(r))
+        for tp in [tp for tp in todo if await consumer.position(tp) >= todo[tp][1]]:
+            # Done with it: a fetch of what lies beyond would only be thrown away.
+            consumer.pause(tp)
+            del todo[tp]
+    return kept
 
 
 def text(value: bytes | None) -> str:
@@ -298,41 +325,110 @@ def describe_dead_letter(record: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class DeadLetters:
-    """What is on the dead-letter topic, oldest first (by record timestamp, then
+class DeadLetterQuery:
+    """Which dead letters a command wants; an empty field does not narrow the choice.
+
+    ``offsets`` are (partition or None, offset) as ``--offset`` gives them: None only
+    on a topic of one partition, where an offset alone names one record.
+    """
+
+    offsets: Sequence[tuple[int | None, int]] = ()
+    keys: frozenset[str] = frozenset()
+    reason: str | None = None
+
+    def wants(self, record: Any) -> bool:
+        """Whether ``record`` has one of the keys and the reason (offsets are sought, not
+        matched)."""
+        return (not self.keys or text(record.key) in self.keys) and (
+            not self.reason or dict(record.headers).get("x-bridge-reason") == self.reason.encode()
+        )
+
+
+async def dead_letters(settings: Settings, query: DeadLetterQuery) -> list[Any]:
+    """The dead letters ``query`` wants, oldest first (by record timestamp, then
     partition and offset: the order they arrived in across partitions)."""
-
-    records: list[Any]
-    partitions: int
-
-
-async def dead_letters(settings: Settings) -> DeadLetters:
-    """Every record on the dead-letter topic, and how many partitions it has."""
     options = kafka_client_options(settings)
-    topic = settings.deadletter_topic
     deadline = settings.kafka_connect_timeout * 3
     try:
         async with asyncio.timeout(deadline):
-            admin = AIOKafkaAdminClient(**options)
-            await admin.start()
-            try:
-                # Describing a topic that does not exist creates it where the broker allows
-                # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
-                if topic not in await admin.list_topics():
-                    raise ConfigError(
-                        f"the dead-letter topic {topic} does not exist on Kafka at "
-                        f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
-                        "is made by bridge topics create, or by the first dead letter kept)"
-                    )
-                described = await admin.describe_topics([topic])
-            finally:
-                await admin.close()
-            records = await read_to_end(options, [topic])
+            partitions = await _dead_letter_partitions(settings, options)
+            positions = _positions(settings.deadletter_topic, partitions, query.offsets)
+            records = await _read_dead_letters(options, partitions, positions, query.wants)
     except TimeoutError:
         raise TimeoutError(f"no answer within {deadline:g} s") from None
-    partitions = sum(len(t["partitions"]) for t in described if t["error_code"] == 0)
     records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
-    return DeadLetters(records, partitions)
+    return records
+
+
+async def _dead_letter_partitions(
+    settings: Settings, options: dict[str, Any]
+) -> list[TopicPartition]:
+    """The partitions of the dead-letter topic; ConfigError when there is no such topic."""
+    topic = settings.deadletter_topic
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        # Describing a topic that does not exist creates it where the broker allows
+        # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
+        if topic not in await admin.list_topics():
+            raise ConfigError(
+                f"the dead-letter topic {topic} does not exist on Kafka at "
+                f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
+                "is made by bridge topics create, or by the first dead letter kept)"
+            )
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(
+        TopicPartition(topic, p["partition"])
+        for t in described
+        if t["error_code"] == 0
+        for p in t["partitions"]
+    )
+
+
+def _positions(
+    topic: str, partitions: Sequence[TopicPartition], offsets: Sequence[tuple[int | None, int]]
+) -> list[tuple[TopicPartition, int]]:
+    """The records ``--offset`` names, each once; an offset alone is partition 0, and
+    refused on a topic of more partitions (it would name one record on each)."""
+    positions: dict[tuple[TopicPartition, int], None] = {}  # a set that keeps the order
+    for partition, offset in offsets:
+        if partition is None and len(partitions) > 1:
+            raise ConfigError(
+                f"--offset {offset} names one record on each partition of "
+                f"{topic} ({len(partitions)} partitions): "
+                f"give PARTITION:OFFSET, such as 0:{offset}"
+            )
+        positions[TopicPartition(topic, partition or 0), offset] = None
+    return list(positions)
+
+
+async def _read_dead_letters(
+    options: dict[str, Any],
+    partitions: Sequence[TopicPartition],
+    positions: Sequence[tuple[TopicPartition, int]],
+    keep: Callable[[Any], bool],
+) -> list[Any]:
+    """The records ``keep`` accepts: those at ``positions`` or, when there are none,
+    all of the topic. A position no longer there (past retention), not there yet, or
+    on a partition the topic lacks holds none."""
+    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        start = await consumer.beginning_offsets(partitions)
+        end = await consumer.end_offsets(partitions)
+        if not positions:
+            return await read_spans(consumer, {tp: (start[tp], end[tp]) for tp in end}, keep)
+        records: list[Any] = []
+        # One read per record named: seeking to each (a handful, typed by hand) fetches
+        # only around it, where one pass from the lowest would read all in between.
+        for tp, offset in positions:
+            if tp in end and start[tp] <= offset < end[tp]:
+                records += await read_spans(consumer, {tp: (offset, offset + 1)}, keep)
+        return records
+    finally:
+        await consumer.stop()
 
 
 async def replay_dead_letters(

@@ -12,18 +12,23 @@ import socket
 import subprocess
 import sys
 import uuid
+import weakref
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from starlette.testclient import TestClient
 
-from bridge import devkafka
+from bridge import devkafka, kafkaadmin
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
+from bridge.deadletter import dead_letter
 from bridge.devkafka import free_port
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, UnknownEventType
+from bridge.geins import Delivery
 from bridge.kafkaadmin import tail, tail_pattern
 from bridge.routing import template_pattern
 from bridge.server import listening_sockets
@@ -352,6 +357,158 @@ def test_deadletter_list_and_replay(
     [replayed] = records
     assert (replayed.key, replayed.value) == (b"novel-1", b'{"code":"X"}')
     assert dict(replayed.headers)["ce_subject"] == b"v1"
+
+
+DEAD_TOPIC = "geins.deadletter"
+
+
+class _Record:
+    """A consumed record as kafkaadmin reads it (a class of its own: weakly referable)."""
+
+    def __init__(self, partition: int, offset: int, headers: list[tuple[str, bytes]]) -> None:
+        self.topic = DEAD_TOPIC
+        self.partition = partition
+        self.offset = offset
+        self.timestamp = offset * 10 + partition
+        self.key: bytes | None = f"k{partition}-{offset}".encode()
+        self.value: bytes | None = b'{"code":"X"}'
+        self.headers = headers
+
+
+class FakeDeadLetterTopic:
+    """A dead-letter topic of 2 partitions x 1000 records, made as they are fetched (50 at
+    a time), standing in for the admin client and the consumer of bridge.kafkaadmin. It
+    counts the records fetched, and the most held at once by anyone when a fetch begins."""
+
+    PARTITIONS, RECORDS, BATCH = 2, 1000, 50
+    ODD_ONE = (1, 600)  # the only record refused for another reason
+
+    def __init__(self) -> None:
+        delivery = Delivery(
+            method="POST",
+            path="/webhooks/geins/Voucher/create",
+            path_entity="Voucher",
+            path_action="create",
+            query=[],
+            headers=[],
+            body=b'{"code":"X"}',
+            received_at=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        letter = dead_letter(delivery, UnknownEventType("novel"), DEAD_TOPIC, [TOKEN])
+        self.headers = list(letter.headers)
+        self.odd_headers = [
+            (n, b"missing_event_type" if n == "x-bridge-reason" else v) for n, v in self.headers
+        ]
+        self.alive: weakref.WeakSet[_Record] = weakref.WeakSet()
+        self.fetched = 0
+        self.most_held = 0
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
+
+    def admin(self, **_: object) -> FakeDeadLetterTopic:
+        return self
+
+    def consumer(self, **_: object) -> FakeDeadLetterTopic:
+        return self
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return [DEAD_TOPIC]
+
+    async def describe_topics(self, topics: object = None) -> list[dict[str, Any]]:
+        partitions = [{"partition": p} for p in range(self.PARTITIONS)]
+        return [{"topic": DEAD_TOPIC, "error_code": 0, "partitions": partitions}]
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.positions = dict.fromkeys(partitions, 0)
+        self.paused = set()
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        for tp in partitions or list(self.positions):
+            self.positions[tp] = 0
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, self.RECORDS)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0
+    ) -> dict[TopicPartition, list[_Record]]:
+        self.most_held = max(self.most_held, len(self.alive))
+        batches = {}
+        for tp in partitions or list(self.positions):
+            first = self.positions[tp]
+            stop = min(first + self.BATCH, self.RECORDS)
+            if tp in self.paused or first >= stop:
+                continue
+            batches[tp] = [self._record(tp.partition, offset) for offset in range(first, stop)]
+            self.positions[tp] = stop
+            self.fetched += stop - first
+        return batches
+
+    def _record(self, partition: int, offset: int) -> _Record:
+        odd = (partition, offset) == self.ODD_ONE
+        record = _Record(partition, offset, self.odd_headers if odd else self.headers)
+        self.alive.add(record)
+        return record
+
+
+@pytest.fixture
+def dead_topic(env: pytest.MonkeyPatch) -> FakeDeadLetterTopic:
+    """bridge.kafkaadmin's Kafka clients replaced by a FakeDeadLetterTopic."""
+    topic = FakeDeadLetterTopic()
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", DEAD_TOPIC)
+    env.setattr(kafkaadmin, "AIOKafkaAdminClient", topic.admin)
+    env.setattr(kafkaadmin, "AIOKafkaConsumer", topic.consumer)
+    return topic
+
+
+def test_deadletter_list_holds_only_the_dead_letters_it_shows(
+    dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list --reason reads the whole topic but keeps only the matches: it used to hold
+    every record before filtering (about 4 KB each), so a pod with 512Mi was killed
+    at some 100,000 dead letters."""
+    assert main(["deadletter", "list", "--reason", "missing_event_type"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("[1]@600   ")
+    assert "1 dead letter(s) on" in out.err
+    assert dead_topic.fetched == 2000
+    assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
+
+
+def test_deadletter_replay_offset_fetches_only_around_the_records_named(
+    dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """replay --offset P:N seeks to each record named instead of reading the topic from
+    its start; an offset past the end or on a partition the topic lacks is none."""
+    offsets = ["--offset", "1:900", "--offset", "0:3", "--offset", "0:1000", "--offset", "5:0"]
+    assert main(["deadletter", "replay", "--dry-run", *offsets]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["[0]@3", "key=k0-3", "accepted"],
+        ["[1]@900", "key=k1-900", "accepted"],
+    ]
+    assert dead_topic.fetched == 2 * FakeDeadLetterTopic.BATCH
 
 
 def test_a_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch) -> None:
