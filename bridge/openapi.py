@@ -35,9 +35,15 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
     server's own refusals and the guards' size limits, which hold on every path."""
     return {
         "400": _problem("Not valid HTTP/1.1."),
-        "408": _problem("The request did not arrive within the read timeout."),
+        "408": _problem(
+            f"The request (head and body) did not arrive within {settings.read_timeout:g} s "
+            "of its first byte; the connection is closed."
+        ),
         "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
-        "431": _problem("Too many or too large headers."),
+        "431": _problem(
+            f"More than {settings.max_headers} headers, or over {settings.max_header_bytes} "
+            "bytes of them."
+        ),
     }
 
 

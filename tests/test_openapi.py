@@ -34,13 +34,25 @@ def test_document_lists_exactly_the_served_routes() -> None:
 def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
     """The HTTP server's 400 and 408 and the guards' 414 and 431 can answer a request
     to any path, the operations endpoints' included (which listed only 200)."""
-    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_MAX_URL_BYTES": "1000"})
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_MAX_URL_BYTES": "1000",
+            "BRIDGE_READ_TIMEOUT": "7.5",
+            "BRIDGE_MAX_HEADERS": "50",
+            "BRIDGE_MAX_HEADER_BYTES": "4000",
+        }
+    )
     document = openapi_document(settings)
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation["responses"]
             assert {"400", "408", "414", "431"} <= set(responses), (method, path)
+            # with this instance's limits, as the README says
             assert "1000 bytes" in responses["414"]["description"]
+            assert "7.5 s" in responses["408"]["description"]
+            assert "50 headers" in responses["431"]["description"]
+            assert "4000 bytes" in responses["431"]["description"]
 
 
 @pytest.mark.kafka
