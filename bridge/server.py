@@ -110,7 +110,10 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
 
     As asyncio's ``create_server``, which uvicorn calls: one socket per address the
     host resolves to (``0.0.0.0`` one, ``localhost`` maybe two), SO_REUSEADDR, and
-    IPV6_V6ONLY on IPv6 ones. A ConfigError naming the address if it is taken.
+    IPV6_V6ONLY on IPv6 ones when an IPv4 socket takes IPv4 (an empty host). An IPv6
+    address alone (``::``) serves IPv4 too, as ``::ffff:a.b.c.d``, whatever the
+    system's default: asyncio's V6ONLY there refused every IPv4 client.
+    A ConfigError naming the address if it is taken.
 
     Listening at once, not only bound: with SO_REUSEADDR two sockets can bind one port
     while neither listens, so two bridges started together both got past here, and
@@ -123,12 +126,13 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+        ipv4_too = any(info[0] == socket.AF_INET for info in infos)
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(ipv4_too))
             sock.bind(address)
             sock.listen(LISTEN_BACKLOG)
     except OSError as exc:

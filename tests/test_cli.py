@@ -598,3 +598,23 @@ def test_two_bridges_binding_at_the_same_instant_cannot_both_hold_the_port() -> 
     finally:
         for sock in first + second:
             sock.close()
+
+
+def test_bridge_host_ipv6_any_serves_ipv4_clients_too() -> None:
+    """BRIDGE_HOST=:: listened on IPv6 only (V6ONLY, as asyncio sets it), so IPv4
+    clients, IPv4 probes included, could not connect, while the README and the
+    guards take them to arrive as ::ffff:a.b.c.d."""
+    try:
+        sockets = listening_sockets("::", 0)
+    except ConfigError:
+        pytest.skip("no IPv6 here")
+    try:
+        (server,) = sockets
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            accepted, peer = server.accept()
+            accepted.close()
+        assert peer[0] == "::ffff:127.0.0.1"
+    finally:
+        for sock in sockets:
+            sock.close()
