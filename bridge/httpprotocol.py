@@ -232,6 +232,7 @@ def guarded_protocol(
             # requests before it are out (HTTP answers a connection's requests in order).
             self._refusal_after: BridgeError | None = None
             self._peer_done = False  # the client half-closed: close once it is answered
+            self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -244,7 +245,32 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_head_timer()
+            self._stop_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            # The client does not read its answers (the socket's buffer is full). A
+            # request waiting to write its answer keeps its BRIDGE_MAX_CONCURRENCY
+            # slot: a client that pipelines requests and never reads held every slot,
+            # and the bridge answered 503 to everyone. It gets BRIDGE_READ_TIMEOUT to
+            # read, as it got to send; then the connection is dropped.
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(read_timeout, self._not_reading)
+
+        def resume_writing(self) -> None:
+            self._stop_write_timer()
+            super().resume_writing()
+
+        def _stop_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _not_reading(self) -> None:
+            self._write_timer = None
+            if not self.transport.is_closing():
+                self.transport.abort()  # nothing can be written: no answer, no waiting
 
         def data_received(self, data: bytes) -> None:
             if self._refusal_after is not None:

@@ -26,6 +26,7 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
@@ -35,6 +36,9 @@ class RecordingTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -715,3 +719,27 @@ async def test_a_body_that_never_comes_logs_one_line(
     assert (fields["method"], fields["path"], fields["key"]) == ("POST", "/webhooks/geins", "late")
     assert connection.refused == []  # counted by the app, not the protocol
     assert connection.publisher.records == []
+
+
+async def test_a_client_that_does_not_read_its_answers_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request whose answer cannot be written (the client pipelines and never
+    reads: the socket's buffer is full) held its BRIDGE_MAX_CONCURRENCY slot for as
+    long as the connection stayed open; a reviewer held all three slots of a bridge
+    that way and everyone else got 503. After BRIDGE_READ_TIMEOUT the connection is
+    dropped, which ends the request; a client that reads on time keeps it."""
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        [answer] = await connection.answers(webhook("k1"), 1)  # idle now: keep-alive
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        connection.protocol.pause_writing()
+        await asyncio.sleep(0.1)
+        connection.protocol.resume_writing()  # read in time
+        await asyncio.sleep(0.3)
+        assert not connection.transport.closed
+        connection.protocol.pause_writing()
+        await wait_closed(connection, 2)
+        assert connection.transport.aborted
+    finally:
+        connection.close()
