@@ -31,7 +31,9 @@ FILE_CHECK_SECONDS = 1.0
 def read_tokens_file(path: Path) -> tuple[str, ...]:
     """Tokens from a file: one per line or comma-separated; blank lines and # comments skipped."""
     tokens: list[str] = []
-    for raw in path.read_text().splitlines():
+    # utf-8-sig: a file saved by a Windows editor starts with a byte order mark, which
+    # would hide a first-line '#' and turn that comment's words into tokens.
+    for raw in path.read_text(encoding="utf-8-sig").splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             tokens.extend(t.strip() for t in line.split(",") if t.strip())

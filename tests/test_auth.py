@@ -206,6 +206,19 @@ async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
         await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
 
 
+def test_a_byte_order_mark_does_not_hide_the_first_comment(tmp_path: Path) -> None:
+    """A tokens file saved with a UTF-8 byte order mark (a Windows editor): its first
+    line is still a comment. The mark used to be kept, so the comment's comma-separated
+    pieces became tokens and 'Bearer old one removed' was accepted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes("\ufeff# rotated 2024-05-01, old one removed\r\nsecret-one".encode())
+    assert auth.read_tokens_file(tokens) == ("secret-one",)
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    authenticator.check([(b"authorization", b"Bearer secret-one")], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check([(b"authorization", b"Bearer old one removed")], [])
+
+
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:
     """A base64 token in ?token= without URL-encoding: its '+' arrives as a space after
     query decoding (parse_qsl), and still matches; a token with a space (one line of a
