@@ -64,9 +64,30 @@ def parse_forwarded_hop(hop: str) -> Address:
     return parse_address(host)
 
 
+def parse_network(text: str) -> Network:
+    """A CIDR string (a bare address means a /32 or /128) as a network; ValueError if bad.
+
+    An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) is the IPv4 network it stands
+    for (``10.0.0.0/8``): parse_address turns every mapped client into plain IPv4, so
+    as written it would never match. One wider than /96 spans more than the mapped
+    range (other IPv6 addresses too) and has no IPv4 equivalent: refused.
+    """
+    network = ipaddress.ip_network(text, strict=False)
+    written = ipaddress.ip_interface(text).ip  # before the mask: ::ffff:1.2.3.4/80 is ::/80
+    if isinstance(written, ipaddress.IPv6Address) and written.ipv4_mapped is not None:
+        if network.prefixlen < 96:
+            raise ValueError(
+                f"{text!r} is IPv4-mapped (::ffff:a.b.c.d) with a prefix under /96, so it "
+                "spans more than the mapped range ::ffff:0:0/96; write the IPv4 network "
+                "(a prefix of /96 + n is IPv4 /n)"
+            )
+        return ipaddress.IPv4Network((written.ipv4_mapped, network.prefixlen - 96), strict=False)
+    return network
+
+
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    """CIDR strings (a bare address means a /32 or /128) as networks; ValueError if bad."""
-    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
+    """CIDR strings as networks (see parse_network); ValueError if one is bad."""
+    return tuple(parse_network(v.strip()) for v in values if v.strip())
 
 
 def url_too_long(url_bytes: int, limit: int, *, at_least: bool = False) -> UrlTooLong:

@@ -166,6 +166,21 @@ def test_unreadable_forwarded_entries_are_still_not_believed(forwarded: bytes) -
     )
 
 
+def test_ipv4_mapped_networks_in_the_settings_match() -> None:
+    """A network written IPv4-mapped (::ffff:10.0.0.0/104) matches the clients it names.
+    Clients are turned into plain IPv4, so such a network used to match none: the
+    trusted proxy's X-Forwarded-For was ignored and the allowed client refused."""
+    app, _ = app_with(
+        BRIDGE_ALLOWED_NETWORKS="::ffff:1.2.3.0/120", BRIDGE_TRUSTED_PROXIES="::ffff:10.0.0.0/104"
+    )
+    assert post(app, client="::ffff:1.2.3.4").status == 202
+    assert post(app, client="1.2.3.4").status == 202
+    assert post(app, client="1.2.4.4").status == 403
+    via_proxy = [(b"x-forwarded-for", b"1.2.3.4")]
+    assert post(app, client="::ffff:10.0.0.7", headers=via_proxy).status == 202
+    assert post(app, client="192.0.2.7", headers=via_proxy).status == 403  # untrusted peer
+
+
 def test_ipv6_clients_are_rate_limited_per_64() -> None:
     """A host owns a whole IPv6 /64: a fresh address per request is the same client."""
     app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")
