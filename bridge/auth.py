@@ -31,22 +31,22 @@ FILE_CHECK_SECONDS = 1.0
 def read_tokens_file(path: Path) -> tuple[str, ...]:
     """Tokens from a file: one per line or comma-separated; blank lines and # comments skipped."""
     tokens: list[str] = []
-    for raw in path.read_text().splitlines():
+    # utf-8-sig: a file saved by a Windows editor starts with a byte order mark, which
+    # would hide a first-line '#' and turn that comment's words into tokens.
+    for raw in path.read_text(encoding="utf-8-sig").splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             tokens.extend(t.strip() for t in line.split(",") if t.strip())
     return tuple(tokens)
 
 
-def _read_or_log(path: Path) -> tuple[str, ...] | None:
-    """The file's tokens, or None (logged) if it cannot be read now: a rotation in
-    progress, say, or not UTF-8. The watch must live on through either."""
+def _read(path: Path) -> tuple[str, ...] | str:
+    """The file's tokens, or why it cannot be read now: a rotation in progress, say, or
+    not UTF-8. The watch must live on through either."""
     try:
         return read_tokens_file(path)
     except (OSError, ValueError) as exc:
-        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-        log.error("cannot read the tokens file %s: %s", path, why)
-        return None
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 class TokenAuthenticator:
@@ -75,12 +75,33 @@ class TokenAuthenticator:
         # after the tokens file is looked at: once the file holds a token, it is
         # required.
         self._allow_unauthenticated = allow_unauthenticated
+        # Logged as unreadable and not yet as readable again: a file gone for an hour
+        # is one ERROR line, not one per reading (it used to be one a second).
+        self._unreadable = False
         self.refresh()
 
     def refresh(self) -> None:
         """Read the tokens file now (if there is one) and apply what :meth:`_take` says."""
         if self.tokens_file is not None:
-            self._take(_read_or_log(self.tokens_file))
+            self._take(self._logged(_read(self.tokens_file)))
+
+    def _logged(self, read: tuple[str, ...] | str) -> tuple[str, ...] | None:
+        """The tokens read, or None if the file could not be read; logs only the
+        changes between the two, with the reason when it becomes unreadable."""
+        if isinstance(read, str):
+            if not self._unreadable:
+                log.error(
+                    "cannot read the tokens file %s: %s (the tokens in use are kept; this is "
+                    "not logged again until the file has been read)",
+                    self.tokens_file,
+                    read,
+                )
+                self._unreadable = True
+            return None
+        if self._unreadable:
+            log.info("the tokens file %s can be read again", self.tokens_file)
+            self._unreadable = False
+        return read
 
     async def watch(self) -> None:
         """Read the tokens file every FILE_CHECK_SECONDS until cancelled.
@@ -98,7 +119,7 @@ class TokenAuthenticator:
             return
         while True:
             await asyncio.sleep(FILE_CHECK_SECONDS)
-            self._take(await asyncio.to_thread(_read_or_log, path))
+            self._take(self._logged(await asyncio.to_thread(_read, path)))
 
     def _take(self, from_file: tuple[str, ...] | None) -> None:
         if from_file is None:  # unreadable now: keep the tokens in use

@@ -28,6 +28,7 @@ from pydantic import (
 
 from bridge.auth import read_tokens_file
 from bridge.errors import ConfigError
+from bridge.guards import parse_network
 from bridge.routing import TOPIC_NAME, TopicTemplate, template_can_make, topic_safe
 
 ENV_PREFIX = "BRIDGE_"
@@ -167,12 +168,17 @@ class Settings(BaseModel):
     @field_validator("allowed_networks", "trusted_proxies")
     @classmethod
     def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        networks = []
         for item in value:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
-        return value
+            network = parse_network(item)  # ValueError: IPv4-mapped and wider than /96
+            # An IPv4-mapped entry is kept as the IPv4 network the guards match it as,
+            # so that check-config shows what is in effect.
+            networks.append(str(network) if ":" in item and network.version == 4 else item)
+        return tuple(networks)
 
     @field_validator("tokens_file")
     @classmethod

@@ -45,9 +45,49 @@ def parse_address(text: str) -> Address:
     return address
 
 
+def parse_forwarded_hop(hop: str) -> Address:
+    """One entry of X-Forwarded-For as an address (ValueError if it is not one). Some
+    proxies (Azure Application Gateway) add the client's port, ``1.2.3.4:5555``, and an
+    IPv6 address then comes in brackets, ``[2001:db8::9]:443`` (or ``[2001:db8::9]``).
+    A bare IPv6 address has colons too, but never brackets nor a port: an entry with
+    two colons or more and no bracket is taken whole."""
+    host, port = hop, None
+    if hop.startswith("["):
+        host, bracket, rest = hop[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{hop!r} is not [address] or [address]:port")
+        port = rest[1:] if rest else None
+    elif hop.count(":") == 1:
+        host, _, port = hop.partition(":")
+    if port is not None and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"{hop!r}: the port is not a number from 0 to 65535")
+    return parse_address(host)
+
+
+def parse_network(text: str) -> Network:
+    """A CIDR string (a bare address means a /32 or /128) as a network; ValueError if bad.
+
+    An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) is the IPv4 network it stands
+    for (``10.0.0.0/8``): parse_address turns every mapped client into plain IPv4, so
+    as written it would never match. One wider than /96 spans more than the mapped
+    range (other IPv6 addresses too) and has no IPv4 equivalent: refused.
+    """
+    network = ipaddress.ip_network(text, strict=False)
+    written = ipaddress.ip_interface(text).ip  # before the mask: ::ffff:1.2.3.4/80 is ::/80
+    if isinstance(written, ipaddress.IPv6Address) and written.ipv4_mapped is not None:
+        if network.prefixlen < 96:
+            raise ValueError(
+                f"{text!r} is IPv4-mapped (::ffff:a.b.c.d) with a prefix under /96, so it "
+                "spans more than the mapped range ::ffff:0:0/96; write the IPv4 network "
+                "(a prefix of /96 + n is IPv4 /n)"
+            )
+        return ipaddress.IPv4Network((written.ipv4_mapped, network.prefixlen - 96), strict=False)
+    return network
+
+
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    """CIDR strings (a bare address means a /32 or /128) as networks; ValueError if bad."""
-    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
+    """CIDR strings as networks (see parse_network); ValueError if one is bad."""
+    return tuple(parse_network(v.strip()) for v in values if v.strip())
 
 
 def url_too_long(url_bytes: int, limit: int, *, at_least: bool = False) -> UrlTooLong:
@@ -85,7 +125,7 @@ class ClientAddress:
                 hops.extend(h.strip() for h in value.decode("latin-1").split(","))
         for hop in reversed(hops):
             try:
-                address = parse_address(hop)
+                address = parse_forwarded_hop(hop)
             except ValueError:
                 return address  # garbage in the chain: trust no further than we got
             if not self._is_trusted(address):

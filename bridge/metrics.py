@@ -126,7 +126,11 @@ class Metrics:
         )
         self._durations = fast.histogram(
             "bridge_request_duration_seconds",
-            "Time from the first byte of the request to the answer, by outcome.",
+            # From the head, not the first byte: that is when the app gets the request
+            # (the HTTP server's own refusals are timed from when it awaited the head).
+            "Time from when the request head was read to the answer, by outcome "
+            "(the HTTP server's own 400, 408, 414 and 431: from when it began waiting "
+            "for the head).",
             "outcome",
             OUTCOMES,
         )

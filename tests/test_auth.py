@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,6 +205,59 @@ async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
         assert not watching.done()
         tokens.write_text("new-token\n")
         await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
+
+
+async def test_an_unreadable_tokens_file_is_logged_once_not_at_every_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing file is one ERROR line with the reason, however many readings fail, and
+    one INFO line when it can be read again; it used to be an ERROR every second."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    caplog.set_level(logging.INFO, logger=auth.__name__)
+    readings = 0
+    real_read = auth.read_tokens_file
+
+    def counting(path: Path) -> tuple[str, ...]:
+        nonlocal readings
+        readings += 1
+        return real_read(path)
+
+    monkeypatch.setattr(auth, "read_tokens_file", counting)
+
+    def lines(level: int) -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if r.name == auth.__name__ and r.levelno == level
+        ]
+
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, _):
+        tokens.unlink()
+        gone = readings
+        await eventually(lambda: readings >= gone + 10, what="ten readings of the missing file")
+        assert len(lines(logging.ERROR)) == 1
+        assert "No such file or directory" in lines(logging.ERROR)[0]
+        assert authenticator.current_tokens() == (b"old-token",)
+        tokens.write_text("old-token\n")
+        back = readings
+        await eventually(lambda: readings >= back + 5, what="five readings of the file")
+        assert [line for line in lines(logging.INFO) if "again" in line] == [
+            f"the tokens file {tokens} can be read again"
+        ]
+        tokens.unlink()  # gone once more: a new change, logged again
+        await eventually(lambda: len(lines(logging.ERROR)) == 2)
+    assert authenticator.current_tokens() == (b"old-token",)
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_comment(tmp_path: Path) -> None:
+    """A tokens file saved with a UTF-8 byte order mark (a Windows editor): its first
+    line is still a comment. The mark used to be kept, so the comment's comma-separated
+    pieces became tokens and 'Bearer old one removed' was accepted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes("\ufeff# rotated 2024-05-01, old one removed\r\nsecret-one".encode())
+    assert auth.read_tokens_file(tokens) == ("secret-one",)
+    authenticator = TokenAuthenticator([], tokens_file=tokens)
+    authenticator.check([(b"authorization", b"Bearer secret-one")], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check([(b"authorization", b"Bearer old one removed")], [])
 
 
 def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:

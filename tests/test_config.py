@@ -92,6 +92,29 @@ def test_bracketed_ipv6_bootstrap_servers_are_accepted() -> None:
     assert load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": servers}).kafka_bootstrap == servers
 
 
+def test_ipv4_mapped_networks_are_taken_as_ipv4() -> None:
+    """BRIDGE_TRUSTED_PROXIES and BRIDGE_ALLOWED_NETWORKS entries written IPv4-mapped
+    become the IPv4 network they stand for (the guards match every client as IPv4);
+    other entries stay as written."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_TRUSTED_PROXIES": "::ffff:10.0.0.0/104, 10.1.2.3, 2001:db8::/32",
+            "BRIDGE_ALLOWED_NETWORKS": "::ffff:1.2.3.4, ::ffff:0:0/96, ::/0",
+        }
+    )
+    assert settings.trusted_proxies == ("10.0.0.0/8", "10.1.2.3", "2001:db8::/32")
+    assert settings.allowed_networks == ("1.2.3.4/32", "0.0.0.0/0", "::/0")
+
+
+@pytest.mark.parametrize("name", ["BRIDGE_TRUSTED_PROXIES", "BRIDGE_ALLOWED_NETWORKS"])
+def test_an_ipv4_mapped_network_wider_than_96_is_refused(name: str) -> None:
+    """A mapped network under /96 spans more than the mapped range: it has no IPv4
+    equivalent, so startup stops and says why."""
+    with pytest.raises(ConfigError, match=f"{name}: '::ffff:10.0.0.0/80' is IPv4-mapped"):
+        load_settings(environ={**BASE, name: "::ffff:10.0.0.0/80"})
+
+
 def test_tokens_required_to_serve_unless_opted_out() -> None:
     """No tokens and no explicit opt-out refuses to serve; operator commands need none."""
     settings = load_settings(environ={})

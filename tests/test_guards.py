@@ -131,6 +131,56 @@ def test_ipv4_peers_of_an_ipv6_listener_match_ipv4_networks() -> None:
     assert post(app, client="::ffff:127.0.0.1", headers=via_proxy).status == 202
 
 
+@pytest.mark.parametrize(
+    ("forwarded", "allowed"),
+    [
+        (b"1.2.3.4:5555", "1.2.3.0/24"),  # Azure Application Gateway adds the port
+        (b"[2001:db8::9]:443", "2001:db8::/64"),
+        (b"[2001:db8::9]", "2001:db8::/64"),
+        (b"2001:db8::9", "2001:db8::/64"),  # bare IPv6: its colons are no port
+        (b"[::ffff:1.2.3.4]:80", "1.2.3.0/24"),
+        (b"1.2.3.4:5555, 127.0.0.2:80", "1.2.3.0/24"),  # a trusted hop with a port too
+    ],
+)
+def test_forwarded_entries_with_a_port_or_brackets_name_the_client(
+    forwarded: bytes, allowed: str
+) -> None:
+    """An X-Forwarded-For entry with a port or in brackets is the client's address; it
+    used to be taken for garbage, so the proxy itself was checked (403 127.0.0.1)."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS=allowed, BRIDGE_TRUSTED_PROXIES="127.0.0.0/8")
+    assert post(app, headers=[(b"x-forwarded-for", forwarded)]).status == 202
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [b"1.2.3.4:http", b"1.2.3.4:", b"[2001:db8::9", b"[2001:db8::9]x", b"[1.2.3.4]:99999"],
+)
+def test_unreadable_forwarded_entries_are_still_not_believed(forwarded: bytes) -> None:
+    """What is neither an address nor one with a port stops the walk as before: the last
+    address read (the proxy's) is the client."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="1.2.3.0/24", BRIDGE_TRUSTED_PROXIES="127.0.0.1")
+    response = post(app, headers=[(b"x-forwarded-for", forwarded)])
+    assert (response.status, response.json()["detail"]) == (
+        403,
+        "127.0.0.1 is not in BRIDGE_ALLOWED_NETWORKS",
+    )
+
+
+def test_ipv4_mapped_networks_in_the_settings_match() -> None:
+    """A network written IPv4-mapped (::ffff:10.0.0.0/104) matches the clients it names.
+    Clients are turned into plain IPv4, so such a network used to match none: the
+    trusted proxy's X-Forwarded-For was ignored and the allowed client refused."""
+    app, _ = app_with(
+        BRIDGE_ALLOWED_NETWORKS="::ffff:1.2.3.0/120", BRIDGE_TRUSTED_PROXIES="::ffff:10.0.0.0/104"
+    )
+    assert post(app, client="::ffff:1.2.3.4").status == 202
+    assert post(app, client="1.2.3.4").status == 202
+    assert post(app, client="1.2.4.4").status == 403
+    via_proxy = [(b"x-forwarded-for", b"1.2.3.4")]
+    assert post(app, client="::ffff:10.0.0.7", headers=via_proxy).status == 202
+    assert post(app, client="192.0.2.7", headers=via_proxy).status == 403  # untrusted peer
+
+
 def test_ipv6_clients_are_rate_limited_per_64() -> None:
     """A host owns a whole IPv6 /64: a fresh address per request is the same client."""
     app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")

@@ -26,3 +26,17 @@ def test_every_metric_is_in_the_metrics_table() -> None:
         name for name in names if f"`{name}`" not in README and f"`{name}_total`" not in README
     }
     assert missing == set()
+
+
+def test_the_request_duration_help_says_where_the_time_starts() -> None:
+    """bridge_request_duration_seconds is timed from the request head having been read,
+    as its README row says; its help text said "from the first byte of the request"."""
+    exposition = Metrics().exposition().decode()
+    [help_line] = [
+        line
+        for line in exposition.splitlines()
+        if line.startswith("# HELP bridge_request_duration_seconds ")
+    ]
+    assert "first byte" not in help_line
+    assert "from when the request head was read to the answer" in help_line
+    assert "from when the bridge's app took it (its head read)" in README
