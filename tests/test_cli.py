@@ -34,7 +34,7 @@ from bridge.routing import template_pattern
 from bridge.server import listening_sockets
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
-from tests.polling import eventually
+from tests.polling import eventually, wait_until
 
 
 @pytest.fixture
@@ -340,6 +340,15 @@ def test_deadletter_list_and_replay(
         )
         broken = client.post(
             "/webhooks/geins", content=b"{oops", headers={**headers, "x-Idempotency-Key": "bad-1"}
+        )
+        # Durable mode: on Kafka a moment after the answers. The broker creates the
+        # dead-letter topic on first use, which on a busy machine took longer than the
+        # drain at shutdown gives a topic without metadata (they stayed in the spool).
+        wait_until(
+            lambda: read_all_sync(kafka_bootstrap, topic_prefix + ".deadletter"),
+            lambda letters: len(letters) == 2,
+            within=30,
+            every=0.5,
         )
     assert (novel.status_code, broken.status_code) == (422, 400)
 
