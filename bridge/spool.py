@@ -12,6 +12,14 @@ drainer reads the records it sends from there instead of reading back what was
 just written; only after a restart, or once more is waiting than the copy may
 hold (Kafka away), does it read the file, until the spool is empty again.
 
+A full disk must not stop the delivery of what the spool holds: SQLite needs room
+for new WAL pages even to delete rows, so once the disk was full the drainer could
+not remove what Kafka had taken, and sent nothing more (a reviewer's spool on a
+16 MB volume stayed at 3,136 events for minutes with Kafka up). The spool keeps a
+reserve file next to the database (``spool.reserve``, RESERVE_BYTES at most) and
+deletes it when a removal finds the disk full; it is made again once the spool
+has been emptied and there is room.
+
 The same database remembers the idempotency keys accepted within the
 de-duplication window, in the transaction that spools the event, so a key is
 recorded exactly when its event became safe. At most ``max_keys`` of them: a
@@ -56,6 +64,12 @@ MAX_GROUP = 1024
 #: what Kafka has not acknowledged yet, a few hundred records.
 COPY_MAX_RECORDS = 10_000
 COPY_MAX_BYTES = 8 * 1024 * 1024
+#: The reserve file, given up when a removal finds the disk full.
+RESERVE_NAME = "spool.reserve"
+#: Its size: a 64th of BRIDGE_SPOOL_MAX_BYTES, within these bounds (16 MiB for the
+#: default 1 GiB; the WAL of a removal of a whole drainer batch takes a few MB).
+RESERVE_BYTES = 16 * 1024 * 1024
+RESERVE_MIN_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -119,6 +133,9 @@ class Spool:
         self._topic_index_tried = False
         self._last_seq = 0
         self._closed = False  # set by close(): no job may be queued after the stop
+        self._reserve = directory / RESERVE_NAME
+        self._reserve_bytes = min(RESERVE_BYTES, max(RESERVE_MIN_BYTES, max_bytes // 64))
+        self._reserve_made = False  # the reserve file is there (owned by the writer thread)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -156,10 +173,12 @@ class Spool:
                 )
             self._lock()
             try:
-                return self._connect()
+                connection = self._connect()
             except BaseException:
                 self._unlock()
                 raise
+            self._make_reserve()
+            return connection
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None
         except sqlite3.OperationalError as exc:  # e.g. disk full, read-only, locked
@@ -204,6 +223,11 @@ class Spool:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
+            # Debian's SQLite zeroes every page a delete frees (SECURE_DELETE), so each
+            # removal wrote the records' pages to the WAL again: as much as their
+            # appends, and more room than a full disk has. FAST zeroes only within
+            # pages written anyway; what the free pages still hold was published.
+            connection.execute("PRAGMA secure_delete=FAST")
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
@@ -541,6 +565,47 @@ class Spool:
         return records
 
     def _remove(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
+        try:
+            self._remove_rows(connection, seqs)
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc) or not self._give_up_reserve():
+                raise
+            self._remove_rows(connection, seqs)
+        if self.depth == 0 and not self._reserve_made:
+            self._make_reserve()
+
+    def _make_reserve(self) -> None:
+        """Make the reserve file, if there is room for it (else try again next time)."""
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                # Blocks allocated now (a sparse file would give nothing back)
+                os.posix_fallocate(fd, 0, self._reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()  # a part of it is no reserve
+            log.debug("no room for the spool's reserve file now (%s)", exc)
+            return
+        self._reserve_made = True
+
+    def _give_up_reserve(self) -> bool:
+        """Delete the reserve file to make room; False if there was none."""
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            self._reserve_made = False
+            return False
+        self._reserve_made = False
+        log.warning(
+            "the spool's disk is full: its reserve file (%d bytes) is given up so that the "
+            "events Kafka took can be removed; it is made again once the spool is empty",
+            self._reserve_bytes,
+        )
+        return True
+
+    def _remove_rows(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
         # Losing a removal in a crash only means sending that record again, which
         # at-least-once allows: this commit need not wait for the disk.
         connection.execute("PRAGMA synchronous=NORMAL")
@@ -623,6 +688,11 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed for want of disk space (SQLITE_FULL)."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
 
 
 def _oldest_enqueued_at(connection: sqlite3.Connection) -> float | None:

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import Metric
 from bridge.config import load_settings
 from bridge.devkafka import KAFKA_VERSION
 from bridge.metrics import Metrics
+from bridge.spool import RESERVE_BYTES
 from tests.deploy_support import dockerfile
 from tests.deploy_support.dockerignore import DockerIgnore
 from tests.deploy_support.prometheus import binary
@@ -616,10 +617,11 @@ def quantity_bytes(quantity: str) -> int:
 def test_spool_volumes_hold_a_full_spool_and_its_keys() -> None:
     """Pins every spool volume above what a full spool can take on disk: twice
     BRIDGE_SPOOL_MAX_BYTES (SQLite gives an event of about 2 KB half a page) plus
-    BRIDGE_SPOOL_MAX_KEYS keys of about 115 bytes. An emptyDir over its sizeLimit is
-    deleted with its pod, which would lose the spool exactly during a Kafka outage."""
+    BRIDGE_SPOOL_MAX_KEYS keys of about 115 bytes, plus the spool's reserve file. An
+    emptyDir over its sizeLimit is deleted with its pod, which would lose the spool
+    exactly during a Kafka outage."""
     defaults = load_settings(environ={"BRIDGE_TOKENS": "t"})
-    needed = 2 * defaults.spool_max_bytes + defaults.spool_max_keys * 115
+    needed = 2 * defaults.spool_max_bytes + defaults.spool_max_keys * 115 + RESERVE_BYTES
     sizes: list[tuple[str, str]] = []
     for folder in (STANDALONE, SIDECAR):
         for path in folder.glob("*.yaml"):

@@ -303,6 +303,58 @@ def test_full_or_read_only_spool(kafka_bootstrap: str, topic_prefix: str, tmp_pa
     assert tally.accepted <= found
 
 
+def test_a_spool_that_filled_its_disk_drains_once_kafka_is_back(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A disk that fills before BRIDGE_SPOOL_MAX_BYTES (a volume smaller than it): with
+    Kafka back, the drainer could not remove what Kafka took (SQLite needs room for
+    WAL pages even to delete), so it sent one batch and nothing more, on every start
+    (a reviewer's spool stayed at 3,136 events with Kafka up). The spool gives up its
+    reserve file then, and everything drains by itself, on the same full disk."""
+    spool = tmp_path / "small-disk"
+    tmpfs(spool, "16m")
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        "durable",
+        BRIDGE_SPOOL_DIR=str(spool),
+        BRIDGE_SPOOL_MAX_BYTES=str(64 * 1024 * 1024),  # far more than the disk: a 1 MiB reserve
+        BRIDGE_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_ports(1)[0]}",  # away: the disk fills
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    tally = Tally()
+    found: set[str] = set()
+    try:
+        with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+            big = b'{"pad":"' + b"x" * 3000 + b'"}'
+            with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+                for i in range(20_000):
+                    answer = client.post(
+                        "/webhooks/geins/Order/create",
+                        content=big,
+                        headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": f"d{i}"},
+                    )
+                    tally.sent.add(f"d{i}")
+                    if answer.status_code != 202:
+                        break
+                    tally.accepted.add(f"d{i}")
+                assert answer.json()["reason"] == "spool_write_failed", answer.text
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+        assert len(tally.accepted) > 600  # more than a drainer batch of 500
+        env["BRIDGE_KAFKA_BOOTSTRAP"] = kafka_bootstrap  # back; the disk is still full
+        with BridgeProcess(env, tmp_path / "bridge-2.log") as bridge:
+            found = wait_for_keys(kafka_bootstrap, topic_prefix, tally.accepted, 60)
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+        assert "reserve file" in (tmp_path / "bridge-2.log").read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+    print(f"[disk full] {tally.summary(found)}")
+    assert tally.accepted <= found
+
+
 def test_damaged_spool_stops_startup_clearly(tmp_path: Path) -> None:
     """A damaged spool file: exit 2 with a message naming it; the file is kept as it was."""
     spool = tmp_path / "spool"
