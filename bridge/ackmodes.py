@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Protocol
 
-from bridge.backlog import Backlog, MemoryBacklog
+from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
@@ -224,7 +224,7 @@ class DurableAck(_DrainedAck):
 
     @property
     def ready(self) -> bool:
-        return self.spool.writable and self.spool.bytes < self._max_bytes
+        return self.spool.writable and has_room(self.spool.bytes, self._max_bytes)
 
     @property
     def remembered_keys(self) -> int:

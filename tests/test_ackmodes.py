@@ -646,3 +646,37 @@ async def test_no_second_probe_before_the_first_ones_outcome() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+async def test_not_ready_when_no_event_fits_any_more(tmp_path: Path, ack: str) -> None:
+    """Readiness said 200 until the spool or queue was full to the byte: a reviewer's
+    spool sat 111 bytes short of its limit, refusing every event with 503, while
+    /readyz said ready. It needs room for an event (64 KiB, or a 16th of a smaller
+    limit)."""
+    publisher = StallingPublisher()  # Kafka away: what is accepted stays
+    limit = 1024 * 1024
+    config = settings(
+        tmp_path,
+        BRIDGE_ACK=ack,
+        BRIDGE_SPOOL_MAX_BYTES=str(limit),
+        BRIDGE_MEMORY_MAX_BYTES=str(limit),
+        BRIDGE_SHUTDOWN_TIMEOUT="0.5",
+    )
+    mode = make_ack_mode(config, publisher, Metrics())
+    await mode.start()
+    try:
+        body = b"x" * 20_000
+        n = 0
+        while mode.ready:
+            destination = Destination(
+                topic="geins.order.create", key=b"k%d" % n, value=body, headers=[]
+            )
+            assert await mode.deliver(destination, None)
+            n += 1
+        queue: Any = mode.spool if ack == "durable" else mode.backlog  # type: ignore[attr-defined]
+        used = queue.bytes
+        assert limit - 64 * 1024 < used <= limit  # not ready with less than 64 KiB left
+        assert n > 40  # and ready until then
+    finally:
+        await mode.stop()
