@@ -45,8 +45,9 @@ DEAD_LETTER_ROOM = 1024
 
 def read_secret_file(path: Path) -> str:
     """A secret kept in a file (a mounted Kubernetes Secret, say), without its final line
-    break. Read when a Kafka client is made, never kept with the settings."""
-    return path.read_text(encoding="utf-8").rstrip("\r\n")
+    break. Read when a Kafka client is made, never kept with the settings. A byte order
+    mark (a Windows editor's) is no part of the secret."""
+    return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
 
 
 def _check_host_port(server: str) -> None:
@@ -437,10 +438,11 @@ def load_settings(
     origin: dict[str, str] = {}
     if config_file is not None:
         try:
-            values.update(tomllib.loads(config_file.read_text()))
+            # TOML is UTF-8 whatever the locale; a byte order mark is dropped
+            values.update(tomllib.loads(config_file.read_text(encoding="utf-8-sig")))
         except OSError as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
         origin.update({name: f"{name} in {config_file}" for name in values})
     for name, value in environ.items():

@@ -8,7 +8,7 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.backlog import MemoryBacklog
-from bridge.config import load_settings
+from bridge.config import load_settings, read_secret_file
 from bridge.errors import ConfigError
 from bridge.publisher import check_record_size
 from bridge.routing import MAX_TOPIC_LENGTH, Destination
@@ -35,6 +35,23 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
     assert settings.kafka_bootstrap == "k1:9092,k2:9092"
     assert settings.tokens == ("x",)
     assert load_settings(environ={"BRIDGE_CONFIG_FILE": str(file)}).port == 9000
+
+
+def test_files_saved_with_a_byte_order_mark_are_read_as_written(tmp_path: Path) -> None:
+    """A config file or a secret file saved by a Windows editor starts with a byte
+    order mark: the TOML file was read in the locale's encoding (mojibake, or a
+    refusal under LANG=C), and the mark became part of a SASL password."""
+    file = tmp_path / "bridge.toml"
+    file.write_bytes('\ufeffport = 9000\ntokens = ["jätte"]\n'.encode())
+    settings = load_settings(file, environ={})
+    assert (settings.port, settings.tokens) == (9000, ("jätte",))
+    secret = tmp_path / "password"
+    secret.write_bytes("\ufeffs3cret\n".encode())
+    assert read_secret_file(secret) == "s3cret"
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'tokens = ["j\xe4tte"]\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(latin, environ={})
 
 
 @pytest.mark.parametrize(
