@@ -585,6 +585,20 @@ async def test_no_topic_is_held_while_kafka_is_away(
     assert "held back" not in caplog.text
 
 
+def on_probation(
+    publisher: FakePublisher, troubled: str, *, ack_timeout: float
+) -> tuple[MemoryBacklog, Drainer]:
+    """Two records of ``troubled`` (held before, the hold over now) and one of another
+    topic behind them, and the drainer for them."""
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("w0", topic=troubled))
+    backlog.append(record("w1", topic=troubled))
+    backlog.append(record("o0"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=ack_timeout, deadletter_topic="dl")
+    drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)
+    return backlog, drainer
+
+
 async def test_a_probe_waiting_for_metadata_delays_no_round_of_the_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -596,12 +610,7 @@ async def test_a_probe_waiting_for_metadata_delays_no_round_of_the_others(
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     troubled = "geins.widget.create"
     publisher = TopicTroublePublisher(troubled, "no_metadata")
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("w0", topic=troubled))
-    backlog.append(record("w1", topic=troubled))
-    backlog.append(record("o0"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=5, deadletter_topic="dl")
-    drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)  # held before, over now
+    backlog, drainer = on_probation(publisher, troubled, ack_timeout=5)
     task = asyncio.create_task(drainer.run())
     try:
         await eventually(lambda: publisher.tried == [b"w0"], within=2, what="the probe")
@@ -623,12 +632,7 @@ async def test_no_second_probe_before_the_first_ones_outcome() -> None:
     was unacknowledged, so a record after a refused probe could land before it."""
     troubled = "geins.widget.create"
     publisher = TopicTroublePublisher(troubled, "stuck")
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("w0", topic=troubled))
-    backlog.append(record("w1", topic=troubled))
-    backlog.append(record("o0"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=60, deadletter_topic="dl")
-    drainer._holds[troubled] = (0.0, drainer_module.HOLD_MIN)  # held before, over now
+    backlog, drainer = on_probation(publisher, troubled, ack_timeout=60)
     task = asyncio.create_task(drainer.run())
     try:
         for n in range(1, 4):  # later rounds, while the probe is unacknowledged
