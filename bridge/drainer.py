@@ -102,8 +102,9 @@ class Drainer:
         # topic -> the seq of its probe, from the hand-over until the outcome is known
         self._probing: dict[str, int] = {}
         self._probe_tasks: set[asyncio.Task[None]] = set()  # probes being handed over
-        # seqs a probe settled (set aside as too large): removed next round
-        self._settled_by_probes: list[int] = []
+        # seqs a probe settled (set aside as too large): removed next round, and not read
+        # again until then (a second probe would keep a second dead letter)
+        self._settled_by_probes: set[int] = set()
         # The last round found only records of topics on hold (none in flight for
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
@@ -150,8 +151,9 @@ class Drainer:
         if self._unremoved:  # nothing else is read until their removal succeeds
             await self._remove(self._unremoved)
         if self._settled_by_probes:
-            settled, self._settled_by_probes = self._settled_by_probes, []
+            settled = list(self._settled_by_probes)
             await self._remove(settled)
+            self._settled_by_probes.difference_update(settled)
         if not self._publisher.connected:
             await self._round_while_kafka_is_away()
             return
@@ -170,7 +172,7 @@ class Drainer:
         records = await self._backlog.oldest(
             BATCH_RECORDS,
             BATCH_BYTES,
-            skip_seqs=frozenset(self._pending),  # handed over already: not again
+            skip_seqs=self._in_flight(),  # handed over already: not again
             # a topic being probed: its records wait for the probe's outcome
             skip_topics=held.union(self._probing) if self._probing else held,
         )
@@ -210,14 +212,19 @@ class Drainer:
             await self._remove(await self._collect())
         room = BATCH_RECORDS - len(self._pending)
         if room > 0 and not self._suspects:
-            records = await self._backlog.oldest(
-                room, BATCH_BYTES, skip_seqs=frozenset(self._pending)
-            )
+            records = await self._backlog.oldest(room, BATCH_BYTES, skip_seqs=self._in_flight())
             if records:
                 done, _ = await self._deliver(records)
                 await self._remove(done)
         await asyncio.sleep(self._away_backoff)
         self._away_backoff = min(self._away_backoff * 2, MAX_BACKOFF)
+
+    def _in_flight(self) -> frozenset[int]:
+        """The seqs a read leaves out: handed over, or set aside by a probe and not
+        removed yet."""
+        if self._settled_by_probes:
+            return frozenset(self._pending).union(self._settled_by_probes)
+        return frozenset(self._pending)
 
     def _until_a_hold_ends(self) -> float:
         now = time.monotonic()
@@ -399,7 +406,7 @@ class Drainer:
             )
         except PayloadTooLarge as exc:
             if await self._set_aside(record, exc):
-                self._settled_by_probes.append(record.seq)
+                self._settled_by_probes.add(record.seq)
                 self._suspects.pop(record.seq, None)
         except BridgeError as exc:
             self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")

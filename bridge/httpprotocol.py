@@ -44,6 +44,7 @@ connection) declines too, and the app uses ``send``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -422,6 +423,11 @@ def guarded_protocol(
                 return
             offset = stopped.args[0] if stopped.args else len(self._feeding)
             self.parser = httptools.HttpRequestParser(self)
+            # As uvicorn makes its parser: without it, a later request with
+            # 'Connection: close' and bytes behind it was a 400 after its event was
+            # accepted (llhttp: "Data after Connection: close").
+            with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
             self._reparse = head + self._feeding[offset:]
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool; uvicorn narrowed it

@@ -684,3 +684,42 @@ async def test_not_ready_when_no_event_fits_any_more(tmp_path: Path, ack: str) -
         assert n > 40  # and ready until then
     finally:
         await mode.stop()
+
+
+async def test_a_record_a_probe_set_aside_is_not_probed_again_before_its_removal() -> None:
+    """A probe whose record is too large sets it aside (a dead letter); its removal
+    from the backlog waits for the next round. A round already removing another
+    such record read it again meanwhile, and a second probe kept a second dead
+    letter (a reviewer's run: p1, p2, p2)."""
+
+    class SlowRemoval(MemoryBacklog):
+        async def remove(self, seqs: Any) -> None:
+            if seqs:
+                await asyncio.sleep(0.05)  # the spool's writer thread, busy
+            await super().remove(seqs)
+
+    class TooLargeForTwo(FakePublisher):
+        async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+            if destination.topic != "dl":
+                raise PayloadTooLarge("too large for the topic")
+            return await super().hand_over(destination)
+
+        async def publish(self, destination: Destination) -> None:
+            await asyncio.sleep(0.02 if destination.key == b"p1" else 0.05)
+            await super().publish(destination)
+
+    publisher = TooLargeForTwo()
+    backlog = SlowRemoval(max_bytes=10**6)
+    backlog.append(record("p1", topic="geins.a.create"))
+    backlog.append(record("p2", topic="geins.b.create"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    for topic in ("geins.a.create", "geins.b.create"):  # held before, over now
+        drainer._holds[topic] = (0.0, drainer_module.HOLD_MIN)
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 0, within=5, what="both set aside")
+        await asyncio.sleep(0.2)  # a second probe would have published by now
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted(r.key for r in publisher.records) == [b"p1", b"p2"]

@@ -336,6 +336,20 @@ async def test_an_upgrade_header_is_ignored_and_the_body_read(
     assert not connection.transport.closed
 
 
+async def test_after_an_ignored_upgrade_the_parser_is_as_lenient_as_uvicorns(
+    connection: Connection,
+) -> None:
+    """The parser made for the re-parse lacked uvicorn's leniency for bytes after a
+    'Connection: close' request: such a request on the same connection was a 400
+    after its event had been accepted."""
+    [answer] = await connection.answers(webhook("u1", extra=H2C), 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    last = webhook("u2", extra=b"connection: close\r\n") + b"GET /healthz HTTP/1.1\r\n\r\n"
+    [answer] = await connection.answers(last, 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert [r.key for r in connection.publisher.records] == [b"u1", b"u2"]
+
+
 async def test_connect_is_a_problem_json_405(connection: Connection) -> None:
     """llhttp takes CONNECT for an upgrade too; it is refused as a method."""
     [answer] = await connection.answers(b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n", 1)
