@@ -234,6 +234,7 @@ def guarded_protocol(
             self._refusal_after: BridgeError | None = None
             self._peer_done = False  # the client half-closed: close once it is answered
             self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
+            self._running: Any = None  # the request cycle whose app was started last
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -440,9 +441,26 @@ def guarded_protocol(
             self._peer_done = True
             return True
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            # uvicorn starts each request's app here, the queued ones in order
+            self._running = cycle
+            if cycle is self.cycle and self._head_timer is not None and not self._in_head:
+                # A queued request whose body is still to come: uvicorn reads again
+                # from now on, so its deadline runs from now.
+                self._stop_head_timer()
+                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
+            super()._start_asgi_task(cycle, app)
+
         def _answered_all(self) -> bool:
-            # self.cycle is the latest request's: answered last, in order
-            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+            # The requests not started wait in self.pipeline; answers go in order.
+            return not self.pipeline and (self._running is None or self._running.response_complete)
+
+        def _queued(self) -> Any:
+            """The pipeline's entry of the latest request, while it waits there."""
+            for entry in self.pipeline:
+                if entry[0] is self.cycle:
+                    return entry
+            return None
 
         def on_response_complete(self) -> None:
             self._writer.flush()
@@ -480,6 +498,10 @@ def guarded_protocol(
             elif self._in_head:
                 if not self.transport.is_closing():
                     self.transport.close()  # connected and silent: nobody to answer
+            elif self._queued() is not None:
+                # Its body waits behind the request before it (uvicorn reads nothing
+                # more until that one is answered): not the client's delay.
+                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
             elif self.cycle is not None and not self.cycle.response_started:
                 # The body is late. The app is waiting for it and will hear a
                 # disconnect; it counts the request (it sees BODY_TIMED_OUT).
@@ -502,8 +524,12 @@ def guarded_protocol(
             self._stop_head_timer()
             if self.transport.is_closing():
                 return
-            if self._in_head and not self._answered_all():
-                # A pipelined request's head: answered after those before it.
+            queued = None if self._in_head else self._queued()
+            if queued is not None:
+                self.pipeline.remove(queued)  # its app never runs: this is its answer
+            if (self._in_head or queued is not None) and not self._answered_all():
+                # A pipelined request (its head, or its body while it waits its
+                # turn): answered after those before it.
                 self._refusal_after = error
                 self.transport.pause_reading()
                 return

@@ -561,6 +561,52 @@ async def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(
     assert connection.transport.closed
 
 
+async def test_a_pipelined_request_with_a_broken_body_is_refused_in_its_turn(
+    connection: Connection,
+) -> None:
+    """Its head was whole, its chunked body broken: the 400 went out at once, ahead
+    of the answer to the accepted request before it. It waits its turn now, and its
+    app never runs."""
+    broken = (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"transfer-encoding: chunked\r\n\r\nZZZ\r\n" % TOKEN.encode()
+    )
+    answers = await connection.answers(webhook("p1") + broken, 2)
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [
+        b"HTTP/1.1 202 Accepted",
+        b"HTTP/1.1 400 Malformed HTTP request",
+    ]
+    assert [r.key for r in connection.publisher.records] == [b"p1"]
+    assert connection.transport.closed
+
+
+async def test_a_pipelined_body_that_waits_its_turn_is_not_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn reads nothing more while a request waits behind another, so its body
+    cannot come: when the first took longer than BRIDGE_READ_TIMEOUT, the second got
+    a 408, ahead of the first one's answer. Its deadline now waits with it."""
+    connection = Connection(monkeypatch, read_timeout=0.3)
+    hand_over = connection.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(0.5)  # Kafka, slow to acknowledge
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    try:
+        second = webhook("s2")
+        head, body = second[: -len(ORDER)], second[-len(ORDER) :]
+        connection.protocol.data_received(webhook("s1") + head)
+        await asyncio.sleep(0.6)  # s1 answered at 0.5 s: s2's turn, and its deadline, then
+        await connection.answers(body, 1)
+        answers = split_responses(b"".join(connection.transport.writes))
+        assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 202 Accepted"] * 2
+        assert [split(a)[1]["key"] for a in answers] == ["s1", "s2"]
+    finally:
+        connection.close()
+
+
 async def test_a_client_that_half_closes_still_gets_its_answer(connection: Connection) -> None:
     """A client may shut down its sending side once its request is out. The
     connection closed then, so an accepted event's 202 never reached the client
