@@ -152,6 +152,12 @@ class OneWritePerResponse:
         self._expect_head = True
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            # Closed by the server (a refusal, a client that stopped reading) while an
+            # app was still answering: uvloop raised, and the app's answer became a
+            # 500 logged at ERROR. Nobody is there to read it.
+            self._held = None
+            return
         if self._held is not None:
             data, self._held = self._held + data, None
         elif self._expect_head and not data.startswith(b"HTTP/1.1 1"):
@@ -163,7 +169,8 @@ class OneWritePerResponse:
     def write_response(self, data: bytes) -> None:
         """A whole response, written as it is."""
         self._expect_head = False
-        self._transport.write(data)
+        if not self._transport.is_closing():  # see write()
+            self._transport.write(data)
 
     def flush(self) -> None:
         self._expect_head = False
@@ -325,6 +332,7 @@ def guarded_protocol(
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._unset_keepalive_if_required()  # the head's deadline governs now
             self._await_head()
 
         def on_headers_complete(self) -> None:
@@ -390,6 +398,14 @@ def guarded_protocol(
                 return  # llhttp ends an upgrade request at its head: not the request's end
             self._stop_head_timer()
             super().on_message_complete()
+            if self._answered_all() and not self.transport.is_closing():
+                # Answered before its body was whole (a 401, a 413): the body's bytes
+                # ended the keep-alive timer uvicorn armed with the answer, and
+                # nothing closed the idle connection. Idle from now, as after any.
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
 
         def _head_without_upgrade(self) -> bytes:
             """The request's head as received, less its upgrade: no ``Upgrade`` header
@@ -432,11 +448,15 @@ def guarded_protocol(
             self._reparse = head + self._feeding[offset:]
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool; uvicorn narrowed it
-            # The client shut down its side (half-close) after sending a request:
-            # the connection stays open to answer it, and closes after. Without a
-            # request in progress, or with its body still to come, close now.
-            cycle = self.cycle
-            if cycle is None or cycle.response_complete or cycle.more_body:
+            # The client shut down its side (half-close) after sending its requests:
+            # the connection stays open to answer those that are whole, in order, and
+            # closes after. One whose body is still to come never will be: a queued
+            # one is dropped (its app never runs); a running one hears a disconnect.
+            queued = self._queued()
+            if queued is not None and self.cycle.more_body:
+                self.pipeline.remove(queued)
+            running = self._running
+            if self._answered_all() or (running is not None and running.more_body):
                 return None
             self._peer_done = True
             return True
@@ -465,6 +485,10 @@ def guarded_protocol(
         def on_response_complete(self) -> None:
             self._writer.flush()
             super().on_response_complete()
+            if self._head_timer is not None:
+                # The next head began (pipelined): its deadline governs, not uvicorn's
+                # keep-alive timeout, which cut it off when shorter.
+                self._unset_keepalive_if_required()
             if self._answered_all():
                 if self._refusal_after is not None:
                     self._refuse(self._refusal_after)

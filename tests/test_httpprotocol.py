@@ -143,6 +143,7 @@ class Connection:
         read_timeout: float = 5.0,
         max_head_bytes: int = 16384,
         max_url_bytes: int = 8192,
+        keep_alive: float = 5,
     ) -> None:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
@@ -156,7 +157,13 @@ class Connection:
             on_refused=self._count,
         )
         config = uvicorn.Config(
-            app, http=protocol, ws="none", lifespan="off", log_config=None, proxy_headers=False
+            app,
+            http=protocol,
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            proxy_headers=False,
+            timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn says int; a timer's delay
         )
         state = ServerState()
         state.default_headers = [DATE]
@@ -605,6 +612,59 @@ async def test_a_pipelined_body_that_waits_its_turn_is_not_late(
         assert [split(a)[1]["key"] for a in answers] == ["s1", "s2"]
     finally:
         connection.close()
+
+
+async def test_a_body_after_an_early_answer_does_not_keep_the_connection_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 401 goes out before the body is read; the body coming after it ended
+    uvicorn's keep-alive timer, and no deadline ran: the idle connection stayed open
+    for ever (a fuzzer's find). It is idle from the body's end, as after an answer."""
+    connection = Connection(monkeypatch, read_timeout=5, keep_alive=0.2)
+    try:
+        wrong = webhook("e1", token="wrong")
+        head, body = wrong[: -len(ORDER)], wrong[-len(ORDER) :]
+        [answer] = await connection.answers(head, 1)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        connection.protocol.data_received(body)
+        assert await wait_closed(connection, 2, after=len(connection.transport.writes)) == b""
+    finally:
+        connection.close()
+
+
+async def test_the_keep_alive_timeout_does_not_cut_off_a_pipelined_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request pipelined behind another, its head begun: uvicorn armed its keep-alive
+    timer once the first was answered, and a keep-alive timeout shorter than
+    BRIDGE_READ_TIMEOUT closed the connection inside the second one's deadline."""
+    connection = Connection(monkeypatch, read_timeout=1.0, keep_alive=0.2)
+    try:
+        second = webhook("k2")
+        [answer] = await connection.answers(webhook("k1") + second[:40], 1)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        await asyncio.sleep(0.5)  # past the keep-alive timeout, within the read timeout
+        assert not connection.transport.closed
+        [answer] = await connection.answers(second[40:], 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+    finally:
+        connection.close()
+
+
+async def test_a_half_close_answers_the_whole_requests_before_a_partial_one(
+    connection: Connection,
+) -> None:
+    """A whole request, then part of one, then a half-close: the connection closed at
+    once, and the whole request's event was published but never answered (its
+    answer hit a closed transport: a 500 logged at ERROR). It is answered, the
+    partial one dropped, then the connection closes."""
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    protocol.data_received(webhook("h3") + webhook("h4")[:-5])
+    assert protocol.eof_received() is True
+    [answer] = await connection.answers(b"", 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    await wait_closed(connection, 1)
+    assert [r.key for r in connection.publisher.records] == [b"h3"]
 
 
 async def test_a_client_that_half_closes_still_gets_its_answer(connection: Connection) -> None:
