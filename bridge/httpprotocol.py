@@ -332,7 +332,8 @@ def guarded_protocol(
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._unset_keepalive_if_required()  # the head's deadline governs now
+            if self.timeout_keep_alive_task is not None:  # the head's deadline governs now
+                self._unset_keepalive_if_required()
             self._await_head()
 
         def on_headers_complete(self) -> None:
@@ -398,7 +399,12 @@ def guarded_protocol(
                 return  # llhttp ends an upgrade request at its head: not the request's end
             self._stop_head_timer()
             super().on_message_complete()
-            if self._answered_all() and not self.transport.is_closing():
+            running = self._running  # (the common case, answered after its body, first)
+            if (
+                (running is None or running.response_complete)
+                and not self.pipeline
+                and not self.transport.is_closing()
+            ):
                 # Answered before its body was whole (a 401, a 413): the body's bytes
                 # ended the keep-alive timer uvicorn armed with the answer, and
                 # nothing closed the idle connection. Idle from now, as after any.
@@ -464,11 +470,6 @@ def guarded_protocol(
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             # uvicorn starts each request's app here, the queued ones in order
             self._running = cycle
-            if cycle is self.cycle and self._head_timer is not None and not self._in_head:
-                # A queued request whose body is still to come: uvicorn reads again
-                # from now on, so its deadline runs from now.
-                self._stop_head_timer()
-                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
             super()._start_asgi_task(cycle, app)
 
         def _answered_all(self) -> bool:
@@ -484,7 +485,15 @@ def guarded_protocol(
 
         def on_response_complete(self) -> None:
             self._writer.flush()
+            before = self._running
             super().on_response_complete()
+            started = self._running
+            body_awaited = self._head_timer is not None and not self._in_head
+            if started is not before and started is self.cycle and body_awaited:
+                # A queued request started, its body still to come (its deadline is
+                # running): uvicorn reads again from now, so the deadline runs from now.
+                self._stop_head_timer()
+                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
             if self._head_timer is not None:
                 # The next head began (pipelined): its deadline governs, not uvicorn's
                 # keep-alive timeout, which cut it off when shorter.
