@@ -316,7 +316,8 @@ def guarded_protocol(
                     data, self._reparse = self._reparse + data[start:], None
                     start, end = 0, len(data)
                     continue
-                if self._in_head:
+                if self._in_head and not (chunk[:1] in b"\r\n" and not chunk.strip(b"\r\n")):
+                    # (empty lines before a request line are no request: RFC 9112 2.2)
                     self._head_bytes += len(chunk)
 
         def _head_too_large(self) -> BridgeError:

@@ -389,8 +389,8 @@ HALF_A_HEAD = b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n"
 
 @pytest.mark.parametrize(
     ("served_before", "sent"),
-    [(False, HALF_A_HEAD), (True, HALF_A_HEAD), (True, b"\r\n")],
-    ids=["first request", "keep-alive", "a CRLF after an answer"],
+    [(False, HALF_A_HEAD), (True, HALF_A_HEAD), (True, b"\r\nPOS")],
+    ids=["first request", "keep-alive", "a CRLF, then the head, after an answer"],
 )
 async def test_a_head_sent_in_one_packet_then_silence_is_408(
     monkeypatch: pytest.MonkeyPatch, served_before: bool, sent: bytes
@@ -415,6 +415,24 @@ async def test_a_head_sent_in_one_packet_then_silence_is_408(
         # a busy machine may be late; the loop may fire a timer a clock tick early)
         [seconds] = connection.refused_after
         assert seconds >= 0.2 - 1e-6
+    finally:
+        connection.close()
+
+
+async def test_empty_lines_then_silence_are_closed_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CRLFs after an answer are no request (RFC 9112 lets a server skip them): the
+    connection is idle, and closed at the deadline without a 408. They ended
+    uvicorn's keep-alive timer, and nothing closed such a connection before."""
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        [answer] = await connection.answers(webhook("k1"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        written = len(connection.transport.writes)
+        connection.protocol.data_received(b"\r\n\r\n")
+        assert await wait_closed(connection, 2, after=written) == b""
+        assert connection.refused == []
     finally:
         connection.close()
 
