@@ -11,7 +11,9 @@ RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
 KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
-KAFKA_CONTROLLER_PORT ?= 9093
+# The broker's port + 1 unless set: `make kafka-up KAFKA_PORT=19092` kept 9093, taken
+# by the broker already on 9092.
+KAFKA_CONTROLLER_PORT ?= $(shell echo $$(( $(KAFKA_PORT) + 1 )))
 
 .PHONY: help install promtool run test lint fmt bench kafka-up kafka-down kafka-fetch clean
 

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple, Self
 
@@ -207,7 +208,7 @@ def ensure_jars(cache_dir: Path) -> Path:
     with _locked(home / ".lock"):
         _write_if_changed(log4j_config(cache_dir.resolve()), _LOG4J2_PROPERTIES)
         with contextlib.suppress(FileNotFoundError):
-            if marker.read_text(encoding="utf-8") == fingerprint and libs.is_dir():
+            if marker.read_text(encoding="utf-8") == fingerprint and _jars_whole(libs):
                 return libs
         marker.unlink(missing_ok=True)
         if libs.exists():
@@ -281,6 +282,21 @@ def find_java() -> str:
 # Ports and probing
 
 
+def _jars_whole(libs: Path) -> bool:
+    """Whether ``libs`` holds jars that all open as zip files: a damaged one (a cut
+    download, a full disk) made the broker fail to start with a NoClassDefFoundError,
+    and the cache was never fetched again."""
+    jars = list(libs.glob("*.jar")) if libs.is_dir() else []
+    try:
+        for jar in jars:
+            with zipfile.ZipFile(jar):  # reads the central directory, at the end
+                pass
+    except (OSError, zipfile.BadZipFile):
+        print(f"devkafka: a jar in {libs} is damaged: fetching them again", file=sys.stderr)
+        return False
+    return bool(jars)
+
+
 def _ephemeral_range() -> tuple[int, int]:
     """The ports the kernel hands to outgoing connections (Linux; a common default else)."""
     try:
@@ -300,16 +316,20 @@ def free_ports(count: int) -> list[int]:
     are held until all are chosen so the ports differ.
     """
     low = min(_ephemeral_range()[0], 32768)
+    if low < 11000:  # an ephemeral range from 1024, say: no room below it; take one apart
+        low = 20000
     rng = random.SystemRandom()
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
         while len(ports) < count:
             port = rng.randrange(10000, low)
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
+                sock.close()  # held open, a long search ran out of file descriptors
                 continue
+            stack.enter_context(sock)
             ports.append(port)
         return ports
 
@@ -928,8 +948,20 @@ def _cmd_fetch(args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
+def _port_lock(home: Path, port: int) -> contextlib.AbstractContextManager[None]:
+    """One `up` or `down` of a port at a time: a second `up` (`make run` in two
+    terminals) took the broker the first was still booting for an unresponsive one
+    and killed it. The second now waits, then finds it up."""
+    return _locked(home / f"broker-{port}.lock")
+
+
 def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
     home: Path = args.home.resolve()
+    with _port_lock(home, args.port):
+        return _up(args, out, home)
+
+
+def _up(args: argparse.Namespace, out: IO[str], home: Path) -> int:
     data_dir, log_file, pid_file = _paths(home, args.port)
     config_file = config_file_of(data_dir)
     pid = _read_pid(pid_file)
@@ -983,7 +1015,13 @@ def _cmd_up(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
-    data_dir, _, pid_file = _paths(args.home.resolve(), args.port)
+    home: Path = args.home.resolve()
+    with _port_lock(home, args.port):
+        return _down(args, out, home)
+
+
+def _down(args: argparse.Namespace, out: IO[str], home: Path) -> int:
+    data_dir, _, pid_file = _paths(home, args.port)
     pid = _read_pid(pid_file)
     if pid is None:
         print(f"no broker to stop (no pid file {pid_file})", file=out)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,3 +296,53 @@ def test_up_signalled_inside_the_spawn_still_stops_its_broker(
     [broker] = spawned
     assert broker.wait(30) is not None
     assert not (up_home / f"broker-{port}.pid").exists()
+
+
+def test_free_ports_when_the_ephemeral_range_starts_low(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ephemeral range from 1024 left no room below it: randrange(10000, 1024)
+    raised, and every test needing a broker errored. Ports come from apart then."""
+    monkeypatch.setattr(devkafka, "_ephemeral_range", lambda: (1024, 65000))
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    assert all(10000 <= p < 20000 for p in ports)
+
+
+def test_a_damaged_jar_is_not_a_complete_cache(tmp_path: Path) -> None:
+    """A cut jar (an interrupted copy, a full disk) passed as a complete cache, and the
+    broker failed with NoClassDefFoundError, never fetched again."""
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    assert not devkafka._jars_whole(libs)  # no jars: not complete either
+    jar = libs / "kafka.jar"
+    with zipfile.ZipFile(jar, "w") as archive:
+        archive.writestr("org/apache/kafka/A.class", b"\xca\xfe\xba\xbe" * 1000)
+    assert devkafka._jars_whole(libs)
+    jar.write_bytes(jar.read_bytes()[:100])
+    assert not devkafka._jars_whole(libs)
+
+
+def test_up_and_down_of_a_port_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `up` of one port at once (make run in two terminals): the second took the
+    broker the first was booting for an unresponsive one and killed it. Each holds
+    the port's lock for its whole run."""
+    held: list[bool] = []
+
+    def is_locked() -> bool:
+        with (tmp_path / "broker-61555.lock").open("w") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return False
+
+    def record(*_: object) -> int:
+        held.append(is_locked())
+        return 0
+
+    monkeypatch.setattr(devkafka, "_up", record)
+    monkeypatch.setattr(devkafka, "_down", record)
+    for command in ("up", "down"):
+        assert devkafka_main([command, "--home", str(tmp_path), "--port", "61555"]) == 0
+    assert held == [True, True]
+    assert not is_locked()
