@@ -70,6 +70,8 @@ RESERVE_NAME = "spool.reserve"
 #: default 1 GiB; the WAL of a removal of a whole drainer batch takes a few MB).
 RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_MIN_BYTES = 256 * 1024
+#: How long after a failure to make the reserve (no room) it is tried again.
+RESERVE_RETRY_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -136,6 +138,7 @@ class Spool:
         self._reserve = directory / RESERVE_NAME
         self._reserve_bytes = min(RESERVE_BYTES, max(RESERVE_MIN_BYTES, max_bytes // 64))
         self._reserve_made = False  # the reserve file is there (owned by the writer thread)
+        self._reserve_next_try = 0.0  # after a failure to make it: not before (monotonic)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -571,7 +574,11 @@ class Spool:
             if not _disk_full(exc) or not self._give_up_reserve():
                 raise
             self._remove_rows(connection, seqs)
-        if self.depth == 0 and not self._reserve_made:
+        if (
+            self.depth == 0
+            and not self._reserve_made
+            and time.monotonic() >= self._reserve_next_try
+        ):
             self._make_reserve()
 
     def _make_reserve(self) -> None:
@@ -587,6 +594,8 @@ class Spool:
             with contextlib.suppress(OSError):
                 self._reserve.unlink()  # a part of it is no reserve
             log.debug("no room for the spool's reserve file now (%s)", exc)
+            # Not at every emptying (every drainer round at a trickle): once a minute
+            self._reserve_next_try = time.monotonic() + RESERVE_RETRY_SECONDS
             return
         self._reserve_made = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 import threading
@@ -502,3 +503,34 @@ def test_the_fifo_by_topic_keeps_up_with_pushes_and_discards() -> None:
     fifo.discard([r.seq for r in model])
     assert len(fifo) == 0
     assert fifo._by_topic is None
+
+
+async def test_the_reserve_file_is_made_and_retried_at_most_once_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool keeps a reserve file next to the database (given up when the disk is
+    full, see test_faults). Without room for it, making it again is tried when the
+    spool empties, but not at every emptying (every drainer round at a trickle)."""
+    spool = make(tmp_path)
+    spool.open()
+    reserve = tmp_path / spool_module.RESERVE_NAME
+    assert reserve.stat().st_blocks * 512 >= spool_module.RESERVE_MIN_BYTES  # allocated
+    await spool.close()
+    reserve.unlink()
+    tries: list[int] = []
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        tries.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        for i in range(3):  # three emptyings
+            assert await spool.append(record(i), f"k{i}")
+            await spool.remove([r.seq for r in await spool.oldest(10, 10**6)])
+        assert len(tries) == 1  # at the start only
+        assert not reserve.exists()  # no part of one left
+    finally:
+        await spool.close()
