@@ -104,33 +104,15 @@ class Pipeline:
         """
         if not self._deadletter_topic or event.topic == self._deadletter_topic:
             return
-        letter = set_aside(event, refusal.detail, self._deadletter_topic)
-        try:
-            if dedup_key is None:
-                await self.ack_mode.keep(letter)
-            elif not await self.ack_mode.deliver(letter, DEAD_LETTER_KEYS + dedup_key):
-                refusal.detail += f"; it is on {self._deadletter_topic} already"
-                return
-        except BridgeError as exc:
-            if not exc.retriable:
-                log.error(
-                    "Kafka refused the event with key %s for %s (%s), and its dead letter too: %s",
-                    event.key.decode(errors="replace"),
-                    event.topic,
-                    refusal.detail,
-                    exc.detail,
-                )
-                return
-            exc.detail = (
-                f"Kafka refuses the event ({refusal.detail}) and it cannot be kept as a "
-                f"dead letter now ({exc.detail}); retry later"
-            )
-            raise
-        except Exception:
-            log.exception("could not keep a dead letter (kafka_rejected)")
-            return
-        self._metrics.dead_letters.labels("kafka_rejected").inc()
-        refusal.detail += f"; it is kept on {self._deadletter_topic}"
+        kept = await self._keep(
+            set_aside(event, refusal.detail, self._deadletter_topic),
+            dedup_key,
+            "kafka_rejected",
+            f"the event is refused by Kafka ({refusal.detail})",
+        )
+        if kept is not None:
+            where = self._deadletter_topic
+            refusal.detail += f"; it is kept on {where}" if kept else f"; it is on {where} already"
 
     async def _keep_dead_letter(self, delivery: Delivery, error: BridgeError) -> None:
         """Keep the refused delivery with the guarantee of an event before its 4xx.
@@ -143,24 +125,36 @@ class Pipeline:
         """
         if not self._deadletter_topic:
             return
-        record = dead_letter(delivery, error, self._deadletter_topic, self._tokens)
-        key = delivery_key(delivery, self._tokens) if self._dedup else None
+        await self._keep(
+            dead_letter(delivery, error, self._deadletter_topic, self._tokens),
+            delivery_key(delivery, self._tokens) if self._dedup else None,
+            error.reason,
+            f"the delivery is refused ({error.reason}: {error.detail})",
+        )
+
+    async def _keep(
+        self, letter: Destination, key: str | None, reason: str, refused: str
+    ) -> bool | None:
+        """Keep the dead letter ``letter`` (of ``reason``) with the guarantee of an
+        event, once per ``key``: True when kept now, False when kept already, None when
+        it can never be kept (logged). Raises the retriable BridgeError of a dead letter
+        that cannot be kept now, its detail saying what was ``refused`` too."""
         try:
-            check_record_size(record, self._record_limit)
+            check_record_size(letter, self._record_limit)
             if key is None:
-                await self.ack_mode.keep(record)
-            elif not await self.ack_mode.deliver(record, DEAD_LETTER_KEYS + key):
-                return  # kept already, at the first attempt
+                await self.ack_mode.keep(letter)
+            elif not await self.ack_mode.deliver(letter, DEAD_LETTER_KEYS + key):
+                return False  # kept already, at the first attempt
         except BridgeError as exc:
             if not exc.retriable:
-                log.error("could not keep a dead letter (%s): %s", error.reason, exc.detail)
-                return
+                log.error("could not keep a dead letter (%s): %s", reason, exc.detail)
+                return None
             exc.detail = (
-                f"the delivery is refused ({error.reason}: {error.detail}) and cannot be "
-                f"kept as a dead letter now ({exc.detail}); retry later"
+                f"{refused} and cannot be kept as a dead letter now ({exc.detail}); retry later"
             )
             raise
         except Exception:
-            log.exception("could not keep a dead letter (%s)", error.reason)
-        else:
-            self._metrics.dead_letters.labels(error.reason).inc()
+            log.exception("could not keep a dead letter (%s)", reason)
+            return None
+        self._metrics.dead_letters.labels(reason).inc()
+        return True
