@@ -370,20 +370,22 @@ class Drainer:
                             if not self._publisher.connected:
                                 return handed  # Kafka is away: no use trying the others
                             held.add(topic)
-                            self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
+                            self._hand_over_refused(topic, exc)
                             continue
                         pending = _Pending(record, future)
                         self._pending[record.seq] = pending
                         handed.append(pending)
             except TimeoutError:
-                topic = record.destination.topic
-                held.add(topic)
-                self._metrics.record_publish_error("timeout")
-                self._hold(
-                    topic,
-                    f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
-                )
+                held.add(record.destination.topic)
+                self._hand_over_timed_out(record.destination.topic)
         return handed
+
+    def _hand_over_timed_out(self, topic: str) -> None:
+        self._metrics.record_publish_error("timeout")
+        self._hold(topic, f"no metadata or buffer space for it within {self._hand_over_wait:g} s")
+
+    def _hand_over_refused(self, topic: str, exc: BridgeError) -> None:
+        self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
 
     def _start_probe(self, record: QueuedRecord) -> None:
         topic = record.destination.topic
@@ -400,16 +402,13 @@ class Drainer:
             async with asyncio.timeout(self._hand_over_wait):
                 future = await self._publisher.hand_over(record.destination)
         except TimeoutError:
-            self._metrics.record_publish_error("timeout")
-            self._hold(
-                topic, f"no metadata or buffer space for it within {self._hand_over_wait:g} s"
-            )
+            self._hand_over_timed_out(topic)
         except PayloadTooLarge as exc:
             if await self._set_aside(record, exc):
                 self._settled_by_probes.add(record.seq)
                 self._suspects.pop(record.seq, None)
         except BridgeError as exc:
-            self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
+            self._hand_over_refused(topic, exc)
         else:
             self._pending[record.seq] = _Pending(record, future)
             # its outcome lets the topic's other records go, or holds it again

@@ -493,8 +493,7 @@ def guarded_protocol(
             if started is not before and started is self.cycle and body_awaited:
                 # A queued request started, its body still to come (its deadline is
                 # running): uvicorn reads again from now, so the deadline runs from now.
-                self._stop_head_timer()
-                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
+                self._arm_head_timer()
             if self._head_timer is not None:
                 # The next head began (pipelined): its deadline governs, not uvicorn's
                 # keep-alive timeout, which cut it off when shorter.
@@ -513,7 +512,12 @@ def guarded_protocol(
             self._head_bytes = 0
             if self._head_timer is None:
                 self._head_awaited_since = self.loop.time()
-                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
+                self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            """The deadline, BRIDGE_READ_TIMEOUT from now (in place of a running one)."""
+            self._stop_head_timer()
+            self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
 
         def _stop_head_timer(self) -> None:
             if self._head_timer is not None:
@@ -535,7 +539,7 @@ def guarded_protocol(
             elif self._queued() is not None:
                 # Its body waits behind the request before it (uvicorn reads nothing
                 # more until that one is answered): not the client's delay.
-                self._head_timer = self.loop.call_later(read_timeout, self._head_too_slow)
+                self._arm_head_timer()
             elif self.cycle is not None and not self.cycle.response_started:
                 # The body is late. The app is waiting for it and will hear a
                 # disconnect; it counts the request (it sees BODY_TIMED_OUT).
