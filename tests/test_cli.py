@@ -25,16 +25,15 @@ from bridge import devkafka, kafkaadmin
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
-from bridge.deadletter import dead_letter
 from bridge.devkafka import free_port
-from bridge.errors import ConfigError, UnknownEventType
-from bridge.geins import Delivery
+from bridge.errors import ConfigError
 from bridge.kafkaadmin import tail, tail_pattern
 from bridge.routing import template_pattern
 from bridge.server import listening_sockets
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import eventually, wait_until
+from tests.test_cli_deadletter import novel_voucher_letter
 
 
 @pytest.fixture
@@ -393,17 +392,12 @@ class FakeDeadLetterTopic:
     ODD_ONE = (1, 600)  # the only record refused for another reason
 
     def __init__(self) -> None:
-        delivery = Delivery(
-            method="POST",
-            path="/webhooks/geins/Voucher/create",
-            path_entity="Voucher",
-            path_action="create",
-            query=[],
+        letter = novel_voucher_letter(
+            DEAD_TOPIC,
             headers=[],
             body=b'{"code":"X"}',
             received_at=datetime(2026, 1, 1, tzinfo=UTC),
         )
-        letter = dead_letter(delivery, UnknownEventType("novel"), DEAD_TOPIC, [TOKEN])
         self.headers = list(letter.headers)
         self.odd_headers = [
             (n, b"missing_event_type" if n == "x-bridge-reason" else v) for n, v in self.headers

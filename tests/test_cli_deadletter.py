@@ -17,12 +17,30 @@ from bridge.config import load_settings
 from bridge.deadletter import dead_letter
 from bridge.errors import UnknownEventType
 from bridge.geins import Delivery
+from bridge.routing import Destination
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 
 pytestmark = pytest.mark.kafka
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def novel_voucher_letter(
+    topic: str, *, headers: list[tuple[bytes, bytes]], body: bytes, received_at: datetime
+) -> Destination:
+    """The dead letter of a Voucher/create delivery refused as an unknown event type."""
+    delivery = Delivery(
+        method="POST",
+        path="/webhooks/geins/Voucher/create",
+        path_entity="Voucher",
+        path_action="create",
+        query=[],
+        headers=headers,
+        body=body,
+        received_at=received_at,
+    )
+    return dead_letter(delivery, UnknownEventType("novel"), topic, [TOKEN])
 
 
 @pytest.fixture
@@ -187,17 +205,12 @@ def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
         await producer.start()
         try:  # (key, partition) in the order they arrived
             for second, (key, partition) in enumerate([("a", 2), ("b", 0), ("c", 1), ("d", 0)]):
-                delivery = Delivery(
-                    method="POST",
-                    path="/webhooks/geins/Voucher/create",
-                    path_entity="Voucher",
-                    path_action="create",
-                    query=[],
+                letter = novel_voucher_letter(
+                    topic,
                     headers=[(b"x-idempotency-key", key.encode())],
                     body=b"{}",
                     received_at=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC),
                 )
-                letter = dead_letter(delivery, UnknownEventType("novel"), topic, [TOKEN])
                 await producer.send_and_wait(
                     topic,
                     letter.value,
