@@ -15,8 +15,9 @@ after the hold (1 s, doubling up to HOLD_MAX), while the records of every other
 topic go on. Until one of its records is acknowledged again, a round sends only
 one record of that topic (a probe) and does not wait for its acknowledgement; it
 is collected as it comes; no other record of the topic goes until the probe's
-outcome is known, so a topic's records keep their order. A probe is handed over
-by a task of its own: its wait for metadata (up to HAND_OVER_WAIT) delays no
+outcome is known, so a topic's records keep their order. The first record of a
+topic the producer has no metadata for yet goes the same way. A probe is handed
+over by a task of its own: its wait for metadata (up to HAND_OVER_WAIT) delays no
 round of the other topics. Holds are for a topic's trouble only: while Kafka as a
 whole is away (the publisher is not connected) there are none, and the drainer
 backs off as it does when the backlog fails (a spool on a full disk), up to
@@ -355,7 +356,10 @@ class Drainer:
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
                             continue
-                        if topic in self._holds:  # was held: one record, a probe
+                        if topic in self._holds or not self._publisher.ready_for(topic):
+                            # Held before, or new to the producer (its metadata may
+                            # take up to HAND_OVER_WAIT, or never come): one record, a
+                            # probe, which waits in a task of its own.
                             held.add(topic)
                             self._start_probe(record)
                             continue

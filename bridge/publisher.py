@@ -82,6 +82,8 @@ class Publisher(Protocol):
 
     async def stop(self, deadline: float | None = None) -> None: ...
 
+    def ready_for(self, topic: str) -> bool: ...
+
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]: ...
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]: ...
@@ -595,6 +597,12 @@ class KafkaPublisher:
             log.warning("Kafka metadata refresh failed: %r", exc)
         else:
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
+
+    def ready_for(self, topic: str) -> bool:
+        """True when the producer knows ``topic``'s partitions: a hand-over to it need
+        not wait for metadata."""
+        producer = self._producer
+        return producer is not None and bool(producer.client.cluster.partitions_for_topic(topic))
 
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         """Hand a record to the producer; the returned future resolves on Kafka's ack.

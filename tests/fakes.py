@@ -50,6 +50,9 @@ class FakePublisher:
         self.records.append(destination)
         return acked
 
+    def ready_for(self, topic: str) -> bool:
+        return True
+
     def failure(self, exc: BaseException) -> BridgeError:
         return exc if isinstance(exc, BridgeError) else PublishFailed(repr(exc))
 

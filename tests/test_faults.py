@@ -457,9 +457,15 @@ def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
                 wanted = {f"order-{i}" for i in range(50)}
                 found = wait_for_keys(broker.bootstrap, orders, wanted, within=60)
                 assert found == wanted, f"{len(found)} of 50 orders reached Kafka"
-                exposition = client.get("/metrics").text
-                assert "bridge_spool_depth 1.0" in exposition
+                # held once the probe of its first record waited for metadata in vain
+                exposition = wait_until(
+                    lambda: client.get("/metrics").text,
+                    lambda text: "bridge_topics_held 1.0" in text,
+                    within=10,
+                    every=0.1,
+                )
                 assert "bridge_topics_held 1.0" in exposition
+                assert "bridge_spool_depth 1.0" in exposition
                 asyncio.run(create(widgets))
                 found = wait_for_keys(broker.bootstrap, widgets, {"widget-1"}, within=60)
                 assert found == {"widget-1"}
