@@ -73,6 +73,10 @@ class DirectHandover:
         """
         self._tracked.add(topic)
 
+    def knows(self, topic: str) -> bool:
+        """True when records for ``topic`` were appended since the last metadata update."""
+        return topic in self._partitions
+
     def close(self) -> None:
         self._cluster.remove_listener(self._forget)
 

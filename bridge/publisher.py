@@ -602,7 +602,11 @@ class KafkaPublisher:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need
         not wait for metadata."""
         producer = self._producer
-        return producer is not None and bool(producer.client.cluster.partitions_for_topic(topic))
+        if producer is None:
+            return False
+        if self._handover is not None and self._handover.knows(topic):
+            return True  # a dict look-up, where aiokafka's would build a set
+        return bool(producer.client.cluster.partitions_for_topic(topic))
 
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         """Hand a record to the producer; the returned future resolves on Kafka's ack.

@@ -121,11 +121,15 @@ def test_a_topic_known_at_start_keeps_its_metadata(
                 while not cluster.partitions_for_topic(early):  # created just now
                     await producer.client.force_metadata_update()
                     await asyncio.sleep(0.1)
+                assert publisher.ready_for(early)  # the drainer's probe test
                 await publisher.publish(destination(early, "e1"))
                 assert appends == [(early, True)]  # known at start: no send()
+                assert publisher.ready_for(early)
+                assert not publisher.ready_for(late)
                 await admin.create_topics([NewTopic(late, 1, 1)])
                 await publisher.publish(destination(late, "l1"))  # send() registers it
                 assert appends[-1] == (late, False)
+                assert publisher.ready_for(late)
                 await producer.client.force_metadata_update()
                 assert cluster.partitions_for_topic(early) == {0, 1, 2}
                 assert cluster.leader_for_partition(TopicPartition(early, 0)) is not None
