@@ -28,6 +28,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
@@ -289,6 +290,8 @@ class KafkaPublisher:
         self._deadlines = Watchdog(settings.publish_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._handover: DirectHandover | None = None  # the producer's fast way in
+        # Resolved when the producer in use is replaced or stopped (see _send_through)
+        self._replaced: asyncio.Future[None] | None = None
         self._max_request_size = settings.kafka_max_request_size()
         self._fresh_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
@@ -385,6 +388,8 @@ class KafkaPublisher:
                 await producer.stop()
 
     def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
+        self._announce_replacement()
+        self._replaced = asyncio.get_running_loop().create_future()
         self._handover = DirectHandover(producer, self._max_request_size)
         self._producer = producer
         self._watch = functools.partial(self._after_ack, producer)
@@ -450,6 +455,11 @@ class KafkaPublisher:
             log.info("connected to Kafka with the changed secret files")
         finally:
             self._rotation = None
+
+    def _announce_replacement(self) -> None:
+        """Tell the sends waiting on the producer in use that it is gone."""
+        if self._replaced is not None and not self._replaced.done():
+            self._replaced.set_result(None)
 
     def _replace(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
         """Send new records through ``producer``; the one it replaces finishes what it
@@ -628,16 +638,58 @@ class KafkaPublisher:
                     destination.topic, destination.key, destination.value, destination.headers
                 )
             if acked is None:
-                acked = await producer.send(
+                acked, watch = await self._send_through(producer, watch, destination)
+        except Exception as exc:
+            raise self.failure(exc) from None
+        acked.add_done_callback(watch)
+        return acked
+
+    async def _send_through(
+        self,
+        producer: AIOKafkaProducer,
+        watch: Callable[[asyncio.Future[Any]], None],
+        destination: Destination,
+    ) -> tuple[asyncio.Future[Any], Callable[[asyncio.Future[Any]], None]]:
+        """``producer.send()`` (which may wait for the topic's metadata or for buffer
+        space), moved to the producer that replaces ``producer`` while it waits; the
+        acknowledgement future and the watch (``watch`` is ``producer``'s) of the
+        producer that took the record.
+
+        A replaced producer flushes and closes, and its client then never brings the
+        metadata a send is waiting for: that send waited until its caller's deadline.
+        This was the dead letter of a record Kafka refused, whose refusal replaces the
+        producer, for a dead-letter topic Kafka creates on first use: a 503.
+        """
+        while True:
+            replaced = self._replaced
+            if replaced is None:  # not reached: made with the producer
+                raise Unavailable("not connected to Kafka yet")
+            sending = asyncio.ensure_future(
+                producer.send(
                     destination.topic,
                     value=destination.value,
                     key=destination.key,
                     headers=destination.headers,
                 )
-        except Exception as exc:
-            raise self.failure(exc) from None
-        acked.add_done_callback(watch)
-        return acked
+            )
+            try:
+                await asyncio.wait((sending, replaced), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Replaced, or the caller stopped waiting: withdrawn. A send cancelled
+                # while it waits has not appended its record.
+                sending.cancel()
+            try:
+                acked: asyncio.Future[Any] = await sending
+            except asyncio.CancelledError:
+                if not replaced.done():
+                    raise  # the caller's own cancellation
+            else:
+                return acked, watch
+            current, current_watch = self._producer, self._watch
+            if current is None or current_watch is None:
+                self._metrics.record_publish_error("not_connected")
+                raise Unavailable("the Kafka producer stopped")
+            producer, watch = current, current_watch
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]:
         """:meth:`hand_over` within ``publish_timeout``."""
@@ -671,10 +723,15 @@ class KafkaPublisher:
         started = time.perf_counter()
         try:
             async with self._deadlines.bound():  # one deadline for hand-over and ack
+                replaced = self._replaced
                 acked = await self.hand_over(destination)
-                # Not shielded: this record's future is nobody else's, and aiokafka
-                # skips a cancelled one when the batch completes.
-                await acked
+                try:
+                    # Not shielded: this record's future is nobody else's, and aiokafka
+                    # skips a cancelled one when the batch completes.
+                    await acked
+                except OutOfOrderSequenceNumber as exc:
+                    await self._resend_when_replaced(replaced, exc)
+                    await (await self.hand_over(destination))
         except TimeoutError:
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(
@@ -684,6 +741,22 @@ class KafkaPublisher:
         except Exception as exc:
             raise self.failure(exc) from None
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
+
+    async def _resend_when_replaced(
+        self, replaced: asyncio.Future[None] | None, exc: OutOfOrderSequenceNumber
+    ) -> None:
+        """Wait (within the caller's deadline) until the producer that refused a record
+        as out of order is replaced, so that the record can go again.
+
+        That producer cannot send to the partition any more (see _after_ack), and is
+        being replaced. Kafka wrote nothing of a batch it refused this way, so sending
+        the record again through the fresh producer makes no duplicate. Without this,
+        every record for that partition in broker mode got a 503 until the
+        replacement was made (a connection to Kafka: tens of milliseconds).
+        """
+        self.failure(exc)  # counted: the attempt failed
+        if replaced is not None:
+            await asyncio.shield(replaced)  # shared by every waiter: not to be cancelled
 
     async def stop(self, deadline: float | None = None) -> None:
         """Flush what is in flight until ``deadline`` (monotonic; else within
@@ -699,6 +772,7 @@ class KafkaPublisher:
         await asyncio.gather(*background, return_exceptions=True)
         producer, self._producer = self._producer, None
         self._watch = self._broken = None
+        self._announce_replacement()
         if self._handover is not None:
             self._handover.close()
             self._handover = None
