@@ -75,9 +75,10 @@ class TokenAuthenticator:
         # after the tokens file is looked at: once the file holds a token, it is
         # required.
         self._allow_unauthenticated = allow_unauthenticated
-        # Logged as unreadable and not yet as readable again: a file gone for an hour
-        # is one ERROR line, not one per reading (it used to be one a second).
-        self._unreadable = False
+        # Why the file could not be read, as logged, until it is logged as readable
+        # again: a file gone for an hour is one ERROR line, not one per reading (it
+        # used to be one a second); a new reason (gone, then unreadable) is one more.
+        self._unreadable: str | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -89,18 +90,18 @@ class TokenAuthenticator:
         """The tokens read, or None if the file could not be read; logs only the
         changes between the two, with the reason when it becomes unreadable."""
         if isinstance(read, str):
-            if not self._unreadable:
+            if read != self._unreadable:
                 log.error(
                     "cannot read the tokens file %s: %s (the tokens in use are kept; this is "
-                    "not logged again until the file has been read)",
+                    "logged again only when the reason changes or after the file was read)",
                     self.tokens_file,
                     read,
                 )
-                self._unreadable = True
+                self._unreadable = read
             return None
-        if self._unreadable:
+        if self._unreadable is not None:
             log.info("the tokens file %s can be read again", self.tokens_file)
-            self._unreadable = False
+            self._unreadable = None
         return read
 
     async def watch(self) -> None:

@@ -189,6 +189,8 @@ class Settings(BaseModel):
                 read_tokens_file(value)
             except OSError as exc:
                 raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{value} is not UTF-8 text ({exc})") from None
         return value
 
     @field_validator("topic_template")

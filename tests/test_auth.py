@@ -244,6 +244,14 @@ async def test_an_unreadable_tokens_file_is_logged_once_not_at_every_reading(
         ]
         tokens.unlink()  # gone once more: a new change, logged again
         await eventually(lambda: len(lines(logging.ERROR)) == 2)
+        # Still unreadable, for another reason: logged (it used to stay silent, so the
+        # log said "No such file" while the file was there, and not UTF-8).
+        tokens.write_bytes(b"\xff\xfe not text\n")
+        await eventually(lambda: len(lines(logging.ERROR)) == 3)
+        assert "can't decode" in lines(logging.ERROR)[2]
+        settled = readings
+        await eventually(lambda: readings >= settled + 5, what="five readings of it")
+        assert len(lines(logging.ERROR)) == 3
     assert authenticator.current_tokens() == (b"old-token",)
 
 

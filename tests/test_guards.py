@@ -268,6 +268,11 @@ def test_unreadable_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     """A tokens file that cannot be read stops startup, naming the setting."""
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE"):
         load_settings(environ={"BRIDGE_TOKENS_FILE": str(tmp_path / "missing")})
+    # not UTF-8: the path is named too (it used to be the codec's message alone)
+    binary = tmp_path / "tokens.bin"
+    binary.write_bytes(b"\xff\xfe secret\n")
+    with pytest.raises(ConfigError, match=f"BRIDGE_TOKENS_FILE.*{binary}.*not UTF-8"):
+        load_settings(environ={"BRIDGE_TOKENS_FILE": str(binary)})
 
 
 def test_guard_refusals_are_timed_not_recorded_as_zero() -> None:
