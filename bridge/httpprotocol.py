@@ -58,6 +58,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge.errors import (
     BridgeError,
     HeadersTooLarge,
+    IncompleteRequest,
     MalformedRequest,
     MethodNotAllowed,
     RequestTimeout,
@@ -459,6 +460,18 @@ def guarded_protocol(
             # the connection stays open to answer those that are whole, in order, and
             # closes after. One whose body is still to come never will be: a queued
             # one is dropped (its app never runs); a running one hears a disconnect.
+            if self._refusal_after is None and self._in_head and self._head_bytes:
+                # A head cut short can never be whole (RFC 9112 6.3): this protocol's
+                # 400, as a late head's 408 (after the answers to the requests before
+                # it). It was dropped without a word, which the client cannot tell from
+                # a connection lost on the way.
+                self._refuse(
+                    IncompleteRequest(
+                        "the client half-closed the connection before the whole "
+                        "request head arrived"
+                    )
+                )
+                return True
             queued = self._queued()
             if queued is not None and self.cycle.more_body:
                 self.pipeline.remove(queued)

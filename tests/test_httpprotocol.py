@@ -19,6 +19,7 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import BridgeError
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
+from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
 
 
@@ -148,6 +149,7 @@ class Connection:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
         app = create_app(settings, publisher=self.publisher)
+        self.metrics: Metrics = app.state.metrics  # what the app counts
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
         protocol = guarded_protocol(
@@ -706,6 +708,83 @@ async def test_a_half_close_without_a_whole_request_closes_at_once(
     assert protocol.eof_received() is None  # nothing to answer
     protocol.data_received(webhook("h2")[:-5])
     assert protocol.eof_received() is None  # the body cannot be whole now
+
+
+def rejections(connection: Connection, reason: str) -> float:
+    """bridge_rejections_total{reason} as the app counted it (the protocol's own
+    refusals are in ``connection.refused``)."""
+    series = f'bridge_rejections_total{{reason="{reason}"}} '
+    [line] = [x for x in connection.metrics.exposition().decode().splitlines() if series in x]
+    return float(line.removeprefix(series))
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "reason", "by_protocol"),
+    [pytest.param(HALF_A_HEAD, 400, "incomplete_request", True, id="half a head")],
+)
+async def test_a_request_cut_short_by_a_half_close_is_answered_not_accepted(
+    connection: Connection,
+    caplog: pytest.LogCaptureFixture,
+    sent: bytes,
+    status: int,
+    reason: str,
+    by_protocol: bool,
+) -> None:
+    """A client that half-closes in the middle of a request can never finish it (RFC
+    9112 6.3: the message is incomplete). The connection was closed without a word,
+    so the client could not tell that refusal from a lost connection. It gets a 400
+    (or the 413 its Content-Length alone earns, as for a whole request), logged and
+    counted once like any refusal, and nothing is published."""
+    caplog.set_level(logging.INFO)
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    protocol.data_received(sent)
+    assert protocol.eof_received() is True  # open until the answer is out
+    answer = await wait_closed(connection, 2)
+    assert len(split_responses(answer)) == 1, answer
+    lines, body = split(answer)
+    assert lines[0].startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"content-type: application/problem+json" in lines
+    assert b"connection: close" in lines  # the client need not wonder
+    assert body["reason"] == reason
+    [(level, fields)] = refusals(caplog)
+    assert (level, fields["reason"], fields["status"]) == (logging.INFO, reason, status)
+    counted_by_app = rejections(connection, reason)
+    assert [e.reason for e in connection.refused] == ([reason] if by_protocol else [])
+    assert counted_by_app == (0 if by_protocol else 1)
+    assert connection.publisher.records == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    ("second", "status"),
+    [pytest.param(HALF_A_HEAD, 400, id="half a head")],
+)
+async def test_a_pipelined_request_cut_short_is_answered_in_its_turn(
+    monkeypatch: pytest.MonkeyPatch, second: bytes, status: int
+) -> None:
+    """Behind a request still being served, a request cut short by the half-close
+    is answered after it, in order; it was dropped without an answer."""
+    connection = Connection(monkeypatch)
+    hand_over = connection.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(0.2)  # Kafka, slow to acknowledge: the first is still running
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    try:
+        protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+        protocol.data_received(webhook("q1") + second)
+        assert protocol.eof_received() is True
+        answers = split_responses(await wait_closed(connection, 2))
+        assert [a[:12] for a in answers] == [
+            b"HTTP/1.1 202",
+            b"HTTP/1.1 %d" % status,
+        ]
+        assert split(answers[0])[1]["key"] == "q1"
+        assert [r.key for r in connection.publisher.records] == [b"q1"]
+    finally:
+        connection.close()
 
 
 async def test_a_large_head_pipelined_behind_a_request_is_431(
