@@ -80,6 +80,15 @@ class MalformedRequest(BridgeError):
     title = "Malformed HTTP request"
 
 
+class IncompleteRequest(BridgeError):
+    """The client shut down its sending side (a half-close) before the whole request
+    arrived: it can never be whole (RFC 9112 6.3), so it is refused, never accepted."""
+
+    status = 400
+    reason = "incomplete_request"
+    title = "Incomplete request"
+
+
 class MalformedQuery(BridgeError):
     status = 400
     reason = "malformed_query"
@@ -209,6 +218,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     Unauthorized,
     PayloadTooLarge,
     MalformedRequest,
+    IncompleteRequest,
     MalformedQuery,
     ClientDisconnected,
     ClientNotAllowed,

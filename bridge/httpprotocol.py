@@ -10,7 +10,9 @@ seconds and within ``max_head_bytes`` bytes, and its body within the same
 would answer) and the connection is closed. A request the parser cannot read gets
 a problem+json 400 instead of uvicorn's text/plain one (uvicorn answers it
 through ``send_400_response``; if a release stops doing so, startup warns
-and such requests get uvicorn's own answer).
+and such requests get uvicorn's own answer). A client that half-closes the
+connection still gets the answers to its requests, in order, then it is closed;
+a request the half-close cut short is refused, 400 (``eof_received``).
 
 It also sends each response in one piece: uvicorn writes the status line and
 headers, then the body, and uvloop turns each write into its own ``send()``
@@ -58,12 +60,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge.errors import (
     BridgeError,
     HeadersTooLarge,
+    IncompleteRequest,
     MalformedRequest,
     MethodNotAllowed,
     RequestTimeout,
 )
 from bridge.guards import url_too_long
-from bridge.ingress import BODY_TIMED_OUT, RESPOND_WHOLE, log_refusal, problem
+from bridge.ingress import BODY_TIMED_OUT, HALF_CLOSED, RESPOND_WHOLE, log_refusal, problem
 
 log = logging.getLogger(__name__)
 
@@ -455,15 +458,35 @@ def guarded_protocol(
             self._reparse = head + self._feeding[offset:]
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool; uvicorn narrowed it
-            # The client shut down its side (half-close) after sending its requests:
-            # the connection stays open to answer those that are whole, in order, and
-            # closes after. One whose body is still to come never will be: a queued
-            # one is dropped (its app never runs); a running one hears a disconnect.
-            queued = self._queued()
-            if queued is not None and self.cycle.more_body:
-                self.pipeline.remove(queued)
-            running = self._running
-            if self._answered_all() or (running is not None and running.more_body):
+            # The client shut down its side (half-close): nothing more will arrive. The
+            # connection stays open to answer every request it began, in order, and
+            # closes after the last answer. One cut short can never be whole (RFC 9112
+            # 6.3) and is refused, never accepted. It used to be dropped without a word,
+            # which the client cannot tell from a connection lost on the way.
+            cycle = self.cycle
+            if self._refusal_after is not None:
+                pass  # a refused request waits its turn: answered, then closed
+            elif self._in_head and self._head_bytes:
+                # A head cut short: this protocol's 400, as a late head's 408 (after the
+                # answers to the requests before it).
+                self._refuse(
+                    IncompleteRequest(
+                        "the client half-closed the connection before the whole "
+                        "request head arrived"
+                    )
+                )
+                return True
+            elif cycle is not None and cycle.more_body and not cycle.response_complete:
+                # A body cut short: its app answers, in its turn (a queued one runs
+                # after those before it). It refuses the request as for any body, with
+                # the 413 a Content-Length over the cap earns before a byte is read,
+                # else read_body's 400 on seeing HALF_CLOSED; woken now, it is not left
+                # waiting for bytes that never come. Not invited to send them either.
+                cycle.scope[HALF_CLOSED] = True  # type: ignore[literal-required]  # our own key, for the app
+                cycle.waiting_for_100_continue = False
+                cycle.keep_alive = False  # its answer says the connection closes
+                cycle.message_event.set()
+            if self._answered_all():
                 return None
             self._peer_done = True
             return True

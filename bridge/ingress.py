@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ from bridge.auth import TokenAuthenticator
 from bridge.errors import (
     BridgeError,
     ClientDisconnected,
+    IncompleteRequest,
     MalformedQuery,
     MethodNotAllowed,
     NotFound,
@@ -50,6 +51,9 @@ access_log = logging.getLogger("bridge.access")
 WEBHOOK_PATH = "/webhooks/geins"
 #: Set in the scope by the HTTP protocol when it answered 408 for a late body.
 BODY_TIMED_OUT = "bridge.body_timed_out"
+#: Set in the scope by the HTTP protocol when the client half-closed the connection
+#: before the request's body was whole: the rest can never come (read_body refuses it).
+HALF_CLOSED = "bridge.half_closed"
 #: Set in the scope by the HTTP protocol (bridge.httpprotocol): a function
 #: ``(scope, status, header lines, body) -> bool`` that writes a whole response
 #: at once, skipping ASGI's two ``send`` messages, or answers False when the app
@@ -226,7 +230,7 @@ class WebhookEndpoint:
         # No deadline here: the HTTP protocol (bridge.httpprotocol) gives the whole
         # request BRIDGE_READ_TIMEOUT, answers 408 and hangs up; this read then ends
         # with a disconnect. One timer per connection instead of one per request.
-        body = await read_body(receive, headers, self._max_body)
+        body = await read_body(receive, scope, self._max_body)
         params: dict[str, str] = scope.get("path_params", {})
         delivery = Delivery(
             method=method,
@@ -241,9 +245,10 @@ class WebhookEndpoint:
         return await self._pipeline.handle(delivery)
 
 
-async def read_body(receive: Receive, headers: Sequence[tuple[bytes, bytes]], cap: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes ``cap`` bytes."""
-    for name, value in headers:
+async def read_body(receive: Receive, scope: Scope, cap: int) -> bytes:
+    """The request body, refusing (413) as soon as it passes ``cap`` bytes, and (400)
+    once the client has half-closed the connection before sending all of it."""
+    for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > cap:
             raise PayloadTooLarge(f"the body is {int(value)} bytes; at most {cap} accepted")
     chunks: list[bytes] = []
@@ -259,6 +264,14 @@ async def read_body(receive: Receive, headers: Sequence[tuple[bytes, bytes]], ca
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+        if scope.get(HALF_CLOSED):
+            # The protocol woke this read for a body that will never be whole. Only
+            # between pieces: a body that came with its head (nearly every one) never
+            # gets here.
+            raise IncompleteRequest(
+                f"the client half-closed the connection after {size} bytes of the body, "
+                "before the rest"
+            )
 
 
 async def _respond(

@@ -34,7 +34,10 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
     """What any request can be answered before it reaches its endpoint: the HTTP
     server's own refusals and the guards' size limits, which hold on every path."""
     return {
-        "400": _problem("Not valid HTTP/1.1."),
+        "400": _problem(
+            "Not valid HTTP/1.1, or cut short: the client shut down its side of the "
+            "connection (half-close) before the whole request arrived."
+        ),
         "408": _problem(
             f"The request (head and body) did not arrive within {settings.read_timeout:g} s "
             "of its first byte; the connection is closed."
@@ -99,7 +102,9 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 "headers": {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}},
             },
             "400": _problem(
-                "Body not a JSON object, bad x-Idempotency-Key or query, or not valid HTTP/1.1."
+                "Body not a JSON object, bad x-Idempotency-Key or query, not valid HTTP/1.1, "
+                "or cut short by a half-close of the connection (413 instead when its "
+                "Content-Length is over the limit)."
             ),
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),

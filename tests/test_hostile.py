@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
+import orjson
 import pytest
 
 from tests.fakes import TOKEN
@@ -301,3 +303,111 @@ def test_responses_held_for_one_write_are_never_lost_or_late(
     assert answers.next(has_body=False).startswith(b"HTTP/1.1 100")
     sock.sendall(body)
     assert answers.next().startswith(b"HTTP/1.1 202")
+
+
+def _serious_lines_from(bridge: BridgeProcess, start: int) -> list[dict[str, object]]:
+    """The bridge's log lines above INFO after its first ``start`` characters, but
+    the Kafka client's (a new topic's first record makes it complain). A line that is
+    not JSON, a stray traceback say, fails the test."""
+    lines = (orjson.loads(line) for line in bridge.log()[start:].splitlines() if line)
+    return [
+        line
+        for line in lines
+        if line["level"] not in ("debug", "info") and not line["logger"].startswith("aiokafka")
+    ]
+
+
+def test_a_request_cut_short_by_a_half_close_is_answered_and_never_kept(
+    bridge: BridgeProcess,
+    connect: Callable[[BridgeProcess], socket.socket],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """A client that shuts down its sending side (SHUT_WR) in the middle of a request
+    was disconnected without a word. It gets a 400 (incomplete_request) after the
+    answers to the requests before it, or the 413 its Content-Length alone earns;
+    nothing of it is published, nor kept as a dead letter."""
+    head = (
+        b"POST /webhooks/geins/Order/create HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n".encode()
+        + b"x-idempotency-key: cut\r\n"
+    )
+    body = b'{"id":"cut","entity":"Order","action":"create"}'
+    cut_short = {
+        "half a head": (head, 400),
+        "half a body": (head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:9], 400),
+        "half a chunk": (
+            head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body[:9],
+            400,
+        ),
+        "a content-length over the cap": (head + b"Content-Length: 99999999\r\n\r\n{", 413),
+    }
+    start = len(bridge.log())
+    for name, (sent, status) in cut_short.items():
+        sock = connect(bridge)
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (name, answer)
+        assert b"content-type: application/problem+json" in answer, name
+        assert answer.count(b"HTTP/1.1 ") == 1, (name, answer)
+
+    # Pipelined behind a whole request: answered in turn, after it.
+    sock = connect(bridge)
+    sock.sendall(
+        _request("/webhooks/geins/Order/create", body=body, extra=b"x-idempotency-key: whole\r\n")
+        + head
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body[:9]
+    )
+    sock.shutdown(socket.SHUT_WR)
+    answers = _Answers(sock)
+    first = answers.next()
+    assert first.startswith(b"HTTP/1.1 202 "), first
+    assert b'"key":"whole"' in first
+    second = answers.next()
+    assert second.startswith(b"HTTP/1.1 400 "), second
+    assert b'"reason":"incomplete_request"' in second
+    assert read_all(sock) == answers.data == b""
+
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_rejections_total{reason="incomplete_request"} 4.0' in metrics
+    assert 'bridge_rejections_total{reason="body_too_large"} 1.0' in metrics
+    assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
+    bridge.signal(signal.SIGTERM)
+    assert bridge.wait(30) == 0
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    assert [r.key for r in records] == [b"whole"]  # no other record, no dead letter
+    assert _serious_lines_from(bridge, start) == []
+    refused = [
+        orjson.loads(line)["reason"]
+        for line in bridge.log()[start:].splitlines()
+        if '"delivery refused' in line
+    ]
+    assert sorted(refused) == ["body_too_large"] + ["incomplete_request"] * 4
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_client_that_closes_in_the_middle_of_a_request_logs_no_error(
+    bridge: BridgeProcess, connect: Callable[[BridgeProcess], socket.socket], reset: bool
+) -> None:
+    """A client that closes its socket (a FIN, which the server cannot tell from a
+    half-close, or a reset) part-way through a request: nothing published, nothing
+    logged above INFO, and the bridge serves on."""
+    head = (
+        b"POST /webhooks/geins/Order/create HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\n".encode()
+    )
+    start = len(bridge.log())
+    for sent in (head, head + b'Content-Length: 100\r\n\r\n{"id":'):
+        sock = connect(bridge)
+        sock.sendall(sent)
+        time.sleep(0.1)  # the bridge has read it
+        if reset:  # SO_LINGER with a zero timeout: close() sends a reset, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    time.sleep(0.5)  # answers written to the closed socket, resets received
+    assert httpx2.get(bridge.url + "/healthz", timeout=5).status_code == 200
+    metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
+    assert 'bridge_request_duration_seconds_count{outcome="accepted"} 0.0' in metrics
+    assert _serious_lines_from(bridge, start) == []

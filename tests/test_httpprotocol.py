@@ -19,6 +19,7 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import BridgeError
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
+from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
 
 
@@ -148,6 +149,7 @@ class Connection:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
         app = create_app(settings, publisher=self.publisher)
+        self.metrics: Metrics = app.state.metrics  # what the app counts
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
         protocol = guarded_protocol(
@@ -674,13 +676,15 @@ async def test_a_half_close_answers_the_whole_requests_before_a_partial_one(
 ) -> None:
     """A whole request, then part of one, then a half-close: the connection closed at
     once, and the whole request's event was published but never answered (its
-    answer hit a closed transport: a 500 logged at ERROR). It is answered, the
-    partial one dropped, then the connection closes."""
+    answer hit a closed transport: a 500 logged at ERROR). It is answered, then the
+    partial one gets its 400 (it can never be whole), then the connection closes."""
     protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
     protocol.data_received(webhook("h3") + webhook("h4")[:-5])
     assert protocol.eof_received() is True
-    [answer] = await connection.answers(b"", 1)
-    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    answers = await connection.answers(b"", 2)
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 202", b"HTTP/1.1 400"]
+    assert split(answers[0])[1]["key"] == "h3"
+    assert split(answers[1])[1]["reason"] == "incomplete_request"
     await wait_closed(connection, 1)
     assert [r.key for r in connection.publisher.records] == [b"h3"]
 
@@ -688,8 +692,7 @@ async def test_a_half_close_answers_the_whole_requests_before_a_partial_one(
 async def test_a_client_that_half_closes_still_gets_its_answer(connection: Connection) -> None:
     """A client may shut down its sending side once its request is out. The
     connection closed then, so an accepted event's 202 never reached the client
-    (which retries: a duplicate). It is answered, then the connection closes; a
-    half-close in the middle of a body still closes at once."""
+    (which retries: a duplicate). It is answered, then the connection closes."""
     protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
     protocol.data_received(webhook("h1"))
     assert protocol.eof_received() is True  # keep the transport open
@@ -699,13 +702,168 @@ async def test_a_client_that_half_closes_still_gets_its_answer(connection: Conne
     assert [r.key for r in connection.publisher.records] == [b"h1"]
 
 
-async def test_a_half_close_without_a_whole_request_closes_at_once(
-    connection: Connection,
+@pytest.mark.parametrize("sent", [b"", b"\r\n"], ids=["nothing", "an empty line"])
+async def test_a_half_close_without_a_request_closes_at_once(
+    connection: Connection, sent: bytes
 ) -> None:
+    """Nothing begun, nothing to answer (an empty line begins no request: RFC 9112 2.2)."""
     protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
-    assert protocol.eof_received() is None  # nothing to answer
-    protocol.data_received(webhook("h2")[:-5])
-    assert protocol.eof_received() is None  # the body cannot be whole now
+    protocol.data_received(sent)
+    assert protocol.eof_received() is None  # asyncio closes the transport
+    assert connection.transport.writes == []
+    assert connection.refused == []
+
+
+def rejections(connection: Connection, reason: str) -> float:
+    """bridge_rejections_total{reason} as the app counted it (the protocol's own
+    refusals are in ``connection.refused``)."""
+    series = f'bridge_rejections_total{{reason="{reason}"}} '
+    [line] = [x for x in connection.metrics.exposition().decode().splitlines() if series in x]
+    return float(line.removeprefix(series))
+
+
+CHUNKED_HEAD = (
+    b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+    b"x-idempotency-key: chunked\r\ntransfer-encoding: chunked\r\n\r\n" % TOKEN.encode()
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "reason", "by_protocol"),
+    [
+        pytest.param(HALF_A_HEAD, 400, "incomplete_request", True, id="half a head"),
+        pytest.param(webhook("c1")[: -len(ORDER)], 400, "incomplete_request", False, id="a head"),
+        pytest.param(webhook("c2")[:-5], 400, "incomplete_request", False, id="half a body"),
+        pytest.param(
+            webhook("c4", extra=b"expect: 100-continue\r\n")[: -len(ORDER)],
+            400,  # and no 100 Continue first: the body cannot come
+            "incomplete_request",
+            False,
+            id="a head expecting 100-continue",
+        ),
+        pytest.param(
+            CHUNKED_HEAD + b"%x\r\n%s" % (len(ORDER), ORDER[:10]),
+            400,
+            "incomplete_request",
+            False,
+            id="half a chunk",
+        ),
+        pytest.param(
+            CHUNKED_HEAD + b"%x\r\n%s\r\n" % (len(ORDER), ORDER),
+            400,
+            "incomplete_request",
+            False,
+            id="chunks without the last",
+        ),
+        pytest.param(
+            webhook("c3").replace(b"content-length: %d" % len(ORDER), b"content-length: 9999999"),
+            413,
+            "body_too_large",
+            False,
+            id="content-length over the cap",
+        ),
+    ],
+)
+async def test_a_request_cut_short_by_a_half_close_is_answered_not_accepted(
+    connection: Connection,
+    caplog: pytest.LogCaptureFixture,
+    sent: bytes,
+    status: int,
+    reason: str,
+    by_protocol: bool,
+) -> None:
+    """A client that half-closes in the middle of a request can never finish it (RFC
+    9112 6.3: the message is incomplete). The connection was closed without a word,
+    so the client could not tell that refusal from a lost connection. It gets a 400
+    (or the 413 its Content-Length alone earns, as for a whole request), logged and
+    counted once like any refusal, and nothing is published."""
+    caplog.set_level(logging.INFO)
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    protocol.data_received(sent)
+    assert protocol.eof_received() is True  # open until the answer is out
+    answer = await wait_closed(connection, 2)
+    assert len(split_responses(answer)) == 1, answer
+    lines, body = split(answer)
+    assert lines[0].startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"content-type: application/problem+json" in lines
+    assert b"connection: close" in lines  # the client need not wonder
+    assert body["reason"] == reason
+    [(level, fields)] = refusals(caplog)
+    assert (level, fields["reason"], fields["status"]) == (logging.INFO, reason, status)
+    counted_by_app = rejections(connection, reason)
+    assert [e.reason for e in connection.refused] == ([reason] if by_protocol else [])
+    assert counted_by_app == (0 if by_protocol else 1)
+    assert connection.publisher.records == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    ("second", "status"),
+    [
+        pytest.param(HALF_A_HEAD, 400, id="half a head"),
+        pytest.param(webhook("q2")[:-5], 400, id="half a body"),
+        pytest.param(
+            webhook("q2").replace(b"content-length: %d" % len(ORDER), b"content-length: 9999999"),
+            413,
+            id="content-length over the cap",
+        ),
+    ],
+)
+async def test_a_pipelined_request_cut_short_is_answered_in_its_turn(
+    monkeypatch: pytest.MonkeyPatch, second: bytes, status: int
+) -> None:
+    """Behind a request still being served, a request cut short by the half-close
+    is answered after it, in order; it was dropped without an answer."""
+    connection = Connection(monkeypatch)
+    hand_over = connection.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(0.2)  # Kafka, slow to acknowledge: the first is still running
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    try:
+        protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+        protocol.data_received(webhook("q1") + second)
+        assert protocol.eof_received() is True
+        answers = split_responses(await wait_closed(connection, 2))
+        assert [a[:12] for a in answers] == [
+            b"HTTP/1.1 202",
+            b"HTTP/1.1 %d" % status,
+        ]
+        assert split(answers[0])[1]["key"] == "q1"
+        assert [r.key for r in connection.publisher.records] == [b"q1"]
+    finally:
+        connection.close()
+
+
+async def test_a_half_close_after_an_early_answer_just_closes(connection: Connection) -> None:
+    """A request answered before its body arrived (a 401 here) has had its answer:
+    the half-close that cuts its body short adds none."""
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    wrong = webhook("e2", token="wrong")
+    [answer] = await connection.answers(wrong[:-5], 1)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    written = len(connection.transport.writes)
+    assert protocol.eof_received() is None  # answered all: close now
+    assert connection.transport.writes[written:] == []
+
+
+async def test_a_client_gone_after_a_half_close_logs_no_error(
+    connection: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closed for good (a FIN looks like a half-close to the server, then
+    a reset follows) before its answer: nobody to answer, nothing logged above INFO."""
+    caplog.set_level(logging.INFO)
+    protocol: Any = connection.protocol  # eof_received: typed by uvicorn as returning None
+    protocol.data_received(webhook("g1")[:-5])
+    protocol.eof_received()
+    connection.transport.closed = True  # the reset: the transport is gone
+    protocol.connection_lost(ConnectionResetError())
+    await asyncio.sleep(0.1)  # the app hears of it
+    assert connection.publisher.records == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert len(refusals(caplog)) <= 1
 
 
 async def test_a_large_head_pipelined_behind_a_request_is_431(

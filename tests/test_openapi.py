@@ -53,6 +53,7 @@ def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
             assert "7.5 s" in responses["408"]["description"]
             assert "50 headers" in responses["431"]["description"]
             assert "4000 bytes" in responses["431"]["description"]
+            assert "half-close" in responses["400"]["description"]  # a request cut short
 
 
 @pytest.mark.kafka
