@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import logs
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
+
+if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
+    from bridge.kafkaadmin import DeadLetterQuery
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,33 +197,47 @@ def _position(text: str) -> tuple[int | None, int]:
         ) from None
 
 
-def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list[Any]:
+def _dead_letter_query(settings: Settings, args: argparse.Namespace) -> DeadLetterQuery:
+    """What a deadletter command's options ask for."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
     if not settings.deadletter_topic:
         raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
-    query = kafkaadmin.DeadLetterQuery(
+    return kafkaadmin.DeadLetterQuery(
         offsets=getattr(args, "offset", None) or (),
         keys=frozenset(getattr(args, "key", None) or ()),
         reason=args.reason,
     )
-    return asyncio.run(kafkaadmin.dead_letters(settings, query))
 
 
 def _deadletter_list(settings: Settings, args: argparse.Namespace) -> int:
+    shown = asyncio.run(_show_dead_letters(settings, _dead_letter_query(settings, args)))
+    print(f"{shown} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
+    return 0
+
+
+async def _show_dead_letters(settings: Settings, query: DeadLetterQuery) -> int:
+    """Print each dead letter ``query`` wants as it is read; how many there were."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    records = _selected_dead_letters(settings, args)
-    for record in records:
-        print(kafkaadmin.describe_dead_letter(record))
-    print(f"{len(records)} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
-    return 0
+    shown = 0
+    async with contextlib.aclosing(kafkaadmin.dead_letters(settings, query)) as letters:
+        async for record in letters:
+            print(kafkaadmin.describe_dead_letter(record))
+            shown += 1
+    return shown
+
+
+async def _collected(letters: AsyncGenerator[Any, None]) -> list[Any]:
+    async with contextlib.aclosing(letters):
+        return [record async for record in letters]
 
 
 def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    records = _selected_dead_letters(settings, args)
+    query = _dead_letter_query(settings, args)
+    records = asyncio.run(_collected(kafkaadmin.dead_letters(settings, query)))
     if not records and (args.offset or args.key or args.reason):
         # Nothing replayed that was asked for, as when some are still refused.
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
