@@ -8,9 +8,9 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bridge import logs
 from bridge.config import Settings, load_settings
@@ -228,31 +228,37 @@ async def _show_dead_letters(settings: Settings, query: DeadLetterQuery) -> int:
     return shown
 
 
-async def _collected(letters: AsyncGenerator[Any, None]) -> list[Any]:
-    async with contextlib.aclosing(letters):
-        return [record async for record in letters]
-
-
 def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from bridge import kafkaadmin  # noqa: PLC0415
-
     query = _dead_letter_query(settings, args)
-    records = asyncio.run(_collected(kafkaadmin.dead_letters(settings, query)))
-    if not records and (args.offset or args.key or args.reason):
+    replayed, refused = asyncio.run(_replay_dead_letters(settings, query, dry_run=args.dry_run))
+    if not replayed + refused and (args.offset or args.key or args.reason):
         # Nothing replayed that was asked for, as when some are still refused.
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
         return 1
-    results = asyncio.run(
-        kafkaadmin.replay_dead_letters(settings, _router(settings), records, dry_run=args.dry_run)
-    )
-    for record, topic, outcome in results:
-        target = f" -> {topic}" if topic else ""
-        position = kafkaadmin.position(record)
-        print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
-    refused = sum(topic is None for _, topic, _ in results)
     verb = "would be replayed" if args.dry_run else "replayed"
-    print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)
+    print(f"{replayed} {verb}, {refused} still refused", file=sys.stderr)
     return 1 if refused else 0
+
+
+async def _replay_dead_letters(
+    settings: Settings, query: DeadLetterQuery, *, dry_run: bool
+) -> tuple[int, int]:
+    """Replay each dead letter ``query`` wants as it is read, printing what became of
+    it; how many were replayed and how many are still refused."""
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    replayed = refused = 0
+    letters = kafkaadmin.dead_letters(settings, query)
+    results = kafkaadmin.replay_dead_letters(settings, _router(settings), letters, dry_run=dry_run)
+    # Closed in this order (the producer flushes, then the consumer stops) however it ends.
+    async with contextlib.aclosing(letters), contextlib.aclosing(results):
+        async for record, topic, outcome in results:
+            target = f" -> {topic}" if topic else ""
+            position = kafkaadmin.position(record)
+            print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
+            replayed += topic is not None
+            refused += topic is None
+    return replayed, refused
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

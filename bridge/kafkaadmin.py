@@ -13,7 +13,7 @@ import heapq
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -536,35 +536,40 @@ async def _wait_next(
 
 
 async def replay_dead_letters(
-    settings: Settings, router: Router, records: Sequence[Any], *, dry_run: bool
-) -> list[tuple[Any, str | None, str]]:
-    """Run each dead letter through today's parsing and routing again.
+    settings: Settings, router: Router, records: AsyncIterable[Any], *, dry_run: bool
+) -> AsyncGenerator[tuple[Any, str | None, str], None]:
+    """Run each dead letter through today's parsing and routing again, as ``records``
+    gives them, yielding (record, topic or None, what happened) for each in turn.
 
-    Returns (record, topic or None, what happened). Accepted ones are published
-    with their original idempotency key (or, when the delivery had none, the dead
-    letter's own key), so consumers see a replay of an event they already have,
-    or a second replay, as a duplicate.
+    Accepted ones are published with their original idempotency key (or, when the
+    delivery had none, the dead letter's own key), so consumers see a replay of an
+    event they already have, or a second replay, as a duplicate. The producer starts
+    with the first record to publish: none when nothing is (a dry run, no match).
     """
-    publisher = None if dry_run else KafkaPublisher(settings, Metrics())
-    if publisher is not None:
-        await publisher.start()
-        if not publisher.connected:
-            await publisher.stop()
-            raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
-    results: list[tuple[Any, str | None, str]] = []
+    publisher: KafkaPublisher | None = None
     try:
-        for record in records:
+        async for record in records:
             destination, outcome = _replayed(record, settings, router)
-            if destination is not None and publisher is not None:
+            if destination is not None and not dry_run:
+                publisher = publisher or await _started_publisher(settings)
                 try:
                     await publisher.publish(destination)
                 except BridgeError as exc:
                     destination, outcome = None, f"not published: {exc.detail}"
-            results.append((record, destination.topic if destination else None, outcome))
+            yield record, destination.topic if destination else None, outcome
     finally:
         if publisher is not None:
             await publisher.stop()
-    return results
+
+
+async def _started_publisher(settings: Settings) -> KafkaPublisher:
+    """A publisher connected to Kafka; KafkaError when Kafka is not reachable."""
+    publisher = KafkaPublisher(settings, Metrics())
+    await publisher.start()
+    if not publisher.connected:
+        await publisher.stop()
+        raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
+    return publisher
 
 
 def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:

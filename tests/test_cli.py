@@ -536,6 +536,19 @@ def test_deadletter_list_shows_every_dead_letter_holding_a_few_per_partition(
     assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
 
 
+def test_deadletter_replay_takes_every_dead_letter_holding_a_few_per_partition(
+    dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """replay without filters goes through the whole topic oldest first, as list shows
+    it, holding a fetch or so per partition (it read them all into a list first too)."""
+    assert main(["deadletter", "replay", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert shown_positions(out.out) == oldest_first(dead_topic)
+    assert out.out.count(" accepted -> ") == 2000
+    assert "2000 would be replayed, 0 still refused" in out.err
+    assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
+
+
 def test_deadletter_list_gives_kafka_the_deadline_for_each_answer(
     dead_topic: FakeDeadLetterTopic, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
