@@ -133,23 +133,19 @@ async def read_to_end(
         start = await consumer.beginning_offsets(partitions)
         end = await consumer.end_offsets(partitions)
         spans = {tp: (start[tp], end[tp]) for tp in partitions}
-        records = await read_spans(consumer, spans, lambda _: True)
+        records = await read_spans(consumer, spans)
         return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
     finally:
         await consumer.stop()
 
 
 async def read_spans(
-    consumer: AIOKafkaConsumer,
-    spans: dict[TopicPartition, tuple[int, int]],
-    keep: Callable[[Any], bool],
+    consumer: AIOKafkaConsumer, spans: dict[TopicPartition, tuple[int, int]]
 ) -> list[Any]:
-    """The records at offsets [first, stop) of each partition that ``keep`` accepts.
-
-    Each record is judged as it arrives and only those kept are held, so that reading
-    a large topic for a few records needs memory for those few, not for the topic.
-    ``stop`` must not be past the partition's end offset, or this waits for records
-    that may never come.
+    """The records at offsets [first, stop) of each partition, all partitions read at
+    once and held (the dead letters are read a chunk at a time instead: see
+    :func:`dead_letters`). ``stop`` must not be past the partition's end offset, or
+    this waits for records that may never come.
     """
     todo = {tp: span for tp, span in spans.items() if span[0] < span[1]}
     if not todo:
@@ -161,7 +157,7 @@ async def read_spans(
     while todo:
         for tp, batch in (await consumer.getmany(*todo, timeout_ms=500)).items():
             first, stop = todo[tp]
-            kept.extend(r for r in batch if first <= r.offset < stop and keep(r))
+            kept.extend(r for r in batch if first <= r.offset < stop)
         for tp in [tp for tp in todo if await consumer.position(tp) >= todo[tp][1]]:
             # Done with it: a fetch of what lies beyond would only be thrown away.
             consumer.pause(tp)
