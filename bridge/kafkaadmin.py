@@ -358,7 +358,11 @@ async def dead_letters(settings: Settings, query: DeadLetterQuery) -> AsyncGener
     """
     options = kafka_client_options(settings)
     deadline = settings.kafka_connect_timeout * 3
-    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+    # Retention may delete the oldest records while a long replay still reads before
+    # them: go on from the oldest left, not (aiokafka's default) from the end.
+    consumer = AIOKafkaConsumer(
+        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     try:
         async with _answered_within(deadline):
             partitions = await _dead_letter_partitions(settings, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import itertools
 import random
@@ -10,8 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, ConsumerRecord
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from starlette.testclient import TestClient
 
@@ -191,9 +192,16 @@ def test_null_keys_values_and_header_values_print_as_none(
 EPOCH_MS, SECOND = 1_700_000_000_000, 1000
 
 
-def keep(bootstrap: str, topic: str, partitions: int, letters: list[tuple[str, int, int]]) -> None:
-    """Create ``topic`` with ``partitions`` and write a dead letter for each (key,
-    partition, milliseconds after EPOCH_MS, the record's timestamp), in this order."""
+def keep(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    letters: list[tuple[str, int, int]],
+    *,
+    body: bytes = b"{}",
+) -> None:
+    """Create ``topic`` with ``partitions`` and write a dead letter of ``body`` for each
+    (key, partition, milliseconds after EPOCH_MS, the record's timestamp), in order."""
 
     async def write() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -210,7 +218,7 @@ def keep(bootstrap: str, topic: str, partitions: int, letters: list[tuple[str, i
                 letter = novel_voucher_letter(
                     topic,
                     headers=[(b"x-idempotency-key", key.encode())],
-                    body=b"{}",
+                    body=body,
                     received_at=datetime.fromtimestamp((EPOCH_MS + after) / 1000, UTC),
                 )
                 # Not awaited one by one: a partition keeps the order they were sent in.
@@ -293,6 +301,51 @@ def test_a_dead_letter_older_than_the_one_before_it_on_its_partition_is_not_move
     assert listed(capsys.readouterr().out) == shown
     assert main(["deadletter", "replay", "--dry-run"]) == 1  # strict types: still refused
     assert listed(capsys.readouterr().out) == shown
+
+
+def delete_before(bootstrap: str, tp: TopicPartition, offset: int) -> None:
+    """Delete the records of ``tp`` before ``offset``, as retention does, from a thread of
+    its own: a test calls it from within the event loop of the command under test."""
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(offset)})
+        finally:
+            await admin.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, delete()).result()
+
+
+def test_dead_letters_deleted_while_they_are_read_leave_the_rest_shown(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Retention deleting the oldest dead letters while list (or a replay, which reads as
+    it publishes) is still before them: reading goes on from the oldest one left.
+    aiokafka's default jumped to the end of the partition, silently leaving out every
+    dead letter after those deleted."""
+    topic = f"{topic_prefix}.deadletter"
+    # 4 KB each: aiokafka fetches up to 1 MiB at a time, a few hundred of them.
+    keep(kafka_bootstrap, topic, 1, [(f"k{n}", 0, n) for n in range(1000)], body=b"x" * 4000)
+    describe = kafkaadmin.describe_dead_letter
+
+    def describe_deleting(record: Any) -> str:
+        if record.offset == 0:  # the first fetch is in; the next one will be past it
+            delete_before(kafka_bootstrap, TopicPartition(topic, 0), 600)
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_deleting)
+    assert main(["deadletter", "list"]) == 0
+    shown = [int(line.split()[0].split("@")[1]) for line in capsys.readouterr().out.splitlines()
+             if "key=" in line]  # fmt: skip
+    gap = shown.index(600)
+    assert shown[:gap] == list(range(gap)), "the first fetch, read before the deletion"
+    assert shown[gap:] == list(range(600, 1000))
 
 
 def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
