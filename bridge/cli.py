@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bridge import logs
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
+
+if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
+    from bridge.kafkaadmin import DeadLetterQuery
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,48 +197,68 @@ def _position(text: str) -> tuple[int | None, int]:
         ) from None
 
 
-def _selected_dead_letters(settings: Settings, args: argparse.Namespace) -> list[Any]:
+def _dead_letter_query(settings: Settings, args: argparse.Namespace) -> DeadLetterQuery:
+    """What a deadletter command's options ask for."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
     if not settings.deadletter_topic:
         raise ConfigError("BRIDGE_DEADLETTER_TOPIC is empty: dead letters are not kept")
-    query = kafkaadmin.DeadLetterQuery(
+    return kafkaadmin.DeadLetterQuery(
         offsets=getattr(args, "offset", None) or (),
         keys=frozenset(getattr(args, "key", None) or ()),
         reason=args.reason,
     )
-    return asyncio.run(kafkaadmin.dead_letters(settings, query))
 
 
 def _deadletter_list(settings: Settings, args: argparse.Namespace) -> int:
-    from bridge import kafkaadmin  # noqa: PLC0415
-
-    records = _selected_dead_letters(settings, args)
-    for record in records:
-        print(kafkaadmin.describe_dead_letter(record))
-    print(f"{len(records)} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
+    shown = asyncio.run(_show_dead_letters(settings, _dead_letter_query(settings, args)))
+    print(f"{shown} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
     return 0
 
 
-def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
+async def _show_dead_letters(settings: Settings, query: DeadLetterQuery) -> int:
+    """Print each dead letter ``query`` wants as it is read; how many there were."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    records = _selected_dead_letters(settings, args)
-    if not records and (args.offset or args.key or args.reason):
+    shown = 0
+    async with contextlib.aclosing(kafkaadmin.dead_letters(settings, query)) as letters:
+        async for record in letters:
+            print(kafkaadmin.describe_dead_letter(record))
+            shown += 1
+    return shown
+
+
+def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
+    query = _dead_letter_query(settings, args)
+    replayed, refused = asyncio.run(_replay_dead_letters(settings, query, dry_run=args.dry_run))
+    if not replayed + refused and (args.offset or args.key or args.reason):
         # Nothing replayed that was asked for, as when some are still refused.
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
         return 1
-    results = asyncio.run(
-        kafkaadmin.replay_dead_letters(settings, _router(settings), records, dry_run=args.dry_run)
-    )
-    for record, topic, outcome in results:
-        target = f" -> {topic}" if topic else ""
-        position = kafkaadmin.position(record)
-        print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
-    refused = sum(topic is None for _, topic, _ in results)
     verb = "would be replayed" if args.dry_run else "replayed"
-    print(f"{len(results) - refused} {verb}, {refused} still refused", file=sys.stderr)
+    print(f"{replayed} {verb}, {refused} still refused", file=sys.stderr)
     return 1 if refused else 0
+
+
+async def _replay_dead_letters(
+    settings: Settings, query: DeadLetterQuery, *, dry_run: bool
+) -> tuple[int, int]:
+    """Replay each dead letter ``query`` wants as it is read, printing what became of
+    it; how many were replayed and how many are still refused."""
+    from bridge import kafkaadmin  # noqa: PLC0415
+
+    replayed = refused = 0
+    letters = kafkaadmin.dead_letters(settings, query)
+    results = kafkaadmin.replay_dead_letters(settings, _router(settings), letters, dry_run=dry_run)
+    # Closed in this order (the producer flushes, then the consumer stops) however it ends.
+    async with contextlib.aclosing(letters), contextlib.aclosing(results):
+        async for record, topic, outcome in results:
+            target = f" -> {topic}" if topic else ""
+            position = kafkaadmin.position(record)
+            print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
+            replayed += topic is not None
+            refused += topic is None
+    return replayed, refused
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

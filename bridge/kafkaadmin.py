@@ -7,11 +7,13 @@ path's module stays small.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import heapq
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -131,23 +133,19 @@ async def read_to_end(
         start = await consumer.beginning_offsets(partitions)
         end = await consumer.end_offsets(partitions)
         spans = {tp: (start[tp], end[tp]) for tp in partitions}
-        records = await read_spans(consumer, spans, lambda _: True)
+        records = await read_spans(consumer, spans)
         return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
     finally:
         await consumer.stop()
 
 
 async def read_spans(
-    consumer: AIOKafkaConsumer,
-    spans: dict[TopicPartition, tuple[int, int]],
-    keep: Callable[[Any], bool],
+    consumer: AIOKafkaConsumer, spans: dict[TopicPartition, tuple[int, int]]
 ) -> list[Any]:
-    """The records at offsets [first, stop) of each partition that ``keep`` accepts.
-
-    Each record is judged as it arrives and only those kept are held, so that reading
-    a large topic for a few records needs memory for those few, not for the topic.
-    ``stop`` must not be past the partition's end offset, or this waits for records
-    that may never come.
+    """The records at offsets [first, stop) of each partition, all partitions read at
+    once and held (the dead letters are read a chunk at a time instead: see
+    :func:`dead_letters`). ``stop`` must not be past the partition's end offset, or
+    this waits for records that may never come.
     """
     todo = {tp: span for tp, span in spans.items() if span[0] < span[1]}
     if not todo:
@@ -159,7 +157,7 @@ async def read_spans(
     while todo:
         for tp, batch in (await consumer.getmany(*todo, timeout_ms=500)).items():
             first, stop = todo[tp]
-            kept.extend(r for r in batch if first <= r.offset < stop and keep(r))
+            kept.extend(r for r in batch if first <= r.offset < stop)
         for tp in [tp for tp in todo if await consumer.position(tp) >= todo[tp][1]]:
             # Done with it: a fetch of what lies beyond would only be thrown away.
             consumer.pause(tp)
@@ -344,20 +342,53 @@ class DeadLetterQuery:
         )
 
 
-async def dead_letters(settings: Settings, query: DeadLetterQuery) -> list[Any]:
-    """The dead letters ``query`` wants, oldest first (by record timestamp, then
-    partition and offset: the order they arrived in across partitions)."""
+#: How many records reading the dead letters takes from aiokafka at a time, for one
+#: partition: what it holds of each partition, on top of aiokafka's fetch buffer.
+DEAD_LETTER_CHUNK = 100
+
+
+async def dead_letters(settings: Settings, query: DeadLetterQuery) -> AsyncGenerator[Any, None]:
+    """The dead letters ``query`` wants, oldest first (see :func:`_oldest_first`), each
+    as soon as it is read: memory for a chunk of each partition, whatever the size of
+    the topic. Close it (``contextlib.aclosing``) to stop early: that stops the consumer.
+
+    Kafka gets three BRIDGE_KAFKA_CONNECT_TIMEOUTs to describe the topic, and as long for
+    each chunk, not for the whole topic: whoever takes the records (a pager, a replay
+    publishing each) takes its own time between chunks, which is not Kafka's.
+    """
     options = kafka_client_options(settings)
     deadline = settings.kafka_connect_timeout * 3
+    # Retention may delete the oldest records while a long replay still reads before
+    # them: go on from the oldest left, not (aiokafka's default) from the end.
+    consumer = AIOKafkaConsumer(
+        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     try:
-        async with asyncio.timeout(deadline):
+        async with _answered_within(deadline):
             partitions = await _dead_letter_partitions(settings, options)
             positions = _positions(settings.deadletter_topic, partitions, query.offsets)
-            records = await _read_dead_letters(options, partitions, positions, query.wants)
+            await consumer.start()
+            spans = await _dead_letter_spans(consumer, partitions, positions)
+        _assign(consumer, spans)
+        streams = [
+            _partition_records(consumer, tp, tp_spans, query.wants, deadline)
+            for tp, tp_spans in spans.items()
+        ]
+        async for record in _oldest_first(streams):
+            yield record
+    finally:
+        await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def _answered_within(seconds: float) -> AsyncIterator[None]:
+    """``asyncio.timeout(seconds)`` whose TimeoutError says how long Kafka had (a bare one
+    says nothing)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
     except TimeoutError:
-        raise TimeoutError(f"no answer within {deadline:g} s") from None
-    records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
-    return records
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
 
 
 async def _dead_letter_partitions(
@@ -404,63 +435,141 @@ def _positions(
     return list(positions)
 
 
-async def _read_dead_letters(
-    options: dict[str, Any],
+async def _dead_letter_spans(
+    consumer: AIOKafkaConsumer,
     partitions: Sequence[TopicPartition],
     positions: Sequence[tuple[TopicPartition, int]],
+) -> dict[TopicPartition, list[tuple[int, int]]]:
+    """What to read of each partition, as spans of offsets [first, stop) in offset
+    order: the records at ``positions`` or, when there are none, all of the topic up to
+    its end now (what arrives meanwhile is not waited for). A position no longer there
+    (past retention), not there yet, or on a partition the topic lacks holds none."""
+    start = await consumer.beginning_offsets(partitions)
+    end = await consumer.end_offsets(partitions)
+    if not positions:
+        return {tp: [(start[tp], end[tp])] for tp in partitions if start[tp] < end[tp]}
+    # A span per record named: seeking to each (a handful, typed by hand) fetches only
+    # around it, where one pass from the lowest would read all in between.
+    spans: dict[TopicPartition, list[tuple[int, int]]] = {}
+    for tp, offset in sorted(positions):
+        if tp in end and start[tp] <= offset < end[tp]:
+            spans.setdefault(tp, []).append((offset, offset + 1))
+    return spans
+
+
+def _assign(consumer: AIOKafkaConsumer, spans: dict[TopicPartition, list[tuple[int, int]]]) -> None:
+    """Give ``consumer`` the partitions to read, each at its first span. Seeking right
+    away, before aiokafka's background fetcher runs, has it fetch from there at once
+    rather than first look up a position of its own."""
+    if not spans:
+        return  # nothing to read: no partition to fetch from
+    consumer.assign(sorted(spans))
+    for tp, [(first, _), *_] in spans.items():
+        consumer.seek(tp, first)
+
+
+async def _partition_records(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    spans: Sequence[tuple[int, int]],
     keep: Callable[[Any], bool],
-) -> list[Any]:
-    """The records ``keep`` accepts: those at ``positions`` or, when there are none,
-    all of the topic. A position no longer there (past retention), not there yet, or
-    on a partition the topic lacks holds none."""
-    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        start = await consumer.beginning_offsets(partitions)
-        end = await consumer.end_offsets(partitions)
-        if not positions:
-            return await read_spans(consumer, {tp: (start[tp], end[tp]) for tp in end}, keep)
-        records: list[Any] = []
-        # One read per record named: seeking to each (a handful, typed by hand) fetches
-        # only around it, where one pass from the lowest would read all in between.
-        for tp, offset in positions:
-            if tp in end and start[tp] <= offset < end[tp]:
-                records += await read_spans(consumer, {tp: (offset, offset + 1)}, keep)
-        return records
-    finally:
-        await consumer.stop()
+    deadline: float,
+) -> AsyncIterator[Any]:
+    """The records of ``tp`` in ``spans`` that ``keep`` accepts, in offset order, taken
+    from aiokafka a chunk at a time: memory for one chunk however long the partition."""
+    for first, stop in spans:
+        if await consumer.position(tp) != first:
+            consumer.seek(tp, first)  # only when elsewhere: a seek drops what was fetched
+        while await consumer.position(tp) < stop:
+            for record in await _next_chunk(consumer, tp, deadline):
+                # A fetch returns whole batches: records past ``stop`` may come with it.
+                if first <= record.offset < stop and keep(record):
+                    yield record
+    # Done with it: a fetch of what lies beyond would only be thrown away.
+    consumer.pause(tp)
+
+
+async def _next_chunk(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: float) -> list[Any]:
+    """The next records of ``tp``, at most DEAD_LETTER_CHUNK of them; none when aiokafka
+    moved past offsets that hold no record (transaction markers, records compacted
+    away), which only the position shows: getmany waits for records. TimeoutError when
+    Kafka sends neither within ``deadline`` seconds."""
+    async with _answered_within(deadline):
+        at = await consumer.position(tp)
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=500, max_records=DEAD_LETTER_CHUNK)
+            if batches or await consumer.position(tp) != at:
+                return list(batches.get(tp, []))
+
+
+async def _oldest_first(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The records of ``streams`` (one per partition, each in offset order) merged by
+    (timestamp, partition, offset): each step yields the lowest of the streams' next
+    records, as heapq.merge does, so that only one record per stream waits here.
+
+    That is the order of the whole topic sorted, the order list promises, as long as
+    timestamps do not go back within a partition. Where one does (dead letters kept by
+    bridges whose clocks differ, or written by a producer that sets its own), that
+    record is not moved up: it comes after those written before it on its partition,
+    and each partition is always shown in the order it was written. Sorting it in among
+    the others would take holding the whole topic, which is what this avoids.
+    """
+    waiting: list[tuple[tuple[int, int, int], Any, AsyncIterator[Any]]] = []
+    for stream in streams:
+        await _wait_next(waiting, stream)
+    while waiting:
+        _, record, stream = heapq.heappop(waiting)
+        yield record
+        await _wait_next(waiting, stream)
+
+
+async def _wait_next(
+    waiting: list[tuple[tuple[int, int, int], Any, AsyncIterator[Any]]],
+    stream: AsyncIterator[Any],
+) -> None:
+    """Put the next record of ``stream`` on the heap ``waiting``, when it has one. The
+    key is unique on a topic, so the heap never compares records or streams."""
+    record = await anext(stream, None)
+    if record is not None:
+        key = (record.timestamp, record.partition, record.offset)
+        heapq.heappush(waiting, (key, record, stream))
 
 
 async def replay_dead_letters(
-    settings: Settings, router: Router, records: Sequence[Any], *, dry_run: bool
-) -> list[tuple[Any, str | None, str]]:
-    """Run each dead letter through today's parsing and routing again.
+    settings: Settings, router: Router, records: AsyncIterable[Any], *, dry_run: bool
+) -> AsyncGenerator[tuple[Any, str | None, str], None]:
+    """Run each dead letter through today's parsing and routing again, as ``records``
+    gives them, yielding (record, topic or None, what happened) for each in turn.
 
-    Returns (record, topic or None, what happened). Accepted ones are published
-    with their original idempotency key (or, when the delivery had none, the dead
-    letter's own key), so consumers see a replay of an event they already have,
-    or a second replay, as a duplicate.
+    Accepted ones are published with their original idempotency key (or, when the
+    delivery had none, the dead letter's own key), so consumers see a replay of an
+    event they already have, or a second replay, as a duplicate. The producer starts
+    with the first record to publish: none when nothing is (a dry run, no match).
     """
-    publisher = None if dry_run else KafkaPublisher(settings, Metrics())
-    if publisher is not None:
-        await publisher.start()
-        if not publisher.connected:
-            await publisher.stop()
-            raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
-    results: list[tuple[Any, str | None, str]] = []
+    publisher: KafkaPublisher | None = None
     try:
-        for record in records:
+        async for record in records:
             destination, outcome = _replayed(record, settings, router)
-            if destination is not None and publisher is not None:
+            if destination is not None and not dry_run:
+                publisher = publisher or await _started_publisher(settings)
                 try:
                     await publisher.publish(destination)
                 except BridgeError as exc:
                     destination, outcome = None, f"not published: {exc.detail}"
-            results.append((record, destination.topic if destination else None, outcome))
+            yield record, destination.topic if destination else None, outcome
     finally:
         if publisher is not None:
             await publisher.stop()
-    return results
+
+
+async def _started_publisher(settings: Settings) -> KafkaPublisher:
+    """A publisher connected to Kafka; KafkaError when Kafka is not reachable."""
+    publisher = KafkaPublisher(settings, Metrics())
+    await publisher.start()
+    if not publisher.connected:
+        await publisher.stop()
+        raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
+    return publisher
 
 
 def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:

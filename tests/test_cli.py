@@ -385,8 +385,10 @@ class _Record:
 
 class FakeDeadLetterTopic:
     """A dead-letter topic of 2 partitions x 1000 records, made as they are fetched (50 at
-    a time), standing in for the admin client and the consumer of bridge.kafkaadmin. It
-    counts the records fetched, and the most held at once by anyone when a fetch begins."""
+    a time, fewer when asked for fewer), standing in for the admin client and the consumer
+    of bridge.kafkaadmin. It counts the records fetched, and the most held at once by
+    anyone when a fetch begins. Each fetch takes ``delay`` seconds; from offset
+    ``stall_at`` on, it answers nothing (a Kafka gone quiet)."""
 
     PARTITIONS, RECORDS, BATCH = 2, 1000, 50
     ODD_ONE = (1, 600)  # the only record refused for another reason
@@ -407,6 +409,8 @@ class FakeDeadLetterTopic:
         self.most_held = 0
         self.positions: dict[TopicPartition, int] = {}
         self.paused: set[TopicPartition] = set()
+        self.delay = 0.0
+        self.stall_at = sys.maxsize
 
     def admin(self, **_: object) -> FakeDeadLetterTopic:
         return self
@@ -454,15 +458,22 @@ class FakeDeadLetterTopic:
         self.paused.update(partitions)
 
     async def getmany(
-        self, *partitions: TopicPartition, timeout_ms: int = 0
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[_Record]]:
         self.most_held = max(self.most_held, len(self.alive))
+        await asyncio.sleep(self.delay)
+        asked = [tp for tp in partitions or self.positions if tp not in self.paused]
+        if any(self.positions[tp] >= self.stall_at for tp in asked):
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
         batches = {}
-        for tp in partitions or list(self.positions):
+        room = max_records or self.PARTITIONS * self.BATCH  # in all, as aiokafka counts
+        for tp in asked:
             first = self.positions[tp]
-            stop = min(first + self.BATCH, self.RECORDS)
-            if tp in self.paused or first >= stop:
+            stop = min(first + self.BATCH, first + room, self.RECORDS)
+            if first >= stop:
                 continue
+            room -= stop - first
             batches[tp] = [self._record(tp.partition, offset) for offset in range(first, stop)]
             self.positions[tp] = stop
             self.fetched += stop - first
@@ -497,6 +508,75 @@ def test_deadletter_list_holds_only_the_dead_letters_it_shows(
     assert "1 dead letter(s) on" in out.err
     assert dead_topic.fetched == 2000
     assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
+
+
+def shown_positions(out: str) -> list[str]:
+    """The [partition]@offset of each dead letter (or replay result) in the output."""
+    return [line.split()[0] for line in out.splitlines() if "key=" in line]
+
+
+def oldest_first(topic: FakeDeadLetterTopic) -> list[str]:
+    """Every record of the fake topic as [partition]@offset, by (timestamp, partition,
+    offset): the order list promises."""
+    records = [(o * 10 + p, p, o) for p in range(topic.PARTITIONS) for o in range(topic.RECORDS)]
+    return [f"[{p}]@{o}" for _, p, o in sorted(records)]
+
+
+def test_deadletter_list_shows_every_dead_letter_holding_a_few_per_partition(
+    dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list without filters shows the whole topic oldest first while holding a fetch or
+    so per partition: it used to read every dead letter into a list and sort it before
+    showing any (100,000 dead letters: 321 MB)."""
+    assert main(["deadletter", "list"]) == 0
+    out = capsys.readouterr()
+    assert shown_positions(out.out) == oldest_first(dead_topic)
+    assert "2000 dead letter(s) on" in out.err
+    assert dead_topic.fetched == 2000
+    assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
+
+
+def test_deadletter_replay_takes_every_dead_letter_holding_a_few_per_partition(
+    dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """replay without filters goes through the whole topic oldest first, as list shows
+    it, holding a fetch or so per partition (it read them all into a list first too)."""
+    assert main(["deadletter", "replay", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert shown_positions(out.out) == oldest_first(dead_topic)
+    assert out.out.count(" accepted -> ") == 2000
+    assert "2000 would be replayed, 0 still refused" in out.err
+    assert dead_topic.most_held <= 2 * FakeDeadLetterTopic.BATCH + 1
+
+
+def test_deadletter_list_gives_kafka_the_deadline_for_each_answer(
+    dead_topic: FakeDeadLetterTopic, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading the dead letters is bounded by three BRIDGE_KAFKA_CONNECT_TIMEOUTs for each
+    answer from Kafka, not for the whole topic: a listing taking longer in all (a large
+    topic, or a reader such as a pager taking its time) used to be cut off."""
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "0.1")
+    dead_topic.delay = 0.03  # each answer in a tenth of the deadline; 20 or more of them
+    assert main(["deadletter", "list"]) == 0
+    assert shown_positions(capsys.readouterr().out) == oldest_first(dead_topic)
+
+
+def test_deadletter_list_stops_with_the_deadline_named_when_kafka_goes_quiet(
+    dead_topic: FakeDeadLetterTopic, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Kafka that stops answering halfway: what was read is shown, then one line naming
+    the deadline, exit 1 (as when it never answers)."""
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "0.1")
+    dead_topic.stall_at = 500
+    assert main(["deadletter", "list"]) == 1
+    out = capsys.readouterr()
+    shown = shown_positions(out.out)
+    assert shown == oldest_first(dead_topic)[: len(shown)]
+    assert "[0]@0" in shown
+    assert "[0]@500" not in shown
+    assert out.err.splitlines() == [
+        "bridge: cannot talk to Kafka at localhost:9092: no answer within 0.3 s"
+    ]
 
 
 def test_deadletter_replay_offset_fetches_only_around_the_records_named(

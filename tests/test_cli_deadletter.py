@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
+import itertools
+import random
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from starlette.testclient import TestClient
 
+from bridge import kafkaadmin
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
@@ -182,6 +188,166 @@ def test_null_keys_values_and_header_values_print_as_none(
     assert capsys.readouterr().out.startswith("[0]@0     key=<none>  still refused")
 
 
+#: A record timestamp (ms) of 2023, and a second of them.
+EPOCH_MS, SECOND = 1_700_000_000_000, 1000
+
+
+def keep(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    letters: list[tuple[str, int, int]],
+    *,
+    body: bytes = b"{}",
+) -> None:
+    """Create ``topic`` with ``partitions`` and write a dead letter of ``body`` for each
+    (key, partition, milliseconds after EPOCH_MS, the record's timestamp), in order."""
+
+    async def write() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, partitions, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        await producer.start()
+        try:
+            sent = []
+            for key, partition, after in letters:
+                letter = novel_voucher_letter(
+                    topic,
+                    headers=[(b"x-idempotency-key", key.encode())],
+                    body=body,
+                    received_at=datetime.fromtimestamp((EPOCH_MS + after) / 1000, UTC),
+                )
+                # Not awaited one by one: a partition keeps the order they were sent in.
+                sent.append(
+                    await producer.send(
+                        topic,
+                        letter.value,
+                        key=letter.key,
+                        headers=letter.headers,
+                        partition=partition,
+                        timestamp_ms=EPOCH_MS + after,
+                    )
+                )
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
+
+
+def listed(out: str) -> list[str]:
+    """``[partition]@offset key=K`` of each dead letter list (or replay) shows."""
+    return [
+        f"{words[0]} {next(w for w in words if w.startswith('key='))}"
+        for words in (line.split() for line in out.splitlines() if "key=" in line)
+    ]
+
+
+def test_thousands_of_dead_letters_are_listed_oldest_first_holding_a_few_per_partition(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """3000 dead letters on 4 partitions, the partitions drawn at random and three at a
+    time sharing a timestamp: list shows them by (timestamp, partition, offset), and
+    while it prints, at most a chunk per partition of Kafka records are alive (it used
+    to read all 3000 into a list and sort them first)."""
+    topic = f"{topic_prefix}.deadletter"
+    draw = random.Random(7)  # noqa: S311  # spreads them over partitions, not secrets
+    letters = [(f"k{n}", draw.randrange(4), (n // 3) * SECOND) for n in range(3000)]
+    keep(kafka_bootstrap, topic, 4, letters)
+    offsets = {p: itertools.count() for p in range(4)}
+    written = sorted((after, p, next(offsets[p]), key) for key, p, after in letters)
+
+    describe, calls = kafkaadmin.describe_dead_letter, itertools.count()
+    alive: list[int] = []  # Kafka records alive as one of them is shown
+
+    def describe_counting(record: Any) -> str:
+        if next(calls) % 100 == 0:  # gc.get_objects() is slow: now and then
+            alive.append(sum(type(o) is ConsumerRecord for o in gc.get_objects()))
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_counting)
+    gc.collect()
+    assert main(["deadletter", "list"]) == 0
+    out = capsys.readouterr()
+    assert listed(out.out) == [f"[{p}]@{o} key={key}" for _, p, o, key in written]
+    assert "3000 dead letter(s) on" in out.err
+    assert alive
+    assert max(alive) <= 4 * kafkaadmin.DEAD_LETTER_CHUNK + 1
+
+
+def test_a_dead_letter_older_than_the_one_before_it_on_its_partition_is_not_moved_up(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Timestamps that go back on a partition (bridges whose clocks differ): each
+    partition is shown in offset order, merged with the others by timestamp, so the
+    late one comes after the record written before it (list and replay alike). It used
+    to be sorted in among the others, which took holding the whole topic."""
+    topic = f"{topic_prefix}.deadletter"
+    at = {"a": 1, "b": 5, "c": 2, "d": 3, "e": 4}  # seconds; c is written after b
+    arrived = [("a", 0), ("d", 1), ("e", 1), ("b", 0), ("c", 0)]
+    keep(kafka_bootstrap, topic, 2, [(k, p, at[k] * SECOND) for k, p in arrived])
+    shown = ["[0]@0 key=a", "[1]@0 key=d", "[1]@1 key=e", "[0]@1 key=b", "[0]@2 key=c"]
+    assert main(["deadletter", "list"]) == 0
+    assert listed(capsys.readouterr().out) == shown
+    assert main(["deadletter", "replay", "--dry-run"]) == 1  # strict types: still refused
+    assert listed(capsys.readouterr().out) == shown
+
+
+def delete_before(bootstrap: str, tp: TopicPartition, offset: int) -> None:
+    """Delete the records of ``tp`` before ``offset``, as retention does, from a thread of
+    its own: a test calls it from within the event loop of the command under test."""
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(offset)})
+        finally:
+            await admin.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, delete()).result()
+
+
+def test_dead_letters_deleted_while_they_are_read_leave_the_rest_shown(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Retention deleting the oldest dead letters while list (or a replay, which reads as
+    it publishes) is still before them: reading goes on from the oldest one left.
+    aiokafka's default jumped to the end of the partition, silently leaving out every
+    dead letter after those deleted."""
+    topic = f"{topic_prefix}.deadletter"
+    # 4 KB each: aiokafka fetches up to 1 MiB at a time, a few hundred of them.
+    keep(kafka_bootstrap, topic, 1, [(f"k{n}", 0, n) for n in range(1000)], body=b"x" * 4000)
+    describe = kafkaadmin.describe_dead_letter
+
+    def describe_deleting(record: Any) -> str:
+        if record.offset == 0:  # the first fetch is in; the next one will be past it
+            delete_before(kafka_bootstrap, TopicPartition(topic, 0), 600)
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_deleting)
+    assert main(["deadletter", "list"]) == 0
+    shown = [int(line.split()[0].split("@")[1]) for line in capsys.readouterr().out.splitlines()
+             if "key=" in line]  # fmt: skip
+    gap = shown.index(600)
+    assert shown[:gap] == list(range(gap)), "the first fetch, read before the deletion"
+    assert shown[gap:] == list(range(600, 1000))
+
+
 def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -193,36 +359,8 @@ def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
     (it used to match one record per partition, and list showed @0 three times); filters
     that match nothing exit 1."""
     topic = f"{topic_prefix}.deadletter"
-
-    async def keep() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(topic, 3, 1)])
-        finally:
-            await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
-        try:  # (key, partition) in the order they arrived
-            for second, (key, partition) in enumerate([("a", 2), ("b", 0), ("c", 1), ("d", 0)]):
-                letter = novel_voucher_letter(
-                    topic,
-                    headers=[(b"x-idempotency-key", key.encode())],
-                    body=b"{}",
-                    received_at=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC),
-                )
-                await producer.send_and_wait(
-                    topic,
-                    letter.value,
-                    key=letter.key,
-                    headers=letter.headers,
-                    partition=partition,
-                    timestamp_ms=1_700_000_000_000 + second * 1000,
-                )
-        finally:
-            await producer.stop()
-
-    asyncio.run(keep())
+    arrived = [("a", 2), ("b", 0), ("c", 1), ("d", 0)]  # (key, partition), a second apart
+    keep(kafka_bootstrap, topic, 3, [(k, p, SECOND * n) for n, (k, p) in enumerate(arrived)])
     assert main(["deadletter", "list"]) == 0
     listing = [line.split()[0] + " " + line.split()[2] for line in
                capsys.readouterr().out.splitlines() if "key=" in line]  # fmt: skip
