@@ -279,7 +279,9 @@ def test_thousands_of_dead_letters_are_listed_oldest_first_holding_a_few_per_par
     assert listed(out.out) == [f"[{p}]@{o} key={key}" for _, p, o, key in written]
     assert "3000 dead letter(s) on" in out.err
     assert alive
-    assert max(alive) <= 4 * kafkaadmin.DEAD_LETTER_CHUNK + 1
+    # A chunk per partition (400 measured), with room for aiokafka decoding one more
+    # ahead; all 3,000 were alive before.
+    assert max(alive) <= 2 * 4 * kafkaadmin.DEAD_LETTER_CHUNK
 
 
 def test_a_dead_letter_older_than_the_one_before_it_on_its_partition_is_not_moved_up(
