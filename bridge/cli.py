@@ -1,4 +1,4 @@
-"""The ``bridge`` command: serve, check-config, topics, tail."""
+"""The ``bridge`` command: serve, check-config, topics, tail, deadletter."""
 
 from __future__ import annotations
 
