@@ -19,7 +19,8 @@ outcome is known, so a topic's records keep their order. The first record of a
 topic the producer has no metadata for yet goes the same way. A probe is handed
 over by a task of its own: its wait for metadata (up to HAND_OVER_WAIT) delays no
 round of the other topics. Holds are for a topic's trouble only: while Kafka as a
-whole is away (the publisher is not connected) there are none, and the drainer
+whole is away (the publisher is not connected) there are none (nor does a probe
+handed over hold back its topic), and the drainer
 backs off as it does when the backlog fails (a spool on a full disk), up to
 MAX_BACKOFF; delivery resumes by itself.
 """
@@ -208,6 +209,12 @@ class Drainer:
         """No holds (every topic would be held; none is to blame): hand over what the
         producer takes, at most a batch in flight, and back off."""
         self._holds.clear()
+        # Nor probation for a probe handed over: unacknowledged for the whole outage,
+        # it held back its topic's records, which were then never tried, nor counted
+        # as failing. They go to the producer after it (in order on its partition).
+        for topic, seq in list(self._probing.items()):
+            if seq in self._pending:
+                del self._probing[topic]
         self._only_held_left = False
         if self._pending:
             await self._remove(await self._collect())

@@ -589,6 +589,29 @@ async def test_no_topic_is_held_while_kafka_is_away(
     assert "held back" not in caplog.text
 
 
+async def test_a_probe_pending_when_kafka_goes_away_does_not_stop_its_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe handed over just before Kafka went away stays unacknowledged for the
+    whole outage. Its topic's records used to wait for its outcome all that time: never
+    handed over, so never counted as failing either (bridge_publish_errors_total went
+    quiet, and with it the delivery-failure alert, while the spool grew). While Kafka
+    is away there are no holds, and no probation either, for a probe already handed
+    over: the records behind it go to the same producer, after it."""
+    monkeypatch.setattr(drainer_module, "MAX_BACKOFF", 0.05)
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, "stuck")
+    _, drainer = on_probation(publisher, troubled, ack_timeout=60)
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: publisher.handed == [b"w0"], within=2, what="the probe")
+        publisher.connected = False
+        await eventually(lambda: publisher.handed == [b"w0", b"w1"], within=2, what="w1")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def on_probation(
     publisher: FakePublisher, troubled: str, *, ack_timeout: float
 ) -> tuple[MemoryBacklog, Drainer]:
