@@ -66,7 +66,13 @@ from bridge.errors import (
     RequestTimeout,
 )
 from bridge.guards import url_too_long
-from bridge.ingress import BODY_TIMED_OUT, HALF_CLOSED, RESPOND_WHOLE, log_refusal, problem
+from bridge.ingress import (
+    HALF_CLOSED,
+    REFUSED_BY_PROTOCOL,
+    RESPOND_WHOLE,
+    log_refusal,
+    problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +361,21 @@ def guarded_protocol(
             # was wrong.
             error = sys.exception()
             why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
-            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1{why}"))
+            refusal = MalformedRequest(f"the request is not valid HTTP/1.1{why}")
+            cycle = self.cycle
+            if self._in_head or cycle is None or self._queued() is not None:
+                self._refuse(refusal)  # no app runs for this request: counted here
+            elif cycle.response_started:
+                # Its app answered already (a 401, a 413): that answer is the one
+                # counted and logged; the rest of the body is not read.
+                self._stop_head_timer()
+                if not self.transport.is_closing():
+                    self.transport.close()
+            else:
+                # A body its app is waiting for: the app hears a disconnect and counts
+                # this 400 (it sees REFUSED_BY_PROTOCOL), so that it is counted once.
+                cycle.scope[REFUSED_BY_PROTOCOL] = refusal  # type: ignore[literal-required]  # our own key, for the app
+                self._refuse(refusal, count=False)
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the
@@ -565,21 +585,19 @@ def guarded_protocol(
                 self._arm_head_timer()
             elif self.cycle is not None and not self.cycle.response_started:
                 # The body is late. The app is waiting for it and will hear a
-                # disconnect; it counts the request (it sees BODY_TIMED_OUT).
-                self.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]  # our own key, for the app
-                self._refuse(
-                    RequestTimeout(
-                        f"the request did not arrive within {read_timeout:g} s "
-                        "(BRIDGE_READ_TIMEOUT)"
-                    ),
-                    count=False,
+                # disconnect; it counts the request (it sees REFUSED_BY_PROTOCOL).
+                late = RequestTimeout(
+                    f"the request did not arrive within {read_timeout:g} s (BRIDGE_READ_TIMEOUT)"
                 )
+                self.scope[REFUSED_BY_PROTOCOL] = late  # type: ignore[literal-required]  # our own key, for the app
+                self._refuse(late, count=False)
             elif not self.transport.is_closing():
                 self.transport.close()  # answered already (a 413, say): just hang up
 
         def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
             """Answer ``error`` and hang up; log it, and count it unless the app
-            will (``count=False``: a late body, which the app hears of), with the
+            will (``count=False``: a late or malformed body, which the app hears of
+            as a disconnect), with the
             time since the bridge began waiting for this request's head (a head's
             408: BRIDGE_READ_TIMEOUT)."""
             self._stop_head_timer()

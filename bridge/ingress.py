@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
 
 WEBHOOK_PATH = "/webhooks/geins"
-#: Set in the scope by the HTTP protocol when it answered 408 for a late body.
-BODY_TIMED_OUT = "bridge.body_timed_out"
+#: Set in the scope by the HTTP protocol to the BridgeError it answered (and logged)
+#: for a request whose app was waiting for the body (a late one: 408; a malformed
+#: one: 400): the app, which hears a disconnect, counts the request as that.
+REFUSED_BY_PROTOCOL = "bridge.refused_by_protocol"
 #: Set in the scope by the HTTP protocol when the client half-closed the connection
 #: before the request's body was whole: the rest can never come (read_body refuses it).
 HALF_CLOSED = "bridge.half_closed"
@@ -177,9 +179,9 @@ class WebhookEndpoint:
             if respond_whole is None or not respond_whole(scope, status, self._accepted_head, body):
                 await _respond(send, status, body, JSON, [self._ack_header])
         except ClientDisconnected as exc:  # nobody to answer
-            timed_out = scope.get(BODY_TIMED_OUT, False)
-            outcome, reason = "rejected", "request_timeout" if timed_out else exc.reason
-            if not timed_out:  # the protocol logged the 408 it answered
+            refused: BridgeError | None = scope.get(REFUSED_BY_PROTOCOL)
+            outcome, reason = "rejected", exc.reason if refused is None else refused.reason
+            if refused is None:  # else the protocol logged the answer it gave
                 log_refusal(exc, scope)
         except BridgeError as exc:
             event = exc.event

@@ -1030,3 +1030,48 @@ async def test_a_client_that_does_not_read_its_answers_is_dropped(
         assert connection.transport.aborted
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    ("token", "answered_first"),
+    [(TOKEN, None), ("wrong-token", 401)],
+    ids=["app waiting for the body", "app answered already"],
+)
+async def test_a_malformed_chunked_body_is_counted_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    token: str,
+    answered_first: int | None,
+) -> None:
+    """A chunked body the parser refuses, after its head went to the app. The request
+    was counted twice: by the protocol (its 400) and by the app (the disconnect it
+    heard, or the 401 it had answered), with two log lines, one a phantom
+    client_disconnected. Now the protocol's 400 is counted by the app, once; after the
+    app's own answer the connection is only closed."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch)
+    head = CHUNKED_HEAD.replace(TOKEN.encode(), token.encode())
+    lost = False
+    try:
+        connection.protocol.data_received(head + b'5\r\n{"a":\r\n')
+        if answered_first is not None:
+            [answer] = await connection.answers(b"", 1)
+            assert answer.startswith(b"HTTP/1.1 %d " % answered_first)
+        else:
+            await asyncio.sleep(0.05)  # the app waits for the rest of the body
+        connection.protocol.data_received(b"zz\r\n")
+        closed = await wait_closed(connection, 1)
+        reason = "malformed_request" if answered_first is None else "unauthorized"
+        if answered_first is None:
+            assert closed.startswith(b"HTTP/1.1 400 ")
+        connection.close()  # the transport, closed, tells the protocol: the app hears it
+        lost = True
+        await asyncio.sleep(0.05)  # anything counted twice would be by now
+        assert [fields["reason"] for _, fields in refusals(caplog)] == [reason]
+        assert connection.refused == []  # the app counted it
+        assert rejections(connection, reason) == 1
+        assert rejections(connection, "client_disconnected") == 0
+        assert connection.publisher.records == []
+    finally:
+        if not lost:
+            connection.close()
