@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -235,7 +236,9 @@ def guarded_protocol(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_timer: asyncio.TimerHandle | None = None
-            self._head_awaited_since = 0.0  # loop time the head timer was started
+            # perf_counter when the head timer was started: uvloop's loop.time() ticks
+            # in whole milliseconds, too coarse for the duration histogram
+            self._head_awaited_since = 0.0
             self._in_head = True
             self._head_bytes = 0
             self._respond_whole = self.respond_whole  # bound once per connection
@@ -554,7 +557,7 @@ def guarded_protocol(
             self._in_head = True
             self._head_bytes = 0
             if self._head_timer is None:
-                self._head_awaited_since = self.loop.time()
+                self._head_awaited_since = time.perf_counter()
                 self._arm_head_timer()
 
         def _arm_head_timer(self) -> None:
@@ -630,6 +633,6 @@ def guarded_protocol(
             # no method or path yet if the head was refused.
             log_refusal(error, cast(Scope, self.scope or {}))  # uvicorn types it as HTTPScope
             if count and on_refused is not None:
-                on_refused(error, self.loop.time() - self._head_awaited_since)
+                on_refused(error, time.perf_counter() - self._head_awaited_since)
 
     return GuardedHttpToolsProtocol

@@ -1075,3 +1075,23 @@ async def test_a_malformed_chunked_body_is_counted_and_logged_once(
     finally:
         if not lost:
             connection.close()
+
+
+async def test_protocol_refusals_are_timed_finer_than_the_loops_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop's clock (loop.time) ticks in milliseconds: refusals the protocol timed
+    with it went into bridge_request_duration_seconds as 0 or 0.001, whose buckets
+    start at 100 µs. Timed with a clock like uvloop's here."""
+    loop = asyncio.get_running_loop()
+    loop_time = loop.time
+    monkeypatch.setattr(loop, "time", lambda: round(loop_time(), 3))
+    connection = Connection(monkeypatch)
+    try:
+        connection.protocol.data_received(b"POST /webhooks/geins HTTP/1.1\r\nHost x\r\n\r\n")
+        await wait_closed(connection, 1)
+        [seconds] = connection.refused_after
+        assert 0 < seconds < 1
+        assert seconds * 1000 != round(seconds * 1000)  # not whole milliseconds
+    finally:
+        connection.close()
