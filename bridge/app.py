@@ -21,7 +21,6 @@ from bridge.auth import CurrentTokens, TokenAuthenticator
 from bridge.config import Settings
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
-    WEBHOOK_PATH,
     ErrorAnswer,
     GuardRefusal,
     RuntimeState,
@@ -161,7 +160,7 @@ def create_app(
     guard = partial(
         Guard,
         refuse=refusal,
-        webhook_prefix=WEBHOOK_PATH,
+        is_webhook=is_webhook_path,
         max_headers=settings.max_headers,
         max_header_bytes=settings.max_header_bytes,
         max_url_bytes=settings.max_url_bytes,

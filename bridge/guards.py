@@ -172,7 +172,7 @@ class Guard:
         app: ASGIApp,
         *,
         refuse: RefuseFn,
-        webhook_prefix: str,
+        is_webhook: Callable[[str], bool],
         max_headers: int,
         max_header_bytes: int,
         max_url_bytes: int,
@@ -183,7 +183,7 @@ class Guard:
     ) -> None:
         self._app = app
         self._refuse = refuse
-        self._prefix = webhook_prefix
+        self._is_webhook = is_webhook  # the router's own test of a path
         self._max_headers = max_headers
         self._max_header_bytes = max_header_bytes
         self._max_url_bytes = max_url_bytes
@@ -198,7 +198,7 @@ class Guard:
             await self._app(scope, receive, send)
             return
         started = time.perf_counter()
-        webhook = scope["path"].startswith(self._prefix)
+        webhook = self._is_webhook(scope["path"])
         try:
             self._check_size(scope)
             if webhook:

@@ -289,3 +289,20 @@ def test_guard_refusals_are_timed_not_recorded_as_zero() -> None:
     assert float(line.split()[-1]) > 0
     assert 'bridge_request_duration_seconds_count{outcome="rejected"} 1.0' in text
     assert publisher.records == []
+
+
+def test_a_path_that_only_starts_like_the_webhook_path_is_not_guarded_as_one() -> None:
+    """/webhooks/geinsfoo is no webhook path (the router does not serve it): it gets
+    the 404 of any unknown path. The guard took it for one by its first characters,
+    so it got the allow-list's 403 (counted as a refused delivery), the rate limit and
+    the concurrency cap."""
+    app, publisher = app_with(BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8")
+    answer = asyncio.run(
+        call_asgi(app, "POST", "/webhooks/geinsfoo", headers=[AUTH], body_chunks=ORDER)
+    )
+    assert answer.status == 404
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert publisher.records == []
+    assert 'bridge_rejections_total{reason="client_not_allowed"} 0.0' in (
+        app.state.metrics.exposition().decode()
+    )
