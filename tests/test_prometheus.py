@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from bridge.config import Settings
+from bridge.metrics import Metrics
 from tests.deploy_support.prometheus import PrometheusServer, Sample
 from tests.fakes import TOKEN
 from tests.polling import wait_until
@@ -129,3 +130,15 @@ def test_prometheus_scrapes_bridge_series_and_evaluates_the_alert_rules(
         if not all_ok(health):
             pytest.fail(f"rules not all evaluated ok after {WAIT}s: {health}")
         assert prometheus.api("alerts")["alerts"] == []
+
+
+def test_refusal_series_and_fine_stage_buckets_exist_from_the_start() -> None:
+    """A reviewer's findings: the series of refusals before entity and action are known
+    appeared with their first increment (which rate() and increase() then miss), and
+    auth and parse, a few microseconds each, all fell in the first stage bucket."""
+    text = Metrics().exposition().decode()
+    for outcome in ("rejected", "rate_limited", "unavailable", "error"):
+        series = f'bridge_requests_total{{action="none",entity="none",outcome="{outcome}"}} 0.0'
+        assert series in text
+    assert 'bridge_stage_duration_seconds_bucket{le="1e-05",stage="auth"} 0.0' in text
+    assert 'bridge_request_duration_seconds_bucket{le="1e-05",outcome="accepted"}' not in text
