@@ -65,6 +65,15 @@ class Unauthorized(BridgeError):
     title = "Missing or invalid token"
 
 
+class TooManyCredentials(BridgeError):
+    """More Authorization headers and ``token`` parameters than auth.MAX_CREDENTIALS:
+    refused before any is compared with a token."""
+
+    status = 400
+    reason = "too_many_credentials"
+    title = "Too many credentials"
+
+
 class PayloadTooLarge(BridgeError):
     status = 413
     reason = "body_too_large"
@@ -216,6 +225,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     MethodNotAllowed,
     NotFound,
     Unauthorized,
+    TooManyCredentials,
     PayloadTooLarge,
     MalformedRequest,
     IncompleteRequest,
