@@ -6,6 +6,9 @@ a header (see shared/geins-webhooks.md). A token is accepted from
 from the ``token`` query parameter. Several tokens may be valid at once, so a
 token can be rotated without downtime. A request may present at most
 MAX_CREDENTIALS of them.
+
+The authenticator's :class:`~bridge.redaction.Redactor` knows every token used since
+the process started, for whoever must keep them out of what it writes.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
 
 from bridge.errors import TooManyCredentials, Unauthorized
+from bridge.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class TokenAuthenticator:
         self._from_file: tuple[str, ...] | None = None  # in use; None before the first read
         self._changed: tuple[str, ...] | None = None  # read once, used when read again
         self._tokens = self._static
+        #: Every token used since start, for keeping them out of logs and dead letters.
+        self.redactor = Redactor(tokens)
         # Without tokens everything is refused, unless the operator opted out
         # explicitly (the settings refuse to start otherwise). Decided per request,
         # after the tokens file is looked at: once the file holds a token, it is
@@ -143,6 +148,7 @@ class TokenAuthenticator:
             return
         self._from_file, self._changed = from_file, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
+        self.redactor.use(t.decode() for t in self._tokens)  # the old ones are kept too
         log.info("read %d token(s) from %s", len(from_file), self.tokens_file)
 
     def current_tokens(self) -> tuple[bytes, ...]:
@@ -220,33 +226,3 @@ class TokenAuthenticator:
                     # query decoding turns the '+' into a space.
                     presented.append(value.replace(" ", "+").encode())
         return presented, count
-
-
-class CurrentTokens(Sequence[str]):
-    """The tokens ``authenticator`` accepts, read afresh each time this is used:
-    a live view, not a copy, for whoever must keep tokens out of what it writes
-    (dead letters), so a token that arrives in the tokens file later is covered too.
-    """
-
-    __slots__ = ("_authenticator",)
-
-    def __init__(self, authenticator: TokenAuthenticator) -> None:
-        self._authenticator = authenticator
-
-    def _now(self) -> list[str]:
-        return [t.decode() for t in self._authenticator.current_tokens()]
-
-    def __len__(self) -> int:
-        return len(self._authenticator.current_tokens())
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        return self._now()[index]
-
-    def __iter__(self) -> Iterator[str]:  # one reading for the whole iteration
-        return iter(self._now())

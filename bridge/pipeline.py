@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
@@ -20,6 +19,7 @@ from bridge.errors import BridgeError, PayloadTooLarge
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import check_record_size
+from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Pipeline:
         *,
         strict_types: bool,
         deadletter_topic: str,
-        tokens: Sequence[str],
+        secrets: Redactor,
         record_limit: int,
         dedup: bool = True,
     ) -> None:
@@ -59,7 +59,7 @@ class Pipeline:
         self._metrics = metrics
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
-        self._tokens = tokens  # may be live (auth.CurrentTokens): not copied
+        self._secrets = secrets  # the authenticator's: it learns each token as it is used
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -126,8 +126,8 @@ class Pipeline:
         if not self._deadletter_topic:
             return
         await self._keep(
-            dead_letter(delivery, error, self._deadletter_topic, self._tokens),
-            delivery_key(delivery, self._tokens) if self._dedup else None,
+            dead_letter(delivery, error, self._deadletter_topic, self._secrets),
+            delivery_key(delivery, self._secrets) if self._dedup else None,
             error.reason,
             f"the delivery is refused ({error.reason}: {error.detail})",
         )

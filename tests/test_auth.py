@@ -119,6 +119,23 @@ def test_more_than_a_few_credentials_are_refused_before_any_is_compared(
     assert len(calls) == 5 * 2  # the 'a+b' reading of 'a b' too, against 2 tokens
 
 
+def test_the_redactor_knows_every_token_used_since_start(tmp_path: Path) -> None:
+    """The authenticator's redactor learns the file's tokens as they are used (not one
+    read only once: it may be half written), and keeps those rotated out since."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("file-token-1\n")
+    authenticator = TokenAuthenticator(["env-token"], tokens_file=tokens)
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-1"]
+    tokens.write_text("file-to")
+    authenticator.refresh()  # seen once: not in use, not learnt
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-1"]
+    tokens.write_text("file-token-2\n")
+    authenticator.refresh()
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"env-token", b"file-token-2")
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-2", "file-token-1"]
+
+
 def test_an_open_bridge_requires_a_token_once_the_file_has_one(tmp_path: Path) -> None:
     """BRIDGE_ALLOW_UNAUTHENTICATED opens the bridge only while no token exists: a
     token written to the tokens file later is required from then on (from the reading
