@@ -149,7 +149,8 @@ def create_app(
     )
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
-    refusal = GuardRefusal(answer, metrics)  # answers, logs and counts a refused request
+    # answers, logs (without tokens) and counts a refused request
+    refusal = GuardRefusal(answer, metrics, authenticator.redactor.redact)
     endpoint = WebhookEndpoint(
         pipeline,
         authenticator,
