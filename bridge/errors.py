@@ -149,6 +149,17 @@ class BadIdempotencyKey(BridgeError):
     title = "Invalid x-Idempotency-Key header"
 
 
+class TokenInPath(BridgeError):
+    """An authenticated delivery whose URL path holds a webhook token: refused before
+    routing, so that no topic is named after a token. Kept as a dead letter (with the
+    token left out), as the event it carries may be needed once the URL is fixed."""
+
+    status = 400
+    reason = "token_in_path"
+    title = "Token in the URL path"
+    content_rejection = True
+
+
 class BodyNotJson(BridgeError):
     status = 400
     reason = "body_not_json"
@@ -238,6 +249,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     RateLimited,
     Overloaded,
     BadIdempotencyKey,
+    TokenInPath,
     BodyNotJson,
     MissingEventType,
     MalformedEventType,

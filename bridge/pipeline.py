@@ -5,6 +5,12 @@ The ingress hands in a :class:`~bridge.geins.Delivery` and gets back an
 made safe before the answer is the ack mode's business (see
 :mod:`bridge.ackmodes`). Deliveries refused for their content are kept as dead
 letters on the way out.
+
+No webhook token goes further than the pipeline: a delivery with one in its path, or
+whose topic name would hold one, is refused (and kept as a dead letter, the token
+left out), one whose idempotency key holds one is refused, and an x-Timestamp that
+holds one is not published. Each check costs an accepted delivery a cache look-up,
+or (its key) a search that rarely gets past comparing lengths.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
 from bridge.deadletter import dead_letter, delivery_key, set_aside
-from bridge.errors import BridgeError, PayloadTooLarge
+from bridge.errors import (
+    BadIdempotencyKey,
+    BridgeError,
+    MalformedEventType,
+    PayloadTooLarge,
+    TokenInPath,
+)
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import check_record_size
@@ -27,6 +39,11 @@ log = logging.getLogger(__name__)
 #: Dead letters are de-duplicated by their delivery's idempotency key, kept apart from
 #: the keys of events (an idempotency key never holds a NUL).
 DEAD_LETTER_KEYS = "\x00dead-letter:"
+#: Where a token goes, for the details of the refusals of a token anywhere else.
+WHERE_TOKENS_GO = (
+    "a token goes in the Authorization header ('Authorization: Bearer <token>') "
+    "or in the token query parameter ('?token=<token>')"
+)
 
 
 @dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
@@ -60,6 +77,7 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
+        self._redact = secrets.redact
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -69,13 +87,23 @@ class Pipeline:
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
+        secrets = self._secrets
         try:
-            event = parse_delivery(delivery, strict_types=self._strict_types)
+            if secrets:
+                _check_path(delivery, secrets)
+            event = parse_delivery(delivery, strict_types=self._strict_types, redact=self._redact)
+            if secrets:
+                _check_event(event, secrets)
+            destination = self.router.route(event)
+            if secrets and secrets.in_topic(destination.topic):
+                raise MalformedEventType(
+                    "the event's topic would be named after a webhook token (its entity, "
+                    f"action, account or environment holds one): {WHERE_TOKENS_GO}"
+                )
         except BridgeError as exc:
             if exc.content_rejection:
                 await self._keep_dead_letter(delivery, exc)
             raise
-        destination = self.router.route(event)
         self._metrics.observe_stage("parse", time.perf_counter() - started)
         try:
             # before any mode takes it: one accepted could never be delivered
@@ -158,3 +186,24 @@ class Pipeline:
             return None
         self._metrics.dead_letters.labels(reason).inc()
         return True
+
+
+def _check_path(delivery: Delivery, secrets: Redactor) -> None:
+    """Refuse a delivery whose path holds a token, before it can name a topic. Its
+    segments repeat from one delivery to the next: a cache look-up each."""
+    for segment in (delivery.path_entity, delivery.path_action):
+        if segment is not None and secrets.contains_cached(segment):
+            raise TokenInPath(
+                f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
+            )
+
+
+def _check_event(event: Event, secrets: Redactor) -> None:
+    """Refuse an event whose idempotency key holds a token (it would be the record's
+    key), and leave out an x-Timestamp that holds one (it never refuses a delivery)."""
+    if not event.key_generated and secrets.contains(event.key):
+        raise BadIdempotencyKey(
+            f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
+        )
+    if event.raw_timestamp is not None and secrets.contains_cached(event.raw_timestamp):
+        event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
