@@ -7,10 +7,11 @@ made safe before the answer is the ack mode's business (see
 letters on the way out.
 
 No webhook token goes further than the pipeline: a delivery with one in its path, or
-whose topic name would hold one, is refused (and kept as a dead letter, the token
-left out), one whose idempotency key holds one is refused, and an x-Timestamp that
-holds one is not published. Each check costs an accepted delivery a cache look-up,
-or (its key) a search that rarely gets past comparing lengths.
+whose entity, action or topic name would hold one, is refused (and kept as a dead
+letter, the token left out), one whose idempotency key holds one is refused, and an
+x-Timestamp or subject that holds one is not published as a header. Each check costs
+an accepted delivery a cache look-up, or (its key and subject) a search that rarely
+gets past comparing lengths.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class Pipeline:
             destination = self.router.route(event)
             if secrets and secrets.in_topic(destination.topic):
                 raise MalformedEventType(
-                    "the event's topic would be named after a webhook token (its entity, "
-                    f"action, account or environment holds one): {WHERE_TOKENS_GO}"
+                    "the event's topic would be named after a webhook token (its account or "
+                    f"environment holds one): {WHERE_TOKENS_GO}"
                 )
         except BridgeError as exc:
             if exc.content_rejection:
@@ -199,11 +200,21 @@ def _check_path(delivery: Delivery, secrets: Redactor) -> None:
 
 
 def _check_event(event: Event, secrets: Redactor) -> None:
-    """Refuse an event whose idempotency key holds a token (it would be the record's
-    key), and leave out an x-Timestamp that holds one (it never refuses a delivery)."""
+    """Refuse an event whose entity or action holds a token (they name its topic, with
+    most templates, and its ce_type) or whose idempotency key does (the record's key
+    and ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
+    never refuse a delivery. Cached but for the key and the subject, which rarely
+    reach the length of a token."""
+    if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
+        raise MalformedEventType(
+            f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
+            "name of the event"
+        )
     if not event.key_generated and secrets.contains(event.key):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
         )
     if event.raw_timestamp is not None and secrets.contains_cached(event.raw_timestamp):
         event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
+    if event.subject is not None and secrets.contains(event.subject):
+        event.subject = None  # the body, the event's data, still has it as sent

@@ -584,17 +584,21 @@ def test_an_idempotency_key_holding_a_token_is_refused(
     assert '"key": "r4-<token>"' in logged(caplog).replace("'", '"')
 
 
-def test_an_x_timestamp_holding_a_token_is_not_published(
-    secret_bridge: Any, caplog: pytest.LogCaptureFixture
+def test_an_x_timestamp_or_subject_holding_a_token_is_not_published(
+    secret_bridge: Any,
 ) -> None:
-    """x-Timestamp never refuses a delivery: one that holds a token is left out."""
+    """x-Timestamp and the id never refuse a delivery: one that holds a token is not
+    published as a header (ce_subject); the body, the event's data, is as sent."""
     client, publisher, _ = secret_bridge
     headers = {**AUTH, "x-idempotency-key": "ts-1", "x-timestamp": f"2024-01-15 {HEX}"}
-    assert client.post("/webhooks/geins", content=ORDER, headers=headers).status_code == 202
+    body = b'{"entity":"Order","action":"create","id":"' + HEX.encode() + b'"}'
+    assert client.post("/webhooks/geins", content=body, headers=headers).status_code == 202
     [record] = publisher.records
     assert "x-timestamp" not in dict(record.headers)
+    assert "ce_subject" not in dict(record.headers)
     assert dict(record.headers)["x-bridge-time-source"] == b"received"
-    assert HEX.encode() not in written(publisher)
+    assert record.value == body
+    assert HEX.encode() not in b"".join(v for _, v in record.headers) + record.key
 
 
 @pytest.mark.parametrize(
@@ -646,6 +650,22 @@ def test_no_topic_is_named_after_a_token(caplog: pytest.LogCaptureFixture, body:
     assert response.status_code == 422, response.text
     assert response.json()["reason"] == "malformed_event_type"
     assert "webhook token" in response.json()["detail"]
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+    assert HEX.encode() not in b"".join(v for _, v in publisher.records[0].headers)
+    assert HEX not in logged(caplog).lower()
+
+
+def test_an_entity_holding_a_token_is_refused_whatever_the_template(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A template without {entity} puts no token in the topic, but ce_type would hold
+    it: refused all the same."""
+    caplog.set_level(logging.INFO)
+    app, publisher, _ = make(BRIDGE_TOKENS=f"{TOKEN},{HEX}", BRIDGE_TOPIC_TEMPLATE="geins.all")
+    body = b'{"entity":"' + HEX.encode() + b'","action":"create"}'
+    with TestClient(app) as client:
+        response = client.post("/webhooks/geins", content=body, headers=AUTH)
+    assert response.status_code == 422, response.text
     assert [r.topic for r in publisher.records] == ["geins.deadletter"]
     assert HEX not in logged(caplog).lower()
 
