@@ -25,6 +25,7 @@ import base64
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,23 @@ def topic_forms(token: str) -> set[str]:
     return {f for f in (lowered, safe, safe[:48].rstrip("-")) if f}
 
 
+@dataclass(frozen=True, slots=True)
+class _Forms:
+    """What the tokens look like, replaced whole when they change: a thread that logs
+    (the spool's writer) never sees a pattern with another one's bounds."""
+
+    pattern: re.Pattern[str]  # every form, literally
+    base64: frozenset[str]  # the forms that are base64
+    shortest: int  # characters of the shortest form
+
+
 class Redactor:
     """Recognises the tokens in text, and replaces them with MARKER."""
 
     def __init__(self, tokens: Iterable[str] = ()) -> None:
         self._current: tuple[str, ...] = ()
         self._retired: dict[str, None] = {}  # oldest first
-        self._pattern: re.Pattern[str] | None = None
-        self._base64: frozenset[str] = frozenset()  # the forms that are base64
-        self._shortest = 0  # characters of the shortest form
+        self._forms: _Forms | None = None  # None without tokens
         self._topic_forms: tuple[str, ...] = ()
         # For text that repeats (path segments, timestamps, topics): a cache hit is
         # all an accepted delivery pays. Emptied whenever the tokens change.
@@ -151,21 +160,24 @@ class Redactor:
         forms = sorted(plain | encoded, key=lambda f: (-len(f), f))  # the longest first
         # Literal alternatives only: the regular expression engine then skips, at C
         # speed, every position whose character starts no form.
-        self._pattern = re.compile("|".join(map(re.escape, forms))) if forms else None
-        self._base64 = frozenset(encoded)
-        self._shortest = min(map(len, forms), default=0)
+        self._forms = (
+            _Forms(re.compile("|".join(map(re.escape, forms))), frozenset(encoded), len(forms[-1]))
+            if forms
+            else None
+        )
         self._topic_forms = tuple(sorted({f for t in tokens for f in topic_forms(t)}))
         self.contains_cached.cache_clear()
         self.in_topic.cache_clear()
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return self._forms is not None
 
     def contains(self, text: str) -> bool:
         """Whether ``text`` holds a token, in any form."""
-        pattern = self._pattern
-        if pattern is None or len(text) < self._shortest:
+        forms = self._forms
+        if forms is None or len(text) < forms.shortest:
             return False
+        pattern = forms.pattern
         if pattern.search(text) is not None:
             return True
         for _ in range(2):  # percent-encoded, then encoded twice
@@ -178,17 +190,17 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         """``text`` with every token in it replaced by MARKER."""
-        pattern = self._pattern
-        if pattern is None or len(text) < self._shortest:
+        forms = self._forms
+        if forms is None or len(text) < forms.shortest:
             return text
-        spans = self._spans(text)
+        spans = _spans(text, forms)
         view, origin = text, list(range(len(text) + 1))
         for _ in range(2):  # percent-encoded, then encoded twice
             if "%" not in view:
                 break
             view, inner = percent_decoded(view)
             origin = [origin[i] for i in inner]
-            spans += [(origin[a], origin[b]) for a, b in self._spans(view)]
+            spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
         if not spans:
             return text
         pieces: list[str] = []
@@ -202,25 +214,11 @@ class Redactor:
         pieces.append(text[done:])
         return "".join(pieces)
 
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """Where the forms are in ``text``; a base64 one with its whole run, whose
-        ends carry bits of the token too."""
-        assert self._pattern is not None  # noqa: S101  # checked by the callers
-        spans = []
-        for match in self._pattern.finditer(text):
-            start, end = match.span()
-            if match.group() in self._base64:
-                while start > 0 and text[start - 1] in _BASE64_RUN:
-                    start -= 1
-                while end < len(text) and text[end] in _BASE64_RUN:
-                    end += 1
-            spans.append((start, end))
-        return spans
-
     def redact_bytes(self, value: bytes) -> bytes:
         """``value`` (a header, say) with every token in it replaced by MARKER; bytes
         that are not UTF-8 are kept as they are."""
-        if self._pattern is None or len(value) < self._shortest:
+        forms = self._forms
+        if forms is None or len(value) < forms.shortest:
             return value
         text = value.decode("utf-8", "surrogateescape")
         redacted = self.redact(text)
@@ -235,3 +233,18 @@ class Redactor:
         put it there (cached, as :attr:`in_topic`)."""
         lowered = topic.lower()
         return any(form in lowered for form in self._topic_forms) or self.contains(topic)
+
+
+def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:
+    """Where the forms are in ``text``; a base64 one with its whole run, whose ends
+    carry bits of the token too."""
+    spans = []
+    for match in forms.pattern.finditer(text):
+        start, end = match.span()
+        if match.group() in forms.base64:
+            while start > 0 and text[start - 1] in _BASE64_RUN:
+                start -= 1
+            while end < len(text) and text[end] in _BASE64_RUN:
+                end += 1
+        spans.append((start, end))
+    return spans
