@@ -79,6 +79,8 @@ class Pipeline:
         self._deadletter_topic = deadletter_topic
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
         self._redact = secrets.redact
+        #: Which of the event's account and environment the topic template puts in names.
+        self._in_topic = tuple(f for f in ("account", "environment") if f in router.template.fields)
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -94,7 +96,7 @@ class Pipeline:
                 _check_path(delivery, secrets)
             event = parse_delivery(delivery, strict_types=self._strict_types, redact=self._redact)
             if secrets:
-                _check_event(event, secrets)
+                _check_event(event, secrets, self._in_topic)
             destination = self.router.route(event)
             if secrets and secrets.in_topic(destination.topic):
                 raise MalformedEventType(
@@ -199,10 +201,11 @@ def _check_path(delivery: Delivery, secrets: Redactor) -> None:
             )
 
 
-def _check_event(event: Event, secrets: Redactor) -> None:
+def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
     """Refuse an event whose entity or action holds a token (they name its topic, with
-    most templates, and its ce_type) or whose idempotency key does (the record's key
-    and ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
+    most templates, and its ce_type), or its account or environment where ``in_topic``
+    (the template) names them, or whose idempotency key does (the record's key and
+    ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
     never refuse a delivery. Cached but for the key and the subject, which rarely
     reach the length of a token."""
     if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
@@ -210,6 +213,15 @@ def _check_event(event: Event, secrets: Redactor) -> None:
             f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
             "name of the event"
         )
+    for name in in_topic:
+        # As sent: made topic-safe and cut to 48 characters, a token with something
+        # before it would leave only a part of it in the topic, which no check finds.
+        value = event.account if name == "account" else event.environment
+        if value is not None and secrets.contains_cached(value):
+            raise MalformedEventType(
+                f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
+                "in a name of the event"
+            )
     if not event.key_generated and secrets.contains(event.key):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"

@@ -635,6 +635,8 @@ def test_a_malformed_name_holding_a_token_is_not_echoed(
         b'{"entity":"Order","action":"' + HEX.upper().encode() + b'"}',
         b'{"entity":"Order","action":"create","account":"' + HEX.encode() + b'"}',
         b'{"entity":"Order","action":"create","environment":"' + HEX.encode() + b'-x"}',
+        # cut to 48 characters, only a part of the token would be left in the topic
+        b'{"entity":"Order","action":"create","account":"acme-' + HEX.encode() + b'"}',
     ],
 )
 def test_no_topic_is_named_after_a_token(caplog: pytest.LogCaptureFixture, body: bytes) -> None:
@@ -668,6 +670,19 @@ def test_an_entity_holding_a_token_is_refused_whatever_the_template(
     assert response.status_code == 422, response.text
     assert [r.topic for r in publisher.records] == ["geins.deadletter"]
     assert HEX not in logged(caplog).lower()
+
+
+def test_an_account_holding_a_token_is_data_where_no_topic_names_it(
+    secret_bridge: Any,
+) -> None:
+    """With the default template the account names nothing: one holding a token is
+    the event's data, accepted, and published in the body only."""
+    client, publisher, _ = secret_bridge
+    body = b'{"entity":"Order","action":"create","account":"acme-' + HEX.encode() + b'"}'
+    assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 202
+    [record] = publisher.records
+    assert record.topic == "geins.order.create"
+    assert HEX.encode() not in b"".join(v for _, v in record.headers) + record.key
 
 
 def test_too_many_credentials_is_a_400(secret_bridge: Any) -> None:
