@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import kafkaadmin
 from bridge.ackmodes import AckMode, make_ack_mode
-from bridge.auth import CurrentTokens, TokenAuthenticator
+from bridge.auth import TokenAuthenticator
 from bridge.config import Settings
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
@@ -142,13 +142,14 @@ def create_app(
         metrics,
         strict_types=settings.strict_types,
         deadletter_topic=settings.deadletter_topic,
-        tokens=CurrentTokens(authenticator),  # the file's tokens too, as they change
+        secrets=authenticator.redactor,  # every token used since start, the file's too
         record_limit=settings.max_event_record_bytes(),
         dedup=settings.dedup_window > 0,
     )
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
-    refusal = GuardRefusal(answer, metrics)  # answers, logs and counts a refused request
+    # answers, logs (without tokens) and counts a refused request
+    refusal = GuardRefusal(answer, metrics, authenticator.redactor.redact)
     endpoint = WebhookEndpoint(
         pipeline,
         authenticator,

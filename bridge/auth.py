@@ -4,7 +4,11 @@ Geins can only authenticate itself with a secret the user puts in the URL or in
 a header (see shared/geins-webhooks.md). A token is accepted from
 ``Authorization: Bearer``, from the password of ``Authorization: Basic``, or
 from the ``token`` query parameter. Several tokens may be valid at once, so a
-token can be rotated without downtime.
+token can be rotated without downtime. A request may present at most
+MAX_CREDENTIALS of them.
+
+The authenticator's :class:`~bridge.redaction.Redactor` knows every token used since
+the process started, for whoever must keep them out of what it writes.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
 
-from bridge.errors import Unauthorized
+from bridge.errors import TooManyCredentials, Unauthorized
+from bridge.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,10 @@ _AUTHORIZATION = b"authorization"
 #: How often the tokens file is read; a change is used at the reading after the one
 #: that saw it, so within two of these.
 FILE_CHECK_SECONDS = 1.0
+#: Most credentials (Authorization headers and ``token`` query parameters together) one
+#: request may present; each is compared with every token, so a request with hundreds
+#: would cost hundreds of comparisons each. Geins sends one.
+MAX_CREDENTIALS = 4
 
 
 def read_tokens_file(path: Path) -> tuple[str, ...]:
@@ -70,6 +78,8 @@ class TokenAuthenticator:
         self._from_file: tuple[str, ...] | None = None  # in use; None before the first read
         self._changed: tuple[str, ...] | None = None  # read once, used when read again
         self._tokens = self._static
+        #: Every token used since start, for keeping them out of logs and dead letters.
+        self.redactor = Redactor(tokens)
         # Without tokens everything is refused, unless the operator opted out
         # explicitly (the settings refuse to start otherwise). Decided per request,
         # after the tokens file is looked at: once the file holds a token, it is
@@ -138,6 +148,7 @@ class TokenAuthenticator:
             return
         self._from_file, self._changed = from_file, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
+        self.redactor.use(t.decode() for t in self._tokens)  # the old ones are kept too
         log.info("read %d token(s) from %s", len(from_file), self.tokens_file)
 
     def current_tokens(self) -> tuple[bytes, ...]:
@@ -150,9 +161,16 @@ class TokenAuthenticator:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
         if not self._tokens and self._allow_unauthenticated:
             return
-        presented = self._from_headers(headers)
+        presented, count = self._from_headers(headers)
         if query:
-            presented += self._from_query(query)
+            from_query, in_query = self._from_query(query)
+            presented += from_query
+            count += in_query
+        if count > MAX_CREDENTIALS:
+            raise TooManyCredentials(
+                f"the request presents {count} credentials (Authorization headers and token "
+                f"query parameters together); at most {MAX_CREDENTIALS} are read: send one token"
+            )
         if not presented:
             raise Unauthorized(
                 "no token: send 'Authorization: Bearer <token>' or add '?token=<token>' to the URL"
@@ -167,11 +185,16 @@ class TokenAuthenticator:
             raise Unauthorized("the token is not valid")
 
     @staticmethod
-    def _from_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    def _from_headers(headers: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes], int]:
+        """The candidate tokens of the Authorization headers, and how many there are."""
         found = []
+        count = 0
         for name, value in headers:
             if name.lower() != _AUTHORIZATION:
                 continue
+            count += 1
+            if count > MAX_CREDENTIALS:
+                continue  # refused anyway: only counted
             scheme, _, credentials = value.strip().partition(b" ")
             scheme = scheme.lower()
             credentials = credentials.strip()
@@ -185,46 +208,21 @@ class TokenAuthenticator:
                 _, sep, password = decoded.partition(b":")
                 if sep and password:
                     found.append(password)
-        return found
+        return found, count
 
     @staticmethod
-    def _from_query(query: Sequence[tuple[str, str]]) -> list[bytes]:
+    def _from_query(query: Sequence[tuple[str, str]]) -> tuple[list[bytes], int]:
+        """The candidate tokens of the ``token`` parameters, and how many there are."""
         presented: list[bytes] = []
+        count = 0
         for name, value in query:
-            if name.lower() == "token" and value:
+            if name.lower() != "token":
+                continue
+            count += 1
+            if value and count <= MAX_CREDENTIALS:
                 presented.append(value.encode())
                 if " " in value:
                     # A token with a '+' (base64, say) pasted into the URL as it is:
                     # query decoding turns the '+' into a space.
                     presented.append(value.replace(" ", "+").encode())
-        return presented
-
-
-class CurrentTokens(Sequence[str]):
-    """The tokens ``authenticator`` accepts, read afresh each time this is used:
-    a live view, not a copy, for whoever must keep tokens out of what it writes
-    (dead letters), so a token that arrives in the tokens file later is covered too.
-    """
-
-    __slots__ = ("_authenticator",)
-
-    def __init__(self, authenticator: TokenAuthenticator) -> None:
-        self._authenticator = authenticator
-
-    def _now(self) -> list[str]:
-        return [t.decode() for t in self._authenticator.current_tokens()]
-
-    def __len__(self) -> int:
-        return len(self._authenticator.current_tokens())
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        return self._now()[index]
-
-    def __iter__(self) -> Iterator[str]:  # one reading for the whole iteration
-        return iter(self._now())
+        return presented, count

@@ -4,9 +4,13 @@ A delivery that fails parsing (not JSON, entity/action missing or malformed,
 unknown type in strict mode) still gets its 4xx, and its raw body goes to the
 dead-letter topic with the reason and the request's metadata, so nothing an
 authenticated sender sent is silently gone. Credentials are scrubbed first:
-the ``token`` query parameter, credential headers, and any other header or
-query value that contains a token the bridge accepts never reach Kafka.
-``bridge deadletter replay`` rebuilds the delivery from such a record.
+the ``token`` query parameter, headers whose names say they carry a credential, and
+any other header holding a token the bridge has used (see :mod:`bridge.redaction`)
+never reach Kafka; a token in the path, the detail or a query value is replaced by
+``<token>``. The body is kept as it came, as an event's is published.
+``bridge deadletter replay`` rebuilds the delivery from such a record: it reads the
+method, the path's entity and action, the query, and the headers x-Idempotency-Key
+and x-Timestamp, none of which a credential needs.
 """
 
 from __future__ import annotations
@@ -26,12 +30,48 @@ from bridge.geins import (
     key_problem,
     key_text,
 )
+from bridge.redaction import Redactor
 from bridge.routing import Destination
 
 #: Request headers that carry credentials; never stored.
 CREDENTIAL_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"x-apikey"}
 )
+#: Words that make a header name look like a credential's (``x-auth-token``,
+#: ``x-forwarded-access-token``, ``ocp-apim-subscription-key``, ``x-goog-iap-jwt-assertion``,
+#: ``x-hub-signature-256``, ``set-cookie``...): such headers are never stored either.
+CREDENTIAL_WORDS = (
+    b"auth",
+    b"token",
+    b"key",
+    b"secret",
+    b"passw",
+    b"passphrase",
+    b"cookie",
+    b"session",
+    b"signature",
+    b"hmac",
+    b"jwt",
+    b"assertion",
+    b"credential",
+    b"bearer",
+    b"saml",
+    b"csrf",
+    b"xsrf",
+    b"principal",
+)
+#: Headers stored although a credential word is in their names: replays need them.
+KEPT_HEADERS = frozenset({IDEMPOTENCY_HEADER})
+
+
+def is_credential_header(name: bytes) -> bool:
+    """Whether a request header of this name is left out of dead letters for its name."""
+    name = name.lower().replace(b"_", b"-")
+    if name in KEPT_HEADERS:
+        return False
+    return name in CREDENTIAL_HEADERS or any(word in name for word in CREDENTIAL_WORDS)
+
+
 PREFIX = "x-bridge-"
 #: What :func:`set_aside` adds to an event that Kafka refused for good; the event's own
 #: headers come before them, its own ``x-bridge-*`` ones (``key-generated``,
@@ -56,52 +96,57 @@ def set_aside(event: Destination, detail: str, topic: str) -> Destination:
 
 
 def dead_letter(
-    delivery: Delivery, error: BridgeError, topic: str, tokens: Sequence[str]
+    delivery: Delivery, error: BridgeError, topic: str, secrets: Redactor
 ) -> Destination:
-    """The dead-letter record for a delivery refused with ``error``; ``tokens`` are
-    the tokens accepted now (values that contain one are left out)."""
-    secrets = [t.encode() for t in tokens if t]
+    """The dead-letter record for a delivery refused with ``error``, without the tokens
+    ``secrets`` knows: credential headers and headers holding one are left out, and a
+    token in the path, the query or the detail is replaced by a marker. A path segment
+    holding one is no entity or action: its ``path-entity`` or ``path-action`` header
+    is left out, so that a replay reads them from the query or the body."""
     # A list of [name, value] pairs, not an object: a repeated header (two different
     # x-Timestamp values, which parsing trusts neither of) must come back as it came.
     headers = [
         [name.decode("latin-1").lower(), value.decode("latin-1")]
         for name, value in delivery.headers
-        if name.lower() not in CREDENTIAL_HEADERS and not any(s in value for s in secrets)
+        if not is_credential_header(name)
+        and not secrets.contains_bytes(value)
+        and not secrets.contains_bytes(name)
     ]
     query = [
-        (n, v)
+        (secrets.redact(n), secrets.redact(v))
         for n, v in delivery.query
-        if n.lower() not in SECRET_QUERY_PARAMS and not any(s in v.encode() for s in secrets)
+        if n.lower() not in SECRET_QUERY_PARAMS
     ]
     record_headers: list[tuple[str, bytes]] = [
         (PREFIX + "reason", error.reason.encode()),
         (PREFIX + "status", str(error.status).encode()),
-        (PREFIX + "detail", error.detail.encode()),
-        (PREFIX + "method", delivery.method.encode()),
-        (PREFIX + "path", delivery.path.encode()),
+        (PREFIX + "detail", secrets.redact(error.detail).encode()),
+        (PREFIX + "method", secrets.redact(delivery.method).encode()),
+        (PREFIX + "path", secrets.redact(delivery.path).encode()),
         (PREFIX + "query", urlencode(query).encode()),
         (PREFIX + "received-at", delivery.received_at.isoformat().encode()),
         (PREFIX + "request-headers", orjson.dumps(headers)),
     ]
-    if delivery.path_entity is not None:
-        record_headers.append((PREFIX + "path-entity", delivery.path_entity.encode()))
-    if delivery.path_action is not None:
-        record_headers.append((PREFIX + "path-action", delivery.path_action.encode()))
+    for name, segment in (
+        ("path-entity", delivery.path_entity),
+        ("path-action", delivery.path_action),
+    ):
+        if segment is not None and not secrets.contains(segment):
+            record_headers.append((PREFIX + name, segment.encode()))
     return Destination(
         topic=topic,
-        key=(delivery_key(delivery, tokens) or str(uuid.uuid4())).encode(),
+        key=(delivery_key(delivery, secrets) or str(uuid.uuid4())).encode(),
         value=delivery.body,
         headers=record_headers,
     )
 
 
-def delivery_key(delivery: Delivery, tokens: Sequence[str]) -> str | None:
+def delivery_key(delivery: Delivery, secrets: Redactor) -> str | None:
     """The delivery's idempotency key when usable (a dead letter keeps it, so replays
     and Geins retries are recognised), None when there is none, it is unusable, or it
-    contains one of ``tokens``."""
-    secrets = [t.encode() for t in tokens if t]
+    holds a token ``secrets`` knows."""
     for name, value in delivery.headers:
-        if name.lower() == IDEMPOTENCY_HEADER and not any(s in value for s in secrets):
+        if name.lower() == IDEMPOTENCY_HEADER and not secrets.contains_bytes(value):
             key = key_text(value.decode("latin-1"))
             # The rule parsing applies, so that a key the event would have kept is
             # the dead letter's key too.

@@ -65,6 +65,15 @@ class Unauthorized(BridgeError):
     title = "Missing or invalid token"
 
 
+class TooManyCredentials(BridgeError):
+    """More Authorization headers and ``token`` parameters than auth.MAX_CREDENTIALS:
+    refused before any is compared with a token."""
+
+    status = 400
+    reason = "too_many_credentials"
+    title = "Too many credentials"
+
+
 class PayloadTooLarge(BridgeError):
     status = 413
     reason = "body_too_large"
@@ -138,6 +147,17 @@ class BadIdempotencyKey(BridgeError):
     status = 400
     reason = "bad_idempotency_key"
     title = "Invalid x-Idempotency-Key header"
+
+
+class TokenInPath(BridgeError):
+    """An authenticated delivery whose URL path holds a webhook token: refused before
+    routing, so that no topic is named after a token. Kept as a dead letter (with the
+    token left out), as the event it carries may be needed once the URL is fixed."""
+
+    status = 400
+    reason = "token_in_path"
+    title = "Token in the URL path"
+    content_rejection = True
 
 
 class BodyNotJson(BridgeError):
@@ -216,6 +236,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     MethodNotAllowed,
     NotFound,
     Unauthorized,
+    TooManyCredentials,
     PayloadTooLarge,
     MalformedRequest,
     IncompleteRequest,
@@ -228,6 +249,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     RateLimited,
     Overloaded,
     BadIdempotencyKey,
+    TokenInPath,
     BodyNotJson,
     MissingEventType,
     MalformedEventType,

@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -123,14 +123,21 @@ class Event:
     value: bytes  # what is published: the body as received, or a JSON object
 
 
-def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
+def parse_delivery(
+    delivery: Delivery,
+    *,
+    strict_types: bool = False,
+    redact: Callable[[str], str] | None = None,
+) -> Event:
     """Turn a delivery into an :class:`Event`, or raise a :class:`BridgeError`.
 
     Entity and action come from the path, then the query, then the top-level
     body fields (names matched case-insensitively; a blank query value counts
     as absent). A non-empty body must be a
     JSON object whatever the Content-Type says; an empty body publishes the query
-    parameters as a JSON object instead.
+    parameters as a JSON object instead. ``redact`` (the webhook tokens'
+    :meth:`~bridge.redaction.Redactor.redact`) keeps tokens out of the detail of a
+    refusal that shows what was sent, before it is cut to length.
     """
     query = _fields(delivery.query)
     body_fields: dict[str, Any]
@@ -148,7 +155,9 @@ def parse_delivery(delivery: Delivery, *, strict_types: bool = False) -> Event:
 
     entity_raw = _pick("entity", delivery.path_entity, query, body_fields)
     action_raw = _pick("action", delivery.path_action, query, body_fields)
-    entity, action, known = _resolve_type(entity_raw, action_raw, strict_types=strict_types)
+    entity, action, known = _resolve_type(
+        entity_raw, action_raw, strict_types=strict_types, redact=redact
+    )
 
     if not value:
         value = _query_object(delivery.query, entity, action)
@@ -246,10 +255,21 @@ def _is_placeholder(text: str) -> bool:
     return "{{" in text and _UNSUBSTITUTED.fullmatch(text.strip()) is not None
 
 
-def _resolve_type(entity_raw: Any, action_raw: Any, *, strict_types: bool) -> tuple[str, str, bool]:
+def _resolve_type(
+    entity_raw: Any,
+    action_raw: Any,
+    *,
+    strict_types: bool,
+    redact: Callable[[str], str] | None = None,
+) -> tuple[str, str, bool]:
     if type(entity_raw) is str and type(action_raw) is str:  # exact str (not a subclass): cacheable
-        return _resolve_names(entity_raw, action_raw, strict_types)
-    return _resolve_type_uncached(entity_raw, action_raw, strict_types=strict_types)
+        try:
+            return _resolve_names(entity_raw, action_raw, strict_types)
+        except (MalformedEventType, UnknownEventType):
+            if redact is None:
+                raise
+        # refused: once more, for a detail without tokens
+    return _resolve_type_uncached(entity_raw, action_raw, strict_types=strict_types, redact=redact)
 
 
 # The same few dozen event types arrive again and again; a refused pair raises
@@ -260,7 +280,11 @@ def _resolve_names(entity_raw: str, action_raw: str, strict_types: bool) -> tupl
 
 
 def _resolve_type_uncached(
-    entity_raw: Any, action_raw: Any, *, strict_types: bool
+    entity_raw: Any,
+    action_raw: Any,
+    *,
+    strict_types: bool,
+    redact: Callable[[str], str] | None = None,
 ) -> tuple[str, str, bool]:
     missing = [n for n, v in (("entity", entity_raw), ("action", action_raw)) if v in (None, "")]
     if missing:
@@ -270,17 +294,26 @@ def _resolve_type_uncached(
         )
     for name, raw in (("entity", entity_raw), ("action", action_raw)):
         if not isinstance(raw, str) or not NAME_PATTERN.fullmatch(raw):
-            shown = orjson.dumps(raw).decode()[:80] if _jsonable(raw) else repr(raw)[:80]
+            shown = _shown(raw, redact)
             raise MalformedEventType(f"{name} {shown} is not a name of 1 to 64 letters and digits")
     entity = _CANONICAL_ENTITY.get(entity_raw.lower(), entity_raw)
     action = action_raw.lower()
     known = (entity, action) in _KNOWN_PAIRS
     if not known and strict_types:
+        shown = f"{entity}/{action}" if redact is None else redact(f"{entity}/{action}")
         raise UnknownEventType(
-            f"{entity}/{action} is not a known Geins event type and strict types are on "
-            "(BRIDGE_STRICT_TYPES)"
+            f"{shown} is not a known Geins event type and strict types are on (BRIDGE_STRICT_TYPES)"
         )
     return entity, action, known
+
+
+def _shown(raw: Any, redact: Callable[[str], str] | None) -> str:
+    """``raw`` as a refusal's detail shows it: JSON, its tokens redacted, then cut to
+    80 characters (after: a token cut in two would no longer be recognised)."""
+    if redact is not None and isinstance(raw, str):
+        raw = redact(raw)
+    shown = orjson.dumps(raw).decode() if _jsonable(raw) else repr(raw)
+    return (shown if redact is None else redact(shown))[:80]
 
 
 def _jsonable(value: Any) -> bool:

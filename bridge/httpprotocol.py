@@ -71,7 +71,9 @@ from bridge.ingress import (
     HALF_CLOSED,
     REFUSED_BY_PROTOCOL,
     RESPOND_WHOLE,
+    Redact,
     log_refusal,
+    no_redaction,
     problem,
 )
 
@@ -220,12 +222,14 @@ def guarded_protocol(
     max_head_bytes: int,
     max_url_bytes: int,
     on_refused: Callable[[BridgeError, float], None] | None = None,
+    redact: Redact = no_redaction,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits.
 
     ``max_url_bytes`` is the guard's URL limit (BRIDGE_MAX_URL_BYTES): a head that
     passes ``max_head_bytes`` with a URL over it is a 414, as the guard would have
-    answered, not a 431."""
+    answered, not a 431. ``redact`` keeps the webhook tokens out of the log line of a
+    refusal (the app's authenticator's)."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
@@ -631,7 +635,8 @@ def guarded_protocol(
             self.transport.close()
             # The current request's scope (uvicorn makes it as a request begins):
             # no method or path yet if the head was refused.
-            log_refusal(error, cast(Scope, self.scope or {}))  # uvicorn types it as HTTPScope
+            # uvicorn types it as HTTPScope
+            log_refusal(error, cast(Scope, self.scope or {}), redact)
             if count and on_refused is not None:
                 on_refused(error, time.perf_counter() - self._head_awaited_since)
 

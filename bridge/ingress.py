@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +41,7 @@ from bridge.errors import (
     RateLimited,
     Unauthorized,
 )
-from bridge.geins import Delivery, Event
+from bridge.geins import IDEMPOTENCY_HEADER, Delivery, Event, key_text
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.pipeline import Accepted, Pipeline
 
@@ -67,6 +67,14 @@ PROBLEM_JSON = b"application/problem+json"
 JSON = b"application/json"
 _ALLOW_HEADER = (b"allow", ", ".join(sorted(ALLOWED_METHODS)).encode())
 _AUTH_CHALLENGE = (b"www-authenticate", b'Bearer realm="geins-bridge"')
+#: Keeps the webhook tokens out of a text that is logged (a Redactor's redact).
+Redact = Callable[[str], str]
+#: Longest idempotency key a log line shows (a longer one is refused anyway).
+LOGGED_KEY_LENGTH = 200
+
+
+def no_redaction(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -107,16 +115,17 @@ class ErrorAnswer:
 
 class GuardRefusal:
     """How a request refused before the endpoint (by the guards, bridge.guards, or for
-    a path under the webhook prefix that is no webhook route) is answered, logged and
-    counted."""
+    a path under the webhook prefix that is no webhook route) is answered, logged (its
+    tokens redacted by ``redact``) and counted."""
 
-    def __init__(self, answer: ErrorAnswer, metrics: Metrics) -> None:
+    def __init__(self, answer: ErrorAnswer, metrics: Metrics, redact: Redact) -> None:
         self._answer = answer
         self._metrics = metrics
+        self._redact = redact
 
     async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         await self._answer.send(send, error)
-        log_refusal(error, scope)
+        log_refusal(error, scope, self._redact)
         seconds = time.perf_counter() - started
         self._metrics.record_request(outcome_of(error), None, error.reason, seconds)
 
@@ -154,6 +163,7 @@ class WebhookEndpoint:
         self._answer = answer
         self._max_body = max_body_bytes
         self._access_log = access_log
+        self._redact: Redact = authenticator.redactor.redact
         self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
         # The same headers as header lines, for the server's RESPOND_WHOLE.
         self._accepted_head = b"content-type: %s\r\n%s: %s\r\n" % (JSON, *self._ack_header)
@@ -182,12 +192,12 @@ class WebhookEndpoint:
             refused: BridgeError | None = scope.get(REFUSED_BY_PROTOCOL)
             outcome, reason = "rejected", exc.reason if refused is None else refused.reason
             if refused is None:  # else the protocol logged the answer it gave
-                log_refusal(exc, scope)
+                log_refusal(exc, scope, self._redact)
         except BridgeError as exc:
             event = exc.event
             outcome, reason = outcome_of(exc), exc.reason
             await self._answer.send(send, exc)
-            log_refusal(exc, scope)
+            log_refusal(exc, scope, self._redact)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             error = BridgeError("unexpected internal error; the delivery was not accepted")
             outcome, reason = "error", error.reason  # "internal", as its problem says
@@ -195,14 +205,14 @@ class WebhookEndpoint:
             # quotes, never the message (a path with ' outcome=...' would forge a field).
             log.exception(
                 "unexpected error handling a webhook request",
-                extra={"fields": _request_fields(scope, event)},
+                extra={"fields": _request_fields(scope, event, self._redact)},
             )
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
             self._metrics.record_request(outcome, event, reason, seconds)
             if self._access_log:
-                fields = _request_fields(scope, event)
+                fields = _request_fields(scope, event, self._redact)
                 fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
                 access_log.info("webhook request", extra={"fields": fields})
 
@@ -292,32 +302,37 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
-def _request_fields(scope: Scope, event: Event | None) -> dict[str, object]:
+def _request_fields(scope: Scope, event: Event | None, redact: Redact) -> dict[str, object]:
     """What a log line may say about a request: never the query (it may hold the token)
-    nor headers other than the idempotency key."""
+    nor headers other than the idempotency key; and in what it says, no token (it
+    may be in the path, the key, or even the method)."""
     fields: dict[str, object] = {}
     for name in ("method", "path"):  # unknown when the protocol refused a head
         if scope.get(name) is not None:
-            fields[name] = scope[name]
+            fields[name] = redact(scope[name])
     if event is not None:
-        fields.update(key=event.key, entity=event.entity, action=event.action)
+        fields.update(
+            key=redact(event.key), entity=redact(event.entity), action=redact(event.action)
+        )
     else:
         for name, value in scope.get("headers", ()):
-            if name == b"x-idempotency-key":
-                fields["key"] = value.decode("latin-1")[:200]
+            if name == IDEMPOTENCY_HEADER:
+                # cut after the redaction: a token cut in two is no longer recognised
+                fields["key"] = redact(key_text(value.decode("latin-1")))[:LOGGED_KEY_LENGTH]
                 break
     return fields
 
 
-def log_refusal(error: BridgeError, scope: Scope) -> None:
-    """One line per refused or failed delivery (also those the HTTP protocol refuses).
+def log_refusal(error: BridgeError, scope: Scope, redact: Redact) -> None:
+    """One line per refused or failed delivery (also those the HTTP protocol refuses),
+    without the tokens ``redact`` knows.
 
     INFO when the client caused it, so that no client can flood the log at
     WARNING (a rate-limited one, say); WARNING when the bridge could not take it
     (5xx: spool full, Kafka unreachable, overloaded).
     """
-    fields = _request_fields(scope, error.event)
-    fields.update(status=error.status, reason=error.reason, detail=error.detail)
+    fields = _request_fields(scope, error.event, redact)
+    fields.update(status=error.status, reason=error.reason, detail=redact(error.detail))
     level = logging.WARNING if error.status >= 500 else logging.INFO
     log.log(level, "delivery refused: %s", error.reason, extra={"fields": fields})
 

@@ -2,7 +2,10 @@
 
 Records may carry structured fields through ``extra={"fields": {...}}``; they
 become top-level keys in JSON. Nothing logs query strings or request headers
-other than the idempotency key, so no token or credential reaches the logs.
+other than the idempotency key, and the serving bridge puts a :class:`Redacting`
+filter on the handler (:func:`redact_with`): every token it has used is replaced by
+``<token>`` in each line's message, fields and traceback, whoever logs it (a
+refusal's path, a topic held back, the Kafka client).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from bridge.redaction import Redactor
 
 _RESERVED = {"time", "level", "logger", "message"}
 
@@ -28,8 +33,10 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update({k: v for k, v in fields.items() if k not in _RESERVED})
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
         return orjson.dumps(line, default=str).decode()
 
 
@@ -75,6 +82,51 @@ def _value(value: object) -> str:
     if text and text.isprintable() and not any(c in text for c in ' "='):
         return text
     return '"' + _escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+class Redacting(logging.Filter):
+    """Replaces the tokens ``redactor`` knows in a record's message, fields, traceback
+    and stack: a handler's filter, so that it sees every logger's records."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = self.redactor
+        if not redactor:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit: the handler reports it
+            return True
+        redacted = redactor.redact(message)
+        if redacted is not message:
+            record.msg, record.args = redacted, ()
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {k: self._value(v) for k, v in fields.items()}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redactor.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redactor.redact(record.stack_info)
+        return True
+
+    def _value(self, value: object) -> object:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return self.redactor.redact(value if isinstance(value, str) else str(value))
+
+
+def redact_with(redactor: Redactor) -> None:
+    """Keep ``redactor``'s tokens out of every line the root logger's handlers write
+    (see :class:`Redacting`); replaces the filter an earlier call put there."""
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, Redacting)]:
+            handler.removeFilter(old)
+        handler.addFilter(Redacting(redactor))
 
 
 def configure(level: str, fmt: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.auth import MAX_CREDENTIALS
 from bridge.config import Settings
 from bridge.geins import ENTITY_ACTIONS, MAX_KEY_LENGTH
 from bridge.ingress import WEBHOOK_PATH
@@ -59,7 +60,9 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
         "description": (
             "Entity and action are read from the path, then the query, then the top-level "
             "body fields `entity`/`action`. The body, when present, must be a JSON object "
-            "whatever the Content-Type says. Without a body the query parameters are published."
+            "whatever the Content-Type says. Without a body the query parameters are published. "
+            "A token goes in the Authorization header or the `token` query parameter, never in "
+            "the path, the key or a name that makes the topic."
         ),
         "parameters": [
             *({"name": p, "in": "path", "required": True, "schema": _NAME} for p in path_params),
@@ -73,7 +76,7 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 "in": "header",
                 "required": False,
                 "description": "Stays the same on Geins' retries; becomes the Kafka key. "
-                "Generated when missing.",
+                "Generated when missing. One that holds a webhook token is refused (400).",
                 "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
             },
             {
@@ -81,7 +84,8 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 "in": "header",
                 "required": False,
                 "description": "When the event was raised (RFC 3339); the received time "
-                "is used when missing or unreadable.",
+                "is used when missing or unreadable. One that holds a webhook token is not "
+                "published.",
                 "schema": {"type": "string"},
             },
         ],
@@ -102,7 +106,11 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 "headers": {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}},
             },
             "400": _problem(
-                "Body not a JSON object, bad x-Idempotency-Key or query, not valid HTTP/1.1, "
+                "Body not a JSON object, bad x-Idempotency-Key (one holding a webhook token "
+                f"included) or query, more than {MAX_CREDENTIALS} credentials "
+                "(too_many_credentials: Authorization headers and token parameters together), "
+                "a webhook token in "
+                "the URL path (token_in_path, once authenticated), not valid HTTP/1.1, "
                 "or cut short by a half-close of the connection (413 instead when its "
                 "Content-Length is over the limit)."
             ),
@@ -115,7 +123,10 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 f"(body and headers) would be over {settings.max_event_record_bytes()} bytes."
             ),
             "414": refused["414"],
-            "422": _problem("Entity or action missing, malformed or (strict) unknown."),
+            "422": _problem(
+                "Entity or action missing, malformed or (strict) unknown, or an entity, "
+                "action or topic name that would hold a webhook token."
+            ),
             "429": _problem("Rate limit of this client address.", "Retry-After"),
             "431": refused["431"],
             "500": _problem("A bug; the delivery was not accepted (Geins retries)."),

@@ -5,21 +5,34 @@ The ingress hands in a :class:`~bridge.geins.Delivery` and gets back an
 made safe before the answer is the ack mode's business (see
 :mod:`bridge.ackmodes`). Deliveries refused for their content are kept as dead
 letters on the way out.
+
+No webhook token goes further than the pipeline: a delivery with one in its path, or
+whose entity, action or topic name would hold one, is refused (and kept as a dead
+letter, the token left out), one whose idempotency key holds one is refused, and an
+x-Timestamp or subject that holds one is not published as a header. Each check costs
+an accepted delivery a cache look-up, or (its key and subject) a search that rarely
+gets past comparing lengths.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
 from bridge.deadletter import dead_letter, delivery_key, set_aside
-from bridge.errors import BridgeError, PayloadTooLarge
+from bridge.errors import (
+    BadIdempotencyKey,
+    BridgeError,
+    MalformedEventType,
+    PayloadTooLarge,
+    TokenInPath,
+)
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import check_record_size
+from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
 
 log = logging.getLogger(__name__)
@@ -27,6 +40,11 @@ log = logging.getLogger(__name__)
 #: Dead letters are de-duplicated by their delivery's idempotency key, kept apart from
 #: the keys of events (an idempotency key never holds a NUL).
 DEAD_LETTER_KEYS = "\x00dead-letter:"
+#: Where a token goes, for the details of the refusals of a token anywhere else.
+WHERE_TOKENS_GO = (
+    "a token goes in the Authorization header ('Authorization: Bearer <token>') "
+    "or in the token query parameter ('?token=<token>')"
+)
 
 
 @dataclass(slots=True)  # read-only; not frozen for speed (see bridge.geins.Delivery)
@@ -50,7 +68,7 @@ class Pipeline:
         *,
         strict_types: bool,
         deadletter_topic: str,
-        tokens: Sequence[str],
+        secrets: Redactor,
         record_limit: int,
         dedup: bool = True,
     ) -> None:
@@ -59,7 +77,10 @@ class Pipeline:
         self._metrics = metrics
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
-        self._tokens = tokens  # may be live (auth.CurrentTokens): not copied
+        self._secrets = secrets  # the authenticator's: it learns each token as it is used
+        self._redact = secrets.redact
+        #: Which of the event's account and environment the topic template puts in names.
+        self._in_topic = tuple(f for f in ("account", "environment") if f in router.template.fields)
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -69,13 +90,23 @@ class Pipeline:
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
+        secrets = self._secrets
         try:
-            event = parse_delivery(delivery, strict_types=self._strict_types)
+            if secrets:
+                _check_path(delivery, secrets)
+            event = parse_delivery(delivery, strict_types=self._strict_types, redact=self._redact)
+            if secrets:
+                _check_event(event, secrets, self._in_topic)
+            destination = self.router.route(event)
+            if secrets and secrets.in_topic(destination.topic):
+                raise MalformedEventType(
+                    "the event's topic would be named after a webhook token (its account or "
+                    f"environment holds one): {WHERE_TOKENS_GO}"
+                )
         except BridgeError as exc:
             if exc.content_rejection:
                 await self._keep_dead_letter(delivery, exc)
             raise
-        destination = self.router.route(event)
         self._metrics.observe_stage("parse", time.perf_counter() - started)
         try:
             # before any mode takes it: one accepted could never be delivered
@@ -126,8 +157,8 @@ class Pipeline:
         if not self._deadletter_topic:
             return
         await self._keep(
-            dead_letter(delivery, error, self._deadletter_topic, self._tokens),
-            delivery_key(delivery, self._tokens) if self._dedup else None,
+            dead_letter(delivery, error, self._deadletter_topic, self._secrets),
+            delivery_key(delivery, self._secrets) if self._dedup else None,
             error.reason,
             f"the delivery is refused ({error.reason}: {error.detail})",
         )
@@ -158,3 +189,44 @@ class Pipeline:
             return None
         self._metrics.dead_letters.labels(reason).inc()
         return True
+
+
+def _check_path(delivery: Delivery, secrets: Redactor) -> None:
+    """Refuse a delivery whose path holds a token, before it can name a topic. Its
+    segments repeat from one delivery to the next: a cache look-up each."""
+    for segment in (delivery.path_entity, delivery.path_action):
+        if segment is not None and secrets.contains_cached(segment):
+            raise TokenInPath(
+                f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
+            )
+
+
+def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
+    """Refuse an event whose entity or action holds a token (they name its topic, with
+    most templates, and its ce_type), or its account or environment where ``in_topic``
+    (the template) names them, or whose idempotency key does (the record's key and
+    ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
+    never refuse a delivery. Cached but for the key and the subject, which rarely
+    reach the length of a token."""
+    if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
+        raise MalformedEventType(
+            f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
+            "name of the event"
+        )
+    for name in in_topic:
+        # As sent: made topic-safe and cut to 48 characters, a token with something
+        # before it would leave only a part of it in the topic, which no check finds.
+        value = event.account if name == "account" else event.environment
+        if value is not None and secrets.contains_cached(value):
+            raise MalformedEventType(
+                f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
+                "in a name of the event"
+            )
+    if not event.key_generated and secrets.contains(event.key):
+        raise BadIdempotencyKey(
+            f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
+        )
+    if event.raw_timestamp is not None and secrets.contains_cached(event.raw_timestamp):
+        event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
+    if event.subject is not None and secrets.contains(event.subject):
+        event.subject = None  # the body, the event's data, still has it as sent

@@ -21,6 +21,7 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bridge import logs
 from bridge.app import create_app
 from bridge.config import Settings
 from bridge.errors import ConfigError
@@ -167,6 +168,8 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     # before it listens; the lifespan then reuses this connection.
     app.state.prepare()
     metrics: Metrics = app.state.metrics
+    redactor = app.state.authenticator.redactor
+    logs.redact_with(redactor)  # every line, whoever logs it: no token in the log
     protocol = guarded_protocol(
         read_timeout=settings.read_timeout,
         # the request line (method, URL, version) and the headers, with room for CRLFs
@@ -175,6 +178,7 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         on_refused=lambda e, seconds: metrics.record_request(
             outcome_of(e), None, e.reason, seconds
         ),
+        redact=redactor.redact,
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(

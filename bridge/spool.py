@@ -72,6 +72,11 @@ RESERVE_BYTES = 16 * 1024 * 1024
 RESERVE_MIN_BYTES = 256 * 1024
 #: How long after a failure to make the reserve (no room) it is tried again.
 RESERVE_RETRY_SECONDS = 60.0
+#: The mode of the spool's files: they hold event bodies (customer and order data), for
+#: the bridge's user only. SQLite gives the -wal and -shm files the database's mode.
+FILE_MODE = 0o600
+#: The mode of a spool folder the bridge makes.
+FOLDER_MODE = 0o700
 
 
 @dataclass(slots=True)
@@ -169,7 +174,7 @@ class Spool:
 
     def _open_connection(self) -> sqlite3.Connection:
         try:
-            self._directory.mkdir(parents=True, exist_ok=True)
+            self._directory.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
             if not os.access(self._directory, os.W_OK):
                 raise SpoolUnusable(
                     f"spool folder {self._directory} is not writable (a read-only file system?)"
@@ -221,7 +226,29 @@ class Spool:
             os.close(self._lock_fd)  # closing the only descriptor releases the lock
             self._lock_fd = None
 
+    def _make_private(self) -> None:
+        """Make the database file (empty: SQLite takes it for a new database) with
+        FILE_MODE before SQLite does (it would make it 0644, less the umask), and give
+        the files of a spool made by an earlier version that mode."""
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        for path in (
+            self.path,
+            *(Path(f"{self.path}{s}") for s in ("-wal", "-shm")),
+            self._reserve,
+        ):
+            try:
+                if path.stat().st_mode & 0o777 != FILE_MODE:
+                    path.chmod(FILE_MODE)
+                    log.info("spool: %s is made readable by the bridge's user only", path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # not the bridge's own file, say: it can still be used
+                log.warning(
+                    "spool: cannot make %s readable by the bridge's user only (%s)", path, exc
+                )
+
     def _connect(self) -> sqlite3.Connection:
+        self._make_private()
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             connection.execute("PRAGMA journal_mode=WAL")

@@ -16,6 +16,7 @@ with atheris.instrument_imports():
     from bridge.deadletter import dead_letter
     from bridge.errors import BridgeError
     from bridge.geins import Delivery, parse_delivery
+    from bridge.redaction import Redactor
     from bridge.routing import TOPIC_NAME, Router, TopicTemplate
 
 ROUTER = Router(
@@ -55,7 +56,8 @@ def one_input(data: bytes) -> None:
     except BridgeError as error:
         if not 400 <= error.status < 500:
             raise AssertionError(f"status {error.status} for a bad delivery") from error
-        dead_letter(delivery, error, "geins.deadletter", ["secret"])  # must not raise either
+        # must not raise either
+        dead_letter(delivery, error, "geins.deadletter", Redactor(["secret"]))
         return
     topic = ROUTER.route(event).topic
     if not TOPIC_NAME.fullmatch(topic):

@@ -16,7 +16,7 @@ import pytest
 
 from bridge import auth
 from bridge.auth import TokenAuthenticator
-from bridge.errors import Unauthorized
+from bridge.errors import TooManyCredentials, Unauthorized
 from tests.polling import eventually
 
 AUTH = TokenAuthenticator(["old-token", "new-token"])
@@ -87,6 +87,53 @@ def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatc
     AUTH.check([(b"authorization", b"Bearer old-token")], [("token", "nope")])
     assert len(calls) == 4  # 2 presented x 2 configured, although the first one matched
     assert {b for _, b in calls} == {b"old-token", b"new-token"}
+
+
+def test_more_than_a_few_credentials_are_refused_before_any_is_compared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request presenting more than MAX_CREDENTIALS Authorization headers and token
+    parameters together is a 400 (too_many_credentials), with none of them compared:
+    one request used to cost ~290 comparisons per token. A valid token among them
+    does not help; MAX_CREDENTIALS of them still pass."""
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    bearer = (b"authorization", b"Bearer new-token")
+    with pytest.raises(TooManyCredentials) as info:
+        AUTH.check([bearer] * 98, [("token", "new-token")] * 200)
+    assert (info.value.status, info.value.reason) == (400, "too_many_credentials")
+    assert "298 credentials" in info.value.detail
+    assert "new-token" not in info.value.detail
+    with pytest.raises(TooManyCredentials):
+        AUTH.check(
+            [bearer, (b"Authorization", b"Basic !!"), bearer], [("TOKEN", ""), ("token", "x")]
+        )
+    assert calls == []
+    AUTH.check([bearer, bearer], [("token", "a b"), ("token", "new-token")])  # 4: read
+    assert len(calls) == 5 * 2  # the 'a+b' reading of 'a b' too, against 2 tokens
+
+
+def test_the_redactor_knows_every_token_used_since_start(tmp_path: Path) -> None:
+    """The authenticator's redactor learns the file's tokens as they are used (not one
+    read only once: it may be half written), and keeps those rotated out since."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("file-token-1\n")
+    authenticator = TokenAuthenticator(["env-token"], tokens_file=tokens)
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-1"]
+    tokens.write_text("file-to")
+    authenticator.refresh()  # seen once: not in use, not learnt
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-1"]
+    tokens.write_text("file-token-2\n")
+    authenticator.refresh()
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"env-token", b"file-token-2")
+    assert list(authenticator.redactor.tokens) == ["env-token", "file-token-2", "file-token-1"]
 
 
 def test_an_open_bridge_requires_a_token_once_the_file_has_one(tmp_path: Path) -> None:

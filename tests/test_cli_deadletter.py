@@ -23,6 +23,7 @@ from bridge.config import load_settings
 from bridge.deadletter import dead_letter
 from bridge.errors import UnknownEventType
 from bridge.geins import Delivery
+from bridge.redaction import Redactor
 from bridge.routing import Destination
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -46,7 +47,7 @@ def novel_voucher_letter(
         body=body,
         received_at=received_at,
     )
-    return dead_letter(delivery, UnknownEventType("novel"), topic, [TOKEN])
+    return dead_letter(delivery, UnknownEventType("novel"), topic, Redactor([TOKEN]))
 
 
 @pytest.fixture

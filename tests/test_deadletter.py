@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from datetime import UTC, datetime
 
 import orjson
@@ -9,6 +11,7 @@ import orjson
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
 from bridge.errors import UnknownEventType
 from bridge.geins import Delivery, parse_delivery
+from bridge.redaction import Redactor
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = UnknownEventType("Voucher/create is not a known Geins event type")
@@ -28,7 +31,7 @@ def refused(headers: list[tuple[bytes, bytes]]) -> Delivery:
 
 
 def round_trip(delivery: Delivery, tokens: list[str] | None = None) -> Delivery:
-    letter = dead_letter(delivery, REFUSED, "geins.deadletter", tokens or [])
+    letter = dead_letter(delivery, REFUSED, "geins.deadletter", Redactor(tokens or []))
     return delivery_from_dead_letter(letter.headers, letter.value)
 
 
@@ -57,7 +60,7 @@ def test_credentials_are_still_left_out() -> None:
         (b"x-forwarded-note", b"has s3cret inside"),
         (b"x-idempotency-key", b"k-1"),
     ]
-    letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", ["s3cret"])
+    letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor(["s3cret"]))
     stored = dict(letter.headers)["x-bridge-request-headers"]
     assert orjson.loads(stored) == [["x-idempotency-key", "k-1"]]
     assert b"s3cret" not in b"".join(v for _, v in letter.headers)
@@ -86,6 +89,74 @@ def test_a_dead_letter_keeps_every_key_parsing_accepts() -> None:
     sent = [(b"x-idempotency-key", nbsp.encode())]
     accepted = parse_delivery(refused(sent), strict_types=False)
     assert accepted.key == nbsp
-    assert delivery_key(refused(sent), []) == nbsp
-    assert dead_letter(refused(sent), REFUSED, "dl", []).key == nbsp.encode()
-    assert delivery_key(refused([(b"x-idempotency-key", b"order\x01")]), []) is None
+    assert delivery_key(refused(sent), Redactor()) == nbsp
+    assert dead_letter(refused(sent), REFUSED, "dl", Redactor()).key == nbsp.encode()
+    assert delivery_key(refused([(b"x-idempotency-key", b"order\x01")]), Redactor()) is None
+
+
+PLUS = "plus+Secret2"
+HEX = "0123456789abcdef" * 4
+
+
+def test_credentials_in_any_form_or_header_are_left_out() -> None:
+    """A copy of a token in another form (Basic-encoded, percent-encoded, the raw '+'
+    of a query), and headers whose names say they carry a credential of another
+    system, are not kept; what a replay needs, and harmless headers, are."""
+    sent = [
+        (b"x-forwarded-authorization", b"Basic " + base64.b64encode(f"user:{HEX}".encode())),
+        (b"x-original-url", b"/webhooks/geins?token=plus%2BSecret2"),
+        (b"x-copy", b"Basic " + base64.b64encode(b"geins:" + PLUS.encode())),
+        (b"x-auth-token", b"third-party-1"),
+        (b"x-forwarded-access-token", b"third-party-2"),
+        (b"ocp-apim-subscription-key", b"third-party-3"),
+        (b"x-goog-iap-jwt-assertion", b"third-party-4"),
+        (b"X-Client_Secret", b"third-party-5"),
+        (b"set-cookie", b"third-party-6"),
+        (b"x-idempotency-key", b"k-1"),
+        (b"x-timestamp", b"2024-01-15T10:30:00Z"),
+        (b"user-agent", b"Geins-Webhooks/1.0"),
+        (b"x-forwarded-for", b"192.0.2.7"),
+    ]
+    delivery = dataclasses.replace(
+        refused(sent), query=[("token", PLUS), ("ref", "plus Secret2"), ("n", "1")]
+    )
+    letter = dead_letter(delivery, REFUSED, "geins.deadletter", Redactor([PLUS, HEX]))
+    stored = dict(letter.headers)
+    assert orjson.loads(stored["x-bridge-request-headers"]) == [
+        ["x-idempotency-key", "k-1"],
+        ["x-timestamp", "2024-01-15T10:30:00Z"],
+        ["user-agent", "Geins-Webhooks/1.0"],
+        ["x-forwarded-for", "192.0.2.7"],
+    ]
+    assert stored["x-bridge-query"] == b"ref=%3Ctoken%3E&n=1"
+    everything = b"".join(v for _, v in letter.headers) + letter.key
+    assert b"third-party" not in everything
+    assert b"Secret2" not in everything
+    assert HEX.encode() not in everything
+
+
+def test_a_token_in_the_path_or_the_detail_is_replaced() -> None:
+    """The path keeps its shape with a marker for the token; the segment that held it
+    is no entity or action, so its header is left out and a replay reads them from
+    the query or the body, as the sender meant. The detail is redacted too."""
+    delivery = Delivery(
+        method="POST",
+        path=f"/webhooks/geins/Order/{HEX}",
+        path_entity="Order",
+        path_action=HEX,
+        query=[("action", "create")],
+        headers=[(b"x-idempotency-key", f"r4-{HEX}".encode())],
+        body=b'{"id":"1"}',
+        received_at=RECEIVED,
+    )
+    error = UnknownEventType(f"Order/{HEX} is not a known Geins event type")
+    letter = dead_letter(delivery, error, "geins.deadletter", Redactor([HEX]))
+    stored = dict(letter.headers)
+    assert stored["x-bridge-path"] == b"/webhooks/geins/Order/<token>"
+    assert stored["x-bridge-path-entity"] == b"Order"
+    assert "x-bridge-path-action" not in stored
+    assert stored["x-bridge-detail"] == b"Order/<token> is not a known Geins event type"
+    assert stored["x-bridge-request-headers"] == b"[]"  # the key held it: a new key
+    assert HEX.encode() not in b"".join(v for _, v in letter.headers) + letter.key
+    replayed = parse_delivery(delivery_from_dead_letter(letter.headers, letter.value))
+    assert (replayed.entity, replayed.action) == ("Order", "create")

@@ -19,6 +19,7 @@ from bridge.errors import (
     UnknownEventType,
 )
 from bridge.geins import ENTITY_ACTIONS, Delivery, Event, parse_delivery, parse_rfc3339
+from bridge.redaction import Redactor
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 KEY = (b"x-idempotency-key", b"k-1")
@@ -125,7 +126,7 @@ def test_a_utf8_idempotency_key_is_the_record_key_as_sent() -> None:
     assert event.key == "order-åäö-1"
     assert event.key.encode() == sent
     refused = delivery(b"[]", headers=[(b"x-idempotency-key", sent)])  # a dead letter's key too
-    assert delivery_key(refused, []) == "order-åäö-1"
+    assert delivery_key(refused, Redactor()) == "order-åäö-1"
     assert event.raw_key is not None
     assert event.raw_key.encode("latin-1") == sent
     other = parse(
@@ -256,7 +257,7 @@ def test_a_control_character_at_either_end_of_a_key_is_refused(key: bytes) -> No
     400 (a dead letter's key is refused alike)."""
     with pytest.raises(BadIdempotencyKey, match="control characters"):
         parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], key)]))
-    assert delivery_key(delivery(b"[]", headers=[(KEY[0], key)]), []) is None
+    assert delivery_key(delivery(b"[]", headers=[(KEY[0], key)]), Redactor()) is None
 
 
 @pytest.mark.parametrize(
@@ -274,7 +275,7 @@ def test_a_key_is_byte_for_byte_but_for_spaces_and_tabs_around_it(sent: bytes, k
     taken for a retry of `abc`. The dead letter's key is the event's."""
     event = parse(delivery(b'{"entity":"Order","action":"create"}', headers=[(KEY[0], sent)]))
     assert event.key == key
-    assert delivery_key(delivery(b"[]", headers=[(KEY[0], sent)]), []) == key
+    assert delivery_key(delivery(b"[]", headers=[(KEY[0], sent)]), Redactor()) == key
 
 
 def test_conflicting_duplicate_keys_are_refused() -> None:

@@ -227,8 +227,9 @@ def test_tokens_from_the_file_never_reach_dead_letters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A token of the tokens file, copied into any header or query value of a delivery
-    that becomes a dead letter, is scrubbed like one of BRIDGE_TOKENS; also one written
-    to the file after startup."""
+    that becomes a dead letter, is scrubbed like one of BRIDGE_TOKENS (a header holding
+    one is left out, a query value's token is replaced by a marker); also one written to
+    the file after startup."""
     tokens = tmp_path / "tokens"
     tokens.write_text("file-secret-1\n")
     app, publisher = app_with(BRIDGE_TOKENS_FILE=str(tokens))
@@ -259,7 +260,7 @@ def test_tokens_from_the_file_never_reach_dead_letters(
     assert [r.key for r in publisher.records][:2] == [b"k1", b"k2"]
     for record in publisher.records:
         headers = dict(record.headers)
-        assert headers["x-bridge-query"] == b"note=kept"
+        assert headers["x-bridge-query"] == b"copy=%3Ctoken%3E&note=kept"
         everything = b"".join(v for _, v in record.headers) + record.value + record.key
         assert b"file-secret" not in everything
 

@@ -3,16 +3,20 @@ and no token leaking anywhere."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import signal
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -411,3 +415,159 @@ def test_a_client_that_closes_in_the_middle_of_a_request_logs_no_error(
     metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text
     assert 'bridge_request_duration_seconds_count{outcome="accepted"} 0.0' in metrics
     assert _serious_lines_from(bridge, start) == []
+
+
+HEX = "0123456789abcdef" * 4  # a token that is also a well-formed entity name
+PLUS = "plus+Secret2"  # a token with a '+', pasted raw into URLs
+ROTATED = "rotated-out-token-1"  # in the tokens file at start, then rotated out
+THIRD_PARTY = "third-party-credential"
+
+
+def _topics(bootstrap: str) -> list[str]:
+    async def listed() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return list(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    return asyncio.run(listed())
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+def test_no_token_in_any_form_reaches_logs_records_or_topic_names(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    connect: Callable[[BridgeProcess], socket.socket],
+    ack: str,
+) -> None:
+    """What the review found: a token in the path (logs, dead letters, a topic named
+    after it), echoed by a malformed entity or action, encoded (Basic, percent, the raw
+    '+'), third-party credentials in other headers, in an idempotency key or an
+    x-Timestamp, and a token rotated out of the tokens file. None of it appears in the
+    log, the metrics, a record (topic, key, value, headers) or a topic name; only the
+    body a sender sent is kept as it came (the dead letters keyed body-copy-*)."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(f"{ROTATED}\n{PLUS}\n")
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": f"{TOKEN},{HEX}",
+        "BRIDGE_TOKENS_FILE": str(tokens_file),
+        "BRIDGE_ACK": ack,
+        "BRIDGE_ACCESS_LOG": "true",
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+        "BRIDGE_READ_TIMEOUT": "1.5",
+    }
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    order = b'{"entity":"Order","action":"create","id":"1"}'
+    basic = base64.b64encode(f"user:{HEX}".encode()).decode()
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+            rotated = {"Authorization": f"Bearer {ROTATED}"}
+            assert client.post("/webhooks/geins", content=order, headers=rotated).status_code == 202
+            tokens_file.write_text(f"{PLUS}\n")  # ROTATED is rotated out
+            # a key too long: a 400 that keeps nothing while the token is accepted
+            probe = {**rotated, "x-idempotency-key": "k" * 201}
+            assert wait_until(
+                lambda: client.post("/webhooks/geins", content=order, headers=probe).status_code,
+                lambda status: status == 401,
+                within=10,
+                every=0.2,
+            )
+
+            def status(path: str, **kwargs: Any) -> int:
+                return client.post(path, **kwargs).status_code
+
+            # 1. a token in the path: 400 authenticated, 401 not, 404 off the routes
+            assert status(f"/webhooks/geins/{HEX}", content=order, headers=bearer) == 400
+            assert status(f"/webhooks/geins/Order/{HEX}", content=order, headers=bearer) == 400
+            assert status(f"/webhooks/geins/{HEX}/create", content=order) == 401
+            assert status(f"/webhooks/geins/Order/create/{HEX}", content=order) == 404
+            # 2. a malformed entity or action shows what was sent
+            assert (
+                status(f"/webhooks/geins?entity=Order&action=create?token={HEX}", headers=bearer)
+                == 422
+            )
+            body = b'{"entity":"x ' + HEX.encode() + b'","action":"create"}'
+            headers = {**bearer, "x-idempotency-key": "body-copy-1"}
+            assert status("/webhooks/geins", content=body, headers=headers) == 422
+            # 3. encoded copies and third-party credentials in a dead letter's headers
+            copies = {
+                "X-Forwarded-Authorization": f"Basic {basic}",
+                "X-Original-URL": "/webhooks/geins?token=plus%2BSecret2",
+                "X-Auth-Token": THIRD_PARTY,
+                "X-Forwarded-Access-Token": THIRD_PARTY,
+                "Ocp-Apim-Subscription-Key": THIRD_PARTY,
+                "X-Rotated-Copy": ROTATED,
+                "x-idempotency-key": "copies-1",
+            }
+            path = "/webhooks/geins?token=plus+Secret2&ref=plus+Secret2"
+            assert status(path, content=b"{not json", headers=copies) == 400
+            # 4. a key or x-Timestamp holding a token
+            for key in (f"r4-{HEX}", f"r4-{ROTATED}", "r4-plus%2BSecret2"):
+                headers = {**bearer, "x-idempotency-key": key}
+                assert status("/webhooks/geins/Order/create", content=order, headers=headers) == 400
+            headers = {
+                **bearer,
+                "x-idempotency-key": "body-copy-ts",
+                "x-timestamp": f"2024-01-15 {PLUS}",
+            }
+            body = b'{"id":"' + HEX.encode() + b'"}'  # the event's data: published as sent
+            assert status("/webhooks/geins/Order/create", content=body, headers=headers) == 202
+            # 5. a topic named after a token, whatever puts it there
+            body = b'{"entity":"' + HEX.encode() + b'","action":"create"}'
+            headers = {**bearer, "x-idempotency-key": "body-copy-2"}
+            assert status("/webhooks/geins", content=body, headers=headers) == 422
+            # 6. a few credentials at most
+            many = "&".join([f"token={HEX}"] * 5)
+            assert status(f"/webhooks/geins/Order/create?{many}", content=order) == 400
+            metrics = client.get("/metrics").text
+        # 7. a refusal of the HTTP protocol (a late body) on a token's path
+        sock = connect(bridge)
+        sock.sendall(
+            f"POST /webhooks/geins/{HEX} HTTP/1.1\r\nHost: x\r\n".encode()
+            + f"Authorization: Bearer {TOKEN}\r\nx-idempotency-key: r4-{HEX}\r\n".encode()
+            + b'Content-Length: 100\r\n\r\n{"id":'
+        )
+        assert read_all(sock).startswith(b"HTTP/1.1 408")
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(30) == 0
+        log = bridge.log()
+    records = read_all_sync(kafka_bootstrap, topic_prefix)
+    topics = _topics(kafka_bootstrap)
+    reasons = sorted(dict(r.headers).get("x-bridge-reason", b"").decode() for r in records)
+    assert reasons == [
+        "",  # the event with a token in its x-Timestamp and its id
+        "",  # the event sent with the rotated token
+        "body_not_json",
+        "malformed_event_type",
+        "malformed_event_type",
+        "malformed_event_type",
+        "token_in_path",
+        "token_in_path",
+    ]
+    [kept] = [r for r in records if r.key == b"body-copy-ts"]
+    assert "x-timestamp" not in dict(kept.headers)
+    assert "ce_subject" not in dict(kept.headers)
+    written = "\n".join(
+        [
+            log,
+            metrics,
+            *topics,
+            *(
+                r.topic
+                + (r.key or b"").decode(errors="replace")
+                + ("" if (r.key or b"").startswith(b"body-copy") else (r.value or b"").decode())
+                + "".join((v or b"").decode(errors="replace") for _, v in r.headers)
+                for r in records
+            ),
+        ]
+    )
+    for secret in (TOKEN, HEX, PLUS, "plus Secret2", "plus%2BSecret2", ROTATED, basic, THIRD_PARTY):
+        assert secret not in written, secret
+    assert HEX[:16] not in written.lower()  # not even a part of it
+    assert "/webhooks/geins/<token>" in log
+    assert '"key":"r4-<token>"' in log

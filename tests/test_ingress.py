@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -491,4 +492,204 @@ def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) 
     exposition = metrics.exposition().decode()
     assert 'bridge_rejections_total{reason="internal"} 1.0' in exposition
     assert 'bridge_requests_total{action="none",entity="none",outcome="error"} 1.0' in exposition
+    assert publisher.records == []
+
+
+HEX = "0123456789abcdef" * 4  # a token that is also a well-formed entity name
+
+
+@pytest.fixture
+def secret_bridge(caplog: pytest.LogCaptureFixture) -> Any:
+    """The app with a second token that is a valid entity name, and the access log."""
+    caplog.set_level(logging.INFO)
+    app, publisher, metrics = make(BRIDGE_TOKENS=f"{TOKEN},{HEX}", BRIDGE_ACCESS_LOG="true")
+    with TestClient(app) as client:
+        yield client, publisher, metrics
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    """Every line the bridge logged: messages and fields."""
+    return "\n".join(
+        f"{r.getMessage()} {getattr(r, 'fields', '')}"
+        for r in caplog.records
+        if r.name.startswith("bridge")
+    )
+
+
+def written(publisher: FakePublisher) -> bytes:
+    """Everything the records hold: topics, keys, values and headers."""
+    return b"".join(
+        r.topic.encode() + r.key + r.value + b"".join(v for _, v in r.headers)
+        for r in publisher.records
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/webhooks/geins/{HEX}", f"/webhooks/geins/Order/{HEX}", f"/webhooks/geins/{HEX}/create/"],
+)
+def test_a_token_in_the_path_is_refused_before_routing(
+    secret_bridge: Any, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """An authenticated delivery with a token in its path is a 400 (token_in_path) that
+    says where tokens go without echoing it, and is kept as a dead letter with the
+    token replaced; no topic is named after it. Unauthenticated, it stays a 401."""
+    client, publisher, _ = secret_bridge
+    body = b'{"entity":"Order","action":"create","id":"1"}'
+    response = client.post(path, content=body, headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["reason"] == "token_in_path"
+    assert "Authorization header" in problem["detail"]
+    assert "token query parameter" in problem["detail"]
+    assert HEX not in response.text
+    [letter] = publisher.records
+    assert letter.topic == "geins.deadletter"
+    assert letter.value == body
+    assert dict(letter.headers)["x-bridge-path"] == path.replace(HEX, "<token>").encode()
+    assert client.post(path, content=body).status_code == 401
+    assert len(publisher.records) == 1
+    assert HEX.encode() not in written(publisher)
+    assert HEX not in logged(caplog)
+    assert "/webhooks/geins/" in logged(caplog)
+
+
+def test_a_path_that_is_no_route_is_logged_without_its_token(
+    secret_bridge: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = secret_bridge[0]
+    assert client.post(f"/webhooks/geins/a/b/{HEX}", headers=AUTH).status_code == 404
+    assert "/webhooks/geins/a/b/<token>" in logged(caplog)
+    assert HEX not in logged(caplog)
+
+
+def test_an_idempotency_key_holding_a_token_is_refused(
+    secret_bridge: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It would be the record's key and ce_id: a 400 (bad_idempotency_key) instead, the
+    key not echoed nor logged, nothing published."""
+    client, publisher, _ = secret_bridge
+    for key in (f"r4-{HEX}", f"r4-{TOKEN}", "k-dev%2Dtoken"):
+        response = client.post(
+            "/webhooks/geins", content=ORDER, headers={**AUTH, "x-idempotency-key": key}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["reason"] == "bad_idempotency_key"
+        assert "contains a webhook token" in response.json()["detail"]
+        assert key not in response.text
+    assert publisher.records == []
+    assert HEX not in logged(caplog)
+    assert TOKEN not in logged(caplog)
+    assert '"key": "r4-<token>"' in logged(caplog).replace("'", '"')
+
+
+def test_an_x_timestamp_or_subject_holding_a_token_is_not_published(
+    secret_bridge: Any,
+) -> None:
+    """x-Timestamp and the id never refuse a delivery: one that holds a token is not
+    published as a header (ce_subject); the body, the event's data, is as sent."""
+    client, publisher, _ = secret_bridge
+    headers = {**AUTH, "x-idempotency-key": "ts-1", "x-timestamp": f"2024-01-15 {HEX}"}
+    body = b'{"entity":"Order","action":"create","id":"' + HEX.encode() + b'"}'
+    assert client.post("/webhooks/geins", content=body, headers=headers).status_code == 202
+    [record] = publisher.records
+    assert "x-timestamp" not in dict(record.headers)
+    assert "ce_subject" not in dict(record.headers)
+    assert dict(record.headers)["x-bridge-time-source"] == b"received"
+    assert record.value == body
+    assert HEX.encode() not in b"".join(v for _, v in record.headers) + record.key
+
+
+@pytest.mark.parametrize(
+    ("query", "body"),
+    [
+        (f"entity=Order&action=create?token={HEX}", b""),  # a '?' typed for a '&'
+        ("", b'{"entity":"x ' + HEX.encode() + b'","action":"create"}'),
+        ("", b'{"entity":"' + b"y" * 70 + HEX.encode() + b'","action":"create"}'),  # cut at 80
+        ("", b'{"entity":["' + HEX.encode() + b'"],"action":"create"}'),
+    ],
+)
+def test_a_malformed_name_holding_a_token_is_not_echoed(
+    secret_bridge: Any, caplog: pytest.LogCaptureFixture, query: str, body: bytes
+) -> None:
+    """The detail of a malformed entity or action shows the value sent, with the
+    token replaced (before the value is cut to length), in the answer, the log and the
+    dead letter."""
+    client, publisher, _ = secret_bridge
+    response = client.post(f"/webhooks/geins?{query}", content=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "is not a name of 1 to 64 letters and digits" in detail
+    assert HEX[:8] not in detail
+    [letter] = publisher.records
+    assert HEX[:8].encode() not in dict(letter.headers)["x-bridge-detail"]
+    assert HEX.encode() not in dict(letter.headers)["x-bridge-query"]
+    assert HEX[:8] not in logged(caplog)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"entity":"' + HEX.encode() + b'","action":"create"}',
+        b'{"entity":"Order","action":"' + HEX.upper().encode() + b'"}',
+        b'{"entity":"Order","action":"create","account":"' + HEX.encode() + b'"}',
+        b'{"entity":"Order","action":"create","environment":"' + HEX.encode() + b'-x"}',
+        # cut to 48 characters, only a part of the token would be left in the topic
+        b'{"entity":"Order","action":"create","account":"acme-' + HEX.encode() + b'"}',
+    ],
+)
+def test_no_topic_is_named_after_a_token(caplog: pytest.LogCaptureFixture, body: bytes) -> None:
+    """A token in the body's entity, action, account or environment would name a topic:
+    a 422 (kept as a dead letter) instead."""
+    caplog.set_level(logging.INFO)
+    app, publisher, _ = make(
+        BRIDGE_TOKENS=f"{TOKEN},{HEX}",
+        BRIDGE_TOPIC_TEMPLATE="{account}.{environment}.{entity}.{action}",
+    )
+    with TestClient(app) as client:
+        response = client.post("/webhooks/geins", content=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["reason"] == "malformed_event_type"
+    assert "webhook token" in response.json()["detail"]
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+    assert HEX.encode() not in b"".join(v for _, v in publisher.records[0].headers)
+    assert HEX not in logged(caplog).lower()
+
+
+def test_an_entity_holding_a_token_is_refused_whatever_the_template(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A template without {entity} puts no token in the topic, but ce_type would hold
+    it: refused all the same."""
+    caplog.set_level(logging.INFO)
+    app, publisher, _ = make(BRIDGE_TOKENS=f"{TOKEN},{HEX}", BRIDGE_TOPIC_TEMPLATE="geins.all")
+    body = b'{"entity":"' + HEX.encode() + b'","action":"create"}'
+    with TestClient(app) as client:
+        response = client.post("/webhooks/geins", content=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+    assert HEX not in logged(caplog).lower()
+
+
+def test_an_account_holding_a_token_is_data_where_no_topic_names_it(
+    secret_bridge: Any,
+) -> None:
+    """With the default template the account names nothing: one holding a token is
+    the event's data, accepted, and published in the body only."""
+    client, publisher, _ = secret_bridge
+    body = b'{"entity":"Order","action":"create","account":"acme-' + HEX.encode() + b'"}'
+    assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 202
+    [record] = publisher.records
+    assert record.topic == "geins.order.create"
+    assert HEX.encode() not in b"".join(v for _, v in record.headers) + record.key
+
+
+def test_too_many_credentials_is_a_400(secret_bridge: Any) -> None:
+    client, publisher, _ = secret_bridge
+    query = "&".join(["token=nope"] * 5)
+    response = client.post(f"/webhooks/geins?{query}", content=ORDER, headers=AUTH)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["reason"] == "too_many_credentials"
     assert publisher.records == []

@@ -17,6 +17,7 @@ from bridge import ingress, logs, publisher
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.logs import JsonFormatter, TextFormatter
+from bridge.redaction import Redactor
 from tests.fakes import TOKEN, FakePublisher, call_asgi
 
 
@@ -228,3 +229,46 @@ async def test_aiokafkas_error_as_a_producer_ends_is_no_error_traceback() -> Non
         assert [c["exception"] for c in seen] == [ours]
     finally:
         loop.set_exception_handler(None)
+
+
+def test_no_line_names_a_token_whoever_logs_it() -> None:
+    """The serving bridge's handler filter (logs.redact_with) replaces every token its
+    authenticator has used in each line's message, fields and traceback, whoever logs
+    it: a topic held back that a token names, the Kafka client, a traceback."""
+    hex_token = "0123456789abcdef" * 4
+    secrets = Redactor([hex_token, "old-token"])
+    secrets.use([hex_token])  # old-token is retired: still kept out
+    lines: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter().format(record))
+
+    handler = Lines()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        logs.redact_with(Redactor(["replaced-token"]))
+        logs.redact_with(secrets)  # replaces the first filter
+        assert sum(isinstance(f, logs.Redacting) for f in handler.filters) == 1
+        held = logging.getLogger("bridge.drainer")
+        held.warning("records for %s are held back", f"geins.{hex_token}.create")
+        held.warning("plain", extra={"fields": {"key": "r4-old-token", "n": 3, "p": None}})
+        try:
+            raise ValueError(f"a value of old%2Dtoken and {hex_token}")
+        except ValueError:
+            logging.getLogger("aiokafka").exception("failed for %s", hex_token)
+    finally:
+        for each in root.handlers:  # pytest's too
+            for added in [f for f in each.filters if isinstance(f, logs.Redacting)]:
+                each.removeFilter(added)
+        root.removeHandler(handler)
+    parsed = [json.loads(line) for line in lines]
+    assert parsed[0]["message"] == "records for geins.<token>.create are held back"
+    assert (parsed[1]["key"], parsed[1]["n"], parsed[1]["p"]) == ("r4-<token>", 3, None)
+    assert parsed[2]["message"] == "failed for <token>"
+    assert "a value of <token> and <token>" in parsed[2]["exception"]
+    text = "\n".join(lines)
+    assert hex_token not in text
+    assert "old-token" not in text
+    assert "old%2Dtoken" not in text

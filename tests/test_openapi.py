@@ -103,3 +103,15 @@ def test_schemathesis_finds_no_violation(
         log = bridge.log()
     assert result.returncode == 0, result.stdout[-4000:]
     assert "Traceback" not in log, log
+
+
+def test_the_refusals_that_keep_tokens_out_are_described() -> None:
+    """The 400s for too many credentials and a token in the path, and the 422 for a
+    topic that a token would name, are in the document."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN})
+    operation = openapi_document(settings)["paths"]["/webhooks/geins/{entity}"]["post"]
+    answers = operation["responses"]
+    assert "too_many_credentials" in answers["400"]["description"]
+    assert "token_in_path" in answers["400"]["description"]
+    assert "webhook token" in answers["422"]["description"]
+    assert "never in the path" in operation["description"]

@@ -534,3 +534,53 @@ async def test_the_reserve_file_is_made_and_retried_at_most_once_a_minute(
         assert not reserve.exists()  # no part of one left
     finally:
         await spool.close()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_the_spools_files_are_for_the_bridges_user_only(tmp_path: Path) -> None:
+    """The spool holds event bodies (customer and order data): its database, the WAL
+    and shared-memory files SQLite makes beside it, and the reserve are 0600, the
+    folder the bridge makes 0700, whatever the umask lets through (022: 0644 before).
+    A spool an earlier version made 0644 is made 0600 when opened."""
+    old_umask = os.umask(0o022)
+    try:
+        folder = tmp_path / "spool"
+        spool = make(folder)
+        spool.open()
+        try:
+            assert await spool.append(record(1), "k1")  # the WAL is written
+            names = {p.name: _mode(p) for p in folder.iterdir() if p.name != "spool.lock"}
+            assert names == {
+                "spool.db": 0o600,
+                "spool.db-wal": 0o600,
+                "spool.db-shm": 0o600,
+                spool_module.RESERVE_NAME: 0o600,
+            }
+            assert _mode(folder) == 0o700
+        finally:
+            await spool.close()
+        for path in folder.iterdir():  # as an earlier version left them
+            path.chmod(0o644)
+        with sqlite3.connect(folder / "spool.db") as held:  # keeps -wal and -shm there
+            held.execute("PRAGMA journal_mode=WAL")
+            spool = make(folder)
+            spool.open()
+            try:
+                assert {
+                    p.name: _mode(p)
+                    for p in folder.iterdir()
+                    if p.name != "spool.lock" and not p.name.endswith("-journal")
+                } == {
+                    "spool.db": 0o600,
+                    "spool.db-wal": 0o600,
+                    "spool.db-shm": 0o600,
+                    spool_module.RESERVE_NAME: 0o600,
+                }
+                assert spool.depth == 1
+            finally:
+                await spool.close()
+    finally:
+        os.umask(old_umask)

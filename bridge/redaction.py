@@ -1,0 +1,250 @@
+"""What the bridge knows of the webhook tokens, to keep them out of what it writes.
+
+One :class:`Redactor` per bridge, owned by its :class:`~bridge.auth.TokenAuthenticator`,
+knows every token the process has used since it started: the tokens accepted now
+and, up to MAX_RETIRED of them, tokens rotated out since (another replica may still
+accept one, and a rollback brings it back). Log lines, dead letters and topic names
+go through it.
+
+A token is recognised in every form in which a sender can present it to the bridge,
+and the encodings of those forms: as it is; percent-encoded, wholly or in part, in
+upper or lower case, and once more (``%252B``); with a ``+`` for a space and a space
+for a ``+`` (the query's form encoding, which authentication accepts both ways); and
+in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
+is replaced by MARKER; a base64 run holding one is replaced whole.
+
+Recognising costs a regular expression search, so it belongs on the way of refusals
+and of log lines. The checks an accepted delivery passes (:meth:`Redactor.contains`
+of its idempotency key, the cached ones of its path segments, timestamp and topic)
+return at once for the usual text shorter than the shortest token form.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+log = logging.getLogger(__name__)
+
+#: What a token is replaced with.
+MARKER = "<token>"
+#: Most tokens remembered once rotated out (the oldest go first); the tokens in use
+#: are always known, however many.
+MAX_RETIRED = 16
+#: A base64 form of a token shorter than this is not looked for: a token of one or
+#: two characters has hardly any base64 of its own, and it would match everywhere.
+_MIN_BASE64_FORM = 4
+#: The characters of a base64 run (both alphabets, padding, and '%' for a run that
+#: is percent-encoded in part): a token's base64 form is replaced with its run.
+_BASE64_RUN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=%")
+_URL_SAFE = str.maketrans("+/", "-_")
+_NOT_TOPIC_SAFE = re.compile(r"[^a-z0-9-]+")
+
+
+_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+def _variants(form: str) -> set[str]:
+    """``form``, and how the query's form encoding may show it: a '+' read as a space,
+    and a space as the '+' of a token pasted raw into the URL (authentication takes
+    both)."""
+    return {form, form.replace("+", " "), form.replace(" ", "+")}
+
+
+def percent_decoded(text: str) -> tuple[str, list[int]]:
+    """``text`` with its percent-encoded bytes decoded (UTF-8; other bytes as
+    surrogate escapes), and where each decoded character starts in ``text`` (one
+    more entry: the end)."""
+    pieces: list[str] = []
+    origin: list[int] = []
+    done = 0
+    for run in _PERCENT_RUN.finditer(text):
+        start = run.start()
+        pieces.append(text[done:start])
+        origin.extend(range(done, start))
+        at = start
+        for char in bytes.fromhex(run.group().replace("%", "")).decode("utf-8", "surrogateescape"):
+            pieces.append(char)
+            origin.append(at)
+            at += 3 * (1 if "\udc80" <= char <= "\udcff" else len(char.encode()))
+        done = run.end()
+    pieces.append(text[done:])
+    origin.extend(range(done, len(text) + 1))
+    return "".join(pieces), origin
+
+
+def base64_forms(token: str) -> list[str]:
+    """What any base64 encoding of bytes holding ``token`` contains, whatever its
+    offset: for each of the three alignments, the characters that only the token's
+    bits make, in the standard and the URL-safe alphabet."""
+    data = token.encode()
+    forms: list[str] = []
+    for pad in range(3):
+        encoded = base64.b64encode(bytes(pad) + data).decode()
+        middle = encoded[-(-8 * pad // 6) : (8 * (pad + len(data))) // 6]
+        if len(middle) >= _MIN_BASE64_FORM:
+            forms += [middle, middle.translate(_URL_SAFE)]
+    return list(dict.fromkeys(forms))
+
+
+def topic_forms(token: str) -> set[str]:
+    """How ``token`` would look in a topic name: lower-cased as entity and action are,
+    or made topic-safe (and cut to 48 characters) as account and environment are."""
+    lowered = token.lower()
+    safe = _NOT_TOPIC_SAFE.sub("-", lowered).strip("-")
+    return {f for f in (lowered, safe, safe[:48].rstrip("-")) if f}
+
+
+@dataclass(frozen=True, slots=True)
+class _Forms:
+    """What the tokens look like, replaced whole when they change: a thread that logs
+    (the spool's writer) never sees a pattern with another one's bounds."""
+
+    pattern: re.Pattern[str]  # every form, literally
+    base64: frozenset[str]  # the forms that are base64
+    shortest: int  # characters of the shortest form
+
+
+class Redactor:
+    """Recognises the tokens in text, and replaces them with MARKER."""
+
+    def __init__(self, tokens: Iterable[str] = ()) -> None:
+        self._current: tuple[str, ...] = ()
+        self._retired: dict[str, None] = {}  # oldest first
+        self._forms: _Forms | None = None  # None without tokens
+        self._topic_forms: tuple[str, ...] = ()
+        # For text that repeats (path segments, timestamps, topics): a cache hit is
+        # all an accepted delivery pays. Emptied whenever the tokens change.
+        self.contains_cached = lru_cache(maxsize=4096)(self.contains)
+        self.in_topic = lru_cache(maxsize=4096)(self._in_topic)
+        self.use(tokens)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every token known: those in use, then the retired ones, latest first."""
+        return (*self._current, *reversed(self._retired))
+
+    def use(self, tokens: Iterable[str]) -> None:
+        """``tokens`` are the ones accepted now; those accepted before and not now are
+        remembered as retired (at most MAX_RETIRED, the oldest forgotten first)."""
+        current = tuple(dict.fromkeys(t for t in tokens if t))
+        if current == self._current:
+            return
+        for token in self._current:
+            if token not in current:
+                self._retired[token] = None
+        for token in current:
+            self._retired.pop(token, None)
+        forgotten = 0
+        while len(self._retired) > MAX_RETIRED:
+            del self._retired[next(iter(self._retired))]
+            forgotten += 1
+        if forgotten:
+            log.warning(
+                "%d token(s) rotated out long ago are no longer kept out of logs and dead "
+                "letters: at most %d rotated-out tokens are remembered",
+                forgotten,
+                MAX_RETIRED,
+            )
+        self._current = current
+        self._compile()
+
+    def _compile(self) -> None:
+        tokens = self.tokens
+        plain = {v for t in tokens for v in _variants(t)}
+        encoded = {v for t in tokens for f in base64_forms(t) for v in _variants(f)} - plain
+        forms = sorted(plain | encoded, key=lambda f: (-len(f), f))  # the longest first
+        # Literal alternatives only: the regular expression engine then skips, at C
+        # speed, every position whose character starts no form.
+        self._forms = (
+            _Forms(re.compile("|".join(map(re.escape, forms))), frozenset(encoded), len(forms[-1]))
+            if forms
+            else None
+        )
+        self._topic_forms = tuple(sorted({f for t in tokens for f in topic_forms(t)}))
+        self.contains_cached.cache_clear()
+        self.in_topic.cache_clear()
+
+    def __bool__(self) -> bool:
+        return self._forms is not None
+
+    def contains(self, text: str) -> bool:
+        """Whether ``text`` holds a token, in any form."""
+        forms = self._forms
+        if forms is None or len(text) < forms.shortest:
+            return False
+        pattern = forms.pattern
+        if pattern.search(text) is not None:
+            return True
+        for _ in range(2):  # percent-encoded, then encoded twice
+            if "%" not in text:
+                return False
+            text = percent_decoded(text)[0]
+            if pattern.search(text) is not None:
+                return True
+        return False
+
+    def redact(self, text: str) -> str:
+        """``text`` with every token in it replaced by MARKER."""
+        forms = self._forms
+        if forms is None or len(text) < forms.shortest:
+            return text
+        spans = _spans(text, forms)
+        view, origin = text, list(range(len(text) + 1))
+        for _ in range(2):  # percent-encoded, then encoded twice
+            if "%" not in view:
+                break
+            view, inner = percent_decoded(view)
+            origin = [origin[i] for i in inner]
+            spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
+        if not spans:
+            return text
+        pieces: list[str] = []
+        done = 0
+        for start, end in sorted(spans):
+            if start < done:  # overlaps the last one replaced
+                done = max(done, end)
+                continue
+            pieces += [text[done:start], MARKER]
+            done = end
+        pieces.append(text[done:])
+        return "".join(pieces)
+
+    def redact_bytes(self, value: bytes) -> bytes:
+        """``value`` (a header, say) with every token in it replaced by MARKER; bytes
+        that are not UTF-8 are kept as they are."""
+        forms = self._forms
+        if forms is None or len(value) < forms.shortest:
+            return value
+        text = value.decode("utf-8", "surrogateescape")
+        redacted = self.redact(text)
+        return value if redacted is text else redacted.encode("utf-8", "surrogateescape")
+
+    def contains_bytes(self, value: bytes) -> bool:
+        """Whether ``value`` holds a token, in any form (see :meth:`redact_bytes`)."""
+        return self.contains(value.decode("utf-8", "surrogateescape"))
+
+    def _in_topic(self, topic: str) -> bool:
+        """Whether the topic name ``topic`` holds a token, as a template would have
+        put it there (cached, as :attr:`in_topic`)."""
+        lowered = topic.lower()
+        return any(form in lowered for form in self._topic_forms) or self.contains(topic)
+
+
+def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:
+    """Where the forms are in ``text``; a base64 one with its whole run, whose ends
+    carry bits of the token too."""
+    spans = []
+    for match in forms.pattern.finditer(text):
+        start, end = match.span()
+        if match.group() in forms.base64:
+            while start > 0 and text[start - 1] in _BASE64_RUN:
+                start -= 1
+            while end < len(text) and text[end] in _BASE64_RUN:
+                end += 1
+        spans.append((start, end))
+    return spans

@@ -1,0 +1,148 @@
+"""redaction: every form of a token is recognised, and nothing else."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from urllib.parse import quote, quote_plus, urlencode
+
+import pytest
+
+from bridge import redaction
+from bridge.redaction import MARKER, Redactor, percent_decoded
+
+PLUS = "plus+Secret2"
+HEX = "0123456789abcdef" * 4
+WIDE = "jätte-hemlig"
+SECRETS = Redactor([PLUS, HEX, WIDE])
+
+
+def basic(user: str, password: str, *, url_safe: bool = False) -> str:
+    encode = base64.urlsafe_b64encode if url_safe else base64.b64encode
+    return "Basic " + encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (f"/webhooks/geins/{HEX}", f"/webhooks/geins/{MARKER}"),
+        (f"r4-{HEX}", f"r4-{MARKER}"),
+        # percent-encoded, wholly or in part, either case, or twice
+        ("/webhooks/geins?token=plus%2BSecret2", f"/webhooks/geins?token={MARKER}"),
+        ("?token=plus%2bSecret2&x=1", f"?token={MARKER}&x=1"),
+        ("?token=" + quote(PLUS, safe=""), f"?token={MARKER}"),
+        ("?token=%70lus%2BSecret%32", f"?token={MARKER}"),
+        ("?token=plus%252BSecret2", f"?token={MARKER}"),
+        ("k-" + quote(WIDE), f"k-{MARKER}"),
+        # '+' for a space, and a space for a '+', as the query's form encoding has them
+        ("ref=plus Secret2", f"ref={MARKER}"),
+        (urlencode({"ref": PLUS}), f"ref={MARKER}"),
+        ("ref=plus%20Secret2", f"ref={MARKER}"),
+        (quote_plus(f"a {PLUS} b"), f"a+{MARKER}+b"),
+        # inside a Basic credential, whatever the user's length, either alphabet
+        (basic("user", PLUS), f"Basic {MARKER}"),
+        (basic("u", HEX), f"Basic {MARKER}"),
+        (basic("us", HEX), f"Basic {MARKER}"),
+        (basic("geins", WIDE, url_safe=True), f"Basic {MARKER}"),
+        (quote(basic("user", PLUS), safe=""), MARKER),  # 'Basic%20' is part of the run
+        (
+            f'action "create?token={HEX}" is not a name',
+            f'action "create?token={MARKER}" is not a name',
+        ),
+        (f"{HEX}{HEX}", f"{MARKER}{MARKER}"),
+    ],
+)
+def test_every_form_of_a_token_is_replaced(text: str, redacted: str) -> None:
+    assert SECRETS.contains(text)
+    assert SECRETS.redact(text) == redacted
+    assert SECRETS.redact_bytes(text.encode()) == redacted.encode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "/webhooks/geins/Order/create",
+        "plus+Secret",  # a part is not the token
+        "PLUS+SECRET2",  # tokens are compared case by case
+        HEX[:-1],
+        basic("user", "another-secret"),
+        "%E4%",
+        "%zz plus%2",
+    ],
+)
+def test_other_text_is_left_alone(text: str) -> None:
+    assert not SECRETS.contains(text)
+    assert SECRETS.redact(text) is text
+
+
+def test_bytes_that_are_not_utf8_are_kept() -> None:
+    value = b"\xff\xfe " + HEX.encode() + b" \xc3"
+    assert SECRETS.redact_bytes(value) == b"\xff\xfe <token> \xc3"
+    assert SECRETS.redact_bytes(b"\xff\xfe nothing") == b"\xff\xfe nothing"
+
+
+def test_percent_decoding_says_where_each_character_came_from() -> None:
+    assert percent_decoded("a%2Bb%C3%A4c%ZZ") == ("a+bäc%ZZ", [0, 1, 4, 5, 11, 12, 13, 14, 15])
+
+
+def test_without_tokens_nothing_is_recognised() -> None:
+    empty = Redactor()
+    assert not empty
+    assert not empty.contains("anything")
+    assert empty.redact("anything") == "anything"
+    assert not empty.in_topic("geins.order.create")
+
+
+def test_rotated_out_tokens_are_remembered_within_a_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token rotated out is still recognised (another replica may accept it, a
+    rollback brings it back); at most MAX_RETIRED of them, the oldest go first."""
+    secrets = Redactor(["first-token"])
+    secrets.use(["second-token"])
+    assert secrets.tokens == ("second-token", "first-token")
+    assert secrets.redact("first-token second-token") == f"{MARKER} {MARKER}"
+    secrets.use(["first-token"])  # rolled back: in use again, the other retired
+    assert secrets.tokens == ("first-token", "second-token")
+    for n in range(redaction.MAX_RETIRED):
+        secrets.use([f"token-number-{n:03}"])
+    assert "first-token" in secrets.tokens
+    assert "second-token" not in secrets.tokens  # the oldest retired went first
+    assert len(secrets.tokens) == redaction.MAX_RETIRED + 1
+    assert not secrets.contains("second-token")
+    assert "no longer kept out of logs" in caplog.text
+
+
+def test_cached_answers_follow_the_tokens() -> None:
+    """contains_cached and in_topic are cached; a new token empties the caches."""
+    secrets = Redactor(["old-secret"])
+    assert not secrets.contains_cached("new-secret")
+    assert not secrets.in_topic("geins.newsecret.create")
+    secrets.use(["newsecret"])
+    assert secrets.contains_cached("newsecret")
+    assert secrets.in_topic("geins.newsecret.create")
+    assert secrets.contains_cached("old-secret")
+
+
+@pytest.mark.parametrize(
+    ("token", "topic"),
+    [
+        (HEX, f"geins.{HEX}.create"),
+        ("AbCdEf0123456789", "geins.abcdef0123456789.create"),  # entity is lower-cased
+        ("acme.Prod_Token", "geins.order.create.acme-prod-token"),  # account made topic-safe
+        ("x" * 60, "geins.order.create." + "x" * 48),  # and cut to 48 characters
+    ],
+)
+def test_a_token_is_recognised_in_a_topic_name(token: str, topic: str) -> None:
+    assert Redactor([token]).in_topic(topic)
+    assert not Redactor([token]).in_topic("geins.order.create")
+
+
+def test_a_warning_names_no_token(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    secrets = Redactor(["t-0"])
+    for n in range(1, redaction.MAX_RETIRED + 3):
+        secrets.use([f"t-{n}"])
+    assert caplog.records
+    assert not any(secrets.contains(r.getMessage()) for r in caplog.records)
