@@ -18,7 +18,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -274,6 +274,41 @@ def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
+@contextlib.contextmanager
+def _cancelled_when(event: asyncio.Future[None]) -> Iterator[Callable[[], bool]]:
+    """Cancel the current task if ``event`` resolves while the block runs; yields a
+    function that tells, once the block ended in CancelledError, whether that was
+    this cancellation alone (then it is no longer pending on the task).
+
+    The waiting stays in the caller's task, not in a task of its own: a record
+    appended by a send that finished stays the caller's, whatever deadline then
+    passes (with a task in between, a deadline passing as it finished told the
+    caller "not handed over" about a record that was, and the drainer sent it
+    twice), and the caller's own cancellation is never mistaken for this one, as
+    asyncio.timeout tells its own apart (Task.cancelling, Task.uncancel).
+    """
+    task = asyncio.current_task()
+    if task is None:  # not reached: called from a coroutine
+        raise RuntimeError("_cancelled_when needs a task")
+    cancelling = task.cancelling()
+    state = {"active": True, "fired": False}
+
+    def fire(_: asyncio.Future[None]) -> None:
+        if state["active"]:  # a callback may run after the block ended: then nothing
+            state["fired"] = True
+            task.cancel()
+
+    def moved() -> bool:
+        return state["fired"] and task.uncancel() <= cancelling
+
+    event.add_done_callback(fire)
+    try:
+        yield moved
+    finally:
+        state["active"] = False
+        event.remove_done_callback(fire)
+
+
 class KafkaPublisher:
     """Publishes :class:`Destination` records and reports whether Kafka is reachable."""
 
@@ -307,6 +342,7 @@ class KafkaPublisher:
         self._broken: AIOKafkaProducer | None = None
         self._reset_backoff = 0.0
         self._reset_not_before = 0.0
+        self._reset_timer: asyncio.TimerHandle | None = None  # a reset that had to wait
 
     @property
     def connected(self) -> bool:
@@ -507,9 +543,19 @@ class KafkaPublisher:
         if self._broken is not self._producer:
             self._broken = None  # replaced meanwhile
             return
-        if time.monotonic() < self._reset_not_before:
+        wait = self._reset_not_before - time.monotonic()
+        if wait > 0:
+            # Not now (just after the last reset, or a failed try): then, not at the
+            # next heartbeat, up to HEARTBEAT_SECONDS later, while broker-mode
+            # requests for the stuck partition wait for it (_resend_when_replaced).
+            if self._reset_timer is None:
+                self._reset_timer = asyncio.get_running_loop().call_later(wait, self._reset_due)
             return
         self._rotation = spawn(self._reset(), "kafka-reset-producer")
+
+    def _reset_due(self) -> None:
+        self._reset_timer = None
+        self._reset_soon()
 
     async def _reset(self) -> None:
         try:
@@ -522,6 +568,9 @@ class KafkaPublisher:
                     "send to a partition any more; trying again in %g s",
                     self._reset_backoff,
                 )
+                if self._reset_timer is None:  # the next try, once its back-off ends
+                    loop = asyncio.get_running_loop()
+                    self._reset_timer = loop.call_later(self._reset_backoff, self._reset_due)
                 return
             self._replace(*started)
             self._reset_backoff = 0.0
@@ -664,27 +713,20 @@ class KafkaPublisher:
             replaced = self._replaced
             if replaced is None:  # not reached: made with the producer
                 raise Unavailable("not connected to Kafka yet")
-            sending = asyncio.ensure_future(
-                producer.send(
-                    destination.topic,
-                    value=destination.value,
-                    key=destination.key,
-                    headers=destination.headers,
-                )
-            )
             try:
-                await asyncio.wait((sending, replaced), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # Replaced, or the caller stopped waiting: withdrawn. A send cancelled
-                # while it waits has not appended its record.
-                sending.cancel()
-            try:
-                acked: asyncio.Future[Any] = await sending
-            except asyncio.CancelledError:
-                if not replaced.done():
-                    raise  # the caller's own cancellation
-            else:
+                with _cancelled_when(replaced) as moved:
+                    acked: asyncio.Future[Any] = await producer.send(
+                        destination.topic,
+                        value=destination.value,
+                        key=destination.key,
+                        headers=destination.headers,
+                    )
                 return acked, watch
+            except asyncio.CancelledError:
+                if not moved():
+                    raise  # the caller's own cancellation (its deadline, say)
+            # Cancelled at an await: aiokafka's send() appends the record after its
+            # last one, so the replaced producer never took it. Now the new one.
             current, current_watch = self._producer, self._watch
             if current is None or current_watch is None:
                 self._metrics.record_publish_error("not_connected")
@@ -755,6 +797,11 @@ class KafkaPublisher:
         replacement was made (a connection to Kafka: tens of milliseconds).
         """
         self.failure(exc)  # counted: the attempt failed
+        if replaced is None or replaced.done():
+            # Taken by a producer other than the one in use when it was handed over
+            # (the hand-over moved to a replacement, see _send_through): wait for the
+            # one in use now, if it is the broken one.
+            replaced = self._replaced if self._broken is self._producer else None
         if replaced is not None:
             await asyncio.shield(replaced)  # shared by every waiter: not to be cancelled
 
@@ -766,6 +813,9 @@ class KafkaPublisher:
         and a replaced producer still flushing flushes alongside the current one, so
         that shutdown takes ``shutdown_timeout``, not that plus a rotation's timeouts.
         """
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+            self._reset_timer = None
         background = [*self._tasks, *([self._rotation] if self._rotation else [])]
         for task in background:
             task.cancel()

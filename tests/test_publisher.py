@@ -1,0 +1,164 @@
+"""KafkaPublisher around a producer's replacement, with fake producers (the real
+broker's side is in test_kafka_end_to_end.py): a send waiting on the replaced
+producer moves to the new one, without losing its caller's deadline or a record it
+appended, and a record refused as out of order waits for the replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka.errors import OutOfOrderSequenceNumber
+
+from bridge.config import load_settings
+from bridge.errors import PublishTimeout
+from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher
+from bridge.routing import Destination
+
+DESTINATION = Destination(topic="t", key=b"k", value=b"v", headers=[])
+
+
+class FakeProducer:
+    """What KafkaPublisher uses of an AIOKafkaProducer. ``send`` waits for metadata
+    until ``metadata`` is set (never, on a producer being closed), then appends."""
+
+    def __init__(self) -> None:
+        cluster = SimpleNamespace(
+            add_listener=lambda _: None,
+            remove_listener=lambda _: None,
+            partitions_for_topic=lambda _: None,  # unknown topic: send() is used
+        )
+        self.client = SimpleNamespace(cluster=cluster)
+        self.metadata = asyncio.Event()
+        self.sends = 0
+        self.appended: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, **_: Any) -> asyncio.Future[Any]:
+        self.sends += 1
+        await self.metadata.wait()  # aiokafka's _wait_on_metadata
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.appended.append(acked)  # add_message: in a batch now, no await after it
+        return acked
+
+
+def publisher(timeout: float = 2) -> KafkaPublisher:
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9", "BRIDGE_PUBLISH_TIMEOUT": str(timeout)}
+    )
+    return KafkaPublisher(settings, Metrics())
+
+
+async def turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_a_send_waiting_on_a_replaced_producer_goes_through_the_new_one() -> None:
+    """The replaced producer flushes and closes, and never brings the metadata its
+    send waits for: that send used to wait until the caller's deadline (a 503)."""
+    pub = publisher()
+    old, new = FakeProducer(), FakeProducer()
+    pub._use(old, b"")
+    task = asyncio.create_task(pub.hand_over(DESTINATION))
+    await turns()
+    assert old.sends == 1
+    new.metadata.set()
+    pub._use(new, b"")
+    acked = await asyncio.wait_for(task, 1)
+    assert new.appended == [acked]
+    assert old.appended == []
+
+
+@pytest.mark.parametrize("after", [1, 2, 3])
+async def test_a_deadline_passing_as_the_send_moves_is_kept(after: int) -> None:
+    """The caller's deadline passing just as the producer is replaced ends the call
+    with the deadline's error. With the send in a task of its own, a cancellation at
+    that moment was taken for the replacement's, and the send went on through the
+    new producer with no deadline left (reviewer: still waiting 4 s after a 2 s one)."""
+    pub = publisher(timeout=2)
+    old, new = FakeProducer(), FakeProducer()  # neither brings metadata
+    pub._use(old, b"")
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    pub._use(new, b"")
+    await turns(after)
+    for wait in list(pub._deadlines._waits):
+        wait.expire()  # what the watchdog does when the deadline passes
+    done, _ = await asyncio.wait([task], timeout=1)
+    assert done, "publish went on past its deadline"
+    with pytest.raises(PublishTimeout):
+        task.result()
+    assert new.appended == []
+
+
+async def test_a_record_appended_as_the_deadline_passes_is_handed_over() -> None:
+    """A send that appended its record is a hand-over, whatever deadline passes after
+    it: the caller gets the record's future. With a task in between, the caller was
+    told 'not handed over' (TimeoutError) about a record the producer held, and the
+    drainer handed it over a second time."""
+    pub = publisher()
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    outcome: list[str] = []
+
+    async def probe() -> None:  # as the drainer's probe
+        try:
+            async with asyncio.timeout(None) as deadline:
+                waiting.set_result(deadline)
+                await pub.hand_over(DESTINATION)
+        except TimeoutError:
+            outcome.append("not handed over")
+        else:
+            outcome.append("handed over")
+
+    waiting: asyncio.Future[asyncio.Timeout] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(probe())
+    deadline = await waiting
+    await turns()
+    producer.metadata.set()  # the metadata comes...
+    await asyncio.sleep(0)  # ...the send appends...
+    if not task.done():
+        deadline.reschedule(asyncio.get_running_loop().time())  # ...as the deadline passes
+    await task
+    assert len(producer.appended) == 1
+    assert outcome == ["handed over"]
+
+
+async def test_a_record_refused_as_out_of_order_goes_again_once_replaced() -> None:
+    """After Kafka refused a record for good, the producer cannot send to that
+    partition (OutOfOrderSequenceNumber) until it is replaced. A record refused that
+    way is sent again through the replacement (Kafka wrote nothing of it), and a
+    replacement that has to wait (just after the last one) is made when it may be,
+    not at the next heartbeat."""
+    pub = publisher(timeout=5)
+    broken, fresh = FakeProducer(), FakeProducer()
+    broken.metadata.set()
+    fresh.metadata.set()
+    pub._use(broken, b"")
+    pub._broken = broken
+    pub._reset_not_before = time.monotonic() + 0.2  # a reset was made just now
+    started: list[float] = []
+
+    async def reset() -> None:
+        started.append(time.monotonic())
+        pub._replace(fresh, b"")
+        pub._rotation = None
+
+    pub._reset = reset  # type: ignore[method-assign]  # connecting a fake
+    pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    [refused] = broken.appended
+    refused.set_exception(OutOfOrderSequenceNumber())
+    pub._reset_soon()  # what _after_ack does: too soon, so it must come back by itself
+    await turns()
+    assert not task.done()  # waits for the fresh producer, not a 503
+    await asyncio.sleep(0.4)
+    assert started, "no reset was made once it was allowed"
+    [resent] = fresh.appended
+    resent.set_result(None)
+    await asyncio.wait_for(task, 1)
