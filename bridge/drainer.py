@@ -346,6 +346,7 @@ class Drainer:
         handed: list[_Pending] = []
         held: set[str] = set()
         position = 0
+        connected = self._publisher.connected
         while position < len(records):
             record = records[position]
             try:
@@ -363,10 +364,14 @@ class Drainer:
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
                             continue
-                        if topic in self._holds or not self._publisher.ready_for(topic):
+                        if topic in self._holds or (
+                            connected and not self._publisher.ready_for(topic)
+                        ):
                             # Held before, or new to the producer (its metadata may
                             # take up to HAND_OVER_WAIT, or never come): one record, a
-                            # probe, which waits in a task of its own.
+                            # probe, which waits in a task of its own. Not while Kafka
+                            # is away: a probe per topic and round would each fail,
+                            # and be counted; the round tries one record, as before.
                             held.add(topic)
                             self._start_probe(record)
                             continue

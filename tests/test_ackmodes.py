@@ -612,6 +612,41 @@ async def test_a_probe_pending_when_kafka_goes_away_does_not_stop_its_topic(
         await asyncio.gather(task, return_exceptions=True)
 
 
+class NeverConnectedPublisher(FakePublisher):
+    """Kafka not there yet: no topic's metadata, every hand-over refused (counted)."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_with=Unavailable("not connected to Kafka yet"), connected=False)
+        self.hand_overs = 0
+
+    def ready_for(self, topic: str) -> bool:
+        return False
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        self.hand_overs += 1
+        return await super().hand_over(destination)
+
+
+async def test_no_probe_per_topic_while_kafka_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first connection no topic has metadata. Each round used to start a
+    probe per topic, each refused and counted as not_connected: the count grew with
+    the number of topics waiting. While away, a round tries one record, as before."""
+    monkeypatch.setattr(drainer_module, "MAX_BACKOFF", 0.02)
+    publisher = NeverConnectedPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for n in range(20):
+        backlog.append(record(f"k{n}", topic=f"geins.t{n}.create"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: publisher.hand_overs >= 5, within=5, what="five rounds")
+        assert publisher.hand_overs < 20  # one per round: 20 at once with a probe each
+        assert drainer._probing == {}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def on_probation(
     publisher: FakePublisher, troubled: str, *, ack_timeout: float
 ) -> tuple[MemoryBacklog, Drainer]:
