@@ -478,15 +478,24 @@ async def _partition_records(
     """The records of ``tp`` in ``spans`` that ``keep`` accepts, in offset order, taken
     from aiokafka a chunk at a time: memory for one chunk however long the partition."""
     for first, stop in spans:
-        if await consumer.position(tp) != first:
+        if await _position(consumer, tp, deadline) != first:
             consumer.seek(tp, first)  # only when elsewhere: a seek drops what was fetched
-        while await consumer.position(tp) < stop:
+        while await _position(consumer, tp, deadline) < stop:
             for record in await _next_chunk(consumer, tp, deadline):
                 # A fetch returns whole batches: records past ``stop`` may come with it.
                 if first <= record.offset < stop and keep(record):
                     yield record
     # Done with it: a fetch of what lies beyond would only be thrown away.
     consumer.pause(tp)
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: float) -> int:
+    """``consumer.position(tp)`` within ``deadline`` seconds: after an offset reset
+    (records deleted by retention while reading) aiokafka asks Kafka for it, and waits
+    as long as Kafka takes to answer."""
+    async with _answered_within(deadline):
+        position: int = await consumer.position(tp)
+        return position
 
 
 async def _next_chunk(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: float) -> list[Any]:

@@ -411,6 +411,7 @@ class FakeDeadLetterTopic:
         self.paused: set[TopicPartition] = set()
         self.delay = 0.0
         self.stall_at = sys.maxsize
+        self.stall_position_at = sys.maxsize
 
     def admin(self, **_: object) -> FakeDeadLetterTopic:
         return self
@@ -452,6 +453,8 @@ class FakeDeadLetterTopic:
         return dict.fromkeys(tps, self.RECORDS)
 
     async def position(self, tp: TopicPartition) -> int:
+        if self.positions[tp] >= self.stall_position_at:
+            await asyncio.Event().wait()  # aiokafka after an offset reset, Kafka quiet
         return self.positions[tp]
 
     def pause(self, *partitions: TopicPartition) -> None:
@@ -575,6 +578,20 @@ def test_deadletter_list_stops_with_the_deadline_named_when_kafka_goes_quiet(
     assert "[0]@0" in shown
     assert "[0]@500" not in shown
     assert out.err.splitlines() == [
+        "bridge: cannot talk to Kafka at localhost:9092: no answer within 0.3 s"
+    ]
+
+
+def test_deadletter_list_gives_the_position_the_deadline_too(
+    dead_topic: FakeDeadLetterTopic, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After records were deleted under it, aiokafka asks Kafka for the position, and
+    waits as long as Kafka takes: read outside the deadline, a quiet Kafka then hung
+    the command instead of ending it with the deadline's message."""
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "0.1")
+    dead_topic.stall_position_at = 500
+    assert main(["deadletter", "list"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
         "bridge: cannot talk to Kafka at localhost:9092: no answer within 0.3 s"
     ]
 
