@@ -9,7 +9,8 @@ letters on the way out.
 No webhook token goes further than the pipeline: a delivery with one in its path, or
 whose entity, action or topic name would hold one, is refused (and kept as a dead
 letter, the token left out), one whose idempotency key holds one is refused, and an
-x-Timestamp or subject that holds one is not published as a header. Each check costs
+x-Timestamp or subject that holds one is not published as a header
+(:func:`parse_and_route`, which ``bridge deadletter replay`` runs too). Each check costs
 an accepted delivery a cache look-up, or (its key and subject) a search that rarely
 gets past comparing lengths.
 """
@@ -78,9 +79,6 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
-        self._redact = secrets.redact
-        #: Which of the event's account and environment the topic template puts in names.
-        self._in_topic = tuple(f for f in ("account", "environment") if f in router.template.fields)
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -90,19 +88,10 @@ class Pipeline:
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
-        secrets = self._secrets
         try:
-            if secrets:
-                _check_path(delivery, secrets)
-            event = parse_delivery(delivery, strict_types=self._strict_types, redact=self._redact)
-            if secrets:
-                _check_event(event, secrets, self._in_topic)
-            destination = self.router.route(event)
-            if secrets and secrets.in_topic(destination.topic):
-                raise MalformedEventType(
-                    "the event's topic would be named after a webhook token (its account or "
-                    f"environment holds one): {WHERE_TOKENS_GO}"
-                )
+            event, destination = parse_and_route(
+                delivery, self.router, self._secrets, strict_types=self._strict_types
+            )
         except BridgeError as exc:
             if exc.content_rejection:
                 await self._keep_dead_letter(delivery, exc)
@@ -191,6 +180,41 @@ class Pipeline:
         return True
 
 
+def parse_and_route(
+    delivery: Delivery,
+    router: Router,
+    secrets: Redactor,
+    *,
+    strict_types: bool,
+    key: str | None = None,
+) -> tuple[Event, Destination]:
+    """The event of ``delivery`` and where it goes, or the BridgeError that refuses it:
+    the bridge's parsing and routing with its token checks, for the deliveries it
+    serves and the dead letters ``bridge deadletter replay`` runs again alike.
+
+    No webhook token ``secrets`` knows goes further: a delivery with one in its path,
+    or whose entity, action, topic name or idempotency key would hold one, is refused;
+    an x-Timestamp or subject that holds one is left out of the event (it is no
+    header then). ``key`` is the key of an event whose delivery has none (a replayed
+    dead letter's own), instead of a new one.
+    """
+    checked = bool(secrets)  # without tokens (BRIDGE_ALLOW_UNAUTHENTICATED) none to find
+    if checked:
+        _check_path(delivery, secrets)
+    event = parse_delivery(delivery, strict_types=strict_types, redact=secrets.redact)
+    if key is not None and event.key_generated:
+        event.key = key
+    if checked:
+        _check_event(event, secrets, router.template.fields)
+    destination = router.route(event)
+    if checked and secrets.in_topic(destination.topic):
+        raise MalformedEventType(
+            "the event's topic would be named after a webhook token (its account or "
+            f"environment holds one): {WHERE_TOKENS_GO}"
+        )
+    return event, destination
+
+
 def _check_path(delivery: Delivery, secrets: Redactor) -> None:
     """Refuse a delivery whose path holds a token, before it can name a topic. Its
     segments repeat from one delivery to the next: a cache look-up each."""
@@ -204,8 +228,8 @@ def _check_path(delivery: Delivery, secrets: Redactor) -> None:
 def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
     """Refuse an event whose entity or action holds a token (they name its topic, with
     most templates, and its ce_type), or its account or environment where ``in_topic``
-    (the template) names them, or whose idempotency key does (the record's key and
-    ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
+    (the template's fields) names them, or whose idempotency key does (the record's key
+    and ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
     never refuse a delivery. Cached but for the key and the subject, which rarely
     reach the length of a token."""
     if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
@@ -213,15 +237,18 @@ def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> 
             f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
             "name of the event"
         )
-    for name in in_topic:
-        # As sent: made topic-safe and cut to 48 characters, a token with something
-        # before it would leave only a part of it in the topic, which no check finds.
-        value = event.account if name == "account" else event.environment
-        if value is not None and secrets.contains_cached(value):
-            raise MalformedEventType(
-                f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
-                "in a name of the event"
-            )
+    # As sent: made topic-safe and cut to 48 characters, a token with something before
+    # it would leave only a part of it in the topic, which no check finds.
+    account, environment = event.account, event.environment
+    if (account is not None and "account" in in_topic and secrets.contains_cached(account)) or (
+        environment is not None
+        and "environment" in in_topic
+        and secrets.contains_cached(environment)
+    ):
+        raise MalformedEventType(
+            f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
+            "in a name of the event"
+        )
     if not event.key_generated and secrets.contains(event.key):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
