@@ -13,10 +13,12 @@ for a ``+`` (the query's form encoding, which authentication accepts both ways);
 in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
 is replaced by MARKER; a base64 run holding one is replaced whole.
 
-Recognising costs a regular expression search, so it belongs on the way of refusals
-and of log lines. The checks an accepted delivery passes (:meth:`Redactor.contains`
-of its idempotency key, the cached ones of its path segments, timestamp and topic)
-return at once for the usual text shorter than the shortest token form.
+Recognising costs a regular expression search of the text and of its percent-decoded
+views, each made at C speed (:func:`unquoted`); where a token is, in a decoded view,
+is worked out (:func:`percent_decoded`, in Python) only when a view holds one. The
+checks an accepted delivery passes (:meth:`Redactor.contains` of its idempotency key,
+the cached ones of its path segments, timestamp and topic) return at once for the
+usual text shorter than the shortest token form.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ _NOT_TOPIC_SAFE = re.compile(r"[^a-z0-9-]+")
 
 
 _PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+#: A '%' that starts no percent-encoded byte.
+_LONE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: Every hex digit as 'h', every other byte but '%' as '.': a text has a lone '%'
+#: when it has more '%' than '%hh'.
+_HEX_AS_H = bytes(
+    b"h"[0] if chr(i) in "0123456789ABCDEFabcdef" else i if i == b"%"[0] else b"."[0]
+    for i in range(256)
+)
 
 
 def _variants(form: str) -> set[str]:
@@ -75,6 +85,34 @@ def percent_decoded(text: str) -> tuple[str, list[int]]:
     pieces.append(text[done:])
     origin.extend(range(done, len(text) + 1))
     return "".join(pieces), origin
+
+
+def unquoted(text: str) -> str:
+    """``text`` percent-decoded as :func:`percent_decoded` decodes it, without saying
+    where each character came from: a few passes over the text at C speed, where that
+    function's Python loop takes a step per decoded character.
+
+    The same text, but where ``text`` holds surrogate escapes (bytes that are not
+    UTF-8, such as a first decoding leaves): decoded all together rather than a run of
+    percent-encoded bytes at a time, they may make characters that percent_decoded
+    leaves as escapes. Everything else is the same, so a token percent_decoded shows
+    is here too.
+    """
+    if "%" not in text:
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate of another kind
+        return percent_decoded(text)[0]
+    # As Python escapes, which the unicode_escape codec decodes: a '%' that starts no
+    # byte (kept by percent_decoded) encoded as one (the regular expression only when
+    # there is one: it takes five times as long as counting), a backslash doubled, and
+    # then each '%' made a '\x'. The codec reads other bytes as Latin-1, so the whole
+    # text comes back as the bytes it encodes, for UTF-8 to decode.
+    if raw.translate(_HEX_AS_H).count(b"%hh") != raw.count(b"%"):
+        raw = _LONE_PERCENT.sub(b"%25", raw)
+    escaped = raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x")
+    return escaped.decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def base64_forms(token: str) -> list[str]:
@@ -177,14 +215,14 @@ class Redactor:
         forms = self._forms
         if forms is None or len(text) < forms.shortest:
             return False
-        pattern = forms.pattern
-        if pattern.search(text) is not None:
+        search = forms.pattern.search
+        if search(text) is not None:
             return True
         for _ in range(2):  # percent-encoded, then encoded twice
             if "%" not in text:
                 return False
-            text = percent_decoded(text)[0]
-            if pattern.search(text) is not None:
+            text = unquoted(text)
+            if search(text) is not None:
                 return True
         return False
 
@@ -193,26 +231,27 @@ class Redactor:
         forms = self._forms
         if forms is None or len(text) < forms.shortest:
             return text
+        spans = self._spans(text, forms)
+        return _replaced(text, spans) if spans else text
+
+    def _spans(self, text: str, forms: _Forms) -> list[tuple[int, int]]:
+        """Where the tokens are in ``text``: as they are, and percent-decoded once or
+        twice. The positions in a decoded view (percent_decoded, a Python loop per
+        character) are worked out only when its cheap decoding holds a form."""
         spans = _spans(text, forms)
+        views = [text]
+        while len(views) < 3 and "%" in views[-1]:  # percent-encoded, then encoded twice
+            views.append(unquoted(views[-1]))
+        holding = [n for n in range(1, len(views)) if forms.pattern.search(views[n])]
+        if not holding:
+            return spans
         view, origin = text, list(range(len(text) + 1))
-        for _ in range(2):  # percent-encoded, then encoded twice
-            if "%" not in view:
-                break
+        for level in range(1, holding[-1] + 1):
             view, inner = percent_decoded(view)
             origin = [origin[i] for i in inner]
-            spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
-        if not spans:
-            return text
-        pieces: list[str] = []
-        done = 0
-        for start, end in sorted(spans):
-            if start < done:  # overlaps the last one replaced
-                done = max(done, end)
-                continue
-            pieces += [text[done:start], MARKER]
-            done = end
-        pieces.append(text[done:])
-        return "".join(pieces)
+            if level in holding:
+                spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
+        return spans
 
     def redact_bytes(self, value: bytes) -> bytes:
         """``value`` (a header, say) with every token in it replaced by MARKER; bytes
@@ -233,6 +272,20 @@ class Redactor:
         put it there (cached, as :attr:`in_topic`)."""
         lowered = topic.lower()
         return any(form in lowered for form in self._topic_forms) or self.contains(topic)
+
+
+def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with MARKER for each of ``spans``."""
+    pieces: list[str] = []
+    done = 0
+    for start, end in sorted(spans):
+        if start < done:  # overlaps the last one replaced
+            done = max(done, end)
+            continue
+        pieces += [text[done:start], MARKER]
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:
