@@ -18,7 +18,9 @@ views, each made at C speed (:func:`unquoted`); where a token is, in a decoded v
 is worked out (:func:`percent_decoded`, in Python) only when a view holds one. The
 checks an accepted delivery passes (:meth:`Redactor.contains` of its idempotency key,
 the cached ones of its path segments, timestamp and topic) return at once for the
-usual text shorter than the shortest token form.
+usual text shorter than the shortest token form. What a client sends reaches a log
+line through :meth:`Redactor.logged`, which cuts it first: a refusal, which costs the
+client nothing, costs the bridge a bounded amount of work too.
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ _HEX_AS_H = bytes(
     b"h"[0] if chr(i) in "0123456789ABCDEFabcdef" else i if i == b"%"[0] else b"."[0]
     for i in range(256)
 )
+#: Characters a percent-encoded byte of a form may take in the text: encoded twice,
+#: with the hex digits of the first encoding encoded too (``%25%34%31`` for ``A``).
+_ENCODED_BYTE = 9
+
+#: Most characters of a client's text (a path, a detail, a key) a log line shows.
+LOGGED_LENGTH = 1024
+
+
+def cut(text: str, limit: int = LOGGED_LENGTH) -> str:
+    """``text`` when at most ``limit`` characters long; else its first ``limit``
+    characters, marked as cut (tokens are not looked for: see :meth:`Redactor.logged`)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + _cut_mark(text)
+
+
+def _cut_mark(text: str) -> str:
+    return f"…(cut: {len(text)} characters)"
 
 
 def _variants(form: str) -> set[str]:
@@ -145,6 +165,7 @@ class _Forms:
     pattern: re.Pattern[str]  # every form, literally
     base64: frozenset[str]  # the forms that are base64
     shortest: int  # characters of the shortest form
+    reach: int  # most characters a form, encoded as redact recognises it, takes
 
 
 class Redactor:
@@ -199,7 +220,12 @@ class Redactor:
         # Literal alternatives only: the regular expression engine then skips, at C
         # speed, every position whose character starts no form.
         self._forms = (
-            _Forms(re.compile("|".join(map(re.escape, forms))), frozenset(encoded), len(forms[-1]))
+            _Forms(
+                re.compile("|".join(map(re.escape, forms))),
+                frozenset(encoded),
+                len(forms[-1]),
+                max(len(f.encode()) for f in forms) * _ENCODED_BYTE,
+            )
             if forms
             else None
         )
@@ -232,7 +258,20 @@ class Redactor:
         if forms is None or len(text) < forms.shortest:
             return text
         spans = self._spans(text, forms)
-        return _replaced(text, spans) if spans else text
+        return _replaced(text, spans, len(text)) if spans else text
+
+    def logged(self, text: str, limit: int = LOGGED_LENGTH) -> str:
+        """``text`` as a log line may show it: its tokens replaced by MARKER, and cut
+        (:func:`cut`) after ``limit`` characters, whatever its length for the same
+        work. A token with a character before the cut is replaced whole: the text is
+        redacted as far as the longest form of a token could reach past the cut."""
+        if len(text) <= limit:
+            return self.redact(text)
+        forms = self._forms
+        if forms is None:
+            return cut(text, limit)
+        window = text[: limit + forms.reach]
+        return _replaced(window, self._spans(window, forms), limit) + _cut_mark(text)
 
     def _spans(self, text: str, forms: _Forms) -> list[tuple[int, int]]:
         """Where the tokens are in ``text``: as they are, and percent-decoded once or
@@ -274,17 +313,20 @@ class Redactor:
         return any(form in lowered for form in self._topic_forms) or self.contains(topic)
 
 
-def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
-    """``text`` with MARKER for each of ``spans``."""
+def _replaced(text: str, spans: list[tuple[int, int]], limit: int) -> str:
+    """``text`` up to ``limit`` with MARKER for each of ``spans`` that starts before
+    it (all of it, though it may end after ``limit``)."""
     pieces: list[str] = []
     done = 0
     for start, end in sorted(spans):
+        if start >= limit:
+            break
         if start < done:  # overlaps the last one replaced
             done = max(done, end)
             continue
         pieces += [text[done:start], MARKER]
         done = end
-    pieces.append(text[done:])
+    pieces.append(text[done:limit])
     return "".join(pieces)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge import redaction
-from bridge.redaction import MARKER, Redactor, percent_decoded, unquoted
+from bridge.redaction import LOGGED_LENGTH, MARKER, Redactor, percent_decoded, unquoted
 
 PLUS = "plus+Secret2"
 HEX = "0123456789abcdef" * 4
@@ -148,6 +148,61 @@ def test_a_warning_names_no_token(caplog: pytest.LogCaptureFixture) -> None:
         secrets.use([f"t-{n}"])
     assert caplog.records
     assert not any(secrets.contains(r.getMessage()) for r in caplog.records)
+
+
+def encoded_deep(text: str) -> str:
+    """``text`` percent-encoded twice, the hex digits of the first encoding encoded too
+    (``%25%34%31`` for ``A``): the longest form a byte takes that is recognised."""
+    return "".join(
+        "%25" + "".join(f"%{ord(digit):02X}" for digit in f"{byte:02X}") for byte in text.encode()
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        HEX,
+        quote(PLUS, safe=""),
+        encoded_deep(HEX),
+        base64.b64encode(f"u:{HEX}".encode()).decode(),
+        encoded_deep(WIDE),
+    ],
+    ids=["plain", "encoded", "encoded twice", "base64", "wide, encoded twice"],
+)
+def test_a_logged_text_is_cut_and_no_token_across_the_cut_survives(form: str) -> None:
+    """A text longer than the limit is cut there, and says so; a token that starts
+    before the cut, in any form, is replaced whole, wherever it ends. Whatever is left
+    of the text holds not a character of a token."""
+    limit = 100
+    assert SECRETS.logged(form, len(form)) == SECRETS.redact(form)  # not cut: as redact
+    for offset in range(limit - len(form) - 2, limit + 3):
+        text = "." * offset + form + "." * 3000
+        logged = SECRETS.logged(text, limit)
+        shown, mark, rest = logged.partition("…")
+        assert mark + rest == f"…(cut: {len(text)} characters)"
+        kept = shown.replace(MARKER, "")
+        assert kept == "." * len(kept)
+        assert (MARKER in shown) == (offset < limit)
+
+
+def test_a_logged_text_costs_the_same_however_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first LOGGED_LENGTH characters, and as far past them as a token can
+    reach, are looked at: a refusal's path of 8 KB or of 8 MB costs what one of 2 KB
+    does (the whole path used to be decoded, once per level, in Python, and redacted
+    again by the log's filter)."""
+    seen: list[int] = []
+    decode = redaction.percent_decoded
+
+    def spied(text: str) -> tuple[str, list[int]]:
+        seen.append(len(text))
+        return decode(text)
+
+    text = f"/webhooks/geins/{quote(quote(HEX))}/" + "%2541" * 200_000
+    monkeypatch.setattr(redaction, "percent_decoded", spied)
+    logged = SECRETS.logged(text)
+    assert logged.startswith(f"/webhooks/geins/{MARKER}/%2541")
+    assert seen  # the token was found in a decoded view
+    assert max(seen) <= 3 * LOGGED_LENGTH
 
 
 def test_only_a_view_that_holds_a_token_is_decoded_in_python(
