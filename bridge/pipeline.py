@@ -11,8 +11,8 @@ whose entity, action or topic name would hold one, is refused (and kept as a dea
 letter, the token left out), one whose idempotency key holds one is refused, and an
 x-Timestamp or subject that holds one is not published as a header
 (:func:`parse_and_route`, which ``bridge deadletter replay`` runs too). Each check costs
-an accepted delivery a cache look-up, or (its key and subject) a search that rarely
-gets past comparing lengths.
+an accepted delivery a comparison of lengths (no text shorter than a token holds one),
+then a cache look-up of text that repeats and is short, or a search.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Pipeline:
         started = time.perf_counter()
         try:
             event, destination = parse_and_route(
-                delivery, self.router, self._secrets, strict_types=self._strict_types
+                delivery, self.router, self._secrets, self._strict_types
             )
         except BridgeError as exc:
             if exc.content_rejection:
@@ -184,8 +184,8 @@ def parse_and_route(
     delivery: Delivery,
     router: Router,
     secrets: Redactor,
-    *,
     strict_types: bool,
+    *,
     key: str | None = None,
 ) -> tuple[Event, Destination]:
     """The event of ``delivery`` and where it goes, or the BridgeError that refuses it:
@@ -217,12 +217,16 @@ def parse_and_route(
 
 def _check_path(delivery: Delivery, secrets: Redactor) -> None:
     """Refuse a delivery whose path holds a token, before it can name a topic. Its
-    segments repeat from one delivery to the next: a cache look-up each."""
-    for segment in (delivery.path_entity, delivery.path_action):
-        if segment is not None and secrets.contains_cached(segment):
-            raise TokenInPath(
-                f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
-            )
+    segments repeat from one delivery to the next: a cache look-up each, when not
+    shorter than a token."""
+    shortest = secrets.shortest
+    entity, action = delivery.path_entity, delivery.path_action
+    if (entity is not None and len(entity) >= shortest and secrets.contains_cached(entity)) or (
+        action is not None and len(action) >= shortest and secrets.contains_cached(action)
+    ):
+        raise TokenInPath(
+            f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
+        )
 
 
 def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
@@ -230,18 +234,25 @@ def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> 
     most templates, and its ce_type), or its account or environment where ``in_topic``
     (the template's fields) names them, or whose idempotency key does (the record's key
     and ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
-    never refuse a delivery. Cached but for the key and the subject, which rarely
-    reach the length of a token."""
+    never refuse a delivery. Text shorter than any token is not looked at; the rest is
+    cached but for the key and the subject (whose answers would not repeat)."""
     if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
         raise MalformedEventType(
             f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
             "name of the event"
         )
+    shortest = secrets.shortest
     # As sent: made topic-safe and cut to 48 characters, a token with something before
     # it would leave only a part of it in the topic, which no check finds.
     account, environment = event.account, event.environment
-    if (account is not None and "account" in in_topic and secrets.contains_cached(account)) or (
+    if (
+        account is not None
+        and len(account) >= shortest
+        and "account" in in_topic
+        and secrets.contains_cached(account)
+    ) or (
         environment is not None
+        and len(environment) >= shortest
         and "environment" in in_topic
         and secrets.contains_cached(environment)
     ):
@@ -249,11 +260,12 @@ def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> 
             f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
             "in a name of the event"
         )
-    if not event.key_generated and secrets.contains(event.key):
+    key, timestamp, subject = event.key, event.raw_timestamp, event.subject
+    if len(key) >= shortest and not event.key_generated and secrets.contains(key):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
         )
-    if event.raw_timestamp is not None and secrets.contains_cached(event.raw_timestamp):
+    if timestamp is not None and len(timestamp) >= shortest and secrets.contains_cached(timestamp):
         event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
-    if event.subject is not None and secrets.contains(event.subject):
+    if subject is not None and len(subject) >= shortest and secrets.contains(subject):
         event.subject = None  # the body, the event's data, still has it as sent

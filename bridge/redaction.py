@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,6 +65,11 @@ _ENCODED_BYTE = 9
 
 #: Most characters of a client's text (a path, a detail, a key) a log line shows.
 LOGGED_LENGTH = 1024
+#: Longest text whose answer :meth:`Redactor.contains_cached` keeps: path segments,
+#: timestamps, accounts and environments are short, and repeat. A longer one is
+#: checked each time: the cache keeps the text too, and 4096 accounts of a body's
+#: size (960 KB) would hold gigabytes.
+CACHED_LENGTH = 128
 
 
 def cut(text: str, limit: int = LOGGED_LENGTH) -> str:
@@ -175,10 +181,16 @@ class Redactor:
         self._current: tuple[str, ...] = ()
         self._retired: dict[str, None] = {}  # oldest first
         self._forms: _Forms | None = None  # None without tokens
+        #: Characters of the shortest form of a token: no shorter text holds one (as
+        #: contains knows at once; a caller may know it before calling). Without tokens,
+        #: longer than any text.
+        self.shortest = sys.maxsize
         self._topic_forms: tuple[str, ...] = ()
         # For text that repeats (path segments, timestamps, topics): a cache hit is
-        # all an accepted delivery pays. Emptied whenever the tokens change.
-        self.contains_cached = lru_cache(maxsize=4096)(self.contains)
+        # all an accepted delivery pays. Emptied whenever the tokens change. A topic
+        # name is short (Kafka takes 249 characters at most); other text is cached
+        # only when short (contains_cached).
+        self._contains_lru = lru_cache(maxsize=4096)(self.contains)
         self.in_topic = lru_cache(maxsize=4096)(self._in_topic)
         self.use(tokens)
 
@@ -229,8 +241,9 @@ class Redactor:
             if forms
             else None
         )
+        self.shortest = self._forms.shortest if self._forms else sys.maxsize
         self._topic_forms = tuple(sorted({f for t in tokens for f in topic_forms(t)}))
-        self.contains_cached.cache_clear()
+        self._contains_lru.cache_clear()
         self.in_topic.cache_clear()
 
     def __bool__(self) -> bool:
@@ -241,16 +254,23 @@ class Redactor:
         forms = self._forms
         if forms is None or len(text) < forms.shortest:
             return False
-        search = forms.pattern.search
-        if search(text) is not None:
+        pattern = forms.pattern
+        if pattern.search(text) is not None:
             return True
         for _ in range(2):  # percent-encoded, then encoded twice
             if "%" not in text:
                 return False
             text = unquoted(text)
-            if search(text) is not None:
+            if pattern.search(text) is not None:
                 return True
         return False
+
+    def contains_cached(self, text: str) -> bool:
+        """:meth:`contains`, its answer kept for a text of at most CACHED_LENGTH
+        characters."""
+        if len(text) > CACHED_LENGTH:
+            return self.contains(text)
+        return self._contains_lru(text)
 
     def redact(self, text: str) -> str:
         """``text`` with every token in it replaced by MARKER."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import tracemalloc
 from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
@@ -125,6 +126,23 @@ def test_cached_answers_follow_the_tokens() -> None:
     assert secrets.contains_cached("newsecret")
     assert secrets.in_topic("geins.newsecret.create")
     assert secrets.contains_cached("old-secret")
+
+
+def test_only_short_text_is_cached() -> None:
+    """contains_cached keeps the answers for short text (path segments, timestamps,
+    accounts repeat), and checks a longer one each time: it kept the text too, so 60
+    accepted deliveries with an account of 500 KB held 30 MB, 4096 of them gigabytes."""
+    secrets = Redactor([HEX])
+    assert secrets.contains_cached("x" * 200 + HEX)
+    assert not secrets.contains_cached("short")
+    tracemalloc.start()
+    try:
+        for n in range(40):
+            assert not secrets.contains_cached(f"{n:03}" + "%61" * 50_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000
 
 
 @pytest.mark.parametrize(
