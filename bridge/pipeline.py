@@ -260,12 +260,29 @@ def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> 
             f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
             "in a name of the event"
         )
-    key, timestamp, subject = event.key, event.raw_timestamp, event.subject
-    if len(key) >= shortest and not event.key_generated and secrets.contains(key):
+    # x-Idempotency-Key and x-Timestamp are read a character a byte (latin-1), and
+    # published as the bytes sent: a token is looked for in their UTF-8 reading too (the
+    # tokens are UTF-8, and authentication compares the bytes).
+    raw_key, timestamp, subject = event.raw_key, event.raw_timestamp, event.subject
+    if (
+        raw_key is not None
+        and len(raw_key) >= shortest
+        and (
+            (not event.key_generated and secrets.contains(event.key))
+            or (not raw_key.isascii() and secrets.contains_bytes(raw_key.encode("latin-1")))
+        )
+    ):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
         )
-    if timestamp is not None and len(timestamp) >= shortest and secrets.contains_cached(timestamp):
+    if (
+        timestamp is not None
+        and len(timestamp) >= shortest
+        and (
+            secrets.contains_cached(timestamp)
+            or (not timestamp.isascii() and secrets.contains_bytes(timestamp.encode("latin-1")))
+        )
+    ):
         event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
     if subject is not None and len(subject) >= shortest and secrets.contains(subject):
         event.subject = None  # the body, the event's data, still has it as sent
