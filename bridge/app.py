@@ -149,7 +149,7 @@ def create_app(
     openapi = orjson.dumps(openapi_document(settings))
     answer = ErrorAnswer(settings.retry_after)
     # answers, logs (without tokens) and counts a refused request
-    refusal = GuardRefusal(answer, metrics, authenticator.redactor.redact)
+    refusal = GuardRefusal(answer, metrics, authenticator.redactor.logged)
     endpoint = WebhookEndpoint(
         pipeline,
         authenticator,

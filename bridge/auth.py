@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridge.errors import TooManyCredentials, Unauthorized
+from bridge.errors import ConfigError, TooManyCredentials, Unauthorized
 from bridge.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,20 @@ def read_tokens_file(path: Path) -> tuple[str, ...]:
         if line and not line.startswith("#"):
             tokens.extend(t.strip() for t in line.split(",") if t.strip())
     return tuple(tokens)
+
+
+def tokens_redactor(tokens: Sequence[str], tokens_file: Path | None) -> Redactor:
+    """A Redactor of the tokens the settings give now, BRIDGE_TOKENS and
+    BRIDGE_TOKENS_FILE as the authenticator reads it, for a command that serves no
+    request (``bridge deadletter replay``). ConfigError when the file cannot be read:
+    its tokens would go unrecognised."""
+    from_file: tuple[str, ...] = ()
+    if tokens_file is not None:
+        try:
+            from_file = read_tokens_file(tokens_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the tokens file {tokens_file}: {exc}") from None
+    return Redactor([*tokens, *from_file])
 
 
 def _read(path: Path) -> tuple[str, ...] | str:

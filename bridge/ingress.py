@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import orjson
@@ -42,8 +42,10 @@ from bridge.errors import (
     Unauthorized,
 )
 from bridge.geins import IDEMPOTENCY_HEADER, Delivery, Event, key_text
+from bridge.logs import REDACTED_WITH
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.pipeline import Accepted, Pipeline
+from bridge.redaction import LOGGED_LENGTH, cut
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
@@ -67,14 +69,19 @@ PROBLEM_JSON = b"application/problem+json"
 JSON = b"application/json"
 _ALLOW_HEADER = (b"allow", ", ".join(sorted(ALLOWED_METHODS)).encode())
 _AUTH_CHALLENGE = (b"www-authenticate", b'Bearer realm="geins-bridge"')
-#: Keeps the webhook tokens out of a text that is logged (a Redactor's redact).
-Redact = Callable[[str], str]
 #: Longest idempotency key a log line shows (a longer one is refused anyway).
 LOGGED_KEY_LENGTH = 200
 
 
-def no_redaction(text: str) -> str:
-    return text
+class Redact(Protocol):
+    """Makes a client's text fit for a log line: without the webhook tokens, and cut
+    after ``limit`` characters (a Redactor's :meth:`~bridge.redaction.Redactor.logged`)."""
+
+    def __call__(self, text: str, limit: int = LOGGED_LENGTH) -> str: ...
+
+
+def no_redaction(text: str, limit: int = LOGGED_LENGTH) -> str:
+    return cut(text, limit)
 
 
 @dataclass
@@ -163,7 +170,7 @@ class WebhookEndpoint:
         self._answer = answer
         self._max_body = max_body_bytes
         self._access_log = access_log
-        self._redact: Redact = authenticator.redactor.redact
+        self._redact: Redact = authenticator.redactor.logged
         self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
         # The same headers as header lines, for the server's RESPOND_WHOLE.
         self._accepted_head = b"content-type: %s\r\n%s: %s\r\n" % (JSON, *self._ack_header)
@@ -205,7 +212,7 @@ class WebhookEndpoint:
             # quotes, never the message (a path with ' outcome=...' would forge a field).
             log.exception(
                 "unexpected error handling a webhook request",
-                extra={"fields": _request_fields(scope, event, self._redact)},
+                extra=_logged(_request_fields(scope, event, self._redact), self._redact),
             )
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
@@ -214,7 +221,7 @@ class WebhookEndpoint:
             if self._access_log:
                 fields = _request_fields(scope, event, self._redact)
                 fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
-                access_log.info("webhook request", extra={"fields": fields})
+                access_log.info("webhook request", extra=_logged(fields, self._redact))
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
@@ -305,7 +312,9 @@ async def _respond(
 def _request_fields(scope: Scope, event: Event | None, redact: Redact) -> dict[str, object]:
     """What a log line may say about a request: never the query (it may hold the token)
     nor headers other than the idempotency key; and in what it says, no token (it
-    may be in the path, the key, or even the method)."""
+    may be in the path, the key, or even the method), and at most about a kilobyte of
+    each: a path of 8 KB redacted whole, then again by the log's filter, cost up to a
+    hundred times what the rest of a refusal without a token does."""
     fields: dict[str, object] = {}
     for name in ("method", "path"):  # unknown when the protocol refused a head
         if scope.get(name) is not None:
@@ -317,8 +326,7 @@ def _request_fields(scope: Scope, event: Event | None, redact: Redact) -> dict[s
     else:
         for name, value in scope.get("headers", ()):
             if name == IDEMPOTENCY_HEADER:
-                # cut after the redaction: a token cut in two is no longer recognised
-                fields["key"] = redact(key_text(value.decode("latin-1")))[:LOGGED_KEY_LENGTH]
+                fields["key"] = redact(key_text(value.decode("latin-1")), LOGGED_KEY_LENGTH)
                 break
     return fields
 
@@ -334,7 +342,14 @@ def log_refusal(error: BridgeError, scope: Scope, redact: Redact) -> None:
     fields = _request_fields(scope, error.event, redact)
     fields.update(status=error.status, reason=error.reason, detail=redact(error.detail))
     level = logging.WARNING if error.status >= 500 else logging.INFO
-    log.log(level, "delivery refused: %s", error.reason, extra={"fields": fields})
+    log.log(level, "delivery refused: %s", error.reason, extra=_logged(fields, redact))
+
+
+def _logged(fields: dict[str, object], redact: Redact) -> dict[str, object]:
+    """The ``extra`` of a line with ``fields``, redacted by ``redact`` already: the
+    log's filter (bridge.logs.Redacting) need not redact them again when its Redactor
+    is the one that did."""
+    return {"fields": fields, REDACTED_WITH: redact}
 
 
 def operation_routes(

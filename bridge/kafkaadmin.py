@@ -20,12 +20,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from bridge.auth import tokens_redactor
 from bridge.config import Settings
 from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
 from bridge.errors import BridgeError, ConfigError
-from bridge.geins import ENTITY_ACTIONS, parse_delivery
+from bridge.geins import ENTITY_ACTIONS
 from bridge.metrics import Metrics
+from bridge.pipeline import parse_and_route
 from bridge.publisher import KafkaPublisher, kafka_client_options
+from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
 
 DEFAULT_REPLICATION_CAP = 3
@@ -549,16 +552,20 @@ async def replay_dead_letters(
 ) -> AsyncGenerator[tuple[Any, str | None, str], None]:
     """Run each dead letter through today's parsing and routing again, as ``records``
     gives them, yielding (record, topic or None, what happened) for each in turn.
+    The token checks of a delivery come with them (:func:`~bridge.pipeline.parse_and_route`),
+    against the tokens the settings hold now: a dead letter that would still put one
+    in a topic name, ``ce_type`` or key is still refused.
 
     Accepted ones are published with their original idempotency key (or, when the
     delivery had none, the dead letter's own key), so consumers see a replay of an
     event they already have, or a second replay, as a duplicate. The producer starts
     with the first record to publish: none when nothing is (a dry run, no match).
     """
+    secrets = tokens_redactor(settings.tokens, settings.tokens_file)
     publisher: KafkaPublisher | None = None
     try:
         async for record in records:
-            destination, outcome = _replayed(record, settings, router)
+            destination, outcome = _replayed(record, settings, router, secrets)
             if destination is not None and not dry_run:
                 publisher = publisher or await _started_publisher(settings)
                 try:
@@ -581,7 +588,9 @@ async def _started_publisher(settings: Settings) -> KafkaPublisher:
     return publisher
 
 
-def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destination | None, str]:
+def _replayed(
+    record: Any, settings: Settings, router: Router, secrets: Redactor
+) -> tuple[Destination | None, str]:
     original_topic = next(
         (text(v) for n, v in record.headers if n == "x-bridge-original-topic" and v), None
     )
@@ -589,12 +598,13 @@ def _replayed(record: Any, settings: Settings, router: Router) -> tuple[Destinat
         headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
         return Destination(original_topic, record.key, record.value or b"", headers), "resent"
     delivery = delivery_from_dead_letter(record.headers, record.value or b"")
+    # When the delivery had no usable key, the dead letter got a generated one: every
+    # replay of it publishes with that key, for consumers to de-duplicate by.
+    own_key = record.key.decode(errors="replace") if record.key else None
     try:
-        event = parse_delivery(delivery, strict_types=settings.strict_types)
+        _, destination = parse_and_route(
+            delivery, router, secrets, strict_types=settings.strict_types, key=own_key
+        )
     except BridgeError as exc:
         return None, f"still refused: {exc.reason} ({exc.detail})"
-    if event.key_generated and record.key:
-        # The delivery had no usable key, so the dead letter got a generated one: every
-        # replay of it publishes with that key, for consumers to de-duplicate by.
-        event = dataclasses.replace(event, key=record.key.decode(errors="replace"))
-    return router.route(event), "accepted"
+    return destination, "accepted"

@@ -20,6 +20,9 @@ import orjson
 from bridge.redaction import Redactor
 
 _RESERVED = {"time", "level", "logger", "message"}
+#: The record attribute (set through ``extra=``) of a line whose fields were redacted
+#: as they were made: the Redactor's ``logged`` that did it.
+REDACTED_WITH = "redacted_with"
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,7 +89,10 @@ def _value(value: object) -> str:
 
 class Redacting(logging.Filter):
     """Replaces the tokens ``redactor`` knows in a record's message, fields, traceback
-    and stack: a handler's filter, so that it sees every logger's records."""
+    and stack: a handler's filter, so that it sees every logger's records. Fields
+    that ``redactor`` redacted as they were made (the record's REDACTED_WITH is its
+    ``logged``: a refusal's, cut to length) are left as they are: redacting them again
+    would only double the work of each refusal."""
 
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
@@ -104,7 +110,7 @@ class Redacting(logging.Filter):
         if redacted is not message:
             record.msg, record.args = redacted, ()
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        if isinstance(fields, dict) and getattr(record, REDACTED_WITH, None) != redactor.logged:
             record.fields = {k: self._value(v) for k, v in fields.items()}
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -9,9 +9,10 @@ letters on the way out.
 No webhook token goes further than the pipeline: a delivery with one in its path, or
 whose entity, action or topic name would hold one, is refused (and kept as a dead
 letter, the token left out), one whose idempotency key holds one is refused, and an
-x-Timestamp or subject that holds one is not published as a header. Each check costs
-an accepted delivery a cache look-up, or (its key and subject) a search that rarely
-gets past comparing lengths.
+x-Timestamp or subject that holds one is not published as a header
+(:func:`parse_and_route`, which ``bridge deadletter replay`` runs too). Each check costs
+an accepted delivery a comparison of lengths (no text shorter than a token holds one),
+then a cache look-up of text that repeats and is short, or a search.
 """
 
 from __future__ import annotations
@@ -78,9 +79,6 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
-        self._redact = secrets.redact
-        #: Which of the event's account and environment the topic template puts in names.
-        self._in_topic = tuple(f for f in ("account", "environment") if f in router.template.fields)
         # Settings.max_event_record_bytes(): the largest record the producer takes, less
         # the room the headers of a dead letter need should Kafka refuse it for good.
         self._record_limit = record_limit
@@ -90,19 +88,10 @@ class Pipeline:
 
     async def handle(self, delivery: Delivery) -> Accepted:
         started = time.perf_counter()
-        secrets = self._secrets
         try:
-            if secrets:
-                _check_path(delivery, secrets)
-            event = parse_delivery(delivery, strict_types=self._strict_types, redact=self._redact)
-            if secrets:
-                _check_event(event, secrets, self._in_topic)
-            destination = self.router.route(event)
-            if secrets and secrets.in_topic(destination.topic):
-                raise MalformedEventType(
-                    "the event's topic would be named after a webhook token (its account or "
-                    f"environment holds one): {WHERE_TOKENS_GO}"
-                )
+            event, destination = parse_and_route(
+                delivery, self.router, self._secrets, self._strict_types
+            )
         except BridgeError as exc:
             if exc.content_rejection:
                 await self._keep_dead_letter(delivery, exc)
@@ -191,42 +180,109 @@ class Pipeline:
         return True
 
 
+def parse_and_route(
+    delivery: Delivery,
+    router: Router,
+    secrets: Redactor,
+    strict_types: bool,
+    *,
+    key: str | None = None,
+) -> tuple[Event, Destination]:
+    """The event of ``delivery`` and where it goes, or the BridgeError that refuses it:
+    the bridge's parsing and routing with its token checks, for the deliveries it
+    serves and the dead letters ``bridge deadletter replay`` runs again alike.
+
+    No webhook token ``secrets`` knows goes further: a delivery with one in its path,
+    or whose entity, action, topic name or idempotency key would hold one, is refused;
+    an x-Timestamp or subject that holds one is left out of the event (it is no
+    header then). ``key`` is the key of an event whose delivery has none (a replayed
+    dead letter's own), instead of a new one.
+    """
+    checked = bool(secrets)  # without tokens (BRIDGE_ALLOW_UNAUTHENTICATED) none to find
+    if checked:
+        _check_path(delivery, secrets)
+    event = parse_delivery(delivery, strict_types=strict_types, redact=secrets.redact)
+    if key is not None and event.key_generated:
+        event.key = key
+    if checked:
+        _check_event(event, secrets, router.template.fields)
+    destination = router.route(event)
+    if checked and secrets.in_topic(destination.topic):
+        raise MalformedEventType(
+            "the event's topic would be named after a webhook token (its account or "
+            f"environment holds one): {WHERE_TOKENS_GO}"
+        )
+    return event, destination
+
+
 def _check_path(delivery: Delivery, secrets: Redactor) -> None:
     """Refuse a delivery whose path holds a token, before it can name a topic. Its
-    segments repeat from one delivery to the next: a cache look-up each."""
-    for segment in (delivery.path_entity, delivery.path_action):
-        if segment is not None and secrets.contains_cached(segment):
-            raise TokenInPath(
-                f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
-            )
+    segments repeat from one delivery to the next: a cache look-up each, when not
+    shorter than a token."""
+    shortest = secrets.shortest
+    entity, action = delivery.path_entity, delivery.path_action
+    if (entity is not None and len(entity) >= shortest and secrets.contains_cached(entity)) or (
+        action is not None and len(action) >= shortest and secrets.contains_cached(action)
+    ):
+        raise TokenInPath(
+            f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
+        )
 
 
 def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
     """Refuse an event whose entity or action holds a token (they name its topic, with
     most templates, and its ce_type), or its account or environment where ``in_topic``
-    (the template) names them, or whose idempotency key does (the record's key and
-    ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
-    never refuse a delivery. Cached but for the key and the subject, which rarely
-    reach the length of a token."""
+    (the template's fields) names them, or whose idempotency key does (the record's key
+    and ce_id); leave out an x-Timestamp or a subject (ce_subject) that holds one: they
+    never refuse a delivery. Text shorter than any token is not looked at; the rest is
+    cached but for the key and the subject (whose answers would not repeat)."""
     if secrets.in_topic(event.entity) or secrets.in_topic(event.action):
         raise MalformedEventType(
             f"the entity or action holds a webhook token: {WHERE_TOKENS_GO}, never in a "
             "name of the event"
         )
-    for name in in_topic:
-        # As sent: made topic-safe and cut to 48 characters, a token with something
-        # before it would leave only a part of it in the topic, which no check finds.
-        value = event.account if name == "account" else event.environment
-        if value is not None and secrets.contains_cached(value):
-            raise MalformedEventType(
-                f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
-                "in a name of the event"
-            )
-    if not event.key_generated and secrets.contains(event.key):
+    shortest = secrets.shortest
+    # As sent: made topic-safe and cut to 48 characters, a token with something before
+    # it would leave only a part of it in the topic, which no check finds.
+    account, environment = event.account, event.environment
+    if (
+        account is not None
+        and len(account) >= shortest
+        and "account" in in_topic
+        and secrets.contains_cached(account)
+    ) or (
+        environment is not None
+        and len(environment) >= shortest
+        and "environment" in in_topic
+        and secrets.contains_cached(environment)
+    ):
+        raise MalformedEventType(
+            f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "
+            "in a name of the event"
+        )
+    # x-Idempotency-Key and x-Timestamp are read a character a byte (latin-1), and
+    # published as the bytes sent: a token is looked for in their UTF-8 reading too (the
+    # tokens are UTF-8, and authentication compares the bytes).
+    raw_key, timestamp, subject = event.raw_key, event.raw_timestamp, event.subject
+    if (
+        raw_key is not None
+        and len(raw_key) >= shortest
+        and (
+            (not event.key_generated and secrets.contains(event.key))
+            or (not raw_key.isascii() and secrets.contains_bytes(raw_key.encode("latin-1")))
+        )
+    ):
         raise BadIdempotencyKey(
             f"x-Idempotency-Key contains a webhook token: {WHERE_TOKENS_GO}, never in the key"
         )
-    if event.raw_timestamp is not None and secrets.contains_cached(event.raw_timestamp):
+    if (
+        timestamp is not None
+        and len(timestamp) >= shortest
+        and (
+            secrets.contains_cached(timestamp)
+            or (not timestamp.isascii() and secrets.contains_bytes(timestamp.encode("latin-1")))
+        )
+    ):
         event.raw_timestamp = None  # its time, if it has one, is kept as ce_time
-    if event.subject is not None and secrets.contains(event.subject):
+    if subject is not None and len(subject) >= shortest and secrets.contains(subject):
         event.subject = None  # the body, the event's data, still has it as sent

@@ -13,10 +13,14 @@ for a ``+`` (the query's form encoding, which authentication accepts both ways);
 in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
 is replaced by MARKER; a base64 run holding one is replaced whole.
 
-Recognising costs a regular expression search, so it belongs on the way of refusals
-and of log lines. The checks an accepted delivery passes (:meth:`Redactor.contains`
-of its idempotency key, the cached ones of its path segments, timestamp and topic)
-return at once for the usual text shorter than the shortest token form.
+Recognising costs a regular expression search of the text and of its percent-decoded
+views, each made at C speed (:func:`unquoted`); where a token is, in a decoded view,
+is worked out (:func:`percent_decoded`, in Python) only when a view holds one. The
+checks an accepted delivery passes (:meth:`Redactor.contains` of its idempotency key,
+the cached ones of its path segments, timestamp and topic) return at once for the
+usual text shorter than the shortest token form. What a client sends reaches a log
+line through :meth:`Redactor.logged`, which cuts it first: a refusal, which costs the
+client nothing, costs the bridge a bounded amount of work too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,6 +51,37 @@ _NOT_TOPIC_SAFE = re.compile(r"[^a-z0-9-]+")
 
 
 _PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+#: A '%' that starts no percent-encoded byte.
+_LONE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: Every hex digit as 'h', every other byte but '%' as '.': a text has a lone '%'
+#: when it has more '%' than '%hh'.
+_HEX_AS_H = bytes(
+    b"h"[0] if chr(i) in "0123456789ABCDEFabcdef" else i if i == b"%"[0] else b"."[0]
+    for i in range(256)
+)
+#: Characters a percent-encoded byte of a form may take in the text: encoded twice,
+#: with the hex digits of the first encoding encoded too (``%25%34%31`` for ``A``).
+_ENCODED_BYTE = 9
+
+#: Most characters of a client's text (a path, a detail, a key) a log line shows.
+LOGGED_LENGTH = 1024
+#: Longest text whose answer :meth:`Redactor.contains_cached` keeps: path segments,
+#: timestamps, accounts and environments are short, and repeat. A longer one is
+#: checked each time: the cache keeps the text too, and 4096 accounts of a body's
+#: size (960 KB) would hold gigabytes.
+CACHED_LENGTH = 128
+
+
+def cut(text: str, limit: int = LOGGED_LENGTH) -> str:
+    """``text`` when at most ``limit`` characters long; else its first ``limit``
+    characters, marked as cut (tokens are not looked for: see :meth:`Redactor.logged`)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + _cut_mark(text)
+
+
+def _cut_mark(text: str) -> str:
+    return f"…(cut: {len(text)} characters)"
 
 
 def _variants(form: str) -> set[str]:
@@ -75,6 +111,34 @@ def percent_decoded(text: str) -> tuple[str, list[int]]:
     pieces.append(text[done:])
     origin.extend(range(done, len(text) + 1))
     return "".join(pieces), origin
+
+
+def unquoted(text: str) -> str:
+    """``text`` percent-decoded as :func:`percent_decoded` decodes it, without saying
+    where each character came from: a few passes over the text at C speed, where that
+    function's Python loop takes a step per decoded character.
+
+    The same text, but where ``text`` holds surrogate escapes (bytes that are not
+    UTF-8, such as a first decoding leaves): decoded all together rather than a run of
+    percent-encoded bytes at a time, they may make characters that percent_decoded
+    leaves as escapes. Everything else is the same, so a token percent_decoded shows
+    is here too.
+    """
+    if "%" not in text:
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate of another kind
+        return percent_decoded(text)[0]
+    # As Python escapes, which the unicode_escape codec decodes: a '%' that starts no
+    # byte (kept by percent_decoded) encoded as one (the regular expression only when
+    # there is one: it takes five times as long as counting), a backslash doubled, and
+    # then each '%' made a '\x'. The codec reads other bytes as Latin-1, so the whole
+    # text comes back as the bytes it encodes, for UTF-8 to decode.
+    if raw.translate(_HEX_AS_H).count(b"%hh") != raw.count(b"%"):
+        raw = _LONE_PERCENT.sub(b"%25", raw)
+    escaped = raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x")
+    return escaped.decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def base64_forms(token: str) -> list[str]:
@@ -107,6 +171,7 @@ class _Forms:
     pattern: re.Pattern[str]  # every form, literally
     base64: frozenset[str]  # the forms that are base64
     shortest: int  # characters of the shortest form
+    reach: int  # most characters a form, encoded as redact recognises it, takes
 
 
 class Redactor:
@@ -116,10 +181,16 @@ class Redactor:
         self._current: tuple[str, ...] = ()
         self._retired: dict[str, None] = {}  # oldest first
         self._forms: _Forms | None = None  # None without tokens
+        #: Characters of the shortest form of a token: no shorter text holds one (as
+        #: contains knows at once; a caller may know it before calling). Without tokens,
+        #: longer than any text.
+        self.shortest = sys.maxsize
         self._topic_forms: tuple[str, ...] = ()
         # For text that repeats (path segments, timestamps, topics): a cache hit is
-        # all an accepted delivery pays. Emptied whenever the tokens change.
-        self.contains_cached = lru_cache(maxsize=4096)(self.contains)
+        # all an accepted delivery pays. Emptied whenever the tokens change. A topic
+        # name is short (Kafka takes 249 characters at most); other text is cached
+        # only when short (contains_cached).
+        self._contains_lru = lru_cache(maxsize=4096)(self.contains)
         self.in_topic = lru_cache(maxsize=4096)(self._in_topic)
         self.use(tokens)
 
@@ -161,12 +232,18 @@ class Redactor:
         # Literal alternatives only: the regular expression engine then skips, at C
         # speed, every position whose character starts no form.
         self._forms = (
-            _Forms(re.compile("|".join(map(re.escape, forms))), frozenset(encoded), len(forms[-1]))
+            _Forms(
+                re.compile("|".join(map(re.escape, forms))),
+                frozenset(encoded),
+                len(forms[-1]),
+                max(len(f.encode()) for f in forms) * _ENCODED_BYTE,
+            )
             if forms
             else None
         )
+        self.shortest = self._forms.shortest if self._forms else sys.maxsize
         self._topic_forms = tuple(sorted({f for t in tokens for f in topic_forms(t)}))
-        self.contains_cached.cache_clear()
+        self._contains_lru.cache_clear()
         self.in_topic.cache_clear()
 
     def __bool__(self) -> bool:
@@ -183,36 +260,57 @@ class Redactor:
         for _ in range(2):  # percent-encoded, then encoded twice
             if "%" not in text:
                 return False
-            text = percent_decoded(text)[0]
+            text = unquoted(text)
             if pattern.search(text) is not None:
                 return True
         return False
+
+    def contains_cached(self, text: str) -> bool:
+        """:meth:`contains`, its answer kept for a text of at most CACHED_LENGTH
+        characters."""
+        if len(text) > CACHED_LENGTH:
+            return self.contains(text)
+        return self._contains_lru(text)
 
     def redact(self, text: str) -> str:
         """``text`` with every token in it replaced by MARKER."""
         forms = self._forms
         if forms is None or len(text) < forms.shortest:
             return text
+        spans = self._spans(text, forms)
+        return _replaced(text, spans, len(text)) if spans else text
+
+    def logged(self, text: str, limit: int = LOGGED_LENGTH) -> str:
+        """``text`` as a log line may show it: its tokens replaced by MARKER, and cut
+        (:func:`cut`) after ``limit`` characters, whatever its length for the same
+        work. A token with a character before the cut is replaced whole: the text is
+        redacted as far as the longest form of a token could reach past the cut."""
+        if len(text) <= limit:
+            return self.redact(text)
+        forms = self._forms
+        if forms is None:
+            return cut(text, limit)
+        window = text[: limit + forms.reach]
+        return _replaced(window, self._spans(window, forms), limit) + _cut_mark(text)
+
+    def _spans(self, text: str, forms: _Forms) -> list[tuple[int, int]]:
+        """Where the tokens are in ``text``: as they are, and percent-decoded once or
+        twice. The positions in a decoded view (percent_decoded, a Python loop per
+        character) are worked out only when its cheap decoding holds a form."""
         spans = _spans(text, forms)
+        views = [text]
+        while len(views) < 3 and "%" in views[-1]:  # percent-encoded, then encoded twice
+            views.append(unquoted(views[-1]))
+        holding = [n for n in range(1, len(views)) if forms.pattern.search(views[n])]
+        if not holding:
+            return spans
         view, origin = text, list(range(len(text) + 1))
-        for _ in range(2):  # percent-encoded, then encoded twice
-            if "%" not in view:
-                break
+        for level in range(1, holding[-1] + 1):
             view, inner = percent_decoded(view)
             origin = [origin[i] for i in inner]
-            spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
-        if not spans:
-            return text
-        pieces: list[str] = []
-        done = 0
-        for start, end in sorted(spans):
-            if start < done:  # overlaps the last one replaced
-                done = max(done, end)
-                continue
-            pieces += [text[done:start], MARKER]
-            done = end
-        pieces.append(text[done:])
-        return "".join(pieces)
+            if level in holding:
+                spans += [(origin[a], origin[b]) for a, b in _spans(view, forms)]
+        return spans
 
     def redact_bytes(self, value: bytes) -> bytes:
         """``value`` (a header, say) with every token in it replaced by MARKER; bytes
@@ -233,6 +331,23 @@ class Redactor:
         put it there (cached, as :attr:`in_topic`)."""
         lowered = topic.lower()
         return any(form in lowered for form in self._topic_forms) or self.contains(topic)
+
+
+def _replaced(text: str, spans: list[tuple[int, int]], limit: int) -> str:
+    """``text`` up to ``limit`` with MARKER for each of ``spans`` that starts before
+    it (all of it, though it may end after ``limit``)."""
+    pieces: list[str] = []
+    done = 0
+    for start, end in sorted(spans):
+        if start >= limit:
+            break
+        if start < done:  # overlaps the last one replaced
+            done = max(done, end)
+            continue
+        pieces += [text[done:start], MARKER]
+        done = end
+    pieces.append(text[done:limit])
+    return "".join(pieces)
 
 
 def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:

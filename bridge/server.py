@@ -178,7 +178,7 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         on_refused=lambda e, seconds: metrics.record_request(
             outcome_of(e), None, e.reason, seconds
         ),
-        redact=redactor.redact,
+        redact=redactor.logged,
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(

@@ -97,6 +97,24 @@ def test_replays_of_a_dead_letter_without_a_key_carry_its_key(
         assert headers["x-bridge-key-generated"] == b"true"
 
 
+def test_a_replay_that_would_name_a_topic_after_a_token_is_still_refused(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], topic_prefix: str
+) -> None:
+    """A delivery refused (422) because its account, which the template puts in topic
+    names, holds the token: its replay is still refused, and exits 1 as for any refusal
+    (it used to publish to a topic named after the token, and exit 0)."""
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", topic_prefix + ".{entity}.{action}.{account}")
+    body = b'{"entity":"Order","action":"create","account":"%s"}' % TOKEN.encode()
+    with TestClient(create_app(load_settings())) as client:
+        assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 422
+    capsys.readouterr()
+    assert main(["deadletter", "replay"]) == 1
+    captured = capsys.readouterr()
+    assert "still refused: malformed_event_type" in captured.out
+    assert "0 replayed, 1 still refused" in captured.err
+    assert TOKEN not in captured.out + captured.err
+
+
 def set_max_message_bytes(bootstrap: str, topic: str, limit: int, *, create: bool) -> None:
     """Create ``topic`` (one partition) or change it, with this max.message.bytes."""
 

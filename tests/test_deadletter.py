@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
+import pytest
 
+from bridge import kafkaadmin
+from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
-from bridge.errors import UnknownEventType
+from bridge.errors import BridgeError, MalformedEventType, UnknownEventType
 from bridge.geins import Delivery, parse_delivery
 from bridge.redaction import Redactor
+from bridge.routing import Destination, Router
+from tests.fakes import FakePublisher
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = UnknownEventType("Voucher/create is not a known Geins event type")
@@ -160,3 +168,100 @@ def test_a_token_in_the_path_or_the_detail_is_replaced() -> None:
     assert HEX.encode() not in b"".join(v for _, v in letter.headers) + letter.key
     replayed = parse_delivery(delivery_from_dead_letter(letter.headers, letter.value))
     assert (replayed.entity, replayed.action) == ("Order", "create")
+
+
+@dataclasses.dataclass
+class Record:
+    """What a replay reads of a dead letter's ConsumerRecord."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+#: A token that can be an entity name (letters and digits).
+NAME_TOKEN = "Secret0123456789abcdefXYZ"
+
+
+def kept(body: bytes, error: BridgeError, *, token: str = NAME_TOKEN) -> Record:
+    """The dead letter a bridge with ``token`` keeps of a POST of ``body`` it refused."""
+    delivery = dataclasses.replace(
+        refused([]), path="/webhooks/geins", path_entity=None, path_action=None, body=body
+    )
+    letter = dead_letter(delivery, error, "geins.deadletter", Redactor([token]))
+    return Record(letter.key, letter.value, letter.headers)
+
+
+def replay(
+    monkeypatch: pytest.MonkeyPatch, letters: list[Record], **env: str
+) -> tuple[list[tuple[str | None, str]], list[Destination]]:
+    """(topic or None, outcome) of each dead letter ``bridge deadletter replay`` runs again
+    with the settings ``env``, and what it published."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": NAME_TOKEN, **env})
+    publisher = FakePublisher()
+
+    async def started(_: object) -> FakePublisher:
+        return publisher
+
+    monkeypatch.setattr(kafkaadmin, "_started_publisher", started)
+
+    async def records() -> AsyncIterator[Record]:
+        for letter in letters:
+            yield letter
+
+    async def run() -> list[tuple[str | None, str]]:
+        results = kafkaadmin.replay_dead_letters(
+            settings, Router.from_settings(settings), records(), dry_run=False
+        )
+        return [(topic, outcome) async for _, topic, outcome in results]
+
+    return asyncio.run(run()), publisher.records
+
+
+def test_a_replay_refuses_what_would_put_a_token_in_a_topic_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead letter refused because its entity, or its account under a template that
+    names topics after it, holds a token is still refused on replay, with the token
+    left out of what it says: it used to be accepted and published to a topic named
+    after the token (the replay ran parsing and routing without the token checks)."""
+    letters = [
+        kept(
+            b'{"entity":"%s","action":"create"}' % NAME_TOKEN.encode(),
+            MalformedEventType("the entity or action holds a webhook token"),
+        ),
+        kept(
+            b'{"entity":"Order","action":"create","account":"acme-%s"}' % NAME_TOKEN.encode(),
+            MalformedEventType("the account or environment holds a webhook token"),
+        ),
+    ]
+    results, published = replay(
+        monkeypatch, letters, BRIDGE_TOPIC_TEMPLATE="geins.{entity}.{action}.{account}"
+    )
+    assert [topic for topic, _ in results] == [None, None]
+    assert all(o.startswith("still refused: malformed_event_type") for _, o in results)
+    assert NAME_TOKEN not in repr(results)
+    assert published == []
+
+
+def test_a_replay_leaves_out_a_subject_that_holds_a_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Refused under strict types, then replayed without them: the event is published,
+    without the ce_subject its id would make (the token is in BRIDGE_TOKENS_FILE only,
+    as the authenticator reads it)."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("# rotated in\nfile-token-0123456789\n", encoding="utf-8")
+    body = b'{"entity":"Voucher","action":"create","id":"v-file-token-0123456789"}'
+    letter = kept(body, REFUSED, token="file-token-0123456789")
+    results, published = replay(
+        monkeypatch,
+        [letter],
+        BRIDGE_STRICT_TYPES="false",
+        BRIDGE_TOKENS_FILE=str(tokens_file),
+    )
+    assert results == [("geins.voucher.create", "accepted")]
+    [record] = published
+    assert "ce_subject" not in dict(record.headers)
+    assert b"file-token" not in b"".join(v for _, v in record.headers) + record.key
+    assert record.value == body  # the event's data, as sent

@@ -601,6 +601,29 @@ def test_an_x_timestamp_or_subject_holding_a_token_is_not_published(
     assert HEX.encode() not in b"".join(v for _, v in record.headers) + record.key
 
 
+def test_a_token_in_a_header_sent_as_utf8_is_recognised() -> None:
+    """x-Timestamp and x-Idempotency-Key are read a character a byte (latin-1) and
+    published as the bytes sent: a token with a character that is not ASCII (the tokens
+    file is UTF-8), sent as UTF-8, is recognised there too. The timestamp was published
+    with it, and so was a key that is not UTF-8 elsewhere (its reading stays latin-1)."""
+    wide = "jätte-hemlig-0123"
+    app, publisher, _ = make(BRIDGE_TOKENS=f"{TOKEN},{wide}")
+    auth = (b"authorization", f"Bearer {TOKEN}".encode())
+
+    def post(header: tuple[bytes, bytes]) -> Any:
+        return asyncio.run(
+            call_asgi(app, "POST", "/webhooks/geins", headers=[auth, header], body_chunks=[ORDER])
+        )
+
+    assert post((b"x-timestamp", f"2024-01-15 {wide}".encode())).status == 202
+    refused = post((b"x-idempotency-key", b"r4-\xff" + wide.encode()))
+    assert refused.status == 400
+    assert refused.json()["reason"] == "bad_idempotency_key"
+    [record] = publisher.records
+    assert "x-timestamp" not in dict(record.headers)
+    assert wide.encode() not in written(publisher)
+
+
 @pytest.mark.parametrize(
     ("query", "body"),
     [

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import logging
+import tracemalloc
 from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge import redaction
-from bridge.redaction import MARKER, Redactor, percent_decoded
+from bridge.redaction import LOGGED_LENGTH, MARKER, Redactor, percent_decoded, unquoted
 
 PLUS = "plus+Secret2"
 HEX = "0123456789abcdef" * 4
@@ -125,6 +128,23 @@ def test_cached_answers_follow_the_tokens() -> None:
     assert secrets.contains_cached("old-secret")
 
 
+def test_only_short_text_is_cached() -> None:
+    """contains_cached keeps the answers for short text (path segments, timestamps,
+    accounts repeat), and checks a longer one each time: it kept the text too, so 60
+    accepted deliveries with an account of 500 KB held 30 MB, 4096 of them gigabytes."""
+    secrets = Redactor([HEX])
+    assert secrets.contains_cached("x" * 200 + HEX)
+    assert not secrets.contains_cached("short")
+    tracemalloc.start()
+    try:
+        for n in range(40):
+            assert not secrets.contains_cached(f"{n:03}" + "%61" * 50_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000
+
+
 @pytest.mark.parametrize(
     ("token", "topic"),
     [
@@ -146,3 +166,97 @@ def test_a_warning_names_no_token(caplog: pytest.LogCaptureFixture) -> None:
         secrets.use([f"t-{n}"])
     assert caplog.records
     assert not any(secrets.contains(r.getMessage()) for r in caplog.records)
+
+
+def encoded_deep(text: str) -> str:
+    """``text`` percent-encoded twice, the hex digits of the first encoding encoded too
+    (``%25%34%31`` for ``A``): the longest form a byte takes that is recognised."""
+    return "".join(
+        "%25" + "".join(f"%{ord(digit):02X}" for digit in f"{byte:02X}") for byte in text.encode()
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        HEX,
+        quote(PLUS, safe=""),
+        encoded_deep(HEX),
+        base64.b64encode(f"u:{HEX}".encode()).decode(),
+        encoded_deep(WIDE),
+    ],
+    ids=["plain", "encoded", "encoded twice", "base64", "wide, encoded twice"],
+)
+def test_a_logged_text_is_cut_and_no_token_across_the_cut_survives(form: str) -> None:
+    """A text longer than the limit is cut there, and says so; a token that starts
+    before the cut, in any form, is replaced whole, wherever it ends. Whatever is left
+    of the text holds not a character of a token."""
+    limit = 100
+    assert SECRETS.logged(form, len(form)) == SECRETS.redact(form)  # not cut: as redact
+    for offset in range(limit - len(form) - 2, limit + 3):
+        text = "." * offset + form + "." * 3000
+        logged = SECRETS.logged(text, limit)
+        shown, mark, rest = logged.partition("…")
+        assert mark + rest == f"…(cut: {len(text)} characters)"
+        kept = shown.replace(MARKER, "")
+        assert kept == "." * len(kept)
+        assert (MARKER in shown) == (offset < limit)
+
+
+def test_a_logged_text_costs_the_same_however_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first LOGGED_LENGTH characters, and as far past them as a token can
+    reach, are looked at: a refusal's path of 8 KB or of 8 MB costs what one of 2 KB
+    does (the whole path used to be decoded, once per level, in Python, and redacted
+    again by the log's filter)."""
+    seen: list[int] = []
+    decode = redaction.percent_decoded
+
+    def spied(text: str) -> tuple[str, list[int]]:
+        seen.append(len(text))
+        return decode(text)
+
+    text = f"/webhooks/geins/{quote(quote(HEX))}/" + "%2541" * 200_000
+    monkeypatch.setattr(redaction, "percent_decoded", spied)
+    logged = SECRETS.logged(text)
+    assert logged.startswith(f"/webhooks/geins/{MARKER}/%2541")
+    assert seen  # the token was found in a decoded view
+    assert max(seen) <= 3 * LOGGED_LENGTH
+
+
+def test_only_a_view_that_holds_a_token_is_decoded_in_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """contains decodes cheaply (unquoted), and redact works out where a token is in a
+    decoded view (percent_decoded, a Python loop per character) only when the cheap
+    view holds one: an accepted delivery's id of 960 KB, percent-encoded, cost 87 ms."""
+
+    def refused(text: str) -> tuple[str, list[int]]:
+        raise AssertionError("decoded in Python")
+
+    monkeypatch.setattr(redaction, "percent_decoded", refused)
+    text = "%41" * 10_000 + "%2541" * 10_000 + "%zz"
+    assert not SECRETS.contains(text)
+    assert SECRETS.redact(text) is text
+    assert SECRETS.contains(text + quote(quote(HEX)))
+    monkeypatch.undo()
+    assert SECRETS.redact(text + quote(quote(HEX))) == text + MARKER
+
+
+_PIECES = st.sampled_from(
+    [
+        *"%25AaFf09zZ\\xä+ /\n\"'\x00€",
+        *("%C3", "%A4", "%E2%82", "%AC", "%2", "%25", "%%", "%5C", "%F0%9F", "%98%80", "%3"),
+        *("\\x41", "\\u0041", "\\N{DASH}", "%ff", "%00", "%hh", "%.h", "h", ".", HEX[:9]),
+    ]
+)
+
+
+@given(st.lists(_PIECES, max_size=40).map("".join))
+def test_the_cheap_decoding_is_the_decoding(text: str) -> None:
+    """unquoted (C speed) makes the view percent_decoded (positions, in Python) makes,
+    backslashes and broken escapes included; decoding again, where the first decoding
+    left bytes that are not UTF-8, it may only find more of a token, never less."""
+    once = unquoted(text)
+    assert once == percent_decoded(text)[0]
+    exact = percent_decoded(once)[0]
+    assert HEX[:9] not in exact or HEX[:9] in unquoted(once)
