@@ -6,10 +6,12 @@ import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bridge.errors import BridgeError, PublishFailed
+from bridge.geins import Delivery
 from bridge.routing import Destination
 
 SAMPLES = Path(__file__).resolve().parent / "samples" / "deliveries.jsonl"
@@ -20,6 +22,23 @@ def samples() -> list[dict[str, Any]]:
     """The shared real-shaped Geins deliveries."""
     with SAMPLES.open() as lines:
         return [json.loads(line) for line in lines if line.strip()]
+
+
+def voucher_delivery(
+    headers: list[tuple[bytes, bytes]], body: bytes, received_at: datetime
+) -> Delivery:
+    """A POST of Voucher/create (by its path), an event type Geins does not document:
+    refused in strict mode, the dead-letter tests' usual delivery."""
+    return Delivery(
+        method="POST",
+        path="/webhooks/geins/Voucher/create",
+        path_entity="Voucher",
+        path_action="create",
+        query=[],
+        headers=headers,
+        body=body,
+        received_at=received_at,
+    )
 
 
 @dataclass

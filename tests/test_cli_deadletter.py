@@ -22,10 +22,9 @@ from bridge.cli import main
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter
 from bridge.errors import UnknownEventType
-from bridge.geins import Delivery
 from bridge.redaction import Redactor
 from bridge.routing import Destination
-from tests.fakes import TOKEN
+from tests.fakes import TOKEN, voucher_delivery
 from tests.kafkaread import read_all_sync
 
 pytestmark = pytest.mark.kafka
@@ -37,16 +36,7 @@ def novel_voucher_letter(
     topic: str, *, headers: list[tuple[bytes, bytes]], body: bytes, received_at: datetime
 ) -> Destination:
     """The dead letter of a Voucher/create delivery refused as an unknown event type."""
-    delivery = Delivery(
-        method="POST",
-        path="/webhooks/geins/Voucher/create",
-        path_entity="Voucher",
-        path_action="create",
-        query=[],
-        headers=headers,
-        body=body,
-        received_at=received_at,
-    )
+    delivery = voucher_delivery(headers, body, received_at)
     return dead_letter(delivery, UnknownEventType("novel"), topic, Redactor([TOKEN]))
 
 

@@ -19,23 +19,14 @@ from bridge.errors import BridgeError, MalformedEventType, UnknownEventType
 from bridge.geins import Delivery, parse_delivery
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
-from tests.fakes import FakePublisher
+from tests.fakes import FakePublisher, voucher_delivery
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = UnknownEventType("Voucher/create is not a known Geins event type")
 
 
 def refused(headers: list[tuple[bytes, bytes]]) -> Delivery:
-    return Delivery(
-        method="POST",
-        path="/webhooks/geins/Voucher/create",
-        path_entity="Voucher",
-        path_action="create",
-        query=[],
-        headers=headers,
-        body=b'{"code":"X"}',
-        received_at=RECEIVED,
-    )
+    return voucher_delivery(headers, b'{"code":"X"}', RECEIVED)
 
 
 def round_trip(delivery: Delivery, tokens: list[str] | None = None) -> Delivery:
