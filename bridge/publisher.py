@@ -548,10 +548,14 @@ class KafkaPublisher:
             # Not now (just after the last reset, or a failed try): then, not at the
             # next heartbeat, up to HEARTBEAT_SECONDS later, while broker-mode
             # requests for the stuck partition wait for it (_resend_when_replaced).
-            if self._reset_timer is None:
-                self._reset_timer = asyncio.get_running_loop().call_later(wait, self._reset_due)
+            self._reset_later(wait)
             return
         self._rotation = spawn(self._reset(), "kafka-reset-producer")
+
+    def _reset_later(self, delay: float) -> None:
+        """Look at the broken producer again in ``delay`` seconds (once)."""
+        if self._reset_timer is None:
+            self._reset_timer = asyncio.get_running_loop().call_later(delay, self._reset_due)
 
     def _reset_due(self) -> None:
         self._reset_timer = None
@@ -568,9 +572,7 @@ class KafkaPublisher:
                     "send to a partition any more; trying again in %g s",
                     self._reset_backoff,
                 )
-                if self._reset_timer is None:  # the next try, once its back-off ends
-                    loop = asyncio.get_running_loop()
-                    self._reset_timer = loop.call_later(self._reset_backoff, self._reset_due)
+                self._reset_later(self._reset_backoff)  # the next try, once its back-off ends
                 return
             self._replace(*started)
             self._reset_backoff = 0.0
