@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bridge import logs
+from bridge.auth import short_token_warnings
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
@@ -156,6 +157,11 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     settings.check_serving()
     KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
     print(json.dumps(settings.redacted(), indent=2))
+    for warning in [
+        *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
+        *short_token_warnings(settings.file_tokens(), "the tokens file"),
+    ]:
+        print(f"warning: {warning}", file=sys.stderr)
     router = _router(settings)  # the defaults a delivery without account/environment gets
     example = router.topic_for(
         "Order", "create", router.default_account, router.default_environment

@@ -26,9 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.auth import read_tokens_file
+from bridge.auth import read_tokens_file, token_problem
 from bridge.errors import ConfigError
 from bridge.guards import parse_network
+from bridge.redaction import Redactor
 from bridge.routing import TOPIC_NAME, TopicTemplate, template_can_make, topic_safe
 
 ENV_PREFIX = "BRIDGE_"
@@ -158,12 +159,10 @@ class Settings(BaseModel):
 
     @field_validator("tokens")
     @classmethod
-    def _tokens_are_printable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _tokens_are_usable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for token in value:
-            if not token:  # tokens = [""] in TOML: every delivery would get 401
-                raise ValueError("a token must not be empty")
-            if not token.isprintable() or " " in token:
-                raise ValueError("a token must be printable and contain no spaces")
+            if problem := token_problem(token):
+                raise ValueError(problem)
         return value
 
     @field_validator("allowed_networks", "trusted_proxies")
@@ -184,13 +183,23 @@ class Settings(BaseModel):
     @field_validator("tokens_file")
     @classmethod
     def _tokens_file_readable(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            try:
-                read_tokens_file(value)
-            except OSError as exc:
-                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{value} is not UTF-8 text ({exc})") from None
+        if value is None:
+            return value
+        # A path that names nothing is not quoted: it may be a token set here by
+        # mistake for BRIDGE_TOKENS, which would be printed (and logged by whatever
+        # runs the bridge).
+        named = str(value) if os.path.lexists(value) else "the file it names"
+        try:
+            read_tokens_file(value)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read {named}: {exc.strerror} (it names a file of tokens; the "
+                "tokens themselves go in BRIDGE_TOKENS)"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{named} is not UTF-8 text ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{named}, {exc}") from None
         return value
 
     @field_validator("topic_template")
@@ -255,7 +264,10 @@ class Settings(BaseModel):
             try:
                 text = value.read_bytes()
             except OSError as exc:
-                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+                # Not quoted when it names nothing: a password set here by mistake
+                # for the file that should hold it would be printed.
+                named = value if os.path.lexists(value) else "the file it names"
+                raise ValueError(f"cannot read {named}: {exc.strerror}") from None
             if not text.strip():
                 raise ValueError(f"{value} is empty")
         return value
@@ -320,6 +332,35 @@ class Settings(BaseModel):
                 "can make for events (or one Kafka takes for the same: it treats '.' and '_' "
                 "alike): dead letters would be mixed with events; choose a dead-letter topic "
                 "the template cannot produce"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_token_in_names(self) -> Self:
+        # Every delivery whose topic name would hold a webhook token is refused (422),
+        # so a token inside the template's own text or the default account or
+        # environment would refuse them all; and the dead-letter topic would show one
+        # to whoever lists topics. (Tokens the file gets later are not checked here.)
+        try:
+            tokens = [*self.tokens, *self.file_tokens()]
+        except (OSError, ValueError):
+            return self  # the tokens file's validator has said why
+        secrets = Redactor(tokens)
+        if not secrets:
+            return self
+        events = TopicTemplate(self.topic_template).render(
+            "", "", self.default_account, self.default_environment
+        )
+        if secrets.in_topic(events):
+            raise ValueError(
+                "BRIDGE_TOPIC_TEMPLATE, BRIDGE_DEFAULT_ACCOUNT or BRIDGE_DEFAULT_ENVIRONMENT "
+                "holds a webhook token: every delivery would be refused (422), since no "
+                "topic name may show one"
+            )
+        if self.deadletter_topic and secrets.in_topic(self.deadletter_topic):
+            raise ValueError(
+                "BRIDGE_DEADLETTER_TOPIC holds a webhook token: whoever lists the topics "
+                "would see it"
             )
         return self
 
@@ -411,19 +452,49 @@ class Settings(BaseModel):
             raise ValueError(f"cannot read a TLS file: {exc}") from None
         return context
 
+    def file_tokens(self) -> tuple[str, ...]:
+        """The tokens BRIDGE_TOKENS_FILE holds now (none without one); OSError or
+        ValueError if it cannot be read any more."""
+        return () if self.tokens_file is None else read_tokens_file(self.tokens_file)
+
     def check_serving(self) -> None:
         """What only matters when serving webhooks (operator commands need no tokens)."""
-        if not self.tokens and self.tokens_file is None and not self.allow_unauthenticated:
+        if self.allow_unauthenticated or self.tokens:
+            return
+        if self.tokens_file is None:
             raise ConfigError(
                 "BRIDGE_TOKENS is empty: set at least one token (comma-separated), "
                 "or BRIDGE_ALLOW_UNAUTHENTICATED=true to accept anyone"
+            )
+        try:
+            from_file = self.file_tokens()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"BRIDGE_TOKENS_FILE: cannot read the file it names: {_reason(exc)}"
+            ) from None
+        if not from_file:  # every delivery would get a 401, and readiness say all is well
+            raise ConfigError(
+                "BRIDGE_TOKENS is empty and the file BRIDGE_TOKENS_FILE names holds no "
+                "token: put at least one in either, or set BRIDGE_ALLOW_UNAUTHENTICATED=true "
+                "to accept anyone until the file holds one"
             )
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict, safe to print: tokens are replaced by their count."""
         shown = self.model_dump(mode="json")
         shown["tokens"] = f"<{len(self.tokens)} token(s)>"
+        if self.tokens_file is not None:
+            try:
+                counted = f"<{len(self.file_tokens())} token(s)>"
+            except (OSError, ValueError) as exc:
+                counted = f"<cannot be read: {_reason(exc)}>"
+            shown["tokens_in_file"] = counted
         return shown
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file could not be read, without its name (which OSError's text holds)."""
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def load_settings(

@@ -30,7 +30,9 @@ from tests.polling import eventually
 
 
 def settings(tmp_path: Path, **env: str) -> Settings:
-    return load_settings(environ={"BRIDGE_TOKENS": "t", "BRIDGE_SPOOL_DIR": str(tmp_path), **env})
+    return load_settings(
+        environ={"BRIDGE_TOKENS": "test-token", "BRIDGE_SPOOL_DIR": str(tmp_path), **env}
+    )
 
 
 def record(key: str, topic: str = "geins.order.create") -> Destination:

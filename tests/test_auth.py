@@ -247,7 +247,7 @@ async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
     monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
     async with watched_tokens_file(tmp_path) as (tokens, authenticator, watching):
         tokens.write_bytes(b"\xff\xfe not utf-8")
-        await eventually(lambda: "cannot read the tokens file" in caplog.text)
+        await eventually(lambda: "cannot use the tokens file" in caplog.text)
         assert authenticator.current_tokens() == (b"old-token",)
         assert not watching.done()
         tokens.write_text("new-token\n")
@@ -324,3 +324,43 @@ def test_a_token_with_a_plus_pasted_raw_into_the_url_is_accepted() -> None:
     auth.check([], query)
     auth.check([], parse_qsl("token=ab%2Bcd%2Fef%3D%3D"))  # encoded, as it should be
     TokenAuthenticator(("ab cd",)).check([], parse_qsl("token=ab+cd"))
+
+
+async def test_a_short_token_written_to_the_file_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file's tokens are checked as at startup: one under 8 characters (guessable,
+    and found by chance inside keys and topic names) makes the file unusable, logged
+    by its line without the token, and the tokens in use are kept."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, _):
+        tokens.write_text("new-token\nQz7\n")
+        await eventually(lambda: "line 2: a token must be at least 8" in caplog.text)
+        assert authenticator.current_tokens() == (b"old-token",)
+        assert "Qz7" not in caplog.text
+
+
+async def test_a_tokens_file_emptied_while_serving_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no BRIDGE_TOKENS, a file that comes to hold no token refuses every delivery:
+    an ERROR says so (it was an INFO line, `read 0 token(s)`)."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, _):
+        tokens.write_text("# emptied\n")
+        await eventually(lambda: authenticator.current_tokens() == ())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        f"the tokens file {tokens} holds no token, and BRIDGE_TOKENS none: every delivery "
+        "is refused (401) until it holds one"
+    ]
+
+
+def test_a_short_token_is_warned_of_by_its_length(caplog: pytest.LogCaptureFixture) -> None:
+    """Tokens under 16 characters are accepted (the samples use `dev-token`) with a
+    warning that names their length, never the token."""
+    TokenAuthenticator(["dev-token", "a-token-of-32-characters-or-more"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("a token of BRIDGE_TOKENS has 9 characters")
+    assert "dev-token" not in warnings[0]

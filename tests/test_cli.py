@@ -54,6 +54,23 @@ def test_check_config_prints_settings_without_tokens(
     assert "secret-token" not in out
 
 
+def test_check_config_warns_of_short_tokens(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A token under 16 characters, in BRIDGE_TOKENS or the file, is accepted with a
+    warning on stderr that gives its length, not the token."""
+    file = tmp_path / "tokens"
+    file.write_text("a-long-enough-file-token\nshort-tok\n")
+    env.setenv("BRIDGE_TOKENS_FILE", str(file))
+    assert main(["check-config"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["warning", "warning"]
+    assert err[0].startswith("warning: a token of BRIDGE_TOKENS has 12 characters")
+    assert err[1].startswith("warning: a token of the tokens file has 9 characters")
+    assert "secret-token" not in str(err)
+    assert "short-tok" not in str(err)
+
+
 def test_check_config_example_topic_uses_the_default_account_and_environment(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,7 +13,7 @@ from bridge.errors import ConfigError
 from bridge.publisher import check_record_size
 from bridge.routing import MAX_TOPIC_LENGTH, Destination
 
-BASE = {"BRIDGE_TOKENS": "a,b"}
+BASE = {"BRIDGE_TOKENS": "token-aaa,token-bbb"}
 
 
 def test_defaults() -> None:
@@ -22,18 +22,18 @@ def test_defaults() -> None:
     assert settings.kafka_bootstrap == "localhost:9092"
     assert settings.port == 8080
     assert settings.topic_template == "geins.{entity}.{action}"
-    assert settings.tokens == ("a", "b")
+    assert settings.tokens == ("token-aaa", "token-bbb")
     assert settings.max_body_bytes == 960 * 1024
 
 
 def test_environment_overrides_toml(tmp_path: Path) -> None:
     """The TOML file sets values; BRIDGE_* variables win over it."""
     file = tmp_path / "bridge.toml"
-    file.write_text('port = 9000\nkafka_bootstrap = "k1:9092,k2:9092"\ntokens = ["x"]\n')
+    file.write_text('port = 9000\nkafka_bootstrap = "k1:9092,k2:9092"\ntokens = ["token-xxx"]\n')
     settings = load_settings(file, environ={"BRIDGE_PORT": "9100"})
     assert settings.port == 9100
     assert settings.kafka_bootstrap == "k1:9092,k2:9092"
-    assert settings.tokens == ("x",)
+    assert settings.tokens == ("token-xxx",)
     assert load_settings(environ={"BRIDGE_CONFIG_FILE": str(file)}).port == 9000
 
 
@@ -42,14 +42,14 @@ def test_files_saved_with_a_byte_order_mark_are_read_as_written(tmp_path: Path) 
     order mark: the TOML file was read in the locale's encoding (mojibake, or a
     refusal under LANG=C), and the mark became part of a SASL password."""
     file = tmp_path / "bridge.toml"
-    file.write_bytes('\ufeffport = 9000\ntokens = ["jätte"]\n'.encode())
+    file.write_bytes('\ufeffport = 9000\ntokens = ["jätte-token"]\n'.encode())
     settings = load_settings(file, environ={})
-    assert (settings.port, settings.tokens) == (9000, ("jätte",))
+    assert (settings.port, settings.tokens) == (9000, ("jätte-token",))
     secret = tmp_path / "password"
     secret.write_bytes("\ufeffs3cret\n".encode())
     assert read_secret_file(secret) == "s3cret"
     latin = tmp_path / "latin.toml"
-    latin.write_bytes(b'tokens = ["j\xe4tte"]\n')
+    latin.write_bytes(b'tokens = ["j\xe4tte-token"]\n')
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(latin, environ={})
 
@@ -98,9 +98,100 @@ def test_settings_that_could_not_work_are_refused(environ: dict[str, str], messa
 def test_an_empty_token_in_toml_is_refused(tmp_path: Path) -> None:
     """tokens = [""] would make every delivery a 401: it stops startup instead."""
     file = tmp_path / "bridge.toml"
-    file.write_text('tokens = ["good", ""]\n')
+    file.write_text('tokens = ["good-token", ""]\n')
     with pytest.raises(ConfigError, match=r"tokens in .*: a token must not be empty"):
         load_settings(file, environ={})
+
+
+@pytest.mark.parametrize("short", ["Q", "Zq9", "abc-def"])
+def test_a_token_shorter_than_8_characters_is_refused(tmp_path: Path, short: str) -> None:
+    """A short token is found by chance in what deliveries carry (a 3-character one in
+    0.6 % of UUID keys, refused on every retry; "ins" in the default template's
+    "geins", so every delivery got a 422), and guessed: startup stops, without
+    printing it, whether it comes from BRIDGE_TOKENS or the tokens file."""
+    with pytest.raises(ConfigError, match="at least 8 characters") as refused:
+        load_settings(environ={"BRIDGE_TOKENS": f"long-enough-token,{short}"})
+    assert short not in str(refused.value)
+    file = tmp_path / "tokens"
+    file.write_text(f"# rotated weekly\nlong-enough-token\n{short}, other-long-token\n")
+    with pytest.raises(ConfigError, match="line 3: a token must be at least 8") as refused:
+        load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)})
+    assert short not in str(refused.value)
+    assert load_settings(environ={"BRIDGE_TOKENS": "12345678"}).tokens == ("12345678",)
+
+
+def test_a_token_file_with_spaces_or_control_characters_is_refused(tmp_path: Path) -> None:
+    """The file's tokens are checked as BRIDGE_TOKENS' are (they were taken as they
+    came: `abc def` was one token with a space in it)."""
+    file = tmp_path / "tokens"
+    for text in ("long-token one-more-token\n", "long-token\x07bell\n"):
+        file.write_text(text)
+        with pytest.raises(ConfigError, match="line 1: a token must be printable"):
+            load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)})
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "BRIDGE_TOKENS_FILE",
+        "BRIDGE_KAFKA_SASL_PASSWORD_FILE",
+        "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE",
+    ],
+)
+def test_a_secret_given_for_a_secret_file_is_not_printed(setting: str) -> None:
+    """A token or password set by mistake where the name of its file goes: the error
+    names the setting and does not print the value (it did: `cannot read Sup3r...`)."""
+    with pytest.raises(ConfigError, match=f"{setting}: cannot read the file it names") as refused:
+        load_settings(environ={**BASE, setting: "Sup3rS3cretT0ken"})
+    assert "Sup3rS3cretT0ken" not in str(refused.value)
+
+
+def test_an_empty_tokens_file_without_tokens_refuses_to_serve(tmp_path: Path) -> None:
+    """With no BRIDGE_TOKENS, a tokens file holding none (empty, comments only) made a
+    bridge that answered 401 to every delivery while ready: startup stops instead,
+    unless unauthenticated requests are allowed until the file holds a token."""
+    file = tmp_path / "tokens"
+    for text in ("", "# filled in by the secrets operator\n"):
+        file.write_text(text)
+        settings = load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)})
+        with pytest.raises(ConfigError, match="BRIDGE_TOKENS_FILE names holds no token"):
+            settings.check_serving()
+        load_settings(
+            environ={"BRIDGE_TOKENS_FILE": str(file), "BRIDGE_ALLOW_UNAUTHENTICATED": "true"}
+        ).check_serving()
+        load_settings(
+            environ={"BRIDGE_TOKENS_FILE": str(file), "BRIDGE_TOKENS": "test-token"}
+        ).check_serving()
+    file.write_text("file-token-1\n")
+    load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)}).check_serving()
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"BRIDGE_TOPIC_TEMPLATE": "shop-7f3k9q2x.{entity}.{action}"}, "BRIDGE_TOPIC_TEMPLATE"),
+        (
+            {
+                "BRIDGE_TOPIC_TEMPLATE": "{environment}.{entity}.{action}",
+                "BRIDGE_DEFAULT_ENVIRONMENT": "7f3k9q2x",
+            },
+            "BRIDGE_DEFAULT_ENVIRONMENT",
+        ),
+        ({"BRIDGE_DEADLETTER_TOPIC": "dead.7F3K9Q2X"}, "BRIDGE_DEADLETTER_TOPIC"),
+    ],
+)
+def test_a_token_in_the_names_of_the_topics_stops_startup(
+    tmp_path: Path, environ: dict[str, str], named: str
+) -> None:
+    """A token inside the template's text or the default account or environment would
+    refuse every delivery (no topic name may show one); one inside the dead-letter
+    topic would show to whoever lists topics. Tokens from the file count too."""
+    with pytest.raises(ConfigError, match=f"{named}.* holds a webhook token"):
+        load_settings(environ={"BRIDGE_TOKENS": "7f3k9q2x", **environ})
+    file = tmp_path / "tokens"
+    file.write_text("7f3k9q2x\n")
+    with pytest.raises(ConfigError, match=f"{named}.* holds a webhook token"):
+        load_settings(environ={"BRIDGE_TOKENS_FILE": str(file), **environ})
 
 
 def test_bracketed_ipv6_bootstrap_servers_are_accepted() -> None:
@@ -138,7 +229,7 @@ def test_tokens_required_to_serve_unless_opted_out() -> None:
     with pytest.raises(ConfigError, match="BRIDGE_TOKENS"):
         settings.check_serving()
     load_settings(environ={"BRIDGE_ALLOW_UNAUTHENTICATED": "true"}).check_serving()
-    load_settings(environ={"BRIDGE_TOKENS": "t"}).check_serving()
+    load_settings(environ={"BRIDGE_TOKENS": "test-token"}).check_serving()
 
 
 def test_unreadable_or_bad_toml(tmp_path: Path) -> None:
@@ -157,9 +248,18 @@ def test_unreadable_or_bad_toml(tmp_path: Path) -> None:
 
 def test_redacted_hides_tokens() -> None:
     """What check-config prints never contains a token."""
-    shown = str(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}).redacted())
-    assert "s3cr3t" not in shown
-    assert "s3cr3t" not in repr(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t"}))
+    shown = str(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t-token"}).redacted())
+    assert "s3cr3t-token" not in shown
+    assert "s3cr3t-token" not in repr(load_settings(environ={"BRIDGE_TOKENS": "s3cr3t-token"}))
+
+
+def test_redacted_counts_the_tokens_of_the_file(tmp_path: Path) -> None:
+    """check-config showed `<0 token(s)>` for a bridge whose tokens file held two."""
+    file = tmp_path / "tokens"
+    file.write_text("file-token-1, file-token-2\n")
+    shown = load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)}).redacted()
+    assert (shown["tokens"], shown["tokens_in_file"]) == ("<0 token(s)>", "<2 token(s)>")
+    assert "file-token" not in str(shown)
 
 
 @pytest.mark.parametrize(

@@ -620,7 +620,7 @@ def test_spool_volumes_hold_a_full_spool_and_its_keys() -> None:
     BRIDGE_SPOOL_MAX_KEYS keys of about 115 bytes, plus the spool's reserve file. An
     emptyDir over its sizeLimit is deleted with its pod, which would lose the spool
     exactly during a Kafka outage."""
-    defaults = load_settings(environ={"BRIDGE_TOKENS": "t"})
+    defaults = load_settings(environ={"BRIDGE_TOKENS": "test-token"})
     needed = 2 * defaults.spool_max_bytes + defaults.spool_max_keys * 115 + RESERVE_BYTES
     sizes: list[tuple[str, str]] = []
     for folder in (STANDALONE, SIDECAR):

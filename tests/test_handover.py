@@ -47,7 +47,7 @@ def settings_for(kafka_bootstrap: str) -> Settings:
     return load_settings(
         environ={
             "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "BRIDGE_TOKENS": "t",
+            "BRIDGE_TOKENS": "test-token",
             "BRIDGE_SPOOL_DIR": os.environ["BRIDGE_SPOOL_DIR"],
         }
     )
