@@ -763,7 +763,20 @@ class KafkaPublisher:
         return PublishFailed(f"the Kafka client failed: {type(exc).__name__}")
 
     async def publish(self, destination: Destination) -> None:
-        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError."""
+        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError.
+
+        At once Unavailable while Kafka has not answered for STALE_AFTER_SECONDS (the
+        bridge is unready): the record would wait the whole publish timeout for the
+        same 503, each such request holding one of BRIDGE_MAX_CONCURRENCY places.
+        """
+        if not self.connected:
+            self._metrics.record_publish_error("not_connected")
+            raise Unavailable(
+                "not connected to Kafka yet"
+                if self._producer is None
+                else f"Kafka at {self._settings.kafka_bootstrap} has not answered for "
+                f"{STALE_AFTER_SECONDS:g} s or more"
+            )
         started = time.perf_counter()
         try:
             async with self._deadlines.bound():  # one deadline for hand-over and ack

@@ -14,7 +14,7 @@ import pytest
 from aiokafka.errors import OutOfOrderSequenceNumber
 
 from bridge.config import load_settings
-from bridge.errors import PublishTimeout
+from bridge.errors import PublishTimeout, Unavailable
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
@@ -162,3 +162,21 @@ async def test_a_record_refused_as_out_of_order_goes_again_once_replaced() -> No
     [resent] = fresh.appended
     resent.set_result(None)
     await asyncio.wait_for(task, 1)
+
+
+async def test_publish_refuses_at_once_while_kafka_has_not_answered() -> None:
+    """Once the metadata is stale (Kafka has not answered for STALE_AFTER_SECONDS, the
+    bridge unready), broker mode answers 503 at once: every delivery used to wait the
+    whole publish timeout (5 s) for the same 503, holding a concurrency place, and was
+    counted as a timeout, never as not_connected."""
+    pub = publisher(timeout=30)
+    producer = FakeProducer()
+    producer.metadata.set()
+    pub._use(producer, b"")
+    pub._fresh_until = time.monotonic() - 1  # what failing heartbeats leave
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="has not answered for 15 s"):
+        await pub.publish(DESTINATION)
+    assert time.monotonic() - started < 1
+    assert producer.sends == 0
+    assert pub._metrics.publish_errors.labels("not_connected")._value.get() == 1
