@@ -42,6 +42,9 @@ MAX_CREDENTIALS = 4
 MIN_TOKEN_LENGTH = 8
 #: Shorter than this is accepted with a warning (the samples' ``dev-token`` is 9).
 ADVISED_TOKEN_LENGTH = 16
+#: How the placeholders of deploy/ (the Kubernetes Secret, the Compose .env example)
+#: begin: deployed as they are, anyone who reads the repository could deliver.
+PLACEHOLDER_PREFIXES = ("replace-me", "change-me", "changeme")
 
 
 def token_problem(token: str) -> str | None:
@@ -50,6 +53,11 @@ def token_problem(token: str) -> str | None:
         return "a token must not be empty"
     if not token.isprintable() or " " in token:
         return "a token must be printable and contain no spaces"
+    if token.lower().startswith(PLACEHOLDER_PREFIXES):
+        return (
+            "a token is an example's placeholder: put a random one in its place, e.g. "
+            "`openssl rand -hex 32`"
+        )
     if len(token) < MIN_TOKEN_LENGTH:
         return (
             f"a token must be at least {MIN_TOKEN_LENGTH} characters long (one has "

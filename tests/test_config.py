@@ -120,6 +120,20 @@ def test_a_token_shorter_than_8_characters_is_refused(tmp_path: Path, short: str
     assert load_settings(environ={"BRIDGE_TOKENS": "12345678"}).tokens == ("12345678",)
 
 
+@pytest.mark.parametrize(
+    "placeholder", ["REPLACE-ME-placeholder-token", "change-me-to-a-long-random-token"]
+)
+def test_the_placeholder_tokens_of_deploy_are_refused(tmp_path: Path, placeholder: str) -> None:
+    """deploy/'s Kubernetes Secret and Compose .env example hold placeholders; deployed
+    as they are, the bridge accepted them (anyone who read the repository could deliver)."""
+    with pytest.raises(ConfigError, match="BRIDGE_TOKENS: a token is an example's placeholder"):
+        load_settings(environ={"BRIDGE_TOKENS": placeholder})
+    file = tmp_path / "tokens"
+    file.write_text(f"{placeholder}\n")
+    with pytest.raises(ConfigError, match="line 1: a token is an example's placeholder"):
+        load_settings(environ={"BRIDGE_TOKENS_FILE": str(file)})
+
+
 def test_a_token_file_with_spaces_or_control_characters_is_refused(tmp_path: Path) -> None:
     """The file's tokens are checked as BRIDGE_TOKENS' are (they were taken as they
     came: `abc def` was one token with a space in it)."""
