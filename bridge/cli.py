@@ -71,37 +71,49 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridge", description="Geins webhooks in, Kafka topics out."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="TOML settings file (default: $BRIDGE_CONFIG_FILE); BRIDGE_* variables override it",
+    config_help = (
+        "TOML settings file (default: $BRIDGE_CONFIG_FILE); BRIDGE_* variables override it"
     )
+    parser.add_argument("--config", type=Path, default=None, help=config_help)
+    # Also after the command (`bridge serve --config f.toml`, as users write it): it
+    # was refused there as an unrecognised argument. SUPPRESS: not given, it leaves
+    # the value given before the command.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP ingress")
+    serve = commands.add_parser("serve", parents=[config], help="run the HTTP ingress")
     serve.set_defaults(run=_serve)
 
-    check = commands.add_parser("check-config", help="validate the settings and print them")
+    check = commands.add_parser(
+        "check-config", parents=[config], help="validate the settings and print them"
+    )
     check.set_defaults(run=_check_config)
 
-    topics = commands.add_parser("topics", help="create or list topics")
+    topics = commands.add_parser("topics", parents=[config], help="create or list topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
     create = topic_commands.add_parser(
-        "create", help="create the topics of every known Geins event type (or those named)"
+        "create",
+        parents=[config],
+        help="create the topics of every known Geins event type (or those named)",
     )
     create.add_argument("names", nargs="*", help="topics to create instead of the known ones")
     create.set_defaults(run=_topics_create)
-    listing = topic_commands.add_parser("list", help="list the cluster's topics")
+    listing = topic_commands.add_parser("list", parents=[config], help="list the cluster's topics")
     listing.set_defaults(run=_topics_list)
 
-    dead = commands.add_parser("deadletter", help="inspect or replay refused deliveries")
+    dead = commands.add_parser(
+        "deadletter", parents=[config], help="inspect or replay refused deliveries"
+    )
     dead_commands = dead.add_subparsers(required=True, metavar="ACTION")
-    dead_list = dead_commands.add_parser("list", help="show what is on the dead-letter topic")
+    dead_list = dead_commands.add_parser(
+        "list", parents=[config], help="show what is on the dead-letter topic"
+    )
     dead_list.add_argument("--reason", help="only dead letters with this reason")
     dead_list.set_defaults(run=_deadletter_list)
     replay = dead_commands.add_parser(
         "replay",
+        parents=[config],
         help="parse dead letters again with today's settings and publish those now accepted",
     )
     replay.add_argument(
@@ -117,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
     replay.set_defaults(run=_deadletter_replay)
 
-    tail = commands.add_parser("tail", help="print the records arriving on topics")
+    tail = commands.add_parser(
+        "tail", parents=[config], help="print the records arriving on topics"
+    )
     tail.add_argument("topics", nargs="*", help="topics (default: every topic of the template)")
     tail.add_argument(
         "--pattern", help="also every topic this regular expression matches (from the start)"

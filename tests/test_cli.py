@@ -71,6 +71,30 @@ def test_check_config_warns_of_short_tokens(
     assert "short-tok" not in str(err)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{file}", "check-config"],
+        ["check-config", "--config", "{file}"],
+        ["topics", "create", "--config", "{file}", "--help"],
+    ],
+)
+def test_config_is_taken_before_or_after_the_command(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    """`bridge serve --config f.toml`, as users write it, was refused as an
+    unrecognised argument: only `bridge --config f.toml serve` worked."""
+    file = tmp_path / "bridge.toml"
+    file.write_text("port = 9000\n")
+    try:
+        code = main([arg.format(file=file) for arg in argv])
+    except SystemExit as exit_:  # --help
+        code = int(exit_.code or 0)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert '"port": 9000' in out or "--config CONFIG" in out
+
+
 def test_check_config_example_topic_uses_the_default_account_and_environment(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
