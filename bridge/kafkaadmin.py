@@ -14,6 +14,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -314,14 +315,28 @@ def position(record: Any) -> str:
 
 
 def describe_dead_letter(record: Any) -> str:
-    """One line per dead letter: where it is, its key, why it was refused, what it held."""
+    """Two lines per dead letter: where it is, when, its key, why it was refused; then
+    the request it came from (or, for an event Kafka refused, the topic it was for) and
+    what it held."""
     body = record.value.decode(errors="replace") if record.value else ""
     excerpt = body if len(body) <= 80 else body[:77] + "..."
+    # A kafka_rejected dead letter is the event's record: no request headers. Its
+    # time is then Kafka's, and its origin the topic it was refused on.
+    when = _header(record, "x-bridge-received-at") or (
+        datetime.fromtimestamp(record.timestamp / 1000, UTC).isoformat()
+        if isinstance(record.timestamp, int) and record.timestamp >= 0
+        else "-"
+    )
+    method, query = _header(record, "x-bridge-method"), _header(record, "x-bridge-query")
+    origin = (
+        f"{method} {_header(record, 'x-bridge-path')}{'?' + query if query else ''}"
+        if method
+        else f"event for {_header(record, 'x-bridge-original-topic') or '?'}"
+    )
     return (
-        f"{position(record):<9} {_header(record, 'x-bridge-received-at') or '-':32} "
-        f"key={text(record.key)}  {_header(record, 'x-bridge-reason')}: "
-        f"{_header(record, 'x-bridge-detail')}\n          {_header(record, 'x-bridge-method')} "
-        f"{_header(record, 'x-bridge-path')}?{_header(record, 'x-bridge-query')}  {excerpt}"
+        f"{position(record):<9} {when:32} key={text(record.key)}  "
+        f"{_header(record, 'x-bridge-reason')}: {_header(record, 'x-bridge-detail')}\n"
+        f"          {origin}  {excerpt}"
     )
 
 

@@ -8,6 +8,7 @@ import gc
 import itertools
 import random
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -408,3 +409,44 @@ def test_a_missing_dead_letter_topic_is_an_error_and_is_not_created(
     assert f"bridge: the dead-letter topic {topic_prefix}.deadleter does not exist" in err
     assert main(["topics", "list"]) == 0
     assert f"{topic_prefix}.deadleter" not in capsys.readouterr().out.split()
+
+
+def test_describe_dead_letter_shows_what_each_kind_holds() -> None:
+    """A delivery's dead letter shows `?query` only when there was one (it printed
+    `POST /webhooks/geins?`); an event Kafka refused shows Kafka's time and the topic
+    it was for (it printed `-` and `? ?`)."""
+    refused = SimpleNamespace(
+        partition=0,
+        offset=7,
+        timestamp=1_764_464_523_000,
+        key=b"k-1",
+        value=b'{"entity":"Order"}',
+        headers=[
+            ("x-bridge-received-at", b"2026-11-30T01:02:03+00:00"),
+            ("x-bridge-reason", b"unknown_event_type"),
+            ("x-bridge-detail", b"novel"),
+            ("x-bridge-method", b"POST"),
+            ("x-bridge-path", b"/webhooks/geins"),
+        ],
+    )
+    first, second = kafkaadmin.describe_dead_letter(refused).splitlines()
+    assert first.split()[:3] == ["[0]@7", "2026-11-30T01:02:03+00:00", "key=k-1"]
+    assert second.split() == ["POST", "/webhooks/geins", '{"entity":"Order"}']
+    refused.headers.append(("x-bridge-query", b"id=1"))
+    assert "POST /webhooks/geins?id=1 " in kafkaadmin.describe_dead_letter(refused)
+    rejected = SimpleNamespace(
+        partition=1,
+        offset=2,
+        timestamp=1_764_464_523_000,
+        key=b"k-2",
+        value=b"{}",
+        headers=[
+            ("ce_time", b"2026-11-30T01:00:00Z"),
+            ("x-bridge-reason", b"kafka_rejected"),
+            ("x-bridge-detail", b"too large"),
+            ("x-bridge-original-topic", b"geins.order.create"),
+        ],
+    )
+    first, second = kafkaadmin.describe_dead_letter(rejected).splitlines()
+    assert first.split()[:2] == ["[1]@2", "2025-11-30T01:02:03+00:00"]
+    assert second.split() == ["event", "for", "geins.order.create", "{}"]
