@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sqlite3
@@ -194,6 +195,27 @@ def test_damaged_file_is_a_clear_error_and_kept(tmp_path: Path) -> None:
     with pytest.raises(SpoolUnusable, match="move it aside"):
         make(tmp_path).connect()
     assert damaged.read_bytes() == b"this is not sqlite" * 100
+
+
+async def test_a_large_spool_says_it_is_being_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checking a full spool at start takes about a minute from a cold cache, with
+    nothing served meanwhile: a large file is announced, and the time it took logged,
+    so that it does not look like a hang (a liveness probe killed such a pod)."""
+    spool = make(tmp_path)
+    spool.open()
+    await spool.append(record(1), None)
+    await spool.close()
+    caplog.set_level(logging.INFO, logger="bridge.spool")
+    for slow_from in (spool_module.SLOW_CHECK_BYTES, 1):
+        assert "checking the spool file" not in caplog.text
+        monkeypatch.setattr(spool_module, "SLOW_CHECK_BYTES", slow_from)
+        again = make(tmp_path)
+        again.open()
+        await again.close()
+    assert "checking the spool file (0.0 GB) before serving" in caplog.text
+    assert "spool file checked in " in caplog.text
 
 
 def test_unknown_schema_is_refused(tmp_path: Path) -> None:
