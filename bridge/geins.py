@@ -174,7 +174,7 @@ def parse_delivery(
         time_from_header=time_from_header,
         raw_key=raw_key,
         raw_timestamp=raw_timestamp,
-        subject=_optional_text(_pick("id", None, query, body_fields)),
+        subject=_subject(_pick("id", None, query, body_fields)),
         account=_optional_text(_pick("account", None, query, body_fields)),
         environment=_optional_text(_pick("environment", None, query, body_fields)),
         value=value,
@@ -438,6 +438,16 @@ def parse_rfc3339(text: str) -> datetime | None:
         return None
     except OverflowError:  # year 1 or 9999 moved past the ends by its offset
         return None
+
+
+def _subject(value: Any) -> str | None:
+    """The entity id(s) as text: Geins sends several as one comma-separated string, and
+    a template may send them as a JSON array (which gave no subject), joined the same
+    way."""
+    if isinstance(value, list):
+        ids = [text for text in map(_optional_text, value) if text is not None]
+        return ",".join(ids) or None
+    return _optional_text(value)
 
 
 def _optional_text(value: Any) -> str | None:

@@ -323,6 +323,24 @@ def test_unsubstituted_placeholders_are_not_subjects() -> None:
     assert event.subject is None
 
 
+@pytest.mark.parametrize(
+    ("ids", "subject"),
+    [
+        (b'["12345", 678]', "12345,678"),
+        (b'["1", "{{id}}", "", null, {"x": 1}]', "1"),
+        (b"[]", None),
+        (b'"12345,678"', "12345,678"),
+    ],
+)
+def test_an_array_of_ids_is_a_subject_as_a_list_in_a_string_is(
+    ids: bytes, subject: str | None
+) -> None:
+    """Geins sends several ids as one comma-separated string; a template that sends
+    them as a JSON array got no ce_subject at all: its ids are joined the same way."""
+    event = parse(delivery(b'{"entity":"Order","action":"create","id":' + ids + b"}"))
+    assert event.subject == subject
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
