@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -223,6 +224,8 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
+        "host",
+        "spool_dir",
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
         "kafka_sasl_password",
@@ -234,8 +237,13 @@ class Settings(BaseModel):
         mode="before",
     )
     @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value  # an empty variable, as Kubernetes may give
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # An empty variable, as Kubernetes may give for an optional one, means "not set":
+        # the default. Taken as it is, an empty BRIDGE_SPOOL_DIR was the current folder
+        # and an empty BRIDGE_HOST every interface of both IP versions.
+        if value == "" and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod

@@ -186,6 +186,9 @@ class Spool:
                 self._unlock()
                 raise
             self._make_reserve()
+            # Said once, absolute: events answered 2xx live here until Kafka has them,
+            # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
+            log.info("spool: events are kept in the folder %s", self._directory.resolve())
             return connection
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None

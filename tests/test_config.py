@@ -8,7 +8,7 @@ import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.backlog import MemoryBacklog
-from bridge.config import load_settings, read_secret_file
+from bridge.config import Settings, load_settings, read_secret_file
 from bridge.errors import ConfigError
 from bridge.publisher import check_record_size
 from bridge.routing import MAX_TOPIC_LENGTH, Destination
@@ -245,3 +245,17 @@ def test_a_deadletter_topic_apart_from_the_events_is_accepted(
     """A dead-letter topic no event can be routed to passes (or none at all)."""
     environ = {**BASE, "BRIDGE_TOPIC_TEMPLATE": template, "BRIDGE_DEADLETTER_TOPIC": deadletter}
     assert load_settings(environ=environ).deadletter_topic == deadletter
+
+
+@pytest.mark.parametrize("name", ["BRIDGE_HOST", "BRIDGE_SPOOL_DIR", "BRIDGE_KAFKA_SSL_CAFILE"])
+def test_an_empty_path_or_host_is_the_default(name: str, tmp_path: Path) -> None:
+    """An empty variable (as Kubernetes may give) means unset, as it did for the Kafka
+    files only: an empty BRIDGE_SPOOL_DIR was the current folder (spool.db and its
+    lock made beside whatever ran the bridge), an empty BRIDGE_HOST every interface of
+    both IP versions. The same holds for an empty string in the TOML file."""
+    field = name.removeprefix("BRIDGE_").lower()
+    default = Settings.model_fields[field].default
+    assert getattr(load_settings(environ={**BASE, name: ""}), field) == default
+    file = tmp_path / "bridge.toml"
+    file.write_text(f'{field} = ""\n')
+    assert getattr(load_settings(file, environ=BASE), field) == default
