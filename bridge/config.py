@@ -285,17 +285,22 @@ class Settings(BaseModel):
             "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE": self.kafka_ssl_keyfile_password_file,
         }
         # Settings the protocol does not use would be silently ignored: refuse them.
-        unused = {} if protocol.startswith("SASL_") else sasl
-        unused |= {} if protocol.endswith("SSL") else tls
-        if names := [name for name, value in unused.items() if value is not None]:
-            raise ValueError(
-                f"{', '.join(names)} set, but {given} uses no "
-                + (
-                    "SASL (SASL_PLAINTEXT or SASL_SSL)"
-                    if names[0] in sasl
-                    else "TLS (SSL or SASL_SSL)"
-                )
-            )
+        # Turning hostname checks off counts as set; its default changes nothing.
+        unchecked = {
+            "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": None if self.kafka_ssl_check_hostname else False
+        }
+        unused: list[tuple[Mapping[str, object], str]] = []
+        if not protocol.startswith("SASL_"):
+            unused.append((sasl, "SASL (SASL_PLAINTEXT or SASL_SSL)"))
+        if not protocol.endswith("SSL"):
+            unused.append(({**tls, **unchecked}, "TLS (SSL or SASL_SSL)"))
+        problems: list[str] = []
+        for group, kind in unused:  # one message per kind: each has its own protocols
+            if names := [name for name, value in group.items() if value is not None]:
+                subject = "it" if problems else given
+                problems.append(f"{', '.join(names)} set, but {subject} uses no {kind}")
+        if problems:
+            raise ValueError("; ".join(problems))
         if protocol.startswith("SASL_"):
             if missing := [name for name in list(sasl)[:2] if sasl[name] is None]:
                 raise ValueError(f"{given} needs {' and '.join(missing)}")

@@ -259,3 +259,43 @@ def test_an_empty_path_or_host_is_the_default(name: str, tmp_path: Path) -> None
     file = tmp_path / "bridge.toml"
     file.write_text(f'{field} = ""\n')
     assert getattr(load_settings(file, environ=BASE), field) == default
+
+
+def test_tls_settings_with_a_protocol_without_tls_are_refused_as_tls(tmp_path: Path) -> None:
+    """A CA file with PLAINTEXT was refused as a SASL setting ("uses no SASL"): the
+    list of unused settings was the SASL list itself, the TLS ones added to it. Each
+    kind is now named with the protocols that use it."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")  # not read: PLAINTEXT makes no context
+    tls_only = {**BASE, "BRIDGE_KAFKA_SSL_CAFILE": str(ca)}
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ=tls_only)
+    assert str(refused.value).endswith(
+        "BRIDGE_KAFKA_SSL_CAFILE set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses no "
+        "TLS (SSL or SASL_SSL)"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={**tls_only, "BRIDGE_KAFKA_SASL_USERNAME": "bridge"})
+    assert str(refused.value).endswith(
+        "BRIDGE_KAFKA_SASL_USERNAME set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses no "
+        "SASL (SASL_PLAINTEXT or SASL_SSL); BRIDGE_KAFKA_SSL_CAFILE set, but it uses no TLS "
+        "(SSL or SASL_SSL)"
+    )
+
+
+SASL_PLAINTEXT = {
+    "BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    "BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN",
+    "BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+    "BRIDGE_KAFKA_SASL_PASSWORD": "secret",
+}
+
+
+@pytest.mark.parametrize("protocol", [{}, SASL_PLAINTEXT])
+def test_turning_hostname_checks_off_without_tls_is_refused(protocol: dict[str, str]) -> None:
+    """BRIDGE_KAFKA_SSL_CHECK_HOSTNAME=false without TLS was silently ignored, while
+    every other unused security setting is refused; its default (true) is no change,
+    so setting that is still accepted."""
+    with pytest.raises(ConfigError, match=r"BRIDGE_KAFKA_SSL_CHECK_HOSTNAME set, but .* no TLS"):
+        load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "false"})
+    load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "true"})
