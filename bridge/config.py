@@ -42,6 +42,17 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 #: Kept free in every accepted record for the headers that make it a dead letter
 #: (reason, detail, original topic), should Kafka refuse it for good.
 DEAD_LETTER_ROOM = 1024
+#: Most bytes or keys a cap may be: finite (an unbounded number passed validation
+#: and crashed the server, a float overflowing), and as large as a float (a
+#: Prometheus gauge, say) holds exactly, 8 PiB: far beyond any real spool or memory.
+MAX_COUNT = 2**53
+#: Most requests in progress, or per second and at once from one client: a million
+#: is beyond what one process serves, and keeps the limiter's arithmetic in range.
+MAX_REQUESTS = 1_000_000
+#: The slowest rate limit other than 0 (off): one request per 1000 s. Below it the
+#: limiter's wait overflowed (1e-320: a 500) or grew absurd (1e-300: a Retry-After of
+#: some 300 digits); at it a limited client waits at most 1000 s.
+MIN_RATE = 0.001
 
 
 def read_secret_file(path: Path) -> str:
@@ -98,9 +109,9 @@ class Settings(BaseModel):
     max_headers: int = Field(100, ge=8, le=10_000)
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
-    max_concurrency: int = Field(1000, ge=1)
-    rate_limit: float = Field(0.0, ge=0)
-    rate_burst: int = Field(20, ge=1)
+    max_concurrency: int = Field(1000, ge=1, le=MAX_REQUESTS)
+    rate_limit: float = Field(0.0, ge=0, le=MAX_REQUESTS)
+    rate_burst: int = Field(20, ge=1, le=MAX_REQUESTS)
     allowed_networks: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     shutdown_delay: float = Field(0.0, ge=0, le=300)
@@ -113,12 +124,12 @@ class Settings(BaseModel):
     ack: Literal["durable", "broker", "memory"] = "durable"
     publish_timeout: Seconds = 5.0
     spool_dir: Path = Path("spool")
-    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024, le=MAX_COUNT)
     # About 115 bytes of disk each: 5 million keys are 2 hours of 700 events/s.
-    spool_max_keys: int = Field(5_000_000, ge=1000)
-    memory_max_bytes: int = Field(64 * 1024**2, ge=1024 * 1024)
+    spool_max_keys: int = Field(5_000_000, ge=1000, le=MAX_COUNT)
+    memory_max_bytes: int = Field(64 * 1024**2, ge=1024 * 1024, le=MAX_COUNT)
     dedup_window: float = Field(7200.0, ge=0, le=7 * 86400)
-    dedup_max_keys: int = Field(100_000, ge=1)
+    dedup_max_keys: int = Field(100_000, ge=1, le=MAX_COUNT)
     deadletter_topic: str = "geins.deadletter"
 
     # --- Kafka ---------------------------------------------------------------------
@@ -165,6 +176,16 @@ class Settings(BaseModel):
                 raise ValueError("a token must not be empty")
             if not token.isprintable() or " " in token:
                 raise ValueError("a token must be printable and contain no spaces")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_off_or_at_least_the_slowest(cls, value: float) -> float:
+        if 0 < value < MIN_RATE:
+            raise ValueError(
+                f"0 (no limit) or at least {MIN_RATE:g} requests per second (one per "
+                f"{1 / MIN_RATE:g} s) is expected"
+            )
         return value
 
     @field_validator("allowed_networks", "trusted_proxies")

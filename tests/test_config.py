@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings, read_secret_file
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, RateLimited
+from bridge.guards import RateLimiter
 from bridge.publisher import check_record_size
 from bridge.routing import MAX_TOPIC_LENGTH, Destination
 
@@ -299,3 +301,56 @@ def test_turning_hostname_checks_off_without_tls_is_refused(protocol: dict[str, 
     with pytest.raises(ConfigError, match=r"BRIDGE_KAFKA_SSL_CHECK_HOSTNAME set, but .* no TLS"):
         load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "false"})
     load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "true"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BRIDGE_RATE_LIMIT", "1e-320"),  # the second request was a 500 (OverflowError)
+        ("BRIDGE_RATE_LIMIT", "1e-300"),  # a Retry-After of some 300 digits
+        ("BRIDGE_RATE_LIMIT", "0.0009"),
+        ("BRIDGE_RATE_LIMIT", "inf"),
+        ("BRIDGE_RATE_LIMIT", "1000001"),
+        ("BRIDGE_RATE_BURST", "9" * 400),  # passed check-config, then serve died
+        ("BRIDGE_RATE_BURST", "1000001"),
+        ("BRIDGE_MAX_CONCURRENCY", "1000001"),
+        ("BRIDGE_SPOOL_MAX_BYTES", str(2**53 + 1)),
+        ("BRIDGE_SPOOL_MAX_KEYS", str(2**53 + 1)),
+        ("BRIDGE_MEMORY_MAX_BYTES", str(2**53 + 1)),
+        ("BRIDGE_DEDUP_MAX_KEYS", str(2**53 + 1)),
+    ],
+)
+def test_rates_counts_and_sizes_out_of_bounds_are_refused(name: str, value: str) -> None:
+    """A rate limit under one request per 1000 s (other than 0, no limit) made the
+    limiter overflow or answer absurd waits, and counts and sizes had no upper bound:
+    400 nines as BRIDGE_RATE_BURST passed validation and crashed serve."""
+    with pytest.raises(ConfigError, match=f"{name}: .*(less than|at least)"):
+        load_settings(environ={**BASE, name: value})
+
+
+def test_the_bounds_allowed_keep_the_rate_limiter_sane() -> None:
+    """At the extremes validation allows, the limiter answers: a slowest rate waits at
+    most 1000 s, a largest burst and rate need no float beyond range."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_RATE_LIMIT": "0.001",
+            "BRIDGE_RATE_BURST": "1",
+            "BRIDGE_MAX_CONCURRENCY": "1000000",
+            "BRIDGE_SPOOL_MAX_BYTES": str(2**53),
+            "BRIDGE_SPOOL_MAX_KEYS": str(2**53),
+            "BRIDGE_MEMORY_MAX_BYTES": str(2**53),
+            "BRIDGE_DEDUP_MAX_KEYS": str(2**53),
+        }
+    )
+    slowest = RateLimiter(settings.rate_limit, settings.rate_burst)
+    client = ipaddress.ip_address("192.0.2.1")
+    slowest.check(client)
+    with pytest.raises(RateLimited) as limited:
+        slowest.check(client)
+    assert limited.value.retry_after == 1000
+    fastest = load_settings(
+        environ={**BASE, "BRIDGE_RATE_LIMIT": "1000000", "BRIDGE_RATE_BURST": "1000000"}
+    )
+    RateLimiter(fastest.rate_limit, fastest.rate_burst).check(client)
+    assert load_settings(environ={**BASE, "BRIDGE_RATE_LIMIT": "0"}).rate_limit == 0
