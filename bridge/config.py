@@ -481,11 +481,22 @@ def load_settings(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
         origin.update({name: f"{name} in {config_file}" for name in values})
+    variables: dict[str, list[str]] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != CONFIG_FILE_ENV:
             field = name[len(ENV_PREFIX) :].lower()
+            variables.setdefault(field, []).append(name)
             values[field] = value
             origin[field] = name
+    # Names differing only in case (BRIDGE_Tokens beside BRIDGE_TOKENS) are one setting:
+    # whichever came last would silently win. Named, never their values.
+    if twice := [sorted(names) for names in variables.values() if len(names) > 1]:
+        raise ConfigError(
+            "invalid settings:\n  "
+            + "\n  ".join(
+                f"{' and '.join(names)} both set {names[0].upper()}: keep one" for names in twice
+            )
+        )
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:

@@ -354,3 +354,15 @@ def test_the_bounds_allowed_keep_the_rate_limiter_sane() -> None:
     )
     RateLimiter(fastest.rate_limit, fastest.rate_burst).check(client)
     assert load_settings(environ={**BASE, "BRIDGE_RATE_LIMIT": "0"}).rate_limit == 0
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_two_variables_for_one_setting_are_refused(order: int) -> None:
+    """BRIDGE_Tokens was read as BRIDGE_TOKENS, so whichever came last in the
+    environment silently replaced the other. Both are named; neither value is shown."""
+    pair = [("BRIDGE_TOKENS", "first-secret-value"), ("BRIDGE_Tokens", "second-secret-value")]
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ=dict(pair[::order]))
+    message = str(refused.value)
+    assert "BRIDGE_TOKENS and BRIDGE_Tokens both set BRIDGE_TOKENS" in message
+    assert "secret" not in message
