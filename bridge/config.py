@@ -12,9 +12,10 @@ import ipaddress
 import os
 import ssl
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -60,6 +61,17 @@ def read_secret_file(path: Path) -> str:
     break. Read when a Kafka client is made, never kept with the settings. A byte order
     mark (a Windows editor's) is no part of the secret."""
     return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+
+
+def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
+    """``int``, ``float`` or ``bool`` for a setting of that type, the choices of a
+    ``Literal`` one (either may also be None); None for any other setting."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = kinds[0] if len(kinds) == 1 else None
+    if get_origin(annotation) is Literal:
+        return tuple(str(choice) for choice in get_args(annotation))
+    return annotation if annotation in (int, float, bool) else None
 
 
 def _check_host_port(server: str) -> None:
@@ -266,10 +278,30 @@ class Settings(BaseModel):
             return cls.model_fields[info.field_name].default
         return value
 
-    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _upper_case(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
+    def _scalars_read_alike(cls, value: Any, info: ValidationInfo) -> Any:
+        # Numbers, booleans and choices are read one way, from the environment or the
+        # file: pydantic took spaces around a number but not around a boolean or a
+        # choice, a bool for a number (TOML's port = true was port 1), and '_' in a
+        # number as Python does (8_080 was 8080; more likely a typo).
+        if info.field_name is None:
+            return value
+        kind = _scalar_kind(cls.model_fields[info.field_name].annotation)
+        if kind is None:
+            return value
+        if isinstance(value, str):
+            value = value.strip()
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("a number is expected, not true or false")
+            if isinstance(value, str) and "_" in value:
+                raise ValueError("a number is expected, written with digits only (no '_')")
+        elif isinstance(kind, tuple) and isinstance(value, str):
+            # Any case, kept as documented (the choices themselves): BRIDGE_ACK=Durable
+            # is durable. What matches none is left for the type's own message.
+            return next((c for c in kind if c.casefold() == value.casefold()), value)
+        return value
 
     @field_validator(
         "kafka_sasl_password_file",

@@ -366,3 +366,60 @@ def test_two_variables_for_one_setting_are_refused(order: int) -> None:
     message = str(refused.value)
     assert "BRIDGE_TOKENS and BRIDGE_Tokens both set BRIDGE_TOKENS" in message
     assert "secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("port = true", "port in .*: a number is expected, not true or false"),
+        ("rate_limit = true", "rate_limit in .*: a number is expected"),
+        ("shutdown_delay = false", "shutdown_delay in .*: a number is expected"),
+    ],
+)
+def test_a_boolean_for_a_number_is_refused(tmp_path: Path, line: str, named: str) -> None:
+    """TOML's port = true was port 1 (a bool is an int to Python)."""
+    file = tmp_path / "bridge.toml"
+    file.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=named):
+        load_settings(file, environ=BASE)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BRIDGE_PORT", "8_080"), ("BRIDGE_RATE_LIMIT", "1_0"), ("BRIDGE_SHUTDOWN_DELAY", "1_0.5")],
+)
+def test_underscores_in_numbers_are_refused(name: str, value: str) -> None:
+    """int('8_080') is 8080 to Python: a number with '_' is a typo more likely than not."""
+    with pytest.raises(ConfigError, match=f"{name}: .*no '_'"):
+        load_settings(environ={**BASE, name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "read"),
+    [
+        ("BRIDGE_PORT", " 9000 ", "port", 9000),
+        ("BRIDGE_RATE_LIMIT", "\t2.5 ", "rate_limit", 2.5),
+        ("BRIDGE_ACCESS_LOG", " true ", "access_log", True),
+        ("BRIDGE_ACK", " memory\n", "ack", "memory"),
+        ("BRIDGE_ACK", "Durable", "ack", "durable"),
+        ("BRIDGE_LOG_LEVEL", "INFO", "log_level", "info"),
+        ("BRIDGE_LOG_FORMAT", "Text", "log_format", "text"),
+        ("BRIDGE_KAFKA_COMPRESSION", "GZIP", "kafka_compression", "gzip"),
+        ("BRIDGE_KAFKA_SECURITY_PROTOCOL", " plaintext ", "kafka_security_protocol", "PLAINTEXT"),
+    ],
+)
+def test_numbers_booleans_and_choices_are_read_alike(
+    name: str, value: str, field: str, read: object
+) -> None:
+    """Spaces around a number were accepted but around a boolean or a choice refused,
+    and only the security protocol ignored case: every scalar is now stripped, and
+    every choice matched in any case and kept as documented."""
+    assert getattr(load_settings(environ={**BASE, name: value}), field) == read
+
+
+def test_choices_in_the_toml_file_ignore_case_too(tmp_path: Path) -> None:
+    """The file is read as the environment is."""
+    file = tmp_path / "bridge.toml"
+    file.write_text('ack = "Memory"\nlog_level = "Warning"\n')
+    settings = load_settings(file, environ=BASE)
+    assert (settings.ack, settings.log_level) == ("memory", "warning")
