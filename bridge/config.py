@@ -8,8 +8,10 @@ either place are errors, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import ssl
 import tomllib
 import types
@@ -61,6 +63,32 @@ def read_secret_file(path: Path) -> str:
     break. Read when a Kafka client is made, never kept with the settings. A byte order
     mark (a Windows editor's) is no part of the secret."""
     return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+
+
+#: What socket.getaddrinfo gives: family, type, protocol, canonical name, address.
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+
+def listen_addresses(host: str, port: int) -> list[AddressInfo]:
+    """The addresses ``host``:``port`` stands for, resolved as asyncio's create_server
+    (which uvicorn calls) does: what ``bridge serve`` listens on, and what
+    ``check-config`` resolves without listening. A ConfigError if it does not resolve."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        return list(found)
+    except OSError as exc:
+        raise cannot_listen(host, port, exc) from None
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    """The error for an address the bridge cannot listen on, naming its settings."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the address is already in use (another bridge running?)"
+    else:
+        reason = exc.strerror or str(exc)
+    return ConfigError(f"cannot listen on {host}:{port} (BRIDGE_HOST, BRIDGE_PORT): {reason}")
 
 
 def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
