@@ -102,6 +102,12 @@ def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
     return annotation if annotation in (int, float, bool) else None
 
 
+def _is_host_like(host: str) -> bool:
+    """Whether ``host`` could be a host name or an address: no space, no control
+    character (what it resolves to is the resolver's business)."""
+    return host.isprintable() and not any(c.isspace() for c in host)
+
+
 def _check_host_port(server: str) -> None:
     """Raise ValueError unless ``server`` is ``host:port`` or ``[IPv6 address]:port``
     with a port from 1 to 65535 (as aiokafka reads it: an IPv6 address without
@@ -123,6 +129,8 @@ def _check_host_port(server: str) -> None:
             )
         if not colon or not host:
             raise ValueError(f"{server!r} is not host:port")
+        if not _is_host_like(host):  # "a b:1" was taken, and failed only when connecting
+            raise ValueError(f"{server!r}: a host has no spaces or control characters")
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
 
@@ -253,6 +261,29 @@ class Settings(BaseModel):
                 raise ValueError(f"cannot read {value}: {exc.strerror}") from None
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{value} is not UTF-8 text ({exc})") from None
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_one(cls, value: str) -> str:
+        # " 127.0.0.1" passed validation and failed only when serve resolved it.
+        if not _is_host_like(value):
+            raise ValueError("a host name or IP address has no spaces or control characters")
+        return value
+
+    @field_validator("ce_source", "kafka_client_id", "kafka_sasl_username")
+    @classmethod
+    def _text_is_printable(cls, value: str | None) -> str | None:
+        # Sent as they are, in every record's headers or to the broker: blank means
+        # nothing there, and a line break or other control character is no part of a
+        # source, a client id or a user name (a line break was a second header line).
+        if value is not None:
+            if not value.strip():
+                raise ValueError("must not be blank")
+            if not value.isprintable():
+                raise ValueError(
+                    "printable characters only (no line break, tab or other control character)"
+                )
         return value
 
     @field_validator("topic_template")

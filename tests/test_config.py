@@ -423,3 +423,44 @@ def test_choices_in_the_toml_file_ignore_case_too(tmp_path: Path) -> None:
     file.write_text('ack = "Memory"\nlog_level = "Warning"\n')
     settings = load_settings(file, environ=BASE)
     assert (settings.ack, settings.log_level) == ("memory", "warning")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("BRIDGE_CE_SOURCE", " ", "must not be blank"),
+        ("BRIDGE_CE_SOURCE", "urn:geins\nX-Injected: 1", "no line break, tab or other control"),
+        ("BRIDGE_CE_SOURCE", "urn:\x00geins", "no line break, tab or other control"),
+        ("BRIDGE_KAFKA_CLIENT_ID", "", "must not be blank"),
+        ("BRIDGE_KAFKA_CLIENT_ID", "bridge\t1", "no line break, tab or other control"),
+        ("BRIDGE_KAFKA_SASL_USERNAME", " ", "must not be blank"),
+        ("BRIDGE_KAFKA_SASL_USERNAME", "bridge\r", "no line break, tab or other control"),
+        ("BRIDGE_HOST", " 127.0.0.1", "no spaces or control characters"),
+        ("BRIDGE_HOST", "local host", "no spaces or control characters"),
+        ("BRIDGE_KAFKA_BOOTSTRAP", "a b:1", r"'a b:1': a host has no spaces or control"),
+        ("BRIDGE_KAFKA_BOOTSTRAP", "k1:9092,k\x002:9092", "a host has no spaces or control"),
+    ],
+)
+def test_blank_or_control_characters_in_text_settings_are_refused(
+    name: str, value: str, message: str
+) -> None:
+    """Free-text settings took anything: a blank ce_source or client id, a SASL user
+    of spaces, a line break in a header value, a space inside a bootstrap host. Each
+    is named where it cannot be meant."""
+    with pytest.raises(ConfigError, match=f"{name}: .*{message}"):
+        load_settings(environ={**BASE, "BRIDGE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT", name: value})
+
+
+def test_text_settings_keep_what_they_may_hold() -> None:
+    """Spaces inside a ce_source, IPv6 hosts and padded bootstrap lists still pass."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_CE_SOURCE": "urn:geins:my shop",
+            "BRIDGE_HOST": "::",
+            "BRIDGE_KAFKA_BOOTSTRAP": " k1:9092 , [::1]:9093",
+            "BRIDGE_KAFKA_CLIENT_ID": "geins-bridge-1",
+        }
+    )
+    assert settings.ce_source == "urn:geins:my shop"
+    assert settings.host == "::"
