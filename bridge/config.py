@@ -135,6 +135,25 @@ def _check_host_port(server: str) -> None:
         raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
 
 
+#: The validation context's key for how each given setting was given (load_settings).
+GIVEN = "given"
+
+
+class _Names:
+    """How a message weighing several settings names each: as it was given, the
+    variable (``BRIDGE_ACK``) or the key in the file (``ack in bridge.toml``), and one
+    not given as the variable that would set it. A field's own errors are named so by
+    :func:`_explain`; these messages are made inside the model, hence the context."""
+
+    def __init__(self, info: ValidationInfo | None = None) -> None:
+        context = info.context if info is not None else None
+        self._given: Mapping[str, tuple[str, str]] = (context or {}).get(GIVEN, {})
+
+    def __call__(self, field: str, value: object = None) -> str:
+        name, where = self._given.get(field, (ENV_PREFIX + field.upper(), ""))
+        return (name if value is None else f"{name}={value}") + where
+
+
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
@@ -381,26 +400,25 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _kafka_security_consistent(self) -> Self:
+    def _kafka_security_consistent(self, info: ValidationInfo) -> Self:
+        named = _Names(info)
         protocol = self.kafka_security_protocol
-        given = f"BRIDGE_KAFKA_SECURITY_PROTOCOL={protocol}"
+        given = named("kafka_security_protocol", protocol)
         sasl = {
-            "BRIDGE_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
-            "BRIDGE_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
-            "BRIDGE_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
-            "BRIDGE_KAFKA_SASL_PASSWORD_FILE": self.kafka_sasl_password_file,
+            "kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+            "kafka_sasl_username": self.kafka_sasl_username,
+            "kafka_sasl_password": self.kafka_sasl_password,
+            "kafka_sasl_password_file": self.kafka_sasl_password_file,
         }
         tls = {
-            "BRIDGE_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
-            "BRIDGE_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
-            "BRIDGE_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
-            "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE": self.kafka_ssl_keyfile_password_file,
+            "kafka_ssl_cafile": self.kafka_ssl_cafile,
+            "kafka_ssl_certfile": self.kafka_ssl_certfile,
+            "kafka_ssl_keyfile": self.kafka_ssl_keyfile,
+            "kafka_ssl_keyfile_password_file": self.kafka_ssl_keyfile_password_file,
         }
         # Settings the protocol does not use would be silently ignored: refuse them.
         # Turning hostname checks off counts as set; its default changes nothing.
-        unchecked = {
-            "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": None if self.kafka_ssl_check_hostname else False
-        }
+        unchecked = {"kafka_ssl_check_hostname": None if self.kafka_ssl_check_hostname else False}
         unused: list[tuple[Mapping[str, object], str]] = []
         if not protocol.startswith("SASL_"):
             unused.append((sasl, "SASL (SASL_PLAINTEXT or SASL_SSL)"))
@@ -408,67 +426,70 @@ class Settings(BaseModel):
             unused.append(({**tls, **unchecked}, "TLS (SSL or SASL_SSL)"))
         problems: list[str] = []
         for group, kind in unused:  # one message per kind: each has its own protocols
-            if names := [name for name, value in group.items() if value is not None]:
+            if names := [named(field) for field, value in group.items() if value is not None]:
                 subject = "it" if problems else given
                 problems.append(f"{', '.join(names)} set, but {subject} uses no {kind}")
         if problems:
             raise ValueError("; ".join(problems))
         if protocol.startswith("SASL_"):
-            if missing := [name for name in list(sasl)[:2] if sasl[name] is None]:
+            if missing := [named(field) for field in list(sasl)[:2] if sasl[field] is None]:
                 raise ValueError(f"{given} needs {' and '.join(missing)}")
             if (self.kafka_sasl_password is None) == (self.kafka_sasl_password_file is None):
                 raise ValueError(
-                    f"{given} needs exactly one of BRIDGE_KAFKA_SASL_PASSWORD and "
-                    "BRIDGE_KAFKA_SASL_PASSWORD_FILE"
+                    f"{given} needs exactly one of {named('kafka_sasl_password')} and "
+                    f"{named('kafka_sasl_password_file')}"
                 )
         if not protocol.endswith("SSL"):
             return self
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError(
-                "BRIDGE_KAFKA_SSL_CERTFILE and BRIDGE_KAFKA_SSL_KEYFILE go together "
+                f"{named('kafka_ssl_certfile')} and {named('kafka_ssl_keyfile')} go together "
                 "(the client certificate and its private key)"
             )
         if self.kafka_ssl_keyfile is None and self.kafka_ssl_keyfile_password_file is not None:
             raise ValueError(
-                "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE"
+                f"{named('kafka_ssl_keyfile_password_file')} needs {named('kafka_ssl_keyfile')}"
             )
-        self.kafka_ssl_context()  # the files must hold what they should
+        self.kafka_ssl_context(named)  # the files must hold what they should
         return self
 
     @model_validator(mode="after")
-    def _deadletter_is_no_event_topic(self) -> Self:
+    def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:
         # Checked after the fields: a bad template or topic has been named already.
+        named = _Names(info)
         topic, template = self.deadletter_topic, self.topic_template
         if topic and template_can_make(template, topic):
             raise ValueError(
-                f"BRIDGE_DEADLETTER_TOPIC={topic} is a topic BRIDGE_TOPIC_TEMPLATE={template} "
-                "can make for events (or one Kafka takes for the same: it treats '.' and '_' "
-                "alike): dead letters would be mixed with events; choose a dead-letter topic "
-                "the template cannot produce"
+                f"{named('deadletter_topic', topic)} is a topic "
+                f"{named('topic_template', template)} can make for events (or one Kafka "
+                "takes for the same: it treats '.' and '_' alike): dead letters would be "
+                "mixed with events; choose a dead-letter topic the template cannot produce"
             )
         return self
 
     @model_validator(mode="after")
-    def _cap_holds_the_largest_event(self) -> Self:
+    def _cap_holds_the_largest_event(self, info: ValidationInfo) -> Self:
         # A cap below the largest record an accepted event can make would answer that
         # event 503 forever (Geins retries it in vain). What a backlog counts for a
         # record (backlog.record_size: value, key, topic, headers) stays below
         # kafka_max_request_size(): a record is at most max_event_record_bytes() as
         # Kafka counts it, and the topic name (at most 249) is less than the room kept.
+        named = _Names(info)
         caps = {
-            "durable": ("BRIDGE_SPOOL_MAX_BYTES", self.spool_max_bytes),
-            "memory": ("BRIDGE_MEMORY_MAX_BYTES", self.memory_max_bytes),
+            "durable": ("spool_max_bytes", self.spool_max_bytes),
+            "memory": ("memory_max_bytes", self.memory_max_bytes),
         }
         if self.ack not in caps:
             return self
-        name, cap = caps[self.ack]
+        field, cap = caps[self.ack]
         largest = self.kafka_max_request_size()
         if cap < largest:
             raise ValueError(
-                f"{name}={cap} is below the largest event BRIDGE_MAX_BODY_BYTES="
-                f"{self.max_body_bytes} lets in ({largest} bytes with its headers): such an "
-                f"event would be answered 503 forever (BRIDGE_ACK={self.ack}); raise {name} "
-                f"to at least {largest} or lower BRIDGE_MAX_BODY_BYTES"
+                f"{named(field, cap)} is below the largest event "
+                f"{named('max_body_bytes', self.max_body_bytes)} lets in ({largest} bytes "
+                f"with its headers): such an event would be answered 503 forever "
+                f"({named('ack', self.ack)}); raise {named(field)} to at least {largest} or "
+                f"lower {named('max_body_bytes')}"
             )
         return self
 
@@ -497,17 +518,19 @@ class Settings(BaseModel):
             return read_secret_file(self.kafka_sasl_password_file)
         return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
 
-    def kafka_ssl_context(self) -> ssl.SSLContext:
+    def kafka_ssl_context(self, named: _Names | None = None) -> ssl.SSLContext:
         """A new TLS client context from the ``kafka_ssl_*`` settings (files read now).
 
-        Raises ValueError naming the setting whose file does not hold what it should.
+        Raises ValueError naming the setting whose file does not hold what it should
+        (``named``: as validation names it, as given; else as a variable).
         """
+        named = named or _Names()
         cafile = self.kafka_ssl_cafile
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(
-                f"BRIDGE_KAFKA_SSL_CAFILE: {cafile} holds no PEM CA certificate ({exc})"
+                f"{named('kafka_ssl_cafile')}: {cafile} holds no PEM CA certificate ({exc})"
             ) from None
         context.check_hostname = self.kafka_ssl_check_hostname
         certfile, keyfile = self.kafka_ssl_certfile, self.kafka_ssl_keyfile
@@ -521,7 +544,7 @@ class Settings(BaseModel):
             context.load_cert_chain(certfile, keyfile, password)
         except ssl.SSLError as exc:  # before OSError, of which it is a kind
             if encrypted and password_file is None:
-                problem = "the key is encrypted: set BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE"
+                problem = f"the key is encrypted: set {named('kafka_ssl_keyfile_password_file')}"
             elif exc.reason == "KEY_VALUES_MISMATCH":
                 problem = "the key does not belong to the certificate"
             elif encrypted:
@@ -529,8 +552,8 @@ class Settings(BaseModel):
             else:
                 problem = "not PEM"
             raise ValueError(
-                f"BRIDGE_KAFKA_SSL_CERTFILE/BRIDGE_KAFKA_SSL_KEYFILE: cannot load the client "
-                f"certificate {certfile} with the key {keyfile}: {problem} ({exc})"
+                f"{named('kafka_ssl_certfile')}/{named('kafka_ssl_keyfile')}: cannot load "
+                f"the client certificate {certfile} with the key {keyfile}: {problem} ({exc})"
             ) from None
         except OSError as exc:
             raise ValueError(f"cannot read a TLS file: {exc}") from None
@@ -562,7 +585,7 @@ def load_settings(
     if config_file is None and environ.get(CONFIG_FILE_ENV):
         config_file = Path(environ[CONFIG_FILE_ENV])
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
+    given: dict[str, tuple[str, str]] = {}  # each setting given: its name, and where
     if config_file is not None:
         try:
             # TOML is UTF-8 whatever the locale; a byte order mark is dropped
@@ -571,14 +594,14 @@ def load_settings(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
-        origin.update({name: f"{name} in {config_file}" for name in values})
+        given.update({name: (name, f" in {config_file}") for name in values})
     variables: dict[str, list[str]] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != CONFIG_FILE_ENV:
             field = name[len(ENV_PREFIX) :].lower()
             variables.setdefault(field, []).append(name)
             values[field] = value
-            origin[field] = name
+            given[field] = (name, "")
     # Names differing only in case (BRIDGE_Tokens beside BRIDGE_TOKENS) are one setting:
     # whichever came last would silently win. Named, never their values.
     if twice := [sorted(names) for names in variables.values() if len(names) > 1]:
@@ -589,8 +612,10 @@ def load_settings(
             )
         )
     try:
-        return Settings.model_validate(values)
+        # The model's own checks name settings as given too (see _Names).
+        return Settings.model_validate(values, context={GIVEN: given})
     except ValidationError as exc:
+        origin = {field: name + where for field, (name, where) in given.items()}
         raise ConfigError(_explain(exc, origin)) from None
 
 

@@ -464,3 +464,41 @@ def test_text_settings_keep_what_they_may_hold() -> None:
     )
     assert settings.ce_source == "urn:geins:my shop"
     assert settings.host == "::"
+
+
+def test_cross_setting_errors_name_settings_where_they_were_given(tmp_path: Path) -> None:
+    """Errors that weigh several settings together named every one as a BRIDGE_*
+    variable, even one the TOML file set, where the reader would look for it in
+    vain. Each is now named as given: the key in the file, or the variable; one left
+    at its default as the variable that would set it."""
+    file = tmp_path / "bridge.toml"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    file.write_text(f'kafka_ssl_cafile = "{ca}"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ=BASE)
+    assert str(refused.value).endswith(
+        f"kafka_ssl_cafile in {file} set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses "
+        "no TLS (SSL or SASL_SSL)"
+    )
+    file.write_text('topic_template = "events"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ={**BASE, "BRIDGE_DEADLETTER_TOPIC": "events"})
+    assert (
+        f"BRIDGE_DEADLETTER_TOPIC=events is a topic topic_template=events in {file} can make"
+        in str(refused.value)
+    )
+    file.write_text(f'ack = "memory"\nmemory_max_bytes = {1024 * 1024}\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ={**BASE, "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+    assert (
+        f"memory_max_bytes=1048576 in {file} is below the largest event "
+        f"BRIDGE_MAX_BODY_BYTES=2097152 lets in" in str(refused.value)
+    )
+    assert f"(ack=memory in {file}); raise memory_max_bytes in {file} to" in str(refused.value)
+    file.write_text('kafka_security_protocol = "SASL_SSL"\nkafka_sasl_mechanism = "PLAIN"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ=BASE)
+    assert str(refused.value).endswith(
+        f"kafka_security_protocol=SASL_SSL in {file} needs BRIDGE_KAFKA_SASL_USERNAME"
+    )
