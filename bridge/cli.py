@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from bridge import logs
 from bridge.auth import short_token_warnings
-from bridge.config import Settings, load_settings
+from bridge.config import Settings, listen_addresses, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
 
@@ -167,9 +167,15 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.metrics import Metrics  # noqa: PLC0415  # keep the other commands light
     from bridge.publisher import KafkaPublisher  # noqa: PLC0415
+    from bridge.spool import check_folder  # noqa: PLC0415
 
     settings.check_serving()
     KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
+    # What serve would refuse before listening, checked the same way, but without
+    # binding the port (another bridge may hold it now) or making the spool folder.
+    listen_addresses(settings.host, settings.port)
+    if settings.ack == "durable":
+        check_folder(settings.spool_dir)
     print(json.dumps(settings.redacted(), indent=2))
     for warning in [
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),

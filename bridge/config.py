@@ -8,13 +8,16 @@ either place are errors, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import ssl
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -22,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -42,6 +46,17 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 #: Kept free in every accepted record for the headers that make it a dead letter
 #: (reason, detail, original topic), should Kafka refuse it for good.
 DEAD_LETTER_ROOM = 1024
+#: Most bytes or keys a cap may be: finite (an unbounded number passed validation
+#: and crashed the server, a float overflowing), and as large as a float (a
+#: Prometheus gauge, say) holds exactly, 8 PiB: far beyond any real spool or memory.
+MAX_COUNT = 2**53
+#: Most requests in progress, or per second and at once from one client: a million
+#: is beyond what one process serves, and keeps the limiter's arithmetic in range.
+MAX_REQUESTS = 1_000_000
+#: The slowest rate limit other than 0 (off): one request per 1000 s. Below it the
+#: limiter's wait overflowed (1e-320: a 500) or grew absurd (1e-300: a Retry-After of
+#: some 300 digits); at it a limited client waits at most 1000 s.
+MIN_RATE = 0.001
 
 
 def read_secret_file(path: Path) -> str:
@@ -49,6 +64,49 @@ def read_secret_file(path: Path) -> str:
     break. Read when a Kafka client is made, never kept with the settings. A byte order
     mark (a Windows editor's) is no part of the secret."""
     return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+
+
+#: What socket.getaddrinfo gives: family, type, protocol, canonical name, address.
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+
+def listen_addresses(host: str, port: int) -> list[AddressInfo]:
+    """The addresses ``host``:``port`` stands for, resolved as asyncio's create_server
+    (which uvicorn calls) does: what ``bridge serve`` listens on, and what
+    ``check-config`` resolves without listening. A ConfigError if it does not resolve."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        return list(found)
+    except OSError as exc:
+        raise cannot_listen(host, port, exc) from None
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    """The error for an address the bridge cannot listen on, naming its settings."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the address is already in use (another bridge running?)"
+    else:
+        reason = exc.strerror or str(exc)
+    return ConfigError(f"cannot listen on {host}:{port} (BRIDGE_HOST, BRIDGE_PORT): {reason}")
+
+
+def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
+    """``int``, ``float`` or ``bool`` for a setting of that type, the choices of a
+    ``Literal`` one (either may also be None); None for any other setting."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = kinds[0] if len(kinds) == 1 else None
+    if get_origin(annotation) is Literal:
+        return tuple(str(choice) for choice in get_args(annotation))
+    return annotation if annotation in (int, float, bool) else None
+
+
+def _is_host_like(host: str) -> bool:
+    """Whether ``host`` could be a host name or an address: no space, no control
+    character (what it resolves to is the resolver's business)."""
+    return host.isprintable() and not any(c.isspace() for c in host)
 
 
 def _check_host_port(server: str) -> None:
@@ -72,8 +130,29 @@ def _check_host_port(server: str) -> None:
             )
         if not colon or not host:
             raise ValueError(f"{server!r} is not host:port")
+        if not _is_host_like(host):  # "a b:1" was taken, and failed only when connecting
+            raise ValueError(f"{server!r}: a host has no spaces or control characters")
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"{server!r}: the port must be a number from 1 to 65535")
+
+
+#: The validation context's key for how each given setting was given (load_settings).
+GIVEN = "given"
+
+
+class _Names:
+    """How a message weighing several settings names each: as it was given, the
+    variable (``BRIDGE_ACK``) or the key in the file (``ack in bridge.toml``), and one
+    not given as the variable that would set it. A field's own errors are named so by
+    :func:`_explain`; these messages are made inside the model, hence the context."""
+
+    def __init__(self, info: ValidationInfo | None = None) -> None:
+        context = info.context if info is not None else None
+        self._given: Mapping[str, tuple[str, str]] = (context or {}).get(GIVEN, {})
+
+    def __call__(self, field: str, value: object = None) -> str:
+        name, where = self._given.get(field, (ENV_PREFIX + field.upper(), ""))
+        return (name if value is None else f"{name}={value}") + where
 
 
 class Settings(BaseModel):
@@ -98,9 +177,9 @@ class Settings(BaseModel):
     max_headers: int = Field(100, ge=8, le=10_000)
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
-    max_concurrency: int = Field(1000, ge=1)
-    rate_limit: float = Field(0.0, ge=0)
-    rate_burst: int = Field(20, ge=1)
+    max_concurrency: int = Field(1000, ge=1, le=MAX_REQUESTS)
+    rate_limit: float = Field(0.0, ge=0, le=MAX_REQUESTS)
+    rate_burst: int = Field(20, ge=1, le=MAX_REQUESTS)
     allowed_networks: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     shutdown_delay: float = Field(0.0, ge=0, le=300)
@@ -113,12 +192,12 @@ class Settings(BaseModel):
     ack: Literal["durable", "broker", "memory"] = "durable"
     publish_timeout: Seconds = 5.0
     spool_dir: Path = Path("spool")
-    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024, le=MAX_COUNT)
     # About 115 bytes of disk each: 5 million keys are 2 hours of 700 events/s.
-    spool_max_keys: int = Field(5_000_000, ge=1000)
-    memory_max_bytes: int = Field(64 * 1024**2, ge=1024 * 1024)
+    spool_max_keys: int = Field(5_000_000, ge=1000, le=MAX_COUNT)
+    memory_max_bytes: int = Field(64 * 1024**2, ge=1024 * 1024, le=MAX_COUNT)
     dedup_window: float = Field(7200.0, ge=0, le=7 * 86400)
-    dedup_max_keys: int = Field(100_000, ge=1)
+    dedup_max_keys: int = Field(100_000, ge=1, le=MAX_COUNT)
     deadletter_topic: str = "geins.deadletter"
 
     # --- Kafka ---------------------------------------------------------------------
@@ -165,6 +244,16 @@ class Settings(BaseModel):
                 raise ValueError(problem)
         return value
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_off_or_at_least_the_slowest(cls, value: float) -> float:
+        if 0 < value < MIN_RATE:
+            raise ValueError(
+                f"0 (no limit) or at least {MIN_RATE:g} requests per second (one per "
+                f"{1 / MIN_RATE:g} s) is expected"
+            )
+        return value
+
     @field_validator("allowed_networks", "trusted_proxies")
     @classmethod
     def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -202,6 +291,29 @@ class Settings(BaseModel):
             raise ValueError(f"{named}, {exc}") from None
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host_is_one(cls, value: str) -> str:
+        # " 127.0.0.1" passed validation and failed only when serve resolved it.
+        if not _is_host_like(value):
+            raise ValueError("a host name or IP address has no spaces or control characters")
+        return value
+
+    @field_validator("ce_source", "kafka_client_id", "kafka_sasl_username")
+    @classmethod
+    def _text_is_printable(cls, value: str | None) -> str | None:
+        # Sent as they are, in every record's headers or to the broker: blank means
+        # nothing there, and a line break or other control character is no part of a
+        # source, a client id or a user name (a line break was a second header line).
+        if value is not None:
+            if not value.strip():
+                raise ValueError("must not be blank")
+            if not value.isprintable():
+                raise ValueError(
+                    "printable characters only (no line break, tab or other control character)"
+                )
+        return value
+
     @field_validator("topic_template")
     @classmethod
     def _template_is_valid(cls, value: str) -> str:
@@ -232,6 +344,8 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
+        "host",
+        "spool_dir",
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
         "kafka_sasl_password",
@@ -243,13 +357,38 @@ class Settings(BaseModel):
         mode="before",
     )
     @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value  # an empty variable, as Kubernetes may give
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # An empty variable, as Kubernetes may give for an optional one, means "not set":
+        # the default. Taken as it is, an empty BRIDGE_SPOOL_DIR was the current folder
+        # and an empty BRIDGE_HOST every interface of both IP versions.
+        if value == "" and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
-    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _upper_case(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
+    def _scalars_read_alike(cls, value: Any, info: ValidationInfo) -> Any:
+        # Numbers, booleans and choices are read one way, from the environment or the
+        # file: pydantic took spaces around a number but not around a boolean or a
+        # choice, a bool for a number (TOML's port = true was port 1), and '_' in a
+        # number as Python does (8_080 was 8080; more likely a typo).
+        if info.field_name is None:
+            return value
+        kind = _scalar_kind(cls.model_fields[info.field_name].annotation)
+        if kind is None:
+            return value
+        if isinstance(value, str):
+            value = value.strip()
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("a number is expected, not true or false")
+            if isinstance(value, str) and "_" in value:
+                raise ValueError("a number is expected, written with digits only (no '_')")
+        elif isinstance(kind, tuple) and isinstance(value, str):
+            # Any case, kept as documented (the choices themselves): BRIDGE_ACK=Durable
+            # is durable. What matches none is left for the type's own message.
+            return next((c for c in kind if c.casefold() == value.casefold()), value)
+        return value
 
     @field_validator(
         "kafka_sasl_password_file",
@@ -273,65 +412,70 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _kafka_security_consistent(self) -> Self:
+    def _kafka_security_consistent(self, info: ValidationInfo) -> Self:
+        named = _Names(info)
         protocol = self.kafka_security_protocol
-        given = f"BRIDGE_KAFKA_SECURITY_PROTOCOL={protocol}"
+        given = named("kafka_security_protocol", protocol)
         sasl = {
-            "BRIDGE_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
-            "BRIDGE_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
-            "BRIDGE_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
-            "BRIDGE_KAFKA_SASL_PASSWORD_FILE": self.kafka_sasl_password_file,
+            "kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+            "kafka_sasl_username": self.kafka_sasl_username,
+            "kafka_sasl_password": self.kafka_sasl_password,
+            "kafka_sasl_password_file": self.kafka_sasl_password_file,
         }
         tls = {
-            "BRIDGE_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
-            "BRIDGE_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
-            "BRIDGE_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
-            "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE": self.kafka_ssl_keyfile_password_file,
+            "kafka_ssl_cafile": self.kafka_ssl_cafile,
+            "kafka_ssl_certfile": self.kafka_ssl_certfile,
+            "kafka_ssl_keyfile": self.kafka_ssl_keyfile,
+            "kafka_ssl_keyfile_password_file": self.kafka_ssl_keyfile_password_file,
         }
         # Settings the protocol does not use would be silently ignored: refuse them.
-        unused = {} if protocol.startswith("SASL_") else sasl
-        unused |= {} if protocol.endswith("SSL") else tls
-        if names := [name for name, value in unused.items() if value is not None]:
-            raise ValueError(
-                f"{', '.join(names)} set, but {given} uses no "
-                + (
-                    "SASL (SASL_PLAINTEXT or SASL_SSL)"
-                    if names[0] in sasl
-                    else "TLS (SSL or SASL_SSL)"
-                )
-            )
+        # Turning hostname checks off counts as set; its default changes nothing.
+        unchecked = {"kafka_ssl_check_hostname": None if self.kafka_ssl_check_hostname else False}
+        unused: list[tuple[Mapping[str, object], str]] = []
+        if not protocol.startswith("SASL_"):
+            unused.append((sasl, "SASL (SASL_PLAINTEXT or SASL_SSL)"))
+        if not protocol.endswith("SSL"):
+            unused.append(({**tls, **unchecked}, "TLS (SSL or SASL_SSL)"))
+        problems: list[str] = []
+        for group, kind in unused:  # one message per kind: each has its own protocols
+            if names := [named(field) for field, value in group.items() if value is not None]:
+                subject = "it" if problems else given
+                problems.append(f"{', '.join(names)} set, but {subject} uses no {kind}")
+        if problems:
+            raise ValueError("; ".join(problems))
         if protocol.startswith("SASL_"):
-            if missing := [name for name in list(sasl)[:2] if sasl[name] is None]:
+            if missing := [named(field) for field in list(sasl)[:2] if sasl[field] is None]:
                 raise ValueError(f"{given} needs {' and '.join(missing)}")
             if (self.kafka_sasl_password is None) == (self.kafka_sasl_password_file is None):
                 raise ValueError(
-                    f"{given} needs exactly one of BRIDGE_KAFKA_SASL_PASSWORD and "
-                    "BRIDGE_KAFKA_SASL_PASSWORD_FILE"
+                    f"{given} needs exactly one of {named('kafka_sasl_password')} and "
+                    f"{named('kafka_sasl_password_file')}"
                 )
         if not protocol.endswith("SSL"):
             return self
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             raise ValueError(
-                "BRIDGE_KAFKA_SSL_CERTFILE and BRIDGE_KAFKA_SSL_KEYFILE go together "
+                f"{named('kafka_ssl_certfile')} and {named('kafka_ssl_keyfile')} go together "
                 "(the client certificate and its private key)"
             )
         if self.kafka_ssl_keyfile is None and self.kafka_ssl_keyfile_password_file is not None:
             raise ValueError(
-                "BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE needs BRIDGE_KAFKA_SSL_KEYFILE"
+                f"{named('kafka_ssl_keyfile_password_file')} needs {named('kafka_ssl_keyfile')}"
             )
-        self.kafka_ssl_context()  # the files must hold what they should
+        self.kafka_ssl_context(named)  # the files must hold what they should
         return self
 
     @model_validator(mode="after")
-    def _deadletter_is_no_event_topic(self) -> Self:
+    def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:
         # Checked after the fields: a bad template or topic has been named already.
+        named = _Names(info)
         topic, template = self.deadletter_topic, self.topic_template
         if topic and template_can_make(template, topic):
             raise ValueError(
-                f"BRIDGE_DEADLETTER_TOPIC={topic} is a topic BRIDGE_TOPIC_TEMPLATE={template} "
-                "can make for events (or one Kafka takes for the same: it treats '.' and '_' "
-                "alike): dead letters would be mixed with events; choose a dead-letter topic "
-                "the template cannot produce"
+                f"{named('deadletter_topic', topic)} is a topic "
+                f"{named('topic_template', template)} can make for events (or one Kafka "
+                "takes for the same: it treats '.' and '_' alike): dead letters would be "
+                "mixed with events; choose a dead-letter topic the template cannot produce"
             )
         return self
 
@@ -365,26 +509,28 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _cap_holds_the_largest_event(self) -> Self:
+    def _cap_holds_the_largest_event(self, info: ValidationInfo) -> Self:
         # A cap below the largest record an accepted event can make would answer that
         # event 503 forever (Geins retries it in vain). What a backlog counts for a
         # record (backlog.record_size: value, key, topic, headers) stays below
         # kafka_max_request_size(): a record is at most max_event_record_bytes() as
         # Kafka counts it, and the topic name (at most 249) is less than the room kept.
+        named = _Names(info)
         caps = {
-            "durable": ("BRIDGE_SPOOL_MAX_BYTES", self.spool_max_bytes),
-            "memory": ("BRIDGE_MEMORY_MAX_BYTES", self.memory_max_bytes),
+            "durable": ("spool_max_bytes", self.spool_max_bytes),
+            "memory": ("memory_max_bytes", self.memory_max_bytes),
         }
         if self.ack not in caps:
             return self
-        name, cap = caps[self.ack]
+        field, cap = caps[self.ack]
         largest = self.kafka_max_request_size()
         if cap < largest:
             raise ValueError(
-                f"{name}={cap} is below the largest event BRIDGE_MAX_BODY_BYTES="
-                f"{self.max_body_bytes} lets in ({largest} bytes with its headers): such an "
-                f"event would be answered 503 forever (BRIDGE_ACK={self.ack}); raise {name} "
-                f"to at least {largest} or lower BRIDGE_MAX_BODY_BYTES"
+                f"{named(field, cap)} is below the largest event "
+                f"{named('max_body_bytes', self.max_body_bytes)} lets in ({largest} bytes "
+                f"with its headers): such an event would be answered 503 forever "
+                f"({named('ack', self.ack)}); raise {named(field)} to at least {largest} or "
+                f"lower {named('max_body_bytes')}"
             )
         return self
 
@@ -413,17 +559,19 @@ class Settings(BaseModel):
             return read_secret_file(self.kafka_sasl_password_file)
         return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
 
-    def kafka_ssl_context(self) -> ssl.SSLContext:
+    def kafka_ssl_context(self, named: _Names | None = None) -> ssl.SSLContext:
         """A new TLS client context from the ``kafka_ssl_*`` settings (files read now).
 
-        Raises ValueError naming the setting whose file does not hold what it should.
+        Raises ValueError naming the setting whose file does not hold what it should
+        (``named``: as validation names it, as given; else as a variable).
         """
+        named = named or _Names()
         cafile = self.kafka_ssl_cafile
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(
-                f"BRIDGE_KAFKA_SSL_CAFILE: {cafile} holds no PEM CA certificate ({exc})"
+                f"{named('kafka_ssl_cafile')}: {cafile} holds no PEM CA certificate ({exc})"
             ) from None
         context.check_hostname = self.kafka_ssl_check_hostname
         certfile, keyfile = self.kafka_ssl_certfile, self.kafka_ssl_keyfile
@@ -437,7 +585,7 @@ class Settings(BaseModel):
             context.load_cert_chain(certfile, keyfile, password)
         except ssl.SSLError as exc:  # before OSError, of which it is a kind
             if encrypted and password_file is None:
-                problem = "the key is encrypted: set BRIDGE_KAFKA_SSL_KEYFILE_PASSWORD_FILE"
+                problem = f"the key is encrypted: set {named('kafka_ssl_keyfile_password_file')}"
             elif exc.reason == "KEY_VALUES_MISMATCH":
                 problem = "the key does not belong to the certificate"
             elif encrypted:
@@ -445,8 +593,8 @@ class Settings(BaseModel):
             else:
                 problem = "not PEM"
             raise ValueError(
-                f"BRIDGE_KAFKA_SSL_CERTFILE/BRIDGE_KAFKA_SSL_KEYFILE: cannot load the client "
-                f"certificate {certfile} with the key {keyfile}: {problem} ({exc})"
+                f"{named('kafka_ssl_certfile')}/{named('kafka_ssl_keyfile')}: cannot load "
+                f"the client certificate {certfile} with the key {keyfile}: {problem} ({exc})"
             ) from None
         except OSError as exc:
             raise ValueError(f"cannot read a TLS file: {exc}") from None
@@ -508,7 +656,7 @@ def load_settings(
     if config_file is None and environ.get(CONFIG_FILE_ENV):
         config_file = Path(environ[CONFIG_FILE_ENV])
     values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
+    given: dict[str, tuple[str, str]] = {}  # each setting given: its name, and where
     if config_file is not None:
         try:
             # TOML is UTF-8 whatever the locale; a byte order mark is dropped
@@ -517,15 +665,28 @@ def load_settings(
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
-        origin.update({name: f"{name} in {config_file}" for name in values})
+        given.update({name: (name, f" in {config_file}") for name in values})
+    variables: dict[str, list[str]] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != CONFIG_FILE_ENV:
             field = name[len(ENV_PREFIX) :].lower()
+            variables.setdefault(field, []).append(name)
             values[field] = value
-            origin[field] = name
+            given[field] = (name, "")
+    # Names differing only in case (BRIDGE_Tokens beside BRIDGE_TOKENS) are one setting:
+    # whichever came last would silently win. Named, never their values.
+    if twice := [sorted(names) for names in variables.values() if len(names) > 1]:
+        raise ConfigError(
+            "invalid settings:\n  "
+            + "\n  ".join(
+                f"{' and '.join(names)} both set {names[0].upper()}: keep one" for names in twice
+            )
+        )
     try:
-        return Settings.model_validate(values)
+        # The model's own checks name settings as given too (see _Names).
+        return Settings.model_validate(values, context={GIVEN: given})
     except ValidationError as exc:
+        origin = {field: name + where for field, (name, where) in given.items()}
         raise ConfigError(_explain(exc, origin)) from None
 
 

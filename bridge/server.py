@@ -9,7 +9,6 @@ and a supervisor would see a kill instead of an orderly exit.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import signal
@@ -23,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge import logs
 from bridge.app import create_app
-from bridge.config import Settings
+from bridge.config import Settings, cannot_listen, listen_addresses
 from bridge.errors import ConfigError
 from bridge.httpprotocol import guarded_protocol
 from bridge.ingress import RuntimeState, outcome_of
@@ -123,10 +122,8 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     in the backlog and are answered once the bridge serves.
     """
     sockets: list[socket.socket] = []
+    infos = listen_addresses(host, port)  # as check-config resolves them
     try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
         ipv4_too = any(info[0] == socket.AF_INET for info in infos)
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
@@ -139,13 +136,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            reason = "the address is already in use (another bridge running?)"
-        else:
-            reason = exc.strerror or str(exc)
-        raise ConfigError(
-            f"cannot listen on {host}:{port} (BRIDGE_HOST, BRIDGE_PORT): {reason}"
-        ) from None
+        raise cannot_listen(host, port, exc) from None
     return sockets
 
 

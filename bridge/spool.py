@@ -106,6 +106,30 @@ _STOP = object()
 _PROBE_KEY = "\x00spool-write-probe-" + "x" * 4096
 
 
+def check_folder(directory: Path) -> None:
+    """Raise :class:`SpoolUnusable` unless ``directory`` is a folder the bridge can
+    write in, or one it can make (nothing is made here): the spool asks this before
+    opening, and ``check-config`` of BRIDGE_SPOOL_DIR, so both refuse the same."""
+    try:
+        existing = directory  # the folder itself, or the nearest of its parents there
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():  # a file (BRIDGE_SPOOL_DIR=/etc/passwd), or below one
+            raise SpoolUnusable(
+                f"spool folder {directory} cannot be used ({existing} is not a folder)"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            if existing == directory:
+                raise SpoolUnusable(
+                    f"spool folder {directory} is not writable (a read-only file system?)"
+                )
+            raise SpoolUnusable(
+                f"spool folder {directory} cannot be made: {existing} is not writable"
+            )
+    except OSError as exc:  # a parent that cannot be looked into, say
+        raise SpoolUnusable(f"spool folder {directory} cannot be used ({exc})") from None
+
+
 class Spool:
     """A crash-safe FIFO of Kafka records, plus the accepted-keys record."""
 
@@ -178,12 +202,9 @@ class Spool:
         self._thread.start()
 
     def _open_connection(self) -> sqlite3.Connection:
+        check_folder(self._directory)
         try:
             self._directory.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
-            if not os.access(self._directory, os.W_OK):
-                raise SpoolUnusable(
-                    f"spool folder {self._directory} is not writable (a read-only file system?)"
-                )
             self._lock()
             try:
                 connection = self._connect()
@@ -191,6 +212,9 @@ class Spool:
                 self._unlock()
                 raise
             self._make_reserve()
+            # Said once, absolute: events answered 2xx live here until Kafka has them,
+            # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
+            log.info("spool: events are kept in the folder %s", self._directory.resolve())
             return connection
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None

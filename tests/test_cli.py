@@ -116,6 +116,36 @@ def test_bad_setting_exits_2_naming_it(
     assert "BRIDGE_PORT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["not_a_host", " 127.0.0.1"])
+def test_check_config_refuses_a_host_serve_cannot_listen_on(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    """check-config said valid for a BRIDGE_HOST that does not resolve, which serve
+    then refused: it now resolves the host as serve does (nothing is bound)."""
+    env.setenv("BRIDGE_HOST", host)
+    assert main(["check-config"]) == 2
+    assert "BRIDGE_HOST" in capsys.readouterr().err
+
+
+def test_check_config_refuses_a_spool_folder_that_is_a_file(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """BRIDGE_SPOOL_DIR=/etc/passwd (a file) passed check-config and stopped serve: it
+    is now checked as the spool checks it, in durable mode, without making anything."""
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0::/root:/bin/sh\n")
+    for spool in (a_file, a_file / "spool"):
+        env.setenv("BRIDGE_SPOOL_DIR", str(spool))
+        assert main(["check-config"]) == 2
+        assert f"spool folder {spool} cannot be used" in capsys.readouterr().err
+    env.setenv("BRIDGE_ACK", "broker")  # no spool: not checked
+    assert main(["check-config"]) == 0
+    env.setenv("BRIDGE_ACK", "durable")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path / "new" / "spool"))
+    assert main(["check-config"]) == 0
+    assert not (tmp_path / "new").exists(), "check-config made the spool folder"
+
+
 def test_missing_compression_library_is_a_config_error(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

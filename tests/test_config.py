@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.backlog import MemoryBacklog
-from bridge.config import load_settings, read_secret_file
-from bridge.errors import ConfigError
+from bridge.config import Settings, load_settings, read_secret_file
+from bridge.errors import ConfigError, RateLimited
+from bridge.guards import RateLimiter
 from bridge.publisher import check_record_size
 from bridge.routing import MAX_TOPIC_LENGTH, Destination
 
@@ -359,3 +361,258 @@ def test_a_deadletter_topic_apart_from_the_events_is_accepted(
     """A dead-letter topic no event can be routed to passes (or none at all)."""
     environ = {**BASE, "BRIDGE_TOPIC_TEMPLATE": template, "BRIDGE_DEADLETTER_TOPIC": deadletter}
     assert load_settings(environ=environ).deadletter_topic == deadletter
+
+
+@pytest.mark.parametrize("name", ["BRIDGE_HOST", "BRIDGE_SPOOL_DIR", "BRIDGE_KAFKA_SSL_CAFILE"])
+def test_an_empty_path_or_host_is_the_default(name: str, tmp_path: Path) -> None:
+    """An empty variable (as Kubernetes may give) means unset, as it did for the Kafka
+    files only: an empty BRIDGE_SPOOL_DIR was the current folder (spool.db and its
+    lock made beside whatever ran the bridge), an empty BRIDGE_HOST every interface of
+    both IP versions. The same holds for an empty string in the TOML file."""
+    field = name.removeprefix("BRIDGE_").lower()
+    default = Settings.model_fields[field].default
+    assert getattr(load_settings(environ={**BASE, name: ""}), field) == default
+    file = tmp_path / "bridge.toml"
+    file.write_text(f'{field} = ""\n')
+    assert getattr(load_settings(file, environ=BASE), field) == default
+
+
+def test_tls_settings_with_a_protocol_without_tls_are_refused_as_tls(tmp_path: Path) -> None:
+    """A CA file with PLAINTEXT was refused as a SASL setting ("uses no SASL"): the
+    list of unused settings was the SASL list itself, the TLS ones added to it. Each
+    kind is now named with the protocols that use it."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")  # not read: PLAINTEXT makes no context
+    tls_only = {**BASE, "BRIDGE_KAFKA_SSL_CAFILE": str(ca)}
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ=tls_only)
+    assert str(refused.value).endswith(
+        "BRIDGE_KAFKA_SSL_CAFILE set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses no "
+        "TLS (SSL or SASL_SSL)"
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={**tls_only, "BRIDGE_KAFKA_SASL_USERNAME": "bridge"})
+    assert str(refused.value).endswith(
+        "BRIDGE_KAFKA_SASL_USERNAME set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses no "
+        "SASL (SASL_PLAINTEXT or SASL_SSL); BRIDGE_KAFKA_SSL_CAFILE set, but it uses no TLS "
+        "(SSL or SASL_SSL)"
+    )
+
+
+SASL_PLAINTEXT = {
+    "BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    "BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN",
+    "BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+    "BRIDGE_KAFKA_SASL_PASSWORD": "secret",
+}
+
+
+@pytest.mark.parametrize("protocol", [{}, SASL_PLAINTEXT])
+def test_turning_hostname_checks_off_without_tls_is_refused(protocol: dict[str, str]) -> None:
+    """BRIDGE_KAFKA_SSL_CHECK_HOSTNAME=false without TLS was silently ignored, while
+    every other unused security setting is refused; its default (true) is no change,
+    so setting that is still accepted."""
+    with pytest.raises(ConfigError, match=r"BRIDGE_KAFKA_SSL_CHECK_HOSTNAME set, but .* no TLS"):
+        load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "false"})
+    load_settings(environ={**BASE, **protocol, "BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "true"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BRIDGE_RATE_LIMIT", "1e-320"),  # the second request was a 500 (OverflowError)
+        ("BRIDGE_RATE_LIMIT", "1e-300"),  # a Retry-After of some 300 digits
+        ("BRIDGE_RATE_LIMIT", "0.0009"),
+        ("BRIDGE_RATE_LIMIT", "inf"),
+        ("BRIDGE_RATE_LIMIT", "1000001"),
+        ("BRIDGE_RATE_BURST", "9" * 400),  # passed check-config, then serve died
+        ("BRIDGE_RATE_BURST", "1000001"),
+        ("BRIDGE_MAX_CONCURRENCY", "1000001"),
+        ("BRIDGE_SPOOL_MAX_BYTES", str(2**53 + 1)),
+        ("BRIDGE_SPOOL_MAX_KEYS", str(2**53 + 1)),
+        ("BRIDGE_MEMORY_MAX_BYTES", str(2**53 + 1)),
+        ("BRIDGE_DEDUP_MAX_KEYS", str(2**53 + 1)),
+    ],
+)
+def test_rates_counts_and_sizes_out_of_bounds_are_refused(name: str, value: str) -> None:
+    """A rate limit under one request per 1000 s (other than 0, no limit) made the
+    limiter overflow or answer absurd waits, and counts and sizes had no upper bound:
+    400 nines as BRIDGE_RATE_BURST passed validation and crashed serve."""
+    with pytest.raises(ConfigError, match=f"{name}: .*(less than|at least)"):
+        load_settings(environ={**BASE, name: value})
+
+
+def test_the_bounds_allowed_keep_the_rate_limiter_sane() -> None:
+    """At the extremes validation allows, the limiter answers: a slowest rate waits at
+    most 1000 s, a largest burst and rate need no float beyond range."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_RATE_LIMIT": "0.001",
+            "BRIDGE_RATE_BURST": "1",
+            "BRIDGE_MAX_CONCURRENCY": "1000000",
+            "BRIDGE_SPOOL_MAX_BYTES": str(2**53),
+            "BRIDGE_SPOOL_MAX_KEYS": str(2**53),
+            "BRIDGE_MEMORY_MAX_BYTES": str(2**53),
+            "BRIDGE_DEDUP_MAX_KEYS": str(2**53),
+        }
+    )
+    slowest = RateLimiter(settings.rate_limit, settings.rate_burst)
+    client = ipaddress.ip_address("192.0.2.1")
+    slowest.check(client)
+    with pytest.raises(RateLimited) as limited:
+        slowest.check(client)
+    assert limited.value.retry_after == 1000
+    fastest = load_settings(
+        environ={**BASE, "BRIDGE_RATE_LIMIT": "1000000", "BRIDGE_RATE_BURST": "1000000"}
+    )
+    RateLimiter(fastest.rate_limit, fastest.rate_burst).check(client)
+    assert load_settings(environ={**BASE, "BRIDGE_RATE_LIMIT": "0"}).rate_limit == 0
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_two_variables_for_one_setting_are_refused(order: int) -> None:
+    """BRIDGE_Tokens was read as BRIDGE_TOKENS, so whichever came last in the
+    environment silently replaced the other. Both are named; neither value is shown."""
+    pair = [("BRIDGE_TOKENS", "first-secret-value"), ("BRIDGE_Tokens", "second-secret-value")]
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ=dict(pair[::order]))
+    message = str(refused.value)
+    assert "BRIDGE_TOKENS and BRIDGE_Tokens both set BRIDGE_TOKENS" in message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("port = true", "port in .*: a number is expected, not true or false"),
+        ("rate_limit = true", "rate_limit in .*: a number is expected"),
+        ("shutdown_delay = false", "shutdown_delay in .*: a number is expected"),
+    ],
+)
+def test_a_boolean_for_a_number_is_refused(tmp_path: Path, line: str, named: str) -> None:
+    """TOML's port = true was port 1 (a bool is an int to Python)."""
+    file = tmp_path / "bridge.toml"
+    file.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=named):
+        load_settings(file, environ=BASE)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BRIDGE_PORT", "8_080"), ("BRIDGE_RATE_LIMIT", "1_0"), ("BRIDGE_SHUTDOWN_DELAY", "1_0.5")],
+)
+def test_underscores_in_numbers_are_refused(name: str, value: str) -> None:
+    """int('8_080') is 8080 to Python: a number with '_' is a typo more likely than not."""
+    with pytest.raises(ConfigError, match=f"{name}: .*no '_'"):
+        load_settings(environ={**BASE, name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "read"),
+    [
+        ("BRIDGE_PORT", " 9000 ", "port", 9000),
+        ("BRIDGE_RATE_LIMIT", "\t2.5 ", "rate_limit", 2.5),
+        ("BRIDGE_ACCESS_LOG", " true ", "access_log", True),
+        ("BRIDGE_ACK", " memory\n", "ack", "memory"),
+        ("BRIDGE_ACK", "Durable", "ack", "durable"),
+        ("BRIDGE_LOG_LEVEL", "INFO", "log_level", "info"),
+        ("BRIDGE_LOG_FORMAT", "Text", "log_format", "text"),
+        ("BRIDGE_KAFKA_COMPRESSION", "GZIP", "kafka_compression", "gzip"),
+        ("BRIDGE_KAFKA_SECURITY_PROTOCOL", " plaintext ", "kafka_security_protocol", "PLAINTEXT"),
+    ],
+)
+def test_numbers_booleans_and_choices_are_read_alike(
+    name: str, value: str, field: str, read: object
+) -> None:
+    """Spaces around a number were accepted but around a boolean or a choice refused,
+    and only the security protocol ignored case: every scalar is now stripped, and
+    every choice matched in any case and kept as documented."""
+    assert getattr(load_settings(environ={**BASE, name: value}), field) == read
+
+
+def test_choices_in_the_toml_file_ignore_case_too(tmp_path: Path) -> None:
+    """The file is read as the environment is."""
+    file = tmp_path / "bridge.toml"
+    file.write_text('ack = "Memory"\nlog_level = "Warning"\n')
+    settings = load_settings(file, environ=BASE)
+    assert (settings.ack, settings.log_level) == ("memory", "warning")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("BRIDGE_CE_SOURCE", " ", "must not be blank"),
+        ("BRIDGE_CE_SOURCE", "urn:geins\nX-Injected: 1", "no line break, tab or other control"),
+        ("BRIDGE_CE_SOURCE", "urn:\x00geins", "no line break, tab or other control"),
+        ("BRIDGE_KAFKA_CLIENT_ID", "", "must not be blank"),
+        ("BRIDGE_KAFKA_CLIENT_ID", "bridge\t1", "no line break, tab or other control"),
+        ("BRIDGE_KAFKA_SASL_USERNAME", " ", "must not be blank"),
+        ("BRIDGE_KAFKA_SASL_USERNAME", "bridge\r", "no line break, tab or other control"),
+        ("BRIDGE_HOST", " 127.0.0.1", "no spaces or control characters"),
+        ("BRIDGE_HOST", "local host", "no spaces or control characters"),
+        ("BRIDGE_KAFKA_BOOTSTRAP", "a b:1", r"'a b:1': a host has no spaces or control"),
+        ("BRIDGE_KAFKA_BOOTSTRAP", "k1:9092,k\x002:9092", "a host has no spaces or control"),
+    ],
+)
+def test_blank_or_control_characters_in_text_settings_are_refused(
+    name: str, value: str, message: str
+) -> None:
+    """Free-text settings took anything: a blank ce_source or client id, a SASL user
+    of spaces, a line break in a header value, a space inside a bootstrap host. Each
+    is named where it cannot be meant."""
+    with pytest.raises(ConfigError, match=f"{name}: .*{message}"):
+        load_settings(environ={**BASE, "BRIDGE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT", name: value})
+
+
+def test_text_settings_keep_what_they_may_hold() -> None:
+    """Spaces inside a ce_source, IPv6 hosts and padded bootstrap lists still pass."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_CE_SOURCE": "urn:geins:my shop",
+            "BRIDGE_HOST": "::",
+            "BRIDGE_KAFKA_BOOTSTRAP": " k1:9092 , [::1]:9093",
+            "BRIDGE_KAFKA_CLIENT_ID": "geins-bridge-1",
+        }
+    )
+    assert settings.ce_source == "urn:geins:my shop"
+    assert settings.host == "::"
+
+
+def test_cross_setting_errors_name_settings_where_they_were_given(tmp_path: Path) -> None:
+    """Errors that weigh several settings together named every one as a BRIDGE_*
+    variable, even one the TOML file set, where the reader would look for it in
+    vain. Each is now named as given: the key in the file, or the variable; one left
+    at its default as the variable that would set it."""
+    file = tmp_path / "bridge.toml"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    file.write_text(f'kafka_ssl_cafile = "{ca}"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ=BASE)
+    assert str(refused.value).endswith(
+        f"kafka_ssl_cafile in {file} set, but BRIDGE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT uses "
+        "no TLS (SSL or SASL_SSL)"
+    )
+    file.write_text('topic_template = "events"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ={**BASE, "BRIDGE_DEADLETTER_TOPIC": "events"})
+    assert (
+        f"BRIDGE_DEADLETTER_TOPIC=events is a topic topic_template=events in {file} can make"
+        in str(refused.value)
+    )
+    file.write_text(f'ack = "memory"\nmemory_max_bytes = {1024 * 1024}\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ={**BASE, "BRIDGE_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+    assert (
+        f"memory_max_bytes=1048576 in {file} is below the largest event "
+        f"BRIDGE_MAX_BODY_BYTES=2097152 lets in" in str(refused.value)
+    )
+    assert f"(ack=memory in {file}); raise memory_max_bytes in {file} to" in str(refused.value)
+    file.write_text('kafka_security_protocol = "SASL_SSL"\nkafka_sasl_mechanism = "PLAIN"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(file, environ=BASE)
+    assert str(refused.value).endswith(
+        f"kafka_security_protocol=SASL_SSL in {file} needs BRIDGE_KAFKA_SASL_USERNAME"
+    )

@@ -416,6 +416,21 @@ async def test_a_second_spool_on_the_same_folder_is_refused_until_the_first_clos
     await second.close()
 
 
+async def test_the_folder_is_logged_once_when_the_spool_is_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the spool is, absolute (a relative BRIDGE_SPOOL_DIR is resolved), is said
+    once at startup: events answered 2xx live there until Kafka has them."""
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", logger="bridge.spool")
+    spool = make(Path("here"))
+    spool.connect()  # as the server prepares it before listening...
+    spool.open()  # ...then starts it: said once
+    await spool.close()
+    lines = [r.getMessage() for r in caplog.records if "folder" in r.getMessage()]
+    assert lines == [f"spool: events are kept in the folder {tmp_path / 'here'}"]
+
+
 def test_a_refused_spool_leaves_the_folder_free(tmp_path: Path) -> None:
     """A spool that failed to open (here a damaged file) holds no lock afterwards."""
     (tmp_path / "spool.db").write_bytes(b"this is not sqlite" * 100)
