@@ -143,7 +143,6 @@ class TokenAuthenticator:
         self._tokens = self._static
         #: Every token used since start, for keeping them out of logs and dead letters.
         self.redactor = Redactor(tokens)
-        warn_if_short(tokens, "BRIDGE_TOKENS")
         # Without tokens everything is refused, unless the operator opted out
         # explicitly (the settings refuse to start otherwise). Decided per request,
         # after the tokens file is looked at: once the file holds a token, it is

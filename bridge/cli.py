@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bridge import logs
-from bridge.auth import short_token_warnings
+from bridge.auth import short_token_warnings, warn_if_short
 from bridge.config import Settings, listen_addresses, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
@@ -161,6 +161,7 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.server import serve  # noqa: PLC0415  # uvicorn is only needed here
 
     settings.check_serving()
+    warn_if_short(settings.tokens, "BRIDGE_TOKENS")  # the file's: when the bridge reads it
     return serve(settings)
 
 

@@ -155,6 +155,10 @@ class _Names:
         return (name if value is None else f"{name}={value}") + where
 
 
+#: The settings that name a file holding a password (see _file_readable).
+PASSWORD_FILES = frozenset({"kafka_sasl_password_file", "kafka_ssl_keyfile_password_file"})
+
+
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
@@ -398,14 +402,16 @@ class Settings(BaseModel):
         "kafka_ssl_keyfile_password_file",
     )
     @classmethod
-    def _file_readable(cls, value: Path | None) -> Path | None:
+    def _file_readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None:
             try:
                 text = value.read_bytes()
             except OSError as exc:
-                # Not quoted when it names nothing: a password set here by mistake
-                # for the file that should hold it would be printed.
-                named = value if os.path.lexists(value) else "the file it names"
+                # A password file's path is not quoted when it names nothing: the
+                # password, set here by mistake for the file that should hold it,
+                # would be printed.
+                secret = info.field_name in PASSWORD_FILES and not os.path.lexists(value)
+                named = "the file it names" if secret else value
                 raise ValueError(f"cannot read {named}: {exc.strerror}") from None
             if not text.strip():
                 raise ValueError(f"{value} is empty")

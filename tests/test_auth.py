@@ -356,11 +356,15 @@ async def test_a_tokens_file_emptied_while_serving_is_an_error(
     ]
 
 
-def test_a_short_token_is_warned_of_by_its_length(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_short_token_of_the_file_is_warned_of_by_its_length(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Tokens under 16 characters are accepted (the samples use `dev-token`) with a
-    warning that names their length, never the token."""
-    TokenAuthenticator(["dev-token", "a-token-of-32-characters-or-more"])
+    warning that names their length, never the token (BRIDGE_TOKENS': test_cli)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("dev-token-1\na-token-of-32-characters-or-more\n")
+    TokenAuthenticator([], tokens_file=tokens)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].startswith("a token of BRIDGE_TOKENS has 9 characters")
-    assert "dev-token" not in warnings[0]
+    assert warnings[0].startswith("a token of the tokens file has 11 characters")
+    assert "dev-token-1" not in warnings[0]

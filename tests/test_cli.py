@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import re
 import socket
@@ -69,6 +70,20 @@ def test_check_config_warns_of_short_tokens(
     assert err[1].startswith("warning: a token of the tokens file has 9 characters")
     assert "secret-token" not in str(err)
     assert "short-tok" not in str(err)
+
+
+def test_serve_warns_of_a_short_token(
+    env: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge serve` logs a warning for a token under 16 characters, by its length."""
+    import bridge.server  # noqa: PLC0415
+
+    env.setattr(bridge.server, "serve", lambda _: 0)
+    assert main(["serve"]) == 0
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    warnings = [line["message"] for line in lines if line["level"] == "warning"]
+    assert [w.split(":")[0] for w in warnings] == ["a token of BRIDGE_TOKENS has 12 characters"]
+    assert "secret-token" not in str(lines)
 
 
 @pytest.mark.parametrize(
