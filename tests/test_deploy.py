@@ -62,6 +62,11 @@ REQUIRED_ALERTS = {
     "BridgeKafkaSecretsRefused",
 }
 IMAGE_UID = 10001
+#: Seconds a bridge may take to start serving: before it answers anything it runs
+#: `PRAGMA quick_check` over its whole spool file (bridge/spool.py), and a full spool
+#: (2.5 GB) took about 60 s from a cold page cache. Ten minutes leaves room for slow
+#: volumes; the liveness probe alone killed such a bridge after about 25 s, over and over.
+STARTUP_BUDGET = 600
 SPOOL = "/var/lib/bridge/spool"
 #: What every dashboard panel and query reads from: the dashboard's datasource variable.
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -219,6 +224,15 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_non_root_with_a_spool_volume()
     # USER comes after everything that needs root in the final stage.
     final = keywords[len(keywords) - 1 - keywords[::-1].index("FROM") :]
     assert "RUN" not in final[final.index("USER") :]
+
+
+def test_image_health_check_waits_for_a_full_spools_check() -> None:
+    """Pins the HEALTHCHECK's start period at STARTUP_BUDGET: failures while the bridge
+    checks its spool do not count (compose and Swarm use this health check)."""
+    health = next(s for s in dockerfile.parse(DOCKERFILE) if s.keyword == "HEALTHCHECK")
+    start = re.search(r"--start-period=(\S+)", health.args)
+    assert start is not None, health.args
+    assert seconds(start[1]) >= STARTUP_BUDGET
 
 
 def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
@@ -524,6 +538,23 @@ def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
     shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
     assert pause >= 5
     assert pod["terminationGracePeriodSeconds"] > pause + shutdown, name
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_get_time_to_check_a_full_spool_before_the_liveness_probe(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins a startupProbe on /healthz giving the bridge STARTUP_BUDGET seconds to start:
+    without one the liveness probe restarted a bridge still checking a full spool, so
+    after a long Kafka outage the pod crash-looped and never sent its backlog."""
+    bridge = bridge_container(workload["spec"]["template"]["spec"])
+    startup = bridge["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz", name
+    assert startup["httpGet"]["port"] in {p["name"] for p in bridge["ports"]}, name
+    # Kubernetes' defaults: periodSeconds 10, failureThreshold 3.
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert budget >= STARTUP_BUDGET, name
+    assert startup.get("periodSeconds", 10) <= 10, name  # and serving soon after it is up
 
 
 @pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
