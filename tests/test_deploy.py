@@ -672,6 +672,31 @@ def test_spool_volumes_hold_a_full_spool_and_its_keys() -> None:
         assert quantity_bytes(size) >= needed, (name, size)
 
 
+#: Room for a container's logs beside its volumes: the kubelet keeps up to 5 files
+#: of 10 MiB per container by default (containerLogMaxFiles, containerLogMaxSize).
+LOG_ROOM = 50 * 1024**2
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_request_the_disk_their_spool_may_use(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins the bridge's ephemeral-storage request above its disk-backed emptyDirs (the
+    spool) plus its logs, and no limit. Under node disk pressure the kubelet first evicts
+    pods using more than they request, ignoring the PDB and the grace period, and an
+    evicted pod's emptyDir spool is deleted; a limit would be one more way to that."""
+    pod = workload["spec"]["template"]["spec"]
+    bridge = bridge_container(pod)
+    on_disk = sum(
+        quantity_bytes(v["emptyDir"]["sizeLimit"])
+        for v in pod.get("volumes", [])
+        if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    )
+    requested = quantity_bytes(bridge["resources"]["requests"]["ephemeral-storage"])
+    assert requested >= on_disk + LOG_ROOM, name
+    assert "ephemeral-storage" not in bridge["resources"].get("limits", {}), name
+
+
 def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> None:
     """Pins the sidecar example: Service port `webhooks` and /webhooks/geins reach the bridge."""
     docs = manifests(SIDECAR)
