@@ -499,7 +499,19 @@ def test_kustomizations_list_every_manifest() -> None:
     for folder in (STANDALONE, SIDECAR):
         listed = load_yaml(folder / "kustomization.yaml")["resources"]
         present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
-        assert set(listed) == present - alternatives, folder
+        examples = {p.name for p in folder.glob("*.example.yaml")}
+        assert set(listed) == present - alternatives - examples, folder
+
+
+def test_kustomizations_apply_no_secret() -> None:
+    """Pins that `kubectl apply -k` deploys no Secret: the tokens Secret is created out of
+    band, and a placeholder Secret among the resources overwrote the real one at every
+    apply. The placeholder stays beside them as an example (secret.example.yaml)."""
+    for folder in (STANDALONE, SIDECAR):
+        listed = load_yaml(folder / "kustomization.yaml")["resources"]
+        kinds = {doc["kind"] for name in listed for doc in load_docs(folder / name)}
+        assert "Secret" not in kinds, folder
+        assert (folder / "secret.example.yaml").is_file(), folder
 
 
 def workloads() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
