@@ -598,6 +598,43 @@ def test_bridge_pods_run_locked_down_with_resources_and_a_spool_volume(
         assert mounts[SPOOL] in claims  # the point of the StatefulSet: a volume per replica
 
 
+def image_environment() -> dict[str, str]:
+    """The NAME=value pairs the image's ENV instructions set (values without spaces)."""
+    return {
+        name: value
+        for step in dockerfile.parse(DOCKERFILE)
+        if step.keyword == "ENV"
+        for name, value in re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", step.args)
+    }
+
+
+def test_sqlite_temporary_files_go_to_the_spool_volume_everywhere() -> None:
+    """Pins SQLITE_TMPDIR (which SQLite reads before TMPDIR) to the spool volume in the
+    image, and that compose and every pod mount a disk volume at that path: SQLite's
+    temporary files went to the 16Mi in-memory /tmp, and building the spool's topic
+    index over 1M waiting events failed there with "database or disk is full"."""
+    tmpdir = image_environment()["SQLITE_TMPDIR"]
+    assert tmpdir == SPOOL
+
+    bridge = load_yaml(COMPOSE)["services"]["bridge"]
+    assert bridge["environment"].get("SQLITE_TMPDIR", tmpdir) == SPOOL
+    assert any(v.split(":")[1] == SPOOL for v in bridge["volumes"])
+
+    for name, workload, _ in WORKLOADS:
+        pod = workload["spec"]["template"]["spec"]
+        container = bridge_container(pod)
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        path = env.get("SQLITE_TMPDIR", tmpdir)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert path in mounts, name
+        volume = next((v for v in pod.get("volumes", []) if v["name"] == mounts[path]), None)
+        if volume is None:  # a StatefulSet's claim
+            claims = {c["metadata"]["name"] for c in workload["spec"]["volumeClaimTemplates"]}
+            assert mounts[path] in claims, name
+        else:
+            assert volume["emptyDir"].get("medium") != "Memory", name
+
+
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     """Whether an equality selector selects these labels."""
     return all(labels.get(key) == value for key, value in selector.items())
