@@ -337,6 +337,20 @@ def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
     assert json.loads(DASHBOARD.read_text())["uid"] == "geins-bridge"
 
 
+def test_compose_publishes_only_the_bridge_beyond_the_host() -> None:
+    """Pins Kafka, Prometheus (no login) and Grafana (admin/admin by default) to ports on
+    127.0.0.1: published on every interface, anyone on the network could use them. The
+    bridge's port stays open: it receives the webhooks, and asks for a token."""
+    services = load_yaml(COMPOSE)["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), (name, port)
+            if name == "bridge":
+                continue
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert any(p.endswith(":8080") for p in services["bridge"]["ports"])
+
+
 def settings_cases() -> list[tuple[str, dict[str, str]]]:
     """(where, BRIDGE_* environment) of every bridge that deploy/ configures."""
     compose_env = dict(load_yaml(COMPOSE)["services"]["bridge"]["environment"])
