@@ -10,12 +10,13 @@ and cross-checks that the files agree with each other and with the bridge.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ import pytest
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.devkafka import KAFKA_VERSION
 from bridge.metrics import Metrics
+from bridge.publisher import FORCE_CLOSE_SECONDS
 from bridge.spool import RESERVE_BYTES
 from tests.deploy_support import dockerfile
 from tests.deploy_support.dockerignore import DockerIgnore
@@ -135,6 +137,21 @@ def seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
+def shutdown_seconds(env: Mapping[str, str]) -> float:
+    """The longest a bridge with these BRIDGE_* settings takes from SIGTERM to its exit:
+    BRIDGE_SHUTDOWN_DELAY (bridge/server.py), the in-flight requests (uvicorn's graceful
+    timeout: BRIDGE_SHUTDOWN_TIMEOUT rounded up), the drain and the producer's flush (one
+    more BRIDGE_SHUTDOWN_TIMEOUT, bridge/app.py), and the forced close of a producer whose
+    flush ran out of that time (bridge/publisher.py)."""
+
+    def setting(name: str) -> float:
+        value = env.get(f"BRIDGE_{name.upper()}", Settings.model_fields[name].default)
+        return float(value)
+
+    timeout = setting("shutdown_timeout")
+    return setting("shutdown_delay") + math.ceil(timeout) + timeout + FORCE_CLOSE_SECONDS
+
+
 def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Run a tool with a time limit; its output in the assertion message on failure."""
     return subprocess.run(
@@ -235,6 +252,21 @@ def test_image_health_check_waits_for_a_full_spools_check() -> None:
     assert seconds(start[1]) >= STARTUP_BUDGET
 
 
+def test_docker_run_examples_give_the_bridge_time_to_drain() -> None:
+    """Pins `--stop-timeout` in the `docker run` examples (deploy/README.md, the Dockerfile's
+    header) above the bridge's shutdown with the default settings: Docker's default of
+    10 s killed it in the middle of delivering its spool."""
+    for path in (DEPLOY / "README.md", DOCKERFILE):
+        text = path.read_text()
+        # commands (a line of their own, maybe commented out), not mentions in prose
+        commands = re.findall(r"^[#\s]*docker run\b(?:.*\\\n)*.*", text, flags=re.MULTILINE)
+        assert commands, path
+        for command in commands:
+            timeout = re.search(r"--stop-timeout[ =](\d+)", command)
+            assert timeout is not None, (path.name, command)
+            assert int(timeout[1]) > shutdown_seconds({}), (path.name, command)
+
+
 def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
     """Pins deploy/Dockerfile.dockerignore: the context is pyproject, README and bridge/ sources."""
     ignore = DockerIgnore((DEPLOY / "Dockerfile.dockerignore").read_text())
@@ -308,9 +340,7 @@ def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
     assert f"bridge-spool:{SPOOL}" in bridge["volumes"]
     assert "bridge-spool" in compose["volumes"]
     assert bridge["depends_on"]["kafka"]["condition"] == "service_healthy"
-    grace = seconds(bridge["stop_grace_period"])
-    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
-    assert grace > shutdown
+    assert seconds(bridge["stop_grace_period"]) > shutdown_seconds(env)
 
     mounts: dict[str, str] = {}
     for service in services.values():
@@ -561,9 +591,8 @@ def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
     command = bridge["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pause = float(command[1])
-    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
     assert pause >= 5
-    assert pod["terminationGracePeriodSeconds"] > pause + shutdown, name
+    assert pod["terminationGracePeriodSeconds"] > pause + shutdown_seconds(env), name
 
 
 @pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
