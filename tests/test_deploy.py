@@ -53,6 +53,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 REQUIRED_ALERTS = {
     "BridgeDown",
+    "BridgeMissing",
     "BridgeNotReady",
     "BridgeDroppingRecords",
     "BridgeKafkaUnreachable",
