@@ -730,6 +730,23 @@ def test_standalone_objects_select_and_target_the_bridge() -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
 
 
+def test_statefulset_runs_the_same_pods_as_the_deployment() -> None:
+    """Pins statefulset.yaml's pod template to deployment.yaml's but for the spool (a claim
+    instead of an emptyDir, so no ephemeral storage for it), as deploy/README.md says: it
+    had lost the zone spread, so a zone outage could take every replica."""
+
+    def comparable(workload: dict[str, Any]) -> dict[str, Any]:
+        template: dict[str, Any] = json.loads(json.dumps(workload["spec"]["template"]))
+        spec = template["spec"]
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "spool"]
+        for container in spec["containers"]:
+            container["resources"]["requests"].pop("ephemeral-storage", None)
+        return template
+
+    docs = manifests(STANDALONE)
+    assert comparable(find(docs, "StatefulSet")) == comparable(find(docs, "Deployment"))
+
+
 def quantity_bytes(quantity: str) -> int:
     """A Kubernetes quantity with a binary suffix (2Gi, 16Mi) in bytes."""
     match = re.fullmatch(r"(\d+)([KMGT])i", quantity)
