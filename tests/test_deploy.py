@@ -10,12 +10,13 @@ and cross-checks that the files agree with each other and with the bridge.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ import pytest
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.devkafka import KAFKA_VERSION
 from bridge.metrics import Metrics
+from bridge.publisher import FORCE_CLOSE_SECONDS
 from bridge.spool import RESERVE_BYTES
 from tests.deploy_support import dockerfile
 from tests.deploy_support.dockerignore import DockerIgnore
@@ -51,6 +53,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 REQUIRED_ALERTS = {
     "BridgeDown",
+    "BridgeMissing",
     "BridgeNotReady",
     "BridgeDroppingRecords",
     "BridgeKafkaUnreachable",
@@ -62,6 +65,11 @@ REQUIRED_ALERTS = {
     "BridgeKafkaSecretsRefused",
 }
 IMAGE_UID = 10001
+#: Seconds a bridge may take to start serving: before it answers anything it runs
+#: `PRAGMA quick_check` over its whole spool file (bridge/spool.py), and a full spool
+#: (2.5 GB) took about 60 s from a cold page cache. Ten minutes leaves room for slow
+#: volumes; the liveness probe alone killed such a bridge after about 25 s, over and over.
+STARTUP_BUDGET = 600
 SPOOL = "/var/lib/bridge/spool"
 #: What every dashboard panel and query reads from: the dashboard's datasource variable.
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -128,6 +136,21 @@ def seconds(duration: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
     assert "".join(n + u for n, u in parts) == duration, duration
     return sum(float(n) * units[u] for n, u in parts)
+
+
+def shutdown_seconds(env: Mapping[str, str]) -> float:
+    """The longest a bridge with these BRIDGE_* settings takes from SIGTERM to its exit:
+    BRIDGE_SHUTDOWN_DELAY (bridge/server.py), the in-flight requests (uvicorn's graceful
+    timeout: BRIDGE_SHUTDOWN_TIMEOUT rounded up), the drain and the producer's flush (one
+    more BRIDGE_SHUTDOWN_TIMEOUT, bridge/app.py), and the forced close of a producer whose
+    flush ran out of that time (bridge/publisher.py)."""
+
+    def setting(name: str) -> float:
+        value = env.get(f"BRIDGE_{name.upper()}", Settings.model_fields[name].default)
+        return float(value)
+
+    timeout = setting("shutdown_timeout")
+    return setting("shutdown_delay") + math.ceil(timeout) + timeout + FORCE_CLOSE_SECONDS
 
 
 def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -221,6 +244,30 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_non_root_with_a_spool_volume()
     assert "RUN" not in final[final.index("USER") :]
 
 
+def test_image_health_check_waits_for_a_full_spools_check() -> None:
+    """Pins the HEALTHCHECK's start period at STARTUP_BUDGET: failures while the bridge
+    checks its spool do not count (compose and Swarm use this health check)."""
+    health = next(s for s in dockerfile.parse(DOCKERFILE) if s.keyword == "HEALTHCHECK")
+    start = re.search(r"--start-period=(\S+)", health.args)
+    assert start is not None, health.args
+    assert seconds(start[1]) >= STARTUP_BUDGET
+
+
+def test_docker_run_examples_give_the_bridge_time_to_drain() -> None:
+    """Pins `--stop-timeout` in the `docker run` examples (deploy/README.md, the Dockerfile's
+    header) above the bridge's shutdown with the default settings: Docker's default of
+    10 s killed it in the middle of delivering its spool."""
+    for path in (DEPLOY / "README.md", DOCKERFILE):
+        text = path.read_text()
+        # commands (a line of their own, maybe commented out), not mentions in prose
+        commands = re.findall(r"^[#\s]*docker run\b(?:.*\\\n)*.*", text, flags=re.MULTILINE)
+        assert commands, path
+        for command in commands:
+            timeout = re.search(r"--stop-timeout[ =](\d+)", command)
+            assert timeout is not None, (path.name, command)
+            assert int(timeout[1]) > shutdown_seconds({}), (path.name, command)
+
+
 def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
     """Pins deploy/Dockerfile.dockerignore: the context is pyproject, README and bridge/ sources."""
     ignore = DockerIgnore((DEPLOY / "Dockerfile.dockerignore").read_text())
@@ -294,9 +341,7 @@ def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
     assert f"bridge-spool:{SPOOL}" in bridge["volumes"]
     assert "bridge-spool" in compose["volumes"]
     assert bridge["depends_on"]["kafka"]["condition"] == "service_healthy"
-    grace = seconds(bridge["stop_grace_period"])
-    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
-    assert grace > shutdown
+    assert seconds(bridge["stop_grace_period"]) > shutdown_seconds(env)
 
     mounts: dict[str, str] = {}
     for service in services.values():
@@ -321,6 +366,20 @@ def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
     datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     assert json.loads(DASHBOARD.read_text())["uid"] == "geins-bridge"
+
+
+def test_compose_publishes_only_the_bridge_beyond_the_host() -> None:
+    """Pins Kafka, Prometheus (no login) and Grafana (admin/admin by default) to ports on
+    127.0.0.1: published on every interface, anyone on the network could use them. The
+    bridge's port stays open: it receives the webhooks, and asks for a token."""
+    services = load_yaml(COMPOSE)["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), (name, port)
+            if name == "bridge":
+                continue
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert any(p.endswith(":8080") for p in services["bridge"]["ports"])
 
 
 def settings_cases() -> list[tuple[str, dict[str, str]]]:
@@ -489,7 +548,19 @@ def test_kustomizations_list_every_manifest() -> None:
     for folder in (STANDALONE, SIDECAR):
         listed = load_yaml(folder / "kustomization.yaml")["resources"]
         present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
-        assert set(listed) == present - alternatives, folder
+        examples = {p.name for p in folder.glob("*.example.yaml")}
+        assert set(listed) == present - alternatives - examples, folder
+
+
+def test_kustomizations_apply_no_secret() -> None:
+    """Pins that `kubectl apply -k` deploys no Secret: the tokens Secret is created out of
+    band, and a placeholder Secret among the resources overwrote the real one at every
+    apply. The placeholder stays beside them as an example (secret.example.yaml)."""
+    for folder in (STANDALONE, SIDECAR):
+        listed = load_yaml(folder / "kustomization.yaml")["resources"]
+        kinds = {doc["kind"] for name in listed for doc in load_docs(folder / name)}
+        assert "Secret" not in kinds, folder
+        assert (folder / "secret.example.yaml").is_file(), folder
 
 
 def workloads() -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
@@ -525,9 +596,25 @@ def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
     command = bridge["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pause = float(command[1])
-    shutdown = float(env["BRIDGE_SHUTDOWN_DELAY"]) + 2 * float(env["BRIDGE_SHUTDOWN_TIMEOUT"])
     assert pause >= 5
-    assert pod["terminationGracePeriodSeconds"] > pause + shutdown, name
+    assert pod["terminationGracePeriodSeconds"] > pause + shutdown_seconds(env), name
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_get_time_to_check_a_full_spool_before_the_liveness_probe(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins a startupProbe on /healthz giving the bridge STARTUP_BUDGET seconds to start:
+    without one the liveness probe restarted a bridge still checking a full spool, so
+    after a long Kafka outage the pod crash-looped and never sent its backlog."""
+    bridge = bridge_container(workload["spec"]["template"]["spec"])
+    startup = bridge["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz", name
+    assert startup["httpGet"]["port"] in {p["name"] for p in bridge["ports"]}, name
+    # Kubernetes' defaults: periodSeconds 10, failureThreshold 3.
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert budget >= STARTUP_BUDGET, name
+    assert startup.get("periodSeconds", 10) <= 10, name  # and serving soon after it is up
 
 
 @pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
@@ -557,6 +644,43 @@ def test_bridge_pods_run_locked_down_with_resources_and_a_spool_volume(
     assert mounts[SPOOL] in volumes | claims
     if workload["kind"] == "StatefulSet":
         assert mounts[SPOOL] in claims  # the point of the StatefulSet: a volume per replica
+
+
+def image_environment() -> dict[str, str]:
+    """The NAME=value pairs the image's ENV instructions set (values without spaces)."""
+    return {
+        name: value
+        for step in dockerfile.parse(DOCKERFILE)
+        if step.keyword == "ENV"
+        for name, value in re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", step.args)
+    }
+
+
+def test_sqlite_temporary_files_go_to_the_spool_volume_everywhere() -> None:
+    """Pins SQLITE_TMPDIR (which SQLite reads before TMPDIR) to the spool volume in the
+    image, and that compose and every pod mount a disk volume at that path: SQLite's
+    temporary files went to the 16Mi in-memory /tmp, and building the spool's topic
+    index over 1M waiting events failed there with "database or disk is full"."""
+    tmpdir = image_environment()["SQLITE_TMPDIR"]
+    assert tmpdir == SPOOL
+
+    bridge = load_yaml(COMPOSE)["services"]["bridge"]
+    assert bridge["environment"].get("SQLITE_TMPDIR", tmpdir) == SPOOL
+    assert any(v.split(":")[1] == SPOOL for v in bridge["volumes"])
+
+    for name, workload, _ in WORKLOADS:
+        pod = workload["spec"]["template"]["spec"]
+        container = bridge_container(pod)
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        path = env.get("SQLITE_TMPDIR", tmpdir)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert path in mounts, name
+        volume = next((v for v in pod.get("volumes", []) if v["name"] == mounts[path]), None)
+        if volume is None:  # a StatefulSet's claim
+            claims = {c["metadata"]["name"] for c in workload["spec"]["volumeClaimTemplates"]}
+            assert mounts[path] in claims, name
+        else:
+            assert volume["emptyDir"].get("medium") != "Memory", name
 
 
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -610,6 +734,23 @@ def test_standalone_objects_select_and_target_the_bridge() -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
 
 
+def test_statefulset_runs_the_same_pods_as_the_deployment() -> None:
+    """Pins statefulset.yaml's pod template to deployment.yaml's but for the spool (a claim
+    instead of an emptyDir, so no ephemeral storage for it), as deploy/README.md says: it
+    had lost the zone spread, so a zone outage could take every replica."""
+
+    def comparable(workload: dict[str, Any]) -> dict[str, Any]:
+        template: dict[str, Any] = json.loads(json.dumps(workload["spec"]["template"]))
+        spec = template["spec"]
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "spool"]
+        for container in spec["containers"]:
+            container["resources"]["requests"].pop("ephemeral-storage", None)
+        return template
+
+    docs = manifests(STANDALONE)
+    assert comparable(find(docs, "StatefulSet")) == comparable(find(docs, "Deployment"))
+
+
 def quantity_bytes(quantity: str) -> int:
     """A Kubernetes quantity with a binary suffix (2Gi, 16Mi) in bytes."""
     match = re.fullmatch(r"(\d+)([KMGT])i", quantity)
@@ -643,6 +784,31 @@ def test_spool_volumes_hold_a_full_spool_and_its_keys() -> None:
     assert len(sizes) == 3, sizes
     for name, size in sizes:
         assert quantity_bytes(size) >= needed, (name, size)
+
+
+#: Room for a container's logs beside its volumes: the kubelet keeps up to 5 files
+#: of 10 MiB per container by default (containerLogMaxFiles, containerLogMaxSize).
+LOG_ROOM = 50 * 1024**2
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_request_the_disk_their_spool_may_use(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins the bridge's ephemeral-storage request above its disk-backed emptyDirs (the
+    spool) plus its logs, and no limit. Under node disk pressure the kubelet first evicts
+    pods using more than they request, ignoring the PDB and the grace period, and an
+    evicted pod's emptyDir spool is deleted; a limit would be one more way to that."""
+    pod = workload["spec"]["template"]["spec"]
+    bridge = bridge_container(pod)
+    on_disk = sum(
+        quantity_bytes(v["emptyDir"]["sizeLimit"])
+        for v in pod.get("volumes", [])
+        if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    )
+    requested = quantity_bytes(bridge["resources"]["requests"]["ephemeral-storage"])
+    assert requested >= on_disk + LOG_ROOM, name
+    assert "ephemeral-storage" not in bridge["resources"].get("limits", {}), name
 
 
 def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> None:
