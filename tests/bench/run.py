@@ -254,7 +254,7 @@ def supported_ack_modes() -> tuple[list[str], dict[str, str]]:
     supported: list[str] = []
     notes: dict[str, str] = {}
     for mode in ACK_MODES:
-        env = {**clean_env(), "BRIDGE_ACK": mode, "BRIDGE_TOKENS": "x"}
+        env = {**clean_env(), "BRIDGE_ACK": mode, "BRIDGE_TOKENS": TOKEN}
         result = subprocess.run(
             [PYTHON, "-m", "bridge", "check-config"],
             env=env,
@@ -279,7 +279,7 @@ def bridge_serve_workers_flag() -> str | None:
     """``--workers`` if ``bridge serve`` has it (it did not when this was written)."""
     result = subprocess.run(
         [PYTHON, "-m", "bridge", "serve", "--help"],
-        env={**clean_env(), "BRIDGE_TOKENS": "x"},
+        env={**clean_env(), "BRIDGE_TOKENS": TOKEN},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -1070,6 +1070,8 @@ def main() -> int:
     if vegeta is None:
         notes.append("vegeta could not be installed: no fixed-rate latency runs")
     modes, mode_notes = supported_ack_modes()
+    if not modes:  # a run of the baselines alone would measure nothing this is for
+        raise SystemExit(f"bench: no ack mode of the bridge can be measured: {mode_notes}")
     notes += [f"ack mode `{m}`: {why}" for m, why in mode_notes.items()]
     workers_flag = bridge_serve_workers_flag()
     if plan.two_workers and workers_flag is None:
