@@ -411,17 +411,30 @@ def test_a_missing_dead_letter_topic_is_an_error_and_is_not_created(
     assert f"{topic_prefix}.deadleter" not in capsys.readouterr().out.split()
 
 
+def consumed(
+    partition: int, offset: int, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+) -> Any:
+    """A dead letter as the consumer gives it, written by Kafka at 2025-11-30 01:02:03 UTC."""
+    return SimpleNamespace(
+        partition=partition,
+        offset=offset,
+        timestamp=1_764_464_523_000,
+        key=key,
+        value=value,
+        headers=headers,
+    )
+
+
 def test_describe_dead_letter_shows_what_each_kind_holds() -> None:
     """A delivery's dead letter shows `?query` only when there was one (it printed
     `POST /webhooks/geins?`); an event Kafka refused shows Kafka's time and the topic
     it was for (it printed `-` and `? ?`)."""
-    refused = SimpleNamespace(
-        partition=0,
-        offset=7,
-        timestamp=1_764_464_523_000,
-        key=b"k-1",
-        value=b'{"entity":"Order"}',
-        headers=[
+    refused = consumed(
+        0,
+        7,
+        b"k-1",
+        b'{"entity":"Order"}',
+        [
             ("x-bridge-received-at", b"2026-11-30T01:02:03+00:00"),
             ("x-bridge-reason", b"unknown_event_type"),
             ("x-bridge-detail", b"novel"),
@@ -434,13 +447,12 @@ def test_describe_dead_letter_shows_what_each_kind_holds() -> None:
     assert second.split() == ["POST", "/webhooks/geins", '{"entity":"Order"}']
     refused.headers.append(("x-bridge-query", b"id=1"))
     assert "POST /webhooks/geins?id=1 " in kafkaadmin.describe_dead_letter(refused)
-    rejected = SimpleNamespace(
-        partition=1,
-        offset=2,
-        timestamp=1_764_464_523_000,
-        key=b"k-2",
-        value=b"{}",
-        headers=[
+    rejected = consumed(
+        1,
+        2,
+        b"k-2",
+        b"{}",
+        [
             ("ce_time", b"2026-11-30T01:00:00Z"),
             ("x-bridge-reason", b"kafka_rejected"),
             ("x-bridge-detail", b"too large"),
