@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 #: Metadata older than this makes the bridge unready.
 STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+#: Broker-mode deliveries get their 503 at once when Kafka has answered nothing for
+#: this long: no metadata refresh and no acknowledgement. With STALE_AFTER_SECONDS
+#: alone one refresh that timed out (sleep, 5 s timeout, sleep) refused every delivery
+#: until the next one came back, while Kafka acknowledged records all along.
+UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + 2 * HEARTBEAT_SECONDS
 #: The longest wait between two tries of secret files a rotation could not connect with.
 ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:
@@ -329,6 +334,7 @@ class KafkaPublisher:
         self._replaced: asyncio.Future[None] | None = None
         self._max_request_size = settings.kafka_max_request_size()
         self._fresh_until = 0.0
+        self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
@@ -431,6 +437,7 @@ class KafkaPublisher:
         self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
+        self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
 
     async def _keep_connected(self) -> None:
         backoff = 0.5
@@ -523,7 +530,10 @@ class KafkaPublisher:
         A fresh producer gets a new producer id, whose numbering starts over. Only
         the current producer's failures count: a replaced one's are its past.
         """
-        if acked.cancelled() or acked.exception() is None:
+        if acked.cancelled():
+            return
+        if acked.exception() is None:  # an answer: Kafka is there (see publish)
+            self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
             return
         if producer is not self._producer or self._broken is producer:
             return
@@ -658,6 +668,7 @@ class KafkaPublisher:
             log.warning("Kafka metadata refresh failed: %r", exc)
         else:
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
+            self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
 
     def ready_for(self, topic: str) -> bool:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need
@@ -765,17 +776,18 @@ class KafkaPublisher:
     async def publish(self, destination: Destination) -> None:
         """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError.
 
-        At once Unavailable while Kafka has not answered for STALE_AFTER_SECONDS (the
-        bridge is unready): the record would wait the whole publish timeout for the
-        same 503, each such request holding one of BRIDGE_MAX_CONCURRENCY places.
+        At once Unavailable while Kafka has answered nothing for UNANSWERED_AFTER_SECONDS
+        (the bridge is unready by then): the record would wait the whole publish
+        timeout for the same 503, each such request holding one of
+        BRIDGE_MAX_CONCURRENCY places.
         """
-        if not self.connected:
+        if self._producer is None or time.monotonic() >= self._answered_until:
             self._metrics.record_publish_error("not_connected")
             raise Unavailable(
                 "not connected to Kafka yet"
                 if self._producer is None
                 else f"Kafka at {self._settings.kafka_bootstrap} has not answered for "
-                f"{STALE_AFTER_SECONDS:g} s or more"
+                f"{UNANSWERED_AFTER_SECONDS:g} s or more"
             )
         started = time.perf_counter()
         try:

@@ -165,18 +165,38 @@ async def test_a_record_refused_as_out_of_order_goes_again_once_replaced() -> No
 
 
 async def test_publish_refuses_at_once_while_kafka_has_not_answered() -> None:
-    """Once the metadata is stale (Kafka has not answered for STALE_AFTER_SECONDS, the
-    bridge unready), broker mode answers 503 at once: every delivery used to wait the
+    """Once Kafka has answered nothing for UNANSWERED_AFTER_SECONDS (the bridge is
+    unready by then), broker mode answers 503 at once: every delivery used to wait the
     whole publish timeout (5 s) for the same 503, holding a concurrency place, and was
     counted as a timeout, never as not_connected."""
     pub = publisher(timeout=30)
     producer = FakeProducer()
     producer.metadata.set()
     pub._use(producer, b"")
-    pub._fresh_until = time.monotonic() - 1  # what failing heartbeats leave
+    pub._fresh_until = pub._answered_until = time.monotonic() - 1  # failing heartbeats
     started = time.monotonic()
-    with pytest.raises(Unavailable, match="has not answered for 15 s"):
+    with pytest.raises(Unavailable, match="has not answered for 25 s"):
         await pub.publish(DESTINATION)
     assert time.monotonic() - started < 1
     assert producer.sends == 0
     assert pub._metrics.publish_errors.labels("not_connected")._value.get() == 1
+
+
+async def test_acknowledgements_keep_publish_going_through_a_slow_refresh() -> None:
+    """Kafka acknowledging records is an answer: one metadata refresh that timed out
+    made the metadata stale, and every delivery got a 503 until the next refresh came
+    back, while Kafka took records all along (reviewer: 141 of 1,355 refused)."""
+    pub = publisher(timeout=5)
+    producer = FakeProducer()
+    producer.metadata.set()
+    pub._use(producer, b"")
+    pub._fresh_until = pub._answered_until = time.monotonic() - 1
+    earlier: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    earlier.set_result(None)
+    pub._after_ack(producer, earlier)  # a record acknowledged just now
+    assert not pub.connected  # unready (stale metadata), as before
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    assert producer.sends == 1
+    producer.appended[0].set_result(None)
+    await asyncio.wait_for(task, 1)
