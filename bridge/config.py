@@ -472,25 +472,12 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:
-        # Checked after the fields: a bad template or topic has been named already.
-        named = _Names(info)
-        topic, template = self.deadletter_topic, self.topic_template
-        if topic and template_can_make(template, topic):
-            raise ValueError(
-                f"{named('deadletter_topic', topic)} is a topic "
-                f"{named('topic_template', template)} can make for events (or one Kafka "
-                "takes for the same: it treats '.' and '_' alike): dead letters would be "
-                "mixed with events; choose a dead-letter topic the template cannot produce"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _no_token_in_names(self) -> Self:
         # Every delivery whose topic name would hold a webhook token is refused (422),
         # so a token inside the template's own text or the default account or
         # environment would refuse them all; and the dead-letter topic would show one
         # to whoever lists topics. (Tokens the file gets later are not checked here.)
+        # Before the other checks of these names: their messages quote them.
         try:
             tokens = [*self.tokens, *self.file_tokens()]
         except (OSError, ValueError):
@@ -511,6 +498,20 @@ class Settings(BaseModel):
             raise ValueError(
                 "BRIDGE_DEADLETTER_TOPIC holds a webhook token: whoever lists the topics "
                 "would see it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:
+        # Checked after the fields: a bad template or topic has been named already.
+        named = _Names(info)
+        topic, template = self.deadletter_topic, self.topic_template
+        if topic and template_can_make(template, topic):
+            raise ValueError(
+                f"{named('deadletter_topic', topic)} is a topic "
+                f"{named('topic_template', template)} can make for events (or one Kafka "
+                "takes for the same: it treats '.' and '_' alike): dead letters would be "
+                "mixed with events; choose a dead-letter topic the template cannot produce"
             )
         return self
 
