@@ -111,13 +111,19 @@ def tokens_redactor(tokens: Sequence[str], tokens_file: Path | None) -> Redactor
     return Redactor([*tokens, *from_file])
 
 
+def unreadable_because(exc: OSError | ValueError) -> str:
+    """Why a file could not be read or used, without its name (which OSError's text
+    holds, and which may be a secret set in the wrong setting)."""
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
 def _read(path: Path) -> tuple[str, ...] | str:
     """The file's tokens, or why it cannot be read now: a rotation in progress, say, or
     not UTF-8. The watch must live on through either."""
     try:
         return read_tokens_file(path)
     except (OSError, ValueError) as exc:
-        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        return unreadable_because(exc)
 
 
 class TokenAuthenticator:

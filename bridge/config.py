@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.auth import read_tokens_file, token_problem
+from bridge.auth import read_tokens_file, token_problem, unreadable_because
 from bridge.errors import ConfigError
 from bridge.guards import parse_network
 from bridge.redaction import Redactor
@@ -153,6 +153,12 @@ class _Names:
     def __call__(self, field: str, value: object = None) -> str:
         name, where = self._given.get(field, (ENV_PREFIX + field.upper(), ""))
         return (name if value is None else f"{name}={value}") + where
+
+
+def _named(path: Path) -> str:
+    """``path`` as an error quotes a file holding secrets: not at all when it names
+    nothing, as it may then be the secret itself, set in the wrong setting."""
+    return str(path) if os.path.lexists(path) else "the file it names"
 
 
 #: The settings that name a file holding a password (see _file_readable).
@@ -278,10 +284,7 @@ class Settings(BaseModel):
     def _tokens_file_readable(cls, value: Path | None) -> Path | None:
         if value is None:
             return value
-        # A path that names nothing is not quoted: it may be a token set here by
-        # mistake for BRIDGE_TOKENS, which would be printed (and logged by whatever
-        # runs the bridge).
-        named = str(value) if os.path.lexists(value) else "the file it names"
+        named = _named(value)  # a token set here by mistake for BRIDGE_TOKENS is not shown
         try:
             read_tokens_file(value)
         except OSError as exc:
@@ -407,11 +410,8 @@ class Settings(BaseModel):
             try:
                 text = value.read_bytes()
             except OSError as exc:
-                # A password file's path is not quoted when it names nothing: the
-                # password, set here by mistake for the file that should hold it,
-                # would be printed.
-                secret = info.field_name in PASSWORD_FILES and not os.path.lexists(value)
-                named = "the file it names" if secret else value
+                # A password file's path, as a secret's (the others are plain paths).
+                named = _named(value) if info.field_name in PASSWORD_FILES else value
                 raise ValueError(f"cannot read {named}: {exc.strerror}") from None
             if not text.strip():
                 raise ValueError(f"{value} is empty")
@@ -625,7 +625,7 @@ class Settings(BaseModel):
             from_file = self.file_tokens()
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"BRIDGE_TOKENS_FILE: cannot read the file it names: {_reason(exc)}"
+                f"BRIDGE_TOKENS_FILE: cannot read the file it names: {unreadable_because(exc)}"
             ) from None
         if not from_file:  # every delivery would get a 401, and readiness say all is well
             raise ConfigError(
@@ -642,14 +642,9 @@ class Settings(BaseModel):
             try:
                 counted = f"<{len(self.file_tokens())} token(s)>"
             except (OSError, ValueError) as exc:
-                counted = f"<cannot be read: {_reason(exc)}>"
+                counted = f"<cannot be read: {unreadable_because(exc)}>"
             shown["tokens_in_file"] = counted
         return shown
-
-
-def _reason(exc: Exception) -> str:
-    """Why a file could not be read, without its name (which OSError's text holds)."""
-    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def load_settings(
