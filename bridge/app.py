@@ -135,6 +135,7 @@ def create_app(
         settings.tokens,
         allow_unauthenticated=settings.allow_unauthenticated,
         tokens_file=settings.tokens_file,
+        refuse_file=settings.token_in_names,
     )
     pipeline = Pipeline(
         router,

@@ -18,7 +18,7 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bridge.errors import ConfigError, TooManyCredentials, Unauthorized
@@ -141,9 +141,14 @@ class TokenAuthenticator:
         *,
         allow_unauthenticated: bool = False,
         tokens_file: Path | None = None,
+        refuse_file: Callable[[Sequence[str]], str | None] = lambda _: None,
     ) -> None:
         self._static = tuple(t.encode() for t in tokens)
         self.tokens_file = tokens_file
+        # Why the file's tokens cannot be used with the other settings, or None
+        # (Settings.token_in_names: one inside the topic names); checked at start by
+        # the settings, so a file that changes while serving is checked the same.
+        self._refuse_file = refuse_file
         self._from_file: tuple[str, ...] | None = None  # in use; None before the first read
         self._changed: tuple[str, ...] | None = None  # read once, used when read again
         self._tokens = self._static
@@ -166,8 +171,11 @@ class TokenAuthenticator:
             self._take(self._logged(_read(self.tokens_file)))
 
     def _logged(self, read: tuple[str, ...] | str) -> tuple[str, ...] | None:
-        """The tokens read, or None if the file could not be read; logs only the
-        changes between the two, with the reason when it becomes unreadable."""
+        """The tokens read, or None if the file could not be read or its tokens not
+        used; logs only the changes between the two, with the reason when it becomes
+        unusable."""
+        if isinstance(read, tuple) and (refused := self._refuse_file(read)):
+            read = refused
         if isinstance(read, str):
             if read != self._unreadable:
                 log.error(

@@ -15,7 +15,7 @@ import socket
 import ssl
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
@@ -473,33 +473,39 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _no_token_in_names(self) -> Self:
-        # Every delivery whose topic name would hold a webhook token is refused (422),
-        # so a token inside the template's own text or the default account or
-        # environment would refuse them all; and the dead-letter topic would show one
-        # to whoever lists topics. (Tokens the file gets later are not checked here.)
         # Before the other checks of these names: their messages quote them.
         try:
             tokens = [*self.tokens, *self.file_tokens()]
         except (OSError, ValueError):
             return self  # the tokens file's validator has said why
+        if problem := self.token_in_names(tokens):
+            raise ValueError(problem)
+        return self
+
+    def token_in_names(self, tokens: Sequence[str]) -> str | None:
+        """Why ``tokens`` cannot be used with these settings, or None: every delivery
+        whose topic name would hold a webhook token is refused (422), so a token inside
+        the template's own text or the default account or environment would refuse them
+        all; and the dead-letter topic would show one to whoever lists topics. Asked
+        at start, and of the tokens file each time it changes."""
         secrets = Redactor(tokens)
         if not secrets:
-            return self
+            return None
         events = TopicTemplate(self.topic_template).render(
             "", "", self.default_account, self.default_environment
         )
         if secrets.in_topic(events):
-            raise ValueError(
+            return (
                 "BRIDGE_TOPIC_TEMPLATE, BRIDGE_DEFAULT_ACCOUNT or BRIDGE_DEFAULT_ENVIRONMENT "
                 "holds a webhook token: every delivery would be refused (422), since no "
                 "topic name may show one"
             )
         if self.deadletter_topic and secrets.in_topic(self.deadletter_topic):
-            raise ValueError(
+            return (
                 "BRIDGE_DEADLETTER_TOPIC holds a webhook token: whoever lists the topics "
                 "would see it"
             )
-        return self
+        return None
 
     @model_validator(mode="after")
     def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:

@@ -15,8 +15,11 @@ from urllib.parse import parse_qsl
 import pytest
 
 from bridge import auth
+from bridge.app import create_app
 from bridge.auth import TokenAuthenticator
+from bridge.config import load_settings
 from bridge.errors import TooManyCredentials, Unauthorized
+from tests.fakes import FakePublisher
 from tests.polling import eventually
 
 AUTH = TokenAuthenticator(["old-token", "new-token"])
@@ -368,3 +371,39 @@ def test_a_short_token_of_the_file_is_warned_of_by_its_length(
     assert len(warnings) == 1
     assert warnings[0].startswith("a token of the tokens file has 11 characters")
     assert "dev-token-1" not in warnings[0]
+
+
+def test_a_file_token_inside_a_topic_name_is_not_used_while_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked at start by the settings, and now of each new version of the file: a
+    token inside the template's text would refuse every delivery (422), one inside
+    the dead-letter topic would show to whoever lists topics. The file is unusable
+    (the tokens in use are kept), said without the token."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS_FILE": str(tokens),
+            "BRIDGE_TOPIC_TEMPLATE": "shop-7f3k9q2x.{entity}.{action}",
+            "BRIDGE_DEADLETTER_TOPIC": "dead.A8M2W5R1",
+        }
+    )
+    authenticator = create_app(settings, publisher=FakePublisher()).state.authenticator
+    for token, names in (
+        ("7F3K9Q2X", "BRIDGE_TOPIC_TEMPLATE"),
+        ("a8m2w5r1", "BRIDGE_DEADLETTER_TOPIC"),
+    ):
+        caplog.clear()
+        tokens.write_text(f"new-token\n{token}\n")
+        authenticator.refresh()
+        authenticator.refresh()  # used once read the same twice
+        assert authenticator.current_tokens() == (b"old-token",)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        assert errors[0].startswith(f"cannot use the tokens file {tokens}: {names}")
+        assert token.lower() not in errors[0].lower()
+    tokens.write_text("new-token\n")
+    authenticator.refresh()
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"new-token",)
