@@ -54,13 +54,16 @@ log = logging.getLogger(__name__)
 
 #: How often the producer's view of the cluster is refreshed to prove it is alive.
 HEARTBEAT_SECONDS = 5.0
-#: Metadata older than this makes the bridge unready.
-STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+#: Metadata older than this makes the bridge unready. Four heartbeats: after a
+#: refresh at t, the next starts at t + 5 s and may time out at t + 10 s, and the one
+#: after it starts at t + 15 s and may take up to 5 s more. At three heartbeats one
+#: timed-out refresh made the bridge unready (and paused the drainer) until the next
+#: came back, while Kafka was answering; two in a row still do.
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 #: Broker-mode deliveries get their 503 at once when Kafka has answered nothing for
-#: this long: no metadata refresh and no acknowledgement. With STALE_AFTER_SECONDS
-#: alone one refresh that timed out (sleep, 5 s timeout, sleep) refused every delivery
-#: until the next one came back, while Kafka acknowledged records all along.
-UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + 2 * HEARTBEAT_SECONDS
+#: this long: no metadata refresh and no acknowledgement. Longer than
+#: STALE_AFTER_SECONDS, so /readyz has taken the bridge out of rotation by then.
+UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + HEARTBEAT_SECONDS
 #: The longest wait between two tries of secret files a rotation could not connect with.
 ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import OutOfOrderSequenceNumber
 
+import bridge.publisher as publisher_module
 from bridge.config import load_settings
 from bridge.errors import PublishTimeout, Unavailable
 from bridge.metrics import Metrics
@@ -200,3 +201,42 @@ async def test_acknowledgements_keep_publish_going_through_a_slow_refresh() -> N
     assert producer.sends == 1
     producer.appended[0].set_result(None)
     await asyncio.wait_for(task, 1)
+
+
+async def test_one_timed_out_refresh_does_not_make_the_bridge_unready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worst case of one metadata refresh that times out: the last good refresh
+    at 0, the next starts a heartbeat later and times out a heartbeat after that, the
+    one after it starts after one more sleep and answers just inside its own timeout.
+    At three heartbeats of freshness /readyz (and the drainer) turned unready before
+    that answer, while Kafka was fine. Two refreshes in a row that fail still do."""
+    beat = publisher_module.HEARTBEAT_SECONDS
+    clock = [1000.0]
+    monkeypatch.setattr(publisher_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    pub = publisher()
+    producer = FakeProducer()
+    answers: list[BaseException | None] = []
+
+    async def fetch_all_metadata() -> None:
+        if (answer := answers.pop(0)) is not None:
+            raise answer
+
+    producer.client.fetch_all_metadata = fetch_all_metadata
+    pub._use(producer, b"")  # a good answer at 1000
+    start = clock[0]
+    clock[0] = start + 2 * beat  # the next refresh (started at 1 beat) timed out
+    answers.append(TimeoutError())
+    await pub._heartbeat(producer)
+    clock[0] = start + 4 * beat - 0.01  # the one after it, nearly out of time itself
+    assert pub.connected
+    answers.append(None)
+    await pub._heartbeat(producer)
+    assert pub.connected
+    fresh_at = clock[0]
+    for failed in (2, 4):  # two in a row that time out
+        clock[0] = fresh_at + failed * beat
+        answers.append(TimeoutError())
+        await pub._heartbeat(producer)
+    clock[0] = fresh_at + 5 * beat  # the third is still out
+    assert not pub.connected
