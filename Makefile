@@ -9,29 +9,32 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
+# Exact versions of every dependency, so a fresh machine, CI and the image get what
+# was tested (`make lock` renews them).
+CONSTRAINTS := deploy/constraints.txt
 KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
 # The broker's port + 1 unless set: `make kafka-up KAFKA_PORT=19092` kept 9093, taken
 # by the broker already on 9092.
 KAFKA_CONTROLLER_PORT ?= $(shell echo $$(( $(KAFKA_PORT) + 1 )))
 
-.PHONY: help install promtool run test lint fmt bench kafka-up kafka-down kafka-fetch clean
+.PHONY: help install promtool run test lint fmt bench lock kafka-up kafka-down kafka-fetch clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 # What running the bridge needs; `make run` and the kafka-* targets need no more.
-$(RUNTIME): pyproject.toml
+$(RUNTIME): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
 	@# --clear: a venv left without pip (python3-venv missing, say) is made again
 	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
 # The test, lint and deploy tools on top.
 $(INSTALLED): $(RUNTIME)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 install: $(INSTALLED) ## create .venv with the bridge and its dev tools
@@ -80,8 +83,18 @@ fmt: $(INSTALLED) ## format and auto-fix
 	$(BIN)/ruff check --fix bridge tests
 
 bench: $(INSTALLED) ## bridge vs baselines: throughput, latency, memory (BENCH_QUICK=1: smoke run); writes tests/bench/results.*
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench.run
+
+lock: ## renew deploy/constraints.txt: the newest versions pyproject.toml allows (then make test)
+	rm -rf .cache/lock-venv
+	$(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.cache/lock-venv/bin/python -m pip install --quiet '.[dev,bench]'
+	{ sed -n '/^#/p' $(CONSTRAINTS); .cache/lock-venv/bin/python -m pip freeze --exclude-editable | \
+	  grep -v '^geins-kafka-bridge'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .cache/lock-venv
 
 clean: ## remove the venv and caches (keeps the Kafka jars)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.metrics_core import Metric
 
 from bridge.config import Settings, load_settings
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 SUPPORT = Path(__file__).resolve().parent / "deploy_support"
 DOCKERFILE = DEPLOY / "Dockerfile"
+PROJECT = "geins-kafka-bridge"
 COMPOSE = DEPLOY / "compose.yaml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "bridge.json"
@@ -269,11 +273,13 @@ def test_docker_run_examples_give_the_bridge_time_to_drain() -> None:
 
 
 def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
-    """Pins deploy/Dockerfile.dockerignore: the context is pyproject, README and bridge/ sources."""
+    """Pins deploy/Dockerfile.dockerignore: the context is pyproject, README, bridge/
+    sources and the dependencies' versions."""
     ignore = DockerIgnore((DEPLOY / "Dockerfile.dockerignore").read_text())
     files = ignore.context_files(REPO)
     assert {"pyproject.toml", "README.md", "bridge/__init__.py", "bridge/cli.py"} <= set(files)
-    assert {f.split("/")[0] for f in files} == {"pyproject.toml", "README.md", "bridge"}
+    assert {f.split("/")[0] for f in files} == {"pyproject.toml", "README.md", "bridge", "deploy"}
+    assert [f for f in files if f.startswith("deploy/")] == ["deploy/constraints.txt"]
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     for step in dockerfile.parse(DOCKERFILE):
         if step.keyword == "COPY" and not step.args.startswith("--from"):
@@ -282,6 +288,61 @@ def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
                 assert not ignore.excluded(source), f"COPY {source} is excluded from the context"
     assert ignore.excluded(".venv/bin/python")
     assert ignore.excluded("deploy/compose.yaml")
+
+
+def pinned_versions() -> dict[str, str]:
+    """deploy/constraints.txt as {normalised name: version}."""
+    pins: dict[str, str] = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def runtime_distributions() -> dict[str, str]:
+    """{normalised name: installed version} of every distribution the bridge needs to
+    run: its requirements (no extras of its own) and theirs, with their extras."""
+    found: dict[str, str] = {}
+    read: set[tuple[str, str]] = set()  # (distribution, extra) whose requirements are in
+    wanted = [(requirement, "") for requirement in metadata.requires(PROJECT) or []]
+    while wanted:
+        text, extra = wanted.pop()
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        dist = metadata.distribution(name)
+        assert requirement.specifier.contains(dist.version, prereleases=True), text
+        found[name] = dist.version
+        for its_extra in ("", *sorted(requirement.extras)):
+            if (name, its_extra) not in read:
+                read.add((name, its_extra))
+                wanted.extend((child, its_extra) for child in dist.requires or [])
+    return found
+
+
+def test_constraints_pin_every_dependency_the_bridge_runs_with() -> None:
+    """Pins deploy/constraints.txt: every distribution the bridge needs at run time
+    (uvicorn's [standard] extra included) is pinned there, to the version installed
+    here, which make installs with that file: the image (and `make run`) get the
+    versions this suite passed with, not the newest on the day of the build. A new
+    dependency without `make lock` fails here."""
+    pins = pinned_versions()
+    needed = runtime_distributions()
+    assert {"aiokafka", "uvloop", "httptools", "starlette"} <= set(needed)
+    assert {name: pins.get(name) for name in needed} == needed
+    run_step = next(
+        s.args
+        for s in dockerfile.parse(DOCKERFILE)
+        if s.keyword == "RUN" and "pip install" in s.args
+    )
+    assert "--constraint constraints.txt" in run_step
+    assert any(
+        "deploy/constraints.txt" in s.args.split()
+        for s in dockerfile.parse(DOCKERFILE)
+        if s.keyword == "COPY"
+    )
 
 
 @pytest.mark.slow
