@@ -305,9 +305,6 @@ class TokenAuthenticator:
                 continue
             count += 1
             if value and count <= MAX_CREDENTIALS:
+                # A '+' pasted as it is stays one: the query is not form-decoded.
                 presented.append(value.encode())
-                if " " in value:
-                    # A token with a '+' (base64, say) pasted into the URL as it is:
-                    # query decoding turns the '+' into a space.
-                    presented.append(value.replace(" ", "+").encode())
         return presented, count

@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -63,11 +63,16 @@ HALF_CLOSED = "bridge.half_closed"
 #: at once, skipping ASGI's two ``send`` messages, or answers False when the app
 #: must use ``send`` after all.
 RESPOND_WHOLE = "bridge.respond_whole"
-ALLOWED_METHODS = frozenset({"GET", "POST", "PUT"})
+#: Methods that are never a delivery. Geins' method is free text (POST usually, GET
+#: named as possible, nothing ruled out), so every other one is taken like POST, PUT
+#: or GET: PATCH and DELETE were refused (405), and the event lost after Geins'
+#: retries. HEAD's answer can carry no body; OPTIONS and TRACE are HTTP's own;
+#: CONNECT is refused by the HTTP protocol already.
+REFUSED_METHODS = frozenset({"HEAD", "OPTIONS", "TRACE", "CONNECT"})
 MAX_QUERY_FIELDS = 200
 PROBLEM_JSON = b"application/problem+json"
 JSON = b"application/json"
-_ALLOW_HEADER = (b"allow", ", ".join(sorted(ALLOWED_METHODS)).encode())
+_ALLOW_HEADER = (b"allow", b"GET, POST, PUT, PATCH, DELETE")
 _AUTH_CHALLENGE = (b"www-authenticate", b'Bearer realm="geins-bridge"')
 #: Longest idempotency key a log line shows (a longer one is refused anyway).
 LOGGED_KEY_LENGTH = 200
@@ -98,6 +103,30 @@ def outcome_of(error: BridgeError) -> str:
     if isinstance(error, RateLimited):
         return "rate_limited"
     return "unavailable" if error.retriable else "rejected"
+
+
+def parse_query(raw: bytes) -> list[tuple[str, str]]:
+    """The query's ``name=value`` pairs in order, percent-decoded as UTF-8 (a name
+    without ``=`` has an empty value). A ``+`` stays a ``+``: Geins substitutes its
+    placeholders as plain text, so ``?email={{email}}`` brings an address's ``+``
+    as it is, where form decoding (``parse_qsl``) published a space. MalformedQuery
+    for more than MAX_QUERY_FIELDS pairs, or bytes that are not UTF-8 (they were
+    published as U+FFFD)."""
+    parts = raw.split(b"&")
+    if len(parts) > MAX_QUERY_FIELDS:
+        raise MalformedQuery(f"the query string has more than {MAX_QUERY_FIELDS} parameters")
+    pairs: list[tuple[str, str]] = []
+    try:
+        for part in parts:
+            if part:
+                name, _, value = part.partition(b"=")
+                pairs.append((unquote_to_bytes(name).decode(), unquote_to_bytes(value).decode()))
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise MalformedQuery(
+            f"the query string is not UTF-8 once percent-decoded (byte {byte:#04x})"
+        ) from None
+    return pairs
 
 
 class ErrorAnswer:
@@ -225,23 +254,10 @@ class WebhookEndpoint:
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
-        if method not in ALLOWED_METHODS:
+        if method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{method} is not accepted; use POST, PUT or GET")
         raw_query: bytes = scope["query_string"]
-        try:
-            query = (
-                parse_qsl(
-                    raw_query.decode("latin-1"),
-                    keep_blank_values=True,
-                    max_num_fields=MAX_QUERY_FIELDS,
-                )
-                if raw_query
-                else []
-            )
-        except ValueError:
-            raise MalformedQuery(
-                f"the query string has more than {MAX_QUERY_FIELDS} parameters"
-            ) from None
+        query = parse_query(raw_query) if raw_query else []
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         started = time.perf_counter()
         self._auth.check(headers, query)  # before reading a byte of the body

@@ -116,7 +116,7 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             ),
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
-            "405": _problem("Another method than GET, POST or PUT.", "Allow"),
+            "405": _problem("HEAD, OPTIONS or TRACE: not a delivery.", "Allow"),
             "408": refused["408"],
             "413": _problem(
                 f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
@@ -152,7 +152,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         path = WEBHOOK_PATH + "".join(f"/{{{p}}}" for p in params)
         webhook_paths[path] = {
             method: _webhook_operation(settings, params, method)
-            for method in ("get", "post", "put")
+            for method in ("get", "post", "put", "patch", "delete")
         }
     text = {"text/plain": {"schema": {"type": "string"}}}
     refused = _refusals_on_any_path(settings)

@@ -151,13 +151,64 @@ def test_unauthorized_has_challenge(bridge: Any) -> None:
     assert publisher.records == []
 
 
-@pytest.mark.parametrize("method", ["DELETE", "PATCH", "HEAD", "OPTIONS"])
-def test_other_methods_are_405(bridge: Any, method: str) -> None:
-    """Only GET, POST and PUT are webhook methods."""
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE"])
+def test_methods_that_are_no_delivery_are_405(bridge: Any, method: str) -> None:
+    """HEAD (its answer has no body), OPTIONS and TRACE are HTTP's own."""
     client, publisher, _ = bridge
-    response = client.request(method, "/webhooks/geins", headers=AUTH)
+    response = client.request(method, "/webhooks/geins", headers=AUTH, content=ORDER)
     assert response.status_code == 405
-    assert response.headers["allow"] == "GET, POST, PUT"
+    assert response.headers["allow"] == "GET, POST, PUT, PATCH, DELETE"
+    assert publisher.records == []
+
+
+@pytest.mark.parametrize("method", ["PATCH", "DELETE", "MERGE"])
+def test_any_other_method_is_a_delivery(bridge: Any, method: str) -> None:
+    """Geins' method is free text (nothing but POST and GET is named, nothing ruled
+    out): PATCH, DELETE and the like were refused with a 405 and nothing was kept, so
+    the event was lost once Geins stopped retrying. Body or query, as for the others."""
+    client, publisher, _ = bridge
+    response = client.request(method, "/webhooks/geins", headers=AUTH, content=ORDER)
+    assert response.status_code == 202, response.text
+    query = client.request(
+        method, "/webhooks/geins/Order/update?id=7", headers={**AUTH, "x-Idempotency-Key": "q"}
+    )
+    assert query.status_code == 202, query.text
+    assert [r.topic for r in publisher.records] == ["geins.order.create", "geins.order.update"]
+    assert publisher.records[0].value == ORDER
+    assert orjson.loads(publisher.records[1].value)["id"] == "7"
+
+
+def test_a_plus_in_a_query_value_is_published_as_a_plus(bridge: Any) -> None:
+    """Geins substitutes placeholders as plain text: ?email={{email}} brings an
+    address's '+' as it is, and form decoding published it as a space (202, the data
+    changed for good). %20 and %2B decode as usual."""
+    client, publisher, _ = bridge
+    url = (
+        "/webhooks/geins?entity=ProductMonitor&action=notify&email=first.last+shop@example.com"
+        "&resetKey=ab+cd/ef==&productName=Blue%20Shirt%2BHat&flag"
+    )
+    assert client.get(url, headers=AUTH).status_code == 202
+    [record] = publisher.records
+    assert orjson.loads(record.value) == {
+        "entity": "ProductMonitor",
+        "action": "notify",
+        "email": "first.last+shop@example.com",
+        "resetKey": "ab+cd/ef==",
+        "productName": "Blue Shirt+Hat",
+        "flag": "",
+    }
+
+
+def test_a_query_that_is_not_utf8_is_400(bridge: Any) -> None:
+    """The README's 'unreadable query': the byte was published as U+FFFD (202)."""
+    client, publisher, _ = bridge
+    response = client.get(
+        "/webhooks/geins?entity=Order&action=create&id=1&name=J%F6rg", headers=AUTH
+    )
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["reason"] == "malformed_query"
+    assert "not UTF-8" in response.json()["detail"]
     assert publisher.records == []
 
 

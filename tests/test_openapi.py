@@ -27,7 +27,7 @@ def test_document_lists_exactly_the_served_routes() -> None:
     served = {r.path.rstrip("/") for r in app.routes if isinstance(r, Route)}
     assert set(document["paths"]) == served
     webhook = document["paths"]["/webhooks/geins/{entity}/{action}"]
-    assert set(webhook) == {"get", "post", "put"}
+    assert set(webhook) == {"get", "post", "put", "patch", "delete"}
     assert "413" in webhook["post"]["responses"]
 
 
