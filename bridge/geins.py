@@ -201,7 +201,14 @@ def _parse_body(body: bytes) -> dict[str, Any]:
         # orjson refuses a few documents RFC 8259 allows (numbers beyond a double,
         # such as 1e400); the standard library decides before we refuse an event.
         try:
-            parsed = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as bad:  # orjson's message names neither that nor where
+            raise BodyNotJson(
+                f"the body is not UTF-8 (byte {body[bad.start]:#04x} at offset {bad.start}); "
+                "JSON between systems must be UTF-8 (RFC 8259)"
+            ) from None
+        try:
+            parsed = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
             raise BodyNotJson(f"the body is not valid JSON ({exc})") from None
         try:  # the other thing orjson refuses: a \u escape of a lone UTF-16 surrogate
@@ -412,7 +419,10 @@ def _timestamp(
     try:
         raw = _header(headers, TIMESTAMP_HEADER)
     except _ConflictingHeader:
-        return received_at, False, None  # two different timestamps: trust neither
+        # Two different timestamps: trust neither, but keep what was sent (joined, as
+        # HTTP reads a repeated header); the record's x-timestamp went missing.
+        sent = (value for name, value in headers if name.lower() == TIMESTAMP_HEADER)
+        return received_at, False, b", ".join(sent).decode("latin-1")
     parsed = parse_rfc3339(raw) if raw else None
     if parsed is None:
         return received_at, False, raw

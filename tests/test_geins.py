@@ -297,6 +297,24 @@ def test_timestamp_parsed_or_replaced_by_received_time() -> None:
     assert bad.raw_timestamp == "yesterday"
 
 
+def test_two_different_timestamps_are_kept_as_sent_and_neither_trusted() -> None:
+    """The record's x-timestamp header went missing ('the original Geins headers, as
+    sent'); it is both values, joined as HTTP reads a repeated header."""
+    stamps = [(b"x-timestamp", b"2024-01-15T10:30:00Z"), (b"X-Timestamp", b"2024-01-15T10:30:01Z")]
+    event = parse(delivery(b'{"entity":"Order","action":"create"}', headers=[KEY, *stamps]))
+    assert event.time == RECEIVED
+    assert not event.time_from_header
+    assert event.raw_timestamp == "2024-01-15T10:30:00Z, 2024-01-15T10:30:01Z"
+
+
+def test_a_body_that_is_not_utf8_is_named_so_with_where() -> None:
+    """A Latin-1 body was refused with orjson's 'str is not valid UTF-8: surrogates not
+    allowed: line 1 column 1 (char 0)': neither the cause nor the place."""
+    body = '{"entity":"Order","action":"create","name":"Jörg"}'.encode("latin-1")
+    with pytest.raises(BodyNotJson, match=r"not UTF-8 \(byte 0xf6 at offset 45\)"):
+        parse(delivery(body))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
