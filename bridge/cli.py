@@ -267,6 +267,16 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def _say(line: str) -> None:
+    """Print a line of a replay's report. A reader that went away (`| head`, `less`
+    quit early) does not stop the replay half done, exiting 0 without its summary:
+    the rest of the report goes nowhere, the summary to stderr as always."""
+    try:
+        print(line)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 async def _replay_dead_letters(
     settings: Settings, query: DeadLetterQuery, *, dry_run: bool
 ) -> tuple[int, int]:
@@ -282,7 +292,11 @@ async def _replay_dead_letters(
         async for record, topic, outcome in results:
             target = f" -> {topic}" if topic else ""
             position = kafkaadmin.position(record)
-            print(f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}")
+            _say(
+                kafkaadmin.shown(
+                    [f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}"]
+                )
+            )
             replayed += topic is not None
             refused += topic is None
     return replayed, refused

@@ -26,6 +26,7 @@ from bridge.config import Settings
 from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
 from bridge.errors import BridgeError, ConfigError
 from bridge.geins import ENTITY_ACTIONS
+from bridge.logs import printable
 from bridge.metrics import Metrics
 from bridge.pipeline import parse_and_route
 from bridge.publisher import KafkaPublisher, kafka_client_options
@@ -175,11 +176,19 @@ def text(value: bytes | None) -> str:
 
 
 def format_record(record: Any) -> str:
-    """One consumed record as a block of text a person can read."""
+    """One consumed record as a block of text a person can read: a line per header
+    and one for the value, whatever they hold (see :func:`shown`)."""
     lines = [f"--- {record.topic} [{record.partition}] @{record.offset}  key={text(record.key)}"]
     lines += [f"  {name}: {text(value)}" for name, value in record.headers]
     lines.append(f"  {text(record.value)}")
-    return "\n".join(lines)
+    return shown(lines)
+
+
+def shown(lines: Sequence[str]) -> str:
+    """``lines`` for a terminal: what senders wrote (a body, a key, a path) has its
+    non-printable characters written as Python escapes, so that a pretty-printed body
+    keeps to its line and no escape sequence reaches the operator's terminal."""
+    return "\n".join(printable(line) for line in lines)
 
 
 #: How often ``bridge tail`` looks for new topics (and partitions) to follow.
@@ -333,10 +342,12 @@ def describe_dead_letter(record: Any) -> str:
         if method
         else f"event for {_header(record, 'x-bridge-original-topic') or '?'}"
     )
-    return (
-        f"{position(record):<9} {when:32} key={text(record.key)}  "
-        f"{_header(record, 'x-bridge-reason')}: {_header(record, 'x-bridge-detail')}\n"
-        f"          {origin}  {excerpt}"
+    return shown(
+        [
+            f"{position(record):<9} {when:32} key={text(record.key)}  "
+            f"{_header(record, 'x-bridge-reason')}: {_header(record, 'x-bridge-detail')}",
+            f"          {origin}  {excerpt}",
+        ]
     )
 
 
@@ -612,7 +623,11 @@ def _replayed(
     if original_topic:  # accepted, then refused by Kafka: resend as it was
         headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
         return Destination(original_topic, record.key, record.value or b"", headers), "resent"
-    delivery = delivery_from_dead_letter(record.headers, record.value or b"")
+    try:
+        delivery = delivery_from_dead_letter(record.headers, record.value or b"")
+    except (ValueError, TypeError, AttributeError) as exc:  # not UTF-8, a bad time or list
+        # Not one the bridge wrote (it writes these headers as UTF-8): the run goes on.
+        return None, f"still refused: not a dead letter the bridge can read ({exc})"
     # When the delivery had no usable key, the dead letter got a generated one: every
     # replay of it publishes with that key, for consumers to de-duplicate by.
     own_key = record.key.decode(errors="replace") if record.key else None

@@ -58,21 +58,21 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         # logging.Formatter.format, with the message escaped and the traceback indented
-        record.message = _escape(record.getMessage())
+        record.message = printable(record.getMessage())
         record.asctime = self.formatTime(record, self.datefmt)
         text = self.formatMessage(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
-            text += " " + " ".join(f"{_escape(str(k))}={_value(v)}" for k, v in fields.items())
+            text += " " + " ".join(f"{printable(str(k))}={_value(v)}" for k, v in fields.items())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         for extra in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
             if extra:
-                text += "".join("\n    " + _escape(line) for line in extra.splitlines())
+                text += "".join("\n    " + printable(line) for line in extra.splitlines())
         return text
 
 
-def _escape(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with every non-printable character (line breaks, escape sequences,
     bidi overrides) written as a Python escape."""
     if text.isprintable():
@@ -84,7 +84,7 @@ def _value(value: object) -> str:
     text = str(value)
     if text and text.isprintable() and not any(c in text for c in ' "='):
         return text
-    return '"' + _escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+    return '"' + printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 class Redacting(logging.Filter):

@@ -6,7 +6,10 @@ import asyncio
 import concurrent.futures
 import gc
 import itertools
+import os
 import random
+import subprocess
+import sys
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -462,3 +465,68 @@ def test_describe_dead_letter_shows_what_each_kind_holds() -> None:
     first, second = kafkaadmin.describe_dead_letter(rejected).splitlines()
     assert first.split()[:2] == ["[1]@2", "2025-11-30T01:02:03+00:00"]
     assert second.split() == ["event", "for", "geins.order.create", "{}"]
+
+
+def test_describe_dead_letter_keeps_to_two_lines_whatever_the_body_holds() -> None:
+    """A pretty-printed body broke the two lines per dead letter, and a sender's escape
+    sequences reached the operator's terminal: both are escaped now."""
+    body = b'{\n  "id": "9",\n  "note": "x\x1b[31mRED\x1b[0m\x00"\n}'
+    letter = consumed(0, 1, b"k\x1b[2J", body, [("x-bridge-path", b"/webhooks/geins\r\n")])
+    lines = kafkaadmin.describe_dead_letter(letter).splitlines()
+    assert len(lines) == 2
+    assert "\x1b" not in "".join(lines)
+    assert "key=k\\x1b[2J" in lines[0]
+    assert '{\\n  "id": "9",\\n  "note": "x\\x1b[31mRED' in lines[1]
+
+
+def test_a_replay_whose_reader_goes_away_replays_everything_and_says_so(
+    env: pytest.MonkeyPatch, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """`bridge deadletter replay | head -1`: the broken pipe stopped the replay after a
+    few dead letters and exited 0 without its summary. It replays all of them now,
+    the summary on stderr and the exit code as for any replay."""
+    refuse(
+        *(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", f"v-{i}")]) for i in range(40))
+    )
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "deadletter", "replay"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert replay.stdout is not None
+    first = replay.stdout.readline()  # `| head -1`
+    replay.stdout.close()
+    _, errors = replay.communicate(timeout=120)
+    assert replay.returncode == 0
+    assert first.count(b"key=") == 1
+    assert b"40 replayed, 0 still refused" in errors, errors
+    replayed = read_all_sync(kafka_bootstrap, f"{topic_prefix}.voucher")
+    assert sorted(r.key.decode() for r in replayed) == sorted(f"v-{i}" for i in range(40))
+
+
+def test_a_dead_letter_the_bridge_cannot_read_is_still_refused_and_the_replay_goes_on(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """A record on the dead-letter topic whose x-bridge-* header is not UTF-8 (not one
+    the bridge wrote) ended the replay in a traceback, the dead letters after it
+    never replayed."""
+    produce(
+        kafka_bootstrap,
+        f"{topic_prefix}.deadletter",
+        b"odd",
+        b"{}",
+        [("x-bridge-path", b"/webhooks/geins\xff"), ("x-bridge-reason", b"body_not_json")],
+    )
+    refuse(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", "after-it")]))
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    capsys.readouterr()
+    assert main(["deadletter", "replay"]) == 1
+    captured = capsys.readouterr()
+    assert "key=odd  still refused: not a dead letter the bridge can read" in captured.out
+    assert "key=after-it  accepted" in captured.out
+    assert "1 replayed, 1 still refused" in captured.err
