@@ -79,6 +79,10 @@ from bridge.ingress import (
 
 log = logging.getLogger(__name__)
 
+#: Longest wait, after an answer given before its request's body was all read on a
+#: connection that closes, for the client to stop sending (see OneWritePerResponse).
+LINGER_SECONDS = 2.0
+
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 # What respond_whole reads and sets on uvicorn's RequestResponseCycle.
@@ -151,14 +155,23 @@ class OneWritePerResponse:
     completes and before the connection closes, so nothing stays behind (a HEAD
     answer has no body write, for instance). An interim ``100 Continue`` goes out
     at once: the client waits for it before sending the body.
+
+    Closing while the request's body is still coming (``body_pending``: an answer
+    given before it, a 413 or a 401 on a connection that closes) lingers: the answer
+    and a FIN go out, and what the client still sends is read and dropped until it
+    closes its side, or for LINGER_SECONDS at most. A close with unread bytes sends
+    an RST instead, which can destroy the answer before the client reads it (2 of 5
+    such 413s were lost). Lingering counts as closing (``is_closing``).
     """
 
-    __slots__ = ("_expect_head", "_held", "_transport")
+    __slots__ = ("_body_pending", "_expect_head", "_held", "_linger", "_transport")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, body_pending: Callable[[], bool]) -> None:
         self._transport = transport
+        self._body_pending = body_pending
         self._expect_head = False
         self._held: bytes | None = None
+        self._linger: asyncio.TimerHandle | None = None  # while lingering: its end
 
     def expect_head(self) -> None:
         self._expect_head = True
@@ -193,10 +206,36 @@ class OneWritePerResponse:
 
     def close(self) -> None:
         self.flush()
+        transport = self._transport
+        if self._linger is not None or transport.is_closing():
+            return
+        if not (self._body_pending() and transport.can_write_eof()):
+            transport.close()
+            return
+        transport.write_eof()  # after what is written: the answer, then a FIN
+        transport.resume_reading()  # to drop what comes
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.end_linger)
+
+    def hang_up(self) -> None:
+        """Close without lingering: the protocol's own refusals (malformed, late) and
+        deadlines, whose clients are broken or gone."""
+        self.flush()
+        if self._linger is not None:
+            self._linger.cancel()
+        self._transport.close()
+
+    @property
+    def lingering(self) -> bool:
+        return self._linger is not None
+
+    def end_linger(self) -> None:
+        """Close now: the client closed its side, or LINGER_SECONDS passed."""
+        if self._linger is not None:
+            self._linger.cancel()
         self._transport.close()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._linger is not None or self._transport.is_closing()
 
     def pause_reading(self) -> None:
         self._transport.pause_reading()
@@ -256,6 +295,7 @@ def guarded_protocol(
             # requests before it are out (HTTP answers a connection's requests in order).
             self._refusal_after: BridgeError | None = None
             self._peer_done = False  # the client half-closed: close once it is answered
+            self._message_open = False  # between a request's first byte and its end
             self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
             self._running: Any = None  # the request cycle whose app was started last
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
@@ -264,11 +304,18 @@ def guarded_protocol(
             self._defaults = b""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
-            self._writer = OneWritePerResponse(transport)
+            self._writer = OneWritePerResponse(transport, self._body_pending)
             super().connection_made(self._writer)  # type: ignore[arg-type]  # a transport, as uvicorn uses it
             self._await_head()
 
+        def _body_pending(self) -> bool:
+            # The current request is not all read (the parser has not seen its end),
+            # and was not cut short (half-close).
+            return self._message_open and not self._peer_done
+
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._writer.lingering:
+                self._writer.end_linger()  # its timer
             self._stop_head_timer()
             self._stop_write_timer()
             super().connection_lost(exc)
@@ -298,8 +345,8 @@ def guarded_protocol(
                 self.transport.abort()  # nothing can be written: no answer, no waiting
 
         def data_received(self, data: bytes) -> None:
-            if self._refusal_after is not None:
-                return  # a request was refused: nothing after it is read
+            if self._refusal_after is not None or self._writer.lingering:
+                return  # a request was refused, or answered and closing: dropped
             # The parser is fed at most `piece` bytes at a time, and no more head
             # bytes than are still allowed. The bytes of a piece count towards the
             # head once the parser has seen them: a request that begins inside the
@@ -348,6 +395,7 @@ def guarded_protocol(
             return HeadersTooLarge(f"the request head is larger than {max_head_bytes} bytes")
 
         def on_message_begin(self) -> None:
+            self._message_open = True
             super().on_message_begin()
             if self.timeout_keep_alive_task is not None:  # the head's deadline governs now
                 self._unset_keepalive_if_required()
@@ -377,7 +425,7 @@ def guarded_protocol(
                 # counted and logged; the rest of the body is not read.
                 self._stop_head_timer()
                 if not self.transport.is_closing():
-                    self.transport.close()
+                    self._writer.hang_up()
             else:
                 # A body its app is waiting for: the app hears a disconnect and counts
                 # this 400 (it sees REFUSED_BY_PROTOCOL), so that it is counted once.
@@ -428,6 +476,7 @@ def guarded_protocol(
         def on_message_complete(self) -> None:
             if self._upgrade_head is not None:
                 return  # llhttp ends an upgrade request at its head: not the request's end
+            self._message_open = False
             self._stop_head_timer()
             super().on_message_complete()
             running = self._running  # (the common case, answered after its body, first)
@@ -490,6 +539,9 @@ def guarded_protocol(
             # closes after the last answer. One cut short can never be whole (RFC 9112
             # 6.3) and is refused, never accepted. It used to be dropped without a word,
             # which the client cannot tell from a connection lost on the way.
+            if self._writer.lingering:  # answered, and the client is done: close
+                self._writer.end_linger()
+                return None
             cycle = self.cycle
             if self._refusal_after is not None:
                 pass  # a refused request waits its turn: answered, then closed
@@ -599,7 +651,7 @@ def guarded_protocol(
                 self.scope[REFUSED_BY_PROTOCOL] = late  # type: ignore[literal-required]  # our own key, for the app
                 self._refuse(late, count=False)
             elif not self.transport.is_closing():
-                self.transport.close()  # answered already (a 413, say): just hang up
+                self._writer.hang_up()  # answered already (a 413, say): just hang up
 
         def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
             """Answer ``error`` and hang up; log it, and count it unless the app
@@ -632,7 +684,7 @@ def guarded_protocol(
                     body,
                 )
             )
-            self.transport.close()
+            self._writer.hang_up()
             # The current request's scope (uvicorn makes it as a request begins):
             # no method or path yet if the head was refused.
             # uvicorn types it as HTTPScope
