@@ -293,6 +293,13 @@ def _resolve_type_uncached(
     strict_types: bool,
     redact: Callable[[str], str] | None = None,
 ) -> tuple[str, str, bool]:
+    # Spaces and tabs around a name are no part of it (a template's "{{action}} ", a
+    # query's action=create%20), as around the id, the key and the account: they were
+    # a 422.
+    if isinstance(entity_raw, str):
+        entity_raw = entity_raw.strip(" \t")
+    if isinstance(action_raw, str):
+        action_raw = action_raw.strip(" \t")
     missing = [n for n, v in (("entity", entity_raw), ("action", action_raw)) if v in (None, "")]
     if missing:
         raise MissingEventType(

@@ -162,12 +162,25 @@ def test_strict_types_reject_unknown() -> None:
     assert info.value.status == 422
 
 
+def test_spaces_around_entity_and_action_are_no_part_of_them() -> None:
+    """A template's `"{{action}} "` or a query's `action=create%20` was a 422, where
+    spaces around the id, the key or the account are ignored; the body is published
+    as it came."""
+    body = b'{"entity":" Order\\t","action":"create "}'
+    event = parse(delivery(body))
+    assert (event.entity, event.action, event.known_type) == ("Order", "create", True)
+    assert event.value == body
+    query = parse(delivery(query=[("entity", "Product "), ("action", " update")]))
+    assert (query.entity, query.action) == ("Product", "update")
+
+
 @pytest.mark.parametrize(
     ("body", "error"),
     [
         (b'{"id":"5"}', MissingEventType),
         (b'{"entity":"Order"}', MissingEventType),
         (b'{"entity":"Order","action":""}', MissingEventType),
+        (b'{"entity":"Order","action":" \\t"}', MissingEventType),
         (b'{"entity":"{{entity}}","action":"create"}', MalformedEventType),
         (b'{"entity":"Or der","action":"create"}', MalformedEventType),
         (b'{"entity":5,"action":"create"}', MalformedEventType),
