@@ -94,7 +94,7 @@ lock: ## renew deploy/constraints.txt: the newest versions pyproject.toml allows
 	{ sed -n '/^#/p' $(CONSTRAINTS); .cache/lock-venv/bin/python -m pip freeze --exclude-editable | \
 	  grep -v '^geins-kafka-bridge'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
-	rm -rf .cache/lock-venv
+	rm -rf .cache/lock-venv build  # build/: what pip built the wheel in
 
 clean: ## remove the venv and caches (keeps the Kafka jars)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
