@@ -55,6 +55,10 @@ class DirectHandover:
         # topic -> its partitions, in partition order; forgotten at each metadata update
         self._partitions: dict[str, tuple[TopicPartition, ...]] = {}
         self._cluster.add_listener(self._forget)
+        #: The batch (aiokafka's MessageBatch) of the last record appended; None when
+        #: the last append answered None. Read at once by whoever appended, it tells
+        #: whether a batch Kafka refused held that record alone.
+        self.last_batch: Any = None
 
     def _forget(self, _cluster: object) -> None:
         self._partitions.clear()
@@ -85,6 +89,7 @@ class DirectHandover:
     ) -> asyncio.Future[Any] | None:
         """The record's acknowledgement future, or None: send it with ``producer.send``."""
         accumulator = self._accumulator
+        self.last_batch = None
         if not self.enabled or accumulator._closed or accumulator._exception is not None:
             return None
         partitions = self._partitions.get(topic)
@@ -102,12 +107,14 @@ class DirectHandover:
         if accumulator._batches.get(tp):
             # Join the partition's open batch; when it is full, send() waits for
             # the sender to take it, aiokafka's own back-pressure.
-            joined: asyncio.Future[Any] | None = accumulator._batches[tp][-1].append(
-                key, value, None, headers=headers
-            )
+            last = accumulator._batches[tp][-1]
+            joined: asyncio.Future[Any] | None = last.append(key, value, None, headers=headers)
+            if joined is not None:
+                self.last_batch = last
             return joined
         # No open batch for the partition: open one (which wakes the sender). A
         # fresh batch takes any record that passed the size check.
         batch = accumulator._append_batch(accumulator.create_builder(), tp)
         opened: asyncio.Future[Any] = batch.append(key, value, None, headers=headers)
+        self.last_batch = batch
         return opened

@@ -19,6 +19,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -280,6 +281,16 @@ def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
 
     handler.quiets_aiokafka = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handler)
+
+
+#: What publish() knows of the batch of a record sent alone.
+_ALONE = SimpleNamespace(record_count=1)
+
+
+def _alone(batch: Any) -> bool:
+    """Whether ``batch`` (aiokafka's MessageBatch, or None when unknown) held one
+    record: Kafka's refusal of it as too large is then that record's own."""
+    return getattr(batch, "record_count", None) == 1
 
 
 @contextlib.contextmanager
@@ -704,6 +715,10 @@ class KafkaPublisher:
                 )
             if acked is None:
                 acked, watch = await self._send_through(producer, watch, destination)
+                if self._handover is not None:
+                    # Other records were appended while this one waited: the batch
+                    # it joined is not known (see publish).
+                    self._handover.last_batch = None
         except Exception as exc:
             raise self.failure(exc) from None
         acked.add_done_callback(watch)
@@ -797,22 +812,29 @@ class KafkaPublisher:
             async with self._deadlines.bound():  # one deadline for hand-over and ack
                 replaced = self._replaced
                 acked = await self.hand_over(destination)
-                try:
-                    # Not shielded: this record's future is nobody else's, and aiokafka
-                    # skips a cancelled one when the batch completes.
-                    await acked
-                except OutOfOrderSequenceNumber as exc:
-                    await self._resend_when_replaced(replaced, exc)
-                    await (await self.hand_over(destination))
-                except MessageSizeTooLargeError as exc:
-                    # Kafka refuses a whole batch over the topic's max.message.bytes:
-                    # this record may only have shared it with others. It goes once
-                    # more in a batch of its own before it counts as too large (a 413
-                    # and a dead letter), as the drainer's records do; concurrent
-                    # small events used to get 413s (1,117 of 1,129 on a 4,000-byte
-                    # topic), and their dead letters went missing.
-                    await self._resend_when_replaced(replaced, exc)
-                    await (await self._hand_over_alone(destination))
+                # The batch the record joined, when the fast way took it (nothing ran
+                # in between: the hand-over did not wait).
+                batch = self._handover.last_batch if self._handover is not None else None
+                while True:
+                    try:
+                        # Not shielded: this record's future is nobody else's, and
+                        # aiokafka skips a cancelled one when the batch completes.
+                        await acked
+                        break
+                    except (OutOfOrderSequenceNumber, MessageSizeTooLargeError) as exc:
+                        if isinstance(exc, MessageSizeTooLargeError) and _alone(batch):
+                            raise  # its own size: too large for good
+                        # Refused with its batch: as out of order (another batch of
+                        # the partition was refused before it), or as too large, which
+                        # the record may only have shared with others (concurrent small
+                        # events got 413s: 1,117 of 1,129 on a 4,000-byte topic). Once
+                        # the producer that refusal breaks is replaced, it goes again
+                        # in a batch of its own, as the drainer's records do: a shared
+                        # batch could be refused again, and this one is its own
+                        # verdict. Within the deadline, as often as it takes.
+                        await self._resend_when_replaced(replaced, exc)
+                        replaced = self._replaced
+                        acked, batch = await self._hand_over_alone(destination), _ALONE
         except TimeoutError:
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(

@@ -236,7 +236,11 @@ def test_a_record_kafka_refuses_for_good_does_not_block_its_partition(
         (b"k-big", b"kafka_rejected")
     ]
     assert sample(metrics, "bridge_dropped_records_total") == 0
-    assert sample(metrics, "bridge_kafka_producer_resets_total") >= 1
+    resets = sample(metrics, "bridge_kafka_producer_resets_total")
+    # Broker mode: k-big was alone in its batch, so its refusal is its own and it is
+    # not sent again (test_publisher has the case of a second try that breaks the fresh
+    # producer as well).
+    assert resets == 1 if ack == "broker" else resets >= 1
 
 
 @pytest.mark.parametrize("kind", ["event", "dead letter"])

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import OutOfOrderSequenceNumber
+from aiokafka.errors import MessageSizeTooLargeError, OutOfOrderSequenceNumber
 
 import bridge.publisher as publisher_module
 from bridge.config import load_settings
-from bridge.errors import PublishTimeout, Unavailable
+from bridge.errors import PayloadTooLarge, PublishTimeout, Unavailable
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
@@ -37,13 +37,45 @@ class FakeProducer:
         self.metadata = asyncio.Event()
         self.sends = 0
         self.appended: list[asyncio.Future[Any]] = []
+        self.alone: list[bool] = []  # whether each appended record went in a batch of its own
 
     async def send(self, topic: str, **_: Any) -> asyncio.Future[Any]:
         self.sends += 1
         await self.metadata.wait()  # aiokafka's _wait_on_metadata
         acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.appended.append(acked)  # add_message: in a batch now, no await after it
+        self.alone.append(False)
         return acked
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        await self.metadata.wait()
+        return {0, 1, 2}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        """A batch of its own: the record in it alone, closed to the others."""
+        assert batch.closed
+        assert len(batch.records) == 1
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.appended.append(acked)
+        self.alone.append(True)
+        return acked
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.closed = False
+
+    def append(self, **record: Any) -> object:
+        assert not self.closed
+        self.records.append(record)
+        return object()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def publisher(timeout: float = 2) -> KafkaPublisher:
@@ -240,3 +272,77 @@ async def test_one_timed_out_refresh_does_not_make_the_bridge_unready(
         await pub._heartbeat(producer)
     clock[0] = fresh_at + 5 * beat  # the third is still out
     assert not pub.connected
+
+
+def refusing(pub: KafkaPublisher, broken: FakeProducer, fresh: FakeProducer) -> None:
+    """``broken`` in use; a reset puts ``fresh`` in its place (as a refusal asks)."""
+    broken.metadata.set()
+    fresh.metadata.set()
+    pub._use(broken, b"")
+
+    async def reset() -> None:
+        pub._replace(fresh, b"")
+        pub._rotation = None
+
+    pub._reset = reset  # type: ignore[method-assign]  # connecting a fake
+    pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
+
+
+async def test_a_record_refused_with_a_shared_batch_goes_again_alone_until_it_lands() -> None:
+    """A batch Kafka refused as too large may be too large only for its other records:
+    the record goes again alone once the producer is replaced; refused then as out of
+    order (another batch broke the fresh producer), alone again. A resend into a
+    shared batch had been refused as too large once more: a 413 for a small record
+    (review: 82 of 819)."""
+    pub = publisher(timeout=5)
+    first, second, third = FakeProducer(), FakeProducer(), FakeProducer()
+    refusing(pub, first, second)
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    first.appended[0].set_exception(MessageSizeTooLargeError())  # with its batch
+    for _ in range(50):
+        await turns()
+        if second.appended:
+            break
+    assert second.alone == [True]
+    pub._reset = lambda: _replace_with(pub, third)  # type: ignore[method-assign]
+    second.appended[0].set_exception(OutOfOrderSequenceNumber())
+    for _ in range(50):
+        await turns()
+        if third.appended:
+            break
+    assert third.alone == [True]
+    third.appended[0].set_result(None)
+    await asyncio.wait_for(task, 1)
+    assert pub._metrics.publish_errors.labels("too_large")._value.get() == 1
+
+
+async def _replace_with(pub: KafkaPublisher, producer: FakeProducer) -> None:
+    producer.metadata.set()
+    pub._replace(producer, b"")
+    pub._rotation = None
+
+
+async def test_a_record_refused_as_too_large_alone_is_too_large_at_once() -> None:
+    """Refused alone (its batch held it only), the refusal is the record's own: a 413
+    without waiting for the fresh producer and sending it again, which broke that one
+    too (two resets per such record, the partition's other records waiting)."""
+    pub = publisher(timeout=5)
+    broken, fresh = FakeProducer(), FakeProducer()
+    refusing(pub, broken, fresh)
+    handover = pub._handover
+    assert handover is not None
+
+    def fast_way(*_: Any) -> asyncio.Future[Any]:  # the record opened a batch of its own
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        broken.appended.append(acked)
+        handover.last_batch = SimpleNamespace(record_count=1)
+        return acked
+
+    handover.append = fast_way  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    broken.appended[0].set_exception(MessageSizeTooLargeError())
+    with pytest.raises(PayloadTooLarge):
+        await asyncio.wait_for(task, 1)
+    assert fresh.appended == []
