@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
 
@@ -123,7 +123,10 @@ def dead_letter(
         (PREFIX + "detail", secrets.redact(error.detail).encode()),
         (PREFIX + "method", secrets.redact(delivery.method).encode()),
         (PREFIX + "path", secrets.redact(delivery.path).encode()),
-        (PREFIX + "query", urlencode(query).encode()),
+        # Percent-encoded as the bridge reads a query (a space as %20, a '+' as %2B),
+        # so the URL `deadletter list` shows means the same pasted back; replay's
+        # form decoding reads it (and the '+' for a space of older dead letters) alike.
+        (PREFIX + "query", urlencode(query, quote_via=quote).encode()),
         (PREFIX + "received-at", delivery.received_at.isoformat().encode()),
         (PREFIX + "request-headers", orjson.dumps(headers)),
     ]

@@ -147,7 +147,7 @@ def parse_delivery(
         # consumers get the JSON without it, since many of their parsers refuse it.
         body = body[3:]
     if body.strip():
-        body_fields = _parse_body(body)
+        body_fields = _parse_body(body, len(delivery.body) - len(body))
         value = body
     else:
         body_fields = {}
@@ -189,7 +189,10 @@ def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
     return fields
 
 
-def _parse_body(body: bytes) -> dict[str, Any]:
+def _parse_body(body: bytes, skipped: int = 0) -> dict[str, Any]:
+    """The body's top-level fields (names lower-cased, the first of a name kept);
+    ``skipped``: bytes before ``body`` in what was sent (a byte order mark), for the
+    offsets an error names."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -204,7 +207,8 @@ def _parse_body(body: bytes) -> dict[str, Any]:
             text = body.decode("utf-8")
         except UnicodeDecodeError as bad:  # orjson's message names neither that nor where
             raise BodyNotJson(
-                f"the body is not UTF-8 (byte {body[bad.start]:#04x} at offset {bad.start}); "
+                f"the body is not UTF-8 (byte {body[bad.start]:#04x} at offset "
+                f"{skipped + bad.start}); "
                 "JSON between systems must be UTF-8 (RFC 8259)"
             ) from None
         try:

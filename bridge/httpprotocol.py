@@ -519,7 +519,11 @@ def guarded_protocol(
             stopped = sys.exception()
             head, self._upgrade_head = self._upgrade_head, None
             if self.parser.get_method() == b"CONNECT":
-                self._refuse(MethodNotAllowed("CONNECT is not accepted; use POST, PUT or GET"))
+                self._refuse(
+                    MethodNotAllowed(
+                        "CONNECT is no delivery; use POST (or PUT, GET, PATCH, DELETE)"
+                    )
+                )
                 return
             if head is None or not isinstance(stopped, httptools.HttpParserUpgrade):
                 self._refuse(MalformedRequest("the request asks for a protocol upgrade"))

@@ -255,7 +255,9 @@ class WebhookEndpoint:
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]
         if method in REFUSED_METHODS:
-            raise MethodNotAllowed(f"{method} is not accepted; use POST, PUT or GET")
+            raise MethodNotAllowed(
+                f"{method} is no delivery; use POST (or PUT, GET, PATCH, DELETE)"
+            )
         raw_query: bytes = scope["query_string"]
         query = parse_query(raw_query) if raw_query else []
         headers: list[tuple[bytes, bytes]] = scope["headers"]

@@ -17,6 +17,7 @@ from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
 from bridge.errors import BridgeError, MalformedEventType, UnknownEventType
 from bridge.geins import Delivery, parse_delivery
+from bridge.ingress import parse_query
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
 from tests.fakes import FakePublisher, voucher_delivery
@@ -49,6 +50,22 @@ def test_repeated_request_headers_survive_the_round_trip() -> None:
     assert not original.time_from_header
     assert not replayed.time_from_header
     assert replayed.time == original.time == RECEIVED
+
+
+def test_a_stored_query_means_what_the_bridge_reads_and_replays_the_same() -> None:
+    """Kept form-encoded (a space as '+'), the query `deadletter list` showed meant
+    something else pasted back into the bridge, which keeps a '+' as a '+'. Now a
+    space is %20 and a '+' %2B, and a replay still reads it as sent; so does an older
+    dead letter's '+' for a space."""
+    query = [("email", "a+b@x.com"), ("note", "a b"), ("plus", "+")]
+    letter = dead_letter(dataclasses.replace(refused([]), query=query), REFUSED, "dl", Redactor())
+    stored = dict(letter.headers)["x-bridge-query"]
+    assert stored == b"email=a%2Bb%40x.com&note=a%20b&plus=%2B"
+    assert parse_query(stored) == query
+    assert round_trip(dataclasses.replace(refused([]), query=query)).query == query
+    older = [(n, v) for n, v in letter.headers if n != "x-bridge-query"]
+    older.append(("x-bridge-query", b"email=a%2Bb%40x.com&note=a+b&plus=%2B"))
+    assert delivery_from_dead_letter(older, b"").query == query
 
 
 def test_credentials_are_still_left_out() -> None:

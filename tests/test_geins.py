@@ -326,6 +326,8 @@ def test_a_body_that_is_not_utf8_is_named_so_with_where() -> None:
     body = '{"entity":"Order","action":"create","name":"Jörg"}'.encode("latin-1")
     with pytest.raises(BodyNotJson, match=r"not UTF-8 \(byte 0xf6 at offset 45\)"):
         parse(delivery(body))
+    with pytest.raises(BodyNotJson, match=r"not UTF-8 \(byte 0xf6 at offset 48\)"):
+        parse(delivery(b"\xef\xbb\xbf" + body))  # counted in what was sent, its BOM too
 
 
 @pytest.mark.parametrize(

@@ -431,6 +431,25 @@ async def test_after_an_ignored_upgrade_the_parser_is_as_lenient_as_uvicorns(
     assert [r.key for r in connection.publisher.records] == [b"u1", b"u2"]
 
 
+@pytest.mark.parametrize("method", [b"PATCH", b"DELETE", b"PURGE"])
+async def test_other_methods_the_parser_knows_are_deliveries(
+    connection: Connection, method: bytes
+) -> None:
+    """Through the HTTP parser (llhttp), not just the app: the methods it knows are
+    deliveries; one it does not know is its 400."""
+    [answer] = await connection.answers(
+        webhook("m-" + method.decode()).replace(b"POST", method, 1), 1
+    )
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert len(connection.publisher.records) == 1
+
+
+async def test_a_method_the_parser_does_not_know_is_a_400(connection: Connection) -> None:
+    [answer] = await connection.answers(webhook("m-lower").replace(b"POST", b"post", 1), 1)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert connection.publisher.records == []
+
+
 async def test_connect_is_a_problem_json_405(connection: Connection) -> None:
     """llhttp takes CONNECT for an upgrade too; it is refused as a method."""
     [answer] = await connection.answers(b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n", 1)
