@@ -512,6 +512,10 @@ class KafkaPublisher:
             log.info("connected to Kafka with the changed secret files")
         finally:
             self._rotation = None
+            # A producer broken while this rotation was connecting was left to it
+            # (_reset_soon): failed, it is replaced now, not at the next heartbeat
+            # (up to 5 s of 503s for its partition meanwhile).
+            self._reset_soon()
 
     def _announce_replacement(self) -> None:
         """Tell the sends waiting on the producer in use that it is gone."""

@@ -346,3 +346,30 @@ async def test_a_record_refused_as_too_large_alone_is_too_large_at_once() -> Non
     with pytest.raises(PayloadTooLarge):
         await asyncio.wait_for(task, 1)
     assert fresh.appended == []
+
+
+async def test_a_producer_broken_while_a_rotation_fails_is_replaced_at_once() -> None:
+    """A record refused while a secret rotation was connecting left the reset to the
+    rotation; the rotation failed (Kafka refused the new secrets) and nothing replaced
+    the broken producer until the next heartbeat: the record waited its whole deadline
+    for a 503 (a review's find)."""
+    pub = publisher(timeout=3)
+    broken, fresh = FakeProducer(), FakeProducer()
+    refusing(pub, broken, fresh)
+
+    async def refused_secrets(**_: Any) -> str:
+        await asyncio.sleep(0.05)
+        return publisher_module.REFUSED
+
+    pub._start_producer = refused_secrets  # type: ignore[method-assign]
+    pub._rotation = asyncio.create_task(pub._rotate(b"new"))
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    broken.appended[0].set_exception(OutOfOrderSequenceNumber())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if fresh.appended:
+            break
+    assert fresh.alone == [True], "the broken producer was not replaced"
+    fresh.appended[0].set_result(None)
+    await asyncio.wait_for(task, 1)
