@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -30,7 +31,7 @@ from bridge.logs import printable
 from bridge.metrics import Metrics
 from bridge.pipeline import parse_and_route
 from bridge.publisher import KafkaPublisher, kafka_client_options
-from bridge.redaction import Redactor
+from bridge.redaction import MARKER, Redactor
 from bridge.routing import Destination, Router
 
 DEFAULT_REPLICATION_CAP = 3
@@ -337,8 +338,11 @@ def describe_dead_letter(record: Any) -> str:
         else "-"
     )
     method, query = _header(record, "x-bridge-method"), _header(record, "x-bridge-query")
+    # The path as a URL gives it (it is kept decoded): a '?' or a space in a segment
+    # would read as something else pasted back.
+    path = quote(_header(record, "x-bridge-path"), safe="/" + MARKER)
     origin = (
-        f"{method} {_header(record, 'x-bridge-path')}{'?' + query if query else ''}"
+        f"{method} {path}{'?' + query if query else ''}"
         if method
         else f"event for {_header(record, 'x-bridge-original-topic') or '?'}"
     )

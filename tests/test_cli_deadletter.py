@@ -530,3 +530,21 @@ def test_a_dead_letter_the_bridge_cannot_read_is_still_refused_and_the_replay_go
     assert "key=odd  still refused: not a dead letter the bridge can read" in captured.out
     assert "key=after-it  accepted" in captured.out
     assert "1 replayed, 1 still refused" in captured.err
+
+
+def test_describe_dead_letter_shows_the_path_as_a_url_gives_it() -> None:
+    """The path is kept decoded: a segment holding '?' or a space was shown as it is,
+    so the URL listed meant another path and query pasted back (a review's find)."""
+    letter = consumed(
+        0,
+        1,
+        b"k",
+        b"{}",
+        [
+            ("x-bridge-method", b"POST"),
+            ("x-bridge-path", "/webhooks/geins/Or der?ref=1/<token>/é".encode()),
+            ("x-bridge-query", b"note=a%20b"),
+        ],
+    )
+    second = kafkaadmin.describe_dead_letter(letter).splitlines()[1]
+    assert "POST /webhooks/geins/Or%20der%3Fref%3D1/<token>/%C3%A9?note=a%20b " in second
