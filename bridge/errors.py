@@ -143,6 +143,14 @@ class RateLimited(BridgeError):
     retriable = True
 
 
+class TooManyPipelined(RateLimited):
+    """More requests sent ahead on one connection than the HTTP protocol queues
+    (bridge.httpprotocol.MAX_PIPELINED): each queued one holds its parsed head."""
+
+    reason = "too_many_pipelined"
+    title = "Too many requests pipelined on one connection"
+
+
 class BadIdempotencyKey(BridgeError):
     status = 400
     reason = "bad_idempotency_key"

@@ -65,12 +65,14 @@ from bridge.errors import (
     MalformedRequest,
     MethodNotAllowed,
     RequestTimeout,
+    TooManyPipelined,
 )
 from bridge.guards import url_too_long
 from bridge.ingress import (
     HALF_CLOSED,
     REFUSED_BY_PROTOCOL,
     RESPOND_WHOLE,
+    ErrorAnswer,
     Redact,
     log_refusal,
     no_redaction,
@@ -79,9 +81,21 @@ from bridge.ingress import (
 
 log = logging.getLogger(__name__)
 
+#: Most requests a connection may have waiting behind the one being served (HTTP
+#: pipelining; Geins sends one at a time). uvicorn parses and queues every request in
+#: the bytes received even after it paused reading, some 2.3 KB each: 30 connections
+#: of 26-byte `GET /healthz` requests held 700 MB, for ever, and stalled every client
+#: for 10 s (a review's find). The next one is refused (429) after the answers to
+#: those before it, and nothing after it is read.
+MAX_PIPELINED = 16
+
 #: Longest wait, after an answer given before its request's body was all read on a
 #: connection that closes, for the client to stop sending (see OneWritePerResponse).
 LINGER_SECONDS = 2.0
+
+#: The headers a refusal calls for (a 405's Allow); a retriable one's Retry-After is
+#: its own or 1 s (the app's answers use BRIDGE_RETRY_AFTER).
+_REFUSAL_ANSWER = ErrorAnswer(1)
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -409,6 +423,18 @@ def guarded_protocol(
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
+            if self._refusal_after is not None:
+                # Behind a refused request, in the bytes being parsed: never served.
+                if (queued := self._queued()) is not None:
+                    self.pipeline.remove(queued)
+            elif len(self.pipeline) > MAX_PIPELINED:
+                self._refuse(
+                    TooManyPipelined(
+                        f"more than {MAX_PIPELINED} requests sent ahead on one connection "
+                        "before their answers were read",
+                        retry_after=1,
+                    )
+                )
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn calls this from data_received while handling the parser's
@@ -678,12 +704,13 @@ def guarded_protocol(
             self._refusal_after = None
             body = problem(error)
             self.transport.write(
-                b"HTTP/1.1 %d %s\r\n%scontent-type: application/problem+json\r\n"
+                b"HTTP/1.1 %d %s\r\n%s%scontent-type: application/problem+json\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                 % (
                     error.status,
                     error.title.encode(),
                     header_lines(self.server_state.default_headers),  # the date, as every answer
+                    header_lines(_REFUSAL_ANSWER.headers(error)),  # Allow, Retry-After
                     len(body),
                     body,
                 )

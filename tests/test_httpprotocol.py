@@ -235,6 +235,14 @@ def split(answer: bytes) -> tuple[list[bytes], dict[str, Any]]:
     return head.split(b"\r\n"), orjson.loads(body)
 
 
+def header_fields(answer: bytes) -> dict[str, str]:
+    """The answer's header fields, by lower-case name."""
+    lines = split(answer)[0][1:]
+    return {
+        n.decode().lower(): v.decode().strip() for n, _, v in (x.partition(b":") for x in lines)
+    }
+
+
 async def test_accepted_answers_are_written_whole_without_asgi_send(
     connection: Connection,
 ) -> None:
@@ -451,10 +459,12 @@ async def test_a_method_the_parser_does_not_know_is_a_400(connection: Connection
 
 
 async def test_connect_is_a_problem_json_405(connection: Connection) -> None:
-    """llhttp takes CONNECT for an upgrade too; it is refused as a method."""
+    """llhttp takes CONNECT for an upgrade too; it is refused as a method, with the
+    Allow header a 405 carries (it had none)."""
     [answer] = await connection.answers(b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n", 1)
     assert answer.startswith(b"HTTP/1.1 405 "), answer
     assert b"application/problem+json" in answer
+    assert header_fields(answer)["allow"] == "GET, POST, PUT, PATCH, DELETE"
     assert connection.transport.closed
 
 
@@ -643,14 +653,35 @@ async def test_many_pipelined_requests_in_one_packet_are_not_a_large_head(
     head: none is refused for the bytes of the others."""
     connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP)
     try:
-        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100 + b"\r\n\r\n"
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 400 + b"\r\n\r\n"
         count = 3 * HEAD_CAP // len(request)
+        assert count <= httpprotocol.MAX_PIPELINED
         answers = await connection.answers(request * count, count)
         assert len(answers) == count
         assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
         assert connection.refused == []
     finally:
         connection.close()
+
+
+async def test_requests_pipelined_past_the_cap_are_refused_and_not_parsed(
+    connection: Connection,
+) -> None:
+    """uvicorn parsed and queued every request in the bytes received, paused or not:
+    30 connections of pipelined `GET /healthz` held 700 MB. Past MAX_PIPELINED
+    waiting, the next is a 429 after the answers before it, and nothing after it is
+    parsed or queued."""
+    cap = httpprotocol.MAX_PIPELINED
+    request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    protocol: Any = connection.protocol
+    answers = await connection.answers(request * 2000, cap + 2)
+    assert len(protocol.pipeline) <= cap
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"200"] * (cap + 1) + [b"429"]
+    headers = header_fields(answers[-1])
+    assert headers["retry-after"] == "1"
+    assert headers["connection"] == "close"
+    assert connection.transport.closed
+    assert [e.reason for e in connection.refused] == ["too_many_pipelined"]
 
 
 @pytest.mark.parametrize(
