@@ -505,6 +505,12 @@ class KafkaPublisher:
                     "the connection made before they changed; trying again in %g s",
                     self._rotation_backoff,
                 )
+                # A producer broken while this rotation was connecting was left to it
+                # (_reset_soon): it is replaced now, not at the next heartbeat (up to
+                # 5 s of 503s for its partition meanwhile). Not when cancelled: stop()
+                # does that, and a reset it does not know of would outlive it.
+                self._rotation = None
+                self._reset_soon()
                 return
             self._replace(*started)
             self._rotation_backoff = 0.0
@@ -512,10 +518,6 @@ class KafkaPublisher:
             log.info("connected to Kafka with the changed secret files")
         finally:
             self._rotation = None
-            # A producer broken while this rotation was connecting was left to it
-            # (_reset_soon): failed, it is replaced now, not at the next heartbeat
-            # (up to 5 s of 503s for its partition meanwhile).
-            self._reset_soon()
 
     def _announce_replacement(self) -> None:
         """Tell the sends waiting on the producer in use that it is gone."""

@@ -373,3 +373,31 @@ async def test_a_producer_broken_while_a_rotation_fails_is_replaced_at_once() ->
     assert fresh.alone == [True], "the broken producer was not replaced"
     fresh.appended[0].set_result(None)
     await asyncio.wait_for(task, 1)
+
+
+async def test_a_rotation_cancelled_by_stop_starts_no_reset() -> None:
+    """stop() cancels a rotation still connecting; a producer broken meanwhile must not
+    be reset from the rotation's end, by a task stop() does not know of."""
+    pub = publisher(timeout=3)
+    broken, fresh = FakeProducer(), FakeProducer()
+    refusing(pub, broken, fresh)
+    resets: list[str] = []
+
+    async def reset() -> None:
+        resets.append("reset")
+
+    pub._reset = reset  # type: ignore[method-assign]
+
+    async def connecting(**_: Any) -> str:
+        await asyncio.Event().wait()
+        return publisher_module.REFUSED
+
+    pub._start_producer = connecting  # type: ignore[method-assign]
+    pub._rotation = asyncio.create_task(pub._rotate(b"new"))
+    await turns()
+    pub._broken = broken  # refused a record meanwhile
+    pub._flush_and_close = lambda *_: asyncio.sleep(0)  # type: ignore[method-assign]
+    await pub.stop()
+    await asyncio.sleep(0.05)
+    assert resets == []
+    assert pub._rotation is None
