@@ -408,14 +408,36 @@ def guarded_protocol(
                 return url_too_long(url_bytes, max_url_bytes, at_least=True)
             return HeadersTooLarge(f"the request head is larger than {max_head_bytes} bytes")
 
+        # The parser goes on through the piece it was given after a request was
+        # refused in its turn (the pipelining cap): what it parses after that request
+        # is never served, so none of it may touch this connection's state. It used to
+        # re-arm the head deadline (which then closed the connection, or wrote a 408,
+        # while answers were still owed), replace the refused request's scope (its log
+        # line named another request) and its refusal (a 400 for a later malformed one).
         def on_message_begin(self) -> None:
+            if self._refusal_after is not None:
+                return
             self._message_open = True
             super().on_message_begin()
             if self.timeout_keep_alive_task is not None:  # the head's deadline governs now
                 self._unset_keepalive_if_required()
             self._await_head()
 
+        def on_url(self, url: bytes) -> None:
+            if self._refusal_after is None:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._refusal_after is None:
+                super().on_header(name, value)
+
+        def on_body(self, body: bytes) -> None:
+            if self._refusal_after is None:
+                super().on_body(body)
+
         def on_headers_complete(self) -> None:
+            if self._refusal_after is not None:
+                return
             if self.parser.should_upgrade():  # parsed again without it: see the docstring
                 self._upgrade_head = self._head_without_upgrade()
                 return
@@ -423,11 +445,7 @@ def guarded_protocol(
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
-            if self._refusal_after is not None:
-                # Behind a refused request, in the bytes being parsed: never served.
-                if (queued := self._queued()) is not None:
-                    self.pipeline.remove(queued)
-            elif len(self.pipeline) > MAX_PIPELINED:
+            if len(self.pipeline) > MAX_PIPELINED:
                 self._refuse(
                     TooManyPipelined(
                         f"more than {MAX_PIPELINED} requests sent ahead on one connection "
@@ -500,6 +518,8 @@ def guarded_protocol(
             return True
 
         def on_message_complete(self) -> None:
+            if self._refusal_after is not None:
+                return
             if self._upgrade_head is not None:
                 return  # llhttp ends an upgrade request at its head: not the request's end
             self._message_open = False
@@ -689,6 +709,8 @@ def guarded_protocol(
             as a disconnect), with the
             time since the bridge began waiting for this request's head (a head's
             408: BRIDGE_READ_TIMEOUT)."""
+            if self._refusal_after is not None and error is not self._refusal_after:
+                return  # a request behind one refused in its turn: never served
             self._stop_head_timer()
             if self.transport.is_closing():
                 return

@@ -684,6 +684,58 @@ async def test_requests_pipelined_past_the_cap_are_refused_and_not_parsed(
     assert [e.reason for e in connection.refused] == ["too_many_pipelined"]
 
 
+PIPELINED_GET = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+def statuses(answers: list[bytes]) -> list[bytes]:
+    return [a.split(b" ", 2)[1] for a in answers]
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        b"GET /hea",
+        b"POST /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab",
+        b"BOGUS\x01 / HTTP/1.1\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"DELETE /webhooks/geins/other HTTP/1.1\r\nhost: x\r\n\r\n",
+    ],
+    ids=["partial head", "partial body", "malformed", "connect", "another request"],
+)
+async def test_what_follows_a_request_refused_for_the_cap_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, trailer: bytes
+) -> None:
+    """The parser goes on through its piece after the refused request. What it parsed
+    there re-armed the head deadline (the connection closed, or a 408 went out, while
+    answers were still owed, the first request being slower than the deadline), took
+    the 429's place (a 400 or 405 for a later request) and its log line's request (a
+    review's finds). The answers before it, then the 429, logged and counted once."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch, read_timeout=0.3)
+    publish = connection.publisher.publish
+
+    async def slow(destination: Any) -> None:  # slower than the head deadline
+        await asyncio.sleep(0.6)
+        await publish(destination)
+
+    connection.publisher.publish = slow  # type: ignore[method-assign]
+    cap = httpprotocol.MAX_PIPELINED
+    try:
+        data = webhook("k1") + PIPELINED_GET * (cap + 1) + trailer
+        await connection.answers(data, cap + 2)
+        await asyncio.sleep(0.8)
+        answers = split_responses(b"".join(connection.transport.writes))
+        assert statuses(answers) == [b"202"] + [b"200"] * cap + [b"429"]
+        assert connection.transport.closed
+        assert [e.reason for e in connection.refused] == ["too_many_pipelined"]
+        [logged] = [
+            r for r in caplog.records if r.getMessage() == "delivery refused: too_many_pipelined"
+        ]
+        assert logged.fields["path"] == "/healthz"  # type: ignore[attr-defined]
+    finally:
+        connection.close()
+
+
 @pytest.mark.parametrize(
     "bad",
     [
