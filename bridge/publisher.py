@@ -489,10 +489,16 @@ class KafkaPublisher:
         self._rotation = spawn(self._rotate(current), "kafka-rotate-secrets")
 
     async def _rotate(self, fingerprint: bytes) -> None:
+        failed = False
         try:
             log.info("the Kafka secret files changed: connecting with them")
-            started = await self._start_producer(explain=True)
+            try:
+                started = await self._start_producer(explain=True)
+            except Exception as exc:  # not foreseen (aiokafka's SCRAM raises ValueError)
+                log.error("connecting with the changed secret files failed: %r", exc)
+                started = FAILED  # tried again after the back-off, like any failure
             if isinstance(started, str):
+                failed = True
                 self._metrics.secret_rotations.labels(started).inc()
                 if fingerprint != self._failed_fingerprint:
                     self._failed_fingerprint, self._rotation_backoff = fingerprint, 0.0
@@ -505,19 +511,21 @@ class KafkaPublisher:
                     "the connection made before they changed; trying again in %g s",
                     self._rotation_backoff,
                 )
-                # A producer broken while this rotation was connecting was left to it
-                # (_reset_soon): it is replaced now, not at the next heartbeat (up to
-                # 5 s of 503s for its partition meanwhile). Not when cancelled: stop()
-                # does that, and a reset it does not know of would outlive it.
-                self._rotation = None
-                self._reset_soon()
                 return
             self._replace(*started)
             self._rotation_backoff = 0.0
             self._metrics.secret_rotations.labels("applied").inc()
             log.info("connected to Kafka with the changed secret files")
         finally:
-            self._rotation = None
+            if self._rotation is asyncio.current_task():
+                self._rotation = None
+            if failed:
+                # A producer broken while this rotation was connecting was left to it
+                # (_reset_soon): it is replaced now, not at the next heartbeat (up to
+                # 5 s of 503s for its partition meanwhile); the reset is the task in
+                # _rotation then, which stop() cancels. Not when this rotation was
+                # cancelled: stop() did that, and a reset would outlive it.
+                self._reset_soon()
 
     def _announce_replacement(self) -> None:
         """Tell the sends waiting on the producer in use that it is gone."""

@@ -401,3 +401,58 @@ async def test_a_rotation_cancelled_by_stop_starts_no_reset() -> None:
     await asyncio.sleep(0.05)
     assert resets == []
     assert pub._rotation is None
+
+
+def connecting_after_refused_secrets(
+    pub: KafkaPublisher, fresh: FakeProducer, starts: list[str], failure: BaseException | None
+) -> asyncio.Event:
+    """A rotation whose secrets Kafka refuses (or whose connecting raises ``failure``),
+    then a reset that connects ``fresh`` once the returned event is set."""
+    release = asyncio.Event()
+
+    async def start_producer(*, explain: bool = False, **_: Any) -> Any:
+        starts.append("rotation" if explain else "reset")
+        if explain:
+            await asyncio.sleep(0.02)
+            if failure is not None:
+                raise failure
+            return publisher_module.REFUSED
+        await release.wait()
+        fresh.metadata.set()
+        return fresh, b""
+
+    pub._start_producer = start_producer  # type: ignore[method-assign]
+    pub._flush_and_close = lambda *_: asyncio.sleep(0)  # type: ignore[method-assign]
+    return release
+
+
+@pytest.mark.parametrize(
+    "failure", [None, ValueError("Server sent wrong signature!")], ids=["refused", "raised"]
+)
+async def test_the_reset_after_a_failed_rotation_is_known_and_stopped(
+    failure: BaseException | None,
+) -> None:
+    """The reset a failed rotation asks for is the task stop() cancels and the one
+    later heartbeats wait for: it was forgotten (a second reset could start beside
+    it, and its producer came after stop()), and a rotation that raised asked for
+    none (the broken producer stayed, rotation after rotation)."""
+    pub = publisher(timeout=3)
+    broken, fresh = FakeProducer(), FakeProducer()
+    broken.metadata.set()
+    pub._use(broken, b"")
+    starts: list[str] = []
+    release = connecting_after_refused_secrets(pub, fresh, starts, failure)
+    pub._rotation = asyncio.create_task(pub._rotate(b"new"))
+    await turns()
+    pub._broken = broken  # Kafka refused a record of it while the rotation connects
+    await asyncio.sleep(0.1)
+    assert starts == ["rotation", "reset"]
+    assert pub._rotation is not None  # the reset, known
+    assert not pub._rotation.done()
+    pub._reset_soon()  # the next heartbeat
+    await turns()
+    assert starts == ["rotation", "reset"]  # no second reset beside it
+    await pub.stop()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert pub._producer is None  # nothing connected after stop()
