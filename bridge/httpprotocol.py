@@ -423,17 +423,10 @@ def guarded_protocol(
                 self._unset_keepalive_if_required()
             self._await_head()
 
-        def on_url(self, url: bytes) -> None:
-            if self._refusal_after is None:
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self._refusal_after is None:
-                super().on_header(name, value)
-
-        def on_body(self, body: bytes) -> None:
-            if self._refusal_after is None:
-                super().on_body(body)
+        # (on_url, on_header and on_body are left as they are: skipped, on_message_begin
+        # leaves them adding at most the rest of the piece to the refused request's
+        # URL, headers and body, which are never used; wrapped, they cost 0.2 µs a
+        # call, a header each.)
 
         def on_headers_complete(self) -> None:
             if self._refusal_after is not None:
