@@ -174,7 +174,14 @@ class TokenAuthenticator:
         """The tokens read, or None if the file could not be read or its tokens not
         used; logs only the changes between the two, with the reason when it becomes
         unusable."""
-        if isinstance(read, tuple) and (refused := self._refuse_file(read)):
+        # Only tokens not in use yet: those in use passed this check when taken (or
+        # the settings' at start), and it builds a Redactor and renders the template,
+        # about a millisecond on the event loop at every reading, once a second.
+        if (
+            isinstance(read, tuple)
+            and read != self._from_file
+            and (refused := self._refuse_file(read))
+        ):
             read = refused
         if isinstance(read, str):
             if read != self._unreadable:
