@@ -178,9 +178,11 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     if settings.ack == "durable":
         check_folder(settings.spool_dir)
     print(json.dumps(settings.redacted(), indent=2))
+    beyond_file_limit = settings.connection_limit()[1]
     for warning in [
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
         *short_token_warnings(settings.file_tokens(), "the tokens file"),
+        *([beyond_file_limit] if beyond_file_limit else []),
     ]:
         print(f"warning: {warning}", file=sys.stderr)
     router = _router(settings)  # the defaults a delivery without account/environment gets

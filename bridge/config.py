@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import resource
 import socket
 import ssl
 import tomllib
@@ -57,6 +58,14 @@ MAX_REQUESTS = 1_000_000
 #: limiter's wait overflowed (1e-320: a 500) or grew absurd (1e-300: a Retry-After of
 #: some 300 digits); at it a limited client waits at most 1000 s.
 MIN_RATE = 0.001
+#: File descriptors kept out of BRIDGE_MAX_CONNECTIONS' default: Kafka's connections
+#: (one per broker the producer and the drainer talk to), the spool's files, the
+#: listening sockets, the event loop's own. The bridge holds some 20 with one broker.
+FILE_RESERVE = 128
+#: BRIDGE_MAX_CONNECTIONS' default where the file limit allows more: an idle
+#: connection holds some 7 KB, one with a head under way up to its head cap (about
+#: 25 KB by default), so 4,096 connections stay within some 100 MB at worst.
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 def read_secret_file(path: Path) -> str:
@@ -188,6 +197,7 @@ class Settings(BaseModel):
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
     max_concurrency: int = Field(1000, ge=1, le=MAX_REQUESTS)
+    max_connections: int | None = Field(None, ge=1, le=MAX_REQUESTS)  # connection_limit()
     rate_limit: float = Field(0.0, ge=0, le=MAX_REQUESTS)
     rate_burst: int = Field(20, ge=1, le=MAX_REQUESTS)
     allowed_networks: tuple[str, ...] = ()
@@ -618,6 +628,27 @@ class Settings(BaseModel):
         ValueError if it cannot be read any more."""
         return () if self.tokens_file is None else read_tokens_file(self.tokens_file)
 
+    def connection_limit(self) -> tuple[int, str | None]:
+        """The connections the server keeps open at most, and a warning when
+        BRIDGE_MAX_CONNECTIONS is more than the process's open-file limit leaves.
+
+        By default as many as that limit (``ulimit -n``) leaves after FILE_RESERVE, at
+        most DEFAULT_MAX_CONNECTIONS: at the file limit itself new connections failed
+        to open unanswered, and so could Kafka's connections and the spool's files."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        unlimited = soft == resource.RLIM_INFINITY
+        room = DEFAULT_MAX_CONNECTIONS if unlimited else max(1, soft - FILE_RESERVE)
+        if self.max_connections is None:
+            return min(room, DEFAULT_MAX_CONNECTIONS), None
+        if self.max_connections <= room:
+            return self.max_connections, None
+        return self.max_connections, (
+            f"BRIDGE_MAX_CONNECTIONS={self.max_connections} is more than the open-file "
+            f"limit ({soft}, `ulimit -n`) leaves for connections ({room}, keeping "
+            f"{FILE_RESERVE} for Kafka and the spool): past it new connections fail "
+            "unanswered, and so may Kafka's; raise the limit or lower the setting"
+        )
+
     def check_serving(self) -> None:
         """What only matters when serving webhooks (operator commands need no tokens)."""
         if self.allow_unauthenticated or self.tokens:
@@ -650,6 +681,7 @@ class Settings(BaseModel):
             except (OSError, ValueError) as exc:
                 counted = f"<cannot be read: {unreadable_because(exc)}>"
             shown["tokens_in_file"] = counted
+        shown["max_connections_in_effect"] = self.connection_limit()[0]
         return shown
 
 

@@ -213,6 +213,14 @@ class Overloaded(Unavailable):
     title = "Too many requests in progress"
 
 
+class TooManyConnections(Overloaded):
+    """A connection beyond BRIDGE_MAX_CONNECTIONS, answered as it opens: each one holds
+    a file descriptor, which Kafka and the spool need too."""
+
+    reason = "too_many_connections"
+    title = "Too many open connections"
+
+
 class SpoolFull(Unavailable):
     reason = "spool_full"
     title = "The local spool is full"
@@ -255,7 +263,9 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     UrlTooLong,
     HeadersTooLarge,
     RateLimited,
+    TooManyPipelined,
     Overloaded,
+    TooManyConnections,
     BadIdempotencyKey,
     TokenInPath,
     BodyNotJson,

@@ -65,6 +65,7 @@ from bridge.errors import (
     MalformedRequest,
     MethodNotAllowed,
     RequestTimeout,
+    TooManyConnections,
     TooManyPipelined,
 )
 from bridge.guards import url_too_long
@@ -92,6 +93,10 @@ MAX_PIPELINED = 16
 #: Longest wait, after an answer given before its request's body was all read on a
 #: connection that closes, for the client to stop sending (see OneWritePerResponse).
 LINGER_SECONDS = 2.0
+
+#: Least time between two log lines about connections refused for BRIDGE_MAX_CONNECTIONS
+#: (a flood of them is one line a second, with their count; the metrics count each).
+CONNECTION_REFUSALS_LOG_EVERY = 1.0
 
 #: The headers a refusal calls for (a 405's Allow); a retriable one's Retry-After is
 #: its own or 1 s (the app's answers use BRIDGE_RETRY_AFTER).
@@ -219,11 +224,21 @@ class OneWritePerResponse:
                 self._transport.write(held)
 
     def close(self) -> None:
+        if self._body_pending():
+            self.linger()
+            return
+        self.flush()
+        if self._linger is None and not self._transport.is_closing():
+            self._transport.close()
+
+    def linger(self) -> None:
+        """Close after what is written, reading and dropping what the client still
+        sends (see the class's docstring)."""
         self.flush()
         transport = self._transport
         if self._linger is not None or transport.is_closing():
             return
-        if not (self._body_pending() and transport.can_write_eof()):
+        if not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()  # after what is written: the answer, then a FIN
@@ -276,18 +291,22 @@ def guarded_protocol(
     max_url_bytes: int,
     on_refused: Callable[[BridgeError, float], None] | None = None,
     redact: Redact = no_redaction,
+    max_connections: int | None = None,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits.
 
     ``max_url_bytes`` is the guard's URL limit (BRIDGE_MAX_URL_BYTES): a head that
     passes ``max_head_bytes`` with a URL over it is a 414, as the guard would have
     answered, not a 431. ``redact`` keeps the webhook tokens out of the log line of a
-    refusal (the app's authenticator's)."""
+    refusal (the app's authenticator's). A connection that opens while
+    ``max_connections`` are open (BRIDGE_MAX_CONNECTIONS; None: no limit) is answered
+    503 at once and closed, its request unread."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
     piece = max(512, min(4096, max_head_bytes // 4))
     answers_malformed_requests(HttpToolsProtocol)
+    refused_connections = _RefusalsLoggedEverySecond()
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -320,7 +339,26 @@ def guarded_protocol(
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
             self._writer = OneWritePerResponse(transport, self._body_pending)
             super().connection_made(self._writer)  # type: ignore[arg-type]  # a transport, as uvicorn uses it
+            # (uvicorn's set of open connections holds this one now)
+            if max_connections is not None and len(self.connections) > max_connections:
+                self._refuse_connection(max_connections)
+                return
             self._await_head()
+
+        def _refuse_connection(self, limit: int) -> None:
+            """503 before a byte is read, then a FIN, dropping what the client sends
+            (its request) until it closes, LINGER_SECONDS at most: its answer must not
+            be lost to the RST a close with unread bytes sends."""
+            error = TooManyConnections(
+                f"more than {limit} connections are open (BRIDGE_MAX_CONNECTIONS); "
+                "this one is closed",
+                retry_after=1,
+            )
+            self._write_refusal(error)
+            self._writer.linger()
+            refused_connections.log(error)
+            if on_refused is not None:
+                on_refused(error, 0.0)
 
         def _body_pending(self) -> bool:
             # The current request is not all read (the parser has not seen its end),
@@ -717,6 +755,16 @@ def guarded_protocol(
                 self.transport.pause_reading()
                 return
             self._refusal_after = None
+            self._write_refusal(error)
+            self._writer.hang_up()
+            # The current request's scope (uvicorn makes it as a request begins):
+            # no method or path yet if the head was refused.
+            # uvicorn types it as HTTPScope
+            log_refusal(error, cast(Scope, self.scope or {}), redact)
+            if count and on_refused is not None:
+                on_refused(error, time.perf_counter() - self._head_awaited_since)
+
+        def _write_refusal(self, error: BridgeError) -> None:
             body = problem(error)
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\n%s%scontent-type: application/problem+json\r\n"
@@ -730,12 +778,36 @@ def guarded_protocol(
                     body,
                 )
             )
-            self._writer.hang_up()
-            # The current request's scope (uvicorn makes it as a request begins):
-            # no method or path yet if the head was refused.
-            # uvicorn types it as HTTPScope
-            log_refusal(error, cast(Scope, self.scope or {}), redact)
-            if count and on_refused is not None:
-                on_refused(error, time.perf_counter() - self._head_awaited_since)
 
     return GuardedHttpToolsProtocol
+
+
+class _RefusalsLoggedEverySecond:
+    """Logs connections refused for BRIDGE_MAX_CONNECTIONS at most once every
+    CONNECTION_REFUSALS_LOG_EVERY seconds, with how many there were since the last
+    line: the flood that reaches the limit would otherwise be a WARNING line a
+    connection."""
+
+    def __init__(self) -> None:
+        self._next_line = 0.0
+        self._unlogged = 0
+
+    def log(self, error: BridgeError) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._next_line:
+            return
+        self._next_line = now + CONNECTION_REFUSALS_LOG_EVERY
+        refused, self._unlogged = self._unlogged, 0
+        log.warning(
+            "connection refused: %s",
+            error.reason,
+            extra={
+                "fields": {
+                    "status": error.status,
+                    "reason": error.reason,
+                    "detail": error.detail,
+                    "refused": refused,  # since the last such line
+                }
+            },
+        )

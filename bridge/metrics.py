@@ -242,6 +242,12 @@ class Metrics:
             "Webhook requests being handled now.",
             registry=registry,
         )
+        self.open_connections = Gauge(
+            "bridge_open_connections",
+            "HTTP connections open now, idle ones and those being refused included "
+            "(BRIDGE_MAX_CONNECTIONS caps them).",
+            registry=registry,
+        )
         self.kafka_connected = Gauge(
             "bridge_kafka_connected",
             "1 when the producer is connected and its metadata is fresh, else 0.",

@@ -12,6 +12,7 @@ from typing import Any
 from bridge.auth import MAX_CREDENTIALS
 from bridge.config import Settings
 from bridge.geins import ENTITY_ACTIONS, MAX_KEY_LENGTH
+from bridge.httpprotocol import MAX_PIPELINED
 from bridge.ingress import WEBHOOK_PATH
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -44,11 +45,26 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
             "of its first byte; the connection is closed."
         ),
         "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
+        "429": _problem(_TOO_MANY_PIPELINED, "Retry-After"),
         "431": _problem(
             f"More than {settings.max_headers} headers, or over {settings.max_header_bytes} "
             "bytes of them."
         ),
+        "503": _problem(_too_many_connections(settings), "Retry-After"),
     }
+
+
+_TOO_MANY_PIPELINED = (
+    f"More than {MAX_PIPELINED} requests sent ahead on one connection before their "
+    "answers were read (too_many_pipelined); the connection is then closed."
+)
+
+
+def _too_many_connections(settings: Settings) -> str:
+    return (
+        f"The connection opened while {settings.connection_limit()[0]} were open "
+        "(too_many_connections, BRIDGE_MAX_CONNECTIONS): answered at once, unread, and closed."
+    )
 
 
 def _webhook_operation(settings: Settings, path_params: list[str], method: str) -> dict[str, Any]:
@@ -127,10 +143,17 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
                 "Entity or action missing, malformed or (strict) unknown, or an entity, "
                 "action or topic name that would hold a webhook token."
             ),
-            "429": _problem("Rate limit of this client address.", "Retry-After"),
+            "429": _problem(
+                f"Rate limit of this client address, or {_TOO_MANY_PIPELINED}", "Retry-After"
+            ),
             "431": refused["431"],
             "500": _problem("A bug; the delivery was not accepted (Geins retries)."),
-            "503": _problem("The event cannot be made safe now; retry.", "Retry-After"),
+            "503": _problem(
+                "The event cannot be made safe now, or more requests are in progress than "
+                f"BRIDGE_MAX_CONCURRENCY allows ({settings.max_concurrency}); retry. Or: "
+                + _too_many_connections(settings),
+                "Retry-After",
+            ),
         },
     }
     if method != "get":
@@ -182,9 +205,13 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "operationId": "readyz",
                     "summary": "Ready to accept deliveries",
                     "responses": {
-                        "200": {"description": "ready", "content": status_json},
-                        "503": {"description": "not ready", "content": status_json},
                         **refused,
+                        "200": {"description": "ready", "content": status_json},
+                        "503": {
+                            "description": "Not ready; or " + _too_many_connections(settings),
+                            "content": {**status_json, **refused["503"]["content"]},
+                            "headers": refused["503"]["headers"],
+                        },
                     },
                 }
             },

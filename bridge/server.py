@@ -161,6 +161,9 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     metrics: Metrics = app.state.metrics
     redactor = app.state.authenticator.redactor
     logs.redact_with(redactor)  # every line, whoever logs it: no token in the log
+    max_connections, beyond_file_limit = settings.connection_limit()
+    if beyond_file_limit:
+        log.warning("%s", beyond_file_limit)
     protocol = guarded_protocol(
         read_timeout=settings.read_timeout,
         # the request line (method, URL, version) and the headers, with room for CRLFs
@@ -170,6 +173,7 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
             outcome_of(e), None, e.reason, seconds
         ),
         redact=redactor.logged,
+        max_connections=max_connections,
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(
@@ -192,6 +196,8 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = BridgeServer(config, state, settings.shutdown_delay)
+    connections = server.server_state.connections  # the protocol adds and removes itself
+    metrics.open_connections.set_function(lambda: len(connections))
     try:
         server.run(sockets=sockets)
     except SystemExit:  # uvicorn's way to say the startup failed

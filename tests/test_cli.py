@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -70,6 +71,19 @@ def test_check_config_warns_of_short_tokens(
     assert err[1].startswith("warning: a token of the tokens file has 9 characters")
     assert "secret-token" not in str(err)
     assert "short-tok" not in str(err)
+
+
+def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setattr(resource, "getrlimit", lambda _: (1024, 1024))
+    env.setenv("BRIDGE_TOKENS", "a-token-long-enough-for-no-warning")
+    env.setenv("BRIDGE_MAX_CONNECTIONS", "5000")
+    assert main(["check-config"]) == 0
+    captured = capsys.readouterr()
+    [warning] = captured.err.splitlines()
+    assert warning.startswith("warning: BRIDGE_MAX_CONNECTIONS=5000 is more than the open-file")
+    assert '"max_connections_in_effect": 5000' in captured.out
 
 
 def test_serve_warns_of_a_short_token(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
 from pathlib import Path
 
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from bridge import config
 from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings, read_secret_file
 from bridge.errors import ConfigError, RateLimited
@@ -619,3 +621,39 @@ def test_cross_setting_errors_name_settings_where_they_were_given(tmp_path: Path
     assert str(refused.value).endswith(
         f"kafka_security_protocol=SASL_SSL in {file} needs BRIDGE_KAFKA_SASL_USERNAME"
     )
+
+
+@pytest.mark.parametrize(
+    ("file_limit", "setting", "limit", "warned"),
+    [
+        (1024, None, 1024 - config.FILE_RESERVE, False),  # a systemd service's default
+        (1_048_576, None, config.DEFAULT_MAX_CONNECTIONS, False),  # Docker's
+        (resource.RLIM_INFINITY, None, config.DEFAULT_MAX_CONNECTIONS, False),
+        (100, None, 1, False),  # below the reserve: one connection at a time, still served
+        (1024, "500", 500, False),
+        (1024, "1000", 1000, True),  # more than 1024 - 128 leaves
+        (1_048_576, "100000", 100_000, False),
+    ],
+)
+def test_the_connection_limit_follows_the_file_limit(
+    monkeypatch: pytest.MonkeyPatch, file_limit: int, setting: str | None, limit: int, warned: bool
+) -> None:
+    """BRIDGE_MAX_CONNECTIONS by default leaves FILE_RESERVE of the process's open-file
+    limit for Kafka and the spool (at most DEFAULT_MAX_CONNECTIONS); set above what the
+    limit leaves it is kept, with a warning that says how to fix it."""
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (file_limit, resource.RLIM_INFINITY))
+    environ = dict(BASE) if setting is None else {**BASE, "BRIDGE_MAX_CONNECTIONS": setting}
+    settings = load_settings(environ=environ)
+    got, warning = settings.connection_limit()
+    assert got == limit
+    assert (warning is not None) == warned
+    if warning:
+        assert "BRIDGE_MAX_CONNECTIONS=1000" in warning
+        assert "ulimit -n" in warning
+    assert settings.redacted()["max_connections_in_effect"] == limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_the_connection_limit_is_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError, match="BRIDGE_MAX_CONNECTIONS"):
+        load_settings(environ={**BASE, "BRIDGE_MAX_CONNECTIONS": value})

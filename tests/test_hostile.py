@@ -209,6 +209,61 @@ def test_slow_body_is_408(
     assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
 
 
+def test_connections_over_the_limit_are_answered_503_until_one_closes(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    connect: Callable[[BridgeProcess], socket.socket],
+) -> None:
+    """BRIDGE_MAX_CONNECTIONS against the real server: past it a connection is answered
+    503 problem+json at once (its request unread, not published), then closed; once a
+    connection closes there is room again. bridge_open_connections shows them."""
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_MAX_CONNECTIONS": "3",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        idle = [connect(bridge), connect(bridge)]
+        metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text  # the third
+        assert "bridge_open_connections 3.0" in metrics
+        idle.append(connect(bridge))
+        over = connect(bridge)
+        over.sendall(_request("/webhooks/geins/Order/create", body=b'{"id":"over"}'))
+        answer = read_all(over)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"retry-after: 1\r\n" in answer
+        assert b'"reason":"too_many_connections"' in answer
+        over.close()
+        idle.pop(0).close()
+
+        def deliver() -> int:  # a 503 until the server has seen the close
+            response = httpx2.post(
+                bridge.url + "/webhooks/geins/Order/create",
+                content=b'{"id":"room"}',
+                headers={"authorization": f"Bearer {TOKEN}"},
+                timeout=5,
+            )
+            return response.status_code
+
+        assert wait_until(deliver, lambda status: status == 202, within=10, every=0.1) == 202
+        scraped = wait_until(  # the same: the last connection's close may not be seen yet
+            lambda: httpx2.get(bridge.url + "/metrics", timeout=5),
+            lambda response: response.status_code == 200,
+            within=10,
+            every=0.1,
+        )
+        metrics = scraped.text
+    assert 'bridge_requests_total{action="create",entity="order",outcome="accepted"} 1.0' in (
+        metrics
+    )
+    assert 'bridge_rejections_total{reason="too_many_connections"}' in metrics
+    assert 'bridge_rejections_total{reason="too_many_connections"} 0.0' not in metrics
+
+
 def test_no_token_in_logs_metrics_dead_letters_or_records(
     bridge: BridgeProcess, kafka_bootstrap: str, topic_prefix: str
 ) -> None:

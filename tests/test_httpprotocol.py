@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -153,6 +154,8 @@ class Connection:
         max_head_bytes: int = 16384,
         max_url_bytes: int = 8192,
         keep_alive: float = 5,
+        max_connections: int | None = None,
+        like: Connection | None = None,  # another connection of the same server
     ) -> None:
         settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
         self.publisher = FakePublisher()
@@ -165,7 +168,11 @@ class Connection:
             max_head_bytes=max_head_bytes,
             max_url_bytes=max_url_bytes,
             on_refused=self._count,
+            max_connections=max_connections,
         )
+        if like is not None:  # its server's protocol class, which counts in like.refused
+            protocol = like.protocol_class
+        self.protocol_class: type[HttpToolsProtocol] = protocol
         config = uvicorn.Config(
             app,
             http=protocol,
@@ -175,8 +182,12 @@ class Connection:
             proxy_headers=False,
             timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn says int; a timer's delay
         )
-        state = ServerState()
-        state.default_headers = [DATE]
+        if like is None:
+            state = ServerState()
+            state.default_headers = [DATE]
+        else:
+            state = like.state
+        self.state: ServerState = state
         self.writes: list[bytes] = []  # those of the last answers()
         self.sent: list[str] = []  # ASGI messages that went through uvicorn's send
         asgi_send = RequestResponseCycle.send
@@ -1269,3 +1280,79 @@ async def test_protocol_refusals_are_timed_finer_than_the_loops_clock(
         assert seconds * 1000 != round(seconds * 1000)  # not whole milliseconds
     finally:
         connection.close()
+
+
+async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BRIDGE_MAX_CONNECTIONS: a connection that opens while the limit's number are open
+    gets a problem+json 503 (Retry-After: 1) and a FIN at once; what it sends is read
+    and dropped (never parsed, never published) until it closes its side. Without a
+    limit, connections held open until the file limit made new ones fail unanswered,
+    and Kafka's and the spool's files could not open either."""
+    caplog.set_level(logging.INFO)
+    first = Connection(monkeypatch, max_connections=2)
+    second = Connection(monkeypatch, max_connections=2, like=first)
+    over = Connection(monkeypatch, max_connections=2, like=first)
+    protocol: Any = over.protocol  # eof_received: typed by uvicorn as returning None
+    try:
+        assert over.transport.writes, "answered as it opened"
+        [answer] = split_responses(b"".join(over.transport.writes))
+        lines, body = split(answer)
+        assert lines[0] == b"HTTP/1.1 503 Too many open connections"
+        assert header_fields(answer)["retry-after"] == "1"
+        assert header_fields(answer)["connection"] == "close"
+        assert body["reason"] == "too_many_connections"
+        assert "BRIDGE_MAX_CONNECTIONS" in body["detail"]
+        assert over.transport.eof  # a FIN after the answer
+        assert not over.transport.closed  # lingering: its request must not cause an RST
+        assert [e.reason for e in first.refused] == ["too_many_connections"]  # its server's
+        written = len(over.transport.writes)
+        protocol.data_received(webhook("over"))
+        await asyncio.sleep(0.05)
+        assert over.transport.writes[written:] == []
+        assert over.publisher.records == []
+        assert protocol.eof_received() is None  # the client is done: close now
+        assert over.transport.closed
+        over.close()
+        # those within the limit are served as ever
+        [answer] = await first.answers(webhook("k1"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        # a connection that closes makes room
+        second.close()
+        again = Connection(monkeypatch, max_connections=2, like=first)
+        try:
+            assert again.transport.writes == []
+            [answer] = await again.answers(webhook("k2"), 1)
+            assert answer.startswith(b"HTTP/1.1 202 "), answer
+        finally:
+            again.close()
+        [line] = [r for r in caplog.records if r.getMessage().startswith("connection refused")]
+        assert line.levelno == logging.WARNING
+        assert line.fields["refused"] == 1
+    finally:
+        for connection in (first, second, over):
+            connection.close()
+
+
+async def test_connections_refused_over_the_limit_log_one_line_a_second(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of connections over the limit is one WARNING line a second with their
+    count, not a line each; the metrics count each one."""
+    caplog.set_level(logging.INFO)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    held = Connection(monkeypatch, max_connections=1)
+    refused: list[Connection] = []
+    try:
+        refused += [Connection(monkeypatch, max_connections=1, like=held) for _ in range(5)]
+        clock[0] += httpprotocol.CONNECTION_REFUSALS_LOG_EVERY
+        refused += [Connection(monkeypatch, max_connections=1, like=held) for _ in range(3)]
+        lines = [r for r in caplog.records if r.getMessage().startswith("connection refused")]
+        counts = [r.fields["refused"] for r in lines]  # type: ignore[attr-defined]
+        assert counts == [1, 5]  # the first at once; the next with the 4 since and itself
+        assert [e.reason for e in held.refused] == ["too_many_connections"] * 8
+    finally:
+        for connection in (held, *refused):
+            connection.close()
