@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     dead_list = dead_commands.add_parser(
         "list", parents=[config], help="show what is on the dead-letter topic"
     )
-    dead_list.add_argument("--reason", help="only dead letters with this reason")
+    dead_list.add_argument(
+        "--reason", action="append", help="only dead letters with this reason (repeat)"
+    )
     dead_list.set_defaults(run=_deadletter_list)
     replay = dead_commands.add_parser(
         "replay",
@@ -125,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         "N alone when the topic has one partition",
     )
     replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
-    replay.add_argument("--reason", help="only dead letters with this reason")
+    replay.add_argument(
+        "--reason", action="append", help="only dead letters with this reason (repeat)"
+    )
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
     replay.set_defaults(run=_deadletter_replay)
 
@@ -235,7 +239,7 @@ def _dead_letter_query(settings: Settings, args: argparse.Namespace) -> DeadLett
     return kafkaadmin.DeadLetterQuery(
         offsets=getattr(args, "offset", None) or (),
         keys=frozenset(getattr(args, "key", None) or ()),
-        reason=args.reason,
+        reasons=frozenset(args.reason or ()),
     )
 
 

@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -62,9 +62,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
 MAX_KEY_LENGTH = 200
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 3339 date-time; fromisoformat alone also takes dates and naive times.
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
-)
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
 # A placeholder Geins did not substitute, e.g. a literal "{{id}}".
 _UNSUBSTITUTED = re.compile(r"\{\{\s*\w+\s*\}\}")
 
@@ -449,12 +447,18 @@ def parse_rfc3339(text: str) -> datetime | None:
     if not _RFC3339.fullmatch(text):
         return None
     normalised = text.upper().replace(" ", "T")
-    if "." in normalised:  # fromisoformat takes at most microseconds
+    if "." in normalised:  # fromisoformat takes at most microseconds: the rest is cut
         head, _, tail = normalised.partition(".")
         digits = len(tail) - len(tail.lstrip("0123456789"))
         normalised = f"{head}.{tail[: min(digits, 6)]}{tail[digits:]}"
+    # A leap second (23:59:60, which RFC 3339 allows) is the second after :59, as POSIX
+    # time counts it: datetime has no second 60.
+    leap = normalised[17:19] == "60"
+    if leap:
+        normalised = f"{normalised[:17]}59{normalised[19:]}"
     try:
-        return datetime.fromisoformat(normalised).astimezone(UTC)
+        parsed = datetime.fromisoformat(normalised).astimezone(UTC)
+        return parsed + timedelta(seconds=1) if leap else parsed
     except ValueError:  # e.g. month 13 or hour 25 pass the pattern
         return None
     except OverflowError:  # year 1 or 9999 moved past the ends by its offset

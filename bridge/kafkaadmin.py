@@ -365,14 +365,17 @@ class DeadLetterQuery:
 
     offsets: Sequence[tuple[int | None, int]] = ()
     keys: frozenset[str] = frozenset()
-    reason: str | None = None
+    reasons: frozenset[str] = frozenset()
 
     def wants(self, record: Any) -> bool:
-        """Whether ``record`` has one of the keys and the reason (offsets are sought, not
-        matched)."""
-        return (not self.keys or text(record.key) in self.keys) and (
-            not self.reason or dict(record.headers).get("x-bridge-reason") == self.reason.encode()
-        )
+        """Whether ``record`` has one of the keys and one of the reasons (offsets are
+        sought, not matched)."""
+        if self.keys and text(record.key) not in self.keys:
+            return False
+        if not self.reasons:
+            return True
+        reason = dict(record.headers).get("x-bridge-reason")
+        return reason is not None and reason.decode("utf-8", "replace") in self.reasons
 
 
 #: How many records reading the dead letters takes from aiokafka at a time, for one

@@ -548,3 +548,28 @@ def test_describe_dead_letter_shows_the_path_as_a_url_gives_it() -> None:
     )
     second = kafkaadmin.describe_dead_letter(letter).splitlines()[1]
     assert "POST /webhooks/geins/Or%20der%3Fref%3D1/<token>/%C3%A9?note=a%20b " in second
+
+
+@pytest.mark.parametrize("command", ["list", "replay"])
+def test_a_repeated_option_matches_either_value(command: str) -> None:
+    """`--reason A --reason B` wants the dead letters of either reason, as `--key` does
+    (the README says so); `--reason` kept only the last one given."""
+    from bridge.cli import _dead_letter_query, _parser  # noqa: PLC0415  # its helpers
+
+    args = _parser().parse_args(
+        ["deadletter", command, "--reason", "token_in_path", "--reason", "body_not_json"]
+    )
+    query = _dead_letter_query(load_settings(environ={}), args)
+
+    def letter(reason: bytes | None) -> SimpleNamespace:
+        headers = [] if reason is None else [("x-bridge-reason", reason)]
+        return SimpleNamespace(key=b"k", headers=headers)
+
+    assert query.wants(letter(b"token_in_path"))
+    assert query.wants(letter(b"body_not_json"))
+    assert not query.wants(letter(b"kafka_rejected"))
+    assert not query.wants(letter(None))
+    everything = _dead_letter_query(
+        load_settings(environ={}), _parser().parse_args(["deadletter", command])
+    )
+    assert everything.wants(letter(None))

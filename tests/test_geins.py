@@ -337,6 +337,14 @@ def test_a_body_that_is_not_utf8_is_named_so_with_where() -> None:
         ("2024-01-15t10:30:00z", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),
         ("2024-01-15T12:30:00+02:00", datetime(2024, 1, 15, 10, 30, tzinfo=UTC)),
         ("2024-01-15 10:30:00.123456789Z", datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=UTC)),
+        # any number of fraction digits (RFC 3339), cut to the microsecond
+        ("2024-01-15T10:30:00.1234567891Z", datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=UTC)),
+        ("2024-01-15T10:30:00.5Z", datetime(2024, 1, 15, 10, 30, 0, 500000, tzinfo=UTC)),
+        # a leap second: the second after :59
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),
+        ("2016-12-31T23:59:60.25+00:00", datetime(2017, 1, 1, 0, 0, 0, 250000, tzinfo=UTC)),
+        ("2024-01-15T10:30:61Z", None),
+        ("2024-01-15T10:30:00.Z", None),
         ("2024-01-15T10:30:00", None),
         ("2024-01-15", None),
         ("2024-13-15T10:30:00Z", None),
