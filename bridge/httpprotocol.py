@@ -98,6 +98,13 @@ LINGER_SECONDS = 2.0
 #: (a flood of them is one line a second, with their count; the metrics count each).
 CONNECTION_REFUSALS_LOG_EVERY = 1.0
 
+#: Most connections refused for BRIDGE_MAX_CONNECTIONS that linger at once (each holds
+#: a file descriptor for up to LINGER_SECONDS); past it a refused connection is closed
+#: as soon as its answer is written. Without a bound, a flood of new connections
+#: kept hundreds lingering and took the descriptors FILE_RESERVE keeps for Kafka and the
+#: spool (a review: 150 a second against a limit of 1024 left most unanswered).
+MAX_LINGERING_REFUSALS = 32
+
 #: The headers a refusal calls for (a 405's Allow); a retriable one's Retry-After is
 #: its own or 1 s (the app's answers use BRIDGE_RETRY_AFTER).
 _REFUSAL_ANSWER = ErrorAnswer(1)
@@ -307,6 +314,7 @@ def guarded_protocol(
     piece = max(512, min(4096, max_head_bytes // 4))
     answers_malformed_requests(HttpToolsProtocol)
     refused_connections = _RefusalsLoggedEverySecond()
+    lingering_refusals = 0  # of this server's connections (see _refuse_connection)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -331,6 +339,7 @@ def guarded_protocol(
             self._message_open = False  # between a request's first byte and its end
             self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
             self._running: Any = None  # the request cycle whose app was started last
+            self._refused_lingering = False  # refused for the connection limit, lingering
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -348,14 +357,22 @@ def guarded_protocol(
         def _refuse_connection(self, limit: int) -> None:
             """503 before a byte is read, then a FIN, dropping what the client sends
             (its request) until it closes, LINGER_SECONDS at most: its answer must not
-            be lost to the RST a close with unread bytes sends."""
+            be lost to the RST a close with unread bytes sends. While
+            MAX_LINGERING_REFUSALS others linger, closed at once instead (the answer is
+            written; a client that sends its request before reading it may get an RST)."""
+            nonlocal lingering_refusals
             error = TooManyConnections(
                 f"more than {limit} connections are open (BRIDGE_MAX_CONNECTIONS); "
                 "this one is closed",
                 retry_after=1,
             )
             self._write_refusal(error)
-            self._writer.linger()
+            if lingering_refusals < MAX_LINGERING_REFUSALS:
+                lingering_refusals += 1
+                self._refused_lingering = True
+                self._writer.linger()
+            else:
+                self._writer.hang_up()
             refused_connections.log(error)
             if on_refused is not None:
                 on_refused(error, 0.0)
@@ -366,11 +383,23 @@ def guarded_protocol(
             return self._message_open and not self._peer_done
 
         def connection_lost(self, exc: Exception | None) -> None:
+            nonlocal lingering_refusals
+            if self._refused_lingering:
+                self._refused_lingering = False
+                lingering_refusals -= 1
             if self._writer.lingering:
                 self._writer.end_linger()  # its timer
             self._stop_head_timer()
             self._stop_write_timer()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            # The server stops: a connection lingering after its answer (a refusal, a
+            # 413) is closed now, not after LINGER_SECONDS (uvicorn waits for it).
+            if self._writer.lingering:
+                self._writer.end_linger()
+                return
+            super().shutdown()
 
         def pause_writing(self) -> None:
             # The client does not read its answers (the socket's buffer is full). A
@@ -786,19 +815,33 @@ class _RefusalsLoggedEverySecond:
     """Logs connections refused for BRIDGE_MAX_CONNECTIONS at most once every
     CONNECTION_REFUSALS_LOG_EVERY seconds, with how many there were since the last
     line: the flood that reaches the limit would otherwise be a WARNING line a
-    connection."""
+    connection. Those refused after a line are logged when the interval ends, not
+    only at the next refusal (which may come much later, or never)."""
 
     def __init__(self) -> None:
         self._next_line = 0.0
         self._unlogged = 0
+        self._last: BridgeError | None = None
+        self._flush: asyncio.TimerHandle | None = None
 
     def log(self, error: BridgeError) -> None:
         self._unlogged += 1
-        now = time.monotonic()
-        if now < self._next_line:
+        self._last = error
+        wait = self._next_line - time.monotonic()
+        if wait <= 0:
+            self._write()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(wait, self._write)
+
+    def _write(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        error, refused = self._last, self._unlogged
+        if error is None or not refused:
             return
-        self._next_line = now + CONNECTION_REFUSALS_LOG_EVERY
-        refused, self._unlogged = self._unlogged, 0
+        self._next_line = time.monotonic() + CONNECTION_REFUSALS_LOG_EVERY
+        self._unlogged = 0
         log.warning(
             "connection refused: %s",
             error.reason,
