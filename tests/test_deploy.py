@@ -234,9 +234,14 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_non_root_with_a_spool_volume()
     assert args["USER"] == f"{IMAGE_UID}:{IMAGE_UID}"
     volume = next(s for s in steps if s.keyword == "VOLUME")
     assert volume.exec_form() == [SPOOL]
-    assert f"BRIDGE_SPOOL_DIR={SPOOL}" in args["ENV"]
+    # The bridge's own defaults: no BRIDGE_* in the image, which would win over a
+    # config file's host, port and spool_dir (a review found the spool put on the
+    # image's volume, not the one the file named)
+    assert not [name for name in image_environment() if name.startswith("BRIDGE_")]
+    defaults = load_settings(environ={})
+    assert (defaults.host, defaults.port) == ("0.0.0.0", 8080)  # noqa: S104  # the image's
+    assert args["WORKDIR"] + "/" + str(defaults.spool_dir) == SPOOL
     assert args["EXPOSE"] == "8080"
-    assert "BRIDGE_PORT=8080" in args["ENV"]
     health = next(s for s in steps if s.keyword == "HEALTHCHECK")
     probe = health.exec_form()
     assert probe[0] == "python"
