@@ -145,6 +145,21 @@ def configure(level: str, fmt: str) -> None:
     # aiokafka reports every retry at ERROR; the bridge reports what matters itself.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
     handler.addFilter(OncePerInterval("aiokafka", AIOKAFKA_REPEAT_SECONDS))
+    handler.addFilter(demote_unknown_topic)
+
+
+#: What aiokafka logs at ERROR when Kafka does not know a topic it was asked about.
+_UNKNOWN_TOPIC = "Topic %s not found in cluster metadata"
+
+
+def demote_unknown_topic(record: logging.LogRecord) -> bool:
+    """aiokafka's ERROR about a topic Kafka does not know yet, a WARNING: it comes with
+    the first event of every new type while a broker that creates topics on first use
+    creates it (and during a replay that succeeds). When the topic stays missing the
+    bridge says so itself (a topic held back, 503s in broker mode)."""
+    if record.msg == _UNKNOWN_TOPIC and record.name == "aiokafka.cluster":
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 #: aiokafka logs a failed connection or metadata request at ERROR each time it

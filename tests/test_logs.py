@@ -258,6 +258,28 @@ def test_aiokafkas_repeated_errors_pass_once_a_minute() -> None:
         assert passes("aiokafkaesque", "not aiokafka's", at)
 
 
+def test_aiokafkas_unknown_topic_error_is_a_warning() -> None:
+    """The first event of a new type makes aiokafka log, at ERROR, that Kafka does not
+    know its topic, while a broker that creates topics on first use creates it: an
+    operator grepping for errors found one for every new event type."""
+    record = logging.LogRecord(
+        "aiokafka.cluster",
+        logging.ERROR,
+        __file__,
+        1,
+        "Topic %s not found in cluster metadata",
+        ("geins.order.create",),
+        None,
+    )
+    assert logs.demote_unknown_topic(record)
+    assert (record.levelno, record.levelname) == (logging.WARNING, "WARNING")
+    other = logging.LogRecord(
+        "aiokafka.cluster", logging.ERROR, __file__, 1, "Topic %s is not authorized", ("t",), None
+    )
+    assert logs.demote_unknown_topic(other)
+    assert other.levelno == logging.ERROR
+
+
 async def test_aiokafkas_error_as_a_producer_ends_is_no_error_traceback() -> None:
     """A producer closed during an outage: its sender task's done-callback fails in
     aiokafka 0.14 (TransactionManager.fatal_error on a non-transactional producer),
