@@ -542,7 +542,7 @@ class Spool:
         if added and self.oldest_enqueued_at is None:
             self.oldest_enqueued_at = now
         self._keep_copies(added)
-        if self._on_commit is not None:
+        if rows and self._on_commit is not None:  # (one that wrote nothing is no commit of events)
             self._on_commit(time.perf_counter() - started)
         self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
 

@@ -96,6 +96,23 @@ async def test_duplicate_keys_are_refused_even_within_one_commit(tmp_path: Path)
     await reopened.close()
 
 
+async def test_only_commits_that_wrote_events_are_timed(tmp_path: Path) -> None:
+    """bridge_stage_duration_seconds{stage="spool_commit"} times group commits of
+    events: a group of duplicates only, or of events refused as the spool is full,
+    wrote nothing, yet counted (12,000 of them in a minute of a full spool under load,
+    which looked like ordinary spool traffic on the dashboard)."""
+    commits: list[float] = []
+    spool = Spool(tmp_path, max_bytes=2000, dedup_window=3600, on_commit=commits.append)
+    spool.open()
+    assert await spool.append(record(1), "a")
+    assert len(commits) == 1
+    assert not await spool.append(record(1), "a")  # a duplicate
+    with pytest.raises(SpoolFull):
+        await spool.append(record(2, size=5000), "b")
+    assert len(commits) == 1
+    await spool.close()
+
+
 async def test_expired_keys_are_accepted_again(tmp_path: Path) -> None:
     """After the window a key is new again; purging removes it from the record."""
     spool = make(tmp_path, window=0.05)
