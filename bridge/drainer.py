@@ -19,7 +19,8 @@ outcome is known, so a topic's records keep their order. The first record of a
 topic the producer has no metadata for yet goes the same way. A probe is handed
 over by a task of its own: its wait for metadata (up to HAND_OVER_WAIT) delays no
 round of the other topics. Holds are for a topic's trouble only: while Kafka as a
-whole is away (the publisher is not connected) there are none (nor does a probe
+whole is away (the publisher is not connected, or Kafka answered nothing since the
+record that failed was handed over) there are none (nor does a probe
 handed over hold back its topic), and the drainer
 backs off as it does when the backlog fails (a spool on a full disk), up to
 MAX_BACKOFF; delivery resumes by itself.
@@ -262,10 +263,16 @@ class Drainer:
             self.wake()
             await asyncio.sleep(0.05)
 
-    def _hold(self, topic: str, why: str) -> None:
+    def _hold(self, topic: str, why: str, since: float | None = None) -> None:
         """Keep ``topic``'s records back for a while; the others go on. Not while Kafka
-        is away: that is no topic's trouble."""
+        is away: that is no topic's trouble. ``since`` (perf_counter): when the record
+        that failed was handed over; Kafka must have answered something after it (an
+        acknowledgement of another topic's record, a metadata refresh), or this may be
+        the start of an outage: the publisher counts as connected until its metadata
+        is 20 s old, and every topic was held for those seconds."""
         if not self._publisher.connected:
+            return
+        if since is not None and not self._publisher.answered_since(since):
             return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))
@@ -313,7 +320,11 @@ class Drainer:
                 if not pending.late and pending.sent_at <= overdue:
                     pending.late = True
                     self._metrics.record_publish_error("timeout")
-                    self._hold(topic, f"Kafka did not acknowledge within {self._ack_timeout:g} s")
+                    self._hold(
+                        topic,
+                        f"Kafka did not acknowledge within {self._ack_timeout:g} s",
+                        pending.sent_at,
+                    )
                 continue
             del self._pending[seq]
             if self._probing.get(topic) == seq:
@@ -337,7 +348,7 @@ class Drainer:
                 elif await self._set_aside(pending.record, error):
                     done.append(seq)
             else:
-                self._hold(topic, f"Kafka did not take a record: {error.detail}")
+                self._hold(topic, f"Kafka did not take a record: {error.detail}", pending.sent_at)
         return done
 
     async def _hand_over(self, records: list[QueuedRecord], settled: list[int]) -> list[_Pending]:
@@ -398,7 +409,11 @@ class Drainer:
 
     def _hand_over_timed_out(self, topic: str) -> None:
         self._metrics.record_publish_error("timeout")
-        self._hold(topic, f"no metadata or buffer space for it within {self._hand_over_wait:g} s")
+        self._hold(
+            topic,
+            f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
+            time.perf_counter() - self._hand_over_wait,
+        )
 
     def _hand_over_refused(self, topic: str, exc: BridgeError) -> None:
         self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")

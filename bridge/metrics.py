@@ -265,8 +265,8 @@ class Metrics:
         self.producer_resets = Counter(
             "bridge_kafka_producer_resets",
             "Times the Kafka producer was replaced by a fresh one (a new producer id) "
-            "because Kafka refused a record for good, after which the old one could send "
-            "nothing more to that partition.",
+            "because it could send nothing more to a partition: Kafka refused a record "
+            "for good, or the producer gave up on a batch during an outage.",
             registry=registry,
         )
         self.ready = Gauge(

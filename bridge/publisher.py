@@ -74,8 +74,10 @@ REFUSED = "refused"
 FAILED = "failed"
 #: How long closing a producer by force may take (it waits for no broker).
 FORCE_CLOSE_SECONDS = 1.0
-#: The longest wait between two tries to replace a producer that can no longer send.
-RESET_RETRY_MAX_SECONDS = 10.0
+#: The longest wait between two tries to replace a producer that can no longer send
+#: (Kafka away: each try fails). Once Kafka answers a metadata refresh again the next
+#: try comes at once (_heartbeat).
+RESET_RETRY_MAX_SECONDS = 5.0
 #: The shortest time between two replacements: a topic that refuses record after record
 #: (too small a max.message.bytes, missing rights) must not make the bridge churn producers.
 RESET_MIN_INTERVAL_SECONDS = 1.0
@@ -87,6 +89,8 @@ class Publisher(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    def answered_since(self, since: float) -> bool: ...
 
     async def start(self) -> None: ...
 
@@ -349,6 +353,7 @@ class KafkaPublisher:
         self._max_request_size = settings.kafka_max_request_size()
         self._fresh_until = 0.0
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
+        self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
@@ -368,6 +373,16 @@ class KafkaPublisher:
     def connected(self) -> bool:
         """True while the producer runs and its cluster metadata is recent."""
         return self._producer is not None and time.monotonic() < self._fresh_until
+
+    def answered_since(self, since: float) -> bool:
+        """Whether Kafka acknowledged a record or answered a metadata refresh after
+        ``since`` (time.perf_counter): trouble with one topic then, not Kafka away,
+        which ``connected`` tells only once the metadata is STALE_AFTER_SECONDS old."""
+        return self._answered_at > since
+
+    def _answered(self) -> None:
+        self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
+        self._answered_at = time.perf_counter()
 
     async def start(self) -> None:
         """Connect once, waiting at most ``kafka_connect_timeout``; keep trying in the
@@ -451,7 +466,7 @@ class KafkaPublisher:
         self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
         self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
-        self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
+        self._answered()
 
     async def _keep_connected(self) -> None:
         backoff = 0.5
@@ -560,17 +575,28 @@ class KafkaPublisher:
         """
         if acked.cancelled():
             return
-        if acked.exception() is None:  # an answer: Kafka is there (see publish)
-            self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
+        failure = acked.exception()
+        if failure is None:  # an answer: Kafka is there (see publish)
+            self._answered()
             return
         if producer is not self._producer or self._broken is producer:
             return
         self._broken = producer
-        log.warning(
-            "Kafka refused a record for good (%r); the producer cannot send to that "
-            "partition any more, so a fresh one replaces it",
-            acked.exception(),
-        )
+        if isinstance(failure, KafkaTimeoutError) or getattr(failure, "retriable", False):
+            # Kafka away (or a partition without a leader) long enough for aiokafka to
+            # give up on a batch: the numbering may have moved on without it as well.
+            log.warning(
+                "Kafka did not take a record (%r: unreachable, or the partition has no "
+                "leader); the producer may not be able to send to that partition any "
+                "more, so a fresh one replaces it once Kafka answers",
+                failure,
+            )
+        else:
+            log.warning(
+                "Kafka refused a record for good (%r); the producer cannot send to that "
+                "partition any more, so a fresh one replaces it",
+                failure,
+            )
         self._reset_soon()
 
     def _reset_soon(self) -> None:
@@ -603,13 +629,14 @@ class KafkaPublisher:
         try:
             started = await self._start_producer()
             if isinstance(started, str):
+                # Kafka away, usually: said once (the heartbeat's lines follow the outage)
+                log.log(
+                    logging.DEBUG if self._reset_backoff else logging.WARNING,
+                    "could not connect a fresh Kafka producer to replace the one that cannot "
+                    "send to a partition any more; trying again every few seconds",
+                )
                 self._reset_backoff = min(self._reset_backoff * 2 or 0.5, RESET_RETRY_MAX_SECONDS)
                 self._reset_not_before = time.monotonic() + self._reset_backoff
-                log.error(
-                    "could not connect a fresh Kafka producer to replace the one that cannot "
-                    "send to a partition any more; trying again in %g s",
-                    self._reset_backoff,
-                )
                 self._reset_later(self._reset_backoff)  # the next try, once its back-off ends
                 return
             self._replace(*started)
@@ -696,7 +723,13 @@ class KafkaPublisher:
             log.warning("Kafka metadata refresh failed: %r", exc)
         else:
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
-            self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
+            self._answered()
+            if self._reset_backoff and self._broken is producer:
+                # Kafka is back while a replacement waits out the back-off of its failed
+                # tries: now, not up to RESET_RETRY_MAX_SECONDS later (its partitions
+                # are stuck meanwhile).
+                self._reset_not_before = 0.0
+                self._reset_soon()
 
     def ready_for(self, topic: str) -> bool:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need

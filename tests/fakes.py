@@ -47,6 +47,7 @@ class FakePublisher:
 
     records: list[Destination] = field(default_factory=list)
     connected: bool = True
+    answering: bool = True  # Kafka answers (its metadata refreshes, say), if not this topic
     fail_with: BridgeError | None = None
     started: bool = False
     stopped: bool = False
@@ -71,6 +72,9 @@ class FakePublisher:
 
     def ready_for(self, topic: str) -> bool:
         return True
+
+    def answered_since(self, since: float) -> bool:
+        return self.answering
 
     def failure(self, exc: BaseException) -> BridgeError:
         return exc if isinstance(exc, BridgeError) else PublishFailed(repr(exc))

@@ -6,12 +6,13 @@ appended, and a record refused as out of order waits for the replacement."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError, OutOfOrderSequenceNumber
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, OutOfOrderSequenceNumber
 
 import bridge.publisher as publisher_module
 from bridge.config import load_settings
@@ -245,7 +246,11 @@ async def test_one_timed_out_refresh_does_not_make_the_bridge_unready(
     that answer, while Kafka was fine. Two refreshes in a row that fail still do."""
     beat = publisher_module.HEARTBEAT_SECONDS
     clock = [1000.0]
-    monkeypatch.setattr(publisher_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(
+        publisher_module,
+        "time",
+        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter),
+    )
     pub = publisher()
     producer = FakeProducer()
     answers: list[BaseException | None] = []
@@ -456,3 +461,63 @@ async def test_the_reset_after_a_failed_rotation_is_known_and_stopped(
     release.set()
     await asyncio.sleep(0.05)
     assert pub._producer is None  # nothing connected after stop()
+
+
+async def test_a_producer_broken_by_an_outage_is_replaced_as_soon_as_kafka_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch aiokafka gave up on during an outage (KafkaTimeoutError after 40 s,
+    LeaderNotAvailable) breaks the producer's numbering as a refusal does, so it is
+    replaced; but it is no refusal "for good", and the failed tries to replace it while
+    Kafka is away are one warning, not an ERROR each with a back-off growing to 10 s:
+    Kafka back, the stuck partitions waited up to that for the next try (2,100 503s of
+    a full spool after Kafka returned, in a review). A heartbeat that Kafka answers
+    now starts the replacement at once."""
+    caplog.set_level(logging.DEBUG, logger="bridge.publisher")
+    pub = publisher(timeout=3)
+    broken, fresh = FakeProducer(), FakeProducer()
+    broken.metadata.set()
+    fresh.metadata.set()
+    kafka_back = False
+
+    async def fetch_all_metadata() -> None:
+        if not kafka_back:
+            raise KafkaTimeoutError()
+
+    broken.client.fetch_all_metadata = fetch_all_metadata
+    pub._use(broken, b"")
+    tries: list[bool] = []
+
+    async def start_producer(**_: Any) -> Any:
+        tries.append(kafka_back)
+        return (fresh, b"") if kafka_back else publisher_module.FAILED
+
+    pub._start_producer = start_producer  # type: ignore[method-assign]
+    pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
+    expired: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    expired.set_exception(KafkaTimeoutError())
+    pub._after_ack(broken, expired)
+    for _ in range(100):  # the first try, then its back-off (0.5 s), then the second
+        await asyncio.sleep(0.02)
+        if len(tries) == 2:
+            break
+    assert tries == [False, False]
+    assert pub._producer is broken
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert any(
+        level == logging.WARNING and "Kafka did not take a record" in message
+        for level, message in lines
+    )
+    assert not any("refused a record for good" in message for _, message in lines)
+    failed = [level for level, m in lines if m.startswith("could not connect a fresh")]
+    assert failed == [logging.WARNING, logging.DEBUG]  # said once
+    assert not any(level >= logging.ERROR for level, _ in lines)
+    kafka_back = True
+    pub._reset_not_before = time.monotonic() + 60  # a long back-off still to wait
+    await pub._heartbeat(broken)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if pub._producer is fresh:
+            break
+    assert pub._producer is fresh, "not replaced when Kafka answered again"
+    assert pub._metrics.producer_resets._value.get() == 1
