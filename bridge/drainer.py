@@ -37,7 +37,7 @@ from bridge.backlog import Backlog, QueuedRecord
 from bridge.deadletter import set_aside
 from bridge.errors import BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
+from bridge.publisher import Publisher, refused_by_kafka
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,10 @@ class Drainer:
                 elif await self._set_aside(pending.record, error):
                     done.append(seq)
             else:
-                self._hold(topic, f"Kafka did not take a record: {error.detail}", pending.sent_at)
+                # Kafka's refusal is its answer: this topic's trouble. A failure that is
+                # no answer (a timeout) may be Kafka away: held if it answered since.
+                since = None if refused_by_kafka(failure) else pending.sent_at
+                self._hold(topic, f"Kafka did not take a record: {error.detail}", since)
         return done
 
     async def _hand_over(self, records: list[QueuedRecord], settled: list[int]) -> list[_Pending]:

@@ -107,6 +107,17 @@ class Publisher(Protocol):
     def failure(self, exc: BaseException) -> BridgeError: ...
 
 
+def refused_by_kafka(failure: BaseException) -> bool:
+    """Whether a record's failure is Kafka's answer (a refusal: denied, invalid, too
+    large, out of order), not the lack of one (a timeout, an unreachable or leaderless
+    partition, a record the producer dropped)."""
+    if isinstance(failure, KafkaTimeoutError):
+        return False
+    if isinstance(failure, KafkaError):
+        return not failure.retriable
+    return isinstance(failure, BridgeError)  # the bridge's own verdict on Kafka's answer
+
+
 def secrets_fingerprint(settings: Settings) -> bytes:
     """A digest of what the Kafka secret files hold now (empty: no such files).
 
@@ -375,10 +386,19 @@ class KafkaPublisher:
         return self._producer is not None and time.monotonic() < self._fresh_until
 
     def answered_since(self, since: float) -> bool:
-        """Whether Kafka acknowledged a record or answered a metadata refresh after
-        ``since`` (time.perf_counter): trouble with one topic then, not Kafka away,
-        which ``connected`` tells only once the metadata is STALE_AFTER_SECONDS old."""
-        return self._answered_at > since
+        """Whether Kafka answered after ``since`` (time.perf_counter): acknowledged or
+        refused a record, or answered a metadata request (the heartbeat's, or the
+        producer's own for a topic it has no metadata for, unknown topics included):
+        trouble with one topic then, not Kafka away, which ``connected`` tells only once
+        the metadata is STALE_AFTER_SECONDS old."""
+        if self._answered_at > since:
+            return True
+        producer = self._producer
+        if producer is None:
+            return False
+        # aiokafka stamps every metadata response it gets, on the wall clock
+        refreshed = getattr(producer.client.cluster, "_last_successful_refresh_ms", 0) / 1000
+        return refreshed > time.time() - (time.perf_counter() - since)
 
     def _answered(self) -> None:
         self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
@@ -552,6 +572,9 @@ class KafkaPublisher:
         holds in the background, then closes."""
         old, old_handover = self._producer, self._handover
         self._use(producer, fingerprint)
+        # Whatever replaced it (a reset, a rotation), a broken producer is gone: the
+        # next one broken starts its tries afresh, the first failure said again.
+        self._reset_backoff = 0.0
         if old_handover is not None:
             old_handover.close()
         if old is not None:
@@ -576,13 +599,22 @@ class KafkaPublisher:
         if acked.cancelled():
             return
         failure = acked.exception()
-        if failure is None:  # an answer: Kafka is there (see publish)
+        refused = failure is not None and refused_by_kafka(failure)
+        if failure is None or refused:  # an answer: Kafka is there (see publish)
             self._answered()
-            return
+            if failure is None:
+                return
         if producer is not self._producer or self._broken is producer:
             return
         self._broken = producer
-        if isinstance(failure, KafkaTimeoutError) or getattr(failure, "retriable", False):
+        if isinstance(failure, OutOfOrderSequenceNumber):
+            log.warning(
+                "Kafka refused a record as out of order (%r): the producer's numbering of "
+                "that partition broke (a batch refused or given up on before, during an "
+                "outage say), so a fresh one replaces it",
+                failure,
+            )
+        elif not refused:
             # Kafka away (or a partition without a leader) long enough for aiokafka to
             # give up on a batch: the numbering may have moved on without it as well.
             log.warning(

@@ -12,7 +12,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, OutOfOrderSequenceNumber
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    LeaderNotAvailableError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    TopicAuthorizationFailedError,
+)
 
 import bridge.publisher as publisher_module
 from bridge.config import load_settings
@@ -521,3 +527,48 @@ async def test_a_producer_broken_by_an_outage_is_replaced_as_soon_as_kafka_answe
             break
     assert pub._producer is fresh, "not replaced when Kafka answered again"
     assert pub._metrics.producer_resets._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "refused"),
+    [
+        (TopicAuthorizationFailedError(), True),
+        (OutOfOrderSequenceNumber(), True),
+        (MessageSizeTooLargeError(), True),
+        (KafkaTimeoutError(), False),
+        (LeaderNotAvailableError(), False),
+        (asyncio.CancelledError(), False),
+    ],
+)
+def test_a_refusal_is_kafkas_answer_a_timeout_is_not(failure: BaseException, refused: bool) -> None:
+    assert publisher_module.refused_by_kafka(failure) is refused
+
+
+async def test_any_metadata_response_is_an_answer() -> None:
+    """aiokafka's own metadata requests (for a topic it has no metadata for, which
+    Kafka answers "unknown topic") count as Kafka answering: a topic missing on a
+    broker that does not create topics was held only when a heartbeat had answered
+    within the last second, and probed every second until then."""
+    pub = publisher()
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    pub._answered_at = 0.0  # no acknowledgement nor heartbeat since
+    second_ago = time.perf_counter() - 1
+    assert not pub.answered_since(second_ago)
+    producer.client.cluster._last_successful_refresh_ms = time.time() * 1000
+    assert pub.answered_since(second_ago)
+    assert not pub.answered_since(time.perf_counter() + 1)
+
+
+async def test_a_replaced_broken_producer_leaves_no_back_off_behind() -> None:
+    """A rotation replacing a broken producer whose reset was backing off left the
+    back-off set: the next break inherited it, and its first failed try was logged at
+    DEBUG instead of the warning said once."""
+    pub = publisher()
+    broken, rotated = FakeProducer(), FakeProducer()
+    pub._use(broken, b"")
+    pub._broken = broken
+    pub._reset_backoff = 0.5  # a failed try
+    pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
+    pub._replace(rotated, b"new")
+    assert pub._reset_backoff == 0.0
