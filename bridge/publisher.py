@@ -586,7 +586,8 @@ class KafkaPublisher:
             retiring.add_done_callback(self._retiring.discard)
 
     def _after_ack(self, producer: AIOKafkaProducer, acked: asyncio.Future[Any]) -> None:
-        """Notice when Kafka refused a record of ``producer`` for good.
+        """Notice Kafka's answers (an acknowledgement, a refusal), and a record of
+        ``producer`` that Kafka refused or the producer gave up on.
 
         aiokafka 0.14's idempotent producer numbers each batch of a partition when it
         sends it and never takes the numbers of a refused batch back (issue 1017), so
