@@ -45,24 +45,28 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
             "of its first byte; the connection is closed."
         ),
         "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
-        "429": _problem(_TOO_MANY_PIPELINED, "Retry-After"),
+        "429": _problem(_sentence(_TOO_MANY_PIPELINED), "Retry-After"),
         "431": _problem(
             f"More than {settings.max_headers} headers, or over {settings.max_header_bytes} "
             "bytes of them."
         ),
-        "503": _problem(_too_many_connections(settings), "Retry-After"),
+        "503": _problem(_sentence(_too_many_connections(settings)), "Retry-After"),
     }
 
 
 _TOO_MANY_PIPELINED = (
-    f"More than {MAX_PIPELINED} requests sent ahead on one connection before their "
+    f"more than {MAX_PIPELINED} requests sent ahead on one connection before their "
     "answers were read (too_many_pipelined); the connection is then closed."
 )
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _too_many_connections(settings: Settings) -> str:
     return (
-        f"The connection opened while {settings.connection_limit()[0]} were open "
+        f"the connection opened while {settings.connection_limit()[0]} were open "
         "(too_many_connections, BRIDGE_MAX_CONNECTIONS): answered at once, unread, and closed."
     )
 
