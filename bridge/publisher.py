@@ -672,8 +672,7 @@ class KafkaPublisher:
                 self._reset_not_before = time.monotonic() + self._reset_backoff
                 self._reset_later(self._reset_backoff)  # the next try, once its back-off ends
                 return
-            self._replace(*started)
-            self._reset_backoff = 0.0
+            self._replace(*started)  # (which clears the back-off)
             self._reset_not_before = time.monotonic() + RESET_MIN_INTERVAL_SECONDS
             self._metrics.producer_resets.inc()
             log.info("a fresh Kafka producer replaced the one that could no longer send")
