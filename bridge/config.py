@@ -356,7 +356,12 @@ class Settings(BaseModel):
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
+        if not value.strip():
+            # Not "unset" as an empty BRIDGE_HOST is: localhost:9092 would be a guess
+            raise ValueError("empty: give host:port of one Kafka broker or more, comma-separated")
         for server in (s.strip() for s in value.split(",")):
+            if not server:
+                raise ValueError(f"{value!r} has an empty entry between its commas")
             _check_host_port(server)
         return value
 
@@ -401,6 +406,13 @@ class Settings(BaseModel):
                 raise ValueError("a number is expected, not true or false")
             if isinstance(value, str) and "_" in value:
                 raise ValueError("a number is expected, written with digits only (no '_')")
+            if kind is int and isinstance(value, float):
+                # TOML's port = 8080.0 was port 8080, where BRIDGE_PORT=8080.0 is refused
+                raise ValueError("a whole number is expected, written without a decimal point")
+        elif kind is bool and isinstance(value, int | float) and not isinstance(value, bool):
+            # TOML's access_log = 1 was true: a number where TOML has true and false is
+            # more likely a setting mistaken for another (BRIDGE_ACCESS_LOG=1 stays true).
+            raise ValueError("true or false is expected, not a number")
         elif isinstance(kind, tuple) and isinstance(value, str):
             # Any case, kept as documented (the choices themselves): BRIDGE_ACK=Durable
             # is durable. What matches none is left for the type's own message.

@@ -90,6 +90,8 @@ def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
         ({"BRIDGE_KAFKA_BOOTSTRAP": "[::1]"}, r"'\[::1\]' is not \[IPv6 address\]:port"),
         ({"BRIDGE_KAFKA_BOOTSTRAP": "[kafka]:9092"}, "'kafka' in brackets is not an IPv6"),
         ({"BRIDGE_KAFKA_BOOTSTRAP": ":9092"}, "is not host:port"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": ""}, "BRIDGE_KAFKA_BOOTSTRAP: empty: give host:port of one"),
+        ({"BRIDGE_KAFKA_BOOTSTRAP": "k1:9092, "}, "'k1:9092, ' has an empty entry"),
     ],
 )
 def test_settings_that_could_not_work_are_refused(environ: dict[str, str], message: str) -> None:
@@ -493,10 +495,14 @@ def test_two_variables_for_one_setting_are_refused(order: int) -> None:
         ("port = true", "port in .*: a number is expected, not true or false"),
         ("rate_limit = true", "rate_limit in .*: a number is expected"),
         ("shutdown_delay = false", "shutdown_delay in .*: a number is expected"),
+        ("port = 8080.0", "port in .*: a whole number is expected"),
+        ("access_log = 1", "access_log in .*: true or false is expected, not a number"),
+        ("access_log = 0.0", "access_log in .*: true or false is expected, not a number"),
     ],
 )
-def test_a_boolean_for_a_number_is_refused(tmp_path: Path, line: str, named: str) -> None:
-    """TOML's port = true was port 1 (a bool is an int to Python)."""
+def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path: Path, line: str, named: str) -> None:
+    """TOML's port = true was port 1 (a bool is an int to Python), port = 8080.0 port
+    8080 and access_log = 1 true, where TOML has its own types for each."""
     file = tmp_path / "bridge.toml"
     file.write_text(line + "\n")
     with pytest.raises(ConfigError, match=named):
