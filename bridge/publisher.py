@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import itertools
 import logging
 import ssl
@@ -81,7 +80,6 @@ RESET_RETRY_MAX_SECONDS = 5.0
 #: The shortest time between two replacements: a topic that refuses record after record
 #: (too small a max.message.bytes, missing rights) must not make the bridge churn producers.
 RESET_MIN_INTERVAL_SECONDS = 1.0
-_COMPRESSION_LIBRARY = {"lz4": "cramjam", "zstd": "cramjam", "snappy": "cramjam"}
 
 
 class Publisher(Protocol):
@@ -347,12 +345,6 @@ class KafkaPublisher:
     """Publishes :class:`Destination` records and reports whether Kafka is reachable."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        library = _COMPRESSION_LIBRARY.get(settings.kafka_compression)
-        if library and importlib.util.find_spec(library) is None:
-            raise ConfigError(
-                f"BRIDGE_KAFKA_COMPRESSION={settings.kafka_compression} needs the "
-                f"'{library}' package: pip install 'aiokafka[{settings.kafka_compression}]'"
-            )
         self._settings = settings
         self._metrics = metrics
         self._timeout = settings.publish_timeout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -173,18 +172,6 @@ def test_check_config_refuses_a_spool_folder_that_is_a_file(
     env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path / "new" / "spool"))
     assert main(["check-config"]) == 0
     assert not (tmp_path / "new").exists(), "check-config made the spool folder"
-
-
-def test_missing_compression_library_is_a_config_error(
-    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A compression codec whose library is missing fails at check time, not at send."""
-    env.setenv("BRIDGE_KAFKA_COMPRESSION", "zstd")
-    installed = importlib.util.find_spec("cramjam") is not None
-    code = main(["check-config"])
-    assert code == (0 if installed else 2)
-    if not installed:
-        assert "pip install 'aiokafka[zstd]'" in capsys.readouterr().err
 
 
 def test_kafka_unreachable_is_one_clear_line(

@@ -36,13 +36,29 @@ def bridge_env(bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("ack", ["durable", "broker", "memory"])
+@pytest.mark.parametrize(
+    ("ack", "compression"),
+    [
+        ("durable", "none"),
+        ("broker", "none"),
+        ("memory", "none"),
+        # every codec, read back by the Kafka client (the broker checks each batch too)
+        ("durable", "gzip"),
+        ("broker", "lz4"),
+        ("durable", "zstd"),
+        ("memory", "snappy"),
+    ],
+)
 def test_shared_samples_land_on_their_topics(
-    kafka_bootstrap: str, topic_prefix: str, ack: str
+    kafka_bootstrap: str, topic_prefix: str, ack: str, compression: str
 ) -> None:
     """Accepted samples are on the expected topic with key, value and headers; rejects nowhere
-    but (for content rejections) the dead-letter topic, in every ack mode."""
-    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack))
+    but (for content rejections) the dead-letter topic, in every ack mode and with every
+    compression codec."""
+    environ = bridge_env(
+        kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack, BRIDGE_KAFKA_COMPRESSION=compression
+    )
+    settings = load_settings(environ=environ)
     metrics = Metrics()
     accepted: dict[str, dict[str, Any]] = {}
     dead: dict[str, dict[str, Any]] = {}
