@@ -64,6 +64,8 @@ STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 #: this long: no metadata refresh and no acknowledgement. Longer than
 #: STALE_AFTER_SECONDS, so /readyz has taken the bridge out of rotation by then.
 UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + HEARTBEAT_SECONDS
+#: How often a run of failed metadata refreshes (an outage) is logged again.
+REFRESH_FAILED_REPEAT_SECONDS = 60.0
 #: The longest wait between two tries of secret files a rotation could not connect with.
 ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:
@@ -371,6 +373,9 @@ class KafkaPublisher:
         self._reset_backoff = 0.0
         self._reset_not_before = 0.0
         self._reset_timer: asyncio.TimerHandle | None = None  # a reset that had to wait
+        # Heartbeats failing in a row (see _refresh_failed): since when, and when last said
+        self._refresh_failing_since: float | None = None
+        self._refresh_failure_said = 0.0
 
     @property
     def connected(self) -> bool:
@@ -744,8 +749,14 @@ class KafkaPublisher:
             async with asyncio.timeout(HEARTBEAT_SECONDS):
                 await producer.client.fetch_all_metadata()
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("Kafka metadata refresh failed: %r", exc)
+            self._refresh_failed(exc)
         else:
+            if self._refresh_failing_since is not None:
+                log.info(
+                    "Kafka answered a metadata refresh again, after %.0f s without",
+                    time.monotonic() - self._refresh_failing_since,
+                )
+                self._refresh_failing_since = None
             self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
             self._answered()
             if self._reset_backoff and self._broken is producer:
@@ -754,6 +765,29 @@ class KafkaPublisher:
                 # are stuck meanwhile).
                 self._reset_not_before = 0.0
                 self._reset_soon()
+
+    def _refresh_failed(self, exc: BaseException) -> None:
+        """Log a failed heartbeat: the first of a run, then every REFRESH_FAILED_REPEAT_SECONDS
+        (a line every HEARTBEAT_SECONDS all through an outage said nothing new)."""
+        now = time.monotonic()
+        if self._refresh_failing_since is None:
+            self._refresh_failing_since = self._refresh_failure_said = now
+            log.warning(
+                "Kafka metadata refresh failed: %r; tried every %g s, said again every %g s "
+                "while it fails",
+                exc,
+                HEARTBEAT_SECONDS,
+                REFRESH_FAILED_REPEAT_SECONDS,
+            )
+        elif now - self._refresh_failure_said >= REFRESH_FAILED_REPEAT_SECONDS:
+            self._refresh_failure_said = now
+            log.warning(
+                "Kafka has answered no metadata refresh for %.0f s: %r",
+                now - self._refresh_failing_since,
+                exc,
+            )
+        else:
+            log.debug("Kafka metadata refresh failed: %r", exc)
 
     def ready_for(self, topic: str) -> bool:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need

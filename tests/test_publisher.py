@@ -529,6 +529,51 @@ async def test_a_producer_broken_by_an_outage_is_replaced_as_soon_as_kafka_answe
     assert pub._metrics.producer_resets._value.get() == 1
 
 
+async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed heartbeat was a WARNING every 5 s all through an outage (720 lines an
+    hour saying the same); now the first of a run, one a minute, and Kafka's return."""
+    caplog.set_level(logging.DEBUG, logger="bridge.publisher")
+    pub = publisher()
+    producer = FakeProducer()
+    kafka_back = False
+
+    async def fetch_all_metadata() -> None:
+        if not kafka_back:
+            raise KafkaTimeoutError()
+
+    producer.client.fetch_all_metadata = fetch_all_metadata
+    pub._use(producer, b"")
+
+    def said(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == level and r.name == "bridge.publisher"
+        ]
+
+    for _ in range(5):
+        await pub._heartbeat(producer)
+    [first] = said(logging.WARNING)
+    assert first.startswith("Kafka metadata refresh failed: KafkaTimeoutError")
+    assert len(said(logging.DEBUG)) == 4
+    assert pub._refresh_failing_since is not None
+    pub._refresh_failing_since -= 61  # a minute on
+    pub._refresh_failure_said -= 61
+    await pub._heartbeat(producer)
+    assert said(logging.WARNING)[1:] == [
+        "Kafka has answered no metadata refresh for 61 s: KafkaTimeoutError()"
+    ]
+    kafka_back = True
+    await pub._heartbeat(producer)
+    await pub._heartbeat(producer)
+    assert said(logging.INFO) == ["Kafka answered a metadata refresh again, after 61 s without"]
+    kafka_back = False
+    await pub._heartbeat(producer)  # the next outage is said again at once
+    assert len(said(logging.WARNING)) == 3
+
+
 @pytest.mark.parametrize(
     ("failure", "refused"),
     [
