@@ -58,6 +58,9 @@ class FakeProducer:
         await self.metadata.wait()
         return {0, 1, 2}
 
+    async def stop(self) -> None:
+        pass
+
     def create_batch(self) -> FakeBatch:
         return FakeBatch()
 
@@ -572,6 +575,77 @@ async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
     kafka_back = False
     await pub._heartbeat(producer)  # the next outage is said again at once
     assert len(said(logging.WARNING)) == 3
+
+
+class FakeHandover:
+    """The fast way in (DirectHandover): every record joins one open batch."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.batch = SimpleNamespace(future=loop.create_future(), record_count=2)
+        self.last_batch: Any = None
+        self.appended: list[asyncio.Future[Any]] = []
+
+    def append(self, *_: Any) -> asyncio.Future[Any]:
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.appended.append(acked)
+        self.last_batch = self.batch
+        return acked
+
+    def knows(self, _: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_batch_given_up_on_after_its_requests_timed_out_breaks_the_producer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Broker mode: a request stops waiting at its deadline, which cancels its record's
+    future, so aiokafka giving up on the record's batch later in a long outage went
+    unseen, and the producer it broke was replaced only once Kafka refused a record as
+    out of order after its return. The batch is watched once its records time out: the
+    producer counts as broken when aiokafka gives up on it, and is replaced as soon as
+    Kafka answers."""
+    caplog.set_level(logging.INFO, logger="bridge.publisher")
+    pub = publisher(timeout=0.05)
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    tries: list[str] = []
+
+    async def start_producer(**_: Any) -> Any:
+        tries.append("reset")
+        return publisher_module.FAILED  # Kafka still away
+
+    pub._start_producer = start_producer  # type: ignore[method-assign]
+    for _ in range(2):  # two records of one batch time out
+        with pytest.raises(PublishTimeout):
+            await pub.publish(DESTINATION)
+    assert all(acked.cancelled() for acked in handover.appended)
+    assert pub._broken is None  # nothing known of the batch yet
+    handover.batch.future.set_exception(KafkaTimeoutError())  # aiokafka gives up on it
+    await turns()
+    assert pub._broken is producer
+    assert tries == ["reset"]
+    said = [r.getMessage() for r in caplog.records if "Kafka did not take a record" in r.msg]
+    assert len(said) == 1
+    assert handover.batch.future.remove_done_callback(pub._watch) == 0  # ran once, gone
+    await pub.stop()
+
+
+async def test_a_batch_is_watched_once_however_many_of_its_records_time_out() -> None:
+    pub = publisher(timeout=0.02)
+    pub._use(FakeProducer(), b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    for _ in range(3):
+        with pytest.raises(PublishTimeout):
+            await pub.publish(DESTINATION)
+    assert handover.batch.future.remove_done_callback(pub._watch) == 1
+    await pub.stop()
 
 
 @pytest.mark.parametrize(
