@@ -753,7 +753,7 @@ class KafkaPublisher:
         else:
             if self._refresh_failing_since is not None:
                 log.info(
-                    "Kafka answered a metadata refresh again, after %.0f s without",
+                    "Kafka answers metadata refreshes again, after %.0f s of failures",
                     time.monotonic() - self._refresh_failing_since,
                 )
                 self._refresh_failing_since = None

@@ -571,7 +571,7 @@ async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
     kafka_back = True
     await pub._heartbeat(producer)
     await pub._heartbeat(producer)
-    assert said(logging.INFO) == ["Kafka answered a metadata refresh again, after 61 s without"]
+    assert said(logging.INFO) == ["Kafka answers metadata refreshes again, after 61 s of failures"]
     kafka_back = False
     await pub._heartbeat(producer)  # the next outage is said again at once
     assert len(said(logging.WARNING)) == 3
