@@ -172,11 +172,21 @@ def parse_delivery(
         time_from_header=time_from_header,
         raw_key=raw_key,
         raw_timestamp=raw_timestamp,
-        subject=_subject(_pick("id", None, query, body_fields)),
+        subject=_subject(_query_ids(delivery.query) or _pick("id", None, query, body_fields)),
         account=_optional_text(_pick("account", None, query, body_fields)),
         environment=_optional_text(_pick("environment", None, query, body_fields)),
         value=value,
     )
+
+
+def _query_ids(query: Sequence[tuple[str, str]]) -> list[str] | None:
+    """Every ``id`` of a query that repeats it (``?id=1&id=2``), for the subject: the
+    first alone hid the others, where the value (see _query_object) lists them all.
+    None for a query with one ``id`` or none, which _pick reads as before."""
+    if len(query) < 2:
+        return None
+    ids = [v for n, v in query if n.lower() == "id" and v.strip() and not _is_placeholder(v)]
+    return ids if len(ids) > 1 else None
 
 
 def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -366,10 +376,13 @@ class _ConflictingHeader(ValueError):
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The header's value (latin-1, as HTTP allows); repeated values must agree."""
+    """The header's value (latin-1, as HTTP allows) without the spaces and tabs around
+    it, which HTTP does not count as part of it (the HTTP parser drops those before a
+    value, not those after); repeated values must agree."""
     found: bytes | None = None
-    for header_name, value in headers:
+    for header_name, sent in headers:
         if header_name.lower() == name:
+            value = sent.strip(_HTTP_OWS_BYTES)
             if found is not None and value != found:
                 raise _ConflictingHeader(name.decode())
             found = value
@@ -383,7 +396,7 @@ def _idempotency_key(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, bool,
         raise BadIdempotencyKey("x-Idempotency-Key is sent twice with different values") from None
     key = key_text(raw or "")
     if not key:
-        return str(uuid.uuid4()), True, raw
+        return str(uuid.uuid4()), True, raw or None  # a blank header: nothing to keep
     problem = key_problem(key)
     if problem is not None:
         raise BadIdempotencyKey(problem)
@@ -404,6 +417,7 @@ def key_problem(key: str) -> str | None:
 #: \x1c-\x1f (sparing them key_problem's 400) and Unicode spaces (a no-break space),
 #: which are part of the key as sent.
 _HTTP_OWS = " \t"
+_HTTP_OWS_BYTES = _HTTP_OWS.encode()
 
 
 def key_text(raw: str) -> str:
@@ -479,7 +493,9 @@ def _optional_text(value: Any) -> str | None:
     """A routing attribute as text, or None when absent, empty or unsubstituted."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        text = str(int(value))  # 1e3 or 1000.0 in the JSON: 1000, not 1000.0
+    elif isinstance(value, int | float):
         text = str(value)
     elif isinstance(value, str):
         text = value.strip()

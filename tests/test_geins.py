@@ -239,7 +239,7 @@ def test_empty_body_publishes_query_object_without_token() -> None:
         "entity": "Category",
     }
     assert b"secret" not in event.value
-    assert event.subject == "42"
+    assert event.subject == "42,43"  # every id, as the value lists them
 
 
 def test_whitespace_body_counts_as_empty() -> None:
@@ -254,6 +254,56 @@ def test_missing_key_is_generated_and_marked() -> None:
     assert event.key_generated
     assert len(event.key) == 36
     assert event.raw_key is None
+
+
+@pytest.mark.parametrize("sent", [b"   ", b"\t", b""])
+def test_a_blank_key_is_generated_and_no_header_kept(sent: bytes) -> None:
+    """A blank x-Idempotency-Key is no key (one is generated), and the record had an
+    empty x-idempotency-key header beside it, unlike a delivery without the header."""
+    event = parse(
+        delivery(b'{"entity":"Order","action":"create"}', headers=[(b"x-idempotency-key", sent)])
+    )
+    assert event.key_generated
+    assert event.raw_key is None
+
+
+def test_the_spaces_after_a_header_value_are_not_part_of_it() -> None:
+    """HTTP counts no spaces or tabs around a header value as part of it; the HTTP
+    parser drops those before it, not those after, so the record's x-idempotency-key
+    header kept them ("ows-r1\t ") where its key and ce_id did not."""
+    headers = [(b"x-idempotency-key", b"ows-r1\t "), (b"x-timestamp", b"2024-01-15T10:30:00Z ")]
+    event = parse(delivery(b'{"entity":"Order","action":"create"}', headers=headers))
+    assert (event.key, event.raw_key) == ("ows-r1", "ows-r1")
+    assert event.raw_timestamp == "2024-01-15T10:30:00Z"
+    assert event.time_from_header
+    twice = [*headers, (b"x-timestamp", b"2024-01-15T10:30:00Z")]  # the same value, twice
+    assert parse(delivery(b'{"entity":"Order","action":"create"}', headers=twice)).time_from_header
+
+
+@pytest.mark.parametrize(
+    ("query", "subject"),
+    [
+        ([("id", "1"), ("id", "2")], "1,2"),
+        ([("ID", "1"), ("x", "y"), ("id", "{{id}}"), ("Id", "3")], "1,3"),
+        ([("id", "1"), ("id", "")], "1"),
+        ([("id", "7")], "7"),
+    ],
+)
+def test_every_id_of_a_query_is_the_subject(query: list[tuple[str, str]], subject: str) -> None:
+    """?id=1&id=2 gave ce_subject 1 while the value listed both: joined as a JSON
+    array of ids is."""
+    event = parse(delivery(method="GET", path=("Order", "create"), query=query))
+    assert event.subject == subject
+
+
+@pytest.mark.parametrize(
+    ("written", "subject"),
+    [(b"1e3", "1000"), (b"1000.0", "1000"), (b"12.5", "12.5"), (b"12345", "12345")],
+)
+def test_a_number_id_is_written_as_a_number(written: bytes, subject: str) -> None:
+    """JSON's 1e3 is 1000.0 to the parser: the subject was "1000.0"."""
+    event = parse(delivery(b'{"entity":"Order","action":"create","id":' + written + b"}"))
+    assert event.subject == subject
 
 
 @pytest.mark.parametrize("key", [b"a" * 201, b"abc\x01def", b"tab\there"])
