@@ -106,7 +106,7 @@ def dead_letter(
     # A list of [name, value] pairs, not an object: a repeated header (two different
     # x-Timestamp values, which parsing trusts neither of) must come back as it came.
     headers = [
-        [name.decode("latin-1").lower(), value.decode("latin-1")]
+        [name.decode("latin-1").lower(), header_text(value)]
         for name, value in delivery.headers
         if not is_credential_header(name)
         and not secrets.contains_bytes(value)
@@ -144,6 +144,36 @@ def dead_letter(
     )
 
 
+def header_text(value: bytes) -> str:
+    """A request header's value as a dead letter keeps it, in JSON: UTF-8 as UTF-8 (as
+    sent, for whoever reads it), other bytes one latin-1 character each. Read as latin-1
+    throughout, a UTF-8 key arrived as mojibake ("ÐºÐ»ÑÑ" for "ключ")."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def header_bytes(text: str) -> bytes:
+    """The bytes of a header value kept by :func:`header_text`, or by the versions before
+    it, which read every value as latin-1: a value whose latin-1 bytes are UTF-8 is such
+    an older reading of UTF-8 (written by header_text, it would have been read as UTF-8
+    already, unless the sender's own text was mojibake)."""
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")  # beyond latin-1: header_text read it as UTF-8
+    if raw.isascii():
+        return raw
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # "é" as header_text reads UTF-8; also a byte sent as latin-1, which comes back
+        # as UTF-8: the same key all the same (key_text reads both as "é")
+        return text.encode("utf-8")
+    return raw
+
+
 def delivery_key(delivery: Delivery, secrets: Redactor) -> str | None:
     """The delivery's idempotency key when usable (a dead letter keeps it, so replays
     and Geins retries are recognised), None when there is none, it is unusable, or it
@@ -174,7 +204,7 @@ def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body:
         path_entity=fields.get(PREFIX + "path-entity"),
         path_action=fields.get(PREFIX + "path-action"),
         query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
-        headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs],
+        headers=[(n.encode("latin-1"), header_bytes(v)) for n, v in pairs],
         body=body,
         received_at=datetime.fromisoformat(fields[PREFIX + "received-at"])
         if PREFIX + "received-at" in fields

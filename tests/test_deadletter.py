@@ -52,6 +52,33 @@ def test_repeated_request_headers_survive_the_round_trip() -> None:
     assert replayed.time == original.time == RECEIVED
 
 
+def test_request_headers_are_kept_as_utf8_text_and_replayed_byte_for_byte() -> None:
+    """The JSON of the request headers read every value as latin-1, so a UTF-8 key
+    arrived as mojibake ("dead-ÐºÐ»Ñ\u008eÑ\u0087-r1") for whoever read it. UTF-8 is
+    text now, and a replay sends the bytes that came; other bytes come back as UTF-8,
+    which gives the same key."""
+    sent = [(b"x-idempotency-key", "dead-ключ-r1".encode()), (b"x-note", "é ✓".encode())]
+    letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor([]))
+    kept = dict(letter.headers)["x-bridge-request-headers"]
+    assert orjson.loads(kept) == [["x-idempotency-key", "dead-ключ-r1"], ["x-note", "é ✓"]]
+    assert round_trip(refused(sent)).headers == sent
+    latin1 = [(b"x-idempotency-key", b"k-\xe5")]
+    rebuilt = round_trip(refused(latin1))
+    assert rebuilt.headers == [(b"x-idempotency-key", "k-å".encode())]
+    assert parse_delivery(rebuilt).key == parse_delivery(refused(latin1)).key == "k-å"
+
+
+def test_request_headers_kept_by_earlier_versions_replay_as_they_came() -> None:
+    """Dead letters written before kept every value as latin-1 characters: a UTF-8 key
+    is mojibake in them, and a replay sends its bytes as they came."""
+    utf8 = "dead-ключ-r1".encode()
+    old = orjson.dumps([["x-idempotency-key", utf8.decode("latin-1")], ["x-a", "plain"]])
+    letter = dead_letter(refused([]), REFUSED, "geins.deadletter", Redactor([]))
+    headers = [(n, old if n == "x-bridge-request-headers" else v) for n, v in letter.headers]
+    rebuilt = delivery_from_dead_letter(headers, letter.value)
+    assert rebuilt.headers == [(b"x-idempotency-key", utf8), (b"x-a", b"plain")]
+
+
 def test_a_stored_query_means_what_the_bridge_reads_and_replays_the_same() -> None:
     """Kept form-encoded (a space as '+'), the query `deadletter list` showed meant
     something else pasted back into the bridge, which keeps a '+' as a '+'. Now a
