@@ -406,9 +406,15 @@ class Settings(BaseModel):
                 raise ValueError("a number is expected, not true or false")
             if isinstance(value, str) and "_" in value:
                 raise ValueError("a number is expected, written with digits only (no '_')")
-            if kind is int and isinstance(value, float):
-                # TOML's port = 8080.0 was port 8080, where BRIDGE_PORT=8080.0 is refused
-                raise ValueError("a whole number is expected, written without a decimal point")
+            if kind is int and (
+                isinstance(value, float)
+                or (isinstance(value, str) and any(c in value for c in ".eE"))
+            ):
+                # pydantic took 8080.0 (TOML's float, or BRIDGE_PORT=8080.0) as 8080
+                raise ValueError(
+                    "a whole number is expected, written with digits only "
+                    "(no decimal point or exponent)"
+                )
         elif kind is bool and isinstance(value, int | float) and not isinstance(value, bool):
             # TOML's access_log = 1 was true: a number where TOML has true and false is
             # more likely a setting mistaken for another (BRIDGE_ACCESS_LOG=1 stays true).

@@ -496,6 +496,7 @@ def test_two_variables_for_one_setting_are_refused(order: int) -> None:
         ("rate_limit = true", "rate_limit in .*: a number is expected"),
         ("shutdown_delay = false", "shutdown_delay in .*: a number is expected"),
         ("port = 8080.0", "port in .*: a whole number is expected"),
+        ("spool_max_bytes = 1e9", "spool_max_bytes in .*: .*digits only .*no decimal point or exp"),
         ("access_log = 1", "access_log in .*: true or false is expected, not a number"),
         ("access_log = 0.0", "access_log in .*: true or false is expected, not a number"),
     ],
@@ -507,6 +508,14 @@ def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path: Path, line: str, na
     file.write_text(line + "\n")
     with pytest.raises(ConfigError, match=named):
         load_settings(file, environ=BASE)
+
+
+@pytest.mark.parametrize("value", ["8080.0", "8.08e3", "8080E0"])
+def test_a_whole_number_in_the_environment_is_written_with_digits(value: str) -> None:
+    """BRIDGE_PORT=8080.0 was port 8080 (pydantic reads such a string as a whole number)
+    while the file's port = 8080.0 is refused: both ways alike now."""
+    with pytest.raises(ConfigError, match="BRIDGE_PORT: a whole number is expected"):
+        load_settings(environ={**BASE, "BRIDGE_PORT": value})
 
 
 @pytest.mark.parametrize(
