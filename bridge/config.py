@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import resource
 import socket
@@ -47,6 +48,10 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 #: Kept free in every accepted record for the headers that make it a dead letter
 #: (reason, detail, original topic), should Kafka refuse it for good.
 DEAD_LETTER_ROOM = 1024
+#: Kept free too when the batches are compressed, as a fraction of the producer's limit:
+#: a codec makes data it cannot compress a little larger (lz4 +0.013 %, snappy +0.028 %
+#: on a 983 KB body of random letters), and Kafka counts the compressed batch.
+CODEC_ROOM = 0.001
 #: Most bytes or keys a cap may be: finite (an unbounded number passed validation
 #: and crashed the server, a float overflowing), and as large as a float (a
 #: Prometheus gauge, say) holds exactly, 8 PiB: far beyond any real spool or memory.
@@ -581,7 +586,9 @@ class Settings(BaseModel):
 
     def max_event_record_bytes(self) -> int:
         """The largest Kafka record an accepted event may make, headers included."""
-        return self.kafka_max_request_size() - DEAD_LETTER_ROOM
+        largest = self.kafka_max_request_size()
+        codec_room = 0 if self.kafka_compression == "none" else math.ceil(largest * CODEC_ROOM)
+        return largest - DEAD_LETTER_ROOM - codec_room
 
     def kafka_secret_files(self) -> list[Path]:
         """The files the Kafka connection's secrets are read from (re-read to rotate them)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 import resource
+import string
 from pathlib import Path
 
 import pytest
@@ -672,3 +674,29 @@ def test_the_connection_limit_follows_the_file_limit(
 def test_the_connection_limit_is_a_positive_number(value: str) -> None:
     with pytest.raises(ConfigError, match="BRIDGE_MAX_CONNECTIONS"):
         load_settings(environ={**BASE, "BRIDGE_MAX_CONNECTIONS": value})
+
+
+@pytest.mark.parametrize(("codec", "code"), [("snappy", 2), ("lz4", 3), ("gzip", 1), ("zstd", 4)])
+def test_the_largest_event_still_fits_once_compressed(codec: str, code: int) -> None:
+    """Kafka counts a batch as compressed, and lz4 and snappy make text they cannot
+    compress larger: the largest record an event could make, compressed alone, went over
+    the producer's limit (the floor of the topic's max.message.bytes) by up to 1.2 KB at
+    an 8 MiB body limit, after its 2xx. The record limit keeps room for that."""
+    settings = load_settings(
+        environ={
+            **BASE,
+            "BRIDGE_MAX_BODY_BYTES": str(8 * 1024 * 1024),
+            "BRIDGE_KAFKA_COMPRESSION": codec,
+        }
+    )
+    limit = settings.max_event_record_bytes()
+    headers = [("ce_id", b"k" * 36)]
+    length = limit - DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"", headers)
+    while DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"x" * length, headers) > limit:
+        length -= 1
+    letters = "".join(random.Random(1).choices(string.ascii_letters, k=length)).encode()
+    batch = DefaultRecordBatchBuilder(2, code, 0, -1, -1, -1, 2 * limit)
+    batch.append(0, None, b"k", letters, headers)
+    assert len(batch.build()) <= settings.kafka_max_request_size()
+    uncompressed = load_settings(environ={**BASE, "BRIDGE_MAX_BODY_BYTES": str(8 * 1024 * 1024)})
+    assert limit < uncompressed.max_event_record_bytes()
