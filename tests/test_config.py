@@ -694,7 +694,8 @@ def test_the_largest_event_still_fits_once_compressed(codec: str, code: int) -> 
     length = limit - DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"", headers)
     while DefaultRecordBatchBuilder.estimate_size_in_bytes(b"k", b"x" * length, headers) > limit:
         length -= 1
-    letters = "".join(random.Random(1).choices(string.ascii_letters, k=length)).encode()
+    text = random.Random(1).choices(string.ascii_letters, k=length)  # noqa: S311 (seeded text)
+    letters = "".join(text).encode()
     batch = DefaultRecordBatchBuilder(2, code, 0, -1, -1, -1, 2 * limit)
     batch.append(0, None, b"k", letters, headers)
     assert len(batch.build()) <= settings.kafka_max_request_size()
