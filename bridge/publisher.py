@@ -373,9 +373,12 @@ class KafkaPublisher:
         self._reset_backoff = 0.0
         self._reset_not_before = 0.0
         self._reset_timer: asyncio.TimerHandle | None = None  # a reset that had to wait
-        # Heartbeats failing in a row (see _refresh_failed): since when, and when last said
-        self._refresh_failing_since: float | None = None
-        self._refresh_failure_said = 0.0
+        # Heartbeats (see _refresh_failed): the last one Kafka answered, whether the last
+        # failed, when a failure was last said at WARNING, and whether this run of them was
+        self._refreshed_at = time.monotonic()
+        self._refresh_failing = False
+        self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
+        self._refresh_run_said = False
 
     @property
     def connected(self) -> bool:
@@ -482,7 +485,7 @@ class KafkaPublisher:
         self._producer = producer
         self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
-        self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
+        self._refreshed()  # a producer starts with the cluster's metadata
         self._answered()
 
     async def _keep_connected(self) -> None:
@@ -751,13 +754,7 @@ class KafkaPublisher:
         except (KafkaError, OSError, TimeoutError) as exc:
             self._refresh_failed(exc)
         else:
-            if self._refresh_failing_since is not None:
-                log.info(
-                    "Kafka answers metadata refreshes again, after %.0f s of failures",
-                    time.monotonic() - self._refresh_failing_since,
-                )
-                self._refresh_failing_since = None
-            self._fresh_until = time.monotonic() + STALE_AFTER_SECONDS
+            self._refreshed()
             self._answered()
             if self._reset_backoff and self._broken is producer:
                 # Kafka is back while a replacement waits out the back-off of its failed
@@ -766,28 +763,45 @@ class KafkaPublisher:
                 self._reset_not_before = 0.0
                 self._reset_soon()
 
-    def _refresh_failed(self, exc: BaseException) -> None:
-        """Log a failed heartbeat: the first of a run, then every REFRESH_FAILED_REPEAT_SECONDS
-        (a line every HEARTBEAT_SECONDS all through an outage said nothing new)."""
+    def _refreshed(self) -> None:
+        """Kafka gave the producer in use fresh metadata: a heartbeat, or its start."""
         now = time.monotonic()
-        if self._refresh_failing_since is None:
-            self._refresh_failing_since = self._refresh_failure_said = now
+        if self._refresh_failing:
+            log.log(
+                logging.INFO if self._refresh_run_said else logging.DEBUG,
+                "Kafka answers metadata requests again, after %.0f s without an answer",
+                now - self._refreshed_at,
+            )
+            self._refresh_failing = self._refresh_run_said = False
+        self._refreshed_at = now
+        self._fresh_until = now + STALE_AFTER_SECONDS
+
+    def _refresh_failed(self, exc: BaseException) -> None:
+        """Log a failed heartbeat: at WARNING at most once every
+        REFRESH_FAILED_REPEAT_SECONDS, the first of a run of failures if none was said
+        within that time (a line every HEARTBEAT_SECONDS all through an outage said
+        nothing new, and a Kafka failing every other refresh got a warning and an "again"
+        line for each); the rest at DEBUG."""
+        now = time.monotonic()
+        first, self._refresh_failing = not self._refresh_failing, True
+        if now - self._refresh_failure_said < REFRESH_FAILED_REPEAT_SECONDS:
+            log.debug("Kafka metadata refresh failed: %r", exc)
+            return
+        self._refresh_failure_said, self._refresh_run_said = now, True
+        if first:
             log.warning(
-                "Kafka metadata refresh failed: %r; tried every %g s, said again every %g s "
-                "while it fails",
+                "Kafka metadata refresh failed: %r; tried every %g s, said at most every "
+                "%g s while it fails",
                 exc,
                 HEARTBEAT_SECONDS,
                 REFRESH_FAILED_REPEAT_SECONDS,
             )
-        elif now - self._refresh_failure_said >= REFRESH_FAILED_REPEAT_SECONDS:
-            self._refresh_failure_said = now
+        else:
             log.warning(
                 "Kafka has answered no metadata refresh for %.0f s: %r",
-                now - self._refresh_failing_since,
+                now - self._refreshed_at,
                 exc,
             )
-        else:
-            log.debug("Kafka metadata refresh failed: %r", exc)
 
     def ready_for(self, topic: str) -> bool:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need

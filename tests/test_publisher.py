@@ -536,7 +536,9 @@ async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A failed heartbeat was a WARNING every 5 s all through an outage (720 lines an
-    hour saying the same); now the first of a run, one a minute, and Kafka's return."""
+    hour saying the same); now the first of a run, one a minute, and Kafka's return. A
+    Kafka failing every other refresh gets no more than a warning a minute either (each
+    failure after an answer was a new run: a warning and an "again" line each)."""
     caplog.set_level(logging.DEBUG, logger="bridge.publisher")
     pub = publisher()
     producer = FakeProducer()
@@ -556,14 +558,16 @@ async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
             if r.levelno == level and r.name == "bridge.publisher"
         ]
 
+    def a_minute_on() -> None:
+        pub._refreshed_at -= 61
+        pub._refresh_failure_said -= 61
+
     for _ in range(5):
         await pub._heartbeat(producer)
     [first] = said(logging.WARNING)
     assert first.startswith("Kafka metadata refresh failed: KafkaTimeoutError")
     assert len(said(logging.DEBUG)) == 4
-    assert pub._refresh_failing_since is not None
-    pub._refresh_failing_since -= 61  # a minute on
-    pub._refresh_failure_said -= 61
+    a_minute_on()
     await pub._heartbeat(producer)
     assert said(logging.WARNING)[1:] == [
         "Kafka has answered no metadata refresh for 61 s: KafkaTimeoutError()"
@@ -571,10 +575,35 @@ async def test_an_outage_is_logged_when_it_starts_each_minute_and_when_it_ends(
     kafka_back = True
     await pub._heartbeat(producer)
     await pub._heartbeat(producer)
-    assert said(logging.INFO) == ["Kafka answers metadata refreshes again, after 61 s of failures"]
+    assert said(logging.INFO) == [
+        "Kafka answers metadata requests again, after 61 s without an answer"
+    ]
+    for _ in range(3):  # flapping, within the minute: said at DEBUG only
+        kafka_back = False
+        await pub._heartbeat(producer)
+        kafka_back = True
+        await pub._heartbeat(producer)
+    assert len(said(logging.WARNING)) == 2
+    assert len(said(logging.INFO)) == 1
+    a_minute_on()
     kafka_back = False
-    await pub._heartbeat(producer)  # the next outage is said again at once
-    assert len(said(logging.WARNING)) == 3
+    await pub._heartbeat(producer)  # a minute after the last warning: said again
+    assert said(logging.WARNING)[2].startswith("Kafka metadata refresh failed")
+
+
+async def test_a_fresh_producer_ends_a_run_of_failed_refreshes() -> None:
+    """A producer replaced while the heartbeats fail (a reset once Kafka is back)
+    starts with the cluster's metadata: the run ends there, not at the next heartbeat,
+    whose "again" line then read a few seconds where the outage lasted a minute."""
+    pub = publisher()
+    broken, fresh = FakeProducer(), FakeProducer()
+    pub._use(broken, b"")
+    pub._refresh_failed(KafkaTimeoutError())
+    assert pub._refresh_failing
+    pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
+    pub._replace(fresh, b"")
+    assert not pub._refresh_failing
+    assert pub.connected
 
 
 class FakeHandover:
