@@ -233,6 +233,9 @@ class Settings(BaseModel):
     kafka_linger_ms: int = Field(0, ge=0, le=1000)
     kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
     kafka_connect_timeout: Seconds = 10.0
+    # aiokafka's 40 s: a broker that hangs (stopped, not down) held the partitions it
+    # led that long after Kafka had moved them to other brokers (see README).
+    kafka_request_timeout: Seconds = 10.0
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None

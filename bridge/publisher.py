@@ -452,6 +452,7 @@ class KafkaPublisher:
             if self._settings.kafka_compression == "none"
             else self._settings.kafka_compression,
             max_request_size=self._max_request_size,
+            request_timeout_ms=int(self._settings.kafka_request_timeout * 1000),
         )
         try:
             async with asyncio.timeout(self._settings.kafka_connect_timeout):

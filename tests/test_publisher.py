@@ -720,3 +720,29 @@ async def test_a_replaced_broken_producer_leaves_no_back_off_behind() -> None:
     pub._retire = lambda _: asyncio.sleep(0)  # type: ignore[assignment,method-assign]
     pub._replace(rotated, b"new")
     assert pub._reset_backoff == 0.0
+
+
+async def test_a_request_to_kafka_waits_at_most_the_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka's default, 40 s, held the partitions a hung broker led that long after
+    Kafka had given them to other brokers (a three-broker cluster, SIGSTOP)."""
+    made: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self, **options: Any) -> None:
+            made.append(options)
+
+        async def start(self) -> None:
+            raise KafkaTimeoutError()
+
+        async def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", Recorder)
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9", "BRIDGE_KAFKA_REQUEST_TIMEOUT": "7.5"}
+    )
+    pub = KafkaPublisher(settings, Metrics())
+    assert await pub._start_producer() == publisher_module.FAILED
+    assert made[0]["request_timeout_ms"] == 7500
