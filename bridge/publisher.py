@@ -749,9 +749,20 @@ class KafkaPublisher:
             log.error("the Kafka producer's sender task did not end when cancelled")
 
     async def _heartbeat(self, producer: AIOKafkaProducer) -> None:
+        """Refresh the producer's own view of the cluster, as proof that Kafka answers.
+
+        Its own view, the metadata of the topics it sends to: aiokafka's
+        fetch_all_metadata() fetched every topic of the cluster into a copy it then
+        dropped, so the producer kept the leaders it knew (for 5 minutes, or until a
+        request to one failed) while the bridge counted the metadata as fresh. A
+        refresh still running when the next heartbeat comes (a broker that does not
+        answer, waited for up to BRIDGE_KAFKA_REQUEST_TIMEOUT) is waited for, not
+        started again.
+        """
         try:
             async with asyncio.timeout(HEARTBEAT_SECONDS):
-                await producer.client.fetch_all_metadata()
+                if not await producer.client.force_metadata_update():
+                    raise KafkaError("Unable to get cluster metadata over all known brokers")
         except (KafkaError, OSError, TimeoutError) as exc:
             self._refresh_failed(exc)
         else:
