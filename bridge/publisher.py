@@ -373,8 +373,9 @@ class KafkaPublisher:
         self._reset_backoff = 0.0
         self._reset_not_before = 0.0
         self._reset_timer: asyncio.TimerHandle | None = None  # a reset that had to wait
-        # Heartbeats (see _refresh_failed): the last one Kafka answered, whether the last
-        # failed, when a failure was last said at WARNING, and whether this run of them was
+        # Heartbeats (see _refresh_failed): when Kafka last answered one, whether the last
+        # failed, when a failure was last said at WARNING, and whether the current run of
+        # failures was said
         self._refreshed_at = time.monotonic()
         self._refresh_failing = False
         self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
@@ -986,8 +987,9 @@ class KafkaPublisher:
         """Watch the batch of a record whose request stopped waiting at its deadline.
 
         The deadline cancelled the record's own future, so the watch put on it saw
-        nothing of what became of the batch. During an outage of some 40 s aiokafka
-        gives up on that batch, which breaks the producer's numbering of the partition
+        nothing of what became of the batch. During an outage (its partition without a
+        leader for BRIDGE_KAFKA_REQUEST_TIMEOUT) aiokafka gives up on that batch, which
+        breaks the producer's numbering of the partition
         (see _after_ack): seen here, the producer is replaced as soon as Kafka answers
         again, as in the other modes (3 s after Kafka's return in a 60 s outage under
         load). Unseen, it was replaced only once Kafka refused a record as out of order
