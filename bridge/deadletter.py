@@ -147,7 +147,7 @@ def dead_letter(
 def header_text(value: bytes) -> str:
     """A request header's value as a dead letter keeps it, in JSON: UTF-8 as UTF-8 (as
     sent, for whoever reads it), other bytes one latin-1 character each. Read as latin-1
-    throughout, a UTF-8 key arrived as mojibake ("ÐºÐ»ÑÑ" for "ключ")."""
+    throughout, a UTF-8 key arrived as mojibake: "ключ" as its bytes' latin-1 reading, "Ðº…"."""
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
