@@ -185,7 +185,7 @@ def _query_ids(query: Sequence[tuple[str, str]]) -> list[str] | None:
     None for a query with one ``id`` or none, which _pick reads as before."""
     if len(query) < 2:
         return None
-    ids = [v for n, v in query if n.lower() == "id" and v.strip() and not _is_placeholder(v)]
+    ids = [v for n, v in query if n.lower() == "id" and _filled(v)]
     return ids if len(ids) > 1 else None
 
 
@@ -265,9 +265,15 @@ def _pick(name: str, from_path: str | None, query: dict[str, str], body: dict[st
     if from_path is not None:
         return from_path
     value = query.get(name)
-    if value is not None and value.strip() and not _is_placeholder(value):
+    if value is not None and _filled(value):
         return value
     return body.get(name)
+
+
+def _filled(value: str) -> bool:
+    """Whether a query value counts as given: neither blank nor a placeholder left as it
+    was (see _pick)."""
+    return bool(value.strip()) and not _is_placeholder(value)
 
 
 def _is_placeholder(text: str) -> bool:
