@@ -356,7 +356,6 @@ class KafkaPublisher:
         # Resolved when the producer in use is replaced or stopped (see _send_through)
         self._replaced: asyncio.Future[None] | None = None
         self._max_request_size = settings.kafka_max_request_size()
-        self._fresh_until = 0.0
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
         self._tasks: list[asyncio.Task[None]] = []
@@ -373,10 +372,11 @@ class KafkaPublisher:
         self._reset_backoff = 0.0
         self._reset_not_before = 0.0
         self._reset_timer: asyncio.TimerHandle | None = None  # a reset that had to wait
-        # Heartbeats (see _refresh_failed): when Kafka last answered one, whether the last
+        # Heartbeats (see _refresh_failed): when Kafka last answered one (or a producer
+        # started; the metadata is fresh for STALE_AFTER_SECONDS after), whether the last
         # failed, when a failure was last said at WARNING, and whether the current run of
         # failures was said
-        self._refreshed_at = time.monotonic()
+        self._refreshed_at = -STALE_AFTER_SECONDS
         self._refresh_failing = False
         self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
         self._refresh_run_said = False
@@ -384,7 +384,10 @@ class KafkaPublisher:
     @property
     def connected(self) -> bool:
         """True while the producer runs and its cluster metadata is recent."""
-        return self._producer is not None and time.monotonic() < self._fresh_until
+        return (
+            self._producer is not None
+            and time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS
+        )
 
     def answered_since(self, since: float) -> bool:
         """Whether Kafka answered after ``since`` (time.perf_counter): acknowledged or
@@ -787,7 +790,6 @@ class KafkaPublisher:
             )
             self._refresh_failing = self._refresh_run_said = False
         self._refreshed_at = now
-        self._fresh_until = now + STALE_AFTER_SECONDS
 
     def _refresh_failed(self, exc: BaseException) -> None:
         """Log a failed heartbeat: at WARNING at most once every
@@ -989,14 +991,13 @@ class KafkaPublisher:
         The deadline cancelled the record's own future, so the watch put on it saw
         nothing of what became of the batch. During an outage (its partition without a
         leader for BRIDGE_KAFKA_REQUEST_TIMEOUT) aiokafka gives up on that batch, which
-        breaks the producer's numbering of the partition
-        (see _after_ack): seen here, the producer is replaced as soon as Kafka answers
-        again, as in the other modes (3 s after Kafka's return in a 60 s outage under
-        load). Unseen, it was replaced only once Kafka refused a record as out of order
-        after its return (4 s after it in the same test), the records of that partition
-        waiting for the replacement meanwhile. Only batches the fast hand-over names
-        (``batch``, else None): a record that went through ``send()`` still waits for
-        that refusal.
+        breaks the producer's numbering of the partition (see _after_ack): seen here,
+        the producer is replaced as soon as Kafka answers again, as in the other modes
+        (3 s after Kafka's return in a 60 s outage under load). Unseen, it was replaced
+        only once Kafka refused a record as out of order after its return (4 s after it
+        in the same test), the records of that partition waiting for the replacement
+        meanwhile. Only batches the fast hand-over names (``batch``, else None): a
+        record that went through ``send()`` still waits for that refusal.
         """
         future = getattr(batch, "future", None)
         if watch is None or not isinstance(future, asyncio.Future) or future.done():

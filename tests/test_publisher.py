@@ -216,7 +216,8 @@ async def test_publish_refuses_at_once_while_kafka_has_not_answered() -> None:
     producer = FakeProducer()
     producer.metadata.set()
     pub._use(producer, b"")
-    pub._fresh_until = pub._answered_until = time.monotonic() - 1  # failing heartbeats
+    pub._answered_until = time.monotonic() - 1  # failing heartbeats
+    pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 1
     started = time.monotonic()
     with pytest.raises(Unavailable, match="has not answered for 25 s"):
         await pub.publish(DESTINATION)
@@ -233,7 +234,8 @@ async def test_acknowledgements_keep_publish_going_through_a_slow_refresh() -> N
     producer = FakeProducer()
     producer.metadata.set()
     pub._use(producer, b"")
-    pub._fresh_until = pub._answered_until = time.monotonic() - 1
+    pub._answered_until = time.monotonic() - 1
+    pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 1
     earlier: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     earlier.set_result(None)
     pub._after_ack(producer, earlier)  # a record acknowledged just now
