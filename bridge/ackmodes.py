@@ -104,7 +104,9 @@ class BrokerAck:
 
     @property
     def ready(self) -> bool:
-        return self._publisher.connected
+        # Not stalled either: Kafka answering metadata yet taking no record (below its
+        # quorum, say) makes each request wait the whole publish timeout for a 503.
+        return self._publisher.connected and not self._publisher.stalled
 
     @property
     def remembered_keys(self) -> int:

@@ -64,6 +64,11 @@ STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 #: this long: no metadata refresh and no acknowledgement. Longer than
 #: STALE_AFTER_SECONDS, so /readyz has taken the bridge out of rotation by then.
 UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + HEARTBEAT_SECONDS
+#: Broker mode: how long a publish that timed out, with Kafka answering no record since
+#: it began, keeps the bridge unready (see KafkaPublisher.stalled). As long as stale
+#: metadata does: long enough for a load balancer's probes to see it, short enough that
+#: the traffic that comes back once it ends finds a recovered Kafka soon.
+STALLED_FOR_SECONDS = STALE_AFTER_SECONDS
 #: How often a run of failed metadata refreshes (an outage) is logged again.
 REFRESH_FAILED_REPEAT_SECONDS = 60.0
 #: The longest wait between two tries of secret files a rotation could not connect with.
@@ -89,6 +94,9 @@ class Publisher(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    @property
+    def stalled(self) -> bool: ...
 
     def answered_since(self, since: float) -> bool: ...
 
@@ -358,6 +366,8 @@ class KafkaPublisher:
         self._max_request_size = settings.kafka_max_request_size()
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
+        self._record_answered_at = 0.0  # of its last answer to a record (stalled)
+        self._stalled_at = -STALLED_FOR_SECONDS  # of the last publish that found it stalled
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
@@ -388,6 +398,42 @@ class KafkaPublisher:
             self._producer is not None
             and time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS
         )
+
+    @property
+    def stalled(self) -> bool:
+        """Broker mode: Kafka answers metadata (``connected``) but takes no record.
+
+        True once a publish timed out after its record was handed over while Kafka
+        answered no record (took none, refused none) since that publish began, and for
+        STALLED_FOR_SECONDS after the last such timeout, unless Kafka answers a record
+        first. That is a cluster below its quorum (acks=all is refused as
+        NOT_ENOUGH_REPLICAS, which the producer retries until the record's time is up)
+        or partitions left without a leader: each request waits the whole publish
+        timeout for its 503, and used to while /readyz said 200.
+
+        It needs records to tell: without traffic there is no timeout, so once a load
+        balancer has stopped sending, the bridge is ready again STALLED_FOR_SECONDS
+        later, and the traffic that comes back probes Kafka again. A topic whose
+        metadata never comes (a missing one) times out before its hand-over, and does
+        not count: that is the trouble of one topic, not of Kafka.
+        """
+        return (
+            self._stalled_at > self._record_answered_at
+            and time.perf_counter() < self._stalled_at + STALLED_FOR_SECONDS
+        )
+
+    def _stall(self) -> None:
+        """A publish timed out with Kafka answering no record since it began."""
+        if self._stalled_at <= self._record_answered_at:  # a new stall: said once
+            log.warning(
+                "Kafka at %s answers but took no record within %g s (fewer in-sync "
+                "replicas than min.insync.replicas, or partitions without a leader?): "
+                "/readyz is 503 until it takes one, or for %g s after the last such timeout",
+                self._settings.kafka_bootstrap,
+                self._timeout,
+                STALLED_FOR_SECONDS,
+            )
+        self._stalled_at = time.perf_counter()
 
     def answered_since(self, since: float) -> bool:
         """Whether Kafka answered after ``since`` (time.perf_counter): acknowledged or
@@ -608,6 +654,9 @@ class KafkaPublisher:
         refused = failure is not None and refused_by_kafka(failure)
         if failure is None or refused:  # an answer: Kafka is there (see publish)
             self._answered()
+            if self._stalled_at > self._record_answered_at:
+                log.info("Kafka takes records again: a stall is over")
+            self._record_answered_at = self._answered_at
             if failure is None:
                 return
         if producer is not self._producer or self._broken is producer:
@@ -944,10 +993,12 @@ class KafkaPublisher:
         started = time.perf_counter()
         batch: Any = None
         watch = None
+        handed_over = False
         try:
             async with self._deadlines.bound():  # one deadline for hand-over and ack
                 replaced = self._replaced
                 acked = await self.hand_over(destination)
+                handed_over = True
                 # The batch the record joined, when the fast way took it (nothing ran
                 # in between: the hand-over did not wait), and the watch of the
                 # producer that took it.
@@ -975,6 +1026,8 @@ class KafkaPublisher:
                         acked, batch = await self._hand_over_alone(destination), _ALONE
         except TimeoutError:
             self._keep_watching(batch, watch)
+            if handed_over and self._record_answered_at < started:
+                self._stall()
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(
                 f"Kafka did not acknowledge the record for {destination.topic} "

@@ -47,6 +47,7 @@ class FakePublisher:
 
     records: list[Destination] = field(default_factory=list)
     connected: bool = True
+    stalled: bool = False  # Kafka answers metadata but takes no record (broker mode)
     answering: bool = True  # Kafka answers (its metadata refreshes, say), if not this topic
     fail_with: BridgeError | None = None
     started: bool = False

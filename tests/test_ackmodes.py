@@ -85,6 +85,18 @@ async def test_broker_mode_failed_attempt_is_not_recorded(tmp_path: Path) -> Non
     assert len(publisher.records) == 1
 
 
+def test_broker_mode_is_ready_while_kafka_is_connected_and_takes_records(tmp_path: Path) -> None:
+    """Connected (fresh metadata) is not enough: a Kafka that takes no record (stalled,
+    below its quorum say) makes each delivery wait the publish timeout for a 503."""
+    publisher = FakePublisher()
+    mode = BrokerAck(publisher, settings(tmp_path, BRIDGE_ACK="broker"))
+    assert mode.ready
+    publisher.stalled = True
+    assert not mode.ready
+    publisher.stalled, publisher.connected = False, False
+    assert not mode.ready
+
+
 async def test_memory_mode_drains_and_deduplicates(tmp_path: Path) -> None:
     """Memory mode answers at once, publishes in the background, refuses repeats."""
     publisher = FakePublisher()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from bridge.devkafka import LocalKafka, ensure_jars, free_ports
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
+from tests.cluster import JoiningBroker
 from tests.conftest import REPO
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -472,3 +474,82 @@ def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
             bridge.signal(signal.SIGTERM)
             assert bridge.wait(30) == 0
         assert "records for " + widgets + " are held back" in bridge.log()
+
+
+def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """Broker mode, a two-broker cluster, orders on a topic that needs both in sync
+    (min.insync.replicas 2) and products on one that needs one. The second broker
+    stops: Kafka still answers metadata but refuses every order as NOT_ENOUGH_REPLICAS,
+    which the producer retries until the publish timeout. /readyz said 200 all along
+    while each order waited the whole timeout for its 503. It is 503 now, until Kafka
+    takes a record again (a product here), and once the broker is back the next order
+    goes through and the bridge is ready. Nothing answered 2xx is missing."""
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller_port, second_port, second_controller_port = free_ports(4)
+    first = LocalKafka(home, tmp_path / "kafka-1" / "data", port, controller_port)
+    second = JoiningBroker(
+        first, 2, tmp_path / "kafka-2" / "data", second_port, second_controller_port
+    )
+    orders, products = f"{topic_prefix}.order.create", f"{topic_prefix}.product.create"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    accepted: set[str] = set()
+    keys = (f"k{n}" for n in itertools.count())
+
+    async def create_topics() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(orders, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
+                    NewTopic(products, -1, -1, {0: [1]}),
+                ]
+            )
+        finally:
+            await admin.close()
+
+    def post(client: httpx2.Client, entity: str) -> int:
+        key = next(keys)
+        answer = client.post(
+            f"/webhooks/geins/{entity}/create",
+            content=b'{"id":"1"}',
+            headers={**headers, "x-Idempotency-Key": key},
+        )
+        if answer.status_code == 202:
+            accepted.add(key)
+        return answer.status_code
+
+    def ready(client: httpx2.Client) -> int:
+        return client.get("/readyz").status_code
+
+    with first, second:
+        asyncio.run(create_topics())
+        env = bridge_env(first.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="2")
+        with (
+            BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+            httpx2.Client(base_url=bridge.url, timeout=30) as client,
+        ):
+            assert (post(client, "Order"), ready(client)) == (202, 200)
+            second.stop()
+            # until the controller has taken the second broker out of the in-sync replicas
+            refused = wait_until(
+                lambda: post(client, "Order"), lambda s: s == 503, within=60, every=0
+            )
+            assert refused == 503
+            assert ready(client) == 503, "a stalled Kafka left the bridge ready"
+            assert client.get("/readyz").json()["accepting"] is False
+            assert (post(client, "Product"), ready(client)) == (202, 200)
+            assert (post(client, "Order"), ready(client)) == (503, 503)
+            second.start()
+            second.wait_ready()
+            assert (
+                wait_until(lambda: post(client, "Order"), lambda s: s == 202, within=60, every=0.5)
+                == 202
+            )
+            assert ready(client) == 200
+        found = found_keys(first.bootstrap, topic_prefix)
+    print(f"[below quorum, broker] {len(accepted)} answered 2xx, {len(found)} in Kafka")
+    assert accepted <= found, f"{len(accepted - found)} answered 2xx, not in Kafka"

@@ -748,3 +748,78 @@ async def test_a_request_to_kafka_waits_at_most_the_request_timeout(
     pub = KafkaPublisher(settings, Metrics())
     assert await pub._start_producer() == publisher_module.FAILED
     assert made[0]["request_timeout_ms"] == 7500
+
+
+async def test_a_record_timing_out_with_kafka_taking_none_makes_the_bridge_stalled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Broker mode below a cluster's quorum: Kafka answers metadata but takes no record,
+    and /readyz said 200 while each request waited the whole publish timeout for a 503.
+    A timeout with no record answered since it began is a stall; Kafka's next answer to
+    a record ends it (the late acknowledgement of the timed-out record's batch too), and
+    so does STALLED_FOR_SECONDS without another such timeout."""
+    monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 0.2)
+    caplog.set_level(logging.INFO, logger="bridge.publisher")
+    pub = publisher(timeout=0.05)
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    assert not pub.stalled
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    assert pub.stalled
+    handover.batch.future.set_result(None)  # the batch lands after its request gave up
+    await turns()
+    assert not pub.stalled
+
+    handover.batch = SimpleNamespace(future=asyncio.get_running_loop().create_future())
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    assert pub.stalled
+    await asyncio.sleep(0.25)  # no traffic: ready again, for the next request to probe
+    assert not pub.stalled
+    with pytest.raises(PublishTimeout):  # and stalled again: the same stall, said once
+        await pub.publish(DESTINATION)
+    assert pub.stalled
+    said = [
+        (r.levelname, r.getMessage()[:30]) for r in caplog.records if r.name == "bridge.publisher"
+    ]
+    assert said == [
+        ("WARNING", "Kafka at 127.0.0.1:9 answers b"),  # a stall
+        ("INFO", "Kafka takes records again: a s"),
+        ("WARNING", "Kafka at 127.0.0.1:9 answers b"),  # another, which outlived its 0.2 s
+    ]
+    await pub.stop()
+
+
+async def test_a_timeout_while_kafka_takes_other_records_is_no_stall() -> None:
+    """One slow topic or partition among others Kafka takes: not the bridge's trouble."""
+    pub = publisher(timeout=0.1)
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    slow = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    taken = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    handover.appended[1].set_result(None)  # Kafka took the second one
+    await taken
+    with pytest.raises(PublishTimeout):
+        await slow
+    assert not pub.stalled
+    await pub.stop()
+
+
+async def test_a_timeout_before_the_hand_over_is_no_stall() -> None:
+    """A record that never got into a batch (its topic's metadata never came: a topic
+    missing where Kafka does not create them) tells nothing of Kafka taking records."""
+    pub = publisher(timeout=0.05)
+    producer = FakeProducer()  # no metadata: send() waits
+    pub._use(producer, b"")
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    assert producer.sends == 1
+    assert not pub.stalled
+    await pub.stop()
