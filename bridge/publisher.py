@@ -427,8 +427,9 @@ class KafkaPublisher:
         if self._stalled_at <= self._record_answered_at:  # a new stall: said once
             log.warning(
                 "Kafka at %s answers but took no record within %g s (fewer in-sync "
-                "replicas than min.insync.replicas, or partitions without a leader?): "
-                "/readyz is 503 until it takes one, or for %g s after the last such timeout",
+                "replicas than min.insync.replicas, or partitions without a leader?); in "
+                "broker mode /readyz is 503 until it takes one, or for %g s after the last "
+                "such timeout",
                 self._settings.kafka_bootstrap,
                 self._timeout,
                 STALLED_FOR_SECONDS,
