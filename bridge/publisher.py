@@ -254,6 +254,13 @@ def check_record_size(destination: Destination, limit: int) -> None:
         )
 
 
+def _metadata_age(producer: AIOKafkaProducer) -> float:
+    """Seconds since ``producer``'s client last got a metadata response: aiokafka stamps
+    each on the wall clock (long ago when there is no stamp)."""
+    refreshed_ms = getattr(producer.client.cluster, "_last_successful_refresh_ms", 0)
+    return time.time() - refreshed_ms / 1000
+
+
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """Start a background task whose unexpected death is logged, not swallowed."""
     task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -367,7 +374,9 @@ class KafkaPublisher:
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
         self._record_answered_at = 0.0  # of its last answer to a record (stalled)
-        self._stalled_at = -STALLED_FOR_SECONDS  # of the last publish that found it stalled
+        self._stall_began: float | None = None  # of the first timeout of a stall, until
+        # Kafka takes a record published after it
+        self._stalled_at = -STALLED_FOR_SECONDS  # of the last timeout that found one
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
@@ -393,48 +402,68 @@ class KafkaPublisher:
 
     @property
     def connected(self) -> bool:
-        """True while the producer runs and its cluster metadata is recent."""
-        return (
-            self._producer is not None
-            and time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS
-        )
+        """True while the producer runs and its cluster metadata is recent: from a
+        heartbeat, or from any refresh aiokafka completed. A heartbeat stops waiting
+        after HEARTBEAT_SECONDS, and the refresh it started goes on: drawing a hung
+        broker first, it waits up to BRIDGE_KAFKA_REQUEST_TIMEOUT before it asks the
+        next one. Heartbeats alone made a cluster with one hung broker, whose others
+        answered, look stale (a reviewer's SIGSTOP of one of three)."""
+        producer = self._producer
+        if producer is None:
+            return False
+        if time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS:
+            return True
+        return _metadata_age(producer) < STALE_AFTER_SECONDS
 
     @property
     def stalled(self) -> bool:
         """Broker mode: Kafka answers metadata (``connected``) but takes no record.
 
-        True once a publish timed out after its record was handed over while Kafka
-        answered no record (took none, refused none) since that publish began, and for
-        STALLED_FOR_SECONDS after the last such timeout, unless Kafka answers a record
-        first. That is a cluster below its quorum (acks=all is refused as
-        NOT_ENOUGH_REPLICAS, which the producer retries until the record's time is up)
-        or partitions left without a leader: each request waits the whole publish
-        timeout for its 503, and used to while /readyz said 200.
+        A stall begins when a publish times out after its record was handed over while
+        Kafka answered no record (took none, refused none) since that publish began.
+        That is a cluster below its quorum (acks=all is refused as NOT_ENOUGH_REPLICAS,
+        which the producer retries until the record's time is up) or partitions left
+        without a leader: each request waits the whole publish timeout for its 503,
+        and used to while /readyz said 200.
 
-        It needs records to tell: without traffic there is no timeout, so once a load
-        balancer has stopped sending, the bridge is ready again STALLED_FOR_SECONDS
-        later, and the traffic that comes back probes Kafka again. A topic whose
-        metadata never comes (a missing one) times out before its hand-over, and does
-        not count: that is the trouble of one topic, not of Kafka.
+        It ends when Kafka takes a record published after it began: one published
+        before may still be acknowledged (a reviewer's cluster committed a record sent
+        as two of three brokers died, when it took the first out of the in-sync
+        replicas, while refusing every new one), which ended it, and readiness flapped.
+        Until then it holds for STALLED_FOR_SECONDS after the last timeout that finds
+        Kafka taking nothing: it needs records to tell, and without traffic there is no
+        timeout, so once a load balancer has stopped sending, the bridge is ready
+        again that much later, and the traffic that comes back probes Kafka again.
+
+        A topic whose metadata never comes (a missing one) times out before its
+        hand-over, and does not count: that is the trouble of one topic, not of Kafka.
         """
         return (
-            self._stalled_at > self._record_answered_at
+            self._stall_began is not None
             and time.perf_counter() < self._stalled_at + STALLED_FOR_SECONDS
         )
 
     def _stall(self) -> None:
         """A publish timed out with Kafka answering no record since it began."""
-        if self._stalled_at <= self._record_answered_at:  # a new stall: said once
+        now = time.perf_counter()
+        if self._stall_began is None:  # said once, however often it holds again
+            self._stall_began = now
             log.warning(
-                "Kafka at %s answers but took no record within %g s (fewer in-sync "
+                "Kafka at %s took no record within %g s (unreachable, fewer in-sync "
                 "replicas than min.insync.replicas, or partitions without a leader?); in "
-                "broker mode /readyz is 503 until it takes one, or for %g s after the last "
-                "such timeout",
+                "broker mode /readyz is 503 until it takes one published since, or for "
+                "%g s after the last such timeout",
                 self._settings.kafka_bootstrap,
                 self._timeout,
                 STALLED_FOR_SECONDS,
             )
-        self._stalled_at = time.perf_counter()
+        self._stalled_at = now
+
+    def _taken(self, started: float) -> None:
+        """Kafka acknowledged a record whose publish began at ``started``."""
+        if self._stall_began is not None and started > self._stall_began:
+            self._stall_began = None
+            log.info("Kafka takes records again: a stall is over")
 
     def answered_since(self, since: float) -> bool:
         """Whether Kafka answered after ``since`` (time.perf_counter): acknowledged or
@@ -445,11 +474,7 @@ class KafkaPublisher:
         if self._answered_at > since:
             return True
         producer = self._producer
-        if producer is None:
-            return False
-        # aiokafka stamps every metadata response it gets, on the wall clock
-        refreshed = getattr(producer.client.cluster, "_last_successful_refresh_ms", 0) / 1000
-        return refreshed > time.time() - (time.perf_counter() - since)
+        return producer is not None and _metadata_age(producer) < time.perf_counter() - since
 
     def _answered(self) -> None:
         self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
@@ -655,8 +680,6 @@ class KafkaPublisher:
         refused = failure is not None and refused_by_kafka(failure)
         if failure is None or refused:  # an answer: Kafka is there (see publish)
             self._answered()
-            if self._stalled_at > self._record_answered_at:
-                log.info("Kafka takes records again: a stall is over")
             self._record_answered_at = self._answered_at
             if failure is None:
                 return
@@ -1036,6 +1059,8 @@ class KafkaPublisher:
             ) from None
         except Exception as exc:
             raise self.failure(exc) from None
+        if self._stall_began is not None:
+            self._taken(started)
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     @staticmethod
