@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge import logs
 from bridge.auth import short_token_warnings, warn_if_short
@@ -261,16 +262,45 @@ async def _show_dead_letters(settings: Settings, query: DeadLetterQuery) -> int:
     return shown
 
 
+@dataclasses.dataclass
+class _ReplayTally:
+    """What a replay did so far: its summary, however the replay ends."""
+
+    replayed: int = 0
+    refused: int = 0
+    unpublished: int = 0  # accepted, but Kafka did not take it
+    publishing: str = ""  # the position of the record being published, if one is
+
+    def summary(self, verb: str) -> str:
+        unpublished = f", {self.unpublished} not published" if self.unpublished else ""
+        return f"{self.replayed} {verb}, {self.refused} still refused{unpublished}"
+
+
 def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     query = _dead_letter_query(settings, args)
-    replayed, refused = asyncio.run(_replay_dead_letters(settings, query, dry_run=args.dry_run))
-    if not replayed + refused and (args.offset or args.key or args.reason):
+    tally = _ReplayTally()
+    verb = "would be replayed" if args.dry_run else "replayed"
+    try:
+        asyncio.run(_replay_dead_letters(settings, query, tally, dry_run=args.dry_run))
+    except BaseException:
+        # Stopped before the end (Kafka away, Ctrl-C): what was done until then, and the
+        # record that may be on Kafka without its line; then the error as always.
+        if tally.publishing:
+            print(
+                f"stopped while publishing {tally.publishing}: it may be on Kafka (a "
+                "replay of it again is a duplicate with its key)",
+                file=sys.stderr,
+            )
+        print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
+        raise
+    if not tally.replayed + tally.refused + tally.unpublished and (
+        args.offset or args.key or args.reason
+    ):
         # Nothing replayed that was asked for, as when some are still refused.
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
         return 1
-    verb = "would be replayed" if args.dry_run else "replayed"
-    print(f"{replayed} {verb}, {refused} still refused", file=sys.stderr)
-    return 1 if refused else 0
+    print(tally.summary(verb), file=sys.stderr)
+    return 1 if tally.refused or tally.unpublished else 0
 
 
 def _say(line: str) -> None:
@@ -284,18 +314,23 @@ def _say(line: str) -> None:
 
 
 async def _replay_dead_letters(
-    settings: Settings, query: DeadLetterQuery, *, dry_run: bool
-) -> tuple[int, int]:
+    settings: Settings, query: DeadLetterQuery, tally: _ReplayTally, *, dry_run: bool
+) -> None:
     """Replay each dead letter ``query`` wants as it is read, printing what became of
-    it; how many were replayed and how many are still refused."""
+    it, and counting it in ``tally``."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    replayed = refused = 0
+    def publishing(record: Any) -> None:
+        tally.publishing = kafkaadmin.position(record)
+
     letters = kafkaadmin.dead_letters(settings, query)
-    results = kafkaadmin.replay_dead_letters(settings, _router(settings), letters, dry_run=dry_run)
+    results = kafkaadmin.replay_dead_letters(
+        settings, _router(settings), letters, dry_run=dry_run, publishing=publishing
+    )
     # Closed in this order (the producer flushes, then the consumer stops) however it ends.
     async with contextlib.aclosing(letters), contextlib.aclosing(results):
         async for record, topic, outcome in results:
+            tally.publishing = ""
             target = f" -> {topic}" if topic else ""
             position = kafkaadmin.position(record)
             _say(
@@ -303,9 +338,12 @@ async def _replay_dead_letters(
                     [f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}"]
                 )
             )
-            replayed += topic is not None
-            refused += topic is None
-    return replayed, refused
+            if topic is not None:
+                tally.replayed += 1
+            elif outcome.startswith(kafkaadmin.NOT_PUBLISHED):
+                tally.unpublished += 1
+            else:
+                tally.refused += 1
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

@@ -198,6 +198,13 @@ def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body:
     stored = orjson.loads(fields.get(PREFIX + "request-headers", "[]"))
     # Dead letters kept before the list form hold an object (one value per name).
     pairs = stored.items() if isinstance(stored, dict) else stored
+    received_at = (
+        datetime.fromisoformat(fields[PREFIX + "received-at"])
+        if PREFIX + "received-at" in fields
+        else datetime.now(UTC)
+    )
+    if received_at.tzinfo is None:  # the bridge writes UTC, with its offset
+        raise ValueError(f"{PREFIX}received-at has no UTC offset")
     return Delivery(
         method=fields.get(PREFIX + "method", "POST"),
         path=fields.get(PREFIX + "path", ""),
@@ -206,7 +213,5 @@ def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body:
         query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
         headers=[(n.encode("latin-1"), header_bytes(v)) for n, v in pairs],
         body=body,
-        received_at=datetime.fromisoformat(fields[PREFIX + "received-at"])
-        if PREFIX + "received-at" in fields
-        else datetime.now(UTC),
+        received_at=received_at,
     )

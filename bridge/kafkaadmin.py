@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from bridge import publisher as publisher_module
 from bridge.auth import tokens_redactor
 from bridge.config import Settings
 from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
@@ -32,7 +33,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline import parse_and_route
 from bridge.publisher import KafkaPublisher, kafka_client_options
 from bridge.redaction import MARKER, Redactor
-from bridge.routing import Destination, Router
+from bridge.routing import TOPIC_NAME, Destination, Router
 
 DEFAULT_REPLICATION_CAP = 3
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
@@ -142,7 +143,20 @@ async def read_to_end(
         records = await read_spans(consumer, spans)
         return sorted(records, key=lambda r: (r.topic, r.partition, r.offset))
     finally:
+        await stop_consumer(consumer)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, without the CancelledError aiokafka 0.14 raises out of it when
+    a fetch was in flight: its fetcher's close awaits the fetch tasks it cancels (aiokafka
+    issue 647). Kafka going away while ``deadletter list`` read made that a traceback in
+    place of "cannot talk to Kafka". This task's own cancellation (Ctrl-C) goes on."""
+    try:
         await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def read_spans(
@@ -248,7 +262,7 @@ async def tail(
                 if limit is not None and shown >= limit:
                     break
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
         await admin.close()
     return shown
 
@@ -413,7 +427,7 @@ async def dead_letters(settings: Settings, query: DeadLetterQuery) -> AsyncGener
         async for record in _oldest_first(streams):
             yield record
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 @contextlib.asynccontextmanager
@@ -581,7 +595,12 @@ async def _wait_next(
 
 
 async def replay_dead_letters(
-    settings: Settings, router: Router, records: AsyncIterable[Any], *, dry_run: bool
+    settings: Settings,
+    router: Router,
+    records: AsyncIterable[Any],
+    *,
+    dry_run: bool,
+    publishing: Callable[[Any], None] = lambda _: None,
 ) -> AsyncGenerator[tuple[Any, str | None, str], None]:
     """Run each dead letter through today's parsing and routing again, as ``records``
     gives them, yielding (record, topic or None, what happened) for each in turn.
@@ -593,22 +612,60 @@ async def replay_dead_letters(
     delivery had none, the dead letter's own key), so consumers see a replay of an
     event they already have, or a second replay, as a duplicate. The producer starts
     with the first record to publish: none when nothing is (a dry run, no match).
+    ``publishing`` is told of each record as its publishing starts: one interrupted
+    then may be on Kafka without its line.
+
+    A topic Kafka has no metadata for within the publish timeout (missing, on a broker
+    that does not create topics) is tried once: its other records are not published,
+    at once, where each waited the whole timeout. Kafka not reachable (no metadata for
+    STALE_AFTER_SECONDS) stops the replay with a ConnectionError after the record that
+    found it so, where each record read ahead was tried in turn.
     """
     secrets = tokens_redactor(settings.tokens, settings.tokens_file)
     publisher: KafkaPublisher | None = None
+    missing: set[str] = set()  # topics without metadata: see above
     try:
         async for record in records:
             destination, outcome = _replayed(record, settings, router, secrets)
-            if destination is not None and not dry_run:
-                publisher = publisher or await _started_publisher(settings)
-                try:
-                    await publisher.publish(destination)
-                except BridgeError as exc:
-                    destination, outcome = None, f"not published: {exc.detail}"
-            yield record, destination.topic if destination else None, outcome
+            if destination is None or dry_run:
+                yield record, destination.topic if destination else None, outcome
+                continue
+            topic = destination.topic
+            if topic in missing:
+                yield record, None, _not_published(topic)
+                continue
+            publisher = publisher or await _started_publisher(settings)
+            publishing(record)
+            try:
+                await publisher.publish(destination)
+            except BridgeError as exc:
+                if not publisher.connected:
+                    yield record, None, f"{NOT_PUBLISHED}: {exc.detail}"
+                    raise ConnectionError(
+                        f"Kafka answered nothing for {publisher_module.STALE_AFTER_SECONDS:g} s "
+                        "or more; the replay stopped"
+                    ) from None
+                if publisher.ready_for(topic):
+                    yield record, None, f"{NOT_PUBLISHED}: {exc.detail}"
+                else:
+                    missing.add(topic)
+                    yield record, None, _not_published(topic)
+                continue
+            yield record, topic, outcome
     finally:
         if publisher is not None:
             await publisher.stop()
+
+
+#: How a replay's line begins for a record accepted again that Kafka did not take.
+NOT_PUBLISHED = "not published"
+
+
+def _not_published(topic: str) -> str:
+    return (
+        f"{NOT_PUBLISHED}: Kafka has no topic {topic} (no metadata for it within "
+        "BRIDGE_PUBLISH_TIMEOUT); create it (bridge topics create) and replay again"
+    )
 
 
 async def _started_publisher(settings: Settings) -> KafkaPublisher:
@@ -624,10 +681,19 @@ async def _started_publisher(settings: Settings) -> KafkaPublisher:
 def _replayed(
     record: Any, settings: Settings, router: Router, secrets: Redactor
 ) -> tuple[Destination | None, str]:
+    if not _header(record, "x-bridge-reason"):  # the bridge writes it on every dead letter
+        # Some other producer's record (a test message, say): replayed, one holding an
+        # entity and action was published as an event.
+        return None, "still refused: not a dead letter (no x-bridge-reason header)"
     original_topic = next(
         (text(v) for n, v in record.headers if n == "x-bridge-original-topic" and v), None
     )
     if original_topic:  # accepted, then refused by Kafka: resend as it was
+        if not TOPIC_NAME.fullmatch(original_topic) or original_topic == settings.deadletter_topic:
+            return None, (
+                "still refused: not a dead letter the bridge can read "
+                f"(x-bridge-original-topic {original_topic!r} is no event topic)"
+            )
         headers = [(n, v) for n, v in record.headers if n not in SET_ASIDE_HEADERS]
         return Destination(original_topic, record.key, record.value or b"", headers), "resent"
     try:

@@ -8,9 +8,11 @@ import gc
 import itertools
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -21,14 +23,18 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from starlette.testclient import TestClient
 
+import bridge.publisher as publisher_module
 from bridge import kafkaadmin
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter
+from bridge.devkafka import LocalKafka, ensure_jars, free_ports
 from bridge.errors import UnknownEventType
+from bridge.publisher import KafkaPublisher
 from bridge.redaction import Redactor
 from bridge.routing import Destination
+from tests.conftest import REPO
 from tests.fakes import TOKEN, voucher_delivery
 from tests.kafkaread import read_all_sync
 
@@ -583,3 +589,178 @@ def test_a_repeated_option_matches_either_value(command: str) -> None:
         load_settings(environ={}), _parser().parse_args(["deadletter", command])
     )
     assert everything.wants(letter(None))
+
+
+def test_records_the_bridge_did_not_write_are_not_replayed(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Records on the dead-letter topic that are no dead letters of the bridge (a review
+    wrote them by hand): one without x-bridge-reason holding an entity and action was
+    published as an event; a kafka_rejected one naming an illegal topic or the
+    dead-letter topic itself was resent there; a received-at without its UTC offset
+    became a ce_time without one."""
+    letters = f"{topic_prefix}.deadletter"
+    rejected = ("x-bridge-reason", b"kafka_rejected")
+    event = b'{"entity":"Order","action":"create","id":"x"}'
+    produce(kafka_bootstrap, letters, b"plain", event, [])
+    produce(kafka_bootstrap, letters, b"illegal", b"{}",
+            [rejected, ("x-bridge-original-topic", b"bad topic!")])  # fmt: skip
+    produce(kafka_bootstrap, letters, b"itself", b"{}",
+            [rejected, ("x-bridge-original-topic", letters.encode())])  # fmt: skip
+    produce(kafka_bootstrap, letters, b"naive", event,
+            [("x-bridge-reason", b"body_not_json"),
+             ("x-bridge-received-at", b"2026-01-01T00:00:00")])  # fmt: skip
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    assert main(["deadletter", "replay"]) == 1
+    captured = capsys.readouterr()
+    unreadable = "still refused: not a dead letter the bridge can read"
+    assert "key=plain  still refused: not a dead letter (no x-bridge-reason header)" in captured.out
+    assert f"key=illegal  {unreadable} (x-bridge-original-topic 'bad topic!'" in captured.out
+    assert f"key=itself  {unreadable} (x-bridge-original-topic '{letters}'" in captured.out
+    assert f"key=naive  {unreadable} (x-bridge-received-at has no UTC offset)" in captured.out
+    assert "0 replayed, 4 still refused" in captured.err
+    assert read_all_sync(kafka_bootstrap, f"{topic_prefix}.order") == []
+    assert len(read_all_sync(kafka_bootstrap, letters)) == 4
+
+
+def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Ctrl-C in the middle of a replay exited 130 with nothing said: no summary, and the
+    record being published when it came was on Kafka without a line in the report (a
+    review counted one more record published than reported)."""
+    refuse(
+        *(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", f"v-{i}")]) for i in range(5))
+    )
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    publish, calls = KafkaPublisher.publish, itertools.count(1)
+
+    async def publish_interrupted(self: KafkaPublisher, destination: Destination) -> None:
+        if next(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # asyncio.run cancels the command's task
+        await publish(self, destination)
+
+    env.setattr(KafkaPublisher, "publish", publish_interrupted)
+    capsys.readouterr()
+    assert main(["deadletter", "replay"]) == 130
+    captured = capsys.readouterr()
+    assert listed(captured.out) == ["[0]@0 key=v-0", "[0]@1 key=v-1"]
+    assert "stopped while publishing [0]@2: it may be on Kafka" in captured.err
+    assert "2 replayed, 0 still refused before the replay stopped" in captured.err
+    replayed = {r.key.decode() for r in read_all_sync(kafka_bootstrap, f"{topic_prefix}.voucher")}
+    assert {"v-0", "v-1"} <= replayed <= {"v-0", "v-1", "v-2"}
+
+
+@pytest.fixture(scope="module")
+def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A broker of this module's own, which creates no topics and which a test may kill
+    (the session's must stay up)."""
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller_port = free_ports(2)
+    data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
+    extra = {"auto.create.topics.enable": "false"}
+    with LocalKafka(
+        home, data_dir, port, controller_port, extra_properties=extra, die_with_parent=True
+    ) as broker:
+        yield broker
+
+
+@pytest.fixture
+def lone(lone_broker: LocalKafka, env: pytest.MonkeyPatch) -> LocalKafka:
+    """The lone broker, running, as the bridge's Kafka, with short timeouts."""
+    if not lone_broker.is_running():
+        lone_broker.start()
+        lone_broker.wait_ready()
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", lone_broker.bootstrap)
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "1")
+    env.setenv("BRIDGE_PUBLISH_TIMEOUT", "1")
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    return lone_broker
+
+
+def test_a_replay_to_a_missing_topic_tries_it_once(
+    lone: LocalKafka, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], topic_prefix: str
+) -> None:
+    """On a broker that creates no topics, a replay to a topic nobody made (a new
+    template, say) waited the whole publish timeout for each dead letter (about 14 hours
+    for 10,000), each "not acknowledged", the reason only in aiokafka's log. The topic
+    is tried once, and its other dead letters are not published, at once, saying why."""
+    keep(lone.bootstrap, f"{topic_prefix}.deadletter", 1, [(f"k{n}", 0, n) for n in range(6)])
+    publish, calls = KafkaPublisher.publish, itertools.count(1)
+
+    async def publish_counted(self: KafkaPublisher, destination: Destination) -> None:
+        next(calls)
+        await publish(self, destination)
+
+    env.setattr(KafkaPublisher, "publish", publish_counted)
+    assert main(["deadletter", "replay"]) == 1
+    captured = capsys.readouterr()
+    missing = f"not published: Kafka has no topic {topic_prefix}.voucher.create"
+    lines = captured.out.splitlines()
+    assert len(lines) == 6
+    assert all(missing in line and "bridge topics create" in line for line in lines), lines
+    assert "0 replayed, 0 still refused, 6 not published" in captured.err
+    assert next(calls) == 2  # one publish
+
+
+def test_kafka_going_away_mid_read_is_said_in_a_line(
+    lone: LocalKafka, env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], topic_prefix: str
+) -> None:
+    """Kafka killed while list or replay reads: list ended in a traceback (aiokafka's
+    consumer raises CancelledError out of its stop when a fetch was in flight), and
+    replay too, without its summary. Both now say they cannot talk to Kafka and exit 1,
+    replay after the summary of what it did."""
+    topic = f"{topic_prefix}.deadletter"
+    set_max_message_bytes(lone.bootstrap, f"{topic_prefix}.voucher.create", 1048588, create=True)
+    keep(
+        lone.bootstrap,
+        topic,
+        1,
+        [(f"k{n}", 0, n) for n in range(400)],
+        body=b"{" + b" " * 4000 + b"}",
+    )
+    pid = lone.pid
+    assert pid is not None
+    describe = kafkaadmin.describe_dead_letter
+
+    def describe_killing(record: Any) -> str:
+        if record.offset == 5 and lone.is_running():
+            os.kill(pid, signal.SIGKILL)
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_killing)
+    assert main(["deadletter", "list"]) == 1
+    cannot = f"bridge: cannot talk to Kafka at {lone.bootstrap}"
+    err = capsys.readouterr().err
+    assert cannot in err, err
+    lone.stop()
+
+    lone.start()
+    lone.wait_ready()
+    restarted = lone.pid
+    assert restarted is not None
+    publish, calls = KafkaPublisher.publish, itertools.count(1)
+
+    async def publish_killing(self: KafkaPublisher, destination: Destination) -> None:
+        if next(calls) == 10:
+            os.kill(restarted, signal.SIGKILL)
+        await publish(self, destination)
+
+    env.setattr(KafkaPublisher, "publish", publish_killing)
+    # Kafka counts as away (what stops a replay) once it has answered no metadata for
+    # this long: 20 s, 20 records not published after a second each.
+    env.setattr(publisher_module, "STALE_AFTER_SECONDS", 3)
+    assert main(["deadletter", "replay"]) == 1
+    captured = capsys.readouterr()
+    assert "9 replayed, 0 still refused, " in captured.err, captured.err
+    assert "not published before the replay stopped" in captured.err, captured.err
+    stopped = f"{cannot}: Kafka answered nothing for 3 s or more; the replay stopped"
+    assert stopped in captured.err, captured.err
+    lone.stop()
