@@ -284,14 +284,16 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
         asyncio.run(_replay_dead_letters(settings, query, tally, dry_run=args.dry_run))
     except BaseException:
         # Stopped before the end (Kafka away, Ctrl-C): what was done until then, and the
-        # record that may be on Kafka without its line; then the error as always.
+        # record that may be on Kafka without its line; then the error as always. Not
+        # before the first dead letter (a missing topic, say): nothing to tell.
         if tally.publishing:
             print(
                 f"stopped while publishing {tally.publishing}: it may be on Kafka (a "
                 "replay of it again is a duplicate with its key)",
                 file=sys.stderr,
             )
-        print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
+        if tally.publishing or tally.replayed + tally.refused + tally.unpublished:
+            print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
         raise
     if not tally.replayed + tally.refused + tally.unpublished and (
         args.offset or args.key or args.reason
