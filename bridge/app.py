@@ -108,6 +108,7 @@ def _gauges_read_at_scrape(
     metrics: Metrics, publisher: Publisher, ack_mode: AckMode, state: RuntimeState
 ) -> None:
     metrics.kafka_connected.set_function(lambda: float(publisher.connected))
+    metrics.kafka_stalled.set_function(lambda: float(publisher.stalled))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
     metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
     metrics.topics_held.set_function(lambda: len(ack_mode.held_topics))

@@ -253,6 +253,12 @@ class Metrics:
             "1 when the producer is connected and its metadata is fresh, else 0.",
             registry=registry,
         )
+        self.kafka_stalled = Gauge(
+            "bridge_kafka_stalled",
+            "1 while Kafka answers metadata but took no record a publish waited for "
+            "(broker ack: the bridge is unready meanwhile), else 0.",
+            registry=registry,
+        )
         self.secret_rotations = Counter(
             "bridge_kafka_secret_rotations",
             "Times the Kafka secret files changed and the bridge reconnected with them "

@@ -541,7 +541,9 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
             assert refused == 503
             assert ready(client) == 503, "a stalled Kafka left the bridge ready"
             assert client.get("/readyz").json()["accepting"] is False
+            assert "bridge_kafka_stalled 1.0" in client.get("/metrics").text
             assert (post(client, "Product"), ready(client)) == (202, 200)
+            assert "bridge_kafka_stalled 0.0" in client.get("/metrics").text
             assert (post(client, "Order"), ready(client)) == (503, 503)
             second.start()
             second.wait_ready()
