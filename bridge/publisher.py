@@ -376,7 +376,7 @@ class KafkaPublisher:
         self._record_answered_at = 0.0  # of its last answer to a record (stalled)
         self._stall_began: float | None = None  # of the first timeout of a stall, until
         # Kafka takes a record published after it
-        self._stalled_at = -STALLED_FOR_SECONDS  # of the last timeout that found one
+        self._stalled_until = 0.0  # the stall holds until then, unless it ends before
         self._tasks: list[asyncio.Task[None]] = []
         # Rotation of the secret files (see _check_secrets)
         self._fingerprint = b""  # of the secrets the producer in use was made with
@@ -431,17 +431,21 @@ class KafkaPublisher:
         as two of three brokers died, when it took the first out of the in-sync
         replicas, while refusing every new one), which ended it, and readiness flapped.
         Until then it holds for STALLED_FOR_SECONDS after the last timeout that finds
-        Kafka taking nothing: it needs records to tell, and without traffic there is no
-        timeout, so once a load balancer has stopped sending, the bridge is ready
-        again that much later, and the traffic that comes back probes Kafka again.
+        Kafka taking nothing, or the last delivery refused at once as Kafka answered
+        nothing at all (which takes the place of timeouts in an outage: without it the
+        stall lapsed and /readyz said 200 as metadata came back before the quorum). It
+        needs records to tell, and without traffic there is nothing to renew it, so
+        once a load balancer has stopped sending, the bridge is ready again that much
+        later, and the traffic that comes back probes Kafka again. An answer to a
+        record published before the stall cuts what is left of the hold to two publish
+        timeouts (STALLED_FOR_SECONDS after a routine failover at low traffic left a
+        lone bridge out of rotation for 20 s after Kafka recovered): enough for the
+        records published since to time out, and renew it, if Kafka still takes none.
 
         A topic whose metadata never comes (a missing one) times out before its
         hand-over, and does not count: that is the trouble of one topic, not of Kafka.
         """
-        return (
-            self._stall_began is not None
-            and time.perf_counter() < self._stalled_at + STALLED_FOR_SECONDS
-        )
+        return self._stall_began is not None and time.perf_counter() < self._stalled_until
 
     def _stall(self) -> None:
         """A publish timed out with Kafka answering no record since it began."""
@@ -457,7 +461,7 @@ class KafkaPublisher:
                 self._timeout,
                 STALLED_FOR_SECONDS,
             )
-        self._stalled_at = now
+        self._stalled_until = now + STALLED_FOR_SECONDS
 
     def _taken(self, started: float) -> None:
         """Kafka acknowledged a record whose publish began at ``started``."""
@@ -681,6 +685,10 @@ class KafkaPublisher:
         if failure is None or refused:  # an answer: Kafka is there (see publish)
             self._answered()
             self._record_answered_at = self._answered_at
+            if self._stall_began is not None:  # see stalled
+                self._stalled_until = min(
+                    self._stalled_until, self._answered_at + 2 * self._timeout
+                )
             if failure is None:
                 return
         if producer is not self._producer or self._broken is producer:
@@ -1008,6 +1016,8 @@ class KafkaPublisher:
         """
         if self._producer is None or time.monotonic() >= self._answered_until:
             self._metrics.record_publish_error("not_connected")
+            if self._stall_began is not None:  # Kafka takes nothing still: see stalled
+                self._stalled_until = time.perf_counter() + STALLED_FOR_SECONDS
             raise Unavailable(
                 "not connected to Kafka yet"
                 if self._producer is None

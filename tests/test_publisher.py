@@ -851,3 +851,51 @@ async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_kafka_connected(
     assert pub.connected  # aiokafka's own refresh came back a second ago
     producer.client.cluster._last_successful_refresh_ms = (time.time() - 21) * 1000
     assert not pub.connected
+
+
+async def test_a_stall_holds_while_deliveries_are_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A whole cluster down: once Kafka had answered nothing for 25 s, deliveries were
+    refused at once, no timeout renewed the stall, and it lapsed 20 s after the last
+    one: /readyz said 200 when the controller's metadata came back before the
+    quorum, and every delivery waited its whole timeout for a 503 (a reviewer's
+    cluster). Each delivery refused so holds the stall as a timeout does."""
+    monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 0.2)
+    pub = publisher(timeout=0.05)
+    pub._use(FakeProducer(), b"")
+    pub._handover = FakeHandover()  # type: ignore[assignment]
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    pub._answered_until = time.monotonic() - 1  # Kafka answered nothing for 25 s
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        with pytest.raises(Unavailable):
+            await pub.publish(DESTINATION)
+        assert pub.stalled  # 0.3 s after the timeout: held by the refusals
+    await asyncio.sleep(0.25)
+    assert not pub.stalled
+    await pub.stop()
+
+
+async def test_an_answer_to_a_record_sent_before_a_stall_cuts_its_hold_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At low traffic behind a load balancer, a routine failover's one timeout kept a
+    lone bridge unready STALLED_FOR_SECONDS (20 s) after Kafka had recovered and
+    committed that very record. Such an answer leaves two publish timeouts of the hold:
+    time enough for the records sent since to time out, and renew it, if Kafka still
+    takes none."""
+    monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 5)
+    pub = publisher(timeout=0.05)
+    pub._use(FakeProducer(), b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    handover.batch.future.set_result(None)  # Kafka commits it after all
+    await turns()
+    assert pub.stalled  # sent before: not proof that Kafka takes records now
+    await asyncio.sleep(0.12)
+    assert not pub.stalled  # after two timeouts, not 5 s
+    await pub.stop()
