@@ -247,6 +247,18 @@ async def test_acknowledgements_keep_publish_going_through_a_slow_refresh() -> N
     await asyncio.wait_for(task, 1)
 
 
+def frozen_monotonic(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The publisher's time.monotonic() reads the returned list's one item (1000 at
+    first), which the test moves on; its other clocks run as they do."""
+    clock = [1000.0]
+    monkeypatch.setattr(
+        publisher_module,
+        "time",
+        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, time=time.time),
+    )
+    return clock
+
+
 async def test_one_timed_out_refresh_does_not_make_the_bridge_unready(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -256,12 +268,7 @@ async def test_one_timed_out_refresh_does_not_make_the_bridge_unready(
     At three heartbeats of freshness /readyz (and the drainer) turned unready before
     that answer, while Kafka was fine. Two refreshes in a row that fail still do."""
     beat = publisher_module.HEARTBEAT_SECONDS
-    clock = [1000.0]
-    monkeypatch.setattr(
-        publisher_module,
-        "time",
-        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, time=time.time),
-    )
+    clock = frozen_monotonic(monkeypatch)
     pub = publisher()
     producer = FakeProducer()
     answers: list[BaseException | None] = []
@@ -630,6 +637,17 @@ class FakeHandover:
         pass
 
 
+def fast_way_in(timeout: float) -> tuple[KafkaPublisher, FakeProducer, FakeHandover]:
+    """A publisher using a fake producer whose records all take the fast way in, into
+    one open batch (call it from the event loop)."""
+    pub = publisher(timeout=timeout)
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    handover = FakeHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    return pub, producer, handover
+
+
 async def test_a_batch_given_up_on_after_its_requests_timed_out_breaks_the_producer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -640,11 +658,7 @@ async def test_a_batch_given_up_on_after_its_requests_timed_out_breaks_the_produ
     producer counts as broken when aiokafka gives up on it, and is replaced as soon as
     Kafka answers."""
     caplog.set_level(logging.INFO, logger="bridge.publisher")
-    pub = publisher(timeout=0.05)
-    producer = FakeProducer()
-    pub._use(producer, b"")
-    handover = FakeHandover()
-    pub._handover = handover  # type: ignore[assignment]
+    pub, producer, handover = fast_way_in(timeout=0.05)
     tries: list[str] = []
 
     async def start_producer(**_: Any) -> Any:
@@ -668,10 +682,7 @@ async def test_a_batch_given_up_on_after_its_requests_timed_out_breaks_the_produ
 
 
 async def test_a_batch_is_watched_once_however_many_of_its_records_time_out() -> None:
-    pub = publisher(timeout=0.02)
-    pub._use(FakeProducer(), b"")
-    handover = FakeHandover()
-    pub._handover = handover  # type: ignore[assignment]
+    pub, _, handover = fast_way_in(timeout=0.02)
     for _ in range(3):
         with pytest.raises(PublishTimeout):
             await pub.publish(DESTINATION)
@@ -763,11 +774,7 @@ async def test_a_record_timing_out_with_kafka_taking_none_makes_the_bridge_stall
     one stall, said once."""
     monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 0.2)
     caplog.set_level(logging.INFO, logger="bridge.publisher")
-    pub = publisher(timeout=0.05)
-    producer = FakeProducer()
-    pub._use(producer, b"")
-    handover = FakeHandover()
-    pub._handover = handover  # type: ignore[assignment]
+    pub, _, handover = fast_way_in(timeout=0.05)
     assert not pub.stalled
     with pytest.raises(PublishTimeout):
         await pub.publish(DESTINATION)
@@ -800,11 +807,7 @@ async def test_a_record_timing_out_with_kafka_taking_none_makes_the_bridge_stall
 
 async def test_a_timeout_while_kafka_takes_other_records_is_no_stall() -> None:
     """One slow topic or partition among others Kafka takes: not the bridge's trouble."""
-    pub = publisher(timeout=0.1)
-    producer = FakeProducer()
-    pub._use(producer, b"")
-    handover = FakeHandover()
-    pub._handover = handover  # type: ignore[assignment]
+    pub, _, handover = fast_way_in(timeout=0.1)
     slow = asyncio.create_task(pub.publish(DESTINATION))
     await turns()
     taken = asyncio.create_task(pub.publish(DESTINATION))
@@ -836,12 +839,7 @@ async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_kafka_connected(
     """One hung broker of three: the heartbeat's refresh drew it first and gave up
     after its 5 s, before aiokafka asked another broker, which answered; the metadata
     counted as stale, so the bridge turned unready while the others answered."""
-    clock = [1000.0]
-    monkeypatch.setattr(
-        publisher_module,
-        "time",
-        SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, time=time.time),
-    )
+    clock = frozen_monotonic(monkeypatch)
     pub = publisher()
     producer = FakeProducer()
     pub._use(producer, b"")
@@ -862,9 +860,7 @@ async def test_a_stall_holds_while_deliveries_are_refused_at_once(
     quorum, and every delivery waited its whole timeout for a 503 (a reviewer's
     cluster). Each delivery refused so holds the stall as a timeout does."""
     monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 0.2)
-    pub = publisher(timeout=0.05)
-    pub._use(FakeProducer(), b"")
-    pub._handover = FakeHandover()  # type: ignore[assignment]
+    pub, _, _ = fast_way_in(timeout=0.05)
     with pytest.raises(PublishTimeout):
         await pub.publish(DESTINATION)
     pub._answered_until = time.monotonic() - 1  # Kafka answered nothing for 25 s
@@ -887,10 +883,7 @@ async def test_an_answer_to_a_record_sent_before_a_stall_cuts_its_hold_short(
     time enough for the records sent since to time out, and renew it, if Kafka still
     takes none."""
     monkeypatch.setattr(publisher_module, "STALLED_FOR_SECONDS", 5)
-    pub = publisher(timeout=0.05)
-    pub._use(FakeProducer(), b"")
-    handover = FakeHandover()
-    pub._handover = handover  # type: ignore[assignment]
+    pub, _, handover = fast_way_in(timeout=0.05)
     with pytest.raises(PublishTimeout):
         await pub.publish(DESTINATION)
     handover.batch.future.set_result(None)  # Kafka commits it after all
