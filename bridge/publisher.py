@@ -417,7 +417,8 @@ class KafkaPublisher:
 
     @property
     def stalled(self) -> bool:
-        """Broker mode: Kafka answers metadata (``connected``) but takes no record.
+        """Kafka takes no record a publish waits for, whatever it answers to metadata
+        (what makes a broker-mode bridge unready while ``connected``).
 
         A stall begins when a publish times out after its record was handed over while
         Kafka answered no record (took none, refused none) since that publish began.
