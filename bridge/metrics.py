@@ -255,8 +255,8 @@ class Metrics:
         )
         self.kafka_stalled = Gauge(
             "bridge_kafka_stalled",
-            "1 while Kafka answers metadata but took no record a publish waited for "
-            "(broker ack: the bridge is unready meanwhile), else 0.",
+            "Broker ack: 1 while Kafka took no record a delivery's publish waited for "
+            "(the bridge is unready meanwhile), else 0; always 0 with the other acks.",
             registry=registry,
         )
         self.secret_rotations = Counter(

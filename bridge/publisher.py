@@ -374,6 +374,10 @@ class KafkaPublisher:
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
         self._record_answered_at = 0.0  # of its last answer to a record (stalled)
+        # Stalls are told in broker mode only: elsewhere only the drainer's set-asides
+        # and replays publish this way, and records the drainer sends, which go around
+        # publish(), would never end one.
+        self._broker_mode = settings.ack == "broker"
         self._stall_began: float | None = None  # of the first timeout of a stall, until
         # Kafka takes a record published after it
         self._stalled_until = 0.0  # the stall holds until then, unless it ends before
@@ -1061,7 +1065,7 @@ class KafkaPublisher:
                         acked, batch = await self._hand_over_alone(destination), _ALONE
         except TimeoutError:
             self._keep_watching(batch, watch)
-            if handed_over and self._record_answered_at < started:
+            if handed_over and self._record_answered_at < started and self._broker_mode:
                 self._stall()
             self._metrics.record_publish_error("timeout")
             raise PublishTimeout(

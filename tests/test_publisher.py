@@ -88,9 +88,13 @@ class FakeBatch:
         self.closed = True
 
 
-def publisher(timeout: float = 2) -> KafkaPublisher:
+def publisher(timeout: float = 2, ack: str = "broker") -> KafkaPublisher:
     settings = load_settings(
-        environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9", "BRIDGE_PUBLISH_TIMEOUT": str(timeout)}
+        environ={
+            "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+            "BRIDGE_PUBLISH_TIMEOUT": str(timeout),
+            "BRIDGE_ACK": ack,
+        }
     )
     return KafkaPublisher(settings, Metrics())
 
@@ -637,10 +641,12 @@ class FakeHandover:
         pass
 
 
-def fast_way_in(timeout: float) -> tuple[KafkaPublisher, FakeProducer, FakeHandover]:
+def fast_way_in(
+    timeout: float, ack: str = "broker"
+) -> tuple[KafkaPublisher, FakeProducer, FakeHandover]:
     """A publisher using a fake producer whose records all take the fast way in, into
     one open batch (call it from the event loop)."""
-    pub = publisher(timeout=timeout)
+    pub = publisher(timeout=timeout, ack=ack)
     producer = FakeProducer()
     pub._use(producer, b"")
     handover = FakeHandover()
@@ -891,4 +897,14 @@ async def test_an_answer_to_a_record_sent_before_a_stall_cuts_its_hold_short(
     assert pub.stalled  # sent before: not proof that Kafka takes records now
     await asyncio.sleep(0.12)
     assert not pub.stalled  # after two timeouts, not 5 s
+    await pub.stop()
+
+
+async def test_stalls_are_told_in_broker_mode_only() -> None:
+    """Elsewhere only the drainer's set-asides and replays publish with a deadline, and
+    the records the drainer sends, which go around publish(), would never end one."""
+    pub, _, _ = fast_way_in(timeout=0.05, ack="durable")
+    with pytest.raises(PublishTimeout):
+        await pub.publish(DESTINATION)
+    assert not pub.stalled
     await pub.stop()
