@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
+import logging
 import re
 import sys
 import time
@@ -34,6 +35,8 @@ from bridge.pipeline import parse_and_route
 from bridge.publisher import KafkaPublisher, kafka_client_options
 from bridge.redaction import MARKER, Redactor
 from bridge.routing import TOPIC_NAME, Destination, Router
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REPLICATION_CAP = 3
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
@@ -530,13 +533,41 @@ async def _partition_records(
     for first, stop in spans:
         if await _position(consumer, tp, deadline) != first:
             consumer.seek(tp, first)  # only when elsewhere: a seek drops what was fetched
-        while await _position(consumer, tp, deadline) < stop:
+        expected = first  # the offset of the next record, unless there is none at it
+        while (at := await _position(consumer, tp, deadline)) < stop:
+            if at > expected:
+                await _say_if_deleted(consumer, tp, expected, min(at, stop), deadline)
+            expected = at
             for record in await _next_chunk(consumer, tp, deadline):
+                if expected < record.offset < stop:
+                    await _say_if_deleted(consumer, tp, expected, record.offset, deadline)
+                expected = record.offset + 1
                 # A fetch returns whole batches: records past ``stop`` may come with it.
                 if first <= record.offset < stop and keep(record):
                     yield record
     # Done with it: a fetch of what lies beyond would only be thrown away.
     consumer.pause(tp)
+
+
+async def _say_if_deleted(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, deadline: float
+) -> None:
+    """Reading skipped the offsets [start, end) of ``tp``: say so when Kafka deleted
+    them meanwhile (retention; reading goes on from the oldest left), which went
+    unsaid. Records compacted away and transaction markers leave such gaps too, and
+    are not said: they were never there to show."""
+    async with _answered_within(deadline):
+        beginning: int = (await consumer.beginning_offsets([tp]))[tp]
+    if beginning > start:
+        log.warning(
+            "[%d]@%d to [%d]@%d of %s were deleted while being read (retention, or "
+            "records deleted by hand): they are not shown",
+            tp.partition,
+            start,
+            tp.partition,
+            min(beginning, end) - 1,
+            tp.topic,
+        )
 
 
 async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: float) -> int:
