@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,10 +283,11 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     verb = "would be replayed" if args.dry_run else "replayed"
     try:
         asyncio.run(_replay_dead_letters(settings, query, tally, dry_run=args.dry_run))
-    except BaseException:
-        # Stopped before the end (Kafka away, Ctrl-C): what was done until then, and the
-        # record that may be on Kafka without its line; then the error as always. Not
-        # before the first dead letter (a missing topic, say): nothing to tell.
+    except BaseException as exc:
+        # Stopped before the end (Kafka away, Ctrl-C, SIGTERM): what was done until then,
+        # and the record that may be on Kafka without its line; then the error as
+        # always. Not before the first dead letter (a missing topic, say): nothing to
+        # tell.
         if tally.publishing:
             print(
                 f"stopped while publishing {tally.publishing}: it may be on Kafka (a "
@@ -294,6 +296,8 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
             )
         if tally.publishing or tally.replayed + tally.refused + tally.unpublished:
             print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
+        if isinstance(exc, asyncio.CancelledError):  # SIGTERM (see _replay_dead_letters)
+            return 128 + signal.SIGTERM
         raise
     if not tally.replayed + tally.refused + tally.unpublished and (
         args.offset or args.key or args.reason
@@ -325,6 +329,11 @@ async def _replay_dead_letters(
     def publishing(record: Any) -> None:
         tally.publishing = kafkaadmin.position(record)
 
+    # SIGTERM (kill, a container stopped) stops it as Ctrl-C does, summary included:
+    # it ended the process at once, the summary and the record in flight unsaid.
+    task = asyncio.current_task()
+    assert task is not None  # noqa: S101  # run by asyncio.run
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     letters = kafkaadmin.dead_letters(settings, query)
     results = kafkaadmin.replay_dead_letters(
         settings, _router(settings), letters, dry_run=dry_run, publishing=publishing

@@ -631,7 +631,10 @@ def test_records_the_bridge_did_not_write_are_not_replayed(
     assert len(read_all_sync(kafka_bootstrap, letters)) == 4
 
 
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
+    sent: signal.Signals,
+    code: int,
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     kafka_bootstrap: str,
@@ -639,7 +642,8 @@ def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
 ) -> None:
     """Ctrl-C in the middle of a replay exited 130 with nothing said: no summary, and the
     record being published when it came was on Kafka without a line in the report (a
-    review counted one more record published than reported)."""
+    review counted one more record published than reported). SIGTERM ended it at once,
+    exit 143, unsaid as well."""
     refuse(
         *(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", f"v-{i}")]) for i in range(5))
     )
@@ -648,12 +652,12 @@ def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
 
     async def publish_interrupted(self: KafkaPublisher, destination: Destination) -> None:
         if next(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # asyncio.run cancels the command's task
+            os.kill(os.getpid(), sent)  # the command's task is cancelled
         await publish(self, destination)
 
     env.setattr(KafkaPublisher, "publish", publish_interrupted)
     capsys.readouterr()
-    assert main(["deadletter", "replay"]) == 130
+    assert main(["deadletter", "replay"]) == code
     captured = capsys.readouterr()
     assert listed(captured.out) == ["[0]@0 key=v-0", "[0]@1 key=v-1"]
     assert "stopped while publishing [0]@2: it may be on Kafka" in captured.err
