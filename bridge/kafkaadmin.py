@@ -655,6 +655,7 @@ async def replay_dead_letters(
     secrets = tokens_redactor(settings.tokens, settings.tokens_file)
     publisher: KafkaPublisher | None = None
     missing: set[str] = set()  # topics without metadata: see above
+    stopped_early = True
     try:
         async for record in records:
             destination, outcome = _replayed(record, settings, router, secrets)
@@ -683,11 +684,20 @@ async def replay_dead_letters(
                     yield record, None, _not_published(topic)
                 continue
             yield record, topic, outcome
+        stopped_early = False
     finally:
         if publisher is not None:
-            await publisher.stop()
+            # Stopped early (Ctrl-C, SIGTERM, Kafka away): a flush to a Kafka that does
+            # not answer held the summary for BRIDGE_SHUTDOWN_TIMEOUT (15 s), past the
+            # 10 s a container gets to stop before SIGKILL. A record in flight is said
+            # to be maybe on Kafka all the same.
+            await publisher.stop(
+                time.monotonic() + STOPPED_REPLAY_FLUSH_SECONDS if stopped_early else None
+            )
 
 
+#: How long a replay that stopped early lets Kafka take what is in flight.
+STOPPED_REPLAY_FLUSH_SECONDS = 2.0
 #: How a replay's line begins for a record accepted again that Kafka did not take.
 NOT_PUBLISHED = "not published"
 

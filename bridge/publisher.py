@@ -794,8 +794,8 @@ class KafkaPublisher:
         except TimeoutError:
             log.error(
                 "the %s Kafka producer did not flush within %.1f s; the records it had not "
-                "delivered were answered 503 (broker mode: the sender retries) or stay "
-                "queued for the next try",
+                "delivered failed (answered 503 in broker mode, for the sender to retry; "
+                "queued for the next try in the other modes; not published by a replay)",
                 which,
                 allowed,
             )
