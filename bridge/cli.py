@@ -272,6 +272,11 @@ class _ReplayTally:
     unpublished: int = 0  # accepted, but Kafka did not take it
     publishing: str = ""  # the position of the record being published, if one is
 
+    @property
+    def told(self) -> int:
+        """How many dead letters the replay has reported on."""
+        return self.replayed + self.refused + self.unpublished
+
     def summary(self, verb: str) -> str:
         unpublished = f", {self.unpublished} not published" if self.unpublished else ""
         return f"{self.replayed} {verb}, {self.refused} still refused{unpublished}"
@@ -294,14 +299,12 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
                 "replay of it again is a duplicate with its key)",
                 file=sys.stderr,
             )
-        if tally.publishing or tally.replayed + tally.refused + tally.unpublished:
+        if tally.publishing or tally.told:
             print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
         if isinstance(exc, asyncio.CancelledError):  # SIGTERM (see _replay_dead_letters)
             return 128 + signal.SIGTERM
         raise
-    if not tally.replayed + tally.refused + tally.unpublished and (
-        args.offset or args.key or args.reason
-    ):
+    if not tally.told and (args.offset or args.key or args.reason):
         # Nothing replayed that was asked for, as when some are still refused.
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
         return 1
