@@ -1,13 +1,27 @@
-"""A second broker for the test suite's Kafka clusters: LocalKafka runs one node that is
-broker and controller; a test that needs a cluster (replicas, an in-sync quorum to
-lose) starts one and then joins a :class:`JoiningBroker` to it."""
+"""Brokers of a test's own, for tests that stop, kill or reconfigure Kafka (the
+session's broker must stay up): :func:`own_broker` is one node, broker and controller;
+a test that needs a cluster (replicas, an in-sync quorum to lose) starts one and then
+joins a :class:`JoiningBroker` to it."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from bridge.devkafka import DevKafkaError, LocalKafka
+from bridge.devkafka import DevKafkaError, LocalKafka, ensure_jars, free_ports
+from tests.conftest import REPO
+
+#: The broker jars, fetched once (make kafka-fetch) and shared with the session's broker.
+KAFKA_HOME = REPO / ".cache" / "kafka"
+
+
+def own_broker(data_dir: Path, **options: Any) -> LocalKafka:
+    """A single-node broker on free ports, its storage in ``data_dir``; ``options`` as
+    LocalKafka takes them. Not started."""
+    ensure_jars(KAFKA_HOME)
+    port, controller_port = free_ports(2)
+    return LocalKafka(KAFKA_HOME, data_dir, port, controller_port, **options)
 
 
 def cluster_id_of(broker: LocalKafka) -> str:
@@ -23,13 +37,12 @@ class JoiningBroker(LocalKafka):
     """A broker-only node (``node_id``) of the cluster whose controller is ``first``.
 
     It has no controller of its own, so stopping it leaves the cluster's metadata
-    answering: what a cluster that lost a broker looks like to a client.
-    ``controller_port`` is only held, never listened on (LocalKafka wants one).
+    answering: what a cluster that lost a broker looks like to a client. Of its two
+    free ports the controller one is only held, never listened on (LocalKafka wants one).
     """
 
-    def __init__(
-        self, first: LocalKafka, node_id: int, data_dir: Path, port: int, controller_port: int
-    ) -> None:
+    def __init__(self, first: LocalKafka, node_id: int, data_dir: Path) -> None:
+        port, controller_port = free_ports(2)
         super().__init__(
             first.home,
             data_dir,

@@ -29,12 +29,12 @@ from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter
-from bridge.devkafka import LocalKafka, ensure_jars, free_ports
+from bridge.devkafka import LocalKafka
 from bridge.errors import UnknownEventType
 from bridge.publisher import KafkaPublisher
 from bridge.redaction import Redactor
 from bridge.routing import Destination
-from tests.conftest import REPO
+from tests.cluster import own_broker
 from tests.fakes import TOKEN, voucher_delivery
 from tests.kafkaread import read_all_sync
 
@@ -670,14 +670,9 @@ def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
 def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker of this module's own, which creates no topics and which a test may kill
     (the session's must stay up)."""
-    home = REPO / ".cache" / "kafka"
-    ensure_jars(home)
-    port, controller_port = free_ports(2)
     data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
     extra = {"auto.create.topics.enable": "false"}
-    with LocalKafka(
-        home, data_dir, port, controller_port, extra_properties=extra, die_with_parent=True
-    ) as broker:
+    with own_broker(data_dir, extra_properties=extra, die_with_parent=True) as broker:
         yield broker
 
 

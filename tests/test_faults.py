@@ -23,12 +23,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from bridge.config import load_settings
-from bridge.devkafka import LocalKafka, ensure_jars, free_ports
+from bridge.devkafka import LocalKafka, free_ports
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
-from tests.cluster import JoiningBroker
-from tests.conftest import REPO
+from tests import cluster
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.loadgen import Tally, load
@@ -108,11 +107,7 @@ def test_kill_9_under_load_loses_no_2xx(
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
     """A broker this test may stop and start (the session broker must stay up)."""
-    home = REPO / ".cache" / "kafka"
-    ensure_jars(home)
-    port, controller_port = free_ports(2)
-    broker = LocalKafka(home, tmp_path / "kafka" / "data", port, controller_port)
-    with broker:
+    with cluster.own_broker(tmp_path / "kafka" / "data") as broker:
         yield broker
 
 
@@ -417,15 +412,8 @@ def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
     event goes on to Kafka, and goes out once the topic is created. The drainer used
     to stop at that event, so nothing reached Kafka until the spool filled and the
     bridge answered 503 to everything."""
-    home = REPO / ".cache" / "kafka"
-    ensure_jars(home)
-    port, controller_port = free_ports(2)
-    broker = LocalKafka(
-        home,
-        tmp_path / "kafka" / "data",
-        port,
-        controller_port,
-        extra_properties={"auto.create.topics.enable": "false"},
+    broker = cluster.own_broker(
+        tmp_path / "kafka" / "data", extra_properties={"auto.create.topics.enable": "false"}
     )
     orders, widgets = f"{topic_prefix}.order.create", f"{topic_prefix}.widget.create"
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -486,13 +474,8 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
     while each order waited the whole timeout for its 503. It is 503 now, until Kafka
     takes a record again (a product here), and once the broker is back the next order
     goes through and the bridge is ready. Nothing answered 2xx is missing."""
-    home = REPO / ".cache" / "kafka"
-    ensure_jars(home)
-    port, controller_port, second_port, second_controller_port = free_ports(4)
-    first = LocalKafka(home, tmp_path / "kafka-1" / "data", port, controller_port)
-    second = JoiningBroker(
-        first, 2, tmp_path / "kafka-2" / "data", second_port, second_controller_port
-    )
+    first = cluster.own_broker(tmp_path / "kafka-1" / "data")
+    second = cluster.JoiningBroker(first, 2, tmp_path / "kafka-2" / "data")
     orders, products = f"{topic_prefix}.order.create", f"{topic_prefix}.product.create"
     headers = {"Authorization": f"Bearer {TOKEN}"}
     accepted: set[str] = set()
