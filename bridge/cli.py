@@ -61,12 +61,41 @@ def _exit_code(exc: BaseException, settings: Settings) -> int:
         )
         return 1
     if type(exc).__module__.startswith("aiokafka"):
+        return _kafka_error_code(exc, settings)
+    raise exc
+
+
+def _kafka_error_code(exc: BaseException, settings: Settings) -> int:
+    """What an operator command that aiokafka failed prints and exits with."""
+    if "Unable to bootstrap" in str(exc):  # no broker let the client in
+        refusal = _security_refusal(settings)
+        if refusal is not None:  # as serve says it: the settings are wrong, not Kafka
+            print(f"bridge: {refusal}", file=sys.stderr)
+            return 2
         print(
-            f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
+            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: no broker "
+            "there answered (is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)",
             file=sys.stderr,
         )
         return 1
-    raise exc
+    print(
+        f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _security_refusal(settings: Settings) -> str | None:
+    """Why Kafka refuses the security settings, if it does. aiokafka's failed bootstrap
+    says only "Unable to bootstrap from [...]" for a wrong password or a certificate
+    Kafka does not trust, logging the reason a line above: ask again the way serve
+    does, so the operator commands name it too."""
+    from bridge.publisher import kafka_client_options, kafka_refusal  # noqa: PLC0415
+
+    try:
+        return asyncio.run(kafka_refusal(settings, kafka_client_options(settings)))
+    except Exception:  # not foreseen (SCRAM's ValueError, say): the first error is told
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -201,7 +201,7 @@ async def kafka_refusal(settings: Settings, options: dict[str, Any]) -> str | No
     return None
 
 
-def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:
+def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:  # noqa: PLR0911
     """The message for an error that says the security settings are wrong, else None."""
     if isinstance(exc, SaslAuthenticationFailed):
         detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else exc.description
@@ -225,6 +225,15 @@ def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:
         return (
             f"the TLS certificate of Kafka at {where} was not accepted: "
             f"{exc.verify_message or exc.reason}; check BRIDGE_KAFKA_SSL_CAFILE{hostname}"
+        )
+    if isinstance(exc, ConnectionResetError) and settings.kafka_security_protocol.endswith("SSL"):
+        # Reset during the TLS handshake, the TCP connection made: a plaintext listener
+        # reads the ClientHello as a request hundreds of MB long and hangs up. That was
+        # taken for Kafka unreachable, retried for ever with no reason given.
+        return (
+            f"Kafka at {where} closed the connection during the TLS handshake: is that "
+            "port a TLS listener? check BRIDGE_KAFKA_SECURITY_PROTOCOL="
+            f"{settings.kafka_security_protocol} and the port"
         )
     if isinstance(exc, ssl.SSLError):
         hint = (
@@ -1026,7 +1035,9 @@ class KafkaPublisher:
             raise Unavailable(
                 "not connected to Kafka yet"
                 if self._producer is None
-                else f"Kafka at {self._settings.kafka_bootstrap} has not answered for "
+                # The bridge's connections had no answer: Kafka may be answering other
+                # clients (a broker stopped holds the requests queued behind its own).
+                else f"no answer from Kafka at {self._settings.kafka_bootstrap} for "
                 f"{UNANSWERED_AFTER_SECONDS:g} s or more"
             )
         started = time.perf_counter()

@@ -177,13 +177,21 @@ def test_check_config_refuses_a_spool_folder_that_is_a_file(
 def test_kafka_unreachable_is_one_clear_line(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An operator command that cannot reach Kafka exits 1 with a line naming it, no traceback."""
-    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    """An operator command that cannot reach Kafka exits 1 with a line naming it and what
+    to check, no traceback (it ended in aiokafka's "KafkaConnectionError: Unable to
+    bootstrap from [('127.0.0.1', 9, <AddressFamily.AF_INET: 2>)]")."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", bootstrap)
     env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "2")
-    assert main(["topics", "list"]) == 1
-    err = capsys.readouterr().err
-    assert "bridge: Kafka at 127.0.0.1:" in err
-    assert "Traceback" not in err
+    env.setenv("BRIDGE_DEADLETTER_TOPIC", "geins.deadletter")
+    for command in (["topics", "list"], ["tail", "geins.order.create"], ["deadletter", "list"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (
+            f"bridge: cannot talk to Kafka at {bootstrap}: no broker there answered "
+            "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
+        ), err
+        assert "Traceback" not in err
 
 
 def test_kafka_that_never_answers_is_named_with_the_deadline(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -265,6 +266,12 @@ REFUSALS = {
         scram(),
         r"does not expect SASL on that port: check BRIDGE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT",
     ),
+    "TLS to a plaintext listener": (
+        "PLAINTEXT",
+        {"security_protocol": "SSL", "ssl_cafile": "{ca}"},
+        r"Kafka at 127\.0\.0\.1:\d+ closed the connection during the TLS handshake: is that "
+        r"port a TLS listener\? check BRIDGE_KAFKA_SECURITY_PROTOCOL=SSL",
+    ),
     "CA that did not sign the broker": (
         "TLS",
         {"security_protocol": "SSL", "ssl_cafile": "{other_ca}"},
@@ -287,18 +294,64 @@ def test_refused_settings_stop_app_startup(
 ) -> None:
     """Kafka refusing the credentials or TLS settings makes the app's startup raise a
     ConfigError that says why and names the settings to check (never the password)."""
-    listener, security, message = REFUSALS[case]
-    paths = {"ca": str(secure_kafka.tls.ca.cert), "other_ca": str(secure_kafka.tls.other_ca.cert)}
-    filled = {name: value.format(**paths) for name, value in security.items()}
-    bootstrap = (
-        secure_kafka.broker.bootstrap
-        if listener == "PLAINTEXT"
-        else secure_kafka.bootstrap(listener)
-    )
-    settings = load_settings(environ=bridge_env(bootstrap, topic_prefix, **filled))
+    env, message = refusal_case(secure_kafka, case, topic_prefix)
+    settings = load_settings(environ=env)
     with pytest.raises(ConfigError, match=message) as caught, TestClient(create_app(settings)):
         pass  # pragma: no cover - startup fails
     assert WRONG_PASSWORD not in str(caught.value)
+
+
+def refusal_case(kafka: SecureKafka, case: str, prefix: str) -> tuple[dict[str, str], str]:
+    """The settings of a REFUSALS case, its files filled in, and the message it expects."""
+    listener, security, message = REFUSALS[case]
+    paths = {"ca": str(kafka.tls.ca.cert), "other_ca": str(kafka.tls.other_ca.cert)}
+    filled = {name: value.format(**paths) for name, value in security.items()}
+    bootstrap = kafka.broker.bootstrap if listener == "PLAINTEXT" else kafka.bootstrap(listener)
+    return bridge_env(bootstrap, prefix, **filled), message
+
+
+OPERATOR_COMMANDS = {
+    "topics list": ["topics", "list"],
+    "topics create": ["topics", "create", "{prefix}.order.create"],
+    "tail": ["tail", "{prefix}.order.create"],
+    "deadletter list": ["deadletter", "list"],
+    "deadletter replay": ["deadletter", "replay"],
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "case"),
+    [("topics list", case) for case in REFUSALS]
+    + [(command, "wrong SCRAM password") for command in list(OPERATOR_COMMANDS)[1:]],
+)
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_refused_settings_are_named_by_the_operator_commands(
+    secure_kafka: SecureKafka, topic_prefix: str, command: str, case: str
+) -> None:
+    """An operator command that Kafka refuses the settings of exits 2 with serve's line
+    naming why and the settings to check, not aiokafka's "Unable to bootstrap".
+
+    Run as the operator does, in a process of its own: a TLS connection closed as the
+    command's event loop ends may be left to the garbage collector, which says so with
+    a ResourceWarning that would fail whichever test of this process comes next."""
+    env, message = refusal_case(secure_kafka, case, topic_prefix)
+    env["BRIDGE_DEADLETTER_TOPIC"] = f"{topic_prefix}.deadletter"
+    argv = [arg.format(prefix=topic_prefix) for arg in OPERATOR_COMMANDS[command]]
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *argv],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr
+    assert last.startswith("bridge: "), result.stderr
+    assert re.search(message, last), result.stderr
+    assert "Traceback" not in result.stderr
+    assert WRONG_PASSWORD not in result.stdout + result.stderr
 
 
 @pytest.mark.kafka

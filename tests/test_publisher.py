@@ -223,7 +223,7 @@ async def test_publish_refuses_at_once_while_kafka_has_not_answered() -> None:
     pub._answered_until = time.monotonic() - 1  # failing heartbeats
     pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 1
     started = time.monotonic()
-    with pytest.raises(Unavailable, match="has not answered for 25 s"):
+    with pytest.raises(Unavailable, match=r"no answer from Kafka at .* for 25 s"):
         await pub.publish(DESTINATION)
     assert time.monotonic() - started < 1
     assert producer.sends == 0
