@@ -301,6 +301,15 @@ class _ReplayTally:
     unpublished: int = 0  # accepted, but Kafka did not take it
     publishing: str = ""  # the position of the record being published, if one is
 
+    def count(self, result: str) -> None:
+        """Count a dead letter by its :attr:`~bridge.kafkaadmin.Replayed.result`."""
+        if result == "replayed":
+            self.replayed += 1
+        elif result == "unpublished":
+            self.unpublished += 1
+        else:
+            self.refused += 1
+
     @property
     def told(self) -> int:
         """How many dead letters the replay has reported on."""
@@ -372,7 +381,7 @@ async def _replay_dead_letters(
     )
     # Closed in this order (the producer flushes, then the consumer stops) however it ends.
     async with contextlib.aclosing(letters), contextlib.aclosing(results):
-        async for record, topic, outcome in results:
+        async for record, result, outcome, topic in results:
             tally.publishing = ""
             target = f" -> {topic}" if topic else ""
             position = kafkaadmin.position(record)
@@ -381,12 +390,7 @@ async def _replay_dead_letters(
                     [f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}"]
                 )
             )
-            if topic is not None:
-                tally.replayed += 1
-            elif outcome.startswith(kafkaadmin.NOT_PUBLISHED):
-                tally.unpublished += 1
-            else:
-                tally.refused += 1
+            tally.count(result)
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

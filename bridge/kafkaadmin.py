@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Literal, NamedTuple, TextIO
 from urllib.parse import quote
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -625,6 +625,20 @@ async def _wait_next(
         heapq.heappush(waiting, (key, record, stream))
 
 
+class Replayed(NamedTuple):
+    """What became of one dead letter in a replay."""
+
+    record: Any
+    #: replayed: published (or would be, in a dry run); refused: parsing or routing
+    #: still refuses it, or it is no dead letter the bridge wrote; unpublished:
+    #: accepted, but Kafka did not take it
+    result: Literal["replayed", "refused", "unpublished"]
+    #: what its line says: "accepted", "resent", "still refused: why" or
+    #: "not published: why"
+    outcome: str
+    topic: str | None = None  # where it went (or would go), when replayed
+
+
 async def replay_dead_letters(
     settings: Settings,
     router: Router,
@@ -632,9 +646,9 @@ async def replay_dead_letters(
     *,
     dry_run: bool,
     publishing: Callable[[Any], None] = lambda _: None,
-) -> AsyncGenerator[tuple[Any, str | None, str], None]:
+) -> AsyncGenerator[Replayed, None]:
     """Run each dead letter through today's parsing and routing again, as ``records``
-    gives them, yielding (record, topic or None, what happened) for each in turn.
+    gives them, yielding what became of each (:class:`Replayed`) in turn.
     The token checks of a delivery come with them (:func:`~bridge.pipeline.parse_and_route`),
     against the tokens the settings hold now: a dead letter that would still put one
     in a topic name, ``ce_type`` or key is still refused.
@@ -659,12 +673,15 @@ async def replay_dead_letters(
     try:
         async for record in records:
             destination, outcome = _replayed(record, settings, router, secrets)
-            if destination is None or dry_run:
-                yield record, destination.topic if destination else None, outcome
+            if destination is None:
+                yield Replayed(record, "refused", outcome)
                 continue
             topic = destination.topic
+            if dry_run:
+                yield Replayed(record, "replayed", outcome, topic)
+                continue
             if topic in missing:
-                yield record, None, _not_published(topic)
+                yield Replayed(record, "unpublished", _not_published(topic))
                 continue
             publisher = publisher or await _started_publisher(settings)
             publishing(record)
@@ -672,18 +689,18 @@ async def replay_dead_letters(
                 await publisher.publish(destination)
             except BridgeError as exc:
                 if not publisher.connected:
-                    yield record, None, f"{NOT_PUBLISHED}: {exc.detail}"
+                    yield Replayed(record, "unpublished", f"not published: {exc.detail}")
                     raise ConnectionError(
                         f"Kafka answered nothing for {publisher_module.STALE_AFTER_SECONDS:g} s "
                         "or more; the replay stopped"
                     ) from None
                 if publisher.ready_for(topic):
-                    yield record, None, f"{NOT_PUBLISHED}: {exc.detail}"
+                    yield Replayed(record, "unpublished", f"not published: {exc.detail}")
                 else:
                     missing.add(topic)
-                    yield record, None, _not_published(topic)
+                    yield Replayed(record, "unpublished", _not_published(topic))
                 continue
-            yield record, topic, outcome
+            yield Replayed(record, "replayed", outcome, topic)
         stopped_early = False
     finally:
         if publisher is not None:
@@ -698,13 +715,11 @@ async def replay_dead_letters(
 
 #: How long a replay that stopped early lets Kafka take what is in flight.
 STOPPED_REPLAY_FLUSH_SECONDS = 2.0
-#: How a replay's line begins for a record accepted again that Kafka did not take.
-NOT_PUBLISHED = "not published"
 
 
 def _not_published(topic: str) -> str:
     return (
-        f"{NOT_PUBLISHED}: Kafka has no topic {topic} (no metadata for it within "
+        f"not published: Kafka has no topic {topic} (no metadata for it within "
         "BRIDGE_PUBLISH_TIMEOUT); create it (bridge topics create) and replay again"
     )
 

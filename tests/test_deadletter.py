@@ -248,7 +248,7 @@ def replay(
         results = kafkaadmin.replay_dead_letters(
             settings, Router.from_settings(settings), records(), dry_run=False
         )
-        return [(topic, outcome) async for _, topic, outcome in results]
+        return [(replayed.topic, replayed.outcome) async for replayed in results]
 
     return asyncio.run(run()), publisher.records
 
