@@ -92,6 +92,14 @@ def short_token_warnings(tokens: Sequence[str], where: str) -> list[str]:
     ]
 
 
+#: Said at start (and by check-config), and when the tokens file is emptied, while the
+#: bridge accepts deliveries without a token: an open door worth a line in any log.
+UNAUTHENTICATED = (
+    "no webhook token is configured, and BRIDGE_ALLOW_UNAUTHENTICATED=true: anyone who "
+    "can reach the bridge can publish to Kafka"
+)
+
+
 def warn_if_short(tokens: Sequence[str], where: str) -> None:
     for warning in short_token_warnings(tokens, where):
         log.warning("%s", warning)
@@ -164,6 +172,8 @@ class TokenAuthenticator:
         # used to be one a second); a new reason (gone, then unreadable) is one more.
         self._unreadable: str | None = None
         self.refresh()
+        if not self._tokens and allow_unauthenticated:
+            log.warning("%s", UNAUTHENTICATED)
 
     def refresh(self) -> None:
         """Read the tokens file now (if there is one) and apply what :meth:`_take` says."""
@@ -230,12 +240,15 @@ class TokenAuthenticator:
             # token, or refuse a token the file holds before and after.
             self._changed = from_file
             return
+        started = self._from_file is not None  # not the first reading, at start
         self._from_file, self._changed = from_file, None
         self._tokens = self._static + tuple(t.encode() for t in from_file)
         self.redactor.use(t.decode() for t in self._tokens)  # the old ones are kept too
         if self._tokens or self._allow_unauthenticated:
             log.info("read %d token(s) from %s", len(from_file), self.tokens_file)
             warn_if_short(from_file, "the tokens file")
+            if not self._tokens and started:  # emptied: open to anyone from now on
+                log.warning("%s", UNAUTHENTICATED)
         else:  # the settings refuse to start so; a file emptied since is worth an ERROR
             log.error(
                 "the tokens file %s holds no token, and BRIDGE_TOKENS none: every delivery "

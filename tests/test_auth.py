@@ -15,7 +15,7 @@ import pytest
 
 from bridge import auth
 from bridge.app import create_app
-from bridge.auth import TokenAuthenticator
+from bridge.auth import UNAUTHENTICATED, TokenAuthenticator
 from bridge.config import load_settings
 from bridge.errors import TooManyCredentials, Unauthorized
 from bridge.ingress import parse_query
@@ -74,6 +74,26 @@ def test_unauthenticated_only_when_asked() -> None:
     with pytest.raises(Unauthorized):
         TokenAuthenticator([]).check([], [])
     TokenAuthenticator([], allow_unauthenticated=True).check([], [])
+
+
+def test_an_open_bridge_says_so_at_start_and_when_the_file_is_emptied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Running without a token is a WARNING when it begins: at start, and when the tokens
+    file is emptied while serving (it was silent, where a 9-character token got one)."""
+    with caplog.at_level(logging.WARNING, logger="bridge.auth"):
+        TokenAuthenticator([], allow_unauthenticated=True)
+        assert [r.getMessage() for r in caplog.records] == [UNAUTHENTICATED]
+        caplog.clear()
+        TokenAuthenticator(["a-long-enough-token"], allow_unauthenticated=True)
+        tokens = tmp_path / "tokens"
+        tokens.write_text("a-long-enough-file-token\n")
+        authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
+        assert caplog.records == []
+        tokens.write_text("# tokens removed\n")
+        authenticator.refresh()
+        authenticator.refresh()  # used at the second reading that finds it so
+        assert [r.getMessage() for r in caplog.records] == [UNAUTHENTICATED]
 
 
 def test_every_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
