@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge import logs
-from bridge.auth import short_token_warnings, warn_if_short
+from bridge.auth import UNAUTHENTICATED, short_token_warnings, warn_if_short
 from bridge.config import Settings, listen_addresses, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
@@ -214,17 +214,21 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
         check_folder(settings.spool_dir)
     print(json.dumps(settings.redacted(), indent=2))
     beyond_file_limit = settings.connection_limit()[1]
+    file_tokens = settings.file_tokens()
+    unauthenticated = settings.allow_unauthenticated and not (settings.tokens or file_tokens)
     for warning in [
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
-        *short_token_warnings(settings.file_tokens(), "the tokens file"),
+        *short_token_warnings(file_tokens, "the tokens file"),
         *([beyond_file_limit] if beyond_file_limit else []),
+        *([UNAUTHENTICATED] if unauthenticated else []),
     ]:
         print(f"warning: {warning}", file=sys.stderr)
     router = _router(settings)  # the defaults a delivery without account/environment gets
     example = router.topic_for(
         "Order", "create", router.default_account, router.default_environment
     )
-    print(f"settings are valid; an order/create event goes to topic {example}")
+    # On stderr, with the warnings: stdout is the settings' JSON alone (check-config | jq)
+    print(f"settings are valid; an order/create event goes to topic {example}", file=sys.stderr)
     return 0
 
 

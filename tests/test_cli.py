@@ -24,6 +24,7 @@ from starlette.testclient import TestClient
 
 from bridge import devkafka, kafkaadmin
 from bridge.app import create_app
+from bridge.auth import UNAUTHENTICATED
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.devkafka import free_port
@@ -48,11 +49,15 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_check_config_prints_settings_without_tokens(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """check-config shows the effective settings and an example topic, never a token."""
+    """check-config shows the effective settings, as JSON alone on stdout (for jq: the
+    example topic line followed it there), and an example topic, never a token."""
     assert main(["check-config"]) == 0
-    out = capsys.readouterr().out
-    assert "geins.order.create" in out
-    assert "secret-token" not in out
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tokens"] == "<1 token(s)>"
+    assert err.splitlines()[-1] == (
+        "settings are valid; an order/create event goes to topic geins.order.create"
+    )
+    assert "secret-token" not in out + err
 
 
 def test_check_config_warns_of_short_tokens(
@@ -64,12 +69,26 @@ def test_check_config_warns_of_short_tokens(
     file.write_text("a-long-enough-file-token\nshort-tok\n")
     env.setenv("BRIDGE_TOKENS_FILE", str(file))
     assert main(["check-config"]) == 0
-    err = capsys.readouterr().err.splitlines()
+    *err, valid = capsys.readouterr().err.splitlines()
+    assert valid.startswith("settings are valid")
     assert [line.split(":")[0] for line in err] == ["warning", "warning"]
     assert err[0].startswith("warning: a token of BRIDGE_TOKENS has 12 characters")
     assert err[1].startswith("warning: a token of the tokens file has 9 characters")
     assert "secret-token" not in str(err)
     assert "short-tok" not in str(err)
+
+
+def test_check_config_warns_of_an_open_bridge(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No token with BRIDGE_ALLOW_UNAUTHENTICATED=true is valid, and said to be open."""
+    env.setenv("BRIDGE_TOKENS", "")
+    env.setenv("BRIDGE_ALLOW_UNAUTHENTICATED", "true")
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {UNAUTHENTICATED}",
+        "settings are valid; an order/create event goes to topic geins.order.create",
+    ]
 
 
 def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
@@ -80,7 +99,8 @@ def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
     env.setenv("BRIDGE_MAX_CONNECTIONS", "5000")
     assert main(["check-config"]) == 0
     captured = capsys.readouterr()
-    [warning] = captured.err.splitlines()
+    [warning, valid] = captured.err.splitlines()
+    assert valid.startswith("settings are valid")
     assert warning.startswith("warning: BRIDGE_MAX_CONNECTIONS=5000 is more than the open-file")
     assert '"max_connections_in_effect": 5000' in captured.out
 
@@ -132,7 +152,7 @@ def test_check_config_example_topic_uses_the_default_account_and_environment(
     env.setenv("BRIDGE_DEFAULT_ACCOUNT", "acme")
     env.setenv("BRIDGE_DEFAULT_ENVIRONMENT", "prod")
     assert main(["check-config"]) == 0
-    assert "goes to topic geins.acme.prod.order.create\n" in capsys.readouterr().out
+    assert "goes to topic geins.acme.prod.order.create\n" in capsys.readouterr().err
 
 
 def test_bad_setting_exits_2_naming_it(
