@@ -54,10 +54,11 @@ kafka-down: $(RUNTIME) ## stop the local Kafka
 
 run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
 	@if [[ -z "$${BRIDGE_KAFKA_BOOTSTRAP:-}" ]]; then $(MAKE) --no-print-directory kafka-up; fi
-	@export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}" BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
+	@if [[ -z "$${BRIDGE_TOKENS_FILE:-}" ]]; then export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}"; fi; \
+	export BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
 	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}" \
 	  BRIDGE_KAFKA_BOOTSTRAP="$${BRIDGE_KAFKA_BOOTSTRAP:-127.0.0.1:$(KAFKA_PORT)}"; \
-	token="$${BRIDGE_TOKENS%%,*}"; port="$${BRIDGE_PORT:-8080}"; \
+	token="$${BRIDGE_TOKENS:-}"; token="$${token%%,*}"; token="$${token:-A-TOKEN-OF-YOUR-TOKENS-FILE}"; port="$${BRIDGE_PORT:-8080}"; \
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \
 	echo "    -H 'Authorization: Bearer $$token' \\"; \
