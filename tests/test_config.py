@@ -553,6 +553,17 @@ def test_numbers_booleans_and_choices_are_read_alike(
     assert getattr(load_settings(environ={**BASE, name: value}), field) == read
 
 
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [(v, True) for v in ("true", "1", "YES", "on", "y", "t")]
+    + [(v, False) for v in ("false", "0", "No", "off", "n", "f")],
+)
+def test_a_boolean_variable_takes_what_the_readme_says(value: str, read: bool) -> None:
+    """The README said true/false, and the environment took yes/1/on too (a reviewer):
+    the README now lists them, and this keeps it true."""
+    assert load_settings(environ={**BASE, "BRIDGE_ACCESS_LOG": value}).access_log is read
+
+
 def test_choices_in_the_toml_file_ignore_case_too(tmp_path: Path) -> None:
     """The file is read as the environment is."""
     file = tmp_path / "bridge.toml"
