@@ -94,8 +94,11 @@ async def _create_topics(
     log.info(
         "topics: %d created, %d already there",
         sum(v == "created" for v in created.values()),
-        sum(v == "exists" for v in created.values()),
+        sum(v.startswith("exists") for v in created.values()),
     )
+    for name, result in sorted(created.items()):
+        if result.startswith("exists: "):  # too small a limit for the largest event
+            log.warning("topic %s: %s", name, result.removeprefix("exists: "))
 
 
 def _age(enqueued_at: float | None) -> float:

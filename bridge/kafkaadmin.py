@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge import publisher as publisher_module
@@ -39,6 +40,9 @@ from bridge.routing import TOPIC_NAME, Destination, Router
 log = logging.getLogger(__name__)
 
 DEFAULT_REPLICATION_CAP = 3
+#: Kafka's default max.message.bytes (the brokers' message.max.bytes), which the
+#: default BRIDGE_MAX_BODY_BYTES fits.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
 
 
@@ -55,6 +59,40 @@ def default_topics(settings: Settings, router: Router) -> list[str]:
     if settings.deadletter_topic and settings.deadletter_topic not in topics:
         topics.append(settings.deadletter_topic)
     return topics
+
+
+def topic_configs(settings: Settings) -> dict[str, str]:
+    """The settings of the topics the bridge creates that differ from Kafka's defaults:
+    a max.message.bytes that takes the largest record it sends, when BRIDGE_MAX_BODY_BYTES
+    was raised past what the default takes. Without it, a durable or memory bridge
+    answered 202 for a large event that Kafka then refused, and its dead letter, as
+    large and more, was refused too: dropped (a new user's review)."""
+    largest = settings.kafka_max_request_size()
+    if largest <= KAFKA_DEFAULT_MAX_MESSAGE_BYTES:
+        return {}  # the broker's own setting applies, as for any topic
+    return {"max.message.bytes": str(largest)}
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> dict[str, int]:
+    """The max.message.bytes of each of ``topics`` that Kafka tells (none it may not
+    describe to this client, or does not know)."""
+    if not topics:
+        return {}
+    wanted = {"max.message.bytes": None}
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, wanted) for t in topics]
+        )
+    except KafkaError as exc:  # only a check: the topics are there
+        log.debug("cannot describe the topics' configs: %r", exc)
+        return {}
+    limits: dict[str, int] = {}
+    for response in responses:
+        for error, _, _, name, entries, *_ in response.resources:
+            for entry in entries if error == 0 else ():
+                if entry[0] == "max.message.bytes" and entry[1]:
+                    limits[name] = int(entry[1])
+    return limits
 
 
 class TopicsNotCreated(KafkaError):  # type: ignore[misc]  # aiokafka ships no type information
@@ -88,7 +126,12 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             cluster = await admin.describe_cluster()
             replication = min(DEFAULT_REPLICATION_CAP, len(cluster["brokers"]))
         response = await admin.create_topics(
-            [NewTopic(t, settings.topic_partitions, replication) for t in topics]
+            [
+                NewTopic(
+                    t, settings.topic_partitions, replication, topic_configs=topic_configs(settings)
+                )
+                for t in topics
+            ]
         )
         results: dict[str, str] = {}
         for name, code, *rest in response.topic_errors:
@@ -98,6 +141,16 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
                 results[name] = "exists"
             else:
                 results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
+        if topic_configs(settings):  # made before with a smaller limit, perhaps
+            largest = settings.kafka_max_request_size()
+            existing = [name for name, result in results.items() if result == "exists"]
+            for name, limit in (await _max_message_bytes(admin, existing)).items():
+                if limit < largest:
+                    results[name] = (
+                        f"exists: its max.message.bytes, {limit}, is under the {largest} "
+                        "bytes of the largest record BRIDGE_MAX_BODY_BYTES lets in; raise it, "
+                        "or Kafka refuses events that large"
+                    )
         if any(result.startswith("failed") for result in results.values()):
             raise TopicsNotCreated(results)
         return results

@@ -130,6 +130,47 @@ def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> N
     assert len(topics) == 31 + 1  # every entity/action pair of the Geins table, dead letters
 
 
+def test_topics_created_take_the_largest_event_the_body_limit_lets_in(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With BRIDGE_MAX_BODY_BYTES raised past what Kafka's default max.message.bytes
+    takes, the topics the bridge creates take its largest record: a durable bridge
+    answered 202 for a 2 MB event that Kafka then refused, and refused as a dead letter
+    too (the dead-letter topic had the same default): dropped (a new user's review).
+    A topic there before with a smaller limit is named in a WARNING."""
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true",
+                     BRIDGE_ACK="durable", BRIDGE_MAX_BODY_BYTES="3000000")  # fmt: skip
+    settings = load_settings(environ=env)
+    earlier = f"{topic_prefix}.geins.product.update"
+    default = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix))
+    assert asyncio.run(kafkaadmin.create_topics(default, [earlier])) == {earlier: "created"}
+    # The broker answers the creation before its metadata has the topic (see above).
+    wait_until(lambda: asyncio.run(kafkaadmin.list_topics(default)), lambda t: earlier in t,
+               within=10, every=0.2)  # fmt: skip
+    metrics = Metrics()
+    body = json.dumps({"entity": "Order", "action": "create", "pad": "x" * 2_000_000}).encode()
+    with TestClient(create_app(settings, metrics=metrics)) as client:
+        headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "big-1"}
+        assert client.post("/webhooks/geins", content=body, headers=headers).status_code == 202
+        records = wait_until(
+            lambda: read_all_sync(kafka_bootstrap, topic_prefix),
+            bool,
+            within=30,
+            every=0.5,
+        )
+    assert [(r.topic, r.key, r.value) for r in records] == [
+        (f"{topic_prefix}.geins.order.create", b"big-1", body)
+    ]
+    assert "bridge_dropped_records_total 0.0" in metrics.exposition().decode()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
+    warnings = [w for w in warnings if w.startswith("topic ")]
+    assert warnings == [
+        f"topic {earlier}: its max.message.bytes, 1048588, is under the 3065536 bytes of "
+        "the largest record BRIDGE_MAX_BODY_BYTES lets in; raise it, or Kafka refuses "
+        "events that large"
+    ]
+
+
 def test_topics_that_cannot_be_created_do_not_stop_the_bridge(
     kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
