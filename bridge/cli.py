@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -27,11 +28,19 @@ if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    global _last_words_logged  # noqa: PLW0603  # one command per process
+    serving = args.run is _serve
+    # Before the settings are read, the format they would give: the default unless
+    # the variable says otherwise.
+    _last_words_logged = serving and os.environ.get(
+        "BRIDGE_LOG_FORMAT", "json"
+    ).strip().lower() in {"json", ""}
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"bridge: {exc}", file=sys.stderr)
+        _say_last(str(exc))
         return 2
+    _last_words_logged = serving and settings.log_format == "json"
     logs.configure(settings.log_level, settings.log_format)
     try:
         code: int = args.run(settings, args)
@@ -40,10 +49,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+#: Whether a failure's last words go out as a JSON log line: see _say_last.
+_last_words_logged = False
+
+
+def _say_last(message: str) -> None:
+    """Why a command failed, on stderr: ``bridge: <message>`` for people, or, for serve
+    logging JSON, one line in the log's format (level error). A log pipeline that reads
+    JSON dropped the plain line, the one that says why the bridge would not start (a
+    reviewer: every line valid JSON but that last one)."""
+    if _last_words_logged:
+        record = logging.makeLogRecord(
+            {"name": "bridge", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}
+        )
+        print(logs.JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"bridge: {message}", file=sys.stderr)
+
+
 def _exit_code(exc: BaseException, settings: Settings) -> int:
     """What a command's failure prints and exits with; raises what is not foreseen."""
     if isinstance(exc, ConfigError | SpoolUnusable):
-        print(f"bridge: {exc}", file=sys.stderr)
+        _say_last(str(exc))
         return 2
     if isinstance(exc, KeyboardInterrupt):
         return 130
@@ -56,9 +83,7 @@ def _exit_code(exc: BaseException, settings: Settings) -> int:
             reason = f"no answer within {settings.kafka_connect_timeout:g} s"
         else:
             reason = str(exc) or type(exc).__name__
-        print(
-            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}", file=sys.stderr
-        )
+        _say_last(f"cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}")
         return 1
     if type(exc).__module__.startswith("aiokafka"):
         return _kafka_error_code(exc, settings)
@@ -70,18 +95,14 @@ def _kafka_error_code(exc: BaseException, settings: Settings) -> int:
     if "Unable to bootstrap" in str(exc):  # no broker let the client in
         refusal = _security_refusal(settings)
         if refusal is not None:  # as serve says it: the settings are wrong, not Kafka
-            print(f"bridge: {refusal}", file=sys.stderr)
+            _say_last(refusal)
             return 2
-        print(
-            f"bridge: cannot talk to Kafka at {settings.kafka_bootstrap}: no broker "
-            "there answered (is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)",
-            file=sys.stderr,
+        _say_last(
+            f"cannot talk to Kafka at {settings.kafka_bootstrap}: no broker there answered "
+            "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
         )
         return 1
-    print(
-        f"bridge: Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}",
-        file=sys.stderr,
-    )
+    _say_last(f"Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}")
     return 1
 
 

@@ -91,6 +91,25 @@ def test_check_config_warns_of_an_open_bridge(
     ]
 
 
+def test_serve_says_why_it_stops_in_its_log_format(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve's last words are a JSON log line when it logs JSON (the default), so a log
+    pipeline reading JSON keeps the line that says why the bridge would not start; with
+    text logs, and for the operator commands, the plain ``bridge: ...`` line."""
+    env.delenv("BRIDGE_LOG_FORMAT", raising=False)
+    env.setenv("BRIDGE_ACK", "bogus")
+    assert main(["serve"]) == 2
+    line = json.loads(capsys.readouterr().err)
+    assert (line["level"], line["logger"]) == ("error", "bridge")
+    assert line["message"].startswith("invalid settings:\n  BRIDGE_ACK: Input should be")
+    assert main(["topics", "list"]) == 2
+    assert capsys.readouterr().err.startswith("bridge: invalid settings:\n  BRIDGE_ACK:")
+    env.setenv("BRIDGE_LOG_FORMAT", "text")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("bridge: invalid settings:\n  BRIDGE_ACK:")
+
+
 def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -776,6 +795,7 @@ def test_serve_on_a_taken_port_exits_2_before_starting(
         "BRIDGE_TOKENS": TOKEN,
         "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
         "BRIDGE_SPOOL_DIR": str(spool),
+        "BRIDGE_LOG_FORMAT": "text",  # the last words as people read them
     }
     with socket.socket() as running:  # the bridge already serving there
         running.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ certificates the test makes. The settings tests need no broker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import ssl
@@ -359,7 +360,9 @@ def test_refused_settings_are_named_by_the_operator_commands(
 def test_wrong_password_stops_bridge_serve(
     secure_kafka: SecureKafka, topic_prefix: str, tmp_path: Path
 ) -> None:
-    """``bridge serve`` with a refused password exits 2 with one plain line, no traceback."""
+    """``bridge serve`` with a refused password exits 2 with one line saying why, no
+    traceback: with JSON logs (the default) a JSON line like the others (it was plain
+    text, which a log pipeline reading JSON dropped)."""
     env = bridge_env(
         secure_kafka.bootstrap("SCRAM"),
         topic_prefix,
@@ -376,8 +379,12 @@ def test_wrong_password_stops_bridge_serve(
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
-    assert "bridge: Kafka at 127.0.0.1:" in result.stderr, output
-    assert "rejected the credentials of user bridge (SCRAM-SHA-256)" in result.stderr, output
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {k: lines[-1][k] for k in ("level", "logger")} == {"level": "error", "logger": "bridge"}
+    assert re.fullmatch(
+        r"Kafka at 127\.0\.0\.1:\d+ rejected the credentials of user bridge \(SCRAM-SHA-256\).*",
+        lines[-1]["message"],
+    ), output
     assert "Traceback" not in output
     assert WRONG_PASSWORD not in output
 
