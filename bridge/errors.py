@@ -34,6 +34,9 @@ class BridgeError(Exception):
         self.retry_after = retry_after
         #: The parsed event, when the failure came after parsing (for metrics and logs).
         self.event: Event | None = None
+        #: Entity and action as parsing read them, when it refused the pair itself
+        #: (an unknown type in strict mode): metrics and logs say which it was.
+        self.names: tuple[str, str] | None = None
 
 
 class ConfigError(Exception):

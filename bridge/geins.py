@@ -333,9 +333,11 @@ def _resolve_type_uncached(
     known = (entity, action) in _KNOWN_PAIRS
     if not known and strict_types:
         shown = f"{entity}/{action}" if redact is None else redact(f"{entity}/{action}")
-        raise UnknownEventType(
+        unknown = UnknownEventType(
             f"{shown} is not a known Geins event type and strict types are on (BRIDGE_STRICT_TYPES)"
         )
+        unknown.names = (entity, action)
+        raise unknown
     return entity, action, known
 
 

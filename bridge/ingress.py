@@ -207,6 +207,7 @@ class WebhookEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         event: Event | None = None
+        names: tuple[str, str] | None = None  # of a refusal parsing made
         outcome, reason = "accepted", None
         try:
             accepted = await self._accept(scope, receive)
@@ -230,7 +231,7 @@ class WebhookEndpoint:
             if refused is None:  # else the protocol logged the answer it gave
                 log_refusal(exc, scope, self._redact)
         except BridgeError as exc:
-            event = exc.event
+            event, names = exc.event, exc.names
             outcome, reason = outcome_of(exc), exc.reason
             await self._answer.send(send, exc)
             log_refusal(exc, scope, self._redact)
@@ -246,9 +247,9 @@ class WebhookEndpoint:
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
-            self._metrics.record_request(outcome, event, reason, seconds)
+            self._metrics.record_request(outcome, event, reason, seconds, names)
             if self._access_log:
-                fields = _request_fields(scope, event, self._redact)
+                fields = _request_fields(scope, event, self._redact, names)
                 fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
                 access_log.info("webhook request", extra=_logged(fields, self._redact))
 
@@ -327,7 +328,9 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
-def _request_fields(scope: Scope, event: Event | None, redact: Redact) -> dict[str, object]:
+def _request_fields(
+    scope: Scope, event: Event | None, redact: Redact, names: tuple[str, str] | None = None
+) -> dict[str, object]:
     """What a log line may say about a request: never the query (it may hold the token)
     nor headers other than the idempotency key; and in what it says, no token (it
     may be in the path, the key, or even the method), and at most about a kilobyte of
@@ -346,6 +349,8 @@ def _request_fields(scope: Scope, event: Event | None, redact: Redact) -> dict[s
             if name == IDEMPOTENCY_HEADER:
                 fields["key"] = redact(key_text(value.decode("latin-1")), LOGGED_KEY_LENGTH)
                 break
+        if names is not None:
+            fields.update(entity=redact(names[0]), action=redact(names[1]))
     return fields
 
 
@@ -357,7 +362,7 @@ def log_refusal(error: BridgeError, scope: Scope, redact: Redact) -> None:
     WARNING (a rate-limited one, say); WARNING when the bridge could not take it
     (5xx: spool full, Kafka unreachable, overloaded).
     """
-    fields = _request_fields(scope, error.event, redact)
+    fields = _request_fields(scope, error.event, redact, error.names)
     fields.update(status=error.status, reason=error.reason, detail=redact(error.detail))
     level = logging.WARNING if error.status >= 500 else logging.INFO
     log.log(level, "delivery refused: %s", error.reason, extra=_logged(fields, redact))

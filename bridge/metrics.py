@@ -301,11 +301,21 @@ class Metrics:
         self.dead_letters.labels("kafka_rejected")
 
     def record_request(
-        self, outcome: str, event: Event | None, reason: str | None, seconds: float
+        self,
+        outcome: str,
+        event: Event | None,
+        reason: str | None,
+        seconds: float,
+        names: tuple[str, str] | None = None,
     ) -> None:
-        """Count one finished webhook request (called once per request, by the ingress)."""
+        """Count one finished webhook request (called once per request, by the ingress);
+        ``names``: the entity and action of a refusal that knows them without an event."""
         if event is None:
-            entity = action = NONE_LABEL
+            if names is None:
+                entity = action = NONE_LABEL
+            else:
+                entity = _ENTITY_LABELS.get(names[0], OTHER_LABEL)
+                action = names[1] if names[1] in KNOWN_ACTIONS else OTHER_LABEL
         else:
             entity = _ENTITY_LABELS.get(event.entity, OTHER_LABEL)
             action = event.action if event.action in KNOWN_ACTIONS else OTHER_LABEL

@@ -347,6 +347,35 @@ def test_metrics_labels_stay_bounded(bridge: Any) -> None:
     assert 'bridge_request_duration_seconds_bucket{le="0.0001",outcome="accepted"}' in text
 
 
+def test_an_unknown_type_refused_in_strict_mode_is_counted_and_logged_by_its_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In strict mode, which new Geins type is refused is what an operator needs: its
+    422 was counted under entity and action "none" and logged without them, although
+    parsing had read both (a reviewer). Labels stay bounded: known entity and action
+    names, else "other"."""
+    caplog.set_level(logging.INFO)
+    app, publisher, metrics = make(BRIDGE_STRICT_TYPES="true")
+    with TestClient(app) as client:
+        for path in ("/webhooks/geins/Order/Explode", "/webhooks/geins/Frob/Zap"):
+            assert client.post(path, content=b"{}", headers=AUTH).status_code == 422
+    exposition = metrics.exposition().decode()
+    for entity, action in (("order", "other"), ("other", "other")):
+        series = f'bridge_requests_total{{action="{action}",entity="{entity}",outcome="rejected"}}'
+        assert f"{series} 1.0" in exposition
+    assert "Frob" not in exposition
+    refused = [
+        {k: r.fields[k] for k in ("entity", "action", "reason")}  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "bridge.ingress" and r.getMessage().startswith("delivery refused")
+    ]
+    assert refused == [
+        {"entity": "Order", "action": "explode", "reason": "unknown_event_type"},
+        {"entity": "Frob", "action": "zap", "reason": "unknown_event_type"},
+    ]
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"] * 2
+
+
 def test_token_never_published_or_exposed(bridge: Any) -> None:
     """The token from the query string reaches neither Kafka nor /metrics."""
     client, publisher, _ = bridge
