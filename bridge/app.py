@@ -117,6 +117,8 @@ def _gauges_read_at_scrape(
     metrics.topics_held.set_function(lambda: len(ack_mode.held_topics))
     backlog = ack_mode.backlog
     if backlog is not None:
+        # So that an alert can watch it fill (bridge_spool_bytes alone has no scale).
+        metrics.spool_max_bytes.set(backlog.capacity)
         metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
         metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))

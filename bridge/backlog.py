@@ -39,6 +39,11 @@ class Backlog(Protocol):
         ...
 
     @property
+    def capacity(self) -> int:
+        """The most :attr:`bytes` it may hold (BRIDGE_SPOOL_MAX_BYTES, _MEMORY_MAX_BYTES)."""
+        ...
+
+    @property
     def oldest_enqueued_at(self) -> float | None:
         """When the oldest record held was accepted (wall clock), None if empty."""
         ...
@@ -204,6 +209,10 @@ class MemoryBacklog:
     @property
     def bytes(self) -> int:
         return self._records.bytes
+
+    @property
+    def capacity(self) -> int:
+        return self._max_bytes
 
     @property
     def full(self) -> bool:

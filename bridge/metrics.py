@@ -205,6 +205,12 @@ class Metrics:
             "Bytes of the accepted events waiting for Kafka.",
             registry=registry,
         )
+        self.spool_max_bytes = Gauge(
+            "bridge_spool_max_bytes",
+            "The most bytes of events that may wait for Kafka: BRIDGE_SPOOL_MAX_BYTES "
+            "(durable) or BRIDGE_MEMORY_MAX_BYTES (memory); 0 in broker mode.",
+            registry=registry,
+        )
         self.spool_oldest_age = Gauge(
             "bridge_spool_oldest_age_seconds",
             "Age of the oldest event waiting for Kafka (0 when none waits).",

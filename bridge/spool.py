@@ -144,7 +144,7 @@ class Spool:
     ) -> None:
         self.path = directory / DB_NAME
         self._directory = directory
-        self._max_bytes = max_bytes
+        self._max_bytes = self.capacity = max_bytes
         self._dedup_window = dedup_window
         self._max_keys = max_keys
         self._on_commit = on_commit

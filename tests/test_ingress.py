@@ -376,6 +376,23 @@ def test_an_unknown_type_refused_in_strict_mode_is_counted_and_logged_by_its_nam
     assert [r.topic for r in publisher.records] == ["geins.deadletter"] * 2
 
 
+@pytest.mark.parametrize(
+    ("env", "capacity"),
+    [
+        ({"BRIDGE_ACK": "broker"}, "0.0"),
+        ({"BRIDGE_ACK": "memory", "BRIDGE_MEMORY_MAX_BYTES": "5000000"}, "5e+06"),
+        ({"BRIDGE_ACK": "durable", "BRIDGE_SPOOL_MAX_BYTES": "7000000"}, "7e+06"),
+    ],
+)
+def test_the_spools_limit_is_a_gauge(env: dict[str, str], capacity: str, tmp_path: Any) -> None:
+    """bridge_spool_max_bytes gives bridge_spool_bytes its scale, for an alert before the
+    spool is full (a reviewer: BridgeSpoolGrowing counts records, and a spool of 51 large
+    events was full, every delivery a 503, with nothing firing)."""
+    app, _, metrics = make(**env, BRIDGE_SPOOL_DIR=str(tmp_path))
+    with TestClient(app):
+        assert f"bridge_spool_max_bytes {capacity}\n" in metrics.exposition().decode()
+
+
 def test_token_never_published_or_exposed(bridge: Any) -> None:
     """The token from the query string reaches neither Kafka nor /metrics."""
     client, publisher, _ = bridge
