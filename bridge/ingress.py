@@ -250,7 +250,10 @@ class WebhookEndpoint:
             self._metrics.record_request(outcome, event, reason, seconds, names)
             if self._access_log:
                 fields = _request_fields(scope, event, self._redact, names)
-                fields.update(outcome=outcome, reason=reason, ms=round(seconds * 1000, 3))
+                fields["outcome"] = outcome
+                if reason is not None:  # an accepted one has none: no "reason=None"
+                    fields["reason"] = reason
+                fields["ms"] = round(seconds * 1000, 3)
                 access_log.info("webhook request", extra=_logged(fields, self._redact))
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:

@@ -121,6 +121,8 @@ def test_refusals_and_access_log_are_structured(caplog: pytest.LogCaptureFixture
     fields = [r.fields for r in access]  # type: ignore[attr-defined]  # set through extra=
     assert [f["outcome"] for f in fields] == ["rejected", "accepted"]
     assert fields[1]["entity"] == "Order"
+    # a refusal's reason; none on an accepted line (it said "reason=None" in text)
+    assert [f.get("reason", "-") for f in fields] == ["body_not_json", "-"]
     ours = [r for r in caplog.records if r.name.startswith("bridge")]  # not the test client's
     everything = "\n".join(JsonFormatter().format(r) for r in ours)
     assert TOKEN not in everything
