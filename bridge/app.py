@@ -197,7 +197,11 @@ def create_app(
             else:
                 log.warning("Kafka is not reachable yet: the topics are created once it is")
                 topics = spawn(_create_topics(settings, router, publisher), "create-topics")
-        log.info("accepting deliveries (ack=%s)", ack_mode.name)
+        if ack_mode.name == "broker" and not publisher.connected:
+            # A new user's review: "accepting deliveries" while every one got a 503.
+            log.info("serving (ack=broker): deliveries are answered 503 until Kafka is reachable")
+        else:
+            log.info("accepting deliveries (ack=%s)", ack_mode.name)
         try:
             yield
         finally:

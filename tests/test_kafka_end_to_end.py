@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -183,8 +184,12 @@ def test_topics_that_cannot_be_created_do_not_stop_the_bridge(
     assert "the topics could not be created" in caplog.text
 
 
-def test_kafka_unreachable_broker_mode_answers_503(kafka_bootstrap: str, topic_prefix: str) -> None:
-    """BRIDGE_ACK=broker with no broker at the address: unready, 503 + Retry-After, nothing kept."""
+def test_kafka_unreachable_broker_mode_answers_503(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BRIDGE_ACK=broker with no broker at the address: unready, 503 + Retry-After, nothing
+    kept; the log says so where it said "accepting deliveries"."""
+    caplog.set_level(logging.INFO, logger="bridge.app")
     env = bridge_env(
         f"127.0.0.1:{free_port()}",
         topic_prefix,
@@ -202,6 +207,9 @@ def test_kafka_unreachable_broker_mode_answers_503(kafka_bootstrap: str, topic_p
         assert response.headers["retry-after"] == "5"
         assert response.headers["content-type"] == "application/problem+json"
     assert read_all_sync(kafka_bootstrap, topic_prefix) == []
+    said = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
+    assert "serving (ack=broker): deliveries are answered 503 until Kafka is reachable" in said
+    assert not [line for line in said if line.startswith("accepting deliveries")]
 
 
 def test_kafka_unreachable_durable_mode_accepts_into_spool(topic_prefix: str) -> None:
