@@ -357,17 +357,32 @@ def _request_fields(
     return fields
 
 
+#: The bridge's own refusals (5xx) of one reason are a WARNING at most once in this
+#: many seconds, INFO in between: in an outage every delivery is refused alike, and a
+#: reviewer counted 1,705 WARNING lines in 7 minutes at 4 requests a second.
+WARN_AGAIN_AFTER_SECONDS = 60.0
+#: reason -> time.monotonic() of its last WARNING (reset by the tests, see conftest)
+warned_at: dict[str, float] = {}
+
+
 def log_refusal(error: BridgeError, scope: Scope, redact: Redact) -> None:
     """One line per refused or failed delivery (also those the HTTP protocol refuses),
     without the tokens ``redact`` knows.
 
     INFO when the client caused it, so that no client can flood the log at
     WARNING (a rate-limited one, say); WARNING when the bridge could not take it
-    (5xx: spool full, Kafka unreachable, overloaded).
+    (5xx: spool full, Kafka unreachable, overloaded), once a minute for each reason
+    (the others of the minute at INFO: a log at WARNING shows each trouble, not each
+    delivery it refuses).
     """
     fields = _request_fields(scope, error.event, redact, error.names)
     fields.update(status=error.status, reason=error.reason, detail=redact(error.detail))
-    level = logging.WARNING if error.status >= 500 else logging.INFO
+    level = logging.INFO
+    if error.status >= 500:
+        now = time.monotonic()
+        if now - warned_at.get(error.reason, -WARN_AGAIN_AFTER_SECONDS) >= WARN_AGAIN_AFTER_SECONDS:
+            warned_at[error.reason] = now
+            level = logging.WARNING
     log.log(level, "delivery refused: %s", error.reason, extra=_logged(fields, redact))
 
 

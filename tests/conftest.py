@@ -22,6 +22,7 @@ from types import FrameType
 
 import pytest
 
+from bridge import ingress
 from bridge.devkafka import LocalKafka, ensure_jars, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,13 @@ def private_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     spool = tmp_path / "spool"
     monkeypatch.setenv("BRIDGE_SPOOL_DIR", str(spool))
     return spool
+
+
+@pytest.fixture(autouse=True)
+def fresh_refusal_warnings() -> None:
+    """Each test starts as a new bridge process would: no 503 refusal WARNING said yet
+    (bridge.ingress.log_refusal says one a minute per reason, process-wide)."""
+    ingress.warned_at.clear()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from starlette.testclient import TestClient
 from bridge import ingress, logs, publisher
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.errors import BridgeError, SpoolFull, Unauthorized, Unavailable
 from bridge.logs import JsonFormatter, TextFormatter
 from bridge.redaction import MARKER, Redactor
 from tests.fakes import TOKEN, FakePublisher, call_asgi
@@ -344,3 +346,40 @@ def test_no_line_names_a_token_whoever_logs_it() -> None:
     assert hex_token not in text
     assert "old-token" not in text
     assert "old%2Dtoken" not in text
+
+
+def test_the_bridges_own_refusals_are_a_warning_once_a_minute_per_reason(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every refused delivery still logs its line, but a 503 is a WARNING once a minute
+    for each reason, INFO in between: in an outage every delivery is refused alike (a
+    reviewer counted 1,705 WARNING lines in 7 minutes at 4 requests a second). A
+    client's refusals stay INFO."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])  # as bridge.ingress reads it
+    caplog.set_level(logging.INFO, logger="bridge.ingress")
+    scope = {"method": "POST", "path": "/webhooks/geins"}
+
+    def refuse(error: BridgeError) -> None:
+        ingress.log_refusal(error, scope, lambda text, *_: text)
+
+    for seconds in (0, 1, 59):  # one minute of Kafka away
+        now[0] = 1000.0 + seconds
+        refuse(Unavailable("Kafka did not answer"))
+    refuse(SpoolFull("the spool is full"))  # another trouble: said at once
+    refuse(Unauthorized("no token"))
+    now[0] = 1060.0  # a minute after the first WARNING
+    refuse(Unavailable("Kafka did not answer"))
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("delivery refused")
+    ]
+    assert lines == [
+        ("WARNING", "delivery refused: unavailable"),
+        ("INFO", "delivery refused: unavailable"),
+        ("INFO", "delivery refused: unavailable"),
+        ("WARNING", "delivery refused: spool_full"),
+        ("INFO", "delivery refused: unauthorized"),
+        ("WARNING", "delivery refused: unavailable"),
+    ]
