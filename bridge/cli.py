@@ -41,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say_last(str(exc))
         return 2
     _last_words_logged = serving and settings.log_format == "json"
-    logs.configure(settings.log_level, settings.log_format)
+    # The operator commands run in a terminal: their log lines (the Kafka client's,
+    # mostly) as text unless BRIDGE_LOG_FORMAT, or the file's log_format, says json.
+    given = serving or "log_format" in settings.model_fields_set
+    logs.configure(settings.log_level, settings.log_format if given else "text")
     try:
         code: int = args.run(settings, args)
     except (Exception, KeyboardInterrupt) as exc:

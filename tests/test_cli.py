@@ -220,6 +220,7 @@ def test_kafka_unreachable_is_one_clear_line(
     to check, no traceback (it ended in aiokafka's "KafkaConnectionError: Unable to
     bootstrap from [('127.0.0.1', 9, <AddressFamily.AF_INET: 2>)]")."""
     bootstrap = f"127.0.0.1:{free_port()}"
+    env.delenv("BRIDGE_LOG_FORMAT", raising=False)
     env.setenv("BRIDGE_KAFKA_BOOTSTRAP", bootstrap)
     env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "2")
     env.setenv("BRIDGE_DEADLETTER_TOPIC", "geins.deadletter")
@@ -231,6 +232,11 @@ def test_kafka_unreachable_is_one_clear_line(
             "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
         ), err
         assert "Traceback" not in err
+        # the Kafka client's line before it as text, in a terminal (it was JSON)
+        assert re.search(r" ERROR aiokafka: Unable connect to ", err), err
+    env.setenv("BRIDGE_LOG_FORMAT", "json")  # asked for: JSON
+    assert main(["topics", "list"]) == 1
+    assert json.loads(capsys.readouterr().err.splitlines()[0])["logger"] == "aiokafka"
 
 
 def test_kafka_that_never_answers_is_named_with_the_deadline(
