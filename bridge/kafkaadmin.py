@@ -125,11 +125,10 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
         if replication is None:
             cluster = await admin.describe_cluster()
             replication = min(DEFAULT_REPLICATION_CAP, len(cluster["brokers"]))
+        configs = topic_configs(settings)
         response = await admin.create_topics(
             [
-                NewTopic(
-                    t, settings.topic_partitions, replication, topic_configs=topic_configs(settings)
-                )
+                NewTopic(t, settings.topic_partitions, replication, topic_configs=configs)
                 for t in topics
             ]
         )
@@ -141,7 +140,7 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
                 results[name] = "exists"
             else:
                 results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
-        if topic_configs(settings):  # made before with a smaller limit, perhaps
+        if configs:  # made before with a smaller limit, perhaps
             largest = settings.kafka_max_request_size()
             existing = [name for name, result in results.items() if result == "exists"]
             for name, limit in (await _max_message_bytes(admin, existing)).items():

@@ -1031,7 +1031,7 @@ class KafkaPublisher:
         if self._producer is None or time.monotonic() >= self._answered_until:
             self._metrics.record_publish_error("not_connected")
             if self._stall_began is not None:  # Kafka takes nothing still: see stalled
-                self._stalled_until = time.perf_counter() + STALLED_FOR_SECONDS
+                self._stall()
             raise Unavailable(
                 "not connected to Kafka yet"
                 if self._producer is None
