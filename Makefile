@@ -62,10 +62,11 @@ run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_K
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \
 	echo "    -H 'Authorization: Bearer $$token' \\"; \
-	echo "    -H \"x-Idempotency-Key: \$$(cat /proc/sys/kernel/random/uuid)\" \\"; \
+	echo "    -H \"x-Idempotency-Key: curl-\$$(date +%s)-\$$RANDOM\" \\"; \
 	echo "    -H \"x-Timestamp: \$$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \\"; \
 	echo "    -d '{\"entity\":\"Order\",\"action\":\"create\",\"id\":\"12345\"}'"; \
-	echo "See it arrive:  BRIDGE_KAFKA_BOOTSTRAP=$$BRIDGE_KAFKA_BOOTSTRAP $(BIN)/bridge tail --from-beginning"; \
+	template="$${BRIDGE_TOPIC_TEMPLATE:+BRIDGE_TOPIC_TEMPLATE='$$BRIDGE_TOPIC_TEMPLATE' }"; \
+	echo "See it arrive:  $${template}BRIDGE_KAFKA_BOOTSTRAP=$$BRIDGE_KAFKA_BOOTSTRAP $(BIN)/bridge tail --from-beginning"; \
 	if [[ "$$BRIDGE_KAFKA_BOOTSTRAP" == "127.0.0.1:$(KAFKA_PORT)" ]]; then \
 	  echo "Ctrl-C stops the bridge; the local Kafka runs on until: make kafka-down KAFKA_PORT=$(KAFKA_PORT)"; fi; \
 	echo; \

@@ -1,0 +1,104 @@
+"""`make run` as the README tells a user to run it: the curl it prints works, and the
+record it sends is what the printed `bridge tail` shows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx2
+
+from bridge.devkafka import free_port
+from tests.polling import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _printed_commands(output: str) -> tuple[str, str]:
+    """The curl (its continued lines joined) and the tail command make run printed."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+    curl: list[str] = []
+    for line in lines[start:]:
+        curl.append(line)
+        if not line.endswith("\\"):
+            break
+    tail = next(line for line in lines if line.startswith("See it arrive:"))
+    return "\n".join(curl), tail.removeprefix("See it arrive:").strip()
+
+
+def test_make_run_prints_a_curl_that_works_and_a_tail_that_shows_it(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_PORT": str(port),
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "BRIDGE_TOPIC_TEMPLATE": f"{topic_prefix}.{{entity}}.{{action}}",
+        "BRIDGE_DEADLETTER_TOPIC": f"{topic_prefix}.deadletter",
+    }
+    log_path = tmp_path / "make-run.log"
+    with log_path.open("wb") as log:
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # make, its shell and the bridge: one group to stop
+        )
+    try:
+
+        def ready() -> bool:
+            assert make.poll() is None, log_path.read_text(errors="replace")
+            try:
+                return httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        assert wait_until(ready, bool, within=60, every=0.2), log_path.read_text()
+        curl, tail = _printed_commands(log_path.read_text())
+        assert "dev-token" in curl  # no tokens configured: make run's own
+
+        sent = subprocess.run(
+            ["bash", "-c", curl], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert sent.stdout.startswith("HTTP/1.1 202"), sent.stdout + sent.stderr
+
+        # The tail line names the template, so it works from a terminal without it.
+        tail_env = {k: v for k, v in env.items() if not k.startswith("BRIDGE_")}
+        shown = subprocess.run(
+            ["bash", "-c", f"{tail} --limit 1"],
+            cwd=REPO,
+            env=tail_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert f"{topic_prefix}.order.create" in shown.stdout, shown.stdout + shown.stderr
+        assert '"id":"12345"' in shown.stdout, shown.stdout
+    finally:
+        _stop_group(make)
+
+
+def _stop_group(make: subprocess.Popen[bytes]) -> None:
+    """SIGTERM make's group (the bridge shuts down as under Ctrl-C), and wait until no
+    process of it is left: the bridge may outlive make by its shutdown."""
+
+    def gone() -> bool:
+        try:
+            os.killpg(make.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    if not gone():
+        os.killpg(make.pid, signal.SIGTERM)
+    make.wait(timeout=60)
+    if not wait_until(gone, bool, within=30, every=0.1):
+        os.killpg(make.pid, signal.SIGKILL)
