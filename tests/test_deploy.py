@@ -10,13 +10,12 @@ and cross-checks that the files agree with each other and with the bridge.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,14 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from prometheus_client.metrics_core import Metric
 
-from bridge.config import Settings, load_settings
+from bridge.config import load_settings
 from bridge.devkafka import KAFKA_VERSION
 from bridge.metrics import Metrics
-from bridge.publisher import FORCE_CLOSE_SECONDS
 from bridge.spool import RESERVE_BYTES
 from tests.deploy_support import dockerfile
 from tests.deploy_support.dockerignore import DockerIgnore
 from tests.deploy_support.prometheus import binary
+from tests.deploy_support.shutdown import shutdown_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -140,21 +139,6 @@ def seconds(duration: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
     assert "".join(n + u for n, u in parts) == duration, duration
     return sum(float(n) * units[u] for n, u in parts)
-
-
-def shutdown_seconds(env: Mapping[str, str]) -> float:
-    """The longest a bridge with these BRIDGE_* settings takes from SIGTERM to its exit:
-    BRIDGE_SHUTDOWN_DELAY (bridge/server.py), the in-flight requests (uvicorn's graceful
-    timeout: BRIDGE_SHUTDOWN_TIMEOUT rounded up), the drain and the producer's flush (one
-    more BRIDGE_SHUTDOWN_TIMEOUT, bridge/app.py), and the forced close of a producer whose
-    flush ran out of that time (bridge/publisher.py)."""
-
-    def setting(name: str) -> float:
-        value = env.get(f"BRIDGE_{name.upper()}", Settings.model_fields[name].default)
-        return float(value)
-
-    timeout = setting("shutdown_timeout")
-    return setting("shutdown_delay") + math.ceil(timeout) + timeout + FORCE_CLOSE_SECONDS
 
 
 def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
