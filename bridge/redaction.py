@@ -11,7 +11,10 @@ and the encodings of those forms: as it is; percent-encoded, wholly or in part, 
 upper or lower case, and once more (``%252B``); with a ``+`` for a space and a space
 for a ``+`` (the query's form encoding, which authentication accepts both ways); and
 in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
-is replaced by MARKER; a base64 run holding one is replaced whole.
+is replaced by MARKER; a base64 run holding one is replaced whole. Authentication
+takes a token in its own letter case only, but a token in other ASCII letter cases is
+recognised too (not its base64): a hex token lower-cased is the token all the same,
+and entity and action are lower-cased on their way into a topic name.
 
 Recognising costs a regular expression search of the text and of its percent-decoded
 views, each made at C speed (:func:`unquoted`); where a token is, in a decoded view,
@@ -135,7 +138,10 @@ def unquoted(text: str) -> str:
     # there is one: it takes five times as long as counting), a backslash doubled, and
     # then each '%' made a '\x'. The codec reads other bytes as Latin-1, so the whole
     # text comes back as the bytes it encodes, for UTF-8 to decode.
-    if raw.translate(_HEX_AS_H).count(b"%hh") != raw.count(b"%"):
+    encoded = raw.translate(_HEX_AS_H).count(b"%hh")
+    if encoded == 0:  # only lone '%', kept as they are: nothing to decode
+        return text
+    if encoded != raw.count(b"%"):
         raw = _LONE_PERCENT.sub(b"%25", raw)
     escaped = raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x")
     return escaped.decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
@@ -169,6 +175,9 @@ class _Forms:
     (the spool's writer) never sees a pattern with another one's bounds."""
 
     pattern: re.Pattern[str]  # every form, literally
+    #: the forms that are not base64, their ASCII letters lower-cased, for a text's
+    #: UTF-8 with its ASCII letters lower-cased (bytes.lower: the same length)
+    folded: re.Pattern[bytes]
     base64: frozenset[str]  # the forms that are base64
     shortest: int  # characters of the shortest form
     reach: int  # most characters a form, encoded as redact recognises it, takes
@@ -229,11 +238,14 @@ class Redactor:
         plain = {v for t in tokens for v in _variants(t)}
         encoded = {v for t in tokens for f in base64_forms(t) for v in _variants(f)} - plain
         forms = sorted(plain | encoded, key=lambda f: (-len(f), f))  # the longest first
+        folded = sorted({f.encode().lower() for f in plain}, key=lambda f: (-len(f), f))
         # Literal alternatives only: the regular expression engine then skips, at C
-        # speed, every position whose character starts no form.
+        # speed, every position whose character starts no form (a case-insensitive
+        # pattern cannot: ten times as slow over a long path).
         self._forms = (
             _Forms(
                 re.compile("|".join(map(re.escape, forms))),
+                re.compile(b"|".join(map(re.escape, folded))),
                 frozenset(encoded),
                 len(forms[-1]),
                 max(len(f.encode()) for f in forms) * _ENCODED_BYTE,
@@ -254,14 +266,16 @@ class Redactor:
         forms = self._forms
         if forms is None or len(text) < forms.shortest:
             return False
-        pattern = forms.pattern
-        if pattern.search(text) is not None:
+        if _holds(text, forms):
             return True
         for _ in range(2):  # percent-encoded, then encoded twice
             if "%" not in text:
                 return False
-            text = unquoted(text)
-            if pattern.search(text) is not None:
+            decoded = unquoted(text)
+            if decoded is text:  # nothing percent-encoded: decoding changes nothing
+                return False
+            text = decoded
+            if _holds(text, forms):
                 return True
         return False
 
@@ -300,8 +314,11 @@ class Redactor:
         spans = _spans(text, forms)
         views = [text]
         while len(views) < 3 and "%" in views[-1]:  # percent-encoded, then encoded twice
-            views.append(unquoted(views[-1]))
-        holding = [n for n in range(1, len(views)) if forms.pattern.search(views[n])]
+            decoded = unquoted(views[-1])
+            if decoded is views[-1]:  # nothing percent-encoded: decoding changes nothing
+                break
+            views.append(decoded)
+        holding = [n for n in range(1, len(views)) if _holds(views[n], forms)]
         if not holding:
             return spans
         view, origin = text, list(range(len(text) + 1))
@@ -350,9 +367,22 @@ def _replaced(text: str, spans: list[tuple[int, int]], limit: int) -> str:
     return "".join(pieces)
 
 
+def _folded(text: str) -> bytes:
+    """``text`` as UTF-8 with its ASCII letters lower-cased, for ``_Forms.folded``
+    (surrogates kept, three bytes each)."""
+    return text.encode("utf-8", "surrogatepass").lower()
+
+
+def _holds(text: str, forms: _Forms) -> bool:
+    """Whether ``text`` holds a form, or a form other than base64 in other ASCII
+    letter cases."""
+    return forms.pattern.search(text) is not None or forms.folded.search(_folded(text)) is not None
+
+
 def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:
     """Where the forms are in ``text``; a base64 one with its whole run, whose ends
-    carry bits of the token too."""
+    carry bits of the token too; and those other than base64 in other ASCII letter
+    cases."""
     spans = []
     for match in forms.pattern.finditer(text):
         start, end = match.span()
@@ -362,4 +392,14 @@ def _spans(text: str, forms: _Forms) -> list[tuple[int, int]]:
             while end < len(text) and text[end] in _BASE64_RUN:
                 end += 1
         spans.append((start, end))
+    folded = _folded(text)
+    matches = list(forms.folded.finditer(folded))
+    if matches and not text.isascii():  # byte offsets to character offsets
+
+        def chars(at: int) -> int:
+            return len(folded[:at].decode("utf-8", "surrogatepass"))
+
+        spans += [(chars(m.start()), chars(m.end())) for m in matches]
+    else:
+        spans += [m.span() for m in matches]
     return spans

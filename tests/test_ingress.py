@@ -681,6 +681,30 @@ def test_an_idempotency_key_holding_a_token_is_refused(
     assert '"key": "r4-<token>"' in logged(caplog).replace("'", '"')
 
 
+def test_a_token_in_another_letter_case_is_recognised(
+    secret_bridge: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review sent the token upper-cased: as a key it was published (record key,
+    ce_id), in a path logged, as an x-Timestamp or id published as a header. A hex token
+    upper-cased is the same secret: it is refused, replaced and left out as the token."""
+    client, publisher, _ = secret_bridge
+    upper = HEX.upper()
+    assert upper != HEX
+    keyed = {**AUTH, "x-idempotency-key": f"r4-{upper}"}
+    answer = client.post("/webhooks/geins", content=ORDER, headers=keyed)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["reason"] == "bad_idempotency_key"
+    assert client.post(f"/webhooks/geins/a/b/{upper}", headers=AUTH).status_code == 404
+    headers = {**AUTH, "x-idempotency-key": "ts-2", "x-timestamp": f"2024-01-15 {upper}"}
+    body = b'{"entity":"Order","action":"create","id":"' + upper.encode() + b'"}'
+    assert client.post("/webhooks/geins", content=body, headers=headers).status_code == 202
+    [record] = publisher.records
+    assert "x-timestamp" not in dict(record.headers)
+    assert "ce_subject" not in dict(record.headers)
+    assert upper not in logged(caplog)
+    assert "/webhooks/geins/a/b/<token>" in logged(caplog)
+
+
 def test_an_x_timestamp_or_subject_holding_a_token_is_not_published(
     secret_bridge: Any,
 ) -> None:

@@ -18,8 +18,9 @@ from bridge import ingress, logs, publisher
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import BridgeError, SpoolFull, Unauthorized, Unavailable
+from bridge.ingress import NO_WEBHOOK_ROUTE
 from bridge.logs import JsonFormatter, TextFormatter
-from bridge.redaction import MARKER, Redactor
+from bridge.redaction import LOGGED_LENGTH, MARKER, Redactor
 from tests.fakes import TOKEN, FakePublisher, call_asgi
 
 
@@ -133,10 +134,10 @@ def test_refusals_and_access_log_are_structured(caplog: pytest.LogCaptureFixture
 def test_a_long_path_is_logged_cut_with_no_part_of_a_token(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A refusal logs the first kilobyte of an 8 KB path, and of the detail that holds
-    it, marked as cut; a token across the cut is replaced whole. (Each was redacted
-    whole, then again by the log's filter: a 404 of 8 KB cost 2 ms of the event loop,
-    a 414 of 17 KB 11 ms, and neither needs a token.)"""
+    """A refusal logs the first kilobyte of an 8 KB path, marked as cut; a token across
+    the cut is replaced whole. (It was redacted whole, then again by the log's filter:
+    a 404 of 8 KB cost 2 ms of the event loop, a 414 of 17 KB 11 ms, and neither needs
+    a token.) The 404's detail no longer repeats the path, which was redacted again."""
     settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
     app = create_app(settings, publisher=FakePublisher())
     head = "/webhooks/geins/a/b/"
@@ -145,13 +146,38 @@ def test_a_long_path_is_logged_cut_with_no_part_of_a_token(
     assert asyncio.run(call_asgi(app, "POST", path)).status == 404
     [refusal] = [r for r in caplog.records if r.getMessage().startswith("delivery refused")]
     fields = refusal.fields  # type: ignore[attr-defined]  # set through extra=
-    for name in ("path", "detail"):
-        shown, _, rest = fields[name].partition("…")
-        assert re.fullmatch(r"\(cut: \d+ characters\)", rest)
-        assert len(shown) <= 1024 + len(MARKER)
-        assert TOKEN[:4] not in shown
+    shown, _, rest = fields["path"].partition("…")
+    assert re.fullmatch(r"\(cut: \d+ characters\)", rest)
+    assert len(shown) <= 1024 + len(MARKER)
+    assert TOKEN[:4] not in shown
+    assert fields["detail"] == NO_WEBHOOK_ROUTE
     assert fields["path"].startswith(head + "....")
     assert MARKER in fields["path"]
+
+
+def test_a_refusal_redacts_its_path_once_for_both_its_lines(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refusal's line and its access line show the same redacted path, redacted
+    once: a review's path of 2,700 '%' cost 2 ms of CPU a 401, redacted three times
+    (the 404's detail held the path too)."""
+    calls: list[str] = []
+    logged = Redactor.logged
+
+    def counted(self: Redactor, text: str, limit: int = LOGGED_LENGTH) -> str:
+        calls.append(text)
+        return logged(self, text, limit)
+
+    monkeypatch.setattr(Redactor, "logged", counted)
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker", "BRIDGE_ACCESS_LOG": "true"}
+    )
+    app = create_app(settings, publisher=FakePublisher())
+    caplog.set_level(logging.INFO)
+    for path in ("/webhooks/geins/" + "%" * 2700, "/webhooks/geins/a/b/c/" + "%" * 2700):
+        calls.clear()
+        assert asyncio.run(call_asgi(app, "POST", path)).status in {401, 404}
+        assert calls.count(path) == 1, len(calls)
 
 
 def test_the_filter_does_not_redact_again_what_its_redactor_did(

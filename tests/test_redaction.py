@@ -53,6 +53,13 @@ def basic(user: str, password: str, *, url_safe: bool = False) -> str:
             f'action "create?token={MARKER}" is not a name',
         ),
         (f"{HEX}{HEX}", f"{MARKER}{MARKER}"),
+        # in other ASCII letter cases (a hex token upper-cased is the same secret),
+        # percent-encoded too, and where the text is not ASCII
+        ("PLUS+SECRET2", MARKER),
+        (f"k-{HEX.upper()}-k", f"k-{MARKER}-k"),
+        ("?token=PLUS%2bsecret2", f"?token={MARKER}"),
+        (f"é/{HEX.upper()}/ä", f"é/{MARKER}/ä"),
+        ("JäTTE-HEMLIG", MARKER),
     ],
 )
 def test_every_form_of_a_token_is_replaced(text: str, redacted: str) -> None:
@@ -67,7 +74,8 @@ def test_every_form_of_a_token_is_replaced(text: str, redacted: str) -> None:
         "",
         "/webhooks/geins/Order/create",
         "plus+Secret",  # a part is not the token
-        "PLUS+SECRET2",  # tokens are compared case by case
+        "plus+secret",  # a part, in another case, is not the token
+        "JÄTTE-HEMLIG",  # only ASCII letters are compared in either case
         HEX[:-1],
         basic("user", "another-secret"),
         "%E4%",
@@ -83,6 +91,14 @@ def test_bytes_that_are_not_utf8_are_kept() -> None:
     value = b"\xff\xfe " + HEX.encode() + b" \xc3"
     assert SECRETS.redact_bytes(value) == b"\xff\xfe <token> \xc3"
     assert SECRETS.redact_bytes(b"\xff\xfe nothing") == b"\xff\xfe nothing"
+
+
+def test_text_with_nothing_percent_encoded_is_not_decoded() -> None:
+    """Lone '%' only: unquoted gives the text back as it is, before any pass over it (a
+    review's path of 2,700 '%' cost 180 µs a view in the lone-'%' substitution)."""
+    for text in ("%" * 2700, "/a/%zz/%4/%", "%g%"):
+        assert unquoted(text) is text
+    assert unquoted("%%41") == "%A"
 
 
 def test_percent_decoding_says_where_each_character_came_from() -> None:
