@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -140,19 +141,67 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+class StopBeforeServing(Exception):  # a stop, not an error
+    """SIGTERM or SIGINT arrived before uvicorn took the signals over."""
+
+
+class _EarlyStop:
+    """Handles SIGTERM and SIGINT until uvicorn's own handlers take over (and again
+    once they give them back): the first one raises StopBeforeServing.
+
+    Without it the default action applied, and for a container's PID 1 there is none:
+    the kernel drops a signal PID 1 has no handler for. A pod deleted during the spool
+    check (a minute for a full spool) then served on and was killed at the end of its
+    grace period. The spool's check lets Python handlers run while SQLite works
+    (bridge.spool, its progress handler), so the stop is at once.
+    """
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._served = False
+
+    def __call__(self, sig: int, frame: FrameType | None) -> None:
+        if self.received is None and not self._served:
+            self.received = signal.Signals(sig)
+            raise StopBeforeServing(self.received.name)
+
+    def served(self) -> None:
+        """uvicorn has run and given the signals back: the process is on its way out
+        after its own shutdown, which a late signal must not cut short."""
+        self._served = True
+
+    def install(self) -> dict[int, Any]:
+        return {sig: signal.signal(sig, self) for sig in self.signals}
+
+
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
-    # Bound before anything starts: uvicorn would bind only after the lifespan, so a
-    # second bridge on a taken port connected to Kafka and started draining first.
-    sockets = listening_sockets(settings.host, settings.port)
+    early = _EarlyStop()
+    previous = early.install()
     try:
-        return _serve(settings, sockets)
+        # Bound before anything starts: uvicorn would bind only after the lifespan, so
+        # a second bridge on a taken port connected to Kafka and started draining first.
+        sockets = listening_sockets(settings.host, settings.port)
+        try:
+            return _serve(settings, sockets, early)
+        finally:
+            for sock in sockets:
+                sock.close()
+    except BaseException:
+        # What the signal interrupted may have raised something else on its way out
+        # (SQLite's "interrupted", taken for an unusable spool): the signal is the news.
+        if early.received is None:
+            raise
+        log.info("%s received before serving: stopped, nothing was accepted", early.received.name)
+        return 0
     finally:
-        for sock in sockets:
-            sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
+def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) -> int:
     state = RuntimeState()
     app = create_app(settings, state=state)
     # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),
@@ -204,4 +253,6 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
         if startup.error is not None:
             raise startup.error from None
         raise
+    finally:
+        early.served()
     return 0 if server.started else 1

@@ -57,6 +57,17 @@ log = logging.getLogger(__name__)
 #: a full 2.5 GB spool from a cold cache), and nothing is served until it is done.
 SLOW_CHECK_BYTES = 256 * 1024 * 1024
 
+#: SQLite virtual machine steps between calls of _let_signals_in while the spool
+#: opens (a call costs about a microsecond; 10,000 steps far more).
+PROGRESS_STEPS = 10_000
+
+
+def _let_signals_in() -> int:
+    """SQLite's progress handler: doing nothing in Python is enough for Python to run a
+    pending signal's handler, whose exception then ends the statement. 0: go on."""
+    return 0
+
+
 DB_NAME = "spool.db"
 #: Locked (flock) by the bridge using the folder, for as long as its spool is open.
 LOCK_NAME = "spool.lock"
@@ -295,6 +306,10 @@ class Spool:
                     size / 1e9,
                 )
             started = time.monotonic()
+            # A Python call every few thousand SQLite steps lets a signal's handler run
+            # during the check, a minute for a full spool: SIGTERM stops a bridge that
+            # has not served yet at once (bridge.server._EarlyStop), not after it.
+            connection.set_progress_handler(_let_signals_in, PROGRESS_STEPS)
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
@@ -332,6 +347,7 @@ class Spool:
             ).fetchone()
             oldest = _oldest_enqueued_at(connection)
             (keys,) = connection.execute("SELECT count(*) FROM seen").fetchone()
+            connection.set_progress_handler(None, 0)
         except BaseException:
             connection.close()
             raise

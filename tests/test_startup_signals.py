@@ -1,0 +1,106 @@
+"""SIGTERM before the bridge serves: during the spool's check at start (a minute for a
+full spool), it stops at once and exits 0, also as a container's PID 1, for which
+the kernel drops a signal that has no handler."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge.devkafka import free_port
+from tests.fakes import TOKEN
+from tests.polling import wait_until
+
+#: `bridge serve`, its spool check replaced by a statement that never ends, as a huge
+#: spool's check on a slow disk nearly does; it touches argv[1] when it begins.
+SLOW_CHECK = r"""
+import sqlite3, sys
+from pathlib import Path
+
+began = Path(sys.argv[1])
+connect = sqlite3.connect
+
+
+class SlowCheck(sqlite3.Connection):
+    def execute(self, sql, *args):
+        if sql == "PRAGMA quick_check":
+            began.touch()
+            sql = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                   "SELECT 'ok' FROM c WHERE x = 0")
+        return super().execute(sql, *args)
+
+
+sqlite3.connect = lambda *args, **kwargs: connect(*args, factory=SlowCheck, **kwargs)
+from bridge.cli import main
+
+sys.exit(main(["serve"]))
+"""
+
+
+def _can_be_pid_1() -> bool:
+    """Whether this user may make a PID namespace (root, or a permissive kernel)."""
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=30, check=False
+    )
+    return done.returncode == 0
+
+
+def _child_of(pid: int) -> int | None:
+    """The one child process of ``pid``, once there is one."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(children[0]) if children else None
+
+
+@pytest.mark.parametrize("as_pid_1", [False, True], ids=["process", "pid-1"])
+def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
+    tmp_path: Path, as_pid_1: bool
+) -> None:
+    if as_pid_1 and not _can_be_pid_1():
+        pytest.skip("no PID namespace for this user (unshare --pid)")
+    began = tmp_path / "check-began"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "durable",
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # not asked before serving
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_LOG_FORMAT": "text",
+    }
+    command = [sys.executable, "-c", SLOW_CHECK, str(began)]
+    if as_pid_1:
+        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
+    log_path = tmp_path / "bridge.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
+        bridge = proc.pid
+        if as_pid_1:  # unshare's child is the bridge, PID 1 of its namespace
+            found = wait_until(lambda: _child_of(proc.pid), bool, within=10, every=0.05)
+            assert found is not None
+            bridge = found
+        time.sleep(0.3)  # well inside the statement
+        os.kill(bridge, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log_text = log_path.read_text()
+    assert "SIGTERM received before serving: stopped, nothing was accepted" in log_text
+    assert "Traceback" not in log_text
+    assert "listening on" not in log_text
