@@ -231,6 +231,34 @@ def test_a_change_seen_once_then_undone_is_not_used_when_it_comes_back(tmp_path:
     assert authenticator.current_tokens() == (b"new-token",)
 
 
+def test_a_secret_the_kubelet_updates_is_read_again(tmp_path: Path) -> None:
+    """A Secret volume as the kubelet lays it out and updates it (deploy/kubernetes
+    mounts the tokens so): the file is a link through ``..data`` to a folder of the
+    day, and an update writes a new folder and swaps ``..data`` at once. The new
+    tokens are used, as a rewrite in place is: found the same at two readings."""
+
+    def publish(version: str, text: str) -> None:
+        folder = tmp_path / f"..2026_11_30_{version}"
+        folder.mkdir()
+        (folder / "tokens").write_text(text)
+        swap = tmp_path / "..data_tmp"
+        swap.symlink_to(folder.name)
+        swap.rename(tmp_path / "..data")  # rename(2) replaces the old link atomically
+
+    publish("1", "old-token-1\n")
+    (tmp_path / "tokens").symlink_to("..data/tokens")
+    authenticator = TokenAuthenticator([], tokens_file=tmp_path / "tokens")
+    assert authenticator.current_tokens() == (b"old-token-1",)
+    publish("2", "new-token-2,old-token-1\n")
+    authenticator.refresh()
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"new-token-2", b"old-token-1")
+    publish("3", "new-token-2\n")
+    authenticator.refresh()
+    authenticator.refresh()
+    assert authenticator.current_tokens() == (b"new-token-2",)
+
+
 @contextlib.asynccontextmanager
 async def watched_tokens_file(
     tmp_path: Path,

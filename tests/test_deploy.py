@@ -279,6 +279,18 @@ def test_docker_build_context_holds_only_what_the_dockerfile_copies() -> None:
     assert ignore.excluded("deploy/compose.yaml")
 
 
+def test_the_root_dockerignore_has_the_same_rules() -> None:
+    """Pins .dockerignore at the context root to deploy/Dockerfile.dockerignore's rules:
+    builders that do not read <Dockerfile>.dockerignore (the legacy builder, podman)
+    sent the whole work tree as the context, gigabytes of .cache and .venv."""
+
+    def rules(path: Path) -> list[str]:
+        lines = path.read_text().splitlines()
+        return [line for line in lines if line.strip() and not line.startswith("#")]
+
+    assert rules(REPO / ".dockerignore") == rules(DEPLOY / "Dockerfile.dockerignore")
+
+
 def pinned_versions() -> dict[str, str]:
     """deploy/constraints.txt as {normalised name: version}."""
     pins: dict[str, str] = {}
@@ -443,11 +455,7 @@ def settings_cases() -> list[tuple[str, dict[str, str]]]:
             if workload["kind"] in {"Deployment", "StatefulSet"}:
                 container = bridge_container(workload["spec"]["template"]["spec"])
                 where = f"{folder.name}/{workload['kind']}"
-                environ = env_from(docs, container)
-                # The Secret in deploy/ is a placeholder, which the bridge refuses: the
-                # real one is made out of band (deploy/README.md).
-                environ["BRIDGE_TOKENS"] = "token-from-the-real-secret"
-                cases.append((where, environ))
+                cases.append((where, env_from(docs, container)))
     return cases
 
 
@@ -456,9 +464,16 @@ SETTINGS_CASES = settings_cases()
 
 @pytest.mark.parametrize(("where", "environ"), SETTINGS_CASES, ids=[c[0] for c in SETTINGS_CASES])
 def test_bridge_settings_in_deploy_files_are_accepted_by_the_bridge(
-    where: str, environ: dict[str, str]
+    where: str, environ: dict[str, str], tmp_path: Path
 ) -> None:
     """Pins every BRIDGE_* value in compose and the manifests as a valid setting for this bridge."""
+    if "BRIDGE_TOKENS_FILE" in environ:
+        # The Secret in deploy/ is a placeholder, which the bridge refuses: the real
+        # one is made out of band (deploy/README.md), and mounted where the file is.
+        assert Path(environ["BRIDGE_TOKENS_FILE"]).is_absolute(), where
+        tokens = tmp_path / "tokens"
+        tokens.write_text("token-from-the-real-secret\n")
+        environ = {**environ, "BRIDGE_TOKENS_FILE": str(tokens)}
     settings = load_settings(environ=environ)
     settings.check_serving()
     assert settings.port == 8080, where
@@ -891,6 +906,37 @@ def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> Non
     assert {"targetLabel": "job", "replacement": "geins-bridge"} in monitor["spec"][
         "podMetricsEndpoints"
     ][0]["relabelings"]
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_read_their_tokens_from_a_mounted_secret_that_can_rotate(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """Pins the tokens Secret mounted as the file BRIDGE_TOKENS_FILE names, whole (no
+    subPath, which the kubelet never updates), and never in the environment: a Secret
+    given as environment variables is read once, so a rotation of it (as deploy/README.md
+    tells) never reached a running pod."""
+    pod = workload["spec"]["template"]["spec"]
+    bridge = bridge_container(pod)
+    assert all("secretRef" not in source for source in bridge.get("envFrom", [])), name
+    assert all("valueFrom" not in item for item in bridge.get("env", [])), name
+    env = env_from(docs, bridge)
+    assert "BRIDGE_TOKENS" not in env, name
+    tokens_file = Path(env["BRIDGE_TOKENS_FILE"])
+    [mount] = [m for m in bridge["volumeMounts"] if m["mountPath"] == str(tokens_file.parent)]
+    assert "subPath" not in mount, name
+    assert mount.get("readOnly") is True, name
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret_name = volume["secret"]["secretName"]
+    folder = STANDALONE if name.startswith("standalone") else SIDECAR
+    [example] = load_docs(folder / "secret.example.yaml")
+    assert example["metadata"]["name"] == secret_name, name
+    assert list(example["stringData"]) == [tokens_file.name], name
+    assert "items" not in volume["secret"], name  # every key, by its own name
+    # Readable by the bridge: its group (fsGroup) or everyone in its container.
+    security = {**pod.get("securityContext", {}), **bridge["securityContext"]}
+    mode = volume["secret"]["defaultMode"]
+    assert mode & 0o004 or (mode & 0o040 and security.get("fsGroup") == IMAGE_UID), name
 
 
 def test_secrets_in_deploy_hold_only_placeholders() -> None:
