@@ -14,7 +14,7 @@ import math
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -36,11 +36,18 @@ LISTEN_BACKLOG = 2048
 
 
 class BridgeServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: RuntimeState, shutdown_delay: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: RuntimeState,
+        shutdown_delay: float,
+        signals_taken: Callable[[], None],
+    ) -> None:
         super().__init__(config)
         self._state = state
         self._shutdown_delay = shutdown_delay
         self._stop_at: float | None = None
+        self._signals_taken = signals_taken
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._stop_at is not None:
@@ -56,6 +63,7 @@ class BridgeServer(uvicorn.Server):
         self._stop_at = time.monotonic() + self._shutdown_delay
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._signals_taken()  # uvicorn handles them from here on (handle_exit)
         await super().startup(sockets)
         if self.started and sockets:  # uvicorn names the address only for sockets it bound
             for sock in sockets:
@@ -168,8 +176,8 @@ class _EarlyStop:
             raise StopBeforeServing(self.received.name)
 
     def served(self) -> None:
-        """uvicorn has run and given the signals back: the process is on its way out
-        after its own shutdown, which a late signal must not cut short."""
+        """uvicorn has taken the signals: when it gives them back, after its own
+        shutdown, the process is on its way out, and a late signal changes nothing."""
         self._served = True
 
     def install(self) -> dict[int, Any]:
@@ -244,7 +252,7 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         # requests at once instead of letting them finish. Round up instead.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
-    server = BridgeServer(config, state, settings.shutdown_delay)
+    server = BridgeServer(config, state, settings.shutdown_delay, early.served)
     connections = server.server_state.connections  # the protocol adds and removes itself
     metrics.open_connections.set_function(lambda: len(connections))
     try:
@@ -253,6 +261,4 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         if startup.error is not None:
             raise startup.error from None
         raise
-    finally:
-        early.served()
     return 0 if server.started else 1
