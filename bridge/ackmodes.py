@@ -226,7 +226,8 @@ class DurableAck(_DrainedAck):
 
     @property
     def ready(self) -> bool:
-        return self.spool.writable and has_room(self.spool.bytes, self._max_bytes)
+        spool = self.spool
+        return spool.writable and not spool.disk_low and has_room(spool.bytes, self._max_bytes)
 
     @property
     def remembered_keys(self) -> int:

@@ -143,16 +143,23 @@ async def test_full_spool_refuses_with_503(tmp_path: Path) -> None:
     await spool.close()
 
 
-async def test_write_failure_is_503_and_marks_unwritable(tmp_path: Path) -> None:
-    """A failing disk write answers 503 and turns readiness off until a write succeeds."""
+async def test_write_failure_is_503_and_marks_unwritable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing disk write answers 503 and turns readiness off until a write succeeds.
+    It is logged at ERROR when it starts, not at every failed commit (a review counted
+    5,561 lines in 35 s), and at INFO when writing works again."""
+    caplog.set_level(logging.INFO, logger="bridge.spool")
     spool = make(tmp_path)
     spool.open()
     assert await spool.append(record(1), "a")
     # Cap the database at its current size: the next insert fails like a full disk.
     await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1"))
-    with pytest.raises(SpoolWriteFailed):
-        await spool.append(record(2, 100_000), "b")
+    for key in ("b", "c", "d"):
+        with pytest.raises(SpoolWriteFailed):
+            await spool.append(record(2, 100_000), key)
     assert not spool.writable
+    assert [r.levelname for r in caplog.records if "spool write failed" in r.message] == ["ERROR"]
     # With nothing to purge, maintenance writes nothing, so it proves nothing: the disk
     # is still full, and readiness must stay off.
     with pytest.raises(sqlite3.OperationalError):
@@ -161,6 +168,7 @@ async def test_write_failure_is_503_and_marks_unwritable(tmp_path: Path) -> None
     await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     await spool.forget_expired_keys()
     assert spool.writable
+    assert "the spool can be written again" in caplog.text
     assert await spool.append(record(2), "b")  # the failed key was not recorded
     await spool.close()
 
@@ -588,6 +596,108 @@ async def test_the_reserve_file_is_made_and_retried_at_most_once_a_minute(
         assert not reserve.exists()  # no part of one left
     finally:
         await spool.close()
+
+
+class _Disk:
+    """os.statvfs of the spool's folder, with as many bytes free as a test says."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, path: object) -> os.statvfs_result:
+        return os.statvfs_result((4096, 4096, 1 << 20, 0, self.free // 4096, 0, 0, 0, 0, 255))
+
+
+async def test_without_a_reserve_appends_leave_the_room_removals_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no reserve file (no room to make it), the free space is the reserve: an
+    append that would leave less free than removing what the spool holds needs is
+    refused (503 spool_full, the spool unready), a retry of an accepted key still gets
+    its duplicate, and deliveries are taken again once there is room. Appending on, a
+    second outage filled the disk with no reserve left to give up, and nothing could be
+    removed any more."""
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    disk = _Disk(free=10**9)
+    monkeypatch.setattr(os, "statvfs", disk)
+    caplog.set_level(logging.INFO)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        assert "no room for the spool's reserve file" in caplog.text
+        assert not spool.disk_low
+        assert await spool.append(record(1), "a")
+        disk.free = 1000  # less than two copies, and the room to remove them
+        with pytest.raises(SpoolFull, match="kept so that what Kafka takes can be removed"):
+            await spool.append(record(2, 100), "b")
+        assert spool.disk_low
+        assert not await spool.append(record(1), "a")  # 200 duplicate, as ever
+        disk.free = 10**9
+        await spool.forget_expired_keys()  # the maintenance round sees the room
+        assert not spool.disk_low
+        assert await spool.append(record(2, 100), "b")
+    finally:
+        await spool.close()
+    assert caplog.text.count("it has no reserve file: deliveries are refused") == 1
+
+
+async def test_an_emptied_spool_gives_its_log_back_to_make_the_reserve_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the spool is empty, the WAL file is truncated before the reserve is made
+    again: it keeps the size of the largest backlog, which on a small volume is the
+    room the reserve needs (a review's 12 MB volume held a 7.4 MB database and a 4.4
+    MB WAL, and the reserve never came back)."""
+    monkeypatch.setattr(spool_module, "RESERVE_RETRY_SECONDS", 0.0)
+    real = os.posix_fallocate
+    room = {"now": False}
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if not room["now"]:
+            raise OSError(28, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    spool = make(tmp_path, max_bytes=10**8)
+    spool.open()
+    wal = tmp_path / "spool.db-wal"
+    reserve = tmp_path / spool_module.RESERVE_NAME
+    try:
+        for i in range(200):
+            assert await spool.append(record(i, 2000), f"k{i}")
+        assert wal.stat().st_size > 400_000
+        assert not reserve.exists()
+        room["now"] = True
+        while spool.depth:
+            await spool.remove([r.seq for r in await spool.oldest(100, 10**7)])
+        assert wal.stat().st_size == 0
+        assert reserve.exists()
+        assert spool._reserve_made
+    finally:
+        await spool.close()
+
+
+def test_a_write_ahead_log_without_its_database_is_refused(tmp_path: Path) -> None:
+    """A spool.db emptied or gone beside a non-empty spool.db-wal (a partial copy or
+    restore): SQLite would start a new database and drop the log, which after a crash
+    may hold every event accepted since the last checkpoint. The spool refuses to
+    open, naming both files, and leaves them as they are."""
+    wal = tmp_path / "spool.db-wal"
+    wal.write_bytes(b"\x37\x7f\x06\x82" + bytes(4000))
+    for database in ("empty", "missing"):
+        db = tmp_path / "spool.db"
+        if database == "empty":
+            db.write_bytes(b"")
+        else:
+            db.unlink()
+        with pytest.raises(SpoolUnusable, match=r"write-ahead log .* holds 4004 bytes"):
+            make(tmp_path).connect()
+        assert wal.stat().st_size == 4004
+        assert not db.exists() or db.stat().st_size == 0
 
 
 def _mode(path: Path) -> int:
