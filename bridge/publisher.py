@@ -282,30 +282,41 @@ def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     return task
 
 
+#: aiokafka 0.14's known errors as a producer ends, uncaught in its callbacks: (the
+#: exception's type, the function raising it, the file it is in).
+_AIOKAFKA_END_ERRORS = (
+    # The sender task of a producer ends with an exception (closed during an outage):
+    # its done-callback fails the records it held, then calls fatal_error, which needs
+    # a transaction a non-transactional producer never has (AttributeError on None).
+    (AttributeError, "fatal_error", "aiokafka/producer/transaction_manager.py"),
+    # A producer force-closed while Kafka hangs: a batch's done-callback removes the
+    # batch from the pending ones, which the failure of every batch already did.
+    (KeyError, "cb", "aiokafka/producer/message_accumulator.py"),
+)
+
+
 def _aiokafka_sender_end(context: dict[str, Any]) -> bool:
-    """Whether ``context`` (the event loop's, for an exception nobody caught) is
-    aiokafka 0.14's known error as the sender task of a producer ends with an
-    exception (as when it is closed during an outage): its done-callback fails the
-    records it held, then calls TransactionManager.fatal_error, which needs a
-    transaction a non-transactional producer never has (AttributeError on None)."""
+    """Whether ``context`` (the event loop's, for an exception nobody caught) is one
+    of aiokafka's known errors at a producer's end (_AIOKAFKA_END_ERRORS)."""
     exc = context.get("exception")
-    if not isinstance(exc, AttributeError):
+    if exc is None:
         return False
     frame = exc.__traceback__
     while frame is not None:
         code = frame.tb_frame.f_code
-        if code.co_name == "fatal_error" and code.co_filename.replace("\\", "/").endswith(
-            "aiokafka/producer/transaction_manager.py"
-        ):
-            return True
+        path = code.co_filename.replace("\\", "/")
+        for kind, function, file in _AIOKAFKA_END_ERRORS:
+            if isinstance(exc, kind) and code.co_name == function and path.endswith(file):
+                return True
         frame = frame.tb_next
     return False
 
 
 def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
-    """Log aiokafka's known error at a producer's end at DEBUG, not as the loop's
+    """Log aiokafka's known errors at a producer's end at DEBUG, not as the loop's
     ERROR traceback, which reads as a crash ("Exception in callback
-    Sender._fail_all"); every other uncaught exception goes where it went."""
+    Sender._fail_all", "... MessageAccumulator._pop_batch.<locals>.cb"); every other
+    uncaught exception goes where it went."""
     previous = loop.get_exception_handler()
     if getattr(previous, "quiets_aiokafka", False):
         return  # once per loop
