@@ -303,6 +303,21 @@ def test_full_or_read_only_spool(kafka_bootstrap: str, topic_prefix: str, tmp_pa
     assert tally.accepted <= found
 
 
+def _small_disk_env(bootstrap: str, topic_prefix: str, spool: Path, **extra: str) -> dict[str, str]:
+    """A durable bridge whose spool's disk (a small tmpfs) is far smaller than its
+    BRIDGE_SPOOL_MAX_BYTES, which makes a reserve file of 1 MiB."""
+    return bridge_env(
+        bootstrap,
+        topic_prefix,
+        "durable",
+        BRIDGE_SPOOL_DIR=str(spool),
+        BRIDGE_SPOOL_MAX_BYTES=str(64 * 1024 * 1024),
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+        **extra,
+    )
+
+
 def _fill_until_refused(bridge: BridgeProcess, tally: Tally, prefix: str) -> httpx2.Response:
     """Deliveries of 3 KB with fresh keys until one is not accepted; that answer."""
     big = b'{"pad":"' + b"x" * 3000 + b'"}'
@@ -333,15 +348,7 @@ def test_a_small_disk_drains_after_each_of_two_outages(
     bridge throughout: a restart closed the database, which deleted the WAL file."""
     spool = tmp_path / "small-disk"
     tmpfs(spool, "12m")
-    env = bridge_env(
-        own_broker.bootstrap,
-        topic_prefix,
-        "durable",
-        BRIDGE_SPOOL_DIR=str(spool),
-        BRIDGE_SPOOL_MAX_BYTES=str(64 * 1024 * 1024),  # far more than the disk: a 1 MiB reserve
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_SHUTDOWN_TIMEOUT="1",
-    )
+    env = _small_disk_env(own_broker.bootstrap, topic_prefix, spool)
     tally = Tally()
     found: set[str] = set()
     try:
@@ -380,33 +387,14 @@ def test_a_spool_that_filled_its_disk_drains_once_kafka_is_back(
     reserve file then, and everything drains by itself, on the same full disk."""
     spool = tmp_path / "small-disk"
     tmpfs(spool, "16m")
-    env = bridge_env(
-        kafka_bootstrap,
-        topic_prefix,
-        "durable",
-        BRIDGE_SPOOL_DIR=str(spool),
-        BRIDGE_SPOOL_MAX_BYTES=str(64 * 1024 * 1024),  # far more than the disk: a 1 MiB reserve
-        BRIDGE_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_ports(1)[0]}",  # away: the disk fills
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_SHUTDOWN_TIMEOUT="1",
-    )
+    away = f"127.0.0.1:{free_ports(1)[0]}"  # Kafka away: the disk fills
+    env = _small_disk_env(kafka_bootstrap, topic_prefix, spool, BRIDGE_KAFKA_BOOTSTRAP=away)
     tally = Tally()
     found: set[str] = set()
     try:
         with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
-            big = b'{"pad":"' + b"x" * 3000 + b'"}'
-            with httpx2.Client(base_url=bridge.url, timeout=10) as client:
-                for i in range(20_000):
-                    answer = client.post(
-                        "/webhooks/geins/Order/create",
-                        content=big,
-                        headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": f"d{i}"},
-                    )
-                    tally.sent.add(f"d{i}")
-                    if answer.status_code != 202:
-                        break
-                    tally.accepted.add(f"d{i}")
-                assert answer.json()["reason"] == "spool_write_failed", answer.text
+            answer = _fill_until_refused(bridge, tally, "d")
+            assert answer.json()["reason"] == "spool_write_failed", answer.text
             bridge.signal(signal.SIGTERM)
             assert bridge.wait(30) == 0
         assert len(tally.accepted) > 600  # more than a drainer batch of 500
