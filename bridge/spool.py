@@ -88,11 +88,17 @@ COPY_MAX_BYTES = 8 * 1024 * 1024
 #: The reserve file, given up when a removal finds the disk full.
 RESERVE_NAME = "spool.reserve"
 #: Its size: a 64th of BRIDGE_SPOOL_MAX_BYTES, within these bounds (16 MiB for the
-#: default 1 GiB; the WAL of a removal of a whole drainer batch takes a few MB).
+#: default 1 GiB). At least what a checkpoint of a full WAL (SQLite checkpoints at
+#: 1,000 pages, 4 MiB) may add to the database, and a removal's own WAL pages: with
+#: 1 MiB, a review's 6 MB disk of 200 KB events stayed stuck with Kafka up, the WAL
+#: (4.3 MB) unable to go into the database.
 RESERVE_BYTES = 16 * 1024 * 1024
-RESERVE_MIN_BYTES = 256 * 1024
+RESERVE_MIN_BYTES = 8 * 1024 * 1024
 #: How long after a failure to make the reserve (no room) it is tried again.
 RESERVE_RETRY_SECONDS = 60.0
+#: Without a reserve file, free room under which the spool is unready (disk_low)
+#: even with nothing in it: less than an event of a few pages.
+PAGE_ROOM = 64 * 1024
 #: The mode of the spool's files: they hold event bodies (customer and order data), for
 #: the bridge's user only. SQLite gives the -wal and -shm files the database's mode.
 FILE_MODE = 0o600
@@ -234,7 +240,7 @@ class Spool:
             self._make_reserve()
             # Without a reserve, a disk without its room is said by /readyz from the
             # start, not at the first 503.
-            self._check_room(0)
+            self._check_room()
             # Said once, absolute: events answered 2xx live here until Kafka has them,
             # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
             log.info("spool: events are kept in the folder %s", self._directory.resolve())
@@ -530,7 +536,7 @@ class Spool:
         results: list[bool | BridgeError] = []
         added_bytes = 0
         added: list[tuple[QueuedRecord, int]] = []
-        room = self._check_room(sum(item.size for item in group))
+        room = self._room()
         try:
             connection.execute("BEGIN IMMEDIATE")
             # One statement per kind for the whole group, not three per record: the
@@ -547,7 +553,7 @@ class Spool:
                     results.append(False)
                     continue
                 over = self.bytes + added_bytes + item.size > self._max_bytes
-                refusal = self._full() if over else room
+                refusal = self._full() if over else room(added_bytes, item.size)
                 if refusal is not None:
                     results.append(refusal)
                     continue
@@ -589,15 +595,21 @@ class Spool:
             return
         if rows:  # a commit that wrote nothing (all duplicates, or full) proves nothing
             self._set_writable(True)
-        self.depth += len(added)
-        self.bytes += added_bytes
-        self.keys += sum(key not in expired for key, _ in seen_rows)
-        if added and self.oldest_enqueued_at is None:
-            self.oldest_enqueued_at = now
+        self._count_appended(added, added_bytes, sum(k not in expired for k, _ in seen_rows))
         self._keep_copies(added)
         if rows and self._on_commit is not None:  # (one that wrote nothing is no commit of events)
             self._on_commit(time.perf_counter() - started)
         self._resolve([(item.future, result) for item, result in zip(group, results, strict=True)])
+
+    def _count_appended(
+        self, added: list[tuple[QueuedRecord, int]], added_bytes: int, new_keys: int
+    ) -> None:
+        self.depth += len(added)
+        self.bytes += added_bytes
+        self.keys += new_keys
+        if added and self.oldest_enqueued_at is None:
+            self.oldest_enqueued_at = added[0][0].enqueued_at
+        self._check_room()  # what is left now, for readiness
 
     def _after_unexpected_error(self, futures: list[asyncio.Future[bool]]) -> None:
         log.exception("the spool writer failed unexpectedly")
@@ -700,12 +712,11 @@ class Spool:
         """Make the reserve again, the spool being empty: first give the WAL file's
         room back (it keeps the size of the largest backlog, which on a volume smaller
         than the spool may grow is the room the reserve needs)."""
-        if self._reserve_made or time.monotonic() < self._reserve_next_try:
-            return
-        with contextlib.suppress(sqlite3.Error):  # busy or failed: it is tried again
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._make_reserve()
-        self._check_room(0)
+        if not self._reserve_made and time.monotonic() >= self._reserve_next_try:
+            with contextlib.suppress(sqlite3.Error):  # busy or failed: it is tried again
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._make_reserve()
+        self._check_room()  # emptied: readiness need not wait for the reserve's next try
 
     def _make_reserve(self) -> None:
         """Make the reserve file, if there is room for it (else try again next time)."""
@@ -722,8 +733,9 @@ class Spool:
             if self._reserve_next_try == 0.0:  # said once, not at every try
                 log.warning(
                     "no room for the spool's reserve file (%d bytes) on its disk (%s): "
-                    "deliveries are refused while less than that is free, so that what "
-                    "Kafka takes can still be removed; make room, or a larger volume",
+                    "the free room is kept instead, deliveries being refused while it is "
+                    "all that removing what the spool holds needs; make room, or give "
+                    "the spool a larger volume",
                     self._reserve_bytes,
                     exc,
                 )
@@ -750,30 +762,45 @@ class Spool:
         )
         return True
 
-    def _check_room(self, adding: int) -> SpoolFull | None:
-        """Without a reserve, whether appending ``adding`` bytes of events (written
-        twice: to the WAL, then to the database) would leave the disk less free room
-        than removing what the spool then holds needs (the WAL pages of the deletes:
-        about twice its bytes, and never more than the reserve's size): the refusal
-        to answer if so."""
-        if self._reserve_made:
-            self._say_disk_low(False)
-            return None
+    def _free_bytes(self) -> int | None:
+        """Free room on the spool's disk, for its user; None if unknown."""
         try:
             stat = os.statvfs(self._directory)
         except OSError:
-            return None  # nothing known: the commit says whether there is room
-        free = stat.f_bavail * stat.f_frsize
-        kept = min(self._reserve_bytes, 2 * (self.bytes + adding))
-        low = free < kept + 2 * adding
-        self._say_disk_low(low)
-        if not low:
             return None
-        return SpoolFull(
-            f"the spool's disk has {free} bytes free, of which {kept} are kept so that "
-            "what Kafka takes can be removed. Kafka is probably unreachable, or the "
-            "volume is smaller than BRIDGE_SPOOL_MAX_BYTES needs"
-        )
+        return stat.f_bavail * stat.f_frsize
+
+    def _kept(self, holding: int) -> int:
+        """Room to keep free, without a reserve file, for removing ``holding`` bytes of
+        events: their deletes' WAL pages and its checkpoint, about twice their bytes,
+        never more than the reserve's size."""
+        return min(self._reserve_bytes, 2 * holding)
+
+    def _room(self) -> Callable[[int, int], SpoolFull | None]:
+        """For a group of appends: whether one more event of ``size`` bytes, after
+        ``added`` bytes of the group, leaves the room removals need (written twice: to
+        the WAL, then the database); the refusal if not. Always fine with a reserve."""
+        free = None if self._reserve_made else self._free_bytes()
+        if free is None:  # a reserve, or nothing known: the commit says if there is room
+            return lambda added, size: None
+
+        def check(added: int, size: int) -> SpoolFull | None:
+            kept = self._kept(self.bytes + added + size)
+            if free - 2 * (added + size) >= kept:
+                return None
+            return SpoolFull(
+                f"the spool's disk has {free - 2 * added} bytes free, and {kept} are kept "
+                "so that what Kafka takes can be removed. Kafka is probably unreachable, "
+                "or the volume is smaller than BRIDGE_SPOOL_MAX_BYTES needs"
+            )
+
+        return check
+
+    def _check_room(self) -> None:
+        """Whether the disk has, without a reserve file, no more than the room removing
+        what the spool holds needs: said by readiness and the log (disk_low)."""
+        free = None if self._reserve_made else self._free_bytes()
+        self._say_disk_low(free is not None and free < self._kept(self.bytes) + PAGE_ROOM)
 
     def _say_disk_low(self, low: bool) -> None:
         if low == self.disk_low:
@@ -864,7 +891,7 @@ class Spool:
         if self.depth == 0:
             self._remake_reserve(connection)
         else:
-            self._check_room(0)
+            self._check_room()
         return removed
 
     def _run_call(self, connection: sqlite3.Connection, job: _Call) -> None:

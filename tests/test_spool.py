@@ -645,6 +645,40 @@ async def test_without_a_reserve_appends_leave_the_room_removals_need(
     assert caplog.text.count("it has no reserve file: deliveries are refused") == 1
 
 
+async def test_without_a_reserve_each_event_is_weighed_and_readiness_follows_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each event of a group is weighed alone: a large one that does not fit is refused,
+    a small one beside it is taken (the whole group was refused by its total, and
+    readiness flapped with each group). Once the spool is emptied, readiness follows
+    the free room at once, not at the reserve's next try a minute later."""
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    disk = _Disk(free=200_000)
+    monkeypatch.setattr(os, "statvfs", disk)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        big, small = spool.append(record(1, 150_000), "big"), spool.append(record(2), "small")
+        outcomes = await asyncio.gather(big, small, return_exceptions=True)
+        assert isinstance(outcomes[0], SpoolFull)
+        assert outcomes[1] is True
+        assert not spool.disk_low  # an event of 64 KiB still fits
+        disk.free = 1000
+        with pytest.raises(SpoolFull):
+            await spool.append(record(3), "other")
+        assert spool.disk_low
+        disk.free = 10**9  # the drain made room
+        await spool.remove([r.seq for r in await spool.oldest(10, 10**6)])
+        assert spool.depth == 0
+        assert not spool.disk_low
+    finally:
+        await spool.close()
+
+
 async def test_an_emptied_spool_gives_its_log_back_to_make_the_reserve_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
