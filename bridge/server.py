@@ -160,8 +160,9 @@ class _EarlyStop:
     Without it the default action applied, and for a container's PID 1 there is none:
     the kernel drops a signal PID 1 has no handler for. A pod deleted during the spool
     check (a minute for a full spool) then served on and was killed at the end of its
-    grace period. The spool's check lets Python handlers run while SQLite works
-    (bridge.spool, its progress handler), so the stop is at once.
+    grace period. The spool's check lets Python handlers run between SQLite's steps
+    (bridge.spool, its progress handler), so the stop comes when the current step
+    ends: at once, or, for a large spool, when its largest table is checked.
     """
 
     signals = (signal.SIGTERM, signal.SIGINT)

@@ -195,8 +195,8 @@ class Spool:
         self._reserve_bytes = min(RESERVE_BYTES, max(RESERVE_MIN_BYTES, max_bytes // 64))
         self._reserve_made = False  # the reserve file is there (owned by the writer thread)
         self._reserve_next_try = 0.0  # after a failure to make it: not before (monotonic)
-        #: Without a reserve, the disk has less free room than one: appends are refused
-        #: (owned by the writer thread; read by readiness).
+        #: Without a reserve, the disk has no more free room than removing what the
+        #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -348,8 +348,9 @@ class Spool:
                 )
             started = time.monotonic()
             # A Python call every few thousand SQLite steps lets a signal's handler run
-            # during the check, a minute for a full spool: SIGTERM stops a bridge that
-            # has not served yet at once (bridge.server._EarlyStop), not after it.
+            # during the check (bridge.server._EarlyStop): SIGTERM stops a bridge that
+            # has not served yet when the current step ends. quick_check walks each
+            # table in one step, so for a large spool that may be most of the check.
             connection.set_progress_handler(_let_signals_in, PROGRESS_STEPS)
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
