@@ -64,7 +64,13 @@ class BridgeProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        wait_until_ready(self.proc, self.url + "/readyz", "bridge", ready_within, self.log)
+        try:
+            wait_until_ready(self.proc, self.url + "/readyz", "bridge", ready_within, self.log)
+        except BaseException:
+            # Raised from __enter__, the with statement never calls __exit__: a bridge
+            # that never turned ready was left running after its test.
+            self.close()
+            raise
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
