@@ -319,19 +319,26 @@ def _small_disk_env(bootstrap: str, topic_prefix: str, spool: Path, **extra: str
     )
 
 
-def _fill_concurrently(
-    bridge: BridgeProcess, tally: Tally, prefix: str, sizes: list[int], workers: int = 32
-) -> int:
+def _fill_until_refused(
+    bridge: BridgeProcess,
+    tally: Tally,
+    prefix: str,
+    sizes: list[int],
+    *,
+    workers: int = 1,
+    refusals: int = 1,
+) -> httpx2.Response:
     """Deliveries of these sizes in turn, fresh keys, from ``workers`` clients at once,
-    until 50 are refused; the last refusal's status."""
+    until ``refusals`` are refused (20,000 sent at most); the last refusal."""
     lock = threading.Lock()
-    refusals: list[int] = []
+    refused: list[httpx2.Response] = []
+    sent = itertools.count()
 
     def worker(number: int) -> None:
         with httpx2.Client(base_url=bridge.url, timeout=30) as client:
             for i in itertools.count():
                 with lock:
-                    if len(refusals) >= 50:
+                    if len(refused) >= refusals or next(sent) >= 20_000:
                         return
                 key = f"{prefix}{number}-{i}"
                 size = sizes[(number + i) % len(sizes)]
@@ -346,32 +353,15 @@ def _fill_concurrently(
                     if answer.status_code == 202:
                         tally.accepted.add(key)
                     else:
-                        refusals.append(answer.status_code)
+                        refused.append(answer)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return refusals[-1]
-
-
-def _fill_until_refused(bridge: BridgeProcess, tally: Tally, prefix: str) -> httpx2.Response:
-    """Deliveries of 3 KB with fresh keys until one is not accepted; that answer."""
-    big = b'{"pad":"' + b"x" * 3000 + b'"}'
-    with httpx2.Client(base_url=bridge.url, timeout=10) as client:
-        for i in range(20_000):
-            key = f"{prefix}{i}"
-            answer = client.post(
-                "/webhooks/geins/Order/create",
-                content=big,
-                headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key},
-            )
-            tally.sent.add(key)
-            if answer.status_code != 202:
-                return answer
-            tally.accepted.add(key)
-    raise AssertionError("the small disk never filled")
+    assert len(refused) >= refusals, "the small disk never filled"
+    return refused[-1]
 
 
 @pytest.mark.parametrize(
@@ -408,10 +398,12 @@ def test_a_small_disk_drains_after_each_of_two_outages(
             for outage in ("first", "second"):
                 os.kill(pid, signal.SIGSTOP)
                 try:
-                    status = _fill_concurrently(bridge, tally, f"{outage}-", sizes, workers)
+                    last = _fill_until_refused(
+                        bridge, tally, f"{outage}-", sizes, workers=workers, refusals=50
+                    )
                 finally:
                     os.kill(pid, signal.SIGCONT)
-                assert status == 503
+                assert last.status_code == 503
                 found = wait_for_keys(own_broker.bootstrap, topic_prefix, tally.accepted, 120)
                 missing = len(tally.accepted - found)
                 assert not missing, f"after the {outage} outage, {missing} not in Kafka"
@@ -446,7 +438,7 @@ def test_a_spool_that_filled_its_disk_drains_once_kafka_is_back(
     found: set[str] = set()
     try:
         with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
-            answer = _fill_until_refused(bridge, tally, "d")
+            answer = _fill_until_refused(bridge, tally, "d", [3000])
             assert answer.json()["reason"] == "spool_write_failed", answer.text
             bridge.signal(signal.SIGTERM)
             assert bridge.wait(30) == 0
