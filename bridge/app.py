@@ -19,8 +19,10 @@ from bridge import kafkaadmin
 from bridge.ackmodes import AckMode, make_ack_mode
 from bridge.auth import TokenAuthenticator
 from bridge.config import Settings
+from bridge.errors import NotFound
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
+    WEBHOOK_PATH,
     ErrorAnswer,
     GuardRefusal,
     RuntimeState,
@@ -48,14 +50,34 @@ class BridgeApp(Starlette):
     middlewares and a regex router, a quarter of the CPU per request when
     profiled): the guard, then :class:`WebhookDispatch`. The webhook routes stay
     in the router too, so the app describes itself the same either way.
+
+    With an operations port (BRIDGE_OPS_PORT) each port answers only its own paths,
+    the other's get a 404: the operations endpoints on that port, without the guard
+    (BRIDGE_ALLOWED_NETWORKS and the rate limit are for webhook senders), and the
+    webhooks on BRIDGE_PORT.
     """
 
     _outer: Guard | None = None
     _webhook: WebhookDispatch | None = None
+    _ops_port: int | None = None
+    _refusal: GuardRefusal | None = None
+    _answer: ErrorAnswer | None = None
 
-    def fast_path(self, guard: Callable[[ASGIApp], Guard], webhook: WebhookDispatch) -> Guard:
-        """Put ``guard`` in front of everything and ``webhook`` behind it; the guard."""
+    def fast_path(
+        self,
+        guard: Callable[[ASGIApp], Guard],
+        webhook: WebhookDispatch,
+        refusal: GuardRefusal,
+        answer: ErrorAnswer,
+        ops_port: int | None,
+    ) -> Guard:
+        """Put ``guard`` in front of everything and ``webhook`` behind it; the guard.
+        ``refusal`` answers, logs and counts a webhook sent to ``ops_port``, ``answer``
+        answers the 404 for other paths on the webhook port when there is one."""
         self._webhook = webhook
+        self._refusal = refusal
+        self._answer = answer
+        self._ops_port = ops_port
         outer = guard(self._dispatch)
         self._outer = outer
         return outer
@@ -64,16 +86,47 @@ class BridgeApp(Starlette):
         # A coroutine function, as servers and test clients check to tell ASGI 3.
         if self._outer is None:
             await super().__call__(scope, receive, send)
+        elif self._ops_port is not None and _port_of(scope) == self._ops_port:
+            await self._operations(scope, receive, send)
         else:
             await self._outer(scope, receive, send)
+
+    async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._refusal is not None and is_webhook_path(scope["path"]):
+            error = NotFound(WEBHOOKS_NOT_ON_OPS_PORT)
+            await self._refusal(scope, send, error, time.perf_counter())
+        else:
+            await super().__call__(scope, receive, send)
 
     # A plain function that returns the next layer's coroutine: a layer that only
     # passes a request on costs no coroutine of its own (nor a step through it
     # each time the request resumes).
     def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
-        if self._webhook is not None and scope["type"] == "http" and is_webhook_path(scope["path"]):
-            return self._webhook(scope, receive, send)
+        if self._webhook is not None and scope["type"] == "http":
+            if is_webhook_path(scope["path"]):
+                return self._webhook(scope, receive, send)
+            if self._ops_port is not None and self._answer is not None:
+                # Not logged nor counted, as Starlette's own 404s: scanners knock here.
+                return self._answer.send(send, NotFound(OPERATIONS_ON_OPS_PORT))
         return super().__call__(scope, receive, send)
+
+
+#: The 404's detail for a webhook sent to the operations port.
+WEBHOOKS_NOT_ON_OPS_PORT = (
+    "this is the operations port (BRIDGE_OPS_PORT): webhooks are served on BRIDGE_PORT"
+)
+#: The 404's detail for a path other than the webhooks' on BRIDGE_PORT when the
+#: operations endpoints have their own port.
+OPERATIONS_ON_OPS_PORT = (
+    f"this port serves only the webhooks ({WEBHOOK_PATH}/...): the operations endpoints "
+    "(/healthz, /readyz, /metrics, /openapi.json) are on the operations port (BRIDGE_OPS_PORT)"
+)
+
+
+def _port_of(scope: Scope) -> int | None:
+    """The port the request came to (None for a lifespan, or a Unix socket)."""
+    server = scope.get("server")
+    return None if server is None else server[1]
 
 
 async def _create_topics(
@@ -222,7 +275,9 @@ def create_app(
         exception_handlers={HTTPException: http_exception_as_problem},
     )
     app.router.redirect_slashes = False  # see ingress.webhook_routes
-    in_front = app.fast_path(guard, WebhookDispatch(endpoint, refusal))
+    in_front = app.fast_path(
+        guard, WebhookDispatch(endpoint, refusal), refusal, answer, settings.ops_port
+    )
     metrics.inflight.set_function(lambda: in_front.in_progress)
     app.state.runtime = state
     app.state.metrics = metrics

@@ -71,6 +71,10 @@ FILE_RESERVE = 128
 #: connection holds some 7 KB, one with a head under way up to its head cap (about
 #: 25 KB by default), so 4,096 connections stay within some 100 MB at worst.
 DEFAULT_MAX_CONNECTIONS = 4096
+#: Connections the operations port (BRIDGE_OPS_PORT) keeps open at most, apart from
+#: BRIDGE_MAX_CONNECTIONS: Prometheus and the probes need a few, and a flood of
+#: webhook connections must not refuse them (a failed liveness probe restarts the pod).
+OPS_MAX_CONNECTIONS = 64
 
 
 def read_secret_file(path: Path) -> str:
@@ -84,26 +88,27 @@ def read_secret_file(path: Path) -> str:
 AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
-def listen_addresses(host: str, port: int) -> list[AddressInfo]:
+def listen_addresses(host: str, port: int, setting: str = "BRIDGE_PORT") -> list[AddressInfo]:
     """The addresses ``host``:``port`` stands for, resolved as asyncio's create_server
     (which uvicorn calls) does: what ``bridge serve`` listens on, and what
-    ``check-config`` resolves without listening. A ConfigError if it does not resolve."""
+    ``check-config`` resolves without listening. A ConfigError naming ``setting`` (the
+    port's) if it does not resolve."""
     try:
         found = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         return list(found)
     except OSError as exc:
-        raise cannot_listen(host, port, exc) from None
+        raise cannot_listen(host, port, exc, setting) from None
 
 
-def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+def cannot_listen(host: str, port: int, exc: OSError, setting: str = "BRIDGE_PORT") -> ConfigError:
     """The error for an address the bridge cannot listen on, naming its settings."""
     if exc.errno == errno.EADDRINUSE:
         reason = "the address is already in use (another bridge running?)"
     else:
         reason = exc.strerror or str(exc)
-    return ConfigError(f"cannot listen on {host}:{port} (BRIDGE_HOST, BRIDGE_PORT): {reason}")
+    return ConfigError(f"cannot listen on {host}:{port} (BRIDGE_HOST, {setting}): {reason}")
 
 
 def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
@@ -187,6 +192,8 @@ class Settings(BaseModel):
     # --- HTTP ----------------------------------------------------------------------
     host: str = "0.0.0.0"  # noqa: S104  # a sidecar or service must listen beyond loopback
     port: int = Field(8080, ge=1, le=65535)
+    # None: the operations endpoints share `port` with the webhooks (see ops_port_apart)
+    ops_port: int | None = Field(None, ge=1, le=65535)
     tokens: tuple[str, ...] = Field((), repr=False)
     tokens_file: Path | None = None
     allow_unauthenticated: bool = False
@@ -375,6 +382,7 @@ class Settings(BaseModel):
 
     @field_validator(
         "host",
+        "ops_port",
         "spool_dir",
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
@@ -505,6 +513,16 @@ class Settings(BaseModel):
                 f"{named('kafka_ssl_keyfile_password_file')} needs {named('kafka_ssl_keyfile')}"
             )
         self.kafka_ssl_context(named)  # the files must hold what they should
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self, info: ValidationInfo) -> Self:
+        if self.ops_port == self.port:
+            named = _Names(info)
+            raise ValueError(
+                f"{named('ops_port', self.ops_port)} is {named('port')}: leave it unset "
+                "to serve the operations endpoints on that port, or choose another one"
+            )
         return self
 
     @model_validator(mode="after")
@@ -662,10 +680,18 @@ class Settings(BaseModel):
 
         By default as many as that limit (``ulimit -n``) leaves after FILE_RESERVE, at
         most DEFAULT_MAX_CONNECTIONS: at the file limit itself new connections failed
-        to open unanswered, and so could Kafka's connections and the spool's files."""
+        to open unanswered, and so could Kafka's connections and the spool's files.
+        With BRIDGE_OPS_PORT, the operations port's OPS_MAX_CONNECTIONS are kept out too
+        (that port has its own limit)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         unlimited = soft == resource.RLIM_INFINITY
-        room = DEFAULT_MAX_CONNECTIONS if unlimited else max(1, soft - FILE_RESERVE)
+        reserve = FILE_RESERVE + (0 if self.ops_port is None else OPS_MAX_CONNECTIONS)
+        room = DEFAULT_MAX_CONNECTIONS if unlimited else max(1, soft - reserve)
+        kept_for = (
+            "Kafka and the spool"
+            if self.ops_port is None
+            else "Kafka, the spool and BRIDGE_OPS_PORT's connections"
+        )
         if self.max_connections is None:
             return min(room, DEFAULT_MAX_CONNECTIONS), None
         if self.max_connections <= room:
@@ -673,7 +699,7 @@ class Settings(BaseModel):
         return self.max_connections, (
             f"BRIDGE_MAX_CONNECTIONS={self.max_connections} is more than the open-file "
             f"limit ({soft}, `ulimit -n`) leaves for connections ({room}, keeping "
-            f"{FILE_RESERVE} for Kafka and the spool): past it new connections fail "
+            f"{reserve} for {kept_for}): past it new connections fail "
             "unanswered, and so may Kafka's; raise the limit or lower the setting"
         )
 

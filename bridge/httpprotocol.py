@@ -58,6 +58,7 @@ import httptools
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bridge.config import OPS_MAX_CONNECTIONS
 from bridge.errors import (
     BridgeError,
     HeadersTooLarge,
@@ -299,6 +300,7 @@ def guarded_protocol(
     on_refused: Callable[[BridgeError, float], None] | None = None,
     redact: Redact = no_redaction,
     max_connections: int | None = None,
+    ops_port: int | None = None,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits.
 
@@ -307,7 +309,9 @@ def guarded_protocol(
     answered, not a 431. ``redact`` keeps the webhook tokens out of the log line of a
     refusal (the app's authenticator's). A connection that opens while
     ``max_connections`` are open (BRIDGE_MAX_CONNECTIONS; None: no limit) is answered
-    503 at once and closed, its request unread."""
+    503 at once and closed, its request unread. Connections to ``ops_port``
+    (BRIDGE_OPS_PORT) do not count against that limit but against their own,
+    OPS_MAX_CONNECTIONS."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
@@ -315,6 +319,7 @@ def guarded_protocol(
     answers_malformed_requests(HttpToolsProtocol)
     refused_connections = _RefusalsLoggedEverySecond()
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
+    ops_open = 0  # of the open connections, those to ops_port
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -340,21 +345,30 @@ def guarded_protocol(
             self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
             self._running: Any = None  # the request cycle whose app was started last
             self._refused_lingering = False  # refused for the connection limit, lingering
+            self._to_ops_port = False
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
             self._defaults = b""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
+            nonlocal ops_open
             self._writer = OneWritePerResponse(transport, self._body_pending)
             super().connection_made(self._writer)  # type: ignore[arg-type]  # a transport, as uvicorn uses it
-            # (uvicorn's set of open connections holds this one now)
-            if max_connections is not None and len(self.connections) > max_connections:
-                self._refuse_connection(max_connections)
+            # (uvicorn's set of open connections holds this one now, and self.server
+            # the address it came to)
+            if ops_port is not None and self.server is not None and self.server[1] == ops_port:
+                self._to_ops_port = True
+                ops_open += 1
+                if ops_open > OPS_MAX_CONNECTIONS:
+                    self._refuse_connection(OPS_MAX_CONNECTIONS, "on BRIDGE_OPS_PORT")
+                    return
+            elif max_connections is not None and len(self.connections) - ops_open > max_connections:
+                self._refuse_connection(max_connections, "(BRIDGE_MAX_CONNECTIONS)")
                 return
             self._await_head()
 
-        def _refuse_connection(self, limit: int) -> None:
+        def _refuse_connection(self, limit: int, which: str) -> None:
             """503 before a byte is read, then a FIN, dropping what the client sends
             (its request) until it closes, LINGER_SECONDS at most: its answer must not
             be lost to the RST a close with unread bytes sends. While
@@ -362,8 +376,7 @@ def guarded_protocol(
             written; a client that sends its request before reading it may get an RST)."""
             nonlocal lingering_refusals
             error = TooManyConnections(
-                f"more than {limit} connections are open (BRIDGE_MAX_CONNECTIONS); "
-                "this one is closed",
+                f"more than {limit} connections are open {which}; this one is closed",
                 retry_after=1,
             )
             self._write_refusal(error)
@@ -383,7 +396,10 @@ def guarded_protocol(
             return self._message_open and not self._peer_done
 
         def connection_lost(self, exc: Exception | None) -> None:
-            nonlocal lingering_refusals
+            nonlocal lingering_refusals, ops_open
+            if self._to_ops_port:
+                self._to_ops_port = False
+                ops_open -= 1
             if self._refused_lingering:
                 self._refused_lingering = False
                 lingering_refusals -= 1

@@ -42,8 +42,11 @@ class BridgeServer(uvicorn.Server):
         state: RuntimeState,
         shutdown_delay: float,
         signals_taken: Callable[[], None],
+        *,
+        ops_port: int | None = None,
     ) -> None:
         super().__init__(config)
+        self._ops_port = ops_port
         self._state = state
         self._shutdown_delay = shutdown_delay
         self._stop_at: float | None = None
@@ -69,14 +72,23 @@ class BridgeServer(uvicorn.Server):
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
                 log.info(
-                    "listening on http://%s",
+                    "listening on http://%s%s",
                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                    _what_a_port_serves(port, self._ops_port),
                 )
 
     async def on_tick(self, counter: int) -> bool:
         if self._stop_at is not None and time.monotonic() >= self._stop_at:
             return True
         return await super().on_tick(counter)
+
+
+def _what_a_port_serves(port: int, ops_port: int | None) -> str:
+    if ops_port is None:
+        return ""
+    if port == ops_port:
+        return " for /healthz, /readyz, /metrics and /openapi.json (BRIDGE_OPS_PORT)"
+    return " for the webhooks"
 
 
 class StartupConfigError:
@@ -114,7 +126,7 @@ class StartupConfigError:
                 await send(failed[0])
 
 
-def listening_sockets(host: str, port: int) -> list[socket.socket]:
+def listening_sockets(host: str, port: int, setting: str = "BRIDGE_PORT") -> list[socket.socket]:
     """The sockets uvicorn would bind for ``host``:``port``, bound and listening now.
 
     As asyncio's ``create_server``, which uvicorn calls: one socket per address the
@@ -122,7 +134,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     IPV6_V6ONLY on IPv6 ones when an IPv4 socket takes IPv4 (an empty host). An IPv6
     address alone (``::``) serves IPv4 too, as ``::ffff:a.b.c.d``, whatever the
     system's default: asyncio's V6ONLY there refused every IPv4 client.
-    A ConfigError naming the address if it is taken.
+    A ConfigError naming the address (and ``setting``, the port's) if it is taken.
 
     Listening at once, not only bound: with SO_REUSEADDR two sockets can bind one port
     while neither listens, so two bridges started together both got past here, and
@@ -131,7 +143,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     in the backlog and are answered once the bridge serves.
     """
     sockets: list[socket.socket] = []
-    infos = listen_addresses(host, port)  # as check-config resolves them
+    infos = listen_addresses(host, port, setting)  # as check-config resolves them
     try:
         ipv4_too = any(info[0] == socket.AF_INET for info in infos)
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -145,7 +157,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise cannot_listen(host, port, exc) from None
+        raise cannot_listen(host, port, exc, setting) from None
     return sockets
 
 
@@ -194,6 +206,8 @@ def serve(settings: Settings) -> int:
         # a second bridge on a taken port connected to Kafka and started draining first.
         sockets = listening_sockets(settings.host, settings.port)
         try:
+            if settings.ops_port is not None:
+                sockets += listening_sockets(settings.host, settings.ops_port, "BRIDGE_OPS_PORT")
             return _serve(settings, sockets, early)
         finally:
             for sock in sockets:
@@ -232,6 +246,7 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         ),
         redact=redactor.logged,
         max_connections=max_connections,
+        ops_port=settings.ops_port,
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(
@@ -253,7 +268,9 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         # requests at once instead of letting them finish. Round up instead.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
-    server = BridgeServer(config, state, settings.shutdown_delay, early.served)
+    server = BridgeServer(
+        config, state, settings.shutdown_delay, early.served, ops_port=settings.ops_port
+    )
     connections = server.server_state.connections  # the protocol adds and removes itself
     metrics.open_connections.set_function(lambda: len(connections))
     try:

@@ -53,6 +53,8 @@ class BridgeProcess:
             "BRIDGE_SPOOL_DIR": str(log_path.parent / "spool"),
             **env,
         }
+        ops_port = self._env.get("BRIDGE_OPS_PORT")  # where the operations endpoints are
+        self.ops_url = self.url if not ops_port else f"http://127.0.0.1:{ops_port}"
         self._log: IO[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -65,7 +67,7 @@ class BridgeProcess:
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_until_ready(self.proc, self.url + "/readyz", "bridge", ready_within, self.log)
+            wait_until_ready(self.proc, self.ops_url + "/readyz", "bridge", ready_within, self.log)
         except BaseException:
             # Raised from __enter__, the with statement never calls __exit__: a bridge
             # that never turned ready was left running after its test.

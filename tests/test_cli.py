@@ -27,7 +27,7 @@ from bridge.app import create_app
 from bridge.auth import UNAUTHENTICATED
 from bridge.cli import main
 from bridge.config import load_settings
-from bridge.devkafka import free_port
+from bridge.devkafka import free_port, free_ports
 from bridge.errors import ConfigError
 from bridge.kafkaadmin import tail, tail_pattern
 from bridge.routing import template_pattern
@@ -786,13 +786,14 @@ def test_a_reader_that_goes_away_ends_the_tool_quietly() -> None:
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("taken", ["BRIDGE_PORT", "BRIDGE_OPS_PORT"])
 def test_serve_on_a_taken_port_exits_2_before_starting(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, taken: str
 ) -> None:
     """A second `bridge serve` on a port in use exits 2 with one line naming the address,
     having neither started the bridge nor opened the spool (uvicorn binds only after the
     lifespan: the bridge used to connect to Kafka, open the spool and start draining it,
-    and only then exit 3 on "address already in use")."""
+    and only then exit 3 on "address already in use"). The operations port alike."""
     spool = tmp_path / "spool"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
@@ -807,9 +808,12 @@ def test_serve_on_a_taken_port_exits_2_before_starting(
         running.bind(("127.0.0.1", 0))
         running.listen()
         port = running.getsockname()[1]
+        free = iter(free_ports(2))
+        ports = {name: str(next(free)) for name in ("BRIDGE_PORT", "BRIDGE_OPS_PORT")}
+        ports[taken] = str(port)
         result = subprocess.run(
             [sys.executable, "-m", "bridge", "serve"],
-            env=env | {"BRIDGE_PORT": str(port)},
+            env=env | ports,
             capture_output=True,
             text=True,
             timeout=120,
@@ -818,7 +822,7 @@ def test_serve_on_a_taken_port_exits_2_before_starting(
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert result.stderr.splitlines()[-1] == (
-        f"bridge: cannot listen on 127.0.0.1:{port} (BRIDGE_HOST, BRIDGE_PORT): "
+        f"bridge: cannot listen on 127.0.0.1:{port} (BRIDGE_HOST, {taken}): "
         "the address is already in use (another bridge running?)"
     ), output
     assert "accepting deliveries" not in output

@@ -13,7 +13,13 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge import config
 from bridge.backlog import MemoryBacklog
-from bridge.config import Settings, load_settings, read_secret_file
+from bridge.config import (
+    FILE_RESERVE,
+    OPS_MAX_CONNECTIONS,
+    Settings,
+    load_settings,
+    read_secret_file,
+)
 from bridge.errors import ConfigError, RateLimited
 from bridge.guards import RateLimiter
 from bridge.publisher import check_record_size
@@ -679,6 +685,48 @@ def test_the_connection_limit_follows_the_file_limit(
         assert "BRIDGE_MAX_CONNECTIONS=1000" in warning
         assert "ulimit -n" in warning
     assert settings.redacted()["max_connections_in_effect"] == limit
+
+
+def test_the_operations_port_keeps_its_connections_out_of_the_default_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With BRIDGE_OPS_PORT that port may hold OPS_MAX_CONNECTIONS more: the default
+    limit leaves them out of the file limit too, and the warning counts them."""
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, resource.RLIM_INFINITY))
+    settings = load_settings(environ={**BASE, "BRIDGE_OPS_PORT": "9090"})
+    assert settings.connection_limit() == (1024 - FILE_RESERVE - OPS_MAX_CONNECTIONS, None)
+    settings = load_settings(
+        environ={**BASE, "BRIDGE_OPS_PORT": "9090", "BRIDGE_MAX_CONNECTIONS": "900"}
+    )
+    _, warning = settings.connection_limit()
+    assert warning is not None
+    assert f"keeping {FILE_RESERVE + OPS_MAX_CONNECTIONS} for Kafka, the spool and" in warning
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"BRIDGE_OPS_PORT": ""}, None),  # an empty variable, as Kubernetes may give
+        ({"BRIDGE_OPS_PORT": " 9090 "}, 9090),
+    ],
+)
+def test_the_operations_port_is_optional(environ: dict[str, str], expected: int | None) -> None:
+    assert load_settings(environ={**BASE, **environ}).ops_port == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"BRIDGE_OPS_PORT": "8080"}, "BRIDGE_OPS_PORT=8080 is BRIDGE_PORT"),
+        ({"BRIDGE_PORT": "9000", "BRIDGE_OPS_PORT": "9000"}, "BRIDGE_OPS_PORT=9000 is BRIDGE_PORT"),
+        ({"BRIDGE_OPS_PORT": "0"}, "BRIDGE_OPS_PORT"),
+        ({"BRIDGE_OPS_PORT": "65536"}, "BRIDGE_OPS_PORT"),
+    ],
+)
+def test_the_operations_port_is_another_port(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={**BASE, **environ})
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many"])

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bridge.devkafka import free_ports
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import wait_until
@@ -262,6 +263,65 @@ def test_connections_over_the_limit_are_answered_503_until_one_closes(
     )
     assert 'bridge_rejections_total{reason="too_many_connections"}' in metrics
     assert 'bridge_rejections_total{reason="too_many_connections"} 0.0' not in metrics
+
+
+def test_the_operations_port_answers_while_webhook_connections_are_at_their_limit(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    connect: Callable[[BridgeProcess], socket.socket],
+) -> None:
+    """BRIDGE_OPS_PORT against the real server: with the webhook port at
+    BRIDGE_MAX_CONNECTIONS the probes and Prometheus still get their answers on the
+    operations port (on a shared port a flood of connections failed the liveness probe:
+    a restart under load); each port answers 404 for the other's paths."""
+    port, ops_port = free_ports(2)
+    env = {
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_MAX_CONNECTIONS": "2",
+        "BRIDGE_OPS_PORT": str(ops_port),
+    }
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with BridgeProcess(env, tmp_path / "bridge.log", port=port) as bridge:
+        assert bridge.ops_url == f"http://127.0.0.1:{ops_port}"
+        idle = [connect(bridge), connect(bridge)]
+        over = connect(bridge)
+        over.sendall(_request("/healthz"))
+        assert read_all(over).startswith(b"HTTP/1.1 503 ")
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert httpx2.get(bridge.ops_url + path, timeout=5).status_code == 200, path
+        wrong = httpx2.post(
+            bridge.ops_url + "/webhooks/geins/Order/create", content=b"{}", headers=auth, timeout=5
+        )
+        assert wrong.status_code == 404
+        assert "webhooks are served on BRIDGE_PORT" in wrong.json()["detail"]
+        for sock in idle:
+            sock.close()
+
+        def scrape_webhook_port() -> httpx2.Response:  # a 503 until the closes are seen
+            return httpx2.get(bridge.url + "/metrics", timeout=5)
+
+        public = wait_until(
+            scrape_webhook_port, lambda r: r.status_code != 503, within=10, every=0.1
+        )
+        assert public.status_code == 404
+        assert "BRIDGE_OPS_PORT" in public.json()["detail"]
+        accepted = httpx2.post(
+            bridge.url + "/webhooks/geins/Order/create",
+            content=b'{"id":"1"}',
+            headers=auth,
+            timeout=5,
+        )
+        assert accepted.status_code == 202
+        metrics = httpx2.get(bridge.ops_url + "/metrics", timeout=5).text
+    assert 'bridge_requests_total{action="create",entity="order",outcome="accepted"} 1.0' in (
+        metrics
+    )
+    assert "for /healthz, /readyz, /metrics and /openapi.json (BRIDGE_OPS_PORT)" in bridge.log()
 
 
 def test_no_token_in_logs_metrics_dead_letters_or_records(

@@ -118,12 +118,13 @@ ORDER = b'{"entity":"Order","action":"create","id":"1"}'
 class SocketTransport(RecordingTransport):
     """What uvicorn's protocol asks of a transport, recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 8080) -> None:
         super().__init__()
         self.reading = True
+        self.port = port  # the server's, which the connection came to
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(
+        return {"sockname": ("127.0.0.1", self.port), "peername": ("127.0.0.1", 50000)}.get(
             name, default
         )
 
@@ -155,8 +156,13 @@ class Connection:
         keep_alive: float = 5,
         max_connections: int | None = None,
         like: Connection | None = None,  # another connection of the same server
+        ops_port: int | None = None,  # BRIDGE_OPS_PORT
+        port: int = 8080,  # the port this connection came to
     ) -> None:
-        settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+        environ = {"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"}
+        if ops_port is not None:
+            environ["BRIDGE_OPS_PORT"] = str(ops_port)
+        settings = load_settings(environ=environ)
         self.publisher = FakePublisher()
         app = create_app(settings, publisher=self.publisher)
         self.metrics: Metrics = app.state.metrics  # what the app counts
@@ -168,6 +174,7 @@ class Connection:
             max_url_bytes=max_url_bytes,
             on_refused=self._count,
             max_connections=max_connections,
+            ops_port=ops_port,
         )
         if like is not None:  # its server's protocol class, which counts in like.refused
             protocol = like.protocol_class
@@ -197,7 +204,7 @@ class Connection:
 
         monkeypatch.setattr(RequestResponseCycle, "send", recording_send)
         self.protocol = protocol(config=config, server_state=state, app_state={})
-        self.transport = SocketTransport()
+        self.transport = SocketTransport(port)
         self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
 
     def _count(self, error: BridgeError, seconds: float) -> None:
@@ -1331,6 +1338,55 @@ async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropp
         assert line.fields["refused"] == 1
     finally:
         for connection in (first, second, over):
+            connection.close()
+
+
+async def test_the_operations_port_has_its_own_connection_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With BRIDGE_OPS_PORT, connections to it neither count against
+    BRIDGE_MAX_CONNECTIONS nor are refused by it (a flood of webhook connections
+    failed the liveness probe, and Kubernetes restarted a bridge under load); they have
+    their own limit, OPS_MAX_CONNECTIONS, so a flood there cannot take the webhooks'
+    descriptors either."""
+    monkeypatch.setattr(httpprotocol, "OPS_MAX_CONNECTIONS", 2)
+    held = Connection(monkeypatch, max_connections=1, ops_port=9090)
+    opened = [held]
+
+    def connect(port: int = 8080) -> Connection:
+        opened.append(Connection(monkeypatch, like=held, port=port))
+        return opened[-1]
+
+    def close(connection: Connection) -> None:
+        opened.remove(connection)
+        connection.close()
+
+    def refusal(connection: Connection) -> bytes:
+        [answer] = split_responses(b"".join(connection.transport.writes))
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        return answer
+
+    try:
+        ops = [connect(9090), connect(9090)]
+        for connection in ops:  # not refused, though the webhook port is at its limit
+            assert connection.transport.writes == []
+            [answer] = await connection.answers(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", 1)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        over_ops = connect(9090)
+        assert b"more than 2 connections are open on BRIDGE_OPS_PORT" in refusal(over_ops)
+        over = connect()  # the webhook port's limit holds as ever
+        assert b"more than 1 connections are open (BRIDGE_MAX_CONNECTIONS)" in refusal(over)
+        for connection in (*ops, over_ops, over):
+            close(connection)
+        assert b"(BRIDGE_MAX_CONNECTIONS)" in refusal(connect()), "room on their port only"
+        close(opened[-1])
+        assert connect(9090).transport.writes == [], "and the operations port has room"
+        close(held)
+        [answer] = await connect().answers(webhook("room"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        assert [e.reason for e in held.refused] == ["too_many_connections"] * 3
+    finally:
+        for connection in opened:
             connection.close()
 
 

@@ -835,3 +835,46 @@ def test_too_many_credentials_is_a_400(secret_bridge: Any) -> None:
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["reason"] == "too_many_credentials"
     assert publisher.records == []
+
+
+def test_with_an_operations_port_each_port_answers_only_its_own_paths(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """BRIDGE_OPS_PORT: the operations endpoints answer there and nowhere else, so
+    /metrics and /readyz can be kept off the internet-facing port; a webhook sent to
+    the operations port is a 404 that says where webhooks go, logged and counted (a
+    Geins URL set up with the wrong port); the operations paths on the webhook port a
+    404 too, not logged (scanners knock there)."""
+    caplog.set_level(logging.INFO)
+    app, publisher, _ = make(BRIDGE_PORT="8080", BRIDGE_OPS_PORT="9090")
+    with (
+        TestClient(app, base_url="http://testserver:8080") as webhooks,
+        TestClient(app, base_url="http://testserver:9090") as ops,
+    ):
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            assert ops.get(path).status_code == 200, path
+            refused = webhooks.get(path)
+            assert refused.status_code == 404, path
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "operations port (BRIDGE_OPS_PORT)" in refused.json()["detail"]
+        assert webhooks.get("/favicon.ico").status_code == 404
+        assert ops.get("/favicon.ico").status_code == 404
+        assert webhooks.post("/webhooks/geins", content=ORDER, headers=AUTH).status_code == 202
+        wrong = ops.post("/webhooks/geins/Order/create", content=ORDER, headers=AUTH)
+        assert wrong.status_code == 404
+        assert wrong.json()["detail"] == (
+            "this is the operations port (BRIDGE_OPS_PORT): webhooks are served on BRIDGE_PORT"
+        )
+        scraped = ops.get("/metrics").text
+    assert len(publisher.records) == 1
+    assert 'bridge_rejections_total{reason="not_found"} 1.0' in scraped
+    [logged] = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert logged.fields["path"] == "/webhooks/geins/Order/create"  # type: ignore[attr-defined]
+
+
+def test_without_an_operations_port_one_port_answers_everything(bridge: Any) -> None:
+    client, publisher, _ = bridge
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/webhooks/geins", content=ORDER, headers=AUTH).status_code == 202
+    assert len(publisher.records) == 1
