@@ -420,7 +420,9 @@ def test_compose_wires_kafka_bridge_prometheus_and_grafana() -> None:
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     scrape = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "geins-bridge"]
-    assert job["static_configs"][0]["targets"] == ["bridge:8080"]
+    # the operations port, which is not published
+    assert job["static_configs"][0]["targets"] == [f"bridge:{env['BRIDGE_OPS_PORT']}"]
+    assert not [p for p in bridge["ports"] if p.endswith(f":{env['BRIDGE_OPS_PORT']}")]
 
     assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
     provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/bridge.yml")["providers"][0]
@@ -648,16 +650,21 @@ WORKLOADS = workloads()
 def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
     name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
 ) -> None:
-    """Pins probes (/healthz, /readyz), a preStop pause, and a grace period above the shutdown."""
+    """Pins probes (/healthz, /readyz) on the operations port, a preStop pause, and a
+    grace period above the shutdown. On the webhook port the probes shared
+    BRIDGE_MAX_CONNECTIONS with every client: a flood of connections failed them."""
     pod = workload["spec"]["template"]["spec"]
     bridge = bridge_container(pod)
     ports = {p["name"]: p["containerPort"] for p in bridge["ports"]}
     env = env_from(docs, bridge)
-    assert list(ports.values()) == [int(env["BRIDGE_PORT"])], name
+    assert sorted(ports.values()) == sorted(
+        [int(env["BRIDGE_PORT"]), int(env["BRIDGE_OPS_PORT"])]
+    ), name
     assert bridge["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert bridge["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert bridge[probe]["httpGet"]["port"] in ports
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        port = bridge[probe]["httpGet"]["port"]
+        assert ports[port] == int(env["BRIDGE_OPS_PORT"]), (name, probe)
     command = bridge["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pause = float(command[1])
@@ -778,9 +785,13 @@ def test_standalone_objects_select_and_target_the_bridge() -> None:
 
     monitor = find(docs, "ServiceMonitor")
     assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
-        p["name"] for p in service["spec"]["ports"]
-    }
+    # Prometheus scrapes the operations port (BRIDGE_OPS_PORT), where /metrics is
+    bridge = bridge_container(deployment["spec"]["template"]["spec"])
+    ops_port = int(env_from(docs, bridge)["BRIDGE_OPS_PORT"])
+    target_of = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    number_of = {p["name"]: p["containerPort"] for p in bridge["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert number_of[target_of[endpoint["port"]]] == ops_port
     # BridgeDown selects job="geins-bridge": the operator names the job after the Service.
     assert service["metadata"]["name"] == "geins-bridge"
 
@@ -876,6 +887,12 @@ def test_bridge_pods_request_the_disk_their_spool_may_use(
     assert "ephemeral-storage" not in bridge["resources"].get("limits", {}), name
 
 
+def number_of(container: dict[str, Any], port_name: str) -> int:
+    """The number of a container's port, from its name."""
+    [number] = [p["containerPort"] for p in container["ports"] if p["name"] == port_name]
+    return int(number)
+
+
 def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> None:
     """Pins the sidecar example: Service port `webhooks` and /webhooks/geins reach the bridge."""
     docs = manifests(SIDECAR)
@@ -901,8 +918,10 @@ def test_sidecar_service_routes_the_webhook_port_and_path_to_the_bridge() -> Non
         "name": service["metadata"]["name"],
         "port": {"name": "webhooks"},
     }
-    monitor = find(docs, "PodMonitor")
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "webhooks"
+    assert number_of(bridge, ports["webhooks"]) == int(env_from(docs, bridge)["BRIDGE_PORT"])
+    monitor = find(docs, "PodMonitor")  # on the operations port, where /metrics is
+    scraped = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    assert number_of(bridge, scraped) == int(env_from(docs, bridge)["BRIDGE_OPS_PORT"])
     assert {"targetLabel": "job", "replacement": "geins-bridge"} in monitor["spec"][
         "podMetricsEndpoints"
     ][0]["relabelings"]

@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from bridge.config import DEFAULT_MAX_CONNECTIONS, FILE_RESERVE, load_settings
-from bridge.devkafka import free_port
+from bridge.devkafka import free_ports
 from tests.deploy_support.shutdown import shutdown_seconds
 from tests.deploy_support.systemd import environment_file, one, parse_unit, values
 from tests.kafkaread import read_all_sync
@@ -95,7 +95,9 @@ def test_systemd_settings_run_a_bridge_that_delivers_and_stops_in_time(
     env["BRIDGE_KAFKA_BOOTSTRAP"] = kafka_bootstrap
     env["BRIDGE_TOPIC_TEMPLATE"] = f"{topic_prefix}.{{entity}}.{{action}}"
     env["BRIDGE_DEADLETTER_TOPIC"] = f"{topic_prefix}.deadletter"
-    env["BRIDGE_PORT"] = str(free_port())  # not the example's 8080, which make run uses
+    # not the example's ports: make run uses 8080, and others may be taken
+    assert env["BRIDGE_OPS_PORT"], "the operations endpoints on their own port"
+    env["BRIDGE_PORT"], env["BRIDGE_OPS_PORT"] = (str(p) for p in free_ports(2))
     load_settings(environ=env).check_serving()
     bridge = BridgeProcess(env, tmp_path / "bridge.log", port=int(env["BRIDGE_PORT"]))
     try:
