@@ -9,6 +9,9 @@ The subject, the load generator and Kafka are fakes: nothing is started or timed
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.bench import run as bench_run
+from tests.bench.mix import REPO
 from tests.bench.model import (
     ALL_RUNS,
     DIED,
@@ -37,10 +41,11 @@ class FakeProbe:
     """Kafka: ``total`` records on the subject's topics."""
 
     def __init__(self) -> None:
-        self.total = 0
+        self.total = 0  # on the event topics
+        self.dead = 0  # on the dead-letter topic
 
-    def count(self, prefix: str) -> int:
-        return self.total
+    def count(self, prefix: str, *, without: Collection[str] = ()) -> int:
+        return self.dead if prefix.endswith(bench_run.DEADLETTER) else self.total
 
     def settle(self, prefix: str, expected: int, **_: Any) -> tuple[int, float]:
         return self.total, 0.0
@@ -84,8 +89,9 @@ class NoKafka:
     pid = None
 
 
-#: (2xx answers, records that reach Kafka, the subject alive at the end of the run)
-Step = tuple[int, int, bool]
+#: (2xx answers, records that reach Kafka, the subject alive at the end of the run),
+#: and optionally the dead letters it makes
+Step = tuple[int, int, bool] | tuple[int, int, bool, int]
 
 
 def _bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: list[Step]) -> Bench:
@@ -106,9 +112,10 @@ def _bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: list[Step]) -
     def wrk_run(
         subject: Subject, proc: Any, home: Path, label: str, seconds: float, *, drain: float
     ) -> RunResult:
-        ok, landed, alive = next(script)
-        before = Snapshot(0.0, 0.0, None, 0.0, 0.0, probe.total)
+        ok, landed, alive, *dead = next(script)
+        before = Snapshot(0.0, 0.0, None, 0.0, 0.0, probe.total, probe.dead)
         probe.total += landed
+        probe.dead += sum(dead)
         proc.alive_now = alive
         run = RunResult(label, None, seconds, ok, ok, 0, 0, ok / seconds)
         bench._finish(subject, proc, run, before, replace(before, wall=seconds))
@@ -121,16 +128,45 @@ def _bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: list[Step]) -
     return bench
 
 
-def _subject() -> Subject:
+def _subject(env: dict[str, str] | None = None) -> Subject:
     return Subject(
         name="bridge memory",
         base="bridge memory",
         kind="bridge",
         argv=[],
-        env={},
+        env=env or {},
         prefix="benchx-memory",
         ack="memory",
     )
+
+
+def test_accepted_events_that_became_dead_letters_fail_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event accepted and then refused by Kafka for good becomes a dead letter, on a
+    topic inside the subject's prefix: counted with the events, a run where half of them
+    never reached their topics passed (a review, with a topic of max.message.bytes=120).
+    The events are counted apart, and any dead letter fails the run and the total."""
+    bench = _bench(
+        tmp_path,
+        monkeypatch,
+        [(1000, 1000, True), (5000, 2500, True, 2500)],
+    )
+    subject = _subject({"BRIDGE_DEADLETTER_TOPIC": "benchx-memory" + bench_run.DEADLETTER})
+    assert subject.extra_topics == ["benchx-memory.deadletter"]
+    result = bench.measure(subject)
+    saturation = result.run(SATURATION)
+    assert saturation is not None
+    assert (saturation.records, saturation.dead_letters) == (2500, 2500)
+    assert saturation.verify_detail == (
+        "FAILED: 2500 lost (2500 records < 5000 2xx); 2500 dead letters"
+    )
+    assert result.failed_runs == [saturation]
+    bench.check_total(subject, result)
+    assert (result.records_total, result.dead_letters_total) == (3500, 2500)
+    assert result.total_verified is False
+    verdicts = {v.target: v for v in targets(result, Baselines([result]))}
+    assert verdicts[KAFKA].passed is False
 
 
 def test_a_subject_that_died_fails_the_kafka_check_though_measured_again_cleanly(
@@ -306,3 +342,50 @@ def test_each_subject_s_topics_are_its_own() -> None:
             assert owners == ([subject.name] if subject.topics else []), topic
             checked += 1
     assert checked >= 20
+
+
+# --------------------------------------------------------------------------
+# The cut-short bridges (cutpoints.py)
+
+_CUT_SCRIPT = """
+import sys
+from starlette.testclient import TestClient
+from tests.bench import cutpoints
+cutpoints.install(sys.argv[1])
+from bridge.app import create_app
+from bridge.config import load_settings
+settings = load_settings(environ={
+    "BRIDGE_TOKENS": "cut-token-1234", "BRIDGE_ACK": "broker",
+    "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+})
+client = TestClient(create_app(settings))  # never started: no Kafka behind it
+for token in ("cut-token-1234", "cut-token-1234", "wrong-token-123"):
+    answer = client.post(
+        "/webhooks/geins/Order/create", content=b'{"id":"1"}',
+        headers={"Authorization": "Bearer " + token, "x-idempotency-key": "k1"},
+    )
+    print(answer.status_code, answer.json().get("topic"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("cut", "answers"),
+    [
+        # before authentication: anything is answered 202 alike
+        ("guard", ["202 cut", "202 cut", "202 cut"]),
+        # the whole bridge but the producer: authenticated, routed, de-duplicated
+        ("kafka", ["202 geins.order.create", "200 geins.order.create", "401 None"]),
+    ],
+)
+def test_a_cut_short_bridge_does_all_the_work_before_its_cut(cut: str, answers: list[str]) -> None:
+    """The "kafka" cut charged the token checks, the record size check and the ack
+    mode's de-duplication to Kafka (a review): it now stops at the producer alone."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CUT_SCRIPT, cut],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=REPO,
+    )
+    assert result.stdout.splitlines() == answers, result.stderr

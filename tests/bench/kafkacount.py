@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -54,8 +54,9 @@ class KafkaProbe:
 
         self._runner.run(asyncio.wait_for(create(), _DEADLINE))
 
-    def count(self, prefix: str) -> int:
-        """Records on every topic whose name starts with ``prefix``."""
+    def count(self, prefix: str, *, without: Collection[str] = ()) -> int:
+        """Records on every topic whose name starts with ``prefix``, but those named in
+        ``without``."""
 
         async def count() -> int:
             admin, consumer = await self._clients()
@@ -63,7 +64,7 @@ class KafkaProbe:
             partitions = [
                 TopicPartition(t["topic"], p["partition"])
                 for t in described
-                if t["topic"].startswith(prefix)
+                if t["topic"].startswith(prefix) and t["topic"] not in without
                 for p in t["partitions"]
             ]
             if not partitions:
@@ -79,6 +80,7 @@ class KafkaProbe:
         prefix: str,
         expected: int,
         *,
+        without: Collection[str] = (),
         max_wait: float,
         quiet: float = 3.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -89,7 +91,7 @@ class KafkaProbe:
         last = -1
         changed = started
         while True:
-            current = self.count(prefix)
+            current = self.count(prefix, without=without)
             now = time.monotonic()
             if current != last:
                 last, changed = current, now

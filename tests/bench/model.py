@@ -35,18 +35,22 @@ def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tu
     return [(index * bucket, peak) for index, peak in sorted(peaks.items())]
 
 
-def kafka_detail(records: int, answered: int, *, died: bool = False) -> str:
-    """What a Kafka check found: ``records`` on the subject's topics against the 2xx
-    ``answered``; a subject that died fails it whatever the counts."""
+def kafka_detail(records: int, answered: int, *, died: bool = False, dead_letters: int = 0) -> str:
+    """What a Kafka check found: ``records`` on the subject's event topics against the
+    2xx ``answered``; a subject that died fails it whatever the counts, and so do
+    ``dead_letters`` (the mix holds valid deliveries only: a dead letter is an accepted
+    event Kafka refused, which never reached its topic)."""
     if records == answered:
         found = f"{records} records = {answered} 2xx"
     elif records < answered:
         found = f"{answered - records} lost ({records} records < {answered} 2xx)"
     else:
         found = f"{records - answered} extra ({records} records > {answered} 2xx)"
+    if dead_letters:
+        found += f"; {dead_letters} dead letters"
     if died:
         return f"FAILED: the subject died; {found}"
-    return f"OK ({found})" if records == answered else f"FAILED: {found}"
+    return f"OK ({found})" if records == answered and not dead_letters else f"FAILED: {found}"
 
 
 def rate_label(rate: int) -> str:
@@ -71,7 +75,8 @@ class RunResult:
     max_ms: float | None = None
     cpu_seconds: float = 0.0  # the subject's, during the run
     broker_cpu_seconds: float | None = None  # the Kafka broker's, during the run
-    records: int | None = None  # records that reached Kafka because of this run
+    records: int | None = None  # records that reached its event topics because of this run
+    dead_letters: int = 0  # records its dead-letter topic got during this run
     verified: bool | None = None  # None: the subject writes nothing to Kafka
     verify_detail: str = ""
     settle_seconds: float | None = None
@@ -123,6 +128,7 @@ class SubjectResult:
     # rounds and its own), against answered_total: catches records that reached Kafka
     # between two runs' checks (late duplicates, say). None: not counted.
     records_total: int | None = None
+    dead_letters_total: int = 0  # on its dead-letter topic then
     error: str | None = None
     earlier_error: str | None = None  # a first attempt broke; this is the second
     exit_code: int | None = None
@@ -143,8 +149,11 @@ class SubjectResult:
 
     @property
     def total_verified(self) -> bool | None:
-        """Whether every record on its topics is one of its 2xx answers; None: not counted."""
-        return None if self.records_total is None else self.records_total == self.answered_total
+        """Whether every record on its event topics is one of its 2xx answers, and no
+        event became a dead letter; None: not counted."""
+        if self.records_total is None:
+            return None
+        return self.records_total == self.answered_total and not self.dead_letters_total
 
     @property
     def kafka_failed(self) -> bool:

@@ -104,8 +104,10 @@ ACK_MODES = ("broker", "durable", "memory")
 TOPIC_PARTITIONS = 3  # the bridge's default BRIDGE_TOPIC_PARTITIONS, for every subject
 WORKDIR = REPO / ".cache" / "bench"
 ROUNDS_WARMUP = WARMUP + ", before the rounds"
-# A bridge subject's dead letters go to <its prefix>.deadletter: inside its own topics,
-# counted with its events (the template <prefix>.{entity}.{action} cannot make it).
+# A bridge subject's dead letters go to <its prefix>.deadletter: inside its own topics
+# (the template <prefix>.{entity}.{action} cannot make it), counted apart from its
+# events: the mix holds valid deliveries only, so any dead letter is an accepted event
+# Kafka refused, missing from its topic.
 DEADLETTER = ".deadletter"
 
 
@@ -200,7 +202,8 @@ class Snapshot:
     broker_cpu: float | None
     busy: float  # the whole machine's busy CPU seconds
     harness: float  # this process and its finished children (wrk, vegeta)
-    records: int
+    records: int  # on the subject's event topics
+    dead_letters: int  # on its dead-letter topic
 
 
 @dataclass
@@ -762,8 +765,17 @@ class Bench:
             broker_cpu=self.broker_cpu(),
             busy=machine_busy_seconds(),
             harness=harness_cpu_seconds() + (cpu_seconds(load_pid) if load_pid else 0.0),
-            records=self.probe.count(subject.topics) if records and subject.topics else 0,
+            records=self._events(subject) if records else 0,
+            dead_letters=self._dead_letters(subject) if records else 0,
         )
+
+    def _events(self, subject: Subject) -> int:
+        if subject.topics is None:
+            return 0
+        return self.probe.count(subject.topics, without=subject.extra_topics)
+
+    def _dead_letters(self, subject: Subject) -> int:
+        return sum(self.probe.count(topic) for topic in subject.extra_topics)
 
     def _finish(
         self,
@@ -789,22 +801,28 @@ class Bench:
         if wall > 0:
             run.other_load = max(0.0, after.busy - before.busy - ours) / wall
         run.died = not proc.alive()
-        self._verify(subject, run, before.records)
+        self._verify(subject, run, before)
         if run.died:
             label = run.label
             run.label += DIED
             raise SubjectDied(run, label, proc.log_tail())
 
-    def _verify(self, subject: Subject, run: RunResult, records_before: int) -> None:
+    def _verify(self, subject: Subject, run: RunResult, before: Snapshot) -> None:
         if subject.topics is None:
             return
         after, waited = self.probe.settle(
-            subject.topics, records_before + run.ok, max_wait=_settle_wait(subject)
+            subject.topics,
+            before.records + run.ok,
+            without=subject.extra_topics,
+            max_wait=_settle_wait(subject),
         )
-        run.records = after - records_before
+        run.records = after - before.records
+        run.dead_letters = self._dead_letters(subject) - before.dead_letters
         run.settle_seconds = waited
-        run.verified = run.records == run.ok
-        run.verify_detail = kafka_detail(run.records, run.ok, died=run.died)
+        run.verified = run.records == run.ok and not run.dead_letters
+        run.verify_detail = kafka_detail(
+            run.records, run.ok, died=run.died, dead_letters=run.dead_letters
+        )
 
     def check_total(self, subject: Subject, result: SubjectResult) -> None:
         """Once the subject stopped for good (its process in the rounds and its own): every
@@ -814,11 +832,19 @@ class Bench:
         if subject.topics is None:
             return
         result.records_total, _ = self.probe.settle(
-            subject.topics, result.answered_total, max_wait=_settle_wait(subject)
+            subject.topics,
+            result.answered_total,
+            without=subject.extra_topics,
+            max_wait=_settle_wait(subject),
         )
+        result.dead_letters_total = self._dead_letters(subject)
         say(
             f"{subject.name}: Kafka, {ALL_RUNS}: "
-            + kafka_detail(result.records_total, result.answered_total)
+            + kafka_detail(
+                result.records_total,
+                result.answered_total,
+                dead_letters=result.dead_letters_total,
+            )
         )
 
     def _wrk_run(
