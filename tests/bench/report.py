@@ -868,7 +868,10 @@ def _method(results: Sequence[SubjectResult], context: Context) -> list[str]:
         "broker, load generator, harness) during a run, in % of one CPU (/proc/stat); ⚠ marks "
         f"runs above {100 * NOISY:.0f} %, whose numbers were disturbed by something else.",
         "- Peak RSS: the kernel's VmHWM of the subject (with two workers: the largest sampled sum "
-        "of VmRSS). CPU: utime + stime from /proc during the run, per 1,000 2xx answers.",
+        "of VmRSS). CPU: utime + stime from /proc during the run, per 1,000 2xx answers. "
+        "`durable` and `memory` answer before they publish: what is still in their backlog "
+        "when a saturation window ends is published during the Kafka check's settle (its "
+        "ms in the Kafka table, most of which is the check's own polling), uncharged.",
         "- Each Kafka-writing subject has its own topic prefix, topics created beforehand with "
         "3 partitions; the naive bridge uses one `AIOKafkaProducer(acks='all')` and "
         "`send_and_wait` per request.",
