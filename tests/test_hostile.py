@@ -64,13 +64,21 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.fixture
-def bridge(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterator[BridgeProcess]:
-    env = {
+def bridge_env(kafka_bootstrap: str, topic_prefix: str, **settings: str) -> dict[str, str]:
+    """A bridge's settings with the test's broker and topics, and ``settings`` more."""
+    return {
         "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "BRIDGE_TOKENS": TOKEN,
         "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
         "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
+        **settings,
+    }
+
+
+@pytest.fixture
+def bridge(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterator[BridgeProcess]:
+    env = {
+        **bridge_env(kafka_bootstrap, topic_prefix),
         "BRIDGE_READ_TIMEOUT": "1.5",
         "BRIDGE_KEEP_ALIVE_TIMEOUT": "1",
         "BRIDGE_MAX_HEADER_BYTES": "4096",
@@ -219,14 +227,7 @@ def test_connections_over_the_limit_are_answered_503_until_one_closes(
     """BRIDGE_MAX_CONNECTIONS against the real server: past it a connection is answered
     503 problem+json at once (its request unread, not published), then closed; once a
     connection closes there is room again. bridge_open_connections shows them."""
-    env = {
-        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "BRIDGE_TOKENS": TOKEN,
-        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
-        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
-        "BRIDGE_ACK": "memory",
-        "BRIDGE_MAX_CONNECTIONS": "3",
-    }
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK="memory", BRIDGE_MAX_CONNECTIONS="3")
     with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
         idle = [connect(bridge), connect(bridge)]
         metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text  # the third
@@ -276,15 +277,13 @@ def test_the_operations_port_answers_while_webhook_connections_are_at_their_limi
     operations port (on a shared port a flood of connections failed the liveness probe:
     a restart under load); each port answers 404 for the other's paths."""
     port, ops_port = free_ports(2)
-    env = {
-        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "BRIDGE_TOKENS": TOKEN,
-        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
-        "BRIDGE_DEADLETTER_TOPIC": topic_prefix + ".deadletter",
-        "BRIDGE_ACK": "memory",
-        "BRIDGE_MAX_CONNECTIONS": "2",
-        "BRIDGE_OPS_PORT": str(ops_port),
-    }
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        BRIDGE_ACK="memory",
+        BRIDGE_MAX_CONNECTIONS="2",
+        BRIDGE_OPS_PORT=str(ops_port),
+    )
     auth = {"authorization": f"Bearer {TOKEN}"}
     with BridgeProcess(env, tmp_path / "bridge.log", port=port) as bridge:
         assert bridge.ops_url == f"http://127.0.0.1:{ops_port}"
