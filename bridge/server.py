@@ -173,8 +173,8 @@ class _EarlyStop:
     the kernel drops a signal PID 1 has no handler for. A pod deleted during the spool
     check (a minute for a full spool) then served on and was killed at the end of its
     grace period. The spool's check lets Python handlers run between SQLite's steps
-    (bridge.spool, its progress handler), so the stop comes when the current step
-    ends: at once, or, for a large spool, when its largest table is checked.
+    (bridge.spool, its progress handler) and is interrupted by the signal within a
+    step (bridge.spool._stopped_by_signals), so the stop comes at once.
     """
 
     signals = (signal.SIGTERM, signal.SIGINT)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import random
+import signal
+import socket
 import sqlite3
 import threading
 from pathlib import Path
@@ -782,3 +784,21 @@ async def test_the_spools_files_are_for_the_bridges_user_only(tmp_path: Path) ->
                 await spool.close()
     finally:
         os.umask(old_umask)
+
+
+def test_the_start_check_gives_the_signal_wakeup_descriptor_back(tmp_path: Path) -> None:
+    """The check borrows Python's signal wakeup descriptor (to interrupt SQLite on
+    SIGTERM) and gives back the one that was set, with its thread gone."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno())
+    spool = make(tmp_path)
+    try:
+        spool.connect()
+        assert signal.set_wakeup_fd(writer.fileno()) == writer.fileno()
+        assert "spool-check-signals" not in [t.name for t in threading.enumerate()]
+    finally:
+        signal.set_wakeup_fd(previous)
+        asyncio.run(spool.close())
+        reader.close()
+        writer.close()
