@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
+from bridge.errors import PublishTimeout
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, spawn
 from bridge.routing import Destination
@@ -136,6 +137,11 @@ class BrokerAck:
         self._inflight[dedup_key] = mine
         try:
             await self._publisher.publish(destination)
+        except PublishTimeout as timeout:
+            mine.set_result(False)
+            if timeout.landing is not None:
+                self._remember_if_it_lands(timeout.landing, dedup_key)
+            raise
         except BaseException:
             mine.set_result(False)
             raise
@@ -145,6 +151,18 @@ class BrokerAck:
         finally:
             del self._inflight[dedup_key]
         return True
+
+    def _remember_if_it_lands(self, landing: asyncio.Future[Any], dedup_key: str) -> None:
+        """Remember the key of a record answered 503 (its acknowledgement took longer than
+        BRIDGE_PUBLISH_TIMEOUT) once Kafka takes it after all: the sender's retry is then
+        a duplicate (200), not a second copy. Without it, a Kafka outage in broker mode
+        left one copy per attempt that had timed out, and then the retry's."""
+
+        def landed(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self._seen.remember(dedup_key)
+
+        landing.add_done_callback(landed)
 
 
 class _DrainedAck:

@@ -9,9 +9,11 @@ before the app.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+
     from bridge.geins import Event
 
 
@@ -242,6 +244,11 @@ class MemoryQueueFull(Unavailable):
 class PublishTimeout(Unavailable):
     reason = "publish_timeout"
     title = "Kafka did not acknowledge in time"
+
+    #: The future of the record's batch, when it was handed over and is still queued:
+    #: the record may yet land (a 503 is no promise that it will not), and resolves
+    #: it without an exception if it does. None when that cannot be known.
+    landing: asyncio.Future[Any] | None = None
 
 
 class PublishFailed(Unavailable):

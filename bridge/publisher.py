@@ -1090,10 +1090,16 @@ class KafkaPublisher:
             if handed_over and self._record_answered_at < started and self._broker_mode:
                 self._stall()
             self._metrics.record_publish_error("timeout")
-            raise PublishTimeout(
+            timeout = PublishTimeout(
                 f"Kafka did not acknowledge the record for {destination.topic} "
                 f"within {self._timeout:g} s"
-            ) from None
+            )
+            # A batch that went whole (not alone: its future was the record's own,
+            # cancelled by the deadline); aiokafka resolves it as Kafka answers.
+            landing = getattr(batch, "future", None)
+            if isinstance(landing, asyncio.Future) and not landing.done():
+                timeout.landing = landing
+            raise timeout from None
         except Exception as exc:
             raise self.failure(exc) from None
         if self._stall_began is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from bridge import drainer as drainer_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
@@ -903,3 +904,29 @@ async def test_a_record_a_probe_set_aside_is_not_probed_again_before_its_removal
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert sorted(r.key for r in publisher.records) == [b"p1", b"p2"]
+
+
+@pytest.mark.parametrize(("lands", "published"), [(True, 1), (False, 2)])
+async def test_broker_mode_remembers_a_timed_out_record_that_lands_later(
+    tmp_path: Path, lands: bool, published: int
+) -> None:
+    """A 503 for a publish timeout is no promise: the record stays queued and may land
+    once Kafka answers. When it does, its key is remembered and the sender's retry is a
+    duplicate (in a review's outage, each timed-out attempt and then the retry made a
+    copy: 3 records for one order). When it fails for good, the retry publishes."""
+    mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_ACK="broker"))
+    landing: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    timeout = PublishTimeout("slow")
+    timeout.landing = landing
+    mode._publisher = FakePublisher(fail_with=timeout)
+    with pytest.raises(PublishTimeout):
+        await mode.deliver(record("k"), "k")
+    if lands:
+        landing.set_result(None)
+    else:
+        landing.set_exception(KafkaTimeoutError())
+    await asyncio.sleep(0)  # the future's callbacks
+    retried = FakePublisher()
+    mode._publisher = retried
+    assert await mode.deliver(record("k"), "k") is (not lands)
+    assert len(retried.records) == published - 1

@@ -223,6 +223,49 @@ def test_broker_outage_durable_accepts_broker_mode_refuses(
     assert broker_tally.accepted <= broker_found
 
 
+def test_broker_mode_a_503_that_lands_later_makes_the_retry_a_duplicate(
+    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Kafka hangs (SIGSTOP) past BRIDGE_PUBLISH_TIMEOUT: the delivery gets its 503, but
+    its record stays queued and lands once Kafka answers. The sender's retry is then
+    answered 200 duplicate and nothing is published again: in a review's outage one
+    order became 3 records (two timed-out attempts, then the retry's)."""
+    env = bridge_env(own_broker.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="1")
+    pid = own_broker.pid
+    assert pid is not None
+
+    def deliver(client: httpx2.Client, key: str) -> httpx2.Response:
+        return client.post(
+            "/webhooks/geins/Order/create",
+            content=b'{"id":"1"}',
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key},
+        )
+
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        assert deliver(client, "warm-up").status_code == 202  # topic and metadata known
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            timed_out = deliver(client, "late")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert timed_out.status_code == 503, timed_out.text
+        assert timed_out.json()["reason"] == "publish_timeout"
+        wait_for_keys(own_broker.bootstrap, topic_prefix, {"late"}, 30)
+        retried = wait_until(
+            lambda: deliver(client, "late"),
+            lambda answer: answer.status_code != 503,  # readiness may lag Kafka's return
+            within=30,
+            every=0.5,
+        )
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["status"] == "duplicate"
+    keys = [r.key for r in read_all_sync(own_broker.bootstrap, topic_prefix)]
+    assert keys.count(b"late") == 1, keys
+
+
 def tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
