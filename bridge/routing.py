@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -119,13 +120,47 @@ _ce_time = lru_cache(maxsize=1024)(_rfc3339)
 
 def topic_safe(value: str | None, default: str) -> str:
     """An account or environment as it may appear in a topic name: lower-case letters,
-    digits and '-'; every run of other characters ('.' and '_' included) becomes one
-    '-', and a '-' at either end is dropped."""
+    digits and '-'; letters with accents lose them first (Malmö is malmo, Åre are), then
+    every run of other characters ('.' and '_' included) becomes one '-', and a '-' at
+    either end is dropped."""
     if value is None:
         return default
+    if not value.isascii():
+        value = ascii_letters(value)
     cleaned = _NOT_SAFE_CHAR.sub("-", value.lower()).strip("-")
     cleaned = cleaned[: MAX_LENGTH["account"]].rstrip("-")
     return cleaned or default
+
+
+#: Letters that no Unicode decomposition takes to ASCII, as they are written without
+#: their marks (Danish, Norwegian, German, Icelandic, Polish, Croatian).
+_PLAIN_LETTERS = str.maketrans(
+    {
+        "ø": "o",
+        "Ø": "O",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+        "ß": "ss",
+        "þ": "th",
+        "Þ": "TH",
+        "ð": "d",
+        "Ð": "D",
+        "ł": "l",
+        "Ł": "L",
+        "đ": "d",
+        "Đ": "D",
+    }
+)
+
+
+def ascii_letters(text: str) -> str:
+    """``text`` with its letters' accents and marks dropped (NFKD), so that the shop
+    names of a Swedish merchant stay apart in topic names: Öland and Åland were both
+    "land", Malmö was "malm" like Malm. What has no such form is left as it is."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_PLAIN_LETTERS))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def template_pattern(template: str) -> str:

@@ -146,6 +146,27 @@ def test_accounts_and_environments_cannot_make_each_others_topics() -> None:
     assert topic_safe("a" * 47 + ".b", "d") == "a" * 47  # no '-' left at the end of a cut
 
 
+@pytest.mark.parametrize(
+    ("account", "safe"),
+    [
+        ("Malmö", "malmo"),
+        ("Åland", "aland"),
+        ("Öland", "oland"),
+        ("Göteborg", "goteborg"),
+        ("butik-åre", "butik-are"),
+        ("Ærø Købmand", "aero-kobmand"),
+        ("Straße", "strasse"),
+        ("Łódź", "lodz"),
+        ("\uff46\uff55\uff4c\uff4c", "full"),  # full-width letters too
+        ("東京", "dflt"),  # no Latin form: nothing left
+    ],
+)
+def test_topic_safe_keeps_accented_letters_as_their_plain_ones(account: str, safe: str) -> None:
+    """A Geins account is usually the shop's name: Öland and Åland both went to
+    "land" topics, Malmö shared Malm's, Göteborg became "g-teborg" (a review)."""
+    assert topic_safe(account, "dflt") == safe
+
+
 def test_topic_safe_falls_back_to_default() -> None:
     """Nothing usable left after cleaning means the default."""
     assert topic_safe("!!!", "dflt") == "dflt"
