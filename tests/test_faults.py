@@ -49,6 +49,23 @@ def bridge_env(bootstrap: str, prefix: str, ack: str, **extra: str) -> dict[str,
     }
 
 
+def hang(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped: a thread in the
+    middle of a disk write stops only once the write is done, and under load a test
+    found its stopped broker had acknowledged the records sent after the signal."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def states() -> list[str]:
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                stat = (task / "stat").read_text()
+                found.append(stat[stat.rindex(")") + 2])
+        return found
+
+    wait_until(states, lambda found: set(found) <= {"T", "t"}, within=30, every=0.01)
+
+
 def found_keys(bootstrap: str, prefix: str) -> set[str]:
     return {r.key.decode() for r in read_all_sync(bootstrap, prefix)}
 
@@ -133,7 +150,7 @@ def test_a_producer_that_cannot_flush_is_closed_and_fails_what_it_held(
         await publisher.publish(Destination(topic, b"k0", b"{}", []))  # topic and metadata
         producer = publisher._producer
         assert producer is not None
-        os.kill(pid, signal.SIGSTOP)
+        hang(pid)
         try:
             held = [
                 await publisher.hand_over(Destination(topic, f"k{i}".encode(), b"{}", []))
@@ -246,7 +263,7 @@ def test_broker_mode_a_503_that_lands_later_makes_the_retry_a_duplicate(
         httpx2.Client(base_url=bridge.url, timeout=30) as client,
     ):
         assert deliver(client, "warm-up").status_code == 202  # topic and metadata known
-        os.kill(pid, signal.SIGSTOP)
+        hang(pid)
         try:
             timed_out = deliver(client, "late")
         finally:
@@ -439,7 +456,7 @@ def test_a_small_disk_drains_after_each_of_two_outages(
     try:
         with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
             for outage in ("first", "second"):
-                os.kill(pid, signal.SIGSTOP)
+                hang(pid)
                 try:
                     last = _fill_until_refused(
                         bridge, tally, f"{outage}-", sizes, workers=workers, refusals=50
