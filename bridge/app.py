@@ -22,7 +22,6 @@ from bridge.config import Settings
 from bridge.errors import NotFound
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
-    WEBHOOK_PATH,
     ErrorAnswer,
     GuardRefusal,
     RuntimeState,
@@ -51,17 +50,20 @@ class BridgeApp(Starlette):
     profiled): the guard, then :class:`WebhookDispatch`. The webhook routes stay
     in the router too, so the app describes itself the same either way.
 
-    With an operations port (BRIDGE_OPS_PORT) each port answers only its own paths,
-    the other's get a 404: the operations endpoints on that port, without the guard
-    (BRIDGE_ALLOWED_NETWORKS and the rate limit are for webhook senders), and the
-    webhooks on BRIDGE_PORT.
+    With an operations port (BRIDGE_OPS_PORT), /metrics and /openapi.json are answered
+    there only, and the webhooks on BRIDGE_PORT only: the other port answers them 404.
+    /healthz and /readyz answer on both, for load balancers that check the port they
+    send traffic to (GKE's, an AWS target group's); the probes use the operations
+    port, whose connections BRIDGE_MAX_CONNECTIONS does not count. The guard's size
+    limits apply on both ports; its allow-list, rate limit and concurrency cap to
+    webhook paths only, as ever.
     """
 
     _outer: Guard | None = None
     _webhook: WebhookDispatch | None = None
     _ops_port: int | None = None
-    _refusal: GuardRefusal | None = None
-    _answer: ErrorAnswer | None = None
+    _refusal: GuardRefusal
+    _answer: ErrorAnswer
 
     def fast_path(
         self,
@@ -73,7 +75,7 @@ class BridgeApp(Starlette):
     ) -> Guard:
         """Put ``guard`` in front of everything and ``webhook`` behind it; the guard.
         ``refusal`` answers, logs and counts a webhook sent to ``ops_port``, ``answer``
-        answers the 404 for other paths on the webhook port when there is one."""
+        answers the 404 of an operations-only path on the webhook port."""
         self._webhook = webhook
         self._refusal = refusal
         self._answer = answer
@@ -86,40 +88,47 @@ class BridgeApp(Starlette):
         # A coroutine function, as servers and test clients check to tell ASGI 3.
         if self._outer is None:
             await super().__call__(scope, receive, send)
-        elif self._ops_port is not None and _port_of(scope) == self._ops_port:
-            await self._operations(scope, receive, send)
         else:
             await self._outer(scope, receive, send)
-
-    async def _operations(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._refusal is not None and is_webhook_path(scope["path"]):
-            error = NotFound(WEBHOOKS_NOT_ON_OPS_PORT)
-            await self._refusal(scope, send, error, time.perf_counter())
-        else:
-            await super().__call__(scope, receive, send)
 
     # A plain function that returns the next layer's coroutine: a layer that only
     # passes a request on costs no coroutine of its own (nor a step through it
     # each time the request resumes).
     def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
         if self._webhook is not None and scope["type"] == "http":
-            if is_webhook_path(scope["path"]):
+            webhook = is_webhook_path(scope["path"])
+            if self._ops_port is not None:
+                elsewhere = self._served_elsewhere(scope, send, webhook)
+                if elsewhere is not None:
+                    return elsewhere
+            if webhook:
                 return self._webhook(scope, receive, send)
-            if self._ops_port is not None and self._answer is not None:
-                # Not logged nor counted, as Starlette's own 404s: scanners knock here.
-                return self._answer.send(send, NotFound(OPERATIONS_ON_OPS_PORT))
         return super().__call__(scope, receive, send)
 
+    def _served_elsewhere(
+        self, scope: Scope, send: Send, webhook: bool
+    ) -> Coroutine[Any, Any, None] | None:
+        """The 404 of a path the other port serves, or None (BRIDGE_OPS_PORT is set)."""
+        if _port_of(scope) == self._ops_port:
+            if webhook:  # a Geins URL with the wrong port: logged and counted
+                error = NotFound(WEBHOOKS_NOT_ON_OPS_PORT)
+                return self._refusal(scope, send, error, time.perf_counter())
+        elif scope["path"] in OPS_PORT_ONLY:
+            # Not logged nor counted, as Starlette's own 404s: scanners knock here.
+            return self._answer.send(send, NotFound(OPERATIONS_ON_OPS_PORT))
+        return None
 
+
+#: What only the operations port answers when there is one.
+OPS_PORT_ONLY = frozenset({"/metrics", "/openapi.json"})
 #: The 404's detail for a webhook sent to the operations port.
 WEBHOOKS_NOT_ON_OPS_PORT = (
     "this is the operations port (BRIDGE_OPS_PORT): webhooks are served on BRIDGE_PORT"
 )
-#: The 404's detail for a path other than the webhooks' on BRIDGE_PORT when the
-#: operations endpoints have their own port.
+#: The 404's detail for /metrics or /openapi.json on BRIDGE_PORT when the operations
+#: endpoints have their own port.
 OPERATIONS_ON_OPS_PORT = (
-    f"this port serves only the webhooks ({WEBHOOK_PATH}/...): the operations endpoints "
-    "(/healthz, /readyz, /metrics, /openapi.json) are on the operations port (BRIDGE_OPS_PORT)"
+    "/metrics and /openapi.json are served on the operations port (BRIDGE_OPS_PORT)"
 )
 
 

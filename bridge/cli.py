@@ -234,8 +234,8 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     # What serve would refuse before listening, checked the same way, but without
     # binding the port (another bridge may hold it now) or making the spool folder.
     listen_addresses(settings.host, settings.port)
-    if settings.ops_port is not None:
-        listen_addresses(settings.host, settings.ops_port, "BRIDGE_OPS_PORT")
+    if (ops := settings.ops_address()) is not None:
+        listen_addresses(*ops)
     if settings.ack == "durable":
         check_folder(settings.spool_dir)
     print(json.dumps(settings.redacted(), indent=2))

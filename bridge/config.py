@@ -88,27 +88,31 @@ def read_secret_file(path: Path) -> str:
 AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
 
 
-def listen_addresses(host: str, port: int, setting: str = "BRIDGE_PORT") -> list[AddressInfo]:
+#: The settings that make the webhook port's address, as error messages name them.
+WEBHOOK_ADDRESS = "BRIDGE_HOST, BRIDGE_PORT"
+
+
+def listen_addresses(host: str, port: int, names: str = WEBHOOK_ADDRESS) -> list[AddressInfo]:
     """The addresses ``host``:``port`` stands for, resolved as asyncio's create_server
     (which uvicorn calls) does: what ``bridge serve`` listens on, and what
-    ``check-config`` resolves without listening. A ConfigError naming ``setting`` (the
-    port's) if it does not resolve."""
+    ``check-config`` resolves without listening. A ConfigError naming the settings
+    ``names`` if it does not resolve."""
     try:
         found = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         return list(found)
     except OSError as exc:
-        raise cannot_listen(host, port, exc, setting) from None
+        raise cannot_listen(host, port, exc, names) from None
 
 
-def cannot_listen(host: str, port: int, exc: OSError, setting: str = "BRIDGE_PORT") -> ConfigError:
+def cannot_listen(host: str, port: int, exc: OSError, names: str = WEBHOOK_ADDRESS) -> ConfigError:
     """The error for an address the bridge cannot listen on, naming its settings."""
     if exc.errno == errno.EADDRINUSE:
         reason = "the address is already in use (another bridge running?)"
     else:
         reason = exc.strerror or str(exc)
-    return ConfigError(f"cannot listen on {host}:{port} (BRIDGE_HOST, {setting}): {reason}")
+    return ConfigError(f"cannot listen on {host}:{port} ({names}): {reason}")
 
 
 def _scalar_kind(annotation: Any) -> type | tuple[str, ...] | None:
@@ -192,8 +196,9 @@ class Settings(BaseModel):
     # --- HTTP ----------------------------------------------------------------------
     host: str = "0.0.0.0"  # noqa: S104  # a sidecar or service must listen beyond loopback
     port: int = Field(8080, ge=1, le=65535)
-    # None: the operations endpoints share `port` with the webhooks (see ops_port_apart)
+    # None: the operations endpoints share `port` with the webhooks (bridge.app)
     ops_port: int | None = Field(None, ge=1, le=65535)
+    ops_host: str | None = None  # None: `host`; see ops_address()
     tokens: tuple[str, ...] = Field((), repr=False)
     tokens_file: Path | None = None
     allow_unauthenticated: bool = False
@@ -323,11 +328,11 @@ class Settings(BaseModel):
             raise ValueError(f"{named}, {exc}") from None
         return value
 
-    @field_validator("host")
+    @field_validator("host", "ops_host")
     @classmethod
-    def _host_is_one(cls, value: str) -> str:
+    def _host_is_one(cls, value: str | None) -> str | None:
         # " 127.0.0.1" passed validation and failed only when serve resolved it.
-        if not _is_host_like(value):
+        if value is not None and not _is_host_like(value):
             raise ValueError("a host name or IP address has no spaces or control characters")
         return value
 
@@ -383,6 +388,7 @@ class Settings(BaseModel):
     @field_validator(
         "host",
         "ops_port",
+        "ops_host",
         "spool_dir",
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
@@ -517,8 +523,14 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _ports_differ(self, info: ValidationInfo) -> Self:
+        named = _Names(info)
+        if self.ops_host is not None and self.ops_port is None:
+            raise ValueError(
+                f"{named('ops_host', self.ops_host)} needs {named('ops_port')}: the "
+                "operations endpoints have no port of their own without it"
+            )
+        # Even on another host: requests are told apart by the port they came to.
         if self.ops_port == self.port:
-            named = _Names(info)
             raise ValueError(
                 f"{named('ops_port', self.ops_port)} is {named('port')}: leave it unset "
                 "to serve the operations endpoints on that port, or choose another one"
@@ -668,6 +680,15 @@ class Settings(BaseModel):
         except OSError as exc:
             raise ValueError(f"cannot read a TLS file: {exc}") from None
         return context
+
+    def ops_address(self) -> tuple[str, int, str] | None:
+        """Where the operations port listens, and the settings that say so (for error
+        messages); None without BRIDGE_OPS_PORT."""
+        if self.ops_port is None:
+            return None
+        if self.ops_host is None:
+            return self.host, self.ops_port, "BRIDGE_HOST, BRIDGE_OPS_PORT"
+        return self.ops_host, self.ops_port, "BRIDGE_OPS_HOST, BRIDGE_OPS_PORT"
 
     def file_tokens(self) -> tuple[str, ...]:
         """The tokens BRIDGE_TOKENS_FILE holds now (none without one); OSError or

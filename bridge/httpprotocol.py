@@ -317,7 +317,10 @@ def guarded_protocol(
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
     piece = max(512, min(4096, max_head_bytes // 4))
     answers_malformed_requests(HttpToolsProtocol)
+    # One log line a second for each port's refusals: a line's count and detail are
+    # of one limit only (a review found 39 webhook refusals logged as the ops port's).
     refused_connections = _RefusalsLoggedEverySecond()
+    refused_ops_connections = _RefusalsLoggedEverySecond()
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
     ops_open = 0  # of the open connections, those to ops_port
 
@@ -386,7 +389,7 @@ def guarded_protocol(
                 self._writer.linger()
             else:
                 self._writer.hang_up()
-            refused_connections.log(error)
+            (refused_ops_connections if self._to_ops_port else refused_connections).log(error)
             if on_refused is not None:
                 on_refused(error, 0.0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.auth import MAX_CREDENTIALS
-from bridge.config import Settings
+from bridge.config import OPS_MAX_CONNECTIONS, Settings
 from bridge.geins import ENTITY_ACTIONS, MAX_KEY_LENGTH
 from bridge.httpprotocol import MAX_PIPELINED
 from bridge.ingress import WEBHOOK_PATH
@@ -65,9 +65,26 @@ def _sentence(text: str) -> str:
 
 
 def _too_many_connections(settings: Settings) -> str:
+    limits = f"{settings.connection_limit()[0]} were open"
+    if settings.ops_port is not None:
+        limits += (
+            f" on port {settings.port}, or {OPS_MAX_CONNECTIONS} on the operations port "
+            f"{settings.ops_port}"
+        )
     return (
-        f"the connection opened while {settings.connection_limit()[0]} were open "
-        "(too_many_connections, BRIDGE_MAX_CONNECTIONS): answered at once, unread, and closed."
+        f"the connection opened while {limits} (too_many_connections, "
+        "BRIDGE_MAX_CONNECTIONS): answered at once, unread, and closed."
+    )
+
+
+def _ports(settings: Settings) -> str:
+    """Which port serves what, when the operations endpoints have their own."""
+    if settings.ops_port is None:
+        return ""
+    return (
+        f" This instance serves the webhooks on port {settings.port} (BRIDGE_PORT) only, "
+        f"/metrics and /openapi.json on port {settings.ops_port} (BRIDGE_OPS_PORT) only "
+        "(each is a 404 on the other port), /healthz and /readyz on both."
     )
 
 
@@ -190,7 +207,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "title": "Geins → Kafka bridge",
             "version": "1",
             "description": "Receives Geins webhooks and publishes them to Apache Kafka. Known "
-            "event types: " + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENTITY_ACTIONS.items()),
+            "event types: "
+            + "; ".join(f"{e}: {', '.join(a)}" for e, a in ENTITY_ACTIONS.items())
+            + "."
+            + _ports(settings),
         },
         "paths": {
             **webhook_paths,

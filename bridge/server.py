@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge import logs
 from bridge.app import create_app
-from bridge.config import Settings, cannot_listen, listen_addresses
+from bridge.config import WEBHOOK_ADDRESS, Settings, cannot_listen, listen_addresses
 from bridge.errors import ConfigError
 from bridge.httpprotocol import guarded_protocol
 from bridge.ingress import RuntimeState, outcome_of
@@ -126,7 +126,7 @@ class StartupConfigError:
                 await send(failed[0])
 
 
-def listening_sockets(host: str, port: int, setting: str = "BRIDGE_PORT") -> list[socket.socket]:
+def listening_sockets(host: str, port: int, names: str = WEBHOOK_ADDRESS) -> list[socket.socket]:
     """The sockets uvicorn would bind for ``host``:``port``, bound and listening now.
 
     As asyncio's ``create_server``, which uvicorn calls: one socket per address the
@@ -134,7 +134,7 @@ def listening_sockets(host: str, port: int, setting: str = "BRIDGE_PORT") -> lis
     IPV6_V6ONLY on IPv6 ones when an IPv4 socket takes IPv4 (an empty host). An IPv6
     address alone (``::``) serves IPv4 too, as ``::ffff:a.b.c.d``, whatever the
     system's default: asyncio's V6ONLY there refused every IPv4 client.
-    A ConfigError naming the address (and ``setting``, the port's) if it is taken.
+    A ConfigError naming the address (and ``names``, its settings) if it is taken.
 
     Listening at once, not only bound: with SO_REUSEADDR two sockets can bind one port
     while neither listens, so two bridges started together both got past here, and
@@ -143,7 +143,7 @@ def listening_sockets(host: str, port: int, setting: str = "BRIDGE_PORT") -> lis
     in the backlog and are answered once the bridge serves.
     """
     sockets: list[socket.socket] = []
-    infos = listen_addresses(host, port, setting)  # as check-config resolves them
+    infos = listen_addresses(host, port, names)  # as check-config resolves them
     try:
         ipv4_too = any(info[0] == socket.AF_INET for info in infos)
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -157,7 +157,7 @@ def listening_sockets(host: str, port: int, setting: str = "BRIDGE_PORT") -> lis
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise cannot_listen(host, port, exc, setting) from None
+        raise cannot_listen(host, port, exc, names) from None
     return sockets
 
 
@@ -206,8 +206,8 @@ def serve(settings: Settings) -> int:
         # a second bridge on a taken port connected to Kafka and started draining first.
         sockets = listening_sockets(settings.host, settings.port)
         try:
-            if settings.ops_port is not None:
-                sockets += listening_sockets(settings.host, settings.ops_port, "BRIDGE_OPS_PORT")
+            if (ops := settings.ops_address()) is not None:
+                sockets += listening_sockets(*ops)
             return _serve(settings, sockets, early)
         finally:
             for sock in sockets:

@@ -716,11 +716,37 @@ def test_the_operations_port_is_optional(environ: dict[str, str], expected: int 
 
 
 @pytest.mark.parametrize(
+    ("environ", "address"),
+    [
+        ({}, None),
+        ({"BRIDGE_OPS_PORT": "9090"}, ("0.0.0.0", 9090, "BRIDGE_HOST, BRIDGE_OPS_PORT")),  # noqa: S104
+        (
+            {"BRIDGE_HOST": "127.0.0.1", "BRIDGE_OPS_HOST": "", "BRIDGE_OPS_PORT": "9090"},
+            ("127.0.0.1", 9090, "BRIDGE_HOST, BRIDGE_OPS_PORT"),
+        ),
+        (
+            {"BRIDGE_HOST": "127.0.0.1", "BRIDGE_OPS_HOST": "::", "BRIDGE_OPS_PORT": "9090"},
+            ("::", 9090, "BRIDGE_OPS_HOST, BRIDGE_OPS_PORT"),
+        ),
+    ],
+)
+def test_the_operations_port_listens_on_its_own_host_if_given(
+    environ: dict[str, str], address: tuple[str, int, str] | None
+) -> None:
+    """BRIDGE_OPS_HOST: webhooks behind a proxy on this host (127.0.0.1), Prometheus
+    on another machine (a review: the systemd example could not be scraped)."""
+    assert load_settings(environ={**BASE, **environ}).ops_address() == address
+
+
+@pytest.mark.parametrize(
     ("environ", "message"),
     [
         ({"BRIDGE_OPS_PORT": "8080"}, "BRIDGE_OPS_PORT=8080 is BRIDGE_PORT"),
         ({"BRIDGE_PORT": "9000", "BRIDGE_OPS_PORT": "9000"}, "BRIDGE_OPS_PORT=9000 is BRIDGE_PORT"),
         ({"BRIDGE_OPS_PORT": "0"}, "BRIDGE_OPS_PORT"),
+        ({"BRIDGE_OPS_HOST": "0.0.0.0"}, "BRIDGE_OPS_HOST=0.0.0.0 needs BRIDGE_OPS_PORT"),  # noqa: S104
+        ({"BRIDGE_OPS_HOST": "0.0.0.0", "BRIDGE_OPS_PORT": "8080"}, "is BRIDGE_PORT"),  # noqa: S104
+        ({"BRIDGE_OPS_HOST": " 10.0.0.1", "BRIDGE_OPS_PORT": "9090"}, "BRIDGE_OPS_HOST"),
         ({"BRIDGE_OPS_PORT": "65536"}, "BRIDGE_OPS_PORT"),
     ],
 )

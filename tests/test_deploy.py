@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from importlib import metadata
@@ -670,6 +671,18 @@ def test_bridge_pods_probe_drain_and_stop_within_the_grace_period(
     pause = float(command[1])
     assert pause >= 5
     assert pod["terminationGracePeriodSeconds"] > pause + shutdown_seconds(env), name
+
+
+@pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_bridge_pods_run_the_image_of_this_version(
+    name: str, workload: dict[str, Any], docs: list[dict[str, Any]]
+) -> None:
+    """The image tag is the project's version: the manifests set what this version reads
+    (BRIDGE_OPS_PORT), which an older bridge refuses as unknown, so a node that kept an
+    older image under the same tag (IfNotPresent) would crash-loop (a review)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    image = bridge_container(workload["spec"]["template"]["spec"])["image"]
+    assert image.rsplit(":", 1)[1] == project["version"], name
 
 
 @pytest.mark.parametrize(("name", "workload", "docs"), WORKLOADS, ids=[w[0] for w in WORKLOADS])

@@ -1342,7 +1342,7 @@ async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropp
 
 
 async def test_the_operations_port_has_its_own_connection_limit(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With BRIDGE_OPS_PORT, connections to it neither count against
     BRIDGE_MAX_CONNECTIONS nor are refused by it (a flood of webhook connections
@@ -1376,6 +1376,13 @@ async def test_the_operations_port_has_its_own_connection_limit(
         assert b"more than 2 connections are open on BRIDGE_OPS_PORT" in refusal(over_ops)
         over = connect()  # the webhook port's limit holds as ever
         assert b"more than 1 connections are open (BRIDGE_MAX_CONNECTIONS)" in refusal(over)
+        # each port's refusals have their log line, though within one second
+        lines = [r for r in caplog.records if r.getMessage().startswith("connection refused")]
+        details = [(r.fields["detail"], r.fields["refused"]) for r in lines]  # type: ignore[attr-defined]
+        assert [(d.split(";")[0], n) for d, n in details] == [
+            ("more than 2 connections are open on BRIDGE_OPS_PORT", 1),
+            ("more than 1 connections are open (BRIDGE_MAX_CONNECTIONS)", 1),
+        ]
         for connection in (*ops, over_ops, over):
             close(connection)
         assert b"(BRIDGE_MAX_CONNECTIONS)" in refusal(connect()), "room on their port only"

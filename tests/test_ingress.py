@@ -840,11 +840,13 @@ def test_too_many_credentials_is_a_400(secret_bridge: Any) -> None:
 def test_with_an_operations_port_each_port_answers_only_its_own_paths(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """BRIDGE_OPS_PORT: the operations endpoints answer there and nowhere else, so
-    /metrics and /readyz can be kept off the internet-facing port; a webhook sent to
-    the operations port is a 404 that says where webhooks go, logged and counted (a
-    Geins URL set up with the wrong port); the operations paths on the webhook port a
-    404 too, not logged (scanners knock there)."""
+    """BRIDGE_OPS_PORT: /metrics and /openapi.json answer there and nowhere else, so they
+    can be kept off the internet-facing port; /healthz and /readyz answer on both (a
+    load balancer may check the port it sends traffic to: GKE's Ingress marked every
+    backend unhealthy, a review). A webhook sent to the operations port is a 404 that
+    says where webhooks go, logged and counted (a Geins URL set up with the wrong
+    port); /metrics on the webhook port a 404 too, not logged (scanners knock there).
+    The guard's size limits hold on both ports."""
     caplog.set_level(logging.INFO)
     app, publisher, _ = make(BRIDGE_PORT="8080", BRIDGE_OPS_PORT="9090")
     with (
@@ -853,12 +855,16 @@ def test_with_an_operations_port_each_port_answers_only_its_own_paths(
     ):
         for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
             assert ops.get(path).status_code == 200, path
+        for path in ("/healthz", "/readyz"):
+            assert webhooks.get(path).status_code == 200, path
+        for path in ("/metrics", "/openapi.json"):
             refused = webhooks.get(path)
             assert refused.status_code == 404, path
             assert refused.headers["content-type"] == "application/problem+json"
             assert "operations port (BRIDGE_OPS_PORT)" in refused.json()["detail"]
         assert webhooks.get("/favicon.ico").status_code == 404
         assert ops.get("/favicon.ico").status_code == 404
+        assert ops.get("/healthz?" + "x" * 9000).status_code == 414
         assert webhooks.post("/webhooks/geins", content=ORDER, headers=AUTH).status_code == 202
         wrong = ops.post("/webhooks/geins/Order/create", content=ORDER, headers=AUTH)
         assert wrong.status_code == 404
@@ -868,8 +874,11 @@ def test_with_an_operations_port_each_port_answers_only_its_own_paths(
         scraped = ops.get("/metrics").text
     assert len(publisher.records) == 1
     assert 'bridge_rejections_total{reason="not_found"} 1.0' in scraped
-    [logged] = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert logged.fields["path"] == "/webhooks/geins/Order/create"  # type: ignore[attr-defined]
+    logged = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [r.fields["path"] for r in logged] == [  # type: ignore[attr-defined]
+        "/healthz",  # the 414
+        "/webhooks/geins/Order/create",
+    ]
 
 
 def test_without_an_operations_port_one_port_answers_everything(bridge: Any) -> None:

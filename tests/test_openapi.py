@@ -56,6 +56,21 @@ def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
             assert "half-close" in responses["400"]["description"]  # a request cut short
 
 
+def test_with_an_operations_port_the_document_says_which_port_serves_what() -> None:
+    """A client reading /openapi.json on the operations port learns that the webhooks
+    are on the other one, and the connection limit of each (a review)."""
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_PORT": "8080", "BRIDGE_OPS_PORT": "9090"}
+    )
+    document = openapi_document(settings)
+    assert "webhooks on port 8080 (BRIDGE_PORT) only" in document["info"]["description"]
+    assert "/metrics and /openapi.json on port 9090" in document["info"]["description"]
+    unready = document["paths"]["/readyz"]["get"]["responses"]["503"]["description"]
+    assert "or 64 on the operations port 9090" in unready
+    alone = openapi_document(load_settings(environ={"BRIDGE_TOKENS": TOKEN}))
+    assert "BRIDGE_OPS_PORT" not in alone["info"]["description"]
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_schemathesis_finds_no_violation(
