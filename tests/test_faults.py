@@ -71,10 +71,17 @@ def found_keys(bootstrap: str, prefix: str) -> set[str]:
 
 
 def wait_for_keys(bootstrap: str, prefix: str, wanted: set[str], within: float) -> set[str]:
-    """Poll Kafka until every wanted key is there (or time runs out); the keys found."""
-    return wait_until(
-        lambda: found_keys(bootstrap, prefix), wanted.issubset, within=within, every=0.5
-    )
+    """Poll Kafka until every wanted key is there (or time runs out); the keys found.
+    A broker just back from SIGSTOP may refuse the reader for a moment (it re-registers
+    with its controller: NodeNotReadyError once in CI): that poll found nothing."""
+
+    def found_now() -> set[str]:
+        try:
+            return found_keys(bootstrap, prefix)
+        except KafkaError:
+            return set()
+
+    return wait_until(found_now, wanted.issubset, within=within, every=0.5)
 
 
 def run_load_for(url: list[str], tally: Tally, seconds: float, *, pause: float = 0.0) -> None:
