@@ -34,7 +34,7 @@ from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
 from bridge.publisher import check_record_size
 from bridge.redaction import Redactor
-from bridge.routing import Destination, Router
+from bridge.routing import Destination, Router, plain_letters
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,14 @@ def _check_path(delivery: Delivery, secrets: Redactor) -> None:
         )
 
 
+def _names_a_token(text: str, secrets: Redactor) -> bool:
+    """Whether an account or environment holds a token, as sent or as its topic name is
+    made from it (bridge.routing.plain_letters)."""
+    return secrets.contains_cached(text) or (
+        not text.isascii() and secrets.contains_cached(plain_letters(text))
+    )
+
+
 def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> None:
     """Refuse an event whose entity or action holds a token (they name its topic, with
     most templates, and its ce_type), or its account or environment where ``in_topic``
@@ -243,18 +251,20 @@ def _check_event(event: Event, secrets: Redactor, in_topic: tuple[str, ...]) -> 
         )
     shortest = secrets.shortest
     # As sent: made topic-safe and cut to 48 characters, a token with something before
-    # it would leave only a part of it in the topic, which no check finds.
+    # it would leave only a part of it in the topic, which no check finds. And with its
+    # letters made plain, as the topic name is: a token written with accents or in
+    # full-width letters became most of one there (a review).
     account, environment = event.account, event.environment
     if (
         account is not None
         and len(account) >= shortest
         and "account" in in_topic
-        and secrets.contains_cached(account)
+        and _names_a_token(account, secrets)
     ) or (
         environment is not None
         and len(environment) >= shortest
         and "environment" in in_topic
-        and secrets.contains_cached(environment)
+        and _names_a_token(environment, secrets)
     ):
         raise MalformedEventType(
             f"the account or environment holds a webhook token: {WHERE_TOKENS_GO}, never "

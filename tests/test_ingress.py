@@ -593,6 +593,8 @@ def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) 
 
 
 HEX = "0123456789abcdef" * 4  # a token that is also a well-formed entity name
+_ACCENTED = HEX.replace("a", "\u00e1").replace("e", "\u00e9")  # á, é
+_FULL_WIDTH = "".join(chr(ord(c) + 0xFEE0) for c in HEX)  # its full-width letters and digits
 
 
 @pytest.fixture
@@ -779,6 +781,10 @@ def test_a_malformed_name_holding_a_token_is_not_echoed(
         b'{"entity":"Order","action":"create","environment":"' + HEX.encode() + b'-x"}',
         # cut to 48 characters, only a part of the token would be left in the topic
         b'{"entity":"Order","action":"create","account":"acme-' + HEX.encode() + b'"}',
+        # written with accents or in full-width letters, which a topic name makes plain
+        # (a review: 17 of a token's 18 characters reached a topic name)
+        orjson.dumps({"entity": "Order", "account": "acme-" + _ACCENTED, "action": "create"}),
+        orjson.dumps({"entity": "Order", "environment": "x-" + _FULL_WIDTH, "action": "create"}),
     ],
 )
 def test_no_topic_is_named_after_a_token(caplog: pytest.LogCaptureFixture, body: bytes) -> None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge import routing
 from bridge.geins import Event
 from bridge.routing import Router, TopicTemplate, template_pattern, topic_safe
 
@@ -171,3 +172,20 @@ def test_topic_safe_falls_back_to_default() -> None:
     """Nothing usable left after cleaning means the default."""
     assert topic_safe("!!!", "dflt") == "dflt"
     assert topic_safe(None, "dflt") == "dflt"
+
+
+def test_only_the_start_of_a_long_non_ascii_account_is_made_plain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Folding costs about a microsecond a character (U+FDFA becomes 18): a review's
+    account of 300,000 of them held the event loop for a second. A topic keeps 48."""
+    seen: list[int] = []
+    fold = routing.ascii_letters
+
+    def counted(text: str) -> str:
+        seen.append(len(text))
+        return fold(text)
+
+    monkeypatch.setattr(routing, "ascii_letters", counted)
+    assert topic_safe("Malmö" + "\ufdfa" * 300_000, "d").startswith("malmo")
+    assert seen == [routing.PLAIN_LETTERS_AT_MOST]
