@@ -22,6 +22,8 @@ from bridge.config import Settings
 from bridge.errors import NotFound
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
 from bridge.ingress import (
+    OPS_PORT_ONLY,
+    OPS_PORT_ONLY_NAMED,
     ErrorAnswer,
     GuardRefusal,
     RuntimeState,
@@ -119,8 +121,6 @@ class BridgeApp(Starlette):
         return None
 
 
-#: What only the operations port answers when there is one.
-OPS_PORT_ONLY = frozenset({"/metrics", "/openapi.json"})
 #: The 404's detail for a webhook sent to the operations port.
 WEBHOOKS_NOT_ON_OPS_PORT = (
     "this is the operations port (BRIDGE_OPS_PORT): webhooks are served on BRIDGE_PORT"
@@ -128,7 +128,7 @@ WEBHOOKS_NOT_ON_OPS_PORT = (
 #: The 404's detail for /metrics or /openapi.json on BRIDGE_PORT when the operations
 #: endpoints have their own port.
 OPERATIONS_ON_OPS_PORT = (
-    "/metrics and /openapi.json are served on the operations port (BRIDGE_OPS_PORT)"
+    f"{OPS_PORT_ONLY_NAMED} are served on the operations port (BRIDGE_OPS_PORT)"
 )
 
 

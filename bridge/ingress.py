@@ -402,6 +402,12 @@ def _logged(fields: dict[str, object], redact: Redact) -> dict[str, object]:
     return {"fields": fields, REDACTED_WITH: redact}
 
 
+#: The operations endpoints served on BRIDGE_OPS_PORT only, when it is set (the others,
+#: /healthz and /readyz, answer on both ports: bridge.app), and as they are named in text.
+OPS_PORT_ONLY = ("/metrics", "/openapi.json")
+OPS_PORT_ONLY_NAMED = " and ".join(OPS_PORT_ONLY)
+
+
 def operation_routes(
     metrics: Metrics, ack_mode: AckMode, state: RuntimeState, openapi: bytes
 ) -> list[BaseRoute]:

@@ -13,7 +13,7 @@ from bridge.auth import MAX_CREDENTIALS
 from bridge.config import OPS_MAX_CONNECTIONS, Settings
 from bridge.geins import ENTITY_ACTIONS, MAX_KEY_LENGTH
 from bridge.httpprotocol import MAX_PIPELINED
-from bridge.ingress import WEBHOOK_PATH
+from bridge.ingress import OPS_PORT_ONLY_NAMED, WEBHOOK_PATH
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _ANSWER = {"application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}}
@@ -83,7 +83,7 @@ def _ports(settings: Settings) -> str:
         return ""
     return (
         f" This instance serves the webhooks on port {settings.port} (BRIDGE_PORT) only, "
-        f"/metrics and /openapi.json on port {settings.ops_port} (BRIDGE_OPS_PORT) only "
+        f"{OPS_PORT_ONLY_NAMED} on port {settings.ops_port} (BRIDGE_OPS_PORT) only "
         "(each is a 404 on the other port), /healthz and /readyz on both."
     )
 

@@ -26,7 +26,7 @@ from bridge.app import create_app
 from bridge.config import WEBHOOK_ADDRESS, Settings, cannot_listen, listen_addresses
 from bridge.errors import ConfigError
 from bridge.httpprotocol import guarded_protocol
-from bridge.ingress import RuntimeState, outcome_of
+from bridge.ingress import OPS_PORT_ONLY_NAMED, RuntimeState, outcome_of
 from bridge.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def _what_a_port_serves(port: int, ops_port: int | None) -> str:
     if ops_port is None:
         return ""
     if port == ops_port:
-        return " for /healthz, /readyz, /metrics and /openapi.json (BRIDGE_OPS_PORT)"
-    return " for the webhooks"
+        return f" for /healthz, /readyz, {OPS_PORT_ONLY_NAMED} (BRIDGE_OPS_PORT)"
+    return " for the webhooks, /healthz and /readyz"
 
 
 class StartupConfigError:
