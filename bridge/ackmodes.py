@@ -93,6 +93,10 @@ class BrokerAck:
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
         self._inflight: dict[str, asyncio.Future[bool]] = {}
+        # key -> batch future of a record answered 503 (publish timeout) that may still
+        # land: a retry waits for Kafka's verdict instead of publishing a second copy.
+        self._landing: dict[str, asyncio.Future[Any]] = {}
+        self._landing_wait = settings.publish_timeout
 
     def prepare(self) -> None:
         pass
@@ -128,19 +132,23 @@ class BrokerAck:
             if self._seen.seen(dedup_key):
                 return False
             first = self._inflight.get(dedup_key)
-            if first is None:
+            if first is not None:
+                if await asyncio.shield(first):
+                    return False
+                continue  # the first attempt failed: this one tries again
+            landing = self._landing.get(dedup_key)
+            if landing is None:
                 break
-            if await asyncio.shield(first):
-                return False
-            # the first attempt failed: this one tries again
+            await self._await_landing(dedup_key, landing)
+            # landed: a duplicate (seen above); refused or given up on: publish again
         mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._inflight[dedup_key] = mine
         try:
             await self._publisher.publish(destination)
         except PublishTimeout as timeout:
-            mine.set_result(False)
-            if timeout.landing is not None:
+            if timeout.landing is not None and self._seen.enabled:
                 self._remember_if_it_lands(timeout.landing, dedup_key)
+            mine.set_result(False)
             raise
         except BaseException:
             mine.set_result(False)
@@ -156,13 +164,36 @@ class BrokerAck:
         """Remember the key of a record answered 503 (its acknowledgement took longer than
         BRIDGE_PUBLISH_TIMEOUT) once Kafka takes it after all: the sender's retry is then
         a duplicate (200), not a second copy. Without it, a Kafka outage in broker mode
-        left one copy per attempt that had timed out, and then the retry's."""
+        left one copy per attempt that had timed out, and then the retry's. Until Kafka
+        settles it, a retry waits for it (:meth:`_await_landing`)."""
+        self._landing[dedup_key] = landing
+        landing.add_done_callback(lambda _: self._settle(dedup_key, landing))
 
-        def landed(future: asyncio.Future[Any]) -> None:
-            if not future.cancelled() and future.exception() is None:
+    def _settle(self, dedup_key: str, landing: asyncio.Future[Any]) -> None:
+        """Kafka's verdict on a timed-out record: its key is remembered if it landed."""
+        if self._landing.get(dedup_key) is landing:
+            del self._landing[dedup_key]
+            if not landing.cancelled() and landing.exception() is None:
                 self._seen.remember(dedup_key)
 
-        landing.add_done_callback(landed)
+    async def _await_landing(self, dedup_key: str, landing: asyncio.Future[Any]) -> None:
+        """Wait, up to BRIDGE_PUBLISH_TIMEOUT, for a timed-out earlier copy to land or fail.
+
+        A retry that came while it was still queued was published as well: two copies
+        of one event once Kafka took both. Still unsettled, the retry gets a 503 of its
+        own and is not published: it would only queue behind its first copy, on the same
+        partition. Not shielded from the wait's end: the future is aiokafka's batch's.
+        """
+        await asyncio.wait({landing}, timeout=self._landing_wait)
+        if landing.done():
+            self._settle(dedup_key, landing)  # its callback may not have run yet
+            return
+        retry_later = PublishTimeout(
+            "an earlier delivery of this event timed out and may still land in Kafka: "
+            f"it was not sent again, Kafka has not settled the first in {self._landing_wait:g} s"
+        )
+        retry_later.landing = landing
+        raise retry_later
 
 
 class _DrainedAck:

@@ -29,6 +29,11 @@ class SeenKeys:
         self._expire(self._clock())
         return len(self._accepted)
 
+    @property
+    def enabled(self) -> bool:
+        """False with a window of 0: nothing is ever remembered."""
+        return self._window > 0
+
     def seen(self, key: str) -> bool:
         if self._window <= 0:
             return False

@@ -930,3 +930,54 @@ async def test_broker_mode_remembers_a_timed_out_record_that_lands_later(
     mode._publisher = retried
     assert await mode.deliver(record("k"), "k") is (not lands)
     assert len(retried.records) == published - 1
+
+
+@pytest.mark.parametrize("verdict", ["lands", "refused", "unsettled"])
+async def test_broker_mode_a_retry_waits_for_a_timed_out_copy_still_queued(
+    tmp_path: Path, verdict: str
+) -> None:
+    """A retry that comes while the record of a 503 (publish timeout) is still queued
+    waits for Kafka's verdict on it, up to BRIDGE_PUBLISH_TIMEOUT. It was published as
+    well, and both copies reached Kafka once it answered. Now: landed, the retry is a
+    duplicate; refused, it is published; still unsettled, it gets a 503 of its own and is
+    not published (the first copy may yet land), and a later retry waits again."""
+    mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_PUBLISH_TIMEOUT="0.3"))
+    landing: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    timeout = PublishTimeout("slow")
+    timeout.landing = landing
+    mode._publisher = FakePublisher(fail_with=timeout)
+    with pytest.raises(PublishTimeout):
+        await mode.deliver(record("k"), "k")
+    retried = FakePublisher()
+    mode._publisher = retried
+    loop = asyncio.get_running_loop()
+    if verdict == "lands":
+        loop.call_later(0.05, landing.set_result, None)
+        assert await mode.deliver(record("k"), "k") is False
+    elif verdict == "refused":
+        loop.call_later(0.05, landing.set_exception, KafkaTimeoutError())
+        assert await mode.deliver(record("k"), "k") is True
+    else:
+        with pytest.raises(PublishTimeout, match="may still land"):
+            await mode.deliver(record("k"), "k")
+        landing.set_result(None)  # lands before the next retry
+        await asyncio.sleep(0)
+        assert await mode.deliver(record("k"), "k") is False
+    assert len(retried.records) == (1 if verdict == "refused" else 0)
+    assert not mode._landing  # nothing kept once Kafka settled it
+
+
+async def test_broker_mode_without_de_duplication_does_not_wait_for_a_timed_out_copy(
+    tmp_path: Path,
+) -> None:
+    """BRIDGE_DEDUP_WINDOW=0 asks for no de-duplication: a retry is published at once."""
+    mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_DEDUP_WINDOW="0"))
+    timeout = PublishTimeout("slow")
+    timeout.landing = asyncio.get_running_loop().create_future()
+    mode._publisher = FakePublisher(fail_with=timeout)
+    with pytest.raises(PublishTimeout):
+        await mode.deliver(record("k"), "k")
+    retried = FakePublisher()
+    mode._publisher = retried
+    assert await mode.deliver(record("k"), "k") is True
+    assert len(retried.records) == 1

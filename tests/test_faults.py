@@ -253,7 +253,8 @@ def test_broker_mode_a_503_that_lands_later_makes_the_retry_a_duplicate(
     """Kafka hangs (SIGSTOP) past BRIDGE_PUBLISH_TIMEOUT: the delivery gets its 503, but
     its record stays queued and lands once Kafka answers. The sender's retry is then
     answered 200 duplicate and nothing is published again: in a review's outage one
-    order became 3 records (two timed-out attempts, then the retry's)."""
+    order became 3 records (two timed-out attempts, then the retry's). A retry while
+    the first copy is still queued gets a 503 too, and is not published either."""
     env = bridge_env(own_broker.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="1")
     pid = own_broker.pid
     assert pid is not None
@@ -273,10 +274,13 @@ def test_broker_mode_a_503_that_lands_later_makes_the_retry_a_duplicate(
         hang(pid)
         try:
             timed_out = deliver(client, "late")
+            early_retry = deliver(client, "late")  # while the first copy is still queued
         finally:
             os.kill(pid, signal.SIGCONT)
         assert timed_out.status_code == 503, timed_out.text
         assert timed_out.json()["reason"] == "publish_timeout"
+        assert early_retry.status_code == 503, early_retry.text
+        assert "may still land" in early_retry.json()["detail"]  # and was not published
         wait_for_keys(own_broker.bootstrap, topic_prefix, {"late"}, 30)
         retried = wait_until(
             lambda: deliver(client, "late"),
