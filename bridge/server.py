@@ -1,6 +1,7 @@
 """Runs the app under uvicorn, with the shutdown order a load balancer needs.
 
-On SIGTERM (or SIGINT) readiness turns 503 at once; after ``shutdown_delay``
+On SIGTERM (or SIGINT, or SIGHUP: the terminal that ran it closed) readiness
+turns 503 at once; after ``shutdown_delay``
 seconds uvicorn stops accepting, lets in-flight requests finish (at most
 ``shutdown_timeout``), and the lifespan then flushes the producer. The process
 exits 0: uvicorn would otherwise re-raise the signal after a clean shutdown,
@@ -9,12 +10,14 @@ and a supervisor would see a kill instead of an orderly exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -33,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # uvicorn's default; asyncio's create_server calls listen() with it again.
 LISTEN_BACKLOG = 2048
+
+#: The signals that stop the bridge in order. SIGHUP too: its default action ended the
+#: process at once (a terminal closed on `make run`, a `kill -HUP`), without the
+#: drain, and in memory mode with the accepted events still queued lost.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class BridgeServer(uvicorn.Server):
@@ -64,6 +72,20 @@ class BridgeServer(uvicorn.Server):
         )
         self._state.draining = True
         self._stop_at = time.monotonic() + self._shutdown_delay
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, for :data:`STOP_SIGNALS` (uvicorn's own list lacks SIGHUP), and
+        without raising the signal again on the way out: the process exits 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._signals_taken()  # uvicorn handles them from here on (handle_exit)
@@ -162,11 +184,11 @@ def listening_sockets(host: str, port: int, names: str = WEBHOOK_ADDRESS) -> lis
 
 
 class StopBeforeServing(Exception):  # a stop, not an error
-    """SIGTERM or SIGINT arrived before uvicorn took the signals over."""
+    """A stop signal arrived before uvicorn took the signals over."""
 
 
 class _EarlyStop:
-    """Handles SIGTERM and SIGINT until uvicorn's own handlers take over (and again
+    """Handles the stop signals until uvicorn's own handlers take over (and again
     once they give them back): the first one raises StopBeforeServing.
 
     Without it the default action applied, and for a container's PID 1 there is none:
@@ -177,7 +199,7 @@ class _EarlyStop:
     step (bridge.spool._stopped_by_signals), so the stop comes at once.
     """
 
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None

@@ -27,11 +27,16 @@ async def poll_readiness(url: str, seen: list[int], stop: asyncio.Event) -> None
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("ack", ["durable", "broker"])
+@pytest.mark.parametrize(
+    ("ack", "stop_signal"),
+    [("durable", signal.SIGTERM), ("broker", signal.SIGTERM), ("memory", signal.SIGHUP)],
+)
 def test_sigterm_under_load_loses_nothing(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, ack: str
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, ack: str, stop_signal: signal.Signals
 ) -> None:
-    """SIGTERM mid-load: /readyz turns 503, the process exits 0, every 2xx key is in Kafka."""
+    """SIGTERM mid-load: /readyz turns 503, the process exits 0, every 2xx key is in Kafka.
+    SIGHUP (the terminal closed) does the same: it killed the bridge at once, and in
+    memory mode the events it had answered 202 for and not yet sent were lost."""
     env = {
         "BRIDGE_ACK": ack,
         "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -51,7 +56,7 @@ def test_sigterm_under_load_loses_nothing(
             ]
             await asyncio.sleep(2.0)
             accepted_before = len(tally.accepted)
-            bridge.signal(signal.SIGTERM)
+            bridge.signal(stop_signal)
             await asyncio.sleep(3.0)
             stop.set()
             await asyncio.gather(*tasks)
@@ -69,3 +74,4 @@ def test_sigterm_under_load_loses_nothing(
     assert found <= tally.sent
     assert 503 in readiness, "readiness never turned 503 during the shutdown delay"
     assert "Traceback" not in log, log
+    assert f"{stop_signal.name} received: readiness off" in log, log

@@ -70,12 +70,17 @@ def _child_of(pid: int) -> int | None:
 
 
 @pytest.mark.parametrize(
-    ("as_pid_1", "steps"),
-    [(False, "many-steps"), (True, "many-steps"), (False, "one-step")],
-    ids=["process", "pid-1", "one-long-step"],
+    ("as_pid_1", "steps", "stop"),
+    [
+        (False, "many-steps", signal.SIGTERM),
+        (True, "many-steps", signal.SIGTERM),
+        (False, "one-step", signal.SIGTERM),
+        (False, "many-steps", signal.SIGHUP),
+    ],
+    ids=["process", "pid-1", "one-long-step", "sighup"],
 )
 def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
-    tmp_path: Path, as_pid_1: bool, steps: str
+    tmp_path: Path, as_pid_1: bool, steps: str, stop: signal.Signals
 ) -> None:
     """In one long step of SQLite's, too: the signal interrupts the statement (quick_check
     walks a table in one step, 2.4 s for a cold 1 GB spool and most of a minute for
@@ -107,13 +112,13 @@ def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
             assert found is not None
             bridge = found
         time.sleep(0.3)  # well inside the statement
-        os.kill(bridge, signal.SIGTERM)
+        os.kill(bridge, stop)
         assert proc.wait(timeout=20) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     log_text = log_path.read_text()
-    assert "SIGTERM received before serving: stopped, nothing was accepted" in log_text
+    assert f"{stop.name} received before serving: stopped, nothing was accepted" in log_text
     assert "Traceback" not in log_text
     assert "listening on" not in log_text
