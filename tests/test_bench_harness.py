@@ -43,12 +43,16 @@ class FakeProbe:
     def __init__(self) -> None:
         self.total = 0  # on the event topics
         self.dead = 0  # on the dead-letter topic
+        self.repeated = 0  # records on the event topics whose key an earlier one had
 
     def count(self, prefix: str, *, without: Collection[str] = ()) -> int:
         return self.dead if prefix.endswith(bench_run.DEADLETTER) else self.total
 
     def settle(self, prefix: str, expected: int, **_: Any) -> tuple[int, float]:
         return self.total, 0.0
+
+    def repeated_keys(self, prefix: str, *, without: Collection[str] = ()) -> int:
+        return self.repeated
 
     def create_topics(self, names: list[str], partitions: int) -> None:
         pass
@@ -304,6 +308,32 @@ def test_check_total_counts_every_run_rounds_included(
     probe.total = 11_000
     bench.check_total(_subject(), result)
     assert result.total_verified is True
+    assert result.total_detail == "OK (11000 records = 11000 2xx, every key once)"
+
+
+def test_a_loss_made_up_for_by_a_duplicate_fails_the_kafka_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As many records as 2xx answers, but one key on two of them: since every request
+    has a fresh key, an event is missing (a review: counting alone passed this)."""
+    bench = _bench(tmp_path, monkeypatch, [])
+    result = _bridge(records_total=None)
+    probe = bench.probe
+    assert isinstance(probe, FakeProbe)
+    probe.total, probe.repeated = 11_000, 1
+    bench.check_total(_subject(), result)
+    assert result.total_verified is False
+    assert failures([result]) == [
+        f"Kafka check FAILED for bridge broker, {ALL_RUNS}: "
+        "FAILED: 11000 records = 11000 2xx; 1 with a key already seen"
+    ]
+    verdicts = {v.target: v.passed for v in targets(result, Baselines([result]))}
+    assert verdicts[KAFKA] is False
+    # BENCH_KEY_CHECK=0: counted only, as before
+    bench.plan = replace(bench.plan, key_check=False)
+    result = _bridge(records_total=None)
+    bench.check_total(_subject(), result)
+    assert (result.keys_repeated, result.total_verified) == (None, True)
 
 
 def _markdown(results: list[SubjectResult]) -> str:
@@ -389,3 +419,39 @@ def test_a_cut_short_bridge_does_all_the_work_before_its_cut(cut: str, answers: 
         cwd=REPO,
     )
     assert result.stdout.splitlines() == answers, result.stderr
+
+
+def test_the_probe_finds_a_key_on_two_records(kafka_bootstrap: str, topic_prefix: str) -> None:
+    """Against Kafka: the records of the prefix's topics (not of a topic left out, nor of
+    another prefix), each key counted once per partition it is on."""
+    import asyncio  # noqa: PLC0415
+
+    from aiokafka import AIOKafkaProducer  # noqa: PLC0415
+
+    from tests.bench.kafkacount import KafkaProbe  # noqa: PLC0415
+
+    events, dead = f"{topic_prefix}.order.create", f"{topic_prefix}.deadletter"
+    probe = KafkaProbe(kafka_bootstrap)
+    try:
+        probe.create_topics([events, dead, f"{topic_prefix}x.order.create"], 3)
+
+        async def produce() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+            await producer.start()
+            try:
+                for topic, key in [
+                    (events, b"a"),
+                    (events, b"b"),
+                    (events, b"a"),  # the one repeat
+                    (dead, b"b"),  # left out
+                    (f"{topic_prefix}x.order.create", b"a"),  # another prefix
+                ]:
+                    await producer.send_and_wait(topic, b"{}", key=key)
+            finally:
+                await producer.stop()
+
+        asyncio.run(produce())
+        assert probe.repeated_keys(f"{topic_prefix}.", without=[dead]) == 1
+        assert probe.repeated_keys(f"{topic_prefix}.", without=[dead, events]) == 0
+    finally:
+        probe.close()

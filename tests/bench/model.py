@@ -35,22 +35,37 @@ def bucket_peaks(samples: Sequence[tuple[float, int]], bucket: float) -> list[tu
     return [(index * bucket, peak) for index, peak in sorted(peaks.items())]
 
 
-def kafka_detail(records: int, answered: int, *, died: bool = False, dead_letters: int = 0) -> str:
+def kafka_detail(
+    records: int,
+    answered: int,
+    *,
+    died: bool = False,
+    dead_letters: int = 0,
+    repeated_keys: int | None = None,
+) -> str:
     """What a Kafka check found: ``records`` on the subject's event topics against the
     2xx ``answered``; a subject that died fails it whatever the counts, and so do
     ``dead_letters`` (the mix holds valid deliveries only: a dead letter is an accepted
-    event Kafka refused, which never reached its topic)."""
+    event Kafka refused, which never reached its topic) and ``repeated_keys``, records
+    whose key another record had (every request has a fresh key: equal counts with a
+    key twice hide a loss); None: the keys were not read."""
     if records == answered:
         found = f"{records} records = {answered} 2xx"
     elif records < answered:
         found = f"{answered - records} lost ({records} records < {answered} 2xx)"
     else:
         found = f"{records - answered} extra ({records} records > {answered} 2xx)"
+    if repeated_keys == 0:
+        found += ", every key once"
+    elif repeated_keys:
+        found += f"; {repeated_keys} with a key already seen"
     if dead_letters:
         found += f"; {dead_letters} dead letters"
     if died:
         return f"FAILED: the subject died; {found}"
-    return f"OK ({found})" if records == answered and not dead_letters else f"FAILED: {found}"
+    if records == answered and not dead_letters and not repeated_keys:
+        return f"OK ({found})"
+    return f"FAILED: {found}"
 
 
 def rate_label(rate: int) -> str:
@@ -129,6 +144,8 @@ class SubjectResult:
     # between two runs' checks (late duplicates, say). None: not counted.
     records_total: int | None = None
     dead_letters_total: int = 0  # on its dead-letter topic then
+    # Records then on its event topics whose key an earlier one had; None: not read.
+    keys_repeated: int | None = None
     error: str | None = None
     earlier_error: str | None = None  # a first attempt broke; this is the second
     exit_code: int | None = None
@@ -153,7 +170,21 @@ class SubjectResult:
         event became a dead letter; None: not counted."""
         if self.records_total is None:
             return None
-        return self.records_total == self.answered_total and not self.dead_letters_total
+        return (
+            self.records_total == self.answered_total
+            and not self.dead_letters_total
+            and not self.keys_repeated
+        )
+
+    @property
+    def total_detail(self) -> str:
+        """What the count over all its runs found (see :func:`kafka_detail`)."""
+        return kafka_detail(
+            self.records_total or 0,
+            self.answered_total,
+            dead_letters=self.dead_letters_total,
+            repeated_keys=self.keys_repeated,
+        )
 
     @property
     def kafka_failed(self) -> bool:
