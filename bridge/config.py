@@ -77,11 +77,22 @@ DEFAULT_MAX_CONNECTIONS = 4096
 OPS_MAX_CONNECTIONS = 64
 
 
-def read_secret_file(path: Path) -> str:
+def read_secret_file(path: Path, setting: str) -> str:
     """A secret kept in a file (a mounted Kubernetes Secret, say), without its final line
     break. Read when a Kafka client is made, never kept with the settings. A byte order
-    mark (a Windows editor's) is no part of the secret."""
-    return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+    mark (a Windows editor's) is no part of the secret.
+
+    Raises ValueError naming ``setting`` for a file that holds no secret: not UTF-8 (its
+    bytes are not quoted: they are the secret's) or empty, as a file being rewritten may
+    be for a moment (an empty password was sent, and Kafka's refusal blamed the user).
+    """
+    try:
+        secret = path.read_bytes().decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{setting}: {_named(path)} is not UTF-8 text") from None
+    if not secret.strip():
+        raise ValueError(f"{setting}: {_named(path)} is empty")
+    return secret
 
 
 #: What socket.getaddrinfo gives: family, type, protocol, canonical name, address.
@@ -465,6 +476,11 @@ class Settings(BaseModel):
                 raise ValueError(f"cannot read {named}: {exc.strerror}") from None
             if not text.strip():
                 raise ValueError(f"{value} is empty")
+            if info.field_name in PASSWORD_FILES:
+                try:
+                    text.decode("utf-8-sig")
+                except UnicodeDecodeError:  # else only found when connecting
+                    raise ValueError(f"{_named(value)} is not UTF-8 text") from None
         return value
 
     @model_validator(mode="after")
@@ -634,10 +650,12 @@ class Settings(BaseModel):
         )
         return [f for f in files if f is not None]
 
-    def kafka_sasl_secret(self) -> str | None:
-        """The SASL password, from the setting or (read now) from its file."""
+    def kafka_sasl_secret(self, named: _Names | None = None) -> str | None:
+        """The SASL password, from the setting or (read now) from its file (ValueError
+        naming the setting, as ``named`` does, when the file holds none)."""
         if self.kafka_sasl_password_file is not None:
-            return read_secret_file(self.kafka_sasl_password_file)
+            setting = (named or _Names())("kafka_sasl_password_file")
+            return read_secret_file(self.kafka_sasl_password_file, setting)
         return self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
 
     def kafka_ssl_context(self, named: _Names | None = None) -> ssl.SSLContext:
@@ -661,7 +679,8 @@ class Settings(BaseModel):
         password_file = self.kafka_ssl_keyfile_password_file
         try:
             # "" rather than None: OpenSSL would otherwise prompt on the terminal
-            password = read_secret_file(password_file) if password_file else ""
+            setting = named("kafka_ssl_keyfile_password_file")
+            password = read_secret_file(password_file, setting) if password_file else ""
             encrypted = b"ENCRYPTED" in keyfile.read_bytes()
             context.load_cert_chain(certfile, keyfile, password)
         except ssl.SSLError as exc:  # before OSError, of which it is a kind

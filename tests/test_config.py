@@ -59,7 +59,7 @@ def test_files_saved_with_a_byte_order_mark_are_read_as_written(tmp_path: Path) 
     assert (settings.port, settings.tokens) == (9000, ("jätte-token",))
     secret = tmp_path / "password"
     secret.write_bytes("\ufeffs3cret\n".encode())
-    assert read_secret_file(secret) == "s3cret"
+    assert read_secret_file(secret, "BRIDGE_KAFKA_SASL_PASSWORD_FILE") == "s3cret"
     latin = tmp_path / "latin.toml"
     latin.write_bytes(b'tokens = ["j\xe4tte-token"]\n')
     with pytest.raises(ConfigError, match="not valid TOML"):

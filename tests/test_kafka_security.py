@@ -562,6 +562,43 @@ def test_client_options_carry_sasl_and_tls(tls: TlsFiles, tmp_path: Path) -> Non
     assert again["ssl_context"] is not context
 
 
+@pytest.mark.parametrize("content", [b"\n", b"l\xf6senord\n"], ids=["emptied", "not-utf-8"])
+@pytest.mark.parametrize("setting", ["sasl_password_file", "ssl_keyfile_password_file"])
+def test_a_password_file_spoiled_after_start_is_named(
+    tls: TlsFiles, tmp_path: Path, setting: str, content: bytes
+) -> None:
+    """Read again at each connection (a rotation, a producer replaced): a password file
+    emptied or rewritten in another encoding since the start is refused naming the
+    setting. An empty SASL password was sent, and Kafka's refusal of the user's
+    credentials blamed the wrong thing; a Latin-1 one gave Python's decoding error,
+    with one byte of the password and no setting."""
+    secret = tmp_path / "spoiled"
+    secret.write_bytes(tls.key_password_file.read_bytes())
+    files = {
+        "sasl_password_file": tls.key_password_file,
+        "ssl_keyfile_password_file": tls.key_password_file,
+    }
+    env = bridge_env(
+        "k:9093",
+        "p",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="bridge",
+        ssl_cafile=tls.ca.cert,
+        ssl_certfile=tls.client.cert,
+        ssl_keyfile=tls.client.key,
+        **{**files, setting: secret},
+    )
+    settings = load_settings(environ=env)
+    kafka_client_options(settings)
+    secret.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        kafka_client_options(settings)
+    why = "is empty" if content == b"\n" else "is not UTF-8 text"
+    assert f"BRIDGE_KAFKA_{setting.upper()}: {secret} {why}" in str(caught.value)
+    assert "0xf6" not in str(caught.value)
+
+
 def test_passwords_are_never_shown(tls: TlsFiles, capsys: pytest.CaptureFixture[str]) -> None:
     """The SASL password appears neither in redacted(), repr(), str() nor check-config's output."""
     env = bridge_env("k:9093", "p", **scram(password="hunter2-Kafka"))
@@ -657,7 +694,11 @@ def test_missing_or_unreadable_files_are_named(tls: TlsFiles, tmp_path: Path, se
     )
     empty = tmp_path / "empty"
     empty.write_text("\n")
+    latin = tmp_path / "latin-1"
+    latin.write_bytes(b"l\xf6senord\n")  # a password's bytes, never quoted
+    cases = [(latin, f"{latin} is not UTF-8 text")] if setting.endswith("password_file") else []
     for bad, why in [
+        *cases,
         (
             tmp_path / "missing.pem",
             # a password's file that is not there is not named: it may be the password
@@ -672,6 +713,7 @@ def test_missing_or_unreadable_files_are_named(tls: TlsFiles, tmp_path: Path, se
         with pytest.raises(ConfigError) as caught:
             load_settings(environ=env)
         assert f"BRIDGE_KAFKA_{setting.upper()}: {why}" in str(caught.value)
+        assert "0xf6" not in str(caught.value)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
