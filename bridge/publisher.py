@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 #: How often the producer's view of the cluster is refreshed to prove it is alive.
 HEARTBEAT_SECONDS = 5.0
+
+#: At most this often, a failed connection in the background (Kafka unreachable at
+#: startup, a producer replaced) asks why, to log a refusal of the bridge's credentials
+#: or TLS settings (each time one more connection per bootstrap server).
+EXPLAIN_SECONDS = 30.0
 #: Metadata older than this makes the bridge unready. Four heartbeats: after a
 #: refresh at t, the next starts at t + 5 s and may time out at t + 10 s, and the one
 #: after it starts at t + 15 s and may take up to 5 s more. At three heartbeats one
@@ -409,6 +414,7 @@ class KafkaPublisher:
         self._failed_fingerprint = b""  # of the files the last failed rotation tried
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
+        self._explain_not_before = 0.0  # see _connect
         # Replacing a producer Kafka refused a record from (see _after_ack)
         self._watch: Callable[[asyncio.Future[Any]], None] | None = None
         self._broken: AIOKafkaProducer | None = None
@@ -523,8 +529,13 @@ class KafkaPublisher:
     async def _connect(self, *, at_startup: bool = False) -> bool:
         """Start a producer and use it. Kafka refusing the credentials or TLS settings
         raises ConfigError ``at_startup`` (the bridge cannot work until they are
-        fixed); later it is logged, and retried like an outage."""
-        started = await self._start_producer(at_startup=at_startup)
+        fixed); later (Kafka was not reachable at startup, say) it is logged at ERROR,
+        at most every EXPLAIN_SECONDS, and retried like an outage. Without that, a
+        refusal after an unreachable start was retried for ever without a word."""
+        explain = not at_startup and time.monotonic() >= self._explain_not_before
+        if explain:
+            self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
+        started = await self._start_producer(at_startup=at_startup, explain=explain)
         if isinstance(started, str):
             return False
         self._use(*started)
@@ -576,6 +587,12 @@ class KafkaPublisher:
                     log.error("%s", refusal)
                     return REFUSED
             return FAILED
+        except Exception as exc:  # not foreseen: aiokafka's SCRAM raises ValueError, say
+            # Closed, not leaked, and a failure like any other: raised, it ended the task
+            # that keeps the bridge connected, which then never connected again.
+            await self._abandon(producer)
+            log.error("connecting to Kafka failed: %r", exc)
+            return FAILED
         return producer, fingerprint
 
     async def _abandon(self, producer: AIOKafkaProducer) -> None:
@@ -597,17 +614,22 @@ class KafkaPublisher:
     async def _keep_connected(self) -> None:
         backoff = 0.5
         while True:
-            if self._producer is None:
-                if await self._connect():
-                    backoff = 0.5
-                else:
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                continue
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            self._check_secrets()
-            self._reset_soon()  # one that had to wait (a failed try, or too soon after the last)
-            await self._heartbeat(self._producer)
+            try:
+                if self._producer is None:
+                    if await self._connect():
+                        backoff = 0.5
+                    else:
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 10.0)
+                    continue
+                await asyncio.sleep(HEARTBEAT_SECONDS)
+                self._check_secrets()
+                self._reset_soon()  # one that had to wait (a failed try, too soon after the last)
+                await self._heartbeat(self._producer)
+            except Exception:  # a bug: this task must outlive it, or Kafka is never seen again
+                log.exception("keeping the Kafka connection failed; trying again")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def _check_secrets(self) -> None:
         """Start using rotated secret files (password, certificates) without a restart.

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 from starlette.testclient import TestClient
 
 from bridge import publisher as publisher_module
@@ -396,6 +398,96 @@ async def test_unreachable_kafka_is_retried_not_refused(topic_prefix: str) -> No
     await publisher.start()  # no ConfigError
     try:
         assert not publisher.connected
+    finally:
+        await publisher.stop()
+
+
+async def _forward(listen_port: int, to: str) -> asyncio.Server:
+    """A TCP forwarder from 127.0.0.1:``listen_port`` to ``to`` (host:port): Kafka
+    appearing at an address where nothing listened before."""
+    host, port = to.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def connected(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        kafka_r, kafka_w = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(client_r, kafka_w), pipe(kafka_r, client_w))
+
+    return await asyncio.start_server(connected, "127.0.0.1", listen_port)
+
+
+@pytest.mark.kafka
+async def test_a_refusal_after_an_unreachable_start_is_logged(
+    secure_kafka: SecureKafka,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kafka not up yet when the bridge starts (a compose stack, a rollout), then refusing
+    its password: the background retries say why, at ERROR (a review: retried for ever
+    without a word, aiokafka's own line once a minute at best)."""
+    monkeypatch.setattr(publisher_module, "EXPLAIN_SECONDS", 0.5)
+    port = free_port()
+    env = bridge_env(f"127.0.0.1:{port}", topic_prefix, **scram(password="not-the-password"))
+    publisher = KafkaPublisher(load_settings(environ=env), Metrics())
+    await publisher.start()  # nothing listens: "not reachable yet"
+    forwarder = await _forward(port, secure_kafka.bootstrap("SCRAM"))
+    try:
+        await eventually(
+            lambda: "rejected the credentials of user bridge" in caplog.text,
+            within=30,
+            every=0.1,
+            what="the refusal logged",
+        )
+        refused = [r for r in caplog.records if "rejected the credentials" in r.getMessage()]
+        assert refused[0].levelname == "ERROR"
+        assert "not-the-password" not in caplog.text
+        assert not publisher.connected
+    finally:
+        forwarder.close()
+        await publisher.stop()
+
+
+async def test_an_unforeseen_error_while_connecting_is_retried(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error aiokafka raises that is no KafkaError (its SCRAM code raises ValueError
+    for a server signature it does not accept) ended the task that keeps the bridge
+    connected, leaking the producer: it never connected again (a review)."""
+    calls: list[int] = []
+    stopped: list[int] = []
+
+    class Flaky(AIOKafkaProducer):  # type: ignore[misc]
+        async def start(self) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise KafkaConnectionError("Unable to bootstrap (not up yet)")
+            if len(calls) == 2:
+                raise ValueError("Server sent wrong signature!")
+            await super().start()
+
+        async def stop(self) -> None:
+            stopped.append(len(calls))
+            await super().stop()
+
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", Flaky)
+    publisher = KafkaPublisher(
+        load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix)), Metrics()
+    )
+    await publisher.start()
+    try:
+        await eventually(lambda: publisher.connected, within=30, every=0.1, what="connected")
+        assert len(calls) == 3
+        assert stopped[:2] == [1, 2]  # the producers that failed to start were closed
+        await publisher.publish(Destination(f"{topic_prefix}.order.create", b"k", b"{}", []))
     finally:
         await publisher.stop()
 
