@@ -96,30 +96,35 @@ def _exit_code(exc: BaseException, settings: Settings) -> int:
 def _kafka_error_code(exc: BaseException, settings: Settings) -> int:
     """What an operator command that aiokafka failed prints and exits with."""
     if "Unable to bootstrap" in str(exc):  # no broker let the client in
-        refusal = _security_refusal(settings)
+        refusal, hint = _security_diagnosis(settings)
         if refusal is not None:  # as serve says it: the settings are wrong, not Kafka
             _say_last(refusal)
             return 2
         _say_last(
-            f"cannot talk to Kafka at {settings.kafka_bootstrap}: no broker there answered "
-            "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
+            f"cannot talk to Kafka at {settings.kafka_bootstrap}: "
+            + (
+                hint
+                or "no broker there answered "
+                "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
+            )
         )
         return 1
     _say_last(f"Kafka at {settings.kafka_bootstrap}: {str(exc) or type(exc).__name__}")
     return 1
 
 
-def _security_refusal(settings: Settings) -> str | None:
-    """Why Kafka refuses the security settings, if it does. aiokafka's failed bootstrap
+def _security_diagnosis(settings: Settings) -> tuple[str | None, str | None]:
+    """Why Kafka refuses the security settings, if it does, and a hint at why it does
+    not answer (:func:`bridge.publisher.kafka_diagnosis`). aiokafka's failed bootstrap
     says only "Unable to bootstrap from [...]" for a wrong password or a certificate
     Kafka does not trust, logging the reason a line above: ask again the way serve
     does, so the operator commands name it too."""
-    from bridge.publisher import kafka_client_options, kafka_refusal  # noqa: PLC0415
+    from bridge.publisher import kafka_client_options, kafka_diagnosis  # noqa: PLC0415
 
     try:
-        return asyncio.run(kafka_refusal(settings, kafka_client_options(settings)))
+        return asyncio.run(kafka_diagnosis(settings, kafka_client_options(settings)))
     except Exception:  # not foreseen (SCRAM's ValueError, say): the first error is told
-        return None
+        return None, None
 
 
 def _parser() -> argparse.ArgumentParser:

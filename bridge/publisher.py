@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -33,6 +34,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bridge.config import Settings
@@ -176,15 +178,31 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
 
 
 async def kafka_refusal(settings: Settings, options: dict[str, Any]) -> str | None:
-    """Why Kafka refuses the bridge's credentials or TLS settings, if it does.
+    """Why Kafka refuses the bridge's credentials or TLS settings, if it does (see
+    :func:`kafka_diagnosis`)."""
+    refusal, _ = await kafka_diagnosis(settings, options)
+    return refusal
+
+
+async def kafka_diagnosis(
+    settings: Settings, options: dict[str, Any]
+) -> tuple[str | None, str | None]:
+    """Why Kafka refuses the bridge's credentials or TLS settings, if it does; else a
+    hint at why it does not answer, if there is one.
 
     aiokafka reports any failed bootstrap as ``KafkaConnectionError("Unable to
     bootstrap ...")`` and only logs the cause, so this opens one connection per
-    bootstrap server itself, the same way, to see it. None when no server
-    refused the settings (unreachable, slow, or fine by now).
+    bootstrap server itself, the same way, and asks for metadata, to see it. No
+    refusal when no server refused the settings (unreachable, slow, or fine by now).
+    The hint: a server that took the connection and closed it at a request, as a
+    listener needing TLS or SASL does with a client that has neither (a forgotten
+    BRIDGE_KAFKA_SECURITY_PROTOCOL was told "is Kafka running?"). Only a hint: a broker
+    at its connection limit, or stopping, does the same, so it is retried, not refused.
     """
     security = {k: v for k, v in options.items() if k.startswith(("security_", "ssl_", "sasl_"))}
+    hint = None
     for host, port, _ in collect_hosts(settings.kafka_bootstrap, randomize=False):
+        where = f"{host}:{port}"
         try:
             async with asyncio.timeout(settings.kafka_connect_timeout):
                 conn = await create_conn(
@@ -194,16 +212,30 @@ async def kafka_refusal(settings: Settings, options: dict[str, Any]) -> str | No
                     request_timeout_ms=int(settings.kafka_connect_timeout * 1000),
                     **security,
                 )
+                try:
+                    await conn.send(MetadataRequest([]))
+                finally:
+                    conn.close()
         except (KafkaError, OSError, TimeoutError) as exc:
             # a TLS alert from the broker arrives as "connection closed", caused by it
             cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-            refusal = _refusal(settings, f"{host}:{port}", cause)
+            refusal = _refusal(settings, where, cause)
             if refusal is not None:
-                return refusal
-            log.debug("Kafka at %s:%s: %r", host, port, exc)
-        else:
-            conn.close()
-    return None
+                return refusal, None
+            if hint is None and isinstance(exc, KafkaConnectionError) and "closed" in str(exc):
+                hint = _closed_hint(settings, where)
+            log.debug("Kafka at %s: %r", where, exc)
+    return None, hint
+
+
+def _closed_hint(settings: Settings, where: str) -> str:
+    protocol = settings.kafka_security_protocol
+    needs = {"PLAINTEXT": "TLS or SASL", "SSL": "SASL", "SASL_PLAINTEXT": "TLS"}.get(protocol)
+    does = f"a listener that needs {needs} does that: " if needs else ""
+    return (
+        f"Kafka at {where} took the connection and closed it at the first request; {does}"
+        f"check BRIDGE_KAFKA_SECURITY_PROTOCOL={protocol} and the port"
+    )
 
 
 def _refusal(settings: Settings, where: str, exc: BaseException) -> str | None:  # noqa: PLR0911
@@ -580,12 +612,14 @@ class KafkaPublisher:
             log.debug("connecting to Kafka failed: %r", exc)
             await self._abandon(producer)
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
-                refusal = await kafka_refusal(self._settings, options)
+                refusal, hint = await kafka_diagnosis(self._settings, options)
                 if refusal is not None:
                     if at_startup:
                         raise ConfigError(refusal) from None
                     log.error("%s", refusal)
                     return REFUSED
+                if hint is not None:
+                    log.warning("%s", hint)
             return FAILED
         except Exception as exc:  # not foreseen: aiokafka's SCRAM raises ValueError, say
             # Closed, not leaked, and a failure like any other: raised, it ended the task

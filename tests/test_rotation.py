@@ -150,10 +150,10 @@ async def test_kafka_not_answering_counts_as_failed_not_refused(
     attempt says nothing about the secrets. (Kafka refusing a password counts as
     refused: test_kafka_security.py, against a real broker.)"""
 
-    async def no_reason(_settings: object, _options: object) -> None:
-        return None
+    async def no_reason(_settings: object, _options: object) -> tuple[None, None]:
+        return None, None
 
-    monkeypatch.setattr(publisher_module, "kafka_refusal", no_reason)
+    monkeypatch.setattr(publisher_module, "kafka_diagnosis", no_reason)
     publisher, metrics = rotated_publisher()
     await publisher._connect()
     FakeProducer.fails = KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9)]")
