@@ -146,7 +146,22 @@ def _is_host_like(host: str) -> bool:
 def _check_host_port(server: str) -> None:
     """Raise ValueError unless ``server`` is ``host:port`` or ``[IPv6 address]:port``
     with a port from 1 to 65535 (as aiokafka reads it: an IPv6 address without
-    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1)."""
+    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1).
+
+    A URL's scheme or credentials (``SASL_SSL://broker:9093``, ``user:password@host``,
+    as other tools take them) are refused as such, the credentials never quoted."""
+    scheme, slashes, _ = server.partition("://")
+    if slashes:
+        raise ValueError(
+            f"{scheme + slashes!r}: give host:port alone; the protocol is "
+            "BRIDGE_KAFKA_SECURITY_PROTOCOL"
+        )
+    if "@" in server:
+        host_part = server.rpartition("@")[2]
+        raise ValueError(
+            f"'…@{host_part}': give host:port alone, without a user or password; those are "
+            "BRIDGE_KAFKA_SASL_USERNAME and BRIDGE_KAFKA_SASL_PASSWORD(_FILE)"
+        )
     if server.startswith("["):
         host, bracket, rest = server[1:].partition("]")
         port = rest.removeprefix(":")
@@ -202,7 +217,8 @@ PASSWORD_FILES = frozenset({"kafka_sasl_password_file", "kafka_ssl_keyfile_passw
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: "nan" was refused as "should be less than or equal to 3600"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- HTTP ----------------------------------------------------------------------
     host: str = "0.0.0.0"  # noqa: S104  # a sidecar or service must listen beyond loopback

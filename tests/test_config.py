@@ -100,6 +100,12 @@ def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
         ({"BRIDGE_KAFKA_BOOTSTRAP": ":9092"}, "is not host:port"),
         ({"BRIDGE_KAFKA_BOOTSTRAP": ""}, "BRIDGE_KAFKA_BOOTSTRAP: empty: give host:port of one"),
         ({"BRIDGE_KAFKA_BOOTSTRAP": "k1:9092, "}, "'k1:9092, ' has an empty entry"),
+        ({"BRIDGE_READ_TIMEOUT": "nan"}, "BRIDGE_READ_TIMEOUT: Input should be a finite number"),
+        ({"BRIDGE_RATE_LIMIT": "inf"}, "BRIDGE_RATE_LIMIT: Input should be a finite number"),
+        (
+            {"BRIDGE_KAFKA_BOOTSTRAP": "SASL_SSL://k1:9093"},
+            "'SASL_SSL://': give host:port alone; the protocol is BRIDGE_KAFKA_SECURITY_PROTOCOL",
+        ),
     ],
 )
 def test_settings_that_could_not_work_are_refused(environ: dict[str, str], message: str) -> None:
@@ -107,6 +113,15 @@ def test_settings_that_could_not_work_are_refused(environ: dict[str, str], messa
     address without brackets stop startup, naming the setting and what is wrong."""
     with pytest.raises(ConfigError, match=message):
         load_settings(environ={**BASE, **environ})
+
+
+def test_credentials_in_the_bootstrap_are_refused_unquoted() -> None:
+    """A user and password written into the bootstrap, as a URL takes them, were quoted
+    back whole in a message about IPv6 brackets (a review)."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={**BASE, "BRIDGE_KAFKA_BOOTSTRAP": "bridge:s3cr3t-Pass@k1:9092"})
+    assert "'…@k1:9092': give host:port alone, without a user or password" in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
 
 
 def test_an_empty_token_in_toml_is_refused(tmp_path: Path) -> None:
@@ -453,7 +468,7 @@ def test_rates_counts_and_sizes_out_of_bounds_are_refused(name: str, value: str)
     """A rate limit under one request per 1000 s (other than 0, no limit) made the
     limiter overflow or answer absurd waits, and counts and sizes had no upper bound:
     400 nines as BRIDGE_RATE_BURST passed validation and crashed serve."""
-    with pytest.raises(ConfigError, match=f"{name}: .*(less than|at least)"):
+    with pytest.raises(ConfigError, match=f"{name}: .*(less than|at least|finite number)"):
         load_settings(environ={**BASE, name: value})
 
 
