@@ -906,6 +906,18 @@ async def test_a_record_a_probe_set_aside_is_not_probed_again_before_its_removal
     assert sorted(r.key for r in publisher.records) == [b"p1", b"p2"]
 
 
+async def _timed_out_but_queued(mode: BrokerAck, key: str) -> asyncio.Future[object]:
+    """Deliver ``key`` in ``mode`` to a 503 for a publish timeout whose record is still
+    queued; the future of its batch, for the test to settle."""
+    landing: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    timeout = PublishTimeout("slow")
+    timeout.landing = landing
+    mode._publisher = FakePublisher(fail_with=timeout)
+    with pytest.raises(PublishTimeout):
+        await mode.deliver(record(key), key)
+    return landing
+
+
 @pytest.mark.parametrize(("lands", "published"), [(True, 1), (False, 2)])
 async def test_broker_mode_remembers_a_timed_out_record_that_lands_later(
     tmp_path: Path, lands: bool, published: int
@@ -915,12 +927,7 @@ async def test_broker_mode_remembers_a_timed_out_record_that_lands_later(
     duplicate (in a review's outage, each timed-out attempt and then the retry made a
     copy: 3 records for one order). When it fails for good, the retry publishes."""
     mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_ACK="broker"))
-    landing: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    timeout = PublishTimeout("slow")
-    timeout.landing = landing
-    mode._publisher = FakePublisher(fail_with=timeout)
-    with pytest.raises(PublishTimeout):
-        await mode.deliver(record("k"), "k")
+    landing = await _timed_out_but_queued(mode, "k")
     if lands:
         landing.set_result(None)
     else:
@@ -942,12 +949,7 @@ async def test_broker_mode_a_retry_waits_for_a_timed_out_copy_still_queued(
     duplicate; refused, it is published; still unsettled, it gets a 503 of its own and is
     not published (the first copy may yet land), and a later retry waits again."""
     mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_PUBLISH_TIMEOUT="0.3"))
-    landing: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    timeout = PublishTimeout("slow")
-    timeout.landing = landing
-    mode._publisher = FakePublisher(fail_with=timeout)
-    with pytest.raises(PublishTimeout):
-        await mode.deliver(record("k"), "k")
+    landing = await _timed_out_but_queued(mode, "k")
     retried = FakePublisher()
     mode._publisher = retried
     loop = asyncio.get_running_loop()
@@ -972,11 +974,7 @@ async def test_broker_mode_without_de_duplication_does_not_wait_for_a_timed_out_
 ) -> None:
     """BRIDGE_DEDUP_WINDOW=0 asks for no de-duplication: a retry is published at once."""
     mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_DEDUP_WINDOW="0"))
-    timeout = PublishTimeout("slow")
-    timeout.landing = asyncio.get_running_loop().create_future()
-    mode._publisher = FakePublisher(fail_with=timeout)
-    with pytest.raises(PublishTimeout):
-        await mode.deliver(record("k"), "k")
+    await _timed_out_but_queued(mode, "k")
     retried = FakePublisher()
     mode._publisher = retried
     assert await mode.deliver(record("k"), "k") is True

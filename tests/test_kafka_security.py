@@ -322,6 +322,22 @@ OPERATOR_COMMANDS = {
 }
 
 
+def _operator_command(
+    argv: list[str], env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``bridge <argv>`` run in a process of its own, as the operator does; its result
+    and the last line it wrote to stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *argv],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result, result.stderr.rstrip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     ("command", "case"),
     [("topics list", case) for case in REFUSALS]
@@ -341,15 +357,7 @@ def test_refused_settings_are_named_by_the_operator_commands(
     env, message = refusal_case(secure_kafka, case, topic_prefix)
     env["BRIDGE_DEADLETTER_TOPIC"] = f"{topic_prefix}.deadletter"
     argv = [arg.format(prefix=topic_prefix) for arg in OPERATOR_COMMANDS[command]]
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", *argv],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    last = result.stderr.rstrip().splitlines()[-1]
+    result, last = _operator_command(argv, env)
     assert result.returncode == 2, result.stderr
     assert last.startswith("bridge: "), result.stderr
     assert re.search(message, last), result.stderr
@@ -383,15 +391,7 @@ def test_a_listener_that_needs_more_security_is_hinted_at(
     if protocol == "SSL":
         security["ssl_cafile"] = str(secure_kafka.tls.ca.cert)
     env = bridge_env(secure_kafka.bootstrap(listener), topic_prefix, **security)
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "topics", "list"],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    last = result.stderr.rstrip().splitlines()[-1]
+    result, last = _operator_command(["topics", "list"], env)
     assert result.returncode == 1, result.stderr
     assert "took the connection and closed it at the first request" in last, result.stderr
     assert f"needs {needs} does that: check BRIDGE_KAFKA_SECURITY_PROTOCOL={protocol}" in last

@@ -55,19 +55,27 @@ class KafkaProbe:
 
         self._runner.run(asyncio.wait_for(create(), _DEADLINE))
 
+    async def _partitions(
+        self, prefix: str, without: Collection[str]
+    ) -> tuple[Any, list[TopicPartition]]:
+        """The consumer, and the partitions of the topics whose name starts with
+        ``prefix``, but those named in ``without``."""
+        admin, consumer = await self._clients()
+        described = await admin.describe_topics()
+        partitions = [
+            TopicPartition(t["topic"], p["partition"])
+            for t in described
+            if t["topic"].startswith(prefix) and t["topic"] not in without
+            for p in t["partitions"]
+        ]
+        return consumer, partitions
+
     def count(self, prefix: str, *, without: Collection[str] = ()) -> int:
         """Records on every topic whose name starts with ``prefix``, but those named in
         ``without``."""
 
         async def count() -> int:
-            admin, consumer = await self._clients()
-            described = await admin.describe_topics()
-            partitions = [
-                TopicPartition(t["topic"], p["partition"])
-                for t in described
-                if t["topic"].startswith(prefix) and t["topic"] not in without
-                for p in t["partitions"]
-            ]
+            consumer, partitions = await self._partitions(prefix, without)
             if not partitions:
                 return 0
             end = await consumer.end_offsets(partitions)
@@ -87,14 +95,7 @@ class KafkaProbe:
         soak's millions of records take tens of MB."""
 
         async def read() -> int:
-            admin, consumer = await self._clients()
-            described = await admin.describe_topics()
-            partitions = [
-                TopicPartition(t["topic"], p["partition"])
-                for t in described
-                if t["topic"].startswith(prefix) and t["topic"] not in without
-                for p in t["partitions"]
-            ]
+            consumer, partitions = await self._partitions(prefix, without)
             if not partitions:
                 return 0
             end = await consumer.end_offsets(partitions)
