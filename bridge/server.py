@@ -1,8 +1,7 @@
 """Runs the app under uvicorn, with the shutdown order a load balancer needs.
 
-On SIGTERM (or SIGINT, or SIGHUP: the terminal that ran it closed) readiness
-turns 503 at once; after ``shutdown_delay``
-seconds uvicorn stops accepting, lets in-flight requests finish (at most
+On SIGTERM (or SIGINT, or SIGHUP: see bridge.signals) readiness turns 503 at once;
+after ``shutdown_delay`` seconds uvicorn stops accepting, lets in-flight requests finish (at most
 ``shutdown_timeout``), and the lifespan then flushes the producer. The process
 exits 0: uvicorn would otherwise re-raise the signal after a clean shutdown,
 and a supervisor would see a kill instead of an orderly exit.
@@ -31,16 +30,12 @@ from bridge.errors import ConfigError
 from bridge.httpprotocol import guarded_protocol
 from bridge.ingress import OPS_PORT_ONLY_NAMED, RuntimeState, outcome_of
 from bridge.metrics import Metrics
+from bridge.signals import stop_signals
 
 log = logging.getLogger(__name__)
 
 # uvicorn's default; asyncio's create_server calls listen() with it again.
 LISTEN_BACKLOG = 2048
-
-#: The signals that stop the bridge in order. SIGHUP too: its default action ended the
-#: process at once (a terminal closed on `make run`, a `kill -HUP`), without the
-#: drain, and in memory mode with the accepted events still queued lost.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class BridgeServer(uvicorn.Server):
@@ -51,9 +46,11 @@ class BridgeServer(uvicorn.Server):
         shutdown_delay: float,
         signals_taken: Callable[[], None],
         *,
+        signals: tuple[signal.Signals, ...],
         ops_port: int | None = None,
     ) -> None:
         super().__init__(config)
+        self._signals = signals  # bridge.signals.stop_signals()
         self._ops_port = ops_port
         self._state = state
         self._shutdown_delay = shutdown_delay
@@ -75,12 +72,13 @@ class BridgeServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """uvicorn's, for :data:`STOP_SIGNALS` (uvicorn's own list lacks SIGHUP), and
-        without raising the signal again on the way out: the process exits 0."""
+        """uvicorn's, for the bridge's stop signals (bridge.signals: uvicorn's own list
+        lacks SIGHUP), and without raising the signal again on the way out: the process
+        exits 0."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in self._signals}
         try:
             yield
         finally:
@@ -199,9 +197,8 @@ class _EarlyStop:
     step (bridge.spool._stopped_by_signals), so the stop comes at once.
     """
 
-    signals = STOP_SIGNALS
-
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self.signals = signals
         self.received: signal.Signals | None = None
         self._served = False
 
@@ -221,7 +218,7 @@ class _EarlyStop:
 
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
-    early = _EarlyStop()
+    early = _EarlyStop(stop_signals())  # read before any handler of ours is in place
     previous = early.install()
     try:
         # Bound before anything starts: uvicorn would bind only after the lifespan, so
@@ -291,7 +288,12 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
     server = BridgeServer(
-        config, state, settings.shutdown_delay, early.served, ops_port=settings.ops_port
+        config,
+        state,
+        settings.shutdown_delay,
+        early.served,
+        signals=early.signals,
+        ops_port=settings.ops_port,
     )
     connections = server.server_state.connections  # the protocol adds and removes itself
     metrics.open_connections.set_function(lambda: len(connections))

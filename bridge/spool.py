@@ -56,6 +56,7 @@ import orjson
 from bridge.backlog import QueuedRecord, RecordFifo, record_size
 from bridge.errors import BridgeError, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
+from bridge.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,9 @@ def _let_signals_in() -> int:
     return 0
 
 
-#: The signals that stop a bridge before it serves (bridge.server._EarlyStop).
-_STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-
-
 @contextlib.contextmanager
 def _stopped_by_signals(connection: sqlite3.Connection) -> Iterator[None]:
-    """SIGTERM or SIGINT interrupts ``connection``'s statement at once.
+    """A stop signal (bridge.signals) interrupts ``connection``'s statement at once.
 
     The progress handler lets Python's handlers in between SQLite's steps, but
     quick_check walks each table in one step: 2.4 s for a cold 1 GB spool, most of the
@@ -106,7 +103,7 @@ def _stopped_by_signals(connection: sqlite3.Connection) -> Iterator[None]:
 
     def interrupt_on_stop() -> None:
         while received := reader.recv(64):  # empty: the writer was closed, done
-            if _STOPPING_SIGNALS.intersection(received):
+            if STOP_SIGNALS.intersection(received):
                 connection.interrupt()
 
     watcher = threading.Thread(target=interrupt_on_stop, name="spool-check-signals", daemon=True)

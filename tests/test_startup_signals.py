@@ -76,8 +76,9 @@ def _child_of(pid: int) -> int | None:
         (True, "many-steps", signal.SIGTERM),
         (False, "one-step", signal.SIGTERM),
         (False, "many-steps", signal.SIGHUP),
+        (False, "one-step", signal.SIGHUP),
     ],
-    ids=["process", "pid-1", "one-long-step", "sighup"],
+    ids=["process", "pid-1", "one-long-step", "sighup", "sighup-one-long-step"],
 )
 def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
     tmp_path: Path, as_pid_1: bool, steps: str, stop: signal.Signals
@@ -122,3 +123,40 @@ def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
     assert f"{stop.name} received before serving: stopped, nothing was accepted" in log_text
     assert "Traceback" not in log_text
     assert "listening on" not in log_text
+
+
+def test_sighup_ignored_at_start_is_left_ignored(tmp_path: Path) -> None:
+    """Started under nohup (SIGHUP ignored, so that it outlives a closed session), the
+    bridge keeps serving on SIGHUP, as before it stopped on one; SIGTERM still stops it."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # need not answer
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": str(port),
+        "BRIDGE_LOG_FORMAT": "text",
+    }
+    log_path = tmp_path / "bridge.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["nohup", sys.executable, "-m", "bridge", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert wait_until(
+            lambda: "listening on" in log_path.read_text(), bool, within=30, every=0.05
+        ), log_path.read_text()
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, log_path.read_text()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "SIGHUP" not in log_path.read_text()
