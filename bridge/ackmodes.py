@@ -146,9 +146,9 @@ class BrokerAck:
         try:
             await self._publisher.publish(destination)
         except PublishTimeout as timeout:
+            mine.set_result(False)  # its waiters run later, once the landing is known
             if timeout.landing is not None and self._seen.enabled:
                 self._remember_if_it_lands(timeout.landing, dedup_key)
-            mine.set_result(False)
             raise
         except BaseException:
             mine.set_result(False)
@@ -184,6 +184,9 @@ class BrokerAck:
         own and is not published: it would only queue behind its first copy, on the same
         partition. Not shielded from the wait's end: the future is aiokafka's batch's.
         """
+        # Kafka answering nothing (an outage): the 503 comes at once, as for a fresh key;
+        # waiting for the first copy would hold a request for the whole wait each retry.
+        self._publisher.refuse_at_once()
         await asyncio.wait({landing}, timeout=self._landing_wait)
         if landing.done():
             self._settle(dedup_key, landing)  # its callback may not have run yet

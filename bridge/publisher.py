@@ -119,6 +119,8 @@ class Publisher(Protocol):
 
     async def publish(self, destination: Destination) -> None: ...
 
+    def refuse_at_once(self) -> None: ...
+
     def failure(self, exc: BaseException) -> BridgeError: ...
 
 
@@ -1087,14 +1089,11 @@ class KafkaPublisher:
         log.error("unexpected error from the Kafka producer", exc_info=exc)
         return PublishFailed(f"the Kafka client failed: {type(exc).__name__}")
 
-    async def publish(self, destination: Destination) -> None:
-        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError.
-
-        At once Unavailable while Kafka has answered nothing for UNANSWERED_AFTER_SECONDS
-        (the bridge is unready by then): the record would wait the whole publish
-        timeout for the same 503, each such request holding one of
-        BRIDGE_MAX_CONCURRENCY places.
-        """
+    def refuse_at_once(self) -> None:
+        """Raise Unavailable while Kafka has answered nothing for UNANSWERED_AFTER_SECONDS
+        (the bridge is unready by then), or before the first connection: a record would
+        wait the whole publish timeout for the same 503, each such request holding one
+        of BRIDGE_MAX_CONCURRENCY places."""
         if self._producer is None or time.monotonic() >= self._answered_until:
             self._metrics.record_publish_error("not_connected")
             if self._stall_began is not None:  # Kafka takes nothing still: see stalled
@@ -1107,6 +1106,11 @@ class KafkaPublisher:
                 else f"no answer from Kafka at {self._settings.kafka_bootstrap} for "
                 f"{UNANSWERED_AFTER_SECONDS:g} s or more"
             )
+
+    async def publish(self, destination: Destination) -> None:
+        """Return once Kafka acknowledged the record (acks=all), or raise a BridgeError;
+        at once Unavailable when :meth:`refuse_at_once` says so."""
+        self.refuse_at_once()
         started = time.perf_counter()
         batch: Any = None
         watch = None

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import BridgeError, PublishFailed
+from bridge.errors import BridgeError, PublishFailed, Unavailable
 from bridge.geins import Delivery
 from bridge.routing import Destination
 
@@ -73,6 +73,10 @@ class FakePublisher:
 
     def ready_for(self, topic: str) -> bool:
         return True
+
+    def refuse_at_once(self) -> None:
+        if not self.connected:
+            raise Unavailable("not connected to Kafka yet")
 
     def answered_since(self, since: float) -> bool:
         return self.answering

@@ -979,3 +979,18 @@ async def test_broker_mode_without_de_duplication_does_not_wait_for_a_timed_out_
     mode._publisher = retried
     assert await mode.deliver(record("k"), "k") is True
     assert len(retried.records) == 1
+
+
+async def test_broker_mode_a_retry_in_an_outage_is_refused_at_once(tmp_path: Path) -> None:
+    """Kafka answering nothing (the publisher refuses at once, as for a fresh key): a
+    retry whose first copy is still queued gets its 503 at once too, not after waiting
+    the whole publish timeout for the first copy (a review: 3 s per retry, each one
+    holding a request's place, for as long as the outage lasted)."""
+    mode = BrokerAck(FakePublisher(), settings(tmp_path, BRIDGE_PUBLISH_TIMEOUT="60"))
+    await _timed_out_but_queued(mode, "k")
+    down = FakePublisher(connected=False)
+    mode._publisher = down
+    async with asyncio.timeout(10):  # far less than the 60 s wait
+        with pytest.raises(Unavailable, match="not connected"):
+            await mode.deliver(record("k"), "k")
+    assert down.records == []
