@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import math
 import os
+import re
 import resource
 import socket
 import ssl
@@ -143,25 +144,29 @@ def _is_host_like(host: str) -> bool:
     return host.isprintable() and not any(c.isspace() for c in host)
 
 
+def _refuse_url_parts(bootstrap: str) -> None:
+    """Raise ValueError for a URL's credentials or scheme in the bootstrap servers
+    (``user:password@host:9092``, ``SASL_SSL://host:9093``, as other tools take them),
+    before the list is split at its commas: the credentials are never quoted, whatever
+    they hold (a comma, "://")."""
+    if "@" in bootstrap:
+        host = bootstrap.rpartition("@")[2].split(",")[0]
+        raise ValueError(
+            f"'…@{host}': give host:port alone, without a user or password; those are "
+            "BRIDGE_KAFKA_SASL_USERNAME and BRIDGE_KAFKA_SASL_PASSWORD(_FILE)"
+        )
+    if "://" in bootstrap:
+        scheme = bootstrap.partition("://")[0].rpartition(",")[2].strip()
+        named = f"{scheme}://" if re.fullmatch(r"[A-Za-z][A-Za-z0-9_+.-]*", scheme) else "://"
+        raise ValueError(
+            f"{named!r}: give host:port alone; the protocol is BRIDGE_KAFKA_SECURITY_PROTOCOL"
+        )
+
+
 def _check_host_port(server: str) -> None:
     """Raise ValueError unless ``server`` is ``host:port`` or ``[IPv6 address]:port``
     with a port from 1 to 65535 (as aiokafka reads it: an IPv6 address without
-    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1).
-
-    A URL's scheme or credentials (``SASL_SSL://broker:9093``, ``user:password@host``,
-    as other tools take them) are refused as such, the credentials never quoted."""
-    scheme, slashes, _ = server.partition("://")
-    if slashes:
-        raise ValueError(
-            f"{scheme + slashes!r}: give host:port alone; the protocol is "
-            "BRIDGE_KAFKA_SECURITY_PROTOCOL"
-        )
-    if "@" in server:
-        host_part = server.rpartition("@")[2]
-        raise ValueError(
-            f"'…@{host_part}': give host:port alone, without a user or password; those are "
-            "BRIDGE_KAFKA_SASL_USERNAME and BRIDGE_KAFKA_SASL_PASSWORD(_FILE)"
-        )
+    brackets would be taken for a host and a port, ``::1`` for ``::`` port 1)."""
     if server.startswith("["):
         host, bracket, rest = server[1:].partition("]")
         port = rest.removeprefix(":")
@@ -406,6 +411,7 @@ class Settings(BaseModel):
         if not value.strip():
             # Not "unset" as an empty BRIDGE_HOST is: localhost:9092 would be a guess
             raise ValueError("empty: give host:port of one Kafka broker or more, comma-separated")
+        _refuse_url_parts(value)
         for server in (s.strip() for s in value.split(",")):
             if not server:
                 raise ValueError(f"{value!r} has an empty entry between its commas")
