@@ -88,11 +88,19 @@ def read_secret_file(path: Path, setting: str) -> str:
     be for a moment (an empty password was sent, and Kafka's refusal blamed the user).
     """
     try:
+        return _secret_in(path)
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+
+
+def _secret_in(path: Path) -> str:
+    """What :func:`read_secret_file` reads, its ValueError naming no setting."""
+    try:
         secret = path.read_bytes().decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise ValueError(f"{setting}: {_named(path)} is not UTF-8 text") from None
+        raise ValueError(f"{_named(path)} is not UTF-8 text") from None
     if not secret.strip():
-        raise ValueError(f"{setting}: {_named(path)} is empty")
+        raise ValueError(f"{_named(path)} is empty")
     return secret
 
 
@@ -496,13 +504,10 @@ class Settings(BaseModel):
                 # A password file's path, as a secret's (the others are plain paths).
                 named = _named(value) if info.field_name in PASSWORD_FILES else value
                 raise ValueError(f"cannot read {named}: {exc.strerror}") from None
-            if not text.strip():
-                raise ValueError(f"{value} is empty")
             if info.field_name in PASSWORD_FILES:
-                try:
-                    text.decode("utf-8-sig")
-                except UnicodeDecodeError:  # else only found when connecting
-                    raise ValueError(f"{_named(value)} is not UTF-8 text") from None
+                _secret_in(value)  # as read when connecting, which would refuse it then
+            elif not text.strip():
+                raise ValueError(f"{value} is empty")
         return value
 
     @model_validator(mode="after")

@@ -567,7 +567,7 @@ class KafkaPublisher:
         at most every EXPLAIN_SECONDS, and retried like an outage. Without that, a
         refusal after an unreachable start was retried for ever without a word."""
         explain = not at_startup and time.monotonic() >= self._explain_not_before
-        if explain:
+        if explain or at_startup:  # (a try at startup asks why too)
             self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
         started = await self._start_producer(at_startup=at_startup, explain=explain)
         if isinstance(started, str):
@@ -614,7 +614,11 @@ class KafkaPublisher:
             log.debug("connecting to Kafka failed: %r", exc)
             await self._abandon(producer)
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
-                refusal, hint = await kafka_diagnosis(self._settings, options)
+                try:
+                    refusal, hint = await kafka_diagnosis(self._settings, options)
+                except Exception as unforeseen:  # SCRAM's ValueError, say: no reason known
+                    log.debug("asking Kafka why failed: %r", unforeseen)
+                    refusal = hint = None
                 if refusal is not None:
                     if at_startup:
                         raise ConfigError(refusal) from None
@@ -662,6 +666,7 @@ class KafkaPublisher:
                 self._check_secrets()
                 self._reset_soon()  # one that had to wait (a failed try, too soon after the last)
                 await self._heartbeat(self._producer)
+                backoff = 0.5
             except Exception:  # a bug: this task must outlive it, or Kafka is never seen again
                 log.exception("keeping the Kafka connection failed; trying again")
                 await asyncio.sleep(backoff)

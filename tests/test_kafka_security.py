@@ -838,7 +838,13 @@ def test_missing_or_unreadable_files_are_named(tls: TlsFiles, tmp_path: Path, se
     empty.write_text("\n")
     latin = tmp_path / "latin-1"
     latin.write_bytes(b"l\xf6senord\n")  # a password's bytes, never quoted
-    cases = [(latin, f"{latin} is not UTF-8 text")] if setting.endswith("password_file") else []
+    marked = tmp_path / "byte-order-mark"
+    marked.write_bytes("\ufeff\n".encode())  # empty once read: refused only when connecting
+    cases = (
+        [(latin, f"{latin} is not UTF-8 text"), (marked, f"{marked} is empty")]
+        if setting.endswith("password_file")
+        else []
+    )
     for bad, why in [
         *cases,
         (
