@@ -128,18 +128,29 @@ class BrokerAck:
         if dedup_key is None:
             await self._publisher.publish(destination)
             return True
+        # One bound for all the waiting on earlier copies of this event, whatever their
+        # number: retries waiting in turn were held (2k-1) times the publish timeout.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._landing_wait
         while True:
             if self._seen.seen(dedup_key):
                 return False
             first = self._inflight.get(dedup_key)
             if first is not None:
-                if await asyncio.shield(first):
+                await asyncio.wait({first}, timeout=max(0.0, until - loop.time()))
+                if not first.done():
+                    raise PublishTimeout(
+                        "an earlier delivery of this event is still waiting for Kafka: "
+                        f"this one was not sent, the first was not settled in "
+                        f"{self._landing_wait:g} s"
+                    )
+                if first.result():
                     return False
                 continue  # the first attempt failed: this one tries again
             landing = self._landing.get(dedup_key)
             if landing is None:
                 break
-            await self._await_landing(dedup_key, landing)
+            await self._await_landing(dedup_key, landing, until)
             # landed: a duplicate (seen above); refused or given up on: publish again
         mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._inflight[dedup_key] = mine
@@ -176,8 +187,11 @@ class BrokerAck:
             if not landing.cancelled() and landing.exception() is None:
                 self._seen.remember(dedup_key)
 
-    async def _await_landing(self, dedup_key: str, landing: asyncio.Future[Any]) -> None:
-        """Wait, up to BRIDGE_PUBLISH_TIMEOUT, for a timed-out earlier copy to land or fail.
+    async def _await_landing(
+        self, dedup_key: str, landing: asyncio.Future[Any], until: float
+    ) -> None:
+        """Wait, until ``until`` (the loop's time: BRIDGE_PUBLISH_TIMEOUT after the retry
+        came), for a timed-out earlier copy to land or fail.
 
         A retry that came while it was still queued was published as well: two copies
         of one event once Kafka took both. Still unsettled, the retry gets a 503 of its
@@ -187,7 +201,8 @@ class BrokerAck:
         # Kafka answering nothing (an outage): the 503 comes at once, as for a fresh key;
         # waiting for the first copy would hold a request for the whole wait each retry.
         self._publisher.refuse_at_once()
-        await asyncio.wait({landing}, timeout=self._landing_wait)
+        remaining = max(0.0, until - asyncio.get_running_loop().time())
+        await asyncio.wait({landing}, timeout=remaining)
         if landing.done():
             self._settle(dedup_key, landing)  # its callback may not have run yet
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from functools import partial
 from pathlib import Path
@@ -994,3 +995,46 @@ async def test_broker_mode_a_retry_in_an_outage_is_refused_at_once(tmp_path: Pat
         with pytest.raises(Unavailable, match="not connected"):
             await mode.deliver(record("k"), "k")
     assert down.records == []
+
+
+class _PartitionTakesNothing(FakePublisher):
+    """Kafka answers, but the partition takes no record: each publish times out after
+    ``timeout`` with its record still queued, and the producer gives that record up
+    0.9 ``timeout`` later."""
+
+    timeout = 1.0
+
+    async def publish(self, destination: Destination) -> None:
+        self.records.append(destination)
+        await asyncio.sleep(self.timeout)
+        loop = asyncio.get_running_loop()
+        landing: asyncio.Future[object] = loop.create_future()
+        loop.call_later(0.9 * self.timeout, landing.set_exception, KafkaTimeoutError())
+        timeout = PublishTimeout("no acknowledgement")
+        timeout.landing = landing
+        raise timeout
+
+
+async def test_broker_mode_retries_in_a_row_wait_one_publish_timeout_each(
+    tmp_path: Path,
+) -> None:
+    """Retries of one key arriving while its first copy waits: each waited for the one
+    before, then for its landing, then published its own, held (2k-1) x 0.9 times the
+    publish timeout for the k-th (a review: 5.5 s for the third with a 1 s timeout).
+    Their waiting now shares one bound: a 503 once the publish timeout has passed, or
+    a publish of its own if the copy before failed in time."""
+    kafka = _PartitionTakesNothing()
+    mode = BrokerAck(kafka, settings(tmp_path, BRIDGE_PUBLISH_TIMEOUT=str(kafka.timeout)))
+    loop = asyncio.get_running_loop()
+
+    async def held(delay: float) -> float:
+        await asyncio.sleep(delay)
+        came = loop.time()
+        with contextlib.suppress(PublishTimeout):
+            await mode.deliver(record("k"), "k")
+        return loop.time() - came
+
+    _, *retries = await asyncio.gather(held(0), held(1.1), held(1.15), held(1.2))
+    # at most the wait and one publish of its own; far from the 3.3 and 5.0 s of the
+    # second and third retries before
+    assert max(retries) < 3 * kafka.timeout, retries
