@@ -567,8 +567,6 @@ class KafkaPublisher:
         at most every EXPLAIN_SECONDS, and retried like an outage. Without that, a
         refusal after an unreachable start was retried for ever without a word."""
         explain = not at_startup and time.monotonic() >= self._explain_not_before
-        if explain or at_startup:  # (a try at startup asks why too)
-            self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
         started = await self._start_producer(at_startup=at_startup, explain=explain)
         if isinstance(started, str):
             return False
@@ -614,6 +612,8 @@ class KafkaPublisher:
             log.debug("connecting to Kafka failed: %r", exc)
             await self._abandon(producer)
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
+                # asked now (at startup too): background tries ask again EXPLAIN_SECONDS on
+                self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
                 try:
                     refusal, hint = await kafka_diagnosis(self._settings, options)
                 except Exception as unforeseen:  # SCRAM's ValueError, say: no reason known

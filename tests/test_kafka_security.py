@@ -506,6 +506,41 @@ async def test_a_refusal_after_an_unreachable_start_is_logged(
         await publisher.stop()
 
 
+async def test_a_slow_start_does_not_hold_back_the_first_reason(
+    topic_prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The try at startup timed out (no reason asked: Kafka did not answer at all), so
+    the first background try asks why, and the refusal is logged then, not 30 s on (a
+    review: the throttle counted the startup try as having asked)."""
+
+    class SlowThenRefused(AIOKafkaProducer):  # type: ignore[misc]
+        tries = 0
+
+        async def start(self) -> None:
+            SlowThenRefused.tries += 1
+            if SlowThenRefused.tries == 1:
+                await asyncio.sleep(60)  # past BRIDGE_KAFKA_CONNECT_TIMEOUT
+            raise KafkaConnectionError("Unable to bootstrap")
+
+    async def refused(_settings: object, _options: object) -> tuple[str, None]:
+        return "Kafka at k:9092 rejected the credentials of user bridge", None
+
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", SlowThenRefused)
+    monkeypatch.setattr(publisher_module, "kafka_diagnosis", refused)
+    env = bridge_env("127.0.0.1:9", topic_prefix) | {"BRIDGE_KAFKA_CONNECT_TIMEOUT": "1"}
+    publisher = KafkaPublisher(load_settings(environ=env), Metrics())
+    await publisher.start()
+    try:
+        await eventually(
+            lambda: "rejected the credentials" in caplog.text,
+            within=publisher_module.EXPLAIN_SECONDS / 3,
+            every=0.1,
+            what="the refusal logged by the first background try",
+        )
+    finally:
+        await publisher.stop()
+
+
 async def test_an_unforeseen_error_while_connecting_is_retried(
     kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
