@@ -45,6 +45,8 @@ import zipfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple, Self
 
+from bridge.signals import stop_signals
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Mapping, Sequence
     from types import TracebackType
@@ -925,8 +927,9 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def _signals_interrupt() -> Generator[None]:
     """Turn SIGTERM and SIGHUP into :class:`Interrupted` (as SIGINT is KeyboardInterrupt)
-    while the block runs; later ones are ignored, so the cleanup they caused finishes."""
-    stops = (signal.SIGTERM, signal.SIGHUP)
+    while the block runs; later ones are ignored, so the cleanup they caused finishes.
+    SIGHUP not when it is ignored (``nohup make run``), as by ``bridge serve``."""
+    stops = tuple(sig for sig in stop_signals() if sig != signal.SIGINT)
 
     def interrupt(signum: int, _: object) -> None:
         for sig in stops:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,3 +347,19 @@ def test_up_and_down_of_a_port_take_turns(tmp_path: Path, monkeypatch: pytest.Mo
         assert devkafka_main([command, "--home", str(tmp_path), "--port", "61555"]) == 0
     assert held == [True, True]
     assert not is_locked()
+
+
+def test_an_ignored_sighup_stays_ignored_while_up_waits() -> None:
+    """Under ``nohup make run`` (SIGHUP ignored), a closed terminal no longer stops the
+    broker ``up`` is starting (a review): only SIGTERM interrupts then."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with devkafka._signals_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)  # a handler would have run by now
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            with pytest.raises(devkafka.Interrupted):
+                signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
