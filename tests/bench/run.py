@@ -71,6 +71,7 @@ from tests.bench.mix import (
 from tests.bench.model import (
     ALL_RUNS,
     DIED,
+    KEYS_UNREAD,
     NOT_COUNTED,
     ROUND,
     SATURATION,
@@ -851,6 +852,7 @@ class Bench:
                     subject.topics, without=subject.extra_topics
                 )
             except (TimeoutError, KafkaError) as exc:  # the counts still stand
+                result.keys_repeated = KEYS_UNREAD
                 say(f"{subject.name}: could not read every record's key: {exc!r}")
             else:
                 seconds = time.monotonic() - started
