@@ -95,8 +95,13 @@ def read_secret_file(path: Path, setting: str) -> str:
 
 def _secret_in(path: Path) -> str:
     """What :func:`read_secret_file` reads, its ValueError naming no setting."""
+    return _secret_of(path.read_bytes(), path)
+
+
+def _secret_of(data: bytes, path: Path) -> str:
+    """The secret in ``data``, read from ``path`` (named in a ValueError, if any)."""
     try:
-        secret = path.read_bytes().decode("utf-8-sig").rstrip("\r\n")
+        secret = data.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
         raise ValueError(f"{_named(path)} is not UTF-8 text") from None
     if not secret.strip():
@@ -324,6 +329,11 @@ class Settings(BaseModel):
                 raise ValueError(problem)
         return value
 
+    @field_validator("rate_limit", "shutdown_delay", "dedup_window")
+    @classmethod
+    def _zero_has_no_sign(cls, value: float) -> float:
+        return value + 0.0  # "-0" is 0, not shown back as -0.0
+
     @field_validator("rate_limit")
     @classmethod
     def _rate_off_or_at_least_the_slowest(cls, value: float) -> float:
@@ -505,7 +515,7 @@ class Settings(BaseModel):
                 named = _named(value) if info.field_name in PASSWORD_FILES else value
                 raise ValueError(f"cannot read {named}: {exc.strerror}") from None
             if info.field_name in PASSWORD_FILES:
-                _secret_in(value)  # as read when connecting, which would refuse it then
+                _secret_of(text, value)  # as read when connecting, which would refuse it then
             elif not text.strip():
                 raise ValueError(f"{value} is empty")
         return value

@@ -35,13 +35,13 @@ class SeenKeys:
         return self._window > 0
 
     def seen(self, key: str) -> bool:
-        if self._window <= 0:
+        if not self.enabled:
             return False
         at = self._accepted.get(key)
         return at is not None and at >= self._clock() - self._window
 
     def remember(self, key: str) -> None:
-        if self._window <= 0:
+        if not self.enabled:
             return
         now = self._clock()
         self._accepted[key] = now

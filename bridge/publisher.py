@@ -179,13 +179,6 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-async def kafka_refusal(settings: Settings, options: dict[str, Any]) -> str | None:
-    """Why Kafka refuses the bridge's credentials or TLS settings, if it does (see
-    :func:`kafka_diagnosis`)."""
-    refusal, _ = await kafka_diagnosis(settings, options)
-    return refusal
-
-
 async def kafka_diagnosis(
     settings: Settings, options: dict[str, Any]
 ) -> tuple[str | None, str | None]:
@@ -698,7 +691,8 @@ class KafkaPublisher:
             log.info("the Kafka secret files changed: connecting with them")
             try:
                 started = await self._start_producer(explain=True)
-            except Exception as exc:  # not foreseen (aiokafka's SCRAM raises ValueError)
+            except Exception as exc:  # not foreseen: the producer's constructor refusing
+                # an option, say (_start_producer itself catches what starting raises)
                 log.error("connecting with the changed secret files failed: %r", exc)
                 started = FAILED  # tried again after the back-off, like any failure
             if isinstance(started, str):

@@ -511,6 +511,15 @@ def test_the_bounds_allowed_keep_the_rate_limiter_sane() -> None:
     assert load_settings(environ={**BASE, "BRIDGE_RATE_LIMIT": "0"}).rate_limit == 0
 
 
+@pytest.mark.parametrize(
+    "variable", ["BRIDGE_RATE_LIMIT", "BRIDGE_SHUTDOWN_DELAY", "BRIDGE_DEDUP_WINDOW"]
+)
+def test_minus_zero_is_zero_and_shown_so(variable: str) -> None:
+    settings = load_settings(environ={**BASE, variable: "-0"})
+    name = variable.removeprefix("BRIDGE_").lower()
+    assert repr(getattr(settings, name)) == "0.0"  # check-config showed -0.0
+
+
 @pytest.mark.parametrize("order", [1, -1])
 def test_two_variables_for_one_setting_are_refused(order: int) -> None:
     """BRIDGE_Tokens was read as BRIDGE_TOKENS, so whichever came last in the

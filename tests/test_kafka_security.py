@@ -44,7 +44,7 @@ from bridge.metrics import Metrics
 from bridge.publisher import (
     KafkaPublisher,
     kafka_client_options,
-    kafka_refusal,
+    kafka_diagnosis,
     secrets_fingerprint,
 )
 from bridge.routing import Destination
@@ -657,11 +657,11 @@ async def test_rotated_password_file_is_used_without_restart(
         await set_scram_password(secure_kafka, "rotator", new, tmp_path)
         # From now on a new connection with the old password is refused: without the
         # rotation, the bridge would fail at its next reconnect.
-        assert await kafka_refusal(settings, kafka_client_options(settings)) is not None
+        assert (await kafka_diagnosis(settings, kafka_client_options(settings)))[0] is not None
 
         secret.write_text(new + "\n")
         await wait_for_rotations(metrics, "applied", 1)
-        assert await kafka_refusal(settings, kafka_client_options(settings)) is None
+        assert (await kafka_diagnosis(settings, kafka_client_options(settings)))[0] is None
         await publisher.publish(record("after"))
 
         secret.write_text(WRONG_PASSWORD + "\n")  # Kafka does not know this one
