@@ -520,10 +520,13 @@ def guarded_protocol(
             if self.parser.should_upgrade():  # parsed again without it: see the docstring
                 self._upgrade_head = self._head_without_upgrade()
                 return
-            self._in_head = False  # the deadline runs on until the body is complete
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
+            # Only now: uvicorn may refuse the head itself (a URL httptools.parse_url
+            # will not take, though llhttp did), and that 400 is the head's, answered in
+            # its turn, not the previous request's body error (send_400_response).
+            self._in_head = False  # the deadline runs on until the body is complete
             if len(self.pipeline) > MAX_PIPELINED:
                 self._refuse(
                     TooManyPipelined(

@@ -779,6 +779,38 @@ async def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(
     assert connection.transport.closed
 
 
+#: A URL llhttp takes and uvicorn's httptools.parse_url refuses (a port out of range).
+URL_PARSE_REFUSES = b"GET http://h:99999/healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def test_a_url_refused_past_the_parser_is_answered_in_its_turn(
+    connection: Connection,
+) -> None:
+    """uvicorn refuses the URL after llhttp has read the head: that 400 was taken
+    for the previous request's body error and went out at once, as the only answer,
+    while the request before it was published (the client saw a 400 for it)."""
+    answers = await connection.answers(webhook("p1") + URL_PARSE_REFUSES, 2)
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [
+        b"HTTP/1.1 202 Accepted",
+        b"HTTP/1.1 400 Malformed HTTP request",
+    ]
+    assert [r.key for r in connection.publisher.records] == [b"p1"]
+    assert [e.reason for e in connection.refused] == ["malformed_request"]
+
+
+async def test_a_url_refused_past_the_parser_on_a_kept_connection_is_a_400(
+    connection: Connection,
+) -> None:
+    """The second request of a kept-alive connection: it got no answer at all."""
+    (first,) = await connection.answers(webhook("p1"), 1)
+    assert first.startswith(b"HTTP/1.1 202 Accepted")
+    after = len(connection.transport.writes)
+    connection.protocol.data_received(URL_PARSE_REFUSES)
+    answer = await wait_closed(connection, 1, after=after)
+    assert split(answer)[0][0] == b"HTTP/1.1 400 Malformed HTTP request"
+    assert [e.reason for e in connection.refused] == ["malformed_request"]
+
+
 async def test_a_pipelined_request_with_a_broken_body_is_refused_in_its_turn(
     connection: Connection,
 ) -> None:
