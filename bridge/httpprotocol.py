@@ -55,12 +55,14 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
+import uvicorn
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.config import OPS_MAX_CONNECTIONS
 from bridge.errors import (
     BridgeError,
+    ConfigError,
     HeadersTooLarge,
     IncompleteRequest,
     MalformedRequest,
@@ -156,6 +158,23 @@ class _WithoutUvicorns400Warning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != _UVICORNS_400_MESSAGE
+
+
+#: Where uvicorn starts each request's app, queued ones in turn: the protocol keeps
+#: its answers in order from there (_answered_all). Without it, it took a request
+#: still running for answered: an idle timer or a refusal cut its answer off.
+ORDER_HOOK = "_start_asgi_task"
+
+
+def refuse_unknown_uvicorn(protocol: type[HttpToolsProtocol]) -> None:
+    """A ConfigError unless this uvicorn has the hook answers are ordered by (0.45 on;
+    pyproject.toml asks for 0.53, pip installs no older one, but a vendored or
+    patched uvicorn may lack it)."""
+    if not callable(getattr(protocol, ORDER_HOOK, None)):
+        raise ConfigError(
+            f"this uvicorn ({uvicorn.__version__}) is too old for the bridge: its HTTP "
+            f"protocol has no {ORDER_HOOK}; install uvicorn 0.53 or later"
+        )
 
 
 def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
@@ -316,6 +335,7 @@ def guarded_protocol(
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
     piece = max(512, min(4096, max_head_bytes // 4))
+    refuse_unknown_uvicorn(HttpToolsProtocol)
     answers_malformed_requests(HttpToolsProtocol)
     # One log line a second for each port's refusals: a line's count and detail are
     # of one limit only (a review found 39 webhook refusals logged as the ops port's).

@@ -17,7 +17,7 @@ from uvicorn.server import ServerState
 from bridge import httpprotocol
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, ConfigError
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
 from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
@@ -1140,6 +1140,19 @@ async def test_a_malformed_request_is_a_problem_json_400(
         assert connection.publisher.records == []
     finally:
         connection.close()
+
+
+def test_a_uvicorn_without_the_hook_answers_are_ordered_by_is_refused() -> None:
+    """uvicorn before 0.45 started apps with no _start_asgi_task: the protocol took a
+    running request for answered, and an idle timer or a pipelined refusal cut off its
+    answer while its event was published. Such a uvicorn is refused, not half used."""
+    httpprotocol.refuse_unknown_uvicorn(HttpToolsProtocol)  # the installed one: fine
+
+    class OlderProtocol:
+        pass
+
+    with pytest.raises(ConfigError, match=r"_start_asgi_task; install uvicorn 0\.53"):
+        httpprotocol.refuse_unknown_uvicorn(OlderProtocol)  # type: ignore[arg-type]  # as an older uvicorn's
 
 
 def test_this_uvicorn_answers_malformed_requests_through_send_400_response(
