@@ -112,6 +112,55 @@ def test_a_signalled_test_run_stops_its_broker(
     assert kafka_jvms(base) == []
 
 
+WAITING_TEST = """
+import time
+from pathlib import Path
+
+
+def test_wait() -> None:
+    Path("waiting").write_text("")
+    time.sleep(600)
+"""
+
+
+def test_a_test_run_under_nohup_outlives_sighup(tmp_path: Path) -> None:
+    """``nohup make test``: SIGHUP (the terminal closed) was taken over by the suite's
+    handler and stopped the run. Ignored at start, it stays ignored; SIGTERM still
+    stops the run as Ctrl-C does."""
+    (tmp_path / "test_wait.py").write_text(WAITING_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen(
+        [
+            *("nohup", sys.executable, "-m", "pytest", "-q", "-s", "-p", "tests.conftest"),
+            *("-p", "no:cacheprovider", "-c", "pytest.ini", "test_wait.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_until(
+            lambda: (tmp_path / "waiting").exists() or run.poll() is not None,
+            bool,
+            within=60,
+            every=0.1,
+        )
+        run.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        output = (tmp_path / "run.log").read_text(errors="replace")
+        assert run.poll() is None, output
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 2  # interrupted, as before
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        log.close()
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_a_killed_test_run_takes_its_broker_along(
