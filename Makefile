@@ -14,6 +14,14 @@ INSTALLED := $(VENV)/.installed
 CONSTRAINTS := deploy/constraints.txt
 KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
+# Kubernetes sets KAFKA_PORT=tcp://10.0.0.1:9092 in pods next to a Service named kafka:
+# taken from the environment, only a port number counts.
+ifeq ($(origin KAFKA_PORT),environment)
+ifneq ($(shell [[ '$(KAFKA_PORT)' =~ ^[0-9]+$$ ]] && echo port),port)
+$(warning KAFKA_PORT=$(KAFKA_PORT) in the environment is not a port number: using 9092)
+KAFKA_PORT := 9092
+endif
+endif
 # The broker's port + 1 unless set: `make kafka-up KAFKA_PORT=19092` kept 9093, taken
 # by the broker already on 9092.
 KAFKA_CONTROLLER_PORT ?= $(shell echo $$(( $(KAFKA_PORT) + 1 )))
@@ -39,9 +47,18 @@ $(INSTALLED): $(RUNTIME)
 
 install: $(INSTALLED) ## create .venv with the bridge and its dev tools
 
+# Installed as root only (apt-get); the package's own service is then stopped and
+# disabled: the tests start their own Prometheus, and Debian's would stay on :9090.
 promtool: ## Debian's prometheus package (promtool, prometheus) for the deploy/ tests
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [[ $$(id -u) != 0 ]]; then \
+	  echo "make test needs promtool and prometheus (the deploy/ tests): install Debian's" \
+	    "prometheus package once (sudo apt-get install prometheus; then sudo systemctl" \
+	    "disable --now prometheus if its service should not run), or put both on PATH"; \
+	  exit 1; fi; \
+	apt-get update -qq; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	if [[ -d /run/systemd/system ]]; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 
 kafka-fetch: $(RUNTIME) ## download the Kafka broker jars (cached in .cache/kafka)
 	$(BIN)/python -m bridge.devkafka fetch --home $(KAFKA_HOME)
@@ -72,7 +89,9 @@ run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_K
 	echo; \
 	exec $(BIN)/bridge serve
 
-test: $(INSTALLED) promtool ## run the whole suite (starts and stops its own Kafka)
+# The jars first: fetched inside the first Kafka test's fixture, the download counted
+# against that test's timeout, and a failure was repeated by every Kafka test.
+test: $(INSTALLED) promtool kafka-fetch ## run the whole suite (starts and stops its own Kafka)
 	$(BIN)/pytest
 
 lint: $(INSTALLED) ## ruff, format check and mypy --strict; never edits files
