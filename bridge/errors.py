@@ -256,6 +256,13 @@ class PublishFailed(Unavailable):
     title = "Kafka refused the record"
 
 
+class ShuttingDown(Unavailable):
+    """A delivery still in progress when BRIDGE_SHUTDOWN_TIMEOUT ran out at a stop."""
+
+    reason = "shutting_down"
+    title = "The bridge is stopping"
+
+
 #: Every reason a rejection can carry: metric labels are pre-created from this list.
 ALL_ERRORS: tuple[type[BridgeError], ...] = (
     BridgeError,  # "internal": a bug, answered 500
@@ -288,4 +295,5 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     MemoryQueueFull,
     PublishTimeout,
     PublishFailed,
+    ShuttingDown,
 )

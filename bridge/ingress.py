@@ -13,6 +13,8 @@ Every error answer is ``application/problem+json`` (RFC 9457).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -39,6 +41,7 @@ from bridge.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    ShuttingDown,
     Unauthorized,
 )
 from bridge.geins import IDEMPOTENCY_HEADER, Delivery, Event, key_text
@@ -235,6 +238,20 @@ class WebhookEndpoint:
             outcome, reason = outcome_of(exc), exc.reason
             await self._answer.send(send, exc)
             log_refusal(exc, scope, self._redact)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when BRIDGE_SHUTDOWN_TIMEOUT
+            # runs out at a stop; its own answer was a text/plain 500, counted here as
+            # accepted. A retriable problem+json 503 instead, counted as one. Not raised
+            # again: the task ends here, answered, and uvicorn would log the
+            # cancellation as an error in the application, with a traceback.
+            stopping = ShuttingDown(
+                "the bridge stopped before this delivery was answered; retry it (it "
+                "may have been made safe already, and then be published once more)"
+            )
+            outcome, reason = outcome_of(stopping), stopping.reason
+            with contextlib.suppress(Exception):  # a connection already gone
+                await self._answer.send(send, stopping)
+            log_refusal(stopping, scope, self._redact)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             error = BridgeError("unexpected internal error; the delivery was not accepted")
             outcome, reason = "error", error.reason  # "internal", as its problem says

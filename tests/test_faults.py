@@ -7,6 +7,7 @@ these are the proof of the promise that an event answered 2xx is never lost.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,6 +294,47 @@ def test_broker_mode_a_503_that_lands_later_makes_the_retry_a_duplicate(
         assert retried.json()["status"] == "duplicate"
     keys = [r.key for r in read_all_sync(own_broker.bootstrap, topic_prefix)]
     assert keys.count(b"late") == 1, keys
+
+
+def test_a_delivery_still_waiting_at_the_shutdown_timeout_gets_a_503(
+    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Kafka hangs while a delivery waits for it and a SIGTERM comes: once
+    BRIDGE_SHUTDOWN_TIMEOUT runs out uvicorn cancels the request. Its answer was
+    uvicorn's text/plain 500, logged as an error in the application with a traceback
+    and counted as accepted; it is a problem+json 503 to retry now."""
+    env = bridge_env(
+        own_broker.bootstrap,
+        topic_prefix,
+        "broker",
+        BRIDGE_PUBLISH_TIMEOUT="20",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    pid = own_broker.pid
+    assert pid is not None
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        warm_up = client.post("/webhooks/geins/Order/create", content=b"{}", headers=headers)
+        assert warm_up.status_code == 202, warm_up.text
+        hang(pid)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(
+                    client.post, "/webhooks/geins/Order/create", content=b"{}", headers=headers
+                )
+                time.sleep(0.5)
+                bridge.signal(signal.SIGTERM)
+                answer = waiting.result(timeout=20)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["reason"] == "shutting_down"
+        assert bridge.wait(30) == 0
+    assert "Exception in ASGI application" not in bridge.log()
 
 
 def tmpfs(path: Path, size: str) -> None:

@@ -317,6 +317,38 @@ def test_kafka_failure_is_503_with_retry_after() -> None:
     assert 'bridge_rejections_total{reason="publish_timeout"} 1.0' in exposition
 
 
+def test_a_delivery_cut_off_by_the_shutdown_timeout_is_a_503_counted_so() -> None:
+    """uvicorn cancels a request still running when BRIDGE_SHUTDOWN_TIMEOUT runs out:
+    its answer was uvicorn's text/plain 500, and the metrics counted it accepted."""
+    app, publisher, metrics = make(BRIDGE_RETRY_AFTER="7")
+
+    async def never_acknowledged(destination: Any) -> None:
+        await asyncio.Event().wait()
+
+    publisher.publish = never_acknowledged  # type: ignore[method-assign]  # still running
+    headers = [(b"authorization", AUTH["Authorization"].encode())]
+
+    async def scenario() -> Any:
+        request = asyncio.create_task(
+            call_asgi(app, "POST", "/webhooks/geins", headers=headers, body_chunks=[ORDER])
+        )
+        await asyncio.sleep(0.05)
+        request.cancel()  # as uvicorn's Server.shutdown does past its timeout
+        return await request
+
+    response = asyncio.run(scenario())
+    assert response.status == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["reason"] == "shutting_down"
+    exposition = metrics.exposition().decode()
+    assert 'outcome="accepted"} 1.0' not in exposition
+    assert 'bridge_requests_total{action="none",entity="none",outcome="unavailable"} 1.0' in (
+        exposition
+    )
+    assert 'bridge_rejections_total{reason="shutting_down"} 1.0' in exposition
+
+
 def test_readiness_follows_publisher_and_draining() -> None:
     """/readyz is 503 while Kafka is unreachable or the bridge is draining."""
     app, publisher, _ = make()
