@@ -367,6 +367,7 @@ def guarded_protocol(
             self._message_open = False  # between a request's first byte and its end
             self._write_timer: asyncio.TimerHandle | None = None  # while writing is paused
             self._running: Any = None  # the request cycle whose app was started last
+            self._answered_one = False  # an answer went out on this connection
             self._refused_lingering = False  # refused for the connection limit, lingering
             self._to_ops_port = False
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
@@ -739,6 +740,7 @@ def guarded_protocol(
             return None
 
         def on_response_complete(self) -> None:
+            self._answered_one = True
             self._writer.flush()
             before = self._running
             super().on_response_complete()
@@ -827,7 +829,13 @@ def guarded_protocol(
                 return
             self._refusal_after = None
             self._write_refusal(error)
-            self._writer.hang_up()
+            if self._answered_one:
+                # Answers before this one may still be on their way, and the client's
+                # unread bytes (the rest of a pipeline) would make the close a reset,
+                # which destroys them: a 202 for a published event lost, then retried.
+                self._writer.linger()
+            else:
+                self._writer.hang_up()
             # The current request's scope (uvicorn makes it as a request begins):
             # no method or path yet if the head was refused.
             # uvicorn types it as HTTPScope
