@@ -258,6 +258,12 @@ def find_java() -> str:
     """Locate a Java >= 17 (JAVA_HOME first, like Kafka's scripts) or explain."""
     java_home = os.environ.get("JAVA_HOME")
     java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if java_home and not (Path(java_home) / "bin" / "java").is_file():
+        msg = (
+            f"JAVA_HOME={java_home} has no bin/java: point it at a Java {MIN_JAVA}+ "
+            "installation, or unset it to use the java on PATH"
+        )
+        raise DevKafkaError(msg)
     if java is None or not Path(java).is_file():
         msg = (
             f"Java {MIN_JAVA}+ is needed to run the Kafka broker and 'java' was not "
@@ -752,9 +758,19 @@ class LocalKafka:
         if self.is_running():
             msg = f"broker on port {self.port} already started (pid {self.pid})"
             raise DevKafkaError(msg)
-        for port in (self.port, self.controller_port, *(x.port for x in self.listeners)):
+        roles = [
+            (self.port, "the broker's port (KAFKA_PORT)"),
+            (self.controller_port, "its controller port (KAFKA_CONTROLLER_PORT)"),
+            *((x.port, f"its {x.name} listener's port") for x in self.listeners),
+        ]
+        for port, role in roles:
             if not _port_bindable(port):
-                msg = f"port {port} on 127.0.0.1 is already in use by another process"
+                msg = (
+                    f"port {port} on 127.0.0.1, {role}, is already in use by another "
+                    "process: choose free ports (make run KAFKA_PORT=19092 takes 19092 "
+                    "and 19093), or point the bridge at a Kafka you run with "
+                    "BRIDGE_KAFKA_BOOTSTRAP"
+                )
                 raise DevKafkaError(msg)
         self._java()  # fail with the clear message before touching anything
         self.format()
@@ -1027,7 +1043,14 @@ def _down(args: argparse.Namespace, out: IO[str], home: Path) -> int:
     data_dir, _, pid_file = _paths(home, args.port)
     pid = _read_pid(pid_file)
     if pid is None:
-        print(f"no broker to stop (no pid file {pid_file})", file=out)
+        # The pid file lost (deleted with a clean-up, say): the broker is still found
+        # by its command line, which names this checkout's config file.
+        running = _brokers_running_from(config_file_of(data_dir))
+        for orphan in running:
+            stop_pid(orphan, config_file_of(data_dir), args.timeout)
+            print(f"stopped Kafka on port {args.port} (pid {orphan}, no pid file)", file=out)
+        if not running:
+            print(f"no broker to stop (no pid file {pid_file})", file=out)
         return 0
     if stop_pid(pid, config_file_of(data_dir), args.timeout):
         print(f"stopped Kafka on port {args.port} (pid {pid})", file=out)

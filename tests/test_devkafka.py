@@ -7,6 +7,7 @@ import fcntl
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -325,6 +326,23 @@ def test_down_stops_only_the_broker_of_its_own_port(tmp_path: Path, owner: str) 
     assert not (home / f"broker-{port}.pid").exists()
 
 
+def test_down_without_a_pid_file_finds_the_broker_by_its_config(tmp_path: Path) -> None:
+    """The pid file gone (a clean-up): `down` said "no broker to stop" and the broker
+    ran on. It finds it by the config file its command line names."""
+    home = tmp_path / "home"
+    home.mkdir()
+    port = 19498
+    with fake_broker(home.resolve() / f"data-{port}.properties") as process:
+        try:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                devkafka_main(["down", "--home", str(home), "--port", str(port), "--timeout", "10"])
+            assert out.getvalue().startswith(f"stopped Kafka on port {port} (pid {process.pid}")
+            assert process.wait(10) == -signal.SIGTERM
+        finally:
+            process.kill()
+
+
 def test_up_signalled_inside_the_spawn_still_stops_its_broker(
     up_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,3 +430,26 @@ def test_an_ignored_sighup_stays_ignored_while_up_waits() -> None:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_taken_port_is_named_with_its_role_and_a_way_out(tmp_path: Path) -> None:
+    """It said only "port N is already in use": not which of the broker's ports, nor
+    what to do about it."""
+    port, controller_port = free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", controller_port))
+        taken.listen()
+        broker = devkafka.LocalKafka(tmp_path / "home", tmp_path / "data", port, controller_port)
+        with pytest.raises(devkafka.DevKafkaError) as refused:
+            broker.start()
+    message = str(refused.value)
+    assert f"port {controller_port}" in message
+    assert "controller port (KAFKA_CONTROLLER_PORT)" in message
+    assert "BRIDGE_KAFKA_BOOTSTRAP" in message
+
+
+def test_a_java_home_without_java_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale JAVA_HOME said "'java' was not found", with java on PATH."""
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk-gone"))
+    with pytest.raises(devkafka.DevKafkaError, match="jdk-gone has no bin/java"):
+        devkafka.find_java()
