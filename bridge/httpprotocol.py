@@ -782,7 +782,12 @@ def guarded_protocol(
 
         def _head_too_slow(self) -> None:
             self._head_timer = None
-            if self._in_head and self._head_bytes:
+            if self._in_head and self.pipeline:
+                # A request queued ahead of this head stopped uvicorn reading: the
+                # rest of the head waits unread in the kernel, not the client's delay
+                # (it got a 408 it could not have avoided). It waits with the queue.
+                self._arm_head_timer()
+            elif self._in_head and self._head_bytes:
                 self._refuse(
                     RequestTimeout(
                         f"the request head did not arrive within {read_timeout:g} s "

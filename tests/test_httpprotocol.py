@@ -866,6 +866,34 @@ async def test_a_pipelined_body_that_waits_its_turn_is_not_late(
         connection.close()
 
 
+async def test_a_pipelined_head_that_waits_behind_a_queue_is_not_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request queued behind the running one stops uvicorn reading: the rest of the
+    head after it stays unread in the kernel, and its deadline ran out there. It got
+    a non-retriable 408 though the client sent it in time (a review). Its deadline
+    waits while the queue does."""
+    connection = Connection(monkeypatch, read_timeout=0.3)
+    hand_over = connection.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(0.5)  # Kafka, slow to acknowledge
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    try:
+        third = webhook("q3")
+        connection.protocol.data_received(webhook("q1") + webhook("q2") + third[:30])
+        await asyncio.sleep(0.55)  # q1 answered at 0.5 s: reading resumes, the rest comes
+        connection.protocol.data_received(third[30:])
+        await asyncio.sleep(1.5)  # q2 and q3 take 0.5 s each
+        answers = split_responses(b"".join(connection.transport.writes))
+        assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 202 Accepted"] * 3
+        assert [split(a)[1]["key"] for a in answers] == ["q1", "q2", "q3"]
+    finally:
+        connection.close()
+
+
 async def test_a_body_after_an_early_answer_does_not_keep_the_connection_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
