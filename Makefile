@@ -69,22 +69,36 @@ kafka-up: $(RUNTIME) ## start a local single-node Kafka on localhost:9092 (backg
 kafka-down: $(RUNTIME) ## stop the local Kafka
 	$(BIN)/python -m bridge.devkafka down --home $(KAFKA_HOME) --port $(KAFKA_PORT)
 
+# With BRIDGE_CONFIG_FILE the file's settings stand: make run adds none of its own
+# (they are environment variables, which win over the file), starts the local Kafka
+# only when neither the file nor the environment names one, and prints the curl
+# with the file's port and first token.
 run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
-	@if [[ -z "$${BRIDGE_KAFKA_BOOTSTRAP:-}" ]]; then $(MAKE) --no-print-directory kafka-up; fi
-	@if [[ -z "$${BRIDGE_TOKENS_FILE:-}" ]]; then export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}"; fi; \
-	export BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
-	  BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}" \
-	  BRIDGE_KAFKA_BOOTSTRAP="$${BRIDGE_KAFKA_BOOTSTRAP:-127.0.0.1:$(KAFKA_PORT)}"; \
-	token="$${BRIDGE_TOKENS:-}"; token="$${token%%,*}"; token="$${token:-A-TOKEN-OF-YOUR-TOKENS-FILE}"; port="$${BRIDGE_PORT:-8080}"; \
+	@file="$${BRIDGE_CONFIG_FILE:-}"; \
+	from_file() { \
+	  if [[ -n "$$file" ]]; then $(BIN)/python -c 'import sys, tomllib; v = tomllib.load(open(sys.argv[1], "rb")).get(sys.argv[2]); v = v[0] if isinstance(v, list) and v else v; print("" if v in (None, []) else v)' "$$file" "$$1" 2>/dev/null || true; fi; }; \
+	bootstrap="$${BRIDGE_KAFKA_BOOTSTRAP:-$$(from_file kafka_bootstrap)}"; \
+	if [[ -z "$$bootstrap" ]]; then \
+	  $(MAKE) --no-print-directory kafka-up; \
+	  bootstrap="127.0.0.1:$(KAFKA_PORT)"; export BRIDGE_KAFKA_BOOTSTRAP="$$bootstrap"; fi; \
+	if [[ -z "$$file" ]]; then \
+	  if [[ -z "$${BRIDGE_TOKENS_FILE:-}" ]]; then export BRIDGE_TOKENS="$${BRIDGE_TOKENS:-dev-token}"; fi; \
+	  export BRIDGE_CREATE_TOPICS="$${BRIDGE_CREATE_TOPICS:-true}" \
+	    BRIDGE_SPOOL_DIR="$${BRIDGE_SPOOL_DIR:-.cache/spool}" BRIDGE_LOG_FORMAT="$${BRIDGE_LOG_FORMAT:-text}"; fi; \
+	token="$${BRIDGE_TOKENS:-$$(from_file tokens)}"; token="$${token%%,*}"; token="$${token:-A-TOKEN-OF-YOUR-TOKENS-FILE}"; \
+	port="$${BRIDGE_PORT:-$$(from_file port)}"; port="$${port:-8080}"; \
 	echo; echo "Send a test event (in another terminal):"; \
 	echo "  curl -i -X POST http://localhost:$$port/webhooks/geins \\"; \
 	echo "    -H 'Authorization: Bearer $$token' \\"; \
 	echo "    -H \"x-Idempotency-Key: curl-\$$(date +%s)-\$$RANDOM\" \\"; \
 	echo "    -H \"x-Timestamp: \$$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \\"; \
 	echo "    -d '{\"entity\":\"Order\",\"action\":\"create\",\"id\":\"12345\"}'"; \
-	template="$${BRIDGE_TOPIC_TEMPLATE:+BRIDGE_TOPIC_TEMPLATE='$$BRIDGE_TOPIC_TEMPLATE' }"; \
-	echo "See it arrive:  $${template}BRIDGE_KAFKA_BOOTSTRAP=$$BRIDGE_KAFKA_BOOTSTRAP $(BIN)/bridge tail --from-beginning"; \
-	if [[ "$$BRIDGE_KAFKA_BOOTSTRAP" == "127.0.0.1:$(KAFKA_PORT)" ]]; then \
+	if [[ -n "$$file" ]]; then \
+	  settings="BRIDGE_CONFIG_FILE='$$file' $${BRIDGE_KAFKA_BOOTSTRAP:+BRIDGE_KAFKA_BOOTSTRAP=$$BRIDGE_KAFKA_BOOTSTRAP }"; \
+	else \
+	  settings="$${BRIDGE_TOPIC_TEMPLATE:+BRIDGE_TOPIC_TEMPLATE='$$BRIDGE_TOPIC_TEMPLATE' }BRIDGE_KAFKA_BOOTSTRAP=$$bootstrap "; fi; \
+	echo "See it arrive:  $${settings}$(BIN)/bridge tail --from-beginning"; \
+	if [[ "$$bootstrap" == "127.0.0.1:$(KAFKA_PORT)" ]]; then \
 	  echo "Ctrl-C stops the bridge; the local Kafka runs on until: make kafka-down KAFKA_PORT=$(KAFKA_PORT)"; fi; \
 	echo; \
 	exec $(BIN)/bridge serve

@@ -3,12 +3,14 @@ record it sends is what the printed `bridge tail` shows."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
 import httpx2
+import pytest
 
 from bridge.devkafka import free_port
 from tests.polling import wait_until
@@ -29,18 +31,33 @@ def _printed_commands(output: str) -> tuple[str, str]:
     return "\n".join(curl), tail.removeprefix("See it arrive:").strip()
 
 
+@pytest.mark.parametrize("configured_by", ["environment", "file"])
 def test_make_run_prints_a_curl_that_works_and_a_tail_that_shows_it(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, configured_by: str
 ) -> None:
+    """Configured by BRIDGE_CONFIG_FILE, make run exported its own defaults, which win
+    over the file: its dev-token was taken and the file's refused, its spool folder
+    used, and the curl named port 8080 whatever the file said (a review)."""
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
-        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "BRIDGE_PORT": str(port),
-        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
-        "BRIDGE_TOPIC_TEMPLATE": f"{topic_prefix}.{{entity}}.{{action}}",
-        "BRIDGE_DEADLETTER_TOPIC": f"{topic_prefix}.deadletter",
+    settings = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "port": port,
+        "spool_dir": str(tmp_path / "spool"),
+        "topic_template": f"{topic_prefix}.{{entity}}.{{action}}",
+        "deadletter_topic": f"{topic_prefix}.deadletter",
+        "create_topics": True,
     }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    if configured_by == "environment":
+        env.update({f"BRIDGE_{name.upper()}": str(value) for name, value in settings.items()})
+        env.pop("BRIDGE_CREATE_TOPICS")  # make run's own default
+    else:
+        settings["tokens"] = ["a-token-of-the-file-0123456789"]
+        config = tmp_path / "bridge.toml"
+        config.write_text(
+            "".join(f"{name} = {json.dumps(value)}\n" for name, value in settings.items())
+        )
+        env["BRIDGE_CONFIG_FILE"] = str(config)
     log_path = tmp_path / "make-run.log"
     with log_path.open("wb") as log:
         make = subprocess.Popen(
@@ -62,7 +79,11 @@ def test_make_run_prints_a_curl_that_works_and_a_tail_that_shows_it(
 
         assert wait_until(ready, bool, within=60, every=0.2), log_path.read_text()
         curl, tail = _printed_commands(log_path.read_text())
-        assert "dev-token" in curl  # no tokens configured: make run's own
+        if configured_by == "environment":
+            assert "dev-token" in curl  # no tokens configured: make run's own
+        else:
+            assert "a-token-of-the-file-0123456789" in curl
+            assert f"http://localhost:{port}/" in curl
 
         sent = subprocess.run(
             ["bash", "-c", curl], capture_output=True, text=True, timeout=30, check=True
