@@ -985,8 +985,19 @@ def _up(args: argparse.Namespace, out: IO[str], home: Path) -> int:
     config_file = config_file_of(data_dir)
     pid = _read_pid(pid_file)
     if probe(args.port):
-        owner = f" (pid {pid})" if pid is not None and _is_broker_pid(pid, config_file) else ""
-        print(f"Kafka already up at 127.0.0.1:{args.port}{owner}; log {log_file}", file=out)
+        if pid is not None and _is_broker_pid(pid, config_file):
+            print(
+                f"Kafka already up at 127.0.0.1:{args.port} (pid {pid}); log {log_file}", file=out
+            )
+        else:
+            # Another checkout's broker, or one the user runs: used, but not ours to
+            # stop, and its log is not this checkout's (a review found both said).
+            print(
+                f"a Kafka not started from {home} answers at 127.0.0.1:{args.port}: using "
+                f"it; `make kafka-down` will not stop it (KAFKA_PORT=... starts one of "
+                "this checkout's on another port)",
+                file=out,
+            )
         return 0
     if pid is not None and _is_broker_pid(pid, config_file):
         # Started by an earlier `up` that was interrupted, or still booting:

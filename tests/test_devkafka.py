@@ -453,3 +453,19 @@ def test_a_java_home_without_java_is_named(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk-gone"))
     with pytest.raises(devkafka.DevKafkaError, match="jdk-gone has no bin/java"):
         devkafka.find_java()
+
+
+def test_up_says_when_the_kafka_on_its_port_is_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another checkout's broker (or the user's) on the port: `up` said "Kafka already
+    up ...; log <a file that does not exist>", and `down` then did nothing."""
+    monkeypatch.setattr(devkafka, "probe", lambda port, *a, **k: True)
+    home = tmp_path / "home"
+    home.mkdir()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert devkafka_main(["up", "--home", str(home), "--port", "19500"]) == 0
+    assert "a Kafka not started from" in out.getvalue()
+    assert "will not stop it" in out.getvalue()
+    assert ".log" not in out.getvalue()
