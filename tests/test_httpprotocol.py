@@ -839,6 +839,17 @@ async def test_a_pipelined_request_with_a_broken_body_is_refused_in_its_turn(
     assert connection.transport.ended
 
 
+def slow_kafka(connection: Connection, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Kafka takes ``seconds`` to acknowledge each record of ``connection``'s bridge."""
+    hand_over = connection.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(seconds)
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+
+
 async def test_a_pipelined_body_that_waits_its_turn_is_not_late(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -846,13 +857,7 @@ async def test_a_pipelined_body_that_waits_its_turn_is_not_late(
     cannot come: when the first took longer than BRIDGE_READ_TIMEOUT, the second got
     a 408, ahead of the first one's answer. Its deadline now waits with it."""
     connection = Connection(monkeypatch, read_timeout=0.3)
-    hand_over = connection.publisher.hand_over
-
-    async def slow(destination: Any) -> Any:
-        await asyncio.sleep(0.5)  # Kafka, slow to acknowledge
-        return await hand_over(destination)
-
-    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    slow_kafka(connection, monkeypatch, 0.5)
     try:
         second = webhook("s2")
         head, body = second[: -len(ORDER)], second[-len(ORDER) :]
@@ -874,13 +879,7 @@ async def test_a_pipelined_head_that_waits_behind_a_queue_is_not_late(
     a non-retriable 408 though the client sent it in time (a review). Its deadline
     waits while the queue does."""
     connection = Connection(monkeypatch, read_timeout=0.3)
-    hand_over = connection.publisher.hand_over
-
-    async def slow(destination: Any) -> Any:
-        await asyncio.sleep(0.5)  # Kafka, slow to acknowledge
-        return await hand_over(destination)
-
-    monkeypatch.setattr(connection.publisher, "hand_over", slow)
+    slow_kafka(connection, monkeypatch, 0.5)
     try:
         third = webhook("q3")
         connection.protocol.data_received(webhook("q1") + webhook("q2") + third[:30])
