@@ -274,7 +274,8 @@ class OneWritePerResponse:
 
     def hang_up(self) -> None:
         """Close without lingering: the protocol's own refusals (malformed, late) and
-        deadlines, whose clients are broken or gone."""
+        deadlines, whose clients are broken or gone, on a connection that owes no
+        earlier answer (see GuardedHttpToolsProtocol._refuse)."""
         self.flush()
         if self._linger is not None:
             self._linger.cancel()
