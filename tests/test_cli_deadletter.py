@@ -657,7 +657,13 @@ def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
 
     env.setattr(KafkaPublisher, "publish", publish_interrupted)
     capsys.readouterr()
-    assert main(["deadletter", "replay"]) == code
+    # Python's own Ctrl-C, whatever this run inherited: a test run started in the
+    # background of a script (nohup, `cmd &`) ignores SIGINT, and so did the command.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["deadletter", "replay"]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous)
     captured = capsys.readouterr()
     assert listed(captured.out) == ["[0]@0 key=v-0", "[0]@1 key=v-1"]
     assert "stopped while publishing [0]@2: it may be on Kafka" in captured.err
