@@ -31,18 +31,23 @@ KAFKA_CONTROLLER_PORT ?= $(shell echo $$(( $(KAFKA_PORT) + 1 )))
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
+# One change to .venv at a time: `make run` and `make test` started together on a
+# fresh clone ran two pips over one venv (util-linux's flock; without it, unlocked).
+VENV_LOCK := $(if $(shell command -v flock),flock .cache/venv.lock,)
+
 # What running the bridge needs; `make run` and the kafka-* targets need no more.
 $(RUNTIME): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
+	@mkdir -p .cache
 	@# --clear: a venv left without pip (python3-venv missing, say) is made again
-	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
+	$(VENV_LOCK) bash -c 'test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)'
+	$(VENV_LOCK) $(BIN)/python -m pip install --quiet --upgrade pip
+	$(VENV_LOCK) $(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
 # The test, lint and deploy tools on top.
 $(INSTALLED): $(RUNTIME)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(VENV_LOCK) $(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 install: $(INSTALLED) ## create .venv with the bridge and its dev tools
@@ -118,7 +123,7 @@ fmt: $(INSTALLED) ## format and auto-fix
 	$(BIN)/ruff check --fix bridge tests
 
 bench: $(INSTALLED) ## bridge vs baselines: throughput, latency, memory (BENCH_QUICK=1: smoke run); writes tests/bench/results.*
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,bench]'
+	$(VENV_LOCK) $(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,bench]'
 	$(BIN)/python -m tests.bench.run
 
 lock: ## renew deploy/constraints.txt: the newest versions pyproject.toml allows (then make test)
