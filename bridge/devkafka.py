@@ -257,13 +257,17 @@ def ensure_jars(cache_dir: Path) -> Path:
 def find_java() -> str:
     """Locate a Java >= 17 (JAVA_HOME first, like Kafka's scripts) or explain."""
     java_home = os.environ.get("JAVA_HOME")
-    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
-    if java_home and not (Path(java_home) / "bin" / "java").is_file():
-        msg = (
-            f"JAVA_HOME={java_home} has no bin/java: point it at a Java {MIN_JAVA}+ "
-            "installation, or unset it to use the java on PATH"
-        )
-        raise DevKafkaError(msg)
+    java: str | None
+    if java_home:
+        java = str(Path(java_home) / "bin" / "java")
+        if not Path(java).is_file():
+            msg = (
+                f"JAVA_HOME={java_home} has no bin/java: point it at a Java {MIN_JAVA}+ "
+                "installation, or unset it to use the java on PATH"
+            )
+            raise DevKafkaError(msg)
+    else:
+        java = shutil.which("java")
     if java is None or not Path(java).is_file():
         msg = (
             f"Java {MIN_JAVA}+ is needed to run the Kafka broker and 'java' was not "
@@ -1052,18 +1056,19 @@ def _cmd_down(args: argparse.Namespace, out: IO[str]) -> int:
 
 def _down(args: argparse.Namespace, out: IO[str], home: Path) -> int:
     data_dir, _, pid_file = _paths(home, args.port)
+    config_file = config_file_of(data_dir)
     pid = _read_pid(pid_file)
     if pid is None:
         # The pid file lost (deleted with a clean-up, say): the broker is still found
         # by its command line, which names this checkout's config file.
-        running = _brokers_running_from(config_file_of(data_dir))
+        running = _brokers_running_from(config_file)
         for orphan in running:
-            stop_pid(orphan, config_file_of(data_dir), args.timeout)
+            stop_pid(orphan, config_file, args.timeout)
             print(f"stopped Kafka on port {args.port} (pid {orphan}, no pid file)", file=out)
         if not running:
             print(f"no broker to stop (no pid file {pid_file})", file=out)
         return 0
-    if stop_pid(pid, config_file_of(data_dir), args.timeout):
+    if stop_pid(pid, config_file, args.timeout):
         print(f"stopped Kafka on port {args.port} (pid {pid})", file=out)
     else:
         print(f"no broker was running (stale pid file {pid_file} removed)", file=out)
