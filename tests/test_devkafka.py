@@ -14,6 +14,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -58,26 +59,42 @@ def kill_all(pids: list[int]) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A pytest run (this suite's conftest) holding its session broker; killed after."""
-    (tmp_path / "test_hold.py").write_text(HOLDING_TEST)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    base = tmp_path / "base"
+def start_test_run(
+    folder: Path, test: str, *, wrapper: tuple[str, ...] = (), args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """A pytest run of ``test`` (a test module's source) in ``folder``, with this suite's
+    conftest, its output in ``folder``/run.log (the log returned, to close); ``wrapper``
+    runs it (``nohup``), ``args`` go to pytest."""
+    (folder / "test_run.py").write_text(test)
+    (folder / "pytest.ini").write_text("[pytest]\n")
     env = {k: v for k, v in os.environ.items() if k != "TEST_KAFKA_BOOTSTRAP"}
     env["PYTHONPATH"] = str(REPO)
-    log = (tmp_path / "run.log").open("wb")
+    log = (folder / "run.log").open("wb")
     run = subprocess.Popen(
         [
-            sys.executable,
-            *("-m", "pytest", "-q", "-s", "-p", "tests.conftest", "-p", "no:cacheprovider"),
-            *("-c", "pytest.ini", f"--basetemp={base}", "test_hold.py"),
+            *(*wrapper, sys.executable, "-m", "pytest", "-q", "-s", "-p", "tests.conftest"),
+            *("-p", "no:cacheprovider", "-c", "pytest.ini", *args, "test_run.py"),
         ],
-        cwd=tmp_path,
+        cwd=folder,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    return run, log
+
+
+def end_test_run(run: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    if run.poll() is None:
+        run.kill()
+        run.wait()
+    log.close()
+
+
+@pytest.fixture
+def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A pytest run (this suite's conftest) holding its session broker; killed after."""
+    base = tmp_path / "base"
+    run, log = start_test_run(tmp_path, HOLDING_TEST, args=(f"--basetemp={base}",))
     try:
         held = wait_until(
             lambda: (tmp_path / "held").exists() or run.poll() is not None,
@@ -91,10 +108,7 @@ def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]
         assert len(kafka_jvms(base)) == 1, output
         yield run, base
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        log.close()
+        end_test_run(run, log)
         kill_all(kafka_jvms(base))
 
 
@@ -128,20 +142,7 @@ def test_a_test_run_under_nohup_outlives_sighup(tmp_path: Path) -> None:
     """``nohup make test``: SIGHUP (the terminal closed) was taken over by the suite's
     handler and stopped the run. Ignored at start, it stays ignored; SIGTERM still
     stops the run as Ctrl-C does."""
-    (tmp_path / "test_wait.py").write_text(WAITING_TEST)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = (tmp_path / "run.log").open("wb")
-    run = subprocess.Popen(
-        [
-            *("nohup", sys.executable, "-m", "pytest", "-q", "-s", "-p", "tests.conftest"),
-            *("-p", "no:cacheprovider", "-c", "pytest.ini", "test_wait.py"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    run, log = start_test_run(tmp_path, WAITING_TEST, wrapper=("nohup",))
     try:
         assert wait_until(
             lambda: (tmp_path / "waiting").exists() or run.poll() is not None,
@@ -156,10 +157,7 @@ def test_a_test_run_under_nohup_outlives_sighup(tmp_path: Path) -> None:
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 2  # interrupted, as before
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        log.close()
+        end_test_run(run, log)
 
 
 @pytest.mark.kafka
