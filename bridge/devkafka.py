@@ -217,37 +217,96 @@ def ensure_jars(cache_dir: Path) -> Path:
             shutil.rmtree(libs)
         pom_file = home / "pom.xml"
         pom_file.write_text(pom, encoding="utf-8")
-        cmd = [
-            _find_mvn(),
-            "-q",
-            "-B",
-            "-Dstyle.color=never",
-            "-f",
-            str(pom_file),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={libs}",
-            "-DincludeScope=runtime",
-            f"-Dkafka.version={KAFKA_VERSION}",
-            f"-Dlog4j.version={LOG4J_VERSION}",
-        ]
-        result = subprocess.run(  # noqa: S603 - argument list, no shell
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        jars = list(libs.glob("kafka_2.13-*.jar")) if libs.is_dir() else []
-        if result.returncode != 0 or not jars:
-            output = (result.stdout + result.stderr).strip().splitlines()
-            tail = "\n".join(output[-_LOG_TAIL_LINES:])
-            msg = (
-                f"fetching Kafka {KAFKA_VERSION} jars with Maven failed "
-                f"(exit {result.returncode}); command: {' '.join(cmd)}\n{tail}"
+        mvn = _find_mvn()
+        _copy_dependencies(mvn, pom_file, libs)
+        damaged = _damaged_jars(libs)
+        if damaged:
+            # Maven copies from its local repository without checking it: a jar cut
+            # there (a killed download, a full disk) came back on every fetch.
+            repository = _local_repository(mvn)
+            evicted = _evict(repository, [jar.name for jar in damaged])
+            print(
+                f"devkafka: damaged in Maven's local repository, removed to download "
+                f"again: {', '.join(map(str, evicted)) or 'none found there'}",
+                file=sys.stderr,
             )
-            raise DevKafkaError(msg)
+            shutil.rmtree(libs)
+            _copy_dependencies(mvn, pom_file, libs)
+            damaged = _damaged_jars(libs)
+            if damaged:
+                names = ", ".join(jar.name for jar in damaged)
+                msg = (
+                    f"these Kafka jars are damaged even after a fresh download: {names}; "
+                    f"delete them from Maven's local repository ({repository}) and retry"
+                )
+                raise DevKafkaError(msg)
         marker.write_text(fingerprint, encoding="utf-8")
     return libs
+
+
+def _copy_dependencies(mvn: str, pom_file: Path, libs: Path) -> None:
+    """Have Maven put the broker's runtime jars in ``libs``, or explain its failure."""
+    cmd = [
+        mvn,
+        "-q",
+        "-B",
+        "-Dstyle.color=never",
+        "-f",
+        str(pom_file),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={libs}",
+        "-DincludeScope=runtime",
+        f"-Dkafka.version={KAFKA_VERSION}",
+        f"-Dlog4j.version={LOG4J_VERSION}",
+    ]
+    result = subprocess.run(  # noqa: S603 - argument list, no shell
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    jars = list(libs.glob("kafka_2.13-*.jar")) if libs.is_dir() else []
+    if result.returncode != 0 or not jars:
+        output = (result.stdout + result.stderr).strip().splitlines()
+        tail = "\n".join(output[-_LOG_TAIL_LINES:])
+        msg = (
+            f"fetching Kafka {KAFKA_VERSION} jars with Maven failed "
+            f"(exit {result.returncode}); command: {' '.join(cmd)}\n{tail}"
+        )
+        raise DevKafkaError(msg)
+
+
+def _local_repository(mvn: str) -> Path:
+    """Maven's local repository: ~/.m2/repository unless settings.xml, MAVEN_OPTS or
+    MAVEN_ARGS move it, so Maven itself is asked (only when a jar is damaged)."""
+    result = subprocess.run(  # noqa: S603 - argument list, no shell
+        [
+            *(mvn, "-q", "-B", "-Dstyle.color=never", "help:evaluate"),
+            *("-Dexpression=settings.localRepository", "-DforceStdout"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # Maven 3.8 colours -DforceStdout output even with -Dstyle.color=never.
+    answer = Path(re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).strip())
+    if result.returncode == 0 and answer.is_absolute() and answer.is_dir():
+        return answer
+    return Path.home() / ".m2" / "repository"
+
+
+def _evict(repository: Path, names: Sequence[str]) -> list[Path]:
+    """Delete the files called ``names`` from a Maven repository folder, so that Maven
+    downloads them again; return what was deleted."""
+    evicted = []
+    for name in names:
+        for found in repository.rglob(name):
+            if found.is_file():
+                found.unlink()
+                evicted.append(found)
+    return evicted
 
 
 # --------------------------------------------------------------------------
@@ -294,19 +353,29 @@ def find_java() -> str:
 # Ports and probing
 
 
-def _jars_whole(libs: Path) -> bool:
-    """Whether ``libs`` holds jars that all open as zip files: a damaged one (a cut
-    download, a full disk) made the broker fail to start with a NoClassDefFoundError,
-    and the cache was never fetched again."""
-    jars = list(libs.glob("*.jar")) if libs.is_dir() else []
-    try:
-        for jar in jars:
+def _damaged_jars(libs: Path) -> list[Path]:
+    """The jars in ``libs`` that do not open as zip files (a cut download, a full disk):
+    one made the broker fail to start with a NoClassDefFoundError."""
+    damaged = []
+    for jar in sorted(libs.glob("*.jar")) if libs.is_dir() else []:
+        try:
             with zipfile.ZipFile(jar):  # reads the central directory, at the end
                 pass
-    except (OSError, zipfile.BadZipFile):
-        print(f"devkafka: a jar in {libs} is damaged: fetching them again", file=sys.stderr)
+        except (OSError, zipfile.BadZipFile):
+            damaged.append(jar)
+    return damaged
+
+
+def _jars_whole(libs: Path) -> bool:
+    """Whether ``libs`` holds jars and all of them open: without this check a damaged
+    cache was never fetched again."""
+    if not (libs.is_dir() and any(libs.glob("*.jar"))):
         return False
-    return bool(jars)
+    damaged = _damaged_jars(libs)
+    if damaged:
+        names = ", ".join(jar.name for jar in damaged)
+        print(f"devkafka: damaged jars in {libs} ({names}): fetching them again", file=sys.stderr)
+    return not damaged
 
 
 def _ephemeral_range() -> tuple[int, int]:

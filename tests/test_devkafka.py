@@ -373,15 +373,87 @@ def test_free_ports_when_the_ephemeral_range_starts_low(monkeypatch: pytest.Monk
     assert all(10000 <= p < 20000 for p in ports)
 
 
+# Maven as far as ensure_jars sees it: copy-dependencies fills the local repository
+# from "central" where a jar is missing there, then copies the local one out unchecked.
+FAKE_MVN = """#!/usr/bin/env python3
+import os, shutil, sys
+from pathlib import Path
+local, central = Path(os.environ["FAKE_M2"]), Path(os.environ["FAKE_CENTRAL"])
+if "help:evaluate" in sys.argv:
+    print(f"\\x1b[0m{local}\\x1b[0m", end="")  # as Maven 3.8 does, asked not to
+    sys.exit(0)
+out = Path(next(a for a in sys.argv if a.startswith("-DoutputDirectory=")).split("=", 1)[1])
+out.mkdir(parents=True)
+for jar in central.rglob("*.jar"):
+    cached = local / jar.relative_to(central)
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(jar, cached)
+    shutil.copy(cached, out / jar.name)
+"""
+
+
+def a_jar(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("org/apache/kafka/A.class", b"\xca\xfe\xba\xbe" * 1000)
+    return path
+
+
+@pytest.fixture
+def fake_maven(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(local repository, central) of a fake `mvn` put first on PATH."""
+    bin_dir, local, central = tmp_path / "bin", tmp_path / "m2", tmp_path / "central"
+    bin_dir.mkdir()
+    (bin_dir / "mvn").write_text(FAKE_MVN)
+    (bin_dir / "mvn").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_M2", str(local))
+    monkeypatch.setenv("FAKE_CENTRAL", str(central))
+    name = f"kafka_2.13-{devkafka.KAFKA_VERSION}.jar"
+    a_jar(central / "org/apache/kafka/kafka_2.13" / devkafka.KAFKA_VERSION / name)
+    a_jar(central / "org/example/fake-dependency/1.0/fake-dependency-1.0.jar")
+    return local, central
+
+
+def test_a_jar_damaged_in_mavens_local_repository_is_downloaded_again(
+    tmp_path: Path, fake_maven: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Maven copies a cut jar out of ~/.m2 without a check: every fetch brought it back
+    and the broker never started. The fetch now deletes it there and fetches again."""
+    local, _ = fake_maven
+    dependency = local / "org/example/fake-dependency/1.0/fake-dependency-1.0.jar"
+    a_jar(dependency).write_bytes(b"PK\x03\x04 cut short")
+
+    libs = ensure_jars(tmp_path / "cache")
+
+    assert devkafka._damaged_jars(libs) == []
+    assert sorted(j.name for j in libs.glob("*.jar")) == [
+        "fake-dependency-1.0.jar",
+        f"kafka_2.13-{devkafka.KAFKA_VERSION}.jar",
+    ]
+    assert zipfile.is_zipfile(dependency)  # the local repository is repaired too
+    assert str(dependency) in capsys.readouterr().err
+
+
+def test_a_jar_damaged_at_its_source_is_named(
+    tmp_path: Path, fake_maven: tuple[Path, Path]
+) -> None:
+    _, central = fake_maven
+    (central / "org/example/fake-dependency/1.0/fake-dependency-1.0.jar").write_bytes(b"not a zip")
+
+    with pytest.raises(devkafka.DevKafkaError, match=r"damaged .*: fake-dependency-1\.0\.jar"):
+        ensure_jars(tmp_path / "cache")
+    assert not (kafka_home(tmp_path / "cache") / devkafka._MARKER_FILE).exists()
+
+
 def test_a_damaged_jar_is_not_a_complete_cache(tmp_path: Path) -> None:
     """A cut jar (an interrupted copy, a full disk) passed as a complete cache, and the
     broker failed with NoClassDefFoundError, never fetched again."""
     libs = tmp_path / "libs"
     libs.mkdir()
     assert not devkafka._jars_whole(libs)  # no jars: not complete either
-    jar = libs / "kafka.jar"
-    with zipfile.ZipFile(jar, "w") as archive:
-        archive.writestr("org/apache/kafka/A.class", b"\xca\xfe\xba\xbe" * 1000)
+    jar = a_jar(libs / "kafka.jar")
     assert devkafka._jars_whole(libs)
     jar.write_bytes(jar.read_bytes()[:100])
     assert not devkafka._jars_whole(libs)
