@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -39,6 +40,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -545,8 +547,8 @@ def dies_with_parent() -> Callable[[], None] | None:
     SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``); None where that is not available.
 
     The signal comes when the *thread* that started the child ends, so start the
-    child from a thread that lives as long as it should (the main thread). If the
-    parent died before the child could ask, the child exits instead of running on.
+    child from a thread that lives as long as it should (:func:`from_a_lifelong_thread`).
+    If the parent died before the child could ask, the child exits instead of running on.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -564,6 +566,26 @@ def dies_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+_lifelong: concurrent.futures.ThreadPoolExecutor | None = None
+_lifelong_lock = threading.Lock()
+
+
+def from_a_lifelong_thread(
+    start: Callable[[], subprocess.Popen[bytes]],
+) -> subprocess.Popen[bytes]:
+    """Run ``start`` on a thread that lasts as long as this process: a child started
+    with :func:`dies_with_parent` from a worker thread (``asyncio.to_thread``, a thread
+    pool) would be sent SIGTERM when that thread ended, long before the process that
+    owns it."""
+    global _lifelong  # noqa: PLW0603 - one thread per process, made on first use
+    with _lifelong_lock:
+        if _lifelong is None:
+            # An idle pool thread never exits before the interpreter does.
+            _lifelong = concurrent.futures.ThreadPoolExecutor(1, "devkafka-lifelong")
+        pool = _lifelong
+    return pool.submit(start).result()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -627,12 +649,12 @@ class LocalKafka:
     format``, e.g. ``--add-scram SCRAM-SHA-512=[name=u,password=p]`` to create
     SCRAM users before the first start).
 
-    With ``die_with_parent`` (Linux), the broker gets SIGTERM when the thread that
-    started it ends, even killed with SIGKILL, so a killed test run leaves no
-    broker behind (see dies_with_parent). Off by default: a broker started from a
-    worker thread (``asyncio.to_thread``) would be stopped when that thread ends,
-    and ``devkafka up``'s broker must outlive the command. The test suite's
-    session broker, started from the main thread, turns it on.
+    With ``die_with_parent`` (Linux), the broker gets SIGTERM when the process that
+    started it dies, even killed with SIGKILL, so a killed test run leaves no broker
+    behind (see dies_with_parent). start() may be called from any thread: the broker
+    is forked from one that lasts as long as the process. Off by default:
+    ``devkafka up``'s broker must outlive the command. The test suite's brokers turn
+    it on.
     """
 
     def __init__(
@@ -855,15 +877,20 @@ class LocalKafka:
             log.write(f"# devkafka: {' '.join(cmd)}\n".encode())
             log.flush()
             self._log_start = log.tell()
-            self._proc = subprocess.Popen(  # noqa: S603 - argument list, no shell
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir.parent,
-                start_new_session=True,
-                preexec_fn=dies_with_parent() if self.die_with_parent else None,  # noqa: PLW1509 - see dies_with_parent
-            )
+            preexec = dies_with_parent() if self.die_with_parent else None
+
+            def spawn() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(  # noqa: S603 - argument list, no shell
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir.parent,
+                    start_new_session=True,
+                    preexec_fn=preexec,  # noqa: PLW1509 - see dies_with_parent
+                )
+
+            self._proc = from_a_lifelong_thread(spawn) if self.die_with_parent else spawn()
 
     def log_shows_started(self) -> bool:
         """Whether this run's log (not an earlier one) reports the server up."""

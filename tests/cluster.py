@@ -18,9 +18,11 @@ KAFKA_HOME = REPO / ".cache" / "kafka"
 
 def own_broker(data_dir: Path, **options: Any) -> LocalKafka:
     """A single-node broker on free ports, its storage in ``data_dir``; ``options`` as
-    LocalKafka takes them. Not started."""
+    LocalKafka takes them. Not started. It dies with a killed test run, from whichever
+    thread it is (re)started."""
     ensure_jars(KAFKA_HOME)
     port, controller_port = free_ports(2)
+    options.setdefault("die_with_parent", True)
     return LocalKafka(KAFKA_HOME, data_dir, port, controller_port, **options)
 
 
@@ -54,6 +56,7 @@ class JoiningBroker(LocalKafka):
                 "controller.quorum.bootstrap.servers": f"127.0.0.1:{first.controller_port}",
                 "listeners": f"PLAINTEXT://127.0.0.1:{port}",
             },
+            die_with_parent=True,
         )
         self.first = first
 

@@ -7,8 +7,9 @@ use). Set TEST_KAFKA_BOOTSTRAP to use a broker you already run instead.
 The broker leads its own session (a Ctrl-C in the terminal must not hit it
 first), so only the fixture's teardown stops it. SIGTERM and SIGHUP (a CI
 timeout, a closed terminal; SIGHUP not under nohup) are therefore turned into an
-interrupt, as Ctrl-C is: pytest stops and tears the fixtures down. Against SIGKILL the broker is
-started to die with this process (LocalKafka's ``die_with_parent``).
+interrupt, as Ctrl-C is: pytest stops and tears the fixtures down. Against SIGKILL the broker,
+as every test broker (tests/cluster.py), is started to die with this process (LocalKafka's
+``die_with_parent``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -14,7 +13,7 @@ from typing import IO, Self
 
 import httpx2
 
-from bridge.devkafka import dies_with_parent, free_port
+from bridge.devkafka import dies_with_parent, free_port, from_a_lifelong_thread
 from tests.polling import wait_until
 
 
@@ -61,16 +60,20 @@ class BridgeProcess:
 
     def start(self, *, ready_within: float = 30.0) -> None:
         self._log = self.log_path.open("ab")
-        # Gone with a pytest killed by SIGKILL (a CI job's end), as the brokers are; only
-        # from the main thread: the signal comes when the starting thread ends.
-        main_thread = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve"],
-            env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=dies_with_parent() if main_thread else None,  # noqa: PLW1509 - see dies_with_parent
-        )
+        log = self._log
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve"],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+            )
+
+        # Gone with a pytest killed by SIGKILL (a CI job's end), as the brokers are,
+        # whichever thread starts it (asyncio.to_thread too).
+        self.proc = from_a_lifelong_thread(spawn)
         try:
             wait_until_ready(self.proc, self.ops_url + "/readyz", "bridge", ready_within, self.log)
         except BaseException:

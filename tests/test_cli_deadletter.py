@@ -678,7 +678,7 @@ def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka
     (the session's must stay up)."""
     data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
     extra = {"auto.create.topics.enable": "false"}
-    with own_broker(data_dir, extra_properties=extra, die_with_parent=True) as broker:
+    with own_broker(data_dir, extra_properties=extra) as broker:
         yield broker
 
 

@@ -173,9 +173,28 @@ def test_a_killed_test_run_takes_its_broker_along(
     assert wait_until(lambda: kafka_jvms(base), lambda pids: not pids, within=60, every=0.2) == []
 
 
-def test_dies_with_parent_signals_the_child_when_its_parent_is_killed() -> None:
+# The child's start, as LocalKafka.start does it, from the main thread or from a worker
+# thread that has ended (asyncio.to_thread) by the time its parent is killed.
+FROM_THE_MAIN_THREAD = """
+child = start()
+"""
+FROM_AN_ENDED_WORKER_THREAD = """
+import threading
+started = []
+worker = threading.Thread(target=lambda: started.append(devkafka.from_a_lifelong_thread(start)))
+worker.start()
+worker.join()
+child = started[0]
+"""
+
+
+@pytest.mark.parametrize("started", [FROM_THE_MAIN_THREAD, FROM_AN_ENDED_WORKER_THREAD])
+def test_dies_with_parent_signals_the_child_when_its_parent_is_killed(started: str) -> None:
     """The preexec_fn behind LocalKafka(die_with_parent=True): a child of a process
-    killed with SIGKILL gets SIGTERM, though it leads its own session."""
+    killed with SIGKILL gets SIGTERM, though it leads its own session. The signal
+    comes when the thread that forked the child ends: a test broker restarted from a
+    worker thread died with that thread, or (without die_with_parent) outlived a
+    killed test run."""
     if dies_with_parent() is None:
         pytest.skip("PR_SET_PDEATHSIG is Linux-only")
     with subprocess.Popen(
@@ -183,9 +202,11 @@ def test_dies_with_parent_signals_the_child_when_its_parent_is_killed() -> None:
             sys.executable,
             "-c",
             "import subprocess, sys, time\n"
-            "from bridge.devkafka import dies_with_parent\n"
-            "child = subprocess.Popen(['sleep', '60'], start_new_session=True,\n"
-            "                         preexec_fn=dies_with_parent())\n"
+            "from bridge import devkafka\n"
+            "def start():\n"
+            "    return subprocess.Popen(['sleep', '60'], start_new_session=True,\n"
+            "                            preexec_fn=devkafka.dies_with_parent())\n"
+            f"{started}\n"
             "print(child.pid, flush=True)\n"
             "time.sleep(60)\n",
         ],
@@ -195,6 +216,8 @@ def test_dies_with_parent_signals_the_child_when_its_parent_is_killed() -> None:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
         try:
+            time.sleep(0.3)
+            assert _alive(child), "the child died before its parent"
             parent.kill()
             parent.wait()
             # The child is reparented (to init, or to a subreaper) and sent SIGTERM.

@@ -134,7 +134,7 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Ite
         ],
         extra_properties=properties,
         format_args=[arg for user in users for arg in ("--add-scram", user)],
-        die_with_parent=True,  # started from the main thread: gone with a killed run
+        die_with_parent=True,  # gone with a killed run
     )
     with broker:
         yield SecureKafka(broker, tls)
