@@ -46,6 +46,14 @@ CONFIG_FILE_ENV = "BRIDGE_CONFIG_FILE"
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 #: Room for a record's headers and Kafka's framing on top of the largest accepted body.
 RECORD_OVERHEAD_BYTES = 64 * 1024
+#: The highest BRIDGE_MAX_BODY_BYTES.
+MAX_BODY_BYTES_CEILING = 64 * 1024 * 1024
+#: The Kafka producer's own limit on a record: what the highest BRIDGE_MAX_BODY_BYTES
+#: lets in, not what this run's does. The spool keeps events across restarts: one
+#: accepted under a larger setting was refused by the producer itself after a restart
+#: with a smaller one, then again as a dead letter, and dropped. Kafka's limit (the
+#: topic's max.message.bytes) decides whether a record is too large.
+PRODUCER_MAX_REQUEST_BYTES = MAX_BODY_BYTES_CEILING + RECORD_OVERHEAD_BYTES
 #: Kept free in every accepted record for the headers that make it a dead letter
 #: (reason, detail, original topic), should Kafka refuse it for good.
 DEAD_LETTER_ROOM = 1024
@@ -250,7 +258,7 @@ class Settings(BaseModel):
     # 960 KiB: with the 64 KiB the publisher allows for a record's headers, the largest
     # record is 1 MiB, within Kafka's default max.message.bytes (1048588), so an
     # accepted event fits a default topic.
-    max_body_bytes: int = Field(960 * 1024, ge=1, le=64 * 1024 * 1024)
+    max_body_bytes: int = Field(960 * 1024, ge=1, le=MAX_BODY_BYTES_CEILING)
     strict_types: bool = False
     retry_after: int = Field(5, ge=1, le=3600)
     read_timeout: Seconds = 10.0
@@ -667,7 +675,8 @@ class Settings(BaseModel):
         return self
 
     def kafka_max_request_size(self) -> int:
-        """The producer's limit on one record batch (a large record travels alone)."""
+        """The largest record an accepted event makes, headers and framing included: what
+        the topics must take."""
         return self.max_body_bytes + RECORD_OVERHEAD_BYTES
 
     def max_event_record_bytes(self) -> int:

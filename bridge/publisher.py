@@ -37,7 +37,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from bridge.config import Settings
+from bridge.config import PRODUCER_MAX_REQUEST_BYTES, Settings
 from bridge.deadlines import Watchdog
 from bridge.errors import (
     BridgeError,
@@ -422,7 +422,7 @@ class KafkaPublisher:
         self._handover: DirectHandover | None = None  # the producer's fast way in
         # Resolved when the producer in use is replaced or stopped (see _send_through)
         self._replaced: asyncio.Future[None] | None = None
-        self._max_request_size = settings.kafka_max_request_size()
+        self._max_request_size = PRODUCER_MAX_REQUEST_BYTES
         self._answered_until = 0.0  # see UNANSWERED_AFTER_SECONDS
         self._answered_at = 0.0  # perf_counter of Kafka's last answer (answered_since)
         self._record_answered_at = 0.0  # of its last answer to a record (stalled)

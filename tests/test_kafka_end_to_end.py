@@ -380,3 +380,36 @@ def test_with_the_defaults_every_accepted_event_fits_kafkas_default_limit(
         (f"{topic_prefix}.geins.order.create", b"k-largest", largest)
     ]
     assert sample(metrics, "bridge_dropped_records_total") == 0
+
+
+def test_an_event_spooled_under_a_larger_body_limit_lands_after_a_restart_with_a_smaller(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The spool keeps accepted events across restarts, while the producer's own size
+    limit came from this run's BRIDGE_MAX_BODY_BYTES: a 300 KB event accepted under the
+    default was refused by the producer after a restart with 100 KB, then as a dead
+    letter too, and dropped (a review's repro). Kafka's limit is the one that counts."""
+    body = json.dumps({"pad": "x" * 300_000}).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-big"}
+    away = bridge_env(
+        f"127.0.0.1:{free_port()}",
+        topic_prefix,
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    with TestClient(create_app(load_settings(environ=away))) as client:
+        response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+
+    smaller = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_MAX_BODY_BYTES="100000")
+    metrics = Metrics()
+    with TestClient(create_app(load_settings(environ=smaller), metrics=metrics)) as client:
+        records = wait_until(
+            lambda: read_all_sync(kafka_bootstrap, topic_prefix), bool, within=30, every=0.5
+        )
+        refused = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
+        assert refused.status_code == 413  # this run's limit holds at the door
+    assert [(r.topic, r.key, r.value) for r in records] == [
+        (f"{topic_prefix}.geins.order.create", b"k-big", body)
+    ]
+    assert sample(metrics, "bridge_dropped_records_total") == 0
