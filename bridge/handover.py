@@ -118,3 +118,26 @@ class DirectHandover:
         opened: asyncio.Future[Any] = batch.append(key, value, None, headers=headers)
         self.last_batch = batch
         return opened
+
+    def batch_of_send(self, topic: str, key: bytes, acked: asyncio.Future[Any]) -> Any:
+        """The batch ``producer.send()`` put the record of ``acked`` in, or None when that
+        cannot be told. Call it as soon as send() returned: nothing ran since it
+        appended the record, so the record is the last of the last batch of its
+        partition (the one Kafka's rule gives its key, as send()'s partitioner does)."""
+        known = self._cluster.partitions_for_topic(topic) if self.enabled else None
+        if not known:
+            return None
+        partitions = sorted(known)
+        last = self._last_batch(topic, partitions[partition_index(key, len(partitions))])
+        futures = getattr(last, "_msg_futures", None)
+        return last if futures and futures[-1][0] is acked else None
+
+    def batch_of_send_batch(self, topic: str, partition: int, builder: Any) -> Any:
+        """The batch ``producer.send_batch(builder, ...)`` made of ``builder``, or None;
+        call it as soon as send_batch() returned (see batch_of_send)."""
+        last = self._last_batch(topic, partition) if self.enabled else None
+        return last if getattr(last, "_builder", None) is builder else None
+
+    def _last_batch(self, topic: str, partition: int) -> Any:
+        pending = self._accumulator._batches.get(TopicPartition(topic, partition))
+        return pending[-1] if pending else None

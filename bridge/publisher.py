@@ -369,6 +369,11 @@ def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
 _ALONE = SimpleNamespace(record_count=1)
 
 
+def _landed(future: asyncio.Future[Any]) -> bool:
+    """Whether ``future`` (a record's or its batch's) says Kafka took the record."""
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 def _alone(batch: Any) -> bool:
     """Whether ``batch`` (aiokafka's MessageBatch, or None when unknown) held one
     record: Kafka's refusal of it as too large is then that record's own."""
@@ -1013,9 +1018,10 @@ class KafkaPublisher:
             if acked is None:
                 acked, watch = await self._send_through(producer, watch, destination)
                 if self._handover is not None:
-                    # Other records were appended while this one waited: the batch
-                    # it joined is not known (see publish).
-                    self._handover.last_batch = None
+                    # Found now, before anything else runs (see publish).
+                    self._handover.last_batch = self._handover.batch_of_send(
+                        destination.topic, destination.key, acked
+                    )
         except Exception as exc:
             raise self.failure(exc) from None
         acked.add_done_callback(watch)
@@ -1113,14 +1119,15 @@ class KafkaPublisher:
         started = time.perf_counter()
         batch: Any = None
         watch = None
+        acked: asyncio.Future[Any] | None = None
         handed_over = False
         try:
             async with self._deadlines.bound():  # one deadline for hand-over and ack
                 replaced = self._replaced
                 acked = await self.hand_over(destination)
                 handed_over = True
-                # The batch the record joined, when the fast way took it (nothing ran
-                # in between: the hand-over did not wait), and the watch of the
+                # The batch the record joined (found before anything else ran: see
+                # hand_over; None if it could not be told), and the watch of the
                 # producer that took it.
                 batch = self._handover.last_batch if self._handover is not None else None
                 watch = self._watch
@@ -1143,8 +1150,18 @@ class KafkaPublisher:
                         # verdict. Within the deadline, as often as it takes.
                         await self._resend_when_replaced(replaced, exc)
                         replaced = self._replaced
-                        acked, batch = await self._hand_over_alone(destination), _ALONE
+                        acked, batch = await self._hand_over_alone(destination)
         except TimeoutError:
+            # The deadline cancelled the record's own future; its batch's future (of
+            # every batch the record may be in: see hand_over) tells what became of it.
+            landing = getattr(batch, "future", None)
+            if not isinstance(landing, asyncio.Future):
+                landing = None
+            if (landing is not None and _landed(landing)) or (acked is not None and _landed(acked)):
+                # Kafka's acknowledgement came in the loop's turn the deadline fired
+                # in: the record is in Kafka, and a 503 would have its retry sent again.
+                self._published(destination, started)
+                return
             self._keep_watching(batch, watch)
             if handed_over and self._record_answered_at < started and self._broker_mode:
                 self._stall()
@@ -1153,17 +1170,28 @@ class KafkaPublisher:
                 f"Kafka did not acknowledge the record for {destination.topic} "
                 f"within {self._timeout:g} s"
             )
-            # A batch that went whole (not alone: its future was the record's own,
-            # cancelled by the deadline); aiokafka resolves it as Kafka answers.
-            landing = getattr(batch, "future", None)
-            if isinstance(landing, asyncio.Future) and not landing.done():
+            if landing is not None:
+                # It may land still: then its key is recorded (see BrokerAck) and it
+                # is counted published, as Kafka has it.
                 timeout.landing = landing
+                landing.add_done_callback(
+                    functools.partial(self._published_late, destination, started)
+                )
             raise timeout from None
         except Exception as exc:
             raise self.failure(exc) from None
+        self._published(destination, started)
+
+    def _published(self, destination: Destination, started: float) -> None:
         if self._stall_began is not None:
             self._taken(started)
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
+
+    def _published_late(
+        self, destination: Destination, started: float, landing: asyncio.Future[Any]
+    ) -> None:
+        if _landed(landing):
+            self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     @staticmethod
     def _keep_watching(batch: Any, watch: Callable[[asyncio.Future[Any]], None] | None) -> None:
@@ -1177,8 +1205,7 @@ class KafkaPublisher:
         (3 s after Kafka's return in a 60 s outage under load). Unseen, it was replaced
         only once Kafka refused a record as out of order after its return (4 s after it
         in the same test), the records of that partition waiting for the replacement
-        meanwhile. Only batches the fast hand-over names (``batch``, else None): a
-        record that went through ``send()`` still waits for that refusal.
+        meanwhile. Only a batch the hand-over could name (``batch``, else None).
         """
         future = getattr(batch, "future", None)
         if watch is None or not isinstance(future, asyncio.Future) or future.done():
@@ -1187,9 +1214,10 @@ class KafkaPublisher:
         future.remove_done_callback(watch)
         future.add_done_callback(watch)
 
-    async def _hand_over_alone(self, destination: Destination) -> asyncio.Future[Any]:
+    async def _hand_over_alone(self, destination: Destination) -> tuple[asyncio.Future[Any], Any]:
         """Hand the record over in a batch of its own, to the partition its key gives
-        (the partitioner's rule); the future resolves on Kafka's ack of that batch."""
+        (the partitioner's rule): a future that resolves on Kafka's ack of that batch,
+        and the batch (aiokafka's MessageBatch, else a stand-in without a future)."""
         producer, watch = self._producer, self._watch
         if producer is None or watch is None:
             self._metrics.record_publish_error("not_connected")
@@ -1206,11 +1234,16 @@ class KafkaPublisher:
             headers=destination.headers,
         )
         batch.close()
+        partition = partition_for(destination.key, partitions)
         acked: asyncio.Future[Any] = await producer.send_batch(
-            batch, destination.topic, partition=partition_for(destination.key, partitions)
+            batch, destination.topic, partition=partition
         )
         acked.add_done_callback(watch)
-        return acked
+        # A shield of the batch's future: the batch itself tells a timed-out caller
+        # whether the record landed after all.
+        handover = self._handover
+        made = handover and handover.batch_of_send_batch(destination.topic, partition, batch)
+        return acked, made or _ALONE
 
     async def _resend_when_replaced(
         self, replaced: asyncio.Future[None] | None, exc: KafkaError

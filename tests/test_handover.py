@@ -141,3 +141,52 @@ def test_a_topic_known_at_start_keeps_its_metadata(
             await admin.close()
 
     asyncio.run(run())
+
+
+def test_the_batch_of_a_record_sent_the_slow_way_is_found(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """A record that went through send() or send_batch() (its topic new to the producer,
+    its partition's batch full, a resend alone) had no batch known, so a broker-mode 503
+    at its deadline could not tell whether it landed later: the sender's retry was
+    published again (a review: 45 of 45 such retries). Its batch is found right after
+    send() returns, as nothing ran since the append, and tells when the record lands."""
+    topic = topic_prefix + ".slow"
+    settings = settings_for(kafka_bootstrap)
+
+    async def run() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 3, 1)])
+            publisher = KafkaPublisher(settings, Metrics())
+            await publisher.start()
+            try:
+                producer, handover = publisher._producer, publisher._handover
+                assert producer is not None
+                assert handover is not None
+                sent = []
+                for i in range(12):  # several records per batch, some batches opened
+                    key = f"k{i}".encode()
+                    acked = await producer.send(topic, value=b"v", key=key)
+                    batch = handover.batch_of_send(topic, key, acked)
+                    assert batch is not None
+                    assert batch.tp.partition == partition_index(key, 3)
+                    sent.append((acked, batch))
+                assert handover.batch_of_send(topic, b"k0", sent[0][0]) is None  # not last
+                builder = producer.create_batch()
+                builder.append(timestamp=None, key=b"alone", value=b"v", headers=[])
+                builder.close()
+                shielded = await producer.send_batch(builder, topic, partition=1)
+                made = handover.batch_of_send_batch(topic, 1, builder)
+                assert made is not None
+                assert made.record_count == 1
+                await asyncio.gather(shielded, *(acked for acked, _ in sent))
+                assert made.future.done()
+                assert all(batch.future.done() for _, batch in sent)
+            finally:
+                await publisher.stop()
+        finally:
+            await admin.close()
+
+    asyncio.run(run())

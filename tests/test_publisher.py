@@ -696,6 +696,55 @@ async def test_a_batch_is_watched_once_however_many_of_its_records_time_out() ->
     await pub.stop()
 
 
+async def test_an_acknowledgement_in_the_turn_its_deadline_fires_is_a_success() -> None:
+    """The deadline's cancel landed on a record Kafka had just taken, in the same turn
+    of the loop: a 503, and its key unrecorded, so the retry was published again."""
+    pub, _, handover = fast_way_in(timeout=5)
+    task = asyncio.create_task(pub.publish(DESTINATION))
+    await turns()
+    handover.appended[0].set_result(None)  # Kafka's acknowledgement...
+    handover.batch.future.set_result(None)
+    pub._deadlines._waits[0].expire()  # ...and the deadline, before the request runs again
+    await task
+    assert pub._metrics.registry.get_sample_value("bridge_published_records_total") == 1
+    await pub.stop()
+
+
+class SlowWayHandover(FakeHandover):
+    """Every record goes through send(), and its batch is found after it."""
+
+    def append(self, *_: Any) -> asyncio.Future[Any] | None:  # type: ignore[override]
+        self.last_batch = None
+        return None
+
+    def batch_of_send(self, _topic: str, _key: bytes, acked: asyncio.Future[Any]) -> Any:
+        self.appended.append(acked)
+        return self.batch
+
+
+async def test_a_record_sent_the_slow_way_that_lands_after_its_503_is_known() -> None:
+    """A record that went through send() (the partition's batch full, say) and timed
+    out: its batch is the landing, so its key is recorded and it counts as published
+    once Kafka takes it. Neither happened: retries were published again."""
+    pub = publisher(timeout=0.05)
+    producer = FakeProducer()
+    producer.metadata.set()
+    pub._use(producer, b"")
+    handover = SlowWayHandover()
+    pub._handover = handover  # type: ignore[assignment]
+    with pytest.raises(PublishTimeout) as timed_out:
+        await pub.publish(DESTINATION)
+    assert handover.appended == producer.appended
+    landing = timed_out.value.landing
+    assert landing is handover.batch.future
+    published = "bridge_published_records_total"
+    assert not pub._metrics.registry.get_sample_value(published)
+    landing.set_result(None)
+    await turns()
+    assert pub._metrics.registry.get_sample_value(published) == 1
+    await pub.stop()
+
+
 @pytest.mark.parametrize(
     ("failure", "refused"),
     [
