@@ -23,7 +23,7 @@ from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
-from bridge.errors import PublishTimeout
+from bridge.errors import PublishTimeout, Unavailable
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, spawn
 from bridge.routing import Destination
@@ -61,7 +61,11 @@ class AckMode(Protocol):
         """Open what must work before the server listens (raises SpoolUnusable)."""
         ...
 
-    async def start(self) -> None: ...
+    async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
+        """Start serving; nothing is published before ``publish_after`` (the creation of
+        the topics, BRIDGE_CREATE_TOPICS) is done, so that Kafka does not create them
+        first with its own defaults."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -97,12 +101,22 @@ class BrokerAck:
         # land: a retry waits for Kafka's verdict instead of publishing a second copy.
         self._landing: dict[str, asyncio.Future[Any]] = {}
         self._landing_wait = settings.publish_timeout
+        self._publish_after: asyncio.Future[Any] | None = None
 
     def prepare(self) -> None:
         pass
 
-    async def start(self) -> None:
-        pass
+    async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
+        self._publish_after = publish_after
+
+    def _refuse_before_the_topics(self) -> None:
+        """Unavailable while the topics are being created (see AckMode.start)."""
+        if self._publish_after is not None:
+            if not self._publish_after.done():
+                raise Unavailable(
+                    "the topics are being created (BRIDGE_CREATE_TOPICS): retry shortly"
+                )
+            self._publish_after = None
 
     async def stop(self) -> None:
         pass
@@ -111,7 +125,11 @@ class BrokerAck:
     def ready(self) -> bool:
         # Not stalled either: Kafka answering metadata yet taking no record (below its
         # quorum, say) makes each request wait the whole publish timeout for a 503.
-        return self._publisher.connected and not self._publisher.stalled
+        return (
+            self._publisher.connected
+            and not self._publisher.stalled
+            and (self._publish_after is None or self._publish_after.done())
+        )
 
     @property
     def remembered_keys(self) -> int:
@@ -122,9 +140,11 @@ class BrokerAck:
         return []
 
     async def keep(self, destination: Destination) -> None:
+        self._refuse_before_the_topics()
         await self._publisher.publish(destination)
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
+        self._refuse_before_the_topics()
         if dedup_key is None:
             await self._publisher.publish(destination)
             return True
@@ -237,8 +257,13 @@ class _DrainedAck:
     def held_topics(self) -> list[str]:
         return self.drainer.held_topics
 
-    def _start_drainer(self) -> None:
-        self._tasks.append(spawn(self.drainer.run(), f"{type(self).__name__}-drainer"))
+    def _start_drainer(self, publish_after: asyncio.Future[Any] | None) -> None:
+        self._tasks.append(spawn(self._drain(publish_after), f"{type(self).__name__}-drainer"))
+
+    async def _drain(self, publish_after: asyncio.Future[Any] | None) -> None:
+        if publish_after is not None:
+            await asyncio.wait({publish_after})  # however it ends: it logs its own failure
+        await self.drainer.run()
 
     async def _stop_drainer(self) -> None:
         deadline = time.monotonic() + self._settings.shutdown_timeout
@@ -268,9 +293,9 @@ class DurableAck(_DrainedAck):
         """Open the spool before serving (raises SpoolUnusable)."""
         self.spool.connect()
 
-    async def start(self) -> None:
+    async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self.spool.open()
-        self._start_drainer()
+        self._start_drainer(publish_after)
         self._tasks.append(spawn(self._maintain(), "spool-maintenance"))
 
     async def _maintain(self) -> None:
@@ -322,8 +347,8 @@ class MemoryAck(_DrainedAck):
     def prepare(self) -> None:
         pass
 
-    async def start(self) -> None:
-        self._start_drainer()
+    async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
+        self._start_drainer(publish_after)
 
     async def stop(self) -> None:
         await self._stop_drainer()

@@ -246,19 +246,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await publisher.start()
-        await ack_mode.start()
         topics: asyncio.Task[None] | None = None
+        if settings.create_topics:
+            # Before anything is published (the spool's events from the last run too):
+            # Kafka would create a topic first with its own partitions and replicas.
+            if publisher.connected:
+                await _create_topics(settings, router)
+            else:
+                log.warning("Kafka is not reachable yet: the topics are created once it is")
+                topics = spawn(_create_topics(settings, router, publisher), "create-topics")
+        await ack_mode.start(publish_after=topics)
         tokens_watch = (
             spawn(authenticator.watch(), "tokens-file-watch")
             if authenticator.tokens_file is not None
             else None
         )
-        if settings.create_topics:
-            if publisher.connected:  # before the first delivery, when it can
-                await _create_topics(settings, router)
-            else:
-                log.warning("Kafka is not reachable yet: the topics are created once it is")
-                topics = spawn(_create_topics(settings, router, publisher), "create-topics")
         if ack_mode.name == "broker" and not publisher.connected:
             # A new user's review: "accepting deliveries" while every one got a 503.
             log.info("serving (ack=broker): deliveries are answered 503 until Kafka is reachable")

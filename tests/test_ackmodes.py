@@ -99,6 +99,32 @@ def test_broker_mode_is_ready_while_kafka_is_connected_and_takes_records(tmp_pat
     assert not mode.ready
 
 
+@pytest.mark.parametrize("ack", ["durable", "memory", "broker"])
+async def test_nothing_is_published_before_the_topics_are_created(tmp_path: Path, ack: str) -> None:
+    """BRIDGE_CREATE_TOPICS with Kafka reachable only after start: the drainer sent the
+    spool's events as soon as it was, and Kafka created their topics with its own
+    defaults (1 partition, 1 replica) before the bridge could (a review's repro)."""
+    publisher = FakePublisher()
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK=ack), publisher, Metrics())
+    creating: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await mode.start(publish_after=creating)
+    if ack == "broker":
+        assert not mode.ready
+        with pytest.raises(Unavailable, match="topics are being created"):
+            await mode.deliver(record("a"), "a")
+    else:
+        assert await mode.deliver(record("a"), "a")
+        await asyncio.sleep(0.3)
+        assert publisher.records == []
+    creating.set_result(None)
+    await asyncio.sleep(0)
+    assert mode.ready
+    if ack == "broker":
+        assert await mode.deliver(record("a"), "a")
+    await eventually(lambda: len(publisher.records) == 1)
+    await mode.stop()
+
+
 async def test_memory_mode_drains_and_deduplicates(tmp_path: Path) -> None:
     """Memory mode answers at once, publishes in the background, refuses repeats."""
     publisher = FakePublisher()

@@ -131,6 +131,46 @@ def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> N
     assert len(topics) == 31 + 1  # every entity/action pair of the Geins table, dead letters
 
 
+def partitions_of(bootstrap: str, topic: str) -> int:
+    async def describe() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            [description] = await admin.describe_topics([topic])
+            return len(description["partitions"])
+        finally:
+            await admin.close()
+
+    return asyncio.run(describe())
+
+
+def test_the_spools_events_wait_for_the_topics_to_be_created(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """An event spooled while Kafka was away, then a restart with BRIDGE_CREATE_TOPICS:
+    the drainer sent it before the topics were created, and Kafka made its topic with
+    its own defaults (1 partition here, 3 asked for), reported only as "already there"."""
+    away = bridge_env(
+        f"127.0.0.1:{free_port()}",
+        topic_prefix,
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-spooled"}
+    with TestClient(create_app(load_settings(environ=away))) as client:
+        response = client.post("/webhooks/geins/Order/create", content=b"{}", headers=headers)
+        assert response.status_code == 202
+    back = bridge_env(
+        kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true", BRIDGE_TOPIC_PARTITIONS="3"
+    )
+    with TestClient(create_app(load_settings(environ=back))):
+        records = wait_until(
+            lambda: read_all_sync(kafka_bootstrap, topic_prefix), bool, within=30, every=0.5
+        )
+    assert [r.key for r in records] == [b"k-spooled"]
+    assert partitions_of(kafka_bootstrap, f"{topic_prefix}.geins.order.create") == 3
+
+
 def test_topics_created_take_the_largest_event_the_body_limit_lets_in(
     kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
