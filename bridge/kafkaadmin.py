@@ -22,7 +22,7 @@ from urllib.parse import quote
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from bridge import publisher as publisher_module
 from bridge.auth import tokens_redactor
@@ -44,6 +44,7 @@ DEFAULT_REPLICATION_CAP = 3
 #: default BRIDGE_MAX_BODY_BYTES fits.
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
+_NOT_AUTHORIZED = TopicAuthorizationFailedError.errno
 
 
 def known_topics(router: Router) -> list[str]:
@@ -110,17 +111,30 @@ class TopicsNotCreated(KafkaError):  # type: ignore[misc]  # aiokafka ships no t
         )
 
 
+@contextlib.asynccontextmanager
+async def _admin(
+    options: dict[str, Any], start_within: float | None = None
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed however its use ends: one whose start failed or
+    timed out kept its connections and its tasks."""
+    admin = AIOKafkaAdminClient(**options)
+    try:
+        async with asyncio.timeout(start_within):
+            await admin.start()
+        yield admin
+    finally:
+        await admin.close()
+
+
 async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, str]:
     """Create ``topics`` if missing. Returns topic -> "created" | "exists"; raises
     :class:`TopicsNotCreated` (with every outcome) when some could not be created.
 
-    Without a configured replication factor, uses min(3, number of brokers), so a
-    one-broker development cluster and a production cluster both get a sensible value.
+    Without a configured replication factor, uses min(3, number of brokers up), so a
+    one-broker development cluster and a production cluster both get a sensible value
+    (see _say_if_brokers_are_down).
     """
-    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
-    async with asyncio.timeout(settings.kafka_connect_timeout):
-        await admin.start()
-    try:
+    async with _admin(kafka_client_options(settings), settings.kafka_connect_timeout) as admin:
         replication = settings.topic_replication_factor
         if replication is None:
             cluster = await admin.describe_cluster()
@@ -129,10 +143,11 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
         response = await admin.create_topics(
             [
                 NewTopic(t, settings.topic_partitions, replication, topic_configs=configs)
-                for t in topics
+                for t in dict.fromkeys(topics)  # Kafka refuses a request naming one twice
             ]
         )
         results: dict[str, str] = {}
+        denied: list[str] = []
         for name, code, *rest in response.topic_errors:
             if code == 0:
                 results[name] = "created"
@@ -140,6 +155,13 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
                 results[name] = "exists"
             else:
                 results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
+                if code == _NOT_AUTHORIZED:
+                    denied.append(name)
+        if denied:
+            # Kafka answers "not authorized" before it looks whether the topic exists:
+            # where CREATE is someone else's, the topics made by them are no failure.
+            present = set(await admin.list_topics())
+            results.update({name: "exists" for name in denied if name in present})
         if configs:  # made before with a smaller limit, perhaps
             largest = settings.kafka_max_request_size()
             existing = [name for name, result in results.items() if result == "exists"]
@@ -150,21 +172,45 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
                         "bytes of the largest record BRIDGE_MAX_BODY_BYTES lets in; raise it, "
                         "or Kafka refuses events that large"
                     )
+        created = sum(result == "created" for result in results.values())
+        if created and settings.topic_replication_factor is None:
+            await _say_if_brokers_are_down(admin, replication, created)
         if any(result.startswith("failed") for result in results.values()):
             raise TopicsNotCreated(results)
         return results
-    finally:
-        await admin.close()
+
+
+async def _say_if_brokers_are_down(
+    admin: AIOKafkaAdminClient, replication: int, created: int
+) -> None:
+    """A WARNING when topics were just created with fewer than 3 replicas while brokers
+    that hold replicas of other topics are down: min(3, brokers up) then gave them fewer
+    replicas than the cluster has brokers, for good (a reviewer's 3-broker cluster with
+    one stopped got factor 2, reported as created)."""
+    if replication >= DEFAULT_REPLICATION_CAP:
+        return
+    up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
+    holding = {
+        replica
+        for topic in await admin.describe_topics()
+        for partition in topic["partitions"]
+        for replica in partition["replicas"]
+    }
+    down = sorted(holding - up)
+    if down:
+        log.warning(
+            "%d topics created with replication factor %d, the number of brokers up: "
+            "brokers %s, which hold replicas, are down; set BRIDGE_TOPIC_REPLICATION_FACTOR "
+            "to choose it (Kafka refuses a factor over the brokers up)",
+            created,
+            replication,
+            ", ".join(map(str, down)),
+        )
 
 
 async def list_topics(settings: Settings) -> list[str]:
-    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
-    async with asyncio.timeout(settings.kafka_connect_timeout):
-        await admin.start()
-    try:
+    async with _admin(kafka_client_options(settings), settings.kafka_connect_timeout) as admin:
         return sorted(t for t in await admin.list_topics() if not t.startswith("__"))
-    finally:
-        await admin.close()
 
 
 async def read_to_end(

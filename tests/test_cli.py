@@ -16,6 +16,7 @@ import uuid
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -455,6 +456,87 @@ def test_topics_create_prints_every_result_when_one_fails(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"failed   {topic_prefix} bad  (")
     assert lines[1:] == [f"created  {topic_prefix}.good"]
+
+
+@pytest.mark.kafka
+def test_topics_create_takes_a_name_given_twice(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """Kafka refuses a request that names a topic twice: "failed (Duplicate topic name)",
+    exit 1, for a topic that was there."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    assert main(["topics", "create", f"{topic_prefix}.twice", f"{topic_prefix}.twice"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"created  {topic_prefix}.twice"]
+
+
+class AdminWithoutCreate:
+    """What create_topics asks of Kafka's admin API, from a principal that may describe
+    topics but not create them, on a cluster whose brokers 1 and 2 of 3 are up."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def describe_cluster(self) -> dict[str, Any]:
+        return {"brokers": [{"node_id": 1}, {"node_id": 2}]}
+
+    async def describe_topics(self, topics: list[str] | None = None) -> list[dict[str, Any]]:
+        return [{"topic": "there", "partitions": [{"partition": 0, "replicas": [1, 2, 3]}]}]
+
+    async def list_topics(self) -> list[str]:
+        return ["there"]
+
+    async def create_topics(self, new: list[Any]) -> Any:
+        assert [t.name for t in new] == ["there", "missing"]
+        return SimpleNamespace(
+            topic_errors=[(t.name, 29, "Authorization failed.") for t in new]  # 29: denied
+        )
+
+
+def test_topics_create_without_the_right_to_create_tells_existing_topics_apart(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka answers "not authorized" to CREATE before it looks whether the topic
+    exists: on a cluster where topics are someone else's to make, each existing topic
+    was "failed", and the bridge logged an ERROR naming them all at every start."""
+    monkeypatch.setattr(kafkaadmin, "AIOKafkaAdminClient", AdminWithoutCreate)
+    settings = load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9"})
+    with pytest.raises(kafkaadmin.TopicsNotCreated) as refused:
+        asyncio.run(kafkaadmin.create_topics(settings, ["there", "missing", "there"]))
+    assert refused.value.results == {
+        "there": "exists",
+        "missing": "failed: Authorization failed.",
+    }
+    assert "brokers 3, which hold replicas, are down" not in caplog.text  # none created
+
+
+def test_topics_created_while_a_broker_is_down_are_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default replication factor is min(3, brokers up): with one of three brokers
+    down the topics got 2 replicas for good, reported as created and nothing more."""
+
+    class Admin(AdminWithoutCreate):
+        async def create_topics(self, new: list[Any]) -> Any:
+            assert {t.replication_factor for t in new} == {2}
+            return SimpleNamespace(topic_errors=[(t.name, 0, None) for t in new])
+
+    monkeypatch.setattr(kafkaadmin, "AIOKafkaAdminClient", Admin)
+    settings = load_settings(environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9"})
+    results = asyncio.run(kafkaadmin.create_topics(settings, ["there", "missing"]))
+    assert results == {"there": "created", "missing": "created"}
+    assert (
+        "2 topics created with replication factor 2, the number of brokers up: brokers 3, "
+        "which hold replicas, are down" in caplog.text
+    )
 
 
 @pytest.mark.kafka
