@@ -109,6 +109,22 @@ def test_credentials_are_still_left_out() -> None:
     assert b"s3cret" not in b"".join(v for _, v in letter.headers)
 
 
+def test_credentials_in_the_query_are_left_out() -> None:
+    """A gateway's credential in the URL (APIM's subscription-key, OAuth's access_token,
+    a SAS sig) was kept in x-bridge-query, though its header form was left out; the
+    template's own parameters, a key-like name among them, are the event's data."""
+    query = [
+        ("subscription-key", "apim-secret"),
+        ("access_token", "oauth-secret"),
+        ("Sig", "sas-secret"),
+        ("X-Amz-Signature", "aws-secret"),
+        ("action", "create"),
+        ("orderKey", "o-1"),
+    ]
+    letter = dead_letter(dataclasses.replace(refused([]), query=query), REFUSED, "dl", Redactor())
+    assert dict(letter.headers)["x-bridge-query"] == b"action=create&orderKey=o-1"
+
+
 def test_dead_letters_of_the_old_form_are_still_read() -> None:
     """A dead letter written before the list form holds an object of headers; it rebuilds."""
     old = [
