@@ -24,6 +24,8 @@ from bridge.routing import Router, template_pattern
 if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
     from bridge.kafkaadmin import DeadLetterQuery
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -226,6 +228,8 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 
     settings.check_serving()
     warn_if_short(settings.tokens, "BRIDGE_TOKENS")  # the file's: when the bridge reads it
+    if (ambiguity := _router(settings).template.ambiguity) is not None:
+        log.warning("%s", ambiguity)
     return serve(settings)
 
 
@@ -247,14 +251,15 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     beyond_file_limit = settings.connection_limit()[1]
     file_tokens = settings.file_tokens()
     unauthenticated = settings.allow_unauthenticated and not (settings.tokens or file_tokens)
+    router = _router(settings)  # the defaults a delivery without account/environment gets
     for warning in [
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
         *short_token_warnings(file_tokens, "the tokens file"),
         *([beyond_file_limit] if beyond_file_limit else []),
         *([UNAUTHENTICATED] if unauthenticated else []),
+        *([router.template.ambiguity] if router.template.ambiguity else []),
     ]:
         print(f"warning: {warning}", file=sys.stderr)
-    router = _router(settings)  # the defaults a delivery without account/environment gets
     example = router.topic_for(
         "Order", "create", router.default_account, router.default_environment
     )

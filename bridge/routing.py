@@ -43,6 +43,14 @@ _PLACEHOLDER_PATTERN = {
     "environment": "[a-z0-9-]{1,48}",
 }
 
+#: The characters each placeholder can put into a topic name (see _PLACEHOLDER_PATTERN).
+_PLACEHOLDER_CHARS = {
+    "entity": frozenset(string.ascii_lowercase + string.digits),
+    "action": frozenset(string.ascii_lowercase + string.digits),
+    "account": frozenset(string.ascii_lowercase + string.digits + "-"),
+    "environment": frozenset(string.ascii_lowercase + string.digits + "-"),
+}
+
 CE_SPECVERSION = b"1.0"
 CONTENT_TYPE_JSON = b"application/json"
 
@@ -69,6 +77,8 @@ class TopicTemplate:
         self.template = template
         fields: list[str] = []
         literal_length = 0
+        #: Why two deliveries with different values can share a topic, if they can.
+        self.ambiguity: str | None = None
         for literal, field, spec, conversion in string.Formatter().parse(template):
             if not _TOPIC_CHARS.fullmatch(literal):
                 raise ValueError(
@@ -85,6 +95,8 @@ class TopicTemplate:
                 )
             if spec or conversion:
                 raise ValueError(f"topic template {template!r}: {{{field}}} takes no format spec")
+            if fields and self.ambiguity is None:
+                self.ambiguity = _ambiguity(template, fields[-1], literal, field)
             fields.append(field)
         longest = literal_length + sum(MAX_LENGTH[f] for f in fields)
         if longest > MAX_TOPIC_LENGTH:
@@ -116,6 +128,21 @@ def _rfc3339(moment: datetime) -> bytes:
 
 
 _ce_time = lru_cache(maxsize=1024)(_rfc3339)
+
+
+def _ambiguity(template: str, before: str, joint: str, after: str) -> str | None:
+    """Why ``{before}joint{after}`` can name one topic for two deliveries, if it can:
+    when both placeholders can hold every character of ``joint``, where one ends is not
+    known (account acme-prod in environment eu and account acme in prod-eu, with
+    ``{account}-{environment}``). A character one of them cannot hold marks the place:
+    ``{account}-{entity}`` is read from the right."""
+    if not set(joint) <= _PLACEHOLDER_CHARS[before] & _PLACEHOLDER_CHARS[after]:
+        return None
+    return (
+        f"topic template {template!r} joins {{{before}}} and {{{after}}} with "
+        f"{joint!r}, which they can hold themselves: deliveries with different values "
+        "can share a topic; put a '.' or '_' between them"
+    )
 
 
 def topic_safe(value: str | None, default: str) -> str:

@@ -61,6 +61,20 @@ def test_check_config_prints_settings_without_tokens(
     assert "secret-token" not in out + err
 
 
+def test_check_config_warns_of_a_template_whose_topics_can_be_shared(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_TOPIC_TEMPLATE", "geins.{account}-{environment}.{entity}.{action}")
+    assert main(["check-config"]) == 0
+    *err, _ = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: topic template 'geins.{account}-{environment}.{entity}.{action}' joins "
+        "{account} and {environment} with '-', which they can hold themselves: deliveries "
+        "with different values can share a topic; put a '.' or '_' between them"
+    ]
+
+
 def test_check_config_warns_of_short_tokens(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

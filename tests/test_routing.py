@@ -189,3 +189,29 @@ def test_only_the_start_of_a_long_non_ascii_account_is_made_plain(
     monkeypatch.setattr(routing, "ascii_letters", counted)
     assert topic_safe("Malmö" + "\ufdfa" * 300_000, "d").startswith("malmo")
     assert seen == [routing.PLAIN_LETTERS_AT_MOST]
+
+
+@pytest.mark.parametrize(
+    ("template", "shared"),
+    [
+        ("geins.{entity}.{action}", False),
+        ("{account}_{environment}.{entity}.{action}", False),
+        ("{entity}-{action}", False),  # neither holds a '-'
+        ("{account}-{entity}.{action}", False),  # the entity holds none: the last '-'
+        ("geins.{account}-{environment}.{entity}.{action}", True),
+        ("{entity}{action}", True),
+        ("{entity}x{action}", True),
+    ],
+)
+def test_a_template_that_lets_two_deliveries_share_a_topic_is_named(
+    template: str, shared: bool
+) -> None:
+    """The README said acme.prod in eu and acme in prod.eu cannot share a topic, which
+    held for the default template, not for geins.{account}-{environment}.… that startup
+    accepted (both: geins.acme-prod-eu.…). Such a template is warned of."""
+    topics = TopicTemplate(template)
+    first = topics.render("order", "create", topic_safe("acme.prod", "x"), "eu")
+    second = topics.render("order", "create", "acme", topic_safe("prod.eu", "x"))
+    if "{account}" in template and "{environment}" in template:
+        assert (first == second) is shared
+    assert (topics.ambiguity is not None) is shared
