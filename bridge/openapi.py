@@ -19,7 +19,8 @@ _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _ANSWER = {"application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}}
 _ACK_HEADER = {"x-bridge-ack": {"$ref": "#/components/headers/x-bridge-ack"}}
 _ACK_MODES = {"type": "string", "enum": ["durable", "broker", "memory"]}
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"}
+# Spaces and tabs around a name are no part of it (geins._resolve_type_uncached).
+_NAME = {"type": "string", "pattern": "^[ \t]*[A-Za-z0-9]{1,64}[ \t]*$"}
 
 
 def _problem(description: str, *headers: str) -> dict[str, Any]:
@@ -99,7 +100,10 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "body fields `entity`/`action`. The body, when present, must be a JSON object "
             "whatever the Content-Type says. Without a body the query parameters are published. "
             "A token goes in the Authorization header or the `token` query parameter, never in "
-            "the path, the key or a name that makes the topic."
+            "the path, the key or a name that makes the topic. Any method but HEAD, OPTIONS, "
+            "TRACE and CONNECT is a delivery (Geins' method is free text): one OpenAPI cannot "
+            "name, such as PURGE, is answered as POST is. HEAD, OPTIONS and TRACE get a 405 "
+            "problem with an Allow header."
         ),
         "parameters": [
             *({"name": p, "in": "path", "required": True, "schema": _NAME} for p in path_params),
@@ -153,7 +157,6 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             ),
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
-            "405": _problem("HEAD, OPTIONS or TRACE: not a delivery.", "Allow"),
             "408": refused["408"],
             "413": _problem(
                 f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
@@ -177,15 +180,15 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             ),
         },
     }
-    if method != "get":
-        operation["requestBody"] = {
-            "required": False,
-            "description": "The user's Geins body template, published byte for byte.",
-            "content": {
-                media: {"schema": {"type": "object", "additionalProperties": True}}
-                for media in ("application/json", "text/plain")
-            },
-        }
+    operation["requestBody"] = {
+        "required": False,
+        "description": "The user's Geins body template, published byte for byte (a GET's "
+        "too, when it has one). Read as JSON whatever its Content-Type.",
+        "content": {
+            media: {"schema": {"type": "object", "additionalProperties": True}}
+            for media in ("application/json", "*/*")
+        },
+    }
     return operation
 
 
@@ -194,6 +197,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     webhook_paths: dict[str, Any] = {}
     for params in ([], ["entity"], ["entity", "action"]):
         path = WEBHOOK_PATH + "".join(f"/{{{p}}}" for p in params)
+        # HEAD, OPTIONS and TRACE are refused (405), which the descriptions say: as
+        # operations they would be methods the resource supports (its Allow header).
         webhook_paths[path] = {
             method: _webhook_operation(settings, params, method)
             for method in ("get", "post", "put", "patch", "delete")

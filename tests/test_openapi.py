@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,32 @@ def test_document_lists_exactly_the_served_routes() -> None:
     webhook = document["paths"]["/webhooks/geins/{entity}/{action}"]
     assert set(webhook) == {"get", "post", "put", "patch", "delete"}
     assert "413" in webhook["post"]["responses"]
+
+
+def test_the_document_describes_what_a_delivery_may_be() -> None:
+    """What a review found the server takes and the document ruled out: a GET with a
+    body (published), any Content-Type (read as JSON), a path name with spaces around
+    it; and a 405 listed for the methods that never get one."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    app = create_app(settings, publisher=FakePublisher())
+    document = openapi_document(settings)
+    webhook = document["paths"]["/webhooks/geins/{entity}/{action}"]
+    pattern = re.compile(webhook["post"]["parameters"][0]["schema"]["pattern"])
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    with TestClient(app) as client:
+        spaced = client.post("/webhooks/geins/%20Order%09/create", content=b"{}", headers=headers)
+        with_body = client.request(
+            "GET", "/webhooks/geins/Order/create", content=b'{"id":"1"}', headers=headers
+        )
+    assert (spaced.status_code, with_body.status_code) == (202, 202)
+    assert pattern.search(" Order\t")
+    for method, operation in webhook.items():
+        assert "405" not in operation["responses"], method
+        assert "*/*" in operation["requestBody"]["content"], method
+    assert "HEAD, OPTIONS and TRACE get a 405" in webhook["post"]["description"]
 
 
 def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
