@@ -118,6 +118,11 @@ class Drainer:
         self._wake.set()
 
     @property
+    def handed_over(self) -> int:
+        """Records handed to the producer whose acknowledgement has not come yet."""
+        return len(self._pending)
+
+    @property
     def held_topics(self) -> list[str]:
         """The topics in trouble: on hold now, or tried again since and not yet
         acknowledged."""

@@ -138,6 +138,38 @@ async def test_memory_mode_drains_and_deduplicates(tmp_path: Path) -> None:
     assert mode.backlog.depth == 0
 
 
+class UnacknowledgingPublisher(FakePublisher):
+    """Takes every record; Kafka acknowledges none of them."""
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        self.records.append(destination)
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_memory_mode_at_shutdown_tells_the_lost_from_the_handed_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events handed to the Kafka client when memory mode stops are flushed by the
+    publisher's stop after it, and may land: all of them were said to be lost."""
+    publisher = UnacknowledgingPublisher(connected=False)
+    mode = MemoryAck(
+        publisher, Metrics(), settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_SHUTDOWN_TIMEOUT="0.3")
+    )
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    publisher.connected = True
+    await eventually(lambda: len(publisher.records) == 1)
+    publisher.connected = False  # Kafka away again: the next one stays queued
+    assert await mode.deliver(record("b"), "b")
+    await mode.stop()
+    assert (
+        "2 accepted events were not acknowledged by Kafka at shutdown (BRIDGE_ACK=memory): "
+        "1 still queued in memory are lost, 1 handed to the Kafka client land only if its "
+        "final flush gets them through" in caplog.text
+    )
+
+
 def test_memory_backlog_is_bounded() -> None:
     """The in-memory queue refuses (503) beyond its byte limit."""
     backlog = MemoryBacklog(max_bytes=100)

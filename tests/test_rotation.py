@@ -232,3 +232,19 @@ async def test_a_forced_close_leaves_no_failed_future_unretrieved() -> None:
     assert waiter.done()
     assert not waiter._log_traceback  # retrieved already
     assert isinstance(waiter.exception(), KafkaTimeoutError)  # failed, as the records are
+
+
+async def test_a_forced_close_that_cannot_fail_the_records_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failing the held records reaches into aiokafka's accumulator; when that failed
+    (its internals changed), nothing said so, and the records' senders waited."""
+
+    class Client:
+        async def close(self) -> None:
+            pass
+
+    producer = SimpleNamespace(_message_accumulator=None, client=Client(), _sender=None)
+    publisher, _ = rotated_publisher()
+    await publisher._force_close(producer)
+    assert "could not fail the records of a closed Kafka producer" in caplog.text
