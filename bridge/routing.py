@@ -51,6 +51,10 @@ _PLACEHOLDER_CHARS = {
     "environment": frozenset(string.ascii_lowercase + string.digits + "-"),
 }
 
+#: What a placeholder's value can hold: a character outside it in the template's own
+#: text marks a place no value can move (see _ambiguity).
+_RUN_CHARS = frozenset(string.ascii_lowercase + string.digits + "-")
+
 CE_SPECVERSION = b"1.0"
 CONTENT_TYPE_JSON = b"application/json"
 
@@ -95,9 +99,8 @@ class TopicTemplate:
                 )
             if spec or conversion:
                 raise ValueError(f"topic template {template!r}: {{{field}}} takes no format spec")
-            if fields and self.ambiguity is None:
-                self.ambiguity = _ambiguity(template, fields[-1], literal, field)
             fields.append(field)
+        self.ambiguity = _ambiguity(template)
         longest = literal_length + sum(MAX_LENGTH[f] for f in fields)
         if longest > MAX_TOPIC_LENGTH:
             raise ValueError(
@@ -130,18 +133,41 @@ def _rfc3339(moment: datetime) -> bytes:
 _ce_time = lru_cache(maxsize=1024)(_rfc3339)
 
 
-def _ambiguity(template: str, before: str, joint: str, after: str) -> str | None:
-    """Why ``{before}joint{after}`` can name one topic for two deliveries, if it can:
-    when both placeholders can hold every character of ``joint``, where one ends is not
-    known (account acme-prod in environment eu and account acme in prod-eu, with
-    ``{account}-{environment}``). A character one of them cannot hold marks the place:
-    ``{account}-{entity}`` is read from the right."""
-    if not set(joint) <= _PLACEHOLDER_CHARS[before] & _PLACEHOLDER_CHARS[after]:
-        return None
+def _ambiguity(template: str) -> str | None:
+    """Why the template can name one topic for deliveries with different values, if it
+    can (account acme-prod in environment eu and account acme in prod-eu, with
+    ``{account}-{environment}``).
+
+    A character no placeholder holds ('.', '_', an upper-case letter) marks a fixed
+    place; between two such, placeholders and the text joining them form a run. A run
+    reads one way only when every join has a '-' in it (entity and action hold none,
+    so each ends at the next '-', or starts after the last) and at most one of its
+    placeholders can hold a '-' (the one left in the middle): account-order-product-eu
+    is account acme-order with product in eu, or acme with order in product-eu.
+    """
+    in_run: list[str] = []  # the placeholders of the run so far that can hold a '-'
+    previous: str | None = None
+    for joint, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if previous is not None:
+            if not set(joint) <= _RUN_CHARS:
+                in_run = []  # a fixed place: a new run
+            elif "-" not in joint:
+                return _shared(template, previous, field, repr(joint) if joint else "nothing")
+        if "-" in _PLACEHOLDER_CHARS[field]:
+            if in_run:
+                return _shared(template, in_run[0], field, "only letters, digits and '-'")
+            in_run.append(field)
+        previous = field
+    return None
+
+
+def _shared(template: str, first: str, second: str, between: str) -> str:
     return (
-        f"topic template {template!r} joins {{{before}}} and {{{after}}} with "
-        f"{joint!r}, which they can hold themselves: deliveries with different values "
-        "can share a topic; put a '.' or '_' between them"
+        f"topic template {template!r} has {between} between {{{first}}} and {{{second}}}, "
+        "which they can hold themselves: deliveries with different values can share a "
+        "topic; put a '.' or '_' between them"
     )
 
 

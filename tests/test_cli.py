@@ -69,9 +69,10 @@ def test_check_config_warns_of_a_template_whose_topics_can_be_shared(
     assert main(["check-config"]) == 0
     *err, _ = capsys.readouterr().err.splitlines()
     assert err == [
-        "warning: topic template 'geins.{account}-{environment}.{entity}.{action}' joins "
-        "{account} and {environment} with '-', which they can hold themselves: deliveries "
-        "with different values can share a topic; put a '.' or '_' between them"
+        "warning: topic template 'geins.{account}-{environment}.{entity}.{action}' has "
+        "only letters, digits and '-' between {account} and {environment}, which they can "
+        "hold themselves: deliveries with different values can share a topic; put a '.' or "
+        "'_' between them"
     ]
 
 

@@ -198,9 +198,13 @@ def test_only_the_start_of_a_long_non_ascii_account_is_made_plain(
         ("{account}_{environment}.{entity}.{action}", False),
         ("{entity}-{action}", False),  # neither holds a '-'
         ("{account}-{entity}.{action}", False),  # the entity holds none: the last '-'
+        ("{entity}-{account}-{action}", False),  # the account is what is in between
         ("geins.{account}-{environment}.{entity}.{action}", True),
         ("{entity}{action}", True),
         ("{entity}x{action}", True),
+        # not next to each other, still two runs of '-' with nothing to tell them apart
+        ("{account}-{entity}-{environment}.{action}", True),
+        ("geins.{environment}-{entity}-{account}.{action}", True),
     ],
 )
 def test_a_template_that_lets_two_deliveries_share_a_topic_is_named(
@@ -212,6 +216,10 @@ def test_a_template_that_lets_two_deliveries_share_a_topic_is_named(
     topics = TopicTemplate(template)
     first = topics.render("order", "create", topic_safe("acme.prod", "x"), "eu")
     second = topics.render("order", "create", "acme", topic_safe("prod.eu", "x"))
-    if "{account}" in template and "{environment}" in template:
-        assert (first == second) is shared
+    if "{account}-{environment}" in template:
+        assert first == second
+    if "{account}-{entity}-{environment}" in template:  # a reviewer's pair
+        assert topics.render("product", "create", "acme-order", "eu") == topics.render(
+            "order", "create", "acme", "product-eu"
+        )
     assert (topics.ambiguity is not None) is shared
