@@ -25,8 +25,8 @@ import orjson
 from bridge.errors import BridgeError
 from bridge.geins import (
     IDEMPOTENCY_HEADER,
-    SECRET_QUERY_PARAMS,
     Delivery,
+    is_credential_parameter,
     key_problem,
     key_text,
 )
@@ -62,38 +62,6 @@ CREDENTIAL_WORDS = (
 )
 #: Headers stored although a credential word is in their names: replays need them.
 KEPT_HEADERS = frozenset({IDEMPOTENCY_HEADER})
-#: Query parameters that carry a credential where a gateway or a cloud service takes
-#: one in the URL (OAuth's ``access_token``, Azure API Management's
-#: ``subscription-key``, an Azure SAS ``sig``, AWS's presigned URLs): left out of dead
-#: letters, with ``token``. By exact name (``_`` read as ``-``), not by the header
-#: words: a Geins template's own parameters (``orderKey={{id}}``) are the event's data.
-CREDENTIAL_PARAMETERS = frozenset(
-    {
-        "access-token",
-        "id-token",
-        "refresh-token",
-        "subscription-key",
-        "api-key",
-        "apikey",
-        "client-secret",
-        "password",
-        "secret",
-        "signature",
-        "sig",
-        "x-amz-signature",
-        "x-amz-credential",
-        "x-amz-security-token",
-        "auth",
-        "authorization",
-        "jwt",
-        *SECRET_QUERY_PARAMS,
-    }
-)
-
-
-def is_credential_parameter(name: str) -> bool:
-    """Whether a query parameter of this name is left out of dead letters."""
-    return name.lower().replace("_", "-") in CREDENTIAL_PARAMETERS
 
 
 def is_credential_header(name: bytes) -> bool:

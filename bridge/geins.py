@@ -77,8 +77,45 @@ _WIDE_BOMS = (
 
 IDEMPOTENCY_HEADER = b"x-idempotency-key"
 TIMESTAMP_HEADER = b"x-timestamp"
-#: Query parameters that are credentials and must never be published.
-SECRET_QUERY_PARAMS = frozenset({"token"})
+#: Query parameters that carry a credential: the webhook token, and those where a
+#: gateway or a cloud service takes one in the URL (OAuth's ``access_token``, Azure API
+#: Management's ``subscription-key``, an Azure SAS ``sig``, AWS's presigned URLs).
+#: Never published nor kept in dead letters. By exact name (``_`` read as ``-``), not
+#: by the words that mark credential headers: ``author=`` or a template's own
+#: ``orderKey={{id}}`` are the event's data.
+CREDENTIAL_PARAMETERS = frozenset(
+    {
+        "token",  # the webhook token's own
+        "access-token",
+        "id-token",
+        "refresh-token",
+        "auth-token",
+        "api-token",
+        "private-token",
+        "subscription-key",
+        "api-key",
+        "apikey",
+        "x-api-key",
+        "access-key",
+        "client-secret",
+        "password",
+        "secret",
+        "signature",
+        "sig",
+        "hmac",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "auth",
+        "authorization",
+        "jwt",
+    }
+)
+
+
+def is_credential_parameter(name: str) -> bool:
+    """Whether a query parameter of this name carries a credential."""
+    return name.lower().replace("_", "-") in CREDENTIAL_PARAMETERS
 
 
 # Not frozen: a frozen dataclass's __init__ sets each field through
@@ -362,7 +399,7 @@ def _query_object(query: Sequence[tuple[str, str]], entity: str, action: str) ->
     """The JSON object published for a delivery without a body (a GET, usually)."""
     obj: dict[str, str | list[str]] = {}
     for name, value in query:
-        if name.lower() in SECRET_QUERY_PARAMS:
+        if is_credential_parameter(name):
             continue
         previous = obj.get(name)
         if previous is None:

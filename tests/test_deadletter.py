@@ -118,6 +118,8 @@ def test_credentials_in_the_query_are_left_out() -> None:
         ("access_token", "oauth-secret"),
         ("Sig", "sas-secret"),
         ("X-Amz-Signature", "aws-secret"),
+        ("auth_token", "t-secret"),
+        ("x-api-key", "k-secret"),
         ("action", "create"),
         ("orderKey", "o-1"),
     ]

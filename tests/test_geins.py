@@ -242,6 +242,29 @@ def test_empty_body_publishes_query_object_without_token() -> None:
     assert event.subject == "42,43"  # every id, as the value lists them
 
 
+def test_empty_body_publishes_no_gateway_credential() -> None:
+    """A gateway's credential in the URL (APIM's subscription-key, a SAS sig) was
+    published in a GET's event, where its header form never was; a template's own
+    key-like parameter and an author are the event's data."""
+    d = delivery(
+        method="GET",
+        path=("Order", "create"),
+        query=[
+            ("subscription-key", "apim-secret"),
+            ("SIG", "sas-secret"),
+            ("auth_token", "t-secret"),
+            ("orderKey", "o-1"),
+            ("author", "ann"),
+        ],
+    )
+    assert orjson.loads(parse(d).value) == {
+        "orderKey": "o-1",
+        "author": "ann",
+        "entity": "Order",
+        "action": "create",
+    }
+
+
 def test_whitespace_body_counts_as_empty() -> None:
     """A body of only whitespace is treated like no body."""
     event = parse(delivery(b"  \r\n", query=[("entity", "Order"), ("action", "lock")]))
