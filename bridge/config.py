@@ -255,7 +255,7 @@ class Settings(BaseModel):
     tokens: tuple[str, ...] = Field((), repr=False)
     tokens_file: Path | None = None
     allow_unauthenticated: bool = False
-    # 960 KiB: with the 64 KiB the publisher allows for a record's headers, the largest
+    # 960 KiB: with the 64 KiB of room for a record's headers, the largest
     # record is 1 MiB, within Kafka's default max.message.bytes (1048588), so an
     # accepted event fits a default topic.
     max_body_bytes: int = Field(960 * 1024, ge=1, le=MAX_BODY_BYTES_CEILING)

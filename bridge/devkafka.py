@@ -306,7 +306,14 @@ def _evict(repository: Path, names: Sequence[str]) -> list[Path]:
     for name in names:
         for found in repository.rglob(name):
             if found.is_file():
-                found.unlink()
+                try:
+                    found.unlink()
+                except OSError as exc:
+                    msg = (
+                        f"the Kafka jar {found} in Maven's local repository is damaged and "
+                        f"cannot be removed ({exc.strerror}): delete it, then retry"
+                    )
+                    raise DevKafkaError(msg) from None
                 evicted.append(found)
     return evicted
 
@@ -570,6 +577,16 @@ def dies_with_parent() -> Callable[[], None] | None:
 
 _lifelong: concurrent.futures.ThreadPoolExecutor | None = None
 _lifelong_lock = threading.Lock()
+
+
+def _no_lifelong_thread_yet() -> None:
+    """In a forked child: the pool's thread was not forked with it, and a submit to the
+    pool (which takes it for idle) waited forever."""
+    global _lifelong, _lifelong_lock
+    _lifelong, _lifelong_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_no_lifelong_thread_yet)
 
 
 def from_a_lifelong_thread(

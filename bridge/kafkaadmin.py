@@ -160,7 +160,7 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
         if denied:
             # Kafka answers "not authorized" before it looks whether the topic exists:
             # where CREATE is someone else's, the topics made by them are no failure.
-            present = set(await admin.list_topics())
+            present = await _topics_there(admin)
             results.update({name: "exists" for name in denied if name in present})
         if configs:  # made before with a smaller limit, perhaps
             largest = settings.kafka_max_request_size()
@@ -180,6 +180,15 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
         return results
 
 
+async def _topics_there(admin: AIOKafkaAdminClient) -> set[str]:
+    """The topics Kafka lists to this client (none when it does not answer)."""
+    try:
+        return set(await admin.list_topics())
+    except KafkaError as exc:  # only a check
+        log.debug("cannot list the topics: %r", exc)
+        return set()
+
+
 async def _say_if_brokers_are_down(
     admin: AIOKafkaAdminClient, replication: int, created: int
 ) -> None:
@@ -189,10 +198,15 @@ async def _say_if_brokers_are_down(
     one stopped got factor 2, reported as created)."""
     if replication >= DEFAULT_REPLICATION_CAP:
         return
-    up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
+    try:
+        up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
+        topics = await admin.describe_topics()
+    except KafkaError as exc:  # only a check: the topics were created
+        log.debug("cannot describe the cluster: %r", exc)
+        return
     holding = {
         replica
-        for topic in await admin.describe_topics()
+        for topic in topics
         for partition in topic["partitions"]
         for replica in partition["replicas"]
     }

@@ -102,8 +102,8 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "A token goes in the Authorization header or the `token` query parameter, never in "
             "the path, the key or a name that makes the topic. Any method but HEAD, OPTIONS, "
             "TRACE and CONNECT is a delivery (Geins' method is free text): one OpenAPI cannot "
-            "name, such as PURGE, is answered as POST is. HEAD, OPTIONS and TRACE get a 405 "
-            "problem with an Allow header."
+            "name, such as PURGE, is answered as POST is. HEAD, OPTIONS, TRACE and CONNECT get "
+            "a 405 problem with an Allow header."
         ),
         "parameters": [
             *({"name": p, "in": "path", "required": True, "schema": _NAME} for p in path_params),

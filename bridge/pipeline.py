@@ -79,8 +79,9 @@ class Pipeline:
         self._strict_types = strict_types
         self._deadletter_topic = deadletter_topic
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
-        # Settings.max_event_record_bytes(): the largest record the producer takes, less
-        # the room the headers of a dead letter need should Kafka refuse it for good.
+        # Settings.max_event_record_bytes(): the largest record an accepted event makes
+        # (what the topics must take), less the room the headers of a dead letter need
+        # should Kafka refuse it for good.
         self._record_limit = record_limit
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.

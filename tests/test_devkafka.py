@@ -230,6 +230,33 @@ def test_dies_with_parent_signals_the_child_when_its_parent_is_killed(started: s
                 os.kill(child, signal.SIGKILL)
 
 
+def test_a_forked_child_starts_its_own_lifelong_thread() -> None:
+    """The pool's thread is not forked with the process: a child's start waited forever
+    on a pool that took its thread for idle (a reviewer's repro)."""
+    code = (
+        "import os, signal, subprocess\n"
+        "from bridge import devkafka\n"
+        "start = lambda: subprocess.Popen(['true'])\n"
+        "devkafka.from_a_lifelong_thread(start).wait()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(5)\n"
+        "    devkafka.from_a_lifelong_thread(start).wait()\n"
+        "    os._exit(0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert run.stdout.strip() == "0"  # not -14: SIGALRM after 5 s of waiting
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

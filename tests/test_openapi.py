@@ -55,7 +55,7 @@ def test_the_document_describes_what_a_delivery_may_be() -> None:
     for method, operation in webhook.items():
         assert "405" not in operation["responses"], method
         assert "*/*" in operation["requestBody"]["content"], method
-    assert "HEAD, OPTIONS and TRACE get a 405" in webhook["post"]["description"]
+    assert "HEAD, OPTIONS, TRACE and CONNECT get a 405" in webhook["post"]["description"]
 
 
 def test_every_operation_lists_the_refusals_any_path_can_get() -> None:
