@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bridge import kafkaadmin
-from bridge.ackmodes import AckMode, make_ack_mode
+from bridge.ackmodes import AckMode, DurableAck, make_ack_mode
 from bridge.auth import TokenAuthenticator
 from bridge.config import Settings
 from bridge.errors import NotFound
@@ -184,6 +184,8 @@ def _gauges_read_at_scrape(
         metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
         metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
+    if isinstance(ack_mode, DurableAck):  # a statvfs at each scrape
+        metrics.spool_disk_free.set_function(ack_mode.spool.disk_free_bytes)
 
 
 def create_app(

@@ -211,6 +211,13 @@ class Metrics:
             "(durable) or BRIDGE_MEMORY_MAX_BYTES (memory); 0 in broker mode.",
             registry=registry,
         )
+        self.spool_disk_free = Gauge(
+            "bridge_spool_disk_free_bytes",
+            "Free bytes on the spool's volume, for the bridge's user (durable mode; NaN "
+            "in the other modes).",
+            registry=registry,
+        )
+        self.spool_disk_free.set(math.nan)
         self.spool_oldest_age = Gauge(
             "bridge_spool_oldest_age_seconds",
             "Age of the oldest event waiting for Kafka (0 when none waits).",

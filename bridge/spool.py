@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import heapq
 import logging
+import math
 import os
 import queue
 import signal
@@ -815,6 +816,12 @@ class Spool:
             self._reserve_bytes,
         )
         return True
+
+    def disk_free_bytes(self) -> float:
+        """Free room on the spool's disk (the bridge_spool_disk_free_bytes gauge); NaN
+        when it cannot be read."""
+        free = self._free_bytes()
+        return math.nan if free is None else float(free)
 
     def _free_bytes(self) -> int | None:
         """Free room on the spool's disk, for its user; None if unknown."""

@@ -9,6 +9,7 @@ against the bridge's real series too.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,11 +19,13 @@ from typing import Any
 import httpx2
 import pytest
 import yaml
+from starlette.testclient import TestClient
 
-from bridge.config import Settings
+from bridge.app import create_app
+from bridge.config import Settings, load_settings
 from bridge.metrics import Metrics
 from tests.deploy_support.prometheus import PrometheusServer, Sample
-from tests.fakes import TOKEN
+from tests.fakes import TOKEN, FakePublisher
 from tests.polling import wait_until
 from tests.process import BridgeProcess
 
@@ -142,3 +145,23 @@ def test_refusal_series_and_fine_stage_buckets_exist_from_the_start() -> None:
         assert series in text
     assert 'bridge_stage_duration_seconds_bucket{le="1e-05",stage="auth"} 0.0' in text
     assert 'bridge_request_duration_seconds_bucket{le="1e-05",outcome="accepted"}' not in text
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+def test_the_spool_volume_s_free_room_is_exported_in_durable_mode(
+    ack: str, private_spool: Path
+) -> None:
+    """BridgeSpoolNearlyFull watched the limit only: a volume smaller than the spool
+    may grow filled first, unwarned. Its free room is a gauge now (NaN without a
+    spool, so that the alert cannot fire on a memory queue's limit)."""
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": ack, "BRIDGE_SPOOL_DIR": str(private_spool)}
+    )
+    metrics = Metrics()
+    with TestClient(create_app(settings, publisher=FakePublisher(), metrics=metrics)):
+        free = metrics.registry.get_sample_value("bridge_spool_disk_free_bytes")
+    assert free is not None
+    if ack == "durable":
+        assert free > 0
+    else:
+        assert math.isnan(free)
