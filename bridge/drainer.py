@@ -61,6 +61,10 @@ HAND_OVER_WAIT = 1.0
 #: from 1.15 to 0.74 ms with this pause (tests/bench/changes.md). No answer waits for
 #: it (the event is already safe), and an event after a quiet spell goes at once.
 ROUND_PAUSE = 0.010
+#: While only records of held topics are left, at most one read per this pause: an
+#: append of another topic's record goes within it (it waited up to IDLE_POLL), and a
+#: stream of appends to a held topic does not make a read each.
+HELD_ROUND_PAUSE = 0.05
 
 
 class _Pending:
@@ -166,23 +170,23 @@ class Drainer:
             await self._round_while_kafka_is_away()
             return
         self._away_backoff = MIN_BACKOFF
-        if self._suspects:  # each alone, before anything else is read (and resent)
+        if self._suspects:
+            # One at a time, alone, before the other records of its topic; the other
+            # topics go on in the same round (one topic's too-large record held them
+            # all back: 2 to 3.5 s on a review's broker, for good if the topic then
+            # had other trouble).
             suspect = next(iter(self._suspects.values()))
-            done, complete = await self._deliver([suspect], alone=suspect.seq)
+            done, complete = await self._deliver([suspect])
             if complete:
-                del self._suspects[suspect.seq]
+                self._suspects.pop(suspect.seq, None)
             await self._remove(done)
-            if not complete:
-                await asyncio.sleep(self._until_a_hold_ends())
-            return
         self._wake.clear()  # before reading, so an append after the read wakes us
         held = self._on_hold_now()
         records = await self._backlog.oldest(
             BATCH_RECORDS,
             BATCH_BYTES,
-            skip_seqs=self._in_flight(),  # handed over already: not again
-            # a topic being probed: its records wait for the probe's outcome
-            skip_topics=held.union(self._probing) if self._probing else held,
+            skip_seqs=self._in_flight(),  # handed over already (or a suspect): not again
+            skip_topics=self._waiting_topics(held),
         )
         self._only_held_left = False
         if records:
@@ -198,18 +202,32 @@ class Drainer:
                 return
             held = self._on_hold_now()  # with the holds of the refusals just seen
         if self._backlog.depth > len(self._pending) and held:
-            # What is left waits for a hold to end (or for Kafka): no round until then,
-            # however many appends wake us (each would read the whole backlog again).
-            self._only_held_left = all(
-                p.record.destination.topic in held for p in self._pending.values()
-            )
-            await asyncio.sleep(self._until_a_hold_ends())
+            # What is left waits for a hold to end (or for Kafka), or for a new record
+            # of another topic.
+            waiting = {p.record.destination.topic for p in self._pending.values()}
+            waiting.update(self._probing, self._suspect_topics())
+            self._only_held_left = waiting <= held  # nothing but held topics to wait for
+            await self._sleep_unless_woken(self._until_a_hold_ends())
+            await asyncio.sleep(HELD_ROUND_PAUSE)
             return
+        await self._sleep_unless_woken(IDLE_POLL)
+
+    async def _sleep_unless_woken(self, seconds: float) -> None:
         try:
-            async with asyncio.timeout(IDLE_POLL):
+            async with asyncio.timeout(seconds):
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+    def _suspect_topics(self) -> set[str]:
+        return {record.destination.topic for record in self._suspects.values()}
+
+    def _waiting_topics(self, held: frozenset[str]) -> frozenset[str]:
+        """The topics a read leaves out: those on hold, those being probed (their records
+        wait for the probe's outcome) and those of suspects (which go alone first)."""
+        if not self._probing and not self._suspects:
+            return held
+        return held.union(self._probing, self._suspect_topics())
 
     async def _round_while_kafka_is_away(self) -> None:
         """No holds (every topic would be held; none is to blame): hand over what the
@@ -225,8 +243,13 @@ class Drainer:
         if self._pending:
             await self._remove(await self._collect())
         room = BATCH_RECORDS - len(self._pending)
-        if room > 0 and not self._suspects:
-            records = await self._backlog.oldest(room, BATCH_BYTES, skip_seqs=self._in_flight())
+        if room > 0:
+            records = await self._backlog.oldest(
+                room,
+                BATCH_BYTES,
+                skip_seqs=self._in_flight(),
+                skip_topics=frozenset(self._suspect_topics()),  # they go alone first
+            )
             if records:
                 done, _ = await self._deliver(records)
                 await self._remove(done)
@@ -234,10 +257,10 @@ class Drainer:
         self._away_backoff = min(self._away_backoff * 2, MAX_BACKOFF)
 
     def _in_flight(self) -> frozenset[int]:
-        """The seqs a read leaves out: handed over, or set aside by a probe and not
-        removed yet."""
-        if self._settled_by_probes:
-            return frozenset(self._pending).union(self._settled_by_probes)
+        """The seqs a read leaves out: handed over, set aside by a probe and not removed
+        yet, or suspects (sent alone, one at a time)."""
+        if self._settled_by_probes or self._suspects:
+            return frozenset(self._pending).union(self._settled_by_probes, self._suspects)
         return frozenset(self._pending)
 
     def _until_a_hold_ends(self) -> float:
@@ -292,27 +315,21 @@ class Drainer:
             why,
         )
 
-    async def _deliver(
-        self, records: list[QueuedRecord], *, alone: int | None = None
-    ) -> tuple[list[int], bool]:
+    async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
         """Hand ``records`` over, wait for their acknowledgement (bounded), and deal
         with every pending record whose outcome is known: (the seqs done with, whether
-        all of ``records`` are).
-
-        ``alone``: the seq of a record that went in a batch of its own, so a refusal
-        of it as too large is its own.
-        """
+        all of ``records`` are)."""
         settled: list[int] = []  # refused for good, and dealt with
         waiting = await self._hand_over(records, settled)
         # Not waited for: the records of topics that were held (not acknowledged since).
         awaited = [p.acked for p in waiting if p.record.destination.topic not in self._holds]
         if awaited:
             await asyncio.wait(awaited, timeout=self._ack_timeout)
-        done = settled + await self._collect(alone=alone)
+        done = settled + await self._collect()
         in_round = {r.seq for r in records}
         return done, in_round.issubset(done)
 
-    async def _collect(self, *, alone: int | None = None) -> list[int]:
+    async def _collect(self) -> list[int]:
         """Deal with the pending records whose acknowledgement came (or failed); the
         seqs acknowledged or settled. Those overdue count as a timeout, once each,
         and put their topic on hold."""
@@ -341,6 +358,7 @@ class Drainer:
             )
             if failure is None:
                 done.append(seq)
+                self._suspects.pop(seq, None)  # collected by another round than its own
                 self._holds.pop(topic, None)
                 self._metrics.record_published(
                     len(pending.record.destination.value), time.perf_counter() - pending.sent_at
@@ -348,10 +366,19 @@ class Drainer:
                 continue
             error = self._publisher.failure(failure)
             if isinstance(error, PayloadTooLarge):
-                if seq != alone:
+                # Only the first suspect is ever handed over, alone (its topic's other
+                # records wait, see _waiting_topics), as a probe too when its topic was
+                # held: a refusal of it is its own, whichever round collects it (one
+                # collected by another round's _collect made it a suspect again, sent
+                # again and again).
+                if seq != next(iter(self._suspects), None):
                     self._suspects[seq] = pending.record
                 elif await self._set_aside(pending.record, error):
                     done.append(seq)
+                    self._suspects.pop(seq, None)
+                    # Kafka judged a record of the topic: it is in no other trouble (a
+                    # hold kept bridge_topics_held up with nothing of it waiting).
+                    self._holds.pop(topic, None)
             else:
                 # Kafka's refusal is its answer: this topic's trouble. A failure that is
                 # no answer (a timeout) may be Kafka away: held if it answered since.
