@@ -179,6 +179,13 @@ def _locked(lock_file: Path) -> Generator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run a tool (Maven, java, Kafka's StorageTool) to its end; its output captured."""
+    return subprocess.run(  # noqa: S603 - argument list, no shell
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+
+
 def _find_mvn() -> str:
     """Locate Maven or explain how to get it."""
     mvn = shutil.which("mvn")
@@ -261,13 +268,7 @@ def _copy_dependencies(mvn: str, pom_file: Path, libs: Path) -> None:
         f"-Dkafka.version={KAFKA_VERSION}",
         f"-Dlog4j.version={LOG4J_VERSION}",
     ]
-    result = subprocess.run(  # noqa: S603 - argument list, no shell
-        cmd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _run(cmd)
     jars = list(libs.glob("kafka_2.13-*.jar")) if libs.is_dir() else []
     if result.returncode != 0 or not jars:
         output = (result.stdout + result.stderr).strip().splitlines()
@@ -282,15 +283,11 @@ def _copy_dependencies(mvn: str, pom_file: Path, libs: Path) -> None:
 def _local_repository(mvn: str) -> Path:
     """Maven's local repository: ~/.m2/repository unless settings.xml, MAVEN_OPTS or
     MAVEN_ARGS move it, so Maven itself is asked (only when a jar is damaged)."""
-    result = subprocess.run(  # noqa: S603 - argument list, no shell
+    result = _run(
         [
             *(mvn, "-q", "-B", "-Dstyle.color=never", "help:evaluate"),
             *("-Dexpression=settings.localRepository", "-DforceStdout"),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
+        ]
     )
     # Maven 3.8 colours -DforceStdout output even with -Dstyle.color=never.
     answer = Path(re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).strip())
@@ -343,13 +340,7 @@ def find_java() -> str:
             "apt-get install openjdk-17-jre-headless)"
         )
         raise DevKafkaError(msg)
-    out = subprocess.run(  # noqa: S603 - argument list, no shell
-        [java, "-version"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    out = _run([java, "-version"])
     found = re.search(r'version "(\d+)', out.stderr + out.stdout)
     if found is None or int(found.group(1)) < MIN_JAVA:
         first = (out.stderr + out.stdout).strip().splitlines()[:1]
@@ -849,13 +840,7 @@ class LocalKafka:
             *self.format_args,
         )
         cmd.remove(f"-Xms{self.heap}")
-        result = subprocess.run(  # noqa: S603 - argument list, no shell
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = _run(cmd)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()
             msg = f"formatting {self.data_dir} failed (exit {result.returncode}):\n{output}"

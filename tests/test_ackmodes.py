@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -584,6 +585,24 @@ class ReadCountingBacklog(MemoryBacklog):
         return await super().oldest(limit, max_bytes, **skip)
 
 
+@contextlib.asynccontextmanager
+async def a_topic_held(
+    publisher: FakePublisher, troubled: str, backlog: MemoryBacklog | None = None
+) -> AsyncIterator[tuple[Drainer, MemoryBacklog]]:
+    """A running drainer over ``backlog`` (a memory one), once a record of ``troubled``
+    (which ``publisher`` has trouble with) got that topic held."""
+    backlog = backlog or MemoryBacklog(max_bytes=10**6)
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        backlog.append(record("w0", topic=troubled))
+        drainer.wake()
+        await eventually(lambda: drainer.held_topics == [troubled])
+        yield drainer, backlog
+    finally:
+        task.cancel()
+
+
 async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     """With only held records left, appends of them do not each cause a read: at most
     one per HELD_ROUND_PAUSE."""
@@ -592,12 +611,7 @@ async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.M
     troubled = "geins.widget.create"
     publisher = TopicTroublePublisher(troubled, "refuse")
     backlog = ReadCountingBacklog()
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        backlog.append(record("w0", topic=troubled))
-        drainer.wake()
-        await eventually(lambda: drainer.held_topics == [troubled])
+    async with a_topic_held(publisher, troubled, backlog) as (drainer, _):
         reads = backlog.reads
         for n in range(1, 50):
             backlog.append(record(f"w{n}", topic=troubled))
@@ -605,8 +619,6 @@ async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.M
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
         assert backlog.reads <= reads + 1  # not one read per append
-    finally:
-        task.cancel()
 
 
 async def test_a_held_topic_does_not_delay_another_topics_new_record(
@@ -617,21 +629,12 @@ async def test_a_held_topic_does_not_delay_another_topics_new_record(
     review measured 400 to 700 ms): it goes once woken now."""
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     monkeypatch.setattr(drainer_module, "IDLE_POLL", 60.0)
-    troubled = "geins.widget.create"
-    publisher = TopicTroublePublisher(troubled, "refuse")
-    backlog = MemoryBacklog(max_bytes=10**6)
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        backlog.append(record("w0", topic=troubled))
-        drainer.wake()
-        await eventually(lambda: drainer.held_topics == [troubled])
+    publisher = TopicTroublePublisher("geins.widget.create", "refuse")
+    async with a_topic_held(publisher, "geins.widget.create") as (drainer, backlog):
         await asyncio.sleep(0.2)  # the drainer waits for the hold to end
         backlog.append(record("o0"))
         drainer.wake()
         await eventually(lambda: [r.key for r in publisher.records] == [b"o0"], within=5)
-    finally:
-        task.cancel()
 
 
 class TooLargeTogetherPublisher(FakePublisher):
@@ -747,13 +750,7 @@ async def test_a_drain_at_shutdown_waits_for_a_new_topic_being_probed(
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     troubled, new = "geins.widget.create", "geins.gadget.create"
     publisher = NewTopicPublisher(troubled, new)
-    backlog = MemoryBacklog(max_bytes=10**6)
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=2, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        backlog.append(record("w0", topic=troubled))
-        drainer.wake()
-        await eventually(lambda: drainer.held_topics == [troubled])
+    async with a_topic_held(publisher, troubled) as (drainer, backlog):
         for n in range(3):
             backlog.append(record(f"g{n}", topic=new))
         drainer.wake()
@@ -761,8 +758,6 @@ async def test_a_drain_at_shutdown_waits_for_a_new_topic_being_probed(
         async with asyncio.timeout(10):
             await drainer.drain(time.monotonic() + 10)
         assert [r.key for r in publisher.records] == [b"g0", b"g1", b"g2"]
-    finally:
-        task.cancel()
 
 
 async def test_a_drain_at_shutdown_does_not_wait_for_a_held_topic(

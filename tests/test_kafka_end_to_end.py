@@ -37,6 +37,21 @@ def bridge_env(bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
     }
 
 
+def kafka_away_env(prefix: str, **extra: str) -> dict[str, str]:
+    """bridge_env with no Kafka at its address (a connect gives up after a second)."""
+    return bridge_env(f"127.0.0.1:{free_port()}", prefix, BRIDGE_KAFKA_CONNECT_TIMEOUT="1", **extra)
+
+
+def spool_while_kafka_is_away(prefix: str, key: str, body: bytes = b"{}") -> None:
+    """An Order/create event accepted (202) into the spool of a bridge whose Kafka is
+    away, which then stops: the event waits for the next start."""
+    away = kafka_away_env(prefix, BRIDGE_SHUTDOWN_TIMEOUT="1")
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key}
+    with TestClient(create_app(load_settings(environ=away))) as client:
+        response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
+        assert response.status_code == 202, response.text
+
+
 @pytest.mark.parametrize(
     ("ack", "compression"),
     [
@@ -150,16 +165,7 @@ def test_the_spools_events_wait_for_the_topics_to_be_created(
     """An event spooled while Kafka was away, then a restart with BRIDGE_CREATE_TOPICS:
     the drainer sent it before the topics were created, and Kafka made its topic with
     its own defaults (1 partition here, 3 asked for), reported only as "already there"."""
-    away = bridge_env(
-        f"127.0.0.1:{free_port()}",
-        topic_prefix,
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_SHUTDOWN_TIMEOUT="1",
-    )
-    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-spooled"}
-    with TestClient(create_app(load_settings(environ=away))) as client:
-        response = client.post("/webhooks/geins/Order/create", content=b"{}", headers=headers)
-        assert response.status_code == 202
+    spool_while_kafka_is_away(topic_prefix, "k-spooled")
     back = bridge_env(
         kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true", BRIDGE_TOPIC_PARTITIONS="3"
     )
@@ -230,12 +236,7 @@ def test_kafka_unreachable_broker_mode_answers_503(
     """BRIDGE_ACK=broker with no broker at the address: unready, 503 + Retry-After, nothing
     kept; the log says so where it said "accepting deliveries"."""
     caplog.set_level(logging.INFO, logger="bridge.app")
-    env = bridge_env(
-        f"127.0.0.1:{free_port()}",
-        topic_prefix,
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_ACK="broker",
-    )
+    env = kafka_away_env(topic_prefix, BRIDGE_ACK="broker")
     with TestClient(create_app(load_settings(environ=env))) as client:
         assert client.get("/readyz").status_code == 503
         response = client.post(
@@ -254,12 +255,7 @@ def test_kafka_unreachable_broker_mode_answers_503(
 
 def test_kafka_unreachable_durable_mode_accepts_into_spool(topic_prefix: str) -> None:
     """BRIDGE_ACK=durable with no broker: ready, 202, and the event waits in the spool."""
-    env = bridge_env(
-        f"127.0.0.1:{free_port()}",
-        topic_prefix,
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_SHUTDOWN_TIMEOUT="1",
-    )
+    env = kafka_away_env(topic_prefix, BRIDGE_SHUTDOWN_TIMEOUT="1")
     metrics = Metrics()
     with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
         assert client.get("/readyz").status_code == 200
@@ -431,15 +427,7 @@ def test_an_event_spooled_under_a_larger_body_limit_lands_after_a_restart_with_a
     letter too, and dropped (a review's repro). Kafka's limit is the one that counts."""
     body = json.dumps({"pad": "x" * 300_000}).encode()
     headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k-big"}
-    away = bridge_env(
-        f"127.0.0.1:{free_port()}",
-        topic_prefix,
-        BRIDGE_KAFKA_CONNECT_TIMEOUT="1",
-        BRIDGE_SHUTDOWN_TIMEOUT="1",
-    )
-    with TestClient(create_app(load_settings(environ=away))) as client:
-        response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
-        assert response.status_code == 202, response.text
+    spool_while_kafka_is_away(topic_prefix, "k-big", body)
 
     smaller = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_MAX_BODY_BYTES="100000")
     metrics = Metrics()
