@@ -101,7 +101,8 @@ class Drainer:
         self._unremoved: list[int] = []
         # Records Kafka refused as too large in a batch with others: Kafka refuses the
         # whole batch for one record over the topic's max.message.bytes, so each is
-        # sent once more alone before it counts as too large (a dead letter).
+        # sent once more alone before it counts as too large (a dead letter): the
+        # oldest of each topic, while no other record of that topic is in flight.
         self._suspects: dict[int, QueuedRecord] = {}
         # topic -> (held until, on the monotonic clock; length of that hold). A topic
         # stays here after its hold ends, until one of its records is acknowledged.
@@ -170,16 +171,10 @@ class Drainer:
             await self._round_while_kafka_is_away()
             return
         self._away_backoff = MIN_BACKOFF
-        if self._suspects:
-            # One at a time, alone, before the other records of its topic; the other
-            # topics go on in the same round (one topic's too-large record held them
-            # all back: 2 to 3.5 s on a review's broker, for good if the topic then
-            # had other trouble).
-            suspect = next(iter(self._suspects.values()))
-            done, complete = await self._deliver([suspect])
-            if complete:
-                self._suspects.pop(suspect.seq, None)
-            await self._remove(done)
+        # Before the other records of their topics; the other topics go on in the same
+        # round (a topic's too-large record held them all back: 2 to 3.5 s on a
+        # review's broker, for good if the topic then had other trouble).
+        sent_suspects = await self._deliver_suspects() if self._suspects else False
         self._wake.clear()  # before reading, so an append after the read wakes us
         held = self._on_hold_now()
         records = await self._backlog.oldest(
@@ -201,6 +196,8 @@ class Drainer:
             if done:  # a probe's acknowledgement, say: its topic's records go now
                 return
             held = self._on_hold_now()  # with the holds of the refusals just seen
+        if sent_suspects and self._suspects:
+            return  # the next of each topic goes now, not after a pause
         if self._backlog.depth > len(self._pending) and held:
             # What is left waits for a hold to end (or for Kafka), or for a new record
             # of another topic.
@@ -218,6 +215,39 @@ class Drainer:
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+    async def _deliver_suspects(self) -> bool:
+        """Send the oldest suspect of each topic that is not on hold, not being probed
+        and has no record in flight, so that it is alone in its batch (the topic's
+        other records wait, see _waiting_topics); whether any went."""
+        held = self._on_hold_now()
+        busy = {pending.record.destination.topic for pending in self._pending.values()}
+        oldest: dict[str, QueuedRecord] = {}
+        for seq in sorted(self._suspects):
+            record = self._suspects[seq]
+            topic = record.destination.topic
+            if topic not in oldest and topic not in busy:
+                oldest[topic] = record
+        ready = [
+            record
+            for topic, record in oldest.items()
+            if topic not in held and topic not in self._probing
+        ]
+        if not ready:
+            return False
+        done, _ = await self._deliver(ready)
+        for record in ready:
+            pending = self._pending.get(record.seq)
+            if pending is not None:  # acknowledged late: the round that collects it comes
+                pending.acked.add_done_callback(lambda _: self.wake())
+        await self._remove(done)
+        return True
+
+    def _oldest_suspect_of(self, topic: str) -> int | None:
+        return min(
+            (seq for seq, record in self._suspects.items() if record.destination.topic == topic),
+            default=None,
+        )
 
     def _suspect_topics(self) -> set[str]:
         return {record.destination.topic for record in self._suspects.values()}
@@ -366,12 +396,11 @@ class Drainer:
                 continue
             error = self._publisher.failure(failure)
             if isinstance(error, PayloadTooLarge):
-                # Only the first suspect is ever handed over, alone (its topic's other
-                # records wait, see _waiting_topics), as a probe too when its topic was
-                # held: a refusal of it is its own, whichever round collects it (one
-                # collected by another round's _collect made it a suspect again, sent
-                # again and again).
-                if seq != next(iter(self._suspects), None):
+                # A topic's oldest suspect is handed over alone (see _deliver_suspects),
+                # as a probe too when its topic was held: a refusal of it is its own,
+                # whichever round collects it (one collected by another round made it a
+                # suspect again, sent again and again).
+                if seq != self._oldest_suspect_of(topic):
                     self._suspects[seq] = pending.record
                 elif await self._set_aside(pending.record, error):
                     done.append(seq)
@@ -379,6 +408,8 @@ class Drainer:
                     # Kafka judged a record of the topic: it is in no other trouble (a
                     # hold kept bridge_topics_held up with nothing of it waiting).
                     self._holds.pop(topic, None)
+                else:
+                    self._set_aside_failed(topic)
             else:
                 # Kafka's refusal is its answer: this topic's trouble. A failure that is
                 # no answer (a timeout) may be Kafka away: held if it answered since.
@@ -427,6 +458,9 @@ class Drainer:
                             deadline.reschedule(None)  # the dead letter has its own deadline
                             if await self._set_aside(record, exc):
                                 settled.append(record.seq)
+                            else:
+                                held.add(topic)
+                                self._set_aside_failed(topic)
                             break  # a fresh deadline for the records after it
                         except BridgeError as exc:
                             if not self._publisher.connected:
@@ -449,6 +483,11 @@ class Drainer:
             f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
             time.perf_counter() - self._hand_over_wait,
         )
+
+    def _set_aside_failed(self, topic: str) -> None:
+        """A record Kafka will never take could not be kept as a dead letter now: its
+        topic waits (it went to Kafka and to the dead-letter topic again every round)."""
+        self._hold(topic, "a record it refused for good cannot be kept as a dead letter yet")
 
     def _hand_over_refused(self, topic: str, exc: BridgeError) -> None:
         self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
@@ -473,6 +512,9 @@ class Drainer:
             if await self._set_aside(record, exc):
                 self._settled_by_probes.add(record.seq)
                 self._suspects.pop(record.seq, None)
+                self._holds.pop(topic, None)  # as in _collect: the topic's next record goes
+            else:
+                self._set_aside_failed(topic)
         except BridgeError as exc:
             self._hand_over_refused(topic, exc)
         else:

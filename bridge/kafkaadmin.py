@@ -184,7 +184,7 @@ async def _topics_there(admin: AIOKafkaAdminClient) -> set[str]:
     """The topics Kafka lists to this client (none when it does not answer)."""
     try:
         return set(await admin.list_topics())
-    except KafkaError as exc:  # only a check
+    except (KafkaError, OSError, TimeoutError) as exc:  # only a check
         log.debug("cannot list the topics: %r", exc)
         return set()
 
@@ -201,7 +201,7 @@ async def _say_if_brokers_are_down(
     try:
         up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
         topics = await admin.describe_topics()
-    except KafkaError as exc:  # only a check: the topics were created
+    except (KafkaError, OSError, TimeoutError) as exc:  # only a check: they were created
         log.debug("cannot describe the cluster: %r", exc)
         return
     holding = {

@@ -388,26 +388,29 @@ async def test_refused_record_does_not_block_the_rest(tmp_path: Path) -> None:
 
 
 class BatchRefusingPublisher(FakePublisher):
-    """Like Kafka with a small max.message.bytes on one topic: records handed over
-    together form one batch, and one record too large fails the whole batch."""
+    """Like Kafka with a small max.message.bytes: the records of a topic handed over
+    together form one batch (as a partition's do), and one record too large (``big``)
+    fails its whole batch; the dead-letter topic ("dl") takes it."""
 
-    def __init__(self, big_topic: str) -> None:
+    def __init__(self, big: bytes) -> None:
         super().__init__()
-        self.big_topic = big_topic
-        self.batch: list[tuple[Destination, asyncio.Future[Any]]] = []
+        self.big = big
+        self.batch: dict[str, list[tuple[Destination, asyncio.Future[Any]]]] = {}
         self.batches: list[list[bytes]] = []
 
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
         acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not self.batch:
-            asyncio.get_running_loop().call_later(0.01, self._send_batch)
-        self.batch.append((destination, acked))
+        topic = destination.topic
+        if topic not in self.batch:
+            self.batch[topic] = []
+            asyncio.get_running_loop().call_later(0.01, self._send_batch, topic)
+        self.batch[topic].append((destination, acked))
         return acked
 
-    def _send_batch(self) -> None:
-        batch, self.batch = self.batch, []
+    def _send_batch(self, topic: str) -> None:
+        batch = self.batch.pop(topic)
         self.batches.append([d.key for d, _ in batch])
-        refused = any(d.topic == self.big_topic for d, _ in batch)
+        refused = any(d.key == self.big for d, _ in batch) and topic != "dl"
         for destination, acked in batch:
             if refused:
                 acked.set_exception(PayloadTooLarge("Kafka refused the batch as too large"))
@@ -418,13 +421,15 @@ class BatchRefusingPublisher(FakePublisher):
 
 async def test_records_refused_with_a_too_large_one_are_sent_again_alone() -> None:
     """Kafka refuses a whole batch for one record over the topic's limit: the others
-    are not dead letters, each is sent again alone and lands on its topic; only the
-    large one goes to the dead-letter topic."""
-    publisher = BatchRefusingPublisher("geins.big.create")
+    are not dead letters, each is sent again alone, in order, and lands on its topic;
+    only the large one goes to the dead-letter topic. Another topic's records go on
+    meanwhile."""
+    publisher = BatchRefusingPublisher(b"big")
     backlog = MemoryBacklog(max_bytes=10**6)
     backlog.append(record("before"))
-    backlog.append(record("big", topic="geins.big.create"))
+    backlog.append(record("big"))
     backlog.append(record("after"))
+    backlog.append(record("other", topic="geins.product.create"))
     metrics = Metrics()
     drainer = Drainer(backlog, publisher, metrics, ack_timeout=1, deadletter_topic="dl")
     task = asyncio.create_task(drainer.run())
@@ -432,13 +437,113 @@ async def test_records_refused_with_a_too_large_one_are_sent_again_alone() -> No
         await eventually(lambda: backlog.depth == 0, within=5)
     finally:
         task.cancel()
-    assert publisher.batches[0] == [b"before", b"big", b"after"]
+    assert publisher.batches[:2] == [[b"before", b"big", b"after"], [b"other"]]
+    # each alone, in order; the big one then as a dead letter
+    assert publisher.batches[2:] == [[b"before"], [b"big"], [b"big"], [b"after"]]
     assert [(r.topic, r.key) for r in publisher.records] == [
+        ("geins.product.create", b"other"),
         ("geins.order.create", b"before"),
         ("dl", b"big"),
         ("geins.order.create", b"after"),
     ]
     assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in metrics.exposition().decode()
+
+
+class TooLargeTogetherThenPublisher(FakePublisher):
+    """Per topic of ``then``: its first ``together`` hand-overs are one batch Kafka
+    refuses as too large; after that ``refuse`` (the hand-over fails: an ACL) or
+    ``ok``. With ``big``: the record of that key is too large alone too, and the
+    dead-letter topic refuses everything (an ACL). ``tries``: hand-overs per topic."""
+
+    def __init__(self, then: dict[str, str], big: bytes | None = None, together: int = 2) -> None:
+        super().__init__()
+        self.then, self.big, self.together = then, big, together
+        self.tries: dict[str, int] = {}
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        topic = destination.topic
+        self.tries[topic] = self.tries.get(topic, 0) + 1
+        if topic == "dl" and self.big is not None:
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        if topic not in self.then:
+            return await super().hand_over(destination)
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[Any] = loop.create_future()
+        if self.tries[topic] <= self.together or destination.key == self.big:
+            loop.call_soon(acked.set_exception, PayloadTooLarge("too large"))
+            return acked
+        if self.then[topic] == "refuse":
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        return await super().hand_over(destination)
+
+
+async def test_suspects_of_a_topic_go_again_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After each suspect the round found nothing else to read and slept the idle poll:
+    20 suspects took 19 s (a review), their topic's other records waiting."""
+    monkeypatch.setattr(drainer_module, "IDLE_POLL", 60.0)
+    publisher = TooLargeTogetherThenPublisher({"geins.order.create": "ok"}, together=20)
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for n in range(20):
+        backlog.append(record(f"k{n}"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 0, within=10)
+    finally:
+        task.cancel()
+    assert [r.key for r in publisher.records] == [f"k{n}".encode() for n in range(20)]
+
+
+async def test_one_topics_suspects_do_not_wait_for_anothers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One suspect was handed over at a time, whatever its topic: while the first
+    one's topic was denied, the other topic's suspects and new records waited."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
+    publisher = TooLargeTogetherThenPublisher({"A": "refuse", "B": "ok"})
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for key, topic in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")):
+        backlog.append(record(key, topic))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.5, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: len(drainer._suspects) == 4)
+        backlog.append(record("b3", "B"))
+        drainer.wake()
+        await eventually(lambda: len(publisher.records) == 3, within=5)
+        assert [r.key for r in publisher.records] == [b"b1", b"b2", b"b3"]
+        assert drainer.held_topics == ["A"]
+    finally:
+        task.cancel()
+
+
+async def test_a_suspect_that_cannot_be_set_aside_holds_its_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the dead-letter topic refusing, a too-large record went to Kafka, then to
+    the dead-letter topic, with a warning, every round (185 times in 2 s of other
+    traffic, in a review): its topic is held instead."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
+    publisher = TooLargeTogetherThenPublisher({"A": "ok"}, big=b"a1")
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("a1", "A"))
+    backlog.append(record("a2", "A"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.5, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: drainer.held_topics == ["A"], within=5)
+        tries = dict(publisher.tries)
+        for n in range(50):  # another topic's traffic: a round each
+            backlog.append(record(f"o{n}"))
+            drainer.wake()
+            await asyncio.sleep(0.005)
+        await eventually(lambda: len(publisher.records) == 50, within=5)
+        assert (publisher.tries["A"], publisher.tries["dl"]) == (tries["A"], tries["dl"])
+        assert backlog.depth == 2  # kept, for when the dead-letter topic takes it
+    finally:
+        task.cancel()
 
 
 async def test_stop_drains_within_the_deadline(tmp_path: Path) -> None:
