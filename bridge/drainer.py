@@ -219,7 +219,8 @@ class Drainer:
     async def _deliver_suspects(self) -> bool:
         """Send the oldest suspect of each topic that is not on hold, not being probed
         and has no record in flight, so that it is alone in its batch (the topic's
-        other records wait, see _waiting_topics); whether any went."""
+        other records wait, see _waiting_topics); whether one of them moved on (is
+        done with, in flight or a probe), so that the next may go at once."""
         held = self._on_hold_now()
         busy = {pending.record.destination.topic for pending in self._pending.values()}
         oldest: dict[str, QueuedRecord] = {}
@@ -236,12 +237,18 @@ class Drainer:
         if not ready:
             return False
         done, _ = await self._deliver(ready)
+        for seq in done:  # set aside at its hand-over, say: no suspect any more
+            self._suspects.pop(seq, None)
+        moved = bool(done)
         for record in ready:
             pending = self._pending.get(record.seq)
             if pending is not None:  # acknowledged late: the round that collects it comes
                 pending.acked.add_done_callback(lambda _: self.wake())
+            moved = moved or pending is not None or record.destination.topic in self._probing
         await self._remove(done)
-        return True
+        # Not when each failed at once with nothing holding its topic (Kafka silent):
+        # sent again straight away, that was a tight loop.
+        return moved
 
     def _oldest_suspect_of(self, topic: str) -> int | None:
         return min(
@@ -288,7 +295,7 @@ class Drainer:
 
     def _in_flight(self) -> frozenset[int]:
         """The seqs a read leaves out: handed over, set aside by a probe and not removed
-        yet, or suspects (sent alone, one at a time)."""
+        yet, or suspects (sent alone, see _deliver_suspects)."""
         if self._settled_by_probes or self._suspects:
             return frozenset(self._pending).union(self._settled_by_probes, self._suspects)
         return frozenset(self._pending)
