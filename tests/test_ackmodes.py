@@ -486,6 +486,23 @@ class TooLargeTogetherThenPublisher(FakePublisher):
         return await super().hand_over(destination)
 
 
+@contextlib.asynccontextmanager
+async def draining_a1_a2(
+    publisher: FakePublisher, ack_timeout: float = 0.5
+) -> AsyncIterator[tuple[Drainer, MemoryBacklog]]:
+    """A drainer running over a memory backlog of two records of topic "A", a1 and a2
+    (which a TooLargeTogetherThenPublisher refuses together as too large)."""
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("a1", "A"))
+    backlog.append(record("a2", "A"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=ack_timeout, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        yield drainer, backlog
+    finally:
+        task.cancel()
+
+
 async def test_suspects_of_a_topic_go_again_one_after_the_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -536,12 +553,7 @@ async def test_a_suspect_that_cannot_be_set_aside_holds_its_topic(
     traffic, in a review): its topic is held instead."""
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     publisher = TooLargeTogetherThenPublisher({"A": "ok"}, big=b"a1")
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("a1", "A"))
-    backlog.append(record("a2", "A"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.5, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
+    async with draining_a1_a2(publisher) as (drainer, backlog):
         await eventually(lambda: drainer.held_topics == ["A"], within=5)
         tries = dict(publisher.tries)
         for n in range(50):  # another topic's traffic: a round each
@@ -551,8 +563,6 @@ async def test_a_suspect_that_cannot_be_set_aside_holds_its_topic(
         await eventually(lambda: len(publisher.records) == 50, within=5)
         assert (publisher.tries["A"], publisher.tries["dl"]) == (tries["A"], tries["dl"])
         assert backlog.depth == 2  # kept, for when the dead-letter topic takes it
-    finally:
-        task.cancel()
 
 
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
@@ -560,16 +570,9 @@ async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> No
     oldest, it went to the dead-letter topic again every round, in a tight loop (12,071
     copies in half a second, in a review), and its topic never moved on."""
     publisher = TooLargeTogetherThenPublisher({"A": "too_large_here"}, big=b"a1")
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("a1", "A"))
-    backlog.append(record("a2", "A"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
+    async with draining_a1_a2(publisher, ack_timeout=1) as (_, backlog):
         await eventually(lambda: backlog.depth == 0, within=5)
         await asyncio.sleep(0.1)
-    finally:
-        task.cancel()
     assert [(r.topic, r.key) for r in publisher.records] == [("dl", b"a1"), ("A", b"a2")]
 
 
@@ -578,15 +581,8 @@ async def test_a_suspect_failing_at_once_is_not_sent_again_at_once() -> None:
     hold its topic by) went again straight away: 15,264 hand-overs in half a second."""
     publisher = TooLargeTogetherThenPublisher({"A": "timeout"})
     publisher.answering = False
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("a1", "A"))
-    backlog.append(record("a2", "A"))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
+    async with draining_a1_a2(publisher, ack_timeout=1) as (_, backlog):
         await asyncio.sleep(0.5)
-    finally:
-        task.cancel()
     assert publisher.tries["A"] <= 10
     assert backlog.depth == 2
 
