@@ -92,14 +92,9 @@ class DirectHandover:
         self.last_batch = None
         if not self.enabled or accumulator._closed or accumulator._exception is not None:
             return None
-        partitions = self._partitions.get(topic)
+        partitions = self._partitions.get(topic) or self._learn(topic)
         if partitions is None:
-            known = self._cluster.partitions_for_topic(topic)
-            if not known:
-                return None
-            partitions = tuple(TopicPartition(topic, p) for p in sorted(known))
-            self._partitions[topic] = partitions
-            self._track(topic)
+            return None
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
         if size > self._max_request_size:
             return None  # send() refuses it with MessageSizeTooLargeError
@@ -119,25 +114,35 @@ class DirectHandover:
         self.last_batch = batch
         return opened
 
+    def _learn(self, topic: str) -> tuple[TopicPartition, ...] | None:
+        """``topic``'s partitions in partition order, kept until the next metadata
+        update; None while the producer knows none."""
+        known = self._cluster.partitions_for_topic(topic)
+        if not known:
+            return None
+        partitions = tuple(TopicPartition(topic, p) for p in sorted(known))
+        self._partitions[topic] = partitions
+        self._track(topic)
+        return partitions
+
     def batch_of_send(self, topic: str, key: bytes, acked: asyncio.Future[Any]) -> Any:
         """The batch ``producer.send()`` put the record of ``acked`` in, or None when that
         cannot be told. Call it as soon as send() returned: nothing ran since it
         appended the record, so the record is the last of the last batch of its
         partition (the one Kafka's rule gives its key, as send()'s partitioner does)."""
-        known = self._cluster.partitions_for_topic(topic) if self.enabled else None
-        if not known:
+        partitions = (self._partitions.get(topic) or self._learn(topic)) if self.enabled else None
+        if partitions is None:
             return None
-        partitions = sorted(known)
-        last = self._last_batch(topic, partitions[partition_index(key, len(partitions))])
+        last = self._last_batch(partitions[partition_index(key, len(partitions))])
         futures = getattr(last, "_msg_futures", None)
         return last if futures and futures[-1][0] is acked else None
 
     def batch_of_send_batch(self, topic: str, partition: int, builder: Any) -> Any:
         """The batch ``producer.send_batch(builder, ...)`` made of ``builder``, or None;
         call it as soon as send_batch() returned (see batch_of_send)."""
-        last = self._last_batch(topic, partition) if self.enabled else None
+        last = self._last_batch(TopicPartition(topic, partition)) if self.enabled else None
         return last if getattr(last, "_builder", None) is builder else None
 
-    def _last_batch(self, topic: str, partition: int) -> Any:
-        pending = self._accumulator._batches.get(TopicPartition(topic, partition))
+    def _last_batch(self, tp: TopicPartition) -> Any:
+        pending = self._accumulator._batches.get(tp)
         return pending[-1] if pending else None
