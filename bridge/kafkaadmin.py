@@ -136,9 +136,10 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
     """
     async with _admin(kafka_client_options(settings), settings.kafka_connect_timeout) as admin:
         replication = settings.topic_replication_factor
+        up: set[int] = set()  # the brokers up, when they choose the replication factor
         if replication is None:
-            cluster = await admin.describe_cluster()
-            replication = min(DEFAULT_REPLICATION_CAP, len(cluster["brokers"]))
+            up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
+            replication = min(DEFAULT_REPLICATION_CAP, len(up))
         configs = topic_configs(settings)
         response = await admin.create_topics(
             [
@@ -174,7 +175,7 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
                     )
         created = sum(result == "created" for result in results.values())
         if created and settings.topic_replication_factor is None:
-            await _say_if_brokers_are_down(admin, replication, created)
+            await _say_if_brokers_are_down(admin, up, created)
         if any(result.startswith("failed") for result in results.values()):
             raise TopicsNotCreated(results)
         return results
@@ -189,20 +190,18 @@ async def _topics_there(admin: AIOKafkaAdminClient) -> set[str]:
         return set()
 
 
-async def _say_if_brokers_are_down(
-    admin: AIOKafkaAdminClient, replication: int, created: int
-) -> None:
+async def _say_if_brokers_are_down(admin: AIOKafkaAdminClient, up: set[int], created: int) -> None:
     """A WARNING when topics were just created with fewer than 3 replicas while brokers
     that hold replicas of other topics are down: min(3, brokers up) then gave them fewer
     replicas than the cluster has brokers, for good (a reviewer's 3-broker cluster with
     one stopped got factor 2, reported as created)."""
+    replication = min(DEFAULT_REPLICATION_CAP, len(up))  # what they were created with
     if replication >= DEFAULT_REPLICATION_CAP:
         return
     try:
-        up = {broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]}
         topics = await admin.describe_topics()
     except (KafkaError, OSError, TimeoutError) as exc:  # only a check: they were created
-        log.debug("cannot describe the cluster: %r", exc)
+        log.debug("cannot describe the topics: %r", exc)
         return
     holding = {
         replica
@@ -235,12 +234,8 @@ async def read_to_end(
     Reads up to the end offsets seen at the start: it returns exactly what was
     acknowledged before the call and never waits for records that may not come.
     """
-    admin = AIOKafkaAdminClient(**client_options)
-    await admin.start()
-    try:
+    async with _admin(client_options) as admin:
         described = await admin.describe_topics(list(topics) if topics is not None else None)
-    finally:
-        await admin.close()
     partitions = sorted(
         TopicPartition(t["topic"], p["partition"])
         for t in described
@@ -561,9 +556,7 @@ async def _dead_letter_partitions(
 ) -> list[TopicPartition]:
     """The partitions of the dead-letter topic; ConfigError when there is no such topic."""
     topic = settings.deadletter_topic
-    admin = AIOKafkaAdminClient(**options)
-    await admin.start()
-    try:
+    async with _admin(options) as admin:
         # Describing a topic that does not exist creates it where the broker allows
         # that: a misspelt BRIDGE_DEADLETTER_TOPIC would silently become a topic.
         if topic not in await admin.list_topics():
@@ -573,8 +566,6 @@ async def _dead_letter_partitions(
                 "is made by bridge topics create, or by the first dead letter kept)"
             )
         described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
     return sorted(
         TopicPartition(topic, p["partition"])
         for t in described
