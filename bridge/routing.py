@@ -43,13 +43,8 @@ _PLACEHOLDER_PATTERN = {
     "environment": "[a-z0-9-]{1,48}",
 }
 
-#: The characters each placeholder can put into a topic name (see _PLACEHOLDER_PATTERN).
-_PLACEHOLDER_CHARS = {
-    "entity": frozenset(string.ascii_lowercase + string.digits),
-    "action": frozenset(string.ascii_lowercase + string.digits),
-    "account": frozenset(string.ascii_lowercase + string.digits + "-"),
-    "environment": frozenset(string.ascii_lowercase + string.digits + "-"),
-}
+#: The placeholders whose values can hold a '-' (see _PLACEHOLDER_PATTERN).
+_HOLD_DASHES = frozenset({"account", "environment"})
 
 #: What a placeholder's value can hold: a character outside it in the template's own
 #: text marks a place no value can move (see _ambiguity).
@@ -81,8 +76,6 @@ class TopicTemplate:
         self.template = template
         fields: list[str] = []
         literal_length = 0
-        #: Why two deliveries with different values can share a topic, if they can.
-        self.ambiguity: str | None = None
         for literal, field, spec, conversion in string.Formatter().parse(template):
             if not _TOPIC_CHARS.fullmatch(literal):
                 raise ValueError(
@@ -100,6 +93,7 @@ class TopicTemplate:
             if spec or conversion:
                 raise ValueError(f"topic template {template!r}: {{{field}}} takes no format spec")
             fields.append(field)
+        #: Why two deliveries with different values can share a topic, if they can.
         self.ambiguity = _ambiguity(template)
         longest = literal_length + sum(MAX_LENGTH[f] for f in fields)
         if longest > MAX_TOPIC_LENGTH:
@@ -145,20 +139,20 @@ def _ambiguity(template: str) -> str | None:
     placeholders can hold a '-' (the one left in the middle): account-order-product-eu
     is account acme-order with product in eu, or acme with order in product-eu.
     """
-    in_run: list[str] = []  # the placeholders of the run so far that can hold a '-'
+    dashes: str | None = None  # the run's placeholder so far that can hold a '-'
     previous: str | None = None
     for joint, field, _, _ in string.Formatter().parse(template):
         if field is None:
             continue
         if previous is not None:
             if not set(joint) <= _RUN_CHARS:
-                in_run = []  # a fixed place: a new run
+                dashes = None  # a fixed place: a new run
             elif "-" not in joint:
                 return _shared(template, previous, field, repr(joint) if joint else "nothing")
-        if "-" in _PLACEHOLDER_CHARS[field]:
-            if in_run:
-                return _shared(template, in_run[0], field, "only letters, digits and '-'")
-            in_run.append(field)
+        if field in _HOLD_DASHES:
+            if dashes is not None:
+                return _shared(template, dashes, field, "only letters, digits and '-'")
+            dashes = field
         previous = field
     return None
 
