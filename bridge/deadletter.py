@@ -15,16 +15,18 @@ and x-Timestamp, none of which a credential needs.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
 
 import orjson
 
 from bridge.errors import BridgeError
 from bridge.geins import (
     IDEMPOTENCY_HEADER,
+    TIMESTAMP_HEADER,
     Delivery,
     is_credential_parameter,
     key_problem,
@@ -106,7 +108,7 @@ def dead_letter(
     # A list of [name, value] pairs, not an object: a repeated header (two different
     # x-Timestamp values, which parsing trusts neither of) must come back as it came.
     headers = [
-        [name.decode("latin-1").lower(), header_text(value)]
+        [name.decode("latin-1").lower(), _header_kept(name, value)]
         for name, value in delivery.headers
         if not is_credential_header(name)
         and not secrets.contains_bytes(value)
@@ -142,6 +144,32 @@ def dead_letter(
         value=delivery.body,
         headers=record_headers,
     )
+
+
+#: Headers a replay reads as they came; any other header's URL query loses its credentials.
+REPLAYED_HEADERS = frozenset({IDEMPOTENCY_HEADER, TIMESTAMP_HEADER})
+#: A URL's query in a header value (x-original-url, x-forwarded-uri, referer...): from
+#: its '?' to a fragment, a space or the end.
+_URL_QUERY = re.compile(r"\?([^#\s]*)")
+
+
+def _header_kept(name: bytes, value: bytes) -> str:
+    """A header's value as its dead letter keeps it: a URL's query in it (a proxy's
+    x-original-url, a referer) without the parameters that carry a credential, as the
+    request's own query is kept; the headers a replay reads, as they came."""
+    text = header_text(value)
+    if "?" not in text or name.lower() in REPLAYED_HEADERS:
+        return text
+    return _URL_QUERY.sub(_query_without_credentials, text)
+
+
+def _query_without_credentials(query: re.Match[str]) -> str:
+    kept = [
+        pair
+        for pair in query.group(1).split("&")
+        if not is_credential_parameter(unquote_plus(pair.partition("=")[0]))
+    ]
+    return "?" + "&".join(kept) if any(kept) else ""
 
 
 def header_text(value: bytes) -> str:

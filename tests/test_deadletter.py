@@ -196,6 +196,32 @@ def test_credentials_in_any_form_or_header_are_left_out() -> None:
     assert HEX.encode() not in everything
 
 
+def test_a_url_in_a_header_loses_the_credentials_of_its_query() -> None:
+    """A proxy's copy of the request URL (x-original-url, a referer) keeps its path and
+    its other parameters, not those that carry another system's credential, as the
+    request's own query; the headers a replay reads are kept as they came."""
+    sent = [
+        (b"x-original-url", b"/webhooks/geins?subscription-key=third-party-1&n=1"),
+        (b"x-forwarded-uri", b"/webhooks/geins?Access_Token=third-party-2"),
+        (b"referer", b"https://gw.example/h?a=1&sig=third-party-3&b=%2B#top"),
+        (b"x-rewrite-url", b"/w?subscription%2Dkey=third-party-4&&x"),
+        (b"x-idempotency-key", b"k?token=1"),
+        (b"x-timestamp", b"2024-01-15T10:30:00Z"),
+    ]
+    letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor())
+    stored = dict(letter.headers)
+    assert orjson.loads(stored["x-bridge-request-headers"]) == [
+        ["x-original-url", "/webhooks/geins?n=1"],
+        ["x-forwarded-uri", "/webhooks/geins"],
+        ["referer", "https://gw.example/h?a=1&b=%2B#top"],
+        ["x-rewrite-url", "/w?&x"],
+        ["x-idempotency-key", "k?token=1"],
+        ["x-timestamp", "2024-01-15T10:30:00Z"],
+    ]
+    assert b"third-party" not in b"".join(v for _, v in letter.headers)
+    assert letter.key == b"k?token=1"
+
+
 def test_a_token_in_the_path_or_the_detail_is_replaced() -> None:
     """The path keeps its shape with a marker for the token; the segment that held it
     is no entity or action, so its header is left out and a replay reads them from
