@@ -361,6 +361,16 @@ class _ReplayTally:
 
 
 def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
+    if not (settings.tokens or settings.tokens_file or settings.allow_unauthenticated):
+        # The token checks compare with the tokens it knows: with none, a dead letter
+        # refused for a token in its entity was published with the token in its topic
+        # name, and exited 0.
+        _say_last(
+            "BRIDGE_TOKENS is empty: a replay checks dead letters for the webhook tokens, "
+            "so give it those the bridge uses (BRIDGE_TOKENS or BRIDGE_TOKENS_FILE), or "
+            "BRIDGE_ALLOW_UNAUTHENTICATED=true for a bridge that has none"
+        )
+        return 2
     query = _dead_letter_query(settings, args)
     tally = _ReplayTally()
     verb = "would be replayed" if args.dry_run else "replayed"

@@ -116,6 +116,32 @@ def test_a_replay_that_would_name_a_topic_after_a_token_is_still_refused(
     assert TOKEN not in captured.out + captured.err
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["replay", "dry-run"])
+def test_a_replay_without_the_webhook_tokens_is_refused(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    dry_run: bool,
+) -> None:
+    """Run without BRIDGE_TOKENS (another terminal, as for `bridge check-config`), a
+    replay knew no token to look for: a dead letter refused for the token in its
+    entity was published to a topic named after the token, exit 0. It exits 2 saying
+    why, before reading a dead letter."""
+    body = b'{"entity":"%s","action":"create"}' % TOKEN.encode()
+    with TestClient(create_app(load_settings())) as client:
+        assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 422
+    capsys.readouterr()
+    env.delenv("BRIDGE_TOKENS")
+    env.setenv("BRIDGE_STRICT_TYPES", "false")
+    assert main(["deadletter", "replay", *(["--dry-run"] if dry_run else [])]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("bridge: BRIDGE_TOKENS is empty: a replay checks"), captured
+    assert captured.out == ""
+    assert TOKEN not in captured.err
+    assert read_all_sync(kafka_bootstrap, f"{topic_prefix}.{TOKEN.lower()}.create") == []
+
+
 def set_max_message_bytes(bootstrap: str, topic: str, limit: int, *, create: bool) -> None:
     """Create ``topic`` (one partition) or change it, with this max.message.bytes."""
 
