@@ -9,6 +9,7 @@ and a supervisor would see a kill instead of an orderly exit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -60,8 +61,13 @@ class BridgeServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._stop_at is not None:
-            if sig == signal.SIGINT:  # a second Ctrl-C: stop waiting
+            if sig == signal.SIGINT and not self.force_exit:  # a second Ctrl-C: stop waiting
+                log.info(
+                    "SIGINT again: the delay and the requests in flight are cut short; "
+                    "what was accepted still goes to Kafka (within BRIDGE_SHUTDOWN_TIMEOUT)"
+                )
                 self.force_exit = True
+                self._stop_at = min(self._stop_at, time.monotonic())
             return
         log.info(
             "%s received: readiness off, stopping in %gs",
@@ -99,6 +105,22 @@ class BridgeServer(uvicorn.Server):
                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                     _what_a_port_serves(port, self._ops_port),
                 )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn's forced quit stops waiting for the requests in flight and skips
+            # the app's shutdown: the drain and the flush of what was accepted. Its
+            # tasks, the drainer's among them, were then cancelled on the way out, and
+            # memory mode lost the events it had answered 202 for with Kafka back. The
+            # requests are cut short as when BRIDGE_SHUTDOWN_TIMEOUT runs out (a 503
+            # to retry), then the app shuts down as always.
+            requests = list(self.server_state.tasks)
+            for task in requests:
+                task.cancel()
+            if requests:
+                await asyncio.wait(requests, timeout=1.0)
+            await self.lifespan.shutdown()
 
     async def on_tick(self, counter: int) -> bool:
         if self._stop_at is not None and time.monotonic() >= self._stop_at:

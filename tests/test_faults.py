@@ -13,6 +13,7 @@ import itertools
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -335,6 +336,62 @@ def test_a_delivery_still_waiting_at_the_shutdown_timeout_gets_a_503(
         assert answer.json()["reason"] == "shutting_down"
         assert bridge.wait(30) == 0
     assert "Exception in ASGI application" not in bridge.log()
+
+
+def test_ctrl_c_twice_still_hands_accepted_events_to_kafka(
+    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Memory mode, Kafka hanging with three events answered 202 and a slow upload in
+    flight: Ctrl-C, then Ctrl-C again. uvicorn's forced quit skipped the app's shutdown
+    and cancelled the drainer, so the events were lost although Kafka came back, with a
+    CancelledError traceback. The second Ctrl-C cuts the upload short (a 503); the
+    events still reach Kafka."""
+    env = bridge_env(
+        own_broker.bootstrap,
+        topic_prefix,
+        "memory",
+        BRIDGE_PUBLISH_TIMEOUT="2",
+        BRIDGE_SHUTDOWN_TIMEOUT="5",
+    )
+    pid = own_broker.pid
+    assert pid is not None
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "warm"}
+    keys = {f"twice-{n}" for n in range(3)}
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        warm_up = client.post("/webhooks/geins/Order/create", content=b"{}", headers=headers)
+        assert warm_up.status_code == 202, warm_up.text
+        assert wait_for_keys(own_broker.bootstrap, topic_prefix, {"warm"}, within=30)
+        hang(pid)
+        try:
+            for key in sorted(keys):
+                answer = client.post(
+                    "/webhooks/geins/Order/create",
+                    content=b"{}",
+                    headers={**headers, "x-Idempotency-Key": key},
+                )
+                assert answer.status_code == 202, answer.text
+            with socket.create_connection(("127.0.0.1", bridge.port)) as upload:
+                upload.sendall(
+                    b"POST /webhooks/geins/Order/create HTTP/1.1\r\nhost: x\r\n"
+                    b"authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                    b"content-length: 100\r\n\r\n{"
+                )
+                time.sleep(0.3)
+                bridge.signal(signal.SIGINT)
+                time.sleep(1.0)
+                bridge.signal(signal.SIGINT)
+                upload.settimeout(10)
+                assert upload.recv(100).startswith(b"HTTP/1.1 503 ")
+                time.sleep(0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert bridge.wait(30) == 0
+        log = bridge.log()
+    assert "Traceback" not in log, log
+    assert wait_for_keys(own_broker.bootstrap, topic_prefix, keys, within=30) >= keys, log
 
 
 def tmpfs(path: Path, size: str) -> None:
