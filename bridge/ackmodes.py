@@ -25,7 +25,7 @@ from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.errors import PublishTimeout, Unavailable
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, spawn
+from bridge.publisher import Publisher, landed, spawn
 from bridge.routing import Destination
 from bridge.spool import Spool
 
@@ -204,7 +204,7 @@ class BrokerAck:
         """Kafka's verdict on a timed-out record: its key is remembered if it landed."""
         if self._landing.get(dedup_key) is landing:
             del self._landing[dedup_key]
-            if not landing.cancelled() and landing.exception() is None:
+            if landed(landing):
                 self._seen.remember(dedup_key)
 
     async def _await_landing(

@@ -382,9 +382,11 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
         # always. Not before the first dead letter (a missing topic, say): nothing to
         # tell.
         if tally.publishing:
+            from bridge.kafkaadmin import MAYBE_ON_KAFKA  # noqa: PLC0415
+
             print(
-                f"stopped while publishing {tally.publishing}: it may be on Kafka (a "
-                "replay of it again is a duplicate with its key)",
+                f"stopped while publishing {tally.publishing}: it may be on Kafka "
+                f"({MAYBE_ON_KAFKA})",
                 file=sys.stderr,
             )
         if tally.publishing or tally.told:

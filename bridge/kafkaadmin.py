@@ -28,12 +28,12 @@ from bridge import publisher as publisher_module
 from bridge.auth import tokens_redactor
 from bridge.config import Settings
 from bridge.deadletter import SET_ASIDE_HEADERS, delivery_from_dead_letter
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, PublishTimeout
 from bridge.geins import ENTITY_ACTIONS
 from bridge.logs import printable
 from bridge.metrics import Metrics
 from bridge.pipeline import parse_and_route
-from bridge.publisher import KafkaPublisher, kafka_client_options
+from bridge.publisher import KafkaPublisher, kafka_client_options, landed
 from bridge.redaction import MARKER, Redactor
 from bridge.routing import TOPIC_NAME, Destination, Router
 
@@ -791,14 +791,18 @@ async def replay_dead_letters(
             try:
                 await publisher.publish(destination)
             except BridgeError as exc:
+                unsaid = await _still_landing(exc, settings.publish_timeout)
+                if unsaid is None:
+                    yield Replayed(record, "replayed", outcome, topic)
+                    continue
                 if not publisher.connected:
-                    yield Replayed(record, "unpublished", f"not published: {exc.detail}")
+                    yield Replayed(record, "unpublished", f"not published: {exc.detail}{unsaid}")
                     raise ConnectionError(
                         f"Kafka answered nothing for {publisher_module.STALE_AFTER_SECONDS:g} s "
                         "or more; the replay stopped"
                     ) from None
                 if publisher.ready_for(topic):
-                    yield Replayed(record, "unpublished", f"not published: {exc.detail}")
+                    yield Replayed(record, "unpublished", f"not published: {exc.detail}{unsaid}")
                 else:
                     missing.add(topic)
                     yield Replayed(record, "unpublished", _not_published(topic))
@@ -816,6 +820,22 @@ async def replay_dead_letters(
             )
 
 
+async def _still_landing(exc: BridgeError, wait: float) -> str | None:
+    """None if the record that failed with ``exc`` landed after all, within ``wait`` more
+    seconds; else what its "not published" line adds. A record that timed out is still
+    in the producer: "not published" of one that then landed (the flush at the end took
+    it) made a second replay publish it twice."""
+    landing = exc.landing if isinstance(exc, PublishTimeout) else None
+    if landing is None:
+        return ""
+    await asyncio.wait([landing], timeout=wait)
+    if landed(landing):
+        return None
+    return "" if landing.done() else f" (it may still reach Kafka: {MAYBE_ON_KAFKA})"
+
+
+#: What a replay says of a record that may be on Kafka without its line.
+MAYBE_ON_KAFKA = "a replay of it again is a duplicate with its key"
 #: How long a replay that stopped early lets Kafka take what is in flight.
 STOPPED_REPLAY_FLUSH_SECONDS = 2.0
 

@@ -369,7 +369,7 @@ def quiet_aiokafka_sender_end(loop: asyncio.AbstractEventLoop) -> None:
 _ALONE = SimpleNamespace(record_count=1)
 
 
-def _landed(future: asyncio.Future[Any]) -> bool:
+def landed(future: asyncio.Future[Any]) -> bool:
     """Whether ``future`` (a record's or its batch's) says Kafka took the record."""
     return future.done() and not future.cancelled() and future.exception() is None
 
@@ -1161,7 +1161,7 @@ class KafkaPublisher:
             landing = getattr(batch, "future", None)
             if not isinstance(landing, asyncio.Future):
                 landing = None
-            if (landing is not None and _landed(landing)) or (acked is not None and _landed(acked)):
+            if (landing is not None and landed(landing)) or (acked is not None and landed(acked)):
                 # Kafka's acknowledgement came in the loop's turn the deadline fired
                 # in: the record is in Kafka, and a 503 would have its retry sent again.
                 self._published(destination, started)
@@ -1194,7 +1194,7 @@ class KafkaPublisher:
     def _published_late(
         self, destination: Destination, started: float, landing: asyncio.Future[Any]
     ) -> None:
-        if _landed(landing):
+        if landed(landing):
             self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     @staticmethod

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from bridge import kafkaadmin
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
-from bridge.errors import BridgeError, MalformedEventType, UnknownEventType
+from bridge.errors import BridgeError, MalformedEventType, PublishTimeout, UnknownEventType
 from bridge.geins import Delivery, parse_delivery
 from bridge.ingress import parse_query
 from bridge.redaction import Redactor
@@ -272,12 +273,15 @@ def kept(body: bytes, error: BridgeError, *, token: str = NAME_TOKEN) -> Record:
 
 
 def replay(
-    monkeypatch: pytest.MonkeyPatch, letters: list[Record], **env: str
+    monkeypatch: pytest.MonkeyPatch,
+    letters: list[Record],
+    publisher: FakePublisher | None = None,
+    **env: str,
 ) -> tuple[list[tuple[str | None, str]], list[Destination]]:
     """(topic or None, outcome) of each dead letter ``bridge deadletter replay`` runs again
-    with the settings ``env``, and what it published."""
+    with the settings ``env`` (publishing with ``publisher``), and what it published."""
     settings = load_settings(environ={"BRIDGE_TOKENS": NAME_TOKEN, **env})
-    publisher = FakePublisher()
+    publisher = publisher or FakePublisher()
 
     async def started(_: object) -> FakePublisher:
         return publisher
@@ -295,6 +299,47 @@ def replay(
         return [(replayed.topic, replayed.outcome) async for replayed in results]
 
     return asyncio.run(run()), publisher.records
+
+
+def test_a_replay_whose_record_lands_after_the_publish_timeout_says_it_replayed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record Kafka acknowledges after BRIDGE_PUBLISH_TIMEOUT is still in the producer:
+    it was reported "not published" (exit 1) and then landed, so replaying it again
+    published it twice. Its landing is waited for as long again; one that neither lands
+    nor fails by then is said to be maybe on Kafka."""
+    plan = ["lands", "silent", "fails"]
+    publisher = FakePublisher()
+
+    async def timing_out(destination: Destination) -> None:
+        loop = asyncio.get_running_loop()
+        landing: asyncio.Future[None] = loop.create_future()
+        then = plan.pop(0)
+        if then == "lands":
+            loop.call_later(0.05, landing.set_result, None)
+        elif then == "fails":
+            loop.call_later(0.05, landing.set_exception, KafkaTimeoutError())
+        timeout = PublishTimeout(f"Kafka did not acknowledge the record for {destination.topic}")
+        timeout.landing = landing
+        raise timeout
+
+    monkeypatch.setattr(publisher, "publish", timing_out)
+    body = b'{"entity":"Voucher","action":"create"}'
+    results, _ = replay(
+        monkeypatch,
+        [kept(body, REFUSED) for _ in plan],
+        publisher,
+        BRIDGE_STRICT_TYPES="false",
+        BRIDGE_PUBLISH_TIMEOUT="0.3",
+    )
+    not_acknowledged = (
+        "not published: Kafka did not acknowledge the record for geins.voucher.create"
+    )
+    assert results == [
+        ("geins.voucher.create", "accepted"),
+        (None, f"{not_acknowledged} (it may still reach Kafka: {kafkaadmin.MAYBE_ON_KAFKA})"),
+        (None, not_acknowledged),
+    ]
 
 
 def test_a_replay_refuses_what_would_put_a_token_in_a_topic_name(
