@@ -1,7 +1,20 @@
-"""``python -m bridge``: the same as the ``bridge`` command."""
+"""``python -m bridge`` and the ``bridge`` command.
+
+A light module on purpose: the stop signals are held (:mod:`bridge.signals`) before
+the command's imports, which take up to a second.
+"""
 
 import sys
 
-from bridge.cli import main
+from bridge.signals import hold_early_stops
 
-sys.exit(main())
+
+def main() -> int:
+    hold_early_stops()
+    from bridge.cli import main as run  # noqa: PLC0415  # after the signals are held
+
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ from bridge.auth import UNAUTHENTICATED, short_token_warnings, warn_if_short
 from bridge.config import Settings, listen_addresses, load_settings
 from bridge.errors import ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
+from bridge.signals import release_early_stops
 
 if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
     from bridge.kafkaadmin import DeadLetterQuery
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global _last_words_logged  # noqa: PLW0603  # one command per process
     serving = args.run is _serve
+    if not serving:  # serve takes the stop signals over itself (bridge.server)
+        release_early_stops()
     # Before the settings are read, the format they would give: the default unless
     # the variable says otherwise.
     _last_words_logged = serving and os.environ.get(

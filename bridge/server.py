@@ -32,7 +32,7 @@ from bridge.errors import ConfigError
 from bridge.httpprotocol import guarded_protocol
 from bridge.ingress import OPS_PORT_ONLY_NAMED, RuntimeState, outcome_of
 from bridge.metrics import Metrics
-from bridge.signals import stop_signals
+from bridge.signals import stop_signals, take_early_stop
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +259,11 @@ class _EarlyStop:
 
 def serve(settings: Settings) -> int:
     """Serve until a signal; the exit status for the process."""
-    early = _EarlyStop(stop_signals())  # read before any handler of ours is in place
+    early = _EarlyStop(stop_signals())  # as they were before any handler of ours
     previous = early.install()
     try:
+        if (held := take_early_stop()) is not None:  # during the imports (bridge.signals)
+            early(held, None)
         # Bound before anything starts: uvicorn would bind only after the lifespan, so
         # a second bridge on a taken port connected to Kafka and started draining first.
         sockets = listening_sockets(settings.host, settings.port)

@@ -365,7 +365,7 @@ def test_wheel_builds_from_the_docker_build_context(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "bridge = bridge.cli:main" in archive.read(entry_points).decode()
+        assert "bridge = bridge.__main__:main" in archive.read(entry_points).decode()
     assert {"bridge/__main__.py", "bridge/cli.py", "bridge/server.py"} <= set(names)
 
 

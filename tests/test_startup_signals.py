@@ -160,3 +160,84 @@ def test_sighup_ignored_at_start_is_left_ignored(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert "SIGHUP" not in log_path.read_text()
+
+
+#: The ``bridge`` command (argv[2:]), its imports after the signals are held made as
+#: slow as on a loaded machine: pydantic's takes seconds; argv[1] is touched as it
+#: begins.
+SLOW_IMPORTS = r"""
+import importlib.abc, sys, time
+from pathlib import Path
+
+began = Path(sys.argv[1])
+
+
+class SlowImports(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pydantic":
+            sys.meta_path.remove(self)
+            began.touch()
+            time.sleep(3)
+        return None
+
+
+sys.meta_path.insert(0, SlowImports())
+sys.argv = ["bridge", *sys.argv[2:]]
+from bridge.__main__ import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("as_pid_1", "command", "status"),
+    [
+        (False, "serve", 0),
+        (True, "serve", 0),
+        (False, "check-config", -signal.SIGTERM),
+    ],
+    ids=["serve", "serve-as-pid-1", "check-config"],
+)
+def test_sigterm_during_the_imports(
+    tmp_path: Path, as_pid_1: bool, command: str, status: int
+) -> None:
+    """A SIGTERM while the command still imports (up to a second on a slow machine)
+    ended the process with the signal (-15), and was dropped for a container's PID 1,
+    which then served until SIGKILL. It is held until serve can act on it: stopped
+    before serving, exit 0. Another command ends by the signal as before."""
+    if as_pid_1 and not _can_be_pid_1():
+        pytest.skip("no PID namespace for this user (unshare --pid)")
+    began = tmp_path / "imports-began"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # not asked before serving
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_LOG_FORMAT": "text",
+    }
+    argv = [sys.executable, "-c", SLOW_IMPORTS, str(began), command]
+    if as_pid_1:
+        argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
+    log_path = tmp_path / "bridge.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
+        bridge = proc.pid
+        if as_pid_1:  # unshare's child is the bridge, PID 1 of its namespace
+            found = wait_until(lambda: _child_of(proc.pid), bool, within=10, every=0.05)
+            assert found is not None
+            bridge = found
+        os.kill(bridge, signal.SIGTERM)
+        assert proc.wait(timeout=20) == status, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log_text = log_path.read_text()
+    assert "Traceback" not in log_text
+    assert "listening on" not in log_text
+    if command == "serve":
+        assert "SIGTERM received before serving: stopped, nothing was accepted" in log_text
