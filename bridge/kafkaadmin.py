@@ -22,7 +22,12 @@ from urllib.parse import quote
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from bridge import publisher as publisher_module
 from bridge.auth import tokens_redactor
@@ -853,7 +858,10 @@ async def _started_publisher(settings: Settings) -> KafkaPublisher:
     await publisher.start()
     if not publisher.connected:
         await publisher.stop()
-        raise KafkaError(f"Kafka at {settings.kafka_bootstrap} is not reachable")
+        # As aiokafka's own clients fail in the other commands, so that the CLI says it
+        # the same way (and asks whether the security settings are refused): "Kafka at
+        # X: KafkaError: Kafka at X is not reachable" said it twice and named no check.
+        raise KafkaConnectionError(f"Unable to bootstrap from {settings.kafka_bootstrap}")
     return publisher
 
 

@@ -21,16 +21,18 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from starlette.testclient import TestClient
 
 from bridge import devkafka, kafkaadmin
 from bridge.app import create_app
 from bridge.auth import UNAUTHENTICATED
-from bridge.cli import main
+from bridge.cli import _exit_code, main
 from bridge.config import load_settings
 from bridge.devkafka import free_port, free_ports
 from bridge.errors import ConfigError
 from bridge.kafkaadmin import tail, tail_pattern
+from bridge.publisher import KafkaPublisher
 from bridge.routing import template_pattern
 from bridge.server import listening_sockets
 from tests.fakes import TOKEN
@@ -254,6 +256,30 @@ def test_kafka_unreachable_is_one_clear_line(
     env.setenv("BRIDGE_LOG_FORMAT", "json")  # asked for: JSON
     assert main(["topics", "list"]) == 1
     assert json.loads(capsys.readouterr().err.splitlines()[0])["logger"] == "aiokafka"
+
+
+def test_a_replay_whose_producer_cannot_connect_says_so_in_one_line(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The producer of a replay not connected (Kafka gone after the dead letters were
+    read, say): "bridge: Kafka at X: KafkaError: Kafka at X is not reachable", said
+    twice, no check named; now as the other commands say it."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", bootstrap)
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "2")
+
+    async def not_connected(self: object) -> None:
+        return None
+
+    env.setattr(KafkaPublisher, "start", not_connected)
+    env.setattr(KafkaPublisher, "connected", False)
+    with pytest.raises(KafkaError) as failed:
+        asyncio.run(kafkaadmin._started_publisher(load_settings()))
+    assert _exit_code(failed.value, load_settings()) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"bridge: cannot talk to Kafka at {bootstrap}: no broker there answered "
+        "(is Kafka running, and is BRIDGE_KAFKA_BOOTSTRAP its address?)"
+    )
 
 
 def test_kafka_that_never_answers_is_named_with_the_deadline(
