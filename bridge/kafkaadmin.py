@@ -365,7 +365,7 @@ async def tail(
         looked = time.monotonic()
         while limit is None or shown < limit:
             if time.monotonic() - looked >= TAIL_DISCOVERY_SECONDS:
-                await follow.look(new_at_end=False)
+                await follow.look_again()
                 looked = time.monotonic()
             if not follow.assigned:
                 await asyncio.sleep(TAIL_DISCOVERY_SECONDS)
@@ -397,6 +397,25 @@ class _Follower:
         self._wanted = wanted
         self._timeout = timeout
         self.assigned: set[TopicPartition] = set()
+        self._failing = False  # the last look failed: said once, until one works again
+
+    async def look_again(self) -> None:
+        """Look for new topics while tailing. A look Kafka does not answer in time (a
+        broker stalled a few seconds) is tried again at the next one: it ended the
+        tail, exit 1, which runs until interrupted."""
+        try:
+            await self.look(new_at_end=False)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if not self._failing:
+                log.warning(
+                    "cannot look for new topics now (%s); the tail goes on and looks again",
+                    str(exc) or f"no answer within {self._timeout:g} s",
+                )
+            self._failing = True
+        else:
+            if self._failing:
+                log.info("looking for new topics again")
+            self._failing = False
 
     async def look(self, *, new_at_end: bool) -> None:
         """Assign the partitions of the topics wanted now. Those already assigned keep

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import uuid
 import weakref
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -373,6 +374,34 @@ def test_tail_topics_and_a_pattern(
     assert "key=named" in out
     assert "key=matched.1" in out
     assert "key=other" not in out
+
+
+async def test_a_tail_goes_on_when_kafka_does_not_answer_a_look_for_new_topics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker stalled longer than BRIDGE_KAFKA_CONNECT_TIMEOUT while tail looks for new
+    topics (every 2 s) ended the tail, exit 1 ("no answer within 3 s"): tail runs until
+    interrupted. The look is tried again, said once until one works."""
+    caplog.set_level("INFO", logger="bridge.kafkaadmin")
+    answers: Iterator[list[Any] | None] = iter(
+        [None, None, []]
+    )  # two looks Kafka does not answer, then one it does
+
+    class StalledAdmin:
+        async def describe_topics(self) -> list[Any]:
+            answer = next(answers)
+            if answer is None:
+                await asyncio.sleep(3600)
+            return answer or []
+
+    follow = kafkaadmin._Follower(StalledAdmin(), cast(Any, None), lambda _: True, 0.05)
+    for _ in range(3):
+        await follow.look_again()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "cannot look for new topics now (no answer within 0.05 s); the tail goes on and looks again"
+    ]
+    assert "looking for new topics again" in caplog.text
 
 
 @pytest.mark.kafka
