@@ -23,7 +23,7 @@ from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
-from bridge.errors import PublishTimeout, Unavailable
+from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, spawn
 from bridge.routing import Destination
@@ -343,6 +343,7 @@ class MemoryAck(_DrainedAck):
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
         self.drainer = self._drainer_of(self.backlog)
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
+        self._stopping = False
 
     def prepare(self) -> None:
         pass
@@ -351,6 +352,7 @@ class MemoryAck(_DrainedAck):
         self._start_drainer(publish_after)
 
     async def stop(self) -> None:
+        self._stopping = True
         await self._stop_drainer()
         if self.backlog.depth:
             # Those handed over are flushed next by the publisher's stop: they may land.
@@ -375,6 +377,11 @@ class MemoryAck(_DrainedAck):
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         if dedup_key is not None and self._seen.seen(dedup_key):
             return False
+        if self._stopping:
+            # A request uvicorn starts after the app's shutdown began (one pipelined
+            # behind a request cut short, say): queued now, after the drain, it was
+            # answered 202 and lost without a word. The spool refuses alike once closed.
+            raise ShuttingDown("the bridge is stopping; retry this delivery")
         self.backlog.append(destination)
         if dedup_key is not None:
             self._seen.remember(dedup_key)

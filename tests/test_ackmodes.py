@@ -24,6 +24,7 @@ from bridge.errors import (
     PayloadTooLarge,
     PublishFailed,
     PublishTimeout,
+    ShuttingDown,
     Unavailable,
 )
 from bridge.metrics import Metrics
@@ -136,6 +137,25 @@ async def test_memory_mode_drains_and_deduplicates(tmp_path: Path) -> None:
     assert await mode.deliver(record("b"), None)
     await eventually(lambda: len(publisher.records) == 2)
     await mode.stop()
+    assert mode.backlog.depth == 0
+
+
+async def test_memory_mode_refuses_what_comes_once_it_stops(tmp_path: Path) -> None:
+    """A delivery that reaches memory mode after its stop began (uvicorn started a
+    request pipelined behind one cut short) was queued after the drain: answered 202,
+    then lost without a word. It is a 503 to retry; a repeat of a key published before
+    is still a duplicate."""
+    publisher = FakePublisher()
+    mode = MemoryAck(publisher, Metrics(), settings(tmp_path, BRIDGE_ACK="memory"))
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await mode.stop()
+    with pytest.raises(ShuttingDown):
+        await mode.deliver(record("b"), "b")
+    with pytest.raises(ShuttingDown):
+        await mode.keep(record("letter"))
+    assert not await mode.deliver(record("a"), "a")
+    assert [r.key for r in publisher.records] == [b"a"]
     assert mode.backlog.depth == 0
 
 
