@@ -201,7 +201,8 @@ def listening_sockets(host: str, port: int, names: str = WEBHOOK_ADDRESS) -> lis
     while neither listens, so two bridges started together both got past here, and
     the second failed only in uvicorn, after connecting to Kafka and draining. Linux
     checks the port again on ``listen``. Connections arriving during the startup wait
-    in the backlog and are answered once the bridge serves.
+    in the backlog and are answered once the bridge serves; should a stop signal come
+    before that, they are closed unanswered (nothing of them was accepted).
     """
     sockets: list[socket.socket] = []
     infos = listen_addresses(host, port, names)  # as check-config resolves them
