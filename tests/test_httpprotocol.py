@@ -165,40 +165,46 @@ class Connection:
         ops_port: int | None = None,  # BRIDGE_OPS_PORT
         port: int = 8080,  # the port this connection came to
     ) -> None:
-        environ = {"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"}
-        if ops_port is not None:
-            environ["BRIDGE_OPS_PORT"] = str(ops_port)
-        settings = load_settings(environ=environ)
-        self.publisher = FakePublisher()
-        app = create_app(settings, publisher=self.publisher)
-        self.metrics: Metrics = app.state.metrics  # what the app counts
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
-        protocol = guarded_protocol(
-            read_timeout=read_timeout,
-            max_head_bytes=max_head_bytes,
-            max_url_bytes=max_url_bytes,
-            on_refused=self._count,
-            max_connections=max_connections,
-            ops_port=ops_port,
-        )
-        if like is not None:  # its server's protocol class, which counts in like.refused
-            protocol = like.protocol_class
-        self.protocol_class: type[HttpToolsProtocol] = protocol
-        config = uvicorn.Config(
-            app,
-            http=protocol,
-            ws="none",
-            lifespan="off",
-            log_config=None,
-            proxy_headers=False,
-            timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn says int; a timer's delay
-        )
-        if like is None:
+        self.publisher: FakePublisher
+        self.metrics: Metrics  # what the app counts
+        self.protocol_class: type[HttpToolsProtocol]
+        if like is not None:
+            # The same server: its app, protocol class (which counts in like.refused),
+            # configuration and state. Not made again: a test of timing (connections
+            # refused within 0.2 s) failed on a slow machine while an app was made for
+            # each connection.
+            self.publisher, self.metrics = like.publisher, like.metrics
+            self.protocol_class = like.protocol_class
+            config, state = like.config, like.state
+        else:
+            environ = {"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"}
+            if ops_port is not None:
+                environ["BRIDGE_OPS_PORT"] = str(ops_port)
+            self.publisher = FakePublisher()
+            app = create_app(load_settings(environ=environ), publisher=self.publisher)
+            self.metrics = app.state.metrics
+            self.protocol_class = guarded_protocol(
+                read_timeout=read_timeout,
+                max_head_bytes=max_head_bytes,
+                max_url_bytes=max_url_bytes,
+                on_refused=self._count,
+                max_connections=max_connections,
+                ops_port=ops_port,
+            )
+            config = uvicorn.Config(
+                app,
+                http=self.protocol_class,
+                ws="none",
+                lifespan="off",
+                log_config=None,
+                proxy_headers=False,
+                timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # uvicorn says int; a timer's delay
+            )
             state = ServerState()
             state.default_headers = [DATE]
-        else:
-            state = like.state
+        self.config: uvicorn.Config = config
         self.state: ServerState = state
         self.writes: list[bytes] = []  # those of the last answers()
         self.sent: list[str] = []  # ASGI messages that went through uvicorn's send
@@ -209,7 +215,7 @@ class Connection:
             await asgi_send(cycle, message)
 
         monkeypatch.setattr(RequestResponseCycle, "send", recording_send)
-        self.protocol = protocol(config=config, server_state=state, app_state={})
+        self.protocol = self.protocol_class(config=config, server_state=state, app_state={})
         self.transport = SocketTransport(port)
         self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
 
