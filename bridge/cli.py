@@ -343,6 +343,28 @@ class _ReplayTally:
     refused: int = 0
     unpublished: int = 0  # accepted, but Kafka did not take it
     publishing: str = ""  # the position of the record being published, if one is
+    positions: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    keys: set[str] = dataclasses.field(default_factory=set)
+
+    def saw(self, partition: int, offset: int, key: str) -> None:
+        """A dead letter the query wanted: where it was and its key."""
+        self.positions.add((partition, offset))
+        self.keys.add(key)
+
+    def not_found(self, query: DeadLetterQuery) -> list[str]:
+        """The ``--offset`` and ``--key`` values no dead letter the replay told of
+        matched: one that matched nothing was left unsaid when another matched."""
+        offsets = {offset for _, offset in self.positions}
+        missing = [
+            f"--offset {'' if partition is None else f'{partition}:'}{offset}"
+            for partition, offset in query.offsets
+            if (
+                (partition, offset) not in self.positions
+                if partition is not None
+                else offset not in offsets
+            )
+        ]
+        return missing + [f"--key {key}" for key in sorted(query.keys - self.keys)]
 
     def count(self, result: str) -> None:
         """Count a dead letter by its :attr:`~bridge.kafkaadmin.Replayed.result`."""
@@ -402,7 +424,10 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no dead letter on {settings.deadletter_topic} matches", file=sys.stderr)
         return 1
     print(tally.summary(verb), file=sys.stderr)
-    return 1 if tally.refused or tally.unpublished else 0
+    not_found = tally.not_found(query)
+    for option in not_found:
+        print(f"{option} matches no dead letter on {settings.deadletter_topic}", file=sys.stderr)
+    return 1 if tally.refused or tally.unpublished or not_found else 0
 
 
 def _say(line: str) -> None:
@@ -438,6 +463,7 @@ async def _replay_dead_letters(
     async with contextlib.aclosing(letters), contextlib.aclosing(results):
         async for record, result, outcome, topic in results:
             tally.publishing = ""
+            tally.saw(record.partition, record.offset, kafkaadmin.text(record.key))
             target = f" -> {topic}" if topic else ""
             position = kafkaadmin.position(record)
             _say(

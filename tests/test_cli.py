@@ -893,13 +893,18 @@ def test_deadletter_replay_offset_fetches_only_around_the_records_named(
     dead_topic: FakeDeadLetterTopic, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """replay --offset P:N seeks to each record named instead of reading the topic from
-    its start; an offset past the end or on a partition the topic lacks is none."""
+    its start; an offset past the end or on a partition the topic lacks is none, and
+    said (exit 1)."""
     offsets = ["--offset", "1:900", "--offset", "0:3", "--offset", "0:1000", "--offset", "5:0"]
-    assert main(["deadletter", "replay", "--dry-run", *offsets]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:3] for line in lines] == [
+    assert main(["deadletter", "replay", "--dry-run", *offsets]) == 1
+    captured = capsys.readouterr()
+    assert [line.split()[:3] for line in captured.out.splitlines()] == [
         ["[0]@3", "key=k0-3", "accepted"],
         ["[1]@900", "key=k1-900", "accepted"],
+    ]
+    assert [line.split(" matches ")[0] for line in captured.err.splitlines()[-2:]] == [
+        "--offset 0:1000",
+        "--offset 5:0",
     ]
     assert dead_topic.fetched == 2 * FakeDeadLetterTopic.BATCH
 

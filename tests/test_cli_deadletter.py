@@ -597,6 +597,33 @@ def test_describe_dead_letter_shows_the_path_as_a_url_gives_it() -> None:
     assert "POST /webhooks/geins/Or%20der%3Fref%3D1/<token>/%C3%A9?note=a%20b " in second
 
 
+def test_a_replay_names_the_offsets_and_keys_that_matched_nothing(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+) -> None:
+    """`--offset P:N` or `--key K` naming no dead letter was left unsaid, exit 0, when
+    another value matched: a typo in one of several looked like a replay of all."""
+    refuse(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", "found-1")]))
+    [letter] = read_all_sync(kafka_bootstrap, os.environ["BRIDGE_DEADLETTER_TOPIC"])
+    env.setenv("BRIDGE_STRICT_TYPES", "false")  # replayable now
+    at, away = f"{letter.partition}:{letter.offset}", f"{letter.partition}:{letter.offset + 9}"
+    capsys.readouterr()
+    dry_run = ["deadletter", "replay", "--dry-run"]
+    assert main([*dry_run, "--offset", at]) == 0
+    assert main([*dry_run, "--key", "found-1"]) == 0
+    capsys.readouterr()
+    assert main([*dry_run, "--offset", at, "--offset", away]) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "1 would be replayed, 0 still refused",
+        f"--offset {away} matches no dead letter on {letter.topic}",
+    ]
+    assert main([*dry_run, "--key", "found-1", "--key", "typo-1"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"--key typo-1 matches no dead letter on {letter.topic}"
+    )
+
+
 @pytest.mark.parametrize("command", ["list", "replay"])
 def test_a_repeated_option_matches_either_value(command: str) -> None:
     """`--reason A --reason B` wants the dead letters of either reason, as `--key` does
