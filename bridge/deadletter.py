@@ -105,10 +105,13 @@ def dead_letter(
     token in the path, the query or the detail is replaced by a marker. A path segment
     holding one is no entity or action: its ``path-entity`` or ``path-action`` header
     is left out, so that a replay reads them from the query or the body."""
-    # A list of [name, value] pairs, not an object: a repeated header (two different
-    # x-Timestamp values, which parsing trusts neither of) must come back as it came.
+    # A list, not an object: a repeated header (two different x-Timestamp values, which
+    # parsing trusts neither of) must come back as it came. Each [name, value, how the
+    # value's bytes were read]: without the last, bytes that were not UTF-8 came back
+    # as UTF-8, and UTF-8 that reads as latin-1 mojibake ("Ã©") as other bytes, a key
+    # among them (a replay then published it under another key).
     headers = [
-        [name.decode("latin-1").lower(), _header_kept(name, value)]
+        [name.decode("latin-1").lower(), *_header_kept(name, value)]
         for name, value in delivery.headers
         if not is_credential_header(name)
         and not secrets.contains_bytes(value)
@@ -153,14 +156,15 @@ REPLAYED_HEADERS = frozenset({IDEMPOTENCY_HEADER, TIMESTAMP_HEADER})
 _URL_QUERY = re.compile(r"\?([^#\s]*)")
 
 
-def _header_kept(name: bytes, value: bytes) -> str:
-    """A header's value as its dead letter keeps it: a URL's query in it (a proxy's
-    x-original-url, a referer) without the parameters that carry a credential, as the
-    request's own query is kept; the headers a replay reads, as they came."""
-    text = header_text(value)
+def _header_kept(name: bytes, value: bytes) -> tuple[str, str]:
+    """A header's value as its dead letter keeps it, and how its bytes were read
+    (:func:`header_text`): a URL's query in it (a proxy's x-original-url, a referer)
+    without the parameters that carry a credential, as the request's own query is
+    kept; the headers a replay reads, as they came."""
+    text, encoding = header_text(value)
     if "?" not in text or name.lower() in REPLAYED_HEADERS:
-        return text
-    return _URL_QUERY.sub(_query_without_credentials, text)
+        return text, encoding
+    return _URL_QUERY.sub(_query_without_credentials, text), encoding
 
 
 def _query_without_credentials(query: re.Match[str]) -> str:
@@ -172,19 +176,21 @@ def _query_without_credentials(query: re.Match[str]) -> str:
     return "?" + "&".join(kept) if any(kept) else ""
 
 
-def header_text(value: bytes) -> str:
-    """A request header's value as a dead letter keeps it, in JSON: UTF-8 as UTF-8 (as
-    sent, for whoever reads it), other bytes one latin-1 character each. Read as latin-1
-    throughout, a UTF-8 key arrived as mojibake: "ключ" as its bytes' latin-1 reading, "Ðº…"."""
+def header_text(value: bytes) -> tuple[str, str]:
+    """A request header's value as a dead letter keeps it, in JSON, and the encoding it
+    was read with: UTF-8 as UTF-8 (as sent, for whoever reads it), other bytes one
+    latin-1 character each. Read as latin-1 throughout, a UTF-8 key arrived as
+    mojibake: "ключ" as its bytes' latin-1 reading, "Ðº…"."""
     try:
-        return value.decode("utf-8")
+        return value.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return value.decode("latin-1")
+        return value.decode("latin-1"), "latin-1"
 
 
 def header_bytes(text: str) -> bytes:
-    """The bytes of a header value kept by :func:`header_text`, or by the versions before
-    it, which read every value as latin-1: a value whose latin-1 bytes are UTF-8 is such
+    """The bytes of a header value kept by the versions that stored no encoding with it
+    (a pair, not a triple): those that read every value as latin-1, and those that read
+    it as :func:`header_text` does. A value whose latin-1 bytes are UTF-8 is such
     an older reading of UTF-8 (written by header_text, it would have been read as UTF-8
     already, unless the sender's own text was mojibake)."""
     try:
@@ -216,6 +222,18 @@ def delivery_key(delivery: Delivery, secrets: Redactor) -> str | None:
     return None
 
 
+def _stored_header(entry: Sequence[str]) -> tuple[bytes, bytes]:
+    """A request header as a dead letter holds it: [name, value, encoding], or the
+    [name, value] of the versions before (see header_bytes)."""
+    if len(entry) == 3:  # [name, value, encoding]
+        name, text, encoding = entry
+        if encoding not in {"utf-8", "latin-1"}:
+            raise ValueError(f"a request header read as {encoding!r}")
+        return name.encode("latin-1"), text.encode(encoding)
+    name, text = entry
+    return name.encode("latin-1"), header_bytes(text)
+
+
 def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body: bytes) -> Delivery:
     """Rebuild the original delivery (minus credentials) from a dead-letter record."""
     fields = {
@@ -239,7 +257,7 @@ def delivery_from_dead_letter(headers: Sequence[tuple[str, bytes | None]], body:
         path_entity=fields.get(PREFIX + "path-entity"),
         path_action=fields.get(PREFIX + "path-action"),
         query=parse_qsl(fields.get(PREFIX + "query", ""), keep_blank_values=True),
-        headers=[(n.encode("latin-1"), header_bytes(v)) for n, v in pairs],
+        headers=[_stored_header(entry) for entry in pairs],
         body=body,
         received_at=received_at,
     )

@@ -56,17 +56,45 @@ def test_repeated_request_headers_survive_the_round_trip() -> None:
 def test_request_headers_are_kept_as_utf8_text_and_replayed_byte_for_byte() -> None:
     """The JSON of the request headers read every value as latin-1, so a UTF-8 key
     arrived as mojibake ("dead-ÐºÐ»Ñ\u008eÑ\u0087-r1") for whoever read it. UTF-8 is
-    text now, and a replay sends the bytes that came; other bytes come back as UTF-8,
-    which gives the same key."""
+    text now, other bytes a latin-1 character each, with the encoding read: a replay
+    sends the bytes that came. Without it, bytes that were not UTF-8 came back as UTF-8,
+    and UTF-8 that reads as mojibake ("Ã©") as other bytes: another key."""
     sent = [(b"x-idempotency-key", "dead-ключ-r1".encode()), (b"x-note", "é ✓".encode())]
     letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor([]))
     kept = dict(letter.headers)["x-bridge-request-headers"]
-    assert orjson.loads(kept) == [["x-idempotency-key", "dead-ключ-r1"], ["x-note", "é ✓"]]
+    assert orjson.loads(kept) == [
+        ["x-idempotency-key", "dead-ключ-r1", "utf-8"],
+        ["x-note", "é ✓", "utf-8"],
+    ]
     assert round_trip(refused(sent)).headers == sent
-    latin1 = [(b"x-idempotency-key", b"k-\xe5")]
-    rebuilt = round_trip(refused(latin1))
-    assert rebuilt.headers == [(b"x-idempotency-key", "k-å".encode())]
-    assert parse_delivery(rebuilt).key == parse_delivery(refused(latin1)).key == "k-å"
+    for odd in (b"k-\xe5", "k-Ã©".encode(), b"\xc3(", b"lundi 2 d\xe9c"):
+        headers = [(b"x-idempotency-key", odd), (b"x-timestamp", odd)]
+        assert round_trip(refused(headers)).headers == headers
+        assert parse_delivery(round_trip(refused(headers))).key == (
+            parse_delivery(refused(headers)).key
+        )
+
+
+def test_request_headers_kept_as_pairs_replay_as_before() -> None:
+    """Dead letters of the versions that kept [name, value] pairs: UTF-8 as UTF-8, other
+    bytes as UTF-8 too (the same key: key_text reads both alike)."""
+    pairs = orjson.dumps([["x-idempotency-key", "k-å"], ["x-note", "é ✓"]])
+    letter = dead_letter(refused([]), REFUSED, "geins.deadletter", Redactor([]))
+    headers = [(n, pairs if n == "x-bridge-request-headers" else v) for n, v in letter.headers]
+    rebuilt = delivery_from_dead_letter(headers, letter.value)
+    assert rebuilt.headers == [(b"x-idempotency-key", "k-å".encode()), (b"x-note", "é ✓".encode())]
+    assert (
+        parse_delivery(rebuilt).key
+        == parse_delivery(refused([(b"x-idempotency-key", b"k-\xe5")])).key
+    )
+
+
+def test_a_request_header_read_with_another_encoding_is_no_dead_letter_to_replay() -> None:
+    odd = orjson.dumps([["x-idempotency-key", "k", "rot13"]])
+    letter = dead_letter(refused([]), REFUSED, "geins.deadletter", Redactor([]))
+    headers = [(n, odd if n == "x-bridge-request-headers" else v) for n, v in letter.headers]
+    with pytest.raises(ValueError, match="rot13"):
+        delivery_from_dead_letter(headers, letter.value)
 
 
 def test_request_headers_kept_by_earlier_versions_replay_as_they_came() -> None:
@@ -106,7 +134,7 @@ def test_credentials_are_still_left_out() -> None:
     ]
     letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor(["s3cret"]))
     stored = dict(letter.headers)["x-bridge-request-headers"]
-    assert orjson.loads(stored) == [["x-idempotency-key", "k-1"]]
+    assert orjson.loads(stored) == [["x-idempotency-key", "k-1", "utf-8"]]
     assert b"s3cret" not in b"".join(v for _, v in letter.headers)
 
 
@@ -185,10 +213,10 @@ def test_credentials_in_any_form_or_header_are_left_out() -> None:
     letter = dead_letter(delivery, REFUSED, "geins.deadletter", Redactor([PLUS, HEX]))
     stored = dict(letter.headers)
     assert orjson.loads(stored["x-bridge-request-headers"]) == [
-        ["x-idempotency-key", "k-1"],
-        ["x-timestamp", "2024-01-15T10:30:00Z"],
-        ["user-agent", "Geins-Webhooks/1.0"],
-        ["x-forwarded-for", "192.0.2.7"],
+        ["x-idempotency-key", "k-1", "utf-8"],
+        ["x-timestamp", "2024-01-15T10:30:00Z", "utf-8"],
+        ["user-agent", "Geins-Webhooks/1.0", "utf-8"],
+        ["x-forwarded-for", "192.0.2.7", "utf-8"],
     ]
     assert stored["x-bridge-query"] == b"ref=%3Ctoken%3E&n=1"
     everything = b"".join(v for _, v in letter.headers) + letter.key
@@ -212,12 +240,12 @@ def test_a_url_in_a_header_loses_the_credentials_of_its_query() -> None:
     letter = dead_letter(refused(sent), REFUSED, "geins.deadletter", Redactor())
     stored = dict(letter.headers)
     assert orjson.loads(stored["x-bridge-request-headers"]) == [
-        ["x-original-url", "/webhooks/geins?n=1"],
-        ["x-forwarded-uri", "/webhooks/geins"],
-        ["referer", "https://gw.example/h?a=1&b=%2B#top"],
-        ["x-rewrite-url", "/w?&x"],
-        ["x-idempotency-key", "k?token=1"],
-        ["x-timestamp", "2024-01-15T10:30:00Z"],
+        ["x-original-url", "/webhooks/geins?n=1", "utf-8"],
+        ["x-forwarded-uri", "/webhooks/geins", "utf-8"],
+        ["referer", "https://gw.example/h?a=1&b=%2B#top", "utf-8"],
+        ["x-rewrite-url", "/w?&x", "utf-8"],
+        ["x-idempotency-key", "k?token=1", "utf-8"],
+        ["x-timestamp", "2024-01-15T10:30:00Z", "utf-8"],
     ]
     assert b"third-party" not in b"".join(v for _, v in letter.headers)
     assert letter.key == b"k?token=1"
