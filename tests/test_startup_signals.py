@@ -69,6 +69,53 @@ def _child_of(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
+def _env(tmp_path: Path, ack: str) -> dict[str, str]:
+    """A bridge that is stopped before it serves: Kafka is never asked."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": ack,
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # not asked before serving
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_LOG_FORMAT": "text",
+    }
+
+
+def _signalled_once_begun(
+    argv: list[str],
+    env: dict[str, str],
+    began: Path,
+    stop: signal.Signals,
+    *,
+    as_pid_1: bool,
+    after: float = 0.0,
+) -> tuple[int, str]:
+    """Run ``argv`` (as its namespace's PID 1 when ``as_pid_1``), send it ``stop``
+    ``after`` seconds once ``began`` exists; its exit status and output."""
+    if as_pid_1:
+        argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
+    log_path = began.with_name(began.name + ".log")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
+        target = proc.pid
+        if as_pid_1:  # unshare's child is the bridge, PID 1 of its namespace
+            found = wait_until(lambda: _child_of(proc.pid), bool, within=10, every=0.05)
+            assert found is not None
+            target = found
+        time.sleep(after)
+        os.kill(target, stop)
+        status = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, log_path.read_text()
+
+
 @pytest.mark.parametrize(
     ("as_pid_1", "steps", "stop"),
     [
@@ -89,37 +136,15 @@ def test_sigterm_during_the_spool_check_stops_the_bridge_at_once(
     if as_pid_1 and not _can_be_pid_1():
         pytest.skip("no PID namespace for this user (unshare --pid)")
     began = tmp_path / "check-began"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
-        "BRIDGE_TOKENS": TOKEN,
-        "BRIDGE_ACK": "durable",
-        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
-        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # not asked before serving
-        "BRIDGE_HOST": "127.0.0.1",
-        "BRIDGE_PORT": str(free_port()),
-        "BRIDGE_LOG_FORMAT": "text",
-    }
-    command = [sys.executable, "-c", SLOW_CHECK, str(began), steps]
-    if as_pid_1:
-        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
-    log_path = tmp_path / "bridge.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
-        bridge = proc.pid
-        if as_pid_1:  # unshare's child is the bridge, PID 1 of its namespace
-            found = wait_until(lambda: _child_of(proc.pid), bool, within=10, every=0.05)
-            assert found is not None
-            bridge = found
-        time.sleep(0.3)  # well inside the statement
-        os.kill(bridge, stop)
-        assert proc.wait(timeout=20) == 0, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log_text = log_path.read_text()
+    status, log_text = _signalled_once_begun(
+        [sys.executable, "-c", SLOW_CHECK, str(began), steps],
+        _env(tmp_path, "durable"),
+        began,
+        stop,
+        as_pid_1=as_pid_1,
+        after=0.3,  # well inside the statement
+    )
+    assert status == 0, log_text
     assert f"{stop.name} received before serving: stopped, nothing was accepted" in log_text
     assert "Traceback" not in log_text
     assert "listening on" not in log_text
@@ -208,35 +233,14 @@ def test_sigterm_during_the_imports(
     if as_pid_1 and not _can_be_pid_1():
         pytest.skip("no PID namespace for this user (unshare --pid)")
     began = tmp_path / "imports-began"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
-        "BRIDGE_TOKENS": TOKEN,
-        "BRIDGE_ACK": "memory",
-        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # not asked before serving
-        "BRIDGE_HOST": "127.0.0.1",
-        "BRIDGE_PORT": str(free_port()),
-        "BRIDGE_LOG_FORMAT": "text",
-    }
-    argv = [sys.executable, "-c", SLOW_IMPORTS, str(began), command]
-    if as_pid_1:
-        argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
-    log_path = tmp_path / "bridge.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
-        bridge = proc.pid
-        if as_pid_1:  # unshare's child is the bridge, PID 1 of its namespace
-            found = wait_until(lambda: _child_of(proc.pid), bool, within=10, every=0.05)
-            assert found is not None
-            bridge = found
-        os.kill(bridge, signal.SIGTERM)
-        assert proc.wait(timeout=20) == status, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log_text = log_path.read_text()
+    status_now, log_text = _signalled_once_begun(
+        [sys.executable, "-c", SLOW_IMPORTS, str(began), command],
+        _env(tmp_path, "memory"),
+        began,
+        signal.SIGTERM,
+        as_pid_1=as_pid_1,
+    )
+    assert status_now == status, log_text
     assert "Traceback" not in log_text
     assert "listening on" not in log_text
     if command == "serve":
