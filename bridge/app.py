@@ -271,7 +271,7 @@ def create_app(
         try:
             yield
         finally:
-            state.draining = True
+            state.draining = state.app_stopping = True
             for task in (topics, tokens_watch):
                 if task is not None:
                     task.cancel()

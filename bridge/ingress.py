@@ -97,6 +97,7 @@ class RuntimeState:
     """What the operations endpoints report; flipped by the server on SIGTERM."""
 
     draining: bool = False
+    app_stopping: bool = False  # the app's shutdown (drain and flush) has begun
 
 
 def outcome_of(error: BridgeError) -> str:

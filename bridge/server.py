@@ -108,13 +108,14 @@ class BridgeServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
-        if self.force_exit:
+        if self.force_exit and not self._state.app_stopping:
             # uvicorn's forced quit stops waiting for the requests in flight and skips
             # the app's shutdown: the drain and the flush of what was accepted. Its
             # tasks, the drainer's among them, were then cancelled on the way out, and
             # memory mode lost the events it had answered 202 for with Kafka back. The
             # requests are cut short as when BRIDGE_SHUTDOWN_TIMEOUT runs out (a 503
-            # to retry), then the app shuts down as always.
+            # to retry), then the app shuts down as always. (A second Ctrl-C during
+            # the app's shutdown, which uvicorn started, changes nothing.)
             requests = list(self.server_state.tasks)
             for task in requests:
                 task.cancel()

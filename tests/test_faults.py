@@ -338,14 +338,15 @@ def test_a_delivery_still_waiting_at_the_shutdown_timeout_gets_a_503(
     assert "Exception in ASGI application" not in bridge.log()
 
 
+@pytest.mark.parametrize("second", ["while-a-request-waits", "while-draining"])
 def test_ctrl_c_twice_still_hands_accepted_events_to_kafka(
-    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
+    own_broker: LocalKafka, topic_prefix: str, tmp_path: Path, second: str
 ) -> None:
-    """Memory mode, Kafka hanging with three events answered 202 and a slow upload in
-    flight: Ctrl-C, then Ctrl-C again. uvicorn's forced quit skipped the app's shutdown
-    and cancelled the drainer, so the events were lost although Kafka came back, with a
-    CancelledError traceback. The second Ctrl-C cuts the upload short (a 503); the
-    events still reach Kafka."""
+    """Memory mode, Kafka hanging with three events answered 202: Ctrl-C, then Ctrl-C
+    again while a slow upload is in flight, or while the app drains. uvicorn's forced
+    quit skipped the app's shutdown and cancelled the drainer, so the events were lost
+    although Kafka came back, with a CancelledError traceback. The second Ctrl-C cuts
+    the upload short (a 503); the events still reach Kafka, the app's shutdown once."""
     env = bridge_env(
         own_broker.bootstrap,
         topic_prefix,
@@ -360,6 +361,7 @@ def test_ctrl_c_twice_still_hands_accepted_events_to_kafka(
     with (
         BridgeProcess(env, tmp_path / "bridge.log") as bridge,
         httpx2.Client(base_url=bridge.url, timeout=30) as client,
+        socket.create_connection(("127.0.0.1", bridge.port)) as upload,
     ):
         warm_up = client.post("/webhooks/geins/Order/create", content=b"{}", headers=headers)
         assert warm_up.status_code == 202, warm_up.text
@@ -373,24 +375,26 @@ def test_ctrl_c_twice_still_hands_accepted_events_to_kafka(
                     headers={**headers, "x-Idempotency-Key": key},
                 )
                 assert answer.status_code == 202, answer.text
-            with socket.create_connection(("127.0.0.1", bridge.port)) as upload:
+            if second == "while-a-request-waits":
                 upload.sendall(
                     b"POST /webhooks/geins/Order/create HTTP/1.1\r\nhost: x\r\n"
                     b"authorization: Bearer " + TOKEN.encode() + b"\r\n"
                     b"content-length: 100\r\n\r\n{"
                 )
-                time.sleep(0.3)
-                bridge.signal(signal.SIGINT)
-                time.sleep(1.0)
-                bridge.signal(signal.SIGINT)
+            time.sleep(0.3)
+            bridge.signal(signal.SIGINT)
+            time.sleep(1.0)
+            bridge.signal(signal.SIGINT)
+            if second == "while-a-request-waits":
                 upload.settimeout(10)
                 assert upload.recv(100).startswith(b"HTTP/1.1 503 ")
-                time.sleep(0.5)
+            time.sleep(0.5)
         finally:
             os.kill(pid, signal.SIGCONT)
         assert bridge.wait(30) == 0
         log = bridge.log()
     assert "Traceback" not in log, log
+    assert log.count("Waiting for application shutdown.") == 1, log
     assert wait_for_keys(own_broker.bootstrap, topic_prefix, keys, within=30) >= keys, log
 
 
