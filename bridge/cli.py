@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bridge import logs
@@ -433,11 +434,34 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
 def _say(line: str) -> None:
     """Print a line of a replay's report. A reader that went away (`| head`, `less`
     quit early) does not stop the replay half done, exiting 0 without its summary:
-    the rest of the report goes nowhere, the summary to stderr as always."""
+    the rest of the report goes nowhere, the summary to stderr as always.
+
+    A reader that takes nothing (a paused pager, a stalled log pipe) holds the write,
+    and the event loop with it: the loop's SIGTERM handler never ran, and the replay
+    went on waiting until SIGKILL. A SIGTERM during the write stops it as that handler
+    does (a cancellation: the summary, exit 143); the report's rest goes nowhere."""
+    previous = signal.signal(signal.SIGTERM, _stop_writing)
     try:
         print(line)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _report_nowhere()
+    except _StoppedWhileWriting:
+        _report_nowhere()  # the exit's flush would wait for the same reader
+        raise asyncio.CancelledError from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _StoppedWhileWriting(Exception):
+    """SIGTERM while a line of the report waited for its reader."""
+
+
+def _stop_writing(signum: int, frame: FrameType | None) -> None:
+    raise _StoppedWhileWriting
+
+
+def _report_nowhere() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _replay_dead_letters(

@@ -8,12 +8,14 @@ import gc
 import itertools
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +39,7 @@ from bridge.routing import Destination
 from tests.cluster import own_broker
 from tests.fakes import TOKEN, voucher_delivery
 from tests.kafkaread import read_all_sync
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -723,6 +726,60 @@ def test_a_replay_interrupted_says_what_it_did_and_which_record_may_be_on_kafka(
     assert "2 replayed, 0 still refused before the replay stopped" in captured.err
     replayed = {r.key.decode() for r in read_all_sync(kafka_bootstrap, f"{topic_prefix}.voucher")}
     assert {"v-0", "v-1"} <= replayed <= {"v-0", "v-1", "v-2"}
+
+
+def test_a_replay_whose_report_nobody_reads_stops_on_sigterm(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Its report's reader takes nothing (a paused pager, a stalled log pipe): the
+    write waited, and the event loop with it, so the loop's SIGTERM handler never ran
+    and the replay went on until SIGKILL. It stops with its summary, exit 143."""
+    deadletters = f"{topic_prefix}.deadletter"
+
+    async def fill() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
+        await producer.start()
+        try:
+            reason = [("x-bridge-reason", b"body_not_json")]
+            sent = [
+                await producer.send(deadletters, b"not json", key=b"k-%d" % n, headers=reason)
+                for n in range(3000)
+            ]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+
+    asyncio.run(fill())
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_DEADLETTER_TOPIC": deadletters,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+    }
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as err:
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "deadletter", "replay", "--dry-run"],
+            env=env,
+            stdout=subprocess.PIPE,  # never read: full after some 600 lines
+            stderr=err,
+        )
+    try:
+        wchan = Path(f"/proc/{replay.pid}/wchan")
+        waiting = wait_until(wchan.read_text, lambda now: "pipe" in now, within=60, every=0.1)
+        assert "pipe" in waiting, (waiting, errors.read_text())
+        replay.send_signal(signal.SIGTERM)
+        assert replay.wait(timeout=20) == 128 + signal.SIGTERM, errors.read_text()
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+        assert replay.stdout is not None
+        replay.stdout.close()
+    said = errors.read_text()
+    assert re.search(r"\d+ would be replayed, \d+ still refused before the replay stopped", said)
+    assert "Traceback" not in said
 
 
 @pytest.fixture(scope="module")
