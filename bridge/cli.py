@@ -347,10 +347,11 @@ class _ReplayTally:
     positions: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     keys: set[str] = dataclasses.field(default_factory=set)
 
-    def saw(self, partition: int, offset: int, key: str) -> None:
-        """A dead letter the query wanted: where it was and its key."""
+    def saw(self, partition: int, offset: int, keys: set[str]) -> None:
+        """A dead letter the query wanted: where it was and its key (the forms of
+        :func:`~bridge.kafkaadmin.key_forms`)."""
         self.positions.add((partition, offset))
-        self.keys.add(key)
+        self.keys.update(keys)
 
     def not_found(self, query: DeadLetterQuery) -> list[str]:
         """The ``--offset`` and ``--key`` values no dead letter the replay told of
@@ -487,7 +488,7 @@ async def _replay_dead_letters(
     async with contextlib.aclosing(letters), contextlib.aclosing(results):
         async for record, result, outcome, topic in results:
             tally.publishing = ""
-            tally.saw(record.partition, record.offset, kafkaadmin.text(record.key))
+            tally.saw(record.partition, record.offset, kafkaadmin.key_forms(record.key))
             target = f" -> {topic}" if topic else ""
             position = kafkaadmin.position(record)
             _say(

@@ -517,13 +517,21 @@ class DeadLetterQuery:
 
     def wants(self, record: Any) -> bool:
         """Whether ``record`` has one of the keys and one of the reasons (offsets are
-        sought, not matched)."""
-        if self.keys and text(record.key) not in self.keys:
+        sought, not matched). A key is matched as it is and as list shows it (escaped:
+        `order\\xa042` for a no-break space), so that one copied from list matches."""
+        if self.keys and self.keys.isdisjoint(key_forms(record.key)):
             return False
         if not self.reasons:
             return True
         reason = dict(record.headers).get("x-bridge-reason")
         return reason is not None and reason.decode("utf-8", "replace") in self.reasons
+
+
+def key_forms(key: bytes | None) -> set[str]:
+    """A record's key as ``--key`` may give it: its text, and that text as the
+    commands show it (:func:`shown`)."""
+    as_text = text(key)
+    return {as_text, printable(as_text)}
 
 
 #: How many records reading the dead letters takes from aiokafka at a time, for one

@@ -652,6 +652,22 @@ def test_a_repeated_option_matches_either_value(command: str) -> None:
     assert everything.wants(letter(None))
 
 
+def test_a_key_copied_from_the_list_matches() -> None:
+    """`deadletter list` shows a key with a no-break space (which parsing accepts) as
+    `order\\xa042`; given to --key so, it matched nothing."""
+    from bridge.cli import _dead_letter_query, _parser  # noqa: PLC0415  # its helpers
+
+    def query(key: str) -> kafkaadmin.DeadLetterQuery:
+        args = _parser().parse_args(["deadletter", "replay", "--key", key])
+        return _dead_letter_query(load_settings(environ={}), args)
+
+    letter = SimpleNamespace(key="order\u00a042".encode(), headers=[])
+    assert kafkaadmin.shown([kafkaadmin.text(letter.key)]) == "order\\xa042"
+    assert query("order\\xa042").wants(letter)
+    assert query("order\u00a042").wants(letter)
+    assert not query("order 42").wants(letter)
+
+
 def test_records_the_bridge_did_not_write_are_not_replayed(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
