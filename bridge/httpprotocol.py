@@ -321,8 +321,14 @@ def guarded_protocol(
     redact: Redact = no_redaction,
     max_connections: int | None = None,
     ops_port: int | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> type[HttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits.
+
+    While ``draining()`` (a stop signal came, BRIDGE_SHUTDOWN_DELAY runs), every answer
+    says ``connection: close`` and the connection closes after it: a client's next
+    delivery opens a new connection, which the load balancer sends to another replica,
+    instead of racing this one's close at the end of the delay on a kept-alive one.
 
     ``max_url_bytes`` is the guard's URL limit (BRIDGE_MAX_URL_BYTES): a head that
     passes ``max_head_bytes`` with a URL over it is a 414, as the guard would have
@@ -545,6 +551,8 @@ def guarded_protocol(
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
+            if draining():
+                self.cycle.keep_alive = False
             # Only now: uvicorn may refuse the head itself (a URL httptools.parse_url
             # will not take, though llhttp did), and that 400 is the head's, answered in
             # its turn, not the previous request's body error (send_400_response).

@@ -311,6 +311,7 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         redact=redactor.logged,
         max_connections=max_connections,
         ops_port=settings.ops_port,
+        draining=lambda: state.draining,
     )
     startup = StartupConfigError(app)
     config = uvicorn.Config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import orjson
@@ -19,6 +19,7 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import BridgeError, ConfigError
 from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
+from bridge.ingress import RuntimeState
 from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
 
@@ -164,6 +165,7 @@ class Connection:
         like: Connection | None = None,  # another connection of the same server
         ops_port: int | None = None,  # BRIDGE_OPS_PORT
         port: int = 8080,  # the port this connection came to
+        draining: Callable[[], bool] = lambda: False,  # a stop signal came
     ) -> None:
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
@@ -192,6 +194,7 @@ class Connection:
                 on_refused=self._count,
                 max_connections=max_connections,
                 ops_port=ops_port,
+                draining=draining,
             )
             config = uvicorn.Config(
                 app,
@@ -295,6 +298,28 @@ async def test_accepted_answers_are_written_whole_without_asgi_send(
     # uvicorn's completion ran: the keep-alive timer waits for the next request
     assert connection.protocol.timeout_keep_alive_task is not None
     assert [r.key for r in connection.publisher.records] == [b"k1", b"k2"]
+
+
+async def test_while_draining_every_answer_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """During BRIDGE_SHUTDOWN_DELAY the bridge still serves, but a kept-alive connection
+    raced its close at the end of the delay (a delivery sent as it closed is an error
+    for the client). Each answer now says connection: close and closes it, so the next
+    delivery opens a connection the load balancer sends elsewhere; errors alike."""
+    for answer_to in (webhook("k1"), b"GET /nowhere HTTP/1.1\r\nhost: x\r\n\r\n"):
+        state = RuntimeState()
+        connection = Connection(monkeypatch, draining=lambda: state.draining)  # noqa: B023
+        try:
+            [answer] = await connection.answers(answer_to, 1)
+            assert "connection" not in header_fields(answer)
+            assert not connection.transport.closed
+            state.draining = True
+            [answer] = await connection.answers(answer_to.replace(b"k1", b"k2"), 1)
+            assert header_fields(answer)["connection"] == "close"
+            assert connection.transport.closed
+        finally:
+            connection.close()
 
 
 async def test_connection_close_is_honoured(connection: Connection) -> None:
