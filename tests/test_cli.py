@@ -383,9 +383,8 @@ async def test_a_tail_goes_on_when_kafka_does_not_answer_a_look_for_new_topics(
     topics (every 2 s) ended the tail, exit 1 ("no answer within 3 s"): tail runs until
     interrupted. The look is tried again, said once until one works."""
     caplog.set_level("INFO", logger="bridge.kafkaadmin")
-    answers: Iterator[list[Any] | None] = iter(
-        [None, None, []]
-    )  # two looks Kafka does not answer, then one it does
+    # two looks Kafka does not answer, then one it does
+    answers: Iterator[list[Any] | None] = iter([None, None, []])
 
     class StalledAdmin:
         async def describe_topics(self) -> list[Any]:
