@@ -19,9 +19,13 @@ from typing import TYPE_CHECKING, Any
 from bridge import logs
 from bridge.auth import UNAUTHENTICATED, short_token_warnings, warn_if_short
 from bridge.config import Settings, listen_addresses, load_settings
-from bridge.errors import ConfigError, SpoolUnusable
+from bridge.errors import DEAD_LETTER_REASONS, ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
 from bridge.signals import release_early_stops
+
+#: A misspelt reason would match nothing and say "0 dead letter(s)", exit 0, as if the
+#: topic held none: argparse refuses it, naming those there are.
+_REASON_HELP = "only dead letters with this reason (repeat): " + ", ".join(DEAD_LETTER_REASONS)
 
 if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
     from bridge.kafkaadmin import DeadLetterQuery
@@ -176,7 +180,11 @@ def _parser() -> argparse.ArgumentParser:
         "list", parents=[config], help="show what is on the dead-letter topic"
     )
     dead_list.add_argument(
-        "--reason", action="append", help="only dead letters with this reason (repeat)"
+        "--reason",
+        action="append",
+        choices=DEAD_LETTER_REASONS,
+        metavar="REASON",
+        help=_REASON_HELP,
     )
     dead_list.set_defaults(run=_deadletter_list)
     replay = dead_commands.add_parser(
@@ -194,7 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
     replay.add_argument(
-        "--reason", action="append", help="only dead letters with this reason (repeat)"
+        "--reason",
+        action="append",
+        choices=DEAD_LETTER_REASONS,
+        metavar="REASON",
+        help=_REASON_HELP,
     )
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
     replay.set_defaults(run=_deadletter_replay)

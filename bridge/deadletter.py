@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, unquote_plus, urlencode
 
 import orjson
 
-from bridge.errors import BridgeError
+from bridge.errors import KAFKA_REJECTED, BridgeError
 from bridge.geins import (
     IDEMPOTENCY_HEADER,
     TIMESTAMP_HEADER,
@@ -90,7 +90,7 @@ def set_aside(event: Destination, detail: str, topic: str) -> Destination:
         value=event.value,
         headers=[
             *event.headers,
-            (PREFIX + "reason", b"kafka_rejected"),
+            (PREFIX + "reason", KAFKA_REJECTED.encode()),
             (PREFIX + "detail", detail.encode()),
             (PREFIX + "original-topic", event.topic.encode()),
         ],

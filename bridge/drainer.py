@@ -35,7 +35,7 @@ from typing import Any
 
 from bridge.backlog import Backlog, QueuedRecord
 from bridge.deadletter import set_aside
-from bridge.errors import BridgeError, PayloadTooLarge
+from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, refused_by_kafka
 
@@ -556,7 +556,7 @@ class Drainer:
                     error.detail,
                     self._deadletter_topic,
                 )
-                self._metrics.dead_letters.labels("kafka_rejected").inc()
+                self._metrics.dead_letters.labels(KAFKA_REJECTED).inc()
                 return True
         log.error(
             "Kafka refused the record with key %s for %s (%s) and it cannot be kept as a "

@@ -297,3 +297,13 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     PublishFailed,
     ShuttingDown,
 )
+
+#: The reason of a dead letter kept for an event Kafka refused for good (too large for
+#: its topic, say): the event was accepted, so no rejection above carries it.
+KAFKA_REJECTED = "kafka_rejected"
+
+#: Every reason a dead letter can carry: the content rejections, and Kafka's refusal.
+DEAD_LETTER_REASONS: tuple[str, ...] = (
+    *(error.reason for error in ALL_ERRORS if error.content_rejection),
+    KAFKA_REJECTED,
+)

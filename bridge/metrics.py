@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bridge.errors import ALL_ERRORS
+from bridge.errors import ALL_ERRORS, DEAD_LETTER_REASONS
 from bridge.geins import ENTITY_ACTIONS, KNOWN_ACTIONS, Event
 
 # Webhook handling takes well under a millisecond when nothing waits on Kafka:
@@ -308,10 +308,8 @@ class Metrics:
             self.publish_errors.labels(reason)
         for result in ("applied", "refused", "failed"):
             self.secret_rotations.labels(result)
-        for error in ALL_ERRORS:
-            if error.content_rejection:
-                self.dead_letters.labels(error.reason)
-        self.dead_letters.labels("kafka_rejected")
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason)
 
     def record_request(
         self,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from bridge.ackmodes import AckMode
 from bridge.deadletter import dead_letter, delivery_key, set_aside
 from bridge.errors import (
+    KAFKA_REJECTED,
     BadIdempotencyKey,
     BridgeError,
     MalformedEventType,
@@ -128,7 +129,7 @@ class Pipeline:
         kept = await self._keep(
             set_aside(event, refusal.detail, self._deadletter_topic),
             dedup_key,
-            "kafka_rejected",
+            KAFKA_REJECTED,
             f"the event is refused by Kafka ({refusal.detail})",
         )
         if kept is not None:

@@ -652,6 +652,25 @@ def test_a_repeated_option_matches_either_value(command: str) -> None:
     assert everything.wants(letter(None))
 
 
+@pytest.mark.parametrize("command", ["list", "replay"])
+def test_a_misspelt_reason_is_refused_naming_those_there_are(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deadletter list --reason bdy_not_json` said "0 dead letter(s)", exit 0, as if the
+    topic held none of them."""
+    from bridge.cli import _parser  # noqa: PLC0415  # its helper
+
+    with pytest.raises(SystemExit) as exited:
+        main(["deadletter", command, "--reason", "bdy_not_json"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bdy_not_json'" in err
+    assert "'body_not_json'" in err
+    assert "'kafka_rejected'" in err
+    for reason in ("token_in_path", "unknown_event_type", "kafka_rejected"):
+        assert _parser().parse_args(["deadletter", command, "--reason", reason]).reason == [reason]
+
+
 def test_a_key_copied_from_the_list_matches() -> None:
     """`deadletter list` shows a key with a no-break space (which parsing accepts) as
     `order\\xa042`; given to --key so, it matched nothing."""
