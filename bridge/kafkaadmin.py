@@ -362,6 +362,7 @@ async def tail(
             await consumer.start()
         follow = _Follower(admin, consumer, wanted, settings.kafka_connect_timeout)
         await follow.look(new_at_end=not from_beginning)
+        follow.say_what_is_missing(topics, pattern)
         looked = time.monotonic()
         while limit is None or shown < limit:
             if time.monotonic() - looked >= TAIL_DISCOVERY_SECONDS:
@@ -398,6 +399,7 @@ class _Follower:
         self._timeout = timeout
         self.assigned: set[TopicPartition] = set()
         self._failing = False  # the last look failed: said once, until one works again
+        self._looked = False  # a look was made: the topics of later ones are new
 
     async def look_again(self) -> None:
         """Look for new topics while tailing. A look Kafka does not answer in time (a
@@ -417,10 +419,25 @@ class _Follower:
                 log.info("looking for new topics again")
             self._failing = False
 
+    def say_what_is_missing(self, topics: Sequence[str], pattern: str | None) -> None:
+        """After the first look: name each topic named that is not there, and a pattern
+        no topic matches. A misspelt topic waited in silence, as for a quiet one."""
+        followed = {tp.topic for tp in self.assigned}
+        for topic in topics:
+            if topic not in followed:
+                log.warning(
+                    "topic %s does not exist (yet): waiting for it (bridge topics list "
+                    "shows those there are)",
+                    topic,
+                )
+        if pattern is not None and not any(re.match(pattern, topic) for topic in followed):
+            log.warning("no topic matches %s (yet): waiting for one", pattern)
+
     async def look(self, *, new_at_end: bool) -> None:
         """Assign the partitions of the topics wanted now. Those already assigned keep
         their position; new ones start at their beginning, or (``new_at_end``, for the
         first look of a tail that is not from the beginning) at their end."""
+        looked, self._looked = self._looked, True
         async with asyncio.timeout(self._timeout):
             described = await self._admin.describe_topics()  # all topics: creates none
             now = {
@@ -437,6 +454,9 @@ class _Follower:
             consumer.assign(sorted(now))
             for tp, offset in kept.items():
                 consumer.seek(tp, offset)
+            if looked:  # said, so that one a warning said was missing shows it came
+                for topic in sorted({tp.topic for tp in new} - {tp.topic for tp in self.assigned}):
+                    log.info("following new topic %s", topic)
             if new and new_at_end:
                 for tp, offset in (await consumer.end_offsets(sorted(new))).items():
                     consumer.seek(tp, offset)

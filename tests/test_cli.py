@@ -403,6 +403,61 @@ async def test_a_tail_goes_on_when_kafka_does_not_answer_a_look_for_new_topics(
     assert "looking for new topics again" in caplog.text
 
 
+async def test_a_tail_names_the_topics_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
+    """`bridge tail geins.ordr.create` (misspelt) waited in silence, as for a quiet topic:
+    a topic named that is not there, and a pattern that matches none, are said at the
+    start; a topic that appears later is said when it is followed."""
+    caplog.set_level("INFO", logger="bridge.kafkaadmin")
+    there = [["geins.order.create"], ["geins.order.create", "geins.ordr.create"]]
+
+    class Admin:
+        async def describe_topics(self) -> list[Any]:
+            names = there.pop(0) if len(there) > 1 else there[0]
+            return [
+                {
+                    "topic": name,
+                    "error_code": 0,
+                    "is_internal": False,
+                    "partitions": [{"partition": 0}],
+                }
+                for name in names
+            ]
+
+    class Consumer:
+        def assign(self, partitions: list[Any]) -> None:
+            pass
+
+        async def position(self, partition: Any) -> int:
+            return 0
+
+        def seek(self, partition: Any, offset: int) -> None:
+            pass
+
+        async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return dict.fromkeys(partitions, 0)
+
+        async def seek_to_beginning(self, *partitions: Any) -> None:
+            pass
+
+    named = ["geins.ordr.create", "geins.order.create"]
+    follow = kafkaadmin._Follower(
+        Admin(), cast(Any, Consumer()), lambda t: t in named or t.startswith("x."), 1
+    )
+    await follow.look(new_at_end=True)
+    follow.say_what_is_missing(named, r"x\.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "topic geins.ordr.create does not exist (yet): waiting for it "
+        "(bridge topics list shows those there are)",
+        r"no topic matches x\. (yet): waiting for one",
+    ]
+    caplog.clear()
+    await follow.look_again()
+    assert [r.getMessage() for r in caplog.records] == ["following new topic geins.ordr.create"]
+    caplog.clear()
+    follow.say_what_is_missing(named, r"geins\.")
+    assert caplog.records == []
+
+
 @pytest.mark.kafka
 async def test_tail_prints_every_record_of_a_topic_created_while_tailing(
     kafka_bootstrap: str, topic_prefix: str
