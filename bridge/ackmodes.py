@@ -257,6 +257,13 @@ class _DrainedAck:
     def held_topics(self) -> list[str]:
         return self.drainer.held_topics
 
+    @property
+    def _background_alive(self) -> bool:
+        """Whether the drainer (and durable's spool maintenance) still run. Their loops
+        catch whatever they can meet, so one that ended on its own is a bug: it was only
+        logged, and readiness said 200 while nothing moved the backlog to Kafka."""
+        return not any(task.done() for task in self._tasks)
+
     def _start_drainer(self, publish_after: asyncio.Future[Any] | None) -> None:
         self._tasks.append(spawn(self._drain(publish_after), f"{type(self).__name__}-drainer"))
 
@@ -319,7 +326,12 @@ class DurableAck(_DrainedAck):
     @property
     def ready(self) -> bool:
         spool = self.spool
-        return spool.writable and not spool.disk_low and has_room(spool.bytes, self._max_bytes)
+        return (
+            spool.writable
+            and not spool.disk_low
+            and has_room(spool.bytes, self._max_bytes)
+            and self._background_alive
+        )
 
     @property
     def remembered_keys(self) -> int:
@@ -368,7 +380,7 @@ class MemoryAck(_DrainedAck):
 
     @property
     def ready(self) -> bool:
-        return not self.backlog.full
+        return not self.backlog.full and self._background_alive
 
     @property
     def remembered_keys(self) -> int:

@@ -1244,6 +1244,27 @@ async def test_not_ready_when_no_event_fits_any_more(tmp_path: Path, ack: str) -
         await mode.stop()
 
 
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+async def test_not_ready_once_the_drainer_died(
+    tmp_path: Path, ack: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drainer task that ended (a bug: its loop catches what it can meet) was only
+    logged; /readyz said 200 while nothing moved the backlog to Kafka."""
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK=ack), FakePublisher(), Metrics())
+
+    async def broken() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(mode.drainer, "run", broken)  # type: ignore[attr-defined]
+    await mode.start()
+    try:
+        assert mode.ready
+        await eventually(lambda: not mode.ready, within=2, what="not ready")
+    finally:
+        await mode.stop()
+
+
 async def test_a_record_a_probe_set_aside_is_not_probed_again_before_its_removal() -> None:
     """A probe whose record is too large sets it aside (a dead letter); its removal
     from the backlog waits for the next round. A round already removing another
