@@ -157,6 +157,10 @@ PAGE_ROOM = 64 * 1024
 FILE_MODE = 0o600
 #: The mode of a spool folder the bridge makes.
 FOLDER_MODE = 0o700
+#: How long a stop waits for the writer thread to finish the jobs queued before it
+#: (the drainer's last removals, in milliseconds on a disk that works). A disk that
+#: hangs (a network volume gone) held the stop, and the process, until SIGKILL.
+CLOSE_WAIT_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -458,12 +462,26 @@ class Spool:
             log.info("spool %s holds %d events (%d bytes) from before", self.path, depth, size)
         return connection
 
-    async def close(self) -> None:
-        """Finish queued work, close the database and release the folder's lock."""
+    async def close(self, wait: float = CLOSE_WAIT_SECONDS) -> None:
+        """Finish queued work, close the database and release the folder's lock; or
+        give up on a disk that does not finish within ``wait`` seconds."""
         if self._thread is not None:
             self._closed = True
             self._jobs.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
+            thread = self._thread
+            await asyncio.to_thread(thread.join, wait)
+            if thread.is_alive():
+                # The thread holds the database and the folder's lock: both are let go
+                # as the process ends. What was committed is kept by SQLite; records
+                # whose removal did not run are sent again at the next start.
+                log.error(
+                    "the spool's disk did not finish its writes within %g s; stopping "
+                    "without closing the spool %s (what it committed is kept; records "
+                    "Kafka has whose removal did not run are sent again at the next start)",
+                    wait,
+                    self._directory,
+                )
+                return
             self._thread = None
         if self._connection is not None:  # connected, never opened
             with contextlib.suppress(sqlite3.Error):

@@ -193,6 +193,34 @@ async def test_close_finishes_every_job_queued_before_it(tmp_path: Path) -> None
     await again.close()
 
 
+async def test_close_gives_up_on_a_disk_that_hangs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer thread stuck in the disk (a network volume gone) held close(), so the
+    stop never ended (the README bounds it) until SIGKILL."""
+    spool = make(tmp_path)
+    spool.open()
+    assert await spool.append(record(1), "a")
+    disk = threading.Event()
+    hung = asyncio.ensure_future(spool._call(lambda _: disk.wait(30)))
+    await asyncio.sleep(0.05)  # the writer is in it
+    try:
+        await asyncio.wait_for(spool.close(wait=0.2), timeout=5)
+        assert "the spool's disk did not finish its writes within 0.2 s" in caplog.text
+    finally:
+        disk.set()
+        hung.cancel()
+    thread = spool._thread
+    assert thread is not None
+    thread.join(5)  # the disk answers at last: the writer ends as it would have
+    assert not thread.is_alive()
+    await spool.close()
+    again = make(tmp_path)  # a later close lets the folder's lock go (as the process's end)
+    again.open()
+    assert [r.destination.key for r in await again.oldest(10, 10**6)] == [b"k1"]
+    await again.close()
+
+
 async def test_an_unexpected_writer_error_answers_and_keeps_the_records(
     tmp_path: Path,
 ) -> None:
