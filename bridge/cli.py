@@ -9,11 +9,12 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bridge import logs
@@ -391,7 +392,8 @@ class _ReplayTally:
 
     @property
     def told(self) -> int:
-        """How many dead letters the replay has reported on."""
+        """How many dead letters the replay has dealt with (their lines said, or
+        waiting for their reader)."""
         return self.replayed + self.refused + self.unpublished
 
     def summary(self, verb: str) -> str:
@@ -444,37 +446,72 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if tally.refused or tally.unpublished or not_found else 0
 
 
-def _say(line: str) -> None:
-    """Print a line of a replay's report. A reader that went away (`| head`, `less`
-    quit early) does not stop the replay half done, exiting 0 without its summary:
-    the rest of the report goes nowhere, the summary to stderr as always.
+class _Report:
+    """A replay's report on stdout, a line per dead letter, written by a thread of its
+    own so that the replay never waits inside a write.
 
-    A reader that takes nothing (a paused pager, a stalled log pipe) holds the write,
-    and the event loop with it: the loop's SIGTERM handler never ran, and the replay
-    went on waiting until SIGKILL. A SIGTERM during the write stops it as that handler
-    does (a cancellation: the summary, exit 143); the report's rest goes nowhere."""
-    previous = signal.signal(signal.SIGTERM, _stop_writing)
-    try:
-        print(line)
-    except BrokenPipeError:
-        _report_nowhere()
-    except _StoppedWhileWriting:
-        _report_nowhere()  # the exit's flush would wait for the same reader
-        raise asyncio.CancelledError from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    A reader that takes nothing (a paused pager, a stalled log pipe) held the write,
+    and the event loop with it: its SIGTERM handler never ran, and the replay went on
+    until SIGKILL. Now the loop waits only for room among REPORT_LINES lines not yet
+    written, and a SIGTERM (or Ctrl-C) stops it there as anywhere else. A reader that
+    went away (`| head`, `less` quit early) does not stop the replay half done,
+    exiting 0 without its summary: the rest of the report goes nowhere.
+    """
+
+    def __init__(self) -> None:
+        self._out = sys.stdout
+        self._encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        self._lines: queue.Queue[bytes | None] = queue.Queue(REPORT_LINES)
+        self._gone = False
+        self._loop = asyncio.get_running_loop()
+        self._written = asyncio.Event()  # every line said, up to finish()
+        self._thread = threading.Thread(target=self._write, name="replay-report", daemon=True)
+        self._thread.start()
+
+    async def say(self, line: str) -> None:
+        await self._put((line + "\n").encode(self._encoding, "backslashreplace"))
+
+    async def finish(self) -> None:
+        """Wait until every line said is written (or its reader went away)."""
+        await self._put(None)
+        await self._written.wait()
+
+    async def _put(self, item: bytes | None) -> None:
+        while True:
+            try:
+                self._lines.put_nowait(item)
+            except queue.Full:
+                await asyncio.sleep(0.02)
+            else:
+                return
+
+    def _write(self) -> None:
+        # The file descriptor, not sys.stdout: a daemon thread holding sys.stdout's lock
+        # in a write that never ends makes the interpreter's exit abort ("could not
+        # acquire lock ... at interpreter shutdown").
+        out = self._out
+        try:
+            fd: int | None = out.fileno()
+        except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+            fd = None
+        while (data := self._lines.get()) is not None:
+            if self._gone:
+                continue
+            try:
+                if fd is None:
+                    out.write(data.decode(self._encoding, "replace"))
+                    continue
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except (OSError, ValueError):  # BrokenPipeError: the reader went away
+                self._gone = True
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+            self._loop.call_soon_threadsafe(self._written.set)
 
 
-class _StoppedWhileWriting(Exception):
-    """SIGTERM while a line of the report waited for its reader."""
-
-
-def _stop_writing(signum: int, frame: FrameType | None) -> None:
-    raise _StoppedWhileWriting
-
-
-def _report_nowhere() -> None:
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+#: How many lines of a replay's report may wait for a slow reader.
+REPORT_LINES = 1000
 
 
 async def _replay_dead_letters(
@@ -488,27 +525,47 @@ async def _replay_dead_letters(
         tally.publishing = kafkaadmin.position(record)
 
     # SIGTERM (kill, a container stopped) stops it as Ctrl-C does, summary included:
-    # it ended the process at once, the summary and the record in flight unsaid.
+    # it ended the process at once, the summary and the record in flight unsaid. Once:
+    # a second would cut short the producer's flush and close below.
     task = asyncio.current_task()
     assert task is not None  # noqa: S101  # run by asyncio.run
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+    def stop() -> None:
+        if not task.cancelling():
+            task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+    report = _Report()
     letters = kafkaadmin.dead_letters(settings, query)
     results = kafkaadmin.replay_dead_letters(
         settings, _router(settings), letters, dry_run=dry_run, publishing=publishing
     )
-    # Closed in this order (the producer flushes, then the consumer stops) however it ends.
-    async with contextlib.aclosing(letters), contextlib.aclosing(results):
-        async for record, result, outcome, topic in results:
-            tally.publishing = ""
-            tally.saw(record.partition, record.offset, kafkaadmin.key_forms(record.key))
-            target = f" -> {topic}" if topic else ""
-            position = kafkaadmin.position(record)
-            _say(
-                kafkaadmin.shown(
-                    [f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}"]
+    try:
+        # Closed in this order (the producer flushes, then the consumer stops) however
+        # it ends.
+        async with contextlib.aclosing(letters), contextlib.aclosing(results):
+            async for record, result, outcome, topic in results:
+                # Counted before its line: a stop while the line waits for its reader
+                # left a record published, and maybe its line unwritten, out of the summary.
+                tally.publishing = ""
+                tally.saw(record.partition, record.offset, kafkaadmin.key_forms(record.key))
+                tally.count(result)
+                target = f" -> {topic}" if topic else ""
+                position = kafkaadmin.position(record)
+                await report.say(
+                    kafkaadmin.shown(
+                        [f"{position:<9} key={kafkaadmin.text(record.key)}  {outcome}{target}"]
+                    )
                 )
-            )
-            tally.count(result)
+    except BaseException:
+        # Stopped (SIGTERM, Ctrl-C, Kafka away): the lines said so far go out before
+        # the summary if their reader takes them within a second; it may never (a
+        # stalled pipe, the reason for a SIGTERM).
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(1):
+                await report.finish()
+        raise
+    await report.finish()  # the summary follows the report
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

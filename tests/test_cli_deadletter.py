@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from starlette.testclient import TestClient
 import bridge.publisher as publisher_module
 from bridge import kafkaadmin
 from bridge.app import create_app
-from bridge.cli import main
+from bridge.cli import REPORT_LINES, main
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter
 from bridge.devkafka import LocalKafka
@@ -800,10 +801,13 @@ def test_a_replay_whose_report_nobody_reads_stops_on_sigterm(
             stdout=subprocess.PIPE,  # never read: full after some 600 lines
             stderr=err,
         )
+
+    def waits() -> list[str]:  # what each thread waits for
+        return [(task / "wchan").read_text() for task in Path(f"/proc/{replay.pid}/task").iterdir()]
+
     try:
-        wchan = Path(f"/proc/{replay.pid}/wchan")
-        waiting = wait_until(wchan.read_text, lambda now: "pipe" in now, within=60, every=0.1)
-        assert "pipe" in waiting, (waiting, errors.read_text())
+        waiting = wait_until(waits, lambda now: any("pipe" in w for w in now), within=60, every=0.1)
+        assert any("pipe" in w for w in waiting), (waiting, errors.read_text())
         replay.send_signal(signal.SIGTERM)
         assert replay.wait(timeout=20) == 128 + signal.SIGTERM, errors.read_text()
     finally:
@@ -811,10 +815,68 @@ def test_a_replay_whose_report_nobody_reads_stops_on_sigterm(
             replay.kill()
             replay.wait()
         assert replay.stdout is not None
+        written = replay.stdout.read().count(b"\n")
         replay.stdout.close()
     said = errors.read_text()
-    assert re.search(r"\d+ would be replayed, \d+ still refused before the replay stopped", said)
+    counts = re.search(
+        r"(\d+) would be replayed, (\d+) still refused before the replay stopped", said
+    )
+    assert counts, said
+    # every line written counted (the one whose write the stop cut short was not)
+    assert int(counts[1]) + int(counts[2]) >= written > 0
     assert "Traceback" not in said
+
+
+def test_a_replay_stopped_while_its_report_waits_counts_every_record_it_dealt_with(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGTERM while a line waited for its reader: the record (published already) was
+    counted after its line, so the summary left it out, and the stop could end in a
+    traceback (exit 1) as the handler for that write was swapped in and out."""
+    yielded = 0
+    reader = threading.Event()  # never set: a reader that takes nothing
+
+    class StalledStdout:
+        encoding = "utf-8"
+
+        def write(self, text: str) -> int:
+            reader.wait()
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    async def no_letters(*_: Any) -> Any:
+        return
+        yield
+
+    async def replayed(*_: Any, **__: Any) -> Any:
+        nonlocal yielded
+        for n in itertools.count():
+            yielded += 1
+            letter = SimpleNamespace(partition=0, offset=n, key=b"k-%d" % n)
+            yield letter, "replayed", "accepted", "t"
+            await asyncio.sleep(0)
+
+    env.setattr(kafkaadmin, "dead_letters", no_letters)
+    env.setattr(kafkaadmin, "replay_dead_letters", replayed)
+    env.setattr(sys, "stdout", StalledStdout())
+
+    def stop_once_the_report_waits() -> None:
+        wait_until(lambda: yielded, lambda n: n > REPORT_LINES, within=60, every=0.05)
+        time.sleep(0.2)  # the replay waits for room among the lines
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_the_report_waits)
+    stopper.start()
+    try:
+        assert main(["deadletter", "replay", "--dry-run"]) == 128 + signal.SIGTERM
+    finally:
+        reader.set()
+        stopper.join()
+    said = capsys.readouterr().err
+    assert f"{yielded} would be replayed, 0 still refused before the replay stopped" in said
+    assert yielded > REPORT_LINES
 
 
 @pytest.fixture(scope="module")
