@@ -402,14 +402,16 @@ class _ReplayTally:
 
 
 def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
-    if not (settings.tokens or settings.tokens_file or settings.allow_unauthenticated):
+    try:
         # The token checks compare with the tokens it knows: with none, a dead letter
         # refused for a token in its entity was published with the token in its topic
-        # name, and exited 0.
+        # name, and exited 0. The tokens serve would use, then: a BRIDGE_TOKENS_FILE
+        # holding none (only comments) is none either.
+        settings.check_serving()
+    except ConfigError as exc:
         _say_last(
-            "BRIDGE_TOKENS is empty: a replay checks dead letters for the webhook tokens, "
-            "so give it those the bridge uses (BRIDGE_TOKENS or BRIDGE_TOKENS_FILE), or "
-            "BRIDGE_ALLOW_UNAUTHENTICATED=true for a bridge that has none"
+            f"a replay checks dead letters for the webhook tokens, so it needs those the "
+            f"bridge uses, as serve does: {exc}"
         )
         return 2
     query = _dead_letter_query(settings, args)

@@ -127,22 +127,32 @@ def test_a_replay_without_the_webhook_tokens_is_refused(
     kafka_bootstrap: str,
     topic_prefix: str,
     dry_run: bool,
+    tmp_path: Path,
 ) -> None:
     """Run without BRIDGE_TOKENS (another terminal, as for `bridge check-config`), a
     replay knew no token to look for: a dead letter refused for the token in its
     entity was published to a topic named after the token, exit 0. It exits 2 saying
-    why, before reading a dead letter."""
+    why, before reading a dead letter; so too with a tokens file that holds none."""
     body = b'{"entity":"%s","action":"create"}' % TOKEN.encode()
     with TestClient(create_app(load_settings())) as client:
         assert client.post("/webhooks/geins", content=body, headers=AUTH).status_code == 422
     capsys.readouterr()
     env.delenv("BRIDGE_TOKENS")
     env.setenv("BRIDGE_STRICT_TYPES", "false")
-    assert main(["deadletter", "replay", *(["--dry-run"] if dry_run else [])]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("bridge: BRIDGE_TOKENS is empty: a replay checks"), captured
-    assert captured.out == ""
-    assert TOKEN not in captured.err
+    comments_only = tmp_path / "tokens"  # rotated out, say: a file, and no token
+    comments_only.write_text("# the tokens, one a line\n")
+    for tokens_file in (None, comments_only):
+        if tokens_file is not None:
+            env.setenv("BRIDGE_TOKENS_FILE", str(tokens_file))
+        assert main(["deadletter", "replay", *(["--dry-run"] if dry_run else [])]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(
+            "bridge: a replay checks dead letters for the webhook"
+            " tokens, so it needs those the bridge uses"
+        ), captured
+        assert "BRIDGE_TOKENS is empty" in captured.err
+        assert captured.out == ""
+        assert TOKEN not in captured.err
     assert read_all_sync(kafka_bootstrap, f"{topic_prefix}.{TOKEN.lower()}.create") == []
 
 
