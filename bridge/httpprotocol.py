@@ -50,7 +50,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -310,6 +310,23 @@ class OneWritePerResponse:
 def header_lines(pairs: list[tuple[bytes, bytes]]) -> bytes:
     """Header lines (``name: value\\r\\n``) for a response head."""
     return b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+
+
+def close_after_answers(protocols: Iterable[object]) -> None:
+    """A stop began (BRIDGE_SHUTDOWN_DELAY): the request each connection is answering
+    now, or will answer next, says ``connection: close`` and closes it. The check at
+    each request's head (``draining`` below) missed those whose head came before the
+    signal (a delivery waiting for Kafka in ``broker`` mode, a pipelined one): their
+    connection stayed kept alive and raced the close at the end of the delay.
+
+    Called by the server's signal handler, between two bytecodes of the event loop's
+    thread: only attributes are set, and the set of connections is copied first."""
+    for protocol in list(protocols):
+        cycle = getattr(protocol, "cycle", None)
+        pipelined = getattr(protocol, "pipeline", ())
+        for each in (cycle, *(queued for queued, _ in list(pipelined))):
+            if each is not None and not each.response_started:
+                each.keep_alive = False
 
 
 def guarded_protocol(

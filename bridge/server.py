@@ -29,7 +29,7 @@ from bridge import logs
 from bridge.app import create_app
 from bridge.config import WEBHOOK_ADDRESS, Settings, cannot_listen, listen_addresses
 from bridge.errors import ConfigError
-from bridge.httpprotocol import guarded_protocol
+from bridge.httpprotocol import close_after_answers, guarded_protocol
 from bridge.ingress import OPS_PORT_ONLY_NAMED, RuntimeState, outcome_of
 from bridge.metrics import Metrics
 from bridge.signals import stop_signals, take_early_stop
@@ -75,6 +75,7 @@ class BridgeServer(uvicorn.Server):
             self._shutdown_delay,
         )
         self._state.draining = True
+        close_after_answers(self.server_state.connections)
         self._stop_at = time.monotonic() + self._shutdown_delay
 
     @contextlib.contextmanager

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -18,7 +20,7 @@ from bridge import httpprotocol
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.errors import BridgeError, ConfigError
-from bridge.httpprotocol import OneWritePerResponse, guarded_protocol
+from bridge.httpprotocol import OneWritePerResponse, close_after_answers, guarded_protocol
 from bridge.ingress import RuntimeState
 from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
@@ -320,6 +322,58 @@ async def test_while_draining_every_answer_closes_its_connection(
             assert connection.transport.closed
         finally:
             connection.close()
+
+
+async def test_a_stop_closes_the_connections_of_requests_already_in_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery whose head came before the stop signal (waiting for Kafka in broker
+    mode) was answered without connection: close during the delay: its connection
+    stayed kept alive and raced the close at the end of the delay (a review)."""
+    state = RuntimeState()
+    connection = Connection(monkeypatch, draining=lambda: state.draining)
+    kafka = asyncio.Event()
+    hand_over = connection.publisher.hand_over
+
+    async def held(destination: Any) -> asyncio.Future[Any]:
+        await kafka.wait()
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", held)
+    try:
+        answering = asyncio.ensure_future(connection.answers(webhook("k1"), 1))
+        await asyncio.sleep(0.05)  # waiting for Kafka
+        state.draining = True  # what the server's signal handler does
+        close_after_answers([connection.protocol])
+        kafka.set()
+        [answer] = await answering
+        assert answer.startswith(b"HTTP/1.1 202")
+        assert header_fields(answer)["connection"] == "close"
+        assert connection.transport.closed
+    finally:
+        connection.close()
+
+
+def test_the_stop_signal_closes_the_connections_of_answers_not_started() -> None:
+    """The server's handler for the stop signal does it (above), for every connection."""
+    from bridge.server import BridgeServer  # noqa: PLC0415  # the one user
+
+    state = RuntimeState()
+    server = BridgeServer(
+        uvicorn.Config(app="none:app"), state, 5, lambda: None, signals=(signal.SIGTERM,)
+    )
+
+    class Protocol:  # what close_after_answers reads of uvicorn's
+        def __init__(self, started: bool) -> None:
+            self.cycle = SimpleNamespace(response_started=started, keep_alive=True)
+            self.pipeline = ()
+
+    answering, answered = Protocol(started=False), Protocol(started=True)
+    server.server_state.connections.update({answering, answered})  # type: ignore[arg-type]
+    server.handle_exit(signal.SIGTERM, None)
+    assert state.draining
+    assert not answering.cycle.keep_alive
+    assert answered.cycle.keep_alive  # its head is written already
 
 
 async def test_connection_close_is_honoured(connection: Connection) -> None:
