@@ -111,7 +111,7 @@ def dead_letter(
     # as UTF-8, and UTF-8 that reads as latin-1 mojibake ("Ã©") as other bytes, a key
     # among them (a replay then published it under another key).
     headers = [
-        [name.decode("latin-1").lower(), *_header_kept(name, value)]
+        _stored_entry(name, value)
         for name, value in delivery.headers
         if not is_credential_header(name)
         and not secrets.contains_bytes(value)
@@ -154,6 +154,19 @@ REPLAYED_HEADERS = frozenset({IDEMPOTENCY_HEADER, TIMESTAMP_HEADER})
 #: A URL's query in a header value (x-original-url, x-forwarded-uri, referer...): from
 #: its '?' to a fragment, a space or the end.
 _URL_QUERY = re.compile(r"\?([^#\s]*)")
+
+
+def _stored_entry(name: bytes, value: bytes) -> list[str]:
+    """A request header as its dead letter keeps it: [name, value], or [name, value,
+    encoding] where the pair would not give the value's bytes back (bytes that are not
+    UTF-8, UTF-8 that reads as mojibake; see header_bytes). Pairs wherever they do (any
+    ASCII value): a bridge rolled back to a version that reads only pairs reads those
+    dead letters, where every triple made each one "not a dead letter it can read"."""
+    text, encoding = _header_kept(name, value)
+    entry = [name.decode("latin-1").lower(), text]
+    if header_bytes(text) != text.encode(encoding):
+        entry.append(encoding)
+    return entry
 
 
 def _header_kept(name: bytes, value: bytes) -> tuple[str, str]:
