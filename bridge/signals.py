@@ -61,7 +61,7 @@ def take_early_stop() -> signal.Signals | None:
 def release_early_stops() -> None:
     """For a command that does not serve: the handlers as they were, and a stop signal
     held meanwhile delivered again to them (Ctrl-C during the imports is a
-    KeyboardInterrupt, a SIGTERM ends the process)."""
+    KeyboardInterrupt, a SIGTERM ends the process, as PID 1 too: exit 143)."""
     global _held  # noqa: PLW0603
     if _held is None:
         return
@@ -71,3 +71,7 @@ def release_early_stops() -> None:
         signal.signal(sig, handler)
     if _received is not None:
         signal.raise_signal(_received)
+        # Still here with the default action: a container's PID 1, for which the kernel
+        # drops it (a `deadletter replay` Job then ran to its end). Its exit status.
+        if signal.getsignal(_received) is signal.SIG_DFL:
+            raise SystemExit(128 + _received)
