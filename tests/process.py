@@ -39,10 +39,26 @@ def wait_until_ready(
         raise RuntimeError(f"{name} not ready within {within}s:\n{log()}")
 
 
-class BridgeProcess:
-    """``python -m bridge serve`` on a free port, its output in a log file."""
+def hang_up_as_at_a_terminal() -> None:
+    """A ``preexec_fn``: the child starts with SIGHUP's default action, as from a
+    terminal, though this test run ignores it (``nohup make test``, which the bridge
+    then leaves ignored): for a test that sends it SIGHUP."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, port: int | None = None) -> None:
+
+class BridgeProcess:
+    """``python -m bridge serve`` on a free port, its output in a log file; with
+    ``hang_up``, started with SIGHUP's default action (see hang_up_as_at_a_terminal)."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        port: int | None = None,
+        hang_up: bool = False,
+    ) -> None:
+        self._hang_up = hang_up
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -62,13 +78,22 @@ class BridgeProcess:
         self._log = self.log_path.open("ab")
         log = self._log
 
+        dies = dies_with_parent()
+        hang_up = self._hang_up
+
+        def preexec() -> None:
+            if dies is not None:
+                dies()
+            if hang_up:
+                hang_up_as_at_a_terminal()
+
         def spawn() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 [sys.executable, "-m", "bridge", "serve"],
                 env=self._env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+                preexec_fn=preexec,  # noqa: PLW1509 - see dies_with_parent
             )
 
         # Gone with a pytest killed by SIGKILL (a CI job's end), as the brokers are,

@@ -23,6 +23,7 @@ from bridge.devkafka import dies_with_parent, ensure_jars, free_ports, kafka_hom
 from bridge.devkafka import main as devkafka_main
 from tests.conftest import REPO
 from tests.polling import wait_until
+from tests.process import hang_up_as_at_a_terminal
 
 # A test run that holds the session broker until it is signalled.
 HOLDING_TEST = """
@@ -79,6 +80,7 @@ def start_test_run(
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=hang_up_as_at_a_terminal,  # noqa: PLW1509 - a signal call only
     )
     return run, log
 
@@ -290,6 +292,7 @@ def start_up(home: Path, port: int, controller_port: int) -> subprocess.Popen[by
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=hang_up_as_at_a_terminal,  # noqa: PLW1509 - a signal call only
     )
 
 

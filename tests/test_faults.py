@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
@@ -66,7 +67,8 @@ def hang(pid: int) -> None:
                 found.append(stat[stat.rindex(")") + 2])
         return found
 
-    wait_until(states, lambda found: set(found) <= {"T", "t"}, within=30, every=0.01)
+    stopped = wait_until(states, lambda found: set(found) <= {"T", "t"}, within=30, every=0.01)
+    assert set(stopped) <= {"T", "t"}, f"threads of {pid} still running: {stopped}"
 
 
 def found_keys(bootstrap: str, prefix: str) -> set[str]:
@@ -132,11 +134,47 @@ def test_kill_9_under_load_loses_no_2xx(
     assert found <= tally.sent
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
-    """A broker this test may stop and start (the session broker must stay up)."""
-    with cluster.own_broker(tmp_path / "kafka" / "data") as broker:
+@pytest.fixture(scope="module")
+def faults_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """One broker for the tests of this module that hang, stop or start it (the
+    session's must stay up): a broker each cost some 6-10 s of a loaded CI run."""
+    with cluster.own_broker(tmp_path_factory.mktemp("faults-kafka") / "data") as broker:
         yield broker
+
+
+def takes_a_record(bootstrap: str) -> bool:
+    """Whether Kafka acknowledges a record (acks=all) now: a broker back from SIGSTOP
+    is fenced by its controller for a moment, and refuses them."""
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000
+        )
+        await producer.start()
+        try:
+            await producer.send_and_wait("faults.health", b"{}")
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(produce(), 10))
+    except (KafkaError, TimeoutError, OSError):
+        return False
+    return True
+
+
+@pytest.fixture
+def own_broker(faults_broker: LocalKafka) -> LocalKafka:
+    """A broker this test may hang, stop and start: this module's, running and taking
+    records, whatever the test before it left (each resumes it in its finally)."""
+    broker = faults_broker
+    if broker.is_running() and broker.pid is not None:
+        os.kill(broker.pid, signal.SIGCONT)  # a test that failed between its SIGSTOP and SIGCONT
+    else:
+        broker.start()
+        broker.wait_ready()
+    assert wait_until(lambda: takes_a_record(broker.bootstrap), bool, within=60, every=0.2)
+    return broker
 
 
 def test_a_producer_that_cannot_flush_is_closed_and_fails_what_it_held(
@@ -188,7 +226,9 @@ def test_broker_outage_durable_accepts_broker_mode_refuses(
     durable_env = bridge_env(bootstrap, topic_prefix + "d", "durable")
     broker_env = bridge_env(bootstrap, topic_prefix + "b", "broker", BRIDGE_PUBLISH_TIMEOUT="2")
     durable_tally, broker_tally, outage_tally = Tally(), Tally(), Tally()
-    durable = BridgeProcess(durable_env, tmp_path / "durable.log")
+    durable = BridgeProcess(
+        {**durable_env, "BRIDGE_SHUTDOWN_TIMEOUT": "2"}, tmp_path / "durable.log"
+    )
     brokered = BridgeProcess(broker_env, tmp_path / "broker.log")
     successor = BridgeProcess(durable_env, tmp_path / "durable-2.log")
     durable_url, broker_url = [""], [""]
@@ -681,18 +721,27 @@ def test_geins_retries_publish_once_even_across_restart(
         assert len({r.key for r in records}) == 1
 
 
+@pytest.fixture(scope="module")
+def no_auto_create_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A broker that creates no topics, as managed Kafka usually is; each test makes
+    its own under its prefix."""
+    with cluster.own_broker(
+        tmp_path_factory.mktemp("no-auto-create") / "data",
+        extra_properties={"auto.create.topics.enable": "false"},
+    ) as broker:
+        yield broker
+
+
 @pytest.mark.parametrize("ack", ["durable", "memory"])
 def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
-    tmp_path: Path, topic_prefix: str, ack: str
+    no_auto_create_broker: LocalKafka, tmp_path: Path, topic_prefix: str, ack: str
 ) -> None:
     """A broker that creates no topics (as managed Kafka usually is) and a new event
     type whose topic nobody made yet: its event waits in the backlog while every other
     event goes on to Kafka, and goes out once the topic is created. The drainer used
     to stop at that event, so nothing reached Kafka until the spool filled and the
     bridge answered 503 to everything."""
-    broker = cluster.own_broker(
-        tmp_path / "kafka" / "data", extra_properties={"auto.create.topics.enable": "false"}
-    )
+    broker = no_auto_create_broker
     orders, widgets = f"{topic_prefix}.order.create", f"{topic_prefix}.widget.create"
     headers = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -704,42 +753,41 @@ def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
         finally:
             await admin.close()
 
-    with broker:
-        asyncio.run(create(orders))
-        env = bridge_env(broker.bootstrap, topic_prefix, ack)
-        with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
-            with httpx2.Client(base_url=bridge.url, timeout=10) as client:
-                widget = client.post(
-                    "/webhooks/geins/Widget/create",
+    asyncio.run(create(orders))
+    env = bridge_env(broker.bootstrap, topic_prefix, ack)
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        with httpx2.Client(base_url=bridge.url, timeout=10) as client:
+            widget = client.post(
+                "/webhooks/geins/Widget/create",
+                content=b"{}",
+                headers={**headers, "x-Idempotency-Key": "widget-1"},
+            )
+            assert widget.status_code == 202, widget.text
+            for i in range(50):
+                answer = client.post(
+                    "/webhooks/geins/Order/create",
                     content=b"{}",
-                    headers={**headers, "x-Idempotency-Key": "widget-1"},
+                    headers={**headers, "x-Idempotency-Key": f"order-{i}"},
                 )
-                assert widget.status_code == 202, widget.text
-                for i in range(50):
-                    answer = client.post(
-                        "/webhooks/geins/Order/create",
-                        content=b"{}",
-                        headers={**headers, "x-Idempotency-Key": f"order-{i}"},
-                    )
-                    assert answer.status_code == 202, answer.text
-                wanted = {f"order-{i}" for i in range(50)}
-                found = wait_for_keys(broker.bootstrap, orders, wanted, within=60)
-                assert found == wanted, f"{len(found)} of 50 orders reached Kafka"
-                # held once the probe of its first record waited for metadata in vain
-                exposition = wait_until(
-                    lambda: client.get("/metrics").text,
-                    lambda text: "bridge_topics_held 1.0" in text,
-                    within=10,
-                    every=0.1,
-                )
-                assert "bridge_topics_held 1.0" in exposition
-                assert "bridge_spool_depth 1.0" in exposition
-                asyncio.run(create(widgets))
-                found = wait_for_keys(broker.bootstrap, widgets, {"widget-1"}, within=60)
-                assert found == {"widget-1"}
-            bridge.signal(signal.SIGTERM)
-            assert bridge.wait(30) == 0
-        assert "records for " + widgets + " are held back" in bridge.log()
+                assert answer.status_code == 202, answer.text
+            wanted = {f"order-{i}" for i in range(50)}
+            found = wait_for_keys(broker.bootstrap, orders, wanted, within=60)
+            assert found == wanted, f"{len(found)} of 50 orders reached Kafka"
+            # held once the probe of its first record waited for metadata in vain
+            exposition = wait_until(
+                lambda: client.get("/metrics").text,
+                lambda text: "bridge_topics_held 1.0" in text,
+                within=10,
+                every=0.1,
+            )
+            assert "bridge_topics_held 1.0" in exposition
+            assert "bridge_spool_depth 1.0" in exposition
+            asyncio.run(create(widgets))
+            found = wait_for_keys(broker.bootstrap, widgets, {"widget-1"}, within=60)
+            assert found == {"widget-1"}
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(30) == 0
+    assert "records for " + widgets + " are held back" in bridge.log()
 
 
 def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record(

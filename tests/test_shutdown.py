@@ -46,7 +46,8 @@ def test_sigterm_under_load_loses_nothing(
     }
     tally = Tally()
     readiness: list[int] = []
-    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+    hang_up = stop_signal == signal.SIGHUP
+    with BridgeProcess(env, tmp_path / "bridge.log", hang_up=hang_up) as bridge:
 
         async def scenario() -> None:
             stop = asyncio.Event()

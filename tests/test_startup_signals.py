@@ -17,6 +17,7 @@ import pytest
 from bridge.devkafka import free_port
 from tests.fakes import TOKEN
 from tests.polling import wait_until
+from tests.process import hang_up_as_at_a_terminal
 
 #: `bridge serve`, its spool check replaced by a statement that never ends, as a huge
 #: spool's check on a slow disk nearly does; it touches argv[1] when it begins. With
@@ -98,7 +99,13 @@ def _signalled_once_begun(
         argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
     log_path = began.with_name(began.name + ".log")
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=hang_up_as_at_a_terminal,  # noqa: PLW1509 - a signal call only
+        )
     try:
         assert wait_until(began.exists, bool, within=30, every=0.05), log_path.read_text()
         target = proc.pid
@@ -108,6 +115,7 @@ def _signalled_once_begun(
             target = found
         time.sleep(after)
         os.kill(target, stop)
+        began.with_name(began.name + ".sent").touch()
         status = proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
@@ -202,7 +210,10 @@ class SlowImports(importlib.abc.MetaPathFinder):
         if name == "pydantic":
             sys.meta_path.remove(self)
             began.touch()
-            time.sleep(3)
+            sent = began.with_name(began.name + ".sent")
+            deadline = time.monotonic() + 30
+            while not sent.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the imports go on once the signal was sent
         return None
 
 
