@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -358,6 +359,7 @@ class _ReplayTally:
     unpublished: int = 0  # accepted, but Kafka did not take it
     publishing: str = ""  # the position of the record being published, if one is
     positions: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    report_failure: Exception | None = None  # why the report could not be written
     keys: set[str] = dataclasses.field(default_factory=set)
 
     def saw(self, partition: int, offset: int, keys: set[str]) -> None:
@@ -434,6 +436,7 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
             )
         if tally.publishing or tally.told:
             print(f"{tally.summary(verb)} before the replay stopped", file=sys.stderr)
+        _say_report_failure(tally)
         if isinstance(exc, asyncio.CancelledError):  # SIGTERM (see _replay_dead_letters)
             return 128 + signal.SIGTERM
         raise
@@ -445,7 +448,17 @@ def _deadletter_replay(settings: Settings, args: argparse.Namespace) -> int:
     not_found = tally.not_found(query)
     for option in not_found:
         print(f"{option} matches no dead letter on {settings.deadletter_topic}", file=sys.stderr)
-    return 1 if tally.refused or tally.unpublished or not_found else 0
+    failed = _say_report_failure(tally)
+    return 1 if tally.refused or tally.unpublished or not_found or failed else 0
+
+
+def _say_report_failure(tally: _ReplayTally) -> bool:
+    """Say why the report's lines stopped reaching stdout, if they did (a full disk);
+    whether they did. A reader that went away is no failure (see _Report)."""
+    if tally.report_failure is None:
+        return False
+    _say_last(f"the report could not be written to stdout: {tally.report_failure}")
+    return True
 
 
 class _Report:
@@ -457,28 +470,30 @@ class _Report:
     until SIGKILL. Now the loop waits only for room among REPORT_LINES lines not yet
     written, and a SIGTERM (or Ctrl-C) stops it there as anywhere else. A reader that
     went away (`| head`, `less` quit early) does not stop the replay half done,
-    exiting 0 without its summary: the rest of the report goes nowhere.
+    exiting 0 without its summary: the rest of the report goes nowhere. Any other
+    failure to write (a full disk) is kept in ``failure`` for the exit to say.
     """
 
     def __init__(self) -> None:
-        self._out = sys.stdout
-        self._encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-        self._lines: queue.Queue[bytes | None] = queue.Queue(REPORT_LINES)
-        self._gone = False
+        self._out = sys.stdout  # None when the process has no stdout (`>&-`)
+        self._encoding = getattr(self._out, "encoding", None) or "utf-8"
+        self._lines: queue.Queue[str | None] = queue.Queue(REPORT_LINES)
+        self._gone = self._out is None
+        self.failure: Exception | None = None
         self._loop = asyncio.get_running_loop()
         self._written = asyncio.Event()  # every line said, up to finish()
         self._thread = threading.Thread(target=self._write, name="replay-report", daemon=True)
         self._thread.start()
 
     async def say(self, line: str) -> None:
-        await self._put((line + "\n").encode(self._encoding, "backslashreplace"))
+        await self._put(line)
 
     async def finish(self) -> None:
-        """Wait until every line said is written (or its reader went away)."""
+        """Wait until every line said is written (or cannot be)."""
         await self._put(None)
         await self._written.wait()
 
-    async def _put(self, item: bytes | None) -> None:
+    async def _put(self, item: str | None) -> None:
         while True:
             try:
                 self._lines.put_nowait(item)
@@ -488,28 +503,39 @@ class _Report:
                 return
 
     def _write(self) -> None:
+        try:
+            self._write_lines()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                self._loop.call_soon_threadsafe(self._written.set)
+
+    def _write_lines(self) -> None:
         # The file descriptor, not sys.stdout: a daemon thread holding sys.stdout's lock
         # in a write that never ends makes the interpreter's exit abort ("could not
         # acquire lock ... at interpreter shutdown").
         out = self._out
         try:
-            fd: int | None = out.fileno()
+            fd: int | None = out.fileno() if out is not None else None
         except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
             fd = None
-        while (data := self._lines.get()) is not None:
+        # One encoder for the whole report: a byte order mark (UTF-16) once, not a line.
+        encode = codecs.getincrementalencoder(self._encoding)("backslashreplace").encode
+        while (line := self._lines.get()) is not None:
             if self._gone:
                 continue
             try:
                 if fd is None:
-                    out.write(data.decode(self._encoding, "replace"))
+                    assert out is not None  # noqa: S101  # else gone from the start
+                    out.write(line + "\n")
                     continue
-                view = memoryview(data)
+                view = memoryview(encode(line + "\n"))
                 while view:
                     view = view[os.write(fd, view) :]
-            except (OSError, ValueError):  # BrokenPipeError: the reader went away
+            except BrokenPipeError:  # the reader went away: said nowhere, as asked
                 self._gone = True
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
-            self._loop.call_soon_threadsafe(self._written.set)
+            except Exception as exc:  # the exit says it
+                self.failure = exc
+                self._gone = True
 
 
 #: How many lines of a replay's report may wait for a slow reader.
@@ -532,8 +558,14 @@ async def _replay_dead_letters(
     task = asyncio.current_task()
     assert task is not None  # noqa: S101  # run by asyncio.run
 
+    stopped = False
+
     def stop() -> None:
-        if not task.cancelling():
+        # Not task.cancelling(): a publish timeout expiring in the same turn counts
+        # there too, and the SIGTERM was dropped.
+        nonlocal stopped
+        if not stopped:
+            stopped = True
             task.cancel()
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
@@ -566,8 +598,10 @@ async def _replay_dead_letters(
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(1):
                 await report.finish()
+        tally.report_failure = report.failure
         raise
     await report.finish()  # the summary follows the report
+    tally.report_failure = report.failure
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

@@ -889,6 +889,89 @@ def test_a_replay_stopped_while_its_report_waits_counts_every_record_it_dealt_wi
     assert yielded > REPORT_LINES
 
 
+def replaying(env: pytest.MonkeyPatch, count: int, *, each: Any = None) -> None:
+    """Replays of ``count`` dead letters, each accepted, as kafkaadmin would yield them
+    (no Kafka); ``each`` awaited before each."""
+
+    async def no_letters(*_: Any) -> Any:
+        return
+        yield
+
+    async def replayed(*_: Any, **__: Any) -> Any:
+        for n in range(count):
+            result = "replayed" if each is None else await each()
+            yield SimpleNamespace(partition=0, offset=n, key=b"k-%d" % n), result, "ok", "t"
+
+    env.setattr(kafkaadmin, "dead_letters", no_letters)
+    env.setattr(kafkaadmin, "replay_dead_letters", replayed)
+
+
+def test_a_sigterm_as_a_publish_times_out_still_stops_the_replay(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGTERM handled in the same turn as a publish timeout expiring was dropped
+    (the stop looked at task.cancelling(), which the timeout had raised): the replay
+    went on to its end, exit 1, every record "not published"."""
+
+    async def publish() -> str:
+        loop = asyncio.get_running_loop()
+
+        def busy() -> None:  # the loop busy past the timeout, a SIGTERM meanwhile
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+
+        loop.call_later(0.05, busy)
+        try:
+            async with asyncio.timeout(0.1):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "unpublished"
+        return "replayed"
+
+    replaying(env, 5, each=publish)
+    assert main(["deadletter", "replay"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().out.count("key=") < 5  # stopped before its end
+
+
+def test_a_replay_without_stdout_still_ends(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge deadletter replay >&-`: no sys.stdout at all. Its report's thread died on
+    it, and the replay waited for that thread forever."""
+    replaying(env, 3)
+    env.setattr(sys, "stdout", None)
+    assert main(["deadletter", "replay"]) == 0
+    assert "3 replayed, 0 still refused" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_is_said_and_exits_1(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report to a full disk (/dev/full): its lines were dropped as if the reader
+    had gone away, exit 0. Only a reader that went away is that; this is said, exit 1."""
+    replaying(env, 3)
+    with open("/dev/full", "w") as full:
+        env.setattr(sys, "stdout", full)
+        assert main(["deadletter", "replay"]) == 1
+    err = capsys.readouterr().err
+    assert "3 replayed, 0 still refused" in err
+    assert "bridge: the report could not be written to stdout: [Errno 28]" in err, err
+
+
+def test_a_report_in_utf_16_has_one_byte_order_mark(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each line was encoded alone: a byte order mark before every line."""
+    replaying(env, 3)
+    path = tmp_path / "report"
+    with path.open("w", encoding="utf-16") as out:
+        env.setattr(sys, "stdout", out)
+        assert main(["deadletter", "replay"]) == 0
+    assert path.read_text(encoding="utf-16").splitlines() == [
+        f"[0]@{n}     key=k-{n}  ok -> t" for n in range(3)
+    ]
+
+
 @pytest.fixture(scope="module")
 def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker of this module's own, which creates no topics and which a test may kill
