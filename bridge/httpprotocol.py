@@ -313,20 +313,22 @@ def header_lines(pairs: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def close_after_answers(protocols: Iterable[object]) -> None:
-    """A stop began (BRIDGE_SHUTDOWN_DELAY): the request each connection is answering
-    now, or will answer next, says ``connection: close`` and closes it. The check at
-    each request's head (``draining`` below) missed those whose head came before the
-    signal (a delivery waiting for Kafka in ``broker`` mode, a pipelined one): their
+    """A stop began (BRIDGE_SHUTDOWN_DELAY): the last request each connection has
+    received says ``connection: close`` in its answer, and the connection closes after
+    it. The check at each request's head (``draining`` below) missed those whose head
+    came before the signal (a delivery waiting for Kafka in ``broker`` mode): their
     connection stayed kept alive and raced the close at the end of the delay.
+
+    The last one, uvicorn's ``cycle``, as uvicorn's own shutdown marks it: requests
+    pipelined before it are still answered, in turn, on the open connection (closed
+    after the first of them, the rest were never answered).
 
     Called by the server's signal handler, between two bytecodes of the event loop's
     thread: only attributes are set, and the set of connections is copied first."""
     for protocol in list(protocols):
         cycle = getattr(protocol, "cycle", None)
-        pipelined = getattr(protocol, "pipeline", ())
-        for each in (cycle, *(queued for queued, _ in list(pipelined))):
-            if each is not None and not each.response_started:
-                each.keep_alive = False
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
 
 
 def guarded_protocol(

@@ -354,6 +354,38 @@ async def test_a_stop_closes_the_connections_of_requests_already_in_progress(
         connection.close()
 
 
+async def test_a_stop_answers_every_request_pipelined_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three requests pipelined, the first waiting for Kafka when the stop comes: each
+    is answered, the last with connection: close. Marking every request then closed
+    the connection after the second, and the third, received whole, went unanswered."""
+    state = RuntimeState()
+    connection = Connection(monkeypatch, draining=lambda: state.draining)
+    kafka = asyncio.Event()
+    hand_over = connection.publisher.hand_over
+
+    async def held(destination: Any) -> asyncio.Future[Any]:
+        await kafka.wait()
+        return await hand_over(destination)
+
+    monkeypatch.setattr(connection.publisher, "hand_over", held)
+    try:
+        requests = webhook("k1") + webhook("k2") + webhook("k3")
+        answering = asyncio.ensure_future(connection.answers(requests, 3))
+        await asyncio.sleep(0.05)  # the first waits for Kafka, the others are queued
+        state.draining = True
+        close_after_answers([connection.protocol])
+        kafka.set()
+        answers = await answering
+        assert [a.split(b" ", 2)[1] for a in answers] == [b"202"] * 3
+        assert ["connection" in header_fields(a) for a in answers] == [False, False, True]
+        assert connection.transport.closed
+        assert [r.key for r in connection.publisher.records] == [b"k1", b"k2", b"k3"]
+    finally:
+        connection.close()
+
+
 def test_the_stop_signal_closes_the_connections_of_answers_not_started() -> None:
     """The server's handler for the stop signal does it (above), for every connection."""
     from bridge.server import BridgeServer  # noqa: PLC0415  # the one user
