@@ -324,12 +324,16 @@ async def test_while_draining_every_answer_closes_its_connection(
             connection.close()
 
 
+@pytest.mark.parametrize("pipelined", [1, 3])
 async def test_a_stop_closes_the_connections_of_requests_already_in_progress(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pipelined: int
 ) -> None:
     """A delivery whose head came before the stop signal (waiting for Kafka in broker
     mode) was answered without connection: close during the delay: its connection
-    stayed kept alive and raced the close at the end of the delay (a review)."""
+    stayed kept alive and raced the close at the end of the delay (a review). With
+    requests pipelined behind it, each is answered, the last with connection: close:
+    marking every one closed the connection after the second, and the third, received
+    whole, went unanswered."""
     state = RuntimeState()
     connection = Connection(monkeypatch, draining=lambda: state.draining)
     kafka = asyncio.Event()
@@ -340,48 +344,21 @@ async def test_a_stop_closes_the_connections_of_requests_already_in_progress(
         return await hand_over(destination)
 
     monkeypatch.setattr(connection.publisher, "hand_over", held)
+    keys = [f"k{n}" for n in range(pipelined)]
     try:
-        answering = asyncio.ensure_future(connection.answers(webhook("k1"), 1))
-        await asyncio.sleep(0.05)  # waiting for Kafka
+        requests = b"".join(webhook(key) for key in keys)
+        answering = asyncio.ensure_future(connection.answers(requests, pipelined))
+        await asyncio.sleep(0.05)  # the first waits for Kafka, any others are queued
         state.draining = True  # what the server's signal handler does
         close_after_answers([connection.protocol])
         kafka.set()
-        [answer] = await answering
-        assert answer.startswith(b"HTTP/1.1 202")
-        assert header_fields(answer)["connection"] == "close"
-        assert connection.transport.closed
-    finally:
-        connection.close()
-
-
-async def test_a_stop_answers_every_request_pipelined_before_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Three requests pipelined, the first waiting for Kafka when the stop comes: each
-    is answered, the last with connection: close. Marking every request then closed
-    the connection after the second, and the third, received whole, went unanswered."""
-    state = RuntimeState()
-    connection = Connection(monkeypatch, draining=lambda: state.draining)
-    kafka = asyncio.Event()
-    hand_over = connection.publisher.hand_over
-
-    async def held(destination: Any) -> asyncio.Future[Any]:
-        await kafka.wait()
-        return await hand_over(destination)
-
-    monkeypatch.setattr(connection.publisher, "hand_over", held)
-    try:
-        requests = webhook("k1") + webhook("k2") + webhook("k3")
-        answering = asyncio.ensure_future(connection.answers(requests, 3))
-        await asyncio.sleep(0.05)  # the first waits for Kafka, the others are queued
-        state.draining = True
-        close_after_answers([connection.protocol])
-        kafka.set()
         answers = await answering
-        assert [a.split(b" ", 2)[1] for a in answers] == [b"202"] * 3
-        assert ["connection" in header_fields(a) for a in answers] == [False, False, True]
+        assert [a.split(b" ", 2)[1] for a in answers] == [b"202"] * pipelined
+        closing = ["connection" in header_fields(a) for a in answers]
+        assert closing == [False] * (pipelined - 1) + [True]
+        assert header_fields(answers[-1])["connection"] == "close"
         assert connection.transport.closed
-        assert [r.key for r in connection.publisher.records] == [b"k1", b"k2", b"k3"]
+        assert [r.key for r in connection.publisher.records] == [k.encode() for k in keys]
     finally:
         connection.close()
 
