@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge import logs
+from bridge import logs, package_version
 from bridge.auth import UNAUTHENTICATED, short_token_warnings, warn_if_short
 from bridge.config import Settings, listen_addresses, load_settings
 from bridge.errors import DEAD_LETTER_REASONS, ConfigError, SpoolUnusable
@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
         "TOML settings file (default: $BRIDGE_CONFIG_FILE); BRIDGE_* variables override it"
     )
     parser.add_argument("--config", type=Path, default=None, help=config_help)
+    parser.add_argument(  # which one is deployed, without a scrape of bridge_build_info
+        "--version", action="version", version=f"%(prog)s {package_version()}"
+    )
     # Also after the command (`bridge serve --config f.toml`, as users write it): it
     # was refused there as an unrecognised argument. SUPPRESS: not given, it leaves
     # the value given before the command.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bridge import package_version
 from bridge.errors import ALL_ERRORS, DEAD_LETTER_REASONS
 from bridge.geins import ENTITY_ACTIONS, KNOWN_ACTIONS, Event
 
@@ -110,13 +110,6 @@ class FastCollector(Collector):
                     buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
                 histogram.add_metric([child] if label else [], buckets, h.sum)
             yield histogram
-
-
-def _package_version() -> str:
-    try:
-        return version("geins-kafka-bridge")
-    except PackageNotFoundError:  # running from a source tree without install
-        return "unknown"
 
 
 class Metrics:
@@ -299,7 +292,7 @@ class Metrics:
             ["version"],
             registry=registry,
         )
-        self.build_info.labels(_package_version()).set(1)
+        self.build_info.labels(package_version()).set(1)
         # Create the fixed children up front: series exist (at 0) before the
         # first event, and no label lookup happens for them on the hot path.
         for error in ALL_ERRORS:

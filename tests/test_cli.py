@@ -16,6 +16,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -33,6 +34,7 @@ from bridge.config import load_settings
 from bridge.devkafka import free_port, free_ports
 from bridge.errors import ConfigError
 from bridge.kafkaadmin import tail, tail_pattern
+from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import template_pattern
 from bridge.server import listening_sockets
@@ -301,6 +303,16 @@ def test_kafka_that_never_answers_is_named_with_the_deadline(
         f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 1 s",
         f"bridge: cannot talk to Kafka at {bootstrap}: no answer within 3 s",
     ]
+
+
+def test_version_is_the_installed_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bridge --version`: which bridge is deployed, as bridge_build_info says it."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"bridge {version('geins-kafka-bridge')}\n"
+    [info] = Metrics().build_info.collect()
+    assert info.samples[0].labels["version"] == version("geins-kafka-bridge")
 
 
 @pytest.mark.parametrize("limit", ["0", "-3", "two"])
