@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge import logs
+from bridge import logs, package_version
 from bridge.app import create_app
 from bridge.config import WEBHOOK_ADDRESS, Settings, cannot_listen, listen_addresses
 from bridge.errors import ConfigError
@@ -290,6 +290,8 @@ def serve(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) -> int:
+    # Which version wrote the log that follows (an upgrade rolled out or not yet).
+    log.info("geins-kafka-bridge %s starting, BRIDGE_ACK=%s", package_version(), settings.ack)
     state = RuntimeState()
     app = create_app(settings, state=state)
     # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),

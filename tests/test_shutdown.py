@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from bridge import package_version
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.loadgen import Tally, load
@@ -76,3 +77,4 @@ def test_sigterm_under_load_loses_nothing(
     assert 503 in readiness, "readiness never turned 503 during the shutdown delay"
     assert "Traceback" not in log, log
     assert f"{stop_signal.name} received: readiness off" in log, log
+    assert f"geins-kafka-bridge {package_version()} starting, BRIDGE_ACK={ack}" in log, log
