@@ -13,7 +13,8 @@ per-record acknowledgement future stay aiokafka's.
 This reaches into the accumulator's internals (``_batches``,
 ``_append_batch``) and the client's set of topics to keep metadata for
 (``_topics``, see :meth:`DirectHandover._track`), so it checks at start that
-they are there, and the aiokafka version is pinned to a minor release in
+they are there (and gives the fast way up for ``send()`` at the first TypeError or
+AttributeError they raise), and the aiokafka version is pinned to a minor release in
 pyproject.toml. Whenever the fast way does not apply (unknown topic, a record
 too large, a full batch, the producer closing or failed) it answers None and
 the caller uses ``producer.send``, which waits for metadata or raises the
@@ -42,11 +43,11 @@ class DirectHandover:
 
     def __init__(self, producer: AIOKafkaProducer, max_request_size: int) -> None:
         self._accumulator: Any = getattr(producer, "_message_accumulator", None)
-        self._tracked: Any = getattr(producer.client, "_topics", None)
+        self._client = producer.client
         self.enabled = (
             self._accumulator is not None
             and all(hasattr(self._accumulator, name) for name in _NEEDED)
-            and isinstance(self._tracked, set)
+            and isinstance(getattr(self._client, "_topics", None), set)
         )
         if not self.enabled:
             log.warning("aiokafka's internals changed shape: every record goes through send()")
@@ -75,7 +76,8 @@ class DirectHandover:
         leader nobody asked about until it expired. The metadata is known at this
         point, so no refresh is needed now.
         """
-        self._tracked.add(topic)
+        # Read each time: the client's set_topics() replaces the set.
+        self._client._topics.add(topic)
 
     def knows(self, topic: str) -> bool:
         """True when records for ``topic`` were appended since the last metadata update."""
@@ -87,10 +89,35 @@ class DirectHandover:
     def append(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
     ) -> asyncio.Future[Any] | None:
-        """The record's acknowledgement future, or None: send it with ``producer.send``."""
+        """The record's acknowledgement future, or None: send it with ``producer.send``.
+
+        An aiokafka whose internals changed in a way the start-up check cannot see (a
+        method's arguments, say: the version allows patch releases) raises a TypeError
+        or AttributeError here before the record is appended: every record became a
+        503. The fast way is then given up for ``send()``, said once.
+        """
+        if not self.enabled:
+            self.last_batch = None
+            return None
+        try:
+            return self._append(topic, key, value, headers)
+        except (TypeError, AttributeError) as exc:
+            self.enabled = False
+            self.last_batch = None
+            log.warning(
+                "aiokafka's internals changed shape (%s: %s): every record goes through "
+                "send() from now on",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+
+    def _append(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[Any] | None:
         accumulator = self._accumulator
         self.last_batch = None
-        if not self.enabled or accumulator._closed or accumulator._exception is not None:
+        if accumulator._closed or accumulator._exception is not None:
             return None
         partitions = self._partitions.get(topic) or self._learn(topic)
         if partitions is None:

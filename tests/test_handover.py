@@ -190,3 +190,42 @@ def test_the_batch_of_a_record_sent_the_slow_way_is_found(
             await admin.close()
 
     asyncio.run(run())
+
+
+def test_internals_that_changed_shape_give_the_fast_way_up_for_send(
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An aiokafka patch release whose MessageBatch.append took its timestamp by keyword
+    only (the start-up check sees names, not arguments): every record was a 503
+    ("the Kafka client failed: TypeError"), though send() worked. The fast way is
+    given up, said once, and every record goes through send()."""
+    topic = topic_prefix + ".shape"
+    calls: list[str] = []
+
+    def changed(self: DirectHandover, *_: Any) -> Any:
+        calls.append("fast")
+        raise TypeError("append() takes 3 positional arguments but 4 were given")
+
+    async def run() -> list[Any]:
+        publisher = KafkaPublisher(settings_for(kafka_bootstrap), Metrics())
+        await publisher.start()
+        try:
+            await publisher.publish(destination(topic, "first"))  # learns the topic
+            monkeypatch.setattr(DirectHandover, "_append", changed)
+            for n in range(3):
+                await publisher.publish(destination(topic, f"k{n}"))
+        finally:
+            await publisher.stop()
+        return await read_to_end({"bootstrap_servers": kafka_bootstrap}, prefix=topic)
+
+    records = asyncio.run(run())
+    assert sorted(r.key for r in records) == [b"first", b"k0", b"k1", b"k2"]
+    assert calls == ["fast"]  # tried once, then send() only
+    warnings = [r.getMessage() for r in caplog.records if "changed shape" in r.getMessage()]
+    assert warnings == [
+        "aiokafka's internals changed shape (TypeError: append() takes 3 positional "
+        "arguments but 4 were given): every record goes through send() from now on"
+    ]
