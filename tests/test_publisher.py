@@ -957,3 +957,14 @@ async def test_stalls_are_told_in_broker_mode_only() -> None:
         await pub.publish(DESTINATION)
     assert not pub.stalled
     await pub.stop()
+
+
+def test_a_kafka_timeout_is_no_refusal() -> None:
+    """A wait for buffer space behind a partition that takes nothing ends in aiokafka's
+    KafkaTimeoutError: it was said "Kafka refused the record: KafkaTimeoutError" and
+    counted as kafka_error, sending the operator after the record, not the partition."""
+    pub = publisher(timeout=30)
+    error = pub.failure(KafkaTimeoutError())
+    assert error.detail == "Kafka did not take the record in time (KafkaTimeoutError)"
+    assert pub._metrics.publish_errors.labels("timeout")._value.get() == 1
+    assert pub._metrics.publish_errors.labels("kafka_error")._value.get() == 0
