@@ -86,6 +86,11 @@ class AckMode(Protocol):
         """Whether deliveries can be accepted now (what /readyz reports)."""
         ...
 
+    @property
+    def unready_reason(self) -> str | None:
+        """Why deliveries cannot be accepted now, for /readyz's body; None when ready."""
+        ...
+
 
 class BrokerAck:
     name = "broker"
@@ -123,13 +128,19 @@ class BrokerAck:
 
     @property
     def ready(self) -> bool:
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
+        if not self._publisher.connected:
+            return "Kafka is not connected"
         # Not stalled either: Kafka answering metadata yet taking no record (below its
         # quorum, say) makes each request wait the whole publish timeout for a 503.
-        return (
-            self._publisher.connected
-            and not self._publisher.stalled
-            and (self._publish_after is None or self._publish_after.done())
-        )
+        if self._publisher.stalled:
+            return "Kafka takes no record (a publish timed out, and none was taken since)"
+        if self._publish_after is not None and not self._publish_after.done():
+            return "the topics are being created (BRIDGE_CREATE_TOPICS)"
+        return None
 
     @property
     def remembered_keys(self) -> int:
@@ -257,12 +268,14 @@ class _DrainedAck:
     def held_topics(self) -> list[str]:
         return self.drainer.held_topics
 
-    @property
-    def _background_alive(self) -> bool:
-        """Whether the drainer (and durable's spool maintenance) still run. Their loops
+    def _background_reason(self) -> str | None:
+        """Unready once the drainer (or durable's spool maintenance) stopped. Their loops
         catch whatever they can meet, so one that ended on its own is a bug: it was only
         logged, and readiness said 200 while nothing moved the backlog to Kafka."""
-        return not any(task.done() for task in self._tasks)
+        for task in self._tasks:
+            if task.done():
+                return f"the background task {task.get_name()} stopped (see the log)"
+        return None
 
     def _start_drainer(self, publish_after: asyncio.Future[Any] | None) -> None:
         self._tasks.append(spawn(self._drain(publish_after), f"{type(self).__name__}-drainer"))
@@ -325,13 +338,18 @@ class DurableAck(_DrainedAck):
 
     @property
     def ready(self) -> bool:
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
         spool = self.spool
-        return (
-            spool.writable
-            and not spool.disk_low
-            and has_room(spool.bytes, self._max_bytes)
-            and self._background_alive
-        )
+        if not spool.writable:
+            return "the spool cannot be written (see the log)"
+        if spool.disk_low:
+            return "the spool's disk has too little room left"
+        if not has_room(spool.bytes, self._max_bytes):
+            return "the spool is full (BRIDGE_SPOOL_MAX_BYTES): Kafka is probably unreachable"
+        return self._background_reason()
 
     @property
     def remembered_keys(self) -> int:
@@ -380,7 +398,15 @@ class MemoryAck(_DrainedAck):
 
     @property
     def ready(self) -> bool:
-        return not self.backlog.full and self._background_alive
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
+        if self.backlog.full:
+            return (
+                "the memory queue is full (BRIDGE_MEMORY_MAX_BYTES): Kafka is probably unreachable"
+            )
+        return self._background_reason()
 
     @property
     def remembered_keys(self) -> int:

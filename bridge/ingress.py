@@ -435,16 +435,21 @@ def operation_routes(
         return Response(b'{"status":"alive"}', media_type="application/json")
 
     async def readyz(_: Request) -> Response:
-        ready = ack_mode.ready and not state.draining
-        body = orjson.dumps(
-            {
-                "status": "ready" if ready else "unavailable",
-                "ack": ack_mode.name,
-                "accepting": ack_mode.ready,
-                "draining": state.draining,
-            }
+        # Why not, said: "accepting": false alone sent the operator to the log.
+        reason = "the bridge is stopping" if state.draining else ack_mode.unready_reason
+        answer: dict[str, object] = {
+            "status": "unavailable" if reason else "ready",
+            "ack": ack_mode.name,
+            "accepting": ack_mode.ready,
+            "draining": state.draining,
+        }
+        if reason:
+            answer["reason"] = reason
+        return Response(
+            orjson.dumps(answer),
+            status_code=503 if reason else 200,
+            media_type="application/json",
         )
-        return Response(body, status_code=200 if ready else 503, media_type="application/json")
 
     async def prometheus(_: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)

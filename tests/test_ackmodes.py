@@ -1239,6 +1239,10 @@ async def test_not_ready_when_no_event_fits_any_more(tmp_path: Path, ack: str) -
         queue: Any = mode.spool if ack == "durable" else mode.backlog  # type: ignore[attr-defined]
         used = queue.bytes
         assert limit - 64 * 1024 < used <= limit  # not ready with less than 64 KiB left
+        assert mode.unready_reason is not None
+        assert mode.unready_reason.startswith(
+            f"the {'spool' if ack == 'durable' else 'memory queue'} is full"
+        )
         assert n > 40  # and ready until then
     finally:
         await mode.stop()
@@ -1261,6 +1265,9 @@ async def test_not_ready_once_the_drainer_died(
     try:
         assert mode.ready
         await eventually(lambda: not mode.ready, within=2, what="not ready")
+        assert mode.unready_reason == (
+            f"the background task {type(mode).__name__}-drainer stopped (see the log)"
+        )
     finally:
         await mode.stop()
 

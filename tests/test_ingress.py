@@ -350,18 +350,27 @@ def test_a_delivery_cut_off_by_the_shutdown_timeout_is_a_503_counted_so() -> Non
 
 
 def test_readiness_follows_publisher_and_draining() -> None:
-    """/readyz is 503 while Kafka is unreachable or the bridge is draining."""
+    """/readyz is 503 while Kafka is unreachable or the bridge is draining, and says
+    why ("accepting": false alone sent the operator to the log)."""
     app, publisher, _ = make()
     with TestClient(app) as client:
-        assert client.get("/readyz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert "reason" not in ready.json()
         assert client.get("/healthz").status_code == 200
         publisher.connected = False
-        assert client.get("/readyz").status_code == 503
+        away = client.get("/readyz")
+        assert away.status_code == 503
+        assert away.json()["reason"] == "Kafka is not connected"
         publisher.connected = True
+        publisher.stalled = True
+        assert client.get("/readyz").json()["reason"].startswith("Kafka takes no record")
+        publisher.stalled = False
         app.state.runtime.draining = True
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json()["draining"] is True
+        assert response.json()["reason"] == "the bridge is stopping"
     assert publisher.started
     assert publisher.stopped
 
