@@ -191,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REASON",
         help=_REASON_HELP,
     )
+    dead_list.add_argument(
+        "--json", action="store_true", help="a line of JSON per dead letter, for scripts"
+    )
     dead_list.set_defaults(run=_deadletter_list)
     replay = dead_commands.add_parser(
         "replay",
@@ -336,19 +339,22 @@ def _dead_letter_query(settings: Settings, args: argparse.Namespace) -> DeadLett
 
 
 def _deadletter_list(settings: Settings, args: argparse.Namespace) -> int:
-    shown = asyncio.run(_show_dead_letters(settings, _dead_letter_query(settings, args)))
+    query = _dead_letter_query(settings, args)
+    shown = asyncio.run(_show_dead_letters(settings, query, as_json=args.json))
     print(f"{shown} dead letter(s) on {settings.deadletter_topic}", file=sys.stderr)
     return 0
 
 
-async def _show_dead_letters(settings: Settings, query: DeadLetterQuery) -> int:
-    """Print each dead letter ``query`` wants as it is read; how many there were."""
+async def _show_dead_letters(settings: Settings, query: DeadLetterQuery, *, as_json: bool) -> int:
+    """Print each dead letter ``query`` wants as it is read (two lines for people, or a
+    line of JSON); how many there were."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
+    describe = kafkaadmin.dead_letter_json if as_json else kafkaadmin.describe_dead_letter
     shown = 0
     async with contextlib.aclosing(kafkaadmin.dead_letters(settings, query)) as letters:
         async for record in letters:
-            print(kafkaadmin.describe_dead_letter(record))
+            print(describe(record))
             shown += 1
     return shown
 

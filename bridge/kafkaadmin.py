@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, TextIO
 from urllib.parse import quote
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -521,6 +522,32 @@ def describe_dead_letter(record: Any) -> str:
             f"          {origin}  {excerpt}",
         ]
     )
+
+
+def dead_letter_json(record: Any) -> str:
+    """A dead letter as one line of JSON, for a script (``deadletter list --json``): the
+    record as Kafka holds it, its key, header values and value as text (bytes that
+    are not UTF-8 as U+FFFD, as the text lines show them), null where Kafka has none."""
+
+    def as_text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode(errors="replace")
+
+    timestamp = record.timestamp
+    return orjson.dumps(
+        {
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "timestamp": (
+                datetime.fromtimestamp(timestamp / 1000, UTC).isoformat()
+                if isinstance(timestamp, int) and timestamp >= 0
+                else None
+            ),
+            "key": as_text(record.key),
+            "headers": [[name, as_text(value)] for name, value in record.headers],
+            "value": as_text(record.value),
+        }
+    ).decode()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import gc
 import itertools
+import json
 import os
 import random
 import re
@@ -246,6 +247,38 @@ def test_null_keys_values_and_header_values_print_as_none(
     assert "key=<none>  still refused: missing_event_type" in out
     assert main(["deadletter", "replay", "--offset", "0"]) == 1  # one partition: N alone
     assert capsys.readouterr().out.startswith("[0]@0     key=<none>  still refused")
+
+
+def test_dead_letters_listed_as_json_lines(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """`deadletter list --json`: a line of JSON per dead letter, for jq and scripts,
+    with what the text lines show and the headers whole; a null key or header is
+    null."""
+    refuse(("/webhooks/geins/Voucher/create", [("x-Idempotency-Key", "v-1")]))
+    produce(kafka_bootstrap, f"{topic_prefix}.deadletter", None, b"", [("h", None)])
+    assert main(["deadletter", "list", "--json", "--reason", "unknown_event_type"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.endswith("1 dead letter(s) on " + topic_prefix + ".deadletter\n")
+    [line] = captured.out.splitlines()
+    letter = json.loads(line)
+    headers = dict(letter["headers"])
+    assert (letter["topic"], letter["partition"], letter["offset"]) == (
+        f"{topic_prefix}.deadletter",
+        0,
+        0,
+    )
+    assert letter["key"] == "v-1"
+    assert letter["value"] == '{"code":"X"}'
+    assert headers["x-bridge-reason"] == "unknown_event_type"
+    assert headers["x-bridge-path"] == "/webhooks/geins/Voucher/create"
+    assert datetime.fromisoformat(letter["timestamp"]).tzinfo is not None
+    assert main(["deadletter", "list", "--json"]) == 0
+    nulls = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (nulls["key"], nulls["value"], nulls["headers"]) == (None, "", [["h", None]])
 
 
 #: A record timestamp (ms) an hour before the tests began, and a second of them. Not a
