@@ -228,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
     tail.add_argument("--limit", type=_at_least_one, help="stop after this many records")
+    tail.add_argument("--json", action="store_true", help="a line of JSON per record, for scripts")
     tail.set_defaults(run=_tail)
     return parser
 
@@ -350,7 +351,7 @@ async def _show_dead_letters(settings: Settings, query: DeadLetterQuery, *, as_j
     line of JSON); how many there were."""
     from bridge import kafkaadmin  # noqa: PLC0415
 
-    describe = kafkaadmin.dead_letter_json if as_json else kafkaadmin.describe_dead_letter
+    describe = kafkaadmin.record_json if as_json else kafkaadmin.describe_dead_letter
     shown = 0
     async with contextlib.aclosing(kafkaadmin.dead_letters(settings, query)) as letters:
         async for record in letters:
@@ -627,6 +628,7 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
             pattern=pattern,
             from_beginning=args.from_beginning,
             limit=args.limit,
+            as_json=args.json,
         )
     )
     return 0

@@ -334,8 +334,10 @@ async def tail(
     from_beginning: bool,
     limit: int | None,
     out: TextIO | None = None,
+    as_json: bool = False,
 ) -> int:
-    """Print records as they arrive until interrupted or ``limit`` records were shown.
+    """Print records as they arrive until interrupted or ``limit`` records were shown
+    (as text for people, or ``as_json``, a line of JSON each).
 
     With ``pattern``, the records of every topic it matches (from the start of the
     name, as Kafka consumers match) and of the ``topics`` named as well.
@@ -353,6 +355,7 @@ async def tail(
     def wanted(topic: str) -> bool:
         return topic in named or bool(subscription and subscription.match(topic))
 
+    describe = record_json if as_json else format_record
     options = kafka_client_options(settings)
     admin = AIOKafkaAdminClient(**options)
     consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
@@ -374,7 +377,7 @@ async def tail(
                 continue
             batches = await consumer.getmany(timeout_ms=500)
             for record in (r for tp in sorted(batches) for r in batches[tp]):
-                print(format_record(record), file=out or sys.stdout, flush=True)
+                print(describe(record), file=out or sys.stdout, flush=True)
                 shown += 1
                 if limit is not None and shown >= limit:
                     break
@@ -524,9 +527,9 @@ def describe_dead_letter(record: Any) -> str:
     )
 
 
-def dead_letter_json(record: Any) -> str:
-    """A dead letter as one line of JSON, for a script (``deadletter list --json``): the
-    record as Kafka holds it, its key, header values and value as text (bytes that
+def record_json(record: Any) -> str:
+    """A record as one line of JSON, for a script (``tail --json``, ``deadletter list
+    --json``): as Kafka holds it, its key, header values and value as text (bytes that
     are not UTF-8 as U+FFFD, as the text lines show them), null where Kafka has none."""
 
     def as_text(value: bytes | None) -> str | None:

@@ -386,6 +386,13 @@ def test_tail_topics_and_a_pattern(
     assert "key=named" in out
     assert "key=matched.1" in out
     assert "key=other" not in out
+    # --json: a line each, for scripts
+    assert main([*argv, "--from-beginning", "--limit", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((r["topic"], r["key"], r["value"]) for r in records) == [
+        (f"{topic_prefix}.matched.1", "matched.1", "{}"),
+        (f"{topic_prefix}.named", "named", "{}"),
+    ]
 
 
 async def test_a_tail_goes_on_when_kafka_does_not_answer_a_look_for_new_topics(
