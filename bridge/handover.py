@@ -102,15 +102,18 @@ class DirectHandover:
         try:
             return self._append(topic, key, value, headers)
         except (TypeError, AttributeError) as exc:
-            self.enabled = False
-            self.last_batch = None
-            log.warning(
-                "aiokafka's internals changed shape (%s: %s): every record goes through "
-                "send() from now on",
-                type(exc).__name__,
-                exc,
-            )
+            self._give_up(exc)
             return None
+
+    def _give_up(self, exc: Exception) -> None:
+        self.enabled = False
+        self.last_batch = None
+        log.warning(
+            "aiokafka's internals changed shape (%s: %s): every record goes through "
+            "send() from now on",
+            type(exc).__name__,
+            exc,
+        )
 
     def _append(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
@@ -157,17 +160,31 @@ class DirectHandover:
         cannot be told. Call it as soon as send() returned: nothing ran since it
         appended the record, so the record is the last of the last batch of its
         partition (the one Kafka's rule gives its key, as send()'s partitioner does)."""
-        partitions = (self._partitions.get(topic) or self._learn(topic)) if self.enabled else None
-        if partitions is None:
+        if not self.enabled:
             return None
-        last = self._last_batch(partitions[partition_index(key, len(partitions))])
-        futures = getattr(last, "_msg_futures", None)
-        return last if futures and futures[-1][0] is acked else None
+        # Never raises: send() queued the record already, and a failure here made the
+        # caller send it again (a duplicate), as a review found.
+        try:
+            partitions = self._partitions.get(topic) or self._learn(topic)
+            if partitions is None:
+                return None
+            last = self._last_batch(partitions[partition_index(key, len(partitions))])
+            futures = getattr(last, "_msg_futures", None)
+            return last if futures and futures[-1][0] is acked else None
+        except (TypeError, AttributeError, IndexError, KeyError) as exc:
+            self._give_up(exc)
+            return None
 
     def batch_of_send_batch(self, topic: str, partition: int, builder: Any) -> Any:
         """The batch ``producer.send_batch(builder, ...)`` made of ``builder``, or None;
         call it as soon as send_batch() returned (see batch_of_send)."""
-        last = self._last_batch(TopicPartition(topic, partition)) if self.enabled else None
+        if not self.enabled:
+            return None
+        try:  # never raises (see batch_of_send)
+            last = self._last_batch(TopicPartition(topic, partition))
+        except (TypeError, AttributeError, IndexError, KeyError) as exc:
+            self._give_up(exc)
+            return None
         return last if getattr(last, "_builder", None) is builder else None
 
     def _last_batch(self, tp: TopicPartition) -> Any:
