@@ -1093,11 +1093,11 @@ class KafkaPublisher:
                 "the record is larger than Kafka accepts (check the topic's max.message.bytes)"
             )
         if isinstance(exc, KafkaTimeoutError):
-            # No refusal: a wait that ran out (for buffer space behind a partition
-            # that takes nothing, for metadata, a batch expired); said as a refusal,
-            # it sent the operator after the record instead of the partition.
+            # No refusal: a wait that ran out (send()'s, for room in the queue of a
+            # partition that takes nothing); said as a refusal ("Kafka refused the
+            # record"), it sent the operator after the record instead of the partition.
             self._metrics.record_publish_error("timeout")
-            return PublishFailed(f"Kafka did not take the record in time ({exc})")
+            return PublishTimeout(f"Kafka did not take the record in time ({exc})")
         self._metrics.record_publish_error("kafka_error")
         if isinstance(exc, KafkaError):
             return PublishFailed(f"Kafka refused the record: {type(exc).__name__}")

@@ -965,6 +965,8 @@ def test_a_kafka_timeout_is_no_refusal() -> None:
     counted as kafka_error, sending the operator after the record, not the partition."""
     pub = publisher(timeout=30)
     error = pub.failure(KafkaTimeoutError())
+    assert isinstance(error, PublishTimeout)  # its 503 says so too, not "refused"
+    assert error.landing is None  # never queued: it cannot land
     assert error.detail == "Kafka did not take the record in time (KafkaTimeoutError)"
     assert pub._metrics.publish_errors.labels("timeout")._value.get() == 1
     assert pub._metrics.publish_errors.labels("kafka_error")._value.get() == 0
