@@ -504,11 +504,7 @@ def describe_dead_letter(record: Any) -> str:
     excerpt = body if len(body) <= 80 else body[:77] + "..."
     # A kafka_rejected dead letter is the event's record: no request headers. Its
     # time is then Kafka's, and its origin the topic it was refused on.
-    when = _header(record, "x-bridge-received-at") or (
-        datetime.fromtimestamp(record.timestamp / 1000, UTC).isoformat()
-        if isinstance(record.timestamp, int) and record.timestamp >= 0
-        else "-"
-    )
+    when = _header(record, "x-bridge-received-at") or kafka_time(record.timestamp) or "-"
     method, query = _header(record, "x-bridge-method"), _header(record, "x-bridge-query")
     # The path as a URL gives it (it is kept decoded): a '?' or a space in a segment
     # would read as something else pasted back.
@@ -527,6 +523,18 @@ def describe_dead_letter(record: Any) -> str:
     )
 
 
+def kafka_time(timestamp_ms: object) -> str | None:
+    """A record's timestamp as an ISO 8601 UTC time; None when it has none (-1) or one
+    no date holds (a producer may set any, year 10000 and beyond)."""
+    if not isinstance(timestamp_ms, int) or timestamp_ms < 0:
+        return None
+    try:
+        when = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return when.isoformat()
+
+
 def record_json(record: Any) -> str:
     """A record as one line of JSON, for a script (``tail --json``, ``deadletter list
     --json``): as Kafka holds it, its key, header values and value as text (bytes that
@@ -541,11 +549,8 @@ def record_json(record: Any) -> str:
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
-            "timestamp": (
-                datetime.fromtimestamp(timestamp / 1000, UTC).isoformat()
-                if isinstance(timestamp, int) and timestamp >= 0
-                else None
-            ),
+            "timestamp": kafka_time(timestamp),
+            "timestamp_ms": timestamp if isinstance(timestamp, int) else None,
             "key": as_text(record.key),
             "headers": [[name, as_text(value)] for name, value in record.headers],
             "value": as_text(record.value),

@@ -315,6 +315,20 @@ def test_version_is_the_installed_one(capsys: pytest.CaptureFixture[str]) -> Non
     assert info.samples[0].labels["version"] == version("geins-kafka-bridge")
 
 
+def test_a_record_time_no_date_holds_is_none() -> None:
+    """A producer may set any timestamp: one past year 9999 ended `tail --json` (and
+    `deadletter list`) in a ValueError at that record."""
+    record = SimpleNamespace(
+        topic="t", partition=0, offset=1, timestamp=2**63 - 1, key=b"k", headers=[], value=b""
+    )
+    assert json.loads(kafkaadmin.record_json(record))["timestamp"] is None
+    assert json.loads(kafkaadmin.record_json(record))["timestamp_ms"] == 2**63 - 1
+    assert kafkaadmin.kafka_time(253402300800000) is None  # year 10000
+    assert kafkaadmin.kafka_time(-1) is None
+    assert kafkaadmin.kafka_time(1700000000123) == "2023-11-14T22:13:20.123000+00:00"
+    assert "-" in kafkaadmin.describe_dead_letter(record)
+
+
 @pytest.mark.parametrize("limit", ["0", "-3", "two"])
 def test_tail_limit_below_one_is_refused(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], limit: str
