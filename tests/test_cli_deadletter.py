@@ -870,6 +870,23 @@ def test_a_replay_whose_report_nobody_reads_stops_on_sigterm(
     assert "Traceback" not in said
 
 
+def replaying(env: pytest.MonkeyPatch, count: int, *, each: Any = None) -> None:
+    """Replays of ``count`` dead letters, each accepted, as kafkaadmin would yield them
+    (no Kafka); ``each`` awaited before each."""
+
+    async def no_letters(*_: Any) -> Any:
+        return
+        yield
+
+    async def replayed(*_: Any, **__: Any) -> Any:
+        for n in range(count):
+            result = "replayed" if each is None else await each()
+            yield SimpleNamespace(partition=0, offset=n, key=b"k-%d" % n), result, "ok", "t"
+
+    env.setattr(kafkaadmin, "dead_letters", no_letters)
+    env.setattr(kafkaadmin, "replay_dead_letters", replayed)
+
+
 def test_a_replay_stopped_while_its_report_waits_counts_every_record_it_dealt_with(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -889,20 +906,13 @@ def test_a_replay_stopped_while_its_report_waits_counts_every_record_it_dealt_wi
         def flush(self) -> None:
             pass
 
-    async def no_letters(*_: Any) -> Any:
-        return
-        yield
-
-    async def replayed(*_: Any, **__: Any) -> Any:
+    async def counted() -> str:
         nonlocal yielded
-        for n in itertools.count():
-            yielded += 1
-            letter = SimpleNamespace(partition=0, offset=n, key=b"k-%d" % n)
-            yield letter, "replayed", "accepted", "t"
-            await asyncio.sleep(0)
+        yielded += 1
+        await asyncio.sleep(0)
+        return "replayed"
 
-    env.setattr(kafkaadmin, "dead_letters", no_letters)
-    env.setattr(kafkaadmin, "replay_dead_letters", replayed)
+    replaying(env, 10**9, each=counted)  # more than the stop lets through
     env.setattr(sys, "stdout", StalledStdout())
 
     def stop_once_the_report_waits() -> None:
@@ -920,23 +930,6 @@ def test_a_replay_stopped_while_its_report_waits_counts_every_record_it_dealt_wi
     said = capsys.readouterr().err
     assert f"{yielded} would be replayed, 0 still refused before the replay stopped" in said
     assert yielded > REPORT_LINES
-
-
-def replaying(env: pytest.MonkeyPatch, count: int, *, each: Any = None) -> None:
-    """Replays of ``count`` dead letters, each accepted, as kafkaadmin would yield them
-    (no Kafka); ``each`` awaited before each."""
-
-    async def no_letters(*_: Any) -> Any:
-        return
-        yield
-
-    async def replayed(*_: Any, **__: Any) -> Any:
-        for n in range(count):
-            result = "replayed" if each is None else await each()
-            yield SimpleNamespace(partition=0, offset=n, key=b"k-%d" % n), result, "ok", "t"
-
-    env.setattr(kafkaadmin, "dead_letters", no_letters)
-    env.setattr(kafkaadmin, "replay_dead_letters", replayed)
 
 
 def test_a_sigterm_as_a_publish_times_out_still_stops_the_replay(
