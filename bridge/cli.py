@@ -25,10 +25,6 @@ from bridge.errors import DEAD_LETTER_REASONS, ConfigError, SpoolUnusable
 from bridge.routing import Router, template_pattern
 from bridge.signals import release_early_stops
 
-#: A misspelt reason would match nothing and say "0 dead letter(s)", exit 0, as if the
-#: topic held none: argparse refuses it, naming those there are.
-_REASON_HELP = "only dead letters with this reason (repeat): " + ", ".join(DEAD_LETTER_REASONS)
-
 if TYPE_CHECKING:  # imported where used: the other commands need no aiokafka
     from bridge.kafkaadmin import DeadLetterQuery
 
@@ -184,13 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     dead_list = dead_commands.add_parser(
         "list", parents=[config], help="show what is on the dead-letter topic"
     )
-    dead_list.add_argument(
-        "--reason",
-        action="append",
-        choices=DEAD_LETTER_REASONS,
-        metavar="REASON",
-        help=_REASON_HELP,
-    )
+    _add_reason_option(dead_list)
     dead_list.add_argument(
         "--json", action="store_true", help="a line of JSON per dead letter, for scripts"
     )
@@ -209,13 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         "N alone when the topic has one partition",
     )
     replay.add_argument("--key", action="append", help="only this idempotency key (repeat)")
-    replay.add_argument(
-        "--reason",
-        action="append",
-        choices=DEAD_LETTER_REASONS,
-        metavar="REASON",
-        help=_REASON_HELP,
-    )
+    _add_reason_option(replay)
     replay.add_argument("--dry-run", action="store_true", help="say what would happen")
     replay.set_defaults(run=_deadletter_replay)
 
@@ -231,6 +215,19 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--json", action="store_true", help="a line of JSON per record, for scripts")
     tail.set_defaults(run=_tail)
     return parser
+
+
+def _add_reason_option(command: argparse.ArgumentParser) -> None:
+    """``--reason`` of the deadletter commands. A misspelt reason would match nothing
+    and say "0 dead letter(s)", exit 0, as if the topic held none: argparse refuses it,
+    naming those there are."""
+    command.add_argument(
+        "--reason",
+        action="append",
+        choices=DEAD_LETTER_REASONS,
+        metavar="REASON",
+        help="only dead letters with this reason (repeat): " + ", ".join(DEAD_LETTER_REASONS),
+    )
 
 
 def _at_least_one(text: str) -> int:
