@@ -106,10 +106,11 @@ def dead_letter(
     holding one is no entity or action: its ``path-entity`` or ``path-action`` header
     is left out, so that a replay reads them from the query or the body."""
     # A list, not an object: a repeated header (two different x-Timestamp values, which
-    # parsing trusts neither of) must come back as it came. Each [name, value, how the
-    # value's bytes were read]: without the last, bytes that were not UTF-8 came back
-    # as UTF-8, and UTF-8 that reads as latin-1 mojibake ("Ã©") as other bytes, a key
-    # among them (a replay then published it under another key).
+    # parsing trusts neither of) must come back as it came. Each [name, value], with how
+    # the value's bytes were read where the pair alone would not give them back (see
+    # _stored_entry): without it, bytes that were not UTF-8 came back as UTF-8, and
+    # UTF-8 that reads as latin-1 mojibake ("Ã©") as other bytes, a key among them (a
+    # replay then published it under another key).
     headers = [
         _stored_entry(name, value)
         for name, value in delivery.headers
