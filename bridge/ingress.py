@@ -436,11 +436,12 @@ def operation_routes(
 
     async def readyz(_: Request) -> Response:
         # Why not, said: "accepting": false alone sent the operator to the log.
-        reason = "the bridge is stopping" if state.draining else ack_mode.unready_reason
+        refusing = ack_mode.unready_reason  # asked once: ready is its being None
+        reason = "the bridge is stopping" if state.draining else refusing
         answer: dict[str, object] = {
             "status": "unavailable" if reason else "ready",
             "ack": ack_mode.name,
-            "accepting": ack_mode.ready,
+            "accepting": refusing is None,
             "draining": state.draining,
         }
         if reason:
