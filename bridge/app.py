@@ -184,7 +184,7 @@ def _gauges_read_at_scrape(
         metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
         metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
-    if isinstance(ack_mode, DurableAck):  # a statvfs at each scrape
+    if isinstance(ack_mode, DurableAck):  # as the spool's writer thread last read it
         metrics.spool_disk_free.set_function(ack_mode.spool.disk_free_bytes)
 
 

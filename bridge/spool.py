@@ -252,6 +252,9 @@ class Spool:
         self._reserve_bytes = min(RESERVE_BYTES, max(RESERVE_MIN_BYTES, max_bytes // 64))
         self._reserve_made = False  # the reserve file is there (owned by the writer thread)
         self._reserve_next_try = 0.0  # after a failure to make it: not before (monotonic)
+        # The disk's free room as the writer thread last read it: a scrape reads this,
+        # not the disk, so that a hung volume cannot stop the event loop.
+        self._disk_free = math.nan
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
@@ -297,7 +300,7 @@ class Spool:
             self._make_reserve()
             # Without a reserve, a disk without its room is said by /readyz from the
             # start, not at the first 503.
-            self._check_room()
+            self._check_room(read_disk=True)
             # Said once, absolute: events answered 2xx live here until Kafka has them,
             # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
             log.info("spool: events are kept in the folder %s", self._directory.resolve())
@@ -836,18 +839,21 @@ class Spool:
         return True
 
     def disk_free_bytes(self) -> float:
-        """Free room on the spool's disk (the bridge_spool_disk_free_bytes gauge); NaN
-        when it cannot be read."""
-        free = self._free_bytes()
-        return math.nan if free is None else float(free)
+        """Free room on the spool's disk (the bridge_spool_disk_free_bytes gauge) as the
+        writer thread last read it: at the open, at each maintenance round, and at each
+        commit while there is no reserve file. NaN when it cannot be read."""
+        return self._disk_free
 
     def _free_bytes(self) -> int | None:
         """Free room on the spool's disk, for its user; None if unknown."""
         try:
             stat = os.statvfs(self._directory)
         except OSError:
+            self._disk_free = math.nan
             return None
-        return stat.f_bavail * stat.f_frsize
+        free: int = stat.f_bavail * stat.f_frsize
+        self._disk_free = float(free)
+        return free
 
     def _kept(self, holding: int) -> int:
         """Room to keep free, without a reserve file, for removing ``holding`` bytes of
@@ -875,11 +881,15 @@ class Spool:
 
         return check
 
-    def _check_room(self) -> None:
+    def _check_room(self, *, read_disk: bool = False) -> None:
         """Whether the disk has, without a reserve file, no more than the room removing
-        what the spool holds needs: said by readiness and the log (disk_low)."""
-        free = None if self._reserve_made else self._free_bytes()
-        self._say_disk_low(free is not None and free < self._kept(self.bytes) + PAGE_ROOM)
+        what the spool holds needs: said by readiness and the log (disk_low). With a
+        reserve, the disk is read only when ``read_disk`` asks (for the gauge)."""
+        free = self._free_bytes() if read_disk or not self._reserve_made else None
+        if self._reserve_made or free is None:
+            self._say_disk_low(False)
+        else:
+            self._say_disk_low(free < self._kept(self.bytes) + PAGE_ROOM)
 
     def _say_disk_low(self, low: bool) -> None:
         if low == self.disk_low:
@@ -969,8 +979,7 @@ class Spool:
         self._set_writable(True)
         if self.depth == 0:
             self._remake_reserve(connection)
-        else:
-            self._check_room()
+        self._check_room(read_disk=True)  # also the gauge's reading, every round
         return removed
 
     def _run_call(self, connection: sqlite3.Connection, job: _Call) -> None:

@@ -830,3 +830,33 @@ def test_the_start_check_gives_the_signal_wakeup_descriptor_back(tmp_path: Path)
         asyncio.run(spool.close())
         reader.close()
         writer.close()
+
+
+async def test_the_free_room_gauge_reads_the_disk_in_the_writer_thread_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bridge_spool_disk_free_bytes ran os.statvfs on the event loop at each scrape: a
+    volume that hangs (a stale network mount) stopped every request with the scrape.
+    The writer thread reads it (at the open, each maintenance round), the gauge its
+    last reading."""
+    disk = _Disk(free=5 * 4096)
+    readers: list[str] = []
+
+    def statvfs(path: object) -> os.statvfs_result:
+        readers.append(threading.current_thread().name)
+        return disk(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        assert spool.disk_free_bytes() == 5 * 4096
+        disk.free = 7 * 4096
+        readers.clear()
+        assert spool.disk_free_bytes() == 5 * 4096  # no disk read from the loop
+        assert readers == []
+        await spool.forget_expired_keys()
+        assert spool.disk_free_bytes() == 7 * 4096
+        assert set(readers) == {"spool-writer"}
+    finally:
+        await spool.close()
