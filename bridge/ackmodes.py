@@ -24,6 +24,7 @@ from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
+from bridge.leftover import LeftoverSpool
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, spawn
 from bridge.routing import Destination
@@ -96,8 +97,11 @@ class BrokerAck:
     name = "broker"
     backlog = None
 
-    def __init__(self, publisher: Publisher, settings: Settings) -> None:
+    def __init__(
+        self, publisher: Publisher, settings: Settings, leftover: LeftoverSpool | None = None
+    ) -> None:
         self._publisher = publisher
+        self._leftover = leftover
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
@@ -109,10 +113,13 @@ class BrokerAck:
         self._publish_after: asyncio.Future[Any] | None = None
 
     def prepare(self) -> None:
-        pass
+        if self._leftover is not None:
+            self._leftover.prepare()
 
     async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self._publish_after = publish_after
+        if self._leftover is not None:
+            await self._leftover.start(publish_after)
 
     def _refuse_before_the_topics(self) -> None:
         """Unavailable while the topics are being created (see AckMode.start)."""
@@ -124,7 +131,8 @@ class BrokerAck:
             self._publish_after = None
 
     async def stop(self) -> None:
-        pass
+        if self._leftover is not None:
+            await self._leftover.stop()
 
     @property
     def ready(self) -> bool:
@@ -148,7 +156,7 @@ class BrokerAck:
 
     @property
     def held_topics(self) -> list[str]:
-        return []
+        return self._leftover.held_topics if self._leftover is not None else []
 
     async def keep(self, destination: Destination) -> None:
         self._refuse_before_the_topics()
@@ -368,22 +376,41 @@ class DurableAck(_DrainedAck):
 class MemoryAck(_DrainedAck):
     name = "memory"
 
-    def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        metrics: Metrics,
+        settings: Settings,
+        leftover: LeftoverSpool | None = None,
+    ) -> None:
         super().__init__(publisher, metrics, settings)
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
         self.drainer = self._drainer_of(self.backlog)
+        self._leftover = leftover
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         self._stopping = False
 
     def prepare(self) -> None:
-        pass
+        if self._leftover is not None:
+            self._leftover.prepare()
 
     async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self._start_drainer(publish_after)
+        if self._leftover is not None:
+            await self._leftover.start(publish_after)
+
+    @property
+    def held_topics(self) -> list[str]:
+        held = self.drainer.held_topics
+        if self._leftover is not None:
+            held = sorted({*held, *self._leftover.held_topics})
+        return held
 
     async def stop(self) -> None:
         self._stopping = True
         await self._stop_drainer()
+        if self._leftover is not None:
+            await self._leftover.stop()
         if self.backlog.depth:
             # Those handed over are flushed next by the publisher's stop: they may land.
             handed_over = min(self.drainer.handed_over, self.backlog.depth)
@@ -431,7 +458,10 @@ class MemoryAck(_DrainedAck):
 
 
 def make_ack_mode(settings: Settings, publisher: Publisher, metrics: Metrics) -> AckMode:
-    modes: dict[str, type[DurableAck | MemoryAck]] = {"durable": DurableAck, "memory": MemoryAck}
+    if settings.ack == "durable":
+        return DurableAck(publisher, metrics, settings)
+    # The other modes publish what a durable bridge left in BRIDGE_SPOOL_DIR.
+    leftover = LeftoverSpool(publisher, metrics, settings)
     if settings.ack == "broker":
-        return BrokerAck(publisher, settings)
-    return modes[settings.ack](publisher, metrics, settings)
+        return BrokerAck(publisher, settings, leftover)
+    return MemoryAck(publisher, metrics, settings, leftover)

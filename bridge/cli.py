@@ -274,12 +274,14 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     file_tokens = settings.file_tokens()
     unauthenticated = settings.allow_unauthenticated and not (settings.tokens or file_tokens)
     router = _router(settings)  # the defaults a delivery without account/environment gets
+    leftover = _leftover_spool_note(settings)
     for warning in [
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
         *short_token_warnings(file_tokens, "the tokens file"),
         *([beyond_file_limit] if beyond_file_limit else []),
         *([UNAUTHENTICATED] if unauthenticated else []),
         *([router.template.ambiguity] if router.template.ambiguity else []),
+        *([leftover] if leftover else []),
     ]:
         print(f"warning: {warning}", file=sys.stderr)
     example = router.topic_for(
@@ -288,6 +290,20 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     # On stderr, with the warnings: stdout is the settings' JSON alone (check-config | jq)
     print(f"settings are valid; an order/create event goes to topic {example}", file=sys.stderr)
     return 0
+
+
+def _leftover_spool_note(settings: Settings) -> str | None:
+    """In broker or memory mode, a spool file a durable bridge left: serve publishes
+    what it holds (bridge.leftover). Not opened here (a running bridge may own it)."""
+    from bridge.leftover import spool_file  # noqa: PLC0415
+
+    found = None if settings.ack == "durable" else spool_file(settings)
+    if found is None:
+        return None
+    return (
+        f"{found} is a durable bridge's spool: the events it may still hold are published "
+        f"by serve with BRIDGE_ACK={settings.ack}, in the background"
+    )
 
 
 def _topics_create(settings: Settings, args: argparse.Namespace) -> int:

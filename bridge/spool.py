@@ -261,8 +261,10 @@ class Spool:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def connect(self) -> None:
+    def connect(self, *, announce: bool = True) -> None:
         """Open (or create) the database; :class:`SpoolUnusable` if it cannot be used.
+        ``announce``: log the folder as where events are kept (not for a spool another
+        ack mode only empties, :mod:`bridge.leftover`).
 
         Called before the server listens, so a bad spool stops startup with a plain
         message. A file that cannot be read may hold events that were answered 2xx,
@@ -273,7 +275,18 @@ class Spool:
         same records twice and share the accepted-keys record.
         """
         if self._connection is None:
-            self._connection = self._open_connection()
+            self._connection = self._open_connection(announce)
+
+    def release(self) -> None:
+        """Close a spool that was connected and never opened: the database, and the
+        folder's lock."""
+        if self._thread is not None:
+            raise RuntimeError("the spool was opened: close() it")
+        if self._connection is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
+            self._connection = None
+        self._unlock()
 
     def open(self) -> None:
         """Connect (if not done yet) and start the writer thread."""
@@ -286,7 +299,7 @@ class Spool:
         )
         self._thread.start()
 
-    def _open_connection(self) -> sqlite3.Connection:
+    def _open_connection(self, announce: bool) -> sqlite3.Connection:
         check_folder(self._directory)
         try:
             self._directory.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
@@ -303,7 +316,8 @@ class Spool:
             self._check_room(read_disk=True)
             # Said once, absolute: events answered 2xx live here until Kafka has them,
             # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
-            log.info("spool: events are kept in the folder %s", self._directory.resolve())
+            if announce:
+                log.info("spool: events are kept in the folder %s", self._directory.resolve())
             return connection
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None
@@ -486,11 +500,7 @@ class Spool:
                 )
                 return
             self._thread = None
-        if self._connection is not None:  # connected, never opened
-            with contextlib.suppress(sqlite3.Error):
-                self._connection.close()
-            self._connection = None
-        self._unlock()
+        self.release()  # the connection too, if it was connected and never opened
 
     # --- what the event loop calls ---------------------------------------------------
 

@@ -1143,3 +1143,24 @@ def test_bridge_host_ipv6_any_serves_ipv4_clients_too() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize("ack", ["broker", "memory", "durable"])
+def test_check_config_tells_of_a_durable_spool_another_mode_publishes(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, ack: str
+) -> None:
+    """Switching BRIDGE_ACK away from durable over a spool that may still hold events:
+    check-config said nothing of it (serve publishes them in the background now)."""
+    (tmp_path / "spool.db").write_bytes(b"")
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path))
+    env.setenv("BRIDGE_ACK", ack)
+    assert main(["check-config"]) == 0
+    *err, _ = capsys.readouterr().err.splitlines()
+    if ack == "durable":
+        assert err == []
+    else:
+        assert err == [
+            f"warning: {tmp_path / 'spool.db'} is a durable bridge's spool: the events it "
+            f"may still hold are published by serve with BRIDGE_ACK={ack}, in the background"
+        ]

@@ -1,0 +1,152 @@
+"""The events a durable bridge left in BRIDGE_SPOOL_DIR, found by a bridge started in
+another ack mode (``broker`` or ``memory``).
+
+Those modes have no spool of their own, so nothing read the folder: a restart that
+switched BRIDGE_ACK away from ``durable`` while Kafka was away left every event
+answered 2xx and not yet published on disk, without a word (and published it weeks
+later, out of order, if the bridge was ever switched back). Now they are published
+in the background, by the same drainer the durable mode uses, until none is left;
+the folder's lock is taken meanwhile, as a durable bridge takes it, and let go once
+the spool is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from bridge.config import Settings
+from bridge.drainer import Drainer
+from bridge.errors import SpoolUnusable
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher, spawn
+from bridge.spool import DB_NAME, Spool
+
+log = logging.getLogger(__name__)
+
+#: How often the background task looks whether the spool is empty yet.
+EMPTY_CHECK_SECONDS = 1.0
+
+
+def spool_file(settings: Settings) -> str | None:
+    """The spool file a durable bridge left in BRIDGE_SPOOL_DIR, if there is one (its
+    write-ahead log alone counts too: it may hold the events)."""
+    path = settings.spool_dir / DB_NAME
+    for candidate in (path, path.with_name(f"{DB_NAME}-wal")):
+        with contextlib.suppress(OSError):
+            if candidate.exists():
+                return str(candidate)
+    return None
+
+
+class LeftoverSpool:
+    """Publishes what a durable bridge's spool still holds, then lets the folder go."""
+
+    def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
+        self._publisher = publisher
+        self._metrics = metrics
+        self._settings = settings
+        self._spool: Spool | None = None
+        self._drainer: Drainer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Events still to publish (0 once done, or when there was no spool)."""
+        return self._spool.depth if self._spool is not None else 0
+
+    @property
+    def held_topics(self) -> list[str]:
+        return self._drainer.held_topics if self._drainer is not None else []
+
+    def prepare(self) -> None:
+        """Open the spool if one is there and holds events (before the server listens,
+        as the durable mode opens its own). One that cannot be opened is said, not
+        fatal: this mode does not need it to serve."""
+        found = spool_file(self._settings)
+        if found is None:
+            return
+        settings = self._settings
+        spool = Spool(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            dedup_window=settings.dedup_window,
+            max_keys=settings.spool_max_keys,
+        )
+        try:
+            spool.connect(announce=False)
+        except SpoolUnusable as exc:
+            log.error(
+                "%s; BRIDGE_ACK=%s does not publish the events it may hold (start with "
+                "BRIDGE_ACK=durable to publish them)",
+                exc,
+                settings.ack,
+            )
+            return
+        if not spool.depth:
+            spool.release()
+            return
+        log.warning(
+            "BRIDGE_SPOOL_DIR %s holds %d events a durable bridge accepted and Kafka does "
+            "not have yet: BRIDGE_ACK=%s publishes them in the background, to the topics "
+            "they were accepted for",
+            settings.spool_dir.resolve(),
+            spool.depth,
+            settings.ack,
+        )
+        self._spool = spool
+
+    async def start(self, publish_after: asyncio.Future[Any] | None) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        spool.open()
+        self._drainer = Drainer(
+            spool,
+            self._publisher,
+            self._metrics,
+            ack_timeout=self._settings.publish_timeout,
+            deadletter_topic=self._settings.deadletter_topic,
+        )
+        self._task = spawn(self._publish_all(spool, self._drainer, publish_after), "leftover-spool")
+
+    async def _publish_all(
+        self, spool: Spool, drainer: Drainer, publish_after: asyncio.Future[Any] | None
+    ) -> None:
+        if publish_after is not None:
+            await asyncio.wait({publish_after})  # however it ends: it logs its own failure
+        draining = spawn(drainer.run(), "leftover-spool-drainer")
+        try:
+            # The writer thread lowers the depth as removals commit; it signals nothing.
+            while spool.depth:  # noqa: ASYNC110 (see above: no event to wait for)
+                await asyncio.sleep(EMPTY_CHECK_SECONDS)
+        finally:
+            draining.cancel()
+            await asyncio.gather(draining, return_exceptions=True)
+        await spool.close()
+        self._spool = self._drainer = None
+        log.info(
+            "the events the durable spool %s held are all in Kafka; the folder is let go",
+            self._settings.spool_dir.resolve(),
+        )
+
+    async def stop(self) -> None:
+        """Publish what can be within BRIDGE_SHUTDOWN_TIMEOUT; the rest stays in the
+        spool for the next start, whatever its mode."""
+        task, spool, drainer = self._task, self._spool, self._drainer
+        if task is None or spool is None or drainer is None:
+            return
+        await drainer.drain(time.monotonic() + self._settings.shutdown_timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if spool.depth:
+            log.warning(
+                "%d events a durable bridge accepted stay in the spool %s; they are "
+                "published at the next start",
+                spool.depth,
+                spool.path,
+            )
+        await spool.close()

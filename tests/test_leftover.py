@@ -1,0 +1,151 @@
+"""leftover: a durable bridge's spool, found by a bridge started in another ack mode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from bridge.ackmodes import make_ack_mode
+from bridge.app import create_app
+from bridge.config import Settings, load_settings
+from bridge.errors import SpoolUnusable, Unavailable
+from bridge.metrics import Metrics
+from bridge.routing import Destination
+from bridge.spool import Spool
+from tests.fakes import FakePublisher
+from tests.polling import eventually
+
+
+def settings(folder: Path, **env: str) -> Settings:
+    return load_settings(
+        environ={"BRIDGE_TOKENS": "test-token-long-enough", "BRIDGE_SPOOL_DIR": str(folder), **env}
+    )
+
+
+def event(key: str) -> Destination:
+    return Destination(topic="geins.order.create", key=key.encode(), value=b"{}", headers=[])
+
+
+def make_spool(folder: Path) -> Spool:
+    return Spool(folder, max_bytes=10**7, dedup_window=7200)
+
+
+async def left_by_a_durable_bridge(folder: Path, *keys: str) -> None:
+    """What a durable bridge leaves as it stops with Kafka away: events answered 202
+    that are not in Kafka yet."""
+    spool = make_spool(folder)
+    spool.open()
+    for key in keys:
+        assert await spool.append(event(key), key)
+    await spool.close()
+
+
+def folder_is_free(folder: Path) -> bool:
+    """Whether a durable bridge could take the folder now (its lock is not held)."""
+    spool = make_spool(folder)
+    try:
+        spool.connect(announce=False)
+    except SpoolUnusable:
+        return False
+    spool.release()
+    return True
+
+
+@pytest.mark.parametrize("ack", ["broker", "memory"])
+async def test_a_switch_away_from_durable_publishes_what_the_spool_held(
+    tmp_path: Path, ack: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Restarted with BRIDGE_ACK=broker or memory over a spool that still held events
+    answered 202, the bridge left them on disk without a word (nothing reads the folder
+    in those modes). They are published in the background, said once, and the folder
+    is let go once they all are."""
+    await left_by_a_durable_bridge(tmp_path, "a", "b")
+    publisher = FakePublisher()
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK=ack), publisher, Metrics())
+    caplog.set_level(logging.INFO)
+    mode.prepare()
+    assert "holds 2 events a durable bridge accepted" in caplog.text
+    assert not folder_is_free(tmp_path)  # taken, as a durable bridge takes it
+    await mode.start()
+    try:
+        await eventually(lambda: {d.key for d in publisher.records} == {b"a", b"b"})
+        await eventually(lambda: folder_is_free(tmp_path))
+    finally:
+        await mode.stop()
+    assert "are all in Kafka; the folder is let go" in caplog.text
+    await left_by_a_durable_bridge(tmp_path)  # a durable bridge finds it empty
+    spool = make_spool(tmp_path)
+    spool.connect()
+    assert spool.depth == 0
+    spool.release()
+
+
+async def test_what_is_left_at_a_stop_stays_for_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka away for the whole run: the events stay in the spool, said at the stop,
+    and the folder is let go for the next start, in any mode."""
+    await left_by_a_durable_bridge(tmp_path, "a")
+    publisher = FakePublisher(fail_with=Unavailable("not connected to Kafka"), connected=False)
+    mode = make_ack_mode(
+        settings(tmp_path, BRIDGE_ACK="broker", BRIDGE_SHUTDOWN_TIMEOUT="0.2"), publisher, Metrics()
+    )
+    mode.prepare()
+    await mode.start()
+    await mode.stop()
+    assert publisher.records == []
+    assert "1 events a durable bridge accepted stay in the spool" in caplog.text
+    spool = make_spool(tmp_path)
+    spool.connect()
+    assert spool.depth == 1
+    spool.release()
+
+
+def test_the_lifespan_publishes_them_and_an_empty_spool_is_let_go_unsaid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the app as serve runs it (prepare, then the lifespan): the events are
+    published, by the stop at the latest. An empty spool is let go at once, unsaid (no
+    "events are kept in the folder" either: this mode keeps none there)."""
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    asyncio.run(left_by_a_durable_bridge(empty))
+    asyncio.run(left_by_a_durable_bridge(full, "a", "b", "c"))
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    app = create_app(settings(empty, BRIDGE_ACK="broker"), publisher=FakePublisher())
+    app.state.prepare()
+    assert folder_is_free(empty)
+    assert not [r for r in caplog.records if r.name.startswith(("bridge.spool", "bridge.leftover"))]
+
+    publisher = FakePublisher()
+    app = create_app(settings(full, BRIDGE_ACK="memory"), publisher=publisher)
+    app.state.prepare()
+    with TestClient(app):
+        pass
+    assert sorted(d.key for d in publisher.records) == [b"a", b"b", b"c"]
+    assert folder_is_free(full)
+
+
+def test_a_spool_another_bridge_holds_is_left_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A durable bridge still running on the folder drains it itself: this one says so
+    and serves (it does not need the spool)."""
+    asyncio.run(left_by_a_durable_bridge(tmp_path, "a"))
+    owner = make_spool(tmp_path)
+    owner.connect()
+    try:
+        publisher = FakePublisher()
+        app = create_app(settings(tmp_path, BRIDGE_ACK="broker"), publisher=publisher)
+        app.state.prepare()
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+        assert publisher.records == []
+        assert "is in use by another bridge" in caplog.text
+        assert "BRIDGE_ACK=broker does not publish the events it may hold" in caplog.text
+    finally:
+        owner.release()
