@@ -420,6 +420,17 @@ class Spool:
                     "2 GB from a cold disk cache",
                     size / 1e9,
                 )
+            # Before the check, which takes a minute per 2 GB: a rollback over a spool a
+            # newer version wrote is said at once, and not as damage (moving the file
+            # aside, the advice for a damaged one, would strand its events).
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SpoolUnusable(
+                    f"spool file {self.path} was written by a newer version of the bridge "
+                    f"(spool schema {version}; this one knows {SCHEMA_VERSION}) and may hold "
+                    "accepted events that are not in Kafka yet: run the newer version until "
+                    "bridge_spool_depth is 0 before going back to this one (do not delete it)"
+                )
             started = time.monotonic()
             # A Python call every few thousand SQLite steps lets a signal's handler run
             # during the check (bridge.server._EarlyStop): SIGTERM stops a bridge that
@@ -432,8 +443,7 @@ class Spool:
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             if size >= SLOW_CHECK_BYTES:
                 log.info("spool file checked in %.1f s", time.monotonic() - started)
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, SCHEMA_VERSION):  # a negative one: not a version we wrote
                 raise sqlite3.DatabaseError(f"unknown spool schema version {version}")
             connection.executescript(
                 """
