@@ -185,6 +185,17 @@ _STOP = object()
 _PROBE_KEY = "\x00spool-write-probe-" + "x" * 4096
 
 
+def _freed_bytes(connection: sqlite3.Connection) -> int:
+    """The bytes of the database's free pages, which it reuses before it grows; 0 if
+    they cannot be read now."""
+    try:
+        (pages,) = connection.execute("PRAGMA freelist_count").fetchone()
+        (size,) = connection.execute("PRAGMA page_size").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(pages) * int(size)
+
+
 def check_folder(directory: Path) -> None:
     """Raise :class:`SpoolUnusable` unless ``directory`` is a folder the bridge can
     write in, or one it can make (nothing is made here): the spool asks this before
@@ -253,8 +264,10 @@ class Spool:
         self._reserve_made = False  # the reserve file is there (owned by the writer thread)
         self._reserve_next_try = 0.0  # after a failure to make it: not before (monotonic)
         # The disk's free room as the writer thread last read it: a scrape reads this,
-        # not the disk, so that a hung volume cannot stop the event loop.
+        # not the disk, so that a hung volume cannot stop the event loop. With the
+        # pages the database freed (_reusable), which it fills again before it grows.
         self._disk_free = math.nan
+        self._reusable = 0
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
@@ -311,6 +324,7 @@ class Spool:
                 self._unlock()
                 raise
             self._make_reserve()
+            self._reusable = _freed_bytes(connection)
             # Without a reserve, a disk without its room is said by /readyz from the
             # start, not at the first 503.
             self._check_room(read_disk=True)
@@ -859,9 +873,13 @@ class Spool:
         return True
 
     def disk_free_bytes(self) -> float:
-        """Free room on the spool's disk (the bridge_spool_disk_free_bytes gauge) as the
-        writer thread last read it: at the open, at each maintenance round, and at each
-        commit while there is no reserve file. NaN when it cannot be read."""
+        """Room on the spool's disk for what the spool may still take (the
+        bridge_spool_disk_free_bytes gauge): its free bytes, and the pages the database
+        freed as Kafka took their events, which SQLite fills again before it grows the
+        file (a drained backlog of 900 MB kept its file, and BridgeSpoolDiskShort fired
+        for ever on an empty spool). As the writer thread last read it: at the open, at
+        each maintenance round, and at each commit while there is no reserve file. NaN
+        when it cannot be read."""
         return self._disk_free
 
     def _free_bytes(self) -> int | None:
@@ -872,7 +890,7 @@ class Spool:
             self._disk_free = math.nan
             return None
         free: int = stat.f_bavail * stat.f_frsize
-        self._disk_free = float(free)
+        self._disk_free = float(free + self._reusable)
         return free
 
     def _kept(self, holding: int) -> int:
@@ -999,6 +1017,7 @@ class Spool:
         self._set_writable(True)
         if self.depth == 0:
             self._remake_reserve(connection)
+        self._reusable = _freed_bytes(connection)
         self._check_room(read_disk=True)  # also the gauge's reading, every round
         return removed
 

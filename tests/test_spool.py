@@ -881,3 +881,41 @@ async def test_the_free_room_gauge_reads_the_disk_in_the_writer_thread_only(
         assert set(readers) == {"spool-writer"}
     finally:
         await spool.close()
+
+
+async def test_the_free_room_counts_the_pages_a_drained_backlog_left_for_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite keeps the pages of removed events in its file (for the next ones): after a
+    backlog of 90% of BRIDGE_SPOOL_MAX_BYTES drained, the volume's free bytes stayed
+    below what the spool may take, and BridgeSpoolDiskShort (free < max - bytes) fired
+    for ever on an empty spool, on a volume sized as deploy/README.md says (twice the
+    limit and the reserve). Those pages count as room."""
+    max_bytes = 4 * 1024 * 1024
+    folder = tmp_path / "spool"
+    spool = Spool(folder, max_bytes=max_bytes, dedup_window=0)
+    volume = 2 * max_bytes + spool._reserve_bytes + 6 * 1024 * 1024
+
+    def used() -> int:
+        return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if p.is_file())
+
+    def statvfs(path: object) -> os.statvfs_result:
+        return _Disk(free=volume - used())(path)
+
+    def disk_short() -> bool:  # the alert's condition
+        return spool.disk_free_bytes() < spool.capacity - spool.bytes
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    spool.open()
+    try:
+        assert not disk_short()
+        event = Destination("geins.order.create", b"k", b"x" * 2000, [])
+        while spool.bytes < 0.9 * max_bytes:  # Kafka away: a backlog
+            await asyncio.gather(*(spool.append(event, None) for _ in range(50)))
+        while spool.depth:  # Kafka back: drained
+            await spool.remove([r.seq for r in await spool.oldest(500, 10**9)])
+        await spool.forget_expired_keys()  # the maintenance round reads the disk
+        assert volume - used() < max_bytes  # the file kept its pages
+        assert not disk_short()
+    finally:
+        await spool.close()
