@@ -2,8 +2,9 @@
 
 A pure ASGI middleware (no per-request objects), in the order a hostile
 request meets them: URL length and header count/size (every path), then for
-the webhook paths the client-address allow-list, the per-address rate limit
-and the cap on requests in progress. Each refusal is an ordinary
+the webhook paths the client-address allow-list, the cap on requests in
+progress and the per-address rate limit (last: a token is spent only by a
+request that is served). Each refusal is an ordinary
 :class:`~bridge.errors.BridgeError`, answered as problem+json like any other.
 """
 
@@ -203,12 +204,6 @@ class Guard:
             self._check_size(scope)
             if webhook:
                 self._check_client(scope)
-                if self.in_progress >= self._max_concurrency:
-                    raise Overloaded(
-                        f"{self.in_progress} requests are in progress "
-                        f"(BRIDGE_MAX_CONCURRENCY={self._max_concurrency})",
-                        retry_after=1,
-                    )
         except BridgeError as error:
             await self._refuse(scope, send, error, started)
             return
@@ -237,10 +232,19 @@ class Guard:
             )
 
     def _check_client(self, scope: Scope) -> None:
-        if not self._allowed and self._rate_limiter is None:
-            return
-        address = self._client_address.of(scope)
+        """The allow-list, the cap on requests in progress, then the rate limit: a
+        request refused as overloaded took a token of its client's bucket, and a client
+        that had only 503s was then answered 429."""
+        address = None
+        if self._allowed or self._rate_limiter is not None:
+            address = self._client_address.of(scope)
         if self._allowed and (address is None or not any(address in n for n in self._allowed)):
             raise ClientNotAllowed(f"{address} is not in BRIDGE_ALLOWED_NETWORKS")
+        if self.in_progress >= self._max_concurrency:
+            raise Overloaded(
+                f"{self.in_progress} requests are in progress "
+                f"(BRIDGE_MAX_CONCURRENCY={self._max_concurrency})",
+                retry_after=1,
+            )
         if self._rate_limiter is not None and address is not None:
             self._rate_limiter.check(address)

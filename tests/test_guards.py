@@ -84,6 +84,36 @@ def test_concurrency_cap_is_503_with_retry_after() -> None:
     assert len(publisher.records) == 1
 
 
+def test_a_request_refused_as_overloaded_costs_its_client_no_token() -> None:
+    """The rate limit came before the concurrency cap: a request refused 503 (overloaded)
+    took a token all the same, and a client that had nothing served was answered 429."""
+    app, publisher = app_with(
+        BRIDGE_MAX_CONCURRENCY="1", BRIDGE_RATE_LIMIT="0.001", BRIDGE_RATE_BURST="2"
+    )
+    release = asyncio.Event()
+
+    async def slow_publish(destination: Destination) -> None:
+        await release.wait()
+        publisher.records.append(destination)
+
+    publisher.publish = slow_publish  # type: ignore[method-assign]  # a stalled Kafka
+
+    def from_(client: str) -> Any:
+        return call_asgi(
+            app, "POST", "/webhooks/geins", headers=[AUTH], body_chunks=ORDER, client=client
+        )
+
+    async def scenario() -> list[int]:
+        busy = asyncio.create_task(from_("192.0.2.99"))  # takes the only place
+        await asyncio.sleep(0.05)
+        refused = await from_("192.0.2.1")
+        release.set()
+        await busy
+        return [refused.status] + [(await from_("192.0.2.1")).status for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [503, 202, 202, 429]  # its burst of 2 was whole
+
+
 def test_rate_limit_per_address_is_429() -> None:
     """Past the burst an address gets 429 with Retry-After; other addresses are not slowed."""
     app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")
