@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from bridge.ackmodes import AckMode
+from bridge.config import DEAD_LETTER_ROOM
 from bridge.deadletter import dead_letter, delivery_key, set_aside
 from bridge.errors import (
     KAFKA_REJECTED,
@@ -82,8 +83,9 @@ class Pipeline:
         self._secrets = secrets  # the authenticator's: it learns each token as it is used
         # Settings.max_event_record_bytes(): the largest record an accepted event makes
         # (what the topics must take), less the room the headers of a dead letter need
-        # should Kafka refuse it for good.
+        # should Kafka refuse it for good; a dead letter may take that room.
         self._record_limit = record_limit
+        self._letter_limit = record_limit + DEAD_LETTER_ROOM
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.
         self._dedup = dedup
@@ -162,7 +164,7 @@ class Pipeline:
         it can never be kept (logged). Raises the retriable BridgeError of a dead letter
         that cannot be kept now, its detail saying what was ``refused`` too."""
         try:
-            check_record_size(letter, self._record_limit)
+            check_record_size(letter, self._letter_limit)
             if key is None:
                 await self.ack_mode.keep(letter)
             elif not await self.ack_mode.deliver(letter, DEAD_LETTER_KEYS + key):

@@ -12,13 +12,23 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.producer.message_accumulator import DefaultRecordBatchBuilder
 
 from bridge import kafkaadmin
+from bridge.ackmodes import BrokerAck
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
-from bridge.errors import BridgeError, MalformedEventType, PublishTimeout, UnknownEventType
+from bridge.errors import (
+    BridgeError,
+    MalformedEventType,
+    PayloadTooLarge,
+    PublishTimeout,
+    UnknownEventType,
+)
 from bridge.geins import Delivery, parse_delivery
 from bridge.ingress import parse_query
+from bridge.metrics import Metrics
+from bridge.pipeline import Pipeline
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
 from tests.fakes import FakePublisher, voucher_delivery
@@ -429,3 +439,29 @@ def test_a_replay_leaves_out_a_subject_that_holds_a_token(
     assert "ce_subject" not in dict(record.headers)
     assert b"file-token" not in b"".join(v for _, v in record.headers) + record.key
     assert record.value == body  # the event's data, as sent
+
+
+async def test_broker_mode_keeps_the_dead_letter_of_an_event_at_its_limit() -> None:
+    """The room kept below the record limit (DEAD_LETTER_ROOM) is for a refused event's
+    dead letter headers, but broker mode weighed the dead letter against the event's
+    limit: an event within ~200 bytes of it that Kafka refused got its 413 and no dead
+    letter (durable and memory modes kept it)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": "t" * 16, "BRIDGE_ACK": "broker"})
+    publisher = FakePublisher()
+    event = Destination("geins.order.create", b"k", b"x" * 5000, [("ce_id", b"k")])
+    at_its_limit = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        event.key, event.value, event.headers
+    )
+    pipeline = Pipeline(
+        Router.from_settings(settings),
+        BrokerAck(publisher, settings),
+        Metrics(),
+        strict_types=False,
+        deadletter_topic="geins.deadletter",
+        secrets=Redactor(),
+        record_limit=at_its_limit,
+    )
+    refusal = PayloadTooLarge("larger than the topic's max.message.bytes")
+    await pipeline._keep_refused_event(event, "k", refusal)
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+    assert refusal.detail.endswith("it is kept on geins.deadletter")
