@@ -17,9 +17,12 @@ then a cache look-up of text that repeats and is short, or a search.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.ackmodes import AckMode
 from bridge.config import DEAD_LETTER_ROOM
@@ -30,11 +33,12 @@ from bridge.errors import (
     BridgeError,
     MalformedEventType,
     PayloadTooLarge,
+    PublishTimeout,
     TokenInPath,
 )
 from bridge.geins import Delivery, Event, parse_delivery
 from bridge.metrics import Metrics
-from bridge.publisher import check_record_size
+from bridge.publisher import check_record_size, landed
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router, plain_letters
 
@@ -86,6 +90,8 @@ class Pipeline:
         # should Kafka refuse it for good; a dead letter may take that room.
         self._record_limit = record_limit
         self._letter_limit = record_limit + DEAD_LETTER_ROOM
+        # The records of dead letters answered 503 whose landing is watched (to count it)
+        self._watched_landings: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.
         self._dedup = dedup
@@ -172,16 +178,35 @@ class Pipeline:
         except BridgeError as exc:
             if not exc.retriable:
                 log.error("could not keep a dead letter (%s): %s", reason, exc.detail)
+                self._metrics.dropped_records.inc()  # as the drainer counts one Kafka refused
                 return None
+            if isinstance(exc, PublishTimeout) and exc.landing is not None:
+                self._count_if_it_lands(exc.landing, reason)
             exc.detail = (
                 f"{refused} and cannot be kept as a dead letter now ({exc.detail}); retry later"
             )
             raise
         except Exception:
             log.exception("could not keep a dead letter (%s)", reason)
+            self._metrics.dropped_records.inc()
             return None
         self._metrics.dead_letters.labels(reason).inc()
         return True
+
+    def _count_if_it_lands(self, landing: asyncio.Future[Any], reason: str) -> None:
+        """Count a dead letter answered 503 (its publish timed out, broker mode) once
+        Kafka takes it after all: the sender's retry then finds it kept already and
+        counts nothing, so it was in Kafka and never counted. A retry that waited for
+        the same record raises with the same future: counted once."""
+        if landing in self._watched_landings:
+            return
+        self._watched_landings.add(landing)
+
+        def count(done: asyncio.Future[Any]) -> None:
+            if landed(done):
+                self._metrics.dead_letters.labels(reason).inc()
+
+        landing.add_done_callback(count)
 
 
 def parse_and_route(

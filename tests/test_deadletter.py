@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from aiokafka.producer.message_accumulator import DefaultRecordBatchBuilder
 
 from bridge import kafkaadmin
 from bridge.ackmodes import BrokerAck
+from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
 from bridge.errors import (
@@ -31,7 +33,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
-from tests.fakes import FakePublisher, voucher_delivery
+from tests.fakes import TOKEN, FakePublisher, call_asgi, voucher_delivery
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = UnknownEventType("Voucher/create is not a known Geins event type")
@@ -465,3 +467,69 @@ async def test_broker_mode_keeps_the_dead_letter_of_an_event_at_its_limit() -> N
     await pipeline._keep_refused_event(event, "k", refusal)
     assert [r.topic for r in publisher.records] == ["geins.deadletter"]
     assert refusal.detail.endswith("it is kept on geins.deadletter")
+
+
+class _LateLetters(FakePublisher):
+    """Kafka acknowledges the first record only after the publish timeout."""
+
+    landing: asyncio.Future[Any] | None = None
+
+    async def publish(self, destination: Destination) -> None:
+        if self.landing is None:
+            self.landing = asyncio.get_running_loop().create_future()
+            self.records.append(destination)  # queued in the producer: it will land
+            timeout = PublishTimeout("Kafka did not acknowledge the record in time")
+            timeout.landing = self.landing
+            raise timeout
+        await super().publish(destination)
+
+
+async def test_a_dead_letter_that_lands_after_its_timeout_is_counted_once() -> None:
+    """Broker mode: a dead letter whose publish timed out (503) and then landed was never
+    counted: the sender's retry found it kept already and counted nothing either."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    publisher, metrics = _LateLetters(), Metrics()
+    app = create_app(settings, publisher=publisher, metrics=metrics)
+    headers = [(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-idempotency-key", b"bad")]
+
+    async def deliver() -> int:
+        answer = await call_asgi(
+            app, "POST", "/webhooks/geins", headers=headers, body_chunks=[b"not json"]
+        )
+        return answer.status
+
+    assert await deliver() == 503  # the dead letter could not be kept now
+    assert publisher.landing is not None
+    publisher.landing.set_result(None)  # ... and then Kafka took it after all
+    await asyncio.sleep(0)
+    assert await deliver() == 400
+    assert await deliver() == 400
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"]
+    counted = metrics.registry.get_sample_value(
+        "bridge_dead_letters_total", {"reason": "body_not_json"}
+    )
+    assert counted == 1
+
+
+def test_broker_mode_counts_a_dead_letter_it_can_never_keep_as_dropped() -> None:
+    """Durable and memory modes count a dead letter Kafka refuses for good in
+    bridge_dropped_records_total; broker mode only logged it."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    metrics = Metrics()
+    publisher = FakePublisher(fail_with=PayloadTooLarge("larger than the topic takes"))
+    app = create_app(settings, publisher=publisher, metrics=metrics)
+    answer = asyncio.run(
+        call_asgi(
+            app,
+            "POST",
+            "/webhooks/geins",
+            headers=[(b"authorization", b"Bearer " + TOKEN.encode())],
+            body_chunks=[b"not json"],
+        )
+    )
+    assert answer.status == 400
+    assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
+    assert (
+        metrics.registry.get_sample_value("bridge_dead_letters_total", {"reason": "body_not_json"})
+        == 0
+    )
