@@ -130,6 +130,13 @@ class Metrics:
         # and increase() miss the first increment of a series that appears with it.
         for outcome in OUTCOMES[2:]:
             self._requests[(NONE_LABEL, NONE_LABEL, outcome)] = 0.0
+        # So are the 5xx of each known event type (BridgeServerErrors' numerator): at
+        # Geins' low, mixed traffic an outage whose failures were each of a type that
+        # had not failed before showed no rate at all (31 types, 62 series).
+        for entity, actions in ENTITY_ACTIONS.items():
+            for action in actions:
+                for outcome in ("unavailable", "error"):
+                    self._requests[(_ENTITY_LABELS[entity], action, outcome)] = 0.0
         self._durations = fast.histogram(
             "bridge_request_duration_seconds",
             # From the head, not the first byte: that is when the app gets the request
