@@ -24,7 +24,7 @@ from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
-from bridge.leftover import LeftoverSpool
+from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, spawn
 from bridge.routing import Destination
@@ -320,6 +320,7 @@ class DurableAck(_DrainedAck):
     def prepare(self) -> None:
         """Open the spool before serving (raises SpoolUnusable)."""
         self.spool.connect()
+        say_topics_from_before(self.spool, self._settings)
 
     async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self.spool.open()

@@ -1,5 +1,6 @@
-"""The events a durable bridge left in BRIDGE_SPOOL_DIR, found by a bridge started in
-another ack mode (``broker`` or ``memory``).
+"""Events a spool holds from before this start: those a durable bridge left in
+BRIDGE_SPOOL_DIR, found by a bridge started in another ack mode (``broker`` or
+``memory``), and, in any mode, those accepted for topics the settings no longer make.
 
 Those modes have no spool of their own, so nothing read the folder: a restart that
 switched BRIDGE_ACK away from ``durable`` while Kafka was away left every event
@@ -23,6 +24,7 @@ from bridge.drainer import Drainer
 from bridge.errors import SpoolUnusable
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, spawn
+from bridge.routing import template_can_make
 from bridge.spool import DB_NAME, Spool
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,33 @@ def spool_file(settings: Settings) -> str | None:
             if candidate.exists():
                 return str(candidate)
     return None
+
+
+def say_topics_from_before(spool: Spool, settings: Settings) -> None:
+    """Warn of the events ``spool`` holds for topics the settings do not make now.
+
+    An event's topic (a dead letter's too) is fixed as it is accepted: those accepted
+    before a change of BRIDGE_TOPIC_TEMPLATE or BRIDGE_DEADLETTER_TOPIC, and still in
+    the spool, go where the settings of then sent them, which the consumers of the
+    new topics do not read (and an old dead-letter topic the new template can make is
+    an event topic now)."""
+    for topic, (events, letters) in sorted(spool.topics_at_open.items()):
+        if letters and topic != settings.deadletter_topic:
+            log.warning(
+                "%d dead letters in the spool are for %s, the dead-letter topic when they "
+                "were kept (BRIDGE_DEADLETTER_TOPIC is %s now): they are published there",
+                letters,
+                topic,
+                settings.deadletter_topic or "empty",
+            )
+        if events > letters and not template_can_make(settings.topic_template, topic):
+            log.warning(
+                "%d events in the spool are for %s, which BRIDGE_TOPIC_TEMPLATE %s does "
+                "not make: accepted under earlier settings, they are published there",
+                events - letters,
+                topic,
+                settings.topic_template,
+            )
 
 
 class LeftoverSpool:
@@ -97,6 +126,7 @@ class LeftoverSpool:
             spool.depth,
             settings.ack,
         )
+        say_topics_from_before(spool, settings)
         self._spool = spool
 
     async def start(self, publish_after: asyncio.Future[Any] | None) -> None:

@@ -247,6 +247,8 @@ class Spool:
         self.depth = 0
         self.bytes = 0
         self.keys = 0  # accepted keys remembered, expired ones not purged yet included
+        #: What the spool held when it was opened: topic -> (events, dead letters among them)
+        self.topics_at_open: dict[str, tuple[int, int]] = {}
         self.oldest_enqueued_at: float | None = None
         self.writable = True
         # Owned by the writer thread. When ``_copy_complete``, ``_copy`` holds every
@@ -488,12 +490,14 @@ class Spool:
             ).fetchone()
             oldest = _oldest_enqueued_at(connection)
             (keys,) = connection.execute("SELECT count(*) FROM seen").fetchone()
+            topics = _topics_held(connection) if depth else {}
             connection.set_progress_handler(None, 0)
         except BaseException:
             connection.close()
             raise
         self.depth, self.bytes, self.oldest_enqueued_at = depth, size, oldest
         self.keys = keys
+        self.topics_at_open = topics
         # Seqs are given here, not by SQLite, so the in-memory copy knows them; never
         # reused, like AUTOINCREMENT's own.
         self._last_seq = max(last_row, last_ever)
@@ -1087,6 +1091,16 @@ def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
 
 
 _SELECT_RECORDS = "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
+
+
+def _topics_held(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """topic -> (events, dead letters among them: the records with an x-bridge-reason
+    header, which the bridge writes on every dead letter)."""
+    rows = connection.execute(
+        "SELECT topic, count(*), sum(instr(headers, ?) > 0) FROM spool GROUP BY topic",
+        (b'"x-bridge-reason"',),
+    )
+    return {topic: (events, letters) for topic, events, letters in rows}
 
 
 def _has_topic_index(connection: sqlite3.Connection) -> bool:

@@ -149,3 +149,48 @@ def test_a_spool_another_bridge_holds_is_left_to_it(
         assert "BRIDGE_ACK=broker does not publish the events it may hold" in caplog.text
     finally:
         owner.release()
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker"])
+async def test_events_held_for_topics_the_settings_no_longer_make_are_named(
+    tmp_path: Path, ack: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic is fixed as an event is accepted: after a restart with another
+    BRIDGE_TOPIC_TEMPLATE or BRIDGE_DEADLETTER_TOPIC, the events and dead letters the
+    spool held went to the old topics, which nothing named (and an old dead-letter
+    topic the new template makes is an event topic now)."""
+    spool = make_spool(tmp_path)
+    spool.open()
+    assert await spool.append(event("a"), "a")
+    letter = Destination("geins.deadletter", b"d", b"{}", [("x-bridge-reason", b"body_not_json")])
+    assert await spool.append(letter, None)
+    await spool.close()
+    kafka_away = FakePublisher(fail_with=Unavailable("not connected to Kafka"), connected=False)
+    same = make_ack_mode(
+        settings(tmp_path, BRIDGE_ACK=ack, BRIDGE_SHUTDOWN_TIMEOUT="0.1"), kafka_away, Metrics()
+    )
+    same.prepare()
+    assert "in the spool are for" not in caplog.text
+    await same.start()
+    await same.stop()
+    new = settings(
+        tmp_path,
+        BRIDGE_ACK=ack,
+        BRIDGE_TOPIC_TEMPLATE="shop.{entity}",
+        BRIDGE_DEADLETTER_TOPIC="shop-deadletter",
+    )
+    mode = make_ack_mode(new, FakePublisher(), Metrics())
+    mode.prepare()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        "1 dead letters in the spool are for geins.deadletter, the dead-letter topic when "
+        "they were kept (BRIDGE_DEADLETTER_TOPIC is shop-deadletter now): they are "
+        "published there"
+    ) in warned
+    assert (
+        "1 events in the spool are for geins.order.create, which BRIDGE_TOPIC_TEMPLATE "
+        "shop.{entity} does not make: accepted under earlier settings, they are published "
+        "there"
+    ) in warned
+    await mode.start()
+    await mode.stop()
