@@ -1442,3 +1442,47 @@ async def test_broker_mode_retries_in_a_row_wait_one_publish_timeout_each(
     # at most the wait and one publish of its own; far from the 3.3 and 5.0 s of the
     # second and third retries before
     assert max(retries) < 3 * kafka.timeout, retries
+
+
+class SlowAcksPublisher(FakePublisher):
+    """Kafka whose acknowledgements take ``latency`` seconds (a slow partition): longer
+    than BRIDGE_PUBLISH_TIMEOUT, so the drainer holds the topic, though Kafka takes
+    every record."""
+
+    def __init__(self, latency: float) -> None:
+        super().__init__()
+        self.latency = latency
+        self.acked: list[bytes] = []
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.records.append(destination)
+
+        def ack() -> None:
+            if not acked.done():
+                acked.set_result(None)
+                self.acked.append(destination.key)
+
+        asyncio.get_running_loop().call_later(self.latency, ack)
+        return acked
+
+
+async def test_a_stop_waits_for_a_held_topic_whose_records_kafka_is_still_taking(
+    tmp_path: Path,
+) -> None:
+    """Memory mode, orderly stop, one topic's acknowledgements slower than
+    BRIDGE_PUBLISH_TIMEOUT (so it is held): the drain handed one more batch over, saw
+    the topic held again and returned at once, "only held topics left", with 9 s of its
+    10 left; the events still queued were lost, though Kafka took each it was given."""
+    publisher = SlowAcksPublisher(latency=1.0)
+    conf = settings(
+        tmp_path, BRIDGE_ACK="memory", BRIDGE_PUBLISH_TIMEOUT="0.2", BRIDGE_SHUTDOWN_TIMEOUT="10"
+    )
+    mode = MemoryAck(publisher, Metrics(), conf)
+    await mode.start()
+    keys = [f"k{n}" for n in range(1200)]
+    assert all([await mode.deliver(record(k), k) for k in keys])  # 202 each
+    await eventually(lambda: mode.drainer.held_topics == ["geins.order.create"])
+    await mode.stop()
+    assert len(publisher.acked) == 1200
