@@ -297,6 +297,11 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
     # An unusable spool stops the bridge here, with a plain message (SpoolUnusable),
     # before it listens; the lifespan then reuses this connection.
     app.state.prepare()
+    if early.received is not None:
+        # The signal's exception was lost on its way: SQLite ends a check it interrupts
+        # as "interrupted", which a leftover spool's prepare takes for a spool it cannot
+        # open, logs, and serves on.
+        raise StopBeforeServing(early.received.name)
     metrics: Metrics = app.state.metrics
     redactor = app.state.authenticator.redactor
     logs.redact_with(redactor)  # every line, whoever logs it: no token in the log
