@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Protocol
 
 from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
-from bridge.drainer import Drainer
+from bridge.drainer import Drainer, drain_deadline
 from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
 from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
@@ -68,7 +67,10 @@ class AckMode(Protocol):
         first with its own defaults."""
         ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, deadline: float | None = None) -> None:
+        """Publish what waits for Kafka until ``deadline`` (monotonic; by default
+        BRIDGE_SHUTDOWN_TIMEOUT from now), the time the producer's flush has too."""
+        ...
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         """True once the record is safe by this mode's guarantee; False for a duplicate.
@@ -130,9 +132,9 @@ class BrokerAck:
                 )
             self._publish_after = None
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         if self._leftover is not None:
-            await self._leftover.stop()
+            await self._leftover.stop(deadline)
 
     @property
     def ready(self) -> bool:
@@ -293,9 +295,8 @@ class _DrainedAck:
             await asyncio.wait({publish_after})  # however it ends: it logs its own failure
         await self.drainer.run()
 
-    async def _stop_drainer(self) -> None:
-        deadline = time.monotonic() + self._settings.shutdown_timeout
-        await self.drainer.drain(deadline)
+    async def _stop_drainer(self, deadline: float | None) -> None:
+        await self.drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -335,8 +336,8 @@ class DurableAck(_DrainedAck):
             except Exception as exc:  # the spool marks itself unwritable; keep probing
                 log.error("spool maintenance failed: %s", exc)
 
-    async def stop(self) -> None:
-        await self._stop_drainer()
+    async def stop(self, deadline: float | None = None) -> None:
+        await self._stop_drainer(deadline)
         if self.spool.depth:
             log.warning(
                 "%d events stay in the spool %s; they are published at the next start",
@@ -407,11 +408,13 @@ class MemoryAck(_DrainedAck):
             held = sorted({*held, *self._leftover.held_topics})
         return held
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
         self._stopping = True
-        await self._stop_drainer()
-        if self._leftover is not None:
-            await self._leftover.stop()
+        deadline = drain_deadline(deadline, self._settings.shutdown_timeout)
+        if self._leftover is None:
+            await self._stop_drainer(deadline)
+        else:  # one deadline for both: one after the other took two
+            await asyncio.gather(self._stop_drainer(deadline), self._leftover.stop(deadline))
         if self.backlog.depth:
             # Those handed over are flushed next by the publisher's stop: they may land.
             handed_over = min(self.drainer.handed_over, self.backlog.depth)

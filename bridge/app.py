@@ -279,7 +279,7 @@ def create_app(
             # drain that emptied the backlog the flush has nothing left to wait for, and
             # after one that ran out of time Kafka is not answering anyway.
             deadline = time.monotonic() + settings.shutdown_timeout
-            await ack_mode.stop()  # drains what it can while Kafka is still connected
+            await ack_mode.stop(deadline)  # drains what it can while Kafka is still connected
             await publisher.stop(deadline)
 
     app = BridgeApp(

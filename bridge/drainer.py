@@ -67,6 +67,12 @@ ROUND_PAUSE = 0.010
 HELD_ROUND_PAUSE = 0.05
 
 
+def drain_deadline(deadline: float | None, shutdown_timeout: float) -> float:
+    """The end of a drain at a stop: ``deadline`` (monotonic; the lifespan's, which the
+    producer's flush shares), or BRIDGE_SHUTDOWN_TIMEOUT from now without one."""
+    return time.monotonic() + shutdown_timeout if deadline is None else deadline
+
+
 class _Pending:
     """A record handed to the producer whose acknowledgement has not been seen yet."""
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from bridge.config import Settings
-from bridge.drainer import Drainer
+from bridge.drainer import Drainer, drain_deadline
 from bridge.errors import SpoolUnusable
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, spawn
@@ -163,13 +162,13 @@ class LeftoverSpool:
             self._settings.spool_dir.resolve(),
         )
 
-    async def stop(self) -> None:
-        """Publish what can be within BRIDGE_SHUTDOWN_TIMEOUT; the rest stays in the
-        spool for the next start, whatever its mode."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Publish what can be until ``deadline`` (:func:`~bridge.drainer.drain_deadline`); the rest
+        stays in the spool for the next start, whatever its mode."""
         task, spool, drainer = self._task, self._spool, self._drainer
         if task is None or spool is None or drainer is None:
             return
-        await drainer.drain(time.monotonic() + self._settings.shutdown_timeout)
+        await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if spool.depth:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,27 @@ async def test_events_held_for_topics_the_settings_no_longer_make_are_named(
     ) in warned
     await mode.start()
     await mode.stop()
+
+
+async def test_memory_mode_with_a_leftover_spool_stops_within_one_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    """The memory queue's drain and the leftover spool's each took a
+    BRIDGE_SHUTDOWN_TIMEOUT of their own, one after the other: with Kafka away the stop
+    took two, and the producer's flush, whose deadline the lifespan set before both,
+    none. They share the lifespan's deadline now."""
+    await left_by_a_durable_bridge(tmp_path, "a")
+    publisher = FakePublisher(fail_with=Unavailable("Kafka is away"), connected=False)
+    app = create_app(
+        settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_SHUTDOWN_TIMEOUT="1"), publisher=publisher
+    )
+    app.state.prepare()
+    with TestClient(app) as client:
+        answer = client.post(
+            "/webhooks/geins",
+            content=b'{"entity":"Order","action":"create"}',
+            headers={"Authorization": "Bearer test-token-long-enough"},
+        )
+        assert answer.status_code == 202
+        began = time.monotonic()
+    assert time.monotonic() - began < 1.5
