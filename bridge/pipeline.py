@@ -90,8 +90,11 @@ class Pipeline:
         # should Kafka refuse it for good; a dead letter may take that room.
         self._record_limit = record_limit
         self._letter_limit = record_limit + DEAD_LETTER_ROOM
-        # The records of dead letters answered 503 whose landing is watched (to count it)
-        self._watched_landings: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+        # The landing (a batch's future) of dead letters answered 503 -> the keys of
+        # those whose landing is watched (to count it)
+        self._watched_landings: weakref.WeakKeyDictionary[asyncio.Future[Any], set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
         # False (BRIDGE_DEDUP_WINDOW=0): no mode sees a key to de-duplicate by, not even
         # two copies arriving at once.
         self._dedup = dedup
@@ -181,7 +184,7 @@ class Pipeline:
                 self._metrics.dropped_records.inc()  # as the drainer counts one Kafka refused
                 return None
             if isinstance(exc, PublishTimeout) and exc.landing is not None:
-                self._count_if_it_lands(exc.landing, reason)
+                self._count_if_it_lands(exc.landing, key, reason)
             exc.detail = (
                 f"{refused} and cannot be kept as a dead letter now ({exc.detail}); retry later"
             )
@@ -193,14 +196,19 @@ class Pipeline:
         self._metrics.dead_letters.labels(reason).inc()
         return True
 
-    def _count_if_it_lands(self, landing: asyncio.Future[Any], reason: str) -> None:
+    def _count_if_it_lands(
+        self, landing: asyncio.Future[Any], key: str | None, reason: str
+    ) -> None:
         """Count a dead letter answered 503 (its publish timed out, broker mode) once
         Kafka takes it after all: the sender's retry then finds it kept already and
-        counts nothing, so it was in Kafka and never counted. A retry that waited for
-        the same record raises with the same future: counted once."""
-        if landing in self._watched_landings:
-            return
-        self._watched_landings.add(landing)
+        counts nothing, so it was in Kafka and never counted. ``landing`` is its
+        batch's: a retry that waited for the same record raises with it (counted once
+        by its key), and so do other dead letters of the batch (each counted)."""
+        if key is not None:
+            watched = self._watched_landings.setdefault(landing, set())
+            if key in watched:
+                return
+            watched.add(key)
 
         def count(done: asyncio.Future[Any]) -> None:
             if landed(done):

@@ -533,3 +533,44 @@ def test_broker_mode_counts_a_dead_letter_it_can_never_keep_as_dropped() -> None
         metrics.registry.get_sample_value("bridge_dead_letters_total", {"reason": "body_not_json"})
         == 0
     )
+
+
+class _OneLateBatch(FakePublisher):
+    """Kafka slow to acknowledge one batch: every record published now joins it (as
+    concurrent records of one partition join its open batch in aiokafka), and its
+    publish times out; PublishTimeout.landing is the batch's future, shared by all."""
+
+    batch: asyncio.Future[Any] | None = None
+
+    async def publish(self, destination: Destination) -> None:
+        if self.batch is None:
+            self.batch = asyncio.get_running_loop().create_future()
+        self.records.append(destination)  # queued in the producer: it lands with its batch
+        timeout = PublishTimeout("Kafka did not acknowledge the record in time")
+        timeout.landing = self.batch
+        raise timeout
+
+
+async def test_two_dead_letters_that_land_in_one_batch_are_both_counted() -> None:
+    """The landing watched to count a late dead letter is its batch's future: watched
+    once per future, two dead letters of one batch counted 1."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    publisher, metrics = _OneLateBatch(), Metrics()
+    app = create_app(settings, publisher=publisher, metrics=metrics)
+
+    async def deliver(key: bytes) -> int:
+        headers = [(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-idempotency-key", key)]
+        answer = await call_asgi(
+            app, "POST", "/webhooks/geins", headers=headers, body_chunks=[b"not json"]
+        )
+        return answer.status
+
+    assert list(await asyncio.gather(deliver(b"bad-1"), deliver(b"bad-2"))) == [503, 503]
+    assert publisher.batch is not None
+    publisher.batch.set_result(None)  # the batch lands: both dead letters are in Kafka
+    await asyncio.sleep(0)
+    assert [r.topic for r in publisher.records] == ["geins.deadletter"] * 2
+    counted = metrics.registry.get_sample_value(
+        "bridge_dead_letters_total", {"reason": "body_not_json"}
+    )
+    assert counted == 2
