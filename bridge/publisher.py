@@ -443,6 +443,9 @@ class KafkaPublisher:
         self._fingerprint = b""  # of the secrets the producer in use was made with
         self._rotation: asyncio.Task[None] | None = None  # connecting with the new files
         self._retiring: set[asyncio.Task[None]] = set()  # replaced producers flushing
+        # The deadlines of the flushes under way: stop() brings a replaced producer's
+        # (BRIDGE_SHUTDOWN_TIMEOUT from its replacement) forward to its own.
+        self._flushes: set[asyncio.Timeout] = set()
         self._failed_fingerprint = b""  # of the files the last failed rotation tried
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
@@ -869,9 +872,14 @@ class KafkaPublisher:
         allowed = self._settings.shutdown_timeout
         if deadline is not None:
             allowed = max(0.0, deadline - time.monotonic())
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(allowed):
-                await producer.stop()
+            async with asyncio.timeout(allowed) as flush:
+                self._flushes.add(flush)
+                try:
+                    await producer.stop()
+                finally:
+                    self._flushes.discard(flush)
             return
         except TimeoutError:
             log.error(
@@ -879,7 +887,7 @@ class KafkaPublisher:
                 "delivered failed (answered 503 in broker mode, for the sender to retry; "
                 "queued for the next try in the other modes; not published by a replay)",
                 which,
-                allowed,
+                time.monotonic() - started,  # stop() may have cut a replaced one's short
             )
         await self._force_close(producer)
 
@@ -1298,6 +1306,13 @@ class KafkaPublisher:
         if self._handover is not None:
             self._handover.close()
             self._handover = None
+        if deadline is not None:  # a replaced producer's flush ends with the current one's
+            loop = asyncio.get_running_loop()
+            until = loop.time() + max(0.0, deadline - time.monotonic())
+            for flush in self._flushes:
+                when = flush.when()
+                if when is None or when > until:
+                    flush.reschedule(until)
         current = (
             [self._flush_and_close(producer, "current", deadline)] if producer is not None else []
         )

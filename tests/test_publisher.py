@@ -970,3 +970,45 @@ def test_a_kafka_timeout_is_no_refusal() -> None:
     assert error.detail == "Kafka did not take the record in time (KafkaTimeoutError)"
     assert pub._metrics.publish_errors.labels("timeout")._value.get() == 1
     assert pub._metrics.publish_errors.labels("kafka_error")._value.get() == 0
+
+
+class _HangingProducer:
+    """An aiokafka producer whose flush never ends (Kafka holds its batches)."""
+
+    class _Accumulator:
+        _batches: dict[Any, Any] = {}  # noqa: RUF012 - read only, by _force_close
+        _pending_batches: set[Any] = set()  # noqa: RUF012
+
+        def fail_all(self, exc: BaseException) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self._message_accumulator = self._Accumulator()
+        self.client = SimpleNamespace(close=self._closed)
+        self.closed = False
+
+    async def _closed(self) -> None:
+        self.closed = True
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_stop_keeps_its_deadline_with_a_replaced_producer_still_flushing() -> None:
+    """A producer replaced shortly before the stop (a secret rotation, a reset) flushed
+    with a BRIDGE_SHUTDOWN_TIMEOUT of its own from its replacement: stop(deadline)
+    overran its deadline by up to a whole timeout (3.0 s for 0.2 s in a review's test),
+    which deploy/'s grace periods do not count. Its flush ends with the current one's."""
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": "t" * 16, "BRIDGE_ACK": "memory", "BRIDGE_SHUTDOWN_TIMEOUT": "3"}
+    )
+    publisher = KafkaPublisher(settings, Metrics())
+    replaced = _HangingProducer()
+    retiring = publisher_module.spawn(publisher._retire(replaced), "kafka-retire-producer")
+    publisher._retiring.add(retiring)
+    retiring.add_done_callback(publisher._retiring.discard)
+    await asyncio.sleep(0.05)  # flushing
+    began = time.monotonic()
+    await publisher.stop(began + 0.2)
+    assert time.monotonic() - began < 1.0
+    assert replaced.closed  # closed all the same
