@@ -279,8 +279,10 @@ def create_app(
             # drain that emptied the backlog the flush has nothing left to wait for, and
             # after one that ran out of time Kafka is not answering anyway.
             deadline = time.monotonic() + settings.shutdown_timeout
-            await ack_mode.stop(deadline)  # drains what it can while Kafka is still connected
-            await publisher.stop(deadline)
+            try:
+                await ack_mode.stop(deadline)  # drains what it can while Kafka is connected
+            finally:
+                await publisher.stop(deadline)  # the flush, whatever the drain met
 
     app = BridgeApp(
         routes=[*webhook_routes(endpoint), *operation_routes(metrics, ack_mode, state, openapi)],

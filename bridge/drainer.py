@@ -37,7 +37,7 @@ from bridge.backlog import Backlog, QueuedRecord
 from bridge.deadletter import set_aside
 from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, refused_by_kafka
+from bridge.publisher import Publisher, refused_by_kafka, spawn
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ class Drainer:
     def _start_probe(self, record: QueuedRecord) -> None:
         topic = record.destination.topic
         self._probing[topic] = record.seq
-        task = asyncio.create_task(self._probe(record), name=f"drainer-probe-{topic}")
+        task = spawn(self._probe(record), f"drainer-probe-{topic}")  # its death is logged
         self._probe_tasks.add(task)
         task.add_done_callback(self._probe_tasks.discard)
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from starlette.testclient import TestClient
 
 from bridge import drainer as drainer_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
+from bridge.app import create_app
 from bridge.backlog import MemoryBacklog
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
@@ -1486,3 +1488,21 @@ async def test_a_stop_waits_for_a_held_topic_whose_records_kafka_is_still_taking
     await eventually(lambda: mode.drainer.held_topics == ["geins.order.create"])
     await mode.stop()
     assert len(publisher.acked) == 1200
+
+
+def test_the_producer_flushes_even_when_a_drain_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifespan ran the producer's flush only if the ack mode's stop returned: one
+    that raised (the leftover spool's drain alongside memory mode's, say) skipped it,
+    and what the producer held was lost."""
+    publisher = FakePublisher()
+    app = create_app(settings(tmp_path, BRIDGE_ACK="memory"), publisher=publisher)
+
+    async def broken(deadline: float | None = None) -> None:
+        raise RuntimeError("the drain failed")
+
+    monkeypatch.setattr(app.state.prepare.__self__, "stop", broken)
+    with pytest.raises(RuntimeError, match="the drain failed"), TestClient(app):
+        pass
+    assert publisher.stopped
