@@ -43,6 +43,12 @@ def spool_file(settings: Settings) -> str | None:
     return None
 
 
+def topics_made(publish_after: asyncio.Future[Any] | None) -> bool:
+    """Whether the creation of the topics (BRIDGE_CREATE_TOPICS; None without it) is
+    over, done or failed: not still going, nor cancelled by a stop that came first."""
+    return publish_after is None or (publish_after.done() and not publish_after.cancelled())
+
+
 def say_topics_from_before(spool: Spool, settings: Settings) -> None:
     """Warn of the events ``spool`` holds for topics the settings do not make now.
 
@@ -80,6 +86,7 @@ class LeftoverSpool:
         self._spool: Spool | None = None
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._publish_after: asyncio.Future[Any] | None = None
 
     @property
     def depth(self) -> int:
@@ -140,6 +147,7 @@ class LeftoverSpool:
             ack_timeout=self._settings.publish_timeout,
             deadletter_topic=self._settings.deadletter_topic,
         )
+        self._publish_after = publish_after
         self._task = spawn(self._publish_all(spool, self._drainer, publish_after), "leftover-spool")
 
     async def _publish_all(
@@ -147,6 +155,8 @@ class LeftoverSpool:
     ) -> None:
         if publish_after is not None:
             await asyncio.wait({publish_after})  # however it ends: it logs its own failure
+            if not topics_made(publish_after):
+                return  # stopped before the topics were: the spool keeps its events
         draining = spawn(drainer.run(), "leftover-spool-drainer")
         try:
             # The writer thread lowers the depth as removals commit; it signals nothing.
@@ -168,7 +178,8 @@ class LeftoverSpool:
         task, spool, drainer = self._task, self._spool, self._drainer
         if task is None or spool is None or drainer is None:
             return
-        await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
+        if topics_made(self._publish_after):
+            await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if spool.depth:

@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaTimeoutError
 from starlette.testclient import TestClient
 
 from bridge import drainer as drainer_module
+from bridge import kafkaadmin
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
 from bridge.app import create_app
 from bridge.backlog import MemoryBacklog
@@ -1506,3 +1507,45 @@ def test_the_producer_flushes_even_when_a_drain_fails(
     with pytest.raises(RuntimeError, match="the drain failed"), TestClient(app):
         pass
     assert publisher.stopped
+
+
+@pytest.mark.parametrize("ack", ["durable", "broker"])
+async def test_a_stop_during_topic_creation_leaves_the_spool_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ack: str
+) -> None:
+    """The drainer waits for BRIDGE_CREATE_TOPICS so that Kafka does not create the
+    topics first with its own defaults (1 partition, 1 replica, for good). A stop while
+    they were being created cancelled their creation, which let the drain at shutdown
+    publish the spool's events to topics nobody created (a review's test). The spool
+    keeps them for the next start (a durable bridge's, or one a broker-mode bridge
+    found), without waiting the shutdown timeout for a drain that must not run."""
+    creating = asyncio.Event()
+
+    async def slow_create_topics(*_: Any) -> dict[str, str]:
+        creating.set()
+        await asyncio.sleep(3600)  # a slow admin request, still going at the stop
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(kafkaadmin, "create_topics", slow_create_topics)
+    spool = DurableAck(FakePublisher(), Metrics(), settings(tmp_path)).spool
+    spool.open()
+    assert await spool.append(record("a"), "a")  # 202, Kafka away
+    await spool.close()
+    publisher = FakePublisher(connected=False)
+    conf = settings(
+        tmp_path, BRIDGE_ACK=ack, BRIDGE_CREATE_TOPICS="true", BRIDGE_SHUTDOWN_TIMEOUT="3"
+    )
+    app = create_app(conf, publisher=publisher)
+    app.state.prepare()
+    async with app.router.lifespan_context(app):
+        publisher.connected = True  # Kafka is reachable: the topics are being created
+        async with asyncio.timeout(5):
+            await creating.wait()
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+    assert time.monotonic() - began < 1
+    assert publisher.records == []
+    again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path)).spool
+    again.connect(announce=False)
+    assert again.depth == 1
+    again.release()
