@@ -427,10 +427,24 @@ class MemoryAck(_DrainedAck):
     async def stop(self, deadline: float | None = None) -> None:
         self._stopping = True
         deadline = drain_deadline(deadline, self._settings.shutdown_timeout)
-        if self._leftover is None:
-            await self._stop_drainer(deadline)
-        else:  # one deadline for both: one after the other took two
-            await asyncio.gather(self._stop_drainer(deadline), self._leftover.stop(deadline))
+        try:
+            if self._leftover is None:
+                await self._stop_drainer(deadline)
+            else:  # one deadline for both: one after the other took two
+                # Both to their end, whatever the other met: a failure raised at once
+                # left the queue's drain running under the producer's flush.
+                outcomes = await asyncio.gather(
+                    self._stop_drainer(deadline),
+                    self._leftover.stop(deadline),
+                    return_exceptions=True,
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        finally:
+            self._say_what_is_lost()
+
+    def _say_what_is_lost(self) -> None:
         if self.backlog.depth:
             # Those handed over are flushed next by the publisher's stop: they may land.
             handed_over = min(self.drainer.handed_over, self.backlog.depth)

@@ -1017,6 +1017,7 @@ class Spool:
                 _write_probe(connection)
         except sqlite3.Error as exc:
             self._set_writable(False, str(exc))
+            self._check_room(read_disk=True)  # the gauge's reading: most wanted now
             raise
         self._set_writable(True)
         if self.depth == 0:

@@ -30,6 +30,7 @@ from bridge.errors import (
     ShuttingDown,
     Unavailable,
 )
+from bridge.leftover import LeftoverSpool
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import FakePublisher
@@ -1549,3 +1550,26 @@ async def test_a_stop_during_topic_creation_leaves_the_spool_for_the_next_start(
     again.connect(announce=False)
     assert again.depth == 1
     again.release()
+
+
+async def test_a_failed_leftover_stop_leaves_no_drain_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Memory mode stops its queue's drain and a leftover spool's side by side: a
+    failure of one raised at once (asyncio.gather) and left the other running under the
+    producer's flush, and the events the queue lost unsaid (a review's test)."""
+    conf = settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_SHUTDOWN_TIMEOUT="0.5")
+    publisher = FakePublisher(fail_with=Unavailable("Kafka is away"), connected=False)
+    leftover = LeftoverSpool(publisher, Metrics(), conf)
+
+    async def broken(deadline: float | None = None) -> None:
+        raise RuntimeError("the leftover's drain failed")
+
+    monkeypatch.setattr(leftover, "stop", broken)
+    mode = MemoryAck(publisher, Metrics(), conf, leftover)
+    await mode.start()
+    assert await mode.deliver(record("k"), "k")
+    with pytest.raises(RuntimeError, match="the leftover's drain failed"):
+        await mode.stop()
+    assert all(task.done() for task in mode._tasks)
+    assert "1 still queued in memory are lost" in caplog.text

@@ -919,3 +919,31 @@ async def test_the_free_room_counts_the_pages_a_drained_backlog_left_for_reuse(
         assert not disk_short()
     finally:
         await spool.close()
+
+
+async def test_the_free_room_gauge_follows_the_disk_while_the_spool_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read by the maintenance round once it succeeded: while the disk is full (the
+    spool unwritable, its reserve file there, so no commit reads the disk) every round
+    failed before its reading, and the gauge kept the one from before the disk filled
+    for the whole incident (a review's test)."""
+    disk = _Disk(free=10**9)
+    monkeypatch.setattr(os, "statvfs", disk)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        await spool.forget_expired_keys()
+        assert spool.disk_free_bytes() >= 10**9 - 4096
+        disk.free = 0  # another tenant fills the volume; the spool's commits fail
+        spool._set_writable(False, "database or disk is full")
+
+        def full(connection: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(spool_module, "_write_probe", full)
+        with pytest.raises(sqlite3.OperationalError):
+            await spool.forget_expired_keys()
+        assert spool.disk_free_bytes() < 10**6
+    finally:
+        await spool.close()
