@@ -51,6 +51,10 @@ class AckMode(Protocol):
         """Idempotency keys remembered for de-duplication (the bridge_dedup_keys gauge)."""
         ...
 
+    #: The events a durable bridge's spool held, which this mode publishes (None in
+    #: durable mode, whose own spool is its backlog): the spool gauges count them too.
+    leftover: LeftoverSpool | None
+
     @property
     def held_topics(self) -> list[str]:
         """Topics whose waiting events are held back now (the bridge_topics_held gauge);
@@ -103,7 +107,7 @@ class BrokerAck:
         self, publisher: Publisher, settings: Settings, leftover: LeftoverSpool | None = None
     ) -> None:
         self._publisher = publisher
-        self._leftover = leftover
+        self.leftover = leftover
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         # key -> future of the delivery now publishing it (True once acknowledged),
         # so a concurrent retry waits for it instead of publishing a second copy.
@@ -115,13 +119,13 @@ class BrokerAck:
         self._publish_after: asyncio.Future[Any] | None = None
 
     def prepare(self) -> None:
-        if self._leftover is not None:
-            self._leftover.prepare()
+        if self.leftover is not None:
+            self.leftover.prepare()
 
     async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self._publish_after = publish_after
-        if self._leftover is not None:
-            await self._leftover.start(publish_after)
+        if self.leftover is not None:
+            await self.leftover.start(publish_after)
 
     def _refuse_before_the_topics(self) -> None:
         """Unavailable while the topics are being created (see AckMode.start)."""
@@ -133,8 +137,8 @@ class BrokerAck:
             self._publish_after = None
 
     async def stop(self, deadline: float | None = None) -> None:
-        if self._leftover is not None:
-            await self._leftover.stop(deadline)
+        if self.leftover is not None:
+            await self.leftover.stop(deadline)
 
     @property
     def ready(self) -> bool:
@@ -158,7 +162,7 @@ class BrokerAck:
 
     @property
     def held_topics(self) -> list[str]:
-        return self._leftover.held_topics if self._leftover is not None else []
+        return self.leftover.held_topics if self.leftover is not None else []
 
     async def keep(self, destination: Destination) -> None:
         self._refuse_before_the_topics()
@@ -319,6 +323,7 @@ class _DrainedAck:
 
 class DurableAck(_DrainedAck):
     name = "durable"
+    leftover: LeftoverSpool | None = None
     _kept_for_the_next_start = True
 
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
@@ -404,38 +409,38 @@ class MemoryAck(_DrainedAck):
         super().__init__(publisher, metrics, settings)
         self.backlog = MemoryBacklog(settings.memory_max_bytes)
         self.drainer = self._drainer_of(self.backlog)
-        self._leftover = leftover
+        self.leftover = leftover
         self._seen = SeenKeys(settings.dedup_window, settings.dedup_max_keys)
         self._stopping = False
 
     def prepare(self) -> None:
-        if self._leftover is not None:
-            self._leftover.prepare()
+        if self.leftover is not None:
+            self.leftover.prepare()
 
     async def start(self, publish_after: asyncio.Future[Any] | None = None) -> None:
         self._start_drainer(publish_after)
-        if self._leftover is not None:
-            await self._leftover.start(publish_after)
+        if self.leftover is not None:
+            await self.leftover.start(publish_after)
 
     @property
     def held_topics(self) -> list[str]:
         held = self.drainer.held_topics
-        if self._leftover is not None:
-            held = sorted({*held, *self._leftover.held_topics})
+        if self.leftover is not None:
+            held = sorted({*held, *self.leftover.held_topics})
         return held
 
     async def stop(self, deadline: float | None = None) -> None:
         self._stopping = True
         deadline = drain_deadline(deadline, self._settings.shutdown_timeout)
         try:
-            if self._leftover is None:
+            if self.leftover is None:
                 await self._stop_drainer(deadline)
             else:  # one deadline for both: one after the other took two
                 # Both to their end, whatever the other met: a failure raised at once
                 # left the queue's drain running under the producer's flush.
                 outcomes = await asyncio.gather(
                     self._stop_drainer(deadline),
-                    self._leftover.stop(deadline),
+                    self.leftover.stop(deadline),
                     return_exceptions=True,
                 )
                 for outcome in outcomes:

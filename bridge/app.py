@@ -181,9 +181,15 @@ def _gauges_read_at_scrape(
     if backlog is not None:
         # So that an alert can watch it fill (bridge_spool_bytes alone has no scale).
         metrics.spool_max_bytes.set(backlog.capacity)
-        metrics.spool_depth.set_function(lambda: backlog.depth)
         metrics.spool_bytes.set_function(lambda: backlog.bytes)
-        metrics.spool_oldest_age.set_function(lambda: _age(backlog.oldest_enqueued_at))
+    # What waits for Kafka: the backlog, and a durable bridge's spool another mode is
+    # publishing (its depth going to 0 is what an operator waits for).
+    waiting = [w for w in (backlog, ack_mode.leftover) if w is not None]
+    if waiting:
+        metrics.spool_depth.set_function(lambda: sum(w.depth for w in waiting))
+        metrics.spool_oldest_age.set_function(
+            lambda: _age(min((t for w in waiting if (t := w.oldest_enqueued_at)), default=None))
+        )
     if isinstance(ack_mode, DurableAck):  # as the spool's writer thread last read it
         metrics.spool_disk_free.set_function(ack_mode.spool.disk_free_bytes)
 

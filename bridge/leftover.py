@@ -14,7 +14,6 @@ the spool is empty.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -37,9 +36,11 @@ def spool_file(settings: Settings) -> str | None:
     write-ahead log alone counts too: it may hold the events)."""
     path = settings.spool_dir / DB_NAME
     for candidate in (path, path.with_name(f"{DB_NAME}-wal")):
-        with contextlib.suppress(OSError):
+        try:
             if candidate.exists():
                 return str(candidate)
+        except OSError:  # a folder it may not look into: opening it says why
+            return str(candidate)
     return None
 
 
@@ -94,6 +95,10 @@ class LeftoverSpool:
         return self._spool.depth if self._spool is not None else 0
 
     @property
+    def oldest_enqueued_at(self) -> float | None:
+        return self._spool.oldest_enqueued_at if self._spool is not None else None
+
+    @property
     def held_topics(self) -> list[str]:
         return self._drainer.held_topics if self._drainer is not None else []
 
@@ -110,16 +115,12 @@ class LeftoverSpool:
             max_bytes=settings.spool_max_bytes,
             dedup_window=settings.dedup_window,
             max_keys=settings.spool_max_keys,
+            drain_only=True,
         )
         try:
-            spool.connect(announce=False)
+            spool.connect()
         except SpoolUnusable as exc:
-            log.error(
-                "%s; BRIDGE_ACK=%s does not publish the events it may hold (start with "
-                "BRIDGE_ACK=durable to publish them)",
-                exc,
-                settings.ack,
-            )
+            log.error("%s; BRIDGE_ACK=%s does not publish what it may hold", exc, settings.ack)
             return
         if not spool.depth:
             spool.release()

@@ -231,8 +231,12 @@ class Spool:
         dedup_window: float,
         max_keys: int = 5_000_000,
         on_commit: Callable[[float], None] | None = None,
+        drain_only: bool = False,
     ) -> None:
+        """``drain_only``: a spool another ack mode only empties (:mod:`bridge.leftover`):
+        no reserve file made, nor deliveries said to be refused for want of one."""
         self.path = directory / DB_NAME
+        self._drain_only = drain_only
         self._directory = directory
         self._max_bytes = self.capacity = max_bytes
         self._dedup_window = dedup_window
@@ -276,10 +280,8 @@ class Spool:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def connect(self, *, announce: bool = True) -> None:
+    def connect(self) -> None:
         """Open (or create) the database; :class:`SpoolUnusable` if it cannot be used.
-        ``announce``: log the folder as where events are kept (not for a spool another
-        ack mode only empties, :mod:`bridge.leftover`).
 
         Called before the server listens, so a bad spool stops startup with a plain
         message. A file that cannot be read may hold events that were answered 2xx,
@@ -290,7 +292,7 @@ class Spool:
         same records twice and share the accepted-keys record.
         """
         if self._connection is None:
-            self._connection = self._open_connection(announce)
+            self._connection = self._open_connection()
 
     def release(self) -> None:
         """Close a spool that was connected and never opened: the database, and the
@@ -314,7 +316,7 @@ class Spool:
         )
         self._thread.start()
 
-    def _open_connection(self, announce: bool) -> sqlite3.Connection:
+    def _open_connection(self) -> sqlite3.Connection:
         check_folder(self._directory)
         try:
             self._directory.mkdir(FOLDER_MODE, parents=True, exist_ok=True)
@@ -325,14 +327,17 @@ class Spool:
             except BaseException:
                 self._unlock()
                 raise
-            self._make_reserve()
+            if self._drain_only:  # an existing reserve is kept, to give up if need be
+                self._reserve_made = self._reserve.exists()
+            else:
+                self._make_reserve()
             self._reusable = _freed_bytes(connection)
             # Without a reserve, a disk without its room is said by /readyz from the
             # start, not at the first 503.
             self._check_room(read_disk=True)
             # Said once, absolute: events answered 2xx live here until Kafka has them,
             # and a relative BRIDGE_SPOOL_DIR depends on where the bridge was started.
-            if announce:
+            if not self._drain_only:
                 log.info("spool: events are kept in the folder %s", self._directory.resolve())
             return connection
         except OSError as exc:
@@ -826,7 +831,11 @@ class Spool:
         """Make the reserve again, the spool being empty: first give the WAL file's
         room back (it keeps the size of the largest backlog, which on a volume smaller
         than the spool may grow is the room the reserve needs)."""
-        if not self._reserve_made and time.monotonic() >= self._reserve_next_try:
+        if (
+            not self._reserve_made
+            and not self._drain_only
+            and time.monotonic() >= self._reserve_next_try
+        ):
             with contextlib.suppress(sqlite3.Error):  # busy or failed: it is tried again
                 connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._make_reserve()
@@ -934,7 +943,7 @@ class Spool:
             self._say_disk_low(free < self._kept(self.bytes) + PAGE_ROOM)
 
     def _say_disk_low(self, low: bool) -> None:
-        if low == self.disk_low:
+        if low == self.disk_low or self._drain_only:  # no delivery to refuse there
             return
         self.disk_low = low
         if low:

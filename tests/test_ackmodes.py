@@ -1547,7 +1547,7 @@ async def test_a_stop_during_topic_creation_leaves_the_spool_for_the_next_start(
     assert time.monotonic() - began < 1
     assert publisher.records == []
     again = DurableAck(FakePublisher(), Metrics(), settings(tmp_path)).spool
-    again.connect(announce=False)
+    again.connect()
     assert again.depth == 1
     again.release()
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
+from bridge import spool as spool_module
 from bridge.ackmodes import make_ack_mode
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
 from bridge.errors import SpoolUnusable, Unavailable
 from bridge.metrics import Metrics
 from bridge.routing import Destination
-from bridge.spool import Spool
+from bridge.spool import RESERVE_NAME, Spool
 from tests.fakes import FakePublisher
 from tests.polling import eventually
 
@@ -47,9 +49,9 @@ async def left_by_a_durable_bridge(folder: Path, *keys: str) -> None:
 
 def folder_is_free(folder: Path) -> bool:
     """Whether a durable bridge could take the folder now (its lock is not held)."""
-    spool = make_spool(folder)
+    spool = Spool(folder, max_bytes=10**7, dedup_window=7200, drain_only=True)  # unsaid
     try:
-        spool.connect(announce=False)
+        spool.connect()
     except SpoolUnusable:
         return False
     spool.release()
@@ -147,7 +149,7 @@ def test_a_spool_another_bridge_holds_is_left_to_it(
             assert client.get("/healthz").status_code == 200
         assert publisher.records == []
         assert "is in use by another bridge" in caplog.text
-        assert "BRIDGE_ACK=broker does not publish the events it may hold" in caplog.text
+        assert "BRIDGE_ACK=broker does not publish what it may hold" in caplog.text
     finally:
         owner.release()
 
@@ -219,3 +221,77 @@ async def test_memory_mode_with_a_leftover_spool_stops_within_one_shutdown_timeo
         assert answer.status_code == 202
         began = time.monotonic()
     assert time.monotonic() - began < 1.5
+
+
+def test_a_drained_spool_is_not_given_a_reserve_nor_said_to_refuse_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leftover spool was opened as a durable one: on a nearly full disk it made a
+    reserve file and logged that deliveries were refused, which in broker mode touch no
+    spool; and since spool.db stays after its drain, at every later start."""
+    asyncio.run(left_by_a_durable_bridge(tmp_path, "a"))
+    (tmp_path / RESERVE_NAME).unlink()
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    monkeypatch.setattr(
+        os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1 << 20, 0, 1, 0, 0, 0, 0, 255))
+    )
+    caplog.set_level(logging.INFO)
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK="broker"), FakePublisher(), Metrics())
+    mode.prepare()
+    asyncio.run(mode.stop())  # never started: lets the folder go
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [m for m in said if "refused" in m or "reserve" in m] == []
+    assert "holds 1 events a durable bridge accepted" in caplog.text
+    assert not (tmp_path / RESERVE_NAME).exists()
+
+
+def test_a_spool_folder_it_may_not_look_into_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder it may not look into (a durable bridge's, 0700 for another user) was
+    taken for one without a spool, without a word (simulated: the tests run as root)."""
+    asyncio.run(left_by_a_durable_bridge(tmp_path, "a"))
+    real_exists = Path.exists
+
+    def exists(self: Path, *, follow_symlinks: bool = True) -> bool:
+        if self.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    monkeypatch.setattr(
+        spool_module,
+        "check_folder",
+        lambda folder: (_ for _ in ()).throw(
+            SpoolUnusable(f"spool folder {folder} cannot be used (Permission denied)")
+        ),
+    )
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK="broker"), FakePublisher(), Metrics())
+    mode.prepare()
+    assert "cannot be used (Permission denied); BRIDGE_ACK=broker does not publish" in caplog.text
+
+
+@pytest.mark.parametrize("ack", ["broker", "memory"])
+def test_the_spool_gauges_count_what_a_leftover_spool_still_holds(tmp_path: Path, ack: str) -> None:
+    """bridge_spool_depth read 0 in broker and memory mode while a durable bridge's
+    spool still held events Kafka (away) could not take: the README's "once the spool
+    is empty (bridge_spool_depth 0)" could not be followed, and BridgeSpoolOld could
+    not fire (a review's test)."""
+    asyncio.run(left_by_a_durable_bridge(tmp_path, "a", "b", "c"))
+    metrics = Metrics()
+    kafka_away = FakePublisher(fail_with=Unavailable("not connected to Kafka"), connected=False)
+    app = create_app(
+        settings(tmp_path, BRIDGE_ACK=ack, BRIDGE_SHUTDOWN_TIMEOUT="0.1"),
+        publisher=kafka_away,
+        metrics=metrics,
+    )
+    app.state.prepare()
+    with TestClient(app):
+        assert metrics.registry.get_sample_value("bridge_spool_depth") == 3
+        age = metrics.registry.get_sample_value("bridge_spool_oldest_age_seconds")
+        assert age is not None
+        assert age > 0
