@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ from bridge.redaction import Redactor
 from bridge.routing import Destination, Router, plain_letters
 
 log = logging.getLogger(__name__)
+
+#: How many lost dead letters' keys are remembered, so that each counts once.
+DROPPED_LETTERS_KEPT = 10_000
 
 #: Dead letters are de-duplicated by their delivery's idempotency key, kept apart from
 #: the keys of events (an idempotency key never holds a NUL).
@@ -90,6 +94,8 @@ class Pipeline:
         # should Kafka refuse it for good; a dead letter may take that room.
         self._record_limit = record_limit
         self._letter_limit = record_limit + DEAD_LETTER_ROOM
+        # The keys of the dead letters lost, most recent last (counted once each)
+        self._dropped_letters: OrderedDict[str, None] = OrderedDict()
         # The landing (a batch's future) of dead letters answered 503 -> the keys of
         # those whose landing is watched (to count it)
         self._watched_landings: weakref.WeakKeyDictionary[asyncio.Future[Any], set[str]] = (
@@ -181,7 +187,8 @@ class Pipeline:
         except BridgeError as exc:
             if not exc.retriable:
                 log.error("could not keep a dead letter (%s): %s", reason, exc.detail)
-                self._metrics.dropped_records.inc()  # as the drainer counts one Kafka refused
+                if self._first_drop_of(key):  # not again at each retry of its delivery
+                    self._metrics.dropped_records.inc()  # as the drainer counts one
                 return None
             if isinstance(exc, PublishTimeout) and exc.landing is not None:
                 self._count_if_it_lands(exc.landing, key, reason)
@@ -194,6 +201,19 @@ class Pipeline:
             self._metrics.dropped_records.inc()
             return None
         self._metrics.dead_letters.labels(reason).inc()
+        return True
+
+    def _first_drop_of(self, key: str | None) -> bool:
+        """Whether the dead letter of ``key`` (None: no key to know it by) is lost for
+        the first time: a sender retrying its refused delivery loses no other record."""
+        if key is None:
+            return True
+        if key in self._dropped_letters:
+            self._dropped_letters.move_to_end(key)
+            return False
+        self._dropped_letters[key] = None
+        if len(self._dropped_letters) > DROPPED_LETTERS_KEPT:
+            self._dropped_letters.popitem(last=False)
         return True
 
     def _count_if_it_lands(

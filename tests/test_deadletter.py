@@ -574,3 +574,26 @@ async def test_two_dead_letters_that_land_in_one_batch_are_both_counted() -> Non
         "bridge_dead_letters_total", {"reason": "body_not_json"}
     )
     assert counted == 2
+
+
+def test_a_lost_dead_letter_counts_once_however_often_its_delivery_is_retried() -> None:
+    """A delivery refused 400 whose dead letter Kafka refuses for good is one record
+    lost, however often the sender retries it: broker mode counted one at each retry,
+    so the alert scaled with Geins' retries (a review's test)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    metrics = Metrics()
+    publisher = FakePublisher(fail_with=PayloadTooLarge("larger than the topic takes"))
+    app = create_app(settings, publisher=publisher, metrics=metrics)
+    headers = [(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-idempotency-key", b"bad-1")]
+
+    async def three_tries() -> list[int]:
+        answers = [
+            await call_asgi(
+                app, "POST", "/webhooks/geins", headers=headers, body_chunks=[b"not json"]
+            )
+            for _ in range(3)
+        ]
+        return [answer.status for answer in answers]
+
+    assert asyncio.run(three_tries()) == [400, 400, 400]
+    assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
