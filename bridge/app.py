@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bridge import kafkaadmin
 from bridge.ackmodes import AckMode, DurableAck, make_ack_mode
 from bridge.auth import TokenAuthenticator
+from bridge.backlog import Backlog
 from bridge.config import Settings
 from bridge.errors import NotFound
 from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
@@ -34,6 +35,7 @@ from bridge.ingress import (
     operation_routes,
     webhook_routes,
 )
+from bridge.leftover import LeftoverSpool
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_document
 from bridge.pipeline import Pipeline
@@ -169,6 +171,13 @@ def _age(enqueued_at: float | None) -> float:
     return time.time() - enqueued_at if enqueued_at is not None else 0.0
 
 
+def _oldest(waiting: list[Backlog | LeftoverSpool]) -> float | None:
+    """When the oldest of what ``waiting`` holds was enqueued (None when all are empty);
+    each attribute read once (a writer thread may empty a spool meanwhile)."""
+    times = [w.oldest_enqueued_at for w in waiting]
+    return min((t for t in times if t is not None), default=None)
+
+
 def _gauges_read_at_scrape(
     metrics: Metrics, publisher: Publisher, ack_mode: AckMode, state: RuntimeState
 ) -> None:
@@ -187,9 +196,7 @@ def _gauges_read_at_scrape(
     waiting = [w for w in (backlog, ack_mode.leftover) if w is not None]
     if waiting:
         metrics.spool_depth.set_function(lambda: sum(w.depth for w in waiting))
-        metrics.spool_oldest_age.set_function(
-            lambda: _age(min((t for w in waiting if (t := w.oldest_enqueued_at)), default=None))
-        )
+        metrics.spool_oldest_age.set_function(lambda: _age(_oldest(waiting)))
     if isinstance(ack_mode, DurableAck):  # as the spool's writer thread last read it
         metrics.spool_disk_free.set_function(ack_mode.spool.disk_free_bytes)
 
