@@ -134,6 +134,8 @@ class BrokerAck:
                 raise Unavailable(
                     "the topics are being created (BRIDGE_CREATE_TOPICS): retry shortly"
                 )
+            if not topics_made(self._publish_after):  # a stop cancelled their creation
+                raise ShuttingDown("the bridge is stopping; retry this delivery")
             self._publish_after = None
 
     async def stop(self, deadline: float | None = None) -> None:

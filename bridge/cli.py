@@ -300,8 +300,14 @@ def _leftover_spool_note(settings: Settings) -> str | None:
     found = None if settings.ack == "durable" else spool_file(settings)
     if found is None:
         return None
+    path, unreadable = found
+    if unreadable is not None:
+        return (
+            f"{path} cannot be looked into ({unreadable.strerror}): if a durable bridge's "
+            f"spool is there, serve with BRIDGE_ACK={settings.ack} cannot publish it"
+        )
     return (
-        f"{found} is a durable bridge's spool: the events it may still hold are published "
+        f"{path} is a durable bridge's spool: the events it may still hold are published "
         f"by serve with BRIDGE_ACK={settings.ack}, in the background"
     )
 

@@ -31,16 +31,17 @@ log = logging.getLogger(__name__)
 EMPTY_CHECK_SECONDS = 1.0
 
 
-def spool_file(settings: Settings) -> str | None:
+def spool_file(settings: Settings) -> tuple[str, OSError | None] | None:
     """The spool file a durable bridge left in BRIDGE_SPOOL_DIR, if there is one (its
-    write-ahead log alone counts too: it may hold the events)."""
+    write-ahead log alone counts too: it may hold the events), or may be (with the
+    error of a folder it may not look into: opening it says why)."""
     path = settings.spool_dir / DB_NAME
     for candidate in (path, path.with_name(f"{DB_NAME}-wal")):
         try:
             if candidate.exists():
-                return str(candidate)
-        except OSError:  # a folder it may not look into: opening it says why
-            return str(candidate)
+                return str(candidate), None
+        except OSError as exc:
+            return str(candidate), exc
     return None
 
 

@@ -1573,3 +1573,22 @@ async def test_a_failed_leftover_stop_leaves_no_drain_running(
         await mode.stop()
     assert all(task.done() for task in mode._tasks)
     assert "1 still queued in memory are lost" in caplog.text
+
+
+async def test_broker_mode_publishes_nothing_once_a_stop_cancelled_the_topics(
+    tmp_path: Path,
+) -> None:
+    """A stop cancels the creation of the topics before the ack mode's; a delivery the
+    app still took then passed broker mode's gate (a cancelled task is done) and was
+    published to a topic Kafka then created with its own defaults (a review's test)."""
+    publisher = FakePublisher()
+    mode = BrokerAck(publisher, settings(tmp_path, BRIDGE_ACK="broker"))
+    topics = asyncio.get_running_loop().create_task(asyncio.sleep(3600))  # being created
+    await mode.start(publish_after=topics)
+    with pytest.raises(Unavailable, match="the topics are being created"):
+        await mode.deliver(record("a"), "a")
+    topics.cancel()  # the stop came first
+    await asyncio.gather(topics, return_exceptions=True)
+    with pytest.raises(ShuttingDown):
+        await mode.deliver(record("b"), "b")
+    assert publisher.records == []

@@ -1164,3 +1164,27 @@ def test_check_config_tells_of_a_durable_spool_another_mode_publishes(
             f"warning: {tmp_path / 'spool.db'} is a durable bridge's spool: the events it "
             f"may still hold are published by serve with BRIDGE_ACK={ack}, in the background"
         ]
+
+
+def test_check_config_does_not_promise_a_spool_folder_it_cannot_look_into(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A BRIDGE_SPOOL_DIR it may not look into (simulated: the tests run as root) was
+    said to hold a spool serve publishes, which serve then cannot open."""
+    real_exists = Path.exists
+
+    def exists(self: Path) -> bool:
+        if self.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self)
+
+    env.setattr(Path, "exists", exists)
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path))
+    env.setenv("BRIDGE_ACK", "broker")
+    assert main(["check-config"]) == 0
+    *err, _ = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {tmp_path / 'spool.db'} cannot be looked into (Permission denied): if a "
+        "durable bridge's spool is there, serve with BRIDGE_ACK=broker cannot publish it"
+    ]
