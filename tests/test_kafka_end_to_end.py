@@ -177,6 +177,31 @@ def test_the_spools_events_wait_for_the_topics_to_be_created(
     assert partitions_of(kafka_bootstrap, f"{topic_prefix}.geins.order.create") == 3
 
 
+@pytest.mark.parametrize("ack", ["broker", "memory"])
+def test_a_switch_away_from_durable_publishes_the_spool_to_kafka(
+    kafka_bootstrap: str, topic_prefix: str, ack: str
+) -> None:
+    """A durable bridge answered 202 while Kafka was away and stopped; restarted in
+    broker or memory mode (which keep no spool) it publishes what the spool held, to
+    the real broker, as it serves, and lets the folder go (bridge.leftover)."""
+    spool_while_kafka_is_away(topic_prefix, "k-left")
+    settings = load_settings(environ=bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK=ack))
+    app = create_app(settings)
+    app.state.prepare()  # as serve does before it listens: finds the spool
+    with TestClient(app) as client:
+        records = wait_until(
+            lambda: read_all_sync(kafka_bootstrap, topic_prefix), bool, within=30, every=0.5
+        )
+        depth = wait_until(
+            lambda: client.get("/metrics").text, lambda t: "bridge_spool_depth 0.0" in t,
+            within=10, every=0.2,
+        )  # fmt: skip
+    assert [(r.topic, r.key) for r in records] == [
+        (f"{topic_prefix}.geins.order.create", b"k-left")
+    ]
+    assert "bridge_spool_depth 0.0" in depth
+
+
 def test_topics_created_take_the_largest_event_the_body_limit_lets_in(
     kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
