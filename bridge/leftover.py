@@ -175,15 +175,17 @@ class LeftoverSpool:
         )
 
     async def stop(self, deadline: float | None = None) -> None:
-        """Publish what can be until ``deadline`` (:func:`~bridge.drainer.drain_deadline`); the rest
-        stays in the spool for the next start, whatever its mode."""
+        """Publish what can be until ``deadline`` (see drainer.drain_deadline); the rest
+        stays in the spool for the next start, whatever its mode, and the folder is let
+        go (also when the bridge stopped before it served)."""
         task, spool, drainer = self._task, self._spool, self._drainer
-        if task is None or spool is None or drainer is None:
+        if spool is None:  # none found, or all published
             return
-        if topics_made(self._publish_after):
-            await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if task is not None and drainer is not None:  # started (not stopped before serving)
+            if topics_made(self._publish_after):
+                await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if spool.depth:
             log.warning(
                 "%d events a durable bridge accepted stay in the spool %s; they are "

@@ -242,11 +242,12 @@ def test_a_drained_spool_is_not_given_a_reserve_nor_said_to_refuse_deliveries(
     caplog.set_level(logging.INFO)
     mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK="broker"), FakePublisher(), Metrics())
     mode.prepare()
-    asyncio.run(mode.stop())  # never started: lets the folder go
+    asyncio.run(mode.stop())  # never started (a stop before serving): lets the folder go
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [m for m in said if "refused" in m or "reserve" in m] == []
     assert "holds 1 events a durable bridge accepted" in caplog.text
     assert not (tmp_path / RESERVE_NAME).exists()
+    assert folder_is_free(tmp_path)
 
 
 def test_a_spool_folder_it_may_not_look_into_is_said(
