@@ -198,7 +198,8 @@ class Pipeline:
             raise
         except Exception:
             log.exception("could not keep a dead letter (%s)", reason)
-            self._metrics.dropped_records.inc()
+            if self._first_drop_of(key):
+                self._metrics.dropped_records.inc()
             return None
         self._metrics.dead_letters.labels(reason).inc()
         return True

@@ -889,7 +889,7 @@ class Spool:
         """Room on the spool's disk for what the spool may still take (the
         bridge_spool_disk_free_bytes gauge): its free bytes, and the pages the database
         freed as Kafka took their events, which SQLite fills again before it grows the
-        file (a drained backlog of 900 MB kept its file, and BridgeSpoolDiskShort fired
+        file (a drained backlog left its file that large, and BridgeSpoolDiskShort fired
         for ever on an empty spool). As the writer thread last read it: at the open, at
         each maintenance round, and at each commit while there is no reserve file. NaN
         when it cannot be read."""
