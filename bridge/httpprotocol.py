@@ -436,7 +436,12 @@ def guarded_protocol(
                 self._writer.linger()
             else:
                 self._writer.hang_up()
-            (refused_ops_connections if self._to_ops_port else refused_connections).log(error)
+            if self._to_ops_port:
+                # Not a webhook request: counted, it was a 5xx of the deliveries, and a
+                # prober over the limit paged BridgeServerErrors. The log line says it.
+                refused_ops_connections.log(error)
+                return
+            refused_connections.log(error)
             if on_refused is not None:
                 on_refused(error, 0.0)
 
