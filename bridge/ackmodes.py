@@ -278,13 +278,7 @@ class _DrainedAck:
         self.drainer: Drainer
 
     def _drainer_of(self, backlog: Backlog) -> Drainer:
-        return Drainer(
-            backlog,
-            self._publisher,
-            self._metrics,
-            ack_timeout=self._settings.publish_timeout,
-            deadletter_topic=self._settings.deadletter_topic,
-        )
+        return Drainer.from_settings(backlog, self._publisher, self._metrics, self._settings)
 
     @property
     def held_topics(self) -> list[str]:
@@ -330,12 +324,8 @@ class DurableAck(_DrainedAck):
 
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
         super().__init__(publisher, metrics, settings)
-        self.spool = Spool(
-            settings.spool_dir,
-            max_bytes=settings.spool_max_bytes,
-            dedup_window=settings.dedup_window,
-            max_keys=settings.spool_max_keys,
-            on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
+        self.spool = Spool.from_settings(
+            settings, on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds)
         )
         self.backlog: Backlog = self.spool
         self.drainer = self._drainer_of(self.spool)

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from bridge.backlog import Backlog, QueuedRecord
+from bridge.config import Settings
 from bridge.deadletter import set_aside
 from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
@@ -123,6 +124,20 @@ class Drainer:
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
+
+    @classmethod
+    def from_settings(
+        cls, backlog: Backlog, publisher: Publisher, metrics: Metrics, settings: Settings
+    ) -> Drainer:
+        """The drainer of ``backlog`` the settings describe (each ack mode's, and that of
+        a durable bridge's spool another mode publishes)."""
+        return cls(
+            backlog,
+            publisher,
+            metrics,
+            ack_timeout=settings.publish_timeout,
+            deadletter_topic=settings.deadletter_topic,
+        )
 
     def wake(self) -> None:
         """Something was appended: look at the backlog now."""

@@ -111,13 +111,7 @@ class LeftoverSpool:
         if found is None:
             return
         settings = self._settings
-        spool = Spool(
-            settings.spool_dir,
-            max_bytes=settings.spool_max_bytes,
-            dedup_window=settings.dedup_window,
-            max_keys=settings.spool_max_keys,
-            drain_only=True,
-        )
+        spool = Spool.from_settings(settings, drain_only=True)
         try:
             spool.connect()
         except SpoolUnusable as exc:
@@ -142,13 +136,7 @@ class LeftoverSpool:
         if spool is None:
             return
         spool.open()
-        self._drainer = Drainer(
-            spool,
-            self._publisher,
-            self._metrics,
-            ack_timeout=self._settings.publish_timeout,
-            deadletter_topic=self._settings.deadletter_topic,
-        )
+        self._drainer = Drainer.from_settings(spool, self._publisher, self._metrics, self._settings)
         self._publish_after = publish_after
         self._task = spawn(self._publish_all(spool, self._drainer, publish_after), "leftover-spool")
 

@@ -55,6 +55,7 @@ from typing import Any
 import orjson
 
 from bridge.backlog import QueuedRecord, RecordFifo, record_size
+from bridge.config import Settings
 from bridge.errors import BridgeError, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 from bridge.signals import STOP_SIGNALS
@@ -277,6 +278,24 @@ class Spool:
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        on_commit: Callable[[float], None] | None = None,
+        drain_only: bool = False,
+    ) -> Spool:
+        """The spool in BRIDGE_SPOOL_DIR, with the settings' limits."""
+        return cls(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            dedup_window=settings.dedup_window,
+            max_keys=settings.spool_max_keys,
+            on_commit=on_commit,
+            drain_only=drain_only,
+        )
 
     # --- lifecycle -------------------------------------------------------------------
 
