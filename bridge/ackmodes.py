@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
-from bridge.drainer import Drainer, drain_deadline
+from bridge.drainer import Drainer, drain_deadline, topics_made
 from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
-from bridge.leftover import LeftoverSpool, say_topics_from_before, topics_made
+from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, spawn
 from bridge.routing import Destination
@@ -264,17 +264,11 @@ class BrokerAck:
 class _DrainedAck:
     """Shared by the modes that answer first and publish in the background."""
 
-    #: What waits for Kafka outlives the process (the spool): at a stop that came before
-    #: the topics were created, it waits for the next start instead of being published
-    #: to topics Kafka would create first with its own defaults.
-    _kept_for_the_next_start = False
-
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
         self._publisher = publisher
         self._settings = settings
         self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
-        self._publish_after: asyncio.Future[Any] | None = None
         self.drainer: Drainer
 
     def _drainer_of(self, backlog: Backlog) -> Drainer:
@@ -294,24 +288,10 @@ class _DrainedAck:
         return None
 
     def _start_drainer(self, publish_after: asyncio.Future[Any] | None) -> None:
-        self._publish_after = publish_after
-        self._tasks.append(spawn(self._drain(publish_after), f"{type(self).__name__}-drainer"))
-
-    async def _drain(self, publish_after: asyncio.Future[Any] | None) -> None:
-        if publish_after is not None:
-            await asyncio.wait({publish_after})  # however it ends: it logs its own failure
-            if self._kept_for_the_next_start and not topics_made(publish_after):
-                return  # stopped before the topics were
-        await self.drainer.run()
+        self._tasks.append(self.drainer.start(publish_after, f"{type(self).__name__}-drainer"))
 
     async def _stop_drainer(self, deadline: float | None) -> None:
-        if self._kept_for_the_next_start and not topics_made(self._publish_after):
-            log.info(
-                "stopped before the topics were created (BRIDGE_CREATE_TOPICS): what waits "
-                "for Kafka is published at the next start, once they are"
-            )
-        else:
-            await self.drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
+        await self.drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -320,7 +300,6 @@ class _DrainedAck:
 class DurableAck(_DrainedAck):
     name = "durable"
     leftover: LeftoverSpool | None = None
-    _kept_for_the_next_start = True
 
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
         super().__init__(publisher, metrics, settings)

@@ -28,6 +28,11 @@ class QueuedRecord:
 class Backlog(Protocol):
     """A FIFO the drainer empties into Kafka."""
 
+    #: Whether its records survive the process (the spool's): at a stop that came
+    #: before the topics were created they wait for the next start instead of being
+    #: published to topics Kafka would create first with its own defaults.
+    outlives_the_process: bool
+
     @property
     def depth(self) -> int:
         """Records held."""
@@ -195,6 +200,8 @@ def _seq_of(held: tuple[QueuedRecord, int]) -> int:
 
 class MemoryBacklog:
     """A bounded in-memory FIFO: fast, and lost if the process dies."""
+
+    outlives_the_process = False
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes

@@ -68,6 +68,12 @@ ROUND_PAUSE = 0.010
 HELD_ROUND_PAUSE = 0.05
 
 
+def topics_made(publish_after: asyncio.Future[Any] | None) -> bool:
+    """Whether the creation of the topics (BRIDGE_CREATE_TOPICS; None without it) is
+    over, done or failed: not still going, nor cancelled by a stop that came first."""
+    return publish_after is None or (publish_after.done() and not publish_after.cancelled())
+
+
 def drain_deadline(deadline: float | None, shutdown_timeout: float) -> float:
     """The end of a drain at a stop: ``deadline`` (monotonic; the lifespan's, which the
     producer's flush shares), or BRIDGE_SHUTDOWN_TIMEOUT from now without one."""
@@ -124,6 +130,7 @@ class Drainer:
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
+        self._publish_after: asyncio.Future[Any] | None = None  # see run()
 
     @classmethod
     def from_settings(
@@ -158,7 +165,28 @@ class Drainer:
         now = time.monotonic()
         return frozenset(topic for topic, (until, _) in self._holds.items() if until > now)
 
+    def _kept_for_the_next_start(self) -> bool:
+        """A stop came before the topics were created and the backlog outlives the
+        process: what it holds waits for the next start (see Backlog)."""
+        return self._backlog.outlives_the_process and not topics_made(self._publish_after)
+
+    def start(self, publish_after: asyncio.Future[Any] | None, name: str) -> asyncio.Task[None]:
+        """The task that runs the drainer once ``publish_after`` (the creation of the
+        topics, BRIDGE_CREATE_TOPICS) is over, so that Kafka does not create them first
+        with its own defaults; not at all when a stop came first and the backlog
+        outlives the process (nor does :meth:`drain` then publish)."""
+        self._publish_after = publish_after  # now: a stop may come before the task runs
+        return spawn(self._run_after(publish_after), name)
+
+    async def _run_after(self, publish_after: asyncio.Future[Any] | None) -> None:
+        if publish_after is not None:
+            await asyncio.wait({publish_after})  # however it ends: it logs its own failure
+            if self._kept_for_the_next_start():
+                return
+        await self.run()
+
     async def run(self) -> None:
+        """Move the backlog to Kafka until cancelled."""
         backoff = MIN_BACKOFF
         try:
             while True:
@@ -341,7 +369,18 @@ class Drainer:
         would get no time for the other topics. A held topic whose records Kafka is
         still taking (slowly: acknowledged after BRIDGE_PUBLISH_TIMEOUT) is waited for:
         memory mode stopped with 9 of its 10 s left and lost what was still queued.
-        While Kafka is away, until the deadline (it may come back meanwhile)."""
+        While Kafka is away, until the deadline (it may come back meanwhile). Not at
+        all when the stop came before the topics were created and the backlog outlives
+        the process (see run)."""
+        if self._kept_for_the_next_start():
+            if self._backlog.depth:
+                log.info(
+                    "stopped before the topics were created (BRIDGE_CREATE_TOPICS): the "
+                    "%d events waiting for Kafka are published at the next start, once "
+                    "they are",
+                    self._backlog.depth,
+                )
+            return
         # One more try for every topic first.
         self._holds.clear()
         self._only_held_left = False

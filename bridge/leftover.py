@@ -45,12 +45,6 @@ def spool_file(settings: Settings) -> tuple[str, OSError | None] | None:
     return None
 
 
-def topics_made(publish_after: asyncio.Future[Any] | None) -> bool:
-    """Whether the creation of the topics (BRIDGE_CREATE_TOPICS; None without it) is
-    over, done or failed: not still going, nor cancelled by a stop that came first."""
-    return publish_after is None or (publish_after.done() and not publish_after.cancelled())
-
-
 def say_topics_from_before(spool: Spool, settings: Settings) -> None:
     """Warn of the events ``spool`` holds for topics the settings do not make now.
 
@@ -88,7 +82,6 @@ class LeftoverSpool:
         self._spool: Spool | None = None
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._publish_after: asyncio.Future[Any] | None = None
 
     @property
     def depth(self) -> int:
@@ -137,17 +130,10 @@ class LeftoverSpool:
             return
         spool.open()
         self._drainer = Drainer.from_settings(spool, self._publisher, self._metrics, self._settings)
-        self._publish_after = publish_after
-        self._task = spawn(self._publish_all(spool, self._drainer, publish_after), "leftover-spool")
+        draining = self._drainer.start(publish_after, "leftover-spool-drainer")
+        self._task = spawn(self._publish_all(spool, draining), "leftover-spool")
 
-    async def _publish_all(
-        self, spool: Spool, drainer: Drainer, publish_after: asyncio.Future[Any] | None
-    ) -> None:
-        if publish_after is not None:
-            await asyncio.wait({publish_after})  # however it ends: it logs its own failure
-            if not topics_made(publish_after):
-                return  # stopped before the topics were: the spool keeps its events
-        draining = spawn(drainer.run(), "leftover-spool-drainer")
+    async def _publish_all(self, spool: Spool, draining: asyncio.Task[None]) -> None:
         try:
             # The writer thread lowers the depth as removals commit; it signals nothing.
             while spool.depth:  # noqa: ASYNC110 (see above: no event to wait for)
@@ -170,8 +156,7 @@ class LeftoverSpool:
         if spool is None:  # none found, or all published
             return
         if task is not None and drainer is not None:  # started (not stopped before serving)
-            if topics_made(self._publish_after):
-                await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
+            await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if spool.depth:
