@@ -49,6 +49,12 @@ class SpoolUnusable(Exception):
     """The spool cannot be opened, read or written; the bridge must not start on it."""
 
 
+class SpoolOpeningStopped(Exception):
+    """A stop signal ended the spool's opening (its check, see bridge.spool): no news
+    about the spool, which a mode that can serve without it must not take for an
+    unusable one (bridge.leftover); the bridge stops before serving (bridge.server)."""
+
+
 # --- 4xx: the sender must change something -------------------------------------------
 
 

@@ -279,7 +279,8 @@ def serve(settings: Settings) -> int:
                 sock.close()
     except BaseException:
         # What the signal interrupted may have raised something else on its way out
-        # (SQLite's "interrupted", taken for an unusable spool): the signal is the news.
+        # (SpoolOpeningStopped, where SQLite dropped the handler's exception): the
+        # signal is the news.
         if early.received is None:
             raise
         log.info("%s received before serving: stopped, nothing was accepted", early.received.name)
@@ -298,9 +299,9 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
     # before it listens; the lifespan then reuses this connection.
     app.state.prepare()
     if early.received is not None:
-        # The signal's exception was lost on its way: SQLite ends a check it interrupts
-        # as "interrupted", which a leftover spool's prepare takes for a spool it cannot
-        # open, logs, and serves on.
+        # The signal's exception was lost on its way, and what it interrupted did not
+        # say so (a belt to bridge.spool's SpoolOpeningStopped: a leftover spool that
+        # could not be opened is logged, and the bridge would serve on).
         raise StopBeforeServing(early.received.name)
     metrics: Metrics = app.state.metrics
     redactor = app.state.authenticator.redactor

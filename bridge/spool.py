@@ -56,7 +56,13 @@ import orjson
 
 from bridge.backlog import QueuedRecord, RecordFifo, record_size
 from bridge.config import Settings
-from bridge.errors import BridgeError, SpoolFull, SpoolUnusable, SpoolWriteFailed
+from bridge.errors import (
+    BridgeError,
+    SpoolFull,
+    SpoolOpeningStopped,
+    SpoolUnusable,
+    SpoolWriteFailed,
+)
 from bridge.routing import Destination
 from bridge.signals import STOP_SIGNALS
 
@@ -364,6 +370,8 @@ class Spool:
         except OSError as exc:
             raise SpoolUnusable(f"spool folder {self._directory} cannot be used ({exc})") from None
         except sqlite3.OperationalError as exc:  # e.g. disk full, read-only, locked
+            if str(exc) == "interrupted":  # only a stop signal does it (_stopped_by_signals)
+                raise SpoolOpeningStopped(f"the opening of {self.path} was stopped") from None
             raise SpoolUnusable(f"spool file {self.path} cannot be opened: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise SpoolUnusable(
