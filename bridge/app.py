@@ -255,6 +255,7 @@ def create_app(
         rate_limiter=RateLimiter(settings.rate_limit, settings.rate_burst)
         if settings.rate_limit
         else None,
+        ops_port=settings.ops_port,
     )
     _gauges_read_at_scrape(metrics, publisher, ack_mode, state)
 

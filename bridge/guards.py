@@ -181,6 +181,7 @@ class Guard:
         allowed_networks: tuple[Network, ...],
         client_address: ClientAddress,
         rate_limiter: RateLimiter | None,
+        ops_port: int | None = None,
     ) -> None:
         self._app = app
         self._refuse = refuse
@@ -192,6 +193,10 @@ class Guard:
         self._allowed = allowed_networks
         self._client_address = client_address
         self._rate_limiter = rate_limiter
+        # A webhook path on BRIDGE_OPS_PORT is the app's 404 ("wrong port"), not the
+        # webhook guards' 403 or 429 (which sent an operator after the allow-list), nor
+        # a request counted against BRIDGE_MAX_CONCURRENCY.
+        self._ops_port = ops_port
         self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -199,7 +204,7 @@ class Guard:
             await self._app(scope, receive, send)
             return
         started = time.perf_counter()
-        webhook = self._is_webhook(scope["path"])
+        webhook = self._is_webhook(scope["path"]) and not self._to_ops_port(scope)
         try:
             self._check_size(scope)
             if webhook:
@@ -215,6 +220,12 @@ class Guard:
             await self._app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+    def _to_ops_port(self, scope: Scope) -> bool:
+        if self._ops_port is None:
+            return False
+        server = scope.get("server")  # None for a Unix socket
+        return server is not None and server[1] == self._ops_port
 
     def _check_size(self, scope: Scope) -> None:
         url_bytes = len(scope.get("raw_path") or b"") + len(scope["query_string"])

@@ -89,6 +89,25 @@ def _ports(settings: Settings) -> str:
     )
 
 
+def _on_the_other_port(settings: Settings, *, webhooks: bool) -> dict[str, Any]:
+    """With BRIDGE_OPS_PORT, the 404 of a path asked on the port that does not serve it
+    (the document itself is fetched from the operations port, whose webhook paths are
+    a 404: a client or a schema-driven test meets it on every call)."""
+    if settings.ops_port is None:
+        return {}
+    if webhooks:
+        why = (
+            f"Asked on port {settings.ops_port} (BRIDGE_OPS_PORT): the webhooks are served "
+            f"on port {settings.port} (BRIDGE_PORT) only."
+        )
+    else:
+        why = (
+            f"Asked on port {settings.port} (BRIDGE_PORT): served on port "
+            f"{settings.ops_port} (BRIDGE_OPS_PORT) only."
+        )
+    return {"404": _problem(why)}
+
+
 def _webhook_operation(settings: Settings, path_params: list[str], method: str) -> dict[str, Any]:
     names = "".join(f"/{{{p}}}" for p in path_params)
     refused = _refusals_on_any_path(settings)
@@ -157,6 +176,7 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             ),
             "401": _problem("No valid token.", "WWW-Authenticate"),
             "403": _problem("Client address not in BRIDGE_ALLOWED_NETWORKS."),
+            **_on_the_other_port(settings, webhooks=True),
             "408": refused["408"],
             "413": _problem(
                 f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
@@ -250,6 +270,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "Prometheus metrics",
                     "responses": {
                         "200": {"description": "text format", "content": text},
+                        **_on_the_other_port(settings, webhooks=False),
                         **refused,
                     },
                 }
@@ -260,6 +281,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "summary": "This document",
                     "responses": {
                         "200": {"description": "OpenAPI 3.1", "content": status_json},
+                        **_on_the_other_port(settings, webhooks=False),
                         **refused,
                     },
                 }

@@ -337,3 +337,28 @@ def test_a_path_that_only_starts_like_the_webhook_path_is_not_guarded_as_one() -
     assert 'bridge_rejections_total{reason="client_not_allowed"} 0.0' in (
         app.state.metrics.exposition().decode()
     )
+
+
+def test_a_webhook_path_on_the_ops_port_is_its_404_whatever_the_webhook_guards_say() -> None:
+    """README: a webhook path on BRIDGE_OPS_PORT is a 404 (logged and counted as
+    not_found). The allow-list ran first: a prober outside BRIDGE_ALLOWED_NETWORKS got a
+    403 there, which sent its operator after the allow-list, and a rate limit took a
+    token of the webhook port's bucket (a review's test)."""
+    app, publisher = app_with(
+        BRIDGE_PORT="8080",
+        BRIDGE_OPS_PORT="9090",
+        BRIDGE_ALLOWED_NETWORKS="10.0.0.0/8",
+        BRIDGE_RATE_LIMIT="1",
+        BRIDGE_RATE_BURST="1",
+    )
+    client = ("192.0.2.7", 50000)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app, base_url="http://testserver:9090", client=client) as ops:
+        for _ in range(3):  # a rate limit of 1 with a burst of 1 would say 429 at the 2nd
+            answer = ops.post("/webhooks/geins/Order/create", content=ORDER[0], headers=headers)
+            assert answer.status_code == 404, answer.json()
+            assert "BRIDGE_OPS_PORT" in answer.json()["detail"]
+    with TestClient(app, base_url="http://testserver:8080", client=client) as webhooks:
+        refused = webhooks.post("/webhooks/geins/Order/create", content=ORDER[0], headers=headers)
+        assert refused.status_code == 403  # the webhook port's guards as before
+    assert publisher.records == []

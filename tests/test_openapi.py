@@ -157,3 +157,49 @@ def test_the_refusals_that_keep_tokens_out_are_described() -> None:
     assert "token_in_path" in answers["400"]["description"]
     assert "webhook token" in answers["422"]["description"]
     assert "never in the path" in operation["description"]
+
+
+def _app_with_ops_port() -> object:
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_ACK": "broker",
+            "BRIDGE_PORT": "8080",
+            "BRIDGE_OPS_PORT": "9090",
+        }
+    )
+    return create_app(settings, publisher=FakePublisher())
+
+
+def test_with_an_ops_port_each_operation_lists_the_404_of_the_other_port() -> None:
+    """The document is fetched from BRIDGE_OPS_PORT (a 404 on BRIDGE_PORT) and has no
+    `servers`, so a client resolves every operation there, where each webhook operation
+    answers 404: a status no operation listed, nor /metrics' and /openapi.json's own
+    404 on BRIDGE_PORT (a review's tests)."""
+    app = _app_with_ops_port()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with (
+        TestClient(app, base_url="http://testserver:8080") as webhooks,  # type: ignore[arg-type]
+        TestClient(app, base_url="http://testserver:9090") as ops,  # type: ignore[arg-type]
+    ):
+        document = ops.get("/openapi.json").json()
+        on_ops = ops.post("/webhooks/geins/Order/create", content=b"{}", headers=auth)
+        assert on_ops.status_code == 404
+        for path in ("/metrics", "/openapi.json"):
+            assert webhooks.get(path).status_code == 404
+            assert "404" in document["paths"][path]["get"]["responses"], path
+    for path, operations in document["paths"].items():
+        if path.startswith("/webhooks/"):
+            for method, operation in operations.items():
+                assert "BRIDGE_OPS_PORT" in operation["responses"]["404"]["description"], (
+                    path,
+                    method,
+                )
+
+
+def test_without_an_ops_port_no_404_is_listed() -> None:
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    document = openapi_document(settings)
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            assert "404" not in operation["responses"]
