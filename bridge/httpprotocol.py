@@ -192,6 +192,33 @@ def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
     return False
 
 
+class _TrailerTooLarge(httptools.HttpParserError):
+    """A chunked body's trailer section over the head's cap. A parser error, so that
+    the parser stops at once and uvicorn hands it to ``send_400_response``."""
+
+
+class _TrailerFields(list[tuple[bytes, bytes]]):
+    """Where the parser's ``on_header`` puts the fields of a chunked body's trailer
+    section, once the head is complete: never in the request's headers (uvicorn
+    appended them to ``scope["headers"]``, and RFC 9110 6.5.1 merges none of these:
+    a trailer Authorization, x-Idempotency-Key or X-Forwarded-For was taken as the
+    head's), nor kept, and bounded as the head is: an unauthenticated client piled up
+    fields after its 401, some 19 times their bytes in memory, until
+    BRIDGE_READ_TIMEOUT. A list that stays empty: uvicorn may still look into it (for
+    an upgrade header, say, in what follows a request refused in its turn)."""
+
+    __slots__ = ("_room",)
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self._room = max_bytes
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        self._room -= len(field[0]) + len(field[1]) + 4  # name, ": ", value, CRLF
+        if self._room < 0:
+            raise _TrailerTooLarge
+
+
 class OneWritePerResponse:
     """The connection's transport, with each response's head held until its body.
 
@@ -581,6 +608,9 @@ def guarded_protocol(
             # will not take, though llhttp did), and that 400 is the head's, answered in
             # its turn, not the previous request's body error (send_400_response).
             self._in_head = False  # the deadline runs on until the body is complete
+            # uvicorn's on_header appends to self.headers (the scope's list, until
+            # now): what comes after the body is a trailer.
+            self.headers = _TrailerFields(max_head_bytes)
             if len(self.pipeline) > MAX_PIPELINED:
                 self._refuse(
                     TooManyPipelined(
@@ -595,8 +625,16 @@ def guarded_protocol(
             # error, whose text (llhttp's own, never the client's bytes) says what
             # was wrong.
             error = sys.exception()
-            why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
-            refusal = MalformedRequest(f"the request is not valid HTTP/1.1{why}")
+            refusal: BridgeError
+            if isinstance(error, _TrailerTooLarge) or isinstance(
+                error and error.__context__, _TrailerTooLarge
+            ):
+                refusal = HeadersTooLarge(
+                    f"the trailer section after the body is larger than {max_head_bytes} bytes"
+                )
+            else:
+                why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
+                refusal = MalformedRequest(f"the request is not valid HTTP/1.1{why}")
             cycle = self.cycle
             if self._in_head or cycle is None or self._queued() is not None:
                 self._refuse(refusal)  # no app runs for this request: counted here

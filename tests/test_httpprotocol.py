@@ -24,6 +24,7 @@ from bridge.httpprotocol import OneWritePerResponse, close_after_answers, guarde
 from bridge.ingress import RuntimeState
 from bridge.metrics import Metrics
 from tests.fakes import TOKEN, FakePublisher
+from tests.polling import eventually
 
 
 class RecordingTransport:
@@ -1644,3 +1645,120 @@ async def test_shutdown_closes_lingering_connections_at_once(
     finally:
         over.close()
         held.close()
+
+
+# --- a chunked body's trailer section ---------------------------------------------------
+# uvicorn appended its fields to scope["headers"], unbounded (a review's tests): RFC 9110
+# 6.5.1 merges none of them, and none may be kept.
+
+TRAILER_ORDER = b'{"entity":"Order","action":"create","id":"1"}'
+
+
+def chunked(head_extra: bytes, trailer: bytes) -> bytes:
+    return (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n%s\r\n"
+        b"%x\r\n%s\r\n0\r\n%s\r\n" % (head_extra, len(TRAILER_ORDER), TRAILER_ORDER, trailer)
+    )
+
+
+async def test_a_trailer_field_does_not_replace_the_heads_idempotency_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was a second key: 400 bad_idempotency_key, "sent twice with different values"
+    (and the key of a head without one)."""
+    conn = Connection(monkeypatch)
+    data = chunked(
+        b"authorization: Bearer %s\r\nx-idempotency-key: from-head\r\n" % TOKEN.encode(),
+        b"x-idempotency-key: from-trailer\r\nx-timestamp: 2020-01-01T00:00:00Z\r\n",
+    )
+    [answer] = await conn.answers(data, 1)
+    lines, body = split(answer)
+    conn.close()
+    assert lines[0] == b"HTTP/1.1 202 Accepted", body
+    assert body["key"] == "from-head"
+    [record] = conn.publisher.records
+    assert record.key == b"from-head"
+    assert b"2020-01-01" not in b"".join(value for _, value in record.headers)
+
+
+async def test_a_trailer_field_is_no_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head without credentials is a 401, whatever follows the body (it was 202)."""
+    conn = Connection(monkeypatch)
+    data = chunked(b"x-idempotency-key: k-1\r\n", b"authorization: Bearer %s\r\n" % TOKEN.encode())
+    [answer] = await conn.answers(data, 1)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert conn.publisher.records == []
+
+
+async def test_a_client_cannot_pile_up_trailer_fields_after_its_401(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200,000 fields (1.2 MB, where the head may have 16 KiB) after its 401 were each
+    kept, some 19 times their bytes in memory, until BRIDGE_READ_TIMEOUT: the trailer
+    section has the head's cap, and the connection is closed once it is over."""
+    conn = Connection(monkeypatch, max_head_bytes=16384)
+    conn.protocol.data_received(
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    await eventually(lambda: bool(conn.transport.writes), what="the 401")
+    assert b"".join(conn.transport.writes).startswith(b"HTTP/1.1 401 ")
+    conn.protocol.data_received(b"0\r\n")
+    for _ in range(20):
+        if conn.transport.ended:
+            break
+        conn.protocol.data_received(b"a: b\r\n" * 10_000)
+    ended = conn.transport.ended
+    conn.close()
+    assert ended
+    assert len(split_responses(b"".join(conn.transport.writes))) == 1  # the 401 alone
+
+
+async def test_a_trailer_section_over_the_heads_cap_is_a_431(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the app still reads the body: its answer is the 431, nothing is published."""
+    conn = Connection(monkeypatch, max_head_bytes=4096)
+    head = b"authorization: Bearer %s\r\nx-idempotency-key: k-431\r\n" % TOKEN.encode()
+    data = chunked(head, b"a: b\r\n" * 1000)
+    [answer] = await conn.answers(data, 1)
+    lines, body = split(answer)
+    conn.close()
+    assert lines[0].startswith(b"HTTP/1.1 431 "), answer
+    assert "trailer section" in body["detail"]
+    assert conn.publisher.records == []
+
+
+async def test_a_trailer_cannot_name_the_client_behind_a_trusted_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a proxy that passes a chunked body through with its trailer, a client
+    outside BRIDGE_ALLOWED_NETWORKS added `x-forwarded-for: <an allowed address>` as a
+    trailer field: the right-most hop, which the guard took for the client (202)."""
+    environ = {
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "broker",
+        "BRIDGE_TRUSTED_PROXIES": "127.0.0.1",  # the proxy the connection comes from
+        "BRIDGE_ALLOWED_NETWORKS": "10.9.9.0/24",
+    }
+    publisher = FakePublisher()
+    app = create_app(load_settings(environ=environ), publisher=publisher)
+    protocol_class = guarded_protocol(read_timeout=5, max_head_bytes=16384, max_url_bytes=8192)
+    config = uvicorn.Config(app, http=protocol_class, ws="none", lifespan="off", log_config=None)
+    state = ServerState()
+    state.default_headers = [DATE]
+    protocol = protocol_class(config=config, server_state=state, app_state={})
+    transport = SocketTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(
+        chunked(
+            b"authorization: Bearer %s\r\nx-idempotency-key: k-xff\r\n"
+            b"x-forwarded-for: 203.0.113.7\r\n" % TOKEN.encode(),  # the proxy's: the client
+            b"x-forwarded-for: 10.9.9.9\r\n",  # the client's own trailer
+        )
+    )
+    await eventually(lambda: bool(transport.writes), what="an answer")
+    answer = b"".join(transport.writes)
+    protocol.connection_lost(None)
+    assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+    assert publisher.records == []
