@@ -766,7 +766,10 @@ class LocalKafka:
             "background.threads": "2",
             "num.recovery.threads.per.data.dir": "1",
             "num.replica.fetchers": "1",
-            "log.segment.bytes": str(16 * 1024 * 1024),
+            # Above the largest batch the bridge may send (BRIDGE_MAX_BODY_BYTES is at
+            # most 64 MiB): Kafka refuses a batch over its topic's segment.bytes
+            # (RECORD_LIST_TOO_LARGE). Segments are not preallocated on Linux.
+            "log.segment.bytes": str(128 * 1024 * 1024),
             # After an unclean stop (SIGKILL, crash) the restarted broker is
             # refused (DUPLICATE_BROKER_REGISTRATION) until its previous
             # incarnation's session expires: 9 s by default. The heartbeat

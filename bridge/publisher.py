@@ -30,6 +30,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
@@ -122,6 +123,15 @@ class Publisher(Protocol):
     def refuse_at_once(self) -> None: ...
 
     def failure(self, exc: BaseException) -> BridgeError: ...
+
+
+#: Kafka's refusals of a batch for its size: over the topic's max.message.bytes, or
+#: (RECORD_LIST_TOO_LARGE) its segment.bytes. Either may be the batch's and not the
+#: record's own (see publish). The second was taken for a passing error: the topic held
+#: for ever behind the record (durable, memory), a 503 and no dead letter (broker).
+BATCH_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+#: ... and the producer's own refusal of a record over max_request_size.
+TOO_LARGE_FOR_KAFKA = (*BATCH_TOO_LARGE, RecordTooLargeError)
 
 
 def refused_by_kafka(failure: BaseException) -> bool:
@@ -1095,10 +1105,11 @@ class KafkaPublisher:
         """The BridgeError for an exception from the producer (and count it)."""
         if isinstance(exc, BridgeError):
             return exc
-        if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
+        if isinstance(exc, TOO_LARGE_FOR_KAFKA):
             self._metrics.record_publish_error("too_large")
             return PayloadTooLarge(
-                "the record is larger than Kafka accepts (check the topic's max.message.bytes)"
+                "the record is larger than Kafka accepts (check the topic's max.message.bytes "
+                "and segment.bytes)"
             )
         if isinstance(exc, KafkaTimeoutError):
             # No refusal: a wait that ran out (send()'s, for room in the queue of a
@@ -1155,8 +1166,8 @@ class KafkaPublisher:
                         # aiokafka skips a cancelled one when the batch completes.
                         await acked
                         break
-                    except (OutOfOrderSequenceNumber, MessageSizeTooLargeError) as exc:
-                        if isinstance(exc, MessageSizeTooLargeError) and _alone(batch):
+                    except (OutOfOrderSequenceNumber, *BATCH_TOO_LARGE) as exc:
+                        if isinstance(exc, BATCH_TOO_LARGE) and _alone(batch):
                             raise  # its own size: too large for good
                         # Refused with its batch: as out of order (another batch of
                         # the partition was refused before it), or as too large, which

@@ -466,3 +466,57 @@ def test_an_event_spooled_under_a_larger_body_limit_lands_after_a_restart_with_a
         (f"{topic_prefix}.geins.order.create", b"k-big", body)
     ]
     assert sample(metrics, "bridge_dropped_records_total") == 0
+
+
+#: A topic whose segments are smaller than a batch the bridge may send: Kafka refuses
+#: such a batch as RECORD_LIST_TOO_LARGE, which was taken for a passing error.
+SMALL_SEGMENTS = {"segment.bytes": "1048576", "max.message.bytes": "3000000"}
+OVER_A_SEGMENT = json.dumps({"pad": "x" * 1_500_000}).encode()
+
+
+def _post_order(client: TestClient, key: str, body: bytes) -> int:
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key}
+    return client.post("/webhooks/geins/Order/create", content=body, headers=headers).status_code
+
+
+def test_broker_mode_answers_a_batch_over_the_segment_size_413_and_keeps_it(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """It was a 503 (publish_failed) and no dead letter: Geins' retries got the same,
+    and the event was gone (a review's test)."""
+    create_topic(kafka_bootstrap, f"{topic_prefix}.geins.order.create", SMALL_SEGMENTS)
+    create_topic(kafka_bootstrap, f"{topic_prefix}.deadletter", {"max.message.bytes": "3000000"})
+    env = bridge_env(
+        kafka_bootstrap, topic_prefix, BRIDGE_ACK="broker", BRIDGE_MAX_BODY_BYTES="2500000"
+    )
+    metrics = Metrics()
+    with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
+        assert _post_order(client, "k-big", OVER_A_SEGMENT) == 413
+    assert sample(metrics, "bridge_dead_letters_total", {"reason": "kafka_rejected"}) == 1
+    [letter] = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
+    assert letter.key == b"k-big"
+
+
+def test_durable_mode_sets_aside_a_batch_over_the_segment_size(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The drainer held the topic and sent the record again for ever: every later
+    event of the topic stuck behind it (a review's test)."""
+    topic = f"{topic_prefix}.geins.order.create"
+    create_topic(kafka_bootstrap, topic, SMALL_SEGMENTS)
+    create_topic(kafka_bootstrap, f"{topic_prefix}.deadletter", {"max.message.bytes": "3000000"})
+    env = bridge_env(
+        kafka_bootstrap, topic_prefix, BRIDGE_MAX_BODY_BYTES="2500000", BRIDGE_SHUTDOWN_TIMEOUT="2"
+    )
+    with TestClient(create_app(load_settings(environ=env))) as client:
+        assert _post_order(client, "k-big", OVER_A_SEGMENT) == 202
+        assert _post_order(client, "k-after", b"{}") == 202
+        found = wait_until(
+            lambda: {r.key.decode() for r in read_all_sync(kafka_bootstrap, topic)},
+            lambda keys: "k-after" in keys,
+            within=20,
+            every=0.5,
+        )
+    assert found == {"k-after"}
+    letters = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
+    assert [letter.key for letter in letters] == [b"k-big"]
