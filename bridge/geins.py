@@ -489,7 +489,12 @@ def _timestamp(
     except _ConflictingHeader:
         # Two different timestamps: trust neither, but keep what was sent (joined, as
         # HTTP reads a repeated header); the record's x-timestamp went missing.
-        sent = (value for name, value in headers if name.lower() == TIMESTAMP_HEADER)
+        sent = (  # less the spaces and tabs around each, as for one (httptools keeps
+            # those after a value)
+            value.strip(_HTTP_OWS_BYTES)
+            for name, value in headers
+            if name.lower() == TIMESTAMP_HEADER
+        )
         return received_at, False, b", ".join(sent).decode("latin-1")
     parsed = parse_rfc3339(raw) if raw else None
     if parsed is None:
