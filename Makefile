@@ -81,7 +81,7 @@ kafka-down: $(RUNTIME) ## stop the local Kafka
 run: $(RUNTIME) ## run the bridge on :8080 (starts a local Kafka unless BRIDGE_KAFKA_BOOTSTRAP is set)
 	@file="$${BRIDGE_CONFIG_FILE:-}"; \
 	from_file() { \
-	  if [[ -n "$$file" ]]; then $(BIN)/python -c 'import sys, tomllib; v = tomllib.load(open(sys.argv[1], "rb")).get(sys.argv[2]); v = v[0] if isinstance(v, list) and v else v; print("" if v in (None, []) else v)' "$$file" "$$1" 2>/dev/null || true; fi; }; \
+	  if [[ -n "$$file" ]]; then $(BIN)/python -c 'import sys, tomllib; v = tomllib.loads(open(sys.argv[1], encoding="utf-8-sig").read()).get(sys.argv[2]); v = v[0] if isinstance(v, list) and v else v; print("" if v in (None, []) else v)' "$$file" "$$1" 2>/dev/null || true; fi; }; \
 	bootstrap="$${BRIDGE_KAFKA_BOOTSTRAP:-$$(from_file kafka_bootstrap)}"; \
 	if [[ -z "$$bootstrap" ]]; then \
 	  $(MAKE) --no-print-directory kafka-up; \

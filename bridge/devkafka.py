@@ -340,7 +340,14 @@ def find_java() -> str:
             "apt-get install openjdk-17-jre-headless)"
         )
         raise DevKafkaError(msg)
-    out = _run([java, "-version"])
+    try:
+        out = _run([java, "-version"])
+    except OSError as exc:  # built for another CPU, not executable: a traceback before
+        msg = (
+            f"{java} cannot be run ({exc.strerror}): point JAVA_HOME or PATH at a Java "
+            f"{MIN_JAVA}+ for this machine"
+        )
+        raise DevKafkaError(msg) from None
     found = re.search(r'version "(\d+)', out.stderr + out.stdout)
     if found is None or int(found.group(1)) < MIN_JAVA:
         first = (out.stderr + out.stdout).strip().splitlines()[:1]
@@ -440,9 +447,13 @@ def _port_bindable(port: int) -> bool:
 def probe(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
     """Whether a Kafka broker serves requests on host:port.
 
-    Sends an ApiVersions v0 request and checks the reply's correlation id.
-    Stronger than a TCP connect: it proves the port belongs to Kafka and that
-    the broker processes requests, not merely that its socket is bound.
+    Sends an ApiVersions v0 request and checks the reply: its correlation id, no
+    error, and Produce and Metadata among the APIs it serves. Stronger than a TCP
+    connect: it proves the port belongs to Kafka and that the broker processes
+    requests, not merely that its socket is bound; and a KRaft controller's port
+    (which answers ApiVersions, but serves neither) is no broker for the bridge:
+    `make run KAFKA_PORT=9093` next to a running one used it, and nothing could be
+    published there.
     """
     correlation_id = 0x0DE7CAFE
     client_id = b"devkafka-probe"
@@ -453,14 +464,35 @@ def probe(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(struct.pack(">i", len(body)) + body)
             head = _recv_exactly(sock, _REPLY_HEAD)
+            if head is None:
+                return False
+            size: int
+            got: int
+            size, got = struct.unpack(">ii", head)
+            if got != correlation_id or not _REPLY_HEAD // 2 + 6 <= size <= _MAX_PROBE_REPLY:
+                return False
+            rest = _recv_exactly(sock, size - _REPLY_HEAD // 2)
     except OSError:
         return False
-    if head is None:
+    return rest is not None and _serves_clients(rest)
+
+
+#: ApiVersions' reply lists each API in 6 bytes: some 80 of them in Kafka 4.
+_MAX_PROBE_REPLY = 64 * 1024
+#: Produce and Metadata: what a broker serves and a KRaft controller does not.
+_CLIENT_APIS = frozenset({0, 3})
+
+
+def _serves_clients(reply: bytes) -> bool:
+    """Whether an ApiVersions v0 reply (after its correlation id) says no error and
+    lists the APIs a producer needs."""
+    error: int
+    count: int
+    error, count = struct.unpack_from(">hi", reply)
+    if error != 0 or not 0 <= count <= (len(reply) - 6) // 6:
         return False
-    size: int
-    got: int
-    size, got = struct.unpack(">ii", head)
-    return size >= _REPLY_HEAD // 2 and got == correlation_id
+    keys = {struct.unpack_from(">h", reply, 6 + 6 * i)[0] for i in range(count)}
+    return keys >= _CLIENT_APIS
 
 
 def _recv_exactly(sock: socket.socket, count: int) -> bytes | None:

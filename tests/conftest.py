@@ -71,7 +71,21 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("kafka") / "data"
     # Started from the main thread, which lives as long as the session.
     with LocalKafka(home, data_dir, port, controller_port, die_with_parent=True) as broker:
+        _session_broker_ports[:] = [port, controller_port]
         yield broker.bootstrap
+
+
+#: The session broker's listener and controller ports, once it runs (none with
+#: TEST_KAFKA_BOOTSTRAP).
+_session_broker_ports: list[int] = []
+
+
+@pytest.fixture
+def kafka_controller_port(kafka_bootstrap: str) -> int:
+    """The KRaft controller port of the session's broker (skips with an external one)."""
+    if not _session_broker_ports:
+        pytest.skip("an external Kafka (TEST_KAFKA_BOOTSTRAP): its controller is unknown")
+    return _session_broker_ports[1]
 
 
 @pytest.fixture(autouse=True)

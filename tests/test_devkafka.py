@@ -592,3 +592,55 @@ def test_up_says_when_the_kafka_on_its_port_is_not_its_own(
     assert "a Kafka not started from" in out.getvalue()
     assert "will not stop it" in out.getvalue()
     assert ".log" not in out.getvalue()
+
+
+@pytest.mark.kafka
+def test_a_controller_port_is_no_kafka_to_use(
+    kafka_bootstrap: str, kafka_controller_port: int, tmp_path: Path
+) -> None:
+    """A KRaft controller answers ApiVersions too, but serves neither Metadata nor
+    Produce: `make run KAFKA_PORT=9093` next to a running `make run` (its controller
+    on 9093) said "a Kafka ... answers at 127.0.0.1:9093: using it", and the bridge
+    could publish nothing there (a review's test). The port is taken, and said so."""
+    assert devkafka.probe(int(kafka_bootstrap.rsplit(":", 1)[1]))  # the broker's: yes
+    assert not devkafka.probe(kafka_controller_port)
+    home = REPO / ".cache" / "kafka"
+    other_home = tmp_path / "other"
+    other_home.mkdir()
+    (other_home / kafka_home(home).name).symlink_to(kafka_home(home).resolve())
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = devkafka_main(
+            [
+                *("up", "--home", str(other_home), "--port", str(kafka_controller_port)),
+                *("--controller-port", str(free_ports(1)[0]), "--timeout", "30"),
+            ]
+        )
+    said = out.getvalue() + err.getvalue()
+    assert code == 1, said
+    assert "using it" not in said
+    assert f"port {kafka_controller_port}" in said or str(kafka_controller_port) in said
+
+
+@pytest.mark.parametrize("kind", ["other architecture", "not executable"])
+def test_a_java_that_cannot_run_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Its OSError escaped as a traceback from `devkafka up` (and `make run`), where
+    every other Java problem is one "devkafka: error:" line (a review's test)."""
+    java = tmp_path / "jdk" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    if kind == "other architecture":
+        java.write_bytes(b"\xca\xfe\xba\xbe" + b"\x00" * 64)  # no ELF for this machine
+        java.chmod(0o755)
+    else:
+        java.write_text("#!/bin/sh\necho 'openjdk version \"17\"' >&2\n")
+        java.chmod(0o644)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    with pytest.raises(devkafka.DevKafkaError, match="cannot be run"):
+        devkafka.find_java()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = devkafka_main(["up", "--home", str(tmp_path / "home"), "--port", "19502"])
+    assert code == 1
+    assert err.getvalue().startswith("devkafka: error:"), err.getvalue()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx2
@@ -123,3 +126,75 @@ def _stop_group(make: subprocess.Popen[bytes]) -> None:
     make.wait(timeout=60)
     if not wait_until(gone, bool, within=30, every=0.1):
         os.killpg(make.pid, signal.SIGKILL)
+
+
+def _kafka_answering_probes(listener: socket.socket) -> None:
+    """A stand-in Kafka for `devkafka up`'s probe: an ApiVersions reply that lists
+    Produce and Metadata, to each connection, until the listener is closed."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                (size,) = struct.unpack(">i", conn.recv(4))
+                request = b""
+                while len(request) < size:
+                    request += conn.recv(size - len(request))
+                apis = struct.pack(">hhh", 0, 0, 9) + struct.pack(">hhh", 3, 0, 12)
+                reply = request[4:8] + struct.pack(">hi", 0, 2) + apis
+                conn.sendall(struct.pack(">i", len(reply)) + reply)
+            except (OSError, struct.error):
+                pass
+
+
+def test_make_run_reads_a_settings_file_with_a_byte_order_mark_as_the_bridge_does(
+    tmp_path: Path,
+) -> None:
+    """Windows editors put one first; the bridge drops it (bridge.config), make run's
+    own reader failed on it and read nothing: it used a local Kafka and exported its
+    address, which wins over the file's, and printed a curl to port 8080 with a
+    placeholder token (a review's test). No real broker nor bridge is started: a
+    stand-in answers the probe a local Kafka would get, and a stand-in `bridge` says
+    what it was started with."""
+    kafka_port, bridge_port = free_port(), free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", kafka_port))
+    listener.listen()
+    threading.Thread(target=_kafka_answering_probes, args=(listener,), daemon=True).start()
+    config = tmp_path / "bridge.toml"
+    config.write_bytes(
+        b"\xef\xbb\xbf"
+        b'kafka_bootstrap = "kafka.example.internal:9092"\n'
+        + f"port = {bridge_port}\n".encode()
+        + b'tokens = ["a-token-of-the-file-0123456789"]\n'
+    )
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{REPO}/.venv/bin/python" "$@"\n')
+    (fake_bin / "bridge").write_text(
+        '#!/bin/sh\necho "started with ${BRIDGE_KAFKA_BOOTSTRAP:-the file\'s Kafka}"\n'
+    )
+    for script in fake_bin.iterdir():
+        script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.pop("KAFKA_PORT", None)
+    env["BRIDGE_CONFIG_FILE"] = str(config)
+    try:
+        run = subprocess.run(
+            ["make", "--no-print-directory", "run", f"KAFKA_PORT={kafka_port}", f"BIN={fake_bin}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        listener.close()
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "started with the file's Kafka" in output, output
+    assert f"http://localhost:{bridge_port}/" in output, output
+    assert "Bearer a-token-of-the-file-0123456789" in output, output
