@@ -166,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     create = topic_commands.add_parser(
         "create",
         parents=[config],
-        help="create the topics of every known Geins event type (or those named)",
+        help="create the topics of every known Geins event type and the dead-letter topic "
+        "(or those named)",
     )
     create.add_argument("names", nargs="*", help="topics to create instead of the known ones")
     create.set_defaults(run=_topics_create)
@@ -206,9 +207,14 @@ def _parser() -> argparse.ArgumentParser:
     tail = commands.add_parser(
         "tail", parents=[config], help="print the records arriving on topics"
     )
-    tail.add_argument("topics", nargs="*", help="topics (default: every topic of the template)")
     tail.add_argument(
-        "--pattern", help="also every topic this regular expression matches (from the start)"
+        "topics",
+        nargs="*",
+        help="topics (with neither these nor --pattern: every topic the template can make)",
+    )
+    tail.add_argument(
+        "--pattern",
+        help="every topic this regular expression matches (from the start), with those named",
     )
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
     tail.add_argument("--limit", type=_at_least_one, help="stop after this many records")
