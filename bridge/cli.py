@@ -40,12 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         release_early_stops()
     # Before the settings are read, the format they would give: the default unless
     # the variable says otherwise.
-    _last_words_logged = serving and os.environ.get(
-        "BRIDGE_LOG_FORMAT", "json"
-    ).strip().lower() in {"json", ""}
+    _last_words_logged = serving and _asks_for_json(os.environ.get("BRIDGE_LOG_FORMAT"))
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
+        if isinstance(exc.log_format, str):  # read (a file's log_format = "text" too)
+            _last_words_logged = serving and _asks_for_json(exc.log_format)
         _say_last(str(exc))
         return 2
     _last_words_logged = serving and settings.log_format == "json"
@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: Whether a failure's last words go out as a JSON log line: see _say_last.
 _last_words_logged = False
+
+
+def _asks_for_json(log_format: str | None) -> bool:
+    """Whether a BRIDGE_LOG_FORMAT as given (None: not given) means JSON, the default."""
+    return log_format is None or log_format.strip().lower() in {"json", ""}
 
 
 def _say_last(message: str) -> None:

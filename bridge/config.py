@@ -855,19 +855,24 @@ def load_settings(
             given[field] = (name, "")
     # Names differing only in case (BRIDGE_Tokens beside BRIDGE_TOKENS) are one setting:
     # whichever came last would silently win. Named, never their values.
-    if twice := [sorted(names) for names in variables.values() if len(names) > 1]:
-        raise ConfigError(
-            "invalid settings:\n  "
-            + "\n  ".join(
-                f"{' and '.join(names)} both set {names[0].upper()}: keep one" for names in twice
-            )
-        )
     try:
-        # The model's own checks name settings as given too (see _Names).
-        return Settings.model_validate(values, context={GIVEN: given})
-    except ValidationError as exc:
-        origin = {field: name + where for field, (name, where) in given.items()}
-        raise ConfigError(_explain(exc, origin)) from None
+        if twice := [sorted(names) for names in variables.values() if len(names) > 1]:
+            raise ConfigError(
+                "invalid settings:\n  "
+                + "\n  ".join(
+                    f"{' and '.join(names)} both set {names[0].upper()}: keep one"
+                    for names in twice
+                )
+            )
+        try:
+            # The model's own checks name settings as given too (see _Names).
+            return Settings.model_validate(values, context={GIVEN: given})
+        except ValidationError as exc:
+            origin = {field: name + where for field, (name, where) in given.items()}
+            raise ConfigError(_explain(exc, origin)) from None
+    except ConfigError as exc:
+        exc.log_format = values.get("log_format")  # a file's too, where one was read
+        raise
 
 
 def _explain(exc: ValidationError, origin: Mapping[str, str]) -> str:

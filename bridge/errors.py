@@ -44,6 +44,10 @@ class BridgeError(Exception):
 class ConfigError(Exception):
     """A setting is missing or invalid; the bridge refuses to start."""
 
+    #: The log format the settings ask for, as given (a file's or a variable's), when
+    #: they were read: the failure is said in it (bridge.cli).
+    log_format: object = None
+
 
 class SpoolUnusable(Exception):
     """The spool cannot be opened, read or written; the bridge must not start on it."""

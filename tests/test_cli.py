@@ -132,6 +132,21 @@ def test_serve_says_why_it_stops_in_its_log_format(
     assert capsys.readouterr().err.startswith("bridge: invalid settings:\n  BRIDGE_ACK:")
 
 
+def test_serve_says_why_it_stops_in_the_log_format_of_its_file(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A settings file's log_format = "text" was not heeded for that line: JSON, as
+    if nothing asked (a review's test); the variable still wins over the file."""
+    env.delenv("BRIDGE_LOG_FORMAT", raising=False)
+    config = tmp_path / "bridge.toml"
+    config.write_text('log_format = "text"\nport = 0\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("bridge: invalid settings:\n  port")
+    env.setenv("BRIDGE_LOG_FORMAT", "json")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert json.loads(capsys.readouterr().err)["level"] == "error"
+
+
 def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
