@@ -272,7 +272,10 @@ def _parse_body(body: bytes, skipped: int = 0) -> dict[str, Any]:
             f"the body is JSON but a {type(parsed).__name__}, not an object; "
             "a Geins body template must produce a JSON object"
         )
-    return {str(k).lower(): v for k, v in reversed(parsed.items())}  # first key wins
+    # The last of a name wins, whatever its case: JSON parsers keep the last of two
+    # equal names (orjson, the json module, a consumer's Jackson), so the first of
+    # `entity`/`Entity` but the last of `entity`/`entity` routed the event.
+    return {str(k).lower(): v for k, v in parsed.items()}
 
 
 def _wide_encoding(body: bytes) -> str | None:

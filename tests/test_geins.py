@@ -510,3 +510,19 @@ def test_any_input_gives_an_event_or_a_clean_4xx(
         assert event.value
         assert isinstance(orjson.loads(event.value), dict)
         assert len(event.key) <= 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"entity":"Order","Entity":"Product","action":"create"}',
+        b'{"entity":"Order","entity":"Product","action":"create"}',
+        # the standard library's path (a number orjson refuses) alike
+        b'{"entity":"Order","entity":"Product","action":"create","n":1e400}',
+    ],
+)
+def test_the_last_of_two_entity_fields_routes_the_event_whatever_their_case(body: bytes) -> None:
+    """As every JSON parser keeps the last of two equal names: the first of two names
+    differing in case only was kept, so the topic hung on the second name's case (a
+    review's test)."""
+    assert parse(delivery(body)).entity == "Product"
