@@ -404,12 +404,26 @@ def test_a_deadletter_topic_apart_from_the_events_is_accepted(
     assert load_settings(environ=environ).deadletter_topic == deadletter
 
 
-@pytest.mark.parametrize("name", ["BRIDGE_HOST", "BRIDGE_SPOOL_DIR", "BRIDGE_KAFKA_SSL_CAFILE"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "BRIDGE_HOST",
+        "BRIDGE_SPOOL_DIR",
+        "BRIDGE_KAFKA_SSL_CAFILE",
+        *(  # every optional setting (no default: None), empty: a review found three not
+            f"BRIDGE_{field.upper()}"
+            for field, info in Settings.model_fields.items()
+            if info.default is None
+        ),
+    ],
+)
 def test_an_empty_path_or_host_is_the_default(name: str, tmp_path: Path) -> None:
     """An empty variable (as Kubernetes may give) means unset, as it did for the Kafka
     files only: an empty BRIDGE_SPOOL_DIR was the current folder (spool.db and its
     lock made beside whatever ran the bridge), an empty BRIDGE_HOST every interface of
-    both IP versions. The same holds for an empty string in the TOML file."""
+    both IP versions; an empty BRIDGE_TOKENS_FILE was the current folder, refused, and
+    an empty BRIDGE_MAX_CONNECTIONS or BRIDGE_TOPIC_REPLICATION_FACTOR not a number.
+    The same holds for an empty string in the TOML file."""
     field = name.removeprefix("BRIDGE_").lower()
     default = Settings.model_fields[field].default
     assert getattr(load_settings(environ={**BASE, name: ""}), field) == default
