@@ -192,9 +192,23 @@ def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
     return False
 
 
-class _TrailerTooLarge(httptools.HttpParserError):
-    """A chunked body's trailer section over the head's cap. A parser error, so that
-    the parser stops at once and uvicorn hands it to ``send_400_response``."""
+class _TrailerRefused(httptools.HttpParserError):
+    """A chunked body's trailer section the bridge refuses: a parser error, so that the
+    parser stops at once and uvicorn hands it to ``send_400_response``, which answers
+    ``refusal``."""
+
+    def __init__(self, refusal: BridgeError) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
+
+
+def _trailer_refusal(error: BaseException | None) -> BridgeError | None:
+    """The refusal a parser error carries, if it is a _TrailerRefused (httptools raises
+    its own error, with the callback's as its context)."""
+    for candidate in (error, error and error.__context__):
+        if isinstance(candidate, _TrailerRefused):
+            return candidate.refusal
+    return None
 
 
 class _TrailerFields(list[tuple[bytes, bytes]]):
@@ -202,21 +216,23 @@ class _TrailerFields(list[tuple[bytes, bytes]]):
     section, once the head is complete: never in the request's headers (uvicorn
     appended them to ``scope["headers"]``, and RFC 9110 6.5.1 merges none of these:
     a trailer Authorization, x-Idempotency-Key or X-Forwarded-For was taken as the
-    head's), nor kept, and bounded as the head is: an unauthenticated client piled up
-    fields after its 401, some 19 times their bytes in memory, until
-    BRIDGE_READ_TIMEOUT. A list that stays empty: uvicorn may still look into it (for
-    an upgrade header, say, in what follows a request refused in its turn)."""
+    head's), nor kept (their bytes count against the head's cap, see data_received).
+    A list that stays empty: uvicorn may still look into it (for an upgrade header,
+    say, in what follows a request refused in its turn)."""
 
-    __slots__ = ("_room",)
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__()
-        self._room = max_bytes
+    __slots__ = ()
 
     def append(self, field: tuple[bytes, bytes]) -> None:
-        self._room -= len(field[0]) + len(field[1]) + 4  # name, ": ", value, CRLF
-        if self._room < 0:
-            raise _TrailerTooLarge
+        if field[0] == b"connection":  # uvicorn lower-cases the names
+            # llhttp acts on it (Content-Length and Transfer-Encoding it refuses): a
+            # trailer "close" made it drop every later byte of a connection the
+            # answer, decided at the head, kept open: the next request, another
+            # client's behind a pooling proxy, was answered 408 after the deadline.
+            raise _TrailerRefused(
+                MalformedRequest(
+                    "a Connection field in the trailer section: it may only be in the head"
+                )
+            )
 
 
 class OneWritePerResponse:
@@ -406,6 +422,10 @@ def guarded_protocol(
             self._head_awaited_since = 0.0
             self._in_head = True
             self._head_bytes = 0
+            # After the head: bytes fed since the last piece with body in it, and
+            # whether the parser handed over body since it was last looked at.
+            self._since_body = 0
+            self._body_seen = False
             self._respond_whole = self.respond_whole  # bound once per connection
             self._feeding = b""  # the bytes being fed to the parser now
             # An upgrade request's head without the upgrade, from its headers' end
@@ -561,6 +581,25 @@ def guarded_protocol(
                 if self._in_head and not (chunk[:1] in b"\r\n" and not chunk.strip(b"\r\n")):
                     # (empty lines before a request line are no request: RFC 9112 2.2)
                     self._head_bytes += len(chunk)
+                elif self._message_open and not self._in_head:
+                    # After the head, what is no body (chunk-size lines, their
+                    # extensions, the trailer section) has the head's cap: the parser
+                    # gathers a trailer field whole (in Python, a copy per piece) before
+                    # on_header sees it, and one field of 16 MB held the event loop for
+                    # 26 s, the probes of every other connection with it.
+                    if self._body_seen:
+                        self._body_seen = False
+                        self._since_body = 0
+                    else:
+                        self._since_body += len(chunk)
+                        if self._since_body > max_head_bytes:
+                            self._refuse_message(
+                                HeadersTooLarge(
+                                    "the chunk lines and trailer section after the body "
+                                    f"are larger than {max_head_bytes} bytes"
+                                )
+                            )
+                            return
 
         def _head_too_large(self) -> BridgeError:
             # uvicorn gathers the URL as the parser hands it over (on_url), a piece
@@ -588,10 +627,14 @@ def guarded_protocol(
                 self._unset_keepalive_if_required()
             self._await_head()
 
-        # (on_url, on_header and on_body are left as they are: skipped, on_message_begin
-        # leaves them adding at most the rest of the piece to the refused request's
-        # URL, headers and body, which are never used; wrapped, they cost 0.2 µs a
-        # call, a header each.)
+        # (on_url and on_header are left as they are: skipped, on_message_begin leaves
+        # them adding at most the rest of the piece to the refused request's URL and
+        # headers, which are never used; wrapped, they cost 0.2 µs a call, a header
+        # each. on_body is called once a piece at most.)
+
+        def on_body(self, body: bytes) -> None:
+            self._body_seen = True
+            super().on_body(body)
 
         def on_headers_complete(self) -> None:
             if self._refusal_after is not None:
@@ -610,7 +653,12 @@ def guarded_protocol(
             self._in_head = False  # the deadline runs on until the body is complete
             # uvicorn's on_header appends to self.headers (the scope's list, until
             # now): what comes after the body is a trailer.
-            self.headers = _TrailerFields(max_head_bytes)
+            self.headers = _TrailerFields()
+            self._since_body = 0
+            if self.expect_100_continue and self.scope.get("http_version") == "1.0":
+                # RFC 9110 10.1.1 and 15.2: ignored, and no 1xx to an HTTP/1.0 client,
+                # which reads "100 Continue" as the final answer.
+                self.cycle.waiting_for_100_continue = False
             if len(self.pipeline) > MAX_PIPELINED:
                 self._refuse(
                     TooManyPipelined(
@@ -625,16 +673,14 @@ def guarded_protocol(
             # error, whose text (llhttp's own, never the client's bytes) says what
             # was wrong.
             error = sys.exception()
-            refusal: BridgeError
-            if isinstance(error, _TrailerTooLarge) or isinstance(
-                error and error.__context__, _TrailerTooLarge
-            ):
-                refusal = HeadersTooLarge(
-                    f"the trailer section after the body is larger than {max_head_bytes} bytes"
-                )
-            else:
+            refusal = _trailer_refusal(error)
+            if refusal is None:
                 why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
                 refusal = MalformedRequest(f"the request is not valid HTTP/1.1{why}")
+            self._refuse_message(refusal)
+
+        def _refuse_message(self, refusal: BridgeError) -> None:
+            """Refuse the request being read: its head, or its body (after the head)."""
             cycle = self.cycle
             if self._in_head or cycle is None or self._queued() is not None:
                 self._refuse(refusal)  # no app runs for this request: counted here

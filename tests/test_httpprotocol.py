@@ -1762,3 +1762,86 @@ async def test_a_trailer_cannot_name_the_client_behind_a_trusted_proxy(
     protocol.connection_lost(None)
     assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
     assert publisher.records == []
+
+
+TRAILER_BLOCK = b"v" * 65536  # 64 KiB: what one socket read may hand the protocol
+
+
+@pytest.mark.parametrize("part", ["value", "name"])
+async def test_one_huge_trailer_field_after_a_401_ends_the_connection(
+    monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """The parser gathers a field whole (a copy of it per piece, in Python) before
+    on_header sees it: 1.25 MB of one field was kept, the connection open, and one of
+    16 MB held the event loop for 26 s (a review's test)."""
+    conn = Connection(monkeypatch, max_head_bytes=16384, read_timeout=60)
+    conn.protocol.data_received(
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    await eventually(lambda: bool(conn.transport.writes), what="the 401")
+    assert b"".join(conn.transport.writes).startswith(b"HTTP/1.1 401 ")
+    conn.protocol.data_received(b"0\r\nx-a: " if part == "value" else b"0\r\nx-a")
+    for _ in range(20):
+        if conn.transport.ended:
+            break
+        conn.protocol.data_received(TRAILER_BLOCK)
+    ended = conn.transport.ended
+    conn.close()
+    assert ended
+
+
+@pytest.mark.parametrize("where", ["trailer field", "chunk extension"])
+async def test_one_huge_trailer_field_or_chunk_line_is_a_431(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """While the app waits for the body, however it is split."""
+    conn = Connection(monkeypatch, max_head_bytes=4096, read_timeout=60)
+    tail = b"0\r\nx-a: " if where == "trailer field" else b"1;ext="
+    conn.protocol.data_received(
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: k-big\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n%s" % (TOKEN.encode(), tail)
+    )
+    for _ in range(16):  # 1 MiB
+        if conn.transport.ended:
+            break
+        conn.protocol.data_received(TRAILER_BLOCK)
+        await asyncio.sleep(0)
+    await eventually(lambda: bool(conn.transport.writes), what="an answer")
+    answers = split_responses(b"".join(conn.transport.writes))
+    conn.close()
+    lines, body = split(answers[0])
+    assert lines[0].startswith(b"HTTP/1.1 431 "), answers[0]
+    assert "trailer section" in body["detail"]
+    assert conn.publisher.records == []
+
+
+async def test_a_trailer_connection_field_is_a_400(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llhttp acted on a trailer `Connection: close` (dropping every later byte) while
+    the answer, decided at the head, kept the connection: the next request, whole, was
+    answered 408 after BRIDGE_READ_TIMEOUT (a review's test). Refused as llhttp refuses
+    a trailer Content-Length or Transfer-Encoding."""
+    conn = Connection(monkeypatch, read_timeout=0.5)
+    head = b"authorization: Bearer %s\r\nx-idempotency-key: k-1\r\n" % TOKEN.encode()
+    [answer] = await conn.answers(chunked(head, b"connection: close\r\n") + webhook("k-2"), 1)
+    await asyncio.sleep(0.1)
+    lines, body = split(answer)
+    ended = conn.transport.ended
+    conn.close()
+    assert lines[0].startswith(b"HTTP/1.1 400 "), answer
+    assert "Connection field in the trailer" in body["detail"]
+    assert ended
+    assert conn.publisher.records == []
+
+
+async def test_an_http10_client_gets_no_100_continue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 9110 10.1.1 and 15.2: the expectation is ignored in an HTTP/1.0 request, and
+    no 1xx goes to an HTTP/1.0 client, which reads it as the final answer (a review's
+    test)."""
+    conn = Connection(monkeypatch)
+    request = webhook("h10", extra=b"expect: 100-continue\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    conn.protocol.data_received(request)
+    await eventually(lambda: b"202 Accepted" in b"".join(conn.transport.writes), what="202")
+    written = b"".join(conn.transport.writes)
+    conn.close()
+    assert written.startswith(b"HTTP/1.1 202 "), written[:60]
