@@ -327,7 +327,12 @@ def _resolve_type(
     strict_types: bool,
     redact: Callable[[str], str] | None = None,
 ) -> tuple[str, str, bool]:
-    if type(entity_raw) is str and type(action_raw) is str:  # exact str (not a subclass): cacheable
+    if (
+        type(entity_raw) is str  # exact str (not a subclass): cacheable
+        and type(action_raw) is str
+        and len(entity_raw) <= CACHED_TEXT_LENGTH
+        and len(action_raw) <= CACHED_TEXT_LENGTH
+    ):
         try:
             return _resolve_names(entity_raw, action_raw, strict_types)
         except (MalformedEventType, UnknownEventType):
@@ -335,6 +340,13 @@ def _resolve_type(
                 raise
         # refused: once more, for a detail without tokens
     return _resolve_type_uncached(entity_raw, action_raw, strict_types=strict_types, redact=redact)
+
+
+#: The longest text the caches below keep as a key: a name (64 characters at most) or
+#: a timestamp, with a few spaces around it. Spaces and tabs around a name are no part
+#: of it, so a sender padded one to hundreds of kilobytes, and the cache kept 1,024
+#: such keys (some 1 GB) long after the events were published (a review's test).
+CACHED_TEXT_LENGTH = 80
 
 
 # The same few dozen event types arrive again and again; a refused pair raises
@@ -505,11 +517,21 @@ def _timestamp(
     return parsed, True, raw
 
 
+def parse_rfc3339(text: str) -> datetime | None:
+    """An aware UTC datetime, or None when ``text`` is not an RFC 3339 date-time."""
+    if len(text) <= CACHED_TEXT_LENGTH:
+        return _parse_rfc3339_cached(text)
+    return _parse_rfc3339(text)
+
+
 # Pure, and timestamps repeat within a second across deliveries: a cache hit
 # costs a tenth of the parse.
 @lru_cache(maxsize=1024)
-def parse_rfc3339(text: str) -> datetime | None:
-    """An aware UTC datetime, or None when ``text`` is not an RFC 3339 date-time."""
+def _parse_rfc3339_cached(text: str) -> datetime | None:
+    return _parse_rfc3339(text)
+
+
+def _parse_rfc3339(text: str) -> datetime | None:
     text = text.strip()
     if not _RFC3339.fullmatch(text):
         return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import tracemalloc
 from datetime import UTC, datetime
 
 import orjson
@@ -9,6 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.app import create_app
+from bridge.config import load_settings
 from bridge.deadletter import delivery_key
 from bridge.errors import (
     BadIdempotencyKey,
@@ -19,7 +24,9 @@ from bridge.errors import (
     UnknownEventType,
 )
 from bridge.geins import ENTITY_ACTIONS, Delivery, Event, parse_delivery, parse_rfc3339
+from bridge.metrics import Metrics
 from bridge.redaction import Redactor
+from tests.fakes import TOKEN, FakePublisher, call_asgi
 
 RECEIVED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 KEY = (b"x-idempotency-key", b"k-1")
@@ -526,3 +533,44 @@ def test_the_last_of_two_entity_fields_routes_the_event_whatever_their_case(body
     differing in case only was kept, so the topic hung on the second name's case (a
     review's test)."""
     assert parse(delivery(body)).entity == "Product"
+
+
+@pytest.mark.parametrize("padded", ["entity", "x-timestamp"])
+def test_padded_names_and_timestamps_are_not_kept_after_their_deliveries(padded: str) -> None:
+    """The caches of event types and timestamps kept each text as sent: spaces around a
+    name are no part of it, so 1,024 names padded to the body's limit stayed in memory
+    (some 1 GB) after their events were published, and 1,024 timestamps of a header's
+    size (a review's test)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"})
+    publisher = FakePublisher()
+    app = create_app(settings, publisher=publisher, metrics=Metrics())
+    padding = 200_000 if padded == "entity" else 10_000
+
+    async def deliver_all() -> list[int]:
+        statuses = []
+        for i in range(40):
+            headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+            entity = "Order"
+            if padded == "entity":
+                entity += " " * (padding + i)
+            else:
+                headers.append((b"x-timestamp", b"x" * (padding + i)))
+            body = orjson.dumps({"entity": entity, "action": "create", "id": str(i)})
+            response = await call_asgi(
+                app, "POST", "/webhooks/geins", headers=headers, body_chunks=[body]
+            )
+            statuses.append(response.status)
+        return statuses
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        statuses = asyncio.run(deliver_all())
+        publisher.records.clear()  # what Kafka got is not the bridge's memory
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert statuses == [202] * 40
+    assert retained < 40 * padding // 4, f"{retained} bytes kept"
