@@ -198,6 +198,15 @@ def _seq_of(held: tuple[QueuedRecord, int]) -> int:
     return held[0].seq
 
 
+#: What a record in the memory queue holds beyond the bytes record_size counts: its
+#: Python objects (the record, its destination, a tuple and a bytes object per header,
+#: the queue's entry), some 950 bytes for a Geins event with its ce_* headers. Counted
+#: towards BRIDGE_MEMORY_MAX_BYTES, so that the limit bounds the memory the queue
+#: takes: without it, a full queue of small events took 3.7 times the limit (a
+#: review's measure), more than a sidecar's memory limit left.
+MEMORY_RECORD_OVERHEAD = 1024
+
+
 class MemoryBacklog:
     """A bounded in-memory FIFO: fast, and lost if the process dies."""
 
@@ -226,8 +235,11 @@ class MemoryBacklog:
         return not has_room(self.bytes, self._max_bytes)
 
     def append(self, destination: Destination) -> None:
-        size = record_size(destination)
-        if self.bytes + size > self._max_bytes:
+        size = record_size(destination) + MEMORY_RECORD_OVERHEAD
+        # An empty queue takes any event: the settings' check (a limit of at least the
+        # largest record) leaves no room for the overhead, and such an event would be
+        # refused for ever.
+        if self.bytes + size > self._max_bytes and self._records:
             raise MemoryQueueFull(
                 f"{self.depth} events ({self.bytes} bytes) wait for Kafka; the limit is "
                 f"{self._max_bytes} bytes (BRIDGE_MEMORY_MAX_BYTES)"

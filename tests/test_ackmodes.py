@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+import tracemalloc
+import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -33,7 +36,7 @@ from bridge.errors import (
 from bridge.leftover import LeftoverSpool
 from bridge.metrics import Metrics
 from bridge.routing import Destination
-from tests.fakes import FakePublisher
+from tests.fakes import TOKEN, FakePublisher, call_asgi
 from tests.polling import eventually
 
 
@@ -1592,3 +1595,51 @@ async def test_broker_mode_publishes_nothing_once_a_stop_cancelled_the_topics(
     with pytest.raises(ShuttingDown):
         await mode.deliver(record("b"), "b")
     assert publisher.records == []
+
+
+def test_a_full_memory_queue_takes_about_its_limit(tmp_path: Path) -> None:
+    """BRIDGE_MEMORY_MAX_BYTES bounded the bytes record_size counts, not the memory the
+    queue takes: for Geins-sized events a full queue held 3.7 times its limit (the
+    default 64 MiB some 235 MB, more than the sidecar manifest's 256Mi leaves), and an
+    OOM kill loses every queued event (a review's test). Measured: what the bridge's
+    code allocated and still holds once the queue refuses, de-duplication keys aside
+    (bounded on their own)."""
+    limit = 1024 * 1024  # the smallest allowed
+    conf = settings(
+        tmp_path, BRIDGE_ACK="memory", BRIDGE_MEMORY_MAX_BYTES=str(limit), BRIDGE_TOKENS=TOKEN
+    )
+    publisher = FakePublisher(connected=False, fail_with=Unavailable("Kafka is away"))
+    app = create_app(conf, publisher=publisher, metrics=Metrics())
+    body = b'{"entity":"Order","action":"create","id":"1"}'  # the README's body template
+
+    async def fill() -> int:
+        for accepted in range(50_000):
+            headers = [
+                (b"authorization", f"Bearer {TOKEN}".encode()),
+                (b"x-idempotency-key", str(uuid.uuid4()).encode()),
+                (b"x-timestamp", b"2026-12-01T10:00:00Z"),
+                (b"content-type", b"application/json"),
+            ]
+            answer = await call_asgi(
+                app, "POST", "/webhooks/geins", headers=headers, body_chunks=[body]
+            )
+            if answer.status != 202:
+                assert answer.json()["reason"] == "memory_queue_full"
+                return accepted
+        raise AssertionError("the queue never filled")
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        accepted = asyncio.run(fill())
+        gc.collect()
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(
+        stat.size
+        for stat in snapshot.statistics("filename")
+        if "/bridge/" in stat.traceback[0].filename
+        and not stat.traceback[0].filename.endswith("dedup.py")
+    )
+    assert held <= 1.25 * limit, f"{accepted} events hold {held} bytes ({held / limit:.1f}x)"
