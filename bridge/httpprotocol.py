@@ -192,23 +192,28 @@ def answers_malformed_requests(protocol: type[HttpToolsProtocol]) -> bool:
     return False
 
 
-class _TrailerRefused(httptools.HttpParserError):
-    """A chunked body's trailer section the bridge refuses: a parser error, so that the
-    parser stops at once and uvicorn hands it to ``send_400_response``, which answers
-    ``refusal``."""
+class _Refused(httptools.HttpParserError):
+    """A request the bridge refuses from a parser callback (its HTTP version, a trailer
+    field): a parser error, so that the parser stops at once and uvicorn hands it to
+    ``send_400_response``, which answers ``refusal``."""
 
     def __init__(self, refusal: BridgeError) -> None:
         super().__init__(refusal.detail)
         self.refusal = refusal
 
 
-def _trailer_refusal(error: BaseException | None) -> BridgeError | None:
-    """The refusal a parser error carries, if it is a _TrailerRefused (httptools raises
-    its own error, with the callback's as its context)."""
+def _refusal_of(error: BaseException | None) -> BridgeError | None:
+    """The refusal a parser error carries, if it is a _Refused (httptools raises its
+    own error, with the callback's as its context)."""
     for candidate in (error, error and error.__context__):
-        if isinstance(candidate, _TrailerRefused):
+        if isinstance(candidate, _Refused):
             return candidate.refusal
     return None
+
+
+#: What the protocol serves: llhttp also takes an HTTP/0.9 request line (no version)
+#: and "HTTP/2.0", which were served as HTTP/1.1 (a review's find).
+_SERVED_VERSIONS = frozenset({"1.1", "1.0"})
 
 
 class _TrailerFields(list[tuple[bytes, bytes]]):
@@ -228,7 +233,7 @@ class _TrailerFields(list[tuple[bytes, bytes]]):
             # trailer "close" made it drop every later byte of a connection the
             # answer, decided at the head, kept open: the next request, another
             # client's behind a pooling proxy, was answered 408 after the deadline.
-            raise _TrailerRefused(
+            raise _Refused(
                 MalformedRequest(
                     "a Connection field in the trailer section: it may only be in the head"
                 )
@@ -642,6 +647,11 @@ def guarded_protocol(
             if self.parser.should_upgrade():  # parsed again without it: see the docstring
                 self._upgrade_head = self._head_without_upgrade()
                 return
+            version = self.parser.get_http_version()
+            if version not in _SERVED_VERSIONS:
+                raise _Refused(
+                    MalformedRequest(f"HTTP/{version} is not served: this is HTTP/1.1 only")
+                )
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()
@@ -673,7 +683,7 @@ def guarded_protocol(
             # error, whose text (llhttp's own, never the client's bytes) says what
             # was wrong.
             error = sys.exception()
-            refusal = _trailer_refusal(error)
+            refusal = _refusal_of(error)
             if refusal is None:
                 why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
                 refusal = MalformedRequest(f"the request is not valid HTTP/1.1{why}")

@@ -1845,3 +1845,26 @@ async def test_an_http10_client_gets_no_100_continue(monkeypatch: pytest.MonkeyP
     written = b"".join(conn.transport.writes)
     conn.close()
     assert written.startswith(b"HTTP/1.1 202 "), written[:60]
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /webhooks/geins/Order/create?token=%s\r\n\r\n",  # HTTP/0.9: no version
+        b"POST /webhooks/geins/Order/create?token=%s HTTP/2.0\r\nhost: x\r\n"
+        b"content-length: 2\r\n\r\n{}",
+    ],
+    ids=["HTTP/0.9", "HTTP/2.0"],
+)
+async def test_a_request_of_another_http_version_is_a_400(
+    monkeypatch: pytest.MonkeyPatch, request_line: bytes
+) -> None:
+    """llhttp takes both, and they were served as HTTP/1.1: published with a generated
+    key (a review's find). "HTTP/1.1 only", as the README says."""
+    conn = Connection(monkeypatch)
+    [answer] = await conn.answers(request_line % TOKEN.encode(), 1)
+    lines, body = split(answer)
+    conn.close()
+    assert lines[0].startswith(b"HTTP/1.1 400 "), answer
+    assert "HTTP/1.1 only" in body["detail"]
+    assert conn.publisher.records == []
