@@ -75,6 +75,32 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
 
 
+@pytest.fixture(scope="session")
+def _lone_kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    home = REPO / ".cache" / "kafka"
+    ensure_jars(home)
+    port, controller_port = free_ports(2)
+    data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
+    extra = {"auto.create.topics.enable": "false"}
+    with LocalKafka(
+        home, data_dir, port, controller_port, die_with_parent=True, extra_properties=extra
+    ) as broker:
+        yield broker
+
+
+@pytest.fixture
+def lone_kafka(_lone_kafka_broker: LocalKafka) -> LocalKafka:
+    """A second broker of the session's, running: it creates no topics (as managed Kafka
+    usually does not), and a test may stop or kill it (the session's must stay up); the
+    next test that asks for it gets it started again. One for the modules that need
+    such a broker: one each cost some 10-14 s of a loaded CI run."""
+    broker = _lone_kafka_broker
+    if not broker.is_running():
+        broker.start()
+        broker.wait_ready()
+    return broker
+
+
 #: The session broker's listener and controller ports, once it runs (none with
 #: TEST_KAFKA_BOOTSTRAP).
 _session_broker_ports: list[int] = []

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +37,6 @@ from bridge.errors import UnknownEventType
 from bridge.publisher import KafkaPublisher
 from bridge.redaction import Redactor
 from bridge.routing import Destination
-from tests.cluster import own_broker
 from tests.fakes import TOKEN, voucher_delivery
 from tests.kafkaread import read_all_sync
 from tests.polling import wait_until
@@ -998,27 +996,15 @@ def test_a_report_in_utf_16_has_one_byte_order_mark(
     ]
 
 
-@pytest.fixture(scope="module")
-def lone_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    """A broker of this module's own, which creates no topics and which a test may kill
-    (the session's must stay up)."""
-    data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
-    extra = {"auto.create.topics.enable": "false"}
-    with own_broker(data_dir, extra_properties=extra) as broker:
-        yield broker
-
-
 @pytest.fixture
-def lone(lone_broker: LocalKafka, env: pytest.MonkeyPatch) -> LocalKafka:
-    """The lone broker, running, as the bridge's Kafka, with short timeouts."""
-    if not lone_broker.is_running():
-        lone_broker.start()
-        lone_broker.wait_ready()
-    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", lone_broker.bootstrap)
+def lone(lone_kafka: LocalKafka, env: pytest.MonkeyPatch) -> LocalKafka:
+    """The session's lone broker (conftest: it creates no topics, and a test may kill
+    it), running, as the bridge's Kafka, with short timeouts."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", lone_kafka.bootstrap)
     env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "1")
     env.setenv("BRIDGE_PUBLISH_TIMEOUT", "1")
     env.setenv("BRIDGE_STRICT_TYPES", "false")
-    return lone_broker
+    return lone_kafka
 
 
 def test_a_replay_to_a_missing_topic_tries_it_once(

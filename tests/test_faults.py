@@ -721,27 +721,16 @@ def test_geins_retries_publish_once_even_across_restart(
         assert len({r.key for r in records}) == 1
 
 
-@pytest.fixture(scope="module")
-def no_auto_create_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    """A broker that creates no topics, as managed Kafka usually is; each test makes
-    its own under its prefix."""
-    with cluster.own_broker(
-        tmp_path_factory.mktemp("no-auto-create") / "data",
-        extra_properties={"auto.create.topics.enable": "false"},
-    ) as broker:
-        yield broker
-
-
 @pytest.mark.parametrize("ack", ["durable", "memory"])
 def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
-    no_auto_create_broker: LocalKafka, tmp_path: Path, topic_prefix: str, ack: str
+    lone_kafka: LocalKafka, tmp_path: Path, topic_prefix: str, ack: str
 ) -> None:
     """A broker that creates no topics (as managed Kafka usually is) and a new event
     type whose topic nobody made yet: its event waits in the backlog while every other
     event goes on to Kafka, and goes out once the topic is created. The drainer used
     to stop at that event, so nothing reached Kafka until the spool filled and the
     bridge answered 503 to everything."""
-    broker = no_auto_create_broker
+    broker = lone_kafka  # creates no topics (conftest)
     orders, widgets = f"{topic_prefix}.order.create", f"{topic_prefix}.widget.create"
     headers = {"Authorization": f"Bearer {TOKEN}"}
 
