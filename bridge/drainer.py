@@ -130,7 +130,7 @@ class Drainer:
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
-        self._publish_after: asyncio.Future[Any] | None = None  # see run()
+        self._publish_after: asyncio.Future[Any] | None = None  # see start()
 
     @classmethod
     def from_settings(
@@ -371,7 +371,7 @@ class Drainer:
         memory mode stopped with 9 of its 10 s left and lost what was still queued.
         While Kafka is away, until the deadline (it may come back meanwhile). Not at
         all when the stop came before the topics were created and the backlog outlives
-        the process (see run)."""
+        the process (see start)."""
         if self._kept_for_the_next_start():
             if self._backlog.depth:
                 log.info(

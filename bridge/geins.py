@@ -235,9 +235,9 @@ def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
 
 
 def _parse_body(body: bytes, skipped: int = 0) -> dict[str, Any]:
-    """The body's top-level fields (names lower-cased, the first of a name kept);
-    ``skipped``: bytes before ``body`` in what was sent (a byte order mark), for the
-    offsets an error names."""
+    """The body's top-level fields (names lower-cased, the last of a name kept, as
+    JSON parsers keep it); ``skipped``: bytes before ``body`` in what was sent (a byte
+    order mark), for the offsets an error names."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -216,6 +216,11 @@ def _refusal_of(error: BaseException | None) -> BridgeError | None:
 _SERVED_VERSIONS = frozenset({"1.1", "1.0"})
 
 
+#: What llhttp reads as the Connection field (a review found the second after the first
+#: was refused).
+_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection"})
+
+
 class _TrailerFields(list[tuple[bytes, bytes]]):
     """Where the parser's ``on_header`` puts the fields of a chunked body's trailer
     section, once the head is complete: never in the request's headers (uvicorn
@@ -228,7 +233,7 @@ class _TrailerFields(list[tuple[bytes, bytes]]):
     __slots__ = ()
 
     def append(self, field: tuple[bytes, bytes]) -> None:
-        if field[0] == b"connection":  # uvicorn lower-cases the names
+        if field[0] in _CONNECTION_FIELDS:  # uvicorn lower-cases the names
             # llhttp acts on it (Content-Length and Transfer-Encoding it refuses): a
             # trailer "close" made it drop every later byte of a connection the
             # answer, decided at the head, kept open: the next request, another
@@ -238,6 +243,10 @@ class _TrailerFields(list[tuple[bytes, bytes]]):
                     "a Connection field in the trailer section: it may only be in the head"
                 )
             )
+
+
+#: One for every connection: it keeps nothing.
+_TRAILER_FIELDS = _TrailerFields()
 
 
 class OneWritePerResponse:
@@ -635,7 +644,8 @@ def guarded_protocol(
         # (on_url and on_header are left as they are: skipped, on_message_begin leaves
         # them adding at most the rest of the piece to the refused request's URL and
         # headers, which are never used; wrapped, they cost 0.2 µs a call, a header
-        # each. on_body is called once a piece at most.)
+        # each. on_body is called once a chunk of a chunked body, once a piece else:
+        # a frame each, which the head's cap needs, see data_received.)
 
         def on_body(self, body: bytes) -> None:
             self._body_seen = True
@@ -663,8 +673,9 @@ def guarded_protocol(
             self._in_head = False  # the deadline runs on until the body is complete
             # uvicorn's on_header appends to self.headers (the scope's list, until
             # now): what comes after the body is a trailer.
-            self.headers = _TrailerFields()
+            self.headers = _TRAILER_FIELDS
             self._since_body = 0
+            self._body_seen = False  # (a piece may hold the end of the request before)
             if self.expect_100_continue and self.scope.get("http_version") == "1.0":
                 # RFC 9110 10.1.1 and 15.2: ignored, and no 1xx to an HTTP/1.0 client,
                 # which reads "100 Continue" as the final answer.

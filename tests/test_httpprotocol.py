@@ -1816,14 +1816,18 @@ async def test_one_huge_trailer_field_or_chunk_line_is_a_431(
     assert conn.publisher.records == []
 
 
-async def test_a_trailer_connection_field_is_a_400(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", [b"connection", b"Proxy-Connection"])
+async def test_a_trailer_connection_field_is_a_400(
+    monkeypatch: pytest.MonkeyPatch, name: bytes
+) -> None:
     """llhttp acted on a trailer `Connection: close` (dropping every later byte) while
     the answer, decided at the head, kept the connection: the next request, whole, was
     answered 408 after BRIDGE_READ_TIMEOUT (a review's test). Refused as llhttp refuses
-    a trailer Content-Length or Transfer-Encoding."""
+    a trailer Content-Length or Transfer-Encoding; `Proxy-Connection` too, which llhttp
+    reads as `Connection` (a second review's test)."""
     conn = Connection(monkeypatch, read_timeout=0.5)
     head = b"authorization: Bearer %s\r\nx-idempotency-key: k-1\r\n" % TOKEN.encode()
-    [answer] = await conn.answers(chunked(head, b"connection: close\r\n") + webhook("k-2"), 1)
+    [answer] = await conn.answers(chunked(head, name + b": close\r\n") + webhook("k-2"), 1)
     await asyncio.sleep(0.1)
     lines, body = split(answer)
     ended = conn.transport.ended
