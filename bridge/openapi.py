@@ -49,7 +49,8 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
         "429": _problem(_sentence(_TOO_MANY_PIPELINED), "Retry-After"),
         "431": _problem(
             f"More than {settings.max_headers} headers, or over {settings.max_header_bytes} "
-            "bytes of them."
+            "bytes of them; or a chunked body's chunk lines and trailer section, between "
+            "two pieces of data, over the head's cap."
         ),
         "503": _problem(_sentence(_too_many_connections(settings)), "Retry-After"),
     }
