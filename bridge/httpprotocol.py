@@ -62,6 +62,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge.config import OPS_MAX_CONNECTIONS
 from bridge.errors import (
     BridgeError,
+    ClientDisconnected,
     ConfigError,
     HeadersTooLarge,
     IncompleteRequest,
@@ -523,7 +524,22 @@ def guarded_protocol(
                 self._writer.end_linger()  # its timer
             self._stop_head_timer()
             self._stop_write_timer()
+            self._say_the_queued_lost()
             super().connection_lost(exc)
+
+        def _say_the_queued_lost(self) -> None:
+            """Log and count the pipelined requests whose client went away before their
+            body was whole: uvicorn tells the running request of the disconnect (its app
+            counts it), and never starts a queued one, which was neither counted nor
+            logged (a review's test)."""
+            for cycle, _ in self.pipeline:
+                if cycle.more_body:
+                    gone = ClientDisconnected(
+                        "the client disconnected before sending the whole body"
+                    )
+                    log_refusal(gone, cast(Scope, cycle.scope), redact)
+                    if on_refused is not None:
+                        on_refused(gone, time.perf_counter() - self._head_awaited_since)
 
         def shutdown(self) -> None:
             # The server stops: a connection lingering after its answer (a refusal, a
@@ -711,11 +727,14 @@ def guarded_protocol(
                 self._stop_head_timer()
                 if not self.transport.is_closing():
                     self._writer.hang_up()
-            else:
-                # A body its app is waiting for: the app hears a disconnect and counts
-                # this 400 (it sees REFUSED_BY_PROTOCOL), so that it is counted once.
+            elif self._refuse(refusal):
+                # Its app runs, or is about to (the head and this came in one packet):
+                # it hears a disconnect, or meets a refusal of its own (a 401) whose
+                # answer goes nowhere. Counted and logged here, once: the app leaves
+                # a request with REFUSED_BY_PROTOCOL alone. It counted them itself,
+                # and a 401 or 404 it met first took the 400's place in the metrics
+                # and logged a second line (a review's test).
                 cycle.scope[REFUSED_BY_PROTOCOL] = refusal  # type: ignore[literal-required]  # our own key, for the app
-                self._refuse(refusal, count=False)
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the
@@ -941,26 +960,25 @@ def guarded_protocol(
                 self._arm_head_timer()
             elif self.cycle is not None and not self.cycle.response_started:
                 # The body is late. The app is waiting for it and will hear a
-                # disconnect; it counts the request (it sees REFUSED_BY_PROTOCOL).
+                # disconnect; counted here (see _refuse_message).
                 late = RequestTimeout(
                     f"the request did not arrive within {read_timeout:g} s (BRIDGE_READ_TIMEOUT)"
                 )
-                self.scope[REFUSED_BY_PROTOCOL] = late  # type: ignore[literal-required]  # our own key, for the app
-                self._refuse(late, count=False)
+                if self._refuse(late):
+                    self.scope[REFUSED_BY_PROTOCOL] = late  # type: ignore[literal-required]  # our own key, for the app
             elif not self.transport.is_closing():
                 self._writer.hang_up()  # answered already (a 413, say): just hang up
 
-        def _refuse(self, error: BridgeError, *, count: bool = True) -> None:
-            """Answer ``error`` and hang up; log it, and count it unless the app
-            will (``count=False``: a late or malformed body, which the app hears of
-            as a disconnect), with the
-            time since the bridge began waiting for this request's head (a head's
-            408: BRIDGE_READ_TIMEOUT)."""
+        def _refuse(self, error: BridgeError) -> bool:
+            """Answer ``error`` and hang up; log and count it, with the time since the
+            bridge began waiting for this request's head (a head's 408:
+            BRIDGE_READ_TIMEOUT). False if it is not answered (another refusal comes
+            first, or the connection is closing)."""
             if self._refusal_after is not None and error is not self._refusal_after:
-                return  # a request behind one refused in its turn: never served
+                return False  # a request behind one refused in its turn: never served
             self._stop_head_timer()
             if self.transport.is_closing():
-                return
+                return False
             queued = None if self._in_head else self._queued()
             if queued is not None:
                 self.pipeline.remove(queued)  # its app never runs: this is its answer
@@ -969,7 +987,7 @@ def guarded_protocol(
                 # turn): answered after those before it.
                 self._refusal_after = error
                 self.transport.pause_reading()
-                return
+                return True
             self._refusal_after = None
             self._write_refusal(error)
             if self._answered_one:
@@ -983,8 +1001,9 @@ def guarded_protocol(
             # no method or path yet if the head was refused.
             # uvicorn types it as HTTPScope
             log_refusal(error, cast(Scope, self.scope or {}), redact)
-            if count and on_refused is not None:
+            if on_refused is not None:
                 on_refused(error, time.perf_counter() - self._head_awaited_since)
+            return True
 
         def _write_refusal(self, error: BridgeError) -> None:
             body = problem(error)

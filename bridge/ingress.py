@@ -164,6 +164,8 @@ class GuardRefusal:
         self._redact = redact
 
     async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
+        if scope.get(REFUSED_BY_PROTOCOL) is not None:
+            return  # answered, logged and counted by the HTTP protocol; this goes nowhere
         await self._answer.send(send, error)
         log_refusal(error, scope, self._redact)
         seconds = time.perf_counter() - started
@@ -230,15 +232,15 @@ class WebhookEndpoint:
             if respond_whole is None or not respond_whole(scope, status, self._accepted_head, body):
                 await _respond(send, status, body, JSON, [self._ack_header])
         except ClientDisconnected as exc:  # nobody to answer
-            refused: BridgeError | None = scope.get(REFUSED_BY_PROTOCOL)
-            outcome, reason = "rejected", exc.reason if refused is None else refused.reason
-            if refused is None:  # else the protocol logged the answer it gave
+            outcome, reason = "rejected", exc.reason
+            if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
                 log_refusal(exc, scope, self._redact)
         except BridgeError as exc:
             event, names = exc.event, exc.names
             outcome, reason = outcome_of(exc), exc.reason
-            await self._answer.send(send, exc)
-            log_refusal(exc, scope, self._redact)
+            if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
+                await self._answer.send(send, exc)
+                log_refusal(exc, scope, self._redact)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when BRIDGE_SHUTDOWN_TIMEOUT
             # runs out at a stop; its own answer was a text/plain 500, counted here as
@@ -265,14 +267,37 @@ class WebhookEndpoint:
             await _respond(send, 500, problem(error), PROBLEM_JSON, [])
         finally:
             seconds = time.perf_counter() - started
-            self._metrics.record_request(outcome, event, reason, seconds, names)
+            refused: BridgeError | None = scope.get(REFUSED_BY_PROTOCOL)
+            if refused is None:
+                self._metrics.record_request(outcome, event, reason, seconds, names)
+            else:
+                # The HTTP protocol refused the body (or found it late) and answered,
+                # logged and counted that; what the app met after it (a disconnect, a
+                # 401 of its own, when the head and a bad body came in one packet)
+                # went nowhere. Its answer is the request's outcome.
+                outcome, reason = outcome_of(refused), refused.reason
             if self._access_log:
-                fields = _request_fields(scope, event, self._redact, names)
-                fields["outcome"] = outcome
-                if reason is not None:  # an accepted one has none: no "reason=None"
-                    fields["reason"] = reason
-                fields["ms"] = round(seconds * 1000, 3)
-                access_log.info("webhook request", extra=_logged(fields, self._redact))
+                self._log_access(
+                    scope, event, names, outcome=outcome, reason=reason, seconds=seconds
+                )
+
+    def _log_access(
+        self,
+        scope: Scope,
+        event: Event | None,
+        names: tuple[str, str] | None,
+        *,
+        outcome: str,
+        reason: str | None,
+        seconds: float,
+    ) -> None:
+        """The access log's line of a webhook request (BRIDGE_ACCESS_LOG)."""
+        fields = _request_fields(scope, event, self._redact, names)
+        fields["outcome"] = outcome
+        if reason is not None:  # an accepted one has none: no "reason=None"
+            fields["reason"] = reason
+        fields["ms"] = round(seconds * 1000, 3)
+        access_log.info("webhook request", extra=_logged(fields, self._redact))
 
     async def _accept(self, scope: Scope, receive: Receive) -> Accepted:
         method: str = scope["method"]

@@ -1353,7 +1353,8 @@ async def test_a_body_that_never_comes_logs_one_line(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, timed_out: bool
 ) -> None:
     """A body that is late (408) or cut off by the client logs one line, with the
-    request's method, path and key, and is counted once, as the app's."""
+    request's method, path and key, and is counted once: the 408 by the protocol that
+    answered it, a disconnect by the app that heard it."""
     caplog.set_level(logging.INFO)
     connection = Connection(monkeypatch, read_timeout=0.2)
     head = webhook("late").replace(b"content-length: %d" % len(ORDER), b"content-length: 500")
@@ -1371,7 +1372,10 @@ async def test_a_body_that_never_comes_logs_one_line(
     assert level == logging.INFO
     assert fields["reason"] == ("request_timeout" if timed_out else "client_disconnected")
     assert (fields["method"], fields["path"], fields["key"]) == ("POST", "/webhooks/geins", "late")
-    assert connection.refused == []  # counted by the app, not the protocol
+    by_protocol = [error.reason for error in connection.refused]
+    assert by_protocol == (["request_timeout"] if timed_out else [])
+    assert rejections(connection, "request_timeout") == 0
+    assert rejections(connection, "client_disconnected") == (0 if timed_out else 1)
     assert connection.publisher.records == []
 
 
@@ -1413,8 +1417,9 @@ async def test_a_malformed_chunked_body_is_counted_and_logged_once(
     """A chunked body the parser refuses, after its head went to the app. The request
     was counted twice: by the protocol (its 400) and by the app (the disconnect it
     heard, or the 401 it had answered), with two log lines, one a phantom
-    client_disconnected. Now the protocol's 400 is counted by the app, once; after the
-    app's own answer the connection is only closed."""
+    client_disconnected. Now the protocol's 400 is counted once, by the protocol (by
+    the app, before: see test_a_body_refusal_in_the_heads_packet_is_counted_and_logged_once
+    for why not); after the app's own answer the connection is only closed."""
     caplog.set_level(logging.INFO)
     connection = Connection(monkeypatch)
     head = CHUNKED_HEAD.replace(TOKEN.encode(), token.encode())
@@ -1435,8 +1440,12 @@ async def test_a_malformed_chunked_body_is_counted_and_logged_once(
         lost = True
         await asyncio.sleep(0.05)  # anything counted twice would be by now
         assert [fields["reason"] for _, fields in refusals(caplog)] == [reason]
-        assert connection.refused == []  # the app counted it
-        assert rejections(connection, reason) == 1
+        if answered_first is None:
+            assert [error.reason for error in connection.refused] == [reason]
+            assert rejections(connection, reason) == 0  # the app left it alone
+        else:
+            assert connection.refused == []  # the app's 401 is the request's answer
+            assert rejections(connection, reason) == 1
         assert rejections(connection, "client_disconnected") == 0
         assert connection.publisher.records == []
     finally:
@@ -1872,3 +1881,99 @@ async def test_a_request_of_another_http_version_is_a_400(
     assert lines[0].startswith(b"HTTP/1.1 400 "), answer
     assert "HTTP/1.1 only" in body["detail"]
     assert conn.publisher.records == []
+
+
+# --- refusals after the head: counted and logged once ------------------------------
+
+
+def all_rejections(connection: Connection) -> dict[str, float]:
+    out = {}
+    for line in connection.metrics.exposition().decode().splitlines():
+        if line.startswith("bridge_rejections_total{"):
+            reason = line.split('reason="')[1].split('"')[0]
+            value = float(line.rsplit(" ", 1)[1])
+            if value:
+                out[reason] = value
+    return out
+
+
+def chunked_head(path: bytes, token: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: k\r\ntransfer-encoding: chunked\r\n\r\n" % (path, token)
+    )
+
+
+BAD_BODIES = {
+    "malformed chunk": (b'5\r\n{"a":\r\nzz\r\n', 400, "malformed_request"),
+    "trailer connection": (b"2\r\n{}\r\n0\r\nconnection: close\r\n\r\n", 400, "malformed_request"),
+    "trailer over cap": (b"2\r\n{}\r\n0\r\n" + b"a: b\r\n" * 1000, 431, "headers_too_large"),
+}
+
+
+@pytest.mark.parametrize("body", list(BAD_BODIES))
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [
+        (b"/webhooks/geins", b"wrong-token"),  # the app's 401 comes before the body
+        (b"/webhooks/geins/a/b/c", TOKEN.encode()),  # WebhookDispatch's 404
+        (b"/healthz", TOKEN.encode()),  # not a webhook: counted by nobody
+    ],
+    ids=["401", "404", "healthz"],
+)
+async def test_a_body_refusal_in_the_heads_packet_is_counted_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    body: str,
+    path: bytes,
+    token: bytes,
+) -> None:
+    """The protocol answered and logged, and left the count to the app, which answered
+    for itself before it read the body (a 401, a 404) and counted and logged that
+    instead, or counted nothing (a non-webhook route): now the protocol counts, and
+    the app leaves a request it refused alone (a review's test)."""
+    caplog.set_level(logging.INFO)
+    sent, status, reason = BAD_BODIES[body]
+    conn = Connection(monkeypatch, max_head_bytes=4096)
+    try:
+        conn.protocol.data_received(chunked_head(path, token) + sent)  # one packet
+        answer = await wait_closed(conn, 1)
+        lines, problem = split(answer)
+        assert lines[0].startswith(b"HTTP/1.1 %d " % status), answer
+        assert problem["reason"] == reason
+        await asyncio.sleep(0.05)  # let the app run
+    finally:
+        conn.close()
+    await asyncio.sleep(0.05)
+    logged = [fields["reason"] for _, fields in refusals(caplog)]
+    counted = all_rejections(conn)
+    for error in conn.refused:
+        counted[error.reason] = counted.get(error.reason, 0) + 1
+    # what the client got: one line, one count, with its reason
+    assert (logged, counted) == ([reason], {reason: 1})
+
+
+async def test_a_pipelined_request_cut_off_by_the_client_going_away_is_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn tells the running request of the disconnect and never starts a queued
+    one: it was neither counted nor logged (a review's test)."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch)
+    hand_over = conn.publisher.hand_over
+
+    async def slow(destination: Any) -> Any:
+        await asyncio.sleep(0.2)  # Kafka slow: the first request is still being served
+        return await hand_over(destination)
+
+    monkeypatch.setattr(conn.publisher, "hand_over", slow)
+    partial = webhook("q2").replace(b"content-length: %d" % len(ORDER), b"content-length: 500")
+    conn.protocol.data_received(webhook("q1") + partial)  # q2: its head, part of its body
+    await asyncio.sleep(0.05)
+    conn.transport.close()
+    conn.close()  # the client is gone
+    await asyncio.sleep(0.4)  # q1 done by now
+    assert [r.key for r in conn.publisher.records] == [b"q1"]
+    assert [error.reason for error in conn.refused] == ["client_disconnected"]  # by the protocol
+    assert rejections(conn, "client_disconnected") == 0  # not by the app too
+    assert [f["reason"] for _, f in refusals(caplog)] == ["client_disconnected"]
