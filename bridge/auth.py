@@ -125,13 +125,23 @@ def unreadable_because(exc: OSError | ValueError) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
+class _Unusable(str):
+    """Why a tokens file that was read cannot be used: it holds something, but no token
+    the bridge takes (one too short, a placeholder, not UTF-8, one inside the topic
+    names). Unlike a file that cannot be read, it says the operator wants tokens."""
+
+    __slots__ = ()
+
+
 def _read(path: Path) -> tuple[str, ...] | str:
     """The file's tokens, or why it cannot be read now: a rotation in progress, say, or
-    not UTF-8. The watch must live on through either."""
+    not UTF-8 (an _Unusable). The watch must live on through either."""
     try:
         return read_tokens_file(path)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return unreadable_because(exc)
+    except ValueError as exc:
+        return _Unusable(unreadable_because(exc))
 
 
 class TokenAuthenticator:
@@ -171,6 +181,13 @@ class TokenAuthenticator:
         # again: a file gone for an hour is one ERROR line, not one per reading (it
         # used to be one a second); a new reason (gone, then unreadable) is one more.
         self._unreadable: str | None = None
+        # An open bridge (no token, BRIDGE_ALLOW_UNAUTHENTICATED) whose file came to hold
+        # something it cannot use: closed, every delivery refused, until the file is
+        # usable again (_reopening: as read once; used when read the same again). The
+        # tokens in use were kept, and there were none: an operator who wrote a token
+        # to close the door, and had it refused (a placeholder, say), left it open.
+        self._closed_by_file = False
+        self._reopening: tuple[str, ...] | None = None
         self.refresh()
         if not self._tokens and allow_unauthenticated:
             log.warning("%s", UNAUTHENTICATED)
@@ -192,7 +209,18 @@ class TokenAuthenticator:
             and read != self._from_file
             and (refused := self._refuse_file(read))
         ):
-            read = refused
+            read = _Unusable(refused)
+        if isinstance(read, _Unusable) and not self._tokens and self._allow_unauthenticated:
+            self._reopening = None
+            if not self._closed_by_file:
+                self._closed_by_file = True
+                log.error(
+                    "the tokens file %s holds something but no token the bridge can use "
+                    "(%s): the bridge, open without tokens until now, refuses every "
+                    "delivery (401) until the file holds a usable token, or none",
+                    self.tokens_file,
+                    read,
+                )
         if isinstance(read, str):
             if read != self._unreadable:
                 log.error(
@@ -229,6 +257,13 @@ class TokenAuthenticator:
     def _take(self, from_file: tuple[str, ...] | None) -> None:
         if from_file is None:  # unreadable now: keep the tokens in use
             return
+        if self._closed_by_file:
+            if from_file != self._reopening:  # as for a change: the same at two readings
+                self._reopening = from_file
+                return
+            self._closed_by_file, self._reopening = False, None
+            if from_file == self._from_file:  # none still: open again, as asked
+                log.warning("%s", UNAUTHENTICATED)
         if from_file == self._from_file:
             self._changed = None  # changed and changed back: nothing pending
             return
@@ -264,7 +299,7 @@ class TokenAuthenticator:
         self, headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[str, str]]
     ) -> None:
         """Return if a presented token matches; raise :class:`Unauthorized` otherwise."""
-        if not self._tokens and self._allow_unauthenticated:
+        if not self._tokens and self._allow_unauthenticated and not self._closed_by_file:
             return
         presented, count = self._from_headers(headers)
         if query:

@@ -9,7 +9,8 @@ go through it.
 A token is recognised in every form in which a sender can present it to the bridge,
 and the encodings of those forms: as it is; percent-encoded, wholly or in part, in
 upper or lower case, and once more (``%252B``); with a ``+`` for a space and a space
-for a ``+`` (the query's form encoding, which authentication accepts both ways); and
+for a ``+`` (the query's form encoding: a ``+`` pasted as it is reads as a space,
+which authentication still matches; redacted either way round); and
 in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
 is replaced by MARKER; a base64 run holding one is replaced whole. Authentication
 takes a token in its own letter case only, but a token in other ASCII letter cases is

@@ -454,3 +454,41 @@ def test_a_file_token_inside_a_topic_name_is_not_used_while_serving(
     authenticator.refresh()
     authenticator.refresh()
     assert authenticator.current_tokens() == (b"new-token",)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "s3cr3t7\n",  # 7 characters: under the minimum
+        "replace-me-with-a-long-random-token\n",  # deploy/'s placeholder, as it is
+        "good-long-token-0123456789\nshort\n",  # one good token, one refused
+    ],
+)
+def test_an_open_bridge_is_closed_once_its_file_holds_a_token_even_a_refused_one(
+    tmp_path: Path, written: str
+) -> None:
+    """README: requests need no token only while none is configured. A token the file's
+    checks refuse made the file unusable, and the tokens in use (none) were kept: the
+    bridge stayed open to anyone (a review's test). It refuses every delivery until the
+    file is usable, then goes by it (open again once it holds none)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# no token yet\n")
+    authenticator = TokenAuthenticator([], allow_unauthenticated=True, tokens_file=tokens)
+    authenticator.check([], [])  # open, as asked
+    tokens.write_text(written)  # the operator closes the door
+    authenticator.refresh()
+    with pytest.raises(Unauthorized):
+        authenticator.check([], [])
+    tokens.write_text("fixed-long-token-0123456789\n")
+    for _ in range(3):  # the same at two readings, then a change used at the next
+        authenticator.refresh()
+    authenticator.check([(b"authorization", b"Bearer fixed-long-token-0123456789")], [])
+    with pytest.raises(Unauthorized):
+        authenticator.check([], [])
+    tokens.write_text(written)
+    authenticator.refresh()  # tokens in use: kept, as for any unusable file
+    authenticator.check([(b"authorization", b"Bearer fixed-long-token-0123456789")], [])
+    tokens.write_text("")
+    for _ in range(2):
+        authenticator.refresh()
+    authenticator.check([], [])  # none configured: open again, as asked
