@@ -264,6 +264,8 @@ class TokenAuthenticator:
             self._closed_by_file, self._reopening = False, None
             if from_file == self._from_file:  # none still: open again, as asked
                 log.warning("%s", UNAUTHENTICATED)
+            else:  # read alike twice already: used now (not open for one more reading)
+                self._changed = from_file
         if from_file == self._from_file:
             self._changed = None  # changed and changed back: nothing pending
             return
