@@ -281,10 +281,11 @@ class OneWritePerResponse:
         self._expect_head = True
 
     def write(self, data: bytes) -> None:
-        if self._transport.is_closing():
-            # Closed by the server (a refusal, a client that stopped reading) while an
-            # app was still answering: uvloop raised, and the app's answer became a
-            # 500 logged at ERROR. Nobody is there to read it.
+        if self._linger is not None or self._transport.is_closing():
+            # Closed by the server (a refusal, a client that stopped reading), or
+            # lingering after its FIN, while an app was still answering: uvloop raised
+            # ("write() after write_eof()"), and the app's answer became a 500 logged
+            # at ERROR. Nobody is there to read it.
             self._held = None
             return
         if self._held is not None:
@@ -298,14 +299,14 @@ class OneWritePerResponse:
     def write_response(self, data: bytes) -> None:
         """A whole response, written as it is."""
         self._expect_head = False
-        if not self._transport.is_closing():  # see write()
+        if self._linger is None and not self._transport.is_closing():  # see write()
             self._transport.write(data)
 
     def flush(self) -> None:
         self._expect_head = False
         if self._held is not None:
             held, self._held = self._held, None
-            if not self._transport.is_closing():
+            if self._linger is None and not self._transport.is_closing():
                 self._transport.write(held)
 
     def close(self) -> None:
@@ -363,6 +364,19 @@ class OneWritePerResponse:
 
     def __getattr__(self, name: str) -> Any:  # the rest of the transport, as it is
         return getattr(self._transport, name)
+
+
+def _refused_for_the_app(cycle: Any, refusal: BridgeError) -> None:
+    """Tell the app of a request the protocol refused after its head (and answered,
+    logged and counted): REFUSED_BY_PROTOCOL for the app to leave it alone, and the
+    disconnect its read of the body hears now. On a connection lingering after the
+    answer (one that answered a request before) the transport stayed open: the app
+    waited for the body, holding its BRIDGE_MAX_CONCURRENCY slot for up to the linger's
+    2 s, and a route that answers without the body wrote after the FIN (a review's
+    tests)."""
+    cycle.scope[REFUSED_BY_PROTOCOL] = refusal
+    cycle.disconnected = True
+    cycle.message_event.set()
 
 
 def header_lines(pairs: list[tuple[bytes, bytes]]) -> bytes:
@@ -528,18 +542,26 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def _say_the_queued_lost(self) -> None:
-            """Log and count the pipelined requests whose client went away before their
-            body was whole: uvicorn tells the running request of the disconnect (its app
-            counts it), and never starts a queued one, which was neither counted nor
-            logged (a review's test)."""
+            """Log and count the pipelined requests the connection's end leaves
+            unanswered: uvicorn tells the running request of the disconnect (its app
+            counts it), and never starts a queued one; nor was a refusal waiting for
+            the answers before it said. Each was neither counted nor logged (a
+            review's tests)."""
+            since = time.perf_counter() - self._head_awaited_since
+            held, self._refusal_after = self._refusal_after, None
+            if held is not None:
+                log_refusal(held, cast(Scope, self.scope or {}), redact)
+                if on_refused is not None:
+                    on_refused(held, since)
             for cycle, _ in self.pipeline:
-                if cycle.more_body:
-                    gone = ClientDisconnected(
-                        "the client disconnected before sending the whole body"
-                    )
-                    log_refusal(gone, cast(Scope, cycle.scope), redact)
-                    if on_refused is not None:
-                        on_refused(gone, time.perf_counter() - self._head_awaited_since)
+                gone = ClientDisconnected(
+                    "the client disconnected before sending the whole body"
+                    if cycle.more_body
+                    else "the connection closed before this request's turn came"
+                )
+                log_refusal(gone, cast(Scope, cycle.scope), redact)
+                if on_refused is not None:
+                    on_refused(gone, since)
 
         def shutdown(self) -> None:
             # The server stops: a connection lingering after its answer (a refusal, a
@@ -734,7 +756,7 @@ def guarded_protocol(
                 # a request with REFUSED_BY_PROTOCOL alone. It counted them itself,
                 # and a 401 or 404 it met first took the 400's place in the metrics
                 # and logged a second line (a review's test).
-                cycle.scope[REFUSED_BY_PROTOCOL] = refusal  # type: ignore[literal-required]  # our own key, for the app
+                _refused_for_the_app(cycle, refusal)
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the
@@ -965,7 +987,7 @@ def guarded_protocol(
                     f"the request did not arrive within {read_timeout:g} s (BRIDGE_READ_TIMEOUT)"
                 )
                 if self._refuse(late):
-                    self.scope[REFUSED_BY_PROTOCOL] = late  # type: ignore[literal-required]  # our own key, for the app
+                    _refused_for_the_app(self.cycle, late)
             elif not self.transport.is_closing():
                 self._writer.hang_up()  # answered already (a 413, say): just hang up
 

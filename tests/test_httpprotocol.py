@@ -1977,3 +1977,85 @@ async def test_a_pipelined_request_cut_off_by_the_client_going_away_is_counted(
     assert [error.reason for error in conn.refused] == ["client_disconnected"]  # by the protocol
     assert rejections(conn, "client_disconnected") == 0  # not by the app too
     assert [f["reason"] for _, f in refusals(caplog)] == ["client_disconnected"]
+
+
+def inflight_requests(conn: Connection) -> float:
+    for line in conn.metrics.exposition().decode().splitlines():
+        if line.startswith("bridge_inflight_requests "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no bridge_inflight_requests")
+
+
+async def test_a_refused_body_on_a_kept_connection_frees_the_app_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second request of a kept-alive connection: its chunked body turns out
+    malformed while its app waits for it. The protocol answers 400 and lingers (an
+    answer went out before), but the app, waiting in receive(), is not told: it holds
+    its BRIDGE_MAX_CONCURRENCY slot (bridge_inflight_requests) until the linger ends,
+    LINGER_SECONDS, or for as long as the client keeps the connection open (a
+    review's test)."""
+    conn = Connection(monkeypatch)
+    try:
+        [first] = await conn.answers(webhook("k1"), 1)
+        assert first.startswith(b"HTTP/1.1 202 ")
+        conn.protocol.data_received(CHUNKED_HEAD + b'5\r\n{"a":\r\n')
+        await asyncio.sleep(0.05)  # the app waits for the rest of the body
+        assert inflight_requests(conn) == 1
+        [answer] = await conn.answers(b"zz\r\n", 1)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        await asyncio.sleep(0.3)
+        assert inflight_requests(conn) == 0, "the refused request's app still holds its slot"
+    finally:
+        conn.close()
+
+
+async def test_an_app_answering_after_a_lingering_refusal_writes_nothing_and_logs_no_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, with the head and the bad body in one packet, to a route whose app
+    answers without reading the body (/healthz): the protocol refuses and lingers
+    (write_eof), then the app runs and writes its 200 to the transport after the FIN
+    (uvloop raises 'Cannot call write() after write_eof()'): an ERROR with a traceback
+    that any client can cause (a review's test)."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch)
+    try:
+        [first] = await conn.answers(webhook("k1"), 1)
+        assert first.startswith(b"HTTP/1.1 202 ")
+        head = CHUNKED_HEAD.replace(b"/webhooks/geins", b"/healthz")
+        [answer] = await conn.answers(head + b'5\r\n{"a":\r\nzz\r\n', 1)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        await asyncio.sleep(0.1)  # let the app run
+    finally:
+        conn.close()
+    await asyncio.sleep(0.05)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "second",
+    [CHUNKED_HEAD + b'5\r\n{"a":\r\nzz\r\n', webhook("q2")],
+    ids=["refused in its turn (malformed body)", "whole, queued"],
+)
+async def test_a_pipelined_request_is_counted_when_the_client_goes_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, second: bytes
+) -> None:
+    """A pipelined request refused in its turn, or queued whole, whose client goes
+    away before the answers before it: counted by nobody (a review's test)."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch)
+    slow_kafka(conn, monkeypatch, 0.2)
+    conn.protocol.data_received(webhook("q1") + second)
+    await asyncio.sleep(0.05)  # q1 still being served; the second waits its turn
+    conn.transport.close()
+    conn.close()  # the client is gone
+    await asyncio.sleep(0.4)
+    counted = all_rejections(conn)
+    for error in conn.refused:
+        counted[error.reason] = counted.get(error.reason, 0) + 1
+    # q1 was published and answered into the void (counted accepted); the second
+    # request, never answered, must be counted (and logged) once, as some rejection
+    assert sum(counted.values()) == 1, counted
+    assert len(refusals(caplog)) == 1
