@@ -21,7 +21,7 @@ from bridge.auth import TokenAuthenticator
 from bridge.backlog import Backlog
 from bridge.config import Settings
 from bridge.errors import NotFound
-from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks
+from bridge.guards import ClientAddress, Guard, RateLimiter, parse_networks, port_of
 from bridge.ingress import (
     OPS_PORT_ONLY,
     OPS_PORT_ONLY_NAMED,
@@ -113,7 +113,7 @@ class BridgeApp(Starlette):
         self, scope: Scope, send: Send, webhook: bool
     ) -> Coroutine[Any, Any, None] | None:
         """The 404 of a path the other port serves, or None (BRIDGE_OPS_PORT is set)."""
-        if _port_of(scope) == self._ops_port:
+        if port_of(scope) == self._ops_port:
             if webhook:  # a Geins URL with the wrong port: logged and counted
                 error = NotFound(WEBHOOKS_NOT_ON_OPS_PORT)
                 return self._refusal(scope, send, error, time.perf_counter())
@@ -132,12 +132,6 @@ WEBHOOKS_NOT_ON_OPS_PORT = (
 OPERATIONS_ON_OPS_PORT = (
     f"{OPS_PORT_ONLY_NAMED} are served on the operations port (BRIDGE_OPS_PORT)"
 )
-
-
-def _port_of(scope: Scope) -> int | None:
-    """The port the request came to (None for a lifespan, or a Unix socket)."""
-    server = scope.get("server")
-    return None if server is None else server[1]
 
 
 async def _create_topics(

@@ -165,6 +165,12 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
+def port_of(scope: Scope) -> int | None:
+    """The port the request came to (None for a lifespan, or a Unix socket)."""
+    server = scope.get("server")
+    return None if server is None else server[1]
+
+
 class Guard:
     """The middleware. ``refuse`` writes the problem answer (it lives in the ingress)."""
 
@@ -222,10 +228,7 @@ class Guard:
             self.in_progress -= 1
 
     def _to_ops_port(self, scope: Scope) -> bool:
-        if self._ops_port is None:
-            return False
-        server = scope.get("server")  # None for a Unix socket
-        return server is not None and server[1] == self._ops_port
+        return self._ops_port is not None and port_of(scope) == self._ops_port
 
     def _check_size(self, scope: Scope) -> None:
         url_bytes = len(scope.get("raw_path") or b"") + len(scope["query_string"])

@@ -281,7 +281,7 @@ class OneWritePerResponse:
         self._expect_head = True
 
     def write(self, data: bytes) -> None:
-        if self._linger is not None or self._transport.is_closing():
+        if self.is_closing():
             # Closed by the server (a refusal, a client that stopped reading), or
             # lingering after its FIN, while an app was still answering: uvloop raised
             # ("write() after write_eof()"), and the app's answer became a 500 logged
@@ -299,14 +299,14 @@ class OneWritePerResponse:
     def write_response(self, data: bytes) -> None:
         """A whole response, written as it is."""
         self._expect_head = False
-        if self._linger is None and not self._transport.is_closing():  # see write()
+        if not self.is_closing():  # see write()
             self._transport.write(data)
 
     def flush(self) -> None:
         self._expect_head = False
         if self._held is not None:
             held, self._held = self._held, None
-            if self._linger is None and not self._transport.is_closing():
+            if not self.is_closing():
                 self._transport.write(held)
 
     def close(self) -> None:
@@ -547,21 +547,23 @@ def guarded_protocol(
             counts it), and never starts a queued one; nor was a refusal waiting for
             the answers before it said. Each was neither counted nor logged (a
             review's tests)."""
-            since = time.perf_counter() - self._head_awaited_since
             held, self._refusal_after = self._refusal_after, None
             if held is not None:
-                log_refusal(held, cast(Scope, self.scope or {}), redact)
-                if on_refused is not None:
-                    on_refused(held, since)
+                self._log_and_count(held, self.scope)
             for cycle, _ in self.pipeline:
                 gone = ClientDisconnected(
                     "the client disconnected before sending the whole body"
                     if cycle.more_body
                     else "the connection closed before this request's turn came"
                 )
-                log_refusal(gone, cast(Scope, cycle.scope), redact)
-                if on_refused is not None:
-                    on_refused(gone, since)
+                self._log_and_count(gone, cycle.scope)
+
+        def _log_and_count(self, error: BridgeError, scope: object) -> None:
+            """Log a refusal with ``scope``'s request (none yet: the head was refused)
+            and count it, with the time since the bridge began waiting for the head."""
+            log_refusal(error, cast(Scope, scope or {}), redact)
+            if on_refused is not None:
+                on_refused(error, time.perf_counter() - self._head_awaited_since)
 
         def shutdown(self) -> None:
             # The server stops: a connection lingering after its answer (a refusal, a
@@ -1021,10 +1023,7 @@ def guarded_protocol(
                 self._writer.hang_up()
             # The current request's scope (uvicorn makes it as a request begins):
             # no method or path yet if the head was refused.
-            # uvicorn types it as HTTPScope
-            log_refusal(error, cast(Scope, self.scope or {}), redact)
-            if on_refused is not None:
-                on_refused(error, time.perf_counter() - self._head_awaited_since)
+            self._log_and_count(error, self.scope)
             return True
 
         def _write_refusal(self, error: BridgeError) -> None:

@@ -187,8 +187,7 @@ class Pipeline:
         except BridgeError as exc:
             if not exc.retriable:
                 log.error("could not keep a dead letter (%s): %s", reason, exc.detail)
-                if self._first_drop_of(key):  # not again at each retry of its delivery
-                    self._metrics.dropped_records.inc()  # as the drainer counts one
+                self._count_dropped(key)
                 return None
             if isinstance(exc, PublishTimeout) and exc.landing is not None:
                 self._count_if_it_lands(exc.landing, key, reason)
@@ -198,24 +197,23 @@ class Pipeline:
             raise
         except Exception:
             log.exception("could not keep a dead letter (%s)", reason)
-            if self._first_drop_of(key):
-                self._metrics.dropped_records.inc()
+            self._count_dropped(key)
             return None
         self._metrics.dead_letters.labels(reason).inc()
         return True
 
-    def _first_drop_of(self, key: str | None) -> bool:
-        """Whether the dead letter of ``key`` (None: no key to know it by) is lost for
-        the first time: a sender retrying its refused delivery loses no other record."""
-        if key is None:
-            return True
-        if key in self._dropped_letters:
-            self._dropped_letters.move_to_end(key)
-            return False
-        self._dropped_letters[key] = None
-        if len(self._dropped_letters) > DROPPED_LETTERS_KEPT:
-            self._dropped_letters.popitem(last=False)
-        return True
+    def _count_dropped(self, key: str | None) -> None:
+        """Count a lost dead letter (as the drainer counts one), the first time the
+        dead letter of ``key`` (None: no key to know it by) is lost only: a sender
+        retrying its refused delivery loses no other record."""
+        if key is not None:
+            if key in self._dropped_letters:
+                self._dropped_letters.move_to_end(key)
+                return
+            self._dropped_letters[key] = None
+            if len(self._dropped_letters) > DROPPED_LETTERS_KEPT:
+                self._dropped_letters.popitem(last=False)
+        self._metrics.dropped_records.inc()
 
     def _count_if_it_lands(
         self, landing: asyncio.Future[Any], key: str | None, reason: str
