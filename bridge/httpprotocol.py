@@ -217,6 +217,11 @@ def _refusal_of(error: BaseException | None) -> BridgeError | None:
 _SERVED_VERSIONS = frozenset({"1.1", "1.0"})
 
 
+def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
+    """How many Host fields the head holds (uvicorn lower-cases the names)."""
+    return sum(1 for name, _ in headers if name == b"host")
+
+
 #: What llhttp reads as the Connection field (a review found the second after the first
 #: was refused).
 _CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection"})
@@ -702,6 +707,10 @@ def guarded_protocol(
                 raise _Refused(
                     MalformedRequest(f"HTTP/{version} is not served: this is HTTP/1.1 only")
                 )
+            if version == "1.1" and _host_fields(self.headers) != 1:
+                # RFC 9112 3.2: an HTTP/1.1 request names its host once, or is a 400. A
+                # proxy in front may route by one Host and log another.
+                raise _Refused(MalformedRequest("an HTTP/1.1 request needs exactly one Host field"))
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()

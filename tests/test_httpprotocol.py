@@ -1883,6 +1883,47 @@ async def test_a_request_of_another_http_version_is_a_400(
     assert conn.publisher.records == []
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        webhook("no-host").replace(b"host: x\r\n", b""),
+        webhook("two-hosts", extra=b"Host: y\r\n"),
+    ],
+    ids=["none", "two"],
+)
+async def test_an_http11_request_without_exactly_one_host_is_a_400(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
+) -> None:
+    """RFC 9112 3.2: a server MUST answer 400 (both were served and published)."""
+    conn = Connection(monkeypatch)
+    [answer] = await conn.answers(request_bytes, 1)
+    lines, body = split(answer)
+    conn.close()
+    assert lines[0].startswith(b"HTTP/1.1 400 "), answer
+    assert "exactly one Host field" in body["detail"]
+    assert conn.publisher.records == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        webhook("h10-no-host").replace(b"host: x\r\n", b"").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        webhook("empty-host").replace(b"host: x\r\n", b"host:\r\n"),
+    ],
+    ids=["HTTP/1.0 without Host", "empty Host"],
+)
+async def test_a_request_with_the_host_rfc_9112_allows_is_served(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
+) -> None:
+    """HTTP/1.0 has no Host requirement; an empty Host is valid (a target without an
+    authority)."""
+    conn = Connection(monkeypatch)
+    [answer] = await conn.answers(request_bytes, 1)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert len(conn.publisher.records) == 1
+
+
 # --- refusals after the head: counted and logged once ------------------------------
 
 
