@@ -9,11 +9,13 @@ and cross-checks that the files agree with each other and with the bridge.
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -1071,3 +1073,65 @@ def test_dashboard_layout_and_variables_are_consistent() -> None:
         assert 'job=~"$job"' in target["expr"], panel["title"]
     titles = {p["title"] for p in panels}
     assert {"Deliveries by outcome", "Stage latency (p99)", "Spool depth"} <= titles
+
+
+def run_image_probe(environment: dict[str, str]) -> int:
+    """The image's HEALTHCHECK command, run here with these BRIDGE_* variables."""
+    health = next(s for s in dockerfile.parse(DOCKERFILE) if s.keyword == "HEALTHCHECK")
+    probe = health.exec_form()
+    assert probe[:2] == ["python", "-c"]
+    done = subprocess.run(
+        [sys.executable, "-c", probe[2]],
+        env={"PATH": "/usr/bin:/bin", **environment},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode
+
+
+@pytest.mark.parametrize(
+    ("listen", "environment"),
+    [
+        ("127.0.0.2", {"BRIDGE_HOST": "127.0.0.2", "BRIDGE_PORT": "{port}"}),
+        ("0.0.0.0", {"BRIDGE_PORT": "{port}"}),  # noqa: S104  # the image's default
+        ("0.0.0.0", {"BRIDGE_HOST": "0.0.0.0", "BRIDGE_PORT": "{port}"}),  # noqa: S104
+        (
+            "127.0.0.3",
+            {
+                "BRIDGE_HOST": "127.0.0.2",
+                "BRIDGE_OPS_HOST": "127.0.0.3",
+                "BRIDGE_OPS_PORT": "{port}",
+            },
+        ),
+        ("127.0.0.2", {"BRIDGE_HOST": "127.0.0.2", "BRIDGE_OPS_PORT": "{port}"}),
+    ],
+    ids=["host", "default", "wildcard", "ops host", "ops on host"],
+)
+def test_image_health_check_probes_the_address_the_bridge_listens_on(
+    listen: str, environment: dict[str, str]
+) -> None:
+    """The probe went to 127.0.0.1 whatever BRIDGE_HOST / BRIDGE_OPS_HOST said: a bridge
+    bound to one address (say the pod's) was marked unhealthy for ever."""
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer((listen, 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = str(server.server_address[1])
+        filled = {name: value.format(port=port) for name, value in environment.items()}
+        assert run_image_probe(filled) == 0, filled
+        if listen != "0.0.0.0":  # noqa: S104
+            used = "BRIDGE_OPS_HOST" if "BRIDGE_OPS_HOST" in filled else "BRIDGE_HOST"
+            assert run_image_probe({**filled, used: "127.0.0.9"}) != 0
+    finally:
+        server.shutdown()
+        server.server_close()
