@@ -259,6 +259,7 @@ def _copy_dependencies(mvn: str, pom_file: Path, libs: Path) -> None:
         mvn,
         "-q",
         "-B",
+        "--strict-checksums",  # a jar that does not match its .sha1 fails the fetch
         "-Dstyle.color=never",
         "-f",
         str(pom_file),
@@ -1257,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"fetch": _cmd_fetch, "up": _cmd_up, "down": _cmd_down, "status": _cmd_status}
     try:
         return commands[args.command](args, sys.stdout)
-    except (DevKafkaError, ValueError) as exc:
+    except (DevKafkaError, ValueError, OSError) as exc:  # OSError: a full disk, say
         sys.stderr.write(f"devkafka: error: {exc}\n")
         return 1
     except Interrupted as exc:

@@ -644,3 +644,16 @@ def test_a_java_that_cannot_run_is_named(
         code = devkafka_main(["up", "--home", str(tmp_path / "home"), "--port", "19502"])
     assert code == 1
     assert err.getvalue().startswith("devkafka: error:"), err.getvalue()
+
+
+def test_a_file_system_error_is_one_error_line(tmp_path: Path) -> None:
+    """A full disk or a home that cannot be made (here: under a regular file) was a
+    traceback; every other failure is one "devkafka: error:" line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = devkafka_main(["fetch", "--home", str(blocker / "home"), "--port", "19503"])
+    assert code == 1
+    assert err.getvalue().startswith("devkafka: error:"), err.getvalue()
+    assert "Not a directory" in err.getvalue()
