@@ -234,6 +234,7 @@ def create_app(
         metrics,
         answer,
         max_body_bytes=settings.max_body_bytes,
+        max_bodies_bytes=settings.max_bodies_bytes,
         access_log=settings.access_log,
     )
     guard = partial(

@@ -267,6 +267,9 @@ class Settings(BaseModel):
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
     max_concurrency: int = Field(1000, ge=1, le=MAX_REQUESTS)
+    # 32 MiB: bodies as large as BRIDGE_MAX_BODY_BYTES from every request in progress
+    # would be ~940 MB at the defaults, well over the manifests' memory limits.
+    max_bodies_bytes: int = Field(32 * 1024**2, ge=1024 * 1024, le=MAX_COUNT)
     max_connections: int | None = Field(None, ge=1, le=MAX_REQUESTS)  # connection_limit()
     rate_limit: float = Field(0.0, ge=0, le=MAX_REQUESTS)
     rate_burst: int = Field(20, ge=1, le=MAX_REQUESTS)

@@ -39,6 +39,7 @@ from bridge.errors import (
     MalformedQuery,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     RateLimited,
     ShuttingDown,
@@ -197,6 +198,7 @@ class WebhookEndpoint:
         answer: ErrorAnswer,
         *,
         max_body_bytes: int,
+        max_bodies_bytes: int,
         access_log: bool = False,
     ) -> None:
         self._pipeline = pipeline
@@ -204,6 +206,8 @@ class WebhookEndpoint:
         self._metrics = metrics
         self._answer = answer
         self._max_body = max_body_bytes
+        self._bodies = bodies = BodyBudget(max_bodies_bytes)
+        metrics.bodies_bytes.set_function(lambda: bodies.held)
         self._access_log = access_log
         self._redact: Redact = authenticator.redactor.logged
         self._ack_header = (b"x-bridge-ack", pipeline.ack_mode.name.encode())
@@ -314,48 +318,97 @@ class WebhookEndpoint:
         # No deadline here: the HTTP protocol (bridge.httpprotocol) gives the whole
         # request BRIDGE_READ_TIMEOUT, answers 408 and hangs up; this read then ends
         # with a disconnect. One timer per connection instead of one per request.
-        body = await read_body(receive, scope, self._max_body)
-        params: dict[str, str] = scope.get("path_params", {})
-        delivery = Delivery(
-            method=method,
-            path=scope["path"],
-            path_entity=params.get("entity"),
-            path_action=params.get("action"),
-            query=query,
-            headers=headers,
-            body=body,
-            received_at=datetime.now(UTC),
-        )
-        return await self._pipeline.handle(delivery)
-
-
-async def read_body(receive: Receive, scope: Scope, cap: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes ``cap`` bytes, and (400)
-    once the client has half-closed the connection before sending all of it."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > cap:
-            raise PayloadTooLarge(f"the body is {int(value)} bytes; at most {cap} accepted")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("the client disconnected before sending the whole body")
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            raise PayloadTooLarge(f"the body is larger than {cap} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-        if scope.get(HALF_CLOSED):
-            # The protocol woke this read for a body that will never be whole. Only
-            # between pieces: a body that came with its head (nearly every one) never
-            # gets here.
-            raise IncompleteRequest(
-                f"the client half-closed the connection after {size} bytes of the body, "
-                "before the rest"
+        body = await read_body(receive, scope, self._max_body, self._bodies)
+        try:
+            params: dict[str, str] = scope.get("path_params", {})
+            delivery = Delivery(
+                method=method,
+                path=scope["path"],
+                path_entity=params.get("entity"),
+                path_action=params.get("action"),
+                query=query,
+                headers=headers,
+                body=body,
+                received_at=datetime.now(UTC),
             )
+            return await self._pipeline.handle(delivery)
+        finally:  # held until the answer: parsed, handed to Kafka, awaited
+            self._bodies.release(len(body))
+
+
+class BodyBudget:
+    """The bytes of request bodies that webhook requests in progress hold, at most
+    ``limit`` (BRIDGE_MAX_BODIES_BYTES): past it a body is refused (503, retry) before
+    it is read, or as soon as it grows past it. BRIDGE_MAX_CONCURRENCY alone allowed
+    that many bodies as large as BRIDGE_MAX_BODY_BYTES, some 940 MB at the defaults.
+    A request alone in holding bodies is always let through: one event as large as
+    BRIDGE_MAX_BODY_BYTES can always be delivered."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int, own: int) -> None:
+        """Hold ``size`` more bytes for a request that holds ``own`` already, or raise
+        Overloaded."""
+        if size and self.held + size > self.limit and self.held > own:
+            raise Overloaded(
+                f"request bodies in progress hold {self.held} bytes; {size} more would "
+                f"pass BRIDGE_MAX_BODIES_BYTES={self.limit}",
+                retry_after=1,
+            )
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+async def read_body(receive: Receive, scope: Scope, cap: int, bodies: BodyBudget) -> bytes:
+    """The request body, refusing (413) as soon as it passes ``cap`` bytes, (503) when
+    it does not fit ``bodies``, and (400) once the client has half-closed the
+    connection before sending all of it. On success the body's bytes are held in
+    ``bodies``: the caller releases them."""
+    declared = 0
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            declared = int(value)
+            if declared > cap:
+                raise PayloadTooLarge(f"the body is {declared} bytes; at most {cap} accepted")
+    bodies.take(declared, 0)  # the whole body before a byte of it is read
+    held = declared
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("the client disconnected before sending the whole body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(f"the body is larger than {cap} bytes")
+            if size > held:  # chunked (uvicorn stops a body at its Content-Length)
+                bodies.take(size - held, held)
+                held = size
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                if held > size:  # never (llhttp reads to the Content-Length): no drift
+                    bodies.release(held - size)
+                    held = size
+                return b"".join(chunks)
+            if scope.get(HALF_CLOSED):
+                # The protocol woke this read for a body that will never be whole. Only
+                # between pieces: a body that came with its head (nearly every one)
+                # never gets here.
+                raise IncompleteRequest(
+                    f"the client half-closed the connection after {size} bytes of the "
+                    "body, before the rest"
+                )
+    except BaseException:
+        bodies.release(held)
+        raise
 
 
 async def _respond(

@@ -255,6 +255,12 @@ class Metrics:
             "Webhook requests being handled now.",
             registry=registry,
         )
+        self.bodies_bytes = Gauge(
+            "bridge_bodies_bytes",
+            "Bytes of request bodies held by webhook requests in progress "
+            "(BRIDGE_MAX_BODIES_BYTES caps them).",
+            registry=registry,
+        )
         self.open_connections = Gauge(
             "bridge_open_connections",
             "HTTP connections open now, idle ones and those being refused included "

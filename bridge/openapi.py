@@ -195,8 +195,9 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "500": _problem("A bug; the delivery was not accepted (Geins retries)."),
             "503": _problem(
                 "The event cannot be made safe now, or more requests are in progress than "
-                f"BRIDGE_MAX_CONCURRENCY allows ({settings.max_concurrency}); retry. Or: "
-                + _too_many_connections(settings),
+                f"BRIDGE_MAX_CONCURRENCY allows ({settings.max_concurrency}), or their "
+                "bodies would hold more bytes than BRIDGE_MAX_BODIES_BYTES allows "
+                f"({settings.max_bodies_bytes}); retry. Or: " + _too_many_connections(settings),
                 "Retry-After",
             ),
         },

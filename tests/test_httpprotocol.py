@@ -169,6 +169,7 @@ class Connection:
         ops_port: int | None = None,  # BRIDGE_OPS_PORT
         port: int = 8080,  # the port this connection came to
         draining: Callable[[], bool] = lambda: False,  # a stop signal came
+        settings: dict[str, str] | None = None,  # more BRIDGE_* settings
     ) -> None:
         self.refused: list[BridgeError] = []  # what the protocol counted itself
         self.refused_after: list[float] = []  # and the seconds it counted them with
@@ -184,7 +185,7 @@ class Connection:
             self.protocol_class = like.protocol_class
             config, state = like.config, like.state
         else:
-            environ = {"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker"}
+            environ = {"BRIDGE_TOKENS": TOKEN, "BRIDGE_ACK": "broker", **(settings or {})}
             if ops_port is not None:
                 environ["BRIDGE_OPS_PORT"] = str(ops_port)
             self.publisher = FakePublisher()
@@ -2100,3 +2101,91 @@ async def test_a_pipelined_request_is_counted_when_the_client_goes_away(
     # request, never answered, must be counted (and logged) once, as some rejection
     assert sum(counted.values()) == 1, counted
     assert len(refusals(caplog)) == 1
+
+
+# --- BRIDGE_MAX_BODIES_BYTES: the bodies of the requests in progress ----------------
+
+MIB = 1024 * 1024
+
+
+def order_of(size: int) -> bytes:
+    """A Geins order body of ``size`` bytes."""
+    head = b'{"entity":"Order","action":"create","pad":"'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def head_of(key: str, length: int) -> bytes:
+    return (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: %s\r\ncontent-length: %d\r\n\r\n"
+        % (TOKEN.encode(), key.encode(), length)
+    )
+
+
+def bodies_held(conn: Connection) -> float:
+    for line in conn.metrics.exposition().decode().splitlines():
+        if line.startswith("bridge_bodies_bytes "):
+            return float(line.split()[1])
+    raise AssertionError("no bridge_bodies_bytes")
+
+
+async def test_bodies_in_progress_past_the_budget_are_503_until_one_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BRIDGE_MAX_CONCURRENCY alone let every request in progress hold a body as large
+    as BRIDGE_MAX_BODY_BYTES (~940 MB at the defaults, over the manifests' limits)."""
+    first = Connection(monkeypatch, settings={"BRIDGE_MAX_BODIES_BYTES": str(MIB)})
+    body = order_of(700_000)
+    first.protocol.data_received(head_of("first", len(body)) + body[:1000])  # held from now
+    await eventually(lambda: bodies_held(first) == len(body), what="the first body held")
+    second = Connection(monkeypatch, like=first)
+    [answer] = await second.answers(head_of("second", len(body)) + body, 1)
+    lines, problem_body = split(answer)
+    assert lines[0].startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in [line.lower() for line in lines]
+    assert "BRIDGE_MAX_BODIES_BYTES=1048576" in problem_body["detail"]
+    assert problem_body["reason"] == "overloaded"
+    small = Connection(monkeypatch, like=first)  # what fits is served meanwhile
+    [answer] = await small.answers(webhook("small"), 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    [answer] = await first.answers(body[1000:], 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    third = Connection(monkeypatch, like=first)
+    [answer] = await third.answers(head_of("third", len(body)) + body, 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert [r.key for r in first.publisher.records] == [b"small", b"first", b"third"]
+    await eventually(lambda: bodies_held(first) == 0, what="every body released")
+    for conn in (first, second, small, third):
+        conn.close()
+
+
+async def test_a_lone_body_over_the_budget_is_read_and_a_growing_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One event as large as BRIDGE_MAX_BODY_BYTES can always be delivered; a chunked
+    body is held as it grows, and refused when it passes the budget with others."""
+    settings = {"BRIDGE_MAX_BODIES_BYTES": str(MIB), "BRIDGE_MAX_BODY_BYTES": str(4 * MIB)}
+    lone = Connection(monkeypatch, settings=settings)
+    big = order_of(2 * MIB)
+    [answer] = await lone.answers(head_of("lone", len(big)) + big, 1)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    held = Connection(monkeypatch, like=lone)
+    part = order_of(600_000)
+    held.protocol.data_received(head_of("held", len(part)) + part[:10])
+    await eventually(lambda: bodies_held(lone) == len(part), what="held")
+    chunked = Connection(monkeypatch, like=lone)
+    chunked_head = (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: grows\r\ntransfer-encoding: chunked\r\n\r\n" % TOKEN.encode()
+    )
+    first_piece = b"%x\r\n%s\r\n" % (300_000, b"x" * 300_000)
+    chunked.protocol.data_received(chunked_head + first_piece)
+    await eventually(lambda: bodies_held(lone) == len(part) + 300_000, what="grown")
+    [answer] = await chunked.answers(first_piece, 1)  # 1.2 MB held in all: refused
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    await eventually(lambda: bodies_held(lone) == len(part), what="the refused one's released")
+    held.close()  # gone mid-body: released too
+    await eventually(lambda: bodies_held(lone) == 0, what="the disconnected one's released")
+    assert [r.key for r in lone.publisher.records] == [b"lone"]
+    for conn in (lone, chunked):
+        conn.close()
