@@ -58,6 +58,7 @@ from bridge.backlog import QueuedRecord, RecordFifo, record_size
 from bridge.config import Settings
 from bridge.errors import (
     BridgeError,
+    ShuttingDown,
     SpoolFull,
     SpoolOpeningStopped,
     SpoolUnusable,
@@ -569,10 +570,11 @@ class Spool:
     async def append(self, destination: Destination, dedup_key: str | None) -> bool:
         """Commit ``destination`` durably. False if ``dedup_key`` was already accepted.
 
-        Raises :class:`SpoolFull` or :class:`SpoolWriteFailed` (both 503).
+        Raises :class:`SpoolFull`, :class:`SpoolWriteFailed` or, once closed,
+        :class:`ShuttingDown` (all 503).
         """
         if self._closed:
-            raise SpoolWriteFailed("the spool is closed (the bridge is stopping)")
+            raise _stopping()
         size = record_size(destination)
         # Refused here without a trip to the writer thread, unless the key may be a
         # retry of an event already safe: the writer checks that first (200 duplicate).
@@ -624,7 +626,7 @@ class Spool:
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._closed:
-            raise SpoolWriteFailed("the spool is closed (the bridge is stopping)")
+            raise _stopping()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Call(fn, future))
         return await future
@@ -738,8 +740,11 @@ class Spool:
         except sqlite3.Error as exc:
             _rollback(connection)
             self._set_writable(False, str(exc))
-            error = SpoolWriteFailed(f"the spool cannot be written ({exc})")
-            self._resolve([(item.future, error) for item in group])
+            # One error each: a request's refusal is its own to add to (the pipeline
+            # does, for a dead letter it could not keep): one shared, each client's
+            # answer held the refusals of those answered before it.
+            because = f"the spool cannot be written ({exc})"
+            self._resolve([(item.future, SpoolWriteFailed(because)) for item in group])
             return
         if rows:  # a commit that wrote nothing (all duplicates, or full) proves nothing
             self._set_writable(True)
@@ -766,8 +771,8 @@ class Spool:
         # key answers 200 duplicate then).
         self._copy.clear()
         self._copy_complete = False
-        error = SpoolWriteFailed("the spool writer failed unexpectedly")
-        self._resolve([(future, error) for future in futures])
+        because = "the spool writer failed unexpectedly"  # one error each, as above
+        self._resolve([(future, SpoolWriteFailed(because)) for future in futures])
 
     def _known_among(
         self, connection: sqlite3.Connection, keys: list[str], now: float
@@ -1088,6 +1093,13 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _stopping() -> ShuttingDown:
+    """What a delivery that reaches a closed spool gets: the bridge is stopping (as in
+    memory mode), not spool_write_failed, which names a full or failing disk: a
+    rolling restart showed as disk trouble in the metrics and the log."""
+    return ShuttingDown("the bridge is stopping; retry this delivery")
 
 
 def _disk_full(exc: sqlite3.OperationalError) -> bool:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import threading
 import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.errors import (
+    BridgeError,
     MemoryQueueFull,
     PayloadTooLarge,
     PublishFailed,
@@ -33,9 +36,12 @@ from bridge.errors import (
     ShuttingDown,
     Unavailable,
 )
+from bridge.geins import Delivery
 from bridge.leftover import LeftoverSpool
 from bridge.metrics import Metrics
-from bridge.routing import Destination
+from bridge.pipeline import Pipeline
+from bridge.redaction import Redactor
+from bridge.routing import Destination, Router
 from tests.fakes import TOKEN, FakePublisher, call_asgi
 from tests.polling import eventually
 
@@ -1643,3 +1649,99 @@ def test_a_full_memory_queue_takes_about_its_limit(tmp_path: Path) -> None:
         and not stat.traceback[0].filename.endswith("dedup.py")
     )
     assert held <= 1.25 * limit, f"{accepted} events hold {held} bytes ({held / limit:.1f}x)"
+
+
+async def _refusal_after_stop(mode: DurableAck | MemoryAck) -> BridgeError:
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await mode.stop()
+    with pytest.raises(BridgeError) as refused:
+        await mode.deliver(record("b"), "b")
+    return refused.value
+
+
+async def test_durable_mode_refuses_a_delivery_after_its_stop_as_shutting_down(
+    tmp_path: Path,
+) -> None:
+    """Memory mode answers a delivery uvicorn still starts during the app's shutdown
+    503 shutting_down; durable mode answered it 503 spool_write_failed ("The local
+    spool cannot be written"), the reason the README and the alerts keep for a full
+    or failing disk: every rolling restart with a request in that window showed disk
+    trouble in bridge_rejections_total and the WARNING log (a review's test)."""
+    memory = await _refusal_after_stop(
+        MemoryAck(FakePublisher(), Metrics(), settings(tmp_path / "m", BRIDGE_ACK="memory"))
+    )
+    assert isinstance(memory, ShuttingDown)
+    durable_mode = DurableAck(FakePublisher(), Metrics(), settings(tmp_path / "d"))
+    durable_mode.prepare()
+    durable = await _refusal_after_stop(durable_mode)
+    assert durable.status == 503
+    assert durable.reason == memory.reason == "shutting_down", durable.detail
+
+
+def not_json(key: str, body: bytes) -> Delivery:
+    return Delivery(
+        method="POST",
+        path="/webhooks/geins",
+        path_entity=None,
+        path_action=None,
+        query=[],
+        headers=[(b"x-idempotency-key", key.encode())],
+        body=body,
+        received_at=datetime(2026, 12, 1, tzinfo=UTC),
+    )
+
+
+async def test_each_request_of_a_failed_group_commit_gets_its_own_refusal(
+    tmp_path: Path,
+) -> None:
+    """The spool's writer answered every append of a group whose commit failed with one
+    SpoolWriteFailed, and the pipeline adds to a refusal's detail for each dead letter
+    it could not keep: the second client's 503 held the first client's refusal inside
+    its own, the third both, and so on (1,024 deep at most; a review's test)."""
+    config = settings(tmp_path)
+    mode = DurableAck(FakePublisher(), Metrics(), config)
+    mode.prepare()
+    await mode.start()
+    spool = mode.spool
+    pipeline = Pipeline(
+        Router.from_settings(config),
+        mode,
+        Metrics(),
+        strict_types=False,
+        deadletter_topic=config.deadletter_topic,
+        secrets=Redactor(),
+        record_limit=1_000_000,
+    )
+    try:
+        # The disk is full: every insert fails (as in test_spool's write-failure test).
+        await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1"))
+        # The writer held, so that the three dead letters share one group commit.
+        release = threading.Event()
+        held = asyncio.ensure_future(spool._call(lambda _: release.wait(10)))
+        await asyncio.sleep(0.05)
+        bodies = [name + b" " * 100_000 for name in (b"first", b"second", b"third")]
+        answered: list[str] = []  # each detail as its client is answered
+
+        async def handle(delivery: Delivery) -> None:
+            try:
+                await pipeline.handle(delivery)
+            except BridgeError as exc:
+                answered.append(exc.detail)
+                raise
+
+        handling = [
+            asyncio.ensure_future(handle(not_json(f"key-{i}", body)))
+            for i, body in enumerate(bodies)
+        ]
+        await asyncio.sleep(0.05)  # each has queued its dead letter
+        release.set()
+        await held
+        outcomes = await asyncio.gather(*handling, return_exceptions=True)
+    finally:
+        await spool._call(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+        await mode.stop()
+    assert all(isinstance(o, BridgeError) and o.status == 503 for o in outcomes), outcomes
+    nesting = [detail.count("cannot be kept as a dead letter now") for detail in answered]
+    assert nesting == [1, 1, 1], answered
+    assert len({id(o) for o in outcomes}) == len(outcomes), "one exception object shared"
