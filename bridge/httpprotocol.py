@@ -555,6 +555,15 @@ def guarded_protocol(
             held, self._refusal_after = self._refusal_after, None
             if held is not None:
                 self._log_and_count(held, self.scope)
+            elif self._in_head and self._head_bytes:
+                # Gone in the middle of a head (a reset; a FIN gets a 400, silence a
+                # 408): a request the client began, as one cut off mid-body.
+                self._log_and_count(
+                    ClientDisconnected(
+                        "the client disconnected before sending the whole request head"
+                    ),
+                    self.scope,
+                )
             for cycle, _ in self.pipeline:
                 gone = ClientDisconnected(
                     "the client disconnected before sending the whole body"
@@ -1023,6 +1032,7 @@ def guarded_protocol(
                 return True
             self._refusal_after = None
             self._write_refusal(error)
+            self._head_bytes = 0  # a head refused is answered: none is cut short now
             if self._answered_one:
                 # Answers before this one may still be on their way, and the client's
                 # unread bytes (the rest of a pipeline) would make the close a reset,

@@ -168,6 +168,10 @@ class GuardRefusal:
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             return  # answered, logged and counted by the HTTP protocol; this goes nowhere
         await self._answer.send(send, error)
+        if scope.get(REFUSED_BY_PROTOCOL) is not None:
+            # Refused by the protocol (a late or malformed body) while this answer
+            # waited to be written, to a client that reads none: counted there.
+            return
         log_refusal(error, scope, self._redact)
         seconds = time.perf_counter() - started
         self._metrics.record_request(outcome_of(error), None, error.reason, seconds)
@@ -235,16 +239,10 @@ class WebhookEndpoint:
             respond_whole = scope.get(RESPOND_WHOLE)
             if respond_whole is None or not respond_whole(scope, status, self._accepted_head, body):
                 await _respond(send, status, body, JSON, [self._ack_header])
-        except ClientDisconnected as exc:  # nobody to answer
-            outcome, reason = "rejected", exc.reason
-            if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
-                log_refusal(exc, scope, self._redact)
         except BridgeError as exc:
             event, names = exc.event, exc.names
             outcome, reason = outcome_of(exc), exc.reason
-            if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
-                await self._answer.send(send, exc)
-                log_refusal(exc, scope, self._redact)
+            await self._refused(scope, send, exc)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when BRIDGE_SHUTDOWN_TIMEOUT
             # runs out at a stop; its own answer was a text/plain 500, counted here as
@@ -258,7 +256,8 @@ class WebhookEndpoint:
             outcome, reason = outcome_of(stopping), stopping.reason
             with contextlib.suppress(Exception):  # a connection already gone
                 await self._answer.send(send, stopping)
-            log_refusal(stopping, scope, self._redact)
+            if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
+                log_refusal(stopping, scope, self._redact)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             error = BridgeError("unexpected internal error; the delivery was not accepted")
             outcome, reason = "error", error.reason  # "internal", as its problem says
@@ -284,6 +283,19 @@ class WebhookEndpoint:
                 self._log_access(
                     scope, event, names, outcome=outcome, reason=reason, seconds=seconds
                 )
+
+    async def _refused(self, scope: Scope, send: Send, error: BridgeError) -> None:
+        """Answer and log a refusal, unless the HTTP protocol refused the request: it
+        answered, logged and counted that (the finally of __call__ takes its outcome),
+        before this or while this answer waited to be written to a client that reads
+        none (which logged two lines)."""
+        if scope.get(REFUSED_BY_PROTOCOL) is not None:
+            return
+        if not isinstance(error, ClientDisconnected):  # else nobody to answer
+            await self._answer.send(send, error)
+            if scope.get(REFUSED_BY_PROTOCOL) is not None:
+                return
+        log_refusal(error, scope, self._redact)
 
     def _log_access(
         self,

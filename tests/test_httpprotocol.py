@@ -2189,3 +2189,90 @@ async def test_a_lone_body_over_the_budget_is_read_and_a_growing_one_is_refused(
     assert [r.key for r in lone.publisher.records] == [b"lone"]
     for conn in (lone, chunked):
         conn.close()
+
+
+@pytest.mark.parametrize(
+    "path", [b"/webhooks/geins", b"/webhooks/geins/a/b/c"], ids=["endpoint 401", "dispatch 404"]
+)
+async def test_a_refusal_during_the_apps_paused_answer_logs_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: bytes
+) -> None:
+    """A refusal the app made (checking REFUSED_BY_PROTOCOL before its answer's await),
+    and the protocol's refusal of the same request during that await (a client that
+    reads no answers): two log lines, and the guards' 404 two counts (a review's
+    test)."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch)
+    token = b"wrong-token" if path == b"/webhooks/geins" else TOKEN.encode()
+    head = CHUNKED_HEAD.replace(TOKEN.encode(), token).replace(b"/webhooks/geins", path)
+    try:
+        conn.protocol.data_received(head + b'5\r\n{"a":\r\n')
+        conn.protocol.pause_writing()  # the client reads no answers (socket buffer full)
+        await asyncio.sleep(0.05)  # the app refused and waits to write its answer
+        conn.protocol.data_received(b"zz\r\n")  # the chunk is malformed: the protocol's 400
+        await asyncio.sleep(0.05)
+        conn.protocol.resume_writing()
+        await asyncio.sleep(0.05)
+    finally:
+        conn.transport.close()
+        conn.close()
+    await asyncio.sleep(0.05)
+    logged = [fields["reason"] for _, fields in refusals(caplog)]
+    counted = all_rejections(conn)
+    for error in conn.refused:
+        counted[error.reason] = counted.get(error.reason, 0) + 1
+    assert counted == {"malformed_request": 1}
+    assert logged == ["malformed_request"]  # one line per request, as counted
+
+
+@pytest.mark.parametrize(
+    "path", [b"/webhooks/geins", b"/webhooks/geins/a/b/c"], ids=["endpoint 401", "dispatch 404"]
+)
+async def test_a_late_body_while_the_apps_answer_waits_is_counted_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: bytes
+) -> None:
+    """No malformed body needed: a client that neither reads its answers nor sends its
+    body. The protocol's 408 fires first (its deadline began with the head, before
+    writing paused); then the client, dropped for not reading, frees the app's answer,
+    which logs (and, for the guards' refusals and the 404, counts) it again."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch, read_timeout=0.2)
+    token = b"wrong-token" if path == b"/webhooks/geins" else TOKEN.encode()
+    head = CHUNKED_HEAD.replace(TOKEN.encode(), token).replace(b"/webhooks/geins", path)
+    try:
+        conn.protocol.data_received(head + b'5\r\n{"a":\r\n')
+        # the head's deadline runs from just before the client stopped reading (its
+        # socket buffer full: the app's answer waits to be written)
+        conn.protocol.pause_writing()
+        await asyncio.sleep(0.5)  # the 408, then the client is dropped for not reading
+    finally:
+        conn.transport.close()
+        conn.close()
+    await asyncio.sleep(0.05)
+    logged = [fields["reason"] for _, fields in refusals(caplog)]
+    counted = all_rejections(conn)
+    for error in conn.refused:
+        counted[error.reason] = counted.get(error.reason, 0) + 1
+    assert counted == {"request_timeout": 1}
+    assert logged == ["request_timeout"]
+
+
+@pytest.mark.parametrize("before", [b"", b"served"], ids=["first request", "pipelined"])
+async def test_a_client_gone_during_the_head_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, before: bytes
+) -> None:
+    """A reset while the head arrives was neither counted nor logged, though a FIN there
+    is a counted 400 and silence a counted 408 (README: "A client that goes away before
+    its request is whole counts as rejected (reason client_disconnected)"; a review's
+    test)."""
+    caplog.set_level(logging.INFO)
+    conn = Connection(monkeypatch)
+    slow_kafka(conn, monkeypatch, 0.1)
+    sent = (webhook("q1") if before else b"") + HALF_A_HEAD + b"x-idempotency-key: k2\r\n"
+    conn.protocol.data_received(sent)
+    await asyncio.sleep(0.02)
+    conn.transport.close()
+    conn.protocol.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+    await asyncio.sleep(0.2)
+    assert [e.reason for e in conn.refused] == ["client_disconnected"]
+    assert [f["reason"] for _, f in refusals(caplog)] == ["client_disconnected"]
