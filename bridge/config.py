@@ -619,7 +619,8 @@ class Settings(BaseModel):
         """Why ``tokens`` cannot be used with these settings, or None: every delivery
         whose topic name would hold a webhook token is refused (422), so a token inside
         the template's own text or the default account or environment would refuse them
-        all; and the dead-letter topic would show one to whoever lists topics. Asked
+        all; the dead-letter topic would show one to whoever lists topics, the
+        CloudEvents source to whoever reads them, the client id to Kafka's logs. Asked
         at start, and of the tokens file each time it changes."""
         secrets = Redactor(tokens)
         if not secrets:
@@ -637,6 +638,16 @@ class Settings(BaseModel):
             return (
                 "BRIDGE_DEADLETTER_TOPIC holds a webhook token: whoever lists the topics "
                 "would see it"
+            )
+        if secrets.contains(self.ce_source):  # the webhook URL with ?token=, say
+            return (
+                "BRIDGE_CE_SOURCE holds a webhook token: every record's ce_source header "
+                "would show it to whoever reads the topics"
+            )
+        if secrets.contains(self.kafka_client_id):
+            return (
+                "BRIDGE_KAFKA_CLIENT_ID holds a webhook token: Kafka's logs, metrics and "
+                "quotas would show it"
             )
         return None
 

@@ -234,6 +234,13 @@ def test_an_empty_tokens_file_without_tokens_refuses_to_serve(tmp_path: Path) ->
         ({"BRIDGE_DEADLETTER_TOPIC": "dead.7F3K9Q2X"}, "BRIDGE_DEADLETTER_TOPIC"),
         # one the template can make too: that check's message quoted the topic
         ({"BRIDGE_DEADLETTER_TOPIC": "geins.7f3k9q2x.create"}, "BRIDGE_DEADLETTER_TOPIC"),
+        # the webhook URL with its token as the CloudEvents source: on every record
+        # (a review's find)
+        (
+            {"BRIDGE_CE_SOURCE": "https://bridge.example.com/webhooks/geins?token=7f3k9q2x"},
+            "BRIDGE_CE_SOURCE",
+        ),
+        ({"BRIDGE_KAFKA_CLIENT_ID": "bridge-7f3k9q2x"}, "BRIDGE_KAFKA_CLIENT_ID"),
     ],
 )
 def test_a_token_in_the_names_of_the_topics_stops_startup(
@@ -241,7 +248,8 @@ def test_a_token_in_the_names_of_the_topics_stops_startup(
 ) -> None:
     """A token inside the template's text or the default account or environment would
     refuse every delivery (no topic name may show one); one inside the dead-letter
-    topic would show to whoever lists topics. Tokens from the file count too."""
+    topic would show to whoever lists topics, the CloudEvents source to whoever reads
+    them. Tokens from the file count too."""
     with pytest.raises(ConfigError, match=f"{named}.* holds a webhook token") as refused:
         load_settings(environ={"BRIDGE_TOKENS": "7f3k9q2x", **environ})
     assert "7f3k9q2x" not in str(refused.value).lower()
