@@ -423,12 +423,22 @@ def _query_object(query: Sequence[tuple[str, str]], entity: str, action: str) ->
             previous.append(value)
         else:
             obj[name] = [previous, value]
+    for name in [n for n in obj if n.lower() in _ROUTED_BY]:
+        given = obj[name]
+        if not any(_filled(v) for v in (given if isinstance(given, list) else [given])):
+            # Blank, or a placeholder left as it was: absent, as routing took it. Kept,
+            # the value said "action": "{{action}}" of an event routed as create.
+            del obj[name]
     lowered = {name.lower() for name in obj}
     if "entity" not in lowered:
         obj["entity"] = entity
     if "action" not in lowered:
         obj["action"] = action
     return orjson.dumps(obj)
+
+
+#: The query parameters an event is routed by, when it has no body.
+_ROUTED_BY = frozenset({"entity", "action"})
 
 
 class _ConflictingHeader(ValueError):

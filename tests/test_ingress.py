@@ -178,6 +178,23 @@ def test_any_other_method_is_a_delivery(bridge: Any, method: str) -> None:
     assert orjson.loads(publisher.records[1].value)["id"] == "7"
 
 
+@pytest.mark.parametrize(
+    "query", ["action={{action}}&id=7", "action=&id=7", "entity=&id=7", "Action=%20&id=7"]
+)
+def test_a_query_name_routing_took_as_absent_is_published_as_routed(
+    bridge: Any, query: str
+) -> None:
+    """A blank or left-as-it-was entity/action counts as absent (README), and the path's
+    routed the event; the value said "action": "{{action}}" (or "") all the same, a
+    record contradicting its own topic and ce_type (a review's test)."""
+    client, publisher, _ = bridge
+    answer = client.get(f"/webhooks/geins/Order/create?{query}", headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    [record] = publisher.records
+    assert record.topic == "geins.order.create"
+    assert orjson.loads(record.value) == {"id": "7", "entity": "Order", "action": "create"}
+
+
 def test_a_plus_in_a_query_value_is_published_as_a_plus(bridge: Any) -> None:
     """Geins substitutes placeholders as plain text: ?email={{email}} brings an
     address's '+' as it is, and form decoding published it as a space (202, the data
