@@ -578,8 +578,10 @@ def _optional_text(value: Any) -> str | None:
     """A routing attribute as text, or None when absent, empty or unsubstituted."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        text = str(int(value))  # 1e3 or 1000.0 in the JSON: 1000, not 1000.0
+    if isinstance(value, float) and value.is_integer():
+        # 1e3 or 1000.0 in the JSON: 1000, not 1000.0 (1e16: the float's exact whole
+        # number, not "1e+16"; past 2**53 the parser may have rounded it either way)
+        text = str(int(value))
     elif isinstance(value, int | float):
         text = str(value)
     elif isinstance(value, str):

@@ -328,7 +328,16 @@ def test_every_id_of_a_query_is_the_subject(query: list[tuple[str, str]], subjec
 
 @pytest.mark.parametrize(
     ("written", "subject"),
-    [(b"1e3", "1000"), (b"1000.0", "1000"), (b"12.5", "12.5"), (b"12345", "12345")],
+    [
+        (b"1e3", "1000"),
+        (b"1000.0", "1000"),
+        (b"12.5", "12.5"),
+        (b"12345", "12345"),
+        # past 2**53 too (they were "1e+16" and "1e+20": a review's find)
+        (b"1e16", "10000000000000000"),
+        (b"1e20", "100000000000000000000"),
+        (b"10000000000000000.0", "10000000000000000"),
+    ],
 )
 def test_a_number_id_is_written_as_a_number(written: bytes, subject: str) -> None:
     """JSON's 1e3 is 1000.0 to the parser: the subject was "1000.0"."""
