@@ -7,6 +7,7 @@ import asyncio
 import codecs
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving = args.run is _serve
     if not serving:  # serve takes the stop signals over itself (bridge.server)
         release_early_stops()
+        _escape_what_stdout_cannot_encode()
     # Before the settings are read, the format they would give: the default unless
     # the variable says otherwise.
     _last_words_logged = serving and _asks_for_json(os.environ.get("BRIDGE_LOG_FORMAT"))
@@ -58,6 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         return _exit_code(exc, settings)
     return code
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """A key or value the terminal's encoding cannot write (Cyrillic on a latin-1 one)
+    as \\u escapes: `deadletter list` and `tail` stopped at it with a traceback, where
+    `deadletter replay`'s report escaped it."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 #: Whether a failure's last words go out as a JSON log line: see _say_last.

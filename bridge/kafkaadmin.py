@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import heapq
 import logging
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, TextIO
 from urllib.parse import quote
 
+import aiokafka.client
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -29,6 +31,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 
 from bridge import publisher as publisher_module
 from bridge.auth import tokens_redactor
@@ -51,6 +54,55 @@ DEFAULT_REPLICATION_CAP = 3
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
 _NOT_AUTHORIZED = TopicAuthorizationFailedError.errno
+
+#: Set while a reader's client asks Kafka for metadata: see reader().
+_READING_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("reading_only", default=False)
+
+
+class _MetadataRequestOfAReader(MetadataRequest):  # type: ignore[misc]  # aiokafka ships no types
+    """aiokafka's metadata request, asking Kafka not to create the topics it names
+    when a reader's client sends it (aiokafka always asks it to, and offers no
+    setting)."""
+
+    def __init__(
+        self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None
+    ) -> None:
+        if _READING_ONLY.get():
+            allow_auto_topic_creation = False
+        super().__init__(topics, allow_auto_topic_creation)
+
+
+# The name aiokafka's client builds its requests with; the same class as before for
+# every other client (the bridge's producer relies on creation on first use).
+aiokafka.client.MetadataRequest = _MetadataRequestOfAReader
+
+
+def reader(options: dict[str, Any]) -> AIOKafkaConsumer:
+    """A consumer for the operator commands, which only read (tail, dead-letter list
+    and replay), outside any group.
+
+    It creates no topic: a consumer asks Kafka for the metadata of the topics it is
+    assigned, which a broker that creates topics on first use (Kafka's default) took
+    as a request to create one deleted meanwhile, with the broker's partitions and
+    replicas rather than the bridge's (a running tail brought back a topic an operator
+    had just deleted). And where retention deleted the records ahead of its position,
+    it goes on from the oldest left (aiokafka's default jumped to the end, silently
+    skipping every record still there)."""
+    consumer = AIOKafkaConsumer(
+        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    client = consumer._client
+    update = client._metadata_update
+
+    async def update_without_creating(cluster: Any, topics: Any) -> Any:
+        reading = _READING_ONLY.set(True)
+        try:
+            return await update(cluster, topics)
+        finally:
+            _READING_ONLY.reset(reading)
+
+    client._metadata_update = update_without_creating
+    return consumer
 
 
 def known_topics(router: Router) -> list[str]:
@@ -250,7 +302,7 @@ async def read_to_end(
     )
     if not partitions:
         return []
-    consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False)
+    consumer = reader(client_options)
     await consumer.start()
     try:
         start = await consumer.beginning_offsets(partitions)
@@ -349,7 +401,7 @@ async def tail(
     at their end (or beginning); those that appear later, at their beginning, since
     everything on them arrived after the start.
     """
-    subscription = re.compile(tail_pattern(topics, pattern)) if pattern is not None else None
+    subscription = re.compile(checked_pattern(pattern)) if pattern is not None else None
     named = set(topics)
 
     def wanted(topic: str) -> bool:
@@ -358,7 +410,7 @@ async def tail(
     describe = record_json if as_json else format_record
     options = kafka_client_options(settings)
     admin = AIOKafkaAdminClient(**options)
-    consumer = AIOKafkaConsumer(**options, group_id=None, enable_auto_commit=False)
+    consumer = reader(options)
     shown = 0
     try:
         async with asyncio.timeout(settings.kafka_connect_timeout):
@@ -469,17 +521,15 @@ class _Follower:
             self.assigned = now
 
 
-def tail_pattern(topics: Sequence[str], pattern: str) -> str:
-    """One pattern for ``pattern`` and the ``topics`` named: a Kafka consumer subscribes
-    to names or to a pattern, never both (aiokafka raises IllegalStateError)."""
+def checked_pattern(pattern: str) -> str:
+    """``pattern``, or ConfigError (exit 2) if it is no regular expression. Alone: the
+    topics named beside it are matched by name (joined into one pattern, a global
+    flag such as ``(?i)`` came in the middle, which Python refuses: a traceback)."""
     try:
         re.compile(pattern)
     except re.error as exc:
         raise ConfigError(f"--pattern {pattern!r} is not a regular expression: {exc}") from None
-    if not topics:
-        return pattern
-    names = "|".join(re.escape(topic) for topic in topics)
-    return f"(?:{pattern})|(?:{names})$"
+    return pattern
 
 
 def _header(record: Any, name: str) -> str:
@@ -606,10 +656,8 @@ async def dead_letters(settings: Settings, query: DeadLetterQuery) -> AsyncGener
     options = kafka_client_options(settings)
     deadline = settings.kafka_connect_timeout * 3
     # Retention may delete the oldest records while a long replay still reads before
-    # them: go on from the oldest left, not (aiokafka's default) from the end.
-    consumer = AIOKafkaConsumer(
-        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    # them: it goes on from the oldest left (see reader()).
+    consumer = reader(options)
     try:
         async with _answered_within(deadline):
             partitions = await _dead_letter_partitions(settings, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -23,6 +24,7 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from starlette.testclient import TestClient
 
@@ -33,7 +35,7 @@ from bridge.cli import _exit_code, main
 from bridge.config import load_settings
 from bridge.devkafka import free_port, free_ports
 from bridge.errors import ConfigError
-from bridge.kafkaadmin import tail, tail_pattern
+from bridge.kafkaadmin import checked_pattern, tail
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import template_pattern
@@ -42,7 +44,7 @@ from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import eventually, wait_until
 from tests.process import BridgeProcess
-from tests.test_cli_deadletter import novel_voucher_letter
+from tests.test_cli_deadletter import delete_before, novel_voucher_letter
 
 
 @pytest.fixture
@@ -365,19 +367,22 @@ def test_template_pattern_matches_its_topics() -> None:
     assert not pattern.match("geinsXorder.create")
 
 
-def test_tail_pattern_adds_the_named_topics() -> None:
-    """Topics named next to --pattern are tailed too, exactly; the pattern matches from
-    the start of a topic's name, as Kafka consumers match it."""
-    combined = re.compile(tail_pattern(["a.b", "c"], r"x\.\d+"))
-    assert [
-        t for t in ["a.b", "c", "x.1", "x.12.y", "axb", "a.bc", "cc", "y.x.1"] if combined.match(t)
-    ] == [
-        "a.b",
-        "c",
-        "x.1",
-        "x.12.y",
-    ]
-    assert tail_pattern([], "^geins") == "^geins"
+def test_tail_pattern_is_taken_alone() -> None:
+    """Joined with the topics named beside it, a global flag such as (?i) came in the
+    middle of the pattern, which Python refuses (a review's find)."""
+    assert checked_pattern("(?i)GEINS\\.refund") == "(?i)GEINS\\.refund"
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        checked_pattern("geins.(")
+
+
+def test_tail_with_a_named_topic_and_an_inline_flag_pattern_does_not_crash(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """`bridge tail T --pattern '(?i)geins'` was a traceback (re.error): now it runs
+    (and, Kafka unreachable here, exits 1)."""
+    env.setenv("BRIDGE_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "1")
+    assert main(["tail", "geins.order.create", "--pattern", "(?i)GEINS\\.refund"]) == 1
 
 
 def test_tail_with_a_bad_pattern_exits_2_naming_it(
@@ -811,7 +816,7 @@ class FakeDeadLetterTopic:
     def admin(self, **_: object) -> FakeDeadLetterTopic:
         return self
 
-    def consumer(self, **_: object) -> FakeDeadLetterTopic:
+    def consumer(self, *_: object, **__: object) -> FakeDeadLetterTopic:
         return self
 
     async def start(self) -> None:
@@ -890,7 +895,7 @@ def dead_topic(env: pytest.MonkeyPatch) -> FakeDeadLetterTopic:
     topic = FakeDeadLetterTopic()
     env.setenv("BRIDGE_DEADLETTER_TOPIC", DEAD_TOPIC)
     env.setattr(kafkaadmin, "AIOKafkaAdminClient", topic.admin)
-    env.setattr(kafkaadmin, "AIOKafkaConsumer", topic.consumer)
+    env.setattr(kafkaadmin, "reader", topic.consumer)
     return topic
 
 
@@ -1203,3 +1208,130 @@ def test_check_config_does_not_promise_a_spool_folder_it_cannot_look_into(
         f"warning: {tmp_path / 'spool.db'} cannot be looked into (Permission denied): if a "
         "durable bridge's spool is there, serve with BRIDGE_ACK=broker cannot publish it"
     ]
+
+
+def _write(bootstrap: str, topic: str, count: int, size: int) -> None:
+    async def write() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=2_000_000)
+        await producer.start()
+        try:
+            for n in range(count):
+                await producer.send_and_wait(topic, b"x" * size, key=f"k{n}".encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
+
+
+@pytest.mark.kafka
+def test_tail_from_beginning_goes_on_from_the_oldest_record_left_after_retention(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Retention deleting the oldest records while `tail --from-beginning` is still
+    before them: aiokafka's default offset reset (latest) jumps to the end of the
+    partition, silently leaving out every record still on Kafka after those deleted
+    (deadletter list guards against exactly this with auto_offset_reset=earliest)."""
+    topic = f"{topic_prefix}.order.create"
+    _write(kafka_bootstrap, topic, 60, 100_000)  # 6 MB: aiokafka fetches 1 MiB at a time
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap, "BRIDGE_TOKENS": "x" * 32}
+    )
+    shown: list[int] = []
+
+    class Out(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.startswith("---"):
+                offset = int(text.split("@")[1].split(maxsplit=1)[0])
+                if not shown:  # the first fetch is in: delete up to 40, as retention does
+                    delete_before(kafka_bootstrap, TopicPartition(topic, 0), 40)
+                shown.append(offset)
+            return len(text)
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            kafkaadmin.tail(
+                settings, [topic], pattern=None, from_beginning=True, limit=None, out=Out()
+            )
+        )
+        for _ in range(200):  # at most 20 s
+            await asyncio.sleep(0.1)
+            if 59 in shown:
+                break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    # The records still on Kafka, 40..59, are all shown after what was read before.
+    assert list(range(40, 60)) == [o for o in shown if o >= 40], str(shown)
+
+
+def _admin_call(bootstrap: str, action: str, topic: str) -> list[str]:
+    async def call() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            if action == "delete":
+                await admin.delete_topics([topic])
+                return []
+            listed: list[str] = await admin.list_topics()
+            return listed
+        finally:
+            await admin.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:  # from the tail's event loop
+        topics: list[str] = thread.submit(asyncio.run, call()).result()
+    return topics
+
+
+@pytest.mark.kafka
+def test_a_tail_does_not_bring_back_a_topic_deleted_while_it_follows_it(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator deletes a topic (an old template's) while `bridge tail` follows it
+    (any topic the default pattern matches): the tail's consumer asks Kafka for the
+    metadata of the topic it is assigned, which a broker that creates topics on first
+    use (Apache Kafka's default) takes as a request to create it again, with the
+    broker's defaults (1 partition, 1 replica), not the bridge's. A tool that only
+    reads recreated the topic; `tail` itself looks with describe_topics() of all
+    topics precisely so that it "creates none"."""
+    topic = f"{topic_prefix}.old.create"
+    _write(kafka_bootstrap, topic, 1, 10)
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap, "BRIDGE_TOKENS": "x" * 32}
+    )
+
+    looked = asyncio.Event()
+    look_again = kafkaadmin._Follower.look_again
+
+    async def look_again_said(self: Any) -> None:
+        await look_again(self)
+        looked.set()
+
+    async def run() -> list[str]:
+        task = asyncio.create_task(
+            kafkaadmin.tail(
+                settings, [topic], pattern=None, from_beginning=True, limit=None, out=io.StringIO()
+            )
+        )
+        await asyncio.sleep(3)  # following it
+        # Deleted just after one of the looks (every 2 s) for new topics, as it may be:
+        # the tail's consumer goes on fetching the topic until the next look.
+        looked.clear()
+        await looked.wait()
+        await asyncio.to_thread(_admin_call, kafka_bootstrap, "delete", topic)
+        await asyncio.sleep(10)
+        there = await asyncio.to_thread(_admin_call, kafka_bootstrap, "list", topic)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return there
+
+    monkeypatch.setattr(kafkaadmin._Follower, "look_again", look_again_said)
+    assert topic not in asyncio.run(run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import io
 import itertools
 import json
 import os
@@ -1121,3 +1122,27 @@ def test_offsets_without_records_are_no_deletion(
         "[0]@0", "[0]@1", "[0]@3", "[0]@4", "[0]@6", "[0]@7"
     ]  # fmt: skip
     assert "deleted while being read" not in captured.err
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("command", ["deadletter list", "tail"])
+def test_a_key_the_terminal_cannot_encode_is_escaped_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str, topic_prefix: str, command: str
+) -> None:
+    """On a latin-1 terminal (LANG=…ISO-8859-1, PYTHONIOENCODING=latin-1), `deadletter
+    replay` writes a Cyrillic key as \\u escapes (its report's encoder uses
+    backslashreplace), but `deadletter list` and `tail` print() it: UnicodeEncodeError,
+    a traceback and exit 1 at the first such record, nothing after it shown."""
+    topic = f"{topic_prefix}.deadletter"
+    produce(kafka_bootstrap, topic, "ключ".encode(), b"{}", [("x-bridge-reason", b"body_not_json")])
+    monkeypatch.setenv("BRIDGE_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    monkeypatch.setenv("BRIDGE_TOKENS", "x" * 32)
+    monkeypatch.setenv("BRIDGE_DEADLETTER_TOPIC", topic)
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    argv = command.split() + (
+        [topic, "--from-beginning", "--limit", "1"] if command == "tail" else []
+    )
+    assert main(argv) == 0
+    sys.stdout.flush()
+    assert b"key=\\u043a\\u043b\\u044e\\u0447" in raw.getvalue()
