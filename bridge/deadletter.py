@@ -136,11 +136,18 @@ def dead_letter(
         (PREFIX + "received-at", delivery.received_at.isoformat().encode()),
         (PREFIX + "request-headers", orjson.dumps(headers)),
     ]
-    for name, segment in (
-        ("path-entity", delivery.path_entity),
-        ("path-action", delivery.path_action),
-    ):
-        if segment is not None and not secrets.contains(segment):
+    entity, action = delivery.path_entity, delivery.path_action
+    # Neither is kept when only both together hold a token (one with a '/'): each
+    # is half of it.
+    split = (
+        entity is not None
+        and action is not None
+        and secrets.contains(f"{entity}/{action}")
+        and not secrets.contains(entity)
+        and not secrets.contains(action)
+    )
+    for name, segment in (("path-entity", entity), ("path-action", action)):
+        if segment is not None and not split and not secrets.contains(segment):
             record_headers.append((PREFIX + name, segment.encode()))
     return Destination(
         topic=topic,

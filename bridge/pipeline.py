@@ -277,12 +277,23 @@ def _check_path(delivery: Delivery, secrets: Redactor) -> None:
     shorter than a token."""
     shortest = secrets.shortest
     entity, action = delivery.path_entity, delivery.path_action
-    if (entity is not None and len(entity) >= shortest and secrets.contains_cached(entity)) or (
-        action is not None and len(action) >= shortest and secrets.contains_cached(action)
+    if (
+        (entity is not None and len(entity) >= shortest and secrets.contains_cached(entity))
+        or (action is not None and len(action) >= shortest and secrets.contains_cached(action))
+        # A token holding a '/' (a base64 one) spans both: each alone held no token,
+        # and the event was published to geins.<first half>.<second half>.
+        or (entity is not None and action is not None and _split_token(entity, action, secrets))
     ):
         raise TokenInPath(
             f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
         )
+
+
+def _split_token(entity: str, action: str, secrets: Redactor) -> bool:
+    """Whether the two path segments together hold a token (one with a '/')."""
+    return len(entity) + len(action) + 1 >= secrets.shortest and secrets.contains_cached(
+        f"{entity}/{action}"
+    )
 
 
 def _names_a_token(text: str, secrets: Redactor) -> bool:

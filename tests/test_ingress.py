@@ -951,3 +951,42 @@ def test_without_an_operations_port_one_port_answers_everything(bridge: Any) -> 
     assert client.get("/readyz").status_code == 200
     assert client.post("/webhooks/geins", content=ORDER, headers=AUTH).status_code == 202
     assert len(publisher.records) == 1
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "prodhook2024/s3cretpart9x",  # both halves are names: it was a 202, published
+        "Qm9yZWFs/c2VjcmV0MTIzNDU2Nzg5MA==",  # base64 padding: a 422, halves kept
+    ],
+)
+def test_a_token_with_a_slash_in_the_path_is_token_in_path(
+    secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token holding '/' (`openssl rand -base64`) spans both path segments; each was
+    checked alone, so the event went to geins.<half>.<half> (or its halves to the 422's
+    detail, the log and the dead letter's path headers; a review's test)."""
+    caplog.set_level(logging.INFO)
+    environ = {"BRIDGE_TOKENS": f"{TOKEN},{secret}", "BRIDGE_ACK": "broker"}
+    publisher = FakePublisher()
+    app = create_app(load_settings(environ=environ), publisher=publisher, metrics=Metrics())
+    with TestClient(app) as client:
+        response = client.post(
+            f"/webhooks/geins/{secret}",
+            content=b'{"id":"1"}',
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json()["reason"] == "token_in_path"
+    first, second = (half.lower() for half in secret.split("/"))
+    kafka = b"\n".join(
+        r.topic.encode() + b" " + r.key + b" " + b" ".join(v for _, v in r.headers)
+        for r in publisher.records
+    ).decode()
+    logs = "\n".join(  # the bridge's (the test client logs its requests too)
+        f"{r.getMessage()} {getattr(r, 'fields', '')}"
+        for r in caplog.records
+        if r.name.startswith("bridge")
+    )
+    for where, text in (("kafka", kafka), ("log", logs), ("answer", response.text)):
+        assert not (first in text.lower() and second in text.lower()), (where, text)
