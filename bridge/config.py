@@ -8,6 +8,7 @@ either place are errors, so a typo cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import math
@@ -33,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.auth import read_tokens_file, token_problem, unreadable_because
+from bridge.auth import MIN_TOKEN_LENGTH, read_tokens_file, token_problem, unreadable_because
 from bridge.errors import ConfigError
 from bridge.guards import parse_network
 from bridge.redaction import Redactor
@@ -525,9 +526,10 @@ class Settings(BaseModel):
             try:
                 text = value.read_bytes()
             except OSError as exc:
-                # A password file's path, as a secret's (the others are plain paths).
-                named = _named(value) if info.field_name in PASSWORD_FILES else value
-                raise ValueError(f"cannot read {named}: {exc.strerror}") from None
+                # Not quoted when it names nothing: a private key pasted into
+                # BRIDGE_KAFKA_SSL_KEYFILE (librdkafka's ssl.key.pem takes one) was
+                # printed whole, as a password put in a password file's setting was.
+                raise ValueError(f"cannot read {_named(value)}: {exc.strerror}") from None
             if info.field_name in PASSWORD_FILES:
                 _secret_of(text, value)  # as read when connecting, which would refuse it then
             elif not text.strip():
@@ -886,10 +888,31 @@ def load_settings(
             return Settings.model_validate(values, context={GIVEN: given})
         except ValidationError as exc:
             origin = {field: name + where for field, (name, where) in given.items()}
-            raise ConfigError(_explain(exc, origin)) from None
+            raise ConfigError(_secrets_given(values).redact(_explain(exc, origin))) from None
     except ConfigError as exc:
         exc.log_format = values.get("log_format")  # a file's too, where one was read
         raise
+
+
+def _secrets_given(values: Mapping[str, Any]) -> Redactor:
+    """The webhook tokens and the SASL password among the settings given, as they were
+    given: an error quoting a setting's value (a token pasted into BRIDGE_KAFKA_BOOTSTRAP
+    or inside an invalid BRIDGE_TOPIC_TEMPLATE, a URL with its ?token=) shows <token>
+    in its place. None shorter than a token may be (it would blot out other words)."""
+    given: list[str] = []
+    tokens = values.get("tokens")
+    if isinstance(tokens, str):
+        given += tokens.split(",")
+    elif isinstance(tokens, list):
+        given += [t for t in tokens if isinstance(t, str)]
+    tokens_file = values.get("tokens_file")
+    if isinstance(tokens_file, str) and tokens_file.strip():
+        with contextlib.suppress(OSError, ValueError):
+            given += read_tokens_file(Path(tokens_file))
+    password = values.get("kafka_sasl_password")
+    if isinstance(password, str):
+        given.append(password)
+    return Redactor(s for s in (g.strip() for g in given) if len(s) >= MIN_TOKEN_LENGTH)
 
 
 def _explain(exc: ValidationError, origin: Mapping[str, str]) -> str:

@@ -843,3 +843,44 @@ def test_the_largest_event_still_fits_once_compressed(codec: str, code: int) -> 
     assert len(batch.build()) <= settings.kafka_max_request_size()
     uncompressed = load_settings(environ={**BASE, "BRIDGE_MAX_BODY_BYTES": str(8 * 1024 * 1024)})
     assert limit < uncompressed.max_event_record_bytes()
+
+
+# --- secrets set in the wrong setting are not quoted (a review's tests) -------------
+
+A_TOKEN = "Zq8tW3mK9vR2xL7pN4sB"
+KEY_MATERIAL = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7xKq3"
+
+
+def refusal_of(**environ: str) -> str:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"BRIDGE_TOKENS": A_TOKEN, **environ})
+    return str(refused.value)
+
+
+def test_a_private_key_pasted_into_the_keyfile_setting_is_not_quoted() -> None:
+    """As a password put into a password file's setting is not (librdkafka's
+    ssl.key.pem takes the key itself: a likely mix-up)."""
+    said = refusal_of(
+        BRIDGE_KAFKA_SECURITY_PROTOCOL="SSL",
+        BRIDGE_KAFKA_SSL_CERTFILE="/etc/hostname",
+        BRIDGE_KAFKA_SSL_KEYFILE=f"-----BEGIN PRIVATE KEY-----\n{KEY_MATERIAL}\n-----END",
+    )
+    assert "BRIDGE_KAFKA_SSL_KEYFILE" in said
+    assert KEY_MATERIAL not in said, said
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        # invalid ('?', '='): its own check quoted it whole before the token check ran
+        ("BRIDGE_TOPIC_TEMPLATE", f"geins.{{entity}}.{{action}}?token={A_TOKEN}"),
+        ("BRIDGE_KAFKA_BOOTSTRAP", A_TOKEN),
+        ("BRIDGE_ALLOWED_NETWORKS", A_TOKEN),
+        ("BRIDGE_TRUSTED_PROXIES", A_TOKEN),
+    ],
+)
+def test_a_token_put_into_another_setting_is_not_quoted(setting: str, value: str) -> None:
+    said = refusal_of(**{setting: value})
+    assert setting in said
+    assert A_TOKEN not in said, said
+    assert "<token>" in said
