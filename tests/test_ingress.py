@@ -216,6 +216,20 @@ def test_a_plus_in_a_query_value_is_published_as_a_plus(bridge: Any) -> None:
     }
 
 
+@pytest.mark.parametrize(("parameters", "status"), [(200, 202), (201, 400)])
+def test_a_query_of_more_than_200_parameters_is_400(
+    bridge: Any, parameters: int, status: int
+) -> None:
+    """The fixed cap the README names (each parameter is parsed and held)."""
+    client, publisher, _ = bridge
+    query = "&".join(["entity=Order", "action=create"] + [f"p{i}=x" for i in range(parameters - 2)])
+    response = client.get(f"/webhooks/geins?{query}", headers=AUTH)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["reason"] == "malformed_query"
+        assert publisher.records == []
+
+
 def test_a_query_that_is_not_utf8_is_400(bridge: Any) -> None:
     """The README's 'unreadable query': the byte was published as U+FFFD (202)."""
     client, publisher, _ = bridge
