@@ -55,11 +55,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # mostly) as text unless BRIDGE_LOG_FORMAT, or the file's log_format, says json.
     given = serving or "log_format" in settings.model_fields_set
     logs.configure(settings.log_level, settings.log_format if given else "text")
+    previous = None
+    if not serving and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not ignored
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         code: int = args.run(settings, args)
     except (Exception, KeyboardInterrupt) as exc:
         return _exit_code(exc, settings)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def _stop_on_sigterm(signum: int, _: object) -> None:
+    """SIGTERM stops an operator command as Ctrl-C does: its Kafka clients closed, exit
+    143. With the default action, a container's PID 1 (`docker run ... bridge tail`)
+    never got it (the kernel drops it), and the command ran on until SIGKILL.
+    (`deadletter replay` handles it in its event loop, with its summary.)"""
+    raise SystemExit(128 + signum)
 
 
 def _escape_what_stdout_cannot_encode() -> None:

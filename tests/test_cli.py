@@ -10,9 +10,11 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -1335,3 +1337,28 @@ def test_a_tail_does_not_bring_back_a_topic_deleted_while_it_follows_it(
 
     monkeypatch.setattr(kafkaadmin._Follower, "look_again", look_again_said)
     assert topic not in asyncio.run(run())
+
+
+def test_sigterm_stops_an_operator_command_with_its_exit_status(tmp_path: Path) -> None:
+    """Handled, not left to the default action: a container's PID 1 (`docker run ...
+    bridge tail`) never got a SIGTERM, which the kernel drops for it, and the tail ran
+    on until SIGKILL (a review's note). Here: exit 143, not killed by the signal."""
+    silent = socket.create_server(("127.0.0.1", 0))  # connects, and never answers
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{silent.getsockname()[1]}",
+        "BRIDGE_KAFKA_CONNECT_TIMEOUT": "60",
+    }
+    errors = tmp_path / "stderr"
+    with silent, errors.open("w") as stderr:
+        tail_process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "tail"], env=env, stderr=stderr
+        )
+        try:
+            time.sleep(3)  # imported, and trying to reach Kafka
+            tail_process.send_signal(signal.SIGTERM)
+            code = tail_process.wait(timeout=30)
+        finally:
+            tail_process.kill()
+    assert code == 128 + signal.SIGTERM, errors.read_text()
