@@ -79,9 +79,30 @@ def _stop_on_sigterm(signum: int, _: object) -> None:
 def _escape_what_stdout_cannot_encode() -> None:
     """A key or value the terminal's encoding cannot write (Cyrillic on a latin-1 one)
     as \\u escapes: `deadletter list` and `tail` stopped at it with a traceback, where
-    `deadletter replay`'s report escaped it."""
+    `deadletter replay`'s report escaped it. JSON's escapes (backslashreplace's \\xe9
+    and \\U0001f389 are not: a --json line was no JSON), which read as well."""
     if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(errors="backslashreplace")
+        sys.stdout.reconfigure(errors=_JSON_ESCAPE)
+
+
+def _json_escapes(error: UnicodeError) -> tuple[str, int]:
+    """The characters ``error`` could not encode, as JSON writes them: \\uXXXX, a
+    surrogate pair beyond U+FFFF."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    escaped = []
+    for character in error.object[error.start : error.end]:
+        code = ord(character)
+        if code > 0xFFFF:
+            code -= 0x10000
+            escaped.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            escaped.append(f"\\u{code:04x}")
+    return "".join(escaped), error.end
+
+
+_JSON_ESCAPE = "bridge-json-escape"
+codecs.register_error(_JSON_ESCAPE, _json_escapes)
 
 
 #: Whether a failure's last words go out as a JSON log line: see _say_last.

@@ -237,6 +237,17 @@ def _named(path: Path) -> str:
     return str(path) if os.path.lexists(path) else "the file it names"
 
 
+def _file_named(path: Path, info: ValidationInfo) -> str:
+    """A Kafka file setting's path as its error quotes it: a password file's as a
+    secret's (see _named); a certificate's or key's as it is, unless it is a PEM
+    pasted in place of its path (librdkafka's ssl.key.pem takes the key itself), which
+    was printed whole."""
+    if info.field_name in PASSWORD_FILES:
+        return _named(path)
+    text = str(path)
+    return "the file it names" if "-----" in text or "\n" in text else text
+
+
 #: The settings that name a file holding a password (see _file_readable).
 PASSWORD_FILES = frozenset({"kafka_sasl_password_file", "kafka_ssl_keyfile_password_file"})
 
@@ -526,10 +537,9 @@ class Settings(BaseModel):
             try:
                 text = value.read_bytes()
             except OSError as exc:
-                # Not quoted when it names nothing: a private key pasted into
-                # BRIDGE_KAFKA_SSL_KEYFILE (librdkafka's ssl.key.pem takes one) was
-                # printed whole, as a password put in a password file's setting was.
-                raise ValueError(f"cannot read {_named(value)}: {exc.strerror}") from None
+                raise ValueError(
+                    f"cannot read {_file_named(value, info)}: {exc.strerror}"
+                ) from None
             if info.field_name in PASSWORD_FILES:
                 _secret_of(text, value)  # as read when connecting, which would refuse it then
             elif not text.strip():
@@ -912,7 +922,13 @@ def _secrets_given(values: Mapping[str, Any]) -> Redactor:
     password = values.get("kafka_sasl_password")
     if isinstance(password, str):
         given.append(password)
-    return Redactor(s for s in (g.strip() for g in given) if len(s) >= MIN_TOKEN_LENGTH)
+    password_file = values.get("kafka_sasl_password_file")
+    if isinstance(password_file, str) and password_file.strip():
+        with contextlib.suppress(OSError, ValueError):
+            given.append(Path(password_file).read_text(encoding="utf-8"))
+    secrets = [s for s in (g.strip() for g in given) if len(s) >= MIN_TOKEN_LENGTH]
+    # and as an error's repr() quotes them: a backslash doubled, say
+    return Redactor(secrets + [repr(s)[1:-1] for s in secrets])
 
 
 def _explain(exc: ValidationError, origin: Mapping[str, str]) -> str:

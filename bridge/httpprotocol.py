@@ -716,10 +716,16 @@ def guarded_protocol(
                 raise _Refused(
                     MalformedRequest(f"HTTP/{version} is not served: this is HTTP/1.1 only")
                 )
-            if version == "1.1" and _host_fields(self.headers) != 1:
-                # RFC 9112 3.2: an HTTP/1.1 request names its host once, or is a 400. A
-                # proxy in front may route by one Host and log another.
-                raise _Refused(MalformedRequest("an HTTP/1.1 request needs exactly one Host field"))
+            hosts = _host_fields(self.headers)
+            if hosts > 1 or (hosts == 0 and version == "1.1"):
+                # RFC 9112 3.2: a request names its host once at most (an HTTP/1.1 one
+                # exactly once), or is a 400. A proxy in front may route by one Host
+                # and log another.
+                raise _Refused(
+                    MalformedRequest(
+                        "a request needs exactly one Host field (HTTP/1.0: at most one)"
+                    )
+                )
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()

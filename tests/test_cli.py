@@ -30,6 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from starlette.testclient import TestClient
 
+from bridge import cli as cli_module
 from bridge import devkafka, kafkaadmin
 from bridge.app import create_app
 from bridge.auth import UNAUTHENTICATED
@@ -1362,3 +1363,32 @@ def test_sigterm_stops_an_operator_command_with_its_exit_status(tmp_path: Path) 
         finally:
             tail_process.kill()
     assert code == 128 + signal.SIGTERM, errors.read_text()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text"),
+    [("latin-1", "Жук"), ("latin-1", "Party 🎉 pack"), ("ascii", "Café")],
+    ids=["latin1-cyrillic", "latin1-emoji", "ascii-e-acute"],
+)
+def test_a_json_line_stays_json_on_a_stdout_that_cannot_encode_it(
+    monkeypatch: pytest.MonkeyPatch, encoding: str, text: str
+) -> None:
+    """backslashreplace wrote \\U0001f389 and \\xe9, which are no JSON escapes: a
+    `tail --json` line was no JSON (a review's test)."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding)
+    monkeypatch.setattr(sys, "stdout", out)
+    cli_module._escape_what_stdout_cannot_encode()  # as main() does, but for serve
+    value = json.dumps({"name": text}, ensure_ascii=False).encode()
+    record = SimpleNamespace(
+        topic="geins.product.update",
+        partition=0,
+        offset=1,
+        timestamp=1_700_000_000_000,
+        key=b"k",
+        headers=[],
+        value=value,
+    )
+    print(kafkaadmin.record_json(record))  # as `bridge tail --json` prints a record
+    out.flush()
+    assert json.loads(raw.getvalue().decode(encoding))["value"] == value.decode()

@@ -884,3 +884,49 @@ def test_a_token_put_into_another_setting_is_not_quoted(setting: str, value: str
     assert setting in said
     assert A_TOKEN not in said, said
     assert "<token>" in said
+
+
+@pytest.mark.parametrize(
+    ("environ", "shown"),
+    [
+        # repr() quotes a value with its backslash doubled: the redactor missed it
+        (
+            {
+                "BRIDGE_KAFKA_SASL_PASSWORD": "Kx9\\mP2#vL7q",
+                "BRIDGE_KAFKA_BOOTSTRAP": "Kx9\\mP2#vL7q",
+            },
+            "Kx9",
+        ),
+        (
+            {
+                "BRIDGE_TOKENS": "Zq8tW3mK\\9vR2xL7pN4sB",
+                "BRIDGE_TOPIC_TEMPLATE": "geins.{entity}.{action}?token=Zq8tW3mK\\9vR2xL7pN4sB",
+            },
+            "Zq8tW3mK",
+        ),
+    ],
+)
+def test_a_secret_with_a_backslash_is_not_quoted_either(
+    environ: dict[str, str], shown: str
+) -> None:
+    """(a review's test)"""
+    said = refusal_of(**environ)
+    assert shown not in said, said
+    assert "<token>" in said, said
+
+
+def test_a_sasl_password_from_its_file_is_not_quoted(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("Zq8tW3mK9vR2xL7pN4sB-sasl\n")
+    said = refusal_of(
+        BRIDGE_KAFKA_SASL_PASSWORD_FILE=str(secret),
+        BRIDGE_KAFKA_BOOTSTRAP="Zq8tW3mK9vR2xL7pN4sB-sasl",
+    )
+    assert "Zq8tW3mK9vR2xL7pN4sB-sasl" not in said, said
+
+
+def test_a_missing_certificate_path_is_named_but_a_pasted_key_is_not() -> None:
+    """A mistyped mount path is what the operator needs to see; a PEM pasted in place
+    of a path is a secret."""
+    said = refusal_of(BRIDGE_KAFKA_SECURITY_PROTOCOL="SSL", BRIDGE_KAFKA_SSL_CAFILE="/nope/ca.pem")
+    assert "cannot read /nope/ca.pem" in said

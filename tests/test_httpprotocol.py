@@ -1889,13 +1889,15 @@ async def test_a_request_of_another_http_version_is_a_400(
     [
         webhook("no-host").replace(b"host: x\r\n", b""),
         webhook("two-hosts", extra=b"Host: y\r\n"),
+        webhook("h10-two", extra=b"Host: y\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
     ],
-    ids=["none", "two"],
+    ids=["none", "two", "HTTP/1.0 with two"],
 )
 async def test_an_http11_request_without_exactly_one_host_is_a_400(
     monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
 ) -> None:
-    """RFC 9112 3.2: a server MUST answer 400 (both were served and published)."""
+    """RFC 9112 3.2: a server MUST answer 400 (each was served and published; HTTP/1.0's
+    two a review's find)."""
     conn = Connection(monkeypatch)
     [answer] = await conn.answers(request_bytes, 1)
     lines, body = split(answer)

@@ -885,9 +885,10 @@ def test_missing_or_unreadable_files_are_named(tls: TlsFiles, tmp_path: Path, se
         *cases,
         (
             tmp_path / "missing.pem",
-            # a file that is not there is not named: it may be the secret itself (a
-            # password, or a private key pasted into BRIDGE_KAFKA_SSL_KEYFILE)
-            "cannot read the file it names: No such file",
+            # a password's file that is not there is not named: it may be the password
+            "cannot read the file it names: No such file"
+            if setting.endswith("password_file")
+            else f"cannot read {tmp_path / 'missing.pem'}: No such file",
         ),
         (tmp_path, f"cannot read {tmp_path}: Is a directory"),  # root could read a chmod 000
         (empty, f"{empty} is empty"),
