@@ -1041,19 +1041,25 @@ class Spool:
     def _purge(self, connection: sqlite3.Connection) -> int:
         cutoff = time.time() - max(self._dedup_window, 0)
         try:
+            # Each DELETE commits on its own (autocommit), so the count follows each:
+            # counted after both, a failure of the second left the first's keys
+            # counted for ever (bridge_dedup_keys too high, and every later round
+            # forgot that many keys more than the bound asks).
             removed: int = connection.execute(
                 "DELETE FROM seen WHERE key IN "
                 "(SELECT key FROM seen WHERE accepted_at < ? LIMIT ?)",
                 (cutoff, PURGE_CHUNK),
             ).rowcount
-            excess = min(self.keys - removed - self._max_keys, PURGE_CHUNK - removed)
+            self.keys = max(self.keys - removed, 0)
+            excess = min(self.keys - self._max_keys, PURGE_CHUNK - removed)
             if excess > 0:
-                removed += connection.execute(
+                over: int = connection.execute(
                     "DELETE FROM seen WHERE key IN "
                     "(SELECT key FROM seen ORDER BY accepted_at LIMIT ?)",
                     (excess,),
                 ).rowcount
-            self.keys = max(self.keys - removed, 0)
+                self.keys = max(self.keys - over, 0)
+                removed += over
             # A DELETE that matched nothing wrote nothing, so it proves nothing: on a
             # full disk it succeeds. Only a commit that wrote may say writable again.
             if removed == 0 and not self.writable:

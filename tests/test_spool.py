@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -947,3 +948,35 @@ async def test_the_free_room_gauge_follows_the_disk_while_the_spool_cannot_write
         assert spool.disk_free_bytes() < 10**6
     finally:
         await spool.close()
+
+
+async def test_the_key_count_follows_each_delete_of_a_purge(tmp_path: Path) -> None:
+    """A purge's two DELETEs commit one by one: when the second (the keys over
+    max_keys) failed, the first's expired keys stayed counted (a review's note)."""
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=1.0, max_keys=15)
+    spool.open()
+    for i in range(10):
+        assert await spool.append(record(i), f"old{i}")
+    await asyncio.sleep(1.1)  # expired
+    for i in range(20):
+        assert await spool.append(record(i), f"new{i}")
+    assert spool.keys == 30
+
+    class SecondDeleteFails:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self._connection = connection
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if "ORDER BY accepted_at" in sql:
+                raise sqlite3.OperationalError("disk I/O error")
+            return self._connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._connection, name)
+
+    with pytest.raises(sqlite3.OperationalError):  # in the writer thread, as a round
+        await spool._call(lambda c: spool._purge(SecondDeleteFails(c)))  # type: ignore[arg-type]
+    assert spool.keys == 20  # the ten expired ones are gone, and counted so
+    with sqlite3.connect(tmp_path / spool_module.DB_NAME) as db:
+        assert db.execute("SELECT count(*) FROM seen").fetchone() == (20,)
+    await spool.close()
