@@ -1862,48 +1862,36 @@ async def test_an_http10_client_gets_no_100_continue(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize(
-    "request_line",
+    ("request_bytes", "why"),
     [
-        b"GET /webhooks/geins/Order/create?token=%s\r\n\r\n",  # HTTP/0.9: no version
-        b"POST /webhooks/geins/Order/create?token=%s HTTP/2.0\r\nhost: x\r\n"
-        b"content-length: 2\r\n\r\n{}",
+        # llhttp takes these two, and they were served as HTTP/1.1: published with a
+        # generated key (a review's find). "HTTP/1.1 only", as the README says.
+        (b"GET /webhooks/geins/Order/create?token=%s\r\n\r\n", "HTTP/1.1 only"),  # 0.9
+        (
+            b"POST /webhooks/geins/Order/create?token=%s HTTP/2.0\r\nhost: x\r\n"
+            b"content-length: 2\r\n\r\n{}",
+            "HTTP/1.1 only",
+        ),
+        # RFC 9112 3.2: a server MUST answer 400 (each was served and published;
+        # HTTP/1.0's two a review's find)
+        (webhook("no-host").replace(b"host: x\r\n", b""), "exactly one Host field"),
+        (webhook("two-hosts", extra=b"Host: y\r\n"), "exactly one Host field"),
+        (
+            webhook("h10-two", extra=b"Host: y\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+            "exactly one Host field",
+        ),
     ],
-    ids=["HTTP/0.9", "HTTP/2.0"],
+    ids=["HTTP/0.9", "HTTP/2.0", "no Host", "two Hosts", "HTTP/1.0 with two Hosts"],
 )
-async def test_a_request_of_another_http_version_is_a_400(
-    monkeypatch: pytest.MonkeyPatch, request_line: bytes
+async def test_a_request_of_another_version_or_without_one_host_is_a_400(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, why: str
 ) -> None:
-    """llhttp takes both, and they were served as HTTP/1.1: published with a generated
-    key (a review's find). "HTTP/1.1 only", as the README says."""
     conn = Connection(monkeypatch)
-    [answer] = await conn.answers(request_line % TOKEN.encode(), 1)
+    [answer] = await conn.answers(request_bytes.replace(b"%s", TOKEN.encode()), 1)
     lines, body = split(answer)
     conn.close()
     assert lines[0].startswith(b"HTTP/1.1 400 "), answer
-    assert "HTTP/1.1 only" in body["detail"]
-    assert conn.publisher.records == []
-
-
-@pytest.mark.parametrize(
-    "request_bytes",
-    [
-        webhook("no-host").replace(b"host: x\r\n", b""),
-        webhook("two-hosts", extra=b"Host: y\r\n"),
-        webhook("h10-two", extra=b"Host: y\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
-    ],
-    ids=["none", "two", "HTTP/1.0 with two"],
-)
-async def test_an_http11_request_without_exactly_one_host_is_a_400(
-    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
-) -> None:
-    """RFC 9112 3.2: a server MUST answer 400 (each was served and published; HTTP/1.0's
-    two a review's find)."""
-    conn = Connection(monkeypatch)
-    [answer] = await conn.answers(request_bytes, 1)
-    lines, body = split(answer)
-    conn.close()
-    assert lines[0].startswith(b"HTTP/1.1 400 "), answer
-    assert "exactly one Host field" in body["detail"]
+    assert why in body["detail"]
     assert conn.publisher.records == []
 
 
@@ -2193,6 +2181,23 @@ async def test_a_lone_body_over_the_budget_is_read_and_a_growing_one_is_refused(
         conn.close()
 
 
+def refused_by_the_app(path: bytes) -> bytes:
+    """A chunked head the app refuses: a wrong token at the endpoint (401), a path under
+    the webhook prefix that is no route (the guards' 404)."""
+    token = b"wrong-token" if path == b"/webhooks/geins" else TOKEN.encode()
+    return CHUNKED_HEAD.replace(TOKEN.encode(), token).replace(b"/webhooks/geins", path)
+
+
+def counted_and_logged(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> tuple[dict[str, float], list[str]]:
+    """The refusals counted (by the app's metrics and the protocol), and logged."""
+    counted = all_rejections(conn)
+    for error in conn.refused:
+        counted[error.reason] = counted.get(error.reason, 0) + 1
+    return counted, [str(fields["reason"]) for _, fields in refusals(caplog)]
+
+
 @pytest.mark.parametrize(
     "path", [b"/webhooks/geins", b"/webhooks/geins/a/b/c"], ids=["endpoint 401", "dispatch 404"]
 )
@@ -2205,10 +2210,8 @@ async def test_a_refusal_during_the_apps_paused_answer_logs_one_line(
     test)."""
     caplog.set_level(logging.INFO)
     conn = Connection(monkeypatch)
-    token = b"wrong-token" if path == b"/webhooks/geins" else TOKEN.encode()
-    head = CHUNKED_HEAD.replace(TOKEN.encode(), token).replace(b"/webhooks/geins", path)
     try:
-        conn.protocol.data_received(head + b'5\r\n{"a":\r\n')
+        conn.protocol.data_received(refused_by_the_app(path) + b'5\r\n{"a":\r\n')
         conn.protocol.pause_writing()  # the client reads no answers (socket buffer full)
         await asyncio.sleep(0.05)  # the app refused and waits to write its answer
         conn.protocol.data_received(b"zz\r\n")  # the chunk is malformed: the protocol's 400
@@ -2219,12 +2222,8 @@ async def test_a_refusal_during_the_apps_paused_answer_logs_one_line(
         conn.transport.close()
         conn.close()
     await asyncio.sleep(0.05)
-    logged = [fields["reason"] for _, fields in refusals(caplog)]
-    counted = all_rejections(conn)
-    for error in conn.refused:
-        counted[error.reason] = counted.get(error.reason, 0) + 1
-    assert counted == {"malformed_request": 1}
-    assert logged == ["malformed_request"]  # one line per request, as counted
+    # one line per request, as counted
+    assert counted_and_logged(conn, caplog) == ({"malformed_request": 1}, ["malformed_request"])
 
 
 @pytest.mark.parametrize(
@@ -2239,10 +2238,8 @@ async def test_a_late_body_while_the_apps_answer_waits_is_counted_and_logged_onc
     which logs (and, for the guards' refusals and the 404, counts) it again."""
     caplog.set_level(logging.INFO)
     conn = Connection(monkeypatch, read_timeout=0.2)
-    token = b"wrong-token" if path == b"/webhooks/geins" else TOKEN.encode()
-    head = CHUNKED_HEAD.replace(TOKEN.encode(), token).replace(b"/webhooks/geins", path)
     try:
-        conn.protocol.data_received(head + b'5\r\n{"a":\r\n')
+        conn.protocol.data_received(refused_by_the_app(path) + b'5\r\n{"a":\r\n')
         # the head's deadline runs from just before the client stopped reading (its
         # socket buffer full: the app's answer waits to be written)
         conn.protocol.pause_writing()
@@ -2251,12 +2248,7 @@ async def test_a_late_body_while_the_apps_answer_waits_is_counted_and_logged_onc
         conn.transport.close()
         conn.close()
     await asyncio.sleep(0.05)
-    logged = [fields["reason"] for _, fields in refusals(caplog)]
-    counted = all_rejections(conn)
-    for error in conn.refused:
-        counted[error.reason] = counted.get(error.reason, 0) + 1
-    assert counted == {"request_timeout": 1}
-    assert logged == ["request_timeout"]
+    assert counted_and_logged(conn, caplog) == ({"request_timeout": 1}, ["request_timeout"])
 
 
 @pytest.mark.parametrize("before", [b"", b"served"], ids=["first request", "pipelined"])
