@@ -304,7 +304,9 @@ class DurableAck(_DrainedAck):
     def __init__(self, publisher: Publisher, metrics: Metrics, settings: Settings) -> None:
         super().__init__(publisher, metrics, settings)
         self.spool = Spool.from_settings(
-            settings, on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds)
+            settings,
+            on_commit=lambda seconds: metrics.observe_stage("spool_commit", seconds),
+            on_set_aside=metrics.dropped_records.inc,
         )
         self.backlog: Backlog = self.spool
         self.drainer = self._drainer_of(self.spool)

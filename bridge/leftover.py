@@ -104,7 +104,9 @@ class LeftoverSpool:
         if found is None:
             return
         settings = self._settings
-        spool = Spool.from_settings(settings, drain_only=True)
+        spool = Spool.from_settings(
+            settings, drain_only=True, on_set_aside=self._metrics.dropped_records.inc
+        )
         try:
             spool.connect()
         except SpoolUnusable as exc:

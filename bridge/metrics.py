@@ -192,7 +192,8 @@ class Metrics:
         self.dropped_records = Counter(
             "bridge_dropped_records",
             "Accepted records Kafka refused for good (too large) that could not even be "
-            "kept as dead letters. Should stay 0.",
+            "kept as dead letters, or that the spool could not read back (set aside in "
+            "its file's table spool_unreadable). Should stay 0.",
             registry=registry,
         )
         self.spool_depth = Gauge(

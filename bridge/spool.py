@@ -241,10 +241,14 @@ class Spool:
         dedup_window: float,
         max_keys: int = 5_000_000,
         on_commit: Callable[[float], None] | None = None,
+        on_set_aside: Callable[[int], None] | None = None,
         drain_only: bool = False,
     ) -> None:
         """``drain_only``: a spool another ack mode only empties (:mod:`bridge.leftover`):
-        no reserve file made, nor deliveries said to be refused for want of one."""
+        no reserve file made, nor deliveries said to be refused for want of one.
+        ``on_set_aside``: told how many rows it could not read back (see
+        _set_aside), from the writer thread."""
+        self._on_set_aside = on_set_aside
         self.path = directory / DB_NAME
         self._drain_only = drain_only
         self._directory = directory
@@ -294,6 +298,7 @@ class Spool:
         settings: Settings,
         *,
         on_commit: Callable[[float], None] | None = None,
+        on_set_aside: Callable[[int], None] | None = None,
         drain_only: bool = False,
     ) -> Spool:
         """The spool in BRIDGE_SPOOL_DIR, with the settings' limits."""
@@ -303,6 +308,7 @@ class Spool:
             dedup_window=settings.dedup_window,
             max_keys=settings.spool_max_keys,
             on_commit=on_commit,
+            on_set_aside=on_set_aside,
             drain_only=drain_only,
         )
 
@@ -476,12 +482,7 @@ class Spool:
             # aside, the advice for a damaged one, would strand its events).
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise SpoolUnusable(
-                    f"spool file {self.path} was written by a newer version of the bridge "
-                    f"(spool schema {version}; this one knows {SCHEMA_VERSION}) and may hold "
-                    "accepted events that are not in Kafka yet: run the newer version until "
-                    "bridge_spool_depth is 0 before going back to this one (do not delete it)"
-                )
+                raise SpoolUnusable(self._newer(connection, version))
             started = time.monotonic()
             # A Python call every few thousand SQLite steps lets a signal's handler run
             # during the check (bridge.server._EarlyStop): SIGTERM stops a bridge that
@@ -805,6 +806,30 @@ class Spool:
             self._copy.clear()
             self._copy_complete = False
 
+    def _newer(self, connection: sqlite3.Connection, version: int) -> str:
+        """Why a spool a newer version wrote is refused, and what to do: once that
+        version emptied it, the advice to run it until it is empty was a crash loop."""
+        said = (
+            f"spool file {self.path} was written by a newer version of the bridge (spool "
+            f"schema {version}; this one knows {SCHEMA_VERSION})"
+        )
+        try:
+            holds = connection.execute("SELECT EXISTS (SELECT 1 FROM spool)").fetchone()[0]
+        except sqlite3.Error:  # a layout this version cannot read: as if it held some
+            holds = True
+        if holds:
+            return (
+                f"{said} and may hold accepted events that are not in Kafka yet: run the "
+                "newer version until bridge_spool_depth is 0 before going back to this one "
+                "(do not delete it)"
+            )
+        return (
+            f"{said} and holds no event: to go back to this version, move {self.path.name} "
+            f"and its {self.path.name}-wal and {self.path.name}-shm files aside (the "
+            "de-duplication keys go with them: a Geins retry of an event accepted before "
+            "may be published again)"
+        )
+
     def _read_oldest(
         self,
         connection: sqlite3.Connection,
@@ -836,20 +861,52 @@ class Spool:
             )
         else:  # read lazily, as far as needed past the skipped seqs
             rows = connection.execute(f"{_SELECT_RECORDS} ORDER BY seq")
+        unreadable: dict[int, str] = {}
         for seq, topic, key, value, headers, size, enqueued_at in rows:
             if seq in skip_seqs:
                 continue
             if len(records) >= limit or (records and total + size > max_bytes):
                 break
+            try:
+                destination = _destination(topic, key, value, headers)
+            except (ValueError, TypeError, UnicodeError) as exc:
+                unreadable[seq] = str(exc)
+                continue
             total += size
-            destination = Destination(
-                topic=topic,
-                key=key,
-                value=value,
-                headers=[(n, v.encode("latin-1")) for n, v in orjson.loads(headers)],
-            )
             records.append(QueuedRecord(seq, destination, enqueued_at))
+        if unreadable:
+            self._set_aside(connection, unreadable)
         return records
+
+    def _set_aside(self, connection: sqlite3.Connection, unreadable: dict[int, str]) -> None:
+        """Move rows that cannot be read back (a damaged byte PRAGMA quick_check does not
+        see, a foreign row) to the table spool_unreadable of the same file, and say so.
+        One such row stopped every delivery for good: each read of the oldest failed,
+        while the bridge went on answering 202 until the spool was full."""
+        seqs = sorted(unreadable)
+        marks = ",".join("?" * len(seqs))
+        try:
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS spool_unreadable AS SELECT * FROM spool WHERE 0"
+            )
+            connection.execute(
+                f"INSERT INTO spool_unreadable SELECT * FROM spool WHERE seq IN ({marks})",  # noqa: S608  # only placeholders
+                seqs,
+            )
+            self._remove_rows(connection, seqs)
+        except sqlite3.Error as exc:  # read past again next time: the others go on
+            log.error("spool: cannot set aside unreadable rows %s of %s: %s", seqs, self.path, exc)
+            return
+        log.error(
+            "spool: %d accepted event(s) in %s cannot be read back (%s: %s) and are set "
+            "aside in its table spool_unreadable, not published: the others go on",
+            len(seqs),
+            self.path,
+            ", ".join(f"seq {seq}" for seq in seqs[:10]),
+            unreadable[seqs[0]],
+        )
+        if self._on_set_aside is not None:
+            self._on_set_aside(len(seqs))
 
     def _remove(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
         try:
@@ -1148,6 +1205,19 @@ def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
 
 
 _SELECT_RECORDS = "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
+
+
+def _destination(topic: Any, key: Any, value: Any, headers: Any) -> Destination:
+    """A spooled row's record; ValueError, TypeError or UnicodeError if it is not one
+    the spool wrote."""
+    if not isinstance(topic, str) or not isinstance(key, bytes) or not isinstance(value, bytes):
+        raise TypeError("not a record's topic, key and value")
+    return Destination(
+        topic=topic,
+        key=key,
+        value=value,
+        headers=[(n, v.encode("latin-1")) for n, v in orjson.loads(headers)],
+    )
 
 
 def _topics_held(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:

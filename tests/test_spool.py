@@ -980,3 +980,52 @@ async def test_the_key_count_follows_each_delete_of_a_purge(tmp_path: Path) -> N
     with sqlite3.connect(tmp_path / spool_module.DB_NAME) as db:
         assert db.execute("SELECT count(*) FROM seen").fetchone() == (20,)
     await spool.close()
+
+
+async def test_a_newer_versions_emptied_spool_is_refused_with_the_way_back(
+    tmp_path: Path,
+) -> None:
+    """Once the newer version emptied the spool, the advice to run it until it is empty
+    (and not to delete the file) was a crash loop with no way out (a review's test)."""
+    spool = make(tmp_path)
+    spool.open()
+    assert await spool.append(record(1), "k1")
+    [first] = await spool.oldest(10, 10**6)
+    await spool.remove([first.seq])  # the newer version delivered everything
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as connection:
+        connection.execute("PRAGMA user_version = 2")  # as a newer version leaves it
+    with pytest.raises(SpoolUnusable) as refused:
+        make(tmp_path).connect()
+    said = str(refused.value)
+    assert "holds no event" in said
+    assert "move spool.db and its spool.db-wal and spool.db-shm files aside" in said
+    assert "do not delete it" not in said
+
+
+async def test_a_row_the_spool_cannot_read_back_is_set_aside_and_the_rest_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row whose headers cannot be decoded (a damaged byte quick_check does not see)
+    made every read of the oldest fail: the drainer published nothing for good, the
+    rows around it and every event accepted after it included, while the bridge went
+    on answering 202 (a review's test)."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(3):
+        assert await spool.append(record(i), f"k{i}")
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as connection:  # the second row garbled
+        connection.execute("UPDATE spool SET headers = ? WHERE seq = 2", (b'[["ce_id","k1"\x00',))
+    set_aside: list[int] = []
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_set_aside=set_aside.append)
+    spool.open()
+    assert await spool.append(record(3), "k3")
+    assert [r.destination.key for r in await spool.oldest(10, 10**6)] == [b"k0", b"k2", b"k3"]
+    assert set_aside == [1]
+    assert spool.depth == 3  # the set-aside row is no longer waiting
+    assert "cannot be read back" in caplog.text
+    assert "seq 2" in caplog.text
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:  # kept, for whoever looks
+        assert db.execute("SELECT seq FROM spool_unreadable").fetchall() == [(2,)]
