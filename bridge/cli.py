@@ -335,6 +335,7 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
         *short_token_warnings(settings.tokens, "BRIDGE_TOKENS"),
         *short_token_warnings(file_tokens, "the tokens file"),
         *([beyond_file_limit] if beyond_file_limit else []),
+        *([too_small] if (too_small := settings.file_size_warning()) else []),
         *([UNAUTHENTICATED] if unauthenticated else []),
         *([router.template.ambiguity] if router.template.ambiguity else []),
         *([leftover] if leftover else []),

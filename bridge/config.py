@@ -69,6 +69,8 @@ MAX_COUNT = 2**53
 #: Most requests in progress, or per second and at once from one client: a million
 #: is beyond what one process serves, and keeps the limiter's arithmetic in range.
 MAX_REQUESTS = 1_000_000
+#: About what one de-duplication key takes in the spool's file (deploy/README.md).
+SPOOL_KEY_BYTES = 115
 #: The slowest rate limit other than 0 (off): one request per 1000 s. Below it the
 #: limiter's wait overflowed (1e-320: a 500) or grew absurd (1e-300: a Retry-After of
 #: some 300 digits); at it a limited client waits at most 1000 s.
@@ -816,6 +818,24 @@ class Settings(BaseModel):
             f"limit ({soft}, `ulimit -n`) leaves for connections ({room}, keeping "
             f"{reserve} for {kept_for}): past it new connections fail "
             "unanswered, and so may Kafka's; raise the limit or lower the setting"
+        )
+
+    def file_size_warning(self) -> str | None:
+        """A warning when the process's file size limit (`ulimit -f`, systemd's
+        LimitFSIZE) is below what a durable spool's file may grow to: at the limit the
+        spool refused events (503) and could not even delete what Kafka took, so
+        nothing drained until the limit was lifted (a review's find)."""
+        if self.ack != "durable":
+            return None
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        needed = 2 * self.spool_max_bytes + SPOOL_KEY_BYTES * self.spool_max_keys
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return None
+        return (
+            f"the file size limit (`ulimit -f`, systemd's LimitFSIZE) is {soft} bytes, less "
+            f"than the spool's file may need ({needed}: twice BRIDGE_SPOOL_MAX_BYTES and "
+            f"{SPOOL_KEY_BYTES} bytes for each of BRIDGE_SPOOL_MAX_KEYS): at the limit the "
+            "spool refuses events and cannot be emptied until it is lifted; lift it"
         )
 
     def check_serving(self) -> None:

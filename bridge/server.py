@@ -307,8 +307,9 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
     redactor = app.state.authenticator.redactor
     logs.redact_with(redactor)  # every line, whoever logs it: no token in the log
     max_connections, beyond_file_limit = settings.connection_limit()
-    if beyond_file_limit:
-        log.warning("%s", beyond_file_limit)
+    for warning in (beyond_file_limit, settings.file_size_warning()):
+        if warning:
+            log.warning("%s", warning)
     protocol = guarded_protocol(
         read_timeout=settings.read_timeout,
         # the request line (method, URL, version) and the headers, with room for CRLFs

@@ -1166,8 +1166,11 @@ def _stopping() -> ShuttingDown:
 
 
 def _disk_full(exc: sqlite3.OperationalError) -> bool:
-    """Whether SQLite failed for want of disk space (SQLITE_FULL)."""
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+    """Whether SQLite failed for want of disk space: SQLITE_FULL (ENOSPC), or a write
+    refused otherwise (SQLITE_IOERR_WRITE), which a disk quota's EDQUOT is: the reserve
+    given up frees quota as it frees disk."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE) or "full" in str(exc)
 
 
 def _oldest_enqueued_at(connection: sqlite3.Connection) -> float | None:

@@ -155,7 +155,12 @@ def test_serve_says_why_it_stops_in_the_log_format_of_its_file(
 def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env.setattr(resource, "getrlimit", lambda _: (1024, 1024))
+    real = resource.getrlimit
+    env.setattr(
+        resource,
+        "getrlimit",
+        lambda which: (1024, 1024) if which == resource.RLIMIT_NOFILE else real(which),
+    )
     env.setenv("BRIDGE_TOKENS", "a-token-long-enough-for-no-warning")
     env.setenv("BRIDGE_MAX_CONNECTIONS", "5000")
     assert main(["check-config"]) == 0

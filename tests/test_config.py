@@ -930,3 +930,30 @@ def test_a_missing_certificate_path_is_named_but_a_pasted_key_is_not() -> None:
     of a path is a secret."""
     said = refusal_of(BRIDGE_KAFKA_SECURITY_PROTOCOL="SSL", BRIDGE_KAFKA_SSL_CAFILE="/nope/ca.pem")
     assert "cannot read /nope/ca.pem" in said
+
+
+def test_a_file_size_limit_below_the_spools_needs_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a file size limit (ulimit -f, LimitFSIZE) the spool refused events and could
+    not even delete what Kafka took: nothing drained until the limit was lifted (a
+    review's find). Said at start and by check-config."""
+    real = resource.getrlimit
+
+    def limited(which: int) -> tuple[int, int]:
+        return (
+            (4 * 1024 * 1024, resource.RLIM_INFINITY)
+            if which == resource.RLIMIT_FSIZE
+            else real(which)
+        )
+
+    monkeypatch.setattr(resource, "getrlimit", limited)
+    durable = load_settings(environ={"BRIDGE_TOKENS": A_TOKEN})
+    warning = durable.file_size_warning()
+    assert warning is not None
+    assert "4194304 bytes" in warning
+    assert "LimitFSIZE" in warning
+    memory = load_settings(environ={"BRIDGE_TOKENS": A_TOKEN, "BRIDGE_ACK": "memory"})
+    assert memory.file_size_warning() is None  # no spool written
+    monkeypatch.setattr(resource, "getrlimit", real)
+    assert durable.file_size_warning() is None  # unlimited here

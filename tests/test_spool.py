@@ -1029,3 +1029,17 @@ async def test_a_row_the_spool_cannot_read_back_is_set_aside_and_the_rest_delive
     await spool.close()
     with sqlite3.connect(tmp_path / "spool.db") as db:  # kept, for whoever looks
         assert db.execute("SELECT seq FROM spool_unreadable").fetchall() == [(2,)]
+
+
+def test_a_quota_or_a_refused_write_is_taken_for_a_full_disk() -> None:
+    """SQLite reports ENOSPC as SQLITE_FULL, but EDQUOT (a disk quota) as
+    SQLITE_IOERR_WRITE: the reserve was never given up for it (a review's note)."""
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    quota = sqlite3.OperationalError("disk I/O error")
+    quota.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+    other = sqlite3.OperationalError("database is locked")
+    other.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    assert spool_module._disk_full(full)
+    assert spool_module._disk_full(quota)
+    assert not spool_module._disk_full(other)
