@@ -553,6 +553,15 @@ def guarded_protocol(
             the answers before it said. Each was neither counted nor logged (a
             review's tests)."""
             held, self._refusal_after = self._refusal_after, None
+            running = self._running
+            if running is not None and running.response_complete and not running.keep_alive:
+                # The bridge closed, as its last answer said (`connection: close`: an
+                # HTTP/1.0 request's keep-alive uvicorn does not keep, a stop under
+                # way), and llhttp, which knew nothing of that, parsed on what came
+                # in the same packet. Dropped unanswered, as what comes after a
+                # client's own `Connection: close` is: counted, they made the
+                # rejections depend on how TCP cut the bytes (a review's find).
+                return
             if held is not None:
                 self._log_and_count(held, self.scope)
             elif self._in_head and self._head_bytes:

@@ -2270,3 +2270,77 @@ async def test_a_client_gone_during_the_head_is_counted_once(
     await asyncio.sleep(0.2)
     assert [e.reason for e in conn.refused] == ["client_disconnected"]
     assert [f["reason"] for _, f in refusals(caplog)] == ["client_disconnected"]
+
+
+# --- bytes after an answer that closes the connection: dropped, never counted -------
+# uvicorn answers an HTTP/1.0 request's keep-alive, and every request during a stop,
+# with connection: close, which llhttp does not know of: it parsed on what came in the
+# same packet, and the connection's end counted those requests as clients gone (a
+# review's tests; tests/test_packet_splits.py found it).
+
+HTTP10_KEEP_ALIVE = (
+    b"POST /webhooks/geins HTTP/1.0\r\nauthorization: Bearer %s\r\n"
+    b"connection: keep-alive\r\nx-idempotency-key: a\r\ncontent-length: %d\r\n\r\n%s"
+    % (TOKEN.encode(), len(ORDER), ORDER)
+)
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def statuses_and_refusals(
+    monkeypatch: pytest.MonkeyPatch, packets: list[bytes]
+) -> tuple[list[bytes], list[str]]:
+    connection = Connection(monkeypatch)
+    try:
+        for packet in packets:
+            if connection.transport.closed:
+                break  # the event loop delivers nothing on a closed transport
+            connection.protocol.data_received(packet)
+            await asyncio.sleep(0.05)
+        statuses = [r[:12] for r in split_responses(b"".join(connection.transport.writes))]
+    finally:
+        connection.close()  # connection_lost, as the loop calls it after the close
+    return statuses, [e.reason for e in connection.refused]
+
+
+async def test_a_request_behind_an_http10_keep_alive_one_counts_the_same_in_any_packet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    one_packet = await statuses_and_refusals(monkeypatch, [HTTP10_KEEP_ALIVE + HEALTHZ])
+    two_packets = await statuses_and_refusals(monkeypatch, [HTTP10_KEEP_ALIVE, HEALTHZ])
+    assert two_packets == ([b"HTTP/1.1 202"], [])
+    assert one_packet == two_packets
+
+
+async def test_a_whole_request_the_server_closed_on_is_no_client_disconnect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    statuses, refused = await statuses_and_refusals(monkeypatch, [HTTP10_KEEP_ALIVE + HEALTHZ])
+    assert statuses == [b"HTTP/1.1 202"]  # answered with connection: close
+    # README: client_disconnected is "a client that goes away before its request is
+    # whole"; this one is whole, the client is there, and /healthz is not counted.
+    assert refused == []
+
+
+async def test_while_draining_a_request_behind_the_closing_answer_is_no_client_disconnect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same with a stop in progress (every answer says connection: close): a
+    delivery pipelined in the packet of the one before it is counted as a client that
+    went away; in its own packet it is not."""
+    webhook = HTTP10_KEEP_ALIVE.replace(b"HTTP/1.0\r\n", b"HTTP/1.1\r\nhost: x\r\n").replace(
+        b"connection: keep-alive\r\n", b""
+    )
+    second = webhook.replace(b"key: a", b"key: b")
+    results = []
+    for packets in ([webhook + second], [webhook, second]):
+        connection = Connection(monkeypatch, draining=lambda: True)
+        try:
+            for packet in packets:
+                if not connection.transport.closed:
+                    connection.protocol.data_received(packet)
+                    await asyncio.sleep(0.05)
+        finally:
+            connection.close()
+        results.append([e.reason for e in connection.refused])
+    assert results[1] == []
+    assert results[0] == results[1]
