@@ -249,6 +249,7 @@ class Spool:
         ``on_set_aside``: told how many rows it could not read back (see
         _set_aside), from the writer thread."""
         self._on_set_aside = on_set_aside
+        self._set_aside_failed: list[int] = []  # the seqs whose set-aside failed, as logged
         self.path = directory / DB_NAME
         self._drain_only = drain_only
         self._directory = directory
@@ -747,6 +748,9 @@ class Spool:
             because = f"the spool cannot be written ({exc})"
             self._resolve([(item.future, SpoolWriteFailed(because)) for item in group])
             return
+        except BaseException:  # not SQLite's: no transaction may stay open after it
+            _rollback(connection)
+            raise
         if rows:  # a commit that wrote nothing (all duplicates, or full) proves nothing
             self._set_writable(True)
         self._count_appended(added, added_bytes, sum(k not in expired for k, _ in seen_rows))
@@ -862,18 +866,20 @@ class Spool:
         else:  # read lazily, as far as needed past the skipped seqs
             rows = connection.execute(f"{_SELECT_RECORDS} ORDER BY seq")
         unreadable: dict[int, str] = {}
-        for seq, topic, key, value, headers, size, enqueued_at in rows:
+        for row in rows:
+            seq = row[0]
             if seq in skip_seqs:
                 continue
-            if len(records) >= limit or (records and total + size > max_bytes):
-                break
             try:
-                destination = _destination(topic, key, value, headers)
-            except (ValueError, TypeError, UnicodeError) as exc:
+                record = _record(row)
+            except (ValueError, TypeError, AttributeError, UnicodeError) as exc:
                 unreadable[seq] = str(exc)
                 continue
+            size = row[5]
+            if len(records) >= limit or (records and total + size > max_bytes):
+                break
             total += size
-            records.append(QueuedRecord(seq, destination, enqueued_at))
+            records.append(record)
         if unreadable:
             self._set_aside(connection, unreadable)
         return records
@@ -884,18 +890,14 @@ class Spool:
         One such row stopped every delivery for good: each read of the oldest failed,
         while the bridge went on answering 202 until the spool was full."""
         seqs = sorted(unreadable)
-        marks = ",".join("?" * len(seqs))
-        try:
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS spool_unreadable AS SELECT * FROM spool WHERE 0"
-            )
-            connection.execute(
-                f"INSERT INTO spool_unreadable SELECT * FROM spool WHERE seq IN ({marks})",  # noqa: S608  # only placeholders
-                seqs,
-            )
-            self._remove_rows(connection, seqs)
+        try:  # copied and deleted in one transaction: never kept twice
+            self._remove_rows(connection, seqs, keep_in="spool_unreadable")
         except sqlite3.Error as exc:  # read past again next time: the others go on
-            log.error("spool: cannot set aside unreadable rows %s of %s: %s", seqs, self.path, exc)
+            if self._set_aside_failed != seqs:  # said once, not at every round
+                self._set_aside_failed = seqs
+                log.error(
+                    "spool: cannot set aside unreadable rows %s of %s: %s", seqs, self.path, exc
+                )
             return
         log.error(
             "spool: %d accepted event(s) in %s cannot be read back (%s: %s) and are set "
@@ -1059,12 +1061,20 @@ class Spool:
         else:
             log.error("spool write failed: %s", why)
 
-    def _remove_rows(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    def _remove_rows(
+        self, connection: sqlite3.Connection, seqs: Sequence[int], keep_in: str | None = None
+    ) -> None:
+        """Delete the rows ``seqs`` (copied first, in the same transaction, to the table
+        ``keep_in`` when given: see _set_aside)."""
         # Losing a removal in a crash only means sending that record again, which
         # at-least-once allows: this commit need not wait for the disk.
         connection.execute("PRAGMA synchronous=NORMAL")
         try:
             connection.execute("BEGIN IMMEDIATE")
+            if keep_in is not None:
+                connection.execute(
+                    f"CREATE TABLE IF NOT EXISTS {keep_in} AS SELECT * FROM spool WHERE 0"  # noqa: S608  # our own name
+                )
             sizes: list[int] = []
             # execute(), not executemany(): executemany discards what RETURNING
             # returns, and the sizes are what frees the capacity. The counters are
@@ -1073,14 +1083,20 @@ class Spool:
             for start in range(0, len(seqs), MAX_GROUP):
                 chunk = seqs[start : start + MAX_GROUP]
                 marks = ",".join("?" * len(chunk))
+                if keep_in is not None:
+                    connection.execute(
+                        f"INSERT INTO {keep_in} SELECT * FROM spool WHERE seq IN ({marks})",  # noqa: S608  # our own name, placeholders
+                        tuple(chunk),
+                    )
                 rows = connection.execute(
                     f"DELETE FROM spool WHERE seq IN ({marks}) RETURNING size",  # noqa: S608  # only placeholders
                     tuple(chunk),
                 ).fetchall()
-                sizes += (size for (size,) in rows)
+                # (a damaged row's size that is no number: 0, as sum(size) took it)
+                sizes += (size if isinstance(size, int) else 0 for (size,) in rows)
             oldest = _oldest_enqueued_at(connection)
             connection.execute("COMMIT")
-        except sqlite3.Error:
+        except BaseException:  # any: no transaction may stay open (every append failed)
             _rollback(connection)
             raise
         finally:
@@ -1177,7 +1193,9 @@ def _oldest_enqueued_at(connection: sqlite3.Connection) -> float | None:
     """When the head of the queue was appended (by seq: the FIFO order, and a
     primary-key lookup where min(enqueued_at) would read every row)."""
     row = connection.execute("SELECT enqueued_at FROM spool ORDER BY seq LIMIT 1").fetchone()
-    return None if row is None else float(row[0])
+    if row is None or not isinstance(row[0], float | int):  # none, or a damaged row's
+        return None
+    return float(row[0])
 
 
 def _write_probe(connection: sqlite3.Connection) -> None:
@@ -1189,7 +1207,7 @@ def _write_probe(connection: sqlite3.Connection) -> None:
             "INSERT OR REPLACE INTO seen (key, accepted_at) VALUES (?, 0)", (_PROBE_KEY,)
         )
         connection.execute("COMMIT")
-    except sqlite3.Error:
+    except BaseException:
         _rollback(connection)
         raise
     connection.execute("DELETE FROM seen WHERE key = ?", (_PROBE_KEY,))
@@ -1210,17 +1228,27 @@ def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
 _SELECT_RECORDS = "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
 
 
-def _destination(topic: Any, key: Any, value: Any, headers: Any) -> Destination:
-    """A spooled row's record; ValueError, TypeError or UnicodeError if it is not one
-    the spool wrote."""
-    if not isinstance(topic, str) or not isinstance(key, bytes) or not isinstance(value, bytes):
-        raise TypeError("not a record's topic, key and value")
-    return Destination(
-        topic=topic,
-        key=key,
-        value=value,
-        headers=[(n, v.encode("latin-1")) for n, v in orjson.loads(headers)],
+def _record(row: tuple[Any, ...]) -> QueuedRecord:
+    """A spooled row (as _SELECT_RECORDS reads it) as its record; ValueError, TypeError,
+    AttributeError or UnicodeError if it is not one the spool wrote (the table is not
+    STRICT: a damaged byte may change a column's type, which PRAGMA quick_check does
+    not look at)."""
+    seq, topic, key, value, headers, size, enqueued_at = row
+    if not (
+        isinstance(topic, str)
+        and isinstance(key, bytes)
+        and isinstance(value, bytes)
+        and isinstance(size, int)
+        and isinstance(enqueued_at, float | int)
+    ):
+        raise TypeError("not a record's topic, key, value, size and time")
+    pairs = orjson.loads(headers)
+    if not all(isinstance(n, str) and isinstance(v, str) for n, v in pairs):
+        raise TypeError("a header that is not a name and a text")
+    destination = Destination(
+        topic=topic, key=key, value=value, headers=[(n, v.encode("latin-1")) for n, v in pairs]
     )
+    return QueuedRecord(seq, destination, enqueued_at)
 
 
 def _topics_held(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:

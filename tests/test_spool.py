@@ -1043,3 +1043,74 @@ def test_a_quota_or_a_refused_write_is_taken_for_a_full_disk() -> None:
     assert spool_module._disk_full(full)
     assert spool_module._disk_full(quota)
     assert not spool_module._disk_full(other)
+
+
+async def damaged_spool(tmp_path: Path, column: str, value: object) -> tuple[Spool, list[int]]:
+    """A spool of 3 events whose second row's ``column`` is ``value``, reopened."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(3):
+        assert await spool.append(record(i), f"k{i}")
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as connection:
+        connection.execute(f"UPDATE spool SET {column} = ? WHERE seq = 2", (value,))  # noqa: S608  # the test's own names
+    set_aside: list[int] = []
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_set_aside=set_aside.append)
+    spool.open()
+    return spool, set_aside
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("size", "x"),  # the table is not STRICT: a damaged byte can make it TEXT
+        ("enqueued_at", "x"),
+        ("headers", b'[["ce_id",1]]'),  # decodes, but a value is no string
+        ("headers", b'[["ce_id",null]]'),
+    ],
+)
+async def test_a_row_with_a_damaged_column_is_set_aside_too(
+    tmp_path: Path, column: str, value: object
+) -> None:
+    """Each stopped the drainer for good as undecodable headers did (TypeError,
+    AttributeError); a damaged enqueued_at left a removal's transaction open, and every
+    later append failed (a review's tests)."""
+    spool, set_aside = await damaged_spool(tmp_path, column, value)
+    try:
+        got = await spool.oldest(10, 10**6)
+        assert [r.destination.key for r in got] == [b"k0", b"k2"]
+        assert set_aside == [1]
+        await spool.remove([got[0].seq])
+        assert await spool.append(record(9), "k9")
+    finally:
+        await spool.close()
+
+
+async def test_a_set_aside_that_fails_keeps_no_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy to spool_unreadable committed on its own, before the removal: one that
+    failed copied the row again at every read (a review's test). Now one transaction,
+    and any failure in it is rolled back."""
+    spool, set_aside = await damaged_spool(tmp_path, "headers", b"garbage")
+    real = spool_module._oldest_enqueued_at
+    calls = 0
+
+    def failing_once(connection: sqlite3.Connection) -> float | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(connection)
+
+    monkeypatch.setattr(spool_module, "_oldest_enqueued_at", failing_once)
+    try:
+        assert [r.destination.key for r in await spool.oldest(10, 10**6)] == [b"k0", b"k2"]
+        assert set_aside == []  # failed, rolled back: still in the spool
+        assert await spool.append(record(9), "k9")  # no transaction left open
+        assert [r.destination.key for r in await spool.oldest(10, 10**6)] == [b"k0", b"k2", b"k9"]
+        assert set_aside == [1]
+    finally:
+        await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        assert db.execute("SELECT seq FROM spool_unreadable").fetchall() == [(2,)]
