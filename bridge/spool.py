@@ -520,7 +520,11 @@ class Spool:
             if version != SCHEMA_VERSION:  # written once: opening must not need free space
                 connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             depth, size, last_row = connection.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(max(seq), 0) FROM spool"
+                # A size that is no integer (a damaged row) counts as 0, as a removal
+                # takes it: sum() took '40x' as 40, and bytes never went back to 0.
+                "SELECT count(*), "
+                "coalesce(sum(CASE WHEN typeof(size) = 'integer' THEN size ELSE 0 END), 0), "
+                "coalesce(max(seq), 0) FROM spool"
             ).fetchone()
             (last_ever,) = connection.execute(
                 "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'spool'"
@@ -1225,7 +1229,13 @@ def _headers_json(headers: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
     return [(name, value.decode("latin-1")) for name, value in headers]
 
 
-_SELECT_RECORDS = "SELECT seq, topic, key, value, headers, size, enqueued_at FROM spool"
+#: Every column but the numbers as bytes, whatever type a damaged byte made of it:
+#: Python's sqlite3 raised on a TEXT it could not decode as UTF-8 while fetching the
+#: row, before _record could set it aside (and a BLOB flipped to TEXT is its bytes).
+_SELECT_RECORDS = (
+    "SELECT seq, CAST(topic AS BLOB), CAST(key AS BLOB), CAST(value AS BLOB), "
+    "CAST(headers AS BLOB), size, enqueued_at FROM spool"
+)
 
 
 def _record(row: tuple[Any, ...]) -> QueuedRecord:
@@ -1233,7 +1243,8 @@ def _record(row: tuple[Any, ...]) -> QueuedRecord:
     AttributeError or UnicodeError if it is not one the spool wrote (the table is not
     STRICT: a damaged byte may change a column's type, which PRAGMA quick_check does
     not look at)."""
-    seq, topic, key, value, headers, size, enqueued_at = row
+    seq, topic_bytes, key, value, headers, size, enqueued_at = row
+    topic = topic_bytes.decode("utf-8") if isinstance(topic_bytes, bytes) else None
     if not (
         isinstance(topic, str)
         and isinstance(key, bytes)
@@ -1255,10 +1266,15 @@ def _topics_held(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     """topic -> (events, dead letters among them: the records with an x-bridge-reason
     header, which the bridge writes on every dead letter)."""
     rows = connection.execute(
-        "SELECT topic, count(*), sum(instr(headers, ?) > 0) FROM spool GROUP BY topic",
+        "SELECT CAST(topic AS BLOB), count(*), sum(instr(headers, ?) > 0) FROM spool "
+        "GROUP BY topic",
         (b'"x-bridge-reason"',),
     )
-    return {topic: (events, letters) for topic, events, letters in rows}
+    # (as bytes: a damaged topic that is not UTF-8 stopped the spool's opening)
+    return {
+        (topic or b"").decode("utf-8", "replace"): (events, letters)
+        for topic, events, letters in rows
+    }
 
 
 def _has_topic_index(connection: sqlite3.Connection) -> bool:

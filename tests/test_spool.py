@@ -1114,3 +1114,48 @@ async def test_a_set_aside_that_fails_keeps_no_copy(
         await spool.close()
     with sqlite3.connect(tmp_path / "spool.db") as db:
         assert db.execute("SELECT seq FROM spool_unreadable").fetchall() == [(2,)]
+
+
+@pytest.mark.parametrize("size", ["40x", 40.5])
+async def test_an_emptied_spool_holds_no_bytes_after_a_set_aside(
+    tmp_path: Path, size: object
+) -> None:
+    """sum(size) at open took a damaged '40x' as 40 (40.5 as 40.5, and the total as a
+    float), while its removal freed 0: bytes stayed above 0 once the spool was empty
+    (a review's test)."""
+    spool, set_aside = await damaged_spool(tmp_path, "size", size)
+    try:
+        got = await spool.oldest(10, 10**6)
+        assert set_aside == [1]
+        await spool.remove([r.seq for r in got])
+        assert spool.depth == 0
+        assert spool.bytes == 0
+        assert isinstance(spool.bytes, int)
+    finally:
+        await spool.close()
+
+
+async def test_a_column_that_is_not_utf8_text_opens_and_reads(tmp_path: Path) -> None:
+    """A TEXT that is not UTF-8 (a damaged topic; a key or value whose type code flipped
+    from BLOB to TEXT) made Python's sqlite3 raise as it fetched the row, before the
+    row could be set aside: the spool did not open (a topic), or no read of the oldest
+    ever succeeded again. Read as bytes: the topic's row is set aside, the key's and
+    value's are delivered as their bytes (a review's test)."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(4):
+        assert await spool.append(record(i), f"k{i}")
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.db") as connection:
+        connection.execute("UPDATE spool SET topic = CAST(x'67656901ff' AS TEXT) WHERE seq = 2")
+        connection.execute("UPDATE spool SET key = CAST(x'6b01ff' AS TEXT) WHERE seq = 3")
+        assert connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    set_aside: list[int] = []
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_set_aside=set_aside.append)
+    spool.open()
+    try:
+        got = await spool.oldest(10, 10**6)
+        assert [r.destination.key for r in got] == [b"k0", b"k\x01\xff", b"k3"]
+        assert set_aside == [1]
+    finally:
+        await spool.close()
