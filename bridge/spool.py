@@ -1254,8 +1254,11 @@ def _record(row: tuple[Any, ...]) -> QueuedRecord:
     ):
         raise TypeError("not a record's topic, key, value, size and time")
     pairs = orjson.loads(headers)
-    if not all(isinstance(n, str) and isinstance(v, str) for n, v in pairs):
-        raise TypeError("a header that is not a name and a text")
+    if not isinstance(pairs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+        for pair in pairs
+    ):  # (an object's keys of two characters unpacked as a name and a value)
+        raise TypeError("headers that are not pairs of a name and a text")
     destination = Destination(
         topic=topic, key=key, value=value, headers=[(n, v.encode("latin-1")) for n, v in pairs]
     )

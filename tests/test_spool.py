@@ -1067,6 +1067,8 @@ async def damaged_spool(tmp_path: Path, column: str, value: object) -> tuple[Spo
         ("enqueued_at", "x"),
         ("headers", b'[["ce_id",1]]'),  # decodes, but a value is no string
         ("headers", b'[["ce_id",null]]'),
+        ("headers", b'{"ab":"c"}'),  # an object: its key "ab" unpacked as a pair
+        ("headers", b'[["ce_id","k1","x"]]'),
     ],
 )
 async def test_a_row_with_a_damaged_column_is_set_aside_too(
