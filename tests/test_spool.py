@@ -1045,15 +1045,21 @@ def test_a_quota_or_a_refused_write_is_taken_for_a_full_disk() -> None:
     assert not spool_module._disk_full(other)
 
 
-async def damaged_spool(tmp_path: Path, column: str, value: object) -> tuple[Spool, list[int]]:
-    """A spool of 3 events whose second row's ``column`` is ``value``, reopened."""
+async def damaged_spool(
+    tmp_path: Path, column: str, value: object, *, events: int = 3, more: tuple[str, ...] = ()
+) -> tuple[Spool, list[int]]:
+    """A spool of ``events`` events whose second row's ``column`` is ``value`` (and the
+    statements ``more`` run too), reopened: what it sets aside goes to the list."""
     spool = make(tmp_path)
     spool.open()
-    for i in range(3):
+    for i in range(events):
         assert await spool.append(record(i), f"k{i}")
     await spool.close()
     with sqlite3.connect(tmp_path / "spool.db") as connection:
         connection.execute(f"UPDATE spool SET {column} = ? WHERE seq = 2", (value,))  # noqa: S608  # the test's own names
+        for statement in more:
+            connection.execute(statement)
+        assert connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     set_aside: list[int] = []
     spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_set_aside=set_aside.append)
     spool.open()
@@ -1143,18 +1149,16 @@ async def test_a_column_that_is_not_utf8_text_opens_and_reads(tmp_path: Path) ->
     row could be set aside: the spool did not open (a topic), or no read of the oldest
     ever succeeded again. Read as bytes: the topic's row is set aside, the key's and
     value's are delivered as their bytes (a review's test)."""
-    spool = make(tmp_path)
-    spool.open()
-    for i in range(4):
-        assert await spool.append(record(i), f"k{i}")
-    await spool.close()
-    with sqlite3.connect(tmp_path / "spool.db") as connection:
-        connection.execute("UPDATE spool SET topic = CAST(x'67656901ff' AS TEXT) WHERE seq = 2")
-        connection.execute("UPDATE spool SET key = CAST(x'6b01ff' AS TEXT) WHERE seq = 3")
-        assert connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    set_aside: list[int] = []
-    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600, on_set_aside=set_aside.append)
-    spool.open()
+    spool, set_aside = await damaged_spool(
+        tmp_path,
+        "topic",
+        b"gei\x01\xff",
+        events=4,
+        more=(
+            "UPDATE spool SET topic = CAST(topic AS TEXT) WHERE seq = 2",
+            "UPDATE spool SET key = CAST(x'6b01ff' AS TEXT) WHERE seq = 3",
+        ),
+    )
     try:
         got = await spool.oldest(10, 10**6)
         assert [r.destination.key for r in got] == [b"k0", b"k\x01\xff", b"k3"]
