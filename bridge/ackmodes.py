@@ -22,7 +22,7 @@ from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer, drain_deadline, topics_made
-from bridge.errors import PublishTimeout, ShuttingDown, Unavailable
+from bridge.errors import PublishTimeout, Unavailable, stopping
 from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, spawn
@@ -135,7 +135,7 @@ class BrokerAck:
                     "the topics are being created (BRIDGE_CREATE_TOPICS): retry shortly"
                 )
             if not topics_made(self._publish_after):  # a stop cancelled their creation
-                raise ShuttingDown("the bridge is stopping; retry this delivery")
+                raise stopping()
             self._publish_after = None
 
     async def stop(self, deadline: float | None = None) -> None:
@@ -458,7 +458,7 @@ class MemoryAck(_DrainedAck):
             # A request uvicorn starts after the app's shutdown began (one pipelined
             # behind a request cut short, say): queued now, after the drain, it was
             # answered 202 and lost without a word. The spool refuses alike once closed.
-            raise ShuttingDown("the bridge is stopping; retry this delivery")
+            raise stopping()
         self.backlog.append(destination)
         if dedup_key is not None:
             self._seen.remember(dedup_key)

@@ -273,6 +273,14 @@ class ShuttingDown(Unavailable):
     title = "The bridge is stopping"
 
 
+def stopping() -> ShuttingDown:
+    """What a delivery that reaches an ack mode or a spool that has stopped gets: a new
+    refusal each time (a request's refusal is its own to add to), saying the bridge is
+    stopping, not that a disk failed (spool_write_failed made a rolling restart look like
+    disk trouble)."""
+    return ShuttingDown("the bridge is stopping; retry this delivery")
+
+
 #: Every reason a rejection can carry: metric labels are pre-created from this list.
 ALL_ERRORS: tuple[type[BridgeError], ...] = (
     BridgeError,  # "internal": a bug, answered 500

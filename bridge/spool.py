@@ -58,11 +58,11 @@ from bridge.backlog import QueuedRecord, RecordFifo, record_size
 from bridge.config import Settings
 from bridge.errors import (
     BridgeError,
-    ShuttingDown,
     SpoolFull,
     SpoolOpeningStopped,
     SpoolUnusable,
     SpoolWriteFailed,
+    stopping,
 )
 from bridge.routing import Destination
 from bridge.signals import STOP_SIGNALS
@@ -580,7 +580,7 @@ class Spool:
         :class:`ShuttingDown` (all 503).
         """
         if self._closed:
-            raise _stopping()
+            raise stopping()
         size = record_size(destination)
         # Refused here without a trip to the writer thread, unless the key may be a
         # retry of an event already safe: the writer checks that first (200 duplicate).
@@ -632,7 +632,7 @@ class Spool:
 
     async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._closed:
-            raise _stopping()
+            raise stopping()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Call(fn, future))
         return await future
@@ -1176,13 +1176,6 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
-
-
-def _stopping() -> ShuttingDown:
-    """What a delivery that reaches a closed spool gets: the bridge is stopping (as in
-    memory mode), not spool_write_failed, which names a full or failing disk: a
-    rolling restart showed as disk trouble in the metrics and the log."""
-    return ShuttingDown("the bridge is stopping; retry this delivery")
 
 
 def _disk_full(exc: sqlite3.OperationalError) -> bool:
