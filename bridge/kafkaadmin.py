@@ -87,9 +87,15 @@ def reader(options: dict[str, Any]) -> AIOKafkaConsumer:
     replicas rather than the bridge's (a running tail brought back a topic an operator
     had just deleted). And where retention deleted the records ahead of its position,
     it goes on from the oldest left (aiokafka's default jumped to the end, silently
-    skipping every record still there)."""
+    skipping every record still there). A fetch waits for new records at most half
+    the request timeout, so that its answer comes within it."""
+    fetch_wait_ms = min(500, options.get("request_timeout_ms", 40_000) // 2)
     consumer = AIOKafkaConsumer(
-        **options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        **options,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_wait_ms,
     )
     client = consumer._client
     update = client._metadata_update
@@ -203,7 +209,11 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             [
                 NewTopic(t, settings.topic_partitions, replication, topic_configs=configs)
                 for t in dict.fromkeys(topics)  # Kafka refuses a request naming one twice
-            ]
+            ],
+            # how long Kafka may wait for the creation to end before it answers: well
+            # within the client's wait for that answer, so that a slow creation is told
+            # topic by topic rather than as a request timed out
+            timeout_ms=int(settings.kafka_request_timeout * 500),
         )
         results: dict[str, str] = {}
         denied: list[str] = []

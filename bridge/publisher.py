@@ -166,6 +166,9 @@ def secrets_fingerprint(settings: Settings) -> bytes:
 def kafka_client_options(settings: Settings) -> dict[str, Any]:
     """Connection options shared by the producer, the admin client and consumers.
 
+    Each waits BRIDGE_KAFKA_REQUEST_TIMEOUT for a broker's answer, the operator
+    commands' clients too (with the Kafka client's default, a broker that hung held
+    a tail or a dead-letter replay 40 s before it tried another).
     Password and TLS files are read on each call (a new TLS context each time).
     Raises ConfigError when they became unusable since the settings were loaded.
     """
@@ -174,6 +177,7 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.kafka_bootstrap,
         "client_id": settings.kafka_client_id,
         "security_protocol": protocol,
+        "request_timeout_ms": int(settings.kafka_request_timeout * 1000),
     }
     try:
         if protocol.startswith("SASL_"):
@@ -611,7 +615,6 @@ class KafkaPublisher:
             if self._settings.kafka_compression == "none"
             else self._settings.kafka_compression,
             max_request_size=self._max_request_size,
-            request_timeout_ms=int(self._settings.kafka_request_timeout * 1000),
         )
         try:
             async with asyncio.timeout(self._settings.kafka_connect_timeout):

@@ -680,7 +680,7 @@ class AdminWithoutCreate:
     async def list_topics(self) -> list[str]:
         return ["there"]
 
-    async def create_topics(self, new: list[Any]) -> Any:
+    async def create_topics(self, new: list[Any], timeout_ms: int | None = None) -> Any:
         assert [t.name for t in new] == ["there", "missing"]
         return SimpleNamespace(
             topic_errors=[(t.name, 29, "Authorization failed.") for t in new]  # 29: denied
@@ -711,7 +711,7 @@ def test_topics_created_while_a_broker_is_down_are_named(
     down the topics got 2 replicas for good, reported as created and nothing more."""
 
     class Admin(AdminWithoutCreate):
-        async def create_topics(self, new: list[Any]) -> Any:
+        async def create_topics(self, new: list[Any], timeout_ms: int | None = None) -> Any:
             assert {t.replication_factor for t in new} == {2}
             return SimpleNamespace(topic_errors=[(t.name, 0, None) for t in new])
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 from starlette.testclient import TestClient
 
@@ -39,7 +40,7 @@ from bridge.devkafka import (
     free_ports,
 )
 from bridge.errors import ConfigError
-from bridge.kafkaadmin import read_to_end
+from bridge.kafkaadmin import read_to_end, reader
 from bridge.metrics import Metrics
 from bridge.publisher import (
     KafkaPublisher,
@@ -705,6 +706,33 @@ def test_security_defaults_to_plaintext() -> None:
     options = kafka_client_options(settings)
     assert options["security_protocol"] == "PLAINTEXT"
     assert not {k for k in options if k.startswith(("sasl_", "ssl_"))}
+
+
+def test_every_client_waits_the_request_timeout_for_an_answer() -> None:
+    """The operator commands' clients wait BRIDGE_KAFKA_REQUEST_TIMEOUT for a broker, as
+    the producer does (they waited the Kafka client's 40 s), and a reader's fetch asks
+    for an answer well within it (a fetch waiting longer than its timeout would time
+    out, and its connection be closed, whenever no record came)."""
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_KAFKA_REQUEST_TIMEOUT": "0.4"}
+    )
+    options = kafka_client_options(settings)
+
+    async def built() -> None:
+        consumer = reader(options)
+        admin = AIOKafkaAdminClient(**options)
+        producer = AIOKafkaProducer(**options)
+        try:
+            assert consumer._client._request_timeout_ms == 400
+            assert consumer._fetch_max_wait_ms == 200
+            assert admin._client._request_timeout_ms == 400
+            assert producer.client._request_timeout_ms == 400
+        finally:
+            await consumer.stop()
+            await admin.close()
+            await producer.stop()
+
+    asyncio.run(built())
 
 
 def test_client_options_carry_sasl_and_tls(tls: TlsFiles, tmp_path: Path) -> None:
