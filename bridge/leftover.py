@@ -82,6 +82,7 @@ class LeftoverSpool:
         self._spool: Spool | None = None
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._set_aside = 0  # rows the spool could not read back (see Spool._set_aside)
 
     @property
     def depth(self) -> int:
@@ -104,9 +105,7 @@ class LeftoverSpool:
         if found is None:
             return
         settings = self._settings
-        spool = Spool.from_settings(
-            settings, drain_only=True, on_set_aside=self._metrics.dropped_records.inc
-        )
+        spool = Spool.from_settings(settings, drain_only=True, on_set_aside=self._note_set_aside)
         try:
             spool.connect()
         except SpoolUnusable as exc:
@@ -125,6 +124,11 @@ class LeftoverSpool:
         )
         say_topics_from_before(spool, settings)
         self._spool = spool
+
+    def _note_set_aside(self, rows: int) -> None:
+        """From the spool's writer thread: rows it could not read back, not published."""
+        self._set_aside += rows
+        self._metrics.dropped_records.inc(rows)
 
     async def start(self, publish_after: asyncio.Future[Any] | None) -> None:
         spool = self._spool
@@ -145,6 +149,14 @@ class LeftoverSpool:
             await asyncio.gather(draining, return_exceptions=True)
         await spool.close()
         self._spool = self._drainer = None
+        if self._set_aside:
+            log.warning(
+                "the events the durable spool %s held are in Kafka but %d it could not "
+                "read back, kept in its table spool_unreadable; the folder is let go",
+                spool.path,
+                self._set_aside,
+            )
+            return
         log.info(
             "the events the durable spool %s held are all in Kafka; the folder is let go",
             self._settings.spool_dir.resolve(),

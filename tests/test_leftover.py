@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -85,6 +86,30 @@ async def test_a_switch_away_from_durable_publishes_what_the_spool_held(
     spool.connect()
     assert spool.depth == 0
     spool.release()
+
+
+async def test_rows_set_aside_are_not_said_to_be_in_kafka(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row the leftover spool could not read back is set aside, not published: the
+    end of the drain said every event the spool held was in Kafka all the same."""
+    await left_by_a_durable_bridge(tmp_path, "a", "b", "c")
+    with sqlite3.connect(tmp_path / "spool.db") as connection:  # the second row garbled
+        connection.execute("UPDATE spool SET headers = ? WHERE seq = 2", (b"[[\x00",))
+    publisher, metrics = FakePublisher(), Metrics()
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK="broker"), publisher, metrics)
+    caplog.set_level(logging.INFO)
+    mode.prepare()
+    await mode.start()
+    try:
+        await eventually(lambda: folder_is_free(tmp_path))
+    finally:
+        await mode.stop()
+    assert {d.key for d in publisher.records} == {b"a", b"c"}
+    assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
+    assert "all in Kafka" not in caplog.text
+    assert "are in Kafka but 1 it could not read back" in caplog.text
+    assert "spool_unreadable" in caplog.text
 
 
 async def test_what_is_left_at_a_stop_stays_for_the_next_start(
