@@ -1111,8 +1111,9 @@ import gc, os, threading, time
 def watch(report=os.environ["FROZEN_REPORT"]):
     while not gc.get_freeze_count():
         time.sleep(0.02)
-    with open(report, "w") as out:
+    with open(report + ".part", "w") as out:  # whole when the test sees it
         out.write(str(gc.get_freeze_count()))
+    os.replace(report + ".part", report)
 
 threading.Thread(target=watch, daemon=True).start()
 """
