@@ -228,6 +228,61 @@ def check_folder(directory: Path) -> None:
         raise SpoolUnusable(f"spool folder {directory} cannot be used ({exc})") from None
 
 
+def _holds_events(connection: sqlite3.Connection) -> bool:
+    try:
+        return bool(connection.execute("SELECT EXISTS (SELECT 1 FROM spool)").fetchone()[0])
+    except sqlite3.Error:  # a layout this version cannot read: as if it held some
+        return True
+
+
+def _newer(path: Path, version: int, holds: bool) -> str:
+    """Why a spool a newer version wrote is refused, and what to do: once that
+    version emptied it, the advice to run it until it is empty was a crash loop."""
+    said = (
+        f"spool file {path} was written by a newer version of the bridge (spool "
+        f"schema {version}; this one knows {SCHEMA_VERSION})"
+    )
+    if holds:
+        return (
+            f"{said} and may hold accepted events that are not in Kafka yet: run the "
+            "newer version until bridge_spool_depth is 0 before going back to this one "
+            "(do not delete it)"
+        )
+    return (
+        f"{said} and holds no event: to go back to this version, move {path.name} "
+        f"and its {path.name}-wal and {path.name}-shm files aside (the "
+        "de-duplication keys go with them: a Geins retry of an event accepted before "
+        "may be published again)"
+    )
+
+
+def newer_spool(directory: Path) -> str | None:
+    """What opening the spool in ``directory`` would refuse, when a newer version of
+    the bridge wrote it (for check-config: a rollback's crash loop, told before it).
+
+    Read without taking the folder (a running bridge may hold it) and without making
+    a file there (a read-only connection makes the -wal and -shm files, as whoever
+    runs this: a bridge of another user could then not open them): the file alone is
+    read, not its write-ahead log. So a spool whose version is in that log alone
+    passes (serve refuses it), and one whose log has content is taken to hold events.
+    """
+    path = directory / DB_NAME
+    try:
+        if not path.is_file():
+            return None
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version <= SCHEMA_VERSION:
+                return None
+            log_size = os.stat(f"{path}-wal").st_size if os.path.exists(f"{path}-wal") else 0
+            return _newer(path, version, bool(log_size) or _holds_events(connection))
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error):  # not this check's to say: serve's open says it
+        return None
+
+
 class Spool:
     """A crash-safe FIFO of Kafka records, plus the accepted-keys record."""
 
@@ -483,7 +538,7 @@ class Spool:
             # aside, the advice for a damaged one, would strand its events).
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise SpoolUnusable(self._newer(connection, version))
+                raise SpoolUnusable(_newer(self.path, version, _holds_events(connection)))
             started = time.monotonic()
             # A Python call every few thousand SQLite steps lets a signal's handler run
             # during the check (bridge.server._EarlyStop): SIGTERM stops a bridge that
@@ -813,30 +868,6 @@ class Spool:
             # Kafka is not keeping up: read the file from now on, until it is empty.
             self._copy.clear()
             self._copy_complete = False
-
-    def _newer(self, connection: sqlite3.Connection, version: int) -> str:
-        """Why a spool a newer version wrote is refused, and what to do: once that
-        version emptied it, the advice to run it until it is empty was a crash loop."""
-        said = (
-            f"spool file {self.path} was written by a newer version of the bridge (spool "
-            f"schema {version}; this one knows {SCHEMA_VERSION})"
-        )
-        try:
-            holds = connection.execute("SELECT EXISTS (SELECT 1 FROM spool)").fetchone()[0]
-        except sqlite3.Error:  # a layout this version cannot read: as if it held some
-            holds = True
-        if holds:
-            return (
-                f"{said} and may hold accepted events that are not in Kafka yet: run the "
-                "newer version until bridge_spool_depth is 0 before going back to this one "
-                "(do not delete it)"
-            )
-        return (
-            f"{said} and holds no event: to go back to this version, move {self.path.name} "
-            f"and its {self.path.name}-wal and {self.path.name}-shm files aside (the "
-            "de-duplication keys go with them: a Geins retry of an event accepted before "
-            "may be published again)"
-        )
 
     def _read_oldest(
         self,

@@ -12,6 +12,7 @@ import re
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -41,8 +42,9 @@ from bridge.errors import ConfigError
 from bridge.kafkaadmin import checked_pattern, tail
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
-from bridge.routing import template_pattern
+from bridge.routing import Destination, template_pattern
 from bridge.server import listening_sockets
+from bridge.spool import Spool
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import eventually, wait_until
@@ -1217,6 +1219,52 @@ def test_check_config_does_not_promise_a_spool_folder_it_cannot_look_into(
         f"warning: {tmp_path / 'spool.db'} cannot be looked into (Permission denied): if a "
         "durable bridge's spool is there, serve with BRIDGE_ACK=broker cannot publish it"
     ]
+
+
+def test_check_config_refuses_a_spool_a_newer_version_wrote(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A rollback over a spool a newer bridge wrote passed check-config, then serve
+    refused to start (durable) or left the spool unpublished (the other modes). Told
+    now, the way serve tells it, without a file made in the folder."""
+
+    async def left_by_a_newer_bridge(delivered: bool) -> None:
+        spool = Spool(tmp_path, max_bytes=10**6, dedup_window=60)
+        spool.open()
+        destination = Destination(topic="geins.order.create", key=b"k", value=b"{}", headers=[])
+        assert await spool.append(destination, "k")
+        if delivered:
+            await spool.remove([r.seq for r in await spool.oldest(10, 10**6)])
+        await spool.close()
+        connection = sqlite3.connect(tmp_path / "spool.db")
+        connection.execute("PRAGMA user_version = 2")
+        connection.close()  # the last connection: -wal and -shm go with it
+
+    asyncio.run(left_by_a_newer_bridge(delivered=False))
+    files = sorted(tmp_path.iterdir())
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path))
+    assert main(["check-config"]) == 2
+    said = (
+        f"spool file {tmp_path / 'spool.db'} was written by a newer version of the bridge "
+        "(spool schema 2; this one knows 1) and may hold accepted events"
+    )
+    assert said in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == files
+    env.setenv("BRIDGE_ACK", "broker")
+    assert main(["check-config"]) == 0
+    err = capsys.readouterr().err
+    assert said in err
+    assert "serve with BRIDGE_ACK=broker does not publish what it may hold" in err
+    for name in files:
+        name.unlink()
+    asyncio.run(left_by_a_newer_bridge(delivered=True))
+    env.setenv("BRIDGE_ACK", "durable")
+    assert main(["check-config"]) == 2
+    assert "holds no event: to go back to this version" in capsys.readouterr().err
+    (tmp_path / "spool.db").unlink()
+    (tmp_path / "spool.db").write_bytes(b"not a database")  # serve's open says what is wrong
+    assert main(["check-config"]) == 0
 
 
 def _write(bootstrap: str, topic: str, count: int, size: int) -> None:
