@@ -926,7 +926,7 @@ class Spool:
         while the bridge went on answering 202 until the spool was full."""
         seqs = sorted(unreadable)
         try:  # copied and deleted in one transaction: never kept twice
-            self._remove_rows(connection, seqs, keep_in="spool_unreadable")
+            self._remove_making_room(connection, seqs, keep_in="spool_unreadable")
         except sqlite3.Error as exc:  # read past again next time: the others go on
             if self._set_aside_failed != seqs:  # said once, not at every round
                 self._set_aside_failed = seqs
@@ -946,14 +946,21 @@ class Spool:
             self._on_set_aside(len(seqs))
 
     def _remove(self, connection: sqlite3.Connection, seqs: Sequence[int]) -> None:
-        try:
-            self._remove_rows(connection, seqs)
-        except sqlite3.OperationalError as exc:
-            if not _disk_full(exc) or not self._give_up_reserve():
-                raise
-            self._remove_rows(connection, seqs)
+        self._remove_making_room(connection, seqs)
         if self.depth == 0:
             self._remake_reserve(connection)
+
+    def _remove_making_room(
+        self, connection: sqlite3.Connection, seqs: Sequence[int], keep_in: str | None = None
+    ) -> None:
+        """_remove_rows, giving up the reserve file when the disk is too full for it: a
+        removal, and a set-aside too (which copies the rows before it deletes them)."""
+        try:
+            self._remove_rows(connection, seqs, keep_in=keep_in)
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc) or not self._give_up_reserve(exc):
+                raise
+            self._remove_rows(connection, seqs, keep_in=keep_in)
 
     def _remake_reserve(self, connection: sqlite3.Connection) -> None:
         """Make the reserve again, the spool being empty: first give the WAL file's
@@ -998,7 +1005,7 @@ class Spool:
         self._reserve_made = True
         self._reserve_next_try = 0.0
 
-    def _give_up_reserve(self) -> bool:
+    def _give_up_reserve(self, exc: sqlite3.OperationalError) -> bool:
         """Delete the reserve file to make room; False if there was none."""
         try:
             self._reserve.unlink()
@@ -1006,9 +1013,14 @@ class Spool:
             self._reserve_made = False
             return False
         self._reserve_made = False
+        full = getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_IOERR_WRITE
         log.warning(
-            "the spool's disk is full: its reserve file (%d bytes) is given up so that the "
+            "the spool's disk %s: its reserve file (%d bytes) is given up so that the "
             "events Kafka took can be removed; it is made again once the spool is empty",
+            # SQLite tells a quota's EDQUOT and a failing disk's EIO alike
+            "is full"
+            if full
+            else f"refused a write ({exc}: a disk quota full, or the disk failing)",
             self._reserve_bytes,
         )
         return True

@@ -1094,6 +1094,49 @@ async def test_a_row_with_a_damaged_column_is_set_aside_too(
         await spool.close()
 
 
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (sqlite3.SQLITE_FULL, "disk is full"),
+        (sqlite3.SQLITE_IOERR_WRITE, "disk refused a write (disk I/O error: a disk quota full"),
+    ],
+)
+async def test_a_set_aside_on_a_full_disk_gives_up_the_reserve(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+    said: str,
+) -> None:
+    """A set-aside copies the rows before it deletes them: on a full disk it failed at
+    every round while the reserve file, there for this, stayed (a removal gave it up).
+    And a failing disk's write error is not said to be a full disk."""
+    spool, set_aside = await damaged_spool(tmp_path, "headers", b"garbage")
+    real = spool._remove_rows
+    failures = 0
+
+    def full_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            error = sqlite3.OperationalError(
+                "database or disk is full" if code == sqlite3.SQLITE_FULL else "disk I/O error"
+            )
+            error.sqlite_errorcode = code
+            raise error
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(spool, "_remove_rows", full_once)
+    try:
+        got = await spool.oldest(10, 10**6)
+        assert [r.destination.key for r in got] == [b"k0", b"k2"]
+        assert set_aside == [1]
+        assert not (tmp_path / spool_module.RESERVE_NAME).exists()
+        assert f"the spool's {said}" in caplog.text
+    finally:
+        await spool.close()
+
+
 async def test_a_set_aside_that_fails_keeps_no_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
