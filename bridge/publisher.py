@@ -1130,14 +1130,20 @@ class KafkaPublisher:
         """Raise Unavailable while Kafka has answered nothing for UNANSWERED_AFTER_SECONDS
         (the bridge is unready by then), or before the first connection: a record would
         wait the whole publish timeout for the same 503, each such request holding one
-        of BRIDGE_MAX_CONCURRENCY places."""
-        if self._producer is None or time.monotonic() >= self._answered_until:
+        of BRIDGE_MAX_CONCURRENCY places. Kafka's answer to a metadata refresh
+        aiokafka completed counts, as it does for ``connected``: a heartbeat that drew
+        a hung broker first gave up before it came (refused at once, while ready)."""
+        producer = self._producer
+        if producer is None or (
+            time.monotonic() >= self._answered_until
+            and _metadata_age(producer) >= UNANSWERED_AFTER_SECONDS
+        ):
             self._metrics.record_publish_error("not_connected")
             if self._stall_began is not None:  # Kafka takes nothing still: see stalled
                 self._stall()
             raise Unavailable(
                 "not connected to Kafka yet"
-                if self._producer is None
+                if producer is None
                 # The bridge's connections had no answer: Kafka may be answering other
                 # clients (a broker stopped holds the requests queued behind its own).
                 else f"no answer from Kafka at {self._settings.kafka_bootstrap} for "

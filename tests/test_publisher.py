@@ -906,6 +906,26 @@ async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_kafka_connected(
     assert not pub.connected
 
 
+async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_deliveries_trying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same refresh, and no heartbeat nor record answered for 25 s: deliveries were
+    refused at once ("no answer from Kafka") while the bridge said it was ready, Kafka
+    answering aiokafka's refreshes (a review's test)."""
+    clock = frozen_monotonic(monkeypatch)
+    pub = publisher()
+    producer = FakeProducer()
+    pub._use(producer, b"")
+    clock[0] += publisher_module.UNANSWERED_AFTER_SECONDS + 1
+    producer.client.cluster._last_successful_refresh_ms = (time.time() - 1) * 1000
+    assert pub.connected
+    pub.refuse_at_once()  # tries Kafka
+    producer.client.cluster._last_successful_refresh_ms = (time.time() - 26) * 1000
+    assert not pub.connected
+    with pytest.raises(Unavailable, match="no answer from Kafka"):
+        pub.refuse_at_once()
+
+
 async def test_a_stall_holds_while_deliveries_are_refused_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
