@@ -718,10 +718,16 @@ async def test_without_a_reserve_each_event_is_weighed_and_readiness_follows_the
         outcomes = await asyncio.gather(big, small, return_exceptions=True)
         assert isinstance(outcomes[0], SpoolFull)
         assert outcomes[1] is True
-        assert not spool.disk_low  # an event of 64 KiB still fits
+        # Ready: more room than removing what it holds needs, and a page's worth. Not
+        # room for any event: a larger one is refused while ready (a 64 KiB one here).
+        # Asking for room for 64 KiB made a small volume's drained spool (its file
+        # keeping the backlog's size) unready for good, though small events fit.
+        assert not spool.disk_low
+        with pytest.raises(SpoolFull):
+            await spool.append(record(3, 64 * 1024 - 400), "64k")
         disk.free = 1000
         with pytest.raises(SpoolFull):
-            await spool.append(record(3), "other")
+            await spool.append(record(4), "other")
         assert spool.disk_low
         disk.free = 10**9  # the drain made room
         await spool.remove([r.seq for r in await spool.oldest(10, 10**6)])
