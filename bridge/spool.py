@@ -169,6 +169,10 @@ FOLDER_MODE = 0o700
 #: (the drainer's last removals, in milliseconds on a disk that works). A disk that
 #: hangs (a network volume gone) held the stop, and the process, until SIGKILL.
 CLOSE_WAIT_SECONDS = 5.0
+#: A job of the writer thread that has run this long: the disk hangs (a network volume
+#: gone). The spool is unready, and appends are refused at once, until it ends; a
+#: commit takes milliseconds on a disk that works, a purge of many keys a few seconds.
+STUCK_AFTER_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -344,6 +348,7 @@ class Spool:
         # pages the database freed (_reusable), which it fills again before it grows.
         self._disk_free = math.nan
         self._reusable = 0
+        self._job_began: float | None = None  # when the writer thread took its current job
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
@@ -636,6 +641,8 @@ class Spool:
         """
         if self._closed:
             raise stopping()
+        if (stuck := self.stuck_for()) is not None:  # it would wait as long as the disk
+            raise SpoolWriteFailed(f"the spool's disk has not finished a write for {stuck:.0f} s")
         size = record_size(destination)
         # Refused here without a trip to the writer thread, unless the key may be a
         # retry of an event already safe: the writer checks that first (200 duplicate).
@@ -644,6 +651,15 @@ class Spool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Append(destination, dedup_key, size, future))
         return await future
+
+    def stuck_for(self) -> float | None:
+        """Seconds the writer thread's current job has run, once STUCK_AFTER_SECONDS
+        have passed (None before, or when it is idle)."""
+        began = self._job_began
+        if began is None:
+            return None
+        running = time.monotonic() - began
+        return running if running >= STUCK_AFTER_SECONDS else None
 
     def _full(self) -> SpoolFull:
         return SpoolFull(
@@ -707,15 +723,20 @@ class Spool:
                     return
                 if job is _STOP:
                     stopping = True
-                elif isinstance(job, _Append):
-                    group = [job]
-                    stopping |= self._gather_group(group)
-                    try:
-                        self._commit_appends(connection, group)
-                    except Exception:  # a bug: no request may wait forever for it
-                        self._after_unexpected_error([item.future for item in group])
-                else:
-                    self._run_call(connection, job)
+                    continue
+                self._job_began = time.monotonic()  # read by stuck_for, from the loop
+                try:
+                    if isinstance(job, _Append):
+                        group = [job]
+                        stopping |= self._gather_group(group)
+                        try:
+                            self._commit_appends(connection, group)
+                        except Exception:  # a bug: no request may wait forever for it
+                            self._after_unexpected_error([item.future for item in group])
+                    else:
+                        self._run_call(connection, job)
+                finally:
+                    self._job_began = None
         finally:
             connection.close()
 

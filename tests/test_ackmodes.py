@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 
 from bridge import drainer as drainer_module
 from bridge import kafkaadmin
+from bridge import spool as spool_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
 from bridge.app import create_app
 from bridge.backlog import MemoryBacklog
@@ -1745,3 +1746,48 @@ async def test_each_request_of_a_failed_group_commit_gets_its_own_refusal(
     nesting = [detail.count("cannot be kept as a dead letter now") for detail in answered]
     assert nesting == [1, 1, 1], answered
     assert len({id(o) for o in outcomes}) == len(outcomes), "one exception object shared"
+
+
+def test_a_hung_spool_disk_makes_the_bridge_unready_and_refuses_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool disk that hangs (a network volume gone): every delivery waited for a
+    commit that did not come, while /readyz and bridge_ready said ready, so a load
+    balancer kept sending this replica its traffic (a review's test). Once the writer
+    thread's job has run STUCK_AFTER_SECONDS, it is unready, and new deliveries get
+    503 spool_write_failed at once; all is as before once the disk answers."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.5)
+    metrics = Metrics()
+    app = create_app(settings(tmp_path), publisher=FakePublisher(), metrics=metrics)
+    mode = app.state.prepare.__self__
+    disk_back = threading.Event()
+    headers = {"Authorization": "Bearer test-token"}
+    order = b'{"entity":"Order","action":"create","id":"1"}'
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+
+        async def hang() -> None:  # the writer thread in a write() that hangs
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            mode.spool._jobs.put(spool_module._Call(lambda _: disk_back.wait(30), fut))
+            await fut
+
+        portal = client.portal
+        assert portal is not None
+        hung = portal.start_task_soon(hang)
+        waiting = portal.start_task_soon(mode.deliver, record("waits"), "waits")
+        try:
+            time.sleep(0.7)
+            assert not waiting.done()
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert "the spool's disk has not finished a write for" in ready.json()["reason"]
+            assert metrics.registry.get_sample_value("bridge_ready") == 0
+            refused = client.post("/webhooks/geins", content=order, headers=headers)
+            assert refused.status_code == 503
+            assert refused.json()["reason"] == "spool_write_failed"
+        finally:
+            disk_back.set()
+        hung.result(10)
+        assert waiting.result(10) is True
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/webhooks/geins", content=order, headers=headers).status_code == 202
