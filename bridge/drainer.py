@@ -83,13 +83,21 @@ def drain_deadline(deadline: float | None, shutdown_timeout: float) -> float:
 class _Pending:
     """A record handed to the producer whose acknowledgement has not been seen yet."""
 
-    __slots__ = ("acked", "late", "record", "sent_at")
+    __slots__ = ("acked", "acked_at", "late", "record", "sent_at")
 
     def __init__(self, record: QueuedRecord, acked: asyncio.Future[Any]) -> None:
         self.record = record
         self.acked = acked
         self.sent_at = time.perf_counter()
+        # When the acknowledgement came: a round collects its records once they all
+        # came (or its wait ran out), and timing each then gave every record of a
+        # round the latency of its slowest (one slow partition made the p50 a maximum)
+        self.acked_at: float | None = None
+        acked.add_done_callback(self._stamp)
         self.late = False  # counted as a timeout already (once, however long it waits)
+
+    def _stamp(self, _: asyncio.Future[Any]) -> None:
+        self.acked_at = time.perf_counter()
 
 
 class Drainer:
@@ -460,8 +468,9 @@ class Drainer:
                 done.append(seq)
                 self._suspects.pop(seq, None)  # collected by another round than its own
                 self._holds.pop(topic, None)
+                acked_at = pending.acked_at or time.perf_counter()  # its callback may wait
                 self._metrics.record_published(
-                    len(pending.record.destination.value), time.perf_counter() - pending.sent_at
+                    len(pending.record.destination.value), acked_at - pending.sent_at
                 )
                 continue
             error = self._publisher.failure(failure)
