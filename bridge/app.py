@@ -146,13 +146,17 @@ async def _create_topics(
         created = await kafkaadmin.create_topics(
             settings, kafkaadmin.default_topics(settings, router)
         )
+    except kafkaadmin.TopicsNotCreated as exc:  # some: the others' outcomes are said too
+        log.error("BRIDGE_CREATE_TOPICS: some topics could not be created: %s", exc)
+        created = exc.results
     except Exception as exc:
         log.error("BRIDGE_CREATE_TOPICS: the topics could not be created: %s", exc)
         return
     log.info(
-        "topics: %d created, %d already there",
+        "topics: %d created, %d already there, %d not created",
         sum(v == "created" for v in created.values()),
         sum(v.startswith("exists") for v in created.values()),
+        sum(v.startswith("failed") for v in created.values()),
     )
     for name, result in sorted(created.items()):
         if result.startswith("exists: "):  # too small a limit for the largest event

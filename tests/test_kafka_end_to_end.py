@@ -146,6 +146,39 @@ def test_topics_created_at_startup(kafka_bootstrap: str, topic_prefix: str) -> N
     assert len(topics) == 31 + 1  # every entity/action pair of the Geins table, dead letters
 
 
+def test_a_topic_refused_at_startup_does_not_hide_the_others_outcomes(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One topic Kafka refused (here a name it takes for an existing one's) made the
+    whole creation one ERROR: the WARNING naming a topic whose max.message.bytes is
+    under the largest accepted record was not logged, nor how many were made, though
+    `bridge topics create` prints both (a review's test)."""
+    small = f"{topic_prefix}.geins.product.update"  # Kafka's default limit, 1048588
+    blocker = f"{topic_prefix}.geins.order_create"  # Kafka takes it for order.create
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(t, 1, 1) for t in (small, blocker)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_CREATE_TOPICS="true",
+                     BRIDGE_MAX_BODY_BYTES="3000000")  # fmt: skip
+    settings = load_settings(environ=env)
+    wait_until(lambda: asyncio.run(kafkaadmin.list_topics(settings)),
+               lambda t: small in t and blocker in t, within=10, every=0.2)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="bridge.app")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+    said = [r.getMessage() for r in caplog.records if r.name == "bridge.app"]
+    assert any("could not be created" in line and "order.create" in line for line in said)
+    assert any(line.startswith(f"topic {small}: its max.message.bytes, 1048588") for line in said)
+    assert "topics: 30 created, 1 already there, 1 not created" in said
+
+
 def partitions_of(bootstrap: str, topic: str) -> int:
     async def describe() -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
