@@ -232,9 +232,12 @@ def template_pattern(template: str) -> str:
     return f"^{pattern}$"
 
 
-def template_can_make(template: str, topic: str) -> bool:
-    """Whether ``template`` can produce ``topic``, or a name Kafka takes for the same
-    (it treats '.' and '_' alike: of two such topics only the first can be created)."""
+def template_can_make(template: str, topic: str, *, as_kafka_sees_it: bool = True) -> bool:
+    """Whether ``template`` can produce ``topic``, or (``as_kafka_sees_it``) a name
+    Kafka takes for the same (it treats '.' and '_' alike: of two such topics only the
+    first can be created)."""
+    if not as_kafka_sees_it:
+        return re.fullmatch(template_pattern(template), topic) is not None
     folded = re.compile(template_pattern(template.replace("_", ".")))
     return folded.fullmatch(topic.replace("_", ".")) is not None
 
