@@ -278,6 +278,16 @@ class _DrainedAck:
     def held_topics(self) -> list[str]:
         return self.drainer.held_topics
 
+    def _full_because(self) -> str:
+        """Why the backlog filled, as far as the bridge can tell: topics whose events
+        Kafka does not take (a denied ACL, a missing topic) fill it as surely as Kafka
+        away does, and "Kafka is probably unreachable" sent the operator elsewhere."""
+        held = self.drainer.held_topics
+        if not held:
+            return "Kafka is probably unreachable"
+        named = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        return f"Kafka takes no event of {named} (see the log and bridge_topics_held)"
+
     def _background_reason(self) -> str | None:
         """Unready once the drainer (or durable's spool maintenance) stopped. Their loops
         catch whatever they can meet, so one that ended on its own is a bug: it was only
@@ -354,7 +364,7 @@ class DurableAck(_DrainedAck):
         if spool.disk_low:
             return "the spool's disk has too little room left"
         if not has_room(spool.bytes, self._max_bytes):
-            return "the spool is full (BRIDGE_SPOOL_MAX_BYTES): Kafka is probably unreachable"
+            return f"the spool is full (BRIDGE_SPOOL_MAX_BYTES): {self._full_because()}"
         return self._background_reason()
 
     @property
@@ -444,9 +454,7 @@ class MemoryAck(_DrainedAck):
     @property
     def unready_reason(self) -> str | None:
         if self.backlog.full:
-            return (
-                "the memory queue is full (BRIDGE_MEMORY_MAX_BYTES): Kafka is probably unreachable"
-            )
+            return f"the memory queue is full (BRIDGE_MEMORY_MAX_BYTES): {self._full_because()}"
         return self._background_reason()
 
     @property

@@ -1829,3 +1829,28 @@ async def test_a_fast_ack_is_not_timed_as_the_slowest_of_its_round() -> None:
         f"{under_100ms} of 2 records observed under 100 ms, though one was acknowledged "
         f"after 10 ms; sum={get('bridge_publish_duration_seconds_sum'):.3f}s"
     )
+
+
+def test_a_full_backlog_names_the_topics_kafka_does_not_take(tmp_path: Path) -> None:
+    """A topic Kafka takes nothing of (a denied ACL) fills the memory queue or the spool
+    as surely as Kafka away: /readyz said "Kafka is probably unreachable" all the same,
+    sending the operator after Kafka rather than the topic (a review's note)."""
+    mode = make_ack_mode(
+        settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_MEMORY_MAX_BYTES=str(2**20)),
+        FakePublisher(),
+        Metrics(),
+    )
+    assert isinstance(mode, MemoryAck)
+    big = Destination(topic="geins.order.create", key=b"k", value=b"x" * 60_000, headers=[])
+    while not mode.backlog.full:
+        mode.backlog.append(big)
+    assert mode.unready_reason == (
+        "the memory queue is full (BRIDGE_MEMORY_MAX_BYTES): Kafka is probably unreachable"
+    )
+    held = ["geins.a.create", "geins.b.create", "geins.c.create", "geins.d.create"]
+    mode.drainer._holds = {topic: (time.monotonic() + 60, 60.0) for topic in held}
+    assert mode.unready_reason == (
+        "the memory queue is full (BRIDGE_MEMORY_MAX_BYTES): Kafka takes no event of "
+        "geins.a.create, geins.b.create, geins.c.create and 1 more (see the log and "
+        "bridge_topics_held)"
+    )
