@@ -236,7 +236,7 @@ class _Names:
 def _named(path: Path) -> str:
     """``path`` as an error quotes a file holding secrets: not at all when it names
     nothing, as it may then be the secret itself, set in the wrong setting."""
-    return str(path) if os.path.lexists(path) else "the file it names"
+    return _printable_path(path) if os.path.lexists(path) else "the file it names"
 
 
 def _file_named(path: Path, info: ValidationInfo) -> str:
@@ -246,8 +246,15 @@ def _file_named(path: Path, info: ValidationInfo) -> str:
     was printed whole."""
     if info.field_name in PASSWORD_FILES:
         return _named(path)
-    text = str(path)
+    text = _printable_path(path)
     return "the file it names" if "-----" in text or "\n" in text else text
+
+
+def _printable_path(path: Path) -> str:
+    """``path`` as text an error can hold: a byte that is not UTF-8 (a surrogate, as
+    the environment gives it) as \\udcff. Quoted as it was, it made pydantic fail to
+    build the error, and the command end in a traceback."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 #: The settings that name a file holding a password (see _file_readable).
@@ -411,6 +418,19 @@ class Settings(BaseModel):
             raise ValueError("a host name or IP address has no spaces or control characters")
         return value
 
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _folder_without_stray_spaces(cls, value: Any) -> Any:
+        # The one path the bridge makes rather than reads: "/data/spool " became a
+        # sibling folder (" /data/spool" one under the working folder), off the volume
+        # meant for it, and the events in it did not outlive the container.
+        if isinstance(value, str) and value != value.strip():
+            raise ValueError(
+                "a folder path with a space or line break at its start or end: remove it "
+                "(the folder would be another one than meant)"
+            )
+        return value
+
     @field_validator("ce_source", "kafka_client_id", "kafka_sasl_username")
     @classmethod
     def _text_is_printable(cls, value: str | None) -> str | None:
@@ -545,7 +565,7 @@ class Settings(BaseModel):
             if info.field_name in PASSWORD_FILES:
                 _secret_of(text, value)  # as read when connecting, which would refuse it then
             elif not text.strip():
-                raise ValueError(f"{value} is empty")
+                raise ValueError(f"{_printable_path(value)} is empty")
         return value
 
     @model_validator(mode="after")
@@ -615,6 +635,21 @@ class Settings(BaseModel):
             raise ValueError(
                 f"{named('ops_port', self.ops_port)} is {named('port')}: leave it unset "
                 "to serve the operations endpoints on that port, or choose another one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _linger_within_the_publish_timeout(self, info: ValidationInfo) -> Self:
+        # The Kafka client holds a batch for the whole linger from its first record: a
+        # lone record was not even sent before its publish timed out (broker mode: 503
+        # with the record landing just after; the others: a timeout counted, the topic
+        # held back, event after event).
+        if self.kafka_linger_ms / 1000 > self.publish_timeout / 2:
+            named = _Names(info)
+            raise ValueError(
+                f"{named('kafka_linger_ms', self.kafka_linger_ms)} is more than half of "
+                f"{named('publish_timeout', f'{self.publish_timeout:g}')}: a record waits "
+                "that long before it is even sent, and its publish would time out"
             )
         return self
 
@@ -919,6 +954,11 @@ def load_settings(
         except ValidationError as exc:
             origin = {field: name + where for field, (name, where) in given.items()}
             raise ConfigError(_secrets_given(values).redact(_explain(exc, origin))) from None
+        except UnicodeError:  # a message quoting a value that is not UTF-8: not ours to show
+            raise ConfigError(
+                "invalid settings: a value holds bytes that are not UTF-8 text, and the "
+                "error about it could not be shown; check the settings' paths and names"
+            ) from None
     except ConfigError as exc:
         exc.log_format = values.get("log_format")  # a file's too, where one was read
         raise

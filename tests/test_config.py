@@ -957,3 +957,41 @@ def test_a_file_size_limit_below_the_spools_needs_is_warned_of(
     assert memory.file_size_warning() is None  # no spool written
     monkeypatch.setattr(resource, "getrlimit", real)
     assert durable.file_size_warning() is None  # unlimited here
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["BRIDGE_KAFKA_SSL_CAFILE", "BRIDGE_KAFKA_SSL_CERTFILE", "BRIDGE_KAFKA_SSL_KEYFILE"],
+)
+def test_a_file_path_that_is_not_utf8_is_named_in_one_line(setting: str) -> None:
+    """A byte that is not UTF-8 in a path (a surrogate, as the environment gives it)
+    made the error quoting it fail: a traceback and exit 1 instead of the setting named
+    (a review's test)."""
+    said = refusal_of(**{setting: "/no/such/ca-\udcff.pem"})
+    assert f"{setting}: cannot read /no/such/ca-\\udcff.pem" in said
+
+
+@pytest.mark.parametrize("folder", ["/data/spool ", " /data/spool", "/data/spool\n"])
+def test_a_spool_folder_with_stray_spaces_is_refused(folder: str) -> None:
+    """ "/data/spool " was another folder than the volume mounted at /data/spool (and
+    " /data/spool" one under the working folder): the events did not outlive the
+    container, and check-config passed (a review's test)."""
+    assert "BRIDGE_SPOOL_DIR: a folder path with a space or line break" in refusal_of(
+        BRIDGE_SPOOL_DIR=folder
+    )
+
+
+def test_a_linger_longer_than_half_the_publish_timeout_is_refused() -> None:
+    """A lone record waits the whole linger before it is sent: at or past the publish
+    timeout, every lone delivery timed out in broker mode (503, the record landing
+    just after), and the other modes held healthy topics back (a review's test)."""
+    said = refusal_of(BRIDGE_KAFKA_LINGER_MS="600", BRIDGE_PUBLISH_TIMEOUT="1")
+    assert "BRIDGE_KAFKA_LINGER_MS=600 is more than half of BRIDGE_PUBLISH_TIMEOUT=1" in said
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": A_TOKEN,
+            "BRIDGE_KAFKA_LINGER_MS": "500",
+            "BRIDGE_PUBLISH_TIMEOUT": "1",
+        }
+    )
+    assert settings.kafka_linger_ms == 500
