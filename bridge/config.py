@@ -261,6 +261,10 @@ def _printable_path(path: Path) -> str:
 PASSWORD_FILES = frozenset({"kafka_sasl_password_file", "kafka_ssl_keyfile_password_file"})
 
 
+#: The longest URL (path and query, as the guard counts them) the HTTP parser takes.
+MAX_URL_BYTES_CEILING = 65534
+
+
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
@@ -286,7 +290,9 @@ class Settings(BaseModel):
     keep_alive_timeout: int = Field(5, ge=1, le=300)
     max_headers: int = Field(100, ge=8, le=10_000)
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
-    max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    # The HTTP parser takes a URL of 65535 bytes at most ('?' included, which the
+    # guard does not count): a larger limit promised URLs it answered 400.
+    max_url_bytes: int = Field(8 * 1024, ge=256, le=MAX_URL_BYTES_CEILING)
     max_concurrency: int = Field(1000, ge=1, le=MAX_REQUESTS)
     # 32 MiB: bodies as large as BRIDGE_MAX_BODY_BYTES from every request in progress
     # would be ~940 MB at the defaults, well over the manifests' memory limits.
@@ -825,6 +831,13 @@ class Settings(BaseModel):
         """The tokens BRIDGE_TOKENS_FILE holds now (none without one); OSError or
         ValueError if it cannot be read any more."""
         return () if self.tokens_file is None else read_tokens_file(self.tokens_file)
+
+    def head_cap(self) -> int:
+        """Bytes a request head may take on the wire: the URL and the headers as the
+        guard counts them (names and values), with each header line's ': ' and CRLF
+        (4 bytes; 1 KiB of room covered them for some 250 headers only, and
+        BRIDGE_MAX_HEADERS may be 10000) and room for the request line's rest."""
+        return self.max_url_bytes + self.max_header_bytes + 4 * self.max_headers + 1024
 
     def connection_limit(self) -> tuple[int, str | None]:
         """The connections the server keeps open at most, and a warning when

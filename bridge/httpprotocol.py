@@ -59,7 +59,7 @@ import uvicorn
 from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bridge.config import OPS_MAX_CONNECTIONS
+from bridge.config import MAX_URL_BYTES_CEILING, OPS_MAX_CONNECTIONS
 from bridge.errors import (
     BridgeError,
     ClientDisconnected,
@@ -215,6 +215,8 @@ def _refusal_of(error: BaseException | None) -> BridgeError | None:
 #: What the protocol serves: llhttp also takes an HTTP/0.9 request line (no version)
 #: and "HTTP/2.0", which were served as HTTP/1.1 (a review's find).
 _SERVED_VERSIONS = frozenset({"1.1", "1.0"})
+#: The longest URL httptools.parse_url takes, '?' included (see on_headers_complete).
+_PARSED_URL_MAX = MAX_URL_BYTES_CEILING + 1
 
 
 def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
@@ -725,6 +727,11 @@ def guarded_protocol(
                 raise _Refused(
                     MalformedRequest(f"HTTP/{version} is not served: this is HTTP/1.1 only")
                 )
+            if len(self.url) > _PARSED_URL_MAX:
+                # uvicorn's parse_url (httptools) refuses it as no HTTP, a 400: it is
+                # over BRIDGE_MAX_URL_BYTES (at most MAX_URL_BYTES_CEILING), a 414
+                url: bytes = self.url
+                raise _Refused(url_too_long(len(url) - (b"?" in url), max_url_bytes))
             hosts = _host_fields(self.headers)
             if hosts > 1 or (hosts == 0 and version == "1.1"):
                 # RFC 9112 3.2: a request names its host once at most (an HTTP/1.1 one

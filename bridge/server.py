@@ -312,8 +312,7 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
             log.warning("%s", warning)
     protocol = guarded_protocol(
         read_timeout=settings.read_timeout,
-        # the request line (method, URL, version) and the headers, with room for CRLFs
-        max_head_bytes=settings.max_url_bytes + settings.max_header_bytes + 1024,
+        max_head_bytes=settings.head_cap(),
         max_url_bytes=settings.max_url_bytes,  # a URL over it is 414, even past the head cap
         on_refused=lambda e, seconds: metrics.record_request(
             outcome_of(e), None, e.reason, seconds

@@ -995,3 +995,18 @@ def test_a_linger_longer_than_half_the_publish_timeout_is_refused() -> None:
         }
     )
     assert settings.kafka_linger_ms == 500
+
+
+@pytest.mark.parametrize("headers", ["8", "100", "500", "10000"])
+def test_the_head_cap_holds_every_head_within_the_size_limits(headers: str) -> None:
+    """The protocol's cap on a head's bytes must let through every head the guard's
+    limits allow: it left 1 KiB for the header lines' ': ' and CRLF, which some 250
+    headers fill (a review's request of 490 headers, within every limit, was a 431)."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": A_TOKEN, "BRIDGE_MAX_HEADERS": headers})
+    count = settings.max_headers
+    value = settings.max_header_bytes // count - 1  # names of one byte: the most lines
+    worst = (
+        len(b"OPTIONS /") + settings.max_url_bytes + len(b"? HTTP/1.1\r\n")
+        + count * (1 + len(b": ") + value + len(b"\r\n")) + len(b"\r\n")
+    )  # fmt: skip
+    assert worst <= settings.head_cap()

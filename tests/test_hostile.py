@@ -685,3 +685,37 @@ def test_no_token_in_any_form_reaches_logs_records_or_topic_names(
     assert HEX[:16] not in written.lower()  # not even a part of it
     assert "/webhooks/geins/<token>" in log
     assert '"key":"r4-<token>"' in log
+
+
+def test_every_head_within_the_size_limits_is_served_and_a_longer_url_is_414(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """Two reviews' tests. The head cap left 1 KiB for each header line's ': ' and CRLF,
+    which 250 headers fill: with BRIDGE_MAX_HEADERS=500, a request within every limit
+    was a 431 "larger than 25600 bytes". And the HTTP parser takes no URL over 65535
+    bytes: one the setting allowed (up to 1 MiB then) was a 400, not served, and one
+    over the setting a 400, not a 414."""
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_MAX_HEADERS="500",
+                     BRIDGE_MAX_URL_BYTES="65534")  # fmt: skip
+    body = b'{"entity":"Order","action":"create","id":"1"}'
+
+    def answer_to(port: int, url_bytes: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        path = b"/webhooks/geins?pad=" + b"p" * (url_bytes - len(b"/webhooks/geins?pad="))
+        head = b"POST " + path + b" HTTP/1.1\r\n"
+        fixed = [(b"host", b"x"), (b"authorization", b"Bearer " + TOKEN.encode()),
+                 (b"content-length", str(len(body)).encode())]  # fmt: skip
+        head += b"".join(n + b": " + v + b"\r\n" for n, v in fixed + headers) + b"\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock)
+
+    with BridgeProcess(env, tmp_path / "bridge.log") as server:
+        many = [(b"x-pad-%05d" % i, b"v" * 22) for i in range(490)]  # 16,170 bytes counted
+        assert answer_to(server.port, 8190, many).startswith(b"HTTP/1.1 202")
+        assert answer_to(server.port, 65535, []).startswith(
+            b"HTTP/1.1 202"
+        )  # 65534 without the '?'
+        too_long = answer_to(server.port, 70_000, [])
+        assert too_long.startswith(b"HTTP/1.1 414"), too_long[:300]
+        assert b"BRIDGE_MAX_URL_BYTES" in too_long
