@@ -650,7 +650,14 @@ class Spool:
             raise self._full()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Append(destination, dedup_key, size, future))
-        return await future
+        try:
+            return await future
+        finally:
+            # A refusal (the future's exception) has this frame in its traceback: the
+            # frame kept the future, a cycle that held each refused delivery's body
+            # (twice, with the frames above) until the cyclic collector came by, and a
+            # full spool refusing large events grew the bridge past its memory limit.
+            del future
 
     def stuck_for(self) -> float | None:
         """Seconds the writer thread's current job has run, once STUCK_AFTER_SECONDS
@@ -706,7 +713,10 @@ class Spool:
             raise stopping()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put(_Call(fn, future))
-        return await future
+        try:
+            return await future
+        finally:
+            del future  # see append
 
     # --- the writer thread -----------------------------------------------------------
 

@@ -1854,3 +1854,55 @@ def test_a_full_backlog_names_the_topics_kafka_does_not_take(tmp_path: Path) -> 
         "geins.a.create, geins.b.create, geins.c.create and 1 more (see the log and "
         "bridge_topics_held)"
     )
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory", "broker"])
+def test_a_refused_delivery_is_freed_without_the_cyclic_collector(tmp_path: Path, ack: str) -> None:
+    """A full spool's refusal came back through a future that the refusal's own
+    traceback held (frame -> future -> exception -> traceback -> frame): each refused
+    delivery's body, twice, waited for the cyclic collector, and a sidecar refusing
+    900 KB events with its spool full grew to ~400 MB against its 256Mi limit (a
+    review's measure). No refused delivery may be left in a cycle, in any mode."""
+    body = b'{"entity":"Order","action":"create","pad":"' + b"x" * (900 * 1024) + b'"}'
+    app = create_app(
+        settings(
+            tmp_path,
+            BRIDGE_ACK=ack,
+            BRIDGE_SPOOL_MAX_BYTES=str(2 * 1024**2),
+            BRIDGE_MEMORY_MAX_BYTES=str(2 * 1024**2),
+            BRIDGE_SHUTDOWN_TIMEOUT="0.2",  # Kafka away: what is left is not waited for
+        ),
+        publisher=FakePublisher(connected=False, fail_with=Unavailable("Kafka is away")),
+        metrics=Metrics(),
+    )
+
+    def deliver() -> Any:
+        headers = [
+            (b"authorization", b"Bearer test-token"),
+            (b"x-idempotency-key", uuid.uuid4().hex.encode()),
+        ]
+        return call_asgi(app, "POST", "/webhooks/geins", headers=headers, body_chunks=[body])
+
+    in_cycles: list[str] = []
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            for _ in range(3):  # the spool or the queue fills
+                answer = await deliver()
+            assert answer.status == 503
+            gc.collect()
+            gc.disable()
+            try:
+                assert (await deliver()).status == 503
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                gc.collect()
+                in_cycles.extend(
+                    type(o).__name__ for o in gc.garbage if isinstance(o, Delivery | Destination)
+                )
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+
+    asyncio.run(run())
+    assert in_cycles == []
