@@ -13,6 +13,7 @@ import http.server
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -1112,7 +1113,10 @@ def test_image_health_check_probes_the_address_the_bridge_listens_on(
     listen: str, environment: dict[str, str]
 ) -> None:
     """The probe went to 127.0.0.1 whatever BRIDGE_HOST / BRIDGE_OPS_HOST said: a bridge
-    bound to one address (say the pod's) was marked unhealthy for ever."""
+    bound to one address (say the pod's) was marked unhealthy for ever. And through
+    the proxy Docker puts in every container's environment (its config's "proxies"),
+    which cannot reach the container's own addresses (NO_PROXY=localhost does not
+    cover 127.0.0.1): a review's test."""
 
     class Healthz(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # the name http.server calls
@@ -1129,6 +1133,11 @@ def test_image_health_check_probes_the_address_the_bridge_listens_on(
         port = str(server.server_address[1])
         filled = {name: value.format(port=port) for name, value in environment.items()}
         assert run_image_probe(filled) == 0, filled
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            proxy = f"http://127.0.0.1:{unused.getsockname()[1]}"  # nothing listens there
+        for proxies in ({"http_proxy": proxy}, {"HTTP_PROXY": proxy, "no_proxy": "localhost"}):
+            assert run_image_probe({**filled, **proxies}) == 0, proxies
         if listen != "0.0.0.0":  # noqa: S104
             used = "BRIDGE_OPS_HOST" if "BRIDGE_OPS_HOST" in filled else "BRIDGE_HOST"
             assert run_image_probe({**filled, used: "127.0.0.9"}) != 0
