@@ -89,7 +89,7 @@ def reader(options: dict[str, Any]) -> AIOKafkaConsumer:
     it goes on from the oldest left (aiokafka's default jumped to the end, silently
     skipping every record still there). A fetch waits for new records at most half
     the request timeout, so that its answer comes within it."""
-    fetch_wait_ms = min(500, options.get("request_timeout_ms", 40_000) // 2)
+    fetch_wait_ms = max(1, min(500, options.get("request_timeout_ms", 40_000) // 2))
     consumer = AIOKafkaConsumer(
         **options,
         group_id=None,
@@ -213,7 +213,7 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             # how long Kafka may wait for the creation to end before it answers: well
             # within the client's wait for that answer, so that a slow creation is told
             # topic by topic rather than as a request timed out
-            timeout_ms=int(settings.kafka_request_timeout * 500),
+            timeout_ms=max(1, int(settings.kafka_request_timeout * 500)),
         )
         results: dict[str, str] = {}
         denied: list[str] = []

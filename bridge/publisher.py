@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -177,7 +178,8 @@ def kafka_client_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.kafka_bootstrap,
         "client_id": settings.kafka_client_id,
         "security_protocol": protocol,
-        "request_timeout_ms": int(settings.kafka_request_timeout * 1000),
+        # rounded up: a legal 0.0005 s was 0 ms
+        "request_timeout_ms": math.ceil(settings.kafka_request_timeout * 1000),
     }
     try:
         if protocol.startswith("SASL_"):
@@ -218,7 +220,7 @@ async def kafka_diagnosis(
                     host,
                     port,
                     client_id=settings.kafka_client_id,
-                    request_timeout_ms=int(settings.kafka_connect_timeout * 1000),
+                    request_timeout_ms=math.ceil(settings.kafka_connect_timeout * 1000),
                     **security,
                 )
                 try:

@@ -733,6 +733,8 @@ def test_every_client_waits_the_request_timeout_for_an_answer() -> None:
             await producer.stop()
 
     asyncio.run(built())
+    tiny = load_settings(environ={"BRIDGE_TOKENS": TOKEN, "BRIDGE_KAFKA_REQUEST_TIMEOUT": "0.0005"})
+    assert kafka_client_options(tiny)["request_timeout_ms"] == 1  # above 0, as the setting
 
 
 def test_client_options_carry_sasl_and_tls(tls: TlsFiles, tmp_path: Path) -> None:
