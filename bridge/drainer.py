@@ -80,10 +80,21 @@ def drain_deadline(deadline: float | None, shutdown_timeout: float) -> float:
     return time.monotonic() + shutdown_timeout if deadline is None else deadline
 
 
+class _Round:
+    """The acknowledgements a round waits for: how many are still to come, and the
+    future set once none is."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, left: int, done: asyncio.Future[None]) -> None:
+        self.left = left
+        self.done = done
+
+
 class _Pending:
     """A record handed to the producer whose acknowledgement has not been seen yet."""
 
-    __slots__ = ("acked", "acked_at", "late", "record", "sent_at")
+    __slots__ = ("acked", "acked_at", "late", "record", "round", "sent_at")
 
     def __init__(self, record: QueuedRecord, acked: asyncio.Future[Any]) -> None:
         self.record = record
@@ -91,13 +102,22 @@ class _Pending:
         self.sent_at = time.perf_counter()
         # When the acknowledgement came: a round collects its records once they all
         # came (or its wait ran out), and timing each then gave every record of a
-        # round the latency of its slowest (one slow partition made the p50 a maximum)
+        # round the latency of its slowest (one slow partition made the p50 a maximum).
+        # The one callback a record gets also counts it for its round (see
+        # Drainer._await_acks): asyncio.wait's own cost as much again.
         self.acked_at: float | None = None
+        self.round: _Round | None = None  # the round waiting for it, if one is
         acked.add_done_callback(self._stamp)
         self.late = False  # counted as a timeout already (once, however long it waits)
 
     def _stamp(self, _: asyncio.Future[Any]) -> None:
         self.acked_at = time.perf_counter()
+        waiting = self.round
+        if waiting is not None:
+            self.round = None
+            waiting.left -= 1
+            if not waiting.left and not waiting.done.done():
+                waiting.done.set_result(None)
 
 
 class Drainer:
@@ -430,12 +450,29 @@ class Drainer:
         settled: list[int] = []  # refused for good, and dealt with
         waiting = await self._hand_over(records, settled)
         # Not waited for: the records of topics that were held (not acknowledged since).
-        awaited = [p.acked for p in waiting if p.record.destination.topic not in self._holds]
+        holds = self._holds
+        awaited = [
+            p for p in waiting if p.record.destination.topic not in holds and not p.acked.done()
+        ]
         if awaited:
-            await asyncio.wait(awaited, timeout=self._ack_timeout)
+            await self._await_acks(awaited)
         done = settled + await self._collect()
         in_round = {r.seq for r in records}
         return done, in_round.issubset(done)
+
+    async def _await_acks(self, awaited: list[_Pending]) -> None:
+        """Until every one of ``awaited`` has its outcome, or ack_timeout has passed."""
+        waiting = _Round(len(awaited), asyncio.get_running_loop().create_future())
+        for pending in awaited:
+            pending.round = waiting
+        try:
+            async with asyncio.timeout(self._ack_timeout):
+                await waiting.done
+        except TimeoutError:
+            pass  # those still pending are counted late by _collect
+        finally:
+            for pending in awaited:
+                pending.round = None
 
     async def _collect(self) -> list[int]:
         """Deal with the pending records whose acknowledgement came (or failed); the
