@@ -193,6 +193,7 @@ def exported_series_names() -> set[str]:
             "info": ("_info",),
         }.get(family.type, ("",))
         names.update(family.name + suffix for suffix in suffixes)
+        names.update(sample.name for sample in family.samples)  # _created among them
     return names
 
 
