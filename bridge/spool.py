@@ -169,9 +169,11 @@ FOLDER_MODE = 0o700
 #: (the drainer's last removals, in milliseconds on a disk that works). A disk that
 #: hangs (a network volume gone) held the stop, and the process, until SIGKILL.
 CLOSE_WAIT_SECONDS = 5.0
-#: A job of the writer thread that has run this long: the disk hangs (a network volume
-#: gone). The spool is unready, and appends are refused at once, until it ends; a
-#: commit takes milliseconds on a disk that works, a purge of many keys a few seconds.
+#: A job of the writer thread that has made no progress this long: the disk hangs (a
+#: network volume gone). The spool is unready, and appends are refused at once, until
+#: it goes on. Progress is SQLite's (its progress handler): a long job that works, an
+#: index of a large backlog on a slow volume, goes on stepping; one waiting for the
+#: disk does not.
 STUCK_AFTER_SECONDS = 10.0
 
 
@@ -660,8 +662,8 @@ class Spool:
             del future
 
     def stuck_for(self) -> float | None:
-        """Seconds the writer thread's current job has run, once STUCK_AFTER_SECONDS
-        have passed (None before, or when it is idle)."""
+        """Seconds the writer thread's current job has gone without progress, once
+        STUCK_AFTER_SECONDS have passed (None before, or when it is idle)."""
         began = self._job_began
         if began is None:
             return None
@@ -725,6 +727,7 @@ class Spool:
         # has a coroutine waiting for it (a removal left undone would send its records
         # again), and close() lets no new job in.
         stopping = False
+        connection.set_progress_handler(self._progressing, PROGRESS_STEPS)
         try:
             while True:
                 try:
@@ -749,6 +752,13 @@ class Spool:
                     self._job_began = None
         finally:
             connection.close()
+
+    def _progressing(self) -> int:
+        """SQLite's progress handler, every PROGRESS_STEPS steps of a statement: the
+        job goes on (see stuck_for). 0: go on."""
+        if self._job_began is not None:
+            self._job_began = time.monotonic()
+        return 0
 
     def _gather_group(self, group: list[_Append]) -> bool:
         """Take every append already waiting into ``group``; True if a stop came too.

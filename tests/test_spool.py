@@ -10,6 +10,7 @@ import signal
 import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1212,5 +1213,42 @@ async def test_a_column_that_is_not_utf8_text_opens_and_reads(tmp_path: Path) ->
         got = await spool.oldest(10, 10**6)
         assert [r.destination.key for r in got] == [b"k0", b"k\x01\xff", b"k3"]
         assert set_aside == [1]
+    finally:
+        await spool.close()
+
+
+async def test_a_long_job_that_goes_on_is_not_a_hung_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that runs long but makes progress (an index of a large backlog on a slow
+    volume) is no hung disk: timed from the job's start, it made the bridge unready and
+    refuse deliveries (a review's note). SQLite's progress handler moves the stamp;
+    a job waiting on the disk (here, in Python) moves nothing."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.3)
+    spool = make(tmp_path)
+    spool.open()
+    seen: list[float | None] = []
+
+    def long_but_going_on(connection: sqlite3.Connection) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:  # a statement of many steps, several times
+            connection.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)"
+                " SELECT count(*) FROM n"
+            ).fetchone()
+            seen.append(spool.stuck_for())
+
+    def waiting(_: sqlite3.Connection) -> None:
+        time.sleep(0.6)
+        seen.append(spool.stuck_for())
+
+    try:
+        await spool._call(long_but_going_on)
+        assert seen
+        assert all(s is None for s in seen), seen
+        seen.clear()
+        await spool._call(waiting)
+        assert seen[0] is not None
+        assert seen[0] >= 0.3
     finally:
         await spool.close()
