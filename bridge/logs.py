@@ -40,7 +40,24 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             line["exception"] = record.exc_text
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except TypeError:  # text that is not UTF-8: a path from the environment, say
+            return orjson.dumps(_utf8(line), default=str).decode()
+
+
+def _utf8(value: Any) -> Any:
+    """``value`` with its text made UTF-8: a byte the environment or the file system
+    gave as a surrogate (a path that is not UTF-8) as the escape \\udcff. orjson
+    refuses surrogates: the line was lost to "--- Logging error ---", and an error
+    at startup became a traceback."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_utf8(str(k)): _utf8(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_utf8(v) for v in value]
+    return _utf8(str(value)) if not isinstance(value, int | float | bool | type(None)) else value
 
 
 class TextFormatter(logging.Formatter):

@@ -424,3 +424,19 @@ def test_the_bridges_own_refusals_are_a_warning_once_a_minute_per_reason(
         ("INFO", "delivery refused: unauthorized"),
         ("WARNING", "delivery refused: unavailable"),
     ]
+
+
+def test_a_json_line_may_name_a_path_that_is_not_utf8() -> None:
+    """A byte that is not UTF-8 in a path (a surrogate, as the environment gives it)
+    made orjson refuse the line: "--- Logging error ---" for every line naming the
+    spool folder, and a traceback for a folder that could not be used (a review's
+    test). Written as the escape \\udcff instead."""
+    record = logging.LogRecord(
+        "bridge.spool", logging.INFO, __file__, 1,
+        "spool: events are kept in the folder %s", ("/data/sp\udcffool",), None,
+    )  # fmt: skip
+    record.fields = {"path": "/data/sp\udcffool", "count": 3}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "spool: events are kept in the folder /data/sp\\udcffool"
+    assert line["path"] == "/data/sp\\udcffool"
+    assert line["count"] == 3
