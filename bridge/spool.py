@@ -45,6 +45,7 @@ import queue
 import signal
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
@@ -268,25 +269,66 @@ def newer_spool(directory: Path) -> str | None:
 
     Read without taking the folder (a running bridge may hold it) and without making
     a file there (a read-only connection makes the -wal and -shm files, as whoever
-    runs this: a bridge of another user could then not open them): the file alone is
-    read, not its write-ahead log. So a spool whose version is in that log alone
-    passes (serve refuses it), and one whose log has content is taken to hold events.
+    runs this: a bridge of another user could then not open them): the file itself
+    in SQLite's immutable mode, and its write-ahead log as a file (_version_in_log),
+    where a newer version killed before its first checkpoint left its version. A log
+    with content counts as holding events.
     """
     path = directory / DB_NAME
+    wal = path.with_name(f"{DB_NAME}-wal")
     try:
         if not path.is_file():
             return None
+        log_size = wal.stat().st_size if wal.exists() else 0
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
         try:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if log_size:
+                logged = _version_in_log(wal)
+                version = version if logged is None else logged
             if version <= SCHEMA_VERSION:
                 return None
-            log_size = os.stat(f"{path}-wal").st_size if os.path.exists(f"{path}-wal") else 0
             return _newer(path, version, bool(log_size) or _holds_events(connection))
         finally:
             connection.close()
     except (OSError, sqlite3.Error):  # not this check's to say: serve's open says it
         return None
+
+
+_WAL_MAGIC = frozenset({0x377F0682, 0x377F0683})
+_VERSION_AT = 60  # the database header's user_version, in its first page
+
+
+def _version_in_log(wal: Path) -> int | None:
+    """The spool's version as the last committed copy of the database's first page
+    in its write-ahead log says (None when the log holds none). Frame headers only
+    are read (SQLite's WAL format: a 32-byte header, then frames of a 24-byte header
+    and a page): those of the log's current generation (its salts), whole, up to the
+    last that commits a transaction. Checksums are not verified (a whole log's worth
+    of Python): a frame torn by a crash could be misread, if it was page 1's."""
+    with wal.open("rb") as log_file:
+        size = os.fstat(log_file.fileno()).st_size
+        head = log_file.read(32)
+        if len(head) < 32:
+            return None
+        magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", head[:24])
+        if magic not in _WAL_MAGIC or page_size < 512 or page_size & (page_size - 1):
+            return None
+        latest: int | None = None  # page 1's version in the latest frame holding it
+        committed: int | None = None
+        offset = 32
+        while offset + 24 + page_size <= size:
+            log_file.seek(offset)
+            frame = log_file.read(24 + _VERSION_AT + 4)
+            page, commits, frame_salt1, frame_salt2 = struct.unpack(">4I", frame[:16])
+            if (frame_salt1, frame_salt2) != (salt1, salt2):
+                break  # a frame of an earlier generation: the log ends before it
+            if page == 1:
+                (latest,) = struct.unpack(">i", frame[24 + _VERSION_AT : 24 + _VERSION_AT + 4])
+            if commits and latest is not None:
+                committed = latest
+            offset += 24 + page_size
+        return committed
 
 
 class Spool:

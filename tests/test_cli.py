@@ -38,7 +38,7 @@ from bridge.auth import UNAUTHENTICATED
 from bridge.cli import _exit_code, main
 from bridge.config import load_settings
 from bridge.devkafka import free_port, free_ports
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, SpoolUnusable
 from bridge.kafkaadmin import checked_pattern, tail
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
@@ -1228,7 +1228,7 @@ def test_check_config_refuses_a_spool_a_newer_version_wrote(
     refused to start (durable) or left the spool unpublished (the other modes). Told
     now, the way serve tells it, without a file made in the folder."""
 
-    async def left_by_a_newer_bridge(delivered: bool) -> None:
+    async def left_by_a_newer_bridge(delivered: bool, version: int = 2) -> None:
         spool = Spool(tmp_path, max_bytes=10**6, dedup_window=60)
         spool.open()
         destination = Destination(topic="geins.order.create", key=b"k", value=b"{}", headers=[])
@@ -1237,7 +1237,7 @@ def test_check_config_refuses_a_spool_a_newer_version_wrote(
             await spool.remove([r.seq for r in await spool.oldest(10, 10**6)])
         await spool.close()
         connection = sqlite3.connect(tmp_path / "spool.db")
-        connection.execute("PRAGMA user_version = 2")
+        connection.execute(f"PRAGMA user_version = {version}")
         connection.close()  # the last connection: -wal and -shm go with it
 
     asyncio.run(left_by_a_newer_bridge(delivered=False))
@@ -1265,6 +1265,23 @@ def test_check_config_refuses_a_spool_a_newer_version_wrote(
     (tmp_path / "spool.db").unlink()
     (tmp_path / "spool.db").write_bytes(b"not a database")  # serve's open says what is wrong
     assert main(["check-config"]) == 0
+    # A newer version killed before its first checkpoint: its version is in the
+    # write-ahead log alone, which serve reads and check-config read past (a review's
+    # test)
+    (tmp_path / "spool.db").unlink()
+    asyncio.run(left_by_a_newer_bridge(delivered=False, version=1))
+    subprocess.run(
+        [sys.executable, "-c", "import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1], "
+         "isolation_level=None); c.execute('PRAGMA journal_mode=WAL'); "
+         "c.execute('PRAGMA user_version = 2'); os._exit(0)", str(tmp_path / "spool.db")],
+        check=True,
+    )  # fmt: skip
+    assert (tmp_path / "spool.db-wal").stat().st_size > 0
+    assert main(["check-config"]) == 2
+    assert "(spool schema 2; this one knows 1) and may hold" in capsys.readouterr().err
+    # (after: its close checkpoints the log into the file)
+    with pytest.raises(SpoolUnusable, match="written by a newer version"):  # as serve does
+        Spool(tmp_path, max_bytes=10**6, dedup_window=60).connect()
 
 
 def _write(bootstrap: str, topic: str, count: int, size: int) -> None:
