@@ -159,6 +159,8 @@ class Drainer:
         self._only_held_left = False
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
         self._publish_after: asyncio.Future[Any] | None = None  # see start()
+        #: Records Kafka refused for good whose dead letter failed too: lost (as logged)
+        self.dropped = 0
 
     @classmethod
     def from_settings(
@@ -675,4 +677,5 @@ class Drainer:
             error.detail,
         )
         self._metrics.dropped_records.inc()
+        self.dropped += 1
         return True

@@ -151,13 +151,17 @@ class LeftoverSpool:
             draining.cancel()
             await asyncio.gather(draining, return_exceptions=True)
         await spool.close()
+        dropped = self._drainer.dropped if self._drainer is not None else 0
         self._spool = self._drainer = None
-        if self._set_aside:
+        if self._set_aside or dropped:
             log.warning(
                 "the events the durable spool %s held are in Kafka but %d it could not "
-                "read back, kept in its table spool_unreadable; the folder is let go",
+                "read back (kept in its table spool_unreadable) and %d Kafka refused for "
+                "good that could not be kept as dead letters either (dropped, as logged); "
+                "the folder is let go",
                 spool.path,
                 self._set_aside,
+                dropped,
             )
             return
         log.info(

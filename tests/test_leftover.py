@@ -8,6 +8,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -16,7 +17,7 @@ from bridge import spool as spool_module
 from bridge.ackmodes import make_ack_mode
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
-from bridge.errors import SpoolUnusable, Unavailable
+from bridge.errors import PayloadTooLarge, SpoolUnusable, Unavailable
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from bridge.spool import RESERVE_NAME, Spool
@@ -109,7 +110,42 @@ async def test_rows_set_aside_are_not_said_to_be_in_kafka(
     assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
     assert "all in Kafka" not in caplog.text
     assert "are in Kafka but 1 it could not read back" in caplog.text
+    assert "and 0 Kafka refused for good" in caplog.text
     assert "spool_unreadable" in caplog.text
+
+
+class RefusingB(FakePublisher):
+    """Kafka refusing the record with key b"b" for good, as too large for its topic
+    and for the dead letters' alike."""
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.key == b"b":
+            await asyncio.sleep(0)
+            raise PayloadTooLarge("the record is larger than the topic takes")
+        return await super().hand_over(destination)
+
+
+async def test_a_dropped_record_is_not_said_to_be_in_kafka(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record Kafka refused for good, whose dead letter failed too, is lost (logged,
+    counted): the end of the drain said all the spool held was in Kafka all the same
+    (a review's test)."""
+    await left_by_a_durable_bridge(tmp_path, "a", "b", "c")
+    publisher, metrics = RefusingB(), Metrics()
+    mode = make_ack_mode(settings(tmp_path, BRIDGE_ACK="broker"), publisher, metrics)
+    caplog.set_level(logging.INFO)
+    mode.prepare()
+    await mode.start()
+    try:
+        await eventually(lambda: folder_is_free(tmp_path))
+    finally:
+        await mode.stop()
+    assert {d.key for d in publisher.records} == {b"a", b"c"}
+    assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
+    assert "all in Kafka" not in caplog.text
+    assert "0 it could not read back" in caplog.text
+    assert "and 1 Kafka refused for good" in caplog.text
 
 
 async def test_what_is_left_at_a_stop_stays_for_the_next_start(
