@@ -258,7 +258,10 @@ class BrokerAck:
             f"it was not sent again, Kafka has not settled the first in {self._landing_wait:g} s"
         )
         retry_later.landing = landing
-        raise retry_later
+        try:
+            raise retry_later
+        finally:
+            del retry_later  # see Spool.append
 
 
 class _DrainedAck:

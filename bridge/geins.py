@@ -389,7 +389,10 @@ def _resolve_type_uncached(
             f"{shown} is not a known Geins event type and strict types are on (BRIDGE_STRICT_TYPES)"
         )
         unknown.names = (entity, action)
-        raise unknown
+        try:
+            raise unknown
+        finally:
+            del unknown  # else frame -> exception -> traceback -> frame (see Spool.append)
     return entity, action, known
 
 

@@ -1206,32 +1206,42 @@ class KafkaPublisher:
             if handed_over and self._record_answered_at < started and self._broker_mode:
                 self._stall()
             self._metrics.record_publish_error("timeout")
-            timeout = PublishTimeout(
-                f"Kafka did not acknowledge the record for {destination.topic} "
-                f"within {self._timeout:g} s"
-            )
-            if landing is not None:
-                # It may land still: then its key is recorded (see BrokerAck) and it
-                # is counted published, as Kafka has it.
-                timeout.landing = landing
-                landing.add_done_callback(
-                    functools.partial(self._published_late, destination, started)
-                )
-            raise timeout from None
+            raise self._timed_out(destination, started, landing) from None
         except Exception as exc:
             raise self.failure(exc) from None
+        finally:
+            # A refusal's traceback holds this frame: holding the future the refusal
+            # came from, the frame kept itself, and the frames above with the
+            # delivery's body, until the cyclic collector ran (so is the refusal built
+            # elsewhere, not held in a name here).
+            acked = None
         self._published(destination, started)
+
+    def _timed_out(
+        self, destination: Destination, started: float, landing: asyncio.Future[Any] | None
+    ) -> PublishTimeout:
+        timeout = PublishTimeout(
+            f"Kafka did not acknowledge the record for {destination.topic} "
+            f"within {self._timeout:g} s"
+        )
+        if landing is not None:
+            # It may land still: then its key is recorded (see BrokerAck) and it is
+            # counted published, as Kafka has it. (Its size only: the body is not
+            # kept for that, the producer's batch has its own copy.)
+            timeout.landing = landing
+            landing.add_done_callback(
+                functools.partial(self._published_late, len(destination.value), started)
+            )
+        return timeout
 
     def _published(self, destination: Destination, started: float) -> None:
         if self._stall_began is not None:
             self._taken(started)
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
-    def _published_late(
-        self, destination: Destination, started: float, landing: asyncio.Future[Any]
-    ) -> None:
+    def _published_late(self, size: int, started: float, landing: asyncio.Future[Any]) -> None:
         if landed(landing):
-            self._metrics.record_published(len(destination.value), time.perf_counter() - started)
+            self._metrics.record_published(size, time.perf_counter() - started)
 
     @staticmethod
     def _keep_watching(batch: Any, watch: Callable[[asyncio.Future[Any]], None] | None) -> None:
