@@ -265,6 +265,10 @@ PASSWORD_FILES = frozenset({"kafka_sasl_password_file", "kafka_ssl_keyfile_passw
 MAX_URL_BYTES_CEILING = 65534
 
 
+#: Fewer connections than this left by the open-file limit, by default: warned of.
+FEW_CONNECTIONS = 64
+
+
 class Settings(BaseModel):
     """Every setting, with its default. The README's table mirrors this class."""
 
@@ -858,6 +862,12 @@ class Settings(BaseModel):
             else "Kafka, the spool and BRIDGE_OPS_PORT's connections"
         )
         if self.max_connections is None:
+            if room < FEW_CONNECTIONS:  # silently 1 at `ulimit -n` 128, say
+                return room, (
+                    f"the open-file limit ({soft}, `ulimit -n`) leaves {room} connection(s) "
+                    f"after the {reserve} kept for {kept_for}: past them deliveries are "
+                    "refused (503); raise the limit"
+                )
             return min(room, DEFAULT_MAX_CONNECTIONS), None
         if self.max_connections <= room:
             return self.max_connections, None

@@ -171,6 +171,17 @@ def test_check_config_warns_of_more_connections_than_the_file_limit_allows(
     assert valid.startswith("settings are valid")
     assert warning.startswith("warning: BRIDGE_MAX_CONNECTIONS=5000 is more than the open-file")
     assert '"max_connections_in_effect": 5000' in captured.out
+    # By default: at `ulimit -n` 128 or so, 1 connection, said nowhere (a review's note)
+    env.delenv("BRIDGE_MAX_CONNECTIONS")
+    env.setattr(
+        resource,
+        "getrlimit",
+        lambda which: (150, 1024) if which == resource.RLIMIT_NOFILE else real(which),
+    )
+    assert main(["check-config"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the open-file limit (150, `ulimit -n`) leaves 22 connection(s)" in captured.err
+    assert '"max_connections_in_effect": 22' in captured.out
 
 
 def test_serve_warns_of_a_short_token(
