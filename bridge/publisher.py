@@ -1213,8 +1213,9 @@ class KafkaPublisher:
             # A refusal's traceback holds this frame: holding the future the refusal
             # came from, the frame kept itself, and the frames above with the
             # delivery's body, until the cyclic collector ran (so is the refusal built
-            # elsewhere, not held in a name here).
-            acked = None
+            # elsewhere, not held in a name here). The batch too: aiokafka's holds
+            # the future of each of its records.
+            acked = batch = None
         self._published(destination, started)
 
     def _timed_out(
