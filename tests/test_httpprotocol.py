@@ -2344,3 +2344,24 @@ async def test_while_draining_a_request_behind_the_closing_answer_is_no_client_d
         results.append([e.reason for e in connection.refused])
     assert results[1] == []
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("prefix", [b"", b"http://bridge.example:8080"])
+async def test_a_url_within_its_limit_with_too_many_header_bytes_is_431_in_absolute_form(
+    monkeypatch: pytest.MonkeyPatch, prefix: bytes
+) -> None:
+    """An absolute-form request (RFC 9112 3.2.2) whose path and query are within
+    BRIDGE_MAX_URL_BYTES, with headers past the head cap, is a 431 for its headers, as
+    in origin form: its scheme and authority counted as URL made it a 414 (a review's
+    test)."""
+    connection = Connection(monkeypatch, max_head_bytes=HEAD_CAP, max_url_bytes=URL_CAP)
+    try:
+        path = b"/webhooks/geins?q=" + b"a" * (URL_CAP + 1 - len(b"/webhooks/geins?q="))
+        assert len(path) - len(b"?") == URL_CAP  # path and query, as the guard counts them
+        connection.protocol.data_received(b"POST " + prefix + path + b" HTTP/1.1\r\nX-Pad: ")
+        connection.protocol.data_received(b"a" * HEAD_CAP)
+        answer = await wait_closed(connection, 1)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert [e.reason for e in connection.refused] == ["headers_too_large"]
+    finally:
+        connection.close()
