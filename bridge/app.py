@@ -147,8 +147,10 @@ async def _create_topics(
             settings, kafkaadmin.default_topics(settings, router)
         )
     except kafkaadmin.TopicsNotCreated as exc:  # some: the others' outcomes are said too
-        log.error("BRIDGE_CREATE_TOPICS: some topics could not be created: %s", exc)
         created = exc.results
+        failed = sum(v.startswith("failed") for v in created.values())
+        which = "the topics" if failed == len(created) else f"{failed} of {len(created)} topics"
+        log.error("BRIDGE_CREATE_TOPICS: %s could not be created: %s", which, exc)
     except Exception as exc:
         log.error("BRIDGE_CREATE_TOPICS: the topics could not be created: %s", exc)
         return
