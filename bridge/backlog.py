@@ -232,7 +232,8 @@ class MemoryBacklog:
 
     @property
     def full(self) -> bool:
-        return not has_room(self.bytes, self._max_bytes)
+        # with the room's own overhead: ready meant 63 KiB, a 64 KiB event refused
+        return not has_room(self.bytes + MEMORY_RECORD_OVERHEAD, self._max_bytes)
 
     def append(self, destination: Destination) -> None:
         size = record_size(destination) + MEMORY_RECORD_OVERHEAD
