@@ -29,6 +29,7 @@ MAX_BACKOFF; delivery resumes by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -46,6 +47,8 @@ BATCH_RECORDS = 500
 BATCH_BYTES = 4 * 1024 * 1024
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
+#: While stopping, how often the drain looks again (and Kafka, away, is tried again).
+STOPPING_RETRY_SECONDS = 0.05
 IDLE_POLL = 1.0
 #: The first hold of a topic; each hold after it without an acknowledgement between
 #: is twice as long, up to HOLD_MAX.
@@ -137,6 +140,7 @@ class Drainer:
         self._ack_timeout = ack_timeout
         self._hand_over_wait = min(HAND_OVER_WAIT, ack_timeout)
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()  # set by drain: a stop began
         self._pending: dict[int, _Pending] = {}
         # seqs Kafka acknowledged whose removal from the backlog failed
         self._unremoved: list[int] = []
@@ -369,7 +373,18 @@ class Drainer:
             if records:
                 done, _ = await self._deliver(records)
                 await self._remove(done)
-        await asyncio.sleep(self._away_backoff)
+        # Cut short by a stop (see drain): Kafka back as it came, a backoff of up to
+        # MAX_BACKOFF outlasted a short BRIDGE_SHUTDOWN_TIMEOUT, and memory mode lost
+        # what it held. Once stopping, tried again at drain's pace. Not by appends
+        # (_wake): a tight loop while Kafka is away.
+        if self._stopping.is_set():
+            await asyncio.sleep(STOPPING_RETRY_SECONDS)
+            return
+        # (asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation
+        # that comes as the event is set, and the stop's cancel of this task with it)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._away_backoff):
+                await self._stopping.wait()
         self._away_backoff = min(self._away_backoff * 2, MAX_BACKOFF)
 
     def _in_flight(self) -> frozenset[int]:
@@ -411,6 +426,7 @@ class Drainer:
                     self._backlog.depth,
                 )
             return
+        self._stopping.set()
         # One more try for every topic first.
         self._holds.clear()
         self._only_held_left = False
@@ -419,7 +435,7 @@ class Drainer:
                 log.warning("stopping with the events of %s on hold", ", ".join(self.held_topics))
                 return
             self.wake()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(STOPPING_RETRY_SECONDS)
 
     def _hold(self, topic: str, why: str, since: float | None = None) -> None:
         """Keep ``topic``'s records back for a while; the others go on. Not while Kafka

@@ -24,7 +24,7 @@ from bridge import kafkaadmin
 from bridge import spool as spool_module
 from bridge.ackmodes import BrokerAck, DurableAck, MemoryAck, make_ack_mode
 from bridge.app import create_app
-from bridge.backlog import MemoryBacklog
+from bridge.backlog import MEMORY_RECORD_OVERHEAD, MemoryBacklog, record_size
 from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
@@ -1854,3 +1854,56 @@ def test_a_full_backlog_names_the_topics_kafka_does_not_take(tmp_path: Path) -> 
         "geins.a.create, geins.b.create, geins.c.create and 1 more (see the log and "
         "bridge_topics_held)"
     )
+
+
+async def test_a_stop_publishes_the_queue_once_kafka_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka away long enough for the drainer to back off its full 5 s (MAX_BACKOFF, the
+    first backoff here), then back as SIGTERM comes: the drainer slept its backoff out
+    (drain's wakes do not reach a sleep), the 3 s BRIDGE_SHUTDOWN_TIMEOUT passed, and
+    the queued event, answered 202, was lost with Kafka connected (a review's test)."""
+    monkeypatch.setattr(drainer_module, "MIN_BACKOFF", drainer_module.MAX_BACKOFF)
+    publisher = FakePublisher(connected=False, fail_with=Unavailable("not connected to Kafka yet"))
+    mode = MemoryAck(
+        publisher, Metrics(), settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_SHUTDOWN_TIMEOUT="3")
+    )
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await asyncio.sleep(0.3)  # the drainer tried, failed, and backs off
+    publisher.connected, publisher.fail_with = True, None  # Kafka is back
+    await mode.stop()
+    assert [r.key for r in publisher.records] == [b"a"]
+
+
+async def test_ready_means_a_64_kib_event_is_taken_in_memory_mode(tmp_path: Path) -> None:
+    """With exactly 64 KiB left the memory queue said ready, and refused an event of 63
+    KiB: the 1 KiB it counts an event more (MEMORY_RECORD_OVERHEAD) was not in the
+    readiness room (a review's test)."""
+    mode = MemoryAck(
+        FakePublisher(connected=False, fail_with=Unavailable("away")),
+        Metrics(),
+        settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_MEMORY_MAX_BYTES=str(2**20)),
+    )
+    used = 2**20 - 64 * 1024
+    empty = Destination(topic="geins.order.create", key=b"f", value=b"", headers=[])
+    filler = used - record_size(empty) - MEMORY_RECORD_OVERHEAD
+    assert await mode.deliver(
+        Destination(topic="geins.order.create", key=b"f", value=b"x" * filler, headers=[]), "f"
+    )
+    assert mode.backlog.bytes == used
+    assert not mode.ready  # 64 KiB left is 63 KiB for an event
+    mode = MemoryAck(
+        FakePublisher(connected=False, fail_with=Unavailable("away")),
+        Metrics(),
+        settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_MEMORY_MAX_BYTES=str(2**20)),
+    )
+    assert await mode.deliver(
+        Destination(topic="geins.order.create", key=b"f", value=b"x" * (filler - 1024), headers=[]),
+        "f",
+    )
+    assert mode.ready
+    probe = Destination(
+        topic="geins.order.create", key=b"p", value=b"x" * (64 * 1024 - 100), headers=[]
+    )
+    assert await mode.deliver(probe, "p")  # ready: an event of 64 KiB is taken
