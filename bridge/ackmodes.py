@@ -360,8 +360,8 @@ class DurableAck(_DrainedAck):
     @property
     def unready_reason(self) -> str | None:
         spool = self.spool
-        if (stuck := spool.stuck_for()) is not None:
-            return f"the spool's disk has not finished a write for {stuck:.0f} s"
+        if (stuck := spool.stuck()) is not None:
+            return stuck
         if not spool.writable:
             return "the spool cannot be written (see the log)"
         if spool.disk_low:

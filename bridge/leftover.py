@@ -85,7 +85,6 @@ class LeftoverSpool:
         self._spool: Spool | None = None
         self._drainer: Drainer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._set_aside = 0  # rows the spool could not read back (see Spool._set_aside)
 
     @property
     def depth(self) -> int:
@@ -108,7 +107,9 @@ class LeftoverSpool:
         if found is None:
             return
         settings = self._settings
-        spool = Spool.from_settings(settings, drain_only=True, on_set_aside=self._note_set_aside)
+        spool = Spool.from_settings(
+            settings, drain_only=True, on_set_aside=self._metrics.dropped_records.inc
+        )
         try:
             spool.connect()
         except SpoolUnusable as exc:
@@ -127,11 +128,6 @@ class LeftoverSpool:
         )
         say_topics_from_before(spool, settings)
         self._spool = spool
-
-    def _note_set_aside(self, rows: int) -> None:
-        """From the spool's writer thread: rows it could not read back, not published."""
-        self._set_aside += rows
-        self._metrics.dropped_records.inc(rows)
 
     async def start(self, publish_after: asyncio.Future[Any] | None) -> None:
         spool = self._spool
@@ -153,14 +149,14 @@ class LeftoverSpool:
         await spool.close()
         dropped = self._drainer.dropped if self._drainer is not None else 0
         self._spool = self._drainer = None
-        if self._set_aside or dropped:
+        if spool.set_aside or dropped:
             log.warning(
                 "the events the durable spool %s held are in Kafka but %d it could not "
                 "read back (kept in its table spool_unreadable) and %d Kafka refused for "
                 "good that could not be kept as dead letters either (dropped, as logged); "
                 "the folder is let go",
                 spool.path,
-                self._set_aside,
+                spool.set_aside,
                 dropped,
             )
             return

@@ -352,6 +352,8 @@ class Spool:
         ``on_set_aside``: told how many rows it could not read back (see
         _set_aside), from the writer thread."""
         self._on_set_aside = on_set_aside
+        #: Rows it could not read back, set aside since it opened (see _set_aside)
+        self.set_aside = 0
         self._set_aside_failed: list[int] = []  # the seqs whose set-aside failed, as logged
         self.path = directory / DB_NAME
         self._drain_only = drain_only
@@ -685,8 +687,8 @@ class Spool:
         """
         if self._closed:
             raise stopping()
-        if (stuck := self.stuck_for()) is not None:  # it would wait as long as the disk
-            raise SpoolWriteFailed(f"the spool's disk has not finished a write for {stuck:.0f} s")
+        if (stuck := self.stuck()) is not None:  # it would wait as long as the disk
+            raise SpoolWriteFailed(stuck)
         size = record_size(destination)
         # Refused here without a trip to the writer thread, unless the key may be a
         # retry of an event already safe: the writer checks that first (200 duplicate).
@@ -711,6 +713,13 @@ class Spool:
             return None
         running = time.monotonic() - began
         return running if running >= STUCK_AFTER_SECONDS else None
+
+    def stuck(self) -> str | None:
+        """Why the spool waits (see stuck_for), as readiness and a refusal say it."""
+        stuck = self.stuck_for()
+        if stuck is None:
+            return None
+        return f"the spool's disk has not finished a write for {stuck:.0f} s"
 
     def _full(self) -> SpoolFull:
         return SpoolFull(
@@ -1025,6 +1034,7 @@ class Spool:
             ", ".join(f"seq {seq}" for seq in seqs[:10]),
             unreadable[seqs[0]],
         )
+        self.set_aside += len(seqs)
         if self._on_set_aside is not None:
             self._on_set_aside(len(seqs))
 
