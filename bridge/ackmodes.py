@@ -308,6 +308,7 @@ class _DrainedAck:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.drainer.settle()
 
 
 class DurableAck(_DrainedAck):

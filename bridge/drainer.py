@@ -437,6 +437,39 @@ class Drainer:
             self.wake()
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
 
+    def _count_published(self, pending: _Pending) -> None:
+        acked_at = pending.acked_at or time.perf_counter()  # its callback may wait
+        self._metrics.record_published(
+            len(pending.record.destination.value), acked_at - pending.sent_at
+        )
+
+    async def settle(self) -> None:
+        """Once stopped (its task cancelled): remove from the backlog what Kafka has
+        and no round removed. An acknowledgement that came after a round last looked
+        (in the drain's last pause, or in a round the stop cancelled) left its record
+        there: a durable spool sent it again at the next start, and memory mode's
+        shutdown log counted it as not acknowledged. Failures are left as they are:
+        their records stay in the backlog, as before."""
+        done = [*self._unremoved, *self._settled_by_probes]
+        for seq, pending in list(self._pending.items()):
+            future = pending.acked
+            if future.done() and not future.cancelled() and future.exception() is None:
+                del self._pending[seq]
+                self._count_published(pending)
+                done.append(seq)
+        if not done:
+            return
+        self._settled_by_probes.clear()
+        try:
+            await self._remove(done)
+        except Exception as exc:  # the stop goes on: they are sent again, at least once
+            log.error(
+                "%d events Kafka has could not be removed from the backlog at shutdown "
+                "(%s); a durable spool sends them again at the next start",
+                len(done),
+                exc,
+            )
+
     def _hold(self, topic: str, why: str, since: float | None = None) -> None:
         """Keep ``topic``'s records back for a while; the others go on. Not while Kafka
         is away: that is no topic's trouble. ``since`` (perf_counter): when the record
@@ -523,10 +556,7 @@ class Drainer:
                 done.append(seq)
                 self._suspects.pop(seq, None)  # collected by another round than its own
                 self._holds.pop(topic, None)
-                acked_at = pending.acked_at or time.perf_counter()  # its callback may wait
-                self._metrics.record_published(
-                    len(pending.record.destination.value), acked_at - pending.sent_at
-                )
+                self._count_published(pending)
                 continue
             error = self._publisher.failure(failure)
             if isinstance(error, PayloadTooLarge):

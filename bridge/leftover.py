@@ -176,6 +176,7 @@ class LeftoverSpool:
             await drainer.drain(drain_deadline(deadline, self._settings.shutdown_timeout))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await drainer.settle()
         if spool.depth:
             log.warning(
                 "%d events a durable bridge accepted stay in the spool %s; they are "

@@ -899,10 +899,15 @@ class KafkaPublisher:
         except TimeoutError:
             log.error(
                 "the %s Kafka producer did not flush within %.1f s; the records it had not "
-                "delivered failed (answered 503 in broker mode, for the sender to retry; "
-                "queued for the next try in the other modes; not published by a replay)",
+                "delivered failed (answered 503 in broker mode, for the sender to retry; %s; "
+                "not published by a replay)",
                 which,
                 time.monotonic() - started,  # stop() may have cut a replaced one's short
+                # At shutdown memory mode's queue goes with the process.
+                "sent again by the drainer in the other modes"
+                if which == "replaced"
+                else "kept for the next start if a spool held them, lost if memory mode's "
+                "queue did",
             )
         await self._force_close(producer)
 

@@ -43,6 +43,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.redaction import Redactor
 from bridge.routing import Destination, Router
+from bridge.spool import Spool
 from tests.fakes import TOKEN, FakePublisher, call_asgi
 from tests.polling import eventually
 
@@ -1907,3 +1908,53 @@ async def test_ready_means_a_64_kib_event_is_taken_in_memory_mode(tmp_path: Path
         topic="geins.order.create", key=b"p", value=b"x" * (64 * 1024 - 100), headers=[]
     )
     assert await mode.deliver(probe, "p")  # ready: an event of 64 KiB is taken
+
+
+class LateAckPublisher(FakePublisher):
+    """Takes every record; Kafka's acknowledgements come when the test says."""
+
+    acks: list[asyncio.Future[Any]]
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        self.records.append(destination)
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.acks.append(acked)
+        return acked
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+async def test_an_acknowledgement_the_stop_cut_off_is_not_forgotten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ack: str
+) -> None:
+    """Kafka's acknowledgement of a record that came after the drainer last looked
+    (in the drain's last pause, or in a round the stop cancelled) left the record in
+    the backlog: a durable spool sent it again at the next start, and memory mode's
+    shutdown log counted it as not acknowledged."""
+    publisher = LateAckPublisher()
+    publisher.acks = []
+    configured = settings(tmp_path, BRIDGE_ACK=ack)
+    mode = (
+        DurableAck(publisher, Metrics(), configured)
+        if ack == "durable"
+        else MemoryAck(publisher, Metrics(), configured)
+    )
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await eventually(lambda: len(publisher.acks) == 1)
+    drain = mode.drainer.drain
+
+    async def drain_then_acknowledge(deadline: float) -> None:
+        await drain(deadline)
+        publisher.acks[0].set_result(None)
+
+    mode.drainer.drain = drain_then_acknowledge  # type: ignore[method-assign]
+    await mode.stop(time.monotonic() + 0.3)
+    assert "not acknowledged" not in caplog.text
+    if ack == "durable":
+        again = Spool.from_settings(configured)
+        again.connect()
+        assert again.depth == 0
+        again.release()
+    else:
+        assert mode.backlog.depth == 0
