@@ -51,6 +51,12 @@ class AckMode(Protocol):
         """Idempotency keys remembered for de-duplication (the bridge_dedup_keys gauge)."""
         ...
 
+    @property
+    def keys_forgotten_early(self) -> int:
+        """Keys forgotten inside BRIDGE_DEDUP_WINDOW because the key limit was reached
+        (the bridge_dedup_keys_forgotten_early_total counter)."""
+        ...
+
     #: The events a durable bridge's spool held, which this mode publishes (None in
     #: durable mode, whose own spool is its backlog): the spool gauges count them too.
     leftover: LeftoverSpool | None
@@ -161,6 +167,10 @@ class BrokerAck:
     @property
     def remembered_keys(self) -> int:
         return len(self._seen)
+
+    @property
+    def keys_forgotten_early(self) -> int:
+        return self._seen.forgotten_early
 
     @property
     def held_topics(self) -> list[str]:
@@ -375,6 +385,10 @@ class DurableAck(_DrainedAck):
     def remembered_keys(self) -> int:
         return self.spool.keys
 
+    @property
+    def keys_forgotten_early(self) -> int:
+        return self.spool.keys_forgotten_early
+
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         appended = await self.spool.append(destination, dedup_key)
         if appended:
@@ -464,6 +478,10 @@ class MemoryAck(_DrainedAck):
     @property
     def remembered_keys(self) -> int:
         return len(self._seen)
+
+    @property
+    def keys_forgotten_early(self) -> int:
+        return self._seen.forgotten_early
 
     async def deliver(self, destination: Destination, dedup_key: str | None) -> bool:
         if dedup_key is not None and self._seen.seen(dedup_key):

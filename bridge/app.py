@@ -185,6 +185,7 @@ def _gauges_read_at_scrape(
     metrics.kafka_stalled.set_function(lambda: float(publisher.stalled))
     metrics.ready.set_function(lambda: float(ack_mode.ready and not state.draining))
     metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
+    metrics.dedup_keys_forgotten_early.set_function(lambda: ack_mode.keys_forgotten_early)
     metrics.topics_held.set_function(lambda: len(ack_mode.held_topics))
     backlog = ack_mode.backlog
     if backlog is not None:

@@ -23,6 +23,9 @@ class SeenKeys:
         self._max_keys = max_keys
         self._clock = clock
         self._accepted: OrderedDict[str, float] = OrderedDict()  # oldest first
+        #: Keys forgotten inside the window because ``max_keys`` newer ones came: a
+        #: retry of one is published again (bridge_dedup_keys_forgotten_early_total).
+        self.forgotten_early = 0
 
     def __len__(self) -> int:
         """Keys still in the window (the gauge reads this when no traffic expires them)."""
@@ -53,6 +56,8 @@ class SeenKeys:
         cutoff = now - self._window
         while self._accepted:
             oldest_key, oldest_at = next(iter(self._accepted.items()))
-            if oldest_at >= cutoff and len(self._accepted) <= self._max_keys:
-                break
+            if oldest_at >= cutoff:
+                if len(self._accepted) <= self._max_keys:
+                    break
+                self.forgotten_early += 1
             del self._accepted[oldest_key]

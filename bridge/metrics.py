@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -67,12 +67,24 @@ class FastHistogram:
         self.sum += value
 
 
+class CounterReadAtScrape:
+    """A counter kept elsewhere (a count in the spool's writer thread, say), read at
+    each scrape as a Gauge's set_function is."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], float] = lambda: 0.0
+
+    def set_function(self, read: Callable[[], float]) -> None:
+        self.read = read
+
+
 class FastCollector(Collector):
     """Exposes lock-free counters and histograms of the request path."""
 
     def __init__(self) -> None:
         self.counters: dict[str, tuple[str, tuple[str, ...], dict[tuple[str, ...], float]]] = {}
         self.histograms: dict[str, tuple[str, str | None, dict[str, FastHistogram]]] = {}
+        self.counters_read: dict[str, tuple[str, CounterReadAtScrape]] = {}
 
     def counter(
         self, name: str, documentation: str, labels: tuple[str, ...] = ()
@@ -80,6 +92,11 @@ class FastCollector(Collector):
         values: dict[tuple[str, ...], float] = {}
         self.counters[name] = (documentation, labels, values)
         return values
+
+    def counter_read_at_scrape(self, name: str, documentation: str) -> CounterReadAtScrape:
+        counter = CounterReadAtScrape()
+        self.counters_read[name] = (documentation, counter)
+        return counter
 
     def histogram(
         self,
@@ -99,6 +116,8 @@ class FastCollector(Collector):
             for label_values, value in list(values.items()):
                 family.add_metric(list(label_values), value)
             yield family
+        for name, (documentation, counter) in self.counters_read.items():
+            yield CounterMetricFamily(name, documentation, value=counter.read())
         for name, (documentation, label, by_label) in self.histograms.items():
             histogram = HistogramMetricFamily(
                 name, documentation, labels=[label] if label else None
@@ -235,6 +254,12 @@ class Metrics:
             "Idempotency keys remembered for de-duplication (in memory, or in the spool "
             "in durable mode).",
             registry=registry,
+        )
+        self.dedup_keys_forgotten_early = fast.counter_read_at_scrape(
+            "bridge_dedup_keys_forgotten_early",
+            "Idempotency keys forgotten before BRIDGE_DEDUP_WINDOW ended because "
+            "BRIDGE_DEDUP_MAX_KEYS (BRIDGE_SPOOL_MAX_KEYS in durable mode) newer ones "
+            "came: a retry of one is published again. Should stay 0.",
         )
         self.unknown_types = Counter(
             "bridge_unknown_event_types",

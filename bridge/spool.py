@@ -354,6 +354,9 @@ class Spool:
         self._on_set_aside = on_set_aside
         #: Rows it could not read back, set aside since it opened (see _set_aside)
         self.set_aside = 0
+        #: Keys forgotten inside the de-duplication window because ``max_keys`` newer
+        #: ones came (bridge_dedup_keys_forgotten_early_total).
+        self.keys_forgotten_early = 0
         self._set_aside_failed: list[int] = []  # the seqs whose set-aside failed, as logged
         self.path = directory / DB_NAME
         self._drain_only = drain_only
@@ -1272,6 +1275,8 @@ class Spool:
                     (excess,),
                 ).rowcount
                 self.keys = max(self.keys - over, 0)
+                # None of them expired: those went first, and fewer than a chunk did.
+                self.keys_forgotten_early += over
                 removed += over
             # A DELETE that matched nothing wrote nothing, so it proves nothing: on a
             # full disk it succeeds. Only a commit that wrote may say writable again.

@@ -69,6 +69,22 @@ def test_seen_keys_bounded_by_count_and_age() -> None:
     assert not SeenKeys(window=0, max_keys=3).seen("x")
 
 
+def test_seen_keys_count_the_keys_the_limit_forgot_early() -> None:
+    """At a steady rate above max_keys / window the window is cut short without a word:
+    100,000 keys at 200 deliveries/s are 8 minutes, before Geins' first retry. What the
+    limit pushes out is counted (bridge_dedup_keys_forgotten_early_total); what the
+    window let go is not."""
+    clock = [1000.0]
+    seen = SeenKeys(window=60, max_keys=3, clock=lambda: clock[0])
+    for key in "abcd":
+        seen.remember(key)
+    assert seen.forgotten_early == 1  # "a", 0 s old
+    clock[0] += 61
+    seen.remember("e")  # b, c and d expired: not early
+    assert seen.forgotten_early == 1
+    assert len(seen) == 1
+
+
 def test_seen_keys_count_only_keys_in_the_window() -> None:
     """What bridge_dedup_keys reads: keys past the window are not counted, even when no
     new key has come to push them out."""
@@ -665,6 +681,8 @@ async def test_the_remembered_keys_are_counted_in_every_mode(tmp_path: Path, ack
         assert not await mode.deliver(record("k3"), "k3")
         assert await mode.deliver(record("none"), None)  # no key: nothing to remember
         assert mode.remembered_keys == (3 if ack == "durable" else 2)
+        # k1, pushed out by k3 (durable: BRIDGE_SPOOL_MAX_KEYS, 1000 at least)
+        assert mode.keys_forgotten_early == (0 if ack == "durable" else 1)
     finally:
         await mode.stop()
 

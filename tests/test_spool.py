@@ -440,6 +440,7 @@ async def test_the_key_record_is_bounded_by_count_oldest_first(
     assert spool.keys == 50
     assert await spool.forget_expired_keys() == 30
     assert spool.keys == 20
+    assert spool.keys_forgotten_early == 30  # all of them inside the window
     assert await spool.forget_expired_keys() == 0
     assert not await spool.append(record(49), "k49")  # the newest: still a duplicate
     assert not await spool.append(record(30), "k30")
@@ -454,6 +455,21 @@ async def test_the_key_record_is_bounded_by_count_oldest_first(
     assert await again.forget_expired_keys() == 1
     assert not await again.append(record(29), "k29")  # the newest stays
     await again.close()
+
+
+async def test_keys_the_window_let_go_are_not_counted_as_forgotten_early(
+    tmp_path: Path,
+) -> None:
+    """bridge_dedup_keys_forgotten_early_total counts what the count bound cut short,
+    not expired keys beyond it purged in the same round."""
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=0.3, max_keys=3)
+    spool.open()
+    for i in range(5):
+        assert await spool.append(record(i), f"k{i}")
+    await asyncio.sleep(0.4)
+    assert await spool.forget_expired_keys() == 5
+    assert spool.keys_forgotten_early == 0
+    await spool.close()
 
 
 async def test_a_key_accepted_again_after_its_window_counts_once(tmp_path: Path) -> None:
