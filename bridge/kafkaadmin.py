@@ -933,6 +933,7 @@ async def replay_dead_letters(
                 continue
             publisher = publisher or await _started_publisher(settings)
             publishing(record)
+            started = time.perf_counter()
             try:
                 await publisher.publish(destination)
             except BridgeError as exc:
@@ -946,7 +947,11 @@ async def replay_dead_letters(
                         f"Kafka answered nothing for {publisher_module.STALE_AFTER_SECONDS:g} s "
                         "or more; the replay stopped"
                     ) from None
-                if publisher.ready_for(topic):
+                # No metadata for the topic is a missing topic only if Kafka answered
+                # meanwhile: the producer refreshes the metadata of the topics it
+                # published to, so Kafka gone as a topic's first record went counted
+                # as connected, and that topic, which exists, as missing.
+                if publisher.ready_for(topic) or not publisher.answered_since(started):
                     yield Replayed(record, "unpublished", f"not published: {exc.detail}{unsaid}")
                 else:
                     missing.add(topic)

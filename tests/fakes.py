@@ -25,15 +25,16 @@ def samples() -> list[dict[str, Any]]:
 
 
 def voucher_delivery(
-    headers: list[tuple[bytes, bytes]], body: bytes, received_at: datetime
+    headers: list[tuple[bytes, bytes]], body: bytes, received_at: datetime, action: str = "create"
 ) -> Delivery:
-    """A POST of Voucher/create (by its path), an event type Geins does not document:
-    refused in strict mode, the dead-letter tests' usual delivery."""
+    """A POST of Voucher/create (by its path; or another ``action``), an event type
+    Geins does not document: refused in strict mode, the dead-letter tests' usual
+    delivery."""
     return Delivery(
         method="POST",
-        path="/webhooks/geins/Voucher/create",
+        path=f"/webhooks/geins/Voucher/{action}",
         path_entity="Voucher",
-        path_action="create",
+        path_action=action,
         query=[],
         headers=headers,
         body=body,
