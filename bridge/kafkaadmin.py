@@ -782,9 +782,12 @@ async def _partition_records(
         if await _position(consumer, tp, deadline) != first:
             consumer.seek(tp, first)  # only when elsewhere: a seek drops what was fetched
         expected = first  # the offset of the next record, unless there is none at it
-        while (at := await _position(consumer, tp, deadline)) < stop:
-            if at > expected:
+        while True:
+            at = await _position(consumer, tp, deadline)
+            if at > expected:  # said first: an offset reset may have jumped to the end
                 await _say_if_deleted(consumer, tp, expected, min(at, stop), deadline)
+            if at >= stop:
+                break
             expected = at
             for record in await _next_chunk(consumer, tp, deadline):
                 if expected < record.offset < stop:

@@ -465,6 +465,32 @@ def test_dead_letters_deleted_while_they_are_read_leave_the_rest_shown(
     assert captured.err.count(said) == 1, captured.err
 
 
+def test_dead_letters_deleted_to_the_end_while_they_are_read_are_said(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """As above, but retention took every record left (all of the partition up to the
+    end it had when reading began): the offset reset jumped past the end, and reading
+    stopped without the line naming them, exit 0 (a review's find)."""
+    topic = f"{topic_prefix}.deadletter"
+    keep(kafka_bootstrap, topic, 1, [(f"k{n}", 0, n) for n in range(1000)], body=b"x" * 4000)
+    describe = kafkaadmin.describe_dead_letter
+
+    def describe_deleting(record: Any) -> str:
+        if record.offset == 0:
+            delete_before(kafka_bootstrap, TopicPartition(topic, 0), 1000)
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_deleting)
+    assert main(["deadletter", "list"]) == 0
+    captured = capsys.readouterr()
+    shown = [line for line in captured.out.splitlines() if "key=" in line]
+    assert 0 < len(shown) < 1000, len(shown)
+    assert f"to [0]@999 of {topic} were deleted while being read" in captured.err, captured.err
+
+
 def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
     env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
