@@ -314,7 +314,7 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
 def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     from bridge.metrics import Metrics  # noqa: PLC0415  # keep the other commands light
     from bridge.publisher import KafkaPublisher  # noqa: PLC0415
-    from bridge.spool import check_folder, newer_spool  # noqa: PLC0415
+    from bridge.spool import check_folder, spool_refusal  # noqa: PLC0415
 
     settings.check_serving()
     KafkaPublisher(settings, Metrics())  # checks what only the publisher knows
@@ -325,7 +325,7 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
         listen_addresses(*ops)
     if settings.ack == "durable":
         check_folder(settings.spool_dir)
-        if (refusal := newer_spool(settings.spool_dir)) is not None:
+        if (refusal := spool_refusal(settings.spool_dir)) is not None:
             raise SpoolUnusable(refusal)
     print(json.dumps(settings.redacted(), indent=2))
     beyond_file_limit = settings.connection_limit()[1]
@@ -355,7 +355,7 @@ def _leftover_spool_note(settings: Settings) -> str | None:
     """In broker or memory mode, a spool file a durable bridge left: serve publishes
     what it holds (bridge.leftover). Not opened here (a running bridge may own it)."""
     from bridge.leftover import spool_file  # noqa: PLC0415
-    from bridge.spool import newer_spool  # noqa: PLC0415
+    from bridge.spool import spool_refusal  # noqa: PLC0415
 
     found = None if settings.ack == "durable" else spool_file(settings)
     if found is None:
@@ -366,7 +366,7 @@ def _leftover_spool_note(settings: Settings) -> str | None:
             f"{path} cannot be looked into ({unreadable.strerror}): if a durable bridge's "
             f"spool is there, serve with BRIDGE_ACK={settings.ack} cannot publish it"
         )
-    if (refusal := newer_spool(settings.spool_dir)) is not None:
+    if (refusal := spool_refusal(settings.spool_dir)) is not None:
         return f"{refusal}; serve with BRIDGE_ACK={settings.ack} does not publish what it may hold"
     return (
         f"{path} is a durable bridge's spool: the events it may still hold are published "

@@ -263,6 +263,41 @@ def _newer(path: Path, version: int, holds: bool) -> str:
     )
 
 
+def log_without_its_database(path: Path) -> str | None:
+    """Why a write-ahead log without its database (``path`` missing or empty) is
+    refused: SQLite would start a new database and drop the log, and right after a
+    crash the log may hold every event accepted since the last checkpoint (a review's
+    emptied spool.db lost 199 that way, without a word). SQLite itself never leaves it
+    so: the database has its first page before the log has any."""
+    wal = path.with_name(f"{path.name}-wal")
+    try:
+        logged = wal.stat().st_size
+    except FileNotFoundError:
+        return None
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        empty = True
+    if not (empty and logged):
+        return None
+    return (
+        f"spool file {path} is missing or empty, but its write-ahead log {wal} "
+        f"holds {logged} bytes, which may be accepted events not in Kafka yet: put "
+        "back the spool.db that belongs with it (the files spool.db, spool.db-wal "
+        "and spool.db-shm go together), or move the log aside to start empty"
+    )
+
+
+def spool_refusal(directory: Path) -> str | None:
+    """What opening the spool in ``directory`` would refuse, read without opening it
+    (for check-config): a log without its database, or a spool of a newer version."""
+    try:
+        refusal = log_without_its_database(directory / DB_NAME)
+    except OSError:  # not this check's to say: serve's open says it
+        refusal = None
+    return refusal or newer_spool(directory)
+
+
 def newer_spool(directory: Path) -> str | None:
     """What opening the spool in ``directory`` would refuse, when a newer version of
     the bridge wrote it (for check-config: a rollback's crash loop, told before it).
@@ -498,27 +533,8 @@ class Spool:
             ) from None
 
     def _check_wal_has_its_database(self) -> None:
-        """Refuse a write-ahead log without its database (``spool.db`` missing or
-        empty): SQLite would start a new database and drop the log, and right after a
-        crash the log may hold every event accepted since the last checkpoint (a
-        review's emptied spool.db lost 199 that way, without a word). SQLite itself
-        never leaves it so: the database has its first page before the log has any."""
-        wal = Path(f"{self.path}-wal")
-        try:
-            logged = wal.stat().st_size
-        except FileNotFoundError:
-            return
-        try:
-            empty = self.path.stat().st_size == 0
-        except FileNotFoundError:
-            empty = True
-        if empty and logged:
-            raise SpoolUnusable(
-                f"spool file {self.path} is missing or empty, but its write-ahead log {wal} "
-                f"holds {logged} bytes, which may be accepted events not in Kafka yet: put "
-                "back the spool.db that belongs with it (the files spool.db, spool.db-wal "
-                "and spool.db-shm go together), or move the log aside to start empty"
-            )
+        if (refusal := log_without_its_database(self.path)) is not None:
+            raise SpoolUnusable(refusal)
 
     def _lock(self) -> None:
         """Take the folder's lock, or raise SpoolUnusable if another process holds it.

@@ -1295,6 +1295,32 @@ def test_check_config_refuses_a_spool_a_newer_version_wrote(
         Spool(tmp_path, max_bytes=10**6, dedup_window=60).connect()
 
 
+@pytest.mark.parametrize("ack", ["broker", "memory", "durable"])
+def test_check_config_refuses_a_log_without_its_spool_file_as_serve_does(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, ack: str
+) -> None:
+    """A spool.db-wal with content beside a missing spool.db stops serve (durable), or
+    keeps it from publishing the log (the other modes); check-config passed it, and
+    promised the other modes would publish it (a review's find)."""
+    wal = tmp_path / "spool.db-wal"
+    wal.write_bytes(b"\x37\x7f\x06\x82" + bytes(4000))
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path))
+    env.setenv("BRIDGE_ACK", ack)
+    said = f"spool file {tmp_path / 'spool.db'} is missing or empty, but its write-ahead log"
+    if ack == "durable":
+        assert main(["check-config"]) == 2
+        assert said in capsys.readouterr().err
+        assert [p.name for p in tmp_path.iterdir()] == ["spool.db-wal"]  # nothing made
+        with pytest.raises(SpoolUnusable, match="missing or empty"):  # as serve does
+            Spool(tmp_path, max_bytes=10**6, dedup_window=60).connect()
+    else:
+        assert main(["check-config"]) == 0
+        err = capsys.readouterr().err
+        assert said in err
+        assert f"serve with BRIDGE_ACK={ack} does not publish what it may hold" in err
+
+
 def _write(bootstrap: str, topic: str, count: int, size: int) -> None:
     async def write() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
