@@ -137,14 +137,14 @@ def dead_letter(
         (PREFIX + "request-headers", orjson.dumps(headers)),
     ]
     entity, action = delivery.path_entity, delivery.path_action
-    # Neither is kept when only both together hold a token (one with a '/'): each
-    # is half of it.
+    # Neither is kept when only the segments together, as sent, hold a token (one
+    # with a '/', spanning both or ending in the trailing '/'): each is part of it.
+    segments = delivery.path_segments
     split = (
-        entity is not None
-        and action is not None
-        and secrets.contains(f"{entity}/{action}")
-        and not secrets.contains(entity)
-        and not secrets.contains(action)
+        segments is not None
+        and secrets.contains(segments)
+        and not (entity is not None and secrets.contains(entity))
+        and not (action is not None and secrets.contains(action))
     )
     for name, segment in (("path-entity", entity), ("path-action", action)):
         if segment is not None and not split and not secrets.contains(segment):

@@ -138,6 +138,17 @@ class Delivery:
     body: bytes
     received_at: datetime
 
+    @property
+    def path_segments(self) -> str | None:
+        """Entity and action as the path gave them, '/' between, and the trailing '/'
+        the routes let go of (None without either): a token that holds a '/' (a
+        base64 one) may span them, or end in that last '/'."""
+        entity, action = self.path_entity, self.path_action
+        if entity is None:
+            return None
+        segments = entity if action is None else f"{entity}/{action}"
+        return segments + "/" if self.path.endswith("/") else segments
+
 
 @dataclass(slots=True)  # read-only by convention (see above)
 class Event:

@@ -273,27 +273,20 @@ def parse_and_route(
 
 def _check_path(delivery: Delivery, secrets: Redactor) -> None:
     """Refuse a delivery whose path holds a token, before it can name a topic. Its
-    segments repeat from one delivery to the next: a cache look-up each, when not
-    shorter than a token."""
-    shortest = secrets.shortest
-    entity, action = delivery.path_entity, delivery.path_action
+    segments repeat from one delivery to the next: a cache look-up, when not shorter
+    than a token. Checked together, as sent: a token holding a '/' (a base64 one)
+    spans entity and action (each alone held none, and the event was published to
+    geins.<first half>.<second half>), or ends in the trailing '/' the routes let go
+    of (the rest of it named the topic, or the 422's detail quoted it)."""
+    segments = delivery.path_segments
     if (
-        (entity is not None and len(entity) >= shortest and secrets.contains_cached(entity))
-        or (action is not None and len(action) >= shortest and secrets.contains_cached(action))
-        # A token holding a '/' (a base64 one) spans both: each alone held no token,
-        # and the event was published to geins.<first half>.<second half>.
-        or (entity is not None and action is not None and _split_token(entity, action, secrets))
+        segments is not None
+        and len(segments) >= secrets.shortest
+        and secrets.contains_cached(segments)
     ):
         raise TokenInPath(
             f"the URL path holds a webhook token: {WHERE_TOKENS_GO}, never in the path"
         )
-
-
-def _split_token(entity: str, action: str, secrets: Redactor) -> bool:
-    """Whether the two path segments together hold a token (one with a '/')."""
-    return len(entity) + len(action) + 1 >= secrets.shortest and secrets.contains_cached(
-        f"{entity}/{action}"
-    )
 
 
 def _names_a_token(text: str, secrets: Redactor) -> bool:
