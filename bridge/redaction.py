@@ -341,8 +341,14 @@ class Redactor:
         return value if redacted is text else redacted.encode("utf-8", "surrogateescape")
 
     def contains_bytes(self, value: bytes) -> bool:
-        """Whether ``value`` holds a token, in any form (see :meth:`redact_bytes`)."""
-        return self.contains(value.decode("utf-8", "surrogateescape"))
+        """Whether ``value`` holds a token, in any form (see :meth:`redact_bytes`), its
+        bytes read as UTF-8 or a character a byte (latin-1): header values are kept
+        and keyed in either reading (geins.key_text, deadletter's header entries),
+        and a non-ASCII token sent as latin-1 (.NET's HttpClient writes header text
+        so) became a dead letter's key, and sat in its headers."""
+        if self.contains(value.decode("utf-8", "surrogateescape")):
+            return True
+        return not value.isascii() and self.contains(value.decode("latin-1"))
 
     def _in_topic(self, topic: str) -> bool:
         """Whether the topic name ``topic`` holds a token, as a template would have

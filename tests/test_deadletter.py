@@ -21,6 +21,7 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.deadletter import dead_letter, delivery_from_dead_letter, delivery_key
 from bridge.errors import (
+    BodyNotJson,
     BridgeError,
     MalformedEventType,
     PayloadTooLarge,
@@ -597,3 +598,29 @@ def test_a_lost_dead_letter_counts_once_however_often_its_delivery_is_retried() 
 
     assert asyncio.run(three_tries()) == [400, 400, 400]
     assert metrics.registry.get_sample_value("bridge_dropped_records_total") == 1
+
+
+LATIN1_TOKEN = "Räksmörgås-hemlighet-2026"
+
+
+def test_a_token_sent_as_latin_1_in_a_header_is_kept_out_of_the_dead_letter() -> None:
+    """Header values are kept (and the key taken) a character a byte where they are not
+    UTF-8, but a token was looked for in their UTF-8 reading only: a non-ASCII token
+    sent as latin-1 became the dead letter's record key, and sat in its request
+    headers (a review's find)."""
+    sent = LATIN1_TOKEN.encode("latin-1")
+    delivery = Delivery(
+        method="POST",
+        path="/webhooks/geins/Order/create",
+        path_entity="Order",
+        path_action="create",
+        query=[],
+        headers=[(b"x-idempotency-key", sent), (b"x-shop-ref", sent), (b"x-other", b"kept")],
+        body=b"not json",
+        received_at=datetime.now(UTC),
+    )
+    letter = dead_letter(delivery, BodyNotJson("x"), "geins.deadletter", Redactor([LATIN1_TOKEN]))
+    stored = letter.key + b" " + b" ".join(v for _, v in letter.headers)
+    assert sent not in stored
+    assert LATIN1_TOKEN.encode() not in stored
+    assert b"kept" in stored
