@@ -687,7 +687,9 @@ class Settings(BaseModel):
         events = TopicTemplate(self.topic_template).render(
             "", "", self.default_account, self.default_environment
         )
-        if secrets.in_topic(events):
+        # The defaults whatever the template: check-config prints them as they are.
+        defaults = (self.default_account, self.default_environment)
+        if secrets.in_topic(events) or any(secrets.in_topic(name) for name in defaults):
             return (
                 "BRIDGE_TOPIC_TEMPLATE, BRIDGE_DEFAULT_ACCOUNT or BRIDGE_DEFAULT_ENVIRONMENT "
                 "holds a webhook token: every delivery would be refused (422), since no "

@@ -231,6 +231,10 @@ def test_an_empty_tokens_file_without_tokens_refuses_to_serve(tmp_path: Path) ->
             },
             "BRIDGE_DEFAULT_ENVIRONMENT",
         ),
+        # with a template that does not use them too: check-config printed them as
+        # they are (a review's find)
+        ({"BRIDGE_DEFAULT_ACCOUNT": "7f3k9q2x"}, "BRIDGE_DEFAULT_ACCOUNT"),
+        ({"BRIDGE_DEFAULT_ENVIRONMENT": "7f3k9q2x"}, "BRIDGE_DEFAULT_ENVIRONMENT"),
         ({"BRIDGE_DEADLETTER_TOPIC": "dead.7F3K9Q2X"}, "BRIDGE_DEADLETTER_TOPIC"),
         # one the template can make too: that check's message quoted the topic
         ({"BRIDGE_DEADLETTER_TOPIC": "geins.7f3k9q2x.create"}, "BRIDGE_DEADLETTER_TOPIC"),
