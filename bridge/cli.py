@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from bridge import logs, package_version
 from bridge.auth import UNAUTHENTICATED, short_token_warnings, warn_if_short
@@ -58,14 +58,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = None
     if not serving and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not ignored
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stdout = sys.stdout
+    if not serving and stdout is not None:  # the operators' output (serve writes none)
+        sys.stdout = cast(TextIO, _GuardedStdout(stdout))
     try:
         code: int = args.run(settings, args)
+        if sys.stdout is not stdout:  # what is still buffered fails here, said as above
+            sys.stdout.flush()
     except (Exception, KeyboardInterrupt) as exc:
         return _exit_code(exc, settings)
     finally:
+        sys.stdout = stdout
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code
+
+
+class StdoutFailed(Exception):
+    """Stdout could not be written (a full disk under `> file`); its OSError is the
+    cause. Told apart from the OSErrors of Kafka's connections: every command's was
+    "cannot talk to Kafka", check-config's too."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs, its write failures raised as StdoutFailed (but
+    a reader gone: BrokenPipeError has its own handling)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutFailed from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutFailed from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _stop_on_sigterm(signum: int, _: object) -> None:
@@ -139,6 +178,11 @@ def _exit_code(exc: BaseException, settings: Settings) -> int:
         # Python flushes stdout again at exit, which would fail the same way.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if isinstance(exc, StdoutFailed):  # a full disk under `> file`: not Kafka's fault
+        _say_last(f"cannot write to stdout: {exc.__cause__}")
+        with contextlib.suppress(OSError, ValueError):  # Python's flush at exit: not again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     if isinstance(exc, OSError | TimeoutError):  # Kafka unreachable or refusing, for the tools
         if isinstance(exc, TimeoutError) and not str(exc):  # an operator tool's deadline
             reason = f"no answer within {settings.kafka_connect_timeout:g} s"

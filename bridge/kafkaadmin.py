@@ -825,7 +825,7 @@ async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: fl
     """``consumer.position(tp)`` within ``deadline`` seconds: after an offset reset
     (records deleted by retention while reading) aiokafka asks Kafka for it, and waits
     as long as Kafka takes to answer."""
-    async with _answered_within(deadline):
+    async with _unless_deleted(consumer, tp), _answered_within(deadline):
         position: int = await consumer.position(tp)
         return position
 
@@ -835,12 +835,27 @@ async def _next_chunk(consumer: AIOKafkaConsumer, tp: TopicPartition, deadline: 
     moved past offsets that hold no record (transaction markers, records compacted
     away), which only the position shows: getmany waits for records. TimeoutError when
     Kafka sends neither within ``deadline`` seconds."""
-    async with _answered_within(deadline):
+    async with _unless_deleted(consumer, tp), _answered_within(deadline):
         at = await consumer.position(tp)
         while True:
             batches = await consumer.getmany(tp, timeout_ms=500, max_records=DEAD_LETTER_CHUNK)
             if batches or await consumer.position(tp) != at:
                 return list(batches.get(tp, []))
+
+
+@contextlib.asynccontextmanager
+async def _unless_deleted(consumer: AIOKafkaConsumer, tp: TopicPartition) -> AsyncIterator[None]:
+    """A TimeoutError reading ``tp`` as the ConfigError it is when its topic was deleted
+    meanwhile: the fetches failed (no such topic), and the wait was said as Kafka not
+    answering, though it answered every request (a review's find)."""
+    try:
+        yield
+    except TimeoutError:
+        if consumer.partitions_for_topic(tp.topic) is None:  # per the metadata refreshed
+            raise ConfigError(
+                f"the dead-letter topic {tp.topic} was deleted while being read"
+            ) from None
+        raise
 
 
 async def _oldest_first(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:

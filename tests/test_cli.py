@@ -1187,6 +1187,20 @@ def test_bridge_host_ipv6_any_serves_ipv4_clients_too() -> None:
             sock.close()
 
 
+def test_check_config_to_a_full_disk_says_so(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`bridge check-config > settings.json` on a full disk said "cannot talk to Kafka
+    at ...", a command that never talks to Kafka (a review's find)."""
+    env.setenv("BRIDGE_TOKENS", "a-long-enough-token-here")
+    env.setenv("BRIDGE_SPOOL_DIR", str(tmp_path))
+    with open("/dev/full", "w") as full:
+        env.setattr(sys, "stdout", full)
+        assert main(["check-config"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: cannot write to stdout: [Errno 28] No space left on device" in err, err
+
+
 @pytest.mark.parametrize("ack", ["broker", "memory", "durable"])
 def test_check_config_tells_of_a_durable_spool_another_mode_publishes(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, ack: str

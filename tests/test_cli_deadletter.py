@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -411,19 +411,29 @@ def test_a_dead_letter_older_than_the_one_before_it_on_its_partition_is_not_move
 
 
 def delete_before(bootstrap: str, tp: TopicPartition, offset: int) -> None:
-    """Delete the records of ``tp`` before ``offset``, as retention does, from a thread of
-    its own: a test calls it from within the event loop of the command under test."""
+    """Delete the records of ``tp`` before ``offset``, as retention does (see _admin)."""
+    _admin(bootstrap, lambda admin: admin.delete_records({tp: RecordsToDelete(offset)}))
 
-    async def delete() -> None:
+
+def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Delete ``topics`` (see _admin)."""
+    _admin(bootstrap, lambda admin: admin.delete_topics(topics))
+
+
+def _admin(bootstrap: str, act: Callable[[AIOKafkaAdminClient], Awaitable[Any]]) -> None:
+    """``act`` with an admin client, from a thread of its own: a test calls it from
+    within the event loop of the command under test."""
+
+    async def run() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
-            await admin.delete_records({tp: RecordsToDelete(offset)})
+            await act(admin)
         finally:
             await admin.close()
 
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
-        thread.submit(asyncio.run, delete()).result()
+        thread.submit(asyncio.run, run()).result()
 
 
 def test_dead_letters_deleted_while_they_are_read_leave_the_rest_shown(
@@ -489,6 +499,31 @@ def test_dead_letters_deleted_to_the_end_while_they_are_read_are_said(
     shown = [line for line in captured.out.splitlines() if "key=" in line]
     assert 0 < len(shown) < 1000, len(shown)
     assert f"to [0]@999 of {topic} were deleted while being read" in captured.err, captured.err
+
+
+def test_a_dead_letter_topic_deleted_while_it_is_read_is_said_so(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    """The topic deleted while list reads it: its fetches failed (no such topic) until
+    the deadline, and the command said it could not talk to Kafka, which answered
+    every request (a review's find)."""
+    topic = f"{topic_prefix}.deadletter"
+    keep(kafka_bootstrap, topic, 1, [(f"k{n}", 0, n) for n in range(1000)], body=b"x" * 4000)
+    env.setenv("BRIDGE_KAFKA_CONNECT_TIMEOUT", "2")
+    describe = kafkaadmin.describe_dead_letter
+
+    def describe_deleting(record: Any) -> str:
+        if record.offset == 0:
+            delete_topics(kafka_bootstrap, [topic])
+        return describe(record)
+
+    env.setattr(kafkaadmin, "describe_dead_letter", describe_deleting)
+    assert main(["deadletter", "list"]) == 2
+    err = capsys.readouterr().err
+    assert f"bridge: the dead-letter topic {topic} was deleted while being read" in err, err
 
 
 def test_dead_letters_are_listed_oldest_first_by_partition_and_offset(
@@ -1017,6 +1052,27 @@ def test_a_report_that_cannot_be_written_is_said_and_exits_1(
     err = capsys.readouterr().err
     assert "3 replayed, 0 still refused" in err
     assert "bridge: the report could not be written to stdout: [Errno 28]" in err, err
+
+
+def test_a_listing_that_cannot_be_written_is_not_blamed_on_kafka(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge deadletter list > file` on a full disk (/dev/full) said "cannot talk to
+    Kafka at ...: [Errno 28] No space left on device", though Kafka answered every
+    request (a review's find): every OSError was taken for Kafka's."""
+
+    async def letters(*_: Any) -> Any:
+        for n in range(3000):  # past the buffer of a file's stdout
+            yield n
+
+    env.setattr(kafkaadmin, "dead_letters", letters)
+    env.setattr(kafkaadmin, "describe_dead_letter", lambda n: f"[0]@{n} key=k-{n}")
+    with open("/dev/full", "w") as full:
+        env.setattr(sys, "stdout", full)
+        assert main(["deadletter", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: cannot write to stdout: [Errno 28] No space left on device" in err, err
+    assert "cannot talk to Kafka" not in err
 
 
 def test_a_report_in_utf_16_has_one_byte_order_mark(
