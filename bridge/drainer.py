@@ -141,6 +141,7 @@ class Drainer:
         self._hand_over_wait = min(HAND_OVER_WAIT, ack_timeout)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()  # set by drain: a stop began
+        self._tried_while_stopping = False  # Kafka away: a round tried since the stop
         self._pending: dict[int, _Pending] = {}
         # seqs Kafka acknowledged whose removal from the backlog failed
         self._unremoved: list[int] = []
@@ -362,6 +363,13 @@ class Drainer:
         self._only_held_left = False
         if self._pending:
             await self._remove(await self._collect())
+        if self._stopping.is_set() and self._tried_while_stopping:
+            # Once tried at the stop, not again until Kafka is back (connected says
+            # it, without a record): a read each retry handed one record to a
+            # producer that refused it, a batch of the spool read 20 times a second.
+            await asyncio.sleep(STOPPING_RETRY_SECONDS)
+            return
+        self._tried_while_stopping = self._stopping.is_set()
         room = BATCH_RECORDS - len(self._pending)
         if room > 0:
             records = await self._backlog.oldest(

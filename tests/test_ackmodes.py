@@ -1895,6 +1895,30 @@ async def test_a_stop_publishes_the_queue_once_kafka_is_back(
     assert [r.key for r in publisher.records] == [b"a"]
 
 
+async def test_a_stop_while_kafka_is_away_does_not_read_the_backlog_in_a_loop() -> None:
+    """Stopping with Kafka away, the drainer tried again every STOPPING_RETRY_SECONDS (so
+    that Kafka back is caught): each try read a batch (up to 4 MiB of a spool) to hand
+    one record to a producer that refuses it, 20 a second until the stop's deadline (a
+    review's find). Kafka's return is seen without a read: once tried, no more reads
+    until it is back."""
+    publisher = FakePublisher(connected=False, fail_with=Unavailable("not connected to Kafka"))
+    backlog = ReadCountingBacklog()
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        backlog.append(record("a"))
+        drainer.wake()
+        await eventually(lambda: backlog.reads >= 1)
+        reads = backlog.reads
+        await drainer.drain(time.monotonic() + 0.5)
+        assert backlog.reads <= reads + 1  # one more try at the stop: ten, before
+        publisher.connected, publisher.fail_with = True, None
+        await drainer.drain(time.monotonic() + 2)  # Kafka back: published at once
+        assert [r.key for r in publisher.records] == [b"a"]
+    finally:
+        task.cancel()
+
+
 async def test_ready_means_a_64_kib_event_is_taken_in_memory_mode(tmp_path: Path) -> None:
     """With exactly 64 KiB left the memory queue said ready, and refused an event of 63
     KiB: the 1 KiB it counts an event more (MEMORY_RECORD_OVERHEAD) was not in the
