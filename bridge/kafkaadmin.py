@@ -28,6 +28,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
+    RequestTimedOutError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
 )
@@ -54,6 +55,7 @@ DEFAULT_REPLICATION_CAP = 3
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
 _TOPIC_EXISTS = TopicAlreadyExistsError.errno
 _NOT_AUTHORIZED = TopicAuthorizationFailedError.errno
+_TIMED_OUT = RequestTimedOutError.errno
 
 #: Set while a reader's client asks Kafka for metadata: see reader().
 _READING_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("reading_only", default=False)
@@ -213,24 +215,27 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
             # how long Kafka may wait for the creation to end before it answers: well
             # within the client's wait for that answer, so that a slow creation is told
             # topic by topic rather than as a request timed out
-            timeout_ms=max(1, int(settings.kafka_request_timeout * 500)),
+            timeout_ms=_creation_wait_ms(settings),
         )
-        results: dict[str, str] = {}
-        denied: list[str] = []
-        for name, code, *rest in response.topic_errors:
-            if code == 0:
-                results[name] = "created"
-            elif code == _TOPIC_EXISTS:
-                results[name] = "exists"
-            else:
-                results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
-                if code == _NOT_AUTHORIZED:
-                    denied.append(name)
+        results = _outcomes(response.topic_errors)
+        denied = [name for name, code, *_ in response.topic_errors if code == _NOT_AUTHORIZED]
+        unfinished = [name for name, code, *_ in response.topic_errors if code == _TIMED_OUT]
         if denied:
             # Kafka answers "not authorized" before it looks whether the topic exists:
             # where CREATE is someone else's, the topics made by them are no failure.
             present = await _topics_there(admin)
             results.update({name: "exists" for name in denied if name in present})
+        if unfinished:
+            # Kafka goes on creating what it did not finish within the wait (a busy
+            # controller): "failed" of topics that were then made failed a deploy step.
+            made = await _appeared(admin, unfinished, settings.kafka_request_timeout)
+            for name in unfinished:
+                results[name] = (
+                    "created"
+                    if name in made
+                    else "failed: Kafka had not finished creating it (it may yet: run "
+                    "bridge topics create again to see)"
+                )
         if configs:  # made before with a smaller limit, perhaps
             largest = settings.kafka_max_request_size()
             existing = [name for name, result in results.items() if result == "exists"]
@@ -247,6 +252,35 @@ async def create_topics(settings: Settings, topics: Sequence[str]) -> dict[str, 
         if any(result.startswith("failed") for result in results.values()):
             raise TopicsNotCreated(results)
         return results
+
+
+def _outcomes(topic_errors: Sequence[Any]) -> dict[str, str]:
+    """Each topic's outcome as CreateTopics answered it: created, exists or failed."""
+    results: dict[str, str] = {}
+    for name, code, *rest in topic_errors:
+        if code == 0:
+            results[name] = "created"
+        elif code == _TOPIC_EXISTS:
+            results[name] = "exists"
+        else:
+            results[name] = f"failed: {rest[0] if rest and rest[0] else f'error code {code}'}"
+    return results
+
+
+def _creation_wait_ms(settings: Settings) -> int:
+    """How long Kafka may take to create topics before it answers: half of
+    BRIDGE_KAFKA_REQUEST_TIMEOUT, the other half for the answer to come."""
+    return max(1, int(settings.kafka_request_timeout * 500))
+
+
+async def _appeared(admin: AIOKafkaAdminClient, topics: list[str], within: float) -> set[str]:
+    """Those of ``topics`` Kafka lists within ``within`` seconds (asked twice a second)."""
+    until = time.monotonic() + within
+    while True:
+        present = await _topics_there(admin)
+        if set(topics) <= present or time.monotonic() >= until:
+            return present & set(topics)
+        await asyncio.sleep(0.5)
 
 
 async def _topics_there(admin: AIOKafkaAdminClient) -> set[str]:

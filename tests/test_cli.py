@@ -717,6 +717,45 @@ def test_topics_create_without_the_right_to_create_tells_existing_topics_apart(
     assert "brokers 3, which hold replicas, are down" not in caplog.text  # none created
 
 
+class AdminOfABusyController(AdminWithoutCreate):
+    """A controller that answers REQUEST_TIMED_OUT (7) to every creation, and has made
+    ``made`` of them by the second listing of the topics."""
+
+    made = ("slow", "slower")
+
+    def __init__(self, **_: Any) -> None:
+        self.listings = 0
+
+    async def list_topics(self) -> list[str]:
+        self.listings += 1
+        return ["there", *(self.made if self.listings > 1 else ())]
+
+    async def create_topics(self, new: list[Any], timeout_ms: int | None = None) -> Any:
+        return SimpleNamespace(topic_errors=[(t.name, 7, None) for t in new])
+
+
+def test_topics_kafka_finishes_creating_after_its_answer_are_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka answers REQUEST_TIMED_OUT for topics it has not finished creating within the
+    wait it was given (half of BRIDGE_KAFKA_REQUEST_TIMEOUT: a busy controller), and
+    may go on creating them: they were "failed", exit 1, failing a deploy step, for
+    topics then made (a review's find). Those Kafka lists within the request timeout
+    are created; the others are said to be perhaps still on their way."""
+    monkeypatch.setattr(kafkaadmin, "AIOKafkaAdminClient", AdminOfABusyController)
+    settings = load_settings(
+        environ={"BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:9", "BRIDGE_KAFKA_REQUEST_TIMEOUT": "1"}
+    )
+    with pytest.raises(kafkaadmin.TopicsNotCreated) as refused:
+        asyncio.run(kafkaadmin.create_topics(settings, ["slow", "slower", "never"]))
+    assert refused.value.results == {
+        "slow": "created",
+        "slower": "created",
+        "never": "failed: Kafka had not finished creating it (it may yet: run bridge "
+        "topics create again to see)",
+    }
+
+
 def test_topics_created_while_a_broker_is_down_are_named(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
