@@ -25,7 +25,7 @@ from bridge.drainer import Drainer, drain_deadline, topics_made
 from bridge.errors import PublishTimeout, Unavailable, stopping
 from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, landed, spawn
+from bridge.publisher import DENIED_ANSWER, Publisher, landed, spawn
 from bridge.routing import Destination
 from bridge.spool import Spool
 
@@ -155,7 +155,8 @@ class BrokerAck:
     @property
     def unready_reason(self) -> str | None:
         if not self._publisher.connected:
-            return "Kafka is not connected"
+            # Not the ACL itself: /readyz may be served on the webhook port.
+            return "Kafka is not connected" if self._publisher.denied is None else DENIED_ANSWER
         # Not stalled either: Kafka answering metadata yet taking no record (below its
         # quorum, say) makes each request wait the whole publish timeout for a 503.
         if self._publisher.stalled:

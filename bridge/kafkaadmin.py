@@ -741,8 +741,9 @@ async def _dead_letter_partitions(
         if topic not in await admin.list_topics():
             raise ConfigError(
                 f"the dead-letter topic {topic} does not exist on Kafka at "
-                f"{settings.kafka_bootstrap}: check BRIDGE_DEADLETTER_TOPIC (the topic "
-                "is made by bridge topics create, or by the first dead letter kept)"
+                f"{settings.kafka_bootstrap}, or Kafka's ACLs deny the bridge DESCRIBE on "
+                "it (topics so denied are not listed): check BRIDGE_DEADLETTER_TOPIC (the "
+                "topic is made by bridge topics create, or by the first dead letter kept)"
             )
         described = await admin.describe_topics([topic])
     return sorted(
@@ -1003,7 +1004,11 @@ async def replay_dead_letters(
                 # meanwhile: the producer refreshes the metadata of the topics it
                 # published to, so Kafka gone as a topic's first record went counted
                 # as connected, and that topic, which exists, as missing.
-                if publisher.ready_for(topic) or not publisher.answered_since(started):
+                if (
+                    publisher.ready_for(topic)
+                    or not isinstance(exc, PublishTimeout)  # a refusal (an ACL): not missing
+                    or not publisher.answered_since(started)
+                ):
                     yield Replayed(record, "unpublished", f"not published: {exc.detail}{unsaid}")
                 else:
                     missing.add(topic)
@@ -1055,6 +1060,8 @@ async def _started_publisher(settings: Settings) -> KafkaPublisher:
     await publisher.start()
     if not publisher.connected:
         await publisher.stop()
+        if publisher.denied is not None:  # Kafka answered: no broker missing
+            raise ConfigError(publisher.denied)
         # As aiokafka's own clients fail in the other commands, so that the CLI says it
         # the same way (and asks whether the security settings are refused): "Kafka at
         # X: KafkaError: Kafka at X is not reachable" said it twice and named no check.

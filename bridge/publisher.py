@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     IllegalSaslStateError,
     KafkaConnectionError,
     KafkaError,
@@ -34,6 +35,7 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
     SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.protocol.metadata import MetadataRequest
@@ -123,8 +125,16 @@ class Publisher(Protocol):
 
     def refuse_at_once(self) -> None: ...
 
+    @property
+    def denied(self) -> str | None:
+        """Why Kafka's authorizer refuses the producer its start, while it does."""
+        ...
+
     def failure(self, exc: BaseException) -> BridgeError: ...
 
+
+#: A 503's detail while Kafka refuses the bridge (the ACLs are not the sender's to know).
+DENIED_ANSWER = "Kafka refuses the bridge (see its log)"
 
 #: Kafka's refusals of a batch for its size: over the topic's max.message.bytes, or
 #: (RECORD_LIST_TOO_LARGE) its segment.bytes. Either may be the batch's and not the
@@ -133,6 +143,19 @@ class Publisher(Protocol):
 BATCH_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 #: ... and the producer's own refusal of a record over max_request_size.
 TOO_LARGE_FOR_KAFKA = (*BATCH_TOO_LARGE, RecordTooLargeError)
+
+
+def _denial(settings: Settings, exc: KafkaError) -> str:
+    """What Kafka's authorizer refusing the producer its start means, and the fix."""
+    user = f"User:{settings.kafka_sasl_username}" if settings.kafka_sasl_username else "its user"
+    if isinstance(exc, ClusterAuthorizationFailedError):
+        what = "IdempotentWrite on the cluster (or WRITE on the topics it publishes to)"
+    else:
+        what = "DESCRIBE and WRITE on the topics it publishes to"
+    return (
+        f"Kafka at {settings.kafka_bootstrap} denies the bridge ({user}) {what}: grant "
+        f"it with kafka-acls ({type(exc).__name__})"
+    )
 
 
 def refused_by_kafka(failure: BaseException) -> bool:
@@ -466,6 +489,9 @@ class KafkaPublisher:
         self._rotation_backoff = 0.0
         self._rotation_not_before = 0.0
         self._explain_not_before = 0.0  # see _connect
+        #: Why Kafka's authorizer refused the producer its start, while it does (see
+        #: _start_producer): readiness and the replay say it, not "not connected".
+        self.denied: str | None = None
         # Replacing a producer Kafka refused a record from (see _after_ack)
         self._watch: Callable[[asyncio.Future[Any]], None] | None = None
         self._broken: AIOKafkaProducer | None = None
@@ -570,7 +596,7 @@ class KafkaPublisher:
         """Connect once, waiting at most ``kafka_connect_timeout``; keep trying in the
         background if Kafka is not there yet (the bridge answers 503 meanwhile)."""
         quiet_aiokafka_sender_end(asyncio.get_running_loop())
-        if not await self._connect(at_startup=True):
+        if not await self._connect(at_startup=True) and self.denied is None:  # else said
             log.warning(
                 "Kafka at %s is not reachable yet; retrying in the background",
                 self._settings.kafka_bootstrap,
@@ -627,6 +653,16 @@ class KafkaPublisher:
         except (KafkaError, OSError, TimeoutError) as exc:
             log.debug("connecting to Kafka failed: %r", exc)
             await self._abandon(producer)
+            if isinstance(exc, ClusterAuthorizationFailedError | TopicAuthorizationFailedError):
+                # Kafka answered, and refused: "not reachable yet" sent the operator
+                # after the network (a review's ACL for the wrong principal). Not fatal
+                # at startup as refused credentials are: an ACL is granted on Kafka,
+                # without a restart, and the other modes take events meanwhile.
+                self.denied = _denial(self._settings, exc)
+                if at_startup or explain:
+                    self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
+                    log.error("%s; trying again in the background", self.denied)
+                return REFUSED
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
                 # asked now (at startup too): background tries ask again EXPLAIN_SECONDS on
                 self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
@@ -658,6 +694,7 @@ class KafkaPublisher:
                 await producer.stop()
 
     def _use(self, producer: AIOKafkaProducer, fingerprint: bytes) -> None:
+        self.denied = None
         self._announce_replacement()
         self._replaced = asyncio.get_running_loop().create_future()
         self._handover = DirectHandover(producer, self._max_request_size)
@@ -1128,6 +1165,11 @@ class KafkaPublisher:
             self._metrics.record_publish_error("timeout")
             return PublishTimeout(f"Kafka did not take the record in time ({exc})")
         self._metrics.record_publish_error("kafka_error")
+        if isinstance(exc, TopicAuthorizationFailedError):  # said as what to grant
+            return PublishFailed(
+                "Kafka denies the bridge WRITE or DESCRIBE on the record's topic "
+                "(TopicAuthorizationFailedError)"
+            )
         if isinstance(exc, KafkaError):
             return PublishFailed(f"Kafka refused the record: {type(exc).__name__}")
         log.error("unexpected error from the Kafka producer", exc_info=exc)
@@ -1149,7 +1191,7 @@ class KafkaPublisher:
             if self._stall_began is not None:  # Kafka takes nothing still: see stalled
                 self._stall()
             raise Unavailable(
-                "not connected to Kafka yet"
+                ("not connected to Kafka yet" if self.denied is None else DENIED_ANSWER)
                 if producer is None
                 # The bridge's connections had no answer: Kafka may be answering other
                 # clients (a broker stopped holds the requests queued behind its own).

@@ -51,6 +51,7 @@ class FakePublisher:
     stalled: bool = False  # Kafka answers metadata but takes no record (broker mode)
     answering: bool = True  # Kafka answers (its metadata refreshes, say), if not this topic
     fail_with: BridgeError | None = None
+    denied: str | None = None  # Kafka's authorizer refuses the producer its start
     started: bool = False
     stopped: bool = False
 
