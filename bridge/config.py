@@ -687,30 +687,41 @@ class Settings(BaseModel):
         events = TopicTemplate(self.topic_template).render(
             "", "", self.default_account, self.default_environment
         )
-        # The defaults whatever the template: check-config prints them as they are.
-        defaults = (self.default_account, self.default_environment)
-        if secrets.in_topic(events) or any(secrets.in_topic(name) for name in defaults):
-            return (
+        checks = [
+            (
+                secrets.in_topic(events),
                 "BRIDGE_TOPIC_TEMPLATE, BRIDGE_DEFAULT_ACCOUNT or BRIDGE_DEFAULT_ENVIRONMENT "
                 "holds a webhook token: every delivery would be refused (422), since no "
-                "topic name may show one"
-            )
-        if self.deadletter_topic and secrets.in_topic(self.deadletter_topic):
-            return (
+                "topic name may show one",
+            ),
+            # Also where the template leaves them out: check-config prints them.
+            *(
+                (
+                    secrets.in_topic(value),
+                    f"{name} holds a webhook token: check-config would show it",
+                )
+                for name, value in (
+                    ("BRIDGE_DEFAULT_ACCOUNT", self.default_account),
+                    ("BRIDGE_DEFAULT_ENVIRONMENT", self.default_environment),
+                )
+            ),
+            (
+                bool(self.deadletter_topic) and secrets.in_topic(self.deadletter_topic),
                 "BRIDGE_DEADLETTER_TOPIC holds a webhook token: whoever lists the topics "
-                "would see it"
-            )
-        if secrets.contains(self.ce_source):  # the webhook URL with ?token=, say
-            return (
+                "would see it",
+            ),
+            (
+                secrets.contains(self.ce_source),  # the webhook URL with ?token=, say
                 "BRIDGE_CE_SOURCE holds a webhook token: every record's ce_source header "
-                "would show it to whoever reads the topics"
-            )
-        if secrets.contains(self.kafka_client_id):
-            return (
+                "would show it to whoever reads the topics",
+            ),
+            (
+                secrets.contains(self.kafka_client_id),
                 "BRIDGE_KAFKA_CLIENT_ID holds a webhook token: Kafka's logs, metrics and "
-                "quotas would show it"
-            )
-        return None
+                "quotas would show it",
+            ),
+        ]
+        return next((why for holds, why in checks if holds), None)
 
     @model_validator(mode="after")
     def _deadletter_is_no_event_topic(self, info: ValidationInfo) -> Self:

@@ -49,6 +49,8 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 #: While stopping, how often the drain looks again (and Kafka, away, is tried again).
 STOPPING_RETRY_SECONDS = 0.05
+#: How long a stop waits for the removal of what Kafka acknowledged late (see settle).
+SETTLE_SECONDS = 1.0
 IDLE_POLL = 1.0
 #: The first hold of a topic; each hold after it without an acknowledgement between
 #: is twice as long, up to HOLD_MAX.
@@ -362,11 +364,15 @@ class Drainer:
                 del self._probing[topic]
         self._only_held_left = False
         if self._pending:
-            await self._remove(await self._collect())
-        if self._stopping.is_set() and self._tried_while_stopping:
-            # Once tried at the stop, not again until Kafka is back (connected says
-            # it, without a record): a read each retry handed one record to a
-            # producer that refused it, a batch of the spool read 20 times a second.
+            done = await self._collect()
+            await self._remove(done)
+            if done:  # Kafka takes records though it counts as away (one broker hung)
+                self._tried_while_stopping = False
+        if self._tried_while_stopping:
+            # Tried at the stop and Kafka took nothing: not again until it is back
+            # (connected says it, without a record), or takes what was handed over.
+            # A read each retry handed one record to a producer that refused it, a
+            # batch of the spool read 20 times a second.
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
             return
         self._tried_while_stopping = self._stopping.is_set()
@@ -381,6 +387,8 @@ class Drainer:
             if records:
                 done, _ = await self._deliver(records)
                 await self._remove(done)
+                if done:  # as above: the next try reads again
+                    self._tried_while_stopping = False
         # Cut short by a stop (see drain): Kafka back as it came, a backoff of up to
         # MAX_BACKOFF outlasted a short BRIDGE_SHUTDOWN_TIMEOUT, and memory mode lost
         # what it held. Once stopping, tried again at drain's pace. Not by appends
@@ -469,13 +477,16 @@ class Drainer:
             return
         self._settled_by_probes.clear()
         try:
-            await self._remove(done)
+            # Bounded: on a spool disk that hangs the removal never ends, and the stop
+            # with it (the spool's close gives up after its own wait).
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await self._remove(done)
         except Exception as exc:  # the stop goes on: they are sent again, at least once
             log.error(
                 "%d events Kafka has could not be removed from the backlog at shutdown "
                 "(%s); a durable spool sends them again at the next start",
                 len(done),
-                exc,
+                str(exc) or type(exc).__name__,  # a timeout says nothing
             )
 
     def _hold(self, topic: str, why: str, since: float | None = None) -> None:

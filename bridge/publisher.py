@@ -492,6 +492,7 @@ class KafkaPublisher:
         #: Why Kafka's authorizer refused the producer its start, while it does (see
         #: _start_producer): readiness and the replay say it, not "not connected".
         self.denied: str | None = None
+        self._denial: str | None = None  # the last _start_producer's
         # Replacing a producer Kafka refused a record from (see _after_ack)
         self._watch: Callable[[asyncio.Future[Any]], None] | None = None
         self._broken: AIOKafkaProducer | None = None
@@ -612,6 +613,9 @@ class KafkaPublisher:
         explain = not at_startup and time.monotonic() >= self._explain_not_before
         started = await self._start_producer(at_startup=at_startup, explain=explain)
         if isinstance(started, str):
+            # This try's: a denial followed by an outage was still said as a denial.
+            # (Not a rotation's or a reset's: their producer is not the bridge's yet.)
+            self.denied = self._denial
             return False
         self._use(*started)
         log.info("connected to Kafka at %s", self._settings.kafka_bootstrap)
@@ -626,6 +630,7 @@ class KafkaPublisher:
         Why Kafka refused the secrets is raised ``at_startup`` and logged if
         ``explain`` (finding out takes a connection of its own)."""
         fingerprint = secrets_fingerprint(self._settings)
+        self._denial = None
         try:
             options = kafka_client_options(self._settings)
         except ConfigError as exc:
@@ -658,10 +663,10 @@ class KafkaPublisher:
                 # after the network (a review's ACL for the wrong principal). Not fatal
                 # at startup as refused credentials are: an ACL is granted on Kafka,
                 # without a restart, and the other modes take events meanwhile.
-                self.denied = _denial(self._settings, exc)
+                self._denial = _denial(self._settings, exc)
                 if at_startup or explain:
                     self._explain_not_before = time.monotonic() + EXPLAIN_SECONDS
-                    log.error("%s; trying again in the background", self.denied)
+                    log.error("%s; trying again in the background", self._denial)
                 return REFUSED
             if (at_startup or explain) and not isinstance(exc, TimeoutError):
                 # asked now (at startup too): background tries ask again EXPLAIN_SECONDS on

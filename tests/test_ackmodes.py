@@ -2000,3 +2000,60 @@ async def test_an_acknowledgement_the_stop_cut_off_is_not_forgotten(
         again.release()
     else:
         assert mode.backlog.depth == 0
+
+
+class HangingDiskPublisher(FakePublisher):
+    """Takes the record, and as it does the spool's disk stops answering (a network
+    volume gone): the drainer's removal of the acknowledged record waits in the writer."""
+
+    disk: threading.Event
+    mode: DurableAck
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        hang = spool_module._Call(lambda _: self.disk.wait(60), loop.create_future())
+        self.mode.spool._jobs.put(hang)
+        return await super().hand_over(destination)
+
+
+async def test_a_stop_ends_though_the_spool_disk_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal at the stop of what Kafka acknowledged late (Drainer.settle) waited
+    without bound for a spool whose disk hangs: the stop, which the spool's close
+    bounds (CLOSE_WAIT_SECONDS), never ended (a review's test)."""
+    monkeypatch.setattr(drainer_module, "SETTLE_SECONDS", 0.2)
+    publisher = HangingDiskPublisher()
+    publisher.disk = threading.Event()
+    mode = DurableAck(publisher, Metrics(), settings(tmp_path, BRIDGE_SHUTDOWN_TIMEOUT="0.5"))
+    publisher.mode = mode
+    await mode.start()
+    assert await mode.deliver(record("a"), "a")
+    await eventually(lambda: bool(publisher.records))
+    await asyncio.sleep(0.1)  # the drainer's removal now waits behind the hung disk
+    try:
+        async with asyncio.timeout(spool_module.CLOSE_WAIT_SECONDS + 5):
+            await mode.stop()
+    finally:
+        publisher.disk.set()
+        await mode.spool.close()
+
+
+async def test_a_stop_with_stale_metadata_sends_every_batch_kafka_takes() -> None:
+    """Stopping while the publisher counts as away though Kafka takes records (one hung
+    broker holds the metadata refresh, see KafkaPublisher.connected), the drainer handed
+    over one batch and read no more: memory mode lost the rest at the deadline (a
+    review's test). Progress lets it read again."""
+    publisher = FakePublisher(connected=False)  # metadata stale, records taken
+    backlog = MemoryBacklog(max_bytes=10**8)
+    count = drainer_module.BATCH_RECORDS * 2 + 100
+    for n in range(count):
+        backlog.append(record(f"k{n}"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await drainer.drain(time.monotonic() + 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(publisher.records) == count

@@ -263,6 +263,17 @@ def test_a_token_in_the_names_of_the_topics_stops_startup(
         load_settings(environ={"BRIDGE_TOKENS_FILE": str(file), **environ})
 
 
+@pytest.mark.parametrize("setting", ["BRIDGE_DEFAULT_ACCOUNT", "BRIDGE_DEFAULT_ENVIRONMENT"])
+def test_a_token_in_a_default_the_template_leaves_out_is_refused_for_what_it_is(
+    setting: str,
+) -> None:
+    """Not used by the template, a default holding a token refuses no delivery: only
+    check-config would show it (the refusal said every delivery would be a 422)."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"BRIDGE_TOKENS": "7f3k9q2x", setting: "7f3k9q2x"})
+    assert f"{setting} holds a webhook token: check-config would show it" in str(refused.value)
+
+
 def test_bracketed_ipv6_bootstrap_servers_are_accepted() -> None:
     """IPv6 brokers are written as aiokafka reads them: [address]:port."""
     servers = "[::1]:9092, [2001:db8::7]:9093,kafka:9094"

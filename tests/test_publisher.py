@@ -9,10 +9,12 @@ import asyncio
 import logging
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaConnectionError,
     KafkaTimeoutError,
     LeaderNotAvailableError,
     MessageSizeTooLargeError,
@@ -21,11 +23,13 @@ from aiokafka.errors import (
 )
 
 import bridge.publisher as publisher_module
+from bridge.ackmodes import BrokerAck
 from bridge.config import load_settings
 from bridge.errors import PayloadTooLarge, PublishTimeout, Unavailable
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
+from tests.fakes import TOKEN
 
 DESTINATION = Destination(topic="t", key=b"k", value=b"v", headers=[])
 
@@ -1032,3 +1036,42 @@ async def test_stop_keeps_its_deadline_with_a_replaced_producer_still_flushing()
     await publisher.stop(began + 0.2)
     assert time.monotonic() - began < 1.0
     assert replaced.closed  # closed all the same
+
+
+class DeniedThenAwayProducer:
+    """A producer whose starts fail as ``failures`` says, in turn."""
+
+    failures: ClassVar[list[BaseException]] = []
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        raise DeniedThenAwayProducer.failures.pop(0)
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_denial_followed_by_an_outage_is_said_as_the_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka's authorizer denied the producer (an ACL missing), then no broker answered:
+    /readyz and every 503 still said "Kafka refuses the bridge" (a review's test)."""
+    settings = load_settings(
+        environ={
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_ACK": "broker",
+            "BRIDGE_KAFKA_CONNECT_TIMEOUT": "1",
+        }
+    )
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", DeniedThenAwayProducer)
+    DeniedThenAwayProducer.failures = [
+        ClusterAuthorizationFailedError(),
+        KafkaConnectionError("Unable to bootstrap from [('localhost', 9092)]"),
+    ]
+    publisher = KafkaPublisher(settings, Metrics())
+    assert not await publisher._connect(at_startup=True)
+    assert BrokerAck(publisher, settings).unready_reason == "Kafka refuses the bridge (see its log)"
+    assert not await publisher._connect()  # the background's next try: no broker
+    assert BrokerAck(publisher, settings).unready_reason == "Kafka is not connected"
