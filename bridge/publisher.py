@@ -1041,7 +1041,11 @@ class KafkaPublisher:
         line for each); the rest at DEBUG."""
         now = time.monotonic()
         first, self._refresh_failing = not self._refresh_failing, True
-        if now - self._refresh_failure_said < REFRESH_FAILED_REPEAT_SECONDS:
+        # A run long enough for Kafka to count as away (bridge_kafka_connected 0) is
+        # said once whenever it begins: a second outage within the minute of the last
+        # warning left no line at all, not even its end (a review's flapping broker).
+        away_unsaid = not self._refresh_run_said and now - self._refreshed_at >= STALE_AFTER_SECONDS
+        if now - self._refresh_failure_said < REFRESH_FAILED_REPEAT_SECONDS and not away_unsaid:
             log.debug("Kafka metadata refresh failed: %r", exc)
             return
         self._refresh_failure_said, self._refresh_run_said = now, True

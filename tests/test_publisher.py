@@ -1075,3 +1075,50 @@ async def test_a_denial_followed_by_an_outage_is_said_as_the_outage(
     assert BrokerAck(publisher, settings).unready_reason == "Kafka refuses the bridge (see its log)"
     assert not await publisher._connect()  # the background's next try: no broker
     assert BrokerAck(publisher, settings).unready_reason == "Kafka is not connected"
+
+
+async def test_a_second_outage_within_a_minute_is_said_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A second outage within the minute of the first one's warning, long enough for
+    Kafka to count as away (bridge_kafka_connected 0), left no line at INFO or above,
+    not even its end: the warnings' once-a-minute limit took it for a Kafka that fails
+    every other refresh (a review's flapping broker)."""
+    caplog.set_level(logging.DEBUG, logger="bridge.publisher")
+    pub = publisher(ack="durable")
+    producer = FakeProducer()
+    kafka_back = False
+
+    async def force_metadata_update() -> bool:
+        return kafka_back
+
+    producer.client.force_metadata_update = force_metadata_update
+    pub._use(producer, b"")
+
+    def said() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.INFO and r.name == "bridge.publisher"
+        ]
+
+    # Outage 1: 25 s; warned at its start, its end said at INFO.
+    await pub._heartbeat(producer)
+    pub._refreshed_at -= 25
+    pub._refresh_failure_said -= 25
+    kafka_back = True
+    await pub._heartbeat(producer)
+    assert len(said()) == 2, said()  # the warning and "answers ... again"
+
+    # 30 s later (55 s after the warning), outage 2: also 25 s, past STALE_AFTER_SECONDS.
+    pub._refresh_failure_said -= 30
+    kafka_back = False
+    await pub._heartbeat(producer)
+    pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 5
+    producer.client.cluster._last_successful_refresh_ms = 0
+    assert not pub.connected  # bridge_kafka_connected 0: Kafka counted as away
+    await pub._heartbeat(producer)  # still within the minute of the first warning
+    kafka_back = True
+    await pub._heartbeat(producer)
+    # The outage the metrics showed must leave a trace at INFO or above.
+    assert len(said()) > 2, f"outage 2 left no line at INFO or above: {said()}"
