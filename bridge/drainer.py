@@ -56,6 +56,9 @@ IDLE_POLL = 1.0
 #: is twice as long, up to HOLD_MAX.
 HOLD_MIN = 1.0
 HOLD_MAX = 10.0
+#: A topic's holds are said at WARNING at most this often (else at DEBUG): a topic an
+#: ACL denies was two lines every 10 s, 17,000 a day (a review's count).
+HOLD_SAID_EVERY = 60.0
 #: The longest one hand-over may take (metadata of a topic the producer does not know
 #: yet, or room in a partition's queue) before its topic is put on hold; at most the
 #: acknowledgement timeout.
@@ -155,6 +158,7 @@ class Drainer:
         # topic -> (held until, on the monotonic clock; length of that hold). A topic
         # stays here after its hold ends, until one of its records is acknowledged.
         self._holds: dict[str, tuple[float, float]] = {}
+        self._hold_said: dict[str, float] = {}  # topic -> when a hold of it was last said
         # topic -> the seq of its probe, from the hand-over until the outcome is known
         self._probing: dict[str, int] = {}
         self._probe_tasks: set[asyncio.Task[None]] = set()  # probes being handed over
@@ -506,10 +510,20 @@ class Drainer:
             return  # held already
         length = min(length * 2, HOLD_MAX)
         self._holds[topic] = (now + length, length)
-        log.warning(
-            "records for %s are held back for %gs (those of other topics go on): %s",
+        level = logging.DEBUG
+        if now - self._hold_said.get(topic, -HOLD_SAID_EVERY) >= HOLD_SAID_EVERY:
+            level = logging.WARNING
+            self._hold_said = {
+                t: at for t, at in self._hold_said.items() if now - at < HOLD_SAID_EVERY
+            }
+            self._hold_said[topic] = now
+        log.log(
+            level,
+            "records for %s are held back for %gs (those of other topics go on; said at "
+            "most every %g s while it lasts): %s",
             topic,
             length,
+            HOLD_SAID_EVERY,
             why,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import threading
 import time
 import tracemalloc
@@ -818,6 +819,28 @@ async def test_a_held_topic_does_not_make_the_drainer_spin(monkeypatch: pytest.M
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
         assert backlog.reads <= reads + 1  # not one read per append
+
+
+async def test_a_topic_held_again_and_again_is_said_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic Kafka keeps refusing (an ACL) was a WARNING at each hold, every 10 s for
+    as long as it lasted (a review's count: 17,000 lines a day): at WARNING at most
+    once a minute, the holds between at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="bridge.drainer")
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 0.02)
+    monkeypatch.setattr(drainer_module, "HOLD_MAX", 0.04)
+    troubled = "geins.widget.create"
+    publisher = TopicTroublePublisher(troubled, "refuse")
+    async with a_topic_held(publisher, troubled):
+
+        def holds(level: int) -> int:
+            return sum(
+                "are held back" in r.getMessage() and r.levelno == level for r in caplog.records
+            )
+
+        await eventually(lambda: holds(logging.DEBUG) >= 3, what="holds after the first")
+    assert holds(logging.WARNING) == 1
 
 
 async def test_a_held_topic_does_not_delay_another_topics_new_record(
