@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from bridge.backlog import Backlog, MemoryBacklog, has_room
 from bridge.config import Settings
 from bridge.dedup import SeenKeys
-from bridge.drainer import Drainer, drain_deadline, topics_made
+from bridge.drainer import Drainer, drain_deadline, named, topics_made
 from bridge.errors import PublishTimeout, Unavailable, stopping
 from bridge.leftover import LeftoverSpool, say_topics_from_before
 from bridge.metrics import Metrics
@@ -299,8 +299,7 @@ class _DrainedAck:
         held = self.drainer.held_topics
         if not held:
             return "Kafka is probably unreachable"
-        named = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        return f"Kafka takes no event of {named} (see the log and bridge_topics_held)"
+        return f"Kafka takes no event of {named(held)} (see the log and bridge_topics_held)"
 
     def _background_reason(self) -> str | None:
         """Unready once the drainer (or durable's spool maintenance) stopped. Their loops

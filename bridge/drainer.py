@@ -82,6 +82,13 @@ def topics_made(publish_after: asyncio.Future[Any] | None) -> bool:
     return publish_after is None or (publish_after.done() and not publish_after.cancelled())
 
 
+def named(topics: list[str], most: int = 3) -> str:
+    """``topics`` for a log line or a reason: the first ``most``, and how many more
+    (hundreds of topics held made one line of all of them)."""
+    more = len(topics) - most
+    return ", ".join(topics[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 def drain_deadline(deadline: float | None, shutdown_timeout: float) -> float:
     """The end of a drain at a stop: ``deadline`` (monotonic; the lifespan's, which the
     producer's flush shares), or BRIDGE_SHUTDOWN_TIMEOUT from now without one."""
@@ -452,7 +459,7 @@ class Drainer:
         self._only_held_left = False
         while self._backlog.depth and time.monotonic() < deadline:
             if self._only_held_left and self._publisher.connected and not self._pending:
-                log.warning("stopping with the events of %s on hold", ", ".join(self.held_topics))
+                log.warning("stopping with the events of %s on hold", named(self.held_topics))
                 return
             self.wake()
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
