@@ -135,14 +135,17 @@ class RecordFifo:
                 self._by_topic = {}
                 for held in self._records.values():
                     _file_by_topic(self._by_topic, held)
-            candidates = heapq.merge(
-                *(
-                    iter(of_topic.values())
-                    for topic, of_topic in self._by_topic.items()
-                    if topic not in skip_topics
-                ),
-                key=_seq_of,
-            )
+            by_topic = self._by_topic
+            if sum(len(by_topic.get(t, ())) for t in skip_topics) <= SCAN_PAST_AT_MOST:
+                # Few held: past them in seq order. A merge of one iterator per topic
+                # cost 0.44 s of the event loop with 40,000 topics waiting (a review's).
+                candidates = (
+                    entry
+                    for entry in self._records.values()
+                    if entry[0].destination.topic not in skip_topics
+                )
+            else:
+                candidates = self._merged_topics(skip_topics)
         else:
             candidates = iter(self._records.values())
         for record, size in candidates:
@@ -153,6 +156,19 @@ class RecordFifo:
             taken.append(record)
             total += size
         return taken
+
+    def _merged_topics(self, skip_topics: Set[str]) -> Iterator[tuple[QueuedRecord, int]]:
+        """The records of the topics not in ``skip_topics``, in seq order, without
+        reading past those of the others (many held: a spool full of a held topic)."""
+        assert self._by_topic is not None  # noqa: S101  # made by take
+        return heapq.merge(
+            *(
+                iter(of_topic.values())
+                for topic, of_topic in self._by_topic.items()
+                if topic not in skip_topics
+            ),
+            key=_seq_of,
+        )
 
     def discard(self, seqs: Sequence[int]) -> int:
         """Drop the records with these seqs (unknown ones are ignored); how many were held."""
@@ -192,6 +208,11 @@ def _file_by_topic(
     if of_topic is None:
         of_topic = by_topic[topic] = OrderedDict()
     of_topic[held[0].seq] = held
+
+
+#: The most rows of held topics a read goes past in seq order; with more, it merges
+#: the other topics' own orders instead, whose cost grows with their number.
+SCAN_PAST_AT_MOST = 10_000
 
 
 def _seq_of(held: tuple[QueuedRecord, int]) -> int:
