@@ -882,6 +882,9 @@ class FakeDeadLetterTopic:
     async def start(self) -> None:
         pass
 
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return set(range(self.PARTITIONS)) if topic == DEAD_TOPIC else None
+
     async def close(self) -> None:
         pass
 
