@@ -268,6 +268,7 @@ class Drainer:
             await self._round_while_kafka_is_away()
             return
         self._away_backoff = MIN_BACKOFF
+        self._tried_while_stopping = False  # back: a next spell away tries again
         # Before the other records of their topics; the other topics go on in the same
         # round (a topic's too-large record held them all back: 2 to 3.5 s on a
         # review's broker, for good if the topic then had other trouble).
@@ -492,12 +493,19 @@ class Drainer:
             # with it (the spool's close gives up after its own wait).
             async with asyncio.timeout(SETTLE_SECONDS):
                 await self._remove(done)
+        except TimeoutError:  # still queued: the spool's close says whether it ran
+            log.warning(
+                "the removal of %d events Kafka has did not end within %g s at shutdown "
+                "(the spool's disk is slow or hangs)",
+                len(done),
+                SETTLE_SECONDS,
+            )
         except Exception as exc:  # the stop goes on: they are sent again, at least once
             log.error(
                 "%d events Kafka has could not be removed from the backlog at shutdown "
                 "(%s); a durable spool sends them again at the next start",
                 len(done),
-                str(exc) or type(exc).__name__,  # a timeout says nothing
+                exc,
             )
 
     def _hold(self, topic: str, why: str, since: float | None = None) -> None:

@@ -2081,3 +2081,49 @@ async def test_a_stop_with_stale_metadata_sends_every_batch_kafka_takes() -> Non
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert len(publisher.records) == count
+
+
+class FlickeringPublisher(FakePublisher):
+    """Kafka slow to acknowledge while ``hold``; then acknowledging at once, its
+    metadata going stale again after each hand-over."""
+
+    hold: bool = True
+    held: list[asyncio.Future[Any]]
+
+    async def hand_over(self, destination: Any) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.records.append(destination)
+        if self.hold:
+            self.held.append(acked)  # Kafka slow: acknowledged later
+        else:
+            acked.set_result(None)
+            self.connected = False  # one round connected, then stale metadata again
+        return acked
+
+
+async def test_a_stop_reads_on_after_kafka_came_and_went() -> None:
+    """A stop that began with Kafka away and nothing taken, then saw it connected for a
+    round, then its metadata stale again while it still takes records (one hung
+    broker), read no more of the backlog until the deadline (a review's test)."""
+    publisher = FlickeringPublisher(connected=False)
+    publisher.held = []
+    backlog = MemoryBacklog(max_bytes=10**8)
+    count = drainer_module.BATCH_RECORDS * 3
+    for n in range(count):
+        backlog.append(record(f"k{n}"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    drain = asyncio.create_task(drainer.drain(time.monotonic() + 4))
+    try:
+        await eventually(lambda: drainer._tried_while_stopping and bool(publisher.held))
+        await asyncio.sleep(0.3)  # the first try timed out: nothing taken yet
+        publisher.hold = False
+        for acked in publisher.held:
+            acked.set_result(None)
+        publisher.connected = True
+        await drain
+    finally:
+        task.cancel()
+        await asyncio.gather(task, drain, return_exceptions=True)
+    assert backlog.depth == 0, f"{backlog.depth} of {count} left"

@@ -4,6 +4,7 @@ PID 1, so the unit is not started by systemd itself)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,10 @@ def test_systemd_unit_lets_the_bridge_drain_and_keeps_its_spool() -> None:
     service = parse_unit(UNIT)["Service"]
     env = unit_environment()
     assert float(one(service, "TimeoutStopSec")) > shutdown_seconds(env)
+    # and the comment above it says the sum it counts (it said 36 s when it was 37)
+    said = re.search(r"\((\d+) s with\s*#?\s*the defaults", UNIT.read_text())
+    assert said is not None
+    assert float(said.group(1)) == shutdown_seconds({})
     assert one(service, "KillMode") == "mixed"
     assert one(service, "StateDirectory") == Path(STATE).name
     assert Path(env["BRIDGE_SPOOL_DIR"]).is_relative_to(STATE)
