@@ -91,7 +91,7 @@ async def _acls(broker: LocalKafka, request: type, acls: list[Acl]) -> None:
             assert all(error[0] == 0 for error in errors), errors
     finally:
         await admin.close()
-    await asyncio.sleep(1.0)  # until the broker's metadata has them
+    await asyncio.sleep(0.5)  # until the broker's metadata has them (one node: at once)
 
 
 @contextlib.contextmanager
