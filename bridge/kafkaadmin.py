@@ -841,7 +841,10 @@ async def _say_if_deleted(
     """Reading skipped the offsets [start, end) of ``tp``: say so when Kafka deleted
     them meanwhile (retention; reading goes on from the oldest left), which went
     unsaid. Records compacted away and transaction markers leave such gaps too, and
-    are not said: they were never there to show."""
+    are not said: they were never there to show. An empty range (a fetch ran past the
+    span's end, and reading was already beyond it) skipped nothing of the span."""
+    if start >= end:
+        return
     async with _answered_within(deadline):
         beginning: int = (await consumer.beginning_offsets([tp]))[tp]
     if beginning > start:

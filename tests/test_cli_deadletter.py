@@ -1281,3 +1281,21 @@ def test_a_key_the_terminal_cannot_encode_is_escaped_not_a_traceback(
     assert main(argv) == 0
     sys.stdout.flush()
     assert b"key=\\u043a\\u043b\\u044e\\u0447" in raw.getvalue()
+
+
+def test_a_deletion_past_the_span_read_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A fetch ran past the span's end (records up to 699 read for a span ending at 600),
+    then retention deleted up to 800: nothing of the span was skipped. The line said
+    "[0]@700 to [0]@599 were deleted", an inverted range of records nobody asked for."""
+
+    class Consumer:
+        async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return dict.fromkeys(tps, 800)
+
+    tp = TopicPartition("geins.deadletter", 0)
+    with caplog.at_level("WARNING"):
+        asyncio.run(kafkaadmin._say_if_deleted(Consumer(), tp, 700, 600, 5))
+        asyncio.run(kafkaadmin._say_if_deleted(Consumer(), tp, 500, 600, 5))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["[0]@500 to [0]@599 of geins.deadletter were deleted while being read "
+                    "(retention, or records deleted by hand): they are not shown"]  # fmt: skip
