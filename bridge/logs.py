@@ -159,6 +159,9 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python's warnings (a library's RuntimeWarning, say) in the same format and
+    # through the same redaction: written bare to stderr, they broke a JSON log's lines.
+    logging.captureWarnings(True)
     # aiokafka reports every retry at ERROR; the bridge reports what matters itself.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
     handler.addFilter(OncePerInterval("aiokafka", AIOKAFKA_REPEAT_SECONDS))

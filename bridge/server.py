@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from types import FrameType
 from typing import Any
 
@@ -58,6 +58,21 @@ class BridgeServer(uvicorn.Server):
         self._shutdown_delay = shutdown_delay
         self._stop_at: float | None = None
         self._signals_taken = signals_taken
+        self._serving: Coroutine[Any, Any, None] | None = None
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            # A stop signal while uvicorn made its event loop (StopBeforeServing)
+            # leaves serve()'s coroutine made and never started: closed here, it does
+            # not print "coroutine 'Server.serve' was never awaited" to stderr.
+            if self._serving is not None:
+                self._serving.close()
+
+    def serve(self, sockets: list[socket.socket] | None = None) -> Coroutine[Any, Any, None]:
+        self._serving = super().serve(sockets)
+        return self._serving
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._stop_at is not None:

@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -440,3 +441,26 @@ def test_a_json_line_may_name_a_path_that_is_not_utf8() -> None:
     assert line["message"] == "spool: events are kept in the folder /data/sp\\udcffool"
     assert line["path"] == "/data/sp\\udcffool"
     assert line["count"] == 3
+
+
+def test_a_python_warning_is_a_line_of_the_log_s_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A library's RuntimeWarning went to stderr as Python writes it, two bare lines in
+    a log of JSON lines (which a collector parsing JSON drops or fails on)."""
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    try:
+        logs.configure("info", "json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # as in the bridge (the suite's: error)
+            warnings.warn("coroutine 'x' was never awaited", RuntimeWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], level = kept
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    line = json.loads(lines[0])
+    assert line["level"] == "warning"
+    assert "coroutine 'x' was never awaited" in line["message"]

@@ -4,17 +4,22 @@ the kernel drops a signal that has no handler."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import uvicorn
 
 from bridge.devkafka import free_port
+from bridge.ingress import RuntimeState
+from bridge.server import BridgeServer, StopBeforeServing
 from bridge.spool import Spool
 from tests.fakes import TOKEN
 from tests.polling import wait_until
@@ -295,3 +300,22 @@ def test_sigterm_during_the_imports(
     assert "listening on" not in log_text
     if command == "serve":
         assert "SIGTERM received before serving: stopped, nothing was accepted" in log_text
+
+
+def test_a_stop_while_uvicorn_makes_its_loop_leaves_no_unawaited_coroutine() -> None:
+    """A stop signal as uvicorn made its event loop, after it had made serve()'s
+    coroutine: stderr got "RuntimeWarning: coroutine 'Server.serve' was never awaited"
+    after the plain "stopped, nothing was accepted" (seen with SIGTERM 3 s after start)."""
+    config = uvicorn.Config(app=lambda scope, receive, send: None)
+
+    def signalled() -> None:
+        raise StopBeforeServing("SIGTERM")
+
+    config.get_loop_factory = signalled  # type: ignore[method-assign]
+    server = BridgeServer(config, RuntimeState(), 0, lambda: None, signals=(signal.SIGTERM,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(StopBeforeServing):
+            server.run()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
