@@ -334,13 +334,6 @@ def check_record_size(destination: Destination, limit: int) -> None:
         )
 
 
-def _metadata_age(producer: AIOKafkaProducer) -> float:
-    """Seconds since ``producer``'s client last got a metadata response: aiokafka stamps
-    each on the wall clock (long ago when there is no stamp)."""
-    refreshed_ms = getattr(producer.client.cluster, "_last_successful_refresh_ms", 0)
-    return time.time() - refreshed_ms / 1000
-
-
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """Start a background task whose unexpected death is logged, not swallowed."""
     task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -504,6 +497,8 @@ class KafkaPublisher:
         # failed, when a failure was last said at WARNING, and whether the current run of
         # failures was said
         self._refreshed_at = -STALE_AFTER_SECONDS
+        # When the producer in use last got any metadata response (see _metadata_age)
+        self._metadata_at = -math.inf
         self._refresh_failing = False
         self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
         self._refresh_run_said = False
@@ -516,12 +511,11 @@ class KafkaPublisher:
         broker first, it waits up to BRIDGE_KAFKA_REQUEST_TIMEOUT before it asks the
         next one. Heartbeats alone made a cluster with one hung broker, whose others
         answered, look stale (a reviewer's SIGSTOP of one of three)."""
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             return False
         if time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS:
             return True
-        return _metadata_age(producer) < STALE_AFTER_SECONDS
+        return self._metadata_age() < STALE_AFTER_SECONDS
 
     @property
     def stalled(self) -> bool:
@@ -586,8 +580,7 @@ class KafkaPublisher:
         the metadata is STALE_AFTER_SECONDS old."""
         if self._answered_at > since:
             return True
-        producer = self._producer
-        return producer is not None and _metadata_age(producer) < time.perf_counter() - since
+        return self._producer is not None and self._metadata_age() < time.perf_counter() - since
 
     def _answered(self) -> None:
         self._answered_until = time.monotonic() + UNANSWERED_AFTER_SECONDS
@@ -708,6 +701,21 @@ class KafkaPublisher:
         self._fingerprint = fingerprint
         self._refreshed()  # a producer starts with the cluster's metadata
         self._answered()
+        self._metadata_at = time.monotonic()
+        producer.client.cluster.add_listener(functools.partial(self._metadata_came, producer))
+
+    def _metadata_came(self, producer: AIOKafkaProducer, _cluster: object) -> None:
+        """aiokafka completed a metadata refresh of ``producer``'s (a listener of its
+        cluster view, called for successful ones only)."""
+        if producer is self._producer:
+            self._metadata_at = time.monotonic()
+
+    def _metadata_age(self) -> float:
+        """Seconds since the producer in use last got a metadata response. Timed here, on
+        the monotonic clock: aiokafka stamps its own on the wall clock, which an NTP step
+        moves (one an hour back kept a Kafka that answered nothing connected, and ready,
+        for that hour)."""
+        return time.monotonic() - self._metadata_at
 
     async def _keep_connected(self) -> None:
         backoff = 0.5
@@ -1196,7 +1204,7 @@ class KafkaPublisher:
         producer = self._producer
         if producer is None or (
             time.monotonic() >= self._answered_until
-            and _metadata_age(producer) >= UNANSWERED_AFTER_SECONDS
+            and self._metadata_age() >= UNANSWERED_AFTER_SECONDS
         ):
             self._metrics.record_publish_error("not_connected")
             if self._stall_began is not None:  # Kafka takes nothing still: see stalled

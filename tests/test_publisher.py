@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import aiokafka.cluster
 import pytest
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -39,9 +42,10 @@ class FakeProducer:
     until ``metadata`` is set (never, on a producer being closed), then appends."""
 
     def __init__(self) -> None:
+        self.listeners: list[Callable[[object], None]] = []
         cluster = SimpleNamespace(
-            add_listener=lambda _: None,
-            remove_listener=lambda _: None,
+            add_listener=self.listeners.append,
+            remove_listener=self.listeners.remove,
             partitions_for_topic=lambda _: None,  # unknown topic: send() is used
         )
         self.client = SimpleNamespace(cluster=cluster)
@@ -49,6 +53,11 @@ class FakeProducer:
         self.sends = 0
         self.appended: list[asyncio.Future[Any]] = []
         self.alone: list[bool] = []  # whether each appended record went in a batch of its own
+
+    def metadata_refreshed(self) -> None:
+        """aiokafka completed a metadata refresh: it calls its cluster's listeners."""
+        for listener in list(self.listeners):
+            listener(self.client.cluster)
 
     async def send(self, topic: str, **_: Any) -> asyncio.Future[Any]:
         self.sends += 1
@@ -226,6 +235,7 @@ async def test_publish_refuses_at_once_while_kafka_has_not_answered() -> None:
     pub._use(producer, b"")
     pub._answered_until = time.monotonic() - 1  # failing heartbeats
     pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 1
+    pub._metadata_at = -math.inf  # nor any metadata response
     started = time.monotonic()
     with pytest.raises(Unavailable, match=r"no answer from Kafka at .* for 25 s"):
         await pub.publish(DESTINATION)
@@ -244,6 +254,7 @@ async def test_acknowledgements_keep_publish_going_through_a_slow_refresh() -> N
     pub._use(producer, b"")
     pub._answered_until = time.monotonic() - 1
     pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 1
+    pub._metadata_at = -math.inf  # nor any metadata response
     earlier: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     earlier.set_result(None)
     pub._after_ack(producer, earlier)  # a record acknowledged just now
@@ -773,9 +784,10 @@ async def test_any_metadata_response_is_an_answer() -> None:
     producer = FakeProducer()
     pub._use(producer, b"")
     pub._answered_at = 0.0  # no acknowledgement nor heartbeat since
+    pub._metadata_at -= 2  # the producer's start, two seconds ago
     second_ago = time.perf_counter() - 1
     assert not pub.answered_since(second_ago)
-    producer.client.cluster._last_successful_refresh_ms = time.time() * 1000
+    producer.metadata_refreshed()
     assert pub.answered_since(second_ago)
     assert not pub.answered_since(time.perf_counter() + 1)
 
@@ -904,9 +916,10 @@ async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_kafka_connected(
     pub._use(producer, b"")
     clock[0] += publisher_module.STALE_AFTER_SECONDS + 1  # no heartbeat got an answer since
     assert not pub.connected
-    producer.client.cluster._last_successful_refresh_ms = (time.time() - 1) * 1000
+    producer.metadata_refreshed()
+    clock[0] += 1
     assert pub.connected  # aiokafka's own refresh came back a second ago
-    producer.client.cluster._last_successful_refresh_ms = (time.time() - 21) * 1000
+    clock[0] += publisher_module.STALE_AFTER_SECONDS
     assert not pub.connected
 
 
@@ -920,11 +933,12 @@ async def test_a_metadata_refresh_a_heartbeat_gave_up_on_keeps_deliveries_trying
     pub = publisher()
     producer = FakeProducer()
     pub._use(producer, b"")
-    clock[0] += publisher_module.UNANSWERED_AFTER_SECONDS + 1
-    producer.client.cluster._last_successful_refresh_ms = (time.time() - 1) * 1000
+    clock[0] += publisher_module.UNANSWERED_AFTER_SECONDS
+    producer.metadata_refreshed()
+    clock[0] += 1
     assert pub.connected
     pub.refuse_at_once()  # tries Kafka
-    producer.client.cluster._last_successful_refresh_ms = (time.time() - 26) * 1000
+    clock[0] += publisher_module.UNANSWERED_AFTER_SECONDS
     assert not pub.connected
     with pytest.raises(Unavailable, match="no answer from Kafka"):
         pub.refuse_at_once()
@@ -1115,10 +1129,42 @@ async def test_a_second_outage_within_a_minute_is_said_when_it_ends(
     kafka_back = False
     await pub._heartbeat(producer)
     pub._refreshed_at -= publisher_module.STALE_AFTER_SECONDS + 5
-    producer.client.cluster._last_successful_refresh_ms = 0
+    pub._metadata_at = -math.inf
     assert not pub.connected  # bridge_kafka_connected 0: Kafka counted as away
     await pub._heartbeat(producer)  # still within the minute of the first warning
     kafka_back = True
     await pub._heartbeat(producer)
     # The outage the metrics showed must leave a trace at INFO or above.
     assert len(said()) > 2, f"outage 2 left no line at INFO or above: {said()}"
+
+
+async def test_a_wall_clock_step_back_does_not_keep_a_silent_kafka_connected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka stamps its metadata refreshes on the wall clock, and the publisher read
+    that stamp as an age: after NTP stepped the clock back an hour, a Kafka that then
+    answered nothing stayed connected (/readyz 200 in broker mode) and deliveries waited
+    the whole publish timeout for their 503, for the hour (a review's find)."""
+    mono, wall = [1000.0], [time.time()]
+    clocks = SimpleNamespace(
+        monotonic=lambda: mono[0], perf_counter=time.perf_counter, time=lambda: wall[0]
+    )
+    monkeypatch.setattr(publisher_module, "time", clocks)
+    monkeypatch.setattr(aiokafka.cluster, "time", clocks)
+    pub = publisher()
+    producer = FakeProducer()
+    cluster = aiokafka.cluster.ClusterMetadata()
+    producer.client.cluster = cluster
+    pub._use(producer, b"")
+    answer = SimpleNamespace(
+        API_VERSION=1, brokers=[(0, "k", 9092, None)], controller_id=0, topics=[]
+    )
+    cluster.update_metadata(answer)  # a refresh aiokafka completed, stamped now
+    wall[0] -= 3600  # NTP steps the clock back an hour (it was ahead)
+    mono[0] += 60  # and Kafka answers nothing for a minute
+    wall[0] += 60
+    assert not pub.connected
+    with pytest.raises(Unavailable, match="no answer from Kafka"):
+        pub.refuse_at_once()
+    cluster.update_metadata(answer)  # Kafka answers again
+    assert pub.connected

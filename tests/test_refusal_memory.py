@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,7 +67,6 @@ def fake_kafka_publisher(
 
     async def start() -> None:
         producer = FakeProducer()
-        producer.client.cluster._last_successful_refresh_ms = time.time() * 1000
         pub._use(producer, b"")
         handover = FakeHandover()
         appended = handover.append
