@@ -167,8 +167,10 @@ async def _create_topics(
 
 def _age(enqueued_at: float | None) -> float:
     """Seconds since ``enqueued_at`` (0 for an empty backlog). Takes the value once: the
-    spool's writer thread may empty the backlog between two reads of the attribute."""
-    return time.time() - enqueued_at if enqueued_at is not None else 0.0
+    spool's writer thread may empty the backlog between two reads of the attribute.
+    Never below 0: the stamps are on the wall clock (a spool's outlive the process),
+    and a step back of it (NTP) made the age negative."""
+    return max(0.0, time.time() - enqueued_at) if enqueued_at is not None else 0.0
 
 
 def _oldest(waiting: list[Backlog | LeftoverSpool]) -> float | None:

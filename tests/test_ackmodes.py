@@ -20,6 +20,8 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError
 from starlette.testclient import TestClient
 
+from bridge import app as app_module
+from bridge import backlog as backlog_module
 from bridge import drainer as drainer_module
 from bridge import kafkaadmin
 from bridge import spool as spool_module
@@ -2127,3 +2129,20 @@ async def test_a_stop_reads_on_after_kafka_came_and_went() -> None:
         task.cancel()
         await asyncio.gather(task, drain, return_exceptions=True)
     assert backlog.depth == 0, f"{backlog.depth} of {count} left"
+
+
+def test_the_oldest_age_is_never_negative_after_the_clock_steps_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bridge_spool_oldest_age_seconds is wall-clock arithmetic (a spool's stamps outlive
+    the process): an NTP step an hour back made it -3599 s (a review's find)."""
+    wall = [time.time()]
+    clock = type("Clock", (), {"time": staticmethod(lambda: wall[0])})
+    monkeypatch.setattr(app_module, "time", clock)
+    monkeypatch.setattr(backlog_module, "time", clock)
+    backlog = MemoryBacklog(10_000_000)
+    backlog.append(Destination(topic="t", key=b"k", value=b"v", headers=[]))
+    wall[0] += 1
+    assert app_module._age(app_module._oldest([backlog])) == 1
+    wall[0] -= 3600
+    assert app_module._age(app_module._oldest([backlog])) == 0
