@@ -409,6 +409,8 @@ class Spool:
         self.depth = 0
         self.bytes = 0
         self.keys = 0  # accepted keys remembered, expired ones not purged yet included
+        # What _key_time counts from: a time on the wall clock, and the monotonic then
+        self._key_clock = (time.time(), time.monotonic())
         #: What the spool held when it was opened: topic -> (events, dead letters among them)
         self.topics_at_open: dict[str, tuple[int, int]] = {}
         self.oldest_enqueued_at: float | None = None
@@ -656,6 +658,7 @@ class Spool:
             ).fetchone()
             oldest = _oldest_enqueued_at(connection)
             (keys,) = connection.execute("SELECT count(*) FROM seen").fetchone()
+            (latest_key,) = connection.execute("SELECT max(accepted_at) FROM seen").fetchone()
             topics = _topics_held(connection) if depth else {}
             connection.set_progress_handler(None, 0)
         except BaseException:
@@ -663,6 +666,7 @@ class Spool:
             raise
         self.depth, self.bytes, self.oldest_enqueued_at = depth, size, oldest
         self.keys = keys
+        self._key_clock = (max(time.time(), latest_key or 0.0), time.monotonic())
         self.topics_at_open = topics
         # Seqs are given here, not by SQLite, so the in-memory copy knows them; never
         # reused, like AUTOINCREMENT's own.
@@ -852,9 +856,19 @@ class Spool:
             self._jobs.put(job)
         return stop
 
+    def _key_time(self) -> float:
+        """The time accepted keys are stamped with, and their window measured by: the
+        wall clock as it was when the spool was opened (or the newest key's stamp, if
+        later), moved on by the monotonic clock. On the wall clock itself, an NTP step
+        forward while the bridge ran expired every key at once (a Geins retry published
+        again), and one back made the newest keys the oldest (forgotten first at
+        BRIDGE_SPOOL_MAX_KEYS). Only between two runs does the wall clock count."""
+        wall, ticks = self._key_clock
+        return wall + (time.monotonic() - ticks)
+
     def _commit_appends(self, connection: sqlite3.Connection, group: list[_Append]) -> None:
         started = time.perf_counter()
-        now = time.time()
+        now, key_time = time.time(), self._key_time()  # enqueued_at, the keys' stamp
         results: list[bool | BridgeError] = []
         added_bytes = 0
         added: list[tuple[QueuedRecord, int]] = []
@@ -865,7 +879,9 @@ class Spool:
             # Python around each execute() costs more than SQLite's work, and this
             # thread holds the GIL the event loop needs meanwhile.
             already, expired = self._known_among(
-                connection, [item.dedup_key for item in group if item.dedup_key is not None], now
+                connection,
+                [item.dedup_key for item in group if item.dedup_key is not None],
+                key_time,
             )
             rows: list[tuple[object, ...]] = []
             seen_rows: list[tuple[str, float]] = []
@@ -895,7 +911,7 @@ class Spool:
                 )
                 if key is not None:
                     already.add(key)  # a second copy in the same group is a duplicate
-                    seen_rows.append((key, now))
+                    seen_rows.append((key, key_time))
                 added_bytes += item.size
                 results.append(True)
             if rows:
@@ -1271,7 +1287,7 @@ class Spool:
                 self._topic_index = not _drop_topic_index(connection)
 
     def _purge(self, connection: sqlite3.Connection) -> int:
-        cutoff = time.time() - max(self._dedup_window, 0)
+        cutoff = self._key_time() - max(self._dedup_window, 0)
         try:
             # Each DELETE commits on its own (autocommit), so the count follows each:
             # counted after both, a failure of the second left the first's keys

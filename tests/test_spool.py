@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -1302,5 +1303,85 @@ async def test_a_long_job_that_goes_on_is_not_a_hung_disk(
         await spool._call(waiting)
         assert seen[0] is not None
         assert seen[0] >= 0.3
+    finally:
+        await spool.close()
+
+
+def _stepping_wall_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The spool's time.time() reads the returned list's one item, which the test steps
+    as NTP would; its other clocks run as they do."""
+    wall = [time.time()]
+    monkeypatch.setattr(
+        spool_module,
+        "time",
+        SimpleNamespace(
+            monotonic=time.monotonic, perf_counter=time.perf_counter, time=lambda: wall[0]
+        ),
+    )
+    return wall
+
+
+def _order(n: int) -> Destination:
+    return Destination(topic="t", key=f"k{n}".encode(), value=b"x", headers=[])
+
+
+async def test_a_wall_clock_step_forward_does_not_expire_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container started with its clock 3 h behind, then NTP corrected it: every key
+    accepted before expired at once, and Geins' retry was published again (a review's
+    find). The window runs on the monotonic clock within one run."""
+    wall = _stepping_wall_clock(monkeypatch)
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=7200)
+    spool.open()
+    try:
+        assert await spool.append(_order(1), "order-1")
+        wall[0] += 3 * 3600
+        assert not await spool.append(_order(1), "order-1")  # a duplicate still
+    finally:
+        await spool.close()
+
+
+async def test_a_wall_clock_step_back_does_not_forget_the_newest_keys_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After NTP stepped back a clock an hour ahead, the keys accepted next were the
+    "oldest": at BRIDGE_SPOOL_MAX_KEYS the newest were forgotten first (a review's
+    find), where the README says the oldest go."""
+    wall = _stepping_wall_clock(monkeypatch)
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=7200, max_keys=100)
+    spool.open()
+    try:
+        for n in range(100):
+            assert await spool.append(_order(n), f"old-{n}")
+        wall[0] -= 3600
+        assert await spool.append(_order(0), "new-0")
+        await spool.forget_expired_keys()  # one key over the bound: the oldest goes
+        assert not await spool.append(_order(0), "new-0")
+        assert await spool.append(_order(0), "old-0")
+    finally:
+        await spool.close()
+
+
+async def test_keys_stamped_ahead_by_an_earlier_run_keep_their_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose clock was an hour ahead stamped its keys then; the next run, its clock
+    corrected, measures from the newest stamp on: those keys are not an hour younger
+    than the ones it accepts, and still duplicates."""
+    wall = _stepping_wall_clock(monkeypatch)
+    wall[0] += 3600
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=7200)
+    spool.open()
+    assert await spool.append(_order(1), "ahead")
+    await spool.close()
+    wall[0] -= 3600
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=7200, max_keys=1)
+    spool.open()
+    try:
+        assert await spool.append(_order(2), "later")
+        await spool.forget_expired_keys()  # one over the bound: "ahead" is the oldest
+        assert await spool.append(_order(1), "ahead")
+        assert not await spool.append(_order(2), "later")
     finally:
         await spool.close()
