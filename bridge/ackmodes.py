@@ -356,7 +356,13 @@ class DurableAck(_DrainedAck):
 
     async def stop(self, deadline: float | None = None) -> None:
         await self._stop_drainer(deadline)
-        if self.spool.depth:
+        if self.spool.depth and self.spool.lost_files is not None:
+            log.error(
+                "%d events Kafka did not take are lost as the bridge stops: %s",
+                self.spool.depth,
+                self.spool.lost_files,
+            )
+        elif self.spool.depth:
             log.warning(
                 "%d events stay in the spool %s; they are published at the next start",
                 self.spool.depth,

@@ -415,6 +415,10 @@ class Spool:
         self.topics_at_open: dict[str, tuple[int, int]] = {}
         self.oldest_enqueued_at: float | None = None
         self.writable = True
+        #: Why the spool takes no event for good: its files are not at its path any more
+        self.lost_files: str | None = None
+        self._files: dict[Path, tuple[int, int]] = {}  # see _file_identities
+        self._wal = directory / (DB_NAME + "-wal")
         # Owned by the writer thread. When ``_copy_complete``, ``_copy`` holds every
         # record in the file; otherwise it is empty and the file is read.
         self._copy = RecordFifo()
@@ -513,6 +517,7 @@ class Spool:
             else:
                 self._make_reserve()
             self._reusable = _freed_bytes(connection)
+            self._files = self._file_identities()
             # Without a reserve, a disk without its room is said by /readyz from the
             # start, not at the first 503.
             self._check_room(read_disk=True)
@@ -560,6 +565,44 @@ class Spool:
             os.close(fd)
             raise
         self._lock_fd = fd
+
+    def _file_identities(self) -> dict[Path, tuple[int, int]]:
+        """The folder's and its files' (device, inode), as they are now: the folder,
+        its lock, the database and its write-ahead log (when there is one)."""
+        found: dict[Path, tuple[int, int]] = {}
+        for path in (self._directory, self._directory / LOCK_NAME, self.path, self._wal):
+            with contextlib.suppress(FileNotFoundError):
+                info = path.stat()
+                found[path] = (info.st_dev, info.st_ino)
+        return found
+
+    def _check_files(self) -> str | None:
+        """Stop taking events once the files at the spool's path are no longer the ones
+        it has open (deleted by a clean-up job, the folder moved aside and made again, a
+        volume unmounted lazily): SQLite writes on into the files it holds, which no
+        start will find, and the bridge answered 202 for events lost with them. For
+        good (``lost_files``, returned): what it holds still goes to Kafka, nothing new
+        comes in. About 10 µs: a stat() of the folder and of each file."""
+        if self.lost_files is not None or not self._files:
+            return self.lost_files
+        try:
+            now = self._file_identities()
+        except OSError as exc:  # not a verdict: a commit says whether the disk works
+            log.debug("cannot look at the spool's files: %s", exc)
+            return None
+        gone = [
+            "the folder" if path == self._directory else path.name
+            for path, identity in self._files.items()
+            if now.get(path) != identity
+        ]
+        if gone:
+            self.lost_files = (
+                f"the spool's files are no longer at {self._directory} (deleted, or "
+                f"replaced: {', '.join(gone)}); what this bridge still holds is not kept "
+                "there, and it takes no event until it is restarted"
+            )
+            self._set_writable(False, self.lost_files)
+        return self.lost_files
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -712,6 +755,8 @@ class Spool:
             raise stopping()
         if (stuck := self.stuck()) is not None:  # it would wait as long as the disk
             raise SpoolWriteFailed(stuck)
+        if self.lost_files is not None:
+            raise SpoolWriteFailed(self.lost_files)
         size = record_size(destination)
         # Refused here without a trip to the writer thread, unless the key may be a
         # retry of an event already safe: the writer checks that first (200 duplicate).
@@ -817,7 +862,10 @@ class Spool:
                         group = [job]
                         stopping |= self._gather_group(group)
                         try:
-                            self._commit_appends(connection, group)
+                            if (lost := self._check_files()) is not None:
+                                self._resolve([(a.future, SpoolWriteFailed(lost)) for a in group])
+                            else:
+                                self._commit_appends(connection, group)
                         except Exception:  # a bug: no request may wait forever for it
                             self._after_unexpected_error([item.future for item in group])
                     else:
@@ -1228,7 +1276,7 @@ class Spool:
         """Say when writing starts failing (ERROR, once) and works again (INFO), not at
         every failed commit: at 150 requests a second a full disk logged 5,561 ERROR
         lines in 35 s. Each refused delivery has its own line (bridge.ingress)."""
-        if writable == self.writable:
+        if writable == self.writable or (writable and self.lost_files is not None):
             return
         self.writable = writable
         if writable:
@@ -1287,6 +1335,7 @@ class Spool:
                 self._topic_index = not _drop_topic_index(connection)
 
     def _purge(self, connection: sqlite3.Connection) -> int:
+        self._check_files()  # said within a round even while nothing is appended
         cutoff = self._key_time() - max(self._dedup_window, 0)
         try:
             # Each DELETE commits on its own (autocommit), so the count follows each:

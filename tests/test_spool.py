@@ -1385,3 +1385,46 @@ async def test_keys_stamped_ahead_by_an_earlier_run_keep_their_window(
         assert not await spool.append(_order(2), "later")
     finally:
         await spool.close()
+
+
+def _delete_files(folder: Path) -> None:
+    for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _replace_folder(folder: Path) -> None:
+    folder.rename(folder.with_name("moved-aside"))
+    folder.mkdir()
+
+
+def _delete_the_wal(folder: Path) -> None:
+    (folder / "spool.db-wal").unlink()
+
+
+@pytest.mark.parametrize("lose", [_delete_files, _replace_folder, _delete_the_wal])
+async def test_a_spool_whose_files_are_gone_takes_no_more_events(
+    tmp_path: Path, lose: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its files deleted (a clean-up job), its folder moved aside and made again, or its
+    write-ahead log deleted (taken for a temporary file): SQLite wrote on into the files
+    it held, which no start finds, and the bridge answered 202 durable for events lost
+    with them, /readyz 200, nothing logged (a review's find). Refused (503) from then on,
+    said once; what it holds still drains."""
+    folder = tmp_path / "spool"
+    spool = Spool(folder, max_bytes=10**6, dedup_window=7200)
+    spool.open()
+    try:
+        assert await spool.append(_order(1), "before")
+        lose(folder)
+        with pytest.raises(SpoolWriteFailed, match="no longer at"):
+            await spool.append(_order(2), "after")
+        assert not spool.writable
+        await spool.forget_expired_keys()  # its write probe does not make it writable
+        assert not spool.writable
+        with pytest.raises(SpoolWriteFailed, match="no longer at"):
+            await spool.append(_order(3), "later")
+        assert [r.destination.key for r in await spool.oldest(10, 10**6)] == [b"k1"]
+    finally:
+        await spool.close()
+    said = [r for r in caplog.records if "no longer at" in r.getMessage()]
+    assert [r.levelname for r in said] == ["ERROR"]
