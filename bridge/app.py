@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -132,6 +133,32 @@ WEBHOOKS_NOT_ON_OPS_PORT = (
 OPERATIONS_ON_OPS_PORT = (
     f"{OPS_PORT_ONLY_NAMED} are served on the operations port (BRIDGE_OPS_PORT)"
 )
+
+
+async def _creating_topics(
+    settings: Settings, router: Router, publisher: Publisher
+) -> asyncio.Task[None]:
+    """Start BRIDGE_CREATE_TOPICS, before anything is published (the spool's events from
+    the last run too: Kafka would create a topic first with its own partitions and
+    replicas), and wait for it while Kafka is connected: no longer than a connection may
+    take, as a stop signal waits for the startup (a slow controller kept it over a
+    minute, an admin request and the wait for the topics to appear, past the stop's
+    grace period). The drain waits for the task returned all the same."""
+    if not publisher.connected:
+        log.warning("Kafka is not reachable yet: the topics are created once it is")
+    topics = spawn(_create_topics(settings, router, publisher), "create-topics")
+    if publisher.connected:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.kafka_connect_timeout):
+                await asyncio.shield(topics)
+        if not topics.done():
+            log.warning(
+                "BRIDGE_CREATE_TOPICS: Kafka has not finished creating the topics within "
+                "%g s (BRIDGE_KAFKA_CONNECT_TIMEOUT): serving meanwhile, publishing nothing "
+                "until they are made",
+                settings.kafka_connect_timeout,
+            )
+    return topics
 
 
 async def _create_topics(
@@ -268,13 +295,7 @@ def create_app(
         await publisher.start()
         topics: asyncio.Task[None] | None = None
         if settings.create_topics:
-            # Before anything is published (the spool's events from the last run too):
-            # Kafka would create a topic first with its own partitions and replicas.
-            if publisher.connected:
-                await _create_topics(settings, router)
-            else:
-                log.warning("Kafka is not reachable yet: the topics are created once it is")
-                topics = spawn(_create_topics(settings, router, publisher), "create-topics")
+            topics = await _creating_topics(settings, router, publisher)
         await ack_mode.start(publish_after=topics)
         tokens_watch = (
             spawn(authenticator.watch(), "tokens-file-watch")

@@ -1606,6 +1606,42 @@ async def test_a_stop_during_topic_creation_leaves_the_spool_for_the_next_start(
     again.release()
 
 
+async def test_a_slow_topic_creation_holds_the_startup_no_longer_than_a_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Kafka connected, the startup waited for BRIDGE_CREATE_TOPICS however long the
+    controller took (an admin request, then the wait for the topics to appear: over a
+    minute), and a stop signal waits for the startup: past the stop's grace period (a
+    review's find). It waits BRIDGE_KAFKA_CONNECT_TIMEOUT at most, then serves; the spool's
+    events still wait for the topics."""
+    created = asyncio.Event()
+
+    async def slow_create_topics(*_: Any) -> dict[str, str]:
+        await created.wait()
+        return {}
+
+    monkeypatch.setattr(kafkaadmin, "create_topics", slow_create_topics)
+    spool = DurableAck(FakePublisher(), Metrics(), settings(tmp_path)).spool
+    spool.open()
+    assert await spool.append(record("a"), "a")  # left by the last run
+    await spool.close()
+    publisher = FakePublisher(connected=True)
+    conf = settings(
+        tmp_path,
+        BRIDGE_CREATE_TOPICS="true",
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="0.5",
+        BRIDGE_SHUTDOWN_TIMEOUT="1",
+    )
+    app = create_app(conf, publisher=publisher)
+    app.state.prepare()
+    async with asyncio.timeout(5), app.router.lifespan_context(app):  # serving now
+        assert "has not finished creating the topics within 0.5 s" in caplog.text
+        await asyncio.sleep(0.2)
+        assert publisher.records == []  # the spool's event waits for its topic
+        created.set()
+        await eventually(lambda: len(publisher.records) == 1)
+
+
 async def test_a_failed_leftover_stop_leaves_no_drain_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
