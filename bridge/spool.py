@@ -439,6 +439,8 @@ class Spool:
         self._disk_free = math.nan
         self._reusable = 0
         self._job_began: float | None = None  # when the writer thread took its current job
+        # How long the last job went without progress, when that made it stuck
+        self._last_job_stalled: float | None = None
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
@@ -783,11 +785,16 @@ class Spool:
         return running if running >= STUCK_AFTER_SECONDS else None
 
     def stuck(self) -> str | None:
-        """Why the spool waits (see stuck_for), as readiness and a refusal say it."""
+        """Why the spool waits (see stuck_for), as readiness and a refusal say it; or
+        why it did until its last job (a disk slow at every write, 12 s an fsync, made
+        /readyz 503 only for the last 2 s of each, which no probe saw: now until a job
+        goes without such a wait)."""
         stuck = self.stuck_for()
-        if stuck is None:
-            return None
-        return f"the spool's disk has not finished a write for {stuck:.0f} s"
+        if stuck is not None:
+            return f"the spool's disk has not finished a write for {stuck:.0f} s"
+        if (stalled := self._last_job_stalled) is not None:
+            return f"the spool's disk took {stalled:.0f} s to finish its last write"
+        return None
 
     def _full(self) -> SpoolFull:
         return SpoolFull(
@@ -871,6 +878,7 @@ class Spool:
                     else:
                         self._run_call(connection, job)
                 finally:
+                    self._job_done()
                     self._job_began = None
         finally:
             connection.close()
@@ -1382,7 +1390,17 @@ class Spool:
         else:
             self._resolve([(job.future, result)])
 
+    def _job_done(self) -> None:
+        """Keep what stuck() says until the next job (a maintenance round, every few
+        seconds, comes whether or not deliveries do): whether this one waited on the
+        disk. Also before a job's outcome is sent: who hears of it finds this said."""
+        began = self._job_began
+        if began is not None:
+            waited = time.monotonic() - began
+            self._last_job_stalled = waited if waited >= STUCK_AFTER_SECONDS else None
+
     def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        self._job_done()
         assert self._loop is not None  # noqa: S101  # open() set it before the thread started
         # Closed: a writer that close() gave up on (a hung disk) finished after the
         # bridge stopped; nobody waits for these any more.

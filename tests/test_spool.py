@@ -24,6 +24,7 @@ from bridge.backlog import QueuedRecord, RecordFifo
 from bridge.errors import ShuttingDown, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.routing import Destination
 from bridge.spool import Spool
+from tests.polling import eventually
 
 
 def record(i: int, size: int = 10) -> Destination:
@@ -1303,6 +1304,29 @@ async def test_a_long_job_that_goes_on_is_not_a_hung_disk(
         await spool._call(waiting)
         assert seen[0] is not None
         assert seen[0] >= 0.3
+    finally:
+        await spool.close()
+
+
+async def test_a_disk_slow_at_every_write_stays_unready_between_its_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fsync taking 12 s: /readyz was 503 only for the last 2 s of each (stuck
+    counted the current job alone), and deliveries took 12-24 s for their 202, which no
+    readiness probe saw (a review's find). Stuck until a job goes without the wait."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.3)
+    spool = make(tmp_path)
+    spool.open()
+    try:
+        await spool._call(lambda _: time.sleep(0.4))  # a write the disk held
+        await eventually(lambda: spool.stuck_for() is None)  # the writer is idle (its job
+        # is answered just before the thread is done with it)
+        assert spool.stuck() == "the spool's disk took 0 s to finish its last write"
+        with pytest.raises(SpoolWriteFailed, match="took 0 s to finish its last write"):
+            await spool.append(Destination(topic="t", key=b"k", value=b"v", headers=[]), "k")
+        await spool.forget_expired_keys()  # the next round, with the disk quick again
+        await eventually(lambda: spool.stuck() is None)
+        assert await spool.append(Destination(topic="t", key=b"k", value=b"v", headers=[]), "k")
     finally:
         await spool.close()
 
