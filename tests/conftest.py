@@ -14,6 +14,7 @@ as every test broker (tests/cluster.py), is started to die with this process (Lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
@@ -58,6 +59,18 @@ def pytest_unconfigure() -> None:
     _previous_handlers.clear()
 
 
+@contextlib.contextmanager
+def thrown_away(broker: LocalKafka) -> Iterator[None]:
+    """Kill ``broker`` (SIGKILL) at the end of the block, rather than stop it cleanly: its
+    storage is thrown away after the run, and a clean stop flushes and checkpoints every
+    partition first (some 6 s for a broker of 300 topics on a loaded machine; the
+    session's has more by the end of a run). Tests of a clean stop use their own."""
+    try:
+        yield
+    finally:
+        broker.stop(timeout=0)  # SIGTERM, then SIGKILL at once
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a real Apache Kafka broker (KRaft, single node)."""
@@ -72,7 +85,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # Started from the main thread, which lives as long as the session.
     with LocalKafka(home, data_dir, port, controller_port, die_with_parent=True) as broker:
         _session_broker_ports[:] = [port, controller_port]
-        yield broker.bootstrap
+        _session_broker[:] = [broker]
+        with thrown_away(broker):
+            yield broker.bootstrap
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +97,12 @@ def _lone_kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loc
     port, controller_port = free_ports(2)
     data_dir = tmp_path_factory.mktemp("lone-kafka") / "data"
     extra = {"auto.create.topics.enable": "false"}
-    with LocalKafka(
-        home, data_dir, port, controller_port, die_with_parent=True, extra_properties=extra
-    ) as broker:
+    with (
+        LocalKafka(
+            home, data_dir, port, controller_port, die_with_parent=True, extra_properties=extra
+        ) as broker,
+        thrown_away(broker),
+    ):
         yield broker
 
 
@@ -104,6 +122,15 @@ def lone_kafka(_lone_kafka_broker: LocalKafka) -> LocalKafka:
 #: The session broker's listener and controller ports, once it runs (none with
 #: TEST_KAFKA_BOOTSTRAP).
 _session_broker_ports: list[int] = []
+#: The session's broker, once it runs (none with TEST_KAFKA_BOOTSTRAP).
+_session_broker: list[LocalKafka] = []
+
+
+@pytest.fixture(scope="session")
+def session_kafka(kafka_bootstrap: str) -> LocalKafka | None:
+    """The session's broker, for a test that hangs, stops or starts it and leaves it as
+    it found it (tests/test_faults.py's own_broker); None with an external one."""
+    return _session_broker[0] if _session_broker else None
 
 
 @pytest.fixture

@@ -1481,19 +1481,28 @@ def test_a_tail_does_not_bring_back_a_topic_deleted_while_it_follows_it(
         await look_again(self)
         looked.set()
 
-    async def run() -> list[str]:
-        task = asyncio.create_task(
-            kafkaadmin.tail(
-                settings, [topic], pattern=None, from_beginning=True, limit=None, out=io.StringIO()
-            )
-        )
-        await asyncio.sleep(3)  # following it
-        # Deleted just after one of the looks (every 2 s) for new topics, as it may be:
-        # the tail's consumer goes on fetching the topic until the next look.
+    async def next_look() -> None:
         looked.clear()
         await looked.wait()
+
+    async def run() -> list[str]:
+        out = io.StringIO()
+        task = asyncio.create_task(
+            kafkaadmin.tail(
+                settings, [topic], pattern=None, from_beginning=True, limit=None, out=out
+            )
+        )
+        # following it: its consumer fetched the record
+        await eventually(lambda: "key=k0" in out.getvalue(), within=30, what="the record")
+        # Deleted just after one of the looks (every 2 s) for new topics, as it may be:
+        # the tail's consumer goes on fetching the topic until the next look.
+        await next_look()
         await asyncio.to_thread(_admin_call, kafka_bootstrap, "delete", topic)
-        await asyncio.sleep(10)
+        # Two more looks: the consumer fetched the deleted topic (asking Kafka for its
+        # metadata) until the first, and after the second it follows it no more, unless
+        # it was made again meanwhile.
+        await next_look()
+        await next_look()
         there = await asyncio.to_thread(_admin_call, kafka_bootstrap, "list", topic)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -116,15 +116,15 @@ def holding_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]
 
 @pytest.mark.kafka
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signalled_test_run_stops_its_broker(
-    holding_run: tuple[subprocess.Popen[bytes], Path], sig: signal.Signals
+    holding_run: tuple[subprocess.Popen[bytes], Path],
 ) -> None:
-    """SIGTERM (a CI timeout) or SIGHUP ends a test run as Ctrl-C does: pytest exits 2
-    after its teardown stopped the broker. It used to die at once, leaving the broker
-    JVM (in its own session) running."""
+    """SIGTERM (a CI timeout) ends a test run as Ctrl-C does: pytest exits 2 after its
+    teardown stopped the broker. It used to die at once, leaving the broker JVM (in its
+    own session) running. SIGHUP takes the same way (the next test), without a broker
+    of its own to start: one costs some 12 s of the suite."""
     run, base = holding_run
-    run.send_signal(sig)
+    run.send_signal(signal.SIGTERM)
     assert run.wait(60) == 2  # interrupted, not killed by the signal
     assert kafka_jvms(base) == []
 
@@ -133,11 +133,38 @@ WAITING_TEST = """
 import time
 from pathlib import Path
 
+import pytest
 
-def test_wait() -> None:
+
+@pytest.fixture
+def torn_down():
+    yield
+    Path("torn-down").write_text("")
+
+
+def test_wait(torn_down) -> None:
     Path("waiting").write_text("")
     time.sleep(600)
 """
+
+
+def test_a_hung_up_test_run_stops_as_after_ctrl_c(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) ends a test run as SIGTERM does, through the same
+    handler (tests/conftest.py): interrupted, exit 2, its fixtures torn down (a broker
+    stopped, as the test above shows for SIGTERM)."""
+    run, log = start_test_run(tmp_path, WAITING_TEST)
+    try:
+        assert wait_until(
+            lambda: (tmp_path / "waiting").exists() or run.poll() is not None,
+            bool,
+            within=60,
+            every=0.1,
+        )
+        run.send_signal(signal.SIGHUP)
+        assert run.wait(30) == 2, (tmp_path / "run.log").read_text(errors="replace")
+        assert (tmp_path / "torn-down").exists()
+    finally:
+        end_test_run(run, log)
 
 
 def test_a_test_run_under_nohup_outlives_sighup(tmp_path: Path) -> None:

@@ -135,9 +135,16 @@ def test_kill_9_under_load_loses_no_2xx(
 
 
 @pytest.fixture(scope="module")
-def faults_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    """One broker for the tests of this module that hang, stop or start it (the
-    session's must stay up): a broker each cost some 6-10 s of a loaded CI run."""
+def faults_broker(
+    session_kafka: LocalKafka | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalKafka]:
+    """The broker for the tests of this module that hang, stop or start it: the
+    session's, which own_broker gives back running and taking records after each test
+    (a broker of their own cost some 6-10 s of a loaded CI run); one of this module's
+    own with an external Kafka (TEST_KAFKA_BOOTSTRAP), which is not to be stopped."""
+    if session_kafka is not None:
+        yield session_kafka
+        return
     with cluster.own_broker(tmp_path_factory.mktemp("faults-kafka") / "data") as broker:
         yield broker
 
@@ -163,18 +170,24 @@ def takes_a_record(bootstrap: str) -> bool:
     return True
 
 
-@pytest.fixture
-def own_broker(faults_broker: LocalKafka) -> LocalKafka:
-    """A broker this test may hang, stop and start: this module's, running and taking
-    records, whatever the test before it left (each resumes it in its finally)."""
-    broker = faults_broker
+def running_and_taking_records(broker: LocalKafka) -> None:
+    """Resume ``broker`` (a test that failed between its SIGSTOP and SIGCONT) or start
+    it again (one that failed while it was stopped); back once it takes a record."""
     if broker.is_running() and broker.pid is not None:
-        os.kill(broker.pid, signal.SIGCONT)  # a test that failed between its SIGSTOP and SIGCONT
+        os.kill(broker.pid, signal.SIGCONT)
     else:
         broker.start()
         broker.wait_ready()
     assert wait_until(lambda: takes_a_record(broker.bootstrap), bool, within=60, every=0.2)
-    return broker
+
+
+@pytest.fixture
+def own_broker(faults_broker: LocalKafka) -> Iterator[LocalKafka]:
+    """A broker this test may hang, stop and start, running and taking records; and so
+    again after the test, whatever it left (the session's other tests use it)."""
+    running_and_taking_records(faults_broker)
+    yield faults_broker
+    running_and_taking_records(faults_broker)
 
 
 def test_a_producer_that_cannot_flush_is_closed_and_fails_what_it_held(
@@ -780,7 +793,7 @@ def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
 
 
 def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record(
-    tmp_path: Path, topic_prefix: str
+    lone_kafka: LocalKafka, tmp_path: Path, topic_prefix: str
 ) -> None:
     """Broker mode, a two-broker cluster, orders on a topic that needs both in sync
     (min.insync.replicas 2) and products on one that needs one. The second broker
@@ -788,8 +801,11 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
     which the producer retries until the publish timeout. /readyz said 200 all along
     while each order waited the whole timeout for its 503. It is 503 now, until Kafka
     takes a record again (a product here), and once the broker is back the next order
-    goes through and the bridge is ready. Nothing answered 2xx is missing."""
-    first = cluster.own_broker(tmp_path / "kafka-1" / "data")
+    goes through and the bridge is ready. Nothing answered 2xx is missing.
+
+    The cluster is the session's lone broker (its controller, node 1; the topics are
+    made here) and a second one joined to it for this test, left fenced after it."""
+    first = lone_kafka
     second = cluster.JoiningBroker(first, 2, tmp_path / "kafka-2" / "data")
     orders, products = f"{topic_prefix}.order.create", f"{topic_prefix}.product.create"
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -823,7 +839,7 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
     def ready(client: httpx2.Client) -> int:
         return client.get("/readyz").status_code
 
-    with first, second:
+    with second:
         asyncio.run(create_topics())
         env = bridge_env(first.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="2")
         with (

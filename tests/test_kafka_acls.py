@@ -17,14 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest
+from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest, DescribeAclsRequest
 from starlette.testclient import TestClient
 
 from bridge.app import create_app
 from bridge.cli import main
 from bridge.config import load_settings
 from bridge.devkafka import Listener, LocalKafka, ensure_jars, free_ports
-from tests.conftest import REPO
+from tests.conftest import REPO, thrown_away
 from tests.fakes import TOKEN
 
 pytestmark = pytest.mark.kafka
@@ -63,7 +63,7 @@ def acl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
         format_args=["--add-scram", f"SCRAM-SHA-512=[name=bridge,password={PASSWORD}]"],
         die_with_parent=True,
     )
-    with broker:
+    with broker, thrown_away(broker):
         asyncio.run(
             _acls(
                 broker,
@@ -89,9 +89,18 @@ async def _acls(broker: LocalKafka, request: type, acls: list[Acl]) -> None:
             )
             errors = getattr(answer, "creation_responses", None) or answer.filter_responses
             assert all(error[0] == 0 for error in errors), errors
+        # until the broker's authorizer has them: what DescribeAcls answers from
+        wanted = request is CreateAclsRequest
+        for resource, name, operation, permission in acls:
+            described = DescribeAclsRequest(
+                resource, name, LITERAL, "User:bridge", "*", operation, permission
+            )
+            deadline = time.monotonic() + 10
+            while bool((await admin._send_request(described)).resources) != wanted:
+                assert time.monotonic() < deadline, f"ACL {name} not in force within 10 s"
+                await asyncio.sleep(0.01)
     finally:
         await admin.close()
-    await asyncio.sleep(0.5)  # until the broker's metadata has them (one node: at once)
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from bridge.publisher import (
     secrets_fingerprint,
 )
 from bridge.routing import Destination
-from tests.conftest import REPO
+from tests.conftest import REPO, thrown_away
 from tests.fakes import TOKEN
 from tests.polling import eventually
 from tests.tlsfiles import CertificateAuthority, KeyPair, issue, make_ca
@@ -137,7 +137,7 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Ite
         format_args=[arg for user in users for arg in ("--add-scram", user)],
         die_with_parent=True,  # gone with a killed run
     )
-    with broker:
+    with broker, thrown_away(broker):
         yield SecureKafka(broker, tls)
 
 

@@ -13,6 +13,7 @@ from bridge import package_version
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.loadgen import Tally, load
+from tests.polling import eventually
 from tests.process import BridgeProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -49,6 +50,8 @@ def test_sigterm_under_load_loses_nothing(
     readiness: list[int] = []
     hang_up = stop_signal == signal.SIGHUP
     with BridgeProcess(env, tmp_path / "bridge.log", hang_up=hang_up) as bridge:
+        process = bridge.proc
+        assert process is not None
 
         async def scenario() -> None:
             stop = asyncio.Event()
@@ -56,10 +59,12 @@ def test_sigterm_under_load_loses_nothing(
                 asyncio.create_task(load(lambda: bridge.url, tally, stop)),
                 asyncio.create_task(poll_readiness(bridge.url, readiness, stop)),
             ]
-            await asyncio.sleep(2.0)
+            # under load: deliveries answered and more in flight
+            await eventually(lambda: len(tally.accepted) >= 100, within=30, every=0.05)
             accepted_before = len(tally.accepted)
             bridge.signal(stop_signal)
-            await asyncio.sleep(3.0)
+            # the load goes on through the shutdown delay and the drain, until it exits
+            await eventually(lambda: process.poll() is not None, within=30, every=0.05)
             stop.set()
             await asyncio.gather(*tasks)
             assert accepted_before > 0
