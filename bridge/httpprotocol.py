@@ -71,6 +71,7 @@ from bridge.errors import (
     RequestTimeout,
     TooManyConnections,
     TooManyPipelined,
+    UrlTooLong,
 )
 from bridge.guards import url_too_long
 from bridge.ingress import (
@@ -350,9 +351,9 @@ class OneWritePerResponse:
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.end_linger)
 
     def hang_up(self) -> None:
-        """Close without lingering: the protocol's own refusals (malformed, late) and
-        deadlines, whose clients are broken or gone, on a connection that owes no
-        earlier answer (see GuardedHttpToolsProtocol._refuse)."""
+        """Close without lingering: the protocol's own refusals (malformed, late; not a
+        head over its cap) and deadlines, whose clients are broken or gone, on a
+        connection that owes no earlier answer (see GuardedHttpToolsProtocol._refuse)."""
         self.flush()
         if self._linger is not None:
             self._linger.cancel()
@@ -1067,10 +1068,12 @@ def guarded_protocol(
             self._refusal_after = None
             self._write_refusal(error)
             self._head_bytes = 0  # a head refused is answered: none is cut short now
-            if self._answered_one:
+            if self._answered_one or isinstance(error, HeadersTooLarge | UrlTooLong):
                 # Answers before this one may still be on their way, and the client's
                 # unread bytes (the rest of a pipeline) would make the close a reset,
                 # which destroys them: a 202 for a published event lost, then retried.
+                # A head over its cap comes from a client still sending (its body
+                # follows), which a reset left with a broken pipe instead of its 431/414.
                 self._writer.linger()
             else:
                 self._writer.hang_up()
@@ -1081,6 +1084,10 @@ def guarded_protocol(
 
         def _write_refusal(self, error: BridgeError) -> None:
             body = problem(error)
+            # RFC 9110 9.3.2: an answer to HEAD has no content (its length is said). The
+            # parser knows the method once the request line is read; before, it says
+            # DELETE (llhttp's method 0), which is not HEAD either.
+            content = b"" if self.parser.get_method() == b"HEAD" else body
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\n%s%scontent-type: application/problem+json\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -1090,7 +1097,7 @@ def guarded_protocol(
                     header_lines(self.server_state.default_headers),  # the date, as every answer
                     header_lines(_REFUSAL_ANSWER.headers(error)),  # Allow, Retry-After
                     len(body),
-                    body,
+                    content,
                 )
             )
 

@@ -1,0 +1,121 @@
+"""The HTTP protocol's own refusals of a head, from a real `bridge serve`: a head over
+its cap (431, or 414 for a URL past it) whose body is still coming, and a HEAD request's
+(a review's finds)."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fakes import TOKEN
+from tests.process import BridgeProcess
+
+BODY = b"{" + b" " * 600_000 + b"}"
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
+    tmp = tmp_path_factory.mktemp("bridge")
+    env = {
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # never reached: nothing is accepted
+        "BRIDGE_ALLOW_UNAUTHENTICATED": "false",
+    }
+    process = BridgeProcess(env, tmp / "bridge.log")
+    process.start()
+    yield process
+    process.close()
+
+
+def _send_whole(bridge: BridgeProcess, head: bytes) -> tuple[str | None, bytes]:
+    """Send head, then the body in pieces as a network would; then read the answer.
+    Returns the error a write met (None: all written) and what was read."""
+    sock = socket.create_connection(("127.0.0.1", bridge.port))
+    sock.settimeout(5)
+    failed = None
+    try:
+        sock.sendall(head)
+        time.sleep(0.1)  # the body follows a little later
+        for start in range(0, len(BODY), 65536):
+            sock.sendall(BODY[start : start + 65536])
+    except OSError as exc:
+        failed = type(exc).__name__
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
+    sock.close()
+    return failed, answer
+
+
+def _head(*, url_extra: bytes = b"", header: bytes = b"") -> bytes:
+    return (
+        b"POST /webhooks/geins/Order/create" + url_extra + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\n"
+        + header
+        + b"Content-Length: %d\r\n\r\n" % len(BODY)
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (_head(header=b"X-Big: " + b"b" * 40_000 + b"\r\n"), b"431"),
+        (_head(url_extra=b"?x=" + b"a" * 40_000), b"414"),
+    ],
+    ids=["431", "414"],
+)
+def test_a_head_refusal_is_not_lost_to_a_reset(
+    bridge: BridgeProcess, head: bytes, status: bytes
+) -> None:
+    """The bridge closed at once with the body unread, so the kernel reset the
+    connection: the client's next write failed (EPIPE) and an ordinary client
+    (http.client, 4 of 8 here) never read its answer. It lingers now, as a 413 does
+    (the answer, a FIN, what still comes dropped)."""
+    failed, answer = _send_whole(bridge, head)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert failed is None, f"the client's body write failed ({failed}): it reads no answer"
+
+
+def test_the_413_in_the_same_position_is_read(bridge: BridgeProcess) -> None:
+    """The control: a body over the cap is answered early too, and lingers."""
+    big = b"{" + b" " * 2_000_000 + b"}"
+    connection = http.client.HTTPConnection("127.0.0.1", bridge.port, timeout=5)
+    try:
+        connection.request(
+            "POST",
+            "/webhooks/geins/Order/create",
+            body=big,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert connection.getresponse().status == 413
+    finally:
+        connection.close()
+
+
+def test_a_head_request_refused_by_the_protocol_gets_no_content(bridge: BridgeProcess) -> None:
+    """RFC 9110 9.3.2: the answer to HEAD has no content. The app's refusals of a HEAD
+    request have none (uvicorn drops it); the HTTP protocol's own (431, 414 past the
+    head's cap, 408) wrote the problem document after the head all the same."""
+    sock = socket.create_connection(("127.0.0.1", bridge.port))
+    sock.settimeout(5)
+    sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000 + b"\r\n\r\n")
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
+    sock.close()
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert content == b"", content[:200]
