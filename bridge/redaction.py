@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 #: What a token is replaced with.
@@ -93,6 +95,13 @@ def _variants(form: str) -> set[str]:
     and a space as the '+' of a token pasted raw into the URL (authentication takes
     both)."""
     return {form, form.replace("+", " "), form.replace(" ", "+")}
+
+
+def _json_escaped(token: str) -> str:
+    """``token`` as a JSON string shows it, without its quotes: a token with a '"' or a
+    '\\' (a legal one) inside a JSON array or object a refusal's detail shows
+    (bridge.geins) came out escaped, which no other form matched."""
+    return orjson.dumps(token).decode()[1:-1]
 
 
 def percent_decoded(text: str) -> tuple[str, list[int]]:
@@ -236,7 +245,7 @@ class Redactor:
 
     def _compile(self) -> None:
         tokens = self.tokens
-        plain = {v for t in tokens for v in _variants(t)}
+        plain = {v for t in tokens for v in (*_variants(t), _json_escaped(t))}
         encoded = {v for t in tokens for f in base64_forms(t) for v in _variants(f)} - plain
         forms = sorted(plain | encoded, key=lambda f: (-len(f), f))  # the longest first
         folded = sorted({f.encode().lower() for f in plain}, key=lambda f: (-len(f), f))

@@ -7,6 +7,7 @@ import logging
 import tracemalloc
 from urllib.parse import quote, quote_plus, urlencode
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -276,3 +277,15 @@ def test_the_cheap_decoding_is_the_decoding(text: str) -> None:
     assert once == percent_decoded(text)[0]
     exact = percent_decoded(once)[0]
     assert HEX[:9] not in exact or HEX[:9] in unquoted(once)
+
+
+@pytest.mark.parametrize("token", ['dev"token-very-long-123456', "back\\slash-token-1234567"])
+def test_a_token_json_escaped_is_redacted(token: str) -> None:
+    """A refusal's detail shows an entity that is not a string as JSON (bridge.geins):
+    a token with a '"' or a '\\' (legal) inside it came out escaped, and no form matched
+    it, in the 422's detail and its log line (a review's find)."""
+    redactor = Redactor([token])
+    escaped = orjson.dumps([token]).decode()
+    assert token not in escaped
+    assert redactor.redact(escaped) == f'["{MARKER}"]'
+    assert redactor.contains(escaped)
