@@ -16,6 +16,11 @@ CONSTRAINTS := deploy/constraints.txt
 # (a minute of CI's 15), uv takes 5-15 s. Pinned like the rest.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv pip install --quiet --python $(BIN)/python -c $(CONSTRAINTS)
+# uv reads its own settings, not pip's: a mirror given to pip this way is passed on
+# (pip.conf is not read: set UV_INDEX_URL, and SSL_CERT_FILE for its certificate).
+ifdef PIP_INDEX_URL
+export UV_INDEX_URL ?= $(PIP_INDEX_URL)
+endif
 KAFKA_HOME := .cache/kafka
 KAFKA_PORT ?= 9092
 # Kubernetes sets KAFKA_PORT=tcp://10.0.0.1:9092 in pods next to a Service named kafka:
@@ -40,7 +45,8 @@ help: ## list the targets
 VENV_LOCK := $(if $(shell command -v flock),flock .cache/venv.lock,)
 
 # What running the bridge needs; `make run` and the kafka-* targets need no more.
-$(RUNTIME): pyproject.toml $(CONSTRAINTS)
+# The Makefile too: a .venv made by an older one (pip, no uv) is brought up to date.
+$(RUNTIME): pyproject.toml $(CONSTRAINTS) Makefile
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
 	@mkdir -p .cache
 	@# --clear: a venv left without pip (python3-venv missing, say) is made again
