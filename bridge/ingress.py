@@ -260,6 +260,7 @@ class WebhookEndpoint:
                 log_refusal(stopping, scope, self._redact)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
             error = BridgeError("unexpected internal error; the delivery was not accepted")
+            error.retriable = True  # not accepted: a retry may be (it said false)
             outcome, reason = "error", error.reason  # "internal", as its problem says
             # The method and path are the client's: fields, which the text format
             # quotes, never the message (a path with ' outcome=...' would forge a field).

@@ -647,7 +647,9 @@ def test_an_event_kafka_refuses_in_broker_mode_is_a_413_with_its_dead_letter() -
 
 def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug's 500 says reason "internal" in its problem document, and
-    bridge_rejections_total counts it under that reason (it counted nothing)."""
+    bridge_rejections_total counts it under that reason (it counted nothing). It is
+    retriable: the delivery was not accepted, and Geins retries a 500 (it said
+    "retriable": false, and a client that honours the field dropped the event)."""
     app, publisher, metrics = make()
 
     def broken(*_: object) -> bytes:
@@ -658,6 +660,7 @@ def test_a_500_is_counted_with_reason_internal(monkeypatch: pytest.MonkeyPatch) 
         response = client.post("/webhooks/geins", content=ORDER, headers=AUTH)
     assert response.status_code == 500
     assert response.json()["reason"] == "internal"
+    assert response.json()["retriable"] is True
     exposition = metrics.exposition().decode()
     assert 'bridge_rejections_total{reason="internal"} 1.0' in exposition
     assert 'bridge_requests_total{action="none",entity="none",outcome="error"} 1.0' in exposition
