@@ -439,8 +439,10 @@ class Spool:
         self._disk_free = math.nan
         self._reusable = 0
         self._job_began: float | None = None  # when the writer thread took its current job
-        # How long the last job went without progress, when that made it stuck
+        # How long the last job went without progress, when that made it stuck; and
+        # whether the current job made a commit that waited for the disk (fsync)
         self._last_job_stalled: float | None = None
+        self._synced = False
         #: Without a reserve, the disk has no more free room than removing what the
         #: spool holds needs (owned by the writer thread; read by readiness).
         self.disk_low = False
@@ -879,7 +881,7 @@ class Spool:
                         self._run_call(connection, job)
                 finally:
                     self._job_done()
-                    self._job_began = None
+                    self._job_began, self._synced = None, False
         finally:
             connection.close()
 
@@ -994,7 +996,7 @@ class Spool:
             _rollback(connection)
             raise
         if rows:  # a commit that wrote nothing (all duplicates, or full) proves nothing
-            self._set_writable(True)
+            self._fsynced()
         self._count_appended(added, added_bytes, sum(k not in expired for k, _ in seen_rows))
         self._keep_copies(added)
         if rows and self._on_commit is not None:  # (one that wrote nothing is no commit of events)
@@ -1280,6 +1282,11 @@ class Spool:
         else:
             log.info("the spool's disk has room again: deliveries are accepted")
 
+    def _fsynced(self) -> None:
+        """A commit that wrote, and waited for the disk (synchronous=FULL), went through."""
+        self._set_writable(True)
+        self._synced = True
+
     def _set_writable(self, writable: bool, why: str = "") -> None:
         """Say when writing starts failing (ERROR, once) and works again (INFO), not at
         every failed commit: at 150 requests a second a full disk logged 5,561 ERROR
@@ -1368,14 +1375,17 @@ class Spool:
                 self.keys_forgotten_early += over
                 removed += over
             # A DELETE that matched nothing wrote nothing, so it proves nothing: on a
-            # full disk it succeeds. Only a commit that wrote may say writable again.
-            if removed == 0 and not self.writable:
+            # full disk it succeeds, on a slow one it is quick. Only a commit that wrote
+            # (fsynced: synchronous=FULL) may say writable, or quick, again.
+            probe = removed == 0 and (not self.writable or self._last_job_stalled is not None)
+            if probe:
                 _write_probe(connection)
         except sqlite3.Error as exc:
             self._set_writable(False, str(exc))
             self._check_room(read_disk=True)  # the gauge's reading: most wanted now
             raise
-        self._set_writable(True)
+        if removed or probe:
+            self._fsynced()
         if self.depth == 0:
             self._remake_reserve(connection)
         self._reusable = _freed_bytes(connection)
@@ -1391,13 +1401,20 @@ class Spool:
             self._resolve([(job.future, result)])
 
     def _job_done(self) -> None:
-        """Keep what stuck() says until the next job (a maintenance round, every few
-        seconds, comes whether or not deliveries do): whether this one waited on the
-        disk. Also before a job's outcome is sent: who hears of it finds this said."""
+        """Keep what stuck() says after this job: that it waited on the disk, until a
+        job whose commit waited for the disk (an append's, or the maintenance round's,
+        every 5 s: see _purge) finishes without such a wait. A read, or a removal (not
+        fsynced), tells nothing of it: one after each slow commit made a disk slow at
+        every write ready again at once. Also before a job's outcome is sent: who hears
+        of it finds this said."""
         began = self._job_began
-        if began is not None:
-            waited = time.monotonic() - began
-            self._last_job_stalled = waited if waited >= STUCK_AFTER_SECONDS else None
+        if began is None:
+            return
+        waited = time.monotonic() - began
+        if waited >= STUCK_AFTER_SECONDS:
+            self._last_job_stalled = waited
+        elif self._synced:
+            self._last_job_stalled = None
 
     def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any]]) -> None:
         self._job_done()

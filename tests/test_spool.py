@@ -20,10 +20,14 @@ import pytest
 
 from bridge import backlog as backlog_module
 from bridge import spool as spool_module
+from bridge.ackmodes import DurableAck
 from bridge.backlog import QueuedRecord, RecordFifo
+from bridge.config import load_settings
 from bridge.errors import ShuttingDown, SpoolFull, SpoolUnusable, SpoolWriteFailed
+from bridge.metrics import Metrics
 from bridge.routing import Destination
 from bridge.spool import Spool
+from tests.fakes import FakePublisher
 from tests.polling import eventually
 
 
@@ -1452,3 +1456,82 @@ async def test_a_spool_whose_files_are_gone_takes_no_more_events(
         await spool.close()
     said = [r for r in caplog.records if "no longer at" in r.getMessage()]
     assert [r.levelname for r in said] == ["ERROR"]
+
+
+async def test_a_read_after_a_stalled_write_does_not_make_a_slow_disk_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slow at every fsync reads from the page cache at once: the drainer's
+    oldest(), which follows every commit, cleared the state it is no write of, and
+    /readyz was 200 again right after each slow write (a review's find)."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.3)
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600)
+    spool.open()
+    try:
+        assert await spool.append(_order(1), "k1")
+
+        def slow_write(connection: object) -> None:  # a commit whose fsync took 0.4 s
+            time.sleep(0.4)
+
+        await spool._call(slow_write)
+        await eventually(lambda: spool.stuck_for() is None)
+        assert spool.stuck() is not None
+        await spool.oldest(10, 10**6)  # the drainer reads what was appended: no write
+        await eventually(lambda: spool.stuck_for() is None)
+        assert spool.stuck() is not None, "a read cleared a slow disk's unreadiness"
+    finally:
+        await spool.close()
+
+
+async def test_a_no_op_maintenance_round_is_no_write_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A maintenance round with no expired key writes nothing (a DELETE of no row
+    commits nothing) and told nothing of the disk's writes, yet cleared the state: it
+    writes a probe now, while the disk was slow (a review's find)."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.3)
+    spool = Spool(tmp_path, max_bytes=10**6, dedup_window=3600)
+    spool.open()
+    try:
+        await spool._call(lambda _: time.sleep(0.4))
+        await eventually(lambda: spool.stuck_for() is None)
+        wal = tmp_path / "spool.db-wal"
+        before = wal.stat().st_size, wal.stat().st_mtime_ns
+        await spool.forget_expired_keys()  # no key to expire
+        await eventually(lambda: spool.stuck_for() is None)
+        wrote = (wal.stat().st_size, wal.stat().st_mtime_ns) != before
+        assert wrote or spool.stuck() is not None, "cleared by a round that wrote nothing"
+    finally:
+        await spool.close()
+
+
+async def test_a_durable_bridge_on_a_disk_slow_at_every_write_is_ready_between_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit's scenario end to end: every write (commit of an append, removal of
+    what Kafka took) waits 0.4 s on the disk (the 12 s fsync, scaled to a 0.3 s
+    STUCK_AFTER_SECONDS). Right after a delivery's slow commit, the drainer reads the
+    record (a quick job) and readiness says 200 again, while the removal that follows
+    waits as long: unready only for the tail of each write (a review's find)."""
+    monkeypatch.setattr(spool_module, "STUCK_AFTER_SECONDS", 0.3)
+    for name in ("_commit_appends", "_remove"):
+        original = getattr(Spool, name)
+
+        def slow(self: Spool, *args: object, _original: object = original) -> object:
+            time.sleep(0.4)
+            return _original(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(Spool, name, slow)
+    publisher = FakePublisher()
+    settings = load_settings(
+        environ={"BRIDGE_TOKENS": "test-token", "BRIDGE_SPOOL_DIR": str(tmp_path)}
+    )
+    mode = DurableAck(publisher, Metrics(), settings)
+    mode.prepare()
+    await mode.start()
+    try:
+        assert await mode.deliver(_order(1), "k1")  # its commit waited 0.4 s
+        await eventually(lambda: bool(publisher.records))  # the drainer read it: no write
+        assert mode.unready_reason is not None, "ready while every write stalls"
+    finally:
+        await mode.stop()
