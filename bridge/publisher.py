@@ -18,6 +18,7 @@ import logging
 import math
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -702,12 +703,18 @@ class KafkaPublisher:
         self._refreshed()  # a producer starts with the cluster's metadata
         self._answered()
         self._metadata_at = time.monotonic()
-        producer.client.cluster.add_listener(functools.partial(self._metadata_came, producer))
+        # A weak reference: a strong one made a cycle (producer, its cluster view, this
+        # listener), which kept a replaced producer until the cyclic collector came by,
+        # and the first one (frozen with the startup's objects: gc.freeze) for good.
+        came = functools.partial(self._metadata_came, weakref.ref(producer))
+        producer.client.cluster.add_listener(came)
 
-    def _metadata_came(self, producer: AIOKafkaProducer, _cluster: object) -> None:
+    def _metadata_came(
+        self, producer: weakref.ReferenceType[AIOKafkaProducer], _cluster: object
+    ) -> None:
         """aiokafka completed a metadata refresh of ``producer``'s (a listener of its
         cluster view, called for successful ones only)."""
-        if producer is self._producer:
+        if (current := self._producer) is not None and producer() is current:
             self._metadata_at = time.monotonic()
 
     def _metadata_age(self) -> float:

@@ -6,9 +6,11 @@ appended, and a record refused as out of order waits for the replacement."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -1168,3 +1170,24 @@ async def test_a_wall_clock_step_back_does_not_keep_a_silent_kafka_connected(
         pub.refuse_at_once()
     cluster.update_metadata(answer)  # Kafka answers again
     assert pub.connected
+
+
+def test_the_metadata_listener_keeps_no_producer_alive() -> None:
+    """The listener the publisher adds to a producer's cluster view held the producer:
+    a cycle (producer, cluster, listener) that kept a replaced producer until the cyclic
+    collector came by, and the first one, frozen with the startup's objects
+    (gc.freeze), for good (a review's find)."""
+
+    async def replaced() -> weakref.ReferenceType[FakeProducer]:
+        pub = publisher()
+        producer = FakeProducer()
+        pub._use(producer, b"")
+        pub._use(FakeProducer(), b"")  # a reset or a rotation replaced it
+        return weakref.ref(producer)
+
+    gc.disable()
+    try:
+        gone = asyncio.run(replaced())
+        assert gone() is None  # freed by its reference count, without the collector
+    finally:
+        gc.enable()
