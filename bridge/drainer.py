@@ -34,6 +34,8 @@ import logging
 import time
 from typing import Any
 
+from aiokafka.errors import OutOfOrderSequenceNumber
+
 from bridge.backlog import Backlog, QueuedRecord
 from bridge.config import Settings
 from bridge.deadletter import set_aside
@@ -175,6 +177,10 @@ class Drainer:
         # The last round found only records of topics on hold (none in flight for
         # another topic): a drain at shutdown has nothing more to wait for.
         self._only_held_left = False
+        # Topics held for a refusal of the producer's own making (OutOfOrderSequenceNumber:
+        # its numbering broke, and a fresh producer replaces it), which passes: a drain at
+        # shutdown tries them again rather than end (see drain)
+        self._held_passing: set[str] = set()
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
         self._publish_after: asyncio.Future[Any] | None = None  # see start()
         #: Records Kafka refused for good whose dead letter failed too: lost (as logged)
@@ -460,8 +466,16 @@ class Drainer:
         self._only_held_left = False
         while self._backlog.depth and time.monotonic() < deadline:
             if self._only_held_left and self._publisher.connected and not self._pending:
-                log.warning("stopping with the events of %s on hold", named(self.held_topics))
-                return
+                if not self._held_passing:
+                    log.warning("stopping with the events of %s on hold", named(self.held_topics))
+                    return
+                # Held for the producer's broken numbering, which its replacement mends
+                # in a moment: tried again, within the deadline. Ending here lost memory
+                # mode's queue (84 events) after Kafka refused one too large a record.
+                for topic in self._held_passing:
+                    self._holds.pop(topic, None)
+                self._held_passing.clear()
+                self._only_held_left = False
             self.wake()
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
 
@@ -604,6 +618,7 @@ class Drainer:
                 done.append(seq)
                 self._suspects.pop(seq, None)  # collected by another round than its own
                 self._holds.pop(topic, None)
+                self._held_passing.discard(topic)
                 self._count_published(pending)
                 continue
             error = self._publisher.failure(failure)
@@ -627,6 +642,10 @@ class Drainer:
                 # no answer (a timeout) may be Kafka away: held if it answered since.
                 since = None if refused_by_kafka(failure) else pending.sent_at
                 self._hold(topic, f"Kafka did not take a record: {error.detail}", since)
+                if isinstance(failure, OutOfOrderSequenceNumber):
+                    self._held_passing.add(topic)
+                else:
+                    self._held_passing.discard(topic)
         return done
 
     async def _hand_over(self, records: list[QueuedRecord], settled: list[int]) -> list[_Pending]:

@@ -406,6 +406,45 @@ def test_a_record_kafka_refuses_for_good_does_not_block_its_partition(
     assert resets == 1 if ack == "broker" else resets >= 1
 
 
+def test_a_stop_right_after_a_record_too_large_keeps_memory_modes_queue(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch of one record too large for its topic refused, the producer's numbering
+    of that partition broke: the records after it were refused as out of order until a
+    fresh producer took over, a moment later. A stop then found only that topic's
+    records, held, and the drain ended at once with most of BRIDGE_SHUTDOWN_TIMEOUT
+    left: memory mode lost 75 to 85 of 90 events answered 202, though Kafka took small
+    records all along (a review's find). Tried again now, within the deadline."""
+    caplog.set_level(logging.INFO, logger="bridge")
+    topic = f"{topic_prefix}.geins.order.create"
+    create_topic(kafka_bootstrap, topic, {"max.message.bytes": "3000"})
+    create_topic(kafka_bootstrap, f"{topic_prefix}.deadletter", {})
+    env = bridge_env(
+        kafka_bootstrap, topic_prefix, BRIDGE_ACK="memory", BRIDGE_SHUTDOWN_TIMEOUT="10"
+    )
+    small = b'{"id":"' + b"s" * 200 + b'"}'
+    accepted: list[str] = []
+    with TestClient(create_app(load_settings(environ=env))) as client:
+
+        def post(key: str, body: bytes) -> None:
+            headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": key}
+            response = client.post("/webhooks/geins/Order/create", content=body, headers=headers)
+            assert response.status_code == 202, response.text
+            accepted.append(key)
+
+        for n in range(30):
+            post(f"s{n}", small)
+        post("big", b'{"id":"' + b"b" * 5000 + b'"}')
+        for n in range(30, 90):
+            post(f"s{n}", small)
+        # stopped right away (as at a SIGTERM): Kafka is up and takes small records
+    assert not [r for r in caplog.records if "are lost" in r.getMessage()], caplog.text
+    landed = {r.key.decode() for r in read_all_sync(kafka_bootstrap, topic)}
+    assert [k for k in accepted if k != "big" and k not in landed] == []
+    letters = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
+    assert [r.key for r in letters] == [b"big"]
+
+
 @pytest.mark.parametrize("kind", ["event", "dead letter"])
 def test_broker_mode_sends_a_record_alone_before_calling_it_too_large(
     kafka_bootstrap: str, topic_prefix: str, kind: str
