@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -36,6 +37,17 @@ from bridge.partitioner import partition_index
 log = logging.getLogger(__name__)
 
 _NEEDED = ("_batches", "_append_batch", "_closed", "_exception", "create_builder")
+
+#: A topic no record went to for this long is dropped from the topics the client asks
+#: Kafka about (as Java's producer does after metadata.max.idle.ms, 5 minutes): its
+#: first record after that waits for its metadata once more. Kept, every topic ever
+#: used (one per {account} and {environment} with such a template) made each metadata
+#: refresh larger for the process's life, and a refresh asks Kafka to create the
+#: topics it names: one an operator deleted came back within seconds, with the
+#: broker's defaults, though nothing was sent to it.
+TOPIC_IDLE_SECONDS = 300.0
+#: How often, at most, the idle topics are looked for (at a metadata update).
+IDLE_CHECK_SECONDS = 60.0
 
 
 class DirectHandover:
@@ -56,6 +68,10 @@ class DirectHandover:
         # topic -> its partitions, in partition order; forgotten at each metadata update
         self._partitions: dict[str, tuple[TopicPartition, ...]] = {}
         self._cluster.add_listener(self._forget)
+        # topic -> when a record for it was last appended (at its first after each
+        # metadata update: see _learn), for _forget_idle
+        self._used: dict[str, float] = {}
+        self._idle_checked = time.monotonic()
         #: The batch (aiokafka's MessageBatch) of the last record appended; None when
         #: the last append answered None. Read at once by whoever appended, it tells
         #: whether a batch Kafka refused held that record alone.
@@ -63,6 +79,23 @@ class DirectHandover:
 
     def _forget(self, _cluster: object) -> None:
         self._partitions.clear()
+        self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        """Drop the topics no record went to for TOPIC_IDLE_SECONDS from those the client
+        asks Kafka about; never the last one (none left, aiokafka asks for every topic
+        of the cluster). Called at a successful metadata update only: never during an
+        outage, when a topic's batches may still wait for their leader."""
+        now = time.monotonic()
+        if now - self._idle_checked < IDLE_CHECK_SECONDS:
+            return
+        self._idle_checked = now
+        idle = [topic for topic, at in self._used.items() if now - at >= TOPIC_IDLE_SECONDS]
+        topics = getattr(self._client, "_topics", None)
+        for topic in idle:
+            del self._used[topic]
+            if isinstance(topics, set) and len(topics) > 1:
+                topics.discard(topic)
 
     def _track(self, topic: str) -> None:
         """Have the client keep this topic's metadata from now on, as ``send()`` would.
@@ -152,6 +185,7 @@ class DirectHandover:
             return None
         partitions = tuple(TopicPartition(topic, p) for p in sorted(known))
         self._partitions[topic] = partitions
+        self._used[topic] = time.monotonic()
         self._track(topic)
         return partitions
 

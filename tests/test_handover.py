@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.structs import TopicPartition
 
+from bridge import handover as handover_module
 from bridge.config import Settings, load_settings
 from bridge.handover import DirectHandover
 from bridge.kafkaadmin import read_to_end
@@ -255,3 +257,67 @@ def test_internals_that_fail_after_send_queued_a_record_send_it_once(
         return await read_to_end({"bootstrap_servers": kafka_bootstrap}, prefix=topic)
 
     assert sorted(r.key for r in asyncio.run(run())) == [b"k", b"k2"]
+
+
+class _Batch:
+    def append(self, *_: Any, **__: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+
+class _Accumulator:
+    """What DirectHandover uses of aiokafka's accumulator: every append opens a batch."""
+
+    _closed = False
+    _exception = None
+
+    def __init__(self) -> None:
+        self._batches: dict[TopicPartition, list[_Batch]] = {}
+
+    def create_builder(self) -> None:
+        return None
+
+    def _append_batch(self, _builder: None, tp: TopicPartition) -> _Batch:
+        return _Batch()
+
+
+async def test_a_topic_nothing_went_to_for_five_minutes_is_no_longer_asked_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every topic the bridge had sent to stayed in the topics its client asks Kafka about
+    at each refresh (every 5 s) for the process's life: one per {account} and
+    {environment} with such a template, and a refresh asks Kafka to create the topics
+    it names: one an operator deleted came back within 3 s, with the broker's
+    defaults, though nothing was sent to it (a review's find). Dropped after
+    TOPIC_IDLE_SECONDS without a record, as Java's producer does; never the last one
+    (none left, aiokafka would ask for every topic of the cluster)."""
+    clock = [1000.0]
+    monkeypatch.setattr(handover_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    listeners: list[Any] = []
+    client = SimpleNamespace(
+        _topics={"busy", "quiet"},
+        cluster=SimpleNamespace(
+            add_listener=listeners.append,
+            remove_listener=listeners.remove,
+            partitions_for_topic=lambda topic: {0},
+        ),
+    )
+    producer: Any = SimpleNamespace(_message_accumulator=_Accumulator(), client=client)
+    handover = DirectHandover(producer, 1_000_000)
+    assert handover.enabled
+
+    def refreshed() -> None:  # a metadata update aiokafka completed
+        for listener in listeners:
+            listener(client.cluster)
+
+    for topic in ("busy", "quiet"):
+        assert handover.append(topic, b"k", b"v", []) is not None
+    for _ in range(6):  # five minutes and more, records for "busy" only
+        clock[0] += handover_module.IDLE_CHECK_SECONDS
+        refreshed()
+        assert handover.append("busy", b"k", b"v", []) is not None
+    assert client._topics == {"busy"}
+    clock[0] += handover_module.TOPIC_IDLE_SECONDS
+    refreshed()
+    assert client._topics == {"busy"}  # the last one stays
+    assert handover.append("quiet", b"k", b"v", []) is not None  # asked about again
+    assert client._topics == {"busy", "quiet"}
