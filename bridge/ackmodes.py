@@ -358,7 +358,9 @@ class DurableAck(_DrainedAck):
         await self._stop_drainer(deadline)
         if self.spool.depth and self.spool.lost_files is not None:
             log.error(
-                "%d events Kafka did not take are lost as the bridge stops: %s",
+                "%d events Kafka did not take are not kept for the next start: %s (moved "
+                "aside rather than deleted, those files hold them: a bridge started on "
+                "that folder publishes them)",
                 self.spool.depth,
                 self.spool.lost_files,
             )

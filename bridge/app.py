@@ -305,6 +305,8 @@ def create_app(
         if ack_mode.name == "broker" and not publisher.connected:
             # A new user's review: "accepting deliveries" while every one got a 503.
             log.info("serving (ack=broker): deliveries are answered 503 until Kafka is reachable")
+        elif ack_mode.name == "broker" and topics is not None and not topics.done():
+            log.info("serving (ack=broker): deliveries are answered 503 until the topics are made")
         else:
             log.info("accepting deliveries (ack=%s)", ack_mode.name)
         try:

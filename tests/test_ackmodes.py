@@ -1642,6 +1642,34 @@ async def test_a_slow_topic_creation_holds_the_startup_no_longer_than_a_connecti
         await eventually(lambda: len(publisher.records) == 1)
 
 
+async def test_broker_mode_says_it_answers_503_while_the_topics_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Topic creation past BRIDGE_KAFKA_CONNECT_TIMEOUT: broker mode answers 503 until it
+    ends, and logged "accepting deliveries" meanwhile (a review's find)."""
+    created = asyncio.Event()
+
+    async def slow_create_topics(*_: Any) -> dict[str, str]:
+        await created.wait()
+        return {}
+
+    monkeypatch.setattr(kafkaadmin, "create_topics", slow_create_topics)
+    conf = settings(
+        tmp_path,
+        BRIDGE_ACK="broker",
+        BRIDGE_CREATE_TOPICS="true",
+        BRIDGE_KAFKA_CONNECT_TIMEOUT="0.2",
+    )
+    app = create_app(conf, publisher=FakePublisher(connected=True))
+    app.state.prepare()
+    caplog.set_level(logging.INFO, logger="bridge")
+    async with app.router.lifespan_context(app):
+        created.set()
+    said = [r.getMessage() for r in caplog.records]
+    assert "serving (ack=broker): deliveries are answered 503 until the topics are made" in said
+    assert not [line for line in said if line.startswith("accepting deliveries")]
+
+
 async def test_a_failed_leftover_stop_leaves_no_drain_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
