@@ -605,9 +605,16 @@ def webhook_routes(endpoint: WebhookEndpoint) -> list[BaseRoute]:
 async def http_exception_as_problem(_: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 answers, as problem+json like every other error."""
     assert isinstance(exc, HTTPException)  # noqa: S101  # registered for HTTPException only
-    error = BridgeError(exc.detail)
-    error.status, error.title = exc.status_code, exc.detail
-    error.reason = "not_found" if exc.status_code == 404 else "http_error"
+    # The bridge's own problem types for the statuses it has one for (RFC 9457: one
+    # title per type): Starlette's title ("Method Not Allowed") and a type of its own
+    # ("http_error") for the same problem as a webhook path's 405 met clients keyed on
+    # the type.
+    known: dict[int, type[BridgeError]] = {404: NotFound, 405: MethodNotAllowed}
+    if (kind := known.get(exc.status_code)) is not None:
+        error: BridgeError = kind(exc.detail)
+    else:
+        error = BridgeError(exc.detail)
+        error.status, error.title, error.reason = exc.status_code, exc.detail, "http_error"
     return Response(
         problem(error),
         status_code=exc.status_code,

@@ -17,7 +17,7 @@ from starlette.types import Message
 from bridge import ingress
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
-from bridge.errors import BridgeError, PayloadTooLarge, PublishTimeout
+from bridge.errors import BridgeError, MethodNotAllowed, NotFound, PayloadTooLarge, PublishTimeout
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import TOKEN, FakePublisher, call_asgi, samples
@@ -1016,3 +1016,24 @@ def test_a_token_with_a_slash_in_the_path_is_token_in_path(
     )
     for where, text in (("kafka", kafka), ("log", logs), ("answer", response.text)):
         assert not all(part in text.lower() for part in parts), (where, text)
+
+
+def test_starlettes_404_and_405_have_the_bridges_problem_types() -> None:
+    """One problem, one type (RFC 9457): a 405 of an operations endpoint answered with
+    Starlette's title ("Method Not Allowed") and a type of its own, `http_error`,
+    documented nowhere, where a webhook path's 405 is `method_not_allowed`; its 404 had
+    Starlette's title too (a review's find)."""
+    app, _, _ = make()
+    with TestClient(app) as client:
+        webhook = client.options("/webhooks/geins/Order/create")
+        ops = client.post("/healthz")
+        missing = client.get("/nope").json()
+    assert ops.status_code == 405
+    assert "GET" in ops.headers["allow"]
+    problem = ops.json()
+    assert (problem["type"], problem["reason"], problem["title"]) == (
+        webhook.json()["type"],
+        MethodNotAllowed.reason,
+        MethodNotAllowed.title,
+    )
+    assert (missing["reason"], missing["title"]) == (NotFound.reason, NotFound.title)
