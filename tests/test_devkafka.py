@@ -148,18 +148,23 @@ def test_wait(torn_down) -> None:
 """
 
 
+def waiting_begun(run: subprocess.Popen[bytes], folder: Path) -> None:
+    """Until WAITING_TEST's test runs (or the run ended)."""
+    assert wait_until(
+        lambda: (folder / "waiting").exists() or run.poll() is not None,
+        bool,
+        within=60,
+        every=0.1,
+    )
+
+
 def test_a_hung_up_test_run_stops_as_after_ctrl_c(tmp_path: Path) -> None:
     """SIGHUP (the terminal closed) ends a test run as SIGTERM does, through the same
     handler (tests/conftest.py): interrupted, exit 2, its fixtures torn down (a broker
     stopped, as the test above shows for SIGTERM)."""
     run, log = start_test_run(tmp_path, WAITING_TEST)
     try:
-        assert wait_until(
-            lambda: (tmp_path / "waiting").exists() or run.poll() is not None,
-            bool,
-            within=60,
-            every=0.1,
-        )
+        waiting_begun(run, tmp_path)
         run.send_signal(signal.SIGHUP)
         assert run.wait(30) == 2, (tmp_path / "run.log").read_text(errors="replace")
         assert (tmp_path / "torn-down").exists()
@@ -173,12 +178,7 @@ def test_a_test_run_under_nohup_outlives_sighup(tmp_path: Path) -> None:
     stops the run as Ctrl-C does."""
     run, log = start_test_run(tmp_path, WAITING_TEST, wrapper=("nohup",))
     try:
-        assert wait_until(
-            lambda: (tmp_path / "waiting").exists() or run.poll() is not None,
-            bool,
-            within=60,
-            every=0.1,
-        )
+        waiting_begun(run, tmp_path)
         run.send_signal(signal.SIGHUP)
         time.sleep(1)
         output = (tmp_path / "run.log").read_text(errors="replace")

@@ -45,6 +45,11 @@ def _send_whole(bridge: BridgeProcess, head: bytes) -> tuple[str | None, bytes]:
             sock.sendall(BODY[start : start + 65536])
     except OSError as exc:
         failed = type(exc).__name__
+    return failed, _read_to_the_end(sock)
+
+
+def _read_to_the_end(sock: socket.socket) -> bytes:
+    """What the bridge sent until it closed (or reset) the connection; closes it."""
     answer = b""
     try:
         while chunk := sock.recv(65536):
@@ -52,7 +57,7 @@ def _send_whole(bridge: BridgeProcess, head: bytes) -> tuple[str | None, bytes]:
     except OSError:
         pass
     sock.close()
-    return failed, answer
+    return answer
 
 
 def _head(*, url_extra: bytes = b"", header: bytes = b"") -> bytes:
@@ -109,13 +114,7 @@ def test_a_head_request_refused_by_the_protocol_gets_no_content(bridge: BridgePr
     sock = socket.create_connection(("127.0.0.1", bridge.port))
     sock.settimeout(5)
     sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000 + b"\r\n\r\n")
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except OSError:
-        pass
-    sock.close()
+    answer = _read_to_the_end(sock)
     head, _, content = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert content == b"", content[:200]
