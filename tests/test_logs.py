@@ -451,9 +451,12 @@ def test_a_python_warning_is_a_line_of_the_log_s_format(
     root = logging.getLogger()
     kept = root.handlers[:], root.level
     try:
-        logs.configure("info", "json")
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # as in the bridge (the suite's: error)
+            # Another test's configure may have turned it on already, and pytest has put
+            # its own recorder in place since: off first, so that configure's takes.
+            logging.captureWarnings(False)
+            logs.configure("info", "json")
             warnings.warn("coroutine 'x' was never awaited", RuntimeWarning, stacklevel=1)
     finally:
         logging.captureWarnings(False)
