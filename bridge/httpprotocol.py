@@ -1084,10 +1084,6 @@ def guarded_protocol(
 
         def _write_refusal(self, error: BridgeError) -> None:
             body = problem(error)
-            # RFC 9110 9.3.2: an answer to HEAD has no content (its length is said). The
-            # parser knows the method once the request line is read; before, it says
-            # DELETE (llhttp's method 0), which is not HEAD either.
-            content = b"" if self.parser.get_method() == b"HEAD" else body
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\n%s%scontent-type: application/problem+json\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -1097,7 +1093,7 @@ def guarded_protocol(
                     header_lines(self.server_state.default_headers),  # the date, as every answer
                     header_lines(_REFUSAL_ANSWER.headers(error)),  # Allow, Retry-After
                     len(body),
-                    content,
+                    body,
                 )
             )
 

@@ -1,6 +1,5 @@
 """The HTTP protocol's own refusals of a head, from a real `bridge serve`: a head over
-its cap (431, or 414 for a URL past it) whose body is still coming, and a HEAD request's
-(a review's finds)."""
+its cap (431, or 414 for a URL past it) whose body is still coming (a review's find)."""
 
 from __future__ import annotations
 
@@ -107,14 +106,27 @@ def test_the_413_in_the_same_position_is_read(bridge: BridgeProcess) -> None:
         connection.close()
 
 
-def test_a_head_request_refused_by_the_protocol_gets_no_content(bridge: BridgeProcess) -> None:
-    """RFC 9110 9.3.2: the answer to HEAD has no content. The app's refusals of a HEAD
-    request have none (uvicorn drops it); the HTTP protocol's own (431, 414 past the
-    head's cap, 408) wrote the problem document after the head all the same."""
+def test_a_malformed_request_after_a_head_request_gets_its_problem_document(
+    bridge: BridgeProcess,
+) -> None:
+    """A refusal after an answered HEAD on the same connection is no answer to HEAD: its
+    content is there, as long as it says. (Leaving the content out of the protocol's
+    refusals of HEAD, as asked of the parser's method, truncated this 400: the parser
+    still says HEAD until the next request's method is read; a review's find.)"""
     sock = socket.create_connection(("127.0.0.1", bridge.port))
     sock.settimeout(5)
-    sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000 + b"\r\n\r\n")
-    answer = _read_to_the_end(sock)
+    sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = b""
+    while b"\r\n\r\n" not in first:
+        first += sock.recv(65536)
+    _, _, rest = first.partition(b"\r\n\r\n")
+    sock.sendall(b"\x01\x02 garbage\r\n\r\n")  # the next request: not HTTP at all
+    answer = rest + _read_to_the_end(sock)
     head, _, content = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert content == b"", content[:200]
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    assert len(content) == length, (length, content[:200])
