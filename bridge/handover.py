@@ -48,6 +48,9 @@ _NEEDED = ("_batches", "_append_batch", "_closed", "_exception", "create_builder
 TOPIC_IDLE_SECONDS = 300.0
 #: How often, at most, the idle topics are looked for (at a metadata update).
 IDLE_CHECK_SECONDS = 60.0
+#: Metadata updates further apart than this (the heartbeat asks every 5 s) mean Kafka
+#: was away: appends went on with the partitions known before, unstamped (see _learn).
+UPDATE_GAP_SECONDS = 30.0
 
 
 class DirectHandover:
@@ -71,7 +74,7 @@ class DirectHandover:
         # topic -> when a record for it was last appended (at its first after each
         # metadata update: see _learn), for _forget_idle
         self._used: dict[str, float] = {}
-        self._idle_checked = time.monotonic()
+        self._idle_checked = self._updated_at = time.monotonic()
         #: The batch (aiokafka's MessageBatch) of the last record appended; None when
         #: the last append answered None. Read at once by whoever appended, it tells
         #: whether a batch Kafka refused held that record alone.
@@ -87,12 +90,24 @@ class DirectHandover:
         of the cluster). Called at a successful metadata update only: never during an
         outage, when a topic's batches may still wait for their leader."""
         now = time.monotonic()
+        if now - self._updated_at > UPDATE_GAP_SECONDS:
+            # The first update after an outage: the stamps are as old as it, though
+            # records went on (an outage of 5 minutes made every topic idle); looked at
+            # again once appends have stamped them afresh.
+            self._idle_checked = now
+        self._updated_at = now
         if now - self._idle_checked < IDLE_CHECK_SECONDS:
             return
         self._idle_checked = now
         idle = [topic for topic, at in self._used.items() if now - at >= TOPIC_IDLE_SECONDS]
+        if not idle:
+            return
+        # Nor a topic whose records still wait in the producer (for a leader, say).
+        waiting = {tp.topic for tp, batches in self._accumulator._batches.items() if batches}
         topics = getattr(self._client, "_topics", None)
         for topic in idle:
+            if topic in waiting:
+                continue
             del self._used[topic]
             if isinstance(topics, set) and len(topics) > 1:
                 topics.discard(topic)
