@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -280,6 +281,28 @@ class _Accumulator:
         return _Batch()
 
 
+def _handover_of_fakes(topics: set[str]) -> tuple[DirectHandover, Any, Callable[[], None]]:
+    """A DirectHandover over fakes of aiokafka's producer: its client asks about
+    ``topics``, every topic has partition 0; and what a metadata update aiokafka
+    completed calls (its listeners)."""
+    listeners: list[Any] = []
+    client = SimpleNamespace(
+        _topics=topics,
+        cluster=SimpleNamespace(
+            add_listener=listeners.append,
+            remove_listener=listeners.remove,
+            partitions_for_topic=lambda topic: {0},
+        ),
+    )
+    producer: Any = SimpleNamespace(_message_accumulator=_Accumulator(), client=client)
+
+    def refreshed() -> None:
+        for listener in listeners:
+            listener(client.cluster)
+
+    return DirectHandover(producer, 1_000_000), client, refreshed
+
+
 async def test_a_topic_nothing_went_to_for_five_minutes_is_no_longer_asked_about(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -292,22 +315,8 @@ async def test_a_topic_nothing_went_to_for_five_minutes_is_no_longer_asked_about
     (none left, aiokafka would ask for every topic of the cluster)."""
     clock = [1000.0]
     monkeypatch.setattr(handover_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    listeners: list[Any] = []
-    client = SimpleNamespace(
-        _topics={"busy", "quiet"},
-        cluster=SimpleNamespace(
-            add_listener=listeners.append,
-            remove_listener=listeners.remove,
-            partitions_for_topic=lambda topic: {0},
-        ),
-    )
-    producer: Any = SimpleNamespace(_message_accumulator=_Accumulator(), client=client)
-    handover = DirectHandover(producer, 1_000_000)
+    handover, client, refreshed = _handover_of_fakes({"busy", "quiet"})
     assert handover.enabled
-
-    def refreshed() -> None:  # a metadata update aiokafka completed
-        for listener in listeners:
-            listener(client.cluster)
 
     for topic in ("busy", "quiet"):
         assert handover.append(topic, b"k", b"v", []) is not None
@@ -334,21 +343,7 @@ async def test_a_topic_appended_to_during_an_outage_is_not_dropped_after_it(
     find). That update is no time to look; the next check, a minute on, is."""
     clock = [1000.0]
     monkeypatch.setattr(handover_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    listeners: list[Any] = []
-    client = SimpleNamespace(
-        _topics={"other", "busy"},
-        cluster=SimpleNamespace(
-            add_listener=listeners.append,
-            remove_listener=listeners.remove,
-            partitions_for_topic=lambda topic: {0},
-        ),
-    )
-    producer: Any = SimpleNamespace(_message_accumulator=_Accumulator(), client=client)
-    handover = DirectHandover(producer, 1_000_000)
-
-    def refreshed() -> None:
-        for listener in listeners:
-            listener(client.cluster)
+    handover, client, refreshed = _handover_of_fakes({"other", "busy"})
 
     for _ in range(36):  # six minutes of outage, a record every 10 s
         assert handover.append("busy", b"k", b"v", []) is not None
