@@ -1,5 +1,6 @@
 """The HTTP protocol's own refusals of a head, from a real `bridge serve`: a head over
-its cap (431, or 414 for a URL past it) whose body is still coming (a review's find)."""
+its cap (431, or 414 for a URL past it) whose body is still coming (a review's find), and
+the refusals of a HEAD request, which have no content."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def _read_to_the_end(sock: socket.socket) -> bytes:
         pass
     sock.close()
     return answer
+
+
+def _content_length(head: bytes) -> int:
+    return next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
 
 
 def _head(*, url_extra: bytes = b"", header: bytes = b"") -> bytes:
@@ -124,9 +133,49 @@ def test_a_malformed_request_after_a_head_request_gets_its_problem_document(
     answer = rest + _read_to_the_end(sock)
     head, _, content = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
+    length = _content_length(head)
+    assert len(content) == length, (length, content[:200])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000, id="431"),
+        pytest.param(b"HEAD /healthz?q=" + b"q" * 40_000, id="414"),
+        pytest.param(
+            b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x\r\n\r\n", id="400"
+        ),
+    ],
+)
+def test_the_protocols_refusal_of_a_head_request_has_no_content(
+    bridge: BridgeProcess, head: bytes
+) -> None:
+    """RFC 9110 9.3.2: the answer to HEAD has no content, only its length. The app's
+    refusals of a HEAD request have none (uvicorn drops it); the HTTP protocol's own
+    (431, 414 past the head's cap, a malformed head's 400) wrote the problem document."""
+    sock = socket.create_connection(("127.0.0.1", bridge.port))
+    sock.settimeout(5)
+    sock.sendall(head)
+    answer = _read_to_the_end(sock)
+    status, _, content = answer.partition(b"\r\n\r\n")
+    assert status.split(b" ")[1] in (b"431", b"414", b"400"), answer[:300]
+    assert b"content-length: " in status.lower(), status
+    assert content == b"", content[:200]
+
+
+def test_a_refusal_after_pipelined_head_requests_keeps_the_method_of_its_own(
+    bridge: BridgeProcess,
+) -> None:
+    """Two HEADs answered, then a GET whose head is over the cap: the GET's 431 carries
+    its problem document (the method is the refused request's, not the last answered)."""
+    sock = socket.create_connection(("127.0.0.1", bridge.port))
+    sock.settimeout(5)
+    one = b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock.sendall(one + one + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 40_000)
+    answer = _read_to_the_end(sock)
+    last = answer[answer.rindex(b"HTTP/1.1 ") :]
+    head, _, content = last.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), last[:300]
+    length = _content_length(head)
+    assert length > 0
     assert len(content) == length, (length, content[:200])
