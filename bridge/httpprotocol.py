@@ -398,6 +398,23 @@ def _refused_for_the_app(cycle: Any, refusal: BridgeError) -> None:
     cycle.message_event.set()
 
 
+def _close_if_answered_uninvited(cycle: Any) -> None:
+    """Make an answer given before the body was invited (no 100 Continue sent: a 401,
+    a 413) close the connection. RFC 9110 10.1.1: the client may then send the body or
+    not, and the server cannot tell which bytes come next: a request on a kept
+    connection was read as the body (Go's server closes too). Wraps the request's send
+    (uvicorn looks it up as the app starts), which alone sees the answer begin;
+    respond_whole answers only a request whose body it read."""
+    send = cycle.send
+
+    async def send_closing_if_uninvited(message: Any) -> None:
+        if not cycle.response_started and cycle.waiting_for_100_continue and cycle.more_body:
+            cycle.keep_alive = False  # uvicorn says "connection: close" and closes
+        await send(message)
+
+    cycle.send = send_closing_if_uninvited
+
+
 def header_lines(pairs: list[tuple[bytes, bytes]]) -> bytes:
     """Header lines (``name: value\\r\\n``) for a response head."""
     return b"".join(b"%s: %s\r\n" % pair for pair in pairs)
@@ -786,6 +803,8 @@ def guarded_protocol(
                 # RFC 9110 10.1.1 and 15.2: ignored, and no 1xx to an HTTP/1.0 client,
                 # which reads "100 Continue" as the final answer.
                 self.cycle.waiting_for_100_continue = False
+            elif self.expect_100_continue:
+                _close_if_answered_uninvited(self.cycle)
             if len(self.pipeline) > MAX_PIPELINED:
                 self._refuse(
                     TooManyPipelined(
