@@ -113,6 +113,16 @@ class IncompleteRequest(BridgeError):
     title = "Incomplete request"
 
 
+class UnsupportedTransferCoding(BridgeError):
+    """A Transfer-Encoding with a coding besides chunked (``gzip, chunked``): the parser
+    would hand over the coded bytes as the body. RFC 9112 6.1: a 501, refused by the HTTP
+    protocol before the app."""
+
+    status = 501
+    reason = "unsupported_transfer_coding"
+    title = "Transfer coding not supported"
+
+
 class MalformedQuery(BridgeError):
     status = 400
     reason = "malformed_query"

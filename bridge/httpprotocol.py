@@ -71,6 +71,7 @@ from bridge.errors import (
     RequestTimeout,
     TooManyConnections,
     TooManyPipelined,
+    UnsupportedTransferCoding,
     UrlTooLong,
 )
 from bridge.guards import url_too_long
@@ -234,6 +235,25 @@ def _path_and_query_bytes(url: bytes) -> int:
 def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
     """How many Host fields the head holds (uvicorn lower-cases the names)."""
     return sum(1 for name, _ in headers if name == b"host")
+
+
+def _unsupported_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The transfer codings besides chunked the head names. llhttp refuses a request's
+    Transfer-Encoding unless chunked comes last, and decodes only chunked: what comes
+    before it (``gzip, chunked``) was ignored, and the coded bytes read as the body.
+    (``identity``, from RFC 2616, transforms nothing.)"""
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            codings.extend(
+                coding
+                for part in value.split(b",")
+                if (coding := part.strip().lower()) not in _DECODED_CODINGS
+            )
+    return codings
+
+
+_DECODED_CODINGS = frozenset({b"chunked", b"identity", b""})
 
 
 #: What llhttp reads as the Connection field (a review found the second after the first
@@ -783,6 +803,14 @@ def guarded_protocol(
                 raise _Refused(
                     MalformedRequest(
                         "a request needs exactly one Host field (HTTP/1.0: at most one)"
+                    )
+                )
+            if codings := _unsupported_codings(self.headers):
+                raise _Refused(
+                    UnsupportedTransferCoding(
+                        f"the transfer coding {codings[0].decode('latin-1')!r} is not "
+                        "supported: send the body as it is (chunked, or with a "
+                        "Content-Length)"
                     )
                 )
             self._writer.expect_head()

@@ -496,7 +496,7 @@ def log_refusal(error: BridgeError, scope: Scope, redact: Redact) -> None:
     fields = _request_fields(scope, error.event, redact, error.names)
     fields.update(status=error.status, reason=error.reason, detail=redact(error.detail))
     level = logging.INFO
-    if error.status >= 500:
+    if error.status >= 500 and error.status != 501:  # a 501 is the client's coding
         now = time.monotonic()
         if now - warned_at.get(error.reason, -WARN_AGAIN_AFTER_SECONDS) >= WARN_AGAIN_AFTER_SECONDS:
             warned_at[error.reason] = now

@@ -52,6 +52,9 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
             "bytes of them; or a chunked body's chunk lines and trailer section, between "
             "two pieces of data, over the head's cap."
         ),
+        "501": _problem(
+            "A Transfer-Encoding with a coding besides chunked (gzip, say): send the body as it is."
+        ),
         "503": _problem(_sentence(_too_many_connections(settings)), "Retry-After"),
     }
 
@@ -193,6 +196,7 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             ),
             "431": refused["431"],
             "500": _problem("A bug; the delivery was not accepted (Geins retries)."),
+            "501": refused["501"],
             "503": _problem(
                 "The event cannot be made safe now, or more requests are in progress than "
                 f"BRIDGE_MAX_CONCURRENCY allows ({settings.max_concurrency}), or their "

@@ -935,6 +935,45 @@ async def test_a_pipelined_request_with_a_broken_body_is_refused_in_its_turn(
     assert connection.transport.ended
 
 
+@pytest.mark.parametrize(
+    "codings",
+    [b"gzip, chunked", b"deflate,chunked", b"gzip\r\ntransfer-encoding: chunked"],
+)
+async def test_a_transfer_coding_besides_chunked_is_a_501(
+    connection: Connection, codings: bytes
+) -> None:
+    """llhttp decodes chunked alone and passed the rest of `gzip, chunked` over: the
+    compressed bytes were read as the body (a misleading body_not_json, or a body
+    published as sent by a coding the bridge never undid). RFC 9112 6.1: a 501, from
+    the protocol, after the answer before it; nothing published."""
+    body = b'{"entity":"Order","action":"create","id":"1"}'
+    coded = (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: coded\r\ntransfer-encoding: %s\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (TOKEN.encode(), codings, len(body), body)
+    )
+    answers = await connection.answers(webhook("p1") + coded, 2)
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [
+        b"HTTP/1.1 202 Accepted",
+        b"HTTP/1.1 501 Transfer coding not supported",
+    ]
+    assert b'"reason":"unsupported_transfer_coding"' in answers[1]
+    assert [r.key for r in connection.publisher.records] == [b"p1"]
+    assert [e.reason for e in connection.refused] == ["unsupported_transfer_coding"]
+
+
+async def test_identity_before_chunked_is_read_as_chunked(connection: Connection) -> None:
+    """The control: `identity` (RFC 2616's, which codes nothing) is no reason to refuse."""
+    body = b'{"entity":"Order","action":"create","id":"1"}'
+    plain = (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: plain\r\ntransfer-encoding: identity, chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (TOKEN.encode(), len(body), body)
+    )
+    (answer,) = await connection.answers(plain, 1)
+    assert answer.startswith(b"HTTP/1.1 202 Accepted"), answer[:300]
+
+
 def slow_kafka(connection: Connection, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Kafka takes ``seconds`` to acknowledge each record of ``connection``'s bridge."""
     hand_over = connection.publisher.hand_over

@@ -21,7 +21,13 @@ from starlette.testclient import TestClient
 from bridge import ingress, logs, publisher
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import BridgeError, SpoolFull, Unauthorized, Unavailable
+from bridge.errors import (
+    BridgeError,
+    SpoolFull,
+    Unauthorized,
+    Unavailable,
+    UnsupportedTransferCoding,
+)
 from bridge.ingress import NO_WEBHOOK_ROUTE
 from bridge.logs import JsonFormatter, TextFormatter
 from bridge.redaction import LOGGED_LENGTH, MARKER, Redactor
@@ -410,6 +416,7 @@ def test_the_bridges_own_refusals_are_a_warning_once_a_minute_per_reason(
         refuse(Unavailable("Kafka did not answer"))
     refuse(SpoolFull("the spool is full"))  # another trouble: said at once
     refuse(Unauthorized("no token"))
+    refuse(UnsupportedTransferCoding("gzip"))  # a 5xx, but the client's request earns it
     now[0] = 1060.0  # a minute after the first WARNING
     refuse(Unavailable("Kafka did not answer"))
     lines = [
@@ -423,6 +430,7 @@ def test_the_bridges_own_refusals_are_a_warning_once_a_minute_per_reason(
         ("INFO", "delivery refused: unavailable"),
         ("WARNING", "delivery refused: spool_full"),
         ("INFO", "delivery refused: unauthorized"),
+        ("INFO", "delivery refused: unsupported_transfer_coding"),
         ("WARNING", "delivery refused: unavailable"),
     ]
 
