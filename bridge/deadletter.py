@@ -4,7 +4,8 @@ A delivery that fails parsing (not JSON, entity/action missing or malformed,
 unknown type in strict mode) still gets its 4xx, and its raw body goes to the
 dead-letter topic with the reason and the request's metadata, so nothing an
 authenticated sender sent is silently gone. Credentials are scrubbed first:
-the ``token`` query parameter, headers whose names say they carry a credential, and
+the query parameters that carry a credential (``token``, ``api_key``, ``password``, ...:
+bridge.geins.CREDENTIAL_PARAMETERS), headers whose names say they carry one, and
 any other header holding a token the bridge has used (see :mod:`bridge.redaction`)
 never reach Kafka; a token in the path, the detail or a query value is replaced by
 ``<token>``. The body is kept as it came, as an event's is published.

@@ -161,8 +161,8 @@ class Metrics:
             # From the head, not the first byte: that is when the app gets the request
             # (the HTTP server's own refusals are timed from when it awaited the head).
             "Time from when the request head was read to the answer, by outcome "
-            "(the HTTP server's own 400, 408, 414 and 431: from when it began waiting "
-            "for the head).",
+            "(the HTTP server's own refusals, a 400, 405, 408, 414, 429, 431, 501 or 503: "
+            "from when it began waiting for the head).",
             "outcome",
             OUTCOMES,
         )
@@ -210,9 +210,10 @@ class Metrics:
         )
         self.dropped_records = Counter(
             "bridge_dropped_records",
-            "Accepted records Kafka refused for good (too large) that could not even be "
-            "kept as dead letters, or that the spool could not read back (set aside in "
-            "its file's table spool_unreadable). Should stay 0.",
+            "Records lost: accepted records Kafka refused for good (too large) that could "
+            "not be kept as dead letters either, dead letters that could not be kept, and "
+            "spooled events the spool could not read back (set aside in its file's table "
+            "spool_unreadable). Should stay 0.",
             registry=registry,
         )
         self.spool_depth = Gauge(
@@ -233,8 +234,9 @@ class Metrics:
         )
         self.spool_disk_free = Gauge(
             "bridge_spool_disk_free_bytes",
-            "Free bytes on the spool's volume, for the bridge's user (durable mode; NaN "
-            "in the other modes).",
+            "Free bytes on the spool's volume, for the bridge's user, plus the pages of "
+            "the spool file that delivered events freed (durable mode; NaN in the other "
+            "modes).",
             registry=registry,
         )
         self.spool_disk_free.set(math.nan)
@@ -246,7 +248,8 @@ class Metrics:
         self.topics_held = Gauge(
             "bridge_topics_held",
             "Topics whose waiting events are held back because Kafka cannot take them "
-            "now (durable and memory modes); the events of other topics go on.",
+            "now (durable and memory modes, and a leftover spool drained in broker mode); "
+            "the events of other topics go on.",
             registry=registry,
         )
         self.dedup_keys = Gauge(

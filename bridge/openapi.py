@@ -43,7 +43,8 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
         ),
         "408": _problem(
             f"The request (head and body) did not arrive within {settings.read_timeout:g} s "
-            "of its first byte; the connection is closed."
+            "of its first byte (the first request on a connection: of the connection's "
+            "opening); the connection is closed."
         ),
         "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
         "429": _problem(_sentence(_TOO_MANY_PIPELINED), "Retry-After"),
@@ -124,9 +125,10 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "whatever the Content-Type says. Without a body the query parameters are published. "
             "A token goes in the Authorization header or the `token` query parameter, never in "
             "the path, the key or a name that makes the topic. Any method but HEAD, OPTIONS, "
-            "TRACE and CONNECT is a delivery (Geins' method is free text): one OpenAPI cannot "
-            "name, such as PURGE, is answered as POST is. HEAD, OPTIONS, TRACE and CONNECT get "
-            "a 405 problem with an Allow header."
+            "TRACE and CONNECT that the HTTP parser knows is a delivery (Geins' method is free "
+            "text): one OpenAPI cannot name, such as PURGE, is answered as POST is; one the "
+            "parser does not know, or in lower case, is a 400. HEAD, OPTIONS, TRACE and "
+            "CONNECT get a 405 problem with an Allow header."
         ),
         "parameters": [
             *({"name": p, "in": "path", "required": True, "schema": _NAME} for p in path_params),
@@ -184,7 +186,9 @@ def _webhook_operation(settings: Settings, path_params: list[str], method: str) 
             "408": refused["408"],
             "413": _problem(
                 f"Body over {settings.max_body_bytes} bytes, or an event whose Kafka record "
-                f"(body and headers) would be over {settings.max_event_record_bytes()} bytes."
+                f"(body and headers) would be over {settings.max_event_record_bytes()} bytes; "
+                "in broker mode also an event Kafka refuses for good (over its topic's "
+                "max.message.bytes), kept as a dead letter."
             ),
             "414": refused["414"],
             "422": _problem(

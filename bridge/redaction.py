@@ -9,8 +9,9 @@ go through it.
 A token is recognised in every form in which a sender can present it to the bridge,
 and the encodings of those forms: as it is; percent-encoded, wholly or in part, in
 upper or lower case, and once more (``%252B``); with a ``+`` for a space and a space
-for a ``+`` (the query's form encoding: a ``+`` pasted as it is reads as a space,
-which authentication still matches; redacted either way round); and
+for a ``+`` (a form encoding's: authentication takes a query's ``+`` as sent, but a
+token with a space or a ``+`` may reach a log either way round, through a form-encoding
+client, say; redacted both ways); and
 in base64, standard or URL-safe, at any offset (inside a Basic credential, say). Each
 is replaced by MARKER; a base64 run holding one is replaced whole. Authentication
 takes a token in its own letter case only, but a token in other ASCII letter cases is
@@ -91,9 +92,9 @@ def _cut_mark(text: str) -> str:
 
 
 def _variants(form: str) -> set[str]:
-    """``form``, and how the query's form encoding may show it: a '+' read as a space,
-    and a space as the '+' of a token pasted raw into the URL (authentication takes
-    both)."""
+    """``form``, and how a form encoding may show it: a '+' read as a space, and a
+    space as a '+' (authentication takes a query's '+' as sent, but the text a log
+    line holds may have passed a form encoding on its way)."""
     return {form, form.replace("+", " "), form.replace(" ", "+")}
 
 
