@@ -159,6 +159,12 @@ class Drainer:
         self._pending: dict[int, _Pending] = {}
         # seqs Kafka acknowledged whose removal from the backlog failed
         self._unremoved: list[int] = []
+        # seqs the round under way is done with (acknowledged, or kept as dead letters),
+        # until _remove_finished takes them. Kept here, not in the round's locals: a
+        # stop that cancels the round in an await between (a dead letter's publish)
+        # leaves them to settle(); lost with the locals, they stayed in the backlog,
+        # sent again at the next start (a review's test).
+        self._finished: list[int] = []
         # Records Kafka refused as too large in a batch with others: Kafka refuses the
         # whole batch for one record over the topic's max.message.bytes, so each is
         # sent once more alone before it counts as too large (a dead letter): the
@@ -289,15 +295,16 @@ class Drainer:
         )
         self._only_held_left = False
         if records:
-            done, _ = await self._deliver(records)
-            await self._remove(done)
+            await self._deliver(records)
+            await self._remove_finished()
             if len(records) < BATCH_RECORDS:
                 await asyncio.sleep(ROUND_PAUSE)
             return
         if self._pending:  # acknowledgements of held topics may have come meanwhile
-            done = await self._collect()
-            await self._remove(done)
-            if done:  # a probe's acknowledgement, say: its topic's records go now
+            await self._collect()
+            if (
+                await self._remove_finished()
+            ):  # a probe's acknowledgement, say: its topic's records go now
                 return
             held = self._on_hold_now()  # with the holds of the refusals just seen
         if sent_suspects and self._suspects:
@@ -340,7 +347,8 @@ class Drainer:
         ]
         if not ready:
             return False
-        done, _ = await self._deliver(ready)
+        await self._deliver(ready)
+        done = self._finished
         for seq in done:  # set aside at its hand-over, say: no suspect any more
             self._suspects.pop(seq, None)
         moved = bool(done)
@@ -349,7 +357,7 @@ class Drainer:
             if pending is not None:  # acknowledged late: the round that collects it comes
                 pending.acked.add_done_callback(lambda _: self.wake())
             moved = moved or pending is not None or record.destination.topic in self._probing
-        await self._remove(done)
+        await self._remove_finished()
         # Not when each failed at once with nothing holding its topic (Kafka silent):
         # sent again straight away, that was a tight loop.
         return moved
@@ -382,9 +390,10 @@ class Drainer:
                 del self._probing[topic]
         self._only_held_left = False
         if self._pending:
-            done = await self._collect()
-            await self._remove(done)
-            if done:  # Kafka takes records though it counts as away (one broker hung)
+            await self._collect()
+            if (
+                await self._remove_finished()
+            ):  # Kafka takes records though it counts as away (one broker hung)
                 self._tried_while_stopping = False
         if self._tried_while_stopping:
             # Tried at the stop and Kafka took nothing: not again until it is back
@@ -403,9 +412,8 @@ class Drainer:
                 skip_topics=frozenset(self._suspect_topics()),  # they go alone first
             )
             if records:
-                done, _ = await self._deliver(records)
-                await self._remove(done)
-                if done:  # as above: the next try reads again
+                await self._deliver(records)
+                if await self._remove_finished():  # as above: the next try reads again
                     self._tried_while_stopping = False
         # Cut short by a stop (see drain): Kafka back as it came, a backoff of up to
         # MAX_BACKOFF outlasted a short BRIDGE_SHUTDOWN_TIMEOUT, and memory mode lost
@@ -432,6 +440,12 @@ class Drainer:
         now = time.monotonic()
         ends = [until - now for until, _ in self._holds.values() if until > now]
         return min([IDLE_POLL, *ends])
+
+    async def _remove_finished(self) -> list[int]:
+        """Remove what the round is done with (see _finished); those seqs."""
+        done, self._finished = self._finished, []
+        await self._remove(done)
+        return done
 
     async def _remove(self, seqs: list[int]) -> None:
         """Remove records Kafka has from the backlog. Should that fail, they are kept
@@ -492,7 +506,8 @@ class Drainer:
         there: a durable spool sent it again at the next start, and memory mode's
         shutdown log counted it as not acknowledged. Failures are left as they are:
         their records stay in the backlog, as before."""
-        done = [*self._unremoved, *self._settled_by_probes]
+        done = [*self._unremoved, *self._finished, *self._settled_by_probes]
+        self._finished = []
         for seq, pending in list(self._pending.items()):
             future = pending.acked
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -556,12 +571,11 @@ class Drainer:
             why,
         )
 
-    async def _deliver(self, records: list[QueuedRecord]) -> tuple[list[int], bool]:
+    async def _deliver(self, records: list[QueuedRecord]) -> None:
         """Hand ``records`` over, wait for their acknowledgement (bounded), and deal
-        with every pending record whose outcome is known: (the seqs done with, whether
-        all of ``records`` are)."""
-        settled: list[int] = []  # refused for good, and dealt with
-        waiting = await self._hand_over(records, settled)
+        with every pending record whose outcome is known (the seqs done with join
+        _finished)."""
+        waiting = await self._hand_over(records)
         # Not waited for: the records of topics that were held (not acknowledged since).
         holds = self._holds
         awaited = [
@@ -569,9 +583,7 @@ class Drainer:
         ]
         if awaited:
             await self._await_acks(awaited)
-        done = settled + await self._collect()
-        in_round = {r.seq for r in records}
-        return done, in_round.issubset(done)
+        await self._collect()
 
     async def _await_acks(self, awaited: list[_Pending]) -> None:
         """Until every one of ``awaited`` has its outcome, or ack_timeout has passed."""
@@ -587,11 +599,11 @@ class Drainer:
             for pending in awaited:
                 pending.round = None
 
-    async def _collect(self) -> list[int]:
-        """Deal with the pending records whose acknowledgement came (or failed); the
-        seqs acknowledged or settled. Those overdue count as a timeout, once each,
-        and put their topic on hold."""
-        done: list[int] = []
+    async def _collect(self) -> None:
+        """Deal with the pending records whose acknowledgement came (or failed): the
+        seqs acknowledged or settled join _finished. Those overdue count as a timeout,
+        once each, and put their topic on hold."""
+        done = self._finished
         overdue = time.perf_counter() - self._ack_timeout
         for seq, pending in list(self._pending.items()):
             topic = pending.record.destination.topic
@@ -646,11 +658,11 @@ class Drainer:
                     self._held_passing.add(topic)
                 else:
                     self._held_passing.discard(topic)
-        return done
 
-    async def _hand_over(self, records: list[QueuedRecord], settled: list[int]) -> list[_Pending]:
+    async def _hand_over(self, records: list[QueuedRecord]) -> list[_Pending]:
         """Hand ``records`` to the producer in order, but none of a topic on hold or put
-        on hold meanwhile; the pending records handed over."""
+        on hold meanwhile; the pending records handed over (those set aside as dead
+        letters at once join _finished)."""
         handed: list[_Pending] = []
         held: set[str] = set()
         position = 0
@@ -688,7 +700,7 @@ class Drainer:
                         except PayloadTooLarge as exc:
                             deadline.reschedule(None)  # the dead letter has its own deadline
                             if await self._set_aside(record, exc):
-                                settled.append(record.seq)
+                                self._finished.append(record.seq)
                             else:
                                 held.add(topic)
                                 self._set_aside_failed(topic)

@@ -2091,6 +2091,66 @@ async def test_an_acknowledgement_the_stop_cut_off_is_not_forgotten(
         assert mode.backlog.depth == 0
 
 
+class LateAckThenTooLargePublisher(FakePublisher):
+    """Topic a: acknowledged late, as b is handed over the second time. Topic b: refused
+    as too large each time, and its dead letter never answered (the dead-letter topic
+    slow): the drainer waits in its dead letter's publish when the stop comes."""
+
+    a_ack: asyncio.Future[Any] | None = None
+    b_handovers = 0
+    dead_letter_started: asyncio.Event
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if destination.topic == "geins.a.create":
+            self.records.append(destination)
+            self.a_ack = acked
+            return acked
+        self.b_handovers += 1
+        if self.b_handovers == 2 and self.a_ack is not None:
+            self.a_ack.set_result(None)  # Kafka has a now
+        acked.set_exception(PayloadTooLarge("refused by Kafka: too large"))
+        return acked
+
+    async def publish(self, destination: Destination) -> None:
+        self.dead_letter_started.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+async def test_a_record_acknowledged_in_a_round_the_stop_cut_off_is_not_forgotten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ack: str
+) -> None:
+    """A round that collected a's acknowledgement, then waited for b's dead letter when
+    the stop cancelled it, kept a's seq in a local list the cancel threw away: settle()
+    did not see it, so a stayed in the backlog (a durable spool sent it again at the
+    next start; memory mode's shutdown log called it lost). A review's test."""
+    publisher = LateAckThenTooLargePublisher()
+    publisher.dead_letter_started = asyncio.Event()
+    configured = settings(tmp_path, BRIDGE_ACK=ack, BRIDGE_PUBLISH_TIMEOUT="0.2")
+    mode = (
+        DurableAck(publisher, Metrics(), configured)
+        if ack == "durable"
+        else MemoryAck(publisher, Metrics(), configured)
+    )
+    await mode.start()
+    assert await mode.deliver(record("a", "geins.a.create"), "a")
+    assert await mode.deliver(record("b", "geins.b.create"), "b")
+    await asyncio.wait_for(publisher.dead_letter_started.wait(), 5)
+    assert publisher.a_ack is not None
+    assert publisher.a_ack.done()
+    await mode.stop(time.monotonic() + 0.3)
+    if ack == "durable":
+        again = Spool.from_settings(configured)
+        again.connect()
+        assert again.depth == 1  # b alone: its dead letter was never kept
+        again.release()
+    else:
+        assert mode.backlog.depth == 1
+        assert "2 accepted events were not acknowledged" not in caplog.text
+
+
 class HangingDiskPublisher(FakePublisher):
     """Takes the record, and as it does the spool's disk stops answering (a network
     volume gone): the drainer's removal of the acknowledged record waits in the writer."""
