@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +32,8 @@ _AUTHORIZATION = b"authorization"
 #: How often the tokens file is read; a change is used at the reading after the one
 #: that saw it, so within two of these.
 FILE_CHECK_SECONDS = 1.0
+#: A reading of the tokens file that has taken this long is said (a volume that hangs).
+SLOW_READ_SECONDS = 10.0
 #: Most credentials (Authorization headers and ``token`` query parameters together) one
 #: request may present; each is compared with every token, so a request with hundreds
 #: would cost hundreds of comparisons each. Geins sends one.
@@ -144,6 +148,37 @@ def _read(path: Path) -> tuple[str, ...] | str:
         return _Unusable(unreadable_because(exc))
 
 
+def _read_aside(path: Path) -> asyncio.Future[tuple[str, ...] | str]:
+    """_read in a daemon thread of its own, its outcome as a future of the running loop.
+    Not in asyncio's executor (to_thread): a read that never returns (a network volume
+    gone) held a thread of it, which the stop then waited for without end (Python 3.11's
+    shutdown_default_executor has no time limit, and the interpreter joins the executor's
+    threads at exit): the bridge never exited after SIGTERM (a review's test). A daemon
+    thread is left behind at exit."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[tuple[str, ...] | str] = loop.create_future()
+
+    def settle(result: tuple[str, ...] | str | BaseException) -> None:
+        if outcome.done():  # cancelled: the watch stopped meanwhile
+            return
+        if isinstance(result, BaseException):
+            outcome.set_exception(result)
+        else:
+            outcome.set_result(result)
+
+    def read() -> None:
+        result: tuple[str, ...] | str | BaseException
+        try:
+            result = _read(path)
+        except BaseException as exc:  # (a bug: the watch's task reports it)
+            result = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for it
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=read, name="tokens-file-read", daemon=True).start()
+    return outcome
+
+
 class TokenAuthenticator:
     """Checks a delivery's credentials against the configured tokens.
 
@@ -245,14 +280,26 @@ class TokenAuthenticator:
         a quiet spell were checked against the old tokens, and refused). Read, not
         stat()ed: a rewrite within one tick of the file system's clock keeps the
         mtime (and the size, for a token of the same length), and would never be
-        seen. Read in a thread: a slow volume does not stall the event loop.
+        seen. Read in a thread: a slow volume does not stall the event loop, and a
+        reading that hangs is said, once, and waited for (the tokens in use are kept).
         """
         path = self.tokens_file
         if path is None:
             return
         while True:
             await asyncio.sleep(FILE_CHECK_SECONDS)
-            self._take(self._logged(await asyncio.to_thread(_read, path)))
+            reading = _read_aside(path)
+            try:
+                if not (await asyncio.wait({reading}, timeout=SLOW_READ_SECONDS))[0]:
+                    log.warning(
+                        "reading the tokens file %s has taken %g s, and goes on (its "
+                        "volume hangs?): the tokens in use are kept meanwhile",
+                        path,
+                        SLOW_READ_SECONDS,
+                    )
+                self._take(self._logged(await reading))
+            finally:
+                reading.cancel()  # (done already, but when the watch is cancelled)
 
     def _take(self, from_file: tuple[str, ...] | None) -> None:
         if from_file is None:  # unreadable now: keep the tokens in use

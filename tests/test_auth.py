@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -303,6 +304,33 @@ async def test_an_unreadable_tokens_file_keeps_the_tokens_and_the_watch_alive(
         assert not watching.done()
         tokens.write_text("new-token\n")
         await eventually(lambda: authenticator.current_tokens() == (b"new-token",))
+
+
+async def test_a_reading_that_hangs_is_said_and_holds_no_thread_the_exit_waits_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reading that never returns (a network volume gone; a FIFO nobody writes to here)
+    held a thread of asyncio's executor, which the process's exit waited for without end:
+    the bridge never exited after SIGTERM (a review's test, with a real process). It
+    reads in a daemon thread now, says a slow reading once, and keeps the tokens."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(auth, "SLOW_READ_SECONDS", 0.05)
+    async with watched_tokens_file(tmp_path) as (tokens, authenticator, watching):
+        await eventually(lambda: authenticator.current_tokens() == (b"old-token",))
+        fifo = tmp_path / "tokens.fifo"
+        os.mkfifo(fifo)
+        fifo.replace(tokens)  # the next reading blocks in open()
+        await eventually(lambda: "reading the tokens file" in caplog.text)
+        assert authenticator.current_tokens() == (b"old-token",)
+        (reader,) = [t for t in threading.enumerate() if t.name == "tokens-file-read"]
+        assert reader.daemon  # left behind at exit, not joined
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        # A writer opens the FIFO: the reader's open returns, and its thread ends.
+        os.close(os.open(tokens, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        assert not reader.is_alive()
 
 
 async def test_an_unreadable_tokens_file_is_logged_once_not_at_every_reading(

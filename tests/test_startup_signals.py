@@ -23,7 +23,7 @@ from bridge.server import BridgeServer, StopBeforeServing
 from bridge.spool import Spool
 from tests.fakes import TOKEN
 from tests.polling import wait_until
-from tests.process import hang_up_as_at_a_terminal
+from tests.process import BridgeProcess, hang_up_as_at_a_terminal
 
 #: `bridge serve`, its spool check replaced by a statement that never ends, as a huge
 #: spool's check on a slow disk nearly does; it touches argv[1] when it begins. With
@@ -319,3 +319,32 @@ def test_a_stop_while_uvicorn_makes_its_loop_leaves_no_unawaited_coroutine() -> 
             server.run()
         gc.collect()
     assert [str(w.message) for w in caught] == []
+
+
+def test_sigterm_ends_the_process_though_a_tokens_file_reading_hangs(tmp_path: Path) -> None:
+    """A reading of BRIDGE_TOKENS_FILE that never returns (a network volume gone; a FIFO
+    nobody writes to here) held a thread of asyncio's executor, and the process never
+    exited after SIGTERM: the stop was done, then Python's exit waited for that thread
+    without end (killed at the end of its grace period instead of exiting 0; a review's
+    test). The file is read in a daemon thread now."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    env = {
+        "BRIDGE_ACK": "durable",
+        "BRIDGE_TOKENS_FILE": str(tokens),
+        "BRIDGE_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # no Kafka needed: durable serves
+        "BRIDGE_KAFKA_CONNECT_TIMEOUT": "1",
+        "BRIDGE_SHUTDOWN_TIMEOUT": "1",
+        "BRIDGE_SHUTDOWN_DELAY": "0",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        fifo = tmp_path / "tokens.fifo"
+        os.mkfifo(fifo)
+        fifo.replace(tokens)  # the next reading (within 1 s) blocks in open()
+        time.sleep(2)
+        bridge.signal(signal.SIGTERM)
+        try:
+            code = bridge.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"no exit after SIGTERM ({code}); log tail:\n{bridge.log()[-1500:]}"
