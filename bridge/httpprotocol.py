@@ -238,22 +238,24 @@ def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
 
 
 def _unsupported_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """The transfer codings besides chunked the head names. llhttp refuses a request's
-    Transfer-Encoding unless chunked comes last, and decodes only chunked: what comes
-    before it (``gzip, chunked``) was ignored, and the coded bytes read as the body.
-    (``identity``, from RFC 2616, transforms nothing.)"""
-    codings: list[bytes] = []
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            codings.extend(
-                coding
-                for part in value.split(b",")
-                if (coding := part.strip().lower()) not in _DECODED_CODINGS
-            )
-    return codings
+    """The transfer codings besides chunked of a head whose Transfer-Encoding ends in
+    chunked. llhttp decodes only chunked: what comes before it (``gzip, chunked``) was
+    ignored, and the coded bytes read as the body. One that does not end in chunked is
+    llhttp's to refuse, after this: a 400 (RFC 9112 6.3, no length to find). (``identity``,
+    from RFC 2616, transforms nothing.)"""
+    named = [
+        coding
+        for name, value in headers
+        if name == b"transfer-encoding"
+        for part in value.split(b",")
+        if (coding := part.strip().lower())
+    ]
+    if not named or named[-1] != b"chunked":
+        return []
+    return [coding for coding in named if coding not in _DECODED_CODINGS]
 
 
-_DECODED_CODINGS = frozenset({b"chunked", b"identity", b""})
+_DECODED_CODINGS = frozenset({b"chunked", b"identity"})
 
 
 #: What llhttp reads as the Connection field (a review found the second after the first
@@ -847,6 +849,10 @@ def guarded_protocol(
             # error, whose text (llhttp's own, never the client's bytes) says what
             # was wrong.
             error = sys.exception()
+            if not self._method and isinstance(error, httptools.HttpParserInvalidURLError):
+                # A URL refused in the packet that began it (before on_url): the parser
+                # has read this request's method, as in a later packet (see on_url).
+                self._method = self.parser.get_method()
             refusal = _refusal_of(error)
             if refusal is None:
                 why = f" ({error})" if isinstance(error, httptools.HttpParserError) else ""
@@ -1129,12 +1135,15 @@ def guarded_protocol(
             self._refusal_after = None
             self._write_refusal(error)
             self._head_bytes = 0  # a head refused is answered: none is cut short now
-            if self._answered_one or isinstance(error, HeadersTooLarge | UrlTooLong):
+            if self._answered_one or isinstance(
+                error, HeadersTooLarge | UrlTooLong | UnsupportedTransferCoding
+            ):
                 # Answers before this one may still be on their way, and the client's
                 # unread bytes (the rest of a pipeline) would make the close a reset,
                 # which destroys them: a 202 for a published event lost, then retried.
                 # A head over its cap comes from a client still sending (its body
-                # follows), which a reset left with a broken pipe instead of its 431/414.
+                # follows), which a reset left with a broken pipe instead of its 431/414;
+                # so does a head with a coded body (its 501).
                 self._writer.linger()
             else:
                 self._writer.hang_up()

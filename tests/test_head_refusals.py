@@ -84,8 +84,14 @@ def _head(*, url_extra: bytes = b"", header: bytes = b"") -> bytes:
     [
         (_head(header=b"X-Big: " + b"b" * 40_000 + b"\r\n"), b"431"),
         (_head(url_extra=b"?x=" + b"a" * 40_000), b"414"),
+        (
+            b"POST /webhooks/geins/Order/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"501",
+        ),
     ],
-    ids=["431", "414"],
+    ids=["431", "414", "501"],
 )
 def test_a_head_refusal_is_not_lost_to_a_reset(
     bridge: BridgeProcess, head: bytes, status: bytes

@@ -962,6 +962,40 @@ async def test_a_transfer_coding_besides_chunked_is_a_501(
     assert [e.reason for e in connection.refused] == ["unsupported_transfer_coding"]
 
 
+@pytest.mark.parametrize("codings", [b"gzip", b"chunked, gzip", b"x", b"chunked;q=1"])
+async def test_a_transfer_encoding_not_ending_in_chunked_is_a_400(
+    connection: Connection, codings: bytes
+) -> None:
+    """RFC 9112 6.3: a request whose Transfer-Encoding does not end in chunked has no
+    length to find, a 400 (llhttp's): not the 501 of a coding before chunked, whose
+    check came first and made `gzip` alone a 501 that said to send it chunked (a
+    review's test)."""
+    connection.protocol.data_received(
+        b"POST /webhooks/geins/Order/create HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: %s\r\n\r\n" % codings
+    )
+    answer = await wait_closed(connection, 1)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert [e.reason for e in connection.refused] == ["malformed_request"]
+
+
+@pytest.mark.parametrize("cut", [None, 9], ids=["one packet", "cut in the URL"])
+async def test_a_head_requests_400_for_its_url_has_no_content(
+    connection: Connection, cut: int | None
+) -> None:
+    """RFC 9110 9.3.2, however TCP cut the bytes: in one packet llhttp refused the URL
+    before on_url ran, the method was unknown, and the 400 had content (a review's
+    test); cut inside the URL, it had none."""
+    request = b"HEAD /healthz\x7f HTTP/1.1\r\nHost: x\r\n\r\n"
+    for piece in [request] if cut is None else [request[:cut], request[cut:]]:
+        connection.protocol.data_received(piece)
+    answer = await wait_closed(connection, 1)
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-length: " in head
+    assert content == b"", content[:200]
+
+
 async def test_identity_before_chunked_is_read_as_chunked(connection: Connection) -> None:
     """The control: `identity` (RFC 2616's, which codes nothing) is no reason to refuse."""
     body = b'{"entity":"Order","action":"create","id":"1"}'
