@@ -286,11 +286,14 @@ class TokenAuthenticator:
         path = self.tokens_file
         if path is None:
             return
+        slow_said = False  # a slow reading was said, and none quick since
         while True:
             await asyncio.sleep(FILE_CHECK_SECONDS)
             reading = _read_aside(path)
             try:
-                if not (await asyncio.wait({reading}, timeout=SLOW_READ_SECONDS))[0]:
+                quick = bool((await asyncio.wait({reading}, timeout=SLOW_READ_SECONDS))[0])
+                if not quick and not slow_said:  # once while readings stay slow
+                    slow_said = True
                     log.warning(
                         "reading the tokens file %s has taken %g s, and goes on (its "
                         "volume hangs?): the tokens in use are kept meanwhile",
@@ -298,6 +301,9 @@ class TokenAuthenticator:
                         SLOW_READ_SECONDS,
                     )
                 self._take(self._logged(await reading))
+                if quick and slow_said:
+                    slow_said = False
+                    log.info("the tokens file %s is read in time again", path)
             finally:
                 reading.cancel()  # (done already, but when the watch is cancelled)
 

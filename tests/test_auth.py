@@ -9,6 +9,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -331,6 +332,31 @@ async def test_a_reading_that_hangs_is_said_and_holds_no_thread_the_exit_waits_f
         os.close(os.open(tokens, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(5)
         assert not reader.is_alive()
+
+
+async def test_slow_readings_are_said_once_until_one_is_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A volume slow at every reading (but answering) said so at each, every few
+    seconds, and never when it was quick again (a review's find): once, then INFO."""
+    monkeypatch.setattr(auth, "FILE_CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(auth, "SLOW_READ_SECONDS", 0.02)
+    caplog.set_level(logging.INFO, logger=auth.__name__)
+    delay, readings = [0.1], [0]
+    read = auth._read
+
+    def slow(path: Path) -> tuple[str, ...] | str:
+        readings[0] += 1
+        time.sleep(delay[0])
+        return read(path)
+
+    monkeypatch.setattr(auth, "_read", slow)
+    async with watched_tokens_file(tmp_path):
+        await eventually(lambda: readings[0] >= 4)
+        delay[0] = 0.0
+        await eventually(lambda: "is read in time again" in caplog.text)
+    said = [r.levelname for r in caplog.records if "has taken" in r.getMessage()]
+    assert said == ["WARNING"]
 
 
 async def test_an_unreadable_tokens_file_is_logged_once_not_at_every_reading(
