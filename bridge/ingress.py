@@ -67,6 +67,9 @@ HALF_CLOSED = "bridge.half_closed"
 #: at once, skipping ASGI's two ``send`` messages, or answers False when the app
 #: must use ``send`` after all.
 RESPOND_WHOLE = "bridge.respond_whole"
+#: Scope key: the event of a delivery cut off (cancelled at a stop) after parsing, for
+#: its labels and log line (else "none", as for a delivery parsing refused).
+CUT_OFF_EVENT = "bridge.cut_off_event"
 #: Methods that are never a delivery. Geins' method is free text (POST usually, GET
 #: named as possible, nothing ruled out), so every other one is taken like POST, PUT
 #: or GET: PATCH and DELETE were refused (405), and the event lost after Geins'
@@ -254,6 +257,7 @@ class WebhookEndpoint:
                 "may have been made safe already, and then be published once more)"
             )
             outcome, reason = outcome_of(stopping), stopping.reason
+            event = stopping.event = scope.get(CUT_OFF_EVENT)
             with contextlib.suppress(Exception):  # a connection already gone
                 await self._answer.send(send, stopping)
             if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
@@ -345,6 +349,9 @@ class WebhookEndpoint:
                 received_at=datetime.now(UTC),
             )
             return await self._pipeline.handle(delivery)
+        except asyncio.CancelledError:
+            scope[CUT_OFF_EVENT] = self._pipeline.event_of(delivery)
+            raise
         finally:  # held until the answer: parsed, handed to Kafka, awaited
             self._bodies.release(len(body))
 

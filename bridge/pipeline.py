@@ -132,6 +132,16 @@ class Pipeline:
             event=event, topic=destination.topic, ack=self.ack_mode.name, duplicate=not fresh
         )
 
+    def event_of(self, delivery: Delivery) -> Event | None:
+        """The event ``delivery`` makes (None if parsing refuses it), for the labels and
+        log line of a delivery cut off by a stop: parsed again then, never on the way
+        of one that is not."""
+        try:
+            event, _ = parse_and_route(delivery, self.router, self._secrets, self._strict_types)
+        except BridgeError:
+            return None
+        return event
+
     async def _keep_refused_event(
         self, event: Destination, dedup_key: str | None, refusal: PayloadTooLarge
     ) -> None:

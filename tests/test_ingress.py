@@ -348,7 +348,9 @@ def test_kafka_failure_is_503_with_retry_after() -> None:
     assert 'bridge_rejections_total{reason="publish_timeout"} 1.0' in exposition
 
 
-def test_a_delivery_cut_off_by_the_shutdown_timeout_is_a_503_counted_so() -> None:
+def test_a_delivery_cut_off_by_the_shutdown_timeout_is_a_503_counted_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """uvicorn cancels a request still running when BRIDGE_SHUTDOWN_TIMEOUT runs out:
     its answer was uvicorn's text/plain 500, and the metrics counted it accepted."""
     app, publisher, metrics = make(BRIDGE_RETRY_AFTER="7")
@@ -367,14 +369,21 @@ def test_a_delivery_cut_off_by_the_shutdown_timeout_is_a_503_counted_so() -> Non
         request.cancel()  # as uvicorn's Server.shutdown does past its timeout
         return await request
 
-    response = asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="bridge.ingress"):
+        response = asyncio.run(scenario())
     assert response.status == 503
+    (line,) = [r for r in caplog.records if r.getMessage() == "delivery refused: shutting_down"]
+    assert (line.__dict__["fields"]["entity"], line.__dict__["fields"]["action"]) == (
+        "Order",
+        "create",
+    )
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["retry-after"] == "7"
     assert response.json()["reason"] == "shutting_down"
     exposition = metrics.exposition().decode()
     assert 'outcome="accepted"} 1.0' not in exposition
-    assert 'bridge_requests_total{action="none",entity="none",outcome="unavailable"} 1.0' in (
+    # Counted with its event type, which parsing read (it said "none"; a review's find).
+    assert 'bridge_requests_total{action="create",entity="order",outcome="unavailable"} 1.0' in (
         exposition
     )
     assert 'bridge_rejections_total{reason="shutting_down"} 1.0' in exposition
