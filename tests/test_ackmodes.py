@@ -2151,6 +2151,47 @@ async def test_a_record_acknowledged_in_a_round_the_stop_cut_off_is_not_forgotte
         assert "2 accepted events were not acknowledged" not in caplog.text
 
 
+class CreatingTopicPublisher(FakePublisher):
+    """Kafka creating the topic geins.new.create: no metadata for it (the producer
+    waits) until ``ready_at`` on the monotonic clock."""
+
+    ready_at = 0.0
+
+    def ready_for(self, topic: str) -> bool:
+        return topic != "geins.new.create" or time.monotonic() >= self.ready_at
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == "geins.new.create":
+            await asyncio.sleep(max(0.0, self.ready_at - time.monotonic()))
+        return await super().hand_over(destination)
+
+
+@pytest.mark.parametrize("ack", ["durable", "memory"])
+async def test_a_stop_waits_for_a_topic_kafka_is_creating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ack: str
+) -> None:
+    """A topic without metadata yet (Kafka creating it on first use) was held after
+    HAND_OVER_WAIT, and a stop gave up on it after one more try with most of its time
+    left: memory mode lost its events (40 of 150 events of new topics, a review's test
+    with a real broker), a durable spool kept them to the next start. Tried again
+    until the deadline now."""
+    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
+    publisher = CreatingTopicPublisher()
+    publisher.ready_at = time.monotonic() + 0.6
+    configured = settings(tmp_path, BRIDGE_ACK=ack)
+    mode = (
+        DurableAck(publisher, Metrics(), configured)
+        if ack == "durable"
+        else MemoryAck(publisher, Metrics(), configured)
+    )
+    await mode.start()
+    for n in range(3):
+        assert await mode.deliver(record(f"n{n}", "geins.new.create"), f"n{n}")
+    await asyncio.sleep(0.2)  # held by now: no metadata within HAND_OVER_WAIT
+    await mode.stop(time.monotonic() + 3)
+    assert sorted(r.key for r in publisher.records) == [b"n0", b"n1", b"n2"]
+
+
 class HangingDiskPublisher(FakePublisher):
     """Takes the record, and as it does the spool's disk stops answering (a network
     volume gone): the drainer's removal of the acknowledged record waits in the writer."""
