@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
@@ -60,7 +62,15 @@ _KNOWN_PAIRS = frozenset((e, a) for e, acts in ENTITY_ACTIONS.items() for a in a
 #: A well-formed entity or action name: what a topic name can safely carry.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
 MAX_KEY_LENGTH = 200
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: What a CloudEvents string may not hold (CloudEvents 1.0, type String): the C0 and C1
+#: control characters and the Unicode noncharacters. The key is the record's ce_id, the
+#: entity id(s) its ce_subject; a consumer forwarding the event over HTTP cannot put
+#: them in a header.
+_NOT_IN_CE_STRINGS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000))
+    + "]"
+)
 # RFC 3339 date-time; fromisoformat alone also takes dates and naive times.
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
 # A placeholder Geins did not substitute, e.g. a literal "{{id}}".
@@ -491,8 +501,8 @@ def key_problem(key: str) -> str | None:
     """Why a non-empty key (from :func:`key_text`) is refused, or None when it is usable."""
     if len(key) > MAX_KEY_LENGTH:
         return f"x-Idempotency-Key is {len(key)} characters long; at most {MAX_KEY_LENGTH} allowed"
-    if _CONTROL_CHARS.search(key):
-        return "x-Idempotency-Key contains control characters"
+    if _NOT_IN_CE_STRINGS.search(key):
+        return "x-Idempotency-Key contains control characters (or Unicode noncharacters)"
     return None
 
 
@@ -584,18 +594,26 @@ def _subject(value: Any) -> str | None:
     way."""
     if isinstance(value, list):
         ids = [text for text in map(_optional_text, value) if text is not None]
-        return ",".join(ids) or None
-    return _optional_text(value)
+        subject = ",".join(ids) or None
+    else:
+        subject = _optional_text(value)
+    if subject is not None and _NOT_IN_CE_STRINGS.search(subject):
+        return None  # no CloudEvents string: left out, as a token in it is
+    return subject
 
 
 def _optional_text(value: Any) -> str | None:
     """A routing attribute as text, or None when absent, empty or unsubstituted."""
     if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # 1e400 in the JSON (read by the fallback parser as inf)
     if isinstance(value, float) and value.is_integer():
-        # 1e3 or 1000.0 in the JSON: 1000, not 1000.0 (1e16: the float's exact whole
-        # number, not "1e+16"; past 2**53 the parser may have rounded it either way)
-        text = str(int(value))
+        # 1e3 or 1000.0 in the JSON: 1000, not 1000.0, and 1e23 its whole number
+        # 100000000000000000000000, as written (the shortest repr of the float), not
+        # the double's binary value 99999999999999991611392 that int() gives
+        whole = Decimal(repr(value)).to_integral_value()
+        text = format(whole if whole else whole.copy_abs(), "f")  # -0.0: 0
     elif isinstance(value, int | float):
         text = str(value)
     elif isinstance(value, str):

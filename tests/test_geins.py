@@ -337,15 +337,36 @@ def test_every_id_of_a_query_is_the_subject(query: list[tuple[str, str]], subjec
         (b"1e16", "10000000000000000"),
         (b"1e20", "100000000000000000000"),
         (b"10000000000000000.0", "10000000000000000"),
+        # as written, not the double's binary value 99999999999999991611392 (a review's)
+        (b"1e23", "100000000000000000000000"),
+        (b"-0.0", "0"),
+        (b"1e400", None),  # read as inf by the fallback parser: no number to write
     ],
 )
-def test_a_number_id_is_written_as_a_number(written: bytes, subject: str) -> None:
+def test_a_number_id_is_written_as_a_number(written: bytes, subject: str | None) -> None:
     """JSON's 1e3 is 1000.0 to the parser: the subject was "1000.0"."""
     event = parse(delivery(b'{"entity":"Order","action":"create","id":' + written + b"}"))
     assert event.subject == subject
 
 
-@pytest.mark.parametrize("key", [b"a" * 201, b"abc\x01def", b"tab\there"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"entity":"Order","action":"create","id":"12\\u000034"}',
+        b'{"entity":"Order","action":"create","id":"12\\n34"}',
+        b'{"entity":"Order","action":"create","id":["1","2\\u009b3"]}',
+        '{"entity":"Order","action":"create","id":"1\ufffe"}'.encode(),
+    ],
+)
+def test_an_id_no_cloudevents_string_can_hold_is_no_subject(body: bytes) -> None:
+    """CloudEvents strings hold no C0 or C1 control character nor Unicode noncharacter:
+    ce_subject "12\\n34" could not be forwarded in an HTTP header (a review's test)."""
+    assert parse(delivery(body)).subject is None
+
+
+@pytest.mark.parametrize(
+    "key", [b"a" * 201, b"abc\x01def", b"tab\there", "c1-\x85".encode(), "x\uffff".encode()]
+)
 def test_bad_key_is_refused(key: bytes) -> None:
     """Overlong keys and keys with control characters are 400."""
     with pytest.raises(BadIdempotencyKey):

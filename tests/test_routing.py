@@ -74,6 +74,22 @@ def test_cloudevents_headers() -> None:
     assert "x-bridge-time-source" not in headers
 
 
+def test_the_sent_headers_are_utf8_in_the_record() -> None:
+    """Header bytes that are not UTF-8 (read as latin-1: b"cl\\xe9-1") were copied as
+    sent, and the CloudEvents SDK's Kafka binding, which decodes every header of a record
+    as UTF-8, stopped on the record (a review's test). Published as the latin-1 reading
+    in UTF-8, as ce_id has the key; UTF-8 ones as sent."""
+    latin = event(key="clé-1", raw_key="cl\xe9-1", raw_timestamp="15 d\xe9c. 2024")
+    headers = dict(router().route(latin).headers)
+    assert headers["x-idempotency-key"] == "clé-1".encode() == headers["ce_id"]
+    assert headers["x-timestamp"] == "15 déc. 2024".encode()
+    utf8 = "clé-2".encode().decode("latin-1")  # UTF-8 bytes, as the header's str holds them
+    assert (
+        dict(router().route(event(key="clé-2", raw_key=utf8)).headers)["x-idempotency-key"]
+        == "clé-2".encode()
+    )
+
+
 def test_generated_key_and_received_time_are_marked() -> None:
     """A generated key and a fallback time are visible to consumers."""
     headers = dict(
