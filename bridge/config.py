@@ -291,7 +291,8 @@ class Settings(BaseModel):
     strict_types: bool = False
     retry_after: int = Field(5, ge=1, le=3600)
     read_timeout: Seconds = 10.0
-    keep_alive_timeout: int = Field(5, ge=1, le=300)
+    # Up to an AWS ALB's longest idle timeout: a proxy's pool outlives it (see README).
+    keep_alive_timeout: int = Field(5, ge=1, le=4000)
     max_headers: int = Field(100, ge=8, le=10_000)
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     # The HTTP parser takes a URL of 65535 bytes at most ('?' included, which the

@@ -86,9 +86,23 @@ def parse_network(text: str) -> Network:
     return network
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    """CIDR strings as networks (see parse_network); ValueError if one is bad."""
-    return tuple(parse_network(v.strip()) for v in values if v.strip())
+    """CIDR strings as networks (see parse_network); ValueError if one is bad. An IPv6
+    network that holds the whole mapped range (``::/0``, ``::/64``) holds every IPv4
+    client of a dual-stack listener too, which parse_address makes plain IPv4: its IPv4
+    equivalent, 0.0.0.0/0, comes with it (``::/0`` refused every IPv4 client, silently;
+    a review's test)."""
+    networks: list[Network] = []
+    for value in values:
+        if value.strip():
+            network = parse_network(value.strip())
+            networks.append(network)
+            if isinstance(network, ipaddress.IPv6Network) and _MAPPED.subnet_of(network):
+                networks.append(ipaddress.IPv4Network("0.0.0.0/0"))
+    return tuple(networks)
 
 
 def url_too_long(url_bytes: int, limit: int, *, at_least: bool = False) -> UrlTooLong:

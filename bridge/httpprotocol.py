@@ -232,6 +232,22 @@ def _path_and_query_bytes(url: bytes) -> int:
     return len(url) - (b"?" in url)
 
 
+def _with_a_path(url: bytes) -> bytes:
+    """An absolute-form target (``http://host?query``, RFC 9112 3.2.2, which servers
+    must take) without a path has the path "/" (RFC 9110 4.2.3): uvicorn decoded
+    httptools' None for it, and the AttributeError was a 400 "not valid HTTP/1.1 (User
+    callback error)" (a review's test). Any other URL as it is."""
+    scheme_end = url.find(b"://")
+    if scheme_end < 0:
+        return url
+    authority_at = scheme_end + 3
+    query_at = url.find(b"?", authority_at)
+    authority_end = len(url) if query_at < 0 else query_at
+    if url.find(b"/", authority_at, authority_end) >= 0:
+        return url
+    return url[:authority_end] + b"/" + url[authority_end:]
+
+
 def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
     """How many Host fields the head holds (uvicorn lower-cases the names)."""
     return sum(1 for name, _ in headers if name == b"host")
@@ -797,6 +813,8 @@ def guarded_protocol(
                 # (counted whole: an absolute form's authority makes it too long too)
                 url: bytes = self.url
                 raise _Refused(url_too_long(len(url) - (b"?" in url), max_url_bytes))
+            if self.url[:1] != b"/":
+                self.url = _with_a_path(self.url)
             hosts = _host_fields(self.headers)
             if hosts > 1 or (hosts == 0 and version == "1.1"):
                 # RFC 9112 3.2: a request names its host once at most (an HTTP/1.1 one

@@ -86,6 +86,18 @@ def test_bad_settings_are_named(environ: dict[str, str], named: str) -> None:
         load_settings(environ={**BASE, **environ})
 
 
+def test_the_keep_alive_timeout_goes_past_a_load_balancers() -> None:
+    """Google Cloud's load balancer keeps backend connections 600 s (the backend should
+    keep them 620 s), an AWS ALB up to 4000 s: the bound of 300 s refused the README's
+    own advice to set it above the proxy's (a review's test)."""
+    assert (
+        load_settings(environ={**BASE, "BRIDGE_KEEP_ALIVE_TIMEOUT": "620"}).keep_alive_timeout
+        == 620
+    )
+    with pytest.raises(ConfigError, match="BRIDGE_KEEP_ALIVE_TIMEOUT"):
+        load_settings(environ={**BASE, "BRIDGE_KEEP_ALIVE_TIMEOUT": "4001"})
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [

@@ -1145,3 +1145,13 @@ def test_image_health_check_probes_the_address_the_bridge_listens_on(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_manifests_outlast_the_idle_connections_of_the_proxy_in_front() -> None:
+    """Both manifest sets sit behind an Ingress or load balancer, which keeps its
+    connections to the bridge idle 60 s (ingress-nginx, an AWS ALB) or 600 s (Google
+    Cloud's): the bridge's 5 s default closed them under the proxy, a 502 for Geins
+    now and then (a review's test)."""
+    for folder in (STANDALONE, SIDECAR):
+        (config,) = [d for d in load_docs(folder / "configmap.yaml") if d["kind"] == "ConfigMap"]
+        assert int(config["data"]["BRIDGE_KEEP_ALIVE_TIMEOUT"]) > 600, folder

@@ -211,6 +211,20 @@ def test_ipv4_mapped_networks_in_the_settings_match() -> None:
     assert post(app, client="192.0.2.7", headers=via_proxy).status == 403  # untrusted peer
 
 
+@pytest.mark.parametrize("networks", ["::/0", "::/64", "::ffff:0:0/96"])
+def test_ipv6_networks_holding_the_mapped_range_match_ipv4_clients(networks: str) -> None:
+    """An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d and is made
+    plain IPv4; ::ffff:0:0/96 (0.0.0.0/0) matched it, but ::/0 and ::/64, which hold
+    that range, did not: BRIDGE_ALLOWED_NETWORKS=::/0 refused every IPv4 client,
+    silently (a review's test). Trusted proxies alike."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS=networks, BRIDGE_TRUSTED_PROXIES=networks)
+    assert post(app, client="::ffff:192.0.2.7").status == 202
+    via_proxy = [(b"x-forwarded-for", b"203.0.113.9")]
+    assert post(app, client="::ffff:192.0.2.7", headers=via_proxy).status == 202
+    narrow, _ = app_with(BRIDGE_ALLOWED_NETWORKS="2001:db8::/32")
+    assert post(narrow, client="::ffff:192.0.2.7").status == 403  # holds no mapped address
+
+
 def test_ipv6_clients_are_rate_limited_per_64() -> None:
     """A host owns a whole IPv6 /64: a fresh address per request is the same client."""
     app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="2")

@@ -996,6 +996,19 @@ async def test_a_head_requests_400_for_its_url_has_no_content(
     assert content == b"", content[:200]
 
 
+@pytest.mark.parametrize(
+    "target", [b"http://bridge.example.com", b"http://bridge.example.com:8080?x=/y"]
+)
+async def test_an_absolute_form_target_without_a_path_has_the_path_slash(
+    connection: Connection, target: bytes
+) -> None:
+    """RFC 9112 3.2.2 (servers take the absolute form) and RFC 9110 4.2.3 (no path is
+    "/"): uvicorn decoded httptools' None path, and the error was a 400 "not valid
+    HTTP/1.1 (User callback error)" (a review's test). "/" is no webhook route: 404."""
+    (answer,) = await connection.answers(b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % target, 1)
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:300]
+
+
 async def test_identity_before_chunked_is_read_as_chunked(connection: Connection) -> None:
     """The control: `identity` (RFC 2616's, which codes nothing) is no reason to refuse."""
     body = b'{"entity":"Order","action":"create","id":"1"}'
