@@ -567,7 +567,16 @@ def guarded_protocol(
             elif max_connections is not None and len(self.connections) - ops_open > max_connections:
                 self._refuse_connection(max_connections, "(BRIDGE_MAX_CONNECTIONS)")
                 return
-            self._await_head()
+            # Idle until its first byte, as a connection between two requests is:
+            # closed after BRIDGE_KEEP_ALIVE_TIMEOUT of silence (uvicorn's timer, which
+            # any byte ends), and the request's deadline runs from its first byte. A
+            # fresh connection closed sooner than a used one (at BRIDGE_READ_TIMEOUT)
+            # raced the first request of a proxy that opened it ahead of use (Go's
+            # transports keep the loser of a dial race): a 502, with the keep-alive
+            # timeout set above the proxy's idle timeout, as the README advises.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
         def _refuse_connection(self, limit: int, which: str) -> None:
             """503 before a byte is read, then a FIN, dropping what the client sends

@@ -43,8 +43,7 @@ def _refusals_on_any_path(settings: Settings) -> dict[str, Any]:
         ),
         "408": _problem(
             f"The request (head and body) did not arrive within {settings.read_timeout:g} s "
-            "of its first byte (the first request on a connection: of the connection's "
-            "opening); the connection is closed."
+            "of its first byte; the connection is closed."
         ),
         "414": _problem(f"URL over {settings.max_url_bytes} bytes."),
         "429": _problem(_sentence(_TOO_MANY_PIPELINED), "Retry-After"),

@@ -662,11 +662,30 @@ async def test_empty_lines_then_silence_are_closed_without_an_answer(
 async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Nobody to answer: a silent connection is just closed, and not counted."""
-    connection = Connection(monkeypatch, read_timeout=0.1)
+    """Nobody to answer: a silent connection is just closed (after the keep-alive
+    timeout, as an idle one), and not counted."""
+    connection = Connection(monkeypatch, read_timeout=5, keep_alive=0.1)
     try:
         assert await wait_closed(connection, 2) == b""
         assert connection.refused == []
+    finally:
+        connection.close()
+
+
+async def test_a_fresh_connection_is_kept_as_long_as_an_idle_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A proxy may open a connection ahead of its first request (Go's transports keep
+    the loser of a dial race): it was closed after BRIDGE_READ_TIMEOUT though a used
+    one is kept BRIDGE_KEEP_ALIVE_TIMEOUT, which behind a load balancer is set above
+    its idle timeout; the proxy's first request on it raced the close (a 502). Idle
+    until its first byte now; the request's deadline runs from that byte."""
+    connection = Connection(monkeypatch, read_timeout=0.2, keep_alive=5)
+    try:
+        await asyncio.sleep(0.5)  # past the read timeout, silent
+        assert not connection.transport.ended
+        (answer,) = await connection.answers(webhook("fresh"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 Accepted"), answer[:200]
     finally:
         connection.close()
 
