@@ -61,6 +61,15 @@ def record(key: str, topic: str = "geins.order.create") -> Destination:
     return Destination(topic=topic, key=key.encode(), value=b"{}", headers=[])
 
 
+def spooling_mode(
+    ack: str, publisher: FakePublisher, configured: Settings
+) -> DurableAck | MemoryAck:
+    """The mode of ``ack`` ("durable" or "memory"), publishing through ``publisher``."""
+    if ack == "durable":
+        return DurableAck(publisher, Metrics(), configured)
+    return MemoryAck(publisher, Metrics(), configured)
+
+
 def test_seen_keys_bounded_by_count_and_age() -> None:
     """The in-memory key record forgets the oldest keys beyond its size, and old ones."""
     seen = SeenKeys(window=3600, max_keys=3)
@@ -2065,11 +2074,7 @@ async def test_an_acknowledgement_the_stop_cut_off_is_not_forgotten(
     publisher = LateAckPublisher()
     publisher.acks = []
     configured = settings(tmp_path, BRIDGE_ACK=ack)
-    mode = (
-        DurableAck(publisher, Metrics(), configured)
-        if ack == "durable"
-        else MemoryAck(publisher, Metrics(), configured)
-    )
+    mode = spooling_mode(ack, publisher, configured)
     await mode.start()
     assert await mode.deliver(record("a"), "a")
     await eventually(lambda: len(publisher.acks) == 1)
@@ -2129,11 +2134,7 @@ async def test_a_record_acknowledged_in_a_round_the_stop_cut_off_is_not_forgotte
     publisher = LateAckThenTooLargePublisher()
     publisher.dead_letter_started = asyncio.Event()
     configured = settings(tmp_path, BRIDGE_ACK=ack, BRIDGE_PUBLISH_TIMEOUT="0.2")
-    mode = (
-        DurableAck(publisher, Metrics(), configured)
-        if ack == "durable"
-        else MemoryAck(publisher, Metrics(), configured)
-    )
+    mode = spooling_mode(ack, publisher, configured)
     await mode.start()
     assert await mode.deliver(record("a", "geins.a.create"), "a")
     assert await mode.deliver(record("b", "geins.b.create"), "b")
@@ -2179,11 +2180,7 @@ async def test_a_stop_waits_for_a_topic_kafka_is_creating(
     publisher = CreatingTopicPublisher()
     publisher.ready_at = time.monotonic() + 0.6
     configured = settings(tmp_path, BRIDGE_ACK=ack)
-    mode = (
-        DurableAck(publisher, Metrics(), configured)
-        if ack == "durable"
-        else MemoryAck(publisher, Metrics(), configured)
-    )
+    mode = spooling_mode(ack, publisher, configured)
     await mode.start()
     for n in range(3):
         assert await mode.deliver(record(f"n{n}", "geins.new.create"), f"n{n}")
