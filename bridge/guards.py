@@ -37,13 +37,9 @@ MAX_TRACKED_CLIENTS = 10_000
 
 
 def parse_address(text: str) -> Address:
-    """An IP address (ValueError if it is not one). An IPv4 peer of a server listening
-    on IPv6 (``BRIDGE_HOST=::``) arrives as ``::ffff:a.b.c.d``: it is that IPv4 address,
-    so that IPv4 networks in the settings match it."""
-    address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    """An address a proxy names (ValueError if it is not one); one it writes IPv4-mapped
+    (``::ffff:a.b.c.d``) is that IPv4 address, as IPv4 networks in the settings take it."""
+    return plain(ipaddress.ip_address(text))
 
 
 def parse_forwarded_hop(hop: str) -> Address:
@@ -69,8 +65,8 @@ def parse_network(text: str) -> Network:
     """A CIDR string (a bare address means a /32 or /128) as a network; ValueError if bad.
 
     An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) is the IPv4 network it stands
-    for (``10.0.0.0/8``): parse_address turns every mapped client into plain IPv4, so
-    as written it would never match. One wider than /96 spans more than the mapped
+    for (``10.0.0.0/8``): a mapped client is matched as plain IPv4 (see in_networks),
+    so as written it would never match. One wider than /96 spans more than the mapped
     range (other IPv6 addresses too) and has no IPv4 equivalent: refused.
     """
     network = ipaddress.ip_network(text, strict=False)
@@ -86,23 +82,30 @@ def parse_network(text: str) -> Network:
     return network
 
 
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    """CIDR strings as networks (see parse_network); ValueError if one is bad. An IPv6
-    network that holds the whole mapped range (``::/0``, ``::/64``) holds every IPv4
-    client of a dual-stack listener too, which parse_address makes plain IPv4: its IPv4
-    equivalent, 0.0.0.0/0, comes with it (``::/0`` refused every IPv4 client, silently;
-    a review's test)."""
-    networks: list[Network] = []
-    for value in values:
-        if value.strip():
-            network = parse_network(value.strip())
-            networks.append(network)
-            if isinstance(network, ipaddress.IPv6Network) and _MAPPED.subnet_of(network):
-                networks.append(ipaddress.IPv4Network("0.0.0.0/0"))
-    return tuple(networks)
+    """CIDR strings as networks (see parse_network); ValueError if one is bad."""
+    return tuple(parse_network(v.strip()) for v in values if v.strip())
+
+
+def plain(address: Address) -> Address:
+    """An IPv4-mapped address (``::ffff:a.b.c.d``: an IPv4 peer of a dual-stack
+    listener) as the IPv4 address it is; any other as it is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` is in one of ``networks``. A peer that came IPv4-mapped is in
+    an IPv4 network as its IPv4 address, and in an IPv6 one as itself: ``::/0`` matched
+    no IPv4 client of a dual-stack listener, and BRIDGE_ALLOWED_NETWORKS=::/0 refused
+    them all (a review's test). Only the peer comes so: an IPv4 address a proxy names
+    in X-Forwarded-For is in no IPv6 network (``::/0`` trusted as proxies made every
+    IPv4 hop one, and the client's own entry believed: a review's test)."""
+    ip = plain(address)
+    if any(ip in network for network in networks):
+        return True
+    return ip is not address and any(address in network for network in networks)
 
 
 def url_too_long(url_bytes: int, limit: int, *, at_least: bool = False) -> UrlTooLong:
@@ -120,14 +123,16 @@ class ClientAddress:
         self._trusted = trusted_proxies
 
     def _is_trusted(self, address: Address) -> bool:
-        return any(address in network for network in self._trusted)
+        return in_networks(address, self._trusted)
 
     def of(self, scope: Scope) -> Address | None:
+        """The client's address: an IPv4 client of a dual-stack listener (the peer) as
+        it came, IPv4-mapped (see in_networks and plain)."""
         client = scope.get("client")
         if not client:
             return None
         try:
-            address = parse_address(client[0])
+            address = ipaddress.ip_address(client[0])
         except ValueError:  # a unix socket path, say
             return None
         if not self._trusted or not self._is_trusted(address):
@@ -266,8 +271,9 @@ class Guard:
         address = None
         if self._allowed or self._rate_limiter is not None:
             address = self._client_address.of(scope)
-        if self._allowed and (address is None or not any(address in n for n in self._allowed)):
-            raise ClientNotAllowed(f"{address} is not in BRIDGE_ALLOWED_NETWORKS")
+        if self._allowed and (address is None or not in_networks(address, self._allowed)):
+            shown = address if address is None else plain(address)
+            raise ClientNotAllowed(f"{shown} is not in BRIDGE_ALLOWED_NETWORKS")
         if self.in_progress >= self._max_concurrency:
             raise Overloaded(
                 f"{self.in_progress} requests are in progress "
@@ -275,4 +281,4 @@ class Guard:
                 retry_after=1,
             )
         if self._rate_limiter is not None and address is not None:
-            self._rate_limiter.check(address)
+            self._rate_limiter.check(plain(address))  # (an IPv4 client's own bucket)

@@ -217,12 +217,35 @@ def test_ipv6_networks_holding_the_mapped_range_match_ipv4_clients(networks: str
     plain IPv4; ::ffff:0:0/96 (0.0.0.0/0) matched it, but ::/0 and ::/64, which hold
     that range, did not: BRIDGE_ALLOWED_NETWORKS=::/0 refused every IPv4 client,
     silently (a review's test). Trusted proxies alike."""
-    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS=networks, BRIDGE_TRUSTED_PROXIES=networks)
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS=networks)
     assert post(app, client="::ffff:192.0.2.7").status == 202
+    proxied, _ = app_with(BRIDGE_ALLOWED_NETWORKS="203.0.113.0/24", BRIDGE_TRUSTED_PROXIES=networks)
     via_proxy = [(b"x-forwarded-for", b"203.0.113.9")]
-    assert post(app, client="::ffff:192.0.2.7", headers=via_proxy).status == 202
+    assert post(proxied, client="::ffff:192.0.2.7", headers=via_proxy).status == 202
     narrow, _ = app_with(BRIDGE_ALLOWED_NETWORKS="2001:db8::/32")
     assert post(narrow, client="::ffff:192.0.2.7").status == 403  # holds no mapped address
+
+
+def test_ipv6_trusted_proxies_do_not_trust_the_ipv4_clients_they_forward() -> None:
+    """An IPv6 proxy tier trusted as ::/0 forwards an IPv4 client, appending its real
+    address (203.0.113.9) to what it sent (198.51.100.7, forged): the client is the
+    rightmost untrusted hop. Matching ::/0 as IPv4 too made every IPv4 hop a proxy,
+    and the forged entry the client (a review's test)."""
+    app, publisher = app_with(
+        BRIDGE_TRUSTED_PROXIES="::/0", BRIDGE_ALLOWED_NETWORKS="198.51.100.0/24"
+    )
+    forged = [(b"x-forwarded-for", b"198.51.100.7, 203.0.113.9")]
+    assert post(app, client="2001:db8::1", headers=forged).status == 403
+    assert post(app, client="::ffff:192.0.2.7", headers=forged).status == 403
+    assert publisher.records == []
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_has_a_bucket_of_its_own() -> None:
+    """Kept IPv4-mapped for the networks, its rate limit is still its IPv4 address's,
+    not the /64 every mapped address shares."""
+    app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="1")
+    assert post(app, client="::ffff:192.0.2.7").status == 202
+    assert post(app, client="::ffff:192.0.2.8").status == 202
 
 
 def test_ipv6_clients_are_rate_limited_per_64() -> None:
