@@ -257,7 +257,12 @@ class WebhookEndpoint:
                 "may have been made safe already, and then be published once more)"
             )
             outcome, reason = outcome_of(stopping), stopping.reason
-            event = stopping.event = scope.get(CUT_OFF_EVENT)
+            cut_off: Event | None = scope.get(CUT_OFF_EVENT)
+            if cut_off is not None and cut_off.key_generated:
+                # Parsed again, it got a new key, which no record has: its type alone.
+                names = stopping.names = (cut_off.entity, cut_off.action)
+            else:
+                event = stopping.event = cut_off
             with contextlib.suppress(Exception):  # a connection already gone
                 await self._answer.send(send, stopping)
             if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
