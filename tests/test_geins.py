@@ -356,6 +356,7 @@ def test_a_number_id_is_written_as_a_number(written: bytes, subject: str | None)
         b'{"entity":"Order","action":"create","id":"12\\n34"}',
         b'{"entity":"Order","action":"create","id":["1","2\\u009b3"]}',
         '{"entity":"Order","action":"create","id":"1\ufffe"}'.encode(),
+        '{"entity":"Order","action":"create","id":"é\U0001fffe"}'.encode(),
     ],
 )
 def test_an_id_no_cloudevents_string_can_hold_is_no_subject(body: bytes) -> None:
