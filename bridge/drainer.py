@@ -480,6 +480,7 @@ class Drainer:
         # One more try for every topic first.
         self._holds.clear()
         self._only_held_left = False
+        retried: set[str] = set()  # the passing holds last ended, to try them again
         while self._backlog.depth and time.monotonic() < deadline:
             if (
                 self._only_held_left
@@ -498,10 +499,19 @@ class Drainer:
                 # start. A topic Kafka never creates is tried until the deadline.
                 for topic in self._held_passing:
                     self._holds.pop(topic, None)
+                retried = set(self._held_passing)
                 self._held_passing.clear()
                 self._only_held_left = False
             self.wake()
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
+        # (a topic Kafka never created, say, tried until the deadline: being tried again,
+        # it may be in none of the holds at this moment)
+        troubled = set(self._holds) | self._held_passing | set(self._probing) | retried
+        if troubled and self._backlog.depth:
+            log.warning(
+                "the stop's deadline passed with the events of %s on hold",
+                named(sorted(troubled)),
+            )
 
     def _count_published(self, pending: _Pending) -> None:
         acked_at = pending.acked_at or time.perf_counter()  # its callback may wait

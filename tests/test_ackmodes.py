@@ -2189,6 +2189,23 @@ async def test_a_stop_waits_for_a_topic_kafka_is_creating(
     assert sorted(r.key for r in publisher.records) == [b"n0", b"n1", b"n2"]
 
 
+async def test_a_stop_names_a_topic_kafka_never_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic Kafka never creates (auto-creation off) is tried until the stop's
+    deadline, and then named: nothing said which topic the stop waited for (a review's
+    find)."""
+    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
+    publisher = CreatingTopicPublisher()
+    publisher.ready_at = time.monotonic() + 3600
+    mode = spooling_mode("durable", publisher, settings(tmp_path, BRIDGE_ACK="durable"))
+    await mode.start()
+    assert await mode.deliver(record("n0", "geins.new.create"), "n0")
+    await asyncio.sleep(0.2)
+    await mode.stop(time.monotonic() + 1)
+    assert "the stop's deadline passed with the events of geins.new.create on hold" in (caplog.text)
+
+
 class HangingDiskPublisher(FakePublisher):
     """Takes the record, and as it does the spool's disk stops answering (a network
     volume gone): the drainer's removal of the acknowledged record waits in the writer."""
