@@ -189,6 +189,9 @@ class Drainer:
         # it), or no metadata for the topic yet (Kafka is creating it) or no room in the
         # producer's buffer within HAND_OVER_WAIT
         self._held_passing: set[str] = set()
+        # Those of them a drain at shutdown last tried again, until one of their records
+        # is acknowledged: named if the deadline passes (see drain)
+        self._retried_at_stop: set[str] = set()
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
         self._publish_after: asyncio.Future[Any] | None = None  # see start()
         #: Records Kafka refused for good whose dead letter failed too: lost (as logged)
@@ -480,7 +483,6 @@ class Drainer:
         # One more try for every topic first.
         self._holds.clear()
         self._only_held_left = False
-        retried: set[str] = set()  # the passing holds last ended, to try them again
         while self._backlog.depth and time.monotonic() < deadline:
             if (
                 self._only_held_left
@@ -499,19 +501,33 @@ class Drainer:
                 # start. A topic Kafka never creates is tried until the deadline.
                 for topic in self._held_passing:
                     self._holds.pop(topic, None)
-                retried = set(self._held_passing)
+                self._retried_at_stop = set(self._held_passing)
                 self._held_passing.clear()
                 self._only_held_left = False
             self.wake()
             await asyncio.sleep(STOPPING_RETRY_SECONDS)
         # (a topic Kafka never created, say, tried until the deadline: being tried again,
         # it may be in none of the holds at this moment)
-        troubled = set(self._holds) | self._held_passing | set(self._probing) | retried
+        troubled = set(self._holds) | self._held_passing | set(self._probing)
+        troubled |= self._retried_at_stop
+        # less those whose records Kafka took in the meantime, not yet collected (the
+        # round waits for another topic's acknowledgement)
+        troubled -= self._acknowledged_topics()
         if troubled and self._backlog.depth:
             log.warning(
                 "the stop's deadline passed with the events of %s on hold",
                 named(sorted(troubled)),
             )
+
+    def _acknowledged_topics(self) -> set[str]:
+        """The topics whose records in flight Kafka has all acknowledged."""
+        acknowledged: set[str] = set()
+        waiting: set[str] = set()
+        for pending in self._pending.values():
+            future = pending.acked
+            took = future.done() and not future.cancelled() and future.exception() is None
+            (acknowledged if took else waiting).add(pending.record.destination.topic)
+        return acknowledged - waiting
 
     def _count_published(self, pending: _Pending) -> None:
         acked_at = pending.acked_at or time.perf_counter()  # its callback may wait
@@ -651,6 +667,7 @@ class Drainer:
                 self._suspects.pop(seq, None)  # collected by another round than its own
                 self._holds.pop(topic, None)
                 self._held_passing.discard(topic)
+                self._retried_at_stop.discard(topic)
                 self._count_published(pending)
                 continue
             error = self._publisher.failure(failure)

@@ -4,8 +4,10 @@ and the webhook answer written whole."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+import weakref
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -688,6 +690,26 @@ async def test_a_fresh_connection_is_kept_as_long_as_an_idle_one(
         assert answer.startswith(b"HTTP/1.1 202 Accepted"), answer[:200]
     finally:
         connection.close()
+
+
+async def test_a_connection_reset_before_its_first_byte_leaves_no_timer_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn stops its keep-alive timer only when a connection ends cleanly: one reset
+    (a port scan, a TCP health check) kept its protocol alive until the timer fired,
+    BRIDGE_KEEP_ALIVE_TIMEOUT later, once a fresh connection was idle under that timer
+    (a review's test: 5,000 resets held 25 MB)."""
+    connection = Connection(monkeypatch, keep_alive=600)
+    protocol = connection.protocol
+    protocol.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+    task = protocol.timeout_keep_alive_task
+    assert task is None or task.cancelled(), "a timer of 600 s still holds the connection"
+    alive = weakref.ref(protocol)
+    del connection, protocol, task
+    monkeypatch.undo()  # its recorder of ASGI sends refers to the connection
+    await asyncio.sleep(0)
+    gc.collect()
+    assert alive() is None, "the protocol outlives its connection (the loop's timer)"
 
 
 @pytest.mark.parametrize(
