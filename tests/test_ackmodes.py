@@ -2189,21 +2189,36 @@ async def test_a_stop_waits_for_a_topic_kafka_is_creating(
     assert sorted(r.key for r in publisher.records) == [b"n0", b"n1", b"n2"]
 
 
+async def durable_with_held_topics(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    publisher: FakePublisher,
+    *events: tuple[str, str],
+) -> DurableAck | MemoryAck:
+    """A durable mode publishing through ``publisher``, holding ``events`` (key, topic)
+    whose topics are held by now for want of metadata."""
+    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
+    mode = spooling_mode("durable", publisher, settings(tmp_path, BRIDGE_ACK="durable"))
+    await mode.start()
+    for key, topic in events:
+        assert await mode.deliver(record(key, topic), key)
+    await asyncio.sleep(0.2)  # no metadata within HAND_OVER_WAIT
+    return mode
+
+
 async def test_a_stop_names_a_topic_kafka_never_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A topic Kafka never creates (auto-creation off) is tried until the stop's
     deadline, and then named: nothing said which topic the stop waited for (a review's
     find)."""
-    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
     publisher = CreatingTopicPublisher()
     publisher.ready_at = time.monotonic() + 3600
-    mode = spooling_mode("durable", publisher, settings(tmp_path, BRIDGE_ACK="durable"))
-    await mode.start()
-    assert await mode.deliver(record("n0", "geins.new.create"), "n0")
-    await asyncio.sleep(0.2)
+    mode = await durable_with_held_topics(
+        tmp_path, monkeypatch, publisher, ("n0", "geins.new.create")
+    )
     await mode.stop(time.monotonic() + 1)
-    assert "the stop's deadline passed with the events of geins.new.create on hold" in (caplog.text)
+    assert "the stop's deadline passed with the events of geins.new.create on hold" in caplog.text
 
 
 class OneTopicSlowPublisher(CreatingTopicPublisher):
@@ -2225,14 +2240,15 @@ async def test_a_stop_names_only_the_topics_with_events_left(
 ) -> None:
     """Both topics held for metadata and tried again at the stop; one's event then went
     to Kafka: the deadline's WARNING named it too (a review's test)."""
-    monkeypatch.setattr(drainer_module, "HAND_OVER_WAIT", 0.05)
     publisher = OneTopicSlowPublisher()
     publisher.ready_at = time.monotonic() + 0.8
-    mode = spooling_mode("durable", publisher, settings(tmp_path, BRIDGE_ACK="durable"))
-    await mode.start()
-    assert await mode.deliver(record("n0", "geins.new.create"), "n0")
-    assert await mode.deliver(record("s0", "geins.order.create"), "s0")
-    await asyncio.sleep(0.2)  # both held: no metadata within HAND_OVER_WAIT
+    mode = await durable_with_held_topics(
+        tmp_path,
+        monkeypatch,
+        publisher,
+        ("n0", "geins.new.create"),
+        ("s0", "geins.order.create"),
+    )
     await mode.stop(time.monotonic() + 2.5)
     assert [r.key for r in publisher.records] == [b"n0"]
     (line,) = [r.getMessage() for r in caplog.records if "deadline passed" in r.getMessage()]
