@@ -307,9 +307,8 @@ class Drainer:
             return
         if self._pending:  # acknowledgements of held topics may have come meanwhile
             await self._collect()
-            if (
-                await self._remove_finished()
-            ):  # a probe's acknowledgement, say: its topic's records go now
+            # a probe's acknowledgement, say: its topic's records go now
+            if await self._remove_finished():
                 return
             held = self._on_hold_now()  # with the holds of the refusals just seen
         if sent_suspects and self._suspects:
@@ -396,9 +395,8 @@ class Drainer:
         self._only_held_left = False
         if self._pending:
             await self._collect()
-            if (
-                await self._remove_finished()
-            ):  # Kafka takes records though it counts as away (one broker hung)
+            # Kafka takes records though it counts as away (one broker hung)
+            if await self._remove_finished():
                 self._tried_while_stopping = False
         if self._tried_while_stopping:
             # Tried at the stop and Kafka took nothing: not again until it is back
