@@ -232,7 +232,7 @@ def test_a_producer_that_cannot_flush_is_closed_and_fails_what_it_held(
 def test_broker_outage_durable_accepts_broker_mode_refuses(
     own_broker: LocalKafka, topic_prefix: str, tmp_path: Path
 ) -> None:
-    """Kafka down for 30 s under load: durable answers 2xx throughout (even across a
+    """Kafka down for 20 s under load: durable answers 2xx throughout (even across a
     SIGTERM restart mid-outage) and delivers everything later; broker mode answers 503
     with Retry-After and loses no 2xx."""
     bootstrap = own_broker.bootstrap
@@ -266,14 +266,14 @@ def test_broker_outage_durable_accepts_broker_mode_refuses(
                     load(lambda: durable_url[0], outage_tally, outage, workers=2, pause=0.05)
                 )
             )
-            await asyncio.sleep(12)
+            await asyncio.sleep(8)
             # SIGTERM the durable bridge in the middle of the outage: what it holds
             # stays in the spool, and its successor (same spool) sends it later.
             durable.signal(signal.SIGTERM)
             assert await asyncio.to_thread(durable.wait, 30) == 0
             await asyncio.to_thread(successor.start)
             durable_url[0] = successor.url
-            await asyncio.sleep(16)
+            await asyncio.sleep(8)
             outage.set()
             async with httpx2.AsyncClient() as client:
                 ready = (await client.get(successor.url + "/readyz")).status_code
