@@ -41,7 +41,7 @@ from bridge.config import Settings
 from bridge.deadletter import set_aside
 from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher, refused_by_kafka, spawn
+from bridge.publisher import Publisher, landed, refused_by_kafka, spawn
 
 log = logging.getLogger(__name__)
 
@@ -522,9 +522,9 @@ class Drainer:
         acknowledged: set[str] = set()
         waiting: set[str] = set()
         for pending in self._pending.values():
-            future = pending.acked
-            took = future.done() and not future.cancelled() and future.exception() is None
-            (acknowledged if took else waiting).add(pending.record.destination.topic)
+            (acknowledged if landed(pending.acked) else waiting).add(
+                pending.record.destination.topic
+            )
         return acknowledged - waiting
 
     def _count_published(self, pending: _Pending) -> None:
@@ -543,8 +543,7 @@ class Drainer:
         done = [*self._unremoved, *self._finished, *self._settled_by_probes]
         self._finished = []
         for seq, pending in list(self._pending.items()):
-            future = pending.acked
-            if future.done() and not future.cancelled() and future.exception() is None:
+            if landed(pending.acked):
                 del self._pending[seq]
                 self._count_published(pending)
                 done.append(seq)
