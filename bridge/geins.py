@@ -540,7 +540,13 @@ def key_text(raw: str) -> str:
     UTF-8 is read as UTF-8, so that the record key, encoded as UTF-8, is the bytes
     sent; other bytes keep the latin-1 reading, the same on every retry.
     """
-    raw = raw.strip(_HTTP_OWS)
+    return header_text(raw.strip(_HTTP_OWS))
+
+
+def header_text(raw: str) -> str:
+    """A header's value (its bytes read as latin-1) as text: UTF-8 read as UTF-8, other
+    bytes keep the latin-1 reading. Encoded as UTF-8 it is the bytes sent, when they
+    were UTF-8."""
     if not raw.isascii():
         with contextlib.suppress(UnicodeDecodeError):
             return raw.encode("latin-1").decode("utf-8")

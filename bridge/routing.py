@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from bridge.geins import Event
+from bridge.geins import Event, header_text
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -242,20 +242,6 @@ def template_can_make(template: str, topic: str, *, as_kafka_sees_it: bool = Tru
     return folded.fullmatch(topic.replace("_", ".")) is not None
 
 
-def _utf8_header(raw: str) -> bytes:
-    """A sender's header (its bytes read as latin-1) as a record header: the bytes sent
-    when they are UTF-8 (an ASCII one always), else their latin-1 reading in UTF-8, as
-    the key's ce_id has it. A header that is not UTF-8 stopped the CloudEvents SDK's
-    Kafka binding, which decodes every header of a record (a review's test)."""
-    sent = raw.encode("latin-1")
-    if not raw.isascii():
-        try:
-            sent.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.encode()
-    return sent
-
-
 class Router:
     """Maps an :class:`Event` to its :class:`Destination`."""
 
@@ -307,9 +293,11 @@ class Router:
         if event.subject is not None:
             headers.append(("ce_subject", event.subject.encode()))
         if event.raw_key is not None:
-            headers.append(("x-idempotency-key", _utf8_header(event.raw_key)))
+            # (always UTF-8: one that was not stopped the CloudEvents SDK's Kafka
+            # binding, which decodes every header; the latin-1 reading, as ce_id's)
+            headers.append(("x-idempotency-key", header_text(event.raw_key).encode()))
         if event.raw_timestamp is not None:
-            headers.append(("x-timestamp", _utf8_header(event.raw_timestamp)))
+            headers.append(("x-timestamp", header_text(event.raw_timestamp).encode()))
         if event.key_generated:
             headers.append(("x-bridge-key-generated", b"true"))
         if not event.time_from_header:
