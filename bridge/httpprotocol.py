@@ -52,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import httptools
 import uvicorn
@@ -100,8 +100,9 @@ MAX_PIPELINED = 16
 #: connection that closes, for the client to stop sending (see OneWritePerResponse).
 LINGER_SECONDS = 2.0
 
-#: Least time between two log lines about connections refused for BRIDGE_MAX_CONNECTIONS
-#: (a flood of them is one line a second, with their count; the metrics count each).
+#: Least time between two log lines about connections refused, or idle ones closed, for
+#: BRIDGE_MAX_CONNECTIONS (a flood of them is one line a second, with their count; the
+#: metrics count each).
 CONNECTION_REFUSALS_LOG_EVERY = 1.0
 
 #: Most connections refused for BRIDGE_MAX_CONNECTIONS that linger at once (each holds
@@ -485,6 +486,7 @@ def guarded_protocol(
     on_refused: Callable[[BridgeError, float], None] | None = None,
     redact: Redact = no_redaction,
     max_connections: int | None = None,
+    on_idle_closed: Callable[[], None] | None = None,
     ops_port: int | None = None,
     draining: Callable[[], bool] = lambda: False,
 ) -> type[HttpToolsProtocol]:
@@ -499,8 +501,10 @@ def guarded_protocol(
     passes ``max_head_bytes`` with a URL over it is a 414, as the guard would have
     answered, not a 431. ``redact`` keeps the webhook tokens out of the log line of a
     refusal (the app's authenticator's). A connection that opens while
-    ``max_connections`` are open (BRIDGE_MAX_CONNECTIONS; None: no limit) is answered
-    503 at once and closed, its request unread. Connections to ``ops_port``
+    ``max_connections`` are open (BRIDGE_MAX_CONNECTIONS; None: no limit) takes the
+    place of the connection idle longest, which is closed (``on_idle_closed`` counts
+    it); with none idle it is answered 503 at once and closed, its request unread.
+    Connections to ``ops_port``
     (BRIDGE_OPS_PORT) do not count against that limit but against their own,
     OPS_MAX_CONNECTIONS."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
@@ -511,10 +515,17 @@ def guarded_protocol(
     answers_malformed_requests(HttpToolsProtocol)
     # One log line a second for each port's refusals: a line's count and detail are
     # of one limit only (a review found 39 webhook refusals logged as the ops port's).
-    refused_connections = _RefusalsLoggedEverySecond()
-    refused_ops_connections = _RefusalsLoggedEverySecond()
+    refused_connections = _LoggedEverySecond(_log_refusals)
+    refused_ops_connections = _LoggedEverySecond(_log_refusals)
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
     ops_open = 0  # of the open connections, those to ops_port
+    # The webhook port's idle connections (those whose keep-alive timer runs: between
+    # requests, or before the first), the one idle longest first; and how many of them
+    # were closed to make room and are not gone yet (the transport's close ends the
+    # connection at the loop's next turn: until then it is still among the open ones).
+    idle: dict[GuardedHttpToolsProtocol, None] = {}
+    idle_closing = 0
+    idle_closes = _LoggedEverySecond(_log_idle_closes)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -547,6 +558,7 @@ def guarded_protocol(
             self._answered_one = False  # an answer went out on this connection
             self._refused_lingering = False  # refused for the connection limit, lingering
             self._to_ops_port = False
+            self._closed_for_room = False  # an idle one closed for a new connection
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -564,7 +576,11 @@ def guarded_protocol(
                 if ops_open > OPS_MAX_CONNECTIONS:
                     self._refuse_connection(OPS_MAX_CONNECTIONS, "on BRIDGE_OPS_PORT")
                     return
-            elif max_connections is not None and len(self.connections) - ops_open > max_connections:
+            elif (
+                max_connections is not None
+                and len(self.connections) - ops_open - idle_closing > max_connections
+                and not self._close_one_idle(max_connections)
+            ):
                 self._refuse_connection(max_connections, "(BRIDGE_MAX_CONNECTIONS)")
                 return
             # Idle until its first byte, as a connection between two requests is:
@@ -577,6 +593,42 @@ def guarded_protocol(
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+
+        # uvicorn's keep-alive timer runs exactly while the connection is idle (it is
+        # armed after an answer, and here before the first request; any byte ends it):
+        # a property, so that every arming and ending, uvicorn's own included, keeps
+        # `idle` up to date.
+        @property
+        def timeout_keep_alive_task(self) -> asyncio.TimerHandle | None:
+            return self._keep_alive_timer
+
+        @timeout_keep_alive_task.setter
+        def timeout_keep_alive_task(self, timer: asyncio.TimerHandle | None) -> None:
+            self._keep_alive_timer = timer
+            idle.pop(self, None)  # re-armed: idle since now, the last in line
+            if timer is not None and not self._to_ops_port:
+                idle[self] = None
+
+        def _close_one_idle(self, limit: int) -> bool:
+            """Close the connection idle longest to make room for this new one, as
+            nginx does at its worker_connections: a proxy's pool of idle upstream
+            connections (ingress-nginx keeps 320 a worker), held for
+            BRIDGE_KEEP_ALIVE_TIMEOUT, took every slot, and a new connection that had
+            a delivery to make was refused. The one idle longest is the one its
+            client is least likely to be sending on (pools reuse the most recent);
+            one being sent on now loses its request, as at the keep-alive timeout."""
+            nonlocal idle_closing
+            longest = next(iter(idle), None)
+            if longest is None:
+                return False
+            longest._unset_keepalive_if_required()  # out of `idle`
+            longest._closed_for_room = True
+            idle_closing += 1
+            longest.transport.close()
+            idle_closes.log(limit)
+            if on_idle_closed is not None:
+                on_idle_closed()
+            return True
 
         def _refuse_connection(self, limit: int, which: str) -> None:
             """503 before a byte is read, then a FIN, dropping what the client sends
@@ -611,13 +663,16 @@ def guarded_protocol(
             return self._message_open and not self._peer_done
 
         def connection_lost(self, exc: Exception | None) -> None:
-            nonlocal lingering_refusals, ops_open
+            nonlocal lingering_refusals, ops_open, idle_closing
             if self._to_ops_port:
                 self._to_ops_port = False
                 ops_open -= 1
             if self._refused_lingering:
                 self._refused_lingering = False
                 lingering_refusals -= 1
+            if self._closed_for_room:
+                self._closed_for_room = False
+                idle_closing -= 1
             if self._writer.lingering:
                 self._writer.end_linger()  # its timer
             self._stop_head_timer()
@@ -1203,22 +1258,27 @@ def guarded_protocol(
     return GuardedHttpToolsProtocol
 
 
-class _RefusalsLoggedEverySecond:
-    """Logs connections refused for BRIDGE_MAX_CONNECTIONS at most once every
-    CONNECTION_REFUSALS_LOG_EVERY seconds, with how many there were since the last
-    line: the flood that reaches the limit would otherwise be a WARNING line a
-    connection. Those refused after a line are logged when the interval ends, not
-    only at the next refusal (which may come much later, or never)."""
+T = TypeVar("T")
 
-    def __init__(self) -> None:
+
+class _LoggedEverySecond(Generic[T]):
+    """Logs a flood of like happenings (connections refused, or idle ones closed, for
+    a connection limit) at most once every CONNECTION_REFUSALS_LOG_EVERY seconds, with
+    how many there were since the last line and the last one's particulars: the flood
+    that reaches the limit would otherwise be a WARNING line a connection. Those after
+    a line are logged when the interval ends, not only at the next one (which may come
+    much later, or never)."""
+
+    def __init__(self, write: Callable[[T, int], None]) -> None:
+        self._write_line = write
         self._next_line = 0.0
         self._unlogged = 0
-        self._last: BridgeError | None = None
+        self._last: T | None = None
         self._flush: asyncio.TimerHandle | None = None
 
-    def log(self, error: BridgeError) -> None:
+    def log(self, last: T) -> None:
         self._unlogged += 1
-        self._last = error
+        self._last = last
         wait = self._next_line - time.monotonic()
         if wait <= 0:
             self._write()
@@ -1229,20 +1289,33 @@ class _RefusalsLoggedEverySecond:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        error, refused = self._last, self._unlogged
-        if error is None or not refused:
+        last, count = self._last, self._unlogged
+        if last is None or not count:
             return
         self._next_line = time.monotonic() + CONNECTION_REFUSALS_LOG_EVERY
         self._unlogged = 0
-        log.warning(
-            "connection refused: %s",
-            error.reason,
-            extra={
-                "fields": {
-                    "status": error.status,
-                    "reason": error.reason,
-                    "detail": error.detail,
-                    "refused": refused,  # since the last such line
-                }
-            },
-        )
+        self._write_line(last, count)
+
+
+def _log_refusals(error: BridgeError, refused: int) -> None:
+    log.warning(
+        "connection refused: %s",
+        error.reason,
+        extra={
+            "fields": {
+                "status": error.status,
+                "reason": error.reason,
+                "detail": error.detail,
+                "refused": refused,  # since the last such line
+            }
+        },
+    )
+
+
+def _log_idle_closes(limit: int, closed: int) -> None:
+    log.warning(
+        "idle connections closed for new ones: BRIDGE_MAX_CONNECTIONS (%d) are open; "
+        "raise it, or have the proxies in front keep fewer idle connections",
+        limit,
+        extra={"fields": {"closed": closed}},  # since the last such line
+    )

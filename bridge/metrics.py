@@ -296,6 +296,12 @@ class Metrics:
             "(BRIDGE_MAX_CONNECTIONS caps them).",
             registry=registry,
         )
+        self.idle_connections_closed = Counter(
+            "bridge_idle_connections_closed",
+            "Idle HTTP connections closed to make room for a new one at "
+            "BRIDGE_MAX_CONNECTIONS (the one idle longest each time).",
+            registry=registry,
+        )
         self.kafka_connected = Gauge(
             "bridge_kafka_connected",
             "1 when the producer is connected and its metadata is fresh, else 0.",

@@ -334,6 +334,7 @@ def _serve(settings: Settings, sockets: list[socket.socket], early: _EarlyStop) 
         ),
         redact=redactor.logged,
         max_connections=max_connections,
+        on_idle_closed=metrics.idle_connections_closed.inc,
         ops_port=settings.ops_port,
         draining=lambda: state.draining,
     )

@@ -219,21 +219,39 @@ def test_slow_body_is_408(
     assert 'bridge_rejections_total{reason="client_disconnected"} 0.0' in metrics
 
 
-def test_connections_over_the_limit_are_answered_503_until_one_closes(
+#: The start of a request: a connection that sent it is not idle, and keeps its place
+#: at BRIDGE_MAX_CONNECTIONS (until BRIDGE_READ_TIMEOUT).
+HEAD_BEGUN = b"POST /webhooks/geins/Order/create HTTP/1.1\r\n"
+
+
+def test_connections_over_the_limit_take_an_idle_ones_place_or_are_answered_503(
     kafka_bootstrap: str,
     topic_prefix: str,
     tmp_path: Path,
     connect: Callable[[BridgeProcess], socket.socket],
 ) -> None:
-    """BRIDGE_MAX_CONNECTIONS against the real server: past it a connection is answered
-    503 problem+json at once (its request unread, not published), then closed; once a
+    """BRIDGE_MAX_CONNECTIONS against the real server: past it a connection takes the
+    place of the one idle longest, which is closed; with none idle it is answered 503
+    problem+json at once (its request unread, not published), then closed; once a
     connection closes there is room again. bridge_open_connections shows them."""
-    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_ACK="memory", BRIDGE_MAX_CONNECTIONS="3")
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        BRIDGE_ACK="memory",
+        BRIDGE_MAX_CONNECTIONS="3",
+        BRIDGE_READ_TIMEOUT="60",  # the begun heads hold their places for the test
+    )
     with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
         idle = [connect(bridge), connect(bridge)]
         metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text  # the third
         assert "bridge_open_connections 3.0" in metrics
         idle.append(connect(bridge))
+        newer = connect(bridge)  # the fourth: the first, idle longest, makes room
+        newer.sendall(_request("/webhooks/geins/Order/create", body=b'{"id":"newer"}'))
+        assert newer.recv(65536).startswith(b"HTTP/1.1 202 ")
+        assert idle[0].recv(1) == b"", "closed by the bridge"
+        for sock in (*idle[1:], newer):
+            sock.sendall(HEAD_BEGUN)
         over = connect(bridge)
         over.sendall(_request("/webhooks/geins/Order/create", body=b'{"id":"over"}'))
         answer = read_all(over)
@@ -241,7 +259,7 @@ def test_connections_over_the_limit_are_answered_503_until_one_closes(
         assert b"retry-after: 1\r\n" in answer
         assert b'"reason":"too_many_connections"' in answer
         over.close()
-        idle.pop(0).close()
+        idle.pop(1).close()
 
         def deliver() -> int:  # a 503 until the server has seen the close
             response = httpx2.post(
@@ -260,9 +278,10 @@ def test_connections_over_the_limit_are_answered_503_until_one_closes(
             every=0.1,
         )
         metrics = scraped.text
-    assert 'bridge_requests_total{action="create",entity="order",outcome="accepted"} 1.0' in (
+    assert 'bridge_requests_total{action="create",entity="order",outcome="accepted"} 2.0' in (
         metrics
     )
+    assert "bridge_idle_connections_closed_total 1.0" in metrics
     assert 'bridge_rejections_total{reason="too_many_connections"}' in metrics
     assert 'bridge_rejections_total{reason="too_many_connections"} 0.0' not in metrics
 
@@ -284,11 +303,14 @@ def test_the_operations_port_answers_while_webhook_connections_are_at_their_limi
         BRIDGE_ACK="memory",
         BRIDGE_MAX_CONNECTIONS="2",
         BRIDGE_OPS_PORT=str(ops_port),
+        BRIDGE_READ_TIMEOUT="60",  # the begun heads hold their places for the test
     )
     auth = {"authorization": f"Bearer {TOKEN}"}
     with BridgeProcess(env, tmp_path / "bridge.log", port=port) as bridge:
         assert bridge.ops_url == f"http://127.0.0.1:{ops_port}"
-        idle = [connect(bridge), connect(bridge)]
+        held = [connect(bridge), connect(bridge)]
+        for sock in held:
+            sock.sendall(HEAD_BEGUN)
         over = connect(bridge)
         over.sendall(_request("/healthz"))
         assert read_all(over).startswith(b"HTTP/1.1 503 ")
@@ -299,7 +321,7 @@ def test_the_operations_port_answers_while_webhook_connections_are_at_their_limi
         )
         assert wrong.status_code == 404
         assert "webhooks are served on BRIDGE_PORT" in wrong.json()["detail"]
-        for sock in idle:
+        for sock in held:
             sock.close()
 
         def scrape_webhook_port() -> httpx2.Response:  # a 503 until the closes are seen

@@ -174,6 +174,7 @@ class Connection:
         settings: dict[str, str] | None = None,  # more BRIDGE_* settings
     ) -> None:
         self.refused: list[BridgeError] = []  # what the protocol counted itself
+        self.idle_closed = 0  # idle connections it closed for new ones
         self.refused_after: list[float] = []  # and the seconds it counted them with
         self.publisher: FakePublisher
         self.metrics: Metrics  # what the app counts
@@ -199,6 +200,7 @@ class Connection:
                 max_url_bytes=max_url_bytes,
                 on_refused=self._count,
                 max_connections=max_connections,
+                on_idle_closed=self._count_idle_closed,
                 ops_port=ops_port,
                 draining=draining,
             )
@@ -227,6 +229,9 @@ class Connection:
         self.protocol = self.protocol_class(config=config, server_state=state, app_state={})
         self.transport = SocketTransport(port)
         self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def _count_idle_closed(self) -> None:
+        self.idle_closed += 1
 
     def _count(self, error: BridgeError, seconds: float) -> None:
         self.refused.append(error)
@@ -1601,6 +1606,13 @@ async def test_protocol_refusals_are_timed_finer_than_the_loops_clock(
         connection.close()
 
 
+def busy(connection: Connection, request: bytes = b"POST /webhooks/geins HTTP/1.1\r\n") -> bytes:
+    """Make ``connection`` hold its place at BRIDGE_MAX_CONNECTIONS (an idle one gives it
+    up to a new connection): send the start of ``request``; the rest is returned."""
+    connection.protocol.data_received(request[:20])
+    return request[20:]
+
+
 async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropped(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1611,7 +1623,9 @@ async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropp
     and Kafka's and the spool's files could not open either."""
     caplog.set_level(logging.INFO)
     first = Connection(monkeypatch, max_connections=2)
+    rest = busy(first, webhook("k1"))
     second = Connection(monkeypatch, max_connections=2, like=first)
+    busy(second)
     over = Connection(monkeypatch, max_connections=2, like=first)
     protocol: Any = over.protocol  # eof_received: typed by uvicorn as returning None
     try:
@@ -1635,7 +1649,7 @@ async def test_a_connection_over_the_limit_is_answered_503_and_its_request_dropp
         assert over.transport.closed
         over.close()
         # those within the limit are served as ever
-        [answer] = await first.answers(webhook("k1"), 1)
+        [answer] = await first.answers(rest, 1)
         assert answer.startswith(b"HTTP/1.1 202 "), answer
         # a connection that closes makes room
         second.close()
@@ -1664,6 +1678,7 @@ async def test_the_operations_port_has_its_own_connection_limit(
     descriptors either."""
     monkeypatch.setattr(httpprotocol, "OPS_MAX_CONNECTIONS", 2)
     held = Connection(monkeypatch, max_connections=1, ops_port=9090)
+    busy(held)
     opened = [held]
 
     def connect(port: int = 8080) -> Connection:
@@ -1705,8 +1720,11 @@ async def test_the_operations_port_has_its_own_connection_limit(
         [answer] = await connect().answers(webhook("room"), 1)
         assert answer.startswith(b"HTTP/1.1 202 "), answer
         # counted as webhook requests: the two on the webhook port (the operations
-        # port's refusal is not one: it fed BridgeServerErrors, the deliveries' alert)
-        assert [e.reason for e in held.refused] == ["too_many_connections"] * 2
+        # port's refusal is not one: it fed BridgeServerErrors, the deliveries' alert),
+        # and the request `held` had begun when it closed
+        assert [e.reason for e in held.refused] == ["too_many_connections"] * 2 + [
+            "client_disconnected"
+        ]
     finally:
         for connection in opened:
             connection.close()
@@ -1721,6 +1739,7 @@ async def test_connections_refused_over_the_limit_log_one_line_a_second(
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(httpprotocol, "CONNECTION_REFUSALS_LOG_EVERY", 0.2)
     held = Connection(monkeypatch, max_connections=1)
+    busy(held)
     refused: list[Connection] = []
 
     def counts() -> list[object]:
@@ -1748,6 +1767,7 @@ async def test_at_most_a_few_refused_connections_linger(monkeypatch: pytest.Monk
     the descriptors kept for Kafka and the spool, and most went unanswered."""
     monkeypatch.setattr(httpprotocol, "MAX_LINGERING_REFUSALS", 2)
     held = Connection(monkeypatch, max_connections=1)
+    busy(held)
     refused = [Connection(monkeypatch, max_connections=1, like=held) for _ in range(4)]
     try:
         for connection in refused:  # all answered
@@ -1765,20 +1785,114 @@ async def test_at_most_a_few_refused_connections_linger(monkeypatch: pytest.Monk
             connection.close()
 
 
+async def test_a_new_connection_at_the_limit_takes_the_place_of_the_one_idle_longest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At BRIDGE_MAX_CONNECTIONS a new connection is not refused while one is idle: the
+    one idle longest (before its first request, or since its last answer) is closed
+    for it, counted and logged, as nginx reuses its connections. A proxy's pool of
+    idle connections, kept for BRIDGE_KEEP_ALIVE_TIMEOUT (620 s in the manifests),
+    held every place, and new connections with deliveries to make were refused."""
+    caplog.set_level(logging.INFO)
+    first = Connection(monkeypatch, max_connections=2)
+    second = Connection(monkeypatch, max_connections=2, like=first)
+    opened = [first, second]
+    try:
+        [answer] = await first.answers(webhook("k1"), 1)  # idle again, since now
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        third = Connection(monkeypatch, max_connections=2, like=first)
+        opened.append(third)
+        assert third.transport.writes == [], "not refused"
+        assert second.transport.closed, "idle longest (since it opened)"
+        assert not first.transport.closed
+        assert first.idle_closed == 1
+        assert first.refused == []
+        [line] = [r for r in caplog.records if r.getMessage().startswith("idle connections")]
+        assert line.levelno == logging.WARNING
+        assert line.fields == {"closed": 1}  # type: ignore[attr-defined]
+        assert "BRIDGE_MAX_CONNECTIONS (2)" in line.getMessage()
+        [answer] = await third.answers(webhook("k2"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        second.close()  # the close done
+        fourth = Connection(monkeypatch, max_connections=2, like=first)
+        opened.append(fourth)
+        assert fourth.transport.writes == []
+        assert first.transport.closed, "idle since k1's answer, before third since k2's"
+        assert not third.transport.closed
+        assert first.idle_closed == 2
+        assert [r.key for r in first.publisher.records] == [b"k1", b"k2"]
+    finally:
+        for connection in opened:
+            connection.close()
+
+
+async def test_only_idle_connections_of_the_webhook_port_make_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection amid a request (its head begun, or awaiting its answer) keeps its
+    place, and so does an idle one to BRIDGE_OPS_PORT (a prober's); the new connection
+    is refused as before. One closed for room counts as open until it is gone: a place
+    another connection's end frees meanwhile is not taken twice."""
+    held = Connection(monkeypatch, max_connections=2, ops_port=9090)
+    busy(held)
+    ops = Connection(monkeypatch, like=held, port=9090)  # idle
+    waiting = Connection(monkeypatch, like=held)
+    opened = [held, ops, waiting]
+    try:
+        hold = asyncio.Event()
+        hand_over = held.publisher.hand_over
+
+        async def hand_over_later(destination: Any) -> asyncio.Future[Any]:
+            await hold.wait()
+            return await hand_over(destination)
+
+        monkeypatch.setattr(held.publisher, "hand_over", hand_over_later)
+        waiting.protocol.data_received(webhook("waits"))
+        await asyncio.sleep(0.05)
+        assert waiting.transport.writes == []  # its answer not yet given
+        over = Connection(monkeypatch, like=held)
+        opened.append(over)
+        [answer] = split_responses(b"".join(over.transport.writes))
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert not ops.transport.closed
+        assert not waiting.transport.closed
+        assert held.idle_closed == 0
+        hold.set()
+        [answer] = await waiting.answers(b"", 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        # `waiting` is idle now; `over` ends
+        over.close()
+        newer = Connection(monkeypatch, like=held)
+        opened.append(newer)
+        assert newer.transport.writes == []
+        assert waiting.transport.closed
+        assert held.idle_closed == 1
+        busy(newer)
+        held.close()  # its place is free while `waiting` is still closing
+        last = Connection(monkeypatch, like=held)
+        opened.append(last)
+        assert last.transport.writes == [], "the place held freed"
+        assert held.idle_closed == 1, "no second connection closed for one place"
+    finally:
+        for connection in opened:
+            connection.close()
+
+
 async def test_shutdown_closes_lingering_connections_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """uvicorn's shutdown waits for every connection to close: one lingering after its
     answer held it up to LINGER_SECONDS (3.75 s against 1.47 s in a review)."""
     held = Connection(monkeypatch, max_connections=1)
+    busy(held)
     over = Connection(monkeypatch, max_connections=1, like=held)
     try:
         assert over.transport.eof
         assert not over.transport.closed
         over.protocol.shutdown()
         assert over.transport.closed
-        held.protocol.shutdown()  # idle: closed as uvicorn does
-        assert held.transport.closed
+        held.protocol.shutdown()  # a head begun: closing, its rest dropped
+        assert held.transport.eof or held.transport.closed
     finally:
         over.close()
         held.close()
