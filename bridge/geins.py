@@ -220,7 +220,7 @@ def parse_delivery(
         # RFC 8259 lets a parser ignore a byte order mark (and .NET writers add one);
         # consumers get the JSON without it, since many of their parsers refuse it.
         body = body[3:]
-    if body.strip():
+    if body.strip(_JSON_WHITESPACE):
         body_fields = _parse_body(body, len(delivery.body) - len(body))
         value = body
     else:
@@ -261,15 +261,22 @@ def _query_ids(query: Sequence[tuple[str, str]]) -> list[str] | None:
     None for a query with one ``id`` or none, which _pick reads as before."""
     if len(query) < 2:
         return None
-    ids = [v for n, v in query if n.lower() == "id" and _filled(v)]
-    return ids if len(ids) > 1 else None
+    ids = [v for n, v in query if n.lower() == "id"]
+    if len(ids) < 2:
+        return None
+    # A blank one counts as absent wherever it is: `?id=&id=5` is 5, as `?id=5&id=` is
+    return [v for v in ids if _filled(v)] or None
 
 
 def _fields(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Lower-cased name -> first value, for case-insensitive look-ups."""
+    """Lower-cased name -> first value given (see _filled; else the first), for
+    case-insensitive look-ups: `?action=&action=create` is create, as `?action=create&
+    action=` is, not a blank action that hid it (a 422)."""
     fields: dict[str, str] = {}
     for name, value in pairs:
-        fields.setdefault(name.lower(), value)
+        lowered = name.lower()
+        if lowered not in fields or (not _filled(fields[lowered]) and _filled(value)):
+            fields[lowered] = value
     return fields
 
 
@@ -314,7 +321,35 @@ def _parse_body(body: bytes, skipped: int = 0) -> dict[str, Any]:
     # The last of a name wins, whatever its case: JSON parsers keep the last of two
     # equal names (orjson, the json module, a consumer's Jackson), so the first of
     # `entity`/`Entity` but the last of `entity`/`entity` routed the event.
-    return {str(k).lower(): v for k, v in parsed.items()}
+    fields = {str(k).lower(): v for k, v in parsed.items()}
+    if any(_has_float(fields.get(name)) for name in _EXACT_NUMBERS):
+        # A number read as a double may not be the number written: orjson reads an
+        # integer past 64 bits as one, and 18446744073709551616 and ...617 became one
+        # ce_subject (a review's find). Read again, those fields only, exactly: the
+        # standard library's integers have no bound, and a fraction is a Decimal.
+        try:
+            exact = json.loads(body, parse_float=Decimal, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):  # an integer past int_max_str_digits
+            return fields  # the doubles, then
+        for name, value in exact.items():
+            if str(name).lower() in _EXACT_NUMBERS:
+                fields[str(name).lower()] = value
+    return fields
+
+
+#: The body fields that become text (ce_subject, topic names): their numbers are read
+#: exactly (see _parse_body).
+_EXACT_NUMBERS = ("id", "account", "environment")
+
+#: JSON's whitespace (RFC 8259): bytes.strip() also takes a form feed or vertical tab,
+#: and a body of one was taken for no body (accepted, published bodiless).
+_JSON_WHITESPACE = b" \t\r\n"
+
+
+def _has_float(value: object) -> bool:
+    if isinstance(value, list):
+        return any(isinstance(item, float) for item in value)
+    return isinstance(value, float)
 
 
 def _wide_encoding(body: bytes) -> str | None:
@@ -630,15 +665,19 @@ def _optional_text(value: Any) -> str | None:
     """A routing attribute as text, or None when absent, empty or unsubstituted."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # 1e400 in the JSON (read by the fallback parser as inf)
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float | Decimal):  # a Decimal: read exactly (see _parse_body)
+        if not math.isfinite(value):
+            return None  # 1e400 in the JSON (read by the fallback parser as inf)
         # 1e3 or 1000.0 in the JSON: 1000, not 1000.0, and 1e23 its whole number
         # 100000000000000000000000, as written (the shortest repr of the float), not
         # the double's binary value 99999999999999991611392 that int() gives
-        whole = Decimal(repr(value)).to_integral_value()
-        text = format(whole if whole else whole.copy_abs(), "f")  # -0.0: 0
-    elif isinstance(value, int | float):
+        number = Decimal(repr(value)) if isinstance(value, float) else value
+        whole = number.to_integral_value()
+        if number == whole:
+            text = format(whole if whole else whole.copy_abs(), "f")  # -0.0: 0
+        else:
+            text = str(float(value))  # a fraction: a double's shortest text
+    elif isinstance(value, int):
         text = str(value)
     elif isinstance(value, str):
         text = value.strip()

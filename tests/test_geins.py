@@ -341,12 +341,44 @@ def test_every_id_of_a_query_is_the_subject(query: list[tuple[str, str]], subjec
         (b"1e23", "100000000000000000000000"),
         (b"-0.0", "0"),
         (b"1e400", None),  # read as inf by the fallback parser: no number to write
+        # past 64 bits, and whole past 2**53 with a fraction: read as doubles, they were
+        # 18446744073709552000 both, two orders one subject (a review's find)
+        (b"18446744073709551616", "18446744073709551616"),
+        (b"18446744073709551617", "18446744073709551617"),
+        (b"-9223372036854775809", "-9223372036854775809"),
+        (b"123456789012345678901234567890", "123456789012345678901234567890"),
+        (b"12345678901234567.0", "12345678901234567"),
+        (b"[1.0,18446744073709551617]", "1,18446744073709551617"),
+        (b"1e-7", "1e-07"),  # a fraction: the double's text, as ever
     ],
 )
 def test_a_number_id_is_written_as_a_number(written: bytes, subject: str | None) -> None:
     """JSON's 1e3 is 1000.0 to the parser: the subject was "1000.0"."""
     event = parse(delivery(b'{"entity":"Order","action":"create","id":' + written + b"}"))
     assert event.subject == subject
+
+
+def test_a_large_number_account_is_exact() -> None:
+    """The account and environment feed topic names: read exactly, as the id is."""
+    body = b'{"entity":"Order","action":"create","account":18446744073709551617}'
+    assert parse(delivery(body)).account == "18446744073709551617"
+
+
+def test_a_repeated_query_value_counts_its_first_given_one() -> None:
+    """A blank value counts as absent wherever it stands among repeats: `?id=&id=5` gave
+    no subject and `?action=&action=create` a 422, where `?id=5&id=` gave 5 (a review's
+    tests)."""
+    query = [("entity", "Order"), ("action", ""), ("action", "create"), ("id", ""), ("id", "5")]
+    event = parse(delivery(method="GET", query=query))
+    assert (event.entity, event.action, event.subject) == ("Order", "create", "5")
+
+
+@pytest.mark.parametrize("body", [b"\x0c", b"\x0b", b" \x0b\r\n"])
+def test_a_body_of_what_is_no_json_whitespace_is_no_json(body: bytes) -> None:
+    """JSON's whitespace is space, tab, CR and LF (RFC 8259): a body of a form feed was
+    taken for no body (bytes.strip) and published bodiless (a review's test)."""
+    with pytest.raises(BodyNotJson):
+        parse(delivery(body, path=("Order", "create")))
 
 
 @pytest.mark.parametrize(
