@@ -170,7 +170,13 @@ class GuardRefusal:
     async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             return  # answered, logged and counted by the HTTP protocol; this goes nowhere
-        await self._answer.send(send, error)
+        # uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request whose
+        # answer waits for a client that reads none. Raised on, it was an error in the
+        # application to uvicorn (a traceback) and a text/plain 500 followed. The
+        # refusal was made: logged and counted below, and the task ends here, as the
+        # endpoint's do.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._answer.send(send, error)
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             # Refused by the protocol (a late or malformed body) while this answer
             # waited to be written, to a client that reads none: counted there.

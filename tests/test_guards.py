@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +400,42 @@ def test_a_webhook_path_on_the_ops_port_is_its_404_whatever_the_webhook_guards_s
         refused = webhooks.post("/webhooks/geins/Order/create", content=ORDER[0], headers=headers)
         assert refused.status_code == 403  # the webhook port's guards as before
     assert publisher.records == []
+
+
+def test_a_refusal_cut_off_at_a_stop_ends_quietly_and_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request whose
+    answer waits for a client that reads none. A guard's refusal raised the
+    cancellation on: uvicorn logged it as an error in the application, with a
+    traceback, and wrote a text/plain 500 after it. It ends there now, logged and
+    counted as the refusal it was."""
+    caplog.set_level(logging.INFO)
+    app, _ = app_with(BRIDGE_RATE_LIMIT="0.5", BRIDGE_RATE_BURST="1")
+    assert post(app).status == 202
+
+    async def scenario() -> None:
+        writing = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:  # the client reads nothing
+            writing.set()
+            await asyncio.Event().wait()
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/webhooks/geins",
+            "raw_path": b"/webhooks/geins", "query_string": b"", "root_path": "",
+            "headers": [AUTH], "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
+        }  # fmt: skip
+        task = asyncio.create_task(app(scope, receive, send))
+        await writing.wait()
+        task.cancel()
+        await task  # no CancelledError out of it
+
+    asyncio.run(scenario())
+    text = app.state.metrics.exposition().decode()
+    assert 'bridge_rejections_total{reason="rate_limited"} 1.0' in text
+    assert [r.getMessage() for r in caplog.records] == ["delivery refused: rate_limited"]
