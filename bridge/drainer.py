@@ -176,7 +176,12 @@ class Drainer:
         self._hold_said: dict[str, float] = {}  # topic -> when a hold of it was last said
         # topic -> the seq of its probe, from the hand-over until the outcome is known
         self._probing: dict[str, int] = {}
-        self._probe_tasks: set[asyncio.Task[None]] = set()  # probes being handed over
+        # probes being handed over, and records being set aside (see _start_set_aside)
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+        # seq -> Kafka's refusal, of records it refused for good whose dead letter could
+        # not be kept: what is tried again is the dead letter, not the record (which
+        # went to Kafka again, refused again, and replaced the producer each time)
+        self._refused: dict[int, BridgeError] = {}
         # seqs a probe settled (set aside as too large): removed next round, and not read
         # again until then (a second probe would keep a second dead letter)
         self._settled_by_probes: set[int] = set()
@@ -352,10 +357,7 @@ class Drainer:
         if not ready:
             return False
         await self._deliver(ready)
-        done = self._finished
-        for seq in done:  # set aside at its hand-over, say: no suspect any more
-            self._suspects.pop(seq, None)
-        moved = bool(done)
+        moved = bool(self._finished)  # acknowledged (no suspects any more, see _collect)
         for record in ready:
             pending = self._pending.get(record.seq)
             if pending is not None:  # acknowledged late: the round that collects it comes
@@ -634,8 +636,9 @@ class Drainer:
 
     async def _collect(self) -> None:
         """Deal with the pending records whose acknowledgement came (or failed): the
-        seqs acknowledged or settled join _finished. Those overdue count as a timeout,
-        once each, and put their topic on hold."""
+        seqs acknowledged join _finished, a record refused for good is set aside (see
+        _start_set_aside). Those overdue count as a timeout, once each, and put their
+        topic on hold."""
         done = self._finished
         overdue = time.perf_counter() - self._ack_timeout
         for seq, pending in list(self._pending.items()):
@@ -675,14 +678,8 @@ class Drainer:
                 # suspect again, sent again and again).
                 if seq != self._oldest_suspect_of(topic):
                     self._suspects[seq] = pending.record
-                elif await self._set_aside(pending.record, error):
-                    done.append(seq)
-                    self._suspects.pop(seq, None)
-                    # Kafka judged a record of the topic: it is in no other trouble (a
-                    # hold kept bridge_topics_held up with nothing of it waiting).
-                    self._holds.pop(topic, None)
                 else:
-                    self._set_aside_failed(topic)
+                    self._start_set_aside(pending.record, error)
             else:
                 # Kafka's refusal is its answer: this topic's trouble. A failure that is
                 # no answer (a timeout) may be Kafka away: held if it answered since.
@@ -695,8 +692,8 @@ class Drainer:
 
     async def _hand_over(self, records: list[QueuedRecord]) -> list[_Pending]:
         """Hand ``records`` to the producer in order, but none of a topic on hold or put
-        on hold meanwhile; the pending records handed over (those set aside as dead
-        letters at once join _finished)."""
+        on hold meanwhile; the pending records handed over (those the producer refuses
+        as too large at once are set aside apart, see _start_set_aside)."""
         handed: list[_Pending] = []
         held: set[str] = set()
         position = 0
@@ -708,7 +705,7 @@ class Drainer:
                 # healthy hand-over takes microseconds, so only a topic that waits
                 # (for metadata, or room in a stuck partition's queue) meets it; the
                 # records after it get a deadline of their own.
-                async with asyncio.timeout(self._hand_over_wait) as deadline:
+                async with asyncio.timeout(self._hand_over_wait):
                     for record in records[position:]:
                         position += 1
                         topic = record.destination.topic
@@ -717,6 +714,11 @@ class Drainer:
                         pending = self._pending.get(record.seq)
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
+                            continue
+                        refusal = self._refused.get(record.seq)
+                        if refusal is not None:  # its dead letter is what is tried again
+                            held.add(topic)
+                            self._start_set_aside(record, refusal)
                             continue
                         if topic in self._holds or (
                             connected and not self._publisher.ready_for(topic)
@@ -732,13 +734,9 @@ class Drainer:
                         try:
                             future = await self._publisher.hand_over(record.destination)
                         except PayloadTooLarge as exc:
-                            deadline.reschedule(None)  # the dead letter has its own deadline
-                            if await self._set_aside(record, exc):
-                                self._finished.append(record.seq)
-                            else:
-                                held.add(topic)
-                                self._set_aside_failed(topic)
-                            break  # a fresh deadline for the records after it
+                            held.add(topic)
+                            self._start_set_aside(record, exc)
+                            continue
                         except BridgeError as exc:
                             if not self._publisher.connected:
                                 return handed  # Kafka is away: no use trying the others
@@ -788,12 +786,7 @@ class Drainer:
         except TimeoutError:
             self._hand_over_timed_out(topic)
         except PayloadTooLarge as exc:
-            if await self._set_aside(record, exc):
-                self._settled_by_probes.add(record.seq)
-                self._suspects.pop(record.seq, None)
-                self._holds.pop(topic, None)  # as in _collect: the topic's next record goes
-            else:
-                self._set_aside_failed(topic)
+            await self._keep_refused(record, exc)
         except BridgeError as exc:
             self._hand_over_refused(topic, exc)
         else:
@@ -804,6 +797,43 @@ class Drainer:
             if record.seq not in self._pending:  # not handed over: no outcome to wait for
                 del self._probing[topic]
             self.wake()
+
+    def _start_set_aside(self, record: QueuedRecord, error: BridgeError) -> None:
+        """Set aside a record Kafka refused for good in a task apart from the rounds, its
+        topic's other records waiting meanwhile (as for a probe). In the round, the dead
+        letter's publish (up to BRIDGE_PUBLISH_TIMEOUT when the dead-letter topic cannot
+        take it) held back every topic, at each retry; and memory mode lost the other
+        topics' events at a stop, the drain's time spent waiting for it (a review)."""
+        topic = record.destination.topic
+        self._probing[topic] = record.seq
+        task = spawn(self._set_aside_apart(record, error), f"drainer-set-aside-{topic}")
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _set_aside_apart(self, record: QueuedRecord, error: BridgeError) -> None:
+        try:
+            await self._keep_refused(record, error)
+        finally:
+            topic = record.destination.topic
+            if self._probing.get(topic) == record.seq:
+                del self._probing[topic]
+            self.wake()
+
+    async def _keep_refused(self, record: QueuedRecord, error: BridgeError) -> None:
+        """Set aside a record Kafka refused for good: removed at the next round once
+        kept (see _settled_by_probes), else its topic held and its dead letter tried
+        again when the hold ends (see _refused)."""
+        topic = record.destination.topic
+        if await self._set_aside(record, error):
+            self._refused.pop(record.seq, None)
+            self._settled_by_probes.add(record.seq)
+            self._suspects.pop(record.seq, None)
+            # Kafka judged a record of the topic: it is in no other trouble (a hold
+            # kept bridge_topics_held up with nothing of it waiting).
+            self._holds.pop(topic, None)
+        else:
+            self._refused[record.seq] = error
+            self._set_aside_failed(topic)
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
         """A record Kafka will never take (too large for the topic) must not block the
