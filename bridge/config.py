@@ -62,6 +62,13 @@ DEAD_LETTER_ROOM = 1024
 #: a codec makes data it cannot compress a little larger (lz4 +0.013 %, snappy +0.028 %
 #: on a 983 KB body of random letters), and Kafka counts the compressed batch.
 CODEC_ROOM = 0.001
+#: Least room a record keeps for its headers over the largest body once the codec's is
+#: taken (the CloudEvents and Geins headers take a few hundred bytes). The codec's room
+#: grows with the body: past MAX_COMPRESSED_BODY_BYTES it would leave less, and a body
+#: within BRIDGE_MAX_BODY_BYTES was answered 413 (a review's test, at 64 MiB with lz4).
+MIN_HEADER_ROOM = 4 * 1024
+#: The highest BRIDGE_MAX_BODY_BYTES with a codec: its record keeps MIN_HEADER_ROOM.
+MAX_COMPRESSED_BODY_BYTES = 60_350_464
 #: Most bytes or keys a cap may be: finite (an unbounded number passed validation
 #: and crashed the server, a float overflowing), and as large as a float (a
 #: Prometheus gauge, say) holds exactly, 8 PiB: far beyond any real spool or memory.
@@ -735,6 +742,19 @@ class Settings(BaseModel):
                 f"{named('topic_template', template)} can make for events (or one Kafka "
                 "takes for the same: it treats '.' and '_' alike): dead letters would be "
                 "mixed with events; choose a dead-letter topic the template cannot produce"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _codec_leaves_room_for_headers(self, info: ValidationInfo) -> Self:
+        if self.kafka_compression != "none" and self.max_body_bytes > MAX_COMPRESSED_BODY_BYTES:
+            named = _Names(info)
+            raise ValueError(
+                f"{named('max_body_bytes', self.max_body_bytes)} is too large with "
+                f"{named('kafka_compression', self.kafka_compression)}: the room a record "
+                f"keeps for the codec ({CODEC_ROOM:.1%} of it) would leave less than "
+                f"{MIN_HEADER_ROOM} bytes for its headers, and bodies within the cap would "
+                f"be refused; at most {MAX_COMPRESSED_BODY_BYTES} with compression"
             )
         return self
 
