@@ -254,12 +254,14 @@ def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(1 for name, _ in headers if name == b"host")
 
 
-def _unsupported_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """The transfer codings besides chunked of a head whose Transfer-Encoding ends in
-    chunked. llhttp decodes only chunked: what comes before it (``gzip, chunked``) was
-    ignored, and the coded bytes read as the body. One that does not end in chunked is
-    llhttp's to refuse, after this: a 400 (RFC 9112 6.3, no length to find). (``identity``,
-    from RFC 2616, transforms nothing.)"""
+def _transfer_coding_refusal(headers: list[tuple[bytes, bytes]]) -> BridgeError | None:
+    """The refusal of a head whose Transfer-Encoding ends in chunked but holds more than
+    llhttp decodes, which is only one chunked: what comes before it (``gzip, chunked``)
+    was ignored, and the coded bytes read as the body (a 501); so was a second chunked,
+    which RFC 9112 6.1 forbids (a 400; llhttp refuses ``chunked, chunked`` but took
+    ``chunked<TAB>, chunked``). One that does not end in chunked is llhttp's to refuse,
+    after this: a 400 (RFC 9112 6.3, no length to find). (``identity``, from RFC 2616,
+    transforms nothing.)"""
     named = [
         coding
         for name, value in headers
@@ -268,8 +270,16 @@ def _unsupported_codings(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
         if (coding := part.strip().lower())
     ]
     if not named or named[-1] != b"chunked":
-        return []
-    return [coding for coding in named if coding not in _DECODED_CODINGS]
+        return None
+    if named.count(b"chunked") > 1:
+        return MalformedRequest("the body is chunked more than once (RFC 9112 6.1)")
+    for coding in named:
+        if coding not in _DECODED_CODINGS:
+            return UnsupportedTransferCoding(
+                f"the transfer coding {coding.decode('latin-1')!r} is not supported: send "
+                "the body as it is (chunked, or with a Content-Length)"
+            )
+    return None
 
 
 _DECODED_CODINGS = frozenset({b"chunked", b"identity"})
@@ -894,14 +904,8 @@ def guarded_protocol(
                         "a request needs exactly one Host field (HTTP/1.0: at most one)"
                     )
                 )
-            if codings := _unsupported_codings(self.headers):
-                raise _Refused(
-                    UnsupportedTransferCoding(
-                        f"the transfer coding {codings[0].decode('latin-1')!r} is not "
-                        "supported: send the body as it is (chunked, or with a "
-                        "Content-Length)"
-                    )
-                )
+            if (coding_refused := _transfer_coding_refusal(self.headers)) is not None:
+                raise _Refused(coding_refused)
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
             super().on_headers_complete()

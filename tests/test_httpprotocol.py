@@ -1025,6 +1025,40 @@ async def test_a_transfer_encoding_not_ending_in_chunked_is_a_400(
     assert [e.reason for e in connection.refused] == ["malformed_request"]
 
 
+CHUNKED_EVENT = b'{"entity":"Order","action":"create","id":"1"}'
+CHUNKED_ONCE = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHUNKED_EVENT), CHUNKED_EVENT)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"transfer-encoding: chunked, chunked\r\n",  # llhttp's own 400
+        b"transfer-encoding: chunked\t, chunked\r\n",
+        b"transfer-encoding: chunked\t\r\ntransfer-encoding: chunked\r\n",
+    ],
+    ids=["plain", "tab one line", "tab two lines"],
+)
+async def test_a_body_chunked_twice_is_refused_not_read_still_coded(
+    connection: Connection, fields: bytes
+) -> None:
+    """RFC 9112 6.1: chunked is applied once at most. llhttp refuses `chunked, chunked`,
+    but took `chunked<TAB>, chunked` (and the same over two lines) and undid one: the
+    body was read still coded, a 400 body_not_json kept as a dead letter, as for `gzip,
+    chunked` (a review's test). The protocol's 400 now, nothing kept."""
+    twice = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHUNKED_ONCE), CHUNKED_ONCE)
+    request = (
+        b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n"
+        b"x-idempotency-key: twice\r\n%s\r\n%s" % (TOKEN.encode(), fields, twice)
+    )
+    answers = await connection.answers(webhook("p1") + request, 2)
+    assert answers[0].startswith(b"HTTP/1.1 202 "), answers[0]
+    assert answers[1].startswith(b"HTTP/1.1 400 "), answers[1]
+    assert [e.reason for e in connection.refused] == ["malformed_request"]
+    assert [(r.topic, r.key) for r in connection.publisher.records] == [
+        ("geins.order.create", b"p1")
+    ]
+
+
 @pytest.mark.parametrize("cut", [None, 9], ids=["one packet", "cut in the URL"])
 async def test_a_head_requests_400_for_its_url_has_no_content(
     connection: Connection, cut: int | None
