@@ -1901,7 +1901,15 @@ async def test_only_idle_connections_of_the_webhook_port_make_room(
         assert newer.transport.writes == []
         assert waiting.transport.closed
         assert held.idle_closed == 1
-        busy(newer)
+        # answered early (a 401), its body still coming: not idle either
+        early = b"POST /webhooks/geins HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n"
+        [answer] = await newer.answers(early + b"{", 1)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        refused = Connection(monkeypatch, like=held)
+        opened.append(refused)
+        assert refused.transport.writes, "refused: none idle"
+        assert not newer.transport.closed
+        refused.close()
         held.close()  # its place is free while `waiting` is still closing
         last = Connection(monkeypatch, like=held)
         opened.append(last)
