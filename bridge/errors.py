@@ -301,6 +301,7 @@ ALL_ERRORS: tuple[type[BridgeError], ...] = (
     PayloadTooLarge,
     MalformedRequest,
     IncompleteRequest,
+    UnsupportedTransferCoding,
     MalformedQuery,
     ClientDisconnected,
     ClientNotAllowed,

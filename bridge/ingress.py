@@ -120,15 +120,15 @@ def parse_query(raw: bytes) -> list[tuple[str, str]]:
     as it is, where form decoding (``parse_qsl``) published a space. MalformedQuery
     for more than MAX_QUERY_FIELDS pairs, or bytes that are not UTF-8 (they were
     published as U+FFFD)."""
-    parts = raw.split(b"&")
+    # (empty pieces, of `a=1&&b=2` or a trailing `&`, are no parameters: not counted)
+    parts = [part for part in raw.split(b"&") if part]
     if len(parts) > MAX_QUERY_FIELDS:
         raise MalformedQuery(f"the query string has more than {MAX_QUERY_FIELDS} parameters")
     pairs: list[tuple[str, str]] = []
     try:
         for part in parts:
-            if part:
-                name, _, value = part.partition(b"=")
-                pairs.append((unquote_to_bytes(name).decode(), unquote_to_bytes(value).decode()))
+            name, _, value = part.partition(b"=")
+            pairs.append((unquote_to_bytes(name).decode(), unquote_to_bytes(value).decode()))
     except UnicodeDecodeError as exc:
         byte = exc.object[exc.start]
         raise MalformedQuery(

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
+from bridge import errors
 from bridge.app import create_app
 from bridge.config import Settings, load_settings
 from bridge.metrics import Metrics
@@ -177,3 +178,20 @@ def test_the_spool_volume_s_free_room_is_exported_in_durable_mode(
         assert free > 0
     else:
         assert math.isnan(free)
+
+
+def test_every_rejection_reason_is_pre_created() -> None:
+    """errors.ALL_ERRORS pre-creates the rejection series, so that rate() sees the first
+    of each: the 501 unsupported_transfer_coding was missing from it (a review's test).
+    Every BridgeError subclass's reason is there."""
+
+    def subclasses(cls: type[errors.BridgeError]) -> set[type[errors.BridgeError]]:
+        found = set(cls.__subclasses__())
+        for sub in list(found):
+            found |= subclasses(sub)
+        return found
+
+    reasons = {e.reason for e in subclasses(errors.BridgeError)} | {errors.BridgeError.reason}
+    text = Metrics().exposition().decode()
+    missing = [r for r in reasons if f'bridge_rejections_total{{reason="{r}"}} 0.0' not in text]
+    assert sorted(missing) == []
