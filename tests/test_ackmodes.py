@@ -70,6 +70,18 @@ def spooling_mode(
     return MemoryAck(publisher, Metrics(), configured)
 
 
+def test_a_key_past_the_window_is_not_seen() -> None:
+    """seen() checks a key's age too, not only remember()'s pruning: a key past
+    BRIDGE_DEDUP_WINDOW was still a duplicate, and no test said so (a review's mutant)."""
+    clock = [0.0]
+    seen = SeenKeys(window=60, max_keys=10, clock=lambda: clock[0])
+    seen.remember("a")
+    clock[0] = 60
+    assert seen.seen("a")
+    clock[0] = 61
+    assert not seen.seen("a")
+
+
 def test_seen_keys_bounded_by_count_and_age() -> None:
     """The in-memory key record forgets the oldest keys beyond its size, and old ones."""
     seen = SeenKeys(window=3600, max_keys=3)

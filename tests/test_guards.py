@@ -439,3 +439,19 @@ def test_a_refusal_cut_off_at_a_stop_ends_quietly_and_is_counted(
     text = app.state.metrics.exposition().decode()
     assert 'bridge_rejections_total{reason="rate_limited"} 1.0' in text
     assert [r.getMessage() for r in caplog.records] == ["delivery refused: rate_limited"]
+
+
+def test_an_unreadable_forwarded_entry_stops_the_walk() -> None:
+    """Past a hop it cannot read, the walk stops there (the address before it is not
+    believed): with one hop only, skipping it looked the same (a review's mutant)."""
+    app, _ = app_with(BRIDGE_ALLOWED_NETWORKS="1.2.3.0/24", BRIDGE_TRUSTED_PROXIES="127.0.0.1")
+    response = post(app, headers=[(b"x-forwarded-for", b"1.2.3.4, 1.2.3.4:http")])
+    assert response.status == 403
+
+
+def test_retry_after_follows_the_rate() -> None:
+    """A 429's Retry-After is the wait for the next token: 10 s at 0.1 a second (the
+    test above asserted only >= 1, which a constant 1 passed: a review's mutant)."""
+    app, _ = app_with(BRIDGE_RATE_LIMIT="0.1", BRIDGE_RATE_BURST="1")
+    assert post(app).status == 202
+    assert int(post(app).headers["retry-after"]) == 10
