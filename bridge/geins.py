@@ -90,7 +90,11 @@ def _no_ce_string(text: str) -> bool:
 
 
 # RFC 3339 date-time; fromisoformat alone also takes dates and naive times.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+# (an offset's hours 00-23 and minutes 00-59: fromisoformat read +05:99 as +06:39)
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,
+)
 # A placeholder Geins did not substitute, e.g. a literal "{{id}}".
 _UNSUBSTITUTED = re.compile(r"\{\{\s*\w+\s*\}\}")
 

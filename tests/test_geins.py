@@ -497,6 +497,12 @@ def test_a_body_that_is_not_utf8_is_named_so_with_where() -> None:
         ("2024-13-15T10:30:00Z", None),
         ("0001-01-01T00:00:00+01:00", None),  # before year 1 in UTC (was a 500)
         ("9999-12-31T23:59:59-01:00", None),  # after year 9999 in UTC
+        # no RFC 3339 offsets: +05:99 was read as +06:39 (a review's test)
+        ("2024-01-15T10:30:00+05:99", None),
+        ("2024-01-15T10:30:00-00:60", None),
+        ("2024-01-15T10:30:00+24:00", None),
+        ("2024-01-15T10:30:00+23:59", datetime(2024, 1, 14, 10, 31, tzinfo=UTC)),
+        ("2024-01-15T10:30:00\u0662Z", None),  # a digit, but not an ASCII one
         ("", None),
     ],
 )
