@@ -502,7 +502,7 @@ def test_a_body_that_is_not_utf8_is_named_so_with_where() -> None:
         ("2024-01-15T10:30:00-00:60", None),
         ("2024-01-15T10:30:00+24:00", None),
         ("2024-01-15T10:30:00+23:59", datetime(2024, 1, 14, 10, 31, tzinfo=UTC)),
-        ("2024-01-15T10:30:00\u0662Z", None),  # a digit, but not an ASCII one
+        ("2024-01-15T10:30:0\u0662Z", None),  # a digit, but not an ASCII one
         ("", None),
     ],
 )
