@@ -105,6 +105,13 @@ LINGER_SECONDS = 2.0
 #: metrics count each).
 CONNECTION_REFUSALS_LOG_EVERY = 1.0
 
+#: Least time a connection is idle before a new one at BRIDGE_MAX_CONNECTIONS may take
+#: its place. uvloop accepts every waiting connection before it reads from any: with
+#: no grace, each new connection of a burst closed the one before it, its request sent
+#: but unread (no answer, where a 503 told the client to retry; a review's test). And a
+#: connection answered a moment ago is the one a proxy's pool reuses next.
+IDLE_GRACE_SECONDS = 1.0
+
 #: Most connections refused for BRIDGE_MAX_CONNECTIONS that linger at once (each holds
 #: a file descriptor for up to LINGER_SECONDS); past it a refused connection is closed
 #: as soon as its answer is written. Without a bound, a flood of new connections
@@ -530,10 +537,11 @@ def guarded_protocol(
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
     ops_open = 0  # of the open connections, those to ops_port
     # The webhook port's idle connections (those whose keep-alive timer runs: between
-    # requests, or before the first), the one idle longest first; and how many of them
-    # were closed to make room and are not gone yet (the transport's close ends the
-    # connection at the loop's next turn: until then it is still among the open ones).
-    idle: dict[GuardedHttpToolsProtocol, None] = {}
+    # requests, or before the first) -> since when (the loop's clock), the one idle
+    # longest first; and how many of them were closed to make room and are not gone yet
+    # (the transport's close ends the connection at the loop's next turn: until then it
+    # is still among the open ones).
+    idle: dict[GuardedHttpToolsProtocol, float] = {}
     idle_closing = 0
     idle_closes = _LoggedEverySecond(_log_idle_closes)
 
@@ -617,7 +625,7 @@ def guarded_protocol(
             self._keep_alive_timer = timer
             idle.pop(self, None)  # re-armed: idle since now, the last in line
             if timer is not None and not self._to_ops_port:
-                idle[self] = None
+                idle[self] = self.loop.time()
 
         def _close_one_idle(self, limit: int) -> bool:
             """Close the connection idle longest to make room for this new one, as
@@ -628,7 +636,18 @@ def guarded_protocol(
             client is least likely to be sending on (pools reuse the most recent);
             one being sent on now loses its request, as at the keep-alive timeout."""
             nonlocal idle_closing
-            longest = next(iter(idle), None)
+            now = self.loop.time()
+            longest = None
+            for candidate, since in idle.items():
+                if now - since < IDLE_GRACE_SECONDS:
+                    return False  # and those after it, idle for less time still
+                transport = candidate.transport
+                # Not one closing (lingering after a refusal: closed, it lingers on, and
+                # the limit was passed), nor one whose last answer its client has not
+                # read yet (its close waits for that, the descriptor held, uncounted).
+                if not transport.is_closing() and not transport.get_write_buffer_size():
+                    longest = candidate
+                    break
             if longest is None:
                 return False
             longest._unset_keepalive_if_required()  # out of `idle`

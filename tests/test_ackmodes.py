@@ -464,6 +464,15 @@ async def test_refused_record_does_not_block_the_rest(tmp_path: Path) -> None:
     assert 'bridge_dead_letters_total{reason="kafka_rejected"} 1.0' in metrics.exposition().decode()
 
 
+async def run_until_empty(drainer: Drainer, backlog: MemoryBacklog, within: float = 10) -> None:
+    """Run ``drainer`` until ``backlog`` is empty (a failure after ``within`` seconds)."""
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 0, within=within)
+    finally:
+        task.cancel()
+
+
 class DeadLettersWaitPublisher(TooLargeFor):
     """TooLargeFor "geins.big.create"; the dead-letter topic "dl" refuses the first
     ``refusals`` dead letters, then takes them once ``release`` is set (Kafka not
@@ -522,11 +531,7 @@ async def test_a_record_whose_dead_letter_failed_is_not_sent_to_its_topic_again(
     backlog = MemoryBacklog(max_bytes=10**6)
     backlog.append(record("big", topic="geins.big.create"))
     drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        await eventually(lambda: backlog.depth == 0, within=10)
-    finally:
-        task.cancel()
+    await run_until_empty(drainer, backlog)
     assert publisher.tries == {"geins.big.create": 1, "dl": 3}
     assert drainer.held_topics == []
 
@@ -658,11 +663,7 @@ async def test_suspects_of_a_topic_go_again_one_after_the_other(
     for n in range(20):
         backlog.append(record(f"k{n}"))
     drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        await eventually(lambda: backlog.depth == 0, within=10)
-    finally:
-        task.cancel()
+    await run_until_empty(drainer, backlog)
     assert [r.key for r in publisher.records] == [f"k{n}".encode() for n in range(20)]
 
 

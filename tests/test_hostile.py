@@ -246,6 +246,7 @@ def test_connections_over_the_limit_take_an_idle_ones_place_or_are_answered_503(
         metrics = httpx2.get(bridge.url + "/metrics", timeout=5).text  # the third
         assert "bridge_open_connections 3.0" in metrics
         idle.append(connect(bridge))
+        time.sleep(1.2)  # idle for IDLE_GRACE_SECONDS (1 s) at least
         newer = connect(bridge)  # the fourth: the first, idle longest, makes room
         newer.sendall(_request("/webhooks/geins/Order/create", body=b'{"id":"newer"}'))
         assert newer.recv(65536).startswith(b"HTTP/1.1 202 ")
