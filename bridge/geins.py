@@ -326,11 +326,13 @@ def _parse_body(body: bytes, skipped: int = 0) -> dict[str, Any]:
     # equal names (orjson, the json module, a consumer's Jackson), so the first of
     # `entity`/`Entity` but the last of `entity`/`entity` routed the event.
     fields = {str(k).lower(): v for k, v in parsed.items()}
-    if any(_has_float(fields.get(name)) for name in _EXACT_NUMBERS):
-        # A number read as a double may not be the number written: orjson reads an
-        # integer past 64 bits as one, and 18446744073709551616 and ...617 became one
-        # ce_subject (a review's find). Read again, those fields only, exactly: the
-        # standard library's integers have no bound, and a fraction is a Decimal.
+    if any(_maybe_inexact(fields.get(name)) for name in _EXACT_NUMBERS):
+        # A whole number read as a double past 2**53 may not be the number written:
+        # orjson reads an integer past 64 bits as one, and 18446744073709551616 and
+        # ...617 became one ce_subject (a review's find). Read again, those fields
+        # only, exactly: the standard library's integers have no bound, and a
+        # fraction is a Decimal (see _optional_text). Rare: a body of floats read
+        # twice took 133 ms for 1 MB.
         try:
             exact = json.loads(body, parse_float=Decimal, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):  # an integer past int_max_str_digits
@@ -350,10 +352,12 @@ _EXACT_NUMBERS = ("id", "account", "environment")
 _JSON_WHITESPACE = b" \t\r\n"
 
 
-def _has_float(value: object) -> bool:
+def _maybe_inexact(value: object) -> bool:
+    """Whether ``value`` holds a double that may be a whole number other than the one
+    written (past 2**53, where doubles no longer hold every whole number)."""
     if isinstance(value, list):
-        return any(isinstance(item, float) for item in value)
-    return isinstance(value, float)
+        return any(_maybe_inexact(item) for item in value)
+    return isinstance(value, float) and value.is_integer() and abs(value) >= 2**53
 
 
 def _wide_encoding(body: bytes) -> str | None:
@@ -669,7 +673,9 @@ def _optional_text(value: Any) -> str | None:
     """A routing attribute as text, or None when absent, empty or unsubstituted."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, float | Decimal):  # a Decimal: read exactly (see _parse_body)
+    if isinstance(value, Decimal) and value != value.to_integral_value():
+        value = float(value)  # a fraction read exactly (see _parse_body): as a double
+    if isinstance(value, float | Decimal):  # a Decimal: a whole number read exactly
         if not math.isfinite(value):
             return None  # 1e400 in the JSON (read by the fallback parser as inf)
         # 1e3 or 1000.0 in the JSON: 1000, not 1000.0, and 1e23 its whole number
@@ -677,10 +683,8 @@ def _optional_text(value: Any) -> str | None:
         # the double's binary value 99999999999999991611392 that int() gives
         number = Decimal(repr(value)) if isinstance(value, float) else value
         whole = number.to_integral_value()
-        if number == whole:
-            text = format(whole if whole else whole.copy_abs(), "f")  # -0.0: 0
-        else:
-            text = str(float(value))  # a fraction: a double's shortest text
+        # (-0.0: 0)
+        text = format(whole if whole else whole.copy_abs(), "f") if number == whole else str(value)
     elif isinstance(value, int):
         text = str(value)
     elif isinstance(value, str):
