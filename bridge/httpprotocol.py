@@ -76,6 +76,7 @@ from bridge.errors import (
 )
 from bridge.guards import url_too_long
 from bridge.ingress import (
+    DROP_UNANSWERED,
     HALF_CLOSED,
     REFUSED_BY_PROTOCOL,
     RESPOND_WHOLE,
@@ -559,6 +560,7 @@ def guarded_protocol(
             self._since_body = 0
             self._body_seen = False
             self._respond_whole = self.respond_whole  # bound once per connection
+            self._drop_unanswered = self.drop_unanswered
             self._feeding = b""  # the bytes being fed to the parser now
             # An upgrade request's head without the upgrade, from its headers' end
             # until the parser stops; then that head and the bytes after it, which
@@ -927,6 +929,7 @@ def guarded_protocol(
                 raise _Refused(coding_refused)
             self._writer.expect_head()
             self.scope[RESPOND_WHOLE] = self._respond_whole  # type: ignore[literal-required]
+            self.scope[DROP_UNANSWERED] = self._drop_unanswered  # type: ignore[literal-required]
             super().on_headers_complete()
             if draining():
                 self.cycle.keep_alive = False
@@ -988,6 +991,15 @@ def guarded_protocol(
                 # and a 401 or 404 it met first took the 400's place in the metrics
                 # and logged a second line (a review's test).
                 _refused_for_the_app(cycle, refusal)
+
+        def drop_unanswered(self, scope: Scope) -> None:
+            """End the request of ``scope``, whose app is running, without an answer if
+            none was begun, and close the connection (see ingress.DROP_UNANSWERED)."""
+            cycle = self._running
+            if cycle is None or cycle.scope is not scope or cycle.response_started:
+                return
+            cycle.disconnected = True  # uvicorn's mark of a client gone: no error, no 500
+            self.transport.close()
 
         def respond_whole(self, scope: Scope, status: int, headers: bytes, body: bytes) -> bool:
             """Write the whole response to the request of ``scope``; False if the

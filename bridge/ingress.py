@@ -67,6 +67,11 @@ HALF_CLOSED = "bridge.half_closed"
 #: at once, skipping ASGI's two ``send`` messages, or answers False when the app
 #: must use ``send`` after all.
 RESPOND_WHOLE = "bridge.respond_whole"
+#: Set in the scope by the HTTP protocol: a function ``(scope) -> None`` that ends the
+#: request without an answer when none was begun, the connection closed: uvicorn then
+#: neither logs an app that returned without answering (an ERROR) nor writes its
+#: text/plain 500 (see GuardRefusal).
+DROP_UNANSWERED = "bridge.drop_unanswered"
 #: Scope key: the event of a delivery cut off (cancelled at a stop) after parsing, for
 #: its labels and log line (else "none", as for a delivery parsing refused).
 CUT_OFF_EVENT = "bridge.cut_off_event"
@@ -170,13 +175,18 @@ class GuardRefusal:
     async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             return  # answered, logged and counted by the HTTP protocol; this goes nowhere
-        # uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request whose
-        # answer waits for a client that reads none. Raised on, it was an error in the
-        # application to uvicorn (a traceback) and a text/plain 500 followed. The
-        # refusal was made: logged and counted below, and the task ends here, as the
-        # endpoint's do.
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await self._answer.send(send, error)
+        except asyncio.CancelledError:
+            # uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request
+            # whose answer waits (before it began) for a client that reads none. Raised
+            # on, it was an error in the application to uvicorn (a traceback); ended
+            # quietly, an app that returned without answering (an ERROR): either way a
+            # text/plain 500 followed. Dropped instead; the refusal was made: logged and
+            # counted below.
+            drop = scope.get(DROP_UNANSWERED)
+            if drop is not None:
+                drop(scope)
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             # Refused by the protocol (a late or malformed body) while this answer
             # waited to be written, to a client that reads none: counted there.

@@ -1992,6 +1992,40 @@ async def test_a_connection_closing_or_unread_is_not_closed_for_room(
             connection.close()
 
 
+async def test_a_refusal_cut_off_while_its_answer_waits_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer to a client that reads none waits in uvicorn's send before its start:
+    a guard's refusal cancelled there at a stop (BRIDGE_SHUTDOWN_TIMEOUT) was an error
+    in the application to uvicorn, then, the cancellation swallowed, an app that
+    returned without answering: an ERROR either way, and a text/plain 500 written in
+    place of the 429 logged and counted (a review's test). Dropped now: no ERROR, no
+    500, the connection closed, the refusal counted."""
+    caplog.set_level(logging.INFO)
+    connection = Connection(
+        monkeypatch, settings={"BRIDGE_RATE_LIMIT": "0.5", "BRIDGE_RATE_BURST": "1"}
+    )
+    try:
+        [answer] = await connection.answers(webhook("k1"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        connection.protocol.pause_writing()  # the client stopped reading
+        first = len(connection.transport.writes)
+        connection.protocol.data_received(webhook("k2"))  # rate limited: a 429
+        await asyncio.sleep(0.05)
+        [task] = list(connection.state.tasks)
+        task.cancel()  # uvicorn, as BRIDGE_SHUTDOWN_TIMEOUT runs out
+        await asyncio.sleep(0.05)
+        connection.protocol.resume_writing()  # the client reads again
+        await asyncio.sleep(0.05)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert connection.transport.writes[first:] == []
+        assert connection.transport.closed
+        text = connection.metrics.exposition().decode()
+        assert 'bridge_rejections_total{reason="rate_limited"} 1.0' in text
+    finally:
+        connection.close()
+
+
 async def test_shutdown_closes_lingering_connections_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
