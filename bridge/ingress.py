@@ -161,6 +161,22 @@ class ErrorAnswer:
     async def send(self, send: Send, error: BridgeError) -> None:
         await _respond(send, error.status, problem(error), PROBLEM_JSON, self.headers(error))
 
+    async def send_or_drop(self, scope: Scope, send: Send, error: BridgeError) -> None:
+        """send(), or, should uvicorn cancel the request meanwhile, drop it.
+
+        uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request whose
+        answer waits (before it began) for a client that reads none. Raised on, it was
+        an error in the application to uvicorn (a traceback); ended quietly, an app
+        that returned without answering (an ERROR): either way a text/plain 500
+        followed, in place of the refusal logged and counted. Dropped instead
+        (DROP_UNANSWERED); the caller logs and counts the refusal it made."""
+        try:
+            await self.send(send, error)
+        except asyncio.CancelledError:
+            drop = scope.get(DROP_UNANSWERED)
+            if drop is not None:
+                drop(scope)
+
 
 class GuardRefusal:
     """How a request refused before the endpoint (by the guards, bridge.guards, or for
@@ -175,18 +191,7 @@ class GuardRefusal:
     async def __call__(self, scope: Scope, send: Send, error: BridgeError, started: float) -> None:
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             return  # answered, logged and counted by the HTTP protocol; this goes nowhere
-        try:
-            await self._answer.send(send, error)
-        except asyncio.CancelledError:
-            # uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request
-            # whose answer waits (before it began) for a client that reads none. Raised
-            # on, it was an error in the application to uvicorn (a traceback); ended
-            # quietly, an app that returned without answering (an ERROR): either way a
-            # text/plain 500 followed. Dropped instead; the refusal was made: logged and
-            # counted below.
-            drop = scope.get(DROP_UNANSWERED)
-            if drop is not None:
-                drop(scope)
+        await self._answer.send_or_drop(scope, send, error)
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             # Refused by the protocol (a late or malformed body) while this answer
             # waited to be written, to a client that reads none: counted there.
@@ -318,7 +323,7 @@ class WebhookEndpoint:
         if scope.get(REFUSED_BY_PROTOCOL) is not None:
             return
         if not isinstance(error, ClientDisconnected):  # else nobody to answer
-            await self._answer.send(send, error)
+            await self._answer.send_or_drop(scope, send, error)
             if scope.get(REFUSED_BY_PROTOCOL) is not None:
                 return
         log_refusal(error, scope, self._redact)

@@ -1992,25 +1992,46 @@ async def test_a_connection_closing_or_unread_is_not_closed_for_room(
             connection.close()
 
 
+def _not_json(key: str) -> bytes:
+    body = b"{not json"
+    return (
+        webhook(key)
+        .replace(ORDER, body)
+        .replace(b"content-length: %d" % len(ORDER), b"content-length: %d" % len(body))
+    )
+
+
+@pytest.mark.parametrize(
+    ("refused", "reason", "settings"),
+    [
+        (webhook("k2"), "rate_limited", {"BRIDGE_RATE_LIMIT": "0.5", "BRIDGE_RATE_BURST": "1"}),
+        (webhook("k2", token="wrong-token"), "unauthorized", {}),
+        (_not_json("k2"), "body_not_json", {}),
+    ],
+    ids=["a guard's 429", "the endpoint's 401", "the endpoint's 400"],
+)
 async def test_a_refusal_cut_off_while_its_answer_waits_is_dropped_quietly(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    refused: bytes,
+    reason: str,
+    settings: dict[str, str],
 ) -> None:
     """The answer to a client that reads none waits in uvicorn's send before its start:
-    a guard's refusal cancelled there at a stop (BRIDGE_SHUTDOWN_TIMEOUT) was an error
-    in the application to uvicorn, then, the cancellation swallowed, an app that
-    returned without answering: an ERROR either way, and a text/plain 500 written in
-    place of the 429 logged and counted (a review's test). Dropped now: no ERROR, no
-    500, the connection closed, the refusal counted."""
+    a refusal cancelled there at a stop (BRIDGE_SHUTDOWN_TIMEOUT) was an error in the
+    application to uvicorn, then, the cancellation swallowed, an app that returned
+    without answering: an ERROR either way, and a text/plain 500 written in place of
+    the refusal logged and counted (reviews' tests: a guard's, then the endpoint's
+    own, whose cancellation came out of its `except BridgeError`). Dropped now: no
+    ERROR, no 500, the connection closed, the refusal counted."""
     caplog.set_level(logging.INFO)
-    connection = Connection(
-        monkeypatch, settings={"BRIDGE_RATE_LIMIT": "0.5", "BRIDGE_RATE_BURST": "1"}
-    )
+    connection = Connection(monkeypatch, settings=settings)
     try:
         [answer] = await connection.answers(webhook("k1"), 1)
         assert answer.startswith(b"HTTP/1.1 202 "), answer
         connection.protocol.pause_writing()  # the client stopped reading
         first = len(connection.transport.writes)
-        connection.protocol.data_received(webhook("k2"))  # rate limited: a 429
+        connection.protocol.data_received(refused)
         await asyncio.sleep(0.05)
         [task] = list(connection.state.tasks)
         task.cancel()  # uvicorn, as BRIDGE_SHUTDOWN_TIMEOUT runs out
@@ -2021,7 +2042,7 @@ async def test_a_refusal_cut_off_while_its_answer_waits_is_dropped_quietly(
         assert connection.transport.writes[first:] == []
         assert connection.transport.closed
         text = connection.metrics.exposition().decode()
-        assert 'bridge_rejections_total{reason="rate_limited"} 1.0' in text
+        assert f'bridge_rejections_total{{reason="{reason}"}} 1.0' in text
     finally:
         connection.close()
 
