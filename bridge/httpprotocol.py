@@ -536,6 +536,11 @@ def guarded_protocol(
     refused_connections = _LoggedEverySecond(_log_refusals)
     refused_ops_connections = _LoggedEverySecond(_log_refusals)
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
+    # Connections refused for a limit, not gone yet (lingering, or closing), of each
+    # port: no place among those the limit counts (a review: one lingering made the
+    # next connection close an idle one for room, or refused it with none served).
+    refused_webhook = 0
+    refused_ops = 0
     ops_open = 0  # of the open connections, those to ops_port
     # The webhook port's idle connections (those whose keep-alive timer runs: between
     # requests, or before the first) -> since when (the loop's clock), the one idle
@@ -579,6 +584,7 @@ def guarded_protocol(
             self._refused_lingering = False  # refused for the connection limit, lingering
             self._to_ops_port = False
             self._closed_for_room = False  # an idle one closed for a new connection
+            self._refused_for_limit = False  # answered 503 for a connection limit
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
             # replaces the list (once a second)
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
@@ -593,12 +599,13 @@ def guarded_protocol(
             if ops_port is not None and self.server is not None and self.server[1] == ops_port:
                 self._to_ops_port = True
                 ops_open += 1
-                if ops_open > OPS_MAX_CONNECTIONS:
+                if ops_open - refused_ops > OPS_MAX_CONNECTIONS:
                     self._refuse_connection(OPS_MAX_CONNECTIONS, "on BRIDGE_OPS_PORT")
                     return
             elif (
                 max_connections is not None
-                and len(self.connections) - ops_open - idle_closing > max_connections
+                and len(self.connections) - ops_open - idle_closing - refused_webhook
+                > max_connections
                 and not self._close_one_idle(max_connections)
             ):
                 self._refuse_connection(max_connections, "(BRIDGE_MAX_CONNECTIONS)")
@@ -667,7 +674,12 @@ def guarded_protocol(
             be lost to the RST a close with unread bytes sends. While
             MAX_LINGERING_REFUSALS others linger, closed at once instead (the answer is
             written; a client that sends its request before reading it may get an RST)."""
-            nonlocal lingering_refusals
+            nonlocal lingering_refusals, refused_webhook, refused_ops
+            self._refused_for_limit = True
+            if self._to_ops_port:
+                refused_ops += 1
+            else:
+                refused_webhook += 1
             error = TooManyConnections(
                 f"more than {limit} connections are open {which}; this one is closed",
                 retry_after=1,
@@ -694,7 +706,13 @@ def guarded_protocol(
             return self._message_open and not self._peer_done
 
         def connection_lost(self, exc: Exception | None) -> None:
-            nonlocal lingering_refusals, ops_open, idle_closing
+            nonlocal lingering_refusals, ops_open, idle_closing, refused_webhook, refused_ops
+            if self._refused_for_limit:
+                self._refused_for_limit = False
+                if self._to_ops_port:
+                    refused_ops -= 1
+                else:
+                    refused_webhook -= 1
             if self._to_ops_port:
                 self._to_ops_port = False
                 ops_open -= 1

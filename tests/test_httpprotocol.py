@@ -2047,6 +2047,61 @@ async def test_a_refusal_cut_off_while_its_answer_waits_is_dropped_quietly(
         connection.close()
 
 
+async def test_a_lingering_refusal_takes_no_place_of_the_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection refused for BRIDGE_MAX_CONNECTIONS, while it lingers (up to
+    LINGER_SECONDS, 32 at once), took a place itself: with one free among the
+    connections served, a new one closed an idle one for room (a review's test)."""
+    monkeypatch.setattr(httpprotocol, "IDLE_GRACE_SECONDS", 0.0)
+    first = Connection(monkeypatch, max_connections=2)
+    rest = busy(first, webhook("k1"))
+    second = Connection(monkeypatch, max_connections=2, like=first)
+    busy(second)
+    opened = [first, second]
+    try:
+        over = Connection(monkeypatch, max_connections=2, like=first)  # both busy: 503
+        opened.append(over)
+        [answer] = split_responses(b"".join(over.transport.writes))
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert over.transport.eof
+        assert not over.transport.closed
+        [answer] = await first.answers(rest, 1)  # `first` answered: idle now
+        assert answer.startswith(b"HTTP/1.1 202 "), answer
+        second.close()  # done: one connection served (idle), of 2
+        opened.remove(second)
+        new = Connection(monkeypatch, max_connections=2, like=first)
+        opened.append(new)
+        assert new.transport.writes == [], "a place is free"
+        assert not first.transport.closed, "no idle connection needs closing for it"
+        assert first.idle_closed == 0
+    finally:
+        for connection in opened:
+            connection.close()
+
+
+async def test_a_lingering_refusal_does_not_refuse_the_next_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nor is the next connection refused with none served (a review's test)."""
+    first = Connection(monkeypatch, max_connections=1)
+    busy(first)
+    opened = [first]
+    try:
+        over = Connection(monkeypatch, max_connections=1, like=first)
+        opened.append(over)
+        assert over.transport.eof
+        assert not over.transport.closed
+        first.close()  # no connection served now
+        opened.remove(first)
+        new = Connection(monkeypatch, max_connections=1, like=over)
+        opened.append(new)
+        assert new.transport.writes == [], b"".join(new.transport.writes)[:60]
+    finally:
+        for connection in opened:
+            connection.close()
+
+
 async def test_shutdown_closes_lingering_connections_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
