@@ -279,6 +279,13 @@ def kafka_waits_for(monkeypatch: pytest.MonkeyPatch, publisher: FakePublisher) -
     return taken
 
 
+def refused_at_once(connection: Connection) -> bytes:
+    """The 503 ``connection`` was answered as it opened (a connection limit)."""
+    [answer] = split_responses(b"".join(connection.transport.writes))
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    return answer
+
+
 def split_responses(data: bytes) -> list[bytes]:
     responses = []
     while b"\r\n\r\n" in data:
@@ -1734,11 +1741,6 @@ async def test_the_operations_port_has_its_own_connection_limit(
         opened.remove(connection)
         connection.close()
 
-    def refusal(connection: Connection) -> bytes:
-        [answer] = split_responses(b"".join(connection.transport.writes))
-        assert answer.startswith(b"HTTP/1.1 503 "), answer
-        return answer
-
     try:
         ops = [connect(9090), connect(9090)]
         for connection in ops:  # not refused, though the webhook port is at its limit
@@ -1746,9 +1748,9 @@ async def test_the_operations_port_has_its_own_connection_limit(
             [answer] = await connection.answers(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", 1)
             assert answer.startswith(b"HTTP/1.1 200 "), answer
         over_ops = connect(9090)
-        assert b"more than 2 connections are open on BRIDGE_OPS_PORT" in refusal(over_ops)
+        assert b"more than 2 connections are open on BRIDGE_OPS_PORT" in refused_at_once(over_ops)
         over = connect()  # the webhook port's limit holds as ever
-        assert b"more than 1 connections are open (BRIDGE_MAX_CONNECTIONS)" in refusal(over)
+        assert b"more than 1 connections are open (BRIDGE_MAX_CONNECTIONS)" in refused_at_once(over)
         # each port's refusals have their log line, though within one second
         lines = [r for r in caplog.records if r.getMessage().startswith("connection refused")]
         details = [(r.fields["detail"], r.fields["refused"]) for r in lines]  # type: ignore[attr-defined]
@@ -1758,7 +1760,7 @@ async def test_the_operations_port_has_its_own_connection_limit(
         ]
         for connection in (*ops, over_ops, over):
             close(connection)
-        assert b"(BRIDGE_MAX_CONNECTIONS)" in refusal(connect()), "room on their port only"
+        assert b"(BRIDGE_MAX_CONNECTIONS)" in refused_at_once(connect()), "room on their port only"
         close(opened[-1])
         assert connect(9090).transport.writes == [], "and the operations port has room"
         close(held)
@@ -1816,8 +1818,7 @@ async def test_at_most_a_few_refused_connections_linger(monkeypatch: pytest.Monk
     refused = [Connection(monkeypatch, max_connections=1, like=held) for _ in range(4)]
     try:
         for connection in refused:  # all answered
-            [answer] = split_responses(b"".join(connection.transport.writes))
-            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            refused_at_once(connection)
         assert [c.transport.closed for c in refused] == [False, False, True, True]
         assert [c.transport.eof for c in refused] == [True, True, False, False]
         refused[0].close()  # one stops lingering: room for another
@@ -1892,8 +1893,7 @@ async def test_only_idle_connections_of_the_webhook_port_make_room(
         assert waiting.transport.writes == []  # its answer not yet given
         over = Connection(monkeypatch, like=held)
         opened.append(over)
-        [answer] = split_responses(b"".join(over.transport.writes))
-        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        refused_at_once(over)
         assert not ops.transport.closed
         assert not waiting.transport.closed
         assert held.idle_closed == 0
@@ -1952,8 +1952,7 @@ async def test_a_burst_of_new_connections_does_not_close_itself(
         assert not burst[0].transport.writes
         assert not burst[0].transport.closed, "just opened: not closed for the next"
         for connection in burst[1:]:
-            [answer] = split_responses(b"".join(connection.transport.writes))
-            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            refused_at_once(connection)
         assert first.idle_closed == 1
     finally:
         for connection in opened:
@@ -1984,8 +1983,7 @@ async def test_a_connection_closing_or_unread_is_not_closed_for_room(
             first.transport.unsent = len(answer)
         second = Connection(monkeypatch, max_connections=1, like=first)
         opened.append(second)
-        [answer] = split_responses(b"".join(second.transport.writes))
-        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        refused_at_once(second)
         assert first.idle_closed == 0
     finally:
         for connection in opened:
@@ -2062,8 +2060,7 @@ async def test_a_lingering_refusal_takes_no_place_of_the_served(
     try:
         over = Connection(monkeypatch, max_connections=2, like=first)  # both busy: 503
         opened.append(over)
-        [answer] = split_responses(b"".join(over.transport.writes))
-        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        refused_at_once(over)
         assert over.transport.eof
         assert not over.transport.closed
         [answer] = await first.answers(rest, 1)  # `first` answered: idle now
