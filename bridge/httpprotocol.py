@@ -520,11 +520,11 @@ def guarded_protocol(
     answered, not a 431. ``redact`` keeps the webhook tokens out of the log line of a
     refusal (the app's authenticator's). A connection that opens while
     ``max_connections`` are open (BRIDGE_MAX_CONNECTIONS; None: no limit) takes the
-    place of the connection idle longest, which is closed (``on_idle_closed`` counts
-    it); with none idle it is answered 503 at once and closed, its request unread.
-    Connections to ``ops_port``
-    (BRIDGE_OPS_PORT) do not count against that limit but against their own,
-    OPS_MAX_CONNECTIONS."""
+    place of the connection idle longest, if for IDLE_GRACE_SECONDS, which is closed
+    (``on_idle_closed`` counts it); with none idle it is answered 503 at once and
+    closed, its request unread (those refused take no place themselves). Connections
+    to ``ops_port`` (BRIDGE_OPS_PORT) do not count against that limit but against
+    their own, OPS_MAX_CONNECTIONS."""
     # Most bytes fed to the parser at once (see data_received): a quarter of the
     # head cap, so a pipelined head is never charged more than that on top of its
     # own bytes; at most 4 KiB, more than a whole webhook request needs.
@@ -643,7 +643,8 @@ def guarded_protocol(
             BRIDGE_KEEP_ALIVE_TIMEOUT, took every slot, and a new connection that had
             a delivery to make was refused. The one idle longest is the one its
             client is least likely to be sending on (pools reuse the most recent);
-            one being sent on now loses its request, as at the keep-alive timeout."""
+            one being sent on now loses its request, as at the keep-alive timeout.
+            False when none has been idle for IDLE_GRACE_SECONDS."""
             nonlocal idle_closing
             now = self.loop.time()
             longest = None

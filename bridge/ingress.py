@@ -70,7 +70,7 @@ RESPOND_WHOLE = "bridge.respond_whole"
 #: Set in the scope by the HTTP protocol: a function ``(scope) -> None`` that ends the
 #: request without an answer when none was begun, the connection closed: uvicorn then
 #: neither logs an app that returned without answering (an ERROR) nor writes its
-#: text/plain 500 (see GuardRefusal).
+#: text/plain 500 (see ErrorAnswer.send_or_drop).
 DROP_UNANSWERED = "bridge.drop_unanswered"
 #: Scope key: the event of a delivery cut off (cancelled at a stop) after parsing, for
 #: its labels and log line (else "none", as for a delivery parsing refused).
