@@ -120,7 +120,7 @@ class BridgeApp(Starlette):
                 return self._refusal(scope, send, error, time.perf_counter())
         elif scope["path"] in OPS_PORT_ONLY:
             # Not logged nor counted, as Starlette's own 404s: scanners knock here.
-            return self._answer.send(send, NotFound(OPERATIONS_ON_OPS_PORT))
+            return self._answer.send_or_drop(scope, send, NotFound(OPERATIONS_ON_OPS_PORT))
         return None
 
 

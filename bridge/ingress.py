@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("bridge.access")
 
 WEBHOOK_PATH = "/webhooks/geins"
+#: Longest wait to write the 503 of a delivery cut off at a stop (its client reads
+#: none meanwhile): then it is dropped (see answer_or_drop).
+STOP_ANSWER_SECONDS = 1.0
 #: Set in the scope by the HTTP protocol to the BridgeError it answered (and logged)
 #: for a request whose app was waiting for the body (a late one: 408; a malformed
 #: one: 400): the app, which hears a disconnect, counts the request as that.
@@ -162,20 +165,30 @@ class ErrorAnswer:
         await _respond(send, error.status, problem(error), PROBLEM_JSON, self.headers(error))
 
     async def send_or_drop(self, scope: Scope, send: Send, error: BridgeError) -> None:
-        """send(), or, should uvicorn cancel the request meanwhile, drop it.
+        """send(), or, should uvicorn cancel the request meanwhile, drop it (see
+        answer_or_drop)."""
+        await answer_or_drop(scope, self.send(send, error))
 
-        uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop, a request whose
-        answer waits (before it began) for a client that reads none. Raised on, it was
-        an error in the application to uvicorn (a traceback); ended quietly, an app
-        that returned without answering (an ERROR): either way a text/plain 500
-        followed, in place of the refusal logged and counted. Dropped instead
-        (DROP_UNANSWERED); the caller logs and counts the refusal it made."""
-        try:
-            await self.send(send, error)
-        except asyncio.CancelledError:
-            drop = scope.get(DROP_UNANSWERED)
-            if drop is not None:
-                drop(scope)
+
+async def answer_or_drop(
+    scope: Scope, answering: Coroutine[Any, Any, None], within: float | None = None
+) -> None:
+    """Await ``answering`` (the request's answer), or, should uvicorn cancel the
+    request meanwhile (or ``within`` seconds pass), drop it.
+
+    uvicorn cancels, as BRIDGE_SHUTDOWN_TIMEOUT runs out at a stop (and asyncio again
+    as the process exits), a request whose answer waits (before it began) for a
+    client that reads none. Raised on, it was an error in the application to uvicorn
+    (a traceback); ended quietly, an app that returned without answering (an ERROR):
+    either way a text/plain 500 followed, in place of the answer logged and counted.
+    Dropped instead (DROP_UNANSWERED); the caller logs and counts what it answered."""
+    try:
+        async with asyncio.timeout(within):
+            await answering
+    except (asyncio.CancelledError, TimeoutError):
+        drop = scope.get(DROP_UNANSWERED)
+        if drop is not None:
+            drop(scope)
 
 
 class GuardRefusal:
@@ -284,8 +297,12 @@ class WebhookEndpoint:
                 names = stopping.names = (cut_off.entity, cut_off.action)
             else:
                 event = stopping.event = cut_off
+            # Not waited for long: nothing cancels this wait again but the process's
+            # exit (an ERROR then), and a client that reads none held the stop until
+            # its write timer (BRIDGE_READ_TIMEOUT) gave up on it (a review's test).
             with contextlib.suppress(Exception):  # a connection already gone
-                await self._answer.send(send, stopping)
+                answering = self._answer.send(send, stopping)
+                await answer_or_drop(scope, answering, within=STOP_ANSWER_SECONDS)
             if scope.get(REFUSED_BY_PROTOCOL) is None:  # else see finally
                 log_refusal(stopping, scope, self._redact)
         except Exception:  # a bug: answer 500 (Geins retries) and say so loudly
@@ -298,7 +315,7 @@ class WebhookEndpoint:
                 "unexpected error handling a webhook request",
                 extra=_logged(_request_fields(scope, event, self._redact), self._redact),
             )
-            await _respond(send, 500, problem(error), PROBLEM_JSON, [])
+            await answer_or_drop(scope, _respond(send, 500, problem(error), PROBLEM_JSON, []))
         finally:
             seconds = time.perf_counter() - started
             refused: BridgeError | None = scope.get(REFUSED_BY_PROTOCOL)
