@@ -1,27 +1,41 @@
 """Answers cut off at a stop (uvicorn cancels the request as BRIDGE_SHUTDOWN_TIMEOUT runs
 out) while they wait for a client that reads none: dropped (ingress.answer_or_drop),
-never uvicorn's ERROR with a traceback and its text/plain 500 (a review's tests, after
-those of the refusals in test_httpprotocol)."""
+never uvicorn's ERROR with a traceback and its text/plain 500 in place of the answer
+logged and counted (reviews' tests: a guard's refusal, then the endpoint's own, whose
+cancellation came out of its `except BridgeError`, then its 500, an operations path's
+404 and the stop's own 503)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from bridge import ingress
 from bridge.ingress import WebhookEndpoint
-from tests.test_httpprotocol import Connection, kafka_waits_for, webhook
+from tests.test_httpprotocol import ORDER, Connection, kafka_waits_for, webhook
+
+
+def _uvicorn_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith("uvicorn")
+    ]
 
 
 async def _cut_off_while_waiting(
     connection: Connection,
     request: bytes,
     caplog: pytest.LogCaptureFixture,
-    then: Any = lambda: None,
-) -> tuple[list[str], bytes]:
+    then: Callable[[], None] = lambda: None,
+) -> bytes:
+    """Answer a webhook, do ``then``, stop reading, send ``request`` and cancel it as
+    uvicorn does; read again. What was written after the webhook's answer (no uvicorn
+    ERROR)."""
     [answer] = await connection.answers(webhook("k1"), 1)
     assert answer.startswith(b"HTTP/1.1 202 "), answer
     then()
@@ -34,49 +48,55 @@ async def _cut_off_while_waiting(
     await asyncio.sleep(0.05)
     connection.protocol.resume_writing()  # the client reads again
     await asyncio.sleep(0.05)
-    uvicorn_errors = [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno >= logging.ERROR and r.name.startswith("uvicorn")
-    ]
-    return uvicorn_errors, b"".join(connection.transport.writes[first:])
+    assert _uvicorn_errors(caplog) == []
+    return b"".join(connection.transport.writes[first:])
 
 
-async def test_the_endpoints_500_cut_off_at_a_stop_is_no_uvicorn_error(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def _not_json(key: str) -> bytes:
+    body = b"{not json"
+    return (
+        webhook(key)
+        .replace(ORDER, body)
+        .replace(b"content-length: %d" % len(ORDER), b"content-length: %d" % len(body))
+    )
+
+
+async def _broken(self: Any, scope: Any, receive: Any) -> Any:
+    raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize(
+    ("request_", "settings", "counted"),
+    [
+        (webhook("k2"), {"BRIDGE_RATE_LIMIT": "0.5", "BRIDGE_RATE_BURST": "1"}, "rate_limited"),
+        (webhook("k2", token="wrong-token"), {}, "unauthorized"),
+        (_not_json("k2"), {}, "body_not_json"),
+        (webhook("k2"), {}, None),  # the endpoint's 500 (a bug)
+        (b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n", {"BRIDGE_OPS_PORT": "9090"}, None),
+    ],
+    ids=["a guard's 429", "the endpoint's 401", "its 400", "its 500", "an ops path's 404"],
+)
+async def test_an_answer_cut_off_while_it_waits_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    request_: bytes,
+    settings: dict[str, str],
+    counted: str | None,
 ) -> None:
-    """The endpoint's problem+json 500 (a bug): the cancellation escaped its handler."""
     caplog.set_level(logging.INFO)
-    connection = Connection(monkeypatch)
+    ops_port = int(settings.pop("BRIDGE_OPS_PORT", 0)) or None
+    connection = Connection(monkeypatch, settings=settings, ops_port=ops_port)
     try:
 
-        async def broken(self: Any, scope: Any, receive: Any) -> Any:
-            raise RuntimeError("a bug")
+        def then() -> None:
+            if counted is None and ops_port is None:  # the endpoint's 500
+                monkeypatch.setattr(WebhookEndpoint, "_accept", _broken)
 
-        errors, written = await _cut_off_while_waiting(
-            connection,
-            webhook("k2"),
-            caplog,
-            lambda: monkeypatch.setattr(WebhookEndpoint, "_accept", broken),
-        )
-        assert errors == [], errors
-        assert b"text/plain" not in written, written
-    finally:
-        connection.close()
-
-
-async def test_an_ops_only_paths_404_cut_off_at_a_stop_is_no_uvicorn_error(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The 404 of /metrics on BRIDGE_PORT, with BRIDGE_OPS_PORT set."""
-    caplog.set_level(logging.INFO)
-    connection = Connection(monkeypatch, ops_port=9090)
-    try:
-        errors, written = await _cut_off_while_waiting(
-            connection, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n", caplog
-        )
-        assert errors == [], errors
-        assert b"text/plain" not in written, written
+        assert await _cut_off_while_waiting(connection, request_, caplog, then) == b""
+        assert connection.transport.closed
+        if counted is not None:
+            text = connection.metrics.exposition().decode()
+            assert f'bridge_rejections_total{{reason="{counted}"}} 1.0' in text
     finally:
         connection.close()
 
@@ -101,15 +121,10 @@ async def test_the_stops_503_that_waits_for_an_unread_client_is_dropped_soon(
         [task] = list(connection.state.tasks)
         task.cancel()  # uvicorn, as BRIDGE_SHUTDOWN_TIMEOUT runs out
         await asyncio.sleep(0.05)
-        waiting = not task.done()  # still in drain, for a client that reads none
+        assert task.done(), "still waiting for a client that reads none"
     finally:
         for task in list(connection.state.tasks):
             task.cancel()  # asyncio.Runner.close, as the process exits
         await asyncio.sleep(0.05)
-        uvicorn_errors = [
-            r.getMessage()
-            for r in caplog.records
-            if r.levelno >= logging.ERROR and r.name.startswith("uvicorn")
-        ]
         connection.close()
-    assert (uvicorn_errors, waiting) == ([], False)
+    assert _uvicorn_errors(caplog) == []
