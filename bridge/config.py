@@ -67,8 +67,12 @@ CODEC_ROOM = 0.001
 #: grows with the body: past MAX_COMPRESSED_BODY_BYTES it would leave less, and a body
 #: within BRIDGE_MAX_BODY_BYTES was answered 413 (a review's test, at 64 MiB with lz4).
 MIN_HEADER_ROOM = 4 * 1024
-#: The highest BRIDGE_MAX_BODY_BYTES with a codec: its record keeps MIN_HEADER_ROOM.
-MAX_COMPRESSED_BODY_BYTES = 60_350_464
+#: The highest BRIDGE_MAX_BODY_BYTES with a codec: its record keeps MIN_HEADER_ROOM
+#: (60350464, as the README says).
+MAX_COMPRESSED_BODY_BYTES = (
+    math.floor((RECORD_OVERHEAD_BYTES - DEAD_LETTER_ROOM - MIN_HEADER_ROOM) / CODEC_ROOM)
+    - RECORD_OVERHEAD_BYTES
+)
 #: Most bytes or keys a cap may be: finite (an unbounded number passed validation
 #: and crashed the server, a float overflowing), and as large as a float (a
 #: Prometheus gauge, say) holds exactly, 8 PiB: far beyond any real spool or memory.
