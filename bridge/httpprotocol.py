@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -257,9 +258,27 @@ def _with_a_path(url: bytes) -> bytes:
     return url[:authority_end] + b"/" + url[authority_end:]
 
 
-def _host_fields(headers: list[tuple[bytes, bytes]]) -> int:
-    """How many Host fields the head holds (uvicorn lower-cases the names)."""
-    return sum(1 for name, _ in headers if name == b"host")
+#: A Host field's value (RFC 9110 7.2): uri-host [":" port], uri-host an IP literal
+#: in brackets or a reg-name of unreserved, percent-encoded and sub-delims characters
+#: (RFC 3986 3.2.2), which may be empty. ``x y`` or ``a/b`` is no host.
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?"
+)
+
+
+def _host_refusal(headers: list[tuple[bytes, bytes]], version: str) -> BridgeError | None:
+    """The 400 of a head whose Host fields are wrong (RFC 9112 3.2: a request names its
+    host once at most, an HTTP/1.1 one exactly once, and a server answers 400 to an
+    invalid value), else None. A proxy in front may route by one Host and log another;
+    uvicorn lower-cases the names."""
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1 or (not hosts and version == "1.1"):
+        return MalformedRequest("a request needs exactly one Host field (HTTP/1.0: at most one)")
+    if hosts and _HOST_VALUE.fullmatch(hosts[0]) is None:
+        return MalformedRequest(
+            "the Host field is not a host name or address with an optional port"
+        )
+    return None
 
 
 def _transfer_coding_refusal(headers: list[tuple[bytes, bytes]]) -> BridgeError | None:
@@ -934,16 +953,8 @@ def guarded_protocol(
                 raise _Refused(url_too_long(len(url) - (b"?" in url), max_url_bytes))
             if self.url[:1] != b"/":
                 self.url = _with_a_path(self.url)
-            hosts = _host_fields(self.headers)
-            if hosts > 1 or (hosts == 0 and version == "1.1"):
-                # RFC 9112 3.2: a request names its host once at most (an HTTP/1.1 one
-                # exactly once), or is a 400. A proxy in front may route by one Host
-                # and log another.
-                raise _Refused(
-                    MalformedRequest(
-                        "a request needs exactly one Host field (HTTP/1.0: at most one)"
-                    )
-                )
+            if (host_refused := _host_refusal(self.headers, version)) is not None:
+                raise _Refused(host_refused)
             if (coding_refused := _transfer_coding_refusal(self.headers)) is not None:
                 raise _Refused(coding_refused)
             self._writer.expect_head()

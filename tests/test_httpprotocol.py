@@ -2287,8 +2287,23 @@ async def test_an_http10_client_gets_no_100_continue(monkeypatch: pytest.MonkeyP
             webhook("h10-two", extra=b"Host: y\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
             "exactly one Host field",
         ),
+        # RFC 9112 3.2: a 400 to an invalid Host value too (served and published before)
+        (webhook("spaced-host").replace(b"host: x\r\n", b"host: x y\r\n"), "not a host name"),
+        (webhook("path-host").replace(b"host: x\r\n", b"host: x/y\r\n"), "not a host name"),
+        (webhook("bad-port").replace(b"host: x\r\n", b"host: x:8a\r\n"), "not a host name"),
+        (webhook("open-ip").replace(b"host: x\r\n", b"host: [::1\r\n"), "not a host name"),
     ],
-    ids=["HTTP/0.9", "HTTP/2.0", "no Host", "two Hosts", "HTTP/1.0 with two Hosts"],
+    ids=[
+        "HTTP/0.9",
+        "HTTP/2.0",
+        "no Host",
+        "two Hosts",
+        "HTTP/1.0 with two Hosts",
+        "Host with a space",
+        "Host with a slash",
+        "Host with a bad port",
+        "Host with an unclosed IPv6 literal",
+    ],
 )
 async def test_a_request_of_another_version_or_without_one_host_is_a_400(
     monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, why: str
@@ -2307,8 +2322,11 @@ async def test_a_request_of_another_version_or_without_one_host_is_a_400(
     [
         webhook("h10-no-host").replace(b"host: x\r\n", b"").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
         webhook("empty-host").replace(b"host: x\r\n", b"host:\r\n"),
+        webhook("v6-host").replace(b"host: x\r\n", b"host: [::1]:8080\r\n"),
+        webhook("v4-host").replace(b"host: x\r\n", b"host: 10.0.0.1:8080\r\n"),
+        webhook("name-host").replace(b"host: x\r\n", b"host: bridge.example-1.svc\r\n"),
     ],
-    ids=["HTTP/1.0 without Host", "empty Host"],
+    ids=["HTTP/1.0 without Host", "empty Host", "IPv6 Host", "IPv4 Host", "host name"],
 )
 async def test_a_request_with_the_host_rfc_9112_allows_is_served(
     monkeypatch: pytest.MonkeyPatch, request_bytes: bytes
