@@ -42,6 +42,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+import bridge.kafkafixes  # noqa: F401  (mends aiokafka's client when imported)
 from bridge.config import PRODUCER_MAX_REQUEST_BYTES, Settings
 from bridge.deadlines import Watchdog
 from bridge.errors import (
