@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import sys
@@ -1179,7 +1180,33 @@ def guarded_protocol(
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             # uvicorn starts each request's app here, the queued ones in order
             self._running = cycle
-            super()._start_asgi_task(cycle, app)
+            super()._start_asgi_task(cycle, functools.partial(self.app_or_drop, app))
+
+        async def app_or_drop(self, app: Any, scope: Scope, receive: Any, send: Any) -> None:
+            """``app`` (uvicorn's choice: the bridge's) for one request. Should uvicorn
+            cancel it before its answer is out (BRIDGE_SHUTDOWN_TIMEOUT run out at a
+            stop, a client reading none), the request is dropped, its connection
+            closed. Raised on, the cancellation was an error in the application to
+            uvicorn: an ERROR with a traceback and its text/plain 500 in place of an
+            answer (or a cut one), for a /healthz, /metrics or 404 answer as much as
+            for a webhook's (whose refusals drop themselves first, so as to count what
+            they answered: answer_or_drop). A CancelledError not of this task's
+            cancellation (a bug) stays uvicorn's ERROR."""
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                cycle = self._running
+                task = asyncio.current_task()
+                if (
+                    cycle is None
+                    or cycle.scope is not scope
+                    or cycle.response_complete
+                    or task is None
+                    or not task.cancelling()
+                ):
+                    raise
+                cycle.disconnected = True  # uvicorn's mark of a client gone: no ERROR
+                self.transport.close()
 
         def _answered_all(self) -> bool:
             # The requests not started wait in self.pipeline; answers go in order.

@@ -128,3 +128,65 @@ async def test_the_stops_503_that_waits_for_an_unread_client_is_dropped_soon(
         await asyncio.sleep(0.05)
         connection.close()
     assert _uvicorn_errors(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "ops_port"),
+    [
+        ("/healthz", None),
+        ("/readyz", None),
+        ("/metrics", None),
+        ("/nowhere", None),
+        ("/metrics", 9090),
+        ("/healthz", 9090),
+    ],
+    ids=["healthz", "readyz", "metrics", "a 404", "metrics on the ops port", "healthz there"],
+)
+async def test_an_operations_answer_cut_off_while_it_waits_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    ops_port: int | None,
+) -> None:
+    """Starlette's own answers (the operations endpoints, its 404) cut off as they
+    waited for a client that reads none were uvicorn's ERROR with a traceback and its
+    text/plain 500 (noticed last session): dropped now by the protocol, whatever the
+    app (httpprotocol's app_or_drop)."""
+    caplog.set_level(logging.INFO)
+    port = ops_port or 8080
+    connection = Connection(monkeypatch, ops_port=ops_port, port=port)
+    try:
+        connection.protocol.pause_writing()  # the client reads none
+        connection.protocol.data_received(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        await asyncio.sleep(0.05)
+        [task] = list(connection.state.tasks)
+        task.cancel()  # uvicorn, as BRIDGE_SHUTDOWN_TIMEOUT runs out
+        await asyncio.sleep(0.05)
+        connection.protocol.resume_writing()
+        await asyncio.sleep(0.05)
+        assert task.done()
+        assert _uvicorn_errors(caplog) == []
+        assert connection.transport.writes == []
+        assert connection.transport.closed
+    finally:
+        connection.close()
+
+
+async def test_a_cancelled_error_of_a_bug_is_still_uvicorns_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the task's own cancellation is dropped quietly: a CancelledError out of a
+    bug (here while /metrics is collected) is still an ERROR and a 500."""
+
+    def cancelled(_: object) -> bool:
+        raise asyncio.CancelledError
+
+    caplog.set_level(logging.INFO)
+    connection = Connection(monkeypatch)
+    monkeypatch.setattr(type(connection.publisher), "connected", property(cancelled))
+    try:
+        [answer] = await connection.answers(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n", 1)
+        assert answer.startswith(b"HTTP/1.1 500 "), answer
+        assert _uvicorn_errors(caplog) != []
+    finally:
+        connection.close()
