@@ -111,6 +111,7 @@ class IncompleteRequest(BridgeError):
     status = 400
     reason = "incomplete_request"
     title = "Incomplete request"
+    retriable = True  # sent whole again, it may be accepted
 
 
 class UnsupportedTransferCoding(BridgeError):
@@ -147,6 +148,9 @@ class RequestTimeout(BridgeError):
     status = 408
     reason = "request_timeout"
     title = "The request was not received in time"
+    # RFC 9110 15.5.9: the client may send it again; "retriable": false told a client
+    # that honours the field to drop an event that was never accepted
+    retriable = True
 
 
 class UrlTooLong(BridgeError):

@@ -112,13 +112,19 @@ class RuntimeState:
     app_stopping: bool = False  # the app's shutdown (drain and flush) has begun
 
 
+#: The answers that say how long to wait before a retry (RFC 9110 10.2.3, RFC 6585 4):
+#: a 408's or a 400's retry need not wait.
+_WAIT_STATUSES = frozenset({429, 503})
+
+
 def outcome_of(error: BridgeError) -> str:
     """The ``outcome`` label of a refusal. A 429 is retriable too, but it is one
     client's excess, not the bridge failing: it is kept apart from the 503s that
-    the server-error alert watches."""
+    the server-error alert watches; so are a 408's and a 400's that a retry may mend
+    (a client too slow, or one that half-closed before its request was whole)."""
     if isinstance(error, RateLimited):
         return "rate_limited"
-    return "unavailable" if error.retriable else "rejected"
+    return "unavailable" if error.retriable and error.status >= 500 else "rejected"
 
 
 def parse_query(raw: bytes) -> list[tuple[str, str]]:
@@ -156,7 +162,7 @@ class ErrorAnswer:
             return [_AUTH_CHALLENGE]
         if isinstance(error, MethodNotAllowed):
             return [_ALLOW_HEADER]
-        if error.retriable:
+        if error.retriable and error.status in _WAIT_STATUSES:
             seconds = error.retry_after or self._retry_after
             return [(b"retry-after", str(seconds).encode())]
         return []

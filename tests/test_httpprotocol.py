@@ -21,9 +21,9 @@ from uvicorn.server import ServerState
 from bridge import httpprotocol
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, PayloadTooLarge, RateLimited, Unavailable
 from bridge.httpprotocol import OneWritePerResponse, close_after_answers, guarded_protocol
-from bridge.ingress import RuntimeState
+from bridge.ingress import RuntimeState, outcome_of
 from bridge.metrics import Metrics
 from bridge.routing import Destination
 from tests.fakes import TOKEN, FakePublisher
@@ -2790,3 +2790,50 @@ async def test_a_url_within_its_limit_with_too_many_header_bytes_is_431_in_absol
         assert [e.reason for e in connection.refused] == ["headers_too_large"]
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    ("packets", "eof", "status", "reason"),
+    [
+        ([b"POST /webhooks/geins HTTP/1.1\r\nHost: x\r\n"], False, 408, "request_timeout"),
+        ([webhook("cut")[:-5]], True, 400, "incomplete_request"),
+    ],
+    ids=["a late head's 408", "a half-closed request's 400"],
+)
+async def test_a_refusal_a_retry_may_mend_says_retriable_without_a_wait(
+    monkeypatch: pytest.MonkeyPatch, packets: list[bytes], eof: bool, status: int, reason: str
+) -> None:
+    """A request too slow to arrive (408) or cut short by a half-close (400) was never
+    accepted, and sent again it may be: it said "retriable": false, which told a
+    client that honours the field to drop the event (noticed in earlier sessions). No
+    Retry-After (429's and 503's), and counted as a client's refusal (rejected), not
+    as the bridge unavailable."""
+    connection = Connection(monkeypatch, read_timeout=0.2)
+    try:
+        for packet in packets:
+            connection.protocol.data_received(packet)
+        if eof:
+            cast(Any, connection.protocol).eof_received()
+        answer = await wait_closed(connection, 2)
+        lines, body = split(answer)
+        assert lines[0].startswith(b"HTTP/1.1 %d " % status), answer
+        assert (body["reason"], body["retriable"]) == (reason, True)
+        assert "retry-after" not in header_fields(answer)
+        if connection.refused:  # the protocol answered it, before any app ran
+            assert [outcome_of(error) for error in connection.refused] == ["rejected"]
+        else:  # its app, which read the head, counted it
+            counted = [
+                line
+                for line in connection.metrics.exposition().decode().splitlines()
+                if line.startswith("bridge_requests_total{") and not line.endswith(" 0.0")
+            ]
+            assert len(counted) == 1, counted
+            assert 'outcome="rejected"' in counted[0], counted
+    finally:
+        connection.close()
+
+
+def test_outcomes_of_refusals() -> None:
+    assert outcome_of(Unavailable("Kafka away")) == "unavailable"
+    assert outcome_of(RateLimited("too many")) == "rate_limited"
+    assert outcome_of(PayloadTooLarge("big")) == "rejected"
