@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
+from aiokafka import codec as kafka_codecs
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -98,6 +99,14 @@ DEFAULT_MAX_CONNECTIONS = 4096
 #: BRIDGE_MAX_CONNECTIONS: Prometheus and the probes need a few, and a flood of
 #: webhook connections must not refuse them (a failed liveness probe restarts the pod).
 OPS_MAX_CONNECTIONS = 64
+#: Whether aiokafka can use each codec of BRIDGE_KAFKA_COMPRESSION (its producer checks
+#: the same when it is made).
+_CODEC_CHECKS = {
+    "gzip": kafka_codecs.has_gzip,
+    "lz4": kafka_codecs.has_lz4,
+    "zstd": kafka_codecs.has_zstd,
+    "snappy": kafka_codecs.has_snappy,
+}
 
 
 def read_secret_file(path: Path, setting: str) -> str:
@@ -759,6 +768,19 @@ class Settings(BaseModel):
                 f"keeps for the codec ({CODEC_ROOM:.1%} of it) would leave less than "
                 f"{MIN_HEADER_ROOM} bytes for its headers, and bodies within the cap would "
                 f"be refused; at most {MAX_COMPRESSED_BODY_BYTES} with compression"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _codec_installed(self, info: ValidationInfo) -> Self:
+        # cramjam, a dependency, holds the lz4, zstd and snappy codecs: an install
+        # without it (a hand-made image) failed at start with the producer's
+        # RuntimeError and a traceback, and passed `bridge check-config`
+        codec = self.kafka_compression
+        if codec != "none" and not _CODEC_CHECKS[codec]():
+            raise ValueError(
+                f"{_Names(info)('kafka_compression', codec)}: the {codec} codec's library "
+                "(cramjam) is not installed; install the bridge with its dependencies"
             )
         return self
 

@@ -8,6 +8,7 @@ import resource
 import string
 from pathlib import Path
 
+import aiokafka.codec
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -889,6 +890,19 @@ def test_a_body_within_the_cap_fits_a_compressed_record_with_its_headers(codec: 
     plain = {**BASE, "BRIDGE_ACK": "broker", "BRIDGE_MAX_BODY_BYTES": str(64 * 1024 * 1024)}
     settings = load_settings(environ=plain)
     assert settings.max_event_record_bytes() - settings.max_body_bytes > 60 * 1024
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy"])
+def test_a_codec_whose_library_is_missing_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, codec: str
+) -> None:
+    """Without cramjam (a broken install) the producer's RuntimeError was a traceback at
+    start, and `bridge check-config` passed: a ConfigError naming the setting now. gzip
+    needs no library."""
+    monkeypatch.setattr(aiokafka.codec, "cramjam", None)
+    with pytest.raises(ConfigError, match=f"BRIDGE_KAFKA_COMPRESSION={codec}.*not installed"):
+        load_settings(environ={**BASE, "BRIDGE_KAFKA_COMPRESSION": codec})
+    assert load_settings(environ={**BASE, "BRIDGE_KAFKA_COMPRESSION": "gzip"})
 
 
 # --- secrets set in the wrong setting are not quoted (a review's tests) -------------
