@@ -1222,8 +1222,9 @@ class KafkaPublisher:
                 if producer is None
                 # The bridge's connections had no answer: Kafka may be answering other
                 # clients (a broker stopped holds the requests queued behind its own).
-                else f"no answer from Kafka at {self._settings.kafka_bootstrap} for "
-                f"{UNANSWERED_AFTER_SECONDS:g} s or more"
+                # Not where Kafka is: the answer goes to the sender, and the hosts are
+                # the operator's to know (the log names them).
+                else f"no answer from Kafka for {UNANSWERED_AFTER_SECONDS:g} s or more"
             )
 
     async def publish(self, destination: Destination) -> None:
