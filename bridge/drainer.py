@@ -108,6 +108,20 @@ class _Round:
         self.done = done
 
 
+class _Parked:
+    """A record Kafka refused for good whose dead letter could not be kept: parked out
+    of its topic's way, its dead letter tried again at ``retry_at`` (monotonic)."""
+
+    __slots__ = ("error", "record", "retry_at", "trying", "wait")
+
+    def __init__(self, record: QueuedRecord, error: BridgeError, wait: float) -> None:
+        self.record = record
+        self.error = error
+        self.wait = wait
+        self.retry_at = time.monotonic() + wait
+        self.trying = False  # its dead letter is being published
+
+
 class _Pending:
     """A record handed to the producer whose acknowledgement has not been seen yet."""
 
@@ -178,10 +192,13 @@ class Drainer:
         self._probing: dict[str, int] = {}
         # probes being handed over, and records being set aside (see _start_set_aside)
         self._probe_tasks: set[asyncio.Task[None]] = set()
-        # seq -> Kafka's refusal, of records it refused for good whose dead letter could
-        # not be kept: what is tried again is the dead letter, not the record (which
-        # went to Kafka again, refused again, and replaced the producer each time)
-        self._refused: dict[int, BridgeError] = {}
+        # Records Kafka refused for good whose dead letter could not be kept (the
+        # dead-letter topic missing, denied, below its quorum), by seq: parked, out of
+        # reads, while their topic's other records go on (it held the whole topic, for
+        # as long as the dead-letter topic could take nothing). What is tried again is
+        # the dead letter, not the record (which went to Kafka again, refused again,
+        # and replaced the producer each time), with a backoff (see _retry_parked).
+        self._parked: dict[int, _Parked] = {}
         # seqs a probe settled (set aside as too large): removed next round, and not read
         # again until then (a second probe would keep a second dead letter)
         self._settled_by_probes: set[int] = set()
@@ -291,6 +308,8 @@ class Drainer:
             return
         self._away_backoff = MIN_BACKOFF
         self._tried_while_stopping = False  # back: a next spell away tries again
+        if self._parked:
+            self._retry_parked()
         # Before the other records of their topics; the other topics go on in the same
         # round (a topic's too-large record held them all back: 2 to 3.5 s on a
         # review's broker, for good if the topic then had other trouble).
@@ -437,8 +456,10 @@ class Drainer:
     def _in_flight(self) -> frozenset[int]:
         """The seqs a read leaves out: handed over, set aside by a probe and not removed
         yet, or suspects (sent alone, see _deliver_suspects)."""
-        if self._settled_by_probes or self._suspects:
-            return frozenset(self._pending).union(self._settled_by_probes, self._suspects)
+        if self._settled_by_probes or self._suspects or self._parked:
+            return frozenset(self._pending).union(
+                self._settled_by_probes, self._suspects, self._parked
+            )
         return frozenset(self._pending)
 
     def _until_a_hold_ends(self) -> float:
@@ -480,10 +501,16 @@ class Drainer:
                 )
             return
         self._stopping.set()
-        # One more try for every topic first.
+        # One more try for every topic first, and for every parked dead letter.
         self._holds.clear()
+        for parked in self._parked.values():
+            parked.retry_at = 0.0
+        self._retry_parked()
         self._only_held_left = False
         while self._backlog.depth and time.monotonic() < deadline:
+            if self._parked_only_left():
+                self._say_parked_at_stop()
+                return
             if (
                 self._only_held_left
                 and self._publisher.connected
@@ -518,6 +545,17 @@ class Drainer:
                 "the stop's deadline passed with the events of %s on hold",
                 named(sorted(troubled)),
             )
+        if self._parked:
+            self._say_parked_at_stop()
+
+    def _say_parked_at_stop(self) -> None:
+        topics = sorted({parked.record.destination.topic for parked in self._parked.values()})
+        log.warning(
+            "stopping with %d events Kafka refused for good (of %s) whose dead letters "
+            "cannot be kept now",
+            len(self._parked),
+            named(topics),
+        )
 
     def _acknowledged_topics(self) -> set[str]:
         """The topics whose records in flight Kafka has all acknowledged."""
@@ -715,11 +753,6 @@ class Drainer:
                         if pending is not None:  # a suspect handed over already
                             handed.append(pending)
                             continue
-                        refusal = self._refused.get(record.seq)
-                        if refusal is not None:  # its dead letter is what is tried again
-                            held.add(topic)
-                            self._start_set_aside(record, refusal)
-                            continue
                         if topic in self._holds or (
                             connected and not self._publisher.ready_for(topic)
                         ):
@@ -763,11 +796,6 @@ class Drainer:
     def _hand_over_refused(self, topic: str, exc: BridgeError) -> None:
         self._hold(topic, f"cannot hand records to Kafka: {exc.detail}")
         self._held_passing.discard(topic)
-
-    def _set_aside_failed(self, topic: str) -> None:
-        """A record Kafka will never take could not be kept as a dead letter now: its
-        topic waits (it went to Kafka and to the dead-letter topic again every round)."""
-        self._hold(topic, "a record it refused for good cannot be kept as a dead letter yet")
 
     def _start_probe(self, record: QueuedRecord) -> None:
         topic = record.destination.topic
@@ -821,19 +849,49 @@ class Drainer:
 
     async def _keep_refused(self, record: QueuedRecord, error: BridgeError) -> None:
         """Set aside a record Kafka refused for good: removed at the next round once
-        kept (see _settled_by_probes), else its topic held and its dead letter tried
-        again when the hold ends (see _refused)."""
+        kept (see _settled_by_probes), else parked (see _parked)."""
         topic = record.destination.topic
         if await self._set_aside(record, error):
-            self._refused.pop(record.seq, None)
+            self._parked.pop(record.seq, None)
             self._settled_by_probes.add(record.seq)
             self._suspects.pop(record.seq, None)
             # Kafka judged a record of the topic: it is in no other trouble (a hold
             # kept bridge_topics_held up with nothing of it waiting).
             self._holds.pop(topic, None)
         else:
-            self._refused[record.seq] = error
-            self._set_aside_failed(topic)
+            parked = self._parked.get(record.seq)
+            wait = HOLD_MIN if parked is None else min(parked.wait * 2, HOLD_MAX)
+            self._parked[record.seq] = _Parked(record, error, wait)
+            self._suspects.pop(record.seq, None)
+
+    def _retry_parked(self) -> None:
+        """Try again the dead letters of the parked records whose wait is over, each in
+        a task apart (a publish may take BRIDGE_PUBLISH_TIMEOUT), their topics going on."""
+        now = time.monotonic()
+        for parked in self._parked.values():
+            if not parked.trying and parked.retry_at <= now:
+                parked.trying = True
+                topic = parked.record.destination.topic
+                task = spawn(self._keep_parked(parked), f"drainer-dead-letter-{topic}")
+                self._probe_tasks.add(task)
+                task.add_done_callback(self._probe_tasks.discard)
+
+    async def _keep_parked(self, parked: _Parked) -> None:
+        try:
+            await self._keep_refused(parked.record, parked.error)
+        finally:
+            parked.trying = False  # (parked again, it is a new entry)
+            self.wake()
+
+    def _parked_only_left(self) -> bool:
+        """Whether the backlog holds nothing but parked records, none being tried."""
+        return (
+            bool(self._parked)
+            and self._backlog.depth <= len(self._parked)
+            and not self._pending
+            and not self._probing
+            and not any(parked.trying for parked in self._parked.values())
+        )
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
         """A record Kafka will never take (too large for the topic) must not block the

@@ -690,24 +690,54 @@ async def test_one_topics_suspects_do_not_wait_for_anothers(
         task.cancel()
 
 
-async def test_a_suspect_that_cannot_be_set_aside_holds_its_topic(
+async def test_a_suspect_that_cannot_be_set_aside_waits_apart_from_its_topic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the dead-letter topic refusing, a too-large record went to Kafka, then to
     the dead-letter topic, with a warning, every round (185 times in 2 s of other
-    traffic, in a review): its topic is held instead."""
+    traffic, in a review); then its topic was held, and its other records waited as long
+    as the dead-letter topic took nothing. Parked now: its dead letter is tried again
+    after a backoff, and its topic's other records go on."""
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     publisher = TooLargeTogetherThenPublisher({"A": "ok"}, big=b"a1")
     async with draining_a1_a2(publisher) as (drainer, backlog):
-        await eventually(lambda: drainer.held_topics == ["A"], within=5)
+        await eventually(lambda: [r.key for r in publisher.records] == [b"a2"], within=5)
+        await eventually(lambda: backlog.depth == 1, within=5)
         tries = dict(publisher.tries)
-        for n in range(50):  # another topic's traffic: a round each
+        for n in range(50):  # traffic of its topic and another's: a round each
+            backlog.append(record(f"a{n + 3}", "A"))
             backlog.append(record(f"o{n}"))
             drainer.wake()
             await asyncio.sleep(0.005)
-        await eventually(lambda: len(publisher.records) == 50, within=5)
-        assert (publisher.tries["A"], publisher.tries["dl"]) == (tries["A"], tries["dl"])
-        assert backlog.depth == 2  # kept, for when the dead-letter topic takes it
+        await eventually(lambda: len(publisher.records) == 101, within=5)
+        assert publisher.tries["dl"] == tries["dl"]  # its dead letter waits its backoff
+        assert publisher.tries["A"] == tries["A"] + 50  # a1 is not sent again
+        assert drainer.held_topics == []
+        assert backlog.depth == 1  # kept, for when the dead-letter topic takes it
+
+
+async def test_a_stop_ends_soon_with_only_parked_records_left(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop tries a parked record's dead letter once more, then ends with it said,
+    rather than wait its whole deadline for a dead-letter topic that takes nothing."""
+    publisher = DeadLettersWaitPublisher(refusals=1000)
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("big", topic="geins.big.create"))
+    backlog.append(record("next"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: backlog.depth == 1 and publisher.tries.get("dl") == 1)
+        await asyncio.wait_for(drainer.drain(time.monotonic() + 60), 10)
+    finally:
+        task.cancel()
+    assert publisher.tries["dl"] == 2  # once more at the stop
+    assert [r.key for r in publisher.records] == [b"next"]
+    assert any(
+        "stopping with 1 events Kafka refused for good (of geins.big.create)" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
