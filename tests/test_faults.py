@@ -20,17 +20,24 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
+from aiokafka.producer.sender import Sender
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.structs import TopicPartition
 from starlette.testclient import TestClient
 
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.devkafka import LocalKafka, free_ports
+from bridge.kafkaadmin import read_to_end
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
@@ -38,7 +45,7 @@ from tests import cluster
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.loadgen import Tally, load
-from tests.polling import wait_until
+from tests.polling import eventually, wait_until
 from tests.process import BridgeProcess
 from tests.test_kafka_end_to_end import create_topic, sample
 
@@ -911,3 +918,106 @@ def test_memory_mode_delivers_other_topics_at_a_stop_while_a_dead_letter_waits(
         # stopped now, as by a SIGTERM: Kafka is up and takes every product record
     landed = {r.key.decode() for r in read_all_sync(bootstrap, products)}
     assert [k for k in accepted if k not in landed] == []
+
+
+def test_a_topic_below_its_quorum_does_not_slow_the_others_of_its_broker(
+    lone_kafka: LocalKafka, tmp_path: Path, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orders on a topic below its min.insync.replicas (acks=all refused as
+    NOT_ENOUGH_REPLICAS, retried), products on one the same broker leads: aiokafka 0.14
+    waited each retry's backoff (100 ms) with the broker still marked in flight, so each
+    product waited for the orders' next retry round (bridge.kafkafixes). Counted: the
+    products handed over while their broker was held so, no produce request of the
+    producer's on its way to it. The orders land once they can, in order.
+
+    The cluster is the session's lone broker and a second one joined to it (as in the
+    test above), stopped once the topics are made."""
+    first = lone_kafka
+    second = cluster.JoiningBroker(first, 2, tmp_path / "kafka-2" / "data")
+    orders, products = f"{topic_prefix}.order.create", f"{topic_prefix}.product.create"
+    # node -> whether a produce request of the sender's is on its way to it (made, not
+    # answered yet): a node in the sender's in-flight set without one is held idle
+    asked: dict[int, bool] = {}
+    order_requests: list[int] = []
+    real_request, real_send = Sender._send_produce_req, AIOKafkaClient.send
+
+    def request(self: Sender, node_id: int, batches: dict[Any, Any]) -> Any:
+        asked[node_id] = True
+        return real_request(self, node_id, batches)
+
+    async def send(self: AIOKafkaClient, node_id: int, request: Any, **kwargs: Any) -> Any:
+        try:
+            return await real_send(self, node_id, request, **kwargs)
+        finally:
+            if isinstance(request, ProduceRequest):
+                asked[node_id] = False
+                if any(topic == orders for topic, _ in request._topics):
+                    order_requests.append(node_id)
+
+    async def create_topics() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(orders, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
+                    NewTopic(products, -1, -1, {0: [1]}),
+                ]
+            )
+        finally:
+            await admin.close()
+
+    async def scenario() -> tuple[list[str], list[bytes]]:
+        # made once the second broker is gone: one that knew it could ask it
+        admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
+        await admin.start()
+        try:
+            for _ in range(300):  # until the controller took the second out of the ISR
+                partition = (await admin.describe_topics([orders]))[0]["partitions"][0]
+                if partition["isr"] == [1]:
+                    break
+                await asyncio.sleep(0.2)
+            assert (partition["isr"], partition["leader"]) == ([1], 1)  # as the products'
+            env = bridge_env(first.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="60")
+            publisher = KafkaPublisher(load_settings(environ=env), Metrics())
+            await publisher.start()
+            try:
+                await publisher.publish(Destination(products, b"first", b"{}", []))
+                producer = publisher._producer
+                assert producer is not None
+                sender = producer._sender
+                node = producer.client.cluster.leader_for_partition(TopicPartition(products, 0))
+                assert node == 1
+                refused = [
+                    asyncio.ensure_future(
+                        publisher.publish(Destination(orders, f"o{n}".encode(), b"{}", []))
+                    )
+                    for n in range(3)
+                ]
+                await eventually(lambda: len(order_requests) >= 2, within=30, what="a retry")
+                held = []
+                for n in range(10):
+                    if node in sender._in_flight and not asked.get(node):
+                        held.append(f"p{n}")
+                    await publisher.publish(Destination(products, f"p{n}".encode(), b"{}", []))
+                assert not any(order.done() for order in refused)
+                await admin.alter_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, orders, {"min.insync.replicas": "1"})]
+                )
+                async with asyncio.timeout(60):
+                    await asyncio.gather(*refused)
+            finally:
+                await publisher.stop()
+        finally:
+            await admin.close()
+        landed = await read_to_end({"bootstrap_servers": first.bootstrap}, prefix=orders)
+        return held, [r.key for r in landed]
+
+    monkeypatch.setattr(Sender, "_send_produce_req", request)
+    monkeypatch.setattr(AIOKafkaClient, "send", send)
+    with second:
+        asyncio.run(create_topics())
+        second.stop()
+        held, landed = asyncio.run(scenario())
+    assert held == [], f"{len(held)} of 10 products waited behind the orders' backoff"
+    assert landed == [b"o0", b"o1", b"o2"]
