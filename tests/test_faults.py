@@ -744,6 +744,22 @@ def test_geins_retries_publish_once_even_across_restart(
         assert len({r.key for r in records}) == 1
 
 
+async def create_quorum_topics(bootstrap: str, orders: str, products: str) -> None:
+    """On a cluster of brokers 1 and 2: ``orders`` on both, min.insync.replicas 2 (below
+    its quorum once broker 2 stops), and ``products`` on broker 1 alone, both led by 1."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(orders, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
+                NewTopic(products, -1, -1, {0: [1]}),
+            ]
+        )
+    finally:
+        await admin.close()
+
+
 @pytest.mark.parametrize("ack", ["durable", "memory"])
 def test_a_topic_kafka_does_not_create_holds_back_only_its_own_events(
     lone_kafka: LocalKafka, tmp_path: Path, topic_prefix: str, ack: str
@@ -822,19 +838,6 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
     accepted: set[str] = set()
     keys = (f"k{n}" for n in itertools.count())
 
-    async def create_topics() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics(
-                [
-                    NewTopic(orders, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
-                    NewTopic(products, -1, -1, {0: [1]}),
-                ]
-            )
-        finally:
-            await admin.close()
-
     def post(client: httpx2.Client, entity: str) -> int:
         key = next(keys)
         answer = client.post(
@@ -850,7 +853,7 @@ def test_broker_mode_is_unready_while_a_cluster_below_its_quorum_takes_no_record
         return client.get("/readyz").status_code
 
     with second:
-        asyncio.run(create_topics())
+        asyncio.run(create_quorum_topics(first.bootstrap, orders, products))
         env = bridge_env(first.bootstrap, topic_prefix, "broker", BRIDGE_PUBLISH_TIMEOUT="2")
         with (
             BridgeProcess(env, tmp_path / "bridge.log") as bridge,
@@ -954,19 +957,6 @@ def test_a_topic_below_its_quorum_does_not_slow_the_others_of_its_broker(
                 if any(topic == orders for topic, _ in request._topics):
                     order_requests.append(node_id)
 
-    async def create_topics() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics(
-                [
-                    NewTopic(orders, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
-                    NewTopic(products, -1, -1, {0: [1]}),
-                ]
-            )
-        finally:
-            await admin.close()
-
     async def scenario() -> tuple[list[str], list[bytes]]:
         # made once the second broker is gone: one that knew it could ask it
         admin = AIOKafkaAdminClient(bootstrap_servers=first.bootstrap)
@@ -1016,7 +1006,7 @@ def test_a_topic_below_its_quorum_does_not_slow_the_others_of_its_broker(
     monkeypatch.setattr(Sender, "_send_produce_req", request)
     monkeypatch.setattr(AIOKafkaClient, "send", send)
     with second:
-        asyncio.run(create_topics())
+        asyncio.run(create_quorum_topics(first.bootstrap, orders, products))
         second.stop()
         held, landed = asyncio.run(scenario())
     assert held == [], f"{len(held)} of 10 products waited behind the orders' backoff"
