@@ -67,6 +67,12 @@ class AckMode(Protocol):
         none in broker mode, where nothing waits."""
         ...
 
+    @property
+    def dead_letters_waiting(self) -> int:
+        """Events Kafka refused for good whose dead letters cannot be kept yet (the
+        bridge_dead_letters_waiting gauge)."""
+        ...
+
     def prepare(self) -> None:
         """Open what must work before the server listens (raises SpoolUnusable)."""
         ...
@@ -176,6 +182,10 @@ class BrokerAck:
     @property
     def held_topics(self) -> list[str]:
         return self.leftover.held_topics if self.leftover is not None else []
+
+    @property
+    def dead_letters_waiting(self) -> int:
+        return self.leftover.dead_letters_waiting if self.leftover is not None else 0
 
     async def keep(self, destination: Destination) -> None:
         self._refuse_before_the_topics()
@@ -291,6 +301,10 @@ class _DrainedAck:
     @property
     def held_topics(self) -> list[str]:
         return self.drainer.held_topics
+
+    @property
+    def dead_letters_waiting(self) -> int:
+        return self.drainer.dead_letters_waiting
 
     def _full_because(self) -> str:
         """Why the backlog filled, as far as the bridge can tell: topics whose events
@@ -439,6 +453,13 @@ class MemoryAck(_DrainedAck):
         if self.leftover is not None:
             held = sorted({*held, *self.leftover.held_topics})
         return held
+
+    @property
+    def dead_letters_waiting(self) -> int:
+        waiting = self.drainer.dead_letters_waiting
+        if self.leftover is not None:
+            waiting += self.leftover.dead_letters_waiting
+        return waiting
 
     async def stop(self, deadline: float | None = None) -> None:
         self._stopping = True

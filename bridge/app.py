@@ -216,6 +216,7 @@ def _gauges_read_at_scrape(
     metrics.dedup_keys.set_function(lambda: ack_mode.remembered_keys)
     metrics.dedup_keys_forgotten_early.set_function(lambda: ack_mode.keys_forgotten_early)
     metrics.topics_held.set_function(lambda: len(ack_mode.held_topics))
+    metrics.dead_letters_waiting.set_function(lambda: ack_mode.dead_letters_waiting)
     backlog = ack_mode.backlog
     if backlog is not None:
         # So that an alert can watch it fill (bridge_spool_bytes alone has no scale).

@@ -248,6 +248,12 @@ class Drainer:
         acknowledged."""
         return sorted(self._holds)
 
+    @property
+    def dead_letters_waiting(self) -> int:
+        """Records Kafka refused for good whose dead letters cannot be kept yet (see
+        _parked): they wait in the backlog, their topics' other records going on."""
+        return len(self._parked)
+
     def _on_hold_now(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(topic for topic, (until, _) in self._holds.items() if until > now)
@@ -516,9 +522,14 @@ class Drainer:
                 and self._publisher.connected
                 and not self._pending
                 and not self._probing  # a probe waiting for its topic's metadata
+                # the last try of a parked dead letter, which the end would cancel (a
+                # memory-mode event lost as the dead-letter topic took it: a review)
+                and not any(parked.trying for parked in self._parked.values())
             ):
                 if not self._held_passing:
                     log.warning("stopping with the events of %s on hold", named(self.held_topics))
+                    if self._parked:
+                        self._say_parked_at_stop()
                     return
                 # Held for the producer's broken numbering, which its replacement mends
                 # in a moment, or for a topic Kafka was still creating: tried again,
@@ -852,12 +863,15 @@ class Drainer:
         kept (see _settled_by_probes), else parked (see _parked)."""
         topic = record.destination.topic
         if await self._set_aside(record, error):
-            self._parked.pop(record.seq, None)
+            was_parked = self._parked.pop(record.seq, None) is not None
             self._settled_by_probes.add(record.seq)
             self._suspects.pop(record.seq, None)
-            # Kafka judged a record of the topic: it is in no other trouble (a hold
-            # kept bridge_topics_held up with nothing of it waiting).
-            self._holds.pop(topic, None)
+            # Kafka judged a record of the topic just now: it is in no other trouble (a
+            # hold kept bridge_topics_held up with nothing of it waiting). Not so for a
+            # parked one, refused long ago: its topic may be held since for another
+            # trouble, which this would lift (a review's test).
+            if not was_parked:
+                self._holds.pop(topic, None)
         else:
             parked = self._parked.get(record.seq)
             wait = HOLD_MIN if parked is None else min(parked.wait * 2, HOLD_MAX)

@@ -275,7 +275,8 @@ def _host_refusal(headers: list[tuple[bytes, bytes]], version: str) -> BridgeErr
     hosts = [value for name, value in headers if name == b"host"]
     if len(hosts) > 1 or (not hosts and version == "1.1"):
         return MalformedRequest("a request needs exactly one Host field (HTTP/1.0: at most one)")
-    if hosts and _HOST_VALUE.fullmatch(hosts[0]) is None:
+    # (llhttp keeps the spaces and tabs after a value, which are not part of it)
+    if hosts and _HOST_VALUE.fullmatch(hosts[0].strip(b" \t")) is None:
         return MalformedRequest(
             "the Host field is not a host name or address with an optional port"
         )

@@ -99,6 +99,10 @@ class LeftoverSpool:
     def held_topics(self) -> list[str]:
         return self._drainer.held_topics if self._drainer is not None else []
 
+    @property
+    def dead_letters_waiting(self) -> int:
+        return self._drainer.dead_letters_waiting if self._drainer is not None else 0
+
     def prepare(self) -> None:
         """Open the spool if one is there and holds events (before the server listens,
         as the durable mode opens its own). One that cannot be opened is said, not

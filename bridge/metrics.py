@@ -252,6 +252,13 @@ class Metrics:
             "the events of other topics go on.",
             registry=registry,
         )
+        self.dead_letters_waiting = Gauge(
+            "bridge_dead_letters_waiting",
+            "Events Kafka refused for good (too large for their topic) whose dead letters "
+            "cannot be kept yet (the dead-letter topic missing, denied or below its "
+            "quorum): they wait in the backlog, tried again, while their topics go on.",
+            registry=registry,
+        )
         self.dedup_keys = Gauge(
             "bridge_dedup_keys",
             "Idempotency keys remembered for de-duplication (in memory, or in the spool "

@@ -740,6 +740,126 @@ async def test_a_stop_ends_soon_with_only_parked_records_left(
     )
 
 
+# --- parked records whose dead letter waits (a review of their first version) ----
+
+TROUBLED = "geins.widget.create"
+DENIED, BIG = "geins.denied.create", "geins.big.create"
+
+
+class ParkedThenStuckPublisher(FakePublisher):
+    """Kafka where TROUBLED refuses "big" as too large and takes its other records but
+    never acknowledges them (a partition without a leader, below its quorum); the
+    dead-letter topic "dl" refuses until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = False
+        self.handed: list[bytes] = []
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == "dl" and not self.release:
+            await asyncio.sleep(0)
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        if destination.topic == TROUBLED:
+            await asyncio.sleep(0)
+            if destination.key == b"big":
+                raise PayloadTooLarge("too large for the topic")
+            self.handed.append(destination.key)
+            return asyncio.get_running_loop().create_future()  # never acknowledged
+        return await super().hand_over(destination)
+
+
+async def test_a_parked_dead_letter_kept_later_does_not_lift_its_topics_other_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parked record's dead letter is kept long after Kafka refused the record; by
+    then its topic may be held for another trouble (its records unacknowledged). The
+    dead letter's success popped that hold: bridge_topics_held said the topic was fine
+    while none of its records was acknowledged, and its records went in whole batches
+    that each round waited BRIDGE_PUBLISH_TIMEOUT for, rather than one probe."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 0.05)
+    monkeypatch.setattr(drainer_module, "HOLD_MAX", 0.2)
+    publisher = ParkedThenStuckPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("big", topic=TROUBLED))
+    for n in range(3):
+        backlog.append(record(f"w{n}", topic=TROUBLED))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: drainer._parked != {}, within=5, what="big parked")
+        await eventually(lambda: drainer.held_topics == [TROUBLED], within=5, what="the hold")
+        publisher.release = True  # the dead-letter topic is fixed
+        await eventually(
+            lambda: [r.key for r in publisher.records if r.topic == "dl"] == [b"big"],
+            within=5,
+            what="the dead letter kept",
+        )
+        await eventually(lambda: drainer._parked == {}, within=5)
+        # none of the topic's records was acknowledged: it is still in trouble
+        held_after = drainer.held_topics
+        handed = len(publisher.handed)
+        for n in range(3, 8):  # more of the troubled topic's records, then another's
+            backlog.append(record(f"w{n}", topic=TROUBLED))
+        backlog.append(record("o1"))
+        drainer.wake()
+        await eventually(lambda: [r.key for r in publisher.records] == [b"big", b"o1"], within=5)
+        # a held topic gets one probe at a time, not its whole backlog in a batch
+        assert (held_after, len(publisher.handed) - handed) == ([TROUBLED], 1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class HeldAndParkedPublisher(FakePublisher):
+    """Kafka that denies DENIED (an ACL: every hand-over refused at once), refuses "big"
+    of BIG as too large, and whose dead-letter topic refuses until ``fixed``, then takes
+    a dead letter after a moment (a publish takes a few milliseconds or more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fixed = False
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        if destination.topic == DENIED:
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        if destination.topic == BIG:
+            raise PayloadTooLarge("too large for the topic")
+        if destination.topic == "dl":
+            if not self.fixed:
+                raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+            await asyncio.sleep(0.3)
+        return await super().hand_over(destination)
+
+
+async def test_a_stop_waits_for_the_last_try_of_a_parked_dead_letter_while_a_topic_is_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a stop a parked record's dead letter is tried once more; a topic held (an ACL
+    denies it) made the drain end at once, as "only held topics left", while that try
+    was on its way: the drainer's task was then cancelled, the try with it, and memory
+    mode lost the event whose dead letter the fixed dead-letter topic was taking."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
+    publisher = HeldAndParkedPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("big", topic=BIG))
+    backlog.append(record("d1", topic=DENIED))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: drainer._parked != {}, within=5, what="big parked")
+        await eventually(lambda: drainer.held_topics == [DENIED], within=5, what="the hold")
+        publisher.fixed = True  # the dead-letter topic takes it now
+        await asyncio.wait_for(drainer.drain(time.monotonic() + 30), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await drainer.settle()
+    assert [(r.topic, r.key) for r in publisher.records] == [("dl", b"big")]
+    assert backlog.depth == 1  # d1 only, its topic denied
+
+
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
     """Set aside when the producer refused it at once, a suspect stayed one: its topic's
     oldest, it went to the dead-letter topic again every round, in a tight loop (12,071

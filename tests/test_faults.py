@@ -918,6 +918,10 @@ def test_memory_mode_delivers_other_topics_at_a_stop_while_a_dead_letter_waits(
         for n in range(20):
             post("/webhooks/geins/Product/update", f"p{n}", b"{}")
             accepted.append(f"p{n}")
+        # the operator sees the record waiting for its dead letter (parked)
+        wait_until(
+            lambda: sample(metrics, "bridge_dead_letters_waiting"), bool, within=20, every=0.05
+        )
         # stopped now, as by a SIGTERM: Kafka is up and takes every product record
     landed = {r.key.decode() for r in read_all_sync(bootstrap, products)}
     assert [k for k in accepted if k not in landed] == []
