@@ -920,7 +920,17 @@ class Drainer:
             except PayloadTooLarge:
                 pass
             except BridgeError as exc:
-                log.warning("cannot set aside a record Kafka refused yet: %s", exc.detail)
+                # At WARNING when it is parked, at DEBUG at each retry after: one line
+                # per parked record every 10 s flooded the log while the dead-letter
+                # topic took nothing (a review); bridge_dead_letters_waiting counts them.
+                log.log(
+                    logging.DEBUG if record.seq in self._parked else logging.WARNING,
+                    "cannot set aside a record Kafka refused yet (key %s for %s; it waits, "
+                    "its topic going on, and is tried again): %s",
+                    original.key.decode(errors="replace"),
+                    original.topic,
+                    exc.detail,
+                )
                 return False
             else:
                 log.error(

@@ -521,11 +521,12 @@ async def test_other_topics_go_on_while_a_dead_letter_waits() -> None:
 
 
 async def test_a_record_whose_dead_letter_failed_is_not_sent_to_its_topic_again(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When its topic's hold ends, what is tried again is the dead letter: the record
     went to Kafka again, refused again (and the producer was replaced) at each retry."""
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 0.05)
+    caplog.set_level(logging.DEBUG, logger="bridge.drainer")
     publisher = DeadLettersWaitPublisher(refusals=2)
     publisher.release.set()
     backlog = MemoryBacklog(max_bytes=10**6)
@@ -534,6 +535,10 @@ async def test_a_record_whose_dead_letter_failed_is_not_sent_to_its_topic_again(
     await run_until_empty(drainer, backlog)
     assert publisher.tries == {"geins.big.create": 1, "dl": 3}
     assert drainer.held_topics == []
+    # said at WARNING once, when it was parked; its retry's failure at DEBUG
+    said = [r for r in caplog.records if "cannot set aside" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    assert "key big for geins.big.create" in said[0].getMessage()
 
 
 class BatchRefusingPublisher(FakePublisher):
@@ -713,6 +718,7 @@ async def test_a_suspect_that_cannot_be_set_aside_waits_apart_from_its_topic(
         assert publisher.tries["dl"] == tries["dl"]  # its dead letter waits its backoff
         assert publisher.tries["A"] == tries["A"] + 50  # a1 is not sent again
         assert drainer.held_topics == []
+        assert drainer.dead_letters_waiting == 1
         assert backlog.depth == 1  # kept, for when the dead-letter topic takes it
 
 
