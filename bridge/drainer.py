@@ -632,6 +632,12 @@ class Drainer:
             return
         if since is not None and not self._publisher.answered_since(since):
             return
+        if since is not None and self._publisher.throttled:
+            # A wait that ran out (for room in the producer's buffer, for an
+            # acknowledgement) while Kafka holds the whole producer back for a client
+            # quota is the quota's, not the topic's: held, and said so, it sent the
+            # operator after the topic (a review on a throttling broker).
+            return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))
         if until > now:

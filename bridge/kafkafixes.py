@@ -25,6 +25,16 @@ overtaken); the broker is free again as soon as it answered, as Java's producer 
 off per batch. A request that failed as a whole (no answer: a timeout, a lost
 connection) still holds the broker for the backoff.
 
+**A quota's throttle.** A broker over a client quota (producer_byte_rate,
+request_percentage, per client id or user) answers with ``throttle_time_ms`` and reads
+nothing more from the connection for that long (KIP-219), expecting the client to hold
+back. aiokafka 0.14 ignores it and sends the next request at once: its requests, the
+bridge's metadata heartbeat among them, queued behind the muted connection until they
+timed out, and the bridge took a throttled Kafka for an unreachable one (unready,
+"metadata refresh failed") while nothing said it was throttled. Now the sender holds
+back the broker's requests for the throttle time, as Java's producer does, and tells
+the producer's ``on_throttle`` (the publisher's, which counts it and says so).
+
 **gzip's level.** aiokafka compresses a gzip batch at level 9, on the event loop: some
 100 ms for a batch of 1 MB of JSON, every request waiting meanwhile. Level 6, zlib's
 default and Kafka's Java producer's (compression.gzip.level), took a quarter of that
@@ -90,8 +100,10 @@ class _ProduceReqHandler(SendProduceReqHandler):  # type: ignore[misc]  # untype
 
     _to_reenqueue: list[Any]  # aiokafka's: the batches to send again after the backoff
     retried: list[Any]
+    throttle_seconds: float = 0.0  # how long the broker asked the client to hold back
 
     def handle_response(self, response: Any) -> None:
+        self.throttle_seconds = getattr(response, "throttle_time_ms", 0) / 1000
         super().handle_response(response)
         self.retried = self._to_reenqueue
         self._to_reenqueue = []  # do() waits the backoff before re-queueing these only
@@ -105,6 +117,10 @@ async def _send_produce_req_backing_off_per_batch(
     handler = _ProduceReqHandler(self, batches)
     handler.retried = []
     await handler.do(node_id)
+    if (throttle := handler.throttle_seconds) > 0:
+        if (on_throttle := getattr(self, "on_throttle", None)) is not None:
+            on_throttle(throttle)
+        await asyncio.sleep(throttle)  # the broker reads none of it meanwhile (KIP-219)
     again = {batch.tp for batch in handler.retried}
     self._in_flight.remove(node_id)
     for tp in batches:

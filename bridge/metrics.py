@@ -336,6 +336,13 @@ class Metrics:
             "for good, or the producer gave up on a batch during an outage.",
             registry=registry,
         )
+        self.kafka_throttle = Counter(
+            "bridge_kafka_throttle_seconds",
+            "Seconds Kafka asked the producer to hold back its requests (throttle_time_ms "
+            "of its produce answers): a client quota (producer_byte_rate, "
+            "request_percentage) on the bridge's client id or user is below its traffic.",
+            registry=registry,
+        )
         self.ready = Gauge(
             "bridge_ready",
             "1 when the bridge accepts deliveries (what /readyz answers), else 0.",

@@ -84,6 +84,11 @@ UNANSWERED_AFTER_SECONDS = STALE_AFTER_SECONDS + HEARTBEAT_SECONDS
 STALLED_FOR_SECONDS = STALE_AFTER_SECONDS
 #: How often a run of failed metadata refreshes (an outage) is logged again.
 REFRESH_FAILED_REPEAT_SECONDS = 60.0
+#: The least time between two WARNING lines saying Kafka throttles the bridge.
+THROTTLE_SAID_EVERY_SECONDS = 60.0
+#: How long after a throttle ends the bridge still counts as throttled (see throttled):
+#: what waited behind it (a metadata request, records for room) comes a moment later.
+THROTTLE_AFTERMATH_SECONDS = 2 * HEARTBEAT_SECONDS
 #: The longest wait between two tries of secret files a rotation could not connect with.
 ROTATION_RETRY_MAX_SECONDS = 60.0
 #: Why a producer did not start, as bridge_kafka_secret_rotations_total counts it:
@@ -110,6 +115,11 @@ class Publisher(Protocol):
 
     @property
     def stalled(self) -> bool: ...
+
+    @property
+    def throttled(self) -> bool:
+        """Kafka throttles the producer (a client quota), or did a moment ago."""
+        ...
 
     def answered_since(self, since: float) -> bool: ...
 
@@ -504,6 +514,10 @@ class KafkaPublisher:
         self._refresh_failing = False
         self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
         self._refresh_run_said = False
+        # Until when (monotonic) Kafka asked the producer to hold back, and when that
+        # was last said (see _on_throttle)
+        self._throttled_until = -math.inf
+        self._throttle_said = -THROTTLE_SAID_EVERY_SECONDS
 
     @property
     def connected(self) -> bool:
@@ -517,7 +531,36 @@ class KafkaPublisher:
             return False
         if time.monotonic() < self._refreshed_at + STALE_AFTER_SECONDS:
             return True
+        # A throttled Kafka answers, a throttle time later: the heartbeats' requests
+        # wait behind it, and a throttled bridge was called unreachable (a review).
+        if self.throttled:
+            return True
         return self._metadata_age() < STALE_AFTER_SECONDS
+
+    @property
+    def throttled(self) -> bool:
+        """Kafka throttles the producer (a client quota), or did a moment ago."""
+        return time.monotonic() < self._throttled_until + THROTTLE_AFTERMATH_SECONDS
+
+    def _on_throttle(self, seconds: float) -> None:
+        """Kafka answered a produce request asking the producer to hold back its
+        requests ``seconds`` (the sender does, see bridge.kafkafixes): counted, said at
+        most once a minute, and an answer from Kafka all the same."""
+        now = time.monotonic()
+        self._metrics.kafka_throttle.inc(seconds)
+        self._throttled_until = max(self._throttled_until, now + seconds)
+        self._answered()
+        if now - self._throttle_said >= THROTTLE_SAID_EVERY_SECONDS:
+            self._throttle_said = now
+            log.warning(
+                "Kafka throttles the bridge (%.0f ms): a client quota on client id %s (or "
+                "its user) is below its traffic; broker mode answers 503 to what waits past "
+                "BRIDGE_PUBLISH_TIMEOUT, durable and memory modes queue the events (said at "
+                "most every %g s, counted in bridge_kafka_throttle_seconds_total)",
+                seconds * 1000,
+                self._settings.kafka_client_id,
+                THROTTLE_SAID_EVERY_SECONDS,
+            )
 
     @property
     def stalled(self) -> bool:
@@ -699,6 +742,8 @@ class KafkaPublisher:
         self._replaced = asyncio.get_running_loop().create_future()
         self._handover = DirectHandover(producer, self._max_request_size)
         self._producer = producer
+        if (sender := getattr(producer, "_sender", None)) is not None:
+            sender.on_throttle = self._on_throttle  # called by bridge.kafkafixes' mend
         self._watch = functools.partial(self._after_ack, producer)
         self._fingerprint = fingerprint
         self._refreshed()  # a producer starts with the cluster's metadata
@@ -1058,6 +1103,9 @@ class KafkaPublisher:
         nothing new, and a Kafka failing every other refresh got a warning and an "again"
         line for each); the rest at DEBUG."""
         now = time.monotonic()
+        if self.throttled:  # it waited behind the throttle: Kafka answers (see connected)
+            log.debug("Kafka metadata refresh failed while Kafka throttles: %r", exc)
+            return
         first, self._refresh_failing = not self._refresh_failing, True
         # A run long enough for Kafka to count as away (bridge_kafka_connected 0) is
         # said once whenever it begins: a second outage within the minute of the last
