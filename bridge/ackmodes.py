@@ -311,9 +311,19 @@ class _DrainedAck:
         Kafka does not take (a denied ACL, a missing topic) fill it as surely as Kafka
         away does, and "Kafka is probably unreachable" sent the operator elsewhere."""
         held = self.drainer.held_topics
-        if not held:
-            return "Kafka is probably unreachable"
-        return f"Kafka takes no event of {named(held)} (see the log and bridge_topics_held)"
+        waiting = self.drainer.dead_letters_waiting
+        because = []
+        if held:
+            because.append(
+                f"Kafka takes no event of {named(held)} (see the log and bridge_topics_held)"
+            )
+        if waiting:
+            # parked: their topics go on, so none is held (it said Kafka was away: a review)
+            because.append(
+                f"{waiting} events too large for their topics wait for the dead-letter topic "
+                "(see the log and bridge_dead_letters_waiting)"
+            )
+        return "; ".join(because) or "Kafka is probably unreachable"
 
     def _background_reason(self) -> str | None:
         """Unready once the drainer (or durable's spool maintenance) stopped. Their loops

@@ -39,9 +39,10 @@ from aiokafka.errors import OutOfOrderSequenceNumber
 from bridge.backlog import Backlog, QueuedRecord
 from bridge.config import Settings
 from bridge.deadletter import set_aside
-from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge
+from bridge.errors import KAFKA_REJECTED, BridgeError, PayloadTooLarge, PublishTimeout
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher, landed, refused_by_kafka, spawn
+from bridge.routing import Destination
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,24 @@ class _Parked:
     """A record Kafka refused for good whose dead letter could not be kept: parked out
     of its topic's way, its dead letter tried again at ``retry_at`` (monotonic)."""
 
-    __slots__ = ("error", "record", "retry_at", "trying", "wait")
+    __slots__ = ("error", "landing", "record", "retry_at", "trying", "wait")
 
-    def __init__(self, record: QueuedRecord, error: BridgeError, wait: float) -> None:
+    def __init__(
+        self,
+        record: QueuedRecord,
+        error: BridgeError,
+        wait: float,
+        landing: asyncio.Future[Any] | None,
+    ) -> None:
         self.record = record
         self.error = error
         self.wait = wait
         self.retry_at = time.monotonic() + wait
         self.trying = False  # its dead letter is being published
+        # The last copy of its dead letter, when its publish timed out with the copy
+        # still in the producer's hands (a dead-letter topic below its quorum): it may
+        # land yet, and no other copy goes while it may (each would land too).
+        self.landing = landing
 
 
 class _Pending:
@@ -199,6 +210,9 @@ class Drainer:
         # the dead letter, not the record (which went to Kafka again, refused again,
         # and replaced the producer each time), with a backoff (see _retry_parked).
         self._parked: dict[int, _Parked] = {}
+        # seq -> the copy of its dead letter a timed-out publish left with the producer,
+        # from _set_aside to the parking (see _Parked.landing)
+        self._landings: dict[int, asyncio.Future[Any]] = {}
         # seqs a probe settled (set aside as too large): removed next round, and not read
         # again until then (a second probe would keep a second dead letter)
         self._settled_by_probes: set[int] = set()
@@ -881,14 +895,26 @@ class Drainer:
         else:
             parked = self._parked.get(record.seq)
             wait = HOLD_MIN if parked is None else min(parked.wait * 2, HOLD_MAX)
-            self._parked[record.seq] = _Parked(record, error, wait)
+            landing = self._landings.pop(record.seq, None)
+            self._parked[record.seq] = _Parked(record, error, wait, landing)
             self._suspects.pop(record.seq, None)
+            if landing is not None:
+                landing.add_done_callback(lambda _: self.wake())
 
     def _retry_parked(self) -> None:
         """Try again the dead letters of the parked records whose wait is over, each in
         a task apart (a publish may take BRIDGE_PUBLISH_TIMEOUT), their topics going on."""
         now = time.monotonic()
-        for parked in self._parked.values():
+        for parked in list(self._parked.values()):
+            if parked.landing is not None and not parked.trying:
+                if not parked.landing.done():
+                    continue  # its last copy may land yet: not another (a review's test)
+                if landed(parked.landing):
+                    del self._parked[parked.record.seq]
+                    self._settled_by_probes.add(parked.record.seq)
+                    self._say_set_aside(parked.record.destination, parked.error)
+                    continue
+                parked.landing = None  # it failed: a new copy when its wait is over
             if not parked.trying and parked.retry_at <= now:
                 parked.trying = True
                 topic = parked.record.destination.topic
@@ -926,6 +952,8 @@ class Drainer:
             except PayloadTooLarge:
                 pass
             except BridgeError as exc:
+                if isinstance(exc, PublishTimeout) and exc.landing is not None:
+                    self._landings[record.seq] = exc.landing  # parked with it
                 # At WARNING when it is parked, at DEBUG at each retry after: one line
                 # per parked record every 10 s flooded the log while the dead-letter
                 # topic took nothing (a review); bridge_dead_letters_waiting counts them.
@@ -939,14 +967,7 @@ class Drainer:
                 )
                 return False
             else:
-                log.error(
-                    "Kafka refused the record with key %s for %s (%s); it is on %s",
-                    original.key.decode(errors="replace"),
-                    original.topic,
-                    error.detail,
-                    self._deadletter_topic,
-                )
-                self._metrics.dead_letters.labels(KAFKA_REJECTED).inc()
+                self._say_set_aside(original, error)
                 return True
         log.error(
             "Kafka refused the record with key %s for %s (%s) and it cannot be kept as a "
@@ -958,3 +979,14 @@ class Drainer:
         self._metrics.dropped_records.inc()
         self.dropped += 1
         return True
+
+    def _say_set_aside(self, original: Destination, error: BridgeError) -> None:
+        """Log and count a record Kafka refused for good, kept as a dead letter."""
+        log.error(
+            "Kafka refused the record with key %s for %s (%s); it is on %s",
+            original.key.decode(errors="replace"),
+            original.topic,
+            error.detail,
+            self._deadletter_topic,
+        )
+        self._metrics.dead_letters.labels(KAFKA_REJECTED).inc()

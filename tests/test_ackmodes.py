@@ -866,6 +866,41 @@ async def test_a_stop_waits_for_the_last_try_of_a_parked_dead_letter_while_a_top
     assert backlog.depth == 1  # d1 only, its topic denied
 
 
+async def test_a_backlog_full_of_parked_records_does_not_blame_kafka(tmp_path: Path) -> None:
+    """Events too large for their topic, whose dead letters the dead-letter topic does
+    not take (denied, say), fill the memory queue: Kafka is up and takes every other
+    event. Before they were parked their topic was held, and /readyz named it; now no
+    topic is held and the reason says "Kafka is probably unreachable", which sends the
+    operator after Kafka (what _full_because was made to stop) rather than after the
+    dead-letter topic (bridge_dead_letters_waiting)."""
+    publisher = DeadLettersWaitPublisher(refusals=10**6)
+    mode = make_ack_mode(
+        settings(
+            tmp_path,
+            BRIDGE_ACK="memory",
+            BRIDGE_MEMORY_MAX_BYTES=str(2**20),
+            BRIDGE_DEADLETTER_TOPIC="dl",
+        ),
+        publisher,
+        Metrics(),
+    )
+    assert isinstance(mode, MemoryAck)
+    big = Destination(topic="geins.big.create", key=b"big", value=b"x" * 60_000, headers=[])
+    while not mode.backlog.full:
+        mode.backlog.append(big)
+    await mode.start()
+    try:
+        await eventually(
+            lambda: mode.dead_letters_waiting == mode.backlog.depth, within=10, what="parked"
+        )
+        reason = mode.unready_reason
+        assert reason is not None
+        assert "Kafka is probably unreachable" not in reason, reason
+        assert "wait for the dead-letter topic" in reason, reason
+    finally:
+        await mode.stop(time.monotonic() + 5)
+
+
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
     """Set aside when the producer refused it at once, a suspect stayed one: its topic's
     oldest, it went to the dead-letter topic again every round, in a tight loop (12,071

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import os
 import random
 import signal
@@ -1015,3 +1016,81 @@ def test_a_topic_below_its_quorum_does_not_slow_the_others_of_its_broker(
         held, landed = asyncio.run(scenario())
     assert held == [], f"{len(held)} of 10 products waited behind the orders' backoff"
     assert landed == [b"o0", b"o1", b"o2"]
+
+
+def test_a_parked_record_gets_one_dead_letter_once_its_topic_is_back_to_its_quorum(
+    lone_kafka: LocalKafka, tmp_path: Path, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dead-letter topic below its min.insync.replicas: each try of a parked record's
+    dead letter timed out, leaving its copy with the idempotent producer (which retries
+    a batch until Kafka takes it), and after its backoff the drainer handed over one
+    more copy. Once the topic was back to its quorum every copy landed: 4 dead letters
+    for one event (a review's test). No other copy goes while the last may land."""
+    caplog.set_level(logging.DEBUG, logger="bridge.drainer")
+    bootstrap = lone_kafka.bootstrap
+    second = cluster.JoiningBroker(lone_kafka, 2, tmp_path / "kafka-2" / "data")
+    orders, deadletter = f"{topic_prefix}.order.create", f"{topic_prefix}.deadletter"
+
+    async def create_topics() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(orders, -1, -1, {0: [1]}, {"max.message.bytes": "2000"}),
+                    NewTopic(deadletter, -1, -1, {0: [1, 2]}, {"min.insync.replicas": "2"}),
+                ]
+            )
+        finally:
+            await admin.close()
+
+    async def in_sync() -> list[int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return list((await admin.describe_topics([deadletter]))[0]["partitions"][0]["isr"])
+        finally:
+            await admin.close()
+
+    async def mend() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            config = {"min.insync.replicas": "1"}
+            await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, deadletter, config)]
+            )
+        finally:
+            await admin.close()
+
+    def tries() -> int:
+        return sum("cannot set aside a record" in r.getMessage() for r in caplog.records)
+
+    env = bridge_env(bootstrap, topic_prefix, "memory", BRIDGE_PUBLISH_TIMEOUT="1")
+    metrics = Metrics()
+    with second:
+        asyncio.run(create_topics())
+        second.stop()
+        isr = wait_until(lambda: asyncio.run(in_sync()), lambda i: i == [1], within=90, every=0.5)
+        assert isr == [1]
+        with TestClient(create_app(load_settings(environ=env), metrics=metrics)) as client:
+            headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "big"}
+            answer = client.post(
+                "/webhooks/geins/Order/create",
+                content=b'{"pad":"' + b"x" * 5000 + b'"}',
+                headers=headers,
+            )
+            assert answer.status_code == 202
+            wait_until(tries, bool, within=60, every=0.1)  # its first copy timed out
+            time.sleep(8)  # the backoffs of three more tries (1, 2 and 4 s) passed
+            assert sample(metrics, "bridge_dead_letters_waiting") == 1
+            asyncio.run(mend())
+            wait_until(
+                lambda: sample(metrics, "bridge_dead_letters_waiting"),
+                lambda n: n == 0,
+                within=60,
+                every=0.1,
+            )
+    letters = [r for r in read_all_sync(bootstrap, deadletter) if r.key == b"big"]
+    assert len(letters) == 1, f"{len(letters)} dead letters for one event"
+    assert sample(metrics, "bridge_dead_letters_total", {"reason": "kafka_rejected"}) == 1
