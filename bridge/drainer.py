@@ -59,6 +59,9 @@ IDLE_POLL = 1.0
 #: is twice as long, up to HOLD_MAX.
 HOLD_MIN = 1.0
 HOLD_MAX = 10.0
+#: Most parked records whose dead letters are tried at once (the others wait their turn):
+#: each try is a task and a copy of a record too large for its topic in the producer.
+PARKED_TRIES_AT_ONCE = 8
 #: A topic's holds are said at WARNING at most this often (else at DEBUG): a topic an
 #: ACL denies was two lines every 10 s, 17,000 a day (a review's count).
 HOLD_SAID_EVERY = 60.0
@@ -905,6 +908,7 @@ class Drainer:
         """Try again the dead letters of the parked records whose wait is over, each in
         a task apart (a publish may take BRIDGE_PUBLISH_TIMEOUT), their topics going on."""
         now = time.monotonic()
+        trying = sum(parked.trying for parked in self._parked.values())
         for parked in list(self._parked.values()):
             if parked.landing is not None and not parked.trying:
                 if not parked.landing.done():
@@ -915,8 +919,9 @@ class Drainer:
                     self._say_set_aside(parked.record.destination, parked.error)
                     continue
                 parked.landing = None  # it failed: a new copy when its wait is over
-            if not parked.trying and parked.retry_at <= now:
+            if not parked.trying and parked.retry_at <= now and trying < PARKED_TRIES_AT_ONCE:
                 parked.trying = True
+                trying += 1
                 topic = parked.record.destination.topic
                 task = spawn(self._keep_parked(parked), f"drainer-dead-letter-{topic}")
                 self._probe_tasks.add(task)

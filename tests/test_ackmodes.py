@@ -901,6 +901,51 @@ async def test_a_backlog_full_of_parked_records_does_not_blame_kafka(tmp_path: P
         await mode.stop(time.monotonic() + 5)
 
 
+async def test_parked_dead_letters_are_tried_a_few_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each try of a parked record's dead letter is a task and a copy of a record too
+    large for its topic in the producer: at most PARKED_TRIES_AT_ONCE at once, the
+    others in their turn (a review's doubt: hundreds at once at a stop)."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 0.01)
+    monkeypatch.setattr(drainer_module, "HOLD_MAX", 0.02)
+    publisher = DeadLettersWaitPublisher()
+    refusing = True  # the dead-letter topic refuses until every record is parked
+    in_flight, most = 0, 0
+    hand_over = publisher.hand_over
+
+    async def dead_letter_topic(destination: Destination) -> asyncio.Future[Any]:
+        nonlocal in_flight, most
+        if destination.topic != "dl":
+            return await hand_over(destination)
+        if refusing:
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await hand_over(destination)  # waits for publisher.release
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(publisher, "hand_over", dead_letter_topic)
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for n in range(20):
+        backlog.append(record(f"big{n}", topic="geins.big.create"))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: drainer.dead_letters_waiting == 20)
+        refusing = False
+        await eventually(lambda: in_flight > 0)
+        await asyncio.sleep(0.1)  # more rounds: none starts a ninth
+        assert most == drainer_module.PARKED_TRIES_AT_ONCE
+        publisher.release.set()
+        await eventually(lambda: backlog.depth == 0)
+    finally:
+        task.cancel()
+    assert len([r for r in publisher.records if r.topic == "dl"]) == 20
+
+
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
     """Set aside when the producer refused it at once, a suspect stayed one: its topic's
     oldest, it went to the dead-letter topic again every round, in a tight loop (12,071
