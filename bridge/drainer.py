@@ -531,6 +531,7 @@ class Drainer:
         self._retry_parked()
         self._only_held_left = False
         while self._backlog.depth and time.monotonic() < deadline:
+            self._retry_parked()  # the next ones owed their try (PARKED_TRIES_AT_ONCE)
             if self._parked_only_left():
                 self._say_parked_at_stop()
                 return
@@ -541,7 +542,7 @@ class Drainer:
                 and not self._probing  # a probe waiting for its topic's metadata
                 # the last try of a parked dead letter, which the end would cancel (a
                 # memory-mode event lost as the dead-letter topic took it: a review)
-                and not any(parked.trying for parked in self._parked.values())
+                and not any(self._owed(parked) for parked in self._parked.values())
             ):
                 if not self._held_passing:
                     log.warning("stopping with the events of %s on hold", named(self.held_topics))
@@ -608,6 +609,11 @@ class Drainer:
         there: a durable spool sent it again at the next start, and memory mode's
         shutdown log counted it as not acknowledged. Failures are left as they are:
         their records stay in the backlog, as before."""
+        for seq, parked in list(self._parked.items()):
+            if parked.landing is not None and landed(parked.landing):  # kept after all
+                del self._parked[seq]
+                self._settled_by_probes.add(seq)
+                self._say_set_aside(parked.record.destination, parked.error)
         done = [*self._unremoved, *self._finished, *self._settled_by_probes]
         self._finished = []
         for seq, pending in list(self._pending.items()):
@@ -638,7 +644,7 @@ class Drainer:
                 exc,
             )
 
-    def _hold(self, topic: str, why: str, since: float | None = None) -> None:
+    def _hold(self, topic: str, why: str, since: float | None = None, quota: bool = False) -> None:
         """Keep ``topic``'s records back for a while; the others go on. Not while Kafka
         is away: that is no topic's trouble. ``since`` (perf_counter): when the record
         that failed was handed over; Kafka must have answered something after it (an
@@ -649,11 +655,13 @@ class Drainer:
             return
         if since is not None and not self._publisher.answered_since(since):
             return
-        if since is not None and self._publisher.throttled:
-            # A wait that ran out (for room in the producer's buffer, for an
-            # acknowledgement) while Kafka holds the whole producer back for a client
-            # quota is the quota's, not the topic's: held, and said so, it sent the
-            # operator after the topic (a review on a throttling broker).
+        if quota and self._publisher.throttled:
+            # A wait for room in the producer's buffer that ran out while Kafka holds
+            # the whole producer back for a client quota is the quota's, not the
+            # topic's: held, and said so, it sent the operator after the topic (a
+            # review on a throttling broker). Not an acknowledgement's: a topic below
+            # its quorum while throttled was never held, and each round waited for it
+            # (a second review).
             return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))
@@ -824,6 +832,7 @@ class Drainer:
             topic,
             f"no metadata or buffer space for it within {self._hand_over_wait:g} s",
             time.perf_counter() - self._hand_over_wait,
+            quota=True,
         )
         self._held_passing.add(topic)  # Kafka may be creating it: see drain
 
@@ -941,7 +950,17 @@ class Drainer:
             and self._backlog.depth <= len(self._parked)
             and not self._pending
             and not self._probing
-            and not any(parked.trying for parked in self._parked.values())
+            and not any(self._owed(parked) for parked in self._parked.values())
+        )
+
+    def _owed(self, parked: _Parked) -> bool:
+        """Whether a stop still waits for ``parked``: its try being made or still owed
+        (drain), or the last copy of its dead letter that may land yet (a stop that
+        ended meanwhile kept the record, and its next start a second dead letter)."""
+        return (
+            parked.trying
+            or parked.retry_at == 0.0
+            or (parked.landing is not None and not parked.landing.done())
         )
 
     async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:

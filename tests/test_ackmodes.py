@@ -32,6 +32,7 @@ from bridge.config import Settings, load_settings
 from bridge.dedup import SeenKeys
 from bridge.drainer import Drainer
 from bridge.errors import (
+    KAFKA_REJECTED,
     BridgeError,
     MemoryQueueFull,
     PayloadTooLarge,
@@ -944,6 +945,210 @@ async def test_parked_dead_letters_are_tried_a_few_at_a_time(
     finally:
         task.cancel()
     assert len([r for r in publisher.records if r.topic == "dl"]) == 20
+
+
+# --- while Kafka throttles, and parked records at a stop (a review of the throttle) --
+
+STUCK = "geins.stuck.create"
+
+
+class StuckTopicPublisher(FakePublisher):
+    """Kafka that takes every topic's records but STUCK's, which it never acknowledges
+    (a topic below its min.insync.replicas: the idempotent producer retries for ever),
+    while a client quota throttles the producer (``throttled``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttled = True
+        self.stuck_handed = 0
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == STUCK:
+            await asyncio.sleep(0)
+            self.stuck_handed += 1
+            return asyncio.get_running_loop().create_future()  # never acknowledged
+        return await super().hand_over(destination)
+
+
+async def test_a_topic_that_takes_nothing_is_held_while_kafka_throttles() -> None:
+    """A topic whose records Kafka never acknowledges, while Kafka acknowledges the
+    other topics' records (it answers: answered_since is True): held, as it is without a
+    throttle. 0029b1b skips every hold with ``since`` while throttled, the acknowledgement
+    timeouts included: the topic is never held, every round hands its new records over
+    and waits BRIDGE_PUBLISH_TIMEOUT for them (the other topics with it), and its records
+    pile up in the producer."""
+    publisher = StuckTopicPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("s0", topic=STUCK))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: publisher.stuck_handed == 1, within=5, what="s0 handed over")
+        await asyncio.sleep(0.5)  # s0's acknowledgement is overdue
+        for n in range(1, 6):
+            backlog.append(record(f"s{n}", topic=STUCK))
+            backlog.append(record(f"o{n}"))
+            drainer.wake()
+
+            def took(key: bytes = f"o{n}".encode()) -> bool:
+                return key in [r.key for r in publisher.records]
+
+            await eventually(took, within=5, what=f"o{n}")
+        await asyncio.sleep(0.5)
+        held = drainer.held_topics
+        handed = publisher.stuck_handed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert held == [STUCK]
+    # held: one probe at a time, not each new record of a topic that takes none
+    assert handed <= 2, f"{handed} records handed to a topic that acknowledges nothing"
+
+
+async def test_a_memory_queue_filled_by_a_stuck_topic_names_it_while_throttled(
+    tmp_path: Path,
+) -> None:
+    """The memory queue fills with the records of a topic Kafka takes nothing of, while
+    Kafka throttles the bridge and takes the other topics': /readyz said "Kafka is
+    probably unreachable" (what _full_because was made to stop), since no topic is held
+    while throttled."""
+    publisher = StuckTopicPublisher()
+    mode = make_ack_mode(
+        settings(
+            tmp_path,
+            BRIDGE_ACK="memory",
+            BRIDGE_MEMORY_MAX_BYTES=str(2**20),
+            BRIDGE_PUBLISH_TIMEOUT="1",
+        ),
+        publisher,
+        Metrics(),
+    )
+    assert isinstance(mode, MemoryAck)
+    stuck = Destination(topic=STUCK, key=b"s", value=b"x" * 60_000, headers=[])
+    while not mode.backlog.full:
+        mode.backlog.append(stuck)
+    await mode.start()
+    try:
+        await eventually(lambda: publisher.stuck_handed > 0, within=5, what="handed over")
+        await asyncio.sleep(2.5)  # the acknowledgement timeouts
+        reason = mode.unready_reason
+    finally:
+        await mode.stop(time.monotonic() + 2)
+    assert reason is not None
+    assert "Kafka is probably unreachable" not in reason, reason
+    assert STUCK in reason, reason
+
+
+class LandsLaterPublisher(FakePublisher):
+    """BIG is too large for its topic; the dead-letter topic is below its quorum: each
+    dead letter's publish times out with its copy left with the producer (``landings``),
+    which lands once the topic is back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landings: list[asyncio.Future[Any]] = []
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == BIG:
+            await asyncio.sleep(0)
+            raise PayloadTooLarge("too large for the topic")
+        return await super().hand_over(destination)
+
+    async def publish(self, destination: Destination) -> None:
+        if destination.topic == "dl":
+            await asyncio.sleep(0)
+            landing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self.landings.append(landing)
+            timeout = PublishTimeout("Kafka did not acknowledge the record for dl within 1 s")
+            timeout.landing = landing
+            raise timeout
+        await super().publish(destination)
+
+
+async def test_a_stop_waits_for_a_parked_dead_letter_that_may_land() -> None:
+    """A parked record whose dead letter's copy may land yet (e0b0507): the drain at a
+    stop counts it as "parked only" and ends at once (_parked_only_left ignores the
+    landing), settle() does not look at it either. The copy lands a moment later (the
+    producer's flush sends it): the record stays in the backlog, counted as not kept, a
+    durable spool sends it again at the next start, and a second dead letter lands (the
+    duplicate e0b0507 was made to stop); memory mode logs it lost."""
+    publisher = LandsLaterPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("big", topic=BIG))
+    metrics = Metrics()
+    drainer = Drainer(backlog, publisher, metrics, ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(
+            lambda: any(p.landing is not None for p in drainer._parked.values()),
+            within=5,
+            what="parked with its landing",
+        )
+        landing = publisher.landings[-1]
+        # the dead-letter topic is back: the copy lands 0.3 s into a 5 s drain
+        asyncio.get_running_loop().call_later(0.3, landing.set_result, None)
+        await asyncio.wait_for(drainer.drain(time.monotonic() + 5), 10)
+    finally:
+        # as the ack modes' stop: the drainer's task cancelled, then settle()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await drainer.settle()
+    await asyncio.sleep(0.5)  # the copy lands (in the producer's flush, at the latest)
+    assert landing.done()
+    assert not landing.exception()
+    assert len(publisher.landings) == 1  # one copy
+    kept = metrics.dead_letters.labels(KAFKA_REJECTED)._value.get()
+    assert (backlog.depth, kept) == (0, 1), "the landed dead letter's record was left"
+
+
+class ManyParkedHeldPublisher(FakePublisher):
+    """DENIED: every hand-over refused (an ACL); BIG: too large; the dead-letter topic
+    refuses until ``fixed``, then takes a dead letter after a moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fixed = False
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        await asyncio.sleep(0)
+        if destination.topic == DENIED:
+            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+        if destination.topic == BIG:
+            raise PayloadTooLarge("too large for the topic")
+        if destination.topic == "dl":
+            if not self.fixed:
+                raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
+            await asyncio.sleep(0.3)
+        return await super().hand_over(destination)
+
+
+async def test_a_stop_gives_every_parked_dead_letter_its_try_with_more_than_eight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """drain(): "one more try ... for every parked dead letter". With more than
+    PARKED_TRIES_AT_ONCE parked and a topic held, the drain ends as "only held topics
+    left" as soon as the first eight tries end, before a round starts the others: the
+    dead-letter topic takes them, and memory mode loses them at the stop."""
+    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
+    publisher = ManyParkedHeldPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    for n in range(12):
+        backlog.append(record(f"big{n}", topic=BIG))
+    backlog.append(record("d1", topic=DENIED))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        await eventually(lambda: len(drainer._parked) == 12, within=10, what="12 parked")
+        await eventually(lambda: drainer.held_topics == [DENIED], within=5, what="the hold")
+        publisher.fixed = True  # the dead-letter topic takes them now
+        await asyncio.wait_for(drainer.drain(time.monotonic() + 30), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await drainer.settle()
+    kept = sorted(r.key for r in publisher.records if r.topic == "dl")
+    assert len(kept) == 12, f"{len(kept)} of 12 parked dead letters got their try at the stop"
+    assert backlog.depth == 1  # d1 only
 
 
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:
