@@ -918,7 +918,9 @@ class Drainer:
         a task apart (a publish may take BRIDGE_PUBLISH_TIMEOUT), their topics going on."""
         now = time.monotonic()
         trying = sum(parked.trying for parked in self._parked.values())
-        for parked in list(self._parked.values()):
+        # the longest due first: in the dict's order, with tries that keep failing the
+        # first PARKED_TRIES_AT_ONCE took turns and the rest waited (a review's doubt)
+        for parked in sorted(self._parked.values(), key=lambda parked: parked.retry_at):
             if parked.landing is not None and not parked.trying:
                 if not parked.landing.done():
                     continue  # its last copy may land yet: not another (a review's test)
