@@ -840,31 +840,54 @@ class HeldAndParkedPublisher(FakePublisher):
         return await super().hand_over(destination)
 
 
+@pytest.mark.parametrize("parked", [1, 12], ids=["one parked", "more than 8 parked"])
 async def test_a_stop_waits_for_the_last_try_of_a_parked_dead_letter_while_a_topic_is_held(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, parked: int
 ) -> None:
     """At a stop a parked record's dead letter is tried once more; a topic held (an ACL
     denies it) made the drain end at once, as "only held topics left", while that try
     was on its way: the drainer's task was then cancelled, the try with it, and memory
-    mode lost the event whose dead letter the fixed dead-letter topic was taking."""
+    mode lost the event whose dead letter the fixed dead-letter topic was taking. With
+    more than PARKED_TRIES_AT_ONCE parked, it ended once the first eight tries had (the
+    reviews' tests)."""
     monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
     publisher = HeldAndParkedPublisher()
     backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("big", topic=BIG))
+    for n in range(parked):
+        backlog.append(record(f"big{n}", topic=BIG))
     backlog.append(record("d1", topic=DENIED))
     drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
     task = asyncio.create_task(drainer.run())
     try:
-        await eventually(lambda: drainer._parked != {}, within=5, what="big parked")
+        await eventually(lambda: len(drainer._parked) == parked, within=10, what="parked")
         await eventually(lambda: drainer.held_topics == [DENIED], within=5, what="the hold")
-        publisher.fixed = True  # the dead-letter topic takes it now
+        publisher.fixed = True  # the dead-letter topic takes them now
         await asyncio.wait_for(drainer.drain(time.monotonic() + 30), 30)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     await drainer.settle()
-    assert [(r.topic, r.key) for r in publisher.records] == [("dl", b"big")]
+    kept = [r.key for r in publisher.records if r.topic == "dl"]
+    assert len(kept) == parked, f"{len(kept)} of {parked} parked dead letters were kept"
     assert backlog.depth == 1  # d1 only, its topic denied
+
+
+async def memory_queue_full_of(
+    tmp_path: Path, publisher: FakePublisher, topic: str, **env: str
+) -> MemoryAck:
+    """A memory mode over ``publisher`` whose 1 MiB queue is full of 60 KB records of
+    ``topic``, started."""
+    mode = make_ack_mode(
+        settings(tmp_path, BRIDGE_ACK="memory", BRIDGE_MEMORY_MAX_BYTES=str(2**20), **env),
+        publisher,
+        Metrics(),
+    )
+    assert isinstance(mode, MemoryAck)
+    filler = Destination(topic=topic, key=b"k", value=b"x" * 60_000, headers=[])
+    while not mode.backlog.full:
+        mode.backlog.append(filler)
+    await mode.start()
+    return mode
 
 
 async def test_a_backlog_full_of_parked_records_does_not_blame_kafka(tmp_path: Path) -> None:
@@ -875,21 +898,9 @@ async def test_a_backlog_full_of_parked_records_does_not_blame_kafka(tmp_path: P
     operator after Kafka (what _full_because was made to stop) rather than after the
     dead-letter topic (bridge_dead_letters_waiting)."""
     publisher = DeadLettersWaitPublisher(refusals=10**6)
-    mode = make_ack_mode(
-        settings(
-            tmp_path,
-            BRIDGE_ACK="memory",
-            BRIDGE_MEMORY_MAX_BYTES=str(2**20),
-            BRIDGE_DEADLETTER_TOPIC="dl",
-        ),
-        publisher,
-        Metrics(),
+    mode = await memory_queue_full_of(
+        tmp_path, publisher, "geins.big.create", BRIDGE_DEADLETTER_TOPIC="dl"
     )
-    assert isinstance(mode, MemoryAck)
-    big = Destination(topic="geins.big.create", key=b"big", value=b"x" * 60_000, headers=[])
-    while not mode.backlog.full:
-        mode.backlog.append(big)
-    await mode.start()
     try:
         await eventually(
             lambda: mode.dead_letters_waiting == mode.backlog.depth, within=10, what="parked"
@@ -1013,21 +1024,7 @@ async def test_a_memory_queue_filled_by_a_stuck_topic_names_it_while_throttled(
     probably unreachable" (what _full_because was made to stop), since no topic is held
     while throttled."""
     publisher = StuckTopicPublisher()
-    mode = make_ack_mode(
-        settings(
-            tmp_path,
-            BRIDGE_ACK="memory",
-            BRIDGE_MEMORY_MAX_BYTES=str(2**20),
-            BRIDGE_PUBLISH_TIMEOUT="1",
-        ),
-        publisher,
-        Metrics(),
-    )
-    assert isinstance(mode, MemoryAck)
-    stuck = Destination(topic=STUCK, key=b"s", value=b"x" * 60_000, headers=[])
-    while not mode.backlog.full:
-        mode.backlog.append(stuck)
-    await mode.start()
+    mode = await memory_queue_full_of(tmp_path, publisher, STUCK, BRIDGE_PUBLISH_TIMEOUT="1")
     try:
         await eventually(lambda: publisher.stuck_handed > 0, within=5, what="handed over")
         await asyncio.sleep(2.5)  # the acknowledgement timeouts
@@ -1099,56 +1096,6 @@ async def test_a_stop_waits_for_a_parked_dead_letter_that_may_land() -> None:
     assert len(publisher.landings) == 1  # one copy
     kept = metrics.dead_letters.labels(KAFKA_REJECTED)._value.get()
     assert (backlog.depth, kept) == (0, 1), "the landed dead letter's record was left"
-
-
-class ManyParkedHeldPublisher(FakePublisher):
-    """DENIED: every hand-over refused (an ACL); BIG: too large; the dead-letter topic
-    refuses until ``fixed``, then takes a dead letter after a moment."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fixed = False
-
-    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
-        await asyncio.sleep(0)
-        if destination.topic == DENIED:
-            raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
-        if destination.topic == BIG:
-            raise PayloadTooLarge("too large for the topic")
-        if destination.topic == "dl":
-            if not self.fixed:
-                raise PublishFailed("Kafka refused the record: TopicAuthorizationFailedError")
-            await asyncio.sleep(0.3)
-        return await super().hand_over(destination)
-
-
-async def test_a_stop_gives_every_parked_dead_letter_its_try_with_more_than_eight(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """drain(): "one more try ... for every parked dead letter". With more than
-    PARKED_TRIES_AT_ONCE parked and a topic held, the drain ends as "only held topics
-    left" as soon as the first eight tries end, before a round starts the others: the
-    dead-letter topic takes them, and memory mode loses them at the stop."""
-    monkeypatch.setattr(drainer_module, "HOLD_MIN", 60.0)
-    publisher = ManyParkedHeldPublisher()
-    backlog = MemoryBacklog(max_bytes=10**6)
-    for n in range(12):
-        backlog.append(record(f"big{n}", topic=BIG))
-    backlog.append(record("d1", topic=DENIED))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=1, deadletter_topic="dl")
-    task = asyncio.create_task(drainer.run())
-    try:
-        await eventually(lambda: len(drainer._parked) == 12, within=10, what="12 parked")
-        await eventually(lambda: drainer.held_topics == [DENIED], within=5, what="the hold")
-        publisher.fixed = True  # the dead-letter topic takes them now
-        await asyncio.wait_for(drainer.drain(time.monotonic() + 30), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    await drainer.settle()
-    kept = sorted(r.key for r in publisher.records if r.topic == "dl")
-    assert len(kept) == 12, f"{len(kept)} of 12 parked dead letters got their try at the stop"
-    assert backlog.depth == 1  # d1 only
 
 
 async def test_a_suspect_set_aside_at_its_hand_over_is_a_suspect_no_more() -> None:

@@ -108,6 +108,14 @@ def set_client_quota(bootstrap: str, client_id: str, **quotas: float) -> None:
     asyncio.run(alter())
 
 
+def throttled_env(bootstrap: str, prefix: str, ack: str, byte_rate: int) -> dict[str, str]:
+    """bridge_env for ``ack`` mode, with a client id of the test's own whose produce
+    quota is ``byte_rate`` bytes a second."""
+    client_id = f"{prefix}-bridge"
+    set_client_quota(bootstrap, client_id, producer_byte_rate=byte_rate)
+    return bridge_env(bootstrap, prefix, BRIDGE_ACK=ack, BRIDGE_KAFKA_CLIENT_ID=client_id)
+
+
 def deliver(client: TestClient, key: str, body: bytes) -> tuple[int, str | None]:
     response = client.post(
         "/webhooks/geins/Order/create",
@@ -129,11 +137,7 @@ def test_broker_mode_a_throttled_bridge_answers_503_and_says_it_is_throttled(
     Retry-After (never a 5xx of another kind, nor a hang past the publish timeout),
     nothing lands twice; and the operator can tell the bridge is being throttled, from
     the metrics or the log (the broker says so in every ProduceResponse)."""
-    client_id = f"{topic_prefix}-bridge"
-    set_client_quota(kafka_bootstrap, client_id, producer_byte_rate=4096)
-    environ = bridge_env(
-        kafka_bootstrap, topic_prefix, BRIDGE_ACK="broker", BRIDGE_KAFKA_CLIENT_ID=client_id
-    )
+    environ = throttled_env(kafka_bootstrap, topic_prefix, "broker", 4096)
     metrics = Metrics()
     body = body_of(4096)
     keys = [f"k{i:04d}" for i in range(40)]
@@ -162,16 +166,12 @@ def test_broker_mode_throttling_is_not_taken_for_kafka_away(
 ) -> None:
     """Kafka answers every request of a throttled client, only later: the bridge must
     not call it unreachable ("Kafka is not connected", bridge_kafka_connected 0, "Kafka
-    metadata refresh failed"), which sends the operator after the network. Today the
-    heartbeat's metadata request queues behind produce requests on the connection the
-    broker muted for the throttle time (aiokafka ignores throttle_time_ms and sends the
-    next produce request at once), and the metadata goes stale."""
+    metadata refresh failed"), which sends the operator after the network. It did: the
+    heartbeat's metadata request queued behind produce requests on the connection the
+    broker muted for the throttle time (aiokafka ignored throttle_time_ms and sent the
+    next produce request at once), and the metadata went stale."""
     caplog.set_level(logging.WARNING, logger="bridge.publisher")
-    client_id = f"{topic_prefix}-bridge"
-    set_client_quota(kafka_bootstrap, client_id, producer_byte_rate=1024)
-    environ = bridge_env(
-        kafka_bootstrap, topic_prefix, BRIDGE_ACK="broker", BRIDGE_KAFKA_CLIENT_ID=client_id
-    )
+    environ = throttled_env(kafka_bootstrap, topic_prefix, "broker", 1024)
     metrics = Metrics()
     body = body_of(8192)
     keys = [f"k{i:04d}" for i in range(80)]
@@ -202,16 +202,12 @@ def test_durable_drainer_keeps_to_the_quota_in_order_without_holds(
     kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Durable mode under a produce quota: the spool takes the burst (202 each) and
-    drains back, in order, nothing lost, nothing twice (all of which holds today, at
+    drains back, in order, nothing lost, nothing twice (all of which held before, at
     the quota's rate). But throttling is Kafka-wide, not a topic's trouble: no topic is
     to be put on hold for it, nor a WARNING say "no metadata or buffer space for it"
     (bridge.drainer's own rule: holds are for a topic's trouble only)."""
     caplog.set_level(logging.DEBUG, logger="bridge.drainer")
-    client_id = f"{topic_prefix}-bridge"
-    set_client_quota(kafka_bootstrap, client_id, producer_byte_rate=16384)
-    environ = bridge_env(
-        kafka_bootstrap, topic_prefix, BRIDGE_ACK="durable", BRIDGE_KAFKA_CLIENT_ID=client_id
-    )
+    environ = throttled_env(kafka_bootstrap, topic_prefix, "durable", 16384)
     metrics = Metrics()
     body = body_of(2000)
     keys = [f"k{i:05d}" for i in range(150)]
