@@ -38,10 +38,12 @@ from starlette.testclient import TestClient
 from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.devkafka import LocalKafka, free_ports
+from bridge.errors import SpoolWriteFailed
 from bridge.kafkaadmin import read_to_end
 from bridge.metrics import Metrics
 from bridge.publisher import KafkaPublisher
 from bridge.routing import Destination
+from bridge.spool import Spool
 from tests import cluster
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -1094,3 +1096,81 @@ def test_a_parked_record_gets_one_dead_letter_once_its_topic_is_back_to_its_quor
     letters = [r for r in read_all_sync(bootstrap, deadletter) if r.key == b"big"]
     assert len(letters) == 1, f"{len(letters)} dead letters for one event"
     assert sample(metrics, "bridge_dead_letters_total", {"reason": "kafka_rejected"}) == 1
+
+
+def spool_until_the_disk_is_full(folder: Path, prefix: str) -> set[str]:
+    """Spool events (Kafka away) until the disk refuses; the keys accepted. Events as
+    Geins sends them, with the headers the bridge's router gives every record."""
+
+    async def write() -> set[str]:
+        spool = Spool(folder, max_bytes=1 << 30, dedup_window=7200)
+        spool.open()
+        accepted: set[str] = set()
+        try:
+            for start in itertools.count(0, 512):
+                keys = [f"e{i:07d}-0000-4000-8000-000000000000" for i in range(start, start + 512)]
+                outcomes = await asyncio.gather(
+                    *(spool.append(_geins_event(prefix, key), key) for key in keys),
+                    return_exceptions=True,
+                )
+                accepted.update(k for k, ok in zip(keys, outcomes, strict=True) if ok is True)
+                if any(isinstance(ok, SpoolWriteFailed) for ok in outcomes):
+                    return accepted
+        finally:
+            await spool.close()
+        raise AssertionError("unreachable")
+
+    return asyncio.run(write())
+
+
+def _geins_event(prefix: str, key: str) -> Destination:
+    return Destination(
+        f"{prefix}.geins.order.create",
+        key.encode(),
+        b'{"entity":"Order","action":"create","id":"12345","account":"shop"}',
+        [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", key.encode()),
+            ("ce_source", b"geins"),
+            ("ce_type", b"com.geins.order.create"),
+            ("ce_time", b"2026-12-01T10:00:00Z"),
+            ("content-type", b"application/json"),
+            ("ce_subject", b"12345"),
+            ("x-idempotency-key", key.encode()),
+            ("x-timestamp", b"2026-12-01T10:00:00Z"),
+        ],
+    )
+
+
+def test_a_spool_that_filled_its_disk_opens_again_with_the_deploy_sqlite_tmpdir(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """README: a disk that fills before BRIDGE_SPOOL_MAX_BYTES, and "what the spool holds
+    still drains by itself once Kafka is there" (the reserve file is given up). Every
+    deployment in deploy/ (Dockerfile, systemd unit, so compose and Kubernetes) sets
+    SQLITE_TMPDIR to the spool's own folder. But the spool's opening sorts every waiting
+    event by topic (bridge.spool._topics_held: GROUP BY topic, with the headers), which
+    SQLite spills to a temporary file past a few MB: 327 MiB for 1.08 million events. On
+    the full disk that fails, before the reserve could be given up: "spool file ...
+    cannot be opened: database or disk is full", exit 2, at every start (a crash loop),
+    and nothing drains (a review's test; the other full-disk tests leave SQLITE_TMPDIR
+    unset, so their temporary files went to the roomy /tmp)."""
+    spool = tmp_path / "small-disk"
+    tmpfs(spool, "40m")
+    try:
+        accepted = spool_until_the_disk_is_full(spool, topic_prefix)
+        assert len(accepted) > 20_000
+        env = {
+            "BRIDGE_SPOOL_DIR": str(spool),
+            "SQLITE_TMPDIR": str(spool),  # as deploy/Dockerfile and the systemd unit set it
+            "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "BRIDGE_TOKENS": TOKEN,
+            "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".geins.{entity}.{action}",
+        }
+        with BridgeProcess(env, tmp_path / "bridge.log") as bridge:  # Kafka is back
+            found = wait_for_keys(kafka_bootstrap, topic_prefix, accepted, 120)
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait(30) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+    assert accepted <= found
