@@ -52,6 +52,12 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 #: While stopping, how often the drain looks again (and Kafka, away, is tried again).
 STOPPING_RETRY_SECONDS = 0.05
+#: The end of a stop's deadline a backlog that outlives the process keeps for the
+#: acknowledgements of what is in flight (at most a quarter of what the drain has):
+#: handed over up to the deadline, a batch Kafka wrote whose acknowledgement came after
+#: the stop stayed in the spool and was sent again at the next start (a review: 500
+#: duplicates when a deploy stopped a catch-up).
+ACK_RESERVE_SECONDS = 1.0
 #: How long a stop waits for the removal of what Kafka acknowledged late (see settle).
 SETTLE_SECONDS = 1.0
 IDLE_POLL = 1.0
@@ -232,6 +238,7 @@ class Drainer:
         # is acknowledged: named if the deadline passes (see drain)
         self._retried_at_stop: set[str] = set()
         self._away_backoff = MIN_BACKOFF  # while Kafka is away
+        self._handing_over = True  # until the end of a stop's drain (see drain)
         self._publish_after: asyncio.Future[Any] | None = None  # see start()
         #: Records Kafka refused for good whose dead letter failed too: lost (as logged)
         self.dropped = 0
@@ -320,6 +327,9 @@ class Drainer:
 
     async def _round(self) -> None:
         """One read, send and removal, and the pause after it."""
+        if not self._handing_over:  # the end of a stop: what is in flight lands meanwhile
+            await asyncio.sleep(STOPPING_RETRY_SECONDS)
+            return
         if self._unremoved:  # nothing else is read until their removal succeeds
             await self._remove(self._unremoved)
         if self._settled_by_probes:
@@ -530,6 +540,22 @@ class Drainer:
             parked.retry_at = 0.0
         self._retry_parked()
         self._only_held_left = False
+        self._handing_over = True  # (a drain that ended before may have stopped it)
+        hand_over_until = deadline
+        if self._backlog.outlives_the_process:  # (memory mode loses what is not handed)
+            hand_over_until -= min(ACK_RESERVE_SECONDS, max(0.0, deadline - time.monotonic()) / 4)
+        try:
+            await self._drain_until(hand_over_until)
+        finally:
+            self._handing_over = False
+        # What is in flight (a round may still be handing its batch over): its
+        # acknowledgement lets settle() remove it.
+        while (left := deadline - time.monotonic()) > 0 and (
+            in_flight := [p.acked for p in self._pending.values() if not p.acked.done()]
+        ):
+            await asyncio.wait(in_flight, timeout=min(left, STOPPING_RETRY_SECONDS))
+
+    async def _drain_until(self, deadline: float) -> None:
         while self._backlog.depth and time.monotonic() < deadline:
             self._retry_parked()  # the next ones owed their try (PARKED_TRIES_AT_ONCE)
             if self._parked_only_left():
