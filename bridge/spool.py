@@ -427,6 +427,8 @@ class Spool:
         # whether making it was tried since the spool was last empty.
         self._topic_index = False
         self._topic_index_tried = False
+        # since when (monotonic) reads have left topics out, without a pause
+        self._skipping_since: float | None = None
         self._last_seq = 0
         self._closed = False  # set by close(): no job may be queued after the stop
         self._reserve = directory / RESERVE_NAME
@@ -1067,12 +1069,25 @@ class Spool:
         records: list[QueuedRecord] = []
         total = 0
         rows: Iterable[tuple[Any, ...]]
-        if skip_topics and not self._topic_index and not self._topic_index_tried:
+        now = time.monotonic()
+        if not skip_topics:
+            self._skipping_since = None
+        elif self._skipping_since is None:
+            self._skipping_since = now
+        skipping_for = 0.0 if self._skipping_since is None else now - self._skipping_since
+        if (
+            skip_topics
+            and not self._topic_index
+            and not self._topic_index_tried
+            and skipping_for >= INDEX_AFTER_SECONDS
+        ):
             # Topics on hold while more waits than the in-memory copy holds: their rows
             # would be read past in every round, more of them each time. An index by
             # topic lets a read skip them, but costs every append a second insert
             # (about 5 µs of CPU per event in durable mode): made now, dropped once the
-            # spool is empty again.
+            # spool is empty again. Not for topics left out a moment (a probe each, at a
+            # start, as the producer learns their metadata): built then, it held every
+            # append for a second at each restart over a million events (a review).
             self._topic_index_tried = True
             self._topic_index = _index_by_topic(connection)
         not_skipped, skipped = _not_skipped(skip_seqs)
@@ -1590,6 +1605,9 @@ def _holds_many(connection: sqlite3.Connection, topics: Set[str]) -> bool:
 #: writer thread, each round (a review). A round's records in flight are at most
 #: BATCH_RECORDS (500), and parked ones are few.
 SQL_SKIP_MAX = 1000
+#: How long reads must have left topics out (held) before the spool indexes its rows by
+#: topic (see _read_oldest).
+INDEX_AFTER_SECONDS = 5.0
 
 
 def _not_skipped(skip_seqs: Set[int]) -> tuple[str, tuple[int, ...]]:
