@@ -523,7 +523,9 @@ class Drainer:
         memory mode stopped with 9 of its 10 s left and lost what was still queued.
         While Kafka is away, until the deadline (it may come back meanwhile). Not at
         all when the stop came before the topics were created and the backlog outlives
-        the process (see start)."""
+        the process (see start). A backlog that outlives the process hands nothing over
+        in the last ACK_RESERVE_SECONDS (a quarter of the time left at most), which are
+        for the acknowledgements of what is in flight, for settle() to remove."""
         if self._kept_for_the_next_start():
             if self._backlog.depth:
                 log.info(
