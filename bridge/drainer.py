@@ -539,8 +539,7 @@ class Drainer:
         # One more try for every topic first, and for every parked dead letter.
         self._holds.clear()
         for parked in self._parked.values():
-            parked.retry_at = 0.0
-        self._retry_parked()
+            parked.retry_at = 0.0  # (tried by _drain_until's first pass)
         self._only_held_left = False
         self._handing_over = True  # (a drain that ended before may have stopped it)
         hand_over_until = deadline
@@ -637,11 +636,9 @@ class Drainer:
         there: a durable spool sent it again at the next start, and memory mode's
         shutdown log counted it as not acknowledged. Failures are left as they are:
         their records stay in the backlog, as before."""
-        for seq, parked in list(self._parked.items()):
-            if parked.landing is not None and landed(parked.landing):  # kept after all
-                del self._parked[seq]
-                self._settled_by_probes.add(seq)
-                self._say_set_aside(parked.record.destination, parked.error)
+        for parked in list(self._parked.values()):
+            if parked.landing is not None and landed(parked.landing):
+                self._kept_after_all(parked)
         done = [*self._unremoved, *self._finished, *self._settled_by_probes]
         self._finished = []
         for seq, pending in list(self._pending.items()):
@@ -953,9 +950,7 @@ class Drainer:
                 if not parked.landing.done():
                     continue  # its last copy may land yet: not another (a review's test)
                 if landed(parked.landing):
-                    del self._parked[parked.record.seq]
-                    self._settled_by_probes.add(parked.record.seq)
-                    self._say_set_aside(parked.record.destination, parked.error)
+                    self._kept_after_all(parked)
                     continue
                 parked.landing = None  # it failed: a new copy when its wait is over
             if not parked.trying and parked.retry_at <= now and trying < PARKED_TRIES_AT_ONCE:
@@ -965,6 +960,12 @@ class Drainer:
                 task = spawn(self._keep_parked(parked), f"drainer-dead-letter-{topic}")
                 self._probe_tasks.add(task)
                 task.add_done_callback(self._probe_tasks.discard)
+
+    def _kept_after_all(self, parked: _Parked) -> None:
+        """The last copy of ``parked``'s dead letter landed: kept, removed next round."""
+        del self._parked[parked.record.seq]
+        self._settled_by_probes.add(parked.record.seq)
+        self._say_set_aside(parked.record.destination, parked.error)
 
     async def _keep_parked(self, parked: _Parked) -> None:
         try:
