@@ -309,7 +309,9 @@ class _DrainedAck:
     def _full_because(self) -> str:
         """Why the backlog filled, as far as the bridge can tell: topics whose events
         Kafka does not take (a denied ACL, a missing topic) fill it as surely as Kafka
-        away does, and "Kafka is probably unreachable" sent the operator elsewhere."""
+        away does, and "Kafka is probably unreachable" sent the operator elsewhere.
+        The backlog's own drainer's, not the mode's properties: a leftover spool's held
+        topics and parked records do not fill the memory queue."""
         held = self.drainer.held_topics
         waiting = self.drainer.dead_letters_waiting
         because = []

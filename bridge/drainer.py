@@ -221,7 +221,6 @@ class Drainer:
         self._parked: dict[int, _Parked] = {}
         # seq -> the copy of its dead letter a timed-out publish left with the producer,
         # from _set_aside to the parking (see _Parked.landing)
-        self._landings: dict[int, asyncio.Future[Any]] = {}
         # seqs a probe settled (set aside as too large): removed next round, and not read
         # again until then (a second probe would keep a second dead letter)
         self._settled_by_probes: set[int] = set()
@@ -919,7 +918,8 @@ class Drainer:
         """Set aside a record Kafka refused for good: removed at the next round once
         kept (see _settled_by_probes), else parked (see _parked)."""
         topic = record.destination.topic
-        if await self._set_aside(record, error):
+        kept, landing = await self._set_aside(record, error)
+        if kept:
             was_parked = self._parked.pop(record.seq, None) is not None
             self._settled_by_probes.add(record.seq)
             self._suspects.pop(record.seq, None)
@@ -932,7 +932,6 @@ class Drainer:
         else:
             parked = self._parked.get(record.seq)
             wait = HOLD_MIN if parked is None else min(parked.wait * 2, HOLD_MAX)
-            landing = self._landings.pop(record.seq, None)
             self._parked[record.seq] = _Parked(record, error, wait, landing)
             self._suspects.pop(record.seq, None)
             if landing is not None:
@@ -994,10 +993,13 @@ class Drainer:
             or (parked.landing is not None and not parked.landing.done())
         )
 
-    async def _set_aside(self, record: QueuedRecord, error: BridgeError) -> bool:
+    async def _set_aside(
+        self, record: QueuedRecord, error: BridgeError
+    ) -> tuple[bool, asyncio.Future[Any] | None]:
         """A record Kafka will never take (too large for the topic) must not block the
         ones behind it: it goes to the dead-letter topic, or, if even that refuses it,
-        is dropped with an error. True when it may leave the backlog."""
+        is dropped with an error. Says whether it may leave the backlog and, when not,
+        the landing of a dead-letter copy that timed out but may still land."""
         original = record.destination
         if self._deadletter_topic and original.topic != self._deadletter_topic:
             try:
@@ -1007,8 +1009,7 @@ class Drainer:
             except PayloadTooLarge:
                 pass
             except BridgeError as exc:
-                if isinstance(exc, PublishTimeout) and exc.landing is not None:
-                    self._landings[record.seq] = exc.landing  # parked with it
+                landing = exc.landing if isinstance(exc, PublishTimeout) else None
                 # At WARNING when it is parked, at DEBUG at each retry after: one line
                 # per parked record every 10 s flooded the log while the dead-letter
                 # topic took nothing (a review); bridge_dead_letters_waiting counts them.
@@ -1020,10 +1021,10 @@ class Drainer:
                     original.topic,
                     exc.detail,
                 )
-                return False
+                return False, landing
             else:
                 self._say_set_aside(original, error)
-                return True
+                return True, None
         log.error(
             "Kafka refused the record with key %s for %s (%s) and it cannot be kept as a "
             "dead letter either: dropped",
@@ -1033,7 +1034,7 @@ class Drainer:
         )
         self._metrics.dropped_records.inc()
         self.dropped += 1
-        return True
+        return True, None
 
     def _say_set_aside(self, original: Destination, error: BridgeError) -> None:
         """Log and count a record Kafka refused for good, kept as a dead letter."""
