@@ -418,6 +418,18 @@ def landed(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+def _records_undelivered(producer: AIOKafkaProducer) -> int:
+    """How many records ``producer`` holds that Kafka has not acknowledged (queued or in
+    flight); -1 when aiokafka's internals changed shape."""
+    try:
+        accumulator = producer._message_accumulator
+        queued = itertools.chain(*accumulator._batches.values())
+        batches = itertools.chain(queued, accumulator._pending_batches)
+        return sum(batch.record_count for batch in batches if not batch.future.done())
+    except Exception:
+        return -1
+
+
 def _alone(batch: Any) -> bool:
     """Whether ``batch`` (aiokafka's MessageBatch, or None when unknown) held one
     record: Kafka's refusal of it as too large is then that record's own."""
@@ -1000,18 +1012,22 @@ class KafkaPublisher:
                     self._flushes.discard(flush)
             return
         except TimeoutError:
-            log.error(
-                "the %s Kafka producer did not flush within %.1f s; the records it had not "
-                "delivered failed (answered 503 in broker mode, for the sender to retry; %s; "
-                "not published by a replay)",
-                which,
-                time.monotonic() - started,  # stop() may have cut a replaced one's short
-                # At shutdown memory mode's queue goes with the process.
-                "sent again by the drainer in the other modes"
-                if which == "replaced"
-                else "kept for the next start if a spool held them, lost if memory mode's "
-                "queue did",
-            )
+            undelivered = _records_undelivered(producer)
+            if undelivered:  # 0 when only its close was cut short: no ERROR then
+                log.error(
+                    "the %s Kafka producer did not deliver %s within %.1f s%s; they failed "
+                    "(answered 503 in broker mode, for the sender to retry; %s; not "
+                    "published by a replay)",
+                    which,
+                    "its records" if undelivered < 0 else f"{undelivered} record(s)",
+                    time.monotonic() - started,  # stop() may have cut a replaced one's short
+                    " (the stop's deadline was spent before its flush)" if not allowed else "",
+                    # At shutdown memory mode's queue goes with the process.
+                    "sent again by the drainer in the other modes"
+                    if which == "replaced"
+                    else "kept for the next start if a spool held them, lost if memory "
+                    "mode's queue did",
+                )
         await self._force_close(producer)
 
     async def _force_close(self, producer: AIOKafkaProducer) -> None:

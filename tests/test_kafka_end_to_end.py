@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,8 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.devkafka import free_port
 from bridge.metrics import Metrics
+from bridge.publisher import KafkaPublisher
+from bridge.routing import Destination
 from tests.fakes import TOKEN, samples
 from tests.kafkaread import read_all_sync
 from tests.polling import wait_until
@@ -596,3 +599,44 @@ def test_durable_mode_sets_aside_a_batch_over_the_segment_size(
     assert found == {"k-after"}
     letters = read_all_sync(kafka_bootstrap, f"{topic_prefix}.deadletter")
     assert [letter.key for letter in letters] == [b"k-big"]
+
+
+@pytest.mark.parametrize("pending", [0, 1])
+def test_a_stop_whose_deadline_the_drain_used_up_says_what_was_not_delivered(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture, pending: int
+) -> None:
+    """A catch-up's drain uses the whole stop deadline, so the producer's flush gets
+    0 s: its close was cut short and logged at ERROR ("did not flush within 0.0 s ...
+    the records it had not delivered failed") though every record had landed. The
+    ERROR is for records not delivered, and says how many."""
+    topic = topic_prefix + ".spent"
+    create_topic(kafka_bootstrap, topic, {})
+    # a batch waits a second for more records: the one sent below is in it at the stop
+    env = bridge_env(kafka_bootstrap, topic_prefix, BRIDGE_KAFKA_LINGER_MS="1000")
+    settings = load_settings(environ=env)
+
+    async def run() -> None:
+        publisher = KafkaPublisher(settings, Metrics())
+        await publisher.start()
+        await publisher.publish(Destination(topic=topic, key=b"k", value=b"{}", headers=[]))
+        late = None
+        if pending:  # a record handed over, its acknowledgement not come yet
+            assert publisher._producer is not None
+            late = await publisher._producer.send(topic, b"{}", key=b"late")
+        await publisher.stop(time.monotonic())
+        if late is not None:
+            assert isinstance(late.exception(), Exception)  # failed, as the ERROR says
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        # aiokafka's "Topic ... not found in cluster metadata" just after its creation
+        if r.levelno >= logging.ERROR and not r.name.startswith("aiokafka")
+    ]
+    if pending:
+        assert len(errors) == 1, errors
+        assert "1 record(s)" in errors[0], errors
+    else:
+        assert errors == []
