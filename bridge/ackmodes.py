@@ -167,6 +167,8 @@ class BrokerAck:
         # quorum, say) makes each request wait the whole publish timeout for a 503.
         if self._publisher.stalled:
             return "Kafka takes no record (a publish timed out, and none was taken since)"
+        if self._publisher.clock_refused:
+            return "Kafka refuses the records' timestamps: the bridge's clock is off (see the log)"
         if self._publish_after is not None and not self._publish_after.done():
             return "the topics are being created (BRIDGE_CREATE_TOPICS)"
         return None

@@ -28,6 +28,7 @@ from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     IllegalSaslStateError,
+    InvalidTimestampError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -86,6 +87,10 @@ STALLED_FOR_SECONDS = STALE_AFTER_SECONDS
 REFRESH_FAILED_REPEAT_SECONDS = 60.0
 #: The least time between two WARNING lines saying Kafka throttles the bridge.
 THROTTLE_SAID_EVERY_SECONDS = 60.0
+#: Broker mode: the bridge is unready once Kafka refused records' timestamps and took
+#: none for this long (see clock_refused); the refusals then say so at most this often.
+CLOCK_REFUSED_FOR_SECONDS = STALE_AFTER_SECONDS
+CLOCK_SAID_EVERY_SECONDS = 60.0
 #: How long after a throttle ends the bridge still counts as throttled (see throttled):
 #: what waited behind it (a metadata request, records for room) comes a moment later.
 THROTTLE_AFTERMATH_SECONDS = 2 * HEARTBEAT_SECONDS
@@ -119,6 +124,11 @@ class Publisher(Protocol):
     @property
     def throttled(self) -> bool:
         """Kafka throttles the producer (a client quota), or did a moment ago."""
+        ...
+
+    @property
+    def clock_refused(self) -> bool:
+        """Kafka refuses the records' timestamps and takes none (the host's clock)."""
         ...
 
     def answered_since(self, since: float) -> bool: ...
@@ -530,6 +540,11 @@ class KafkaPublisher:
         # was last said (see _on_throttle)
         self._throttled_until = -math.inf
         self._throttle_said = -THROTTLE_SAID_EVERY_SECONDS
+        # When (perf_counter) Kafka last refused a record's timestamp, last acknowledged
+        # a record published here, and the refusal was last said (see clock_refused)
+        self._clock_refused_at = -math.inf
+        self._landed_at = -math.inf
+        self._clock_said = -CLOCK_SAID_EVERY_SECONDS
 
     @property
     def connected(self) -> bool:
@@ -622,6 +637,46 @@ class KafkaPublisher:
                 STALLED_FOR_SECONDS,
             )
         self._stalled_until = now + STALLED_FOR_SECONDS
+
+    @property
+    def clock_refused(self) -> bool:
+        """Kafka refuses the records' timestamps (INVALID_TIMESTAMP) and has taken no
+        record for CLOCK_REFUSED_FOR_SECONDS: the bridge host's clock is off (what makes
+        a broker-mode bridge unready). Every request got a 503 while /readyz said 200,
+        so a load balancer kept the one replica with a wrong clock in rotation.
+
+        Records landing meanwhile (a topic of its own with a tight
+        message.timestamp.*.max.ms refusing them, the others taking theirs) are the
+        trouble of that topic, not the clock's: no unreadiness then. Without traffic
+        it lapses after CLOCK_REFUSED_FOR_SECONDS, and the traffic that comes back tries
+        the clock again."""
+        now = time.perf_counter()
+        return (
+            now - self._clock_refused_at < CLOCK_REFUSED_FOR_SECONDS
+            and now - self._landed_at >= CLOCK_REFUSED_FOR_SECONDS
+        )
+
+    def _refused_clock(self) -> PublishFailed:
+        """Kafka refused a record's timestamp (CreateTime, the bridge host's clock)."""
+        now = time.perf_counter()
+        self._clock_refused_at = now
+        if now - self._clock_said >= CLOCK_SAID_EVERY_SECONDS:
+            self._clock_said = now
+            log.error(
+                "Kafka refuses the records' timestamps (InvalidTimestampError): the bridge "
+                "host's clock is more than the topics' message.timestamp.after.max.ms (1 "
+                "hour by default in Kafka 4) ahead of the brokers', or message.timestamp."
+                "before.max.ms behind; synchronise it (NTP). The records wait (durable, "
+                "memory) or are answered 503 (broker mode, unready once none lands for "
+                "%g s); said at most every %g s",
+                CLOCK_REFUSED_FOR_SECONDS,
+                CLOCK_SAID_EVERY_SECONDS,
+            )
+        # Not the clocks' values: the answer goes to the sender (the log says the rest).
+        return PublishFailed(
+            "Kafka refused the record's timestamp (InvalidTimestampError): the bridge's "
+            "clock differs from Kafka's"
+        )
 
     def _taken(self, started: float) -> None:
         """Kafka acknowledged a record whose publish began at ``started``."""
@@ -1256,15 +1311,21 @@ class KafkaPublisher:
             self._metrics.record_publish_error("timeout")
             return PublishTimeout(f"Kafka did not take the record in time ({exc})")
         self._metrics.record_publish_error("kafka_error")
+        if isinstance(exc, KafkaError):
+            return self._refused(exc)
+        log.error("unexpected error from the Kafka producer", exc_info=exc)
+        return PublishFailed(f"the Kafka client failed: {type(exc).__name__}")
+
+    def _refused(self, exc: KafkaError) -> PublishFailed:
+        """What Kafka refusing a record means, said as what to mend where it can be."""
+        if isinstance(exc, InvalidTimestampError):
+            return self._refused_clock()
         if isinstance(exc, TopicAuthorizationFailedError):  # said as what to grant
             return PublishFailed(
                 "Kafka denies the bridge WRITE or DESCRIBE on the record's topic "
                 "(TopicAuthorizationFailedError)"
             )
-        if isinstance(exc, KafkaError):
-            return PublishFailed(f"Kafka refused the record: {type(exc).__name__}")
-        log.error("unexpected error from the Kafka producer", exc_info=exc)
-        return PublishFailed(f"the Kafka client failed: {type(exc).__name__}")
+        return PublishFailed(f"Kafka refused the record: {type(exc).__name__}")
 
     def refuse_at_once(self) -> None:
         """Raise Unavailable while Kafka has answered nothing for UNANSWERED_AFTER_SECONDS
@@ -1375,12 +1436,14 @@ class KafkaPublisher:
         return timeout
 
     def _published(self, destination: Destination, started: float) -> None:
+        self._landed_at = time.perf_counter()
         if self._stall_began is not None:
             self._taken(started)
         self._metrics.record_published(len(destination.value), time.perf_counter() - started)
 
     def _published_late(self, size: int, started: float, landing: asyncio.Future[Any]) -> None:
         if landed(landing):
+            self._landed_at = time.perf_counter()
             self._metrics.record_published(size, time.perf_counter() - started)
 
     @staticmethod

@@ -50,6 +50,7 @@ class FakePublisher:
     connected: bool = True
     stalled: bool = False  # Kafka answers metadata but takes no record (broker mode)
     throttled: bool = False  # Kafka holds the producer back (a client quota)
+    clock_refused: bool = False  # Kafka refuses the records' timestamps (broker mode)
     answering: bool = True  # Kafka answers (its metadata refreshes, say), if not this topic
     fail_with: BridgeError | None = None
     denied: str | None = None  # Kafka's authorizer refuses the producer its start

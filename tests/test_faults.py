@@ -1252,3 +1252,57 @@ def test_a_clean_stop_in_the_middle_of_a_catch_up_publishes_nothing_twice(
     assert len(counts) == total  # every event landed
     twice = sorted(key for key, n in counts.items() if n > 1)
     assert twice == [], f"{len(twice)} events published twice, e.g. {twice[:3]}"
+
+
+CLOCK_AHEAD = """\
+import time
+_real = time.time
+time.time = lambda: _real() + 2 * 3600.0  # the host's clock two hours ahead
+"""
+
+
+@pytest.mark.parametrize("ack", ["broker", "durable"])
+def test_a_bridge_whose_clock_kafka_refuses_says_so(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, ack: str
+) -> None:
+    """The bridge host's clock two hours ahead of the broker's: Kafka 4 refuses every
+    record (INVALID_TIMESTAMP, more than message.timestamp.after.max.ms ahead). Broker
+    mode answered each request 503 "Kafka refused the record: InvalidTimestampError"
+    while /readyz said 200, and the log said nothing. Now the 503 and the log name the
+    clock, and broker mode is unready; durable mode keeps accepting into its spool (as
+    through an outage), the log saying why nothing lands. (aiokafka's compiled record
+    builder reads the C library's clock: its Python one is used to move the clock.)"""
+    (tmp_path / "sitecustomize.py").write_text(CLOCK_AHEAD)
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        ack,
+        PYTHONPATH=str(tmp_path),
+        AIOKAFKA_NO_EXTENSIONS="1",
+        BRIDGE_PUBLISH_TIMEOUT="3",
+        BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
+    )
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        answer = client.post(
+            "/webhooks/geins/Order/create",
+            content=b'{"id":"1"}',
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "k1"},
+        )
+        if ack == "broker":
+            assert answer.status_code == 503, answer.text
+            assert "timestamp" in answer.json()["detail"], answer.text
+            readiness = client.get("/readyz")
+            assert readiness.status_code == 503, readiness.text
+            assert "clock" in readiness.text, readiness.text
+        else:
+            assert answer.status_code == 202, answer.text
+            said = wait_until(
+                bridge.log, lambda log: "InvalidTimestampError" in log, within=30, every=0.2
+            )
+            assert "InvalidTimestampError" in said
+            assert client.get("/readyz").status_code == 200
+    log = bridge.log()
+    assert log.count("the bridge host's clock is more than") == 1, log

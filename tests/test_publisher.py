@@ -19,6 +19,7 @@ import aiokafka.cluster
 import pytest
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
+    InvalidTimestampError,
     KafkaConnectionError,
     KafkaTimeoutError,
     LeaderNotAvailableError,
@@ -1193,3 +1194,23 @@ def test_the_metadata_listener_keeps_no_producer_alive() -> None:
         assert gone() is None  # freed by its reference count, without the collector
     finally:
         gc.enable()
+
+
+def test_refused_timestamps_count_as_the_clocks_only_while_no_record_lands() -> None:
+    """Kafka refusing records' timestamps with none landing is the bridge host's clock
+    (broker mode unready); records landing meanwhile make it one topic's tight
+    message.timestamp.*.max.ms, which must not take the bridge out of rotation. It
+    lapses without traffic, so the traffic that comes back tries the clock again."""
+    pub = publisher()
+    order = Destination(topic="geins.order.create", key=b"k", value=b"{}", headers=[])
+    refused = pub.failure(InvalidTimestampError())
+    assert "timestamp" in refused.detail
+    assert pub.clock_refused
+    pub._published(order, time.perf_counter())  # another record landed: not the clock
+    assert not pub.clock_refused
+    pub.failure(InvalidTimestampError())
+    assert not pub.clock_refused  # one landed within CLOCK_REFUSED_FOR_SECONDS
+    pub._landed_at -= publisher_module.CLOCK_REFUSED_FOR_SECONDS
+    assert pub.clock_refused  # none since
+    pub._clock_refused_at -= publisher_module.CLOCK_REFUSED_FOR_SECONDS
+    assert not pub.clock_refused  # no refusal for that long: lapsed
