@@ -1092,7 +1092,9 @@ class Spool:
             self._topic_index = _index_by_topic(connection)
         not_skipped, skipped = _not_skipped(skip_seqs)
         if skip_topics and self._topic_index and _holds_many(connection, skip_topics):
-            rows = _oldest_by_topic(connection, limit + len(skip_seqs), skip_topics)
+            # each topic's oldest, past those left out as read (more than SQL_SKIP_MAX)
+            per_topic = limit + (0 if not_skipped else len(skip_seqs))
+            rows = _oldest_by_topic(connection, per_topic, skip_topics, not_skipped, skipped)
         elif skip_topics:  # few held, or no index (no room to make it): past them in order
             marks = ",".join("?" * len(skip_topics))
             also = f" AND {not_skipped}" if not_skipped else ""
@@ -1619,10 +1621,16 @@ def _not_skipped(skip_seqs: Set[int]) -> tuple[str, tuple[int, ...]]:
 
 
 def _oldest_by_topic(
-    connection: sqlite3.Connection, per_topic: int, skip_topics: Set[str]
+    connection: sqlite3.Connection,
+    per_topic: int,
+    skip_topics: Set[str],
+    not_skipped: str = "",
+    skipped: tuple[int, ...] = (),
 ) -> Iterable[tuple[Any, ...]]:
     """The oldest ``per_topic`` rows of each topic not in ``skip_topics``, in seq order:
-    the rows of the topics on hold, however many, are not read."""
+    the rows of the topics on hold, however many, are not read, nor those of the seqs
+    ``not_skipped`` (see _not_skipped) leaves out (records in flight, parked ones)."""
+    also = f" AND {not_skipped}" if not_skipped else ""
     topics: list[str] = []
     (topic,) = connection.execute("SELECT min(topic) FROM spool").fetchone()
     while topic is not None:  # one step of the index per topic, not per row
@@ -1634,8 +1642,8 @@ def _oldest_by_topic(
     return heapq.merge(
         *(
             connection.execute(
-                f"{_SELECT_RECORDS} WHERE topic = ? ORDER BY seq LIMIT ?",  # a constant
-                (topic, per_topic),
+                f"{_SELECT_RECORDS} WHERE topic = ?{also} ORDER BY seq LIMIT ?",  # ?s only
+                (topic, *skipped, per_topic),
             ).fetchall()
             for topic in topics
         ),

@@ -620,6 +620,27 @@ async def test_the_index_by_topic_exists_only_while_held_topics_need_it(
     await spool.close()
 
 
+async def test_a_read_by_topic_leaves_the_skipped_seqs_out_in_its_sql(tmp_path: Path) -> None:
+    """Reads by topic (many rows of held topics, the index made) fetched each topic's
+    oldest ``limit`` plus as many as were skipped, the rows of the records in flight or
+    parked included, values and all: a parked record is one too large for Kafka. They
+    are left out in the SQL, as the reads in seq order leave them out."""
+    spool = make(tmp_path)
+    spool.open()
+    for i in range(8):
+        destination = record(i)
+        destination.topic = "geins.held.create" if i % 2 else "geins.order.create"
+        assert await spool.append(destination, f"k{i}")
+    await spool.close()
+    with sqlite3.connect(spool.path) as reader:
+        order = [
+            seq for (seq,) in reader.execute("SELECT seq FROM spool WHERE topic LIKE '%order%'")
+        ]
+        skipped = spool_module._not_skipped(set(order[:2]))  # in flight, or parked
+        rows = spool_module._oldest_by_topic(reader, 2, {"geins.held.create"}, *skipped)
+        assert [row[0] for row in rows] == order[2:4]
+
+
 def test_a_read_past_a_few_held_records_does_not_merge_every_topic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
