@@ -679,13 +679,15 @@ class Drainer:
             return
         if since is not None and not self._publisher.answered_since(since):
             return
-        if quota and self._publisher.throttled:
+        if quota and self._publisher.throttled and self._publisher.ready_for(topic):
             # A wait for room in the producer's buffer that ran out while Kafka holds
             # the whole producer back for a client quota is the quota's, not the
             # topic's: held, and said so, it sent the operator after the topic (a
             # review on a throttling broker). Not an acknowledgement's: a topic below
             # its quorum while throttled was never held, and each round waited for it
-            # (a second review).
+            # (a second review). Nor a wait for a topic's metadata, which a quota on
+            # bytes produced does not hold back: a missing topic was tried every round
+            # and never said.
             return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))

@@ -1036,6 +1036,56 @@ async def test_a_memory_queue_filled_by_a_stuck_topic_names_it_while_throttled(
     assert STUCK in reason, reason
 
 
+MISSING = "geins.missing.create"
+
+
+class MissingTopicPublisher(FakePublisher):
+    """Kafka throttling the producer, with MISSING not on it (its metadata never comes:
+    a hand-over waits for ever) and the other topics taking their records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttled = True
+        self.missing_tries = 0
+
+    def ready_for(self, topic: str) -> bool:
+        return topic != MISSING
+
+    async def hand_over(self, destination: Destination) -> asyncio.Future[Any]:
+        if destination.topic == MISSING:
+            self.missing_tries += 1
+            await asyncio.Event().wait()  # the producer waits for its metadata
+        return await super().hand_over(destination)
+
+
+async def test_a_missing_topic_is_held_and_said_while_kafka_throttles(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hand-over that times out while Kafka throttles the producer was taken for the
+    quota's wait for buffer space, so a missing topic was never held: a try every round
+    and no WARNING (noticed in a review of the throttle). A topic whose metadata the
+    producer does not have waits for that metadata, not for room: held, and said."""
+    caplog.set_level(logging.WARNING, logger="bridge")
+    publisher = MissingTopicPublisher()
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(record("m0", topic=MISSING))
+    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    task = asyncio.create_task(drainer.run())
+    try:
+        for n in range(10):  # rounds that find MISSING's records still waiting
+            backlog.append(record(f"o{n}"))
+            drainer.wake()
+            await asyncio.sleep(0.1)
+        await eventually(lambda: MISSING in drainer.held_topics, within=5, what="held")
+        tries = publisher.missing_tries
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert tries <= 2, f"{tries} hand-overs to a missing topic in a second"
+    said = [r for r in caplog.records if r.levelno == logging.WARNING and MISSING in r.message]
+    assert said, "the hold was not said"
+
+
 class LandsLaterPublisher(FakePublisher):
     """BIG is too large for its topic; the dead-letter topic is below its quorum: each
     dead letter's publish times out with its copy left with the producer (``landings``),
