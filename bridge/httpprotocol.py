@@ -363,11 +363,25 @@ class OneWritePerResponse:
     closes its side, or for LINGER_SECONDS at most. A close with unread bytes sends
     an RST instead, which can destroy the answer before the client reads it (2 of 5
     such 413s were lost). Lingering counts as closing (``is_closing``).
+
+    A close waits for the client to read what is written, for ever if it reads
+    nothing: what is still unsent ``unsent_for`` (BRIDGE_READ_TIMEOUT) after a close
+    is dropped with the connection (abort). Below the write buffer's high-water mark
+    no pause_writing timer runs, and a close after one began made it do nothing: a
+    client that never read held its descriptor and its place at
+    BRIDGE_MAX_CONNECTIONS for ever (a review's 128 such clients got every other one a
+    503 until they went).
     """
 
-    __slots__ = ("_body_pending", "_expect_head", "_held", "_linger", "_transport")
+    __slots__ = ("_body_pending", "_expect_head", "_held", "_linger", "_transport", "_unsent_for")
 
-    def __init__(self, transport: asyncio.Transport, body_pending: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        body_pending: Callable[[], bool],
+        unsent_for: float,
+    ) -> None:
+        self._unsent_for = unsent_for
         self._transport = transport
         self._body_pending = body_pending
         self._expect_head = False
@@ -412,7 +426,7 @@ class OneWritePerResponse:
             return
         self.flush()
         if self._linger is None and not self._transport.is_closing():
-            self._transport.close()
+            self._close_transport()
 
     def linger(self) -> None:
         """Close after what is written, reading and dropping what the client still
@@ -422,7 +436,7 @@ class OneWritePerResponse:
         if self._linger is not None or transport.is_closing():
             return
         if not transport.can_write_eof():
-            transport.close()
+            self._close_transport()
             return
         transport.write_eof()  # after what is written: the answer, then a FIN
         transport.resume_reading()  # to drop what comes
@@ -435,7 +449,14 @@ class OneWritePerResponse:
         self.flush()
         if self._linger is not None:
             self._linger.cancel()
-        self._transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close; what the client has not read by ``unsent_for`` is dropped (abort)."""
+        transport = self._transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._unsent_for, transport.abort)
 
     @property
     def lingering(self) -> bool:
@@ -445,7 +466,7 @@ class OneWritePerResponse:
         """Close now: the client closed its side, or LINGER_SECONDS passed."""
         if self._linger is not None:
             self._linger.cancel()
-        self._transport.close()
+        self._close_transport()
 
     def is_closing(self) -> bool:
         return self._linger is not None or self._transport.is_closing()
@@ -613,7 +634,7 @@ def guarded_protocol(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
             nonlocal ops_open
-            self._writer = OneWritePerResponse(transport, self._body_pending)
+            self._writer = OneWritePerResponse(transport, self._body_pending, read_timeout)
             super().connection_made(self._writer)  # type: ignore[arg-type]  # a transport, as uvicorn uses it
             # (uvicorn's set of open connections holds this one now, and self.server
             # the address it came to)

@@ -68,7 +68,7 @@ class RecordingTransport:
 
 def writer() -> tuple[OneWritePerResponse, RecordingTransport]:
     transport = RecordingTransport()
-    return OneWritePerResponse(cast(asyncio.Transport, transport), lambda: False), transport
+    return OneWritePerResponse(cast(asyncio.Transport, transport), lambda: False, 10.0), transport
 
 
 def test_head_and_body_go_out_in_one_write() -> None:
@@ -2849,3 +2849,29 @@ def test_outcomes_of_refusals() -> None:
     assert outcome_of(Unavailable("Kafka away")) == "unavailable"
     assert outcome_of(RateLimited("too many")) == "rate_limited"
     assert outcome_of(PayloadTooLarge("big")) == "rejected"
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["below high water", "paused writing"])
+async def test_a_connection_closed_with_unread_answers_is_dropped_after_the_read_timeout(
+    monkeypatch: pytest.MonkeyPatch, paused: bool
+) -> None:
+    """Closed with bytes its client never reads (the keep-alive timeout here; a refusal
+    or `connection: close` alike), a connection was only close()d, which never ends it:
+    below the buffer's high-water mark no timer runs at all, and the timer armed at
+    pause_writing does nothing once the transport is closing (`_not_reading`). It is
+    aborted within BRIDGE_READ_TIMEOUT, as the README says (a review's test)."""
+    connection = Connection(monkeypatch, read_timeout=0.2, keep_alive=0.1)
+    try:
+        [answer] = await connection.answers(webhook("k1"), 1)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+        connection.transport.unsent = 20_000  # the client reads nothing
+        if paused:
+            connection.protocol.pause_writing()
+        await eventually(lambda: connection.transport.closed, within=5, what="keep-alive close")
+        await eventually(
+            lambda: connection.transport.aborted,
+            within=5,
+            what="dropped: its close waits for a client that never reads",
+        )
+    finally:
+        connection.close()
