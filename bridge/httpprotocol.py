@@ -584,13 +584,18 @@ def guarded_protocol(
     refused_webhook = 0
     refused_ops = 0
     ops_open = 0  # of the open connections, those to ops_port
-    # The webhook port's idle connections (those whose keep-alive timer runs: between
+    # Each port's idle connections (those whose keep-alive timer runs: between
     # requests, or before the first) -> since when (the loop's clock), the one idle
     # longest first; and how many of them were closed to make room and are not gone yet
     # (the transport's close ends the connection at the loop's next turn: until then it
-    # is still among the open ones).
+    # is still among the open ones). The operations port's too: 64 connections idle
+    # there (a scanner, a pooling client) held its every place for
+    # BRIDGE_KEEP_ALIVE_TIMEOUT (620 s in the manifests), and the liveness probe failed
+    # (a review).
     idle: dict[GuardedHttpToolsProtocol, float] = {}
     idle_closing = 0
+    ops_idle: dict[GuardedHttpToolsProtocol, float] = {}
+    ops_idle_closing = 0
     idle_closes = _LoggedEverySecond(_log_idle_closes)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -641,7 +646,9 @@ def guarded_protocol(
             if ops_port is not None and self.server is not None and self.server[1] == ops_port:
                 self._to_ops_port = True
                 ops_open += 1
-                if ops_open - refused_ops > OPS_MAX_CONNECTIONS:
+                if ops_open - refused_ops - ops_idle_closing > OPS_MAX_CONNECTIONS and (
+                    not self._close_one_idle(OPS_MAX_CONNECTIONS)
+                ):
                     self._refuse_connection(OPS_MAX_CONNECTIONS, "on BRIDGE_OPS_PORT")
                     return
             elif (
@@ -674,9 +681,12 @@ def guarded_protocol(
         @timeout_keep_alive_task.setter
         def timeout_keep_alive_task(self, timer: asyncio.TimerHandle | None) -> None:
             self._keep_alive_timer = timer
-            idle.pop(self, None)  # re-armed: idle since now, the last in line
-            if timer is not None and not self._to_ops_port:
-                idle[self] = self.loop.time()
+            # re-armed: idle since now, the last in line (out of both: connection_lost
+            # forgets the port before it stops the timer)
+            idle.pop(self, None)
+            ops_idle.pop(self, None)
+            if timer is not None:
+                (ops_idle if self._to_ops_port else idle)[self] = self.loop.time()
 
         def _close_one_idle(self, limit: int) -> bool:
             """Close the connection idle longest to make room for this new one, as
@@ -686,11 +696,13 @@ def guarded_protocol(
             a delivery to make was refused. The one idle longest is the one its
             client is least likely to be sending on (pools reuse the most recent);
             one being sent on now loses its request, as at the keep-alive timeout.
-            False when none has been idle for IDLE_GRACE_SECONDS."""
-            nonlocal idle_closing
+            False when none has been idle for IDLE_GRACE_SECONDS. Of this connection's
+            port: the operations port's connections neither take the webhook port's
+            places nor give theirs."""
+            nonlocal idle_closing, ops_idle_closing
             now = self.loop.time()
             longest = None
-            for candidate, since in idle.items():
+            for candidate, since in (ops_idle if self._to_ops_port else idle).items():
                 if now - since < IDLE_GRACE_SECONDS:
                     return False  # and those after it, idle for less time still
                 transport = candidate.transport
@@ -704,8 +716,11 @@ def guarded_protocol(
                 return False
             longest._unset_keepalive_if_required()  # out of `idle`
             longest._closed_for_room = True
-            idle_closing += 1
             longest.transport.close()
+            if self._to_ops_port:  # probes and scrapes: no proxy's pool to say
+                ops_idle_closing += 1
+                return True
+            idle_closing += 1
             idle_closes.log(limit)
             if on_idle_closed is not None:
                 on_idle_closed()
@@ -750,6 +765,13 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             nonlocal lingering_refusals, ops_open, idle_closing, refused_webhook, refused_ops
+            nonlocal ops_idle_closing
+            if self._closed_for_room:
+                self._closed_for_room = False
+                if self._to_ops_port:
+                    ops_idle_closing -= 1
+                else:
+                    idle_closing -= 1
             if self._refused_for_limit:
                 self._refused_for_limit = False
                 if self._to_ops_port:
@@ -762,9 +784,6 @@ def guarded_protocol(
             if self._refused_lingering:
                 self._refused_lingering = False
                 lingering_refusals -= 1
-            if self._closed_for_room:
-                self._closed_for_room = False
-                idle_closing -= 1
             if self._writer.lingering:
                 self._writer.end_linger()  # its timer
             self._stop_head_timer()

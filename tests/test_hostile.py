@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import signal
 import socket
 import struct
@@ -18,6 +19,7 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bridge.config import OPS_MAX_CONNECTIONS
 from bridge.devkafka import free_ports
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
@@ -784,3 +786,33 @@ def test_a_client_that_never_reads_a_small_answer_does_not_hold_its_connection_f
         # keep-alive (1 s) and read (1.5 s) timeouts are long past within 20 s
         status = wait_until(lambda: deliver(bridge), lambda s: s == 202, within=20, every=0.5)
         assert status == 202, "a client that never read its answer holds the only place"
+
+
+def test_idle_connections_to_the_operations_port_do_not_lock_out_the_probes(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The operations port's 64 connections had no idle-replacement, unlike
+    BRIDGE_PORT's: 64 connections that send nothing (a scanner, a pooling client in the
+    cluster; the Service exposes the port) held every place for
+    BRIDGE_KEEP_ALIVE_TIMEOUT (620 s in the manifests), and the liveness probe's
+    /healthz was a 503 for that long: six failures, a restart (a review's test)."""
+    port, ops_port = free_ports(2)
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        BRIDGE_ACK="memory",
+        BRIDGE_OPS_PORT=str(ops_port),
+        BRIDGE_KEEP_ALIVE_TIMEOUT="620",  # as deploy/kubernetes
+    )
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log", port=port) as bridge,
+        contextlib.ExitStack() as held,
+    ):
+        for _ in range(OPS_MAX_CONNECTIONS):
+            held.enter_context(socket.create_connection(("127.0.0.1", ops_port), timeout=30))
+
+        def probe() -> int:
+            return httpx2.get(bridge.ops_url + "/healthz", timeout=5).status_code
+
+        # every silent connection idle for IDLE_GRACE_SECONDS (1 s) well within 10 s
+        assert wait_until(probe, lambda s: s == 200, within=10, every=0.5) == 200
