@@ -16,6 +16,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    ProcessCollector,
     exposition,
     generate_latest,
 )
@@ -136,6 +137,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        # process_open_fds against process_max_fds, memory and CPU: file descriptors
+        # running out was invisible (libuv closes what it cannot accept, silently; a
+        # review), and the other process_* series are what dashboards expect.
+        ProcessCollector(registry=registry)
         # What every request touches lives in a lock-free collector (see FastHistogram);
         # everything else uses prometheus-client as it comes.
         fast = FastCollector()
