@@ -679,15 +679,21 @@ class Drainer:
             return
         if since is not None and not self._publisher.answered_since(since):
             return
-        if quota and self._publisher.throttled and self._publisher.ready_for(topic):
+        if (
+            quota
+            and self._publisher.throttled
+            and not (since is not None and self._publisher.metadata_lacks(topic, since))
+        ):
             # A wait for room in the producer's buffer that ran out while Kafka holds
             # the whole producer back for a client quota is the quota's, not the
             # topic's: held, and said so, it sent the operator after the topic (a
             # review on a throttling broker). Not an acknowledgement's: a topic below
             # its quorum while throttled was never held, and each round waited for it
-            # (a second review). Nor a wait for a topic's metadata, which a quota on
-            # bytes produced does not hold back: a missing topic was tried every round
-            # and never said.
+            # (a second review). Nor a topic that Kafka's metadata, answered since the
+            # hand-over began, does not have: a missing topic was tried every round and
+            # never said. (Its metadata not come yet is the quota's: Kafka delays every
+            # answer on a throttled connection; ready_for held existing topics new to
+            # the producer, a third review.)
             return
         now = time.monotonic()
         until, length = self._holds.get(topic, (0.0, HOLD_MIN / 2))

@@ -139,6 +139,8 @@ class Publisher(Protocol):
 
     def ready_for(self, topic: str) -> bool: ...
 
+    def metadata_lacks(self, topic: str, since: float) -> bool: ...
+
     async def hand_over(self, destination: Destination) -> asyncio.Future[Any]: ...
 
     async def send(self, destination: Destination) -> asyncio.Future[Any]: ...
@@ -533,6 +535,7 @@ class KafkaPublisher:
         self._refreshed_at = -STALE_AFTER_SECONDS
         # When the producer in use last got any metadata response (see _metadata_age)
         self._metadata_at = -math.inf
+        self._metadata_before = -math.inf  # the one before it (see metadata_lacks)
         self._refresh_failing = False
         self._refresh_failure_said = -REFRESH_FAILED_REPEAT_SECONDS
         self._refresh_run_said = False
@@ -545,6 +548,7 @@ class KafkaPublisher:
         self._clock_refused_at = -math.inf
         self._landed_at = -math.inf
         self._clock_said = -CLOCK_SAID_EVERY_SECONDS
+        self._broken_by_clock = False  # the producer broke on a timestamp's refusal
 
     @property
     def connected(self) -> bool:
@@ -645,11 +649,13 @@ class KafkaPublisher:
         a broker-mode bridge unready). Every request got a 503 while /readyz said 200,
         so a load balancer kept the one replica with a wrong clock in rotation.
 
-        Records landing meanwhile (a topic of its own with a tight
-        message.timestamp.*.max.ms refusing them, the others taking theirs) are the
-        trouble of that topic, not the clock's: no unreadiness then. Without traffic
-        it lapses after CLOCK_REFUSED_FOR_SECONDS, and the traffic that comes back tries
-        the clock again."""
+        Records landing meanwhile, whoever handed them over (a topic of its own with
+        a tight message.timestamp.*.max.ms refusing them, the others taking theirs)
+        are the trouble of that topic, not the clock's: no unreadiness then. Only the
+        deliveries' refusals count (publish, broker mode): a leftover spool's drainer
+        retrying a held topic renewed it for good. Without traffic it lapses after
+        CLOCK_REFUSED_FOR_SECONDS, and the traffic that comes back tries the clock
+        again."""
         now = time.perf_counter()
         return (
             now - self._clock_refused_at < CLOCK_REFUSED_FOR_SECONDS
@@ -659,7 +665,6 @@ class KafkaPublisher:
     def _refused_clock(self) -> PublishFailed:
         """Kafka refused a record's timestamp (CreateTime, the bridge host's clock)."""
         now = time.perf_counter()
-        self._clock_refused_at = now
         if now - self._clock_said >= CLOCK_SAID_EVERY_SECONDS:
             self._clock_said = now
             log.error(
@@ -815,7 +820,7 @@ class KafkaPublisher:
         self._fingerprint = fingerprint
         self._refreshed()  # a producer starts with the cluster's metadata
         self._answered()
-        self._metadata_at = time.monotonic()
+        self._metadata_before, self._metadata_at = -math.inf, time.monotonic()
         # A weak reference: a strong one made a cycle (producer, its cluster view, this
         # listener), which kept a replaced producer until the cyclic collector came by,
         # and the first one (frozen with the startup's objects: gc.freeze) for good.
@@ -828,7 +833,7 @@ class KafkaPublisher:
         """aiokafka completed a metadata refresh of ``producer``'s (a listener of its
         cluster view, called for successful ones only)."""
         if (current := self._producer) is not None and producer() is current:
-            self._metadata_at = time.monotonic()
+            self._metadata_before, self._metadata_at = self._metadata_at, time.monotonic()
 
     def _metadata_age(self) -> float:
         """Seconds since the producer in use last got a metadata response. Timed here, on
@@ -958,6 +963,8 @@ class KafkaPublisher:
         failure = acked.exception()
         refused = failure is not None and refused_by_kafka(failure)
         if failure is None or refused:  # an answer: Kafka is there (see publish)
+            if failure is None:  # taken, whoever handed it over (see clock_refused)
+                self._landed_at = time.perf_counter()
             self._answered()
             self._record_answered_at = self._answered_at
             if self._stall_began is not None:  # see stalled
@@ -969,6 +976,7 @@ class KafkaPublisher:
         if producer is not self._producer or self._broken is producer:
             return
         self._broken = producer
+        self._broken_by_clock = isinstance(failure, InvalidTimestampError)
         if isinstance(failure, OutOfOrderSequenceNumber):
             log.warning(
                 "Kafka refused a record as out of order (%r): the producer's numbering of "
@@ -986,7 +994,10 @@ class KafkaPublisher:
                 failure,
             )
         else:
-            log.warning(
+            log.log(
+                # a clock Kafka refuses is said apart (once a minute): this came each
+                # time the producer was replaced, about once a second (a review)
+                logging.DEBUG if isinstance(failure, InvalidTimestampError) else logging.WARNING,
                 "Kafka refused a record for good (%r); the producer cannot send to that "
                 "partition any more, so a fresh one replaces it",
                 failure,
@@ -1036,7 +1047,10 @@ class KafkaPublisher:
             self._replace(*started)  # (which clears the back-off)
             self._reset_not_before = time.monotonic() + RESET_MIN_INTERVAL_SECONDS
             self._metrics.producer_resets.inc()
-            log.info("a fresh Kafka producer replaced the one that could no longer send")
+            log.log(
+                logging.DEBUG if self._broken_by_clock else logging.INFO,  # said apart
+                "a fresh Kafka producer replaced the one that could no longer send",
+            )
         finally:
             self._rotation = None
 
@@ -1200,6 +1214,17 @@ class KafkaPublisher:
                 now - self._refreshed_at,
                 exc,
             )
+
+    def metadata_lacks(self, topic: str, since: float) -> bool:
+        """Whether Kafka answered a metadata request asked after ``since``
+        (perf_counter) and the producer still knows no partition of ``topic``: the
+        topic is missing (or denied), not waiting behind a throttle, which delays
+        metadata answers as much as the rest (Kafka mutes the throttled connection:
+        KIP-219). aiokafka asks for metadata one request at a time, so of two answers
+        after ``since`` the second was asked after it, for ``topic`` too: the first
+        may be of a request sent before, without it (a review's test)."""
+        since_answered = time.monotonic() - self._metadata_before
+        return since_answered < time.perf_counter() - since and not self.ready_for(topic)
 
     def ready_for(self, topic: str) -> bool:
         """True when the producer knows ``topic``'s partitions: a hand-over to it need
@@ -1408,6 +1433,10 @@ class KafkaPublisher:
             self._metrics.record_publish_error("timeout")
             raise self._timed_out(destination, started, landing) from None
         except Exception as exc:
+            if isinstance(exc, InvalidTimestampError) and self._broker_mode:
+                # a delivery's own (see clock_refused): not the drainer's retries of a
+                # leftover spool's held topic, which kept the bridge unready for good
+                self._clock_refused_at = time.perf_counter()
             raise self.failure(exc) from None
         finally:
             # A refusal's traceback holds this frame: holding the future the refusal

@@ -78,6 +78,9 @@ class FakePublisher:
     def ready_for(self, topic: str) -> bool:
         return True
 
+    def metadata_lacks(self, topic: str, since: float) -> bool:
+        return self.answering and not self.ready_for(topic)
+
     def refuse_at_once(self) -> None:
         if not self.connected:
             raise Unavailable("not connected to Kafka yet")

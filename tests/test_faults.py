@@ -1306,3 +1306,117 @@ def test_a_bridge_whose_clock_kafka_refuses_says_so(
             assert client.get("/readyz").status_code == 200
     log = bridge.log()
     assert log.count("the bridge host's clock is more than") == 1, log
+
+
+def test_a_refused_clock_is_said_once_not_at_every_producer_reset(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The clock is said "at most once a minute". But each refusal
+    (InvalidTimestampError, not retriable) also breaks the producer (_after_ack), which
+    is replaced (at most once a second) with a WARNING "Kafka refused a record for good
+    ...; the producer cannot send to that partition any more" and an INFO each: under
+    steady traffic the log says the same trouble about once a second, and the bridge
+    reconnects a producer each second, for as long as the clock is off."""
+    (tmp_path / "sitecustomize.py").write_text(CLOCK_AHEAD)
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        "broker",
+        PYTHONPATH=str(tmp_path),
+        AIOKAFKA_NO_EXTENSIONS="1",
+        BRIDGE_PUBLISH_TIMEOUT="3",
+    )
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        for n in range(12):  # one event every half second, as a steady sender
+            answer = client.post(
+                "/webhooks/geins/Order/create",
+                content=b'{"id":"1"}',
+                headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": f"k{n}"},
+            )
+            assert answer.status_code == 503, answer.text
+            time.sleep(0.5)
+    log = bridge.log()
+    assert log.count("the bridge host's clock is more than") == 1, log
+    resets = log.count("a fresh Kafka producer replaced")
+    warnings = log.count("Kafka refused a record for good")
+    assert (resets, warnings) == (0, 0), log
+
+
+CLOCK_FIVE_SECONDS_AHEAD = """\
+import time
+_real = time.time
+time.time = lambda: _real() + 5.0  # the host's clock five seconds ahead
+"""
+
+
+async def leave_in_spool(folder: Path, *destinations: Destination) -> None:
+    spool = Spool(folder, max_bytes=10**7, dedup_window=7200)
+    spool.open()
+    for destination in destinations:
+        assert await spool.append(destination, destination.key.decode())
+    await spool.close()
+
+
+def test_records_the_leftover_drainer_lands_count_against_the_clock_too(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Broker mode is unready while Kafka refuses timestamps "and has taken no
+    record for 20 s (records landing meanwhile make it one topic's setting, not the
+    clock)". A leftover spool's drainer publishes through the same publisher: its
+    refusals (publisher.failure) renew clock_refused, at each retry of the held topic
+    (every 10 s at most), but the records it lands never touch _landed_at. Here one
+    topic's tighter message.timestamp.after.max.ms refuses the leftover record, the
+    other topic takes its own: the bridge stays unready, "the bridge's clock is off",
+    for as long as the refused record waits (for ever, with no traffic let in)."""
+    tight = f"{topic_prefix}.product.update"
+    orders = f"{topic_prefix}.order.create"
+    create_topic(kafka_bootstrap, tight, {"message.timestamp.after.max.ms": "1000"})
+    create_topic(kafka_bootstrap, orders, {})
+    spool_dir = tmp_path / "spool"
+    asyncio.run(
+        leave_in_spool(
+            spool_dir,
+            Destination(topic=tight, key=b"p1", value=b'{"id":"1"}', headers=[]),
+            Destination(topic=orders, key=b"o1", value=b'{"id":"1"}', headers=[]),
+        )
+    )
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CLOCK_FIVE_SECONDS_AHEAD)
+    env = bridge_env(
+        kafka_bootstrap,
+        topic_prefix,
+        "broker",
+        PYTHONPATH=str(site),
+        AIOKAFKA_NO_EXTENSIONS="1",
+        BRIDGE_SPOOL_DIR=str(spool_dir),
+    )
+    with (
+        BridgeProcess(env, tmp_path / "bridge.log") as bridge,
+        httpx2.Client(base_url=bridge.url, timeout=30) as client,
+    ):
+        landed = wait_until(
+            lambda: [r.key for r in read_all_sync(kafka_bootstrap, orders)],
+            lambda keys: keys == [b"o1"],
+            within=60,
+            every=0.5,
+        )
+        assert landed == [b"o1"]  # the bridge's clock is good enough for Kafka's default
+        said = wait_until(
+            bridge.log, lambda log: "InvalidTimestampError" in log, within=30, every=0.5
+        )
+        assert "InvalidTimestampError" in said  # the tight topic refuses p1
+        readiness = wait_until(
+            lambda: client.get("/readyz"), lambda r: r.status_code == 200, within=45, every=1
+        )
+        assert readiness.status_code == 200, readiness.text
+        # a broker-mode event lands all the same, whatever /readyz said
+        answer = client.post(
+            "/webhooks/geins/Order/create",
+            content=b'{"id":"2"}',
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "o2"},
+        )
+        assert answer.status_code == 202, answer.text

@@ -1200,15 +1200,24 @@ def test_refused_timestamps_count_as_the_clocks_only_while_no_record_lands() -> 
     """Kafka refusing records' timestamps with none landing is the bridge host's clock
     (broker mode unready); records landing meanwhile make it one topic's tight
     message.timestamp.*.max.ms, which must not take the bridge out of rotation. It
-    lapses without traffic, so the traffic that comes back tries the clock again."""
+    lapses without traffic, so the traffic that comes back tries the clock again. Only
+    a delivery's refusal counts (publish): a leftover spool's drainer retrying a held
+    topic (failure() alone) kept the bridge unready for good (a review)."""
     pub = publisher()
     order = Destination(topic="geins.order.create", key=b"k", value=b"{}", headers=[])
     refused = pub.failure(InvalidTimestampError())
     assert "timestamp" in refused.detail
+    assert not pub.clock_refused  # a drainer's: not the deliveries'
+
+    def delivery_refused() -> None:  # as publish() says it in broker mode
+        pub.failure(InvalidTimestampError())
+        pub._clock_refused_at = time.perf_counter()
+
+    delivery_refused()
     assert pub.clock_refused
     pub._published(order, time.perf_counter())  # another record landed: not the clock
     assert not pub.clock_refused
-    pub.failure(InvalidTimestampError())
+    delivery_refused()
     assert not pub.clock_refused  # one landed within CLOCK_REFUSED_FOR_SECONDS
     pub._landed_at -= publisher_module.CLOCK_REFUSED_FOR_SECONDS
     assert pub.clock_refused  # none since

@@ -29,7 +29,7 @@ from bridge.metrics import Metrics
 from tests.fakes import TOKEN
 from tests.kafkaread import read_all_sync
 from tests.polling import wait_until
-from tests.test_kafka_end_to_end import bridge_env, sample
+from tests.test_kafka_end_to_end import bridge_env, create_topic, sample
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -222,3 +222,46 @@ def test_durable_drainer_keeps_to_the_quota_in_order_without_holds(
     assert [r.key.decode() for r in sorted(records, key=lambda r: r.offset)] == keys
     holds = [r.getMessage() for r in caplog.records if "held back" in r.getMessage()]
     assert not holds, holds[0]
+
+
+def test_an_existing_topic_new_to_a_throttled_producer_is_not_held(
+    kafka_bootstrap: str, topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic whose hand-over timed out while throttled, the producer having no
+    metadata for it, was held (a missing topic must be: see test_ackmodes), as though
+    a quota on bytes did not hold back a metadata request. It does: the broker mutes
+    the throttled connection (KIP-219), and the metadata request queues behind it. So
+    an existing topic the producer had no metadata for (new to it, or idle for 5
+    minutes) was held and said as its own trouble ("no metadata or buffer space")
+    while only the quota held it back (a review's test)."""
+    caplog.set_level(logging.DEBUG, logger="bridge.drainer")
+    product = f"{topic_prefix}.geins.product.update"
+    create_topic(kafka_bootstrap, product, {})  # it exists: nothing wrong with it
+    environ = throttled_env(kafka_bootstrap, topic_prefix, "durable", 1024)
+    environ["BRIDGE_SHUTDOWN_TIMEOUT"] = "2"
+    metrics = Metrics()
+    body = body_of(4000)
+    with TestClient(create_app(load_settings(environ=environ), metrics=metrics)) as client:
+        assert [deliver(client, f"o{i:03d}", body)[0] for i in range(20)] == [202] * 20
+        # throttled, and a heartbeat since (the producer's view is its own topics only)
+        wait_until(
+            lambda: sample(metrics, "bridge_kafka_throttle_seconds_total"),
+            lambda s: s > 2,
+            within=60,
+            every=0.2,
+        )
+        headers = {"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "p1"}
+        answer = client.post(
+            "/webhooks/geins/Product/update", content=b'{"id":"1"}', headers=headers
+        )
+        assert answer.status_code == 202
+        landed = wait_until(
+            lambda: read_all_sync(kafka_bootstrap, product),
+            lambda records: len(records) == 1,
+            within=60,
+            every=1,
+        )
+        assert len(landed) == 1
+    said = [r.getMessage() for r in caplog.records]
+    holds = [line for line in said if "held back" in line and product in line]
+    assert not holds, holds
