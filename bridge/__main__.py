@@ -4,6 +4,7 @@ A light module on purpose: the stop signals are held (:mod:`bridge.signals`) bef
 the command's imports, which take up to a second.
 """
 
+import os
 import sys
 
 from bridge.signals import hold_early_stops
@@ -11,6 +12,10 @@ from bridge.signals import hold_early_stops
 
 def main() -> int:
     hold_early_stops()
+    # One process with its own registry: never prometheus-client's multiprocess mode,
+    # which an inherited variable turns on at import.
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        os.environ.pop(name, None)
     from bridge.cli import main as run  # noqa: PLC0415  # after the signals are held
 
     return run()

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The operator commands run in a terminal: their log lines (the Kafka client's,
     # mostly) as text unless BRIDGE_LOG_FORMAT, or the file's log_format, says json.
     given = serving or "log_format" in settings.model_fields_set
-    logs.configure(settings.log_level, settings.log_format if given else "text")
+    logs.configure(settings.log_level, settings.log_format if given else "text", background=serving)
     previous = None
     if not serving and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not ignored
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -69,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exc, settings)
     finally:
         sys.stdout = stdout
+        if serving and sys.stderr is not None:
+            try:
+                logs.write_in_place()
+                sys.stderr.flush()
+            except OSError:  # its reader gone: Python's flush at exit would fail (120)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code
@@ -158,6 +164,7 @@ def _say_last(message: str) -> None:
     logging JSON, one line in the log's format (level error). A log pipeline that reads
     JSON dropped the plain line, the one that says why the bridge would not start (a
     reviewer: every line valid JSON but that last one)."""
+    logs.flush()  # the lines before it first
     if _last_words_logged:
         record = logging.makeLogRecord(
             {"name": "bridge", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}

@@ -992,6 +992,25 @@ class Settings(BaseModel):
         return shown
 
 
+#: Settings read as UTF-8 whatever the locale: the secrets, compared and sent as bytes.
+_SECRET_TEXT = ("tokens", "kafka_sasl_password", "kafka_sasl_username")
+
+
+def _as_utf8(name: str, value: str) -> str:
+    """A variable's value as the UTF-8 its bytes are, whatever the locale: under LC_ALL=C
+    (without Python's UTF-8 mode) os.environ gives non-ASCII bytes as surrogate escapes,
+    and a byte that is not UTF-8 (an env file saved as latin-1) came as one in any
+    locale: the refusal's redaction of the secrets raised TypeError, a traceback and
+    exit 1 rather than a settings error's 2, which systemd's RestartPreventExitStatus=2
+    stops (a review)."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise ConfigError(
+            f"invalid settings:\n  {name}: not UTF-8 text (save the file that sets it as UTF-8)"
+        ) from None
+
+
 def load_settings(
     config_file: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -1018,7 +1037,7 @@ def load_settings(
         if name.startswith(ENV_PREFIX) and name != CONFIG_FILE_ENV:
             field = name[len(ENV_PREFIX) :].lower()
             variables.setdefault(field, []).append(name)
-            values[field] = value
+            values[field] = _as_utf8(name, value) if field in _SECRET_TEXT else value
             given[field] = (name, "")
     # Names differing only in case (BRIDGE_Tokens beside BRIDGE_TOKENS) are one setting:
     # whichever came last would silently win. Named, never their values.

@@ -10,8 +10,12 @@ refusal's path, a topic held back, the Kafka client).
 
 from __future__ import annotations
 
+import io
 import logging
+import queue
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -152,9 +156,18 @@ def redact_with(redactor: Redactor) -> None:
         handler.addFilter(Redacting(redactor))
 
 
-def configure(level: str, fmt: str) -> None:
-    """Send every logger (uvicorn's too) to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str, fmt: str, *, background: bool = False) -> None:
+    """Send every logger (uvicorn's too) to stderr in the chosen format; written by a
+    thread of its own when ``background`` (the serving bridge: see WrittenApart)."""
+    stream = sys.stderr
+    if fmt == "json" and isinstance(stream, io.TextIOWrapper):
+        # JSON lines are UTF-8 (RFC 8259), whatever the locale: backslashreplace's \\xe4
+        # is no JSON escape, and latin-1's byte 0xE4 no UTF-8.
+        stream.reconfigure(encoding="utf-8")
+    for before in logging.getLogger().handlers:
+        if isinstance(before, WrittenApart):
+            before.close()  # what it holds first
+    handler: logging.Handler = WrittenApart(stream) if background else logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -210,3 +223,117 @@ class OncePerInterval(logging.Filter):
             self._last.clear()
         self._last[key] = record.created
         return True
+
+
+#: Most lines a WrittenApart handler holds for a stderr that is not read fast enough;
+#: past them lines are dropped (and counted).
+WRITE_QUEUE_LINES = 10_000
+#: The longest a flush waits for the lines held to be written (a reader that stalled).
+FLUSH_WAIT_SECONDS = 5.0
+
+
+class WrittenApart(logging.Handler):
+    """Writes its lines to ``stream`` from a thread of its own, so that a stderr whose
+    reader falls behind (journald under pressure, a container runtime's log pipe, a
+    paused `| less`) cannot stop the event loop: the loop blocked in write() once the
+    64 KiB pipe was full, /healthz with it, and some 250 refused deliveries (401s,
+    no token needed) filled it (a review). Lines are formatted, filtered and redacted
+    in the caller, as before; at most WRITE_QUEUE_LINES wait, and what comes past them
+    is dropped and said (with how many) once the reader keeps up again. A reader gone
+    for good (EPIPE) loses the lines, as it did."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self._lines: queue.Queue[str | None] = queue.Queue(WRITE_QUEUE_LINES)  # None: stop
+        self._dropped = 0  # since the last line that said so
+        self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self._dropped += 1
+
+    def _write(self) -> None:
+        stopping = False
+        while not stopping:
+            taken = [self._lines.get()]
+            while len(taken) < 256:  # one write for what has piled up
+                try:
+                    taken.append(self._lines.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [line for line in taken if line is not None]
+            stopping = len(lines) < len(taken)
+            if self._dropped and self._lines.empty():
+                dropped, self._dropped = self._dropped, 0
+                lines.append(self._said_dropped(dropped))
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):  # the reader gone, or stderr closed
+                pass
+            finally:
+                for _ in taken:
+                    self._lines.task_done()
+
+    def _said_dropped(self, dropped: int) -> str:
+        record = logging.makeLogRecord(
+            {
+                "name": __name__,
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines were dropped: stderr's reader did not keep up",
+                "args": (dropped,),
+                "fields": {"dropped": dropped},
+            }
+        )
+        return self.format(record) + "\n"
+
+    def flush(self) -> None:
+        """Wait (FLUSH_WAIT_SECONDS at most) for the lines held to be written."""
+        until = time.monotonic() + FLUSH_WAIT_SECONDS
+        while self._lines.unfinished_tasks and time.monotonic() < until:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Write what is held (see flush), then end the thread."""
+        if self._writer.is_alive():
+            self.flush()
+            try:
+                self._lines.put(None, timeout=FLUSH_WAIT_SECONDS)
+                self._writer.join(FLUSH_WAIT_SECONDS)
+            except queue.Full:
+                pass  # a reader stalled: the thread ends with the process (a daemon)
+        super().close()
+
+
+def write_in_place() -> None:
+    """Write the log's lines in the caller from now on, those held first: at the end of
+    serve. A thread still writing to stderr as the interpreter exits can abort it
+    (SIGABRT: the stream's lock held at shutdown), a clean stop then a failure."""
+    root = logging.getLogger()
+    for n, handler in enumerate(root.handlers):
+        if isinstance(handler, WrittenApart):
+            handler.close()
+            plain = logging.StreamHandler(handler.stream)
+            plain.setFormatter(handler.formatter)
+            plain.setLevel(handler.level)
+            for kept in handler.filters:
+                plain.addFilter(kept)
+            root.handlers[n] = plain
+
+
+def flush() -> None:
+    """Write what the root logger's handlers writing apart hold (before a line printed
+    bare, and at the end)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, WrittenApart):
+            handler.flush()

@@ -1,0 +1,328 @@
+"""The real ``bridge serve`` in unusual but real runtime environments: a locale that
+is not UTF-8, a stderr whose reader went away or stalls, an inherited
+prometheus-client setting (two reviews' tests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from bridge import logs
+from bridge.config import load_settings
+from bridge.devkafka import dies_with_parent, free_port
+from bridge.errors import ConfigError
+from tests.fakes import TOKEN
+from tests.polling import wait_until
+from tests.process import BridgeProcess, wait_until_ready
+
+#: What Python 3.11 runs with under LC_ALL=C when neither PEP 538 nor PEP 540 applies
+#: (PYTHONCOERCECLOCALE=0 PYTHONUTF8=0), and under a latin-1 locale (a host whose
+#: /etc/locale.conf says LANG=sv_SE.ISO-8859-1, which systemd gives its services).
+NOT_UTF8 = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], level = kept
+        root.setLevel(level)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_json_lines_are_json_on_a_stderr_that_is_not_utf8(
+    monkeypatch: pytest.MonkeyPatch, root_logging: None, encoding: str
+) -> None:
+    """Under a locale that is not UTF-8 Python's stderr encodes with backslashreplace:
+    a refusal's path "Räk" came out as R\\xe4k (ASCII; no JSON escape, the line is no
+    JSON) or as the latin-1 byte 0xE4 (no UTF-8): a log pipeline that reads JSON lines
+    drops or garbles every line naming a non-ASCII path, key or spool folder."""
+    raw = io.BytesIO()
+    stderr = io.TextIOWrapper(
+        raw, encoding=encoding, errors="backslashreplace", line_buffering=True
+    )
+    monkeypatch.setattr(sys, "stderr", stderr)
+    logs.configure("info", "json")
+    logging.getLogger("bridge.ingress").info(
+        "delivery refused: %s", "not_found", extra={"fields": {"path": "/webhooks/geins/Räk 🎉"}}
+    )
+    sys.stderr.flush()
+    stderr.flush()
+    (line,) = raw.getvalue().splitlines()
+    assert json.loads(line.decode("utf-8"))["path"] == "/webhooks/geins/Räk 🎉"
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_the_serving_bridge_logs_json_lines_in_the_c_locale(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The real process under LC_ALL=C (without the UTF-8 mode): every line of its log
+    must be JSON, the refusal of a path with a non-ASCII letter too."""
+    env = {
+        **NOT_UTF8,
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:
+        answer = httpx2.post(
+            bridge.url + "/webhooks/geins/R%C3%A4k?action=update",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            content=b"{}",
+            timeout=10,
+        )
+        assert answer.status_code == 422
+        bridge.signal(signal.SIGTERM)
+        assert bridge.wait(60) == 0
+    lines = (tmp_path / "bridge.log").read_bytes().splitlines()
+    refusals = [json.loads(line.decode("utf-8")) for line in lines if b"refused" in line]
+    assert [r["path"] for r in refusals] == ["/webhooks/geins/Räk"]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_stderr_reader_gone_does_not_make_a_clean_stop_a_failure(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """`bridge serve 2>&1 | shipper` and the shipper died (or a container runtime's log
+    pipe closed): the bridge serves on, its log lines lost (EPIPE, SIGPIPE ignored),
+    and a SIGTERM stops it cleanly, but Python's flush of the stderr buffer at exit
+    fails and the process exits 120: a clean stop reported as a failure (Kubernetes'
+    "Error", systemd's "failed")."""
+    port = free_port()
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("BRIDGE_") and k != "PYTHONUNBUFFERED"
+        },  # buffered, as under systemd (deploy/systemd sets no PYTHONUNBUFFERED)
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": str(port),
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+    }
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+    )
+    try:
+        wait_until_ready(proc, url + "/readyz", "bridge", 30, lambda: "(stderr is a pipe)")
+        assert proc.stderr is not None
+        proc.stderr.close()  # the reader goes away
+        # a line to log (a refusal), which now meets EPIPE
+        refused = httpx2.post(url + "/webhooks/geins", content=b"{}", timeout=10)
+        assert refused.status_code == 401
+        accepted = httpx2.post(
+            url + "/webhooks/geins",
+            headers={"Authorization": f"Bearer {TOKEN}", "x-Idempotency-Key": "pipe-1"},
+            json={"entity": "Order", "action": "update", "id": "1"},
+            timeout=10,
+        )
+        assert accepted.status_code == 202  # it serves on
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_an_inherited_prometheus_multiproc_dir_does_not_stop_the_bridge(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR in the environment (a platform's or base image's, for
+    gunicorn apps) turns prometheus-client's multiprocess mode on at import: the bridge,
+    one process serving its own registry, then writes counter_<pid>.db files there
+    (a new set each start), and with the folder missing it exits 1 saying "cannot talk
+    to Kafka at ...: [Errno 2] No such file or directory: '.../counter_<pid>.db'"."""
+    missing = tmp_path / "prometheus"
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(missing),
+        "BRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_TOPIC_TEMPLATE": topic_prefix + ".{entity}.{action}",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log") as bridge:  # RuntimeError: exited with 1
+        assert httpx2.get(bridge.url + "/metrics", timeout=10).status_code == 200
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"BRIDGE_TOKENS": "j\udce4tte-token-1234567890abcdef"},
+        {"BRIDGE_TOKENS": TOKEN * 3, "BRIDGE_KAFKA_SASL_PASSWORD": "p\udce4ssword"},
+    ],
+)
+def test_a_secret_not_utf8_in_the_environment_is_a_config_error(environ: dict[str, str]) -> None:
+    """A byte that is not UTF-8 in a variable (an env file saved as latin-1; any
+    non-ASCII letter under LC_ALL=C without the UTF-8 mode) reaches the settings as a
+    surrogate escape, as os.environ gives it: the refusal's redaction of the secrets
+    (orjson) raised TypeError, a traceback and exit 1 instead of the settings' exit 2,
+    which systemd's RestartPreventExitStatus=2 does not stop: a restart loop."""
+    with pytest.raises(ConfigError):
+        load_settings(environ=environ)
+
+
+def test_check_config_under_the_c_locale_has_no_traceback(tmp_path: Path) -> None:
+    """The real command under LC_ALL=C without the UTF-8 mode, a token with a non-ASCII
+    letter (one the same host's UTF-8 locale takes): a settings error at worst
+    (exit 2, one line), never a traceback."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+        **NOT_UTF8,
+        "BRIDGE_TOKENS": "jätte-token-1234567890abcdef",
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
+    assert done.returncode in (0, 2)
+
+
+class _StalledStream:
+    """A stderr whose reader stalls until ``reading`` is set."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.reading.wait()
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The serving bridge's log is written apart (logs.WrittenApart): a logging call
+    never waits for stderr's reader. What piles up past WRITE_QUEUE_LINES is dropped,
+    and said with its count once the reader keeps up again."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 5)
+    stream = _StalledStream()
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    try:
+        for n in range(20):  # returns at once, the reader stalled
+            handler.handle(logging.makeLogRecord({"msg": f"line {n}", "levelno": 20}))
+        stream.reading.set()
+        handler.flush()
+        # dropped lines are said once the queue is empty: one more line to find it so
+        handler.handle(logging.makeLogRecord({"msg": "after", "levelno": 20}))
+        handler.flush()
+    finally:
+        handler.close()
+    text = "".join(stream.written)
+    assert "line 0" in text
+    assert "line 19" not in text
+    assert "log lines were dropped: stderr's reader did not keep up" in text
+    assert "after" in text
+
+
+#: More 401s than a pipe's 64 KiB hold of their log lines (some 250 bytes each).
+REFUSALS = 1500
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_stalled_log_reader_does_not_stop_the_event_loop(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The log goes to stderr with a plain StreamHandler, written on the event loop
+    (bridge/logs.py configure). When whoever reads stderr stops for a while (journald
+    or a container runtime's log pipe under pressure, `bridge serve | less` paused),
+    the pipe fills, write() blocks, and with it the event loop: every request, /healthz
+    too, waits until the reader comes back. An unauthenticated client fills the pipe
+    by itself: each 401 is a log line."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        BRIDGE_HOST="127.0.0.1",
+        BRIDGE_PORT=str(port),
+        BRIDGE_ACK="memory",
+        BRIDGE_TOKENS="a-token-of-some-32-characters-xyz",
+        BRIDGE_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
+        BRIDGE_RATE_LIMIT="0",
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # read by nobody until the end: a stalled log reader
+        preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+    )
+    assert proc.stderr is not None
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx2.get(url + "/healthz", timeout=1).status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        assert wait_until(healthy, bool, within=60, every=0.1)
+        unanswered = None
+        with httpx2.Client(timeout=5) as client:
+            for i in range(REFUSALS):
+                try:
+                    client.post(
+                        url + "/webhooks/geins/Order/create",
+                        content=b'{"id":"1"}',
+                        headers={"Authorization": "Bearer wrong"},
+                    )
+                except httpx2.TimeoutException:
+                    unanswered = i
+                    break
+            try:
+                alive = client.get(url + "/healthz").status_code
+            except httpx2.TimeoutException:
+                alive = None
+        assert (unanswered, alive) == (None, 200), (
+            f"the bridge stopped answering after {unanswered} refusals, "
+            f"/healthz {alive}: its event loop waits for stderr's reader"
+        )
+    finally:
+        # the reader comes back: the bridge can go on and stop
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
