@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is not stdout:  # what is still buffered fails here, said as above
             sys.stdout.flush()
     except (Exception, KeyboardInterrupt) as exc:
-        return _exit_code(exc, settings)
+        return _exit_code(exc, settings, serving=serving)
     finally:
         sys.stdout = stdout
         if serving and sys.stderr is not None:
@@ -174,7 +174,7 @@ def _say_last(message: str) -> None:
         print(f"bridge: {message}", file=sys.stderr)
 
 
-def _exit_code(exc: BaseException, settings: Settings) -> int:
+def _exit_code(exc: BaseException, settings: Settings, *, serving: bool = False) -> int:
     """What a command's failure prints and exits with; raises what is not foreseen."""
     if isinstance(exc, ConfigError | SpoolUnusable):
         _say_last(str(exc))
@@ -195,7 +195,12 @@ def _exit_code(exc: BaseException, settings: Settings) -> int:
             reason = f"no answer within {settings.kafka_connect_timeout:g} s"
         else:
             reason = str(exc) or type(exc).__name__
-        _say_last(f"cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}")
+        if serving and isinstance(exc, OSError):
+            # serve deals with Kafka itself: what reaches here is the machine's (a file,
+            # a folder), which "cannot talk to Kafka" sent the operator after (a review)
+            _say_last(f"the bridge stopped: {reason}")
+        else:
+            _say_last(f"cannot talk to Kafka at {settings.kafka_bootstrap}: {reason}")
         return 1
     if type(exc).__module__.startswith("aiokafka"):
         return _kafka_error_code(exc, settings)

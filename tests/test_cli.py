@@ -1565,3 +1565,20 @@ def test_a_json_line_stays_json_on_a_stdout_that_cannot_encode_it(
     print(kafkaadmin.record_json(record))  # as `bridge tail --json` prints a record
     out.flush()
     assert json.loads(raw.getvalue().decode(encoding))["value"] == value.decode()
+
+
+def test_a_machine_error_that_stops_serve_is_not_said_as_kafkas(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An OSError that ends serve is the machine's (a file, a folder): serve deals with
+    Kafka's failures itself. It was said as "cannot talk to Kafka at ...", which sent
+    the operator after Kafka (a review: an inherited PROMETHEUS_MULTIPROC_DIR's missing
+    folder); the operator tools' are still Kafka's."""
+    settings = load_settings(environ={"BRIDGE_TOKENS": "t" * 16, "BRIDGE_LOG_FORMAT": "text"})
+    missing = FileNotFoundError(2, "No such file or directory", "/gone/counter_1.db")
+    assert cli_module._exit_code(missing, settings, serving=True) == 1
+    err = capsys.readouterr().err
+    assert "cannot talk to Kafka" not in err, err
+    assert "the bridge stopped: [Errno 2] No such file or directory" in err, err
+    assert cli_module._exit_code(ConnectionRefusedError(111, "refused"), settings) == 1
+    assert "cannot talk to Kafka" in capsys.readouterr().err
