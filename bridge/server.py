@@ -14,8 +14,10 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -110,6 +112,11 @@ class BridgeServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._signals_taken()  # uvicorn handles them from here on (handle_exit)
+        if sys.flags.dev_mode or os.environ.get("PYTHONASYNCIODEBUG"):
+            # uvicorn makes its loop with debug off whatever these say: asyncio's debug
+            # mode (slow callbacks, never-retrieved exceptions with where they came from)
+            # could not be had for the bridge (a review)
+            asyncio.get_running_loop().set_debug(True)
         await super().startup(sockets)
         if self.started:
             freeze_startup_objects()

@@ -326,3 +326,45 @@ def test_a_stalled_log_reader_does_not_stop_the_event_loop(
                 proc.kill()
                 proc.wait()
             proc.stderr.close()
+
+
+LOOP_DEBUG = """\
+import asyncio, sys
+from bridge import server
+started = server.BridgeServer.startup
+async def startup(self, sockets=None):
+    await started(self, sockets)
+    print("debug", asyncio.get_running_loop().get_debug(), file=sys.__stdout__, flush=True)
+    self.should_exit = True
+server.BridgeServer.startup = startup
+from bridge.cli import main
+main(["serve"])
+"""
+
+
+@pytest.mark.parametrize(("asked", "debug"), [({}, False), ({"PYTHONASYNCIODEBUG": "1"}, True)])
+def test_asyncios_debug_mode_is_had_when_asked(
+    tmp_path: Path, asked: dict[str, str], debug: bool
+) -> None:
+    """uvicorn makes its event loop with asyncio's debug mode off, whatever
+    PYTHONASYNCIODEBUG or -X dev say: slow callbacks and never-retrieved exceptions with
+    where they came from could not be had for the bridge (a review)."""
+    (tmp_path / "serve_once.py").write_text(LOOP_DEBUG)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "PYTHONASYNC"))},
+        **asked,
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # nobody: not needed here
+        "BRIDGE_KAFKA_CONNECT_TIMEOUT": "1",
+        "BRIDGE_TOKENS": TOKEN,
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_PORT": str(free_port()),
+        "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "serve_once.py")],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert f"debug {debug}" in done.stdout.decode(), done.stderr.decode()[-2000:]
