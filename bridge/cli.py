@@ -164,14 +164,15 @@ def _say_last(message: str) -> None:
     logging JSON, one line in the log's format (level error). A log pipeline that reads
     JSON dropped the plain line, the one that says why the bridge would not start (a
     reviewer: every line valid JSON but that last one)."""
-    logs.flush()  # the lines before it first
     if _last_words_logged:
         record = logging.makeLogRecord(
             {"name": "bridge", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}
         )
-        print(logs.JsonFormatter().format(record), file=sys.stderr)
+        line = logs.JsonFormatter().format(record)
     else:
-        print(f"bridge: {message}", file=sys.stderr)
+        line = f"bridge: {message}"
+    if not logs.put_last(line):  # after the lines serve's log writer holds, if it runs
+        print(line, file=sys.stderr)
 
 
 def _exit_code(exc: BaseException, settings: Settings, *, serving: bool = False) -> int:

@@ -1002,9 +1002,10 @@ def _as_utf8(name: str, value: str) -> str:
     and a byte that is not UTF-8 (an env file saved as latin-1) came as one in any
     locale: the refusal's redaction of the secrets raised TypeError, a traceback and
     exit 1 rather than a settings error's 2, which systemd's RestartPreventExitStatus=2
-    stops (a review)."""
-    try:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8")
+    stops (a review). Under a latin-1 locale each byte came as a letter: a UTF-8 token
+    read as mojibake, every client's 401 (a second review)."""
+    try:  # the bytes as the locale's encoding read them (latin-1: every byte a letter)
+        return os.fsencode(value).decode("utf-8")
     except UnicodeError:
         raise ConfigError(
             f"invalid settings:\n  {name}: not UTF-8 text (save the file that sets it as UTF-8)"

@@ -10,6 +10,7 @@ refusal's path, a topic held back, the Kafka client).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
@@ -163,14 +164,15 @@ def configure(level: str, fmt: str, *, background: bool = False) -> None:
     if fmt == "json" and isinstance(stream, io.TextIOWrapper):
         # JSON lines are UTF-8 (RFC 8259), whatever the locale: backslashreplace's \\xe4
         # is no JSON escape, and latin-1's byte 0xE4 no UTF-8.
-        stream.reconfigure(encoding="utf-8")
-    for before in logging.getLogger().handlers:
-        if isinstance(before, WrittenApart):
-            before.close()  # what it holds first
+        # (errors kept: strict, a path not UTF-8 printed bare was a traceback)
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace")
     handler: logging.Handler = WrittenApart(stream) if background else logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    before, root.handlers[:] = root.handlers[:], [handler]
+    for old in before:  # replaced first: a line logged meanwhile is not put in a dead queue
+        if isinstance(old, WrittenApart):
+            old.close()
     root.setLevel(level.upper())
     # Python's warnings (a library's RuntimeWarning, say) in the same format and
     # through the same redaction: written bare to stderr, they broke a JSON log's lines.
@@ -239,14 +241,14 @@ class WrittenApart(logging.Handler):
     64 KiB pipe was full, /healthz with it, and some 250 refused deliveries (401s,
     no token needed) filled it (a review). Lines are formatted, filtered and redacted
     in the caller, as before; at most WRITE_QUEUE_LINES wait, and what comes past them
-    is dropped and said (with how many) once the reader keeps up again. A reader gone
+    is dropped and said (with how many) once the reader catches up. A reader gone
     for good (EPIPE) loses the lines, as it did."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__()
         self.stream = stream
         self._lines: queue.Queue[str | None] = queue.Queue(WRITE_QUEUE_LINES)  # None: stop
-        self._dropped = 0  # since the last line that said so
+        self._dropped = 0  # since the last line that said so (under the handler's lock)
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -259,7 +261,17 @@ class WrittenApart(logging.Handler):
         try:
             self._lines.put_nowait(line)
         except queue.Full:
-            self._dropped += 1
+            self._dropped += 1  # emit runs under the handler's lock
+
+    @property
+    def writing(self) -> bool:
+        return self._writer.is_alive()
+
+    def put_line(self, line: str) -> None:
+        """Write ``line`` (formatted already) after those held, whatever their number:
+        a command's last words."""
+        with contextlib.suppress(queue.Full):  # a reader stalled that long: lost
+            self._lines.put(line + "\n", timeout=FLUSH_WAIT_SECONDS)
 
     def _write(self) -> None:
         stopping = False
@@ -272,9 +284,11 @@ class WrittenApart(logging.Handler):
                     break
             lines = [line for line in taken if line is not None]
             stopping = len(lines) < len(taken)
-            if self._dropped and self._lines.empty():
-                dropped, self._dropped = self._dropped, 0
-                lines.append(self._said_dropped(dropped))
+            if self._lines.qsize() < WRITE_QUEUE_LINES // 2:  # caught up, or half
+                with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
+                    dropped, self._dropped = self._dropped, 0
+                if dropped:
+                    lines.append(self._said_dropped(dropped))
             try:
                 self.stream.write("".join(lines))
                 self.stream.flush()
@@ -297,38 +311,51 @@ class WrittenApart(logging.Handler):
         )
         return self.format(record) + "\n"
 
-    def flush(self) -> None:
-        """Wait (FLUSH_WAIT_SECONDS at most) for the lines held to be written."""
+    def flush(self) -> bool:  # type: ignore[override]  # logging ignores what it returns
+        """Wait (FLUSH_WAIT_SECONDS at most) for the lines held to be written; whether
+        they were."""
         until = time.monotonic() + FLUSH_WAIT_SECONDS
         while self._lines.unfinished_tasks and time.monotonic() < until:
             time.sleep(0.005)
+        return not self._lines.unfinished_tasks
 
     def close(self) -> None:
-        """Write what is held (see flush), then end the thread."""
-        if self._writer.is_alive():
-            self.flush()
-            try:
+        """Write what is held (see flush), then end the thread; one whose reader stalls
+        keeps writing (a daemon: it ends with the process)."""
+        if self._writer.is_alive() and self.flush():
+            with contextlib.suppress(queue.Full):
                 self._lines.put(None, timeout=FLUSH_WAIT_SECONDS)
                 self._writer.join(FLUSH_WAIT_SECONDS)
-            except queue.Full:
-                pass  # a reader stalled: the thread ends with the process (a daemon)
         super().close()
 
 
 def write_in_place() -> None:
     """Write the log's lines in the caller from now on, those held first: at the end of
     serve. A thread still writing to stderr as the interpreter exits can abort it
-    (SIGABRT: the stream's lock held at shutdown), a clean stop then a failure."""
+    (SIGABRT: the stream's lock held at shutdown), a clean stop then a failure. Not
+    while a stalled reader keeps lines waiting: written in place, the later ones would
+    come before them (the order kept, the thread goes on)."""
     root = logging.getLogger()
     for n, handler in enumerate(root.handlers):
-        if isinstance(handler, WrittenApart):
-            handler.close()
+        if isinstance(handler, WrittenApart) and handler.flush():
             plain = logging.StreamHandler(handler.stream)
             plain.setFormatter(handler.formatter)
             plain.setLevel(handler.level)
             for kept in handler.filters:
                 plain.addFilter(kept)
-            root.handlers[n] = plain
+            root.handlers[n] = plain  # first: a line of another thread meanwhile has a place
+            handler.close()
+
+
+def put_last(line: str) -> bool:
+    """Write ``line`` (formatted) after the lines a handler writing apart holds; False
+    when none does (the caller prints it)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, WrittenApart) and handler.writing:
+            handler.put_line(line)
+            handler.flush()
+            return True
+    return False
 
 
 def flush() -> None:

@@ -963,6 +963,13 @@ async def test_parked_dead_letters_are_tried_a_few_at_a_time(
 STUCK = "geins.stuck.create"
 
 
+def quick_drainer(publisher: FakePublisher, first: Destination) -> tuple[MemoryBacklog, Drainer]:
+    """A memory queue holding ``first``, and its drainer (0.2 s for an acknowledgement)."""
+    backlog = MemoryBacklog(max_bytes=10**6)
+    backlog.append(first)
+    return backlog, Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+
+
 class StuckTopicPublisher(FakePublisher):
     """Kafka that takes every topic's records but STUCK's, which it never acknowledges
     (a topic below its min.insync.replicas: the idempotent producer retries for ever),
@@ -989,9 +996,7 @@ async def test_a_topic_that_takes_nothing_is_held_while_kafka_throttles() -> Non
     and waits BRIDGE_PUBLISH_TIMEOUT for them (the other topics with it), and its records
     pile up in the producer."""
     publisher = StuckTopicPublisher()
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("s0", topic=STUCK))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    backlog, drainer = quick_drainer(publisher, record("s0", topic=STUCK))
     task = asyncio.create_task(drainer.run())
     try:
         await eventually(lambda: publisher.stuck_handed == 1, within=5, what="s0 handed over")
@@ -1067,9 +1072,7 @@ async def test_a_missing_topic_is_held_and_said_while_kafka_throttles(
     producer does not have waits for that metadata, not for room: held, and said."""
     caplog.set_level(logging.WARNING, logger="bridge")
     publisher = MissingTopicPublisher()
-    backlog = MemoryBacklog(max_bytes=10**6)
-    backlog.append(record("m0", topic=MISSING))
-    drainer = Drainer(backlog, publisher, Metrics(), ack_timeout=0.2, deadletter_topic="dl")
+    backlog, drainer = quick_drainer(publisher, record("m0", topic=MISSING))
     task = asyncio.create_task(drainer.run())
     try:
         for n in range(10):  # rounds that find MISSING's records still waiting

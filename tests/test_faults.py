@@ -1257,8 +1257,21 @@ def test_a_clean_stop_in_the_middle_of_a_catch_up_publishes_nothing_twice(
 CLOCK_AHEAD = """\
 import time
 _real = time.time
-time.time = lambda: _real() + 2 * 3600.0  # the host's clock two hours ahead
+time.time = lambda: _real() + {seconds!r}  # the host's clock that far ahead
 """
+
+
+def clock_ahead_env(
+    bootstrap: str, prefix: str, ack: str, folder: Path, seconds: float, **extra: str
+) -> dict[str, str]:
+    """bridge_env for a bridge process whose clock runs ``seconds`` ahead of the
+    broker's (a sitecustomize in ``folder``). aiokafka's compiled record builder reads
+    the C library's clock: its Python one is used, which reads time.time."""
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(CLOCK_AHEAD.format(seconds=float(seconds)))
+    return bridge_env(
+        bootstrap, prefix, ack, PYTHONPATH=str(folder), AIOKAFKA_NO_EXTENSIONS="1", **extra
+    )
 
 
 @pytest.mark.parametrize("ack", ["broker", "durable"])
@@ -1270,15 +1283,13 @@ def test_a_bridge_whose_clock_kafka_refuses_says_so(
     mode answered each request 503 "Kafka refused the record: InvalidTimestampError"
     while /readyz said 200, and the log said nothing. Now the 503 and the log name the
     clock, and broker mode is unready; durable mode keeps accepting into its spool (as
-    through an outage), the log saying why nothing lands. (aiokafka's compiled record
-    builder reads the C library's clock: its Python one is used to move the clock.)"""
-    (tmp_path / "sitecustomize.py").write_text(CLOCK_AHEAD)
-    env = bridge_env(
+    through an outage), the log saying why nothing lands."""
+    env = clock_ahead_env(
         kafka_bootstrap,
         topic_prefix,
         ack,
-        PYTHONPATH=str(tmp_path),
-        AIOKAFKA_NO_EXTENSIONS="1",
+        tmp_path / "site",
+        2 * 3600,
         BRIDGE_PUBLISH_TIMEOUT="15",  # the topic's creation by Kafka first, on a busy CI
         BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
     )
@@ -1317,13 +1328,12 @@ def test_a_refused_clock_is_said_once_not_at_every_producer_reset(
     ...; the producer cannot send to that partition any more" and an INFO each: under
     steady traffic the log says the same trouble about once a second, and the bridge
     reconnects a producer each second, for as long as the clock is off."""
-    (tmp_path / "sitecustomize.py").write_text(CLOCK_AHEAD)
-    env = bridge_env(
+    env = clock_ahead_env(
         kafka_bootstrap,
         topic_prefix,
         "broker",
-        PYTHONPATH=str(tmp_path),
-        AIOKAFKA_NO_EXTENSIONS="1",
+        tmp_path / "site",
+        2 * 3600,
         BRIDGE_PUBLISH_TIMEOUT="3",
     )
     with (
@@ -1343,13 +1353,6 @@ def test_a_refused_clock_is_said_once_not_at_every_producer_reset(
     resets = log.count("a fresh Kafka producer replaced")
     warnings = log.count("Kafka refused a record for good")
     assert (resets, warnings) == (0, 0), log
-
-
-CLOCK_FIVE_SECONDS_AHEAD = """\
-import time
-_real = time.time
-time.time = lambda: _real() + 5.0  # the host's clock five seconds ahead
-"""
 
 
 async def leave_in_spool(folder: Path, *destinations: Destination) -> None:
@@ -1383,15 +1386,12 @@ def test_records_the_leftover_drainer_lands_count_against_the_clock_too(
             Destination(topic=orders, key=b"o1", value=b'{"id":"1"}', headers=[]),
         )
     )
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(CLOCK_FIVE_SECONDS_AHEAD)
-    env = bridge_env(
+    env = clock_ahead_env(
         kafka_bootstrap,
         topic_prefix,
         "broker",
-        PYTHONPATH=str(site),
-        AIOKAFKA_NO_EXTENSIONS="1",
+        tmp_path / "site",
+        5,  # Kafka's default takes it, the tight topic not
         BRIDGE_SPOOL_DIR=str(spool_dir),
     )
     with (

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,9 @@ def root_logging() -> Iterator[None]:
         yield
     finally:
         logging.captureWarnings(False)
+        for handler in root.handlers:
+            if handler not in kept[0]:
+                handler.close()  # a WrittenApart's thread ends
         root.handlers[:], level = kept
         root.setLevel(level)
 
@@ -368,3 +372,184 @@ def test_asyncios_debug_mode_is_had_when_asked(
         check=False,
     )
     assert f"debug {debug}" in done.stdout.decode(), done.stderr.decode()[-2000:]
+
+
+# --- a review of the above: a latin-1 locale, the log's last lines ---
+
+TOKEN_UTF8 = "jätte-token-1234567890abcdef"
+
+
+@pytest.fixture(scope="module")
+def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A host whose locale is sv_SE.ISO-8859-1 (the commit's own example), built here."""
+    folder = tmp_path_factory.mktemp("locales")
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef")
+    made = subprocess.run(
+        ["localedef", "-i", "sv_SE", "-f", "ISO-8859-1", str(folder / "sv_SE.ISO-8859-1")],
+        capture_output=True,
+        check=False,
+    )
+    if not (folder / "sv_SE.ISO-8859-1").exists():
+        pytest.skip(f"cannot build the locale: {made.stderr!r}")
+    return {
+        "LOCPATH": str(folder),
+        "LANG": "sv_SE.ISO-8859-1",
+        "LC_ALL": "sv_SE.ISO-8859-1",
+    }
+
+
+def as_bytes(env: dict[str, str], **more: bytes) -> dict[bytes, bytes]:
+    """An environment as the bytes a process gets, ``more`` as given."""
+    return {
+        **{k.encode(): v.encode() for k, v in env.items()},
+        **{k.encode(): v for k, v in more.items()},
+    }
+
+
+SHOW_TOKENS = """\
+from bridge.config import load_settings
+print(ascii(load_settings().tokens))
+"""
+
+
+def test_a_utf8_token_is_read_as_utf8_under_a_latin1_locale(
+    latin1_locale: dict[str, str],
+) -> None:
+    """README: tokens given in variables are read as UTF-8 whatever the locale. Under a
+    latin-1 locale os.environ decodes each byte as latin-1 (no surrogates), and
+    _as_utf8's encode("utf-8", "surrogateescape") turns the two bytes of a UTF-8 'ä'
+    into the four of 'Ã¤': the token the bridge compares is not the one configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(latin1_locale)
+    done = subprocess.run(
+        [sys.executable, "-c", SHOW_TOKENS],
+        env=as_bytes(env, BRIDGE_TOKENS=TOKEN_UTF8.encode()),
+        capture_output=True,
+        check=True,
+    )
+    assert done.stdout.decode().strip() == ascii((TOKEN_UTF8,))
+
+
+def test_a_latin1_token_is_refused_under_a_latin1_locale(latin1_locale: dict[str, str]) -> None:
+    """README: a token that is not UTF-8 (an env file saved as latin-1) is refused by
+    name. Under a latin-1 locale it is taken, as the 'ä' its byte 0xE4 is there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(latin1_locale)
+    done = subprocess.run(
+        [sys.executable, "-c", SHOW_TOKENS],
+        env=as_bytes(env, BRIDGE_TOKENS=TOKEN_UTF8.encode("latin-1")),
+        capture_output=True,
+        check=False,
+    )
+    assert b"not UTF-8 text" in done.stderr, (done.stdout, done.stderr)
+
+
+class _StallsOnce:
+    """A stderr whose reader stalls on the first write until ``reading`` is set (a
+    journald under pressure as the bridge stops), then keeps up."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+        self.stalled = threading.Event()
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        if not self.stalled.is_set():
+            self.stalled.set()
+            self.reading.wait()
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_last_line_stays_last_when_the_reader_stalls_at_the_stop(
+    monkeypatch: pytest.MonkeyPatch, root_logging: None
+) -> None:
+    """write_in_place (the end of serve) waits FLUSH_WAIT_SECONDS for the writer thread,
+    then writes in place whatever the thread still holds: the lines logged after it
+    (the last words, "stopped") go out before the lines logged before them, which
+    the thread writes once the reader is back."""
+    monkeypatch.setattr(logs, "FLUSH_WAIT_SECONDS", 0.2)  # the wait's length only
+    stream = _StallsOnce()
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    log = logging.getLogger("bridge.review")
+    log.info("first")
+    assert stream.stalled.wait(10)
+    for n in range(300):  # held by the thread while its reader stalls
+        log.info("before the stop %d", n)
+    logs.write_in_place()  # the end of serve
+    log.error("the bridge stopped: the last line")
+    stream.reading.set()  # the reader is back
+    handler._writer.join(10)
+    text = "".join(stream.written)
+    assert text.index("before the stop 299") < text.index("the last line"), text[-300:]
+
+
+def test_a_line_logged_by_another_thread_as_serve_ends_is_not_lost(
+    root_logging: None,
+) -> None:
+    """Between the writer thread taking close()'s end-of-lines and write_in_place
+    putting the plain handler in its place, a line another thread logs (the spool's
+    writer thread, a Kafka client's callback) goes into the queue nobody reads."""
+    other_logged = threading.Event()
+
+    def other_thread() -> None:
+        logging.getLogger("bridge.spool").warning("from another thread")
+        other_logged.set()
+
+    class _Stream:
+        written: list[str] = []  # noqa: RUF012
+
+        def write(self, text: str) -> None:
+            if text == "":  # the writer's last batch: close()'s None alone
+                # the other thread logs now (the handler is still the root's)
+                threading.Thread(target=other_thread).start()
+                other_logged.wait(10)
+            self.written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = _Stream()
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("bridge").info("serving")
+    handler.flush()
+    logs.write_in_place()
+    logging.getLogger("bridge").info("after")
+    assert "from another thread" in "".join(stream.written)
+
+
+def test_check_config_json_with_a_path_not_utf8_has_no_traceback(tmp_path: Path) -> None:
+    """logs.configure reconfigures stderr to encoding="utf-8" for JSON, which resets its
+    errors from backslashreplace to strict: a line printed on stderr bare (check-config's
+    warnings, a traceback) with a path that is not UTF-8 (a surrogate, as os.environ and
+    the file system give it) raises UnicodeEncodeError. Before, \\udce4 was written."""
+    folder = os.fsencode(tmp_path) + b"/sp\xe4ol"
+    os.mkdir(folder)
+    (Path(os.fsdecode(folder)) / "spool.db").write_bytes(b"")  # a durable bridge's leftover
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        BRIDGE_TOKENS="a-token-of-some-32-characters-xyz",
+        BRIDGE_ACK="broker",
+        BRIDGE_LOG_FORMAT="json",
+        BRIDGE_SPOOL_DIR=os.fsdecode(folder),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0
