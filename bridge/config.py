@@ -1088,7 +1088,7 @@ def _secrets_given(values: Mapping[str, Any]) -> Redactor:
     password_file = values.get("kafka_sasl_password_file")
     if isinstance(password_file, str) and password_file.strip():
         with contextlib.suppress(OSError, ValueError):
-            given.append(Path(password_file).read_text(encoding="utf-8"))
+            given.append(_secret_in(Path(password_file)))  # as read for Kafka: a BOM off
     secrets = [s for s in (g.strip() for g in given) if len(s) >= MIN_TOKEN_LENGTH]
     # and as an error's repr() quotes them: a backslash doubled, say
     return Redactor(secrets + [repr(s)[1:-1] for s in secrets])

@@ -1070,3 +1070,26 @@ def test_the_head_cap_holds_every_head_within_the_size_limits(headers: str) -> N
         + count * (1 + len(b": ") + value + len(b"\r\n")) + len(b"\r\n")
     )  # fmt: skip
     assert worst <= settings.head_cap()
+
+
+def test_a_password_file_with_a_byte_order_mark_is_kept_out_of_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """The Kafka client reads a password file less its byte order mark (a Windows
+    editor's); the redaction of a settings error read it with the mark, so the
+    password itself, quoted by an error, was not hidden (a review)."""
+    password = tmp_path / "password"
+    password.write_bytes("\ufeffs3cret-password-of-kafka".encode())
+    with pytest.raises(ConfigError) as refused:
+        load_settings(
+            environ={
+                "BRIDGE_TOKENS": "t" * 16,
+                "BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "BRIDGE_KAFKA_SASL_MECHANISM": "PLAIN",
+                "BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+                "BRIDGE_KAFKA_SASL_PASSWORD_FILE": str(password),
+                # pasted in the wrong place: the refusal quotes it
+                "BRIDGE_TOPIC_TEMPLATE": "s3cret-password-of-kafka {x}",
+            }
+        )
+    assert "s3cret-password-of-kafka" not in str(refused.value), str(refused.value)
