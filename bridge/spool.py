@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import heapq
 import logging
@@ -1196,12 +1197,17 @@ class Spool:
                 self._reserve.unlink()  # a part of it is no reserve
             if self._reserve_next_try == 0.0:  # said once, not at every try
                 log.warning(
-                    "no room for the spool's reserve file (%d bytes) on its disk (%s): "
-                    "the free room is kept instead, deliveries being refused while it is "
-                    "all that removing what the spool holds needs; make room, or give "
-                    "the spool a larger volume",
+                    "%s the spool's reserve file (%d bytes) (%s): the free room is kept "
+                    "instead, deliveries being refused while it is all that removing what "
+                    "the spool holds needs; %s",
+                    # not every failure is the disk's: out of file descriptors, say (a
+                    # review: EMFILE said as "no room")
+                    "no room on its disk for" if exc.errno == errno.ENOSPC else "cannot make",
                     self._reserve_bytes,
                     exc,
+                    "make room, or give the spool a larger volume"
+                    if exc.errno == errno.ENOSPC
+                    else "see the error",
                 )
             # Not at every emptying (every drainer round at a trickle): once a minute
             self._reserve_next_try = time.monotonic() + RESERVE_RETRY_SECONDS

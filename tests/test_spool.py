@@ -749,6 +749,25 @@ class _Disk:
         return os.statvfs_result((4096, 4096, 1 << 20, 0, self.free // 4096, 0, 0, 0, 0, 255))
 
 
+async def test_a_reserve_file_not_made_for_another_reason_is_not_said_as_no_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of file descriptors (EMFILE), the reserve file could not be made either, and
+    the line said "no room ... on its disk": the operator went to look at a disk with
+    room to spare (a connections review)."""
+
+    def out_of_descriptors(fd: int, offset: int, length: int) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "posix_fallocate", out_of_descriptors)
+    caplog.set_level(logging.INFO)
+    spool = make(tmp_path)
+    spool.open()
+    await spool.close()
+    assert "cannot make the spool's reserve file" in caplog.text, caplog.text
+    assert "no room" not in caplog.text, caplog.text
+
+
 async def test_without_a_reserve_appends_leave_the_room_removals_need(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -769,7 +788,7 @@ async def test_without_a_reserve_appends_leave_the_room_removals_need(
     spool = make(tmp_path)
     spool.open()
     try:
-        assert "no room for the spool's reserve file" in caplog.text
+        assert "no room on its disk for the spool's reserve file" in caplog.text
         assert not spool.disk_low
         assert await spool.append(record(1), "a")
         disk.free = 1000  # less than two copies, and the room to remove them
