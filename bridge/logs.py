@@ -10,9 +10,9 @@ refusal's path, a topic held back, the Kafka client).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
+import math
 import queue
 import sys
 import threading
@@ -227,11 +227,18 @@ class OncePerInterval(logging.Filter):
         return True
 
 
-#: Most lines a WrittenApart handler holds for a stderr that is not read fast enough;
-#: past them lines are dropped (and counted).
+#: Most lines, and bytes of them, a WrittenApart handler holds for a stderr that is not
+#: read fast enough; past either, lines are dropped (and counted). A line is at most a
+#: few KB (a refusal's values are cut at 1,024 characters), a traceback some more.
 WRITE_QUEUE_LINES = 10_000
-#: The longest a flush waits for the lines held to be written (a reader that stalled).
+WRITE_QUEUE_BYTES = 4 << 20
+#: The longest a flush waits for the lines held to be written (a reader that stalled),
+#: but at the end of serve (see write_in_place).
 FLUSH_WAIT_SECONDS = 5.0
+#: How long the writer lets lines pile up after the first before it writes them: one
+#: write (and one wake-up of its thread) per line cost a refusal flood some 25 % more
+#: CPU per request (a review).
+WRITE_GATHER_SECONDS = 0.002
 
 
 class WrittenApart(logging.Handler):
@@ -240,15 +247,19 @@ class WrittenApart(logging.Handler):
     paused `| less`) cannot stop the event loop: the loop blocked in write() once the
     64 KiB pipe was full, /healthz with it, and some 250 refused deliveries (401s,
     no token needed) filled it (a review). Lines are formatted, filtered and redacted
-    in the caller, as before; at most WRITE_QUEUE_LINES wait, and what comes past them
-    is dropped and said (with how many) once the reader catches up. A reader gone
-    for good (EPIPE) loses the lines, as it did."""
+    in the caller, as before; at most WRITE_QUEUE_LINES (and WRITE_QUEUE_BYTES) wait,
+    and what comes past them is dropped and said (with how many) once the reader
+    catches up. A reader gone for good (EPIPE) loses the lines, as it did."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__()
         self.stream = stream
         self._lines: queue.Queue[str | None] = queue.Queue(WRITE_QUEUE_LINES)  # None: stop
-        self._dropped = 0  # since the last line that said so (under the handler's lock)
+        # Its own lock, not the handler's: logging.shutdown flushes a handler holding
+        # that one, and a writer waiting for it never wrote what it held (a review).
+        self._count_lock = threading.Lock()
+        self._bytes = 0  # of the lines queued
+        self._dropped = 0  # since the last line that said so
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -258,25 +269,33 @@ class WrittenApart(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        with self._count_lock:
+            if self._bytes + len(line) > WRITE_QUEUE_BYTES:
+                self._dropped += 1
+                return
+            self._bytes += len(line)
         try:
             self._lines.put_nowait(line)
         except queue.Full:
-            self._dropped += 1  # emit runs under the handler's lock
+            with self._count_lock:
+                self._bytes -= len(line)
+                self._dropped += 1
 
     @property
     def writing(self) -> bool:
         return self._writer.is_alive()
 
     def put_line(self, line: str) -> None:
-        """Write ``line`` (formatted already) after those held, whatever their number:
-        a command's last words."""
-        with contextlib.suppress(queue.Full):  # a reader stalled that long: lost
-            self._lines.put(line + "\n", timeout=FLUSH_WAIT_SECONDS)
+        """Write ``line`` (formatted already) after those held, waiting for room as long
+        as it takes: a command's last words."""
+        self._lines.put(line + "\n")
 
     def _write(self) -> None:
         stopping = False
         while not stopping:
             taken = [self._lines.get()]
+            if taken[0] is not None:
+                time.sleep(WRITE_GATHER_SECONDS)
             while len(taken) < 256:  # one write for what has piled up
                 try:
                     taken.append(self._lines.get_nowait())
@@ -284,16 +303,21 @@ class WrittenApart(logging.Handler):
                     break
             lines = [line for line in taken if line is not None]
             stopping = len(lines) < len(taken)
-            if self._lines.qsize() < WRITE_QUEUE_LINES // 2:  # caught up, or half
-                with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
+            with self._count_lock:
+                self._bytes -= sum(map(len, lines))
+                dropped = 0
+                if self._lines.qsize() < WRITE_QUEUE_LINES // 2:  # caught up, or half
                     dropped, self._dropped = self._dropped, 0
-                if dropped:
-                    lines.append(self._said_dropped(dropped))
+            if dropped:
+                lines.append(self._said_dropped(dropped))
             try:
                 self.stream.write("".join(lines))
                 self.stream.flush()
-            except (OSError, ValueError):  # the reader gone, or stderr closed
+            except BrokenPipeError:  # the reader gone for good
                 pass
+            except (OSError, ValueError):  # a full disk under `2> file`, stderr closed
+                with self._count_lock:
+                    self._dropped += len(lines)
             finally:
                 for _ in taken:
                     self._lines.task_done()
@@ -311,11 +335,12 @@ class WrittenApart(logging.Handler):
         )
         return self.format(record) + "\n"
 
-    def flush(self) -> bool:  # type: ignore[override]  # logging ignores what it returns
-        """Wait (FLUSH_WAIT_SECONDS at most) for the lines held to be written; whether
-        they were."""
-        until = time.monotonic() + FLUSH_WAIT_SECONDS
-        while self._lines.unfinished_tasks and time.monotonic() < until:
+    def flush(self, wait: float | None = None) -> bool:  # type: ignore[override]
+        """Wait for the lines held to be written, ``wait`` seconds at most
+        (FLUSH_WAIT_SECONDS unless given; math.inf: as long as it takes); whether they
+        were. (logging ignores what it returns.)"""
+        until = time.monotonic() + (FLUSH_WAIT_SECONDS if wait is None else wait)
+        while self._lines.unfinished_tasks and self.writing and time.monotonic() < until:
             time.sleep(0.005)
         return not self._lines.unfinished_tasks
 
@@ -323,21 +348,21 @@ class WrittenApart(logging.Handler):
         """Write what is held (see flush), then end the thread; one whose reader stalls
         keeps writing (a daemon: it ends with the process)."""
         if self._writer.is_alive() and self.flush():
-            with contextlib.suppress(queue.Full):
-                self._lines.put(None, timeout=FLUSH_WAIT_SECONDS)
-                self._writer.join(FLUSH_WAIT_SECONDS)
+            self._lines.put(None)
+            self._writer.join(FLUSH_WAIT_SECONDS)
         super().close()
 
 
 def write_in_place() -> None:
-    """Write the log's lines in the caller from now on, those held first: at the end of
-    serve. A thread still writing to stderr as the interpreter exits can abort it
-    (SIGABRT: the stream's lock held at shutdown), a clean stop then a failure. Not
-    while a stalled reader keeps lines waiting: written in place, the later ones would
-    come before them (the order kept, the thread goes on)."""
+    """Write what serve's log writer holds, however long its reader takes (as when the
+    lines were written in place: a supervisor's SIGKILL bounds the wait; with 5 s at
+    most a stalled reader lost the stop's lines, a review), then write the lines in
+    the caller from now on: a thread still writing to stderr as the interpreter exits
+    can abort it (SIGABRT: the stream's lock held at shutdown)."""
     root = logging.getLogger()
     for n, handler in enumerate(root.handlers):
-        if isinstance(handler, WrittenApart) and handler.flush():
+        if isinstance(handler, WrittenApart):
+            handler.flush(math.inf)
             plain = logging.StreamHandler(handler.stream)
             plain.setFormatter(handler.formatter)
             plain.setLevel(handler.level)
@@ -348,12 +373,12 @@ def write_in_place() -> None:
 
 
 def put_last(line: str) -> bool:
-    """Write ``line`` (formatted) after the lines a handler writing apart holds; False
-    when none does (the caller prints it)."""
+    """Write ``line`` (formatted) after the lines a handler writing apart holds, however
+    long its reader takes; False when none does (the caller prints it)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, WrittenApart) and handler.writing:
             handler.put_line(line)
-            handler.flush()
+            handler.flush(math.inf)
             return True
     return False
 

@@ -4,6 +4,7 @@ prometheus-client setting (two reviews' tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -467,10 +468,10 @@ class _StallsOnce:
 def test_the_last_line_stays_last_when_the_reader_stalls_at_the_stop(
     monkeypatch: pytest.MonkeyPatch, root_logging: None
 ) -> None:
-    """write_in_place (the end of serve) waits FLUSH_WAIT_SECONDS for the writer thread,
-    then writes in place whatever the thread still holds: the lines logged after it
-    (the last words, "stopped") go out before the lines logged before them, which
-    the thread writes once the reader is back."""
+    """write_in_place (the end of serve) waited FLUSH_WAIT_SECONDS for the writer
+    thread, then wrote in place: the lines logged after it (the last words,
+    "stopped") went out before those the thread still held, or those were lost at the
+    exit. It waits for them as long as the reader takes, as writing in place did."""
     monkeypatch.setattr(logs, "FLUSH_WAIT_SECONDS", 0.2)  # the wait's length only
     stream = _StallsOnce()
     handler = logs.WrittenApart(stream)
@@ -483,10 +484,13 @@ def test_the_last_line_stays_last_when_the_reader_stalls_at_the_stop(
     assert stream.stalled.wait(10)
     for n in range(300):  # held by the thread while its reader stalls
         log.info("before the stop %d", n)
-    logs.write_in_place()  # the end of serve
-    log.error("the bridge stopped: the last line")
+    ending = threading.Thread(target=logs.write_in_place)  # the end of serve
+    ending.start()
+    ending.join(0.5)  # past FLUSH_WAIT_SECONDS: it still waits
+    assert ending.is_alive(), "the end of serve did not wait for the lines held"
     stream.reading.set()  # the reader is back
-    handler._writer.join(10)
+    ending.join(10)
+    log.error("the bridge stopped: the last line")
     text = "".join(stream.written)
     assert text.index("before the stop 299") < text.index("the last line"), text[-300:]
 
@@ -553,3 +557,123 @@ def test_check_config_json_with_a_path_not_utf8_has_no_traceback(tmp_path: Path)
     )
     assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
     assert done.returncode == 0
+
+
+# --- a review of the log writer at the stop ---
+
+
+class _Kept:
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_flush_under_the_handlers_lock_writes_the_lines_held(
+    monkeypatch: pytest.MonkeyPatch, root_logging: None
+) -> None:
+    """logging.shutdown (atexit) flushes every live handler holding its lock
+    (h.acquire(); h.flush(); h.close()): the WrittenApart still in place at the exit
+    (a reader that stalled past write_in_place's flush) is flushed so. The writer
+    thread takes that same lock for the dropped count before it writes each batch:
+    it waits for the lock, the flush for the writer, until FLUSH_WAIT_SECONDS ends,
+    twice (flush, close), and the lines it holds die with the process."""
+    monkeypatch.setattr(logs, "FLUSH_WAIT_SECONDS", 1.0)  # the wait's length only
+    stream = _Kept()
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    record = logging.makeLogRecord({"name": "bridge", "msg": "held at the exit"})
+    handler.acquire()  # as logging.shutdown does
+    try:
+        handler.handle(record)
+        written = handler.flush()
+    finally:
+        handler.release()
+    assert written, "flush() under the handler's lock: the writer waits for the lock"
+    assert "held at the exit" in "".join(stream.written)
+
+
+SERVE_WITH_A_SHORT_FLUSH = """\
+import sys
+from bridge import logs
+logs.FLUSH_WAIT_SECONDS = 0.5  # the wait's length only: 5 s in production
+sys.argv = ["bridge", "serve"]
+from bridge.__main__ import main
+sys.exit(main())
+"""
+#: More 401s than a pipe's 64 KiB holds of their log lines (some 250 bytes each).
+REFUSALS = 1500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["systemd", "container"])
+def test_a_reader_stalled_at_the_stop_loses_no_line(tmp_path: Path, unbuffered: bool) -> None:
+    """journald (or a container runtime's log pipe) under pressure as the bridge stops:
+    its reader stalls past write_in_place's flush, then reads again. Every line must
+    come out, the stop's last ("Finished server process") last, as when the lines were
+    written in place. They are lost: with a buffered stderr (systemd) the exit's
+    logging.shutdown flushes the handler under its lock, which the writer needs (see
+    the test above), and the process ends with the queue; with PYTHONUNBUFFERED
+    (deploy/Dockerfile) the process does not even wait for the reader."""
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BRIDGE_") and k != "PYTHONUNBUFFERED"
+    }
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    env.update(
+        BRIDGE_HOST="127.0.0.1",
+        BRIDGE_PORT=str(port),
+        BRIDGE_ACK="memory",  # no Kafka needed
+        BRIDGE_TOKENS="a-token-of-some-32-characters-xyz",
+        BRIDGE_KAFKA_BOOTSTRAP="127.0.0.1:1",
+        BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
+        BRIDGE_RATE_LIMIT="0",
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITH_A_SHORT_FLUSH],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # read by nobody until after the stop
+        preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+    )
+    assert proc.stderr is not None
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx2.get(url + "/healthz", timeout=1).status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        assert wait_until(healthy, bool, within=60, every=0.1)
+        with httpx2.Client(timeout=10) as client:
+            for _ in range(REFUSALS):
+                client.post(
+                    url + "/webhooks/geins/Order/create",
+                    content=b'{"id":"1"}',
+                    headers={"Authorization": "Bearer wrong"},
+                )
+        proc.send_signal(signal.SIGTERM)
+        # the reader stalls well past the flush's wait (0.5 s), then comes back
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        text = proc.stderr.read().decode()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    lines = text.splitlines()
+    assert code == 0
+    assert "Fatal Python error" not in text
+    assert sum('"delivery refused' in line for line in lines) == REFUSALS, len(lines)
+    assert "Finished server process" in lines[-1], lines[-1][:200]
