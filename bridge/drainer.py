@@ -219,8 +219,6 @@ class Drainer:
         # the dead letter, not the record (which went to Kafka again, refused again,
         # and replaced the producer each time), with a backoff (see _retry_parked).
         self._parked: dict[int, _Parked] = {}
-        # seq -> the copy of its dead letter a timed-out publish left with the producer,
-        # from _set_aside to the parking (see _Parked.landing)
         # seqs a probe settled (set aside as too large): removed next round, and not read
         # again until then (a second probe would keep a second dead letter)
         self._settled_by_probes: set[int] = set()
