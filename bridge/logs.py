@@ -260,6 +260,7 @@ class WrittenApart(logging.Handler):
         self._count_lock = threading.Lock()
         self._bytes = 0  # of the lines queued
         self._dropped = 0  # since the last line that said so
+        self._closed = False
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -268,6 +269,13 @@ class WrittenApart(logging.Handler):
             line = self.format(record) + "\n"
         except Exception:
             self.handleError(record)
+            return
+        if self._closed:  # the writer has ended: in place
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
             return
         with self._count_lock:
             if self._bytes + len(line) > WRITE_QUEUE_BYTES:
@@ -288,6 +296,8 @@ class WrittenApart(logging.Handler):
     def put_line(self, line: str) -> None:
         """Write ``line`` (formatted already) after those held, waiting for room as long
         as it takes: a command's last words."""
+        with self._count_lock:
+            self._bytes += len(line) + 1
         self._lines.put(line + "\n")
 
     def _write(self) -> None:
@@ -317,7 +327,7 @@ class WrittenApart(logging.Handler):
                 pass
             except (OSError, ValueError):  # a full disk under `2> file`, stderr closed
                 with self._count_lock:
-                    self._dropped += len(lines)
+                    self._dropped += len(lines) - (1 if dropped else 0) + dropped
             finally:
                 for _ in taken:
                     self._lines.task_done()
@@ -348,6 +358,8 @@ class WrittenApart(logging.Handler):
         """Write what is held (see flush), then end the thread; one whose reader stalls
         keeps writing (a daemon: it ends with the process)."""
         if self._writer.is_alive() and self.flush():
+            with self.lock:  # type: ignore[union-attr]
+                self._closed = True
             self._lines.put(None)
             self._writer.join(FLUSH_WAIT_SECONDS)
         super().close()

@@ -5,10 +5,12 @@ prometheus-client setting (two reviews' tests)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -677,3 +679,126 @@ def test_a_reader_stalled_at_the_stop_loses_no_line(tmp_path: Path, unbuffered: 
     assert "Fatal Python error" not in text
     assert sum('"delivery refused' in line for line in lines) == REFUSALS, len(lines)
     assert "Finished server process" in lines[-1], lines[-1][:200]
+
+
+# --- a third review of the log writer: its counts, and a close racing a line ---
+
+
+class _FullDiskThenRoom:
+    """A stderr under `2> file` whose disk is full for the first ``failures`` writes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_lines_a_full_disk_lost_are_all_counted() -> None:
+    """Three lines meet a full disk, one batch each (flushed in between): the WARNING
+    once there is room must say 3 lines were dropped. The writer takes the count into
+    the warning line of the next batch, and when that batch fails too adds only the
+    batch's length (its lines plus the warning line itself), losing the count carried:
+    it says 2."""
+    stream = _FullDiskThenRoom(failures=3)
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    try:
+        for n in range(3):
+            handler.handle(logging.makeLogRecord({"msg": f"lost {n}", "levelno": 20}))
+            assert handler.flush()
+        handler.handle(logging.makeLogRecord({"msg": "written", "levelno": 20}))
+        assert handler.flush()
+    finally:
+        handler.close()
+    text = "".join(stream.written)
+    assert "written" in text
+    said = re.findall(r"(\d+) log lines were dropped", text)
+    assert said == ["3"], text
+
+
+def test_a_line_emitted_as_write_in_place_closes_the_handler_is_not_lost() -> None:
+    """Another thread's logging call went through the root's handlers list before
+    write_in_place put the plain handler in its place, and is still in the writing-apart
+    handler's filters (descheduled in the Redacting filter, say) while write_in_place
+    flushes it and close() puts the writer's end in its queue. Its emit then puts the
+    line in a queue nobody reads any more: lost, and emit returns as if written."""
+    in_filter, go_on = threading.Event(), threading.Event()
+
+    def descheduled(record: logging.LogRecord) -> bool:
+        if record.getMessage() == "from another thread":
+            in_filter.set()
+            go_on.wait(10)
+        return True
+
+    written: list[str] = []
+
+    class _Stream:
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    root = logging.getLogger()
+    kept = root.handlers[:], root.level
+    handler = logs.WrittenApart(_Stream())
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(descheduled)
+    try:
+        root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
+        other = threading.Thread(
+            target=logging.getLogger("bridge.spool").warning, args=("from another thread",)
+        )
+        other.start()
+        assert in_filter.wait(10)
+        logs.write_in_place()  # the end of serve
+        go_on.set()
+        other.join(10)
+        logs.flush()
+    finally:
+        go_on.set()
+        root.handlers[:], level = kept
+        root.setLevel(level)
+    assert "from another thread" in "".join(written)
+
+
+def test_last_words_do_not_loosen_the_byte_bound(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """put_line's line is not added to the queued bytes, but the writer takes it off
+    them when written: the count goes negative by its length, and as many more bytes
+    than WRITE_QUEUE_BYTES wait from then on (for ever: nothing adds it back)."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_BYTES", 1_000)
+    reading = threading.Event()
+    reading.set()
+    written: list[str] = []
+
+    class _Stalls:
+        def write(self, text: str) -> None:
+            reading.wait(10)
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    handler = logs.WrittenApart(_Stalls())
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.put_line("x" * 50_000)  # last words, long (a config error's list)
+        assert handler.flush()
+        reading.clear()  # the reader stalls
+        handler.handle(logging.makeLogRecord({"msg": "taken by the writer", "levelno": 20}))
+        for n in range(100):  # 100 lines of ~100 bytes: some 10 KB, past the 1,000
+            handler.handle(logging.makeLogRecord({"msg": f"{n:03d} " + "y" * 96}))
+        held = handler._lines.qsize()
+    finally:
+        reading.set()
+        handler.close()
+    assert held * 101 <= 1_000 + 101, f"{held} lines of 101 bytes held under a 1,000 bound"
