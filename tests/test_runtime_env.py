@@ -195,6 +195,20 @@ def test_a_secret_not_utf8_in_the_environment_is_a_config_error(environ: dict[st
         load_settings(environ=environ)
 
 
+def check_config_without_traceback(env: dict[str, str]) -> int:
+    """`bridge check-config`'s exit code under ``env``, once sure it printed no
+    traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
+    return done.returncode
+
+
 def test_check_config_under_the_c_locale_has_no_traceback(tmp_path: Path) -> None:
     """The real command under LC_ALL=C without the UTF-8 mode, a token with a non-ASCII
     letter (one the same host's UTF-8 locale takes): a settings error at worst
@@ -205,26 +219,28 @@ def test_check_config_under_the_c_locale_has_no_traceback(tmp_path: Path) -> Non
         "BRIDGE_TOKENS": "jätte-token-1234567890abcdef",
         "BRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
-    assert done.returncode in (0, 2)
+    assert check_config_without_traceback(env) in (0, 2)
 
 
-class _StalledStream:
-    """A stderr whose reader stalls until ``reading`` is set."""
+class FakeStderr:
+    """A stderr for WrittenApart: keeps what is written. Its reader can stall (from
+    the first write, until ``reading`` is set; ``stalled`` says it began), and its
+    disk be full for the first ``failures`` writes (a file under `2> file`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, stalls: bool = False, failures: int = 0) -> None:
         self.reading = threading.Event()
+        if not stalls:
+            self.reading.set()
+        self.stalled = threading.Event()
+        self.failures = failures
         self.written: list[str] = []
 
     def write(self, text: str) -> None:
+        self.stalled.set()
         self.reading.wait()
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
         self.written.append(text)
 
     def flush(self) -> None:
@@ -238,7 +254,7 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
     never waits for stderr's reader. What piles up past WRITE_QUEUE_LINES is dropped,
     and said with its count once the reader keeps up again."""
     monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 5)
-    stream = _StalledStream()
+    stream = FakeStderr(stalls=True)
     handler = logs.WrittenApart(stream)
     handler.setFormatter(logs.TextFormatter())
     try:
@@ -262,46 +278,63 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
 REFUSALS = 1500
 
 
-@pytest.mark.kafka
-@pytest.mark.slow
-def test_a_stalled_log_reader_does_not_stop_the_event_loop(
-    kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """The log goes to stderr with a plain StreamHandler, written on the event loop
-    (bridge/logs.py configure). When whoever reads stderr stops for a while (journald
-    or a container runtime's log pipe under pressure, `bridge serve | less` paused),
-    the pipe fills, write() blocks, and with it the event loop: every request, /healthz
-    too, waits until the reader comes back. An unauthenticated client fills the pipe
-    by itself: each 401 is a log line."""
+def serving_unread(
+    tmp_path: Path, args: list[str], **environ: str | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python *args`` serving (memory mode, no Kafka needed) with its stderr a pipe
+    nobody reads yet, and its URL once /healthz answers. ``environ`` adds variables
+    (None: without it; PYTHONUNBUFFERED is left out unless given)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BRIDGE_") and k != "PYTHONUNBUFFERED"
+    }
+    env.update({k: v for k, v in environ.items() if v is not None})
     env.update(
         BRIDGE_HOST="127.0.0.1",
         BRIDGE_PORT=str(port),
         BRIDGE_ACK="memory",
         BRIDGE_TOKENS="a-token-of-some-32-characters-xyz",
-        BRIDGE_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        BRIDGE_KAFKA_BOOTSTRAP="127.0.0.1:1",
         BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
         BRIDGE_RATE_LIMIT="0",
     )
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "serve"],
+        [sys.executable, *args],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,  # read by nobody until the end: a stalled log reader
+        stderr=subprocess.PIPE,  # read by nobody until the test says
         preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
     )
+
+    def healthy() -> bool:
+        try:
+            return httpx2.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    try:
+        assert wait_until(healthy, bool, within=60, every=0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+@pytest.mark.slow
+def test_a_stalled_log_reader_does_not_stop_the_event_loop(tmp_path: Path) -> None:
+    """The log went to stderr with a plain StreamHandler, written on the event loop.
+    When whoever reads stderr stops for a while (journald or a container runtime's log
+    pipe under pressure, `bridge serve | less` paused), the pipe filled, write()
+    blocked, and with it the event loop: every request, /healthz too, waited until the
+    reader came back. An unauthenticated client filled the pipe by itself: each 401 is
+    a log line (a review's test)."""
+    proc, url = serving_unread(tmp_path, ["-m", "bridge", "serve"])
     assert proc.stderr is not None
     try:
-
-        def healthy() -> bool:
-            try:
-                return httpx2.get(url + "/healthz", timeout=1).status_code == 200
-            except httpx2.TransportError:
-                return False
-
-        assert wait_until(healthy, bool, within=60, every=0.1)
         unanswered = None
         with httpx2.Client(timeout=5) as client:
             for i in range(REFUSALS):
@@ -448,25 +481,6 @@ def test_a_latin1_token_is_refused_under_a_latin1_locale(latin1_locale: dict[str
     assert b"not UTF-8 text" in done.stderr, (done.stdout, done.stderr)
 
 
-class _StallsOnce:
-    """A stderr whose reader stalls on the first write until ``reading`` is set (a
-    journald under pressure as the bridge stops), then keeps up."""
-
-    def __init__(self) -> None:
-        self.reading = threading.Event()
-        self.stalled = threading.Event()
-        self.written: list[str] = []
-
-    def write(self, text: str) -> None:
-        if not self.stalled.is_set():
-            self.stalled.set()
-            self.reading.wait()
-        self.written.append(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def test_the_last_line_stays_last_when_the_reader_stalls_at_the_stop(
     monkeypatch: pytest.MonkeyPatch, root_logging: None
 ) -> None:
@@ -475,7 +489,7 @@ def test_the_last_line_stays_last_when_the_reader_stalls_at_the_stop(
     "stopped") went out before those the thread still held, or those were lost at the
     exit. It waits for them as long as the reader takes, as writing in place did."""
     monkeypatch.setattr(logs, "FLUSH_WAIT_SECONDS", 0.2)  # the wait's length only
-    stream = _StallsOnce()
+    stream = FakeStderr(stalls=True)
     handler = logs.WrittenApart(stream)
     handler.setFormatter(logs.TextFormatter())
     root = logging.getLogger()
@@ -550,29 +564,10 @@ def test_check_config_json_with_a_path_not_utf8_has_no_traceback(tmp_path: Path)
         BRIDGE_LOG_FORMAT="json",
         BRIDGE_SPOOL_DIR=os.fsdecode(folder),
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
-    assert done.returncode == 0
+    assert check_config_without_traceback(env) == 0
 
 
 # --- a review of the log writer at the stop ---
-
-
-class _Kept:
-    def __init__(self) -> None:
-        self.written: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.written.append(text)
-
-    def flush(self) -> None:
-        pass
 
 
 def test_a_flush_under_the_handlers_lock_writes_the_lines_held(
@@ -585,7 +580,7 @@ def test_a_flush_under_the_handlers_lock_writes_the_lines_held(
     it waits for the lock, the flush for the writer, until FLUSH_WAIT_SECONDS ends,
     twice (flush, close), and the lines it holds die with the process."""
     monkeypatch.setattr(logs, "FLUSH_WAIT_SECONDS", 1.0)  # the wait's length only
-    stream = _Kept()
+    stream = FakeStderr()
     handler = logs.WrittenApart(stream)
     handler.setFormatter(logs.TextFormatter())
     record = logging.makeLogRecord({"name": "bridge", "msg": "held at the exit"})
@@ -607,8 +602,6 @@ sys.argv = ["bridge", "serve"]
 from bridge.__main__ import main
 sys.exit(main())
 """
-#: More 401s than a pipe's 64 KiB holds of their log lines (some 250 bytes each).
-REFUSALS = 1500
 
 
 @pytest.mark.slow
@@ -617,45 +610,15 @@ def test_a_reader_stalled_at_the_stop_loses_no_line(tmp_path: Path, unbuffered: 
     """journald (or a container runtime's log pipe) under pressure as the bridge stops:
     its reader stalls past write_in_place's flush, then reads again. Every line must
     come out, the stop's last ("Finished server process") last, as when the lines were
-    written in place. They are lost: with a buffered stderr (systemd) the exit's
-    logging.shutdown flushes the handler under its lock, which the writer needs (see
-    the test above), and the process ends with the queue; with PYTHONUNBUFFERED
-    (deploy/Dockerfile) the process does not even wait for the reader."""
-    port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("BRIDGE_") and k != "PYTHONUNBUFFERED"
-    }
-    if unbuffered:
-        env["PYTHONUNBUFFERED"] = "1"
-    env.update(
-        BRIDGE_HOST="127.0.0.1",
-        BRIDGE_PORT=str(port),
-        BRIDGE_ACK="memory",  # no Kafka needed
-        BRIDGE_TOKENS="a-token-of-some-32-characters-xyz",
-        BRIDGE_KAFKA_BOOTSTRAP="127.0.0.1:1",
-        BRIDGE_SPOOL_DIR=str(tmp_path / "spool"),
-        BRIDGE_RATE_LIMIT="0",
-    )
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_WITH_A_SHORT_FLUSH],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,  # read by nobody until after the stop
-        preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+    written in place. They were lost: with a buffered stderr (systemd) the exit's
+    logging.shutdown flushed the handler under its lock, which the writer needed (see
+    the test above), and the process ended with the queue; with PYTHONUNBUFFERED
+    (deploy/Dockerfile) the process did not even wait for the reader (a review)."""
+    proc, url = serving_unread(
+        tmp_path, ["-c", SERVE_WITH_A_SHORT_FLUSH], PYTHONUNBUFFERED="1" if unbuffered else None
     )
     assert proc.stderr is not None
     try:
-
-        def healthy() -> bool:
-            try:
-                return httpx2.get(url + "/healthz", timeout=1).status_code == 200
-            except httpx2.TransportError:
-                return False
-
-        assert wait_until(healthy, bool, within=60, every=0.1)
         with httpx2.Client(timeout=10) as client:
             for _ in range(REFUSALS):
                 client.post(
@@ -684,30 +647,13 @@ def test_a_reader_stalled_at_the_stop_loses_no_line(tmp_path: Path, unbuffered: 
 # --- a third review of the log writer: its counts, and a close racing a line ---
 
 
-class _FullDiskThenRoom:
-    """A stderr under `2> file` whose disk is full for the first ``failures`` writes."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.written: list[str] = []
-
-    def write(self, text: str) -> None:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.written.append(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def test_the_lines_a_full_disk_lost_are_all_counted() -> None:
     """Three lines meet a full disk, one batch each (flushed in between): the WARNING
     once there is room must say 3 lines were dropped. The writer takes the count into
     the warning line of the next batch, and when that batch fails too adds only the
     batch's length (its lines plus the warning line itself), losing the count carried:
     it says 2."""
-    stream = _FullDiskThenRoom(failures=3)
+    stream = FakeStderr(failures=3)
     handler = logs.WrittenApart(stream)
     handler.setFormatter(logs.TextFormatter())
     try:
