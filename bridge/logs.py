@@ -393,11 +393,3 @@ def put_last(line: str) -> bool:
             handler.flush(math.inf)
             return True
     return False
-
-
-def flush() -> None:
-    """Write what the root logger's handlers writing apart hold (before a line printed
-    bare, and at the end)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, WrittenApart):
-            handler.flush()

@@ -709,7 +709,6 @@ def test_a_line_emitted_as_write_in_place_closes_the_handler_is_not_lost() -> No
         logs.write_in_place()  # the end of serve
         go_on.set()
         other.join(10)
-        logs.flush()
     finally:
         go_on.set()
         root.handlers[:], level = kept
@@ -717,7 +716,7 @@ def test_a_line_emitted_as_write_in_place_closes_the_handler_is_not_lost() -> No
     assert "from another thread" in "".join(written)
 
 
-def test_last_words_do_not_loosen_the_byte_bound(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_last_words_do_not_loosen_the_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """put_line's line is not added to the queued bytes, but the writer takes it off
     them when written: the count goes negative by its length, and as many more bytes
     than WRITE_QUEUE_BYTES wait from then on (for ever: nothing adds it back)."""
