@@ -295,10 +295,16 @@ class WrittenApart(logging.Handler):
 
     def put_line(self, line: str) -> None:
         """Write ``line`` (formatted already) after those held, waiting for room as long
-        as it takes: a command's last words."""
+        as it takes (and the writer runs: a dead one would make it wait for ever): a
+        command's last words."""
         with self._count_lock:
             self._bytes += len(line) + 1
-        self._lines.put(line + "\n")
+        while self.writing:
+            try:
+                self._lines.put(line + "\n", timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _write(self) -> None:
         stopping = False

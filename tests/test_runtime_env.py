@@ -747,3 +747,32 @@ def test_last_words_do_not_loosen_the_byte_bound(monkeypatch: pytest.MonkeyPatch
         reading.set()
         handler.close()
     assert held * 101 <= 1_000 + 101, f"{held} lines of 101 bytes held under a 1,000 bound"
+
+
+class _Broken:
+    """A stream whose write raises what the writer does not catch: its thread dies."""
+
+    def write(self, text: str) -> None:
+        raise RuntimeError("a bug in the stream")
+
+    def flush(self) -> None:
+        pass
+
+
+def test_last_words_do_not_wait_for_ever_on_a_writer_that_died(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """put_line waited for room in the queue as long as it took: with the writer thread
+    dead (a bug) and the queue full, serve's last words never returned."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 1)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # its death: expected
+    handler = logs.WrittenApart(_Broken())
+    handler.setFormatter(logs.TextFormatter())
+    handler.handle(logging.makeLogRecord({"msg": "kills the writer", "levelno": 20}))
+    handler._writer.join(10)
+    assert not handler.writing
+    handler.handle(logging.makeLogRecord({"msg": "fills the queue", "levelno": 20}))
+    last = threading.Thread(target=handler.put_line, args=("the last words",), daemon=True)
+    last.start()
+    last.join(10)
+    assert not last.is_alive(), "put_line waits for a writer that died"
