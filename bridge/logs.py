@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import queue
+import select
 import sys
 import threading
 import time
@@ -242,14 +243,15 @@ WRITE_GATHER_SECONDS = 0.002
 
 
 class WrittenApart(logging.Handler):
-    """Writes its lines to ``stream`` from a thread of its own, so that a stderr whose
-    reader falls behind (journald under pressure, a container runtime's log pipe, a
-    paused `| less`) cannot stop the event loop: the loop blocked in write() once the
-    64 KiB pipe was full, /healthz with it, and some 250 refused deliveries (401s,
-    no token needed) filled it (a review). Lines are formatted, filtered and redacted
-    in the caller, as before; at most WRITE_QUEUE_LINES (and WRITE_QUEUE_BYTES) wait,
-    and what comes past them is dropped and said (with how many) once the reader
-    catches up. A reader gone for good (EPIPE) loses the lines, as it did."""
+    """Writes its lines in place while ``stream`` takes them at once, else from a
+    thread of its own, so that a stderr whose reader falls behind (journald under
+    pressure, a container runtime's log pipe, a paused `| less`) cannot stop the event
+    loop: the loop blocked in write() once the 64 KiB pipe was full, /healthz with
+    it, and some 250 refused deliveries (401s, no token needed) filled it (a review).
+    Lines are formatted, filtered and redacted in the caller, as before; at most
+    WRITE_QUEUE_LINES (and WRITE_QUEUE_BYTES) wait for the thread, and what comes past
+    them is dropped and said (with how many) once the reader catches up. A reader gone
+    for good (EPIPE) loses the lines, as it did."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__()
@@ -261,6 +263,10 @@ class WrittenApart(logging.Handler):
         self._bytes = 0  # of the lines queued
         self._dropped = 0  # since the last line that said so
         self._closed = False
+        try:  # what _room_for asks the kernel about
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # no file behind it (a test's)
+            self._fd = None
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -277,6 +283,9 @@ class WrittenApart(logging.Handler):
             except (OSError, ValueError):
                 pass
             return
+        if not self._lines.unfinished_tasks and self._room_for(line):
+            self._write_in_place(line)
+            return
         with self._count_lock:
             if self._bytes + len(line) > WRITE_QUEUE_BYTES:
                 self._dropped += 1
@@ -288,6 +297,33 @@ class WrittenApart(logging.Handler):
             with self._count_lock:
                 self._bytes -= len(line)
                 self._dropped += 1
+
+    def _room_for(self, line: str) -> bool:
+        """Whether ``line`` can be written at once without blocking: the stream takes
+        at least PIPE_BUF bytes now (a pipe or socket with room, a file), and the line
+        is no longer. Written in place then, as before: a process killed (SIGKILL, the
+        OOM killer) lost the lines the thread had not written yet, its last ones (a
+        test's kill lost the ERROR it looked for), and each line cost a thread hand-off."""
+        if self._fd is None or len(line) * 4 > select.PIPE_BUF:  # (UTF-8: 4 bytes a char)
+            return False
+        try:
+            return bool(select.select([], [self._fd], [], 0)[1])
+        except (OSError, ValueError):
+            return False
+
+    def _write_in_place(self, line: str) -> None:
+        """Write ``line`` now (what was dropped before it said first)."""
+        with self._count_lock:
+            dropped, self._dropped = self._dropped, 0
+        text = (self._said_dropped(dropped) if dropped else "") + line
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:  # the reader gone for good
+            pass
+        except (OSError, ValueError):  # a full disk under `2> file`, stderr closed
+            with self._count_lock:
+                self._dropped += 1 + dropped
 
     @property
     def writing(self) -> bool:

@@ -776,3 +776,22 @@ def test_last_words_do_not_wait_for_ever_on_a_writer_that_died(
     last.start()
     last.join(10)
     assert not last.is_alive(), "put_line waits for a writer that died"
+
+
+def test_a_line_is_written_before_handle_returns_while_the_pipe_has_room() -> None:
+    """Handed to the writer thread, a line was in the pipe only some time after the
+    logging call returned: a process killed then (SIGKILL, the OOM killer; a test's
+    kill) lost its last lines, the ERROR a test looked for among them. While the pipe
+    takes a line at once it is written in place, as before."""
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logs.TextFormatter())
+    try:
+        os.set_blocking(read_end, False)
+        handler.handle(logging.makeLogRecord({"msg": "the last words", "levelno": 40}))
+        assert b"the last words" in os.read(read_end, 65536)  # no wait: there already
+    finally:
+        handler.close()
+        stream.close()
+        os.close(read_end)
