@@ -276,14 +276,8 @@ class WrittenApart(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if self._closed:  # the writer has ended: in place
-            try:
-                self.stream.write(line)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-            return
-        if not self._lines.unfinished_tasks and self._room_for(line):
+        # in place once the writer has ended, or while nothing waits for it
+        if self._closed or (not self._lines.unfinished_tasks and self._room_for(line)):
             self._write_in_place(line)
             return
         with self._count_lock:
@@ -315,7 +309,12 @@ class WrittenApart(logging.Handler):
         """Write ``line`` now (what was dropped before it said first)."""
         with self._count_lock:
             dropped, self._dropped = self._dropped, 0
-        text = (self._said_dropped(dropped) if dropped else "") + line
+        said = self._said_dropped(dropped) if dropped else ""  # (dropped before it)
+        self._put_out(said + line, 1 + dropped)
+
+    def _put_out(self, text: str, lines: int) -> None:
+        """Write ``text``; the ``lines`` it stands for (those a line of it says were
+        dropped included) count as dropped if the write fails."""
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -323,7 +322,7 @@ class WrittenApart(logging.Handler):
             pass
         except (OSError, ValueError):  # a full disk under `2> file`, stderr closed
             with self._count_lock:
-                self._dropped += 1 + dropped
+                self._dropped += lines
 
     @property
     def writing(self) -> bool:
@@ -360,16 +359,9 @@ class WrittenApart(logging.Handler):
                 dropped = 0
                 if self._lines.qsize() < WRITE_QUEUE_LINES // 2:  # caught up, or half
                     dropped, self._dropped = self._dropped, 0
-            if dropped:
-                lines.append(self._said_dropped(dropped))
+            said = self._said_dropped(dropped) if dropped else ""  # (dropped after them)
             try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
-            except BrokenPipeError:  # the reader gone for good
-                pass
-            except (OSError, ValueError):  # a full disk under `2> file`, stderr closed
-                with self._count_lock:
-                    self._dropped += len(lines) - (1 if dropped else 0) + dropped
+                self._put_out("".join(lines) + said, len(lines) + dropped)
             finally:
                 for _ in taken:
                     self._lines.task_done()
