@@ -573,29 +573,12 @@ def guarded_protocol(
     piece = max(512, min(4096, max_head_bytes // 4))
     refuse_unknown_uvicorn(HttpToolsProtocol)
     answers_malformed_requests(HttpToolsProtocol)
-    # One log line a second for each port's refusals: a line's count and detail are
-    # of one limit only (a review found 39 webhook refusals logged as the ops port's).
-    refused_connections = _LoggedEverySecond(_log_refusals)
-    refused_ops_connections = _LoggedEverySecond(_log_refusals)
+    # Each port's share of the open connections (see _PortConnections): the webhook
+    # port's count against max_connections, the operations port's against
+    # OPS_MAX_CONNECTIONS; neither takes nor gives the other's places.
+    webhook_port = _PortConnections()
+    ops = _PortConnections()
     lingering_refusals = 0  # of this server's connections (see _refuse_connection)
-    # Connections refused for a limit, not gone yet (lingering, or closing), of each
-    # port: no place among those the limit counts (a review: one lingering made the
-    # next connection close an idle one for room, or refused it with none served).
-    refused_webhook = 0
-    refused_ops = 0
-    ops_open = 0  # of the open connections, those to ops_port
-    # Each port's idle connections (those whose keep-alive timer runs: between
-    # requests, or before the first) -> since when (the loop's clock), the one idle
-    # longest first; and how many of them were closed to make room and are not gone yet
-    # (the transport's close ends the connection at the loop's next turn: until then it
-    # is still among the open ones). The operations port's too: 64 connections idle
-    # there (a scanner, a pooling client) held its every place for
-    # BRIDGE_KEEP_ALIVE_TIMEOUT (620 s in the manifests), and the liveness probe failed
-    # (a review).
-    idle: dict[GuardedHttpToolsProtocol, float] = {}
-    idle_closing = 0
-    ops_idle: dict[GuardedHttpToolsProtocol, float] = {}
-    ops_idle_closing = 0
     idle_closes = _LoggedEverySecond(_log_idle_closes)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -629,7 +612,7 @@ def guarded_protocol(
             self._running: Any = None  # the request cycle whose app was started last
             self._answered_one = False  # an answer went out on this connection
             self._refused_lingering = False  # refused for the connection limit, lingering
-            self._to_ops_port = False
+            self._open_counted = False  # counted in its port's open connections
             self._closed_for_room = False  # an idle one closed for a new connection
             self._refused_for_limit = False  # answered 503 for a connection limit
             # uvicorn's default headers (the date) as bytes, redone when uvicorn
@@ -637,27 +620,25 @@ def guarded_protocol(
             self._defaults_of: list[tuple[bytes, bytes]] | None = None
             self._defaults = b""
 
+        # The port this connection came to (connection_made says the operations port):
+        # a class default, as uvicorn's __init__ already sets the keep-alive timer.
+        _port = webhook_port
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows it too
-            nonlocal ops_open
             self._writer = OneWritePerResponse(transport, self._body_pending, read_timeout)
             super().connection_made(self._writer)  # type: ignore[arg-type]  # a transport, as uvicorn uses it
             # (uvicorn's set of open connections holds this one now, and self.server
             # the address it came to)
             if ops_port is not None and self.server is not None and self.server[1] == ops_port:
-                self._to_ops_port = True
-                ops_open += 1
-                if ops_open - refused_ops - ops_idle_closing > OPS_MAX_CONNECTIONS and (
-                    not self._close_one_idle(OPS_MAX_CONNECTIONS)
-                ):
-                    self._refuse_connection(OPS_MAX_CONNECTIONS, "on BRIDGE_OPS_PORT")
-                    return
-            elif (
-                max_connections is not None
-                and len(self.connections) - ops_open - idle_closing - refused_webhook
-                > max_connections
-                and not self._close_one_idle(max_connections)
-            ):
-                self._refuse_connection(max_connections, "(BRIDGE_MAX_CONNECTIONS)")
+                self._port = ops
+                limit: int | None = OPS_MAX_CONNECTIONS
+                which = "on BRIDGE_OPS_PORT"
+            else:
+                limit, which = max_connections, "(BRIDGE_MAX_CONNECTIONS)"
+            self._port.open += 1
+            self._open_counted = True
+            if limit is not None and self._port.over(limit) and not self._close_one_idle(limit):
+                self._refuse_connection(limit, which)
                 return
             # Idle until its first byte, as a connection between two requests is:
             # closed after BRIDGE_KEEP_ALIVE_TIMEOUT of silence (uvicorn's timer, which
@@ -681,12 +662,10 @@ def guarded_protocol(
         @timeout_keep_alive_task.setter
         def timeout_keep_alive_task(self, timer: asyncio.TimerHandle | None) -> None:
             self._keep_alive_timer = timer
-            # re-armed: idle since now, the last in line (out of both: connection_lost
-            # forgets the port before it stops the timer)
-            idle.pop(self, None)
-            ops_idle.pop(self, None)
+            # re-armed: idle since now, the last in line
+            self._port.idle.pop(self, None)
             if timer is not None:
-                (ops_idle if self._to_ops_port else idle)[self] = self.loop.time()
+                self._port.idle[self] = self.loop.time()
 
         def _close_one_idle(self, limit: int) -> bool:
             """Close the connection idle longest to make room for this new one, as
@@ -699,10 +678,9 @@ def guarded_protocol(
             False when none has been idle for IDLE_GRACE_SECONDS. Of this connection's
             port: the operations port's connections neither take the webhook port's
             places nor give theirs."""
-            nonlocal idle_closing, ops_idle_closing
             now = self.loop.time()
             longest = None
-            for candidate, since in (ops_idle if self._to_ops_port else idle).items():
+            for candidate, since in self._port.idle.items():
                 if now - since < IDLE_GRACE_SECONDS:
                     return False  # and those after it, idle for less time still
                 transport = candidate.transport
@@ -717,10 +695,9 @@ def guarded_protocol(
             longest._unset_keepalive_if_required()  # out of `idle`
             longest._closed_for_room = True
             longest.transport.close()
-            if self._to_ops_port:  # probes and scrapes: no proxy's pool to say
-                ops_idle_closing += 1
+            self._port.closing_for_room += 1
+            if self._port is ops:  # probes and scrapes: no proxy's pool to say
                 return True
-            idle_closing += 1
             idle_closes.log(limit)
             if on_idle_closed is not None:
                 on_idle_closed()
@@ -732,12 +709,9 @@ def guarded_protocol(
             be lost to the RST a close with unread bytes sends. While
             MAX_LINGERING_REFUSALS others linger, closed at once instead (the answer is
             written; a client that sends its request before reading it may get an RST)."""
-            nonlocal lingering_refusals, refused_webhook, refused_ops
+            nonlocal lingering_refusals
             self._refused_for_limit = True
-            if self._to_ops_port:
-                refused_ops += 1
-            else:
-                refused_webhook += 1
+            self._port.refused += 1
             error = TooManyConnections(
                 f"more than {limit} connections are open {which}; this one is closed",
                 retry_after=1,
@@ -749,13 +723,11 @@ def guarded_protocol(
                 self._writer.linger()
             else:
                 self._writer.hang_up()
-            if self._to_ops_port:
-                # Not a webhook request: counted, it was a 5xx of the deliveries, and a
-                # prober over the limit paged BridgeServerErrors. The log line says it.
-                refused_ops_connections.log(error)
-                return
-            refused_connections.log(error)
-            if on_refused is not None:
+            self._port.refusals.log(error)
+            # Not a webhook request on the operations port: counted, it was a 5xx of
+            # the deliveries, and a prober over the limit paged BridgeServerErrors.
+            # The log line says it.
+            if self._port is not ops and on_refused is not None:
                 on_refused(error, 0.0)
 
         def _body_pending(self) -> bool:
@@ -764,23 +736,16 @@ def guarded_protocol(
             return self._message_open and not self._peer_done
 
         def connection_lost(self, exc: Exception | None) -> None:
-            nonlocal lingering_refusals, ops_open, idle_closing, refused_webhook, refused_ops
-            nonlocal ops_idle_closing
+            nonlocal lingering_refusals
             if self._closed_for_room:
                 self._closed_for_room = False
-                if self._to_ops_port:
-                    ops_idle_closing -= 1
-                else:
-                    idle_closing -= 1
+                self._port.closing_for_room -= 1
             if self._refused_for_limit:
                 self._refused_for_limit = False
-                if self._to_ops_port:
-                    refused_ops -= 1
-                else:
-                    refused_webhook -= 1
-            if self._to_ops_port:
-                self._to_ops_port = False
-                ops_open -= 1
+                self._port.refused -= 1
+            if self._open_counted:
+                self._open_counted = False
+                self._port.open -= 1
             if self._refused_lingering:
                 self._refused_lingering = False
                 lingering_refusals -= 1
@@ -1392,6 +1357,37 @@ def guarded_protocol(
 
 
 T = TypeVar("T")
+
+
+class _PortConnections:
+    """One listening port's connections, as its connection limit counts them."""
+
+    __slots__ = ("closing_for_room", "idle", "open", "refusals", "refused")
+
+    def __init__(self) -> None:
+        self.open = 0
+        # Refused for the limit and not gone yet (lingering, or closing): no place among
+        # those the limit counts (a review: one lingering made the next connection close
+        # an idle one for room, or refused it with none served).
+        self.refused = 0
+        # The idle connections (those whose keep-alive timer runs: between requests, or
+        # before the first) -> since when (the loop's clock), the one idle longest
+        # first; and how many of them were closed to make room and are not gone yet
+        # (the transport's close ends the connection at the loop's next turn: until
+        # then it is still open). The operations port's too: 64 connections idle there
+        # (a scanner, a pooling client) held its every place for
+        # BRIDGE_KEEP_ALIVE_TIMEOUT (620 s in the manifests), and the liveness probe
+        # failed (a review).
+        self.idle: dict[Any, float] = {}
+        self.closing_for_room = 0
+        # One log line a second for each port's refusals: a line's count and detail
+        # are of one limit only (a review found 39 webhook refusals logged as the ops
+        # port's).
+        self.refusals = _LoggedEverySecond(_log_refusals)
+
+    def over(self, limit: int) -> bool:
+        """More connections hold a place than ``limit``."""
+        return self.open - self.refused - self.closing_for_room > limit
 
 
 class _LoggedEverySecond(Generic[T]):
