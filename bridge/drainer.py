@@ -141,6 +141,16 @@ class _Parked:
         # land yet, and no other copy goes while it may (each would land too).
         self.landing = landing
 
+    @property
+    def copy_in_flight(self) -> bool:
+        """Its dead letter's last copy is in the producer's hands, and may land yet."""
+        return self.landing is not None and not self.landing.done()
+
+    @property
+    def copy_landed(self) -> bool:
+        """Its dead letter's last copy landed after all: the record is kept."""
+        return self.landing is not None and landed(self.landing)
+
 
 class _Pending:
     """A record handed to the producer whose acknowledgement has not been seen yet."""
@@ -634,7 +644,7 @@ class Drainer:
         shutdown log counted it as not acknowledged. Failures are left as they are:
         their records stay in the backlog, as before."""
         for parked in list(self._parked.values()):
-            if parked.landing is not None and landed(parked.landing):
+            if parked.copy_landed:
                 self._kept_after_all(parked)
         done = [*self._unremoved, *self._finished, *self._settled_by_probes]
         self._finished = []
@@ -952,9 +962,9 @@ class Drainer:
         # first PARKED_TRIES_AT_ONCE took turns and the rest waited (a review's doubt)
         for parked in sorted(self._parked.values(), key=lambda parked: parked.retry_at):
             if parked.landing is not None and not parked.trying:
-                if not parked.landing.done():
-                    continue  # its last copy may land yet: not another (a review's test)
-                if landed(parked.landing):
+                if parked.copy_in_flight:
+                    continue  # it may land yet: not another copy (a review's test)
+                if parked.copy_landed:
                     self._kept_after_all(parked)
                     continue
                 parked.landing = None  # it failed: a new copy when its wait is over
@@ -993,11 +1003,7 @@ class Drainer:
         """Whether a stop still waits for ``parked``: its try being made or still owed
         (drain), or the last copy of its dead letter that may land yet (a stop that
         ended meanwhile kept the record, and its next start a second dead letter)."""
-        return (
-            parked.trying
-            or parked.retry_at == 0.0
-            or (parked.landing is not None and not parked.landing.done())
-        )
+        return parked.trying or parked.retry_at == 0.0 or parked.copy_in_flight
 
     async def _set_aside(
         self, record: QueuedRecord, error: BridgeError

@@ -544,7 +544,11 @@ class KafkaPublisher:
         self._throttled_until = -math.inf
         self._throttle_said = -THROTTLE_SAID_EVERY_SECONDS
         # When (perf_counter) Kafka last refused a record's timestamp, last acknowledged
-        # a record published here, and the refusal was last said (see clock_refused)
+        # a record published here, and the refusal was last said (see clock_refused).
+        # _landed_at is set where an acknowledgement is seen: by the watch on a
+        # record's own future (_after_ack), and, for a record whose deadline cancelled
+        # that future (which the watch then ignores) but whose batch landed, by
+        # _published and _published_late.
         self._clock_refused_at = -math.inf
         self._landed_at = -math.inf
         self._clock_said = -CLOCK_SAID_EVERY_SECONDS
