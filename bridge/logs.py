@@ -10,12 +10,17 @@ refusal's path, a topic held back, the Kafka client).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import logging
 import math
+import os
 import queue
 import select
+import stat
 import sys
+import termios
 import threading
 import time
 from datetime import UTC, datetime
@@ -162,6 +167,8 @@ def configure(level: str, fmt: str, *, background: bool = False) -> None:
     """Send every logger (uvicorn's too) to stderr in the chosen format; written by a
     thread of its own when ``background`` (the serving bridge: see WrittenApart)."""
     stream = sys.stderr
+    if stream is None:  # fd 2 closed: lines go nowhere, as asked (not to a dead thread)
+        stream = open(os.devnull, "w")  # noqa: SIM115 - the process's stderr from now on
     if fmt == "json" and isinstance(stream, io.TextIOWrapper):
         # JSON lines are UTF-8 (RFC 8259), whatever the locale: backslashreplace's \\xe4
         # is no JSON escape, and latin-1's byte 0xE4 no UTF-8.
@@ -265,8 +272,29 @@ class WrittenApart(logging.Handler):
         self._closed = False
         try:  # what _room_for asks the kernel about
             self._fd: int | None = stream.fileno()
+            mode = os.fstat(self._fd).st_mode
         except (AttributeError, OSError, ValueError):  # no file behind it (a test's)
-            self._fd = None
+            self._fd, mode = None, 0
+        terminal = self._fd is not None and os.isatty(self._fd)
+        # A file or /dev/null takes any line at once: always in place. A terminal never
+        # is: select() says it is writable with a byte of room, and a longer line
+        # blocked the event loop in write() until its reader came back (a review:
+        # `docker run -t`, its reader stalled, /healthz with it).
+        self._takes_all = stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not terminal)
+        self._terminal = terminal
+        self._pipe_size = 0  # a pipe's capacity: an empty one takes a line that long
+        if self._fd is not None and stat.S_ISFIFO(mode):
+            try:
+                self._pipe_size = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
+            except OSError:
+                self._pipe_size = select.PIPE_BUF
+        if self._fd is not None:
+            # A parent that made it non-blocking (some supervisors do; the description
+            # is shared) had write() fail with EAGAIN or write part of a line, which
+            # Python's text layer loses without a word (a review: 609 of 1,500 lines
+            # out, half lines run together). Blocking, as the writer thread expects.
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._fd, True)
         self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
         self._writer.start()
 
@@ -280,14 +308,28 @@ class WrittenApart(logging.Handler):
         if self._closed or (not self._lines.unfinished_tasks and self._room_for(line)):
             self._write_in_place(line)
             return
-        with self._count_lock:
-            if self._bytes + len(line) > WRITE_QUEUE_BYTES:
-                self._dropped += 1
+        # Full: the oldest lines waiting make room (dropped, and said), not this one:
+        # dropping the newest lost what came after a flood (its ERRORs, the stop's own
+        # lines) while the reader lagged (a review). (No end of the writer is among
+        # them: close() puts it after _closed is set, under the lock emit holds.)
+        while True:
+            with self._count_lock:
+                if self._bytes + len(line) <= WRITE_QUEUE_BYTES and not self._lines.full():
+                    self._bytes += len(line)
+                    break
+            try:
+                oldest = self._lines.get_nowait()
+            except queue.Empty:  # a line longer than the bound on its own
+                with self._count_lock:
+                    self._dropped += 1
                 return
-            self._bytes += len(line)
+            with self._count_lock:
+                self._bytes -= len(oldest or "")
+                self._dropped += 1
+            self._lines.task_done()
         try:
             self._lines.put_nowait(line)
-        except queue.Full:
+        except queue.Full:  # last words (put_line) took the place meanwhile
             with self._count_lock:
                 self._bytes -= len(line)
                 self._dropped += 1
@@ -295,13 +337,23 @@ class WrittenApart(logging.Handler):
     def _room_for(self, line: str) -> bool:
         """Whether ``line`` can be written at once without blocking: the stream takes
         at least PIPE_BUF bytes now (a pipe or socket with room, a file), and the line
-        is no longer. Written in place then, as before: a process killed (SIGKILL, the
-        OOM killer) lost the lines the thread had not written yet, its last ones (a
-        test's kill lost the ERROR it looked for), and each line cost a thread hand-off."""
-        if self._fd is None or len(line) * 4 > select.PIPE_BUF:  # (UTF-8: 4 bytes a char)
+        is no longer; or an empty pipe that holds the line (an ERROR's traceback is
+        longer than PIPE_BUF, and the line most worth having); or a file. Written in
+        place then, as before: a process killed (SIGKILL, the OOM killer) lost the
+        lines the thread had not written yet, its last ones (a test's kill lost the
+        ERROR it looked for), and each line cost a thread hand-off."""
+        if self._takes_all:
+            return True
+        if self._fd is None or self._terminal:
             return False
+        most = len(line) * 4  # bytes (UTF-8: 4 a character at most)
         try:
-            return bool(select.select([], [self._fd], [], 0)[1])
+            if most <= select.PIPE_BUF:
+                return bool(select.select([], [self._fd], [], 0)[1])
+            if most > self._pipe_size:
+                return False
+            unread = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+            return not int.from_bytes(unread, sys.byteorder)
         except (OSError, ValueError):
             return False
 
@@ -359,9 +411,10 @@ class WrittenApart(logging.Handler):
                 dropped = 0
                 if self._lines.qsize() < WRITE_QUEUE_LINES // 2:  # caught up, or half
                     dropped, self._dropped = self._dropped, 0
-            said = self._said_dropped(dropped) if dropped else ""  # (dropped after them)
+            # (the oldest lines are dropped: before these)
+            said = self._said_dropped(dropped) if dropped else ""
             try:
-                self._put_out("".join(lines) + said, len(lines) + dropped)
+                self._put_out(said + "".join(lines), len(lines) + dropped)
             finally:
                 for _ in taken:
                     self._lines.task_done()

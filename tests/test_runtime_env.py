@@ -10,12 +10,15 @@ import io
 import json
 import logging
 import os
+import pty
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,6 +255,7 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
 ) -> None:
     """The serving bridge's log is written apart (logs.WrittenApart): a logging call
     never waits for stderr's reader. What piles up past WRITE_QUEUE_LINES is dropped,
+    the oldest waiting first (the latest lines, an ERROR after a flood say, are kept),
     and said with its count once the reader keeps up again."""
     monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 5)
     stream = FakeStderr(stalls=True)
@@ -268,9 +272,11 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
     finally:
         handler.close()
     text = "".join(stream.written)
-    assert "line 0" in text
-    assert "line 19" not in text
-    assert "log lines were dropped: stderr's reader did not keep up" in text
+    assert "line 19" in text  # the latest: kept
+    said = re.findall(r"(\d+) log lines were dropped: stderr's reader did not keep up", text)
+    written = re.findall(r"line (\d+)", text)
+    assert written == sorted(written, key=int)
+    assert [int(n) + len(written) for n in said] == [20], text
     assert "after" in text
 
 
@@ -279,11 +285,18 @@ REFUSALS = 1500
 
 
 def serving_unread(
-    tmp_path: Path, args: list[str], **environ: str | None
+    tmp_path: Path,
+    args: list[str],
+    *,
+    stderr: int = subprocess.PIPE,
+    new_session: bool = False,
+    **environ: str | None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``python *args`` serving (memory mode, no Kafka needed) with its stderr a pipe
-    nobody reads yet, and its URL once /healthz answers. ``environ`` adds variables
-    (None: without it; PYTHONUNBUFFERED is left out unless given)."""
+    nobody reads yet (or the fd ``stderr``; ``new_session``: a session of its own, a
+    terminal given becoming its controlling one, as in a shell), and its URL once
+    /healthz answers. ``environ`` adds variables (None: without it; PYTHONUNBUFFERED is
+    left out unless given)."""
     port = free_port()
     env = {
         k: v
@@ -301,12 +314,20 @@ def serving_unread(
         BRIDGE_RATE_LIMIT="0",
     )
     url = f"http://127.0.0.1:{port}"
+    dies = dies_with_parent()
+
+    def preexec() -> None:
+        if new_session:
+            os.setsid()
+        if dies is not None:
+            dies()
+
     proc = subprocess.Popen(
         [sys.executable, *args],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,  # read by nobody until the test says
-        preexec_fn=dies_with_parent(),  # noqa: PLW1509 - see dies_with_parent
+        stderr=stderr,  # a pipe: read by nobody until the test says
+        preexec_fn=preexec,  # noqa: PLW1509 - see dies_with_parent
     )
 
     def healthy() -> bool:
@@ -324,6 +345,22 @@ def serving_unread(
     return proc, url
 
 
+def refuse(url: str, keys: range) -> int | None:
+    """POST a 401 (a log line naming its key) for each of ``keys``; the first one
+    not answered within 5 s (the event loop stuck), or None."""
+    with httpx2.Client(timeout=5) as client:
+        for n in keys:
+            try:
+                client.post(
+                    url + "/webhooks/geins/Order/create",
+                    content=b'{"id":"1"}',
+                    headers={"Authorization": "Bearer wrong", "x-Idempotency-Key": f"k{n}"},
+                )
+            except httpx2.TimeoutException:
+                return n
+    return None
+
+
 @pytest.mark.slow
 def test_a_stalled_log_reader_does_not_stop_the_event_loop(tmp_path: Path) -> None:
     """The log went to stderr with a plain StreamHandler, written on the event loop.
@@ -335,22 +372,11 @@ def test_a_stalled_log_reader_does_not_stop_the_event_loop(tmp_path: Path) -> No
     proc, url = serving_unread(tmp_path, ["-m", "bridge", "serve"])
     assert proc.stderr is not None
     try:
-        unanswered = None
-        with httpx2.Client(timeout=5) as client:
-            for i in range(REFUSALS):
-                try:
-                    client.post(
-                        url + "/webhooks/geins/Order/create",
-                        content=b'{"id":"1"}',
-                        headers={"Authorization": "Bearer wrong"},
-                    )
-                except httpx2.TimeoutException:
-                    unanswered = i
-                    break
-            try:
-                alive = client.get(url + "/healthz").status_code
-            except httpx2.TimeoutException:
-                alive = None
+        unanswered = refuse(url, range(REFUSALS))
+        try:
+            alive = httpx2.get(url + "/healthz", timeout=5).status_code
+        except httpx2.TimeoutException:
+            alive = None
         assert (unanswered, alive) == (None, 200), (
             f"the bridge stopped answering after {unanswered} refusals, "
             f"/healthz {alive}: its event loop waits for stderr's reader"
@@ -795,3 +821,209 @@ def test_a_line_is_written_before_handle_returns_while_the_pipe_has_room() -> No
         handler.close()
         stream.close()
         os.close(read_end)
+
+
+# --- a review of the log writer on the kinds of stderr deployments give: a terminal
+# (`docker run -t`, ``tty: true``), a pipe its parent made non-blocking, journald's
+# stream socket, and a process killed right after an ERROR with its traceback ---
+
+
+def read_log(data: bytes) -> tuple[list[int], int, list[bytes]]:
+    """The keys of the refusals logged, in order, the lines said dropped, and the
+    lines that are no JSON (half lines, two run together)."""
+    keys, dropped, broken = [], 0, []
+    for line in data.replace(b"\r\n", b"\n").splitlines():
+        try:
+            parsed = json.loads(line)
+        except ValueError:
+            broken.append(line)
+            continue
+        if str(parsed.get("key", "")).startswith("k"):
+            keys.append(int(parsed["key"][1:]))
+        dropped += parsed.get("dropped", 0)
+    return keys, dropped, broken
+
+
+def stopped(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_terminal_that_stops_reading_does_not_stop_the_event_loop(tmp_path: Path) -> None:
+    """stderr a terminal (a pty in its usual cooked mode: `docker run -t`, ``tty:
+    true``, a terminal multiplexer) whose reader falls behind: select() says a tty is
+    writable while it has any room at all, so a line longer than that room was
+    written in place and the event loop blocked in write() with it, /healthz too,
+    after some 60 refusals. (A SIGTERM then cut that line in half.)"""
+    master, slave = pty.openpty()
+    proc, url = serving_unread(
+        tmp_path, ["-m", "bridge", "serve"], stderr=slave, new_session=True, PYTHONUNBUFFERED="1"
+    )
+    os.close(slave)
+    reading = threading.Event()  # stalled until set
+
+    def read() -> None:
+        reading.wait()
+        with contextlib.suppress(OSError):
+            while os.read(master, 65536):
+                pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        unanswered = refuse(url, range(REFUSALS))
+        try:
+            alive = httpx2.get(url + "/healthz", timeout=5).status_code
+        except httpx2.TimeoutException:
+            alive = None
+        assert (unanswered, alive) == (None, 200), (
+            f"refusal {unanswered} not answered, /healthz {alive}: "
+            "the event loop waits for the terminal's reader"
+        )
+    finally:
+        reading.set()
+        stopped(proc)
+        os.close(master)
+
+
+@pytest.mark.slow
+def test_a_nonblocking_stderr_pipe_gets_whole_lines_and_a_true_count(tmp_path: Path) -> None:
+    """A supervisor that set O_NONBLOCK on the pipe it gives as stderr (the file
+    description is shared): once its reader falls behind, write() says EAGAIN or
+    writes part of what it was given. The writer thread took either for "nothing
+    written". Unbuffered (PYTHONUNBUFFERED, the image's), Python's FileIO returns
+    None or the short count, which TextIOWrapper ignores: lines vanish with no count
+    and no WARNING, and a half line runs into the next. Buffered (systemd), the
+    BufferedWriter keeps what it took and writes it before the next line: half
+    lines run into the next, and the WARNINGs count lines that were written."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # as the parent left it
+    proc, url = serving_unread(
+        tmp_path, ["-m", "bridge", "serve"], stderr=write_end, PYTHONUNBUFFERED="1"
+    )
+    os.close(write_end)
+    chunks: list[bytes] = []
+    slow = threading.Event()
+    slow.set()
+
+    def read() -> None:  # 40 KB/s while slow: behind the flood, never gone
+        with contextlib.suppress(OSError):
+            while True:
+                if slow.is_set():
+                    time.sleep(0.1)
+                chunk = os.read(read_end, 4096)
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert refuse(url, range(REFUSALS)) is None
+        slow.clear()  # the reader catches up
+        time.sleep(1)
+        assert refuse(url, range(REFUSALS, REFUSALS + 3)) is None  # says what was dropped
+        time.sleep(0.5)
+        assert stopped(proc) == 0
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+    keys, dropped, broken = read_log(b"".join(chunks))
+    assert broken == [], f"{len(broken)} broken lines, the first: {broken[0][:300]!r}"
+    assert keys == sorted(keys)
+    assert len(keys) + dropped == REFUSALS + 3, (len(keys), dropped)
+
+
+KILLED_AFTER_AN_ERROR = """\
+import json, logging, os, signal
+from bridge import logs
+logs.configure("info", "json", background=True)
+def parse(n):
+    return parse(n - 1) if n else json.loads("{a spool row that is no JSON")
+try:
+    parse(8)
+except ValueError:
+    logging.getLogger("bridge.spool").exception("the spool writer failed unexpectedly")
+os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, a supervisor's kill
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "pipe"])
+def test_an_error_with_its_traceback_is_out_before_a_sigkill(tmp_path: Path, kind: str) -> None:
+    """An ERROR with a traceback, some 1.3 KB in all, then SIGKILL: a stderr that takes it at
+    once (a file; a pipe that is empty) must have it. Any line over 1,024 characters
+    went to the writer thread (logs.WrittenApart._room_for), which waits 2 ms before
+    it writes: the kill lost the ERROR, which says why the process was in trouble."""
+    if kind == "file":
+        log = tmp_path / "stderr"
+        stderr: int = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    else:
+        read_end, stderr = os.pipe()
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_AN_ERROR], stderr=stderr, check=False, timeout=60
+    )
+    os.close(stderr)
+    if kind == "file":
+        text = log.read_text()
+    else:
+        with os.fdopen(read_end, "rb") as pipe:
+            text = pipe.read().decode()
+    assert done.returncode == -signal.SIGKILL
+    assert "the spool writer failed unexpectedly" in text, text
+    [line] = text.splitlines()
+    assert json.loads(line)["level"] == "error"
+    assert len(line) > 1024  # longer than _room_for writes in place
+
+
+SERVE_WITH_A_SMALL_QUEUE = """\
+import sys
+from bridge import logs
+logs.WRITE_QUEUE_LINES = 200  # the bound's size only: 10,000 in production
+sys.argv = ["bridge", "serve"]
+from bridge.__main__ import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_the_stops_own_lines_are_not_dropped_behind_a_full_queue(tmp_path: Path) -> None:
+    """stderr journald's stream socket (`StandardError=journal`: a Unix SOCK_STREAM),
+    whose reader stalls long enough for the queue to fill (a flood of 401s), then
+    comes back. The README promises that at a stop the bridge waits for the reader to
+    take the lines still waiting, "the stop's own last"; but the stop's lines
+    ("SIGTERM received", ..., "Finished server process") are logged while the queue is
+    still full, and dropped like the flood's: the log ends in the middle of the
+    flood, and nothing says the bridge stopped (or, in durable mode, what it left)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc, url = serving_unread(tmp_path, ["-c", SERVE_WITH_A_SMALL_QUEUE], stderr=theirs.fileno())
+    theirs.close()
+    try:
+        assert refuse(url, range(REFUSALS)) is None  # the reader stalled: never read yet
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(3)  # the reader still stalled as the bridge stops
+        chunks = []
+        while chunk := ours.recv(65536):  # the reader comes back
+            chunks.append(chunk)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ours.close()
+    text = b"".join(chunks).decode()
+    keys, dropped, broken = read_log(text.encode())
+    assert code == 0
+    assert (broken, len(keys) + dropped >= REFUSALS) == ([], True)
+    assert dropped  # the flood overflowed the queue: said
+    assert "SIGTERM received" in text
+    assert "Finished server process" in text.splitlines()[-1], text.splitlines()[-1][:300]
