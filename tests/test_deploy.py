@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 
 from bridge.config import load_settings
 from bridge.devkafka import KAFKA_VERSION
+from bridge.errors import DEAD_LETTER_REASONS
 from bridge.metrics import Metrics
 from bridge.spool import RESERVE_BYTES
 from tests.deploy_support import dockerfile
@@ -68,6 +69,7 @@ REQUIRED_ALERTS = {
     "BridgeSpoolOld",
     "BridgeDeliveryFailures",
     "BridgeServerErrors",
+    "BridgeDeliveriesRefused",
     "BridgeDeadLetters",
     "BridgeKafkaSecretsRefused",
 }
@@ -1155,3 +1157,65 @@ def test_the_manifests_outlast_the_idle_connections_of_the_proxy_in_front() -> N
     for folder in (STANDALONE, SIDECAR):
         (config,) = [d for d in load_docs(folder / "configmap.yaml") if d["kind"] == "ConfigMap"]
         assert int(config["data"]["BRIDGE_KEEP_ALIVE_TIMEOUT"]) > 600, folder
+
+
+def test_the_bridges_up_stat_shows_0_when_every_bridge_is_down(tmp_path: Path) -> None:
+    """The 'Bridges up' stat (red below 1) joined `up` with bridge_build_info, which a
+    failed scrape marks stale: a down bridge dropped out of the sum (one of three
+    killed read 2, green), and with every bridge down the panel said 'No data', never
+    the red 0 its thresholds are drawn for (a review)."""
+    (panel,) = [p for p, _ in dashboard_targets() if p["title"] == "Bridges up"]
+    expr = promql_for_promtool(panel["targets"][0]["expr"])
+    instance = 'job="geins-bridge", instance="bridge-a:8080"'
+    case = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"up{{{instance}}}", "values": "1 1 0 0 0 0"},
+                    # a failed scrape writes staleness markers for the target's series
+                    {
+                        "series": f'bridge_build_info{{{instance}, version="0.3.0"}}',
+                        "values": "1 1 stale",
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "1m",
+                        "exp_samples": [{"labels": "{}", "value": 1}],
+                    },
+                    {
+                        "expr": expr,
+                        "eval_time": "4m",
+                        "exp_samples": [{"labels": "{}", "value": 0}],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "bridges_up.yml"
+    path.write_text(yaml.safe_dump(case, sort_keys=False))
+    done = run(binary("promtool"), "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_dead_letters_runbook_names_every_dead_letter_reason() -> None:
+    """BridgeDeadLetters fires by reason; its runbook says what each means and what to
+    fix, and left token_in_path out (whose fix is the webhook URL, not the body
+    template it pointed to: a review)."""
+    readme = (DEPLOY / "README.md").read_text()
+    section = re.search(r"^### BridgeDeadLetters\n(.*?)^### ", readme, re.S | re.M)
+    assert section is not None
+    worded = {  # the reasons as the runbook words them
+        "body_not_json": "not JSON",
+        "missing_event_type": "missing",
+        "malformed_event_type": "malformed",
+        "unknown_event_type": "unknown type",
+    }
+    missing = [
+        r for r in DEAD_LETTER_REASONS if r not in section[1] and worded.get(r, r) not in section[1]
+    ]
+    assert missing == []
