@@ -47,6 +47,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Set
@@ -214,8 +215,11 @@ def _freed_bytes(connection: sqlite3.Connection) -> int:
 
 def check_folder(directory: Path) -> None:
     """Raise :class:`SpoolUnusable` unless ``directory`` is a folder the bridge can
-    write in, or one it can make (nothing is made here): the spool asks this before
-    opening, and ``check-config`` of BRIDGE_SPOOL_DIR, so both refuse the same."""
+    write in, or one it can make (a trial folder is made in it, or in the nearest
+    parent there, and removed: as root, os.access says yes to any folder not on a
+    read-only mount, and check-config passed BRIDGE_SPOOL_DIR=/proc/x, which serve
+    then refused, a review): the spool asks this before opening, and
+    ``check-config`` of BRIDGE_SPOOL_DIR, so both refuse the same."""
     try:
         existing = directory  # the folder itself, or the nearest of its parents there
         while not os.path.lexists(existing) and existing != existing.parent:
@@ -232,6 +236,7 @@ def check_folder(directory: Path) -> None:
             raise SpoolUnusable(
                 f"spool folder {directory} cannot be made: {existing} is not writable"
             )
+        os.rmdir(tempfile.mkdtemp(prefix=".bridge-check-", dir=existing))
     except OSError as exc:  # a parent that cannot be looked into, say
         raise SpoolUnusable(f"spool folder {directory} cannot be used ({exc})") from None
 

@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 from prometheus_client.metrics_core import Metric
 
 from bridge.config import load_settings
-from bridge.devkafka import KAFKA_VERSION
+from bridge.devkafka import KAFKA_VERSION, free_port
 from bridge.errors import DEAD_LETTER_REASONS
 from bridge.metrics import Metrics
 from bridge.spool import RESERVE_BYTES
@@ -41,6 +41,7 @@ from tests.deploy_support import dockerfile
 from tests.deploy_support.dockerignore import DockerIgnore
 from tests.deploy_support.prometheus import binary
 from tests.deploy_support.shutdown import shutdown_seconds
+from tests.process import BridgeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -1092,6 +1093,22 @@ def run_image_probe(environment: dict[str, str]) -> int:
         check=False,
     )
     return done.returncode
+
+
+def test_image_health_check_reads_a_port_as_the_bridge_does(tmp_path: Path) -> None:
+    """The bridge takes BRIDGE_PORT=" 8080" (numbers may have spaces around them); the
+    HEALTHCHECK put the value in its URL as it was, sent `Host: 127.0.0.1: 8080`,
+    which the bridge refuses (400), and the container was unhealthy while it served
+    (a review). A real bridge: a plain HTTP server takes that Host."""
+    port = free_port()
+    env = {
+        "BRIDGE_TOKENS": "tok-AAAAAAAAAAAAAAAA",
+        "BRIDGE_ACK": "memory",
+        "BRIDGE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # none needed for /healthz
+        "BRIDGE_PORT": f" {port}\t",
+    }
+    with BridgeProcess(env, tmp_path / "bridge.log", port=port):
+        assert run_image_probe({"BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": f" {port}\t"}) == 0
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from bridge.config import load_settings
 from bridge.errors import ShuttingDown, SpoolFull, SpoolUnusable, SpoolWriteFailed
 from bridge.metrics import Metrics
 from bridge.routing import Destination
-from bridge.spool import Spool
+from bridge.spool import Spool, check_folder
 from tests.fakes import FakePublisher
 from tests.polling import eventually
 
@@ -1584,3 +1584,12 @@ async def test_a_durable_bridge_on_a_disk_slow_at_every_write_is_ready_between_t
         assert mode.unready_reason is not None, "ready while every write stalls"
     finally:
         await mode.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="os.access answers root so (the trouble)")
+def test_check_folder_refuses_a_spool_folder_that_cannot_be_made_as_root() -> None:
+    """As root (CI, many containers) os.access says yes to any folder not on a read-only
+    mount: BRIDGE_SPOOL_DIR=/proc/x passed `bridge check-config`, and `bridge serve`
+    then exited 2 (cannot be used, No such file or directory): a review."""
+    with pytest.raises(SpoolUnusable, match="cannot be used"):
+        check_folder(Path("/proc/geins-bridge-spool"))
