@@ -215,8 +215,8 @@ def _freed_bytes(connection: sqlite3.Connection) -> int:
 
 def check_folder(directory: Path) -> None:
     """Raise :class:`SpoolUnusable` unless ``directory`` is a folder the bridge can
-    write in, or one it can make (a trial folder is made in it, or in the nearest
-    parent there, and removed: as root, os.access says yes to any folder not on a
+    write in, or one it can make (a trial folder is made in the nearest parent
+    there, and removed: as root, os.access says yes to any folder not on a
     read-only mount, and check-config passed BRIDGE_SPOOL_DIR=/proc/x, which serve
     then refused, a review): the spool asks this before opening, and
     ``check-config`` of BRIDGE_SPOOL_DIR, so both refuse the same."""
@@ -236,7 +236,10 @@ def check_folder(directory: Path) -> None:
             raise SpoolUnusable(
                 f"spool folder {directory} cannot be made: {existing} is not writable"
             )
-        os.rmdir(tempfile.mkdtemp(prefix=".bridge-check-", dir=existing))
+        if existing != directory:
+            # Not in a folder there, opened as it is: on a full disk a trial would
+            # fail, and a bridge must start to drain its spool.
+            os.rmdir(tempfile.mkdtemp(prefix=".bridge-check-", dir=existing))
     except OSError as exc:  # a parent that cannot be looked into, say
         raise SpoolUnusable(f"spool folder {directory} cannot be used ({exc})") from None
 
