@@ -249,6 +249,12 @@ FLUSH_WAIT_SECONDS = 5.0
 WRITE_GATHER_SECONDS = 0.002
 
 
+class _LastWords(str):
+    """A line put_line queued: emit never drops it to make room."""
+
+    __slots__ = ()
+
+
 class WrittenApart(logging.Handler):
     """Writes its lines in place while ``stream`` takes them at once, else from a
     thread of its own, so that a stderr whose reader falls behind (journald under
@@ -308,6 +314,10 @@ class WrittenApart(logging.Handler):
         if self._closed or (not self._lines.unfinished_tasks and self._room_for(line)):
             self._write_in_place(line)
             return
+        if len(line) > WRITE_QUEUE_BYTES:  # never fits: not the lines waiting for it
+            with self._count_lock:
+                self._dropped += 1
+            return
         # Full: the oldest lines waiting make room (dropped, and said), not this one:
         # dropping the newest lost what came after a flood (its ERRORs, the stop's own
         # lines) while the reader lagged (a review). (No end of the writer is among
@@ -319,7 +329,15 @@ class WrittenApart(logging.Handler):
                     break
             try:
                 oldest = self._lines.get_nowait()
-            except queue.Empty:  # a line longer than the bound on its own
+            except queue.Empty:  # the writer took them, and has not counted them yet
+                with self._count_lock:
+                    self._dropped += 1
+                return
+            if isinstance(oldest, _LastWords):  # never dropped: this line is, instead
+                # last again, in the place it left (or, if another put_line took that
+                # meanwhile, the next the writer frees: last words come at the end)
+                self._lines.put(oldest)
+                self._lines.task_done()
                 with self._count_lock:
                     self._dropped += 1
                 return
@@ -388,7 +406,7 @@ class WrittenApart(logging.Handler):
             self._bytes += len(line) + 1
         while self.writing:
             try:
-                self._lines.put(line + "\n", timeout=0.1)
+                self._lines.put(_LastWords(line + "\n"), timeout=0.1)
                 return
             except queue.Full:
                 continue

@@ -280,6 +280,59 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
     assert "after" in text
 
 
+def test_one_line_over_the_byte_bound_does_not_drop_every_line_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """emit() drops the oldest waiting lines until the new one fits under
+    WRITE_QUEUE_BYTES; a line longer than the bound on its own never fits, so the loop
+    empties the whole queue (up to 10,000 lines, the ERRORs of a flood among them)
+    before it finds out, and then drops that line too. Before the change only the
+    oversized line was dropped."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_BYTES", 1_000)
+    stream = FakeStderr(stalls=True)
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "taken by the writer", "levelno": 20}))
+        assert stream.stalled.wait(5)
+        for n in range(5):
+            handler.handle(logging.makeLogRecord({"msg": f"kept {n}", "levelno": 40}))
+        handler.handle(logging.makeLogRecord({"msg": "x" * 2_000, "levelno": 20}))
+        stream.reading.set()
+        assert handler.flush()
+    finally:
+        stream.reading.set()
+        handler.close()
+    text = "".join(stream.written)
+    said = re.findall(r"(\d+) log lines were dropped", text)
+    assert re.findall(r"kept (\d)", text) == ["0", "1", "2", "3", "4"], text
+    assert said == ["1"], text
+
+
+def test_last_words_are_not_dropped_to_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """put_line (put_last: why a command failed) waits for room "as long as it takes"
+    so that its line is never lost; emit() now makes room by dropping the oldest line
+    waiting, and the last words, once they are the oldest, are dropped like any other
+    (before, emit dropped its own new line, never one put_line had queued). A stress
+    run (4 threads logging, a slow reader, 50 put_line calls) lost some 45 % of them."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 3)
+    stream = FakeStderr(stalls=True)
+    handler = logs.WrittenApart(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "taken by the writer", "levelno": 20}))
+        assert stream.stalled.wait(5)
+        handler.put_line("bridge: the last words")
+        for n in range(3):  # another thread's lines meanwhile (the queue holds 3)
+            handler.handle(logging.makeLogRecord({"msg": f"later {n}", "levelno": 20}))
+        stream.reading.set()
+        assert handler.flush()
+    finally:
+        stream.reading.set()
+        handler.close()
+    assert "bridge: the last words" in "".join(stream.written)
+
+
 #: More 401s than a pipe's 64 KiB hold of their log lines (some 250 bytes each).
 REFUSALS = 1500
 
