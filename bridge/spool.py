@@ -238,8 +238,12 @@ def check_folder(directory: Path) -> None:
             )
         if existing != directory:
             # Not in a folder there, opened as it is: on a full disk a trial would
-            # fail, and a bridge must start to drain its spool.
-            os.rmdir(tempfile.mkdtemp(prefix=".bridge-check-", dir=existing))
+            # fail, and a bridge must start to drain its spool. Only the making
+            # counts: a parent that keeps what is made in it (chattr +a, a security
+            # policy) refused a folder the bridge could make and use (a review).
+            made = tempfile.mkdtemp(prefix=".bridge-check-", dir=existing)
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
     except OSError as exc:  # a parent that cannot be looked into, say
         raise SpoolUnusable(f"spool folder {directory} cannot be used ({exc})") from None
 

@@ -1180,7 +1180,8 @@ def test_the_bridges_up_stat_shows_0_when_every_bridge_is_down(tmp_path: Path) -
     """The 'Bridges up' stat (red below 1) joined `up` with bridge_build_info, which a
     failed scrape marks stale: a down bridge dropped out of the sum (one of three
     killed read 2, green), and with every bridge down the panel said 'No data', never
-    the red 0 its thresholds are drawn for (a review)."""
+    the red 0 its thresholds are drawn for (a review). Nor does it count the scrape
+    targets that are no bridge, which `up` of every job ("All") holds (a review)."""
     (panel,) = [p for p, _ in dashboard_targets() if p["title"] == "Bridges up"]
     expr = promql_for_promtool(panel["targets"][0]["expr"])
     instance = 'job="geins-bridge", instance="bridge-a:8080"'
@@ -1192,6 +1193,8 @@ def test_the_bridges_up_stat_shows_0_when_every_bridge_is_down(tmp_path: Path) -
                 "interval": "1m",
                 "input_series": [
                     {"series": f"up{{{instance}}}", "values": "1 1 0 0 0 0"},
+                    # another scrape target (Prometheus itself): no bridge, not counted
+                    {"series": 'up{job="prometheus", instance="localhost:9090"}', "values": "1x5"},
                     # a failed scrape writes staleness markers for the target's series
                     {
                         "series": f'bridge_build_info{{{instance}, version="0.3.0"}}',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import logging
 import os
@@ -1593,3 +1594,20 @@ def test_check_folder_refuses_a_spool_folder_that_cannot_be_made_as_root() -> No
     then exited 2 (cannot be used, No such file or directory): a review."""
     with pytest.raises(SpoolUnusable, match="cannot be used"):
         check_folder(Path("/proc/geins-bridge-spool"))
+
+
+def test_a_parent_that_keeps_what_is_made_in_it_does_not_refuse_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_folder makes a trial folder in the nearest existing parent and removes it;
+    a parent where a folder can be made but not removed (`chattr +a`, a security
+    policy granting create but not rmdir) failed the removal, and the spool folder the
+    bridge could make and use was refused (a review). os.rmdir fails as it does there."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+
+    def rmdir(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    check_folder(parent / "spool")  # the folder serve would make: it can
