@@ -280,29 +280,36 @@ def test_lines_past_what_a_stalled_reader_holds_are_dropped_and_said(
     assert "after" in text
 
 
-def test_one_line_over_the_byte_bound_does_not_drop_every_line_waiting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """emit() drops the oldest waiting lines until the new one fits under
-    WRITE_QUEUE_BYTES; a line longer than the bound on its own never fits, so the loop
-    empties the whole queue (up to 10,000 lines, the ERRORs of a flood among them)
-    before it finds out, and then drops that line too. Before the change only the
-    oversized line was dropped."""
-    monkeypatch.setattr(logs, "WRITE_QUEUE_BYTES", 1_000)
+@contextlib.contextmanager
+def stalled_writer() -> Iterator[tuple[logs.WrittenApart, FakeStderr]]:
+    """A writing-apart handler whose thread is stuck writing its first line (stderr's
+    reader stalled) until the block ends; then the lines held are written."""
     stream = FakeStderr(stalls=True)
     handler = logs.WrittenApart(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     try:
         handler.handle(logging.makeLogRecord({"msg": "taken by the writer", "levelno": 20}))
         assert stream.stalled.wait(5)
-        for n in range(5):
-            handler.handle(logging.makeLogRecord({"msg": f"kept {n}", "levelno": 40}))
-        handler.handle(logging.makeLogRecord({"msg": "x" * 2_000, "levelno": 20}))
+        yield handler, stream
         stream.reading.set()
         assert handler.flush()
     finally:
         stream.reading.set()
         handler.close()
+
+
+def test_one_line_over_the_byte_bound_does_not_drop_every_line_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """emit() drops the oldest waiting lines until the new one fits under
+    WRITE_QUEUE_BYTES; a line longer than the bound on its own never fits, and the loop
+    emptied the whole queue (up to 10,000 lines, the ERRORs of a flood among them)
+    before it found out, and then dropped that line too (a review)."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_BYTES", 1_000)
+    with stalled_writer() as (handler, stream):
+        for n in range(5):
+            handler.handle(logging.makeLogRecord({"msg": f"kept {n}", "levelno": 40}))
+        handler.handle(logging.makeLogRecord({"msg": "x" * 2_000, "levelno": 20}))
     text = "".join(stream.written)
     said = re.findall(r"(\d+) log lines were dropped", text)
     assert re.findall(r"kept (\d)", text) == ["0", "1", "2", "3", "4"], text
@@ -311,25 +318,14 @@ def test_one_line_over_the_byte_bound_does_not_drop_every_line_waiting(
 
 def test_last_words_are_not_dropped_to_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
     """put_line (put_last: why a command failed) waits for room "as long as it takes"
-    so that its line is never lost; emit() now makes room by dropping the oldest line
-    waiting, and the last words, once they are the oldest, are dropped like any other
-    (before, emit dropped its own new line, never one put_line had queued). A stress
-    run (4 threads logging, a slow reader, 50 put_line calls) lost some 45 % of them."""
+    so that its line is never lost; emit() makes room by dropping the oldest line
+    waiting, and the last words, once they were the oldest, were dropped like any
+    other (a review's stress run lost some 45 % of them)."""
     monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 3)
-    stream = FakeStderr(stalls=True)
-    handler = logs.WrittenApart(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    try:
-        handler.handle(logging.makeLogRecord({"msg": "taken by the writer", "levelno": 20}))
-        assert stream.stalled.wait(5)
+    with stalled_writer() as (handler, stream):
         handler.put_line("bridge: the last words")
         for n in range(3):  # another thread's lines meanwhile (the queue holds 3)
             handler.handle(logging.makeLogRecord({"msg": f"later {n}", "levelno": 20}))
-        stream.reading.set()
-        assert handler.flush()
-    finally:
-        stream.reading.set()
-        handler.close()
     assert "bridge: the last words" in "".join(stream.written)
 
 
@@ -414,6 +410,16 @@ def refuse(url: str, keys: range) -> int | None:
     return None
 
 
+def through_a_flood(url: str) -> tuple[int | None, int | None]:
+    """REFUSALS 401s (a log line each), then /healthz: the first refusal not answered
+    within 5 s (or None), and /healthz's status (None: not within 5 s)."""
+    unanswered = refuse(url, range(REFUSALS))
+    try:
+        return unanswered, httpx2.get(url + "/healthz", timeout=5).status_code
+    except httpx2.TimeoutException:
+        return unanswered, None
+
+
 @pytest.mark.slow
 def test_a_stalled_log_reader_does_not_stop_the_event_loop(tmp_path: Path) -> None:
     """The log went to stderr with a plain StreamHandler, written on the event loop.
@@ -425,11 +431,7 @@ def test_a_stalled_log_reader_does_not_stop_the_event_loop(tmp_path: Path) -> No
     proc, url = serving_unread(tmp_path, ["-m", "bridge", "serve"])
     assert proc.stderr is not None
     try:
-        unanswered = refuse(url, range(REFUSALS))
-        try:
-            alive = httpx2.get(url + "/healthz", timeout=5).status_code
-        except httpx2.TimeoutException:
-            alive = None
+        unanswered, alive = through_a_flood(url)
         assert (unanswered, alive) == (None, 200), (
             f"the bridge stopped answering after {unanswered} refusals, "
             f"/healthz {alive}: its event loop waits for stderr's reader"
@@ -930,11 +932,7 @@ def test_a_terminal_that_stops_reading_does_not_stop_the_event_loop(tmp_path: Pa
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        unanswered = refuse(url, range(REFUSALS))
-        try:
-            alive = httpx2.get(url + "/healthz", timeout=5).status_code
-        except httpx2.TimeoutException:
-            alive = None
+        unanswered, alive = through_a_flood(url)
         assert (unanswered, alive) == (None, 200), (
             f"refusal {unanswered} not answered, /healthz {alive}: "
             "the event loop waits for the terminal's reader"
