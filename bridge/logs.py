@@ -327,30 +327,37 @@ class WrittenApart(logging.Handler):
                 if self._bytes + len(line) <= WRITE_QUEUE_BYTES and not self._lines.full():
                     self._bytes += len(line)
                     break
-            try:
-                oldest = self._lines.get_nowait()
-            except queue.Empty:  # the writer took them, and has not counted them yet
+            if not self._drop_oldest():  # none but last words (or the writer took them)
                 with self._count_lock:
                     self._dropped += 1
                 return
-            if isinstance(oldest, _LastWords):  # never dropped: this line is, instead
-                # last again, in the place it left (or, if another put_line took that
-                # meanwhile, the next the writer frees: last words come at the end)
-                self._lines.put(oldest)
-                self._lines.task_done()
-                with self._count_lock:
-                    self._dropped += 1
-                return
-            with self._count_lock:
-                self._bytes -= len(oldest or "")
-                self._dropped += 1
-            self._lines.task_done()
         try:
             self._lines.put_nowait(line)
         except queue.Full:  # last words (put_line) took the place meanwhile
             with self._count_lock:
                 self._bytes -= len(line)
                 self._dropped += 1
+
+    def _drop_oldest(self) -> bool:
+        """Take the oldest line waiting out of the queue, dropped and counted, unless it
+        is last words (put_line's), which stay where they are; False when there is none
+        but those. In place, under the queue's own lock: taken out and put back, last
+        words lost their order, and their put back could wait for the writer (a
+        review)."""
+        lines = self._lines
+        with lines.mutex:
+            for n, waiting in enumerate(lines.queue):
+                if waiting is not None and not isinstance(waiting, _LastWords):
+                    del lines.queue[n]
+                    lines.not_full.notify()
+                    break
+            else:
+                return False
+        with self._count_lock:
+            self._bytes -= len(waiting)
+            self._dropped += 1
+        lines.task_done()
+        return True
 
     def _room_for(self, line: str) -> bool:
         """Whether ``line`` can be written at once without blocking: the stream takes

@@ -329,6 +329,37 @@ def test_last_words_are_not_dropped_to_make_room(monkeypatch: pytest.MonkeyPatch
     assert "bridge: the last words" in "".join(stream.written)
 
 
+def test_last_words_keep_their_order_and_emit_never_waits_for_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """emit() made room by taking the oldest line out, and put last words back at the
+    end with a blocking put: behind later last words (their order reversed), and, when
+    another put_line took the freed place meanwhile, waiting for the stalled writer on
+    the event loop, the handler's lock held (a review). The oldest plain line makes
+    room now, the last words staying where they are."""
+    monkeypatch.setattr(logs, "WRITE_QUEUE_LINES", 3)
+    with stalled_writer() as (handler, stream):
+        handler.put_line("last words 1")
+        handler.handle(logging.makeLogRecord({"msg": "a plain line", "levelno": 20}))
+        handler.put_line("last words 2")
+        waiting = threading.Thread(target=handler.put_line, args=("last words 3",), daemon=True)
+        waiting.start()  # waits for room
+        emitting = threading.Thread(  # the event loop's logging call
+            target=handler.handle,
+            args=(logging.makeLogRecord({"msg": "a refusal", "levelno": 20}),),
+            daemon=True,
+        )
+        emitting.start()
+        emitting.join(3)
+        blocked = emitting.is_alive()
+        waiting.join(3)
+    text = "".join(stream.written)
+    assert not blocked, "emit() waited for the stalled writer (the event loop stopped)"
+    assert "a plain line" not in text  # the oldest plain line made room
+    said = [text.index(f"last words {n}") for n in (1, 2, 3)]
+    assert said == sorted(said), text
+
+
 #: More 401s than a pipe's 64 KiB hold of their log lines (some 250 bytes each).
 REFUSALS = 1500
 
