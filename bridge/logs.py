@@ -10,6 +10,7 @@ refusal's path, a topic held back, the Kafka client).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import io
@@ -345,10 +346,11 @@ class WrittenApart(logging.Handler):
         words lost their order, and their put back could wait for the writer (a
         review)."""
         lines = self._lines
+        queued: collections.deque[str | None] = lines.queue  # (typeshed: Any)
         with lines.mutex:
-            for n, waiting in enumerate(lines.queue):
+            for n, waiting in enumerate(queued):
                 if waiting is not None and not isinstance(waiting, _LastWords):
-                    del lines.queue[n]
+                    del queued[n]
                     lines.not_full.notify()
                     break
             else:

@@ -237,10 +237,11 @@ def check_folder(directory: Path) -> None:
                 f"spool folder {directory} cannot be made: {existing} is not writable"
             )
         if existing != directory:
-            # Not in a folder there, opened as it is: on a full disk a trial would
-            # fail, and a bridge must start to drain its spool. Only the making
-            # counts: a parent that keeps what is made in it (chattr +a, a security
-            # policy) refused a folder the bridge could make and use (a review).
+            # Only for a folder still to be made: one that is there is opened as it
+            # is (a trial in it fails on a full disk, and a bridge must start to
+            # drain its spool). Only the making counts: a parent that keeps what is
+            # made in it (chattr +a, a security policy) refused a folder the bridge
+            # could make and use (a review).
             made = tempfile.mkdtemp(prefix=".bridge-check-", dir=existing)
             with contextlib.suppress(OSError):
                 os.rmdir(made)
